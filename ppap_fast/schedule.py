@@ -1,0 +1,179 @@
+"""Noise schedules, respacing and the per-timestep tables of guided-diffusion.
+
+Tables are built in float64 (as guided-diffusion does in numpy) and kept as
+tensors; `Schedule.to(device)` moves them so that sampling never touches the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["get_named_beta_schedule", "space_timesteps", "Schedule", "extract"]
+
+
+def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
+    betas = []
+    for i in range(num_timesteps):
+        t1, t2 = i / num_timesteps, (i + 1) / num_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tensor:
+    """Betas (float64) of guided-diffusion's "linear" or "cosine" schedule."""
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    if name == "linear":
+        scale = 1000 / num_timesteps
+        return torch.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=torch.float64)
+    if name == "cosine":
+        return betas_for_alpha_bar(
+            num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        )
+    raise ValueError(f"unknown beta schedule {name!r}: expected 'linear' or 'cosine'")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
+    """Timesteps kept by respacing, sorted, with guided-diffusion's semantics.
+
+    "ddimN" takes a uniform stride giving exactly N steps; "10,10,5" (or a list)
+    splits [0, T) into equal sections and takes that many evenly spaced steps in each.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    section_counts = list(section_counts)
+    if not section_counts or any(c < 0 for c in section_counts):
+        raise ValueError(f"invalid section counts {section_counts!r}")
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(steps))
+
+
+@dataclass
+class Schedule:
+    """All per-timestep tables of a (possibly respaced) diffusion process.
+
+    Index i runs over the respaced steps; `timestep_map[i]` is the original t
+    that the denoiser and the guide receive.
+    """
+
+    betas: torch.Tensor
+    timestep_map: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+    log_betas: torch.Tensor
+    original_num_timesteps: int = 1000
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, timestep_map: Iterable[int] | None = None,
+                   original_num_timesteps: int | None = None) -> "Schedule":
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        n = betas.numel()
+        tmap = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map), dtype=torch.long)
+        if tmap.numel() != n:
+            raise ValueError(f"timestep_map has {tmap.numel()} entries for {n} betas")
+        alphas = 1.0 - betas
+        acp = torch.cumprod(alphas, 0)
+        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+        post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
+        post_var_clipped = torch.cat([post_var[1:2], post_var[1:]]) if n > 1 else post_var.clamp_min(1e-20)
+        return cls(
+            betas=betas,
+            timestep_map=tmap,
+            alphas_cumprod=acp,
+            alphas_cumprod_prev=acp_prev,
+            sqrt_alphas_cumprod=acp.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - acp).sqrt(),
+            sqrt_recip_alphas_cumprod=(1.0 / acp).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / acp - 1).sqrt(),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_var_clipped.log(),
+            posterior_mean_coef1=betas * acp_prev.sqrt() / (1.0 - acp),
+            posterior_mean_coef2=(1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp),
+            log_betas=betas.log(),
+            original_num_timesteps=original_num_timesteps or n,
+        )
+
+    @classmethod
+    def create(cls, name: str = "linear", num_timesteps: int = 1000,
+               respacing: str | Sequence[int] | None = None) -> "Schedule":
+        """Base schedule, optionally respaced ("ddim25", "250", "10,10,5", or a list)."""
+        base = get_named_beta_schedule(name, num_timesteps)
+        if respacing is None or respacing == "" or respacing == str(num_timesteps):
+            return cls.from_betas(base, original_num_timesteps=num_timesteps)
+        return cls.respaced(base, space_timesteps(num_timesteps, respacing))
+
+    @classmethod
+    def respaced(cls, base_betas: torch.Tensor, use_timesteps: Iterable[int]) -> "Schedule":
+        base = cls.from_betas(base_betas)
+        keep = sorted(set(int(t) for t in use_timesteps))
+        if not keep or keep[0] < 0 or keep[-1] >= base.num_timesteps:
+            raise ValueError("respaced timesteps must lie in [0, T)")
+        new_betas, last = [], 1.0
+        for t in keep:
+            acp = float(base.alphas_cumprod[t])
+            new_betas.append(1.0 - acp / last)
+            last = acp
+        return cls.from_betas(torch.tensor(new_betas, dtype=torch.float64), keep, base.num_timesteps)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def to(self, device) -> "Schedule":
+        kwargs = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kwargs[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+        return Schedule(**kwargs)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffuse x_start to step index t: sqrt(abar) x0 + sqrt(1-abar) noise."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        if noise.shape != x_start.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
+        return (extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+
+def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] (per sample), cast to like's dtype and shaped to broadcast against it."""
+    t = torch.as_tensor(t, device=table.device)
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must have shape ({like.shape[0]},), got {tuple(t.shape)}")
+    out = table[t].to(device=like.device, dtype=like.dtype)
+    return out.view(-1, *([1] * (like.ndim - 1)))

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Triton kernels run on CPU through its interpreter when no GPU is present.
+if os.environ.get("PPAP_NO_TRITON_INTERPRET") != "1":
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:
+        pass
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fixtures_dir() -> Path:
+    candidates = [os.environ.get("PPAP_FIXTURES"), REPO.parent / "shared" / "fixtures", REPO / ".devcarry" / "fixtures"]
+    for c in candidates:
+        if c and (Path(c) / "guided_steps_golden.pt").exists():
+            return Path(c)
+    raise RuntimeError("golden fixtures not found: set PPAP_FIXTURES or place shared/fixtures beside the repo")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return _fixtures_dir()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
