@@ -28,7 +28,14 @@ def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tenso
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     if name == "linear":
         scale = 1000 / num_timesteps
-        return torch.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=torch.float64)
+        start, end = scale * 0.0001, scale * 0.02
+        if num_timesteps == 1:
+            return torch.tensor([start], dtype=torch.float64)
+        # numpy.linspace's arithmetic (i * step + start, last = end), bit-exact with guided-diffusion;
+        # torch.linspace differs in the last ulp.
+        betas = torch.arange(num_timesteps, dtype=torch.float64) * ((end - start) / (num_timesteps - 1)) + start
+        betas[-1] = end
+        return betas
     if name == "cosine":
         return betas_for_alpha_bar(
             num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
