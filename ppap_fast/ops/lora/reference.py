@@ -1,0 +1,178 @@
+"""Pure-PyTorch reference implementations of the PPAP multi-expert ops.
+
+Straightforward on purpose: per-sample gathers or Python loops over experts.
+Every fast path in this package is checked against these (in float64).
+
+Conventions shared by all ops
+-----------------------------
+* The leading dimension of ``x`` is the sample dimension ``S``; ``expert_idx``
+  is a long tensor ``[S]`` with values in ``[0, N)``. Every other leading
+  dimension (tokens, pixels) belongs to that sample's expert.
+* ``W`` (and the shared ``bias``) are frozen: they are detached, so no dense
+  weight gradient is ever computed. Everything else is differentiable.
+* ``scale`` multiplies only the LoRA term (alpha / r).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+IntOr2 = Union[int, Tuple[int, int]]
+
+
+def _pair(v: IntOr2) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _expand_rows(t: torch.Tensor, like: torch.Tensor, last_dim: int = -1) -> torch.Tensor:
+    """[S, C] -> [S, 1, ..., 1, C] broadcastable against ``like`` ([S, ..., C])."""
+    return t.view(t.shape[0], *([1] * (like.dim() - 2)), t.shape[-1])
+
+
+# ----------------------------------------------------------------------------- linear
+def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None):
+    """y = x @ W.T + bias + expert_bias[e] + scale * (x @ A[e].T) @ B[e].T, e = expert_idx[sample].
+
+    x [S, ..., in], W [out, in], bias [out] | None, A [N, r, in], B [N, out, r],
+    expert_idx [S] long, expert_bias [N, out] | None.
+    """
+    S = x.shape[0]
+    y = F.linear(x, W.detach(), None if bias is None else bias.detach())
+    x3 = x.reshape(S, -1, x.shape[-1])                      # [S, M, in]
+    h = torch.bmm(x3, A[expert_idx].transpose(1, 2))        # [S, M, r]
+    d = torch.bmm(h, B[expert_idx].transpose(1, 2))         # [S, M, out]
+    y = y + scale * d.view(*x.shape[:-1], W.shape[0])
+    if expert_bias is not None:
+        y = y + _expand_rows(expert_bias[expert_idx], y)
+    return y
+
+
+# ----------------------------------------------------------------------------- conv (factorised, peft-like layout)
+def lora_conv_delta(A, B, groups: int = 1):
+    """Dense weight delta of the factorised conv LoRA (without ``scale``).
+
+    A [..., r, C_in/g, kh, kw], B [..., C_out, r/g]  ->  delta [..., C_out, C_in/g, kh, kw]
+    where, per group g, delta[g's out channels] = B_g @ A_g (A_g flattened over C_in/g*kh*kw).
+    """
+    lead = A.shape[:-4]
+    r, cin_g, kh, kw = A.shape[-4:]
+    c_out, rg = B.shape[-2:]
+    if r % groups or c_out % groups or rg * groups != r:
+        raise ValueError(f"bad grouped LoRA shapes: A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
+    Ag = A.reshape(*lead, groups, rg, cin_g * kh * kw)
+    Bg = B.reshape(*lead, groups, c_out // groups, rg)
+    return (Bg @ Ag).reshape(*lead, c_out, cin_g, kh, kw)
+
+
+def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
+                expert_bias=None):
+    """y = conv(x, W, bias) + expert_bias[e] + scale * B[e](A[e](x)).
+
+    A [N, r, C_in/g, kh, kw]: a conv with the base conv's geometry and ``groups``;
+    B [N, C_out, r/g]: a grouped 1x1 conv with the same ``groups``. Loops over experts.
+    """
+    y = F.conv2d(x, W.detach(), None if bias is None else bias.detach(), stride, padding, dilation, groups)
+    N = A.shape[0]
+    c_out, rg = B.shape[1], B.shape[2]
+    parts = []
+    order = []
+    for e in range(N):
+        sel = (expert_idx == e).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        h = F.conv2d(x[sel], A[e], None, stride, padding, dilation, groups)
+        d = F.conv2d(h, B[e].reshape(c_out, rg, 1, 1), None, 1, 0, 1, groups)
+        parts.append(d)
+        order.append(sel)
+    d = torch.cat(parts)
+    inv = torch.empty_like(expert_idx)
+    perm = torch.cat(order)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    y = y + scale * d[inv]
+    if expert_bias is not None:
+        y = y + expert_bias[expert_idx][:, :, None, None]
+    return y
+
+
+# ----------------------------------------------------------------------------- conv (loralib / official PPAP layout)
+def loralib_conv_delta(A_l, B_l, C_out, C_in_per_group, k, scale):
+    """loralib LoRA conv layout -> dense weight delta.
+
+    A_l [..., r*k, C_in*k], B_l [..., C_out*k, r*k] (optional leading expert dim);
+    delta = (B_l @ A_l).view(..., C_out, C_in, k, k) * scale.
+    """
+    lead = A_l.shape[:-2]
+    return (B_l @ A_l).reshape(*lead, C_out, C_in_per_group, k, k) * scale
+
+
+def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1,
+                      expert_bias=None):
+    """y = conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape]. Per-sample loop."""
+    Wd = W.detach()
+    b = None if bias is None else bias.detach()
+    outs = [F.conv2d(x[s:s + 1], Wd + delta[expert_idx[s]], b, stride, padding, dilation, groups)
+            for s in range(x.shape[0])]
+    y = torch.cat(outs)
+    if expert_bias is not None:
+        y = y + expert_bias[expert_idx][:, :, None, None]
+    return y
+
+
+# ----------------------------------------------------------------------------- norms
+def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training,
+                      momentum=0.1, eps=1e-5):
+    """BatchNorm with per-expert affine parameters and running statistics.
+
+    x [S, C] or [S, C, H, W]; weight/bias/running_* [N, C].
+    training: statistics over each expert's own samples (and spatial positions);
+    running stats of experts that have samples are updated in place exactly like
+    nn.BatchNorm2d (biased var to normalise, unbiased var for the running update);
+    experts without samples are untouched. eval: each sample uses its expert's
+    running stats.
+    """
+    S, C = x.shape[:2]
+    N = weight.shape[0]
+    bshape = (C,) + (1,) * (x.dim() - 2)
+    if not training:
+        m = running_mean[expert_idx].view(S, *bshape)
+        v = running_var[expert_idx].view(S, *bshape)
+        w = weight[expert_idx].view(S, *bshape)
+        b = bias[expert_idx].view(S, *bshape)
+        return (x - m) / torch.sqrt(v + eps) * w + b
+    parts, order = [], []
+    for e in range(N):
+        sel = (expert_idx == e).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        xe = x[sel]
+        dims = [0] + list(range(2, x.dim()))
+        n = xe.numel() // C
+        mean = xe.mean(dim=dims)
+        var = xe.var(dim=dims, unbiased=False)
+        ye = (xe - mean.view(bshape)) / torch.sqrt(var.view(bshape) + eps) * weight[e].view(bshape) \
+            + bias[e].view(bshape)
+        parts.append(ye)
+        order.append(sel)
+        with torch.no_grad():
+            unb = var.detach() * (n / max(n - 1, 1))
+            running_mean[e].mul_(1 - momentum).add_(momentum * mean.detach().to(running_mean.dtype))
+            running_var[e].mul_(1 - momentum).add_(momentum * unb.to(running_var.dtype))
+    perm = torch.cat(order)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return torch.cat(parts)[inv]
+
+
+def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5):
+    """LayerNorm over the last dim with per-expert affine: x [S, ..., D], weight/bias [N, D]."""
+    D = x.shape[-1]
+    y = F.layer_norm(x, (D,), None, None, eps)
+    return y * _expand_rows(weight[expert_idx], x) + _expand_rows(bias[expert_idx], x)
+
+
+__all__ = [
+    "lora_linear", "lora_conv2d", "lora_conv_delta", "loralib_conv_delta", "lora_conv2d_delta",
+    "expert_batch_norm", "expert_layer_norm",
+]
