@@ -1,0 +1,452 @@
+"""ADM UNet (openai/guided-diffusion's UNetModel), written from its semantics.
+
+State-dict keys and shapes equal guided-diffusion's, so official checkpoints
+load with strict=True. Attention runs through F.scaled_dot_product_attention
+(a math path is kept beside it as the reference). The model is called as
+model(x, t[, y]) with integer original timesteps t of shape [B].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = [
+    "ADMUNet",
+    "AttentionBlock",
+    "GroupNorm32",
+    "ResBlock",
+    "timestep_embedding",
+    "qkv_attention",
+    "adm_kwargs_from_flags",
+    "ADM_FLAG_DEFAULTS",
+]
+
+NUM_CLASSES = 1000
+
+# guided-diffusion's model_and_diffusion_defaults(), model part.
+ADM_FLAG_DEFAULTS: dict[str, Any] = dict(
+    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+    num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0,
+    class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
+    use_fp16=False, use_new_attention_order=False, learn_sigma=False,
+)
+# Diffusion flags that may sit beside the model flags; ignored by the model.
+_DIFFUSION_FLAGS = {
+    "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
+    "rescale_timesteps", "rescale_learned_sigmas",
+}
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, result cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, shape [B, dim], float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes (x, emb)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling (3-D: inner two dims only), optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        self.use_conv, self.dims = use_conv, dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, or average pooling (3-D: inner two dims only)."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("Downsample without conv cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block with timestep conditioning (scale-shift norm optional) and optional up/down."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
+                 use_checkpoint: bool = False, up: bool = False, down: bool = False):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            _zero(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return _checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            # norm + act, resample, then conv (the skip path is resampled too)
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool = True, use_sdpa: bool = True) -> torch.Tensor:
+    """Multi-head self-attention on a packed qkv tensor [B, 3*H*C, T] -> [B, H*C, T].
+
+    legacy=True: per head, channels are [q|k|v] (QKVAttentionLegacy: reshape to
+    [B*H, 3C, T] then split). legacy=False: [q of all heads | k | v] (QKVAttention).
+    Scale 1/sqrt(C); softmax in at least float32 on the math path (guided-diffusion: float32).
+    """
+    bs, width, length = qkv.shape
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} is not divisible by 3*num_heads={3 * num_heads}")
+    ch = width // (3 * num_heads)
+    if legacy:
+        q, k, v = qkv.reshape(bs, num_heads, 3 * ch, length).split(ch, dim=2)
+    else:
+        q, k, v = (u.reshape(bs, num_heads, ch, length) for u in qkv.chunk(3, dim=1))
+    if use_sdpa:
+        # [B, H, T, C] layout; default scale is 1/sqrt(C)
+        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return a.transpose(-1, -2).reshape(bs, num_heads * ch, length)
+    scale = 1.0 / math.sqrt(math.sqrt(ch))
+    w = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+    w = torch.softmax(w.float() if w.element_size() < 4 else w, dim=-1).type(w.dtype)
+    a = torch.einsum("bhts,bhcs->bhct", w, v)
+    return a.reshape(bs, num_heads * ch, length)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention: x + proj_out(attn(qkv(norm(x)))); qkv/proj_out are kernel-1 Conv1d."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
+                 use_checkpoint: bool = False, use_new_attention_order: bool = False):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.legacy = not use_new_attention_order
+        self.use_sdpa = True  # False selects the math reference path
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return _checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy, self.use_sdpa)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ADMUNet(nn.Module):
+    """guided-diffusion UNetModel. Arguments mirror its constructor.
+
+    attention_resolutions holds downsample rates (image_size // resolution), as
+    UNetModel expects; `from_config` also accepts the script flags ("32,16,8").
+    use_fp16=True converts the torso convs to float16 at construction
+    (guided-diffusion's convert_to_fp16); fp32 checkpoints still load (cast on copy).
+    """
+
+    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: int, attention_resolutions: Iterable[int], dropout: float = 0.0,
+                 channel_mult: Sequence[float] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
+                 num_classes: int | None = None, use_checkpoint: bool = False, use_fp16: bool = False,
+                 num_heads: int = 1, num_head_channels: int = -1, num_heads_upsample: int = -1,
+                 use_scale_shift_norm: bool = False, resblock_updown: bool = False,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.model_channels, self.out_channels = model_channels, out_channels
+        self.num_res_blocks, self.attention_resolutions = num_res_blocks, attention_resolutions
+        self.dropout, self.channel_mult = dropout, tuple(channel_mult)
+        self.conv_resample, self.num_classes = conv_resample, num_classes
+        self.use_checkpoint = use_checkpoint
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+
+        ted = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, ted)
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, ted, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+
+        def attn(ch, heads):
+            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
+                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+        chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), _zero(conv_nd(dims, input_ch, out_channels, 3, padding=1)))
+        if use_fp16:
+            self.convert_to_fp16()
+
+    # -- precision ---------------------------------------------------------
+    def _torso_convs(self):
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            for m in part.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    yield m
+
+    def convert_to_fp16(self, dtype: torch.dtype = torch.float16) -> "ADMUNet":
+        """Cast the Conv1d/2d/3d weights and biases of input/middle/output blocks (guided-diffusion's
+        convert_to_fp16). Linear layers, time_embed, out and GroupNorms stay as they are."""
+        for m in self._torso_convs():
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+        return self
+
+    def convert_to_fp32(self) -> "ADMUNet":
+        return self.convert_to_fp16(torch.float32)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype the torso runs in (that of its convs)."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def set_attention_backend(self, backend: str) -> "ADMUNet":
+        """"sdpa" (default) or "math" (einsum reference, float32 softmax)."""
+        if backend not in ("sdpa", "math"):
+            raise ValueError(f"attention backend must be 'sdpa' or 'math', got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.use_sdpa = backend == "sdpa"
+        return self
+
+    # -- forward -----------------------------------------------------------
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim < 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, ...], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point, got {x.dtype}")
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
+
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.num_classes is not None:
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y)
+        hs = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))
+
+    # -- construction from configs -----------------------------------------
+    @classmethod
+    def config_to_kwargs(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor kwargs from: UNetModel kwargs (e.g. a fixture's `config`, extra keys
+        learn_sigma / attention_resolutions_str ignored), guided-diffusion script flags
+        (num_channels, attention_resolutions="32,16,8", ...), or a manifest holding `unet_kwargs`."""
+        config = dict(config)
+        if "unet_kwargs" in config:
+            return cls.config_to_kwargs(config["unet_kwargs"])
+        if "model_channels" not in config:
+            return adm_kwargs_from_flags(config)
+        known = set(_INIT_ARGS)
+        ignored = {"learn_sigma", "attention_resolutions_str", "class_cond"} | _DIFFUSION_FLAGS
+        unknown = set(config) - known - ignored
+        if unknown:
+            raise ValueError(f"unknown ADMUNet config keys: {sorted(unknown)}")
+        return {k: v for k, v in config.items() if k in known}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides) -> "ADMUNet":
+        kwargs = cls.config_to_kwargs(config)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+_INIT_ARGS = (
+    "image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
+    "dropout", "channel_mult", "conv_resample", "dims", "num_classes", "use_checkpoint", "use_fp16", "num_heads",
+    "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown", "use_new_attention_order",
+)
+
+
+def adm_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """guided-diffusion create_model(): script flags -> UNetModel kwargs (defaults filled in)."""
+    unknown = set(flags) - set(ADM_FLAG_DEFAULTS) - _DIFFUSION_FLAGS
+    if unknown:
+        raise ValueError(f"unknown ADM flags: {sorted(unknown)}")
+    f = {**ADM_FLAG_DEFAULTS, **flags}
+    size = int(f["image_size"])
+    cm = f["channel_mult"]
+    if cm == "" or cm is None:
+        defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+        if size not in defaults:
+            raise ValueError(f"no default channel_mult for image_size {size}; pass channel_mult")
+        cm = defaults[size]
+    elif isinstance(cm, str):
+        cm = tuple(int(c) for c in cm.split(","))
+    ar = f["attention_resolutions"]
+    if isinstance(ar, str):
+        ar = [int(r) for r in ar.split(",") if r.strip()]
+    return dict(
+        image_size=size, in_channels=3, model_channels=int(f["num_channels"]),
+        out_channels=6 if f["learn_sigma"] else 3, num_res_blocks=int(f["num_res_blocks"]),
+        attention_resolutions=tuple(size // int(r) for r in ar), dropout=float(f["dropout"]),
+        channel_mult=tuple(cm), num_classes=NUM_CLASSES if f["class_cond"] else None,
+        use_checkpoint=bool(f["use_checkpoint"]), use_fp16=bool(f["use_fp16"]), num_heads=int(f["num_heads"]),
+        num_head_channels=int(f["num_head_channels"]), num_heads_upsample=int(f["num_heads_upsample"]),
+        use_scale_shift_norm=bool(f["use_scale_shift_norm"]), resblock_updown=bool(f["resblock_updown"]),
+        use_new_attention_order=bool(f["use_new_attention_order"]),
+    )

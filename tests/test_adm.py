@@ -1,0 +1,151 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ppap_fast.models import ADMUNet
+from ppap_fast.models.adm import qkv_attention
+from ppap_fast.testing import check_adm_golden, check_adm_manifest
+
+SMALL = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+             attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=8,
+             use_scale_shift_norm=True, resblock_updown=True)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_adm_golden(fixtures_dir, attention):
+    err = check_adm_golden(fixtures_dir / "adm_small_golden_1.pt", attention=attention)
+    assert math.isfinite(err) and err <= 1e-5, err
+
+
+def test_adm_golden_strict_keys(fixtures_dir):
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    model = ADMUNet.from_config(g["config"])
+    assert list(model.state_dict()) == list(g["state_dict"])
+    assert sum(p.numel() for p in model.parameters()) == g["num_params"] == 828358
+
+
+def test_adm256_manifest(fixtures_dir):
+    assert check_adm_manifest(fixtures_dir / "adm256_uncond_keys.json") == 552_814_086
+
+
+def test_adm256_manifest_tampered_raises(fixtures_dir, tmp_path):
+    m = json.loads((fixtures_dir / "adm256_uncond_keys.json").read_text())
+    params = m["params"]
+    params["middle_block.1.qkv.weight"] = [1, 2, 3]
+    del params["out.2.bias"]
+    params["extra.weight"] = [4]
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(m))
+    with pytest.raises(ValueError) as e:
+        check_adm_manifest(p)
+    msg = str(e.value)
+    assert "middle_block.1.qkv.weight" in msg and "out.2.bias" in msg and "extra.weight" in msg
+
+    # a wrong config (new attention order keeps shapes; channel count does not)
+    m = json.loads((fixtures_dir / "adm256_uncond_keys.json").read_text())
+    m["unet_kwargs"]["num_res_blocks"] = 3
+    p.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="unexpected key"):
+        check_adm_manifest(p)
+
+
+def test_from_script_flags_matches_unet_kwargs(fixtures_dir):
+    m = json.loads((fixtures_dir / "adm256_uncond_keys.json").read_text())
+    a = ADMUNet.config_to_kwargs(m["config"])
+    b = ADMUNet.config_to_kwargs(m["unet_kwargs"])
+    assert a["attention_resolutions"] == (8, 16, 32)
+    assert a["channel_mult"] == (1, 1, 2, 2, 4, 4) and a["out_channels"] == 6
+    b = {k: (tuple(v) if isinstance(v, list) else v) for k, v in b.items()}
+    assert b["num_heads_upsample"] == 4 and a["num_heads_upsample"] == -1  # -1 resolves to num_heads
+    shared = set(a) & set(b) - {"num_heads_upsample"}
+    assert len(shared) >= 15 and all(a[k] == b[k] for k in shared), {k: (a[k], b[k]) for k in shared}
+    with pytest.raises(ValueError, match="unknown"):
+        ADMUNet.config_to_kwargs({"model_channels": 8, "bogus": 1})
+
+
+def _legacy_ref(qkv, heads):
+    # guided-diffusion QKVAttentionLegacy, written out with einsum
+    bs, width, length = qkv.shape
+    ch = width // (3 * heads)
+    q, k, v = qkv.reshape(bs * heads, ch * 3, length).split(ch, dim=1)
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
+    return torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
+
+
+def _new_ref(qkv, heads):
+    bs, width, length = qkv.shape
+    ch = width // (3 * heads)
+    q, k, v = qkv.chunk(3, dim=1)
+    w = torch.einsum("bct,bcs->bts", q.reshape(bs * heads, ch, length), k.reshape(bs * heads, ch, length))
+    w = torch.softmax(w / math.sqrt(ch), dim=-1)
+    return torch.einsum("bts,bcs->bct", w, v.reshape(bs * heads, ch, length)).reshape(bs, -1, length)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_qkv_attention_orders(legacy, sdpa):
+    qkv = torch.randn(2, 3 * 4 * 8, 37, dtype=torch.float64)
+    ref = (_legacy_ref if legacy else _new_ref)(qkv, 4)
+    out = qkv_attention(qkv, 4, legacy=legacy, use_sdpa=sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    other = (_new_ref if legacy else _legacy_ref)(qkv, 4)
+    assert (out - other).abs().max() > 1e-3  # the two orders really differ
+
+
+def test_fp16_conversion_matches_guided_diffusion_rule():
+    model = ADMUNet(**SMALL, use_fp16=True)
+    for name, p in model.named_parameters():
+        torso_conv = name.startswith(("input_blocks", "middle_block", "output_blocks")) and _is_conv(model, name)
+        assert p.dtype == (torch.float16 if torso_conv else torch.float32), name
+    assert model.middle_block[1].qkv.weight.dtype == torch.float16
+    assert model.time_embed[0].weight.dtype == model.out[2].weight.dtype == torch.float32
+    assert model.middle_block[0].emb_layers[1].weight.dtype == torch.float32
+
+
+def _is_conv(model, name):
+    mod = model.get_submodule(name.rsplit(".", 1)[0])
+    return isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d))
+
+
+def test_fp16_forward_close_to_fp32():
+    torch.manual_seed(1)
+    m32 = ADMUNet(**SMALL).eval()
+    with torch.no_grad():
+        for p in m32.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(m32.state_dict(), strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        a, b = m32(x, t), m16(x, t)
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    rel = (a - b).norm() / a.norm()
+    assert 0 < rel < 5e-3, rel
+
+
+def test_class_cond_and_bad_inputs():
+    m = ADMUNet(**SMALL, num_classes=10).eval()
+    assert m.label_emb.weight.shape == (10, 128)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        out = m(x, t, torch.tensor([1, 2]))
+    assert out.shape == (2, 6, 16, 16)
+    with pytest.raises(ValueError, match="y"):
+        m(x, t)
+    u = ADMUNet(**SMALL)
+    with pytest.raises(ValueError, match="x"):
+        u(torch.randn(2, 4, 16, 16), t)
+    with pytest.raises(ValueError, match="timesteps"):
+        u(x, torch.tensor([1, 2, 3]))
+
+
+def test_label_emb_changes_output():
+    torch.manual_seed(2)
+    m = ADMUNet(**SMALL, num_classes=10).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+        assert (m(x, t, torch.tensor([1])) - m(x, t, torch.tensor([2]))).abs().max() > 1e-4
