@@ -1,2 +1,212 @@
-"""Multi-expert LoRA / bias / norm ops for PPAP (reference first; fast paths added alongside)."""
-from . import reference  # noqa: F401
+"""Multi-expert LoRA / bias / norm ops for PPAP expert banks.
+
+Public ops (the signatures are fixed; every op also takes ``backend=``):
+
+    lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None)
+    lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1, expert_bias=None)
+    lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None)
+    expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5)
+    expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5)
+    loralib_conv_delta(A_l, B_l, C_out, C_in_per_group, k, scale)
+    lora_conv_delta(A, B, groups=1)          # factorised layout -> dense delta (merge)
+    build_segments(expert_idx, num_experts)  # device-side sort-by-expert metadata
+
+Backends, picked per call by device and availability in the order below unless
+``backend=`` names one (an unavailable one raises ``BackendUnavailableError``
+with the reason); ``last_backend[op]`` records which ran:
+
+    lora_linear, lora_conv2d : "cuda" (CUDA SGMV forward + Triton backward) > "triton" > "reference"
+    lora_conv2d_delta, expert_batch_norm, expert_layer_norm : "vectorized" > "reference"
+
+Triton runs on CUDA tensors, and on CPU only under TRITON_INTERPRET=1 (and only
+when asked for explicitly there). Fast paths take fp32/fp16/bf16; other dtypes
+(e.g. float64) go to the reference under automatic choice.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import reference
+from .reference import lora_conv_delta, loralib_conv_delta
+from .segments import Segments, build_segments
+
+__all__ = [
+    "lora_linear", "lora_conv2d", "lora_conv2d_delta", "expert_batch_norm", "expert_layer_norm",
+    "loralib_conv_delta", "lora_conv_delta", "build_segments", "Segments", "last_backend",
+    "available_backends", "BackendUnavailableError", "reference",
+]
+
+last_backend: Dict[str, Optional[str]] = {}
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- availability
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover
+        return f"triton not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _why_not_triton(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    err = _triton_import_error()
+    if err:
+        return err
+    if dtype not in _FAST_DTYPES:
+        return f"dtype {dtype} not supported by the Triton kernels (fp32/fp16/bf16 only)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU"
+
+
+def _why_not_cuda(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cuda":
+        return "the cuda path runs on CUDA tensors only"
+    t = _why_not_triton(device, dtype)  # backward uses the Triton kernels
+    if t:
+        return f"cuda forward needs Triton for the backward: {t}"
+    from . import cuda_ops
+
+    return cuda_ops.why_unavailable()
+
+
+def _why_not_vectorized(device, dtype):
+    return None
+
+
+def _why_not_reference(device, dtype):
+    return None
+
+
+_CHECKS: Dict[str, Callable] = {
+    "cuda": _why_not_cuda, "triton": _why_not_triton, "vectorized": _why_not_vectorized,
+    "reference": _why_not_reference,
+}
+_ORDER = {
+    "lora_linear": ("cuda", "triton", "reference"),
+    "lora_conv2d": ("cuda", "triton", "reference"),
+    "lora_conv2d_delta": ("vectorized", "reference"),
+    "expert_batch_norm": ("vectorized", "reference"),
+    "expert_layer_norm": ("vectorized", "reference"),
+}
+
+
+def available_backends(op: str, device, dtype=torch.float32) -> Dict[str, str]:
+    """backend -> "ok" or the reason it cannot run for (device, dtype)."""
+    device = torch.device(device)
+    return {b: (_CHECKS[b](device, dtype) or "ok") for b in _ORDER[op]}
+
+
+def _pick(op: str, x: torch.Tensor, backend: Optional[str]) -> str:
+    order = _ORDER[op]
+    backend = backend or os.environ.get("PPAP_LORA_BACKEND") or None
+    if backend not in (None, "auto"):
+        if backend not in order:
+            raise BackendUnavailableError(f"op {op!r} has no backend {backend!r}; it has {order}")
+        why = _CHECKS[backend](x.device, x.dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {backend!r} for {op!r} on {x.device}/{x.dtype}: {why}")
+        last_backend[op] = backend
+        return backend
+    for b in order:
+        if b == "triton" and x.device.type != "cuda":
+            continue  # interpreter: explicit request only
+        if _CHECKS[b](x.device, x.dtype) is None:
+            last_backend[op] = b
+            return b
+    raise BackendUnavailableError(f"no backend of {op!r} can run on {x.device}")  # pragma: no cover
+
+
+def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
+    if expert_idx.dim() != 1 or expert_idx.shape[0] != S:
+        raise ValueError(f"expert_idx must be [S]={S}, got {tuple(expert_idx.shape)}")
+    if expert_idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
+    # range check needs a host sync: CPU only, never during CUDA graph capture
+    if expert_idx.device.type == "cpu" and S > 0:
+        lo, hi = int(expert_idx.min()), int(expert_idx.max())
+        if lo < 0 or hi >= N:
+            raise ValueError(f"expert_idx values must lie in [0, {N}), got range [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------- ops
+def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backend=None, segments=None):
+    """x [S, ..., in] -> x W^T + bias + expert_bias[e] + scale (x A_e^T) B_e^T, e = expert_idx[s].
+
+    W [out, in] and bias are frozen; A [N, r, in], B [N, out, r], expert_bias [N, out] | None.
+    ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers.
+    """
+    N, r, K = A.shape
+    if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    _check_idx(expert_idx, x.shape[0], N)
+    b = _pick("lora_linear", x, backend)
+    if b == "reference":
+        return reference.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias)
+    from . import fast
+
+    return fast.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments, fwd=b)
+
+
+def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
+                expert_bias=None, *, backend=None, segments=None, a_stage="stacked"):
+    """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)); A [N, r, C_in/g, kh, kw] (a conv with
+    the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy."""
+    N, r = A.shape[:2]
+    if r % groups or B.shape != (N, W.shape[0], r // groups) or A.shape[2:] != W.shape[1:]:
+        raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
+    _check_idx(expert_idx, x.shape[0], N)
+    b = _pick("lora_conv2d", x, backend)
+    if b == "reference":
+        return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
+                                     expert_bias)
+    from . import fast
+
+    return fast.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
+                            seg=segments, fwd=b, a_stage=a_stage)
+
+
+def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
+                      *, backend=None):
+    """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
+    if tuple(delta.shape[1:]) != tuple(W.shape):
+        raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
+    _check_idx(expert_idx, x.shape[0], delta.shape[0])
+    b = _pick("lora_conv2d_delta", x, backend)
+    from . import vectorized
+
+    impl = vectorized.lora_conv2d_delta if b == "vectorized" else reference.lora_conv2d_delta
+    return impl(x, W, bias, delta, expert_idx, stride, padding, dilation, groups, expert_bias)
+
+
+def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                      *, backend=None):
+    """Per-expert BatchNorm (x [S, C] or [S, C, H, W]; params and running stats [N, C])."""
+    _check_idx(expert_idx, x.shape[0], weight.shape[0])
+    b = _pick("expert_batch_norm", x, backend)
+    from . import vectorized
+
+    impl = vectorized.expert_batch_norm if b == "vectorized" else reference.expert_batch_norm
+    return impl(x, expert_idx, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None):
+    """LayerNorm over the last dim with per-expert affine (weight/bias [N, D])."""
+    _check_idx(expert_idx, x.shape[0], weight.shape[0])
+    b = _pick("expert_layer_norm", x, backend)
+    from . import vectorized
+
+    impl = vectorized.expert_layer_norm if b == "vectorized" else reference.expert_layer_norm
+    return impl(x, expert_idx, weight, bias, eps)

@@ -1,0 +1,283 @@
+"""Triton SGMV kernels (punica-style) for multi-expert LoRA.
+
+Every kernel addresses its activations as a strided 3-D "row tensor" [S, M, C]
+(sample, row-within-sample, channel): tokens of a linear layer ([S, L, D]) and
+pixels of an NCHW feature map (the view [S, H*W, C] with strides (C*H*W, 1, H*W))
+are read in place, with no permutation copies. Rows of segment e are the rows of
+the samples ``sorted_idx[offsets[e]:offsets[e+1]]``; stacked expert weights are
+indexed by expert id (no pointer arrays).
+
+Row tiles: the launch grid is fixed by shapes only, ``cdiv(S*M, BLOCK_M) + N``
+programs (each segment adds at most one partial tile), so no host sync is
+needed. Each program finds its (segment, tile) with a scalar scan over the N
+offsets and exits early when it has none (empty experts cost nothing).
+
+Precision: fp32 accumulation; fp16/bf16 use the tensor-core dot; fp32 uses
+IEEE dot unless torch allows TF32 for matmul. Under TRITON_INTERPRET=1 every
+dot is done in fp32 (the interpreter's bf16 dot is wrong).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _find_tile(off_ptr, pid, N, M, BLOCK_M: tl.constexpr):
+    """(expert, first row of this tile within the segment, rows in the segment,
+    first position of the segment in sorted_idx); expert = -1 when idle."""
+    zero = pid * 0
+    acc = zero
+    e_hit = zero - 1
+    start = zero
+    nrows = zero
+    s0 = zero
+    for e in range(0, N):
+        lo = tl.load(off_ptr + e)
+        hi = tl.load(off_ptr + e + 1)
+        rows = (hi - lo) * M
+        nt = (rows + BLOCK_M - 1) // BLOCK_M
+        hit = (pid >= acc) & (pid < acc + nt)
+        e_hit = tl.where(hit, e, e_hit)
+        start = tl.where(hit, (pid - acc) * BLOCK_M, start)
+        nrows = tl.where(hit, rows, nrows)
+        s0 = tl.where(hit, lo, s0)
+        acc += nt
+    return e_hit, start, nrows, s0
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, w_ptr, out_ptr, sidx_ptr, off_ptr,
+    N, M, K, R,
+    xs_s, xs_m, xs_k,
+    ws_e, ws_r, ws_k,
+    os_s, os_m, os_r,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[s, m, r] = scale * sum_k x[s, m, k] * w[e(s), r, k]   (written, not accumulated)."""
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    e, start, nrows, s0 = _find_tile(off_ptr, pid, N, M, BLOCK_M)
+    if e < 0:
+        return
+    j = start + tl.arange(0, BLOCK_M)
+    rmask = j < nrows
+    smp = tl.load(sidx_ptr + s0 + j // M, mask=rmask, other=0).to(tl.int64)
+    m = (j % M).to(tl.int64)
+    xrow = smp * xs_s + m * xs_m
+    orow = smp * os_s + m * os_m
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rvalid = offs_r < R
+    w_base = w_ptr + e.to(tl.int64) * ws_e
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kvalid = offs_k < K
+        xt = tl.load(x_ptr + xrow[:, None] + offs_k[None, :] * xs_k,
+                     mask=rmask[:, None] & kvalid[None, :], other=0.0)
+        wt = tl.load(w_base + offs_k[:, None] * ws_k + offs_r[None, :] * ws_r,
+                     mask=kvalid[:, None] & rvalid[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(xt, wt)
+    acc = acc * scale
+    tl.store(out_ptr + orow[:, None] + offs_r[None, :] * os_r, acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & rvalid[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    h_ptr, w_ptr, out_ptr, bias_ptr, sidx_ptr, off_ptr,
+    N, M, R, NOUT,
+    hs_s, hs_m, hs_r,
+    ws_e, ws_n, ws_r,
+    os_s, os_m, os_n,
+    bs_e, bs_n,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[s, m, n] (+)= scale * sum_r h[s, m, r] * w[e(s), n, r]  (+ bias[e(s), n])."""
+    pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, start, nrows, s0 = _find_tile(off_ptr, pid, N, M, BLOCK_M)
+    if e < 0:
+        return
+    j = start + tl.arange(0, BLOCK_M)
+    rmask = j < nrows
+    smp = tl.load(sidx_ptr + s0 + j // M, mask=rmask, other=0).to(tl.int64)
+    m = (j % M).to(tl.int64)
+    hrow = smp * hs_s + m * hs_m
+    orow = smp * os_s + m * os_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nvalid = offs_n < NOUT
+    w_base = w_ptr + e.to(tl.int64) * ws_e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rvalid = offs_r < R
+        ht = tl.load(h_ptr + hrow[:, None] + offs_r[None, :] * hs_r,
+                     mask=rmask[:, None] & rvalid[None, :], other=0.0)
+        wt = tl.load(w_base + offs_r[:, None] * ws_r + offs_n[None, :] * ws_n,
+                     mask=rvalid[:, None] & nvalid[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(ht.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(ht, wt.to(ht.dtype))
+    acc = acc * scale
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + e.to(tl.int64) * bs_e + offs_n * bs_n, mask=nvalid, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    optr = out_ptr + orow[:, None] + offs_n[None, :] * os_n
+    omask = rmask[:, None] & nvalid[None, :]
+    if ACCUM:
+        acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _seg_outer_kernel(
+    u_ptr, v_ptr, out_ptr, sidx_ptr, off_ptr,
+    M, P, Q,
+    us_s, us_m, us_p,
+    vs_s, vs_m, vs_q,
+    os_e, os_p, os_q,
+    alpha,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[e, p, q] = alpha * sum over rows of segment e of u[row, p] * v[row, q].
+    Empty segments write zeros (used for weight gradients dA, dB)."""
+    e = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * M
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    pvalid = offs_p < P
+    qvalid = offs_q < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for j0 in range(0, nrows, BLOCK_M):
+        j = j0 + tl.arange(0, BLOCK_M)
+        rmask = j < nrows
+        smp = tl.load(sidx_ptr + lo + j // M, mask=rmask, other=0).to(tl.int64)
+        m = (j % M).to(tl.int64)
+        ut = tl.load(u_ptr + (smp * us_s + m * us_m)[None, :] + offs_p[:, None] * us_p,
+                     mask=pvalid[:, None] & rmask[None, :], other=0.0)
+        vt = tl.load(v_ptr + (smp * vs_s + m * vs_m)[:, None] + offs_q[None, :] * vs_q,
+                     mask=rmask[:, None] & qvalid[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(ut.to(tl.float32), vt.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(ut, vt.to(ut.dtype))
+    acc = acc * alpha
+    tl.store(out_ptr + e.to(tl.int64) * os_e + offs_p[:, None] * os_p + offs_q[None, :] * os_q,
+             acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+def _pow2_at_least(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _dot_cfg(*tensors: torch.Tensor):
+    if _interpreting() or any(t.dtype == torch.float32 for t in tensors):
+        tf32 = (not _interpreting()) and tensors[0].is_cuda and torch.backends.cuda.matmul.allow_tf32
+        return True, ("tf32" if tf32 else "ieee")
+    return False, "ieee"
+
+
+def _check3(name, t):
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D [S, M, C] (or [N, *, *]) view, got {tuple(t.shape)}")
+
+
+def sgmv_shrink(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
+                offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """out[s, m, :R] = scale * x[s, m, :] @ w[e(s)].T; x [S, M, K], w [N, R, K], out [S, M, R]
+    (all may be strided views). Returns out."""
+    for n_, t in (("x", x), ("w", w), ("out", out)):
+        _check3(n_, t)
+    S, M, K = x.shape
+    N, R, _ = w.shape
+    if S == 0 or M == 0 or R == 0:
+        return out
+    BLOCK_M = 64 if not _interpreting() else 32
+    BLOCK_R = _pow2_at_least(R)
+    BLOCK_K = 64 if not _interpreting() else 32
+    dot_f32, prec = _dot_cfg(x, w)
+    grid = (triton.cdiv(S * M, BLOCK_M) + N, triton.cdiv(R, BLOCK_R))
+    _sgmv_shrink_kernel[grid](
+        x, w, out, sorted_idx, offsets, N, M, K, R,
+        *x.stride(), *w.stride(), *out.stride(), float(scale),
+        BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, DOT_F32=dot_f32, PREC=prec,
+    )
+    return out
+
+
+def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
+                offsets: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None,
+                accumulate: bool = True) -> torch.Tensor:
+    """out[s, m, :] (+)= scale * h[s, m, :] @ w[e(s)].T (+ bias[e(s)]); h [S, M, R],
+    w [N, NOUT, R], out [S, M, NOUT], bias [N, NOUT] or None. Returns out."""
+    for n_, t in (("h", h), ("w", w), ("out", out)):
+        _check3(n_, t)
+    S, M, R = h.shape
+    N, NOUT, _ = w.shape
+    if S == 0 or M == 0 or NOUT == 0:
+        return out
+    BLOCK_M = 64 if not _interpreting() else 32
+    BLOCK_N = 64 if not _interpreting() else 32
+    BLOCK_R = _pow2_at_least(R)
+    dot_f32, prec = _dot_cfg(h, w)
+    grid = (triton.cdiv(S * M, BLOCK_M) + N, triton.cdiv(NOUT, BLOCK_N))
+    has_bias = bias is not None
+    b = bias if has_bias else out
+    bs = bias.stride() if has_bias else (0, 0)
+    _sgmv_expand_kernel[grid](
+        h, w, out, b, sorted_idx, offsets, N, M, R, NOUT,
+        *h.stride(), *w.stride(), *out.stride(), *bs, float(scale),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ACCUM=bool(accumulate), HAS_BIAS=has_bias,
+        DOT_F32=dot_f32, PREC=prec,
+    )
+    return out
+
+
+def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
+              offsets: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """out[e] = alpha * U_e^T @ V_e with U_e, V_e the rows of segment e of u [S, M, P],
+    v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts)."""
+    for n_, t in (("u", u), ("v", v), ("out", out)):
+        _check3(n_, t)
+    S, M, P = u.shape
+    Q = v.shape[2]
+    N = out.shape[0]
+    if N == 0 or P == 0 or Q == 0:
+        return out
+    if S == 0 or M == 0:
+        return out.zero_()
+    BLOCK_M = 64 if not _interpreting() else 32
+    BLOCK_P = _pow2_at_least(P)
+    BLOCK_Q = _pow2_at_least(Q)
+    dot_f32, prec = _dot_cfg(u, v)
+    grid = (N, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q))
+    _seg_outer_kernel[grid](
+        u, v, out, sorted_idx, offsets, M, P, Q,
+        *u.stride(), *v.stride(), *out.stride(), float(alpha),
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, DOT_F32=dot_f32, PREC=prec,
+    )
+    return out
