@@ -57,10 +57,13 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, result cast back to the input dtype."""
+    """GroupNorm computed in (at least) float32, result cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:

@@ -1,0 +1,377 @@
+"""Reference guided sampling with guided-diffusion's semantics, in pure PyTorch.
+
+Conventions
+-----------
+* `index` is the step index of the (possibly respaced) `Schedule`; the denoiser
+  and the guide receive the original timestep `schedule.timestep_map[index]`
+  (rescale_timesteps=False).
+* A guide is a callable `guide(x_t, t_original) -> grad`: the gradient of the
+  guidance log-likelihood wrt x_t, ALREADY multiplied by the guidance scale.
+  It is called under `torch.enable_grad()`; its result is detached.
+  Step functions take either `guide` or a precomputed `grad` tensor.
+* Model output: C channels (eps) or 2C channels (eps, v). Variance types:
+  "learned_range" (guided-diffusion LEARNED_RANGE, frac=(v+1)/2 between
+  log beta_t and the clipped posterior log-variance), "learned" (v is the
+  log-variance), "fixed_small" (posterior variance, clipped log) and
+  "fixed_large" (betas with posterior_variance[1] at index 0). Default: learned_range
+  for 2C outputs, fixed_large for C outputs (guided-diffusion's defaults).
+* No host syncs inside a step on accelerators: tables are indexed by device
+  tensors (`schedule.extract`), masks are tensors, and checks on tensor values
+  use `torch._assert_async` there (see `nonfinite_grad`). On CPU the same checks
+  raise at once (a CPU "sync" is free).
+
+nonfinite_grad: what to do when the guide's grad holds NaN/Inf.
+  "raise" (default): CPU -> RuntimeError naming `grad`; accelerator ->
+      torch._assert_async (no sync; a device-side assert that fails at the next
+      sync and leaves the CUDA context unusable, so use "zero" in long-running services).
+  "zero": non-finite elements are set to 0 (no sync); "ignore": no check (fastest).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import torch
+
+from .schedule import Schedule, extract
+
+__all__ = [
+    "StepOutput",
+    "Guide",
+    "VAR_TYPES",
+    "split_model_output",
+    "predict_xstart_from_eps",
+    "predict_eps_from_xstart",
+    "q_posterior_mean",
+    "model_variance",
+    "p_mean_variance",
+    "eps_correction",
+    "compute_guidance",
+    "ddpm_step",
+    "ddim_step",
+    "sample_loop",
+]
+
+Guide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+VAR_TYPES = ("learned_range", "learned", "fixed_small", "fixed_large")
+NONFINITE_MODES = ("raise", "zero", "ignore")
+
+
+class StepOutput(NamedTuple):
+    """Result of one step. For DDIM, `mean` is the deterministic part and `log_variance` is None."""
+
+    sample: torch.Tensor
+    pred_xstart: torch.Tensor
+    mean: torch.Tensor
+    log_variance: torch.Tensor | None
+    eps: torch.Tensor  # eps used for the update (guided for DDIM)
+    grad: torch.Tensor | None  # guidance gradient used (scale included), None if unguided
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_x(x: torch.Tensor, schedule: Schedule, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [B, C, ...] with B > 0, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.device != schedule.device:
+        raise ValueError(f"{name} is on {x.device} but the schedule is on {schedule.device}; "
+                         f"call schedule.to({name}.device)")
+
+
+def _assert_tensor_true(cond: torch.Tensor, msg: str, exc=RuntimeError) -> None:
+    """Raise at once on CPU; on accelerators enqueue a device-side assert (no host sync)."""
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise exc(msg)
+    else:
+        torch._assert_async(cond, msg)
+
+
+def _index_tensor(index, x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Step index as a long tensor [B] on the schedule's device, range-checked."""
+    n, b = schedule.num_timesteps, x.shape[0]
+    if isinstance(index, bool):
+        raise TypeError("index must be an int or an integer tensor, got bool")
+    if isinstance(index, int):
+        if not 0 <= index < n:
+            raise ValueError(f"index {index} out of range [0, {n})")
+        return torch.full((b,), index, dtype=torch.long, device=schedule.device)
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be an int or an integer tensor, got {type(index).__name__}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"index must be an integer tensor, got {index.dtype}")
+    if index.ndim == 0:
+        index = index.expand(b)
+    if index.shape != (b,):
+        raise ValueError(f"index must be a scalar or have shape ({b},), got {tuple(index.shape)}")
+    index = index.to(device=schedule.device, dtype=torch.long)
+    _assert_tensor_true(((index >= 0) & (index < n)).all(), f"index out of range [0, {n})", ValueError)
+    return index
+
+
+def _check_model_output(out: torch.Tensor, x: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model_output must be a tensor, got {type(out).__name__}")
+    c = x.shape[1]
+    if out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:] or out.shape[1] not in (c, 2 * c):
+        raise ValueError(f"model_output must have shape [B, {c} or {2 * c}, ...] matching x {tuple(x.shape)}, "
+                         f"got {tuple(out.shape)}")
+    if not out.is_floating_point():
+        raise ValueError(f"model_output must be floating point, got {out.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"model_output is on {out.device} but x is on {x.device}")
+
+
+def _check_grad(grad: torch.Tensor, x: torch.Tensor, nonfinite_grad: str) -> torch.Tensor:
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"grad must be a tensor, got {type(grad).__name__}")
+    if grad.shape != x.shape:
+        raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if not grad.is_floating_point():
+        raise ValueError(f"grad must be floating point, got {grad.dtype}")
+    if grad.device != x.device:
+        raise ValueError(f"grad is on {grad.device} but x is on {x.device}")
+    grad = grad.detach().to(x.dtype)
+    if nonfinite_grad == "raise":
+        _assert_tensor_true(torch.isfinite(grad).all(), "grad (guidance gradient) contains NaN or Inf "
+                            "(nonfinite_grad='raise'; use 'zero' to drop such elements)")
+    elif nonfinite_grad == "zero":
+        grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+    return grad
+
+
+def _check_mode(nonfinite_grad: str) -> None:
+    if nonfinite_grad not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
+
+
+# --------------------------------------------------------------------------- formulas
+
+def split_model_output(model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eps, v) from a C- or 2C-channel output; v is None for C channels."""
+    _check_model_output(model_output, x)
+    model_output = model_output.to(x.dtype)
+    c = x.shape[1]
+    if model_output.shape[1] == c:
+        return model_output, None
+    return model_output[:, :c], model_output[:, c:]
+
+
+def predict_xstart_from_eps(x: torch.Tensor, idx: torch.Tensor, eps: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    return extract(schedule.sqrt_recip_alphas_cumprod, idx, x) * x - extract(schedule.sqrt_recipm1_alphas_cumprod, idx, x) * eps
+
+
+def predict_eps_from_xstart(x: torch.Tensor, idx: torch.Tensor, pred_xstart: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    return (extract(schedule.sqrt_recip_alphas_cumprod, idx, x) * x - pred_xstart) / extract(
+        schedule.sqrt_recipm1_alphas_cumprod, idx, x)
+
+
+def q_posterior_mean(x_start: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x_0)."""
+    return extract(schedule.posterior_mean_coef1, idx, x) * x_start + extract(schedule.posterior_mean_coef2, idx, x) * x
+
+
+def model_variance(v: torch.Tensor | None, x: torch.Tensor, idx: torch.Tensor, schedule: Schedule,
+                   var_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, log_variance) per element, broadcastable against x."""
+    if var_type is None:
+        var_type = "fixed_large" if v is None else "learned_range"
+    if var_type not in VAR_TYPES:
+        raise ValueError(f"var_type must be one of {VAR_TYPES}, got {var_type!r}")
+    if var_type in ("learned_range", "learned"):
+        if v is None:
+            raise ValueError(f"var_type={var_type!r} needs a 2C-channel model output (eps and v)")
+        if var_type == "learned":
+            return torch.exp(v), v
+        min_log = extract(schedule.posterior_log_variance_clipped, idx, x)
+        max_log = extract(schedule.log_betas, idx, x)
+        frac = (v + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        return torch.exp(log_var), log_var
+    if var_type == "fixed_small":
+        var_tab, log_tab = schedule.posterior_variance, schedule.posterior_log_variance_clipped
+    else:  # fixed_large: betas, with posterior_variance[1] at index 0 (a better log-likelihood, as in ADM)
+        var_tab = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        log_tab = var_tab.log()
+    var, log_var = extract(var_tab, idx, x), extract(log_tab, idx, x)
+    return var.expand_as(x), log_var.expand_as(x)
+
+
+def p_mean_variance(model_output: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, schedule: Schedule,
+                    clip_denoised: bool = True, var_type: str | None = None,
+                    denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """guided-diffusion p_mean_variance for eps-prediction: mean, variance, log_variance, pred_xstart, eps."""
+    eps, v = split_model_output(model_output, x)
+    var, log_var = model_variance(v, x, idx, schedule, var_type)
+    pred_xstart = _process_xstart(predict_xstart_from_eps(x, idx, eps, schedule), clip_denoised, denoised_fn)
+    mean = q_posterior_mean(pred_xstart, x, idx, schedule)
+    return dict(mean=mean, variance=var, log_variance=log_var, pred_xstart=pred_xstart, eps=eps)
+
+
+def _process_xstart(x0: torch.Tensor, clip_denoised: bool, denoised_fn) -> torch.Tensor:
+    if denoised_fn is not None:
+        x0 = denoised_fn(x0)
+    return x0.clamp(-1, 1) if clip_denoised else x0
+
+
+def eps_correction(eps: torch.Tensor, grad: torch.Tensor, alphas_cumprod_t) -> torch.Tensor:
+    """Score correction for any eps-prediction sampler: eps - sqrt(1 - abar_t) * grad.
+
+    alphas_cumprod_t: a float or a tensor broadcastable against eps (e.g. [B,1,1,1]);
+    grad already includes the guidance scale.
+    """
+    abar = torch.as_tensor(alphas_cumprod_t, dtype=eps.dtype, device=eps.device)
+    if abar.ndim == 1 and eps.ndim > 1 and abar.shape[0] == eps.shape[0]:
+        abar = abar.view(-1, *([1] * (eps.ndim - 1)))
+    return eps - (1 - abar).sqrt() * grad
+
+
+def compute_guidance(x: torch.Tensor, idx: torch.Tensor, schedule: Schedule, guide: Guide | None = None,
+                     grad: torch.Tensor | None = None, nonfinite_grad: str = "raise") -> torch.Tensor | None:
+    """The guidance gradient at x (from `grad` or by calling `guide(x, timestep_map[idx])`), checked."""
+    if guide is not None and grad is not None:
+        raise ValueError("pass either guide or grad, not both")
+    if guide is not None:
+        if not callable(guide):
+            raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        with torch.enable_grad():
+            grad = guide(x, schedule.timestep_map[idx])
+    if grad is None:
+        return None
+    return _check_grad(grad, x, nonfinite_grad)
+
+
+def _run_model(model, model_output, x, idx, schedule, model_kwargs):
+    if model_output is None:
+        if model is None:
+            raise ValueError("pass a model or a precomputed model_output")
+        model_output = model(x, schedule.timestep_map[idx], **(model_kwargs or {}))
+    elif model is not None:
+        raise ValueError("pass either model or model_output, not both")
+    return model_output
+
+
+# --------------------------------------------------------------------------- steps
+
+def ddpm_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule, *,
+              guide: Guide | None = None, grad: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              clip_denoised: bool = True, var_type: str | None = None,
+              model_output: torch.Tensor | None = None, model_kwargs: Mapping[str, Any] | None = None,
+              denoised_fn: Callable | None = None, nonfinite_grad: str = "raise") -> StepOutput:
+    """One ancestral step (guided-diffusion p_sample) with condition_mean guidance.
+
+    mean' = mean + variance * grad; sample = mean' + (index != 0) * exp(log_var / 2) * noise.
+    `noise` defaults to randn(generator); pass it to reproduce a run. The grad is
+    taken at x (x_t), as guided-diffusion does.
+    """
+    _check_mode(nonfinite_grad)
+    _check_x(x, schedule)
+    idx = _index_tensor(index, x, schedule)
+    out = p_mean_variance(_run_model(model, model_output, x, idx, schedule, model_kwargs), x, idx, schedule,
+                          clip_denoised, var_type, denoised_fn)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape or noise.device != x.device or not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating tensor like x {tuple(x.shape)} on {x.device}, "
+                         f"got {tuple(noise.shape)} {noise.dtype} on {noise.device}")
+    g = compute_guidance(x, idx, schedule, guide, grad, nonfinite_grad)
+    mean = out["mean"] if g is None else out["mean"] + out["variance"] * g
+    nonzero = (idx != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    sample = mean + nonzero * torch.exp(0.5 * out["log_variance"]) * noise.to(x.dtype)
+    return StepOutput(sample, out["pred_xstart"], mean, out["log_variance"], out["eps"], g)
+
+
+def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule, *,
+              guide: Guide | None = None, grad: torch.Tensor | None = None, eta: float = 0.0,
+              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+              clip_denoised: bool = True, model_output: torch.Tensor | None = None,
+              model_kwargs: Mapping[str, Any] | None = None, denoised_fn: Callable | None = None,
+              nonfinite_grad: str = "raise") -> StepOutput:
+    """One DDIM step (guided-diffusion ddim_sample) with condition_score guidance.
+
+    eps is re-derived from the (clipped) pred_xstart; guided: eps' = eps - sqrt(1-abar)*grad
+    and pred_xstart' = predicted from eps' without re-clipping. Then
+    sample = pred_xstart' sqrt(abar_prev) + sqrt(1 - abar_prev - sigma^2) eps + (index != 0) sigma noise,
+    sigma = eta sqrt((1-abar_prev)/(1-abar)) sqrt(1 - abar/abar_prev). With eta=0 no noise is drawn.
+    The variance channels of the model output (if any) are not used.
+    """
+    _check_mode(nonfinite_grad)
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_x(x, schedule)
+    idx = _index_tensor(index, x, schedule)
+    eps_model, _ = split_model_output(_run_model(model, model_output, x, idx, schedule, model_kwargs), x)
+    pred_xstart = _process_xstart(predict_xstart_from_eps(x, idx, eps_model, schedule), clip_denoised, denoised_fn)
+    abar = extract(schedule.alphas_cumprod, idx, x)
+    abar_prev = extract(schedule.alphas_cumprod_prev, idx, x)
+    g = compute_guidance(x, idx, schedule, guide, grad, nonfinite_grad)
+    if g is not None:  # condition_score
+        eps_g = eps_correction(predict_eps_from_xstart(x, idx, pred_xstart, schedule), g, abar)
+        pred_xstart = predict_xstart_from_eps(x, idx, eps_g, schedule)
+    eps = predict_eps_from_xstart(x, idx, pred_xstart, schedule)
+    mean = pred_xstart * abar_prev.sqrt()
+    if eta == 0:
+        mean = mean + (1 - abar_prev).sqrt() * eps
+        return StepOutput(mean, pred_xstart, mean, None, eps, g)
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    mean = mean + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape or noise.device != x.device or not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating tensor like x {tuple(x.shape)} on {x.device}, "
+                         f"got {tuple(noise.shape)} {noise.dtype} on {noise.device}")
+    nonzero = (idx != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return StepOutput(mean + nonzero * sigma * noise.to(x.dtype), pred_xstart, mean, None, eps, g)
+
+
+# --------------------------------------------------------------------------- loop
+
+def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, schedule: Schedule, *,
+                sampler: str = "ddim", guide: Guide | None = None, eta: float = 0.0,
+                clip_denoised: bool = True, var_type: str | None = None,
+                noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                generator: torch.Generator | None = None, progress: bool = False,
+                return_trajectory: bool = False, model_kwargs: Mapping[str, Any] | None = None,
+                denoised_fn: Callable | None = None, nonfinite_grad: str = "raise",
+                dtype: torch.dtype = torch.float32, callback: Callable[[int, StepOutput], None] | None = None):
+    """Run all steps N-1..0 from x_T (given, or drawn with `generator` for a shape).
+
+    sampler: "ddim" (eta, condition_score) or "ddpm" (ancestral, condition_mean).
+    noise_fn(index, x) -> per-step noise (DDPM, or DDIM with eta > 0); default randn(generator).
+    The model runs under torch.no_grad() (the guide re-enables grad for itself).
+    Returns the final sample, or (final, trajectory [N, *x.shape]) with return_trajectory
+    (entry k is the sample after the step at index N-1-k).
+    """
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    if isinstance(shape_or_x, torch.Tensor):
+        x = shape_or_x
+    else:
+        shape = tuple(int(s) for s in shape_or_x)
+        x = torch.randn(shape, generator=generator, device=schedule.device, dtype=dtype)
+    _check_x(x, schedule, "x_T")
+    steps = range(schedule.num_timesteps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"{sampler} sampling")
+    traj = []
+    needs_noise = sampler == "ddpm" or eta > 0
+    with torch.no_grad():
+        for i in steps:
+            noise = noise_fn(i, x) if (noise_fn is not None and needs_noise) else None
+            common = dict(guide=guide, noise=noise, generator=generator, clip_denoised=clip_denoised,
+                          model_kwargs=model_kwargs, denoised_fn=denoised_fn, nonfinite_grad=nonfinite_grad)
+            if sampler == "ddim":
+                out = ddim_step(model, x, i, schedule, eta=eta, **common)
+            else:
+                out = ddpm_step(model, x, i, schedule, var_type=var_type, **common)
+            x = out.sample
+            if callback is not None:
+                callback(i, out)
+            if return_trajectory:
+                traj.append(x)
+    return (x, torch.stack(traj)) if return_trajectory else x
