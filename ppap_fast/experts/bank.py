@@ -1,0 +1,636 @@
+"""ExpertBank: one frozen backbone shared by N timestep experts, routed per sample.
+
+``bank(x, t)`` sends every sample of the batch to the expert of its own timestep
+band ``[n*T/N, (n+1)*T/N)`` (half-open: with T=1000, N=5, t=199 -> 0, t=200 -> 1).
+The placed modules of the wrapped model are replaced by routed modules
+(:class:`RoutedLinear`, :class:`RoutedConv2d`, :class:`RoutedBias`,
+:class:`ExpertBatchNorm`, :class:`ExpertLayerNorm`, :class:`ExpertGroupNorm`).
+Their per-expert tensors are stacked ``[N, ...]`` so that fused ops index them;
+they read the current per-sample expert index from a small router object owned
+by their bank (set for the duration of one forward, restored afterwards; no
+global state, so several banks and nested calls do not interfere).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import conv_lora_shapes, factorised_conv_delta, init_lora_, linear_lora_shapes, loralib_conv_delta
+from .placement import NORM_TYPES, Placement, make_placement
+
+
+def _ops():
+    """The routed LoRA ops: the dispatching package API when present, else its reference."""
+    import ppap_fast.ops.lora as pkg
+
+    if hasattr(pkg, "lora_linear"):
+        return pkg
+    from ppap_fast.ops.lora import reference
+
+    return reference
+
+
+class _Router:
+    """Holds the per-sample expert index of the forward in flight."""
+
+    __slots__ = ("idx",)
+
+    def __init__(self):
+        self.idx = None
+
+
+def _frozen(t):
+    return None if t is None else nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+def _stack(t, n):
+    return nn.Parameter(t.detach().clone().unsqueeze(0).repeat(n, *([1] * t.dim())))
+
+
+class _Routed(nn.Module):
+    """Base of routed modules; ``per_expert`` lists the names of the stacked [N, ...] tensors."""
+
+    per_expert: tuple = ()
+
+    def __init__(self, router: _Router, n_experts: int):
+        super().__init__()
+        object.__setattr__(self, "_router", router)  # plain attribute, never a submodule
+        self.n_experts = n_experts
+
+    def _idx(self, x):
+        idx = self._router.idx
+        if idx is None:
+            raise RuntimeError(f"{type(self).__name__} was called outside its ExpertBank's forward "
+                               "(no expert index is set); call the bank, not the inner model")
+        if x.shape[0] != idx.shape[0]:
+            raise RuntimeError(f"{type(self).__name__}: input has {x.shape[0]} samples but the bank routed "
+                               f"{idx.shape[0]}; the leading dimension must stay the sample dimension")
+        return idx
+
+    def to_plain(self, n: int) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- LoRA modules
+class RoutedLinear(_Routed):
+    def __init__(self, base: nn.Linear, router, n_experts, r, alpha, per_expert_bias=False):
+        super().__init__(router, n_experts)
+        self.r, self.alpha = r, float(alpha)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = _frozen(base.weight)
+        if per_expert_bias:
+            if base.bias is None:
+                raise ValueError("per-expert bias requested for a Linear without bias")
+            self.bias = None
+            self.expert_bias = _stack(base.bias, n_experts)
+        else:
+            self.bias = _frozen(base.bias)
+            self.expert_bias = None
+        a, b = linear_lora_shapes(base, r)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty((n_experts, *a), **kw))
+        self.lora_B = nn.Parameter(torch.empty((n_experts, *b), **kw))
+        init_lora_(self.lora_A, self.lora_B, stacked=True)
+        self.per_expert = ("lora_A", "lora_B") + (("expert_bias",) if per_expert_bias else ())
+
+    @property
+    def scale(self):
+        return self.alpha / self.r
+
+    def delta_weight(self, n: int):
+        return (self.lora_B[n] @ self.lora_A[n]) * self.scale
+
+    def forward(self, x):
+        return _ops().lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self._idx(x),
+                                  self.scale, self.expert_bias)
+
+    def to_plain(self, n):
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None or self.expert_bias is not None,
+                        device="meta")
+        lin.weight = nn.Parameter((self.weight + self.delta_weight(n)).detach().clone(), requires_grad=False)
+        b = self.expert_bias[n] if self.expert_bias is not None else self.bias
+        if b is not None:
+            lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        return lin
+
+
+def _conv_like(c, weight, bias):
+    conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                     bias=bias is not None, device="meta")
+    conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return conv
+
+
+def _conv_geometry(self, base: nn.Conv2d):
+    if base.padding_mode != "zeros":
+        raise ValueError(f"routed conv supports padding_mode='zeros' only, got {base.padding_mode!r}")
+    self.in_channels, self.out_channels = base.in_channels, base.out_channels
+    self.kernel_size, self.stride, self.padding = base.kernel_size, base.stride, base.padding
+    self.dilation, self.groups = base.dilation, base.groups
+
+
+class RoutedConv2d(_Routed):
+    """Conv2d + per-expert LoRA (``layout`` "factorised" or "loralib", see experts.lora)."""
+
+    def __init__(self, base: nn.Conv2d, router, n_experts, r, alpha, layout="factorised", per_expert_bias=False):
+        super().__init__(router, n_experts)
+        _conv_geometry(self, base)
+        self.r, self.alpha, self.layout = r, float(alpha), layout
+        self.weight = _frozen(base.weight)
+        if per_expert_bias:
+            if base.bias is None:
+                raise ValueError("per-expert bias requested for a Conv2d without bias")
+            self.bias = None
+            self.expert_bias = _stack(base.bias, n_experts)
+        else:
+            self.bias = _frozen(base.bias)
+            self.expert_bias = None
+        a, b = conv_lora_shapes(base, r, layout)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty((n_experts, *a), **kw))
+        self.lora_B = nn.Parameter(torch.empty((n_experts, *b), **kw))
+        init_lora_(self.lora_A, self.lora_B, stacked=True)
+        self.per_expert = ("lora_A", "lora_B") + (("expert_bias",) if per_expert_bias else ())
+
+    @property
+    def scale(self):
+        return self.alpha / self.r
+
+    def delta_weights(self):
+        """Scaled dense deltas of all experts, [N, *W.shape]."""
+        if self.layout == "factorised":
+            return factorised_conv_delta(self.lora_A, self.lora_B, self.groups) * self.scale
+        return loralib_conv_delta(self.lora_A, self.lora_B, self.weight.shape) * self.scale
+
+    def delta_weight(self, n: int):
+        if self.layout == "factorised":
+            return factorised_conv_delta(self.lora_A[n], self.lora_B[n], self.groups) * self.scale
+        return loralib_conv_delta(self.lora_A[n], self.lora_B[n], self.weight.shape) * self.scale
+
+    def forward(self, x):
+        idx = self._idx(x)
+        ops = _ops()
+        if self.layout == "factorised":
+            return ops.lora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, self.scale,
+                                   self.stride, self.padding, self.dilation, self.groups, self.expert_bias)
+        return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,
+                                     self.padding, self.dilation, self.groups, self.expert_bias)
+
+    def to_plain(self, n):
+        b = self.expert_bias[n] if self.expert_bias is not None else self.bias
+        return _conv_like(self, self.weight + self.delta_weight(n), b)
+
+
+class RoutedBias(_Routed):
+    """A frozen Linear / Conv2d whose bias is per expert (no LoRA)."""
+
+    def __init__(self, base: nn.Module, router, n_experts):
+        super().__init__(router, n_experts)
+        if not isinstance(base, (nn.Linear, nn.Conv2d)) or base.bias is None:
+            raise ValueError(f"RoutedBias needs a Linear or Conv2d with a bias, got {type(base).__name__}")
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            _conv_geometry(self, base)
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = _frozen(base.weight)
+        self.expert_bias = _stack(base.bias, n_experts)
+        self.per_expert = ("expert_bias",)
+
+    def forward(self, x):
+        idx = self._idx(x)
+        b = self.expert_bias[idx]
+        if self.is_conv:
+            y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+            return y + b[:, :, None, None]
+        y = F.linear(x, self.weight)
+        return y + b.view(b.shape[0], *([1] * (y.dim() - 2)), b.shape[1])
+
+    def to_plain(self, n):
+        if self.is_conv:
+            return _conv_like(self, self.weight, self.expert_bias[n])
+        lin = nn.Linear(self.in_features, self.out_features, device="meta")
+        lin.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
+        lin.bias = nn.Parameter(self.expert_bias[n].detach().clone(), requires_grad=False)
+        return lin
+
+
+# ----------------------------------------------------------------------------- norms
+class _ExpertAffine(_Routed):
+    def _init_affine(self, base, n_experts, per_expert_weight):
+        if base.bias is None or base.weight is None:
+            raise ValueError(f"{type(base).__name__} without affine parameters cannot have per-expert ones")
+        if per_expert_weight:
+            self.expert_weight = _stack(base.weight, n_experts)
+            self.weight = None
+        else:
+            self.expert_weight = None
+            self.weight = _frozen(base.weight)
+        self.expert_bias = _stack(base.bias, n_experts)
+        self.per_expert = (("expert_weight",) if per_expert_weight else ()) + ("expert_bias",)
+
+    def _weights(self):
+        if self.expert_weight is not None:
+            return self.expert_weight
+        return self.weight.unsqueeze(0).expand(self.n_experts, -1)
+
+    def _affine_n(self, n):
+        w = self.expert_weight[n] if self.expert_weight is not None else self.weight
+        return w.detach().clone(), self.expert_bias[n].detach().clone()
+
+
+class ExpertBatchNorm(_ExpertAffine):
+    """BatchNorm1d/2d with per-expert bias (and weight), and per-expert running statistics.
+
+    Train mode normalises each expert's samples with that expert's own batch statistics and
+    updates only its running stats (``momentum=None``, the cumulative average, is not supported).
+    """
+
+    def __init__(self, base, router, n_experts, per_expert_weight=True):
+        super().__init__(router, n_experts)
+        if not isinstance(base, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise ValueError(f"ExpertBatchNorm wraps BatchNorm1d/2d, got {type(base).__name__}")
+        if not base.track_running_stats or base.momentum is None:
+            raise ValueError("ExpertBatchNorm needs track_running_stats=True and a float momentum")
+        self.kind = type(base)
+        self.num_features, self.eps, self.momentum = base.num_features, base.eps, base.momentum
+        self._init_affine(base, n_experts, per_expert_weight)
+        self.register_buffer("running_mean", base.running_mean.detach().clone().unsqueeze(0).repeat(n_experts, 1))
+        self.register_buffer("running_var", base.running_var.detach().clone().unsqueeze(0).repeat(n_experts, 1))
+        self.register_buffer("num_batches_tracked",
+                             base.num_batches_tracked.detach().clone().reshape(1).repeat(n_experts))
+        self.per_expert = self.per_expert + ("running_mean", "running_var", "num_batches_tracked")
+
+    def forward(self, x):
+        idx = self._idx(x)
+        if self.training:
+            with torch.no_grad():
+                seen = torch.bincount(idx, minlength=self.n_experts) > 0
+                self.num_batches_tracked.add_(seen.to(self.num_batches_tracked.dtype))
+        return _ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
+                                        self.running_var, self.training, self.momentum, self.eps)
+
+    def to_plain(self, n):
+        bn = self.kind(self.num_features, eps=self.eps, momentum=self.momentum, device="meta")
+        w, b = self._affine_n(n)
+        bn.weight = nn.Parameter(w, requires_grad=False)
+        bn.bias = nn.Parameter(b, requires_grad=False)
+        bn.register_buffer("running_mean", self.running_mean[n].detach().clone())
+        bn.register_buffer("running_var", self.running_var[n].detach().clone())
+        bn.register_buffer("num_batches_tracked", self.num_batches_tracked[n].detach().clone())
+        return bn
+
+
+class ExpertLayerNorm(_ExpertAffine):
+    """LayerNorm over the last dimension with per-expert bias (and weight)."""
+
+    def __init__(self, base: nn.LayerNorm, router, n_experts, per_expert_weight=True):
+        super().__init__(router, n_experts)
+        if len(base.normalized_shape) != 1:
+            raise ValueError(f"ExpertLayerNorm supports a 1-D normalized_shape, got {base.normalized_shape}")
+        self.normalized_shape, self.eps = tuple(base.normalized_shape), base.eps
+        self._init_affine(base, n_experts, per_expert_weight)
+
+    def forward(self, x):
+        return _ops().expert_layer_norm(x, self._idx(x), self._weights(), self.expert_bias, self.eps)
+
+    def to_plain(self, n):
+        ln = nn.LayerNorm(self.normalized_shape, eps=self.eps, device="meta")
+        w, b = self._affine_n(n)
+        ln.weight, ln.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        return ln
+
+
+class ExpertGroupNorm(_ExpertAffine):
+    """GroupNorm with per-expert bias (and weight)."""
+
+    def __init__(self, base: nn.GroupNorm, router, n_experts, per_expert_weight=True):
+        super().__init__(router, n_experts)
+        self.num_groups, self.num_channels, self.eps = base.num_groups, base.num_channels, base.eps
+        self._init_affine(base, n_experts, per_expert_weight)
+
+    def forward(self, x):
+        idx = self._idx(x)
+        y = F.group_norm(x, self.num_groups, None, None, self.eps)
+        shape = (x.shape[0], self.num_channels) + (1,) * (x.dim() - 2)
+        return y * self._weights()[idx].view(shape) + self.expert_bias[idx].view(shape)
+
+    def to_plain(self, n):
+        gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, device="meta")
+        w, b = self._affine_n(n)
+        gn.weight, gn.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        return gn
+
+
+ROUTED_TYPES = (RoutedLinear, RoutedConv2d, RoutedBias, ExpertBatchNorm, ExpertLayerNorm, ExpertGroupNorm)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def fold_batchnorm_(model: nn.Module) -> list:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into that conv, in place.
+
+    The graph is read with torch.fx: a pair is folded only when the conv's output feeds only
+    the BatchNorm and each module is called exactly once; the BatchNorm becomes nn.Identity.
+    A model that fx cannot trace is left unchanged. Returns the folded (conv, bn) names.
+    """
+    import torch.fx as fx
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return []
+    mods = dict(model.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    folded = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        bn = mods[node.target]
+        if len(node.args) != 1 or node.kwargs or not bn.track_running_stats:
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(mods.get(prev.target), nn.Conv2d)):
+            continue
+        if len(prev.users) != 1 or calls[prev.target] != 1 or calls[node.target] != 1:
+            continue
+        conv = mods[prev.target]
+        with torch.no_grad():
+            inv = torch.rsqrt(bn.running_var + bn.eps)
+            g = bn.weight * inv if bn.affine else inv
+            beta = bn.bias if bn.affine else torch.zeros_like(inv)
+            b0 = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight = nn.Parameter(conv.weight * g.view(-1, 1, 1, 1), requires_grad=False)
+            conv.bias = nn.Parameter((b0 - bn.running_mean) * g + beta, requires_grad=False)
+        _set_submodule(model, node.target, nn.Identity())
+        folded.append((prev.target, node.target))
+    return folded
+
+
+# ----------------------------------------------------------------------------- the bank
+class ExpertBank(nn.Module):
+    """N timestep experts sharing one frozen copy of ``model``.
+
+    Args:
+        model: any nn.Module (deep-copied; the copy's base weights are frozen and shared).
+        placement: a :class:`Placement` or a rule name ("resnet", "deit", "mobilenet_v2", "generic").
+        n_experts: N; must divide ``num_timesteps``.
+        num_timesteps: T (1000); expert n owns original timesteps [n*T/N, (n+1)*T/N).
+        r, alpha, layout: passed to the rule when ``placement`` is a name.
+        arch: architecture name recorded in checkpoints (default: the model's class name).
+
+    Call as ``bank(x, t)`` with ``t`` the ORIGINAL timesteps (long [B] or an int), or
+    ``bank(x, expert_idx=...)``. Set ``bank.check_inputs = False`` to skip the range checks
+    (they read values on the host, which a CUDA graph capture cannot do).
+    """
+
+    def __init__(self, model: nn.Module, placement="generic", n_experts: int = 5, num_timesteps: int = 1000,
+                 *, r: int | None = None, alpha: float | None = None, layout: str | None = None,
+                 arch: str | None = None):
+        super().__init__()
+        if not isinstance(n_experts, int) or n_experts <= 0:
+            raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
+        if not isinstance(num_timesteps, int) or num_timesteps <= 0:
+            raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        if num_timesteps % n_experts:
+            raise ValueError(f"n_experts={n_experts} does not divide num_timesteps={num_timesteps}: "
+                             "the timestep bands would not be equal")
+        if isinstance(placement, str):
+            placement = make_placement(placement, model, r=r, alpha=alpha, layout=layout)
+        elif not isinstance(placement, Placement):
+            raise TypeError(f"placement must be a Placement or a rule name, got {type(placement).__name__}")
+        self.placement = placement
+        self.n_experts, self.num_timesteps = n_experts, num_timesteps
+        self.band = num_timesteps // n_experts
+        self.arch = arch or type(model).__name__
+        self.check_inputs = True
+        self.base_num_parameters = sum(p.numel() for p in model.parameters())
+        object.__setattr__(self, "_router", _Router())
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False)
+        self._install(placement)
+
+    # -- construction
+    def _install(self, p: Placement):
+        mods = dict(self.model.named_modules())
+        missing = sorted({n for n in (*p.lora, *p.bias, *p.norm) if n not in mods or n == ""})
+        if missing:
+            raise ValueError(f"placement names modules not in {type(self.model).__name__}: {missing}")
+        lora, bias, norm = set(p.lora), set(p.bias), set(p.norm)
+        R, N = self._router, self.n_experts
+        for name in dict.fromkeys((*p.lora, *p.bias, *p.norm)):
+            m = mods[name]
+            if name in lora:
+                if isinstance(m, nn.Linear):
+                    new = RoutedLinear(m, R, N, p.r, p.alpha, per_expert_bias=name in bias)
+                elif isinstance(m, nn.Conv2d):
+                    new = RoutedConv2d(m, R, N, p.r, p.alpha, p.layout, per_expert_bias=name in bias)
+                else:
+                    raise ValueError(f"LoRA placed on {name!r}, a {type(m).__name__}; only Linear and Conv2d take LoRA")
+                if name in norm:
+                    raise ValueError(f"{name!r} is both a LoRA and a norm module")
+            elif isinstance(m, NORM_TYPES):
+                full = name in norm
+                cls = {nn.BatchNorm1d: ExpertBatchNorm, nn.BatchNorm2d: ExpertBatchNorm,
+                       nn.LayerNorm: ExpertLayerNorm, nn.GroupNorm: ExpertGroupNorm}[type(m)]
+                new = cls(m, R, N, per_expert_weight=full)
+            elif name in norm:
+                raise ValueError(f"norm placement names {name!r}, a {type(m).__name__}; expected one of "
+                                 f"{[t.__name__ for t in NORM_TYPES]}")
+            else:
+                if getattr(m, "bias", None) is None:
+                    raise ValueError(f"per-expert bias placed on {name!r} ({type(m).__name__}), which has no bias")
+                new = RoutedBias(m, R, N)
+            _set_submodule(self.model, name, new)
+
+    # -- routing
+    @property
+    def bands(self) -> list:
+        return [(n * self.band, (n + 1) * self.band) for n in range(self.n_experts)]
+
+    def routed_modules(self):
+        for name, m in self.model.named_modules():
+            if isinstance(m, _Routed):
+                yield name, m
+
+    def _ref_param(self):
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p
+        return None
+
+    def expert_index(self, t, batch: int | None = None) -> torch.Tensor:
+        """Original timesteps (long [B] or int) -> expert indices long [B] (half-open bands)."""
+        ref = self._ref_param()
+        device = ref.device if ref is not None else torch.device("cpu")
+        if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+            raise ValueError(f"t must be an int or an integer tensor of original timesteps, got {type(t).__name__}")
+        if isinstance(t, int):
+            t = torch.tensor(t, device=device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold integer (original) timesteps, got dtype {t.dtype}")
+        if t.dim() == 0 and batch is not None:
+            t = t.expand(batch)
+        if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+            raise ValueError(f"t must have shape [{batch if batch is not None else 'B'}], got {tuple(t.shape)}")
+        if self.check_inputs and t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
+            raise ValueError(f"t out of range [0, {self.num_timesteps}): min {int(t.min())}, max {int(t.max())}")
+        return torch.div(t.to(device=device, dtype=torch.long), self.band, rounding_mode="floor")
+
+    def _check_expert_idx(self, expert_idx, batch):
+        ref = self._ref_param()
+        device = ref.device if ref is not None else torch.device("cpu")
+        if isinstance(expert_idx, bool) or not isinstance(expert_idx, (int, torch.Tensor)):
+            raise ValueError(f"expert_idx must be an int or an integer tensor, got {type(expert_idx).__name__}")
+        if isinstance(expert_idx, int):
+            if not 0 <= expert_idx < self.n_experts:
+                raise ValueError(f"expert_idx {expert_idx} out of range [0, {self.n_experts})")
+            return torch.full((batch,), expert_idx, dtype=torch.long, device=device)
+        if expert_idx.is_floating_point() or expert_idx.dtype == torch.bool:
+            raise ValueError(f"expert_idx must be an integer tensor, got dtype {expert_idx.dtype}")
+        if expert_idx.dim() == 0:
+            expert_idx = expert_idx.expand(batch)
+        if expert_idx.shape != (batch,):
+            raise ValueError(f"expert_idx must have shape [{batch}], got {tuple(expert_idx.shape)}")
+        if self.check_inputs and bool(((expert_idx < 0) | (expert_idx >= self.n_experts)).any()):
+            raise ValueError(f"expert_idx out of range [0, {self.n_experts})")
+        return expert_idx.to(device=device, dtype=torch.long)
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"x must have a leading sample dimension and features, got shape {tuple(x.shape)}")
+        ref = self._ref_param()
+        if ref is not None and (x.dtype != ref.dtype or x.device != ref.device):
+            raise ValueError(f"x is {x.dtype} on {x.device} but the bank's parameters are {ref.dtype} on "
+                             f"{ref.device}; move one of them (bank.to(...) or x.to(...))")
+
+    def forward(self, x, t=None, *, expert_idx=None, **kwargs):
+        self._check_x(x)
+        if (t is None) == (expert_idx is None):
+            raise ValueError("pass exactly one of t (original timesteps) or expert_idx")
+        idx = self.expert_index(t, x.shape[0]) if t is not None else self._check_expert_idx(expert_idx, x.shape[0])
+        prev = self._router.idx
+        self._router.idx = idx
+        try:
+            return self.model(x, **kwargs)
+        finally:
+            self._router.idx = prev
+
+    # -- per-expert views
+    def _per_expert_items(self, params_only=False):
+        for name, m in self.routed_modules():
+            for attr in m.per_expert:
+                t = getattr(m, attr)
+                if params_only and not isinstance(t, nn.Parameter):
+                    continue
+                yield f"{name}.{attr}", t
+
+    def _check_n(self, n):
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < self.n_experts:
+            raise ValueError(f"expert {n!r} out of range [0, {self.n_experts})")
+
+    def parameters_to_train(self) -> list:
+        """The stacked per-expert parameters [N, ...] (all experts): give these to an optimiser.
+
+        Routing a batch to one expert leaves the other experts' gradients zero, but decoupled
+        weight decay (AdamW) still shrinks them: use weight_decay=0 or train with all experts.
+        """
+        return [t for _, t in self._per_expert_items(params_only=True)]
+
+    def trainable_parameters(self, n: int) -> dict:
+        """Views of what expert ``n`` owns: name -> tensor (LoRA factors, biases, norm affine)."""
+        self._check_n(n)
+        return {k: t[n] for k, t in self._per_expert_items(params_only=True)}
+
+    def num_trainable_parameters(self, n: int = 0) -> int:
+        return sum(v.numel() for v in self.trainable_parameters(n).values())
+
+    def parameter_report(self) -> dict:
+        per = self.num_trainable_parameters(0)
+        base = self.base_num_parameters
+        return {
+            "n_experts": self.n_experts,
+            "per_expert": per,
+            "total_trainable": per * self.n_experts,
+            "base_parameters": base,
+            "fraction_of_base_per_expert": per / base if base else math.nan,
+            "fraction_of_base_total": per * self.n_experts / base if base else math.nan,
+        }
+
+    def expert_state_dict(self, n: int) -> dict:
+        """Copies of everything expert ``n`` owns, including its BatchNorm running statistics."""
+        self._check_n(n)
+        return {k: t[n].detach().clone() for k, t in self._per_expert_items()}
+
+    def load_expert_state_dict(self, n: int, state_dict: dict, strict: bool = True) -> None:
+        """Load expert ``n``; with ``strict`` any missing / unexpected / misshaped key is a ValueError."""
+        self._check_n(n)
+        own = dict(self._per_expert_items())
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        bad = sorted(f"{k}: expected {tuple(own[k].shape[1:])}, got {tuple(state_dict[k].shape)}"
+                     for k in set(own) & set(state_dict) if tuple(state_dict[k].shape) != tuple(own[k].shape[1:]))
+        if bad or (strict and (missing or unexpected)):
+            raise ValueError(f"expert {n} state_dict mismatch: missing keys {missing}; unexpected keys "
+                             f"{unexpected}; shape mismatches {bad}")
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                if k in own:
+                    own[k][n].copy_(v)
+
+    def per_expert_state_dict(self) -> dict:
+        """All experts' stacked tensors [N, ...] by name (what checkpoints store)."""
+        return dict(self._per_expert_items())
+
+    # -- inference
+    def merged(self, n: int, fold_bn: bool = True) -> nn.Module:
+        """A plain nn.Module (eval mode, no LoRA, no routing) computing expert ``n``.
+
+        LoRA deltas are merged into the weights, expert ``n``'s biases / norm parameters /
+        running statistics are put in place, and with ``fold_bn`` every BatchNorm2d that
+        directly follows a conv is folded into it (the result then equals expert ``n`` in
+        eval mode only; it is returned in eval mode).
+        """
+        self._check_n(n)
+        routed = list(self.routed_modules())
+        memo = {id(m): None for _, m in routed}  # do not deep-copy the stacked expert tensors
+        for _, m in routed:
+            for p in m.parameters(recurse=False):
+                memo[id(p)] = None
+            for b in m.buffers(recurse=False):
+                memo[id(b)] = None
+        memo[id(self._router)] = None
+        out = copy.deepcopy(self.model, memo)
+        for name, m in routed:
+            _set_submodule(out, name, m.to_plain(n))
+        out.eval()
+        out.requires_grad_(False)
+        if fold_bn:
+            fold_batchnorm_(out)
+        return out
+
+    def extra_repr(self) -> str:
+        p = self.placement
+        return (f"arch={self.arch}, n_experts={self.n_experts}, T={self.num_timesteps}, rule={p.rule}, "
+                f"layout={p.layout}, r={p.r}, alpha={p.alpha}, lora={len(p.lora)}, bias={len(p.bias)}, "
+                f"norm={len(p.norm)}")
+
+
+__all__ = ["ExpertBank", "RoutedLinear", "RoutedConv2d", "RoutedBias", "ExpertBatchNorm", "ExpertLayerNorm",
+           "ExpertGroupNorm", "fold_batchnorm_", "ROUTED_TYPES"]

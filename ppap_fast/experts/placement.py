@@ -1,0 +1,192 @@
+"""Where an ExpertBank puts per-expert parameters.
+
+A :class:`Placement` names, by module path in the wrapped model:
+
+* ``lora``: Linear / Conv2d modules that get a per-expert LoRA adapter;
+* ``bias``: modules whose ``bias`` becomes per-expert (Linear, Conv2d, or the
+  bias of a BatchNorm / LayerNorm / GroupNorm whose weight stays shared);
+* ``norm``: BatchNorm / LayerNorm / GroupNorm modules whose affine weight AND
+  bias become per-expert.
+
+A BatchNorm named in ``bias`` or ``norm`` also gets per-expert running
+statistics (each expert sees its own noise level, so its statistics differ).
+Everything else is the frozen, shared base model.
+
+Rules (:func:`make_placement`): ``"resnet"``, ``"deit"``, ``"mobilenet_v2"``,
+``"generic"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from .lora import check_layout
+
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Placement:
+    lora: tuple = ()
+    bias: tuple = ()
+    norm: tuple = ()
+    r: int = 16
+    alpha: float = 8.0
+    layout: str = "factorised"
+    rule: str = "custom"
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora", tuple(self.lora))
+        object.__setattr__(self, "bias", tuple(self.bias))
+        object.__setattr__(self, "norm", tuple(self.norm))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        check_layout(self.layout)
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"Placement.r must be a positive int, got {self.r!r}")
+        for name, lst in (("lora", self.lora), ("bias", self.bias), ("norm", self.norm)):
+            dup = sorted({m for m in lst if lst.count(m) > 1})
+            if dup:
+                raise ValueError(f"Placement.{name} lists modules more than once: {dup}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("lora", "bias", "norm"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ValueError(f"unknown Placement fields {extra}")
+        return cls(**d)
+
+
+def _has_bias(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "bias", None), nn.Parameter)
+
+
+def _affine_norm(m: nn.Module) -> bool:
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+        return m.affine
+    if isinstance(m, nn.LayerNorm):
+        return m.elementwise_affine and m.weight is not None
+    return False
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    return last
+
+
+# ----------------------------------------------------------------------------- rules
+def resnet_placement(model: nn.Module, r: int = 16, alpha: float = 8, layout: str = "loralib",
+                     official: bool = True) -> Placement:
+    """PPAP's ResNet placement (torchvision and timm naming).
+
+    LoRA on the stem ``conv1`` (every conv of a deep stem) and on ``conv1`` and ``conv2`` of
+    every Bottleneck / BasicBlock; not on conv3, downsample or fc. Per-expert: every bias
+    except fc's, and BatchNorm affine + running statistics.
+
+    ``official=True`` reproduces the official trainable rule exactly (parameters named
+    ``*bn*`` and every bias except fc's): a downsample BatchNorm (``downsample.1``) has a
+    per-expert bias and running stats but its weight stays shared, which gives the
+    manifest's 1,459,632 trainable parameters per ResNet50 expert. ``official=False``
+    makes every BatchNorm's affine weight per-expert as well.
+    """
+    modules = dict(model.named_modules())
+    lora = []
+    stem = modules.get("conv1")
+    if isinstance(stem, nn.Conv2d):
+        lora.append("conv1")
+    elif stem is not None:
+        lora += [f"conv1.{n}" for n, m in stem.named_modules() if isinstance(m, nn.Conv2d)]
+    blocks = [n for n, m in modules.items()
+              if n and isinstance(getattr(m, "conv1", None), nn.Conv2d) and isinstance(getattr(m, "conv2", None), nn.Conv2d)]
+    if not blocks:
+        raise ValueError(f"resnet placement: no residual blocks with conv1/conv2 found in {type(model).__name__}")
+    for b in blocks:
+        lora += [f"{b}.conv1", f"{b}.conv2"]
+    head = "fc" if isinstance(modules.get("fc"), nn.Linear) else _last_linear(model)
+    norm, bias = [], []
+    for n, m in modules.items():
+        if isinstance(m, NORM_TYPES) and _affine_norm(m):
+            if not official or "bn" in n:
+                norm.append(n)
+            elif _has_bias(m):
+                bias.append(n)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and _has_bias(m) and n != head:
+            bias.append(n)
+    return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "resnet")
+
+
+def deit_placement(model: nn.Module, r: int = 16, alpha: float = 8, layout: str = "factorised") -> Placement:
+    """PPAP's DeiT/ViT placement (timm naming): LoRA on ``attn.qkv`` and ``attn.proj`` of
+    every block; every bias (Linear, patch-embed conv, LayerNorm bias, head) per expert;
+    LayerNorm weights stay shared (deit_small_patch16_224: 494,824 per expert, ~0.49M)."""
+    lora = [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and re.search(r"(^|\.)attn\.(qkv|proj)$", n)]
+    if not lora:
+        raise ValueError(f"deit placement: no attn.qkv / attn.proj Linear found in {type(model).__name__}")
+    bias = [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and _has_bias(m)]
+    return Placement(tuple(lora), tuple(bias), (), r, alpha, layout, "deit")
+
+
+def mobilenet_v2_placement(model: nn.Module, r: int = 4, alpha: float = 4,
+                           layout: str = "factorised") -> Placement:
+    """torchvision MobileNetV2: LoRA on every Conv2d of the stem and the inverted-residual
+    blocks (expand 1x1, depthwise 3x3 - rank per group x groups, project 1x1), not on the
+    final 1x1 conv nor the classifier; every BatchNorm's affine + stats and every bias except
+    the classifier's per expert."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"mobilenet_v2 placement: no Conv2d in {type(model).__name__}")
+    lora = convs[:-1]  # the last conv is the 1x1 head conv (features.18)
+    head = _last_linear(model)
+    norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
+    bias = [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and _has_bias(m) and n != head]
+    return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "mobilenet_v2")
+
+
+def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: str = "factorised") -> Placement:
+    """Every Conv2d / Linear except the last Linear (the classifier) gets LoRA; every affine
+    norm (weight+bias) and every Conv2d / Linear bias is per expert."""
+    head = _last_linear(model)
+    lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head]
+    norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
+    bias = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m)]
+    return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "generic")
+
+
+RULES: dict[str, Callable[..., Placement]] = {
+    "resnet": resnet_placement,
+    "deit": deit_placement,
+    "mobilenet_v2": mobilenet_v2_placement,
+    "generic": generic_placement,
+}
+
+
+def make_placement(rule: str, model: nn.Module, **kwargs) -> Placement:
+    """Build the placement ``rule`` for ``model``; kwargs (r, alpha, layout, ...) go to the rule."""
+    if rule not in RULES:
+        raise ValueError(f"unknown placement rule {rule!r}; expected one of {sorted(RULES)}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return RULES[rule](model, **kwargs)
+
+
+__all__ = ["Placement", "RULES", "make_placement", "resnet_placement", "deit_placement",
+           "mobilenet_v2_placement", "generic_placement", "NORM_TYPES"]
