@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ppap_fast.schedule import Schedule, extract, get_named_beta_schedule, space_timesteps
+
+
+def test_linear_betas_bitwise_numpy_linspace():
+    b = get_named_beta_schedule("linear", 1000)
+    assert b.dtype == torch.float64
+    assert np.array_equal(b.numpy(), np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    b250 = get_named_beta_schedule("linear", 250)  # scaled by 1000/T
+    assert np.array_equal(b250.numpy(), np.linspace(4e-4, 0.08, 250, dtype=np.float64))
+
+
+def test_cosine_schedule():
+    T = 1000
+    b = get_named_beta_schedule("cosine", T)
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    acp = torch.cumprod(1 - b, 0)
+    expected = torch.tensor([f((i + 1) / T) / f(0) for i in range(T - 1)], dtype=torch.float64)
+    torch.testing.assert_close(acp[:-1], expected, rtol=1e-10, atol=1e-12)
+    assert b[-1] == 0.999  # max_beta clip
+    assert bool((b > 0).all()) and bool((b[1:] >= b[:-1]).all())
+    with pytest.raises(ValueError, match="schedule"):
+        get_named_beta_schedule("quadratic", T)
+
+
+def test_respacing_ddim25():
+    steps = space_timesteps(1000, "ddim25")
+    assert steps == list(range(0, 1000, 40)) and steps[-1] == 960 and len(steps) == 25
+    s = Schedule.create("linear", 1000, "ddim25")
+    assert s.timestep_map.tolist() == steps and s.num_timesteps == 25
+    with pytest.raises(ValueError):
+        space_timesteps(1000, "ddim600")  # no integer stride gives 600 steps
+
+
+def test_respacing_sections():
+    s250 = space_timesteps(1000, "250")
+    assert len(s250) == 250 and s250[0] == 0 and s250[-1] == 999
+    assert s250[:4] == [0, 4, 8, 12]  # stride 999/249 = 4.012, rounded
+    s = space_timesteps(1000, "10,10,5")
+    assert len(s) == 25
+    assert s[:10] == list(range(0, 334, 37))  # section 0: [0, 334), stride 333/9 = 37
+    assert s[10] == 334 and s[19] == 666  # section 1: [334, 667), ends at its last step
+    assert s[20:] == [667, 750, 833, 916, 999]  # section 2: stride 332/4 = 83
+    assert space_timesteps(1000, [10, 10, 5]) == s
+    with pytest.raises(ValueError):
+        space_timesteps(10, "11")
+
+
+def test_respaced_tables_consistent_with_base():
+    base = Schedule.create("linear", 1000)
+    s = Schedule.create("linear", 1000, "50")
+    keep = s.timestep_map
+    torch.testing.assert_close(s.alphas_cumprod, base.alphas_cumprod[keep], rtol=1e-13, atol=0)
+    assert s.alphas_cumprod_prev[0] == 1.0
+    torch.testing.assert_close(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1], rtol=0, atol=0)
+    # guided-diffusion's clipped log-variance: entry 0 takes entry 1
+    assert s.posterior_log_variance_clipped[0] == math.log(s.posterior_variance[1])
+    torch.testing.assert_close(s.posterior_log_variance_clipped[1:], s.posterior_variance[1:].log())
+    assert s.original_num_timesteps == 1000
+
+
+def test_tables_match_golden(fixtures_dir):
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    for name in ("ddim", "ddpm"):
+        s = Schedule.create("linear", 1000, g[f"{name}_respacing"])
+        assert torch.equal(s.timestep_map, g[f"{name}_timestep_map"])
+        assert torch.equal(s.betas, g[f"{name}_betas"])
+        assert torch.equal(s.alphas_cumprod, g[f"{name}_alphas_cumprod"])
+    torch.testing.assert_close(get_named_beta_schedule("linear", 1000), g["base_betas"], rtol=0, atol=1e-15)
+
+
+def test_q_sample():
+    s = Schedule.create("linear", 1000, "ddim25")
+    x0, noise = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    idx = torch.tensor([0, 12, 24])
+    out = s.q_sample(x0, idx, noise)
+    base_acp = Schedule.create("linear", 1000).alphas_cumprod
+    a = base_acp[torch.tensor([0, 480, 960])].float().view(3, 1, 1, 1)  # respaced index -> original t
+    torch.testing.assert_close(out, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    assert (out[2] - x0[2]).abs().mean() > 0.5  # t=960 is mostly noise
+    with pytest.raises(ValueError, match="noise"):
+        s.q_sample(x0, idx, torch.randn(2, 3, 8, 8))
+
+
+def test_extract_and_to():
+    s = Schedule.create("linear", 100)
+    like = torch.zeros(2, 3, 4, 4)
+    e = extract(s.betas, torch.tensor([0, 99]), like)
+    assert e.shape == (2, 1, 1, 1) and e.dtype == torch.float32
+    assert e[1].item() == pytest.approx(0.2 * 1.0, rel=1e-6)  # linear end scaled by 1000/100
+    with pytest.raises(ValueError, match="t must have shape"):
+        extract(s.betas, torch.tensor([1, 2, 3]), like)
+    m = s.to("meta")
+    assert m.betas.device.type == "meta" and m.timestep_map.device.type == "meta"
+
+
+def test_from_betas_rejects_bad_betas():
+    with pytest.raises(ValueError, match="betas"):
+        Schedule.from_betas(torch.tensor([0.1, 0.0, 0.2]))
+    with pytest.raises(ValueError, match="betas"):
+        Schedule.from_betas(torch.tensor([[0.1]]))
