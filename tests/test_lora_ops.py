@@ -1,0 +1,498 @@
+"""Parity tests for ppap_fast.ops.lora: every fast path vs the float64 reference.
+
+CPU: Triton runs under TRITON_INTERPRET=1 (set by conftest when no GPU) with tiny
+shapes. CUDA (``pytest tests/test_lora_ops.py -m cuda``): the same fuzz on the
+GPU for Triton and the CUDA SGMV forward, fp32/fp16/bf16, plus CUDA-graph capture.
+Buffers the kernels write are POISONED with NaN first; NaN never passes.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ppap_fast.ops import lora as L
+from ppap_fast.ops.lora import fast, reference as R, triton_kernels as TK
+from ppap_fast.ops.lora.segments import build_segments
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_precision():
+    old = (fast.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    fast.POISON = True
+    torch.backends.cudnn.allow_tf32 = False  # fp32 parity: no TF32 convs in the base/A stage
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    fast.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_close(name, got, want, tol):
+    err = rel_err(got, want)
+    assert err == err and err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e} (NaN fails)"
+
+
+def _cuda_backend_ready() -> bool:
+    if not HAS_CUDA:
+        return False
+    from ppap_fast.ops.lora import cuda_ops
+
+    if cuda_ops._registered() is not None:
+        return True
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return False
+    cuda_ops.load_jit()  # a build failure with nvcc present is a test failure
+    return True
+
+
+def device_backends():
+    """(device, backend) pairs with fast paths to test."""
+    out = []
+    if INTERP:
+        out.append(pytest.param("cpu", "triton", id="cpu-triton"))
+    out.append(pytest.param("cuda", "triton", id="cuda-triton", marks=cuda_only))
+    out.append(pytest.param("cuda", "cuda", id="cuda-cuda", marks=cuda_only))
+    return out
+
+
+def _maybe_skip(device, backend, dtype):
+    if backend == "cuda" and not _cuda_backend_ready():
+        pytest.skip("CUDA SGMV kernels neither registered nor buildable (no nvcc)")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 not exercised under the Triton interpreter")
+
+
+def expert_mix(rng: random.Random, S: int, N: int, kind: str) -> torch.Tensor:
+    if kind == "one":
+        return torch.full((S,), rng.randrange(N), dtype=torch.long)
+    if kind == "empty":  # a strict subset of experts used (when N > 1)
+        used = rng.sample(range(N), max(1, N // 2))
+        return torch.tensor([rng.choice(used) for _ in range(S)], dtype=torch.long)
+    return torch.tensor([rng.randrange(N) for _ in range(S)], dtype=torch.long)
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+# ============================================================================ segments
+def test_build_segments_matches_python():
+    rng = random.Random(5)
+    for _ in range(20):
+        N = rng.randint(1, 10)
+        S = rng.randint(1, 30)
+        idx = torch.tensor([rng.randrange(N) for _ in range(S)])
+        seg = build_segments(idx, N)
+        order = sorted(range(S), key=lambda i: (int(idx[i]), i))
+        assert seg.sorted_idx.tolist() == order
+        counts = [int((idx == e).sum()) for e in range(N)]
+        assert seg.counts.tolist() == counts
+        assert seg.offsets.tolist() == [sum(counts[:e]) for e in range(N + 1)]
+        # reuse of fixed buffers gives the same answer for a new routing
+        idx2 = torch.tensor([rng.randrange(N) for _ in range(S)])
+        seg2 = build_segments(idx2, N, out=seg)
+        assert seg2.sorted_idx.data_ptr() == seg.sorted_idx.data_ptr()
+        assert seg2.offsets.tolist() == build_segments(idx2, N).offsets.tolist()
+
+
+# ============================================================================ raw kernels
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_sgmv_kernels_raw(device, backend):
+    rng = random.Random(11)
+    for dtype in _dtypes(device):
+        _maybe_skip(device, backend, dtype)
+        for case in range(3):
+            N, S, M = rng.randint(1, 10), rng.randint(1, 6), rng.randint(1, 9)
+            K, Rr, NO = rng.randint(1, 70), rng.randint(1, 32), rng.randint(1, 70)
+            idx = expert_mix(rng, S, N, ["one", "empty", "rand"][case % 3]).to(device)
+            seg = build_segments(idx, N)
+            x = torch.randn(S, M, K, device=device).to(dtype)
+            A = torch.randn(N, Rr, K, device=device).to(dtype)
+            B = torch.randn(N, NO, Rr, device=device).to(dtype)
+            h = torch.full((S, M, Rr), float("nan"), device=device, dtype=dtype)
+            y0 = torch.randn(S, M, NO, device=device).to(dtype)
+            y = y0.clone()
+            if backend == "cuda":
+                from ppap_fast.ops.lora import cuda_ops
+                cuda_ops.sgmv_shrink(x, A, h, seg.sorted_idx, seg.offsets)
+                cuda_ops.sgmv_expand(h, B, y, seg.sorted_idx, seg.offsets, 0.75)
+            else:
+                TK.sgmv_shrink(x, A, h, seg.sorted_idx, seg.offsets)
+                TK.sgmv_expand(h, B, y, seg.sorted_idx, seg.offsets, 0.75)
+            ic = idx.cpu()
+            h_ref = torch.bmm(x.cpu().double(), A.cpu().double()[ic].transpose(1, 2))
+            y_ref = y0.cpu().double() + 0.75 * torch.bmm(h.cpu().double(), B.cpu().double()[ic].transpose(1, 2))
+            assert_close(f"shrink {dtype}", h, h_ref, TOL[dtype])
+            assert_close(f"expand {dtype}", y, y_ref, TOL[dtype])
+
+
+# ============================================================================ lora_linear
+def _linear_cases(n, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        N = rng.randint(1, 10)
+        cases.append(dict(
+            S=rng.randint(1, 6), L=rng.choice([None, 1, rng.randint(2, 9)]), K=rng.randint(3, 48),
+            O=rng.randint(3, 48), N=N, r=rng.choice([1, 3, 8, 13, 16, 17, 32]), mix=["one", "empty", "rand"][i % 3],
+            bias=rng.random() < 0.5, ebias=rng.random() < 0.7, scale=rng.choice([0.5, 1.0, 2.0]), seed=rng.randrange(10**6)))
+    return cases
+
+
+def _run_linear(c, device, backend, dtype):
+    g = torch.Generator().manual_seed(c["seed"])
+    rng = random.Random(c["seed"])
+    shape = (c["S"], c["K"]) if c["L"] is None else (c["S"], c["L"], c["K"])
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = mk(*shape)
+    W = mk(c["O"], c["K"]) / c["K"] ** 0.5
+    b = mk(c["O"]) if c["bias"] else None
+    A = mk(c["N"], c["r"], c["K"]) / c["K"] ** 0.5
+    B = mk(c["N"], c["O"], c["r"])
+    eb = mk(c["N"], c["O"]) if c["ebias"] else None
+    idx = expert_mix(rng, c["S"], c["N"], c["mix"])
+    q = lambda t: None if t is None else t.to(dtype)  # noqa: E731  (round to dtype once)
+    x, W, b, A, B, eb = map(q, (x, W, b, A, B, eb))
+    dy = mk(*shape[:-1], c["O"]).to(dtype)
+
+    def run(dev, dt, be):
+        t = lambda v, grad=True: None if v is None else v.to(dev, dt).requires_grad_(grad)  # noqa: E731
+        xs, As, Bs, ebs = t(x), t(A), t(B), t(eb)
+        y = L.lora_linear(xs, t(W, False), t(b, False), As, Bs, idx.to(dev), c["scale"], ebs, backend=be)
+        leaves = [v for v in (xs, As, Bs, ebs) if v is not None]
+        grads = torch.autograd.grad(y, leaves, dy.to(dev, dt))
+        return [y] + list(grads), leaves
+
+    want, _ = run("cpu", torch.float64, "reference")
+    got, leaves = run(device, dtype, backend)
+    assert L.last_backend["lora_linear"] == backend
+    names = ["y", "dx", "dA", "dB", "d_expert_bias"]
+    for name, a, w in zip(names, got, want):
+        assert a.dtype == dtype
+        assert_close(f"{name} ({c})", a.cpu(), w, TOL[dtype])
+    used = set(idx.tolist())
+    for e in range(c["N"]):  # experts without samples get exactly zero grads
+        if e not in used:
+            assert torch.count_nonzero(got[2][e]) == 0 and torch.count_nonzero(got[3][e]) == 0
+
+
+LINEAR_CASES = _linear_cases(9, 1234)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("ci", range(len(LINEAR_CASES)))
+def test_lora_linear_parity(device, backend, ci):
+    for dtype in _dtypes(device) if (device == "cuda" or ci % 3 == 0) else [torch.float32]:
+        _maybe_skip(device, backend, dtype)
+        _run_linear(LINEAR_CASES[ci], device, backend, dtype)
+
+
+def test_lora_linear_reference_matches_dense_formula():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 10, dtype=torch.float64)
+    W, b = torch.randn(7, 10, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    A, B = torch.randn(3, 4, 10, dtype=torch.float64), torch.randn(3, 7, 4, dtype=torch.float64)
+    eb = torch.randn(3, 7, dtype=torch.float64)
+    idx = torch.tensor([2, 0, 2, 1])
+    y = R.lora_linear(x, W, b, A, B, idx, 0.5, eb)
+    for s in range(4):
+        e = int(idx[s])
+        want = x[s] @ (W + 0.5 * B[e] @ A[e]).T + b + eb[e]
+        assert torch.allclose(y[s], want, atol=1e-12)
+
+
+# ============================================================================ lora_conv2d
+def _conv_cases(n, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        depthwise = i % 4 == 3
+        k = rng.choice([1, 3, 3, 7])
+        cin = rng.choice([3, 4, 6]) if not depthwise else rng.choice([2, 3, 4])
+        groups = cin if depthwise else 1
+        cout = rng.choice([4, 5, 8]) if not depthwise else cin * rng.choice([1, 2])
+        r = rng.choice([1, 5, 16, 17, 32]) if not depthwise else groups * rng.choice([1, 2])
+        cases.append(dict(
+            S=rng.randint(1, 4), cin=cin, cout=cout, k=k, stride=rng.choice([1, 2]), groups=groups,
+            dil=rng.choice([1, 1, 2]) if k == 3 else 1, H=rng.randint(k, k + 4), N=rng.randint(1, 10), r=r,
+            mix=["one", "empty", "rand"][i % 3], ebias=rng.random() < 0.7, bias=rng.random() < 0.5,
+            a_stage=["stacked", "grouped"][i % 2], seed=rng.randrange(10**6)))
+    return cases
+
+
+def _run_conv(c, device, backend, dtype):
+    g = torch.Generator().manual_seed(c["seed"])
+    rng = random.Random(c["seed"])
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cg = c["cin"] // c["groups"]
+    fan = cg * c["k"] ** 2
+    x = mk(c["S"], c["cin"], c["H"], c["H"] + 1)
+    W = mk(c["cout"], cg, c["k"], c["k"]) / fan ** 0.5
+    b = mk(c["cout"]) if c["bias"] else None
+    A = mk(c["N"], c["r"], cg, c["k"], c["k"]) / fan ** 0.5
+    B = mk(c["N"], c["cout"], c["r"] // c["groups"])
+    eb = mk(c["N"], c["cout"]) if c["ebias"] else None
+    idx = expert_mix(rng, c["S"], c["N"], c["mix"])
+    pad = (c["k"] // 2) * c["dil"]
+    q = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    x, W, b, A, B, eb = map(q, (x, W, b, A, B, eb))
+    geo = (c["stride"], pad, c["dil"], c["groups"])
+    out_shape = F.conv2d(x.float(), W.float(), None, *geo).shape
+    dy = mk(*out_shape).to(dtype)
+
+    def run(dev, dt, be, **kw):
+        t = lambda v, grad=True: None if v is None else v.to(dev, dt).requires_grad_(grad)  # noqa: E731
+        xs, As, Bs, ebs = t(x), t(A), t(B), t(eb)
+        y = L.lora_conv2d(xs, t(W, False), t(b, False), As, Bs, idx.to(dev), 0.5, *geo, expert_bias=ebs,
+                          backend=be, **kw)
+        leaves = [v for v in (xs, As, Bs, ebs) if v is not None]
+        return [y] + list(torch.autograd.grad(y, leaves, dy.to(dev, dt)))
+
+    want = run("cpu", torch.float64, "reference")
+    got = run(device, dtype, backend, a_stage=c["a_stage"])
+    assert L.last_backend["lora_conv2d"] == backend
+    for name, a, w in zip(["y", "dx", "dA", "dB", "d_expert_bias"], got, want):
+        assert a.dtype == dtype
+        assert_close(f"{name} ({c})", a.cpu(), w, TOL[dtype] * (2 if dtype != torch.float32 else 1))
+
+
+CONV_CASES = _conv_cases(12, 4321)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("ci", range(len(CONV_CASES)))
+def test_lora_conv2d_parity(device, backend, ci):
+    for dtype in _dtypes(device) if (device == "cuda" or ci % 4 == 0) else [torch.float32]:
+        _maybe_skip(device, backend, dtype)
+        if device == "cpu" and dtype == torch.float16:
+            continue  # CPU fp16 conv (base/A stage) is not what we test here
+        _run_conv(CONV_CASES[ci], device, backend, dtype)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_factorised_delta_merges(groups):
+    torch.manual_seed(groups)
+    N, cin, cout, r, k = 3, 4, 8, 4 * groups, 3
+    x = torch.randn(5, cin, 6, 6, dtype=torch.float64)
+    W = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+    A = torch.randn(N, r, cin // groups, k, k, dtype=torch.float64)
+    B = torch.randn(N, cout, r // groups, dtype=torch.float64)
+    idx = torch.tensor([1, 0, 1, 2, 2])
+    y = R.lora_conv2d(x, W, None, A, B, idx, 0.5, 2, 1, 1, groups)
+    delta = 0.5 * L.lora_conv_delta(A, B, groups)
+    assert delta.shape == (N,) + W.shape
+    y2 = R.lora_conv2d_delta(x, W, None, delta, idx, 2, 1, 1, groups)
+    assert_close("merged", y2, y, 1e-12)
+
+
+# ============================================================================ loralib layout
+def test_loralib_golden(fixtures_dir):
+    d = torch.load(fixtures_dir / "ppap_loraconv_golden.pt")
+    for c in [d] + list(d["extra_cases"]):
+        sd, cv = c["state_dict"], c["conv"]
+        k = cv["kernel_size"]
+        delta = L.loralib_conv_delta(sd["lora_A"], sd["lora_B"], cv["out_channels"], cv["in_channels"], k,
+                                     c["scaling"])
+        assert_close("delta", delta, c["delta_weight"], 1e-6)
+        assert_close("merged", sd["conv.weight"] + delta, c["merged_weight"], 1e-6)
+        N = 3
+        deltas = torch.stack([torch.zeros_like(delta), delta, -delta])
+        idx = torch.tensor([1, 1])
+        for be in ["vectorized", "reference"]:
+            y = L.lora_conv2d_delta(c["x"], sd["conv.weight"], None, deltas, idx, cv["stride"], cv["padding"],
+                                    backend=be)
+            assert_close(f"out_train {be}", y, c["out_train"], 1e-5)
+            y0 = L.lora_conv2d_delta(c["x"], sd["conv.weight"], None, deltas, torch.tensor([0, 0]), cv["stride"],
+                                     cv["padding"], backend=be)
+            assert_close(f"base {be}", y0, c["out_base_only"], 1e-5)
+        assert N == deltas.shape[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_lora_conv2d_delta_vectorized(device):
+    rng = random.Random(3)
+    for groups, cin, cout in [(1, 4, 6), (2, 4, 6), (4, 4, 8)]:
+        N, S, k = rng.randint(1, 6), 5, 3
+        torch.manual_seed(groups)
+        x = torch.randn(S, cin, 7, 6)
+        W = torch.randn(cout, cin // groups, k, k)
+        delta = torch.randn(N, *W.shape) * 0.1
+        eb = torch.randn(N, cout)
+        idx = expert_mix(rng, S, N, "rand")
+        want = [x.double().requires_grad_(), delta.double().requires_grad_(), eb.double().requires_grad_()]
+        y_ref = R.lora_conv2d_delta(want[0], W.double(), None, want[1], idx, 2, 1, 1, groups, want[2])
+        dy = torch.randn_like(y_ref)
+        g_ref = torch.autograd.grad(y_ref, want, dy)
+        got = [v.to(device).requires_grad_() for v in (x, delta, eb)]
+        y = L.lora_conv2d_delta(got[0], W.to(device), None, got[1], idx.to(device), 2, 1, 1, groups, got[2],
+                                backend="vectorized")
+        g = torch.autograd.grad(y, got, dy.to(device, y.dtype))
+        for n, a, b in zip(["y", "dx", "ddelta", "deb"], [y, *g], [y_ref, *g_ref]):
+            assert_close(n, a.cpu(), b, 2e-5)
+
+
+# ============================================================================ norms
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("shape", [(7, 5), (7, 5, 3, 4)])
+@pytest.mark.parametrize("mix", ["one", "empty", "rand"])
+def test_expert_batch_norm(device, shape, mix):
+    rng = random.Random(len(shape) * 10 + len(mix))
+    N = 6
+    S, C = shape[:2]
+    idx = expert_mix(rng, S, N, mix)
+    x = torch.randn(*shape) * 3 + 1
+    w, b = torch.randn(N, C), torch.randn(N, C)
+    rm, rv = torch.randn(N, C), torch.rand(N, C) + 0.5
+    dy = torch.randn(*shape)
+    for training in (True, False):
+        ref_in = [v.double().requires_grad_() for v in (x, w, b)]
+        rm_r, rv_r = rm.double().clone(), rv.double().clone()
+        y_r = R.expert_batch_norm(ref_in[0], idx, ref_in[1], ref_in[2], rm_r, rv_r, training, 0.1, 1e-5)
+        g_r = torch.autograd.grad(y_r, ref_in, dy.double())
+        got_in = [v.to(device).requires_grad_() for v in (x, w, b)]
+        rm_g, rv_g = rm.to(device).clone(), rv.to(device).clone()
+        y = L.expert_batch_norm(got_in[0], idx.to(device), got_in[1], got_in[2], rm_g, rv_g, training, 0.1, 1e-5,
+                                backend="vectorized")
+        g = torch.autograd.grad(y, got_in, dy.to(device))
+        for n, a, bb in zip(["y", "dx", "dw", "db"], [y, *g], [y_r, *g_r]):
+            assert_close(f"{n} train={training}", a.cpu(), bb, 1e-5)
+        assert_close("running_mean", rm_g.cpu(), rm_r, 1e-6)
+        assert_close("running_var", rv_g.cpu(), rv_r, 1e-6)
+        unused = [e for e in range(N) if e not in set(idx.tolist())]
+        for e in unused:
+            assert torch.equal(rm_g[e].cpu(), rm[e]) and torch.equal(rv_g[e].cpu(), rv[e])
+        if training:
+            for e in set(idx.tolist()):
+                assert not torch.equal(rm_g[e].cpu(), rm[e])
+
+
+def test_expert_batch_norm_matches_nn_batchnorm():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    x = torch.randn(6, 4, 5, 5)
+    N = 3
+    w, b = torch.randn(N, 4), torch.randn(N, 4)
+    rm, rv = torch.zeros(N, 4), torch.ones(N, 4)
+    w[2], b[2] = bn.weight.data, bn.bias.data
+    y_bn = bn.train()(x)
+    for be in ["vectorized", "reference"]:
+        rm_, rv_ = rm.clone(), rv.clone()
+        y = L.expert_batch_norm(x, torch.full((6,), 2), w, b, rm_, rv_, True, backend=be)
+        assert_close(f"y {be}", y, y_bn, 1e-5)
+        assert_close(f"rm {be}", rm_[2], bn.running_mean, 1e-6)
+        assert_close(f"rv {be}", rv_[2], bn.running_var, 1e-6)
+        assert torch.equal(rm_[0], rm[0]) and torch.equal(rv_[1], rv[1])
+        y_eval = L.expert_batch_norm(x, torch.full((6,), 2), w, b, rm_, rv_, False, backend=be)
+        assert_close(f"eval {be}", y_eval, bn.eval()(x), 1e-5)
+        bn.train()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("shape", [(5, 8), (5, 7, 8)])
+def test_expert_layer_norm(device, shape):
+    rng = random.Random(7)
+    N, D = 4, shape[-1]
+    idx = expert_mix(rng, shape[0], N, "rand")
+    x, w, b, dy = torch.randn(*shape), torch.randn(N, D), torch.randn(N, D), torch.randn(*shape)
+    ref_in = [v.double().requires_grad_() for v in (x, w, b)]
+    y_r = R.expert_layer_norm(ref_in[0], idx, ref_in[1], ref_in[2], 1e-6)
+    g_r = torch.autograd.grad(y_r, ref_in, dy.double())
+    got_in = [v.to(device).requires_grad_() for v in (x, w, b)]
+    y = L.expert_layer_norm(got_in[0], idx.to(device), got_in[1], got_in[2], 1e-6)
+    assert L.last_backend["expert_layer_norm"] == "vectorized"
+    g = torch.autograd.grad(y, got_in, dy.to(device))
+    for n, a, bb in zip(["y", "dx", "dw", "db"], [y, *g], [y_r, *g_r]):
+        assert_close(n, a.cpu(), bb, 1e-5)
+    ln = nn.LayerNorm(D, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.copy_(w[1])
+        ln.bias.copy_(b[1])
+    one = torch.ones(shape[0], dtype=torch.long)
+    assert_close("nn.LayerNorm", L.expert_layer_norm(x, one, w, b, 1e-6), ln(x), 1e-5)
+
+
+# ============================================================================ dispatch / bad input
+def test_dispatch_reports_and_rejects(monkeypatch):
+    x, W = torch.randn(2, 4), torch.randn(3, 4)
+    A, B = torch.randn(2, 2, 4), torch.randn(2, 3, 2)
+    idx = torch.tensor([0, 1])
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "reference"  # CPU: interpreter is never auto-picked
+    with pytest.raises(L.BackendUnavailableError, match="no backend"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0, backend="nope")
+    with pytest.raises(L.BackendUnavailableError, match="cuda"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(L.BackendUnavailableError, match="TRITON_INTERPRET"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0, backend="triton")
+    with pytest.raises(L.BackendUnavailableError, match="dtype"):
+        L.lora_linear(x.double(), W.double(), None, A.double(), B.double(), idx, 1.0, backend="triton")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        L.lora_linear(x, W, None, A, B, torch.tensor([0, 2]), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        L.lora_linear(x, W, None, A, B[:, :2], idx, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        L.lora_conv2d(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), None, torch.randn(2, 3, 4, 3, 3),
+                      torch.randn(2, 6, 2), idx, 1.0)
+    rep = L.available_backends("lora_linear", "cpu")
+    assert rep["reference"] == "ok" and rep["cuda"] != "ok"
+
+
+def test_frozen_weight_gets_no_grad():
+    x = torch.randn(3, 4, requires_grad=True)
+    W = torch.randn(5, 4, requires_grad=True)
+    A, B = torch.randn(2, 2, 4, requires_grad=True), torch.randn(2, 5, 2, requires_grad=True)
+    L.lora_linear(x, W, None, A, B, torch.tensor([0, 1, 1]), 1.0).sum().backward()
+    assert W.grad is None and A.grad is not None
+
+
+# ============================================================================ CUDA graphs
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_capture_lora_linear():
+    dev = "cuda"
+    N, S, Lq, K, O, r = 5, 6, 9, 64, 48, 16
+    x = torch.randn(S, Lq, K, device=dev)
+    W, A, B = torch.randn(O, K, device=dev), torch.randn(N, r, K, device=dev), torch.randn(N, O, r, device=dev)
+    eb = torch.randn(N, O, device=dev)
+    idx = torch.tensor([0, 3, 3, 1, 4, 0], device=dev)
+    static_idx = idx.clone()
+    seg = build_segments(static_idx, N)
+    fast.POISON = False
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up / compile outside capture
+            build_segments(static_idx, N, out=seg)
+            L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend="triton", segments=seg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        build_segments(static_idx, N, out=seg)
+        y = L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend="triton", segments=seg)
+    for new in ([4, 4, 4, 4, 4, 4], [1, 0, 2, 3, 2, 1]):
+        static_idx.copy_(torch.tensor(new, device=dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = R.lora_linear(x.double(), W.double(), None, A.double(), B.double(), static_idx, 0.5, eb.double())
+        assert_close(f"graph replay {new}", y, want, TOL[torch.float32])
