@@ -1,0 +1,318 @@
+import math
+
+import pytest
+import torch
+
+from ppap_fast import sampling
+from ppap_fast.sampling import ddim_step, ddpm_step, eps_correction, sample_loop
+from ppap_fast.schedule import Schedule
+from ppap_fast.testing import check_guided_golden
+
+
+# ----------------------------------------------------------------- golden parity
+
+@pytest.fixture(scope="module")
+def golden(fixtures_dir):
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    return g, check_guided_golden(fixtures_dir / "guided_steps_golden.pt")
+
+
+def test_golden_covers_every_recorded_tensor(golden):
+    g, errs = golden
+    recorded = [k for k, v in g.items() if isinstance(v, torch.Tensor) and k not in
+                ("W", "y", "x_T", "noise", "ddim_timestep_map", "ddpm_timestep_map", "base_betas")]
+    assert set(recorded) <= set(errs), set(recorded) - set(errs)
+    assert sum(k.startswith("ddim25_guided_trajectory_step") for k in errs) == 25
+    assert sum(k.startswith("ddim25_unguided_trajectory_step") for k in errs) == 25
+
+
+def test_golden_single_steps(golden):
+    # <= 1e-4, or 4x the golden's own fp32-vs-fp64 deviation where the formula amplifies
+    # fp32 error (pred_xstart at t=960/999 is sqrt(1/abar-1) ~ 100x the eps error).
+    g, errs = golden
+    dev = g["fp64_vs_fp32_maxabs"]
+    bad = {}
+    for k, e in errs.items():
+        if "trajectory" in k or "final" in k:
+            continue
+        tol = max(1e-4, 4 * dev.get(k, 0.0))
+        if not (math.isfinite(e) and e <= tol):
+            bad[k] = (e, tol)
+    assert not bad, bad
+
+
+def test_golden_trajectories(golden):
+    _, errs = golden
+    traj = {k: e for k, e in errs.items() if "trajectory" in k or "final" in k}
+    assert len(traj) == 2 * 25 + 4
+    bad = {k: e for k, e in traj.items() if not (math.isfinite(e) and e <= 5e-4)}
+    assert not bad, bad
+
+
+def test_golden_guidance_is_visible(golden):
+    # guided and unguided differ far more than our error, so dropping guidance would fail
+    g, errs = golden
+    for k in ("ddim_step24", "ddpm_step49"):
+        assert (g[f"{k}_guided_sample"] - g[f"{k}_unguided_sample"]).abs().max() > 100 * errs[f"{k}_guided_sample"]
+
+
+# ----------------------------------------------------------------- formulas (fp64, independent)
+
+class FakeModel:
+    """Deterministic eps/v model that records the timesteps it sees."""
+
+    def __init__(self, learned=True, scale=1.0):
+        self.learned, self.scale, self.seen = learned, scale, []
+
+    def __call__(self, x, t):
+        self.seen.append(t.clone())
+        tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        eps = self.scale * (0.7 * x + 0.3 * torch.sin(x * 3 + tt / 100))
+        if not self.learned:
+            return eps
+        return torch.cat([eps, torch.tanh(x - 0.2)], dim=1)
+
+
+def _tables(s, i):
+    f = lambda tab: tab[i].item()  # noqa: E731
+    return dict(abar=f(s.alphas_cumprod), abar_prev=f(s.alphas_cumprod_prev), beta=f(s.betas),
+                post_var=f(s.posterior_variance), post_logc=f(s.posterior_log_variance_clipped),
+                c1=f(s.posterior_mean_coef1), c2=f(s.posterior_mean_coef2))
+
+
+def _lin_guide(scale=2.0):
+    w = torch.randn(5, 3 * 4 * 4, dtype=torch.float64)
+    calls = []
+
+    def guide(x, t):
+        calls.append(t.clone())
+        x = x.detach().requires_grad_(True)
+        lp = torch.log_softmax(x.flatten(1) @ w.T, -1)[:, 1].sum()
+        return torch.autograd.grad(lp, x)[0] * scale
+
+    return guide, calls
+
+
+@pytest.mark.parametrize("i", [0, 7, 49])
+@pytest.mark.parametrize("guided", [False, True])
+def test_ddpm_step_formula(i, guided):
+    s = Schedule.create("linear", 1000, "50")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * 1.5
+    noise = torch.randn_like(x)
+    model = FakeModel()
+    guide, calls = _lin_guide()
+    out = ddpm_step(model, x, i, s, guide=guide if guided else None, noise=noise)
+    T = _tables(s, i)
+    t_orig = s.timestep_map[i].item()
+    mo = model(x, torch.full((2,), t_orig))
+    eps, v = mo[:, :3], mo[:, 3:]
+    x0 = ((1 / T["abar"]) ** 0.5 * x - (1 / T["abar"] - 1) ** 0.5 * eps).clamp(-1, 1)
+    mean = T["c1"] * x0 + T["c2"] * x
+    frac = (v + 1) / 2
+    log_var = frac * math.log(T["beta"]) + (1 - frac) * T["post_logc"]
+    if guided:
+        mean = mean + log_var.exp() * guide(x, torch.full((2,), t_orig))
+    sample = mean + (0.0 if i == 0 else 1.0) * (0.5 * log_var).exp() * noise
+    torch.testing.assert_close(out.pred_xstart, x0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.log_variance, log_var, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.sample, sample, rtol=1e-12, atol=1e-12)
+    assert all(int(t.unique()) == t_orig for t in model.seen)  # original timestep, not the index
+    if guided:
+        assert int(calls[0].unique()) == t_orig
+
+
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_fixed_variances(var_type):
+    s = Schedule.create("linear", 1000, "50")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    for i in (0, 1, 30):
+        out = ddpm_step(FakeModel(learned=False), x, i, s, var_type=var_type, noise=torch.zeros_like(x))
+        if var_type == "fixed_small":
+            expected = s.posterior_log_variance_clipped[i]
+        else:
+            expected = math.log(s.posterior_variance[1] if i == 0 else s.betas[i])
+        torch.testing.assert_close(out.log_variance, torch.full_like(x, float(expected)), rtol=1e-12, atol=0)
+    # default for a C-channel output is guided-diffusion's FIXED_LARGE
+    d = ddpm_step(FakeModel(learned=False), x, 30, s, noise=torch.zeros_like(x))
+    assert float(d.log_variance[0, 0, 0, 0]) == pytest.approx(math.log(s.betas[30]), rel=1e-12)
+
+
+def test_learned_range_endpoints():
+    s = Schedule.create("linear", 1000, "50")
+    x = torch.randn(1, 3, 2, 2, dtype=torch.float64)
+    idx = torch.tensor([20])
+    for v, expected in ((1.0, s.log_betas[20]), (-1.0, s.posterior_log_variance_clipped[20])):
+        _, lv = sampling.model_variance(torch.full_like(x, v), x, idx, s)
+        torch.testing.assert_close(lv, torch.full_like(x, float(expected)))
+
+
+@pytest.mark.parametrize("i", [0, 12, 24])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_step_formula(i, guided, eta):
+    s = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * 1.5
+    noise = torch.randn_like(x)
+    model = FakeModel(scale=3.0)  # pushes pred_xstart outside [-1, 1] so clipping matters
+    guide, _ = _lin_guide(scale=40.0)
+    out = ddim_step(model, x, i, s, guide=guide if guided else None, eta=eta, noise=noise)
+    T = _tables(s, i)
+    t_orig = torch.full((2,), s.timestep_map[i].item())
+    eps_raw = model(x, t_orig)[:, :3]
+    ra, rm1 = (1 / T["abar"]) ** 0.5, (1 / T["abar"] - 1) ** 0.5
+    x0 = (ra * x - rm1 * eps_raw).clamp(-1, 1)
+    eps = (ra * x - x0) / rm1  # re-derived from the clipped x0
+    if guided:
+        eps = eps - (1 - T["abar"]) ** 0.5 * guide(x, t_orig)
+        x0 = ra * x - rm1 * eps  # not re-clipped
+    sigma = eta * ((1 - T["abar_prev"]) / (1 - T["abar"])) ** 0.5 * (1 - T["abar"] / T["abar_prev"]) ** 0.5
+    sample = x0 * T["abar_prev"] ** 0.5 + (1 - T["abar_prev"] - sigma ** 2) ** 0.5 * eps
+    if i != 0:
+        sample = sample + sigma * noise
+    torch.testing.assert_close(out.pred_xstart, x0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.sample, sample, rtol=1e-10, atol=1e-10)
+    if guided and i > 0:
+        assert out.pred_xstart.abs().max() > 1.0  # the guided x0 is left unclipped
+
+
+def test_ddim_clip_denoised_false_uses_raw_eps():
+    s = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64) * 2
+    model = FakeModel(scale=3.0)
+    out = ddim_step(model, x, 20, s, clip_denoised=False)
+    eps = model(x, torch.full((2,), 800))[:, :3]
+    torch.testing.assert_close(out.eps, eps, rtol=1e-10, atol=1e-10)
+    assert out.pred_xstart.abs().max() > 1
+
+
+def test_eps_correction_and_grad_equals_guide():
+    s = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    guide, _ = _lin_guide()
+    grad = guide(x, torch.zeros(2, dtype=torch.long))
+    a = ddim_step(FakeModel(), x, 10, s, guide=guide)
+    b = ddim_step(FakeModel(), x, 10, s, grad=grad)
+    assert torch.equal(a.sample, b.sample) and torch.equal(a.grad, grad)
+    eps = torch.randn_like(x)
+    abar = s.alphas_cumprod[torch.tensor([10, 3])]
+    expected = eps - (1 - abar).sqrt().view(2, 1, 1, 1) * grad
+    torch.testing.assert_close(eps_correction(eps, grad, abar), expected)
+    torch.testing.assert_close(eps_correction(eps, grad, 0.25), eps - math.sqrt(0.75) * grad)
+    c = ddpm_step(FakeModel(), x, 10, s, grad=grad, noise=torch.zeros_like(x))
+    d = ddpm_step(FakeModel(), x, 10, s, guide=guide, noise=torch.zeros_like(x))
+    assert torch.equal(c.sample, d.sample)
+
+
+def test_model_output_and_mixed_index_batch():
+    s = Schedule.create("linear", 1000, "50")
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    noise = torch.randn_like(x)
+    model = FakeModel()
+    idx = torch.tensor([0, 25, 49])
+    mixed = ddpm_step(model, x, idx, s, noise=noise)
+    for b, i in enumerate(idx.tolist()):
+        single = ddpm_step(model, x[b:b + 1], i, s, noise=noise[b:b + 1])
+        torch.testing.assert_close(mixed.sample[b:b + 1], single.sample, rtol=1e-12, atol=1e-12)
+    mo = model(x, s.timestep_map[idx])
+    pre = ddpm_step(None, x, idx, s, model_output=mo, noise=noise)
+    assert torch.equal(pre.sample, mixed.sample)
+
+
+# ----------------------------------------------------------------- loops
+
+def test_sample_loop_ddpm_matches_manual_chain():
+    s = Schedule.create("linear", 1000, "10")
+    model = FakeModel()
+    x_T = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    noises = {i: torch.randn_like(x_T) for i in range(10)}
+    guide, calls = _lin_guide()
+    final, traj = sample_loop(model, x_T, s, sampler="ddpm", guide=guide,
+                              noise_fn=lambda i, x: noises[i], return_trajectory=True)
+    x = x_T
+    for k, i in enumerate(range(9, -1, -1)):
+        x = ddpm_step(model, x, i, s, guide=guide, noise=noises[i]).sample
+        torch.testing.assert_close(traj[k], x, rtol=0, atol=0)
+    assert traj.shape == (10, 2, 3, 4, 4) and torch.equal(final, x)
+    assert [int(c[0]) for c in calls[:10]] == s.timestep_map.flip(0).tolist()
+
+
+def test_sample_loop_ddim_eta0_draws_no_noise_and_generator_reproducible():
+    s = Schedule.create("linear", 1000, "ddim5")
+    model = FakeModel()
+    called = []
+    out = sample_loop(model, (2, 3, 4, 4), s, generator=torch.Generator().manual_seed(3),
+                      noise_fn=lambda i, x: called.append(i), dtype=torch.float64)
+    assert not called and out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
+    again = sample_loop(model, (2, 3, 4, 4), s, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(out, again)
+    a = sample_loop(model, (2, 3, 4, 4), s, sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    b = sample_loop(model, (2, 3, 4, 4), s, sampler="ddpm", generator=torch.Generator().manual_seed(2))
+    assert (a - b).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_raise():
+    s = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 4, 4)
+    m = FakeModel()
+    with pytest.raises(ValueError, match="index"):
+        ddim_step(m, x, 25, s)
+    with pytest.raises(ValueError, match="index"):
+        ddim_step(m, x, -1, s)
+    with pytest.raises(ValueError, match="index"):
+        ddim_step(m, x, torch.tensor([3, 25]), s)
+    with pytest.raises(ValueError, match="index"):
+        ddim_step(m, x, torch.tensor([1.0, 2.0]), s)
+    with pytest.raises(ValueError, match="index"):
+        ddim_step(m, x, torch.tensor([1, 2, 3]), s)
+    with pytest.raises(ValueError, match="x must be floating"):
+        ddim_step(m, x.long(), 3, s)
+    with pytest.raises(ValueError, match="x must have shape"):
+        ddim_step(m, torch.randn(3), 3, s)
+    with pytest.raises(ValueError, match="model_output"):
+        ddim_step(lambda x, t: torch.randn(2, 5, 4, 4), x, 3, s)
+    with pytest.raises(ValueError, match="model_output"):
+        ddpm_step(lambda x, t: torch.randn(2, 6, 4, 5), x, 3, s)
+    with pytest.raises(ValueError, match="schedule"):
+        ddim_step(m, x.to("meta"), 3, s)
+    with pytest.raises(ValueError, match="grad"):
+        ddim_step(m, x, 3, s, grad=torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="grad"):
+        ddim_step(m, x, 3, s, grad=torch.ones(2, 3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="either guide or grad"):
+        ddim_step(m, x, 3, s, grad=torch.randn_like(x), guide=lambda x, t: x)
+    with pytest.raises(ValueError, match="noise"):
+        ddpm_step(m, x, 3, s, noise=torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="var_type"):
+        ddpm_step(m, x, 3, s, var_type="fixed")
+    with pytest.raises(ValueError, match="var_type"):
+        ddpm_step(FakeModel(learned=False), x, 3, s, var_type="learned_range")
+    with pytest.raises(ValueError, match="nonfinite_grad"):
+        ddim_step(m, x, 3, s, nonfinite_grad="skip")
+    with pytest.raises(ValueError, match="sampler"):
+        sample_loop(m, x, s, sampler="euler")
+    with pytest.raises(ValueError, match="eta"):
+        ddim_step(m, x, 3, s, eta=float("nan"))
+
+
+@pytest.mark.parametrize("step", [ddim_step, ddpm_step])
+def test_nonfinite_grad(step):
+    s = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 4, 4)
+    bad = torch.randn_like(x)
+    bad[1, 0, 0, 0] = float("nan")
+    bad[0, 2, 1, 1] = float("inf")
+    kw = dict(noise=torch.zeros_like(x)) if step is ddpm_step else {}
+    with pytest.raises(RuntimeError, match="grad"):
+        step(FakeModel(), x, 5, s, grad=bad, **kw)
+    with pytest.raises(RuntimeError, match="grad"):
+        step(FakeModel(), x, 5, s, guide=lambda x, t: bad, **kw)
+    zeroed = step(FakeModel(), x, 5, s, grad=bad, nonfinite_grad="zero", **kw)
+    clean = torch.where(torch.isfinite(bad), bad, torch.zeros_like(bad))
+    ref = step(FakeModel(), x, 5, s, grad=clean, **kw)
+    assert torch.isfinite(zeroed.sample).all()
+    assert torch.equal(zeroed.sample, ref.sample)
+    ignored = step(FakeModel(), x, 5, s, grad=bad, nonfinite_grad="ignore", **kw)
+    assert not torch.isfinite(ignored.sample).all()
