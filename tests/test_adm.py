@@ -149,3 +149,37 @@ def test_label_emb_changes_output():
             p.add_(torch.randn_like(p) * 0.05)
         x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
         assert (m(x, t, torch.tensor([1])) - m(x, t, torch.tensor([2]))).abs().max() > 1e-4
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_adm_golden_cuda(fixtures_dir, no_tf32, attention):
+    err = check_adm_golden(fixtures_dir / "adm_small_golden_1.pt", device="cuda", attention=attention)
+    assert math.isfinite(err) and err <= 2e-5, err
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adm_low_precision_torso_cuda(fixtures_dir, dtype):
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    m = ADMUNet.from_config(g["config"]).convert_to_fp16(dtype)
+    m.load_state_dict(g["state_dict"], strict=True)
+    m = m.cuda().eval()
+    with torch.no_grad():
+        out = m(g["x"].cuda(), g["t"].cuda()).cpu()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    rel = ((out - g["out"]).norm() / g["out"].norm()).item()
+    assert rel < (5e-3 if dtype == torch.float16 else 3e-2), rel

@@ -316,3 +316,90 @@ def test_nonfinite_grad(step):
     assert torch.equal(zeroed.sample, ref.sample)
     ignored = step(FakeModel(), x, 5, s, grad=bad, nonfinite_grad="ignore", **kw)
     assert not torch.isfinite(ignored.sample).all()
+
+
+# ----------------------------------------------------------------- CUDA: parity, no host syncs, graph capture
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@cuda
+def test_golden_cuda(fixtures_dir, no_tf32):
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    errs = check_guided_golden(fixtures_dir / "guided_steps_golden.pt", device="cuda")
+    dev = g["fp64_vs_fp32_maxabs"]
+    bad = {k: e for k, e in errs.items() if not (math.isfinite(e) and e <= (
+        5e-4 if ("trajectory" in k or "final" in k) else max(1e-4, 4 * dev.get(k, 0.0))))}
+    assert not bad, bad
+
+
+def _cuda_setup(fixtures_dir):
+    from ppap_fast.testing import linear_classifier_guide, load_golden_adm
+
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    model = load_golden_adm(fixtures_dir / "adm_small_golden_1.pt", "cuda")
+    guide = linear_classifier_guide(g["W"].cuda(), g["y"].cuda(), float(g["scale"]))
+    return g["x_T"].cuda(), g["noise"].cuda(), model, guide
+
+
+@pytest.mark.cuda
+@cuda
+def test_steps_do_not_sync_cuda(fixtures_dir):
+    x, noise, model, guide = _cuda_setup(fixtures_dir)
+    sd = Schedule.create("linear", 1000, "ddim25").to("cuda")
+    sp = Schedule.create("linear", 1000, "50").to("cuda")
+    idx = torch.tensor([12, 12], device="cuda")
+    calls = [lambda: ddim_step(model, x, idx, sd, guide=guide),
+             lambda: ddim_step(model, x, 24, sd, guide=guide, eta=0.5, noise=noise),
+             lambda: ddpm_step(model, x, 49, sp, guide=guide, noise=noise),
+             lambda: ddpm_step(model, x, idx, sp, guide=guide, noise=noise, nonfinite_grad="zero")]
+    with torch.no_grad():
+        for c in calls:  # warm up (lazy init may sync)
+            c()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for c in calls:
+                c()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("nonfinite_grad", ["zero", "raise"])
+def test_guided_ddim_step_cuda_graph(fixtures_dir, nonfinite_grad):
+    x, _, model, guide = _cuda_setup(fixtures_dir)
+    s = Schedule.create("linear", 1000, "ddim25").to("cuda")
+    static_x, static_idx = x.clone(), torch.full((2,), 20, device="cuda")
+
+    def step():
+        with torch.no_grad():
+            return ddim_step(model, static_x, static_idx, s, guide=guide, nonfinite_grad=nonfinite_grad).sample
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for i in (20, 5, 0):
+        static_idx.fill_(i)
+        static_x.copy_(x * (1 + i / 100))
+        graph.replay()
+        with torch.no_grad():
+            ref = ddim_step(model, x * (1 + i / 100), i, s, guide=guide).sample
+        torch.testing.assert_close(static_out, ref, rtol=1e-5, atol=1e-5)
