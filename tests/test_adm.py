@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ppap_fast.models import ADMUNet
+from ppap_fast.models import ADM_PRESETS, ADMUNet
 from ppap_fast.models.adm import qkv_attention
 from ppap_fast.testing import check_adm_golden, check_adm_manifest
 
@@ -63,6 +63,23 @@ def test_from_script_flags_matches_unet_kwargs(fixtures_dir):
     assert len(shared) >= 15 and all(a[k] == b[k] for k in shared), {k: (a[k], b[k]) for k in shared}
     with pytest.raises(ValueError, match="unknown"):
         ADMUNet.config_to_kwargs({"model_channels": 8, "bogus": 1})
+    assert ADMUNet.config_to_kwargs(ADM_PRESETS["256x256_diffusion_uncond"]) == a
+    with torch.device("meta"):
+        assert sum(p.numel() for p in ADMUNet.from_config("256x256_diffusion_uncond").parameters()) == 552_814_086
+
+
+def test_from_checkpoint(fixtures_dir, tmp_path):
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    torch.save(g["state_dict"], tmp_path / "ckpt.pt")
+    m = ADMUNet.from_checkpoint(tmp_path / "ckpt.pt", g["config"])
+    assert not m.training
+    with torch.no_grad():
+        torch.testing.assert_close(m(g["x"], g["t"]), g["out"], rtol=0, atol=1e-5)
+    bad = dict(g["state_dict"])
+    bad.pop("out.2.bias")
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(RuntimeError, match="out.2.bias"):
+        ADMUNet.from_checkpoint(tmp_path / "bad.pt", g["config"])
 
 
 def _legacy_ref(qkv, heads):

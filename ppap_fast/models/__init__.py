@@ -1,4 +1,4 @@
 """Denoiser models."""
-from .adm import ADMUNet, adm_kwargs_from_flags
+from .adm import ADM_PRESETS, ADMUNet, adm_kwargs_from_flags
 
-__all__ = ["ADMUNet", "adm_kwargs_from_flags"]
+__all__ = ["ADMUNet", "ADM_PRESETS", "adm_kwargs_from_flags"]

@@ -24,6 +24,7 @@ __all__ = [
     "qkv_attention",
     "adm_kwargs_from_flags",
     "ADM_FLAG_DEFAULTS",
+    "ADM_PRESETS",
 ]
 
 NUM_CLASSES = 1000
@@ -35,6 +36,13 @@ ADM_FLAG_DEFAULTS: dict[str, Any] = dict(
     class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
     use_fp16=False, use_new_attention_order=False, learn_sigma=False,
 )
+# Script flags of public checkpoints (checked against the official key manifest).
+ADM_PRESETS: dict[str, dict[str, Any]] = {
+    "256x256_diffusion_uncond": dict(
+        attention_resolutions="32,16,8", class_cond=False, diffusion_steps=1000, image_size=256,
+        learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64, num_res_blocks=2,
+        resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
+}
 # Diffusion flags that may sit beside the model flags; ignored by the model.
 _DIFFUSION_FLAGS = {
     "diffusion_steps", "noise_schedule", "timestep_respacing", "use_kl", "predict_xstart",
@@ -412,10 +420,24 @@ class ADMUNet(nn.Module):
         return {k: v for k, v in config.items() if k in known}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides) -> "ADMUNet":
+    def from_config(cls, config: Mapping[str, Any] | str, **overrides) -> "ADMUNet":
+        """Build from a config dict (see config_to_kwargs) or a preset name in ADM_PRESETS."""
+        if isinstance(config, str):
+            if config not in ADM_PRESETS:
+                raise ValueError(f"unknown ADM preset {config!r}; known: {sorted(ADM_PRESETS)}")
+            config = ADM_PRESETS[config]
         kwargs = cls.config_to_kwargs(config)
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path, config: Mapping[str, Any] | str, map_location="cpu", strict: bool = True,
+                        **overrides) -> "ADMUNet":
+        """Build from `config` and load an official guided-diffusion .pt state_dict (weights_only)."""
+        model = cls.from_config(config, **overrides)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state, strict=strict)
+        return model.eval()
 
 
 _INIT_ARGS = (
