@@ -38,10 +38,30 @@ def _ops():
 class _Router:
     """Holds the per-sample expert index of the forward in flight."""
 
-    __slots__ = ("idx",)
+    __slots__ = ("idx", "_seg")
 
     def __init__(self):
         self.idx = None
+        self._seg = None
+
+    def set(self, idx):
+        prev = (self.idx, self._seg)
+        self.idx, self._seg = idx, None
+        return prev
+
+    def restore(self, prev):
+        self.idx, self._seg = prev
+
+    def segments(self, x, n_experts):
+        """Sort-by-expert metadata shared by all routed layers of one forward (CUDA fast paths)."""
+        if x.device.type != "cuda":
+            return None
+        if self._seg is None:
+            ops = _ops()
+            if not hasattr(ops, "build_segments"):
+                return None
+            self._seg = ops.build_segments(self.idx, n_experts)
+        return self._seg
 
 
 def _frozen(t):
@@ -106,8 +126,11 @@ class RoutedLinear(_Routed):
         return (self.lora_B[n] @ self.lora_A[n]) * self.scale
 
     def forward(self, x):
-        return _ops().lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self._idx(x),
-                                  self.scale, self.expert_bias)
+        idx, ops = self._idx(x), _ops()
+        seg = self._router.segments(x, self.n_experts)
+        kw = {} if seg is None else {"segments": seg}
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, self.scale,
+                               self.expert_bias, **kw)
 
     def to_plain(self, n):
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None or self.expert_bias is not None,
@@ -178,8 +201,10 @@ class RoutedConv2d(_Routed):
         idx = self._idx(x)
         ops = _ops()
         if self.layout == "factorised":
+            seg = self._router.segments(x, self.n_experts)
+            kw = {} if seg is None else {"segments": seg}
             return ops.lora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, self.scale,
-                                   self.stride, self.padding, self.dilation, self.groups, self.expert_bias)
+                                   self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
         return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,
                                      self.padding, self.dilation, self.groups, self.expert_bias)
 
@@ -525,12 +550,11 @@ class ExpertBank(nn.Module):
         if (t is None) == (expert_idx is None):
             raise ValueError("pass exactly one of t (original timesteps) or expert_idx")
         idx = self.expert_index(t, x.shape[0]) if t is not None else self._check_expert_idx(expert_idx, x.shape[0])
-        prev = self._router.idx
-        self._router.idx = idx
+        prev = self._router.set(idx)
         try:
             return self.model(x, **kwargs)
         finally:
-            self._router.idx = prev
+            self._router.restore(prev)
 
     # -- per-expert views
     def _per_expert_items(self, params_only=False):

@@ -1,0 +1,298 @@
+"""Saving / loading expert banks, and strict import of official PPAP checkpoints.
+
+Bank checkpoints are a directory holding ``experts.safetensors`` (every stacked
+per-expert tensor [N, ...], named as in ``bank.per_expert_state_dict()``),
+``config.json`` (architecture name, placement, N, T, bands, rank, alpha,
+layout) and, with ``include_base=True``, ``base.safetensors`` (the shared frozen
+weights). Loading is strict: missing / unexpected / misshaped keys and a config
+that does not match the bank raise ValueError listing them.
+
+Official riiid/PPAP ResNet50 checkpoints (``{i}_max{n}.ckpt``) are the full
+state_dict of their wrapper: keys ``resnet.<torchvision key>``, a wrapped conv
+``P`` stored as ``resnet.P.conv.weight`` + ``resnet.P.lora_A`` / ``lora_B`` in
+the loralib layout, BatchNorm running stats included. The official sampler
+loaded them with ``strict=False``, which silently runs the wrong model on any
+key mismatch; :func:`import_ppap_checkpoint` refuses any mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .bank import ExpertBank, ExpertBatchNorm, RoutedBias, RoutedConv2d, RoutedLinear, _Routed
+from .placement import Placement, resnet_placement
+
+FORMAT = "ppap_fast.experts"
+VERSION = 1
+
+
+def _config(bank: ExpertBank) -> dict:
+    p = bank.placement
+    ref = bank._ref_param()
+    return {
+        "format": FORMAT, "version": VERSION, "arch": bank.arch, "placement": p.to_dict(),
+        "n_experts": bank.n_experts, "num_timesteps": bank.num_timesteps, "bands": [list(b) for b in bank.bands],
+        "r": p.r, "alpha": p.alpha, "layout": p.layout, "dtype": str(ref.dtype) if ref is not None else None,
+    }
+
+
+def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
+    """Write ``bank``'s experts to the directory ``path`` (created); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in bank.per_expert_state_dict().items()}
+    save_file(tensors, str(path / "experts.safetensors"))
+    cfg = _config(bank)
+    cfg["include_base"] = include_base
+    if include_base:
+        own = set(tensors)
+        base = {k: v.detach().contiguous().clone() for k, v in bank.model.state_dict().items() if k not in own}
+        save_file(base, str(path / "base.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    f = path / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    cfg = json.loads(f.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{f} is not a {FORMAT} checkpoint (format={cfg.get('format')!r})")
+    if cfg.get("version") != VERSION:
+        raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")
+    return cfg
+
+
+def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False) -> None:
+    missing = sorted(set(dst) - set(src))
+    unexpected = sorted(set(src) - set(dst))
+    bad = sorted(f"{k}: expected {tuple(dst[k].shape)}, got {tuple(src[k].shape)}"
+                 for k in set(dst) & set(src) if tuple(dst[k].shape) != tuple(src[k].shape))
+    if missing or unexpected or bad:
+        raise ValueError(f"{what}: missing keys {missing}; unexpected keys {unexpected}; shape mismatches {bad}")
+    with torch.no_grad():
+        for k, v in src.items():
+            dst[k].copy_(v)
+
+
+def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None) -> ExpertBank:
+    """Strictly load the checkpoint directory ``path`` into an existing ``bank`` (config must match)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = read_config(path)
+    mine = _config(bank)
+    diffs = [f"{k}: checkpoint {cfg.get(k)!r} vs bank {mine[k]!r}"
+             for k in ("placement", "n_experts", "num_timesteps", "r", "alpha", "layout") if cfg.get(k) != mine[k]]
+    if diffs:
+        raise ValueError(f"checkpoint {path} does not match the bank: " + "; ".join(diffs))
+    own = bank.per_expert_state_dict()
+    _strict_copy(own, load_file(str(path / "experts.safetensors")), f"experts in {path}")
+    if load_base is None:
+        load_base = bool(cfg.get("include_base"))
+    if load_base:
+        f = path / "base.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} not found (saved without include_base)")
+        sd = bank.model.state_dict()
+        base = {k: v for k, v in sd.items() if k not in own}
+        _strict_copy(base, load_file(str(f)), f"base weights in {path}")
+    return bank
+
+
+def load_experts(path, base_model: nn.Module, load_base: bool | None = None) -> ExpertBank:
+    """Build an ExpertBank around ``base_model`` from a checkpoint's config and load it strictly."""
+    if not isinstance(base_model, nn.Module):
+        raise TypeError("load_experts needs the base model (the checkpoint stores only the experts "
+                        "unless saved with include_base=True, and never the architecture code)")
+    cfg = read_config(path)
+    bank = ExpertBank(base_model, Placement.from_dict(cfg["placement"]), cfg["n_experts"], cfg["num_timesteps"],
+                      arch=cfg.get("arch"))
+    return load_experts_into(bank, path, load_base)
+
+
+# ----------------------------------------------------------------------------- official PPAP checkpoints
+def ppap_key_map(bank: ExpertBank, prefix: str = "resnet.") -> dict:
+    """Official key -> (tensor, per_expert) for every entry of an official wrapper state_dict.
+
+    ``tensor`` is the bank tensor the value goes to: a stacked [N, ...] tensor when
+    ``per_expert`` (the value goes to one expert's slice), else a shared base tensor.
+    """
+    out = {}
+    for mname, m in bank.model.named_modules():
+        pre = prefix + (mname + "." if mname else "")
+        if isinstance(m, RoutedConv2d):
+            if m.layout != "loralib":
+                raise ValueError(f"{mname}: official PPAP checkpoints use the loralib conv layout; this bank "
+                                 f"uses {m.layout!r}")
+            out[pre + "lora_A"] = (m.lora_A, True)
+            out[pre + "lora_B"] = (m.lora_B, True)
+            out[pre + "conv.weight"] = (m.weight, False)
+            if m.expert_bias is not None:
+                out[pre + "conv.bias"] = (m.expert_bias, True)
+            elif m.bias is not None:
+                out[pre + "conv.bias"] = (m.bias, False)
+        elif isinstance(m, RoutedLinear):
+            out[pre + "lora_A"] = (m.lora_A, True)
+            out[pre + "lora_B"] = (m.lora_B, True)
+            out[pre + "weight"] = (m.weight, False)
+            if m.expert_bias is not None:
+                out[pre + "bias"] = (m.expert_bias, True)
+            elif m.bias is not None:
+                out[pre + "bias"] = (m.bias, False)
+        elif isinstance(m, RoutedBias):
+            out[pre + "weight"] = (m.weight, False)
+            out[pre + "bias"] = (m.expert_bias, True)
+        elif isinstance(m, ExpertBatchNorm):
+            out[pre + "weight"] = (m.expert_weight, True) if m.expert_weight is not None else (m.weight, False)
+            out[pre + "bias"] = (m.expert_bias, True)
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                out[pre + b] = (getattr(m, b), True)
+        elif isinstance(m, _Routed):
+            raise ValueError(f"{mname}: {type(m).__name__} has no official PPAP key layout")
+        else:
+            for k, v in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if v is not None:
+                    out[pre + k] = (v, False)
+    return out
+
+
+def _shape_of(t, per_expert):
+    return tuple(t.shape[1:]) if per_expert else tuple(t.shape)
+
+
+def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, prefix: str = "resnet.",
+                           base: str = "check") -> None:
+    """Strictly load one official PPAP checkpoint into expert ``expert`` of ``bank``.
+
+    Every key must map to the bank and every bank tensor must be present, with equal shapes;
+    otherwise ValueError listing the missing / unexpected / misshaped keys (nothing is written).
+    The checkpoint's frozen base weights: ``base="check"`` (default) requires them to equal the
+    bank's shared weights exactly, ``"load"`` copies them into the shared weights (all experts
+    then use them), ``"ignore"`` skips them. The alpha of the bank's placement is used (the
+    checkpoint does not store it; the official scripts use r=16, alpha=8).
+    """
+    bank._check_n(expert)
+    if base not in ("check", "load", "ignore"):
+        raise ValueError(f"base must be 'check', 'load' or 'ignore', got {base!r}")
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    keymap = ppap_key_map(bank, prefix)
+    missing = sorted(set(keymap) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(keymap))
+    bad = sorted(f"{k}: expected {_shape_of(*keymap[k])}, got {tuple(state_dict[k].shape)}"
+                 for k in set(keymap) & set(state_dict)
+                 if tuple(state_dict[k].shape) != _shape_of(*keymap[k]))
+    if missing or unexpected or bad:
+        raise ValueError(f"PPAP checkpoint does not match the bank ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(bad)} misshaped): missing keys {missing}; unexpected keys "
+                         f"{unexpected}; shape mismatches {bad}")
+    nonfinite = sorted(k for k, v in state_dict.items()
+                       if v.is_floating_point() and (keymap[k][1] or base == "load") and not torch.isfinite(v).all())
+    if nonfinite:
+        raise ValueError(f"PPAP checkpoint has non-finite values in {nonfinite}")
+    if base == "check":
+        differ = sorted(k for k, (t, pe) in keymap.items()
+                        if not pe and not torch.equal(state_dict[k].to(t.device, t.dtype), t.detach()))
+        if differ:
+            raise ValueError(f"the checkpoint's frozen base weights differ from the bank's in {len(differ)} "
+                             f"tensors (e.g. {differ[:5]}): build the bank from the same pretrained model, or "
+                             "pass base='load'")
+    with torch.no_grad():
+        for k, (t, pe) in keymap.items():
+            v = state_dict[k]
+            if pe:
+                t[expert].copy_(v)
+            elif base == "load":
+                t.copy_(v)
+
+
+def export_ppap_checkpoint(bank: ExpertBank, expert: int, prefix: str = "resnet.") -> dict:
+    """Expert ``expert`` as an official-layout state_dict (inverse of import_ppap_checkpoint)."""
+    bank._check_n(expert)
+    return {k: (t[expert] if pe else t).detach().clone() for k, (t, pe) in ppap_key_map(bank, prefix).items()}
+
+
+def check_ppap_checkpoint_manifest(json_path, n_experts: int = 5, expert: int = 1) -> dict:
+    """Check that the official PPAP ResNet50 checkpoint layout in the manifest imports strictly.
+
+    Builds torchvision resnet50 (weights=None) in a bank with the "resnet" placement and the
+    manifest's r / alpha in the loralib layout, then checks: the LoRA layers equal the manifest's;
+    the bank's per-expert parameters, in official naming, are exactly the manifest's trainable
+    set and count; a random state_dict with exactly the manifest's keys / shapes / dtypes imports
+    into one expert and exports back bit-identical, other experts untouched; and a tampered
+    state_dict (a missing key, an extra key, a wrong shape) is refused. Raises ValueError on any
+    mismatch; returns a summary dict.
+    """
+    import torchvision
+
+    man = json.loads(Path(json_path).read_text())
+    r, alpha = int(man["lora"]["r"]), man["lora"]["lora_alpha"]
+    model = torchvision.models.resnet50(weights=None)
+    bank = ExpertBank(model, resnet_placement(model, r=r, alpha=alpha, layout="loralib"), n_experts,
+                      arch="torchvision.resnet50")
+    prefix = "resnet."
+    problems = []
+    lora_bank = sorted(prefix + n for n in bank.placement.lora)
+    lora_man = sorted(man["lora_layers"])
+    if lora_bank != lora_man:
+        problems.append(f"LoRA layers differ: only in bank {sorted(set(lora_bank) - set(lora_man))}, "
+                        f"only in manifest {sorted(set(lora_man) - set(lora_bank))}")
+    keymap = ppap_key_map(bank, prefix)
+    trainable_bank = sorted(k for k, (t, pe) in keymap.items() if pe and isinstance(t, nn.Parameter))
+    if trainable_bank != sorted(man["trainable"]):
+        problems.append(f"per-expert parameters differ from the official trainable set: only in bank "
+                        f"{sorted(set(trainable_bank) - set(man['trainable']))}, only in manifest "
+                        f"{sorted(set(man['trainable']) - set(trainable_bank))}")
+    n_tr = bank.num_trainable_parameters(0)
+    if n_tr != man["num_trainable_params"]:
+        problems.append(f"trainable parameters per expert: bank {n_tr}, manifest {man['num_trainable_params']}")
+    if problems:
+        raise ValueError("PPAP manifest check failed: " + "; ".join(problems))
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, shape in man["state_dict"].items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.randint(1, 10_000, tuple(shape), generator=g, dtype=torch.long)
+        else:
+            sd[k] = torch.randn(tuple(shape), generator=g)
+    before = {n: bank.expert_state_dict(n) for n in range(n_experts) if n != expert}
+    import_ppap_checkpoint(bank, expert, sd, prefix=prefix, base="load")
+    back = export_ppap_checkpoint(bank, expert, prefix)
+    if set(back) != set(sd):
+        raise ValueError("export after import has different keys")
+    wrong = sorted(k for k in sd if not torch.equal(back[k], sd[k]))
+    if wrong:
+        raise ValueError(f"values did not land where they belong: {wrong[:10]}")
+    for n, esd in before.items():
+        now = bank.expert_state_dict(n)
+        if any(not torch.equal(now[k], v) for k, v in esd.items()):
+            raise ValueError(f"importing into expert {expert} changed expert {n}")
+
+    lora_key = next(k for k in sd if k.endswith("lora_A"))
+    tampered = {
+        "missing key": {k: v for k, v in sd.items() if k != lora_key},
+        "extra key": {**sd, prefix + "fc.lora_A": torch.zeros(r, 2048)},
+        "wrong shape": {**sd, lora_key: torch.zeros(sd[lora_key].shape[0] + 1, sd[lora_key].shape[1])},
+    }
+    for what, bad_sd in tampered.items():
+        try:
+            import_ppap_checkpoint(bank, expert, bad_sd, prefix=prefix, base="load")
+        except ValueError:
+            continue
+        raise ValueError(f"a tampered PPAP state_dict ({what}) was accepted: the import is not strict")
+    return {"entries": len(sd), "lora_layers": len(lora_bank), "trainable_per_expert": n_tr,
+            "trainable_tensors": len(trainable_bank), "expert": expert, "n_experts": n_experts}
+
+
+__all__ = ["save_experts", "load_experts", "load_experts_into", "read_config", "import_ppap_checkpoint",
+           "export_ppap_checkpoint", "ppap_key_map", "check_ppap_checkpoint_manifest"]
