@@ -1,0 +1,193 @@
+"""Tiny models for the bundled digits demo.
+
+* ``build_unet`` / ``EpsModel``: a small diffusers ``UNet2DModel`` (unconditional, eps prediction)
+  wrapped so that it is called as ``model(x, t) -> eps`` with t the original timestep (0..T-1).
+* ``TinyResNet``: the "off-the-shelf" classifier. A narrow torchvision-style ResNet with BasicBlocks
+  and BatchNorm, a 3x3 stride-1 stem (no max-pool) for 16x16 inputs, and torchvision's module names
+  (conv1, bn1, layerN.M.conv1/bn1/conv2/bn2/downsample, fc) so the "resnet" expert placement applies.
+* ``EvalNet``: the evaluator (a VGG-style CNN, a different architecture), used only for scoring;
+  ``features(x)`` gives its penultimate activations for Fréchet distance / precision / recall.
+
+``save_model`` / ``load_model`` store any of them as safetensors with the constructor config in the
+metadata, so a weight file alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- diffusion model
+
+UNET_DEFAULT = dict(
+    sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+    block_out_channels=[32, 64, 64], norm_num_groups=8,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+)
+
+
+def build_unet(**overrides):
+    from diffusers import UNet2DModel
+
+    cfg = {**UNET_DEFAULT, **overrides}
+    return UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()})
+
+
+class EpsModel(nn.Module):
+    """``model(x, t) -> eps``; t: int64 tensor of original timesteps, shape (N,) or scalar."""
+
+    kind = "unet"
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = {**UNET_DEFAULT, **config}
+        self.unet = build_unet(**self.config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t).sample
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    """Narrow ResNet (BasicBlock) for 16x16 single-channel images."""
+
+    kind = "resnet"
+
+    def __init__(self, widths=(16, 32, 64), layers=(1, 1, 1), in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        widths, layers = list(widths), list(layers)
+        self.config = dict(widths=widths, layers=layers, in_channels=in_channels, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=False)
+        inplanes = widths[0]
+        for i, (w, n) in enumerate(zip(widths, layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlock(inplanes, w, stride=(1 if i == 0 or j > 0 else 2)))
+                inplanes = w
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def features(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class EvalNet(nn.Module):
+    """VGG-style evaluator: 2x(conv-BN-ReLU) -> pool -> 2x(conv-BN-ReLU) -> pool -> fc(feat) -> fc."""
+
+    kind = "evalnet"
+
+    def __init__(self, width: int = 32, feat_dim: int = 128, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.config = dict(width=width, feat_dim=feat_dim, in_channels=in_channels, num_classes=num_classes)
+        w = width
+
+        def cbr(i, o):
+            return [nn.Conv2d(i, o, 3, 1, 1), nn.BatchNorm2d(o), nn.ReLU()]
+
+        self.body = nn.Sequential(*cbr(in_channels, w), *cbr(w, w), nn.MaxPool2d(2),
+                                  *cbr(w, 2 * w), *cbr(2 * w, 2 * w), nn.MaxPool2d(2))
+        self.proj = nn.Linear(2 * w * 16, feat_dim)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    def features(self, x):
+        return F.relu(self.proj(torch.flatten(self.body(x), 1)))
+
+    def forward(self, x):
+        return self.head(self.drop(self.features(x)))
+
+
+MODEL_KINDS = {"unet": EpsModel, "resnet": TinyResNet, "evalnet": EvalNet}
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_model(model: nn.Module, path, extra: dict | None = None, half: bool = False) -> Path:
+    from ..data.shards import save_safetensors_atomic
+
+    sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = {"kind": model.kind, "config": json.dumps(model.config), "extra": json.dumps(extra or {})}
+    return save_safetensors_atomic(path, sd, metadata=meta)
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, with a clear error for missing/corrupt files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        tensors = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise ValueError(f"corrupt or unreadable weight file {path}: {type(e).__name__}: {e}") from None
+    return tensors, meta
+
+
+def load_model(path, kind: str | None = None) -> nn.Module:
+    tensors, meta = read_safetensors(path)
+    try:
+        k = meta["kind"]
+        config = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(f"weight file {path} has no model metadata (kind/config)") from None
+    if kind is not None and k != kind:
+        raise ValueError(f"weight file {path} holds a {k!r} model, expected {kind!r}")
+    model = MODEL_KINDS[k](**config)
+    ref = model.state_dict()
+    tensors = {n: v.to(ref[n].dtype) if n in ref else v for n, v in tensors.items()}
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"weight file {path} does not match its model: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.extra = json.loads(meta.get("extra", "{}"))
+    return model
