@@ -45,7 +45,7 @@ def load_jit(verbose: bool = False):
         _JIT = load(
             name="ppap_lora_sgmv_jit",
             sources=[str(REPO / "kernels" / "lora_sgmv.cu"), str(REPO / "kernels" / "lora_sgmv_bind.cu")],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3"],
             verbose=verbose,
         )
     except Exception as exc:

@@ -1,0 +1,185 @@
+// SGMV shrink / expand forward kernels (see lora_kernels.cuh for the contract).
+//
+// One kernel serves both: out[row, n] (+)= scale * sum_k X[row, k] * Wt[e, n, k] over the
+// rows of expert e's segment. Grid: x = cdiv(S*M, BM) + N row tiles (an upper bound known
+// from shapes alone, so no host sync), y = cdiv(NC, BN) column tiles. Each block scans the
+// N+1 offsets to find its (expert, tile); blocks without one exit at once, so empty experts
+// cost nothing. Rows are gathered through sorted_idx; expert weights are indexed by expert
+// id in the stacked [N, ...] tensor (no pointer arrays). Shared-memory tiled, fp32 (opmath)
+// accumulation.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "lora_kernels.cuh"
+
+namespace ppap_fast {
+namespace {
+
+constexpr int kBM = 32;       // rows per tile
+constexpr int kBN = 32;       // output columns per tile
+constexpr int kBK = 32;       // reduction chunk
+constexpr int kThreads = 256; // each thread owns (kBM * kBN) / kThreads = 4 outputs
+
+struct Strides3 {
+  int64_t s0, s1, s2;
+};
+
+__device__ __forceinline__ void find_tile(const int* __restrict__ offsets, int N, int64_t M, int64_t tile,
+                                          int& expert, int64_t& start, int64_t& nrows, int& seg0) {
+  int64_t acc = 0;
+  expert = -1;
+  for (int e = 0; e < N; ++e) {
+    const int lo = offsets[e];
+    const int64_t rows = static_cast<int64_t>(offsets[e + 1] - lo) * M;
+    const int64_t nt = (rows + kBM - 1) / kBM;
+    if (tile >= acc && tile < acc + nt) {
+      expert = e;
+      start = (tile - acc) * kBM;
+      nrows = rows;
+      seg0 = lo;
+      return;
+    }
+    acc += nt;
+  }
+}
+
+template <typename scalar_t, bool kAccum>
+__global__ void __launch_bounds__(kThreads)
+sgmv_kernel(const scalar_t* __restrict__ X, Strides3 xs, const scalar_t* __restrict__ Wt, Strides3 ws,
+            scalar_t* __restrict__ out, Strides3 os, const int* __restrict__ sorted_idx,
+            const int* __restrict__ offsets, int N, int64_t M, int64_t K, int64_t NC, float scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t xt[kBM][kBK + 1];
+  __shared__ acc_t wt[kBK][kBN + 1];
+  __shared__ int64_t xrow[kBM];
+  __shared__ int64_t orow[kBM];
+
+  int expert;
+  int64_t start = 0, nrows = 0;
+  int seg0 = 0;
+  find_tile(offsets, N, M, blockIdx.x, expert, start, nrows, seg0);
+  if (expert < 0) return;  // uniform across the block
+
+  const int tid = threadIdx.x;
+  if (tid < kBM) {
+    const int64_t j = start + tid;
+    int64_t xr = -1, orr = -1;
+    if (j < nrows) {
+      const int64_t s = sorted_idx[seg0 + j / M];
+      const int64_t m = j % M;
+      xr = s * xs.s0 + m * xs.s1;
+      orr = s * os.s0 + m * os.s1;
+    }
+    xrow[tid] = xr;
+    orow[tid] = orr;
+  }
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const scalar_t* wbase = Wt + static_cast<int64_t>(expert) * ws.s0;
+
+  // thread -> outputs: column c = tid % kBN, rows r = tid / kBN + i * (kThreads / kBN)
+  constexpr int kRowStep = kThreads / kBN;  // 8
+  constexpr int kPer = kBM / kRowStep;      // 4
+  const int c = tid % kBN;
+  const int r0 = tid / kBN;
+  acc_t acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) acc[i] = acc_t(0);
+  __syncthreads();
+
+  for (int64_t k0 = 0; k0 < K; k0 += kBK) {
+    for (int i = tid; i < kBM * kBK; i += kThreads) {
+      const int r = i % kBM, k = i / kBM;  // row-fastest: coalesced for NCHW-style rows
+      const int64_t kk = k0 + k;
+      const int64_t base = xrow[r];
+      xt[r][k] = (base >= 0 && kk < K) ? static_cast<acc_t>(X[base + kk * xs.s2]) : acc_t(0);
+    }
+    for (int i = tid; i < kBK * kBN; i += kThreads) {
+      const int k = i % kBK, n = i / kBK;  // k-fastest: W is usually contiguous along k
+      const int64_t kk = k0 + k, nn = n0 + n;
+      wt[k][n] = (kk < K && nn < NC) ? static_cast<acc_t>(wbase[nn * ws.s1 + kk * ws.s2]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kBK; ++k) {
+      const acc_t w = wt[k][c];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] += xt[r0 + i * kRowStep][k] * w;
+    }
+    __syncthreads();
+  }
+
+  const int64_t nn = n0 + c;
+  if (nn >= NC) return;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t base = orow[r0 + i * kRowStep];
+    if (base < 0) continue;
+    scalar_t* p = out + base + nn * os.s2;
+    acc_t v = acc[i] * static_cast<acc_t>(scale);
+    if (kAccum) v += static_cast<acc_t>(*p);
+    *p = static_cast<scalar_t>(v);
+  }
+}
+
+Strides3 strides3(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
+
+void check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
+                const at::Tensor& sorted_idx, const at::Tensor& offsets) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 3 && out.dim() == 3, op, ": x, weight and out must be 3-D, got ",
+              x.sizes(), ", ", w.sizes(), ", ", out.sizes());
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && out.is_cuda() && sorted_idx.is_cuda() && offsets.is_cuda(), op,
+              ": all tensors must be CUDA tensors");
+  TORCH_CHECK(x.get_device() == w.get_device() && x.get_device() == out.get_device() &&
+                  x.get_device() == sorted_idx.get_device() && x.get_device() == offsets.get_device(),
+              op, ": all tensors must be on the same device");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && x.scalar_type() == out.scalar_type(), op,
+              ": x, weight and out must share a dtype, got ", x.scalar_type(), ", ", w.scalar_type(), ", ",
+              out.scalar_type());
+  TORCH_CHECK(sorted_idx.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt, op,
+              ": sorted_idx and offsets must be int32");
+  TORCH_CHECK(sorted_idx.dim() == 1 && sorted_idx.size(0) == x.size(0) && sorted_idx.is_contiguous(), op,
+              ": sorted_idx must be contiguous [S]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == w.size(0) + 1 && offsets.is_contiguous(), op,
+              ": offsets must be contiguous [N+1]");
+  TORCH_CHECK(x.size(2) == w.size(2), op, ": reduction dims differ: ", x.size(2), " vs ", w.size(2));
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1) && out.size(2) == w.size(1), op,
+              ": out must be [S, M, ", w.size(1), "], got ", out.sizes());
+}
+
+template <bool kAccum>
+void launch(const at::Tensor& X, const at::Tensor& Wt, const at::Tensor& out, const at::Tensor& sorted_idx,
+            const at::Tensor& offsets, double scale, cudaStream_t stream) {
+  const int64_t S = X.size(0), M = X.size(1), K = X.size(2);
+  const int N = static_cast<int>(Wt.size(0));
+  const int64_t NC = Wt.size(1);
+  if (S == 0 || M == 0 || NC == 0 || N == 0) return;
+  const int64_t tiles = (S * M + kBM - 1) / kBM + N;
+  TORCH_CHECK(tiles < (int64_t(1) << 31), "sgmv: too many row tiles");
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((NC + kBN - 1) / kBN));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "ppap_sgmv", [&] {
+    sgmv_kernel<scalar_t, kAccum><<<grid, kThreads, 0, stream>>>(
+        X.data_ptr<scalar_t>(), strides3(X), Wt.data_ptr<scalar_t>(), strides3(Wt), out.data_ptr<scalar_t>(),
+        strides3(out), sorted_idx.data_ptr<int>(), offsets.data_ptr<int>(), N, M, K, NC,
+        static_cast<float>(scale));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& out,
+                        const at::Tensor& sorted_idx, const at::Tensor& offsets, cudaStream_t stream) {
+  check_args("sgmv_shrink", x, A, out, sorted_idx, offsets);
+  launch<false>(x, A, out, sorted_idx, offsets, 1.0, stream);
+}
+
+void launch_sgmv_expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& out,
+                        const at::Tensor& sorted_idx, const at::Tensor& offsets, double scale,
+                        cudaStream_t stream) {
+  check_args("sgmv_expand", h, B, out, sorted_idx, offsets);
+  launch<true>(h, B, out, sorted_idx, offsets, scale, stream);
+}
+
+}  // namespace ppap_fast
