@@ -1,0 +1,91 @@
+// Op schemas (TORCH_LIBRARY) and CPU implementations.
+#include <torch/extension.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "guided_update.h"
+
+namespace ppap_fast {
+
+void check_guided_update_args(const at::Tensor& x, const at::Tensor& eps, const c10::optional<at::Tensor>& v,
+                              const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& noise,
+                              const at::Tensor& idx, const at::Tensor& coefs, int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "guided_update: mode must be 0 (ddim), 1 (ddpm fixed) or 2 (ddpm learned), got ", mode);
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "guided_update: x must be contiguous with a batch dim");
+  const int64_t B = x.size(0);
+  auto check_like = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == x.dim() && t.size(0) == B, "guided_update: ", name, " must have x's batch size and rank");
+    for (int64_t d = 1; d < x.dim(); ++d)
+      TORCH_CHECK(t.size(d) == x.size(d), "guided_update: ", name, " shape ", t.sizes(), " does not match x ", x.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "guided_update: ", name, " dtype differs from x");
+    TORCH_CHECK(t.device() == x.device(), "guided_update: ", name, " is on another device than x");
+    TORCH_CHECK(B == 0 || t[0].is_contiguous(), "guided_update: ", name, " must be contiguous within a sample");
+  };
+  check_like(eps, "eps");
+  if (v) check_like(*v, "v");
+  if (grad) check_like(*grad, "grad");
+  if (noise) check_like(*noise, "noise");
+  TORCH_CHECK(mode != 2 || v.has_value(), "guided_update: mode 2 (learned range) needs v");
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == B && idx.scalar_type() == at::kLong && idx.device() == x.device(),
+              "guided_update: idx must be a long tensor of shape (B,) on x's device");
+  const auto coef_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == kGuidedUpdateCols && coefs.scalar_type() == coef_type &&
+                  coefs.is_contiguous() && coefs.device() == x.device(),
+              "guided_update: coefs must be a contiguous (T, 8) table on x's device, float64 for float64 x, "
+              "else float32");
+}
+
+std::tuple<at::Tensor, at::Tensor> guided_update_cpu(const at::Tensor& x, const at::Tensor& eps,
+                                                     const c10::optional<at::Tensor>& v,
+                                                     const c10::optional<at::Tensor>& grad,
+                                                     const c10::optional<at::Tensor>& noise, const at::Tensor& idx,
+                                                     const at::Tensor& coefs, int64_t mode, bool clip_denoised) {
+  check_guided_update_args(x, eps, v, grad, noise, idx, coefs, mode);
+  auto sample = at::empty_like(x);
+  auto pred = at::empty_like(x);
+  const int64_t B = x.size(0);
+  if (B == 0 || x.numel() == 0) return {sample, pred};
+  const int64_t inner = x.numel() / B;
+  const int64_t T = coefs.size(0);
+  const int64_t* idx_p = idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(idx_p[b] >= 0 && idx_p[b] < T, "guided_update: idx[", b, "]=", idx_p[b], " outside [0, ", T, ")");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "guided_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* coef_p = coefs.data_ptr<acc_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ep = eps.data_ptr<scalar_t>();
+    const scalar_t* vp = v ? v->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gp = grad ? grad->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+    const int64_t es = eps.stride(0), vs = v ? v->stride(0) : 0, gs = grad ? grad->stride(0) : 0,
+                  ns = noise ? noise->stride(0) : 0;
+    scalar_t* sp = sample.data_ptr<scalar_t>();
+    scalar_t* pp = pred.data_ptr<scalar_t>();
+    at::parallel_for(0, B * inner, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / inner, j = i % inner;
+        acc_t c[kGuidedUpdateCols];
+        for (int k = 0; k < kGuidedUpdateCols; ++k) c[k] = coef_p[idx_p[b] * kGuidedUpdateCols + k];
+        auto o = guided_update_element<acc_t>(
+            c, static_cast<int>(mode), clip_denoised, static_cast<acc_t>(xp[i]), static_cast<acc_t>(ep[b * es + j]),
+            vp ? static_cast<acc_t>(vp[b * vs + j]) : acc_t(0), gp != nullptr,
+            gp ? static_cast<acc_t>(gp[b * gs + j]) : acc_t(0), np != nullptr,
+            np ? static_cast<acc_t>(np[b * ns + j]) : acc_t(0));
+        sp[i] = static_cast<scalar_t>(o.sample);
+        pp[i] = static_cast<scalar_t>(o.pred_xstart);
+      }
+    });
+  });
+  return {sample, pred};
+}
+
+}  // namespace ppap_fast
+
+TORCH_LIBRARY(ppap_fast, m) {
+  m.def(
+      "guided_update(Tensor x, Tensor eps, Tensor? v, Tensor? grad, Tensor? noise, Tensor idx, Tensor coefs, "
+      "int mode, bool clip_denoised) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ppap_fast, CPU, m) { m.impl("guided_update", &ppap_fast::guided_update_cpu); }

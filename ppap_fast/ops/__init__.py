@@ -1,0 +1,26 @@
+"""Ops with a pure-PyTorch reference beside each fast path (cuda / cpp / triton).
+
+`backend_report()` tells which paths can run here and which ran last;
+`set_backend(name)` forces one (an unavailable one raises BackendUnavailableError).
+"""
+from ppap_fast.ops import _ext
+from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
+from ppap_fast.ops._registry import report as _report
+from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided_update_reference
+
+
+def backend_report(device=None) -> dict:
+    """Extension/Triton status and, per op, which backends can run on `device`."""
+    return {
+        "extension": "loaded" if _ext.extension_loaded() else f"missing ({_ext.EXTENSION_ERROR})",
+        "extension_cuda": _ext.extension_has_cuda(),
+        "triton": "ok" if _ext.TRITON_ERROR is None else _ext.TRITON_ERROR,
+        "triton_interpret": _ext.triton_interpreting(),
+        "ops": _report(device),
+    }
+
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "backend_report", "last_backend", "set_backend",
+    "UpdateTable", "build_table", "guided_update", "guided_update_reference",
+]

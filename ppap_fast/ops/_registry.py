@@ -1,0 +1,93 @@
+"""Backend registry: each op has a reference path and optional fast paths.
+
+Order of preference on a CUDA tensor: cuda > triton > reference; on a CPU
+tensor: cpp > reference (Triton on CPU only runs under TRITON_INTERPRET=1 and
+is picked only when asked for explicitly). Asking for a backend that cannot run
+raises; `last_backend(op)` tells which path ran most recently.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BACKENDS = ("cuda", "cpp", "triton", "reference")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Op:
+    name: str
+    impls: dict[str, Callable] = field(default_factory=dict)
+    available: dict[str, Callable[[torch.device], str | None]] = field(default_factory=dict)
+    last: str | None = None
+
+
+_OPS: dict[str, _Op] = {}
+_forced: str | None = os.environ.get("PPAP_FAST_BACKEND") or None
+
+
+def register(op: str, backend: str, fn: Callable, why_unavailable: Callable[[torch.device], str | None]):
+    """Register `fn` as `backend` of `op`; why_unavailable(device) returns None when it can run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    entry = _OPS.setdefault(op, _Op(op))
+    entry.impls[backend] = fn
+    entry.available[backend] = why_unavailable
+
+
+def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    entry = _OPS.get(op)
+    if entry is None:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(_OPS)}")
+    if backend not in entry.impls:
+        return f"op {op!r} has no {backend!r} implementation (it has {sorted(entry.impls)})"
+    return entry.available[backend](torch.device(device))
+
+
+def select(op: str, device: torch.device, backend: str | None = None) -> Callable:
+    """The implementation to run for `op` on `device` (records the choice)."""
+    device = torch.device(device)
+    backend = backend or _forced
+    entry = _OPS[op]
+    if backend is not None and backend != "auto":
+        reason = why_unavailable(op, backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} for op {op!r} on {device} is unavailable: {reason}")
+        entry.last = backend
+        return entry.impls[backend]
+    for name in _AUTO_ORDER["cuda" if device.type == "cuda" else "cpu"]:
+        if name in entry.impls and entry.available[name](device) is None:
+            entry.last = name
+            return entry.impls[name]
+    raise BackendUnavailableError(f"no backend of op {op!r} can run on {device}")
+
+
+def last_backend(op: str) -> str | None:
+    return _OPS[op].last
+
+
+def set_backend(backend: str | None) -> None:
+    """Force one backend for every op (None or "auto" restores automatic choice)."""
+    global _forced
+    if backend not in (None, "auto") and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+    _forced = None if backend == "auto" else backend
+
+
+def report(device: str | torch.device | None = None) -> dict:
+    """Per op: which backends can run on `device` (or why not) and which ran last."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {}
+    for name, entry in sorted(_OPS.items()):
+        out[name] = {
+            "available": {b: (why_unavailable(name, b, device) or "ok") for b in entry.impls},
+            "last": entry.last,
+        }
+    return out

@@ -1,0 +1,167 @@
+"""Fused guided reverse update: x_t, eps, (v), grad, noise -> x_{t-1}, pred_x0 in one pass.
+
+Semantics are guided-diffusion's (see ppap_fast.sampling): DDIM with
+`condition_score` (eps re-derived from the clipped x0-hat, eps' = eps -
+sqrt(1-abar) grad, x0-hat re-predicted from eps' without re-clipping) and DDPM
+with `condition_mean` (mean + Sigma grad) for fixed or learned-range variance.
+All per-step scalars come from one float32 table indexed on the device by the
+per-sample step index, so a whole batch may mix timesteps and nothing syncs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppap_fast.ops import _ext, _registry
+from ppap_fast.schedule import Schedule
+
+OP = "guided_update"
+MODES = {"ddim": 0, "ddpm_fixed": 1, "ddpm_learned": 2}
+COLS = 8
+
+
+@dataclass(frozen=True)
+class UpdateTable:
+    """Per-step coefficients for one sampler on one schedule (float32, on a device)."""
+
+    coefs: torch.Tensor  # (T, 8) float64, what the reference uses
+    mode: int
+    coefs_f32: torch.Tensor | None = None  # the same, float32, what the kernels read
+
+    def __post_init__(self):
+        if self.coefs.ndim != 2 or self.coefs.shape[1] != COLS:
+            raise ValueError(f"coefs must have shape (T, {COLS}), got {tuple(self.coefs.shape)}")
+        if self.coefs_f32 is None:
+            object.__setattr__(self, "coefs_f32", self.coefs.float().contiguous())
+
+    def to(self, device) -> "UpdateTable":
+        return UpdateTable(self.coefs.to(device), self.mode, self.coefs_f32.to(device))
+
+
+def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
+                var_type: str = "learned_range") -> UpdateTable:
+    """Coefficient table for `sampler` in {"ddim", "ddpm"}; var_type for DDPM:
+    "learned_range" (model gives v), "fixed_small" or "fixed_large"."""
+    s = schedule.to("cpu")
+    n = s.num_timesteps
+    c = torch.zeros(n, COLS, dtype=torch.float64)
+    c[:, 0] = s.sqrt_recip_alphas_cumprod
+    c[:, 1] = s.sqrt_recipm1_alphas_cumprod
+    nonzero = (torch.arange(n) != 0).double()
+    if sampler == "ddim":
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        acp, prev = s.alphas_cumprod, s.alphas_cumprod_prev
+        sigma = eta * ((1 - prev) / (1 - acp)).sqrt() * (1 - acp / prev).sqrt()
+        c[:, 2] = s.sqrt_one_minus_alphas_cumprod
+        c[:, 3] = prev.sqrt()
+        c[:, 4] = (1 - prev - sigma**2).clamp_min(0).sqrt()
+        c[:, 5] = sigma * nonzero
+        mode = MODES["ddim"]
+    elif sampler == "ddpm":
+        c[:, 2] = s.posterior_mean_coef1
+        c[:, 3] = s.posterior_mean_coef2
+        c[:, 6] = nonzero
+        if var_type == "learned_range":
+            c[:, 4] = s.log_betas
+            c[:, 5] = s.posterior_log_variance_clipped
+            mode = MODES["ddpm_learned"]
+        elif var_type == "fixed_small":
+            c[:, 4] = s.posterior_log_variance_clipped
+            mode = MODES["ddpm_fixed"]
+        elif var_type == "fixed_large":
+            c[:, 4] = torch.cat([s.posterior_variance[1:2], s.betas[1:]]).log()
+            mode = MODES["ddpm_fixed"]
+        else:
+            raise ValueError(f"unknown var_type {var_type!r}: expected learned_range, fixed_small or fixed_large")
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}: expected 'ddim' or 'ddpm'")
+    return UpdateTable(c, mode).to(schedule.device)
+
+
+def _check(x, eps, v, grad, noise, idx, table):
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
+        raise ValueError("x must be a floating tensor with a batch dimension")
+    for name, t in (("eps", eps), ("v", v), ("grad", grad), ("noise", noise)):
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
+    if table.mode == MODES["ddpm_learned"] and v is None:
+        raise ValueError("learned-range DDPM needs v (the model's variance channels)")
+    if idx.ndim != 1 or idx.shape[0] != x.shape[0] or idx.dtype != torch.long or idx.device != x.device:
+        raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}")
+    if table.coefs.device != x.device:
+        raise ValueError(f"table is on {table.coefs.device}, x on {x.device}: call table.to(device)")
+
+
+def guided_update_reference(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=True):
+    """Pure-PyTorch update (math in x's dtype, float32 for half types)."""
+    out_dtype = x.dtype
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    c = table.coefs[idx].to(work)
+    col = [c[:, k].view(shape) for k in range(COLS)]
+    x, eps = x.to(work), eps.to(work)
+    pred = col[0] * x - col[1] * eps
+    if clip_denoised:
+        pred = pred.clamp(-1, 1)
+    if table.mode == MODES["ddim"]:
+        e = (col[0] * x - pred) / col[1]
+        if grad is not None:
+            e = e - col[2] * grad.to(work)
+            pred = col[0] * x - col[1] * e
+        sample = pred * col[3] + col[4] * e
+        if noise is not None:
+            sample = sample + col[5] * noise.to(work)
+    else:
+        mean = col[2] * pred + col[3] * x
+        if table.mode == MODES["ddpm_learned"]:
+            frac = (v.to(work) + 1) / 2
+            log_var = frac * col[4] + (1 - frac) * col[5]
+        else:
+            log_var = col[4].expand_as(x)
+        if grad is not None:
+            mean = mean + log_var.exp() * grad.to(work)
+        sample = mean if noise is None else mean + col[6] * (0.5 * log_var).exp() * noise.to(work)
+    return sample.to(out_dtype), pred.to(out_dtype)
+
+
+def _per_sample_contiguous(t):
+    if t is None or t.shape[0] == 0 or t[0].is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def _native(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=True):
+    x = x.contiguous()
+    eps, v, grad, noise = (_per_sample_contiguous(t) for t in (eps, v, grad, noise))
+    return torch.ops.ppap_fast.guided_update(x, eps, v, grad, noise, idx, table.coefs if x.dtype == torch.float64 else table.coefs_f32,
+                                             table.mode, clip_denoised)
+
+
+def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None,
+                  clip_denoised: bool = True, backend: str | None = None):
+    """One guided reverse step for each sample at its own step index idx[b].
+
+    eps and v may be channel slices of the model output (contiguous per sample).
+    Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference".
+    """
+    _check(x, eps, v, grad, noise, idx, table)
+    fn = _registry.select(OP, x.device, backend)
+    return fn(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=clip_denoised)
+
+
+def _triton(*args, **kwargs):
+    from ppap_fast.ops.update_triton import guided_update_triton
+
+    return guided_update_triton(*args, **kwargs)
+
+
+_registry.register(OP, "reference", guided_update_reference, _ext.reference_unavailable)
+_registry.register(OP, "cpp", _native, _ext.cpp_unavailable)
+_registry.register(OP, "cuda", _native, _ext.cuda_unavailable)
+_registry.register(OP, "triton", _triton, _ext.triton_unavailable)

@@ -1,0 +1,33 @@
+"""Helpers shared by parity tests."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative norm error of a against reference b, computed in float64. NaN/Inf -> inf."""
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    if a64.shape != b64.shape:
+        raise AssertionError(f"shape {tuple(a64.shape)} != reference {tuple(b64.shape)}")
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    denom = b64.norm().item()
+    return (a64 - b64).norm().item() / max(denom, 1e-30)
+
+
+def assert_close_rel(a, b, tol: float, what: str = ""):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def poison_allocator(device, nbytes: int = 64 << 20) -> None:
+    """Fill and free a block so that the next allocations likely reuse NaN-filled memory."""
+    block = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)
+    del block
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
