@@ -468,8 +468,8 @@ class ExpertBank(nn.Module):
                     raise ValueError(f"{name!r} is both a LoRA and a norm module")
             elif isinstance(m, NORM_TYPES):
                 full = name in norm
-                cls = {nn.BatchNorm1d: ExpertBatchNorm, nn.BatchNorm2d: ExpertBatchNorm,
-                       nn.LayerNorm: ExpertLayerNorm, nn.GroupNorm: ExpertGroupNorm}[type(m)]
+                cls = (ExpertBatchNorm if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+                       else ExpertLayerNorm if isinstance(m, nn.LayerNorm) else ExpertGroupNorm)
                 new = cls(m, R, N, per_expert_weight=full)
             elif name in norm:
                 raise ValueError(f"norm placement names {name!r}, a {type(m).__name__}; expected one of "
@@ -542,8 +542,8 @@ class ExpertBank(nn.Module):
             raise ValueError(f"x must have a leading sample dimension and features, got shape {tuple(x.shape)}")
         ref = self._ref_param()
         if ref is not None and (x.dtype != ref.dtype or x.device != ref.device):
-            raise ValueError(f"x is {x.dtype} on {x.device} but the bank's parameters are {ref.dtype} on "
-                             f"{ref.device}; move one of them (bank.to(...) or x.to(...))")
+            raise ValueError(f"x has dtype {x.dtype} on {x.device} but the bank's parameters are {ref.dtype} "
+                             f"on {ref.device}; move one of them (bank.to(...) or x.to(...))")
 
     def forward(self, x, t=None, *, expert_idx=None, **kwargs):
         self._check_x(x)

@@ -1,0 +1,343 @@
+"""ExpertBank: band routing, per-sample experts, merged(n) with BN folding, counts, checkpoints."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from ppap_fast.experts import (ExpertBank, LoRAConv2d, Placement, check_ppap_checkpoint_manifest,
+                               export_ppap_checkpoint, import_ppap_checkpoint, load_experts, load_experts_into,
+                               make_placement, save_experts)
+from ppap_fast.experts.bank import RoutedConv2d, _Routed
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+class Tiny(nn.Module):
+    """conv->bn, depthwise conv->bn, GroupNorm, LayerNorm, Linear head: every routed type."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=True)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.proj = nn.Linear(8, 6)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.gn(F.relu(self.bn2(self.dw(x))))
+        x = x.mean((2, 3))
+        return self.head(self.ln(self.proj(x)))
+
+
+def randomise_bank(bank, std=0.2):
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            else:
+                t.normal_(0, std)
+    return bank
+
+
+def randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    return model
+
+
+def small_resnet(block=Bottleneck):
+    return randomise_bn(ResNet(block, [1, 1, 1, 1], num_classes=10)).to(D)
+
+
+# ----------------------------------------------------------------------------- routing
+def test_band_edges():
+    bank = ExpertBank(Tiny(), "generic", n_experts=5)
+    t = torch.tensor([0, 199, 200, 399, 400, 999])
+    assert bank.expert_index(t).tolist() == [0, 0, 1, 1, 2, 4]
+    assert bank.bands[1] == (200, 400)
+    for bad in (torch.tensor([1000]), torch.tensor([-1]), torch.tensor([5, 1000])):
+        with pytest.raises(ValueError, match="out of range"):
+            bank.expert_index(bad)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="out of range"):
+        bank(x, torch.tensor([3, 1000]))
+    with pytest.raises(ValueError, match="integer"):
+        bank(x, torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="shape"):
+        bank(x, torch.tensor([3, 4, 5]))
+    with pytest.raises(ValueError, match="shape"):
+        bank(x, torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        bank(x)
+    with pytest.raises(ValueError, match="out of range"):
+        bank(x, expert_idx=5)
+    with pytest.raises(ValueError, match="dtype"):
+        bank(x.double(), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="floating"):
+        bank(x.long(), torch.tensor([3, 4]))
+
+
+def test_n_must_divide_T():
+    with pytest.raises(ValueError, match="divide"):
+        ExpertBank(Tiny(), "generic", n_experts=3)
+    assert ExpertBank(Tiny(), "generic", n_experts=3, num_timesteps=999).bands[2] == (666, 999)
+
+
+def test_fresh_bank_equals_base_model():
+    model = Tiny().eval()
+    bank = ExpertBank(model, "generic", n_experts=4).eval()
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(bank(x, torch.tensor([0, 500, 999])), model(x), atol=1e-6, rtol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())  # the original model is not frozen by the bank
+
+
+@pytest.mark.parametrize("layout", ["factorised", "loralib"])
+def test_mixed_batch_equals_each_sample_alone(layout):
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5, layout=layout).to(D)).eval()
+    x = torch.randn(6, 3, 8, 8, dtype=D)
+    t = torch.tensor([999, 0, 200, 199, 650, 401])
+    y = bank(x, t)
+    for i in range(6):
+        yi = bank(x[i:i + 1], t[i:i + 1])
+        assert rel(y[i:i + 1], yi) < 1e-12
+    # experts differ
+    assert rel(bank(x[:1], expert_idx=0), bank(x[:1], expert_idx=1)) > 1e-3
+    # expert_idx and t routes agree
+    assert rel(bank(x, expert_idx=t // 200), y) == 0.0
+
+
+def test_train_mode_bn_uses_per_expert_batch_stats():
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=2).to(D)).train()
+    x = torch.randn(6, 3, 8, 8, dtype=D)
+    t = torch.tensor([10, 900, 20, 800, 30, 700])
+    rm0 = bank.model.bn1.running_mean.clone()
+    y = bank(x, t)
+    sel0, sel1 = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5])
+    rm_mixed = bank.model.bn1.running_mean.clone()
+    with torch.no_grad():
+        bank.model.bn1.running_mean.copy_(rm0)
+    y0 = bank(x[sel0], t[sel0])
+    y1 = bank(x[sel1], t[sel1])
+    assert rel(y[sel0], y0) < 1e-12 and rel(y[sel1], y1) < 1e-12
+    assert rel(bank.model.bn1.running_mean, rm_mixed) < 1e-12
+    assert (bank.model.bn1.num_batches_tracked >= 1).all()
+
+
+def test_gradients_stay_in_the_routed_expert():
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5).to(D)).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    bank(x, torch.tensor([250, 399])).sum().backward()
+    for p in bank.parameters_to_train():
+        assert p.grad is not None
+        assert p.grad[[0, 2, 3, 4]].abs().sum() == 0
+    assert bank.model.conv1.lora_A.grad[1].abs().sum() > 0
+    assert all(p.grad is None for p in bank.model.parameters() if not p.requires_grad)
+
+
+def test_works_under_torch_func():
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5).to(D)).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    t = torch.tensor([5, 905])
+    params = {k: v.detach() + 0.0 for k, v in bank.named_parameters()}
+    out = torch.func.functional_call(bank, params, (x, t))
+    assert rel(out, bank(x, t)) == 0.0
+    g = torch.func.grad(lambda xx: bank(xx, t).logsumexp(-1).sum())(x)
+    xx = x.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(bank(xx, t).logsumexp(-1).sum(), xx)
+    assert rel(g, g2) < 1e-12
+
+
+def test_routed_module_outside_bank_and_two_banks():
+    b1 = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5))
+    b2 = ExpertBank(Tiny(), "generic", n_experts=2)
+    with pytest.raises(RuntimeError, match="outside"):
+        b1.model(torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    y1 = b1(x, torch.tensor([1, 999]))
+    b2(x, torch.tensor([1, 999]))
+    assert torch.equal(b1(x, torch.tensor([1, 999])), y1)
+    assert b1._router.idx is None and b2._router.idx is None
+
+
+def test_routed_conv_matches_single_expert_layer():
+    for layout in ("factorised", "loralib"):
+        base = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).to(D)
+        bank = randomise_bank(ExpertBank(nn.Sequential(base), Placement(lora=("0",), r=2, alpha=3, layout=layout),
+                                         n_experts=2).to(D))
+        single = LoRAConv2d(base, r=2, alpha=3, layout=layout)
+        with torch.no_grad():
+            single.lora_A.copy_(bank.model[0].lora_A[1])
+            single.lora_B.copy_(bank.model[0].lora_B[1])
+        x = torch.randn(2, 4, 7, 7, dtype=D)
+        assert rel(bank(x, expert_idx=1), single(x)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- merged(n)
+@pytest.mark.parametrize("builder,rule,layout", [
+    (lambda: small_resnet(Bottleneck), "resnet", "loralib"),
+    (lambda: small_resnet(BasicBlock), "resnet", "factorised"),
+    (lambda: Tiny().to(D), "generic", "factorised"),
+    (lambda: Tiny().to(D), "generic", "loralib"),
+])
+def test_merged_equals_expert_in_eval(builder, rule, layout):
+    model = builder()
+    bank = randomise_bank(ExpertBank(model, rule, n_experts=5, layout=layout, r=4, alpha=2), std=0.05).eval()
+    if rule == "generic":
+        randomise_bank(bank)
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    for n in (0, 3):
+        m = bank.merged(n)
+        assert not any(isinstance(mod, _Routed) for mod in m.modules())
+        n_bn = sum(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
+        n_bn_before = sum(isinstance(mod, nn.BatchNorm2d) for mod in model.modules())
+        assert n_bn < n_bn_before  # conv->bn pairs were folded
+        ref = bank(x, expert_idx=n)
+        assert rel(m(x), ref) < 1e-10
+        assert not m.training
+    assert rel(bank.merged(0)(x), bank.merged(3)(x)) > 1e-4
+
+
+def test_mobilenet_v2_depthwise_merged():
+    model = randomise_bn(torchvision.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25)).to(D)
+    bank = randomise_bank(ExpertBank(model, "mobilenet_v2", n_experts=2), std=0.05).eval()
+    assert any(isinstance(m, RoutedConv2d) and m.groups > 1 for m in bank.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=D)
+    assert rel(bank.merged(1)(x), bank(x, expert_idx=1)) < 1e-10
+
+
+# ----------------------------------------------------------------------------- counts
+def test_resnet50_trainable_count_matches_official():
+    model = torchvision.models.resnet50(weights=None)
+    bank = ExpertBank(model, "resnet", n_experts=5)
+    rep = bank.parameter_report()
+    assert rep["per_expert"] == 1_459_632
+    assert rep["total_trainable"] == 5 * 1_459_632
+    assert rep["base_parameters"] == 25_557_032
+    assert abs(rep["fraction_of_base_total"] - 0.286) < 0.001  # the paper's 28.6 %
+    assert len(bank.placement.lora) == 33
+    assert "fc" not in bank.placement.bias and "layer1.0.conv3" not in bank.placement.lora
+    full = make_placement("resnet", model, official=False)
+    assert ExpertBank(model, full, 5).num_trainable_parameters(0) > 1_459_632
+
+
+def test_deit_small_count():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    bank = ExpertBank(model, "deit", n_experts=5)
+    assert len(bank.placement.lora) == 24
+    assert bank.num_trainable_parameters(3) == 494_824  # ~0.49M per expert
+
+
+# ----------------------------------------------------------------------------- state dicts and checkpoints
+def test_expert_state_dict_roundtrip_and_strict():
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=4))
+    sd = bank.expert_state_dict(2)
+    assert "bn1.running_mean" in sd and "conv1.lora_A" in sd
+    bank.load_expert_state_dict(0, sd)
+    x = torch.randn(2, 3, 8, 8)
+    bank.eval()
+    assert torch.equal(bank(x, expert_idx=0), bank(x, expert_idx=2))
+    with pytest.raises(ValueError, match="conv1.lora_B"):
+        bank.load_expert_state_dict(1, {k: v for k, v in sd.items() if k != "conv1.lora_B"})
+    with pytest.raises(ValueError, match="bogus"):
+        bank.load_expert_state_dict(1, {**sd, "bogus": torch.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        bank.load_expert_state_dict(1, {**sd, "conv1.lora_A": torch.zeros(1)})
+    with pytest.raises(ValueError, match="out of range"):
+        bank.expert_state_dict(4)
+
+
+def test_checkpoint_roundtrip_and_strict(tmp_path):
+    base = Tiny()
+    bank = randomise_bank(ExpertBank(base, "generic", n_experts=5, arch="tiny")).eval()
+    save_experts(bank, tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["n_experts"] == 5 and cfg["bands"][1] == [200, 400] and cfg["arch"] == "tiny"
+    assert cfg["layout"] == "factorised" and cfg["r"] == bank.placement.r
+    loaded = load_experts(tmp_path / "ck", base).eval()
+    x = torch.randn(3, 3, 8, 8)
+    t = torch.tensor([0, 450, 999])
+    assert torch.equal(loaded(x, t), bank(x, t))
+    # config mismatch
+    other = ExpertBank(Tiny(), "generic", n_experts=4, num_timesteps=1000)
+    with pytest.raises(ValueError, match="n_experts"):
+        load_experts_into(other, tmp_path / "ck")
+    # missing / unexpected keys
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "ck" / "experts.safetensors"
+    tensors = load_file(str(f))
+    save_file({k: v for k, v in tensors.items() if k != "ln.expert_bias"}, str(f))
+    with pytest.raises(ValueError, match="ln.expert_bias"):
+        load_experts(tmp_path / "ck", Tiny())
+    save_file({**tensors, "extra.key": torch.zeros(2)}, str(f))
+    with pytest.raises(ValueError, match="extra.key"):
+        load_experts(tmp_path / "ck", Tiny())
+    # with base weights
+    save_experts(bank, tmp_path / "ck2", include_base=True)
+    fresh = load_experts(tmp_path / "ck2", Tiny()).eval()
+    assert torch.equal(fresh(x, t), bank(x, t))
+
+
+def test_ppap_manifest_check(fixtures_dir):
+    rep = check_ppap_checkpoint_manifest(fixtures_dir / "ppap_resnet50_lora_keys.json")
+    assert rep["entries"] == 386 and rep["trainable_per_expert"] == 1_459_632
+
+
+def test_ppap_import_strict_and_base_check(fixtures_dir):
+    # a small ResNet keeps it cheap: export one expert, import into a fresh bank
+    model = small_resnet()
+    bank = randomise_bank(ExpertBank(model, "resnet", n_experts=5), std=0.05).eval()
+    sd = export_ppap_checkpoint(bank, 3)
+    assert "resnet.conv1.conv.weight" in sd and "resnet.layer1.0.conv2.lora_A" in sd
+    other = ExpertBank(model, "resnet", n_experts=5).eval()
+    import_ppap_checkpoint(other, 0, sd)  # same base weights: base="check" passes
+    x = torch.randn(1, 3, 32, 32, dtype=D)
+    assert rel(other(x, expert_idx=0), bank(x, expert_idx=3)) < 1e-12
+    with pytest.raises(ValueError, match="missing keys.*resnet.layer1.0.conv1.lora_A"):
+        import_ppap_checkpoint(other, 1, {k: v for k, v in sd.items() if k != "resnet.layer1.0.conv1.lora_A"})
+    with pytest.raises(ValueError, match="unexpected keys.*resnet.extra"):
+        import_ppap_checkpoint(other, 1, {**sd, "resnet.extra": torch.zeros(1)})
+    wrong = dict(sd)
+    wrong["resnet.layer1.0.conv3.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        import_ppap_checkpoint(other, 1, wrong)
+    changed = dict(sd)
+    changed["resnet.fc.weight"] = sd["resnet.fc.weight"] + 1
+    with pytest.raises(ValueError, match="base weights differ"):
+        import_ppap_checkpoint(other, 1, changed)
+    nan = dict(sd)
+    nan["resnet.conv1.lora_B"] = sd["resnet.conv1.lora_B"] * float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        import_ppap_checkpoint(other, 1, nan)
+    fact = ExpertBank(model, "resnet", n_experts=5, layout="factorised")
+    with pytest.raises(ValueError, match="loralib"):
+        import_ppap_checkpoint(fact, 0, sd)
