@@ -194,7 +194,7 @@ def _run_linear(c, device, backend, dtype):
             assert torch.count_nonzero(got[2][e]) == 0 and torch.count_nonzero(got[3][e]) == 0
 
 
-LINEAR_CASES = _linear_cases(9, 1234)
+LINEAR_CASES = _linear_cases(15, 1234)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
@@ -274,7 +274,7 @@ def _run_conv(c, device, backend, dtype):
         assert_close(f"{name} ({c})", a.cpu(), w, TOL[dtype] * (2 if dtype != torch.float32 else 1))
 
 
-CONV_CASES = _conv_cases(12, 4321)
+CONV_CASES = _conv_cases(20, 4321)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

@@ -1,0 +1,245 @@
+"""Multi-expert LoRA benchmark: our routed op vs a per-expert Python loop, the frozen
+base layer alone, and peft's mixed-batch forward (``adapter_names=``).
+
+Entry point for the lead's runner: ``run(device, quick) -> {"rows": [...], "ratios": {...}}``.
+Also ``python benchmarks/bench_lora.py [--device cuda] [--quick]`` prints a table.
+
+Layers (mixed batch, random expert per sample, rank 16, scale 0.5, N = 5 and 10):
+  * resnet50 layer3 conv2: 3x3 conv 256->256 at 14x14
+  * resnet50 layer3 conv1: 1x1 conv 1024->256 at 14x14
+  * DeiT-S attn.qkv: linear 384->1152 over L=197 tokens
+Times are medians (ms) of several reps, with torch.cuda.synchronize around each.
+Ratios are ours / other (below 1 means ours is faster), geometric means over
+layers and N:
+  lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
+  lora_fwdbwd_vs_loop  forward+backward (dx, dA, dB), ours vs per-expert loop
+  lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only)
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ppap_fast.ops import lora as L
+
+
+def _time(fn: Callable, device: str, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _configs(device: str, quick: bool):
+    big = device == "cuda"
+    S = 64 if big else 4
+    sp = 14 if big else 7
+    cfgs = [
+        dict(name="resnet50.layer3.conv2 3x3 256->256", kind="conv", S=S, cin=256 if big else 64,
+             cout=256 if big else 64, k=3, pad=1, H=sp),
+        dict(name="resnet50.layer3.conv1 1x1 1024->256", kind="conv", S=S, cin=1024 if big else 128,
+             cout=256 if big else 64, k=1, pad=0, H=sp),
+        dict(name="deit_s.qkv 384->1152 L=197", kind="linear", S=S if big else 2, K=384, O=1152, L=197 if big else 50),
+    ]
+    if quick and not big:
+        cfgs = [cfgs[0], cfgs[2]]
+    return cfgs
+
+
+def _make(cfg, N, r, device, dtype, gen):
+    mk = lambda *s: (torch.randn(*s, generator=gen) * 0.1).to(device, dtype)  # noqa: E731
+    S = cfg["S"]
+    idx = torch.randint(0, N, (S,), generator=gen).to(device)
+    if cfg["kind"] == "linear":
+        x = mk(S, cfg["L"], cfg["K"])
+        W, b = mk(cfg["O"], cfg["K"]), mk(cfg["O"])
+        A, B = mk(N, r, cfg["K"]), mk(N, cfg["O"], r)
+        eb = mk(N, cfg["O"])
+    else:
+        x = mk(S, cfg["cin"], cfg["H"], cfg["H"])
+        W, b = mk(cfg["cout"], cfg["cin"], cfg["k"], cfg["k"]), None
+        A, B = mk(N, r, cfg["cin"], cfg["k"], cfg["k"]), mk(N, cfg["cout"], r)
+        eb = mk(N, cfg["cout"])
+    return x, W, b, A, B, eb, idx
+
+
+def _loop(cfg, x, W, b, A, B, eb, idx, scale):
+    """Per-expert Python loop: base layer on the whole batch, then each expert's samples."""
+    N = A.shape[0]
+    if cfg["kind"] == "linear":
+        y = F.linear(x, W, b)
+        for e in range(N):
+            sel = (idx == e).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            xe = x.index_select(0, sel)
+            d = scale * F.linear(F.linear(xe, A[e]), B[e]) + eb[e]
+            y = y.index_add(0, sel, d)
+        return y
+    y = F.conv2d(x, W, b, 1, cfg["pad"])
+    for e in range(N):
+        sel = (idx == e).nonzero().flatten()
+        if sel.numel() == 0:
+            continue
+        xe = x.index_select(0, sel)
+        h = F.conv2d(xe, A[e], None, 1, cfg["pad"])
+        d = scale * F.conv2d(h, B[e][:, :, None, None]) + eb[e][:, None, None]
+        y = y.index_add(0, sel, d)
+    return y
+
+
+def _ours(cfg, backend, a_stage="stacked"):
+    def f(x, W, b, A, B, eb, idx, scale):
+        if cfg["kind"] == "linear":
+            return L.lora_linear(x, W, b, A, B, idx, scale, eb, backend=backend)
+        return L.lora_conv2d(x, W, b, A, B, idx, scale, 1, cfg["pad"], expert_bias=eb, backend=backend,
+                             a_stage=a_stage)
+    return f
+
+
+def _base(cfg):
+    def f(x, W, b, A, B, eb, idx, scale):
+        if cfg["kind"] == "linear":
+            return F.linear(x, W, b)
+        return F.conv2d(x, W, b, 1, cfg["pad"])
+    return f
+
+
+def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
+    """A peft model with N adapters holding the same A/B; returns fn(x) running the mixed batch."""
+    try:
+        import peft
+        from peft import LoraConfig
+    except Exception as exc:  # pragma: no cover
+        return None, f"peft not importable: {exc}"
+    N, r = A.shape[:2]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if cfg["kind"] == "linear":
+                self.layer = nn.Linear(cfg["K"], cfg["O"], bias=b is not None)
+            else:
+                self.layer = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], padding=cfg["pad"], bias=b is not None)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    try:
+        net = Net().to(device, dtype)
+        with torch.no_grad():
+            net.layer.weight.copy_(W)
+            if b is not None:
+                net.layer.bias.copy_(b)
+        conf = LoraConfig(r=r, lora_alpha=scale * r, target_modules=["layer"], lora_dropout=0.0)
+        pm = peft.get_peft_model(net, conf, adapter_name="e0")
+        for e in range(1, N):
+            pm.add_adapter(f"e{e}", conf)
+        lay = pm.base_model.model.layer
+        with torch.no_grad():
+            for e in range(N):
+                la, lb = lay.lora_A[f"e{e}"].weight, lay.lora_B[f"e{e}"].weight
+                la.copy_(A[e].reshape(la.shape))
+                lb.copy_(B[e].reshape(lb.shape))
+        pm.eval()
+        names = [f"e{int(i)}" for i in idx.tolist()]
+
+        def fn(x):
+            with torch.no_grad():
+                return pm(x, adapter_names=names)
+        return fn, None
+    except Exception as exc:
+        return None, f"peft mixed batch failed: {type(exc).__name__}: {exc}"
+
+
+def run(device: str = "cuda", quick: bool = False) -> Dict:
+    device = "cuda" if (device == "cuda" and torch.cuda.is_available()) else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    reps = (5 if quick else 20) if device == "cuda" else (2 if quick else 5)
+    gen = torch.Generator().manual_seed(0)
+    rows: List[Dict] = []
+    ratio_acc: Dict[str, List[float]] = {"lora_fwd_vs_peft": [], "lora_fwdbwd_vs_loop": [], "lora_fwdbwd_vs_base": []}
+    ours_backends = ["auto"]
+    if device == "cuda":
+        ours_backends = ["triton"] + (["cuda"] if L.available_backends("lora_linear", "cuda")["cuda"] == "ok" else [])
+    Ns = [5] if (quick and device == "cpu") else [5, 10]
+    r, scale = 16, 0.5
+    for cfg in _configs(device, quick):
+        for N in Ns:
+            x, W, b, A, B, eb, idx = _make(cfg, N, r, device, dtype, gen)
+            args = (W, b, A, B, eb, idx, scale)
+            variants = {f"ours[{be}]": _ours(cfg, None if be == "auto" else be) for be in ours_backends}
+            if cfg["kind"] == "conv" and device == "cuda":
+                variants["ours[triton,a_stage=grouped]"] = _ours(cfg, "triton", "grouped")
+            variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
+            variants["base"] = _base(cfg)
+            res = {}
+            for vname, fn in variants.items():
+                def fwd(fn=fn):
+                    with torch.no_grad():
+                        fn(x, *args)
+
+                def fwdbwd(fn=fn, vname=vname):
+                    xg = x.detach().requires_grad_(True)
+                    if vname == "base":
+                        y = fn(xg, *args)
+                        y.backward(torch.ones_like(y))
+                        return
+                    Ag, Bg, ebg = (t.detach().requires_grad_(True) for t in (A, B, eb))
+                    y = fn(xg, W, b, Ag, Bg, ebg, idx, scale)
+                    y.backward(torch.ones_like(y))
+
+                t_f = _time(fwd, device, reps)
+                t_fb = _time(fwdbwd, device, reps)
+                res[vname] = (t_f, t_fb)
+                rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
+                                 fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
+            pf, why = _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype)
+            if pf is not None:
+                with torch.no_grad():  # same math? (peft has no per-expert bias)
+                    mine = _ours(cfg, None if ours_backends[0] == "auto" else ours_backends[0])(
+                        x, W, b, A, B, None, idx, scale).float()
+                    theirs = pf(x).float()
+                check = float((mine - theirs).norm() / theirs.norm())
+                t_p = _time(lambda: pf(x), device, reps)
+                res["peft"] = (t_p, float("nan"))
+                rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", fwd_ms=round(t_p, 4),
+                                 fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
+                                 rel_err_vs_ours=check))
+            else:
+                rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", skipped=why))
+            best = min((v for k, v in res.items() if k.startswith("ours")), key=lambda t: t[1])
+            if "peft" in res:
+                ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
+            ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
+            ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / res["base"][1])
+    ratios = {k: (round(math.exp(sum(map(math.log, v)) / len(v)), 4) if v else None) for k, v in ratio_acc.items()}
+    return {"rows": rows, "ratios": ratios}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    out = run(a.device, a.quick)
+    for row in out["rows"]:
+        print(json.dumps(row))
+    print(json.dumps(out["ratios"], indent=1))
