@@ -1,0 +1,324 @@
+"""Guides: gradients vs finite differences (float64), golden cond_fn grad, routing, bad input, NaN."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ppap_fast.experts import ExpertBank
+from ppap_fast.guidance import (ClassGuide, ComposedGuide, DenseRegressionGuide, SegmentationGuide, X0HatGuide,
+                                as_cond_fn, input_transform)
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b):
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def numerical_grad(J, x, h=1e-6):
+    """Central differences of the scalar J at every element of x (float64)."""
+    g = torch.empty_like(x)
+    flat = x.reshape(-1)
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = h
+        g.view(-1)[i] = (J((flat + e).view_as(x)) - J((flat - e).view_as(x))) / (2 * h)
+    return g
+
+
+class SmallNet(nn.Module):
+    def __init__(self, k=5, num_classes_attr=True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, k)
+        if num_classes_attr:
+            self.num_classes = k
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def small_bank():
+    bank = ExpertBank(SmallNet().to(D), "generic", n_experts=5).eval()
+    with torch.no_grad():
+        for name, p in bank.per_expert_state_dict().items():
+            if name.endswith(("running_mean", "lora_A", "lora_B", "bias")):
+                p.normal_(0, 0.3)
+    return bank
+
+
+# ----------------------------------------------------------------------------- ClassGuide
+def test_class_guide_gradcheck_plain_model():
+    model = SmallNet().to(D).eval()
+    target = torch.tensor([1, 4])
+    guide = ClassGuide(model, target, scale=2.5)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    g = guide(x, torch.tensor([10, 900]))
+    assert g.shape == x.shape and g.dtype == D and not g.requires_grad
+
+    def J(z):
+        return 2.5 * F.log_softmax(model(z), -1).gather(1, target.view(-1, 1)).sum()
+
+    assert rel(g, numerical_grad(J, x)) < 1e-7
+    # plain classifier ignores t (the naive baseline)
+    assert torch.equal(g, guide(x, torch.tensor([999, 0])))
+    assert all(p.grad is None for p in model.parameters())
+    # int target == per-sample tensor target
+    assert torch.equal(ClassGuide(model, 3)(x, 5), ClassGuide(model, torch.tensor([3, 3]))(x, 5))
+
+
+def test_class_guide_matches_guided_diffusion_cond_fn(fixtures_dir):
+    gold = torch.load(fixtures_dir / "guided_steps_golden.pt")
+    W = gold["W"]
+
+    def clf(x):
+        return x.flatten(1) @ W.T
+
+    guide = ClassGuide(clf, gold["y"], scale=gold["scale"])
+    g = guide(gold["x_T"], torch.tensor([999, 999]))
+    assert rel(g, gold["grad_at_xT"]) < 1e-5
+    cond_fn = as_cond_fn(ClassGuide(clf, 0, scale=gold["scale"]))
+    assert rel(cond_fn(gold["x_T"], torch.tensor([960, 960]), y=gold["y"]), gold["grad_at_xT"]) < 1e-5
+
+
+def test_class_guide_with_bank_routes_each_sample():
+    bank = small_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 2, 4]), scale=1.5)
+    assert guide.pass_t
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    t = torch.tensor([999, 0, 200])
+    g = guide(x, t)
+    for i in range(3):
+        gi = ClassGuide(bank, int(guide.target.target[i]), scale=1.5)(x[i:i + 1], t[i:i + 1])
+        assert rel(g[i:i + 1], gi) < 1e-12
+
+    def J(z):
+        return 1.5 * F.log_softmax(bank(z, t), -1).gather(1, torch.tensor([[0], [2], [4]])).sum()
+
+    assert rel(g, numerical_grad(J, x)) < 1e-7
+    # the expert matters
+    assert rel(guide(x, torch.tensor([0, 0, 0])), g) > 1e-3
+    with pytest.raises(ValueError, match="out of range"):
+        guide(x, torch.tensor([0, 0, 1000]))
+    assert all(p.grad is None for p in bank.parameters())
+
+
+def test_class_guide_target_validation():
+    model = SmallNet(k=5).to(D)
+    with pytest.raises(ValueError, match="out of range"):
+        ClassGuide(model, 5)  # num_classes known from the model
+    with pytest.raises(ValueError, match="out of range"):
+        ClassGuide(model, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="negative"):
+        ClassGuide(model, -1)
+    with pytest.raises(ValueError, match="integer"):
+        ClassGuide(model, torch.tensor([0.0, 1.0]))
+    anon = SmallNet(k=5, num_classes_attr=False).to(D)
+    g = ClassGuide(anon, 6)  # unknown class count: checked at the first call
+    with pytest.raises(ValueError, match="out of range for a model with 5 classes"):
+        g(torch.randn(1, 2, 3, 3, dtype=D), 3)
+    with pytest.raises(ValueError, match="batch"):
+        ClassGuide(model, torch.tensor([0, 1, 2]))(torch.randn(2, 2, 3, 3, dtype=D), 3)
+
+
+def test_bad_inputs():
+    model = SmallNet().to(D)
+    guide = ClassGuide(model, 1)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    with pytest.raises(ValueError, match="floating"):
+        guide(x.long(), 3)
+    with pytest.raises(ValueError, match="integer"):
+        guide(x, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="shape"):
+        guide(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="scale"):
+        ClassGuide(model, 1, scale=float("nan"))
+    with pytest.raises(ValueError, match="nonfinite"):
+        ClassGuide(model, 1, nonfinite="warn")
+
+
+# ----------------------------------------------------------------------------- non-finite
+class NaNAt(nn.Module):
+    """Linear classifier that turns sample 1's logits to NaN."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(18, 3).to(D)
+
+    def forward(self, x):
+        y = self.fc(x.flatten(1))
+        mask = torch.zeros_like(y)
+        mask[1] = float("nan")
+        return y + mask
+
+
+def test_nonfinite_raise_and_zero():
+    x = torch.randn(3, 2, 3, 3, dtype=D)
+    with pytest.raises(RuntimeError, match="ClassGuide.*NaN"):
+        ClassGuide(NaNAt(), 1)(x, 5)
+    m = NaNAt()
+    g = ClassGuide(m, 1, nonfinite="zero")(x, 5)
+    assert torch.isfinite(g).all() and g[1].abs().sum() == 0 and g[0].abs().sum() > 0
+    ref = ClassGuide(m, 1, nonfinite="ignore")(x, 5)
+    assert torch.isnan(ref[1]).all() and torch.equal(ref[0], g[0])
+    comp = ComposedGuide([(ClassGuide(m, 1, nonfinite="ignore"), 1.0)])
+    with pytest.raises(RuntimeError, match="ComposedGuide"):
+        comp(x, 5)
+
+
+# ----------------------------------------------------------------------------- x0-hat
+class ToyDenoiser(nn.Module):
+    def __init__(self, out_mult=1):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2 * out_mult, 3, padding=1).to(D)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) * (1 + t.view(-1, 1, 1, 1).to(x.dtype) / 1000)
+
+
+@pytest.mark.parametrize("through", [True, False])
+@pytest.mark.parametrize("out_mult", [1, 2])
+def test_x0hat_guide(through, out_mult):
+    clf = SmallNet().to(D).eval()
+    den = ToyDenoiser(out_mult)
+    acp = torch.linspace(0.999, 0.01, 1000, dtype=D)
+    t = torch.tensor([10, 700])
+    target = torch.tensor([2, 0])
+    guide = X0HatGuide(clf, den, acp, target, scale=2.0, through_denoiser=through)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    g = guide(x, t)
+    ab = acp[t].view(-1, 1, 1, 1)
+
+    def x0(z, eps_of):
+        return (z - (1 - ab).sqrt() * eps_of(z)) / ab.sqrt()
+
+    def eps(z):
+        return den(z, t)[:, :2]
+
+    if through:
+        def J(z):
+            return 2.0 * F.log_softmax(clf(x0(z, eps)), -1).gather(1, target.view(-1, 1)).sum()
+    else:
+        e0 = eps(x).detach()
+
+        def J(z):
+            return 2.0 * F.log_softmax(clf(x0(z, lambda _: e0)), -1).gather(1, target.view(-1, 1)).sum()
+
+    assert rel(g, numerical_grad(J, x)) < 1e-7
+    assert all(p.grad is None for p in den.parameters())
+
+
+def test_x0hat_guide_bad_inputs():
+    clf, den = SmallNet().to(D), ToyDenoiser()
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        X0HatGuide(clf, den, torch.tensor([0.5, 1.5]), 0)
+    guide = X0HatGuide(clf, den, torch.linspace(0.99, 0.1, 100, dtype=D), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        guide(torch.randn(1, 2, 3, 3, dtype=D), 100)
+    bad = X0HatGuide(clf, ToyDenoiser(3), torch.linspace(0.99, 0.1, 100, dtype=D), 0)
+    with pytest.raises(ValueError, match="denoiser output"):
+        bad(torch.randn(1, 2, 3, 3, dtype=D), 5)
+
+
+# ----------------------------------------------------------------------------- dense guides
+class DenseNet(nn.Module):
+    def __init__(self, out_ch):
+        super().__init__()
+        self.conv = nn.Conv2d(2, out_ch, 3, padding=1).to(D)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x))
+
+
+def test_dense_regression_guide():
+    net = DenseNet(1)
+    target = torch.randn(2, 1, 3, 3, dtype=D)
+    guide = DenseRegressionGuide(net, target, scale=4.0)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+
+    def J(z):
+        return -4.0 * ((net(z) - target) ** 2).flatten(1).mean(1).sum()
+
+    assert rel(guide(x, 3), numerical_grad(J, x)) < 1e-7
+    shared = DenseRegressionGuide(net, target[0], scale=4.0)  # [1,3,3] target shared by the batch
+    assert rel(shared(x[:1], 3), DenseRegressionGuide(net, target[:1], scale=4.0)(x[:1], 3)) < 1e-12
+    with pytest.raises(ValueError, match=r"\(2, 1, 3, 3\).*\(2, 1, 4, 4\)"):
+        DenseRegressionGuide(net, torch.zeros(2, 1, 4, 4, dtype=D))(x, 3)
+
+
+def test_segmentation_guide():
+    net = DenseNet(4)
+    labels = torch.randint(0, 4, (2, 3, 3))
+    labels[0, 0, 0] = 255
+    labels[1, 2, :] = 255
+    guide = SegmentationGuide(net, labels, scale=3.0, ignore_index=255)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+
+    def J(z):
+        logp = F.log_softmax(net(z), 1)
+        total = 0.0
+        for b in range(2):
+            valid = labels[b] != 255
+            lab = labels[b].clamp(max=3)
+            picked = logp[b].gather(0, lab.unsqueeze(0))[0]
+            total = total + picked[valid].sum() / valid.sum()
+        return 3.0 * total
+
+    assert rel(guide(x, 0), numerical_grad(J, x)) < 1e-7
+    with pytest.raises(ValueError, match="label 4 is out of range"):
+        SegmentationGuide(net, torch.full((2, 3, 3), 4))(x, 0)
+    with pytest.raises(ValueError, match=r"logits shape \(2, 4, 3, 3\).*\(2, 5, 5\)"):
+        SegmentationGuide(net, torch.zeros(2, 5, 5, dtype=torch.long))(x, 0)
+    with pytest.raises(ValueError, match="integer"):
+        SegmentationGuide(net, torch.zeros(2, 3, 3))
+
+
+def test_composed_guide():
+    clf = SmallNet().to(D).eval()
+    g1 = ClassGuide(clf, 1, scale=2.0)
+    g2 = DenseRegressionGuide(DenseNet(1), torch.randn(2, 1, 3, 3, dtype=D), scale=0.5)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    comp = ComposedGuide([(g1, 1.0), (g2, -3.0)])
+    assert rel(comp(x, 4), g1(x, 4) - 3.0 * g2(x, 4)) < 1e-14
+    with pytest.raises(ValueError):
+        ComposedGuide([])
+    with pytest.raises(ValueError, match="scale"):
+        ComposedGuide([(g1, float("inf"))])
+
+
+# ----------------------------------------------------------------------------- input transform
+def test_input_transform():
+    tr = input_transform(size=5)
+    x = torch.full((1, 3, 2, 2), -1.0, dtype=D)
+    y = tr(x)
+    assert y.shape == (1, 3, 5, 5)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=D)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=D)
+    assert rel(y[0, :, 0, 0], -mean / std) < 1e-12
+    xs = torch.randn(1, 3, 3, 3, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(tr, (xs,))
+    same = input_transform(mean=None, std=None)
+    assert torch.equal(same(torch.zeros(1, 3, 2, 2)), torch.full((1, 3, 2, 2), 0.5))
+    with pytest.raises(ValueError, match="channel"):
+        tr(torch.zeros(1, 1, 2, 2))
+    # composes with a guide, differentiably
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(75, 3)).to(D)
+    guide = ClassGuide(clf, 2, input_transform=tr)
+    xx = torch.randn(1, 3, 2, 2, dtype=D)
+
+    def J(z):
+        return F.log_softmax(clf(tr(z)), -1)[0, 2]
+
+    assert rel(guide(xx, 1), numerical_grad(J, xx)) < 1e-7
