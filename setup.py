@@ -11,51 +11,18 @@ import glob
 import os
 import shutil
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _find_cuda_home():
-    """A CUDA root whose include/ has cuda_runtime.h (a wrapper nvcc on PATH misleads torch)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        try:  # a wrapper script: look for the real path it executes
-            with open(nvcc, "rb") as fh:
-                head = fh.read(4096).decode("utf-8", "ignore")
-            for word in head.replace('"', " ").split():
-                if word.endswith("/bin/nvcc") and os.path.exists(word):
-                    candidates.append(os.path.dirname(os.path.dirname(word)))
-        except OSError:
-            pass
-    try:
-        import torch
-
-        if torch.version.cuda:
-            candidates.append(f"/usr/local/cuda-{torch.version.cuda}")
-    except ImportError:
-        pass
-    candidates += ["/usr/local/cuda"]
-    for c in candidates:
-        if c and os.path.exists(os.path.join(c, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(c, "bin", "nvcc")):
-            return c
-    return None
-
-
-def _nvidia_wheel_includes():
-    site = sysconfig.get_paths()["purelib"]
-    dirs = glob.glob(os.path.join(site, "nvidia", "*", "include")) + glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
-    return sorted(set(d for d in dirs if os.path.isdir(d)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_env import find_cuda_home, nvidia_wheel_includes  # noqa: E402
 
 
 def _extensions():
     if os.environ.get("PPAP_FAST_NO_EXTENSION") == "1":
         return [], {}
-    cuda_home = None if os.environ.get("PPAP_FAST_NO_CUDA") == "1" else _find_cuda_home()
+    cuda_home = None if os.environ.get("PPAP_FAST_NO_CUDA") == "1" else find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -70,8 +37,9 @@ def _extensions():
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if use_cuda:
-        sources += sorted(glob.glob("kernels/*.cu"))
-        include_dirs += _nvidia_wheel_includes()
+        # *_bind.cu are standalone JIT modules with their own PyInit; the extension registers ops in csrc/
+        sources += sorted(s for s in glob.glob("kernels/*.cu") if not s.endswith("_bind.cu"))
+        include_dirs += nvidia_wheel_includes()
         ext = cpp_extension.CUDAExtension(
             "ppap_fast._C", sources, include_dirs=include_dirs,
             define_macros=[("PPAP_WITH_CUDA", None)],

@@ -1,5 +1,10 @@
 // CUDA implementations of the ops declared in ops.cpp (device code in kernels/).
-#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "lora_kernels.cuh"
 
 namespace ppap_fast {
 std::tuple<at::Tensor, at::Tensor> guided_update_cuda(const at::Tensor& x, const at::Tensor& eps,
@@ -7,6 +12,24 @@ std::tuple<at::Tensor, at::Tensor> guided_update_cuda(const at::Tensor& x, const
                                                       const c10::optional<at::Tensor>& grad,
                                                       const c10::optional<at::Tensor>& noise, const at::Tensor& idx,
                                                       const at::Tensor& coefs, int64_t mode, bool clip_denoised);
+
+namespace {
+void lora_sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& out, const at::Tensor& sorted_idx,
+                      const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_sgmv_shrink(x, A, out, sorted_idx, offsets, at::cuda::getCurrentCUDAStream());
 }
 
-TORCH_LIBRARY_IMPL(ppap_fast, CUDA, m) { m.impl("guided_update", &ppap_fast::guided_update_cuda); }
+void lora_sgmv_expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor& out, const at::Tensor& sorted_idx,
+                      const at::Tensor& offsets, double scale) {
+  const c10::cuda::CUDAGuard guard(h.device());
+  launch_sgmv_expand(h, B, out, sorted_idx, offsets, scale, at::cuda::getCurrentCUDAStream());
+}
+}  // namespace
+}  // namespace ppap_fast
+
+TORCH_LIBRARY_IMPL(ppap_fast, CUDA, m) {
+  m.impl("guided_update", &ppap_fast::guided_update_cuda);
+  m.impl("lora_sgmv_shrink", &ppap_fast::lora_sgmv_shrink);
+  m.impl("lora_sgmv_expand", &ppap_fast::lora_sgmv_expand);
+}

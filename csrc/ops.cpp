@@ -1,5 +1,6 @@
 // Op schemas (TORCH_LIBRARY) and CPU implementations.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -86,6 +87,11 @@ TORCH_LIBRARY(ppap_fast, m) {
   m.def(
       "guided_update(Tensor x, Tensor eps, Tensor? v, Tensor? grad, Tensor? noise, Tensor idx, Tensor coefs, "
       "int mode, bool clip_denoised) -> (Tensor, Tensor)");
+#ifdef PPAP_WITH_CUDA
+  // Multi-expert LoRA segment kernels (kernels/lora_kernels.cuh documents the contract).
+  m.def("lora_sgmv_shrink(Tensor x, Tensor A, Tensor(a!) out, Tensor sorted_idx, Tensor offsets) -> ()");
+  m.def("lora_sgmv_expand(Tensor h, Tensor B, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float scale) -> ()");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(ppap_fast, CPU, m) { m.impl("guided_update", &ppap_fast::guided_update_cpu); }

@@ -1,0 +1,70 @@
+"""Benchmark runner: `python benchmarks/run.py --device cpu|cuda --quick --json FILE`.
+
+Runs every suite (bench_*.py with run(device, quick)), writes
+{"device", "torch", "rows": [...], "ratios": {...}} and prints the ratios.
+Ratios are time ratios A/B for a name "A_vs_B": below 1 means A is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+SUITES = ["bench_update", "bench_lora", "bench_step"]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="write results here (atomically)")
+    p.add_argument("--only", nargs="*", default=None, help="suites to run (default: all present)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device is visible")
+    out = {"device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
+           "quick": args.quick, "rows": [], "ratios": {}, "errors": {}}
+    for name in args.only or SUITES:
+        if not (HERE / f"{name}.py").exists():
+            continue
+        try:
+            res = importlib.import_module(name).run(args.device, args.quick)
+        except Exception as exc:  # one broken suite must not hide the others
+            traceback.print_exc()
+            out["errors"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
+        out["ratios"].update(res["ratios"])
+    print(f"device: {out['device']}")
+    for k, v in out["ratios"].items():
+        print(f"  {k:32s} {v}")
+    for k, v in out["errors"].items():
+        print(f"  ERROR {k}: {v}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(out, fh, indent=1)
+        os.replace(tmp, args.json)
+    return 1 if out["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
