@@ -38,7 +38,7 @@ def _poison_and_precision():
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     assert a.shape == b.shape, (a.shape, b.shape)
     if not torch.isfinite(a).all():
         return float("nan")
