@@ -496,3 +496,50 @@ def test_cuda_graph_capture_lora_linear():
         torch.cuda.synchronize()
         want = R.lora_linear(x.double(), W.double(), None, A.double(), B.double(), static_idx, 0.5, eb.double())
         assert_close(f"graph replay {new}", y, want, TOL[torch.float32])
+
+
+# ============================================================================ layouts / AMP
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_lora_conv2d_channels_last(device, backend):
+    _maybe_skip(device, backend, torch.float32)
+    torch.manual_seed(1)
+    N, S = 4, 3
+    x = torch.randn(S, 6, 7, 7)
+    W = torch.randn(8, 6, 3, 3) / 8
+    A, B = torch.randn(N, 5, 6, 3, 3) / 8, torch.randn(N, 8, 5)
+    eb = torch.randn(N, 8)
+    idx = torch.tensor([3, 0, 3])
+    dy = torch.randn(S, 8, 4, 4)
+    ins = [t.double().requires_grad_() for t in (x, A, B, eb)]
+    y_r = R.lora_conv2d(ins[0], W.double(), None, ins[1], ins[2], idx, 0.5, 2, 1, expert_bias=ins[3])
+    g_r = torch.autograd.grad(y_r, ins, dy.double())
+    xs = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    got = [xs] + [t.to(device).requires_grad_() for t in (A, B, eb)]
+    y = L.lora_conv2d(got[0], W.to(device), None, got[1], got[2], idx.to(device), 0.5, 2, 1, expert_bias=got[3],
+                      backend=backend)
+    g = torch.autograd.grad(y, got, dy.to(device).contiguous(memory_format=torch.channels_last))
+    for n, a, b in zip(["y", "dx", "dA", "dB", "deb"], [y, *g], [y_r, *g_r]):
+        assert_close(n, a, b, TOL[torch.float32])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_lora_linear_under_autocast():
+    torch.manual_seed(2)
+    N, dev = 3, "cuda"
+    x = torch.randn(4, 5, 32, device=dev, requires_grad=True)
+    W = torch.randn(24, 32, device=dev) / 6
+    A = (torch.randn(N, 16, 32, device=dev) / 6).requires_grad_()
+    B = torch.randn(N, 24, 16, device=dev).requires_grad_()
+    idx = torch.tensor([2, 0, 2, 1], device=dev)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = L.lora_linear(x, W, None, A, B, idx, 0.5, backend="triton")
+    assert y.dtype == torch.float16
+    gx, gA, gB = torch.autograd.grad(y.float().sum(), [x, A, B])
+    assert gx.dtype == x.dtype and gA.dtype == A.dtype and gB.dtype == B.dtype
+    y_r = R.lora_linear(x.double(), W.double(), None, A.double(), B.double(), idx, 0.5)
+    assert_close("autocast y", y, y_r, 5e-3)
+    ins = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    g_r = torch.autograd.grad(R.lora_linear(ins[0], W.double(), None, ins[1], ins[2], idx, 0.5).sum(), ins)
+    for n, a, b in zip(["dx", "dA", "dB"], [gx, gA, gB], g_r):
+        assert_close(n, a, b, 5e-3)

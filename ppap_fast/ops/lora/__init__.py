@@ -194,6 +194,8 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
 def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                       *, backend=None):
     """Per-expert BatchNorm (x [S, C] or [S, C, H, W]; params and running stats [N, C])."""
+    if momentum is None:
+        raise ValueError("momentum=None (cumulative moving average) is not supported; pass a float")
     _check_idx(expert_idx, x.shape[0], weight.shape[0])
     b = _pick("expert_batch_norm", x, backend)
     from . import vectorized

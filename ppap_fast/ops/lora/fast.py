@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import triton_kernels as tk
 from .segments import Segments
@@ -91,6 +92,7 @@ class LoraLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x3, Wc, Ac, Bc, h = ctx.saved_tensors
         seg: Segments = ctx.seg
@@ -127,7 +129,9 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
     from .segments import build_segments
 
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
-    return LoraLinearFn.apply(x, W, bias, A, B, expert_bias, seg, float(scale), fwd)
+    x, dev = _autocast_input(x)
+    with torch.autocast(dev, enabled=False):
+        return LoraLinearFn.apply(x, W, bias, A, B, expert_bias, seg, float(scale), fwd)
 
 
 # =============================================================================== conv
@@ -199,6 +203,7 @@ class LoraConvBFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, hc, Bc, Wc = ctx.saved_tensors
         seg, s = ctx.seg, ctx.scale
@@ -231,6 +236,15 @@ class LoraConvBFn(torch.autograd.Function):
         return dx, dh, dB, deb, None, None, None, None, None, None, None, None, None
 
 
+def _autocast_input(x):
+    """Under torch.autocast the fast paths compute in the autocast dtype (like F.linear /
+    F.conv2d would); inside the Functions autocast is off so every op sees one dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    return x, dev
+
+
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
@@ -241,6 +255,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
 
     N = A.shape[0]
     seg = seg if seg is not None else build_segments(expert_idx, N)
+    x, dev = _autocast_input(x)
     if a_stage == "stacked":
         h = stacked_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     elif a_stage == "grouped":
@@ -248,5 +263,6 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     else:
         raise ValueError(f"a_stage must be 'stacked' or 'grouped', got {a_stage!r}")
     Bd = block_diag_B(B, groups)
-    return LoraConvBFn.apply(x, h, Bd, expert_bias, W, bias, seg, float(scale), stride, padding, dilation,
-                             groups, fwd)
+    with torch.autocast(dev, enabled=False):
+        return LoraConvBFn.apply(x, h, Bd, expert_bias, W, bias, seg, float(scale), stride, padding, dilation,
+                                 groups, fwd)
