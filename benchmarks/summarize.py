@@ -1,0 +1,34 @@
+"""Short table of a gpu_check.sh output folder: card, test tally, ratios, fastest rows."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def main(folder: str) -> None:
+    out = Path(folder)
+    gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown card"
+    print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
+    tests = (out / "tests.txt").read_text() if (out / "tests.txt").exists() else ""
+    tally = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", tests, flags=re.M)
+    print(f"tests: {tally[-1] if tally else 'no pytest summary line'}")
+    bench = out / "bench.json"
+    if not bench.exists():
+        print("bench: no bench.json")
+        return
+    data = json.loads(bench.read_text())
+    print(f"bench device: {data['device']} (torch {data['torch']})")
+    for k, v in data["ratios"].items():
+        print(f"  {k:30s} {v}")
+    for k, v in data.get("errors", {}).items():
+        print(f"  ERROR {k}: {v}")
+    for row in data["rows"]:
+        keys = [k for k in row if k.endswith("_ms") or k.endswith("GBps")]
+        label = " ".join(str(row.get(k)) for k in ("suite", "op", "name", "sampler", "shape", "dtype") if k in row)
+        print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/ppap_gpu_out")
