@@ -29,12 +29,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture(autouse=True)
 def _poison_and_precision():
-    old = (fast.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    fast.POISON = True
+    old = (fast.POISON, TK.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    fast.POISON = TK.POISON = True
     torch.backends.cudnn.allow_tf32 = False  # fp32 parity: no TF32 convs in the base/A stage
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    fast.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    fast.POISON, TK.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -142,6 +142,29 @@ def test_sgmv_kernels_raw(device, backend):
             y_ref = y0.cpu().double() + 0.75 * torch.bmm(h.cpu().double(), B.cpu().double()[ic].transpose(1, 2))
             assert_close(f"shrink {dtype}", h, h_ref, TOL[dtype])
             assert_close(f"expand {dtype}", y, y_ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "triton" in p.id])
+@pytest.mark.parametrize("split", [None, 1, 3, 7])
+def test_seg_outer_raw(device, backend, split):
+    rng = random.Random(17 + (split or 0))
+    for dtype in _dtypes(device):
+        _maybe_skip(device, backend, dtype)
+        for case in range(3):
+            N, S, M = rng.randint(1, 10), rng.randint(1, 7), rng.randint(1, 40)
+            P, Q = rng.randint(1, 40), rng.randint(1, 70)
+            idx = expert_mix(rng, S, N, ["one", "empty", "rand"][case % 3]).to(device)
+            seg = build_segments(idx, N)
+            u = torch.randn(S, P, M, device=device).to(dtype).transpose(1, 2)  # strided rows
+            v = torch.randn(S, M, Q, device=device).to(dtype)
+            out = torch.full((N, P, Q), float("nan"), device=device, dtype=dtype)
+            TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split)
+            ic = idx.cpu()
+            want = torch.zeros(N, P, Q, dtype=torch.float64).index_add_(
+                0, ic, 1.5 * torch.bmm(u.cpu().double().transpose(1, 2), v.cpu().double()))
+            assert_close(f"seg_outer split={split} {dtype}", out, want, TOL[dtype])
+            for e in set(range(N)) - set(ic.tolist()):
+                assert torch.count_nonzero(out[e]) == 0
 
 
 # ============================================================================ lora_linear
@@ -478,7 +501,7 @@ def test_cuda_graph_capture_lora_linear():
     idx = torch.tensor([0, 3, 3, 1, 4, 0], device=dev)
     static_idx = idx.clone()
     seg = build_segments(static_idx, N)
-    fast.POISON = False
+    fast.POISON = TK.POISON = False
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -35,7 +35,7 @@ from .segments import Segments
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """Buffers the kernels fully overwrite. With POISON on (tests), they start as NaN."""
     dtype = dtype or like.dtype
-    if POISON:
+    if POISON or tk.POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
 

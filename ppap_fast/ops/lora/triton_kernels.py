@@ -150,30 +150,36 @@ def _sgmv_expand_kernel(
 @triton.jit
 def _seg_outer_kernel(
     u_ptr, v_ptr, out_ptr, sidx_ptr, off_ptr,
-    M, P, Q,
+    M, P, Q, SPLIT,
     us_s, us_m, us_p,
     vs_s, vs_m, vs_q,
-    os_e, os_p, os_q,
+    os_split, os_e, os_p, os_q,
     alpha,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """out[e, p, q] = alpha * sum over rows of segment e of u[row, p] * v[row, q].
-    Empty segments write zeros (used for weight gradients dA, dB)."""
+    """out[split, e, p, q] = alpha * sum over this split's share of the rows of segment e of
+    u[row, p] * v[row, q]. Every (split, e, tile) is written, zeros for empty segments
+    (used for the weight gradients dA, dB; splits are summed by the caller)."""
     e = tl.program_id(0)
     pid_p = tl.program_id(1)
-    pid_q = tl.program_id(2)
+    pid_qs = tl.program_id(2)
+    pid_q = pid_qs // SPLIT
+    sp = pid_qs % SPLIT
     lo = tl.load(off_ptr + e)
     hi = tl.load(off_ptr + e + 1)
     nrows = (hi - lo) * M
+    chunk = ((nrows + SPLIT - 1) // SPLIT + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    r_begin = sp * chunk
+    r_end = tl.minimum(nrows, r_begin + chunk)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     pvalid = offs_p < P
     qvalid = offs_q < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for j0 in range(0, nrows, BLOCK_M):
+    for j0 in range(r_begin, r_end, BLOCK_M):
         j = j0 + tl.arange(0, BLOCK_M)
-        rmask = j < nrows
+        rmask = j < r_end
         smp = tl.load(sidx_ptr + lo + j // M, mask=rmask, other=0).to(tl.int64)
         m = (j % M).to(tl.int64)
         ut = tl.load(u_ptr + (smp * us_s + m * us_m)[None, :] + offs_p[:, None] * us_p,
@@ -185,8 +191,8 @@ def _seg_outer_kernel(
         else:
             acc += tl.dot(ut, vt.to(ut.dtype))
     acc = acc * alpha
-    tl.store(out_ptr + e.to(tl.int64) * os_e + offs_p[:, None] * os_p + offs_q[None, :] * os_q,
-             acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
+    tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + offs_p[:, None] * os_p
+             + offs_q[None, :] * os_q, acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -258,9 +264,13 @@ def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
 
 
 def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
-              offsets: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+              offsets: torch.Tensor, alpha: float = 1.0, split: int | None = None) -> torch.Tensor:
     """out[e] = alpha * U_e^T @ V_e with U_e, V_e the rows of segment e of u [S, M, P],
-    v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts)."""
+    v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts).
+
+    ``split`` > 1 splits each segment's rows over that many programs (more parallelism when
+    N * tiles is small next to the SM count); partials go to an fp32 buffer summed with
+    torch (deterministic, no atomics). Default: chosen from the shapes alone (no sync)."""
     for n_, t in (("u", u), ("v", v), ("out", out)):
         _check3(n_, t)
     S, M, P = u.shape
@@ -273,11 +283,42 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
     BLOCK_M = 64 if not _interpreting() else 32
     BLOCK_P = _pow2_at_least(P)
     BLOCK_Q = _pow2_at_least(Q)
+    tiles = N * triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
+    if split is None:
+        target = 2 * _sm_count(u.device)
+        split = max(1, min(16, triton.cdiv(target, tiles), triton.cdiv(S * M, BLOCK_M * max(N, 1) * 4)))
+    split = int(split)
     dot_f32, prec = _dot_cfg(u, v)
-    grid = (N, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q))
+    dst = out if split == 1 else alloc((split, N, P, Q), torch.float32, out.device)
+    ds = (0,) + tuple(out.stride()) if split == 1 else tuple(dst.stride())
+    grid = (N, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q) * split)
     _seg_outer_kernel[grid](
-        u, v, out, sorted_idx, offsets, M, P, Q,
-        *u.stride(), *v.stride(), *out.stride(), float(alpha),
+        u, v, dst, sorted_idx, offsets, M, P, Q, split,
+        *u.stride(), *v.stride(), *ds, float(alpha),
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, DOT_F32=dot_f32, PREC=prec,
     )
+    if split > 1:
+        out.copy_(dst.sum(0))
     return out
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+POISON = False
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """Buffers a kernel fully overwrites; NaN-filled when POISON is on (tests)."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
