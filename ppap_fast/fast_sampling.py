@@ -1,0 +1,564 @@
+"""Fast guided sampling: denoiser + guide forward/backward + the fused guided update, per step.
+
+One guided step of :class:`FastGuidedSampler` is
+
+    eps(, v) = denoiser(x_t, t)                       (no grad; optionally compiled, channels_last)
+    grad     = d/dx_t guide objective at x_t          (expert merged for the step's band, or routed
+                                                       per sample; optional autocast / compile)
+    x_{t-1}, x0_hat = ppap_fast.ops.guided_update(x_t, eps, idx, table, v, grad, noise)
+
+with the semantics of :func:`ppap_fast.sampling.sample_loop` (guided-diffusion's ``condition_score``
+for DDIM, ``condition_mean`` for DDPM): with the same x_T and the same noise the results agree
+within float32 rounding (see tests/test_fast_sampling.py).
+
+Nothing in a step reads a value on the host: the per-sample step index is a long tensor on the
+device, the update's coefficient table and ``timestep_map`` live on the device, finite checks use
+``torch._assert_async`` on accelerators, and the ExpertBank's host-side range checks are switched
+off for the step (indices are validated once, before the step). That is what lets
+``cuda_graph=True`` capture the whole step (denoiser + guide + update) on CUDA.
+
+Experts for sampling
+--------------------
+A PPAP guide (a :class:`ppap_fast.guidance.Guide` whose ``model`` is an :class:`ExpertBank`, or a
+:class:`ComposedGuide` of such guides) is run, for a step whose samples all share one step index
+(``step(x, int)``, what ``sample`` does), with ``bank.merged(n)`` for the expert ``n`` of that
+step's band: LoRA merged into the weights, BatchNorm folded into the convs, no routing (plain
+dense layers, the fastest the backbone can be). Merged copies are built lazily, one per band seen,
+and kept (N copies of the backbone at most). A batch that mixes step indices (``step(x, idx)``
+with a [B] tensor: several requests at different steps served together) routes each sample
+through the bank by index instead. ``merge_experts=False`` always routes. A bank in train mode is
+never merged (merging equals the bank in eval mode only).
+
+Options (all off by default; each falls back to the eager path with a warning when it cannot run)
+--------------------------------------------------------------------------------------------------
+* ``channels_last``: denoiser and merged experts in channels_last memory format (the denoiser's
+  parameters are converted in place).
+* ``guide_autocast``: torch.float16 / torch.bfloat16 autocast for the guide's forward and backward
+  (the gradient comes back in x's dtype).
+* ``compile_guide``: torch.compile of the guide's forward + input-backward (``torch.func.grad``);
+  ``compile_model``: torch.compile of the denoiser. ``compile_kwargs`` go to torch.compile.
+  A compile/trace failure (at the first call) warns once and the eager path is used from then on.
+* ``cuda_graph``: capture each distinct step (one graph per merged expert, one for routed batches,
+  per shape) with static buffers and replay it. Only on CUDA; elsewhere it warns once and runs
+  eagerly. Graphs use separate memory pools (one activation set per graph).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from . import guidance as _gd
+from .ops import build_table, guided_update
+from .ops.update import MODES as _MODES
+from .sampling import NONFINITE_MODES
+from .schedule import Schedule
+
+__all__ = ["FastGuidedSampler", "FastSamplingWarning", "fast_sample_loop", "guide_banks"]
+
+
+class FastSamplingWarning(UserWarning):
+    """An optional speed-up (compile, CUDA graph, merging) could not be used; the eager path runs."""
+
+
+def _compile(fn, **kwargs):
+    """torch.compile (a seam for tests)."""
+    return torch.compile(fn, **kwargs)
+
+
+# ----------------------------------------------------------------------------- guide plumbing
+def _bank_of(guide):
+    from .experts import ExpertBank
+
+    model = getattr(guide, "model", None)
+    if isinstance(guide, _gd.Guide) and isinstance(model, ExpertBank) and getattr(guide, "pass_t", False):
+        return model
+    return None
+
+
+def guide_banks(guide) -> list:
+    """The ExpertBanks a guide routes through (its own, or those of a ComposedGuide's parts)."""
+    if isinstance(guide, _gd.ComposedGuide):
+        out = []
+        for g, _ in guide.guides:
+            for b in guide_banks(g):
+                if all(b is not o for o in out):
+                    out.append(b)
+        return out
+    b = _bank_of(guide)
+    return [] if b is None else [b]
+
+
+@contextlib.contextmanager
+def _no_host_checks(banks):
+    """Switch off the banks' host-side range checks (indices were validated before the step)."""
+    old = [b.check_inputs for b in banks]
+    try:
+        for b in banks:
+            b.check_inputs = False
+        yield
+    finally:
+        for b, o in zip(banks, old):
+            b.check_inputs = o
+
+
+def _on_device(guide, device):
+    """A shallow copy of a guide whose tensor targets already sit on `device` (no per-step H2D copy)."""
+    tgt = getattr(guide, "target", None)
+    if isinstance(tgt, _gd._ClassTarget) and isinstance(tgt.target, torch.Tensor) and tgt.target.device != device:
+        guide = copy.copy(guide)
+        guide.target = copy.copy(tgt)
+        guide.target.target = tgt.target.to(device)
+    tmap = getattr(guide, "target_map", None)
+    if isinstance(guide, _gd._DenseGuide) and isinstance(tmap, torch.Tensor) and tmap.device != device:
+        guide = copy.copy(guide)
+        guide.target_map = tmap.to(device)
+    return guide
+
+
+def _nonfinite(g: torch.Tensor, mode: str, name: str) -> torch.Tensor:
+    """check_finite without host syncs on accelerators ("raise" -> device-side assert there)."""
+    if mode == "ignore":
+        return g
+    if mode == "zero":
+        ok = torch.isfinite(g).flatten(1).all(1).view(-1, *([1] * (g.dim() - 1)))
+        return torch.where(ok, g, torch.zeros_like(g))
+    if g.device.type == "cpu":
+        return _gd.check_finite(g, "raise", name)
+    torch._assert_async(torch.isfinite(g).all(), f"{name}: the guidance gradient holds NaN/Inf")
+    return g
+
+
+class _GradRunner:
+    """grad = scale * d/dx objective for one guide variant (merged expert n, or routed)."""
+
+    def __init__(self, guide, opts: "_Opts", banks):
+        self.guide, self.opts, self.banks = guide, opts, banks
+        self.children = None
+        if isinstance(guide, _gd.ComposedGuide):
+            self.children = [(_GradRunner(g, opts, banks), w) for g, w in guide.guides]
+        self._compiled = None
+        self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide)
+
+    def _ctx(self, device):
+        if self.opts.guide_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.opts.guide_autocast)
+
+    def _input(self, x):
+        x = x.detach()
+        if self.opts.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _eager(self, x, t):
+        g_obj = self.guide
+        xl = self._input(x).requires_grad_(True)
+        with torch.enable_grad(), self._ctx(x.device):
+            obj = g_obj._scaled_sum(g_obj.objective(xl, t))
+        (g,) = torch.autograd.grad(obj, xl, allow_unused=True)
+        return torch.zeros_like(x) if g is None else g
+
+    def _functional(self, x, t):
+        g_obj, ctx = self.guide, self._ctx
+
+        def objective(xx, tt):
+            with ctx(xx.device):
+                return g_obj._scaled_sum(g_obj.objective(xx, tt)).float()
+
+        return torch.func.grad(objective)(self._input(x), t)
+
+    def __call__(self, x, t):
+        if self.children is not None:
+            total = None
+            for child, w in self.children:
+                gi = child(x, t)
+                if isinstance(w, torch.Tensor):
+                    w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
+                total = gi * w if total is None else total + gi * w
+            return _nonfinite(total, self.guide.nonfinite, self.guide.name)
+        if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
+            with torch.enable_grad():
+                return self.guide(x, t)
+        with _no_host_checks(self.banks):
+            g = None
+            if self._compile_ok:
+                try:
+                    if self._compiled is None:
+                        self._compiled = _compile(self._functional, **self.opts.compile_kwargs)
+                    g = self._compiled(x, t)
+                except Exception as exc:  # noqa: BLE001 - any compile/trace error -> eager
+                    self._compile_ok = False
+                    warnings.warn(f"torch.compile of the guide failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager guide",
+                                  FastSamplingWarning, stacklevel=3)
+                    g = None
+            if g is None:
+                g = self._eager(x, t)
+        g = g.detach().to(x.dtype)
+        return _nonfinite(g, self.guide.nonfinite, self.guide.name)
+
+
+class _ModelRunner:
+    def __init__(self, model, opts: "_Opts", model_kwargs):
+        self.model, self.opts, self.kwargs = model, opts, dict(model_kwargs or {})
+        self._compiled = None
+        self._compile_ok = opts.compile_model
+
+    def __call__(self, x, t):
+        if self.opts.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if self._compile_ok:
+                try:
+                    if self._compiled is None:
+                        self._compiled = _compile(self.model, **self.opts.compile_kwargs)
+                    return self._compiled(x, t, **self.kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    self._compile_ok = False
+                    warnings.warn(f"torch.compile of the denoiser failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager denoiser",
+                                  FastSamplingWarning, stacklevel=3)
+            return self.model(x, t, **self.kwargs)
+
+
+class _Opts:
+    def __init__(self, channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs):
+        if guide_autocast not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"guide_autocast must be None, torch.float16 or torch.bfloat16, got {guide_autocast!r}")
+        self.channels_last = bool(channels_last)
+        self.guide_autocast = guide_autocast
+        self.compile_guide, self.compile_model = bool(compile_guide), bool(compile_model)
+        self.compile_kwargs = dict(compile_kwargs or {})
+
+
+class _Graph:
+    __slots__ = ("graph", "x", "idx", "noise", "out")
+
+
+# ----------------------------------------------------------------------------- the sampler
+class FastGuidedSampler:
+    """Guided DDIM / DDPM sampling with the fused update and sampling-time expert merging.
+
+    Args:
+        model: denoiser ``model(x, t, **model_kwargs) -> eps`` ([B, C] or [B, 2C] channels), t the
+            original timesteps (long [B]); it runs under no_grad.
+        schedule: the (respaced) :class:`Schedule`; moved to ``device`` (default: its own device).
+        sampler: "ddim" (``eta``; condition_score) or "ddpm" (``var_type``; condition_mean).
+        guide: None, or ``guide(x_t, t) -> grad`` (scale included); PPAP guides are merged per band.
+        var_type: DDPM variance: None (fixed_large for C outputs, learned_range for 2C, as the
+            reference), "learned_range", "fixed_small" or "fixed_large".
+        nonfinite_grad: "raise" | "zero" | "ignore", as ``sampling.sample_loop`` (raise is a
+            device-side assert on accelerators).
+        backend: guided_update backend (None = fastest available).
+        See the module docstring for merge_experts, channels_last, guide_autocast, compile_*,
+        cuda_graph.
+    """
+
+    def __init__(self, model: Callable, schedule: Schedule, *, sampler: str = "ddim", guide: Callable | None = None,
+                 eta: float = 0.0, var_type: str | None = None, clip_denoised: bool = True,
+                 model_kwargs: Mapping[str, Any] | None = None, nonfinite_grad: str = "raise",
+                 merge_experts: bool = True, channels_last: bool = False, guide_autocast: torch.dtype | None = None,
+                 compile_guide: bool = False, compile_model: bool = False, compile_kwargs: Mapping | None = None,
+                 cuda_graph: bool = False, backend: str | None = None, device=None):
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if nonfinite_grad not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if var_type not in (None, "learned_range", "fixed_small", "fixed_large"):
+            raise ValueError(f"var_type must be None, 'learned_range', 'fixed_small' or 'fixed_large' for the fused "
+                             f"update, got {var_type!r} (use ppap_fast.sampling for 'learned')")
+        if guide is not None and not callable(guide):
+            raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        self.device = torch.device(device) if device is not None else schedule.device
+        self.schedule = schedule.to(self.device)
+        self.sampler, self.eta, self.var_type = sampler, float(eta), var_type
+        self.clip_denoised, self.nonfinite_grad, self.backend = clip_denoised, nonfinite_grad, backend
+        self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs)
+        if self.opts.channels_last and isinstance(model, torch.nn.Module):
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self._denoise = _ModelRunner(model, self.opts, model_kwargs)
+        self._tmap = self.schedule.timestep_map.to(self.device)
+        self._tmap_host = [int(v) for v in schedule.timestep_map.cpu().tolist()]  # once, at construction
+        if sampler == "ddim":
+            self._tables = {None: build_table(self.schedule, "ddim", eta=self.eta)}
+        else:
+            kinds = [var_type] if var_type is not None else ["fixed_large", "learned_range"]
+            self._tables = {k: build_table(self.schedule, "ddpm", var_type=k) for k in kinds}
+        self._steps_cache: dict = {}
+        # guide variants
+        self.guide = None if guide is None else _on_device(guide, self.device)
+        self.banks = guide_banks(self.guide) if self.guide is not None else []
+        self.merge_experts = bool(merge_experts) and bool(self.banks)
+        if self.merge_experts and any(b.training for b in self.banks):
+            warnings.warn("an ExpertBank is in train mode: merged experts equal the bank in eval mode only; "
+                          "routing per sample instead of merging (call bank.eval() to merge)",
+                          FastSamplingWarning, stacklevel=2)
+            self.merge_experts = False
+        self._merged_models: dict = {}
+        self._variants: dict = {}
+        self._routed = None if self.guide is None else _GradRunner(self.guide, self.opts, self.banks)
+        # CUDA graphs
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict = {}
+        self._graph_warned = False
+
+    # -- guide variants --------------------------------------------------------------------
+    def expert_key(self, index: int) -> tuple | None:
+        """Host-side key of the merged guide for step index `index` (expert id per bank)."""
+        if not self.merge_experts:
+            return None
+        t = self._tmap_host[index]
+        return tuple(t // b.band for b in self.banks)
+
+    def _merged_model(self, bank, n):
+        key = (id(bank), n)
+        m = self._merged_models.get(key)
+        if m is None:
+            m = bank.merged(n)
+            if self.opts.channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            self._merged_models[key] = m
+        return m
+
+    def _merge(self, guide, experts: dict):
+        if isinstance(guide, _gd.ComposedGuide):
+            new = copy.copy(guide)
+            new.guides = [(self._merge(g, experts), w) for g, w in guide.guides]
+            return new
+        bank = _bank_of(guide)
+        if bank is None:
+            return guide
+        new = copy.copy(guide)
+        new.model = self._merged_model(bank, experts[id(bank)])
+        new.pass_t = False
+        return new
+
+    def _variant(self, key):
+        """The grad runner for a merged key, or the routed runner for key None."""
+        if key is None:
+            return self._routed
+        v = self._variants.get(key)
+        if v is None:
+            experts = {id(b): n for b, n in zip(self.banks, key)}
+            v = _GradRunner(self._merge(self.guide, experts), self.opts, [])
+            self._variants[key] = v
+        return v
+
+    # -- one step ------------------------------------------------------------------------
+    def _step_indices(self, b: int) -> torch.Tensor:
+        """[N, B] long on the device, row i = i (built once per batch size, on the device)."""
+        t = self._steps_cache.get(b)
+        if t is None:
+            n = self.schedule.num_timesteps
+            t = torch.arange(n, device=self.device).view(n, 1).expand(n, b).contiguous()
+            self._steps_cache[b] = t
+        return t
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a floating tensor [B, C, ...] with B > 0, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the sampler runs on {self.device}")
+
+    def _check_noise(self, noise, x):
+        if noise is None:
+            return None
+        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape or noise.device != x.device \
+                or not noise.is_floating_point():
+            raise ValueError(f"noise must be a floating tensor like x {tuple(x.shape)} on {x.device}")
+        return noise.to(x.dtype)
+
+    def _table(self, out_channels: int, c: int):
+        if self.sampler == "ddim":
+            return self._tables[None]
+        vt = self.var_type or ("learned_range" if out_channels == 2 * c else "fixed_large")
+        if vt == "learned_range" and out_channels != 2 * c:
+            raise ValueError("var_type='learned_range' needs a 2C-channel model output (eps and v)")
+        return self._tables[vt]
+
+    def _core(self, x, idx, runner, noise):
+        """The whole step on device tensors: graph-capturable."""
+        t = self._tmap[idx]
+        out = self._denoise(x, t)
+        c = x.shape[1]
+        if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[2:] != x.shape[2:] \
+                or out.shape[1] not in (c, 2 * c):
+            raise ValueError(f"the denoiser must return [B, {c} or {2 * c}, ...] for x {tuple(x.shape)}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        out = out.to(x.dtype)
+        table = self._table(out.shape[1], c)
+        eps = out[:, :c]
+        v = out[:, c:] if (self.sampler == "ddpm" and out.shape[1] == 2 * c and table.mode == _MODES["ddpm_learned"]) else None
+        grad = None
+        if runner is not None:
+            grad = runner(x, t)
+            if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
+                raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
+                                 f"{getattr(grad, 'shape', type(grad).__name__)}")
+            grad = grad.detach().to(x.dtype)
+            if self.nonfinite_grad != "ignore":
+                if self.nonfinite_grad == "zero":
+                    grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
+                else:
+                    _nonfinite(grad, "raise", "grad (guidance gradient)")
+        return guided_update(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=self.clip_denoised,
+                             backend=self.backend)
+
+    def _index(self, index, x) -> tuple[torch.Tensor, object]:
+        """(idx [B] long on the device, variant key); key None = route per sample."""
+        n, b = self.schedule.num_timesteps, x.shape[0]
+        if isinstance(index, bool):
+            raise TypeError("index must be an int or an integer tensor, got bool")
+        if isinstance(index, int):
+            if not 0 <= index < n:
+                raise ValueError(f"index {index} out of range [0, {n})")
+            return self._step_indices(b)[index], self.expert_key(index)
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be an int or an integer tensor, got {type(index).__name__}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise ValueError(f"index must be an integer tensor, got {index.dtype}")
+        if index.ndim == 0:
+            index = index.expand(b)
+        if index.shape != (b,):
+            raise ValueError(f"index must be a scalar or have shape ({b},), got {tuple(index.shape)}")
+        index = index.to(device=self.device, dtype=torch.long).contiguous()
+        ok = ((index >= 0) & (index < n)).all()
+        if index.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"index out of range [0, {n})")
+        else:
+            torch._assert_async(ok, f"index out of range [0, {n})")
+        return index, None
+
+    def step(self, x: torch.Tensor, index, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One guided step -> (x_prev, pred_xstart).
+
+        index: an int (all samples at that step: merged expert) or a long [B] tensor of per-sample
+        step indices (a mixed batch: per-sample routing through the bank). noise: the step's noise
+        for DDPM / DDIM with eta > 0 (default randn(generator)); ignored for DDIM with eta = 0.
+        """
+        self._check_x(x)
+        idx, key = self._index(index, x)
+        noise = self._noise(x, noise, generator)
+        runner = None if self.guide is None else self._variant(key)
+        s, p = self._run(x, idx, key, runner, noise)
+        return (s.clone(), p.clone()) if self._graph_ok(x) else (s, p)
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.sampler == "ddpm" or self.eta > 0
+
+    def _noise(self, x, noise, generator):
+        if not self.needs_noise:
+            return None
+        if noise is None:
+            return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self._check_noise(noise, x)
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def _graph_ok(self, x) -> bool:
+        if not self.cuda_graph:
+            return False
+        if x.device.type != "cuda" or not torch.cuda.is_available():
+            if not self._graph_warned:
+                warnings.warn(f"cuda_graph=True: CUDA-graph capture needs a CUDA device, but x is on "
+                              f"{x.device.type}; running the guided step eagerly", FastSamplingWarning, stacklevel=3)
+                self._graph_warned = True
+            return False
+        return True
+
+    def _run(self, x, idx, key, runner, noise):
+        if not self._graph_ok(x):
+            return self._core(x, idx, runner, noise)
+        gkey = (key, runner is None, tuple(x.shape), x.dtype, noise is not None)
+        g = self._graphs.get(gkey)
+        if g is None:
+            try:
+                g = self._capture(x, idx, runner, noise)
+            except Exception as exc:  # noqa: BLE001
+                self.cuda_graph = False
+                warnings.warn(f"CUDA-graph capture of the guided step failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); running eagerly from now on",
+                              FastSamplingWarning, stacklevel=3)
+                return self._core(x, idx, runner, noise)
+            self._graphs[gkey] = g
+        g.x.copy_(x)
+        g.idx.copy_(idx)
+        if noise is not None:
+            g.noise.copy_(noise)
+        g.graph.replay()
+        return g.out
+
+    def _capture(self, x, idx, runner, noise):
+        g = _Graph()
+        g.x, g.idx = x.clone(), idx.clone()
+        g.noise = None if noise is None else noise.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: lazy inits, cuDNN autotuning, compile
+                self._core(g.x, g.idx, runner, g.noise)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):
+            g.out = self._core(g.x, g.idx, runner, g.noise)
+        return g
+
+    # -- the loop -------------------------------------------------------------------------------
+    def sample(self, shape_or_x: Sequence[int] | torch.Tensor, *, generator: torch.Generator | None = None,
+               noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
+               return_trajectory: bool = False, progress: bool = False,
+               callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None):
+        """All steps N-1..0 from x_T (given, or randn(shape, generator)), as ``sampling.sample_loop``.
+
+        Random numbers are drawn in the reference's order (x_T, then one noise tensor per step
+        when the sampler needs noise), so the same generator seed gives the same result.
+        callback(index, x_prev, pred_xstart). Returns x_0, or (x_0, trajectory [N, *x.shape]).
+        """
+        if isinstance(shape_or_x, torch.Tensor):
+            x = shape_or_x
+        else:
+            x = torch.randn(tuple(int(s) for s in shape_or_x), generator=generator, device=self.device, dtype=dtype)
+        self._check_x(x)
+        steps = range(self.schedule.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"{self.sampler} sampling (fast)")
+        graphs = self._graph_ok(x)
+        traj = []
+        for i in steps:
+            noise = None
+            if self.needs_noise:
+                noise = noise_fn(i, x) if noise_fn is not None else None
+                noise = self._noise(x, noise, generator)
+            idx, key = self._index(i, x)
+            runner = None if self.guide is None else self._variant(key)
+            x, pred = self._run(x, idx, key, runner, noise)
+            if callback is not None:
+                callback(i, x, pred)
+            if return_trajectory:
+                traj.append(x.clone() if graphs else x)
+        if graphs:
+            x = x.clone()
+        return (x, torch.stack(traj)) if return_trajectory else x
+
+
+def fast_sample_loop(model: Callable, shape_or_x, schedule: Schedule, *, sampler: str = "ddim",
+                     guide: Callable | None = None, generator: torch.Generator | None = None,
+                     noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype = torch.float32, **options):
+    """Drop-in for ``sampling.sample_loop`` on the fast path (options: see FastGuidedSampler)."""
+    s = FastGuidedSampler(model, schedule, sampler=sampler, guide=guide, **options)
+    return s.sample(shape_or_x, generator=generator, noise_fn=noise_fn, return_trajectory=return_trajectory,
+                    dtype=dtype)
