@@ -9,6 +9,8 @@ Layers (mixed batch, random expert per sample, rank 16, scale 0.5, N = 5 and 10)
   * resnet50 layer3 conv1: 1x1 conv 1024->256 at 14x14
   * DeiT-S attn.qkv: linear 384->1152 over L=197 tokens
 Times are medians (ms) of several reps, with torch.cuda.synchronize around each.
+On CUDA, "[cudagraph]" rows time the forward captured in a CUDA graph (GPU time
+without Python / launch overhead; segments are built inside the graph).
 Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
@@ -166,6 +168,25 @@ def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
         return None, f"peft mixed batch failed: {type(exc).__name__}: {exc}"
 
 
+def _graph_time(fn, x, args, reps):
+    """Median forward time of fn captured in a CUDA graph (segments built inside the graph)."""
+    try:
+        W, b, A, B, eb, idx, scale = args
+        static_idx = idx.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(3):
+                fn(x, W, b, A, B, eb, static_idx, scale)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(g):
+            fn(x, W, b, A, B, eb, static_idx, scale)
+        return _time(g.replay, "cuda", reps), None
+    except Exception as exc:  # pragma: no cover - report, do not fail the whole benchmark
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+
+
 def run(device: str = "cuda", quick: bool = False) -> Dict:
     device = "cuda" if (device == "cuda" and torch.cuda.is_available()) else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -208,6 +229,12 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
+            if device == "cuda":  # GPU time without Python/launch overhead: captured forward
+                for vname, fn in (("ours[triton,cudagraph]", _ours(cfg, "triton")), ("base[cudagraph]", _base(cfg))):
+                    t_g, why = _graph_time(fn, x, args, reps)
+                    rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
+                                     fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
+                                     **({"skipped": why} if why else {})))
             pf, why = _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype)
             if pf is not None:
                 with torch.no_grad():  # same math? (peft has no per-expert bias)
