@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +105,336 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
             _log(f"stopping at step {done}: max_minutes={max_minutes} reached", log)
             break
     return out
+
+
+# ============================================================================= comparison
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEMO_METHODS = ["none", "naive", "x0hat", "ppap-5", "ppap-10", "noise-aware", "multi-experts-5"]
+DEFAULT_SCALE = 10.0  # one scale for every guided method, fixed a priori (see docs/demo.md)
+NUM_CLASSES = 10
+
+
+class DemoError(Exception):
+    """A user-facing error (bad input): the CLI prints it on one line and exits non-zero."""
+
+
+def parse_method(method: str) -> tuple[str, int]:
+    """'ppap-10' -> ('ppap', 10); 'multi-experts-5' -> ('multi-experts', 5); others -> (name, 0|1)."""
+    m = str(method).strip().lower()
+    if m in ("none", "naive", "x0hat"):
+        return m, 0
+    if m in ("noise-aware", "single", "noise-aware-1"):
+        return "noise-aware", 1
+    for fam in ("ppap", "multi-experts"):
+        if m.startswith(fam + "-"):
+            n = m[len(fam) + 1:]
+            if n.isdigit() and int(n) > 0 and 1000 % int(n) == 0:
+                return fam, int(n)
+    raise DemoError(f"unknown method {method!r}: expected none, naive, x0hat, noise-aware, ppap-N or "
+                    f"multi-experts-N (N dividing 1000)")
+
+
+def weight_path(weights_dir, method: str) -> Path:
+    fam, n = parse_method(method)
+    d = Path(weights_dir)
+    return {"none": d / "classifier.safetensors", "naive": d / "classifier.safetensors",
+            "x0hat": d / "classifier.safetensors", "ppap": d / f"ppap{n}",
+            "noise-aware": d / "noise_aware.safetensors",
+            "multi-experts": d / f"multi{n}.safetensors"}[fam]
+
+
+def _load(fn, *args):
+    try:
+        return fn(*args)
+    except DemoError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise DemoError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+def load_unet(weights_dir) -> torch.nn.Module:
+    return _load(load_model, Path(weights_dir) / "unet.safetensors", "unet")
+
+
+def load_evaluator(weights_dir) -> torch.nn.Module:
+    return _load(load_model, Path(weights_dir) / "evaluator.safetensors", "evalnet")
+
+
+def _load_ppap(path: Path, classifier):
+    from .experts import load_experts
+    from .finetune import from_modules
+
+    if not (path / "experts.safetensors").is_file():
+        raise DemoError(f"weight file not found: {path / 'experts.safetensors'}")
+    try:
+        bank = load_experts(path, classifier)
+    except Exception as e:
+        raise DemoError(f"corrupt or mismatched PPAP experts in {path}: {str(e).splitlines()[0]}") from None
+    report = bank.parameter_report()
+    router = from_modules([bank.merged(n) for n in range(bank.n_experts)])
+    return router, report["total_trainable"]
+
+
+def load_guide_model(weights_dir, method: str):
+    """(guide model or None, pass_t, info dict with trainable parameters / labelled data)."""
+    from .finetune import load_multi
+
+    fam, n = parse_method(method)
+    if fam == "none":
+        return None, False, {"trainable_parameters": 0, "labelled_data": 0}
+    clf = _load(load_model, Path(weights_dir) / "classifier.safetensors", "resnet")
+    if fam in ("naive", "x0hat"):
+        return clf, False, {"trainable_parameters": 0, "labelled_data": 0}
+    path = weight_path(weights_dir, method)
+    if fam == "ppap":
+        model, trainable = _load_ppap(path, clf)
+        return model, True, {"trainable_parameters": int(trainable), "labelled_data": 0}
+    me = _load(load_multi, path)
+    if me.n_experts != n:
+        raise DemoError(f"{path} holds {me.n_experts} experts, method {method} needs {n}")
+    return me, True, {"trainable_parameters": count_params(me),
+                      "labelled_data": int(me.extra.get("labelled_images", 0))}
+
+
+def check_targets(targets) -> torch.Tensor:
+    t = torch.as_tensor(targets, dtype=torch.long).flatten()
+    if t.numel() == 0:
+        raise DemoError("no target classes given")
+    bad = t[(t < 0) | (t >= NUM_CLASSES)]
+    if bad.numel():
+        raise DemoError(f"target class {int(bad[0])} out of range [0, {NUM_CLASSES})")
+    return t
+
+
+def cyclic_targets(n: int) -> torch.Tensor:
+    return torch.arange(n) % NUM_CLASSES
+
+
+def _rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", steps: int | None = None,
+                  scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, unet=None,
+                  progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Sample len(targets) images with ``method``; returns (images in [-1, 1], stats)."""
+    from .guidance import ClassGuide, X0HatGuide
+    from .sampling import sample_loop
+
+    fam, _ = parse_method(method)
+    targets = check_targets(targets)
+    if sampler not in ("ddim", "ddpm"):
+        raise DemoError(f"unknown sampler {sampler!r}: expected ddim or ddpm")
+    steps = steps or (25 if sampler == "ddim" else 250)
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    try:
+        sched = Schedule.create("linear", 1000, respacing=respacing)
+    except ValueError as e:
+        raise DemoError(f"bad step count {steps} for {sampler}: {e}") from None
+    unet = unet if unet is not None else load_unet(weights_dir)
+    gmodel, pass_t, info = load_guide_model(weights_dir, method)
+    base_acp = Schedule.create("linear", 1000).alphas_cumprod
+    n = targets.numel()
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((n, 1, 16, 16), generator=gen)  # same x_T for every method (common random numbers)
+    counter = {"unet": 0}
+
+    def counted(x, t):
+        counter["unet"] += 1
+        return unet(x, t)
+
+    rss0 = _rss_mb()
+    t0 = time.time()
+    outs = []
+    chunks = list(range(0, n, batch_size))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(chunks) * sched.num_timesteps, desc=f"sample {method}", mininterval=1)
+    for c in chunks:
+        tgt = targets[c:c + batch_size]
+        guide = None
+        if fam == "x0hat":
+            guide = X0HatGuide(gmodel, counted, base_acp, tgt, scale)
+        elif gmodel is not None:
+            guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
+        step_gen = torch.Generator().manual_seed(seed * 7919 + c + 1)
+        outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide, eta=0.0,
+                                generator=step_gen, callback=(lambda i, o: bar.update(1)) if bar else None))
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    x = torch.cat(outs)
+    stats = {**info, "method": method, "sampler": sampler, "steps": steps, "scale": scale if fam != "none" else 0.0,
+             "num_samples": n, "nfe_per_sample": counter["unet"] / len(chunks),
+             "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
+             "seconds": round(seconds, 2), "peak_rss_mb": round(_rss_mb(), 1),
+             "peak_rss_delta_mb": round(_rss_mb() - rss0, 1)}
+    return x, stats
+
+
+# ----------------------------------------------------------------------------- files
+def save_samples(path, images: torch.Tensor, labels) -> Path:
+    from .data import to_uint8, write_npz_atomic
+
+    labels = np.asarray(labels, dtype=np.int64)
+    return write_npz_atomic(path, images=to_uint8(images), labels=labels)
+
+
+def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise DemoError(f"sample file not found: {path}")
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except Exception as e:
+        raise DemoError(f"corrupt or unreadable sample file {path}: {type(e).__name__}: {e}") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DemoError(f"{path}: images must be uint8 N x H x W x C, got {images.dtype} {images.shape}")
+    if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
+        raise DemoError(f"{path}: labels must be int64 [N], got {labels.dtype} {labels.shape}")
+    return images, labels
+
+
+def save_grid(path, images_u8: np.ndarray, labels=None, per_class: int = 10, scale: int = 3) -> Path:
+    """PNG grid: one row per class (first ``per_class`` samples of each) when labels are given."""
+    from PIL import Image
+
+    from .data.shards import _atomic
+
+    imgs = np.asarray(images_u8)[..., 0]
+    h, w = imgs.shape[1:3]
+    if labels is not None:
+        rows = []
+        for c in range(NUM_CLASSES):
+            sel = imgs[np.asarray(labels) == c][:per_class]
+            row = np.zeros((per_class, h, w), np.uint8)
+            row[:len(sel)] = sel
+            rows.append(row)
+        grid = np.stack(rows)
+    else:
+        k = min(per_class, imgs.shape[0])
+        nrow = -(-imgs.shape[0] // k)
+        pad = np.zeros((nrow * k - imgs.shape[0], h, w), np.uint8)
+        grid = np.concatenate([imgs, pad]).reshape(nrow, k, h, w)
+    R, C = grid.shape[:2]
+    canvas = np.full((R * (h + 1) + 1, C * (w + 1) + 1), 64, np.uint8)
+    for i in range(R):
+        for j in range(C):
+            canvas[1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w] = grid[i, j]
+    im = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    return _atomic(path, lambda tmp: im.save(tmp, format="PNG"), ".png")
+
+
+_REAL_CACHE: dict = {}
+
+
+def evaluate_samples(images_u8: np.ndarray, labels: np.ndarray, evaluator, data_seed: int = 0) -> dict:
+    from .data import DigitsSplits, from_uint8
+    from .data.digits import to_uint8
+    from .metrics import evaluator_outputs, score_samples
+
+    key = (id(evaluator), data_seed)
+    if key not in _REAL_CACHE:
+        real = from_uint8(to_uint8(DigitsSplits.create(data_seed).eval[0]))  # same uint8 quantisation as samples
+        _REAL_CACHE[key] = (real, evaluator_outputs(evaluator, real))
+    real, real_out = _REAL_CACHE[key]
+    if images_u8.shape[1:] != (16, 16, 1):
+        raise DemoError(f"samples must be 16 x 16 x 1 images, got {images_u8.shape[1:]}")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DemoError(f"labels out of range [0, {NUM_CLASSES})")
+    return score_samples(evaluator, from_uint8(images_u8), labels, real, real_outputs=real_out)
+
+
+def check_writable_dir(d) -> Path:
+    d = Path(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-", delete=True):
+            pass
+    except OSError as e:
+        raise DemoError(f"output directory {d} is not writable: {e.strerror or e}") from None
+    return d
+
+
+# ----------------------------------------------------------------------------- the demo
+COLUMNS = [("target_accuracy", "acc", "{:.3f}"), ("fd", "FD", "{:.2f}"), ("is", "IS", "{:.2f}"),
+           ("precision", "prec", "{:.3f}"), ("recall", "rec", "{:.3f}"),
+           ("trainable_parameters", "trainable", "{:d}"), ("labelled_data", "labelled", "{:d}"),
+           ("nfe_per_sample", "NFE", "{:.0f}"), ("seconds", "sec", "{:.1f}"), ("peak_rss_delta_mb", "dRSS MB", "{:.0f}")]
+
+
+def format_table(results: dict) -> str:
+    head = ["method"] + [c[1] for c in COLUMNS]
+    rows = [head]
+    for m, r in results.items():
+        rows.append([m] + [fmt.format(r[k]) for k, _, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def save_bar_chart(path, results: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.shards import _atomic
+
+    methods = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, title) in zip(axes, [("target_accuracy", "target accuracy (evaluator) ↑"),
+                                      ("fd", "Fréchet distance (evaluator features) ↓"),
+                                      ("is", "Inception-style score (evaluator) ↑")]):
+        ax.bar(range(len(methods)), [results[m][key] for m in methods], color="tab:blue")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110), ".png")
+    plt.close(fig)
+    return Path(path)
+
+
+def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
+             steps: int | None = None, scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250,
+             progress: bool = True) -> dict:
+    from .data.shards import write_json_atomic
+
+    out = check_writable_dir(out)
+    methods = list(methods or DEMO_METHODS)
+    for m in methods:
+        parse_method(m)
+    if num_samples < 10:
+        raise DemoError("num_samples must be at least 10")
+    # load (and so validate) every weight file before any work
+    unet = load_unet(weights_dir)
+    evaluator = load_evaluator(weights_dir)
+    for m in methods:
+        load_guide_model(weights_dir, m)
+    targets = cyclic_targets(num_samples)
+    results = {}
+    t_start = time.time()
+    for m in methods:
+        x, stats = sample_method(m, weights_dir, targets, sampler, steps, scale, seed, batch_size, unet=unet,
+                                 progress=progress)
+        tag = m.replace("/", "_")
+        path = save_samples(out / f"samples_{tag}.npz", x, targets.numpy())
+        images, labels = read_samples(path)
+        save_grid(out / f"grid_{tag}.png", images, labels)
+        results[m] = {**evaluate_samples(images, labels, evaluator), **stats}
+        if progress:
+            r = results[m]
+            print(f"{m}: acc {r['target_accuracy']:.3f} FD {r['fd']:.2f} IS {r['is']:.2f} "
+                  f"({r['seconds']:.1f}s)", flush=True)
+    summary = {"methods": results, "sampler": sampler, "steps": steps or (25 if sampler == "ddim" else 250),
+               "scale": scale, "seed": seed, "num_samples": num_samples, "total_seconds": round(time.time() - t_start, 1),
+               "torch_threads": torch.get_num_threads()}
+    write_json_atomic(out / "results.json", summary)
+    save_bar_chart(out / "results.png", results)
+    print(format_table(results))
+    return summary

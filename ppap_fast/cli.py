@@ -1,0 +1,301 @@
+"""``ppap-fast``: the digits demo pipeline (entry point ``ppap_fast.cli:main``).
+
+  ppap-fast train-diffusion --out W/unet.safetensors
+  ppap-fast train-classifier --arch resnet --out W/classifier.safetensors
+  ppap-fast train-classifier --arch evalnet --out W/evaluator.safetensors
+  ppap-fast generate --weights-dir W --out DATA
+  ppap-fast distill --weights-dir W --data DATA --experts 5 --out W/ppap5
+  ppap-fast finetune --weights-dir W --experts 1 --out W/noise_aware.safetensors
+  ppap-fast finetune --weights-dir W --experts 5 --out W/multi5.safetensors
+  ppap-fast sample --method ppap-10 --targets 3 --num-samples 50 --out s.npz
+  ppap-fast evaluate s.npz
+  ppap-fast demo --out DIR
+
+Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
+unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP demo pipeline on scikit-learn digits (16x16).")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("PPAP_THREADS", "2")),
+                   help="torch CPU threads (default 2)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(s, device=True, weights=True):
+        if device:
+            s.add_argument("--device", default="cpu")
+        if weights:
+            s.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--ema-decay", type=float, default=0.999)
+    s.add_argument("--max-minutes", type=float, default=None)
+    s.add_argument("--checkpoint-every", type=int, default=500)
+    common(s, weights=False)
+
+    s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")
+    s.add_argument("--arch", choices=["resnet", "evalnet"], default="resnet")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--widths", default="16,32,64", help="resnet stage widths")
+    common(s, weights=False)
+
+    s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-images", type=int, default=6000)
+    s.add_argument("--shard-size", type=int, default=500)
+    s.add_argument("--steps", type=int, default=25)
+    common(s)
+
+    s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--experts", type=int, default=5)
+    s.add_argument("--rank", type=int, default=4)
+    s.add_argument("--alpha", type=float, default=2.0)
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--max-minutes", type=float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
+    common(s)
+
+    s = sub.add_parser("finetune", help="supervised noise-aware baselines (full fine-tuning with labels)")
+    s.add_argument("--experts", type=int, default=1, help="1: single noise-aware model; N: multi-experts-N")
+    s.add_argument("--max-minutes", type=float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--out", required=True)
+    common(s)
+
+    s = sub.add_parser("sample", help="sample with one guidance method; writes .npz + PNG grid")
+    s.add_argument("--method", "--guide", dest="method", required=True,
+                   help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
+    s.add_argument("--sampler", default="ddim")
+    s.add_argument("--steps", type=int, default=None, help="default: 25 (ddim), 250 (ddpm)")
+    s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    s.add_argument("--targets", default=None, help="comma-separated target classes, cycled to --num-samples "
+                                                   "(default 0..9 cycled)")
+    s.add_argument("--num-samples", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
+    common(s, device=False)
+
+    s = sub.add_parser("evaluate", help="score a sample .npz with the evaluator")
+    s.add_argument("samples")
+    s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    common(s, device=False)
+
+    s = sub.add_parser("demo", help="run the whole comparison with the shipped weights")
+    s.add_argument("--out", required=True)
+    s.add_argument("--ddpm", action="store_true", help="DDPM-250 instead of DDIM-25")
+    s.add_argument("--steps", type=int, default=None, help="override the step count (tests)")
+    s.add_argument("--num-samples", type=int, default=200)
+    s.add_argument("--methods", default=",".join(DEMO_METHODS))
+    s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    s.add_argument("--batch-size", type=int, default=250)
+    common(s, device=False)
+    return p
+
+
+def _parse_targets(spec, n):
+    import torch
+
+    from .demo import check_targets, cyclic_targets
+
+    if spec is None:
+        return cyclic_targets(n or 100)
+    try:
+        vals = [int(v) for v in str(spec).split(",") if v.strip() != ""]
+    except ValueError:
+        raise DemoError(f"--targets must be comma-separated integers, got {spec!r}") from None
+    t = check_targets(vals)
+    n = n or t.numel()
+    return t.repeat(-(-n // t.numel()))[:n].clone() if n != t.numel() else t
+
+
+def _atomic_dir(out: Path, write):
+    """Write a directory via a temporary sibling, then move it into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _run(args) -> int:
+    import torch
+
+    from . import demo
+    from .models.tiny import load_model
+
+    torch.set_num_threads(max(1, args.threads))
+    progress = not getattr(args, "no_progress", False)
+    if args.cmd == "train-diffusion":
+        demo.check_writable_dir(Path(args.out).parent)
+        demo.train_diffusion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             ema_decay=args.ema_decay, device=args.device, max_minutes=args.max_minutes,
+                             checkpoint_every=args.checkpoint_every, progress=progress)
+        print(f"wrote {args.out}")
+        return 0
+
+    if args.cmd == "train-classifier":
+        from .data import DigitsSplits
+        from .finetune import accuracy, noisy_accuracy, train_classifier
+        from .models.tiny import EvalNet, TinyResNet, save_model
+
+        demo.check_writable_dir(Path(args.out).parent)
+        s = DigitsSplits.create(0)
+        torch.manual_seed(args.seed)  # model initialisation
+        if args.arch == "resnet":
+            model = TinyResNet(widths=[int(w) for w in args.widths.split(",")])
+            x, y = s.classifier
+        else:  # the evaluator: a different architecture and seed, clean diffusion+classifier splits
+            model = EvalNet()
+            x, y = torch.cat([s.diffusion[0], s.classifier[0]]), torch.cat([s.diffusion[1], s.classifier[1]])
+        model = train_classifier(model, x, y, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, progress=progress, desc=f"train-classifier {args.arch}",
+                                 device=args.device)
+        acc = accuracy(model, *s.eval)
+        extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,
+                 "heldout_accuracy": acc}
+        if args.arch == "resnet":
+            extra["heldout_noisy_accuracy"] = {str(k): v for k, v in
+                                               noisy_accuracy(model, *s.eval, clean_model=True).items()}
+        save_model(model, args.out, extra=extra)
+        print(json.dumps({"out": args.out, **extra}))
+        return 0
+
+    if args.cmd == "generate":
+        from .distill import generate_datafree
+
+        demo.check_writable_dir(args.out)
+        unet = demo.load_unet(args.weights_dir)
+        teacher = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
+                                    respacing=f"ddim{args.steps}", device=args.device, progress=progress)
+        print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")
+        return 0
+
+    if args.cmd == "distill":
+        from .distill import distill_ppap
+        from .experts import save_experts
+
+        teacher = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        demo.check_writable_dir(Path(args.out).parent)
+        try:
+            from .data import load_shards
+            load_shards(args.data)
+        except (FileNotFoundError, ValueError) as e:
+            raise DemoError(str(e)) from None
+        bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
+                            args.lr, seed=args.seed, device=args.device, progress=progress,
+                            max_minutes=args.max_minutes)
+        steps_done = bank.trained_steps
+        bank = bank.cpu()
+        _atomic_dir(Path(args.out), lambda d: save_experts(bank, d))
+        print(json.dumps({"out": args.out, "steps_done": steps_done, **bank.parameter_report()}))
+        return 0
+
+    if args.cmd == "finetune":
+        from .data import DigitsSplits
+        from .finetune import finetune_noise_aware, noisy_accuracy, save_multi
+
+        base = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        demo.check_writable_dir(Path(args.out).parent)
+        s = DigitsSplits.create(0)
+        x, y = s.classifier
+        me = finetune_noise_aware(base, x, y, args.experts, args.steps, args.batch_size, args.lr, seed=args.seed,
+                                  progress=progress, device=args.device, max_minutes=args.max_minutes)
+        extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "steps_done": me.trained_steps,
+                 "seed": args.seed,
+                 "heldout_noisy_accuracy": {str(k): v for k, v in noisy_accuracy(me, *s.eval).items()}}
+        save_multi(me, args.out, extra=extra)
+        print(json.dumps({"out": args.out, **extra}))
+        return 0
+
+    if args.cmd == "sample":
+        out = Path(args.out)
+        if out.suffix != ".npz":
+            raise DemoError(f"--out must end in .npz, got {out.name}")
+        demo.parse_method(args.method)
+        demo.check_writable_dir(out.parent)
+        targets = _parse_targets(args.targets, args.num_samples)
+        x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
+                                      args.seed, args.batch_size, progress=progress)
+        demo.save_samples(out, x, targets.numpy())
+        images, labels = demo.read_samples(out)
+        demo.save_grid(out.with_suffix(".png"), images, labels)
+        print(json.dumps({"out": str(out), **stats}))
+        return 0
+
+    if args.cmd == "evaluate":
+        images, labels = demo.read_samples(args.samples)
+        evaluator = demo.load_evaluator(args.weights_dir)
+        res = demo.evaluate_samples(images, labels, evaluator)
+        if args.json:
+            from .data.shards import write_json_atomic
+            demo.check_writable_dir(Path(args.json).parent)
+            write_json_atomic(args.json, res)
+        print(json.dumps(res))
+        return 0
+
+    if args.cmd == "demo":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        demo.run_demo(args.out, args.weights_dir, methods, args.num_samples,
+                      "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size, progress)
+        return 0
+    raise DemoError(f"unknown command {args.cmd!r}")  # pragma: no cover
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except DemoError as e:
+        msg = str(e)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        msg = f"{e.strerror or type(e).__name__}: {e.filename or e}"
+    except (ValueError, OSError) as e:
+        msg = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:
+        msg = "interrupted"
+    print(f"ppap-fast: error: {' '.join(msg.split())}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

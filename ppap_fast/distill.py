@@ -1,0 +1,123 @@
+"""PPAP data-free knowledge transfer.
+
+1. ``generate_datafree``: unconditional DDIM samples of the diffusion model, stored as resumable
+   uint8 shards together with the teacher's logits on the CLEAN images (cached once: the teacher
+   sees x0, which does not depend on t).
+2. ``distill_ppap``: an ExpertBank (frozen off-the-shelf classifier + per-expert LoRA / biases /
+   BatchNorm) trained with KL(softmax(teacher / 0.25) || softmax(student(q_sample(x0, t), t))),
+   t drawn per sample over [0, T): one pass over mixed-timestep batches trains all experts
+   through the bank's per-sample routing. No labels anywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import ShardWriter, from_uint8, load_shards, to_uint8
+from .sampling import sample_loop
+from .schedule import Schedule
+
+TEACHER_TEMPERATURE = 0.25
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, images_u8: np.ndarray, batch_size: int = 500, device="cpu") -> np.ndarray:
+    teacher.eval()
+    out = []
+    for i in range(0, images_u8.shape[0], batch_size):
+        out.append(teacher(from_uint8(images_u8[i:i + batch_size]).to(device)).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: int = 6000, shard_size: int = 500,
+                      seed: int = 0, respacing: str = "ddim25", device: str = "cpu", progress: bool = True,
+                      shard_hook=None) -> list[int]:
+    """Write (or complete) the data-free set in ``out_dir``; returns the shard indices written now.
+
+    Shard k is a pure function of (seed, k): x_T ~ N(0, I) from torch.Generator().manual_seed(seed * 1_000_003 + k)
+    on the CPU, DDIM (eta 0) to x_0, quantised to uint8; teacher logits computed on the dequantised images.
+    ``shard_hook(k)`` is called after each shard is written (tests use it to simulate a crash).
+    """
+    sched = Schedule.create("linear", 1000, respacing=respacing).to(device)
+    unet = unet.to(device).eval()
+    teacher = teacher.to(device).eval()
+    writer = ShardWriter(out_dir, num_images, shard_size,
+                         meta={"kind": "datafree", "seed": seed, "respacing": respacing,
+                               "teacher_temperature": TEACHER_TEMPERATURE})
+
+    def make(k):
+        n = writer.shard_count(k)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        x_t = torch.randn((n, 1, 16, 16), generator=g).to(device)
+        x0 = sample_loop(unet, x_t, sched, sampler="ddim", eta=0.0)
+        imgs = to_uint8(x0)
+        arrays = {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}
+        return arrays
+
+    if shard_hook is None:
+        return writer.run(make, progress=progress)
+    done = []
+    for k in writer.missing():  # same as writer.run, with a hook after each shard
+        writer.write_manifest(complete=False)
+        from .data.shards import write_npz_atomic
+        write_npz_atomic(writer.shard_path(k), **make(k))
+        done.append(k)
+        shard_hook(k)
+    writer.write_manifest(complete=not writer.missing())
+    return done
+
+
+def make_bank(teacher: nn.Module, n_experts: int, r: int = 4, alpha: float = 2.0):
+    from .experts import ExpertBank
+
+    return ExpertBank(teacher, "resnet", n_experts, 1000, r=r, alpha=alpha)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = TEACHER_TEMPERATURE):
+    """KL(softmax(teacher / temperature) || softmax(student)), batch mean."""
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), p_t, reduction="batchmean")
+
+
+def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, alpha: float = 2.0,
+                 steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
+                 seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None):
+    """Train PPAP-N experts data-free; returns the ExpertBank (eval mode)."""
+    data = load_shards(data_dir)
+    if "logits" not in data:
+        raise ValueError(f"{data_dir} holds no cached teacher logits")
+    x_all = from_uint8(data["images"])
+    l_all = torch.from_numpy(data["logits"]).float()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sched = Schedule.create("linear", 1000)
+    bank = make_bank(teacher, n_experts, r, alpha).to(device).train()
+    params = bank.parameters_to_train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"distill ppap-{n_experts}", mininterval=2)
+    import time
+    t0 = time.time()
+    for step in it:
+        frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
+        if frac >= 1:
+            break
+        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
+        x0, tl = x_all[idx], l_all[idx]
+        t = torch.randint(0, 1000, (batch_size,), generator=gen)
+        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+        lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # warm-up then linear anneal (official)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        loss = kd_loss(bank(xt.to(device), t.to(device)), tl.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    bank.trained_steps = step
+    return bank.eval()

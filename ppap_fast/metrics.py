@@ -1,0 +1,96 @@
+"""Sample-quality metrics scored with the evaluator classifier (never with a guide).
+
+* target accuracy: evaluator argmax == requested class;
+* Fréchet distance between Gaussian fits of evaluator penultimate features (FID's formula);
+* precision / recall of Kynkäänniemi et al. (2019): k-NN manifolds (k=3) in feature space;
+* Inception-style score exp(E_x KL(p(y|x) || p(y))) from the evaluator's softmax (max = #classes).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _f64(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), via a symmetric eigen-decomposition."""
+    a, b = _f64(feats_a), _f64(feats_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature arrays must be N x D with equal D, got {a.shape} and {b.shape}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("need at least 2 samples per set for a covariance")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((S_a S_b)^{1/2}) = Tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}), the inner matrix is symmetric PSD.
+    w, v = np.linalg.eigh(s_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = sqrt_a @ s_b @ sqrt_a
+    tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_cross)
+    return max(fd, 0.0)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(d, 0, None))
+
+
+def _radii(x: np.ndarray, k: int) -> np.ndarray:
+    d = _pairwise(x, x)
+    # k-th nearest neighbour excluding the point itself (column 0 after sorting is the self-distance 0)
+    return np.sort(d, axis=1)[:, min(k, x.shape[0] - 1)]
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
+    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
+    r, f = _f64(real_feats), _f64(fake_feats)
+    if r.shape[0] <= k or f.shape[0] <= k:
+        raise ValueError(f"need more than k={k} samples in each set")
+    r_rad, f_rad = _radii(r, k), _radii(f, k)
+    d = _pairwise(f, r)  # fake x real
+    precision = float((d <= r_rad[None, :] + 1e-9).any(1).mean())
+    recall = float((d.T <= f_rad[None, :] + 1e-9).any(1).mean())
+    return precision, recall
+
+
+def inception_score(probs) -> float:
+    p = _f64(probs)
+    py = p.mean(0, keepdims=True)
+    kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1)
+    return float(np.exp(kl.mean()))
+
+
+@torch.no_grad()
+def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W."""
+    evaluator.eval()
+    feats, probs = [], []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].float()
+        h = evaluator.features(x)
+        logits = evaluator.head(h) if hasattr(evaluator, "head") else evaluator.fc(h)
+        feats.append(h.double().numpy())
+        probs.append(torch.softmax(logits.double(), 1).numpy())
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def score_samples(evaluator, images: torch.Tensor, labels, real_images: torch.Tensor, k: int = 3,
+                  real_outputs=None) -> dict:
+    """All metrics for one sample set against the held-out real images."""
+    feats, probs = evaluator_outputs(evaluator, images)
+    rfeats = real_outputs[0] if real_outputs is not None else evaluator_outputs(evaluator, real_images)[0]
+    labels = np.asarray(labels, dtype=np.int64)
+    prec, rec = precision_recall(rfeats, feats, k)
+    return {
+        "target_accuracy": float((probs.argmax(1) == labels).mean()),
+        "fd": frechet_distance(feats, rfeats),
+        "is": inception_score(probs),
+        "precision": prec,
+        "recall": rec,
+        "num_samples": int(images.shape[0]),
+    }
