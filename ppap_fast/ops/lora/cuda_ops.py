@@ -27,11 +27,26 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _registered():
+    """The ops from the project extension (importing ppap_fast._C registers them), if it
+    was built with CUDA."""
+    try:
+        from ppap_fast.ops import _ext  # the lead's loader: imports ppap_fast._C when built
+
+        if not _ext.extension_has_cuda():
+            return None
+    except Exception:
+        pass
     try:
         ns = torch.ops.ppap_fast
-        return ns.lora_sgmv_shrink, ns.lora_sgmv_expand
+        ops = ns.lora_sgmv_shrink, ns.lora_sgmv_expand
     except (AttributeError, RuntimeError):
         return None
+    try:  # schema defined is not enough: a CUDA kernel must be registered for it
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("ppap_fast::lora_sgmv_shrink", "CUDA"):
+            return None
+    except Exception:
+        pass
+    return ops
 
 
 def load_jit(verbose: bool = False):
