@@ -12,6 +12,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <tuple>
+
 #include "lora_kernels.cuh"
 
 namespace ppap_fast {
@@ -45,7 +47,10 @@ __device__ __forceinline__ void find_tile(const int* __restrict__ offsets, int N
   }
 }
 
-template <typename scalar_t, bool kAccum>
+// kRowsFast: consecutive threads own consecutive rows (used when `out` is contiguous along
+// rows, e.g. an NCHW map viewed as [S, H*W, C], so stores coalesce); otherwise consecutive
+// threads own consecutive output columns (row-major outputs such as [S, L, D]).
+template <typename scalar_t, bool kAccum, bool kRowsFast>
 __global__ void __launch_bounds__(kThreads)
 sgmv_kernel(const scalar_t* __restrict__ X, Strides3 xs, const scalar_t* __restrict__ Wt, Strides3 ws,
             scalar_t* __restrict__ out, Strides3 os, const int* __restrict__ sorted_idx,
@@ -78,11 +83,14 @@ sgmv_kernel(const scalar_t* __restrict__ X, Strides3 xs, const scalar_t* __restr
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const scalar_t* wbase = Wt + static_cast<int64_t>(expert) * ws.s0;
 
-  // thread -> outputs: column c = tid % kBN, rows r = tid / kBN + i * (kThreads / kBN)
-  constexpr int kRowStep = kThreads / kBN;  // 8
-  constexpr int kPer = kBM / kRowStep;      // 4
-  const int c = tid % kBN;
-  const int r0 = tid / kBN;
+  // thread -> its kPer outputs (r_of(i), c_of(i)); lane_a in [0, 32), lane_b in [0, 8)
+  static_assert(kBM == 32 && kBN == 32 && kThreads == 256, "thread mapping assumes 32x32 tiles, 256 threads");
+  constexpr int kStep = kThreads / 32;  // 8
+  constexpr int kPer = 32 / kStep;      // 4
+  const int lane_a = tid % 32;
+  const int lane_b = tid / 32;
+  auto r_of = [&](int i) { return kRowsFast ? lane_a : lane_b + i * kStep; };
+  auto c_of = [&](int i) { return kRowsFast ? lane_b + i * kStep : lane_a; };
   acc_t acc[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = acc_t(0);
@@ -103,19 +111,17 @@ sgmv_kernel(const scalar_t* __restrict__ X, Strides3 xs, const scalar_t* __restr
     __syncthreads();
 #pragma unroll 8
     for (int k = 0; k < kBK; ++k) {
-      const acc_t w = wt[k][c];
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[i] += xt[r0 + i * kRowStep][k] * w;
+      for (int i = 0; i < kPer; ++i) acc[i] += xt[r_of(i)][k] * wt[k][c_of(i)];
     }
     __syncthreads();
   }
 
-  const int64_t nn = n0 + c;
-  if (nn >= NC) return;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    const int64_t base = orow[r0 + i * kRowStep];
-    if (base < 0) continue;
+    const int64_t nn = n0 + c_of(i);
+    const int64_t base = orow[r_of(i)];
+    if (base < 0 || nn >= NC) continue;
     scalar_t* p = out + base + nn * os.s2;
     acc_t v = acc[i] * static_cast<acc_t>(scale);
     if (kAccum) v += static_cast<acc_t>(*p);
@@ -158,11 +164,19 @@ void launch(const at::Tensor& X, const at::Tensor& Wt, const at::Tensor& out, co
   const int64_t tiles = (S * M + kBM - 1) / kBM + N;
   TORCH_CHECK(tiles < (int64_t(1) << 31), "sgmv: too many row tiles");
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((NC + kBN - 1) / kBN));
+  const bool rows_fast = out.stride(1) == 1 && out.stride(2) != 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "ppap_sgmv", [&] {
-    sgmv_kernel<scalar_t, kAccum><<<grid, kThreads, 0, stream>>>(
-        X.data_ptr<scalar_t>(), strides3(X), Wt.data_ptr<scalar_t>(), strides3(Wt), out.data_ptr<scalar_t>(),
-        strides3(out), sorted_idx.data_ptr<int>(), offsets.data_ptr<int>(), N, M, K, NC,
-        static_cast<float>(scale));
+    auto args = std::make_tuple(X.data_ptr<scalar_t>(), strides3(X), Wt.data_ptr<scalar_t>(), strides3(Wt),
+                                out.data_ptr<scalar_t>(), strides3(out), sorted_idx.data_ptr<int>(),
+                                offsets.data_ptr<int>(), N, M, K, NC, static_cast<float>(scale));
+    auto go = [&](auto kernel) {
+      std::apply([&](auto... a) { kernel<<<grid, kThreads, 0, stream>>>(a...); }, args);
+    };
+    if (rows_fast) {
+      go(sgmv_kernel<scalar_t, kAccum, true>);
+    } else {
+      go(sgmv_kernel<scalar_t, kAccum, false>);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
