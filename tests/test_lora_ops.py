@@ -481,6 +481,22 @@ def test_dispatch_reports_and_rejects(monkeypatch):
     assert rep["reference"] == "ok" and rep["cuda"] != "ok"
 
 
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_lora_conv2d_string_padding(device, backend):
+    _maybe_skip(device, backend, torch.float32)
+    torch.manual_seed(4)
+    x, W = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    A, B = torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2)
+    idx = torch.tensor([1, 0])
+    for pad, num in (("same", 1), ("valid", 0)):
+        y = L.lora_conv2d(x.to(device), W.to(device), None, A.to(device), B.to(device), idx.to(device), 0.5,
+                          padding=pad, backend=backend)
+        want = R.lora_conv2d(x.double(), W.double(), None, A.double(), B.double(), idx, 0.5, padding=num)
+        assert_close(pad, y, want, TOL[torch.float32])
+    with pytest.raises(ValueError, match="even"):
+        L.lora_conv2d(x, torch.randn(4, 3, 2, 2), None, torch.randn(2, 2, 3, 2, 2), B, idx, 0.5, padding="same")
+
+
 def test_frozen_weight_gets_no_grad():
     x = torch.randn(3, 4, requires_grad=True)
     W = torch.randn(5, 4, requires_grad=True)

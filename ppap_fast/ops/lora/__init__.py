@@ -168,6 +168,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     if r % groups or B.shape != (N, W.shape[0], r // groups) or A.shape[2:] != W.shape[1:]:
         raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
     _check_idx(expert_idx, x.shape[0], N)
+    padding = _resolve_padding(padding, W.shape[-2:], dilation)
     b = _pick("lora_conv2d", x, backend)
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
@@ -178,12 +179,31 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                             seg=segments, fwd=b, a_stage=a_stage)
 
 
+def _resolve_padding(padding, kernel_size, dilation):
+    """'valid' -> 0, 'same' -> the symmetric padding that keeps the size (odd kernels)."""
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return 0
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pads = []
+    for k, d in zip(kernel_size, dil):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError("padding='same' with an even effective kernel is asymmetric; pad explicitly")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
                       *, backend=None):
     """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
+    padding = _resolve_padding(padding, W.shape[-2:], dilation)
     b = _pick("lora_conv2d_delta", x, backend)
     from . import vectorized
 
