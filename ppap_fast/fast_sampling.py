@@ -38,6 +38,8 @@ Options (all off by default; each falls back to the eager path with a warning wh
 * ``compile_guide``: torch.compile of the guide's forward + input-backward (``torch.func.grad``);
   ``compile_model``: torch.compile of the denoiser. ``compile_kwargs`` go to torch.compile.
   A compile/trace failure (at the first call) warns once and the eager path is used from then on.
+  Merged experts are compiled (one graph per band: with more than 8 bands raise
+  ``torch._dynamo.config.recompile_limit``); a routed bank (mixed batches) runs eagerly.
 * ``cuda_graph``: capture each distinct step (one graph per merged expert, one for routed batches,
   per shape) with static buffers and replay it. Only on CUDA; elsewhere it warns once and runs
   eagerly. Graphs use separate memory pools (one activation set per graph).
@@ -141,7 +143,8 @@ class _GradRunner:
         if isinstance(guide, _gd.ComposedGuide):
             self.children = [(_GradRunner(g, opts, banks), w) for g, w in guide.guides]
         self._compiled = None
-        self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide)
+        # A routed bank is not compiled: its router's per-forward state does not trace under torch.func.
+        self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
 
     def _ctx(self, device):
         if self.opts.guide_autocast is None:

@@ -1,0 +1,254 @@
+"""FastGuidedSampler vs the reference sample_loop / steps (tiny ADM UNet + tiny ResNet ExpertBank guide)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ppap_fast import fast_sampling as fs
+from ppap_fast.experts import ExpertBank
+from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, fast_sample_loop
+from ppap_fast.guidance import ClassGuide, ComposedGuide
+from ppap_fast.models import ADMUNet
+from ppap_fast.models.tiny import TinyResNet
+from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
+from ppap_fast.schedule import Schedule
+from ppap_fast.testing import linear_classifier_guide
+
+from _util import rel_err
+
+SHAPE = (4, 3, 8, 8)
+TOL = 2e-5  # float32 rounding over a few steps (merged + BN-folded experts vs routed bank)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_adm(learn_sigma=True):
+    m = ADMUNet(image_size=8, in_channels=3, model_channels=32, out_channels=6 if learn_sigma else 3,
+                num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2,
+                use_scale_shift_norm=True, resblock_updown=True)
+    with torch.no_grad():  # ADM zero-inits its output convs: give them weights so eps is not 0
+        for p in m.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+def tiny_bank(n_experts=5):
+    net = TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=3, num_classes=4)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.3)
+                mod.running_var.uniform_(0.5, 2)
+    bank = ExpertBank(net, "resnet", n_experts=n_experts, r=4, alpha=2)
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            else:
+                t.normal_(0, 0.2)
+    return bank.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model, bank = tiny_adm(), tiny_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    return model, bank, guide
+
+
+def _both(model, sched, sampler, guide, seed=1, **kw):
+    ref = sample_loop(model, SHAPE, sched, sampler=sampler, guide=guide,
+                      generator=torch.Generator().manual_seed(seed), **kw)
+    opts = {k: v for k, v in kw.items() if k in ("eta", "var_type")}
+    fast = FastGuidedSampler(model, sched, sampler=sampler, guide=guide, **opts)
+    out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(seed))
+    return ref, out, fast
+
+
+CASES = [("ddim", "ddim5", {}), ("ddim", "ddim5", {"eta": 0.7}), ("ddpm", "6", {})]
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("sampler,respacing,kw", CASES)
+def test_equals_reference_sample_loop(setup, sampler, respacing, kw, guided):
+    model, bank, guide = setup
+    sched = Schedule.create("linear", 1000, respacing)
+    ref, out, fast = _both(model, sched, sampler, guide if guided else None, **kw)
+    assert rel_err(out, ref) < TOL
+    if guided:  # the guide really moved the samples, and every band ran merged
+        unguided = sample_loop(model, SHAPE, sched, sampler=sampler, generator=torch.Generator().manual_seed(1), **kw)
+        assert rel_err(unguided, ref) > 20 * TOL
+        bands = {int(t) // bank.band for t in sched.timestep_map}
+        assert {k[0] for k in fast._variants} == bands and len(fast._merged_models) == len(bands)
+
+
+def test_ddpm_fixed_variance_and_plain_callable_guide():
+    torch.manual_seed(3)
+    model = tiny_adm(learn_sigma=False)
+    W, y = torch.randn(4, 3 * 8 * 8) * 0.1, torch.tensor([0, 1, 2, 3])
+    guide = linear_classifier_guide(W, y, 2.0)
+    sched = Schedule.create("linear", 1000, "5")
+    for var_type in (None, "fixed_small"):
+        ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type=var_type,
+                          generator=torch.Generator().manual_seed(2))
+        out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type=var_type,
+                               generator=torch.Generator().manual_seed(2))
+        assert rel_err(out, ref) < TOL
+
+
+def test_merged_path_does_not_call_the_bank(setup):
+    model, bank, guide = setup
+    calls = []
+    h = bank.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide).sample(
+            SHAPE, generator=torch.Generator().manual_seed(0))
+        assert not calls
+        FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide,
+                          merge_experts=False).sample(SHAPE, generator=torch.Generator().manual_seed(0))
+        assert len(calls) == 5
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_mixed_timestep_batch_routes_per_sample(setup, sampler):
+    model, bank, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5" if sampler == "ddim" else "10")
+    x = torch.randn(SHAPE)
+    idx = torch.tensor([4, 3, 1, 0]) if sampler == "ddim" else torch.tensor([9, 5, 2, 0])
+    noise = torch.randn(SHAPE)
+    fast = FastGuidedSampler(model, sched, sampler=sampler, guide=guide)
+    assert bank.check_inputs
+    out, pred = fast.step(x, idx, noise=noise)
+    assert bank.check_inputs and not fast._variants  # routed through the bank, checks restored
+    step = ddim_step if sampler == "ddim" else ddpm_step
+    ref = step(model, x, idx, sched, guide=guide, **({"noise": noise} if sampler == "ddpm" else {}))
+    assert rel_err(out, ref.sample) < TOL and rel_err(pred, ref.pred_xstart) < TOL
+    for b in range(4):  # each sample as if it were alone at its own step (merged expert)
+        alone = FastGuidedSampler(model, sched, sampler=sampler, guide=ClassGuide(bank, b, scale=3.0))
+        one, _ = alone.step(x[b:b + 1], int(idx[b]), noise=noise[b:b + 1])
+        assert rel_err(one, out[b:b + 1]) < TOL
+
+
+def test_composed_guide_merges_its_banks(setup):
+    model, bank, guide = setup
+    other = ClassGuide(tiny_bank(n_experts=2), 1, scale=1.5)
+    W = torch.randn(4, 3 * 8 * 8) * 0.1
+    composed = ComposedGuide([(guide, 1.0), (other, 0.5), (linear_classifier_guide(W, torch.tensor([1, 1, 0, 0]), 1.0), 2.0)])
+    sched = Schedule.create("linear", 1000, "ddim5")
+    ref, out, fast = _both(model, sched, "ddim", composed)
+    assert rel_err(out, ref) < TOL
+    assert len(fast.banks) == 2 and len(fast._merged_models) == 5 + 2
+
+
+def test_compile_failure_warns_and_falls_back(setup, monkeypatch):
+    model, _, guide = setup
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("simulated inductor failure\nmore lines")
+        return run
+
+    monkeypatch.setattr(fs, "_compile", broken)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(FastSamplingWarning) as rec:
+        out = fast_sample_loop(model, SHAPE, sched, guide=guide, compile_guide=True, compile_model=True,
+                               generator=torch.Generator().manual_seed(1))
+    msgs = [str(w.message) for w in rec]
+    assert any("denoiser failed" in m for m in msgs) and any("guide failed" in m for m in msgs)
+    assert all("simulated inductor failure" in m for m in msgs)
+    assert rel_err(out, ref) < TOL
+
+
+def test_compile_eager_backend_matches(setup):
+    model, _, guide = setup
+    torch._dynamo.reset()
+    sched = Schedule.create("linear", 1000, "ddim2")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        out = fast_sample_loop(model, SHAPE, sched, guide=guide, compile_guide=True,
+                               compile_kwargs={"backend": "eager"}, generator=torch.Generator().manual_seed(1))
+    assert rel_err(out, ref) < TOL
+
+
+def test_cuda_graph_on_cpu_warns_and_runs_eagerly(setup):
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "6")
+    ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, generator=torch.Generator().manual_seed(4))
+    fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True)
+    with pytest.warns(FastSamplingWarning, match="CUDA-graph capture needs a CUDA device.*cpu"):
+        out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(4))
+    assert rel_err(out, ref) < TOL and not fast._graphs
+    with warnings.catch_warnings():  # warned once only
+        warnings.simplefilter("error", FastSamplingWarning)
+        fast.step(out, 3)
+
+
+def test_channels_last_and_autocast(setup):
+    model, _, guide = setup
+    model_cl = tiny_adm()
+    model_cl.load_state_dict(model.state_dict())
+    sched = Schedule.create("linear", 1000, "ddim5")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
+    out = fast_sample_loop(model_cl, SHAPE, sched, guide=guide, channels_last=True,
+                           generator=torch.Generator().manual_seed(1))
+    assert rel_err(out, ref) < TOL
+    out16 = fast_sample_loop(model, SHAPE, sched, guide=guide, guide_autocast=torch.bfloat16,
+                             generator=torch.Generator().manual_seed(1))
+    assert out16.dtype == torch.float32 and rel_err(out16, ref) < 3e-2
+
+
+def test_train_mode_bank_is_routed_not_merged(setup):
+    model, bank, _ = setup
+    b = tiny_bank().train()
+    with pytest.warns(FastSamplingWarning, match="train mode"):
+        fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=ClassGuide(b, 0))
+    assert not fast.merge_experts
+
+
+def test_nonfinite_and_bad_inputs(setup):
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    nan_guide = lambda x, t: torch.full_like(x, float("nan"))  # noqa: E731
+    x = torch.randn(SHAPE)
+    with pytest.raises(RuntimeError, match="NaN"):
+        FastGuidedSampler(model, sched, guide=nan_guide).step(x, 2)
+    out, _ = FastGuidedSampler(model, sched, guide=nan_guide, nonfinite_grad="zero").step(x, 2)
+    assert rel_err(out, ddim_step(model, x, 2, sched).sample) < TOL
+    with pytest.raises(ValueError, match="sampler"):
+        FastGuidedSampler(model, sched, sampler="plms")
+    with pytest.raises(ValueError, match="learned"):
+        FastGuidedSampler(model, sched, sampler="ddpm", var_type="learned")
+    with pytest.raises(ValueError, match="nonfinite_grad"):
+        FastGuidedSampler(model, sched, nonfinite_grad="nope")
+    with pytest.raises(ValueError, match="guide_autocast"):
+        FastGuidedSampler(model, sched, guide_autocast=torch.float64)
+    with pytest.raises(TypeError, match="guide"):
+        FastGuidedSampler(model, sched, guide=3)
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    with pytest.raises(ValueError, match="out of range"):
+        fast.step(x, 5)
+    with pytest.raises(ValueError, match="out of range"):
+        fast.step(x, torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(ValueError, match="integer"):
+        fast.step(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="shape"):
+        fast.step(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="noise"):
+        FastGuidedSampler(model, sched, eta=1.0).step(x, 1, noise=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="learned_range"):
+        FastGuidedSampler(tiny_adm(learn_sigma=False), sched, sampler="ddpm", var_type="learned_range").step(x, 1)
