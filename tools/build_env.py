@@ -37,15 +37,32 @@ def find_cuda_home():
     return None
 
 
+def _nvidia_roots():
+    """Folders of the `nvidia` namespace package (CUDA wheels), wherever pip put them."""
+    import importlib.util
+
+    roots = []
+    try:
+        spec = importlib.util.find_spec("nvidia")
+        if spec and spec.submodule_search_locations:
+            roots += list(spec.submodule_search_locations)
+    except (ImportError, ValueError):
+        pass
+    roots.append(os.path.join(sysconfig.get_paths()["purelib"], "nvidia"))
+    return [r for r in dict.fromkeys(roots) if os.path.isdir(r)]
+
+
 def nvidia_wheel_includes():
-    site = sysconfig.get_paths()["purelib"]
-    dirs = glob.glob(os.path.join(site, "nvidia", "*", "include")) + glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+    dirs = []
+    for root in _nvidia_roots():
+        dirs += glob.glob(os.path.join(root, "*", "include"))
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
 def nvrtc_library():
-    site = sysconfig.get_paths()["purelib"]
-    hits = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+    hits = []
+    for root in _nvidia_roots():
+        hits += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so*")))
     cuda = find_cuda_home()
     if cuda:
         hits += sorted(glob.glob(os.path.join(cuda, "lib64", "libnvrtc.so*")))
