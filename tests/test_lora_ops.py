@@ -142,6 +142,13 @@ def test_sgmv_kernels_raw(device, backend):
             y_ref = y0.cpu().double() + 0.75 * torch.bmm(h.cpu().double(), B.cpu().double()[ic].transpose(1, 2))
             assert_close(f"shrink {dtype}", h, h_ref, TOL[dtype])
             assert_close(f"expand {dtype}", y, y_ref, TOL[dtype])
+            # the pure-torch reference of the raw kernel contract agrees too
+            h_r = R.sgmv_shrink(x.cpu().double(), A.cpu().double(), torch.empty(S, M, Rr, dtype=torch.float64),
+                                seg.sorted_idx.cpu(), seg.offsets.cpu())
+            y_r = R.sgmv_expand(h.cpu().double(), B.cpu().double(), y0.cpu().double(), seg.sorted_idx.cpu(),
+                                seg.offsets.cpu(), 0.75)
+            assert_close("reference shrink", h_r, h_ref, 1e-12)
+            assert_close("reference expand", y_r, y_ref, 1e-12)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends() if "triton" in p.id])

@@ -172,7 +172,32 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5):
     return y * _expand_rows(weight[expert_idx], x) + _expand_rows(bias[expert_idx], x)
 
 
+# ----------------------------------------------------------------------------- raw SGMV (kernel contract)
+def _expert_of_sample(sorted_idx, offsets):
+    N = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1]).long()
+    e_sorted = torch.repeat_interleave(torch.arange(N, device=offsets.device), counts)
+    idx = torch.empty(sorted_idx.numel(), dtype=torch.long, device=sorted_idx.device)
+    idx[sorted_idx.long()] = e_sorted
+    return idx
+
+
+def sgmv_shrink(x, A, out, sorted_idx, offsets):
+    """Reference of launch_sgmv_shrink: out[s, m, :] = x[s, m, :] @ A[e(s)].T (written)."""
+    idx = _expert_of_sample(sorted_idx, offsets)
+    out.copy_(torch.bmm(x, A[idx].transpose(1, 2)))
+    return out
+
+
+def sgmv_expand(h, B, out, sorted_idx, offsets, scale):
+    """Reference of launch_sgmv_expand: out[s, m, :] += scale * h[s, m, :] @ B[e(s)].T."""
+    idx = _expert_of_sample(sorted_idx, offsets)
+    out.add_(torch.bmm(h, B[idx].transpose(1, 2)), alpha=scale)
+    return out
+
+
 __all__ = [
+    "sgmv_shrink", "sgmv_expand",
     "lora_linear", "lora_conv2d", "lora_conv_delta", "loralib_conv_delta", "lora_conv2d_delta",
     "expert_batch_norm", "expert_layer_norm",
 ]
