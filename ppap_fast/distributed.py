@@ -1,0 +1,718 @@
+"""Scale-out with torch.distributed: data-free generation and DDP distillation of an ExpertBank.
+
+Launch with torchrun (one process per GPU, NCCL; or gloo on CPU)::
+
+    torchrun --nproc-per-node 8 -m ppap_fast.distributed generate \\
+        --denoiser adm:256x256_diffusion_uncond --checkpoint 256x256_diffusion_uncond.pt \\
+        --out /data/ppap500k --num-images 500000 --shard-size 250 --batch-size 125 --respacing ddim25
+    torchrun --nproc-per-node 8 -m ppap_fast.distributed distill \\
+        --data /data/ppap500k --teacher resnet50 --teacher-weights resnet50.pth --n-experts 10 ...
+
+or, without torchrun, ``python -m ppap_fast.distributed generate --nproc 2 ...`` spawns the
+workers itself (gloo on CPU, a file rendezvous in a temporary directory).
+
+Generation (:func:`generate`)
+    The set is a directory of shards ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C,
+    optionally ``logits`` float32 N x K of a teacher on the dequantised clean images) plus
+    ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. Shard ``k`` is written by
+    rank ``k % world_size`` and is a pure function of ``(config, k)``: its x_T (and any sampler
+    noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
+    file is written under a temporary name and renamed into place (``os.replace``), so after a
+    crash or a ``kill -9`` a shard either exists completely or not at all. A restart (with any
+    world size) skips complete shards, regenerates missing or damaged ones, removes stale
+    temporary files, and ends with exactly ``num_images`` images: nothing lost, nothing
+    duplicated, the same images an uninterrupted run writes. Only rank 0 writes the manifest,
+    which records the configuration and its hash; restarting into a directory written with
+    another configuration is an error naming the differing keys. All ranks must see the same
+    output directory (a shared filesystem across nodes).
+
+Distillation (:func:`distill`)
+    :class:`torch.nn.parallel.DistributedDataParallel` over the ExpertBank; only the stacked
+    per-expert tensors train (the frozen shared backbone has no gradients, so it costs no
+    communication). Each rank draws its own batches, timesteps and noise (seeded by rank), DDP
+    averages the gradients, so the parameters stay identical on all ranks (checked at the end:
+    a divergence is an error). The global batch is ``batch_size * world_size``.
+
+    BatchNorm policy (per-expert BN, :class:`ppap_fast.experts.ExpertBatchNorm`):
+      * batch statistics are LOCAL: each rank normalises each expert's samples with the
+        statistics of that expert's samples on that rank (as DDP without SyncBatchNorm does).
+        With N experts, per-rank batch b, each expert sees about b / N samples per rank: keep
+        b / N large enough (>= 16 or so) for stable statistics;
+      * running statistics are NOT broadcast during training (``broadcast_buffers=False``:
+        DDP's default would overwrite every rank's statistics with rank 0's at every forward);
+        each rank accumulates its own, and at checkpoint time :func:`sync_expert_batchnorm_stats`
+        merges them with an all_reduce: ``mean = avg_r mean_r``,
+        ``var = avg_r (var_r + mean_r^2) - mean^2`` (the law of total variance: the pooled
+        variance of equally weighted ranks), ``num_batches_tracked = max_r``. After that every
+        rank holds the same statistics and rank 0 writes the checkpoint
+        (:func:`ppap_fast.experts.save_experts` format).
+
+Configuration agreement: each rank hashes its configuration (all arguments that change the
+result, plus fingerprints of the weight files it reads) and the hashes are all-gathered before
+any work; ranks that disagree raise :class:`ConfigMismatchError` naming the ranks and keys.
+
+Test hooks (environment): ``PPAP_FAST_TEST_KILL_AFTER_SHARDS=n`` makes rank
+``PPAP_FAST_TEST_KILL_RANK`` (default 0) SIGKILL itself right after writing its n-th shard;
+with ``PPAP_FAST_TEST_KILL_SCOPE=group`` it SIGKILLs its whole process group instead (the
+launcher and every worker: only use it on a launcher started in its own session).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+MANIFEST = "manifest.json"
+SEED_STRIDE = 1_000_003
+FORMAT = "ppap_fast.datafree"
+
+
+class ConfigMismatchError(RuntimeError):
+    """Ranks were started with different configurations."""
+
+
+class DistributedRunError(RuntimeError):
+    """A rank failed a check; every rank raises this together (no rank is left waiting)."""
+
+
+# ----------------------------------------------------------------------------- process group
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _device_for(kind: str, local_rank: int) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
+def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group torchrun (or :func:`launch`) describes in the environment
+    (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT); a single process without
+    those variables runs alone (no process group). Backend: NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    dev = _device_for(device, local)
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        if dist.get_world_size() != world or dist.get_rank() != rank:
+            world, rank = dist.get_world_size(), dist.get_rank()
+    return DistEnv(rank, world, local, dev, backend)
+
+
+def _gather(obj, env: DistEnv) -> list:
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_if_any(error: str | None, env: DistEnv, what: str = "check") -> None:
+    """Collective: every rank raises DistributedRunError if ANY rank passes an error message
+    (also a barrier). Use it where one rank checks something the others wait on."""
+    errs = _gather(error, env)
+    bad = [(r, e) for r, e in enumerate(errs) if e]
+    if bad:
+        raise DistributedRunError(f"{what} failed on rank(s) {[r for r, _ in bad]}: "
+                                  + "; ".join(f"rank {r}: {e}" for r, e in bad))
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_config(config: dict, env: DistEnv) -> str:
+    """All-gather every rank's config hash; ConfigMismatchError (on every rank) if they differ."""
+    h = config_hash(config)
+    got = _gather((h, config), env)
+    if any(g[0] != h for g in got):
+        ref = got[0][1]
+        lines = []
+        for r, (hr, cr) in enumerate(got):
+            if hr == got[0][0]:
+                continue
+            keys = sorted(k for k in set(ref) | set(cr) if ref.get(k) != cr.get(k))
+            lines.append(f"rank {r} (hash {hr[:12]}) differs from rank 0 (hash {got[0][0][:12]}) in "
+                         + ", ".join(f"{k}: {cr.get(k)!r} vs {ref.get(k)!r}" for k in keys))
+        raise ConfigMismatchError("ranks were started with different configurations: " + "; ".join(lines))
+    return h
+
+
+def file_fingerprint(path) -> str | None:
+    """size + sha256 of the first and last MiB: cheap identity of a (possibly huge) weight file."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        return f"missing:{p}"
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def tensors_fingerprint(tensors) -> str:
+    h = hashlib.sha256()
+    for k, v in tensors:
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- models from specs
+class RandomConvDenoiser(nn.Module):
+    """A tiny deterministic eps model for smoke tests and CI (no weights needed)."""
+
+    def __init__(self, channels: int = 1, width: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(channels + 1, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, channels, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x, t):
+        tt = (t.to(x.dtype) / 1000.0).view(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
+        return x + 0.5 * self.c2(torch.tanh(self.c1(torch.cat([x, tt], 1))))  # eps ~ x: unsaturated samples
+
+
+def build_denoiser(spec: str, checkpoint=None, channels: int = 3) -> nn.Module:
+    """``adm:<preset>`` (guided-diffusion checkpoint, strict), ``tiny`` (a ppap_fast tiny UNet
+    safetensors file), ``random-conv`` (smoke tests)."""
+    if spec.startswith("adm:"):
+        from .models.adm import ADMUNet
+
+        if checkpoint is None:
+            raise ValueError(f"denoiser {spec!r} needs --checkpoint (the guided-diffusion .pt file)")
+        return ADMUNet.from_checkpoint(checkpoint, spec[4:])
+    if spec == "tiny":
+        from .models.tiny import load_model
+
+        if checkpoint is None:
+            raise ValueError("denoiser 'tiny' needs --checkpoint (a tiny UNet safetensors file)")
+        return load_model(checkpoint, kind="unet")
+    if spec == "random-conv":
+        return RandomConvDenoiser(channels)
+    raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny or random-conv")
+
+
+def build_teacher(spec: str, weights=None):
+    """-> (model, input_transform or None, placement rule name).
+
+    ``tiny:<path>``: a ppap_fast tiny classifier file (takes [-1, 1] directly, "resnet" placement);
+    any name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ...) with ``weights``.
+    """
+    if spec.startswith("tiny:"):
+        from .models.tiny import load_model
+
+        return load_model(spec[5:]).eval(), None, "resnet"
+    from .models.registry import build_guide_model
+
+    gm = build_guide_model(spec, weights=weights)
+    return gm.model, gm.transform, gm.placement()
+
+
+# ----------------------------------------------------------------------------- generation
+@dataclass
+class GenerateConfig:
+    out_dir: str
+    num_images: int
+    shard_size: int = 250
+    batch_size: int = 0                 # micro-batch inside a shard (0: the whole shard)
+    seed: int = 0
+    image_size: int = 256
+    channels: int = 3
+    denoiser: str = "adm:256x256_diffusion_uncond"
+    checkpoint: str | None = None
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    respacing: str = "ddim25"
+    sampler: str = "ddim"
+    eta: float = 0.0
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    device: str = "auto"
+
+    def identity(self) -> dict:
+        """What determines the images (hashed and compared across ranks and restarts)."""
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        d["out_dir"] = str(Path(self.out_dir).resolve())
+        d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
+        d["teacher_fingerprint"] = (file_fingerprint(self.teacher[5:]) if self.teacher and self.teacher.startswith("tiny:")
+                                    else file_fingerprint(self.teacher_weights))
+        d["format"] = FORMAT
+        return d
+
+
+def shard_seed(seed: int, k: int) -> int:
+    return seed * SEED_STRIDE + k
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npz"
+
+
+def shard_is_complete(path: Path, count: int) -> bool:
+    """Cheap check (headers only, no data read): a readable npz with ``count`` uint8 images."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if z.testzip() is not None:
+                return False
+            with z.open("images.npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+        return len(shape) == 4 and shape[0] == count and dtype == np.uint8
+    except Exception:
+        return False
+
+
+def _manifest(cfg: GenerateConfig, h: str, world: int, complete: bool) -> dict:
+    n_shards = -(-cfg.num_images // cfg.shard_size)
+    return {"kind": "datafree", "format": FORMAT, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
+            "num_shards": n_shards, "complete": complete, "shards": [_shard_name(k) for k in range(n_shards)],
+            "config": cfg.identity(), "config_hash": h, "world_size": world,
+            "shard_rule": "shard k: written by rank k % world_size, x_T ~ Generator(seed * 1000003 + k)",
+            "seed": cfg.seed, "respacing": cfg.respacing}
+
+
+def _prepare_dir(cfg: GenerateConfig, h: str, world: int) -> list:
+    """Rank 0: check an existing manifest, remove stale temporary files, mark the set incomplete."""
+    from .data.shards import write_json_atomic
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = out / MANIFEST
+    if m.exists():
+        try:
+            old = json.loads(m.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
+        if old.get("format") != FORMAT:
+            raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
+                             f"(format={old.get('format')!r}); use another directory")
+        if old.get("config_hash") != h:
+            mine, theirs = cfg.identity(), old.get("config", {})
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
+                             + ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
+                             + "); use another directory or the same arguments")
+    stale = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    write_json_atomic(m, _manifest(cfg, h, world, complete=False))
+    return [p.name for p in stale]
+
+
+def _kill_hook(rank: int, written: int) -> None:
+    n = os.environ.get("PPAP_FAST_TEST_KILL_AFTER_SHARDS")
+    if not n or written != int(n) or rank != int(os.environ.get("PPAP_FAST_TEST_KILL_RANK", "0")):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("PPAP_FAST_TEST_KILL_SCOPE", "self") == "group":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = False) -> dict:
+    """Write (or complete) the data-free set ``cfg.out_dir`` with all ranks of ``env``.
+
+    Returns this rank's summary: shards written now, shards it found complete, the config hash.
+    """
+    from .data import from_uint8, to_uint8
+    from .data.shards import write_json_atomic, write_npz_atomic
+    from .sampling import sample_loop
+    from .schedule import Schedule
+
+    env = env or init_distributed(cfg.device)
+    if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
+        raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
+    h = check_same_config(cfg.identity(), env)
+    err, stale = None, []
+    if env.rank == 0:
+        try:
+            stale = _prepare_dir(cfg, h, env.world_size)
+        except (ValueError, OSError) as e:
+            err = str(e)
+    raise_if_any(err, env, "output directory check")
+
+    device = env.device
+    torch.manual_seed(cfg.seed)
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels).to(device).eval()
+    teacher = transform = None
+    if cfg.teacher:
+        teacher, transform, _ = build_teacher(cfg.teacher, cfg.teacher_weights)
+        teacher = teacher.to(device).eval()
+        transform = transform.to(device) if transform is not None else None
+    sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
+
+    out = Path(cfg.out_dir)
+    n_shards = -(-cfg.num_images // cfg.shard_size)
+    mine = [k for k in range(n_shards) if k % env.world_size == env.rank]
+    written, skipped = [], []
+    it = mine
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(mine, desc=f"rank {env.rank} shards", unit="shard")
+    for k in it:
+        count = min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
+        path = out / _shard_name(k)
+        if shard_is_complete(path, count):
+            skipped.append(k)
+            continue
+        g = torch.Generator().manual_seed(shard_seed(cfg.seed, k))
+        x_T = torch.randn((count, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
+        noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
+        bs = cfg.batch_size or count
+        imgs = []
+        for i in range(0, count, bs):
+            x0 = sample_loop(unet, x_T[i:i + bs].to(device), sched, sampler=cfg.sampler, eta=cfg.eta,
+                             noise_fn=noise_fn)
+            imgs.append(to_uint8(x0))
+        arrays = {"images": np.concatenate(imgs)}
+        if teacher is not None:
+            logits = []
+            with torch.no_grad():
+                for i in range(0, count, bs):
+                    x = from_uint8(arrays["images"][i:i + bs]).to(device)
+                    logits.append(teacher(transform(x) if transform is not None else x).float().cpu())
+            arrays["logits"] = torch.cat(logits).numpy().astype(np.float32)
+        write_npz_atomic(path, **arrays)
+        written.append(k)
+        _kill_hook(env.rank, len(written))
+
+    raise_if_any(None, env, "generation")  # barrier: every rank finished its shards
+    err = None
+    if env.rank == 0:
+        missing = [k for k in range(n_shards)
+                   if not shard_is_complete(out / _shard_name(k),
+                                            min(cfg.shard_size, cfg.num_images - k * cfg.shard_size))]
+        if missing:
+            err = f"shards {missing[:10]} are still missing or damaged after generation"
+        else:
+            write_json_atomic(out / MANIFEST, _manifest(cfg, h, env.world_size, complete=True))
+    raise_if_any(err, env, "final shard check")
+    return {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
+            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h}
+
+
+# ----------------------------------------------------------------------------- distillation
+@dataclass
+class DistillConfig:
+    data_dir: str
+    out_dir: str
+    teacher: str
+    teacher_weights: str | None = None
+    n_experts: int = 5
+    num_timesteps: int = 1000
+    r: int | None = None
+    alpha: float | None = None
+    layout: str | None = None
+    steps: int = 1000
+    batch_size: int = 64                # per rank
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: int = 50
+    temperature: float = 0.25
+    seed: int = 0
+    device: str = "auto"
+    dump_rank_states: str | None = None  # debugging / tests: every rank writes its expert tensors here
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("device", "dump_rank_states"):
+            d.pop(k)
+        d["data_dir"] = str(Path(self.data_dir).resolve())
+        d["out_dir"] = str(Path(self.out_dir).resolve())
+        d["teacher_fingerprint"] = (file_fingerprint(self.teacher[5:]) if self.teacher.startswith("tiny:")
+                                    else file_fingerprint(self.teacher_weights))
+        m = Path(self.data_dir) / MANIFEST
+        d["data_manifest"] = hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
+        return d
+
+
+@torch.no_grad()
+def sync_expert_batchnorm_stats(bank, env: DistEnv) -> int:
+    """Merge every ExpertBatchNorm's per-expert running statistics across ranks (see the module
+    docstring: mean of means, pooled variance by the law of total variance, max of counts).
+    Collective; returns the number of BatchNorm modules merged."""
+    from .experts import ExpertBatchNorm
+
+    n = 0
+    for _, m in bank.named_modules():
+        if not isinstance(m, ExpertBatchNorm):
+            continue
+        n += 1
+        if not env.distributed:
+            continue
+        mean = m.running_mean.double()
+        second = m.running_var.double() + mean * mean
+        dist.all_reduce(mean)
+        dist.all_reduce(second)
+        mean /= env.world_size
+        second /= env.world_size
+        m.running_mean.copy_(mean)
+        m.running_var.copy_((second - mean * mean).clamp_min(0))
+        dist.all_reduce(m.num_batches_tracked, op=dist.ReduceOp.MAX)
+    return n
+
+
+def check_replicas_identical(bank, env: DistEnv) -> str:
+    """Collective: every per-expert tensor (parameters and BN statistics) equal on all ranks."""
+    fp = tensors_fingerprint(sorted(bank.per_expert_state_dict().items()))
+    got = _gather(fp, env)
+    bad = [r for r, g in enumerate(got) if g != got[0]]
+    if bad:
+        raise DistributedRunError(f"expert parameters diverged across ranks: ranks {bad} differ from rank 0")
+    return fp
+
+
+def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = False):
+    """PPAP data-free distillation with DDP over the ExpertBank; returns the bank (eval mode).
+    Rank 0 writes ``cfg.out_dir`` (save_experts format) and ``train_summary.json`` there."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .data import from_uint8, load_shards
+    from .data.shards import write_json_atomic
+    from .distill import kd_loss
+    from .experts import ExpertBank, save_experts
+    from .schedule import Schedule
+
+    env = env or init_distributed(cfg.device)
+    device = env.device
+    teacher, transform, placement = build_teacher(cfg.teacher, cfg.teacher_weights)
+    ident = cfg.identity()
+    ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
+    h = check_same_config(ident, env)
+
+    err = None
+    try:
+        data = load_shards(cfg.data_dir)
+    except (OSError, ValueError) as e:
+        err, data = str(e), None
+    raise_if_any(err, env, "reading the data set")
+    x_all = from_uint8(data["images"])
+    l_all = torch.from_numpy(data["logits"]).float() if "logits" in data else None
+
+    torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
+    bank = ExpertBank(teacher, placement, cfg.n_experts, cfg.num_timesteps, r=cfg.r, alpha=cfg.alpha,
+                      layout=cfg.layout, arch=cfg.teacher.split(":")[0]).to(device).train()
+    teacher = teacher.to(device).eval()
+    transform = transform.to(device) if transform is not None else None
+    model = bank
+    if env.distributed:
+        model = DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    opt = torch.optim.AdamW(bank.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = Schedule.create("linear", cfg.num_timesteps)
+    gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
+    it = range(cfg.steps)
+    if progress and env.rank == 0:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"ddp distill x{env.world_size}", mininterval=2)
+    losses = []
+    for step in it:
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
+        x0 = x_all[idx]
+        t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=gen)
+        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float().to(device)
+        x0, t = x0.to(device), t.to(device)
+        if l_all is not None:
+            tl = l_all[idx].to(device)
+        else:
+            with torch.no_grad():
+                tl = teacher(transform(x0) if transform is not None else x0).float()
+        lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        loss = kd_loss(model(transform(xt) if transform is not None else xt, t), tl, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+
+    if cfg.dump_rank_states:
+        from .data.shards import save_safetensors_atomic
+
+        save_safetensors_atomic(Path(cfg.dump_rank_states) / f"rank{env.rank}.presync.safetensors",
+                                {k: v.detach().clone() for k, v in bank.per_expert_state_dict().items()})
+    n_bn = sync_expert_batchnorm_stats(bank, env)
+    fp = check_replicas_identical(bank, env)
+    if cfg.dump_rank_states:
+        from .data.shards import save_safetensors_atomic
+
+        save_safetensors_atomic(Path(cfg.dump_rank_states) / f"rank{env.rank}.safetensors",
+                                {k: v.detach().clone() for k, v in bank.per_expert_state_dict().items()})
+    err = None
+    if env.rank == 0:
+        try:
+            save_experts(bank, cfg.out_dir)
+            write_json_atomic(Path(cfg.out_dir) / "train_summary.json", {
+                "config": ident, "config_hash": h, "world_size": env.world_size, "backend": env.backend,
+                "global_batch": cfg.batch_size * env.world_size, "losses": losses, "expert_fingerprint": fp,
+                "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
+                "batchnorm_modules_merged": n_bn})
+        except OSError as e:
+            err = str(e)
+    raise_if_any(err, env, "writing the checkpoint")
+    return bank.eval()
+
+
+# ----------------------------------------------------------------------------- launcher
+_TASKS = {"generate": generate, "distill": distill}
+
+
+def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cfgs, threads, timeout_s):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if threads:
+        torch.set_num_threads(int(threads))
+    cfg = cfgs[rank] if isinstance(cfgs, (list, tuple)) else cfgs
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        env = init_distributed(cfg.device)
+        _TASKS[task](cfg, env)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | None = None,
+           timeout_s: float = 1800.0) -> None:
+    """Run ``task`` ("generate" | "distill") on ``nproc`` spawned processes (one config for all,
+    or a list with one per rank); a rank's exception is re-raised here (torch.multiprocessing)."""
+    import torch.multiprocessing as mp
+
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}")
+    if isinstance(cfgs, (list, tuple)) and len(cfgs) != nproc:
+        raise ValueError(f"{len(cfgs)} configs for {nproc} processes")
+    with tempfile.TemporaryDirectory(prefix="ppap_rdzv_") as d:
+        init = Path(d, "rendezvous").as_uri()
+        mp.start_processes(_worker, args=(nproc, init, backend, task, cfgs, threads, timeout_s), nprocs=nproc,
+                           start_method="spawn", join=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ppap_fast.distributed", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="task", required=True)
+
+    def common(p):
+        p.add_argument("--nproc", type=int, default=1,
+                       help="spawn this many gloo workers (without torchrun); under torchrun leave 1")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+        p.add_argument("--timeout", type=float, default=1800.0, help="collective timeout, seconds")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--progress", action="store_true")
+
+    g = sub.add_parser("generate", help="data-free set: per-rank resumable shards + manifest")
+    common(g)
+    g.add_argument("--out", required=True)
+    g.add_argument("--num-images", type=int, required=True)
+    g.add_argument("--shard-size", type=int, default=250)
+    g.add_argument("--batch-size", type=int, default=0)
+    g.add_argument("--image-size", type=int, default=256)
+    g.add_argument("--channels", type=int, default=3)
+    g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond")
+    g.add_argument("--checkpoint", default=None)
+    g.add_argument("--schedule", default="linear")
+    g.add_argument("--num-timesteps", type=int, default=1000)
+    g.add_argument("--respacing", default="ddim25")
+    g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--teacher", default=None)
+    g.add_argument("--teacher-weights", default=None)
+
+    d = sub.add_parser("distill", help="DDP distillation of PPAP experts on a data-free set")
+    common(d)
+    d.add_argument("--data", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--teacher", required=True, help="tiny:<file> or a registry name (resnet50, deit_s, ...)")
+    d.add_argument("--teacher-weights", default=None)
+    d.add_argument("--n-experts", type=int, default=5)
+    d.add_argument("--num-timesteps", type=int, default=1000)
+    d.add_argument("--r", type=int, default=None)
+    d.add_argument("--alpha", type=float, default=None)
+    d.add_argument("--layout", default=None)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=64, help="per rank")
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--weight-decay", type=float, default=0.05)
+    d.add_argument("--warmup", type=int, default=50)
+    d.add_argument("--temperature", type=float, default=0.25)
+    d.add_argument("--dump-rank-states", default=None)
+    return ap
+
+
+def config_from_args(a) -> GenerateConfig | DistillConfig:
+    if a.task == "generate":
+        return GenerateConfig(a.out, a.num_images, a.shard_size, a.batch_size, a.seed, a.image_size, a.channels,
+                              a.denoiser, a.checkpoint, a.schedule, a.num_timesteps, a.respacing, a.sampler, a.eta,
+                              a.teacher, a.teacher_weights, a.device)
+    return DistillConfig(a.data, a.out, a.teacher, a.teacher_weights, a.n_experts, a.num_timesteps, a.r, a.alpha,
+                         a.layout, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.temperature, a.seed,
+                         a.device, a.dump_rank_states)
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    cfg = config_from_args(a)
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if a.nproc > 1 and not under_torchrun:
+        launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout)
+        print(f"{a.task}: done on {a.nproc} processes")
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    env = init_distributed(a.device, timeout_s=a.timeout)
+    try:
+        res = _TASKS[a.task](cfg, env, progress=a.progress)
+        if a.task == "generate":
+            print(json.dumps(res))
+    finally:
+        if env.distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""torch.distributed scale-out on CPU with 2 gloo processes: resumable data-free generation
+(kill -9 of the whole process group mid-run, then resume), DDP distillation of an ExpertBank,
+and ranks started with different configurations."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppap_fast import distributed as D
+from ppap_fast.data import load_shards
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+
+GEN = dict(num_images=10, shard_size=2, image_size=8, channels=1, denoiser="random-conv", respacing="ddim5",
+           seed=3, device="cpu")
+
+
+def _gen_args(out, **over):
+    kw = {**GEN, **over}
+    return ["generate", "--out", str(out), "--num-images", str(kw["num_images"]), "--shard-size",
+            str(kw["shard_size"]), "--image-size", str(kw["image_size"]), "--channels", str(kw["channels"]),
+            "--denoiser", kw["denoiser"], "--respacing", kw["respacing"], "--seed", str(kw["seed"]),
+            "--device", "cpu"]
+
+
+def _run(args, env_extra=None, timeout=180, nproc=2):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    env.update(env_extra or {})
+    # own session: the kill hook's SIGKILL of the process group hits the launcher and its workers only
+    return subprocess.run([sys.executable, "-m", "ppap_fast.distributed", *args, "--nproc", str(nproc),
+                           "--threads", "1", "--timeout", "60"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run (shard content does not depend on the world size)."""
+    out = tmp_path_factory.mktemp("ref")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = D.generate(D.GenerateConfig(str(out), **{k: v for k, v in GEN.items()}), D.DistEnv())
+    finally:
+        torch.set_num_threads(threads)
+    assert res["written"] == [0, 1, 2, 3, 4]
+    return load_shards(out)["images"]
+
+
+def test_generate_killed_process_group_then_resume(tmp_path, reference):
+    out = tmp_path / "set"
+    r = _run([*_gen_args(out)],
+             {"PPAP_FAST_TEST_KILL_AFTER_SHARDS": "1", "PPAP_FAST_TEST_KILL_RANK": "0",
+              "PPAP_FAST_TEST_KILL_SCOPE": "group"})
+    assert r.returncode == -9, (r.returncode, r.stdout + r.stderr)   # the launcher itself got SIGKILL
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] is False and man["num_images"] == 10
+    done = sorted(p.name for p in out.glob("shard_*.npz"))
+    assert "shard_00000.npz" in done and len(done) < 5, done
+    with pytest.raises(ValueError, match="incomplete"):
+        load_shards(out)
+    # debris a crash can leave or a disk can cause: a stale temp file and a damaged shard
+    (out / ".shard_00004.npz.abc.npz.tmp").write_bytes(b"partial")
+    (out / "shard_00000.npz").write_bytes((out / "shard_00000.npz").read_bytes()[:100])
+
+    r = _run([*_gen_args(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = load_shards(out)
+    assert data["images"].shape == (10, 8, 8, 1) and data["images"].dtype == np.uint8
+    np.testing.assert_array_equal(data["images"], reference)   # same images, none lost or duplicated
+    assert len({im.tobytes() for im in data["images"]}) == 10
+    assert not list(out.glob(".*.tmp"))
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["complete"] and man["world_size"] == 2 and len(man["shards"]) == 5
+
+    # resuming a finished set writes nothing; another configuration into it is refused
+    res = D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
+    assert res["written"] == [] and res["skipped"] == [0, 1, 2, 3, 4]
+    with pytest.raises(D.DistributedRunError, match=r"another configuration.*seed: 3 there vs 4 now"):
+        D.generate(D.GenerateConfig(str(out), **{**GEN, "seed": 4}), D.DistEnv())
+
+
+def test_ranks_with_different_configs_fail_clearly(tmp_path):
+    cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
+    cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "respacing": "ddim4"})
+    with pytest.raises(Exception, match=r"(?s)ConfigMismatchError.*rank 1.*respacing: 'ddim4' vs 'ddim5'"):
+        D.launch("generate", [cfg0, cfg1], 2, threads=1, timeout_s=60)
+    assert not list((tmp_path / "x").glob("shard_*")) if (tmp_path / "x").exists() else True
+
+
+def test_ddp_distillation_two_ranks(tmp_path):
+    from safetensors.torch import load_file
+
+    from ppap_fast.data.shards import ShardWriter
+    from ppap_fast.experts import load_experts
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    torch.manual_seed(0)
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3).eval()
+    with torch.no_grad():  # non-trivial running statistics in the teacher
+        teacher.bn1.running_mean.uniform_(-0.5, 0.5)
+    tfile = save_model(teacher, tmp_path / "teacher.safetensors")
+    g = torch.Generator().manual_seed(1)
+    data = tmp_path / "data"
+
+    def shard(k):
+        imgs = torch.randint(0, 256, (8, 8, 8, 1), generator=g, dtype=torch.uint8).numpy()
+        with torch.no_grad():
+            x = torch.from_numpy(imgs.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+            return {"images": imgs, "logits": teacher(x).numpy().astype(np.float32)}
+
+    ShardWriter(data, 16, 8).run(shard)
+    dump, out = tmp_path / "ranks", tmp_path / "experts"
+    r = _run(["distill", "--data", str(data), "--out", str(out), "--teacher", f"tiny:{tfile}",
+              "--n-experts", "2", "--r", "2", "--alpha", "2", "--steps", "3", "--batch-size", "8", "--lr", "0.05",
+              "--warmup", "1", "--weight-decay", "0", "--device", "cpu", "--dump-rank-states", str(dump)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    s0, s1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    assert set(s0) == set(s1)
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), f"{k} differs between ranks"
+    lora_b = [k for k in s0 if k.endswith("lora_B")]
+    assert lora_b and any(s0[k].abs().sum() > 0 for k in lora_b), "LoRA did not train"
+
+    # BN policy: local running stats per rank before the merge, pooled (law of total variance) after
+    p0, p1 = load_file(str(dump / "rank0.presync.safetensors")), load_file(str(dump / "rank1.presync.safetensors"))
+    means = [k for k in s0 if k.endswith("running_mean")]
+    assert means and any(not torch.equal(p0[k], p1[k]) for k in means), "ranks saw identical batches"
+    for k in means:
+        v = k[: -len("running_mean")] + "running_var"
+        m = (p0[k].double() + p1[k].double()) / 2
+        var = (p0[v].double() + p0[k].double() ** 2 + p1[v].double() + p1[k].double() ** 2) / 2 - m ** 2
+        torch.testing.assert_close(s0[k].double(), m, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s0[v].double(), var, rtol=1e-5, atol=1e-6)
+    for k in p0:  # parameters were already identical before the merge (DDP)
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(p0[k], p1[k]), k
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 16 and len(summary["losses"]) == 3
+    bank = load_experts(out, teacher)
+    for k, v in bank.per_expert_state_dict().items():
+        assert torch.equal(v, s0[k]), k
