@@ -1,0 +1,269 @@
+"""diffusers integration: PPAP guidance for a diffusers denoiser and scheduler.
+
+Three lines in an ordinary diffusers loop::
+
+    guided = PPAPGuidance(guide)
+    for t in scheduler.timesteps:
+        eps = unet(x, t).sample
+        eps = guided.correct(eps, x, t, scheduler)
+        x = scheduler.step(eps, t, x).prev_sample
+
+With ``DDIMScheduler(clip_sample=True)`` (its default) call
+``scheduler.step(eps, t, x, use_clipped_model_output=True)``: the guided eps moves x0 toward the
+target, clipping caps that move, and only the eps re-derived from the clipped x0 keeps the
+direction term from pulling the other way (guided-diffusion's DDIM does the same re-derivation).
+
+Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``.
+
+The correction is the generic score correction (guided-diffusion's ``condition_score``) that fits
+any sampler built on the model's eps: ``eps' = eps - sqrt(1 - abar_t) * grad`` with
+``grad = guide(x_t, t)`` (scale included) and ``abar_t = scheduler.alphas_cumprod[t]``, read from a
+device copy of the table made once per scheduler (no host syncs; pass timesteps on the device,
+``scheduler.set_timesteps(n, device=...)``, to avoid even the scalar host-to-device copy).
+Schedulers predicting ``v_prediction`` or ``sample`` get the same correction expressed in their
+parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqrt(abar) grad).
+Any other prediction_type raises ValueError, as do sigma-space schedulers (Euler, Heun, ...:
+``init_noise_sigma != 1``), whose samples are not x_t of the variance-preserving process.
+
+diffusers is imported only inside the pipeline's ``__call__``: this module imports without it.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+__all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _prediction_type(scheduler) -> str:
+    cfg = getattr(scheduler, "config", None)
+    pt = getattr(cfg, "prediction_type", None) if cfg is not None else None
+    if pt is None:
+        pt = getattr(scheduler, "prediction_type", "epsilon")
+    return pt
+
+
+class PPAPGuidance:
+    """Score correction of a diffusers model output by a guide.
+
+    Args:
+        guide: ``guide(x_t, t) -> grad`` (a ppap_fast guide: ClassGuide over an ExpertBank, ...),
+            t the ORIGINAL timesteps, long [B] (the scheduler's timesteps are those).
+        scale: an extra multiplier of the guide's gradient (0 skips the guide entirely).
+    """
+
+    def __init__(self, guide: Callable, scale: float = 1.0):
+        if not callable(guide):
+            raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        self.guide, self.scale = guide, float(scale)
+        self._tables: dict = {}
+
+    # -- pieces --------------------------------------------------------------------------
+    def _abar(self, scheduler, device) -> torch.Tensor:
+        acp = getattr(scheduler, "alphas_cumprod", None)
+        if not isinstance(acp, torch.Tensor) or acp.ndim != 1:
+            raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod table: PPAPGuidance needs a "
+                             "scheduler of the variance-preserving (DDPM-family) process")
+        key = (id(scheduler), id(acp), torch.device(device))
+        tab = self._tables.get(key)
+        if tab is None:
+            sigma0 = getattr(scheduler, "init_noise_sigma", 1.0)
+            sigma0 = float(sigma0) if not isinstance(sigma0, torch.Tensor) else float(sigma0.detach().cpu())
+            if abs(sigma0 - 1.0) > 1e-6:
+                raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
+                                 f"{sigma0:.4g}); PPAPGuidance supports schedulers whose sample is x_t of the "
+                                 "variance-preserving process (DDPM, DDIM, DPMSolverMultistep, PNDM, UniPC, DEIS)")
+            tab = acp.detach().to(device=device, dtype=torch.float32)
+            self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
+            self._tables[key] = tab
+        return tab
+
+    @staticmethod
+    def timesteps(t, batch: int, device) -> torch.Tensor:
+        """Scheduler timestep(s) -> long [B] on `device` (floats are rounded)."""
+        if isinstance(t, bool):
+            raise TypeError("t must be an int or a tensor of timesteps, got bool")
+        t = torch.as_tensor(t)
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold timesteps, got dtype {t.dtype}")
+        if t.is_floating_point():
+            t = t.round()
+        t = t.to(device=device, dtype=torch.long)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        return t
+
+    def grad(self, x: torch.Tensor, t, scale: float | None = None) -> torch.Tensor:
+        """scale * guide(x_t, t), detached, in x's dtype."""
+        s = self.scale if scale is None else float(scale)
+        tt = self.timesteps(t, x.shape[0], x.device)
+        with torch.enable_grad():
+            g = self.guide(x.detach(), tt)
+        if not isinstance(g, torch.Tensor) or g.shape != x.shape:
+            raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
+                             f"{getattr(g, 'shape', type(g).__name__)}")
+        g = g.detach().to(x.dtype)
+        return g if s == 1.0 else g * s
+
+    # -- the correction ------------------------------------------------------------------
+    def correct(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler, scale: float | None = None,
+                grad: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided model output for ``scheduler.step(model_output', t, x)``.
+
+        model_output: the denoiser's output for x at t ([B, C, ...], or [B, 2C, ...] with learned
+        variance: only the first C channels are corrected). grad: a precomputed scale*guide(x, t).
+        """
+        pt = _prediction_type(scheduler)
+        if pt not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler prediction_type {pt!r} is not supported: expected one of {PREDICTION_TYPES}")
+        if not isinstance(model_output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError("model_output and x must be tensors")
+        c = x.shape[1] if x.ndim > 1 else None
+        if c is None or model_output.shape[0] != x.shape[0] or model_output.shape[2:] != x.shape[2:] \
+                or model_output.shape[1] not in (c, 2 * c):
+            raise ValueError(f"model_output {tuple(model_output.shape)} does not match x {tuple(x.shape)} "
+                             "(expected [B, C or 2C, ...])")
+        s = self.scale if scale is None else float(scale)
+        if grad is None and s == 0.0:
+            return model_output
+        tab = self._abar(scheduler, x.device)
+        if grad is None:
+            grad = self.grad(x, t, s)
+        tt = self.timesteps(t, x.shape[0], x.device)
+        abar = tab[tt].view(-1, *([1] * (x.ndim - 1)))
+        if pt == "epsilon":
+            coef = (1 - abar).sqrt()
+        elif pt == "v_prediction":
+            coef = ((1 - abar) / abar).sqrt()
+        else:  # "sample": x0 moves the opposite way
+            coef = -(1 - abar) / abar.sqrt()
+        head = model_output[:, :c]
+        new = (head.float() - coef * grad.float()).to(model_output.dtype)
+        if model_output.shape[1] == c:
+            return new
+        return torch.cat([new, model_output[:, c:]], dim=1)
+
+    __call__ = correct
+
+
+def _step_kwargs(scheduler, eta, generator, guided: bool) -> dict:
+    params = set(inspect.signature(scheduler.step).parameters)
+    kw = {}
+    if "eta" in params:
+        kw["eta"] = eta
+    if guided and "use_clipped_model_output" in params and getattr(scheduler.config, "clip_sample", False):
+        # the direction term must use eps re-derived from the clipped x0 (as guided-diffusion's
+        # ddim_sample): with the raw corrected eps it would carry -grad once x0's +grad is clipped
+        kw["use_clipped_model_output"] = True
+    if "generator" in params:
+        kw["generator"] = generator
+    return kw
+
+
+class PPAPGuidedPipeline:
+    """A DiffusionPipeline-style unconditional sampler with PPAP guidance.
+
+    ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size, num_inference_steps, generator)`` runs
+    ``scheduler`` on ``unet`` (a diffusers UNet2DModel, or any ``denoiser(x, t)`` returning a tensor
+    or an object with ``.sample``) with the score correction of :class:`PPAPGuidance` at every step.
+    With ``guide=None`` or ``guidance_scale=0`` it is the plain DDPM/DDIM pipeline loop.
+    """
+
+    def __init__(self, unet, scheduler, guide: Callable | None = None, image_shape: tuple | None = None):
+        self.unet, self.scheduler = unet, scheduler
+        self.guidance = None if guide is None else PPAPGuidance(guide)
+        self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.unet.parameters()), None) if hasattr(self.unet, "parameters") else None
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(iter(self.unet.parameters()), None) if hasattr(self.unet, "parameters") else None
+        return p.dtype if p is not None else torch.float32
+
+    def to(self, device):
+        if hasattr(self.unet, "to"):
+            self.unet.to(device)
+        return self
+
+    def _shape(self, batch_size):
+        if self.image_shape is not None:
+            return (batch_size, *self.image_shape)
+        cfg = getattr(self.unet, "config", None)
+        size = getattr(cfg, "sample_size", None)
+        chans = getattr(cfg, "in_channels", None)
+        if size is None or chans is None:
+            raise ValueError("cannot infer the image shape from the denoiser: pass image_shape=(C, H, W)")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, chans, *size)
+
+    def _denoise(self, x, t):
+        out = self.unet(x, t)
+        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
+                 guidance_scale: float = 1.0, output_type: str = "pil", return_dict: bool = True,
+                 latents: torch.Tensor | None = None, callback: Callable | None = None):
+        """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1])
+        or "raw" (the final x in [-1, 1]). ``latents``: the starting noise (default randn(generator)).
+        callback(i, t, x) after each step. Returns ImagePipelineOutput(images=...) or (images,)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if output_type not in ("pil", "np", "pt", "raw"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'raw', got {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        sched, device = self.scheduler, self.device
+        if self.guidance is not None:
+            pt = _prediction_type(sched)
+            if pt not in PREDICTION_TYPES:
+                raise ValueError(f"scheduler prediction_type {pt!r} is not supported: expected one of "
+                                 f"{PREDICTION_TYPES}")
+            self.guidance._abar(sched, device)  # rejects sigma-space schedulers before sampling
+        shape = self._shape(batch_size)
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            x = latents.to(device=device, dtype=self.dtype)
+        x = x * sched.init_noise_sigma
+        sched.set_timesteps(num_inference_steps, device=device)
+        guided = self.guidance is not None and guidance_scale != 0
+        extra = _step_kwargs(sched, eta, generator, guided)
+        for i, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+            out = self._denoise(inp, t)
+            if guided:
+                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale)
+            x = sched.step(out, t, x, **extra).prev_sample
+            if callback is not None:
+                callback(i, t, x)
+        if output_type == "raw":
+            images = x
+        else:
+            images = (x / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    from diffusers.utils import numpy_to_pil
+
+                    images = numpy_to_pil(images)
+        if not return_dict:
+            return (images,)
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,15 @@
+"""openai/guided-diffusion integration: a PPAP guide as guided-diffusion's ``cond_fn``.
+
+    from ppap_fast.integrations.guided_diffusion import as_cond_fn
+    sample = diffusion.ddim_sample_loop(model, shape, cond_fn=as_cond_fn(guide), model_kwargs={})
+
+``cond_fn(x, t, y=None, **kw)`` returns ``guide(x, t)`` (the scaled gradient of log p(y | x_t));
+``y`` overrides the target of a ClassGuide / X0HatGuide. ``t`` arrives as the ORIGINAL timestep
+(SpacedDiffusion maps respaced indices before calling cond_fn), which is what an ExpertBank
+routes by. This is :func:`ppap_fast.guidance.as_cond_fn`, re-exported (not a copy).
+"""
+from __future__ import annotations
+
+from ppap_fast.guidance import as_cond_fn
+
+__all__ = ["as_cond_fn"]
