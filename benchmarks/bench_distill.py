@@ -1,0 +1,75 @@
+"""One distillation step over a mixed-timestep batch: all experts in one pass vs one expert after another.
+
+sequential = for each expert, forward/backward on that expert's samples of the batch (what
+training expert by expert costs for the same samples); onepass = the bank routes every sample in
+one forward/backward. Both end with one AdamW step. Ratio distill_onepass_vs_sequential =
+time(onepass) / time(sequential), below 1 = one pass faster; rows also give images/s.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
+
+from ppap_fast.experts import ExpertBank  # noqa: E402
+
+
+def _model(device):
+    if device == "cuda":
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None), 64, (3, 128, 128), 16, 8
+    from ppap_fast.models.tiny import TinyResNet
+
+    return TinyResNet(widths=(16, 32, 64), layers=(1, 1, 1), in_channels=1, num_classes=10), 64, (1, 16, 16), 4, 2
+
+
+def _kd(student, teacher):
+    return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher / 0.25, -1), log_target=True,
+                    reduction="batchmean")
+
+
+def run(device: str = "cpu", quick: bool = False) -> dict:
+    model, batch, shape, r, alpha = _model(device)
+    reps = 10 if device == "cuda" else (3 if quick else 8)
+    rows, ratios = [], []
+    gen = torch.Generator().manual_seed(0)
+    for n in ([5] if quick and device != "cuda" else [5, 10]):
+        bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
+        opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+        x = torch.randn(batch, *shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        teacher = torch.randn(batch, model.fc.out_features, generator=gen).to(device)
+        groups = [(t // (1000 // n) == e).nonzero().flatten() for e in range(n)]
+
+        def onepass():
+            opt.zero_grad(set_to_none=True)
+            _kd(bank(x, t), teacher).backward()
+            opt.step()
+
+        def sequential():
+            opt.zero_grad(set_to_none=True)
+            for rows_e in groups:
+                if rows_e.numel():
+                    (_kd(bank(x[rows_e], t[rows_e]), teacher[rows_e]) * rows_e.numel() / batch).backward()
+            opt.step()
+
+        one = median_ms(onepass, device, reps)
+        seq = median_ms(sequential, device, reps)
+        rows.append({"op": "distill_step", "n_experts": n, "batch": batch, "shape": list(shape),
+                     "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
+                     "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)})
+        ratios.append(one / seq)
+    return {"rows": rows, "ratios": {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "cpu", quick=True), indent=1))
