@@ -3,6 +3,8 @@
 `backend_report()` tells which paths can run here and which ran last;
 `set_backend(name)` forces one (an unavailable one raises BackendUnavailableError).
 """
+import torch
+
 from ppap_fast.ops import _ext
 from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
 from ppap_fast.ops._registry import report as _report
@@ -10,13 +12,19 @@ from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided
 
 
 def backend_report(device=None) -> dict:
-    """Extension/Triton status and, per op, which backends can run on `device`."""
+    """Extension/Triton status and, per op, which backends can run on `device` (float32)."""
+    from ppap_fast.ops import lora
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ops = _report(device)
+    for name in ("lora_linear", "lora_conv2d", "lora_conv2d_delta", "expert_batch_norm", "expert_layer_norm"):
+        ops[name] = {"available": lora.available_backends(name, device), "last": lora.last_backend.get(name)}
     return {
         "extension": "loaded" if _ext.extension_loaded() else f"missing ({_ext.EXTENSION_ERROR})",
         "extension_cuda": _ext.extension_has_cuda(),
         "triton": "ok" if _ext.TRITON_ERROR is None else _ext.TRITON_ERROR,
         "triton_interpret": _ext.triton_interpreting(),
-        "ops": _report(device),
+        "ops": ops,
     }
 
 

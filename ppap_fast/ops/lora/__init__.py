@@ -44,9 +44,7 @@ last_backend: Dict[str, Optional[str]] = {}
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class BackendUnavailableError(RuntimeError):
-    pass
-
+from .._registry import BackendUnavailableError  # noqa: E402  one error type for every op
 
 # ----------------------------------------------------------------------------- availability
 def _triton_import_error() -> Optional[str]:
