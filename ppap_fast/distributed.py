@@ -14,8 +14,8 @@ workers itself (gloo on CPU, a file rendezvous in a temporary directory).
 Generation (:func:`generate`)
     The set is a directory of shards ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C,
     optionally ``logits`` float32 N x K of a teacher on the dequantised clean images) plus
-    ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. Shard ``k`` is written by
-    rank ``k % world_size`` and is a pure function of ``(config, k)``: its x_T (and any sampler
+    ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. Shard ``k`` is a pure
+    function of ``(config, k)``: its x_T (and any sampler
     noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
     file is written under a temporary name and renamed into place (``os.replace``), so after a
     crash or a ``kill -9`` a shard either exists completely or not at all. A restart (with any
@@ -24,7 +24,9 @@ Generation (:func:`generate`)
     duplicated, the same images an uninterrupted run writes. Only rank 0 writes the manifest,
     which records the configuration and its hash; restarting into a directory written with
     another configuration is an error naming the differing keys. All ranks must see the same
-    output directory (a shared filesystem across nodes).
+    output directory (a shared filesystem across nodes). Rank 0 scans the shards (npz headers
+    only) and the missing ones are dealt round-robin to the ranks: ``k % world_size`` on a fresh
+    run, balanced over what is left on a resume.
 
 Distillation (:func:`distill`)
     :class:`torch.nn.parallel.DistributedDataParallel` over the ExpertBank; only the stacked
@@ -311,7 +313,7 @@ def _manifest(cfg: GenerateConfig, h: str, world: int, complete: bool) -> dict:
     return {"kind": "datafree", "format": FORMAT, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
             "num_shards": n_shards, "complete": complete, "shards": [_shard_name(k) for k in range(n_shards)],
             "config": cfg.identity(), "config_hash": h, "world_size": world,
-            "shard_rule": "shard k: written by rank k % world_size, x_T ~ Generator(seed * 1000003 + k)",
+            "shard_rule": "shard k: x_T (and sampler noise) ~ torch.Generator().manual_seed(seed * 1000003 + k)",
             "seed": cfg.seed, "respacing": cfg.respacing}
 
 
@@ -368,13 +370,21 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
     h = check_same_config(cfg.identity(), env)
-    err, stale = None, []
+    out = Path(cfg.out_dir)
+    n_shards = -(-cfg.num_images // cfg.shard_size)
+
+    def count_of(k):
+        return min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
+
+    err, stale, todo = None, [], None
     if env.rank == 0:
         try:
             stale = _prepare_dir(cfg, h, env.world_size)
+            todo = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
         except (ValueError, OSError) as e:
             err = str(e)
     raise_if_any(err, env, "output directory check")
+    todo = _gather(todo, env)[0]  # rank 0's scan of the missing / damaged shards
 
     device = env.device
     torch.manual_seed(cfg.seed)
@@ -386,20 +396,18 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
 
-    out = Path(cfg.out_dir)
-    n_shards = -(-cfg.num_images // cfg.shard_size)
-    mine = [k for k in range(n_shards) if k % env.world_size == env.rank]
-    written, skipped = [], []
+    # the missing shards are dealt round-robin (balanced on a resume, k % world_size on a fresh
+    # run); a shard's content depends on k only, so who writes it does not matter
+    mine = todo[env.rank::env.world_size]
+    written = []
+    skipped = sorted(set(range(n_shards)) - set(todo))
     it = mine
     if progress:
         from tqdm import tqdm
         it = tqdm(mine, desc=f"rank {env.rank} shards", unit="shard")
     for k in it:
-        count = min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
+        count = count_of(k)
         path = out / _shard_name(k)
-        if shard_is_complete(path, count):
-            skipped.append(k)
-            continue
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, k))
         x_T = torch.randn((count, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
         noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
@@ -424,9 +432,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     raise_if_any(None, env, "generation")  # barrier: every rank finished its shards
     err = None
     if env.rank == 0:
-        missing = [k for k in range(n_shards)
-                   if not shard_is_complete(out / _shard_name(k),
-                                            min(cfg.shard_size, cfg.num_images - k * cfg.shard_size))]
+        missing = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
         if missing:
             err = f"shards {missing[:10]} are still missing or damaged after generation"
         else:
@@ -670,8 +676,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher-weights", default=None)
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
-    d.add_argument("--r", type=int, default=None)
-    d.add_argument("--alpha", type=float, default=None)
+    d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
+    d.add_argument("--lora-alpha", dest="alpha", type=float, default=None)
     d.add_argument("--layout", default=None)
     d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=64, help="per rank")

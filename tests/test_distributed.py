@@ -31,14 +31,20 @@ def _gen_args(out, **over):
             "--device", "cpu"]
 
 
-def _run(args, env_extra=None, timeout=180, nproc=2):
+def _run(args, env_extra=None, timeout=180, nproc=2, torchrun=False):
+    """``python -m ppap_fast.distributed ARGS`` on ``nproc`` gloo processes, spawned by our own
+    launcher (``--nproc``) or by torchrun."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     env.update(env_extra or {})
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ppap_fast.distributed", *args]
+    else:
+        cmd = [sys.executable, "-m", "ppap_fast.distributed", *args, "--nproc", str(nproc)]
     # own session: the kill hook's SIGKILL of the process group hits the launcher and its workers only
-    return subprocess.run([sys.executable, "-m", "ppap_fast.distributed", *args, "--nproc", str(nproc),
-                           "--threads", "1", "--timeout", "60"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+    return subprocess.run([*cmd, "--threads", "1", "--timeout", "60"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +102,7 @@ def test_ranks_with_different_configs_fail_clearly(tmp_path):
     assert not list((tmp_path / "x").glob("shard_*")) if (tmp_path / "x").exists() else True
 
 
-def test_ddp_distillation_two_ranks(tmp_path):
+def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
     from ppap_fast.data.shards import ShardWriter
@@ -120,8 +126,9 @@ def test_ddp_distillation_two_ranks(tmp_path):
     ShardWriter(data, 16, 8).run(shard)
     dump, out = tmp_path / "ranks", tmp_path / "experts"
     r = _run(["distill", "--data", str(data), "--out", str(out), "--teacher", f"tiny:{tfile}",
-              "--n-experts", "2", "--r", "2", "--alpha", "2", "--steps", "3", "--batch-size", "8", "--lr", "0.05",
-              "--warmup", "1", "--weight-decay", "0", "--device", "cpu", "--dump-rank-states", str(dump)])
+              "--n-experts", "2", "--lora-r", "2", "--lora-alpha", "2", "--steps", "3", "--batch-size", "8", "--lr", "0.05",
+              "--warmup", "1", "--weight-decay", "0", "--device", "cpu", "--dump-rank-states", str(dump)],
+             torchrun=True)
     assert r.returncode == 0, r.stdout + r.stderr
     s0, s1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
     assert set(s0) == set(s1)
