@@ -1,0 +1,277 @@
+"""One guided DDIM step: a model of the official stack vs ppap_fast's FastGuidedSampler.
+
+reference: what the official PPAP / guided-diffusion code does per step, modelled faithfully:
+    eager fp32 denoiser and guide, the unmerged LoRA ExpertBank (routed layers), the expert picked
+    by reading t[0] on the host (.item()), the step-index tensor built on the host
+    (th.tensor([i] * B)), timestep_map copied to the device for every wrapped model / cond_fn
+    call, and every schedule lookup copying a whole numpy table host-to-device
+    (_extract_into_tensor), unfused condition_score + DDIM arithmetic (p_mean_variance incl. the
+    learned-range variance it computes and DDIM does not use).
+fast: FastGuidedSampler.step: merged expert (LoRA merged, BN folded), device tables, fused update;
+    on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step.
+
+Ratios (time ratios, below 1 = first faster):
+    step_fast_vs_reference      guided step, fast / reference
+    step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
+On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
+card's dense fp16/bf16 peak (floor = FLOPs / peak).
+
+CPU: tiny ADM (32x32) + TinyResNet bank, batch 4 (seconds). CUDA: ADM-256 uncond preset (random
+weights, fp16 torso) + torchvision ResNet50 PPAP-5 bank (random), batch 32.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ppap_fast.experts import ExpertBank  # noqa: E402
+from ppap_fast.fast_sampling import FastGuidedSampler  # noqa: E402
+from ppap_fast.guidance import ClassGuide  # noqa: E402
+from ppap_fast.models import ADMUNet  # noqa: E402
+from ppap_fast.schedule import Schedule  # noqa: E402
+
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+# ----------------------------------------------------------------------------- the reference stack
+class ReferenceStack:
+    """The official per-step code path (guided-diffusion SpacedDiffusion + PPAP cond_fn), eager fp32."""
+
+    def __init__(self, model, bank, target: int, scale: float, schedule: Schedule, device):
+        self.model, self.bank, self.target, self.scale, self.device = model, bank, target, scale, device
+        s = schedule.to("cpu")
+        self.np = {k: getattr(s, k).numpy() for k in (
+            "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+            "posterior_log_variance_clipped", "log_betas", "posterior_mean_coef1", "posterior_mean_coef2")}
+        self.timestep_map = [int(v) for v in s.timestep_map]
+
+    def _extract(self, name, t, shape):  # guided-diffusion _extract_into_tensor
+        res = torch.from_numpy(self.np[name]).to(device=t.device)[t].float()
+        while len(res.shape) < len(shape):
+            res = res[..., None]
+        return res.expand(shape)
+
+    def _map(self, ts):  # _WrappedModel: a fresh map tensor on every call
+        return torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)[ts]
+
+    def cond_fn(self, x, t):
+        t0 = int(self._map(t)[0].item())  # official: the whole batch goes to the expert of t[0]
+        expert = t0 // self.bank.band
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = self.bank(x_in, expert_idx=expert)
+            logp = F.log_softmax(logits, dim=-1)[range(len(logits)), torch.full((len(logits),), self.target,
+                                                                                    device=x.device)]
+            return torch.autograd.grad(logp.sum(), x_in)[0] * self.scale
+
+    def step(self, x, i, guided=True):
+        shape = x.shape
+        t = torch.tensor([i] * shape[0], device=self.device)  # p_sample_loop / ddim_sample_loop
+        with torch.no_grad():
+            out = self.model(x, self._map(t))
+        c = shape[1]
+        eps, v = out[:, :c], (out[:, c:] if out.shape[1] == 2 * c else None)
+        if v is not None:  # p_mean_variance computes the learned-range variance on every step
+            min_log = self._extract("posterior_log_variance_clipped", t, shape)
+            max_log = self._extract("log_betas", t, shape)
+            frac = (v + 1) / 2
+            _ = torch.exp(frac * max_log + (1 - frac) * min_log)
+        pred = (self._extract("sqrt_recip_alphas_cumprod", t, shape) * x
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, shape) * eps).clamp(-1, 1)
+        _ = (self._extract("posterior_mean_coef1", t, shape) * pred + self._extract("posterior_mean_coef2", t, shape) * x)
+        alpha_bar = self._extract("alphas_cumprod", t, shape)
+        eps = (self._extract("sqrt_recip_alphas_cumprod", t, shape) * x - pred) / \
+            self._extract("sqrt_recipm1_alphas_cumprod", t, shape)
+        if guided:  # condition_score
+            eps = eps - (1 - alpha_bar).sqrt() * self.cond_fn(x, t)
+            pred = (self._extract("sqrt_recip_alphas_cumprod", t, shape) * x
+                    - self._extract("sqrt_recipm1_alphas_cumprod", t, shape) * eps)
+            eps = (self._extract("sqrt_recip_alphas_cumprod", t, shape) * x - pred) / \
+                self._extract("sqrt_recipm1_alphas_cumprod", t, shape)
+        alpha_bar = self._extract("alphas_cumprod", t, shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, shape)
+        return pred * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps
+
+
+# ----------------------------------------------------------------------------- configs
+def _randomise_bank(bank, std):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            r = torch.randn(t.shape, generator=g).to(t.device, t.dtype)
+            if name.endswith("running_var"):
+                t.copy_(1 + 0.2 * r.abs())
+            elif name.endswith("running_mean"):
+                t.copy_(0.1 * r)
+            elif "expert_weight" in name:
+                t.add_(0.05 * r)
+            else:
+                t.add_(std * r)
+    return bank.eval()
+
+
+def _setup(device):
+    torch.manual_seed(0)
+    if device == "cuda":
+        model = ADMUNet.from_config("256x256_diffusion_uncond").to(device).eval()
+        import torchvision
+
+        net = torchvision.models.resnet50(weights=None)
+        bank = _randomise_bank(ExpertBank(net, "resnet", n_experts=5), 0.01).to(device)
+        shape, name = (32, 3, 256, 256), "adm256_uncond+resnet50_ppap5"
+    else:
+        from ppap_fast.models.tiny import TinyResNet
+
+        model = ADMUNet(image_size=32, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                        attention_resolutions=(4,), channel_mult=(1, 2, 2), num_heads=2, use_scale_shift_norm=True,
+                        resblock_updown=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().max() == 0:
+                    p.normal_(0, 0.02)
+        model = model.eval()
+        net = TinyResNet(widths=(16, 32, 64), layers=(1, 1, 1), in_channels=3, num_classes=10)
+        bank = _randomise_bank(ExpertBank(net, "resnet", n_experts=5), 0.05)
+        shape, name = (4, 3, 32, 32), "tiny_adm32+tinyresnet_ppap5"
+    model.requires_grad_(False)
+    return model, bank, shape, name
+
+
+def _peak(device):
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    for k in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if k in name:
+            return PEAK_TFLOPS[k] * 1e12
+    return None
+
+
+def _flops(fn) -> float | None:
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001 - an op the counter cannot see must not break the suite
+        return None
+
+
+def _denoiser_flops(model, x, t):
+    def f():
+        with torch.no_grad():
+            model(x, t)
+    return _flops(f)
+
+
+def _guide_flops(net, x, target):
+    """Forward + backward to the input of the merged expert (FlopCounterMode does not see
+    autograd.grad on a leaf, so this runs .backward(); the parameters need no grad)."""
+    def f():
+        x_in = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            F.log_softmax(net(x_in), -1)[:, target].sum().backward()
+    return _flops(f)
+
+
+def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> dict:
+    """Median ms of each callable, timed round-robin so that load drift on a shared machine hits all alike."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def run(device: str = "cpu", quick: bool = False) -> dict:
+    if device == "cuda":
+        return _run(device, quick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small shared CPU boxes: one thread times steadier than oversubscribed ones
+    try:
+        return _run(device, quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(device: str, quick: bool) -> dict:
+    cuda = device == "cuda"
+    model, bank, shape, name = _setup(device)
+    sched = Schedule.create("linear", 1000, "ddim25").to(device)
+    target, scale, i = 1, 10.0, 12  # step index 12 -> t = 480 (expert 2)
+    guide = ClassGuide(bank, target, scale=scale)
+    ref = ReferenceStack(model, bank, target, scale, sched, device)
+    fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True) if cuda else {}
+    fast = FastGuidedSampler(model, sched, guide=guide, **fast_opts)
+    fast_unguided = FastGuidedSampler(model, sched, **({"channels_last": True, "cuda_graph": True} if cuda else {}))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+
+    # equal math: the fast step reproduces the reference step (fp32 here; bf16 guide on CUDA)
+    with torch.no_grad():
+        want = ref.step(x, i)
+    got = fast.step(x, i)[0]
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    if not cuda and not rel < 1e-4:
+        raise AssertionError(f"fast step differs from the reference stack: rel err {rel:.2e}")
+
+    reps = (3 if quick else 10) if cuda else (5 if quick else 20)
+    warm = 2 if cuda else 1
+    ms = _interleaved_ms({"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
+                          "fast": lambda: fast.step(x, i), "fast_u": lambda: fast_unguided.step(x, i)},
+                         device, reps, warm)
+    t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
+    row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
+           "threads": torch.get_num_threads() if not cuda else None, "reps": reps,
+           "fast_options": {k: str(v) for k, v in fast_opts.items()},
+           "reference_ms": round(t_ref, 3), "reference_unguided_ms": round(t_ref_u, 3),
+           "fast_ms": round(t_fast, 3), "fast_unguided_ms": round(t_fast_u, 3),
+           "fast_vs_reference_rel_err": float(f"{rel:.3e}")}
+    t_orig = sched.timestep_map[torch.full((shape[0],), i, device=device)]
+    fl_u = _denoiser_flops(model, x, t_orig)
+    fl_g = _guide_flops(bank.merged(int(sched.timestep_map[i]) // bank.band).to(device), x, target)
+    fl = fl_u + fl_g if fl_u and fl_g else None
+    if fl:
+        row["step_gflop"] = round(fl / 1e9, 3)
+        row["guide_gflop"] = round(fl_g / 1e9, 3)
+        row["fast_tflops"] = round(fl / (t_fast * 1e-3) / 1e12, 4)
+        peak = _peak(device)
+        if peak:
+            row["peak_tflops"] = peak / 1e12
+            row["floor_ms"] = round(fl / peak * 1e3, 3)
+            row["fast_mfu"] = round(fl / peak / (t_fast * 1e-3), 4)
+            row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
+    ratios = {"step_fast_vs_reference": round(t_fast / t_ref, 4),
+              "step_guided_vs_unguided": round(t_fast / t_fast_u, 4)}
+    if not all(math.isfinite(v) for v in ratios.values()):
+        raise AssertionError(f"non-finite ratios {ratios}")
+    return {"rows": [row], "ratios": ratios}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "cpu", quick=True), indent=1))
