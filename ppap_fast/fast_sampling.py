@@ -149,7 +149,8 @@ class _GradRunner:
     def _ctx(self, device):
         if self.opts.guide_autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.opts.guide_autocast)
+        # no weight-cast cache: a cache filled during CUDA-graph capture would be reused outside it
+        return torch.autocast(device.type, dtype=self.opts.guide_autocast, cache_enabled=False)
 
     def _input(self, x):
         x = x.detach()

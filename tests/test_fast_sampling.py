@@ -252,3 +252,81 @@ def test_nonfinite_and_bad_inputs(setup):
         FastGuidedSampler(model, sched, eta=1.0).step(x, 1, noise=torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="learned_range"):
         FastGuidedSampler(tiny_adm(learn_sigma=False), sched, sampler="ddpm", var_type="learned_range").step(x, 1)
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _cuda_setup():
+    torch.manual_seed(0)
+    model, bank = tiny_adm().cuda(), tiny_bank().cuda()
+    return model, bank, ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_steps_do_not_sync(no_tf32):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, guide=guide, device="cuda")
+    fast_p = FastGuidedSampler(model, Schedule.create("linear", 1000, "6"), sampler="ddpm", guide=guide,
+                               device="cuda", nonfinite_grad="zero")
+    x, noise = torch.randn(SHAPE, device="cuda"), torch.randn(SHAPE, device="cuda")
+    idx = torch.tensor([4, 3, 1, 0], device="cuda")
+    calls = [lambda: fast.step(x, 3), lambda: fast.step(x, idx), lambda: fast_p.step(x, 5, noise=noise),
+             lambda: fast_p.step(x, idx, noise=noise)]
+    for c in calls:  # warm-up: merged experts are built here, lazy inits may sync
+        c()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in calls:
+            c()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_cuda_graph_step_equals_reference(no_tf32, sampler):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5" if sampler == "ddim" else "6").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    ref = sample_loop(model, SHAPE, sched, sampler=sampler, guide=guide, generator=gen())
+    fast = FastGuidedSampler(model, sched, sampler=sampler, guide=guide, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        out = fast.sample(SHAPE, generator=gen())
+        again = fast.sample(SHAPE, generator=gen())  # replays the captured graphs
+    assert fast._graphs
+    assert rel_err(out, ref) < 1e-4 and rel_err(again, ref) < 1e-4
+    x = torch.randn(SHAPE, device="cuda")
+    idx = torch.tensor([4, 3, 1, 0], device="cuda")
+    noise = torch.randn(SHAPE, device="cuda")
+    step = ddim_step if sampler == "ddim" else ddpm_step
+    want = step(model, x, idx, sched, guide=guide, **({"noise": noise} if sampler == "ddpm" else {})).sample
+    for _ in range(2):  # capture, then replay, of a mixed (routed) batch
+        got, _ = fast.step(x, idx, noise=noise)
+        assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_bf16_channels_last_graph(no_tf32):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator(device="cuda").manual_seed(1))
+    out = fast_sample_loop(model, SHAPE, sched, guide=guide, guide_autocast=torch.bfloat16, channels_last=True,
+                           cuda_graph=True, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert rel_err(out, ref) < 3e-2
