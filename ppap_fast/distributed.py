@@ -216,15 +216,16 @@ class RandomConvDenoiser(nn.Module):
         return x + 0.5 * self.c2(torch.tanh(self.c1(torch.cat([x, tt], 1))))  # eps ~ x: unsaturated samples
 
 
-def build_denoiser(spec: str, checkpoint=None, channels: int = 3) -> nn.Module:
-    """``adm:<preset>`` (guided-diffusion checkpoint, strict), ``tiny`` (a ppap_fast tiny UNet
-    safetensors file), ``random-conv`` (smoke tests)."""
+def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: str = "cuda") -> nn.Module:
+    """``adm:<preset>`` (guided-diffusion checkpoint, strict; its fp16 torso only on CUDA),
+    ``tiny`` (a ppap_fast tiny UNet safetensors file), ``random-conv`` (smoke tests)."""
     if spec.startswith("adm:"):
         from .models.adm import ADMUNet
 
         if checkpoint is None:
             raise ValueError(f"denoiser {spec!r} needs --checkpoint (the guided-diffusion .pt file)")
-        return ADMUNet.from_checkpoint(checkpoint, spec[4:])
+        over = {} if device_type == "cuda" else {"use_fp16": False}
+        return ADMUNet.from_checkpoint(checkpoint, spec[4:], **over)
     if spec == "tiny":
         from .models.tiny import load_model
 
@@ -237,7 +238,7 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3) -> nn.Module:
 
 
 def build_teacher(spec: str, weights=None):
-    """-> (model, input_transform or None, placement rule name).
+    """-> (model, input_transform or None, placement(**kw) -> Placement; kw: r, alpha, layout).
 
     ``tiny:<path>``: a ppap_fast tiny classifier file (takes [-1, 1] directly, "resnet" placement);
     any name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ...) with ``weights``.
@@ -245,11 +246,14 @@ def build_teacher(spec: str, weights=None):
     if spec.startswith("tiny:"):
         from .models.tiny import load_model
 
-        return load_model(spec[5:]).eval(), None, "resnet"
+        from .experts.placement import make_placement
+
+        model = load_model(spec[5:]).eval()
+        return model, None, (lambda **kw: make_placement("resnet", model, **kw))
     from .models.registry import build_guide_model
 
     gm = build_guide_model(spec, weights=weights)
-    return gm.model, gm.transform, gm.placement()
+    return gm.model, gm.transform, gm.placement
 
 
 # ----------------------------------------------------------------------------- generation
@@ -388,7 +392,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
 
     device = env.device
     torch.manual_seed(cfg.seed)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels).to(device).eval()
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
     teacher = transform = None
     if cfg.teacher:
         teacher, transform, _ = build_teacher(cfg.teacher, cfg.teacher_weights)
@@ -541,8 +545,8 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     l_all = torch.from_numpy(data["logits"]).float() if "logits" in data else None
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
-    bank = ExpertBank(teacher, placement, cfg.n_experts, cfg.num_timesteps, r=cfg.r, alpha=cfg.alpha,
-                      layout=cfg.layout, arch=cfg.teacher.split(":")[0]).to(device).train()
+    bank = ExpertBank(teacher, placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout), cfg.n_experts,
+                      cfg.num_timesteps, arch=cfg.teacher.split(":")[0]).to(device).train()
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None
     model = bank

@@ -105,7 +105,6 @@ def test_ranks_with_different_configs_fail_clearly(tmp_path):
 def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
-    from ppap_fast.data.shards import ShardWriter
     from ppap_fast.experts import load_experts
     from ppap_fast.models.tiny import TinyResNet, save_model
 
@@ -114,16 +113,15 @@ def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     with torch.no_grad():  # non-trivial running statistics in the teacher
         teacher.bn1.running_mean.uniform_(-0.5, 0.5)
     tfile = save_model(teacher, tmp_path / "teacher.safetensors")
-    g = torch.Generator().manual_seed(1)
+    # the data-free set, with the teacher's logits on the clean images cached (single process)
     data = tmp_path / "data"
-
-    def shard(k):
-        imgs = torch.randint(0, 256, (8, 8, 8, 1), generator=g, dtype=torch.uint8).numpy()
-        with torch.no_grad():
-            x = torch.from_numpy(imgs.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
-            return {"images": imgs, "logits": teacher(x).numpy().astype(np.float32)}
-
-    ShardWriter(data, 16, 8).run(shard)
+    res = D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 16, "shard_size": 8,
+                                                     "teacher": f"tiny:{tfile}"}), D.DistEnv())
+    assert res["written"] == [0, 1]
+    cached = load_shards(data)
+    with torch.no_grad():
+        x = torch.from_numpy(cached["images"].astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        torch.testing.assert_close(torch.from_numpy(cached["logits"]), teacher(x))
     dump, out = tmp_path / "ranks", tmp_path / "experts"
     r = _run(["distill", "--data", str(data), "--out", str(out), "--teacher", f"tiny:{tfile}",
               "--n-experts", "2", "--lora-r", "2", "--lora-alpha", "2", "--steps", "3", "--batch-size", "8", "--lr", "0.05",
