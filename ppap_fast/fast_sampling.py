@@ -59,7 +59,7 @@ from .ops.update import MODES as _MODES
 from .sampling import NONFINITE_MODES
 from .schedule import Schedule
 
-__all__ = ["FastGuidedSampler", "FastSamplingWarning", "fast_sample_loop", "guide_banks"]
+__all__ = ["FastGuidedSampler", "FastGuide", "FastSamplingWarning", "fast_sample_loop", "guide_banks"]
 
 
 class FastSamplingWarning(UserWarning):
@@ -243,6 +243,80 @@ class _Graph:
     __slots__ = ("graph", "x", "idx", "noise", "out")
 
 
+class FastGuide:
+    """``guide(x_t, t) -> grad`` with the sampling-time speed-ups of this module, usable alone.
+
+    ``fast(x, t, t_host=None)``: t the original timesteps (long [B] on x's device). When every
+    sample is at the same original timestep and the caller knows it on the host (``t_host``, an
+    int; e.g. the loop's counter or a CPU scheduler timestep), a PPAP guide runs with the merged
+    experts of that band; otherwise it routes per sample through its ExpertBank(s). Other guides
+    run as they are (with autocast / channels_last / compile as configured).
+    """
+
+    def __init__(self, guide: Callable, device=None, *, merge_experts: bool = True, channels_last: bool = False,
+                 guide_autocast: torch.dtype | None = None, compile_guide: bool = False,
+                 compile_kwargs: Mapping | None = None, opts: "_Opts | None" = None, _stacklevel: int = 2):
+        if not callable(guide):
+            raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        self.opts = opts if opts is not None else _Opts(channels_last, guide_autocast, compile_guide, False,
+                                                        compile_kwargs)
+        self.device = None if device is None else torch.device(device)
+        self.guide = guide if self.device is None else _on_device(guide, self.device)
+        self.banks = guide_banks(self.guide)
+        self.merge_experts = bool(merge_experts) and bool(self.banks)
+        if self.merge_experts and any(b.training for b in self.banks):
+            warnings.warn("an ExpertBank is in train mode: merged experts equal the bank in eval mode only; "
+                          "routing per sample instead of merging (call bank.eval() to merge)",
+                          FastSamplingWarning, stacklevel=_stacklevel)
+            self.merge_experts = False
+        self._merged_models: dict = {}
+        self._variants: dict = {}
+        self._routed = _GradRunner(self.guide, self.opts, self.banks)
+
+    def key(self, t_host: int | None) -> tuple | None:
+        """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
+        if t_host is None or not self.merge_experts:
+            return None
+        return tuple(int(t_host) // b.band for b in self.banks)
+
+    def _merged_model(self, bank, n):
+        key = (id(bank), n)
+        m = self._merged_models.get(key)
+        if m is None:
+            m = bank.merged(n)
+            if self.opts.channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            self._merged_models[key] = m
+        return m
+
+    def _merge(self, guide, experts: dict):
+        if isinstance(guide, _gd.ComposedGuide):
+            new = copy.copy(guide)
+            new.guides = [(self._merge(g, experts), w) for g, w in guide.guides]
+            return new
+        bank = _bank_of(guide)
+        if bank is None:
+            return guide
+        new = copy.copy(guide)
+        new.model = self._merged_model(bank, experts[id(bank)])
+        new.pass_t = False
+        return new
+
+    def runner(self, key):
+        """The grad runner for a merged key, or the routed runner for key None."""
+        if key is None:
+            return self._routed
+        v = self._variants.get(key)
+        if v is None:
+            experts = {id(b): n for b, n in zip(self.banks, key)}
+            v = _GradRunner(self._merge(self.guide, experts), self.opts, [])
+            self._variants[key] = v
+        return v
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None) -> torch.Tensor:
+        return self.runner(self.key(t_host))(x, t)
+
+
 # ----------------------------------------------------------------------------- the sampler
 class FastGuidedSampler:
     """Guided DDIM / DDPM sampling with the fused update and sampling-time expert merging.
@@ -299,63 +373,39 @@ class FastGuidedSampler:
             self._tables = {k: build_table(self.schedule, "ddpm", var_type=k) for k in kinds}
         self._steps_cache: dict = {}
         # guide variants
-        self.guide = None if guide is None else _on_device(guide, self.device)
-        self.banks = guide_banks(self.guide) if self.guide is not None else []
-        self.merge_experts = bool(merge_experts) and bool(self.banks)
-        if self.merge_experts and any(b.training for b in self.banks):
-            warnings.warn("an ExpertBank is in train mode: merged experts equal the bank in eval mode only; "
-                          "routing per sample instead of merging (call bank.eval() to merge)",
-                          FastSamplingWarning, stacklevel=2)
-            self.merge_experts = False
-        self._merged_models: dict = {}
-        self._variants: dict = {}
-        self._routed = None if self.guide is None else _GradRunner(self.guide, self.opts, self.banks)
+        self.fast_guide = None if guide is None else FastGuide(guide, self.device, merge_experts=merge_experts,
+                                                                opts=self.opts, _stacklevel=3)
+        self.guide = None if guide is None else self.fast_guide.guide
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}
         self._graph_warned = False
 
     # -- guide variants --------------------------------------------------------------------
+    @property
+    def banks(self) -> list:
+        return [] if self.fast_guide is None else self.fast_guide.banks
+
+    @property
+    def merge_experts(self) -> bool:
+        return self.fast_guide is not None and self.fast_guide.merge_experts
+
+    @property
+    def _variants(self) -> dict:
+        return {} if self.fast_guide is None else self.fast_guide._variants
+
+    @property
+    def _merged_models(self) -> dict:
+        return {} if self.fast_guide is None else self.fast_guide._merged_models
+
     def expert_key(self, index: int) -> tuple | None:
         """Host-side key of the merged guide for step index `index` (expert id per bank)."""
-        if not self.merge_experts:
+        if self.fast_guide is None:
             return None
-        t = self._tmap_host[index]
-        return tuple(t // b.band for b in self.banks)
-
-    def _merged_model(self, bank, n):
-        key = (id(bank), n)
-        m = self._merged_models.get(key)
-        if m is None:
-            m = bank.merged(n)
-            if self.opts.channels_last:
-                m = m.to(memory_format=torch.channels_last)
-            self._merged_models[key] = m
-        return m
-
-    def _merge(self, guide, experts: dict):
-        if isinstance(guide, _gd.ComposedGuide):
-            new = copy.copy(guide)
-            new.guides = [(self._merge(g, experts), w) for g, w in guide.guides]
-            return new
-        bank = _bank_of(guide)
-        if bank is None:
-            return guide
-        new = copy.copy(guide)
-        new.model = self._merged_model(bank, experts[id(bank)])
-        new.pass_t = False
-        return new
+        return self.fast_guide.key(self._tmap_host[index])
 
     def _variant(self, key):
-        """The grad runner for a merged key, or the routed runner for key None."""
-        if key is None:
-            return self._routed
-        v = self._variants.get(key)
-        if v is None:
-            experts = {id(b): n for b, n in zip(self.banks, key)}
-            v = _GradRunner(self._merge(self.guide, experts), self.opts, [])
-            self._variants[key] = v
-        return v
+        return self.fast_guide.runner(key)
 
     # -- one step ------------------------------------------------------------------------
     def _step_indices(self, b: int) -> torch.Tensor:
