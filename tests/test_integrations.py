@@ -189,3 +189,29 @@ def test_imports_without_diffusers():
             "try:\n    d.PPAPGuidedPipeline(None, S())()\nexcept ImportError: print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_fast_guidance_merges_experts_and_matches_routed(unet):
+    from ppap_fast.experts import ExpertBank
+    from ppap_fast.guidance import ClassGuide
+    from ppap_fast.models.tiny import TinyResNet
+
+    torch.manual_seed(1)
+    bank = ExpertBank(TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=C, num_classes=3), "resnet",
+                      n_experts=5, r=4, alpha=2)
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if not name.endswith(("num_batches_tracked", "running_var")):
+                t.normal_(0, 0.2)
+    guide = ClassGuide(bank.eval(), torch.tensor([0, 1, 2, 0]), scale=3.0)
+    fast, slow = PPAPGuidance(guide), PPAPGuidance(guide, fast=False)
+    for cls in (DDIMScheduler, DPMSolverMultistepScheduler):
+        a = _manual_loop(unet, cls(num_train_timesteps=1000), 5, seed=2, guided=fast)
+        b = _manual_loop(unet, cls(num_train_timesteps=1000), 5, seed=2, guided=slow)
+        assert (a - b).norm() / b.norm() < 1e-5
+    assert len(fast._fast_guides[torch.device("cpu")]._merged_models) == 5
+    x = torch.randn(B, C, H, H)  # a device-side / mixed t routes per sample: same gradient
+    t_mixed = torch.tensor([900, 500, 100, 10])
+    torch.testing.assert_close(fast.grad(x, t_mixed), guide(x, t_mixed), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="unknown fast options"):
+        PPAPGuidance(guide, cuda_graph=True)

@@ -55,15 +55,47 @@ class PPAPGuidance:
         guide: ``guide(x_t, t) -> grad`` (a ppap_fast guide: ClassGuide over an ExpertBank, ...),
             t the ORIGINAL timesteps, long [B] (the scheduler's timesteps are those).
         scale: an extra multiplier of the guide's gradient (0 skips the guide entirely).
+        fast: run the guide through :class:`ppap_fast.fast_sampling.FastGuide`: when the timestep
+            is known on the host (an int, or a CPU tensor as ``scheduler.timesteps`` is unless
+            ``set_timesteps(device=...)`` moved it), a PPAP guide uses the merged experts of that
+            band (LoRA merged, BN folded); a device timestep routes per sample. ``fast_options``
+            (merge_experts, channels_last, guide_autocast, compile_guide, compile_kwargs) go to it.
     """
 
-    def __init__(self, guide: Callable, scale: float = 1.0):
+    def __init__(self, guide: Callable, scale: float = 1.0, fast: bool = True, **fast_options):
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
+        allowed = {"merge_experts", "channels_last", "guide_autocast", "compile_guide", "compile_kwargs"}
+        if set(fast_options) - allowed:
+            raise TypeError(f"unknown fast options {sorted(set(fast_options) - allowed)}; allowed: {sorted(allowed)}")
         self.guide, self.scale = guide, float(scale)
+        self.fast, self.fast_options = bool(fast), dict(fast_options)
         self._tables: dict = {}
+        self._fast_guides: dict = {}
+
+    def _fast_guide(self, device):
+        fg = self._fast_guides.get(device)
+        if fg is None:
+            from ppap_fast.fast_sampling import FastGuide
+
+            fg = self._fast_guides[device] = FastGuide(self.guide, device, **self.fast_options)
+        return fg
+
+    @staticmethod
+    def _host_timestep(t) -> int | None:
+        """The batch's common timestep if it can be read without touching an accelerator."""
+        if isinstance(t, int) and not isinstance(t, bool):
+            return t
+        if isinstance(t, float):
+            return int(round(t))
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 0:
+            flat = t.reshape(-1)
+            if flat.numel() == 1 or bool((flat == flat[0]).all()):
+                v = flat[0]
+                return int(v.round()) if v.is_floating_point() else int(v)
+        return None
 
     # -- pieces --------------------------------------------------------------------------
     def _abar(self, scheduler, device) -> torch.Tensor:
@@ -106,8 +138,11 @@ class PPAPGuidance:
         """scale * guide(x_t, t), detached, in x's dtype."""
         s = self.scale if scale is None else float(scale)
         tt = self.timesteps(t, x.shape[0], x.device)
-        with torch.enable_grad():
-            g = self.guide(x.detach(), tt)
+        if self.fast:
+            g = self._fast_guide(x.device)(x.detach(), tt, self._host_timestep(t))
+        else:
+            with torch.enable_grad():
+                g = self.guide(x.detach(), tt)
         if not isinstance(g, torch.Tensor) or g.shape != x.shape:
             raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
                              f"{getattr(g, 'shape', type(g).__name__)}")
@@ -241,7 +276,8 @@ class PPAPGuidedPipeline:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             x = latents.to(device=device, dtype=self.dtype)
         x = x * sched.init_noise_sigma
-        sched.set_timesteps(num_inference_steps, device=device)
+        sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
+        # guide then knows each step's band without a device read (merged experts)
         guided = self.guidance is not None and guidance_scale != 0
         extra = _step_kwargs(sched, eta, generator, guided)
         for i, t in enumerate(sched.timesteps):
