@@ -438,3 +438,25 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     save_bar_chart(out / "results.png", results)
     print(format_table(results))
     return summary
+
+
+def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
+    """Untrained tiny versions of every demo weight file (unet, classifier, evaluator, PPAP-5/10,
+    noise-aware, multi-experts-5): for tests and smoke runs, built in a second, nothing downloaded."""
+    from .experts import ExpertBank, save_experts
+    from .finetune import MultiExperts, save_multi
+    from .models.tiny import EvalNet, TinyResNet
+
+    d = Path(weights_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    save_model(EpsModel(block_out_channels=[8, 16], norm_num_groups=4, down_block_types=["DownBlock2D", "DownBlock2D"],
+                        up_block_types=["UpBlock2D", "UpBlock2D"]), d / "unet.safetensors")
+    clf = TinyResNet(widths=[4, 8, 8]).eval()
+    save_model(clf, d / "classifier.safetensors", extra={"labelled_images": 500})
+    save_model(EvalNet(width=4, feat_dim=8).eval(), d / "evaluator.safetensors")
+    for n in (5, 10):
+        save_experts(ExpertBank(clf, "resnet", n, 1000, r=2, alpha=1.0), d / f"ppap{n}")
+    save_multi(MultiExperts(clf, 1), d / "noise_aware.safetensors", extra={"labelled_images": 500})
+    save_multi(MultiExperts(clf, 5), d / "multi5.safetensors", extra={"labelled_images": 500})
+    return d

@@ -43,10 +43,10 @@ def write_npz_atomic(path, **arrays) -> Path:
     return _atomic(path, w, ".npz")
 
 
-def write_json_atomic(path, obj) -> Path:
+def write_json_atomic(path, obj, sort_keys: bool = False) -> Path:
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
     return _atomic(path, w, ".json")
 

@@ -1,0 +1,163 @@
+"""ppap-fast CLI stages on tiny, untrained models (built on the fly; nothing downloaded)."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from ppap_fast.cli import main
+from ppap_fast.demo import make_tiny_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_tiny_weights(tmp_path_factory.mktemp("w"))
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppap-fast: error: "), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_train_stages(tmp_path, capsys):
+    assert main(["train-diffusion", "--out", str(tmp_path / "u.safetensors"), "--steps", "1", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    assert "unet" in str(load_file(tmp_path / "u.safetensors").keys())
+    assert main(["train-classifier", "--arch", "resnet", "--widths", "4,8,8", "--steps", "2", "--batch-size", "8",
+                 "--out", str(tmp_path / "c.safetensors"), "--no-progress"]) == 0
+    assert main(["train-classifier", "--arch", "evalnet", "--steps", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "e.safetensors"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert '"labelled_images": 1400' in out and '"labelled_images": 500' in out
+
+
+def test_generate_distill_finetune(weights, tmp_path):
+    data = tmp_path / "data"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "12", "--shard-size", "5", "--steps", "2"] + common) == 0
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["complete"] and man["num_shards"] == 3
+    with np.load(data / "shard_00002.npz") as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (2, 16, 16, 1) and z["logits"].shape == (2, 10)
+    assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--alpha", "1", "--steps", "2",
+                 "--batch-size", "8", "--out", str(tmp_path / "ppap5")] + common) == 0
+    cfg = json.loads((tmp_path / "ppap5" / "config.json").read_text())
+    assert cfg["n_experts"] == 5 and cfg["bands"][1] == [200, 400]
+    assert main(["finetune", "--experts", "5", "--steps", "2", "--batch-size", "10",
+                 "--out", str(tmp_path / "m5.safetensors")] + common) == 0
+    assert (tmp_path / "m5.safetensors").exists()
+
+
+def test_sample_and_evaluate(weights, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--weights-dir", str(weights), "--method", "ppap-10", "--targets", "3,7",
+                 "--num-samples", "5", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    with np.load(out) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (5, 16, 16, 1)
+        assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [3, 7, 3, 7, 3]
+    assert out.with_suffix(".png").exists()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--weights-dir", str(weights), "--json", str(tmp_path / "m.json")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) >= {"target_accuracy", "fd", "is", "precision", "recall"}
+    assert json.loads((tmp_path / "m.json").read_text()) == res
+
+
+@pytest.mark.parametrize("method", ["none", "naive", "x0hat", "noise-aware", "multi-experts-5"])
+def test_sample_every_method(weights, tmp_path, method):
+    assert main(["sample", "--weights-dir", str(weights), "--method", method, "--num-samples", "3", "--steps", "2",
+                 "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+
+
+def test_ddpm_sampler(weights, tmp_path):
+    assert main(["sample", "--weights-dir", str(weights), "--method", "naive", "--sampler", "ddpm", "--steps", "3",
+                 "--num-samples", "2", "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+
+
+# ----------------------------------------------------------------------------- bad input
+def _sample(weights, out, *extra):
+    return main(["sample", "--weights-dir", str(weights), "--num-samples", "2", "--steps", "2", "--out", str(out),
+                 "--no-progress", *extra])
+
+
+def test_unknown_method(weights, tmp_path, capsys):
+    assert _sample(weights, tmp_path / "s.npz", "--method", "magic") == 2
+    assert "unknown method" in _err(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_target_out_of_range(weights, tmp_path, capsys):
+    assert _sample(weights, tmp_path / "s.npz", "--method", "ppap-5", "--targets", "3,10") == 2
+    assert "out of range" in _err(capsys)
+    assert not list(tmp_path.glob("*.npz"))
+    assert _sample(weights, tmp_path / "s.npz", "--method", "ppap-5", "--targets", "-1") == 2
+    _err(capsys)
+
+
+def test_missing_weight_file(weights, tmp_path, capsys):
+    assert _sample(tmp_path / "nowhere", tmp_path / "s.npz", "--method", "naive") == 2
+    assert "not found" in _err(capsys)
+    assert _sample(weights, tmp_path / "s.npz", "--method", "ppap-20") == 2
+    assert "not found" in _err(capsys)
+
+
+def test_corrupt_weight_file(weights, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "w"
+    shutil.copytree(weights, bad)
+    (bad / "classifier.safetensors").write_bytes(b"\x00" * 100)
+    assert _sample(bad, tmp_path / "s.npz", "--method", "naive") == 2
+    assert "corrupt" in _err(capsys)
+    data = (weights / "unet.safetensors").read_bytes()
+    (bad / "unet.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    assert _sample(bad, tmp_path / "s.npz", "--method", "none") == 2
+    assert "corrupt" in _err(capsys)
+    assert main(["demo", "--weights-dir", str(bad), "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    _err(capsys)
+    assert not list((tmp_path / "d").glob("*"))
+
+
+def test_unwritable_output(weights, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _sample(weights, blocker / "sub" / "s.npz", "--method", "none") == 2
+    assert "not writable" in _err(capsys)
+    assert main(["demo", "--weights-dir", str(weights), "--out", str(blocker / "d"), "--no-progress"]) == 2
+    _err(capsys)
+
+
+def test_bad_sample_file(weights, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.npz"), "--weights-dir", str(weights)]) == 2
+    assert "not found" in _err(capsys)
+    p = tmp_path / "bad.npz"
+    np.savez(p, images=np.zeros((2, 16, 16, 1), np.float32), labels=np.zeros(2, np.int64))
+    assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 2
+    assert "uint8" in _err(capsys)
+
+
+def test_generate_resumes_after_interruption(weights, tmp_path):
+    """A run killed mid-way leaves only complete shards; the rerun fills in the rest, identical to a clean run."""
+    from ppap_fast.distill import generate_datafree
+    from ppap_fast.models.tiny import load_model
+
+    unet, teacher = load_model(weights / "unet.safetensors"), load_model(weights / "classifier.safetensors")
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(k):
+        raise Crash
+
+    with pytest.raises(Crash):
+        generate_datafree(unet, teacher, tmp_path / "a", 9, 3, respacing="ddim2", progress=False,
+                          shard_hook=crash_after_first)
+    assert sorted(p.name for p in (tmp_path / "a").glob("shard_*.npz")) == ["shard_00000.npz"]
+    assert generate_datafree(unet, teacher, tmp_path / "a", 9, 3, respacing="ddim2", progress=False) == [1, 2]
+    generate_datafree(unet, teacher, tmp_path / "b", 9, 3, respacing="ddim2", progress=False)
+    from ppap_fast.data import load_shards
+
+    a, b = load_shards(tmp_path / "a"), load_shards(tmp_path / "b")
+    assert np.array_equal(a["images"], b["images"]) and np.allclose(a["logits"], b["logits"])

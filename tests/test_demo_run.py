@@ -1,0 +1,34 @@
+"""`ppap-fast demo` end to end on tiny untrained weights (fast); the real run uses ppap_fast/weights."""
+import json
+
+import numpy as np
+import pytest
+
+from ppap_fast.cli import main
+from ppap_fast.demo import DEMO_METHODS, make_tiny_weights
+
+
+@pytest.mark.slow
+def test_demo_writes_every_artefact(tmp_path, capsys):
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    assert main(["demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10", "--steps", "2",
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == DEMO_METHODS
+    for m in DEMO_METHODS:
+        r = res["methods"][m]
+        for key in ("target_accuracy", "fd", "is", "precision", "recall", "trainable_parameters", "labelled_data",
+                    "nfe_per_sample", "seconds", "peak_rss_mb", "peak_rss_delta_mb"):
+            assert key in r, (m, key)
+        with np.load(out / f"samples_{m}.npz") as z:
+            assert z["images"].dtype == np.uint8 and z["images"].shape == (10, 16, 16, 1)
+            assert z["labels"].dtype == np.int64 and z["labels"].tolist() == list(range(10))
+        assert (out / f"grid_{m}.png").stat().st_size > 0
+    assert res["methods"]["none"]["trainable_parameters"] == 0
+    assert res["methods"]["ppap-10"]["labelled_data"] == 0 and res["methods"]["multi-experts-5"]["labelled_data"] == 500
+    assert res["methods"]["x0hat"]["nfe_per_sample"] == 4  # the UNet runs again inside the x0-hat guide
+    assert (out / "results.png").stat().st_size > 0
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    table = capsys.readouterr().out
+    assert "| method" in table and "ppap-10" in table
