@@ -119,8 +119,11 @@ def read_state_dict(path) -> dict:
             obj = torch.load(str(f), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip / pickle, bad safetensors header, non-weights pickle
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        hint = "the file is truncated or corrupt" if not isinstance(e, RuntimeError) or "zip" in msg or "header" in msg \
-            or "central directory" in msg or "EOF" in msg else "the file is not a readable weight file"
+        if "Weights only load failed" in str(e):
+            hint = ("it pickles objects other than tensors, which weights_only=True refuses to run; re-save "
+                    "its state_dict")
+        else:
+            hint = "the file is truncated or corrupt"
         raise CheckpointError(f"cannot read checkpoint {f} ({size:,} bytes): {hint} ({msg})") from e
     return _unwrap(obj, str(f))
 
