@@ -185,11 +185,11 @@ def test_compile_eager_backend_matches(setup):
     assert rel_err(out, ref) < TOL
 
 
-def test_cuda_graph_on_cpu_warns_and_runs_eagerly(setup):
+def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "6")
     ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, generator=torch.Generator().manual_seed(4))
-    fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True)
+    fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True, overlap_guide=True)
     with pytest.warns(FastSamplingWarning, match="CUDA-graph capture needs a CUDA device.*cpu"):
         out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(4))
     assert rel_err(out, ref) < TOL and not fast._graphs
@@ -319,6 +319,19 @@ def test_cuda_graph_step_equals_reference(no_tf32, sampler):
     for _ in range(2):  # capture, then replay, of a mixed (routed) batch
         got, _ = fast.step(x, idx, noise=noise)
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("graph", [False, True])
+def test_cuda_overlap_guide_equals_reference(no_tf32, graph):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "6").to("cuda")
+    ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide,
+                      generator=torch.Generator(device="cuda").manual_seed(3))
+    out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, overlap_guide=True, cuda_graph=graph,
+                           generator=torch.Generator(device="cuda").manual_seed(3))
+    assert rel_err(out, ref) < 1e-4
 
 
 @pytest.mark.cuda
