@@ -358,8 +358,8 @@ class FastGuidedSampler:
             raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-        self.device = torch.device(device) if device is not None else schedule.device
-        self.schedule = schedule.to(self.device)
+        self.schedule = schedule.to(torch.device(device) if device is not None else schedule.device)
+        self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
         self.sampler, self.eta, self.var_type = sampler, float(eta), var_type
         self.clip_denoised, self.nonfinite_grad, self.backend = clip_denoised, nonfinite_grad, backend
         self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs)
