@@ -10,7 +10,8 @@ reference: what the official PPAP / guided-diffusion code does per step, modelle
 fast: FastGuidedSampler.step: merged expert (LoRA merged, BN folded), device tables, fused update;
     on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step.
 
-Ratios (time ratios, below 1 = first faster):
+Ratios (time ratios, below 1 = first faster; the median over rounds of the ratio measured within
+one round, the four variants being timed round-robin, which keeps load drift out on shared CPUs):
     step_fast_vs_reference      guided step, fast / reference
     step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
@@ -185,8 +186,9 @@ def _guide_flops(net, x, target):
     return _flops(f)
 
 
-def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> dict:
-    """Median ms of each callable, timed round-robin so that load drift on a shared machine hits all alike."""
+def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> tuple[dict, dict]:
+    """Median ms of each callable, timed round-robin so that load drift on a shared machine hits all
+    alike, and the per-round times (for ratios taken within a round)."""
     import statistics
     import time
 
@@ -203,7 +205,14 @@ def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def _ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b) measured in the same round."""
+    import statistics
+
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def run(device: str = "cpu", quick: bool = False) -> dict:
@@ -238,9 +247,9 @@ def _run(device: str, quick: bool) -> dict:
     if not cuda and not rel < 1e-4:
         raise AssertionError(f"fast step differs from the reference stack: rel err {rel:.2e}")
 
-    reps = (3 if quick else 10) if cuda else (5 if quick else 20)
+    reps = (3 if quick else 10) if cuda else (9 if quick else 25)
     warm = 2 if cuda else 1
-    ms = _interleaved_ms({"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
+    ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
                           "fast": lambda: fast.step(x, i), "fast_u": lambda: fast_unguided.step(x, i)},
                          device, reps, warm)
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
@@ -264,8 +273,9 @@ def _run(device: str, quick: bool) -> dict:
             row["floor_ms"] = round(fl / peak * 1e3, 3)
             row["fast_mfu"] = round(fl / peak / (t_fast * 1e-3), 4)
             row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
-    ratios = {"step_fast_vs_reference": round(t_fast / t_ref, 4),
-              "step_guided_vs_unguided": round(t_fast / t_fast_u, 4)}
+    ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
+              "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
+    row["reference_guided_vs_unguided"] = round(_ratio(rounds, "ref", "ref_u"), 4)
     if not all(math.isfinite(v) for v in ratios.values()):
         raise AssertionError(f"non-finite ratios {ratios}")
     return {"rows": [row], "ratios": ratios}
