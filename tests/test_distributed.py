@@ -3,6 +3,7 @@
 and ranks started with different configurations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,3 +155,21 @@ def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     bank = load_experts(out, teacher)
     for k, v in bank.per_expert_state_dict().items():
         assert torch.equal(v, s0[k]), k
+
+
+def test_single_process_distill_and_bad_data(tmp_path):
+    """world_size 1 runs the same code without a process group (no DDP wrapper)."""
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    torch.manual_seed(0)
+    teacher = TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval()
+    tfile = save_model(teacher, tmp_path / "t.safetensors")
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())  # no logits
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{tfile}", n_experts=2, r=2, alpha=2.0, steps=2,
+                          batch_size=4, lr=1e-2, warmup=1, device="cpu")
+    bank = D.distill(cfg, D.DistEnv())        # teacher logits computed on the fly
+    assert not bank.training and bank.placement.r == 2
+    assert (tmp_path / "out" / "experts.safetensors").is_file()
+    with pytest.raises(D.DistributedRunError, match="no manifest.json"):
+        D.distill(dataclasses.replace(cfg, data_dir=str(tmp_path / "nothing")), D.DistEnv())
