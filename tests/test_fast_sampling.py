@@ -142,6 +142,30 @@ def test_mixed_timestep_batch_routes_per_sample(setup, sampler):
         assert rel_err(one, out[b:b + 1]) < TOL
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_merged_step_reads_no_scalar_on_the_host(setup, sampler):
+    """CPU proxy of "no .item() / host sync": no aten._local_scalar_dense in a merged step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountScalarReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model, bank, _ = setup
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0, nonfinite="zero")
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), sampler=sampler, guide=guide,
+                             nonfinite_grad="zero")
+    x = torch.randn(SHAPE)
+    fast.step(x, 3)  # builds the merged expert
+    with CountScalarReads():
+        fast.step(x, 3)
+    assert CountScalarReads.n == 0
+
+
 def test_composed_guide_merges_its_banks(setup):
     model, bank, guide = setup
     other = ClassGuide(tiny_bank(n_experts=2), 1, scale=1.5)
