@@ -18,8 +18,10 @@ Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, nu
 The correction is the generic score correction (guided-diffusion's ``condition_score``) that fits
 any sampler built on the model's eps: ``eps' = eps - sqrt(1 - abar_t) * grad`` with
 ``grad = guide(x_t, t)`` (scale included) and ``abar_t = scheduler.alphas_cumprod[t]``, read from a
-device copy of the table made once per scheduler (no host syncs; pass timesteps on the device,
-``scheduler.set_timesteps(n, device=...)``, to avoid even the scalar host-to-device copy).
+device copy of the table made once per scheduler (no host syncs). Timesteps left on the host (the
+default of ``scheduler.set_timesteps(n)``) cost one scalar host-to-device copy per step but tell
+the guide the step's band, so a PPAP guide runs with merged experts (``fast=True``); timesteps on
+the device (``set_timesteps(n, device=...)``) route per sample through the ExpertBank instead.
 Schedulers predicting ``v_prediction`` or ``sample`` get the same correction expressed in their
 parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqrt(abar) grad).
 Any other prediction_type raises ValueError, as do sigma-space schedulers (Euler, Heun, ...:
