@@ -298,11 +298,11 @@ def _shard_name(k: int) -> str:
 
 
 def shard_is_complete(path: Path, count: int) -> bool:
-    """Cheap check (headers only, no data read): a readable npz with ``count`` uint8 images."""
+    """Cheap check (zip directory + npy header, no data read: a resume over thousands of large
+    shards must not re-read them): a readable npz with ``count`` uint8 images. Atomic renames
+    mean a shard is never half-written by us; a truncated file has no zip directory."""
     try:
         with zipfile.ZipFile(path) as z:
-            if z.testzip() is not None:
-                return False
             with z.open("images.npy") as f:
                 major, _ = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -409,9 +409,9 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     if progress:
         from tqdm import tqdm
         it = tqdm(mine, desc=f"rank {env.rank} shards", unit="shard")
-    for k in it:
+
+    def write_shard(k):
         count = count_of(k)
-        path = out / _shard_name(k)
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, k))
         x_T = torch.randn((count, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
         noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
@@ -429,11 +429,19 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
                     x = from_uint8(arrays["images"][i:i + bs]).to(device)
                     logits.append(teacher(transform(x) if transform is not None else x).float().cpu())
             arrays["logits"] = torch.cat(logits).numpy().astype(np.float32)
-        write_npz_atomic(path, **arrays)
-        written.append(k)
-        _kill_hook(env.rank, len(written))
+        write_npz_atomic(out / _shard_name(k), **arrays)
 
-    raise_if_any(None, env, "generation")  # barrier: every rank finished its shards
+    err = None
+    try:
+        for k in it:
+            write_shard(k)
+            written.append(k)
+            _kill_hook(env.rank, len(written))
+    except Exception as e:  # every rank learns of it at the barrier below (nobody waits for a timeout)
+        if not env.distributed:
+            raise
+        err = f"shard generation failed: {type(e).__name__}: {e}"
+    raise_if_any(err, env, "generation")  # barrier: every rank finished its shards
     err = None
     if env.rank == 0:
         missing = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
