@@ -1,5 +1,9 @@
 """Reference guided sampling with guided-diffusion's semantics, in pure PyTorch.
 
+The fast path with the same semantics (fused update, merged experts, CUDA graphs) is
+:class:`ppap_fast.fast_sampling.FastGuidedSampler` / ``fast_sample_loop``; tests check that it
+equals ``sample_loop`` here.
+
 Conventions
 -----------
 * `index` is the step index of the (possibly respaced) `Schedule`; the denoiser
