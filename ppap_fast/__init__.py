@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "schedule", "sampling", "guidance", "experts", "models", "ops", "testing", "metrics",
-    "distill", "finetune", "data", "cli", "demo", "integrations",
+    "distill", "finetune", "data", "cli", "demo", "integrations", "fast_sampling", "distributed",
 }
 _EXPORTS = {
     "Schedule": "schedule",
@@ -22,6 +22,8 @@ _EXPORTS = {
     "sample_loop": "sampling",
     "ddim_step": "sampling",
     "ddpm_step": "sampling",
+    "FastGuidedSampler": "fast_sampling",
+    "fast_sample_loop": "fast_sampling",
 }
 
 

@@ -15,7 +15,16 @@ import torch
 from .models.adm import ADMUNet
 from .schedule import Schedule
 
+
+def check_ppap_checkpoint_manifest(json_path):
+    """Build a random official PPAP ResNet50 checkpoint with exactly the manifest's keys and shapes,
+    import it strictly into an ExpertBank and raise on any mismatch (see ppap_fast.experts)."""
+    from .experts import check_ppap_checkpoint_manifest as check
+
+    return check(json_path)
+
 __all__ = [
+    "check_ppap_checkpoint_manifest",
     "check_adm_golden",
     "check_adm_manifest",
     "check_guided_golden",
