@@ -20,9 +20,9 @@ layers and N:
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from typing import Callable, Dict, List
+import sys
+from pathlib import Path
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -30,20 +30,8 @@ import torch.nn.functional as F
 
 from ppap_fast.ops import lora as L
 
-
-def _time(fn: Callable, device: str, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 
 def _configs(device: str, quick: bool):
@@ -168,7 +156,7 @@ def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
         return None, f"peft mixed batch failed: {type(exc).__name__}: {exc}"
 
 
-def _graph_time(fn, x, args, reps):
+def _graphmedian_ms(fn, x, args, reps):
     """Median forward time of fn captured in a CUDA graph (segments built inside the graph)."""
     try:
         W, b, A, B, eb, idx, scale = args
@@ -182,7 +170,7 @@ def _graph_time(fn, x, args, reps):
         g = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(g):
             fn(x, W, b, A, B, eb, static_idx, scale)
-        return _time(g.replay, "cuda", reps), None
+        return median_ms(g.replay, "cuda", reps), None
     except Exception as exc:  # pragma: no cover - report, do not fail the whole benchmark
         return None, f"graph capture failed: {type(exc).__name__}: {exc}"
 
@@ -224,14 +212,14 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     y = fn(xg, W, b, Ag, Bg, ebg, idx, scale)
                     y.backward(torch.ones_like(y))
 
-                t_f = _time(fwd, device, reps)
-                t_fb = _time(fwdbwd, device, reps)
+                t_f = median_ms(fwd, device, reps)
+                t_fb = median_ms(fwdbwd, device, reps)
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward
                 for vname, fn in (("ours[triton,cudagraph]", _ours(cfg, "triton")), ("base[cudagraph]", _base(cfg))):
-                    t_g, why = _graph_time(fn, x, args, reps)
+                    t_g, why = _graphmedian_ms(fn, x, args, reps)
                     rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
                                      fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
                                      **({"skipped": why} if why else {})))
@@ -242,7 +230,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                         x, W, b, A, B, None, idx, scale).float()
                     theirs = pf(x).float()
                 check = float((mine - theirs).norm() / theirs.norm())
-                t_p = _time(lambda: pf(x), device, reps)
+                t_p = median_ms(lambda: pf(x), device, reps)
                 res["peft"] = (t_p, float("nan"))
                 rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", fwd_ms=round(t_p, 4),
                                  fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),

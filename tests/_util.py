@@ -15,6 +15,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a64 - b64).norm().item() / max(denom, 1e-30)
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative norm error of a against b; both must be finite."""
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
 def assert_close_rel(a, b, tol: float, what: str = ""):
     err = rel_err(a, b)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

@@ -29,6 +29,17 @@ def fixtures_dir() -> Path:
     return _fixtures_dir()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: with 2 OpenMP threads on shared cores each small op spins for tens of ms."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -13,20 +13,11 @@ from ppap_fast.experts import (ExpertBank, LoRAConv2d, Placement, check_ppap_che
                                make_placement, save_experts)
 from ppap_fast.experts.bank import RoutedConv2d, _Routed
 
+from _util import rel
+
 D = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):

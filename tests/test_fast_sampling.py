@@ -20,13 +20,7 @@ from _util import rel_err
 SHAPE = (4, 3, 8, 8)
 TOL = 2e-5  # float32 rounding over a few steps (merged + BN-folded experts vs routed bank)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_adm(learn_sigma=True):

@@ -8,20 +8,11 @@ from ppap_fast.experts import ExpertBank
 from ppap_fast.guidance import (ClassGuide, ComposedGuide, DenseRegressionGuide, SegmentationGuide, X0HatGuide,
                                 as_cond_fn, input_transform)
 
+from _util import rel
+
 D = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numerical_grad(J, x, h=1e-6):

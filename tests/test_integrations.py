@@ -17,13 +17,7 @@ from ppap_fast.integrations.diffusers import PPAPGuidance, PPAPGuidedPipeline  #
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
 B, C, H = 4, 3, 8
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,11 @@ import torch.nn.functional as F
 
 from ppap_fast.experts.lora import LoRAConv2d, LoRALinear
 
+from _util import rel
+
 D = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: with 2 OpenMP threads on shared cores each backward costs ~70 ms of spinning
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def rel(a, b):
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(layer, std=0.3):

@@ -17,7 +17,6 @@ key mismatch; :func:`import_ppap_checkpoint` refuses any mismatch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
