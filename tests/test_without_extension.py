@@ -1,0 +1,46 @@
+"""`import ppap_fast` and every op work with neither the compiled extension nor Triton."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import sys
+
+    for name in ("ppap_fast._C", "triton", "triton.language"):
+        sys.modules[name] = None  # makes `import name` raise ImportError, as when it is not installed
+    import torch
+    import ppap_fast
+    from ppap_fast import ops
+    from ppap_fast.ops import update as gu
+    from ppap_fast.schedule import Schedule
+
+    rep = ops.backend_report("cpu")
+    assert rep["extension"].startswith("missing"), rep["extension"]
+    assert rep["triton"] != "ok"
+    avail = rep["ops"]["guided_update"]["available"]
+    assert avail["reference"] == "ok" and avail["cpp"] != "ok" and avail["triton"] != "ok", avail
+    table = gu.build_table(Schedule.create("linear", 1000, "ddim25"), "ddim")
+    x = torch.randn(2, 3, 4, 4)
+    out, _ = ops.guided_update(x, torch.randn_like(x), torch.tensor([3, 7]), table)
+    assert ops.last_backend("guided_update") == "reference" and torch.isfinite(out).all()
+    try:
+        ops.guided_update(x, x, torch.tensor([3, 7]), table, backend="cpp")
+    except ops.BackendUnavailableError as e:
+        assert "not loaded" in str(e)
+    else:
+        raise AssertionError("an unavailable backend must raise")
+    from ppap_fast.ops import lora
+    y = lora.lora_linear(torch.randn(4, 8), torch.randn(6, 8), None, torch.randn(3, 2, 8), torch.randn(3, 6, 2),
+                         torch.tensor([0, 2, 1, 2]), 0.5)
+    assert lora.last_backend["lora_linear"] == "reference" and torch.isfinite(y).all()
+    print("fallback ok")
+""")
+
+
+def test_import_and_ops_without_extension_or_triton():
+    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fallback ok" in res.stdout
