@@ -58,7 +58,7 @@ setup(
     version="0.1.0",
     description="Practical Plug-and-Play (PPAP) guidance of diffusion models: reference, fused kernels, CLI",
     packages=find_packages(include=["ppap_fast", "ppap_fast.*"]),
-    package_data={"ppap_fast": ["weights/*.safetensors", "weights/*.json"]},
+    package_data={"ppap_fast": ["weights/*.safetensors", "weights/*/*.safetensors", "weights/*/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn", "matplotlib",
