@@ -269,7 +269,7 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
     stats = {**info, "method": method, "sampler": sampler, "steps": steps, "scale": scale if fam != "none" else 0.0,
              "num_samples": n, "nfe_per_sample": counter["unet"] / len(chunks),
              "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
-             "seconds": round(seconds, 2), "peak_rss_mb": round(_rss_mb(), 1),
+             "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2), "peak_rss_mb": round(_rss_mb(), 1),
              "peak_rss_delta_mb": round(_rss_mb() - rss0, 1)}
     return x, stats
 
