@@ -59,7 +59,7 @@ import torch
 from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.update import MODES as _MODES
-from .sampling import NONFINITE_MODES
+from .sampling import NONFINITE_MODES, _index_tensor
 from .schedule import Schedule
 
 __all__ = ["FastGuidedSampler", "FastGuide", "FastSamplingWarning", "fast_sample_loop", "guide_banks"]
@@ -124,17 +124,6 @@ def _on_device(guide, device):
     return guide
 
 
-def _nonfinite(g: torch.Tensor, mode: str, name: str) -> torch.Tensor:
-    """check_finite without host syncs on accelerators ("raise" -> device-side assert there)."""
-    if mode == "ignore":
-        return g
-    if mode == "zero":
-        ok = torch.isfinite(g).flatten(1).all(1).view(-1, *([1] * (g.dim() - 1)))
-        return torch.where(ok, g, torch.zeros_like(g))
-    if g.device.type == "cpu":
-        return _gd.check_finite(g, "raise", name)
-    torch._assert_async(torch.isfinite(g).all(), f"{name}: the guidance gradient holds NaN/Inf")
-    return g
 
 
 class _GradRunner:
@@ -186,7 +175,7 @@ class _GradRunner:
                 if isinstance(w, torch.Tensor):
                     w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
                 total = gi * w if total is None else total + gi * w
-            return _nonfinite(total, self.guide.nonfinite, self.guide.name)
+            return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():
                 return self.guide(x, t)
@@ -206,7 +195,7 @@ class _GradRunner:
             if g is None:
                 g = self._eager(x, t)
         g = g.detach().to(x.dtype)
-        return _nonfinite(g, self.guide.nonfinite, self.guide.name)
+        return _gd.check_finite(g, self.guide.nonfinite, self.guide.name)
 
 
 class _ModelRunner:
@@ -454,7 +443,7 @@ class FastGuidedSampler:
         if self.nonfinite_grad == "zero":
             grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
         elif self.nonfinite_grad == "raise":
-            _nonfinite(grad, "raise", "grad (guidance gradient)")
+            _gd.check_finite(grad, "raise", "grad (guidance gradient)")
         return grad
 
     def _core(self, x, idx, runner, noise):
@@ -492,29 +481,12 @@ class FastGuidedSampler:
 
     def _index(self, index, x) -> tuple[torch.Tensor, object]:
         """(idx [B] long on the device, variant key); key None = route per sample."""
-        n, b = self.schedule.num_timesteps, x.shape[0]
-        if isinstance(index, bool):
-            raise TypeError("index must be an int or an integer tensor, got bool")
-        if isinstance(index, int):
+        if isinstance(index, int) and not isinstance(index, bool):
+            n = self.schedule.num_timesteps
             if not 0 <= index < n:
                 raise ValueError(f"index {index} out of range [0, {n})")
-            return self._step_indices(b)[index], self.expert_key(index)
-        if not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be an int or an integer tensor, got {type(index).__name__}")
-        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-            raise ValueError(f"index must be an integer tensor, got {index.dtype}")
-        if index.ndim == 0:
-            index = index.expand(b)
-        if index.shape != (b,):
-            raise ValueError(f"index must be a scalar or have shape ({b},), got {tuple(index.shape)}")
-        index = index.to(device=self.device, dtype=torch.long).contiguous()
-        ok = ((index >= 0) & (index < n)).all()
-        if index.device.type == "cpu":
-            if not bool(ok):
-                raise ValueError(f"index out of range [0, {n})")
-        else:
-            torch._assert_async(ok, f"index out of range [0, {n})")
-        return index, None
+            return self._step_indices(x.shape[0])[index], self.expert_key(index)
+        return _index_tensor(index, x, self.schedule).contiguous(), None
 
     def step(self, x: torch.Tensor, index, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,14 +157,17 @@ class Guide:
 
 
 def check_finite(g: torch.Tensor, mode: str, name: str) -> torch.Tensor:
+    """Apply the non-finite policy: "ignore", "zero" (drop the bad samples' guidance) or "raise"."""
     if mode == "ignore":
         return g
     if mode == "zero":
         ok = torch.isfinite(g).flatten(1).all(1).view(-1, *([1] * (g.dim() - 1)))
         return torch.where(ok, g, torch.zeros_like(g))
-    if not bool(torch.isfinite(g).all()):
-        raise RuntimeError(f"{name}: the guidance gradient holds NaN/Inf (nonfinite='raise'; use 'zero' to "
-                           "drop such samples' guidance)")
+    msg = f"{name}: the guidance gradient holds NaN/Inf (nonfinite='raise'; use 'zero' to drop such samples' guidance)"
+    if g.device.type != "cpu":  # no host sync: a device-side assert (fatal to the CUDA context)
+        torch._assert_async(torch.isfinite(g).all(), msg)
+    elif not bool(torch.isfinite(g).all()):
+        raise RuntimeError(msg)
     return g
 
 
