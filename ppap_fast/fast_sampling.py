@@ -124,8 +124,6 @@ def _on_device(guide, device):
     return guide
 
 
-
-
 class _GradRunner:
     """grad = scale * d/dx objective for one guide variant (merged expert n, or routed)."""
 
