@@ -97,30 +97,36 @@ class _Routed(nn.Module):
 
 
 # ----------------------------------------------------------------------------- LoRA modules
-class RoutedLinear(_Routed):
-    def __init__(self, base: nn.Linear, router, n_experts, r, alpha, per_expert_bias=False):
-        super().__init__(router, n_experts)
+class _RoutedLoRA(_Routed):
+    """Frozen base weight/bias + stacked per-expert LoRA A/B (and optionally per-expert bias)."""
+
+    def _init_lora(self, base: nn.Module, r, alpha, a_shape, b_shape, per_expert_bias: bool):
         self.r, self.alpha = r, float(alpha)
-        self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = _frozen(base.weight)
         if per_expert_bias:
             if base.bias is None:
-                raise ValueError("per-expert bias requested for a Linear without bias")
+                raise ValueError(f"per-expert bias requested for a {type(base).__name__} without bias")
             self.bias = None
-            self.expert_bias = _stack(base.bias, n_experts)
+            self.expert_bias = _stack(base.bias, self.n_experts)
         else:
             self.bias = _frozen(base.bias)
             self.expert_bias = None
-        a, b = linear_lora_shapes(base, r)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty((n_experts, *a), **kw))
-        self.lora_B = nn.Parameter(torch.empty((n_experts, *b), **kw))
+        self.lora_A = nn.Parameter(torch.empty((self.n_experts, *a_shape), **kw))
+        self.lora_B = nn.Parameter(torch.empty((self.n_experts, *b_shape), **kw))
         init_lora_(self.lora_A, self.lora_B, stacked=True)
         self.per_expert = ("lora_A", "lora_B") + (("expert_bias",) if per_expert_bias else ())
 
     @property
     def scale(self):
         return self.alpha / self.r
+
+
+class RoutedLinear(_RoutedLoRA):
+    def __init__(self, base: nn.Linear, router, n_experts, r, alpha, per_expert_bias=False):
+        super().__init__(router, n_experts)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._init_lora(base, r, alpha, *linear_lora_shapes(base, r), per_expert_bias)
 
     def delta_weight(self, n: int):
         return (self.lora_B[n] @ self.lora_A[n]) * self.scale
@@ -159,32 +165,14 @@ def _conv_geometry(self, base: nn.Conv2d):
     self.dilation, self.groups = base.dilation, base.groups
 
 
-class RoutedConv2d(_Routed):
+class RoutedConv2d(_RoutedLoRA):
     """Conv2d + per-expert LoRA (``layout`` "factorised" or "loralib", see experts.lora)."""
 
     def __init__(self, base: nn.Conv2d, router, n_experts, r, alpha, layout="factorised", per_expert_bias=False):
         super().__init__(router, n_experts)
         _conv_geometry(self, base)
-        self.r, self.alpha, self.layout = r, float(alpha), layout
-        self.weight = _frozen(base.weight)
-        if per_expert_bias:
-            if base.bias is None:
-                raise ValueError("per-expert bias requested for a Conv2d without bias")
-            self.bias = None
-            self.expert_bias = _stack(base.bias, n_experts)
-        else:
-            self.bias = _frozen(base.bias)
-            self.expert_bias = None
-        a, b = conv_lora_shapes(base, r, layout)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty((n_experts, *a), **kw))
-        self.lora_B = nn.Parameter(torch.empty((n_experts, *b), **kw))
-        init_lora_(self.lora_A, self.lora_B, stacked=True)
-        self.per_expert = ("lora_A", "lora_B") + (("expert_bias",) if per_expert_bias else ())
-
-    @property
-    def scale(self):
-        return self.alpha / self.r
+        self.layout = layout
+        self._init_lora(base, r, alpha, *conv_lora_shapes(base, r, layout), per_expert_bias)
 
     def delta_weights(self):
         """Scaled dense deltas of all experts, [N, *W.shape]."""
