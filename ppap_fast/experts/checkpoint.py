@@ -128,25 +128,18 @@ def ppap_key_map(bank: ExpertBank, prefix: str = "resnet.") -> dict:
     out = {}
     for mname, m in bank.model.named_modules():
         pre = prefix + (mname + "." if mname else "")
-        if isinstance(m, RoutedConv2d):
-            if m.layout != "loralib":
+        if isinstance(m, (RoutedConv2d, RoutedLinear)):
+            if isinstance(m, RoutedConv2d) and m.layout != "loralib":
                 raise ValueError(f"{mname}: official PPAP checkpoints use the loralib conv layout; this bank "
                                  f"uses {m.layout!r}")
+            base = pre + ("conv." if isinstance(m, RoutedConv2d) else "")  # loralib wraps the conv as .conv
             out[pre + "lora_A"] = (m.lora_A, True)
             out[pre + "lora_B"] = (m.lora_B, True)
-            out[pre + "conv.weight"] = (m.weight, False)
+            out[base + "weight"] = (m.weight, False)
             if m.expert_bias is not None:
-                out[pre + "conv.bias"] = (m.expert_bias, True)
+                out[base + "bias"] = (m.expert_bias, True)
             elif m.bias is not None:
-                out[pre + "conv.bias"] = (m.bias, False)
-        elif isinstance(m, RoutedLinear):
-            out[pre + "lora_A"] = (m.lora_A, True)
-            out[pre + "lora_B"] = (m.lora_B, True)
-            out[pre + "weight"] = (m.weight, False)
-            if m.expert_bias is not None:
-                out[pre + "bias"] = (m.expert_bias, True)
-            elif m.bias is not None:
-                out[pre + "bias"] = (m.bias, False)
+                out[base + "bias"] = (m.bias, False)
         elif isinstance(m, RoutedBias):
             out[pre + "weight"] = (m.weight, False)
             out[pre + "bias"] = (m.expert_bias, True)
