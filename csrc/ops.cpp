@@ -4,6 +4,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "guided_update.h"
 
 namespace ppap_fast {
@@ -36,6 +38,69 @@ void check_guided_update_args(const at::Tensor& x, const at::Tensor& eps, const 
               "else float32");
 }
 
+// One contiguous run [j0, j1) of sample b; the mode and the optional inputs are compile-time
+// constants so that the inner loop has no branches and vectorises.
+template <typename scalar_t, int MODE, bool HAS_GRAD, bool HAS_NOISE>
+void guided_update_run(const at::opmath_type<scalar_t>* c, bool clip, const scalar_t* __restrict__ x,
+                       const scalar_t* __restrict__ eps, const scalar_t* __restrict__ v,
+                       const scalar_t* __restrict__ grad, const scalar_t* __restrict__ noise,
+                       scalar_t* __restrict__ sample, scalar_t* __restrict__ pred, int64_t j0, int64_t j1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t cc[kGuidedUpdateCols];
+  for (int k = 0; k < kGuidedUpdateCols; ++k) cc[k] = c[k];
+  for (int64_t j = j0; j < j1; ++j) {
+    auto o = guided_update_element<acc_t>(cc, MODE, clip, static_cast<acc_t>(x[j]), static_cast<acc_t>(eps[j]),
+                                          MODE == 2 ? static_cast<acc_t>(v[j]) : acc_t(0), HAS_GRAD,
+                                          HAS_GRAD ? static_cast<acc_t>(grad[j]) : acc_t(0), HAS_NOISE,
+                                          HAS_NOISE ? static_cast<acc_t>(noise[j]) : acc_t(0));
+    sample[j] = static_cast<scalar_t>(o.sample);
+    pred[j] = static_cast<scalar_t>(o.pred_xstart);
+  }
+}
+
+template <typename scalar_t, int MODE, bool HAS_GRAD, bool HAS_NOISE>
+void guided_update_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const c10::optional<at::Tensor>& v,
+                            const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& noise,
+                            const int64_t* idx, const at::Tensor& coefs, bool clip, at::Tensor& sample,
+                            at::Tensor& pred) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), inner = x.numel() / B;
+  const acc_t* coef_p = coefs.data_ptr<acc_t>();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* ep = eps.data_ptr<scalar_t>();
+  const scalar_t* vp = v ? v->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gp = grad ? grad->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
+  const int64_t es = eps.stride(0), vs = v ? v->stride(0) : 0, gs = grad ? grad->stride(0) : 0,
+                ns = noise ? noise->stride(0) : 0;
+  scalar_t* sp = sample.data_ptr<scalar_t>();
+  scalar_t* pp = pred.data_ptr<scalar_t>();
+  at::parallel_for(0, B * inner, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / inner, j0 = i % inner, j1 = std::min(inner, j0 + (end - i));
+      guided_update_run<scalar_t, MODE, HAS_GRAD, HAS_NOISE>(
+          coef_p + idx[b] * kGuidedUpdateCols, clip, xp + b * inner, ep + b * es, vp ? vp + b * vs : nullptr,
+          gp ? gp + b * gs : nullptr, np ? np + b * ns : nullptr, sp + b * inner, pp + b * inner, j0, j1);
+      i += j1 - j0;
+    }
+  });
+}
+
+template <typename scalar_t, int MODE>
+void guided_update_cpu_flags(bool has_grad, bool has_noise, const at::Tensor& x, const at::Tensor& eps,
+                             const c10::optional<at::Tensor>& v, const c10::optional<at::Tensor>& grad,
+                             const c10::optional<at::Tensor>& noise, const int64_t* idx, const at::Tensor& coefs,
+                             bool clip, at::Tensor& sample, at::Tensor& pred) {
+  if (has_grad && has_noise)
+    guided_update_cpu_impl<scalar_t, MODE, true, true>(x, eps, v, grad, noise, idx, coefs, clip, sample, pred);
+  else if (has_grad)
+    guided_update_cpu_impl<scalar_t, MODE, true, false>(x, eps, v, grad, noise, idx, coefs, clip, sample, pred);
+  else if (has_noise)
+    guided_update_cpu_impl<scalar_t, MODE, false, true>(x, eps, v, grad, noise, idx, coefs, clip, sample, pred);
+  else
+    guided_update_cpu_impl<scalar_t, MODE, false, false>(x, eps, v, grad, noise, idx, coefs, clip, sample, pred);
+}
+
 std::tuple<at::Tensor, at::Tensor> guided_update_cpu(const at::Tensor& x, const at::Tensor& eps,
                                                      const c10::optional<at::Tensor>& v,
                                                      const c10::optional<at::Tensor>& grad,
@@ -46,37 +111,21 @@ std::tuple<at::Tensor, at::Tensor> guided_update_cpu(const at::Tensor& x, const 
   auto pred = at::empty_like(x);
   const int64_t B = x.size(0);
   if (B == 0 || x.numel() == 0) return {sample, pred};
-  const int64_t inner = x.numel() / B;
   const int64_t T = coefs.size(0);
   const int64_t* idx_p = idx.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(idx_p[b] >= 0 && idx_p[b] < T, "guided_update: idx[", b, "]=", idx_p[b], " outside [0, ", T, ")");
+  const bool has_grad = grad.has_value(), has_noise = noise.has_value();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "guided_update_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* coef_p = coefs.data_ptr<acc_t>();
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ep = eps.data_ptr<scalar_t>();
-    const scalar_t* vp = v ? v->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gp = grad ? grad->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
-    const int64_t es = eps.stride(0), vs = v ? v->stride(0) : 0, gs = grad ? grad->stride(0) : 0,
-                  ns = noise ? noise->stride(0) : 0;
-    scalar_t* sp = sample.data_ptr<scalar_t>();
-    scalar_t* pp = pred.data_ptr<scalar_t>();
-    at::parallel_for(0, B * inner, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / inner, j = i % inner;
-        acc_t c[kGuidedUpdateCols];
-        for (int k = 0; k < kGuidedUpdateCols; ++k) c[k] = coef_p[idx_p[b] * kGuidedUpdateCols + k];
-        auto o = guided_update_element<acc_t>(
-            c, static_cast<int>(mode), clip_denoised, static_cast<acc_t>(xp[i]), static_cast<acc_t>(ep[b * es + j]),
-            vp ? static_cast<acc_t>(vp[b * vs + j]) : acc_t(0), gp != nullptr,
-            gp ? static_cast<acc_t>(gp[b * gs + j]) : acc_t(0), np != nullptr,
-            np ? static_cast<acc_t>(np[b * ns + j]) : acc_t(0));
-        sp[i] = static_cast<scalar_t>(o.sample);
-        pp[i] = static_cast<scalar_t>(o.pred_xstart);
-      }
-    });
+    if (mode == 0)
+      guided_update_cpu_flags<scalar_t, 0>(has_grad, has_noise, x, eps, v, grad, noise, idx_p, coefs, clip_denoised,
+                                           sample, pred);
+    else if (mode == 1)
+      guided_update_cpu_flags<scalar_t, 1>(has_grad, has_noise, x, eps, v, grad, noise, idx_p, coefs, clip_denoised,
+                                           sample, pred);
+    else
+      guided_update_cpu_flags<scalar_t, 2>(has_grad, has_noise, x, eps, v, grad, noise, idx_p, coefs, clip_denoised,
+                                           sample, pred);
   });
   return {sample, pred};
 }
