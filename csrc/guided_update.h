@@ -26,7 +26,10 @@ inline GuidedUpdateOut<acc_t> guided_update_element(
     const acc_t* c, int mode, bool clip, acc_t x, acc_t eps, acc_t v, bool has_grad, acc_t grad,
     bool has_noise, acc_t noise) {
   acc_t pred = c[0] * x - c[1] * eps;
-  if (clip) pred = pred < acc_t(-1) ? acc_t(-1) : (pred > acc_t(1) ? acc_t(1) : pred);
+  if (clip) {  // two selects in min/max form (branch-free: minss/maxss), NaN passes through as in torch.clamp
+    pred = acc_t(1) < pred ? acc_t(1) : pred;
+    pred = pred < acc_t(-1) ? acc_t(-1) : pred;
+  }
   GuidedUpdateOut<acc_t> out;
   if (mode == 0) {
     acc_t e = (c[0] * x - pred) / c[1];
