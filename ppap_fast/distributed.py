@@ -69,7 +69,6 @@ import os
 import signal
 import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +76,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .data.shards import shard_is_complete
 
 MANIFEST = "manifest.json"
 SEED_STRIDE = 1_000_003
@@ -295,21 +296,6 @@ def shard_seed(seed: int, k: int) -> int:
 
 def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.npz"
-
-
-def shard_is_complete(path: Path, count: int) -> bool:
-    """Cheap check (zip directory + npy header, no data read: a resume over thousands of large
-    shards must not re-read them): a readable npz with ``count`` uint8 images. Atomic renames
-    mean a shard is never half-written by us; a truncated file has no zip directory."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            with z.open("images.npy") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-        return len(shape) == 4 and shape[0] == count and dtype == np.uint8
-    except Exception:
-        return False
 
 
 def _manifest(cfg: GenerateConfig, h: str, world: int, complete: bool) -> dict:
