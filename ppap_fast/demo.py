@@ -8,8 +8,7 @@ Stages (each also a ``ppap-fast`` subcommand, see cli.py):
 from __future__ import annotations
 
 import copy
-import json
-import math
+import os
 import time
 from pathlib import Path
 
@@ -210,9 +209,48 @@ def cyclic_targets(n: int) -> torch.Tensor:
     return torch.arange(n) % NUM_CLASSES
 
 
-def _rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class PeakMemory:
+    """Peak resident memory above the starting point while the block runs (MB).
+
+    ru_maxrss is a process-lifetime maximum, useless for the second method of a run; a
+    thread samples the current RSS (/proc/self/statm) every few ms instead, and on CUDA the
+    allocator's own peak is reported.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mb, self.start_mb = interval, 0.0, 0.0
+
+    @staticmethod
+    def current_mb() -> float:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):  # not Linux: lifetime maximum
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = self.current_mb()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.wait(self.interval):
+                self.peak_mb = max(self.peak_mb, self.current_mb())
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.current_mb())
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak_mb - self.start_mb
 
 
 def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", steps: int | None = None,
@@ -244,33 +282,33 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
         counter["unet"] += 1
         return unet(x, t)
 
-    rss0 = _rss_mb()
-    t0 = time.time()
     outs = []
     chunks = list(range(0, n, batch_size))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(chunks) * sched.num_timesteps, desc=f"sample {method}", mininterval=1)
-    for c in chunks:
-        tgt = targets[c:c + batch_size]
-        guide = None
-        if fam == "x0hat":
-            guide = X0HatGuide(gmodel, counted, base_acp, tgt, scale)
-        elif gmodel is not None:
-            guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
-        step_gen = torch.Generator().manual_seed(seed * 7919 + c + 1)
-        outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide, eta=0.0,
-                                generator=step_gen, callback=(lambda i, o: bar.update(1)) if bar else None))
+    with PeakMemory() as mem:
+        t0 = time.time()
+        for c in chunks:
+            tgt = targets[c:c + batch_size]
+            guide = None
+            if fam == "x0hat":
+                guide = X0HatGuide(gmodel, counted, base_acp, tgt, scale)
+            elif gmodel is not None:
+                guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
+            step_gen = torch.Generator().manual_seed(seed * 7919 + c + 1)
+            outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide, eta=0.0,
+                                    generator=step_gen, callback=(lambda i, o: bar.update(1)) if bar else None))
+        seconds = time.time() - t0
     if bar is not None:
         bar.close()
-    seconds = time.time() - t0
     x = torch.cat(outs)
     stats = {**info, "method": method, "sampler": sampler, "steps": steps, "scale": scale if fam != "none" else 0.0,
              "num_samples": n, "nfe_per_sample": counter["unet"] / len(chunks),
              "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
-             "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2), "peak_rss_mb": round(_rss_mb(), 1),
-             "peak_rss_delta_mb": round(_rss_mb() - rss0, 1)}
+             "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2),
+             "peak_rss_mb": round(mem.peak_mb, 1), "peak_rss_delta_mb": round(mem.delta_mb, 1)}
     return x, stats
 
 
@@ -364,7 +402,7 @@ def check_writable_dir(d) -> Path:
 COLUMNS = [("target_accuracy", "acc", "{:.3f}"), ("fd", "FD", "{:.2f}"), ("is", "IS", "{:.2f}"),
            ("precision", "prec", "{:.3f}"), ("recall", "rec", "{:.3f}"),
            ("trainable_parameters", "trainable", "{:d}"), ("labelled_data", "labelled", "{:d}"),
-           ("nfe_per_sample", "NFE", "{:.0f}"), ("seconds", "sec", "{:.1f}"), ("peak_rss_delta_mb", "dRSS MB", "{:.0f}")]
+           ("nfe_per_sample", "NFE", "{:.0f}"), ("seconds", "sec", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
 
 
 def format_table(results: dict) -> str:
