@@ -1,7 +1,10 @@
 """Helpers shared by parity tests."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -40,6 +40,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def no_tf32():
+    """Full fp32 matmuls/convs on CUDA for parity with fp32 goldens."""
+    import torch
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

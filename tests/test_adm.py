@@ -8,6 +8,8 @@ from ppap_fast.models import ADM_PRESETS, ADMUNet
 from ppap_fast.models.adm import qkv_attention
 from ppap_fast.testing import check_adm_golden, check_adm_manifest
 
+from _util import requires_cuda
+
 SMALL = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
              attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=8,
              use_scale_shift_norm=True, resblock_updown=True)
@@ -168,15 +170,7 @@ def test_label_emb_changes_output():
         assert (m(x, t, torch.tensor([1])) - m(x, t, torch.tensor([2]))).abs().max() > 1e-4
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+cuda = requires_cuda
 
 
 @pytest.mark.cuda

@@ -15,7 +15,7 @@ from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import linear_classifier_guide
 
-from _util import rel_err
+from _util import rel_err, requires_cuda
 
 SHAPE = (4, 3, 8, 8)
 TOL = 2e-5  # float32 rounding over a few steps (merged + BN-folded experts vs routed bank)
@@ -273,15 +273,7 @@ def test_nonfinite_and_bad_inputs(setup):
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+cuda = requires_cuda
 
 
 def _cuda_setup():

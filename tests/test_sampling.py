@@ -8,6 +8,8 @@ from ppap_fast.sampling import ddim_step, ddpm_step, eps_correction, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import check_guided_golden
 
+from _util import requires_cuda
+
 
 # ----------------------------------------------------------------- golden parity
 
@@ -320,15 +322,7 @@ def test_nonfinite_grad(step):
 
 # ----------------------------------------------------------------- CUDA: parity, no host syncs, graph capture
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+cuda = requires_cuda
 
 
 @pytest.mark.cuda
