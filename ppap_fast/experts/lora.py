@@ -97,6 +97,16 @@ class _LoRABase(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.r
 
+    def _init_params(self, base: nn.Module, a_shape, b_shape) -> None:
+        """Frozen copies of the base weight/bias, a fresh LoRA pair (B = 0: starts as the base)."""
+        self.weight = _frozen(base.weight)
+        self.bias = _frozen(base.bias)
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
+        init_lora_(self.lora_A, self.lora_B)
+        self.merged = False
+
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -137,14 +147,7 @@ class LoRALinear(_LoRABase):
         check_layout(layout)
         self.r, self.alpha, self.layout = r, float(alpha), layout
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = _frozen(base.weight)
-        self.bias = _frozen(base.bias)
-        a_shape, b_shape = linear_lora_shapes(base, r)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
-        init_lora_(self.lora_A, self.lora_B)
-        self.merged = False
+        self._init_params(base, *linear_lora_shapes(base, r))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -169,14 +172,7 @@ class LoRAConv2d(_LoRABase):
         self.r, self.alpha, self.layout = r, float(alpha), check_layout(layout)
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
         self.in_channels, self.out_channels, self.kernel_size = base.in_channels, base.out_channels, base.kernel_size
-        self.weight = _frozen(base.weight)
-        self.bias = _frozen(base.bias)
-        a_shape, b_shape = conv_lora_shapes(base, r, layout)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
-        init_lora_(self.lora_A, self.lora_B)
-        self.merged = False
+        self._init_params(base, *conv_lora_shapes(base, r, layout))
 
     def delta_weight(self) -> torch.Tensor:
         if self.layout == "factorised":
