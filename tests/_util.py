@@ -40,3 +40,30 @@ def devices():
     if torch.cuda.is_available():
         out.append("cuda")
     return out
+
+
+def randomise_bank(bank, std: float = 0.2):
+    """Random non-zero per-expert tensors (LoRA, biases, norm affine; positive running_var)."""
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            else:
+                t.normal_(0, std)
+    return bank
+
+
+def assert_no_host_sync(calls) -> None:
+    """Run each callable once to warm up, then again with CUDA sync debugging set to error."""
+    for c in calls:  # warm-up: lazy inits may sync
+        c()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in calls:
+            c()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from ppap_fast.experts import (ExpertBank, LoRAConv2d, Placement, check_ppap_che
                                make_placement, save_experts)
 from ppap_fast.experts.bank import RoutedConv2d, _Routed
 
-from _util import rel
+from _util import randomise_bank, rel
 
 D = torch.float64
 
@@ -39,18 +39,6 @@ class Tiny(nn.Module):
         x = self.gn(F.relu(self.bn2(self.dw(x))))
         x = x.mean((2, 3))
         return self.head(self.ln(self.proj(x)))
-
-
-def randomise_bank(bank, std=0.2):
-    with torch.no_grad():
-        for name, t in bank.per_expert_state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.uniform_(0.5, 2.0)
-            else:
-                t.normal_(0, std)
-    return bank
 
 
 def randomise_bn(model):

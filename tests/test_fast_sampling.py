@@ -15,7 +15,7 @@ from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import linear_classifier_guide
 
-from _util import rel_err, requires_cuda
+from _util import assert_no_host_sync, randomise_bank, rel_err, requires_cuda
 
 SHAPE = (4, 3, 8, 8)
 TOL = 2e-5  # float32 rounding over a few steps (merged + BN-folded experts vs routed bank)
@@ -41,16 +41,7 @@ def tiny_bank(n_experts=5):
             if isinstance(mod, nn.BatchNorm2d):
                 mod.running_mean.normal_(0, 0.3)
                 mod.running_var.uniform_(0.5, 2)
-    bank = ExpertBank(net, "resnet", n_experts=n_experts, r=4, alpha=2)
-    with torch.no_grad():
-        for name, t in bank.per_expert_state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            if name.endswith("running_var"):
-                t.uniform_(0.5, 2.0)
-            else:
-                t.normal_(0, 0.2)
-    return bank.eval()
+    return randomise_bank(ExpertBank(net, "resnet", n_experts=n_experts, r=4, alpha=2)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -294,16 +285,7 @@ def test_cuda_steps_do_not_sync(no_tf32):
     idx = torch.tensor([4, 3, 1, 0], device="cuda")
     calls = [lambda: fast.step(x, 3), lambda: fast.step(x, idx), lambda: fast_p.step(x, 5, noise=noise),
              lambda: fast_p.step(x, idx, noise=noise)]
-    for c in calls:  # warm-up: merged experts are built here, lazy inits may sync
-        c()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for c in calls:
-            c()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    assert_no_host_sync(calls)  # merged experts are built in the warm-up
 
 
 @pytest.mark.cuda

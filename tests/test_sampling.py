@@ -8,7 +8,7 @@ from ppap_fast.sampling import ddim_step, ddpm_step, eps_correction, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import check_guided_golden
 
-from _util import requires_cuda
+from _util import assert_no_host_sync, requires_cuda
 
 
 # ----------------------------------------------------------------- golden parity
@@ -357,16 +357,7 @@ def test_steps_do_not_sync_cuda(fixtures_dir):
              lambda: ddpm_step(model, x, 49, sp, guide=guide, noise=noise),
              lambda: ddpm_step(model, x, idx, sp, guide=guide, noise=noise, nonfinite_grad="zero")]
     with torch.no_grad():
-        for c in calls:  # warm up (lazy init may sync)
-            c()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for c in calls:
-                c()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+        assert_no_host_sync(calls)
 
 
 @pytest.mark.cuda
