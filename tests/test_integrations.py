@@ -209,3 +209,31 @@ def test_fast_guidance_merges_experts_and_matches_routed(unet):
     torch.testing.assert_close(fast.grad(x, t_mixed), guide(x, t_mixed), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="unknown fast options"):
         PPAPGuidance(guide, cuda_graph=True)
+
+
+def test_pipeline_is_a_diffusion_pipeline(unet, classifier, tmp_path):
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 4.0)
+    pipe = PPAPGuidedPipeline(unet, DDIMScheduler(num_train_timesteps=1000), guide)
+    assert isinstance(pipe, diffusers.DiffusionPipeline)
+    assert set(pipe.components) == {"unet", "scheduler"} and pipe.components["unet"] is unet
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda p: p(batch_size=B, num_inference_steps=4, generator=torch.Generator().manual_seed(7),  # noqa: E731
+                      output_type="raw").images
+    want = run(pipe)
+    # from an ordinary diffusers pipeline, adding the guide
+    ddim = diffusers.DDIMPipeline(unet, DDIMScheduler(num_train_timesteps=1000))
+    from_pipe = PPAPGuidedPipeline.from_pipe(ddim, guide=guide)
+    assert from_pipe.unet is unet and from_pipe.guidance is not None
+    from_pipe.set_progress_bar_config(disable=True)
+    assert torch.equal(run(from_pipe), want)
+    # save_pretrained / from_pretrained round trip (local directory: nothing downloaded); the guide is passed again
+    pipe.save_pretrained(tmp_path)
+    loaded = PPAPGuidedPipeline.from_pretrained(tmp_path, guide=guide)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "PPAPGuidedPipeline" and loaded.guidance is not None
+    assert torch.allclose(run(loaded), want, atol=1e-6)
+    unguided = PPAPGuidedPipeline.from_pretrained(tmp_path)
+    unguided.set_progress_bar_config(disable=True)
+    assert unguided.guidance is None and not torch.allclose(run(unguided), want, atol=1e-3)
+    assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"

@@ -13,7 +13,8 @@ With ``DDIMScheduler(clip_sample=True)`` (its default) call
 target, clipping caps that move, and only the eps re-derived from the clipped x0 keeps the
 direction term from pulling the other way (guided-diffusion's DDIM does the same re-derivation).
 
-Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``.
+Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``,
+a ``diffusers.DiffusionPipeline`` subclass (also ``PPAPGuidedPipeline.from_pipe(ddpm_pipe, guide=guide)``).
 
 The correction is the generic score correction (guided-diffusion's ``condition_score``) that fits
 any sampler built on the model's eps: ``eps' = eps - sqrt(1 - abar_t) * grad`` with
@@ -27,13 +28,13 @@ parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqr
 Any other prediction_type raises ValueError, as do sigma-space schedulers (Euler, Heun, ...:
 ``init_noise_sigma != 1``), whose samples are not x_t of the variance-preserving process.
 
-diffusers is imported only inside the pipeline's ``__call__``: this module imports without it.
+diffusers is imported only when ``PPAPGuidedPipeline`` is first used: this module imports without it.
 """
 from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -206,17 +207,23 @@ def _step_kwargs(scheduler, eta, generator, guided: bool) -> dict:
     return kw
 
 
-class PPAPGuidedPipeline:
-    """A DiffusionPipeline-style unconditional sampler with PPAP guidance.
+class _GuidedPipelineBody:
+    """A ``diffusers.DiffusionPipeline`` (unconditional sampler) with PPAP guidance.
 
     ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size, num_inference_steps, generator)`` runs
     ``scheduler`` on ``unet`` (a diffusers UNet2DModel, or any ``denoiser(x, t)`` returning a tensor
     or an object with ``.sample``) with the score correction of :class:`PPAPGuidance` at every step.
     With ``guide=None`` or ``guidance_scale=0`` it is the plain DDPM/DDIM pipeline loop.
+
+    It is a DiffusionPipeline: ``unet`` and ``scheduler`` are its registered components
+    (``pipe.components``, ``save_pretrained``, ``from_pretrained(path, guide=...)``,
+    ``from_pipe(ddpm_pipeline, guide=...)``, ``set_progress_bar_config``); the guide is not a
+    component (it is not saved with the pipeline: keep it with :func:`ppap_fast.experts.save_experts`).
     """
 
     def __init__(self, unet, scheduler, guide: Callable | None = None, image_shape: tuple | None = None):
-        self.unet, self.scheduler = unet, scheduler
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
         self.guidance = None if guide is None else PPAPGuidance(guide)
         self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
 
@@ -230,9 +237,10 @@ class PPAPGuidedPipeline:
         p = next(iter(self.unet.parameters()), None) if hasattr(self.unet, "parameters") else None
         return p.dtype if p is not None else torch.float32
 
-    def to(self, device):
-        if hasattr(self.unet, "to"):
-            self.unet.to(device)
+    def to(self, *args, **kwargs):
+        if isinstance(self.unet, torch.nn.Module) or not hasattr(self.unet, "to"):
+            return super().to(*args, **kwargs)
+        self.unet.to(*args, **kwargs)
         return self
 
     def _shape(self, batch_size):
@@ -282,7 +290,7 @@ class PPAPGuidedPipeline:
         # guide then knows each step's band without a device read (merged experts)
         guided = self.guidance is not None and guidance_scale != 0
         extra = _step_kwargs(sched, eta, generator, guided)
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(self.progress_bar(sched.timesteps)):
             inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             out = self._denoise(inp, t)
             if guided:
@@ -305,3 +313,30 @@ class PPAPGuidedPipeline:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         return ImagePipelineOutput(images=images)
+
+
+def _pipeline_class():
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError as e:
+        raise ImportError("PPAPGuidedPipeline needs diffusers (pip install diffusers); PPAPGuidance works "
+                          "without it") from e
+    from diffusers import SchedulerMixin, UNet2DModel
+
+    def __init__(self, unet, scheduler, guide=None, image_shape=None):
+        _GuidedPipelineBody.__init__(self, unet, scheduler, guide, image_shape)
+
+    # real types (not strings): from_pipe keeps a source pipeline's model only if its type is listed here
+    __init__.__annotations__ = {"unet": Union[UNet2DModel, torch.nn.Module], "scheduler": SchedulerMixin,
+                                "guide": Optional[Callable], "image_shape": Optional[tuple]}
+    return type("PPAPGuidedPipeline", (_GuidedPipelineBody, DiffusionPipeline),
+                {"__module__": __name__, "__qualname__": "PPAPGuidedPipeline", "__init__": __init__,
+                 "__doc__": _GuidedPipelineBody.__doc__, "model_cpu_offload_seq": "unet"})
+
+
+def __getattr__(name):
+    # the DiffusionPipeline subclass is made on first use: importing this module never imports diffusers
+    if name == "PPAPGuidedPipeline":
+        cls = globals()["PPAPGuidedPipeline"] = _pipeline_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
