@@ -21,7 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-SUITES = ["bench_update", "bench_lora", "bench_step", "bench_distill"]
+SUITES = ["bench_update", "bench_lora", "bench_step", "bench_distill", "bench_scale"]
 
 
 def device_name(device: str) -> str:

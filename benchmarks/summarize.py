@@ -14,19 +14,27 @@ def main(folder: str) -> None:
     tests = (out / "tests.txt").read_text() if (out / "tests.txt").exists() else ""
     tally = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", tests, flags=re.M)
     print(f"tests: {tally[-1] if tally else 'no pytest summary line'}")
-    bench = out / "bench.json"
-    if not bench.exists():
-        print("bench: no bench.json")
+    for fname in ("bench.json", "scale.json"):
+        _table(out / fname)
+
+
+FIGURE_SUFFIXES = ("_ms", "GBps", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
+
+
+def _table(path: Path) -> None:
+    if not path.exists():
+        print(f"{path.stem}: no {path.name}")
         return
-    data = json.loads(bench.read_text())
-    print(f"bench device: {data['device']} (torch {data['torch']})")
+    data = json.loads(path.read_text())
+    print(f"{path.stem} device: {data['device']} (torch {data['torch']})")
     for k, v in data["ratios"].items():
         print(f"  {k:30s} {v}")
     for k, v in data.get("errors", {}).items():
         print(f"  ERROR {k}: {v}")
     for row in data["rows"]:
-        keys = [k for k in row if k.endswith("_ms") or k.endswith("GBps")]
-        label = " ".join(str(row.get(k)) for k in ("suite", "op", "name", "sampler", "shape", "dtype") if k in row)
+        keys = [k for k in row if k.endswith(FIGURE_SUFFIXES)]
+        label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "sampler", "shape",
+                                                    "dtype") if k in row)
         print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
 
 
