@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=250)
     s.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
+    s.add_argument("--fast", action="store_true", help="fast path: fused update, PPAP experts merged per band")
     common(s, device=False)
 
     s = sub.add_parser("evaluate", help="score a sample .npz with the evaluator")
@@ -255,7 +256,7 @@ def _run(args) -> int:
         demo.check_writable_dir(out.parent)
         targets = _parse_targets(args.targets, args.num_samples)
         x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
-                                      args.seed, args.batch_size, progress=progress)
+                                      args.seed, args.batch_size, progress=progress, fast=args.fast)
         demo.save_samples(out, x, targets.numpy())
         images, labels = demo.read_samples(out)
         demo.save_grid(out.with_suffix(".png"), images, labels)

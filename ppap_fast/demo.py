@@ -255,8 +255,11 @@ class PeakMemory:
 
 def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", steps: int | None = None,
                   scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, unet=None,
-                  progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Sample len(targets) images with ``method``; returns (images in [-1, 1], stats)."""
+                  progress: bool = True, fast: bool = False) -> tuple[torch.Tensor, dict]:
+    """Sample len(targets) images with ``method``; returns (images in [-1, 1], stats).
+
+    ``fast``: the fast path (:class:`ppap_fast.fast_sampling.FastGuidedSampler`: fused update, PPAP experts
+    merged per band) instead of the reference loop; same random numbers, same images up to float rounding."""
     from .guidance import ClassGuide, X0HatGuide
     from .sampling import sample_loop
 
@@ -298,13 +301,21 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
             elif gmodel is not None:
                 guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
             step_gen = torch.Generator().manual_seed(seed * 7919 + c + 1)
-            outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide, eta=0.0,
-                                    generator=step_gen, callback=(lambda i, o: bar.update(1)) if bar else None))
+            if fast:
+                from .fast_sampling import FastGuidedSampler
+
+                fs = FastGuidedSampler(counted, sched, sampler=sampler, guide=guide, eta=0.0)
+                outs.append(fs.sample(x_T[c:c + batch_size], generator=step_gen,
+                                      callback=(lambda i, x, x0: bar.update(1)) if bar else None))
+            else:
+                outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide,
+                                        eta=0.0, generator=step_gen,
+                                        callback=(lambda i, o: bar.update(1)) if bar else None))
         seconds = time.time() - t0
     if bar is not None:
         bar.close()
     x = torch.cat(outs)
-    stats = {**info, "method": method, "sampler": sampler, "steps": steps, "scale": scale if fam != "none" else 0.0,
+    stats = {**info, "method": method, "sampler": sampler, "steps": steps, "path": "fast" if fast else "reference", "scale": scale if fam != "none" else 0.0,
              "num_samples": n, "nfe_per_sample": counter["unet"] / len(chunks),
              "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
              "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2),

@@ -161,3 +161,28 @@ def test_generate_resumes_after_interruption(weights, tmp_path):
 
     a, b = load_shards(tmp_path / "a"), load_shards(tmp_path / "b")
     assert np.array_equal(a["images"], b["images"]) and np.allclose(a["logits"], b["logits"])
+
+
+@pytest.mark.parametrize("method,sampler", [("ppap-10", "ddim"), ("multi-experts-5", "ddim"), ("x0hat", "ddim"),
+                                            ("ppap-5", "ddpm"), ("none", "ddpm")])
+def test_fast_sampling_path_matches_reference(weights, method, sampler):
+    import torch
+
+    from ppap_fast import demo
+
+    targets = torch.tensor([3, 7, 1])
+    kw = dict(sampler=sampler, steps=4, scale=10.0, seed=3, batch_size=2, progress=False)
+    ref, s_ref = demo.sample_method(method, weights, targets, **kw)
+    fast, s_fast = demo.sample_method(method, weights, targets, fast=True, **kw)
+    assert s_ref["path"] == "reference" and s_fast["path"] == "fast"
+    assert s_fast["nfe_per_sample"] == s_ref["nfe_per_sample"]
+    assert torch.isfinite(fast).all()
+    err = ((fast.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 1e-4, err
+
+
+def test_sample_fast_flag(weights, tmp_path, capsys):
+    assert main(["sample", "--weights-dir", str(weights), "--method", "ppap-5", "--num-samples", "2", "--steps", "2",
+                 "--out", str(tmp_path / "s.npz"), "--no-progress", "--fast"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["path"] == "fast" and res["images_per_s"] > 0 and res["nfe_per_sample"] == 2
