@@ -10,6 +10,7 @@
   ppap-fast sample --method ppap-10 --targets 3 --num-samples 50 --out s.npz
   ppap-fast evaluate s.npz
   ppap-fast demo --out DIR
+  ppap-fast export-peft --experts-dir W/ppap5 --expert 2 --out DIR   (a peft LoRA adapter of one expert)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     s.add_argument("--batch-size", type=int, default=250)
     common(s, device=False)
+
+    s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
+    s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
+    s.add_argument("--expert", type=int, required=True)
+    s.add_argument("--out", required=True, help="output directory (adapter_config.json + adapter_model.safetensors)")
+    s.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="holds classifier.safetensors (the base model)")
     return p
 
 
@@ -272,6 +279,17 @@ def _run(args) -> int:
             demo.check_writable_dir(Path(args.json).parent)
             write_json_atomic(args.json, res)
         print(json.dumps(res))
+        return 0
+
+    if args.cmd == "export-peft":
+        from .experts import export_peft, load_experts
+
+        base = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        src = Path(args.experts_dir) if args.experts_dir else Path(args.weights_dir) / "ppap5"
+        bank = demo._load(load_experts, src, base)
+        demo.check_writable_dir(Path(args.out).parent)
+        _atomic_dir(Path(args.out), lambda d: export_peft(bank, args.expert, d, base_model=base))
+        print(json.dumps({"out": args.out, "expert": args.expert, "band": list(bank.bands[args.expert])}))
         return 0
 
     if args.cmd == "demo":
