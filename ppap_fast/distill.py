@@ -121,3 +121,60 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         opt.step()
     bank.trained_steps = step
     return bank.eval()
+
+
+# ----------------------------------------------------------------------------- dense guides
+def pixel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
+    """Per-pixel KL(softmax(teacher / temperature) || softmax(student)) over the class dim 1 of
+    [B, K, *spatial] logits (segmentation), averaged over pixels and the batch. With no spatial
+    dims ([B, K]) it equals :func:`kd_loss`."""
+    _check_pair(student_logits, teacher_logits, "pixel_kl", min_dim=2)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(student_logits.float(), dim=1)
+    return F.kl_div(log_q, log_p_t, reduction="none", log_target=True).sum(1).mean()
+
+
+def dense_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's map on x_t and the teacher's on x0 (depth or any
+    dense regression: [B, 1, H, W], [B, H, W], ...), averaged over every element."""
+    _check_pair(student, teacher, "mse", min_dim=1)
+    return F.mse_loss(student.float(), teacher.float())
+
+
+DISTILL_LOSSES = ("kl", "pixel_kl", "mse")
+TASK_LOSS = {"classification": "kl", "segmentation": "pixel_kl", "depth": "mse", "regression": "mse"}
+
+
+def _check_pair(student, teacher, kind, min_dim):
+    if tuple(student.shape) != tuple(teacher.shape):
+        raise ValueError(f"{kind} loss: the student's output has shape {tuple(student.shape)} but the teacher "
+                         f"targets have shape {tuple(teacher.shape)} (cached targets from another teacher or "
+                         "resolution?)")
+    if student.dim() < min_dim:
+        raise ValueError(f"{kind} loss needs at least {min_dim} dims, got shape {tuple(student.shape)}")
+
+
+def loss_for_task(task: str) -> str:
+    """The PPAP distillation loss of a teacher task (classification: kl, segmentation: pixel_kl,
+    depth / regression: mse)."""
+    if task not in TASK_LOSS:
+        raise ValueError(f"unknown teacher task {task!r}; expected one of {sorted(TASK_LOSS)}")
+    return TASK_LOSS[task]
+
+
+def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor,
+                 temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
+    """``kind``: "kl" (:func:`kd_loss`, [B, K] logits), "pixel_kl" (:func:`pixel_kd_loss`) or "mse"
+    (:func:`dense_mse_loss`, temperature unused). Shapes must match exactly (ValueError naming both)."""
+    if kind == "kl":
+        _check_pair(student, teacher, kind, min_dim=2)
+        if student.dim() != 2:
+            raise ValueError(f"kl loss takes [B, K] logits, got shape {tuple(student.shape)}; "
+                             "use pixel_kl for segmentation logits")
+        return kd_loss(student, teacher, temperature)
+    if kind == "pixel_kl":
+        return pixel_kd_loss(student, teacher, temperature)
+    if kind == "mse":
+        return dense_mse_loss(student, teacher)
+    raise ValueError(f"unknown distillation loss {kind!r}; expected one of {list(DISTILL_LOSSES)}")

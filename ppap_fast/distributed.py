@@ -65,12 +65,14 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -238,23 +240,98 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
     raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny or random-conv")
 
 
-def build_teacher(spec: str, weights=None):
-    """-> (model, input_transform or None, placement(**kw) -> Placement; kw: r, alpha, layout).
+class BuiltTeacher(NamedTuple):
+    model: nn.Module                 # eval mode, frozen
+    transform: nn.Module | None      # [-1, 1] images -> the model's input (None: the model takes them as is)
+    placement: Callable              # placement(r=, alpha=, layout=) -> Placement
+    task: str | None                 # "classification" | "segmentation" | "depth" | "regression" | None (unknown)
+    arch: str                        # recorded in expert checkpoints
 
-    ``tiny:<path>``: a ppap_fast tiny classifier file (takes [-1, 1] directly, "resnet" placement);
-    any name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ...) with ``weights``.
+
+TEACHER_TASKS = ("classification", "segmentation", "depth", "regression")
+
+
+def _py_factory(spec: str):
+    target = spec[3:]
+    mod_name, sep, fn_name = target.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"teacher {spec!r}: expected py:package.module:factory")
+    import importlib
+
+    fn = getattr(importlib.import_module(mod_name), fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"teacher {spec!r}: {mod_name} has no callable {fn_name!r}")
+    return fn
+
+
+def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeacher:
+    """Build the frozen teacher (eval mode) named by ``spec``:
+
+    * ``tiny:<path>``: a ppap_fast tiny classifier file (takes [-1, 1] directly, "resnet" placement);
+    * a name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ``deeplabv3_resnet50``,
+      ...) with ``weights`` (None: random init); its spec gives the task and the input transform;
+    * ``py:package.module:factory``: any module, e.g. a depth network: ``factory()`` (or
+      ``factory(weights=path)`` when ``weights`` is given) must return an nn.Module mapping images
+      in [-1, 1] ([B, C, H, W]) to its output (put any normalisation / resizing inside it); the
+      "generic" placement rule (LoRA on every conv / linear, per-expert biases and norms); the task
+      is ``task``, else the factory's or the module's ``task`` attribute.
+
+    ``task`` overrides the task; random initialisations are seeded (0) inside a forked RNG, so
+    generation and distillation build the same teacher and the caller's RNG is untouched.
     """
-    if spec.startswith("tiny:"):
-        from .models.tiny import load_model
+    from .experts.placement import make_placement
 
-        from .experts.placement import make_placement
+    if task is not None and task not in TEACHER_TASKS:
+        raise ValueError(f"unknown teacher task {task!r}; expected one of {list(TEACHER_TASKS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec.startswith("tiny:"):
+            from .models.tiny import load_model
 
-        model = load_model(spec[5:]).eval()
-        return model, None, (lambda **kw: make_placement("resnet", model, **kw))
-    from .models.registry import build_guide_model
+            model = load_model(spec[5:]).eval()
+            return BuiltTeacher(model, None, lambda **kw: make_placement("resnet", model, **kw),
+                                task or "classification", "tiny")
+        if spec.startswith("py:"):
+            fn = _py_factory(spec)
+            model = fn() if weights is None else fn(weights=weights)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"teacher {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+            task = task or getattr(fn, "task", None) or getattr(model, "task", None)
+            if task is not None and task not in TEACHER_TASKS:
+                raise ValueError(f"teacher {spec!r} declares task {task!r}; expected one of {list(TEACHER_TASKS)}")
+            model.eval().requires_grad_(False)
+            return BuiltTeacher(model, None, lambda **kw: make_placement("generic", model, **kw), task, spec)
+        from .models.registry import build_guide_model
 
-    gm = build_guide_model(spec, weights=weights)
-    return gm.model, gm.transform, gm.placement
+        gm = build_guide_model(spec, weights=weights)
+    return BuiltTeacher(gm.model, gm.transform, gm.placement, task or gm.spec.task, spec.split(":")[0])
+
+
+def teacher_output(model: nn.Module, transform, x: torch.Tensor, t=None) -> torch.Tensor:
+    """The model's main output on ``x`` (dict outputs: ``['out']``, as guidance uses), float32.
+    With ``t`` the model is an ExpertBank called as ``model(x, t)``."""
+    from .guidance import _primary
+
+    h = transform(x) if transform is not None else x
+    return _primary(model(h) if t is None else model(h, t)).float()
+
+
+@torch.no_grad()
+def teacher_targets(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int, device) -> torch.Tensor:
+    """Teacher outputs on the dequantised clean images, in the dtype shards store them: [N, K]
+    logits float32 (classifiers), anything with spatial dims float16 (see the module docstring).
+    Non-finite outputs (including float16 overflow past 65504) are a ValueError."""
+    from .data import from_uint8
+
+    out = []
+    for i in range(0, images_u8.shape[0], batch_size):
+        y = teacher_output(model, transform, from_uint8(images_u8[i:i + batch_size]).to(device)).cpu()
+        out.append(y if y.dim() == 2 else y.half())
+    y = torch.cat(out)
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"teacher outputs {tuple(y.shape)} ({y.dtype}) are not all finite"
+                         + (" (float16 overflows past 65504)" if y.dtype == torch.float16 else ""))
+    return y
 
 
 # ----------------------------------------------------------------------------- generation
@@ -335,13 +412,20 @@ def _prepare_dir(cfg: GenerateConfig, h: str, world: int) -> list:
     return [p.name for p in stale]
 
 
-def _kill_hook(rank: int, written: int) -> None:
-    n = os.environ.get("PPAP_FAST_TEST_KILL_AFTER_SHARDS")
-    if not n or written != int(n) or rank != int(os.environ.get("PPAP_FAST_TEST_KILL_RANK", "0")):
+class SimulatedCrash(BaseException):
+    """Raised by the test kill hooks with ``PPAP_FAST_TEST_KILL_SCOPE=raise`` (in-process tests)."""
+
+
+def _kill_hook(rank: int, done: int, var: str = "PPAP_FAST_TEST_KILL_AFTER_SHARDS") -> None:
+    n = os.environ.get(var)
+    if not n or done != int(n) or rank != int(os.environ.get("PPAP_FAST_TEST_KILL_RANK", "0")):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    if os.environ.get("PPAP_FAST_TEST_KILL_SCOPE", "self") == "group":
+    scope = os.environ.get("PPAP_FAST_TEST_KILL_SCOPE", "self")
+    if scope == "raise":
+        raise SimulatedCrash(f"{var}={n} on rank {rank}")
+    if scope == "group":
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -351,7 +435,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
 
     Returns this rank's summary: shards written now, shards it found complete, the config hash.
     """
-    from .data import from_uint8, to_uint8
+    from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
     from .sampling import sample_loop
     from .schedule import Schedule
@@ -380,8 +464,11 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     torch.manual_seed(cfg.seed)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
     teacher = transform = None
+    extra = {}
     if cfg.teacher:
-        teacher, transform, _ = build_teacher(cfg.teacher, cfg.teacher_weights)
+        teacher, transform = build_teacher(cfg.teacher, cfg.teacher_weights)[:2]
+        # distillation compares this with its own teacher before trusting the cached outputs
+        extra["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
@@ -408,13 +495,9 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
                              noise_fn=noise_fn)
             imgs.append(to_uint8(x0))
         arrays = {"images": np.concatenate(imgs)}
-        if teacher is not None:
-            logits = []
-            with torch.no_grad():
-                for i in range(0, count, bs):
-                    x = from_uint8(arrays["images"][i:i + bs]).to(device)
-                    logits.append(teacher(transform(x) if transform is not None else x).float().cpu())
-            arrays["logits"] = torch.cat(logits).numpy().astype(np.float32)
+        if teacher is not None:  # cached once: the teacher sees the clean x0, which does not depend on t
+            y = teacher_targets(teacher, transform, arrays["images"], bs, device)
+            arrays["logits" if y.dim() == 2 else "targets"] = y.numpy()
         write_npz_atomic(out / _shard_name(k), **arrays)
 
     err = None
@@ -434,13 +517,17 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         if missing:
             err = f"shards {missing[:10]} are still missing or damaged after generation"
         else:
-            write_json_atomic(out / MANIFEST, _manifest(cfg, h, env.world_size, complete=True))
+            write_json_atomic(out / MANIFEST, {**_manifest(cfg, h, env.world_size, complete=True), **extra})
     raise_if_any(err, env, "final shard check")
     return {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
             "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h}
 
 
 # ----------------------------------------------------------------------------- distillation
+TRAIN_STATE = "train_state.safetensors"
+TRAIN_STATE_FORMAT = "ppap_fast.ddp_train_state"
+
+
 @dataclass
 class DistillConfig:
     data_dir: str
@@ -461,10 +548,15 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     dump_rank_states: str | None = None  # debugging / tests: every rank writes its expert tensors here
+    teacher_task: str | None = None     # None: the registry spec's / the py: factory's task
+    loss: str | None = None             # "kl" | "pixel_kl" | "mse"; None: from the teacher's task
+    checkpoint_every: int = 0           # steps between resumable training states (0: none)
 
     def identity(self) -> dict:
+        """What determines the experts (``checkpoint_every`` does not: a resume is exact).
+        :func:`distill` adds the resolved task and loss and the teacher's state fingerprint."""
         d = dataclasses.asdict(self)
-        for k in ("device", "dump_rank_states"):
+        for k in ("device", "dump_rank_states", "checkpoint_every"):
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
@@ -473,6 +565,107 @@ class DistillConfig:
         m = Path(self.data_dir) / MANIFEST
         d["data_manifest"] = hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
         return d
+
+
+def resolve_loss(cfg: DistillConfig, task: str | None) -> str:
+    """``cfg.loss`` if given (checked), else the loss of the teacher's task."""
+    from .distill import DISTILL_LOSSES, loss_for_task
+
+    if cfg.loss is not None:
+        if cfg.loss not in DISTILL_LOSSES:
+            raise ValueError(f"unknown distillation loss {cfg.loss!r}; expected one of {list(DISTILL_LOSSES)}")
+        return cfg.loss
+    if task is None:
+        raise ValueError(f"the task of teacher {cfg.teacher!r} is unknown: pass --teacher-task "
+                         f"{{{','.join(TEACHER_TASKS)}}} or --loss")
+    return loss_for_task(task)
+
+
+def _config_diff(theirs: dict, mine: dict) -> str:
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
+
+
+def _trained_params(bank) -> dict:
+    return {n: p for n, p in bank.named_parameters() if p.requires_grad}
+
+
+def _rank_state(bank, gen: torch.Generator, device: torch.device) -> dict:
+    """What differs between ranks: the buffers (local BatchNorm statistics) and the RNG states."""
+    st = {f"buffer/{k}": v.detach().cpu().clone() for k, v in bank.named_buffers()}
+    st["rng/data"] = gen.get_state()
+    st["rng/torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        st["rng/cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict, h: str, env: DistEnv) -> None:
+    """Collective: rank 0 gathers every rank's buffers and RNG states and writes one safetensors
+    file atomically (``param/`` the trained per-expert tensors, identical on all ranks;
+    ``optim/<param>/<key>`` the AdamW state; ``rank<r>/...`` per-rank state; ``losses`` float64;
+    metadata: step, config and hash). A failure to write raises on every rank."""
+    from .data.shards import save_safetensors_atomic
+
+    mine = _rank_state(bank, gen, env.device)
+    if env.distributed:
+        got = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+    else:
+        got = [mine]
+    err = None
+    if env.rank == 0:
+        t = {f"param/{k}": v for k, v in _trained_params(bank).items()}
+        names = {id(p): k for k, p in _trained_params(bank).items()}
+        for p, st in opt.state.items():
+            for k, v in st.items():
+                t[f"optim/{names[id(p)]}/{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        for r, st in enumerate(got):
+            t.update({f"rank{r}/{k}": v for k, v in st.items()})
+        t["losses"] = torch.tensor(losses, dtype=torch.float64)
+        meta = {"format": TRAIN_STATE_FORMAT, "step": str(step), "world_size": str(env.world_size),
+                "config_hash": h, "config": json.dumps(ident, sort_keys=True, default=str)}
+        try:
+            save_safetensors_atomic(path, t, metadata=meta)
+        except OSError as e:
+            err = f"writing {path}: {e}"
+    raise_if_any(err, env, "writing the training state")
+
+
+def read_train_state_meta(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{path} is not a ppap_fast training state (format {meta.get('format')!r})")
+    return meta
+
+
+@torch.no_grad()
+def load_train_state(path, bank, opt, gen, env: DistEnv) -> tuple[int, list]:
+    """Restore this rank's part of a training state (in place); returns (next step, losses so far)."""
+    from safetensors.torch import load_file
+
+    meta = read_train_state_meta(path)
+    t = load_file(str(path))
+    params = _trained_params(bank)
+    for k, p in params.items():
+        p.copy_(t[f"param/{k}"])
+    for k, b in bank.named_buffers():
+        b.copy_(t[f"rank{env.rank}/buffer/{k}"])
+    sd = opt.state_dict()
+    order = list(params)  # parameters_to_train() and named_parameters() list the same tensors in the same order
+    if [id(p) for p in opt.param_groups[0]["params"]] != [id(params[k]) for k in order]:
+        raise RuntimeError("optimizer parameters are not the bank's trained parameters in order")
+    sd["state"] = {i: {key.rsplit("/", 1)[1]: v for key, v in t.items() if key.startswith(f"optim/{k}/")}
+                   for i, k in enumerate(order) if any(key.startswith(f"optim/{k}/") for key in t)}
+    opt.load_state_dict(sd)
+    gen.set_state(t[f"rank{env.rank}/rng/data"])
+    torch.set_rng_state(t[f"rank{env.rank}/rng/torch"])
+    if env.device.type == "cuda" and f"rank{env.rank}/rng/cuda" in t:
+        torch.cuda.set_rng_state(t[f"rank{env.rank}/rng/cuda"], env.device)
+    return int(meta["step"]), [float(v) for v in t["losses"].tolist()]
 
 
 @torch.no_grad()
@@ -511,68 +704,120 @@ def check_replicas_identical(bank, env: DistEnv) -> str:
     return fp
 
 
+def _load_targets(cfg: DistillConfig, data: dict, teacher_state: str, teacher, transform, env) -> tuple:
+    """-> (targets [N, ...] float32 logits or float16 maps, "cached" | "computed"); see the module docstring."""
+    key = "logits" if "logits" in data else "targets" if "targets" in data else None
+    if key is None:  # once, up front, on every rank (no teacher forward inside the training loop)
+        return teacher_targets(teacher, transform, data["images"], max(cfg.batch_size, 1), env.device), "computed"
+    man = json.loads((Path(cfg.data_dir) / MANIFEST).read_text())
+    theirs = man.get("teacher_state")
+    if theirs is not None and theirs != teacher_state:
+        raise ValueError(f"the teacher outputs cached in {cfg.data_dir} were computed by another teacher "
+                         f"({man.get('config', {}).get('teacher')!r}, state {theirs[:12]}) than this one "
+                         f"({cfg.teacher!r}, state {teacher_state[:12]}); distil on a set generated with "
+                         "this teacher or without --teacher")
+    return torch.from_numpy(data[key]), "cached"
+
+
 def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = False):
     """PPAP data-free distillation with DDP over the ExpertBank; returns the bank (eval mode).
-    Rank 0 writes ``cfg.out_dir`` (save_experts format) and ``train_summary.json`` there."""
+    Rank 0 writes ``cfg.out_dir`` (save_experts format) and ``train_summary.json`` there; with
+    ``cfg.checkpoint_every`` it also keeps a resumable training state (module docstring)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from .data import from_uint8, load_shards
     from .data.shards import write_json_atomic
-    from .distill import kd_loss
+    from .distill import distill_loss
     from .experts import ExpertBank, save_experts
     from .schedule import Schedule
 
     env = env or init_distributed(cfg.device)
     device = env.device
-    teacher, transform, placement = build_teacher(cfg.teacher, cfg.teacher_weights)
+    if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
+    teacher, transform, placement, task, arch = build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task)
+    loss_kind = resolve_loss(cfg, task)
     ident = cfg.identity()
+    ident["teacher_task"], ident["loss"] = task, loss_kind
     ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
     h = check_same_config(ident, env)
+    teacher = teacher.to(device).eval()
+    transform = transform.to(device) if transform is not None else None
 
-    err = None
+    err = targets = None
     try:
         data = load_shards(cfg.data_dir)
+        targets, target_source = _load_targets(cfg, data, ident["teacher_state"], teacher, transform, env)
     except (OSError, ValueError) as e:
         err, data = str(e), None
     raise_if_any(err, env, "reading the data set")
     x_all = from_uint8(data["images"])
-    l_all = torch.from_numpy(data["logits"]).float() if "logits" in data else None
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
     bank = ExpertBank(teacher, placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout), cfg.n_experts,
-                      cfg.num_timesteps, arch=cfg.teacher.split(":")[0]).to(device).train()
-    teacher = teacher.to(device).eval()
-    transform = transform.to(device) if transform is not None else None
+                      cfg.num_timesteps, arch=arch).to(device).train()
     model = bank
     if env.distributed:
         model = DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     opt = torch.optim.AdamW(bank.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.create("linear", cfg.num_timesteps)
     gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
-    it = range(cfg.steps)
+
+    # resume: rank 0 checks the state's configuration, then every rank restores its part in place
+    state_path = Path(cfg.out_dir) / TRAIN_STATE
+    ck_ident = {**ident, "world_size": env.world_size}
+    ck_hash = config_hash(ck_ident)
+    err, found = None, False
+    if env.rank == 0 and state_path.exists():
+        try:
+            meta = read_train_state_meta(state_path)
+            if meta.get("config_hash") != ck_hash:
+                err = (f"{state_path} was written with another configuration (differs in "
+                       f"{_config_diff(json.loads(meta.get('config', '{}')), ck_ident)}); "
+                       "use another --out or the same arguments")
+            found = True
+        except Exception as e:  # written atomically, so a damaged file is not ours to overwrite silently
+            err = f"{state_path} is not a readable training state ({type(e).__name__}: {e}); remove it to start over"
+    raise_if_any(err, env, "resuming")
+    start, losses = 0, []
+    if _gather(found, env)[0]:
+        err = None
+        try:
+            start, losses = load_train_state(state_path, bank, opt, gen, env)
+        except Exception as e:
+            err = f"loading {state_path}: {type(e).__name__}: {e}"
+        raise_if_any(err, env, "resuming")
+    resumed_from = start
+
+    it = range(start, cfg.steps)
     if progress and env.rank == 0:
         from tqdm import tqdm
-        it = tqdm(it, desc=f"ddp distill x{env.world_size}", mininterval=2)
-    losses = []
+        it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
     for step in it:
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
         x0 = x_all[idx]
         t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float().to(device)
-        x0, t = x0.to(device), t.to(device)
-        if l_all is not None:
-            tl = l_all[idx].to(device)
-        else:
-            with torch.no_grad():
-                tl = teacher(transform(x0) if transform is not None else x0).float()
+        t = t.to(device)
         lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        loss = kd_loss(model(transform(xt) if transform is not None else xt, t), tl, cfg.temperature)
+        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), targets[idx].to(device).float(),
+                            cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
+        if env.distributed:
+            dist.all_reduce(mean_loss)
+            mean_loss /= env.world_size
+        losses.append(float(mean_loss))
+        if not math.isfinite(losses[-1]):
+            raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
         opt.step()
-        losses.append(float(loss.detach()))
+        done = step + 1
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save_train_state(state_path, bank, opt, gen, done, losses, ck_ident, ck_hash, env)
+        _kill_hook(env.rank, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
 
     if cfg.dump_rank_states:
         from .data.shards import save_safetensors_atomic
@@ -592,9 +837,12 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
             save_experts(bank, cfg.out_dir)
             write_json_atomic(Path(cfg.out_dir) / "train_summary.json", {
                 "config": ident, "config_hash": h, "world_size": env.world_size, "backend": env.backend,
-                "global_batch": cfg.batch_size * env.world_size, "losses": losses, "expert_fingerprint": fp,
+                "global_batch": cfg.batch_size * env.world_size, "loss": loss_kind, "targets": target_source,
+                "losses": losses, "losses_are": "per step, mean over ranks of each rank's batch loss",
+                "resumed_from_step": resumed_from, "expert_fingerprint": fp,
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})
+            state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
         except OSError as e:
             err = str(e)
     raise_if_any(err, env, "writing the checkpoint")
@@ -617,6 +865,11 @@ def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cf
         _TASKS[task](cfg, env)
     finally:
         dist.destroy_process_group()
+    # success: every output is written atomically; skip interpreter teardown, where gloo's threads
+    # intermittently abort (std::terminate), as main() does under torchrun
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | None = None,
@@ -663,15 +916,27 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--respacing", default="ddim25")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     g.add_argument("--eta", type=float, default=0.0)
-    g.add_argument("--teacher", default=None)
+    g.add_argument("--teacher", default=None,
+                   help="cache this teacher's outputs on the clean images: tiny:<file>, a registry name, "
+                        "or py:package.module:factory (classifier logits float32, dense maps float16)")
     g.add_argument("--teacher-weights", default=None)
 
     d = sub.add_parser("distill", help="DDP distillation of PPAP experts on a data-free set")
     common(d)
     d.add_argument("--data", required=True)
     d.add_argument("--out", required=True)
-    d.add_argument("--teacher", required=True, help="tiny:<file> or a registry name (resnet50, deit_s, ...)")
+    d.add_argument("--teacher", required=True,
+                   help="tiny:<file>, a registry name (resnet50, deit_s, deeplabv3_resnet50, ...) or "
+                        "py:package.module:factory (any module, e.g. a depth network; see build_teacher)")
     d.add_argument("--teacher-weights", default=None)
+    d.add_argument("--teacher-task", default=None, choices=list(TEACHER_TASKS),
+                   help="override the teacher's task (chooses the default loss)")
+    d.add_argument("--loss", default=None, choices=["kl", "pixel_kl", "mse"],
+                   help="distillation loss (default: kl for classification, pixel_kl for segmentation, "
+                        "mse for depth / regression)")
+    d.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a resumable training state every N steps (0: never); a restart with the "
+                        "same arguments resumes from it")
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
@@ -692,9 +957,12 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
         return GenerateConfig(a.out, a.num_images, a.shard_size, a.batch_size, a.seed, a.image_size, a.channels,
                               a.denoiser, a.checkpoint, a.schedule, a.num_timesteps, a.respacing, a.sampler, a.eta,
                               a.teacher, a.teacher_weights, a.device)
-    return DistillConfig(a.data, a.out, a.teacher, a.teacher_weights, a.n_experts, a.num_timesteps, a.r, a.alpha,
-                         a.layout, a.steps, a.batch_size, a.lr, a.weight_decay, a.warmup, a.temperature, a.seed,
-                         a.device, a.dump_rank_states)
+    return DistillConfig(a.data, a.out, a.teacher, a.teacher_weights, n_experts=a.n_experts,
+                         num_timesteps=a.num_timesteps, r=a.r, alpha=a.alpha, layout=a.layout, steps=a.steps,
+                         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,
+                         temperature=a.temperature, seed=a.seed, device=a.device,
+                         dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
+                         checkpoint_every=a.checkpoint_every)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,272 @@
+"""PPAP distillation of dense guides: the per-pixel KL and MSE losses against float64 formulas,
+a tiny depth teacher (``py:module:factory``) and DeepLabV3 distilled end to end through
+``ppap_fast.distributed.distill`` (single process), cached float16 targets, and clear errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from ppap_fast import distributed as D
+from ppap_fast.data import load_shards
+from ppap_fast.data.shards import write_npz_atomic
+from ppap_fast.distill import DISTILL_LOSSES, dense_mse_loss, distill_loss, kd_loss, pixel_kd_loss
+
+GEN = dict(num_images=8, shard_size=4, image_size=8, channels=1, denoiser="random-conv", respacing="ddim5",
+           seed=5, device="cpu")
+
+DEPTH_MODULE = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+
+    class TinyDepth(nn.Module):
+        """[B, 1, H, W] images in [-1, 1] -> a positive depth map [B, 1, H, W] (or [B, H, W])."""
+
+        task = "depth"
+
+        def __init__(self, squeeze=False):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+            self.c2 = nn.Conv2d(6, 1, 3, padding=1)
+            self.squeeze = squeeze
+
+        def forward(self, x):
+            d = nn.functional.softplus(self.c2(torch.relu(self.bn(self.c1(x)))))
+            return d[:, 0] if self.squeeze else d
+
+
+    def make():
+        return TinyDepth()
+
+
+    def make_hw():  # no task attribute on the factory nor on the module: --teacher-task gives it
+        m = TinyDepth(squeeze=True)
+        m.task = None
+        return m
+
+
+    def make_other():  # same architecture, other weights
+        m = TinyDepth()
+        with torch.no_grad():
+            m.c1.weight.mul_(0.5)
+        return m
+
+
+    def make_nan():
+        m = TinyDepth()
+        with torch.no_grad():
+            m.c2.bias.fill_(float("nan"))
+        return m
+''')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CI machine: one thread is faster than contended intra-op threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def depth_module(tmp_path, monkeypatch):
+    """An importable module holding depth factories (any user module works the same way)."""
+    d = tmp_path / "pymods"
+    d.mkdir()
+    (d / "ppap_test_depth.py").write_text(DEPTH_MODULE)
+    monkeypatch.syspath_prepend(str(d))
+    return "py:ppap_test_depth:make"
+
+
+# ----------------------------------------------------------------------------- losses vs float64 formulas
+def _pixel_kl_ref(s, t, temp):
+    s, t = s.double(), t.double()
+    p = torch.softmax(t / temp, 1)
+    return (p * (torch.log(p) - torch.log_softmax(s, 1))).sum(1).mean()
+
+
+def test_pixel_kl_and_mse_match_float64_formulas():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 4, 6, generator=g) * 2, torch.randn(3, 5, 4, 6, generator=g) * 2
+    for temp in (0.25, 1.0):
+        got = pixel_kd_loss(s, t, temp)
+        assert got.dtype == torch.float32 and got > 0
+        torch.testing.assert_close(got.double(), _pixel_kl_ref(s, t, temp), rtol=1e-5, atol=1e-6)
+        assert distill_loss("pixel_kl", s, t, temp) == got
+    # zero exactly where softmax(student) == softmax(teacher / T)
+    assert pixel_kd_loss(t / 0.25, t, 0.25).abs() < 1e-6
+    assert pixel_kd_loss(t, t, 1.0).abs() < 1e-6
+    # no spatial dims: the classifier KL (batch mean)
+    s2, t2 = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    torch.testing.assert_close(pixel_kd_loss(s2, t2, 0.25), kd_loss(s2, t2, 0.25))
+    torch.testing.assert_close(distill_loss("kl", s2, t2, 0.25), kd_loss(s2, t2, 0.25))
+
+    for shape in ((3, 1, 4, 6), (3, 4, 6)):
+        a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        got = dense_mse_loss(a, b)
+        torch.testing.assert_close(got.double(), ((a.double() - b.double()) ** 2).mean(), rtol=1e-6, atol=1e-7)
+        assert got > 0 and dense_mse_loss(a, a) == 0
+        assert distill_loss("mse", a, b, 0.25) == got
+    # NaN propagates (the training loop turns it into an error); it never reads as a small loss
+    assert torch.isnan(dense_mse_loss(a, b.clone().fill_(float("nan"))))
+    assert torch.isnan(pixel_kd_loss(s, t.clone().fill_(float("nan")), 0.25))
+
+
+def test_loss_errors_name_shapes_and_kinds():
+    s = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 2, 2\)"):
+        distill_loss("pixel_kl", s, torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 1, 4, 4\)"):
+        distill_loss("mse", s, torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="use pixel_kl"):
+        distill_loss("kl", s, s)
+    with pytest.raises(ValueError, match=r"unknown distillation loss 'l1'.*kl.*pixel_kl.*mse"):
+        distill_loss("l1", s, s)
+    assert DISTILL_LOSSES == ("kl", "pixel_kl", "mse")
+
+
+# ----------------------------------------------------------------------------- teachers and configuration
+def test_teacher_specs_tasks_and_loss_choice(depth_module):
+    t = D.build_teacher(depth_module)
+    assert t.task == "depth" and t.transform is None and t.arch == depth_module
+    assert D.build_teacher("py:ppap_test_depth:make_hw").task is None
+    assert D.build_teacher("py:ppap_test_depth:make_hw", task="depth").task == "depth"
+    # seeded: generation and distillation build the same random teacher; the caller's RNG is untouched
+    before = torch.get_rng_state()
+    a, b = D.build_teacher(depth_module).model, D.build_teacher(depth_module).model
+    assert torch.equal(torch.get_rng_state(), before)
+    assert D.tensors_fingerprint(sorted(a.state_dict().items())) == D.tensors_fingerprint(sorted(b.state_dict().items()))
+    for bad, msg in (("py:ppap_test_depth", "expected py:package.module:factory"),
+                     ("py:ppap_test_depth:nothing", "no callable 'nothing'")):
+        with pytest.raises(ValueError, match=msg):
+            D.build_teacher(bad)
+    with pytest.raises(ValueError, match="unknown teacher task 'sky'"):
+        D.build_teacher(depth_module, task="sky")
+
+    cfg = D.DistillConfig("d", "o", depth_module)
+    assert D.resolve_loss(cfg, "depth") == "mse"
+    assert D.resolve_loss(cfg, "segmentation") == "pixel_kl"
+    assert D.resolve_loss(cfg, "classification") == "kl"
+    assert D.resolve_loss(dataclasses.replace(cfg, loss="pixel_kl"), "depth") == "pixel_kl"  # override
+    with pytest.raises(ValueError, match="unknown distillation loss 'huber'"):
+        D.resolve_loss(dataclasses.replace(cfg, loss="huber"), "depth")
+    with pytest.raises(ValueError, match="task of teacher .* is unknown: pass --teacher-task"):
+        D.resolve_loss(cfg, None)
+
+    a = D._parser().parse_args(["distill", "--data", "d", "--out", "o", "--teacher", depth_module, "--loss", "mse",
+                                "--teacher-task", "depth", "--checkpoint-every", "7"])
+    c = D.config_from_args(a)
+    assert (c.loss, c.teacher_task, c.checkpoint_every, c.n_experts) == ("mse", "depth", 7, 5)
+    with pytest.raises(SystemExit):
+        D._parser().parse_args(["distill", "--data", "d", "--out", "o", "--teacher", "x", "--loss", "huber"])
+
+
+# ----------------------------------------------------------------------------- end to end
+def _depth_cfg(data, out, teacher, **kw):
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=40, batch_size=8, lr=0.03, warmup=1, weight_decay=0.0,
+                device="cpu")
+    return D.DistillConfig(str(data), str(out), teacher, **{**base, **kw})
+
+
+def test_depth_teacher_cached_float16_targets_and_loss_decreases(tmp_path, depth_module):
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **GEN, teacher=depth_module), D.DistEnv())
+    cached = load_shards(data)
+    assert "logits" not in cached and cached["targets"].dtype == np.float16
+    assert cached["targets"].shape == (8, 1, 8, 8)
+    teacher = D.build_teacher(depth_module).model
+    with torch.no_grad():
+        x = torch.from_numpy(cached["images"].astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        ref = teacher(x).half()
+    assert torch.equal(torch.from_numpy(cached["targets"]), ref)
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["teacher_state"] == D.tensors_fingerprint(sorted(teacher.state_dict().items()))
+
+    bank = D.distill(_depth_cfg(data, tmp_path / "out", depth_module), D.DistEnv())
+    s = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert s["loss"] == "mse" and s["targets"] == "cached" and s["config"]["loss"] == "mse"
+    assert s["config"]["teacher_task"] == "depth" and s["resumed_from_step"] == 0
+    losses = np.array(s["losses"])
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    assert losses[-10:].mean() < 0.7 * losses[:10].mean(), losses
+    assert bank.arch == depth_module and not bank.training
+
+    # the same set without cached targets: computed once up front (rounded to float16 like the cache)
+    plain = tmp_path / "plain"
+    D.generate(D.GenerateConfig(str(plain), **GEN), D.DistEnv())
+    cfg = _depth_cfg(plain, tmp_path / "out2", "py:ppap_test_depth:make_hw", teacher_task="depth", steps=2)
+    D.distill(cfg, D.DistEnv())
+    s2 = json.loads((tmp_path / "out2" / "train_summary.json").read_text())
+    assert s2["targets"] == "computed" and s2["loss"] == "mse" and len(s2["losses"]) == 2
+    # the loss choice is part of the configuration identity
+    D.distill(dataclasses.replace(cfg, loss="pixel_kl", out_dir=str(tmp_path / "out3")), D.DistEnv())
+    s3 = json.loads((tmp_path / "out3" / "train_summary.json").read_text())
+    assert s3["loss"] == "pixel_kl" and s3["config_hash"] != s2["config_hash"]
+    with pytest.raises(ValueError, match="task of teacher .* is unknown"):
+        D.distill(dataclasses.replace(cfg, teacher_task=None), D.DistEnv())
+
+
+def test_cached_targets_of_wrong_shape_or_other_teacher_raise(tmp_path, depth_module):
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **GEN, teacher=depth_module), D.DistEnv())
+    # another teacher than the one that filled the cache: refused before training
+    with pytest.raises(D.DistributedRunError, match="computed by another teacher"):
+        D.distill(_depth_cfg(data, tmp_path / "o1", "py:ppap_test_depth:make_other", steps=1), D.DistEnv())
+    # same weights, but a [B, H, W] output: the first step names both shapes
+    with pytest.raises(ValueError, match=r"student's output has shape \(8, 8, 8\).*targets have shape \(8, 1, 8, 8\)"):
+        D.distill(_depth_cfg(data, tmp_path / "o1", "py:ppap_test_depth:make_hw", teacher_task="depth", steps=1),
+                  D.DistEnv())
+    # targets at another resolution (same teacher state): the first step names both shapes
+    for k in (0, 1):
+        p = data / f"shard_{k:05d}.npz"
+        with np.load(p) as z:
+            arrays = {n: z[n] for n in z.files}
+        arrays["targets"] = arrays["targets"][:, :, ::2, ::2].copy()
+        write_npz_atomic(p, **arrays)
+    with pytest.raises(ValueError, match=r"student's output has shape \(8, 1, 8, 8\).*targets have shape \(8, 1, 4, 4\)"):
+        D.distill(_depth_cfg(data, tmp_path / "o2", depth_module, steps=1), D.DistEnv())
+    assert not (tmp_path / "o2" / "experts.safetensors").exists()
+
+
+def test_nonfinite_teacher_or_loss_is_an_error(tmp_path, depth_module):
+    data = tmp_path / "data"
+    with pytest.raises(ValueError, match="not all finite"):
+        D.generate(D.GenerateConfig(str(data), **GEN, teacher="py:ppap_test_depth:make_nan"), D.DistEnv())
+    plain = tmp_path / "plain"
+    D.generate(D.GenerateConfig(str(plain), **GEN), D.DistEnv())
+    with pytest.raises(D.DistributedRunError, match="not all finite"):
+        D.distill(_depth_cfg(plain, tmp_path / "o", "py:ppap_test_depth:make_nan", steps=1), D.DistEnv())
+    # NaN hidden in a cached set: the loss check stops training at the first step
+    data = tmp_path / "cached"
+    D.generate(D.GenerateConfig(str(data), **GEN, teacher=depth_module), D.DistEnv())
+    for k in (0, 1):
+        p = data / f"shard_{k:05d}.npz"
+        with np.load(p) as z:
+            arrays = {n: z[n] for n in z.files}
+        arrays["targets"][:] = np.nan
+        write_npz_atomic(p, **arrays)
+    with pytest.raises(D.DistributedRunError, match="loss is nan at step 0"):
+        D.distill(_depth_cfg(data, tmp_path / "o3", depth_module, steps=3, batch_size=8), D.DistEnv())
+
+
+def test_deeplabv3_segmentation_distillation_end_to_end(tmp_path):
+    """Registry DeepLabV3 (random init, nothing downloaded) at 32x32: per-pixel KL, targets computed once."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4, "image_size": 32,
+                                               "channels": 3}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "deeplabv3_resnet50", n_experts=2, r=2, alpha=2.0,
+                          steps=2, batch_size=2, lr=1e-2, warmup=1, weight_decay=0.0, device="cpu")
+    bank = D.distill(cfg, D.DistEnv())
+    s = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert s["loss"] == "pixel_kl" and s["config"]["teacher_task"] == "segmentation" and s["targets"] == "computed"
+    assert len(s["losses"]) == 2 and all(np.isfinite(s["losses"])) and min(s["losses"]) > 0
+    lora_b = [v for k, v in bank.per_expert_state_dict().items() if k.endswith(("lora_B", "lora_b"))]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA did not train"
+    assert (tmp_path / "out" / "experts.safetensors").is_file()
