@@ -7,6 +7,13 @@ layout) and, with ``include_base=True``, ``base.safetensors`` (the shared frozen
 weights). Loading is strict: missing / unexpected / misshaped keys and a config
 that does not match the bank raise ValueError listing them.
 
+Every file is written under a temporary name and renamed into place, config.json
+last; it records each tensor file's size and SHA-256, checked on load, so a save
+interrupted while overwriting an older checkpoint is reported, never half-loaded.
+A checkpoint is found by path, or by Hugging Face repo id in the local HF cache
+(offline: nothing is downloaded): ``load_experts("org/ppap-resnet50", model,
+subfolder="ppap10")``.
+
 Official riiid/PPAP ResNet50 checkpoints (``{i}_max{n}.ckpt``) are the full
 state_dict of their wrapper: keys ``resnet.<torchvision key>``, a wrapped conv
 ``P`` stored as ``resnet.P.conv.weight`` + ``resnet.P.lora_A`` / ``lora_B`` in
@@ -16,6 +23,7 @@ key mismatch; :func:`import_ppap_checkpoint` refuses any mismatch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,26 +47,83 @@ def _config(bank: ExpertBank) -> dict:
     }
 
 
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
 def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
-    """Write ``bank``'s experts to the directory ``path`` (created); returns the path."""
-    from safetensors.torch import save_file
+    """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
+    Atomic per file, config.json (with the files' digests) last."""
+    from ..data.shards import save_safetensors_atomic, write_json_atomic
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in bank.per_expert_state_dict().items()}
-    save_file(tensors, str(path / "experts.safetensors"))
-    cfg = _config(bank)
-    cfg["include_base"] = include_base
+    files = {"experts.safetensors": tensors}
     if include_base:
         own = set(tensors)
-        base = {k: v.detach().contiguous().clone() for k, v in bank.model.state_dict().items() if k not in own}
-        save_file(base, str(path / "base.safetensors"))
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+        files["base.safetensors"] = {k: v.detach().contiguous().clone() for k, v in bank.model.state_dict().items()
+                                     if k not in own}
+    cfg = _config(bank)
+    cfg["include_base"] = include_base
+    cfg["files"] = {}
+    for name, t in files.items():
+        save_safetensors_atomic(path / name, t)
+        cfg["files"][name] = _digest(path / name)
+    write_json_atomic(path / "config.json", cfg)
     return path
 
 
-def read_config(path) -> dict:
-    path = Path(path)
+def _check_file(path: Path, cfg: dict) -> None:
+    want = (cfg.get("files") or {}).get(path.name)
+    if want is None:  # written before digests were recorded
+        return
+    got = _digest(path)
+    if got != want:
+        raise ValueError(f"{path} does not match its config.json ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... "
+                         f"vs recorded {want['bytes']} bytes, {want['sha256'][:12]}...): the checkpoint is damaged or "
+                         "was overwritten by an interrupted save; save it again")
+
+
+def resolve_checkpoint(path_or_repo, subfolder: str | None = None, revision: str | None = None,
+                       cache_dir=None) -> Path:
+    """A checkpoint directory from a local path, or from a Hugging Face repo id ("org/name") already in
+    the local HF cache (``HF_HOME`` / ``cache_dir``). Never downloads."""
+    p = Path(path_or_repo)
+    if p.exists():
+        p = p / subfolder if subfolder else p
+        if not p.is_dir():
+            raise NotADirectoryError(f"{p} is not a checkpoint directory")
+        return p
+    name = str(path_or_repo)
+    if name.count("/") != 1 or name.startswith((".", "/")) or name.endswith("/"):
+        raise FileNotFoundError(f"no checkpoint directory {name!r} (and it is not a Hugging Face repo id org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as e:  # pragma: no cover - huggingface_hub comes with diffusers
+        raise FileNotFoundError(f"no checkpoint directory {name!r}, and huggingface_hub is not installed to look "
+                                "it up in the local Hugging Face cache") from e
+    try:
+        snap = Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(f"{name!r} is neither a directory nor in the local Hugging Face cache "
+                                f"({cache_dir or 'default HF cache'}, revision {revision or 'main'}); download it "
+                                "first (huggingface-cli download), ppap_fast never downloads") from e
+    p = snap / subfolder if subfolder else snap
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{name!r} (revision {revision or 'main'}) in the HF cache has no "
+                                f"{(subfolder + '/') if subfolder else ''}config.json")
+    return p
+
+
+def read_config(path, **where) -> dict:
+    """config.json of a checkpoint (``where``: subfolder, revision, cache_dir for a HF repo id)."""
+    path = resolve_checkpoint(path, **where)
     f = path / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -70,23 +135,26 @@ def read_config(path) -> dict:
     return cfg
 
 
-def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False) -> None:
+def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False, before_copy=None) -> None:
     missing = sorted(set(dst) - set(src))
     unexpected = sorted(set(src) - set(dst))
     bad = sorted(f"{k}: expected {tuple(dst[k].shape)}, got {tuple(src[k].shape)}"
                  for k in set(dst) & set(src) if tuple(dst[k].shape) != tuple(src[k].shape))
     if missing or unexpected or bad:
         raise ValueError(f"{what}: missing keys {missing}; unexpected keys {unexpected}; shape mismatches {bad}")
+    if before_copy is not None:
+        before_copy()
     with torch.no_grad():
         for k, v in src.items():
             dst[k].copy_(v)
 
 
-def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None) -> ExpertBank:
-    """Strictly load the checkpoint directory ``path`` into an existing ``bank`` (config must match)."""
+def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **where) -> ExpertBank:
+    """Strictly load the checkpoint ``path`` (a directory, or a HF repo id in the local cache: ``where`` =
+    subfolder, revision, cache_dir) into an existing ``bank`` (config must match)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = resolve_checkpoint(path, **where)
     cfg = read_config(path)
     mine = _config(bank)
     diffs = [f"{k}: checkpoint {cfg.get(k)!r} vs bank {mine[k]!r}"
@@ -94,7 +162,8 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None) -> 
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the bank: " + "; ".join(diffs))
     own = bank.per_expert_state_dict()
-    _strict_copy(own, load_file(str(path / "experts.safetensors")), f"experts in {path}")
+    f = path / "experts.safetensors"
+    _strict_copy(own, load_file(str(f)), f"experts in {path}", before_copy=lambda: _check_file(f, cfg))
     if load_base is None:
         load_base = bool(cfg.get("include_base"))
     if load_base:
@@ -103,15 +172,17 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None) -> 
             raise FileNotFoundError(f"{f} not found (saved without include_base)")
         sd = bank.model.state_dict()
         base = {k: v for k, v in sd.items() if k not in own}
-        _strict_copy(base, load_file(str(f)), f"base weights in {path}")
+        _strict_copy(base, load_file(str(f)), f"base weights in {path}", before_copy=lambda: _check_file(f, cfg))
     return bank
 
 
-def load_experts(path, base_model: nn.Module, load_base: bool | None = None) -> ExpertBank:
-    """Build an ExpertBank around ``base_model`` from a checkpoint's config and load it strictly."""
+def load_experts(path, base_model: nn.Module, load_base: bool | None = None, **where) -> ExpertBank:
+    """Build an ExpertBank around ``base_model`` from a checkpoint's config and load it strictly.
+    ``path``: a directory, or a HF repo id in the local cache (``where``: subfolder, revision, cache_dir)."""
     if not isinstance(base_model, nn.Module):
         raise TypeError("load_experts needs the base model (the checkpoint stores only the experts "
                         "unless saved with include_base=True, and never the architecture code)")
+    path = resolve_checkpoint(path, **where)
     cfg = read_config(path)
     bank = ExpertBank(base_model, Placement.from_dict(cfg["placement"]), cfg["n_experts"], cfg["num_timesteps"],
                       arch=cfg.get("arch"))

@@ -1,0 +1,95 @@
+"""Expert checkpoint files: atomic saves with recorded digests, and lookup in a local Hugging Face cache."""
+import json
+
+import pytest
+import torch
+
+from ppap_fast.experts import ExpertBank, load_experts, save_experts
+from ppap_fast.experts.checkpoint import read_config, resolve_checkpoint
+from ppap_fast.models.tiny import TinyResNet
+
+from _util import randomise_bank
+
+
+def _bank(seed=0):
+    torch.manual_seed(seed)
+    net = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    torch.manual_seed(seed + 1)
+    return randomise_bank(ExpertBank(net, "resnet", n_experts=4, r=2, alpha=1))
+
+
+def _fresh():
+    torch.manual_seed(123)
+    return TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+
+
+def _same(a, b):
+    sa, sb = a.per_expert_state_dict(), b.per_expert_state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_config_records_digests_and_round_trip(tmp_path):
+    bank = _bank()
+    save_experts(bank, tmp_path / "ck", include_base=True)
+    cfg = read_config(tmp_path / "ck")
+    assert set(cfg["files"]) == {"experts.safetensors", "base.safetensors"}
+    assert cfg["files"]["experts.safetensors"]["bytes"] == (tmp_path / "ck" / "experts.safetensors").stat().st_size
+    loaded = load_experts(tmp_path / "ck", _fresh())
+    assert _same(loaded, bank)
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_damaged_or_torn_checkpoint_is_refused(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    # an interrupted overwrite: the new experts file landed, the config did not
+    import ppap_fast.data.shards as shards
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "write_json_atomic", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_experts(_bank(1), ck)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        load_experts(ck, _fresh())
+    # a corrupted byte
+    save_experts(_bank(0), ck)
+    raw = bytearray((ck / "experts.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (ck / "experts.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="damaged"):
+        load_experts(ck, _fresh())
+
+
+def _fake_hf_cache(root, repo, commit, files: dict):
+    base = root / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    for rel, src in files.items():
+        dst = snap / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_load_from_local_hf_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bank = _bank(2)
+    ck = save_experts(bank, tmp_path / "ck")
+    cache = tmp_path / "hf"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = _fake_hf_cache(cache, "org/ppap-tiny", commit,
+                          {f"ppap3/{n}": ck / n for n in ("experts.safetensors", "config.json")})
+    assert resolve_checkpoint("org/ppap-tiny", subfolder="ppap3", cache_dir=cache) == snap / "ppap3"
+    loaded = load_experts("org/ppap-tiny", _fresh(), subfolder="ppap3", cache_dir=cache)
+    assert _same(loaded, bank)
+    assert json.loads((snap / "ppap3" / "config.json").read_text())["n_experts"] == 4
+    with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
+        load_experts("org/not-there", _fresh(), cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="no .*config.json"):
+        load_experts("org/ppap-tiny", _fresh(), subfolder="ppap10", cache_dir=cache)
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
+        load_experts(tmp_path / "missing" / "dir", _fresh())
