@@ -80,7 +80,7 @@ def test_from_checkpoint(fixtures_dir, tmp_path):
     bad = dict(g["state_dict"])
     bad.pop("out.2.bias")
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(RuntimeError, match="out.2.bias"):
+    with pytest.raises(ValueError, match=r"bad\.pt .*1 missing keys \['out\.2\.bias'\]"):  # CheckpointError
         ADMUNet.from_checkpoint(tmp_path / "bad.pt", g["config"])
 
 
@@ -194,3 +194,25 @@ def test_adm_low_precision_torso_cuda(fixtures_dir, dtype):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     rel = ((out - g["out"]).norm() / g["out"].norm()).item()
     assert rel < (5e-3 if dtype == torch.float16 else 3e-2), rel
+
+
+def test_checkpoint_errors_name_the_file_and_keys(tmp_path):
+    from ppap_fast.models.offtheshelf import CheckpointError
+
+    cfg = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+               attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2)
+    torch.manual_seed(0)
+    m = ADMUNet(**cfg)
+    f = tmp_path / "adm.pt"
+    torch.save(m.state_dict(), f)
+    loaded = ADMUNet.from_checkpoint(f, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"adm\.pt.*(different|variant).*shape mismatches"):
+        ADMUNet.from_checkpoint(f, dict(cfg, model_channels=64))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['extra'\]"):
+        torch.save({**m.state_dict(), "extra": torch.zeros(1)}, f)
+        ADMUNet.from_checkpoint(f, cfg)
+    raw = (tmp_path / "adm.pt").read_bytes()
+    (tmp_path / "adm.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match=r"adm\.pt .*truncated or corrupt"):
+        ADMUNet.from_checkpoint(f, cfg)

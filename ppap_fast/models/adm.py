@@ -433,11 +433,19 @@ class ADMUNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, config: Mapping[str, Any] | str, map_location="cpu", strict: bool = True,
                         **overrides) -> "ADMUNet":
-        """Build from `config` and load an official guided-diffusion .pt state_dict (weights_only)."""
+        """Build from `config` and load an official guided-diffusion .pt state_dict (weights_only).
+        An unreadable file, or (strict) any missing / unexpected / misshaped key or non-finite value, is a
+        :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys."""
+        from .offtheshelf import load_state_dict_strict, read_state_dict
+
         model = cls.from_config(config, **overrides)
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        model.load_state_dict(state, strict=strict)
-        return model.eval()
+        state = read_state_dict(path)
+        what = f"ADM UNet {config!r}" if isinstance(config, str) else "the ADM UNet config given"
+        if strict:
+            load_state_dict_strict(model, state, what=what, source=str(path))
+        else:
+            model.load_state_dict(state, strict=False)
+        return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
 
 
 _INIT_ARGS = (
