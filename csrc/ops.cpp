@@ -1,10 +1,18 @@
 // Op schemas (TORCH_LIBRARY) and CPU implementations.
+// GCC if-converts the float selects of the CPU loop (clip, the exp's range clamp) into vector
+// min/max only without trapping math, so the whole file (headers included: one option set, so
+// everything still inlines) is compiled with it; nothing here reads floating-point exception flags.
+// No FMA contraction: the SSE2, AVX2 and AVX-512 clones of the loop give the same bits.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "guided_update.h"
 
@@ -38,21 +46,72 @@ void check_guided_update_args(const at::Tensor& x, const at::Tensor& eps, const 
               "else float32");
 }
 
-// One contiguous run [j0, j1) of sample b; the mode and the optional inputs are compile-time
-// constants so that the inner loop has no branches and vectorises.
-template <typename scalar_t, int MODE, bool HAS_GRAD, bool HAS_NOISE>
-void guided_update_run(const at::opmath_type<scalar_t>* c, bool clip, const scalar_t* __restrict__ x,
+// exp for the CPU loop. float: branch-free (selects only, no libm call) so that the loop around it
+// vectorises. exp(a) = 2^n e^r with n = round(a / ln 2), r = a - n ln 2 (ln 2 split into a part exact
+// in float and the rest), |r| <= ln2/2, e^r by its Taylor polynomial to degree 7 (truncation below
+// 6e-9 relative, under half an ulp). 2^n is the product of two normal powers of two, so n in
+// [-150, 128] needs no branch: underflow goes to 0 through denormals, overflow to inf, NaN passes.
+struct CpuExp {
+  template <typename T>
+  T operator()(T a) const {
+    return std::exp(a);
+  }
+  float operator()(float a) const {
+    a = a > 89.f ? 89.f : a;  // both keep NaN (a comparison with NaN is false)
+    a = a < -104.f ? -104.f : a;
+    const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+    const float t = a * 1.44269504088896341f + shifter;
+    const float n = t - shifter;
+    const int32_t ni = static_cast<int32_t>(__builtin_bit_cast(uint32_t, t) - __builtin_bit_cast(uint32_t, shifter));
+    const float r = (a - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4
+    float p = 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t n1 = ni >> 1, n2 = ni - n1;  // each in [-75, 65]: a normal exponent
+    const float s1 = __builtin_bit_cast(float, static_cast<uint32_t>(n1 + 127) << 23);
+    const float s2 = __builtin_bit_cast(float, static_cast<uint32_t>(n2 + 127) << 23);
+    return p * s1 * s2;
+  }
+};
+
+// One contiguous run [j0, j1) of sample b. The mode, the optional inputs and the clip are template
+// constants so that the loop has no branches and vectorises (a runtime clip flag alone kept most
+// variants scalar: "control flow in loop"); mode 1's exps are per-row constants, hoisted.
+// x86-64 Linux with GCC: one clone per vector width (SSE2 baseline, AVX2, AVX-512), picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PPAP_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PPAP_VECTOR_CLONES
+#endif
+
+template <typename scalar_t, int MODE, bool HAS_GRAD, bool HAS_NOISE, bool CLIP>
+PPAP_VECTOR_CLONES void guided_update_run(const at::opmath_type<scalar_t>* c, const scalar_t* __restrict__ x,
                        const scalar_t* __restrict__ eps, const scalar_t* __restrict__ v,
                        const scalar_t* __restrict__ grad, const scalar_t* __restrict__ noise,
                        scalar_t* __restrict__ sample, scalar_t* __restrict__ pred, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t cc[kGuidedUpdateCols];
   for (int k = 0; k < kGuidedUpdateCols; ++k) cc[k] = c[k];
+  const CpuExp exp_fn;
+  acc_t var = acc_t(0), sd = acc_t(0);
+  if (MODE == 1) {
+    var = std::exp(cc[4]);
+    sd = std::exp(acc_t(0.5) * cc[4]);
+  }
   for (int64_t j = j0; j < j1; ++j) {
-    auto o = guided_update_element<acc_t>(cc, MODE, clip, static_cast<acc_t>(x[j]), static_cast<acc_t>(eps[j]),
-                                          MODE == 2 ? static_cast<acc_t>(v[j]) : acc_t(0), HAS_GRAD,
-                                          HAS_GRAD ? static_cast<acc_t>(grad[j]) : acc_t(0), HAS_NOISE,
-                                          HAS_NOISE ? static_cast<acc_t>(noise[j]) : acc_t(0));
+    if (MODE == 2) {
+      const acc_t log_var = guided_update_log_var<acc_t>(cc, MODE, static_cast<acc_t>(v[j]));
+      if (HAS_NOISE) sd = exp_fn(acc_t(0.5) * log_var);
+      if (HAS_GRAD) var = HAS_NOISE ? sd * sd : exp_fn(log_var);  // one exp for both (<= 3 ulp apart)
+    }
+    auto o = guided_update_core<acc_t>(cc, MODE, CLIP, static_cast<acc_t>(x[j]), static_cast<acc_t>(eps[j]),
+                                       HAS_GRAD, HAS_GRAD ? static_cast<acc_t>(grad[j]) : acc_t(0), HAS_NOISE,
+                                       HAS_NOISE ? static_cast<acc_t>(noise[j]) : acc_t(0), var, sd);
     sample[j] = static_cast<scalar_t>(o.sample);
     pred[j] = static_cast<scalar_t>(o.pred_xstart);
   }
@@ -75,11 +134,12 @@ void guided_update_cpu_impl(const at::Tensor& x, const at::Tensor& eps, const c1
                 ns = noise ? noise->stride(0) : 0;
   scalar_t* sp = sample.data_ptr<scalar_t>();
   scalar_t* pp = pred.data_ptr<scalar_t>();
+  auto run = clip ? guided_update_run<scalar_t, MODE, HAS_GRAD, HAS_NOISE, true>
+                  : guided_update_run<scalar_t, MODE, HAS_GRAD, HAS_NOISE, false>;
   at::parallel_for(0, B * inner, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / inner, j0 = i % inner, j1 = std::min(inner, j0 + (end - i));
-      guided_update_run<scalar_t, MODE, HAS_GRAD, HAS_NOISE>(
-          coef_p + idx[b] * kGuidedUpdateCols, clip, xp + b * inner, ep + b * es, vp ? vp + b * vs : nullptr,
+      run(coef_p + idx[b] * kGuidedUpdateCols, xp + b * inner, ep + b * es, vp ? vp + b * vs : nullptr,
           gp ? gp + b * gs : nullptr, np ? np + b * ns : nullptr, sp + b * inner, pp + b * inner, j0, j1);
       i += j1 - j0;
     }

@@ -142,3 +142,65 @@ def test_backend_report_names_every_path():
     assert rep["ops"]["guided_update"]["available"]["reference"] == "ok"
     with pytest.raises(ValueError):
         ops.set_backend("fastest")
+
+
+def _fast_cpu_backends():
+    return [b for b in _backends_for("cpu") if b != "triton"]  # the Triton interpreter is not a CPU kernel
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-{c[2]}-eta{c[1]}")
+@pytest.mark.parametrize("clip", [True, False])
+def test_long_runs_and_no_clip_match_reference(cfg, clip):
+    # samples long enough for the vectorised body of the CPU loop plus its remainder (3*37*41 = 4551
+    # elements, not a multiple of any vector width), with and without clipping, float32
+    gen = torch.Generator().manual_seed(7)
+    backends = _fast_cpu_backends()
+    if not backends:
+        pytest.skip("no compiled CPU backend")
+    for backend in backends:
+        for with_grad, with_noise in itertools.product([True, False], [True, False]):
+            table64, idx, x, eps, v, grad, noise = _case(*cfg, 3, (3, 37, 41), "cpu", gen, with_grad, with_noise,
+                                                         "mixed")
+            f32 = lambda t: None if t is None else t.float()
+            up = lambda t: None if t is None else f32(t).double()
+            want_s, want_p = gu.guided_update_reference(up(x), up(eps), idx, table64, v=up(v), grad=up(grad),
+                                                        noise=up(noise), clip_denoised=clip)
+            poison_allocator("cpu")
+            got_s, got_p = ops.guided_update(f32(x), f32(eps), idx, table64, v=f32(v), grad=f32(grad),
+                                             noise=f32(noise), clip_denoised=clip, backend=backend)
+            what = f"{backend} clip={clip} grad={with_grad} noise={with_noise}"
+            assert_close_rel(got_s, want_s, TOL[torch.float32], what + " sample")
+            assert_close_rel(got_p, want_p, TOL[torch.float32], what + " pred_xstart")
+
+
+def _exp_probe(lv_hi, lv_lo, v, grad, noise):
+    """Learned-range rows with x = eps = 0, so sample = exp(lv) * grad + exp(lv / 2) * noise exactly,
+    lv = (v+1)/2 * lv_hi + (1 - (v+1)/2) * lv_lo: isolates the CPU loop's exp."""
+    coefs = torch.zeros(1, gu.COLS, dtype=torch.float64)
+    coefs[0, 4], coefs[0, 5], coefs[0, 6] = lv_hi, lv_lo, 1.0
+    table = gu.UpdateTable(coefs, gu.MODES["ddpm_learned"])
+    z = torch.zeros_like(v)
+    return table, (z, z, torch.zeros(v.shape[0], dtype=torch.long), table), dict(v=v, grad=grad, noise=noise)
+
+
+@pytest.mark.parametrize("which", ["grad", "noise", "both"])
+def test_cpu_exp_over_the_float_range(which):
+    # lv from -240 to 200 (lv / 2 from -120 to 100): denormal results, underflow to 0, overflow to inf, NaN in v
+    v = torch.linspace(-1, 1, 20011, dtype=torch.float32).view(1, 1, 1, -1)
+    v[..., 5] = float("nan")
+    ones = torch.ones_like(v)
+    grad = ones if which in ("grad", "both") else None
+    noise = ones if which in ("noise", "both") else None
+    table, args, kw = _exp_probe(200.0, -240.0, v, grad, noise)
+    want, _ = gu.guided_update_reference(*args, **kw)  # torch.exp in float32
+    for backend in _fast_cpu_backends() or pytest.skip("no compiled CPU backend"):
+        poison_allocator("cpu")
+        got, _ = ops.guided_update(*args, backend=backend, **kw)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[..., 5]).all()
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got).any()
+        assert torch.equal(got == 0, want == 0) and (got == 0).any()
+        normal = torch.isfinite(want) & (want.abs() >= torch.finfo(torch.float32).tiny)
+        rel = ((got[normal].double() - want[normal].double()).abs() / want[normal].double().abs()).max().item()
+        assert rel < 6e-7, f"{backend}: exp relative error {rel:.2e}"  # a few float32 ulp
+        sub = torch.isfinite(want) & ~normal
+        assert sub.any() and (got[sub] - want[sub]).abs().max().item() <= 1e-44
