@@ -12,9 +12,15 @@ or, without torchrun, ``python -m ppap_fast.distributed generate --nproc 2 ...``
 workers itself (gloo on CPU, a file rendezvous in a temporary directory).
 
 Generation (:func:`generate`)
-    The set is a directory of shards ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C,
-    optionally ``logits`` float32 N x K of a teacher on the dequantised clean images) plus
-    ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. Shard ``k`` is a pure
+    The set is a directory of shards ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C)
+    plus ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. With ``--teacher``
+    the teacher's outputs on the dequantised clean images are cached once, in the shard: a
+    classifier's ``logits`` float32 N x K, a dense guide's ``targets`` float16 N x (its output
+    shape), e.g. N x 1 x H x W for depth (2*H*W bytes per image: 128 KiB at 256x256) or
+    N x 21 x H x W for DeepLabV3 logits (42*H*W bytes: 2.6 MiB per 256x256 image, 1.3 TB for
+    500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
+    range (65504) or not finite are an error. The manifest records the teacher's state
+    fingerprint; distillation refuses cached outputs of another teacher. Shard ``k`` is a pure
     function of ``(config, k)``: its x_T (and any sampler
     noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
     file is written under a temporary name and renamed into place (``os.replace``), so after a
@@ -35,6 +41,31 @@ Distillation (:func:`distill`)
     averages the gradients, so the parameters stay identical on all ranks (checked at the end:
     a divergence is an error). The global batch is ``batch_size * world_size``.
 
+    Losses (:mod:`ppap_fast.distill`), chosen from the teacher's task, ``--loss`` overrides (the
+    choice is part of the configuration identity): ``kl`` for classifiers (KL to the teacher's
+    softmax at temperature 0.25), ``pixel_kl`` for segmentation (the same per pixel, mean over
+    pixels and batch), ``mse`` for depth / any dense regression. Teachers: ``tiny:<file>``, a
+    registry name (its spec gives the task), or ``py:package.module:factory`` for any module,
+    e.g. a depth network (task from ``--teacher-task`` or the factory's ``task`` attribute; see
+    :func:`build_teacher`). Targets: the set's cached outputs when present; otherwise every rank
+    computes the teacher's outputs on all images ONCE, up front (dense ones rounded to float16
+    like the cache), never inside the training loop. A target shape that does not match the
+    student's output is an error naming both. The recorded loss of a step is the mean over
+    ranks; a non-finite one stops every rank at that step.
+
+    Resume (``--checkpoint-every n``): every n steps rank 0 gathers each rank's buffers (its
+    local BatchNorm statistics) and RNG states (data stream, torch CPU, CUDA) and writes
+    ``<out>/train_state.safetensors`` atomically (``data.shards.save_safetensors_atomic``): the
+    trained per-expert tensors, the AdamW state, the step, the losses so far, the configuration
+    and its hash (which includes the world size). A restart with the same arguments resumes
+    from it and reproduces the uninterrupted run: every input of a step is restored, so the
+    result is bit-identical with gloo on 2 ranks (tested; a + b is commutative). With more
+    ranks or NCCL, the first resumed step's gradient all-reduce may sum in another order (DDP
+    rebuilds its buckets), so expect float rounding differences there. A state written with
+    another configuration is an error naming the differing keys; a damaged one is an error
+    (remove it to start over). ``train_summary.json`` lists every step's loss exactly once;
+    the state file is deleted once the experts are written.
+
     BatchNorm policy (per-expert BN, :class:`ppap_fast.experts.ExpertBatchNorm`):
       * batch statistics are LOCAL: each rank normalises each expert's samples with the
         statistics of that expert's samples on that rank (as DDP without SyncBatchNorm does).
@@ -54,9 +85,12 @@ result, plus fingerprints of the weight files it reads) and the hashes are all-g
 any work; ranks that disagree raise :class:`ConfigMismatchError` naming the ranks and keys.
 
 Test hooks (environment): ``PPAP_FAST_TEST_KILL_AFTER_SHARDS=n`` makes rank
-``PPAP_FAST_TEST_KILL_RANK`` (default 0) SIGKILL itself right after writing its n-th shard;
-with ``PPAP_FAST_TEST_KILL_SCOPE=group`` it SIGKILLs its whole process group instead (the
-launcher and every worker: only use it on a launcher started in its own session).
+``PPAP_FAST_TEST_KILL_RANK`` (default 0) SIGKILL itself right after writing its n-th shard,
+``PPAP_FAST_TEST_KILL_AFTER_STEPS=n`` right after its n-th distillation step (after that
+step's training state, if any, is written); with ``PPAP_FAST_TEST_KILL_SCOPE=group`` it
+SIGKILLs its whole process group instead (the launcher and every worker: only use it on a
+launcher started in its own session), with ``raise`` it raises :class:`SimulatedCrash`
+(in-process tests).
 """
 from __future__ import annotations
 
@@ -654,12 +688,15 @@ def load_train_state(path, bank, opt, gen, env: DistEnv) -> tuple[int, list]:
         p.copy_(t[f"param/{k}"])
     for k, b in bank.named_buffers():
         b.copy_(t[f"rank{env.rank}/buffer/{k}"])
-    sd = opt.state_dict()
-    order = list(params)  # parameters_to_train() and named_parameters() list the same tensors in the same order
-    if [id(p) for p in opt.param_groups[0]["params"]] != [id(params[k]) for k in order]:
-        raise RuntimeError("optimizer parameters are not the bank's trained parameters in order")
-    sd["state"] = {i: {key.rsplit("/", 1)[1]: v for key, v in t.items() if key.startswith(f"optim/{k}/")}
-                   for i, k in enumerate(order) if any(key.startswith(f"optim/{k}/") for key in t)}
+    names = {id(p): k for k, p in params.items()}
+    optim = {}
+    for key, v in t.items():
+        if key.startswith("optim/"):
+            name, field = key[len("optim/"):].rsplit("/", 1)
+            optim.setdefault(name, {})[field] = v
+    sd = opt.state_dict()  # state by the index of each parameter in the optimizer's list
+    sd["state"] = {i: optim[names[id(p)]] for i, p in enumerate(opt.param_groups[0]["params"])
+                   if names[id(p)] in optim}
     opt.load_state_dict(sd)
     gen.set_state(t[f"rank{env.rank}/rng/data"])
     torch.set_rng_state(t[f"rank{env.rank}/rng/torch"])

@@ -179,3 +179,121 @@ def test_single_process_distill_and_bad_data(tmp_path):
     assert (tmp_path / "out" / "experts.safetensors").is_file()
     with pytest.raises(D.DistributedRunError, match="no manifest.json"):
         D.distill(dataclasses.replace(cfg, data_dir=str(tmp_path / "nothing")), D.DistEnv())
+
+
+# ----------------------------------------------------------------------------- resumable distillation
+def _tiny_teacher_file(tmp_path):
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    torch.manual_seed(0)
+    teacher = TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval()
+    return save_model(teacher, tmp_path / "t.safetensors")
+
+
+def _experts(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "experts.safetensors"))
+
+
+def _assert_same_experts(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_single_process_distill_resumes_exactly(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    tfile = _tiny_teacher_file(tmp_path)
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4, "teacher": f"tiny:{tfile}"}),
+               D.DistEnv())
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=5, batch_size=4, lr=2e-2, warmup=2, device="cpu",
+                checkpoint_every=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "ref"), f"tiny:{tfile}", **base), D.DistEnv())
+        out = tmp_path / "out"
+        cfg = D.DistillConfig(str(data), str(out), f"tiny:{tfile}", **base)
+        monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+        monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        with pytest.raises(D.SimulatedCrash):
+            D.distill(cfg, D.DistEnv())
+        monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+        state = out / D.TRAIN_STATE
+        with safe_open(str(state), "pt") as f:
+            assert f.metadata()["step"] == "2" and f.get_tensor("losses").shape == (2,)
+        assert not (out / "experts.safetensors").exists()
+        # a training state written with another configuration is refused, naming the keys
+        with pytest.raises(D.DistributedRunError, match=r"another configuration.*lr: 0.02 there vs 0.03 now"):
+            D.distill(dataclasses.replace(cfg, lr=3e-2), D.DistEnv())
+        D.distill(dataclasses.replace(cfg, checkpoint_every=3), D.DistEnv())  # checkpoint_every is not identity
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same_experts(_experts(out), _experts(tmp_path / "ref"))
+    s, ref = (json.loads((d / "train_summary.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert s["resumed_from_step"] == 2 and ref["resumed_from_step"] == 0
+    assert len(s["losses"]) == 5 and s["losses"] == ref["losses"]   # every step once, same values
+    assert s["loss"] == "kl" and s["targets"] == "cached"
+    assert not state.exists()  # finished: nothing left to resume
+    # a damaged state file is an error, not a silent restart
+    state.write_bytes(b"not safetensors")
+    with pytest.raises(D.DistributedRunError, match="not a readable training state"):
+        D.distill(cfg, D.DistEnv())
+
+
+DEPTH_MODULE = '''
+import torch.nn as nn
+
+
+def make():
+    """A tiny depth network: [B, 1, H, W] in [-1, 1] -> [B, 1, H, W]."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+
+make.task = "depth"
+'''
+
+
+def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    """2 gloo ranks, depth teacher (MSE on cached float16 maps): rank 1 SIGKILLs itself after
+    step 3 (training state at step 2), resume, compare with an uninterrupted 2-rank run."""
+    from safetensors import safe_open
+    from torch.multiprocessing.spawn import ProcessException
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_ddp_depth.py").write_text(DEPTH_MODULE)
+    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
+    teacher = "py:ppap_ddp_depth:make"
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4, "teacher": teacher}),
+               D.DistEnv())
+    assert load_shards(data)["targets"].dtype == np.float16
+    kw = dict(n_experts=2, r=2, alpha=2.0, steps=5, batch_size=4, lr=2e-2, warmup=1, device="cpu",
+              checkpoint_every=2)
+    ref = tmp_path / "ref"
+    D.launch("distill", D.DistillConfig(str(data), str(ref), teacher, **kw), 2, threads=1, timeout_s=60)
+
+    out = tmp_path / "out"
+    cfg = D.DistillConfig(str(data), str(out), teacher, **kw)
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")   # spawned ranks inherit the environment
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_RANK", "1")
+    # the launcher reports rank 1's death (or rank 0's gloo error about it, whichever it sees first)
+    with pytest.raises(ProcessException):
+        D.launch("distill", cfg, 2, threads=1, timeout_s=60)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert not (out / "experts.safetensors").exists()
+    with safe_open(str(out / D.TRAIN_STATE), "pt") as f:
+        assert f.metadata()["step"] == "2" and f.metadata()["world_size"] == "2"
+
+    D.launch("distill", cfg, 2, threads=1, timeout_s=60)
+    _assert_same_experts(_experts(out), _experts(ref))
+    s, sr = (json.loads((d / "train_summary.json").read_text()) for d in (out, ref))
+    assert s["world_size"] == 2 and s["loss"] == "mse" and s["targets"] == "cached"
+    assert s["resumed_from_step"] == 2 and len(s["losses"]) == 5 and s["losses"] == sr["losses"]
+    assert all(np.isfinite(s["losses"]))
+    lora_b = [v for k, v in _experts(out).items() if k.endswith("lora_B")]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA did not train"

@@ -1,7 +1,8 @@
 """Atomic file writes and resumable sharded image sets.
 
 A shard set is a directory with ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C and,
-optionally, ``logits`` float32 N x K) and ``manifest.json``. Every file is written to a temporary
+optionally, a teacher's outputs: ``logits`` float32 N x K for classifiers, ``targets`` float16
+N x ... for dense guides) and ``manifest.json``. Every file is written to a temporary
 name in the same directory and renamed into place, so a shard either exists completely or not at
 all; a restarted run recomputes only missing shards, and shard k always holds the images of the
 same seed (seed + k), so nothing is lost or duplicated.

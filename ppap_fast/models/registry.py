@@ -39,7 +39,7 @@ from . import offtheshelf as ots
 @dataclass(frozen=True)
 class GuideSpec:
     name: str
-    task: str                       # "classification" | "segmentation"
+    task: str                       # "classification" | "segmentation" (distillation also knows "depth", "regression")
     source: str                     # "torchvision" | "timm"
     arch: str                       # the library's architecture id
     placement: str                  # expert placement rule name
