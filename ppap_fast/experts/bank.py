@@ -35,6 +35,13 @@ def _ops():
     return reference
 
 
+def _norm_ops():
+    """The dispatched per-expert norm ops (ops.norm: triton on CUDA, reference elsewhere)."""
+    from ppap_fast.ops import norm
+
+    return norm
+
+
 class _Router:
     """Holds the per-sample expert index of the forward in flight."""
 
@@ -284,11 +291,13 @@ class ExpertBatchNorm(_ExpertAffine):
     def forward(self, x):
         idx = self._idx(x)
         if self.training:
-            with torch.no_grad():
-                seen = torch.bincount(idx, minlength=self.n_experts) > 0
-                self.num_batches_tracked.add_(seen.to(self.num_batches_tracked.dtype))
-        return _ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
-                                        self.running_var, self.training, self.momentum, self.eps)
+            with torch.no_grad():  # index_add, not bincount: no host sync (CUDA graphs)
+                seen = torch.zeros(self.n_experts, dtype=torch.int32, device=idx.device)
+                seen.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+                self.num_batches_tracked.add_((seen > 0).to(self.num_batches_tracked.dtype))
+        return _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
+                                             self.running_var, self.training, self.momentum, self.eps,
+                                             segments=self._router.segments(x, self.n_experts))
 
     def to_plain(self, n):
         bn = self.kind(self.num_features, eps=self.eps, momentum=self.momentum, device="meta")
@@ -312,7 +321,9 @@ class ExpertLayerNorm(_ExpertAffine):
         self._init_affine(base, n_experts, per_expert_weight)
 
     def forward(self, x):
-        return _ops().expert_layer_norm(x, self._idx(x), self._weights(), self.expert_bias, self.eps)
+        idx = self._idx(x)
+        return _norm_ops().expert_layer_norm(x, idx, self._weights(), self.expert_bias, self.eps,
+                                             segments=self._router.segments(x, self.n_experts))
 
     def to_plain(self, n):
         ln = nn.LayerNorm(self.normalized_shape, eps=self.eps, device="meta")

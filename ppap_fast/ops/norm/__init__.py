@@ -1,0 +1,118 @@
+"""Per-expert normalisation ops (issue #3), behind the ops backend registry.
+
+    expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training,
+                      momentum=0.1, eps=1e-5, *, backend=None, segments=None)
+    expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, segments=None)
+
+BatchNorm: x [S, C] or [S, C, *spatial]; weight/bias/running stats [N, C]. In training
+each expert's samples are normalised with their own batch statistics and only the
+running statistics of experts that have samples are updated (unbiased variance,
+n/1 when an expert has one value per channel, where nn.BatchNorm would raise).
+LayerNorm: over the last dim of x [S, ..., D] with the affine [N, D] of each sample's expert.
+
+Backends (ops.set_backend / backend= / last_backend(op) as for every registered op):
+"triton" (CUDA; on CPU only when asked for, under TRITON_INTERPRET=1) and "reference"
+(pure PyTorch). Automatic choice: triton on CUDA for fp32/fp16/bf16, else reference.
+The Triton path computes statistics in fp32 and never syncs with the host; its
+segment metadata (``segments=``, an ops.lora.build_segments result that the bank
+shares across layers) is built on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _registry
+from .._registry import BackendUnavailableError
+from ..lora import _check_idx
+from ..lora.segments import build_segments
+from . import reference
+
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OPS = ("expert_batch_norm", "expert_layer_norm")
+
+
+def _select(op: str, x: torch.Tensor, backend):
+    b = backend or _registry._forced
+    if x.dtype not in FAST_DTYPES:
+        if b in (None, "auto"):
+            b = "reference"
+        elif b != "reference":
+            raise BackendUnavailableError(f"backend {b!r} for op {op!r} takes fp32/fp16/bf16, got {x.dtype}")
+    return _registry.select(op, x.device, b)
+
+
+def _check_params(what, x, feat, **tensors):
+    N = next(iter(tensors.values())).shape[0]
+    for name, t in tensors.items():
+        if t.dim() != 2 or t.shape != (N, feat):
+            raise ValueError(f"{what}: {name} must be [N, {feat}] (N={N}), got {tuple(t.shape)} for x "
+                             f"{tuple(x.shape)}")
+    return N
+
+
+def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                      *, backend=None, segments=None):
+    """Per-expert BatchNorm; see the module doc."""
+    if x.dim() < 2:
+        raise ValueError(f"expert_batch_norm: x must be [S, C] or [S, C, *spatial], got {tuple(x.shape)}")
+    if momentum is None:
+        raise ValueError("momentum=None (cumulative moving average) is not supported; pass a float")
+    N = _check_params("expert_batch_norm", x, x.shape[1], weight=weight, bias=bias, running_mean=running_mean,
+                      running_var=running_var)
+    _check_idx(expert_idx, x.shape[0], N)
+    fn = _select("expert_batch_norm", x, backend)
+    return fn(x, expert_idx, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
+              segments)
+
+
+def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, segments=None):
+    """LayerNorm over the last dim with per-expert affine (weight/bias [N, D])."""
+    if x.dim() < 2:
+        raise ValueError(f"expert_layer_norm: x must be [S, ..., D], got {tuple(x.shape)}")
+    N = _check_params("expert_layer_norm", x, x.shape[-1], weight=weight, bias=bias)
+    _check_idx(expert_idx, x.shape[0], N)
+    fn = _select("expert_layer_norm", x, backend)
+    return fn(x, expert_idx, weight, bias, float(eps), segments)
+
+
+# ----------------------------------------------------------------------------- backend implementations
+def _bn_reference(x, idx, w, b, rm, rv, training, momentum, eps, segments):
+    return reference.expert_batch_norm(x, idx, w, b, rm, rv, training, momentum, eps)
+
+
+def _ln_reference(x, idx, w, b, eps, segments):
+    return reference.expert_layer_norm(x, idx, w, b, eps)
+
+
+def _seg(idx, N, segments):
+    if segments is not None:
+        if segments.num_experts != N or segments.expert_idx.shape != idx.shape:
+            raise ValueError(f"segments were built for N={segments.num_experts}, S={segments.expert_idx.shape[0]}; "
+                             f"this call has N={N}, S={idx.shape[0]}")
+        return segments
+    return build_segments(idx, N)
+
+
+def _bn_triton(x, idx, w, b, rm, rv, training, momentum, eps, segments):
+    from .fast import ExpertBatchNormFn
+
+    seg = _seg(idx, w.shape[0], segments)
+    with torch.autocast(x.device.type, enabled=False):
+        return ExpertBatchNormFn.apply(x, w, b, rm, rv, seg, training, momentum, eps)
+
+
+def _ln_triton(x, idx, w, b, eps, segments):
+    from .fast import ExpertLayerNormFn
+
+    seg = _seg(idx, w.shape[0], segments)
+    with torch.autocast(x.device.type, enabled=False):
+        return ExpertLayerNormFn.apply(x, w, b, seg, eps)
+
+
+for _op, _ref, _tri in (("expert_batch_norm", _bn_reference, _bn_triton),
+                        ("expert_layer_norm", _ln_reference, _ln_triton)):
+    _registry.register(_op, "reference", _ref, _ext.reference_unavailable)
+    _registry.register(_op, "triton", _tri, _ext.triton_unavailable)
+
+
+__all__ = ["expert_batch_norm", "expert_layer_norm", "reference", "OPS", "FAST_DTYPES"]

@@ -1,0 +1,107 @@
+"""Autograd Functions of the Triton per-expert norms (fp32 statistics, sync-free).
+
+BatchNorm, per expert e and channel c over the expert's n rows (samples x positions):
+
+    y    = x * a + (b - mean * a),  a = w * rstd
+    db   = sum dy,  dw = sum dy * xhat
+    dx   = a * (dy - db / n - xhat * dw / n)     (train; eval: dx = a * dy)
+
+Running statistics are updated inside the forward on the device (torch.where on the
+per-expert counts, so experts without samples keep theirs).
+
+LayerNorm (row-wise over D, affine of the row's expert):
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w[e]
+    dw[e] = sum over e's rows of dy * xhat,  db[e] = sum dy
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import triton_kernels as tk
+
+
+class ExpertBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, seg, training: bool, momentum: float, eps: float):
+        S, C = x.shape[:2]
+        P = math.prod(x.shape[2:])
+        x3 = x.contiguous().view(S, C, P)
+        N = weight.shape[0]
+        n = seg.counts.to(torch.float32) * P  # rows per expert
+        if training:
+            mean, var = tk.bn_stats(x3, seg.sorted_idx, seg.offsets, N)
+            with torch.no_grad():
+                has = (n > 0)[:, None]
+                unb = var * (n / (n - 1).clamp(min=1))[:, None]
+                rm = running_mean * (1 - momentum) + momentum * mean.to(running_mean.dtype)
+                rv = running_var * (1 - momentum) + momentum * unb.to(running_var.dtype)
+                running_mean.copy_(torch.where(has, rm, running_mean))
+                running_var.copy_(torch.where(has, rv, running_var))
+        else:
+            mean, var = running_mean.detach().float().clone(), running_var.detach().float()
+        rstd = torch.rsqrt(var + eps)
+        w = weight.detach().float()
+        a = (w * rstd).contiguous()
+        shift = (bias.detach().float() - mean * a).contiguous()
+        y = tk.bn_apply(x3, seg.expert_idx, a, shift, x.dtype).view(x.shape)
+        ctx.save_for_backward(x3, mean, rstd, a, n)
+        ctx.seg, ctx.training = seg, training
+        ctx.meta = (x.shape, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x3, mean, rstd, a, n = ctx.saved_tensors
+        seg = ctx.seg
+        x_shape, w_dt, b_dt = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy3 = dy.to(x3.dtype).contiguous().view(x3.shape)
+        dx = dw = db = None
+        if need_w or need_b or (need_x and ctx.training):
+            sdy, sdyx = tk.bn_bwd_reduce(dy3, x3, seg.sorted_idx, seg.offsets, mean, rstd)
+            dw = sdyx.to(w_dt) if need_w else None
+            db = sdy.to(b_dt) if need_b else None
+        if need_x:
+            if ctx.training:
+                inv_n = (1.0 / n.clamp(min=1))[:, None]
+                k1, k2 = (sdy * inv_n).contiguous(), (sdyx * inv_n).contiguous()
+            else:
+                k1 = k2 = a
+            dx = tk.bn_dx(dy3, x3, seg.expert_idx, mean, rstd, a, k1, k2, ctx.training, x3.dtype).view(x_shape)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class ExpertLayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seg, eps: float):
+        D = x.shape[-1]
+        M = math.prod(x.shape[1:-1])
+        x2 = x.contiguous().view(math.prod(x.shape[:-1]), D)
+        w, b = weight.detach().contiguous(), bias.detach().contiguous()
+        y, mean, rstd = tk.ln_fwd(x2, seg.expert_idx, M, w, b, eps)
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.seg, ctx.M = seg, M
+        ctx.meta = (x.shape, weight.dtype, bias.dtype)
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, w, mean, rstd = ctx.saved_tensors
+        seg, M = ctx.seg, ctx.M
+        x_shape, w_dt, b_dt = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.to(x2.dtype).contiguous().view(x2.shape)
+        dx = dw = db = None
+        if need_x:
+            dx = tk.ln_dx(dy2, x2, seg.expert_idx, M, w, mean, rstd).view(x_shape)
+        if need_w or need_b:
+            gw, gb = tk.ln_dwb(dy2, x2, seg.sorted_idx, seg.offsets, M, mean, rstd, w.shape[0])
+            dw = gw.to(w_dt) if need_w else None
+            db = gb.to(b_dt) if need_b else None
+        return dx, dw, db, None, None

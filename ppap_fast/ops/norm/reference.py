@@ -1,0 +1,62 @@
+"""Pure-PyTorch references of the per-expert normalisation ops (autograd gives the gradients).
+
+Written for clarity: per-expert sums as index_add over samples, checked against
+nn.BatchNorm / F.layer_norm applied expert by expert (tests/test_norm_ops.py). The
+fast paths are checked against these in float64.
+
+* ``x``: the leading dimension is the sample dimension S; ``expert_idx`` long [S].
+* BatchNorm: ``x`` [S, C] or [S, C, *spatial]; ``weight``/``bias``/``running_*`` [N, C].
+* LayerNorm: ``x`` [S, ..., D] normalised over D; ``weight``/``bias`` [N, D].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    """BatchNorm with per-expert affine parameters and running statistics.
+
+    Training: each expert's samples (and spatial positions) are normalised with their own
+    biased batch statistics (two-pass: mean, then mean squared deviation); the running
+    statistics of experts with samples are updated in place like nn.BatchNorm (unbiased
+    variance n/(n-1), n/1 when n == 1, where nn.BatchNorm raises); experts without samples
+    are untouched. Eval: each sample uses its expert's running statistics.
+    Per-expert sums are index_add over samples: no loop, no host sync.
+    """
+    S, C = x.shape[:2]
+    N = weight.shape[0]
+    bshape = (S, C) + (1,) * (x.dim() - 2)
+    if not training:
+        m, v = running_mean[expert_idx].view(bshape), running_var[expert_idx].view(bshape)
+        return (x - m) * torch.rsqrt(v + eps) * weight[expert_idx].view(bshape) + bias[expert_idx].view(bshape)
+    red = tuple(range(2, x.dim()))
+    per_channel = x[0, 0].numel() if S else 1  # values per (sample, channel)
+    n = torch.zeros(N, dtype=x.dtype, device=x.device).index_add(
+        0, expert_idx, torch.full((S,), float(per_channel), dtype=x.dtype, device=x.device))
+    total = lambda t: torch.zeros(N, C, dtype=x.dtype, device=x.device).index_add(  # noqa: E731
+        0, expert_idx, t.sum(dim=red) if red else t)
+    mean = total(x) / n.clamp(min=1)[:, None]
+    xc = x - mean[expert_idx].view(bshape)
+    var = total(xc * xc) / n.clamp(min=1)[:, None]
+    y = xc * torch.rsqrt(var[expert_idx].view(bshape) + eps) * weight[expert_idx].view(bshape) \
+        + bias[expert_idx].view(bshape)
+    with torch.no_grad():
+        has = (n > 0)[:, None]
+        unb = var * (n / (n - 1).clamp(min=1))[:, None]
+        running_mean.copy_(torch.where(has, running_mean * (1 - momentum) + momentum * mean.to(running_mean.dtype),
+                                       running_mean))
+        running_var.copy_(torch.where(has, running_var * (1 - momentum) + momentum * unb.to(running_var.dtype),
+                                      running_var))
+    return y
+
+
+def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5):
+    """LayerNorm over the last dimension with the affine parameters of each sample's expert."""
+    D = x.shape[-1]
+    shp = (x.shape[0],) + (1,) * (x.dim() - 2) + (D,)
+    y = F.layer_norm(x, (D,), None, None, eps)
+    return y * weight[expert_idx].view(shp) + bias[expert_idx].view(shp)
+
+
+__all__ = ["expert_batch_norm", "expert_layer_norm"]

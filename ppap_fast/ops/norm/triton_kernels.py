@@ -1,0 +1,339 @@
+"""Triton kernels of the per-expert normalisation ops.
+
+Segments (``sorted_idx``/``offsets`` from ops.lora.segments.build_segments, computed on
+the device) give each expert's samples; every launch grid depends on shapes and N
+only, so nothing reads values on the host (CUDA-graph capturable). Reductions are
+done per (expert, channel block) by one program looping over the expert's rows:
+deterministic, no atomics. Statistics are fp32 whatever the input dtype; the
+variance is two-pass (mean first), as in the reference.
+
+BatchNorm rows: x viewed as [S, C, P] (P = spatial size, 1 for [S, C]); a "row" of
+expert e is one (sample, position) of its segment, a tile is [BLOCK_C, BLOCK_R].
+LayerNorm rows: x viewed as [S*M, D]; row r belongs to sample r // M.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+POISON = False  # tests: buffers the kernels fully overwrite start as NaN
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# =============================================================================== BatchNorm
+@triton.jit
+def _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R: tl.constexpr):
+    """Offsets [BLOCK_C, BLOCK_R] and mask of rows r0.. of a segment starting at sorted_idx[lo]."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    rmask = r < nrows
+    smp = tl.load(sidx_ptr + lo + r // P, mask=rmask, other=0).to(tl.int64)
+    p = (r % P).to(tl.int64)
+    off = (smp * sx_s + p * sx_p)[None, :] + offs_c[:, None].to(tl.int64) * sx_c
+    m = cmask[:, None] & rmask[None, :]
+    return off, m
+
+
+@triton.jit
+def _bn_stats_kernel(x_ptr, sidx_ptr, off_ptr, mean_ptr, var_ptr, C, P, sx_s, sx_c, sx_p,
+                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """mean/var [N, C] (biased) of each expert's rows; zeros for empty experts."""
+    e = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * P
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
+        acc += tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    denom = tl.maximum(nrows, 1).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / denom
+    acc2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
+        d = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]
+        acc2 += tl.where(m, d * d, 0.0)
+    var = tl.sum(acc2, axis=1) / denom
+    tl.store(mean_ptr + e * C + offs_c, mean, mask=cmask)
+    tl.store(var_ptr + e * C + offs_c, var, mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr,
+                          C, P, sx_s, sx_c, sx_p, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Per expert: sum dy and sum dy * xhat over its rows ([N, C], zeros for empty experts).
+    dy has x's strides."""
+    e = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * P
+    mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    a1 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
+        xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        a1 += g
+        a2 += tl.where(m, g * (xv - mean[:, None]) * rstd[:, None], 0.0)
+    tl.store(sdy_ptr + e * C + offs_c, tl.sum(a1, axis=1), mask=cmask)
+    tl.store(sdyx_ptr + e * C + offs_c, tl.sum(a2, axis=1), mask=cmask)
+
+
+@triton.jit
+def _bn_apply_kernel(x_ptr, y_ptr, idx_ptr, a_ptr, b_ptr, C, P,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """y = x * a[e] + b[e] per channel (x, y contiguous [S, C, P]; a, b fp32 [N, C])."""
+    s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = offs_c < C
+    m = cmask[:, None] & (offs_p < P)[None, :]
+    e = tl.load(idx_ptr + s).to(tl.int64)
+    a = tl.load(a_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    b = tl.load(b_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    off = s.to(tl.int64) * C * P + offs_c[:, None].to(tl.int64) * P + offs_p[None, :]
+    xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + off, (xv * a[:, None] + b[:, None]).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bn_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, mean_ptr, rstd_ptr, a_ptr, k1_ptr, k2_ptr, C, P,
+                  TRAIN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = a[e] * (dy - k1[e] - xhat * k2[e]) (train) or a[e] * dy (eval); a = w * rstd."""
+    s = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cmask = offs_c < C
+    m = cmask[:, None] & (offs_p < P)[None, :]
+    e = tl.load(idx_ptr + s).to(tl.int64)
+    a = tl.load(a_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    off = s.to(tl.int64) * C * P + offs_c[:, None].to(tl.int64) * P + offs_p[None, :]
+    g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if TRAIN:
+        mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask, other=0.0)
+        rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask, other=0.0)
+        k1 = tl.load(k1_ptr + e * C + offs_c, mask=cmask, other=0.0)
+        k2 = tl.load(k2_ptr + e * C + offs_c, mask=cmask, other=0.0)
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        g = g - k1[:, None] - xhat * k2[:, None]
+    tl.store(dx_ptr + off, (g * a[:, None]).to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _bn_blocks(C, P):
+    BLOCK_C = _pow2(C, 16, 32)
+    BLOCK_R = _pow2(P, 16, 32 if _interpreting() else 128)
+    return BLOCK_C, BLOCK_R
+
+
+def bn_stats(x3, sorted_idx, offsets, N):
+    """x3 [S, C, P] (any strides) -> mean, var fp32 [N, C]."""
+    S, C, P = x3.shape
+    mean = alloc((N, C), torch.float32, x3.device)
+    var = alloc((N, C), torch.float32, x3.device)
+    if N == 0 or C == 0:
+        return mean, var
+    BLOCK_C, BLOCK_R = _bn_blocks(C, P)
+    _bn_stats_kernel[(N, triton.cdiv(C, BLOCK_C))](x3, sorted_idx, offsets, mean, var, C, P, *x3.stride(),
+                                                    BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return mean, var
+
+
+def bn_bwd_reduce(dy3, x3, sorted_idx, offsets, mean, rstd):
+    """Both [S, C, P] with the same strides -> sum dy, sum dy * xhat fp32 [N, C]."""
+    S, C, P = x3.shape
+    N = mean.shape[0]
+    sdy = alloc((N, C), torch.float32, x3.device)
+    sdyx = alloc((N, C), torch.float32, x3.device)
+    if N == 0 or C == 0:
+        return sdy, sdyx
+    BLOCK_C, BLOCK_R = _bn_blocks(C, P)
+    _bn_bwd_reduce_kernel[(N, triton.cdiv(C, BLOCK_C))](dy3, x3, sorted_idx, offsets, mean, rstd, sdy, sdyx, C, P,
+                                                         *x3.stride(), BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return sdy, sdyx
+
+
+def _elementwise_grid(S, C, P):
+    BLOCK_C = _pow2(C, 16, 32)
+    BLOCK_P = _pow2(P, 16, 64 if _interpreting() else 256)
+    return (S, triton.cdiv(C, BLOCK_C), triton.cdiv(P, BLOCK_P)), BLOCK_C, BLOCK_P
+
+
+def bn_apply(x3, expert_idx, a, b, out_dtype):
+    """x3 contiguous [S, C, P] -> x * a[e] + b[e] (a, b fp32 [N, C])."""
+    S, C, P = x3.shape
+    y = alloc((S, C, P), out_dtype, x3.device)
+    if y.numel() == 0:
+        return y
+    grid, BC, BP = _elementwise_grid(S, C, P)
+    _bn_apply_kernel[grid](x3, y, expert_idx, a, b, C, P, BLOCK_C=BC, BLOCK_P=BP)
+    return y
+
+
+def bn_dx(dy3, x3, expert_idx, mean, rstd, a, k1, k2, train, out_dtype):
+    S, C, P = x3.shape
+    dx = alloc((S, C, P), out_dtype, x3.device)
+    if dx.numel() == 0:
+        return dx
+    grid, BC, BP = _elementwise_grid(S, C, P)
+    _bn_dx_kernel[grid](dy3, x3, dx, expert_idx, mean, rstd, a, k1, k2, C, P, TRAIN=bool(train),
+                        BLOCK_C=BC, BLOCK_P=BP)
+    return dx
+
+
+# =============================================================================== LayerNorm
+@triton.jit
+def _ln_fwd_kernel(x_ptr, y_ptr, idx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, M, D, eps,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x, y contiguous [R, D]; row r uses the affine of expert idx[r // M]; writes mean, rstd [R]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    e = tl.load(idx_ptr + rows // M, mask=rmask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (d < D)[None, :]
+        acc += tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / D
+    acc2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (d < D)[None, :]
+        xv = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        xc = xv - mean[:, None]
+        acc2 += tl.where(m, xc * xc, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=1) / D + eps)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (d < D)[None, :]
+        xv = tl.load(x_ptr + rows64[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + e[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        yv = (xv - mean[:, None]) * rstd[:, None] * w + b
+        tl.store(y_ptr + rows64[:, None] * D + d[None, :], yv.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, w_ptr, mean_ptr, rstd_ptr, R, M, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w[e]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
+    e = tl.load(idx_ptr + rows // M, mask=rmask, other=0).to(tl.int64)
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+    s1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (d < D)[None, :]
+        off = rows64[:, None] * D + d[None, :]
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + e[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        s1 += g
+        s2 += tl.where(m, g * xhat, 0.0)
+    c1 = tl.sum(s1, axis=1) / D
+    c2 = tl.sum(s2, axis=1) / D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = rmask[:, None] & (d < D)[None, :]
+        off = rows64[:, None] * D + d[None, :]
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + e[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ln_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, M, D,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dw[e] = sum dy * xhat, db[e] = sum dy over the rows of expert e's samples."""
+    e = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * M
+    aw = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    ab = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < nrows
+        smp = tl.load(sidx_ptr + lo + r // M, mask=rmask, other=0).to(tl.int64)
+        row = smp * M + (r % M)
+        m = rmask[:, None] & dmask[None, :]
+        off = row[:, None] * D + d[None, :]
+        mean = tl.load(mean_ptr + row, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        aw += tl.where(m, g * xhat, 0.0)
+        ab += g
+    tl.store(dw_ptr + e * D + d, tl.sum(aw, axis=0), mask=dmask)
+    tl.store(db_ptr + e * D + d, tl.sum(ab, axis=0), mask=dmask)
+
+
+def _ln_blocks(D):
+    return 16, _pow2(D, 16, 64 if _interpreting() else 256)
+
+
+def ln_fwd(x2, expert_idx, M, w, b, eps):
+    R, D = x2.shape
+    y = alloc((R, D), x2.dtype, x2.device)
+    mean = alloc((R,), torch.float32, x2.device)
+    rstd = alloc((R,), torch.float32, x2.device)
+    if R == 0 or D == 0:
+        return y, mean, rstd
+    BLOCK_R, BLOCK_D = _ln_blocks(D)
+    _ln_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](x2, y, expert_idx, w, b, mean, rstd, R, M, D, float(eps),
+                                               BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return y, mean, rstd
+
+
+def ln_dx(dy2, x2, expert_idx, M, w, mean, rstd):
+    R, D = x2.shape
+    dx = alloc((R, D), x2.dtype, x2.device)
+    if R == 0 or D == 0:
+        return dx
+    BLOCK_R, BLOCK_D = _ln_blocks(D)
+    _ln_dx_kernel[(triton.cdiv(R, BLOCK_R),)](dy2, x2, dx, expert_idx, w, mean, rstd, R, M, D,
+                                              BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return dx
+
+
+def ln_dwb(dy2, x2, sorted_idx, offsets, M, mean, rstd, N):
+    R, D = x2.shape
+    dw = alloc((N, D), torch.float32, x2.device)
+    db = alloc((N, D), torch.float32, x2.device)
+    if N == 0 or D == 0:
+        return dw, db
+    BLOCK_R, BLOCK_D = _ln_blocks(D)
+    _ln_dwb_kernel[(N, triton.cdiv(D, BLOCK_D))](dy2, x2, sorted_idx, offsets, mean, rstd, dw, db, M, D,
+                                                  BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return dw, db

@@ -1,0 +1,357 @@
+"""Per-expert norm ops (ppap_fast.ops.norm): reference semantics vs torch, Triton vs float64 reference.
+
+CPU: Triton runs under TRITON_INTERPRET=1 (conftest) with small shapes, asked for explicitly.
+CUDA (marked ``cuda``, run by benchmarks/gpu_check.sh): automatic dispatch, fp32 and fp16,
+no host sync. Buffers the kernels write start as NaN; NaN never passes (rel_err -> inf).
+"""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ppap_fast import ops
+from ppap_fast.experts import ExpertBank, Placement
+from ppap_fast.ops import norm as NO
+from ppap_fast.ops.lora.segments import build_segments
+from ppap_fast.ops.norm import reference as R
+from ppap_fast.ops.norm import triton_kernels as TK
+
+from _util import assert_no_host_sync, rel_err, requires_cuda
+
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    old = TK.POISON
+    TK.POISON = True
+    yield
+    TK.POISON = old
+    ops.set_backend(None)
+
+
+def _idx(S, N, mix, g):
+    if mix == "one":
+        return torch.full((S,), int(torch.randint(0, N, (1,), generator=g)), dtype=torch.long)
+    if mix == "empty":  # only even experts have samples (N=1: the single expert)
+        return torch.randint(0, (N + 1) // 2, (S,), generator=g) * 2 % max(N, 1)
+    return torch.randint(0, N, (S,), generator=g)
+
+
+def _check(name, got, want, tol):
+    err = rel_err(got, want)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e} (NaN/inf fails)"
+
+
+# ----------------------------------------------------------------------------- reference semantics
+@pytest.mark.parametrize("shape", [(9, 5), (8, 5, 7), (7, 5, 3, 4)])
+def test_reference_batch_norm_is_per_expert_nn_batchnorm(shape):
+    """Each expert's samples: exactly nn.BatchNorm with that expert's parameters and stats."""
+    D = torch.float64
+    N, C = 4, shape[1]
+    x = torch.randn(shape, dtype=D) * 2 + 1
+    idx = torch.tensor([0, 2, 0, 2, 2, 0, 1, 2, 0][: shape[0]])  # expert 3 empty, expert 1 one sample
+    w, b = torch.randn(N, C, dtype=D), torch.randn(N, C, dtype=D)
+    rm, rv = torch.randn(N, C, dtype=D), torch.rand(N, C, dtype=D) + 0.5
+    for training in (True, False):
+        rm_, rv_ = rm.clone(), rv.clone()
+        y = R.expert_batch_norm(x, idx, w, b, rm_, rv_, training, 0.1, 1e-5)
+        for e in range(N):
+            sel = idx == e
+            if not sel.any():
+                assert torch.equal(rm_[e], rm[e]) and torch.equal(rv_[e], rv[e])
+                continue
+            kind = nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm2d
+            bn = kind(C, momentum=0.1, eps=1e-5).to(D).train(training)
+            with torch.no_grad():
+                bn.weight.copy_(w[e]), bn.bias.copy_(b[e])
+                bn.running_mean.copy_(rm[e]), bn.running_var.copy_(rv[e])
+            if training and x[sel].numel() // C == 1:
+                continue  # nn.BatchNorm refuses one value per channel; we normalise it to the bias
+            want = bn(x[sel])
+            assert torch.allclose(y[sel], want, atol=1e-12), (e, training)
+            assert torch.allclose(rm_[e], bn.running_mean, atol=1e-12)
+            assert torch.allclose(rv_[e], bn.running_var, atol=1e-12)
+
+
+def test_reference_layer_norm_is_per_expert_layer_norm():
+    D = torch.float64
+    x = torch.randn(6, 3, 10, dtype=D)
+    idx = torch.tensor([1, 0, 1, 1, 2, 0])
+    w, b = torch.randn(3, 10, dtype=D), torch.randn(3, 10, dtype=D)
+    y = R.expert_layer_norm(x, idx, w, b, 1e-6)
+    for s in range(6):
+        e = int(idx[s])
+        assert torch.allclose(y[s], F.layer_norm(x[s], (10,), w[e], b[e], 1e-6), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- Triton vs float64 reference
+def _bn_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    N = rnd.choice([1, 2, 3, 5, 10])
+    S = rnd.randint(1, 12)
+    C = rnd.choice([3, 16, 20, 37])
+    spatial = rnd.choice([(), (5,), (3, 4), (1, 1), (6, 7)])
+    mix = ["random", "one", "empty"][seed % 3]
+    return N, (S, C) + spatial, _idx(S, N, mix, g), g
+
+
+def run_bn(seed, training, device="cpu", dtype=torch.float32, backend="triton", shared_weight=False):
+    N, shape, idx, g = _bn_case(seed)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g) * 3 + 2).to(dtype)
+    w = torch.randn(N, C, generator=g) * 0.5 + 1
+    b = torch.randn(N, C, generator=g)
+    rm = torch.randn(N, C, generator=g)
+    rv = torch.rand(N, C, generator=g) + 0.5
+    dy = torch.randn(shape, generator=g).to(dtype)
+
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    rm_r, rv_r = rm.double(), rv.double()
+    w_in = wd[:1].expand(N, C) if shared_weight else wd
+    y_r = R.expert_batch_norm(xd, idx, w_in, bd, rm_r, rv_r, training, 0.1, 1e-5)
+    grads_r = torch.autograd.grad(y_r, (xd, bd) if shared_weight else (xd, wd, bd), dy.double())
+
+    dev = dict(device=device)
+    xg = x.to(**dev).requires_grad_()
+    wg = w.to(**dev, dtype=dtype).requires_grad_(not shared_weight)
+    bg = b.to(**dev, dtype=dtype).requires_grad_()
+    rm_g, rv_g = rm.to(**dev, dtype=dtype), rv.to(**dev, dtype=dtype)
+    w_in = wg[:1].expand(N, C) if shared_weight else wg
+    y = NO.expert_batch_norm(xg, idx.to(device), w_in, bg, rm_g, rv_g, training, 0.1, 1e-5, backend=backend)
+    assert ops.last_backend("expert_batch_norm") == (backend or "triton")
+    grads = torch.autograd.grad(y, (xg, bg) if shared_weight else (xg, wg, bg), dy.to(device))
+    tol = TOL[dtype]
+    what = f"seed {seed} N={N} shape={shape} idx={idx.tolist()} training={training}"
+    _check(f"y ({what})", y, y_r, tol)
+    for name, a, r in zip(("dx", "db") if shared_weight else ("dx", "dw", "db"), grads, grads_r):
+        _check(f"{name} ({what})", a, r, tol)
+    _check(f"running_mean ({what})", rm_g, rm_r, tol)
+    _check(f"running_var ({what})", rv_g, rv_r, tol)
+    empty = torch.bincount(idx, minlength=N) == 0
+    if empty.any():  # experts without samples: untouched stats, zero parameter gradients
+        assert torch.equal(rm_g.cpu()[empty], rm.to(dtype)[empty])
+        assert torch.equal(rv_g.cpu()[empty], rv.to(dtype)[empty])
+        assert not grads[-1].cpu()[empty].any()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("seed", range(9))
+def test_batch_norm_triton_vs_reference(seed, training):
+    run_bn(seed, training)
+
+
+def test_batch_norm_triton_shared_weight():
+    run_bn(4, True, shared_weight=True)  # weight shared by experts (an expanded frozen view)
+
+
+def _ln_case(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    rnd = random.Random(seed)
+    N = rnd.choice([1, 2, 4, 7, 10])
+    S = rnd.randint(1, 9)
+    mid = rnd.choice([(), (3,), (2, 5)])
+    D = rnd.choice([8, 16, 40, 100])  # 100 > the interpreter's 64-wide tile: the D loop
+    mix = ["random", "one", "empty"][seed % 3]
+    return N, (S,) + mid + (D,), _idx(S, N, mix, g), g
+
+
+def run_ln(seed, device="cpu", dtype=torch.float32, backend="triton"):
+    N, shape, idx, g = _ln_case(seed)
+    D = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    w = torch.randn(N, D, generator=g) * 0.5 + 1
+    b = torch.randn(N, D, generator=g)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    y_r = R.expert_layer_norm(xd, idx, wd, bd, 1e-5)
+    grads_r = torch.autograd.grad(y_r, (xd, wd, bd), dy.double())
+    xg = x.to(device).requires_grad_()
+    wg, bg = (t.to(device, dtype).requires_grad_() for t in (w, b))
+    y = NO.expert_layer_norm(xg, idx.to(device), wg, bg, 1e-5, backend=backend)
+    assert ops.last_backend("expert_layer_norm") == (backend or "triton")
+    grads = torch.autograd.grad(y, (xg, wg, bg), dy.to(device))
+    what = f"seed {seed} N={N} shape={shape} idx={idx.tolist()}"
+    _check(f"y ({what})", y, y_r, TOL[dtype])
+    for name, a, r in zip(("dx", "dw", "db"), grads, grads_r):
+        _check(f"{name} ({what})", a, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_layer_norm_triton_vs_reference(seed):
+    run_ln(seed)
+
+
+# ----------------------------------------------------------------------------- dispatch, errors, the bank
+def test_cpu_dispatch_and_dtypes():
+    x, idx = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    w, b, rm, rv = torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
+    NO.expert_batch_norm(x, idx, w, b, rm, rv, True)
+    assert ops.last_backend("expert_batch_norm") == "reference"  # CPU: Triton only when asked for
+    NO.expert_layer_norm(x, idx, w, b)
+    assert ops.last_backend("expert_layer_norm") == "reference"
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        NO.expert_layer_norm(x.double(), idx, w.double(), b.double(), backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        NO.expert_layer_norm(x, idx, w, b, backend="cuda")
+    ops.set_backend("triton")  # forced for every op: float64 still refuses it
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        NO.expert_layer_norm(x.double(), idx, w.double(), b.double())
+    report = ops.backend_report("cpu")["ops"]
+    assert set(report["expert_batch_norm"]["available"]) == {"triton", "reference"}
+
+
+def test_bad_inputs():
+    x, idx = torch.randn(4, 3, 2), torch.tensor([0, 1, 1, 0])
+    w, b, rm, rv = torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="momentum=None"):
+        NO.expert_batch_norm(x, idx, w, b, rm, rv, True, momentum=None)
+    with pytest.raises(ValueError, match=r"running_var must be \[N, 3\]"):
+        NO.expert_batch_norm(x, idx, w, b, rm, torch.ones(2, 4), True)
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 2\)"):
+        NO.expert_batch_norm(x, torch.tensor([0, 1, 2, 0]), w, b, rm, rv, True)
+    with pytest.raises(ValueError, match=r"expert_idx must be \[S\]=4"):
+        NO.expert_layer_norm(x, idx[:3], torch.ones(2, 2), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"bias must be \[N, 2\]"):
+        NO.expert_layer_norm(x, idx, torch.ones(2, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="segments were built for N=3"):
+        seg = build_segments(idx, 3)
+        NO.expert_layer_norm(x, idx, torch.ones(2, 2), torch.zeros(2, 2), backend="triton", segments=seg)
+
+
+class _NormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).mean((2, 3))
+        return self.head(self.ln(self.fc(h)))
+
+
+def test_bank_uses_dispatched_norms():
+    """A training step of a bank (BN + LN routed) through Triton and through the reference, fp32,
+    against the same step in float64: outputs, all per-expert gradients, running statistics."""
+    torch.manual_seed(0)
+    base = ExpertBank(_NormNet(), Placement(lora=("conv",), norm=("bn", "ln"), r=2, alpha=2), n_experts=5)
+    with torch.no_grad():
+        for t in base.parameters_to_train():
+            t.normal_(0, 0.3).add_(1.0)
+    x, t = torch.randn(7, 2, 4, 4), torch.tensor([0, 950, 10, 420, 430, 999, 5])  # experts 1, 3 empty
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)):
+        bank = copy.deepcopy(base).to(dtype).train()
+        ops.set_backend(backend)
+        y = bank(x.to(dtype), t)
+        assert ops.last_backend("expert_batch_norm") == backend
+        assert ops.last_backend("expert_layer_norm") == backend
+        grads = torch.autograd.grad(y.square().sum(), bank.parameters_to_train())
+        results[backend, dtype] = (y, grads, {k: v.clone() for k, v in bank.model.bn.state_dict().items()})
+    ops.set_backend(None)
+    y0, g0, s0 = results["reference", torch.float64]
+    for key in (("reference", torch.float32), ("triton", torch.float32)):
+        y1, g1, s1 = results[key]
+        _check(f"{key} bank output", y1, y0, 2e-5)
+        for a, r in zip(g1, g0):
+            _check(f"{key} bank grad", a, r, 5e-5)
+        for k in ("running_mean", "running_var"):
+            _check(f"{key} {k}", s1[k], s0[k], 2e-5)
+        assert s1["num_batches_tracked"].tolist() == [1, 0, 1, 0, 1]
+
+
+# ----------------------------------------------------------------------------- CUDA (next GPU session)
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_batch_norm_parity(seed, dtype, training):
+    run_bn(seed, training, device="cuda", dtype=dtype, backend=None)  # automatic choice: triton
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seed", range(6))
+def test_cuda_layer_norm_parity(seed, dtype):
+    run_ln(seed, device="cuda", dtype=dtype, backend=None)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_no_host_sync():
+    dev = "cuda"
+    N, C = 5, 32
+    x = torch.randn(16, C, 8, 8, device=dev, requires_grad=True)
+    idx = torch.randint(0, N, (16,), device=dev)
+    w = torch.randn(N, C, device=dev, requires_grad=True)
+    b = torch.randn(N, C, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(N, C, device=dev), torch.ones(N, C, device=dev)
+    seg = build_segments(idx, N)
+    xl = torch.randn(16, 10, C, device=dev, requires_grad=True)
+
+    def bn_step():
+        y = NO.expert_batch_norm(x, idx, w, b, rm, rv, True, segments=seg)
+        y.backward(torch.ones_like(y))
+
+    def ln_step():
+        y = NO.expert_layer_norm(xl, idx, w, b, segments=seg)
+        y.backward(torch.ones_like(y))
+
+    assert_no_host_sync([bn_step, ln_step, lambda: build_segments(idx, N)])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_graph_capture(training):
+    """Forward (with the running-stat update) captured once, replayed on new inputs."""
+    dev, N, C = "cuda", 4, 24
+    x = torch.randn(10, C, 5, 5, device=dev)
+    idx = torch.tensor([0, 2, 2, 0, 3, 3, 3, 0, 2, 0], device=dev)  # expert 1 empty
+    w, b = torch.randn(N, C, device=dev), torch.randn(N, C, device=dev)
+    rm, rv = torch.zeros(N, C, device=dev), torch.ones(N, C, device=dev)
+    seg = build_segments(idx, N)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        NO.expert_batch_norm(x, idx, w, b, rm.clone(), rv.clone(), training, segments=seg)  # compile
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = NO.expert_batch_norm(x, idx, w, b, rm, rv, training, segments=seg)
+    rm.zero_(), rv.fill_(1.0)
+    x.copy_(torch.randn_like(x) * 2 + 1)
+    graph.replay()
+    rm_r, rv_r = torch.zeros(N, C, dtype=torch.float64), torch.ones(N, C, dtype=torch.float64)
+    want = R.expert_batch_norm(x.double().cpu(), idx.cpu(), w.double().cpu(), b.double().cpu(), rm_r, rv_r,
+                               training, 0.1, 1e-5)
+    _check("replayed y", y, want, TOL[torch.float32])
+    _check("replayed running_var", rv, rv_r, TOL[torch.float32])
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, 3, requires_grad=True)
+    idx = torch.zeros(0, dtype=torch.long)
+    w, b = torch.randn(2, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True)
+    rm, rv = torch.randn(2, 5), torch.rand(2, 5) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = NO.expert_batch_norm(x, idx, w, b, rm, rv, True, backend="triton")
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b), allow_unused=False)
+    assert y.shape == x.shape and dx.shape == x.shape
+    assert not dw.any() and not db.any()  # poisoned buffers were fully written
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y = NO.expert_layer_norm(torch.randn(0, 3, 5), idx, w, b, backend="triton")
+    assert y.shape == (0, 3, 5)
