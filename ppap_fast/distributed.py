@@ -19,8 +19,9 @@ Generation (:func:`generate`)
     shape), e.g. N x 1 x H x W for depth (2*H*W bytes per image: 128 KiB at 256x256) or
     N x 21 x H x W for DeepLabV3 logits (42*H*W bytes: 2.6 MiB per 256x256 image, 1.3 TB for
     500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
-    range (65504) or not finite are an error. The manifest records the teacher's state
-    fingerprint; distillation refuses cached outputs of another teacher. Shard ``k`` is a pure
+    range (65504) or not finite are an error. The configuration includes the teacher's state
+    fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
+    another teacher. Shard ``k`` is a pure
     function of ``(config, k)``: its x_T (and any sampler
     noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
     file is written under a temporary name and renamed into place (``os.replace``), so after a
@@ -409,16 +410,16 @@ def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.npz"
 
 
-def _manifest(cfg: GenerateConfig, h: str, world: int, complete: bool) -> dict:
+def _manifest(cfg: GenerateConfig, ident: dict, h: str, world: int, complete: bool) -> dict:
     n_shards = -(-cfg.num_images // cfg.shard_size)
     return {"kind": "datafree", "format": FORMAT, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
             "num_shards": n_shards, "complete": complete, "shards": [_shard_name(k) for k in range(n_shards)],
-            "config": cfg.identity(), "config_hash": h, "world_size": world,
+            "config": ident, "config_hash": h, "world_size": world,
             "shard_rule": "shard k: x_T (and sampler noise) ~ torch.Generator().manual_seed(seed * 1000003 + k)",
             "seed": cfg.seed, "respacing": cfg.respacing}
 
 
-def _prepare_dir(cfg: GenerateConfig, h: str, world: int) -> list:
+def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     """Rank 0: check an existing manifest, remove stale temporary files, mark the set incomplete."""
     from .data.shards import write_json_atomic
 
@@ -434,7 +435,7 @@ def _prepare_dir(cfg: GenerateConfig, h: str, world: int) -> list:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
         if old.get("config_hash") != h:
-            mine, theirs = cfg.identity(), old.get("config", {})
+            mine, theirs = ident, old.get("config", {})
             keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
                              + ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
@@ -442,7 +443,7 @@ def _prepare_dir(cfg: GenerateConfig, h: str, world: int) -> list:
     stale = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     for p in stale:
         p.unlink(missing_ok=True)
-    write_json_atomic(m, _manifest(cfg, h, world, complete=False))
+    write_json_atomic(m, _manifest(cfg, ident, h, world, complete=False))
     return [p.name for p in stale]
 
 
@@ -477,7 +478,14 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     env = env or init_distributed(cfg.device)
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
-    h = check_same_config(cfg.identity(), env)
+    teacher = transform = None
+    ident = cfg.identity()
+    if cfg.teacher:
+        teacher, transform = build_teacher(cfg.teacher, cfg.teacher_weights)[:2]
+        # the teacher's weights, whatever the spec (a py: factory, a random init): restarts and
+        # distillation compare it before trusting cached outputs
+        ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
+    h = check_same_config(ident, env)
     out = Path(cfg.out_dir)
     n_shards = -(-cfg.num_images // cfg.shard_size)
 
@@ -487,7 +495,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     err, stale, todo = None, [], None
     if env.rank == 0:
         try:
-            stale = _prepare_dir(cfg, h, env.world_size)
+            stale = _prepare_dir(cfg, ident, h, env.world_size)
             todo = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
         except (ValueError, OSError) as e:
             err = str(e)
@@ -497,12 +505,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     device = env.device
     torch.manual_seed(cfg.seed)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
-    teacher = transform = None
-    extra = {}
-    if cfg.teacher:
-        teacher, transform = build_teacher(cfg.teacher, cfg.teacher_weights)[:2]
-        # distillation compares this with its own teacher before trusting the cached outputs
-        extra["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
+    if teacher is not None:
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
@@ -551,7 +554,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         if missing:
             err = f"shards {missing[:10]} are still missing or damaged after generation"
         else:
-            write_json_atomic(out / MANIFEST, {**_manifest(cfg, h, env.world_size, complete=True), **extra})
+            write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True))
     raise_if_any(err, env, "final shard check")
     return {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
             "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h}
@@ -747,7 +750,7 @@ def _load_targets(cfg: DistillConfig, data: dict, teacher_state: str, teacher, t
     if key is None:  # once, up front, on every rank (no teacher forward inside the training loop)
         return teacher_targets(teacher, transform, data["images"], max(cfg.batch_size, 1), env.device), "computed"
     man = json.loads((Path(cfg.data_dir) / MANIFEST).read_text())
-    theirs = man.get("teacher_state")
+    theirs = man.get("config", {}).get("teacher_state")  # recorded by generate() with a teacher
     if theirs is not None and theirs != teacher_state:
         raise ValueError(f"the teacher outputs cached in {cfg.data_dir} were computed by another teacher "
                          f"({man.get('config', {}).get('teacher')!r}, state {theirs[:12]}) than this one "

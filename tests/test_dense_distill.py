@@ -188,7 +188,7 @@ def test_depth_teacher_cached_float16_targets_and_loss_decreases(tmp_path, depth
         ref = teacher(x).half()
     assert torch.equal(torch.from_numpy(cached["targets"]), ref)
     man = json.loads((data / "manifest.json").read_text())
-    assert man["teacher_state"] == D.tensors_fingerprint(sorted(teacher.state_dict().items()))
+    assert man["config"]["teacher_state"] == D.tensors_fingerprint(sorted(teacher.state_dict().items()))
 
     bank = D.distill(_depth_cfg(data, tmp_path / "out", depth_module), D.DistEnv())
     s = json.loads((tmp_path / "out" / "train_summary.json").read_text())
@@ -217,6 +217,9 @@ def test_depth_teacher_cached_float16_targets_and_loss_decreases(tmp_path, depth
 def test_cached_targets_of_wrong_shape_or_other_teacher_raise(tmp_path, depth_module):
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **GEN, teacher=depth_module), D.DistEnv())
+    # another teacher (other weights) into the same set: refused, naming the state fingerprint
+    with pytest.raises(D.DistributedRunError, match="another configuration.*teacher_state"):
+        D.generate(D.GenerateConfig(str(data), **GEN, teacher="py:ppap_test_depth:make_other"), D.DistEnv())
     # another teacher than the one that filled the cache: refused before training
     with pytest.raises(D.DistributedRunError, match="computed by another teacher"):
         D.distill(_depth_cfg(data, tmp_path / "o1", "py:ppap_test_depth:make_other", steps=1), D.DistEnv())
