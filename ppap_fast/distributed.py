@@ -211,6 +211,12 @@ def check_same_config(config: dict, env: DistEnv) -> str:
     return h
 
 
+def _config_diff(theirs: dict, mine: dict) -> str:
+    """The keys where a stored configuration differs from this one, for error messages."""
+    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
+
+
 def file_fingerprint(path) -> str | None:
     """size + sha256 of the first and last MiB: cheap identity of a (possibly huge) weight file."""
     if path is None:
@@ -435,11 +441,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
         if old.get("config_hash") != h:
-            mine, theirs = ident, old.get("config", {})
-            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
-                             + ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
-                             + "); use another directory or the same arguments")
+                             f"{_config_diff(old.get('config', {}), ident)}); use another directory or the "
+                             "same arguments")
     stale = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     for p in stale:
         p.unlink(missing_ok=True)
@@ -616,11 +620,6 @@ def resolve_loss(cfg: DistillConfig, task: str | None) -> str:
         raise ValueError(f"the task of teacher {cfg.teacher!r} is unknown: pass --teacher-task "
                          f"{{{','.join(TEACHER_TASKS)}}} or --loss")
     return loss_for_task(task)
-
-
-def _config_diff(theirs: dict, mine: dict) -> str:
-    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
 
 
 def _trained_params(bank) -> dict:
