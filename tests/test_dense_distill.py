@@ -196,7 +196,7 @@ def test_depth_teacher_cached_float16_targets_and_loss_decreases(tmp_path, depth
     assert s["config"]["teacher_task"] == "depth" and s["resumed_from_step"] == 0
     losses = np.array(s["losses"])
     assert len(losses) == 40 and np.isfinite(losses).all()
-    assert losses[-10:].mean() < 0.7 * losses[:10].mean(), losses
+    assert losses[-10:].mean() < 0.5 * losses[:10].mean(), losses   # about 0.22 on 3 seeds
     assert bank.arch == depth_module and not bank.training
 
     # the same set without cached targets: computed once up front (rounded to float16 like the cache)
