@@ -1,4 +1,5 @@
-"""Per-expert norm ops (ppap_fast.ops.norm): reference semantics vs torch, Triton vs float64 reference.
+"""Per-expert norm ops (ppap_fast.ops.norm: batch / layer / group norm): reference semantics vs
+torch, Triton vs float64 reference.
 
 CPU: Triton runs under TRITON_INTERPRET=1 (conftest) with small shapes, asked for explicitly.
 CUDA (marked ``cuda``, run by benchmarks/gpu_check.sh): automatic dispatch, fp32 and fp16,
@@ -190,6 +191,56 @@ def test_layer_norm_triton_vs_reference(seed):
     run_ln(seed)
 
 
+def test_reference_group_norm_is_per_expert_group_norm():
+    D = torch.float64
+    x = torch.randn(5, 6, 3, 2, dtype=D)
+    idx = torch.tensor([2, 0, 2, 1, 0])
+    w, b = torch.randn(3, 6, dtype=D), torch.randn(3, 6, dtype=D)
+    y = R.expert_group_norm(x, idx, 3, w, b, 1e-6)
+    for s in range(5):
+        e = int(idx[s])
+        assert torch.allclose(y[s:s + 1], F.group_norm(x[s:s + 1], 3, w[e], b[e], 1e-6), atol=1e-12)
+
+
+def _gn_case(seed):
+    g = torch.Generator().manual_seed(200 + seed)
+    rnd = random.Random(seed)
+    N = rnd.choice([1, 3, 6, 10])
+    S = rnd.randint(1, 9)
+    G, Cg = rnd.choice([(1, 5), (4, 4), (8, 2), (3, 2)])
+    # Cg*P from 6 to 144 (> one 64-wide tile). Groups of 1 or 2 values are ill-conditioned
+    # (dx is a cancellation to ~0), so no relative-error test is meaningful there.
+    spatial = rnd.choice([(3,), (7,), (3, 5), (8, 9)])
+    mix = ["random", "one", "empty"][seed % 3]
+    return N, G, (S, G * Cg) + spatial, _idx(S, N, mix, g), g
+
+
+def run_gn(seed, device="cpu", dtype=torch.float32, backend="triton"):
+    N, G, shape, idx, g = _gn_case(seed)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
+    w = torch.randn(N, C, generator=g) * 0.5 + 1
+    b = torch.randn(N, C, generator=g)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    y_r = R.expert_group_norm(xd, idx, G, wd, bd, 1e-5)
+    grads_r = torch.autograd.grad(y_r, (xd, wd, bd), dy.double())
+    xg = x.to(device).requires_grad_()
+    wg, bg = (t.to(device, dtype).requires_grad_() for t in (w, b))
+    y = NO.expert_group_norm(xg, idx.to(device), G, wg, bg, 1e-5, backend=backend)
+    assert ops.last_backend("expert_group_norm") == (backend or "triton")
+    grads = torch.autograd.grad(y, (xg, wg, bg), dy.to(device))
+    what = f"seed {seed} N={N} G={G} shape={shape} idx={idx.tolist()}"
+    _check(f"y ({what})", y, y_r, TOL[dtype])
+    for name, a, r in zip(("dx", "dw", "db"), grads, grads_r):
+        _check(f"{name} ({what})", a, r, TOL[dtype])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_group_norm_triton_vs_reference(seed):
+    run_gn(seed)
+
+
 # ----------------------------------------------------------------------------- dispatch, errors, the bank
 def test_cpu_dispatch_and_dtypes():
     x, idx = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
@@ -198,6 +249,8 @@ def test_cpu_dispatch_and_dtypes():
     assert ops.last_backend("expert_batch_norm") == "reference"  # CPU: Triton only when asked for
     NO.expert_layer_norm(x, idx, w, b)
     assert ops.last_backend("expert_layer_norm") == "reference"
+    NO.expert_group_norm(x, idx, 3, w, b)
+    assert ops.last_backend("expert_group_norm") == "reference"
     with pytest.raises(ops.BackendUnavailableError, match="float64"):
         NO.expert_layer_norm(x.double(), idx, w.double(), b.double(), backend="triton")
     with pytest.raises(ops.BackendUnavailableError, match="cuda"):
@@ -222,6 +275,8 @@ def test_bad_inputs():
         NO.expert_layer_norm(x, idx[:3], torch.ones(2, 2), torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"bias must be \[N, 2\]"):
         NO.expert_layer_norm(x, idx, torch.ones(2, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="num_groups=2 must be a positive int dividing C=3"):
+        NO.expert_group_norm(x, idx, 2, w, b)
     with pytest.raises(ValueError, match="segments were built for N=3"):
         seg = build_segments(idx, 3)
         NO.expert_layer_norm(x, idx, torch.ones(2, 2), torch.zeros(2, 2), backend="triton", segments=seg)
@@ -232,20 +287,21 @@ class _NormNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 16, 3, padding=1)
         self.bn = nn.BatchNorm2d(16)
+        self.gn = nn.GroupNorm(4, 16)
         self.fc = nn.Linear(16, 16)
         self.ln = nn.LayerNorm(16)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        h = self.bn(self.conv(x)).mean((2, 3))
+        h = self.gn(self.bn(self.conv(x))).mean((2, 3))
         return self.head(self.ln(self.fc(h)))
 
 
 def test_bank_uses_dispatched_norms():
-    """A training step of a bank (BN + LN routed) through Triton and through the reference, fp32,
+    """A training step of a bank (BN + GN + LN routed) through Triton and through the reference, fp32,
     against the same step in float64: outputs, all per-expert gradients, running statistics."""
     torch.manual_seed(0)
-    base = ExpertBank(_NormNet(), Placement(lora=("conv",), norm=("bn", "ln"), r=2, alpha=2), n_experts=5)
+    base = ExpertBank(_NormNet(), Placement(lora=("conv",), norm=("bn", "gn", "ln"), r=2, alpha=2), n_experts=5)
     with torch.no_grad():
         for t in base.parameters_to_train():
             t.normal_(0, 0.3).add_(1.0)
@@ -257,6 +313,7 @@ def test_bank_uses_dispatched_norms():
         y = bank(x.to(dtype), t)
         assert ops.last_backend("expert_batch_norm") == backend
         assert ops.last_backend("expert_layer_norm") == backend
+        assert ops.last_backend("expert_group_norm") == backend
         grads = torch.autograd.grad(y.square().sum(), bank.parameters_to_train())
         results[backend, dtype] = (y, grads, {k: v.clone() for k, v in bank.model.bn.state_dict().items()})
     ops.set_backend(None)
@@ -291,6 +348,14 @@ def test_cuda_layer_norm_parity(seed, dtype):
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seed", range(6))
+def test_cuda_group_norm_parity(seed, dtype):
+    run_gn(seed, device="cuda", dtype=dtype, backend=None)
+
+
+@pytest.mark.cuda
+@requires_cuda
 def test_cuda_no_host_sync():
     dev = "cuda"
     N, C = 5, 32
@@ -310,7 +375,11 @@ def test_cuda_no_host_sync():
         y = NO.expert_layer_norm(xl, idx, w, b, segments=seg)
         y.backward(torch.ones_like(y))
 
-    assert_no_host_sync([bn_step, ln_step, lambda: build_segments(idx, N)])
+    def gn_step():
+        y = NO.expert_group_norm(x, idx, 4, w, b, segments=seg)
+        y.backward(torch.ones_like(y))
+
+    assert_no_host_sync([bn_step, ln_step, gn_step, lambda: build_segments(idx, N)])
 
 
 @pytest.mark.cuda
@@ -355,3 +424,7 @@ def test_empty_batch():
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
     y = NO.expert_layer_norm(torch.randn(0, 3, 5), idx, w, b, backend="triton")
     assert y.shape == (0, 3, 5)
+    xg = torch.randn(0, 5, 2, 2, requires_grad=True)
+    y = NO.expert_group_norm(xg, idx, 5, w, b, backend="triton")
+    dw, = torch.autograd.grad(y.sum(), (w,))
+    assert y.shape == xg.shape and not dw.any()

@@ -342,9 +342,8 @@ class ExpertGroupNorm(_ExpertAffine):
 
     def forward(self, x):
         idx = self._idx(x)
-        y = F.group_norm(x, self.num_groups, None, None, self.eps)
-        shape = (x.shape[0], self.num_channels) + (1,) * (x.dim() - 2)
-        return y * self._weights()[idx].view(shape) + self.expert_bias[idx].view(shape)
+        return _norm_ops().expert_group_norm(x, idx, self.num_groups, self._weights(), self.expert_bias, self.eps,
+                                             segments=self._router.segments(x, self.n_experts))
 
     def to_plain(self, n):
         gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, device="meta")

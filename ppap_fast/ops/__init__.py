@@ -6,7 +6,7 @@
 import torch
 
 from ppap_fast.ops import _ext
-from ppap_fast.ops import norm  # noqa: F401  registers expert_batch_norm / expert_layer_norm
+from ppap_fast.ops import norm  # noqa: F401  registers the expert_*_norm ops
 from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
 from ppap_fast.ops._registry import report as _report
 from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided_update_reference
@@ -17,7 +17,7 @@ def backend_report(device=None) -> dict:
     from ppap_fast.ops import lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ops = _report(device)  # registry ops: guided_update, expert_batch_norm, expert_layer_norm
+    ops = _report(device)  # registry ops: guided_update, expert_{batch,layer,group}_norm
     for name in ("lora_linear", "lora_conv2d", "lora_conv2d_delta"):
         ops[name] = {"available": lora.available_backends(name, device), "last": lora.last_backend.get(name)}
     return {

@@ -3,12 +3,14 @@
     expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training,
                       momentum=0.1, eps=1e-5, *, backend=None, segments=None)
     expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, segments=None)
+    expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5, *, backend=None, segments=None)
 
 BatchNorm: x [S, C] or [S, C, *spatial]; weight/bias/running stats [N, C]. In training
 each expert's samples are normalised with their own batch statistics and only the
 running statistics of experts that have samples are updated (unbiased variance,
 n/1 when an expert has one value per channel, where nn.BatchNorm would raise).
 LayerNorm: over the last dim of x [S, ..., D] with the affine [N, D] of each sample's expert.
+GroupNorm: x [S, C, *], statistics per (sample, group), channel affine [N, C] per expert.
 
 Backends (ops.set_backend / backend= / last_backend(op) as for every registered op):
 "triton" (CUDA; on CPU only when asked for, under TRITON_INTERPRET=1) and "reference"
@@ -28,7 +30,7 @@ from ..lora.segments import build_segments
 from . import reference
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-OPS = ("expert_batch_norm", "expert_layer_norm")
+OPS = ("expert_batch_norm", "expert_layer_norm", "expert_group_norm")
 
 
 def _select(op: str, x: torch.Tensor, backend):
@@ -75,6 +77,19 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, se
     return fn(x, expert_idx, weight, bias, float(eps), segments)
 
 
+def expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5, *, backend=None, segments=None):
+    """GroupNorm with per-expert channel affine (weight/bias [N, C])."""
+    if x.dim() < 2:
+        raise ValueError(f"expert_group_norm: x must be [S, C, *spatial], got {tuple(x.shape)}")
+    if not isinstance(num_groups, int) or num_groups <= 0 or x.shape[1] % num_groups:
+        raise ValueError(f"expert_group_norm: num_groups={num_groups!r} must be a positive int dividing "
+                         f"C={x.shape[1]}")
+    N = _check_params("expert_group_norm", x, x.shape[1], weight=weight, bias=bias)
+    _check_idx(expert_idx, x.shape[0], N)
+    fn = _select("expert_group_norm", x, backend)
+    return fn(x, expert_idx, num_groups, weight, bias, float(eps), segments)
+
+
 # ----------------------------------------------------------------------------- backend implementations
 def _bn_reference(x, idx, w, b, rm, rv, training, momentum, eps, segments):
     return reference.expert_batch_norm(x, idx, w, b, rm, rv, training, momentum, eps)
@@ -82,6 +97,10 @@ def _bn_reference(x, idx, w, b, rm, rv, training, momentum, eps, segments):
 
 def _ln_reference(x, idx, w, b, eps, segments):
     return reference.expert_layer_norm(x, idx, w, b, eps)
+
+
+def _gn_reference(x, idx, G, w, b, eps, segments):
+    return reference.expert_group_norm(x, idx, G, w, b, eps)
 
 
 def _seg(idx, N, segments):
@@ -109,10 +128,19 @@ def _ln_triton(x, idx, w, b, eps, segments):
         return ExpertLayerNormFn.apply(x, w, b, seg, eps)
 
 
+def _gn_triton(x, idx, G, w, b, eps, segments):
+    from .fast import ExpertGroupNormFn
+
+    seg = _seg(idx, w.shape[0], segments)
+    with torch.autocast(x.device.type, enabled=False):
+        return ExpertGroupNormFn.apply(x, w, b, seg, G, eps)
+
+
 for _op, _ref, _tri in (("expert_batch_norm", _bn_reference, _bn_triton),
-                        ("expert_layer_norm", _ln_reference, _ln_triton)):
+                        ("expert_layer_norm", _ln_reference, _ln_triton),
+                        ("expert_group_norm", _gn_reference, _gn_triton)):
     _registry.register(_op, "reference", _ref, _ext.reference_unavailable)
     _registry.register(_op, "triton", _tri, _ext.triton_unavailable)
 
 
-__all__ = ["expert_batch_norm", "expert_layer_norm", "reference", "OPS", "FAST_DTYPES"]
+__all__ = ["expert_batch_norm", "expert_layer_norm", "expert_group_norm", "reference", "OPS", "FAST_DTYPES"]

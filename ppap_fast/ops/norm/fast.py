@@ -105,3 +105,36 @@ class ExpertLayerNormFn(torch.autograd.Function):
             dw = gw.to(w_dt) if need_w else None
             db = gb.to(b_dt) if need_b else None
         return dx, dw, db, None, None
+
+
+class ExpertGroupNormFn(torch.autograd.Function):
+    """GroupNorm per (sample, group), then the channel affine of the sample's expert."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seg, num_groups: int, eps: float):
+        S, C = x.shape[:2]
+        P = math.prod(x.shape[2:])
+        x3 = x.contiguous().view(S, C, P)
+        w, b = weight.detach().contiguous(), bias.detach().contiguous()
+        y, mean, rstd = tk.gn_fwd(x3, seg.expert_idx, num_groups, w, b, eps)
+        ctx.save_for_backward(x3, w, mean, rstd)
+        ctx.seg, ctx.G = seg, num_groups
+        ctx.meta = (x.shape, weight.dtype, bias.dtype)
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x3, w, mean, rstd = ctx.saved_tensors
+        seg, G = ctx.seg, ctx.G
+        x_shape, w_dt, b_dt = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy3 = dy.to(x3.dtype).contiguous().view(x3.shape)
+        dx = dw = db = None
+        if need_x:
+            dx = tk.gn_dx(dy3, x3, seg.expert_idx, G, w, mean, rstd).view(x_shape)
+        if need_w or need_b:
+            gw, gb = tk.gn_dwb(dy3, x3, seg.sorted_idx, seg.offsets, G, mean, rstd, w.shape[0])
+            dw = gw.to(w_dt) if need_w else None
+            db = gb.to(b_dt) if need_b else None
+        return dx, dw, db, None, None, None

@@ -7,6 +7,7 @@ fast paths are checked against these in float64.
 * ``x``: the leading dimension is the sample dimension S; ``expert_idx`` long [S].
 * BatchNorm: ``x`` [S, C] or [S, C, *spatial]; ``weight``/``bias``/``running_*`` [N, C].
 * LayerNorm: ``x`` [S, ..., D] normalised over D; ``weight``/``bias`` [N, D].
+* GroupNorm: ``x`` [S, C, *]; ``weight``/``bias`` [N, C].
 """
 from __future__ import annotations
 
@@ -59,4 +60,12 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5):
     return y * weight[expert_idx].view(shp) + bias[expert_idx].view(shp)
 
 
-__all__ = ["expert_batch_norm", "expert_layer_norm"]
+def expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm of x [S, C, *] (statistics per sample and group), then the channel affine
+    [N, C] of each sample's expert."""
+    shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    y = F.group_norm(x, num_groups, None, None, eps)
+    return y * weight[expert_idx].view(shp) + bias[expert_idx].view(shp)
+
+
+__all__ = ["expert_batch_norm", "expert_layer_norm", "expert_group_norm"]

@@ -337,3 +337,150 @@ def ln_dwb(dy2, x2, sorted_idx, offsets, M, mean, rstd, N):
     _ln_dwb_kernel[(N, triton.cdiv(D, BLOCK_D))](dy2, x2, sorted_idx, offsets, mean, rstd, dw, db, M, D,
                                                   BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return dw, db
+
+
+# =============================================================================== GroupNorm
+# x contiguous [S, C, P] with C = G * Cg: row r = (sample r // G, group r % G) is the
+# contiguous run of L = Cg * P values at r * L; value k of row r is channel (r % G) * Cg + k // P.
+@triton.jit
+def _gn_fwd_kernel(x_ptr, y_ptr, idx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, R, G, Cg, P, C, eps,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    L = Cg * P
+    base = rows.to(tl.int64) * L
+    e = tl.load(idx_ptr + rows // G, mask=rmask, other=0).to(tl.int64)
+    c0 = (rows % G) * Cg
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, L, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (k < L)[None, :]
+        acc += tl.load(x_ptr + base[:, None] + k[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / L
+    acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, L, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (k < L)[None, :]
+        xc = tl.load(x_ptr + base[:, None] + k[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None]
+        acc2 += tl.where(m, xc * xc, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=1) / L + eps)
+    for k0 in range(0, L, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (k < L)[None, :]
+        ch = e[:, None] * C + c0[:, None] + k[None, :] // P
+        xv = tl.load(x_ptr + base[:, None] + k[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ch, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + ch, mask=m, other=0.0).to(tl.float32)
+        yv = (xv - mean[:, None]) * rstd[:, None] * w + b
+        tl.store(y_ptr + base[:, None] + k[None, :], yv.to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _gn_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, w_ptr, mean_ptr, rstd_ptr, R, G, Cg, P, C,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the row, g = dy * w[e, channel]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    L = Cg * P
+    base = rows.to(tl.int64) * L
+    e = tl.load(idx_ptr + rows // G, mask=rmask, other=0).to(tl.int64)
+    c0 = (rows % G) * Cg
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+    s1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, L, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (k < L)[None, :]
+        off = base[:, None] + k[None, :]
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + e[:, None] * C + c0[:, None] + k[None, :] // P, mask=m, other=0.0).to(tl.float32)
+        s1 += g
+        s2 += tl.where(m, g * xhat, 0.0)
+    c1 = tl.sum(s1, axis=1) / L
+    c2 = tl.sum(s2, axis=1) / L
+    for k0 in range(0, L, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (k < L)[None, :]
+        off = base[:, None] + k[None, :]
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32) \
+            * tl.load(w_ptr + e[:, None] * C + c0[:, None] + k[None, :] // P, mask=m, other=0.0).to(tl.float32)
+        dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gn_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, G, Cg, P, C,
+                   BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dw[e, c] = sum dy * xhat, db[e, c] = sum dy over expert e's samples and positions."""
+    e = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * P
+    aw = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    ab = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for r0 in range(0, nrows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < nrows
+        smp = tl.load(sidx_ptr + lo + r // P, mask=rmask, other=0).to(tl.int64)
+        p = (r % P).to(tl.int64)
+        m = cmask[:, None] & rmask[None, :]
+        off = (smp * C * P + p)[None, :] + offs_c[:, None].to(tl.int64) * P
+        srow = smp[None, :] * G + (offs_c // Cg)[:, None]
+        mean = tl.load(mean_ptr + srow, mask=m, other=0.0)
+        rstd = tl.load(rstd_ptr + srow, mask=m, other=0.0)
+        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        aw += tl.where(m, g * xhat, 0.0)
+        ab += g
+    tl.store(dw_ptr + e * C + offs_c, tl.sum(aw, axis=1), mask=cmask)
+    tl.store(db_ptr + e * C + offs_c, tl.sum(ab, axis=1), mask=cmask)
+
+
+def _gn_blocks(L):
+    return 16, _pow2(L, 16, 64 if _interpreting() else 256)
+
+
+def gn_fwd(x3, expert_idx, G, w, b, eps):
+    """x3 contiguous [S, C, P] -> y (x's dtype), mean, rstd fp32 [S * G]."""
+    S, C, P = x3.shape
+    R, Cg = S * G, C // G
+    y = alloc((S, C, P), x3.dtype, x3.device)
+    mean = alloc((R,), torch.float32, x3.device)
+    rstd = alloc((R,), torch.float32, x3.device)
+    if R == 0 or Cg * P == 0:
+        return y, mean, rstd
+    BLOCK_R, BLOCK_K = _gn_blocks(Cg * P)
+    _gn_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](x3, y, expert_idx, w, b, mean, rstd, R, G, Cg, P, C, float(eps),
+                                               BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    return y, mean, rstd
+
+
+def gn_dx(dy3, x3, expert_idx, G, w, mean, rstd):
+    S, C, P = x3.shape
+    R, Cg = S * G, C // G
+    dx = alloc((S, C, P), x3.dtype, x3.device)
+    if R == 0 or Cg * P == 0:
+        return dx
+    BLOCK_R, BLOCK_K = _gn_blocks(Cg * P)
+    _gn_dx_kernel[(triton.cdiv(R, BLOCK_R),)](dy3, x3, dx, expert_idx, w, mean, rstd, R, G, Cg, P, C,
+                                              BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    return dx
+
+
+def gn_dwb(dy3, x3, sorted_idx, offsets, G, mean, rstd, N):
+    S, C, P = x3.shape
+    dw = alloc((N, C), torch.float32, x3.device)
+    db = alloc((N, C), torch.float32, x3.device)
+    if N == 0 or C == 0:
+        return dw, db
+    BLOCK_C, BLOCK_R = _bn_blocks(C, P)
+    _gn_dwb_kernel[(N, triton.cdiv(C, BLOCK_C))](dy3, x3, sorted_idx, offsets, mean, rstd, dw, db, G, C // G, P, C,
+                                                  BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return dw, db
