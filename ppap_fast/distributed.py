@@ -299,7 +299,12 @@ def _py_factory(spec: str):
         raise ValueError(f"teacher {spec!r}: expected py:package.module:factory")
     import importlib
 
-    fn = getattr(importlib.import_module(mod_name), fn_name, None)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"teacher {spec!r}: cannot import {mod_name!r} ({e}); is it on PYTHONPATH on every "
+                         "rank?") from e
+    fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ValueError(f"teacher {spec!r}: {mod_name} has no callable {fn_name!r}")
     return fn

@@ -145,7 +145,8 @@ def test_teacher_specs_tasks_and_loss_choice(depth_module):
     fp = [D.tensors_fingerprint(sorted(m.state_dict().items())) for m in (a, b)]
     assert fp[0] == fp[1]
     for bad, msg in (("py:ppap_test_depth", "expected py:package.module:factory"),
-                     ("py:ppap_test_depth:nothing", "no callable 'nothing'")):
+                     ("py:ppap_test_depth:nothing", "no callable 'nothing'"),
+                     ("py:ppap_no_such_module:make", "cannot import 'ppap_no_such_module'")):
         with pytest.raises(ValueError, match=msg):
             D.build_teacher(bad)
     with pytest.raises(ValueError, match="unknown teacher task 'sky'"):
