@@ -241,6 +241,18 @@ def test_group_norm_triton_vs_reference(seed):
     run_gn(seed)
 
 
+@pytest.mark.parametrize("split", [2, 5])
+def test_reductions_split_rows(monkeypatch, split):
+    """Per-expert reductions with each expert's rows split over several programs (as on a GPU);
+    splits with no rows must still write their (zero) partials."""
+    monkeypatch.setattr(TK, "SPLIT", split)
+    for seed in (0, 2, 4):
+        run_bn(seed, True)
+        run_ln(seed)
+        run_gn(seed)
+    run_bn(1, False)
+
+
 # ----------------------------------------------------------------------------- dispatch, errors, the bank
 def test_cpu_dispatch_and_dtypes():
     x, idx = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])

@@ -30,10 +30,9 @@ class ExpertBatchNormFn(torch.autograd.Function):
         S, C = x.shape[:2]
         P = math.prod(x.shape[2:])
         x3 = x.contiguous().view(S, C, P)
-        N = weight.shape[0]
         n = seg.counts.to(torch.float32) * P  # rows per expert
         if training:
-            mean, var = tk.bn_stats(x3, seg.sorted_idx, seg.offsets, N)
+            mean, var = tk.bn_stats(x3, seg.sorted_idx, seg.offsets, n)
             with torch.no_grad():
                 has = (n > 0)[:, None]
                 unb = var * (n / (n - 1).clamp(min=1))[:, None]
@@ -63,7 +62,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
         dy3 = dy.to(x3.dtype).contiguous().view(x3.shape)
         dx = dw = db = None
         if need_w or need_b or (need_x and ctx.training):
-            sdy, sdyx = tk.bn_bwd_reduce(dy3, x3, seg.sorted_idx, seg.offsets, mean, rstd)
+            sdy, sdyx = tk.bn_bwd_reduce(dy3, x3, seg.sorted_idx, seg.offsets, mean, rstd.contiguous())
             dw = sdyx.to(w_dt) if need_w else None
             db = sdy.to(b_dt) if need_b else None
         if need_x:

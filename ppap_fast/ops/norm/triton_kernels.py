@@ -2,10 +2,11 @@
 
 Segments (``sorted_idx``/``offsets`` from ops.lora.segments.build_segments, computed on
 the device) give each expert's samples; every launch grid depends on shapes and N
-only, so nothing reads values on the host (CUDA-graph capturable). Reductions are
-done per (expert, channel block) by one program looping over the expert's rows:
-deterministic, no atomics. Statistics are fp32 whatever the input dtype; the
-variance is two-pass (mean first), as in the reference.
+only, so nothing reads values on the host (CUDA-graph capturable). Per-expert
+reductions: programs (expert, column block, split) each loop over one split of the
+expert's rows and write fp32 partials [SPLIT, N, ...] that torch sums (deterministic,
+no atomics); SPLIT comes from the shapes and the SM count. Statistics are fp32
+whatever the input dtype; the variance is two-pass (mean first), as in the reference.
 
 BatchNorm rows: x viewed as [S, C, P] (P = spatial size, 1 for [S, C]); a "row" of
 expert e is one (sample, position) of its segment, a tile is [BLOCK_C, BLOCK_R].
@@ -50,54 +51,47 @@ def _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BL
 
 
 @triton.jit
-def _bn_stats_kernel(x_ptr, sidx_ptr, off_ptr, mean_ptr, var_ptr, C, P, sx_s, sx_c, sx_p,
-                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """mean/var [N, C] (biased) of each expert's rows; zeros for empty experts."""
-    e = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    lo = tl.load(off_ptr + e)
-    hi = tl.load(off_ptr + e + 1)
-    nrows = (hi - lo) * P
-    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for r0 in range(0, nrows, BLOCK_R):
-        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
-        acc += tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-    denom = tl.maximum(nrows, 1).to(tl.float32)
-    mean = tl.sum(acc, axis=1) / denom
-    acc2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for r0 in range(0, nrows, BLOCK_R):
-        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
-        d = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]
-        acc2 += tl.where(m, d * d, 0.0)
-    var = tl.sum(acc2, axis=1) / denom
-    tl.store(mean_ptr + e * C + offs_c, mean, mask=cmask)
-    tl.store(var_ptr + e * C + offs_c, var, mask=cmask)
+def _split_range(nrows, sp, SPLIT, BLOCK_R: tl.constexpr):
+    """Rows [begin, end) of a segment of nrows handled by split sp (chunks of whole tiles)."""
+    chunk = ((nrows + SPLIT - 1) // SPLIT + BLOCK_R - 1) // BLOCK_R * BLOCK_R
+    begin = sp * chunk
+    return begin, tl.minimum(nrows, begin + chunk)
 
 
 @triton.jit
-def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, sdy_ptr, sdyx_ptr,
-                          C, P, sx_s, sx_c, sx_p, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Per expert: sum dy and sum dy * xhat over its rows ([N, C], zeros for empty experts).
-    dy has x's strides."""
+def _bn_partial_kernel(x_ptr, dy_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, out1_ptr, out2_ptr,
+                       N, C, P, SPLIT, sx_s, sx_c, sx_p,
+                       MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Partial per-expert channel sums over split sp's share of the expert's rows, [SPLIT, N, C]
+    (every entry written, zeros for empty experts). dy has x's strides.
+    MODE 0: sum x.  MODE 1: sum (x - mean)^2.  MODE 2: sum dy and sum dy * xhat."""
     e = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = tl.program_id(2)
     cmask = offs_c < C
     lo = tl.load(off_ptr + e)
     hi = tl.load(off_ptr + e + 1)
-    nrows = (hi - lo) * P
-    mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask, other=0.0)
-    rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask, other=0.0)
+    begin, end = _split_range((hi - lo) * P, sp, SPLIT, BLOCK_R)
+    mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask & (MODE > 0), other=0.0)
+    rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask & (MODE == 2), other=0.0)
     a1 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     a2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for r0 in range(0, nrows, BLOCK_R):
-        off, m = _bn_seg_tile(sidx_ptr, lo, r0, nrows, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
+    for r0 in range(begin, end, BLOCK_R):
+        off, m = _bn_seg_tile(sidx_ptr, lo, r0, end, offs_c, cmask, P, sx_s, sx_c, sx_p, BLOCK_R)
         xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
-        a1 += g
-        a2 += tl.where(m, g * (xv - mean[:, None]) * rstd[:, None], 0.0)
-    tl.store(sdy_ptr + e * C + offs_c, tl.sum(a1, axis=1), mask=cmask)
-    tl.store(sdyx_ptr + e * C + offs_c, tl.sum(a2, axis=1), mask=cmask)
+        if MODE == 0:
+            a1 += xv
+        elif MODE == 1:
+            d = xv - mean[:, None]
+            a1 += tl.where(m, d * d, 0.0)
+        else:
+            g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+            a1 += g
+            a2 += tl.where(m, g * (xv - mean[:, None]) * rstd[:, None], 0.0)
+    dst = (sp * N + e).to(tl.int64) * C + offs_c
+    tl.store(out1_ptr + dst, tl.sum(a1, axis=1), mask=cmask)
+    if MODE == 2:
+        tl.store(out2_ptr + dst, tl.sum(a2, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -146,31 +140,65 @@ def _bn_blocks(C, P):
     return BLOCK_C, BLOCK_R
 
 
-def bn_stats(x3, sorted_idx, offsets, N):
-    """x3 [S, C, P] (any strides) -> mean, var fp32 [N, C]."""
+SPLIT = None  # tests: force the number of row splits of the per-expert reductions
+
+
+def _n_split(device, programs: int, rows: int, N: int, block_r: int) -> int:
+    """Row splits per (expert, column block) so the reductions fill the GPU; shapes only (no sync).
+    Partials go to an fp32 [SPLIT, N, ...] buffer summed by torch (deterministic, no atomics)."""
+    if SPLIT is not None:
+        return int(SPLIT)
+    target = 4 * _sm_count(device)
+    per_expert_tiles = triton.cdiv(rows, max(N, 1) * block_r)
+    return max(1, min(64, triton.cdiv(target, max(programs, 1)), per_expert_tiles))
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def _bn_partials(mode, x3, dy3, sorted_idx, offsets, N, mean=None, rstd=None):
     S, C, P = x3.shape
-    mean = alloc((N, C), torch.float32, x3.device)
-    var = alloc((N, C), torch.float32, x3.device)
-    if N == 0 or C == 0:
-        return mean, var
     BLOCK_C, BLOCK_R = _bn_blocks(C, P)
-    _bn_stats_kernel[(N, triton.cdiv(C, BLOCK_C))](x3, sorted_idx, offsets, mean, var, C, P, *x3.stride(),
-                                                    BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    cb = triton.cdiv(C, BLOCK_C)
+    split = _n_split(x3.device, N * cb, S * P, N, BLOCK_R)
+    out1 = alloc((split, N, C), torch.float32, x3.device)
+    out2 = alloc((split, N, C), torch.float32, x3.device) if mode == 2 else out1
+    _bn_partial_kernel[(N, cb, split)](x3, dy3 if dy3 is not None else x3, sorted_idx, offsets,
+                                       mean if mean is not None else out1, rstd if rstd is not None else out1,
+                                       out1, out2, N, C, P, split, *x3.stride(),
+                                       MODE=mode, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return out1.sum(0), (out2.sum(0) if mode == 2 else None)
+
+
+def bn_stats(x3, sorted_idx, offsets, n):
+    """x3 [S, C, P] (any strides), n fp32 [N] rows per expert -> mean, biased var fp32 [N, C]
+    (two passes; zeros for empty experts)."""
+    N, C = n.shape[0], x3.shape[1]
+    if N == 0 or C == 0:
+        z = torch.zeros((N, C), dtype=torch.float32, device=x3.device)
+        return z, z.clone()
+    inv = (1.0 / n.clamp(min=1))[:, None]
+    mean = (_bn_partials(0, x3, None, sorted_idx, offsets, N)[0] * inv).contiguous()
+    var = _bn_partials(1, x3, None, sorted_idx, offsets, N, mean)[0] * inv
     return mean, var
 
 
 def bn_bwd_reduce(dy3, x3, sorted_idx, offsets, mean, rstd):
     """Both [S, C, P] with the same strides -> sum dy, sum dy * xhat fp32 [N, C]."""
-    S, C, P = x3.shape
-    N = mean.shape[0]
-    sdy = alloc((N, C), torch.float32, x3.device)
-    sdyx = alloc((N, C), torch.float32, x3.device)
+    N, C = mean.shape
     if N == 0 or C == 0:
-        return sdy, sdyx
-    BLOCK_C, BLOCK_R = _bn_blocks(C, P)
-    _bn_bwd_reduce_kernel[(N, triton.cdiv(C, BLOCK_C))](dy3, x3, sorted_idx, offsets, mean, rstd, sdy, sdyx, C, P,
-                                                         *x3.stride(), BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
-    return sdy, sdyx
+        z = torch.zeros((N, C), dtype=torch.float32, device=x3.device)
+        return z, z.clone()
+    return _bn_partials(2, x3, dy3, sorted_idx, offsets, N, mean, rstd)
 
 
 def _elementwise_grid(S, C, P):
@@ -271,20 +299,22 @@ def _ln_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, w_ptr, mean_ptr, rstd_ptr, R, 
 
 
 @triton.jit
-def _ln_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, M, D,
+def _ln_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, N, M, D, SPLIT,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dw[e] = sum dy * xhat, db[e] = sum dy over the rows of expert e's samples."""
+    """Partial dw[sp, e] = sum dy * xhat, db[sp, e] = sum dy over split sp's share of the rows
+    of expert e's samples ([SPLIT, N, D], every entry written)."""
     e = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    sp = tl.program_id(2)
     dmask = d < D
     lo = tl.load(off_ptr + e)
     hi = tl.load(off_ptr + e + 1)
-    nrows = (hi - lo) * M
+    begin, end = _split_range((hi - lo) * M, sp, SPLIT, BLOCK_R)
     aw = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     ab = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for r0 in range(0, nrows, BLOCK_R):
+    for r0 in range(begin, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < nrows
+        rmask = r < end
         smp = tl.load(sidx_ptr + lo + r // M, mask=rmask, other=0).to(tl.int64)
         row = smp * M + (r % M)
         m = rmask[:, None] & dmask[None, :]
@@ -295,8 +325,9 @@ def _ln_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr,
         xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
         aw += tl.where(m, g * xhat, 0.0)
         ab += g
-    tl.store(dw_ptr + e * D + d, tl.sum(aw, axis=0), mask=dmask)
-    tl.store(db_ptr + e * D + d, tl.sum(ab, axis=0), mask=dmask)
+    dst = (sp * N + e).to(tl.int64) * D + d
+    tl.store(dw_ptr + dst, tl.sum(aw, axis=0), mask=dmask)
+    tl.store(db_ptr + dst, tl.sum(ab, axis=0), mask=dmask)
 
 
 def _ln_blocks(D):
@@ -329,14 +360,17 @@ def ln_dx(dy2, x2, expert_idx, M, w, mean, rstd):
 
 def ln_dwb(dy2, x2, sorted_idx, offsets, M, mean, rstd, N):
     R, D = x2.shape
-    dw = alloc((N, D), torch.float32, x2.device)
-    db = alloc((N, D), torch.float32, x2.device)
     if N == 0 or D == 0:
-        return dw, db
+        z = torch.zeros((N, D), dtype=torch.float32, device=x2.device)
+        return z, z.clone()
     BLOCK_R, BLOCK_D = _ln_blocks(D)
-    _ln_dwb_kernel[(N, triton.cdiv(D, BLOCK_D))](dy2, x2, sorted_idx, offsets, mean, rstd, dw, db, M, D,
-                                                  BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-    return dw, db
+    db_ = triton.cdiv(D, BLOCK_D)
+    split = _n_split(x2.device, N * db_, R, N, BLOCK_R)
+    dw = alloc((split, N, D), torch.float32, x2.device)
+    db = alloc((split, N, D), torch.float32, x2.device)
+    _ln_dwb_kernel[(N, db_, split)](dy2, x2, sorted_idx, offsets, mean, rstd, dw, db, N, M, D, split,
+                                    BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return dw.sum(0), db.sum(0)
 
 
 # =============================================================================== GroupNorm
@@ -414,20 +448,22 @@ def _gn_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, w_ptr, mean_ptr, rstd_ptr, R, 
 
 
 @triton.jit
-def _gn_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, G, Cg, P, C,
+def _gn_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr, N, G, Cg, P, C, SPLIT,
                    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dw[e, c] = sum dy * xhat, db[e, c] = sum dy over expert e's samples and positions."""
+    """Partial dw[sp, e, c] = sum dy * xhat, db[sp, e, c] = sum dy over split sp's share of
+    expert e's (sample, position) rows ([SPLIT, N, C], every entry written)."""
     e = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = tl.program_id(2)
     cmask = offs_c < C
     lo = tl.load(off_ptr + e)
     hi = tl.load(off_ptr + e + 1)
-    nrows = (hi - lo) * P
+    begin, end = _split_range((hi - lo) * P, sp, SPLIT, BLOCK_R)
     aw = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     ab = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-    for r0 in range(0, nrows, BLOCK_R):
+    for r0 in range(begin, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < nrows
+        rmask = r < end
         smp = tl.load(sidx_ptr + lo + r // P, mask=rmask, other=0).to(tl.int64)
         p = (r % P).to(tl.int64)
         m = cmask[:, None] & rmask[None, :]
@@ -439,8 +475,9 @@ def _gn_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr,
         xhat = (tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - mean) * rstd
         aw += tl.where(m, g * xhat, 0.0)
         ab += g
-    tl.store(dw_ptr + e * C + offs_c, tl.sum(aw, axis=1), mask=cmask)
-    tl.store(db_ptr + e * C + offs_c, tl.sum(ab, axis=1), mask=cmask)
+    dst = (sp * N + e).to(tl.int64) * C + offs_c
+    tl.store(dw_ptr + dst, tl.sum(aw, axis=1), mask=cmask)
+    tl.store(db_ptr + dst, tl.sum(ab, axis=1), mask=cmask)
 
 
 def _gn_blocks(L):
@@ -476,11 +513,14 @@ def gn_dx(dy3, x3, expert_idx, G, w, mean, rstd):
 
 def gn_dwb(dy3, x3, sorted_idx, offsets, G, mean, rstd, N):
     S, C, P = x3.shape
-    dw = alloc((N, C), torch.float32, x3.device)
-    db = alloc((N, C), torch.float32, x3.device)
     if N == 0 or C == 0:
-        return dw, db
+        z = torch.zeros((N, C), dtype=torch.float32, device=x3.device)
+        return z, z.clone()
     BLOCK_C, BLOCK_R = _bn_blocks(C, P)
-    _gn_dwb_kernel[(N, triton.cdiv(C, BLOCK_C))](dy3, x3, sorted_idx, offsets, mean, rstd, dw, db, G, C // G, P, C,
-                                                  BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
-    return dw, db
+    cb = triton.cdiv(C, BLOCK_C)
+    split = _n_split(x3.device, N * cb, S * P, N, BLOCK_R)
+    dw = alloc((split, N, C), torch.float32, x3.device)
+    db = alloc((split, N, C), torch.float32, x3.device)
+    _gn_dwb_kernel[(N, cb, split)](dy3, x3, sorted_idx, offsets, mean, rstd, dw, db, N, G, C // G, P, C, split,
+                                   BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R)
+    return dw.sum(0), db.sum(0)
