@@ -274,6 +274,19 @@ def test_cpu_dispatch_and_dtypes():
     assert set(report["expert_batch_norm"]["available"]) == {"triton", "reference"}
 
 
+def test_triton_layer_and_group_norm_run_in_fp32_under_autocast():
+    """As torch.autocast does for layer_norm / group_norm on CUDA: float32 in, float32 out."""
+    x, idx = torch.randn(4, 6, 5).bfloat16(), torch.tensor([0, 1, 1, 0])
+    w, b = torch.randn(2, 5), torch.randn(2, 5)
+    wg, bg = torch.randn(2, 6), torch.randn(2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ln = NO.expert_layer_norm(x, idx, w, b, backend="triton")
+        y_gn = NO.expert_group_norm(x, idx, 3, wg, bg, backend="triton")
+    assert y_ln.dtype == y_gn.dtype == torch.float32
+    assert torch.equal(y_ln, NO.expert_layer_norm(x.float(), idx, w, b, backend="triton"))
+    assert torch.equal(y_gn, NO.expert_group_norm(x.float(), idx, 3, wg, bg, backend="triton"))
+
+
 def test_bad_inputs():
     x, idx = torch.randn(4, 3, 2), torch.tensor([0, 1, 1, 0])
     w, b, rm, rv = torch.ones(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)

@@ -120,10 +120,16 @@ def _bn_triton(x, idx, w, b, rm, rv, training, momentum, eps, segments):
         return ExpertBatchNormFn.apply(x, w, b, rm, rv, seg, training, momentum, eps)
 
 
+def _fp32_under_autocast(x):
+    """torch.autocast runs layer_norm / group_norm in float32: so do we."""
+    return x.float() if torch.is_autocast_enabled(x.device.type) else x
+
+
 def _ln_triton(x, idx, w, b, eps, segments):
     from .fast import ExpertLayerNormFn
 
     seg = _seg(idx, w.shape[0], segments)
+    x = _fp32_under_autocast(x)
     with torch.autocast(x.device.type, enabled=False):
         return ExpertLayerNormFn.apply(x, w, b, seg, eps)
 
@@ -132,6 +138,7 @@ def _gn_triton(x, idx, G, w, b, eps, segments):
     from .fast import ExpertGroupNormFn
 
     seg = _seg(idx, w.shape[0], segments)
+    x = _fp32_under_autocast(x)
     with torch.autocast(x.device.type, enabled=False):
         return ExpertGroupNormFn.apply(x, w, b, seg, G, eps)
 

@@ -72,8 +72,8 @@ def _bn_partial_kernel(x_ptr, dy_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, out
     lo = tl.load(off_ptr + e)
     hi = tl.load(off_ptr + e + 1)
     begin, end = _split_range((hi - lo) * P, sp, SPLIT, BLOCK_R)
-    mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask & (MODE > 0), other=0.0)
-    rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask & (MODE == 2), other=0.0)
+    mean = tl.load(mean_ptr + e * C + offs_c, mask=cmask, other=0.0)  # MODE 0: a placeholder, unused
+    rstd = tl.load(rstd_ptr + e * C + offs_c, mask=cmask, other=0.0)  # MODE 0/1: unused
     a1 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     a2 = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for r0 in range(begin, end, BLOCK_R):
