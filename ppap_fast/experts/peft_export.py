@@ -232,6 +232,7 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
             for k, v in _plain_state(plain).items():
                 tensors[PREFIX + name + "." + k] = v
 
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     nonfinite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if nonfinite:
         raise ValueError(f"expert {n} has non-finite values in {nonfinite[:10]}")
