@@ -324,3 +324,26 @@ def test_ppap_import_strict_and_base_check(fixtures_dir):
     fact = ExpertBank(model, "resnet", n_experts=5, layout="factorised")
     with pytest.raises(ValueError, match="loralib"):
         import_ppap_checkpoint(fact, 0, sd)
+
+
+def test_multihead_attention_out_proj_is_never_silently_unrouted():
+    from ppap_fast.experts.placement import Placement, generic_placement
+
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.mha(h, h, h)[0].mean(1))
+
+    p = generic_placement(WithMHA())
+    assert "mha.out_proj" not in p.lora + p.bias and "inp" in p.lora
+    bank = randomise_bank(ExpertBank(WithMHA(), "generic", n_experts=5)).eval()
+    x = torch.randn(2, 3, 4)
+    assert not torch.equal(bank(x, expert_idx=torch.tensor([0, 0])), bank(x, expert_idx=torch.tensor([1, 1])))
+    with pytest.raises(ValueError, match=r"mha\.out_proj.*reads out_proj's weight"):
+        ExpertBank(WithMHA(), Placement(("inp", "mha.out_proj"), (), (), 4, 4, "factorised", "custom"), n_experts=5)

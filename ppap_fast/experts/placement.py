@@ -162,13 +162,23 @@ def mobilenet_v2_placement(model: nn.Module, r: int = 4, alpha: float = 4,
     return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "mobilenet_v2")
 
 
+def weight_read_directly(model: nn.Module) -> set:
+    """Names of Linear modules whose parent reads their weight itself instead of calling them
+    (``nn.MultiheadAttention.out_proj``): replacing them would silently change nothing."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+
+
 def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: str = "factorised") -> Placement:
     """Every Conv2d / Linear except the last Linear (the classifier) gets LoRA; every affine
-    norm (weight+bias) and every Conv2d / Linear bias is per expert."""
+    norm (weight+bias) and every Conv2d / Linear bias is per expert. nn.MultiheadAttention's
+    out_proj is skipped (MHA reads its weight directly)."""
     head = _last_linear(model)
-    lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head]
+    skip = weight_read_directly(model) | {head}
+    lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip]
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
-    bias = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m)]
+    bias = [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in skip - {head}]
     return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "generic")
 
 
