@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ppap_fast.ops import lora as L
@@ -377,88 +376,6 @@ def test_lora_conv2d_delta_vectorized(device):
         g = torch.autograd.grad(y, got, dy.to(device, y.dtype))
         for n, a, b in zip(["y", "dx", "ddelta", "deb"], [y, *g], [y_ref, *g_ref]):
             assert_close(n, a.cpu(), b, 2e-5)
-
-
-# ============================================================================ norms
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
-@pytest.mark.parametrize("shape", [(7, 5), (7, 5, 3, 4)])
-@pytest.mark.parametrize("mix", ["one", "empty", "rand"])
-def test_expert_batch_norm(device, shape, mix):
-    rng = random.Random(len(shape) * 10 + len(mix))
-    N = 6
-    S, C = shape[:2]
-    idx = expert_mix(rng, S, N, mix)
-    x = torch.randn(*shape) * 3 + 1
-    w, b = torch.randn(N, C), torch.randn(N, C)
-    rm, rv = torch.randn(N, C), torch.rand(N, C) + 0.5
-    dy = torch.randn(*shape)
-    for training in (True, False):
-        ref_in = [v.double().requires_grad_() for v in (x, w, b)]
-        rm_r, rv_r = rm.double().clone(), rv.double().clone()
-        y_r = R.expert_batch_norm(ref_in[0], idx, ref_in[1], ref_in[2], rm_r, rv_r, training, 0.1, 1e-5)
-        g_r = torch.autograd.grad(y_r, ref_in, dy.double())
-        got_in = [v.to(device).requires_grad_() for v in (x, w, b)]
-        rm_g, rv_g = rm.to(device).clone(), rv.to(device).clone()
-        y = L.expert_batch_norm(got_in[0], idx.to(device), got_in[1], got_in[2], rm_g, rv_g, training, 0.1, 1e-5,
-                                backend="vectorized")
-        g = torch.autograd.grad(y, got_in, dy.to(device))
-        for n, a, bb in zip(["y", "dx", "dw", "db"], [y, *g], [y_r, *g_r]):
-            assert_close(f"{n} train={training}", a.cpu(), bb, 1e-5)
-        assert_close("running_mean", rm_g.cpu(), rm_r, 1e-6)
-        assert_close("running_var", rv_g.cpu(), rv_r, 1e-6)
-        unused = [e for e in range(N) if e not in set(idx.tolist())]
-        for e in unused:
-            assert torch.equal(rm_g[e].cpu(), rm[e]) and torch.equal(rv_g[e].cpu(), rv[e])
-        if training:
-            for e in set(idx.tolist()):
-                assert not torch.equal(rm_g[e].cpu(), rm[e])
-
-
-def test_expert_batch_norm_matches_nn_batchnorm():
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(4)
-    bn.weight.data.normal_()
-    bn.bias.data.normal_()
-    x = torch.randn(6, 4, 5, 5)
-    N = 3
-    w, b = torch.randn(N, 4), torch.randn(N, 4)
-    rm, rv = torch.zeros(N, 4), torch.ones(N, 4)
-    w[2], b[2] = bn.weight.data, bn.bias.data
-    y_bn = bn.train()(x)
-    for be in ["vectorized", "reference"]:
-        rm_, rv_ = rm.clone(), rv.clone()
-        y = L.expert_batch_norm(x, torch.full((6,), 2), w, b, rm_, rv_, True, backend=be)
-        assert_close(f"y {be}", y, y_bn, 1e-5)
-        assert_close(f"rm {be}", rm_[2], bn.running_mean, 1e-6)
-        assert_close(f"rv {be}", rv_[2], bn.running_var, 1e-6)
-        assert torch.equal(rm_[0], rm[0]) and torch.equal(rv_[1], rv[1])
-        y_eval = L.expert_batch_norm(x, torch.full((6,), 2), w, b, rm_, rv_, False, backend=be)
-        assert_close(f"eval {be}", y_eval, bn.eval()(x), 1e-5)
-        bn.train()
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
-@pytest.mark.parametrize("shape", [(5, 8), (5, 7, 8)])
-def test_expert_layer_norm(device, shape):
-    rng = random.Random(7)
-    N, D = 4, shape[-1]
-    idx = expert_mix(rng, shape[0], N, "rand")
-    x, w, b, dy = torch.randn(*shape), torch.randn(N, D), torch.randn(N, D), torch.randn(*shape)
-    ref_in = [v.double().requires_grad_() for v in (x, w, b)]
-    y_r = R.expert_layer_norm(ref_in[0], idx, ref_in[1], ref_in[2], 1e-6)
-    g_r = torch.autograd.grad(y_r, ref_in, dy.double())
-    got_in = [v.to(device).requires_grad_() for v in (x, w, b)]
-    y = L.expert_layer_norm(got_in[0], idx.to(device), got_in[1], got_in[2], 1e-6)
-    assert L.last_backend["expert_layer_norm"] == "vectorized"
-    g = torch.autograd.grad(y, got_in, dy.to(device))
-    for n, a, bb in zip(["y", "dx", "dw", "db"], [y, *g], [y_r, *g_r]):
-        assert_close(n, a.cpu(), bb, 1e-5)
-    ln = nn.LayerNorm(D, eps=1e-6)
-    with torch.no_grad():
-        ln.weight.copy_(w[1])
-        ln.bias.copy_(b[1])
-    one = torch.ones(shape[0], dtype=torch.long)
-    assert_close("nn.LayerNorm", L.expert_layer_norm(x, one, w, b, 1e-6), ln(x), 1e-5)
 
 
 # ============================================================================ dispatch / bad input

@@ -5,8 +5,6 @@ Public ops (the signatures are fixed; every op also takes ``backend=``):
     lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None)
     lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1, expert_bias=None)
     lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None)
-    expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5)
-    expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5)
     loralib_conv_delta(A_l, B_l, C_out, C_in_per_group, k, scale)
     lora_conv_delta(A, B, groups=1)          # factorised layout -> dense delta (merge)
     build_segments(expert_idx, num_experts)  # device-side sort-by-expert metadata
@@ -16,7 +14,9 @@ Backends, picked per call by device and availability in the order below unless
 with the reason); ``last_backend[op]`` records which ran:
 
     lora_linear, lora_conv2d : "cuda" (CUDA SGMV forward + Triton backward) > "triton" > "reference"
-    lora_conv2d_delta, expert_batch_norm, expert_layer_norm : "vectorized" > "reference"
+    lora_conv2d_delta : "vectorized" > "reference"
+
+Per-expert norms (BatchNorm / LayerNorm / GroupNorm) live in :mod:`ppap_fast.ops.norm`.
 
 Triton runs on CUDA tensors, and on CPU only under TRITON_INTERPRET=1 (and only
 when asked for explicitly there). Fast paths take fp32/fp16/bf16; other dtypes
@@ -34,7 +34,7 @@ from .reference import lora_conv_delta, loralib_conv_delta
 from .segments import Segments, build_segments
 
 __all__ = [
-    "lora_linear", "lora_conv2d", "lora_conv2d_delta", "expert_batch_norm", "expert_layer_norm",
+    "lora_linear", "lora_conv2d", "lora_conv2d_delta",
     "loralib_conv_delta", "lora_conv_delta", "build_segments", "Segments", "last_backend",
     "available_backends", "BackendUnavailableError", "reference",
 ]
@@ -96,8 +96,6 @@ _ORDER = {
     "lora_linear": ("cuda", "triton", "reference"),
     "lora_conv2d": ("cuda", "triton", "reference"),
     "lora_conv2d_delta": ("vectorized", "reference"),
-    "expert_batch_norm": ("vectorized", "reference"),
-    "expert_layer_norm": ("vectorized", "reference"),
 }
 
 
@@ -207,26 +205,3 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
 
     impl = vectorized.lora_conv2d_delta if b == "vectorized" else reference.lora_conv2d_delta
     return impl(x, W, bias, delta, expert_idx, stride, padding, dilation, groups, expert_bias)
-
-
-def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
-                      *, backend=None):
-    """Per-expert BatchNorm (x [S, C] or [S, C, H, W]; params and running stats [N, C])."""
-    if momentum is None:
-        raise ValueError("momentum=None (cumulative moving average) is not supported; pass a float")
-    _check_idx(expert_idx, x.shape[0], weight.shape[0])
-    b = _pick("expert_batch_norm", x, backend)
-    from . import vectorized
-
-    impl = vectorized.expert_batch_norm if b == "vectorized" else reference.expert_batch_norm
-    return impl(x, expert_idx, weight, bias, running_mean, running_var, training, momentum, eps)
-
-
-def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None):
-    """LayerNorm over the last dim with per-expert affine (weight/bias [N, D])."""
-    _check_idx(expert_idx, x.shape[0], weight.shape[0])
-    b = _pick("expert_layer_norm", x, backend)
-    from . import vectorized
-
-    impl = vectorized.expert_layer_norm if b == "vectorized" else reference.expert_layer_norm
-    return impl(x, expert_idx, weight, bias, eps)

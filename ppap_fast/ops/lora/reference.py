@@ -120,58 +120,6 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     return y
 
 
-# ----------------------------------------------------------------------------- norms
-def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training,
-                      momentum=0.1, eps=1e-5):
-    """BatchNorm with per-expert affine parameters and running statistics.
-
-    x [S, C] or [S, C, H, W]; weight/bias/running_* [N, C].
-    training: statistics over each expert's own samples (and spatial positions);
-    running stats of experts that have samples are updated in place exactly like
-    nn.BatchNorm2d (biased var to normalise, unbiased var for the running update);
-    experts without samples are untouched. eval: each sample uses its expert's
-    running stats.
-    """
-    S, C = x.shape[:2]
-    N = weight.shape[0]
-    bshape = (C,) + (1,) * (x.dim() - 2)
-    if not training:
-        m = running_mean[expert_idx].view(S, *bshape)
-        v = running_var[expert_idx].view(S, *bshape)
-        w = weight[expert_idx].view(S, *bshape)
-        b = bias[expert_idx].view(S, *bshape)
-        return (x - m) / torch.sqrt(v + eps) * w + b
-    parts, order = [], []
-    for e in range(N):
-        sel = (expert_idx == e).nonzero().flatten()
-        if sel.numel() == 0:
-            continue
-        xe = x[sel]
-        dims = [0] + list(range(2, x.dim()))
-        n = xe.numel() // C
-        mean = xe.mean(dim=dims)
-        var = xe.var(dim=dims, unbiased=False)
-        ye = (xe - mean.view(bshape)) / torch.sqrt(var.view(bshape) + eps) * weight[e].view(bshape) \
-            + bias[e].view(bshape)
-        parts.append(ye)
-        order.append(sel)
-        with torch.no_grad():
-            unb = var.detach() * (n / max(n - 1, 1))
-            running_mean[e].mul_(1 - momentum).add_(momentum * mean.detach().to(running_mean.dtype))
-            running_var[e].mul_(1 - momentum).add_(momentum * unb.to(running_var.dtype))
-    perm = torch.cat(order)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return torch.cat(parts)[inv]
-
-
-def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5):
-    """LayerNorm over the last dim with per-expert affine: x [S, ..., D], weight/bias [N, D]."""
-    D = x.shape[-1]
-    y = F.layer_norm(x, (D,), None, None, eps)
-    return y * _expand_rows(weight[expert_idx], x) + _expand_rows(bias[expert_idx], x)
-
-
 # ----------------------------------------------------------------------------- raw SGMV (kernel contract)
 def _expert_of_sample(sorted_idx, offsets):
     N = offsets.numel() - 1
@@ -199,5 +147,4 @@ def sgmv_expand(h, B, out, sorted_idx, offsets, scale):
 __all__ = [
     "sgmv_shrink", "sgmv_expand",
     "lora_linear", "lora_conv2d", "lora_conv_delta", "loralib_conv_delta", "lora_conv2d_delta",
-    "expert_batch_norm", "expert_layer_norm",
 ]
