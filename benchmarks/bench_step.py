@@ -8,7 +8,10 @@ reference: what the official PPAP / guided-diffusion code does per step, modelle
     (_extract_into_tensor), unfused condition_score + DDIM arithmetic (p_mean_variance incl. the
     learned-range variance it computes and DDIM does not use).
 fast: FastGuidedSampler.step: merged expert (LoRA merged, BN folded), device tables, fused update;
-    on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step.
+    on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step;
+    on CPU also torch.compile (inductor) of the denoiser (with freezing) and of the guide's
+    forward + input-backward, all fp32. Compilation happens in the first (parity-checked) step,
+    timed on its own as fast_first_step_s; the ratios are steady state, after warm-up.
 
 Ratios (time ratios, below 1 = first faster; the median over rounds of the ratio measured within
 one round, the four variants being timed round-robin, which keeps load drift out on shared CPUs):
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
-from ppap_fast.fast_sampling import FastGuidedSampler  # noqa: E402
+from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning  # noqa: E402
 from ppap_fast.guidance import ClassGuide  # noqa: E402
 from ppap_fast.models import ADMUNet  # noqa: E402
 from ppap_fast.schedule import Schedule  # noqa: E402
@@ -232,16 +237,27 @@ def _run(device: str, quick: bool) -> dict:
     target, scale, i = 1, 10.0, 12  # step index 12 -> t = 480 (expert 2)
     guide = ClassGuide(bank, target, scale=scale)
     ref = ReferenceStack(model, bank, target, scale, sched, device)
-    fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True) if cuda else {}
+    if cuda:
+        fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True)
+        unguided_opts = {"channels_last": True, "cuda_graph": True}
+    else:  # no channels_last here: it would convert the model the reference shares in place
+        unguided_opts = dict(compile_model=True, compile_freeze=True)
+        fast_opts = dict(compile_guide=True, **unguided_opts)
     fast = FastGuidedSampler(model, sched, guide=guide, **fast_opts)
-    fast_unguided = FastGuidedSampler(model, sched, **({"channels_last": True, "cuda_graph": True} if cuda else {}))
+    fast_unguided = FastGuidedSampler(model, sched, **unguided_opts)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
 
     # equal math: the fast step reproduces the reference step (fp32 here; bf16 guide on CUDA)
     with torch.no_grad():
         want = ref.step(x, i)
-    got = fast.step(x, i)[0]
+    with warnings.catch_warnings(record=True) as caught:  # e.g. compile unavailable: eager, and say so
+        warnings.simplefilter("always", FastSamplingWarning)
+        t0 = time.perf_counter()
+        got = fast.step(x, i)[0]
+        first_s = time.perf_counter() - t0
+        fast_unguided.step(x, i)
+    fast_warnings = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, FastSamplingWarning)]
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     if not cuda and not rel < 1e-4:
         raise AssertionError(f"fast step differs from the reference stack: rel err {rel:.2e}")
@@ -257,7 +273,8 @@ def _run(device: str, quick: bool) -> dict:
            "fast_options": {k: str(v) for k, v in fast_opts.items()},
            "reference_ms": round(t_ref, 3), "reference_unguided_ms": round(t_ref_u, 3),
            "fast_ms": round(t_fast, 3), "fast_unguided_ms": round(t_fast_u, 3),
-           "fast_vs_reference_rel_err": float(f"{rel:.3e}")}
+           "fast_vs_reference_rel_err": float(f"{rel:.3e}"), "fast_first_step_s": round(first_s, 2),
+           "fast_warnings": fast_warnings}
     t_orig = sched.timestep_map[torch.full((shape[0],), i, device=device)]
     fl_u = _denoiser_flops(model, x, t_orig)
     fl_g = _guide_flops(bank.merged(int(sched.timestep_map[i]) // bank.band).to(device), x, target)

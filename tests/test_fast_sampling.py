@@ -194,6 +194,65 @@ def test_compile_eager_backend_matches(setup):
     assert rel_err(out, ref) < TOL
 
 
+def _has_cxx():
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+requires_cxx = pytest.mark.skipif(not _has_cxx(), reason="inductor's CPU backend needs a C++ compiler")
+
+
+@requires_cxx
+def test_inductor_compile_on_cpu_matches(setup):
+    # the CPU benchmark's options: inductor (C++ codegen) for the denoiser, frozen, and for the guide
+    model, _, guide = setup
+    torch._dynamo.reset()
+    sched = Schedule.create("linear", 1000, "ddim2")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
+    fast = FastGuidedSampler(model, sched, guide=guide, compile_model=True, compile_guide=True, compile_freeze=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)  # a compile failure would fall back silently here
+        out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(1))
+    assert fast._denoise._compiled is not None and all(v._compiled is not None for v in fast._variants.values())
+    assert rel_err(out, ref) < TOL
+
+
+class _ConvDenoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) + 0 * t.view(-1, 1, 1, 1)
+
+
+@requires_cxx
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compile_freeze_makes_the_weights_constants(freeze):
+    # what compile_freeze documents: the frozen graph keeps the weights it was compiled with
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _ConvDenoiser().eval().requires_grad_(False)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, compile_model=True, compile_freeze=freeze)
+    eager = FastGuidedSampler(model, sched)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        before = fast.step(x, 3)[0]
+        assert rel_err(before, eager.step(x, 3)[0]) < 1e-5
+        with torch.no_grad():
+            model.conv.weight.mul_(-1)
+        after = fast.step(x, 3)[0]
+    changed = eager.step(x, 3)[0]
+    assert rel_err(changed, before) > 1e-2
+    if freeze:
+        assert torch.equal(after, before)
+    else:
+        assert rel_err(after, changed) < 1e-5
+
+
 def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "6")
