@@ -2,7 +2,10 @@
 base layer alone, and peft's mixed-batch forward (``adapter_names=``).
 
 Entry point for the lead's runner: ``run(device, quick) -> {"rows": [...], "ratios": {...}}``.
-Also ``python benchmarks/bench_lora.py [--device cuda] [--quick]`` prints a table.
+Also ``python benchmarks/bench_lora.py [--device cuda] [--quick]`` prints a table;
+``TRITON_INTERPRET=1 python benchmarks/bench_lora.py --device cpu --launches`` prints the per-call
+launch accounting (``count_ops``). Conv rows compare a_stage="stacked" (default), "fused" and
+"grouped"; "cuda_full" rows (CUDA backward) appear when that backend is available.
 
 Layers (mixed batch, random expert per sample, rank 16, scale 0.5, N = 5 and 10):
   * resnet50 layer3 conv2: 3x3 conv 256->256 at 14x14
@@ -175,6 +178,99 @@ def _graphmedian_ms(fn, x, args, reps):
         return None, f"graph capture failed: {type(exc).__name__}: {exc}"
 
 
+# ----------------------------------------------------------------------------- launch accounting
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "_local_scalar_dense", "_unsafe_view"}
+
+
+def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: int = 5, r: int = 16,
+              device: str = "cpu"):
+    """(forward, backward) Counters of what one call dispatches: every aten op that launches work
+    (views and bare allocations left out), "triton" / "cuda_ext" kernel launches, "dgrad" /
+    "wgrad" (convolution_backward calls computing dx / a weight grad) and "launches" (the total).
+    On CPU use backend="triton" under TRITON_INTERPRET=1: the same Python path as on a GPU."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ppap_fast.ops.lora import cuda_ops, fast
+    from ppap_fast.ops.lora import triton_kernels as tk
+
+    cur: List[Counter] = [Counter()]
+    inside = [0]  # > 0 while in a wrapped kernel launcher or host-side check (their aten ops are not launches)
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not (inside[0] or func.is_view or name in _NO_LAUNCH):
+                cur[0]["aten::" + name] += 1
+                cur[0]["launches"] += 1
+                if name == "convolution_backward":
+                    mask = args[-1]
+                    cur[0]["dgrad"] += int(bool(mask[0]))
+                    cur[0]["wgrad"] += int(bool(mask[1]))
+            return func(*args, **(kwargs or {}))
+
+    def wrap(mod, fname, key):
+        orig = getattr(mod, fname)
+
+        def f(*a, **k):
+            if key:
+                cur[0][key] += 1
+                cur[0]["launches"] += 1
+            inside[0] += 1
+            try:
+                return orig(*a, **k)
+            finally:
+                inside[0] -= 1
+        return orig, f
+
+    import ppap_fast.ops.lora as lora_pkg
+
+    patches = [(lora_pkg, "_check_idx", None)]  # CPU-only host range check (skipped on CUDA)
+    patches += [(tk, n, "triton") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
+    patches += [(cuda_ops, n, "cuda_ext") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
+    saved = []
+    for mod, n, key in patches:
+        orig, f = wrap(mod, n, key)
+        saved.append((mod, n, orig))
+        setattr(mod, n, f)
+    old_poison = fast.POISON, tk.POISON
+    fast.POISON = tk.POISON = False
+    try:
+        cfg = dict(kind=kind, S=4, cin=16, cout=16, k=3, pad=1, H=6, K=16, O=24, L=5)
+        x, W, b, A, B, eb, idx = _make(cfg, N, r, device, torch.float32, torch.Generator().manual_seed(0))
+        x.requires_grad_(True)
+        A.requires_grad_(True)
+        B.requires_grad_(True)
+        eb.requires_grad_(True)
+        seg = L.build_segments(idx, N)  # built once per batch by an ExpertBank: not counted
+        with Mode():
+            if kind == "linear":
+                y = L.lora_linear(x, W, b, A, B, idx, 0.5, eb, backend=backend, segments=seg)
+            else:
+                y = L.lora_conv2d(x, W, b, A, B, idx, 0.5, 1, 1, expert_bias=eb, backend=backend, segments=seg,
+                                  a_stage=a_stage)
+        fwd = cur[0]
+        cur[0] = Counter()
+        dy = torch.ones_like(y)
+        with Mode():
+            torch.autograd.grad(y, [x, A, B, eb], dy)
+        return fwd, cur[0]
+    finally:
+        for mod, n, orig in saved:
+            setattr(mod, n, orig)
+        fast.POISON, tk.POISON = old_poison
+
+
+def launch_table(backend: str = "triton", device: str = "cpu") -> List[Dict]:
+    rows = []
+    for kind, stage in (("linear", "-"), ("conv", "stacked"), ("conv", "fused")):
+        f, b = count_ops(kind, stage if kind == "conv" else "stacked", backend, device=device)
+        rows.append(dict(kind=kind, a_stage=stage, backend=backend, fwd=f["launches"], bwd=b["launches"],
+                         fwd_ops=dict(f), bwd_ops=dict(b)))
+    return rows
+
+
 def run(device: str = "cuda", quick: bool = False) -> Dict:
     device = "cuda" if (device == "cuda" and torch.cuda.is_available()) else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -184,7 +280,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
     ratio_acc: Dict[str, List[float]] = {"lora_fwd_vs_peft": [], "lora_fwdbwd_vs_loop": [], "lora_fwdbwd_vs_base": []}
     ours_backends = ["auto"]
     if device == "cuda":
-        ours_backends = ["triton"] + (["cuda"] if L.available_backends("lora_linear", "cuda")["cuda"] == "ok" else [])
+        avail = L.available_backends("lora_linear", "cuda")
+        ours_backends = ["triton"] + [be for be in ("cuda", "cuda_full") if avail[be] == "ok"]
     Ns = [5] if (quick and device == "cpu") else [5, 10]
     r, scale = 16, 0.5
     for cfg in _configs(device, quick):
@@ -194,6 +291,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
             variants = {f"ours[{be}]": _ours(cfg, None if be == "auto" else be) for be in ours_backends}
             if cfg["kind"] == "conv" and device == "cuda":
                 variants["ours[triton,a_stage=grouped]"] = _ours(cfg, "triton", "grouped")
+                for be in ours_backends:  # one conv for base + stacked A vs two (a_stage="stacked")
+                    variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused")
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
             res = {}
@@ -253,7 +352,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--launches", action="store_true", help="print the per-call op/launch accounting only")
     a = p.parse_args()
+    if a.launches:
+        for row in launch_table("triton" if a.device == "cpu" else "cuda_full", a.device):
+            print(json.dumps(row))
+        raise SystemExit(0)
     out = run(a.device, a.quick)
     for row in out["rows"]:
         print(json.dumps(row))

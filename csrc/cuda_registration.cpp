@@ -25,6 +25,12 @@ void lora_sgmv_expand(const at::Tensor& h, const at::Tensor& B, const at::Tensor
   const c10::cuda::CUDAGuard guard(h.device());
   launch_sgmv_expand(h, B, out, sorted_idx, offsets, scale, at::cuda::getCurrentCUDAStream());
 }
+
+void lora_seg_outer(const at::Tensor& u, const at::Tensor& v, const at::Tensor& out, const at::Tensor& sorted_idx,
+                    const at::Tensor& offsets, double alpha, int64_t split) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  launch_seg_outer(u, v, out, sorted_idx, offsets, alpha, split, at::cuda::getCurrentCUDAStream());
+}
 }  // namespace
 }  // namespace ppap_fast
 
@@ -32,4 +38,5 @@ TORCH_LIBRARY_IMPL(ppap_fast, CUDA, m) {
   m.impl("guided_update", &ppap_fast::guided_update_cuda);
   m.impl("lora_sgmv_shrink", &ppap_fast::lora_sgmv_shrink);
   m.impl("lora_sgmv_expand", &ppap_fast::lora_sgmv_expand);
+  m.impl("lora_seg_outer", &ppap_fast::lora_seg_outer);
 }

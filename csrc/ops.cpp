@@ -200,6 +200,7 @@ TORCH_LIBRARY(ppap_fast, m) {
   // Multi-expert LoRA segment kernels (kernels/lora_kernels.cuh documents the contract).
   m.def("lora_sgmv_shrink(Tensor x, Tensor A, Tensor(a!) out, Tensor sorted_idx, Tensor offsets) -> ()");
   m.def("lora_sgmv_expand(Tensor h, Tensor B, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float scale) -> ()");
+  m.def("lora_seg_outer(Tensor u, Tensor v, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float alpha, int split) -> ()");
 #endif
 }
 

@@ -12,6 +12,9 @@
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <ATen/cuda/CUDAContext.h>
+
+#include <algorithm>
 #include <tuple>
 
 #include "lora_kernels.cuh"
@@ -181,6 +184,135 @@ void launch(const at::Tensor& X, const at::Tensor& Wt, const at::Tensor& out, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+
+// seg_outer: out[e, p, q] = alpha * sum_{rows j of segment e} U[j, p] * V[j, q] (dA = dh^T x,
+// dB = s dy^T h). Grid: x = N experts, y = cdiv(P, 32), z = cdiv(Q, 32) * split. Each block owns
+// one 32x32 output tile and 1/split of the segment's rows; with split == 1 it writes `out`
+// directly (zeros for an empty segment), else fp32 partials to ws[split, N, P, Q], summed in a
+// fixed order by seg_outer_reduce (deterministic: no atomics).
+template <typename scalar_t, typename out_t>
+__global__ void __launch_bounds__(kThreads)
+seg_outer_kernel(const scalar_t* __restrict__ U, Strides3 us, const scalar_t* __restrict__ V, Strides3 vs,
+                 out_t* __restrict__ out, Strides3 os, at::opmath_type<scalar_t>* __restrict__ ws,
+                 const int* __restrict__ sorted_idx, const int* __restrict__ offsets, int N, int64_t M, int64_t P,
+                 int64_t Q, int split, float alpha) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t ut[kBM][kBN + 1];  // [row][p]
+  __shared__ acc_t vt[kBM][kBN + 1];  // [row][q]
+  __shared__ int64_t urow[kBM];
+  __shared__ int64_t vrow[kBM];
+
+  const int e = blockIdx.x;
+  const int sp = static_cast<int>(blockIdx.z) % split;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.z / split) * kBN;
+  const int lo = offsets[e];
+  const int64_t nrows = static_cast<int64_t>(offsets[e + 1] - lo) * M;
+  const int64_t chunk = ((nrows + split - 1) / split + kBM - 1) / kBM * kBM;
+  const int64_t r_begin = sp * chunk;
+  const int64_t r_end = r_begin + chunk < nrows ? r_begin + chunk : nrows;
+
+  const int tid = threadIdx.x;
+  constexpr int kStep = kThreads / 32;  // 8
+  constexpr int kPer = 32 / kStep;      // 4
+  const int lane_q = tid % 32;          // q fastest: dA [N,R,K] and dB [N,C,R] are contiguous along q
+  const int lane_p = tid / 32;
+  // load order per operand: row-fastest when rows are the contiguous axis (NCHW maps)
+  const bool u_rows_fast = us.s1 == 1 && us.s2 != 1;
+  const bool v_rows_fast = vs.s1 == 1 && vs.s2 != 1;
+  acc_t acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) acc[i] = acc_t(0);
+
+  for (int64_t j0 = r_begin; j0 < r_end; j0 += kBM) {
+    __syncthreads();  // the previous chunk's smem reads are done
+    if (tid < kBM) {
+      const int64_t j = j0 + tid;
+      int64_t ur = -1, vr = -1;
+      if (j < r_end) {
+        const int64_t s = sorted_idx[lo + j / M];
+        const int64_t m = j % M;
+        ur = s * us.s0 + m * us.s1;
+        vr = s * vs.s0 + m * vs.s1;
+      }
+      urow[tid] = ur;
+      vrow[tid] = vr;
+    }
+    __syncthreads();
+    for (int i = tid; i < kBM * kBN; i += kThreads) {
+      const int r = u_rows_fast ? i % kBM : i / kBN, c = u_rows_fast ? i / kBM : i % kBN;
+      const int64_t base = urow[r], pp = p0 + c;
+      ut[r][c] = (base >= 0 && pp < P) ? static_cast<acc_t>(U[base + pp * us.s2]) : acc_t(0);
+    }
+    for (int i = tid; i < kBM * kBN; i += kThreads) {
+      const int r = v_rows_fast ? i % kBM : i / kBN, c = v_rows_fast ? i / kBM : i % kBN;
+      const int64_t base = vrow[r], qq = q0 + c;
+      vt[r][c] = (base >= 0 && qq < Q) ? static_cast<acc_t>(V[base + qq * vs.s2]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int j = 0; j < kBM; ++j) {
+      const acc_t v = vt[j][lane_q];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] += ut[j][lane_p + i * kStep] * v;
+    }
+  }
+
+  const int64_t qq = q0 + lane_q;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t pp = p0 + lane_p + i * kStep;
+    if (pp >= P || qq >= Q) continue;
+    if (split == 1) {
+      out[e * os.s0 + pp * os.s1 + qq * os.s2] = static_cast<out_t>(acc[i] * static_cast<acc_t>(alpha));
+    } else {
+      ws[((static_cast<int64_t>(sp) * N + e) * P + pp) * Q + qq] = acc[i];
+    }
+  }
+}
+
+template <typename acc_t, typename out_t>
+__global__ void seg_outer_reduce(const acc_t* __restrict__ ws, out_t* __restrict__ out, Strides3 os, int split,
+                                 int64_t N, int64_t P, int64_t Q, float alpha) {
+  const int64_t total = N * P * Q;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t v = acc_t(0);
+    for (int sp = 0; sp < split; ++sp) v += ws[sp * total + i];  // fixed order
+    const int64_t q = i % Q, p = (i / Q) % P, e = i / (P * Q);
+    out[e * os.s0 + p * os.s1 + q * os.s2] = static_cast<out_t>(v * static_cast<acc_t>(alpha));
+  }
+}
+
+template <typename scalar_t, typename out_t>
+void launch_seg_outer_typed(const at::Tensor& u, const at::Tensor& v, const at::Tensor& out,
+                            const at::Tensor& sorted_idx, const at::Tensor& offsets, double alpha, int split,
+                            cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = u.size(1), P = u.size(2), Q = v.size(2);
+  const int N = static_cast<int>(out.size(0));
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((P + kBN - 1) / kBN),
+                  static_cast<unsigned>((Q + kBN - 1) / kBN * split));
+  at::Tensor ws;
+  acc_t* wsp = nullptr;
+  if (split > 1) {  // caching allocator: fine under graph capture
+    ws = at::empty({split, N, P, Q}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    wsp = ws.data_ptr<acc_t>();
+  }
+  seg_outer_kernel<scalar_t, out_t><<<grid, kThreads, 0, stream>>>(
+      u.data_ptr<scalar_t>(), strides3(u), v.data_ptr<scalar_t>(), strides3(v), out.data_ptr<out_t>(),
+      strides3(out), wsp, sorted_idx.data_ptr<int>(), offsets.data_ptr<int>(), N, M, P, Q, split,
+      static_cast<float>(alpha));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (split > 1) {
+    const int64_t total = static_cast<int64_t>(N) * P * Q;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+    seg_outer_reduce<acc_t, out_t><<<blocks, 256, 0, stream>>>(wsp, out.data_ptr<out_t>(), strides3(out), split, N,
+                                                                P, Q, static_cast<float>(alpha));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 void launch_sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& out,
@@ -194,6 +326,58 @@ void launch_sgmv_expand(const at::Tensor& h, const at::Tensor& B, const at::Tens
                         cudaStream_t stream) {
   check_args("sgmv_expand", h, B, out, sorted_idx, offsets);
   launch<true>(h, B, out, sorted_idx, offsets, scale, stream);
+}
+
+}  // namespace ppap_fast
+
+namespace ppap_fast {
+
+void launch_seg_outer(const at::Tensor& u, const at::Tensor& v, const at::Tensor& out, const at::Tensor& sorted_idx,
+                      const at::Tensor& offsets, double alpha, int64_t split, cudaStream_t stream) {
+  TORCH_CHECK(u.dim() == 3 && v.dim() == 3 && out.dim() == 3, "seg_outer: u, v and out must be 3-D, got ",
+              u.sizes(), ", ", v.sizes(), ", ", out.sizes());
+  TORCH_CHECK(u.is_cuda() && v.is_cuda() && out.is_cuda() && sorted_idx.is_cuda() && offsets.is_cuda(),
+              "seg_outer: all tensors must be CUDA tensors");
+  TORCH_CHECK(u.get_device() == v.get_device() && u.get_device() == out.get_device() &&
+                  u.get_device() == sorted_idx.get_device() && u.get_device() == offsets.get_device(),
+              "seg_outer: all tensors must be on the same device");
+  TORCH_CHECK(u.scalar_type() == v.scalar_type(), "seg_outer: u and v must share a dtype, got ", u.scalar_type(),
+              ", ", v.scalar_type());
+  TORCH_CHECK(out.scalar_type() == u.scalar_type() || out.scalar_type() == at::kFloat,
+              "seg_outer: out must have u's dtype or float32, got ", out.scalar_type());
+  TORCH_CHECK(sorted_idx.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
+              "seg_outer: sorted_idx and offsets must be int32");
+  TORCH_CHECK(u.size(0) == v.size(0) && u.size(1) == v.size(1), "seg_outer: u and v must share [S, M], got ",
+              u.sizes(), ", ", v.sizes());
+  TORCH_CHECK(sorted_idx.dim() == 1 && sorted_idx.size(0) == u.size(0) && sorted_idx.is_contiguous(),
+              "seg_outer: sorted_idx must be contiguous [S]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == out.size(0) + 1 && offsets.is_contiguous(),
+              "seg_outer: offsets must be contiguous [N+1]");
+  TORCH_CHECK(out.size(1) == u.size(2) && out.size(2) == v.size(2), "seg_outer: out must be [N, ", u.size(2), ", ",
+              v.size(2), "], got ", out.sizes());
+  const int64_t S = u.size(0), M = u.size(1), P = u.size(2), Q = v.size(2), N = out.size(0);
+  if (N == 0 || P == 0 || Q == 0) return;
+  if (S == 0 || M == 0) {
+    out.zero_();
+    return;
+  }
+  if (split <= 0) {  // from shapes only (no sync): ~2 blocks per SM, >= 4 row tiles per split
+    const int64_t tiles = N * ((P + kBN - 1) / kBN) * ((Q + kBN - 1) / kBN);
+    const int64_t target = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const int64_t by_rows = (S * M + kBM * N * 4 - 1) / (kBM * N * 4);
+    split = std::max<int64_t>(1, std::min<int64_t>({16, (target + tiles - 1) / tiles, by_rows}));
+  }
+  TORCH_CHECK(split <= 64, "seg_outer: split must be <= 64, got ", split);
+  TORCH_CHECK((Q + kBN - 1) / kBN * split < 65536 && (P + kBN - 1) / kBN < 65536, "seg_outer: P or Q too large");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "ppap_seg_outer", [&] {
+    if (out.scalar_type() == u.scalar_type()) {
+      launch_seg_outer_typed<scalar_t, scalar_t>(u, v, out, sorted_idx, offsets, alpha, static_cast<int>(split),
+                                                 stream);
+    } else {
+      launch_seg_outer_typed<scalar_t, float>(u, v, out, sorted_idx, offsets, alpha, static_cast<int>(split),
+                                              stream);
+    }
+  });
 }
 
 }  // namespace ppap_fast

@@ -69,12 +69,18 @@ def device_backends():
         out.append(pytest.param("cpu", "triton", id="cpu-triton"))
     out.append(pytest.param("cuda", "triton", id="cuda-triton", marks=cuda_only))
     out.append(pytest.param("cuda", "cuda", id="cuda-cuda", marks=cuda_only))
+    out.append(pytest.param("cuda", "cuda_full", id="cuda-cuda_full", marks=cuda_only))  # CUDA backward
     return out
 
 
 def _maybe_skip(device, backend, dtype):
-    if backend == "cuda" and not _cuda_backend_ready():
+    if backend in ("cuda", "cuda_full") and not _cuda_backend_ready():
         pytest.skip("CUDA SGMV kernels neither registered nor buildable (no nvcc)")
+    if backend == "cuda_full":
+        from ppap_fast.ops.lora import cuda_ops
+
+        # built with nvcc present, the backward kernels must be there: a stale build fails
+        assert cuda_ops.why_unavailable(backward=True) is None, cuda_ops.why_unavailable(backward=True)
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 not exercised under the Triton interpreter")
 
@@ -150,9 +156,10 @@ def test_sgmv_kernels_raw(device, backend):
             assert_close("reference expand", y_r, y_ref, 1e-12)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if "triton" in p.id])
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "cuda-cuda"])
 @pytest.mark.parametrize("split", [None, 1, 3, 7])
 def test_seg_outer_raw(device, backend, split):
+    """Triton seg_outer, or (cuda_full) the CUDA one, incl. an fp32 out for fp16/bf16 inputs."""
     rng = random.Random(17 + (split or 0))
     for dtype in _dtypes(device):
         _maybe_skip(device, backend, dtype)
@@ -163,14 +170,23 @@ def test_seg_outer_raw(device, backend, split):
             seg = build_segments(idx, N)
             u = torch.randn(S, P, M, device=device).to(dtype).transpose(1, 2)  # strided rows
             v = torch.randn(S, M, Q, device=device).to(dtype)
-            out = torch.full((N, P, Q), float("nan"), device=device, dtype=dtype)
-            TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split)
+            out_dt = torch.float32 if (backend == "cuda_full" and case == 1) else dtype
+            out = torch.full((N, P, Q), float("nan"), device=device, dtype=out_dt)
+            if backend == "cuda_full":
+                from ppap_fast.ops.lora import cuda_ops
+
+                cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split or 0)
+            else:
+                TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split)
             ic = idx.cpu()
             want = torch.zeros(N, P, Q, dtype=torch.float64).index_add_(
                 0, ic, 1.5 * torch.bmm(u.cpu().double().transpose(1, 2), v.cpu().double()))
             assert_close(f"seg_outer split={split} {dtype}", out, want, TOL[dtype])
             for e in set(range(N)) - set(ic.tolist()):
                 assert torch.count_nonzero(out[e]) == 0
+            got_r = R.seg_outer(u.cpu().double(), v.cpu().double(), torch.empty(N, P, Q, dtype=torch.float64),
+                                seg.sorted_idx.cpu(), seg.offsets.cpu(), 1.5)
+            assert_close("reference seg_outer", got_r, want, 1e-12)
 
 
 # ============================================================================ lora_linear
@@ -232,6 +248,44 @@ def test_lora_linear_parity(device, backend, ci):
     for dtype in _dtypes(device) if (device == "cuda" or ci % 3 == 0) else [torch.float32]:
         _maybe_skip(device, backend, dtype)
         _run_linear(LINEAR_CASES[ci], device, backend, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cuda_full_large_and_deterministic(kind):
+    """cuda_full at sizes where seg_outer splits rows (auto split > 1): parity vs float64 and
+    bitwise-identical grads over two runs (no atomics)."""
+    _maybe_skip("cuda", "cuda_full", torch.float16)
+    dev, N, S, r = "cuda", 7, 24, 13
+    g = torch.Generator().manual_seed(9)
+    idx = torch.tensor([0, 0, 0, 2, 2, 5, 6, 6, 6, 6, 6, 6] * 2)
+    if kind == "linear":
+        x, W = torch.randn(S, 40, 96, generator=g), torch.randn(80, 96, generator=g) / 10
+        A, B = torch.randn(N, r, 96, generator=g) / 10, torch.randn(N, 80, r, generator=g)
+        dy = torch.randn(S, 40, 80, generator=g)
+        fn = lambda xs, As, Bs, Wd, be: L.lora_linear(xs, Wd, None, As, Bs, idx.to(xs.device), 0.5,  # noqa: E731
+                                                      backend=be)
+    else:
+        x, W = torch.randn(S, 16, 12, 12, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 12
+        A, B = torch.randn(N, r, 16, 3, 3, generator=g) / 12, torch.randn(N, 24, r, generator=g)
+        dy = torch.randn(S, 24, 12, 12, generator=g)
+        fn = lambda xs, As, Bs, Wd, be: L.lora_conv2d(xs, Wd, None, As, Bs, idx.to(xs.device), 0.5,  # noqa: E731
+                                                      padding=1, backend=be)
+    ins = [t.double().requires_grad_() for t in (x, A, B)]
+    want = [fn(*ins, W.double(), "reference")]
+    want += list(torch.autograd.grad(want[0], ins, dy.double()))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        runs = []
+        for _ in range(2):
+            got = [t.to(dev, dtype).requires_grad_() for t in (x, A, B)]
+            y = fn(*got, W.to(dev, dtype), "cuda_full")
+            runs.append([y] + list(torch.autograd.grad(y, got, dy.to(dev, dtype))))
+        assert L.last_backend["lora_" + ("linear" if kind == "linear" else "conv2d")] == "cuda_full"
+        for name, a, w in zip(["y", "dx", "dA", "dB"], runs[0], want):
+            assert_close(f"{kind} {name} {dtype}", a, w, TOL[dtype] * 2)
+        for a, b in zip(runs[0], runs[1]):
+            assert torch.equal(a, b), "cuda_full is not run-to-run deterministic"
 
 
 def test_lora_linear_reference_matches_dense_formula():
@@ -314,6 +368,66 @@ def test_lora_conv2d_parity(device, backend, ci):
         if device == "cpu" and dtype == torch.float16:
             continue  # CPU fp16 conv (base/A stage) is not what we test here
         _run_conv(CONV_CASES[ci], device, backend, dtype)
+
+
+FUSED_CASES = [i for i in range(len(CONV_CASES)) if i % 4 != 3][:8] + [3]  # + one depthwise (falls back)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("ci", FUSED_CASES)
+def test_lora_conv2d_fused_parity(device, backend, ci):
+    """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
+    stacked gradient; y, G and h are poisoned buffers the kernels must fully write."""
+    c = dict(CONV_CASES[ci], a_stage="fused")
+    for dtype in _dtypes(device) if device == "cuda" else [torch.float32]:
+        _maybe_skip(device, backend, dtype)
+        _run_conv(c, device, backend, dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_lora_conv2d_fused_layouts(device, backend):
+    """fused: y keeps x's memory format (channels_last in, channels_last out) and is contiguous in it."""
+    _maybe_skip(device, backend, torch.float32)
+    torch.manual_seed(6)
+    N, S = 3, 4
+    x = torch.randn(S, 5, 7, 6)
+    W, b = torch.randn(6, 5, 3, 3) / 6, torch.randn(6)
+    A, B, eb = torch.randn(N, 5, 5, 3, 3) / 6, torch.randn(N, 6, 5), torch.randn(N, 6)
+    idx = torch.tensor([2, 0, 2, 2])
+    dy = torch.randn(S, 6, 4, 3)
+    ins = [t.double().requires_grad_() for t in (x, A, B, eb)]
+    y_r = R.lora_conv2d(ins[0], W.double(), b.double(), ins[1], ins[2], idx, 0.5, 2, 1, expert_bias=ins[3])
+    g_r = torch.autograd.grad(y_r, ins, dy.double())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = [x.to(device).contiguous(memory_format=fmt).requires_grad_()] + \
+            [t.to(device).requires_grad_() for t in (A, B, eb)]
+        y = L.lora_conv2d(got[0], W.to(device), b.to(device), got[1], got[2], idx.to(device), 0.5, 2, 1,
+                          expert_bias=got[3], backend=backend, a_stage="fused")
+        assert y.is_contiguous(memory_format=fmt)
+        g = torch.autograd.grad(y, got, dy.to(device).contiguous(memory_format=fmt))
+        for n, a, w in zip(["y", "dx", "dA", "dB", "deb"], [y, *g], [y_r, *g_r]):
+            assert_close(f"{fmt} {n}", a, w, TOL[torch.float32])
+    with pytest.raises(ValueError, match="a_stage"):
+        L.lora_conv2d(x.to(device), W.to(device), None, A.to(device), B.to(device), idx.to(device), 0.5,
+                      backend=backend, a_stage="nope")
+
+
+def test_launch_counts_fused_vs_stacked():
+    """Op accounting on CPU (reference convs, Triton under the interpreter): the fused conv path
+    runs one forward conv instead of two and one dgrad instead of two."""
+    if not INTERP:
+        pytest.skip("counts taken on the CPU interpreter path")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_lora import count_ops
+
+    fwd_s, bwd_s = count_ops("conv", "stacked")
+    fwd_f, bwd_f = count_ops("conv", "fused")
+    assert fwd_s["aten::convolution"] == 2 and fwd_f["aten::convolution"] == 1
+    assert bwd_s["aten::convolution_backward"] == 2 and bwd_f["aten::convolution_backward"] == 2
+    assert bwd_f["dgrad"] == 1 and bwd_s["dgrad"] == 2
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -402,7 +516,27 @@ def test_dispatch_reports_and_rejects(monkeypatch):
         L.lora_conv2d(torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), None, torch.randn(2, 3, 4, 3, 3),
                       torch.randn(2, 6, 2), idx, 1.0)
     rep = L.available_backends("lora_linear", "cpu")
-    assert rep["reference"] == "ok" and rep["cuda"] != "ok"
+    assert rep["reference"] == "ok" and rep["cuda"] != "ok" and rep["cuda_full"] != "ok"
+    with pytest.raises(L.BackendUnavailableError, match="cuda_full"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0, backend="cuda_full")
+    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "1")  # opt-in changes nothing where CUDA cannot run
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "reference"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_bwd_opt_in(monkeypatch):
+    """Auto picks "cuda" (Triton backward) by default and "cuda_full" with PPAP_FAST_LORA_CUDA_BWD=1."""
+    _maybe_skip("cuda", "cuda_full", torch.float32)
+    x, W = torch.randn(2, 4, device="cuda"), torch.randn(3, 4, device="cuda")
+    A, B = torch.randn(2, 2, 4, device="cuda"), torch.randn(2, 3, 2, device="cuda")
+    idx = torch.tensor([0, 1], device="cuda")
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "cuda"
+    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "1")
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "cuda_full"
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

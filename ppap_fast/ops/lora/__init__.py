@@ -14,6 +14,8 @@ Backends, picked per call by device and availability in the order below unless
 with the reason); ``last_backend[op]`` records which ran:
 
     lora_linear, lora_conv2d : "cuda" (CUDA SGMV forward + Triton backward) > "triton" > "reference"
+                               "cuda_full" (CUDA forward AND backward kernels): explicit only, or
+                               first in the auto order when PPAP_FAST_LORA_CUDA_BWD=1
     lora_conv2d_delta : "vectorized" > "reference"
 
 Per-expert norms (BatchNorm / LayerNorm / GroupNorm) live in :mod:`ppap_fast.ops.norm`.
@@ -80,6 +82,15 @@ def _why_not_cuda(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return cuda_ops.why_unavailable()
 
 
+def _why_not_cuda_full(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    why = _why_not_cuda(device, dtype)
+    if why:
+        return why
+    from . import cuda_ops
+
+    return cuda_ops.why_unavailable(backward=True)
+
+
 def _why_not_vectorized(device, dtype):
     return None
 
@@ -89,12 +100,12 @@ def _why_not_reference(device, dtype):
 
 
 _CHECKS: Dict[str, Callable] = {
-    "cuda": _why_not_cuda, "triton": _why_not_triton, "vectorized": _why_not_vectorized,
+    "cuda": _why_not_cuda, "cuda_full": _why_not_cuda_full, "triton": _why_not_triton, "vectorized": _why_not_vectorized,
     "reference": _why_not_reference,
 }
 _ORDER = {
-    "lora_linear": ("cuda", "triton", "reference"),
-    "lora_conv2d": ("cuda", "triton", "reference"),
+    "lora_linear": ("cuda", "cuda_full", "triton", "reference"),
+    "lora_conv2d": ("cuda", "cuda_full", "triton", "reference"),
     "lora_conv2d_delta": ("vectorized", "reference"),
 }
 
@@ -116,6 +127,9 @@ def _pick(op: str, x: torch.Tensor, backend: Optional[str]) -> str:
             raise BackendUnavailableError(f"backend {backend!r} for {op!r} on {x.device}/{x.dtype}: {why}")
         last_backend[op] = backend
         return backend
+    if "cuda_full" in order:  # the CUDA backward is opt-in until a GPU run has verified it
+        rest = tuple(b for b in order if b != "cuda_full")
+        order = (("cuda_full",) + rest) if os.environ.get("PPAP_FAST_LORA_CUDA_BWD") == "1" else rest
     for b in order:
         if b == "triton" and x.device.type != "cuda":
             continue  # interpreter: explicit request only
@@ -159,7 +173,9 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
                 expert_bias=None, *, backend=None, segments=None, a_stage="stacked"):
     """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)); A [N, r, C_in/g, kh, kw] (a conv with
-    the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy."""
+    the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
+    ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
+    "stacked") or "grouped"."""
     N, r = A.shape[:2]
     if r % groups or B.shape != (N, W.shape[0], r // groups) or A.shape[2:] != W.shape[1:]:
         raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")

@@ -44,11 +44,22 @@ POISON = False
 
 
 def _fwd_kernels(fwd: str):
-    if fwd == "cuda":
+    if fwd in ("cuda", "cuda_full"):
         from . import cuda_ops
 
         return cuda_ops.sgmv_shrink, cuda_ops.sgmv_expand
     return tk.sgmv_shrink, tk.sgmv_expand
+
+
+def _cuda_seg_outer(u, v, seg: Segments, alpha: float, out_dtype: torch.dtype, N: int):
+    """CUDA seg_outer into a new [N, P, Q] tensor of out_dtype (u's dtype or float32 directly,
+    any other dtype through a float32 buffer)."""
+    from . import cuda_ops
+
+    direct = out_dtype in (u.dtype, torch.float32)
+    out = _alloc((N, u.shape[2], v.shape[2]), u, dtype=out_dtype if direct else torch.float32)
+    cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, alpha, 0)
+    return out if direct else out.to(out_dtype)
 
 
 def _expert_bias_grad(dy3: torch.Tensor, expert_idx: torch.Tensor, N: int, like: torch.Tensor):
@@ -76,7 +87,7 @@ class LoraLinearFn(torch.autograd.Function):
         y3 = y.view(S, M, NOUT)
         shrink, expand = _fwd_kernels(fwd)
         h = _alloc((S, M, R), x)
-        if fwd == "cuda":
+        if fwd in ("cuda", "cuda_full"):
             shrink(x3, Ac, h, seg.sorted_idx, seg.offsets)
             expand(h, Bc, y3, seg.sorted_idx, seg.offsets, float(scale))
             if expert_bias is not None:
@@ -88,6 +99,7 @@ class LoraLinearFn(torch.autograd.Function):
         ctx.save_for_backward(x3, Wc, Ac, Bc, h)
         ctx.seg = seg
         ctx.scale = scale
+        ctx.cuda_bwd = fwd == "cuda_full"
         ctx.meta = (x.shape, A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y
 
@@ -106,6 +118,24 @@ class LoraLinearFn(torch.autograd.Function):
             dy3 = dy3.to(x3.dtype)
         need_x, _, _, need_a, need_b, need_eb = ctx.needs_input_grad[:6]
         dx = dA = dB = deb = None
+        if ctx.cuda_bwd:
+            from . import cuda_ops
+
+            # dh0 = dy B_e (unscaled: s is applied by the expand and by dA's alpha)
+            if need_x or need_a:
+                dh0 = _alloc((S, M, R), x3)
+                cuda_ops.sgmv_shrink(dy3, Bc.transpose(1, 2).contiguous(), dh0, seg.sorted_idx, seg.offsets)
+                if need_x:
+                    dx = torch.matmul(dy3, Wc)
+                    cuda_ops.sgmv_expand(dh0, Ac.transpose(1, 2).contiguous(), dx, seg.sorted_idx, seg.offsets, s)
+                    dx = dx.view(x_shape)
+                if need_a:
+                    dA = _cuda_seg_outer(dh0, x3, seg, s, a_dt, N)
+            if need_b:
+                dB = _cuda_seg_outer(dy3, h, seg, s, b_dt, N)
+            if has_eb and need_eb:
+                deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+            return dx, None, None, dA, dB, deb, None, None, None
         if need_x or need_a:
             dh = _alloc((S, M, R), x3)
             tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh, seg.sorted_idx, seg.offsets, s)
@@ -187,7 +217,7 @@ class LoraConvBFn(torch.autograd.Function):
         hc = h.contiguous()
         h3 = hc.view(S, r, P).transpose(1, 2)
         Bc = Bd.detach().to(cdt)
-        if fwd == "cuda":
+        if fwd in ("cuda", "cuda_full"):
             from . import cuda_ops
 
             cuda_ops.sgmv_expand(h3, Bc, y3, seg.sorted_idx, seg.offsets, float(scale))
@@ -199,6 +229,7 @@ class LoraConvBFn(torch.autograd.Function):
         ctx.save_for_backward(x, hc, Bc, Wc)
         ctx.seg, ctx.scale = seg, scale
         ctx.geom = (stride, padding, dilation, groups)
+        ctx.cuda_bwd = fwd == "cuda_full"
         ctx.meta = (Bd.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y
 
@@ -226,14 +257,113 @@ class LoraConvBFn(torch.autograd.Function):
                 [True, False, False])[0]
         if need_h:
             dh = _alloc((S, r, Ho, Wo), x)
-            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh.view(S, r, P).transpose(1, 2), seg.sorted_idx,
-                           seg.offsets, s)
+            dh3 = dh.view(S, r, P).transpose(1, 2)
+            if ctx.cuda_bwd:
+                from . import cuda_ops
+
+                Bts = torch.empty((N, r, C_out), dtype=Bc.dtype, device=Bc.device)
+                torch.mul(Bc.transpose(1, 2), s, out=Bts)  # s B^T, contiguous, one kernel
+                cuda_ops.sgmv_shrink(dy3, Bts, dh3, seg.sorted_idx, seg.offsets)
+            else:
+                tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh3, seg.sorted_idx, seg.offsets, s)
         if need_b:
-            dB = _alloc((N, C_out, r), x, dtype=b_dt)
-            tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
+            if ctx.cuda_bwd:
+                dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
+            else:
+                dB = _alloc((N, C_out, r), x, dtype=b_dt)
+                tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
         if has_eb and need_eb:
             deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
         return dx, dh, dB, deb, None, None, None, None, None, None, None, None, None
+
+
+def _conv_format(t: torch.Tensor):
+    """The memory format a conv output over t has (channels_last stays channels_last)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _alloc_fmt(shape, like: torch.Tensor, fmt) -> torch.Tensor:
+    return _alloc(shape, like).contiguous(memory_format=fmt) if fmt != torch.contiguous_format else _alloc(shape, like)
+
+
+class LoraConvFusedFn(torch.autograd.Function):
+    """a_stage="fused" (groups == 1): the base conv and the stacked A conv are ONE conv with
+    weight [W; A_0; ...; A_{N-1}] (C_out + N*r output channels). One Triton expand then reads the
+    base channels (as its accumulate source) and each sample's own expert's r channels (expert
+    stride), writes y (a fresh tensor in the conv's memory format: no split copy) with the LoRA
+    term and both biases, and copies the compact h for the backward.
+    Backward: G = [dy | dh_stacked] (dh written by one shrink into the sample's own expert's
+    channels, zeros into the others), ONE convolution_backward for dx with the same weight, one
+    weight-grad over G's stacked channels for dA, seg_outer for dB."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd):
+        cdt = x.dtype
+        N, r = A.shape[:2]
+        C_out = W.shape[0]
+        Wcat = torch.cat([W.detach().to(cdt), A.detach().to(cdt).reshape(N * r, *A.shape[2:])])
+        out = F.conv2d(x, Wcat, None, stride, padding, dilation, 1)
+        S, _, Ho, Wo = out.shape
+        P = Ho * Wo
+        o3 = out.flatten(2).transpose(1, 2)  # [S, P, C_out + N*r], a view in either memory format
+        y = _alloc_fmt((S, C_out, Ho, Wo), x, _conv_format(out))
+        hc = _alloc((S, r, Ho, Wo), x)
+        Bc = B.detach().to(cdt)
+        eb = None if expert_bias is None else expert_bias.detach()
+        if bias is not None:  # base bias folded into the per-expert bias (alone: a stride-0 view)
+            bb = bias.detach()
+            eb = bb.expand(N, C_out) if eb is None else eb + bb
+        tk.sgmv_expand(o3[:, :, C_out:C_out + r], Bc, y.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets,
+                       scale, bias=eb, accumulate=True, src=o3[:, :, :C_out], h_expert_stride=r * o3.stride(2),
+                       h_out=hc.view(S, r, P).transpose(1, 2))
+        ctx.save_for_backward(x, hc, Bc, Wcat)
+        ctx.seg, ctx.scale = seg, scale
+        ctx.geom = (stride, padding, dilation)
+        ctx.cuda_bwd = fwd == "cuda_full"
+        ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, hc, Bc, Wcat = ctx.saved_tensors
+        seg, s = ctx.seg, ctx.scale
+        stride, padding, dilation = ctx.geom
+        a_dt, b_dt, has_eb, eb_dt = ctx.meta
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        S, C_out, Ho, Wo = dy.shape
+        P = Ho * Wo
+        r = hc.shape[1]
+        N = Bc.shape[0]
+        dy3 = dy.flatten(2).transpose(1, 2)
+        h3 = hc.view(S, r, P).transpose(1, 2)
+        need_x, need_a, need_b, need_eb = ctx.needs_input_grad[:4]
+        dx = dA = dB = deb = None
+        geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
+        if need_x or need_a:
+            G = _alloc_fmt((S, C_out + N * r, Ho, Wo), x, _conv_format(x))
+            G[:, :C_out].copy_(dy)
+            g3 = G.flatten(2).transpose(1, 2)
+            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), g3[:, :, C_out:C_out + r], seg.sorted_idx, seg.offsets, s,
+                           out_expert_stride=r * g3.stride(2), zero_others=True)
+            if need_x:
+                dx = torch.ops.aten.convolution_backward(G, x, Wcat, None, *geo, [True, False, False])[0]
+            if need_a:
+                dA = torch.ops.aten.convolution_backward(G[:, C_out:], x, Wcat[C_out:], None, *geo,
+                                                         [False, True, False])[1]
+                dA = dA.reshape(N, r, *dA.shape[1:]).to(a_dt)
+        if need_b:
+            if ctx.cuda_bwd:
+                dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
+            else:
+                dB = _alloc((N, C_out, r), x, dtype=b_dt)
+                tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
+        if has_eb and need_eb:
+            deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+        return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 
 
 def _autocast_input(x):
@@ -256,12 +386,16 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     N = A.shape[0]
     seg = seg if seg is not None else build_segments(expert_idx, N)
     x, dev = _autocast_input(x)
-    if a_stage == "stacked":
+    if a_stage == "fused" and groups == 1:
+        with torch.autocast(dev, enabled=False):
+            return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
+                                         dilation, fwd)
+    if a_stage in ("stacked", "fused"):  # fused with groups > 1 runs the stacked path
         h = stacked_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     elif a_stage == "grouped":
         h = grouped_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     else:
-        raise ValueError(f"a_stage must be 'stacked' or 'grouped', got {a_stage!r}")
+        raise ValueError(f"a_stage must be 'stacked', 'fused' or 'grouped', got {a_stage!r}")
     Bd = block_diag_B(B, groups)
     with torch.autocast(dev, enabled=False):
         return LoraConvBFn.apply(x, h, Bd, expert_bias, W, bias, seg, float(scale), stride, padding, dilation,

@@ -144,7 +144,21 @@ def sgmv_expand(h, B, out, sorted_idx, offsets, scale):
     return out
 
 
+def seg_outer(u, v, out, sorted_idx, offsets, alpha=1.0, split=0):
+    """Reference of launch_seg_outer: out[e] = alpha * sum over segment e's rows of u^T v
+    (u [S, M, P], v [S, M, Q], out [N, P, Q]; written, zeros for empty experts; split ignored).
+    The backward in these terms (dy [S, M, NOUT], h = x A_e^T):
+      dh = s * shrink(dy, B^T), dx = dy W + expand(dh, A^T, 1), dA = seg_outer(dh, x), dB = seg_outer(dy, h, s)."""
+    N = offsets.numel() - 1
+    idx = _expert_of_sample(sorted_idx, offsets)
+    per_sample = torch.bmm(u.transpose(1, 2).to(torch.float64), v.to(torch.float64))  # [S, P, Q]
+    acc = torch.zeros((N,) + tuple(per_sample.shape[1:]), dtype=torch.float64, device=u.device)
+    acc.index_add_(0, idx, per_sample)
+    out.copy_(alpha * acc)
+    return out
+
+
 __all__ = [
-    "sgmv_shrink", "sgmv_expand",
+    "sgmv_shrink", "sgmv_expand", "seg_outer",
     "lora_linear", "lora_conv2d", "lora_conv_delta", "loralib_conv_delta", "lora_conv2d_delta",
 ]

@@ -59,12 +59,14 @@ def _sgmv_shrink_kernel(
     N, M, K, R,
     xs_s, xs_m, xs_k,
     ws_e, ws_r, ws_k,
-    os_s, os_m, os_r,
+    os_s, os_m, os_r, os_e,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr, ZERO_OTHERS: tl.constexpr,
 ):
-    """out[s, m, r] = scale * sum_k x[s, m, k] * w[e(s), r, k]   (written, not accumulated)."""
+    """out[s, m, r] = scale * sum_k x[s, m, k] * w[e(s), r, k]   (written, not accumulated).
+    os_e: out's per-expert offset (the row is written at + e(s) * os_e); ZERO_OTHERS also
+    writes zeros at every other expert's offset (a stacked [N*R] channel gradient)."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     e, start, nrows, s0 = _find_tile(off_ptr, pid, N, M, BLOCK_M)
@@ -92,24 +94,35 @@ def _sgmv_shrink_kernel(
         else:
             acc += tl.dot(xt, wt)
     acc = acc * scale
-    tl.store(out_ptr + orow[:, None] + offs_r[None, :] * os_r, acc.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & rvalid[None, :])
+    omask = rmask[:, None] & rvalid[None, :]
+    tl.store(out_ptr + e.to(tl.int64) * os_e + orow[:, None] + offs_r[None, :] * os_r,
+             acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if ZERO_OTHERS:
+        zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=out_ptr.dtype.element_ty)
+        zptr = out_ptr + orow[:, None] + offs_r[None, :] * os_r
+        for e2 in range(0, N):
+            tl.store(zptr, zeros, mask=omask & (e2 != e))
+            zptr += os_e
 
 
 @triton.jit
 def _sgmv_expand_kernel(
-    h_ptr, w_ptr, out_ptr, bias_ptr, sidx_ptr, off_ptr,
+    h_ptr, w_ptr, out_ptr, bias_ptr, sidx_ptr, off_ptr, src_ptr, hout_ptr,
     N, M, R, NOUT,
-    hs_s, hs_m, hs_r,
+    hs_s, hs_m, hs_r, hs_e,
     ws_e, ws_n, ws_r,
     os_s, os_m, os_n,
     bs_e, bs_n,
+    ss_s, ss_m, ss_n,
+    ho_s, ho_m, ho_r,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HOUT: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """out[s, m, n] (+)= scale * sum_r h[s, m, r] * w[e(s), n, r]  (+ bias[e(s), n])."""
+    """out[s, m, n] = (src[s, m, n] if ACCUM) + scale * sum_r h[s, m, r] * w[e(s), n, r] (+ bias[e(s), n]).
+    h is read at + e(s) * hs_e (rows of a stacked per-expert tensor); src may be out itself.
+    HAS_HOUT: the column-0 programs also copy the h rows they read to hout [S, M, R]."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, start, nrows, s0 = _find_tile(off_ptr, pid, N, M, BLOCK_M)
@@ -119,7 +132,7 @@ def _sgmv_expand_kernel(
     rmask = j < nrows
     smp = tl.load(sidx_ptr + s0 + j // M, mask=rmask, other=0).to(tl.int64)
     m = (j % M).to(tl.int64)
-    hrow = smp * hs_s + m * hs_m
+    hrow = smp * hs_s + m * hs_m + e.to(tl.int64) * hs_e
     orow = smp * os_s + m * os_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nvalid = offs_n < NOUT
@@ -130,6 +143,9 @@ def _sgmv_expand_kernel(
         rvalid = offs_r < R
         ht = tl.load(h_ptr + hrow[:, None] + offs_r[None, :] * hs_r,
                      mask=rmask[:, None] & rvalid[None, :], other=0.0)
+        if HAS_HOUT:
+            tl.store(hout_ptr + (smp * ho_s + m * ho_m)[:, None] + offs_r[None, :] * ho_r, ht,
+                     mask=rmask[:, None] & rvalid[None, :] & (pid_n == 0))
         wt = tl.load(w_base + offs_r[:, None] * ws_r + offs_n[None, :] * ws_n,
                      mask=rvalid[:, None] & nvalid[None, :], other=0.0)
         if DOT_F32:
@@ -143,7 +159,8 @@ def _sgmv_expand_kernel(
     optr = out_ptr + orow[:, None] + offs_n[None, :] * os_n
     omask = rmask[:, None] & nvalid[None, :]
     if ACCUM:
-        acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+        acc += tl.load(src_ptr + (smp * ss_s + m * ss_m)[:, None] + offs_n[None, :] * ss_n, mask=omask,
+                       other=0.0).to(tl.float32)
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -152,14 +169,14 @@ def _seg_outer_kernel(
     u_ptr, v_ptr, out_ptr, sidx_ptr, off_ptr,
     M, P, Q, SPLIT,
     us_s, us_m, us_p,
-    vs_s, vs_m, vs_q,
+    vs_s, vs_m, vs_q, vs_e,
     os_split, os_e, os_p, os_q,
     alpha,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[split, e, p, q] = alpha * sum over this split's share of the rows of segment e of
-    u[row, p] * v[row, q]. Every (split, e, tile) is written, zeros for empty segments
+    u[row, p] * v[row + e * vs_e, q]. Every (split, e, tile) is written, zeros for empty segments
     (used for the weight gradients dA, dB; splits are summed by the caller)."""
     e = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -184,7 +201,7 @@ def _seg_outer_kernel(
         m = (j % M).to(tl.int64)
         ut = tl.load(u_ptr + (smp * us_s + m * us_m)[None, :] + offs_p[:, None] * us_p,
                      mask=pvalid[:, None] & rmask[None, :], other=0.0)
-        vt = tl.load(v_ptr + (smp * vs_s + m * vs_m)[:, None] + offs_q[None, :] * vs_q,
+        vt = tl.load(v_ptr + e.to(tl.int64) * vs_e + (smp * vs_s + m * vs_m)[:, None] + offs_q[None, :] * vs_q,
                      mask=rmask[:, None] & qvalid[None, :], other=0.0)
         if DOT_F32:
             acc += tl.dot(ut.to(tl.float32), vt.to(tl.float32), input_precision=PREC)
@@ -213,9 +230,12 @@ def _check3(name, t):
 
 
 def sgmv_shrink(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
-                offsets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+                offsets: torch.Tensor, scale: float = 1.0, out_expert_stride: int = 0,
+                zero_others: bool = False) -> torch.Tensor:
     """out[s, m, :R] = scale * x[s, m, :] @ w[e(s)].T; x [S, M, K], w [N, R, K], out [S, M, R]
-    (all may be strided views). Returns out."""
+    (all may be strided views). ``out_expert_stride``: the row of sample s goes to
+    out + e(s) * stride (out = expert 0's slice of a stacked tensor); ``zero_others`` zeroes the
+    other experts' slices. Returns out."""
     for n_, t in (("x", x), ("w", w), ("out", out)):
         _check3(n_, t)
     S, M, K = x.shape
@@ -229,17 +249,22 @@ def sgmv_shrink(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
     grid = (triton.cdiv(S * M, BLOCK_M) + N, triton.cdiv(R, BLOCK_R))
     _sgmv_shrink_kernel[grid](
         x, w, out, sorted_idx, offsets, N, M, K, R,
-        *x.stride(), *w.stride(), *out.stride(), float(scale),
+        *x.stride(), *w.stride(), *out.stride(), int(out_expert_stride), float(scale),
         BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, DOT_F32=dot_f32, PREC=prec,
+        ZERO_OTHERS=bool(zero_others),
     )
     return out
 
 
 def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
                 offsets: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | None = None,
-                accumulate: bool = True) -> torch.Tensor:
+                accumulate: bool = True, src: torch.Tensor | None = None, h_expert_stride: int = 0,
+                h_out: torch.Tensor | None = None) -> torch.Tensor:
     """out[s, m, :] (+)= scale * h[s, m, :] @ w[e(s)].T (+ bias[e(s)]); h [S, M, R],
-    w [N, NOUT, R], out [S, M, NOUT], bias [N, NOUT] or None. Returns out."""
+    w [N, NOUT, R], out [S, M, NOUT], bias [N, NOUT] or None. Returns out.
+    ``src`` [S, M, NOUT]: accumulate src instead of out (out is then fully written);
+    ``h_expert_stride``: sample s reads h + e(s) * stride (h = expert 0's slice of a stacked
+    tensor); ``h_out`` [S, M, R]: also receives the h rows read (the compact per-sample h)."""
     for n_, t in (("h", h), ("w", w), ("out", out)):
         _check3(n_, t)
     S, M, R = h.shape
@@ -254,19 +279,24 @@ def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
     has_bias = bias is not None
     b = bias if has_bias else out
     bs = bias.stride() if has_bias else (0, 0)
+    src = out if src is None else src
+    ho = h if h_out is None else h_out
     _sgmv_expand_kernel[grid](
-        h, w, out, b, sorted_idx, offsets, N, M, R, NOUT,
-        *h.stride(), *w.stride(), *out.stride(), *bs, float(scale),
+        h, w, out, b, sorted_idx, offsets, src, ho, N, M, R, NOUT,
+        *h.stride(), int(h_expert_stride), *w.stride(), *out.stride(), *bs, *src.stride(), *ho.stride(),
+        float(scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ACCUM=bool(accumulate), HAS_BIAS=has_bias,
-        DOT_F32=dot_f32, PREC=prec,
+        HAS_HOUT=h_out is not None, DOT_F32=dot_f32, PREC=prec,
     )
     return out
 
 
 def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
-              offsets: torch.Tensor, alpha: float = 1.0, split: int | None = None) -> torch.Tensor:
+              offsets: torch.Tensor, alpha: float = 1.0, split: int | None = None,
+              v_expert_stride: int = 0) -> torch.Tensor:
     """out[e] = alpha * U_e^T @ V_e with U_e, V_e the rows of segment e of u [S, M, P],
-    v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts).
+    v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts). ``v_expert_stride``:
+    segment e reads v + e * stride (v = expert 0's slice of a stacked tensor).
 
     ``split`` > 1 splits each segment's rows over that many programs (more parallelism when
     N * tiles is small next to the SM count); partials go to an fp32 buffer summed with
@@ -294,7 +324,7 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
     grid = (N, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q) * split)
     _seg_outer_kernel[grid](
         u, v, dst, sorted_idx, offsets, M, P, Q, split,
-        *u.stride(), *v.stride(), *ds, float(alpha),
+        *u.stride(), *v.stride(), int(v_expert_stride), *ds, float(alpha),
         BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, DOT_F32=dot_f32, PREC=prec,
     )
     if split > 1:
