@@ -39,8 +39,9 @@ Options (all off by default; each falls back to the eager path with a warning wh
   ``compile_model``: torch.compile of the denoiser. ``compile_kwargs`` go to torch.compile.
   ``compile_freeze``: the denoiser is compiled with inductor freezing (its weights become constants
   of the graph: folded, and on CPU prepacked for oneDNN convolutions; the model's weights must not
-  change afterwards). The first call compiles: on a 2-core CPU about 20-75 s for the benchmark's
-  tiny ADM (less with inductor's on-disk cache warm); later calls run the compiled graphs.
+  change afterwards). The first call compiles; for the CPU benchmark's tiny ADM + TinyResNet on a
+  shared 2-core box that took about 35 s with freezing, 60-75 s cold without, under 20 s from
+  inductor's on-disk cache. Worth it for long runs only: it saves about 15-20 ms per step there.
   A compile/trace failure (at the first call) warns once and the eager path is used from then on.
   Merged experts are compiled (one graph per band: with more than 8 bands raise
   ``torch._dynamo.config.recompile_limit``); a routed bank (mixed batches) runs eagerly.
@@ -359,6 +360,8 @@ class FastGuidedSampler:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if compile_freeze and not compile_model:
+            raise ValueError("compile_freeze freezes the compiled denoiser: it needs compile_model=True")
         if var_type not in (None, "learned_range", "fixed_small", "fixed_large"):
             raise ValueError(f"var_type must be None, 'learned_range', 'fixed_small' or 'fixed_large' for the fused "
                              f"update, got {var_type!r} (use ppap_fast.sampling for 'learned')")

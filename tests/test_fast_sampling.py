@@ -246,6 +246,8 @@ def test_compile_freeze_makes_the_weights_constants(freeze):
             model.conv.weight.mul_(-1)
         after = fast.step(x, 3)[0]
     changed = eager.step(x, 3)[0]
+    with pytest.raises(ValueError, match="compile_model"):
+        FastGuidedSampler(model, sched, compile_freeze=True)
     assert rel_err(changed, before) > 1e-2
     if freeze:
         assert torch.equal(after, before)
