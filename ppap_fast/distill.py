@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import ShardWriter, from_uint8, load_shards, to_uint8
+from .data import ShardSet, ShardWriter, from_uint8, to_uint8
 from .sampling import sample_loop
 from .schedule import Schedule
 
@@ -87,11 +87,9 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode)."""
-    data = load_shards(data_dir)
+    data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
-    x_all = from_uint8(data["images"])
-    l_all = torch.from_numpy(data["logits"]).float()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
@@ -108,8 +106,9 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
         if frac >= 1:
             break
-        idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
-        x0, tl = x_all[idx], l_all[idx]
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        x0 = from_uint8(data.gather("images", idx.numpy()))
+        tl = torch.from_numpy(data.gather("logits", idx.numpy())).float()
         t = torch.randint(0, 1000, (batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
         lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # warm-up then linear anneal (official)

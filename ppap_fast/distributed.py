@@ -13,7 +13,7 @@ workers itself (gloo on CPU, a file rendezvous in a temporary directory).
 
 Generation (:func:`generate`)
     The set is a directory of shards ``shard_00000.npz ...`` (``images`` uint8 N x H x W x C)
-    plus ``manifest.json``, readable by :func:`ppap_fast.data.load_shards`. With ``--teacher``
+    plus ``manifest.json``, read lazily by :class:`ppap_fast.data.ShardSet`. With ``--teacher``
     the teacher's outputs on the dequantised clean images are cached once, in the shard: a
     classifier's ``logits`` float32 N x K, a dense guide's ``targets`` float16 N x (its output
     shape), e.g. N x 1 x H x W for depth (2*H*W bytes per image: 128 KiB at 256x256) or
@@ -48,9 +48,15 @@ Distillation (:func:`distill`)
     pixels and batch), ``mse`` for depth / any dense regression. Teachers: ``tiny:<file>``, a
     registry name (its spec gives the task), or ``py:package.module:factory`` for any module,
     e.g. a depth network (task from ``--teacher-task`` or the factory's ``task`` attribute; see
-    :func:`build_teacher`). Targets: the set's cached outputs when present; otherwise every rank
-    computes the teacher's outputs on all images ONCE, up front (dense ones rounded to float16
-    like the cache), never inside the training loop. A target shape that does not match the
+    :func:`build_teacher`). Data: the set is read lazily (:class:`ppap_fast.data.ShardSet`):
+    each step reads only its batch's rows (images and targets) from the shard files, so memory
+    does not grow with the set (500k images at 256x256 are 98 GB, their DeepLabV3 targets
+    1.3 TB); the batches are the same as when the set was read into memory (same generator
+    draws, same values). Targets: the set's cached outputs when present; otherwise the
+    teacher's outputs are computed ONCE before training, split over the ranks by shard, and
+    kept on disk in ``<out>/teacher_targets/`` (:func:`compute_targets`; dense ones rounded to
+    float16 like the cache), never inside the training loop; a restart reuses them, and they
+    are removed once the experts are written. A target shape that does not match the
     student's output is an error naming both. The recorded loss of a step is the mean over
     ranks; a non-finite one stops every rank at that step.
 
@@ -102,6 +108,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -748,19 +755,95 @@ def check_replicas_identical(bank, env: DistEnv) -> str:
     return fp
 
 
-def _load_targets(cfg: DistillConfig, data: dict, teacher_state: str, teacher, transform, env) -> tuple:
-    """-> (targets [N, ...] float32 logits or float16 maps, "cached" | "computed"); see the module docstring."""
+def _cached_target_key(cfg: DistillConfig, data, teacher_state: str) -> str | None:
+    """The set's cached teacher outputs ("logits" float32 or "targets" float16), None if it has
+    none; a ValueError if another teacher (other weights) computed them."""
     key = "logits" if "logits" in data else "targets" if "targets" in data else None
-    if key is None:  # once, up front, on every rank (no teacher forward inside the training loop)
-        return teacher_targets(teacher, transform, data["images"], max(cfg.batch_size, 1), env.device), "computed"
-    man = json.loads((Path(cfg.data_dir) / MANIFEST).read_text())
+    if key is None:
+        return None
+    man = data.manifest
     theirs = man.get("config", {}).get("teacher_state")  # recorded by generate() with a teacher
     if theirs is not None and theirs != teacher_state:
         raise ValueError(f"the teacher outputs cached in {cfg.data_dir} were computed by another teacher "
                          f"({man.get('config', {}).get('teacher')!r}, state {theirs[:12]}) than this one "
                          f"({cfg.teacher!r}, state {teacher_state[:12]}); distil on a set generated with "
                          "this teacher or without --teacher")
-    return torch.from_numpy(data[key]), "cached"
+    return key
+
+
+TARGETS_DIR = "teacher_targets"
+TARGETS_FORMAT = "ppap_fast.teacher_targets"
+
+
+def _targets_complete(path: Path, count: int) -> bool:
+    from .data.shards import npz_members
+
+    try:
+        m = npz_members(path)
+    except ValueError:
+        return False
+    return len(m) == 1 and next(iter(m)) in ("logits", "targets") and next(iter(m.values())).shape[0] == count
+
+
+def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, env: DistEnv) -> str:
+    """Collective: the teacher's outputs on a set without cached ones, computed ONCE over all
+    ranks and kept on disk, never in memory: shard k's outputs go to
+    ``<out>/teacher_targets/targets_<k>.npz`` (the shard files' format, written atomically), the
+    missing files are dealt round-robin to the ranks (each computes only its share, in
+    micro-batches of ``cfg.batch_size``, dense outputs rounded to float16 like the cache), then
+    every rank attaches all of them to ``data`` (read lazily like cached targets). A restart
+    reuses complete files written for the same teacher state and data set; files for anything
+    else are removed first. Returns the name of the attached array ("logits" or "targets")."""
+    from .data.shards import write_json_atomic, write_npz_atomic
+
+    tdir = Path(cfg.out_dir) / TARGETS_DIR
+    micro = max(cfg.batch_size, 1)
+    counts = [int(c) for c in data.counts]
+    paths = [tdir / f"targets_{k:05d}.npz" for k in range(len(counts))]
+    tid = {"format": TARGETS_FORMAT, "teacher": cfg.teacher, "teacher_state": ident["teacher_state"],
+           "data_dir": ident["data_dir"], "data_manifest": ident["data_manifest"], "micro_batch": micro,
+           "counts": counts}
+    err, todo = None, None
+    if env.rank == 0:
+        try:
+            tdir.mkdir(parents=True, exist_ok=True)
+            m = tdir / MANIFEST
+            try:
+                same = json.loads(m.read_text()) == tid
+            except (OSError, json.JSONDecodeError):
+                same = False
+            for f in tdir.iterdir():  # temporaries of a killed run; every file when the inputs changed
+                if (f.name.startswith(".") and f.name.endswith(".tmp")) or (not same and f.name.startswith("targets_")):
+                    f.unlink(missing_ok=True)
+            write_json_atomic(m, tid)
+            todo = [k for k, (p, n) in enumerate(zip(paths, counts)) if not _targets_complete(p, n)]
+        except OSError as e:
+            err = f"{tdir}: {e}"
+    raise_if_any(err, env, "preparing the teacher outputs")
+    todo = _gather(todo, env)[0]
+    err = None
+    try:
+        for k in todo[env.rank::env.world_size]:
+            rows = np.arange(data.starts[k], data.starts[k + 1])
+            y = teacher_targets(teacher, transform, data.gather("images", rows), micro, env.device)
+            write_npz_atomic(paths[k], **{"logits" if y.dim() == 2 else "targets": y.numpy()})
+    except (OSError, ValueError) as e:
+        err = str(e)
+    except Exception as e:  # every rank learns of it below (nobody waits for a timeout)
+        if not env.distributed:
+            raise
+        err = f"{type(e).__name__}: {e}"
+    raise_if_any(err, env, "computing the teacher outputs")
+    err = key = None
+    try:
+        from .data.shards import npz_members
+
+        key = next(iter(npz_members(paths[0])))
+        data.attach(key, paths)
+    except ValueError as e:
+        err = str(e)
+    raise_if_any(err, env, "reading the computed teacher outputs")
+    return key
 
 
 def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = False):
@@ -769,7 +852,7 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     ``cfg.checkpoint_every`` it also keeps a resumable training state (module docstring)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from .data import from_uint8, load_shards
+    from .data import ShardSet, from_uint8
     from .data.shards import write_json_atomic
     from .distill import distill_loss
     from .experts import ExpertBank, save_experts
@@ -788,14 +871,16 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None
 
-    err = targets = None
+    err = data = key = None
     try:
-        data = load_shards(cfg.data_dir)
-        targets, target_source = _load_targets(cfg, data, ident["teacher_state"], teacher, transform, env)
+        data = ShardSet(cfg.data_dir)  # lazy: each step reads its batch's rows only
+        key = _cached_target_key(cfg, data, ident["teacher_state"])
     except (OSError, ValueError) as e:
-        err, data = str(e), None
+        err = str(e)
     raise_if_any(err, env, "reading the data set")
-    x_all = from_uint8(data["images"])
+    target_source = "cached"
+    if key is None:
+        key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
     bank = ExpertBank(teacher, placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout), cfg.n_experts,
@@ -838,15 +923,16 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
         from tqdm import tqdm
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
     for step in it:
-        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
-        x0 = x_all[idx]
+        idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
+        x0 = from_uint8(data.gather("images", idx.numpy()))
+        target = torch.from_numpy(data.gather(key, idx.numpy()))
         t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float().to(device)
         t = t.to(device)
         lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), targets[idx].to(device).float(),
+        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), target.to(device).float(),
                             cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -887,6 +973,8 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})
             state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
+            if target_source == "computed":
+                shutil.rmtree(Path(cfg.out_dir) / TARGETS_DIR, ignore_errors=True)
         except OSError as e:
             err = str(e)
     raise_if_any(err, env, "writing the checkpoint")

@@ -85,3 +85,87 @@ def test_corrupt_shard_is_redone(tmp_path):
     assert w.missing() == [1]
     assert w.run(lambda k: _shard(k, 5)) == [1]
     assert load_shards(tmp_path)["images"].shape[0] == 10
+
+
+# ----------------------------------------------------------------------------- lazy shard sets
+def _mixed_set(path, n=23, shard=5):
+    rng = np.random.default_rng(0)
+    w = ShardWriter(path, num_images=n, shard_size=shard)
+
+    def make(k):
+        c = w.shard_count(k)
+        return {"images": rng.integers(0, 256, (c, 5, 4, 3), dtype=np.uint8),
+                "targets": rng.standard_normal((c, 2, 5, 4)).astype(np.float16),
+                "logits": rng.standard_normal((c, 7)).astype(np.float32)}
+
+    w.run(make)
+    return w
+
+
+def test_shard_set_reads_only_the_requested_rows(tmp_path):
+    from ppap_fast.data import ShardSet
+    from ppap_fast.data.shards import npz_members
+
+    w = _mixed_set(tmp_path)
+    full = load_shards(tmp_path)
+    s = ShardSet(tmp_path)
+    assert len(s) == 23 and set(s.names) == {"images", "targets", "logits"} and s.counts.tolist() == [5, 5, 5, 5, 3]
+    assert all(m.offset is not None for m in npz_members(w.shard_path(0)).values())  # np.savez: rows addressable
+    # the set holds an index of the files, never their arrays
+    assert not [k for k, v in vars(s).items() if isinstance(v, np.ndarray) and v.nbytes > 1024]
+    assert s.bytes_read == 0
+    rows = np.array([22, 0, 7, 7, 4, 5, 19, 22, 13])  # any order, repeats, shard boundaries, the short last shard
+    for name in ("images", "targets", "logits"):
+        got = s.gather(name, rows)
+        assert got.dtype == full[name].dtype and not isinstance(got, np.memmap)
+        np.testing.assert_array_equal(got, full[name][rows])
+    row_bytes = sum(full[k][0].nbytes for k in ("images", "targets", "logits"))
+    assert s.bytes_read == rows.size * row_bytes  # exactly the rows asked for, nothing else
+    assert s.gather("images", torch.tensor([3, 1])).shape == (2, 5, 4, 3)
+    assert s.gather("logits", []).shape == (0, 7)
+    with pytest.raises(IndexError, match=r"out of range \[0, 23\)"):
+        s.gather("images", [23])
+    with pytest.raises(IndexError):
+        s.gather("images", [-1])
+    with pytest.raises(KeyError, match="no array 'depth'"):
+        s.gather("depth", [0])
+
+
+def test_shard_set_attach_fallbacks_and_errors(tmp_path):
+    from ppap_fast.data import ShardSet
+    from ppap_fast.data.shards import write_npz_atomic
+
+    w = _mixed_set(tmp_path / "s")
+    full = load_shards(tmp_path / "s")
+    # outputs computed later, in other files with the same shard layout
+    side = [write_npz_atomic(tmp_path / f"side_{k}.npz", extra=np.arange(w.shard_count(k) * 2).reshape(-1, 2)
+                             + 100 * k) for k in range(w.num_shards)]
+    s = ShardSet(tmp_path / "s")
+    s.attach("extra", side)
+    np.testing.assert_array_equal(s.gather("extra", [5, 0, 22]), [[100, 101], [0, 1], [404, 405]])
+    with pytest.raises(ValueError, match=r"side_1.npz: 'extra' is \(5, 2\).*expected \(3, "):
+        s.attach("extra", side[:4] + side[1:2])
+    with pytest.raises(ValueError, match="4 files for 5 shards"):
+        s.attach("extra", side[:4])
+    # a shard written compressed (not by us): read whole, with a warning, same values
+    p = w.shard_path(2)
+    with np.load(p) as z:
+        arrays = {n: z[n] for n in z.files}
+    np.savez_compressed(p, **arrays)
+    s = ShardSet(tmp_path / "s")
+    with pytest.warns(UserWarning, match="compressed or Fortran-ordered"):
+        got = s.gather("targets", [11, 3, 10])
+    np.testing.assert_array_equal(got, full["targets"][[11, 3, 10]])
+    # a shard without one of the arrays, a damaged shard, an incomplete set
+    write_npz_atomic(p, images=arrays["images"])
+    with pytest.raises(ValueError, match="shard_00002.npz has no array 'targets'"):
+        ShardSet(tmp_path / "s")
+    p.write_bytes(p.read_bytes()[:-30])
+    with pytest.raises(ValueError, match="shard_00002.npz is not a readable npz shard"):
+        ShardSet(tmp_path / "s")
+    p.unlink()
+    with pytest.raises(FileNotFoundError, match="not a shard set"):
+        ShardSet(tmp_path)
+    ShardWriter(tmp_path / "s", num_images=23, shard_size=5).write_manifest(complete=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        ShardSet(tmp_path / "s")

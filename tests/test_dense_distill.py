@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from ppap_fast.data import load_shards
 from ppap_fast.data.shards import write_npz_atomic
 from ppap_fast.distill import DISTILL_LOSSES, dense_mse_loss, distill_loss, kd_loss, pixel_kd_loss
 
+REPO = Path(__file__).resolve().parents[1]
 GEN = dict(num_images=8, shard_size=4, image_size=8, channels=1, denoiser="random-conv", respacing="ddim5",
            seed=5, device="cpu")
 
@@ -275,3 +280,137 @@ def test_deeplabv3_segmentation_distillation_end_to_end(tmp_path):
     lora_b = [v for k, v in bank.per_expert_state_dict().items() if k.endswith(("lora_B", "lora_b"))]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA did not train"
     assert (tmp_path / "out" / "experts.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- sets larger than memory
+RSS_CHILD = textwrap.dedent('''
+    import dataclasses, json, sys
+    import torch
+    from ppap_fast import distributed as D
+
+
+    def status(key):  # kB -> bytes; VmHWM is this process's peak RSS (ru_maxrss can be inherited from the parent)
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key + ":")).split()[1]) * 1024
+
+
+    torch.set_num_threads(1)
+    data, small, out, teacher = sys.argv[1:5]
+    cfg = D.DistillConfig(data, out, teacher, n_experts=2, r=2, alpha=2.0, steps=10, batch_size=16, lr=1e-2,
+                          warmup=1, device="cpu")
+    # warm-up on a one-shard set: imports, lazy kernels, allocator pools are not data
+    D.distill(dataclasses.replace(cfg, data_dir=small, out_dir=out + "_warm", steps=2), D.DistEnv())
+    base = status("VmRSS")
+    try:  # reset the peak to the current RSS (Linux >= 4.0); without it the peak includes the warm-up's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    D.distill(cfg, D.DistEnv())
+    print(json.dumps({"base": base, "peak": status("VmHWM")}))
+''')
+
+
+RSS_TEACHER = textwrap.dedent('''
+    import torch.nn as nn
+
+
+    def make():  # 64x64x3 -> a 2-channel "depth" map
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+
+    make.task = "depth"
+''')
+
+
+def _write_set(d, n, shard, rng):
+    from ppap_fast.data.shards import write_json_atomic
+
+    names = []
+    for k in range(-(-n // shard)):
+        c = min(shard, n - k * shard)
+        names.append(write_npz_atomic(d / f"shard_{k:05d}.npz",
+                                      images=rng.integers(0, 256, (c, 64, 64, 3), dtype=np.uint8),
+                                      targets=rng.standard_normal((c, 2, 64, 64)).astype(np.float16)).name)
+    write_json_atomic(d / "manifest.json", {"num_images": n, "shard_size": shard, "num_shards": len(names),
+                                            "complete": True, "shards": names})
+    return sum((d / s).stat().st_size for s in names)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_distillation_memory_does_not_grow_with_the_set(tmp_path):
+    """4000 images 64x64x3 + float16 targets 2x64x64 (110 MiB of shards), batch 16: the peak RSS of a
+    distillation stays within 40% of the set's size above a warmed-up process: measured 25 MiB; reading
+    the set into memory (before ShardSet) grew it by 489 MiB."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "ppap_rss_teacher.py").write_text(RSS_TEACHER)
+    size = _write_set(tmp_path / "big", 4000, 250, rng)
+    _write_set(tmp_path / "small", 64, 64, rng)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "mods"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path / "big"), str(tmp_path / "small"),
+                        str(tmp_path / "out"), "py:ppap_rss_teacher:make"], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    growth = got["peak"] - got["base"]
+    assert size > 100 << 20
+    assert growth < 0.4 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB set"
+    s = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert s["targets"] == "cached" and len(s["losses"]) == 10 and np.isfinite(s["losses"]).all()
+
+
+def test_computed_targets_live_on_disk_and_survive_a_crash(tmp_path, depth_module, monkeypatch):
+    """No cached targets: the teacher's outputs go to <out>/teacher_targets/ (one file per shard, what
+    generate --teacher caches with the same micro-batch), a restart reuses them (a damaged one is
+    redone), and they are removed once the experts are written."""
+    cached, plain = tmp_path / "cached", tmp_path / "plain"
+    D.generate(D.GenerateConfig(str(cached), **GEN, teacher=depth_module), D.DistEnv())
+    D.generate(D.GenerateConfig(str(plain), **GEN), D.DistEnv())
+    want = load_shards(cached)["targets"]
+    out = tmp_path / "out"
+    cfg = _depth_cfg(plain, out, depth_module, steps=4, batch_size=4, checkpoint_every=2)
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        D.distill(cfg, D.DistEnv())
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    tdir = out / D.TARGETS_DIR
+    files = sorted(tdir.glob("targets_*.npz"))
+    assert [f.name for f in files] == ["targets_00000.npz", "targets_00001.npz"]
+    got = np.concatenate([np.load(f)["targets"] for f in files])
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    files[1].write_bytes(files[1].read_bytes()[:50])  # damaged: recomputed on restart
+    D.distill(cfg, D.DistEnv())
+    s = json.loads((out / "train_summary.json").read_text())
+    assert s["targets"] == "computed" and s["resumed_from_step"] == 2 and len(s["losses"]) == 4
+    assert not tdir.exists()  # finished: removed with the training state
+    # the cached set gives the same run (same targets, same batches)
+    ref = tmp_path / "ref"
+    D.distill(_depth_cfg(cached, ref, depth_module, steps=4, batch_size=4), D.DistEnv())
+    assert json.loads((ref / "train_summary.json").read_text())["losses"] == s["losses"]
+
+
+def test_computed_targets_of_another_teacher_are_not_reused(tmp_path, depth_module, monkeypatch):
+    plain = tmp_path / "plain"
+    D.generate(D.GenerateConfig(str(plain), **GEN), D.DistEnv())
+    out = tmp_path / "out"
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "1")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        D.distill(_depth_cfg(plain, out, "py:ppap_test_depth:make_other", steps=2, batch_size=4), D.DistEnv())
+    tdir = out / D.TARGETS_DIR
+    other = np.load(tdir / "targets_00000.npz")["targets"]
+    with pytest.raises(D.SimulatedCrash):  # another teacher into the same --out: its files are replaced
+        D.distill(_depth_cfg(plain, out, depth_module, steps=2, batch_size=4), D.DistEnv())
+    mine = np.load(tdir / "targets_00000.npz")["targets"]
+    assert not np.array_equal(mine, other)
+    teacher = D.build_teacher(depth_module).model
+    with torch.no_grad():
+        x = torch.from_numpy(load_shards(plain)["images"][:4].astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        assert torch.equal(torch.from_numpy(mine), teacher(x).half())
+    # the same teacher again: complete files are reused as they are
+    stamp = {f.name: f.stat().st_mtime_ns for f in tdir.glob("targets_*.npz")}
+    with pytest.raises(D.SimulatedCrash):
+        D.distill(_depth_cfg(plain, out, depth_module, steps=2, batch_size=4), D.DistEnv())
+    assert {f.name: f.stat().st_mtime_ns for f in tdir.glob("targets_*.npz")} == stamp

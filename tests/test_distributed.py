@@ -258,8 +258,9 @@ make.task = "depth"
 
 
 def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    """2 gloo ranks, depth teacher (MSE on cached float16 maps): rank 1 SIGKILLs itself after
-    step 3 (training state at step 2), resume, compare with an uninterrupted 2-rank run."""
+    """2 gloo ranks, depth teacher (MSE on float16 maps the ranks compute, each for its share of
+    the shards, into <out>/teacher_targets): rank 1 SIGKILLs itself after step 3 (training state
+    at step 2), resume, compare with an uninterrupted 2-rank run."""
     from safetensors import safe_open
     from torch.multiprocessing.spawn import ProcessException
 
@@ -269,9 +270,8 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
     teacher = "py:ppap_ddp_depth:make"
     data = tmp_path / "data"
-    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4, "teacher": teacher}),
-               D.DistEnv())
-    assert load_shards(data)["targets"].dtype == np.float16
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4}), D.DistEnv())
+    assert set(load_shards(data)) == {"images"}
     kw = dict(n_experts=2, r=2, alpha=2.0, steps=5, batch_size=4, lr=2e-2, warmup=1, device="cpu",
               checkpoint_every=2)
     ref = tmp_path / "ref"
@@ -288,11 +288,19 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     assert not (out / "experts.safetensors").exists()
     with safe_open(str(out / D.TRAIN_STATE), "pt") as f:
         assert f.metadata()["step"] == "2" and f.metadata()["world_size"] == "2"
+    computed = sorted((out / D.TARGETS_DIR).glob("targets_*.npz"))  # one per shard, kept for the restart
+    assert [f.name for f in computed] == ["targets_00000.npz", "targets_00001.npz"]
+    depth = D.build_teacher(teacher).model
+    with torch.no_grad():
+        x = torch.from_numpy(load_shards(data)["images"].astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        want = torch.cat([depth(x[:4]), depth(x[4:])]).half()   # micro-batches of batch_size = 4
+    assert torch.equal(torch.from_numpy(np.concatenate([np.load(f)["targets"] for f in computed])), want)
 
     D.launch("distill", cfg, 2, threads=1, timeout_s=60)
     _assert_same_experts(_experts(out), _experts(ref))
     s, sr = (json.loads((d / "train_summary.json").read_text()) for d in (out, ref))
-    assert s["world_size"] == 2 and s["loss"] == "mse" and s["targets"] == "cached"
+    assert s["world_size"] == 2 and s["loss"] == "mse" and s["targets"] == "computed"
+    assert not (out / D.TARGETS_DIR).exists() and not (ref / D.TARGETS_DIR).exists()
     assert s["resumed_from_step"] == 2 and len(s["losses"]) == 5 and s["losses"] == sr["losses"]
     assert all(np.isfinite(s["losses"]))
     lora_b = [v for k, v in _experts(out).items() if k.endswith("lora_B")]

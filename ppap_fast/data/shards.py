@@ -6,14 +6,26 @@ N x ... for dense guides) and ``manifest.json``. Every file is written to a temp
 name in the same directory and renamed into place, so a shard either exists completely or not at
 all; a restarted run recomputes only missing shards, and shard k always holds the images of the
 same seed (seed + k), so nothing is lost or duplicated.
+
+Reading: :class:`ShardSet` is a lazy view of a complete set for training on sets far larger
+than memory. It reads only the zip directory and the ``.npy`` headers of each shard, up front,
+and records where each array's rows lie in the file; :meth:`ShardSet.gather` then reads exactly
+the requested rows with positional reads (no memory map: a mapped page counts in the process's
+RSS once touched, and every map holds a file descriptor). np.savez stores members uncompressed,
+so this is the format the writers here produce; a compressed or Fortran-order member (written by
+something else) is read whole, one shard at a time, with a warning. :func:`load_shards`
+concatenates everything in memory (small sets and tests only).
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,19 +72,65 @@ def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), ".safetensors")
 
 
+class NpzMember(NamedTuple):
+    """Where one array of an npz file lies: ``offset`` of its first data byte in the file (None:
+    stored compressed or in Fortran order, so it can only be read whole), its shape and dtype."""
+    path: Path
+    name: str
+    offset: int | None
+    shape: tuple
+    dtype: np.dtype
+
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (30 bytes)
+
+
+def npz_members(path) -> dict[str, NpzMember]:
+    """The arrays of an npz file from its zip directory and ``.npy`` headers only (no data is
+    read). Raises ValueError for a file that is not a readable npz (truncated: no zip directory)
+    or whose headers do not add up."""
+    path = Path(path)
+    out = {}
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with z.open(info) as m:  # the npy header, through zipfile (any compression)
+                    major, _ = np.lib.format.read_magic(m)
+                    if major not in (1, 2):
+                        raise ValueError(f"member {info.filename}: npy format version {major} is not supported")
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read(m)
+                    header_len = m.tell()
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                offset = None
+                if info.compress_type == zipfile.ZIP_STORED and not (fortran and len(shape) > 1) \
+                        and not dtype.hasobject:
+                    f.seek(info.header_offset)
+                    sig, *_, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+                    if sig != b"PK\x03\x04":
+                        raise ValueError(f"member {info.filename}: bad local header")
+                    if header_len + nbytes != info.file_size:
+                        raise ValueError(f"member {info.filename}: {info.file_size} bytes stored, its header "
+                                         f"describes {header_len + nbytes}")
+                    offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + header_len
+                out[name] = NpzMember(path, name, offset, tuple(shape), dtype)
+    except (OSError, zipfile.BadZipFile, EOFError, struct.error, ValueError) as e:
+        raise ValueError(f"{path} is not a readable npz shard ({type(e).__name__}: {e})") from None
+    return out
+
+
 def shard_is_complete(path: Path, count: int) -> bool:
-    """Cheap check (zip directory + npy header, no data read: a resume over thousands of large
+    """Cheap check (zip directory + npy headers, no data read: a resume over thousands of large
     shards must not re-read them): a readable npz with ``count`` uint8 images. Atomic renames
     mean a shard is never half-written by us; a truncated file has no zip directory."""
     try:
-        with zipfile.ZipFile(path) as z:
-            with z.open("images.npy") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-        return len(shape) == 4 and shape[0] == count and dtype == np.uint8
-    except Exception:
+        im = npz_members(path).get("images")
+    except ValueError:
         return False
+    return im is not None and len(im.shape) == 4 and im.shape[0] == count and im.dtype == np.uint8
 
 
 class ShardWriter:
@@ -133,15 +191,135 @@ class ShardWriter:
         return todo
 
 
-def load_shards(directory) -> dict[str, np.ndarray]:
-    """Concatenate all shards of a complete set (raises if incomplete)."""
-    d = Path(directory)
+def _read_manifest(d: Path) -> dict:
     m = d / MANIFEST
     if not m.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {d}: not a shard set")
     man = json.loads(m.read_text())
     if not man.get("complete"):
         raise ValueError(f"shard set {d} is incomplete: rerun `generate` to finish it")
+    return man
+
+
+class ShardSet:
+    """A complete shard set read lazily: ``len(s)`` images, ``s.gather(name, rows)`` reads just
+    those rows of array ``name`` (``images``, ``logits``, ``targets``, ...) from the shards.
+
+    Opening scans each shard's zip directory and npy headers (see the module docstring); the set
+    holds only that index, never the arrays. ``attach(name, paths)`` adds an array kept in other
+    files with the same shard layout (e.g. teacher outputs computed later). ``bytes_read``
+    counts the data bytes read so far (tests use it to check that only the needed rows are read).
+    """
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        man = _read_manifest(self.dir)
+        self.manifest = man
+        paths = [self.dir / name for name in man["shards"]]
+        shards = [npz_members(p) for p in paths]
+        counts = []
+        for p, members in zip(paths, shards):
+            im = members.get("images")
+            if im is None or len(im.shape) != 4 or im.dtype != np.uint8:
+                raise ValueError(f"{p} holds no uint8 N x H x W x C images")
+            counts.append(im.shape[0])
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        if self.starts[-1] != man["num_images"]:
+            raise ValueError(f"shard set {self.dir} holds {self.starts[-1]} images, manifest says {man['num_images']}")
+        self._members: dict[str, list[NpzMember]] = {}
+        for name in shards[0]:
+            self._add(name, [m.get(name) for m in shards], paths)
+        self.bytes_read = 0
+        self._whole: tuple | None = None  # (member, array): the last member read whole (fallback)
+        self._warned = False
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._members)
+
+    def __contains__(self, name) -> bool:
+        return name in self._members
+
+    def row_shape(self, name) -> tuple:
+        return self._members[name][0].shape[1:]
+
+    def dtype(self, name) -> np.dtype:
+        return self._members[name][0].dtype
+
+    def _add(self, name, members, paths):
+        first = members[0]
+        for p, m, n in zip(paths, members, self.counts):
+            if m is None:
+                raise ValueError(f"{p} has no array {name!r} (shard {paths[0].name} has one)")
+            if m.shape[0] != n or m.shape[1:] != first.shape[1:] or m.dtype != first.dtype:
+                raise ValueError(f"{p}: {name!r} is {m.shape} {m.dtype}, expected {(int(n), *first.shape[1:])} "
+                                 f"{first.dtype} like the other shards")
+        self._members[name] = members
+
+    def attach(self, name: str, paths) -> None:
+        """Add array ``name`` from npz files ``paths``, one per shard, with the shards' row counts."""
+        paths = [Path(p) for p in paths]
+        if len(paths) != len(self.counts):
+            raise ValueError(f"{len(paths)} files for {len(self.counts)} shards")
+        self._add(name, [npz_members(p).get(name) for p in paths], paths)
+
+    def gather(self, name: str, rows) -> np.ndarray:
+        """Rows ``rows`` (ints in [0, len)) of array ``name``, in that order (repeats allowed)."""
+        if name not in self._members:
+            raise KeyError(f"shard set {self.dir} has no array {name!r} (it has {self.names})")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range [0, {len(self)})")
+        members = self._members[name]
+        out = np.empty((rows.size, *self.row_shape(name)), self.dtype(name))
+        if out.size == 0:
+            return out
+        flat = out.reshape(rows.size, -1).view(np.uint8)  # one writable byte row per requested row
+        row_bytes = flat.shape[1]
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(rows, kind="stable")  # by shard, then position in the file
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for group in np.split(order, bounds):
+            k = int(shard[group[0]])
+            local = rows[group] - self.starts[k]
+            m = members[k]
+            if m.offset is None:
+                out[group] = self._read_whole(m)[local]
+                continue
+            with open(m.path, "rb", buffering=0) as f:
+                for pos, r in zip(group, local):
+                    f.seek(m.offset + int(r) * row_bytes)
+                    buf = flat[pos]
+                    got = 0
+                    while got < row_bytes:  # regular files return everything; loop on short reads anyway
+                        n = f.readinto(buf[got:])
+                        if not n:
+                            raise ValueError(f"{m.path}: {name!r} ends early (file changed or damaged)")
+                        got += n
+            self.bytes_read += row_bytes * len(group)
+        return out
+
+    def _read_whole(self, m: NpzMember) -> np.ndarray:
+        if self._whole is None or self._whole[0] != m:
+            if not self._warned:
+                warnings.warn(f"{m.path}: {m.name!r} is compressed or Fortran-ordered; reading it whole "
+                              "(write shards with np.savez to read single rows)", stacklevel=3)
+                self._warned = True
+            with np.load(m.path) as z:
+                self._whole = (m, z[m.name])
+            self.bytes_read += self._whole[1].nbytes
+        return self._whole[1]
+
+
+def load_shards(directory) -> dict[str, np.ndarray]:
+    """Concatenate all shards of a complete set (raises if incomplete). Everything is read into
+    memory: for small sets and tests; training reads through :class:`ShardSet`."""
+    d = Path(directory)
+    man = _read_manifest(d)
     parts: dict[str, list] = {}
     for name in man["shards"]:
         with np.load(d / name) as z:
