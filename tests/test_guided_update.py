@@ -204,3 +204,28 @@ def test_cpu_exp_over_the_float_range(which):
         assert rel < 6e-7, f"{backend}: exp relative error {rel:.2e}"  # a few float32 ulp
         sub = torch.isfinite(want) & ~normal
         assert sub.any() and (got[sub] - want[sub]).abs().max().item() <= 1e-44
+
+
+def test_parallel_chunks_split_samples():
+    # more than one parallel_for chunk (grain 16384), chunk borders inside samples, 2 threads
+    backends = _fast_cpu_backends()
+    if not backends:
+        pytest.skip("no compiled CPU backend")
+    gen = torch.Generator().manual_seed(11)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cfg in (CONFIGS[1], CONFIGS[2]):
+            table64, idx, x, eps, v, grad, noise = _case(*cfg, 5, (3, 61, 67), "cpu", gen, True, True, "mixed")
+            f32 = lambda t: None if t is None else t.float()
+            up = lambda t: None if t is None else f32(t).double()
+            want_s, want_p = gu.guided_update_reference(up(x), up(eps), idx, table64, v=up(v), grad=up(grad),
+                                                        noise=up(noise))
+            for backend in backends:
+                poison_allocator("cpu")
+                got_s, got_p = ops.guided_update(f32(x), f32(eps), idx, table64, v=f32(v), grad=f32(grad),
+                                                 noise=f32(noise), backend=backend)
+                assert_close_rel(got_s, want_s, TOL[torch.float32], f"{backend} {cfg[0]} sample")
+                assert_close_rel(got_p, want_p, TOL[torch.float32], f"{backend} {cfg[0]} pred_xstart")
+    finally:
+        torch.set_num_threads(n)
