@@ -18,7 +18,7 @@ def main(folder: str) -> None:
         _table(out / fname)
 
 
-FIGURE_SUFFIXES = ("_ms", "GBps", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
+FIGURE_SUFFIXES = ("_ms", "GBps", "_fraction", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
 
 
 def _table(path: Path) -> None:

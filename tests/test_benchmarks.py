@@ -26,3 +26,10 @@ def test_scale_suite_and_summary(tmp_path):
     summary = subprocess.run([sys.executable, str(ROOT / "benchmarks/summarize.py"), str(tmp_path)],
                              capture_output=True, text=True, timeout=60)
     assert summary.returncode == 0 and "guided_sampling_ddim25" in summary.stdout, summary.stderr
+
+
+def test_update_bench_bandwidth_accounting():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_update
+
+    assert bench_update.copy_bandwidth_gbps("cpu", nbytes=1 << 20, reps=3) > 0
