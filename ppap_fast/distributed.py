@@ -21,8 +21,14 @@ Generation (:func:`generate`)
     500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
     range (65504) or not finite are an error. The configuration includes the teacher's state
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
-    another teacher. Shard ``k`` is a pure
-    function of ``(config, k)``: its x_T (and any sampler
+    another teacher. Sampling (``fast``, default True; ``--no-fast``): the fast path,
+    :class:`ppap_fast.fast_sampling.FastGuidedSampler` unguided (the fused update; on CUDA also
+    channels_last and CUDA graphs, one graph per micro-batch shape), or the reference
+    :func:`ppap_fast.sampling.sample_loop`. Both draw the same random numbers in the same order,
+    so their images agree up to float rounding (uint8 equal but for rare one-level flips,
+    tested); the choice is part of the configuration (sets written before the option existed
+    are reference sets: finish them with ``--no-fast``). Non-finite samples are an error, not
+    pixels. Shard ``k`` is a pure function of ``(config, k)``: its x_T (and any sampler
     noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
     file is written under a temporary name and renamed into place (``os.replace``), so after a
     crash or a ``kill -9`` a shard either exists completely or not at all. A restart (with any
@@ -407,11 +413,16 @@ class GenerateConfig:
     teacher: str | None = None
     teacher_weights: str | None = None
     device: str = "auto"
+    fast: bool = True                   # FastGuidedSampler (fused update; + channels_last, CUDA graphs on CUDA)
 
     def identity(self) -> dict:
-        """What determines the images (hashed and compared across ranks and restarts)."""
+        """What determines the images (hashed and compared across ranks and restarts). ``fast``
+        is part of it (the two paths round differently); absent when False, so sets written
+        before the field existed (reference path) keep their hash."""
         d = dataclasses.asdict(self)
         d.pop("device")
+        if not self.fast:
+            d.pop("fast")
         d["out_dir"] = str(Path(self.out_dir).resolve())
         d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
         d["teacher_fingerprint"] = (file_fingerprint(self.teacher[5:]) if self.teacher and self.teacher.startswith("tiny:")
@@ -525,6 +536,17 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
+    if cfg.fast:  # one sampler for all shards (CUDA graphs are captured once per batch shape)
+        from .fast_sampling import FastGuidedSampler
+
+        on_cuda = device.type == "cuda"
+        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, channels_last=on_cuda,
+                                 cuda_graph=on_cuda)
+
+    def sample(x_T, noise_fn):
+        if cfg.fast:  # same random numbers as the reference: x_T given, then noise_fn(i, x) per step
+            return fast.sample(x_T, noise_fn=noise_fn)
+        return sample_loop(unet, x_T, sched, sampler=cfg.sampler, eta=cfg.eta, noise_fn=noise_fn)
 
     # the missing shards are dealt round-robin (balanced on a resume, k % world_size on a fresh
     # run); a shard's content depends on k only, so who writes it does not matter
@@ -544,8 +566,9 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         bs = cfg.batch_size or count
         imgs = []
         for i in range(0, count, bs):
-            x0 = sample_loop(unet, x_T[i:i + bs].to(device), sched, sampler=cfg.sampler, eta=cfg.eta,
-                             noise_fn=noise_fn)
+            x0 = sample(x_T[i:i + bs].to(device), noise_fn)
+            if not bool(torch.isfinite(x0).all()):  # to_uint8 would turn NaN into a plausible pixel
+                raise ValueError(f"shard {k}: the sampler returned non-finite images (denoiser {cfg.denoiser!r})")
             imgs.append(to_uint8(x0))
         arrays = {"images": np.concatenate(imgs)}
         if teacher is not None:  # cached once: the teacher sees the clean x0, which does not depend on t
@@ -573,7 +596,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
             write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True))
     raise_if_any(err, env, "final shard check")
     return {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
-            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h}
+            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h,
+            "sampling": "fast" if cfg.fast else "reference"}
 
 
 # ----------------------------------------------------------------------------- distillation
@@ -1052,6 +1076,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="cache this teacher's outputs on the clean images: tiny:<file>, a registry name, "
                         "or py:package.module:factory (classifier logits float32, dense maps float16)")
     g.add_argument("--teacher-weights", default=None)
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample with FastGuidedSampler (fused update; channels_last + CUDA graphs on CUDA); "
+                        "--no-fast: the reference sample_loop (also what sets written before this option used). "
+                        "Same random numbers; images may differ by float rounding, so it is part of the set's "
+                        "configuration")
 
     d = sub.add_parser("distill", help="DDP distillation of PPAP experts on a data-free set")
     common(d)
@@ -1088,7 +1117,7 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
     if a.task == "generate":
         return GenerateConfig(a.out, a.num_images, a.shard_size, a.batch_size, a.seed, a.image_size, a.channels,
                               a.denoiser, a.checkpoint, a.schedule, a.num_timesteps, a.respacing, a.sampler, a.eta,
-                              a.teacher, a.teacher_weights, a.device)
+                              a.teacher, a.teacher_weights, a.device, fast=a.fast)
     return DistillConfig(a.data, a.out, a.teacher, a.teacher_weights, n_experts=a.n_experts,
                          num_timesteps=a.num_timesteps, r=a.r, alpha=a.alpha, layout=a.layout, steps=a.steps,
                          batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,

@@ -96,6 +96,55 @@ def test_generate_killed_process_group_then_resume(tmp_path, reference):
         D.generate(D.GenerateConfig(str(out), **{**GEN, "seed": 4}), D.DistEnv())
 
 
+def _images(out):
+    return load_shards(out)["images"].astype(np.int16)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_generation_matches_the_reference_path(tmp_path, monkeypatch):
+    """FastGuidedSampler (fused update) vs sample_loop with the shard's random numbers, for DDIM,
+    DDIM with eta > 0 and DDPM (both draw per-step noise): uint8 images equal up to rare rounding
+    flips of one level."""
+    from ppap_fast.fast_sampling import FastGuidedSampler
+
+    calls = []
+    real = FastGuidedSampler.sample
+    monkeypatch.setattr(FastGuidedSampler, "sample", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    base = {**GEN, "num_images": 8, "shard_size": 4, "batch_size": 2, "image_size": 16, "channels": 3}
+    for i, over in enumerate([{}, {"sampler": "ddpm", "respacing": "ddim10"}, {"respacing": "ddim10", "eta": 0.7}]):
+        cfg = D.GenerateConfig(str(tmp_path / f"ref{i}"), **{**base, **over}, fast=False)
+        assert D.generate(cfg, D.DistEnv())["sampling"] == "reference" and not calls
+        res = D.generate(dataclasses.replace(cfg, out_dir=str(tmp_path / f"fast{i}"), fast=True), D.DistEnv())
+        assert res["sampling"] == "fast" and len(calls) == 4   # 2 shards x 2 micro-batches
+        calls.clear()
+        ref, fast = _images(tmp_path / f"ref{i}"), _images(tmp_path / f"fast{i}")
+        diff = np.abs(fast - ref)
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.005, (over, diff.max(), (diff > 0).mean())
+        assert ref.std() > 20  # real images, not a constant
+    # the check discriminates: another seed's images differ almost everywhere
+    D.generate(D.GenerateConfig(str(tmp_path / "seed4"), **{**base, "seed": 4}), D.DistEnv())
+    assert (_images(tmp_path / "seed4") != _images(tmp_path / "fast0")).mean() > 0.5
+    # the path is part of the set's identity: sets written before the option (no "fast" key) keep their hash
+    cfg = D.GenerateConfig(str(tmp_path / "ref0"), **base, fast=False)
+    assert "fast" not in cfg.identity() and dataclasses.replace(cfg, fast=True).identity()["fast"] is True
+    with pytest.raises(D.DistributedRunError, match=r"another configuration.*fast: None there vs True now"):
+        D.generate(dataclasses.replace(cfg, fast=True), D.DistEnv())
+    assert D.config_from_args(D._parser().parse_args(_gen_args(tmp_path / "x"))).fast is True
+    assert D.config_from_args(D._parser().parse_args([*_gen_args(tmp_path / "x"), "--no-fast"])).fast is False
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_generation_refuses_non_finite_images(tmp_path, monkeypatch, fast):
+    class NaNDenoiser(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(D, "build_denoiser", lambda *a, **k: NaNDenoiser())
+    with pytest.raises(ValueError, match="shard 0: the sampler returned non-finite images"):
+        D.generate(D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "num_images": 2}, fast=fast), D.DistEnv())
+    assert not list((tmp_path / "x").glob("shard_*.npz"))
+
+
 def test_ranks_with_different_configs_fail_clearly(tmp_path):
     cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
     cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "respacing": "ddim4"})
