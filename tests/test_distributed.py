@@ -88,6 +88,7 @@ def test_generate_killed_process_group_then_resume(tmp_path, reference):
     assert not list(out.glob(".*.tmp"))
     man = json.loads((out / "manifest.json").read_text())
     assert man["complete"] and man["world_size"] == 2 and len(man["shards"]) == 5
+    assert man["config"]["fast"] is True  # the default fast path, killed and resumed
 
     # resuming a finished set writes nothing; another configuration into it is refused
     res = D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
