@@ -1,7 +1,9 @@
 """Fast (segment-based) multi-expert LoRA ops as ``torch.autograd.Function``s.
 
 Forward uses the SGMV shrink/expand kernels (Triton, or the CUDA ones when
-``fwd="cuda"``); backward always uses the Triton kernels on transposed views:
+``fwd="cuda"`` / ``"cuda_full"``); backward uses the Triton kernels on transposed views,
+or with ``fwd="cuda_full"`` the CUDA shrink/expand on contiguous transposed weights and the
+CUDA seg_outer (the scale folded into the expand / seg_outer alpha instead of dh):
 
     y   = x W^T + b + eb[e] + s * (x A_e^T) B_e^T       h  = x A_e^T           (shrink)
     dh  = s * dy B_e                                    (shrink with B_e^T as the weight)
