@@ -8,7 +8,8 @@ expert forward and input backward)). Then ``ppap_fast.distributed.generate`` (un
 uint8 shards, one process) of ``PPAP_GEN_IMAGES`` images (default 1000): images/s.
 cpu: the same code on tiny models, so the suite stays tested; its figures are only indicative.
 
-Ratio: ``sample_guided_vs_unguided`` (whole 25-step run, same batch; 1.0 = guidance is free).
+Ratios: ``sample_guided_vs_unguided`` (whole 25-step run, same batch; 1.0 = guidance is free) and
+``sample_swap_vs_cache`` (merge_mode "swap" vs "cache"; the row also has the memory each keeps).
 """
 from __future__ import annotations
 
@@ -99,7 +100,31 @@ def _sampling_rows(device: str, quick: bool):
            "peak_memory_gib": None if peak_gib is None else round(peak_gib, 3),
            "flops_per_run": flops, "achieved_tflops": None if flops is None else round(flops / t_g / 1e12, 2),
            "mfu_vs_dense_bf16_peak": None if (flops is None or peak is None) else round(flops / t_g / peak, 4)}
-    return row, {"sample_guided_vs_unguided": round(t_g / t_u, 4)}
+    ratios = {"sample_guided_vs_unguided": round(t_g / t_u, 4)}
+    del guided, unguided
+    swap_row = _merge_mode_rows(model, bank, sched, opts, x_T, device, reps)
+    ratios["sample_swap_vs_cache"] = round(swap_row["swap_s"] / swap_row["cache_s"], 4)
+    return [row, swap_row], ratios
+
+
+def _merge_mode_rows(model, bank, sched, opts, x_T, device, reps):
+    """merge_mode "cache" (one merged expert and, with CUDA graphs, one graph per band) vs "swap"
+    (one copy, weights swapped in place): seconds per run and device memory each keeps."""
+    import gc
+
+    cuda = device == "cuda"
+    row = {"bench": "guided_sampling_merge_modes", "shape": list(x_T.shape), "device": device}
+    for mode in ("cache", "swap"):
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved()
+        s = FastGuidedSampler(model, sched, guide=ClassGuide(bank, TARGET, scale=SCALE), merge_mode=mode, **opts)
+        s.sample(x_T)
+        row[f"{mode}_s"] = round(min(_timed(lambda: s.sample(x_T), device) for _ in range(reps)), 4)
+        row[f"{mode}_held_gib"] = round((torch.cuda.memory_reserved() - before) / 2**30, 3) if cuda else None
+        del s
+    return row
 
 
 def _generation_row(device: str, quick: bool):
@@ -131,5 +156,5 @@ def _generation_row(device: str, quick: bool):
 
 
 def run(device: str = "cpu", quick: bool = False) -> dict:
-    row, ratios = _sampling_rows(device, quick)
-    return {"rows": [row, _generation_row(device, quick)], "ratios": ratios}
+    rows, ratios = _sampling_rows(device, quick)
+    return {"rows": rows + [_generation_row(device, quick)], "ratios": ratios}

@@ -23,8 +23,12 @@ A PPAP guide (a :class:`ppap_fast.guidance.Guide` whose ``model`` is an :class:`
 :class:`ComposedGuide` of such guides) is run, for a step whose samples all share one step index
 (``step(x, int)``, what ``sample`` does), with ``bank.merged(n)`` for the expert ``n`` of that
 step's band: LoRA merged into the weights, BatchNorm folded into the convs, no routing (plain
-dense layers, the fastest the backbone can be). Merged copies are built lazily, one per band seen,
-and kept (N copies of the backbone at most). A batch that mixes step indices (``step(x, idx)``
+dense layers, the fastest the backbone can be). ``merge_mode="cache"`` (default) builds merged
+copies lazily, one per band seen, and keeps them (N copies of the backbone at most; with
+``cuda_graph`` one captured step per band, each with its own memory pool). ``merge_mode="swap"``
+keeps ONE merged copy per bank and copies the next band's merged weights into it in place when
+the band changes (N-1 re-merges per sampling run; one graph serves every band since the
+parameters keep their addresses): the memory of one backbone and one graph. A batch that mixes step indices (``step(x, idx)``
 with a [B] tensor: several requests at different steps served together) routes each sample
 through the bank by index instead. ``merge_experts=False`` always routes. A bank in train mode is
 never merged (merging equals the bank in eval mode only).
@@ -66,6 +70,8 @@ from .ops import build_table, guided_update
 from .ops.update import MODES as _MODES
 from .sampling import NONFINITE_MODES, _index_tensor
 from .schedule import Schedule
+
+MERGE_MODES = ("cache", "swap")
 
 __all__ = ["FastGuidedSampler", "FastGuide", "FastSamplingWarning", "fast_sample_loop", "guide_banks"]
 
@@ -266,9 +272,13 @@ class FastGuide:
 
     def __init__(self, guide: Callable, device=None, *, merge_experts: bool = True, channels_last: bool = False,
                  guide_autocast: torch.dtype | None = None, compile_guide: bool = False,
-                 compile_kwargs: Mapping | None = None, opts: "_Opts | None" = None, _stacklevel: int = 2):
+                 compile_kwargs: Mapping | None = None, opts: "_Opts | None" = None, merge_mode: str = "cache",
+                 _stacklevel: int = 2):
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
+        self.merge_mode = merge_mode
         self.opts = opts if opts is not None else _Opts(channels_last, guide_autocast, compile_guide, False,
                                                         compile_kwargs)
         self.device = None if device is None else torch.device(device)
@@ -281,8 +291,10 @@ class FastGuide:
                           FastSamplingWarning, stacklevel=_stacklevel)
             self.merge_experts = False
         self._merged_models: dict = {}
+        self._loaded: dict = {}  # swap mode: id(bank) -> expert whose weights the merged copy holds
         self._variants: dict = {}
         self._routed = _GradRunner(self.guide, self.opts, self.banks)
+        self.swaps = 0
 
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
@@ -291,14 +303,32 @@ class FastGuide:
         return tuple(int(t_host) // b.band for b in self.banks)
 
     def _merged_model(self, bank, n):
-        key = (id(bank), n)
+        key = (id(bank), n) if self.merge_mode == "cache" else id(bank)
         m = self._merged_models.get(key)
         if m is None:
             m = bank.merged(n)
             if self.opts.channels_last:
                 m = m.to(memory_format=torch.channels_last)
             self._merged_models[key] = m
+            self._loaded[id(bank)] = n
         return m
+
+    @torch.no_grad()
+    def _swap_to(self, key):
+        """swap mode: make each bank's single merged copy hold the experts of ``key`` (in place)."""
+        for bank, n in zip(self.banks, key):
+            m = self._merged_models.get(id(bank))
+            if m is None or self._loaded[id(bank)] == n:
+                continue
+            src = bank.merged(n).state_dict()
+            for name, t in m.state_dict().items():
+                t.copy_(src[name])
+            self._loaded[id(bank)] = n
+            self.swaps += 1
+
+    def variant_key(self, key):
+        """Key of the runner (and captured graph) serving expert key ``key``: one for all bands in swap mode."""
+        return key if key is None or self.merge_mode == "cache" else "swap"
 
     def _merge(self, guide, experts: dict):
         if isinstance(guide, _gd.ComposedGuide):
@@ -317,11 +347,14 @@ class FastGuide:
         """The grad runner for a merged key, or the routed runner for key None."""
         if key is None:
             return self._routed
-        v = self._variants.get(key)
+        vkey = self.variant_key(key)
+        v = self._variants.get(vkey)
         if v is None:
             experts = {id(b): n for b, n in zip(self.banks, key)}
             v = _GradRunner(self._merge(self.guide, experts), self.opts, [])
-            self._variants[key] = v
+            self._variants[vkey] = v
+        if self.merge_mode == "swap":
+            self._swap_to(key)
         return v
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None) -> torch.Tensor:
@@ -343,7 +376,7 @@ class FastGuidedSampler:
         nonfinite_grad: "raise" | "zero" | "ignore", as ``sampling.sample_loop`` (raise is a
             device-side assert on accelerators).
         backend: guided_update backend (None = fastest available).
-        See the module docstring for merge_experts, channels_last, guide_autocast, compile_*,
+        See the module docstring for merge_experts, merge_mode, channels_last, guide_autocast, compile_*,
         cuda_graph, overlap_guide.
     """
 
@@ -353,7 +386,7 @@ class FastGuidedSampler:
                  merge_experts: bool = True, channels_last: bool = False, guide_autocast: torch.dtype | None = None,
                  compile_guide: bool = False, compile_model: bool = False, compile_kwargs: Mapping | None = None,
                  compile_freeze: bool = False, cuda_graph: bool = False, overlap_guide: bool = False,
-                 backend: str | None = None, device=None):
+                 backend: str | None = None, device=None, merge_mode: str = "cache"):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if nonfinite_grad not in NONFINITE_MODES:
@@ -388,7 +421,8 @@ class FastGuidedSampler:
         self._steps_cache: dict = {}
         # guide variants
         self.fast_guide = None if guide is None else FastGuide(guide, self.device, merge_experts=merge_experts,
-                                                                opts=self.opts, _stacklevel=3)
+                                                                opts=self.opts, merge_mode=merge_mode,
+                                                                _stacklevel=3)
         self.guide = None if guide is None else self.fast_guide.guide
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
@@ -551,7 +585,8 @@ class FastGuidedSampler:
     def _run(self, x, idx, key, runner, noise):
         if not self._graph_ok(x):
             return self._core(x, idx, runner, noise)
-        gkey = (key, runner is None, tuple(x.shape), x.dtype, noise is not None)
+        vkey = key if self.fast_guide is None else self.fast_guide.variant_key(key)
+        gkey = (vkey, runner is None, tuple(x.shape), x.dtype, noise is not None)
         g = self._graphs.get(gkey)
         if g is None:
             try:

@@ -107,6 +107,26 @@ def test_merged_path_does_not_call_the_bank(setup):
         h.remove()
 
 
+@pytest.mark.parametrize("sampler,respacing", [("ddim", "ddim5"), ("ddpm", "6")])
+def test_swap_merge_mode_equals_cache_with_one_copy(setup, sampler, respacing):
+    model, bank, guide = setup
+    sched = Schedule.create("linear", 1000, respacing)
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    ref = sample_loop(model, SHAPE, sched, sampler=sampler, guide=guide, generator=gen())
+    cache = FastGuidedSampler(model, sched, sampler=sampler, guide=guide)
+    swap = FastGuidedSampler(model, sched, sampler=sampler, guide=guide, merge_mode="swap")
+    a, b = cache.sample(SHAPE, generator=gen()), swap.sample(SHAPE, generator=gen())
+    assert rel_err(a, ref) < TOL and rel_err(b, ref) < TOL
+    bands = [int(t) // bank.band for t in reversed(sched.timestep_map.tolist())]
+    switches = sum(1 for p, q in zip(bands, bands[1:]) if p != q)
+    assert len(cache._merged_models) == len(set(bands)) > 1
+    assert len(swap._merged_models) == 1 and len(swap._variants) == 1 and swap.fast_guide.swaps == switches
+    again = swap.sample(SHAPE, generator=gen())  # starts from the last band: swaps back
+    assert rel_err(again, ref) < TOL and swap.fast_guide.swaps == 2 * switches + 1
+    with pytest.raises(ValueError, match="merge_mode"):
+        FastGuidedSampler(model, sched, guide=guide, merge_mode="lazy")
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_mixed_timestep_batch_routes_per_sample(setup, sampler):
     model, bank, guide = setup
@@ -396,3 +416,18 @@ def test_cuda_bf16_channels_last_graph(no_tf32):
     out = fast_sample_loop(model, SHAPE, sched, guide=guide, guide_autocast=torch.bfloat16, channels_last=True,
                            cuda_graph=True, generator=torch.Generator(device="cuda").manual_seed(1))
     assert rel_err(out, ref) < 3e-2
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_swap_mode_one_graph_for_every_band(no_tf32):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(2)  # noqa: E731
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=gen())
+    fast = FastGuidedSampler(model, sched, guide=guide, cuda_graph=True, merge_mode="swap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        out, again = fast.sample(SHAPE, generator=gen()), fast.sample(SHAPE, generator=gen())
+    assert len(fast._graphs) == 1 and fast.fast_guide.swaps > 0
+    assert rel_err(out, ref) < 1e-4 and rel_err(again, ref) < 1e-4

@@ -62,7 +62,7 @@ class PPAPGuidance:
             is known on the host (an int, or a CPU tensor as ``scheduler.timesteps`` is unless
             ``set_timesteps(device=...)`` moved it), a PPAP guide uses the merged experts of that
             band (LoRA merged, BN folded); a device timestep routes per sample. ``fast_options``
-            (merge_experts, channels_last, guide_autocast, compile_guide, compile_kwargs) go to it.
+            (merge_experts, merge_mode, channels_last, guide_autocast, compile_guide, compile_kwargs) go to it.
     """
 
     def __init__(self, guide: Callable, scale: float = 1.0, fast: bool = True, **fast_options):
@@ -70,7 +70,7 @@ class PPAPGuidance:
             raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        allowed = {"merge_experts", "channels_last", "guide_autocast", "compile_guide", "compile_kwargs"}
+        allowed = {"merge_experts", "merge_mode", "channels_last", "guide_autocast", "compile_guide", "compile_kwargs"}
         if set(fast_options) - allowed:
             raise TypeError(f"unknown fast options {sorted(set(fast_options) - allowed)}; allowed: {sorted(allowed)}")
         self.guide, self.scale = guide, float(scale)
