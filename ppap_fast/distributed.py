@@ -464,9 +464,12 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
         if old.get("config_hash") != h:
+            theirs = old.get("config", {})
+            hint = ("; it was sampled on the reference path: finish it with --no-fast (fast=False)"
+                    if theirs.get("fast") != ident.get("fast") and not theirs.get("fast") else "")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
-                             f"{_config_diff(old.get('config', {}), ident)}); use another directory or the "
-                             "same arguments")
+                             f"{_config_diff(theirs, ident)}); use another directory or the same arguments"
+                             + hint)
     stale = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     for p in stale:
         p.unlink(missing_ok=True)

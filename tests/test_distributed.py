@@ -128,7 +128,8 @@ def test_fast_generation_matches_the_reference_path(tmp_path, monkeypatch):
     # the path is part of the set's identity: sets written before the option (no "fast" key) keep their hash
     cfg = D.GenerateConfig(str(tmp_path / "ref0"), **base, fast=False)
     assert "fast" not in cfg.identity() and dataclasses.replace(cfg, fast=True).identity()["fast"] is True
-    with pytest.raises(D.DistributedRunError, match=r"another configuration.*fast: None there vs True now"):
+    with pytest.raises(D.DistributedRunError, match=r"another configuration.*fast: None there vs True now.*"
+                                                    r"reference path: finish it with --no-fast"):
         D.generate(dataclasses.replace(cfg, fast=True), D.DistEnv())
     assert D.config_from_args(D._parser().parse_args(_gen_args(tmp_path / "x"))).fast is True
     assert D.config_from_args(D._parser().parse_args([*_gen_args(tmp_path / "x"), "--no-fast"])).fast is False
