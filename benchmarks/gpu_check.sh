@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool): build, CUDA/Triton parity, benchmarks, real-scale runs, short table.
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".devcarry"], timeout_s=560)
-#   stages (default: all four, in this order): build tests bench scale, e.g. a second call on the warm
-#   machine: run(command="PPAP_GEN_IMAGES=1000 bash benchmarks/gpu_check.sh scale", timeout_s=400)
+#   stages (default: all four, in this order): build tests bench scale. All four rarely fit one call:
+#   run(command="bash benchmarks/gpu_check.sh build tests", carry=[".devcarry"], timeout_s=590), then on
+#   the warm machine run(command="bash benchmarks/gpu_check.sh bench scale", carry=[".devcarry"], timeout_s=500)
+#   (PPAP_GEN_IMAGES=1000 for the issue's 1000-image generation figure; default 256).
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
-# Writes everything under $OUT (or /tmp/ppap_gpu_out): gpu.txt, build.log, backends.json, tests.txt,
+# Writes everything under $OUT (or /tmp/ppap_gpu_out): gpu.txt, build.log, backends.json, tests_*.txt,
 # bench.json, scale.json, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,11 +30,15 @@ fi
 python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('cuda'), indent=1))" > "$OUT/backends.json"
 
 if has tests; then
-  stamp "parity tests on CUDA"
-  tests=(tests/test_guided_update.py tests/test_lora_ops.py tests/test_sampling.py tests/test_fast_sampling.py)
-  for f in tests/test_norm_ops.py; do [ -f "$f" ] && tests+=("$f"); done
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider "${tests[@]}" -m "cuda or not slow" \
-    2>&1 | tee "$OUT/tests.txt" | tail -25
+  stamp "parity tests on CUDA (each group under its own timeout)"
+  run_tests() {  # name, timeout, pytest args
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests_$name.txt" | tail -6
+  }
+  run_tests update 120 tests/test_guided_update.py                      # picks its CUDA/Triton backends itself
+  run_tests lora "${LORA_TEST_TIMEOUT:-300}" tests/test_lora_ops.py -m cuda
+  run_tests rest "${TEST_TIMEOUT:-240}" tests/test_sampling.py tests/test_adm.py tests/test_fast_sampling.py \
+    tests/test_norm_ops.py -m cuda
 fi
 
 if has bench; then

@@ -11,9 +11,9 @@ def main(folder: str) -> None:
     out = Path(folder)
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown card"
     print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
-    tests = (out / "tests.txt").read_text() if (out / "tests.txt").exists() else ""
-    tally = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", tests, flags=re.M)
-    print(f"tests: {tally[-1] if tally else 'no pytest summary line'}")
+    for f in sorted(out.glob("tests*.txt")):
+        tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected).*?)\s*=*$", f.read_text(), flags=re.M)
+        print(f"{f.stem}: {tally[-1] if tally else 'no pytest summary line (timed out?)'}")
     for fname in ("bench.json", "scale.json"):
         _table(out / fname)
 

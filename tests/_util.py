@@ -4,7 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def requires_cuda(test):
+    """Skip without CUDA, and mark ``cuda`` so that ``pytest -m cuda`` (benchmarks/gpu_check.sh) selects it."""
+    return pytest.mark.cuda(_skip_without_cuda(test))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
