@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import _denoiser_flops, _guide_flops, _peak, _randomise_bank  # noqa: E402
+from timing import timed_ms  # noqa: E402
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
 from ppap_fast.fast_sampling import FastGuidedSampler  # noqa: E402
@@ -55,13 +55,7 @@ def _models(cuda: bool):
 
 
 def _timed(fn, device) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return timed_ms(fn, device) / 1e3
 
 
 def _sampling_rows(device: str, quick: bool):

@@ -42,6 +42,7 @@ from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning  # no
 from ppap_fast.guidance import ClassGuide  # noqa: E402
 from ppap_fast.models import ADMUNet  # noqa: E402
 from ppap_fast.schedule import Schedule  # noqa: E402
+from timing import round_robin_ms  # noqa: E402
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
@@ -191,24 +192,11 @@ def _guide_flops(net, x, target):
 
 
 def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> tuple[dict, dict]:
-    """Median ms of each callable, timed round-robin so that load drift on a shared machine hits all
-    alike, and the per-round times (for ratios taken within a round)."""
+    """Median ms of each callable, timed round-robin (timing.round_robin_ms), and the per-round times
+    (for ratios taken within a round)."""
     import statistics
-    import time
 
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    times = round_robin_ms(fns, device, reps, warmup)
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from timing import median_ms  # noqa: E402
+from timing import median_ms, round_robin_ms  # noqa: E402
 
 from ppap_fast import ops  # noqa: E402
 from ppap_fast.ops import update as gu  # noqa: E402
@@ -33,20 +32,6 @@ def _inputs(B, C, H, device, dtype, gen):
     out = torch.randn(B, 2 * C, H, H, generator=gen).to(device, dtype)
     x, grad, noise = (torch.randn(B, C, H, H, generator=gen).to(device, dtype) for _ in range(3))
     return x, out[:, :C], out[:, C:], grad, noise
-
-
-def _round_robin(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """Per-round wall times (ms) of each callable, the callables timed one after the other per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -108,7 +93,7 @@ def _run(device: str, quick: bool) -> dict:
                 else:
                     fns = {"eager": eager_fn}
                     fns.update({b: (lambda b=b: ops.guided_update(x, eps, idx, table, backend=b, **args)) for b in fast})
-                    times = _round_robin(fns, reps)
+                    times = round_robin_ms(fns, device, reps, warmup=3)
                     eager = statistics.median(times["eager"])
                     for b in fast:
                         row[f"{b}_ms"] = round(statistics.median(times[b]), 4)

@@ -1,4 +1,4 @@
-"""Median wall time of a callable, synchronising CUDA around each rep."""
+"""Wall times of callables, synchronising CUDA around each call."""
 from __future__ import annotations
 
 import statistics
@@ -8,16 +8,31 @@ from typing import Callable
 import torch
 
 
+def timed_ms(fn: Callable, device: str) -> float:
+    """One call of ``fn``, in ms (the device's queue drained before and after)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn: Callable, device: str, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    times = []
+    return statistics.median(timed_ms(fn, device) for _ in range(reps))
+
+
+def round_robin_ms(fns: dict, device: str, reps: int, warmup: int = 2) -> dict:
+    """Per-round times (ms) of each callable, timed one after the other in every round, so that load
+    drift on a shared machine hits all alike: {name: [ms per round]}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            times[k].append(timed_ms(fn, device))
+    return times
