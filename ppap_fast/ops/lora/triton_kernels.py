@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._kernel_util import new_buffer, sm_count
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -315,7 +317,7 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
     BLOCK_Q = _pow2_at_least(Q)
     tiles = N * triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split is None:
-        target = 2 * _sm_count(u.device)
+        target = 2 * sm_count(u.device, 4)
         split = max(1, min(16, triton.cdiv(target, tiles), triton.cdiv(S * M, BLOCK_M * max(N, 1) * 4)))
     split = int(split)
     dot_f32, prec = _dot_cfg(u, v)
@@ -332,23 +334,9 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
     return out
 
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SM_COUNT[key]
-
-
 POISON = False
 
 
 def alloc(shape, dtype, device) -> torch.Tensor:
     """Buffers a kernel fully overwrites; NaN-filled when POISON is on (tests)."""
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    return new_buffer(shape, dtype, device, POISON)

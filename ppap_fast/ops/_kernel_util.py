@@ -1,0 +1,24 @@
+"""Host-side helpers shared by the Triton op modules (ops.lora, ops.norm)."""
+from __future__ import annotations
+
+import torch
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device, other: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device); `other` for any other
+    device (what the caller's split heuristics assume off the GPU)."""
+    if device.type != "cuda":
+        return other
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def new_buffer(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """A buffer the kernels fully overwrite: empty, or NaN-filled when `poison` (tests)."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
