@@ -75,35 +75,45 @@ class ExpertBatchNormFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+def _row_norm_forward(ctx, x, xv, weight, bias, seg, k, fwd, eps):
+    """Layer / group norm forward: fwd(xv, expert_idx, k, w, b, eps) -> y, mean, rstd on the
+    contiguous view xv of x (k: M rows a sample, or G groups)."""
+    w, b = weight.detach().contiguous(), bias.detach().contiguous()
+    y, mean, rstd = fwd(xv, seg.expert_idx, k, w, b, eps)
+    ctx.save_for_backward(xv, w, mean, rstd)
+    ctx.seg, ctx.k = seg, k
+    ctx.meta = (x.shape, weight.dtype, bias.dtype)
+    return y.view(x.shape)
+
+
+def _row_norm_backward(ctx, dy, dx_fn, dwb_fn):
+    """dx, dw, db of _row_norm_forward (None where not needed) with the kernels' dx_fn, dwb_fn."""
+    xv, w, mean, rstd = ctx.saved_tensors
+    seg, k = ctx.seg, ctx.k
+    x_shape, w_dt, b_dt = ctx.meta
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dyv = dy.to(xv.dtype).contiguous().view(xv.shape)
+    dx = dw = db = None
+    if need_x:
+        dx = dx_fn(dyv, xv, seg.expert_idx, k, w, mean, rstd).view(x_shape)
+    if need_w or need_b:
+        gw, gb = dwb_fn(dyv, xv, seg.sorted_idx, seg.offsets, k, mean, rstd, w.shape[0])
+        dw = gw.to(w_dt) if need_w else None
+        db = gb.to(b_dt) if need_b else None
+    return dx, dw, db
+
+
 class ExpertLayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seg, eps: float):
-        D = x.shape[-1]
         M = math.prod(x.shape[1:-1])
-        x2 = x.contiguous().view(math.prod(x.shape[:-1]), D)
-        w, b = weight.detach().contiguous(), bias.detach().contiguous()
-        y, mean, rstd = tk.ln_fwd(x2, seg.expert_idx, M, w, b, eps)
-        ctx.save_for_backward(x2, w, mean, rstd)
-        ctx.seg, ctx.M = seg, M
-        ctx.meta = (x.shape, weight.dtype, bias.dtype)
-        return y.view(x.shape)
+        x2 = x.contiguous().view(math.prod(x.shape[:-1]), x.shape[-1])
+        return _row_norm_forward(ctx, x, x2, weight, bias, seg, M, tk.ln_fwd, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x2, w, mean, rstd = ctx.saved_tensors
-        seg, M = ctx.seg, ctx.M
-        x_shape, w_dt, b_dt = ctx.meta
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy2 = dy.to(x2.dtype).contiguous().view(x2.shape)
-        dx = dw = db = None
-        if need_x:
-            dx = tk.ln_dx(dy2, x2, seg.expert_idx, M, w, mean, rstd).view(x_shape)
-        if need_w or need_b:
-            gw, gb = tk.ln_dwb(dy2, x2, seg.sorted_idx, seg.offsets, M, mean, rstd, w.shape[0])
-            dw = gw.to(w_dt) if need_w else None
-            db = gb.to(b_dt) if need_b else None
-        return dx, dw, db, None, None
+        return (*_row_norm_backward(ctx, dy, tk.ln_dx, tk.ln_dwb), None, None)
 
 
 class ExpertGroupNormFn(torch.autograd.Function):
@@ -112,28 +122,10 @@ class ExpertGroupNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seg, num_groups: int, eps: float):
         S, C = x.shape[:2]
-        P = math.prod(x.shape[2:])
-        x3 = x.contiguous().view(S, C, P)
-        w, b = weight.detach().contiguous(), bias.detach().contiguous()
-        y, mean, rstd = tk.gn_fwd(x3, seg.expert_idx, num_groups, w, b, eps)
-        ctx.save_for_backward(x3, w, mean, rstd)
-        ctx.seg, ctx.G = seg, num_groups
-        ctx.meta = (x.shape, weight.dtype, bias.dtype)
-        return y.view(x.shape)
+        x3 = x.contiguous().view(S, C, math.prod(x.shape[2:]))
+        return _row_norm_forward(ctx, x, x3, weight, bias, seg, num_groups, tk.gn_fwd, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x3, w, mean, rstd = ctx.saved_tensors
-        seg, G = ctx.seg, ctx.G
-        x_shape, w_dt, b_dt = ctx.meta
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy3 = dy.to(x3.dtype).contiguous().view(x3.shape)
-        dx = dw = db = None
-        if need_x:
-            dx = tk.gn_dx(dy3, x3, seg.expert_idx, G, w, mean, rstd).view(x_shape)
-        if need_w or need_b:
-            gw, gb = tk.gn_dwb(dy3, x3, seg.sorted_idx, seg.offsets, G, mean, rstd, w.shape[0])
-            dw = gw.to(w_dt) if need_w else None
-            db = gb.to(b_dt) if need_b else None
-        return dx, dw, db, None, None, None
+        return (*_row_norm_backward(ctx, dy, tk.gn_dx, tk.gn_dwb), None, None, None)
