@@ -30,16 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .._kernel_util import new_buffer
 from . import triton_kernels as tk
 from .segments import Segments
 
 
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """Buffers the kernels fully overwrite. With POISON on (tests), they start as NaN."""
-    dtype = dtype or like.dtype
-    if POISON or tk.POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return new_buffer(shape, dtype or like.dtype, like.device, POISON or tk.POISON)
 
 
 POISON = False
@@ -70,6 +68,22 @@ def _expert_bias_grad(dy3: torch.Tensor, expert_idx: torch.Tensor, N: int, like:
     g = torch.zeros((N, per_sample.shape[1]), dtype=torch.float32, device=dy3.device)
     g.index_add_(0, expert_idx, per_sample)
     return g.to(like.dtype)
+
+
+def _b_bias_grads(dy3, h3, seg: Segments, s: float, N: int, b_dt, eb_dt, need_b: bool, need_eb: bool,
+                  cuda: bool):
+    """The B-stage grads of every Function: dB_e = s * dy_e^T h_e ([N, C, r] of b_dt; CUDA or
+    Triton seg_outer) and deb_e = sum of dy_e (eb_dt); None where not needed."""
+    dB = deb = None
+    if need_b:
+        if cuda:
+            dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
+        else:
+            dB = _alloc((N, dy3.shape[2], h3.shape[2]), dy3, dtype=b_dt)
+            tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
+    if need_eb:
+        deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+    return dB, deb
 
 
 # =============================================================================== linear
@@ -119,7 +133,7 @@ class LoraLinearFn(torch.autograd.Function):
         if dy3.dtype != x3.dtype:
             dy3 = dy3.to(x3.dtype)
         need_x, _, _, need_a, need_b, need_eb = ctx.needs_input_grad[:6]
-        dx = dA = dB = deb = None
+        dx = dA = None
         if ctx.cuda_bwd:
             from . import cuda_ops
 
@@ -133,10 +147,7 @@ class LoraLinearFn(torch.autograd.Function):
                     dx = dx.view(x_shape)
                 if need_a:
                     dA = _cuda_seg_outer(dh0, x3, seg, s, a_dt, N)
-            if need_b:
-                dB = _cuda_seg_outer(dy3, h, seg, s, b_dt, N)
-            if has_eb and need_eb:
-                deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+            dB, deb = _b_bias_grads(dy3, h, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, True)
             return dx, None, None, dA, dB, deb, None, None, None
         if need_x or need_a:
             dh = _alloc((S, M, R), x3)
@@ -148,11 +159,7 @@ class LoraLinearFn(torch.autograd.Function):
             if need_a:
                 dA = _alloc((N, R, K), x3, dtype=a_dt)
                 tk.seg_outer(dh, x3, dA, seg.sorted_idx, seg.offsets, 1.0)
-        if need_b:
-            dB = _alloc((N, NOUT, R), x3, dtype=b_dt)
-            tk.seg_outer(dy3, h, dB, seg.sorted_idx, seg.offsets, s)
-        if has_eb and need_eb:
-            deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+        dB, deb = _b_bias_grads(dy3, h, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, False)
         return dx, None, None, dA, dB, deb, None, None, None
 
 
@@ -252,7 +259,7 @@ class LoraConvBFn(torch.autograd.Function):
         dy3 = dy.view(S, C_out, P).transpose(1, 2)
         h3 = hc.view(S, r, P).transpose(1, 2)
         need_x, need_h, need_b, need_eb = ctx.needs_input_grad[:4]
-        dx = dh = dB = deb = None
+        dx = dh = None
         if need_x:
             dx = torch.ops.aten.convolution_backward(
                 dy, x, Wc, None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
@@ -268,14 +275,7 @@ class LoraConvBFn(torch.autograd.Function):
                 cuda_ops.sgmv_shrink(dy3, Bts, dh3, seg.sorted_idx, seg.offsets)
             else:
                 tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh3, seg.sorted_idx, seg.offsets, s)
-        if need_b:
-            if ctx.cuda_bwd:
-                dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
-            else:
-                dB = _alloc((N, C_out, r), x, dtype=b_dt)
-                tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
-        if has_eb and need_eb:
-            deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+        dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
         return dx, dh, dB, deb, None, None, None, None, None, None, None, None, None
 
 
@@ -343,7 +343,7 @@ class LoraConvFusedFn(torch.autograd.Function):
         dy3 = dy.flatten(2).transpose(1, 2)
         h3 = hc.view(S, r, P).transpose(1, 2)
         need_x, need_a, need_b, need_eb = ctx.needs_input_grad[:4]
-        dx = dA = dB = deb = None
+        dx = dA = None
         geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
         if need_x or need_a:
             G = _alloc_fmt((S, C_out + N * r, Ho, Wo), x, _conv_format(x))
@@ -357,14 +357,7 @@ class LoraConvFusedFn(torch.autograd.Function):
                 dA = torch.ops.aten.convolution_backward(G[:, C_out:], x, Wcat[C_out:], None, *geo,
                                                          [False, True, False])[1]
                 dA = dA.reshape(N, r, *dA.shape[1:]).to(a_dt)
-        if need_b:
-            if ctx.cuda_bwd:
-                dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
-            else:
-                dB = _alloc((N, C_out, r), x, dtype=b_dt)
-                tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
-        if has_eb and need_eb:
-            deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
+        dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
         return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 
 
