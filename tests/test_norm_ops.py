@@ -165,25 +165,32 @@ def _ln_case(seed):
     return N, (S,) + mid + (D,), _idx(S, N, mix, g), g
 
 
-def run_ln(seed, device="cpu", dtype=torch.float32, backend="triton"):
-    N, shape, idx, g = _ln_case(seed)
-    D = shape[-1]
+def _affine_parity(op, ref, fast, N, F, shape, g, device, dtype, backend, what):
+    """Random x, per-expert affine w, b [N, F] and dy from g; y and dx, dw, db of
+    fast(x, w, b) (on device, dtype) against ref(x, w, b) in float64."""
     x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
-    w = torch.randn(N, D, generator=g) * 0.5 + 1
-    b = torch.randn(N, D, generator=g)
+    w = torch.randn(N, F, generator=g) * 0.5 + 1
+    b = torch.randn(N, F, generator=g)
     dy = torch.randn(shape, generator=g).to(dtype)
     xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
-    y_r = R.expert_layer_norm(xd, idx, wd, bd, 1e-5)
+    y_r = ref(xd, wd, bd)
     grads_r = torch.autograd.grad(y_r, (xd, wd, bd), dy.double())
     xg = x.to(device).requires_grad_()
     wg, bg = (t.to(device, dtype).requires_grad_() for t in (w, b))
-    y = NO.expert_layer_norm(xg, idx.to(device), wg, bg, 1e-5, backend=backend)
-    assert ops.last_backend("expert_layer_norm") == (backend or "triton")
+    y = fast(xg, wg, bg)
+    assert ops.last_backend(op) == (backend or "triton")
     grads = torch.autograd.grad(y, (xg, wg, bg), dy.to(device))
-    what = f"seed {seed} N={N} shape={shape} idx={idx.tolist()}"
     _check(f"y ({what})", y, y_r, TOL[dtype])
     for name, a, r in zip(("dx", "dw", "db"), grads, grads_r):
         _check(f"{name} ({what})", a, r, TOL[dtype])
+
+
+def run_ln(seed, device="cpu", dtype=torch.float32, backend="triton"):
+    N, shape, idx, g = _ln_case(seed)
+    _affine_parity("expert_layer_norm", lambda x, w, b: R.expert_layer_norm(x, idx, w, b, 1e-5),
+                   lambda x, w, b: NO.expert_layer_norm(x, idx.to(device), w, b, 1e-5, backend=backend),
+                   N, shape[-1], shape, g, device, dtype, backend,
+                   f"seed {seed} N={N} shape={shape} idx={idx.tolist()}")
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -217,23 +224,10 @@ def _gn_case(seed):
 
 def run_gn(seed, device="cpu", dtype=torch.float32, backend="triton"):
     N, G, shape, idx, g = _gn_case(seed)
-    C = shape[1]
-    x = (torch.randn(shape, generator=g) * 2 + 1).to(dtype)
-    w = torch.randn(N, C, generator=g) * 0.5 + 1
-    b = torch.randn(N, C, generator=g)
-    dy = torch.randn(shape, generator=g).to(dtype)
-    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
-    y_r = R.expert_group_norm(xd, idx, G, wd, bd, 1e-5)
-    grads_r = torch.autograd.grad(y_r, (xd, wd, bd), dy.double())
-    xg = x.to(device).requires_grad_()
-    wg, bg = (t.to(device, dtype).requires_grad_() for t in (w, b))
-    y = NO.expert_group_norm(xg, idx.to(device), G, wg, bg, 1e-5, backend=backend)
-    assert ops.last_backend("expert_group_norm") == (backend or "triton")
-    grads = torch.autograd.grad(y, (xg, wg, bg), dy.to(device))
-    what = f"seed {seed} N={N} G={G} shape={shape} idx={idx.tolist()}"
-    _check(f"y ({what})", y, y_r, TOL[dtype])
-    for name, a, r in zip(("dx", "dw", "db"), grads, grads_r):
-        _check(f"{name} ({what})", a, r, TOL[dtype])
+    _affine_parity("expert_group_norm", lambda x, w, b: R.expert_group_norm(x, idx, G, w, b, 1e-5),
+                   lambda x, w, b: NO.expert_group_norm(x, idx.to(device), G, w, b, 1e-5, backend=backend),
+                   N, shape[1], shape, g, device, dtype, backend,
+                   f"seed {seed} N={N} G={G} shape={shape} idx={idx.tolist()}")
 
 
 @pytest.mark.parametrize("seed", range(8))
