@@ -385,6 +385,26 @@ def test_lora_conv2d_fused_parity(device, backend, ci):
         _run_conv(c, device, backend, dtype)
 
 
+def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw):
+    """lora_conv2d (scale 0.5, stride 2, padding 1) with x and dy in each memory format of fmts:
+    y and dx, dA, dB, deb against the float64 reference; returns the outputs y."""
+    ins = [t.double().requires_grad_() for t in (x, A, B, eb)]
+    bd = None if b is None else b.double()
+    y_r = R.lora_conv2d(ins[0], W.double(), bd, ins[1], ins[2], idx, 0.5, 2, 1, expert_bias=ins[3])
+    g_r = torch.autograd.grad(y_r, ins, dy.double())
+    ys = []
+    for fmt in fmts:
+        got = [x.to(device).contiguous(memory_format=fmt).requires_grad_()] + \
+            [t.to(device).requires_grad_() for t in (A, B, eb)]
+        y = L.lora_conv2d(got[0], W.to(device), None if b is None else b.to(device), got[1], got[2],
+                          idx.to(device), 0.5, 2, 1, expert_bias=got[3], backend=backend, **kw)
+        g = torch.autograd.grad(y, got, dy.to(device).contiguous(memory_format=fmt))
+        for n, a, w in zip(["y", "dx", "dA", "dB", "deb"], [y, *g], [y_r, *g_r]):
+            assert_close(f"{fmt} {n}", a, w, TOL[torch.float32])
+        ys.append(y)
+    return ys
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_lora_conv2d_fused_layouts(device, backend):
     """fused: y keeps x's memory format (channels_last in, channels_last out) and is contiguous in it."""
@@ -396,18 +416,10 @@ def test_lora_conv2d_fused_layouts(device, backend):
     A, B, eb = torch.randn(N, 5, 5, 3, 3) / 6, torch.randn(N, 6, 5), torch.randn(N, 6)
     idx = torch.tensor([2, 0, 2, 2])
     dy = torch.randn(S, 6, 4, 3)
-    ins = [t.double().requires_grad_() for t in (x, A, B, eb)]
-    y_r = R.lora_conv2d(ins[0], W.double(), b.double(), ins[1], ins[2], idx, 0.5, 2, 1, expert_bias=ins[3])
-    g_r = torch.autograd.grad(y_r, ins, dy.double())
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        got = [x.to(device).contiguous(memory_format=fmt).requires_grad_()] + \
-            [t.to(device).requires_grad_() for t in (A, B, eb)]
-        y = L.lora_conv2d(got[0], W.to(device), b.to(device), got[1], got[2], idx.to(device), 0.5, 2, 1,
-                          expert_bias=got[3], backend=backend, a_stage="fused")
+    fmts = (torch.contiguous_format, torch.channels_last)
+    ys = _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, a_stage="fused")
+    for fmt, y in zip(fmts, ys):
         assert y.is_contiguous(memory_format=fmt)
-        g = torch.autograd.grad(y, got, dy.to(device).contiguous(memory_format=fmt))
-        for n, a, w in zip(["y", "dx", "dA", "dB", "deb"], [y, *g], [y_r, *g_r]):
-            assert_close(f"{fmt} {n}", a, w, TOL[torch.float32])
     with pytest.raises(ValueError, match="a_stage"):
         L.lora_conv2d(x.to(device), W.to(device), None, A.to(device), B.to(device), idx.to(device), 0.5,
                       backend=backend, a_stage="nope")
@@ -640,16 +652,7 @@ def test_lora_conv2d_channels_last(device, backend):
     eb = torch.randn(N, 8)
     idx = torch.tensor([3, 0, 3])
     dy = torch.randn(S, 8, 4, 4)
-    ins = [t.double().requires_grad_() for t in (x, A, B, eb)]
-    y_r = R.lora_conv2d(ins[0], W.double(), None, ins[1], ins[2], idx, 0.5, 2, 1, expert_bias=ins[3])
-    g_r = torch.autograd.grad(y_r, ins, dy.double())
-    xs = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
-    got = [xs] + [t.to(device).requires_grad_() for t in (A, B, eb)]
-    y = L.lora_conv2d(got[0], W.to(device), None, got[1], got[2], idx.to(device), 0.5, 2, 1, expert_bias=got[3],
-                      backend=backend)
-    g = torch.autograd.grad(y, got, dy.to(device).contiguous(memory_format=torch.channels_last))
-    for n, a, b in zip(["y", "dx", "dA", "dB", "deb"], [y, *g], [y_r, *g_r]):
-        assert_close(n, a, b, TOL[torch.float32])
+    _conv_formats_parity(device, backend, (torch.channels_last,), x, W, None, A, B, eb, idx, dy)
 
 
 @pytest.mark.cuda
