@@ -60,6 +60,20 @@ def randomise_bank(bank, std: float = 0.2):
     return bank
 
 
+def randomise_bn(model, affine: bool = True):
+    """Random running statistics of every nn.BatchNorm2d (so eval-mode BN is not ~identity) and,
+    with affine, random weight and bias."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if affine:
+                    m.weight.normal_(1, 0.3)
+                    m.bias.normal_(0, 0.3)
+    return model
+
+
 def assert_no_host_sync(calls) -> None:
     """Run each callable once to warm up, then again with CUDA sync debugging set to error."""
     for c in calls:  # warm-up: lazy inits may sync
@@ -72,3 +86,15 @@ def assert_no_host_sync(calls) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def distill_crashing(monkeypatch, cfg, steps: int = 3) -> None:
+    """Single-process D.distill(cfg) with the test kill switch: it must raise SimulatedCrash after
+    `steps` steps; the step count is unset again afterwards (the scope stays 'raise')."""
+    from ppap_fast import distributed as D
+
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", str(steps))
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        D.distill(cfg, D.DistEnv())
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")

@@ -20,6 +20,8 @@ from ppap_fast.data import load_shards
 from ppap_fast.data.shards import write_npz_atomic
 from ppap_fast.distill import DISTILL_LOSSES, dense_mse_loss, distill_loss, kd_loss, pixel_kd_loss
 
+from _util import distill_crashing
+
 REPO = Path(__file__).resolve().parents[1]
 GEN = dict(num_images=8, shard_size=4, image_size=8, channels=1, denoiser="random-conv", respacing="ddim5",
            seed=5, device="cpu")
@@ -370,11 +372,7 @@ def test_computed_targets_live_on_disk_and_survive_a_crash(tmp_path, depth_modul
     want = load_shards(cached)["targets"]
     out = tmp_path / "out"
     cfg = _depth_cfg(plain, out, depth_module, steps=4, batch_size=4, checkpoint_every=2)
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
-    with pytest.raises(D.SimulatedCrash):
-        D.distill(cfg, D.DistEnv())
-    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    distill_crashing(monkeypatch, cfg, steps=3)
     tdir = out / D.TARGETS_DIR
     files = sorted(tdir.glob("targets_*.npz"))
     assert [f.name for f in files] == ["targets_00000.npz", "targets_00001.npz"]

@@ -18,6 +18,8 @@ import torch
 from ppap_fast import distributed as D
 from ppap_fast.data import load_shards
 
+from _util import distill_crashing
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 
@@ -268,11 +270,7 @@ def test_single_process_distill_resumes_exactly(tmp_path, monkeypatch):
         D.distill(D.DistillConfig(str(data), str(tmp_path / "ref"), f"tiny:{tfile}", **base), D.DistEnv())
         out = tmp_path / "out"
         cfg = D.DistillConfig(str(data), str(out), f"tiny:{tfile}", **base)
-        monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
-        monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
-        with pytest.raises(D.SimulatedCrash):
-            D.distill(cfg, D.DistEnv())
-        monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+        distill_crashing(monkeypatch, cfg, steps=3)
         state = out / D.TRAIN_STATE
         with safe_open(str(state), "pt") as f:
             assert f.metadata()["step"] == "2" and f.get_tensor("losses").shape == (2,)

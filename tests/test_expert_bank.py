@@ -13,7 +13,7 @@ from ppap_fast.experts import (ExpertBank, LoRAConv2d, Placement, check_ppap_che
                                make_placement, save_experts)
 from ppap_fast.experts.bank import RoutedConv2d, _Routed
 
-from _util import randomise_bank, rel
+from _util import randomise_bank, randomise_bn, rel
 
 D = torch.float64
 
@@ -39,17 +39,6 @@ class Tiny(nn.Module):
         x = self.gn(F.relu(self.bn2(self.dw(x))))
         x = x.mean((2, 3))
         return self.head(self.ln(self.proj(x)))
-
-
-def randomise_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1, 0.3)
-                m.bias.normal_(0, 0.3)
-    return model
 
 
 def small_resnet(block=Bottleneck):

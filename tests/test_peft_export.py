@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ppap_fast.experts import ExpertBank, Placement, export_peft
 
-from _util import randomise_bank, rel
+from _util import randomise_bank, randomise_bn, rel
 
 peft = pytest.importorskip("peft")
 
@@ -86,15 +86,6 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
-def _randomise_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
 def _load(plain, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about grouped-conv merging and lora_bias shapes
@@ -125,7 +116,7 @@ def _roundtrip(bank, plain, x, tmp_path, base_model=None, experts=None):
 
 @pytest.mark.parametrize("layout", ["factorised", "loralib"])
 def test_convnet_roundtrip(tmp_path, layout):
-    plain = _randomise_bn(ConvNet())
+    plain = randomise_bn(ConvNet(), affine=False)
     p = Placement(lora=("conv1", "block.conv1", "block.conv2", "dw", "pw", "fc"),
                   bias=("dw", "pw", "fc"), norm=("bn1", "block.bn1", "block.bn2", "gn"), r=2, alpha=3,
                   layout=layout)
@@ -140,7 +131,7 @@ def test_convnet_roundtrip(tmp_path, layout):
 
 def test_resnet18_roundtrip(tmp_path):
     tv = pytest.importorskip("torchvision")
-    plain = _randomise_bn(tv.models.resnet18(weights=None, num_classes=7))
+    plain = randomise_bn(tv.models.resnet18(weights=None, num_classes=7), affine=False)
     bank = randomise_bank(ExpertBank(plain, "resnet", n_experts=4, r=4, alpha=2, layout="factorised"),
                           std=0.05)
     x = torch.randn(2, 3, 32, 32)
@@ -152,7 +143,7 @@ def test_resnet18_roundtrip(tmp_path):
 
 def test_resnet18_loralib_uses_rank_pattern(tmp_path):
     tv = pytest.importorskip("torchvision")
-    plain = _randomise_bn(tv.models.resnet18(weights=None, num_classes=7))
+    plain = randomise_bn(tv.models.resnet18(weights=None, num_classes=7), affine=False)
     bank = randomise_bank(ExpertBank(plain, "resnet", n_experts=2, r=2, alpha=1, layout="loralib"), std=0.05)
     x = torch.randn(1, 3, 32, 32)
     cfg = _roundtrip(bank, plain, x, tmp_path)
