@@ -361,16 +361,9 @@ def test_cuda_batch_norm_parity(seed, dtype, training):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seed", range(6))
-def test_cuda_layer_norm_parity(seed, dtype):
-    run_ln(seed, device="cuda", dtype=dtype, backend=None)
-
-
-@pytest.mark.cuda
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("seed", range(6))
-def test_cuda_group_norm_parity(seed, dtype):
-    run_gn(seed, device="cuda", dtype=dtype, backend=None)
+@pytest.mark.parametrize("run", [run_ln, run_gn], ids=["layer_norm", "group_norm"])
+def test_cuda_row_norm_parity(run, seed, dtype):
+    run(seed, device="cuda", dtype=dtype, backend=None)
 
 
 @pytest.mark.cuda
