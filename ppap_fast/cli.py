@@ -11,6 +11,8 @@
   ppap-fast evaluate s.npz
   ppap-fast demo --out DIR
   ppap-fast export-peft --experts-dir W/ppap5 --expert 2 --out DIR   (a peft LoRA adapter of one expert)
+  ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint ADM.pt --guide resnet50 \
+      --guide-weights R50.pth --experts PPAP10_DIR --targets 207 --out s.npz   (real models: see guided_sample.py)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
@@ -118,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=250)
     common(s, device=False)
 
+    s = sub.add_parser("guided-sample", help="guided sampling with real models (ADM + ImageNet / dense guides, "
+                                             "PPAP experts); writes .npz + PNG grid + stats .json")
+    from .guided_sample import add_arguments
+    add_arguments(s)
+    common(s, device=False, weights=False)
+
     s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
     s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
     s.add_argument("--expert", type=int, required=True)
@@ -127,8 +135,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _parse_targets(spec, n):
-    import torch
-
     from .demo import check_targets, cyclic_targets
 
     if spec is None:
@@ -279,6 +285,12 @@ def _run(args) -> int:
             demo.check_writable_dir(Path(args.json).parent)
             write_json_atomic(args.json, res)
         print(json.dumps(res))
+        return 0
+
+    if args.cmd == "guided-sample":
+        from .guided_sample import config_from_args, main_json
+
+        print(main_json(config_from_args(args), progress=progress))
         return 0
 
     if args.cmd == "export-peft":

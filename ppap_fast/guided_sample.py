@@ -1,0 +1,279 @@
+"""Guided sampling with real models from the command line: ``ppap-fast guided-sample``.
+
+    ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint 256x256_diffusion_uncond.pt \\
+        --guide resnet50 --guide-weights resnet50.pth --experts /ckpt/ppap10 --targets 207 --scale 10 \\
+        --num-samples 64 --batch-size 32 --out samples/goldfish.npz
+
+* denoiser: ``adm:<preset>`` with its guided-diffusion checkpoint, ``tiny`` (a ppap_fast tiny UNet
+  file) or ``random-conv`` (smoke tests); the same specs as ``python -m ppap_fast.distributed``.
+* guide: any teacher spec of :func:`ppap_fast.distributed.build_teacher` (a registry name with
+  ``--guide-weights``, ``tiny:<file>``, ``py:module:factory`` with ``--guide-task``), or none
+  (unguided). Its task picks the guide: classification -> :class:`ClassGuide` (``--targets``, cycled
+  over the samples), segmentation -> :class:`SegmentationGuide`, depth / regression ->
+  :class:`DenseRegressionGuide` (``--target-map``: a .npy label or depth map shared by all samples).
+* experts: a :func:`ppap_fast.experts.save_experts` directory or a Hugging Face repo id in the local
+  cache (``--experts-subfolder``): PPAP. Without ``--experts`` the plain model guides (the naive
+  off-the-shelf baseline). ``--raw-input`` skips the model's input transform (the official PPAP
+  experts were trained on raw x_t in [-1, 1]).
+
+Sample k of the run starts from x_T of batch k // batch_size drawn from
+``torch.Generator().manual_seed(seed * 1_000_003 + batch)`` on the CPU: the same seed gives the same
+images on the fast and the reference path (up to float rounding) and for any device.
+Writes OUT (.npz: ``images`` uint8 N x H x W x C, ``targets`` when classifying), a PNG grid beside it
+and OUT with .json: NFE, seconds, images/s, peak memory, the configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class GuidedSampleConfig:
+    out: str
+    denoiser: str = "adm:256x256_diffusion_uncond"
+    checkpoint: str | None = None
+    image_size: int = 256
+    channels: int = 3
+    guide: str | None = None
+    guide_weights: str | None = None
+    guide_task: str | None = None
+    experts: str | None = None
+    experts_subfolder: str | None = None
+    raw_input: bool = False
+    targets: str | None = None
+    target_map: str | None = None
+    scale: float = 10.0
+    sampler: str = "ddim"
+    steps: int | None = None
+    eta: float = 0.0
+    num_samples: int = 16
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    fast: bool = True
+    guide_dtype: str | None = None      # "bf16" | "fp16": autocast of the guide (fast path)
+    cuda_graph: bool = False
+
+
+def _check(cfg: GuidedSampleConfig) -> Path:
+    out = Path(cfg.out)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {out.name}")
+    if cfg.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"--sampler must be ddim or ddpm, got {cfg.sampler!r}")
+    if cfg.num_samples < 1 or cfg.batch_size < 1:
+        raise ValueError("--num-samples and --batch-size must be positive")
+    if not math.isfinite(cfg.scale):
+        raise ValueError(f"--scale must be finite, got {cfg.scale}")
+    if cfg.guide_dtype not in (None, "bf16", "fp16"):
+        raise ValueError(f"--guide-dtype must be bf16 or fp16, got {cfg.guide_dtype!r}")
+    if cfg.guide is None and (cfg.experts or cfg.targets or cfg.target_map):
+        raise ValueError("--experts / --targets / --target-map need --guide (the off-the-shelf model)")
+    if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph):
+        raise ValueError("--guide-dtype and --cuda-graph are options of the fast path (drop --no-fast)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _class_targets(spec: str | None, n: int) -> torch.Tensor:
+    if not spec:
+        raise ValueError("a classification guide needs --targets (class ids, comma-separated, cycled)")
+    try:
+        ids = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--targets must be comma-separated integers, got {spec!r}") from None
+    if not ids or min(ids) < 0:
+        raise ValueError(f"--targets must be non-negative class ids, got {spec!r}")
+    return torch.tensor([ids[i % len(ids)] for i in range(n)], dtype=torch.long)
+
+
+def _target_map(path: str | None, task: str) -> torch.Tensor:
+    if not path:
+        raise ValueError(f"a {task} guide needs --target-map (a .npy map shared by all samples)")
+    arr = np.load(path, allow_pickle=False)
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.long() if task == "segmentation" else t.float()
+
+
+def _build_guide(cfg: GuidedSampleConfig, device):
+    """-> (make_guide(targets [B] on device or None) -> guide, info dict)."""
+    from .distributed import build_teacher
+    from .guidance import ClassGuide, DenseRegressionGuide, SegmentationGuide
+
+    bt = build_teacher(cfg.guide, cfg.guide_weights, task=cfg.guide_task)
+    model = bt.model
+    info = {"guide": cfg.guide, "task": bt.task, "experts": None}
+    if cfg.experts:
+        from .experts import load_experts
+
+        model = load_experts(cfg.experts, bt.model, subfolder=cfg.experts_subfolder).eval()
+        info["experts"] = {"path": cfg.experts, "n_experts": model.n_experts}
+    model = model.to(device)
+    tf = None if cfg.raw_input or bt.transform is None else bt.transform.to(device)
+    if bt.task == "classification":
+        return (lambda tgt: ClassGuide(model, tgt, cfg.scale, input_transform=tf)), info
+    if bt.task in ("segmentation", "depth", "regression"):
+        cls = SegmentationGuide if bt.task == "segmentation" else DenseRegressionGuide
+        guide = cls(model, _target_map(cfg.target_map, bt.task).to(device), cfg.scale, input_transform=tf)
+        return (lambda tgt: guide), info
+    raise ValueError(f"the guide's task is unknown ({bt.task!r}): pass --guide-task classification|segmentation|"
+                     "depth|regression")
+
+
+def save_image_grid(path, images_u8: np.ndarray, ncol: int = 8) -> Path:
+    """PNG grid of N x H x W x C (C = 1 or 3) uint8 images, ``ncol`` per row."""
+    from PIL import Image
+
+    from .data.shards import _atomic
+
+    n, h, w, c = images_u8.shape
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    canvas = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), 64, np.uint8)
+    for k in range(n):
+        i, j = divmod(k, ncol)
+        canvas[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = images_u8[k]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return _atomic(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
+
+
+def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
+    """Sample ``cfg.num_samples`` images; writes the .npz, the grid and the stats JSON; returns the stats."""
+    from .data import to_uint8
+    from .data.shards import write_json_atomic, write_npz_atomic
+    from .demo import PeakMemory
+    from .distributed import _device_for, build_denoiser
+    from .fast_sampling import FastGuidedSampler
+    from .sampling import sample_loop
+    from .schedule import Schedule
+
+    out = _check(cfg)
+    try:
+        device = _device_for(cfg.device, 0)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
+    sched = Schedule.create("linear", 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    sched = sched.to(device)
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
+    unet.requires_grad_(False)
+    make_guide, info = (None, {"guide": None}) if cfg.guide is None else _build_guide(cfg, device)
+    targets = None
+    if info.get("task") == "classification":
+        targets = _class_targets(cfg.targets, cfg.num_samples)
+        check = make_guide(targets.to(device))  # validates the ids against the model's class count
+        if not check.target.checked:  # count unknown until the model has run: one forward on one image
+            with torch.no_grad():
+                x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+                k = check.logits(x1, torch.zeros(1, dtype=torch.long, device=device)).shape[1]
+            check.target._check(k)
+    opts = {}
+    if cfg.fast:
+        opts = {"guide_autocast": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.guide_dtype),
+                "cuda_graph": cfg.cuda_graph, "channels_last": device.type == "cuda"}
+
+    samplers: dict = {}  # batch size -> (sampler or None, target buffer): experts merge once per size
+
+    def sampler_for(b):
+        if b not in samplers:
+            buf = torch.zeros(b, dtype=torch.long, device=device)
+            guide = None if make_guide is None else make_guide(buf)
+            s = FastGuidedSampler(unet, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, **opts) \
+                if cfg.fast else None
+            samplers[b] = (s, buf, guide)
+        return samplers[b]
+
+    chunks = list(range(0, cfg.num_samples, cfg.batch_size))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(chunks) * sched.num_timesteps, desc="guided sampling", unit="step", mininterval=1)
+    images = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakMemory() as mem:
+        t0 = time.time()
+        for k, c in enumerate(chunks):
+            b = min(cfg.batch_size, cfg.num_samples - c)
+            fast, buf, guide = sampler_for(b)
+            if targets is not None:
+                buf.copy_(targets[c:c + b])  # in place: merged experts and captured graphs see it
+            g = torch.Generator().manual_seed(cfg.seed * SEED_STRIDE + k)
+            x_T = torch.randn((b, cfg.channels, cfg.image_size, cfg.image_size), generator=g).to(device)
+            noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
+            cb = (lambda *a: bar.update(1)) if bar is not None else None
+            if fast is not None:
+                x0 = fast.sample(x_T, noise_fn=noise_fn, callback=cb)
+            else:
+                x0 = sample_loop(unet, x_T, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, noise_fn=noise_fn,
+                                 callback=(lambda i, o: bar.update(1)) if bar is not None else None)
+            if not torch.isfinite(x0).all():
+                raise RuntimeError(f"batch {k} produced non-finite images (guidance scale {cfg.scale} too large?)")
+            images.append(to_uint8(x0))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - t0
+    if bar is not None:
+        bar.close()
+    imgs = np.concatenate(images)
+    arrays = {"images": imgs}
+    if targets is not None:
+        arrays["targets"] = targets.numpy()
+    write_npz_atomic(out, **arrays)
+    save_image_grid(out.with_suffix(".png"), imgs)
+    guided = make_guide is not None
+    stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": steps,
+             "path": "fast" if cfg.fast else "reference", "device": str(device),
+             "nfe_per_sample": steps, "guide_evals_per_sample": steps if guided else 0,
+             "seconds": round(seconds, 3), "images_per_s": round(cfg.num_samples / max(seconds, 1e-9), 3),
+             "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda"
+             else round(mem.peak_mb, 1), **info, "config": dataclasses.asdict(cfg)}
+    write_json_atomic(out.with_suffix(".json"), stats)
+    return stats
+
+
+def add_arguments(s) -> None:
+    """The ``guided-sample`` subcommand's arguments (ppap_fast.cli)."""
+    s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
+    s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | random-conv")
+    s.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--channels", type=int, default=3)
+    s.add_argument("--guide", default=None, help="registry name | tiny:<file> | py:module:factory (none: unguided)")
+    s.add_argument("--guide-weights", default=None)
+    s.add_argument("--guide-task", default=None, choices=["classification", "segmentation", "depth", "regression"])
+    s.add_argument("--experts", default=None, help="PPAP experts: save_experts dir or HF repo id in the local cache")
+    s.add_argument("--experts-subfolder", default=None)
+    s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t)")
+    s.add_argument("--targets", default=None, help="class ids, comma-separated, cycled over the samples")
+    s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
+    s.add_argument("--scale", type=float, default=10.0)
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    s.add_argument("--steps", type=int, default=None, help="default: 25 (ddim), 250 (ddpm)")
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--num-samples", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
+    s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"])
+    s.add_argument("--cuda-graph", action="store_true")
+
+
+def config_from_args(a) -> GuidedSampleConfig:
+    names = {f.name for f in dataclasses.fields(GuidedSampleConfig)}
+    return GuidedSampleConfig(**{k: v for k, v in vars(a).items() if k in names})
+
+
+def main_json(cfg: GuidedSampleConfig, progress: bool) -> str:
+    stats = run_guided_sample(cfg, progress=progress)
+    return json.dumps({k: v for k, v in stats.items() if k != "config"})

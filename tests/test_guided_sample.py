@@ -1,0 +1,79 @@
+"""ppap-fast guided-sample: guided sampling from model specs, on the shipped digits weights
+(tiny UNet, TinyResNet classifier, PPAP-10 experts) at 16x16; nothing downloaded."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ppap_fast.cli import main
+from ppap_fast.demo import WEIGHTS_DIR
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = ["--denoiser", "tiny", "--checkpoint", str(WEIGHTS_DIR / "unet.safetensors"), "--image-size", "16",
+        "--channels", "1", "--num-samples", "6", "--batch-size", "4", "--steps", "5", "--no-progress"]
+GUIDE = ["--guide", f"tiny:{WEIGHTS_DIR / 'classifier.safetensors'}", "--experts", str(WEIGHTS_DIR / "ppap10"),
+         "--targets", "3,7"]
+
+
+def _run(tmp_path, name, *extra):
+    out = tmp_path / f"{name}.npz"
+    assert main(["guided-sample", "--out", str(out), *BASE, *extra]) == 0
+    with np.load(out) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
+    fast, stats = _run(tmp_path, "fast", *GUIDE)
+    assert fast["images"].dtype == np.uint8 and fast["images"].shape == (6, 16, 16, 1)
+    assert fast["targets"].tolist() == [3, 7, 3, 7, 3, 7]
+    assert (tmp_path / "fast.png").stat().st_size > 0
+    assert stats["path"] == "fast" and stats["nfe_per_sample"] == 5 and stats["guide_evals_per_sample"] == 5
+    assert stats["experts"]["n_experts"] == 10 and stats["task"] == "classification"
+    assert stats["images_per_s"] > 0 and stats["peak_memory_mb"] > 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["out"] == str(tmp_path / "fast.npz")
+    ref, rstats = _run(tmp_path, "ref", *GUIDE, "--no-fast")
+    assert rstats["path"] == "reference"
+    diff = np.abs(fast["images"].astype(int) - ref["images"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # same noise: float rounding only
+    plain, _ = _run(tmp_path, "plain")
+    assert "targets" not in plain and np.abs(plain["images"].astype(int) - fast["images"].astype(int)).mean() > 2
+    naive, nstats = _run(tmp_path, "naive", "--guide", f"tiny:{WEIGHTS_DIR / 'classifier.safetensors'}",
+                         "--targets", "3,7")
+    assert nstats["experts"] is None and not np.array_equal(naive["images"], fast["images"])
+
+
+def test_ppap_guidance_reaches_the_targets(tmp_path):
+    from ppap_fast.data import from_uint8
+    from ppap_fast.demo import load_evaluator
+
+    imgs, _ = _run(tmp_path, "g", *GUIDE[:-1], "3", "--num-samples", "12", "--batch-size", "12", "--steps", "10")
+    plain, _ = _run(tmp_path, "p", "--num-samples", "12", "--batch-size", "12", "--steps", "10")
+    evaluator = load_evaluator(WEIGHTS_DIR)
+    with torch.no_grad():
+        hit = [(evaluator(from_uint8(a["images"])).argmax(1) == 3).float().mean().item() for a in (imgs, plain)]
+    assert hit[0] >= 0.75 and hit[0] > hit[1] + 0.4, hit
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--targets", "3"], "need --guide"),
+    ([*GUIDE[:-1], "12"], "out of range"),
+    ([*GUIDE[:-2]], "needs --targets"),
+    ([*GUIDE, "--experts", str(WEIGHTS_DIR)], "config.json"),
+    ([*GUIDE, "--no-fast", "--cuda-graph"], "fast path"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--sampler", "plms"], "cuda|invalid choice"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
+    import re
+
+    try:
+        rc = main(["guided-sample", "--out", str(tmp_path / "s.npz"), *BASE, *extra])
+    except SystemExit as e:  # argparse choices
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(msg, err), err
+    assert not (tmp_path / "s.npz").exists()
