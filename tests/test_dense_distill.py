@@ -22,6 +22,8 @@ from ppap_fast.distill import DISTILL_LOSSES, dense_mse_loss, distill_loss, kd_l
 
 from _util import distill_crashing
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
+
 REPO = Path(__file__).resolve().parents[1]
 GEN = dict(num_images=8, shard_size=4, image_size=8, channels=1, denoiser="random-conv", respacing="ddim5",
            seed=5, device="cpu")
@@ -73,13 +75,6 @@ DEPTH_MODULE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CI machine: one thread is faster than contended intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
