@@ -1,0 +1,568 @@
+#!/usr/bin/env python3
+"""Compile every Triton kernel of ppap_fast for a Hopper GPU (sm_90) without a GPU.
+
+The CPU parity tests run the kernels under TRITON_INTERPRET=1, which accepts code a real
+GPU compile rejects (tl.dot shape/dtype rules, bf16 dots, constexpr misuse, type promotion,
+register / shared-memory limits). This tool finds those failures here instead of on rare
+GPU time:
+
+1. Record. Triton is imported WITHOUT the interpreter, so the kernels are real
+   JITFunctions. Each kernel's ``run`` (what ``kernel[grid](...)`` calls) is replaced by
+   a recorder that binds the arguments exactly as the CUDA launcher would for target
+   sm_90 (Triton's own binder + ``_pack_args``: pointer dtypes, i32/i64 scalars,
+   ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
+   num_stages) and returns without launching. The package's public ops
+   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, guided_update) then run,
+   forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
+   ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
+   so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
+   is patched to False so the launchers choose their GPU tile sizes (and their sm_count() to
+   an H100's 132 SMs, for the row-split heuristics). The launch
+   configurations therefore come from the launchers themselves, not from hand-written
+   signatures. Every configuration with an fp32 dot (DOT_F32, PREC="ieee") is also
+   compiled with PREC="tf32" (what the launchers pick on CUDA when
+   torch.backends.cuda.matmul.allow_tf32 is on; CPU tensors never report is_cuda).
+2. Compile each distinct configuration with ``triton.compile`` for
+   ``GPUTarget("cuda", 90, 32)`` down to a cubin (Triton's bundled ptxas, or
+   TRITON_PTXAS_PATH), then read registers / spills from ``cuobjdump
+   --dump-resource-usage`` (spill = stack frame + local bytes; a warning, not a failure) and
+   the dynamic shared memory from Triton's metadata.
+   Failure: a compile error, shared memory > 227 KiB (sm_90's per-block opt-in limit),
+   registers x threads > 64K, or a kernel that no scenario launched.
+
+Usage: python3 tools/triton_compile_check.py [-j 2] [--quick] [--dtypes bf16,fp16]
+       [--kernels NAME,...] [--ptx-only] [--json FILE] [-v]
+Exit status 1 on any failure. Compiled kernels go to Triton's cache (TRITON_CACHE_DIR),
+so reruns with unchanged kernels take seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The kernels must be compiled JITFunctions, not the interpreter's InterpretedFunctions:
+# drop the interpreter before anything imports triton (tests/conftest.py sets it).
+os.environ.pop("TRITON_INTERPRET", None)
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 232448  # sm_90: 227 KiB of dynamic shared memory per block (opt-in)
+MAX_REGS_PER_BLOCK = 65536
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# =============================================================================== discovery
+def kernel_modules() -> list[str]:
+    """Every ppap_fast module with a @triton.jit function."""
+    mods = []
+    for p in sorted((REPO / "ppap_fast").rglob("*.py")):
+        if "@triton.jit" in p.read_text():
+            mods.append(".".join(p.relative_to(REPO).with_suffix("").parts))
+    return mods
+
+
+def discover(mods):
+    """(kernels, helpers): JITFunctions of the modules; a helper is one whose name another
+    JITFunction's source calls (helpers are compiled inside the kernels that call them)."""
+    fns = {}
+    for m in mods:
+        mod = importlib.import_module(m)
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and obj.__module__ == m:
+                fns[f"{m}:{name}"] = obj
+    called = set()
+    for fn in fns.values():
+        body = fn.src.split(":", 1)[1] if ":" in fn.src else fn.src
+        called |= set(re.findall(r"\b([A-Za-z_]\w*)\s*\(", body))
+    kernels = {k: f for k, f in fns.items() if f.__name__ not in called}
+    helpers = {k: f for k, f in fns.items() if f.__name__ in called}
+    return kernels, helpers
+
+
+# =============================================================================== recording
+@dataclass
+class Config:
+    key: str
+    kernel: str           # module:name
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: object       # CUDAOptions
+    scenarios: list = field(default_factory=list)
+    derived: str = ""     # e.g. "tf32 variant"
+    result: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return self.kernel.split(":")[1]
+
+    def ptr_types(self):
+        return sorted({v[1:] for v in self.signature.values() if isinstance(v, str) and v.startswith("*")})
+
+    def label(self):
+        names = list(self.signature)
+        tl_const = {p.name for p in self.fn.params if p.is_constexpr}
+        cx = " ".join(f"{names[p[0]]}={v}" for p, v in self.constexprs.items() if names[p[0]] in tl_const)
+        ptrs = ",".join(f"{n.removesuffix('_ptr')}:{v[1:]}" for n, v in self.signature.items()
+                        if isinstance(v, str) and v.startswith("*"))
+        ones = ",".join(names[p[0]] for p, v in self.constexprs.items() if names[p[0]] not in tl_const)
+        return f"{ptrs} | {cx} | w{self.options.num_warps} s{self.options.num_stages}" + (f" | =1: {ones}" if ones else "")
+
+    def dtype_tag(self):
+        fl = [t for t in ("bf16", "fp16", "fp32") if t in self.ptr_types()]
+        return "/".join(fl) or "-"
+
+
+class Recorder:
+    def __init__(self, kernels, all_specializations=False):
+        self.all_specializations = all_specializations
+        self.backend = make_backend(TARGET)
+        self.kernels = kernels
+        self.configs: dict[str, Config] = {}
+        self.launches = {k: 0 for k in kernels}
+        self.scenario = "?"
+
+    def install(self):
+        for key, fn in self.kernels.items():
+            fn.run = self._make_run(key, fn)
+
+    def uninstall(self):
+        for fn in self.kernels.values():
+            fn.__dict__.pop("run", None)
+
+    def _make_run(self, kkey, fn):
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+
+        def run(*args, grid, warmup, **kwargs):  # JITFunction.run, minus device, compile and launch
+            kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            bound, spec, opts = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, spec, opts)
+            self.add(kkey, fn, signature, constexprs, attrs, options)
+            self.launches[kkey] += 1
+            return None
+
+        return run
+
+    def add(self, kkey, fn, signature, constexprs, attrs, options, derived=""):
+        # Default key: the pointer dtypes, every constexpr (the kernel's own and the ints Triton
+        # folds because they are 1, e.g. unit strides) and the options; the first-seen 16-divisibility
+        # hints stand for the rest. all_specializations: the hints are part of the key too.
+        key = (kkey, sorted(signature.items()), sorted(constexprs.items()), sorted(options.__dict__.items()))
+        if self.all_specializations:
+            key += (sorted(attrs.items()),)
+        key = repr(key)
+        cfg = self.configs.get(key)
+        if cfg is None:
+            cfg = self.configs[key] = Config(key, kkey, fn, signature, constexprs, attrs, options, derived=derived)
+        if self.scenario not in cfg.scenarios:
+            cfg.scenarios.append(self.scenario)
+
+    def add_tf32_variants(self):
+        for cfg in list(self.configs.values()):
+            names = list(cfg.signature)
+            cx = {names[p[0]]: (p, v) for p, v in cfg.constexprs.items()}
+            # the LoRA launchers' _dot_cfg: fp32 operands -> DOT_F32 with PREC "tf32" when
+            # torch.backends.cuda.matmul.allow_tf32 is on (CUDA tensors only), else "ieee"
+            if cx.get("PREC", (None, None))[1] == "ieee" and cx.get("DOT_F32", (None, False))[1]:
+                c2 = dict(cfg.constexprs)
+                c2[cx["PREC"][0]] = "tf32"
+                self.scenario = cfg.scenarios[0]
+                self.add(cfg.kernel, cfg.fn, cfg.signature, c2, cfg.attrs, cfg.options, derived="tf32 variant")
+
+
+H100_SMS = 132
+
+
+@contextlib.contextmanager
+def dispatch_as_interpreter(mods):
+    """Dispatchers accept CPU tensors for backend="triton" only under TRITON_INTERPRET=1; the
+    launchers must still choose as on an H100: the kernel modules' _interpreting() is patched
+    to False (GPU tile sizes) and their sm_count() to 132 SMs (GPU row-split counts)."""
+    patched = []
+    for m in mods:
+        mod = sys.modules[m]
+        for name, repl in (("_interpreting", lambda: False), ("sm_count", lambda device, other: H100_SMS)):
+            if hasattr(mod, name):
+                patched.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, repl)
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        for mod, name, f in patched:
+            setattr(mod, name, f)
+
+
+# =============================================================================== scenarios
+def _p(*shape, dtype, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _backward(y):
+    y.backward(torch.randn_like(y))
+
+
+def scenarios(dtype):
+    """(label, thunk) pairs that drive every kernel through the public ops on CPU inputs.
+    Shapes are small but reach the launchers' tile-size caps (ranks up to 64, LN width 512,
+    16x16 feature maps) and cover their flags (biases, strides, groups, a_stage, layouts,
+    train/eval, input-only gradients)."""
+    from ppap_fast.ops import lora, norm, update
+
+    N = 3
+    idx = torch.tensor([0, 2, 0, 1, 2, 0])
+    S = idx.numel()
+    out = []
+
+    def add(label, f):
+        out.append((label, f))
+
+    # ------------------------------------------------------------------ LoRA linear
+    for (shape, K, NOUT, r, bias, eb) in (((S, 16), 64, 96, 8, True, True), ((), 320, 320, 64, False, False),
+                                          ((S, 7), 40, 24, 4, True, False)):
+        def f(shape=shape, K=K, NOUT=NOUT, r=r, bias=bias, eb=eb):
+            x = _p(*(shape or (S,)), K, dtype=dtype)
+            W = torch.randn(NOUT, K, dtype=dtype)
+            A, B = _p(N, r, K, dtype=dtype), _p(N, NOUT, r, dtype=dtype)
+            e = _p(N, NOUT, dtype=dtype) if eb else None
+            y = lora.lora_linear(x, W, torch.randn(NOUT, dtype=dtype) if bias else None, A, B, idx, 0.5, e,
+                                 backend="triton")
+            _backward(y)
+            # guidance: gradient w.r.t. the input only (frozen experts)
+            x2 = _p(*(shape or (S,)), K, dtype=dtype)
+            _backward(lora.lora_linear(x2, W, None, A.detach(), B.detach(), idx, 0.5, backend="triton"))
+        add(f"lora_linear x{tuple(shape) or (S,)}x{K} out{NOUT} r{r} bias={bias} eb={eb}", f)
+
+    # ------------------------------------------------------------------ LoRA conv2d
+    convs = [  # C_in, C_out, k, stride, pad, groups, r, HW, channels_last, bias, eb
+        (32, 64, 3, 1, 1, 1, 8, 16, False, True, True),
+        (32, 64, 3, 1, 1, 1, 8, 16, True, True, False),
+        (64, 64, 3, 2, 1, 2, 16, 16, False, False, True),
+        (16, 32, 1, 1, 0, 1, 64, 8, False, True, False),
+    ]
+    for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
+        for a_stage in ("stacked", "fused", "grouped"):
+            def f(ci=ci, co=co, k=k, st=st, pd=pd, g=g, r=r, hw=hw, cl=cl, bias=bias, eb=eb, a_stage=a_stage):
+                x = torch.randn(S, ci, hw, hw, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                W = torch.randn(co, ci // g, k, k, dtype=dtype)
+                A, B = _p(N, r, ci // g, k, k, dtype=dtype), _p(N, co, r // g, dtype=dtype)
+                e = _p(N, co, dtype=dtype) if eb else None
+                y = lora.lora_conv2d(x, W, torch.randn(co, dtype=dtype) if bias else None, A, B, idx, 0.5,
+                                     stride=st, padding=pd, groups=g, expert_bias=e, backend="triton",
+                                     a_stage=a_stage)
+                _backward(y)
+                x2 = x.detach().clone().requires_grad_(True)
+                _backward(lora.lora_conv2d(x2, W, None, A.detach(), B.detach(), idx, 0.5, stride=st, padding=pd,
+                                           groups=g, backend="triton", a_stage=a_stage))
+            add(f"lora_conv2d {ci}->{co} k{k} s{st} g{g} r{r} {hw}x{hw} cl={cl} {a_stage}", f)
+
+    # ------------------------------------------------------------------ norms
+    pdts = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
+    for pdt in pdts:
+        tag = "" if pdt == dtype else " fp32 params"
+        for shape in ((S, 32, 16, 16), (S, 48), (S, 24, 5, 3)):
+            for training in (True, False):
+                def f(shape=shape, training=training, pdt=pdt):
+                    C = shape[1]
+                    x = _p(*shape, dtype=dtype)
+                    w, b = _p(N, C, dtype=pdt), _p(N, C, dtype=pdt)
+                    rm, rv = torch.zeros(N, C), torch.ones(N, C)
+                    _backward(norm.expert_batch_norm(x, idx, w, b, rm, rv, training, backend="triton"))
+                add(f"expert_batch_norm {shape} train={training}{tag}", f)
+        for shape in ((S, 16, 512), (S, 40), (S, 4, 96)):
+            def f(shape=shape, pdt=pdt):
+                D = shape[-1]
+                x = _p(*shape, dtype=dtype)
+                _backward(norm.expert_layer_norm(x, idx, _p(N, D, dtype=pdt), _p(N, D, dtype=pdt), backend="triton"))
+            add(f"expert_layer_norm {shape}{tag}", f)
+        for shape, G in (((S, 64, 16, 16), 32), ((S, 32, 8, 8), 8), ((S, 12, 5, 3), 3)):
+            def f(shape=shape, G=G, pdt=pdt):
+                C = shape[1]
+                x = _p(*shape, dtype=dtype)
+                _backward(norm.expert_group_norm(x, idx, G, _p(N, C, dtype=pdt), _p(N, C, dtype=pdt),
+                                                 backend="triton"))
+            add(f"expert_group_norm {shape} G{G}{tag}", f)
+
+    # ------------------------------------------------------------------ guided update
+    B_, C_, H_ = 4, 3, 16
+    steps = torch.tensor([0, 5, 9, 3])
+    for mode in sorted(update.MODES.values()):
+        for clip in (True, False):
+            for has_grad, has_noise in ((True, True), (False, False), (True, False)):
+                def f(mode=mode, clip=clip, has_grad=has_grad, has_noise=has_noise):
+                    table = update.UpdateTable(torch.rand(10, update.COLS, dtype=torch.float64) + 0.5, mode)
+                    x = torch.randn(B_, C_, H_, H_, dtype=dtype)
+                    model_out = torch.randn(B_, 2 * C_, H_, H_, dtype=dtype)  # eps and v: channel slices
+                    eps, v = model_out[:, :C_], (model_out[:, C_:] if mode == update.MODES["ddpm_learned"] else None)
+                    update.guided_update(x, eps, steps, table, v=v,
+                                         grad=torch.randn_like(x) if has_grad else None,
+                                         noise=torch.randn_like(x) if has_noise else None,
+                                         clip_denoised=clip, backend="triton")
+                add(f"guided_update mode={mode} clip={clip} grad={has_grad} noise={has_noise}", f)
+    return out
+
+
+# =============================================================================== compiling
+def _cuobjdump():
+    tool = knobs.nvidia.cuobjdump.path if hasattr(knobs.nvidia, "cuobjdump") else None
+    return tool if tool and os.path.exists(tool) else shutil.which("cuobjdump")
+
+
+def _resource_usage(cubin: bytes):
+    tool = _cuobjdump()
+    if not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", r.stdout)
+    # Triton kernels make no calls: a stack frame is register spills (ptxas -v: "spill stores")
+    return {"regs": int(m[1]), "spill_bytes": int(m[2]) + int(m[4]), "static_smem": int(m[3])} if m else {}
+
+
+def compile_one(cfg: Config, ptx_only: bool) -> dict:
+    t0 = time.time()
+    res = {"ok": False}
+    try:
+        opts = dict(cfg.options.__dict__)
+        src = ASTSource(cfg.fn, cfg.signature, cfg.constexprs, cfg.attrs)
+        if ptx_only:
+            res["note"] = "PTX only"
+            ck = _compile_ptx_only(src, opts)
+        else:
+            ck = triton.compile(src, target=TARGET, options=opts)
+        md = ck.metadata
+        res.update(ok=True, smem=int(md.shared), num_warps=md.num_warps, num_stages=md.num_stages)
+        if ck.asm.get("cubin"):
+            res.update(_resource_usage(ck.asm["cubin"]))
+        problems = []
+        if res["smem"] > MAX_SHARED:
+            problems.append(f"shared memory {res['smem']} B > {MAX_SHARED} B")
+        if "regs" in res and res["regs"] * 32 * md.num_warps > MAX_REGS_PER_BLOCK:
+            problems.append(f"{res['regs']} registers x {32 * md.num_warps} threads > {MAX_REGS_PER_BLOCK}")
+        if problems:
+            res.update(ok=False, error="out of resources: " + "; ".join(problems))
+    except Exception as exc:  # noqa: BLE001  report every failure, keep going
+        msg = f"{type(exc).__name__}: {exc}"
+        res["error"] = msg
+        res["traceback"] = traceback.format_exc(limit=3)
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def _compile_ptx_only(src, opts):
+    """triton.compile with the cubin stage stubbed out (no usable ptxas): the pipeline still
+    runs to PTX. main() points TRITON_CACHE_DIR at a throwaway folder in this mode, so the
+    empty cubins never reach the real cache."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    orig = CUDABackend.make_cubin
+    CUDABackend.make_cubin = lambda self, src, metadata, opt, capability: b""
+    try:
+        return triton.compile(src, target=TARGET, options=opts)
+    finally:
+        CUDABackend.make_cubin = orig
+
+
+def _ptxas_usable() -> str | None:
+    try:
+        tool = knobs.nvidia.ptxas.path
+    except Exception:  # noqa: BLE001
+        tool = None
+    if not tool or not os.path.exists(tool):
+        return None
+    try:
+        subprocess.run([tool, "--version"], check=True, capture_output=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return tool
+
+
+_WORK: list = []
+
+
+def _work(i_ptx):
+    i, ptx_only = i_ptx
+    return i, compile_one(_WORK[i], ptx_only)
+
+
+# =============================================================================== main
+def quick_subset(configs):
+    """One configuration per kernel: a bf16 one (tensor-core dots) with the largest tiles."""
+    best = {}
+    for c in configs:
+        names = list(c.signature)
+        blocks = 1
+        for p, v in c.constexprs.items():
+            if names[p[0]].startswith("BLOCK") and isinstance(v, int):
+                blocks *= v
+        score = ("bf16" in c.ptr_types(), blocks)
+        if c.kernel not in best or score > best[c.kernel][0]:
+            best[c.kernel] = (score, c)
+    return [c for _, c in best.values()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel compiles (processes)")
+    ap.add_argument("--dtypes", default="fp32,fp16,bf16", help="scenario dtypes (fp32,fp16,bf16)")
+    ap.add_argument("--kernels", default="", help="only these kernel names (comma separated)")
+    ap.add_argument("--quick", action="store_true", help="one bf16 configuration per kernel (largest tiles)")
+    ap.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas: no register counts)")
+    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--all-specializations", action="store_true",
+                    help="also tell apart configurations by their 16-divisibility hints (more compiles)")
+    ap.add_argument("--list", action="store_true", help="record and list the configurations, compile nothing")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print full signatures and scenarios")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    mods = kernel_modules()
+    kernels, helpers = discover(mods)
+    rec = Recorder(kernels, args.all_specializations)
+    rec.install()
+    scen_errors = []
+    try:
+        with dispatch_as_interpreter(mods):
+            for dname in args.dtypes.split(","):
+                dtype = DTYPES[dname.strip()]
+                for label, f in scenarios(dtype):
+                    rec.scenario = f"{dname}: {label}"
+                    try:
+                        f()
+                    except Exception as exc:  # noqa: BLE001
+                        scen_errors.append((rec.scenario, f"{type(exc).__name__}: {exc}"))
+    finally:
+        rec.uninstall()
+    rec.add_tf32_variants()
+    t_rec = time.time() - t0
+
+    configs = list(rec.configs.values())
+    if args.kernels:
+        want = set(args.kernels.split(","))
+        configs = [c for c in configs if c.name in want]
+    if args.quick:
+        configs = quick_subset(configs)
+    configs.sort(key=lambda c: (c.kernel, c.dtype_tag(), c.label()))
+
+    if args.list:
+        for c in configs:
+            print(f"{c.name:<24} {c.dtype_tag():<9} {c.label()}{' [' + c.derived + ']' if c.derived else ''}")
+            if args.verbose:
+                print(f"    {c.signature}\n    {c.scenarios}")
+        for s, e in scen_errors:
+            print(f"FAILED scenario {s}: {e}")
+        print(f"{len(configs)} configurations; launches per kernel: {rec.launches} (record {t_rec:.1f} s)")
+        return 1 if scen_errors else 0
+
+    ptx_only = args.ptx_only
+    if not ptx_only and not _ptxas_usable():
+        print("warning: no usable ptxas (set TRITON_PTXAS_PATH): checking PTX generation only", file=sys.stderr)
+        ptx_only = True
+
+    if ptx_only:
+        import atexit
+
+        os.environ["TRITON_CACHE_DIR"] = tmp_cache = tempfile.mkdtemp(prefix="triton-ptx-only-")
+        atexit.register(shutil.rmtree, tmp_cache, True)
+    _WORK[:] = configs
+    t1 = time.time()
+    if args.jobs > 1 and len(configs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.jobs) as pool:
+            for i, res in pool.imap_unordered(_work, [(i, ptx_only) for i in range(len(configs))]):
+                configs[i].result = res
+    else:
+        for i, c in enumerate(configs):
+            c.result = compile_one(c, ptx_only)
+    t_comp = time.time() - t1
+
+    # ------------------------------------------------------------------ report
+    print(f"Triton {triton.__version__} -> {TARGET.backend} sm_{TARGET.arch} ({'PTX only' if ptx_only else 'cubin'}); "
+          f"{len(kernels)} kernels, {len(helpers)} helpers in {', '.join(mods)}")
+    hdr = f"{'kernel':<24} {'dtypes':<9} {'status':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'s':>5}  config"
+    print(hdr)
+    print("-" * len(hdr))
+    for c in configs:
+        r = c.result
+        status = "ok" if r.get("ok") else "ERROR"
+        cfg = c.label() + (f" [{c.derived}]" if c.derived else "")
+        print(f"{c.name:<24} {c.dtype_tag():<9} {status:<6} {r.get('regs', '-'):>4} {r.get('spill_bytes', '-'):>5} "
+              f"{r.get('smem', '-'):>7} {r.get('seconds', 0):>5.1f}  {cfg}")
+        if args.verbose:
+            print(f"    signature: {c.signature}")
+            print(f"    scenarios: {'; '.join(c.scenarios[:3])}{' ...' if len(c.scenarios) > 3 else ''}")
+    failures = [c for c in configs if not c.result.get("ok")]
+    uncovered = [k for k, n in rec.launches.items() if n == 0
+                 and (not args.kernels or k.split(":")[1] in args.kernels.split(","))]
+    spills = [c for c in configs if c.result.get("spill_bytes")]
+    print()
+    for c in failures:
+        print(f"FAILED {c.name} [{c.label()}]{' [' + c.derived + ']' if c.derived else ''}")
+        print(f"    from: {c.scenarios[0]}")
+        print("    " + c.result.get("error", "?").strip().replace("\n", "\n    ")[:4000])
+    for k in uncovered:
+        print(f"FAILED {k}: no scenario launched this kernel (add one to tools/triton_compile_check.py)")
+    for s, e in scen_errors:
+        print(f"FAILED scenario {s}: {e}")
+    for c in spills:
+        print(f"warning: {c.name} [{c.label()}]{' [' + c.derived + ']' if c.derived else ''}: "
+              f"{c.result['regs']} registers, {c.result['spill_bytes']} bytes of stack (register spills)")
+    per_kernel = {}
+    for c in configs:
+        per_kernel.setdefault(c.name, [0, 0])
+        per_kernel[c.name][0] += 1
+        per_kernel[c.name][1] += 0 if c.result.get("ok") else 1
+    n_bad = len(failures) + len(uncovered) + len(scen_errors)
+    print(f"{len(configs)} configurations of {len(per_kernel)} kernels: {len(configs) - len(failures)} ok, "
+          f"{len(failures)} failed; {len(uncovered)} kernels never launched; {len(scen_errors)} scenario errors "
+          f"(record {t_rec:.1f} s, compile {t_comp:.1f} s, jobs {args.jobs})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "target": f"{TARGET.backend}:{TARGET.arch}", "ptx_only": ptx_only,
+            "configs": [{"kernel": c.kernel, "dtypes": c.dtype_tag(), "config": c.label(), "derived": c.derived,
+                         "signature": c.signature, "constexprs": {str(k): repr(v) for k, v in c.constexprs.items()},
+                         "scenarios": c.scenarios, **{k: v for k, v in c.result.items() if k != "traceback"}}
+                        for c in configs],
+            "uncovered": uncovered, "scenario_errors": scen_errors}, indent=1, default=str))
+    return 1 if n_bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
