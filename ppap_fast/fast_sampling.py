@@ -178,12 +178,7 @@ class _GradRunner:
 
     def __call__(self, x, t):
         if self.children is not None:
-            total = None
-            for child, w in self.children:
-                gi = child(x, t)
-                if isinstance(w, torch.Tensor):
-                    w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
-                total = gi * w if total is None else total + gi * w
+            total = _gd.weighted_grad_sum((child(x, t), w) for child, w in self.children)
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():

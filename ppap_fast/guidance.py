@@ -393,6 +393,16 @@ class SegmentationGuide(_DenseGuide):
         return -ce.flatten(1).sum(1) / valid
 
 
+def weighted_grad_sum(grads_and_weights):
+    """sum_i w_i * grad_i; a tensor weight w_i [B] scales each sample's gradient."""
+    total = None
+    for gi, w in grads_and_weights:
+        if isinstance(w, torch.Tensor):
+            w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
+        total = gi * w if total is None else total + gi * w
+    return total
+
+
 class ComposedGuide:
     """Sum of guides with weights: ``grad = sum_i w_i * guide_i(x_t, t)`` (each already scaled)."""
 
@@ -413,13 +423,7 @@ class ComposedGuide:
         self.nonfinite = nonfinite
 
     def __call__(self, x_t, t, **kw):
-        total = None
-        for g, w in self.guides:
-            gi = g(x_t, t)
-            if isinstance(w, torch.Tensor):
-                w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
-            total = gi * w if total is None else total + gi * w
-        return check_finite(total, self.nonfinite, self.name)
+        return check_finite(weighted_grad_sum((g(x_t, t), w) for g, w in self.guides), self.nonfinite, self.name)
 
 
 def as_cond_fn(guide) -> Callable:
