@@ -93,3 +93,22 @@ def test_load_from_local_hf_cache_offline(tmp_path, monkeypatch):
         load_experts("org/ppap-tiny", _fresh(), subfolder="ppap10", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
         load_experts(tmp_path / "missing" / "dir", _fresh())
+
+
+def test_damaged_base_leaves_the_bank_untouched(tmp_path):
+    # the digests are checked before anything is copied: a damaged base file must not leave the
+    # bank with the new experts but its old base weights (half-loaded)
+    from ppap_fast.experts import load_experts_into
+
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
+    raw = bytearray((ck / "base.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (ck / "base.safetensors").write_bytes(bytes(raw))
+    target = _bank(1)
+    before = {k: v.clone() for k, v in target.per_expert_state_dict().items()}
+    with pytest.raises(ValueError, match="base.safetensors does not match its config.json"):
+        load_experts_into(target, ck)
+    after = target.per_expert_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+

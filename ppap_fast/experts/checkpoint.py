@@ -135,13 +135,16 @@ def read_config(path, **where) -> dict:
     return cfg
 
 
-def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False, before_copy=None) -> None:
+def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False, before_copy=None,
+                 check_only: bool = False) -> None:
     missing = sorted(set(dst) - set(src))
     unexpected = sorted(set(src) - set(dst))
     bad = sorted(f"{k}: expected {tuple(dst[k].shape)}, got {tuple(src[k].shape)}"
                  for k in set(dst) & set(src) if tuple(dst[k].shape) != tuple(src[k].shape))
     if missing or unexpected or bad:
         raise ValueError(f"{what}: missing keys {missing}; unexpected keys {unexpected}; shape mismatches {bad}")
+    if check_only:
+        return
     if before_copy is not None:
         before_copy()
     with torch.no_grad():
@@ -162,17 +165,22 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the bank: " + "; ".join(diffs))
     own = bank.per_expert_state_dict()
-    f = path / "experts.safetensors"
-    _strict_copy(own, load_file(str(f)), f"experts in {path}", before_copy=lambda: _check_file(f, cfg))
     if load_base is None:
         load_base = bool(cfg.get("include_base"))
+    parts = [(own, path / "experts.safetensors", f"experts in {path}")]
     if load_base:
         f = path / "base.safetensors"
         if not f.exists():
             raise FileNotFoundError(f"{f} not found (saved without include_base)")
-        sd = bank.model.state_dict()
-        base = {k: v for k, v in sd.items() if k not in own}
-        _strict_copy(base, load_file(str(f)), f"base weights in {path}", before_copy=lambda: _check_file(f, cfg))
+        parts.append(({k: v for k, v in bank.model.state_dict().items() if k not in own}, f, f"base weights in {path}"))
+    # every file is verified (digest, keys, shapes) before anything is copied: never half-loaded
+    for _, f, _ in parts:
+        _check_file(f, cfg)
+    loaded = [load_file(str(f)) for _, f, _ in parts]
+    for (dst, _, what), src in zip(parts, loaded):
+        _strict_copy(dst, src, what, check_only=True)
+    for (dst, _, what), src in zip(parts, loaded):
+        _strict_copy(dst, src, what)
     return bank
 
 
