@@ -112,3 +112,13 @@ def test_damaged_base_leaves_the_bank_untouched(tmp_path):
     after = target.per_expert_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+
+
+def test_base_file_not_recorded_in_config_is_refused(tmp_path):
+    # saving without include_base over a checkpoint that had one leaves the old base.safetensors;
+    # config.json records no digest for it, so load_base=True must not load it unchecked
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
+    save_experts(_bank(1), ck, include_base=False)
+    with pytest.raises(ValueError, match="base.safetensors"):
+        load_experts(ck, _fresh(), load_base=True)

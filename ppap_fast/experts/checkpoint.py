@@ -79,9 +79,13 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
 
 
 def _check_file(path: Path, cfg: dict) -> None:
-    want = (cfg.get("files") or {}).get(path.name)
-    if want is None:  # written before digests were recorded
+    if "files" not in cfg:  # written before digests were recorded
         return
+    want = (cfg.get("files") or {}).get(path.name)
+    if want is None:  # left over from an older save (e.g. one with include_base over which this one was written)
+        raise ValueError(f"{path} is not part of the checkpoint its config.json describes (it records "
+                         f"{sorted(cfg['files'])}): a leftover of an older save; save with include_base=True "
+                         "to load base weights")
     got = _digest(path)
     if got != want:
         raise ValueError(f"{path} does not match its config.json ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... "
