@@ -169,3 +169,19 @@ def test_shard_set_attach_fallbacks_and_errors(tmp_path):
     ShardWriter(tmp_path / "s", num_images=23, shard_size=5).write_manifest(complete=False)
     with pytest.raises(ValueError, match="incomplete"):
         ShardSet(tmp_path / "s")
+
+
+def test_shard_set_gather_refuses_non_integer_rows(tmp_path):
+    # float rows were truncated (1.7 -> row 1) and a boolean mask read as rows 0/1: wrong data, silently
+    from ppap_fast.data import ShardSet
+
+    _mixed_set(tmp_path)
+    s = ShardSet(tmp_path)
+    with pytest.raises(TypeError, match="integer"):
+        s.gather("images", [1.7, 2.0])
+    with pytest.raises(TypeError, match="integer"):
+        s.gather("logits", np.zeros(23, dtype=bool))
+    with pytest.raises(TypeError, match="integer"):
+        s.gather("logits", torch.tensor([0.0, 3.0]))
+    assert s.gather("logits", np.array([3], dtype=np.uint8)).shape == (1, 7)
+    assert s.gather("logits", []).shape == (0, 7) and s.gather("logits", np.array([])).shape == (0, 7)

@@ -271,7 +271,10 @@ class ShardSet:
         """Rows ``rows`` (ints in [0, len)) of array ``name``, in that order (repeats allowed)."""
         if name not in self._members:
             raise KeyError(f"shard set {self.dir} has no array {name!r} (it has {self.names})")
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = np.asarray(rows)
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):  # no silent 1.7 -> 1, no mask -> rows 0/1
+            raise TypeError(f"rows must be integer indices, got {rows.dtype}")
+        rows = rows.astype(np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows out of range [0, {len(self)})")
         members = self._members[name]
