@@ -82,6 +82,25 @@ def test_reference_batch_norm_is_per_expert_nn_batchnorm(shape):
             assert torch.allclose(rv_[e], bn.running_var, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_batch_norm_half_statistics_in_fp32(dtype):
+    """Half-precision x (the CPU default backend): per-expert counts and sums are not kept in
+    x's dtype (bf16 counts stop at 256, fp16 ones at 2048 / overflow), as nn.BatchNorm does."""
+    S, C, N = 3000, 3, 2
+    x = (torch.randn(S, C) * 2 + 3).to(dtype)
+    idx = torch.zeros(S, dtype=torch.long)  # every sample on expert 0, expert 1 empty
+    w, b = torch.ones(N, C, dtype=dtype), torch.zeros(N, C, dtype=dtype)
+    rm, rv = torch.zeros(N, C, dtype=dtype), torch.ones(N, C, dtype=dtype)
+    y = NO.expert_batch_norm(x, idx, w, b, rm, rv, True, 0.5, 1e-5)
+    assert y.dtype == dtype
+    bn = nn.BatchNorm1d(C, momentum=0.5)
+    want = bn(x.float())
+    assert (y.float() - want).abs().max() < 0.05
+    assert torch.allclose(rm[0].float(), bn.running_mean, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(rv[0].float(), bn.running_var, rtol=1e-2, atol=1e-2)
+    assert torch.equal(rm[1], torch.zeros(C, dtype=dtype)) and torch.equal(rv[1], torch.ones(C, dtype=dtype))
+
+
 def test_reference_layer_norm_is_per_expert_layer_norm():
     D = torch.float64
     x = torch.randn(6, 3, 10, dtype=D)

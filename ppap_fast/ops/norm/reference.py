@@ -23,7 +23,8 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
     statistics of experts with samples are updated in place like nn.BatchNorm (unbiased
     variance n/(n-1), n/1 when n == 1, where nn.BatchNorm raises); experts without samples
     are untouched. Eval: each sample uses its expert's running statistics.
-    Per-expert sums are index_add over samples: no loop, no host sync.
+    Per-expert sums are index_add over samples: no loop, no host sync; fp16/bf16 statistics
+    are computed in float32.
     """
     S, C = x.shape[:2]
     N = weight.shape[0]
@@ -32,16 +33,21 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
         m, v = running_mean[expert_idx].view(bshape), running_var[expert_idx].view(bshape)
         return (x - m) * torch.rsqrt(v + eps) * weight[expert_idx].view(bshape) + bias[expert_idx].view(bshape)
     red = tuple(range(2, x.dim()))
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), bias.dtype)
+    # statistics in float32 for half types (as nn.BatchNorm): counts and sums in fp16/bf16 lose
+    # integers past 2048/256 and overflow
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xa = x.to(acc)
     per_channel = x[0, 0].numel() if S else 1  # values per (sample, channel)
-    n = torch.zeros(N, dtype=x.dtype, device=x.device).index_add(
-        0, expert_idx, torch.full((S,), float(per_channel), dtype=x.dtype, device=x.device))
-    total = lambda t: torch.zeros(N, C, dtype=x.dtype, device=x.device).index_add(  # noqa: E731
+    n = torch.zeros(N, dtype=acc, device=x.device).index_add(
+        0, expert_idx, torch.full((S,), float(per_channel), dtype=acc, device=x.device))
+    total = lambda t: torch.zeros(N, C, dtype=acc, device=x.device).index_add(  # noqa: E731
         0, expert_idx, t.sum(dim=red) if red else t)
-    mean = total(x) / n.clamp(min=1)[:, None]
-    xc = x - mean[expert_idx].view(bshape)
+    mean = total(xa) / n.clamp(min=1)[:, None]
+    xc = xa - mean[expert_idx].view(bshape)
     var = total(xc * xc) / n.clamp(min=1)[:, None]
-    y = xc * torch.rsqrt(var[expert_idx].view(bshape) + eps) * weight[expert_idx].view(bshape) \
-        + bias[expert_idx].view(bshape)
+    y = (xc * torch.rsqrt(var[expert_idx].view(bshape) + eps) * weight[expert_idx].view(bshape)
+         + bias[expert_idx].view(bshape)).to(out_dtype)
     with torch.no_grad():
         has = (n > 0)[:, None]
         unb = var * (n / (n - 1).clamp(min=1))[:, None]
