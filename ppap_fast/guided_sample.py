@@ -73,6 +73,10 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--sampler must be ddim or ddpm, got {cfg.sampler!r}")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be positive")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ValueError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.experts_subfolder and not cfg.experts:
+        raise ValueError("--experts-subfolder needs --experts")
     if not math.isfinite(cfg.scale):
         raise ValueError(f"--scale must be finite, got {cfg.scale}")
     if cfg.guide_dtype not in (None, "bf16", "fp16"):
@@ -120,6 +124,10 @@ def _build_guide(cfg: GuidedSampleConfig, device):
         info["experts"] = {"path": cfg.experts, "n_experts": model.n_experts}
     model = model.to(device)
     tf = None if cfg.raw_input or bt.transform is None else bt.transform.to(device)
+    if bt.task == "classification" and cfg.target_map:
+        raise ValueError("--target-map is for segmentation / depth guides; a classification guide takes --targets")
+    if bt.task in ("segmentation", "depth", "regression") and cfg.targets:
+        raise ValueError(f"--targets (class ids) is for classification guides; a {bt.task} guide takes --target-map")
     if bt.task == "classification":
         return (lambda tgt: ClassGuide(model, tgt, cfg.scale, input_transform=tf)), info
     if bt.task in ("segmentation", "depth", "regression"):

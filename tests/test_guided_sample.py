@@ -64,6 +64,10 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     ([*GUIDE[:-2]], "needs --targets"),
     ([*GUIDE, "--experts", str(WEIGHTS_DIR)], "config.json"),
     ([*GUIDE, "--no-fast", "--cuda-graph"], "fast path"),
+    # silently ignored before: a map for a classifier, --steps 0 (ran the default 25), a subfolder without experts
+    ([*GUIDE, "--target-map", "map.npy"], "--target-map"),
+    (["--steps", "0"], "--steps"),
+    (["--experts-subfolder", "ppap10"], "--experts-subfolder"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--sampler", "plms"], "cuda|invalid choice"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
@@ -77,3 +81,4 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err
     assert re.search(msg, err), err
     assert not (tmp_path / "s.npz").exists()
+
