@@ -82,3 +82,15 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
     assert re.search(msg, err), err
     assert not (tmp_path / "s.npz").exists()
 
+
+
+def test_segmentation_target_map_must_hold_integer_labels(tmp_path):
+    # a float map was cast with .long() (1.7 -> class 1), hiding SegmentationGuide's own check
+    from ppap_fast.guided_sample import _target_map
+
+    np.save(tmp_path / "f.npy", np.full((4, 4), 1.7, np.float32))
+    with pytest.raises(ValueError, match="integer"):
+        _target_map(str(tmp_path / "f.npy"), "segmentation")
+    np.save(tmp_path / "i.npy", np.full((4, 4), 2, np.uint8))
+    assert _target_map(str(tmp_path / "i.npy"), "segmentation").dtype == torch.long
+    assert _target_map(str(tmp_path / "f.npy"), "depth").dtype == torch.float32
