@@ -185,3 +185,19 @@ def test_shard_set_gather_refuses_non_integer_rows(tmp_path):
         s.gather("logits", torch.tensor([0.0, 3.0]))
     assert s.gather("logits", np.array([3], dtype=np.uint8)).shape == (1, 7)
     assert s.gather("logits", []).shape == (0, 7) and s.gather("logits", np.array([])).shape == (0, 7)
+
+
+@pytest.mark.parametrize("offset,value", [(10, 99), (8, 1)])  # compression method, encryption flag
+def test_shard_with_damaged_zip_directory_is_redone(tmp_path, offset, value):
+    # a flipped field of the zip directory made zipfile raise NotImplementedError / RuntimeError,
+    # which escaped shard_is_complete (a resume crashed instead of redoing the shard) and ShardSet
+    from ppap_fast.data import ShardSet
+
+    w = _mixed_set(tmp_path)
+    p = w.shard_path(1)
+    raw = bytearray(p.read_bytes())
+    raw[raw.find(b"PK\x01\x02") + offset] = value
+    p.write_bytes(bytes(raw))
+    assert w.missing() == [1]
+    with pytest.raises(ValueError, match="shard_00001.npz is not a readable npz shard"):
+        ShardSet(tmp_path)

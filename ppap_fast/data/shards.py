@@ -24,6 +24,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,7 +118,8 @@ def npz_members(path) -> dict[str, NpzMember]:
                                          f"describes {header_len + nbytes}")
                     offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + header_len
                 out[name] = NpzMember(path, name, offset, tuple(shape), dtype)
-    except (OSError, zipfile.BadZipFile, EOFError, struct.error, ValueError) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, struct.error, ValueError, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # damaged directory: unknown method, "encrypted" flag
         raise ValueError(f"{path} is not a readable npz shard ({type(e).__name__}: {e})") from None
     return out
 
