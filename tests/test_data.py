@@ -201,3 +201,13 @@ def test_shard_with_damaged_zip_directory_is_redone(tmp_path, offset, value):
     assert w.missing() == [1]
     with pytest.raises(ValueError, match="shard_00001.npz is not a readable npz shard"):
         ShardSet(tmp_path)
+
+
+def test_shard_set_with_a_scalar_member_is_a_clear_error(tmp_path):
+    # a 0-d array in a shard raised IndexError ('tuple index out of range') naming nothing
+    from ppap_fast.data import ShardSet
+
+    w = ShardWriter(tmp_path, num_images=6, shard_size=3)
+    w.run(lambda k: {"images": np.zeros((3, 2, 2, 1), np.uint8), "seed": np.int64(k)})
+    with pytest.raises(ValueError, match=r"shard_00000.npz: 'seed' is \(\)"):
+        ShardSet(tmp_path)

@@ -257,7 +257,7 @@ class ShardSet:
         for p, m, n in zip(paths, members, self.counts):
             if m is None:
                 raise ValueError(f"{p} has no array {name!r} (shard {paths[0].name} has one)")
-            if m.shape[0] != n or m.shape[1:] != first.shape[1:] or m.dtype != first.dtype:
+            if not m.shape or m.shape[0] != n or m.shape[1:] != first.shape[1:] or m.dtype != first.dtype:
                 raise ValueError(f"{p}: {name!r} is {m.shape} {m.dtype}, expected {(int(n), *first.shape[1:])} "
                                  f"{first.dtype} like the other shards")
         self._members[name] = members
