@@ -895,6 +895,23 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     ident["teacher_task"], ident["loss"] = task, loss_kind
     ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
     h = check_same_config(ident, env)
+    # a training state in --out: rank 0 checks its configuration now, before anything in --out (the
+    # computed teacher outputs of the run it belongs to) is replaced; it is restored after the bank is built
+    state_path = Path(cfg.out_dir) / TRAIN_STATE
+    ck_ident = {**ident, "world_size": env.world_size}
+    ck_hash = config_hash(ck_ident)
+    err, found = None, False
+    if env.rank == 0 and state_path.exists():
+        try:
+            meta = read_train_state_meta(state_path)
+            if meta.get("config_hash") != ck_hash:
+                err = (f"{state_path} was written with another configuration (differs in "
+                       f"{_config_diff(json.loads(meta.get('config', '{}')), ck_ident)}); "
+                       "use another --out or the same arguments")
+            found = True
+        except Exception as e:  # written atomically, so a damaged file is not ours to overwrite silently
+            err = f"{state_path} is not a readable training state ({type(e).__name__}: {e}); remove it to start over"
+    raise_if_any(err, env, "resuming")
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None
 
@@ -919,22 +936,7 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     sched = Schedule.create("linear", cfg.num_timesteps)
     gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
 
-    # resume: rank 0 checks the state's configuration, then every rank restores its part in place
-    state_path = Path(cfg.out_dir) / TRAIN_STATE
-    ck_ident = {**ident, "world_size": env.world_size}
-    ck_hash = config_hash(ck_ident)
-    err, found = None, False
-    if env.rank == 0 and state_path.exists():
-        try:
-            meta = read_train_state_meta(state_path)
-            if meta.get("config_hash") != ck_hash:
-                err = (f"{state_path} was written with another configuration (differs in "
-                       f"{_config_diff(json.loads(meta.get('config', '{}')), ck_ident)}); "
-                       "use another --out or the same arguments")
-            found = True
-        except Exception as e:  # written atomically, so a damaged file is not ours to overwrite silently
-            err = f"{state_path} is not a readable training state ({type(e).__name__}: {e}); remove it to start over"
-    raise_if_any(err, env, "resuming")
+    # resume: every rank restores its part of the state (checked above) in place
     start, losses = 0, []
     if _gather(found, env)[0]:
         err = None

@@ -407,3 +407,21 @@ def test_computed_targets_of_another_teacher_are_not_reused(tmp_path, depth_modu
     with pytest.raises(D.SimulatedCrash):
         D.distill(_depth_cfg(plain, out, depth_module, steps=2, batch_size=4), D.DistEnv())
     assert {f.name: f.stat().st_mtime_ns for f in tdir.glob("targets_*.npz")} == stamp
+
+
+def test_rerun_with_another_configuration_keeps_the_resumable_runs_targets(tmp_path, depth_module, monkeypatch):
+    """A rerun into the same --out with other arguments is refused because of the training state;
+    it must be refused BEFORE it replaces the interrupted run's computed teacher outputs (hours of
+    teacher passes on a large set), so the real resume finds them intact."""
+    plain = tmp_path / "plain"
+    D.generate(D.GenerateConfig(str(plain), **GEN), D.DistEnv())
+    out = tmp_path / "out"
+    distill_crashing(monkeypatch, _depth_cfg(plain, out, depth_module, steps=4, batch_size=4, checkpoint_every=2),
+                     steps=3)
+    tdir = out / D.TARGETS_DIR
+    stamp = {f.name: f.stat().st_mtime_ns for f in tdir.iterdir()}
+    assert (out / D.TRAIN_STATE).exists() and stamp
+    with pytest.raises(D.DistributedRunError, match="another configuration"):
+        D.distill(_depth_cfg(plain, out, "py:ppap_test_depth:make_other", steps=4, batch_size=4,
+                             checkpoint_every=2), D.DistEnv())
+    assert {f.name: f.stat().st_mtime_ns for f in tdir.iterdir()} == stamp
