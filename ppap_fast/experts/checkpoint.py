@@ -177,12 +177,12 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
         if not f.exists():
             raise FileNotFoundError(f"{f} not found (saved without include_base)")
         parts.append(({k: v for k, v in bank.model.state_dict().items() if k not in own}, f, f"base weights in {path}"))
-    # every file is verified (digest, keys, shapes) before anything is copied: never half-loaded
-    for _, f, _ in parts:
-        _check_file(f, cfg)
+    # every file is verified (keys, shapes, then digest) before anything is copied: never half-loaded
     loaded = [load_file(str(f)) for _, f, _ in parts]
     for (dst, _, what), src in zip(parts, loaded):
         _strict_copy(dst, src, what, check_only=True)
+    for _, f, _ in parts:
+        _check_file(f, cfg)
     for (dst, _, what), src in zip(parts, loaded):
         _strict_copy(dst, src, what)
     return bank
