@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ppap_fast import ops
 from ppap_fast.experts import ExpertBank, Placement
 from ppap_fast.ops import norm as NO
+from ppap_fast.schedule import Schedule
 from ppap_fast.ops.lora.segments import build_segments
 from ppap_fast.ops.norm import reference as R
 from ppap_fast.ops.norm import triton_kernels as TK
@@ -285,6 +286,24 @@ def test_cpu_dispatch_and_dtypes():
         NO.expert_layer_norm(x.double(), idx, w.double(), b.double())
     report = ops.backend_report("cpu")["ops"]
     assert set(report["expert_batch_norm"]["available"]) == {"triton", "reference"}
+
+
+def test_global_backend_only_concerns_ops_that_have_it():
+    """set_backend("cpp") (guided_update's CPU kernel) must not break a bank's norms, which have no cpp path;
+    an explicit backend= stays strict."""
+    x, idx = torch.randn(4, 3, 5, 5), torch.tensor([0, 1, 1, 0])
+    w, b, rm, rv = torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
+    try:
+        ops.set_backend("cpp")
+        NO.expert_batch_norm(x, idx, w, b, rm, rv, True)
+        assert ops.last_backend("expert_batch_norm") == "reference"
+        with pytest.raises(ops.BackendUnavailableError, match="no 'cpp' implementation"):
+            NO.expert_batch_norm(x, idx, w, b, rm, rv, True, backend="cpp")
+        sched = Schedule.create("linear", 1000, "ddim5")
+        ops.guided_update(x, x, torch.tensor([1, 2, 3, 4]), ops.build_table(sched, "ddim"))
+        assert ops.last_backend("guided_update") == "cpp"  # the op that has it still gets it
+    finally:
+        ops.set_backend(None)
 
 
 def test_triton_layer_and_group_norm_run_in_fp32_under_autocast():

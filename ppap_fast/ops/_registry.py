@@ -3,7 +3,7 @@
 Order of preference on a CUDA tensor: cuda > triton > reference; on a CPU
 tensor: cpp > reference (Triton on CPU only runs under TRITON_INTERPRET=1 and
 is picked only when asked for explicitly). Asking for a backend that cannot run
-raises; `last_backend(op)` tells which path ran most recently.
+raises (a global ``set_backend`` / PPAP_FAST_BACKEND only concerns the ops that have it); `last_backend(op)` tells which path ran most recently.
 """
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
 def select(op: str, device: torch.device, backend: str | None = None) -> Callable:
     """The implementation to run for `op` on `device` (records the choice)."""
     device = torch.device(device)
-    backend = backend or _forced
     entry = _OPS[op]
+    if backend is None and _forced is not None and _forced in entry.impls:
+        backend = _forced  # a global choice applies to the ops that have that backend; explicit ones are strict
     if backend is not None and backend != "auto":
         reason = why_unavailable(op, backend, device)
         if reason is not None:
@@ -74,7 +75,9 @@ def last_backend(op: str) -> str | None:
 
 
 def set_backend(backend: str | None) -> None:
-    """Force one backend for every op (None or "auto" restores automatic choice)."""
+    """Force one backend for every op that has it (None or "auto" restores automatic choice): it must
+    run where asked (else BackendUnavailableError); ops without that backend keep choosing automatically,
+    so that e.g. forcing "cpp" does not break the per-expert norms, which have none."""
     global _forced
     if backend not in (None, "auto") and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")

@@ -34,7 +34,9 @@ OPS = ("expert_batch_norm", "expert_layer_norm", "expert_group_norm")
 
 
 def _select(op: str, x: torch.Tensor, backend):
-    b = backend or _registry._forced
+    b = backend
+    if b is None and _registry._forced in _registry._OPS[op].impls:
+        b = _registry._forced
     if x.dtype not in FAST_DTYPES:
         if b in (None, "auto"):
             b = "reference"
