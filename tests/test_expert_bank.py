@@ -336,3 +336,21 @@ def test_multihead_attention_out_proj_is_never_silently_unrouted():
     assert not torch.equal(bank(x, expert_idx=torch.tensor([0, 0])), bank(x, expert_idx=torch.tensor([1, 1])))
     with pytest.raises(ValueError, match=r"mha\.out_proj.*reads out_proj's weight"):
         ExpertBank(WithMHA(), Placement(("inp", "mha.out_proj"), (), (), 4, 4, "factorised", "custom"), n_experts=5)
+
+
+def test_torch_transformer_layers_are_refused_not_half_routed():
+    from ppap_fast.experts.placement import generic_placement
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.inp(x)).mean(1))
+
+    assert "enc.linear1" in generic_placement(Enc()).lora
+    with pytest.raises(ValueError, match=r"inside \['enc'\].*Transformer\*Layer"):
+        ExpertBank(Enc(), "generic", n_experts=5)

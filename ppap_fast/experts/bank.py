@@ -451,12 +451,19 @@ class ExpertBank(nn.Module):
         missing = sorted({n for n in (*p.lora, *p.bias, *p.norm) if n not in mods or n == ""})
         if missing:
             raise ValueError(f"placement names modules not in {type(self.model).__name__}: {missing}")
-        from .placement import weight_read_directly
+        from .placement import inside_fused_layers, weight_read_directly
 
         unrouted = sorted((set(p.lora) | set(p.bias)) & weight_read_directly(self.model))
         if unrouted:
             raise ValueError(f"placement puts LoRA / per-expert biases on {unrouted}: nn.MultiheadAttention reads "
                              "out_proj's weight and bias directly, so experts there would silently do nothing")
+        fused = inside_fused_layers(self.model)
+        inside = sorted(n for n in (*p.lora, *p.bias, *p.norm) if n in fused)
+        if inside:
+            raise ValueError(f"placement puts experts on {inside[:6]}{' ...' if len(inside) > 6 else ''} inside "
+                             f"{sorted({fused[n] for n in inside})[:3]}: torch's nn.Transformer*Layer reads its "
+                             "children's parameters directly (fused path), so experts there are unsupported; "
+                             "use blocks that call their layers (e.g. timm's ViT / DeiT, placement 'deit')")
         lora, bias, norm = set(p.lora), set(p.bias), set(p.norm)
         R, N = self._router, self.n_experts
         for name in dict.fromkeys((*p.lora, *p.bias, *p.norm)):

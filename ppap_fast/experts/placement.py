@@ -169,6 +169,16 @@ def weight_read_directly(model: nn.Module) -> set:
             if isinstance(m, nn.MultiheadAttention)}
 
 
+READS_CHILDREN_DIRECTLY = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def inside_fused_layers(model: nn.Module) -> dict:
+    """{module name: enclosing layer name} for modules inside torch's Transformer*Layer, whose forward
+    reads its children's parameters directly (the fused inference path): experts cannot live there."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, READS_CHILDREN_DIRECTLY)]
+    return {n: p for n, _ in model.named_modules() for p in layers if n.startswith(p + ".")}
+
+
 def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: str = "factorised") -> Placement:
     """Every Conv2d / Linear except the last Linear (the classifier) gets LoRA; every affine
     norm (weight+bias) and every Conv2d / Linear bias is per expert. nn.MultiheadAttention's
