@@ -702,8 +702,8 @@ def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict,
                 "config_hash": h, "config": json.dumps(ident, sort_keys=True, default=str)}
         try:
             save_safetensors_atomic(path, t, metadata=meta)
-        except OSError as e:
-            err = f"writing {path}: {e}"
+        except Exception as e:  # safetensors reports I/O errors (disk full) as SafetensorError, not OSError
+            err = f"writing {path}: {type(e).__name__}: {e}"
     raise_if_any(err, env, "writing the training state")
 
 
@@ -1004,8 +1004,8 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
             state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
             if target_source == "computed":
                 shutil.rmtree(Path(cfg.out_dir) / TARGETS_DIR, ignore_errors=True)
-        except OSError as e:
-            err = str(e)
+        except Exception as e:  # incl. SafetensorError (safetensors' I/O errors): the other ranks wait below
+            err = f"{type(e).__name__}: {e}"
     raise_if_any(err, env, "writing the checkpoint")
     return bank.eval()
 

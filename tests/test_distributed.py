@@ -354,3 +354,30 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     assert all(np.isfinite(s["losses"]))
     lora_b = [v for k, v in _experts(out).items() if k.endswith("lora_B")]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA did not train"
+
+
+@pytest.mark.parametrize("fail_on", ["train_state", "experts"])
+def test_write_errors_of_safetensors_reach_every_rank(tmp_path, monkeypatch, fail_on):
+    """safetensors reports I/O errors (disk full, ...) as SafetensorError, not OSError: rank 0 must
+    still pass them through raise_if_any (a DistributedRunError on every rank), or the other ranks
+    wait in that collective until the timeout."""
+    import ppap_fast.data.shards as shards
+    from safetensors import SafetensorError
+
+    tfile = _tiny_teacher_file(tmp_path)
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4, "teacher": f"tiny:{tfile}"}),
+               D.DistEnv())
+    real = shards.save_safetensors_atomic
+
+    def full_disk(path, *a, **k):
+        if fail_on in Path(path).name:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shards, "save_safetensors_atomic", full_disk)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{tfile}", n_experts=2, r=2, alpha=2.0, steps=3,
+                          batch_size=4, device="cpu", checkpoint_every=1)
+    what = "writing the training state" if fail_on == "train_state" else "writing the checkpoint"
+    with pytest.raises(D.DistributedRunError, match=f"{what}.*No space left"):
+        D.distill(cfg, D.DistEnv())
