@@ -105,6 +105,9 @@ def _target_map(path: str | None, task: str) -> torch.Tensor:
     if not path:
         raise ValueError(f"a {task} guide needs --target-map (a .npy map shared by all samples)")
     arr = np.load(path, allow_pickle=False)
+    if not isinstance(arr, np.ndarray):  # an .npz: an open NpzFile
+        arr.close()
+        raise ValueError(f"--target-map {path}: expected a single .npy array, got an .npz archive")
     if task == "segmentation" and not np.issubdtype(arr.dtype, np.integer):  # .long() would truncate 1.7 -> 1
         raise ValueError(f"--target-map {path}: a segmentation map holds integer class labels, got {arr.dtype}")
     t = torch.from_numpy(np.ascontiguousarray(arr))

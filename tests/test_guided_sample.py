@@ -94,3 +94,13 @@ def test_segmentation_target_map_must_hold_integer_labels(tmp_path):
     np.save(tmp_path / "i.npy", np.full((4, 4), 2, np.uint8))
     assert _target_map(str(tmp_path / "i.npy"), "segmentation").dtype == torch.long
     assert _target_map(str(tmp_path / "f.npy"), "depth").dtype == torch.float32
+
+
+def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
+    # an .npz given as --target-map came back from np.load as an open NpzFile: torch.from_numpy
+    # raised TypeError (a traceback, not the CLI's one-line error) and the file stayed open
+    from ppap_fast.guided_sample import _target_map
+
+    np.savez(tmp_path / "m.npz", depth=np.ones((4, 4), np.float32))
+    with pytest.raises(ValueError, match="m.npz.*single .npy array"):
+        _target_map(str(tmp_path / "m.npz"), "depth")
