@@ -225,13 +225,18 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
             x_T = torch.randn((b, cfg.channels, cfg.image_size, cfg.image_size), generator=g).to(device)
             noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
             cb = (lambda *a: bar.update(1)) if bar is not None else None
-            if fast is not None:
-                x0 = fast.sample(x_T, noise_fn=noise_fn, callback=cb)
-            else:
-                x0 = sample_loop(unet, x_T, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, noise_fn=noise_fn,
-                                 callback=(lambda i, o: bar.update(1)) if bar is not None else None)
+            try:
+                if fast is not None:
+                    x0 = fast.sample(x_T, noise_fn=noise_fn, callback=cb)
+                else:
+                    x0 = sample_loop(unet, x_T, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta,
+                                     noise_fn=noise_fn, callback=(lambda i, o: bar.update(1)) if bar else None)
+            except RuntimeError as e:  # the guide's non-finite check: a bad-input error for the CLI, not a crash
+                if "NaN/Inf" not in str(e):
+                    raise
+                raise ValueError(f"batch {k}: {e} (guidance scale {cfg.scale} too large?)") from None
             if not torch.isfinite(x0).all():
-                raise RuntimeError(f"batch {k} produced non-finite images (guidance scale {cfg.scale} too large?)")
+                raise ValueError(f"batch {k} produced non-finite images (guidance scale {cfg.scale} too large?)")
             images.append(to_uint8(x0))
         if device.type == "cuda":
             torch.cuda.synchronize(device)

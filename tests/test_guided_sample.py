@@ -104,3 +104,11 @@ def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     np.savez(tmp_path / "m.npz", depth=np.ones((4, 4), np.float32))
     with pytest.raises(ValueError, match="m.npz.*single .npy array"):
         _target_map(str(tmp_path / "m.npz"), "depth")
+
+
+@pytest.mark.parametrize("path", [[], ["--no-fast"]])
+def test_non_finite_guidance_is_a_one_line_error(tmp_path, capsys, path):
+    rc = main(["guided-sample", "--out", str(tmp_path / "s.npz"), *BASE, *GUIDE, "--scale", "1e38", *path])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "too large" in err[0], err
+    assert not (tmp_path / "s.npz").exists()
