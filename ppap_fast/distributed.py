@@ -203,6 +203,19 @@ def raise_if_any(error: str | None, env: DistEnv, what: str = "check") -> None:
                                   + "; ".join(f"rank {r}: {e}" for r, e in bad))
 
 
+def collectively(fn, env: DistEnv, what: str):
+    """``fn()`` on every rank; an exception on any rank is an error on all of them (the others would
+    otherwise wait in the next collective until its timeout). Alone, the exception is raised as it is."""
+    try:
+        out, err = fn(), None
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        if not env.distributed:
+            raise
+        out, err = None, f"{type(e).__name__}: {e}"
+    raise_if_any(err, env, what)
+    return out
+
+
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -508,10 +521,11 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     env = env or init_distributed(cfg.device)
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
-    teacher = transform = None
     ident = cfg.identity()
+    # every rank takes part, teacher or not: ranks whose configurations differ still meet in check_same_config
+    teacher, transform = collectively(lambda: build_teacher(cfg.teacher, cfg.teacher_weights)[:2] if cfg.teacher
+                                      else (None, None), env, "building the teacher")
     if cfg.teacher:
-        teacher, transform = build_teacher(cfg.teacher, cfg.teacher_weights)[:2]
         # the teacher's weights, whatever the spec (a py: factory, a random init): restarts and
         # distillation compare it before trusting cached outputs
         ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
@@ -889,7 +903,8 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
-    teacher, transform, placement, task, arch = build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task)
+    teacher, transform, placement, task, arch = collectively(
+        lambda: build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task), env, "building the teacher")
     loss_kind = resolve_loss(cfg, task)
     ident = cfg.identity()
     ident["teacher_task"], ident["loss"] = task, loss_kind

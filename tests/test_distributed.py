@@ -157,6 +157,17 @@ def test_ranks_with_different_configs_fail_clearly(tmp_path):
     assert not list((tmp_path / "x").glob("shard_*")) if (tmp_path / "x").exists() else True
 
 
+def test_a_teacher_failing_on_one_rank_fails_every_rank_at_once(tmp_path):
+    cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
+    cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "teacher": "py:ppap_no_such_module:make"})
+    import time
+
+    t0 = time.time()
+    with pytest.raises(Exception, match=r"(?s)building the teacher failed on rank\(s\) \[1\].*ppap_no_such_module"):
+        D.launch("generate", [cfg0, cfg1], 2, threads=1, timeout_s=120)
+    assert time.time() - t0 < 60  # not the collective timeout
+
+
 def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
