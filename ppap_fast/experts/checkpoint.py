@@ -47,12 +47,8 @@ def _config(bank: ExpertBank) -> dict:
     }
 
 
-def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+def _digest(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
@@ -73,12 +69,13 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
     cfg["files"] = {}
     for name, t in files.items():
         save_safetensors_atomic(path / name, t)
-        cfg["files"][name] = _digest(path / name)
+        cfg["files"][name] = _digest((path / name).read_bytes())
     write_json_atomic(path / "config.json", cfg)
     return path
 
 
-def _check_file(path: Path, cfg: dict) -> None:
+def _check_file(path: Path, data: bytes, cfg: dict) -> None:
+    """``data`` (the bytes read from ``path``) against the digest config.json records for it."""
     if "files" not in cfg:  # written before digests were recorded
         return
     want = (cfg.get("files") or {}).get(path.name)
@@ -86,7 +83,7 @@ def _check_file(path: Path, cfg: dict) -> None:
         raise ValueError(f"{path} is not part of the checkpoint its config.json describes (it records "
                          f"{sorted(cfg['files'])}): a leftover of an older save; save with include_base=True "
                          "to load base weights")
-    got = _digest(path)
+    got = _digest(data)
     if got != want:
         raise ValueError(f"{path} does not match its config.json ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... "
                          f"vs recorded {want['bytes']} bytes, {want['sha256'][:12]}...): the checkpoint is damaged or "
@@ -139,27 +136,19 @@ def read_config(path, **where) -> dict:
     return cfg
 
 
-def _strict_copy(dst: dict, src: dict, what: str, lead: bool = False, before_copy=None,
-                 check_only: bool = False) -> None:
+def _check_keys(dst: dict, src: dict, what: str) -> None:
     missing = sorted(set(dst) - set(src))
     unexpected = sorted(set(src) - set(dst))
     bad = sorted(f"{k}: expected {tuple(dst[k].shape)}, got {tuple(src[k].shape)}"
                  for k in set(dst) & set(src) if tuple(dst[k].shape) != tuple(src[k].shape))
     if missing or unexpected or bad:
         raise ValueError(f"{what}: missing keys {missing}; unexpected keys {unexpected}; shape mismatches {bad}")
-    if check_only:
-        return
-    if before_copy is not None:
-        before_copy()
-    with torch.no_grad():
-        for k, v in src.items():
-            dst[k].copy_(v)
 
 
 def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **where) -> ExpertBank:
     """Strictly load the checkpoint ``path`` (a directory, or a HF repo id in the local cache: ``where`` =
     subfolder, revision, cache_dir) into an existing ``bank`` (config must match)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = resolve_checkpoint(path, **where)
     cfg = read_config(path)
@@ -177,14 +166,18 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
         if not f.exists():
             raise FileNotFoundError(f"{f} not found (saved without include_base)")
         parts.append(({k: v for k, v in bank.model.state_dict().items() if k not in own}, f, f"base weights in {path}"))
-    # every file is verified (keys, shapes, then digest) before anything is copied: never half-loaded
-    loaded = [load_file(str(f)) for _, f, _ in parts]
+    # every file is read once and verified (keys, shapes, then digest) before anything is copied:
+    # never half-loaded
+    raw = [f.read_bytes() for _, f, _ in parts]
+    loaded = [load(data) for data in raw]
     for (dst, _, what), src in zip(parts, loaded):
-        _strict_copy(dst, src, what, check_only=True)
-    for _, f, _ in parts:
-        _check_file(f, cfg)
-    for (dst, _, what), src in zip(parts, loaded):
-        _strict_copy(dst, src, what)
+        _check_keys(dst, src, what)
+    for (_, f, _), data in zip(parts, raw):
+        _check_file(f, data, cfg)
+    with torch.no_grad():
+        for (dst, _, _), src in zip(parts, loaded):
+            for k, v in src.items():
+                dst[k].copy_(v)
     return bank
 
 
