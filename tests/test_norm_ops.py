@@ -478,3 +478,33 @@ def test_empty_batch():
     y = NO.expert_group_norm(xg, idx, 5, w, b, backend="triton")
     dw, = torch.autograd.grad(y.sum(), (w,))
     assert y.shape == xg.shape and not dw.any()
+
+
+@pytest.mark.parametrize("kind", ["batch", "layer", "group"])
+def test_triton_output_takes_inplace_ops(kind):
+    """ResNets apply ReLU(inplace=True) to BatchNorm's output: the Function's output must not be a view
+    (autograd forbids modifying a custom Function's view output in place), and gradients stay exact."""
+    g = torch.Generator().manual_seed(3)
+    N, shape = 3, ((6, 4, 3, 5) if kind != "layer" else (6, 7, 8))
+    idx = torch.randint(0, N, (shape[0],), generator=g)
+    C = shape[-1] if kind == "layer" else shape[1]
+    w, b = torch.randn(N, C, generator=g), torch.randn(N, C, generator=g)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    rm, rv = torch.zeros(N, C, dtype=torch.float64), torch.ones(N, C, dtype=torch.float64)
+
+    def run(backend, dtype):
+        xi, wi, bi = (t.to(dtype).requires_grad_(True) for t in (x, w, b))
+        if kind == "batch":
+            y = NO.expert_batch_norm(xi, idx, wi, bi, rm.to(dtype), rv.to(dtype), True, backend=backend)
+        elif kind == "layer":
+            y = NO.expert_layer_norm(xi, idx, wi, bi, backend=backend)
+        else:
+            y = NO.expert_group_norm(xi, idx, 2, wi, bi, backend=backend)
+        y = F.relu(y, inplace=True) * 1.5
+        return y, torch.autograd.grad(y.square().sum(), (xi, wi, bi))
+
+    y, grads = run("triton", torch.float32)
+    y_ref, grads_ref = run("reference", torch.float64)
+    _check("y", y, y_ref, TOL[torch.float32])
+    for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        _check(name, got, want, 1e-4)

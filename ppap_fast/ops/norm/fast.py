@@ -46,7 +46,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
         w = weight.detach().float()
         a = (w * rstd).contiguous()
         shift = (bias.detach().float() - mean * a).contiguous()
-        y = tk.bn_apply(x3, seg.expert_idx, a, shift, x.dtype).view(x.shape)
+        y = tk.bn_apply(x3, seg.expert_idx, a, shift, x.dtype, x.shape)
         ctx.save_for_backward(x3, mean, rstd, a, n)
         ctx.seg, ctx.training = seg, training
         ctx.meta = (x.shape, weight.dtype, bias.dtype)
@@ -79,11 +79,11 @@ def _row_norm_forward(ctx, x, xv, weight, bias, seg, k, fwd, eps):
     """Layer / group norm forward: fwd(xv, expert_idx, k, w, b, eps) -> y, mean, rstd on the
     contiguous view xv of x (k: M rows a sample, or G groups)."""
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
-    y, mean, rstd = fwd(xv, seg.expert_idx, k, w, b, eps)
+    y, mean, rstd = fwd(xv, seg.expert_idx, k, w, b, eps, x.shape)  # y in x's shape, not a view
     ctx.save_for_backward(xv, w, mean, rstd)
     ctx.seg, ctx.k = seg, k
     ctx.meta = (x.shape, weight.dtype, bias.dtype)
-    return y.view(x.shape)
+    return y
 
 
 def _row_norm_backward(ctx, dy, dx_fn, dwb_fn):

@@ -236,15 +236,16 @@ def _elementwise_grid(S, C, P):
     return (S, triton.cdiv(C, BLOCK_C), triton.cdiv(P, BLOCK_P)), BLOCK_C, BLOCK_P
 
 
-def bn_apply(x3, expert_idx, a, b, out_dtype):
-    """x3 contiguous [S, C, P] -> x * a[e] + b[e] (a, b fp32 [N, C])."""
+def bn_apply(x3, expert_idx, a, b, out_dtype, out_shape=None):
+    """x3 contiguous [S, C, P] -> x * a[e] + b[e] (a, b fp32 [N, C]), allocated in out_shape (a
+    contiguous tensor, not a view: an autograd Function's output may then be modified in place)."""
     S, C, P = x3.shape
-    y = alloc((S, C, P), out_dtype, x3.device)
-    if y.numel() == 0:
-        return y
+    out = alloc(out_shape or (S, C, P), out_dtype, x3.device)
+    if out.numel() == 0:
+        return out
     grid, BC, BP = _elementwise_grid(S, C, P)
-    _bn_apply_kernel[grid](x3, y, expert_idx, a, b, C, P, BLOCK_C=BC, BLOCK_P=BP)
-    return y
+    _bn_apply_kernel[grid](x3, out.view(S, C, P), expert_idx, a, b, C, P, BLOCK_C=BC, BLOCK_P=BP)
+    return out
 
 
 def bn_dx(dy3, x3, expert_idx, mean, rstd, a, k1, k2, train, out_dtype):
@@ -337,10 +338,11 @@ def _row_blocks(L):
     return 16, _pow2(L, 16, 64 if _interpreting() else 256)
 
 
-def _row_outputs(x, R):
-    """y like x, mean and rstd fp32 [R] (the kernels write every entry)."""
-    return alloc(x.shape, x.dtype, x.device), alloc((R,), torch.float32, x.device), \
-        alloc((R,), torch.float32, x.device)
+def _row_outputs(x, R, out_shape=None):
+    """y (allocated in out_shape, returned as its view of x's shape), mean and rstd fp32 [R] (the
+    kernels write every entry)."""
+    y = alloc(out_shape or x.shape, x.dtype, x.device)
+    return y, y.view(x.shape), alloc((R,), torch.float32, x.device), alloc((R,), torch.float32, x.device)
 
 
 # =============================================================================== LayerNorm
@@ -379,15 +381,15 @@ def _ln_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr,
     _store_partials(dw_ptr, db_ptr, sp, N, e, D, d, dmask, aw, ab, 0, True)
 
 
-def ln_fwd(x2, expert_idx, M, w, b, eps):
+def ln_fwd(x2, expert_idx, M, w, b, eps, out_shape=None):
     R, D = x2.shape
-    y, mean, rstd = _row_outputs(x2, R)
+    out, y, mean, rstd = _row_outputs(x2, R, out_shape)
     if R == 0 or D == 0:
-        return y, mean, rstd
+        return out, mean, rstd
     BLOCK_R, BLOCK_D = _row_blocks(D)
     _ln_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](x2, y, expert_idx, w, b, mean, rstd, R, M, D, float(eps),
                                                BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-    return y, mean, rstd
+    return out, mean, rstd
 
 
 def ln_dx(dy2, x2, expert_idx, M, w, mean, rstd):
@@ -453,17 +455,17 @@ def _gn_dwb_kernel(dy_ptr, x_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, dw_ptr,
     _store_partials(dw_ptr, db_ptr, sp, N, e, C, offs_c, cmask, aw, ab, 1, True)
 
 
-def gn_fwd(x3, expert_idx, G, w, b, eps):
-    """x3 contiguous [S, C, P] -> y (x's dtype), mean, rstd fp32 [S * G]."""
+def gn_fwd(x3, expert_idx, G, w, b, eps, out_shape=None):
+    """x3 contiguous [S, C, P] -> y (x's dtype, in out_shape), mean, rstd fp32 [S * G]."""
     S, C, P = x3.shape
     R, Cg = S * G, C // G
-    y, mean, rstd = _row_outputs(x3, R)
+    out, y, mean, rstd = _row_outputs(x3, R, out_shape)
     if R == 0 or Cg * P == 0:
-        return y, mean, rstd
+        return out, mean, rstd
     BLOCK_R, BLOCK_K = _row_blocks(Cg * P)
     _gn_fwd_kernel[(triton.cdiv(R, BLOCK_R),)](x3, y, expert_idx, w, b, mean, rstd, R, G, Cg, P, C, float(eps),
                                                BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
-    return y, mean, rstd
+    return out, mean, rstd
 
 
 def gn_dx(dy3, x3, expert_idx, G, w, mean, rstd):
