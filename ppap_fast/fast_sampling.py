@@ -25,7 +25,7 @@ A PPAP guide (a :class:`ppap_fast.guidance.Guide` whose ``model`` is an :class:`
 step's band: LoRA merged into the weights, BatchNorm folded into the convs, no routing (plain
 dense layers, the fastest the backbone can be). ``merge_mode="cache"`` (default) builds merged
 copies lazily, one per band seen, and keeps them (N copies of the backbone at most; with
-``cuda_graph`` one captured step per band, each with its own memory pool). ``merge_mode="swap"``
+``cuda_graph`` one captured step per band; the graphs share one memory pool). ``merge_mode="swap"``
 keeps ONE merged copy per bank and copies the next band's merged weights into it in place when
 the band changes (N-1 re-merges per sampling run; one graph serves every band since the
 parameters keep their addresses): the memory of one backbone and one graph. A batch that mixes step indices (``step(x, idx)``
@@ -51,7 +51,10 @@ Options (all off by default; each falls back to the eager path with a warning wh
   ``torch._dynamo.config.recompile_limit``); a routed bank (mixed batches) runs eagerly.
 * ``cuda_graph``: capture each distinct step (one graph per merged expert, one for routed batches,
   per shape) with static buffers and replay it. Only on CUDA; elsewhere it warns once and runs
-  eagerly. Graphs use separate memory pools (one activation set per graph).
+  eagerly. A sampler's graphs share one memory pool (they never run at the same time; a graph's
+  output may be reused by another graph's replay, so ``step`` returns copies and ``sample`` copies
+  x into the next graph's input before replaying it): one activation set for all of them (with a pool per graph, ADM-256 + ResNet50 PPAP-10 at batch 32 ran an H100 out of
+  memory at 62 GiB of graph pools).
 * ``overlap_guide``: on CUDA, run the guide (it reads only x_t) on a side stream concurrently with
   the denoiser (the fork/join is captured too); it helps where the denoiser leaves the GPU idle
   (small batches). A no-op elsewhere. (Written for CUDA; its test is skipped without a GPU.)
@@ -424,6 +427,7 @@ class FastGuidedSampler:
         self.overlap_guide = bool(overlap_guide)
         self._side_stream = None
         self._graphs: dict = {}
+        self._graph_pool = None  # one memory pool for every graph of this sampler
         self._graph_warned = False
 
     # -- guide variants --------------------------------------------------------------------
@@ -611,7 +615,9 @@ class FastGuidedSampler:
                 self._core(g.x, g.idx, runner, g.noise)
         torch.cuda.current_stream(x.device).wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g.graph, pool=self._graph_pool):
             g.out = self._core(g.x, g.idx, runner, g.noise)
         return g
 
