@@ -532,24 +532,25 @@ def test_dispatch_reports_and_rejects(monkeypatch):
     assert rep["reference"] == "ok" and rep["cuda"] != "ok" and rep["cuda_full"] != "ok"
     with pytest.raises(L.BackendUnavailableError, match="cuda_full"):
         L.lora_linear(x, W, None, A, B, idx, 1.0, backend="cuda_full")
-    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "1")  # opt-in changes nothing where CUDA cannot run
+    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "0")  # opting out changes nothing where CUDA cannot run
     L.lora_linear(x, W, None, A, B, idx, 1.0)
     assert L.last_backend["lora_linear"] == "reference"
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_cuda_bwd_opt_in(monkeypatch):
-    """Auto picks "cuda" (Triton backward) by default and "cuda_full" with PPAP_FAST_LORA_CUDA_BWD=1."""
+def test_cuda_bwd_default_and_opt_out(monkeypatch):
+    """Auto picks "cuda_full" (CUDA backward) by default and "cuda" (Triton backward) with
+    PPAP_FAST_LORA_CUDA_BWD=0."""
     _maybe_skip("cuda", "cuda_full", torch.float32)
     x, W = torch.randn(2, 4, device="cuda"), torch.randn(3, 4, device="cuda")
     A, B = torch.randn(2, 2, 4, device="cuda"), torch.randn(2, 3, 2, device="cuda")
     idx = torch.tensor([0, 1], device="cuda")
     L.lora_linear(x, W, None, A, B, idx, 1.0)
-    assert L.last_backend["lora_linear"] == "cuda"
-    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "1")
-    L.lora_linear(x, W, None, A, B, idx, 1.0)
     assert L.last_backend["lora_linear"] == "cuda_full"
+    monkeypatch.setenv("PPAP_FAST_LORA_CUDA_BWD", "0")
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "cuda"
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
