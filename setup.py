@@ -34,6 +34,10 @@ def _extensions():
     if not use_cuda:
         sources = [s for s in sources if not s.endswith("cuda_registration.cpp")]
     cxx = ["-O3"]
+    # Link the shared libstdc++ even where the compiler is a wrapper adding -static-libstdc++ (the GPU
+    # image's /opt/gcc/bin/g++ does): with a private static copy, a C++ error raised in the extension
+    # is not caught by torch's libstdc++ and kills the process (segfault) instead of raising.
+    link = ["-lstdc++"] if sys.platform.startswith("linux") else []
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if use_cuda:
@@ -43,10 +47,11 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "ppap_fast._C", sources, include_dirs=include_dirs,
             define_macros=[("PPAP_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("ppap_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("ppap_fast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=link)
     print(f"ppap_fast: building _C with {'CUDA from ' + cuda_home if use_cuda else 'CPU only'}", file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
