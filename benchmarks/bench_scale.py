@@ -4,8 +4,7 @@ cuda: ADM-256 uncond (random weights; the preset's fp16 torso) + torchvision Res
 (random experts), guided DDIM-25 at batch 32 on the fast path (merged experts, bf16 guide,
 channels_last, CUDA graphs) and, in the same run, unguided: images/s, peak memory, MFU against
 the card's dense bf16 peak (FLOPs counted with torch's FlopCounterMode: 25 x (denoiser forward +
-expert forward and input backward)). Then ``ppap_fast.distributed.generate`` (unguided DDIM-25,
-uint8 shards, one process) of ``PPAP_GEN_IMAGES`` images (default 1000): images/s.
+expert forward and input backward)). Data-free generation throughput: bench_generate.py.
 cpu: the same code on tiny models, so the suite stays tested; its figures are only indicative.
 
 Ratios: ``sample_guided_vs_unguided`` (whole 25-step run, same batch; 1.0 = guidance is free) and
@@ -13,9 +12,7 @@ Ratios: ``sample_guided_vs_unguided`` (whole 25-step run, same batch; 1.0 = guid
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -121,34 +118,6 @@ def _merge_mode_rows(model, bank, sched, opts, x_T, device, reps):
     return row
 
 
-def _generation_row(device: str, quick: bool):
-    from ppap_fast.distributed import DistEnv, GenerateConfig, generate
-
-    cuda = device == "cuda"
-    n_images = int(os.environ.get("PPAP_GEN_IMAGES", 1000 if cuda else 32))
-    batch = 64 if cuda else 16
-    with tempfile.TemporaryDirectory(prefix="ppap_gen_") as d:
-        ckpt = None
-        model, _, shape, name, spec = _models(cuda)
-        if cuda:  # random ADM-256 weights through the real loading path
-            ckpt = str(Path(d) / "adm256_random.pt")
-            torch.save(model.state_dict(), ckpt)
-        del model
-        cfg = GenerateConfig(out_dir=str(Path(d) / "set"), num_images=n_images, shard_size=batch, batch_size=batch,
-                             image_size=shape[-1], channels=3, denoiser=spec, checkpoint=ckpt,
-                             respacing="ddim25", device=device)
-        env = DistEnv(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))  # one process
-        t = _timed(lambda: generate(cfg, env), device)
-        from ppap_fast.data import load_shards
-
-        got = load_shards(cfg.out_dir)["images"].shape[0]
-    if got != n_images:
-        raise AssertionError(f"generation wrote {got} images, asked for {n_images}")
-    return {"bench": "datafree_generation_ddim25", "config": spec, "device": device, "images": n_images,
-            "batch": batch, "seconds": round(t, 3), "images_per_s": round(n_images / t, 3),
-            "note": "includes model build and checkpoint load; reference (eager) sampling loop"}
-
-
 def run(device: str = "cpu", quick: bool = False) -> dict:
     rows, ratios = _sampling_rows(device, quick)
-    return {"rows": rows + [_generation_row(device, quick)], "ratios": ratios}
+    return {"rows": rows, "ratios": ratios}

@@ -1,57 +1,105 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool): build, CUDA/Triton parity, benchmarks, real-scale runs, short table.
-#   stages (default: all four, in this order): build tests bench scale. All four rarely fit one call:
-#   run(command="bash benchmarks/gpu_check.sh build tests", carry=[".devcarry"], timeout_s=590), then on
-#   the warm machine run(command="bash benchmarks/gpu_check.sh bench scale", carry=[".devcarry"], timeout_s=500)
-#   (PPAP_GEN_IMAGES=1000 for the issue's 1000-image generation figure; default 256).
+#   A session has 15 device minutes and a machine start costs 1-2 of them, so everything runs in ONE call:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".devcarry"], timeout_s=600), then give_back.
+#   The script keeps to GPU_CHECK_DEADLINE seconds (default 560): every stage's timeout is cut to what is
+#   left, minus what the later stages are promised, so a slow stage costs its own figures and no others.
+#   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
+#   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda")
+#   narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages.
+#   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
-# Writes everything under $OUT (or /tmp/ppap_gpu_out): gpu.txt, build.log, backends.json, tests_*.txt,
-# bench.json, scale.json, summary.txt.
+# Writes under $OUT (or /tmp/ppap_gpu_out; the device tool returns at most 8 files): gpu.txt, build.log,
+# backends.json, tests.txt (every group), bench.json (written after every suite), scale.json, summary.txt. PPAP_GEN_IMAGES: images generated (default 256).
+# Dry run without a GPU (checks this script, runs nothing on a device): GPU_CHECK_DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/ppap_gpu_out}"; mkdir -p "$OUT"
+DEV="${GPU_CHECK_DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PPAP_FIXTURES="${PPAP_FIXTURES:-$PWD/.devcarry/fixtures}"
-export MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-12}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 STAGES="${*:-build tests bench scale}"
-t0=$(date +%s); stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+DEADLINE="${GPU_CHECK_DEADLINE:-560}"
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+stamp() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$OUT/gpu.txt"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# seconds promised to the later stages that run (env *_MIN): a slow stage cannot eat them
+r_if() { has "$1" && echo "$2" || echo 0; }
+R_UPDATE=$(r_if tests 25) R_LORA=$(r_if tests 60) R_BENCH=$(r_if bench "${BENCH_MIN:-110}") R_SCALE=$(r_if scale "${SCALE_MIN:-100}")
+BENCH_SUITES="${BENCH_SUITES:-bench_update bench_lora bench_distill bench_step}"
+SCALE_SUITES="${SCALE_SUITES:-bench_scale bench_generate}"
+LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
+# budget CAP RESERVE: seconds this stage may take (at most CAP, leaving RESERVE for later stages; >= 10)
+budget() { local b=$(( DEADLINE - $(elapsed) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
+HAVE_XDIST=0; python3 -c "import xdist" 2>/dev/null && HAVE_XDIST=1
+run_tests() {  # name, seconds, workers, pytest args
+  local name=$1 limit=$2 workers=$3; shift 3
+  local par=(); (( HAVE_XDIST && workers > 1 )) && par=(-n "$workers")
+  stamp "tests $name (limit ${limit}s, ${workers} workers)"
+  echo "=== tests $name" >> "$OUT/tests.txt"
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider "${par[@]}" --durations=5 "$@" > "$OUT/.tests_part" 2>&1
+  echo "exit status $?" >> "$OUT/.tests_part"
+  cat "$OUT/.tests_part" >> "$OUT/tests.txt"; tail -12 "$OUT/.tests_part"; rm -f "$OUT/.tests_part"
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [[ $DEV == cuda ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
+else
+  echo "no GPU: dry run on $DEV" > "$OUT/gpu.txt"
+fi
+cat "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
+build_pid=
 if has build || ! ls ppap_fast/_C*.so >/dev/null 2>&1; then
-  stamp "build extension for this torch"
+  stamp "build extension for this torch (background, into .gpu_build)"
   rm -f ppap_fast/_C*.so
-  if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    tail -30 "$OUT/build.log"; stamp "BUILD FAILED (tests continue on triton/reference paths)"
-  fi
+  timeout "$(budget 180 $(( R_UPDATE + R_LORA + R_BENCH + R_SCALE )))" python3 setup.py build_ext --build-lib .gpu_build/lib --build-temp .gpu_build/tmp \
+    > "$OUT/build.log" 2>&1 &
+  build_pid=$!
 fi
-python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('cuda'), indent=1))" > "$OUT/backends.json"
+finish_build() {  # wait for the background build (it has its own timeout), then put the extension in place
+  [[ -z $build_pid ]] && return
+  if wait "$build_pid" && cp .gpu_build/lib/ppap_fast/_C*.so ppap_fast/; then
+    stamp "extension built: $(ls ppap_fast/_C*.so)"
+  else
+    tail -30 "$OUT/build.log"; stamp "BUILD FAILED (tests go on with the triton/reference paths)"
+  fi
+  build_pid=
+}
 
 if has tests; then
-  stamp "parity tests on CUDA (each group under its own timeout)"
-  run_tests() {  # name, timeout, pytest args
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests_$name.txt" | tail -6
-  }
-  run_tests update 120 tests/test_guided_update.py                      # picks its CUDA/Triton backends itself
-  run_tests lora "${LORA_TEST_TIMEOUT:-300}" tests/test_lora_ops.py -m cuda
-  run_tests rest "${TEST_TIMEOUT:-240}" tests/test_sampling.py tests/test_adm.py tests/test_fast_sampling.py \
-    tests/test_norm_ops.py -m cuda
+  # these pick Triton/reference paths by themselves and need no extension: they overlap the build
+  run_tests sampling_norm "$(budget 150 $(( R_UPDATE + R_LORA + R_BENCH + R_SCALE )))" 6 tests/test_norm_ops.py tests/test_sampling.py tests/test_adm.py \
+    tests/test_fast_sampling.py -m cuda
+fi
+finish_build
+python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('$DEV'), indent=1))" > "$OUT/backends.json" 2>&1
+if has probe; then  # toolchain facts and whether a C++ error raised in the extension reaches Python
+  stamp "probe"
+  timeout 60 bash benchmarks/ext_probe.sh >> "$OUT/gpu.txt" 2>&1
+fi
+
+if has tests; then
+  run_tests update "$(budget 60 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py
+  # shellcheck disable=SC2086
+  run_tests lora "$(budget 150 $(( R_BENCH + R_SCALE )))" 10 tests/test_lora_ops.py $LORA_TEST_ARGS
 fi
 
 if has bench; then
-  stamp "benchmarks"
-  timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/run.py --device cuda --quick --json "$OUT/bench.json" \
-    --only bench_update bench_lora bench_step bench_distill 2>&1 | tail -30
+  lim=$(budget 190 "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
+  timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
+    --only $BENCH_SUITES 2>&1 | grep -v "^  " | tail -25
 fi
 
 if has scale; then
-  stamp "real scale: ADM-256 + ResNet50 PPAP-10 DDIM-25 batch 32; generation of ${PPAP_GEN_IMAGES:=256} images"
-  export PPAP_GEN_IMAGES
-  timeout "${SCALE_TIMEOUT:-200}" python3 benchmarks/run.py --device cuda --quick --json "$OUT/scale.json" \
-    --only bench_scale 2>&1 | tail -10
+  export PPAP_GEN_IMAGES="${PPAP_GEN_IMAGES:-256}"
+  lim=$(budget 200 8)
+  stamp "real scale (limit ${lim}s): ADM-256 + ResNet50 PPAP-10 DDIM-25 batch 32; generation of $PPAP_GEN_IMAGES images"
+  timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/scale.json" \
+    --only $SCALE_SUITES 2>&1 | grep -v "^  " | tail -12
 fi
 
 stamp "summary"

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-SUITES = ["bench_update", "bench_lora", "bench_step", "bench_distill", "bench_scale"]
+SUITES = ["bench_update", "bench_lora", "bench_step", "bench_distill", "bench_scale", "bench_generate"]
 
 
 def device_name(device: str) -> str:
@@ -44,26 +45,32 @@ def main(argv=None) -> int:
     for name in args.only or SUITES:
         if not (HERE / f"{name}.py").exists():
             continue
+        t0 = time.perf_counter()
         try:
             res = importlib.import_module(name).run(args.device, args.quick)
         except Exception as exc:  # one broken suite must not hide the others
             traceback.print_exc()
             out["errors"][name] = f"{type(exc).__name__}: {exc}"
-            continue
-        out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
-        out["ratios"].update(res["ratios"])
+        else:
+            out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
+            out["ratios"].update(res["ratios"])
+            print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(res["ratios"]), flush=True)
+        if args.json:  # after every suite: a run killed at its time limit keeps what finished
+            _write_json(out, args.json)
     print(f"device: {out['device']}")
     for k, v in out["ratios"].items():
         print(f"  {k:32s} {v}")
     for k, v in out["errors"].items():
         print(f"  ERROR {k}: {v}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(out, fh, indent=1)
-        os.replace(tmp, args.json)
     return 1 if out["errors"] else 0
+
+
+def _write_json(out: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(out, fh, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

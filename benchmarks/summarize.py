@@ -12,10 +12,19 @@ def main(folder: str) -> None:
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown card"
     print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
     for f in sorted(out.glob("tests*.txt")):
-        tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected).*?)\s*=*$", f.read_text(), flags=re.M)
-        print(f"{f.stem}: {tally[-1] if tally else 'no pytest summary line (timed out?)'}")
+        for name, text in _test_groups(f):
+            tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected|errors?).*?)\s*=*$", text, flags=re.M)
+            print(f"tests {name}: {tally[-1] if tally else 'no pytest summary line (timed out?)'}")
     for fname in ("bench.json", "scale.json"):
         _table(out / fname)
+
+
+def _test_groups(path: Path):
+    """(group, text) of a tests.txt whose groups start with '=== tests NAME' lines (else the whole file)."""
+    parts = re.split(r"^=== tests (\S+)\n", path.read_text(), flags=re.M)
+    if len(parts) == 1:
+        return [(path.stem, parts[0])]
+    return list(zip(parts[1::2], parts[2::2]))
 
 
 FIGURE_SUFFIXES = ("_ms", "GBps", "_fraction", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
@@ -33,8 +42,8 @@ def _table(path: Path) -> None:
         print(f"  ERROR {k}: {v}")
     for row in data["rows"]:
         keys = [k for k in row if k.endswith(FIGURE_SUFFIXES)]
-        label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "sampler", "shape",
-                                                    "dtype") if k in row)
+        label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",
+                                                    "variant", "sampler", "var_type", "shape", "dtype") if k in row)
         print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
 
 

@@ -36,3 +36,19 @@ def round_robin_ms(fns: dict, device: str, reps: int, warmup: int = 2) -> dict:
         for k, fn in fns.items():
             times[k].append(timed_ms(fn, device))
     return times
+
+
+def back_to_back_ms(fn: Callable, device: str, reps: int, warmup: int = 3) -> float:
+    """Mean ms per call over ``reps`` calls issued back to back (one sync around the whole run): on
+    CUDA the device time of a kernel-bound op, without the per-call launch latency and sync that
+    ``timed_ms`` includes (on CPU the same as a mean of wall times)."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps

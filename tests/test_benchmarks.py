@@ -13,7 +13,7 @@ def test_scale_suite_and_summary(tmp_path):
     out = tmp_path / "scale.json"
     env = {**os.environ, "PPAP_GEN_IMAGES": "20", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/run.py"), "--device", "cpu", "--quick",
-                          "--only", "bench_scale", "--json", str(out)], capture_output=True, text=True, env=env,
+                          "--only", "bench_scale", "bench_generate", "--json", str(out)], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
