@@ -28,7 +28,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 # seconds promised to the later stages that run (env *_MIN): a slow stage cannot eat them
 r_if() { has "$1" && echo "$2" || echo 0; }
 R_UPDATE=$(r_if tests 25) R_LORA=$(r_if tests 60) R_BENCH=$(r_if bench "${BENCH_MIN:-110}") R_SCALE=$(r_if scale "${SCALE_MIN:-100}")
-BENCH_SUITES="${BENCH_SUITES:-bench_update bench_lora bench_distill bench_step}"
+BENCH_SUITES="${BENCH_SUITES:-bench_update bench_lora bench_distill bench_denoiser bench_step}"
 SCALE_SUITES="${SCALE_SUITES:-bench_scale bench_generate}"
 LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
 # budget CAP RESERVE: seconds this stage may take (at most CAP, leaving RESERVE for later stages; >= 10)
@@ -89,7 +89,7 @@ if has tests; then
 fi
 
 if has bench; then
-  lim=$(budget 190 "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
+  lim=$(budget 300 "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
     --only $BENCH_SUITES 2>&1 | grep -v "^  " | tail -25
 fi

@@ -2,12 +2,14 @@
 
 Runs every suite (bench_*.py with run(device, quick)), writes
 {"device", "torch", "rows": [...], "ratios": {...}} and prints the ratios.
-Ratios are time ratios A/B for a name "A_vs_B": below 1 means A is faster.
+Ratios are time ratios A/B for a name "A_vs_B": below 1 means A is faster. The JSON is rewritten
+after every suite, and a suite whose run() takes ``emit`` writes its rows as it goes (partial=True).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -22,7 +24,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-SUITES = ["bench_update", "bench_lora", "bench_step", "bench_distill", "bench_scale", "bench_generate"]
+SUITES = ["bench_update", "bench_lora", "bench_denoiser", "bench_step", "bench_distill", "bench_scale",
+          "bench_generate"]
 
 
 def device_name(device: str) -> str:
@@ -47,7 +50,9 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         try:
-            res = importlib.import_module(name).run(args.device, args.quick)
+            suite = importlib.import_module(name)
+            kwargs = {"emit": _emitter(out, name, args.json)} if "emit" in inspect.signature(suite.run).parameters else {}
+            res = suite.run(args.device, args.quick, **kwargs)
         except Exception as exc:  # one broken suite must not hide the others
             traceback.print_exc()
             out["errors"][name] = f"{type(exc).__name__}: {exc}"
@@ -63,6 +68,18 @@ def main(argv=None) -> int:
     for k, v in out["errors"].items():
         print(f"  ERROR {k}: {v}")
     return 1 if out["errors"] else 0
+
+
+def _emitter(out: dict, suite: str, path):
+    """emit(rows, ratios) for a suite that reports as it goes: the JSON then holds the suite's rows so
+    far (marked partial) until it returns, so a run killed at its time limit keeps them."""
+    def emit(rows, ratios=None):
+        rows = [rows] if isinstance(rows, dict) else list(rows)
+        if path:
+            snap = {**out, "rows": out["rows"] + [dict(suite=suite, partial=True, **r) for r in rows],
+                    "ratios": {**out["ratios"], **(ratios or {})}}
+            _write_json(snap, path)
+    return emit
 
 
 def _write_json(out: dict, path: Path) -> None:

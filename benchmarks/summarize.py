@@ -45,6 +45,8 @@ def _table(path: Path) -> None:
         label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",
                                                     "variant", "sampler", "var_type", "shape", "dtype") if k in row)
         print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
+        for op in row.get("profile_top", [])[:6]:
+            print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,32 @@ def test_update_bench_bandwidth_accounting():
     import bench_update
 
     assert bench_update.copy_bandwidth_gbps("cpu", nbytes=1 << 20, reps=3) > 0
+
+
+def test_denoiser_suite_profiles_and_times_variants(tmp_path):
+    out = tmp_path / "den.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/run.py"), "--device", "cpu", "--quick",
+                          "--only", "bench_denoiser", "--json", str(out)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert not row.get("partial") and row["nchw_ms"] > 0 and row["channels_last_ms"] > 0 and row["gflop"] > 0
+    assert row["profile_top"] and all(p["ms"] >= 0 and 0 <= p["share"] <= 1 for p in row["profile_top"])
+    assert data["ratios"]["denoiser_channels_last_vs_nchw"] > 0
+
+
+def test_emitted_rows_survive_a_killed_suite(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as runner
+
+    path = tmp_path / "b.json"
+    out = {"device": "cpu", "rows": [{"suite": "a", "x": 1}], "ratios": {"r_a": 1.0}, "errors": {}}
+    emit = runner._emitter(out, "b", path)
+    emit({"y": 2}, {"r_b": 0.5})
+    emit([{"y": 2}, {"z": 3}], {"r_b": 0.4})  # cumulative: replaces the first snapshot
+    data = json.loads(path.read_text())
+    assert data["rows"] == [{"suite": "a", "x": 1}, {"suite": "b", "partial": True, "y": 2},
+                            {"suite": "b", "partial": True, "z": 3}]
+    assert data["ratios"] == {"r_a": 1.0, "r_b": 0.4}
+    assert out["rows"] == [{"suite": "a", "x": 1}]  # the runner's own state is untouched

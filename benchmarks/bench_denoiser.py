@@ -1,0 +1,126 @@
+"""Where a guided step's time goes: the denoiser alone (issue #4).
+
+On an H100 the ADM-256 uncond step at batch 32 took 565 ms with the guide costing 7 ms of it
+(benchmarks/NOTES.md), so ``step_fast_vs_reference`` and the MFU goal depend on the denoiser.
+This suite times one denoiser forward (no grad) in the variants the fast path can choose and
+profiles one forward:
+
+    nchw                 the model as built (ADM preset: fp16 torso, fp32 GroupNorm)
+    channels_last        model and input in channels_last (the fast sampler's option)
+    cudnn_benchmark      channels_last + torch.backends.cudnn.benchmark (CUDA only)
+    compiled             channels_last (+ cudnn benchmark) + torch.compile (inductor, default mode);
+                         compile time reported apart as ``compile_s``; skipped on CPU with --quick
+                         and where PPAP_SKIP_COMPILE=1
+
+Rows: ms per forward, TFLOP/s and MFU against the card's dense bf16/fp16 peak (FLOPs from
+FlopCounterMode), and the profiler's top ops by self device time (``profile_top``: name, ms,
+share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benchmark_vs_default``,
+``denoiser_compiled_vs_eager`` (compiled vs the best eager variant).
+
+cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
+cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_step import _denoiser_flops, _peak, _setup  # noqa: E402
+from timing import timed_ms  # noqa: E402
+
+
+def _median_ms(fn, device, reps, warmup=2):
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        return statistics.median(timed_ms(fn, device) for _ in range(reps))
+
+
+def profile_top(fn, device: str, k: int = 12) -> list[dict]:
+    """Top k ops of one call of fn by self device time (self CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.no_grad():
+        fn()  # warm
+        with profile(activities=acts) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def self_us(e):
+        if device == "cuda":
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    top = sorted(events, key=self_us, reverse=True)[:k]
+    return [{"name": e.key[:80], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 4),
+             "calls": int(e.count)} for e in top]
+
+
+def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
+    cuda = device == "cuda"
+    model, _, shape, name = _setup(device)
+    if cuda:
+        shape = (int(os.environ.get("PPAP_DENOISER_BATCH", 32)), *shape[1:])
+    del _
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    t = torch.full((shape[0],), 480, device=device, dtype=torch.long)
+    reps = (5 if quick else 10) if cuda else (3 if quick else 8)
+    flops = _denoiser_flops(model, x, t)
+    peak = _peak(device)
+    row = {"bench": "denoiser_forward", "config": name.split("+")[0], "shape": list(shape), "device": device,
+           "gflop": None if flops is None else round(flops / 1e9, 1), "reps": reps}
+
+    def record(variant, ms):
+        row[f"{variant}_ms"] = round(ms, 3)
+        if flops:
+            row[f"{variant}_tflops"] = round(flops / (ms * 1e-3) / 1e12, 2)
+            if peak:
+                row[f"{variant}_mfu"] = round(flops / (ms * 1e-3) / peak, 4)
+
+    cudnn_before = torch.backends.cudnn.benchmark
+    try:
+        record("nchw", _median_ms(lambda: model(x, t), device, reps))
+        model = model.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        record("channels_last", _median_ms(lambda: model(x_cl, t), device, reps))
+        eager_best = min(row["nchw_ms"], row["channels_last_ms"])
+        ratios = {"denoiser_channels_last_vs_nchw": round(row["channels_last_ms"] / row["nchw_ms"], 4)}
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            record("cudnn_benchmark", _median_ms(lambda: model(x_cl, t), device, reps, warmup=3))
+            ratios["denoiser_cudnn_benchmark_vs_default"] = round(row["cudnn_benchmark_ms"] / row["channels_last_ms"], 4)
+            eager_best = min(eager_best, row["cudnn_benchmark_ms"])
+        row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
+        if emit is not None:  # the eager figures survive a compile that runs out of time
+            emit(dict(row), dict(ratios))
+        if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):
+            compiled = torch.compile(model)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                compiled(x_cl, t)
+            if cuda:
+                torch.cuda.synchronize()
+            row["compile_s"] = round(time.perf_counter() - t0, 1)
+            record("compiled", _median_ms(lambda: compiled(x_cl, t), device, reps))
+            ratios["denoiser_compiled_vs_eager"] = round(row["compiled_ms"] / eager_best, 4)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_before
+    return {"rows": [row], "ratios": ratios}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "cpu", quick=True), indent=1))
