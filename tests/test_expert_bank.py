@@ -354,3 +354,44 @@ def test_torch_transformer_layers_are_refused_not_half_routed():
     assert "enc.linear1" in generic_placement(Enc()).lora
     with pytest.raises(ValueError, match=r"inside \['enc'\].*Transformer\*Layer"):
         ExpertBank(Enc(), "generic", n_experts=5)
+
+
+class HalfTorso(nn.Module):
+    """An fp16 conv torso with ADM's GroupNorm32 (float32 statistics, result cast back)."""
+
+    def __init__(self):
+        super().__init__()
+        from ppap_fast.models.adm import GroupNorm32
+
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.norm = GroupNorm32(32, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        return self.head(F.silu(h).float().mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_groupnorm32_keeps_float32_statistics(backend):
+    from ppap_fast import ops
+    from ppap_fast.models.adm import GroupNorm32
+
+    torch.manual_seed(0)
+    model = HalfTorso().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_(0, 0.5)
+    model.conv.half()
+    bank = ExpertBank(model, Placement(norm=("norm",), bias=("head",)), n_experts=4).eval()
+    x = (torch.randn(4, 3, 9, 9) * 30 + 50).half()  # large mean: fp16 statistics lose digits
+    want = model(x)
+    ops.set_backend(backend)
+    try:
+        got = bank(x, torch.tensor([0, 400, 700, 999]))
+    finally:
+        ops.set_backend(None)
+    assert got.dtype == want.dtype and rel(got.double(), want.double()) < 2e-6  # fp16 statistics: 6e-5
+    plain = bank.merged(1)
+    assert isinstance(plain.norm, GroupNorm32)  # merged experts keep the float32 norm too
+    assert rel(plain(x).double(), want.double()) < 2e-6

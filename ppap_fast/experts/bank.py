@@ -332,21 +332,38 @@ class ExpertLayerNorm(_ExpertAffine):
         return ln
 
 
+def _computes_in_fp32(norm: nn.Module) -> bool:
+    """guided-diffusion's GroupNorm32 (ours in models.adm, or the official class of that name): the
+    norm runs in float32 and its result is cast back to the input dtype (fp16 torsos)."""
+    return type(norm).__name__ == "GroupNorm32"
+
+
 class ExpertGroupNorm(_ExpertAffine):
-    """GroupNorm with per-expert bias (and weight)."""
+    """GroupNorm with per-expert bias (and weight). Replacing a GroupNorm32 keeps its float32
+    computation for half inputs (and ``to_plain`` gives back that class)."""
 
     def __init__(self, base: nn.GroupNorm, router, n_experts, per_expert_weight=True):
         super().__init__(router, n_experts)
         self.num_groups, self.num_channels, self.eps = base.num_groups, base.num_channels, base.eps
+        self.fp32 = _computes_in_fp32(base)
+        self.plain_cls = type(base)
         self._init_affine(base, n_experts, per_expert_weight)
 
     def forward(self, x):
         idx = self._idx(x)
-        return _norm_ops().expert_group_norm(x, idx, self.num_groups, self._weights(), self.expert_bias, self.eps,
-                                             segments=self._router.segments(x, self.n_experts))
+        xin, w, b = x, self._weights(), self.expert_bias
+        if self.fp32:
+            dt = torch.promote_types(x.dtype, torch.float32)
+            xin, w, b = x.to(dt), w.to(dt), b.to(dt)
+        y = _norm_ops().expert_group_norm(xin, idx, self.num_groups, w, b, self.eps,
+                                          segments=self._router.segments(x, self.n_experts))
+        return y.to(x.dtype) if self.fp32 else y
 
     def to_plain(self, n):
-        gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, device="meta")
+        try:
+            gn = self.plain_cls(self.num_groups, self.num_channels, eps=self.eps, device="meta")
+        except TypeError:  # a subclass with another constructor: plain GroupNorm (same math in fp32 inputs)
+            gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, device="meta")
         w, b = self._affine_n(n)
         gn.weight, gn.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
         return gn
