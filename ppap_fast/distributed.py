@@ -21,7 +21,9 @@ Generation (:func:`generate`)
     500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
     range (65504) or not finite are an error. The configuration includes the teacher's state
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
-    another teacher. Sampling (``fast``, default True; ``--no-fast``): the fast path,
+    another teacher. Sets written before that fingerprint was recorded are finished, and their
+    cached outputs used, only for the same teacher spec and weights file (same file fingerprint);
+    otherwise distillation warns and computes the teacher's outputs itself. Sampling (``fast``, default True; ``--no-fast``): the fast path,
     :class:`ppap_fast.fast_sampling.FastGuidedSampler` unguided (the fused update; on CUDA also
     channels_last and CUDA graphs, one graph per micro-batch shape), or the reference
     :func:`ppap_fast.sampling.sample_loop`. Both draw the same random numbers in the same order,
@@ -118,6 +120,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -258,6 +261,23 @@ def file_fingerprint(path) -> str | None:
             f.seek(-(1 << 20), os.SEEK_END)
             h.update(f.read())
     return f"{size}:{h.hexdigest()[:32]}"
+
+
+def teacher_file_fingerprint(teacher: str | None, weights: str | None) -> str | None:
+    """Fingerprint of the file a teacher's weights come from (a tiny: checkpoint, --teacher-weights);
+    None without one (random init, a py: factory, registry weights that ship inside a package)."""
+    if teacher and teacher.startswith("tiny:"):
+        return file_fingerprint(teacher[5:])
+    return file_fingerprint(weights)
+
+
+def legacy_teacher_match(theirs: dict, ours: dict) -> bool:
+    """A manifest written before generation recorded ``teacher_state`` (the teacher's weights) is
+    taken as this teacher's only when its spec and a weights-file fingerprint match (with no file,
+    nothing proves which weights computed the cached outputs)."""
+    return (bool(ours.get("teacher")) and "teacher_state" not in theirs and theirs.get("teacher") == ours.get("teacher")
+            and theirs.get("teacher_fingerprint") is not None
+            and theirs.get("teacher_fingerprint") == ours.get("teacher_fingerprint"))
 
 
 def tensors_fingerprint(tensors) -> str:
@@ -438,8 +458,7 @@ class GenerateConfig:
             d.pop("fast")
         d["out_dir"] = str(Path(self.out_dir).resolve())
         d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
-        d["teacher_fingerprint"] = (file_fingerprint(self.teacher[5:]) if self.teacher and self.teacher.startswith("tiny:")
-                                    else file_fingerprint(self.teacher_weights))
+        d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["format"] = FORMAT
         return d
 
@@ -476,8 +495,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
         if old.get("format") != FORMAT:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
-        if old.get("config_hash") != h:
-            theirs = old.get("config", {})
+        theirs = old.get("config", {})
+        legacy = {k: v for k, v in ident.items() if k != "teacher_state"}
+        if old.get("config_hash") != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)):
             hint = ("; it was sampled on the reference path: finish it with --no-fast (fast=False)"
                     if theirs.get("fast") != ident.get("fast") and not theirs.get("fast") else "")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
@@ -654,8 +674,7 @@ class DistillConfig:
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
-        d["teacher_fingerprint"] = (file_fingerprint(self.teacher[5:]) if self.teacher.startswith("tiny:")
-                                    else file_fingerprint(self.teacher_weights))
+        d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         m = Path(self.data_dir) / MANIFEST
         d["data_manifest"] = hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
         return d
@@ -803,8 +822,19 @@ def _cached_target_key(cfg: DistillConfig, data, teacher_state: str) -> str | No
     if key is None:
         return None
     man = data.manifest
-    theirs = man.get("config", {}).get("teacher_state")  # recorded by generate() with a teacher
-    if theirs is not None and theirs != teacher_state:
+    gen_cfg = man.get("config", {})
+    theirs = gen_cfg.get("teacher_state")  # recorded by generate() with a teacher
+    if theirs is None and not gen_cfg.get("teacher"):  # a set made by hand: its outputs are the user's
+        return key
+    if theirs is None:  # an older generate() set: trusted only when spec and weights file match
+        ours = {"teacher": cfg.teacher, "teacher_fingerprint": teacher_file_fingerprint(cfg.teacher, cfg.teacher_weights)}
+        if legacy_teacher_match(gen_cfg, ours):
+            return key
+        warnings.warn(f"{cfg.data_dir} caches teacher outputs without the teacher's weight fingerprint (written "
+                      f"by an older version; teacher {gen_cfg.get('teacher')!r}); they are not used: this "
+                      "teacher's outputs are computed instead", stacklevel=2)
+        return None
+    if theirs != teacher_state:
         raise ValueError(f"the teacher outputs cached in {cfg.data_dir} were computed by another teacher "
                          f"({man.get('config', {}).get('teacher')!r}, state {theirs[:12]}) than this one "
                          f"({cfg.teacher!r}, state {teacher_state[:12]}); distil on a set generated with "

@@ -392,3 +392,50 @@ def test_write_errors_of_safetensors_reach_every_rank(tmp_path, monkeypatch, fai
     what = "writing the training state" if fail_on == "train_state" else "writing the checkpoint"
     with pytest.raises(D.DistributedRunError, match=f"{what}.*No space left"):
         D.distill(cfg, D.DistEnv())
+
+
+def _as_written_by_older_code(data):
+    """Rewrite a set's manifest as generate() wrote it before it recorded the teacher's state."""
+    man = json.loads((data / D.MANIFEST).read_text())
+    man["config"].pop("teacher_state", None)
+    man["config_hash"] = D.config_hash(man["config"])
+    (data / D.MANIFEST).write_text(json.dumps(man))
+    return man
+
+
+def test_older_sets_with_a_teacher_finish_and_their_outputs_are_trusted_only_for_that_file(tmp_path, monkeypatch):
+    """Older sets (no teacher_state): finishing one resumes when spec and weights file match, and their
+    cached outputs train only a teacher with the same spec and file; any other is recomputed."""
+    tfile = _tiny_teacher_file(tmp_path)
+    data = tmp_path / "data"
+    gen = D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4, "teacher": f"tiny:{tfile}"})
+    D.generate(gen, D.DistEnv())
+    want = load_shards(data)
+    (data / "shard_00001.npz").unlink()  # incomplete, as after a kill
+    _as_written_by_older_code(data)
+    D.generate(gen, D.DistEnv())  # finishes it (refused before: "another configuration")
+    got = load_shards(data)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert json.loads((data / D.MANIFEST).read_text())["config"]["teacher_state"]  # now recorded
+
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=1, batch_size=4, device="cpu")
+    _as_written_by_older_code(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same spec and file: the cache is used, nothing to warn about
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "same"), f"tiny:{tfile}", **base), D.DistEnv())
+    assert json.loads((tmp_path / "same" / "train_summary.json").read_text())["targets"] == "cached"
+    # another file with the same architecture: its outputs are computed, the old cache is not trusted
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    torch.manual_seed(1)
+    other = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(), tmp_path / "o.safetensors")
+    with pytest.warns(UserWarning, match="without the teacher's weight fingerprint"):
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "o"), f"tiny:{other}", **base), D.DistEnv())
+    assert json.loads((tmp_path / "o" / "train_summary.json").read_text())["targets"] == "computed"
+    # a teacher without a weights file (nothing proves which weights filled the cache): refused
+    man = _as_written_by_older_code(data)
+    man["config"]["teacher_fingerprint"] = None
+    (data / D.MANIFEST).write_text(json.dumps({**man, "config_hash": D.config_hash(man["config"])}))
+    (data / "shard_00001.npz").unlink()
+    with pytest.raises(D.DistributedRunError, match="another configuration"):
+        D.generate(gen, D.DistEnv())
