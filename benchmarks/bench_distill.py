@@ -3,7 +3,9 @@
 sequential = for each expert, forward/backward on that expert's samples of the batch (what
 training expert by expert costs for the same samples); onepass = the bank routes every sample in
 one forward/backward. Both end with one AdamW step. Ratio distill_onepass_vs_sequential =
-time(onepass) / time(sequential), below 1 = one pass faster; rows also give images/s.
+time(onepass) / time(sequential), below 1 = one pass faster; rows also give images/s. On CUDA also
+the one-pass step captured whole in a CUDA graph (capturable AdamW; 3 eager warm-up steps, then
+replays): distill_graph_vs_onepass = time(graph) / time(eager one pass).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _kd(student, teacher):
 def run(device: str = "cpu", quick: bool = False) -> dict:
     model, batch, shape, r, alpha = _model(device)
     reps = 10 if device == "cuda" else (3 if quick else 8)
-    rows, ratios = [], []
+    rows, ratios, graph_ratios = [], [], []
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -62,11 +64,41 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
 
         one = median_ms(onepass, device, reps)
         seq = median_ms(sequential, device, reps)
-        rows.append({"op": "distill_step", "n_experts": n, "batch": batch, "shape": list(shape),
-                     "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
-                     "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)})
+        row = {"op": "distill_step", "n_experts": n, "batch": batch, "shape": list(shape),
+               "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
+               "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
-    return {"rows": rows, "ratios": {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}}
+        if device == "cuda":  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
+            g_ms = _graphed_ms(bank, x, t, teacher, reps)
+            row["onepass_graph_ms"] = round(g_ms, 3)
+            row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
+            graph_ratios.append(g_ms / one)
+        rows.append(row)
+    out = {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}
+    if graph_ratios:
+        out["distill_graph_vs_onepass"] = round(math.exp(sum(map(math.log, graph_ratios)) / len(graph_ratios)), 4)
+    return {"rows": rows, "ratios": out}
+
+
+def _graphed_ms(bank, x, t, teacher, reps):
+    from ppap_fast.train_graph import GraphedTrainStep
+
+    bank.check_inputs = False
+    opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=torch.tensor(1e-4, device=x.device),
+                            weight_decay=0.05, capturable=True)
+
+    def step(x, t, teacher):
+        loss = _kd(bank(x, t), teacher)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = GraphedTrainStep(step)
+    try:
+        return median_ms(lambda: run(x, t, teacher), "cuda", reps, warmup=5)  # 3 eager, capture, replays
+    finally:
+        bank.check_inputs = True
 
 
 if __name__ == "__main__":

@@ -665,12 +665,13 @@ class DistillConfig:
     teacher_task: str | None = None     # None: the registry spec's / the py: factory's task
     loss: str | None = None             # "kl" | "pixel_kl" | "mse"; None: from the teacher's task
     checkpoint_every: int = 0           # steps between resumable training states (0: none)
+    cuda_graph: bool = False            # capture the whole training step in a CUDA graph (one CUDA process)
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
         :func:`distill` adds the resolved task and loss and the teacher's state fingerprint."""
         d = dataclasses.asdict(self)
-        for k in ("device", "dump_rank_states", "checkpoint_every"):
+        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph"):
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
@@ -977,7 +978,20 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     model = bank
     if env.distributed:
         model = DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    opt = torch.optim.AdamW(bank.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graphed = False
+    if cfg.cuda_graph:
+        from .train_graph import why_no_graph
+
+        why = why_no_graph(device, env.distributed)
+        if why is not None:
+            warnings.warn(f"cuda_graph: {why}; training eagerly", stacklevel=2)
+        graphed = why is None
+    if graphed:  # capturable AdamW with its learning rate on the device, set in place every step
+        opt = torch.optim.AdamW(bank.parameters_to_train(), lr=torch.tensor(cfg.lr, device=device),
+                                weight_decay=cfg.weight_decay, capturable=True)
+        bank.check_inputs = False  # t comes from randint(0, num_timesteps): no host check in the graph
+    else:
+        opt = torch.optim.AdamW(bank.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.create("linear", cfg.num_timesteps)
     gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
 
@@ -996,6 +1010,22 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     if progress and env.rank == 0:
         from tqdm import tqdm
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
+    def loss_and_grads(xt, t, target):
+        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), target, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    graph_step = None
+    if graphed:
+        from .train_graph import GraphedTrainStep
+
+        def whole_step(xt, t, target):
+            loss = loss_and_grads(xt, t, target)
+            opt.step()
+            return loss
+
+        graph_step = GraphedTrainStep(whole_step)
     for step in it:
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x0 = from_uint8(data.gather("images", idx.numpy()))
@@ -1003,13 +1033,17 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
         t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float().to(device)
         t = t.to(device)
+        target = target.to(device).float()
         lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
         for g in opt.param_groups:
-            g["lr"] = lr_now
-        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), target.to(device).float(),
-                            cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr_now)
+            else:
+                g["lr"] = lr_now
+        if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
+            loss = graph_step(xt, t, target)
+        else:
+            loss = loss_and_grads(xt, t, target)
         mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
         if env.distributed:
             dist.all_reduce(mean_loss)
@@ -1017,7 +1051,8 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
         losses.append(float(mean_loss))
         if not math.isfinite(losses[-1]):
             raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
-        opt.step()
+        if graph_step is None:
+            opt.step()
         done = step + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_train_state(state_path, bank, opt, gen, done, losses, ck_ident, ck_hash, env)
@@ -1148,6 +1183,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resumable training state every N steps (0: never); a restart with the "
                         "same arguments resumes from it")
+    d.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step in a CUDA graph (one CUDA process; the eager "
+                        "step is launch-bound: ~1000 small kernels for a ResNet50 bank)")
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
@@ -1173,7 +1211,7 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,
                          temperature=a.temperature, seed=a.seed, device=a.device,
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
-                         checkpoint_every=a.checkpoint_every)
+                         checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,87 @@
+"""A whole training step (forward, loss, backward, optimizer step) captured in one CUDA graph.
+
+Distilling PPAP experts is launch-bound on a GPU: a ResNet50 bank at batch 64 and 128x128 needs
+about 5 ms of arithmetic per step but took 189 ms eagerly on an H100 (benchmarks/NOTES.md), the
+time of some thousand small launches (routed LoRA, per-expert norms) issued from Python.
+:class:`GraphedTrainStep` runs the first ``warmup`` steps eagerly on a side stream (they allocate
+the optimizer state and autotune), captures the next one and replays it from then on with the
+new inputs copied into static buffers: every step is a real step, in order.
+
+The step function must be capturable: no host synchronisation (``ExpertBank.check_inputs`` off,
+no ``.item()``), an optimizer made with ``capturable=True`` and a tensor learning rate (set it
+with ``group["lr"].fill_(lr)`` between steps), inputs of one shape and dtype. It should call
+``optimizer.zero_grad(set_to_none=True)`` before ``backward()`` (in the graph, gradients are then
+written, not accumulated). The returned loss tensor is static: read or copy it before the next step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["GraphedTrainStep", "why_no_graph"]
+
+
+def why_no_graph(device: torch.device, distributed: bool = False) -> str | None:
+    """Why a training step on ``device`` cannot be captured here (None: it can)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"CUDA-graph capture needs a CUDA device (training runs on {device})"
+    if distributed:
+        return "not with several processes (DDP's gradient all-reduce is not captured here)"
+    return None
+
+
+class GraphedTrainStep:
+    """``step(*inputs) -> loss``: ``step_fn(*static_inputs)`` eagerly ``warmup`` times, then captured
+    once and replayed (module docstring)."""
+
+    def __init__(self, step_fn: Callable[..., torch.Tensor], warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer state must exist before capture), got {warmup}")
+        self.step_fn, self.warmup = step_fn, int(warmup)
+        self.static: list[torch.Tensor] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.eager_steps = 0
+        self._side = None
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
+
+    def _load(self, inputs):
+        if self.static is None:
+            for x in inputs:
+                if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
+                    raise ValueError("GraphedTrainStep takes CUDA tensors")
+            self.static = [x.detach().clone() for x in inputs]
+            return
+        if len(inputs) != len(self.static):
+            raise ValueError(f"{len(inputs)} inputs, the captured step takes {len(self.static)}")
+        for i, (s, x) in enumerate(zip(self.static, inputs)):
+            if x.shape != s.shape or x.dtype != s.dtype or x.device != s.device:
+                raise ValueError(f"input {i} is {tuple(x.shape)} {x.dtype} on {x.device}; the captured step "
+                                 f"takes {tuple(s.shape)} {s.dtype} on {s.device} (static shapes)")
+            s.copy_(x, non_blocking=True)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self._load(inputs)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        cur = torch.cuda.current_stream(self.static[0].device)
+        if self.eager_steps < self.warmup:
+            if self._side is None:
+                self._side = torch.cuda.Stream(device=self.static[0].device)
+            self._side.wait_stream(cur)
+            with torch.cuda.stream(self._side):
+                loss = self.step_fn(*self.static)
+            cur.wait_stream(self._side)
+            self.eager_steps += 1
+            return loss
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loss = self.step_fn(*self.static)
+        self.graph = graph
+        graph.replay()  # capturing ran nothing: this is the step's execution
+        return self.loss

@@ -1,0 +1,113 @@
+"""GraphedTrainStep: a whole training step in one CUDA graph (CUDA tests marked ``cuda``; CPU: the
+fallback and argument checks)."""
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppap_fast import distributed as D
+from ppap_fast.experts import ExpertBank
+from ppap_fast.models.tiny import TinyResNet
+from ppap_fast.train_graph import GraphedTrainStep, why_no_graph
+
+from _util import rel, requires_cuda
+
+
+def test_arguments_and_reasons():
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedTrainStep(lambda x: x, warmup=0)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        GraphedTrainStep(lambda x: x)(torch.zeros(2))
+    assert "CUDA device" in why_no_graph(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert why_no_graph(torch.device("cuda")) is None
+        assert "DDP" in why_no_graph(torch.device("cuda"), distributed=True)
+
+
+def _tiny_set(tmp_path):
+    from ppap_fast.models.tiny import save_model
+
+    torch.manual_seed(0)
+    tfile = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(),
+                       tmp_path / "t.safetensors")
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), num_images=8, shard_size=4, image_size=8, channels=1,
+                                denoiser="random-conv", respacing="ddim5", seed=3, device="cpu",
+                                teacher=f"tiny:{tfile}"), D.DistEnv())
+    return data, f"tiny:{tfile}"
+
+
+def test_distill_cuda_graph_on_cpu_warns_and_trains_eagerly(tmp_path):
+    data, teacher = _tiny_set(tmp_path)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=3,
+                          batch_size=4, device="cpu")
+    D.distill(cfg, D.DistEnv())
+    with pytest.warns(UserWarning, match="cuda_graph: CUDA-graph capture needs a CUDA device"):
+        D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=True), D.DistEnv())
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@requires_cuda
+def test_graphed_steps_equal_eager_steps():
+    """Eight steps of a routed ResNet bank with capturable AdamW: captured after 3, replayed after
+    that, the same parameters and losses as eight eager steps (fp32, TF32 off)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    net = TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=3, num_classes=5)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 1000, (16,), generator=gen),
+                torch.randn(16, 5, generator=gen)) for _ in range(8)]
+
+    def train(graphed):
+        torch.manual_seed(2)
+        bank = ExpertBank(net, "resnet", n_experts=5).cuda().train()
+        bank.check_inputs = False
+        opt = torch.optim.AdamW(bank.parameters_to_train(), lr=torch.tensor(1e-2, device="cuda"), capturable=True)
+
+        def step(x, t, y):
+            loss = F.mse_loss(bank(x, t), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = GraphedTrainStep(step) if graphed else step
+        losses = []
+        for i, (x, t, y) in enumerate(batches):
+            opt.param_groups[0]["lr"].fill_(1e-2 * (1 - i / 8))
+            losses.append(run(x.cuda(), t.cuda(), y.cuda()).item())
+        if graphed:
+            assert run.captured and run.eager_steps == 3
+        return losses, {k: v.detach().clone() for k, v in bank.per_expert_state_dict().items()}
+
+    (l_e, s_e), (l_g, s_g) = train(False), train(True)
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(l_e, l_g)), (l_e, l_g)
+    for k in s_e:
+        assert rel(s_g[k].double(), s_e[k].double()) < 1e-5, k
+
+
+@requires_cuda
+def test_distill_cuda_graph_matches_eager(tmp_path):
+    data, teacher = _tiny_set(tmp_path)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=8,
+                          batch_size=4, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        D.distill(cfg, D.DistEnv(device=torch.device("cuda", 0)))
+        D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=True),
+                  D.DistEnv(device=torch.device("cuda", 0)))
+    assert not [w for w in caught if "cuda_graph" in str(w.message)]  # it was captured, not refused
+    import json
+
+    from safetensors.torch import load_file
+
+    la, lb = (json.loads((tmp_path / o / "train_summary.json").read_text())["losses"] for o in ("eager", "g"))
+    assert len(la) == len(lb) == 8 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(la, lb))
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
+    assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
