@@ -508,3 +508,13 @@ def test_triton_output_takes_inplace_ops(kind):
     _check("y", y, y_ref, TOL[torch.float32])
     for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
         _check(name, got, want, 1e-4)
+
+
+def test_old_lora_names_of_the_norms_still_work_with_a_deprecation_warning():
+    from ppap_fast.ops import lora as L
+
+    for name in ("expert_batch_norm", "expert_layer_norm", "expert_group_norm"):
+        with pytest.warns(DeprecationWarning, match=f"moved to ppap_fast.ops.norm.{name}"):
+            assert getattr(L, name) is getattr(NO, name)
+    with pytest.raises(AttributeError):
+        L.no_such_op

@@ -222,3 +222,20 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
 
     impl = vectorized.lora_conv2d_delta if b == "vectorized" else reference.lora_conv2d_delta
     return impl(x, W, bias, delta, expert_idx, stride, padding, dilation, groups, expert_bias)
+
+
+_MOVED_TO_NORM = ("expert_batch_norm", "expert_layer_norm", "expert_group_norm")
+
+
+def __getattr__(name: str):
+    """The per-expert norms moved to :mod:`ppap_fast.ops.norm`; the old names still work, with a
+    DeprecationWarning."""
+    if name in _MOVED_TO_NORM:
+        import warnings
+
+        from .. import norm
+
+        warnings.warn(f"ppap_fast.ops.lora.{name} moved to ppap_fast.ops.norm.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(norm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
