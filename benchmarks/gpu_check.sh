@@ -27,7 +27,7 @@ stamp() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$OUT/gpu.txt"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # seconds promised to the later stages that run (env *_MIN): a slow stage cannot eat them
 r_if() { has "$1" && echo "$2" || echo 0; }
-R_UPDATE=$(r_if tests 25) R_LORA=$(r_if tests 60) R_BENCH=$(r_if bench "${BENCH_MIN:-110}") R_SCALE=$(r_if scale "${SCALE_MIN:-100}")
+R_UPDATE=$(r_if tests 40) R_LORA=$(r_if tests 60) R_BENCH=$(r_if bench "${BENCH_MIN:-110}") R_SCALE=$(r_if scale "${SCALE_MIN:-100}")
 BENCH_SUITES="${BENCH_SUITES:-bench_update bench_lora bench_distill bench_denoiser bench_step}"
 SCALE_SUITES="${SCALE_SUITES:-bench_scale bench_generate}"
 LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
@@ -83,7 +83,8 @@ if has probe; then  # toolchain facts and whether a C++ error raised in the exte
 fi
 
 if has tests; then
-  run_tests update "$(budget 60 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py
+  run_tests update_graph_build "$(budget 90 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py \
+    tests/test_extension_build.py tests/test_train_graph.py
   # shellcheck disable=SC2086
   run_tests lora "$(budget 150 $(( R_BENCH + R_SCALE )))" 10 tests/test_lora_ops.py $LORA_TEST_ARGS
 fi
