@@ -14,9 +14,11 @@ fast: FastGuidedSampler.step: merged expert (LoRA merged, BN folded), device tab
     timed on its own as fast_first_step_s; the ratios are steady state, after warm-up.
 
 Ratios (time ratios, below 1 = first faster; the median over rounds of the ratio measured within
-one round, the four variants being timed round-robin, which keeps load drift out on shared CPUs):
+one round, the variants being timed round-robin, which keeps load drift out on shared CPUs):
     step_fast_vs_reference      guided step, fast / reference
     step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
+    step_compiled_vs_reference  CUDA only (unless PPAP_SKIP_COMPILE=1): the fast step with the
+                                denoiser compiled (inductor) too, compile time apart
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -26,6 +28,7 @@ weights, fp16 torso) + torchvision ResNet50 PPAP-5 bank (random), batch 32.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -252,9 +255,22 @@ def _run(device: str, quick: bool) -> dict:
 
     reps = (3 if quick else 10) if cuda else (9 if quick else 25)
     warm = 2 if cuda else 1
-    ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
-                          "fast": lambda: fast.step(x, i), "fast_u": lambda: fast_unguided.step(x, i)},
-                         device, reps, warm)
+    variants = {"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
+                "fast": lambda: fast.step(x, i), "fast_u": lambda: fast_unguided.step(x, i)}
+    compiled = None
+    if cuda and os.environ.get("PPAP_SKIP_COMPILE") != "1":  # + inductor on the denoiser (99% of the step)
+        fast_c = FastGuidedSampler(model, sched, guide=guide, compile_model=True, **fast_opts)
+        with warnings.catch_warnings(record=True) as caught_c:
+            warnings.simplefilter("always", FastSamplingWarning)
+            t0 = time.perf_counter()
+            got_c = fast_c.step(x, i)[0]
+            torch.cuda.synchronize()
+            compiled = {"first_step_s": round(time.perf_counter() - t0, 1),
+                        "rel_err": float(f"{((got_c.double() - want.double()).norm() / want.double().norm()).item():.3e}"),
+                        "warnings": [str(w.message).splitlines()[0] for w in caught_c
+                                     if issubclass(w.category, FastSamplingWarning)]}
+        variants["fast_c"] = lambda: fast_c.step(x, i)
+    ms, rounds = _interleaved_ms(variants, device, reps, warm)
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
            "threads": torch.get_num_threads() if not cuda else None, "reps": reps,
@@ -279,6 +295,14 @@ def _run(device: str, quick: bool) -> dict:
             row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
     ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
+    if compiled is not None:
+        row["fast_compiled_ms"] = round(ms["fast_c"], 3)
+        row["fast_compiled_first_step_s"] = compiled["first_step_s"]
+        row["fast_compiled_rel_err"] = compiled["rel_err"]
+        row["fast_compiled_warnings"] = compiled["warnings"]
+        if fl and _peak(device):
+            row["fast_compiled_mfu"] = round(fl / _peak(device) / (ms["fast_c"] * 1e-3), 4)
+        ratios["step_compiled_vs_reference"] = round(_ratio(rounds, "fast_c", "ref"), 4)
     row["reference_guided_vs_unguided"] = round(_ratio(rounds, "ref", "ref_u"), 4)
     if not all(math.isfinite(v) for v in ratios.values()):
         raise AssertionError(f"non-finite ratios {ratios}")
