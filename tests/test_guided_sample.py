@@ -33,6 +33,7 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert stats["path"] == "fast" and stats["nfe_per_sample"] == 5 and stats["guide_evals_per_sample"] == 5
     assert stats["experts"]["n_experts"] == 10 and stats["task"] == "classification"
     assert stats["images_per_s"] > 0 and stats["peak_memory_mb"] > 0
+    assert 0 < stats["first_batch_seconds"] <= stats["seconds"] and stats["steady_images_per_s"] > 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["out"] == str(tmp_path / "fast.npz")
     ref, rstats = _run(tmp_path, "ref", *GUIDE, "--no-fast")
@@ -64,6 +65,7 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     ([*GUIDE[:-2]], "needs --targets"),
     ([*GUIDE, "--experts", str(WEIGHTS_DIR)], "config.json"),
     ([*GUIDE, "--no-fast", "--cuda-graph"], "fast path"),
+    ([*GUIDE, "--no-fast", "--compile"], "fast path"),
     # silently ignored before: a map for a classifier, --steps 0 (ran the default 25), a subfolder without experts
     ([*GUIDE, "--target-map", "map.npy"], "--target-map"),
     (["--steps", "0"], "--steps"),
@@ -112,3 +114,19 @@ def test_non_finite_guidance_is_a_one_line_error(tmp_path, capsys, path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "too large" in err[0], err
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
+    import ppap_fast.fast_sampling as fs
+
+    seen = []
+    real = fs.FastGuidedSampler
+
+    def spy(*a, **kw):
+        seen.append(dict(kw))
+        kw["compile_model"] = False  # the plumbing is under test, not inductor (minutes on this box)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fs, "FastGuidedSampler", spy)
+    _run(tmp_path, "c", *GUIDE, "--compile")
+    assert seen and all(kw["compile_model"] is True for kw in seen)
