@@ -666,12 +666,13 @@ class DistillConfig:
     loss: str | None = None             # "kl" | "pixel_kl" | "mse"; None: from the teacher's task
     checkpoint_every: int = 0           # steps between resumable training states (0: none)
     cuda_graph: bool = False            # capture the whole training step in a CUDA graph (one CUDA process)
+    prefetch: bool = True               # make the next batch on a background thread during the step
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
         :func:`distill` adds the resolved task and loss and the teacher's state fingerprint."""
         d = dataclasses.asdict(self)
-        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph"):
+        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch"):
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
@@ -918,6 +919,57 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     return key
 
 
+class BatchStream:
+    """The training batches in order, each made by ``make()`` (rows read from the shards,
+    dequantised, noised: host work) one step ahead on a background thread while the device trains
+    on the current one. ``make`` draws every random number from ``gen``; only the worker calls it, one
+    batch at a time, so the batches are those made without prefetching. ``generator_before_next()``
+    is what a checkpoint must save: the generator as it was before the next batch handed out."""
+
+    def __init__(self, make, gen: torch.Generator, count: int, prefetch: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._make, self._gen, self._left = make, gen, int(count)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ppap-batches") if prefetch else None
+        self._state = gen.get_state()
+        self._future = None
+        self._submit()
+
+    def _submit(self):
+        if self._pool is not None and self._left > 0:
+            self._left -= 1
+            self._future = self._pool.submit(self._make)
+
+    def take(self):
+        if self._pool is None:
+            batch = self._make()
+        else:
+            if self._future is None:
+                raise RuntimeError("BatchStream: no batch left")
+            batch, self._future = self._future.result(), None
+        self._state = self._gen.get_state()  # the worker is idle: before the next batch
+        self._submit()
+        return batch
+
+    def generator_before_next(self):
+        return _GeneratorAt(self._state)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class _GeneratorAt:
+    """What save_train_state reads of a generator (get_state), at a chosen point of its stream."""
+
+    def __init__(self, state: torch.Tensor):
+        self._state = state
+
+    def get_state(self) -> torch.Tensor:
+        return self._state
+
+
 def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = False):
     """PPAP data-free distillation with DDP over the ExpertBank; returns the bank (eval mode).
     Rank 0 writes ``cfg.out_dir`` (save_experts format) and ``train_summary.json`` there; with
@@ -1026,37 +1078,46 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
             return loss
 
         graph_step = GraphedTrainStep(whole_step)
-    for step in it:
+    def make_batch():  # host side of a step; every random number from gen, in this order
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x0 = from_uint8(data.gather("images", idx.numpy()))
         target = torch.from_numpy(data.gather(key, idx.numpy()))
         t = torch.randint(0, cfg.num_timesteps, (cfg.batch_size,), generator=gen)
-        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float().to(device)
-        t = t.to(device)
-        target = target.to(device).float()
-        lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
-        for g in opt.param_groups:
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr_now)
+        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+        return xt, t, target
+
+    batches = BatchStream(make_batch, gen, cfg.steps - start, prefetch=cfg.prefetch)
+    try:
+        for step in it:
+            xt, t, target = batches.take()
+            xt, t, target = xt.to(device), t.to(device), target.to(device).float()
+            lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
+            for g in opt.param_groups:
+                if isinstance(g["lr"], torch.Tensor):
+                    g["lr"].fill_(lr_now)
+                else:
+                    g["lr"] = lr_now
+            if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
+                loss = graph_step(xt, t, target)
             else:
-                g["lr"] = lr_now
-        if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
-            loss = graph_step(xt, t, target)
-        else:
-            loss = loss_and_grads(xt, t, target)
-        mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
-        if env.distributed:
-            dist.all_reduce(mean_loss)
-            mean_loss /= env.world_size
-        losses.append(float(mean_loss))
-        if not math.isfinite(losses[-1]):
-            raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
-        if graph_step is None:
-            opt.step()
-        done = step + 1
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_train_state(state_path, bank, opt, gen, done, losses, ck_ident, ck_hash, env)
-        _kill_hook(env.rank, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
+                loss = loss_and_grads(xt, t, target)
+            mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
+            if env.distributed:
+                dist.all_reduce(mean_loss)
+                mean_loss /= env.world_size
+            losses.append(float(mean_loss))
+            if not math.isfinite(losses[-1]):
+                raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
+            if graph_step is None:
+                opt.step()
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                # the data generator as it was before the next batch (prefetching has drawn it already)
+                save_train_state(state_path, bank, opt, batches.generator_before_next(), done, losses, ck_ident,
+                                 ck_hash, env)
+            _kill_hook(env.rank, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    finally:
+        batches.close()
 
     if cfg.dump_rank_states:
         from .data.shards import save_safetensors_atomic
@@ -1186,6 +1247,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step in a CUDA graph (one CUDA process; the eager "
                         "step is launch-bound: ~1000 small kernels for a ResNet50 bank)")
+    d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="make each batch in the training loop instead of one step ahead on a thread")
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
@@ -1211,7 +1274,8 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup=a.warmup,
                          temperature=a.temperature, seed=a.seed, device=a.device,
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
-                         checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph)
+                         checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph,
+                         prefetch=a.prefetch)
 
 
 def main(argv=None) -> int:

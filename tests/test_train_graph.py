@@ -111,3 +111,46 @@ def test_distill_cuda_graph_matches_eager(tmp_path):
     assert len(la) == len(lb) == 8 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(la, lb))
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
+
+
+def test_prefetched_batches_train_the_same_experts(tmp_path):
+    """Batches made one step ahead on a thread: the same experts and losses as made in the loop
+    (resume exactness with prefetching is tested in test_distributed)."""
+    data, teacher = _tiny_set(tmp_path)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "p"), teacher, n_experts=2, r=2, alpha=2.0, steps=4,
+                          batch_size=4, device="cpu")
+    D.distill(cfg, D.DistEnv())
+    D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "n"), prefetch=False), D.DistEnv())
+    import json
+
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("p", "n"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (json.loads((tmp_path / o / "train_summary.json").read_text())["losses"] for o in ("p", "n"))
+    assert la == lb
+
+
+def test_batch_stream_order_state_and_errors():
+    gen = torch.Generator().manual_seed(0)
+    stream = D.BatchStream(lambda: torch.randint(0, 10**6, (2,), generator=gen), gen, 3)
+    want_gen = torch.Generator().manual_seed(0)
+    want = [torch.randint(0, 10**6, (2,), generator=want_gen) for _ in range(3)]
+    got = [stream.take()]
+    state = stream.generator_before_next().get_state()  # before batch 1, though batch 1 is made already
+    got += [stream.take(), stream.take()]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    again = torch.Generator()
+    again.set_state(state)
+    assert torch.equal(torch.randint(0, 10**6, (2,), generator=again), want[1])
+    with pytest.raises(RuntimeError, match="no batch left"):
+        stream.take()
+    stream.close()
+
+    def boom():
+        raise OSError("disk")
+
+    bad = D.BatchStream(boom, torch.Generator(), 2)
+    with pytest.raises(OSError, match="disk"):  # the worker's error reaches the training loop
+        bad.take()
+    bad.close()
