@@ -8,6 +8,8 @@ profiles one forward:
     nchw                 the model as built (ADM preset: fp16 torso, fp32 GroupNorm)
     channels_last        model and input in channels_last (the fast sampler's option)
     cudnn_benchmark      channels_last + torch.backends.cudnn.benchmark (CUDA only)
+    fused_norm_act       cudnn_benchmark + ADMUNet.fuse_norm_act() (GroupNorm + scale-shift + SiLU as
+                         one Triton op; CUDA only)
     compiled             channels_last (+ cudnn benchmark) + torch.compile (inductor, default mode);
                          compile time reported apart as ``compile_s``; skipped on CPU with --quick
                          and where PPAP_SKIP_COMPILE=1
@@ -15,7 +17,8 @@ profiles one forward:
 Rows: ms per forward, TFLOP/s and MFU against the card's dense bf16/fp16 peak (FLOPs from
 FlopCounterMode), and the profiler's top ops by self device time (``profile_top``: name, ms,
 share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benchmark_vs_default``,
-``denoiser_compiled_vs_eager`` (compiled vs the best eager variant).
+``denoiser_fused_norm_act_vs_eager`` and ``denoiser_compiled_vs_eager`` (each vs the best of the
+unfused eager variants).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -102,6 +105,12 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             record("cudnn_benchmark", _median_ms(lambda: model(x_cl, t), device, reps, warmup=3))
             ratios["denoiser_cudnn_benchmark_vs_default"] = round(row["cudnn_benchmark_ms"] / row["channels_last_ms"], 4)
             eager_best = min(eager_best, row["cudnn_benchmark_ms"])
+            if hasattr(model, "fuse_norm_act"):  # ops.group_norm_act (Triton) in every ResBlock
+                model.fuse_norm_act()
+                record("fused_norm_act", _median_ms(lambda: model(x_cl, t), device, reps))
+                row["fused_norm_act_profile_top"] = profile_top(lambda: model(x_cl, t), device, k=8)
+                model.fuse_norm_act(False)
+                ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))

@@ -55,6 +55,9 @@ Options (all off by default; each falls back to the eager path with a warning wh
   output may be reused by another graph's replay, so ``step`` returns copies and ``sample`` copies
   x into the next graph's input before replaying it): one activation set for all of them (with a pool per graph, ADM-256 + ResNet50 PPAP-10 at batch 32 ran an H100 out of
   memory at 62 GiB of graph pools).
+* ``fuse_norm_act``: an ADMUNet runs each ResBlock's GroupNorm (+ scale-shift) + SiLU as one op
+  (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place).
+  Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.
 * ``overlap_guide``: on CUDA, run the guide (it reads only x_t) on a side stream concurrently with
   the denoiser (the fork/join is captured too); it helps where the denoiser leaves the GPU idle
   (small batches). A no-op elsewhere. (Written for CUDA; its test is skipped without a GPU.)
@@ -384,7 +387,7 @@ class FastGuidedSampler:
                  merge_experts: bool = True, channels_last: bool = False, guide_autocast: torch.dtype | None = None,
                  compile_guide: bool = False, compile_model: bool = False, compile_kwargs: Mapping | None = None,
                  compile_freeze: bool = False, cuda_graph: bool = False, overlap_guide: bool = False,
-                 backend: str | None = None, device=None, merge_mode: str = "cache"):
+                 backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if nonfinite_grad not in NONFINITE_MODES:
@@ -407,6 +410,15 @@ class FastGuidedSampler:
         self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs, compile_freeze)
         if self.opts.channels_last and isinstance(model, torch.nn.Module):
             model.to(memory_format=torch.channels_last)
+        if fuse_norm_act:
+            if compile_model:
+                warnings.warn("fuse_norm_act is skipped with compile_model: inductor fuses the norms itself",
+                              FastSamplingWarning, stacklevel=2)
+            elif callable(getattr(model, "fuse_norm_act", None)):
+                model.fuse_norm_act()  # in place, like channels_last
+            else:
+                warnings.warn(f"fuse_norm_act: {type(model).__name__} has no fuse_norm_act() (ADMUNet has); "
+                              "running it as it is", FastSamplingWarning, stacklevel=2)
         self.model = model
         self._denoise = _ModelRunner(model, self.opts, model_kwargs)
         self._tmap = self.schedule.timestep_map.to(self.device)

@@ -216,3 +216,68 @@ def test_checkpoint_errors_name_the_file_and_keys(tmp_path):
     (tmp_path / "adm.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match=r"adm\.pt .*truncated or corrupt"):
         ADMUNet.from_checkpoint(f, cfg)
+
+
+def _randomised(**kw):
+    torch.manual_seed(3)
+    m = ADMUNet(**{**SMALL, **kw}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
+    return m
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kw", [{}, {"use_scale_shift_norm": False, "resblock_updown": False}])
+def test_fused_norm_act_equals_the_modules(backend, kw):
+    from ppap_fast import ops
+
+    m = _randomised(**kw)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        want = m(x, t)
+        m.fuse_norm_act()
+        assert all(b.fused_norm_act for b in m.modules() if type(b).__name__ == "ResBlock")
+        ops.set_backend(backend)
+        try:
+            got = m(x, t)
+        finally:
+            ops.set_backend(None)
+        assert ops.last_backend("group_norm_act") == backend
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+        assert torch.equal(m.fuse_norm_act(False)(x, t), want)
+    m.fuse_norm_act()  # with autograd recording the reference path runs, and gradients flow
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(xg, t).square().sum(), xg)
+    assert ops.last_backend("group_norm_act") == "reference" and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_fused_norm_act_fp16_torso_no_less_accurate():
+    """fp16 torso against its fp32 twin: fusing (one rounding to fp16 instead of two) is at least as
+    close as the modules are."""
+    m32 = _randomised()
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(m32.state_dict(), strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        want = m32(x, t)
+        unfused = rel(m16(x, t), want)
+        fused = rel(m16.fuse_norm_act()(x, t), want)
+    assert 0 < fused < 5e-3 and fused <= 1.1 * unfused, (fused, unfused)
+
+
+@pytest.mark.cuda
+@cuda
+def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    m = ADMUNet.from_config(g["config"]).convert_to_fp16(torch.float16)
+    m.load_state_dict(g["state_dict"], strict=True)
+    m = m.cuda().eval().to(memory_format=torch.channels_last).fuse_norm_act()
+    with torch.no_grad():
+        out = m(g["x"].cuda().contiguous(memory_format=torch.channels_last), g["t"].cuda()).cpu()
+    from ppap_fast import ops
+
+    assert ops.last_backend("group_norm_act") == "triton"
+    rel = ((out - g["out"]).norm() / g["out"].norm()).item()
+    assert rel < 5e-3, rel

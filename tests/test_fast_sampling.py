@@ -431,3 +431,19 @@ def test_cuda_graph_swap_mode_one_graph_for_every_band(no_tf32):
         out, again = fast.sample(SHAPE, generator=gen()), fast.sample(SHAPE, generator=gen())
     assert len(fast._graphs) == 1 and fast.fast_guide.swaps > 0
     assert rel_err(out, ref) < 1e-4 and rel_err(again, ref) < 1e-4
+
+
+def test_fuse_norm_act_option(one_thread):
+    sched = Schedule.create("linear", 1000, "ddim5")
+    model = tiny_adm()
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    want = FastGuidedSampler(model, sched).sample(SHAPE, generator=gen())
+    fused = FastGuidedSampler(model, sched, fuse_norm_act=True)
+    assert all(b.fused_norm_act for b in model.modules() if type(b).__name__ == "ResBlock")
+    assert rel_err(fused.sample(SHAPE, generator=gen()), want) < 1e-5
+    model.fuse_norm_act(False)
+    with pytest.warns(FastSamplingWarning, match="has no fuse_norm_act"):
+        FastGuidedSampler(lambda x, t: torch.cat([x, x], 1), sched, fuse_norm_act=True)
+    with pytest.warns(FastSamplingWarning, match="inductor fuses"):
+        FastGuidedSampler(model, sched, fuse_norm_act=True, compile_model=True)
+    assert not any(b.fused_norm_act for b in model.modules() if type(b).__name__ == "ResBlock")

@@ -12,7 +12,7 @@ GPU time:
    sm_90 (Triton's own binder + ``_pack_args``: pointer dtypes, i32/i64 scalars,
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
-   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, guided_update) then run,
+   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, guided_update) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
    so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
@@ -314,6 +314,22 @@ def scenarios(dtype):
                 _backward(norm.expert_group_norm(x, idx, G, _p(N, C, dtype=pdt), _p(N, C, dtype=pdt),
                                                  backend="triton"))
             add(f"expert_group_norm {shape} G{G}{tag}", f)
+
+    # ------------------------------------------------------------------ fused group norm + act
+    from ppap_fast.ops import norm_act
+
+    for shape, G, cl in (((2, 64, 16, 16), 32, False), ((2, 64, 16, 16), 32, True), ((2, 24, 7), 3, False)):
+        for ss, silu in ((True, True), (False, False)):
+            def f(shape=shape, G=G, cl=cl, ss=ss, silu=silu):
+                B, C = shape[:2]
+                x = torch.randn(*shape, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                w, b = (torch.randn(C) if ss else None), (torch.randn(C) if ss else None)
+                sc, sh = (torch.randn(B, C, dtype=dtype) if ss else None), (torch.randn(B, C, dtype=dtype) if ss else None)
+                with torch.no_grad():
+                    norm_act.group_norm_act(x, G, w, b, scale=sc, shift=sh, silu=silu, backend="triton")
+            add(f"group_norm_act {shape} G{G} channels_last={cl} affine+scale_shift={ss} silu={silu}", f)
 
     # ------------------------------------------------------------------ guided update
     B_, C_, H_ = 4, 3, 16

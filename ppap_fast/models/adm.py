@@ -150,6 +150,7 @@ class ResBlock(TimestepBlock):
         super().__init__()
         self.channels, self.out_channels = channels, out_channels or channels
         self.use_scale_shift_norm, self.use_checkpoint = use_scale_shift_norm, use_checkpoint
+        self.fused_norm_act = False  # ADMUNet.fuse_norm_act: GroupNorm(+scale-shift)+SiLU in one op
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
@@ -179,20 +180,31 @@ class ResBlock(TimestepBlock):
             return _checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 
+    def _norm_act(self, norm: nn.GroupNorm, h, scale=None, shift=None):
+        from ..ops.norm_act import group_norm_act
+
+        return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift)
+
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_norm_act
         if self.updown:
             # norm + act, resample, then conv (the skip path is resampled too)
-            h = self.in_layers[:-1](x)
+            h = self._norm_act(self.in_layers[0], x) if fused else self.in_layers[:-1](x)
             h = self.in_layers[-1](self.h_upd(h))
             x = self.x_upd(x)
         else:
-            h = self.in_layers(x)
+            h = self.in_layers[-1](self._norm_act(self.in_layers[0], x)) if fused else self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            if fused:
+                h = self.out_layers[2:](self._norm_act(self.out_layers[0], h, scale, shift))
+            else:
+                h = self.out_layers[0](h) * (1 + scale) + shift
+                h = self.out_layers[1:](h)
+        elif fused:
+            h = self.out_layers[2:](self._norm_act(self.out_layers[0], h + emb_out))
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
@@ -362,6 +374,19 @@ class ADMUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         """Dtype the torso runs in (that of its convs)."""
         return self.input_blocks[0][0].weight.dtype
+
+    def fuse_norm_act(self, enabled: bool = True) -> "ADMUNet":
+        """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair as one fused op
+        (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
+        one rounding to the torso dtype; without autograd recording, else its reference). Same math
+        as GroupNorm32 then SiLU, rounded once instead of twice. Blocks whose norms were replaced
+        (e.g. by a routed ExpertGroupNorm) keep their modules."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
+                m.fused_norm_act = bool(enabled) and plain and isinstance(m.in_layers[1], nn.SiLU) \
+                    and isinstance(m.out_layers[1], nn.SiLU)
+        return self
 
     def set_attention_backend(self, backend: str) -> "ADMUNet":
         """"sdpa" (default) or "math" (einsum reference, float32 softmax)."""

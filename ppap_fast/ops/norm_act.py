@@ -1,0 +1,97 @@
+"""ops.norm_act: fused GroupNorm (+ per-sample scale/shift) + SiLU, forward only: the norm-activation pairs of a
+diffusion UNet (ADM's ResBlock in_layers and its scale-shift out_layers), for sampling.
+
+    y = act((gn(x) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c])
+
+gn: statistics per (sample, group) in float32 whatever x's dtype (as ADM's GroupNorm32), act
+SiLU or identity, y in x's dtype and memory format (NCHW or channels_last). Unfused, an fp16
+ADM runs this as upcast, GroupNorm, downcast, scale-shift, SiLU: ~28 bytes of memory traffic per
+element; the Triton path reads x twice and writes y once (6 bytes in fp16).
+
+Backends (registry op "group_norm_act"; set_backend / backend= / last_backend as for every op):
+"triton" (CUDA; on CPU only when asked for, under TRITON_INTERPRET=1) and "reference" (PyTorch,
+differentiable). The Triton path has no backward: with autograd recording and an input that
+requires grad the reference runs (an explicit backend="triton" then raises).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext, _registry
+from ._registry import BackendUnavailableError
+
+OP = "group_norm_act"
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+POISON = False  # tests: buffers the kernels fully overwrite start as NaN
+
+
+def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
+                             silu=True):
+    dt = torch.promote_types(x.dtype, torch.float32)
+    h = F.group_norm(x.to(dt), num_groups, None if weight is None else weight.to(dt),
+                     None if bias is None else bias.to(dt), eps)
+    shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        h = h * (1 + scale.to(dt).reshape(shp))
+    if shift is not None:
+        h = h + shift.to(dt).reshape(shp)
+    if silu:
+        h = F.silu(h)
+    return h.to(x.dtype)
+
+
+def _check(x, num_groups, weight, bias, scale, shift):
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_act: x must be [B, C, *spatial], got shape {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
+        raise ValueError(f"group_norm_act: num_groups={num_groups!r} must be a positive divisor of C={C}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"group_norm_act: {name} must be [{C}], got {tuple(t.shape)}")
+    out = []
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            if t.numel() != B * C or t.shape[:2] != (B, C):
+                raise ValueError(f"group_norm_act: {name} must be [B, C] (or [B, C, 1, ...]) = [{B}, {C}], "
+                                 f"got {tuple(t.shape)}")
+            t = t.reshape(B, C)
+        out.append(t)
+    return out
+
+
+def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
+                   silu: bool = True, backend: str | None = None):
+    """ops.norm_act: fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
+    scale, shift = _check(x, num_groups, weight, bias, scale, shift)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
+    b = backend
+    if b is None and _registry._forced in _registry._OPS[OP].impls:
+        b = _registry._forced
+    if b in (None, "auto") and (needs_grad or x.dtype not in FAST_DTYPES):
+        b = "reference"
+    elif b == "triton" and needs_grad:
+        raise BackendUnavailableError("group_norm_act: the triton path is forward-only (an input requires grad)")
+    elif b == "triton" and x.dtype not in FAST_DTYPES:
+        raise BackendUnavailableError(f"group_norm_act: the triton path takes fp32/fp16/bf16, got {x.dtype}")
+    fn = _registry.select(OP, x.device, b)
+    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu))
+
+
+def _triton(x, num_groups, weight, bias, eps, scale, shift, silu):
+    from . import norm_act_triton as tk
+
+    with torch.autocast(x.device.type, enabled=False):
+        return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, poison=POISON)
+
+
+def _reference(x, num_groups, weight, bias, eps, scale, shift, silu):
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
+
+
+_registry.register(OP, "reference", _reference, _ext.reference_unavailable)
+_registry.register(OP, "triton", _triton, _ext.triton_unavailable)
+
+__all__ = ["group_norm_act", "group_norm_act_reference", "OP", "FAST_DTYPES"]

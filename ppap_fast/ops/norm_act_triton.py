@@ -1,0 +1,142 @@
+"""Triton kernels of ops.norm_act (group_norm_act): a statistics pass per (sample, group) and one fused
+normalise / scale-shift / SiLU pass. x is addressed by strides as [B, C, P] (P the flattened
+spatial size, one stride), so NCHW and channels_last run without a copy. Grids depend on shapes
+only: nothing reads values on the host (CUDA-graph capturable)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _gn_stats_kernel(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, sxp, eps,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program b * G + g: 1/std of group g of sample b and its mean as k + m (k the group's first
+    element, m the mean of x - k), fp32: one pass of sums shifted by k (exact for a constant group;
+    no cancellation at a large mean, and x - k is exact where x is near k)."""
+    pid = tl.program_id(0)
+    b = pid // G
+    g = pid % G
+    base = x_ptr + b.to(tl.int64) * sxb + (g * Cg).to(tl.int64) * sxc
+    k = tl.load(base).to(tl.float32)
+    s1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < Cg
+        for p0 in range(0, HW, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            m = cm[:, None] & (ps < HW)[None, :]
+            off = cs[:, None].to(tl.int64) * sxc + ps[None, :].to(tl.int64) * sxp
+            d = tl.where(m, tl.load(base + off, mask=m, other=0.0).to(tl.float32) - k, 0.0)
+            s1 += d
+            s2 += d * d
+    n = (Cg * HW).to(tl.float32)
+    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
+    var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
+    tl.store(shift_ptr + pid, k)
+    tl.store(mean_ptr + pid, m1)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, C, HW, Cg, G,
+                     sxb, sxc, sxp, syb, syc, syp, ssb, shb,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Tile (positions, channels, sample): y = act((x - mean) * a[c] + d[c]) with the per-(sample,
+    channel) coefficients folded from 1/std, the affine and the scale / shift (the mean is subtracted
+    first: no cancellation at a large mean)."""
+    pp = tl.program_id(0)
+    pc = tl.program_id(1)
+    b = tl.program_id(2)
+    cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    ps = pp * BLOCK_P + tl.arange(0, BLOCK_P)
+    cm = cs < C
+    m = cm[:, None] & (ps < HW)[None, :]
+    grp = b * G + cs // Cg
+    k = tl.load(shift_ptr + grp, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+    a = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+    if HAS_W:
+        a = a * tl.load(w_ptr + cs, mask=cm, other=0.0).to(tl.float32)
+    d = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        d += tl.load(b_ptr + cs, mask=cm, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        s = 1.0 + tl.load(sc_ptr + b.to(tl.int64) * ssb + cs, mask=cm, other=0.0).to(tl.float32)
+        a = a * s
+        d = d * s
+    if HAS_SHIFT:
+        d += tl.load(sh_ptr + b.to(tl.int64) * shb + cs, mask=cm, other=0.0).to(tl.float32)
+    xo = b.to(tl.int64) * sxb + cs[:, None].to(tl.int64) * sxc + ps[None, :].to(tl.int64) * sxp
+    h = ((tl.load(x_ptr + xo, mask=m, other=0.0).to(tl.float32) - k[:, None]) - mean[:, None]) * a[:, None] \
+        + d[:, None]
+    if SILU:
+        h = h * tl.sigmoid(h)
+    yo = b.to(tl.int64) * syb + cs[:, None].to(tl.int64) * syc + ps[None, :].to(tl.int64) * syp
+    tl.store(y_ptr + yo, h.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _bcp_strides(t: torch.Tensor):
+    """(stride_b, stride_c, stride_p) of t viewed as [B, C, P], or None if its spatial dims do
+    not flatten to one stride."""
+    if t.dim() == 2:
+        return t.stride(0), t.stride(1), 1
+    for d in range(2, t.dim() - 1):
+        if t.shape[d + 1] != 1 and t.stride(d) != t.stride(d + 1) * t.shape[d + 1]:
+            return None
+    return t.stride(0), t.stride(1), t.stride(t.dim() - 1)
+
+
+def _blocks(channels: int, HW: int, channels_fastest: bool):
+    """(BLOCK_C, BLOCK_P): channel tiles as small as a group (ADM: 8 channels), position tiles up to
+    256 (64 under the interpreter)."""
+    hi_p = 64 if _interpreting() else 256
+    bc = max(4, min(32 if channels_fastest else 16, triton.next_power_of_2(channels)))
+    bp = max(16, min(hi_p, triton.next_power_of_2(max(HW, 1))))
+    return bc, bp
+
+
+def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, poison=False):
+    B, C = x.shape[:2]
+    HW = x.numel() // max(B * C, 1)
+    st = _bcp_strides(x)
+    if st is None:
+        x = x.contiguous()
+        st = _bcp_strides(x)
+    y = torch.empty_like(x)  # x's memory format
+    if poison:
+        y.fill_(float("nan"))
+    if x.numel() == 0:
+        return y
+    sy = _bcp_strides(y)
+    if sy is None:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        sy = _bcp_strides(y)
+    Cg = C // G
+    shift0 = torch.empty(B * G, dtype=torch.float32, device=x.device)
+    mean = torch.empty(B * G, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(B * G, dtype=torch.float32, device=x.device)
+    cl = st[1] == 1 and C > 1  # channels fastest (channels_last)
+    bc, bp = _blocks(Cg, HW, cl)
+    _gn_stats_kernel[(B * G,)](x, shift0, mean, rstd, HW, Cg, G, *st, eps, BLOCK_C=bc, BLOCK_P=bp)
+    bc, bp = _blocks(C, HW, cl)
+    w = weight.contiguous() if weight is not None else mean
+    bb = bias.contiguous() if bias is not None else mean
+    sc = scale if scale is None or scale.stride(1) == 1 else scale.contiguous()
+    sh = shift if shift is None or shift.stride(1) == 1 else shift.contiguous()
+    grid = (triton.cdiv(HW, bp), triton.cdiv(C, bc), B)
+    _gn_apply_kernel[grid](x, y, shift0, mean, rstd, w, bb, sc if sc is not None else mean, sh if sh is not None else mean,
+                           C, HW, Cg, G, *st, *sy, sc.stride(0) if sc is not None else 0,
+                           sh.stride(0) if sh is not None else 0,
+                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+                           HAS_SHIFT=shift is not None, SILU=bool(silu), BLOCK_C=bc, BLOCK_P=bp)
+    return y

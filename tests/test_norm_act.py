@@ -1,0 +1,155 @@
+"""ops.norm_act.group_norm_act: fused GroupNorm (+ scale/shift) + SiLU. Reference vs the unfused torch
+composition; Triton (CPU interpreter, small shapes; CUDA marked ``cuda``) vs float64, poisoned
+outputs, NCHW and channels_last, large means."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppap_fast import ops
+from ppap_fast.ops import norm_act as GA
+
+from _util import rel_err, requires_cuda
+
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    old = GA.POISON
+    GA.POISON = True
+    yield
+    GA.POISON = old
+    ops.set_backend(None)
+
+
+def _case(shape, G, gen, dtype, *, affine=True, scale_shift=True, mean=0.0, channels_last=False, device="cpu"):
+    B, C = shape[:2]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + mean).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.rand(C, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    b = torch.randn(C, generator=gen, dtype=torch.float64) if affine else None
+    sc = torch.randn(B, C, generator=gen, dtype=torch.float64) * 0.3 if scale_shift else None
+    sh = torch.randn(B, C, generator=gen, dtype=torch.float64) if scale_shift else None
+    mv = lambda t, dt: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+    return x.to(device), mv(w, torch.float32), mv(b, torch.float32), mv(sc, dtype), mv(sh, dtype)
+
+
+def _want(x, G, w, b, sc, sh, silu):
+    up = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+    return GA.group_norm_act_reference(up(x), G, up(w), up(b), 1e-5, up(sc), up(sh), silu)
+
+
+def test_reference_is_the_unfused_composition():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, sc, sh = _case((3, 8, 5, 4), 4, gen, torch.float32)
+    h = F.group_norm(x, 4, w, b, 1e-5) * (1 + sc[:, :, None, None]) + sh[:, :, None, None]
+    assert torch.allclose(GA.group_norm_act_reference(x, 4, w, b, 1e-5, sc, sh), F.silu(h), atol=1e-6)
+    assert torch.allclose(GA.group_norm_act_reference(x, 4, w, b, 1e-5, silu=False), F.group_norm(x, 4, w, b, 1e-5))
+    # half input: statistics and activation in float32, one rounding at the end (GroupNorm32 + SiLU)
+    xh = x.half()
+    got = GA.group_norm_act_reference(xh, 4, w, b, 1e-5)
+    assert got.dtype == torch.float16 and torch.equal(got, F.silu(F.group_norm(xh.float(), 4, w, b, 1e-5)).half())
+
+
+CASES = [((2, 32, 6, 5), 8), ((3, 16, 4, 4), 16), ((2, 24, 7, 3), 1), ((4, 20, 9), 5), ((3, 12), 3),
+         ((1, 64, 3, 3), 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ci", range(len(CASES)))
+def test_triton_matches_float64(ci, dtype):
+    shape, G = CASES[ci]
+    gen = torch.Generator().manual_seed(ci)
+    flags = itertools.product([True, False], [True, False], [True, False],
+                              [False, True] if len(shape) == 4 else [False])
+    for affine, scale_shift, silu, cl in flags:
+        x, w, b, sc, sh = _case(shape, G, gen, dtype, affine=affine, scale_shift=scale_shift, channels_last=cl)
+        got = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh, silu=silu, backend="triton")
+        assert ops.last_backend(GA.OP) == "triton"
+        assert got.dtype == dtype and got.shape == x.shape
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        err = rel_err(got, _want(x, G, w, b, sc, sh, silu))
+        assert err <= TOL[dtype], f"{shape} G{G} affine={affine} ss={scale_shift} silu={silu} cl={cl}: {err:.2e}"
+
+
+def test_triton_statistics_hold_at_a_large_mean():
+    gen = torch.Generator().manual_seed(5)
+    for mean in (50.0, -300.0, 1e4):
+        x, w, b, sc, sh = _case((2, 16, 8, 8), 4, gen, torch.float32, mean=mean)
+        got = GA.group_norm_act(x, 4, w, b, scale=sc, shift=sh, backend="triton")
+        assert rel_err(got, _want(x, 4, w, b, sc, sh, True)) < 1e-5, mean
+    x = torch.full((2, 8, 3, 3), 7.0)  # constant groups: variance exactly 0, output = act(bias)
+    got = GA.group_norm_act(x, 2, None, torch.ones(8), silu=False, backend="triton")
+    assert torch.equal(got, torch.ones_like(x))
+
+
+def test_scale_and_shift_as_adm_passes_them():
+    """ADM hands scale/shift as [B, C, 1, 1] channel chunks of one [B, 2C, 1, 1] tensor."""
+    gen = torch.Generator().manual_seed(2)
+    x, w, b, _, _ = _case((3, 16, 4, 4), 8, gen, torch.float32)
+    emb = torch.randn(3, 32, 1, 1, generator=gen)
+    scale, shift = emb.chunk(2, dim=1)
+    got = GA.group_norm_act(x, 8, w, b, scale=scale, shift=shift, backend="triton")
+    want = F.silu(F.group_norm(x, 8, w, b) * (1 + scale) + shift)
+    assert rel_err(got, want.double()) < 1e-6
+
+
+def test_autograd_uses_the_reference_and_explicit_triton_refuses():
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y = GA.group_norm_act(x, 4)
+    assert ops.last_backend(GA.OP) == "reference"
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(g).all()
+    with pytest.raises(ops.BackendUnavailableError, match="forward-only"):
+        GA.group_norm_act(x, 4, backend="triton")
+    with torch.no_grad():
+        GA.group_norm_act(x, 4, backend="triton")  # no autograd: fine
+    with pytest.raises(ops.BackendUnavailableError, match="fp32/fp16/bf16"):
+        GA.group_norm_act(torch.randn(2, 8, 3, dtype=torch.float64), 4, backend="triton")
+    assert GA.group_norm_act(torch.randn(2, 8, 3, dtype=torch.float64), 4).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_groups=3), "positive divisor of C=8"),
+    (dict(num_groups=0), "positive divisor"),
+    (dict(weight=torch.ones(4)), r"weight must be \[8\]"),
+    (dict(scale=torch.ones(2, 4)), r"scale must be \[B, C\]"),
+    (dict(shift=torch.ones(3, 8)), r"shift must be \[B, C\]"),
+])
+def test_bad_inputs(kw, msg):
+    args = dict(num_groups=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg):
+        GA.group_norm_act(torch.randn(2, 8, 3, 3), **args)
+    with pytest.raises(ValueError, match="must be"):
+        GA.group_norm_act(torch.randn(8), 4)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, 3, 3)
+    assert GA.group_norm_act(x, 4, backend="triton").shape == x.shape
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_parity_layouts_and_graph(dtype):
+    gen = torch.Generator().manual_seed(9)
+    for (shape, G), cl in itertools.product([((4, 256, 32, 32), 32), ((2, 512, 16, 16), 32), ((3, 96, 7, 5), 8)],
+                                            [False, True]):
+        x, w, b, sc, sh = _case(shape, G, gen, dtype, channels_last=cl, device="cuda")
+        got = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh)  # auto: triton on CUDA
+        assert ops.last_backend(GA.OP) == "triton"
+        assert rel_err(got, _want(x, G, w, b, sc, sh, True)) <= TOL[dtype], (shape, cl)
+    x, w, b, sc, sh = _case((4, 64, 16, 16), 32, gen, dtype, device="cuda")
+    out = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
+    x.copy_(x * 2 + 1)
+    graph.replay()
+    assert rel_err(static, _want(x, 32, w, b, sc, sh, True)) <= TOL[dtype] and not torch.equal(static, out)
