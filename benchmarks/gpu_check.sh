@@ -73,7 +73,7 @@ finish_build() {  # wait for the background build (it has its own timeout), then
 if has tests; then
   # these pick Triton/reference paths by themselves and need no extension: they overlap the build
   run_tests sampling_norm "$(budget 150 $(( R_UPDATE + R_LORA + R_BENCH + R_SCALE )))" 6 tests/test_norm_ops.py tests/test_sampling.py tests/test_adm.py \
-    tests/test_fast_sampling.py -m cuda
+    tests/test_fast_sampling.py tests/test_norm_act.py -m cuda
 fi
 finish_build
 python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('$DEV'), indent=1))" > "$OUT/backends.json" 2>&1

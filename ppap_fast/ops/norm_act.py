@@ -1,5 +1,6 @@
-"""ops.norm_act: fused GroupNorm (+ per-sample scale/shift) + SiLU, forward only: the norm-activation pairs of a
-diffusion UNet (ADM's ResBlock in_layers and its scale-shift out_layers), for sampling.
+"""ops.norm_act: fused GroupNorm (+ per-sample scale/shift) + SiLU, forward only: the
+norm-activation pairs of a diffusion UNet (ADM's ResBlock in_layers and its scale-shift
+out_layers), for sampling.
 
     y = act((gn(x) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c])
 
