@@ -23,9 +23,10 @@ Generation (:func:`generate`)
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
     another teacher. Sets written before that fingerprint was recorded are finished, and their
     cached outputs used, only for the same teacher spec and weights file (same file fingerprint);
-    otherwise distillation warns and computes the teacher's outputs itself. Sampling (``fast``, default True; ``--no-fast``): the fast path,
-    :class:`ppap_fast.fast_sampling.FastGuidedSampler` unguided (the fused update; on CUDA also
-    channels_last and CUDA graphs, one graph per micro-batch shape), or the reference
+    otherwise distillation warns and computes the teacher's outputs itself. Sampling (``fast``,
+    default True; ``--no-fast``): the fast path, :class:`ppap_fast.fast_sampling.FastGuidedSampler`
+    unguided (the fused update; on CUDA also channels_last and CUDA graphs, one graph per
+    micro-batch shape), or the reference
     :func:`ppap_fast.sampling.sample_loop`. Both draw the same random numbers in the same order,
     so their images agree up to float rounding (uint8 equal but for rare one-level flips,
     tested); the choice is part of the configuration (sets written before the option existed
@@ -942,6 +943,9 @@ class BatchStream:
 
     def take(self):
         if self._pool is None:
+            if self._left <= 0:
+                raise RuntimeError("BatchStream: no batch left")
+            self._left -= 1
             batch = self._make()
         else:
             if self._future is None:

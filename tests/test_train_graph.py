@@ -150,6 +150,10 @@ def test_batch_stream_order_state_and_errors():
     def boom():
         raise OSError("disk")
 
+    plain = D.BatchStream(lambda: 1, torch.Generator(), 1, prefetch=False)
+    assert plain.take() == 1
+    with pytest.raises(RuntimeError, match="no batch left"):
+        plain.take()
     bad = D.BatchStream(boom, torch.Generator(), 2)
     with pytest.raises(OSError, match="disk"):  # the worker's error reaches the training loop
         bad.take()
