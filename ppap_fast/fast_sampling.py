@@ -53,8 +53,9 @@ Options (all off by default; each falls back to the eager path with a warning wh
   per shape) with static buffers and replay it. Only on CUDA; elsewhere it warns once and runs
   eagerly. A sampler's graphs share one memory pool (they never run at the same time; a graph's
   output may be reused by another graph's replay, so ``step`` returns copies and ``sample`` copies
-  x into the next graph's input before replaying it): one activation set for all of them (with a pool per graph, ADM-256 + ResNet50 PPAP-10 at batch 32 ran an H100 out of
-  memory at 62 GiB of graph pools).
+  x into the next graph's input before replaying it): one activation set for all of them (with a
+  pool per graph, ADM-256 + ResNet50 PPAP-10 at batch 32 ran an H100 out of memory at 62 GiB of
+  graph pools).
 * ``fuse_norm_act``: an ADMUNet runs each ResBlock's GroupNorm (+ scale-shift) + SiLU as one op
   (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place).
   Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.

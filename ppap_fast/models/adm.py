@@ -186,7 +186,7 @@ class ResBlock(TimestepBlock):
         return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_norm_act
+        fused = getattr(self, "fused_norm_act", False)  # modules pickled before the option existed
         if self.updown:
             # norm + act, resample, then conv (the skip path is resampled too)
             h = self._norm_act(self.in_layers[0], x) if fused else self.in_layers[:-1](x)
