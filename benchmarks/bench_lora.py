@@ -12,8 +12,9 @@ Layers (mixed batch, random expert per sample, rank 16, scale 0.5, N = 5 and 10)
   * resnet50 layer3 conv1: 1x1 conv 1024->256 at 14x14
   * DeiT-S attn.qkv: linear 384->1152 over L=197 tokens
 Times are medians (ms) of several reps, with torch.cuda.synchronize around each.
-On CUDA, "[cudagraph]" rows time the forward captured in a CUDA graph (GPU time
-without Python / launch overhead; segments are built inside the graph).
+On CUDA, "[cudagraph]" rows time the forward, and the forward + backward, captured in a CUDA graph
+(GPU time without Python / launch overhead; segments are built inside the graph), the cost a graphed
+training step (distill --cuda-graph) pays: ratio lora_fwdbwd_graph_vs_base_graph.
 Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
@@ -178,6 +179,36 @@ def _graphmedian_ms(fn, x, args, reps):
         return None, f"graph capture failed: {type(exc).__name__}: {exc}"
 
 
+def _graph_fwdbwd_ms(fn, x, args, reps, base: bool):
+    """Median forward + backward (grads of x and, unless base, of A, B and the expert bias) captured
+    in one CUDA graph: the GPU time a graphed training step pays for the layer."""
+    try:
+        W, b, A, B, eb, idx, scale = args
+        xg = x.detach().clone().requires_grad_(True)
+        Ag, Bg, ebg = (t.detach().clone().requires_grad_(True) for t in (A, B, eb))
+        static_idx = idx.clone()
+
+        def step():
+            if base:
+                y = fn(xg, *args)
+                return torch.autograd.grad(y, (xg,), torch.ones_like(y))
+            y = fn(xg, W, b, Ag, Bg, ebg, static_idx, scale)
+            return torch.autograd.grad(y, (xg, Ag, Bg, ebg), torch.ones_like(y))
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        return median_ms(g.replay, "cuda", reps), None
+    except Exception as exc:  # pragma: no cover - report, do not fail the whole benchmark
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+
+
 # ----------------------------------------------------------------------------- launch accounting
 _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "_local_scalar_dense", "_unsafe_view"}
 
@@ -277,7 +308,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
     reps = (5 if quick else 20) if device == "cuda" else (2 if quick else 5)
     gen = torch.Generator().manual_seed(0)
     rows: List[Dict] = []
-    ratio_acc: Dict[str, List[float]] = {"lora_fwd_vs_peft": [], "lora_fwdbwd_vs_loop": [], "lora_fwdbwd_vs_base": []}
+    ratio_acc: Dict[str, List[float]] = {"lora_fwd_vs_peft": [], "lora_fwdbwd_vs_loop": [], "lora_fwdbwd_vs_base": [],
+                                         "lora_fwdbwd_graph_vs_base_graph": []}
     ours_backends = ["auto"]
     if device == "cuda":
         avail = L.available_backends("lora_linear", "cuda")
@@ -316,12 +348,20 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
-            if device == "cuda":  # GPU time without Python/launch overhead: captured forward
-                for vname, fn in (("ours[triton,cudagraph]", _ours(cfg, "triton")), ("base[cudagraph]", _base(cfg))):
+            if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
+                graphed = {}
+                for vname, fn in (("ours[triton,cudagraph]", _ours(cfg, "triton")),
+                                  ("ours[auto,cudagraph]", _ours(cfg, None)), ("base[cudagraph]", _base(cfg))):
                     t_g, why = _graphmedian_ms(fn, x, args, reps)
+                    t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))
+                    graphed[vname] = t_gb
                     rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
-                                     fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
-                                     **({"skipped": why} if why else {})))
+                                     fwdbwd_ms=None if t_gb is None else round(t_gb, 4), device=device,
+                                     dtype=str(dtype).replace("torch.", ""),
+                                     **({"skipped": why or why_b} if (why or why_b) else {})))
+                ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
+                if ours_g and graphed.get("base[cudagraph]"):
+                    ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / graphed["base[cudagraph]"])
             pf, why = _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype)
             if pf is not None:
                 with torch.no_grad():  # same math? (peft has no per-expert bias)
@@ -341,7 +381,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
             ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
             ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / res["base"][1])
-    ratios = {k: (round(math.exp(sum(map(math.log, v)) / len(v)), 4) if v else None) for k, v in ratio_acc.items()}
+    ratios = {k: round(math.exp(sum(map(math.log, v)) / len(v)), 4) for k, v in ratio_acc.items() if v}
     return {"rows": rows, "ratios": ratios}
 
 
