@@ -51,11 +51,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             suite = importlib.import_module(name)
-            kwargs = {"emit": _emitter(out, name, args.json)} if "emit" in inspect.signature(suite.run).parameters else {}
+            emit = _emitter(out, name, args.json)
+            kwargs = {"emit": emit} if "emit" in inspect.signature(suite.run).parameters else {}
             res = suite.run(args.device, args.quick, **kwargs)
-        except Exception as exc:  # one broken suite must not hide the others
+        except Exception as exc:  # one broken suite must not hide the others, nor what it emitted
             traceback.print_exc()
             out["errors"][name] = f"{type(exc).__name__}: {exc}"
+            out["rows"] += [dict(suite=name, partial=True, **r) for r in emit.rows]
+            out["ratios"].update(emit.ratios)
         else:
             out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
             out["ratios"].update(res["ratios"])
@@ -75,10 +78,12 @@ def _emitter(out: dict, suite: str, path):
     far (marked partial) until it returns, so a run killed at its time limit keeps them."""
     def emit(rows, ratios=None):
         rows = [rows] if isinstance(rows, dict) else list(rows)
+        emit.rows, emit.ratios = rows, dict(ratios or {})
         if path:
             snap = {**out, "rows": out["rows"] + [dict(suite=suite, partial=True, **r) for r in rows],
                     "ratios": {**out["ratios"], **(ratios or {})}}
             _write_json(snap, path)
+    emit.rows, emit.ratios = [], {}
     return emit
 
 

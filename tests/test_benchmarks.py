@@ -62,3 +62,29 @@ def test_emitted_rows_survive_a_killed_suite(tmp_path):
                             {"suite": "b", "partial": True, "z": 3}]
     assert data["ratios"] == {"r_a": 1.0, "r_b": 0.4}
     assert out["rows"] == [{"suite": "a", "x": 1}]  # the runner's own state is untouched
+    assert emit.rows == [{"y": 2}, {"z": 3}] and emit.ratios == {"r_b": 0.4}  # what run.py keeps on an error
+
+
+def test_a_failing_suite_keeps_its_emitted_rows(tmp_path, monkeypatch):
+    """A suite that emitted rows and then raised (a compile that fails): the JSON keeps them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import types
+
+    import run as runner
+
+    mod = types.ModuleType("bench_fake")
+
+    def run(device, quick, emit=None):
+        emit({"bench": "eager", "ms": 1.0}, {"fake_ratio": 0.5})
+        raise RuntimeError("compile exploded")
+
+    mod.run = run
+    monkeypatch.setitem(sys.modules, "bench_fake", mod)
+    monkeypatch.setattr(runner, "HERE", tmp_path)  # where run.py looks for suites
+    (tmp_path / "bench_fake.py").write_text("")
+    path = tmp_path / "b.json"
+    assert runner.main(["--device", "cpu", "--only", "bench_fake", "--json", str(path)]) == 1
+    data = json.loads(path.read_text())
+    assert data["errors"]["bench_fake"] == "RuntimeError: compile exploded"
+    assert data["rows"] == [{"suite": "bench_fake", "partial": True, "bench": "eager", "ms": 1.0}]
+    assert data["ratios"] == {"fake_ratio": 0.5}
