@@ -238,6 +238,7 @@ def test_fused_norm_act_equals_the_modules(backend, kw):
         want = m(x, t)
         m.fuse_norm_act()
         assert all(b.fused_norm_act for b in m.modules() if type(b).__name__ == "ResBlock")
+        assert m.fused_out_norm_act
         ops.set_backend(backend)
         try:
             got = m(x, t)

@@ -376,8 +376,8 @@ class ADMUNet(nn.Module):
         return self.input_blocks[0][0].weight.dtype
 
     def fuse_norm_act(self, enabled: bool = True) -> "ADMUNet":
-        """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair as one fused op
-        (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
+        """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
+        fused op (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
         one rounding to the torso dtype; without autograd recording, else its reference). Same math
         as GroupNorm32 then SiLU, rounded once instead of twice. Blocks whose norms were replaced
         (e.g. by a routed ExpertGroupNorm) keep their modules."""
@@ -386,6 +386,8 @@ class ADMUNet(nn.Module):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
                 m.fused_norm_act = bool(enabled) and plain and isinstance(m.in_layers[1], nn.SiLU) \
                     and isinstance(m.out_layers[1], nn.SiLU)
+        self.fused_out_norm_act = bool(enabled) and type(self.out[0]) in (GroupNorm32, nn.GroupNorm) \
+            and isinstance(self.out[1], nn.SiLU)
         return self
 
     def set_attention_backend(self, backend: str) -> "ADMUNet":
@@ -424,7 +426,13 @@ class ADMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        h = h.type(x.dtype)
+        if getattr(self, "fused_out_norm_act", False):
+            from ..ops.norm_act import group_norm_act
+
+            n = self.out[0]
+            return self.out[2](group_norm_act(h, n.num_groups, n.weight, n.bias, n.eps))
+        return self.out(h)
 
     # -- construction from configs -----------------------------------------
     @classmethod
