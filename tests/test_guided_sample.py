@@ -66,6 +66,7 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     ([*GUIDE, "--experts", str(WEIGHTS_DIR)], "config.json"),
     ([*GUIDE, "--no-fast", "--cuda-graph"], "fast path"),
     ([*GUIDE, "--no-fast", "--compile"], "fast path"),
+    ([*GUIDE, "--no-fast", "--fuse-norm-act"], "fast path"),
     # silently ignored before: a map for a classifier, --steps 0 (ran the default 25), a subfolder without experts
     ([*GUIDE, "--target-map", "map.npy"], "--target-map"),
     (["--steps", "0"], "--steps"),
@@ -124,9 +125,9 @@ def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
 
     def spy(*a, **kw):
         seen.append(dict(kw))
-        kw["compile_model"] = False  # the plumbing is under test, not inductor (minutes on this box)
+        kw["compile_model"] = kw["fuse_norm_act"] = False  # the plumbing is under test (the tiny UNet is no ADM)
         return real(*a, **kw)
 
     monkeypatch.setattr(fs, "FastGuidedSampler", spy)
-    _run(tmp_path, "c", *GUIDE, "--compile")
-    assert seen and all(kw["compile_model"] is True for kw in seen)
+    _run(tmp_path, "c", *GUIDE, "--compile", "--fuse-norm-act")
+    assert seen and all(kw["compile_model"] is True and kw["fuse_norm_act"] is True for kw in seen)
