@@ -668,12 +668,13 @@ class DistillConfig:
     checkpoint_every: int = 0           # steps between resumable training states (0: none)
     cuda_graph: bool = False            # capture the whole training step in a CUDA graph (one CUDA process)
     prefetch: bool = True               # make the next batch on a background thread during the step
+    verify_data: bool = False           # check every shard's CRC-32 before training (split over ranks)
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
         :func:`distill` adds the resolved task and loss and the teacher's state fingerprint."""
         d = dataclasses.asdict(self)
-        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch"):
+        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch", "verify_data"):
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
@@ -1027,6 +1028,15 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
     target_source = "cached"
     if key is None:
         key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"
+    if cfg.verify_data:  # row reads skip the zip CRC: read every file whole once, each rank its share
+        err = None
+        try:
+            bad = data.verify(data.files()[env.rank::env.world_size], progress=progress and env.rank == 0)
+            if bad:
+                err = f"{len(bad)} damaged file(s): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        except Exception as e:  # noqa: BLE001 - every rank learns of it below
+            err = f"{type(e).__name__}: {e}"
+        raise_if_any(err, env, "verifying the data set")
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
     bank = ExpertBank(teacher, placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout), cfg.n_experts,
@@ -1251,6 +1261,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step in a CUDA graph (one CUDA process; the eager "
                         "step is launch-bound: ~1000 small kernels for a ResNet50 bank)")
+    d.add_argument("--verify-data", action="store_true",
+                   help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="make each batch in the training loop instead of one step ahead on a thread")
     d.add_argument("--n-experts", type=int, default=5)
@@ -1279,7 +1291,7 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          temperature=a.temperature, seed=a.seed, device=a.device,
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
                          checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph,
-                         prefetch=a.prefetch)
+                         prefetch=a.prefetch, verify_data=a.verify_data)
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ fallback and argument checks)."""
 import dataclasses
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,14 @@ def test_arguments_and_reasons():
         assert "DDP" in why_no_graph(torch.device("cuda"), distributed=True)
 
 
-def _tiny_set(tmp_path):
+def _tiny_set(tmp_path, image_size=8):
     from ppap_fast.models.tiny import save_model
 
     torch.manual_seed(0)
     tfile = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(),
                        tmp_path / "t.safetensors")
     data = tmp_path / "data"
-    D.generate(D.GenerateConfig(str(data), num_images=8, shard_size=4, image_size=8, channels=1,
+    D.generate(D.GenerateConfig(str(data), num_images=8, shard_size=4, image_size=image_size, channels=1,
                                 denoiser="random-conv", respacing="ddim5", seed=3, device="cpu",
                                 teacher=f"tiny:{tfile}"), D.DistEnv())
     return data, f"tiny:{tfile}"
@@ -158,3 +159,31 @@ def test_batch_stream_order_state_and_errors():
     with pytest.raises(OSError, match="disk"):  # the worker's error reaches the training loop
         bad.take()
     bad.close()
+
+
+def test_verify_data_finds_a_flipped_byte_that_row_reads_do_not(tmp_path):
+    """A byte flipped inside a shard's image data keeps the zip readable: row reads (no CRC) take the
+    wrong value; ShardSet.verify and distill --verify-data name the file."""
+    from ppap_fast.data import ShardSet
+    from ppap_fast.data.shards import npz_members
+
+    data, teacher = _tiny_set(tmp_path, image_size=48)  # members larger than zipfile's 4 KiB reads
+    s = ShardSet(data)
+    assert s.verify() == [] and len(s.files()) == 2
+    m = npz_members(data / "shard_00001.npz")["images"]
+    before = s.gather("images", [4])
+    with open(m.path, "r+b") as f:  # first byte of shard 1's first image
+        f.seek(m.offset)
+        b = f.read(1)
+        f.seek(m.offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    s = ShardSet(data)  # opens fine: directory and headers are intact
+    assert not np.array_equal(s.gather("images", [4]), before)
+    bad = s.verify()
+    assert len(bad) == 1 and "shard_00001.npz" in bad[0] and "CRC-32" in bad[0]
+    cfg = D.DistillConfig(str(data), str(tmp_path / "v"), teacher, n_experts=2, r=2, alpha=2.0, steps=1,
+                          batch_size=4, device="cpu", verify_data=True)
+    with pytest.raises(D.DistributedRunError, match="verifying the data set.*shard_00001.npz.*CRC-32"):
+        D.distill(cfg, D.DistEnv())
+    assert not (tmp_path / "v" / "experts.safetensors").exists()
+    D.distill(dataclasses.replace(cfg, verify_data=False), D.DistEnv())  # without the check: trains on it
