@@ -1,6 +1,8 @@
 """Helpers shared by parity tests."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -98,3 +100,20 @@ def distill_crashing(monkeypatch, cfg, steps: int = 3) -> None:
     with pytest.raises(D.SimulatedCrash):
         D.distill(cfg, D.DistEnv())
     monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+
+
+@contextlib.contextmanager
+def poisoned_kernels(*modules):
+    """Buffers the kernels of ``modules`` fully overwrite start as NaN (their POISON flag) while
+    inside; on the way out the flags come back and the global op backend is automatic again."""
+    from ppap_fast import ops
+
+    old = [m.POISON for m in modules]
+    for m in modules:
+        m.POISON = True
+    try:
+        yield
+    finally:
+        for m, v in zip(modules, old):
+            m.POISON = v
+        ops.set_backend(None)

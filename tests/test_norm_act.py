@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ppap_fast import ops
 from ppap_fast.ops import norm_act as GA
 
-from _util import rel_err, requires_cuda
+from _util import poisoned_kernels, rel_err, requires_cuda
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
@@ -19,11 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _poison():
-    old = GA.POISON
-    GA.POISON = True
-    yield
-    GA.POISON = old
-    ops.set_backend(None)
+    with poisoned_kernels(GA):
+        yield
 
 
 def _case(shape, G, gen, dtype, *, affine=True, scale_shift=True, mean=0.0, channels_last=False, device="cpu"):

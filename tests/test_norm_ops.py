@@ -23,7 +23,7 @@ from ppap_fast.ops.lora.segments import build_segments
 from ppap_fast.ops.norm import reference as R
 from ppap_fast.ops.norm import triton_kernels as TK
 
-from _util import assert_no_host_sync, rel_err, requires_cuda
+from _util import assert_no_host_sync, poisoned_kernels, rel_err, requires_cuda
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 
@@ -32,11 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _poison():
-    old = TK.POISON
-    TK.POISON = True
-    yield
-    TK.POISON = old
-    ops.set_backend(None)
+    with poisoned_kernels(TK):
+        yield
 
 
 def _idx(S, N, mix, g):
