@@ -54,10 +54,9 @@ def test_distill_cuda_graph_on_cpu_warns_and_trains_eagerly(tmp_path):
 
 
 @requires_cuda
-def test_graphed_steps_equal_eager_steps():
+def test_graphed_steps_equal_eager_steps(no_tf32):
     """Eight steps of a routed ResNet bank with capturable AdamW: captured after 3, replayed after
     that, the same parameters and losses as eight eager steps (fp32, TF32 off)."""
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     net = TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=3, num_classes=5)
     gen = torch.Generator().manual_seed(1)
@@ -93,9 +92,8 @@ def test_graphed_steps_equal_eager_steps():
 
 
 @requires_cuda
-def test_distill_cuda_graph_matches_eager(tmp_path):
+def test_distill_cuda_graph_matches_eager(tmp_path, no_tf32):
     data, teacher = _tiny_set(tmp_path)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=8,
                           batch_size=4, device="cuda")
     with warnings.catch_warnings(record=True) as caught:
