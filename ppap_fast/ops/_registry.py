@@ -70,6 +70,22 @@ def select(op: str, device: torch.device, backend: str | None = None) -> Callabl
     raise BackendUnavailableError(f"no backend of op {op!r} can run on {device}")
 
 
+def select_gated(op: str, x: torch.Tensor, backend: str | None, fast_dtypes, reference_only: str | None = None):
+    """:func:`select` for ops whose fast paths take only ``fast_dtypes`` (and, where ``reference_only``
+    says why, cannot run at all, e.g. forward-only kernels under autograd): then the automatic choice
+    (and a global set_backend) falls back to the reference, and an explicit fast backend raises."""
+    b = backend
+    if b is None and _forced in _OPS[op].impls:
+        b = _forced
+    why = reference_only or (None if x.dtype in fast_dtypes else f"takes fp32/fp16/bf16, got {x.dtype}")
+    if why is not None:
+        if b in (None, "auto"):
+            b = "reference"
+        elif b != "reference":
+            raise BackendUnavailableError(f"backend {b!r} for op {op!r} {why}")
+    return select(op, x.device, b)
+
+
 def last_backend(op: str) -> str | None:
     return _OPS[op].last
 

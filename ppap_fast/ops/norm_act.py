@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext, _registry
-from ._registry import BackendUnavailableError
 
 OP = "group_norm_act"
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,20 +63,12 @@ def _check(x, num_groups, weight, bias, scale, shift):
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
                    silu: bool = True, backend: str | None = None):
-    """ops.norm_act: fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
+    """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
     scale, shift = _check(x, num_groups, weight, bias, scale, shift)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
-    b = backend
-    if b is None and _registry._forced in _registry._OPS[OP].impls:
-        b = _registry._forced
-    if b in (None, "auto") and (needs_grad or x.dtype not in FAST_DTYPES):
-        b = "reference"
-    elif b == "triton" and needs_grad:
-        raise BackendUnavailableError("group_norm_act: the triton path is forward-only (an input requires grad)")
-    elif b == "triton" and x.dtype not in FAST_DTYPES:
-        raise BackendUnavailableError(f"group_norm_act: the triton path takes fp32/fp16/bf16, got {x.dtype}")
-    fn = _registry.select(OP, x.device, b)
+    fn = _registry.select_gated(OP, x, backend, FAST_DTYPES,
+                                "is forward-only (an input requires grad)" if needs_grad else None)
     return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu))
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _registry
-from .._registry import BackendUnavailableError
 from ..lora import _check_idx
 from ..lora.segments import build_segments
 from . import reference
@@ -34,15 +33,7 @@ OPS = ("expert_batch_norm", "expert_layer_norm", "expert_group_norm")
 
 
 def _select(op: str, x: torch.Tensor, backend):
-    b = backend
-    if b is None and _registry._forced in _registry._OPS[op].impls:
-        b = _registry._forced
-    if x.dtype not in FAST_DTYPES:
-        if b in (None, "auto"):
-            b = "reference"
-        elif b != "reference":
-            raise BackendUnavailableError(f"backend {b!r} for op {op!r} takes fp32/fp16/bf16, got {x.dtype}")
-    return _registry.select(op, x.device, b)
+    return _registry.select_gated(op, x, backend, FAST_DTYPES)
 
 
 def _check_params(what, x, feat, **tensors):
