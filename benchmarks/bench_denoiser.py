@@ -26,7 +26,6 @@ cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,14 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_step import _denoiser_flops, _peak, _setup  # noqa: E402
-from timing import timed_ms  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 
 def _median_ms(fn, device, reps, warmup=2):
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        return statistics.median(timed_ms(fn, device) for _ in range(reps))
+        return median_ms(fn, device, reps, warmup)
 
 
 def profile_top(fn, device: str, k: int = 12) -> list[dict]:

@@ -160,53 +160,48 @@ def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
         return None, f"peft mixed batch failed: {type(exc).__name__}: {exc}"
 
 
+def _captured_ms(step, reps, grad: bool):
+    """Median time of ``step()`` captured in a CUDA graph (3 warm-up calls on a side stream first),
+    or (None, why) when capture fails: report it, do not fail the whole benchmark."""
+    try:
+        with torch.set_grad_enabled(grad):
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+        return median_ms(g.replay, "cuda", reps), None
+    except Exception as exc:  # pragma: no cover
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+
+
 def _graphmedian_ms(fn, x, args, reps):
     """Median forward time of fn captured in a CUDA graph (segments built inside the graph)."""
-    try:
-        W, b, A, B, eb, idx, scale = args
-        static_idx = idx.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(3):
-                fn(x, W, b, A, B, eb, static_idx, scale)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(g):
-            fn(x, W, b, A, B, eb, static_idx, scale)
-        return median_ms(g.replay, "cuda", reps), None
-    except Exception as exc:  # pragma: no cover - report, do not fail the whole benchmark
-        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+    W, b, A, B, eb, idx, scale = args
+    static_idx = idx.clone()
+    return _captured_ms(lambda: fn(x, W, b, A, B, eb, static_idx, scale), reps, grad=False)
 
 
 def _graph_fwdbwd_ms(fn, x, args, reps, base: bool):
     """Median forward + backward (grads of x and, unless base, of A, B and the expert bias) captured
     in one CUDA graph: the GPU time a graphed training step pays for the layer."""
-    try:
-        W, b, A, B, eb, idx, scale = args
-        xg = x.detach().clone().requires_grad_(True)
-        Ag, Bg, ebg = (t.detach().clone().requires_grad_(True) for t in (A, B, eb))
-        static_idx = idx.clone()
+    W, b, A, B, eb, idx, scale = args
+    xg = x.detach().clone().requires_grad_(True)
+    Ag, Bg, ebg = (t.detach().clone().requires_grad_(True) for t in (A, B, eb))
+    static_idx = idx.clone()
 
-        def step():
-            if base:
-                y = fn(xg, *args)
-                return torch.autograd.grad(y, (xg,), torch.ones_like(y))
-            y = fn(xg, W, b, Ag, Bg, ebg, static_idx, scale)
-            return torch.autograd.grad(y, (xg, Ag, Bg, ebg), torch.ones_like(y))
+    def step():
+        if base:
+            y = fn(xg, *args)
+            return torch.autograd.grad(y, (xg,), torch.ones_like(y))
+        y = fn(xg, W, b, Ag, Bg, ebg, static_idx, scale)
+        return torch.autograd.grad(y, (xg, Ag, Bg, ebg), torch.ones_like(y))
 
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        return median_ms(g.replay, "cuda", reps), None
-    except Exception as exc:  # pragma: no cover - report, do not fail the whole benchmark
-        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+    return _captured_ms(step, reps, grad=True)
 
 
 # ----------------------------------------------------------------------------- launch accounting

@@ -166,6 +166,10 @@ def _peak(device):
     return None
 
 
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def _flops(fn) -> float | None:
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -249,7 +253,7 @@ def _run(device: str, quick: bool) -> dict:
         first_s = time.perf_counter() - t0
         fast_unguided.step(x, i)
     fast_warnings = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, FastSamplingWarning)]
-    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    rel = _rel(got, want)
     if not cuda and not rel < 1e-4:
         raise AssertionError(f"fast step differs from the reference stack: rel err {rel:.2e}")
 
@@ -266,7 +270,7 @@ def _run(device: str, quick: bool) -> dict:
             got_c = fast_c.step(x, i)[0]
             torch.cuda.synchronize()
             compiled = {"first_step_s": round(time.perf_counter() - t0, 1),
-                        "rel_err": float(f"{((got_c.double() - want.double()).norm() / want.double().norm()).item():.3e}"),
+                        "rel_err": float(f"{_rel(got_c, want):.3e}"),
                         "warnings": [str(w.message).splitlines()[0] for w in caught_c
                                      if issubclass(w.category, FastSamplingWarning)]}
         variants["fast_c"] = lambda: fast_c.step(x, i)
@@ -300,8 +304,9 @@ def _run(device: str, quick: bool) -> dict:
         row["fast_compiled_first_step_s"] = compiled["first_step_s"]
         row["fast_compiled_rel_err"] = compiled["rel_err"]
         row["fast_compiled_warnings"] = compiled["warnings"]
-        if fl and _peak(device):
-            row["fast_compiled_mfu"] = round(fl / _peak(device) / (ms["fast_c"] * 1e-3), 4)
+        peak = _peak(device)
+        if fl and peak:
+            row["fast_compiled_mfu"] = round(fl / peak / (ms["fast_c"] * 1e-3), 4)
         ratios["step_compiled_vs_reference"] = round(_ratio(rounds, "fast_c", "ref"), 4)
     row["reference_guided_vs_unguided"] = round(_ratio(rounds, "ref", "ref_u"), 4)
     if not all(math.isfinite(v) for v in ratios.values()):
