@@ -141,6 +141,13 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None):
+    """``norm`` (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act)."""
+    from ..ops.norm_act import group_norm_act
+
+    return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift)
+
+
 class ResBlock(TimestepBlock):
     """Residual block with timestep conditioning (scale-shift norm optional) and optional up/down."""
 
@@ -180,31 +187,26 @@ class ResBlock(TimestepBlock):
             return _checkpoint(self._forward, x, emb, use_reentrant=False)
         return self._forward(x, emb)
 
-    def _norm_act(self, norm: nn.GroupNorm, h, scale=None, shift=None):
-        from ..ops.norm_act import group_norm_act
-
-        return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift)
-
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         fused = getattr(self, "fused_norm_act", False)  # modules pickled before the option existed
         if self.updown:
             # norm + act, resample, then conv (the skip path is resampled too)
-            h = self._norm_act(self.in_layers[0], x) if fused else self.in_layers[:-1](x)
+            h = _fused_norm_act(self.in_layers[0], x) if fused else self.in_layers[:-1](x)
             h = self.in_layers[-1](self.h_upd(h))
             x = self.x_upd(x)
         else:
-            h = self.in_layers[-1](self._norm_act(self.in_layers[0], x)) if fused else self.in_layers(x)
+            h = self.in_layers[-1](_fused_norm_act(self.in_layers[0], x)) if fused else self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             if fused:
-                h = self.out_layers[2:](self._norm_act(self.out_layers[0], h, scale, shift))
+                h = self.out_layers[2:](_fused_norm_act(self.out_layers[0], h, scale, shift))
             else:
                 h = self.out_layers[0](h) * (1 + scale) + shift
                 h = self.out_layers[1:](h)
         elif fused:
-            h = self.out_layers[2:](self._norm_act(self.out_layers[0], h + emb_out))
+            h = self.out_layers[2:](_fused_norm_act(self.out_layers[0], h + emb_out))
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
@@ -428,10 +430,7 @@ class ADMUNet(nn.Module):
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
         h = h.type(x.dtype)
         if getattr(self, "fused_out_norm_act", False):
-            from ..ops.norm_act import group_norm_act
-
-            n = self.out[0]
-            return self.out[2](group_norm_act(h, n.num_groups, n.weight, n.bias, n.eps))
+            return self.out[2](_fused_norm_act(self.out[0], h))
         return self.out(h)
 
     # -- construction from configs -----------------------------------------
