@@ -5,15 +5,19 @@ Entry point for the lead's runner: ``run(device, quick) -> {"rows": [...], "rati
 Also ``python benchmarks/bench_lora.py [--device cuda] [--quick]`` prints a table;
 ``TRITON_INTERPRET=1 python benchmarks/bench_lora.py --device cpu --launches`` prints the per-call
 launch accounting (``count_ops``). Conv rows compare a_stage="stacked" (default), "fused" and
-"grouped"; "cuda_full" rows (CUDA backward) appear when that backend is available.
+"grouped"; "cuda_full" rows (CUDA backward) appear when that backend is available, "cpp" rows (the
+same math as C++ autograd Functions: one Python -> C++ call per layer, on CPU and CUDA) when the
+extension has them.
 
 Layers (mixed batch, random expert per sample, rank 16, scale 0.5, N = 5 and 10):
   * resnet50 layer3 conv2: 3x3 conv 256->256 at 14x14
   * resnet50 layer3 conv1: 1x1 conv 1024->256 at 14x14
   * DeiT-S attn.qkv: linear 384->1152 over L=197 tokens
-Times are medians (ms) of several reps, with torch.cuda.synchronize around each.
+Times are medians (ms) of several reps, with torch.cuda.synchronize around each. The segment
+metadata (sort by expert) is built once per batch, as ExpertBank does for all its layers, outside
+the per-layer times: its own cost is the "segments(once per batch)" row.
 On CUDA, "[cudagraph]" rows time the forward, and the forward + backward, captured in a CUDA graph
-(GPU time without Python / launch overhead; segments are built inside the graph), the cost a graphed
+(GPU time without Python / launch overhead), the cost a graphed
 training step (distill --cuda-graph) pays: ratio lora_fwdbwd_graph_vs_base_graph.
 Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
@@ -96,12 +100,13 @@ def _loop(cfg, x, W, b, A, B, eb, idx, scale):
     return y
 
 
-def _ours(cfg, backend, a_stage="stacked"):
+def _ours(cfg, backend, a_stage="stacked", seg=None):
+    """Our op; ``seg``: segment metadata built once per batch (as ExpertBank does for all its layers)."""
     def f(x, W, b, A, B, eb, idx, scale):
         if cfg["kind"] == "linear":
-            return L.lora_linear(x, W, b, A, B, idx, scale, eb, backend=backend)
+            return L.lora_linear(x, W, b, A, B, idx, scale, eb, backend=backend, segments=seg)
         return L.lora_conv2d(x, W, b, A, B, idx, scale, 1, cfg["pad"], expert_bias=eb, backend=backend,
-                             a_stage=a_stage)
+                             a_stage=a_stage, segments=seg)
     return f
 
 
@@ -180,7 +185,7 @@ def _captured_ms(step, reps, grad: bool):
 
 
 def _graphmedian_ms(fn, x, args, reps):
-    """Median forward time of fn captured in a CUDA graph (segments built inside the graph)."""
+    """Median forward time of fn captured in a CUDA graph."""
     W, b, A, B, eb, idx, scale = args
     static_idx = idx.clone()
     return _captured_ms(lambda: fn(x, W, b, A, B, eb, static_idx, scale), reps, grad=False)
@@ -305,21 +310,28 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
     rows: List[Dict] = []
     ratio_acc: Dict[str, List[float]] = {"lora_fwd_vs_peft": [], "lora_fwdbwd_vs_loop": [], "lora_fwdbwd_vs_base": [],
                                          "lora_fwdbwd_graph_vs_base_graph": []}
+    avail = L.available_backends("lora_linear", device)
     ours_backends = ["auto"]
     if device == "cuda":
-        avail = L.available_backends("lora_linear", "cuda")
         ours_backends = ["triton"] + [be for be in ("cuda", "cuda_full") if avail[be] == "ok"]
+    if avail["cpp"] == "ok":  # C++ autograd over the same kernels: one Python -> C++ call per layer
+        ours_backends.append("cpp")
     Ns = [5] if (quick and device == "cpu") else [5, 10]
     r, scale = 16, 0.5
     for cfg in _configs(device, quick):
         for N in Ns:
             x, W, b, A, B, eb, idx = _make(cfg, N, r, device, dtype, gen)
             args = (W, b, A, B, eb, idx, scale)
-            variants = {f"ours[{be}]": _ours(cfg, None if be == "auto" else be) for be in ours_backends}
+            seg = L.build_segments(idx, N)
+            t_seg = median_ms(lambda: L.build_segments(idx, N), device, reps)
+            rows.append(dict(layer=cfg["name"], N=N, variant="segments(once per batch)", fwd_ms=round(t_seg, 4),
+                             fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", "")))
+            variants = {f"ours[{be}]": _ours(cfg, None if be == "auto" else be, seg=seg) for be in ours_backends}
             if cfg["kind"] == "conv" and device == "cuda":
-                variants["ours[triton,a_stage=grouped]"] = _ours(cfg, "triton", "grouped")
+                variants["ours[triton,a_stage=grouped]"] = _ours(cfg, "triton", "grouped", seg)
                 for be in ours_backends:  # one conv for base + stacked A vs two (a_stage="stacked")
-                    variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused")
+                    if be != "cpp":  # the cpp backend runs "stacked" only
+                        variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused", seg)
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
             res = {}
@@ -345,8 +357,11 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
                 graphed = {}
-                for vname, fn in (("ours[triton,cudagraph]", _ours(cfg, "triton")),
-                                  ("ours[auto,cudagraph]", _ours(cfg, None)), ("base[cudagraph]", _base(cfg))):
+                graph_variants = [("ours[triton,cudagraph]", _ours(cfg, "triton", seg=seg)),
+                                  ("ours[auto,cudagraph]", _ours(cfg, None, seg=seg))]
+                if "cpp" in ours_backends:
+                    graph_variants.append(("ours[cpp,cudagraph]", _ours(cfg, "cpp", seg=seg)))
+                for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
                     t_g, why = _graphmedian_ms(fn, x, args, reps)
                     t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))
                     graphed[vname] = t_gb

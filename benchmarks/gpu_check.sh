@@ -5,8 +5,8 @@
 #   The script keeps to GPU_CHECK_DEADLINE seconds (default 560): every stage's timeout is cut to what is
 #   left, minus what the later stages are promised, so a slow stage costs its own figures and no others.
 #   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
-#   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda")
-#   narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages.
+#   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda"), LORA_TEST_K
+#   (a pytest -k expression, spaces allowed) narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages.
 #   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
 # Writes under $OUT (or /tmp/ppap_gpu_out; the device tool returns at most 8 files): gpu.txt, build.log,
@@ -86,7 +86,8 @@ if has tests; then
   run_tests update_graph_build "$(budget 90 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py \
     tests/test_extension_build.py tests/test_train_graph.py
   # shellcheck disable=SC2086
-  run_tests lora "$(budget 150 $(( R_BENCH + R_SCALE )))" 10 tests/test_lora_ops.py $LORA_TEST_ARGS
+  run_tests lora "$(budget 150 $(( R_BENCH + R_SCALE )))" 10 tests/test_lora_ops.py $LORA_TEST_ARGS \
+    ${LORA_TEST_K:+-k "$LORA_TEST_K"}
 fi
 
 if has bench; then

@@ -196,12 +196,11 @@ TORCH_LIBRARY(ppap_fast, m) {
   m.def(
       "guided_update(Tensor x, Tensor eps, Tensor? v, Tensor? grad, Tensor? noise, Tensor idx, Tensor coefs, "
       "int mode, bool clip_denoised) -> (Tensor, Tensor)");
-#ifdef PPAP_WITH_CUDA
-  // Multi-expert LoRA segment kernels (kernels/lora_kernels.cuh documents the contract).
+  // Multi-expert LoRA segment kernels (kernels/lora_kernels.cuh documents the contract; CPU
+  // versions in lora_autograd.cpp).
   m.def("lora_sgmv_shrink(Tensor x, Tensor A, Tensor(a!) out, Tensor sorted_idx, Tensor offsets) -> ()");
   m.def("lora_sgmv_expand(Tensor h, Tensor B, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float scale) -> ()");
   m.def("lora_seg_outer(Tensor u, Tensor v, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float alpha, int split) -> ()");
-#endif
 }
 
 TORCH_LIBRARY_IMPL(ppap_fast, CPU, m) { m.impl("guided_update", &ppap_fast::guided_update_cpu); }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ppap_fast.ops import lora as L
 from ppap_fast.ops.lora import fast, reference as R, triton_kernels as TK
+from ppap_fast.ops.lora import cpp as CPP
 from ppap_fast.ops.lora.segments import build_segments
 
 HAS_CUDA = torch.cuda.is_available()
@@ -28,12 +29,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture(autouse=True)
 def _poison_and_precision():
-    old = (fast.POISON, TK.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    fast.POISON = TK.POISON = True
+    old = (fast.POISON, TK.POISON, CPP.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    fast.POISON = TK.POISON = CPP.POISON = True
     torch.backends.cudnn.allow_tf32 = False  # fp32 parity: no TF32 convs in the base/A stage
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
-    fast.POISON, TK.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    fast.POISON, TK.POISON, CPP.POISON, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -70,10 +71,18 @@ def device_backends():
     out.append(pytest.param("cuda", "triton", id="cuda-triton", marks=cuda_only))
     out.append(pytest.param("cuda", "cuda", id="cuda-cuda", marks=cuda_only))
     out.append(pytest.param("cuda", "cuda_full", id="cuda-cuda_full", marks=cuda_only))  # CUDA backward
+    out.append(pytest.param("cpu", "cpp", id="cpu-cpp"))  # C++ autograd over the segment ops
+    out.append(pytest.param("cuda", "cpp", id="cuda-cpp", marks=cuda_only))
     return out
 
 
+def _cpp_ready(device) -> bool:
+    return CPP.why_unavailable(torch.device(device), torch.float32) is None
+
+
 def _maybe_skip(device, backend, dtype):
+    if backend == "cpp" and not _cpp_ready(device):
+        pytest.skip(f"cpp backend: {CPP.why_unavailable(torch.device(device), dtype)}")
     if backend in ("cuda", "cuda_full") and not _cuda_backend_ready():
         pytest.skip("CUDA SGMV kernels neither registered nor buildable (no nvcc)")
     if backend == "cuda_full":
@@ -139,6 +148,9 @@ def test_sgmv_kernels_raw(device, backend):
                 from ppap_fast.ops.lora import cuda_ops
                 cuda_ops.sgmv_shrink(x, A, h, seg.sorted_idx, seg.offsets)
                 cuda_ops.sgmv_expand(h, B, y, seg.sorted_idx, seg.offsets, 0.75)
+            elif backend == "cpp":  # the registered ops: CPU version on CPU, CUDA kernels on CUDA
+                torch.ops.ppap_fast.lora_sgmv_shrink(x, A, h, seg.sorted_idx, seg.offsets)
+                torch.ops.ppap_fast.lora_sgmv_expand(h, B, y, seg.sorted_idx, seg.offsets, 0.75)
             else:
                 TK.sgmv_shrink(x, A, h, seg.sorted_idx, seg.offsets)
                 TK.sgmv_expand(h, B, y, seg.sorted_idx, seg.offsets, 0.75)
@@ -176,6 +188,8 @@ def test_seg_outer_raw(device, backend, split):
                 from ppap_fast.ops.lora import cuda_ops
 
                 cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split or 0)
+            elif backend == "cpp":
+                torch.ops.ppap_fast.lora_seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split or 0)
             else:
                 TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split)
             ic = idx.cpu()
@@ -351,7 +365,7 @@ def _run_conv(c, device, backend, dtype):
         return [y] + list(torch.autograd.grad(y, leaves, dy.to(dev, dt)))
 
     want = run("cpu", torch.float64, "reference")
-    got = run(device, dtype, backend, a_stage=c["a_stage"])
+    got = run(device, dtype, backend, a_stage="stacked" if backend == "cpp" else c["a_stage"])
     assert L.last_backend["lora_conv2d"] == backend
     for name, a, w in zip(["y", "dx", "dA", "dB", "d_expert_bias"], got, want):
         assert a.dtype == dtype
@@ -374,7 +388,11 @@ def test_lora_conv2d_parity(device, backend, ci):
 FUSED_CASES = [i for i in range(len(CONV_CASES)) if i % 4 != 3][:8] + [3]  # + one depthwise (falls back)
 
 
-@pytest.mark.parametrize("device,backend", device_backends())
+def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend_rejects_other_a_stages)
+    return [p for p in device_backends() if "cpp" not in p.id]
+
+
+@pytest.mark.parametrize("device,backend", _not_cpp())
 @pytest.mark.parametrize("ci", FUSED_CASES)
 def test_lora_conv2d_fused_parity(device, backend, ci):
     """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
@@ -405,7 +423,7 @@ def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw
     return ys
 
 
-@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("device,backend", _not_cpp())
 def test_lora_conv2d_fused_layouts(device, backend):
     """fused: y keeps x's memory format (channels_last in, channels_last out) and is contiguous in it."""
     _maybe_skip(device, backend, torch.float32)
@@ -677,3 +695,101 @@ def test_lora_linear_under_autocast():
     g_r = torch.autograd.grad(R.lora_linear(ins[0], W.double(), None, ins[1], ins[2], idx, 0.5).sum(), ins)
     for n, a, b in zip(["dx", "dA", "dB"], [gx, gA, gB], g_r):
         assert_close(n, a, b, 5e-3)
+
+
+# ============================================================================ cpp backend
+def test_cpp_backend_auto_policy(monkeypatch):
+    """Opt-in (PPAP_FAST_LORA_CPP=1) until a GPU run verifies it; on CPU it is slower than the
+    per-expert reference (the stacked A conv does N times the A work), so never automatic there."""
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B, idx = torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.tensor([0, 1, 1])
+    monkeypatch.delenv("PPAP_FAST_LORA_CPP", raising=False)
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "reference"
+    monkeypatch.setenv("PPAP_FAST_LORA_CPP", "1")
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "cpp"
+    xc, Wc = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    Ac, Bc = torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2)
+    L.lora_conv2d(xc, Wc, None, Ac, Bc, idx[:2], 1.0, padding=1, a_stage="grouped")  # not "stacked": not cpp
+    assert L.last_backend["lora_conv2d"] == "reference"
+    assert L.available_backends("lora_conv2d", "cpu")["cpp"] == "ok"
+
+
+def test_cpp_backend_rejects_other_a_stages():
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    x, W = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    A, B, idx = torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2), torch.tensor([0, 1])
+    for stage in ("fused", "grouped"):
+        with pytest.raises(ValueError, match="stacked"):
+            L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend="cpp", a_stage=stage)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        torch.ops.ppap_fast.lora_conv2d_cpp(x, W, None, A, B[:, :3], None, idx, *build_segments(idx, 2)[1:4:2],
+                                            0.5, [1, 1], [1, 1], [1, 1], 1, False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cpp_backend_partial_grads(device, kind):
+    """Only some inputs need grads (a frozen input image, a frozen A): the C++ backward maps its
+    inputs to autograd edges correctly with and without the optional biases."""
+    _maybe_skip(device, "cpp", torch.float32)
+    torch.manual_seed(8)
+    N = 3
+    idx = torch.tensor([2, 0, 2, 1])
+    if kind == "linear":
+        x, W, A, B = torch.randn(4, 6), torch.randn(5, 6), torch.randn(N, 2, 6), torch.randn(N, 5, 2)
+        kw = {}
+    else:
+        x, W, A, B = torch.randn(4, 3, 5, 5), torch.randn(5, 3, 3, 3), torch.randn(N, 2, 3, 3, 3), torch.randn(N, 5, 2)
+        kw = dict(padding=1)
+    b, eb = torch.randn(5), torch.randn(N, 5)
+    op = L.lora_linear if kind == "linear" else L.lora_conv2d
+    for bias, ebias in ((None, None), (b, None), (None, eb), (b, eb)):
+        for needs in ((False, False, True, True), (True, False, False, False), (False, True, False, False)):
+            ins = [t.clone().requires_grad_(n) for t, n in zip((x, A, B, eb), needs)]
+            want_ins = [t.double().detach().requires_grad_(n) for t, n in zip((x, A, B, eb), needs)]
+            e_got = ins[3] if ebias is not None else None
+            e_want = want_ins[3] if ebias is not None else None
+            dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+            y = op(dev(ins[0]), dev(W), dev(bias), dev(ins[1]), dev(ins[2]), idx.to(device), 0.5,
+                   expert_bias=dev(e_got), backend="cpp", **kw)
+            ref = R.lora_linear if kind == "linear" else R.lora_conv2d
+            y_r = ref(want_ins[0], W.double(), None if bias is None else bias.double(), want_ins[1], want_ins[2], idx,
+                      0.5, expert_bias=e_want, **kw)
+            assert_close(f"y {needs}", y, y_r, TOL[torch.float32])
+            leaves = [t for t, n in zip(ins, needs) if n and (t is not ins[3] or ebias is not None)]
+            leaves_r = [t for t, n in zip(want_ins, needs) if n and (t is not want_ins[3] or ebias is not None)]
+            if not leaves:
+                continue
+            dy = torch.randn(y.shape)
+            got = torch.autograd.grad(y, leaves, dy.to(device))
+            want = torch.autograd.grad(y_r, leaves_r, dy.double())
+            for a, w in zip(got, want):
+                assert_close(f"grad {needs} bias={bias is not None} eb={ebias is not None}", a, w, TOL[torch.float32])
+
+
+def test_cpp_backend_cpu_autocast():
+    """Under autocast the cpp backend computes in the autocast dtype; grads come back in the
+    parameters' dtypes."""
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    torch.manual_seed(3)
+    N = 3
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    W = torch.randn(8, 3, 3, 3) / 5
+    A, B = (torch.randn(N, 4, 3, 3, 3) / 5).requires_grad_(), torch.randn(N, 8, 4).requires_grad_()
+    idx = torch.tensor([1, 0, 2, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend="cpp")
+    assert y.dtype == torch.bfloat16
+    gx, gA, gB = torch.autograd.grad(y.float().sum(), [x, A, B])
+    assert (gx.dtype, gA.dtype, gB.dtype) == (torch.float32,) * 3
+    ins = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y_r = R.lora_conv2d(ins[0], W.double(), None, ins[1], ins[2], idx, 0.5, padding=1)
+    assert_close("autocast y", y, y_r, 3e-2)
+    for n, a, w in zip(["dx", "dA", "dB"], [gx, gA, gB], torch.autograd.grad(y_r.sum(), ins)):
+        assert_close(n, a, w, 3e-2)

@@ -17,7 +17,9 @@ with the reason); ``last_backend[op]`` records which ran:
                                forward + Triton backward) > "triton" > "reference";
                                PPAP_FAST_LORA_CUDA_BWD=0 takes "cuda_full" out of the auto order
                                (verified on an H100: parity tests pass, fwd+bwd the fastest in 5 of
-                               6 benchmark layers; benchmarks/NOTES.md)
+                               6 benchmark layers; benchmarks/NOTES.md). "cpp" (cuda_full's math as
+                               C++ autograd Functions, CPU and CUDA: one Python -> C++ call per
+                               layer) goes first with PPAP_FAST_LORA_CPP=1, else on request only
     lora_conv2d_delta : "vectorized" > "reference"
 
 Per-expert norms (BatchNorm / LayerNorm / GroupNorm) live in :mod:`ppap_fast.ops.norm`.
@@ -93,6 +95,12 @@ def _why_not_cuda_full(device: torch.device, dtype: torch.dtype) -> Optional[str
     return cuda_ops.why_unavailable(backward=True)
 
 
+def _why_not_cpp(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    from . import cpp
+
+    return cpp.why_unavailable(device, dtype)
+
+
 def _why_not_vectorized(device, dtype):
     return None
 
@@ -102,12 +110,12 @@ def _why_not_reference(device, dtype):
 
 
 _CHECKS: Dict[str, Callable] = {
-    "cuda": _why_not_cuda, "cuda_full": _why_not_cuda_full, "triton": _why_not_triton, "vectorized": _why_not_vectorized,
-    "reference": _why_not_reference,
+    "cuda": _why_not_cuda, "cuda_full": _why_not_cuda_full, "cpp": _why_not_cpp, "triton": _why_not_triton,
+    "vectorized": _why_not_vectorized, "reference": _why_not_reference,
 }
 _ORDER = {
-    "lora_linear": ("cuda_full", "cuda", "triton", "reference"),
-    "lora_conv2d": ("cuda_full", "cuda", "triton", "reference"),
+    "lora_linear": ("cpp", "cuda_full", "cuda", "triton", "reference"),
+    "lora_conv2d": ("cpp", "cuda_full", "cuda", "triton", "reference"),
     "lora_conv2d_delta": ("vectorized", "reference"),
 }
 
@@ -118,7 +126,14 @@ def available_backends(op: str, device, dtype=torch.float32) -> Dict[str, str]:
     return {b: (_CHECKS[b](device, dtype) or "ok") for b in _ORDER[op]}
 
 
-def _pick(op: str, x: torch.Tensor, backend: Optional[str]) -> str:
+def _cpp_in_auto() -> bool:
+    """The cpp backend is picked automatically only with PPAP_FAST_LORA_CPP=1: on CUDA its parity
+    tests wait for a GPU run; on CPU it is slower than the reference (the stacked A conv does N
+    times the A work where the CPU is compute-bound)."""
+    return os.environ.get("PPAP_FAST_LORA_CPP") == "1"
+
+
+def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
     order = _ORDER[op]
     backend = backend or os.environ.get("PPAP_LORA_BACKEND") or None
     if backend not in (None, "auto"):
@@ -134,6 +149,8 @@ def _pick(op: str, x: torch.Tensor, backend: Optional[str]) -> str:
     for b in order:
         if b == "triton" and x.device.type != "cuda":
             continue  # interpreter: explicit request only
+        if b == "cpp" and (b in skip or not _cpp_in_auto()):
+            continue
         if _CHECKS[b](x.device, x.dtype) is None:
             last_backend[op] = b
             return b
@@ -166,6 +183,10 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     b = _pick("lora_linear", x, backend)
     if b == "reference":
         return reference.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias)
+    if b == "cpp":
+        from . import cpp
+
+        return cpp.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments)
     from . import fast
 
     return fast.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments, fwd=b)
@@ -182,10 +203,17 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
     _check_idx(expert_idx, x.shape[0], N)
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
-    b = _pick("lora_conv2d", x, backend)
+    b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
                                      expert_bias)
+    if b == "cpp":
+        if a_stage != "stacked":
+            raise ValueError(f"backend 'cpp' runs a_stage='stacked' only, got a_stage={a_stage!r}")
+        from . import cpp
+
+        return cpp.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
+                               seg=segments)
     from . import fast
 
     return fast.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,

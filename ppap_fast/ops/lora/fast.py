@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from .._kernel_util import new_buffer
 from . import triton_kernels as tk
+from .reference import block_diag_B  # noqa: F401  (pure torch; also used by the cpp backend)
 from .segments import Segments
 
 
@@ -174,19 +175,6 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
 
 
 # =============================================================================== conv
-def block_diag_B(B: torch.Tensor, groups: int) -> torch.Tensor:
-    """Grouped 1x1 conv weight B [N, C_out, r/g] -> dense block-diagonal [N, C_out, r] (differentiable)."""
-    if groups == 1:
-        return B
-    N, C_out, rg = B.shape
-    r = rg * groups
-    rep = B.repeat(1, 1, groups)  # column j holds B[:, :, j % rg]
-    og = torch.arange(C_out, device=B.device) // (C_out // groups)
-    jg = torch.arange(r, device=B.device) // rg
-    mask = (og[:, None] == jg[None, :]).to(B.dtype)
-    return rep * mask
-
-
 def stacked_a_conv(x, A, expert_idx, stride, padding, dilation, groups):
     """One conv with every expert's A stacked, then each sample keeps its own expert's
     channels. A [N, r, C_in/g, kh, kw] -> h [S, r, Ho, Wo]. Differentiable (autograd)."""

@@ -120,6 +120,19 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     return y
 
 
+def block_diag_B(B: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped 1x1 conv weight B [N, C_out, r/g] -> dense block-diagonal [N, C_out, r] (differentiable)."""
+    if groups == 1:
+        return B
+    N, C_out, rg = B.shape
+    r = rg * groups
+    rep = B.repeat(1, 1, groups)  # column j holds B[:, :, j % rg]
+    og = torch.arange(C_out, device=B.device) // (C_out // groups)
+    jg = torch.arange(r, device=B.device) // rg
+    mask = (og[:, None] == jg[None, :]).to(B.dtype)
+    return rep * mask
+
+
 # ----------------------------------------------------------------------------- raw SGMV (kernel contract)
 def _expert_of_sample(sorted_idx, offsets):
     N = offsets.numel() - 1
@@ -159,6 +172,6 @@ def seg_outer(u, v, out, sorted_idx, offsets, alpha=1.0, split=0):
 
 
 __all__ = [
-    "sgmv_shrink", "sgmv_expand", "seg_outer",
+    "block_diag_B", "sgmv_shrink", "sgmv_expand", "seg_outer",
     "lora_linear", "lora_conv2d", "lora_conv_delta", "loralib_conv_delta", "lora_conv2d_delta",
 ]

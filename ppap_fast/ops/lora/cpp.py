@@ -1,0 +1,67 @@
+"""Backend "cpp": the fast path's math (fast.py: LoraLinearFn, the stacked-A conv + LoraConvBFn)
+as C++ autograd Functions in the extension (csrc/lora_autograd.cpp), so one eager call crosses
+from Python to C++ once instead of once per op and kernel launch. The segment steps run the CUDA
+SGMV / seg_outer kernels on CUDA tensors and ATen (one matmul per non-empty expert) on CPU ones.
+
+    torch.ops.ppap_fast.lora_linear_cpp(x, W, bias, A, B, expert_bias, expert_idx, sorted_idx, offsets,
+                                        scale, poison)
+    torch.ops.ppap_fast.lora_conv2d_cpp(x, W, bias, A, B_dense, expert_bias, expert_idx, sorted_idx,
+                                        offsets, scale, stride, padding, dilation, groups, poison)
+
+The conv runs the "stacked" A stage (one conv with every expert's A, then each sample's own
+channels gathered); a grouped B enters in its dense block-diagonal form (``reference.block_diag_B``,
+differentiable in Python).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import block_diag_B
+from .segments import Segments, build_segments
+
+
+def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    from .. import _ext
+
+    if _ext._C is None:
+        return f"extension ppap_fast._C not loaded ({_ext.EXTENSION_ERROR})"
+    if not hasattr(torch.ops.ppap_fast, "lora_conv2d_cpp"):
+        return "the loaded extension has no lora_*_cpp ops (built before them): rebuild it"
+    if device.type == "cuda" and not _ext.extension_has_cuda():
+        return "extension was built without CUDA: the cpp backend runs on CPU tensors only"
+    if device.type not in ("cpu", "cuda"):
+        return f"the cpp backend runs on CPU or CUDA tensors, not {device.type}"
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} not supported (float32/64, float16, bfloat16)"
+    return None
+
+
+POISON = False  # tests: buffers the ops fully overwrite start as NaN
+
+def _ints(v):
+    return [v, v] if isinstance(v, int) else [int(a) for a in v]
+
+
+def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segments | None = None):
+    seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return torch.ops.ppap_fast.lora_linear_cpp(
+                x.to(torch.get_autocast_dtype(dev)), W, bias, A, B, expert_bias, seg.expert_idx, seg.sorted_idx,
+                seg.offsets, float(scale), POISON)
+    return torch.ops.ppap_fast.lora_linear_cpp(x, W, bias, A, B, expert_bias, seg.expert_idx, seg.sorted_idx,
+                                               seg.offsets, float(scale), POISON)
+
+
+def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
+                seg: Segments | None = None):
+    seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
+    Bd = block_diag_B(B, groups)
+    args = (W, bias, A, Bd, expert_bias, seg.expert_idx, seg.sorted_idx, seg.offsets, float(scale), _ints(stride),
+            _ints(padding), _ints(dilation), int(groups), POISON)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return torch.ops.ppap_fast.lora_conv2d_cpp(x.to(torch.get_autocast_dtype(dev)), *args)
+    return torch.ops.ppap_fast.lora_conv2d_cpp(x, *args)
