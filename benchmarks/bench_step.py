@@ -1,13 +1,16 @@
 """One guided DDIM step: a model of the official stack vs ppap_fast's FastGuidedSampler.
 
 reference: what the official PPAP / guided-diffusion code does per step, modelled faithfully:
-    eager fp32 denoiser and guide, the unmerged LoRA ExpertBank (routed layers), the expert picked
+    eager denoiser (its own NCHW copy: fp16 torso on CUDA as use_fp16 gives, guided-diffusion's
+    einsum attention with a float32 softmax, GroupNorm32 then SiLU), eager fp32 guide, the
+    unmerged LoRA ExpertBank (routed layers), the expert picked
     by reading t[0] on the host (.item()), the step-index tensor built on the host
     (th.tensor([i] * B)), timestep_map copied to the device for every wrapped model / cond_fn
     call, and every schedule lookup copying a whole numpy table host-to-device
     (_extract_into_tensor), unfused condition_score + DDIM arithmetic (p_mean_variance incl. the
     learned-range variance it computes and DDIM does not use).
-fast: FastGuidedSampler.step: merged expert (LoRA merged, BN folded), device tables, fused update;
+fast: FastGuidedSampler.step: the denoiser with SDPA attention, merged expert (LoRA merged, BN
+    folded), device tables, fused update;
     on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step;
     on CPU also torch.compile (inductor) of the denoiser (with freezing) and of the guide's
     forward + input-backward, all fp32. Compilation happens in the first (parity-checked) step,
@@ -19,6 +22,9 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
     step_compiled_vs_reference  CUDA only (unless PPAP_SKIP_COMPILE=1): the fast step with the
                                 denoiser compiled (inductor) too, compile time apart
+    step_fused_norm_act_vs_reference  CUDA only: the fast step with ADM's norm + SiLU pairs fused
+                                (fuse_norm_act=True, its own model copy; an error is recorded in the
+                                row instead of failing the suite)
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -27,6 +33,7 @@ weights, fp16 torso) + torchvision ResNet50 PPAP-5 bank (random), batch 32.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -231,11 +238,13 @@ def _run(device: str, quick: bool) -> dict:
     sched = Schedule.create("linear", 1000, "ddim25").to(device)
     target, scale, i = 1, 10.0, 12  # step index 12 -> t = 480 (expert 2)
     guide = ClassGuide(bank, target, scale=scale)
-    ref = ReferenceStack(model, bank, target, scale, sched, device)
+    # the official denoiser: its own NCHW copy (the fast samplers convert theirs to channels_last in
+    # place) with guided-diffusion's einsum attention (float32 softmax), GroupNorm32 then SiLU
+    ref = ReferenceStack(copy.deepcopy(model).set_attention_backend("math"), bank, target, scale, sched, device)
     if cuda:
         fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True)
         unguided_opts = {"channels_last": True, "cuda_graph": True}
-    else:  # no channels_last here: it would convert the model the reference shares in place
+    else:  # no channels_last on CPU (slower for the tiny ADM in bench_denoiser's CPU runs)
         unguided_opts = dict(compile_model=True, compile_freeze=True)
         fast_opts = dict(compile_guide=True, **unguided_opts)
     fast = FastGuidedSampler(model, sched, guide=guide, **fast_opts)
@@ -274,6 +283,16 @@ def _run(device: str, quick: bool) -> dict:
                         "warnings": [str(w.message).splitlines()[0] for w in caught_c
                                      if issubclass(w.category, FastSamplingWarning)]}
         variants["fast_c"] = lambda: fast_c.step(x, i)
+    fused = None
+    if cuda:  # + ADM's GroupNorm (+ scale-shift) + SiLU fused (ops.group_norm_act), on its own model copy
+        try:
+            fast_f = FastGuidedSampler(copy.deepcopy(model), sched, guide=guide, fuse_norm_act=True, **fast_opts)
+            got_f = fast_f.step(x, i)[0]
+            torch.cuda.synchronize()
+            fused = {"rel_err": float(f"{_rel(got_f, want):.3e}")}
+            variants["fast_f"] = lambda: fast_f.step(x, i)
+        except Exception as exc:  # noqa: BLE001 - a kernel that fails on this GPU must not cost the suite
+            fused = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     ms, rounds = _interleaved_ms(variants, device, reps, warm)
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
@@ -308,6 +327,11 @@ def _run(device: str, quick: bool) -> dict:
         if fl and peak:
             row["fast_compiled_mfu"] = round(fl / peak / (ms["fast_c"] * 1e-3), 4)
         ratios["step_compiled_vs_reference"] = round(_ratio(rounds, "fast_c", "ref"), 4)
+    if fused is not None:
+        row["fast_fused_norm_act"] = fused
+        if "fast_f" in ms:
+            row["fast_fused_norm_act"]["ms"] = round(ms["fast_f"], 3)
+            ratios["step_fused_norm_act_vs_reference"] = round(_ratio(rounds, "fast_f", "ref"), 4)
     row["reference_guided_vs_unguided"] = round(_ratio(rounds, "ref", "ref_u"), 4)
     if not all(math.isfinite(v) for v in ratios.values()):
         raise AssertionError(f"non-finite ratios {ratios}")
