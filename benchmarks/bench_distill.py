@@ -5,7 +5,11 @@ training expert by expert costs for the same samples); onepass = the bank routes
 one forward/backward. Both end with one AdamW step. Ratio distill_onepass_vs_sequential =
 time(onepass) / time(sequential), below 1 = one pass faster; rows also give images/s. On CUDA also
 the one-pass step captured whole in a CUDA graph (capturable AdamW; 3 eager warm-up steps, then
-replays): distill_graph_vs_onepass = time(graph) / time(eager one pass).
+replays): distill_graph_vs_onepass = time(graph) / time(eager one pass). The banks use the ResNet
+placement's default "loralib" layout (the official checkpoints': dense per-expert deltas, routed by
+lora_conv2d_delta); on CUDA also a "factorised" bank (lora_conv2d, the multi-expert LoRA kernels),
+eager: distill_factorised_vs_loralib = time(factorised) / time(loralib), and the same with its LoRA
+layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def _kd(student, teacher):
 def run(device: str = "cpu", quick: bool = False) -> dict:
     model, batch, shape, r, alpha = _model(device)
     reps = 10 if device == "cuda" else (3 if quick else 8)
-    rows, ratios, graph_ratios = [], [], []
+    rows, ratios, graph_ratios, cpp_ratios, layout_ratios = [], [], [], [], []
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -68,6 +72,17 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
                "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
+        if device == "cuda":  # the factorised layout (the multi-expert LoRA kernels), auto and cpp backends
+            try:
+                f_ms, c_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
+            except Exception as exc:  # noqa: BLE001 - keep the other rows; say why
+                row["factorised_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                row["factorised_onepass_ms"] = round(f_ms, 3)
+                row["factorised_onepass_cpp_ms"] = round(c_ms, 3)
+                row["factorised_onepass_img_per_s"] = round(batch / f_ms * 1e3, 1)
+                layout_ratios.append(f_ms / one)
+                cpp_ratios.append(c_ms / f_ms)
         if device == "cuda":  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
             try:
                 g_ms = _graphed_ms(bank, x, t, teacher, reps)
@@ -79,9 +94,48 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                 graph_ratios.append(g_ms / one)
         rows.append(row)
     out = {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}
+    if cpp_ratios:
+        out["distill_factorised_vs_loralib"] = round(math.exp(sum(map(math.log, layout_ratios)) / len(layout_ratios)), 4)
+        out["distill_cpp_vs_auto"] = round(math.exp(sum(map(math.log, cpp_ratios)) / len(cpp_ratios)), 4)
     if graph_ratios:
         out["distill_graph_vs_onepass"] = round(math.exp(sum(map(math.log, graph_ratios)) / len(graph_ratios)), 4)
     return {"rows": rows, "ratios": out}
+
+
+def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
+    """Eager one-pass step of a factorised-layout bank (lora_conv2d: the multi-expert LoRA kernels),
+    with the automatic backend and with the cpp one; (auto ms, cpp ms)."""
+    device = x.device.type
+    bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha, layout="factorised").to(device).train()
+    opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+    def onepass():
+        opt.zero_grad(set_to_none=True)
+        _kd(bank(x, t), teacher).backward()
+        opt.step()
+
+    auto = median_ms(onepass, device, reps)
+    return auto, _with_cpp_backend(lambda: median_ms(onepass, device, reps))
+
+
+def _with_cpp_backend(fn):
+    """fn() with the LoRA ops' cpp backend (C++ autograd, one Python -> C++ call per layer) picked first."""
+    import os
+
+    old = os.environ.get("PPAP_FAST_LORA_CPP")
+    os.environ["PPAP_FAST_LORA_CPP"] = "1"
+    try:
+        from ppap_fast.ops import lora as L
+
+        out = fn()
+        if L.last_backend.get("lora_conv2d") != "cpp":
+            raise RuntimeError(f"the bank ran backend {L.last_backend.get('lora_conv2d')!r}, not cpp")
+        return out
+    finally:
+        if old is None:
+            os.environ.pop("PPAP_FAST_LORA_CPP", None)
+        else:
+            os.environ["PPAP_FAST_LORA_CPP"] = old
 
 
 def _graphed_ms(bank, x, t, teacher, reps):
