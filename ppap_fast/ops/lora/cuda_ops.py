@@ -78,8 +78,17 @@ def load_jit(verbose: bool = False):
     return _JIT
 
 
+_RESOLVED = None  # the kernels once found: registered ops cannot go away, so later calls skip the lookup
+
+
 def _ops():
+    global _RESOLVED
+    if _RESOLVED is not None:
+        return _RESOLVED
     reg = _registered()
+    if reg is not None and reg[2] is not None:
+        _RESOLVED = reg
+        return reg
     if reg is not None:
         return reg
     if _JIT is None and _JIT_ERROR is None and os.environ.get("PPAP_LORA_JIT") == "1" and torch.cuda.is_available():
@@ -88,7 +97,8 @@ def _ops():
         except Exception:
             pass
     if _JIT is not None:
-        return _JIT.sgmv_shrink, _JIT.sgmv_expand, _JIT.seg_outer
+        _RESOLVED = _JIT.sgmv_shrink, _JIT.sgmv_expand, _JIT.seg_outer
+        return _RESOLVED
     return None
 
 
