@@ -234,3 +234,17 @@ def test_parallel_chunks_split_samples():
                 assert_close_rel(got_p, want_p, TOL[torch.float32], f"{backend} {cfg[0]} pred_xstart")
     finally:
         torch.set_num_threads(n)
+
+
+def test_auto_cuda_backend_follows_the_h100_measurements():
+    """Automatic choice on CUDA (bench_update on an H100): the CUDA kernel for fp16/bf16 up to 2^24
+    elements, Triton for fp32 and for larger half batches, CUDA for float64 (Triton computes in fp32)."""
+    from ppap_fast.ops.update import CUDA_HALF_MAX_NUMEL, auto_cuda_backend
+
+    small, large = 32 * 3 * 256 * 256, 256 * 3 * 256 * 256
+    assert small <= CUDA_HALF_MAX_NUMEL < large
+    for dt in (torch.float16, torch.bfloat16):
+        assert auto_cuda_backend(dt, small) == "cuda"
+        assert auto_cuda_backend(dt, large) == "triton"
+    assert auto_cuda_backend(torch.float32, small) == auto_cuda_backend(torch.float32, large) == "triton"
+    assert auto_cuda_backend(torch.float64, small) == "cuda"

@@ -151,8 +151,26 @@ def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None
     Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference".
     """
     _check(x, eps, v, grad, noise, idx, table)
+    if backend in (None, "auto") and x.is_cuda and _registry._forced is None:
+        pick = auto_cuda_backend(x.dtype, x.numel())
+        if _registry.why_unavailable(OP, pick, x.device) is None:
+            backend = pick
     fn = _registry.select(OP, x.device, backend)
     return fn(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=clip_denoised)
+
+
+# H100 (benchmarks/NOTES.md, bench_update, 12 rows): the CUDA kernel was faster only for fp16/bf16 at
+# batch 32 x 3 x 256^2 (6.3M elements: 0.037-0.048 vs 0.048-0.077 ms); Triton for fp32 at batch 32
+# and 256 and for bf16 at batch 256 (50M: 0.20-0.23 vs 0.27-0.35 ms, 0.83-1.0 of HBM vs 0.63-0.73).
+CUDA_HALF_MAX_NUMEL = 1 << 24
+
+
+def auto_cuda_backend(dtype: torch.dtype, numel: int) -> str:
+    """The automatic choice on CUDA: the measured-faster kernel for this dtype and size."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "cuda"  # float64: the Triton kernel computes in float32
+    half = dtype != torch.float32
+    return "cuda" if half and numel <= CUDA_HALF_MAX_NUMEL else "triton"
 
 
 def _triton(*args, **kwargs):
