@@ -156,6 +156,38 @@ bool needs_grad(AutogradContext* ctx, size_t arg) {
 int64_t dtype_code(at::ScalarType t) { return static_cast<int64_t>(t); }
 at::ScalarType code_dtype(const c10::IValue& v) { return static_cast<at::ScalarType>(v.toInt()); }
 
+// what both Functions keep besides tensors, and read back in backward
+void save_common(AutogradContext* ctx, double scale, bool poison, const Tensor& A, const Tensor& B,
+                 const Tensor& bias, const Tensor& expert_bias, at::ScalarType cdt) {
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["poison"] = poison;
+  ctx->saved_data["has_bias"] = bias.defined();
+  ctx->saved_data["has_eb"] = expert_bias.defined();
+  ctx->saved_data["a_dt"] = dtype_code(A.scalar_type());
+  ctx->saved_data["b_dt"] = dtype_code(B.scalar_type());
+  ctx->saved_data["eb_dt"] = dtype_code(expert_bias.defined() ? expert_bias.scalar_type() : cdt);
+}
+
+struct Common {
+  double scale;
+  bool poison;
+  at::ScalarType a_dt;
+};
+
+Common load_common(AutogradContext* ctx) {
+  return {ctx->saved_data["scale"].toDouble(), ctx->saved_data["poison"].toBool(), code_dtype(ctx->saved_data["a_dt"])};
+}
+
+// dB = s dy_e^T h_e (seg_outer) and d expert_bias, where their inputs need them; dy3 / h3 rows [S, M, *]
+void b_bias_grads(AutogradContext* ctx, const Tensor& dy3, const Tensor& h3, const Tensor& expert_idx,
+                  const Tensor& sidx, const Tensor& off, int64_t N, Tensor& dB, Tensor& deb) {
+  const Common c = load_common(ctx);
+  if (needs_grad(ctx, 4))
+    dB = seg_outer_new(dy3, h3, sidx, off, c.scale, code_dtype(ctx->saved_data["b_dt"]), N, c.poison);
+  if (ctx->saved_data["has_eb"].toBool() && needs_grad(ctx, 5))
+    deb = expert_bias_grad(dy3, expert_idx, N, code_dtype(ctx->saved_data["eb_dt"]));
+}
+
 struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& W, const std::optional<Tensor>& bias_opt,
                         const Tensor& A, const Tensor& B, const std::optional<Tensor>& expert_bias_opt,
@@ -163,8 +195,6 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
                         bool poison) {
     const auto cdt = x.scalar_type();
     const Tensor bias = bias_opt.value_or(Tensor()), expert_bias = expert_bias_opt.value_or(Tensor());
-    ctx->saved_data["has_bias"] = bias.defined();
-    ctx->saved_data["has_eb"] = expert_bias.defined();
     const int64_t S = x.size(0), K = x.size(-1), R = A.size(1), O = W.size(0);
     Tensor Wc = maybe_cast(W.detach(), cdt), Ac = maybe_cast(A.detach(), cdt), Bc = maybe_cast(B.detach(), cdt);
     Tensor x3 = x.reshape({S, -1, K});
@@ -179,12 +209,8 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
     const bool has_eb = expert_bias.defined();
     if (has_eb) y3.add_(maybe_cast(expert_bias.detach(), cdt).index_select(0, expert_idx).unsqueeze(1));
     ctx->save_for_backward({x3, Wc, Ac, Bc, h, expert_idx, sorted_idx, offsets});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["poison"] = poison;
+    save_common(ctx, scale, poison, A, B, bias, expert_bias, cdt);
     ctx->saved_data["x_shape"] = x.sizes().vec();
-    ctx->saved_data["a_dt"] = dtype_code(A.scalar_type());
-    ctx->saved_data["b_dt"] = dtype_code(B.scalar_type());
-    ctx->saved_data["eb_dt"] = dtype_code(has_eb ? expert_bias.scalar_type() : cdt);
     return y;
   }
 
@@ -192,8 +218,9 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
     auto saved = ctx->get_saved_variables();
     const Tensor &x3 = saved[0], &Wc = saved[1], &Ac = saved[2], &Bc = saved[3], &h = saved[4];
     const Tensor &expert_idx = saved[5], &sidx = saved[6], &off = saved[7];
-    const double s = ctx->saved_data["scale"].toDouble();
-    const bool poison = ctx->saved_data["poison"].toBool();
+    const Common c = load_common(ctx);
+    const double s = c.scale;
+    const bool poison = c.poison;
     const int64_t S = x3.size(0), M = x3.size(1), N = Ac.size(0), R = Ac.size(1), O = Wc.size(0);
     Tensor dy3 = maybe_cast(grads[0].reshape({S, M, O}), x3.scalar_type());
     Tensor dx, dA, dB, deb;
@@ -206,10 +233,9 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
         seg_expand(dh0, weight_t(Ac), dx, sidx, off, s);
         dx = dx.view(ctx->saved_data["x_shape"].toIntVector());
       }
-      if (need_a) dA = seg_outer_new(dh0, x3, sidx, off, s, code_dtype(ctx->saved_data["a_dt"]), N, poison);
+      if (need_a) dA = seg_outer_new(dh0, x3, sidx, off, s, c.a_dt, N, poison);
     }
-    if (needs_grad(ctx, 4)) dB = seg_outer_new(dy3, h, sidx, off, s, code_dtype(ctx->saved_data["b_dt"]), N, poison);
-    if (ctx->saved_data["has_eb"].toBool() && needs_grad(ctx, 5)) deb = expert_bias_grad(dy3, expert_idx, N, code_dtype(ctx->saved_data["eb_dt"]));
+    b_bias_grads(ctx, dy3, h, expert_idx, sidx, off, N, dB, deb);
     return {dx, Tensor(), Tensor(), dA, dB, deb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -242,8 +268,6 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
                         bool poison) {
     const auto cdt = x.scalar_type();
     const Tensor bias = bias_opt.value_or(Tensor()), expert_bias = expert_bias_opt.value_or(Tensor());
-    ctx->saved_data["has_bias"] = bias.defined();
-    ctx->saved_data["has_eb"] = expert_bias.defined();
     const int64_t N = A.size(0), rg = A.size(1) / groups;
     Tensor Wc = maybe_cast(W.detach(), cdt), Bc = maybe_cast(B.detach(), cdt);
     Tensor As = stack_a(maybe_cast(A.detach(), cdt), groups);
@@ -259,16 +283,12 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
     const bool has_eb = expert_bias.defined();
     if (has_eb) y.add_(maybe_cast(expert_bias.detach(), cdt).index_select(0, expert_idx).view({S, C_out, 1, 1}));
     ctx->save_for_backward({x, Wc, As, Bc, h, expert_idx, sorted_idx, offsets});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["poison"] = poison;
+    save_common(ctx, scale, poison, A, B, bias, expert_bias, cdt);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["a_shape"] = A.sizes().vec();
-    ctx->saved_data["a_dt"] = dtype_code(A.scalar_type());
-    ctx->saved_data["b_dt"] = dtype_code(B.scalar_type());
-    ctx->saved_data["eb_dt"] = dtype_code(has_eb ? expert_bias.scalar_type() : cdt);
     return y;
   }
 
@@ -276,8 +296,9 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &Wc = saved[1], &As = saved[2], &Bc = saved[3], &h = saved[4];
     const Tensor &expert_idx = saved[5], &sidx = saved[6], &off = saved[7];
-    const double s = ctx->saved_data["scale"].toDouble();
-    const bool poison = ctx->saved_data["poison"].toBool();
+    const Common c = load_common(ctx);
+    const double s = c.scale;
+    const bool poison = c.poison;
     const auto stride = ctx->saved_data["stride"].toIntVector();
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
@@ -304,14 +325,10 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
       if (need_a) {
         std::vector<int64_t> split{groups, N, rg};
         for (size_t d = 2; d < a_shape.size(); ++d) split.push_back(a_shape[d]);
-        dA = maybe_cast(std::get<1>(res).reshape(split).transpose(0, 1).reshape(a_shape),
-                        code_dtype(ctx->saved_data["a_dt"]));
+        dA = maybe_cast(std::get<1>(res).reshape(split).transpose(0, 1).reshape(a_shape), c.a_dt);
       }
     }
-    if (needs_grad(ctx, 4))
-      dB = seg_outer_new(dy3, h.view({S, r, P}).transpose(1, 2), sidx, off, s, code_dtype(ctx->saved_data["b_dt"]), N,
-                         poison);
-    if (ctx->saved_data["has_eb"].toBool() && needs_grad(ctx, 5)) deb = expert_bias_grad(dy3, expert_idx, N, code_dtype(ctx->saved_data["eb_dt"]));
+    b_bias_grads(ctx, dy3, h.view({S, r, P}).transpose(1, 2), expert_idx, sidx, off, N, dB, deb);
     variable_list out(15);
     out[0] = dx;
     out[3] = dA;
