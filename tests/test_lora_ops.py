@@ -598,7 +598,9 @@ def test_frozen_weight_gets_no_grad():
 # ============================================================================ CUDA graphs
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_cuda_graph_capture_lora_linear():
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_cuda_graph_capture_lora_linear(backend):
+    _maybe_skip("cuda", backend, torch.float32)
     dev = "cuda"
     N, S, Lq, K, O, r = 5, 6, 9, 64, 48, 16
     x = torch.randn(S, Lq, K, device=dev)
@@ -607,24 +609,67 @@ def test_cuda_graph_capture_lora_linear():
     idx = torch.tensor([0, 3, 3, 1, 4, 0], device=dev)
     static_idx = idx.clone()
     seg = build_segments(static_idx, N)
-    fast.POISON = TK.POISON = False
+    fast.POISON = TK.POISON = CPP.POISON = False
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):  # warm up / compile outside capture
             build_segments(static_idx, N, out=seg)
-            L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend="triton", segments=seg)
+            L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend=backend, segments=seg)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         build_segments(static_idx, N, out=seg)
-        y = L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend="triton", segments=seg)
+        y = L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend=backend, segments=seg)
     for new in ([4, 4, 4, 4, 4, 4], [1, 0, 2, 3, 2, 1]):
         static_idx.copy_(torch.tensor(new, device=dev))
         graph.replay()
         torch.cuda.synchronize()
         want = R.lora_linear(x.double(), W.double(), None, A.double(), B.double(), static_idx, 0.5, eb.double())
         assert_close(f"graph replay {new}", y, want, TOL[torch.float32])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_capture_cpp_conv_fwd_bwd():
+    """The cpp backend's conv forward AND backward captured in one CUDA graph (no host sync in
+    either), replayed for new routings: y and every grad against the float64 reference."""
+    _maybe_skip("cuda", "cpp", torch.float32)
+    dev, N, S = "cuda", 4, 6
+    fast.POISON = TK.POISON = CPP.POISON = False
+    x = torch.randn(S, 8, 9, 9, device=dev, requires_grad=True)
+    W = torch.randn(12, 8, 3, 3, device=dev) / 8
+    A = (torch.randn(N, 5, 8, 3, 3, device=dev) / 8).requires_grad_()
+    B = torch.randn(N, 12, 5, device=dev).requires_grad_()
+    eb = torch.randn(N, 12, device=dev).requires_grad_()
+    dy = torch.randn(S, 12, 9, 9, device=dev)
+    static_idx = torch.tensor([0, 3, 3, 1, 2, 0], device=dev)
+    seg = build_segments(static_idx, N)
+
+    def step():
+        build_segments(static_idx, N, out=seg)
+        y = L.lora_conv2d(x, W, None, A, B, static_idx, 0.5, padding=1, expert_bias=eb, backend="cpp", segments=seg)
+        return (y, *torch.autograd.grad(y, [x, A, B, eb], dy))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for new in ([2, 2, 2, 2, 2, 2], [1, 0, 3, 3, 0, 1]):
+        static_idx.copy_(torch.tensor(new, device=dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        ins = [t.detach().cpu().double().requires_grad_() for t in (x, A, B, eb)]
+        y_r = R.lora_conv2d(ins[0], W.cpu().double(), None, ins[1], ins[2], torch.tensor(new), 0.5, padding=1,
+                            expert_bias=ins[3])
+        want = (y_r, *torch.autograd.grad(y_r, ins, dy.cpu().double()))
+        for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], outs, want):
+            assert_close(f"graph replay {new} {name}", a, w, TOL[torch.float32])
 
 
 @pytest.mark.cuda
