@@ -6,7 +6,8 @@
 #   left, minus what the later stages are promised, so a slow stage costs its own figures and no others.
 #   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
 #   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda"), LORA_TEST_K
-#   (a pytest -k expression, spaces allowed) narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages.
+#   (a pytest -k expression, spaces allowed) narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages;
+#   BENCH_CAP: the most the bench stage may take (default 300).
 #   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
 # Writes under $OUT (or /tmp/ppap_gpu_out; the device tool returns at most 8 files): gpu.txt, build.log,
@@ -91,7 +92,7 @@ if has tests; then
 fi
 
 if has bench; then
-  lim=$(budget 300 "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
+  lim=$(budget "${BENCH_CAP:-300}" "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
     --only $BENCH_SUITES 2>&1 | grep -v "^  " | tail -25
 fi
