@@ -175,6 +175,9 @@ struct Common {
 };
 
 Common load_common(AutogradContext* ctx) {
+  // the backward is built from kernels without derivatives (like @once_differentiable in fast.py)
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "ppap_fast cpp LoRA backend: double backward (create_graph=True) is not supported; use backend='reference'");
   return {ctx->saved_data["scale"].toDouble(), ctx->saved_data["poison"].toBool(), code_dtype(ctx->saved_data["a_dt"])};
 }
 

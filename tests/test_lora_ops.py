@@ -838,3 +838,18 @@ def test_cpp_backend_cpu_autocast():
     assert_close("autocast y", y, y_r, 3e-2)
     for n, a, w in zip(["dx", "dA", "dB"], [gx, gA, gB], torch.autograd.grad(y_r.sum(), ins)):
         assert_close(n, a, w, 3e-2)
+
+
+def test_cpp_backend_refuses_double_backward():
+    """Its backward is built from kernels without derivatives: create_graph=True raises instead of
+    returning second-order grads that would be silently wrong."""
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    x = torch.randn(3, 4, requires_grad=True)
+    A, B = torch.randn(2, 2, 4, requires_grad=True), torch.randn(2, 5, 2, requires_grad=True)
+    y = L.lora_linear(x, torch.randn(5, 4), None, A, B, torch.tensor([0, 1, 1]), 1.0, backend="cpp")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    y = L.lora_linear(x, torch.randn(5, 4), None, A, B, torch.tensor([0, 1, 1]), 1.0, backend="cpp")
+    (gx,) = torch.autograd.grad(y.square().sum(), x)  # first order still works
+    assert torch.isfinite(gx).all()
