@@ -11,7 +11,8 @@ reference: what the official PPAP / guided-diffusion code does per step, modelle
     learned-range variance it computes and DDIM does not use).
 fast: FastGuidedSampler.step: the denoiser with SDPA attention, merged expert (LoRA merged, BN
     folded), device tables, fused update;
-    on CUDA also bf16 autocast for the guide, channels_last and one CUDA graph for the whole step;
+    on CUDA also bf16 autocast for the guide, channels_last, cuDNN's algorithm timing
+    (cudnn_benchmark, before capture) and one CUDA graph for the whole step;
     on CPU also torch.compile (inductor) of the denoiser (with freezing) and of the guide's
     forward + input-backward, all fp32. Compilation happens in the first (parity-checked) step,
     timed on its own as fast_first_step_s; the ratios are steady state, after warm-up.
@@ -242,8 +243,8 @@ def _run(device: str, quick: bool) -> dict:
     # place) with guided-diffusion's einsum attention (float32 softmax), GroupNorm32 then SiLU
     ref = ReferenceStack(copy.deepcopy(model).set_attention_backend("math"), bank, target, scale, sched, device)
     if cuda:
-        fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True)
-        unguided_opts = {"channels_last": True, "cuda_graph": True}
+        fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True, cudnn_benchmark=True)
+        unguided_opts = {"channels_last": True, "cuda_graph": True, "cudnn_benchmark": True}
     else:  # no channels_last on CPU (slower for the tiny ADM in bench_denoiser's CPU runs)
         unguided_opts = dict(compile_model=True, compile_freeze=True)
         fast_opts = dict(compile_guide=True, **unguided_opts)

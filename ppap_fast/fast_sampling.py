@@ -59,6 +59,9 @@ Options (all off by default; each falls back to the eager path with a warning wh
 * ``fuse_norm_act``: an ADMUNet runs each ResBlock's GroupNorm (+ scale-shift) + SiLU as one op
   (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place).
   Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.
+* ``cudnn_benchmark``: on CUDA, ``torch.backends.cudnn.benchmark`` is on during the sampler's steps
+  (restored after each): cuDNN times its convolution algorithms once per shape (with ``cuda_graph``
+  in the warm-up before capture) instead of taking its heuristic's pick. A no-op elsewhere.
 * ``overlap_guide``: on CUDA, run the guide (it reads only x_t) on a side stream concurrently with
   the denoiser (the fork/join is captured too); it helps where the denoiser leaves the GPU idle
   (small batches). A no-op elsewhere. (Written for CUDA; its test is skipped without a GPU.)
@@ -388,7 +391,8 @@ class FastGuidedSampler:
                  merge_experts: bool = True, channels_last: bool = False, guide_autocast: torch.dtype | None = None,
                  compile_guide: bool = False, compile_model: bool = False, compile_kwargs: Mapping | None = None,
                  compile_freeze: bool = False, cuda_graph: bool = False, overlap_guide: bool = False,
-                 backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False):
+                 backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False,
+                 cudnn_benchmark: bool = False):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if nonfinite_grad not in NONFINITE_MODES:
@@ -437,6 +441,7 @@ class FastGuidedSampler:
         self.guide = None if guide is None else self.fast_guide.guide
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
         self.overlap_guide = bool(overlap_guide)
         self._side_stream = None
         self._graphs: dict = {}
@@ -595,6 +600,12 @@ class FastGuidedSampler:
         return True
 
     def _run(self, x, idx, key, runner, noise):
+        if self.cudnn_benchmark and x.device.type == "cuda":
+            with _cudnn_benchmark():
+                return self._run_graph_or_eager(x, idx, key, runner, noise)
+        return self._run_graph_or_eager(x, idx, key, runner, noise)
+
+    def _run_graph_or_eager(self, x, idx, key, runner, noise):
         if not self._graph_ok(x):
             return self._core(x, idx, runner, noise)
         vkey = key if self.fast_guide is None else self.fast_guide.variant_key(key)
@@ -672,6 +683,18 @@ class FastGuidedSampler:
         if graphs:
             x = x.clone()
         return (x, torch.stack(traj)) if return_trajectory else x
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    """torch.backends.cudnn.benchmark on for the block (cuDNN times its algorithms per shape; with
+    cuda_graph the warm-up before capture does it), restored after."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def fast_sample_loop(model: Callable, shape_or_x, schedule: Schedule, *, sampler: str = "ddim",

@@ -197,7 +197,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     if cfg.fast:
         opts = {"guide_autocast": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.guide_dtype),
                 "cuda_graph": cfg.cuda_graph, "channels_last": device.type == "cuda", "compile_model": cfg.compile,
-                "fuse_norm_act": cfg.fuse_norm_act}
+                "fuse_norm_act": cfg.fuse_norm_act, "cudnn_benchmark": device.type == "cuda"}
 
     samplers: dict = {}  # batch size -> (sampler or None, target buffer): experts merge once per size
 

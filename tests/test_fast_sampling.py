@@ -288,6 +288,32 @@ def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
         fast.step(out, 3)
 
 
+def test_cudnn_benchmark_option_is_scoped(setup, monkeypatch):
+    """cudnn_benchmark switches torch.backends.cudnn.benchmark on only inside a CUDA step (restored
+    after, also when the step raises); on CPU it changes nothing."""
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, guide=guide, cudnn_benchmark=True)
+    plain = FastGuidedSampler(model, sched, guide=guide)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    before = torch.backends.cudnn.benchmark
+    assert torch.equal(fast.step(x, 3)[0], plain.step(x, 3)[0])
+    assert torch.backends.cudnn.benchmark == before
+    from ppap_fast import fast_sampling as fs
+
+    seen = []
+
+    def boom(*a, **k):
+        seen.append(torch.backends.cudnn.benchmark)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(fast, "_run_graph_or_eager", boom)
+    with fs._cudnn_benchmark(), pytest.raises(RuntimeError, match="boom"):
+        fast._run_graph_or_eager(x, None, None, None, None)
+    assert seen == [True] and torch.backends.cudnn.benchmark is False
+
+
 def test_channels_last_and_autocast(setup):
     model, _, guide = setup
     model_cl = tiny_adm()
@@ -392,6 +418,18 @@ def test_cuda_graph_step_equals_reference(no_tf32, sampler):
     for _ in range(2):  # capture, then replay, of a mixed (routed) batch
         got, _ = fast.step(x, idx, noise=noise)
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_cudnn_benchmark_graph_equals_reference(no_tf32):
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(3)  # noqa: E731
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=gen())
+    before = torch.backends.cudnn.benchmark
+    out = FastGuidedSampler(model, sched, guide=guide, cuda_graph=True, cudnn_benchmark=True).sample(SHAPE, generator=gen())
+    assert rel_err(out, ref) < 1e-4 and torch.backends.cudnn.benchmark == before
 
 
 @pytest.mark.cuda
