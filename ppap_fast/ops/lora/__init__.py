@@ -128,8 +128,8 @@ def available_backends(op: str, device, dtype=torch.float32) -> Dict[str, str]:
 
 def _cpp_in_auto() -> bool:
     """The cpp backend is picked automatically only with PPAP_FAST_LORA_CPP=1: on CUDA its parity
-    tests wait for a GPU run; on CPU it is slower than the reference (the stacked A conv does N
-    times the A work where the CPU is compute-bound)."""
+    tests wait for a GPU run; on CPU it is not faster than the reference in general (faster at
+    batch 4, 1.4-1.9x slower at batch 32: the stacked A conv does N times the A work)."""
     return os.environ.get("PPAP_FAST_LORA_CPP") == "1"
 
 

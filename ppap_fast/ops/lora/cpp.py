@@ -19,14 +19,20 @@ import torch
 from .reference import block_diag_B
 from .segments import Segments, build_segments
 
+POISON = False  # tests: buffers the ops fully overwrite start as NaN
+_OPS_FOUND = False
+
 
 def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    global _OPS_FOUND
     from .. import _ext
 
     if _ext._C is None:
         return f"extension ppap_fast._C not loaded ({_ext.EXTENSION_ERROR})"
-    if not hasattr(torch.ops.ppap_fast, "lora_conv2d_cpp"):
-        return "the loaded extension has no lora_*_cpp ops (built before them): rebuild it"
+    if not _OPS_FOUND:
+        if not hasattr(torch.ops.ppap_fast, "lora_conv2d_cpp"):
+            return "the loaded extension has no lora_*_cpp ops (built before them): rebuild it"
+        _OPS_FOUND = True
     if device.type == "cuda" and not _ext.extension_has_cuda():
         return "extension was built without CUDA: the cpp backend runs on CPU tensors only"
     if device.type not in ("cpu", "cuda"):
@@ -35,8 +41,6 @@ def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"dtype {dtype} not supported (float32/64, float16, bfloat16)"
     return None
 
-
-POISON = False  # tests: buffers the ops fully overwrite start as NaN
 
 def _ints(v):
     return [v, v] if isinstance(v, int) else [int(a) for a in v]
