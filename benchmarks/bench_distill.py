@@ -9,7 +9,9 @@ replays): distill_graph_vs_onepass = time(graph) / time(eager one pass). The ban
 placement's default "loralib" layout (the official checkpoints': dense per-expert deltas, routed by
 lora_conv2d_delta); on CUDA also a "factorised" bank (lora_conv2d, the multi-expert LoRA kernels),
 eager: distill_factorised_vs_loralib = time(factorised) / time(loralib), and the same with its LoRA
-layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend).
+layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend); and the
+loralib bank with its dense deltas as one stacked conv (PPAP_FAST_LORA_DELTA=stacked) instead of
+the per-sample grouped conv: distill_delta_stacked_vs_grouped.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _kd(student, teacher):
 def run(device: str = "cpu", quick: bool = False) -> dict:
     model, batch, shape, r, alpha = _model(device)
     reps = 10 if device == "cuda" else (3 if quick else 8)
-    rows, ratios, graph_ratios, cpp_ratios, layout_ratios = [], [], [], [], []
+    rows, ratios, graph_ratios, cpp_ratios, layout_ratios, stacked_ratios = [], [], [], [], [], []
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -72,6 +74,15 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
                "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
+        if device == "cuda":  # the loralib bank with its dense deltas as one stacked conv instead of grouped
+            try:
+                st_ms = _with_backend("PPAP_FAST_LORA_DELTA", "stacked", "lora_conv2d_delta", "stacked",
+                                      lambda: median_ms(onepass, device, reps))
+            except Exception as exc:  # noqa: BLE001 - keep the other rows; say why
+                row["onepass_delta_stacked_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                row["onepass_delta_stacked_ms"] = round(st_ms, 3)
+                stacked_ratios.append(st_ms / one)
         if device == "cuda":  # the factorised layout (the multi-expert LoRA kernels), auto and cpp backends
             try:
                 f_ms, c_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
@@ -94,6 +105,8 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                 graph_ratios.append(g_ms / one)
         rows.append(row)
     out = {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}
+    if stacked_ratios:
+        out["distill_delta_stacked_vs_grouped"] = round(math.exp(sum(map(math.log, stacked_ratios)) / len(stacked_ratios)), 4)
     if cpp_ratios:
         out["distill_factorised_vs_loralib"] = round(math.exp(sum(map(math.log, layout_ratios)) / len(layout_ratios)), 4)
         out["distill_cpp_vs_auto"] = round(math.exp(sum(map(math.log, cpp_ratios)) / len(cpp_ratios)), 4)
@@ -118,24 +131,29 @@ def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
     return auto, _with_cpp_backend(lambda: median_ms(onepass, device, reps))
 
 
-def _with_cpp_backend(fn):
-    """fn() with the LoRA ops' cpp backend (C++ autograd, one Python -> C++ call per layer) picked first."""
+def _with_backend(env: str, value: str, op: str, backend: str, fn):
+    """fn() with the environment variable env=value, checking that op then ran backend."""
     import os
 
-    old = os.environ.get("PPAP_FAST_LORA_CPP")
-    os.environ["PPAP_FAST_LORA_CPP"] = "1"
-    try:
-        from ppap_fast.ops import lora as L
+    from ppap_fast.ops import lora as L
 
+    old = os.environ.get(env)
+    os.environ[env] = value
+    try:
         out = fn()
-        if L.last_backend.get("lora_conv2d") != "cpp":
-            raise RuntimeError(f"the bank ran backend {L.last_backend.get('lora_conv2d')!r}, not cpp")
+        if L.last_backend.get(op) != backend:
+            raise RuntimeError(f"the bank ran {op} on {L.last_backend.get(op)!r}, not {backend}")
         return out
     finally:
         if old is None:
-            os.environ.pop("PPAP_FAST_LORA_CPP", None)
+            os.environ.pop(env, None)
         else:
-            os.environ["PPAP_FAST_LORA_CPP"] = old
+            os.environ[env] = old
+
+
+def _with_cpp_backend(fn):
+    """fn() with the LoRA ops' cpp backend (C++ autograd, one Python -> C++ call per layer) picked first."""
+    return _with_backend("PPAP_FAST_LORA_CPP", "1", "lora_conv2d", "cpp", fn)
 
 
 def _graphed_ms(bank, x, t, teacher, reps):

@@ -501,7 +501,8 @@ def test_loralib_golden(fixtures_dir):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
-def test_lora_conv2d_delta_vectorized(device):
+@pytest.mark.parametrize("backend", ["vectorized", "stacked"])
+def test_lora_conv2d_delta_vectorized(device, backend):
     rng = random.Random(3)
     for groups, cin, cout in [(1, 4, 6), (2, 4, 6), (4, 4, 8)]:
         N, S, k = rng.randint(1, 6), 5, 3
@@ -516,11 +517,30 @@ def test_lora_conv2d_delta_vectorized(device):
         dy = torch.randn_like(y_ref)
         g_ref = torch.autograd.grad(y_ref, want, dy)
         got = [v.to(device).requires_grad_() for v in (x, delta, eb)]
-        y = L.lora_conv2d_delta(got[0], W.to(device), None, got[1], idx.to(device), 2, 1, 1, groups, got[2],
-                                backend="vectorized")
-        g = torch.autograd.grad(y, got, dy.to(device, y.dtype))
-        for n, a, b in zip(["y", "dx", "ddelta", "deb"], [y, *g], [y_ref, *g_ref]):
-            assert_close(n, a.cpu(), b, 2e-5)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = [got[0].detach().contiguous(memory_format=fmt).requires_grad_(), *got[1:]]
+            y = L.lora_conv2d_delta(got[0], W.to(device), None, got[1], idx.to(device), 2, 1, 1, groups, got[2],
+                                    backend=backend)
+            assert L.last_backend["lora_conv2d_delta"] == backend
+            g = torch.autograd.grad(y, got, dy.to(device, y.dtype))
+            for n, a, b in zip(["y", "dx", "ddelta", "deb"], [y, *g], [y_ref, *g_ref]):
+                assert_close(f"{backend} {fmt} groups={groups} {n}", a.cpu(), b, 2e-5)
+
+
+def test_lora_conv2d_delta_stacked_by_env_with_bias(monkeypatch):
+    """PPAP_FAST_LORA_DELTA=stacked makes "stacked" the automatic choice; the shared bias is added once."""
+    torch.manual_seed(5)
+    N, S = 3, 4
+    x, W, b = torch.randn(S, 3, 6, 6), torch.randn(5, 3, 3, 3), torch.randn(5)
+    delta, idx = torch.randn(N, 5, 3, 3, 3) * 0.1, torch.tensor([2, 0, 2, 1])
+    want = R.lora_conv2d_delta(x.double(), W.double(), b.double(), delta.double(), idx, 1, 1)
+    monkeypatch.setenv("PPAP_FAST_LORA_DELTA", "stacked")
+    y = L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
+    assert L.last_backend["lora_conv2d_delta"] == "stacked"
+    assert_close("stacked with bias", y, want, 2e-5)
+    monkeypatch.delenv("PPAP_FAST_LORA_DELTA")
+    L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
+    assert L.last_backend["lora_conv2d_delta"] == "vectorized"
 
 
 # ============================================================================ dispatch / bad input

@@ -20,7 +20,9 @@ with the reason); ``last_backend[op]`` records which ran:
                                6 benchmark layers; benchmarks/NOTES.md). "cpp" (cuda_full's math as
                                C++ autograd Functions, CPU and CUDA: one Python -> C++ call per
                                layer) goes first with PPAP_FAST_LORA_CPP=1, else on request only
-    lora_conv2d_delta : "vectorized" > "reference"
+    lora_conv2d_delta : "vectorized" > "reference"; "stacked" (one dense conv over every expert's
+                        W + delta stacked, N x the FLOPs, no per-sample weight copies) on request
+                        or with PPAP_FAST_LORA_DELTA=stacked
 
 Per-expert norms (BatchNorm / LayerNorm / GroupNorm) live in :mod:`ppap_fast.ops.norm`.
 
@@ -111,12 +113,12 @@ def _why_not_reference(device, dtype):
 
 _CHECKS: Dict[str, Callable] = {
     "cuda": _why_not_cuda, "cuda_full": _why_not_cuda_full, "cpp": _why_not_cpp, "triton": _why_not_triton,
-    "vectorized": _why_not_vectorized, "reference": _why_not_reference,
+    "vectorized": _why_not_vectorized, "stacked": _why_not_vectorized, "reference": _why_not_reference,
 }
 _ORDER = {
     "lora_linear": ("cpp", "cuda_full", "cuda", "triton", "reference"),
     "lora_conv2d": ("cpp", "cuda_full", "cuda", "triton", "reference"),
-    "lora_conv2d_delta": ("vectorized", "reference"),
+    "lora_conv2d_delta": ("vectorized", "stacked", "reference"),
 }
 
 
@@ -245,10 +247,13 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
+    if backend in (None, "auto") and os.environ.get("PPAP_FAST_LORA_DELTA") == "stacked":
+        backend = "stacked"
     b = _pick("lora_conv2d_delta", x, backend)
     from . import vectorized
 
-    impl = vectorized.lora_conv2d_delta if b == "vectorized" else reference.lora_conv2d_delta
+    impl = {"vectorized": vectorized.lora_conv2d_delta, "stacked": vectorized.lora_conv2d_delta_stacked}.get(
+        b, reference.lora_conv2d_delta)
     return impl(x, W, bias, delta, expert_idx, stride, padding, dilation, groups, expert_bias)
 
 

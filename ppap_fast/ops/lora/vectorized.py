@@ -1,6 +1,13 @@
-"""Sync-free, loop-free PyTorch path (graph-capturable) for an op cuDNN already does well:
-lora_conv2d_delta = W + delta[e] per sample as the base conv plus ONE grouped conv over the
-batch (S*groups groups, per-sample weights delta[idx]).
+"""Sync-free, loop-free PyTorch paths (graph-capturable) for lora_conv2d_delta, conv(x, W + delta[e]):
+
+* ``lora_conv2d_delta`` ("vectorized"): the base conv plus ONE grouped conv over the batch
+  (S*groups groups, per-sample weights delta[idx]): the FLOPs of two base convs, but S copies of a
+  delta per layer (e.g. 64 x 2.36M values for ResNet50's layer4 conv2) and a grouped conv with S
+  large groups, forward, dgrad and wgrad.
+* ``lora_conv2d_delta_stacked`` ("stacked"): ONE dense conv with every expert's W + delta_e
+  stacked along the output channels (N*C_out), then each sample keeps its own expert's channels
+  (one gather): N times the base conv's FLOPs (and N-fold dgrad / wgrad), no per-sample weight
+  copies, no grouped conv.
 """
 from __future__ import annotations
 
@@ -16,6 +23,24 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     yd = F.conv2d(x.reshape(1, S * C_in, H, Wd), d.reshape(S * C_out, *W.shape[1:]), None, stride, padding,
                   dilation, groups * S)
     y = y + yd.view_as(y)
+    if expert_bias is not None:
+        y = y + expert_bias[expert_idx].to(y.dtype)[:, :, None, None]
+    return y
+
+
+def lora_conv2d_delta_stacked(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1,
+                              expert_bias=None):
+    N, C_out = delta.shape[0], W.shape[0]
+    cg = C_out // groups
+    w_all = W.detach().to(delta.dtype) + delta  # [N, C_out, C_in/g, kh, kw], differentiable in delta
+    # output channels ordered [g, N, C_out/g]: each conv group sees its own input group
+    w_all = w_all.reshape(N, groups, cg, *W.shape[1:]).transpose(0, 1).reshape(groups * N * cg, *W.shape[1:])
+    ys = F.conv2d(x, w_all.to(x.dtype), None, stride, padding, dilation, groups)
+    S, _, Ho, Wo = ys.shape
+    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, cg, Ho, Wo)
+    y = ys.unflatten(1, (groups, N, cg)).gather(2, sel).reshape(S, C_out, Ho, Wo)
+    if bias is not None:
+        y = y + bias.detach().to(y.dtype)[:, None, None]
     if expert_bias is not None:
         y = y + expert_bias[expert_idx].to(y.dtype)[:, :, None, None]
     return y
