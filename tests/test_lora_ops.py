@@ -20,6 +20,8 @@ from ppap_fast.ops.lora import fast, reference as R, triton_kernels as TK
 from ppap_fast.ops.lora import cpp as CPP
 from ppap_fast.ops.lora.segments import build_segments
 
+from _util import capture_cuda_graph
+
 HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -630,17 +632,11 @@ def test_cuda_graph_capture_lora_linear(backend):
     static_idx = idx.clone()
     seg = build_segments(static_idx, N)
     fast.POISON = TK.POISON = CPP.POISON = False
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm up / compile outside capture
-            build_segments(static_idx, N, out=seg)
-            L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend=backend, segments=seg)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         build_segments(static_idx, N, out=seg)
-        y = L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend=backend, segments=seg)
+        return L.lora_linear(x, W, None, A, B, static_idx, 0.5, eb, backend=backend, segments=seg)
+
+    graph, y = capture_cuda_graph(step)
     for new in ([4, 4, 4, 4, 4, 4], [1, 0, 2, 3, 2, 1]):
         static_idx.copy_(torch.tensor(new, device=dev))
         graph.replay()
@@ -671,15 +667,7 @@ def test_cuda_graph_capture_cpp_conv_fwd_bwd():
         y = L.lora_conv2d(x, W, None, A, B, static_idx, 0.5, padding=1, expert_bias=eb, backend="cpp", segments=seg)
         return (y, *torch.autograd.grad(y, [x, A, B, eb], dy))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture_cuda_graph(step)
     for new in ([2, 2, 2, 2, 2, 2], [1, 0, 3, 3, 0, 1]):
         static_idx.copy_(torch.tensor(new, device=dev))
         graph.replay()
@@ -705,15 +693,11 @@ def test_cuda_graph_capture_seg_outer(split):
     static_idx = torch.tensor([0, 3, 3, 1, 1, 0], device=dev)
     seg = build_segments(static_idx, N)
     out = torch.full((N, P, Q), float("nan"), device=dev)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 0.5, split)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def step():
         build_segments(static_idx, N, out=seg)
         cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 0.5, split)
+
+    graph, _ = capture_cuda_graph(step, warmup=1)
     for new in ([2, 2, 2, 2, 2, 2], [1, 0, 3, 3, 0, 1]):
         static_idx.copy_(torch.tensor(new, device=dev))
         out.fill_(float("nan"))

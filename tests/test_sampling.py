@@ -8,7 +8,7 @@ from ppap_fast.sampling import ddim_step, ddpm_step, eps_correction, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import check_guided_golden
 
-from _util import assert_no_host_sync, requires_cuda
+from _util import assert_no_host_sync, capture_cuda_graph, requires_cuda
 
 
 # ----------------------------------------------------------------- golden parity
@@ -372,15 +372,7 @@ def test_guided_ddim_step_cuda_graph(fixtures_dir, nonfinite_grad):
         with torch.no_grad():
             return ddim_step(model, static_x, static_idx, s, guide=guide, nonfinite_grad=nonfinite_grad).sample
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = capture_cuda_graph(step, warmup=3)
     for i in (20, 5, 0):
         static_idx.fill_(i)
         static_x.copy_(x * (1 + i / 100))
