@@ -857,3 +857,27 @@ def test_cpp_backend_refuses_double_backward():
     y = L.lora_linear(x, torch.randn(5, 4), None, A, B, torch.tensor([0, 1, 1]), 1.0, backend="cpp")
     (gx,) = torch.autograd.grad(y.square().sum(), x)  # first order still works
     assert torch.isfinite(gx).all()
+
+
+def test_global_set_backend_reaches_the_lora_ops():
+    """ppap_fast.ops.set_backend(name) forces name on every op that has it, the LoRA ops included."""
+    from ppap_fast import ops
+
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B, idx = torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.tensor([0, 1, 1])
+    try:
+        ops.set_backend("cpp")
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+        assert L.last_backend["lora_linear"] == "cpp"
+        L.lora_conv2d_delta(torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), None, torch.randn(2, 4, 3, 3, 3),
+                            idx[:2], padding=1)  # no cpp backend there: automatic choice
+        assert L.last_backend["lora_conv2d_delta"] == "vectorized"
+        ops.set_backend("reference")
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+        assert L.last_backend["lora_linear"] == "reference"
+        assert L.lora_linear(x, W, None, A, B, idx, 1.0, backend="cpp") is not None  # explicit wins
+        assert L.last_backend["lora_linear"] == "cpp"
+    finally:
+        ops.set_backend(None)

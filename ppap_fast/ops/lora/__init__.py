@@ -138,6 +138,11 @@ def _cpp_in_auto() -> bool:
 def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
     order = _ORDER[op]
     backend = backend or os.environ.get("PPAP_LORA_BACKEND") or None
+    if backend is None:  # ppap_fast.ops.set_backend(name) applies to the ops that have that backend
+        from .. import _registry
+
+        if _registry._forced in order:
+            backend = _registry._forced
     if backend not in (None, "auto"):
         if backend not in order:
             raise BackendUnavailableError(f"op {op!r} has no backend {backend!r}; it has {order}")
