@@ -26,6 +26,8 @@ adds into the base conv output; its backward is shrink + segment outer product.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -169,8 +171,8 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
     from .segments import build_segments
 
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
-    x, dev = _autocast_input(x)
-    with torch.autocast(dev, enabled=False):
+    x, no_autocast = _autocast_input(x)
+    with no_autocast:
         return LoraLinearFn.apply(x, W, bias, A, B, expert_bias, seg, float(scale), fwd)
 
 
@@ -184,10 +186,8 @@ def stacked_a_conv(x, A, expert_idx, stride, padding, dilation, groups):
     As = A.reshape(N, groups, rg, *A.shape[2:]).transpose(0, 1).reshape(groups * N * rg, *A.shape[2:])
     hs = F.conv2d(x, As.to(x.dtype), None, stride, padding, dilation, groups)
     S, _, Ho, Wo = hs.shape
-    hs = hs.view(S, groups, N, rg, Ho * Wo)
-    ar = torch.arange(S, device=x.device)
-    h = hs[ar, :, expert_idx]  # [S, g, rg, P]  (advanced indices first)
-    return h.reshape(S, r, Ho, Wo)
+    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, rg, Ho, Wo)
+    return hs.unflatten(1, (groups, N, rg)).gather(2, sel).reshape(S, r, Ho, Wo)  # one gather, any memory format
 
 
 def grouped_a_conv(x, A, expert_idx, stride, padding, dilation, groups):
@@ -351,11 +351,12 @@ class LoraConvFusedFn(torch.autograd.Function):
 
 def _autocast_input(x):
     """Under torch.autocast the fast paths compute in the autocast dtype (like F.linear /
-    F.conv2d would); inside the Functions autocast is off so every op sees one dtype."""
+    F.conv2d would); inside the Functions autocast is off so every op sees one dtype.
+    Returns (x, the context to run the Functions in: autocast off, or nothing to switch)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
-    return x, dev
+        return x.to(torch.get_autocast_dtype(dev)), torch.autocast(dev, enabled=False)
+    return x, contextlib.nullcontext()  # no autocast object per call on the eager hot path
 
 
 def _pair(v):
@@ -368,9 +369,9 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
 
     N = A.shape[0]
     seg = seg if seg is not None else build_segments(expert_idx, N)
-    x, dev = _autocast_input(x)
+    x, no_autocast = _autocast_input(x)
     if a_stage == "fused" and groups == 1:
-        with torch.autocast(dev, enabled=False):
+        with no_autocast:
             return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
                                          dilation, fwd)
     if a_stage in ("stacked", "fused"):  # fused with groups > 1 runs the stacked path
@@ -380,6 +381,6 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     else:
         raise ValueError(f"a_stage must be 'stacked', 'fused' or 'grouped', got {a_stage!r}")
     Bd = block_diag_B(B, groups)
-    with torch.autocast(dev, enabled=False):
+    with no_autocast:
         return LoraConvBFn.apply(x, h, Bd, expert_bias, W, bias, seg, float(scale), stride, padding, dilation,
                                  groups, fwd)
