@@ -1,6 +1,8 @@
 """Host-side helpers shared by the Triton op modules (ops.lora, ops.norm)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _SM_COUNT: dict = {}
@@ -22,3 +24,11 @@ def new_buffer(shape, dtype, device, poison: bool) -> torch.Tensor:
     if poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for device_type: torch.autocast(enabled=False) where autocast is
+    on, else nothing to switch (building an autocast object costs microseconds on every eager call)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

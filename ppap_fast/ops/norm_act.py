@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext, _registry
+from ._kernel_util import autocast_off
 
 OP = "group_norm_act"
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,7 +76,7 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5
 def _triton(x, num_groups, weight, bias, eps, scale, shift, silu):
     from . import norm_act_triton as tk
 
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, poison=POISON)
 
 

@@ -26,13 +26,11 @@ adds into the base conv output; its backward is shrink + segment outer product.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._kernel_util import new_buffer
+from .._kernel_util import autocast_off, new_buffer
 from . import triton_kernels as tk
 from .reference import block_diag_B  # noqa: F401  (pure torch; also used by the cpp backend)
 from .segments import Segments
@@ -355,8 +353,8 @@ def _autocast_input(x):
     Returns (x, the context to run the Functions in: autocast off, or nothing to switch)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
-        return x.to(torch.get_autocast_dtype(dev)), torch.autocast(dev, enabled=False)
-    return x, contextlib.nullcontext()  # no autocast object per call on the eager hot path
+        x = x.to(torch.get_autocast_dtype(dev))
+    return x, autocast_off(dev)
 
 
 def _pair(v):

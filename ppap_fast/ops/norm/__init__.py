@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _registry
+from .._kernel_util import autocast_off
 from ..lora import _check_idx
 from ..lora.segments import build_segments
 from . import reference
@@ -109,7 +110,7 @@ def _bn_triton(x, idx, w, b, rm, rv, training, momentum, eps, segments):
     from .fast import ExpertBatchNormFn
 
     seg = _seg(idx, w.shape[0], segments)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return ExpertBatchNormFn.apply(x, w, b, rm, rv, seg, training, momentum, eps)
 
 
@@ -123,7 +124,7 @@ def _ln_triton(x, idx, w, b, eps, segments):
 
     seg = _seg(idx, w.shape[0], segments)
     x = _fp32_under_autocast(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return ExpertLayerNormFn.apply(x, w, b, seg, eps)
 
 
@@ -132,7 +133,7 @@ def _gn_triton(x, idx, G, w, b, eps, segments):
 
     seg = _seg(idx, w.shape[0], segments)
     x = _fp32_under_autocast(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return ExpertGroupNormFn.apply(x, w, b, seg, G, eps)
 
 
