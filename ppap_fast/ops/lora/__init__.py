@@ -52,6 +52,7 @@ last_backend: Dict[str, Optional[str]] = {}
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+from .. import _registry  # noqa: E402  (a global set_backend reaches these ops too)
 from .._registry import BackendUnavailableError  # noqa: E402  one error type for every op
 
 # ----------------------------------------------------------------------------- availability
@@ -138,11 +139,8 @@ def _cpp_in_auto() -> bool:
 def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
     order = _ORDER[op]
     backend = backend or os.environ.get("PPAP_LORA_BACKEND") or None
-    if backend is None:  # ppap_fast.ops.set_backend(name) applies to the ops that have that backend
-        from .. import _registry
-
-        if _registry._forced in order:
-            backend = _registry._forced
+    if backend is None and _registry._forced in order:  # ops.set_backend(name): the ops that have it
+        backend = _registry._forced
     if backend not in (None, "auto"):
         if backend not in order:
             raise BackendUnavailableError(f"op {op!r} has no backend {backend!r}; it has {order}")
