@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,3 +90,29 @@ def test_a_failing_suite_keeps_its_emitted_rows(tmp_path, monkeypatch):
     assert data["errors"]["bench_fake"] == "RuntimeError: compile exploded"
     assert data["rows"] == [{"suite": "bench_fake", "partial": True, "bench": "eager", "ms": 1.0}]
     assert data["ratios"] == {"fake_ratio": 0.5}
+
+
+def test_plot_draws_one_panel_per_suite_and_a_rerun_replaces_rows(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot
+
+    step = {"suite": "bench_step", "config": "adm", "shape": [32, 3, 256, 256], "reference_ms": 674.0,
+            "reference_unguided_ms": 571.0, "fast_ms": 573.0, "fast_unguided_ms": 565.0, "floor_ms": 73.0}
+    lora = [{"suite": "bench_lora", "layer": "resnet50.layer3.conv2 3x3 256->256", "N": 5, "variant": v,
+             "fwd_ms": 0.1, "fwdbwd_ms": ms} for v, ms in (("base", 0.3), ("ours[cuda_full]", 1.9), ("loop", 4.8))]
+    update = {"suite": "bench_update", "sampler": "ddim", "var_type": None, "shape": [32, 3, 256, 256],
+              "dtype": "torch.float32", "cuda_hbm_fraction": 0.7, "triton_hbm_fraction": 0.8}
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps({"device": "Card X", "rows": [step, *lora, dict(update, cuda_hbm_fraction=0.1)]}))
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps({"device": "Card X", "rows": [update]}))
+    device, by_suite = plot.load([first, second])
+    assert device == "Card X" and by_suite["bench_update"] == [update]  # the rerun's rows, not both runs'
+    out = tmp_path / "fig" / "h.png"
+    assert plot.plot([first, second], out) == ["bench_step", "bench_lora", "bench_update"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert not list(out.parent.glob("*.tmp.png"))
+    empty = tmp_path / "e.json"
+    empty.write_text(json.dumps({"device": "cpu", "rows": [{"suite": "bench_scale"}]}))
+    with pytest.raises(ValueError, match="no rows"):
+        plot.plot([empty], tmp_path / "x.png")

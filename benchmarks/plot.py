@@ -1,0 +1,152 @@
+"""Pictures of benchmark runs: ``python benchmarks/plot.py BENCH.json [MORE.json ...] --out FIG.png``.
+
+Reads the JSON that ``benchmarks/run.py --json`` (or gpu_check.sh's bench.json) writes and draws one
+panel per suite present, the card in the title:
+  * guided step (bench_step): reference vs fast, guided and unguided, with the card's FLOP floor;
+  * LoRA layers (bench_lora): forward + backward per layer and N for each backend, the per-expert
+    loop and the frozen base layer; the CUDA-graph rows (GPU time alone) where measured;
+  * fused update (bench_update): fraction of measured HBM bandwidth per configuration;
+  * distillation (bench_distill): images/s, one pass over all experts vs expert by expert.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PANELS = ("bench_step", "bench_lora", "bench_update", "bench_distill")
+
+
+def load(paths) -> tuple[str, dict]:
+    """(device, suite -> rows); a suite's rows come from the last file that has it (a rerun replaces
+    an earlier run's rows instead of doubling them); rows without a suite are skipped."""
+    devices, by_suite = [], {}
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        devices.append(str(data.get("device", "?")))
+        mine: dict = {}
+        for row in data.get("rows", []):
+            if row.get("suite"):
+                mine.setdefault(row["suite"], []).append(row)
+        by_suite.update(mine)
+    return " + ".join(dict.fromkeys(devices)), by_suite
+
+
+def _step(ax, rows):
+    r = rows[0]
+    names = ["reference\nguided", "reference\nunguided", "fast\nguided", "fast\nunguided"]
+    vals = [r.get("reference_ms"), r.get("reference_unguided_ms"), r.get("fast_ms"), r.get("fast_unguided_ms")]
+    keep = [(n, v) for n, v in zip(names, vals) if v is not None]
+    bars = ax.bar([n for n, _ in keep], [v for _, v in keep], color=["#bbbbbb", "#dddddd", "#3b75af", "#8fb4d9"][:len(keep)])
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    if r.get("floor_ms"):
+        ax.axhline(r["floor_ms"], color="#c44e52", ls="--", lw=1)
+        ax.text(len(keep) - 0.5, r["floor_ms"], f" FLOP floor {r['floor_ms']:.0f} ms", color="#c44e52", fontsize=7,
+                ha="right", va="bottom")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"guided step: {r.get('config', '')}, batch {r.get('shape', ['?'])[0]}", fontsize=9)
+
+
+def _lora(ax, rows):
+    keys = list(dict.fromkeys((r["layer"], r["N"]) for r in rows))
+    wanted = [v for v in ("base", "ours[cuda_full]", "ours[cpp]", "ours[auto]", "loop", "base[cudagraph]",
+                          "ours[auto,cudagraph]", "ours[cpp,cudagraph]", "ours[triton,cudagraph]")
+              if any(r["variant"] == v and r.get("fwdbwd_ms") for r in rows)]
+    width = 0.8 / max(len(wanted), 1)
+    top = 0.0
+    for j, v in enumerate(wanted):
+        ys = []
+        for k in keys:
+            hit = [r for r in rows if (r["layer"], r["N"]) == k and r["variant"] == v]
+            ys.append(hit[0].get("fwdbwd_ms") or 0.0 if hit else 0.0)
+        ax.bar([i + (j - (len(wanted) - 1) / 2) * width for i in range(len(keys))], ys, width, label=v)
+        top = max([top, *ys])
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{layer.split(' ')[0].replace('resnet50.', '')}\n{layer.split(' ', 1)[-1]}\nN={n}"
+                        for layer, n in keys], fontsize=6)
+    ax.set_ylabel("ms, forward + backward")
+    ax.set_title("multi-expert LoRA layer (eager; [cudagraph]: GPU time alone)", fontsize=9)
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(fontsize=6, ncol=3, loc="upper center")
+
+
+def _update(ax, rows):
+    labels, cuda, triton = [], [], []
+    for r in rows:
+        if "cuda_hbm_fraction" not in r and "triton_hbm_fraction" not in r:
+            continue
+        kind = r.get("sampler", "") + {"learned_range": " learned", "fixed_large": " fixed"}.get(r.get("var_type"), "")
+        dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(r.get("dtype")), "?")
+        labels.append(f"{kind} {dt} b{r.get('shape', ['?'])[0]}")
+        cuda.append(r.get("cuda_hbm_fraction") or 0.0)
+        triton.append(r.get("triton_hbm_fraction") or 0.0)
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], cuda, 0.4, label="CUDA kernel")
+    ax.bar([x + 0.2 for x in xs], triton, 0.4, label="Triton kernel")
+    ax.axhline(0.8, color="#c44e52", ls="--", lw=1)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=6, rotation=35, ha="right")
+    ax.set_ylabel("fraction of measured HBM bandwidth")
+    ax.set_title("fused guided update (goal 0.8, dashed)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _distill(ax, rows):
+    labels = [f"N={r['n_experts']}" for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["sequential_img_per_s"] for r in rows], 0.4, label="expert by expert",
+           color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [r["onepass_img_per_s"] for r in rows], 0.4, label="all experts, one pass",
+           color="#3b75af")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("images / s")
+    r = rows[0]
+    ax.set_title(f"distillation step, batch {r.get('batch')} at {'x'.join(map(str, r.get('shape', [])))}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper center")
+    ax.set_ylim(0, max(r["onepass_img_per_s"] for r in rows) * 1.2)
+
+
+DRAW = {"bench_step": _step, "bench_lora": _lora, "bench_update": _update, "bench_distill": _distill}
+
+
+def plot(paths, out, title: str | None = None) -> list[str]:
+    """Draw the panels of the suites present in `paths` into `out`; returns the suites drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device, by_suite = load(paths)
+    suites = [s for s in PANELS if by_suite.get(s)]
+    if not suites:
+        raise ValueError(f"no rows of {PANELS} in {[str(p) for p in paths]}")
+    cols = min(2, len(suites))
+    rows = (len(suites) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, suites):
+        DRAW[s](ax, by_suite[s])
+    for ax in list(axes.flat)[len(suites):]:
+        ax.axis("off")
+    fig.suptitle(title or device, fontsize=11)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)  # atomic: a reader never sees half a picture
+    return suites
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", nargs="+", help="bench JSON files (benchmarks/run.py --json)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--title", default=None, help="figure title (default: the device in the JSON)")
+    a = p.parse_args(argv)
+    print(f"{a.out}: {', '.join(plot(a.json, a.out, a.title))}")
+
+
+if __name__ == "__main__":
+    main()
