@@ -15,7 +15,6 @@ the per-sample grouped conv: distill_delta_stacked_vs_grouped.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from timing import geomean, median_ms  # noqa: E402
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
 
@@ -46,7 +45,9 @@ def _kd(student, teacher):
 def run(device: str = "cpu", quick: bool = False) -> dict:
     model, batch, shape, r, alpha = _model(device)
     reps = 10 if device == "cuda" else (3 if quick else 8)
-    rows, ratios, graph_ratios, cpp_ratios, layout_ratios, stacked_ratios = [], [], [], [], [], []
+    rows, ratios = [], []
+    acc: dict = {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
+                                "distill_cpp_vs_auto", "distill_graph_vs_onepass")}
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -74,45 +75,47 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
                "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
-        if device == "cuda":  # the loralib bank with its dense deltas as one stacked conv instead of grouped
-            try:
-                st_ms = _with_backend("PPAP_FAST_LORA_DELTA", "stacked", "lora_conv2d_delta", "stacked",
-                                      lambda: median_ms(onepass, device, reps))
-            except Exception as exc:  # noqa: BLE001 - keep the other rows; say why
-                row["onepass_delta_stacked_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                row["onepass_delta_stacked_ms"] = round(st_ms, 3)
-                stacked_ratios.append(st_ms / one)
-        if device == "cuda":  # the factorised layout (the multi-expert LoRA kernels), auto and cpp backends
-            try:
-                f_ms, c_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
-            except Exception as exc:  # noqa: BLE001 - keep the other rows; say why
-                row["factorised_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                row["factorised_onepass_ms"] = round(f_ms, 3)
-                row["factorised_onepass_cpp_ms"] = round(c_ms, 3)
-                row["factorised_onepass_img_per_s"] = round(batch / f_ms * 1e3, 1)
-                layout_ratios.append(f_ms / one)
-                cpp_ratios.append(c_ms / f_ms)
-        if device == "cuda":  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
-            try:
-                g_ms = _graphed_ms(bank, x, t, teacher, reps)
-            except Exception as exc:  # noqa: BLE001 - keep the eager rows; say why the graph did not run
-                row["onepass_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                row["onepass_graph_ms"] = round(g_ms, 3)
-                row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
-                graph_ratios.append(g_ms / one)
+        if device == "cuda":
+            _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch)
         rows.append(row)
-    out = {"distill_onepass_vs_sequential": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4)}
-    if stacked_ratios:
-        out["distill_delta_stacked_vs_grouped"] = round(math.exp(sum(map(math.log, stacked_ratios)) / len(stacked_ratios)), 4)
-    if cpp_ratios:
-        out["distill_factorised_vs_loralib"] = round(math.exp(sum(map(math.log, layout_ratios)) / len(layout_ratios)), 4)
-        out["distill_cpp_vs_auto"] = round(math.exp(sum(map(math.log, cpp_ratios)) / len(cpp_ratios)), 4)
-    if graph_ratios:
-        out["distill_graph_vs_onepass"] = round(math.exp(sum(map(math.log, graph_ratios)) / len(graph_ratios)), 4)
+    out = {"distill_onepass_vs_sequential": geomean(ratios)}
+    out.update({k: geomean(v) for k, v in acc.items() if v})
     return {"rows": rows, "ratios": out}
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch):
+    """The CUDA-only rows of one N; a variant that fails records why in the row (the others still run)."""
+    device = "cuda"
+    try:  # the loralib bank with its dense deltas as one stacked conv instead of the grouped one
+        st_ms = _with_backend("PPAP_FAST_LORA_DELTA", "stacked", "lora_conv2d_delta", "stacked",
+                              lambda: median_ms(onepass, device, reps))
+    except Exception as exc:  # noqa: BLE001
+        row["onepass_delta_stacked_error"] = _error(exc)
+    else:
+        row["onepass_delta_stacked_ms"] = round(st_ms, 3)
+        acc["distill_delta_stacked_vs_grouped"].append(st_ms / one)
+    try:  # the factorised layout (the multi-expert LoRA kernels), automatic and cpp backends
+        f_ms, c_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
+    except Exception as exc:  # noqa: BLE001
+        row["factorised_error"] = _error(exc)
+    else:
+        row["factorised_onepass_ms"] = round(f_ms, 3)
+        row["factorised_onepass_cpp_ms"] = round(c_ms, 3)
+        row["factorised_onepass_img_per_s"] = round(batch / f_ms * 1e3, 1)
+        acc["distill_factorised_vs_loralib"].append(f_ms / one)
+        acc["distill_cpp_vs_auto"].append(c_ms / f_ms)
+    try:  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
+        g_ms = _graphed_ms(bank, x, t, teacher, reps)
+    except Exception as exc:  # noqa: BLE001
+        row["onepass_graph_error"] = _error(exc)
+    else:
+        row["onepass_graph_ms"] = round(g_ms, 3)
+        row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
+        acc["distill_graph_vs_onepass"].append(g_ms / one)
 
 
 def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):

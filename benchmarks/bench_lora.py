@@ -27,7 +27,6 @@ layers and N:
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 from ppap_fast.ops import lora as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from timing import geomean, median_ms  # noqa: E402
 
 
 def _configs(device: str, quick: bool):
@@ -391,7 +390,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
             ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
             ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / res["base"][1])
-    ratios = {k: round(math.exp(sum(map(math.log, v)) / len(v)), 4) for k, v in ratio_acc.items() if v}
+    ratios = {k: geomean(v) for k, v in ratio_acc.items() if v}
     return {"rows": rows, "ratios": ratios}
 
 

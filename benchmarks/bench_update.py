@@ -14,7 +14,6 @@ eager DDIM time from 1 ms to 200 ms and said nothing about either implementation
 """
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from timing import back_to_back_ms, round_robin_ms  # noqa: E402
+from timing import back_to_back_ms, geomean, round_robin_ms  # noqa: E402
 
 from ppap_fast import ops  # noqa: E402
 from ppap_fast.ops import update as gu  # noqa: E402
@@ -106,7 +105,7 @@ def _run(device: str, quick: bool) -> dict:
                 if best is not None:
                     ratios.append(row[f"{best}_vs_eager"])
                 rows.append(row)
-    ratio = round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 4) if ratios else None
+    ratio = geomean(ratios) if ratios else None
     out = {"update_fused_vs_eager": ratio}
     if fractions:
         out["update_hbm_fraction"] = max(fractions)

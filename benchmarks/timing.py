@@ -1,6 +1,7 @@
 """Wall times of callables, synchronising CUDA around each call."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -52,3 +53,9 @@ def back_to_back_ms(fn: Callable, device: str, reps: int, warmup: int = 3) -> fl
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def geomean(values) -> float:
+    """Geometric mean of positive ratios, rounded to 4 digits (how every suite aggregates its rows)."""
+    values = list(values)
+    return round(math.exp(sum(map(math.log, values)) / len(values)), 4)
