@@ -32,3 +32,13 @@ def autocast_off(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_input(x: torch.Tensor):
+    """Under torch.autocast the fast paths compute in the autocast dtype (like F.linear / F.conv2d
+    would), with autocast off inside them so that every op sees one dtype. Returns (x in that dtype,
+    the context to run the op in: :func:`autocast_off`)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    return x, autocast_off(dev)

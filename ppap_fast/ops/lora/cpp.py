@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .._kernel_util import autocast_input
 from .reference import block_diag_B
 from .segments import Segments, build_segments
 
@@ -48,14 +49,10 @@ def _ints(v):
 
 def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segments | None = None):
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        with torch.autocast(dev, enabled=False):
-            return torch.ops.ppap_fast.lora_linear_cpp(
-                x.to(torch.get_autocast_dtype(dev)), W, bias, A, B, expert_bias, seg.expert_idx, seg.sorted_idx,
-                seg.offsets, float(scale), POISON)
-    return torch.ops.ppap_fast.lora_linear_cpp(x, W, bias, A, B, expert_bias, seg.expert_idx, seg.sorted_idx,
-                                               seg.offsets, float(scale), POISON)
+    x, no_autocast = autocast_input(x)
+    with no_autocast:
+        return torch.ops.ppap_fast.lora_linear_cpp(x, W, bias, A, B, expert_bias, seg.expert_idx, seg.sorted_idx,
+                                                   seg.offsets, float(scale), POISON)
 
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
@@ -64,8 +61,6 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     Bd = block_diag_B(B, groups)
     args = (W, bias, A, Bd, expert_bias, seg.expert_idx, seg.sorted_idx, seg.offsets, float(scale), _ints(stride),
             _ints(padding), _ints(dilation), int(groups), POISON)
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        with torch.autocast(dev, enabled=False):
-            return torch.ops.ppap_fast.lora_conv2d_cpp(x.to(torch.get_autocast_dtype(dev)), *args)
-    return torch.ops.ppap_fast.lora_conv2d_cpp(x, *args)
+    x, no_autocast = autocast_input(x)
+    with no_autocast:
+        return torch.ops.ppap_fast.lora_conv2d_cpp(x, *args)

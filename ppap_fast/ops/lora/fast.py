@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .._kernel_util import autocast_off, new_buffer
+from .._kernel_util import autocast_input, new_buffer
 from . import triton_kernels as tk
 from .reference import block_diag_B  # noqa: F401  (pure torch; also used by the cpp backend)
 from .segments import Segments
@@ -169,7 +169,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
     from .segments import build_segments
 
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
-    x, no_autocast = _autocast_input(x)
+    x, no_autocast = autocast_input(x)
     with no_autocast:
         return LoraLinearFn.apply(x, W, bias, A, B, expert_bias, seg, float(scale), fwd)
 
@@ -347,16 +347,6 @@ class LoraConvFusedFn(torch.autograd.Function):
         return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 
 
-def _autocast_input(x):
-    """Under torch.autocast the fast paths compute in the autocast dtype (like F.linear /
-    F.conv2d would); inside the Functions autocast is off so every op sees one dtype.
-    Returns (x, the context to run the Functions in: autocast off, or nothing to switch)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
-    return x, autocast_off(dev)
-
-
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
@@ -367,7 +357,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
 
     N = A.shape[0]
     seg = seg if seg is not None else build_segments(expert_idx, N)
-    x, no_autocast = _autocast_input(x)
+    x, no_autocast = autocast_input(x)
     if a_stage == "fused" and groups == 1:
         with no_autocast:
             return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
