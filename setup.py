@@ -34,10 +34,13 @@ def _extensions():
     if not use_cuda:
         sources = [s for s in sources if not s.endswith("cuda_registration.cpp")]
     cxx = ["-O3"]
-    # Link the shared libstdc++ even where the compiler is a wrapper adding -static-libstdc++ (the GPU
-    # image's /opt/gcc/bin/g++ does): with a private static copy, a C++ error raised in the extension
-    # is not caught by torch's libstdc++ and kills the process (segfault) instead of raising.
-    link = ["-lstdc++"] if sys.platform.startswith("linux") else []
+    # Link the shared libstdc++ even where the compiler finds a static one first (the GPU image's
+    # /opt/gcc/bin/g++ is a script adding -B folders that hold libstdc++.a): with a private copy, a
+    # C++ error raised in the extension is not caught by torch's libstdc++ and kills the process
+    # (segfault) instead of raising. "-l:libstdc++.so.6" names the shared file; the pushed state
+    # keeps it dynamic and needed whatever -Bstatic / --as-needed came before (verified on the H100 image).
+    link = (["-Wl,--push-state,--no-as-needed,-Bdynamic", "-l:libstdc++.so.6", "-Wl,--pop-state"]
+            if sys.platform.startswith("linux") else [])
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if use_cuda:

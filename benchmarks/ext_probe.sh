@@ -7,6 +7,9 @@ echo "--- compilers"
 for c in "${CXX:-}" /opt/gcc/bin/g++ /usr/bin/g++ "$(command -v g++)" "$(command -v c++)"; do
   [[ -n $c && -x $c ]] && echo "$c: $($c --version | head -1) | libstdc++: $($c -print-file-name=libstdc++.so.6)"
 done
+for w in /opt/gcc/bin/g++ "$(command -v g++)"; do  # a wrapper script: what it adds
+  [[ -f $w ]] && file -b "$w" | grep -q text && { echo "--- $w is a script:"; head -c 1500 "$w"; echo; }
+done
 python3 - <<'PY'
 import re, torch
 cfg = torch.__config__.show()
