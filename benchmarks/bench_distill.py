@@ -9,9 +9,10 @@ replays): distill_graph_vs_onepass = time(graph) / time(eager one pass). The ban
 placement's default "loralib" layout (the official checkpoints': dense per-expert deltas, routed by
 lora_conv2d_delta); on CUDA also a "factorised" bank (lora_conv2d, the multi-expert LoRA kernels),
 eager: distill_factorised_vs_loralib = time(factorised) / time(loralib), and the same with its LoRA
-layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend); and the
-loralib bank with its dense deltas as one stacked conv (PPAP_FAST_LORA_DELTA=stacked) instead of
-the per-sample grouped conv: distill_delta_stacked_vs_grouped.
+layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend), and on
+Triton (what GraphedTrainStep prefers inside its graph): distill_triton_vs_auto; and the
+loralib bank with its dense deltas as one stacked conv (CUDA's automatic choice) against the
+per-sample grouped conv (PPAP_FAST_LORA_DELTA=grouped): distill_delta_stacked_vs_grouped.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
     reps = 10 if device == "cuda" else (3 if quick else 8)
     rows, ratios = [], []
     acc: dict = {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
-                                "distill_cpp_vs_auto", "distill_graph_vs_onepass")}
+                                "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass")}
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -90,16 +91,19 @@ def _error(exc: Exception) -> str:
 def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch):
     """The CUDA-only rows of one N; a variant that fails records why in the row (the others still run)."""
     device = "cuda"
-    try:  # the loralib bank with its dense deltas as one stacked conv instead of the grouped one
+    try:  # the loralib bank's dense deltas: CUDA's automatic stacked conv vs the per-sample grouped one
         st_ms = _with_backend("PPAP_FAST_LORA_DELTA", "stacked", "lora_conv2d_delta", "stacked",
+                              lambda: median_ms(onepass, device, reps))
+        gr_ms = _with_backend("PPAP_FAST_LORA_DELTA", "grouped", "lora_conv2d_delta", "vectorized",
                               lambda: median_ms(onepass, device, reps))
     except Exception as exc:  # noqa: BLE001
         row["onepass_delta_stacked_error"] = _error(exc)
     else:
         row["onepass_delta_stacked_ms"] = round(st_ms, 3)
-        acc["distill_delta_stacked_vs_grouped"].append(st_ms / one)
+        row["onepass_delta_grouped_ms"] = round(gr_ms, 3)
+        acc["distill_delta_stacked_vs_grouped"].append(st_ms / gr_ms)
     try:  # the factorised layout (the multi-expert LoRA kernels), automatic and cpp backends
-        f_ms, c_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
+        f_ms, c_ms, tr_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
         row["factorised_error"] = _error(exc)
     else:
@@ -107,7 +111,9 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["factorised_onepass_cpp_ms"] = round(c_ms, 3)
         row["factorised_onepass_img_per_s"] = round(batch / f_ms * 1e3, 1)
         acc["distill_factorised_vs_loralib"].append(f_ms / one)
+        row["factorised_onepass_triton_ms"] = round(tr_ms, 3)
         acc["distill_cpp_vs_auto"].append(c_ms / f_ms)
+        acc["distill_triton_vs_auto"].append(tr_ms / f_ms)
     try:  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
         g_ms = _graphed_ms(bank, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
@@ -120,7 +126,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
 
 def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
     """Eager one-pass step of a factorised-layout bank (lora_conv2d: the multi-expert LoRA kernels),
-    with the automatic backend and with the cpp one; (auto ms, cpp ms)."""
+    with the automatic backend, the cpp one and Triton; (auto ms, cpp ms, triton ms)."""
     device = x.device.type
     bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha, layout="factorised").to(device).train()
     opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
@@ -131,7 +137,14 @@ def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
         opt.step()
 
     auto = median_ms(onepass, device, reps)
-    return auto, _with_cpp_backend(lambda: median_ms(onepass, device, reps))
+    cpp = _with_cpp_backend(lambda: median_ms(onepass, device, reps))
+    from ppap_fast.ops import lora as L
+
+    with L.prefer_backend("triton"):
+        tri = median_ms(onepass, device, reps)
+    if L.last_backend.get("lora_conv2d") != "triton":
+        raise RuntimeError(f"the bank ran lora_conv2d on {L.last_backend.get('lora_conv2d')!r}, not triton")
+    return auto, cpp, tri
 
 
 def _with_backend(env: str, value: str, op: str, backend: str, fn):

@@ -5,7 +5,9 @@ about 5 ms of arithmetic per step but took 189 ms eagerly on an H100 (benchmarks
 time of some thousand small launches (routed LoRA, per-expert norms) issued from Python.
 :class:`GraphedTrainStep` runs the first ``warmup`` steps eagerly on a side stream (they allocate
 the optimizer state and autotune), captures the next one and replays it from then on with the
-new inputs copied into static buffers: every step is a real step, in order.
+new inputs copied into static buffers: every step is a real step, in order. The multi-expert LoRA
+ops in the step prefer their Triton backend there (``lora_backend``; None keeps the automatic
+choice): with no host time left, its kernels were the fastest in every H100 layer row.
 
 The step function must be capturable: no host synchronisation (``ExpertBank.check_inputs`` off,
 no ``.item()``), an optimizer made with ``capturable=True`` and a tensor learning rate (set it
@@ -15,6 +17,7 @@ written, not accumulated). The returned loss tensor is static: read or copy it b
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -35,15 +38,31 @@ class GraphedTrainStep:
     """``step(*inputs) -> loss``: ``step_fn(*static_inputs)`` eagerly ``warmup`` times, then captured
     once and replayed (module docstring)."""
 
-    def __init__(self, step_fn: Callable[..., torch.Tensor], warmup: int = 3):
+    def __init__(self, step_fn: Callable[..., torch.Tensor], warmup: int = 3, lora_backend: str | None = "triton"):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the optimizer state must exist before capture), got {warmup}")
+        if lora_backend is not None:
+            from .ops import lora
+
+            if lora_backend not in lora._CHECKS:
+                raise ValueError(f"unknown LoRA backend {lora_backend!r}; expected one of {sorted(lora._CHECKS)} "
+                                 "or None")
         self.step_fn, self.warmup = step_fn, int(warmup)
+        self.lora_backend = lora_backend
         self.static: list[torch.Tensor] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         self.eager_steps = 0
         self._side = None
+
+    def lora_preference(self):
+        """The LoRA ops' automatic backend during the warm-up and capture (``lora_backend``; the
+        warm-up compiles what the capture then records)."""
+        if self.lora_backend is None:
+            return contextlib.nullcontext()
+        from .ops import lora
+
+        return lora.prefer_backend(self.lora_backend)
 
     @property
     def captured(self) -> bool:
@@ -74,13 +93,13 @@ class GraphedTrainStep:
             if self._side is None:
                 self._side = torch.cuda.Stream(device=self.static[0].device)
             self._side.wait_stream(cur)
-            with torch.cuda.stream(self._side):
+            with torch.cuda.stream(self._side), self.lora_preference():
                 loss = self.step_fn(*self.static)
             cur.wait_stream(self._side)
             self.eager_steps += 1
             return loss
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), self.lora_preference():
             self.loss = self.step_fn(*self.static)
         self.graph = graph
         graph.replay()  # capturing ran nothing: this is the step's execution

@@ -543,6 +543,26 @@ def test_lora_conv2d_delta_stacked_by_env_with_bias(monkeypatch):
     monkeypatch.delenv("PPAP_FAST_LORA_DELTA")
     L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
     assert L.last_backend["lora_conv2d_delta"] == "vectorized"
+    monkeypatch.setenv("PPAP_FAST_LORA_DELTA", "stacks")
+    with pytest.raises(ValueError, match="PPAP_FAST_LORA_DELTA"):
+        L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lora_conv2d_delta_auto_on_cuda_is_stacked(monkeypatch):
+    """CUDA's automatic choice is the stacked conv; PPAP_FAST_LORA_DELTA=grouped brings back the grouped one."""
+    torch.manual_seed(6)
+    x, W, b = torch.randn(4, 3, 6, 6), torch.randn(5, 3, 3, 3), torch.randn(5)
+    delta, idx = torch.randn(3, 5, 3, 3, 3) * 0.1, torch.tensor([2, 0, 2, 1])
+    want = R.lora_conv2d_delta(x.double(), W.double(), b.double(), delta.double(), idx, 1, 1)
+    monkeypatch.delenv("PPAP_FAST_LORA_DELTA", raising=False)
+    for env, backend in ((None, "stacked"), ("grouped", "vectorized")):
+        if env:
+            monkeypatch.setenv("PPAP_FAST_LORA_DELTA", env)
+        y = L.lora_conv2d_delta(*(v.cuda() for v in (x, W, b, delta, idx)), 1, 1)
+        assert L.last_backend["lora_conv2d_delta"] == backend
+        assert_close(f"{backend} on cuda", y.cpu(), want, 2e-5)
 
 
 # ============================================================================ dispatch / bad input

@@ -1,5 +1,6 @@
 """GraphedTrainStep: a whole training step in one CUDA graph (CUDA tests marked ``cuda``; CPU: the
 fallback and argument checks)."""
+import contextlib
 import dataclasses
 import warnings
 
@@ -10,10 +11,45 @@ import torch.nn.functional as F
 
 from ppap_fast import distributed as D
 from ppap_fast.experts import ExpertBank
+from ppap_fast.ops import lora as L
 from ppap_fast.models.tiny import TinyResNet
 from ppap_fast.train_graph import GraphedTrainStep, why_no_graph
 
 from _util import rel, requires_cuda
+
+
+def test_lora_backend_preference(monkeypatch):
+    """GraphedTrainStep's LoRA preference: checked when made, a scoped choice that an explicit backend
+    overrides and that ends with the block (CPU: Triton is never picked automatically)."""
+    with pytest.raises(ValueError, match="unknown LoRA backend"):
+        GraphedTrainStep(lambda: None, lora_backend="tritn")
+    assert isinstance(GraphedTrainStep(lambda: None, lora_backend=None).lora_preference(), contextlib.nullcontext)
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B, idx = torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.tensor([0, 1, 1])
+    with L.prefer_backend("triton"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "reference"
+    if L.available_backends("lora_linear", "cpu")["cpp"] == "ok":
+        with L.prefer_backend("cpp"):
+            with L.prefer_backend("reference"):
+                L.lora_linear(x, W, None, A, B, idx, 1.0)
+                assert L.last_backend["lora_linear"] == "reference"
+            L.lora_linear(x, W, None, A, B, idx, 1.0)
+            assert L.last_backend["lora_linear"] == "cpp"
+            L.lora_linear(x, W, None, A, B, idx, 1.0, backend="reference")
+            assert L.last_backend["lora_linear"] == "reference"
+        monkeypatch.setenv("PPAP_FAST_LORA_CPP", "1")  # cpp first in the automatic order...
+        with L.prefer_backend("reference"):  # ...the preferred one goes before it
+            L.lora_linear(x, W, None, A, B, idx, 1.0)
+            assert L.last_backend["lora_linear"] == "reference"
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+        assert L.last_backend["lora_linear"] == "cpp"
+        monkeypatch.delenv("PPAP_FAST_LORA_CPP")
+    L.lora_linear(x, W, None, A, B, idx, 1.0)
+    assert L.last_backend["lora_linear"] == "reference"
+    with pytest.raises(ValueError, match="unknown LoRA backend"):
+        with L.prefer_backend("nope"):
+            pass
 
 
 def test_arguments_and_reasons():
@@ -54,9 +90,11 @@ def test_distill_cuda_graph_on_cpu_warns_and_trains_eagerly(tmp_path):
 
 
 @requires_cuda
-def test_graphed_steps_equal_eager_steps(no_tf32):
+@pytest.mark.parametrize("layout", ["loralib", "factorised"])
+def test_graphed_steps_equal_eager_steps(no_tf32, layout):
     """Eight steps of a routed ResNet bank with capturable AdamW: captured after 3, replayed after
-    that, the same parameters and losses as eight eager steps (fp32, TF32 off)."""
+    that, the same parameters and losses as eight eager steps (fp32, TF32 off). The factorised
+    layout runs the multi-expert LoRA convs: Triton inside the graph, the automatic choice eagerly."""
     torch.manual_seed(0)
     net = TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=3, num_classes=5)
     gen = torch.Generator().manual_seed(1)
@@ -65,7 +103,7 @@ def test_graphed_steps_equal_eager_steps(no_tf32):
 
     def train(graphed):
         torch.manual_seed(2)
-        bank = ExpertBank(net, "resnet", n_experts=5).cuda().train()
+        bank = ExpertBank(net, "resnet", n_experts=5, layout=layout).cuda().train()
         bank.check_inputs = False
         opt = torch.optim.AdamW(bank.parameters_to_train(), lr=torch.tensor(1e-2, device="cuda"), capturable=True)
 
@@ -83,6 +121,8 @@ def test_graphed_steps_equal_eager_steps(no_tf32):
             losses.append(run(x.cuda(), t.cuda(), y.cuda()).item())
         if graphed:
             assert run.captured and run.eager_steps == 3
+            if layout == "factorised":
+                assert L.last_backend["lora_conv2d"] == "triton"
         return losses, {k: v.detach().clone() for k, v in bank.per_expert_state_dict().items()}
 
     (l_e, s_e), (l_g, s_g) = train(False), train(True)

@@ -19,10 +19,13 @@ with the reason); ``last_backend[op]`` records which ran:
                                (verified on an H100: parity tests pass, fwd+bwd the fastest in 5 of
                                6 benchmark layers; benchmarks/NOTES.md). "cpp" (cuda_full's math as
                                C++ autograd Functions, CPU and CUDA: one Python -> C++ call per
-                               layer) goes first with PPAP_FAST_LORA_CPP=1, else on request only
-    lora_conv2d_delta : "vectorized" > "reference"; "stacked" (one dense conv over every expert's
-                        W + delta stacked, N x the FLOPs, no per-sample weight copies) on request
-                        or with PPAP_FAST_LORA_DELTA=stacked
+                               layer) goes first with PPAP_FAST_LORA_CPP=1, else on request only;
+                               prefer_backend(name) puts one first for a block (GraphedTrainStep:
+                               "triton", the fastest inside CUDA graphs on an H100)
+    lora_conv2d_delta : CUDA: "stacked" (one dense conv over every expert's W + delta stacked, N x
+                        the FLOPs, no per-sample weight copies; 0.51x the grouped conv's time in an
+                        H100 distillation step); CPU: "vectorized" (the per-sample grouped conv) >
+                        "reference"; PPAP_FAST_LORA_DELTA=stacked|grouped overrides
 
 Per-expert norms (BatchNorm / LayerNorm / GroupNorm) live in :mod:`ppap_fast.ops.norm`.
 
@@ -32,6 +35,7 @@ when asked for explicitly there). Fast paths take fp32/fp16/bf16; other dtypes
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Dict, Optional
 
@@ -44,7 +48,7 @@ from .segments import Segments, build_segments
 __all__ = [
     "lora_linear", "lora_conv2d", "lora_conv2d_delta",
     "loralib_conv_delta", "lora_conv_delta", "build_segments", "Segments", "last_backend",
-    "available_backends", "BackendUnavailableError", "reference",
+    "available_backends", "BackendUnavailableError", "reference", "prefer_backend",
 ]
 
 last_backend: Dict[str, Optional[str]] = {}
@@ -130,10 +134,30 @@ def available_backends(op: str, device, dtype=torch.float32) -> Dict[str, str]:
 
 
 def _cpp_in_auto() -> bool:
-    """The cpp backend is picked automatically only with PPAP_FAST_LORA_CPP=1: on CUDA its parity
-    tests wait for a GPU run; on CPU it is not faster than the reference in general (faster at
-    batch 4, 1.4-1.9x slower at batch 32: the stacked A conv does N times the A work)."""
+    """The cpp backend is picked automatically only with PPAP_FAST_LORA_CPP=1. On an H100 its parity
+    tests pass and it is the fastest eager fwd+bwd per layer (host time), but whole distillation
+    steps (GPU-bound) gained nothing (1.09x and 0.96x the automatic backend); on CPU it is not faster
+    than the reference in general (faster at batch 4, 1.4-1.9x slower at batch 32)."""
     return os.environ.get("PPAP_FAST_LORA_CPP") == "1"
+
+
+_preferred: list = []  # prefer_backend's stack
+
+
+@contextlib.contextmanager
+def prefer_backend(name: str):
+    """Within the block, the automatic choice of lora_linear / lora_conv2d tries ``name`` first where
+    it can run (Triton only on CUDA tensors); an explicit ``backend=``, PPAP_LORA_BACKEND or
+    ``ops.set_backend`` still wins. ``train_graph.GraphedTrainStep`` runs its warm-up and capture
+    under ``prefer_backend("triton")``: inside CUDA graphs (no host time) Triton's fwd+bwd was the
+    fastest in all six H100 layer rows (conv 0.29-0.34 vs 0.38-0.45 ms, DeiT-S qkv 0.18 vs 0.88-0.97 ms)."""
+    if name not in _CHECKS:
+        raise ValueError(f"unknown LoRA backend {name!r}; expected one of {sorted(_CHECKS)}")
+    _preferred.append(name)
+    try:
+        yield
+    finally:
+        _preferred.pop()
 
 
 def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
@@ -151,10 +175,13 @@ def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) ->
         return backend
     if os.environ.get("PPAP_FAST_LORA_CUDA_BWD") == "0":  # opt out of the CUDA backward
         order = tuple(b for b in order if b != "cuda_full")
+    preferred = _preferred[-1] if _preferred and _preferred[-1] in order and _preferred[-1] not in skip else None
+    if preferred:
+        order = (preferred,) + tuple(b for b in order if b != preferred)
     for b in order:
         if b == "triton" and x.device.type != "cuda":
             continue  # interpreter: explicit request only
-        if b == "cpp" and (b in skip or not _cpp_in_auto()):
+        if b == "cpp" and b != preferred and (b in skip or not _cpp_in_auto()):
             continue
         if _CHECKS[b](x.device, x.dtype) is None:
             last_backend[op] = b
@@ -243,6 +270,20 @@ def _resolve_padding(padding, kernel_size, dilation):
     return tuple(pads)
 
 
+_DELTA_CHOICES = {"stacked": "stacked", "grouped": None, "vectorized": None, "auto": None}
+
+
+def _auto_delta_backend(x):
+    """PPAP_FAST_LORA_DELTA=stacked|grouped, else "stacked" on CUDA (an H100 distillation step of a
+    ResNet50 loralib bank took 0.51x the time of the grouped conv at N = 5 and 10; NOTES.md)."""
+    choice = os.environ.get("PPAP_FAST_LORA_DELTA", "").strip().lower()
+    if choice and choice not in _DELTA_CHOICES:
+        raise ValueError(f"PPAP_FAST_LORA_DELTA must be one of {sorted(_DELTA_CHOICES)}, got {choice!r}")
+    if choice:
+        return _DELTA_CHOICES[choice]
+    return "stacked" if x.is_cuda else None
+
+
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
                       *, backend=None):
     """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
@@ -250,8 +291,8 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
-    if backend in (None, "auto") and os.environ.get("PPAP_FAST_LORA_DELTA") == "stacked":
-        backend = "stacked"
+    if backend in (None, "auto"):
+        backend = _auto_delta_backend(x)
     b = _pick("lora_conv2d_delta", x, backend)
     from . import vectorized
 
