@@ -25,8 +25,8 @@ Generation (:func:`generate`)
     cached outputs used, only for the same teacher spec and weights file (same file fingerprint);
     otherwise distillation warns and computes the teacher's outputs itself. Sampling (``fast``,
     default True; ``--no-fast``): the fast path, :class:`ppap_fast.fast_sampling.FastGuidedSampler`
-    unguided (the fused update; on CUDA also channels_last and CUDA graphs, one graph per
-    micro-batch shape), or the reference
+    unguided (the fused update; on CUDA also CUDA graphs, one graph per micro-batch shape, and
+    ``fast_sampling.recommended_options``: ADM's fused GroupNorm + SiLU in channels_last), or the reference
     :func:`ppap_fast.sampling.sample_loop`. Both draw the same random numbers in the same order,
     so their images agree up to float rounding (uint8 equal but for rare one-level flips,
     tested); the choice is part of the configuration (sets written before the option existed
@@ -447,7 +447,7 @@ class GenerateConfig:
     teacher: str | None = None
     teacher_weights: str | None = None
     device: str = "auto"
-    fast: bool = True                   # FastGuidedSampler (fused update; + channels_last, CUDA graphs on CUDA)
+    fast: bool = True                   # FastGuidedSampler (fused update; on CUDA + CUDA graphs, fast_sampling.recommended_options)
 
     def identity(self) -> dict:
         """What determines the images (hashed and compared across ranks and restarts). ``fast``
@@ -575,11 +575,10 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
     if cfg.fast:  # one sampler for all shards (CUDA graphs are captured once per batch shape)
-        from .fast_sampling import FastGuidedSampler
+        from .fast_sampling import FastGuidedSampler, recommended_options
 
-        on_cuda = device.type == "cuda"
-        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, channels_last=on_cuda,
-                                 cuda_graph=on_cuda)
+        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, cuda_graph=device.type == "cuda",
+                                 **recommended_options(unet, device))
 
     def sample(x_T, noise_fn):
         if cfg.fast:  # same random numbers as the reference: x_T given, then noise_fn(i, x) per step
@@ -1237,7 +1236,7 @@ def _parser() -> argparse.ArgumentParser:
                         "or py:package.module:factory (classifier logits float32, dense maps float16)")
     g.add_argument("--teacher-weights", default=None)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="sample with FastGuidedSampler (fused update; channels_last + CUDA graphs on CUDA); "
+                   help="sample with FastGuidedSampler (fused update; on CUDA CUDA graphs, fused GroupNorm + SiLU); "
                         "--no-fast: the reference sample_loop (also what sets written before this option used). "
                         "Same random numbers; images may differ by float rounding, so it is part of the set's "
                         "configuration")

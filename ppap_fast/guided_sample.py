@@ -24,6 +24,7 @@ and OUT with .json: NFE, seconds, images/s, peak memory, the configuration.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -64,7 +65,7 @@ class GuidedSampleConfig:
     guide_dtype: str | None = None      # "bf16" | "fp16": autocast of the guide (fast path)
     cuda_graph: bool = False
     compile: bool = False               # torch.compile (inductor) of the denoiser (fast path)
-    fuse_norm_act: bool = False         # ADM: GroupNorm (+ scale-shift) + SiLU as one op (fast path)
+    fuse_norm_act: bool | None = None   # ADM: GroupNorm (+ scale-shift) + SiLU as one op (fast path; None: on CUDA)
 
 
 def _check(cfg: GuidedSampleConfig) -> Path:
@@ -85,7 +86,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--guide-dtype must be bf16 or fp16, got {cfg.guide_dtype!r}")
     if cfg.guide is None and (cfg.experts or cfg.targets or cfg.target_map):
         raise ValueError("--experts / --targets / --target-map need --guide (the off-the-shelf model)")
-    if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph or cfg.compile or cfg.fuse_norm_act):
+    if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .data.shards import write_json_atomic, write_npz_atomic
     from .demo import PeakMemory
     from .distributed import _device_for, build_denoiser
-    from .fast_sampling import FastGuidedSampler
+    from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
     from .schedule import Schedule
 
@@ -196,8 +197,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     opts = {}
     if cfg.fast:
         opts = {"guide_autocast": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.guide_dtype),
-                "cuda_graph": cfg.cuda_graph, "channels_last": device.type == "cuda", "compile_model": cfg.compile,
-                "fuse_norm_act": cfg.fuse_norm_act, "cudnn_benchmark": device.type == "cuda"}
+                "cuda_graph": cfg.cuda_graph, "compile_model": cfg.compile,
+                **recommended_options(unet, device, compile_model=cfg.compile, fuse_norm_act=cfg.fuse_norm_act)}
 
     samplers: dict = {}  # batch size -> (sampler or None, target buffer): experts merge once per size
 
@@ -297,8 +298,9 @@ def add_arguments(s) -> None:
     s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
     s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"])
     s.add_argument("--cuda-graph", action="store_true")
-    s.add_argument("--fuse-norm-act", action="store_true",
-                   help="ADM denoiser: each GroupNorm (+ scale-shift) + SiLU as one fused op (Triton on CUDA)")
+    s.add_argument("--fuse-norm-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="ADM denoiser: each GroupNorm (+ scale-shift) + SiLU as one fused op (Triton on CUDA; "
+                        "default: on with the fast path on CUDA, unless --compile)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the denoiser (the first batch pays the compile: see first_batch_seconds)")
 

@@ -475,3 +475,19 @@ def test_fuse_norm_act_option(one_thread):
     with pytest.warns(FastSamplingWarning, match="inductor fuses"):
         FastGuidedSampler(model, sched, fuse_norm_act=True, compile_model=True)
     assert not any(b.fused_norm_act for b in model.modules() if type(b).__name__ == "ResBlock")
+
+
+def test_recommended_options_follow_the_h100_measurements():
+    """CUDA: ADM fused in channels_last; a model without fuse_norm_act stays NCHW (eager unfused
+    channels_last was slower); compiled: channels_last, no fusion; CPU: nothing. Overrides win."""
+    from ppap_fast.fast_sampling import recommended_options
+
+    adm, plain = tiny_adm(), (lambda x, t: x)
+    assert recommended_options(adm, "cuda") == {"fuse_norm_act": True, "channels_last": True, "cudnn_benchmark": True}
+    assert recommended_options(plain, "cuda") == {"fuse_norm_act": False, "channels_last": False,
+                                                  "cudnn_benchmark": True}
+    assert recommended_options(adm, torch.device("cuda", 0), compile_model=True)["fuse_norm_act"] is False
+    assert recommended_options(adm, "cuda", compile_model=True)["channels_last"] is True
+    assert recommended_options(adm, "cuda", fuse_norm_act=False)["channels_last"] is False
+    assert not any(recommended_options(adm, "cpu").values())
+    assert recommended_options(adm, "cpu", fuse_norm_act=True)["fuse_norm_act"] is True
