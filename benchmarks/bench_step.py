@@ -11,8 +11,9 @@ reference: what the official PPAP / guided-diffusion code does per step, modelle
     learned-range variance it computes and DDIM does not use).
 fast: FastGuidedSampler.step: the denoiser with SDPA attention, merged expert (LoRA merged, BN
     folded), device tables, fused update;
-    on CUDA also bf16 autocast for the guide, channels_last, cuDNN's algorithm timing
-    (cudnn_benchmark, before capture) and one CUDA graph for the whole step;
+    on CUDA also bf16 autocast for the guide, fast_sampling.recommended_options (ADM's GroupNorm +
+    SiLU fused, channels_last, cuDNN's algorithm timing before capture; the denoiser its own copy)
+    and one CUDA graph for the whole step;
     on CPU also torch.compile (inductor) of the denoiser (with freezing) and of the guide's
     forward + input-backward, all fp32. Compilation happens in the first (parity-checked) step,
     timed on its own as fast_first_step_s; the ratios are steady state, after warm-up.
@@ -22,10 +23,14 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_fast_vs_reference      guided step, fast / reference
     step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
     step_compiled_vs_reference  CUDA only (unless PPAP_SKIP_COMPILE=1): the fast step with the
-                                denoiser compiled (inductor) too, compile time apart
-    step_fused_norm_act_vs_reference  CUDA only: the fast step with ADM's norm + SiLU pairs fused
-                                (fuse_norm_act=True, its own model copy; an error is recorded in the
-                                row instead of failing the suite)
+                                denoiser compiled (inductor; no fused norms) in channels_last,
+                                compile time apart
+    step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
+                                (the fast path's options before recommended_options)
+    step_nchw_vs_reference      CUDA only: unfused and NCHW
+    The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
+    round-robin with the reference and freed after (row keys fast_compiled, fast_unfused, fast_nchw:
+    ms, mfu, rel_err, first_step_s, peak_gib; an error is recorded there instead of failing the suite).
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -49,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
-from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning  # noqa: E402
+from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, recommended_options  # noqa: E402
 from ppap_fast.guidance import ClassGuide  # noqa: E402
 from ppap_fast.models import ADMUNet  # noqa: E402
 from ppap_fast.schedule import Schedule  # noqa: E402
@@ -215,6 +220,59 @@ def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> tuple[dic
     return {k: statistics.median(v) for k, v in times.items()}, times
 
 
+def _cuda_variants(model, sched, guide) -> dict:
+    """CUDA-only fast variants, name -> (ratio name, builder); ``model`` is the unfused NCHW denoiser.
+    Each is built, parity-checked and timed against the reference in its own phase, then freed:
+    every captured step holds its own graph pool of ADM-256 activations, and four at once (with what
+    earlier suites left) ran an 80 GB H100 out of memory."""
+    base = dict(guide_autocast=torch.bfloat16, cuda_graph=True, cudnn_benchmark=True)
+    out = {}
+    if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
+        out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
+            copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
+    # the fast step before recommended_options: unfused, channels_last
+    out["fast_unfused"] = ("step_unfused_vs_reference", lambda: FastGuidedSampler(
+        copy.deepcopy(model), sched, guide=guide, channels_last=True, **base))
+    out["fast_nchw"] = ("step_nchw_vs_reference", lambda: FastGuidedSampler(
+        copy.deepcopy(model), sched, guide=guide, **base))
+    return out
+
+
+def _variant_phase(build, x, i, want, ref, device, reps, warm) -> dict:
+    """Build one fast variant, check its first step against the reference step, time it round-robin
+    with the reference; an error is recorded (a kernel or compile failing on this GPU must not cost
+    the suite). The variant and its graph pool are freed before returning."""
+    import gc
+
+    res, sampler = {}, None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FastSamplingWarning)
+            t0 = time.perf_counter()
+            sampler = build()
+            got = sampler.step(x, i)[0]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            res["first_step_s"] = round(time.perf_counter() - t0, 1)
+            res["rel_err"] = float(f"{_rel(got, want):.3e}")
+            del got
+        res["warnings"] = [str(w.message).splitlines()[0] for w in caught
+                           if issubclass(w.category, FastSamplingWarning)]
+        ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "v": lambda: sampler.step(x, i)},
+                                     device, reps, warm)
+        res["ms"] = round(ms["v"], 3)
+        res["ratio_vs_reference"] = round(_ratio(rounds, "v", "ref"), 4)
+    except Exception as exc:  # noqa: BLE001
+        res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        sampler = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return res
+
+
 def _ratio(times: dict, a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b) measured in the same round."""
     import statistics
@@ -222,18 +280,18 @@ def _ratio(times: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def run(device: str = "cpu", quick: bool = False) -> dict:
+def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
     if device == "cuda":
-        return _run(device, quick)
+        return _run(device, quick, emit)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small shared CPU boxes: one thread times steadier than oversubscribed ones
     try:
-        return _run(device, quick)
+        return _run(device, quick, emit)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(device: str, quick: bool) -> dict:
+def _run(device: str, quick: bool, emit=None) -> dict:
     cuda = device == "cuda"
     model, bank, shape, name = _setup(device)
     sched = Schedule.create("linear", 1000, "ddim25").to(device)
@@ -242,14 +300,16 @@ def _run(device: str, quick: bool) -> dict:
     # the official denoiser: its own NCHW copy (the fast samplers convert theirs to channels_last in
     # place) with guided-diffusion's einsum attention (float32 softmax), GroupNorm32 then SiLU
     ref = ReferenceStack(copy.deepcopy(model).set_attention_backend("math"), bank, target, scale, sched, device)
-    if cuda:
-        fast_opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True, cudnn_benchmark=True)
-        unguided_opts = {"channels_last": True, "cuda_graph": True, "cudnn_benchmark": True}
+    if cuda:  # the fast path as guided-sample runs it: fused GroupNorm + SiLU in channels_last (own copy)
+        fast_model = copy.deepcopy(model)
+        unguided_opts = {"cuda_graph": True, **recommended_options(fast_model, device)}
+        fast_opts = dict(guide_autocast=torch.bfloat16, **unguided_opts)
     else:  # no channels_last on CPU: with the compiled, frozen denoiser it was slower (36.8 vs 34.7 ms a step)
+        fast_model = model
         unguided_opts = dict(compile_model=True, compile_freeze=True)
         fast_opts = dict(compile_guide=True, **unguided_opts)
-    fast = FastGuidedSampler(model, sched, guide=guide, **fast_opts)
-    fast_unguided = FastGuidedSampler(model, sched, **unguided_opts)
+    fast = FastGuidedSampler(fast_model, sched, guide=guide, **fast_opts)
+    fast_unguided = FastGuidedSampler(fast_model, sched, **unguided_opts)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
 
@@ -271,31 +331,11 @@ def _run(device: str, quick: bool) -> dict:
     warm = 2 if cuda else 1
     variants = {"ref": lambda: ref.step(x, i), "ref_u": lambda: ref.step(x, i, guided=False),
                 "fast": lambda: fast.step(x, i), "fast_u": lambda: fast_unguided.step(x, i)}
-    compiled = None
-    if cuda and os.environ.get("PPAP_SKIP_COMPILE") != "1":  # + inductor on the denoiser (99% of the step)
-        fast_c = FastGuidedSampler(model, sched, guide=guide, compile_model=True, **fast_opts)
-        with warnings.catch_warnings(record=True) as caught_c:
-            warnings.simplefilter("always", FastSamplingWarning)
-            t0 = time.perf_counter()
-            got_c = fast_c.step(x, i)[0]
-            torch.cuda.synchronize()
-            compiled = {"first_step_s": round(time.perf_counter() - t0, 1),
-                        "rel_err": float(f"{_rel(got_c, want):.3e}"),
-                        "warnings": [str(w.message).splitlines()[0] for w in caught_c
-                                     if issubclass(w.category, FastSamplingWarning)]}
-        variants["fast_c"] = lambda: fast_c.step(x, i)
-    fused = None
-    if cuda:  # + ADM's GroupNorm (+ scale-shift) + SiLU fused (ops.group_norm_act), on its own model copy
-        try:
-            fast_f = FastGuidedSampler(copy.deepcopy(model), sched, guide=guide, fuse_norm_act=True, **fast_opts)
-            got_f = fast_f.step(x, i)[0]
-            torch.cuda.synchronize()
-            fused = {"rel_err": float(f"{_rel(got_f, want):.3e}")}
-            variants["fast_f"] = lambda: fast_f.step(x, i)
-        except Exception as exc:  # noqa: BLE001 - a kernel that fails on this GPU must not cost the suite
-            fused = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     ms, rounds = _interleaved_ms(variants, device, reps, warm)
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
+    ref_u_ratio = round(_ratio(rounds, "ref", "ref_u"), 4)
+    variants = fast_unguided = None  # frees its graph pool before the variant phases
+    extras = _cuda_variants(model, sched, guide) if cuda else {}
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
            "threads": torch.get_num_threads() if not cuda else None, "reps": reps,
            "fast_options": {k: str(v) for k, v in fast_opts.items()},
@@ -319,21 +359,17 @@ def _run(device: str, quick: bool) -> dict:
             row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
     ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
-    if compiled is not None:
-        row["fast_compiled_ms"] = round(ms["fast_c"], 3)
-        row["fast_compiled_first_step_s"] = compiled["first_step_s"]
-        row["fast_compiled_rel_err"] = compiled["rel_err"]
-        row["fast_compiled_warnings"] = compiled["warnings"]
-        peak = _peak(device)
-        if fl and peak:
-            row["fast_compiled_mfu"] = round(fl / peak / (ms["fast_c"] * 1e-3), 4)
-        ratios["step_compiled_vs_reference"] = round(_ratio(rounds, "fast_c", "ref"), 4)
-    if fused is not None:
-        row["fast_fused_norm_act"] = fused
-        if "fast_f" in ms:
-            row["fast_fused_norm_act"]["ms"] = round(ms["fast_f"], 3)
-            ratios["step_fused_norm_act_vs_reference"] = round(_ratio(rounds, "fast_f", "ref"), 4)
-    row["reference_guided_vs_unguided"] = round(_ratio(rounds, "ref", "ref_u"), 4)
+    if emit is not None:  # the main figures survive a later phase that runs out of time
+        emit(dict(row), dict(ratios))
+    for variant, (ratio_key, build) in extras.items():  # one phase each, vs the reference in its rounds
+        row[variant] = res = _variant_phase(build, x, i, want, ref, device, reps, warm)
+        if "ms" in res:
+            ratios[ratio_key] = res.pop("ratio_vs_reference")
+            if fl and _peak(device):
+                res["mfu"] = round(fl / _peak(device) / (res["ms"] * 1e-3), 4)
+        if emit is not None:
+            emit(dict(row), dict(ratios))
+    row["reference_guided_vs_unguided"] = ref_u_ratio
     if not all(math.isfinite(v) for v in ratios.values()):
         raise AssertionError(f"non-finite ratios {ratios}")
     return {"rows": [row], "ratios": ratios}

@@ -6,7 +6,8 @@
 #   left, minus what the later stages are promised, so a slow stage costs its own figures and no others.
 #   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
 #   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda"), LORA_TEST_K
-#   (a pytest -k expression, spaces allowed) narrow a rerun; BENCH_MIN / SCALE_MIN: seconds promised to those stages;
+#   (a pytest -k expression, spaces allowed) narrow a rerun; TESTS_ONLY (pytest args, no spaces inside
+#   one) replaces the test groups with one group run after the build; BENCH_MIN / SCALE_MIN: seconds promised to those stages;
 #   BENCH_CAP: the most the bench stage may take (default 300).
 #   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
@@ -71,7 +72,7 @@ finish_build() {  # wait for the background build (it has its own timeout), then
   build_pid=
 }
 
-if has tests; then
+if has tests && [[ -z ${TESTS_ONLY:-} ]]; then
   # these pick Triton/reference paths by themselves and need no extension: they overlap the build
   run_tests sampling_norm "$(budget 150 $(( R_UPDATE + R_LORA + R_BENCH + R_SCALE )))" 6 tests/test_norm_ops.py tests/test_sampling.py tests/test_adm.py \
     tests/test_fast_sampling.py tests/test_norm_act.py -m cuda
@@ -83,7 +84,10 @@ if has probe; then  # toolchain facts and whether a C++ error raised in the exte
   timeout 60 bash benchmarks/ext_probe.sh >> "$OUT/gpu.txt" 2>&1
 fi
 
-if has tests; then
+if has tests && [[ -n ${TESTS_ONLY:-} ]]; then  # a rerun's few tests, after the build
+  # shellcheck disable=SC2086
+  run_tests only "$(budget 120 $(( R_BENCH + R_SCALE )))" 4 $TESTS_ONLY
+elif has tests; then
   run_tests update_graph_build "$(budget 90 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py \
     tests/test_extension_build.py tests/test_train_graph.py
   # shellcheck disable=SC2086

@@ -6,7 +6,8 @@ panel per suite present, the card in the title:
   * LoRA layers (bench_lora): forward + backward per layer and N for each backend, the per-expert
     loop and the frozen base layer; the CUDA-graph rows (GPU time alone) where measured;
   * fused update (bench_update): fraction of measured HBM bandwidth per configuration;
-  * distillation (bench_distill): images/s, one pass over all experts vs expert by expert.
+  * distillation (bench_distill): images/s, one pass over all experts (eager and, where measured,
+    captured in a CUDA graph) vs expert by expert.
 """
 from __future__ import annotations
 
@@ -36,8 +37,14 @@ def _step(ax, rows):
     r = rows[0]
     names = ["reference\nguided", "reference\nunguided", "fast\nguided", "fast\nunguided"]
     vals = [r.get("reference_ms"), r.get("reference_unguided_ms"), r.get("fast_ms"), r.get("fast_unguided_ms")]
-    keep = [(n, v) for n, v in zip(names, vals) if v is not None]
-    bars = ax.bar([n for n, _ in keep], [v for _, v in keep], color=["#bbbbbb", "#dddddd", "#3b75af", "#8fb4d9"][:len(keep)])
+    colors = ["#bbbbbb", "#dddddd", "#3b75af", "#8fb4d9"]
+    for key, label in (("fast_fused_norm_act", "fast\nfused n+a"), ("fast_unfused", "fast\nunfused"),
+                       ("fast_nchw", "fast\nNCHW"), ("fast_compiled", "fast\ncompiled")):
+        names.append(label)
+        vals.append((r.get(key) or {}).get("ms"))
+        colors.append("#2a5580")
+    keep = [(n, v, c) for n, v, c in zip(names, vals, colors) if v is not None]
+    bars = ax.bar([n for n, _, _ in keep], [v for _, v, _ in keep], color=[c for _, _, c in keep])
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     if r.get("floor_ms"):
         ax.axhline(r["floor_ms"], color="#c44e52", ls="--", lw=1)
@@ -93,19 +100,23 @@ def _update(ax, rows):
 
 def _distill(ax, rows):
     labels = [f"N={r['n_experts']}" for r in rows]
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["sequential_img_per_s"] for r in rows], 0.4, label="expert by expert",
-           color="#bbbbbb")
-    ax.bar([x + 0.2 for x in xs], [r["onepass_img_per_s"] for r in rows], 0.4, label="all experts, one pass",
-           color="#3b75af")
-    ax.set_xticks(list(xs))
+    series = [("sequential_img_per_s", "expert by expert", "#bbbbbb"),
+              ("onepass_img_per_s", "all experts, one pass", "#3b75af"),
+              ("onepass_graph_img_per_s", "one pass, CUDA graph", "#2a5580")]
+    series = [sr for sr in series if all(r.get(sr[0]) for r in rows)]
+    width = 0.8 / len(series)
+    for j, (key, label, color) in enumerate(series):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(rows))]
+        bars = ax.bar(xs, [r[key] for r in rows], width, label=label, color=color)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels(labels)
     ax.set_ylabel("images / s")
     r = rows[0]
     ax.set_title(f"distillation step, batch {r.get('batch')} at {'x'.join(map(str, r.get('shape', [])))}",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="upper center")
-    ax.set_ylim(0, max(r["onepass_img_per_s"] for r in rows) * 1.2)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylim(0, max(r[key] for r in rows for key, _, _ in series) * 1.2)
 
 
 DRAW = {"bench_step": _step, "bench_lora": _lora, "bench_update": _update, "bench_distill": _distill}

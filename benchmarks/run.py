@@ -8,6 +8,7 @@ after every suite, and a suite whose run() takes ``emit`` writes its rows as it 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import inspect
 import json
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible")
     out = {"device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-           "quick": args.quick, "rows": [], "ratios": {}, "errors": {}}
+           "quick": args.quick, "rows": [], "ratios": {}, "errors": {}, "memory_gib": {}}
     for name in args.only or SUITES:
         if not (HERE / f"{name}.py").exists():
             continue
@@ -63,6 +64,13 @@ def main(argv=None) -> int:
             out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
             out["ratios"].update(res["ratios"])
             print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(res["ratios"]), flush=True)
+        if args.device == "cuda":  # what a suite left behind (e.g. graph pools) must not starve the next
+            suite = emit = res = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            out["memory_gib"][name] = {"peak": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                       "left": round(torch.cuda.memory_allocated() / 2**30, 2)}
+            torch.cuda.reset_peak_memory_stats()
         if args.json:  # after every suite: a run killed at its time limit keeps what finished
             _write_json(out, args.json)
     print(f"device: {out['device']}")

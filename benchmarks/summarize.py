@@ -40,11 +40,17 @@ def _table(path: Path) -> None:
         print(f"  {k:30s} {v}")
     for k, v in data.get("errors", {}).items():
         print(f"  ERROR {k}: {v}")
+    if data.get("memory_gib"):
+        print("  GPU memory GiB per suite (peak, left after): " + ", ".join(
+            f"{k} {v['peak']}/{v['left']}" for k, v in data["memory_gib"].items()))
     for row in data["rows"]:
         keys = [k for k in row if k.endswith(FIGURE_SUFFIXES)]
         label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",
                                                     "variant", "sampler", "var_type", "shape", "dtype") if k in row)
         print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
+        for k, v in row.items():  # a variant's own figures (bench_step: fast_compiled, ...)
+            if isinstance(v, dict) and ("ms" in v or "error" in v):
+                print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items() if kk != "warnings"))
         for op in row.get("profile_top", [])[:6]:
             print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}")
 
