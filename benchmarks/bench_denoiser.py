@@ -3,7 +3,7 @@
 On an H100 the ADM-256 uncond step at batch 32 took 565 ms with the guide costing 7 ms of it
 (benchmarks/NOTES.md), so ``step_fast_vs_reference`` and the MFU goal depend on the denoiser.
 This suite times one denoiser forward (no grad) in the variants the fast path can choose and
-profiles one forward:
+profiles one forward (eager, fused and, on CUDA, compiled):
 
     nchw                 the model as built (ADM preset: fp16 torso, fp32 GroupNorm)
     channels_last        model and input in channels_last (the fast sampler's option)
@@ -18,7 +18,8 @@ Rows: ms per forward, TFLOP/s and MFU against the card's dense bf16/fp16 peak (F
 FlopCounterMode), and the profiler's top ops by self device time (``profile_top``: name, ms,
 share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benchmark_vs_default``,
 ``denoiser_fused_norm_act_vs_eager`` and ``denoiser_compiled_vs_eager`` (each vs the best of the
-unfused eager variants).
+unfused eager variants); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
+bias add then a residual add, ADM-256's largest activation).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -67,6 +68,21 @@ def profile_top(fn, device: str, k: int = 12) -> list[dict]:
              "calls": int(e.count)} for e in top]
 
 
+def _residual_ratio(row, batch, reps) -> float:
+    """ops.bias_residual_add (one pass) vs PyTorch's conv-bias add then residual add, on ADM-256's
+    largest activation ([batch, 256, 256, 256] fp16 channels_last); ms into row."""
+    from ppap_fast.ops import bias_residual_add
+
+    shp = (batch, 256, 256, 256)
+    h, skip = (torch.randn(shp, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+               for _ in range(2))
+    bias = torch.randn(256, device="cuda", dtype=torch.float16)
+    fused = _median_ms(lambda: bias_residual_add(h, skip, bias), "cuda", reps)
+    eager = _median_ms(lambda: skip + h.add(bias[:, None, None]), "cuda", reps)
+    row["residual_fused_ms"], row["residual_eager_ms"] = round(fused, 3), round(eager, 3)
+    return round(fused / eager, 4)
+
+
 def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
     cuda = device == "cuda"
     model, _, shape, name = _setup(device)
@@ -109,6 +125,8 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 model.fuse_norm_act(False)
                 ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
+        if cuda:  # the fused path's residual op alone, at the top level's shape
+            ratios["residual_fused_vs_eager"] = _residual_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):
@@ -122,6 +140,8 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 row["compile_s"] = round(time.perf_counter() - t0, 1)
                 record("compiled", _median_ms(lambda: compiled(x_cl, t), device, reps))
                 ratios["denoiser_compiled_vs_eager"] = round(row["compiled_ms"] / eager_best, 4)
+                if cuda:  # where the best variant's time goes (MFU goal: 0.5)
+                    row["compiled_profile_top"] = profile_top(lambda: compiled(x_cl, t), device, k=10)
             except Exception as exc:  # noqa: BLE001 - the eager figures stand; say why compile did not
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     finally:

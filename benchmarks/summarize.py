@@ -51,8 +51,10 @@ def _table(path: Path) -> None:
         for k, v in row.items():  # a variant's own figures (bench_step: fast_compiled, ...)
             if isinstance(v, dict) and ("ms" in v or "error" in v):
                 print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items() if kk != "warnings"))
-        for op in row.get("profile_top", [])[:6]:
-            print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}")
+        for key in (k for k in row if k.endswith("profile_top")):
+            print(f"    {key}:")
+            for op in row[key][:6]:
+                print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}")
 
 
 if __name__ == "__main__":

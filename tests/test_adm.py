@@ -237,14 +237,15 @@ def test_fused_norm_act_equals_the_modules(backend, kw):
     with torch.no_grad():
         want = m(x, t)
         m.fuse_norm_act()
-        assert all(b.fused_norm_act for b in m.modules() if type(b).__name__ == "ResBlock")
+        assert all(b.fused_norm_act for b in m.modules() if type(b).__name__ in ("ResBlock", "AttentionBlock"))
+        assert any(type(b).__name__ == "AttentionBlock" for b in m.modules())
         assert m.fused_out_norm_act
         ops.set_backend(backend)
         try:
             got = m(x, t)
         finally:
             ops.set_backend(None)
-        assert ops.last_backend("group_norm_act") == backend
+        assert ops.last_backend("group_norm_act") == backend and ops.last_backend("bias_residual_add") == backend
         assert ((got - want).norm() / want.norm()).item() < 1e-5
         assert torch.equal(m.fuse_norm_act(False)(x, t), want)
     m.fuse_norm_act()  # with autograd recording the reference path runs, and gradients flow

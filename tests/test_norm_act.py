@@ -74,6 +74,27 @@ def test_triton_matches_float64(ci, dtype):
         assert err <= TOL[dtype], f"{shape} G{G} affine={affine} ss={scale_shift} silu={silu} cl={cl}: {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_in_bias_is_added_before_the_statistics(dtype):
+    """in_bias [C] (a conv's bias) or [B, C] (plus ADM's embedding) equals adding it to x first; an
+    offset of ~40 checks the shifted statistics with it. Triton and the reference, both layouts."""
+    gen = torch.Generator().manual_seed(9)
+    for (shape, G), per_sample, cl in itertools.product(CASES[:4], [False, True], [False, True]):
+        if cl and len(shape) != 4:
+            continue
+        x, w, b, sc, sh = _case(shape, G, gen, dtype, channels_last=cl)
+        B, C = shape[:2]
+        ib = (torch.randn((B, C) if per_sample else (C,), generator=gen, dtype=torch.float64) * 3 + 40).to(dtype)
+        x_plus = x.double() + ib.double().reshape((-1, C) + (1,) * (len(shape) - 2))
+        want = GA.group_norm_act_reference(x_plus, G, *(t.double() for t in (w, b)), 1e-5, sc.double(), sh.double())
+        for backend in ("triton", "reference"):
+            got = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh, in_bias=ib, backend=backend)
+            assert ops.last_backend(GA.OP) == backend and got.dtype == dtype
+            err = rel_err(got, want)  # the reference is torch's fp32 GroupNorm: less exact at a large mean
+            tol = 2 * TOL[dtype] if backend == "triton" else max(2 * TOL[dtype], 1e-4)
+            assert err <= tol, f"{backend} {shape} per_sample={per_sample} cl={cl}: {err:.2e}"
+
+
 def test_triton_statistics_hold_at_a_large_mean():
     gen = torch.Generator().manual_seed(5)
     for mean in (50.0, -300.0, 1e4):
@@ -117,6 +138,8 @@ def test_autograd_uses_the_reference_and_explicit_triton_refuses():
     (dict(weight=torch.ones(4)), r"weight must be \[8\]"),
     (dict(scale=torch.ones(2, 4)), r"scale must be \[B, C\]"),
     (dict(shift=torch.ones(3, 8)), r"shift must be \[B, C\]"),
+    (dict(in_bias=torch.ones(3)), r"in_bias must be \[C\]"),
+    (dict(in_bias=torch.ones(3, 8)), r"in_bias must be \[C\]"),
 ])
 def test_bad_inputs(kw, msg):
     args = dict(num_groups=4)

@@ -12,7 +12,7 @@ GPU time:
    sm_90 (Triton's own binder + ``_pack_args``: pointer dtypes, i32/i64 scalars,
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
-   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, guided_update) then run,
+   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add, guided_update) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
    so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
@@ -319,17 +319,32 @@ def scenarios(dtype):
     from ppap_fast.ops import norm_act
 
     for shape, G, cl in (((2, 64, 16, 16), 32, False), ((2, 64, 16, 16), 32, True), ((2, 24, 7), 3, False)):
-        for ss, silu in ((True, True), (False, False)):
-            def f(shape=shape, G=G, cl=cl, ss=ss, silu=silu):
+        for ss, silu, ib in ((True, True, "C"), (False, False, None), (False, True, "BC")):
+            def f(shape=shape, G=G, cl=cl, ss=ss, silu=silu, ib=ib):
                 B, C = shape[:2]
                 x = torch.randn(*shape, dtype=dtype)
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)
                 w, b = (torch.randn(C) if ss else None), (torch.randn(C) if ss else None)
                 sc, sh = (torch.randn(B, C, dtype=dtype) if ss else None), (torch.randn(B, C, dtype=dtype) if ss else None)
+                in_bias = None if ib is None else torch.randn(*((C,) if ib == "C" else (B, C)), dtype=dtype)
                 with torch.no_grad():
-                    norm_act.group_norm_act(x, G, w, b, scale=sc, shift=sh, silu=silu, backend="triton")
-            add(f"group_norm_act {shape} G{G} channels_last={cl} affine+scale_shift={ss} silu={silu}", f)
+                    norm_act.group_norm_act(x, G, w, b, scale=sc, shift=sh, silu=silu, in_bias=in_bias,
+                                            backend="triton")
+            add(f"group_norm_act {shape} G{G} channels_last={cl} affine+scale_shift={ss} silu={silu} in_bias={ib}", f)
+
+    # ------------------------------------------------------------------ bias + residual add
+    from ppap_fast.ops import residual
+
+    for shape, cl, has_bias in (((2, 64, 16, 16), True, True), ((2, 64, 16, 16), False, False), ((2, 24, 7), False, True)):
+        def f(shape=shape, cl=cl, has_bias=has_bias):
+            h, skip = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+            if cl:
+                h, skip = (t.contiguous(memory_format=torch.channels_last) for t in (h, skip))
+            with torch.no_grad():
+                residual.bias_residual_add(h, skip, torch.randn(shape[1], dtype=dtype) if has_bias else None,
+                                           backend="triton")
+        add(f"bias_residual_add {shape} channels_last={cl} bias={has_bias}", f)
 
     # ------------------------------------------------------------------ guided update
     B_, C_, H_ = 4, 3, 16

@@ -141,11 +141,35 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None):
-    """``norm`` (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act)."""
+def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None, silu=True):
+    """``norm`` of h + in_bias (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act)."""
     from ..ops.norm_act import group_norm_act
 
-    return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift)
+    return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift,
+                          in_bias=in_bias, silu=silu)
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_without_bias(conv: nn.Module, h):
+    """(conv(h) without its bias, the bias) for a plain conv, so that the next fused op adds the
+    bias; (conv(h), None) for anything else."""
+    if type(conv) in _PLAIN_CONVS and conv.bias is not None:
+        return conv._conv_forward(h, conv.weight, None), conv.bias
+    return conv(h), None
+
+
+def _sum_bias(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return a.float() + b.float()
+
+
+def _fused_residual(h, skip, bias):
+    from ..ops.residual import bias_residual_add
+
+    return bias_residual_add(h, skip, bias)
 
 
 class ResBlock(TimestepBlock):
@@ -188,28 +212,41 @@ class ResBlock(TimestepBlock):
         return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        fused = getattr(self, "fused_norm_act", False)  # modules pickled before the option existed
+        if getattr(self, "fused_norm_act", False):  # modules pickled before the option existed
+            return self._forward_fused(x, emb)
         if self.updown:
             # norm + act, resample, then conv (the skip path is resampled too)
-            h = _fused_norm_act(self.in_layers[0], x) if fused else self.in_layers[:-1](x)
-            h = self.in_layers[-1](self.h_upd(h))
+            h = self.in_layers[-1](self.h_upd(self.in_layers[:-1](x)))
             x = self.x_upd(x)
         else:
-            h = self.in_layers[-1](_fused_norm_act(self.in_layers[0], x)) if fused else self.in_layers(x)
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.view(*emb_out.shape, *([1] * (h.ndim - 2)))
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            if fused:
-                h = self.out_layers[2:](_fused_norm_act(self.out_layers[0], h, scale, shift))
-            else:
-                h = self.out_layers[0](h) * (1 + scale) + shift
-                h = self.out_layers[1:](h)
-        elif fused:
-            h = self.out_layers[2:](_fused_norm_act(self.out_layers[0], h + emb_out))
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """ADMUNet.fuse_norm_act's path: each norm (+ scale-shift) + SiLU one op; the convs run without
+        their biases, which the next op adds on its way (conv1's, and the embedding without
+        scale-shift, in the out norm; conv2's and a conv skip's in the residual add)."""
+        h = _fused_norm_act(self.in_layers[0], x)
+        if self.updown:  # norm + act, resample, then conv (the skip path is resampled too)
+            h, x = self.h_upd(h), self.x_upd(x)
+        h, b1 = _conv_without_bias(self.in_layers[-1], h)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = _fused_norm_act(self.out_layers[0], h, scale, shift, in_bias=b1)
+        else:
+            h = _fused_norm_act(self.out_layers[0], h, in_bias=_sum_bias(emb_out, b1))
+        h, b2 = _conv_without_bias(self.out_layers[3], self.out_layers[2](h))  # dropout, conv
+        skip, b_skip = _conv_without_bias(self.skip_connection, x)
+        return _fused_residual(h, skip, _sum_bias(b2, b_skip))
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool = True, use_sdpa: bool = True) -> torch.Tensor:
@@ -266,6 +303,11 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
+        if getattr(self, "fused_norm_act", False):  # ADMUNet.fuse_norm_act: one norm op, one residual op
+            h = qkv_attention(self.qkv(_fused_norm_act(self.norm, x, silu=False)), self.num_heads, self.legacy,
+                              self.use_sdpa)
+            h, b_out = _conv_without_bias(self.proj_out, h)
+            return _fused_residual(h, x, b_out).reshape(b, c, *spatial)
         h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy, self.use_sdpa)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
@@ -381,13 +423,18 @@ class ADMUNet(nn.Module):
         """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
         fused op (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
         one rounding to the torso dtype; without autograd recording, else its reference). Same math
-        as GroupNorm32 then SiLU, rounded once instead of twice. Blocks whose norms were replaced
-        (e.g. by a routed ExpertGroupNorm) keep their modules."""
+        as GroupNorm32 then SiLU, rounded once instead of twice. The plain convs of ResBlocks and
+        attention's output projection then run without their biases: the next fused op adds them
+        (the out norm's ``in_bias``; :func:`ppap_fast.ops.bias_residual_add`, which also does the
+        residual add), as the attention blocks' norms become ``group_norm_act`` without SiLU. Blocks
+        whose norms were replaced (e.g. by a routed ExpertGroupNorm) keep their modules."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
                 m.fused_norm_act = bool(enabled) and plain and isinstance(m.in_layers[1], nn.SiLU) \
-                    and isinstance(m.out_layers[1], nn.SiLU)
+                    and isinstance(m.out_layers[1], nn.SiLU) and len(m.in_layers) == 3 and len(m.out_layers) == 4
+            elif isinstance(m, AttentionBlock):
+                m.fused_norm_act = bool(enabled) and type(m.norm) in (GroupNorm32, nn.GroupNorm)
         self.fused_out_norm_act = bool(enabled) and type(self.out[0]) in (GroupNorm32, nn.GroupNorm) \
             and isinstance(self.out[1], nn.SiLU)
         return self

@@ -2,7 +2,11 @@
 norm-activation pairs of a diffusion UNet (ADM's ResBlock in_layers and its scale-shift
 out_layers), for sampling.
 
-    y = act((gn(x) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c])
+    y = act((gn(x + in_bias) * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c])
+
+in_bias ([C] or [B, C], optional) is added to x before the statistics: the bias of the conv that
+produced x (run without it) and, without scale-shift, ADM's timestep embedding, so that neither
+costs a pass of its own.
 
 gn: statistics per (sample, group) in float32 whatever x's dtype (as ADM's GroupNorm32), act
 SiLU or identity, y in x's dtype and memory format (NCHW or channels_last). Unfused, an fp16
@@ -28,11 +32,14 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
-                             silu=True):
+                             silu=True, in_bias=None):
     dt = torch.promote_types(x.dtype, torch.float32)
-    h = F.group_norm(x.to(dt), num_groups, None if weight is None else weight.to(dt),
-                     None if bias is None else bias.to(dt), eps)
     shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    xx = x.to(dt)
+    if in_bias is not None:
+        xx = xx + in_bias.to(dt).reshape((-1, x.shape[1]) + (1,) * (x.dim() - 2))
+    h = F.group_norm(xx, num_groups, None if weight is None else weight.to(dt),
+                     None if bias is None else bias.to(dt), eps)
     if scale is not None:
         h = h * (1 + scale.to(dt).reshape(shp))
     if shift is not None:
@@ -42,7 +49,7 @@ def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, sc
     return h.to(x.dtype)
 
 
-def _check(x, num_groups, weight, bias, scale, shift):
+def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
     if x.dim() < 2:
         raise ValueError(f"group_norm_act: x must be [B, C, *spatial], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
@@ -59,29 +66,34 @@ def _check(x, num_groups, weight, bias, scale, shift):
                                  f"got {tuple(t.shape)}")
             t = t.reshape(B, C)
         out.append(t)
-    return out
+    if in_bias is not None:
+        if tuple(in_bias.shape) not in ((C,), (B, C)):
+            raise ValueError(f"group_norm_act: in_bias must be [C] = [{C}] or [B, C] = [{B}, {C}], "
+                             f"got {tuple(in_bias.shape)}")
+        in_bias = in_bias.reshape(-1, C)
+    return out + [in_bias]
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
-                   silu: bool = True, backend: str | None = None):
+                   silu: bool = True, in_bias=None, backend: str | None = None):
     """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
-    scale, shift = _check(x, num_groups, weight, bias, scale, shift)
+    scale, shift, in_bias = _check(x, num_groups, weight, bias, scale, shift, in_bias)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift))
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, in_bias))
     fn = _registry.select_gated(OP, x, backend, FAST_DTYPES,
                                 "is forward-only (an input requires grad)" if needs_grad else None)
-    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu))
+    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), in_bias)
 
 
-def _triton(x, num_groups, weight, bias, eps, scale, shift, silu):
+def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias):
     from . import norm_act_triton as tk
 
     with autocast_off(x.device.type):
-        return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, poison=POISON)
+        return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, poison=POISON)
 
 
-def _reference(x, num_groups, weight, bias, eps, scale, shift, silu):
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
+def _reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias):
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias)
 
 
 _registry.register(OP, "reference", _reference, _ext.reference_unavailable)

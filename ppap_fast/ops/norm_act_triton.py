@@ -16,26 +16,33 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _gn_stats_kernel(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, sxp, eps,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, sxp, sib, eps,
+                     HAS_IB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program b * G + g: 1/std of group g of sample b and its mean as k + m (k the group's first
     element, m the mean of x - k), fp32: one pass of sums shifted by k (exact for a constant group;
-    no cancellation at a large mean, and x - k is exact where x is near k)."""
+    no cancellation at a large mean, and x - k is exact where x is near k). x here is x + in_bias
+    (per channel, stride sib per sample: 0 for a [C] bias)."""
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
     base = x_ptr + b.to(tl.int64) * sxb + (g * Cg).to(tl.int64) * sxc
     k = tl.load(base).to(tl.float32)
+    ib_base = ib_ptr + b.to(tl.int64) * sib + g * Cg
+    if HAS_IB:
+        k += tl.load(ib_base).to(tl.float32)
     s1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         cm = cs < Cg
+        ib = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if HAS_IB:
+            ib = tl.load(ib_base + cs, mask=cm, other=0.0).to(tl.float32)
         for p0 in range(0, HW, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)
             m = cm[:, None] & (ps < HW)[None, :]
             off = cs[:, None].to(tl.int64) * sxc + ps[None, :].to(tl.int64) * sxp
-            d = tl.where(m, tl.load(base + off, mask=m, other=0.0).to(tl.float32) - k, 0.0)
+            d = tl.where(m, tl.load(base + off, mask=m, other=0.0).to(tl.float32) + ib[:, None] - k, 0.0)
             s1 += d
             s2 += d * d
     n = (Cg * HW).to(tl.float32)
@@ -47,10 +54,10 @@ def _gn_stats_kernel(x_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, 
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, C, HW, Cg, G,
-                     sxb, sxc, sxp, syb, syc, syp, ssb, shb,
+def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, ib_ptr, C, HW, Cg, G,
+                     sxb, sxc, sxp, syb, syc, syp, ssb, shb, sib,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     HAS_IB: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Tile (positions, channels, sample): y = act((x - mean) * a[c] + d[c]) with the per-(sample,
     channel) coefficients folded from 1/std, the affine and the scale / shift (the mean is subtracted
     first: no cancellation at a large mean)."""
@@ -63,6 +70,8 @@ def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
     m = cm[:, None] & (ps < HW)[None, :]
     grp = b * G + cs // Cg
     k = tl.load(shift_ptr + grp, mask=cm, other=0.0)
+    if HAS_IB:  # x + in_bias - k: fold the bias into the shift
+        k -= tl.load(ib_ptr + b.to(tl.int64) * sib + cs, mask=cm, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
     a = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
     if HAS_W:
@@ -105,7 +114,7 @@ def _blocks(channels: int, HW: int, channels_fastest: bool):
     return bc, bp
 
 
-def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, poison=False):
+def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False):
     B, C = x.shape[:2]
     HW = x.numel() // max(B * C, 1)
     st = _bcp_strides(x)
@@ -127,7 +136,10 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, poison=False):
     rstd = torch.empty(B * G, dtype=torch.float32, device=x.device)
     cl = st[1] == 1 and C > 1  # channels fastest (channels_last)
     bc, bp = _blocks(Cg, HW, cl)
-    _gn_stats_kernel[(B * G,)](x, shift0, mean, rstd, HW, Cg, G, *st, eps, BLOCK_C=bc, BLOCK_P=bp)
+    ib = in_bias if in_bias is None or in_bias.stride(-1) == 1 else in_bias.contiguous()
+    sib = 0 if ib is None or ib.shape[0] == 1 else ib.stride(0)
+    _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
+                               HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
     bc, bp = _blocks(C, HW, cl)
     w = weight.contiguous() if weight is not None else mean
     bb = bias.contiguous() if bias is not None else mean
@@ -135,8 +147,9 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, poison=False):
     sh = shift if shift is None or shift.stride(1) == 1 else shift.contiguous()
     grid = (triton.cdiv(HW, bp), triton.cdiv(C, bc), B)
     _gn_apply_kernel[grid](x, y, shift0, mean, rstd, w, bb, sc if sc is not None else mean, sh if sh is not None else mean,
-                           C, HW, Cg, G, *st, *sy, sc.stride(0) if sc is not None else 0,
-                           sh.stride(0) if sh is not None else 0,
+                           ib if ib is not None else mean, C, HW, Cg, G, *st, *sy,
+                           sc.stride(0) if sc is not None else 0, sh.stride(0) if sh is not None else 0, sib,
                            HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                           HAS_SHIFT=shift is not None, SILU=bool(silu), BLOCK_C=bc, BLOCK_P=bp)
+                           HAS_SHIFT=shift is not None, HAS_IB=ib is not None, SILU=bool(silu), BLOCK_C=bc,
+                           BLOCK_P=bp)
     return y

@@ -1,0 +1,56 @@
+"""Triton kernel of ops.residual (bias_residual_add): tiles of [B, C, P] addressed by strides (P the
+flattened spatial size), so NCHW and channels_last run without a copy; grids depend on shapes only
+(CUDA-graph capturable)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .norm_act_triton import _bcp_strides, _blocks
+
+
+@triton.jit
+def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, shb, shc, shp, ssb, ssc, ssp, syb, syc, syp,
+                          HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pp = tl.program_id(0)
+    pc = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    ps = pp * BLOCK_P + tl.arange(0, BLOCK_P)
+    cm = cs < C
+    m = cm[:, None] & (ps < HW)[None, :]
+    c64, p64 = cs[:, None].to(tl.int64), ps[None, :].to(tl.int64)
+    y = tl.load(h_ptr + b * shb + c64 * shc + p64 * shp, mask=m, other=0.0).to(tl.float32) \
+        + tl.load(s_ptr + b * ssb + c64 * ssc + p64 * ssp, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cs, mask=cm, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + b * syb + c64 * syc + p64 * syp, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def bias_residual_add(h, skip, bias, poison=False):
+    B, C = h.shape[:2]
+    HW = h.numel() // max(B * C, 1)
+    sh = _bcp_strides(h)
+    if sh is None:
+        h = h.contiguous()
+        sh = _bcp_strides(h)
+    ss = _bcp_strides(skip)
+    if ss is None:
+        skip = skip.contiguous()
+        ss = _bcp_strides(skip)
+    y = torch.empty_like(h)  # h's memory format
+    sy = _bcp_strides(y)
+    if sy is None:
+        y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        sy = _bcp_strides(y)
+    if poison:
+        y.fill_(float("nan"))
+    if h.numel() == 0:
+        return y
+    bias = bias.contiguous() if bias is not None else None
+    bc, bp = _blocks(C, HW, sh[1] == 1 and C > 1)
+    grid = (triton.cdiv(HW, bp), triton.cdiv(C, bc), B)
+    _bias_residual_kernel[grid](h, skip, bias if bias is not None else h, y, C, HW, *sh, *ss, *sy,
+                                HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_P=bp)
+    return y

@@ -1,0 +1,118 @@
+"""ops.residual.bias_residual_add: h + skip + bias[c] in one pass. Reference vs the unfused torch sum;
+Triton (CPU interpreter, small shapes; CUDA marked ``cuda``) vs float64, poisoned outputs, NCHW and
+channels_last, mixed layouts of h and skip."""
+import itertools
+
+import pytest
+import torch
+
+from ppap_fast import ops
+from ppap_fast.ops import residual as RA
+
+from _util import capture_cuda_graph, poisoned_kernels, rel_err, requires_cuda
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SHAPES = [(2, 24, 6, 5), (3, 8, 9), (2, 5), (1, 40, 3, 7), (2, 3, 17, 17)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    with poisoned_kernels(RA):
+        yield
+
+
+def _inputs(shape, gen, dtype, h_cl=False, skip_cl=False, device="cpu"):
+    h = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    skip = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    bias = torch.randn(shape[1], generator=gen, dtype=torch.float64).to(dtype)
+    if h_cl:
+        h = h.to(memory_format=torch.channels_last)
+    if skip_cl:
+        skip = skip.to(memory_format=torch.channels_last)
+    return h.to(device), skip.to(device), bias.to(device)
+
+
+def test_reference_is_the_unfused_sum():
+    gen = torch.Generator().manual_seed(0)
+    h, skip, bias = _inputs((2, 6, 4, 3), gen, torch.float32)
+    assert torch.allclose(RA.bias_residual_add_reference(h, skip, bias), skip + h + bias[:, None, None], atol=1e-6)
+    assert torch.equal(RA.bias_residual_add_reference(h, skip), h + skip)
+    hh, sh = h.half(), skip.half()  # half: summed in float32, one rounding
+    got = RA.bias_residual_add_reference(hh, sh, bias.half())
+    assert got.dtype == torch.float16
+    assert torch.equal(got, (hh.float() + sh.float() + bias.half().float()[:, None, None]).half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_float64(shape, dtype):
+    gen = torch.Generator().manual_seed(len(shape) * 7 + shape[1])
+    layouts = [False, True] if len(shape) == 4 else [False]
+    for h_cl, skip_cl, with_bias in itertools.product(layouts, layouts, [True, False]):
+        h, skip, bias = _inputs(shape, gen, dtype, h_cl, skip_cl)
+        bias = bias if with_bias else None
+        got = RA.bias_residual_add(h, skip, bias, backend="triton")
+        assert ops.last_backend(RA.OP) == "triton"
+        assert got.dtype == dtype and got.shape == h.shape
+        assert got.is_contiguous(memory_format=torch.channels_last if h_cl else torch.contiguous_format)
+        want = RA.bias_residual_add_reference(h.double(), skip.double(), None if bias is None else bias.double())
+        err = rel_err(got, want)
+        assert err <= TOL[dtype], f"{shape} h_cl={h_cl} skip_cl={skip_cl} bias={with_bias}: {err:.2e}"
+
+
+def test_non_flat_skip_and_mixed_dtypes():
+    """A sliced (non-flattenable) skip is copied, an fp32 skip joins an fp16 h; y takes h's dtype."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 8, 5, 6, generator=gen).half()
+    big = torch.randn(2, 8, 5, 12, generator=gen)
+    skip, bias = big[..., ::2], torch.randn(8, generator=gen)
+    got = RA.bias_residual_add(h, skip, bias, backend="triton")
+    want = h.double() + skip.double() + bias.double()[:, None, None]
+    assert got.dtype == torch.float16 and rel_err(got, want) < 1e-3
+
+
+def test_autograd_uses_the_reference_and_explicit_triton_refuses():
+    h = torch.randn(2, 4, 3, 3, requires_grad=True)
+    skip, bias = torch.randn(2, 4, 3, 3), torch.randn(4, requires_grad=True)
+    y = RA.bias_residual_add(h, skip, bias)
+    assert ops.last_backend(RA.OP) == "reference"
+    gh, gb = torch.autograd.grad(y.square().sum(), (h, bias))
+    assert torch.allclose(gh, 2 * y) and torch.allclose(gb, 2 * y.sum((0, 2, 3)))
+    with pytest.raises(ops.BackendUnavailableError, match="forward-only"):
+        RA.bias_residual_add(h, skip, bias, backend="triton")
+    with torch.no_grad():
+        RA.bias_residual_add(h, skip, bias, backend="triton")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (((2, 4, 3, 3), (2, 4, 3, 2), (4,)), "skip must have h's shape"),
+    (((2, 4, 3, 3), (2, 4, 3, 3), (3,)), r"bias must be \[C\] = \[4\]"),
+    (((4,), (4,), None), r"h must be \[B, C"),
+])
+def test_bad_inputs(args, msg):
+    h, skip, b = (None if s is None else torch.randn(s) for s in args)
+    with pytest.raises(ValueError, match=msg):
+        RA.bias_residual_add(h, skip, b)
+
+
+def test_empty_batch():
+    h = torch.randn(0, 4, 3, 3)
+    assert RA.bias_residual_add(h, h, torch.ones(4), backend="triton").shape == h.shape
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_parity_layouts_and_graph(dtype):
+    gen = torch.Generator().manual_seed(11)
+    for h_cl, skip_cl in itertools.product([False, True], [False, True]):
+        h, skip, bias = _inputs((4, 64, 33, 31), gen, dtype, h_cl, skip_cl, device="cuda")
+        got = RA.bias_residual_add(h, skip, bias)
+        assert ops.last_backend(RA.OP) == "triton"
+        want = RA.bias_residual_add_reference(h.double(), skip.double(), bias.double())
+        assert rel_err(got, want) <= TOL[dtype], (h_cl, skip_cl)
+    graph, out = capture_cuda_graph(lambda: RA.bias_residual_add(h, skip, bias))
+    out.fill_(float("nan"))
+    graph.replay()
+    assert rel_err(out, want) <= TOL[dtype]
