@@ -167,17 +167,11 @@ def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
 def _captured_ms(step, reps, grad: bool):
     """Median time of ``step()`` captured in a CUDA graph (3 warm-up calls on a side stream first),
     or (None, why) when capture fails: report it, do not fail the whole benchmark."""
+    from ppap_fast.train_graph import capture_after_warmup
+
     try:
         with torch.set_grad_enabled(grad):
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
+            g, _ = capture_after_warmup(step, 3)
         return median_ms(g.replay, "cuda", reps), None
     except Exception as exc:  # pragma: no cover
         return None, f"graph capture failed: {type(exc).__name__}: {exc}"

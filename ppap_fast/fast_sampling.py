@@ -644,20 +644,15 @@ class FastGuidedSampler:
         return g.out
 
     def _capture(self, x, idx, runner, noise):
+        from .train_graph import capture_after_warmup
+
         g = _Graph()
         g.x, g.idx = x.clone(), idx.clone()
         g.noise = None if noise is None else noise.clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up: lazy inits, cuDNN autotuning, compile
-                self._core(g.x, g.idx, runner, g.noise)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        g.graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g.graph, pool=self._graph_pool):
-            g.out = self._core(g.x, g.idx, runner, g.noise)
+        g.graph, g.out = capture_after_warmup(lambda: self._core(g.x, g.idx, runner, g.noise), 3,
+                                              pool=self._graph_pool, device=x.device)
         return g
 
     # -- the loop -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphedTrainStep", "why_no_graph"]
+__all__ = ["GraphedTrainStep", "why_no_graph", "capture_after_warmup"]
 
 
 def why_no_graph(device: torch.device, distributed: bool = False) -> str | None:
@@ -32,6 +32,25 @@ def why_no_graph(device: torch.device, distributed: bool = False) -> str | None:
     if distributed:
         return "not with several processes (DDP's gradient all-reduce is not captured here)"
     return None
+
+
+def capture_after_warmup(step: Callable[[], object], warmup: int = 3, *, pool=None, device=None):
+    """``step()`` ``warmup`` times on a side stream (lazy inits, cuDNN and Triton autotuning,
+    compiles: what capture refuses), then once under capture; returns (graph, what the captured call
+    returned: static outputs that every replay rewrites). ``pool``: a
+    ``torch.cuda.graph_pool_handle()`` shared with other graphs that never run at the same time.
+    For a step whose warm-up calls must count as real work, see :class:`GraphedTrainStep`."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 class GraphedTrainStep:

@@ -122,13 +122,6 @@ def poisoned_kernels(*modules):
 def capture_cuda_graph(step, warmup: int = 2):
     """``step()`` run ``warmup`` times on a side stream (lazy init, autotuning, Triton compiles), then
     captured: (graph, what the captured call returned: static outputs that every replay rewrites)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
+    from ppap_fast.train_graph import capture_after_warmup
+
+    return capture_after_warmup(step, warmup)

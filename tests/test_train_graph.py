@@ -52,6 +52,47 @@ def test_lora_backend_preference(monkeypatch):
             pass
 
 
+def test_capture_after_warmup_order(monkeypatch):
+    """Warm-up calls on a side stream that waits for the current one, the current stream waits for
+    it, then one call under capture with the given pool (torch.cuda faked: the order is the test)."""
+    from ppap_fast import train_graph as TG
+
+    log = []
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    class FakeGraph:
+        pass
+
+    @contextlib.contextmanager
+    def fake_stream(s):
+        log.append(f"on {s.name}")
+        yield
+        log.append(f"off {s.name}")
+
+    @contextlib.contextmanager
+    def fake_graph(g, pool=None):
+        log.append(f"capture pool={pool}")
+        yield
+        log.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("current"))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+    calls = iter(range(10))
+    graph, out = TG.capture_after_warmup(lambda: log.append(f"step {next(calls)}") or len(log), 2, pool="P")
+    assert isinstance(graph, FakeGraph) and out == 8
+    assert log == ["side waits current", "on side", "step 0", "step 1", "off side", "current waits side",
+                   "capture pool=P", "step 2", "captured"]
+
+
 def test_arguments_and_reasons():
     with pytest.raises(ValueError, match="warmup"):
         GraphedTrainStep(lambda x: x, warmup=0)
