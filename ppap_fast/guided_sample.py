@@ -262,6 +262,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     guided = make_guide is not None
     stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": steps,
              "path": "fast" if cfg.fast else "reference", "device": str(device),
+             "fast_options": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in opts.items()},
              "nfe_per_sample": steps, "guide_evals_per_sample": steps if guided else 0,
              "seconds": round(seconds, 3), "images_per_s": round(cfg.num_samples / max(seconds, 1e-9), 3),
              "first_batch_seconds": round(first_s if first_s is not None else seconds, 3),

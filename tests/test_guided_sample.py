@@ -31,13 +31,14 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert fast["targets"].tolist() == [3, 7, 3, 7, 3, 7]
     assert (tmp_path / "fast.png").stat().st_size > 0
     assert stats["path"] == "fast" and stats["nfe_per_sample"] == 5 and stats["guide_evals_per_sample"] == 5
+    assert stats["fast_options"]["fuse_norm_act"] is False and stats["fast_options"]["guide_autocast"] is None
     assert stats["experts"]["n_experts"] == 10 and stats["task"] == "classification"
     assert stats["images_per_s"] > 0 and stats["peak_memory_mb"] > 0
     assert 0 < stats["first_batch_seconds"] <= stats["seconds"] and stats["steady_images_per_s"] > 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["out"] == str(tmp_path / "fast.npz")
     ref, rstats = _run(tmp_path, "ref", *GUIDE, "--no-fast")
-    assert rstats["path"] == "reference"
+    assert rstats["path"] == "reference" and rstats["fast_options"] == {}
     diff = np.abs(fast["images"].astype(int) - ref["images"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # same noise: float rounding only
     plain, _ = _run(tmp_path, "plain")
