@@ -354,6 +354,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                   ("ours[auto,cudagraph]", _ours(cfg, None, seg=seg))]
                 if "cpp" in ours_backends:
                     graph_variants.append(("ours[cpp,cudagraph]", _ours(cfg, "cpp", seg=seg)))
+                if cfg["kind"] == "conv":  # base + stacked A as one conv: fewer kernels where launches dominate
+                    graph_variants.append(("ours[triton,a_stage=fused,cudagraph]", _ours(cfg, "triton", "fused", seg)))
                 for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
                     t_g, why = _graphmedian_ms(fn, x, args, reps)
                     t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))
