@@ -56,7 +56,7 @@ def test_triton_matches_float64(shape, dtype):
         got = RA.bias_residual_add(h, skip, bias, backend="triton")
         assert ops.last_backend(RA.OP) == "triton"
         assert got.dtype == dtype and got.shape == h.shape
-        assert got.is_contiguous(memory_format=torch.channels_last if h_cl else torch.contiguous_format)
+        assert got.stride() == skip.stride()  # the residual stream's layout
         want = RA.bias_residual_add_reference(h.double(), skip.double(), None if bias is None else bias.double())
         err = rel_err(got, want)
         assert err <= TOL[dtype], f"{shape} h_cl={h_cl} skip_cl={skip_cl} bias={with_bias}: {err:.2e}"
@@ -71,6 +71,20 @@ def test_non_flat_skip_and_mixed_dtypes():
     got = RA.bias_residual_add(h, skip, bias, backend="triton")
     want = h.double() + skip.double() + bias.double()[:, None, None]
     assert got.dtype == torch.float16 and rel_err(got, want) < 1e-3
+
+
+def test_output_follows_the_residual_stream_layout():
+    """ADM attention: h from a Conv1d (contiguous [B, C, T]), skip a [B, C, H*W] view of a
+    channels_last activation; y keeps the view's strides, so reshaping back gives channels_last."""
+    gen = torch.Generator().manual_seed(4)
+    act = torch.randn(2, 16, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    skip = act.reshape(2, 16, -1)
+    h, bias = torch.randn(2, 16, 20, generator=gen), torch.randn(16, generator=gen)
+    for backend in ("triton", "reference"):
+        y = RA.bias_residual_add(h, skip, bias, backend=backend)
+        assert y.stride() == skip.stride(), backend
+        assert y.reshape(2, 16, 4, 5).is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(y, skip.double() + h.double() + bias.double()[:, None]) < 1e-6
 
 
 def test_autograd_uses_the_reference_and_explicit_triton_refuses():

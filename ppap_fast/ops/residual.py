@@ -3,8 +3,9 @@
 conv's bias with a kernel of its own, then the residual add): on an H100 the bias adds alone were
 16% of an ADM-256 forward with the fused norms (138 calls, 40 ms of 248).
 
-Sums in float32, y in h's dtype and memory format (NCHW or channels_last); skip in h's shape (any
-float dtype and strides); bias [C] or None.
+Sums in float32, y in h's dtype and in skip's layout (the residual stream's: NCHW, channels_last,
+or a [B, C, HW] view of channels_last); skip in h's shape (any float dtype and strides); bias [C]
+or None.
 
 Backends (registry op "bias_residual_add"): "triton" (CUDA; on CPU only when asked for, under
 TRITON_INTERPRET=1) and "reference" (PyTorch, differentiable). With autograd recording and an input
@@ -24,7 +25,7 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 def bias_residual_add_reference(h, skip, bias=None):
     dt = torch.promote_types(h.dtype, torch.float32)
-    y = h.to(dt) + skip.to(dt)
+    y = skip.to(dt) + h.to(dt)
     if bias is not None:
         y = y + bias.to(dt).reshape((1, -1) + (1,) * (h.dim() - 2))
     return y.to(h.dtype)

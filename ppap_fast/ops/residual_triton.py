@@ -39,7 +39,7 @@ def bias_residual_add(h, skip, bias, poison=False):
     if ss is None:
         skip = skip.contiguous()
         ss = _bcp_strides(skip)
-    y = torch.empty_like(h)  # h's memory format
+    y = torch.empty_like(skip, dtype=h.dtype)  # the residual stream's layout (e.g. ADM attention's [B, C, HW] view)
     sy = _bcp_strides(y)
     if sy is None:
         y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
