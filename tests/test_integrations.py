@@ -237,3 +237,37 @@ def test_pipeline_is_a_diffusion_pipeline(unet, classifier, tmp_path):
     unguided.set_progress_bar_config(disable=True)
     assert unguided.guidance is None and not torch.allclose(run(unguided), want, atol=1e-3)
     assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kw", [
+    {},
+    {"resnet_time_scale_shift": "scale_shift", "down_block_types": ("ResnetDownsampleBlock2D", "DownBlock2D"),
+     "up_block_types": ("UpBlock2D", "ResnetUpsampleBlock2D")},
+    {"block_out_channels": (8, 16), "layers_per_block": 2, "add_attention": False},
+])
+def test_fuse_norm_act_matches_the_modules(backend, kw):
+    """Fused ResnetBlock2D (GroupNorm + SiLU one op, conv biases in the next op) equals the modules: the
+    default and scale-shift time embeddings, resnet up/down blocks, conv shortcuts; undone by False."""
+    from ppap_fast import ops
+    from ppap_fast.integrations.diffusers import fuse_norm_act
+
+    torch.manual_seed(1)
+    cfg = dict(sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(8, 16),
+               norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "UpBlock2D"))
+    net = UNet2DModel(**{**cfg, **kw}).eval()
+    x, t = torch.randn(B, C, H, H), torch.tensor([10, 500, 999, 0])
+    with torch.no_grad():
+        want = net(x, t).sample
+        n = fuse_norm_act(net)
+        assert n == sum(type(m).__name__ == "ResnetBlock2D" for m in net.modules()) > 0
+        ops.set_backend(backend)
+        try:
+            got = net(x, t).sample
+        finally:
+            ops.set_backend(None)
+        assert ops.last_backend("group_norm_act") == backend and ops.last_backend("bias_residual_add") == backend
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+        assert fuse_norm_act(net, False) == 0
+        assert torch.equal(net(x, t).sample, want)

@@ -28,6 +28,11 @@ parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqr
 Any other prediction_type raises ValueError, as do sigma-space schedulers (Euler, Heun, ...:
 ``init_noise_sigma != 1``), whose samples are not x_t of the variance-preserving process.
 
+Faster denoiser on a GPU: ``fuse_norm_act(unet)`` runs each ResnetBlock2D's GroupNorm + SiLU pairs as
+one op and adds its conv biases inside the next fused op (as ``ADMUNet.fuse_norm_act``; on an H100
+the fused ADM-256 forward took 0.60x the eager one's time), in place; ``fuse_norm_act(unet, False)``
+undoes it.
+
 diffusers is imported only when ``PPAPGuidedPipeline`` is first used: this module imports without it.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES"]
+__all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "fuse_norm_act"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -191,6 +196,75 @@ class PPAPGuidance:
         return torch.cat([new, model_output[:, c:]], dim=1)
 
     __call__ = correct
+
+
+def _fusable_resnet(block) -> bool:
+    """A ResnetBlock2D the fused forward reproduces: plain GroupNorms, SiLU, plain convs, a time
+    embedding projection, "default" or "scale_shift" time-embedding norm."""
+    from ..models.adm import _PLAIN_CONVS
+
+    return (type(block).__name__ == "ResnetBlock2D" and type(block).__module__.startswith("diffusers")
+            and type(getattr(block, "norm1", None)) is torch.nn.GroupNorm
+            and type(getattr(block, "norm2", None)) is torch.nn.GroupNorm
+            and isinstance(getattr(block, "nonlinearity", None), torch.nn.SiLU)
+            and type(getattr(block, "conv1", None)) in _PLAIN_CONVS and type(getattr(block, "conv2", None)) in _PLAIN_CONVS
+            and getattr(block, "time_embedding_norm", None) in ("default", "scale_shift")
+            and getattr(block, "time_emb_proj", None) is not None)
+
+
+def fuse_norm_act(unet: torch.nn.Module, enabled: bool = True) -> int:
+    """Fuse (or, with ``enabled=False``, unfuse) every ResnetBlock2D of a diffusers model in place
+    (module docstring); returns how many blocks now run fused. Blocks of other kinds, or with norms,
+    activations or convs the fused forward does not cover, keep their forward. Same math as the
+    modules (statistics and activation in float32, one rounding to the torso's dtype); without
+    autograd recording the Triton ops run on CUDA, else their PyTorch references."""
+    import types
+
+    count = 0
+    for m in unet.modules():
+        if not _fusable_resnet(m):
+            continue
+        if enabled:
+            m.forward = types.MethodType(_fused_resnet_forward, m)
+            count += 1
+        else:
+            m.__dict__.pop("forward", None)
+    return count
+
+
+def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward with each norm (+ time embedding) + SiLU one op and the conv
+    biases added by the next op (the second norm's in_bias; the residual add)."""
+    from ..models.adm import _conv_without_bias, _fused_residual, _sum_bias
+    from ..ops.norm_act import group_norm_act
+
+    def norm(n, h, **kw):
+        return group_norm_act(h, n.num_groups, n.weight, n.bias, n.eps, **kw)
+
+    x = input_tensor
+    h = norm(self.norm1, x)
+    if self.upsample is not None:
+        if h.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc fails with large batches
+            x, h = x.contiguous(), h.contiguous()
+        x, h = self.upsample(x), self.upsample(h)
+    elif self.downsample is not None:
+        x, h = self.downsample(x), self.downsample(h)
+    h, b1 = _conv_without_bias(self.conv1, h)
+    if temb is not None:
+        temb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    if self.time_embedding_norm == "scale_shift":
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        scale, shift = torch.chunk(temb, 2, dim=1)
+        h = norm(self.norm2, h, scale=scale, shift=shift, in_bias=b1)
+    else:
+        h = norm(self.norm2, h, in_bias=_sum_bias(temb, b1))
+    h, b2 = _conv_without_bias(self.conv2, self.dropout(h))
+    b_skip = None
+    if self.conv_shortcut is not None:
+        x, b_skip = _conv_without_bias(self.conv_shortcut, x.contiguous() if self.training else x)
+    out = _fused_residual(h, x, _sum_bias(b2, b_skip))
+    return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 def _step_kwargs(scheduler, eta, generator, guided: bool) -> dict:
