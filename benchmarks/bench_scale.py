@@ -2,8 +2,8 @@
 
 cuda: ADM-256 uncond (random weights; the preset's fp16 torso) + torchvision ResNet50 PPAP-10
 (random experts), guided DDIM-25 at batch 32 on the fast path (merged experts, bf16 guide,
-channels_last, CUDA graphs) and, in the same run, unguided: images/s, peak memory, MFU against
-the card's dense bf16 peak (FLOPs counted with torch's FlopCounterMode: 25 x (denoiser forward +
+fast_sampling.recommended_options: fused norms in channels_last; CUDA graphs) and, in the same
+run, unguided: images/s, peak memory, MFU against the card's dense bf16 peak (FLOPs counted with torch's FlopCounterMode: 25 x (denoiser forward +
 expert forward and input backward)). Data-free generation throughput: bench_generate.py.
 cpu: the same code on tiny models, so the suite stays tested; its figures are only indicative.
 
@@ -22,7 +22,7 @@ from bench_step import _denoiser_flops, _guide_flops, _peak, _randomise_bank  # 
 from timing import timed_ms  # noqa: E402
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
-from ppap_fast.fast_sampling import FastGuidedSampler  # noqa: E402
+from ppap_fast.fast_sampling import FastGuidedSampler, recommended_options  # noqa: E402
 from ppap_fast.guidance import ClassGuide  # noqa: E402
 from ppap_fast.models.adm import ADMUNet  # noqa: E402
 from ppap_fast.schedule import Schedule  # noqa: E402
@@ -61,7 +61,7 @@ def _sampling_rows(device: str, quick: bool, emit=None):
     model = model.to(device).eval().requires_grad_(False)
     bank = _randomise_bank(ExpertBank(net, "resnet", n_experts=N_EXPERTS), 0.01).to(device)
     sched = Schedule.create("linear", 1000, "ddim25").to(device)
-    opts = dict(guide_autocast=torch.bfloat16, channels_last=True, cuda_graph=True) if cuda else {}
+    opts = dict(guide_autocast=torch.bfloat16, cuda_graph=True, **recommended_options(model, device)) if cuda else {}
     guided = FastGuidedSampler(model, sched, guide=ClassGuide(bank, TARGET, scale=SCALE), **opts)
     unguided = FastGuidedSampler(model, sched, **{k: v for k, v in opts.items() if k != "guide_autocast"})
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
