@@ -121,13 +121,18 @@ def test_distill_cuda_graph_on_cpu_warns_and_trains_eagerly(tmp_path):
     data, teacher = _tiny_set(tmp_path)
     cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=3,
                           batch_size=4, device="cpu")
-    D.distill(cfg, D.DistEnv())
+    with warnings.catch_warnings():  # the default (cuda_graph=None): captured where it can, silently eager here
+        warnings.simplefilter("error")
+        D.distill(cfg, D.DistEnv())
     with pytest.warns(UserWarning, match="cuda_graph: CUDA-graph capture needs a CUDA device"):
         D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=True), D.DistEnv())
+    import json
+
     from safetensors.torch import load_file
 
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "g" / "train_summary.json").read_text())["cuda_graph"] is False
 
 
 @requires_cuda
@@ -176,18 +181,20 @@ def test_graphed_steps_equal_eager_steps(no_tf32, layout):
 def test_distill_cuda_graph_matches_eager(tmp_path, no_tf32):
     data, teacher = _tiny_set(tmp_path)
     cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=8,
-                          batch_size=4, device="cuda")
+                          batch_size=4, device="cuda", cuda_graph=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         D.distill(cfg, D.DistEnv(device=torch.device("cuda", 0)))
-        D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=True),
+        D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=None),  # the default
                   D.DistEnv(device=torch.device("cuda", 0)))
     assert not [w for w in caught if "cuda_graph" in str(w.message)]  # it was captured, not refused
     import json
 
     from safetensors.torch import load_file
 
-    la, lb = (json.loads((tmp_path / o / "train_summary.json").read_text())["losses"] for o in ("eager", "g"))
+    sa, sb = (json.loads((tmp_path / o / "train_summary.json").read_text()) for o in ("eager", "g"))
+    assert sa["cuda_graph"] is False and sb["cuda_graph"] is True
+    la, lb = sa["losses"], sb["losses"]
     assert len(la) == len(lb) == 8 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(la, lb))
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
