@@ -36,36 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_step import _denoiser_flops, _peak, _setup  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import median_ms, profile_top  # noqa: E402
 
 
 def _median_ms(fn, device, reps, warmup=2):
     with torch.no_grad():
         return median_ms(fn, device, reps, warmup)
-
-
-def profile_top(fn, device: str, k: int = 12) -> list[dict]:
-    """Top k ops of one call of fn by self device time (self CPU time on CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.no_grad():
-        fn()  # warm
-        with profile(activities=acts) as prof:
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-    events = prof.key_averages()
-
-    def self_us(e):
-        if device == "cuda":
-            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-        return float(e.self_cpu_time_total)
-
-    total = sum(self_us(e) for e in events) or 1.0
-    top = sorted(events, key=self_us, reverse=True)[:k]
-    return [{"name": e.key[:80], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 4),
-             "calls": int(e.count)} for e in top]
 
 
 def _residual_ratio(row, batch, reps) -> float:

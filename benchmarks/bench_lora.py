@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ppap_fast.ops import lora as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import geomean, median_ms  # noqa: E402
+from timing import profile_top, geomean, median_ms  # noqa: E402
 
 
 def _configs(device: str, quick: bool):
@@ -348,6 +348,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
+                if device == "cuda" and N == Ns[0] and vname in ("ours[triton]", "base"):  # where the time goes
+                    rows[-1]["fwdbwd_profile_top"] = profile_top(fwdbwd, device, k=12, grad=True)
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
                 graphed = {}
                 graph_variants = [("ours[triton,cudagraph]", _ours(cfg, "triton", seg=seg)),

@@ -59,3 +59,28 @@ def geomean(values) -> float:
     """Geometric mean of positive ratios, rounded to 4 digits (how every suite aggregates its rows)."""
     values = list(values)
     return round(math.exp(sum(map(math.log, values)) / len(values)), 4)
+
+
+def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False) -> list[dict]:
+    """Top k ops and kernels of one call of fn (after one warm call) by self device time (self CPU time
+    on CPU): name, ms, share, calls. ``grad``: run with autograd recording (fwd + bwd profiles)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.set_grad_enabled(grad):
+        fn()  # warm
+        with profile(activities=acts) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def self_us(e):
+        if device == "cuda":
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in events) or 1.0
+    top = sorted(events, key=self_us, reverse=True)[:k]
+    return [{"name": e.key[:80], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 4),
+             "calls": int(e.count)} for e in top]
