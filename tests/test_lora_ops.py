@@ -546,6 +546,10 @@ def test_lora_conv2d_delta_stacked_by_env_with_bias(monkeypatch):
     monkeypatch.setenv("PPAP_FAST_LORA_DELTA", "stacks")
     with pytest.raises(ValueError, match="PPAP_FAST_LORA_DELTA"):
         L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
+    monkeypatch.setenv("PPAP_FAST_LORA_DELTA", "stacked")  # a global backend choice wins over it
+    monkeypatch.setenv("PPAP_LORA_BACKEND", "reference")
+    L.lora_conv2d_delta(x, W, b, delta, idx, 1, 1)
+    assert L.last_backend["lora_conv2d_delta"] == "reference"
 
 
 @pytest.mark.cuda

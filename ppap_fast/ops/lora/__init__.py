@@ -291,7 +291,8 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
-    if backend in (None, "auto"):
+    if backend in (None, "auto") and not os.environ.get("PPAP_LORA_BACKEND") \
+            and _registry._forced not in _ORDER["lora_conv2d_delta"]:  # a global choice still wins
         backend = _auto_delta_backend(x)
     b = _pick("lora_conv2d_delta", x, backend)
     from . import vectorized
