@@ -63,7 +63,7 @@ class GuidedSampleConfig:
     device: str = "auto"
     fast: bool = True
     guide_dtype: str | None = None      # "bf16" | "fp16": autocast of the guide (fast path)
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None      # one CUDA graph per step (fast path; None: on CUDA)
     compile: bool = False               # torch.compile (inductor) of the denoiser (fast path)
     fuse_norm_act: bool | None = None   # ADM: GroupNorm (+ scale-shift) + SiLU as one op (fast path; None: on CUDA)
 
@@ -86,7 +86,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--guide-dtype must be bf16 or fp16, got {cfg.guide_dtype!r}")
     if cfg.guide is None and (cfg.experts or cfg.targets or cfg.target_map):
         raise ValueError("--experts / --targets / --target-map need --guide (the off-the-shelf model)")
-    if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph or cfg.compile or cfg.fuse_norm_act is not None):
+    if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     opts = {}
     if cfg.fast:
         opts = {"guide_autocast": {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.guide_dtype),
-                "cuda_graph": cfg.cuda_graph, "compile_model": cfg.compile,
+                "cuda_graph": device.type == "cuda" if cfg.cuda_graph is None else cfg.cuda_graph,
+                "compile_model": cfg.compile,
                 **recommended_options(unet, device, compile_model=cfg.compile, fuse_norm_act=cfg.fuse_norm_act)}
 
     samplers: dict = {}  # batch size -> (sampler or None, target buffer): experts merge once per size
@@ -298,7 +299,9 @@ def add_arguments(s) -> None:
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
     s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"])
-    s.add_argument("--cuda-graph", action="store_true")
+    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each guided step in a CUDA graph (default: on with the fast path on CUDA; "
+                        "--cuda-graph elsewhere warns and runs eagerly)")
     s.add_argument("--fuse-norm-act", action=argparse.BooleanOptionalAction, default=None,
                    help="ADM denoiser: each GroupNorm (+ scale-shift) + SiLU as one fused op (Triton on CUDA; "
                         "default: on with the fast path on CUDA, unless --compile)")

@@ -134,4 +134,5 @@ def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
     assert seen and all(kw["compile_model"] is True and kw["fuse_norm_act"] is True for kw in seen)
     seen.clear()  # default on CPU: none of the CUDA options
     _run(tmp_path, "d", *GUIDE)
-    assert seen and all(kw["fuse_norm_act"] is False and kw["channels_last"] is False for kw in seen)
+    assert seen and all(kw["fuse_norm_act"] is False and kw["channels_last"] is False and kw["cuda_graph"] is False
+                        for kw in seen)
