@@ -18,15 +18,19 @@ metadata (sort by expert) is built once per batch, as ExpertBank does for all it
 the per-layer times: its own cost is the "segments(once per batch)" row.
 On CUDA, "[cudagraph]" rows time the forward, and the forward + backward, captured in a CUDA graph
 (GPU time without Python / launch overhead), the cost a graphed
-training step (distill --cuda-graph) pays: ratio lora_fwdbwd_graph_vs_base_graph.
+training step (distill's default on one GPU) pays: ratio lora_fwdbwd_graph_vs_base_graph.
 Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
   lora_fwdbwd_vs_loop  forward+backward (dx, dA, dB), ours vs per-expert loop
   lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only)
+On CUDA the Triton layer's and the base layer's rows also hold the profile of one eager fwd+bwd
+(``fwdbwd_profile_top``: top kernels and ops). PPAP_BENCH_LORA_LAYERS="3x3,qkv" keeps the layers
+whose name contains one of the words (a short GPU call).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -54,6 +58,11 @@ def _configs(device: str, quick: bool):
     ]
     if quick and not big:
         cfgs = [cfgs[0], cfgs[2]]
+    only = [w for w in os.environ.get("PPAP_BENCH_LORA_LAYERS", "").split(",") if w.strip()]
+    if only:  # e.g. "3x3": the layers whose name contains one of the comma-separated words
+        cfgs = [c for c in cfgs if any(w.strip() in c["name"] for w in only)]
+        if not cfgs:
+            raise ValueError(f"PPAP_BENCH_LORA_LAYERS={os.environ['PPAP_BENCH_LORA_LAYERS']!r} matches no layer")
     return cfgs
 
 
