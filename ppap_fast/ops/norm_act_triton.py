@@ -105,6 +105,25 @@ def _bcp_strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(t.dim() - 1)
 
 
+def _bcp_view(t: torch.Tensor):
+    """(t, its [B, C, P] strides); t copied contiguous where its spatial dims do not flatten."""
+    st = _bcp_strides(t)
+    if st is None:
+        t = t.contiguous()
+        st = _bcp_strides(t)
+    return t, st
+
+
+def _bcp_empty(like: torch.Tensor, dtype: torch.dtype, poison: bool):
+    """(an output in ``like``'s layout, its [B, C, P] strides); NaN-filled with ``poison``."""
+    y = torch.empty_like(like, dtype=dtype)
+    if _bcp_strides(y) is None:
+        y = torch.empty(like.shape, dtype=dtype, device=like.device)
+    if poison:
+        y.fill_(float("nan"))
+    return y, _bcp_strides(y)
+
+
 def _blocks(channels: int, HW: int, channels_fastest: bool):
     """(BLOCK_C, BLOCK_P): channel tiles as small as a group (ADM: 8 channels), position tiles up to
     256 (64 under the interpreter)."""
@@ -117,19 +136,10 @@ def _blocks(channels: int, HW: int, channels_fastest: bool):
 def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False):
     B, C = x.shape[:2]
     HW = x.numel() // max(B * C, 1)
-    st = _bcp_strides(x)
-    if st is None:
-        x = x.contiguous()
-        st = _bcp_strides(x)
-    y = torch.empty_like(x)  # x's memory format
-    if poison:
-        y.fill_(float("nan"))
+    x, st = _bcp_view(x)
+    y, sy = _bcp_empty(x, x.dtype, poison)  # x's memory format
     if x.numel() == 0:
         return y
-    sy = _bcp_strides(y)
-    if sy is None:
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        sy = _bcp_strides(y)
     Cg = C // G
     shift0 = torch.empty(B * G, dtype=torch.float32, device=x.device)
     mean = torch.empty(B * G, dtype=torch.float32, device=x.device)

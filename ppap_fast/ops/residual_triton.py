@@ -3,11 +3,10 @@ flattened spatial size), so NCHW and channels_last run without a copy; grids dep
 (CUDA-graph capturable)."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .norm_act_triton import _bcp_strides, _blocks
+from .norm_act_triton import _bcp_empty, _bcp_view, _blocks
 
 
 @triton.jit
@@ -31,21 +30,9 @@ def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, shb, shc, shp, ssb,
 def bias_residual_add(h, skip, bias, poison=False):
     B, C = h.shape[:2]
     HW = h.numel() // max(B * C, 1)
-    sh = _bcp_strides(h)
-    if sh is None:
-        h = h.contiguous()
-        sh = _bcp_strides(h)
-    ss = _bcp_strides(skip)
-    if ss is None:
-        skip = skip.contiguous()
-        ss = _bcp_strides(skip)
-    y = torch.empty_like(skip, dtype=h.dtype)  # the residual stream's layout (e.g. ADM attention's [B, C, HW] view)
-    sy = _bcp_strides(y)
-    if sy is None:
-        y = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        sy = _bcp_strides(y)
-    if poison:
-        y.fill_(float("nan"))
+    h, sh = _bcp_view(h)
+    skip, ss = _bcp_view(skip)
+    y, sy = _bcp_empty(skip, h.dtype, poison)  # the residual stream's layout (e.g. ADM attention's [B, C, HW] view)
     if h.numel() == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
