@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from .._kernel_util import autocast_input, new_buffer
 from . import triton_kernels as tk
-from .reference import block_diag_B  # noqa: F401  (pure torch; also used by the cpp backend)
+from .reference import block_diag_B, stacked_expert_conv  # noqa: F401  (pure torch; block_diag_B also for cpp)
 from .segments import Segments
 
 
@@ -178,14 +178,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
 def stacked_a_conv(x, A, expert_idx, stride, padding, dilation, groups):
     """One conv with every expert's A stacked, then each sample keeps its own expert's
     channels. A [N, r, C_in/g, kh, kw] -> h [S, r, Ho, Wo]. Differentiable (autograd)."""
-    N, r = A.shape[:2]
-    rg = r // groups
-    # stacked output channels ordered [g, N, r/g] so each conv group sees its own input group
-    As = A.reshape(N, groups, rg, *A.shape[2:]).transpose(0, 1).reshape(groups * N * rg, *A.shape[2:])
-    hs = F.conv2d(x, As.to(x.dtype), None, stride, padding, dilation, groups)
-    S, _, Ho, Wo = hs.shape
-    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, rg, Ho, Wo)
-    return hs.unflatten(1, (groups, N, rg)).gather(2, sel).reshape(S, r, Ho, Wo)  # one gather, any memory format
+    return stacked_expert_conv(x, A, expert_idx, stride, padding, dilation, groups)
 
 
 def grouped_a_conv(x, A, expert_idx, stride, padding, dilation, groups):

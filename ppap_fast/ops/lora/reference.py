@@ -120,6 +120,21 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     return y
 
 
+def stacked_expert_conv(x, w_experts, expert_idx, stride, padding, dilation, groups):
+    """ONE conv with every expert's weight stacked along the output channels, then each sample keeps
+    its own expert's channels (one gather, any memory format). w_experts [N, C_o, C_in/g, kh, kw]
+    -> [S, C_o, Ho, Wo]; differentiable (autograd); N times the FLOPs of one expert's conv."""
+    N, C_o = w_experts.shape[:2]
+    cg = C_o // groups
+    # stacked output channels ordered [g, N, C_o/g] so each conv group sees its own input group
+    w = w_experts.reshape(N, groups, cg, *w_experts.shape[2:]).transpose(0, 1).reshape(
+        groups * N * cg, *w_experts.shape[2:])
+    ys = F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
+    S, _, Ho, Wo = ys.shape
+    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, cg, Ho, Wo)
+    return ys.unflatten(1, (groups, N, cg)).gather(2, sel).reshape(S, C_o, Ho, Wo)
+
+
 def block_diag_B(B: torch.Tensor, groups: int) -> torch.Tensor:
     """Grouped 1x1 conv weight B [N, C_out, r/g] -> dense block-diagonal [N, C_out, r] (differentiable)."""
     if groups == 1:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .reference import stacked_expert_conv
+
 
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None):
     S, C_in, H, Wd = x.shape
@@ -30,15 +32,8 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
 
 def lora_conv2d_delta_stacked(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1,
                               expert_bias=None):
-    N, C_out = delta.shape[0], W.shape[0]
-    cg = C_out // groups
     w_all = W.detach().to(delta.dtype) + delta  # [N, C_out, C_in/g, kh, kw], differentiable in delta
-    # output channels ordered [g, N, C_out/g]: each conv group sees its own input group
-    w_all = w_all.reshape(N, groups, cg, *W.shape[1:]).transpose(0, 1).reshape(groups * N * cg, *W.shape[1:])
-    ys = F.conv2d(x, w_all.to(x.dtype), None, stride, padding, dilation, groups)
-    S, _, Ho, Wo = ys.shape
-    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, cg, Ho, Wo)
-    y = ys.unflatten(1, (groups, N, cg)).gather(2, sel).reshape(S, C_out, Ho, Wo)
+    y = stacked_expert_conv(x, w_all, expert_idx, stride, padding, dilation, groups)
     if bias is not None:
         y = y + bias.detach().to(y.dtype)[:, None, None]
     if expert_bias is not None:
