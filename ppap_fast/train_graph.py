@@ -63,9 +63,7 @@ class GraphedTrainStep:
         if lora_backend is not None:
             from .ops import lora
 
-            if lora_backend not in lora._CHECKS:
-                raise ValueError(f"unknown LoRA backend {lora_backend!r}; expected one of {sorted(lora._CHECKS)} "
-                                 "or None")
+            lora.check_backend_name(lora_backend)
         self.step_fn, self.warmup = step_fn, int(warmup)
         self.lora_backend = lora_backend
         self.static: list[torch.Tensor] | None = None

@@ -144,6 +144,12 @@ def _cpp_in_auto() -> bool:
 _preferred: list = []  # prefer_backend's stack
 
 
+def check_backend_name(name: str) -> None:
+    """ValueError unless ``name`` is a LoRA backend (any op's)."""
+    if name not in _CHECKS:
+        raise ValueError(f"unknown LoRA backend {name!r}; expected one of {sorted(_CHECKS)}")
+
+
 @contextlib.contextmanager
 def prefer_backend(name: str):
     """Within the block, the automatic choice of lora_linear / lora_conv2d tries ``name`` first where
@@ -151,8 +157,7 @@ def prefer_backend(name: str):
     ``ops.set_backend`` still wins. ``train_graph.GraphedTrainStep`` runs its warm-up and capture
     under ``prefer_backend("triton")``: inside CUDA graphs (no host time) Triton's fwd+bwd was the
     fastest in all six H100 layer rows (conv 0.29-0.34 vs 0.38-0.45 ms, DeiT-S qkv 0.18 vs 0.88-0.97 ms)."""
-    if name not in _CHECKS:
-        raise ValueError(f"unknown LoRA backend {name!r}; expected one of {sorted(_CHECKS)}")
+    check_backend_name(name)
     _preferred.append(name)
     try:
         yield
