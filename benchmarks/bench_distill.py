@@ -12,7 +12,10 @@ eager: distill_factorised_vs_loralib = time(factorised) / time(loralib), and the
 layers on the cpp backend: distill_cpp_vs_auto = time(cpp) / time(automatic backend), and on
 Triton (what GraphedTrainStep prefers inside its graph): distill_triton_vs_auto; and the
 loralib bank with its dense deltas as one stacked conv (CUDA's automatic choice) against the
-per-sample grouped conv (PPAP_FAST_LORA_DELTA=grouped): distill_delta_stacked_vs_grouped.
+per-sample grouped conv (PPAP_FAST_LORA_DELTA=grouped): distill_delta_stacked_vs_grouped. The
+factorised bank with a_stage="implicit" (PPAP_FAST_LORA_A_STAGE: cuDNN base conv + one implicit-GEMM
+Triton kernel per direction for the LoRA share) against the default stacked A stage, eager and
+captured: distill_implicit_vs_stacked, distill_graph_implicit_vs_stacked.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
     reps = 10 if device == "cuda" else (3 if quick else 8)
     rows, ratios = [], []
     acc: dict = {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
-                                "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass")}
+                                "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
+                                "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked")}
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -103,7 +107,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_delta_grouped_ms"] = round(gr_ms, 3)
         acc["distill_delta_stacked_vs_grouped"].append(st_ms / gr_ms)
     try:  # the factorised layout (the multi-expert LoRA kernels), automatic and cpp backends
-        f_ms, c_ms, tr_ms = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
+        f_ms, c_ms, tr_ms, im_ms, g_st, g_im = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
         row["factorised_error"] = _error(exc)
     else:
@@ -114,6 +118,11 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["factorised_onepass_triton_ms"] = round(tr_ms, 3)
         acc["distill_cpp_vs_auto"].append(c_ms / f_ms)
         acc["distill_triton_vs_auto"].append(tr_ms / f_ms)
+        row["factorised_onepass_implicit_ms"] = round(im_ms, 3)
+        acc["distill_implicit_vs_stacked"].append(im_ms / f_ms)
+        row["factorised_graph_ms"] = round(g_st, 3)
+        row["factorised_graph_implicit_ms"] = round(g_im, 3)
+        acc["distill_graph_implicit_vs_stacked"].append(g_im / g_st)
     try:  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
         g_ms = _graphed_ms(bank, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
@@ -125,8 +134,10 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
 
 
 def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
-    """Eager one-pass step of a factorised-layout bank (lora_conv2d: the multi-expert LoRA kernels),
-    with the automatic backend, the cpp one and Triton; (auto ms, cpp ms, triton ms)."""
+    """One-pass step of a factorised-layout bank (lora_conv2d: the multi-expert LoRA kernels): eager
+    with the automatic backend, the cpp one, Triton and the automatic backend with a_stage="implicit",
+    then captured in a CUDA graph with the default and the implicit A stage;
+    (auto, cpp, triton, implicit, graph, graph implicit) ms."""
     device = x.device.type
     bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha, layout="factorised").to(device).train()
     opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
@@ -144,7 +155,12 @@ def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
         tri = median_ms(onepass, device, reps)
     if L.last_backend.get("lora_conv2d") != "triton":
         raise RuntimeError(f"the bank ran lora_conv2d on {L.last_backend.get('lora_conv2d')!r}, not triton")
-    return auto, cpp, tri
+    implicit = _with_backend("PPAP_FAST_LORA_A_STAGE", "implicit", "lora_conv2d/a_stage", "implicit",
+                             lambda: median_ms(onepass, device, reps))
+    g_stacked = _graphed_ms(bank, x, t, teacher, reps)
+    g_implicit = _with_backend("PPAP_FAST_LORA_A_STAGE", "implicit", "lora_conv2d/a_stage", "implicit",
+                               lambda: _graphed_ms(bank, x, t, teacher, reps))
+    return auto, cpp, tri, implicit, g_stacked, g_implicit
 
 
 def _with_backend(env: str, value: str, op: str, backend: str, fn):

@@ -4,7 +4,8 @@ base layer alone, and peft's mixed-batch forward (``adapter_names=``).
 Entry point for the lead's runner: ``run(device, quick) -> {"rows": [...], "ratios": {...}}``.
 Also ``python benchmarks/bench_lora.py [--device cuda] [--quick]`` prints a table;
 ``TRITON_INTERPRET=1 python benchmarks/bench_lora.py --device cpu --launches`` prints the per-call
-launch accounting (``count_ops``). Conv rows compare a_stage="stacked" (default), "fused" and
+launch accounting (``count_ops``). Conv rows compare a_stage="stacked" (default), "fused",
+"implicit" (cuDNN base conv + one implicit-GEMM Triton kernel per direction for the LoRA share) and
 "grouped"; "cuda_full" rows (CUDA backward) appear when that backend is available, "cpp" rows (the
 same math as C++ autograd Functions: one Python -> C++ call per layer, on CPU and CUDA) when the
 extension has them.
@@ -260,7 +261,8 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
     import ppap_fast.ops.lora as lora_pkg
 
     patches = [(lora_pkg, "_check_idx", None)]  # CPU-only host range check (skipped on CUDA)
-    patches += [(tk, n, "triton") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
+    patches += [(tk, n, "triton") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer", "conv_lora_fwd",
+                                            "conv_lora_dgrad")]
     patches += [(cuda_ops, n, "cuda_ext") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
     saved = []
     for mod, n, key in patches:
@@ -297,7 +299,7 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
 
 def launch_table(backend: str = "triton", device: str = "cpu") -> List[Dict]:
     rows = []
-    for kind, stage in (("linear", "-"), ("conv", "stacked"), ("conv", "fused")):
+    for kind, stage in (("linear", "-"), ("conv", "stacked"), ("conv", "fused"), ("conv", "implicit")):
         f, b = count_ops(kind, stage if kind == "conv" else "stacked", backend, device=device)
         rows.append(dict(kind=kind, a_stage=stage, backend=backend, fwd=f["launches"], bwd=b["launches"],
                          fwd_ops=dict(f), bwd_ops=dict(b)))
@@ -334,6 +336,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 for be in ours_backends:  # one conv for base + stacked A vs two (a_stage="stacked")
                     if be != "cpp":  # the cpp backend runs "stacked" only
                         variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused", seg)
+                # cuDNN base conv + one implicit-GEMM Triton kernel per direction for the LoRA share
+                variants["ours[triton,a_stage=implicit]"] = _ours(cfg, "triton", "implicit", seg)
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
             res = {}
@@ -357,7 +361,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
-                if device == "cuda" and N == Ns[0] and vname in ("ours[triton]", "base"):  # where the time goes
+                if device == "cuda" and N == Ns[0] and vname in ("ours[triton]", "ours[triton,a_stage=implicit]",
+                                                                  "base"):  # where the time goes
                     rows[-1]["fwdbwd_profile_top"] = profile_top(fwdbwd, device, k=12, grad=True)
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
                 graphed = {}
@@ -367,6 +372,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     graph_variants.append(("ours[cpp,cudagraph]", _ours(cfg, "cpp", seg=seg)))
                 if cfg["kind"] == "conv":  # base + stacked A as one conv: fewer kernels where launches dominate
                     graph_variants.append(("ours[triton,a_stage=fused,cudagraph]", _ours(cfg, "triton", "fused", seg)))
+                    graph_variants.append(("ours[triton,a_stage=implicit,cudagraph]",
+                                           _ours(cfg, "triton", "implicit", seg)))
                 for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
                     t_g, why = _graphmedian_ms(fn, x, args, reps)
                     t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))

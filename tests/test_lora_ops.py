@@ -170,6 +170,59 @@ def test_sgmv_kernels_raw(device, backend):
             assert_close("reference expand", y_r, y_ref, 1e-12)
 
 
+def _triton_devices():
+    return ([pytest.param("cpu", id="cpu")] if INTERP else []) + [pytest.param("cuda", id="cuda", marks=cuda_only)]
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("case", range(6))
+def test_conv_lora_kernels_raw(device, case):
+    """conv_lora_fwd / conv_lora_dgrad against per-sample torch convs (float64): asymmetric stride,
+    padding and dilation, kernels 1/3/5/7, channels over several K / N tiles, rank up to 128 in the
+    forward and above the dgrad's rank tile, both memory formats; h_out poisoned, y and dx updated
+    in place."""
+    rng = random.Random(100 + case)
+    g = torch.Generator().manual_seed(case)
+    for dtype in _dtypes(device) if device == "cuda" else [torch.float32]:
+        k = [1, 3, 5, 7, 3, 3][case]
+        st, pd, dl = (rng.choice([1, 2]), rng.choice([1, 2])), (rng.randint(0, 3), rng.randint(0, 2)), \
+            ((1, 1) if k > 3 else (rng.choice([1, 2]), rng.choice([1, 2])))
+        S, N, C, NOUT = rng.randint(1, 4), rng.randint(1, 6), rng.choice([3, 17, 40]), rng.choice([5, 33, 70])
+        Rr = [16, 1, 5, 40, 128, 33][case]
+        span = (k - 1) * max(dl) + 1
+        H, W = rng.randint(span, span + 6), rng.randint(span, span + 5)
+        fmt = torch.channels_last if case % 2 else torch.contiguous_format
+        idx = torch.tensor([rng.randrange(N) for _ in range(S)])
+        x = torch.randn(S, C, H, W, generator=g)
+        A = torch.randn(N, Rr, C, k, k, generator=g) / (C * k * k) ** 0.5
+        B = torch.randn(N, NOUT, Rr, generator=g) / Rr ** 0.5
+        eb = torch.randn(N, NOUT, generator=g)
+        Ho, Wo = F.conv2d(x, A[0], None, st, pd, dl).shape[2:]
+        y0 = torch.randn(S, NOUT, Ho, Wo, generator=g)
+        dh = torch.randn(S, N * Rr, Ho, Wo, generator=g)
+        dx0 = torch.randn(S, C, H, W, generator=g)
+        on = lambda t: t.to(device, dtype).clone(memory_format=fmt) if t.dim() == 4 else t.to(device, dtype)  # noqa: E731
+        y, dx, dhd = on(y0), on(dx0), on(dh)
+        h = torch.full((S, Rr, Ho, Wo), float("nan"), device=device, dtype=dtype)
+        TK.conv_lora_fwd(on(x), on(A), on(B), y, idx.to(device), 0.5, st, pd, dl, on(eb), h)
+        TK.conv_lora_dgrad(dhd[:, :Rr], on(A), dx, idx.to(device), st, pd, dl, dh_expert_stride=Rr * dhd.stride(1))
+        xd, Ad, Bd = (on(t).cpu().double() for t in (x, A, B))
+        h_ref = torch.cat([F.conv2d(xd[i:i + 1], Ad[idx[i]], None, st, pd, dl) for i in range(S)])
+        y_ref = on(y0).cpu().double() + 0.5 * torch.einsum("snr,srhw->snhw", Bd[idx], h.cpu().double()) \
+            + on(eb).cpu().double()[idx][:, :, None, None]
+        dx_ref = on(dx0).cpu().double().clone()
+        for i in range(S):
+            e = int(idx[i])
+            xi = xd[i:i + 1].clone().requires_grad_()
+            dx_ref[i] += torch.autograd.grad(F.conv2d(xi, Ad[e], None, st, pd, dl), xi,
+                                             on(dh).cpu().double()[i:i + 1, e * Rr:(e + 1) * Rr])[0][0]
+        tol = TOL[dtype] * 2
+        assert_close(f"h {dtype}", h, h_ref, tol)
+        assert_close(f"y {dtype}", y, y_ref, tol)
+        assert_close(f"dx {dtype}", dx, dx_ref, tol)
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "cuda-cuda"])
 @pytest.mark.parametrize("split", [None, 1, 3, 7])
 def test_seg_outer_raw(device, backend, split):
@@ -396,13 +449,21 @@ def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
 @pytest.mark.parametrize("ci", FUSED_CASES)
-def test_lora_conv2d_fused_parity(device, backend, ci):
+@pytest.mark.parametrize("a_stage", ["fused", "implicit"])
+def test_lora_conv2d_fused_parity(device, backend, ci, a_stage, monkeypatch):
     """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
-    stacked gradient; y, G and h are poisoned buffers the kernels must fully write."""
-    c = dict(CONV_CASES[ci], a_stage="fused")
+    stacked gradient; "implicit": cuDNN base conv + the implicit-GEMM LoRA kernels (forward, dgrad).
+    y, G, h and the stacked dh are poisoned buffers the kernels must fully write."""
+    c = dict(CONV_CASES[ci], a_stage=a_stage)
+    ran = []
+    spied = {n: getattr(TK, n) for n in ("conv_lora_fwd", "conv_lora_dgrad")}
+    for n, f in spied.items():
+        monkeypatch.setattr(TK, n, lambda *a, _f=f, _n=n, **k: (ran.append(_n), _f(*a, **k))[1])
     for dtype in _dtypes(device) if device == "cuda" else [torch.float32]:
         _maybe_skip(device, backend, dtype)
         _run_conv(c, device, backend, dtype)
+    implicit = a_stage == "implicit" and c["groups"] == 1  # depthwise runs the stacked path
+    assert sorted(set(ran)) == (sorted(spied) if implicit else []), ran
 
 
 def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw):
@@ -426,8 +487,10 @@ def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw
 
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
-def test_lora_conv2d_fused_layouts(device, backend):
-    """fused: y keeps x's memory format (channels_last in, channels_last out) and is contiguous in it."""
+@pytest.mark.parametrize("a_stage", ["fused", "implicit"])
+def test_lora_conv2d_fused_layouts(device, backend, a_stage):
+    """fused / implicit: y keeps x's memory format (channels_last in, channels_last out) and is
+    contiguous in it."""
     _maybe_skip(device, backend, torch.float32)
     torch.manual_seed(6)
     N, S = 3, 4
@@ -437,7 +500,7 @@ def test_lora_conv2d_fused_layouts(device, backend):
     idx = torch.tensor([2, 0, 2, 2])
     dy = torch.randn(S, 6, 4, 3)
     fmts = (torch.contiguous_format, torch.channels_last)
-    ys = _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, a_stage="fused")
+    ys = _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, a_stage=a_stage)
     for fmt, y in zip(fmts, ys):
         assert y.is_contiguous(memory_format=fmt)
     with pytest.raises(ValueError, match="a_stage"):
@@ -461,6 +524,34 @@ def test_launch_counts_fused_vs_stacked():
     assert fwd_s["aten::convolution"] == 2 and fwd_f["aten::convolution"] == 1
     assert bwd_s["aten::convolution_backward"] == 2 and bwd_f["aten::convolution_backward"] == 2
     assert bwd_f["dgrad"] == 1 and bwd_s["dgrad"] == 2
+    fwd_i, bwd_i = count_ops("conv", "implicit")  # cuDNN base conv + one Triton kernel each way
+    assert fwd_i["aten::convolution"] == 1 and fwd_i["triton"] == 1 and fwd_i["launches"] == 2
+    assert bwd_i["dgrad"] == 1 and bwd_i["wgrad"] == 1 and bwd_i["launches"] <= bwd_f["launches"]
+
+
+def test_a_stage_from_environment(monkeypatch):
+    """PPAP_FAST_LORA_A_STAGE picks the A stage when the call names none; last_backend says which ran
+    (groups > 1 falls back to stacked); a bad name is a clear error; cpp keeps stacked."""
+    torch.manual_seed(3)
+    x, W = torch.randn(2, 4, 6, 6), torch.randn(4, 4, 3, 3)
+    A, B, idx = torch.randn(3, 2, 4, 3, 3), torch.randn(3, 4, 2), torch.tensor([2, 0])
+    Ag, Bg = torch.randn(3, 2, 2, 3, 3), torch.randn(3, 4, 1)
+    be = "triton" if INTERP else "reference"
+    want = "implicit" if INTERP else "reference"
+    monkeypatch.setenv("PPAP_FAST_LORA_A_STAGE", "implicit")
+    y = L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend=be)
+    assert L.last_backend["lora_conv2d/a_stage"] == want
+    assert_close("env implicit", y, R.lora_conv2d(x, W, None, A, B, idx, 0.5, 1, 1), 1e-5)
+    L.lora_conv2d(x, W[:, :2], None, Ag, Bg, idx, 0.5, padding=1, groups=2, backend=be)
+    assert L.last_backend["lora_conv2d/a_stage"] == ("stacked" if INTERP else "reference")
+    L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend=be, a_stage="stacked")  # the call wins
+    assert L.last_backend["lora_conv2d/a_stage"] == ("stacked" if INTERP else "reference")
+    if _cpp_ready("cpu"):
+        L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend="cpp")
+        assert L.last_backend["lora_conv2d/a_stage"] == "stacked"
+    monkeypatch.setenv("PPAP_FAST_LORA_A_STAGE", "nope")
+    with pytest.raises(ValueError, match="PPAP_FAST_LORA_A_STAGE"):
+        L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend=be)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

@@ -270,7 +270,7 @@ def scenarios(dtype):
         (16, 32, 1, 1, 0, 1, 64, 8, False, True, False),
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
-        for a_stage in ("stacked", "fused", "grouped"):
+        for a_stage in ("stacked", "fused", "implicit", "grouped"):
             def f(ci=ci, co=co, k=k, st=st, pd=pd, g=g, r=r, hw=hw, cl=cl, bias=bias, eb=eb, a_stage=a_stage):
                 x = torch.randn(S, ci, hw, hw, dtype=dtype)
                 if cl:

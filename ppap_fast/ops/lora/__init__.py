@@ -230,17 +230,24 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
 
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
-                expert_bias=None, *, backend=None, segments=None, a_stage="stacked"):
+                expert_bias=None, *, backend=None, segments=None, a_stage=None):
     """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)); A [N, r, C_in/g, kh, kw] (a conv with
     the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
     ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
-    "stacked") or "grouped"."""
+    "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
+    each direction; groups == 1 and r <= 128, else "stacked") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
+    else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran."""
+    explicit_stage = a_stage is not None
+    a_stage = _resolve_a_stage(a_stage)
     N, r = A.shape[:2]
     if r % groups or B.shape != (N, W.shape[0], r // groups) or A.shape[2:] != W.shape[1:]:
         raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
     _check_idx(expert_idx, x.shape[0], N)
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
     b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
+    if b == "cpp" and not explicit_stage:  # the environment's A stage is a preference
+        a_stage = "stacked"
+    last_backend["lora_conv2d/a_stage"] = _effective_a_stage(a_stage, b, groups, r)
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
                                      expert_bias)
@@ -255,6 +262,34 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
 
     return fast.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
                             seg=segments, fwd=b, a_stage=a_stage)
+
+
+A_STAGES = ("stacked", "fused", "implicit", "grouped")
+
+
+def _resolve_a_stage(a_stage):
+    """An explicit a_stage, else PPAP_FAST_LORA_A_STAGE, else "stacked"; ValueError for other names."""
+    if a_stage is None:
+        a_stage = os.environ.get("PPAP_FAST_LORA_A_STAGE", "").strip().lower() or "stacked"
+        where = "PPAP_FAST_LORA_A_STAGE"
+    else:
+        where = "a_stage"
+    if a_stage not in A_STAGES:
+        raise ValueError(f"{where} must be one of {A_STAGES}, got {a_stage!r}")
+    return a_stage
+
+
+def _effective_a_stage(a_stage, backend, groups, r):
+    if backend == "reference":
+        return "reference"
+    if a_stage == "fused" and groups != 1:
+        return "stacked"
+    if a_stage == "implicit":
+        from .triton_kernels import IMPLICIT_MAX_RANK
+
+        if groups != 1 or r > IMPLICIT_MAX_RANK:
+            return "stacked"
+    return a_stage
 
 
 def _resolve_padding(padding, kernel_size, dilation):

@@ -340,6 +340,67 @@ class LoraConvFusedFn(torch.autograd.Function):
         return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 
 
+class LoraConvImplicitFn(torch.autograd.Function):
+    """a_stage="implicit" (groups == 1): the base conv is cuDNN's; the whole LoRA share is ONE
+    Triton kernel per direction, no N-fold stacked A conv and no h round trip before the expand:
+    forward ``conv_lora_fwd`` (h = conv(x, A_e) as an implicit GEMM over the sample's own expert
+    only, then y += s B_e h + eb[e] for every output channel, h kept for dB); backward dx = cuDNN
+    dgrad + ``conv_lora_dgrad`` (conv_transpose(dh, A_e) added in place), dh = s B_e^T dy by one
+    shrink into a stacked [S, N*r, Ho, Wo] gradient (zeros for the other experts) that also feeds
+    ONE cuDNN weight-grad for every expert's dA, dB by seg_outer."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd):
+        cdt = x.dtype
+        N, r = A.shape[:2]
+        Wc = W.detach().to(cdt)
+        Ac, Bc = A.detach().to(cdt), B.detach().to(cdt)
+        y = F.conv2d(x, Wc, None if bias is None else bias.detach().to(cdt), stride, padding, dilation, 1)
+        S, C_out, Ho, Wo = y.shape
+        hc = _alloc((S, r, Ho, Wo), x)
+        tk.conv_lora_fwd(x, Ac, Bc, y, seg.expert_idx, scale, stride, padding, dilation,
+                         None if expert_bias is None else expert_bias.detach(), hc)
+        ctx.save_for_backward(x, hc, Ac, Bc, Wc)
+        ctx.seg, ctx.scale = seg, scale
+        ctx.geom = (stride, padding, dilation)
+        ctx.cuda_bwd = fwd == "cuda_full"
+        ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, hc, Ac, Bc, Wc = ctx.saved_tensors
+        seg, s = ctx.seg, ctx.scale
+        stride, padding, dilation = ctx.geom
+        a_dt, b_dt, has_eb, eb_dt = ctx.meta
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        S, C_out, Ho, Wo = dy.shape
+        P = Ho * Wo
+        N, r = Ac.shape[:2]
+        dy3 = dy.flatten(2).transpose(1, 2)
+        h3 = hc.view(S, r, P).transpose(1, 2)
+        need_x, need_a, need_b, need_eb = ctx.needs_input_grad[:4]
+        dx = dA = None
+        geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
+        if need_x or need_a:
+            dhs = _alloc_fmt((S, N * r, Ho, Wo), x, _conv_format(x))
+            d3 = dhs.flatten(2).transpose(1, 2)
+            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), d3[:, :, :r], seg.sorted_idx, seg.offsets, s,
+                           out_expert_stride=r * d3.stride(2), zero_others=True)
+            if need_x:
+                dx = torch.ops.aten.convolution_backward(dy, x, Wc, None, *geo, [True, False, False])[0]
+                tk.conv_lora_dgrad(dhs[:, :r], Ac, dx, seg.expert_idx, stride, padding, dilation,
+                                   dh_expert_stride=r * dhs.stride(1))
+            if need_a:
+                Aw = Ac.reshape(N * r, *Ac.shape[2:])
+                dA = torch.ops.aten.convolution_backward(dhs, x, Aw, None, *geo, [False, True, False])[1]
+                dA = dA.reshape(Ac.shape).to(a_dt)
+        dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
+        return dx, dA, dB, deb, None, None, None, None, None, None, None, None
+
+
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
@@ -355,12 +416,16 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         with no_autocast:
             return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
                                          dilation, fwd)
-    if a_stage in ("stacked", "fused"):  # fused with groups > 1 runs the stacked path
+    if a_stage == "implicit" and groups == 1 and A.shape[1] <= tk.IMPLICIT_MAX_RANK:
+        with no_autocast:
+            return LoraConvImplicitFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
+                                            dilation, fwd)
+    if a_stage in ("stacked", "fused", "implicit"):  # fused / implicit otherwise run the stacked path
         h = stacked_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     elif a_stage == "grouped":
         h = grouped_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     else:
-        raise ValueError(f"a_stage must be 'stacked', 'fused' or 'grouped', got {a_stage!r}")
+        raise ValueError(f"a_stage must be 'stacked', 'fused', 'implicit' or 'grouped', got {a_stage!r}")
     Bd = block_diag_B(B, groups)
     with no_autocast:
         return LoraConvBFn.apply(x, h, Bd, expert_bias, W, bias, seg, float(scale), stride, padding, dilation,

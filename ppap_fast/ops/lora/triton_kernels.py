@@ -214,6 +214,134 @@ def _seg_outer_kernel(
              + offs_q[None, :] * os_q, acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
 
 
+@triton.jit
+def _conv_lora_fwd_kernel(
+    x_ptr, a_ptr, b_ptr, y_ptr, eb_ptr, eidx_ptr, hout_ptr,
+    C, H, W, Ho, Wo, R, NOUT,
+    xs_s, xs_c, xs_h, xs_w,
+    as_e, as_r, as_c, as_h, as_w,
+    bs_e, bs_n, bs_r,
+    ys_s, ys_c, ys_h, ys_w,
+    ebs_e, ebs_n,
+    hs_s, hs_r, hs_h, hs_w,
+    scale, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per-sample LoRA of a conv in one pass, accumulated into the base conv's output y:
+    h = conv(x, A_e) (implicit GEMM: each tap's channel tiles of x dotted with A_e's, all R
+    rank channels in one tile), y += scale * B_e h (+ eb[e]) over every output channel, and
+    h stored to hout [S, R, Ho, Wo] for the backward. One program: one sample, BLOCK_M output
+    pixels; e = expert_idx[s] (no segments needed)."""
+    s = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    e = tl.load(eidx_ptr + s).to(tl.int64)
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pmask = p < Ho * Wo
+    oh = p // Wo
+    ow = p % Wo
+    offs_r = tl.arange(0, BLOCK_R)
+    rvalid = offs_r < R
+    x_base = x_ptr + s * xs_s
+    a_base = a_ptr + e * as_e
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
+            a_tap = a_base + kh * as_h + kw * as_w
+            for c0 in range(0, C, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                cvalid = offs_c < C
+                xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :],
+                             other=0.0)
+                at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
+                             mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+                if DOT_F32:
+                    acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.dot(xt, at.to(xt.dtype))
+    h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
+    tl.store(hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None] + offs_r[None, :] * hs_r, h,
+             mask=pmask[:, None] & rvalid[None, :])
+    yrow = y_ptr + s * ys_s + oh.to(tl.int64) * ys_h + ow.to(tl.int64) * ys_w
+    b_base = b_ptr + e * bs_e
+    for n0 in range(0, NOUT, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nvalid = offs_n < NOUT
+        bt = tl.load(b_base + offs_r[:, None] * bs_r + offs_n[None, :] * bs_n,
+                     mask=rvalid[:, None] & nvalid[None, :], other=0.0)
+        if DOT_F32:
+            out = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision=PREC)
+        else:
+            out = tl.dot(h, bt.to(h.dtype))
+        out = out * scale
+        if HAS_BIAS:
+            out += tl.load(eb_ptr + e * ebs_e + offs_n * ebs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
+        omask = pmask[:, None] & nvalid[None, :]
+        yp = yrow[:, None] + offs_n[None, :] * ys_c
+        out += tl.load(yp, mask=omask, other=0.0).to(tl.float32)
+        tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _conv_lora_dgrad_kernel(
+    dh_ptr, a_ptr, dx_ptr, eidx_ptr,
+    C, H, W, Ho, Wo, R,
+    ds_s, ds_r, ds_h, ds_w, ds_e,
+    as_e, as_r, as_c, as_h, as_w,
+    xs_s, xs_c, xs_h, xs_w,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """dx += conv_transpose(dh, A_e) for each sample's own expert (the LoRA share of a conv's
+    input gradient), added in place into the base dgrad. dh is read at + e * ds_e (expert 0's
+    slice of a stacked [S, N*R, Ho, Wo] gradient). One program: one sample, BLOCK_M input pixels,
+    BLOCK_N input channels; K = taps x R (each tap keeps only the output pixels it maps onto)."""
+    s = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    e = tl.load(eidx_ptr + s).to(tl.int64)
+    q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qmask = q < H * W
+    ih = q // W
+    iw = q % W
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cvalid = offs_c < C
+    dh_base = dh_ptr + s * ds_s + e * ds_e
+    a_base = a_ptr + e * as_e
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        nh = ih + PAD_H - kh * DIL_H
+        oh = nh // STRIDE_H
+        okh = (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho)
+        for kw in tl.static_range(KW):
+            nw = iw + PAD_W - kw * DIL_W
+            ow = nw // STRIDE_W
+            ok = qmask & okh & (nw >= 0) & (nw - ow * STRIDE_W == 0) & (ow < Wo)
+            drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
+            a_tap = a_base + kh * as_h + kw * as_w
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                rvalid = offs_r < R
+                dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
+                at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
+                             mask=rvalid[:, None] & cvalid[None, :], other=0.0)
+                if DOT_F32:
+                    acc += tl.dot(dt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.dot(dt, at.to(dt.dtype))
+    xp = dx_ptr + s * xs_s + (ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c
+    omask = qmask[:, None] & cvalid[None, :]
+    acc += tl.load(xp, mask=omask, other=0.0).to(tl.float32)
+    tl.store(xp, acc.to(dx_ptr.dtype.element_ty), mask=omask)
+
+
 # --------------------------------------------------------------------------- launchers
 def _pow2_at_least(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
@@ -340,3 +468,84 @@ POISON = False
 def alloc(shape, dtype, device) -> torch.Tensor:
     """Buffers a kernel fully overwrites; NaN-filled when POISON is on (tests)."""
     return new_buffer(shape, dtype, device, POISON)
+
+
+# --------------------------------------------------------------------------- implicit-GEMM conv LoRA
+IMPLICIT_MAX_RANK = 128  # the forward keeps all R rank channels of a pixel tile in one register tile
+
+
+def _conv_geometry(stride, padding, dilation):
+    pair = lambda v: (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # noqa: E731
+    return pair(stride), pair(padding), pair(dilation)
+
+
+def _check4(name, t):
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D, got {tuple(t.shape)}")
+
+
+def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor, expert_idx: torch.Tensor,
+                  scale: float, stride=1, padding=0, dilation=1, expert_bias: torch.Tensor | None = None,
+                  h_out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[s] += scale * B_e conv(x[s], A_e) (+ expert_bias[e]) with e = expert_idx[s], in place, and
+    h_out[s] = conv(x[s], A_e). x [S, C, H, W], A [N, R, C, kh, kw] (groups 1), B [N, NOUT, R],
+    y [S, NOUT, Ho, Wo], h_out [S, R, Ho, Wo]; any memory format (strides). Returns y."""
+    _check4("x", x)
+    _check4("y", y)
+    if A.dim() != 5 or B.dim() != 3:
+        raise ValueError(f"A must be [N, R, C, kh, kw] and B [N, NOUT, R], got {tuple(A.shape)}, {tuple(B.shape)}")
+    S, C, H, W = x.shape
+    N, R, _, KH, KW = A.shape
+    NOUT = B.shape[1]
+    Ho, Wo = y.shape[2:]
+    if R > IMPLICIT_MAX_RANK:
+        raise ValueError(f"conv_lora_fwd keeps the rank in one tile: R = {R} > {IMPLICIT_MAX_RANK}")
+    if h_out is None:
+        h_out = alloc((S, R, Ho, Wo), x.dtype, x.device)
+    if S == 0 or Ho * Wo == 0:
+        return y
+    (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(stride, padding, dilation)
+    BLOCK_M = 64 if not _interpreting() else 16
+    BLOCK_K = (64 if C >= 64 else 32) if not _interpreting() else 16
+    BLOCK_N = 64 if not _interpreting() else 16
+    BLOCK_R = _pow2_at_least(R, 16, 128)
+    dot_f32, prec = _dot_cfg(x, A)
+    has_eb = expert_bias is not None
+    eb = expert_bias if has_eb else y
+    ebs = expert_bias.stride() if has_eb else (0, 0)
+    grid = (S, triton.cdiv(Ho * Wo, BLOCK_M))
+    _conv_lora_fwd_kernel[grid](
+        x, A, B, y, eb, expert_idx, h_out, C, H, W, Ho, Wo, R, NOUT,
+        *x.stride(), *A.stride(), *B.stride(), *y.stride(), *ebs, *h_out.stride(),
+        float(scale), sh, sw, ph, pw, dh, dw,
+        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
+        HAS_BIAS=has_eb, DOT_F32=dot_f32, PREC=prec,
+    )
+    return y
+
+
+def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_idx: torch.Tensor,
+                    stride=1, padding=0, dilation=1, dh_expert_stride: int = 0) -> torch.Tensor:
+    """dx[s] += conv_transpose(dh[s], A_e) with e = expert_idx[s] (the input gradient of
+    conv(x, A_e)), in place. dh [S, R, Ho, Wo] (read at + e * dh_expert_stride: expert 0's slice of
+    a stacked [S, N*R, Ho, Wo] tensor), A [N, R, C, kh, kw], dx [S, C, H, W]. Returns dx."""
+    _check4("dh", dh)
+    _check4("dx", dx)
+    S, C, H, W = dx.shape
+    N, R, _, KH, KW = A.shape
+    Ho, Wo = dh.shape[2:]
+    if S == 0 or H * W == 0 or C == 0:
+        return dx
+    (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
+    BLOCK_M = 64 if not _interpreting() else 16
+    BLOCK_N = 64 if not _interpreting() else 16
+    BLOCK_R = _pow2_at_least(R, 16, 32)
+    dot_f32, prec = _dot_cfg(dh, A)
+    grid = (S, triton.cdiv(H * W, BLOCK_M), triton.cdiv(C, BLOCK_N))
+    _conv_lora_dgrad_kernel[grid](
+        dh, A, dx, expert_idx, C, H, W, Ho, Wo, R,
+        *dh.stride(), int(dh_expert_stride), *A.stride(), *dx.stride(),
+        sh, sw, ph, pw, dlh, dlw,
+        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, DOT_F32=dot_f32, PREC=prec,
+    )
+    return dx
