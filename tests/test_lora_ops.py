@@ -319,6 +319,22 @@ def test_lora_linear_parity(device, backend, ci):
         _run_linear(LINEAR_CASES[ci], device, backend, dtype)
 
 
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("ci", range(4))
+def test_lora_linear_fused_forward(device, ci, monkeypatch):
+    """Triton linear with >= FUSED_LINEAR_MIN_ROWS tokens per sample: the forward is ONE per-sample
+    kernel (conv_lora_fwd over the rows as a 1 x M map); parity of y and every grad, poisoned h."""
+    rng = random.Random(77 + ci)
+    c = dict(_linear_cases(1, 500 + ci)[0], L=fast.FUSED_LINEAR_MIN_ROWS + rng.randint(0, 30), K=rng.randint(3, 80),
+             O=rng.randint(3, 80), r=[5, 16, 33, 64][ci])
+    calls = []
+    orig = TK.conv_lora_fwd
+    monkeypatch.setattr(TK, "conv_lora_fwd", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
+    for dtype in _dtypes(device) if device == "cuda" else [torch.float32, torch.float16]:
+        _run_linear(c, device, "triton", dtype)
+    assert calls, "the fused linear forward did not run"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["linear", "conv"])

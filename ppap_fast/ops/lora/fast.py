@@ -88,6 +88,14 @@ def _b_bias_grads(dy3, h3, seg: Segments, s: float, N: int, b_dt, eb_dt, need_b:
 
 
 # =============================================================================== linear
+FUSED_LINEAR_MIN_ROWS = 16  # rows per sample from which the Triton forward runs as one per-sample kernel
+
+
+def _rows_as_map(t3: torch.Tensor) -> torch.Tensor:
+    """A [S, M, C] row tensor as the [S, C, 1, M] map view conv_lora_fwd reads (1x1 taps, no copy)."""
+    return t3.transpose(1, 2).unsqueeze(2)
+
+
 class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, B, expert_bias, seg: Segments, scale: float, fwd: str):
@@ -109,6 +117,10 @@ class LoraLinearFn(torch.autograd.Function):
             expand(h, Bc, y3, seg.sorted_idx, seg.offsets, float(scale))
             if expert_bias is not None:
                 y3 += expert_bias.detach().to(cdt)[seg.expert_idx].unsqueeze(1)
+        elif M >= FUSED_LINEAR_MIN_ROWS:  # one kernel: h = x A_e^T and y += s h B_e^T (+ eb) per row tile
+            tk.conv_lora_fwd(_rows_as_map(x3), Ac.unsqueeze(-1).unsqueeze(-1), Bc, _rows_as_map(y3), seg.expert_idx,
+                             scale, expert_bias=None if expert_bias is None else expert_bias.detach(),
+                             h_out=_rows_as_map(h))
         else:
             tk.sgmv_expand(tk.sgmv_shrink(x3, Ac, h, seg.sorted_idx, seg.offsets), Bc, y3, seg.sorted_idx,
                            seg.offsets, scale, bias=None if expert_bias is None else expert_bias.detach(),
