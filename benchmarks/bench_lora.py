@@ -262,7 +262,7 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
 
     patches = [(lora_pkg, "_check_idx", None)]  # CPU-only host range check (skipped on CUDA)
     patches += [(tk, n, "triton") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer", "conv_lora_fwd",
-                                            "conv_lora_dgrad")]
+                                            "conv_lora_dgrad", "conv_lora_wgrad")]
     patches += [(cuda_ops, n, "cuda_ext") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
     saved = []
     for mod, n, key in patches:

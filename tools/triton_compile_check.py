@@ -268,6 +268,7 @@ def scenarios(dtype):
         (32, 64, 3, 1, 1, 1, 8, 16, True, True, False),
         (64, 64, 3, 2, 1, 2, 16, 16, False, False, True),
         (16, 32, 1, 1, 0, 1, 64, 8, False, True, False),
+        (16, 32, 3, 1, 1, 1, 144, 8, True, False, True),  # loralib 3x3 as factorised: rank r * 9
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
         for a_stage in ("stacked", "fused", "implicit", "grouped"):

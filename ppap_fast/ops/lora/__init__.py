@@ -235,7 +235,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
     ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
     "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
-    each direction; groups == 1 and r <= 128, else "stacked") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
+    each direction; groups == 1 and r <= 256, else "stacked") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
     else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran."""
     explicit_stage = a_stage is not None
     a_stage = _resolve_a_stage(a_stage)

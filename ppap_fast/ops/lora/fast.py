@@ -356,10 +356,10 @@ class LoraConvImplicitFn(torch.autograd.Function):
     """a_stage="implicit" (groups == 1): the base conv is cuDNN's; the whole LoRA share is ONE
     Triton kernel per direction, no N-fold stacked A conv and no h round trip before the expand:
     forward ``conv_lora_fwd`` (h = conv(x, A_e) as an implicit GEMM over the sample's own expert
-    only, then y += s B_e h + eb[e] for every output channel, h kept for dB); backward dx = cuDNN
-    dgrad + ``conv_lora_dgrad`` (conv_transpose(dh, A_e) added in place), dh = s B_e^T dy by one
-    shrink into a stacked [S, N*r, Ho, Wo] gradient (zeros for the other experts) that also feeds
-    ONE cuDNN weight-grad for every expert's dA, dB by seg_outer."""
+    only, then y += s B_e h + eb[e] for every output channel, h kept for dB); backward dh = s B_e^T dy
+    (one shrink), dx = cuDNN dgrad + ``conv_lora_dgrad`` (conv_transpose(dh, A_e) added in place),
+    dA by ``conv_lora_wgrad`` (each expert's weight gradient over its own samples: exact FLOPs, no
+    N-fold stacked gradient), dB by seg_outer."""
 
     @staticmethod
     def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd):
@@ -397,18 +397,16 @@ class LoraConvImplicitFn(torch.autograd.Function):
         dx = dA = None
         geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
         if need_x or need_a:
-            dhs = _alloc_fmt((S, N * r, Ho, Wo), x, _conv_format(x))
-            d3 = dhs.flatten(2).transpose(1, 2)
-            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), d3[:, :, :r], seg.sorted_idx, seg.offsets, s,
-                           out_expert_stride=r * d3.stride(2), zero_others=True)
+            dh = _alloc_fmt((S, r, Ho, Wo), x, _conv_format(x))
+            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets, s)
             if need_x:
                 dx = torch.ops.aten.convolution_backward(dy, x, Wc, None, *geo, [True, False, False])[0]
-                tk.conv_lora_dgrad(dhs[:, :r], Ac, dx, seg.expert_idx, stride, padding, dilation,
-                                   dh_expert_stride=r * dhs.stride(1))
+                tk.conv_lora_dgrad(dh, Ac, dx, seg.expert_idx, stride, padding, dilation)
             if need_a:
-                Aw = Ac.reshape(N * r, *Ac.shape[2:])
-                dA = torch.ops.aten.convolution_backward(dhs, x, Aw, None, *geo, [False, True, False])[1]
-                dA = dA.reshape(Ac.shape).to(a_dt)
+                direct = a_dt in (x.dtype, torch.float32)
+                dA = _alloc(Ac.shape, x, dtype=a_dt if direct else torch.float32)
+                tk.conv_lora_wgrad(x, dh, dA, seg.sorted_idx, seg.offsets, stride, padding, dilation)
+                dA = dA if direct else dA.to(a_dt)
         dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
         return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 

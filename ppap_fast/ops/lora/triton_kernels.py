@@ -246,24 +246,24 @@ def _conv_lora_fwd_kernel(
     x_base = x_ptr + s * xs_s
     a_base = a_ptr + e * as_e
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for tap in range(0, KH * KW):  # a loop, not unrolled: fewer live registers
+        kh = tap // KW
+        kw = tap % KW
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        for kw in tl.static_range(KW):
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
-            a_tap = a_base + kh * as_h + kw * as_w
-            for c0 in range(0, C, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                cvalid = offs_c < C
-                xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :],
-                             other=0.0)
-                at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
-                             mask=cvalid[:, None] & rvalid[None, :], other=0.0)
-                if DOT_F32:
-                    acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
-                else:
-                    acc += tl.dot(xt, at.to(xt.dtype))
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
+        a_tap = a_base + kh * as_h + kw * as_w
+        for c0 in range(0, C, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            cvalid = offs_c < C
+            xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
+            at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
+                         mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+            if DOT_F32:
+                acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
+            else:
+                acc += tl.dot(xt, at.to(xt.dtype))
     h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
     tl.store(hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None] + offs_r[None, :] * hs_r, h,
              mask=pmask[:, None] & rvalid[None, :])
@@ -316,30 +316,90 @@ def _conv_lora_dgrad_kernel(
     dh_base = dh_ptr + s * ds_s + e * ds_e
     a_base = a_ptr + e * as_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
+    for tap in range(0, KH * KW):  # a loop, not unrolled: fewer live registers
+        kh = tap // KW
+        kw = tap % KW
         nh = ih + PAD_H - kh * DIL_H
+        nw = iw + PAD_W - kw * DIL_W
         oh = nh // STRIDE_H
-        okh = (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho)
-        for kw in tl.static_range(KW):
-            nw = iw + PAD_W - kw * DIL_W
-            ow = nw // STRIDE_W
-            ok = qmask & okh & (nw >= 0) & (nw - ow * STRIDE_W == 0) & (ow < Wo)
-            drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
-            a_tap = a_base + kh * as_h + kw * as_w
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                rvalid = offs_r < R
-                dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
-                at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
-                             mask=rvalid[:, None] & cvalid[None, :], other=0.0)
-                if DOT_F32:
-                    acc += tl.dot(dt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
-                else:
-                    acc += tl.dot(dt, at.to(dt.dtype))
+        ow = nw // STRIDE_W
+        ok = qmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) \
+            & (ow < Wo)
+        drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
+        a_tap = a_base + kh * as_h + kw * as_w
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            rvalid = offs_r < R
+            dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
+            at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
+                         mask=rvalid[:, None] & cvalid[None, :], other=0.0)
+            if DOT_F32:
+                acc += tl.dot(dt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
+            else:
+                acc += tl.dot(dt, at.to(dt.dtype))
     xp = dx_ptr + s * xs_s + (ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c
     omask = qmask[:, None] & cvalid[None, :]
     acc += tl.load(xp, mask=omask, other=0.0).to(tl.float32)
     tl.store(xp, acc.to(dx_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _conv_lora_wgrad_kernel(
+    x_ptr, dh_ptr, out_ptr, sidx_ptr, off_ptr,
+    C, H, W, Ho, Wo, R, SPLIT, N_CT,
+    xs_s, xs_c, xs_h, xs_w,
+    ds_s, ds_r, ds_h, ds_w,
+    os_split, os_e, os_r, os_c, os_h, os_w,
+    alpha, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[split, e, r, c, kh, kw] = alpha * sum over this split's share of the (sample, output
+    pixel) rows of segment e of dh[s, r, p] * x[s, c, ih(p, kh), iw(p, kw)]: the weight gradient
+    of each expert's A conv over its own samples only (no N-fold stacked gradient). Grid: (expert,
+    R tile x C tile, tap x split); every (split, e, r, c, tap) is written, zeros for empty experts."""
+    e = tl.program_id(0)
+    pid_rc = tl.program_id(1)
+    pid_ts = tl.program_id(2)
+    tap = pid_ts // SPLIT
+    sp = pid_ts % SPLIT
+    kh = tap // KW
+    kw = tap % KW
+    offs_r = (pid_rc // N_CT) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = (pid_rc % N_CT) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rvalid = offs_r < R
+    cvalid = offs_c < C
+    P = Ho * Wo
+    lo = tl.load(off_ptr + e)
+    hi = tl.load(off_ptr + e + 1)
+    nrows = (hi - lo) * P
+    chunk = ((nrows + SPLIT - 1) // SPLIT + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    r_begin = sp * chunk
+    r_end = tl.minimum(nrows, r_begin + chunk)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for j0 in range(r_begin, r_end, BLOCK_M):
+        j = j0 + tl.arange(0, BLOCK_M)
+        jmask = j < r_end
+        smp = tl.load(sidx_ptr + lo + j // P, mask=jmask, other=0).to(tl.int64)
+        p = j % P
+        oh = p // Wo
+        ow = p % Wo
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        inb = jmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dt = tl.load(dh_ptr + (smp * ds_s + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w)[None, :]
+                     + offs_r[:, None] * ds_r, mask=rvalid[:, None] & jmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + (smp * xs_s + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None]
+                     + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(dt.to(tl.float32), xt.to(tl.float32), input_precision=PREC)
+        else:
+            acc += tl.dot(dt, xt.to(dt.dtype))
+    acc = acc * alpha
+    tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + kh * os_h + kw * os_w
+             + offs_r[:, None] * os_r + offs_c[None, :] * os_c, acc.to(out_ptr.dtype.element_ty),
+             mask=rvalid[:, None] & cvalid[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -471,7 +531,7 @@ def alloc(shape, dtype, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- implicit-GEMM conv LoRA
-IMPLICIT_MAX_RANK = 128  # the forward keeps all R rank channels of a pixel tile in one register tile
+IMPLICIT_MAX_RANK = 256  # the forward keeps all R rank channels of a pixel tile in one register tile
 
 
 def _conv_geometry(stride, padding, dilation):
@@ -505,10 +565,11 @@ def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Te
     if S == 0 or Ho * Wo == 0:
         return y
     (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(stride, padding, dilation)
-    BLOCK_M = 64 if not _interpreting() else 16
-    BLOCK_K = (64 if C >= 64 else 32) if not _interpreting() else 16
+    BLOCK_R = _pow2_at_least(R, 16, IMPLICIT_MAX_RANK)
+    wide = 2 if x.dtype == torch.float32 else 1  # fp32 tiles take twice the registers
+    BLOCK_M = max(16, (64 if BLOCK_R <= 32 else 4096 // BLOCK_R) // wide) if not _interpreting() else 16
+    BLOCK_K = (64 if C >= 64 and BLOCK_R * wide <= 32 else 32) if not _interpreting() else 16
     BLOCK_N = 64 if not _interpreting() else 16
-    BLOCK_R = _pow2_at_least(R, 16, 128)
     dot_f32, prec = _dot_cfg(x, A)
     has_eb = expert_bias is not None
     eb = expert_bias if has_eb else y
@@ -549,3 +610,45 @@ def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_
         KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, DOT_F32=dot_f32, PREC=prec,
     )
     return dx
+
+
+def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
+                    offsets: torch.Tensor, stride=1, padding=0, dilation=1, alpha: float = 1.0,
+                    split: int | None = None) -> torch.Tensor:
+    """out[e] = alpha * the weight gradient of conv(x, A_e) over expert e's samples (segments of
+    build_segments): out [N, R, C, kh, kw] (fully written, zeros for empty experts), x [S, C, H, W],
+    dh [S, R, Ho, Wo] (the gradient of each sample's own h). ``split`` > 1 splits each segment's
+    rows over that many programs (fp32 partials summed in a fixed order); default from shapes."""
+    _check4("x", x)
+    _check4("dh", dh)
+    if out.dim() != 5:
+        raise ValueError(f"out must be [N, R, C, kh, kw], got {tuple(out.shape)}")
+    S, C, H, W = x.shape
+    N, R, _, KH, KW = out.shape
+    Ho, Wo = dh.shape[2:]
+    if N == 0 or R == 0 or C == 0:
+        return out
+    if S == 0 or Ho * Wo == 0:
+        return out.zero_()
+    (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
+    BLOCK_R = _pow2_at_least(R, 16, 64)
+    BLOCK_M = (64 if BLOCK_R <= 32 else 32) if not _interpreting() else 16
+    BLOCK_C = 64 if not _interpreting() else 16
+    n_ct = triton.cdiv(C, BLOCK_C)
+    tiles = N * triton.cdiv(R, BLOCK_R) * n_ct * KH * KW
+    if split is None:
+        target = 2 * sm_count(x.device, 4)
+        split = max(1, min(16, triton.cdiv(target, tiles), triton.cdiv(S * Ho * Wo, BLOCK_M * max(N, 1) * 4)))
+    split = int(split)
+    dot_f32, prec = _dot_cfg(x, dh)
+    dst = out if split == 1 else alloc((split, N, R, C, KH, KW), torch.float32, out.device)
+    ds = (0,) + tuple(out.stride()) if split == 1 else tuple(dst.stride())
+    grid = (N, triton.cdiv(R, BLOCK_R) * n_ct, KH * KW * split)
+    _conv_lora_wgrad_kernel[grid](
+        x, dh, dst, sorted_idx, offsets, C, H, W, Ho, Wo, R, split, n_ct,
+        *x.stride(), *dh.stride(), *ds, float(alpha), sh, sw, ph, pw, dlh, dlw,
+        KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, DOT_F32=dot_f32, PREC=prec,
+    )
+    if split > 1:
+        out.copy_(dst.sum(0))
+    return out
