@@ -15,7 +15,10 @@ loralib bank with its dense deltas as one stacked conv (CUDA's automatic choice)
 per-sample grouped conv (PPAP_FAST_LORA_DELTA=grouped): distill_delta_stacked_vs_grouped. The
 factorised bank with a_stage="implicit" (PPAP_FAST_LORA_A_STAGE: cuDNN base conv + one implicit-GEMM
 Triton kernel per direction for the LoRA share) against the default stacked A stage, eager and
-captured: distill_implicit_vs_stacked, distill_graph_implicit_vs_stacked.
+captured: distill_implicit_vs_stacked, distill_graph_implicit_vs_stacked. And the loralib bank with
+its convs routed as the exactly equal rank r*k*k factorised LoRA (PPAP_FAST_LORALIB_CONV=factorised:
+base conv once + each sample's own expert, instead of N dense convs) against its dense deltas, eager
+and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factorised_vs_delta.
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
     rows, ratios = [], []
     acc: dict = {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
                                 "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
-                                "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked")}
+                                "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked",
+                                "distill_loralib_factorised_vs_delta", "distill_graph_loralib_factorised_vs_delta")}
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -131,6 +135,18 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_ms"] = round(g_ms, 3)
         row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
         acc["distill_graph_vs_onepass"].append(g_ms / one)
+    try:  # the loralib bank's convs as the equal rank r*k*k factorised LoRA (implicit A stage)
+        lf = lambda fn: _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit",  # noqa: E731
+                                      fn)
+        lf_ms = lf(lambda: median_ms(onepass, device, reps))
+        row["onepass_loralib_factorised_ms"] = round(lf_ms, 3)
+        acc["distill_loralib_factorised_vs_delta"].append(lf_ms / one)
+        lg_ms = lf(lambda: _graphed_ms(bank, x, t, teacher, reps))
+        row["onepass_graph_loralib_factorised_ms"] = round(lg_ms, 3)
+        if "onepass_graph_ms" in row:
+            acc["distill_graph_loralib_factorised_vs_delta"].append(lg_ms / row["onepass_graph_ms"])
+    except Exception as exc:  # noqa: BLE001
+        row["loralib_factorised_error"] = _error(exc)
 
 
 def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):

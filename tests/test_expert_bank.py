@@ -429,3 +429,56 @@ def test_factorised_bank_trains_the_same_on_the_cpp_backend(monkeypatch):
             assert rel(got[k], v) < 1e-10, k
             moved += int(not torch.equal(v, start.state_dict()[k]))
     assert moved > 5  # the steps changed the experts
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_loralib_bank_trains_the_same_through_the_factorised_route(monkeypatch, backend):
+    """PPAP_FAST_LORALIB_CONV=factorised runs a loralib bank's convs (groups 1) as the exactly equal
+    rank r*kh*kh factorised LoRA (implicit A stage; the depthwise conv keeps its deltas): the same
+    outputs and the same gradient of every trainable parameter as the dense-delta route, and (float64)
+    the same AdamW steps. Triton: its kernels under the interpreter, float32."""
+    import os
+
+    from ppap_fast.ops import lora as L
+
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+        import functools
+
+        monkeypatch.setattr(L, "lora_conv2d", functools.partial(L.lora_conv2d, backend="triton"))
+    dt, tol = (D, 1e-10) if backend == "reference" else (torch.float32, 2e-5)
+    torch.manual_seed(1)
+    start = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt)).train()
+    x, t = torch.randn(6, 3, 8, 8, dtype=dt), torch.tensor([999, 0, 200, 199, 650, 401])
+    target = torch.randn(6, 4, dtype=dt)
+    runs = {}
+    for route in ("delta", "factorised"):
+        monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", route)
+        bank = ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt).train()
+        bank.load_state_dict(start.state_dict())
+        params = dict((n, p) for n, p in bank.named_parameters() if p.requires_grad)
+        opt = torch.optim.AdamW(list(params.values()), lr=1e-2)
+        for step in range(3 if dt == D else 1):
+            opt.zero_grad()
+            y = bank(x, t)
+            F.mse_loss(y, target).backward()
+            if step == 0:
+                runs[route] = (y.detach(), {n: p.grad.clone() for n, p in params.items()})
+                if route == "factorised":
+                    assert L.last_backend["lora_conv2d/a_stage"] == ("implicit" if backend == "triton" else "reference")
+            opt.step()
+        runs[route] += (bank.state_dict(),)
+    (y_d, g_d, sd_d), (y_f, g_f, sd_f) = runs["delta"], runs["factorised"]
+    assert rel(y_f, y_d) < tol
+    assert "model.conv1.lora_A" in g_d
+    floor = 1e-2 * max(float(g.norm()) for g in g_d.values())  # grads that are zero in exact arithmetic
+    for n, g in g_d.items():  # (a conv bias before a train-mode BatchNorm) compare against the floor
+        assert float((g_f[n] - g).norm()) <= 10 * tol * max(float(g.norm()), floor), n
+    if dt == D:  # Adam normalises those zero-in-exact-arithmetic grads: compare the others' steps
+        for k, v in sd_d.items():
+            if v.is_floating_point() and not k.endswith("dw.expert_bias"):
+                assert rel(sd_f[k], v) < tol, k
+    monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "dense")
+    with pytest.raises(ValueError, match="PPAP_FAST_LORALIB_CONV"):
+        bank(x, t)

@@ -607,6 +607,34 @@ def test_a_stage_from_environment(monkeypatch):
         L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend=be)
 
 
+@pytest.mark.parametrize("kh,kw", [(1, 1), (3, 3), (5, 5), (3, 1), (2, 3)])
+def test_loralib_conv_as_factorised_is_exact(kh, kw):
+    """The loralib conv LoRA equals the factorised LoRA of rank r*kh*kh built from it: the same dense
+    delta, the same conv output and the same grads of A_l, B_l (float64)."""
+    torch.manual_seed(kh * 10 + kw)
+    N, r, C_in, C_out = 3, 2, 5, 4
+    A_l = torch.randn(N, r * kh, C_in * kw, dtype=torch.float64, requires_grad=True)
+    B_l = torch.randn(N, C_out * kh, r * kh, dtype=torch.float64, requires_grad=True)
+    A, B = R.loralib_conv_as_factorised(A_l, B_l, C_in, kh, kw)
+    assert A.shape == (N, r * kh * kh, C_in, kh, kw) and B.shape == (N, C_out, r * kh * kh)
+    delta = (B_l @ A_l).reshape(N, C_out, C_in, kh, kw)
+    if kh == kw:
+        assert_close("loralib_conv_delta", R.loralib_conv_delta(A_l, B_l, C_out, C_in, kh, 1.0), delta, 1e-15)
+    assert_close("delta", R.lora_conv_delta(A, B), delta, 1e-13)
+    x, W = torch.randn(4, C_in, 7, 6, dtype=torch.float64), torch.randn(C_out, C_in, kh, kw, dtype=torch.float64)
+    idx = torch.tensor([2, 0, 2, 1])
+    y_f = R.lora_conv2d(x, W, None, A, B, idx, 0.5, 1, (kh // 2, kw // 2))
+    y_d = R.lora_conv2d_delta(x, W, None, 0.5 * delta, idx, 1, (kh // 2, kw // 2))
+    assert_close("y", y_f, y_d, 1e-13)
+    dy = torch.randn_like(y_d)
+    g_f = torch.autograd.grad(y_f, [A_l, B_l], dy)
+    g_d = torch.autograd.grad(y_d, [A_l, B_l], dy)
+    for n, a, b in zip(("dA_l", "dB_l"), g_f, g_d):
+        assert_close(n, a, b, 1e-12)
+    with pytest.raises(ValueError, match="loralib"):
+        R.loralib_conv_as_factorised(A_l, B_l, C_in + 1, kh, kw)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_factorised_delta_merges(groups):
     torch.manual_seed(groups)

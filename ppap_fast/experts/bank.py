@@ -155,6 +155,22 @@ class RoutedLinear(_RoutedLoRA):
         return lin
 
 
+LORALIB_CONV_ROUTES = ("delta", "factorised")
+
+
+def loralib_conv_route() -> str:
+    """How a routed loralib-layout conv (groups 1) runs: "delta" (default: dense per-expert deltas
+    through lora_conv2d_delta) or "factorised" (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal
+    rank r*kh*kh factorised LoRA through lora_conv2d's implicit A stage: the base conv once plus each
+    sample's own expert, instead of the delta path's N dense convs on CUDA)."""
+    import os
+
+    route = os.environ.get("PPAP_FAST_LORALIB_CONV", "").strip().lower() or "delta"
+    if route not in LORALIB_CONV_ROUTES:
+        raise ValueError(f"PPAP_FAST_LORALIB_CONV must be one of {LORALIB_CONV_ROUTES}, got {route!r}")
+    return route
+
+
 def _conv_like(c, weight, bias):
     conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                      bias=bias is not None, device="meta")
@@ -195,10 +211,16 @@ class RoutedConv2d(_RoutedLoRA):
     def forward(self, x):
         idx = self._idx(x)
         ops = _ops()
-        if self.layout == "factorised":
+        if self.layout == "factorised" or (self.groups == 1 and loralib_conv_route() == "factorised"):
             seg = self._router.segments(x, self.n_experts)
             kw = {} if seg is None else {"segments": seg}
-            return ops.lora_conv2d(x, self.weight, self.bias, self.lora_A, self.lora_B, idx, self.scale,
+            A, B = self.lora_A, self.lora_B
+            if self.layout == "loralib":  # the same delta as a factorised LoRA of rank r*kh*kh
+                from ppap_fast.ops.lora.reference import loralib_conv_as_factorised
+
+                A, B = loralib_conv_as_factorised(A, B, self.in_channels, *self.kernel_size)
+                kw["a_stage"] = "implicit"  # its own expert only: the stacked A stage would be N*r*kh*kh wide
+            return ops.lora_conv2d(x, self.weight, self.bias, A, B, idx, self.scale,
                                    self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
         return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,
                                      self.padding, self.dilation, self.groups, self.expert_bias)

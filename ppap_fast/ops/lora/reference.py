@@ -107,6 +107,25 @@ def loralib_conv_delta(A_l, B_l, C_out, C_in_per_group, k, scale):
     return (B_l @ A_l).reshape(*lead, C_out, C_in_per_group, k, k) * scale
 
 
+def loralib_conv_as_factorised(A_l, B_l, C_in, kh, kw):
+    """The loralib conv layout (groups 1) as an exactly equal factorised LoRA of rank r*kh*kh.
+
+    A_l [..., r*kh, C_in*kw], B_l [..., C_out*kh, r*kh] -> A [..., kh*r*kh, C_in, kh, kw] (kh copies
+    of A_l on a block diagonal) and B [..., C_out, kh*r*kh], so that conv(x, (B_l @ A_l).view(W.shape))
+    = B(A(x)) (A a conv with the base geometry, B a 1x1 conv). Why: row o*kh + q of B_l @ A_l holds
+    the flat weight entries [q*C_in*kw, (q+1)*C_in*kw) of output channel o, so the delta splits into
+    kh blocks of rank r*kh. Differentiable (the grads of A_l, B_l flow back through the copies)."""
+    lead = A_l.shape[:-2]
+    rk, cink = A_l.shape[-2:]
+    if cink != C_in * kw or B_l.shape[-1] != rk or B_l.shape[-2] % kh:
+        raise ValueError(f"not a loralib conv LoRA for C_in={C_in}, kernel {kh}x{kw}: A {tuple(A_l.shape)}, "
+                         f"B {tuple(B_l.shape)}")
+    eye = torch.eye(kh, dtype=A_l.dtype, device=A_l.device)
+    A = torch.einsum("...jc,qp->...qjpc", A_l, eye).reshape(*lead, kh * rk, C_in, kh, kw)
+    B = B_l.reshape(*lead, B_l.shape[-2] // kh, kh * rk)
+    return A, B
+
+
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1,
                       expert_bias=None):
     """y = conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape]. Per-sample loop."""
