@@ -356,6 +356,50 @@ def test_conv_lora_wgrad_raw(device, case):
 
 
 @pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("kh,C,stride,fmt", [(3, 5, 1, "contiguous"), (3, 40, 2, "channels_last"), (1, 7, 1, "contiguous"),
+                                            (5, 3, 1, "channels_last"), (3, 2, 1, "contiguous")])
+def test_conv_lora_kernels_blocked(device, kh, C, stride, fmt):
+    """The three implicit kernels with a_blocks = kh on a loralib-derived A (block diagonal, block
+    boundaries inside channels when kh does not divide C): forward y/h and dgrad dx equal the dense
+    kernels' (whose A zeros make them exact), wgrad equals the dense weight grad on the blocks and
+    is 0 off them; poisoned h and dA."""
+    rng = random.Random(kh * 100 + C)
+    g = torch.Generator().manual_seed(kh * 7 + C)
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    for dtype in _dtypes(device) if device == "cuda" else [torch.float32]:
+        S, N, NOUT = (5 if device == "cuda" else 3), 3, rng.choice([6, 70])
+        r = rng.choice([2, 5, 16] if device == "cuda" else [1, 2])  # rank r * kh * kh: interpreter time
+        A_l = torch.randn(N, r * kh, C * kh, generator=g) / (C * kh) ** 0.5
+        B_l = torch.randn(N, NOUT * kh, r * kh, generator=g) / r ** 0.5
+        A, B = R.loralib_conv_as_factorised(A_l, B_l, C, kh, kh)
+        x = torch.randn(S, C, 7, 6, generator=g)
+        idx = torch.tensor([rng.randrange(N) for _ in range(S)])
+        geo = (stride, kh // 2, 1)
+        Ho, Wo = F.conv2d(x, A[0], None, *geo).shape[2:]
+        y0, dh = torch.randn(S, NOUT, Ho, Wo, generator=g), torch.randn(S, r * kh * kh, Ho, Wo, generator=g)
+        on = lambda t: t.to(device, dtype).clone(memory_format=mf) if t.dim() == 4 else t.to(device, dtype)  # noqa: E731
+        xd, Ad, Bd, dhd, idd = on(x), on(A), on(B), on(dh), idx.to(device)
+        seg = build_segments(idd, N)
+        outs = {}
+        for nb in (1, kh):
+            y, h = on(y0), torch.full((S, r * kh * kh, Ho, Wo), float("nan"), device=device, dtype=dtype)
+            TK.conv_lora_fwd(xd, Ad, Bd, y, idd, 0.5, *geo, h_out=h, a_blocks=nb)
+            dx = on(torch.zeros_like(x))
+            TK.conv_lora_dgrad(dhd, Ad, dx, idd, *geo, a_blocks=nb)
+            dA = torch.full(tuple(A.shape), float("nan"), device=device, dtype=dtype)
+            TK.conv_lora_wgrad(xd, dhd, dA, seg.sorted_idx, seg.offsets, *geo, a_blocks=nb)
+            outs[nb] = (y, h, dx, dA)
+        tol = TOL[dtype] * 2
+        for name, a, b in zip(("y", "h", "dx"), outs[kh][:3], outs[1][:3]):
+            assert_close(f"{name} blocked vs dense {dtype}", a, b, tol)
+        on_block = R.loralib_conv_as_factorised(torch.ones(1, r * kh, C * kh), torch.ones(1, kh, r * kh), C, kh, kh)[0]
+        on_block = on_block[0].bool().to(device)
+        dA_b, dA_d = outs[kh][3], outs[1][3]
+        assert torch.count_nonzero(dA_b[:, ~on_block]) == 0
+        assert_close(f"dA on the blocks {dtype}", dA_b[:, on_block], dA_d[:, on_block], tol)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("ci", range(4))
 def test_lora_linear_fused_forward(device, ci, monkeypatch):
     """Triton linear with >= FUSED_LINEAR_MIN_ROWS tokens per sample: the forward is ONE per-sample

@@ -289,6 +289,20 @@ def scenarios(dtype):
                                            groups=g, backend="triton", a_stage=a_stage))
             add(f"lora_conv2d {ci}->{co} k{k} s{st} g{g} r{r} {hw}x{hw} cl={cl} {a_stage}", f)
 
+    # ------------------------------------------------------------------ loralib conv as a block-diagonal factorised LoRA
+    for (ci, co, k, r, cl) in ((32, 64, 3, 16, True), (24, 16, 3, 4, False), (16, 32, 1, 8, False)):
+        def f(ci=ci, co=co, k=k, r=r, cl=cl):
+            from ppap_fast.ops.lora.reference import loralib_conv_as_factorised
+
+            x = torch.randn(S, ci, 12, 12, dtype=dtype)
+            x = (x.contiguous(memory_format=torch.channels_last) if cl else x).requires_grad_(True)
+            A_l, B_l = _p(N, r * k, ci * k, dtype=dtype), _p(N, co * k, r * k, dtype=dtype)
+            A, B = loralib_conv_as_factorised(A_l, B_l, ci, k, k)
+            y = lora.lora_conv2d(x, torch.randn(co, ci, k, k, dtype=dtype), None, A, B, idx, 0.5, padding=k // 2,
+                                 backend="triton", a_stage="implicit", a_blocks=k)
+            _backward(y)
+        add(f"lora_conv2d loralib-as-factorised {ci}->{co} k{k} r{r} cl={cl}", f)
+
     # ------------------------------------------------------------------ norms
     pdts = [dtype] + ([torch.float32] if dtype != torch.float32 else [])
     for pdt in pdts:

@@ -220,6 +220,7 @@ class RoutedConv2d(_RoutedLoRA):
 
                 A, B = loralib_conv_as_factorised(A, B, self.in_channels, *self.kernel_size)
                 kw["a_stage"] = "implicit"  # its own expert only: the stacked A stage would be N*r*kh*kh wide
+                kw["a_blocks"] = self.kernel_size[0]  # A is kh blocks on a diagonal: skip the zeros
             return ops.lora_conv2d(x, self.weight, self.bias, A, B, idx, self.scale,
                                    self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
         return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,

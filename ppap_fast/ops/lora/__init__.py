@@ -230,24 +230,31 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
 
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
-                expert_bias=None, *, backend=None, segments=None, a_stage=None):
+                expert_bias=None, *, backend=None, segments=None, a_stage=None, a_blocks=1):
     """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)); A [N, r, C_in/g, kh, kw] (a conv with
     the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
     ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
     "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
     each direction; groups == 1 and r <= 256, else "stacked") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
-    else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran."""
+    else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran. ``a_blocks`` > 1
+    declares A block diagonal over its flat (C_in/g, kh, kw) columns (``a_blocks`` blocks of r/a_blocks
+    rank rows; reference.loralib_conv_as_factorised builds one): the implicit A stage then skips the
+    zero blocks and reports their entries' gradient as 0 (structural zeros); other paths use A as given."""
     explicit_stage = a_stage is not None
     a_stage = _resolve_a_stage(a_stage)
     N, r = A.shape[:2]
     if r % groups or B.shape != (N, W.shape[0], r // groups) or A.shape[2:] != W.shape[1:]:
         raise ValueError(f"shape mismatch: W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, groups {groups}")
+    flat_cols = A.shape[2] * A.shape[3] * A.shape[4]
+    if not isinstance(a_blocks, int) or a_blocks < 1 or r % a_blocks or flat_cols % a_blocks:
+        raise ValueError(f"a_blocks must be a positive int dividing the rank {r} and the flat A columns {flat_cols}, "
+                         f"got {a_blocks!r}")
     _check_idx(expert_idx, x.shape[0], N)
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
     b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
     if b == "cpp" and not explicit_stage:  # the environment's A stage is a preference
         a_stage = "stacked"
-    last_backend["lora_conv2d/a_stage"] = _effective_a_stage(a_stage, b, groups, r)
+    last_backend["lora_conv2d/a_stage"] = _effective_a_stage(a_stage, b, groups, r, a_blocks)
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
                                      expert_bias)
@@ -261,7 +268,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     from . import fast
 
     return fast.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
-                            seg=segments, fwd=b, a_stage=a_stage)
+                            seg=segments, fwd=b, a_stage=a_stage, a_blocks=a_blocks)
 
 
 A_STAGES = ("stacked", "fused", "implicit", "grouped")
@@ -279,7 +286,7 @@ def _resolve_a_stage(a_stage):
     return a_stage
 
 
-def _effective_a_stage(a_stage, backend, groups, r):
+def _effective_a_stage(a_stage, backend, groups, r, a_blocks=1):
     if backend == "reference":
         return "reference"
     if a_stage == "fused" and groups != 1:
@@ -287,7 +294,7 @@ def _effective_a_stage(a_stage, backend, groups, r):
     if a_stage == "implicit":
         from .triton_kernels import IMPLICIT_MAX_RANK
 
-        if groups != 1 or r > IMPLICIT_MAX_RANK:
+        if groups != 1 or r // a_blocks > IMPLICIT_MAX_RANK:
             return "stacked"
     return a_stage
 

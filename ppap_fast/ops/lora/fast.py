@@ -362,7 +362,8 @@ class LoraConvImplicitFn(torch.autograd.Function):
     N-fold stacked gradient), dB by seg_outer."""
 
     @staticmethod
-    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd):
+    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd,
+                a_blocks=1):
         cdt = x.dtype
         N, r = A.shape[:2]
         Wc = W.detach().to(cdt)
@@ -371,10 +372,11 @@ class LoraConvImplicitFn(torch.autograd.Function):
         S, C_out, Ho, Wo = y.shape
         hc = _alloc((S, r, Ho, Wo), x)
         tk.conv_lora_fwd(x, Ac, Bc, y, seg.expert_idx, scale, stride, padding, dilation,
-                         None if expert_bias is None else expert_bias.detach(), hc)
+                         None if expert_bias is None else expert_bias.detach(), hc, a_blocks=a_blocks)
         ctx.save_for_backward(x, hc, Ac, Bc, Wc)
         ctx.seg, ctx.scale = seg, scale
         ctx.geom = (stride, padding, dilation)
+        ctx.a_blocks = a_blocks
         ctx.cuda_bwd = fwd == "cuda_full"
         ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y
@@ -401,14 +403,15 @@ class LoraConvImplicitFn(torch.autograd.Function):
             tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets, s)
             if need_x:
                 dx = torch.ops.aten.convolution_backward(dy, x, Wc, None, *geo, [True, False, False])[0]
-                tk.conv_lora_dgrad(dh, Ac, dx, seg.expert_idx, stride, padding, dilation)
+                tk.conv_lora_dgrad(dh, Ac, dx, seg.expert_idx, stride, padding, dilation, a_blocks=ctx.a_blocks)
             if need_a:
                 direct = a_dt in (x.dtype, torch.float32)
                 dA = _alloc(Ac.shape, x, dtype=a_dt if direct else torch.float32)
-                tk.conv_lora_wgrad(x, dh, dA, seg.sorted_idx, seg.offsets, stride, padding, dilation)
+                tk.conv_lora_wgrad(x, dh, dA, seg.sorted_idx, seg.offsets, stride, padding, dilation,
+                                   a_blocks=ctx.a_blocks)
                 dA = dA if direct else dA.to(a_dt)
         dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
-        return dx, dA, dB, deb, None, None, None, None, None, None, None, None
+        return dx, dA, dB, deb, None, None, None, None, None, None, None, None, None
 
 
 def _pair(v):
@@ -416,7 +419,8 @@ def _pair(v):
 
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
-                expert_bias=None, seg: Segments | None = None, fwd: str = "triton", a_stage: str = "stacked"):
+                expert_bias=None, seg: Segments | None = None, fwd: str = "triton", a_stage: str = "stacked",
+                a_blocks: int = 1):
     from .segments import build_segments
 
     N = A.shape[0]
@@ -426,10 +430,10 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         with no_autocast:
             return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
                                          dilation, fwd)
-    if a_stage == "implicit" and groups == 1 and A.shape[1] <= tk.IMPLICIT_MAX_RANK:
+    if a_stage == "implicit" and groups == 1 and A.shape[1] // a_blocks <= tk.IMPLICIT_MAX_RANK:
         with no_autocast:
             return LoraConvImplicitFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
-                                            dilation, fwd)
+                                            dilation, fwd, int(a_blocks))
     if a_stage in ("stacked", "fused", "implicit"):  # fused / implicit otherwise run the stacked path
         h = stacked_a_conv(x, A, seg.expert_idx, stride, padding, dilation, groups)
     elif a_stage == "grouped":

@@ -215,9 +215,17 @@ def _seg_outer_kernel(
 
 
 @triton.jit
+def _a_block_channels(q, tap, C, PART, KHKW):
+    """The input channels c whose flat A column c * KHKW + tap lies in block q's [q*PART, (q+1)*PART)."""
+    c_lo = (q * PART - tap + KHKW - 1) // KHKW  # numerators are >= 0: same rounding compiled and interpreted
+    c_hi = ((q + 1) * PART - tap + KHKW - 1) // KHKW
+    return tl.maximum(c_lo, 0), tl.minimum(c_hi, C)
+
+
+@triton.jit
 def _conv_lora_fwd_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, eb_ptr, eidx_ptr, hout_ptr,
-    C, H, W, Ho, Wo, R, NOUT,
+    C, H, W, Ho, Wo, R, NOUT, NB, RB, PART,
     xs_s, xs_c, xs_h, xs_w,
     as_e, as_r, as_c, as_h, as_w,
     bs_e, bs_n, bs_r,
@@ -227,13 +235,16 @@ def _conv_lora_fwd_kernel(
     scale, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCKED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per-sample LoRA of a conv in one pass, accumulated into the base conv's output y:
-    h = conv(x, A_e) (implicit GEMM: each tap's channel tiles of x dotted with A_e's, all R
-    rank channels in one tile), y += scale * B_e h (+ eb[e]) over every output channel, and
-    h stored to hout [S, R, Ho, Wo] for the backward. One program: one sample, BLOCK_M output
-    pixels; e = expert_idx[s] (no segments needed)."""
+    h = conv(x, A_e) (implicit GEMM: each tap's channel tiles of x dotted with A_e's), y += scale *
+    B_e h (+ eb[e]) over every output channel, and h stored to hout [S, R, Ho, Wo] for the backward.
+    One program: one sample, BLOCK_M output pixels; e = expert_idx[s] (no segments needed).
+    BLOCKED: A is block diagonal, NB blocks of RB rank rows, block q nonzero only on the flat
+    (C, kh, kw) columns [q*PART, (q+1)*PART) (the loralib layout as a factorised LoRA): each block's
+    h is computed over its own columns only, stored, and read back for the expand. Otherwise
+    NB = 1, RB = R and all R rank channels stay in one register tile."""
     s = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     e = tl.load(eidx_ptr + s).to(tl.int64)
@@ -241,43 +252,57 @@ def _conv_lora_fwd_kernel(
     pmask = p < Ho * Wo
     oh = p // Wo
     ow = p % Wo
-    offs_r = tl.arange(0, BLOCK_R)
-    rvalid = offs_r < R
     x_base = x_ptr + s * xs_s
     a_base = a_ptr + e * as_e
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for tap in range(0, KH * KW):  # a loop, not unrolled: fewer live registers
-        kh = tap // KW
-        kw = tap % KW
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-        inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
-        a_tap = a_base + kh * as_h + kw * as_w
-        for c0 in range(0, C, BLOCK_K):
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            cvalid = offs_c < C
-            xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
-            at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
-                         mask=cvalid[:, None] & rvalid[None, :], other=0.0)
-            if DOT_F32:
-                acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
-            else:
-                acc += tl.dot(xt, at.to(xt.dtype))
-    h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
-    tl.store(hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None] + offs_r[None, :] * hs_r, h,
-             mask=pmask[:, None] & rvalid[None, :])
+    hrow = hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None]
+    KHKW = KH * KW
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=hout_ptr.dtype.element_ty)  # carried out of the loop (NB = 1)
+    for q in range(0, NB):
+        offs_r = q * RB + tl.arange(0, BLOCK_R)
+        rvalid = tl.arange(0, BLOCK_R) < RB
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for tap in range(0, KHKW):  # a loop, not unrolled: fewer live registers
+            kh = tap // KW
+            kw = tap % KW
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
+            a_tap = a_base + kh * as_h + kw * as_w
+            c_lo, c_hi = _a_block_channels(q, tap, C, PART, KHKW)
+            for c0 in range(c_lo, c_hi, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                cvalid = offs_c < c_hi
+                xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
+                at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
+                             mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+                if DOT_F32:
+                    acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
+                else:
+                    acc += tl.dot(xt, at.to(xt.dtype))
+        h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
+        tl.store(hrow + offs_r[None, :] * hs_r, h, mask=pmask[:, None] & rvalid[None, :])
+    if BLOCKED:
+        tl.debug_barrier()  # the blocks' h, stored above by other threads, are read back below
     yrow = y_ptr + s * ys_s + oh.to(tl.int64) * ys_h + ow.to(tl.int64) * ys_w
     b_base = b_ptr + e * bs_e
     for n0 in range(0, NOUT, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nvalid = offs_n < NOUT
-        bt = tl.load(b_base + offs_r[:, None] * bs_r + offs_n[None, :] * bs_n,
-                     mask=rvalid[:, None] & nvalid[None, :], other=0.0)
-        if DOT_F32:
-            out = tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision=PREC)
-        else:
-            out = tl.dot(h, bt.to(h.dtype))
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for q in range(0, NB):
+            offs_r = q * RB + tl.arange(0, BLOCK_R)
+            rvalid = tl.arange(0, BLOCK_R) < RB
+            if BLOCKED:
+                hq = tl.load(hrow + offs_r[None, :] * hs_r, mask=pmask[:, None] & rvalid[None, :], other=0.0)
+            else:
+                hq = h
+            bt = tl.load(b_base + offs_r[:, None] * bs_r + offs_n[None, :] * bs_n,
+                         mask=rvalid[:, None] & nvalid[None, :], other=0.0)
+            if DOT_F32:
+                out += tl.dot(hq.to(tl.float32), bt.to(tl.float32), input_precision=PREC)
+            else:
+                out += tl.dot(hq, bt.to(hq.dtype))
         out = out * scale
         if HAS_BIAS:
             out += tl.load(eb_ptr + e * ebs_e + offs_n * ebs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
@@ -290,19 +315,21 @@ def _conv_lora_fwd_kernel(
 @triton.jit
 def _conv_lora_dgrad_kernel(
     dh_ptr, a_ptr, dx_ptr, eidx_ptr,
-    C, H, W, Ho, Wo, R,
+    C, H, W, Ho, Wo, R, RB, PART,
     ds_s, ds_r, ds_h, ds_w, ds_e,
     as_e, as_r, as_c, as_h, as_w,
     xs_s, xs_c, xs_h, xs_w,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCKED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """dx += conv_transpose(dh, A_e) for each sample's own expert (the LoRA share of a conv's
     input gradient), added in place into the base dgrad. dh is read at + e * ds_e (expert 0's
     slice of a stacked [S, N*R, Ho, Wo] gradient). One program: one sample, BLOCK_M input pixels,
-    BLOCK_N input channels; K = taps x R (each tap keeps only the output pixels it maps onto)."""
+    BLOCK_N input channels; K = taps x R (each tap keeps only the output pixels it maps onto).
+    BLOCKED (A block diagonal: RB rank rows per block, PART flat columns): each tap reads only the
+    rank rows of the blocks its channel tile's columns fall in, off-block entries masked."""
     s = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -327,12 +354,22 @@ def _conv_lora_dgrad_kernel(
             & (ow < Wo)
         drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
         a_tap = a_base + kh * as_h + kw * as_w
-        for r0 in range(0, R, BLOCK_R):
+        r_lo = 0
+        r_hi = R
+        if BLOCKED:  # the rank rows of the blocks holding this tap's columns of the channel tile
+            g_first = (pid_n * BLOCK_N) * (KH * KW) + tap
+            g_last = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, C) - 1) * (KH * KW) + tap
+            r_lo = (g_first // PART) * RB
+            r_hi = tl.minimum((g_last // PART + 1) * RB, R)
+            col_block = (offs_c * (KH * KW) + tap) // PART
+        for r0 in range(r_lo, r_hi, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            rvalid = offs_r < R
+            rvalid = offs_r < r_hi
             dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
-            at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
-                         mask=rvalid[:, None] & cvalid[None, :], other=0.0)
+            amask = rvalid[:, None] & cvalid[None, :]
+            if BLOCKED:
+                amask = amask & ((offs_r // RB)[:, None] == col_block[None, :])
+            at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c, mask=amask, other=0.0)
             if DOT_F32:
                 acc += tl.dot(dt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
             else:
@@ -346,19 +383,21 @@ def _conv_lora_dgrad_kernel(
 @triton.jit
 def _conv_lora_wgrad_kernel(
     x_ptr, dh_ptr, out_ptr, sidx_ptr, off_ptr,
-    C, H, W, Ho, Wo, R, SPLIT, N_CT,
+    C, H, W, Ho, Wo, R, SPLIT, N_CT, RB, PART,
     xs_s, xs_c, xs_h, xs_w,
     ds_s, ds_r, ds_h, ds_w,
     os_split, os_e, os_r, os_c, os_h, os_w,
     alpha, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCKED: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[split, e, r, c, kh, kw] = alpha * sum over this split's share of the (sample, output
     pixel) rows of segment e of dh[s, r, p] * x[s, c, ih(p, kh), iw(p, kw)]: the weight gradient
     of each expert's A conv over its own samples only (no N-fold stacked gradient). Grid: (expert,
-    R tile x C tile, tap x split); every (split, e, r, c, tap) is written, zeros for empty experts."""
+    R tile x C tile, tap x split); every (split, e, r, c, tap) is written, zeros for empty experts.
+    BLOCKED (A block diagonal, RB rank rows / PART flat columns per block): off-block entries are
+    structural zeros, written as 0; tiles with none on a block are not reduced at all."""
     e = tl.program_id(0)
     pid_rc = tl.program_id(1)
     pid_ts = tl.program_id(2)
@@ -377,6 +416,14 @@ def _conv_lora_wgrad_kernel(
     chunk = ((nrows + SPLIT - 1) // SPLIT + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     r_begin = sp * chunk
     r_end = tl.minimum(nrows, r_begin + chunk)
+    if BLOCKED:
+        c_first = (pid_rc % N_CT) * BLOCK_C
+        r_first = (pid_rc // N_CT) * BLOCK_R
+        gq_lo = (c_first * (KH * KW) + tap) // PART
+        gq_hi = ((tl.minimum(c_first + BLOCK_C, C) - 1) * (KH * KW) + tap) // PART
+        rq_lo = r_first // RB
+        rq_hi = (tl.minimum(r_first + BLOCK_R, R) - 1) // RB
+        r_end = tl.where((rq_hi < gq_lo) | (gq_hi < rq_lo), r_begin, r_end)  # no block in this tile
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for j0 in range(r_begin, r_end, BLOCK_M):
         j = j0 + tl.arange(0, BLOCK_M)
@@ -397,6 +444,8 @@ def _conv_lora_wgrad_kernel(
         else:
             acc += tl.dot(dt, xt.to(dt.dtype))
     acc = acc * alpha
+    if BLOCKED:
+        acc = tl.where((offs_r // RB)[:, None] == ((offs_c * (KH * KW) + tap) // PART)[None, :], acc, 0.0)
     tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + kh * os_h + kw * os_w
              + offs_r[:, None] * os_r + offs_c[None, :] * os_c, acc.to(out_ptr.dtype.element_ty),
              mask=rvalid[:, None] & cvalid[None, :])
@@ -544,12 +593,23 @@ def _check4(name, t):
         raise ValueError(f"{name} must be 4-D, got {tuple(t.shape)}")
 
 
+def _a_blocks(A: torch.Tensor, a_blocks: int):
+    """(NB, RB, PART) of an A [N, R, C, kh, kw] with a_blocks diagonal blocks over its flat columns."""
+    R, K = A.shape[1], A.shape[2] * A.shape[3] * A.shape[4]
+    nb = int(a_blocks)
+    if nb < 1 or R % nb or K % nb:
+        raise ValueError(f"a_blocks={a_blocks} must divide the rank {R} and the flat A columns {K}")
+    return nb, R // nb, K // nb
+
+
 def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Tensor, expert_idx: torch.Tensor,
                   scale: float, stride=1, padding=0, dilation=1, expert_bias: torch.Tensor | None = None,
-                  h_out: torch.Tensor | None = None) -> torch.Tensor:
+                  h_out: torch.Tensor | None = None, a_blocks: int = 1) -> torch.Tensor:
     """y[s] += scale * B_e conv(x[s], A_e) (+ expert_bias[e]) with e = expert_idx[s], in place, and
     h_out[s] = conv(x[s], A_e). x [S, C, H, W], A [N, R, C, kh, kw] (groups 1), B [N, NOUT, R],
-    y [S, NOUT, Ho, Wo], h_out [S, R, Ho, Wo]; any memory format (strides). Returns y."""
+    y [S, NOUT, Ho, Wo], h_out [S, R, Ho, Wo]; any memory format (strides). ``a_blocks`` > 1: A is
+    block diagonal over its flat (C, kh, kw) columns (reference.loralib_conv_as_factorised): the
+    zero blocks are skipped (entries there are never read). Returns y."""
     _check4("x", x)
     _check4("y", y)
     if A.dim() != 5 or B.dim() != 3:
@@ -558,14 +618,15 @@ def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Te
     N, R, _, KH, KW = A.shape
     NOUT = B.shape[1]
     Ho, Wo = y.shape[2:]
-    if R > IMPLICIT_MAX_RANK:
-        raise ValueError(f"conv_lora_fwd keeps the rank in one tile: R = {R} > {IMPLICIT_MAX_RANK}")
+    nb, rb, part = _a_blocks(A, a_blocks)
+    if rb > IMPLICIT_MAX_RANK:
+        raise ValueError(f"conv_lora_fwd keeps a block's rank in one tile: {rb} > {IMPLICIT_MAX_RANK}")
     if h_out is None:
         h_out = alloc((S, R, Ho, Wo), x.dtype, x.device)
     if S == 0 or Ho * Wo == 0:
         return y
     (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(stride, padding, dilation)
-    BLOCK_R = _pow2_at_least(R, 16, IMPLICIT_MAX_RANK)
+    BLOCK_R = _pow2_at_least(rb, 16, IMPLICIT_MAX_RANK)
     wide = 2 if x.dtype == torch.float32 else 1  # fp32 tiles take twice the registers
     BLOCK_M = max(16, (64 if BLOCK_R <= 32 else 4096 // BLOCK_R) // wide) if not _interpreting() else 16
     BLOCK_K = (64 if C >= 64 and BLOCK_R * wide <= 32 else 32) if not _interpreting() else 16
@@ -576,25 +637,27 @@ def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Te
     ebs = expert_bias.stride() if has_eb else (0, 0)
     grid = (S, triton.cdiv(Ho * Wo, BLOCK_M))
     _conv_lora_fwd_kernel[grid](
-        x, A, B, y, eb, expert_idx, h_out, C, H, W, Ho, Wo, R, NOUT,
+        x, A, B, y, eb, expert_idx, h_out, C, H, W, Ho, Wo, R, NOUT, nb, rb, part,
         *x.stride(), *A.stride(), *B.stride(), *y.stride(), *ebs, *h_out.stride(),
         float(scale), sh, sw, ph, pw, dh, dw,
         KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-        HAS_BIAS=has_eb, DOT_F32=dot_f32, PREC=prec,
+        HAS_BIAS=has_eb, BLOCKED=nb > 1, DOT_F32=dot_f32, PREC=prec,
     )
     return y
 
 
 def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_idx: torch.Tensor,
-                    stride=1, padding=0, dilation=1, dh_expert_stride: int = 0) -> torch.Tensor:
+                    stride=1, padding=0, dilation=1, dh_expert_stride: int = 0, a_blocks: int = 1) -> torch.Tensor:
     """dx[s] += conv_transpose(dh[s], A_e) with e = expert_idx[s] (the input gradient of
     conv(x, A_e)), in place. dh [S, R, Ho, Wo] (read at + e * dh_expert_stride: expert 0's slice of
-    a stacked [S, N*R, Ho, Wo] tensor), A [N, R, C, kh, kw], dx [S, C, H, W]. Returns dx."""
+    a stacked [S, N*R, Ho, Wo] tensor), A [N, R, C, kh, kw], dx [S, C, H, W]. ``a_blocks``: A block
+    diagonal (conv_lora_fwd), off-block entries never read. Returns dx."""
     _check4("dh", dh)
     _check4("dx", dx)
     S, C, H, W = dx.shape
     N, R, _, KH, KW = A.shape
     Ho, Wo = dh.shape[2:]
+    nb, rb, part = _a_blocks(A, a_blocks)
     if S == 0 or H * W == 0 or C == 0:
         return dx
     (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
@@ -604,21 +667,23 @@ def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_
     dot_f32, prec = _dot_cfg(dh, A)
     grid = (S, triton.cdiv(H * W, BLOCK_M), triton.cdiv(C, BLOCK_N))
     _conv_lora_dgrad_kernel[grid](
-        dh, A, dx, expert_idx, C, H, W, Ho, Wo, R,
+        dh, A, dx, expert_idx, C, H, W, Ho, Wo, R, rb, part,
         *dh.stride(), int(dh_expert_stride), *A.stride(), *dx.stride(),
         sh, sw, ph, pw, dlh, dlw,
-        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, DOT_F32=dot_f32, PREC=prec,
+        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCKED=nb > 1, DOT_F32=dot_f32,
+        PREC=prec,
     )
     return dx
 
 
 def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
                     offsets: torch.Tensor, stride=1, padding=0, dilation=1, alpha: float = 1.0,
-                    split: int | None = None) -> torch.Tensor:
+                    split: int | None = None, a_blocks: int = 1) -> torch.Tensor:
     """out[e] = alpha * the weight gradient of conv(x, A_e) over expert e's samples (segments of
     build_segments): out [N, R, C, kh, kw] (fully written, zeros for empty experts), x [S, C, H, W],
     dh [S, R, Ho, Wo] (the gradient of each sample's own h). ``split`` > 1 splits each segment's
-    rows over that many programs (fp32 partials summed in a fixed order); default from shapes."""
+    rows over that many programs (fp32 partials summed in a fixed order); default from shapes.
+    ``a_blocks``: A block diagonal (conv_lora_fwd): off-block entries get 0 (structural zeros)."""
     _check4("x", x)
     _check4("dh", dh)
     if out.dim() != 5:
@@ -626,14 +691,15 @@ def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted
     S, C, H, W = x.shape
     N, R, _, KH, KW = out.shape
     Ho, Wo = dh.shape[2:]
+    nb, rb, part = _a_blocks(out, a_blocks)
     if N == 0 or R == 0 or C == 0:
         return out
     if S == 0 or Ho * Wo == 0:
         return out.zero_()
     (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
     BLOCK_R = _pow2_at_least(R, 16, 64)
-    BLOCK_M = (64 if BLOCK_R <= 32 else 32) if not _interpreting() else 16
-    BLOCK_C = 64 if not _interpreting() else 16
+    BLOCK_M = (64 if BLOCK_R <= 32 and x.dtype != torch.float32 else 32) if not _interpreting() else 16
+    BLOCK_C = (64 if BLOCK_R <= 32 or x.dtype != torch.float32 else 32) if not _interpreting() else 16
     n_ct = triton.cdiv(C, BLOCK_C)
     tiles = N * triton.cdiv(R, BLOCK_R) * n_ct * KH * KW
     if split is None:
@@ -645,9 +711,10 @@ def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted
     ds = (0,) + tuple(out.stride()) if split == 1 else tuple(dst.stride())
     grid = (N, triton.cdiv(R, BLOCK_R) * n_ct, KH * KW * split)
     _conv_lora_wgrad_kernel[grid](
-        x, dh, dst, sorted_idx, offsets, C, H, W, Ho, Wo, R, split, n_ct,
+        x, dh, dst, sorted_idx, offsets, C, H, W, Ho, Wo, R, split, n_ct, rb, part,
         *x.stride(), *dh.stride(), *ds, float(alpha), sh, sw, ph, pw, dlh, dlw,
-        KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, DOT_F32=dot_f32, PREC=prec,
+        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCKED=nb > 1, DOT_F32=dot_f32,
+        PREC=prec,
     )
     if split > 1:
         out.copy_(dst.sum(0))
