@@ -25,6 +25,9 @@ layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
   lora_fwdbwd_vs_loop  forward+backward (dx, dA, dB), ours vs per-expert loop
   lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only)
+  loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
+                       layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
+                       per-expert deltas (lora_conv2d_delta)
 On CUDA the Triton layer's and the base layer's rows also hold the profile of one eager fwd+bwd
 (``fwdbwd_profile_top``: top kernels and ops). PPAP_BENCH_LORA_LAYERS="3x3,qkv" keeps the layers
 whose name contains one of the words (a short GPU call).
@@ -119,6 +122,28 @@ def _ours(cfg, backend, a_stage="stacked", seg=None):
     return f
 
 
+def _loralib(cfg, route, N, r, device, dtype, gen, seg=None):
+    """A loralib-layout conv LoRA layer (A_l [r*k, C_in*k], B_l [C_out*k, r*k], its own leaves with
+    grads; the A, B passed in are ignored): route "delta" = dense per-expert deltas through
+    lora_conv2d_delta (what a loralib bank runs by default), "factorised" = the equal rank r*k*k
+    factorised LoRA through the implicit A stage with a_blocks=k (PPAP_FAST_LORALIB_CONV=factorised)."""
+    from ppap_fast.ops.lora.reference import loralib_conv_as_factorised, loralib_conv_delta
+
+    k, cin, cout = cfg["k"], cfg["cin"], cfg["cout"]
+    A_l = (torch.randn(N, r * k, cin * k, generator=gen) * 0.05).to(device, dtype).requires_grad_(True)
+    B_l = (torch.randn(N, cout * k, r * k, generator=gen) * 0.05).to(device, dtype).requires_grad_(True)
+
+    def f(x, W, b, A, B, eb, idx, scale):
+        if route == "delta":
+            delta = loralib_conv_delta(A_l, B_l, cout, cin, k, scale)
+            return L.lora_conv2d_delta(x, W, b, delta, idx, 1, cfg["pad"], expert_bias=eb)
+        Af, Bf = loralib_conv_as_factorised(A_l, B_l, cin, k, k)
+        return L.lora_conv2d(x, W, b, Af, Bf, idx, scale, 1, cfg["pad"], expert_bias=eb, backend="triton",
+                             a_stage="implicit", a_blocks=k, segments=seg)
+    f.lora_leaves = (A_l, B_l)
+    return f
+
+
 def _base(cfg):
     def f(x, W, b, A, B, eb, idx, scale):
         if cfg["kind"] == "linear":
@@ -207,7 +232,8 @@ def _graph_fwdbwd_ms(fn, x, args, reps, base: bool):
             y = fn(xg, *args)
             return torch.autograd.grad(y, (xg,), torch.ones_like(y))
         y = fn(xg, W, b, Ag, Bg, ebg, static_idx, scale)
-        return torch.autograd.grad(y, (xg, Ag, Bg, ebg), torch.ones_like(y))
+        ab = getattr(fn, "lora_leaves", (Ag, Bg))  # a layer with its own LoRA leaves (_loralib)
+        return torch.autograd.grad(y, (xg, *ab, ebg), torch.ones_like(y))
 
     return _captured_ms(step, reps, grad=True)
 
@@ -338,6 +364,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                         variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused", seg)
                 # cuDNN base conv + one implicit-GEMM Triton kernel per direction for the LoRA share
                 variants["ours[triton,a_stage=implicit]"] = _ours(cfg, "triton", "implicit", seg)
+                for route in ("delta", "factorised"):  # the loralib layout: N dense deltas vs rank r*k*k
+                    variants[f"loralib[{route}]"] = _loralib(cfg, route, N, r, device, dtype, gen, seg)
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
             res = {}
@@ -374,6 +402,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     graph_variants.append(("ours[triton,a_stage=fused,cudagraph]", _ours(cfg, "triton", "fused", seg)))
                     graph_variants.append(("ours[triton,a_stage=implicit,cudagraph]",
                                            _ours(cfg, "triton", "implicit", seg)))
+                    for route in ("delta", "factorised"):
+                        graph_variants.append((f"loralib[{route},cudagraph]",
+                                               _loralib(cfg, route, N, r, device, dtype, gen, seg)))
                 for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
                     t_g, why = _graphmedian_ms(fn, x, args, reps)
                     t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))
@@ -385,6 +416,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
                 if ours_g and graphed.get("base[cudagraph]"):
                     ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / graphed["base[cudagraph]"])
+                if graphed.get("loralib[factorised,cudagraph]") and graphed.get("loralib[delta,cudagraph]"):
+                    ratio_acc.setdefault("loralib_graph_factorised_vs_delta", []).append(
+                        graphed["loralib[factorised,cudagraph]"] / graphed["loralib[delta,cudagraph]"])
             pf, why = _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype)
             if pf is not None:
                 with torch.no_grad():  # same math? (peft has no per-expert bias)
@@ -399,6 +433,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                  rel_err_vs_ours=check))
             else:
                 rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", skipped=why))
+            if "loralib[factorised]" in res:
+                ratio_acc.setdefault("loralib_factorised_vs_delta", []).append(
+                    res["loralib[factorised]"][1] / res["loralib[delta]"][1])
             best = min((v for k, v in res.items() if k.startswith("ours")), key=lambda t: t[1])
             if "peft" in res:
                 ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
