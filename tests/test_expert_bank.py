@@ -431,7 +431,8 @@ def test_factorised_bank_trains_the_same_on_the_cpp_backend(monkeypatch):
     assert moved > 5  # the steps changed the experts
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_loralib_bank_trains_the_same_through_the_factorised_route(monkeypatch, backend):
     """PPAP_FAST_LORALIB_CONV=factorised runs a loralib bank's convs (groups 1) as the exactly equal
     rank r*kh*kh factorised LoRA (implicit A stage; the depthwise conv keeps its deltas): the same
@@ -448,14 +449,18 @@ def test_loralib_bank_trains_the_same_through_the_factorised_route(monkeypatch, 
 
         monkeypatch.setattr(L, "lora_conv2d", functools.partial(L.lora_conv2d, backend="triton"))
     dt, tol = (D, 1e-10) if backend == "reference" else (torch.float32, 2e-5)
+    dev = "cuda" if backend == "cuda" else "cpu"
+    if dev == "cuda":  # fp32 parity: no TF32 in the convs / matmuls of either route
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(1)
-    start = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt)).train()
-    x, t = torch.randn(6, 3, 8, 8, dtype=dt), torch.tensor([999, 0, 200, 199, 650, 401])
-    target = torch.randn(6, 4, dtype=dt)
+    start = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt)).to(dev).train()
+    x, t = torch.randn(6, 3, 8, 8, dtype=dt).to(dev), torch.tensor([999, 0, 200, 199, 650, 401]).to(dev)
+    target = torch.randn(6, 4, dtype=dt).to(dev)
     runs = {}
     for route in ("delta", "factorised"):
         monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", route)
-        bank = ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt).train()
+        bank = ExpertBank(Tiny(), "generic", n_experts=5, layout="loralib").to(dt).to(dev).train()
         bank.load_state_dict(start.state_dict())
         params = dict((n, p) for n, p in bank.named_parameters() if p.requires_grad)
         opt = torch.optim.AdamW(list(params.values()), lr=1e-2)
@@ -466,7 +471,7 @@ def test_loralib_bank_trains_the_same_through_the_factorised_route(monkeypatch, 
             if step == 0:
                 runs[route] = (y.detach(), {n: p.grad.clone() for n, p in params.items()})
                 if route == "factorised":
-                    assert L.last_backend["lora_conv2d/a_stage"] == ("implicit" if backend == "triton" else "reference")
+                    assert L.last_backend["lora_conv2d/a_stage"] == ("reference" if backend == "reference" else "implicit")
             opt.step()
         runs[route] += (bank.state_dict(),)
     (y_d, g_d, sd_d), (y_f, g_f, sd_f) = runs["delta"], runs["factorised"]
