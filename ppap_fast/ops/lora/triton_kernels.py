@@ -119,11 +119,12 @@ def _sgmv_expand_kernel(
     ho_s, ho_m, ho_r,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HOUT: tl.constexpr,
+    ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HOUT: tl.constexpr, SRC_IS_OUT: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[s, m, n] = (src[s, m, n] if ACCUM) + scale * sum_r h[s, m, r] * w[e(s), n, r] (+ bias[e(s), n]).
-    h is read at + e(s) * hs_e (rows of a stacked per-expert tensor); src may be out itself.
+    h is read at + e(s) * hs_e (rows of a stacked per-expert tensor); src may be out itself
+    (SRC_IS_OUT: one pointer tile for both, half the address registers).
     HAS_HOUT: the column-0 programs also copy the h rows they read to hout [S, M, R]."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -161,8 +162,11 @@ def _sgmv_expand_kernel(
     optr = out_ptr + orow[:, None] + offs_n[None, :] * os_n
     omask = rmask[:, None] & nvalid[None, :]
     if ACCUM:
-        acc += tl.load(src_ptr + (smp * ss_s + m * ss_m)[:, None] + offs_n[None, :] * ss_n, mask=omask,
-                       other=0.0).to(tl.float32)
+        if SRC_IS_OUT:
+            acc += tl.load(optr, mask=omask, other=0.0).to(tl.float32)
+        else:
+            acc += tl.load(src_ptr + (smp * ss_s + m * ss_m)[:, None] + offs_n[None, :] * ss_n, mask=omask,
+                           other=0.0).to(tl.float32)
     tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -518,6 +522,7 @@ def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
     has_bias = bias is not None
     b = bias if has_bias else out
     bs = bias.stride() if has_bias else (0, 0)
+    src_is_out = src is None or (src.data_ptr() == out.data_ptr() and src.stride() == out.stride())
     src = out if src is None else src
     ho = h if h_out is None else h_out
     _sgmv_expand_kernel[grid](
@@ -525,7 +530,7 @@ def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
         *h.stride(), int(h_expert_stride), *w.stride(), *out.stride(), *bs, *src.stride(), *ho.stride(),
         float(scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, ACCUM=bool(accumulate), HAS_BIAS=has_bias,
-        HAS_HOUT=h_out is not None, DOT_F32=dot_f32, PREC=prec,
+        HAS_HOUT=h_out is not None, SRC_IS_OUT=src_is_out, DOT_F32=dot_f32, PREC=prec,
     )
     return out
 
