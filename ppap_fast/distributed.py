@@ -111,6 +111,7 @@ launcher started in its own session), with ``raise`` it raises :class:`Simulated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -668,12 +669,14 @@ class DistillConfig:
     cuda_graph: bool | None = None      # the whole training step in a CUDA graph; None: where it can (one CUDA process)
     prefetch: bool = True               # make the next batch on a background thread during the step
     verify_data: bool = False           # check every shard's CRC-32 before training (split over ranks)
+    lora_kernels: str = "default"       # "implicit": the implicit-GEMM conv LoRA kernels (see LORA_KERNELS)
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
         :func:`distill` adds the resolved task and loss and the teacher's state fingerprint."""
         d = dataclasses.asdict(self)
-        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch", "verify_data"):
+        for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch", "verify_data",
+                  "lora_kernels"):  # how it runs, not what it computes (the routes agree to rounding)
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
         d["out_dir"] = str(Path(self.out_dir).resolve())
@@ -974,10 +977,51 @@ class _GeneratorAt:
         return self._state
 
 
+LORA_KERNELS = {  # DistillConfig.lora_kernels -> the environment the LoRA ops read while training
+    "default": {},
+    # convs of either layout through the implicit A stage: base conv + each sample's own expert
+    # (factorised layout; loralib convs as the equal rank r*k*k factorised LoRA), not N dense convs
+    "implicit": {"PPAP_FAST_LORA_A_STAGE": "implicit", "PPAP_FAST_LORALIB_CONV": "factorised"},
+}
+
+
+@contextlib.contextmanager
+def _lora_kernel_env(choice: str):
+    if choice not in LORA_KERNELS:
+        raise ValueError(f"lora_kernels must be one of {sorted(LORA_KERNELS)}, got {choice!r}")
+    saved = {k: os.environ.get(k) for k in LORA_KERNELS[choice]}
+    os.environ.update(LORA_KERNELS[choice])
+    from .ops import lora as L
+
+    for k in [k for k in L.last_backend if k.startswith(("lora_conv2d", "lora_linear"))]:
+        del L.last_backend[k]  # the summary's lora_ops: what this run used, nothing from before
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _lora_ops_that_ran() -> dict:
+    from .ops import lora as L
+
+    return {k: v for k, v in L.last_backend.items() if k.startswith(("lora_conv2d", "lora_linear"))}
+
+
 def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = False):
     """PPAP data-free distillation with DDP over the ExpertBank; returns the bank (eval mode).
     Rank 0 writes ``cfg.out_dir`` (save_experts format) and ``train_summary.json`` there; with
-    ``cfg.checkpoint_every`` it also keeps a resumable training state (module docstring)."""
+    ``cfg.checkpoint_every`` it also keeps a resumable training state (module docstring).
+    ``cfg.lora_kernels`` picks the LoRA kernels for the run (LORA_KERNELS; the summary's
+    ``lora_ops`` says which backend and A stage ran)."""
+    with _lora_kernel_env(cfg.lora_kernels):
+        return _distill(cfg, env, progress)
+
+
+def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from .data import ShardSet, from_uint8
@@ -1153,6 +1197,7 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
                 "global_batch": cfg.batch_size * env.world_size, "loss": loss_kind, "targets": target_source,
                 "losses": losses, "losses_are": "per step, mean over ranks of each rank's batch loss",
                 "resumed_from_step": resumed_from, "expert_fingerprint": fp, "cuda_graph": graphed,
+                "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(),
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})
             state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
@@ -1261,6 +1306,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="capture the whole training step in a CUDA graph (default: wherever it can, i.e. one "
                         "CUDA process; the eager step is launch-bound: an H100 ResNet50 bank step ran 3.6-4.4x "
                         "faster captured); --cuda-graph warns where it cannot, --no-cuda-graph trains eagerly")
+    d.add_argument("--lora-kernels", choices=sorted(LORA_KERNELS), default="default",
+                   help="implicit: train the experts' convs with the implicit-GEMM LoRA kernels (base conv once + "
+                        "each sample's own expert; loralib convs as the equal rank r*k*k factorised LoRA) instead "
+                        "of the default stacked / dense-delta convs (CUDA; elsewhere the reference ops run)")
     d.add_argument("--verify-data", action="store_true",
                    help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
@@ -1291,7 +1340,7 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          temperature=a.temperature, seed=a.seed, device=a.device,
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
                          checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph,
-                         prefetch=a.prefetch, verify_data=a.verify_data)
+                         prefetch=a.prefetch, verify_data=a.verify_data, lora_kernels=a.lora_kernels)
 
 
 def main(argv=None) -> int:
