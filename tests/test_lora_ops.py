@@ -245,12 +245,17 @@ def test_seg_outer_raw(device, backend, split):
                 cuda_ops.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split or 0)
             elif backend == "cpp":
                 torch.ops.ppap_fast.lora_seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split or 0)
-            else:
-                TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split)
+            else:  # the Triton kernel also gives each segment's row sums of u (the expert-bias grad)
+                u_sum = torch.full((N, P), float("nan"), device=device,
+                                   dtype=torch.float32 if case == 1 else dtype)
+                TK.seg_outer(u, v, out, seg.sorted_idx, seg.offsets, 1.5, split=split, u_sum=u_sum)
             ic = idx.cpu()
             want = torch.zeros(N, P, Q, dtype=torch.float64).index_add_(
                 0, ic, 1.5 * torch.bmm(u.cpu().double().transpose(1, 2), v.cpu().double()))
             assert_close(f"seg_outer split={split} {dtype}", out, want, TOL[dtype])
+            if backend == "triton":
+                want_sum = torch.zeros(N, P, dtype=torch.float64).index_add_(0, ic, u.cpu().double().sum(1))
+                assert_close(f"seg_outer u_sum split={split} {dtype}", u_sum, want_sum, TOL[dtype])
             for e in set(range(N)) - set(ic.tolist()):
                 assert torch.count_nonzero(out[e]) == 0
             got_r = R.seg_outer(u.cpu().double(), v.cpu().double(), torch.empty(N, P, Q, dtype=torch.float64),

@@ -79,10 +79,15 @@ def _b_bias_grads(dy3, h3, seg: Segments, s: float, N: int, b_dt, eb_dt, need_b:
     if need_b:
         if cuda:
             dB = _cuda_seg_outer(dy3, h3, seg, s, b_dt, N)
-        else:
+        else:  # Triton: deb from the same kernel (the row sums of dy beside dB)
             dB = _alloc((N, dy3.shape[2], h3.shape[2]), dy3, dtype=b_dt)
-            tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s)
-    if need_eb:
+            if need_eb:
+                deb = _alloc((N, dy3.shape[2]), dy3, dtype=eb_dt if eb_dt in (torch.float32, dy3.dtype)
+                             else torch.float32)
+            tk.seg_outer(dy3, h3, dB, seg.sorted_idx, seg.offsets, s, u_sum=deb)
+            if deb is not None and deb.dtype != eb_dt:
+                deb = deb.to(eb_dt)
+    if need_eb and deb is None:
         deb = _expert_bias_grad(dy3, seg.expert_idx, N, torch.empty(0, dtype=eb_dt))
     return dB, deb
 

@@ -172,18 +172,21 @@ def _sgmv_expand_kernel(
 
 @triton.jit
 def _seg_outer_kernel(
-    u_ptr, v_ptr, out_ptr, sidx_ptr, off_ptr,
+    u_ptr, v_ptr, out_ptr, sidx_ptr, off_ptr, sum_ptr,
     M, P, Q, SPLIT,
     us_s, us_m, us_p,
     vs_s, vs_m, vs_q, vs_e,
     os_split, os_e, os_p, os_q,
+    ss_split, ss_e, ss_p,
     alpha,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_SUM: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[split, e, p, q] = alpha * sum over this split's share of the rows of segment e of
     u[row, p] * v[row + e * vs_e, q]. Every (split, e, tile) is written, zeros for empty segments
-    (used for the weight gradients dA, dB; splits are summed by the caller)."""
+    (used for the weight gradients dA, dB; splits are summed by the caller). HAS_SUM: the column-0
+    programs also write sum[split, e, p] = the same rows' sum of u[row, p], unscaled (the expert
+    bias gradient beside dB, from the same loads)."""
     e = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_qs = tl.program_id(2)
@@ -200,6 +203,7 @@ def _seg_outer_kernel(
     pvalid = offs_p < P
     qvalid = offs_q < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    usum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for j0 in range(r_begin, r_end, BLOCK_M):
         j = j0 + tl.arange(0, BLOCK_M)
         rmask = j < r_end
@@ -207,6 +211,8 @@ def _seg_outer_kernel(
         m = (j % M).to(tl.int64)
         ut = tl.load(u_ptr + (smp * us_s + m * us_m)[None, :] + offs_p[:, None] * us_p,
                      mask=pvalid[:, None] & rmask[None, :], other=0.0)
+        if HAS_SUM:
+            usum += tl.sum(ut.to(tl.float32), axis=1)
         vt = tl.load(v_ptr + e.to(tl.int64) * vs_e + (smp * vs_s + m * vs_m)[:, None] + offs_q[None, :] * vs_q,
                      mask=rmask[:, None] & qvalid[None, :], other=0.0)
         if DOT_F32:
@@ -216,6 +222,9 @@ def _seg_outer_kernel(
     acc = acc * alpha
     tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + offs_p[:, None] * os_p
              + offs_q[None, :] * os_q, acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
+    if HAS_SUM:
+        tl.store(sum_ptr + sp.to(tl.int64) * ss_split + e.to(tl.int64) * ss_e + offs_p * ss_p,
+                 usum.to(sum_ptr.dtype.element_ty), mask=pvalid & (pid_q == 0))
 
 
 @triton.jit
@@ -537,22 +546,30 @@ def sgmv_expand(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_idx:
 
 def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
               offsets: torch.Tensor, alpha: float = 1.0, split: int | None = None,
-              v_expert_stride: int = 0) -> torch.Tensor:
+              v_expert_stride: int = 0, u_sum: torch.Tensor | None = None) -> torch.Tensor:
     """out[e] = alpha * U_e^T @ V_e with U_e, V_e the rows of segment e of u [S, M, P],
     v [S, M, Q]; out [N, P, Q] (fully written, zeros for empty experts). ``v_expert_stride``:
     segment e reads v + e * stride (v = expert 0's slice of a stacked tensor).
 
     ``split`` > 1 splits each segment's rows over that many programs (more parallelism when
     N * tiles is small next to the SM count); partials go to an fp32 buffer summed with
-    torch (deterministic, no atomics). Default: chosen from the shapes alone (no sync)."""
+    torch (deterministic, no atomics). Default: chosen from the shapes alone (no sync).
+    ``u_sum`` [N, P] (float32, or u's dtype): also receives each segment's unscaled row sum of u
+    from the same loads (the expert-bias gradient beside dB: no separate reduction)."""
     for n_, t in (("u", u), ("v", v), ("out", out)):
         _check3(n_, t)
     S, M, P = u.shape
     Q = v.shape[2]
     N = out.shape[0]
+    if u_sum is not None and tuple(u_sum.shape) != (N, P):
+        raise ValueError(f"u_sum must be [N, P] = [{N}, {P}], got {tuple(u_sum.shape)}")
+    if u_sum is not None and Q == 0 and N * P:
+        raise ValueError("u_sum needs Q >= 1 (the row sums ride on the outer product's loads)")
     if N == 0 or P == 0 or Q == 0:
         return out
     if S == 0 or M == 0:
+        if u_sum is not None:
+            u_sum.zero_()
         return out.zero_()
     BLOCK_M = 64 if not _interpreting() else 32
     BLOCK_P = _pow2_at_least(P)
@@ -563,16 +580,25 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
         split = max(1, min(16, triton.cdiv(target, tiles), triton.cdiv(S * M, BLOCK_M * max(N, 1) * 4)))
     split = int(split)
     dot_f32, prec = _dot_cfg(u, v)
-    dst = out if split == 1 else alloc((split, N, P, Q), torch.float32, out.device)
-    ds = (0,) + tuple(out.stride()) if split == 1 else tuple(dst.stride())
+    has_sum = u_sum is not None
+    if split == 1:
+        dst, ds = out, (0,) + tuple(out.stride())
+        sdst, ss = (u_sum, (0,) + tuple(u_sum.stride())) if has_sum else (out, (0, 0, 0))
+    else:  # one fp32 workspace: [split, N, P, Q (+1 column for the sums)], one reduction for both
+        work = alloc((split, N, P, Q + int(has_sum)), torch.float32, out.device)
+        dst, ds = work[..., :Q], tuple(work.stride())
+        sdst, ss = (work[..., Q], tuple(work[..., Q].stride())) if has_sum else (work, (0, 0, 0))
     grid = (N, triton.cdiv(P, BLOCK_P), triton.cdiv(Q, BLOCK_Q) * split)
     _seg_outer_kernel[grid](
-        u, v, dst, sorted_idx, offsets, M, P, Q, split,
-        *u.stride(), *v.stride(), int(v_expert_stride), *ds, float(alpha),
-        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, DOT_F32=dot_f32, PREC=prec,
+        u, v, dst, sorted_idx, offsets, sdst, M, P, Q, split,
+        *u.stride(), *v.stride(), int(v_expert_stride), *ds, *ss, float(alpha),
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, HAS_SUM=has_sum, DOT_F32=dot_f32, PREC=prec,
     )
     if split > 1:
-        out.copy_(dst.sum(0))
+        total = work.sum(0)
+        out.copy_(total[..., :Q])
+        if has_sum:
+            u_sum.copy_(total[..., Q])
     return out
 
 
