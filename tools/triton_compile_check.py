@@ -269,6 +269,7 @@ def scenarios(dtype):
         (64, 64, 3, 2, 1, 2, 16, 16, False, False, True),
         (16, 32, 1, 1, 0, 1, 64, 8, False, True, False),
         (16, 32, 3, 1, 1, 1, 144, 8, True, False, True),  # loralib 3x3 as factorised: rank r * 9
+        (64, 64, 3, 1, 1, 1, 16, 4, True, False, True),  # a 4x4 map (ResNet50 layer4 at 128px): 16-row tiles
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
         for a_stage in ("stacked", "fused", "implicit", "grouped"):

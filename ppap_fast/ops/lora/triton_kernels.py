@@ -659,7 +659,8 @@ def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Te
     (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(stride, padding, dilation)
     BLOCK_R = _pow2_at_least(rb, 16, IMPLICIT_MAX_RANK)
     wide = 2 if x.dtype == torch.float32 else 1  # fp32 tiles take twice the registers
-    BLOCK_M = max(16, (64 if BLOCK_R <= 32 else 4096 // BLOCK_R) // wide) if not _interpreting() else 16
+    BLOCK_M = max(16, min((64 if BLOCK_R <= 32 else 4096 // BLOCK_R) // wide,  # small maps (ResNet layer4's
+                          triton.next_power_of_2(Ho * Wo))) if not _interpreting() else 16  # 4x4): no idle rows
     BLOCK_K = (64 if C >= 64 and BLOCK_R * wide <= 32 else 32) if not _interpreting() else 16
     BLOCK_N = 64 if not _interpreting() else 16
     dot_f32, prec = _dot_cfg(x, A)
@@ -692,7 +693,7 @@ def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_
     if S == 0 or H * W == 0 or C == 0:
         return dx
     (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
-    BLOCK_M = 64 if not _interpreting() else 16
+    BLOCK_M = max(16, min(64, triton.next_power_of_2(H * W))) if not _interpreting() else 16
     BLOCK_N = 64 if not _interpreting() else 16
     BLOCK_R = _pow2_at_least(R, 16, 32)
     dot_f32, prec = _dot_cfg(dh, A)
