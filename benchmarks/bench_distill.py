@@ -136,8 +136,9 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
         acc["distill_graph_vs_onepass"].append(g_ms / one)
     try:  # the loralib bank's convs as the equal rank r*k*k factorised LoRA (implicit A stage)
-        lf = lambda fn: _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit",  # noqa: E731
-                                      fn)
+        def lf(fn):
+            return _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit", fn)
+
         lf_ms = lf(lambda: median_ms(onepass, device, reps))
         row["onepass_loralib_factorised_ms"] = round(lf_ms, 3)
         acc["distill_loralib_factorised_vs_delta"].append(lf_ms / one)
