@@ -17,6 +17,38 @@ def main(folder: str) -> None:
             print(f"tests {name}: {tally[-1] if tally else 'no pytest summary line (timed out?)'}")
     for fname in ("bench.json", "scale.json"):
         _table(out / fname)
+    if (out / "bench.json").exists():
+        for line in decisions(json.loads((out / "bench.json").read_text())["ratios"]):
+            print(line)
+
+
+# Defaults waiting on a GPU measurement: (ratio, its meaning below 1, what to change when below 1)
+PENDING = (
+    ("distill_graph_implicit_vs_stacked", "implicit A stage faster in the graphed step (factorised bank)",
+     "make 'implicit' the CUDA automatic A stage (ops/lora/__init__.py _resolve_a_stage)"),
+    ("distill_implicit_vs_stacked", "implicit A stage faster eager (factorised bank)",
+     "with the graphed ratio below 1 too: make 'implicit' the CUDA automatic A stage"),
+    ("distill_graph_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA in the graphed step",
+     "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
+    ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",
+     "with the graphed ratio below 1 too: the same default change"),
+    ("distill_triton_vs_auto", "Triton LoRA faster than cuda_full eager (factorised bank)",
+     "make 'triton' first in the CUDA automatic order (ops/lora/__init__.py _ORDER)"),
+)
+
+
+def decisions(ratios: dict) -> list:
+    """One line per pending default: the measured ratio and whether it says to switch."""
+    lines = []
+    for key, meaning, action in PENDING:
+        v = ratios.get(key)
+        if v is None:
+            lines.append(f"decision {key}: not measured")
+        elif v < 0.97:
+            lines.append(f"decision {key} = {v}: {meaning} -> {action}")
+        else:
+            lines.append(f"decision {key} = {v}: keep the current default (needs < 0.97 to switch)")
+    return lines
 
 
 def _test_groups(path: Path):

@@ -116,3 +116,16 @@ def test_plot_draws_one_panel_per_suite_and_a_rerun_replaces_rows(tmp_path):
     empty.write_text(json.dumps({"device": "cpu", "rows": [{"suite": "bench_scale"}]}))
     with pytest.raises(ValueError, match="no rows"):
         plot.plot([empty], tmp_path / "x.png")
+
+
+def test_summary_decisions_name_the_switch():
+    """summarize.decisions: a pending default's ratio below 0.97 says what to change, otherwise keep."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02})
+    assert len(lines) == len(summarize.PENDING)
+    by_key = {ln.split()[1]: ln for ln in lines}
+    assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
+    assert "keep the current default" in by_key["distill_triton_vs_auto"]
+    assert "not measured" in by_key["distill_loralib_factorised_vs_delta"]
