@@ -125,7 +125,7 @@ def test_summary_decisions_name_the_switch():
 
     lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02})
     assert len(lines) == len(summarize.PENDING)
-    by_key = {ln.split()[1]: ln for ln in lines}
+    by_key = {ln.split()[1].rstrip(":"): ln for ln in lines}
     assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
     assert "keep the current default" in by_key["distill_triton_vs_auto"]
     assert "not measured" in by_key["distill_loralib_factorised_vs_delta"]
