@@ -7,7 +7,8 @@
 #   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
 #   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda"), LORA_TEST_K
 #   (a pytest -k expression, spaces allowed) narrow a rerun; TESTS_ONLY (pytest args, no spaces inside
-#   one) replaces the test groups with one group run after the build; BENCH_MIN / SCALE_MIN: seconds promised to those stages;
+#   one) replaces the test groups with one group run after the build (at most TESTS_ONLY_CAP s, default 120);
+#   BENCH_MIN / SCALE_MIN: seconds promised to those stages;
 #   BENCH_CAP: the most the bench stage may take (default 300).
 #   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
@@ -86,7 +87,7 @@ fi
 
 if has tests && [[ -n ${TESTS_ONLY:-} ]]; then  # a rerun's few tests, after the build
   # shellcheck disable=SC2086
-  run_tests only "$(budget 120 $(( R_BENCH + R_SCALE )))" 4 $TESTS_ONLY
+  run_tests only "$(budget "${TESTS_ONLY_CAP:-120}" $(( R_BENCH + R_SCALE )))" 4 $TESTS_ONLY
 elif has tests; then
   run_tests update_graph_build "$(budget 90 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py \
     tests/test_extension_build.py tests/test_train_graph.py
