@@ -549,8 +549,8 @@ def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend
 
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
-@pytest.mark.parametrize("ci", FUSED_CASES)
-@pytest.mark.parametrize("a_stage", ["fused", "implicit"])
+@pytest.mark.parametrize("a_stage,ci", [("fused", i) for i in FUSED_CASES] +
+                         [("implicit", i) for i in range(len(CONV_CASES))])  # every case: kernels 1/3/7, stride, dilation
 def test_lora_conv2d_fused_parity(device, backend, ci, a_stage, monkeypatch):
     """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
     stacked gradient; "implicit": cuDNN base conv + the implicit-GEMM LoRA kernels (forward, dgrad).
