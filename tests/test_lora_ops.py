@@ -201,7 +201,8 @@ def test_conv_lora_kernels_raw(device, case):
         y0 = torch.randn(S, NOUT, Ho, Wo, generator=g)
         dh = torch.randn(S, N * Rr, Ho, Wo, generator=g)
         dx0 = torch.randn(S, C, H, W, generator=g)
-        on = lambda t: t.to(device, dtype).clone(memory_format=fmt) if t.dim() == 4 else t.to(device, dtype)  # noqa: E731
+        def on(t):
+            return t.to(device, dtype).clone(memory_format=fmt) if t.dim() == 4 else t.to(device, dtype)
         y, dx, dhd = on(y0), on(dx0), on(dh)
         h = torch.full((S, Rr, Ho, Wo), float("nan"), device=device, dtype=dtype)
         TK.conv_lora_fwd(on(x), on(A), on(B), y, idx.to(device), 0.5, st, pd, dl, on(eb), h)
@@ -361,8 +362,9 @@ def test_conv_lora_wgrad_raw(device, case):
 
 
 @pytest.mark.parametrize("device", _triton_devices())
-@pytest.mark.parametrize("kh,C,stride,fmt", [(3, 5, 1, "contiguous"), (3, 40, 2, "channels_last"), (1, 7, 1, "contiguous"),
-                                            (5, 3, 1, "channels_last"), (3, 2, 1, "contiguous")])
+@pytest.mark.parametrize("kh,C,stride,fmt", [(3, 5, 1, "contiguous"), (3, 40, 2, "channels_last"),
+                                            (1, 7, 1, "contiguous"), (5, 3, 1, "channels_last"),
+                                            (3, 2, 1, "contiguous")])
 def test_conv_lora_kernels_blocked(device, kh, C, stride, fmt):
     """The three implicit kernels with a_blocks = kh on a loralib-derived A (block diagonal, block
     boundaries inside channels when kh does not divide C): forward y/h and dgrad dx equal the dense
@@ -382,7 +384,8 @@ def test_conv_lora_kernels_blocked(device, kh, C, stride, fmt):
         geo = (stride, kh // 2, 1)
         Ho, Wo = F.conv2d(x, A[0], None, *geo).shape[2:]
         y0, dh = torch.randn(S, NOUT, Ho, Wo, generator=g), torch.randn(S, r * kh * kh, Ho, Wo, generator=g)
-        on = lambda t: t.to(device, dtype).clone(memory_format=mf) if t.dim() == 4 else t.to(device, dtype)  # noqa: E731
+        def on(t):
+            return t.to(device, dtype).clone(memory_format=mf) if t.dim() == 4 else t.to(device, dtype)
         xd, Ad, Bd, dhd, idd = on(x), on(A), on(B), on(dh), idx.to(device)
         seg = build_segments(idd, N)
         outs = {}
@@ -550,7 +553,7 @@ def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
 @pytest.mark.parametrize("a_stage,ci", [("fused", i) for i in FUSED_CASES] +
-                         [("implicit", i) for i in range(len(CONV_CASES))])  # every case: kernels 1/3/7, stride, dilation
+                         [("implicit", i) for i in range(len(CONV_CASES))])  # all: kernels 1/3/7, stride, dilation
 def test_lora_conv2d_fused_parity(device, backend, ci, a_stage, monkeypatch):
     """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
     stacked gradient; "implicit": cuDNN base conv + the implicit-GEMM LoRA kernels (forward, dgrad).
