@@ -25,6 +25,8 @@ layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
   lora_fwdbwd_vs_loop  forward+backward (dx, dA, dB), ours vs per-expert loop
   lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only)
+  lora_implicit_vs_stacked (CUDA, conv layers; lora_graph_implicit_vs_stacked in CUDA graphs): fwd+bwd
+                       on Triton, a_stage="implicit" vs the default "stacked"
   loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
@@ -416,6 +418,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
                 if ours_g and graphed.get("base[cudagraph]"):
                     ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / graphed["base[cudagraph]"])
+                if graphed.get("ours[triton,a_stage=implicit,cudagraph]") and graphed.get("ours[triton,cudagraph]"):
+                    ratio_acc.setdefault("lora_graph_implicit_vs_stacked", []).append(
+                        graphed["ours[triton,a_stage=implicit,cudagraph]"] / graphed["ours[triton,cudagraph]"])
                 if graphed.get("loralib[factorised,cudagraph]") and graphed.get("loralib[delta,cudagraph]"):
                     ratio_acc.setdefault("loralib_graph_factorised_vs_delta", []).append(
                         graphed["loralib[factorised,cudagraph]"] / graphed["loralib[delta,cudagraph]"])
@@ -433,6 +438,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                  rel_err_vs_ours=check))
             else:
                 rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", skipped=why))
+            if "ours[triton,a_stage=implicit]" in res:  # same backend, implicit vs the default stacked A stage
+                ratio_acc.setdefault("lora_implicit_vs_stacked", []).append(
+                    res["ours[triton,a_stage=implicit]"][1] / res["ours[triton]"][1])
             if "loralib[factorised]" in res:
                 ratio_acc.setdefault("loralib_factorised_vs_delta", []).append(
                     res["loralib[factorised]"][1] / res["loralib[delta]"][1])

@@ -28,6 +28,8 @@ PENDING = (
      "make 'implicit' the CUDA automatic A stage (ops/lora/__init__.py _resolve_a_stage)"),
     ("distill_implicit_vs_stacked", "implicit A stage faster eager (factorised bank)",
      "with the graphed ratio below 1 too: make 'implicit' the CUDA automatic A stage"),
+    ("lora_graph_implicit_vs_stacked", "implicit A stage faster per conv layer inside CUDA graphs",
+     "supports the distill rows above (per layer: 3x3 256->256)"),
     ("distill_graph_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA in the graphed step",
      "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
     ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",
