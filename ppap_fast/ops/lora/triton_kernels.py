@@ -32,6 +32,17 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, PREC: tl.constexpr):
+    """a @ b accumulated in fp32: on fp32 operands (IEEE or TF32 by PREC) when DOT_F32, else the
+    tensor-core dot in a's dtype (b cast to it)."""
+    if DOT_F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        r = tl.dot(a, b.to(a.dtype))
+    return r
+
+
+@triton.jit
 def _find_tile(off_ptr, pid, N, M, BLOCK_M: tl.constexpr):
     """(expert, first row of this tile within the segment, rows in the segment,
     first position of the segment in sorted_idx); expert = -1 when idle."""
@@ -91,10 +102,7 @@ def _sgmv_shrink_kernel(
                      mask=rmask[:, None] & kvalid[None, :], other=0.0)
         wt = tl.load(w_base + offs_k[:, None] * ws_k + offs_r[None, :] * ws_r,
                      mask=kvalid[:, None] & rvalid[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
-        else:
-            acc += tl.dot(xt, wt)
+        acc += _dot(xt, wt, DOT_F32, PREC)
     acc = acc * scale
     omask = rmask[:, None] & rvalid[None, :]
     tl.store(out_ptr + e.to(tl.int64) * os_e + orow[:, None] + offs_r[None, :] * os_r,
@@ -151,10 +159,7 @@ def _sgmv_expand_kernel(
                      mask=rmask[:, None] & rvalid[None, :] & (pid_n == 0))
         wt = tl.load(w_base + offs_r[:, None] * ws_r + offs_n[None, :] * ws_n,
                      mask=rvalid[:, None] & nvalid[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(ht.to(tl.float32), wt.to(tl.float32), input_precision=PREC)
-        else:
-            acc += tl.dot(ht, wt.to(ht.dtype))
+        acc += _dot(ht, wt, DOT_F32, PREC)
     acc = acc * scale
     if HAS_BIAS:
         b = tl.load(bias_ptr + e.to(tl.int64) * bs_e + offs_n * bs_n, mask=nvalid, other=0.0)
@@ -215,10 +220,7 @@ def _seg_outer_kernel(
             usum += tl.sum(ut.to(tl.float32), axis=1)
         vt = tl.load(v_ptr + e.to(tl.int64) * vs_e + (smp * vs_s + m * vs_m)[:, None] + offs_q[None, :] * vs_q,
                      mask=rmask[:, None] & qvalid[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(ut.to(tl.float32), vt.to(tl.float32), input_precision=PREC)
-        else:
-            acc += tl.dot(ut, vt.to(ut.dtype))
+        acc += _dot(ut, vt, DOT_F32, PREC)
     acc = acc * alpha
     tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + offs_p[:, None] * os_p
              + offs_q[None, :] * os_q, acc.to(out_ptr.dtype.element_ty), mask=pvalid[:, None] & qvalid[None, :])
@@ -289,10 +291,7 @@ def _conv_lora_fwd_kernel(
                 xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
                 at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
                              mask=cvalid[:, None] & rvalid[None, :], other=0.0)
-                if DOT_F32:
-                    acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
-                else:
-                    acc += tl.dot(xt, at.to(xt.dtype))
+                acc += _dot(xt, at, DOT_F32, PREC)
         h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
         tl.store(hrow + offs_r[None, :] * hs_r, h, mask=pmask[:, None] & rvalid[None, :])
     if BLOCKED:
@@ -312,10 +311,7 @@ def _conv_lora_fwd_kernel(
                 hq = h
             bt = tl.load(b_base + offs_r[:, None] * bs_r + offs_n[None, :] * bs_n,
                          mask=rvalid[:, None] & nvalid[None, :], other=0.0)
-            if DOT_F32:
-                out += tl.dot(hq.to(tl.float32), bt.to(tl.float32), input_precision=PREC)
-            else:
-                out += tl.dot(hq, bt.to(hq.dtype))
+            out += _dot(hq, bt, DOT_F32, PREC)
         out = out * scale
         if HAS_BIAS:
             out += tl.load(eb_ptr + e * ebs_e + offs_n * ebs_n, mask=nvalid, other=0.0).to(tl.float32)[None, :]
@@ -383,10 +379,7 @@ def _conv_lora_dgrad_kernel(
             if BLOCKED:
                 amask = amask & ((offs_r // RB)[:, None] == col_block[None, :])
             at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c, mask=amask, other=0.0)
-            if DOT_F32:
-                acc += tl.dot(dt.to(tl.float32), at.to(tl.float32), input_precision=PREC)
-            else:
-                acc += tl.dot(dt, at.to(dt.dtype))
+            acc += _dot(dt, at, DOT_F32, PREC)
     xp = dx_ptr + s * xs_s + (ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c
     omask = qmask[:, None] & cvalid[None, :]
     acc += tl.load(xp, mask=omask, other=0.0).to(tl.float32)
@@ -452,10 +445,7 @@ def _conv_lora_wgrad_kernel(
                      + offs_r[:, None] * ds_r, mask=rvalid[:, None] & jmask[None, :], other=0.0)
         xt = tl.load(x_ptr + (smp * xs_s + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None]
                      + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(dt.to(tl.float32), xt.to(tl.float32), input_precision=PREC)
-        else:
-            acc += tl.dot(dt, xt.to(dt.dtype))
+        acc += _dot(dt, xt, DOT_F32, PREC)
     acc = acc * alpha
     if BLOCKED:
         acc = tl.where((offs_r // RB)[:, None] == ((offs_c * (KH * KW) + tap) // PART)[None, :], acc, 0.0)
