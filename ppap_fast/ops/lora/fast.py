@@ -275,6 +275,13 @@ class LoraConvBFn(torch.autograd.Function):
         return dx, dh, dB, deb, None, None, None, None, None, None, None, None, None
 
 
+def _keep_conv_ctx(ctx, seg, scale, geom, fwd, A, B, expert_bias):
+    """What the backward of an A-stage Function (fused, implicit) reads besides its saved tensors."""
+    ctx.seg, ctx.scale, ctx.geom = seg, scale, geom
+    ctx.cuda_bwd = fwd == "cuda_full"
+    ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
+
+
 def _conv_format(t: torch.Tensor):
     """The memory format a conv output over t has (channels_last stays channels_last)."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
@@ -317,10 +324,7 @@ class LoraConvFusedFn(torch.autograd.Function):
                        scale, bias=eb, accumulate=True, src=o3[:, :, :C_out], h_expert_stride=r * o3.stride(2),
                        h_out=hc.view(S, r, P).transpose(1, 2))
         ctx.save_for_backward(x, hc, Bc, Wcat)
-        ctx.seg, ctx.scale = seg, scale
-        ctx.geom = (stride, padding, dilation)
-        ctx.cuda_bwd = fwd == "cuda_full"
-        ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
+        _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
         return y
 
     @staticmethod
@@ -379,11 +383,8 @@ class LoraConvImplicitFn(torch.autograd.Function):
         tk.conv_lora_fwd(x, Ac, Bc, y, seg.expert_idx, scale, stride, padding, dilation,
                          None if expert_bias is None else expert_bias.detach(), hc, a_blocks=a_blocks)
         ctx.save_for_backward(x, hc, Ac, Bc, Wc)
-        ctx.seg, ctx.scale = seg, scale
-        ctx.geom = (stride, padding, dilation)
+        _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
         ctx.a_blocks = a_blocks
-        ctx.cuda_bwd = fwd == "cuda_full"
-        ctx.meta = (A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y
 
     @staticmethod
