@@ -283,3 +283,56 @@ def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
     assert ops.last_backend("group_norm_act") == "triton"
     rel = ((out - g["out"]).norm() / g["out"].norm()).item()
     assert rel < 5e-3, rel
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 32, 5, 7), 32), ((2, 64, 4, 4), 32), ((2, 96, 3, 5), 32),
+                                          ((2, 12, 9), 3), ((1, 8, 2, 3, 4), 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_from_channel_stats_is_group_norm(shape, groups, affine):
+    from ppap_fast.models.adm import group_norm_from_channel_stats
+
+    g = torch.Generator().manual_seed(sum(shape) + groups)
+    # channels of one group with different means and spreads, far from zero (cancellation would show)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * torch.rand(C, dtype=torch.float64, generator=g).add(
+        0.1).view((1, C) + (1,) * (len(shape) - 2)) + torch.randn(C, generator=g, dtype=torch.float64).mul(50).view(
+        (1, C) + (1,) * (len(shape) - 2))
+    w = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    want = torch.nn.functional.group_norm(x, groups, w, b, 1e-5)
+    got = group_norm_from_channel_stats(x, groups, w, b, 1e-5)
+    assert torch.isfinite(got).all()
+    assert (got - want).norm() / want.norm() < 1e-12
+    got32 = group_norm_from_channel_stats(x.float(), groups, None if w is None else w.float(),
+                                          None if b is None else b.float(), 1e-5)
+    assert (got32.double() - want).norm() / want.norm() < 1e-5
+    with pytest.raises(ValueError, match="divide"):
+        group_norm_from_channel_stats(x, 5, None, None)
+
+
+def test_set_group_norm_stats_only_changes_compiled_cpu_traces(monkeypatch):
+    from ppap_fast.models import adm
+
+    torch.manual_seed(0)
+    model = ADMUNet(image_size=32, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                    attention_resolutions=(), channel_mult=(1, 2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    calls = []
+    real = adm.group_norm_from_channel_stats
+    monkeypatch.setattr(adm, "group_norm_from_channel_stats", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        want = model(x, t)
+        assert model.set_group_norm_stats("channel") is model
+        assert torch.equal(model(x, t), want) and not calls  # eager: F.group_norm as before
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager")(x, t)
+    # traced: the 32x32 norms with more channels than groups (the up path's 64 and 96), not the others
+    assert calls and all(s[1] > 32 and s[2] * s[3] >= 1024 for s in calls)
+    assert (got - want).norm() / want.norm() < 1e-5
+    with pytest.raises(ValueError, match="channel"):
+        model.set_group_norm_stats("per-channel")
+    model.set_group_norm_stats("group")
+    assert not any(getattr(m, "stats_by_channel", False) for m in model.modules())

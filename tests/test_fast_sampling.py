@@ -238,6 +238,27 @@ def test_inductor_compile_on_cpu_matches(setup):
     assert rel_err(out, ref) < TOL
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compile_freeze_takes_channel_stats(freeze, monkeypatch):
+    # compile_freeze: an ADMUNet's norms take per-channel statistics (traced on CPU only); the
+    # user's compile kwargs go through as they are either way
+    seen = []
+
+    def spy(fn, **kw):
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(fs, "_compile", spy)
+    model = tiny_adm()
+    sched = Schedule.create("linear", 1000, "ddim5")
+    kwargs = {"dynamic": False, "options": {"max_autotune": False}}
+    fast = FastGuidedSampler(model, sched, compile_model=True, compile_freeze=freeze, compile_kwargs=kwargs)
+    fast.step(torch.randn(SHAPE), 2)
+    assert seen == [kwargs]
+    norms = [m.stats_by_channel for m in model.modules() if type(m).__name__ == "GroupNorm32"]
+    assert norms and all(norms) == freeze and any(norms) == freeze
+
+
 class _ConvDenoiser(nn.Module):
     def __init__(self):
         super().__init__()
@@ -245,6 +266,23 @@ class _ConvDenoiser(nn.Module):
 
     def forward(self, x, t):
         return torch.tanh(self.conv(x)) + 0 * t.view(-1, 1, 1, 1)
+
+
+@requires_cxx
+def test_two_frozen_models_of_one_class_keep_their_own_weights():
+    # dynamo caches per code object: a guard filter that drops module guards would run the second
+    # model through the first one's frozen graph (seen with skip_guard_on_all_nn_modules_unsafe)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [_ConvDenoiser().eval().requires_grad_(False) for _ in range(2)]
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        outs = [FastGuidedSampler(m, sched, compile_model=True, compile_freeze=True).step(x, 3)[0] for m in models]
+    wants = [FastGuidedSampler(m, sched).step(x, 3)[0] for m in models]
+    assert rel_err(wants[0], wants[1]) > 1e-2
+    assert all(rel_err(o, w) < 1e-5 for o, w in zip(outs, wants))
 
 
 @requires_cxx
