@@ -13,6 +13,9 @@ profiles one forward (eager, fused and, on CUDA, compiled):
     compiled             channels_last (+ cudnn benchmark) + torch.compile (inductor, default mode);
                          compile time reported apart as ``compile_s``; skipped on CPU with --quick
                          and where PPAP_SKIP_COMPILE=1
+    compiled_chstats     compiled, with ADMUNet.set_group_norm_stats("channel") (its own copy):
+                         ``denoiser_compiled_chstats_vs_compiled`` decides whether compiled CUDA
+                         denoisers take per-channel GroupNorm statistics as frozen CPU ones do
 
 Rows: ms per forward, TFLOP/s and MFU against the card's dense bf16/fp16 peak (FLOPs from
 FlopCounterMode), and the profiler's top ops by self device time (``profile_top``: name, ms,
@@ -57,6 +60,25 @@ def _residual_ratio(row, batch, reps) -> float:
     eager = _median_ms(lambda: skip + h.add(bias[:, None, None]), "cuda", reps)
     row["residual_fused_ms"], row["residual_eager_ms"] = round(fused, 3), round(eager, 3)
     return round(fused / eager, 4)
+
+
+def _compiled_chstats(model, x, t, device, reps, row, ratios, record) -> None:
+    """The compiled variant again with the GroupNorm statistics per channel (its own copy)."""
+    import copy
+
+    m = copy.deepcopy(model).set_group_norm_stats("channel")
+    try:
+        compiled = torch.compile(m)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, t)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row["compiled_chstats_compile_s"] = round(time.perf_counter() - t0, 1)
+        record("compiled_chstats", _median_ms(lambda: compiled(x, t), device, reps))
+        ratios["denoiser_compiled_chstats_vs_compiled"] = round(row["compiled_chstats_ms"] / row["compiled_ms"], 4)
+    except Exception as exc:  # noqa: BLE001
+        row["compiled_chstats_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
@@ -118,6 +140,11 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 ratios["denoiser_compiled_vs_eager"] = round(row["compiled_ms"] / eager_best, 4)
                 if cuda:  # where the best variant's time goes (MFU goal: 0.5)
                     row["compiled_profile_top"] = profile_top(lambda: compiled(x_cl, t), device, k=10)
+                compiled = None
+                if hasattr(model, "set_group_norm_stats"):
+                    if emit is not None:
+                        emit(dict(row), dict(ratios))
+                    _compiled_chstats(model, x_cl, t, device, reps, row, ratios, record)
             except Exception as exc:  # noqa: BLE001 - the eager figures stand; say why compile did not
                 row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
     finally:

@@ -243,10 +243,11 @@ def _freezing(on: bool):
 
 
 def _frozen_kwargs(model, opts: "_Opts") -> dict:
-    """torch.compile kwargs for the denoiser; with compile_freeze an ADMUNet takes per-channel
-    GroupNorm statistics on CPU. (Its module guards stay: skipping them made a second frozen model
-    of the same class run the first one's graph, weights included.)"""
-    if opts.compile_freeze and callable(getattr(model, "set_group_norm_stats", None)):
+    """torch.compile kwargs for the denoiser; with compile_freeze an ADMUNet on the CPU takes
+    per-channel GroupNorm statistics. (Its module guards stay: skipping them made a second frozen
+    model of the same class run the first one's graph, weights included.)"""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters()) if isinstance(model, torch.nn.Module) else False
+    if opts.compile_freeze and on_cpu and callable(getattr(model, "set_group_norm_stats", None)):
         model.set_group_norm_stats("channel")
     return dict(opts.compile_kwargs)
 

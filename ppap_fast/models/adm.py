@@ -104,9 +104,10 @@ CHANNEL_STATS_MIN_POSITIONS = 1024
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in (at least) float32, result cast back to the input dtype.
 
-    ``stats_by_channel`` (ADMUNet.set_group_norm_stats): when inductor traces it on CPU, large maps
+    ``stats_by_channel`` (ADMUNet.set_group_norm_stats): when torch.compile traces it, large maps
     with several channels per group use :func:`group_norm_from_channel_stats` (same math, faster
-    generated code); eager runs are unchanged."""
+    inductor code on CPU; on CUDA unmeasured, so the fast sampler sets it for CPU models only);
+    eager runs are unchanged."""
 
     stats_by_channel = False
 
@@ -114,8 +115,8 @@ class GroupNorm32(nn.GroupNorm):
         dt = torch.promote_types(x.dtype, torch.float32)
         w = None if self.weight is None else self.weight.to(dt)
         b = None if self.bias is None else self.bias.to(dt)
-        if self.stats_by_channel and x.device.type == "cpu" and x.shape[1] > self.num_groups \
-                and x[0, 0].numel() >= CHANNEL_STATS_MIN_POSITIONS and torch.compiler.is_compiling():
+        if self.stats_by_channel and x.shape[1] > self.num_groups and x[0, 0].numel() >= CHANNEL_STATS_MIN_POSITIONS \
+                and torch.compiler.is_compiling():
             return group_norm_from_channel_stats(x.to(dt), self.num_groups, w, b, self.eps).type(x.dtype)
         return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).type(x.dtype)
 
@@ -487,7 +488,7 @@ class ADMUNet(nn.Module):
 
     def set_group_norm_stats(self, mode: str) -> "ADMUNet":
         """"group" (default) or "channel": how the GroupNorm32 layers compute their statistics when
-        compiled for CPU (:class:`GroupNorm32`); FastGuidedSampler sets "channel" with compile_freeze."""
+        compiled (:class:`GroupNorm32`); FastGuidedSampler sets "channel" with compile_freeze on CPU."""
         if mode not in ("group", "channel"):
             raise ValueError(f"group norm stats must be 'group' or 'channel', got {mode!r}")
         for m in self.modules():
