@@ -94,13 +94,15 @@ def recommended_options(model, device, *, compile_model: bool = False, fuse_norm
     measured on an H100 with ADM-256 at batch 32 (benchmarks/NOTES.md): on CUDA the fused GroupNorm +
     SiLU where the model has it (``fuse_norm_act``; 252 ms a guided step vs 571 ms unfused), in
     channels_last only when fused or compiled (eager unfused, channels_last made the denoiser slower:
-    568 vs 415 ms, from GroupNorm's casts and layout copies), and cuDNN's algorithm timing. Nothing
-    on other devices. ``fuse_norm_act`` True / False overrides the automatic choice."""
+    568 vs 415 ms, from GroupNorm's casts and layout copies), and cuDNN's algorithm timing. On the
+    CPU, with ``compile_model``: inductor freezing (``compile_freeze``; oneDNN-prepacked convolutions,
+    faster to compile too: the CPU benchmark's fast step, 0.60 of the reference). ``fuse_norm_act``
+    True / False overrides the automatic choice."""
     cuda = torch.device(device).type == "cuda"
     can_fuse = callable(getattr(model, "fuse_norm_act", None)) and not compile_model
     fuse = (cuda and can_fuse) if fuse_norm_act is None else bool(fuse_norm_act)
     return {"fuse_norm_act": fuse, "channels_last": cuda and ((fuse and can_fuse) or compile_model),
-            "cudnn_benchmark": cuda}
+            "cudnn_benchmark": cuda, "compile_freeze": torch.device(device).type == "cpu" and bool(compile_model)}
 
 
 class FastSamplingWarning(UserWarning):

@@ -306,7 +306,8 @@ def add_arguments(s) -> None:
                    help="ADM denoiser: each GroupNorm (+ scale-shift) + SiLU as one fused op (Triton on CUDA; "
                         "default: on with the fast path on CUDA, unless --compile)")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the denoiser (the first batch pays the compile: see first_batch_seconds)")
+                   help="torch.compile the denoiser (the first batch pays the compile: see first_batch_seconds; "
+                        "on the CPU with inductor freezing)")
 
 
 def config_from_args(a) -> GuidedSampleConfig:

@@ -522,13 +522,18 @@ def test_fuse_norm_act_option(one_thread):
 
 def test_recommended_options_follow_the_h100_measurements():
     """CUDA: ADM fused in channels_last; a model without fuse_norm_act stays NCHW (eager unfused
-    channels_last was slower); compiled: channels_last, no fusion; CPU: nothing. Overrides win."""
+    channels_last was slower); compiled: channels_last, no fusion; CPU: nothing, and freezing when
+    compiled. Overrides win."""
     from ppap_fast.fast_sampling import recommended_options
 
     adm, plain = tiny_adm(), (lambda x, t: x)
-    assert recommended_options(adm, "cuda") == {"fuse_norm_act": True, "channels_last": True, "cudnn_benchmark": True}
+    assert recommended_options(adm, "cuda") == {"fuse_norm_act": True, "channels_last": True, "cudnn_benchmark": True,
+                                                "compile_freeze": False}
     assert recommended_options(plain, "cuda") == {"fuse_norm_act": False, "channels_last": False,
-                                                  "cudnn_benchmark": True}
+                                                  "cudnn_benchmark": True, "compile_freeze": False}
+    assert recommended_options(adm, "cuda", compile_model=True)["compile_freeze"] is False
+    assert recommended_options(adm, "cpu", compile_model=True) == {
+        "fuse_norm_act": False, "channels_last": False, "cudnn_benchmark": False, "compile_freeze": True}
     assert recommended_options(adm, torch.device("cuda", 0), compile_model=True)["fuse_norm_act"] is False
     assert recommended_options(adm, "cuda", compile_model=True)["channels_last"] is True
     assert recommended_options(adm, "cuda", fuse_norm_act=False)["channels_last"] is False

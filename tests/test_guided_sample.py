@@ -126,13 +126,14 @@ def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
 
     def spy(*a, **kw):
         seen.append(dict(kw))
-        kw["compile_model"] = kw["fuse_norm_act"] = False  # the plumbing is under test (the tiny UNet is no ADM)
+        kw["compile_model"] = kw["fuse_norm_act"] = kw["compile_freeze"] = False  # the plumbing is under test
         return real(*a, **kw)
 
     monkeypatch.setattr(fs, "FastGuidedSampler", spy)
     _run(tmp_path, "c", *GUIDE, "--compile", "--fuse-norm-act")
-    assert seen and all(kw["compile_model"] is True and kw["fuse_norm_act"] is True for kw in seen)
+    assert seen and all(kw["compile_model"] is True and kw["fuse_norm_act"] is True and kw["compile_freeze"] is True
+                        for kw in seen)  # CPU: compiled frozen
     seen.clear()  # default on CPU: none of the CUDA options
     _run(tmp_path, "d", *GUIDE)
     assert seen and all(kw["fuse_norm_act"] is False and kw["channels_last"] is False and kw["cuda_graph"] is False
-                        for kw in seen)
+                        and kw["compile_freeze"] is False for kw in seen)
