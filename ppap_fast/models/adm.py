@@ -115,8 +115,8 @@ class GroupNorm32(nn.GroupNorm):
         dt = torch.promote_types(x.dtype, torch.float32)
         w = None if self.weight is None else self.weight.to(dt)
         b = None if self.bias is None else self.bias.to(dt)
-        if self.stats_by_channel and x.shape[1] > self.num_groups and x[0, 0].numel() >= CHANNEL_STATS_MIN_POSITIONS \
-                and torch.compiler.is_compiling():
+        if self.stats_by_channel and x.shape[1] > self.num_groups \
+                and math.prod(x.shape[2:]) >= CHANNEL_STATS_MIN_POSITIONS and torch.compiler.is_compiling():
             return group_norm_from_channel_stats(x.to(dt), self.num_groups, w, b, self.eps).type(x.dtype)
         return F.group_norm(x.to(dt), self.num_groups, w, b, self.eps).type(x.dtype)
 
