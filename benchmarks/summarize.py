@@ -37,7 +37,8 @@ PENDING = (
     ("distill_triton_vs_auto", "Triton LoRA faster than cuda_full eager (factorised bank)",
      "make 'triton' first in the CUDA automatic order (ops/lora/__init__.py _ORDER)"),
     ("denoiser_compiled_chstats_vs_compiled", "compiled ADM faster with per-channel GroupNorm statistics",
-     "set_group_norm_stats('channel') for compiled CUDA ADMs too (fast_sampling._frozen_kwargs: CPU+freeze only)"),
+     "set_group_norm_stats('channel') for compiled CUDA ADMs too "
+     "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),
 )
 
 

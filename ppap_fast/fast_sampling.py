@@ -244,7 +244,7 @@ def _freezing(on: bool):
         yield
 
 
-def _frozen_kwargs(model, opts: "_Opts") -> dict:
+def _denoiser_compile_kwargs(model, opts: "_Opts") -> dict:
     """torch.compile kwargs for the denoiser; with compile_freeze an ADMUNet on the CPU takes
     per-channel GroupNorm statistics. (Its module guards stay: skipping them made a second frozen
     model of the same class run the first one's graph, weights included.)"""
@@ -267,7 +267,7 @@ class _ModelRunner:
             if self._compile_ok:
                 try:
                     if self._compiled is None:
-                        self._compiled = _compile(self.model, **_frozen_kwargs(self.model, self.opts))
+                        self._compiled = _compile(self.model, **_denoiser_compile_kwargs(self.model, self.opts))
                     with _freezing(self.opts.compile_freeze):
                         return self._compiled(x, t, **self.kwargs)
                 except Exception as exc:  # noqa: BLE001

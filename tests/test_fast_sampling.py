@@ -260,7 +260,7 @@ def test_compile_freeze_takes_channel_stats(freeze, monkeypatch):
     # a model off the CPU (CUDA: unmeasured there) is left as it is
     other = ADMUNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
                     attention_resolutions=(), channel_mult=(1,)).to("meta")
-    assert fs._frozen_kwargs(other, fast.opts) == kwargs
+    assert fs._denoiser_compile_kwargs(other, fast.opts) == kwargs
     assert not any(getattr(m, "stats_by_channel", False) for m in other.modules())
 
 
