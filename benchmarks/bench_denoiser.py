@@ -62,23 +62,32 @@ def _residual_ratio(row, batch, reps) -> float:
     return round(fused / eager, 4)
 
 
+def _compile_timed(model, x, t, device):
+    """torch.compile(model) and its first call (the compile), timed: (compiled, seconds)."""
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(x, t)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return compiled, round(time.perf_counter() - t0, 1)
+
+
+def _error_text(exc) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
 def _compiled_chstats(model, x, t, device, reps, row, ratios, record) -> None:
     """The compiled variant again with the GroupNorm statistics per channel (its own copy)."""
     import copy
 
-    m = copy.deepcopy(model).set_group_norm_stats("channel")
     try:
-        compiled = torch.compile(m)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled(x, t)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        row["compiled_chstats_compile_s"] = round(time.perf_counter() - t0, 1)
+        compiled, row["compiled_chstats_compile_s"] = _compile_timed(
+            copy.deepcopy(model).set_group_norm_stats("channel"), x, t, device)
         record("compiled_chstats", _median_ms(lambda: compiled(x, t), device, reps))
         ratios["denoiser_compiled_chstats_vs_compiled"] = round(row["compiled_chstats_ms"] / row["compiled_ms"], 4)
     except Exception as exc:  # noqa: BLE001
-        row["compiled_chstats_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        row["compiled_chstats_error"] = _error_text(exc)
 
 
 def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
@@ -129,13 +138,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):
             try:
-                compiled = torch.compile(model)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    compiled(x_cl, t)
-                if cuda:
-                    torch.cuda.synchronize()
-                row["compile_s"] = round(time.perf_counter() - t0, 1)
+                compiled, row["compile_s"] = _compile_timed(model, x_cl, t, device)
                 record("compiled", _median_ms(lambda: compiled(x_cl, t), device, reps))
                 ratios["denoiser_compiled_vs_eager"] = round(row["compiled_ms"] / eager_best, 4)
                 if cuda:  # where the best variant's time goes (MFU goal: 0.5)
@@ -146,7 +149,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                         emit(dict(row), dict(ratios))
                     _compiled_chstats(model, x_cl, t, device, reps, row, ratios, record)
             except Exception as exc:  # noqa: BLE001 - the eager figures stand; say why compile did not
-                row["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                row["compile_error"] = _error_text(exc)
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     return {"rows": [row], "ratios": ratios}
