@@ -24,9 +24,16 @@ Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
   lora_fwdbwd_vs_loop  forward+backward (dx, dA, dB), ours vs per-expert loop
-  lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only)
+  lora_fwdbwd_vs_base  forward+backward, ours vs the frozen base layer alone (dx only; the faster of
+                       its NCHW and channels_last rows where both are timed)
   lora_implicit_vs_stacked (CUDA, conv layers; lora_graph_implicit_vs_stacked in CUDA graphs): fwd+bwd
                        on Triton, a_stage="implicit" vs the default "stacked"
+  lora_graph_in_base_vs_base_graph (CUDA, conv layers, channels_last, in CUDA graphs): fwd+bwd of
+                       a_stage="in_base" (base conv and LoRA in the same Triton kernels) vs the frozen base
+                       layer (the faster of NCHW / channels_last cuDNN); lora_graph_in_base_vs_implicit: vs the
+                       implicit A stage in channels_last; conv_triton_vs_cudnn_graph: those kernels with no LoRA
+                       (a plain conv, dx only) vs cuDNN in channels_last: how far the Triton conv itself is.
+                       Each with the launchers' tiles and with WIDE_TILES (rows "tiles=..."); the better counts
   loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
@@ -154,6 +161,61 @@ def _base(cfg):
     return f
 
 
+class _TritonPlainConv(torch.autograd.Function):
+    """The in-base kernels with no LoRA (conv_base_lora_fwd / _dgrad, A None): the Triton implicit-GEMM
+    conv alone, to set against cuDNN (input gradient only, W frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, pad):
+        from ppap_fast.ops.lora import triton_conv as tc
+
+        S, _, H, Wd = x.shape
+        k = W.shape[-1]
+        Ho, Wo = H + 2 * pad - k + 1, Wd + 2 * pad - k + 1
+        y = torch.empty(S, W.shape[0], Ho, Wo, device=x.device, dtype=x.dtype).contiguous(
+            memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+        ctx.seg = L.build_segments(torch.zeros(S, dtype=torch.long, device=x.device), 1)
+        tc.conv_base_lora_fwd(x, tc.weight_for_tiles(W), y, ctx.seg.sorted_idx, ctx.seg.offsets, 1, pad, 1, b)
+        ctx.save_for_backward(W)
+        ctx.pad, ctx.xshape, ctx.fmt = pad, x.shape, (torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ppap_fast.ops.lora import triton_conv as tc
+
+        (W,) = ctx.saved_tensors
+        dx = torch.empty(ctx.xshape, device=dy.device, dtype=dy.dtype).contiguous(memory_format=ctx.fmt)
+        tc.conv_base_lora_dgrad(dy, tc.weight_for_tiles(W), dx, ctx.seg.sorted_idx, ctx.seg.offsets, 1, ctx.pad, 1)
+        return dx, None, None, None
+
+
+def _triton_plain(cfg):
+    def f(x, W, b, A, B, eb, idx, scale):
+        return _TritonPlainConv.apply(x, W, b, cfg["pad"])
+    return f
+
+
+WIDE_TILES = (128, 256, 64, 8, 3)  # the in-base kernels' second tiling: one N tile over 256 channels
+WIDE_TILES_TAG = "x".join(map(str, WIDE_TILES[:3]))
+
+
+def _tiles_of(vname: str):
+    """The tiling a row names ("tiles=128x256x64"), else the launchers' own."""
+    import contextlib
+
+    if f"tiles={WIDE_TILES_TAG}" not in vname:
+        return contextlib.nullcontext()
+    from ppap_fast.ops.lora import triton_conv as tc
+
+    return tc.tiles(*WIDE_TILES)
+
+
+def _frozen_only(vname: str) -> bool:
+    """Variants timed like the frozen base layer: the gradient of x only."""
+    return vname.startswith("base") or vname.startswith("triton_conv")
+
+
 def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
     """A peft model with N adapters holding the same A/B; returns fn(x) running the mixed batch."""
     try:
@@ -255,6 +317,7 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from ppap_fast.ops.lora import cuda_ops, fast
+    from ppap_fast.ops.lora import triton_conv as tc
     from ppap_fast.ops.lora import triton_kernels as tk
 
     cur: List[Counter] = [Counter()]
@@ -291,6 +354,7 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
     patches = [(lora_pkg, "_check_idx", None)]  # CPU-only host range check (skipped on CUDA)
     patches += [(tk, n, "triton") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer", "conv_lora_fwd",
                                             "conv_lora_dgrad", "conv_lora_wgrad")]
+    patches += [(tc, n, "triton") for n in ("conv_base_lora_fwd", "conv_base_lora_dgrad")]
     patches += [(cuda_ops, n, "cuda_ext") for n in ("sgmv_shrink", "sgmv_expand", "seg_outer")]
     saved = []
     for mod, n, key in patches:
@@ -327,7 +391,8 @@ def count_ops(kind: str, a_stage: str = "stacked", backend: str = "triton", N: i
 
 def launch_table(backend: str = "triton", device: str = "cpu") -> List[Dict]:
     rows = []
-    for kind, stage in (("linear", "-"), ("conv", "stacked"), ("conv", "fused"), ("conv", "implicit")):
+    for kind, stage in (("linear", "-"), ("conv", "stacked"), ("conv", "fused"), ("conv", "implicit"),
+                        ("conv", "in_base")):
         f, b = count_ops(kind, stage if kind == "conv" else "stacked", backend, device=device)
         rows.append(dict(kind=kind, a_stage=stage, backend=backend, fwd=f["launches"], bwd=b["launches"],
                          fwd_ops=dict(f), bwd_ops=dict(b)))
@@ -366,24 +431,40 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                         variants[f"ours[{be},a_stage=fused]"] = _ours(cfg, be, "fused", seg)
                 # cuDNN base conv + one implicit-GEMM Triton kernel per direction for the LoRA share
                 variants["ours[triton,a_stage=implicit]"] = _ours(cfg, "triton", "implicit", seg)
+                # channels_last (x and W): cuDNN's base alone, implicit, and the base conv with its LoRA in the
+                # same Triton kernels (in_base), plus those kernels as a plain conv against cuDNN
+                variants["ours[triton,a_stage=implicit,channels_last]"] = _ours(cfg, "triton", "implicit", seg)
+                variants["ours[triton,a_stage=in_base,channels_last]"] = _ours(cfg, "triton", "in_base", seg)
+                variants["base[channels_last]"] = _base(cfg)
+                variants["triton_conv[plain,channels_last]"] = _triton_plain(cfg)
                 for route in ("delta", "factorised"):  # the loralib layout: N dense deltas vs rank r*k*k
                     variants[f"loralib[{route}]"] = _loralib(cfg, route, N, r, device, dtype, gen, seg)
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
+            x_cl, args_cl = x, args
+            if cfg["kind"] == "conv":
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                args_cl = (W.contiguous(memory_format=torch.channels_last),) + args[1:]
+
+            def inputs(vname):
+                return (x_cl, args_cl) if "channels_last" in vname else (x, args)
+
             res = {}
             for vname, fn in variants.items():
-                def fwd(fn=fn):
-                    with torch.no_grad():
-                        fn(x, *args)
+                xv, av = inputs(vname)
 
-                def fwdbwd(fn=fn, vname=vname):
-                    xg = x.detach().requires_grad_(True)
-                    if vname == "base":
-                        y = fn(xg, *args)
+                def fwd(fn=fn, xv=xv, av=av):
+                    with torch.no_grad():
+                        fn(xv, *av)
+
+                def fwdbwd(fn=fn, vname=vname, xv=xv, av=av):
+                    xg = xv.detach().requires_grad_(True)
+                    if _frozen_only(vname):
+                        y = fn(xg, *av)
                         y.backward(torch.ones_like(y))
                         return
                     Ag, Bg, ebg = (t.detach().requires_grad_(True) for t in (A, B, eb))
-                    y = fn(xg, W, b, Ag, Bg, ebg, idx, scale)
+                    y = fn(xg, av[0], b, Ag, Bg, ebg, idx, scale)
                     y.backward(torch.ones_like(y))
 
                 t_f = median_ms(fwd, device, reps)
@@ -391,8 +472,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
-                if device == "cuda" and N == Ns[0] and vname in ("ours[triton]", "ours[triton,a_stage=implicit]",
-                                                                  "base"):  # where the time goes
+                if device == "cuda" and N == Ns[0] and vname in (
+                        "ours[triton]", "ours[triton,a_stage=implicit]", "ours[triton,a_stage=in_base,channels_last]",
+                        "base", "base[channels_last]"):  # where the time goes
                     rows[-1]["fwdbwd_profile_top"] = profile_top(fwdbwd, device, k=12, grad=True)
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
                 graphed = {}
@@ -404,20 +486,42 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     graph_variants.append(("ours[triton,a_stage=fused,cudagraph]", _ours(cfg, "triton", "fused", seg)))
                     graph_variants.append(("ours[triton,a_stage=implicit,cudagraph]",
                                            _ours(cfg, "triton", "implicit", seg)))
+                    graph_variants += [
+                        ("ours[triton,a_stage=implicit,channels_last,cudagraph]", _ours(cfg, "triton", "implicit", seg)),
+                        ("ours[triton,a_stage=in_base,channels_last,cudagraph]", _ours(cfg, "triton", "in_base", seg)),
+                        ("base[channels_last,cudagraph]", _base(cfg)),
+                        ("triton_conv[plain,channels_last,cudagraph]", _triton_plain(cfg)),
+                        (f"ours[triton,a_stage=in_base,channels_last,tiles={WIDE_TILES_TAG},cudagraph]",
+                         _ours(cfg, "triton", "in_base", seg)),
+                        (f"triton_conv[plain,channels_last,tiles={WIDE_TILES_TAG},cudagraph]", _triton_plain(cfg))]
                     for route in ("delta", "factorised"):
                         graph_variants.append((f"loralib[{route},cudagraph]",
                                                _loralib(cfg, route, N, r, device, dtype, gen, seg)))
                 for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
-                    t_g, why = _graphmedian_ms(fn, x, args, reps)
-                    t_gb, why_b = _graph_fwdbwd_ms(fn, x, args, reps, base=vname.startswith("base"))
+                    xv, av = inputs(vname)
+                    with _tiles_of(vname):  # captured with these tiles; replays need no Python
+                        t_g, why = _graphmedian_ms(fn, xv, av, reps)
+                        t_gb, why_b = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname))
                     graphed[vname] = t_gb
                     rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
                                      fwdbwd_ms=None if t_gb is None else round(t_gb, 4), device=device,
                                      dtype=str(dtype).replace("torch.", ""),
                                      **({"skipped": why or why_b} if (why or why_b) else {})))
                 ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
-                if ours_g and graphed.get("base[cudagraph]"):
-                    ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / graphed["base[cudagraph]"])
+                base_g = [v for k, v in graphed.items() if k.startswith("base") and v]  # NCHW or channels_last
+                if ours_g and base_g:
+                    ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / min(base_g))
+                in_base_g = min((v for k, v in graphed.items() if k.startswith("ours[triton,a_stage=in_base") and v),
+                                default=None)  # the better tiling
+                if in_base_g and base_g:
+                    ratio_acc.setdefault("lora_graph_in_base_vs_base_graph", []).append(in_base_g / min(base_g))
+                if in_base_g and graphed.get("ours[triton,a_stage=implicit,channels_last,cudagraph]"):
+                    ratio_acc.setdefault("lora_graph_in_base_vs_implicit", []).append(
+                        in_base_g / graphed["ours[triton,a_stage=implicit,channels_last,cudagraph]"])
+                plain_g = min((v for k, v in graphed.items() if k.startswith("triton_conv") and v), default=None)
+                if plain_g and graphed.get("base[channels_last,cudagraph]"):
+                    ratio_acc.setdefault("conv_triton_vs_cudnn_graph", []).append(
+                        plain_g / graphed["base[channels_last,cudagraph]"])
                 if graphed.get("ours[triton,a_stage=implicit,cudagraph]") and graphed.get("ours[triton,cudagraph]"):
                     ratio_acc.setdefault("lora_graph_implicit_vs_stacked", []).append(
                         graphed["ours[triton,a_stage=implicit,cudagraph]"] / graphed["ours[triton,cudagraph]"])
@@ -448,7 +552,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
             if "peft" in res:
                 ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
             ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
-            ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / res["base"][1])
+            ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / min(v[1] for k, v in res.items() if k.startswith("base")))
     ratios = {k: geomean(v) for k, v in ratio_acc.items() if v}
     return {"rows": rows, "ratios": ratios}
 

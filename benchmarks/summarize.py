@@ -30,6 +30,10 @@ PENDING = (
      "with the graphed ratio below 1 too: make 'implicit' the CUDA automatic A stage"),
     ("lora_graph_implicit_vs_stacked", "implicit A stage faster per conv layer inside CUDA graphs",
      "supports the distill rows above (per layer: 3x3 256->256)"),
+    ("lora_graph_in_base_vs_implicit", "base conv + LoRA in the same Triton kernels faster per conv layer "
+     "than cuDNN + the implicit LoRA kernels (channels_last, CUDA graphs)",
+     "time a channels_last bank with PPAP_FAST_LORA_A_STAGE=in_base in the graphed distill step "
+     "(#3's per-layer goal: lora_graph_in_base_vs_base_graph <= 1.15)"),
     ("distill_graph_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA in the graphed step",
      "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
     ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ppap_fast.ops import lora as L
-from ppap_fast.ops.lora import fast, reference as R, triton_kernels as TK
+from ppap_fast.ops.lora import fast, reference as R, triton_conv as TC, triton_kernels as TK
 from ppap_fast.ops.lora import cpp as CPP
 from ppap_fast.ops.lora.segments import build_segments
 
@@ -222,6 +222,87 @@ def test_conv_lora_kernels_raw(device, case):
         assert_close(f"y {dtype}", y, y_ref, tol)
         assert_close(f"dx {dtype}", dx, dx_ref, tol)
         assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("case", range(6))
+def test_conv_base_lora_kernels_raw(device, case):
+    """conv_base_lora_fwd / conv_base_lora_dgrad (base conv + LoRA in one implicit GEMM) against
+    float64 torch convs: asymmetric stride, padding and dilation, kernels 1/3/5, channels over
+    several K tiles, rank 1..64, expert mixes with empty experts, both memory formats, with and
+    without the LoRA (A None: the plain conv and its input gradient); y, h and dx poisoned."""
+    rng = random.Random(700 + case)
+    g = torch.Generator().manual_seed(70 + case)
+    for dtype in _dtypes(device) if device == "cuda" else [torch.float32, torch.float16]:
+        k = [3, 1, 5, 3, 3, 1][case]
+        st, pd, dl = (rng.choice([1, 2]), rng.choice([1, 2])), (rng.randint(0, 2), rng.randint(0, 2)), \
+            ((1, 1) if k != 3 else (rng.choice([1, 2]), rng.choice([1, 2])))
+        S, N, C, NOUT = rng.randint(1, 5), rng.randint(1, 7), rng.choice([3, 17, 40]), rng.choice([5, 33, 70])
+        Rr = [16, 1, 5, 64, 33, 0][case]
+        span = (k - 1) * max(dl) + 1
+        H, W = rng.randint(span, span + 5), rng.randint(span, span + 4)
+        fmt = torch.channels_last if case % 2 else torch.contiguous_format
+        idx = expert_mix(rng, S, N, ["one", "empty", "rand"][case % 3])
+        x = torch.randn(S, C, H, W, generator=g)
+        Wt = torch.randn(NOUT, C, k, k, generator=g) / (C * k * k) ** 0.5
+        bias = torch.randn(NOUT, generator=g) if case % 3 else None
+        A = torch.randn(N, Rr, C, k, k, generator=g) / (C * k * k) ** 0.5
+        B = torch.randn(N, NOUT, Rr, generator=g) / max(Rr, 1) ** 0.5
+        eb = torch.randn(N, NOUT, generator=g) if case != 2 else None
+        Ho, Wo = F.conv2d(x, Wt, None, st, pd, dl).shape[2:]
+        dy = torch.randn(S, NOUT, Ho, Wo, generator=g)
+        dh = torch.randn(S, Rr, Ho, Wo, generator=g)
+
+        def on(t):
+            if t is None:
+                return None
+            return t.to(device, dtype).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(device, dtype)
+
+        seg = build_segments(idx.to(device), N)
+        lora = Rr > 0
+        y = on(torch.full((S, NOUT, Ho, Wo), float("nan")))
+        h = on(torch.full((S, Rr, Ho, Wo), float("nan"))) if lora else None
+        Wk = TC.weight_for_tiles(on(Wt))
+        Ak = TC.lora_a_for_tiles(on(A)) if lora else None
+        TC.conv_base_lora_fwd(on(x), Wk, y, seg.sorted_idx, seg.offsets, st, pd, dl, on(bias), Ak,
+                              on(B) if lora else None, 0.5, on(eb), h)
+        dx = on(torch.full((S, C, H, W), float("nan")))
+        TC.conv_base_lora_dgrad(on(dy), Wk, dx, seg.sorted_idx, seg.offsets, st, pd, dl, on(dh) if lora else None, Ak)
+        xd, Wd, Ad, Bd, dyd, dhd = (on(t).cpu().double() for t in (x, Wt, A, B, dy, dh))
+        xr = xd.clone().requires_grad_()
+        y_ref = F.conv2d(xr, Wd, None if bias is None else on(bias).cpu().double(), st, pd, dl)
+        if eb is not None:
+            y_ref = y_ref + on(eb).cpu().double()[idx][:, :, None, None]
+        dx_ref = torch.autograd.grad(y_ref, xr, dyd)[0]
+        if lora:
+            h_ref = torch.cat([F.conv2d(xd[i:i + 1], Ad[idx[i]], None, st, pd, dl) for i in range(S)])
+            y_ref = y_ref.detach() + 0.5 * torch.einsum("snr,srhw->snhw", Bd[idx], h.cpu().double())
+            for i in range(S):
+                xi = xd[i:i + 1].clone().requires_grad_()
+                dx_ref[i] += torch.autograd.grad(F.conv2d(xi, Ad[idx[i]], None, st, pd, dl), xi, dhd[i:i + 1])[0][0]
+            assert_close(f"h {dtype}", h, h_ref, TOL[dtype] * 2)
+        assert_close(f"y {dtype}", y, y_ref, TOL[dtype] * 2)
+        assert_close(f"dx {dtype}", dx, dx_ref, TOL[dtype] * 2)
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
+def test_conv_base_lora_bad_input():
+    """The in-base kernels' launchers name what does not fit (before any launch)."""
+    x, W, y = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.empty(2, 5, 4, 4)
+    seg = build_segments(torch.tensor([0, 1]), 2)
+    A, B = torch.randn(2, 3, 4, 3, 3), torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        TC.conv_base_lora_fwd(x, torch.randn(5, 3, 3, 3), y, seg.sorted_idx, seg.offsets)
+    with pytest.raises(ValueError, match="h_out"):
+        TC.conv_base_lora_fwd(x, W, y, seg.sorted_idx, seg.offsets, A=A, B=B)
+    with pytest.raises(ValueError, match="rank in one tile"):
+        TC.conv_base_lora_fwd(x, W, y, seg.sorted_idx, seg.offsets, A=torch.randn(2, 65, 4, 3, 3),
+                              B=torch.randn(2, 5, 65), h_out=torch.empty(2, 65, 4, 4))
+    with pytest.raises(ValueError, match="do not fit W"):
+        TC.conv_base_lora_fwd(x, W, y, seg.sorted_idx, seg.offsets, A=A, B=torch.randn(2, 6, 3),
+                              h_out=torch.empty(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="dh must be"):
+        TC.conv_base_lora_dgrad(torch.randn(2, 5, 4, 4), W, torch.empty(2, 4, 6, 6), seg.sorted_idx, seg.offsets, A=A)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.id != "cuda-cuda"])
@@ -553,21 +634,34 @@ def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
 @pytest.mark.parametrize("a_stage,ci", [("fused", i) for i in FUSED_CASES] +
-                         [("implicit", i) for i in range(len(CONV_CASES))])  # all: kernels 1/3/7, stride, dilation
+                         [("implicit", i) for i in range(len(CONV_CASES))] +  # all: kernels 1/3/7, stride, dilation
+                         [("in_base", i) for i in range(len(CONV_CASES))])
 def test_lora_conv2d_fused_parity(device, backend, ci, a_stage, monkeypatch):
     """a_stage="fused": one conv for base + stacked A, expand from the conv output, shrink into the
-    stacked gradient; "implicit": cuDNN base conv + the implicit-GEMM LoRA kernels (forward, dgrad).
-    y, G, h and the stacked dh are poisoned buffers the kernels must fully write."""
+    stacked gradient; "implicit": cuDNN base conv + the implicit-GEMM LoRA kernels (forward, dgrad);
+    "in_base": base conv and LoRA in the same Triton kernels (dgrad too at stride 1).
+    y, G, h, dh and dx are poisoned buffers the kernels must fully write."""
+    if a_stage == "in_base" and device == "cuda" and backend != "triton":
+        pytest.skip("in_base runs the same Triton kernels on every backend: checked on 'triton' (GPU time)")
     c = dict(CONV_CASES[ci], a_stage=a_stage)
     ran = []
-    spied = {n: getattr(TK, n) for n in ("conv_lora_fwd", "conv_lora_dgrad", "conv_lora_wgrad")}
-    for n, f in spied.items():
-        monkeypatch.setattr(TK, n, lambda *a, _f=f, _n=n, **k: (ran.append(_n), _f(*a, **k))[1])
+    spied = {(m, n): getattr(m, n) for m, n in [(TK, "conv_lora_fwd"), (TK, "conv_lora_dgrad"), (TK, "conv_lora_wgrad"),
+                                                 (TC, "conv_base_lora_fwd"), (TC, "conv_base_lora_dgrad")]}
+    for (m, n), f in spied.items():
+        monkeypatch.setattr(m, n, lambda *a, _f=f, _n=n, **k: (ran.append(_n), _f(*a, **k))[1])
     for dtype in _dtypes(device) if device == "cuda" else [torch.float32]:
         _maybe_skip(device, backend, dtype)
         _run_conv(c, device, backend, dtype)
-    implicit = a_stage == "implicit" and c["groups"] == 1  # depthwise runs the stacked path
-    assert sorted(set(ran)) == (sorted(spied) if implicit else []), ran
+    want = []
+    if c["groups"] == 1:  # depthwise runs the stacked path
+        if a_stage == "implicit":
+            want = ["conv_lora_dgrad", "conv_lora_fwd", "conv_lora_wgrad"]
+        elif a_stage == "in_base":
+            want = sorted(["conv_base_lora_fwd", "conv_lora_wgrad",
+                           "conv_base_lora_dgrad" if c["stride"] == 1 else "conv_lora_dgrad"])
+    assert sorted(set(ran)) == want, ran
+    if want:
+        assert L.last_backend["lora_conv2d/a_stage"] == a_stage
 
 
 def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw):
@@ -591,9 +685,9 @@ def _conv_formats_parity(device, backend, fmts, x, W, b, A, B, eb, idx, dy, **kw
 
 
 @pytest.mark.parametrize("device,backend", _not_cpp())
-@pytest.mark.parametrize("a_stage", ["fused", "implicit"])
+@pytest.mark.parametrize("a_stage", ["fused", "implicit", "in_base"])
 def test_lora_conv2d_fused_layouts(device, backend, a_stage):
-    """fused / implicit: y keeps x's memory format (channels_last in, channels_last out) and is
+    """fused / implicit / in_base: y keeps x's memory format (channels_last in, channels_last out) and is
     contiguous in it."""
     _maybe_skip(device, backend, torch.float32)
     torch.manual_seed(6)
@@ -632,6 +726,9 @@ def test_launch_counts_fused_vs_stacked():
     assert fwd_i["aten::convolution"] == 1 and fwd_i["triton"] == 1 and fwd_i["launches"] == 2
     assert bwd_i["dgrad"] == 1 and bwd_i["wgrad"] == 0 and bwd_i["triton"] == 4  # shrink, dgrad, wgrad, dB
     assert bwd_i["launches"] <= bwd_f["launches"]
+    fwd_b, bwd_b = count_ops("conv", "in_base")  # base conv + LoRA in one Triton kernel each way (+ layout copies)
+    assert fwd_b["triton"] == 1 and "aten::convolution" not in fwd_b
+    assert bwd_b["triton"] == 4 and bwd_b["dgrad"] == 0 and bwd_b["launches"] == 4  # shrink, dgrad, wgrad, dB
 
 
 def test_a_stage_from_environment(monkeypatch):

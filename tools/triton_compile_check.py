@@ -272,7 +272,7 @@ def scenarios(dtype):
         (64, 64, 3, 1, 1, 1, 16, 4, True, False, True),  # a 4x4 map (ResNet50 layer4 at 128px): 16-row tiles
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
-        for a_stage in ("stacked", "fused", "implicit", "grouped"):
+        for a_stage in ("stacked", "fused", "implicit", "in_base", "grouped"):
             def f(ci=ci, co=co, k=k, st=st, pd=pd, g=g, r=r, hw=hw, cl=cl, bias=bias, eb=eb, a_stage=a_stage):
                 x = torch.randn(S, ci, hw, hw, dtype=dtype)
                 if cl:
@@ -289,6 +289,35 @@ def scenarios(dtype):
                 _backward(lora.lora_conv2d(x2, W, None, A.detach(), B.detach(), idx, 0.5, stride=st, padding=pd,
                                            groups=g, backend="triton", a_stage=a_stage))
             add(f"lora_conv2d {ci}->{co} k{k} s{st} g{g} r{r} {hw}x{hw} cl={cl} {a_stage}", f)
+
+    # ------------------------------------------------------------------ the in-base kernels directly (A None: a plain conv)
+    for (ci, co, k, st, cl, bias, r) in ((64, 128, 3, 1, True, True, 0), (32, 64, 1, 2, False, False, 0),
+                                         (256, 256, 3, 1, True, False, 16)):  # + ResNet50 layer3's conv2
+        def f(ci=ci, co=co, k=k, st=st, cl=cl, bias=bias, r=r):
+            from ppap_fast.ops.lora import triton_conv as tc
+            from ppap_fast.ops.lora.segments import build_segments
+
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(S, ci, 16, 16, dtype=dtype).contiguous(memory_format=fmt)
+            W = tc.weight_for_tiles(torch.randn(co, ci, k, k, dtype=dtype))
+            seg = build_segments(torch.zeros(S, dtype=torch.long), 1)
+            Ho = (16 + 2 * (k // 2) - k) // st + 1
+            y = torch.empty(S, co, Ho, Ho, dtype=dtype).contiguous(memory_format=fmt)
+            A = tc.lora_a_for_tiles(torch.randn(1, r, ci, k, k, dtype=dtype)) if r else None
+            B = torch.randn(1, co, r, dtype=dtype) if r else None
+            h = torch.empty(S, r, Ho, Ho, dtype=dtype).contiguous(memory_format=fmt) if r else None
+            tc.conv_base_lora_fwd(x, W, y, seg.sorted_idx, seg.offsets, st, k // 2, 1,
+                                  torch.randn(co, dtype=dtype) if bias else None, A, B, 0.5, None, h)
+            tc.conv_base_lora_dgrad(torch.randn_like(y), W, torch.empty_like(x), seg.sorted_idx, seg.offsets, st, k // 2,
+                                    1, h, A)
+        add(f"conv_base_lora {ci}->{co} k{k} s{st} cl={cl} bias={bias} r{r}", f)
+        if r and dtype != torch.float32:  # bench_lora's second tiling (WIDE_TILES)
+            def g(f=f):
+                from ppap_fast.ops.lora import triton_conv as tc
+
+                with tc.tiles(128, 256, 64, 8, 3):
+                    f()
+            add(f"conv_base_lora {ci}->{co} k{k} r{r} tiles 128x256x64", g)
 
     # ------------------------------------------------------------------ loralib conv as a block-diagonal factorised LoRA
     for (ci, co, k, r, cl) in ((32, 64, 3, 16, True), (24, 16, 3, 4, False), (16, 32, 1, 8, False)):

@@ -235,7 +235,9 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
     ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
     "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
-    each direction; groups == 1 and r <= 256, else "stacked") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
+    each direction; groups == 1 and r <= 256, else "stacked"), "in_base" (the base conv and its LoRA in the
+    same Triton implicit-GEMM kernels, forward and input gradient; groups == 1, r <= 64 and a_blocks == 1,
+    else "implicit") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
     else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran. ``a_blocks`` > 1
     declares A block diagonal over its flat (C_in/g, kh, kw) columns (``a_blocks`` blocks of r/a_blocks
     rank rows; reference.loralib_conv_as_factorised builds one): the implicit A stage then skips the
@@ -271,7 +273,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                             seg=segments, fwd=b, a_stage=a_stage, a_blocks=a_blocks)
 
 
-A_STAGES = ("stacked", "fused", "implicit", "grouped")
+A_STAGES = ("stacked", "fused", "implicit", "in_base", "grouped")
 
 
 def _resolve_a_stage(a_stage):
@@ -291,6 +293,12 @@ def _effective_a_stage(a_stage, backend, groups, r, a_blocks=1):
         return "reference"
     if a_stage == "fused" and groups != 1:
         return "stacked"
+    if a_stage == "in_base":
+        from .triton_conv import IN_BASE_MAX_RANK
+
+        if groups == 1 and a_blocks == 1 and r <= IN_BASE_MAX_RANK:
+            return a_stage
+        a_stage = "implicit"
     if a_stage == "implicit":
         from .triton_kernels import IMPLICIT_MAX_RANK
 
