@@ -433,8 +433,8 @@ class LoraConvInBaseFn(torch.autograd.Function):
         from . import triton_conv as tc
 
         cdt = x.dtype
-        Wk = tc.weight_for_tiles(W.detach().to(cdt))
-        Ak, Bc = tc.lora_a_for_tiles(A.detach().to(cdt)), B.detach().to(cdt)
+        Wk = tc.weight_for_tiles(W.detach(), cdt)
+        Ak, Bc = tc.lora_a_for_tiles(A.detach(), cdt), B.detach().to(cdt)
         (sh, sw), (ph, pw), (dh_, dw_) = tc._geometry(stride, padding, dilation)
         S, _, H, Wd = x.shape
         C_out, _, KH, KW = W.shape

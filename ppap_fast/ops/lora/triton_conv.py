@@ -333,15 +333,20 @@ def conv_base_lora_dgrad(dy: torch.Tensor, W: torch.Tensor, dx: torch.Tensor, so
     return dx
 
 
-def weight_for_tiles(t: torch.Tensor) -> torch.Tensor:
+def weight_for_tiles(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A conv weight [C_out, C, kh, kw] in channels_last ([C_out, kh, kw, C] in memory: contiguous
-    channel tiles for both kernels); no copy when it already is."""
-    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
+    channel tiles for both kernels) and ``dtype``; one copy at most, none when it already is."""
+    return t.to(dtype=dtype or t.dtype, memory_format=torch.channels_last)
 
 
-def lora_a_for_tiles(A: torch.Tensor) -> torch.Tensor:
-    """A [N, R, C, kh, kw] as a view of a [N, kh, kw, C, R] tensor (the rank contiguous: the forward's
-    [C, R] and the dgrad's [R, C] tiles read whole rank rows)."""
-    if A.stride(1) == 1 and A.stride(2) == A.shape[1]:
+def lora_a_for_tiles(A: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A [N, R, C, kh, kw] in ``dtype`` as a view of a [N, kh, kw, C, R] tensor (the rank contiguous: the
+    forward's [C, R] and the dgrad's [R, C] tiles read whole rank rows); one copy at most (cast and
+    permutation together), none when it already is."""
+    dtype = dtype or A.dtype
+    N, R, C, KH, KW = A.shape
+    if A.dtype == dtype and A.stride() == (KH * KW * C * R, 1, R, KW * C * R, C * R):
         return A
-    return A.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)
+    out = torch.empty((N, KH, KW, C, R), dtype=dtype, device=A.device)
+    out.copy_(A.permute(0, 3, 4, 2, 1))
+    return out.permute(0, 4, 3, 1, 2)
