@@ -129,3 +129,56 @@ def test_summary_decisions_name_the_switch():
     assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
     assert "keep the current default" in by_key["distill_triton_vs_auto"]
     assert "not measured" in by_key["distill_loralib_factorised_vs_delta"]
+
+
+def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
+    """bench_lora's CUDA-only code (channels_last, in_base, implicit, loralib and graphed rows, their
+    ratios) runs on CPU tensors under the Triton interpreter with the GPU parts faked (no capture, no
+    CUDA backends, one call per timing): a Python error there would otherwise cost a GPU session's
+    rows. The ratios must all come out, finite."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it)")
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_lora
+
+    calls = {"graph": 0}
+
+    def one_call_ms(fn, device, reps, warmup=0):
+        fn()
+        return 1.0
+
+    def fake_captured(step, reps, grad):
+        with torch.set_grad_enabled(grad):
+            step()  # the captured step runs once eagerly: the code path without the graph
+        calls["graph"] += 1
+        return 1.0 + 0.01 * calls["graph"], None
+
+    make, loralib = bench_lora._make, bench_lora._loralib
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench_lora, "_configs", lambda device, quick: [
+        dict(name="tiny 3x3 8->8", kind="conv", S=3, cin=8, cout=8, k=3, pad=1, H=4)])
+    monkeypatch.setattr(bench_lora, "_make", lambda cfg, N, r, device, dtype, gen: make(cfg, N, r, "cpu",
+                                                                                         torch.float32, gen))
+    monkeypatch.setattr(bench_lora, "_loralib", lambda cfg, route, N, r, device, dtype, gen, seg=None: loralib(
+        cfg, route, N, r, "cpu", torch.float32, gen, seg))
+    monkeypatch.setattr(bench_lora, "median_ms", one_call_ms)
+    monkeypatch.setattr(bench_lora, "_captured_ms", fake_captured)
+    monkeypatch.setattr(bench_lora, "profile_top", lambda *a, **k: [])
+    monkeypatch.setattr(bench_lora.L, "available_backends",
+                        lambda op, dev: {"triton": "ok", "cuda": "faked off", "cuda_full": "faked off",
+                                         "cpp": "faked off"})
+    out = bench_lora.run("cuda", quick=True)
+    variants = {r["variant"] for r in out["rows"]}
+    for v in ("ours[triton,a_stage=in_base,channels_last]", "triton_conv[plain,channels_last]",
+              "base[channels_last,cudagraph]", "ours[triton,a_stage=in_base,channels_last,tiles=128x256x64,cudagraph]"):
+        assert v in variants, v
+    for k in ("lora_graph_in_base_vs_base_graph", "lora_graph_in_base_vs_implicit", "conv_triton_vs_cudnn_graph",
+              "lora_graph_implicit_vs_stacked", "loralib_graph_factorised_vs_delta", "lora_fwdbwd_graph_vs_base_graph",
+              "lora_implicit_vs_stacked", "loralib_factorised_vs_delta", "lora_fwdbwd_vs_base"):
+        assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
+    assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]
