@@ -33,7 +33,7 @@ layers and N:
                        layer (the faster of NCHW / channels_last cuDNN); lora_graph_in_base_vs_implicit: vs the
                        implicit A stage in channels_last; conv_triton_vs_cudnn_graph: those kernels with no LoRA
                        (a plain conv, dx only) vs cuDNN in channels_last: how far the Triton conv itself is.
-                       Each with the launchers' tiles and with WIDE_TILES (rows "tiles=..."); the better counts
+                       Each with the launchers' tiles and with ALT_TILES (rows "tiles=..."); the best counts
   loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
@@ -196,19 +196,26 @@ def _triton_plain(cfg):
     return f
 
 
-WIDE_TILES = (128, 256, 64, 8, 3)  # the in-base kernels' second tiling: one N tile over 256 channels
-WIDE_TILES_TAG = "x".join(map(str, WIDE_TILES[:3]))
+# the in-base kernels' other tilings (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), beside the launchers'
+# 128x128x64: at 64 x 14 x 14 pixels and 256 channels, 392 programs (~3 waves on 132 SMs, little tail)
+# and 98 (one N tile over all 256 channels: the LoRA's A columns computed once per pixel tile)
+ALT_TILES = ((64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
+
+
+def _tiles_tag(t) -> str:
+    return "x".join(map(str, t[:3]))
 
 
 def _tiles_of(vname: str):
-    """The tiling a row names ("tiles=128x256x64"), else the launchers' own."""
+    """The tiling a row names ("tiles=64x128x64"), else the launchers' own."""
     import contextlib
 
-    if f"tiles={WIDE_TILES_TAG}" not in vname:
-        return contextlib.nullcontext()
-    from ppap_fast.ops.lora import triton_conv as tc
+    for t in ALT_TILES:
+        if f"tiles={_tiles_tag(t)}" in vname:
+            from ppap_fast.ops.lora import triton_conv as tc
 
-    return tc.tiles(*WIDE_TILES)
+            return tc.tiles(*t)
+    return contextlib.nullcontext()
 
 
 def _frozen_only(vname: str) -> bool:
@@ -490,10 +497,12 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                         ("ours[triton,a_stage=implicit,channels_last,cudagraph]", _ours(cfg, "triton", "implicit", seg)),
                         ("ours[triton,a_stage=in_base,channels_last,cudagraph]", _ours(cfg, "triton", "in_base", seg)),
                         ("base[channels_last,cudagraph]", _base(cfg)),
-                        ("triton_conv[plain,channels_last,cudagraph]", _triton_plain(cfg)),
-                        (f"ours[triton,a_stage=in_base,channels_last,tiles={WIDE_TILES_TAG},cudagraph]",
-                         _ours(cfg, "triton", "in_base", seg)),
-                        (f"triton_conv[plain,channels_last,tiles={WIDE_TILES_TAG},cudagraph]", _triton_plain(cfg))]
+                        ("triton_conv[plain,channels_last,cudagraph]", _triton_plain(cfg))]
+                    for t in ALT_TILES:
+                        graph_variants += [
+                            (f"ours[triton,a_stage=in_base,channels_last,tiles={_tiles_tag(t)},cudagraph]",
+                             _ours(cfg, "triton", "in_base", seg)),
+                            (f"triton_conv[plain,channels_last,tiles={_tiles_tag(t)},cudagraph]", _triton_plain(cfg))]
                     for route in ("delta", "factorised"):
                         graph_variants.append((f"loralib[{route},cudagraph]",
                                                _loralib(cfg, route, N, r, device, dtype, gen, seg)))

@@ -175,7 +175,8 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     out = bench_lora.run("cuda", quick=True)
     variants = {r["variant"] for r in out["rows"]}
     for v in ("ours[triton,a_stage=in_base,channels_last]", "triton_conv[plain,channels_last]",
-              "base[channels_last,cudagraph]", "ours[triton,a_stage=in_base,channels_last,tiles=128x256x64,cudagraph]"):
+              "base[channels_last,cudagraph]", "ours[triton,a_stage=in_base,channels_last,tiles=64x128x64,cudagraph]",
+              "triton_conv[plain,channels_last,tiles=128x256x64,cudagraph]"):
         assert v in variants, v
     for k in ("lora_graph_in_base_vs_base_graph", "lora_graph_in_base_vs_implicit", "conv_triton_vs_cudnn_graph",
               "lora_graph_implicit_vs_stacked", "loralib_graph_factorised_vs_delta", "lora_fwdbwd_graph_vs_base_graph",

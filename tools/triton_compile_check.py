@@ -311,13 +311,13 @@ def scenarios(dtype):
             tc.conv_base_lora_dgrad(torch.randn_like(y), W, torch.empty_like(x), seg.sorted_idx, seg.offsets, st, k // 2,
                                     1, h, A)
         add(f"conv_base_lora {ci}->{co} k{k} s{st} cl={cl} bias={bias} r{r}", f)
-        if r and dtype != torch.float32:  # bench_lora's second tiling (WIDE_TILES)
-            def g(f=f):
+        for tiles in (((64, 128, 64, 4, 4), (128, 256, 64, 8, 3)) if r and dtype != torch.float32 else ()):
+            def g(f=f, tiles=tiles):  # bench_lora's other tilings (ALT_TILES)
                 from ppap_fast.ops.lora import triton_conv as tc
 
-                with tc.tiles(128, 256, 64, 8, 3):
+                with tc.tiles(*tiles):
                     f()
-            add(f"conv_base_lora {ci}->{co} k{k} r{r} tiles 128x256x64", g)
+            add(f"conv_base_lora {ci}->{co} k{k} r{r} tiles {tiles}", g)
 
     # ------------------------------------------------------------------ loralib conv as a block-diagonal factorised LoRA
     for (ci, co, k, r, cl) in ((32, 64, 3, 16, True), (24, 16, 3, 4, False), (16, 32, 1, 8, False)):
