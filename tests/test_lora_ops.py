@@ -233,7 +233,8 @@ def test_conv_base_lora_kernels_raw(device, case):
     without the LoRA (A None: the plain conv and its input gradient); y, h and dx poisoned."""
     rng = random.Random(700 + case)
     g = torch.Generator().manual_seed(70 + case)
-    for dtype in _dtypes(device) if device == "cuda" else [torch.float32, torch.float16]:
+    cuda_dtypes = _dtypes(device) if case in (0, 3) else [torch.float16]  # GPU time: each config compiles
+    for dtype in cuda_dtypes if device == "cuda" else [torch.float32, torch.float16]:
         k = [3, 1, 5, 3, 3, 1][case]
         st, pd, dl = (rng.choice([1, 2]), rng.choice([1, 2])), (rng.randint(0, 2), rng.randint(0, 2)), \
             ((1, 1) if k != 3 else (rng.choice([1, 2]), rng.choice([1, 2])))
@@ -638,7 +639,7 @@ def test_lora_conv2d_parity(device, backend, ci):
 
 
 FUSED_CASES = [i for i in range(len(CONV_CASES)) if i % 4 != 3][:8] + [3]  # + one depthwise (falls back)
-IN_BASE_CUDA_CASES = (1, 2, 6, 10, 14, 16)
+IN_BASE_CUDA_CASES = (1, 2, 6, 10)
 
 
 def _not_cpp():  # the cpp backend runs a_stage="stacked" only (test_cpp_backend_rejects_other_a_stages)
