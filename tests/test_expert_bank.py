@@ -487,3 +487,57 @@ def test_loralib_bank_trains_the_same_through_the_factorised_route(monkeypatch, 
     monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "dense")
     with pytest.raises(ValueError, match="PPAP_FAST_LORALIB_CONV"):
         bank(x, t)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_factorised_bank_in_channels_last_through_the_in_base_kernels(monkeypatch, device):
+    """A factorised bank (3x3 and 1x1 convs at stride 1, BatchNorm) in channels_last with PPAP_FAST_LORA_A_STAGE=in_base (base conv and LoRA
+    in the same Triton kernels; the input gradient through them at stride 1): the same output, input
+    gradient and trainable-parameter gradients as the reference ops in NCHW (float32)."""
+    import functools
+    import os
+
+    from ppap_fast.ops import lora as L
+    from ppap_fast.ops.lora import triton_conv as TC
+
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ran = []
+    for name in ("conv_base_lora_fwd", "conv_base_lora_dgrad"):
+        orig = getattr(TC, name)
+        monkeypatch.setattr(TC, name, lambda *a, _f=orig, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
+    torch.manual_seed(2)
+    model = randomise_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                       nn.Conv2d(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(16, 10)))
+    start = randomise_bank(ExpertBank(model, "generic", n_experts=5, layout="factorised"), std=0.05).train()
+    x, t = torch.randn(4, 3, 6, 6), torch.tensor([999, 0, 650, 401])
+    target = torch.randn(4, 10)
+    runs = {}
+    for route in ("reference", "in_base"):
+        bank = ExpertBank(model, "generic", n_experts=5, layout="factorised").train()
+        bank.load_state_dict(start.state_dict())
+        bank = bank.to(device)
+        xin = x.to(device)
+        if route == "in_base":
+            monkeypatch.setenv("PPAP_FAST_LORA_A_STAGE", "in_base")
+            monkeypatch.setattr(L, "lora_conv2d", functools.partial(L.lora_conv2d, backend="triton"))
+            assert bank.to(memory_format=torch.channels_last) is bank  # the 4-D weights (the 5-D A stays)
+            assert all(p.is_contiguous(memory_format=torch.channels_last) for p in bank.parameters() if p.dim() == 4)
+            xin = xin.contiguous(memory_format=torch.channels_last)
+        xin = xin.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        params = dict((n, p) for n, p in bank.named_parameters() if p.requires_grad)
+        y = bank(xin, t.to(device))
+        F.mse_loss(y, target.to(device)).backward()
+        runs[route] = (y.detach().cpu(), xin.grad.cpu(), {n: p.grad.detach().cpu() for n, p in params.items()})
+    assert {"conv_base_lora_fwd", "conv_base_lora_dgrad"} <= set(ran), ran
+    (y_r, dx_r, g_r), (y_b, dx_b, g_b) = runs["reference"], runs["in_base"]
+    assert rel(y_b, y_r) < 2e-5 and rel(dx_b, dx_r) < 5e-5
+    assert g_r.keys() == g_b.keys()
+    for n in g_r:
+        assert rel(g_b[n], g_r[n]) < 5e-5 or float(g_r[n].norm()) < 1e-6, n

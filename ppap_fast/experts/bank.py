@@ -485,6 +485,20 @@ class ExpertBank(nn.Module):
         self.model.requires_grad_(False)
         self._install(placement)
 
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``; with ``memory_format`` only the tensors of that format's rank convert (4-D for
+        channels_last: conv weights; the factorised conv LoRA's 5-D A [N, r, C, kh, kw] stays as it is,
+        where ``nn.Module.to`` would raise)."""
+        fmt = kwargs.pop("memory_format", None)
+        out = super().to(*args, **kwargs) if (args or kwargs) else self
+        if fmt is not None:
+            rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt)
+            with torch.no_grad():
+                for t in (*self.parameters(), *self.buffers()):
+                    if (rank is None and t.dim() in (4, 5)) or t.dim() == rank:
+                        t.data = t.data.contiguous(memory_format=fmt)
+        return out
+
     # -- construction
     def _install(self, p: Placement):
         mods = dict(self.model.named_modules())
