@@ -746,6 +746,104 @@ def test_launch_counts_fused_vs_stacked():
     assert bwd_b["triton"] == 4 and bwd_b["dgrad"] == 0 and bwd_b["launches"] == 4  # shrink, dgrad, wgrad, dB
 
 
+def test_a_stage_auto_times_once_and_takes_the_fastest(monkeypatch):
+    """a_stage="auto" (here via PPAP_FAST_LORA_A_STAGE): the first call with a new key times stacked /
+    implicit / in_base (timer faked: implicit fastest) and runs the winner; later calls with that key
+    time nothing; a stage that raises is never chosen; no-grad calls and other shapes are other keys;
+    groups > 1 has one applicable stage and times nothing. Outputs equal the reference."""
+    if not INTERP:
+        pytest.skip("the Triton paths run on CPU under TRITON_INTERPRET=1 only")
+    from ppap_fast.ops.lora import autotune
+
+    autotune.clear_a_stage_choices()
+    fake = {"stacked": 5.0, "implicit": 3.0, "in_base": 4.0}
+    order, timed = [], []
+
+    def fake_elapsed(fn, device):
+        fn()
+        timed.append(order[-1])
+        return fake[order[-1]]
+
+    choose = autotune.choose
+
+    def spy_choose(run, key, stages, device):
+        def tracked(stage):
+            order.append(stage)
+            run(stage)
+        return choose(tracked, key, stages, device)
+
+    monkeypatch.setattr(autotune, "_elapsed_ms", fake_elapsed)
+    monkeypatch.setattr(autotune, "choose", spy_choose)
+    monkeypatch.setenv("PPAP_FAST_LORA_A_STAGE", "auto")
+    torch.manual_seed(4)
+    x, W = torch.randn(3, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    A, B, idx = torch.randn(3, 2, 4, 3, 3), torch.randn(3, 5, 2), torch.tensor([2, 0, 2])
+    want = R.lora_conv2d(x, W, None, A, B, idx, 0.5, 1, 1)
+    xg, Ag = x.clone().requires_grad_(), A.clone().requires_grad_()
+    y = L.lora_conv2d(xg, W, None, Ag, B, idx, 0.5, padding=1, backend="triton")
+    assert L.last_backend["lora_conv2d/a_stage"] == "implicit"
+    assert sorted(set(timed)) == ["implicit", "in_base", "stacked"] and len(timed) == 3 * autotune.REPS
+    assert_close("auto y", y, want, 1e-5)
+    (choice, times), = autotune.a_stage_choices().values()
+    assert choice == "implicit" and times == fake
+    n = len(timed)
+    y2 = L.lora_conv2d(xg, W, None, Ag, B, idx, 0.5, padding=1, backend="triton")
+    assert len(timed) == n and L.last_backend["lora_conv2d/a_stage"] == "implicit"
+    y2.sum().backward()  # the chosen stage's backward
+    assert xg.grad is not None and Ag.grad is not None
+    with torch.no_grad():  # another key: which gradients are wanted
+        L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, backend="triton")
+    assert len(autotune.a_stage_choices()) == 2
+    orig = TC.conv_base_lora_fwd
+    monkeypatch.setattr(TC, "conv_base_lora_fwd", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    fake.update(implicit=6.0, in_base=1.0)  # in_base "fastest" but it fails: stacked wins
+    L.lora_conv2d(x[:2], W, None, A, B, idx[:2], 0.5, padding=1, backend="triton")
+    monkeypatch.setattr(TC, "conv_base_lora_fwd", orig)
+    assert L.last_backend["lora_conv2d/a_stage"] == "stacked"
+    assert [c for c, t in autotune.a_stage_choices().values() if t.get("in_base") == float("inf")] == ["stacked"]
+    n = len(timed)
+    Ag2, Bg2 = torch.randn(3, 2, 2, 3, 3), torch.randn(3, 4, 1)
+    L.lora_conv2d(x, W[:4, :2].contiguous(), None, Ag2, Bg2, idx, 0.5, padding=1, groups=2, backend="triton")
+    assert len(timed) == n and L.last_backend["lora_conv2d/a_stage"] == "stacked"
+    autotune.clear_a_stage_choices()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_a_stage_auto_with_cuda_graphs():
+    """On CUDA: warm-up calls before capture do the timing (events), the captured call reuses the
+    choice and replays equal an eager call with the chosen stage; a key first met inside a capture
+    times nothing, takes "stacked" and is not cached."""
+    from ppap_fast.ops.lora import autotune
+
+    autotune.clear_a_stage_choices()
+    torch.manual_seed(5)
+    dev = "cuda"
+    x = torch.randn(8, 32, 14, 14, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    W = torch.randn(64, 32, 3, 3, device=dev, dtype=torch.float16) / 17
+    A, B = torch.randn(5, 16, 32, 3, 3, device=dev, dtype=torch.float16) / 17, torch.randn(5, 64, 16, device=dev,
+                                                                                             dtype=torch.float16)
+    idx = torch.randint(0, 5, (8,), device=dev)
+    seg = build_segments(idx, 5)
+
+    def step():
+        return L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, segments=seg, a_stage="auto")
+
+    with torch.no_grad():
+        g, y = capture_cuda_graph(step)
+        (choice, times), = autotune.a_stage_choices().values()
+        assert all(t == t for t in times.values()) and min(times.values()) == times[choice]
+        g.replay()
+        want = L.lora_conv2d(x, W, None, A, B, idx, 0.5, padding=1, segments=seg, a_stage=choice)
+        assert torch.equal(y, want)
+        stream = torch.cuda.Stream()
+        g2 = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(g2):
+            picked = autotune.choose(lambda s: None, ("fresh key",), ("stacked", "implicit"), x.device)
+        assert picked == "stacked" and ("fresh key",) not in autotune.a_stage_choices()
+    autotune.clear_a_stage_choices()
+
+
 def test_a_stage_from_environment(monkeypatch):
     """PPAP_FAST_LORA_A_STAGE picks the A stage when the call names none; last_backend says which ran
     (groups > 1 falls back to stacked); a bad name is a clear error; cpp keeps stacked."""

@@ -237,7 +237,8 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
     each direction; groups == 1 and r <= 256, else "stacked"), "in_base" (the base conv and its LoRA in the
     same Triton implicit-GEMM kernels, forward and input gradient; groups == 1, r <= 64 and a_blocks == 1,
-    else "implicit") or "grouped"; None: PPAP_FAST_LORA_A_STAGE,
+    else "implicit"), "grouped" or "auto" (the fastest of stacked / implicit / in_base for this call's shapes,
+    timed on the first call with them and cached: ops/lora/autotune.py); None: PPAP_FAST_LORA_A_STAGE,
     else "stacked". ``last_backend["lora_conv2d/a_stage"]`` says which A stage ran. ``a_blocks`` > 1
     declares A block diagonal over its flat (C_in/g, kh, kw) columns (``a_blocks`` blocks of r/a_blocks
     rank rows; reference.loralib_conv_as_factorised builds one): the implicit A stage then skips the
@@ -254,8 +255,11 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     _check_idx(expert_idx, x.shape[0], N)
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
     b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
-    if b == "cpp" and not explicit_stage:  # the environment's A stage is a preference
+    if b == "cpp" and (not explicit_stage or a_stage == "auto"):  # the environment's A stage is a preference
         a_stage = "stacked"
+    if a_stage == "auto":
+        a_stage = _auto_a_stage(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
+                                b, segments, a_blocks)
     last_backend["lora_conv2d/a_stage"] = _effective_a_stage(a_stage, b, groups, r, a_blocks)
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
@@ -273,7 +277,33 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                             seg=segments, fwd=b, a_stage=a_stage, a_blocks=a_blocks)
 
 
-A_STAGES = ("stacked", "fused", "implicit", "in_base", "grouped")
+A_STAGES = ("stacked", "fused", "implicit", "in_base", "grouped", "auto")
+
+
+def _auto_a_stage(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias, b, segments,
+                  a_blocks):
+    """a_stage="auto": the fastest applicable A stage for this call's key, timed once (autotune.py)."""
+    if b == "reference":
+        return "stacked"
+    from . import autotune, fast
+
+    r = A.shape[1]
+    stages = list(dict.fromkeys(_effective_a_stage(s, b, groups, r, a_blocks) for s in autotune.CANDIDATES))
+    if len(stages) == 1:
+        return stages[0]
+    need = tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (x, A, B, expert_bias))
+    seg = segments if segments is not None else build_segments(expert_idx, A.shape[0])
+
+    def run(stage):
+        with torch.enable_grad() if any(need) else torch.no_grad():
+            ins = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((x, A, B, expert_bias), need)]
+            y = fast.lora_conv2d(ins[0], W, bias, ins[1], ins[2], expert_idx, scale, stride, padding, dilation, groups,
+                                 ins[3], seg=seg, fwd=b, a_stage=stage, a_blocks=a_blocks)
+            if any(need):
+                torch.autograd.grad(y, [t for t, n in zip(ins, need) if n], torch.ones_like(y))
+
+    key = autotune.key_for(x, W, A, B, expert_bias, stride, padding, dilation, groups, b, a_blocks, need)
+    return autotune.choose(run, key, stages, x.device)
 
 
 def _resolve_a_stage(a_stage):

@@ -1,0 +1,78 @@
+"""``lora_conv2d(..., a_stage="auto")``: time the conv A stages on the call's own shapes, keep the fastest.
+
+Which A stage is fastest depends on the GPU, the layer's shape, the memory format and whether a
+gradient is wanted (benchmarks/NOTES.md: stacked vs implicit vs in_base flip between layers and
+between eager and graphed runs). "auto" measures instead of guessing, like cudnn.benchmark: the
+first call with a new key (shapes, dtypes, memory format, geometry, backend, which gradients are
+needed) runs each applicable stage (one warm-up, then the median of ``REPS`` timed runs, forward
+and, when a gradient is wanted, backward on detached copies of the inputs), and every later call
+with that key takes the winner. A call made while a CUDA graph is being captured cannot time
+anything: it takes "stacked" and caches nothing (warm up before capture, as GraphedTrainStep does).
+``a_stage_choices()`` lists what was chosen and the times; ``clear_a_stage_choices()`` forgets.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+
+CANDIDATES = ("stacked", "implicit", "in_base")
+REPS = 3
+_CHOICES: Dict[tuple, Tuple[str, Dict[str, float]]] = {}
+
+
+def a_stage_choices() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
+    """{key: (chosen A stage, {candidate: median ms (inf when it failed)})} of this process."""
+    return dict(_CHOICES)
+
+
+def clear_a_stage_choices() -> None:
+    _CHOICES.clear()
+
+
+def _fmt(t: torch.Tensor) -> str:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous"
+
+
+def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
+    """One run of fn in ms (CUDA events on CUDA; the wall clock elsewhere)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def choose(run: Callable[[str], None], key: tuple, candidates, device: torch.device) -> str:
+    """The fastest of ``candidates`` for ``key`` (cached): ``run(stage)`` does one call with that A stage.
+    A candidate that raises is recorded as inf; if all do, the first is taken."""
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit[0]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "stacked"
+    times: Dict[str, float] = {}
+    for stage in candidates:
+        try:
+            run(stage)  # warm-up: compiles, cuDNN algorithm choice, allocator
+            times[stage] = statistics.median(_elapsed_ms(lambda: run(stage), device) for _ in range(REPS))
+        except Exception:  # noqa: BLE001  (a stage that cannot run here is simply not chosen)
+            times[stage] = float("inf")
+    choice = min(candidates, key=lambda s: times[s])
+    _CHOICES[key] = (choice, times)
+    return choice
+
+
+def key_for(x, W, A, B, expert_bias, stride, padding, dilation, groups, backend, a_blocks, grads) -> tuple:
+    return (x.device.type, x.device.index, tuple(x.shape), x.dtype, _fmt(x), tuple(W.shape), W.dtype, _fmt(W),
+            tuple(A.shape), A.dtype, B.dtype, expert_bias is not None, str(stride), str(padding), str(dilation),
+            groups, backend, a_blocks, grads)
