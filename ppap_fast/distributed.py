@@ -982,6 +982,8 @@ LORA_KERNELS = {  # DistillConfig.lora_kernels -> the environment the LoRA ops r
     # convs of either layout through the implicit A stage: base conv + each sample's own expert
     # (factorised layout; loralib convs as the equal rank r*k*k factorised LoRA), not N dense convs
     "implicit": {"PPAP_FAST_LORA_A_STAGE": "implicit", "PPAP_FAST_LORALIB_CONV": "factorised"},
+    # factorised-layout convs: the fastest A stage per layer shape, timed on the first step (ops/lora/autotune.py)
+    "auto": {"PPAP_FAST_LORA_A_STAGE": "auto"},
 }
 
 
@@ -1309,7 +1311,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--lora-kernels", choices=sorted(LORA_KERNELS), default="default",
                    help="implicit: train the experts' convs with the implicit-GEMM LoRA kernels (base conv once + "
                         "each sample's own expert; loralib convs as the equal rank r*k*k factorised LoRA) instead "
-                        "of the default stacked / dense-delta convs (CUDA; elsewhere the reference ops run)")
+                        "of the default stacked / dense-delta convs; auto: each factorised conv layer takes the "
+                        "fastest of its A stages, timed on the first step (CUDA; elsewhere the reference ops run)")
     d.add_argument("--verify-data", action="store_true",
                    help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
