@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,9 +48,14 @@ def _run(args, env_extra=None, timeout=180, nproc=2, torchrun=False):
                "-m", "ppap_fast.distributed", *args]
     else:
         cmd = [sys.executable, "-m", "ppap_fast.distributed", *args, "--nproc", str(nproc)]
-    # own session: the kill hook's SIGKILL of the process group hits the launcher and its workers only
-    return subprocess.run([*cmd, "--threads", "1", "--timeout", "60"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True)
+    # a scratch TMPDIR: a launcher killed by SIGKILL cannot remove its rendezvous folder; this does
+    scratch = tempfile.mkdtemp(prefix="ppap_test_run_")
+    env["TMPDIR"] = scratch
+    try:  # own session: the kill hook's SIGKILL of the process group hits the launcher and its workers only
+        return subprocess.run([*cmd, "--threads", "1", "--timeout", "60"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
