@@ -292,7 +292,9 @@ def scenarios(dtype):
 
     # ------------------------------------------------------------------ the in-base kernels directly (A None: a plain conv)
     for (ci, co, k, st, cl, bias, r) in ((64, 128, 3, 1, True, True, 0), (32, 64, 1, 2, False, False, 0),
-                                         (256, 256, 3, 1, True, False, 16)):  # + ResNet50 layer3's conv2
+                                         (256, 256, 3, 1, True, False, 16),  # + ResNet50 layer3's conv2
+                                         (3, 64, 7, 2, True, False, 16),  # a stem: the forward's packed taps
+                                         (64, 16, 3, 1, True, True, 8)):  # 16 outputs: the dgrad's packed taps
         def f(ci=ci, co=co, k=k, st=st, cl=cl, bias=bias, r=r):
             from ppap_fast.ops.lora import triton_conv as tc
             from ppap_fast.ops.lora.segments import build_segments

@@ -56,12 +56,13 @@ def _conv_base_lora_fwd_kernel(
     scale, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EB: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_EB: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """y = conv(x, W) + bias + eb[e] + scale * B_e conv(x, A_e), h = conv(x, A_e) (HAS_LORA).
     Program (tile, pid_n): BLOCK_M output pixels of expert e's segment x BLOCK_N output channels;
-    K = taps x CP (C padded to BLOCK_K per tap). The pid_n == 0 programs store h."""
+    K = taps x CP (C padded to BLOCK_K per tap; FLAT_K, C < BLOCK_K: CP = C, the taps' channels
+    packed with no padding). The pid_n == 0 programs store h."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     P = Ho * Wo
@@ -83,23 +84,38 @@ def _conv_base_lora_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     hacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, KH * KW * CP, BLOCK_K):  # one flat loop: Triton pipelines its loads
-        tap = k0 // CP
-        c0 = k0 - tap * CP
-        kh = tap // KW
-        kw = tap - kh * KW
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-        inb = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offs_c = c0 + tl.arange(0, BLOCK_K)
-        cvalid = offs_c < C
-        xt = tl.load((x_smp + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c,
-                     mask=inb[:, None] & cvalid[None, :], other=0.0)
-        wt = tl.load(w_ptr + kh * ws_h + kw * ws_w + offs_c[:, None] * ws_c + offs_n[None, :] * ws_n,
-                     mask=cvalid[:, None] & nvalid[None, :], other=0.0)
+        if FLAT_K:  # few channels (a stem conv): K = taps x C unpadded, each column its own tap and channel
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kvalid = offs_k < KH * KW * C
+            tap_k = offs_k // C
+            c_k = offs_k - tap_k * C
+            kh_k = tap_k // KW
+            kw_k = tap_k - kh_k * KW
+            ih2 = oh[:, None] * STRIDE_H - PAD_H + kh_k[None, :] * DIL_H
+            iw2 = ow[:, None] * STRIDE_W - PAD_W + kw_k[None, :] * DIL_W
+            xmask = rmask[:, None] & kvalid[None, :] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W)
+            xt = tl.load(x_smp[:, None] + (ih2 * xs_h + iw2 * xs_w + c_k[None, :] * xs_c),  # in-sample: int32
+                         mask=xmask, other=0.0)
+            w_k = (kh_k * ws_h + kw_k * ws_w + c_k * ws_c)[:, None]
+            a_k = (kh_k * as_h + kw_k * as_w + c_k * as_c)[:, None]
+        else:  # one tap per K step, BLOCK_K of its channels
+            tap = k0 // CP
+            c0 = k0 - tap * CP
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            inb = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            kvalid = offs_c < C
+            xt = tl.load((x_smp + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c,
+                         mask=inb[:, None] & kvalid[None, :], other=0.0)
+            w_k = kh * ws_h + kw * ws_w + offs_c[:, None] * ws_c
+            a_k = kh * as_h + kw * as_w + offs_c[:, None] * as_c
+        wt = tl.load(w_ptr + w_k + offs_n[None, :] * ws_n, mask=kvalid[:, None] & nvalid[None, :], other=0.0)
         acc += _dot(xt, wt, DOT_F32, PREC)
         if HAS_LORA:
-            at = tl.load(a_base + kh * as_h + kw * as_w + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
-                         mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+            at = tl.load(a_base + a_k + offs_r[None, :] * as_r, mask=kvalid[:, None] & rvalid[None, :], other=0.0)
             hacc += _dot(xt, at, DOT_F32, PREC)
     if HAS_LORA:
         h = hacc.to(h_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
@@ -129,11 +145,12 @@ def _conv_base_lora_dgrad_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_LORA: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    HAS_LORA: tl.constexpr, FLAT_K: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
     """dx = conv_transpose(dy, W) (+ conv_transpose(dh, A_e), HAS_LORA), written. Program (tile,
     pid_n): BLOCK_M input pixels of expert e's segment x BLOCK_N input channels; K = taps x NP
-    (C_out padded to BLOCK_K per tap) over dy, then taps x R over dh. A tap reaches an input pixel
+    (C_out padded to BLOCK_K per tap; FLAT_K, C_out < BLOCK_K: NP = C_out, packed) over dy, then
+    taps x R over dh. A tap reaches an input pixel
     only from the output pixels its stride lands on (others masked)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -151,22 +168,39 @@ def _conv_base_lora_dgrad_kernel(
     cvalid = offs_c < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KH * KW * NP, BLOCK_K):
-        tap = k0 // NP
-        n0 = k0 - tap * NP
-        kh = tap // KW
-        kw = tap - kh * KW
-        nh = ih + PAD_H - kh * DIL_H
-        nw = iw + PAD_W - kw * DIL_W
-        oh = nh // STRIDE_H
-        ow = nw // STRIDE_W
-        ok = rmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) \
-            & (ow < Wo)
-        offs_k = n0 + tl.arange(0, BLOCK_K)
-        kvalid = offs_k < NOUT
-        dt = tl.load((dy_ptr + smp * dys_s + oh.to(tl.int64) * dys_h + ow.to(tl.int64) * dys_w)[:, None]
-                     + offs_k[None, :] * dys_n, mask=ok[:, None] & kvalid[None, :], other=0.0)
-        wt = tl.load(w_ptr + kh * ws_h + kw * ws_w + offs_k[:, None] * ws_n + offs_c[None, :] * ws_c,
-                     mask=kvalid[:, None] & cvalid[None, :], other=0.0)
+        if FLAT_K:  # few output channels: K = taps x C_out unpadded, each column its own tap and channel
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kvalid = offs_k < KH * KW * NOUT
+            tap_k = offs_k // NOUT
+            n_k = offs_k - tap_k * NOUT
+            kh_k = tap_k // KW
+            kw_k = tap_k - kh_k * KW
+            nh2 = ih[:, None] + PAD_H - kh_k[None, :] * DIL_H
+            nw2 = iw[:, None] + PAD_W - kw_k[None, :] * DIL_W
+            oh2 = nh2 // STRIDE_H
+            ow2 = nw2 // STRIDE_W
+            dmask = rmask[:, None] & kvalid[None, :] & (nh2 >= 0) & (nh2 - oh2 * STRIDE_H == 0) & (oh2 < Ho) \
+                & (nw2 >= 0) & (nw2 - ow2 * STRIDE_W == 0) & (ow2 < Wo)
+            dt = tl.load((dy_ptr + smp * dys_s)[:, None] + (oh2 * dys_h + ow2 * dys_w + n_k[None, :] * dys_n),
+                         mask=dmask, other=0.0)
+            w_k = (kh_k * ws_h + kw_k * ws_w + n_k * ws_n)[:, None]
+        else:
+            tap = k0 // NP
+            n0 = k0 - tap * NP
+            kh = tap // KW
+            kw = tap - kh * KW
+            nh = ih + PAD_H - kh * DIL_H
+            nw = iw + PAD_W - kw * DIL_W
+            oh = nh // STRIDE_H
+            ow = nw // STRIDE_W
+            ok = rmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) \
+                & (ow < Wo)
+            offs_k = n0 + tl.arange(0, BLOCK_K)
+            kvalid = offs_k < NOUT
+            dt = tl.load((dy_ptr + smp * dys_s + oh.to(tl.int64) * dys_h + ow.to(tl.int64) * dys_w)[:, None]
+                         + offs_k[None, :] * dys_n, mask=ok[:, None] & kvalid[None, :], other=0.0)
+            w_k = kh * ws_h + kw * ws_w + offs_k[:, None] * ws_n
+        wt = tl.load(w_ptr + w_k + offs_c[None, :] * ws_c, mask=kvalid[:, None] & cvalid[None, :], other=0.0)
         acc += _dot(dt, wt, DOT_F32, PREC)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -269,7 +303,8 @@ def conv_base_lora_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, sorted
     (sh, sw), (ph, pw), (dh, dw) = _geometry(stride, padding, dilation)
     BR = _pow2_at_least(R, 16, IN_BASE_MAX_RANK)
     BM, BN, BK, warps, stages = _tiles(NOUT, x.dtype, BR if R else 0, x.stride(1) == 1)
-    CP = triton.cdiv(C, BK) * BK
+    flat = C < BK
+    CP = C if flat else triton.cdiv(C, BK) * BK
     dot_f32, prec = _dot_cfg(x, W)
     a, b = (A, B) if R else (W, W)
     h = h_out if R else y
@@ -283,7 +318,7 @@ def conv_base_lora_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, sorted
         *(h_out.stride() if R else (0,) * 4),
         float(scale), sh, sw, ph, pw, dh, dw,
         KH=KH, KW=KW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR, HAS_LORA=R > 0,
-        HAS_BIAS=bias is not None, HAS_EB=expert_bias is not None, DOT_F32=dot_f32, PREC=prec,
+        HAS_BIAS=bias is not None, HAS_EB=expert_bias is not None, FLAT_K=flat, DOT_F32=dot_f32, PREC=prec,
         num_warps=warps, num_stages=stages,
     )
     return y
@@ -319,7 +354,8 @@ def conv_base_lora_dgrad(dy: torch.Tensor, W: torch.Tensor, dx: torch.Tensor, so
     (sh, sw), (ph, pw), (dlh, dlw) = _geometry(stride, padding, dilation)
     BR = _pow2_at_least(R, 16, IN_BASE_MAX_RANK)
     BM, BN, BK, warps, stages = _tiles(C, dy.dtype, BR if R else 0, dy.stride(1) == 1)
-    NP = triton.cdiv(NOUT, BK) * BK
+    flat = NOUT < BK
+    NP = NOUT if flat else triton.cdiv(NOUT, BK) * BK
     dot_f32, prec = _dot_cfg(dy, W)
     grid = (triton.cdiv(S * H * Wd, BM) + N, triton.cdiv(C, BN))
     _conv_base_lora_dgrad_kernel[grid](
@@ -327,8 +363,8 @@ def conv_base_lora_dgrad(dy: torch.Tensor, W: torch.Tensor, dx: torch.Tensor, so
         N, C, H, Wd, Ho, Wo, NOUT, R, NP,
         *dy.stride(), *W.stride(), *(dh.stride() if R else (0,) * 4), *(A.stride() if R else (0,) * 5),
         *dx.stride(), sh, sw, ph, pw, dlh, dlw,
-        KH=KH, KW=KW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR, HAS_LORA=R > 0, DOT_F32=dot_f32,
-        PREC=prec, num_warps=warps, num_stages=stages,
+        KH=KH, KW=KW, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=BR, HAS_LORA=R > 0, FLAT_K=flat,
+        DOT_F32=dot_f32, PREC=prec, num_warps=warps, num_stages=stages,
     )
     return dx
 
