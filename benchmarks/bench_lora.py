@@ -33,7 +33,9 @@ layers and N:
                        layer (the faster of NCHW / channels_last cuDNN); lora_graph_in_base_vs_implicit: vs the
                        implicit A stage in channels_last; conv_triton_vs_cudnn_graph: those kernels with no LoRA
                        (a plain conv, dx only) vs cuDNN in channels_last: how far the Triton conv itself is.
-                       Each with the launchers' tiles and with ALT_TILES (rows "tiles=..."); the best counts
+                       Each with the launchers' tiles and with ALT_TILES (rows "tiles=..."); the best counts.
+                       lora_linear_graph_in_base_vs_base_graph: the same for the linear layer (DeiT-S qkv;
+                       PPAP_BENCH_LORA_LAYERS must keep it)
   loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
@@ -125,7 +127,8 @@ def _ours(cfg, backend, a_stage="stacked", seg=None):
     """Our op; ``seg``: segment metadata built once per batch (as ExpertBank does for all its layers)."""
     def f(x, W, b, A, B, eb, idx, scale):
         if cfg["kind"] == "linear":
-            return L.lora_linear(x, W, b, A, B, idx, scale, eb, backend=backend, segments=seg)
+            return L.lora_linear(x, W, b, A, B, idx, scale, eb, backend=backend, segments=seg,
+                                 a_stage="in_base" if a_stage == "in_base" else "default")
         return L.lora_conv2d(x, W, b, A, B, idx, scale, 1, cfg["pad"], expert_bias=eb, backend=backend,
                              a_stage=a_stage, segments=seg)
     return f
@@ -446,6 +449,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 variants["triton_conv[plain,channels_last]"] = _triton_plain(cfg)
                 for route in ("delta", "factorised"):  # the loralib layout: N dense deltas vs rank r*k*k
                     variants[f"loralib[{route}]"] = _loralib(cfg, route, N, r, device, dtype, gen, seg)
+            if cfg["kind"] == "linear" and device == "cuda":  # the base GEMM and the LoRA in the in-base kernels
+                variants["ours[triton,a_stage=in_base]"] = _ours(cfg, "triton", "in_base", seg)
             variants["loop"] = lambda *a, _c=cfg: _loop(_c, *a)
             variants["base"] = _base(cfg)
             x_cl, args_cl = x, args
@@ -489,6 +494,8 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                   ("ours[auto,cudagraph]", _ours(cfg, None, seg=seg))]
                 if "cpp" in ours_backends:
                     graph_variants.append(("ours[cpp,cudagraph]", _ours(cfg, "cpp", seg=seg)))
+                if cfg["kind"] == "linear":
+                    graph_variants.append(("ours[triton,a_stage=in_base,cudagraph]", _ours(cfg, "triton", "in_base", seg)))
                 if cfg["kind"] == "conv":  # base + stacked A as one conv: fewer kernels where launches dominate
                     graph_variants.append(("ours[triton,a_stage=fused,cudagraph]", _ours(cfg, "triton", "fused", seg)))
                     graph_variants.append(("ours[triton,a_stage=implicit,cudagraph]",
@@ -523,7 +530,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                 in_base_g = min((v for k, v in graphed.items() if k.startswith("ours[triton,a_stage=in_base") and v),
                                 default=None)  # the better tiling
                 if in_base_g and base_g:
-                    ratio_acc.setdefault("lora_graph_in_base_vs_base_graph", []).append(in_base_g / min(base_g))
+                    name = "lora_graph_in_base_vs_base_graph" if cfg["kind"] == "conv" else \
+                        "lora_linear_graph_in_base_vs_base_graph"
+                    ratio_acc.setdefault(name, []).append(in_base_g / min(base_g))
                 if in_base_g and graphed.get("ours[triton,a_stage=implicit,channels_last,cudagraph]"):
                     ratio_acc.setdefault("lora_graph_in_base_vs_implicit", []).append(
                         in_base_g / graphed["ours[triton,a_stage=implicit,channels_last,cudagraph]"])

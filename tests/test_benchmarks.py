@@ -161,7 +161,8 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(bench_lora, "_configs", lambda device, quick: [
-        dict(name="tiny 3x3 8->8", kind="conv", S=3, cin=8, cout=8, k=3, pad=1, H=4)])
+        dict(name="tiny 3x3 8->8", kind="conv", S=3, cin=8, cout=8, k=3, pad=1, H=4),
+        dict(name="tiny linear", kind="linear", S=2, K=16, O=24, L=5)])
     monkeypatch.setattr(bench_lora, "_make", lambda cfg, N, r, device, dtype, gen: make(cfg, N, r, "cpu",
                                                                                          torch.float32, gen))
     monkeypatch.setattr(bench_lora, "_loralib", lambda cfg, route, N, r, device, dtype, gen, seg=None: loralib(
@@ -180,6 +181,7 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
         assert v in variants, v
     for k in ("lora_graph_in_base_vs_base_graph", "lora_graph_in_base_vs_implicit", "conv_triton_vs_cudnn_graph",
               "lora_graph_implicit_vs_stacked", "loralib_graph_factorised_vs_delta", "lora_fwdbwd_graph_vs_base_graph",
-              "lora_implicit_vs_stacked", "loralib_factorised_vs_delta", "lora_fwdbwd_vs_base"):
+              "lora_implicit_vs_stacked", "loralib_factorised_vs_delta", "lora_fwdbwd_vs_base",
+              "lora_linear_graph_in_base_vs_base_graph"):
         assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
     assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]

@@ -420,6 +420,31 @@ def test_lora_linear_parity(device, backend, ci):
 
 
 @pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("ci", range(6))
+def test_lora_linear_in_base_parity(device, ci, monkeypatch):
+    """lora_linear with a_stage="in_base" (PPAP_FAST_LORA_A_STAGE): the base GEMM and the LoRA in the
+    in-base kernels (rows as a 1 x M map), y and every grad vs float64, poisoned buffers; ranks over 64
+    and the reference / cpp backends keep the default path."""
+    c = LINEAR_CASES[ci]
+    ran = []
+    for name in ("conv_base_lora_fwd", "conv_base_lora_dgrad"):
+        orig = getattr(TC, name)
+        monkeypatch.setattr(TC, name, lambda *a, _f=orig, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
+    monkeypatch.setenv("PPAP_FAST_LORA_A_STAGE", "in_base")
+    for dtype in _dtypes(device) if (device == "cuda" and ci < 2) else [torch.float32]:
+        _run_linear(c, device, "triton", dtype)
+    assert L.last_backend["lora_linear/a_stage"] == "in_base"
+    assert sorted(set(ran)) == ["conv_base_lora_dgrad", "conv_base_lora_fwd"], ran
+    if ci == 0:
+        x, W = torch.randn(2, 5, 8, device=device), torch.randn(6, 8, device=device)
+        A, B, idx = torch.randn(2, 65, 8, device=device), torch.randn(2, 6, 65, device=device), torch.tensor([1, 0])
+        L.lora_linear(x, W, None, A, B, idx.to(device), 0.5, backend="triton")  # rank 65: the default path
+        assert L.last_backend["lora_linear/a_stage"] == "default"
+        L.lora_linear(x.cpu(), W.cpu(), None, A[:, :4].cpu(), B[:, :, :4].cpu(), idx, 0.5, backend="reference")
+        assert L.last_backend["lora_linear/a_stage"] == "reference"
+
+
+@pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("case", range(5))
 def test_conv_lora_wgrad_raw(device, case):
     """conv_lora_wgrad: each expert's A-conv weight gradient over its own samples vs per-sample torch
@@ -805,6 +830,11 @@ def test_a_stage_auto_times_once_and_takes_the_fastest(monkeypatch):
     Ag2, Bg2 = torch.randn(3, 2, 2, 3, 3), torch.randn(3, 4, 1)
     L.lora_conv2d(x, W[:4, :2].contiguous(), None, Ag2, Bg2, idx, 0.5, padding=1, groups=2, backend="triton")
     assert len(timed) == n and L.last_backend["lora_conv2d/a_stage"] == "stacked"
+    fake.update(default=2.0, in_base=1.0)  # a linear layer: its default path vs in_base
+    xl, Wl, Al, Bl = torch.randn(3, 7, 8), torch.randn(6, 8), torch.randn(3, 2, 8), torch.randn(3, 6, 2)
+    yl = L.lora_linear(xl, Wl, None, Al, Bl, idx, 0.5, backend="triton")
+    assert L.last_backend["lora_linear/a_stage"] == "in_base" and timed[-1] == "in_base"
+    assert_close("auto linear", yl, R.lora_linear(xl, Wl, None, Al, Bl, idx, 0.5), 1e-5)
     autotune.clear_a_stage_choices()
 
 

@@ -260,6 +260,10 @@ def scenarios(dtype):
             # guidance: gradient w.r.t. the input only (frozen experts)
             x2 = _p(*(shape or (S,)), K, dtype=dtype)
             _backward(lora.lora_linear(x2, W, None, A.detach(), B.detach(), idx, 0.5, backend="triton"))
+            # the base GEMM and the LoRA in the in-base kernels
+            x3 = _p(*(shape or (S,)), K, dtype=dtype)
+            _backward(lora.lora_linear(x3, W, torch.randn(NOUT, dtype=dtype) if bias else None, A, B, idx, 0.5, e,
+                                       backend="triton", a_stage="in_base"))
         add(f"lora_linear x{tuple(shape) or (S,)}x{K} out{NOUT} r{r} bias={bias} eb={eb}", f)
 
     # ------------------------------------------------------------------ LoRA conv2d

@@ -207,26 +207,61 @@ def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
 
 
 # ----------------------------------------------------------------------------- ops
-def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backend=None, segments=None):
+def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backend=None, segments=None,
+                a_stage=None):
     """x [S, ..., in] -> x W^T + bias + expert_bias[e] + scale (x A_e^T) B_e^T, e = expert_idx[s].
 
     W [out, in] and bias are frozen; A [N, r, in], B [N, out, r], expert_bias [N, out] | None.
-    ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers.
+    ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers. ``a_stage``
+    (None: PPAP_FAST_LORA_A_STAGE): "in_base" runs the base GEMM and the LoRA in the same Triton kernels
+    (r <= 64; the conv A stage's kernels, the rows as a 1 x M map), "auto" times that against the default
+    path on the first call with each key; "default" or any other conv A stage name: the default path.
+    ``last_backend["lora_linear/a_stage"]`` says which ran ("default" or "in_base").
     """
     N, r, K = A.shape
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     _check_idx(expert_idx, x.shape[0], N)
-    b = _pick("lora_linear", x, backend)
+    explicit_stage = a_stage is not None
+    stage = "default" if a_stage == "default" else _resolve_a_stage(a_stage)
+    b = _pick("lora_linear", x, backend, skip=("cpp",) if stage in ("in_base", "auto") else ())
+    from .triton_conv import IN_BASE_MAX_RANK
+
+    if b in ("reference", "cpp") or r > IN_BASE_MAX_RANK or stage not in ("in_base", "auto"):
+        stage = "default"
+    elif stage == "auto":
+        stage = _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segments)
+    last_backend["lora_linear/a_stage"] = "reference" if b == "reference" else stage
     if b == "reference":
         return reference.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias)
     if b == "cpp":
+        if explicit_stage and a_stage == "in_base":
+            raise ValueError("backend 'cpp' runs the default linear path only, got a_stage='in_base'")
         from . import cpp
 
         return cpp.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments)
     from . import fast
 
-    return fast.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments, fwd=b)
+    return fast.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments, fwd=b, a_stage=stage)
+
+
+def _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segments):
+    """a_stage="auto" for a linear layer: "default" or "in_base", timed once per key (autotune.py)."""
+    from . import autotune, fast
+
+    need = tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (x, A, B, expert_bias))
+    seg = segments if segments is not None else build_segments(expert_idx, A.shape[0])
+
+    def run(stage):
+        with torch.enable_grad() if any(need) else torch.no_grad():
+            ins = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((x, A, B, expert_bias), need)]
+            y = fast.lora_linear(ins[0], W, bias, ins[1], ins[2], expert_idx, scale, ins[3], seg=seg, fwd=b,
+                                 a_stage=stage)
+            if any(need):
+                torch.autograd.grad(y, [t for t, n in zip(ins, need) if n], torch.ones_like(y))
+
+    key = ("linear",) + autotune.key_for(x, W, A, B, expert_bias, 1, 0, 1, 1, b, 1, need)
+    return autotune.choose(run, key, ("default", "in_base"), x.device)
 
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,

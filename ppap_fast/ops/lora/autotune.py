@@ -7,7 +7,9 @@ first call with a new key (shapes, dtypes, memory format, geometry, backend, whi
 needed) runs each applicable stage (one warm-up, then the median of ``REPS`` timed runs, forward
 and, when a gradient is wanted, backward on detached copies of the inputs), and every later call
 with that key takes the winner. A call made while a CUDA graph is being captured cannot time
-anything: it takes "stacked" and caches nothing (warm up before capture, as GraphedTrainStep does).
+anything: it takes the first candidate ("stacked"; "default" for a linear layer) and caches nothing
+(warm up before capture, as GraphedTrainStep does). Linear layers choose between their default path
+and "in_base" the same way.
 ``a_stage_choices()`` lists what was chosen and the times; ``clear_a_stage_choices()`` forgets.
 """
 from __future__ import annotations
@@ -54,12 +56,12 @@ def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
 
 def choose(run: Callable[[str], None], key: tuple, candidates, device: torch.device) -> str:
     """The fastest of ``candidates`` for ``key`` (cached): ``run(stage)`` does one call with that A stage.
-    A candidate that raises is recorded as inf; if all do, the first is taken."""
+    A candidate that raises is recorded as inf; if all do, the first is taken (also inside a capture)."""
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "stacked"
+        return candidates[0]
     times: Dict[str, float] = {}
     for stage in candidates:
         try:
