@@ -35,7 +35,8 @@ layers and N:
                        (a plain conv, dx only) vs cuDNN in channels_last: how far the Triton conv itself is.
                        Each with the launchers' tiles and with ALT_TILES (rows "tiles=..."); the best counts.
                        lora_linear_graph_in_base_vs_base_graph: the same for the linear layer (DeiT-S qkv;
-                       PPAP_BENCH_LORA_LAYERS must keep it)
+                       PPAP_BENCH_LORA_LAYERS must keep it); lora_linear_graph_in_base_vs_default: vs its
+                       default Triton path
   loralib_factorised_vs_delta (CUDA, conv layers; + _graph_ in CUDA graphs): fwd+bwd of a loralib-layout
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
@@ -533,6 +534,9 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     name = "lora_graph_in_base_vs_base_graph" if cfg["kind"] == "conv" else \
                         "lora_linear_graph_in_base_vs_base_graph"
                     ratio_acc.setdefault(name, []).append(in_base_g / min(base_g))
+                if in_base_g and cfg["kind"] == "linear" and graphed.get("ours[triton,cudagraph]"):
+                    ratio_acc.setdefault("lora_linear_graph_in_base_vs_default", []).append(
+                        in_base_g / graphed["ours[triton,cudagraph]"])
                 if in_base_g and graphed.get("ours[triton,a_stage=implicit,channels_last,cudagraph]"):
                     ratio_acc.setdefault("lora_graph_in_base_vs_implicit", []).append(
                         in_base_g / graphed["ours[triton,a_stage=implicit,channels_last,cudagraph]"])

@@ -34,6 +34,8 @@ PENDING = (
      "than cuDNN + the implicit LoRA kernels (channels_last, CUDA graphs)",
      "time a channels_last bank with PPAP_FAST_LORA_A_STAGE=in_base in the graphed distill step "
      "(#3's per-layer goal: lora_graph_in_base_vs_base_graph <= 1.15)"),
+    ("lora_linear_graph_in_base_vs_default", "the linear LoRA layer faster with its base GEMM in the in-base "
+     "kernels (DeiT-S qkv, CUDA graphs)", "make 'in_base' the CUDA default of lora_linear (ops/lora/__init__.py)"),
     ("distill_graph_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA in the graphed step",
      "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
     ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",

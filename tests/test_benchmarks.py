@@ -182,6 +182,6 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     for k in ("lora_graph_in_base_vs_base_graph", "lora_graph_in_base_vs_implicit", "conv_triton_vs_cudnn_graph",
               "lora_graph_implicit_vs_stacked", "loralib_graph_factorised_vs_delta", "lora_fwdbwd_graph_vs_base_graph",
               "lora_implicit_vs_stacked", "loralib_factorised_vs_delta", "lora_fwdbwd_vs_base",
-              "lora_linear_graph_in_base_vs_base_graph"):
+              "lora_linear_graph_in_base_vs_base_graph", "lora_linear_graph_in_base_vs_default"):
         assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
     assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]
