@@ -172,16 +172,16 @@ class _TritonPlainConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, pad):
         from ppap_fast.ops.lora import triton_conv as tc
+        from ppap_fast.ops.lora.fast import _conv_format
 
         S, _, H, Wd = x.shape
         k = W.shape[-1]
         Ho, Wo = H + 2 * pad - k + 1, Wd + 2 * pad - k + 1
-        y = torch.empty(S, W.shape[0], Ho, Wo, device=x.device, dtype=x.dtype).contiguous(
-            memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+        ctx.pad, ctx.xshape, ctx.fmt = pad, x.shape, _conv_format(x)
+        y = torch.empty(S, W.shape[0], Ho, Wo, device=x.device, dtype=x.dtype).contiguous(memory_format=ctx.fmt)
         ctx.seg = L.build_segments(torch.zeros(S, dtype=torch.long, device=x.device), 1)
         tc.conv_base_lora_fwd(x, tc.weight_for_tiles(W), y, ctx.seg.sorted_idx, ctx.seg.offsets, 1, pad, 1, b)
         ctx.save_for_backward(W)
-        ctx.pad, ctx.xshape, ctx.fmt = pad, x.shape, (torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
         return y
 
     @staticmethod

@@ -249,17 +249,10 @@ def _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segm
     """a_stage="auto" for a linear layer: "default" or "in_base", timed once per key (autotune.py)."""
     from . import autotune, fast
 
-    need = tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (x, A, B, expert_bias))
+    need = autotune.grads_wanted(x, A, B, expert_bias)
     seg = segments if segments is not None else build_segments(expert_idx, A.shape[0])
-
-    def run(stage):
-        with torch.enable_grad() if any(need) else torch.no_grad():
-            ins = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((x, A, B, expert_bias), need)]
-            y = fast.lora_linear(ins[0], W, bias, ins[1], ins[2], expert_idx, scale, ins[3], seg=seg, fwd=b,
-                                 a_stage=stage)
-            if any(need):
-                torch.autograd.grad(y, [t for t, n in zip(ins, need) if n], torch.ones_like(y))
-
+    run = autotune.runner(lambda stage, xs, As, Bs, ebs: fast.lora_linear(
+        xs, W, bias, As, Bs, expert_idx, scale, ebs, seg=seg, fwd=b, a_stage=stage), (x, A, B, expert_bias), need)
     key = ("linear",) + autotune.key_for(x, W, A, B, expert_bias, 1, 0, 1, 1, b, 1, need)
     return autotune.choose(run, key, ("default", "in_base"), x.device)
 
@@ -326,17 +319,11 @@ def _auto_a_stage(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation
     stages = list(dict.fromkeys(_effective_a_stage(s, b, groups, r, a_blocks) for s in autotune.CANDIDATES))
     if len(stages) == 1:
         return stages[0]
-    need = tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (x, A, B, expert_bias))
+    need = autotune.grads_wanted(x, A, B, expert_bias)
     seg = segments if segments is not None else build_segments(expert_idx, A.shape[0])
-
-    def run(stage):
-        with torch.enable_grad() if any(need) else torch.no_grad():
-            ins = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((x, A, B, expert_bias), need)]
-            y = fast.lora_conv2d(ins[0], W, bias, ins[1], ins[2], expert_idx, scale, stride, padding, dilation, groups,
-                                 ins[3], seg=seg, fwd=b, a_stage=stage, a_blocks=a_blocks)
-            if any(need):
-                torch.autograd.grad(y, [t for t, n in zip(ins, need) if n], torch.ones_like(y))
-
+    run = autotune.runner(lambda stage, xs, As, Bs, ebs: fast.lora_conv2d(
+        xs, W, bias, As, Bs, expert_idx, scale, stride, padding, dilation, groups, ebs, seg=seg, fwd=b, a_stage=stage,
+        a_blocks=a_blocks), (x, A, B, expert_bias), need)
     key = autotune.key_for(x, W, A, B, expert_bias, stride, padding, dilation, groups, b, a_blocks, need)
     return autotune.choose(run, key, stages, x.device)
 

@@ -34,10 +34,21 @@ def clear_a_stage_choices() -> None:
     _CHOICES.clear()
 
 
-def _fmt(t: torch.Tensor) -> str:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "contiguous"
+def grads_wanted(x, A, B, expert_bias) -> tuple:
+    """Which of (x, A, B, expert_bias) the call being tuned differentiates (part of its key)."""
+    return tuple(bool(torch.is_grad_enabled() and t is not None and t.requires_grad) for t in (x, A, B, expert_bias))
+
+
+def runner(call: Callable, leaves: tuple, need: tuple) -> Callable[[str], None]:
+    """run(stage): ``call(stage, x, A, B, expert_bias)`` on detached copies of ``leaves`` (x, A, B,
+    expert_bias) that require the gradients in ``need``, and its backward when any is wanted."""
+    def run(stage):
+        with torch.enable_grad() if any(need) else torch.no_grad():
+            ins = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(leaves, need)]
+            y = call(stage, *ins)
+            if any(need):
+                torch.autograd.grad(y, [t for t, n in zip(ins, need) if n], torch.ones_like(y))
+    return run
 
 
 def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
@@ -75,6 +86,9 @@ def choose(run: Callable[[str], None], key: tuple, candidates, device: torch.dev
 
 
 def key_for(x, W, A, B, expert_bias, stride, padding, dilation, groups, backend, a_blocks, grads) -> tuple:
-    return (x.device.type, x.device.index, tuple(x.shape), x.dtype, _fmt(x), tuple(W.shape), W.dtype, _fmt(W),
+    from .fast import _conv_format
+
+    return (x.device.type, x.device.index, tuple(x.shape), x.dtype, _conv_format(x), tuple(W.shape), W.dtype,
+            _conv_format(W),
             tuple(A.shape), A.dtype, B.dtype, expert_bias is not None, str(stride), str(padding), str(dilation),
             groups, backend, a_blocks, grads)

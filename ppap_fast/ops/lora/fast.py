@@ -171,7 +171,14 @@ class LoraLinearFn(torch.autograd.Function):
         if need_x or need_a:
             dh = _alloc((S, M, R), x3)
             tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh, seg.sorted_idx, seg.offsets, s)
-            if need_x:
+            if need_x and getattr(ctx, "in_base", False):  # dy W + dh A_e in one in-base dgrad kernel
+                from . import triton_conv as tc
+
+                dx = _alloc((S, M, K), x3)
+                tc.conv_base_lora_dgrad(_rows_as_map(dy3), Wc[:, :, None, None], _rows_as_map(dx), seg.sorted_idx,
+                                        seg.offsets, dh=_rows_as_map(dh), A=Ac[..., None, None])
+                dx = dx.view(x_shape)
+            elif need_x:
                 dx = torch.matmul(dy3, Wc)  # [S, M, K] dense base part
                 tk.sgmv_expand(dh, Ac.transpose(1, 2), dx, seg.sorted_idx, seg.offsets, 1.0, accumulate=True)
                 dx = dx.view(x_shape)
@@ -182,11 +189,11 @@ class LoraLinearFn(torch.autograd.Function):
         return dx, None, None, dA, dB, deb, None, None, None
 
 
-class LoraLinearInBaseFn(torch.autograd.Function):
+class LoraLinearInBaseFn(LoraLinearFn):
     """in_base for a linear layer (r <= 64): the rows as a 1 x M map and W as a 1x1 conv through the
-    in-base kernels (triton_conv.py): forward one kernel (x tiles feed W and the tile's expert's A; y
-    and h written), backward dh = s B_e^T dy (shrink), dx = ``conv_base_lora_dgrad`` (dy W + dh A_e in
-    one GEMM), dA and dB / deb by seg_outer. No copies: every operand is read in place."""
+    in-base kernels (triton_conv.py), every operand read in place. Forward one kernel (x tiles feed W
+    and the tile's expert's A; y and h written); backward LoraLinearFn's Triton one with dx = dy W +
+    dh A_e in one ``conv_base_lora_dgrad``."""
 
     @staticmethod
     def forward(ctx, x, W, bias, A, B, expert_bias, seg: Segments, scale: float, fwd: str):
@@ -206,38 +213,9 @@ class LoraLinearInBaseFn(torch.autograd.Function):
                               scale=scale, expert_bias=None if expert_bias is None else expert_bias.detach(),
                               h_out=_rows_as_map(h))
         ctx.save_for_backward(x3, Wc, Ac, Bc, h)
-        ctx.seg, ctx.scale, ctx.cuda_bwd = seg, scale, fwd == "cuda_full"
+        ctx.seg, ctx.scale, ctx.cuda_bwd, ctx.in_base = seg, scale, False, True
         ctx.meta = (x.shape, A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y3.view(*x.shape[:-1], NOUT)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        from . import triton_conv as tc
-
-        x3, Wc, Ac, Bc, h = ctx.saved_tensors
-        seg, s = ctx.seg, ctx.scale
-        x_shape, a_dt, b_dt, has_eb, eb_dt = ctx.meta
-        S, M, K = x3.shape
-        N, R, _ = Ac.shape
-        dy3 = dy.reshape(S, M, Wc.shape[0])
-        if dy3.dtype != x3.dtype:
-            dy3 = dy3.to(x3.dtype)
-        need_x, _, _, need_a, need_b, need_eb = ctx.needs_input_grad[:6]
-        dx = dA = None
-        if need_x or need_a:
-            dh = _alloc((S, M, R), x3)
-            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh, seg.sorted_idx, seg.offsets, s)
-            if need_x:
-                dx3 = _alloc((S, M, K), x3)
-                tc.conv_base_lora_dgrad(_rows_as_map(dy3), Wc[:, :, None, None], _rows_as_map(dx3), seg.sorted_idx,
-                                        seg.offsets, dh=_rows_as_map(dh), A=Ac[..., None, None])
-                dx = dx3.view(x_shape)
-            if need_a:
-                dA = _alloc((N, R, K), x3, dtype=a_dt)
-                tk.seg_outer(dh, x3, dA, seg.sorted_idx, seg.offsets, 1.0)
-        dB, deb = _b_bias_grads(dy3, h, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
-        return dx, None, None, dA, dB, deb, None, None, None
 
 
 def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segments | None = None,
