@@ -225,9 +225,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     explicit_stage = a_stage is not None
     stage = "default" if a_stage == "default" else _resolve_a_stage(a_stage)
     b = _pick("lora_linear", x, backend, skip=("cpp",) if stage in ("in_base", "auto") else ())
-    from .triton_conv import IN_BASE_MAX_RANK
-
-    if b in ("reference", "cpp") or r > IN_BASE_MAX_RANK or stage not in ("in_base", "auto"):
+    if b in ("reference", "cpp") or stage not in ("in_base", "auto") or r > _in_base_max_rank():
         stage = "default"
     elif stage == "auto":
         stage = _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segments)
@@ -243,6 +241,15 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     from . import fast
 
     return fast.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg=segments, fwd=b, a_stage=stage)
+
+
+def _in_base_max_rank() -> int:
+    """The in-base kernels' rank limit; 0 without Triton (a CUDA-only build: the default path runs)."""
+    if _triton_import_error() is not None:
+        return 0
+    from .triton_conv import IN_BASE_MAX_RANK
+
+    return IN_BASE_MAX_RANK
 
 
 def _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segments):
@@ -346,9 +353,7 @@ def _effective_a_stage(a_stage, backend, groups, r, a_blocks=1):
     if a_stage == "fused" and groups != 1:
         return "stacked"
     if a_stage == "in_base":
-        from .triton_conv import IN_BASE_MAX_RANK
-
-        if groups == 1 and a_blocks == 1 and r <= IN_BASE_MAX_RANK:
+        if groups == 1 and a_blocks == 1 and r <= _in_base_max_rank():
             return a_stage
         a_stage = "implicit"
     if a_stage == "implicit":
