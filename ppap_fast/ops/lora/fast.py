@@ -436,17 +436,22 @@ class LoraConvImplicitFn(torch.autograd.Function):
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         S, C_out, Ho, Wo = dy.shape
-        P = Ho * Wo
         N, r = Ac.shape[:2]
         dy3 = dy.flatten(2).transpose(1, 2)
-        h3 = hc.view(S, r, P).transpose(1, 2)
+        h3 = hc.flatten(2).transpose(1, 2)
         need_x, need_a, need_b, need_eb = ctx.needs_input_grad[:4]
         dx = dA = None
-        geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
         if need_x or need_a:
-            dh = _alloc_fmt((S, r, Ho, Wo), x, _conv_format(x))
+            fmt = _conv_format(x)
+            dh = _alloc_fmt((S, r, Ho, Wo), x, fmt)
             tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets, s)
-            if need_x:
+            if need_x and getattr(ctx, "in_base", False) and tk._conv_geometry(stride, padding, dilation)[0] == (1, 1):
+                from . import triton_conv as tc  # dy against W and dh against A_e in one dgrad GEMM
+
+                dx = _alloc_fmt(tuple(x.shape), x, fmt)
+                tc.conv_base_lora_dgrad(dy, Wc, dx, seg.sorted_idx, seg.offsets, stride, padding, dilation, dh, Ac)
+            elif need_x:  # cuDNN's dgrad + the LoRA share (strided in_base too: most taps miss an input pixel)
+                geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
                 dx = torch.ops.aten.convolution_backward(dy, x, Wc, None, *geo, [True, False, False])[0]
                 tk.conv_lora_dgrad(dh, Ac, dx, seg.expert_idx, stride, padding, dilation, a_blocks=ctx.a_blocks)
             if need_a:
@@ -459,21 +464,22 @@ class LoraConvImplicitFn(torch.autograd.Function):
         return dx, dA, dB, deb, None, None, None, None, None, None, None, None, None
 
 
-class LoraConvInBaseFn(torch.autograd.Function):
+class LoraConvInBaseFn(LoraConvImplicitFn):
     """a_stage="in_base" (groups == 1, r <= 64): the base conv and its LoRA in the same Triton
     implicit-GEMM kernels (triton_conv.py): forward ``conv_base_lora_fwd`` (the x tiles feed W and
-    the tile's expert's A; y and h written in x's memory format); backward dh = s B_e^T dy (one
-    shrink), dx = ``conv_base_lora_dgrad`` (dy against W and dh against A_e in one GEMM; stride 1,
-    else cuDNN dgrad + conv_lora_dgrad), dA by ``conv_lora_wgrad``, dB by seg_outer."""
+    the tile's expert's A; y and h written in x's memory format); backward LoraConvImplicitFn's with
+    dx = ``conv_base_lora_dgrad`` (dy against W and dh against A_e in one GEMM; stride 1, else cuDNN
+    dgrad + conv_lora_dgrad)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd):
+    def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd,
+                a_blocks=1):
         from . import triton_conv as tc
 
         cdt = x.dtype
         Wk = tc.weight_for_tiles(W.detach(), cdt)
         Ak, Bc = tc.lora_a_for_tiles(A.detach(), cdt), B.detach().to(cdt)
-        (sh, sw), (ph, pw), (dh_, dw_) = tc._geometry(stride, padding, dilation)
+        (sh, sw), (ph, pw), (dh_, dw_) = tk._conv_geometry(stride, padding, dilation)
         S, _, H, Wd = x.shape
         C_out, _, KH, KW = W.shape
         Ho, Wo = (H + 2 * ph - dh_ * (KH - 1) - 1) // sh + 1, (Wd + 2 * pw - dw_ * (KW - 1) - 1) // sw + 1
@@ -485,45 +491,8 @@ class LoraConvInBaseFn(torch.autograd.Function):
                               None if expert_bias is None else expert_bias.detach(), hc)
         ctx.save_for_backward(x, hc, Ak, Bc, Wk)
         _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
+        ctx.a_blocks, ctx.in_base = 1, True
         return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        from . import triton_conv as tc
-
-        x, hc, Ak, Bc, Wk = ctx.saved_tensors
-        seg, s = ctx.seg, ctx.scale
-        stride, padding, dilation = ctx.geom
-        a_dt, b_dt, has_eb, eb_dt = ctx.meta
-        if dy.dtype != x.dtype:
-            dy = dy.to(x.dtype)
-        S, C_out, Ho, Wo = dy.shape
-        N, r = Ak.shape[:2]
-        dy3 = dy.flatten(2).transpose(1, 2)
-        h3 = hc.flatten(2).transpose(1, 2)
-        need_x, need_a, need_b, need_eb = ctx.needs_input_grad[:4]
-        dx = dA = None
-        if need_x or need_a:
-            fmt = _conv_format(x)
-            dh = _alloc_fmt((S, r, Ho, Wo), x, fmt)
-            tk.sgmv_shrink(dy3, Bc.transpose(1, 2), dh.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets, s)
-            if need_x:
-                if tc._geometry(stride, padding, dilation)[0] == (1, 1):
-                    dx = _alloc_fmt(tuple(x.shape), x, fmt)
-                    tc.conv_base_lora_dgrad(dy, Wk, dx, seg.sorted_idx, seg.offsets, stride, padding, dilation,
-                                            dh, Ak)
-                else:  # strided: most taps miss a given input pixel; cuDNN's dgrad + the LoRA share
-                    geo = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], 1)
-                    dx = torch.ops.aten.convolution_backward(dy, x, Wk, None, *geo, [True, False, False])[0]
-                    tk.conv_lora_dgrad(dh, Ak, dx, seg.expert_idx, stride, padding, dilation)
-            if need_a:
-                direct = a_dt in (x.dtype, torch.float32)
-                dA = _alloc(tuple(Ak.shape), x, dtype=a_dt if direct else torch.float32)
-                tk.conv_lora_wgrad(x, dh, dA, seg.sorted_idx, seg.offsets, stride, padding, dilation)
-                dA = dA if direct else dA.to(a_dt)
-        dB, deb = _b_bias_grads(dy3, h3, seg, s, N, b_dt, eb_dt, need_b, has_eb and need_eb, ctx.cuda_bwd)
-        return dx, dA, dB, deb, None, None, None, None, None, None, None, None
 
 
 def _pair(v):
@@ -541,7 +510,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     if a_stage == "in_base" and groups == 1 and a_blocks == 1 and A.shape[1] <= IN_BASE_MAX_RANK:
         with no_autocast:
             return LoraConvInBaseFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
-                                          dilation, fwd)
+                                          dilation, fwd, 1)
     if a_stage == "in_base":  # a blocked A or a rank over the in-base tile: the implicit kernels
         a_stage = "implicit"
     if a_stage == "fused" and groups == 1:

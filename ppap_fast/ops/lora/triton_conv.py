@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, alloc
+from .triton_kernels import _conv_geometry, _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, alloc
 
 IN_BASE_MAX_RANK = 64  # the forward keeps the R columns of h in one register tile beside the y tile
 
@@ -40,6 +40,29 @@ def _dot_into(a, b, acc, DOT_F32: tl.constexpr, PREC: tl.constexpr):
     else:
         r = tl.dot(a, b.to(a.dtype), acc)
     return r
+
+
+@triton.jit
+def _segment_rows(off_ptr, sidx_ptr, pid, N, M, BLOCK_M: tl.constexpr):
+    """This program's rows: (expert (-1: idle), row mask, sample of each row (int64), row within its
+    sample) of the expert-sorted segment tiles over M rows per sample."""
+    e, start, nrows, s0 = _find_tile(off_ptr, pid, N, M, BLOCK_M)
+    j = start + tl.arange(0, BLOCK_M)
+    rmask = j < nrows
+    smp = tl.load(sidx_ptr + s0 + j // M, mask=rmask, other=0).to(tl.int64)
+    return e, rmask, smp, j % M
+
+
+@triton.jit
+def _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """The output pixel (oh, ow) from which tap (kh, kw) reaches input pixel (ih, iw), and whether one
+    exists (inside the map, on the stride)."""
+    nh = ih + PAD_H - kh * DIL_H
+    nw = iw + PAD_W - kw * DIL_W
+    oh = nh // STRIDE_H
+    ow = nw // STRIDE_W
+    ok = (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) & (ow < Wo)
+    return oh, ow, ok
 
 
 @triton.jit
@@ -65,14 +88,9 @@ def _conv_base_lora_fwd_kernel(
     packed with no padding). The pid_n == 0 programs store h."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    P = Ho * Wo
-    e, start, nrows, s0 = _find_tile(off_ptr, pid, N, P, BLOCK_M)
+    e, rmask, smp, p = _segment_rows(off_ptr, sidx_ptr, pid, N, Ho * Wo, BLOCK_M)
     if e < 0:
         return
-    j = start + tl.arange(0, BLOCK_M)
-    rmask = j < nrows
-    smp = tl.load(sidx_ptr + s0 + j // P, mask=rmask, other=0).to(tl.int64)
-    p = j % P
     oh = p // Wo
     ow = p % Wo
     x_smp = x_ptr + smp * xs_s
@@ -154,14 +172,9 @@ def _conv_base_lora_dgrad_kernel(
     only from the output pixels its stride lands on (others masked)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
-    Q = H * W
-    e, start, nrows, s0 = _find_tile(off_ptr, pid, N, Q, BLOCK_M)
+    e, rmask, smp, q = _segment_rows(off_ptr, sidx_ptr, pid, N, H * W, BLOCK_M)
     if e < 0:
         return
-    j = start + tl.arange(0, BLOCK_M)
-    rmask = j < nrows
-    smp = tl.load(sidx_ptr + s0 + j // Q, mask=rmask, other=0).to(tl.int64)
-    q = j % Q
     ih = q // W
     iw = q % W
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -175,12 +188,9 @@ def _conv_base_lora_dgrad_kernel(
             n_k = offs_k - tap_k * NOUT
             kh_k = tap_k // KW
             kw_k = tap_k - kh_k * KW
-            nh2 = ih[:, None] + PAD_H - kh_k[None, :] * DIL_H
-            nw2 = iw[:, None] + PAD_W - kw_k[None, :] * DIL_W
-            oh2 = nh2 // STRIDE_H
-            ow2 = nw2 // STRIDE_W
-            dmask = rmask[:, None] & kvalid[None, :] & (nh2 >= 0) & (nh2 - oh2 * STRIDE_H == 0) & (oh2 < Ho) \
-                & (nw2 >= 0) & (nw2 - ow2 * STRIDE_W == 0) & (ow2 < Wo)
+            oh2, ow2, ok2 = _tap_source(ih[:, None], iw[:, None], kh_k[None, :], kw_k[None, :], Ho, Wo,
+                                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            dmask = rmask[:, None] & kvalid[None, :] & ok2
             dt = tl.load((dy_ptr + smp * dys_s)[:, None] + (oh2 * dys_h + ow2 * dys_w + n_k[None, :] * dys_n),
                          mask=dmask, other=0.0)
             w_k = (kh_k * ws_h + kw_k * ws_w + n_k * ws_n)[:, None]
@@ -189,12 +199,8 @@ def _conv_base_lora_dgrad_kernel(
             n0 = k0 - tap * NP
             kh = tap // KW
             kw = tap - kh * KW
-            nh = ih + PAD_H - kh * DIL_H
-            nw = iw + PAD_W - kw * DIL_W
-            oh = nh // STRIDE_H
-            ow = nw // STRIDE_W
-            ok = rmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) \
-                & (ow < Wo)
+            oh, ow, ok = _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            ok = ok & rmask
             offs_k = n0 + tl.arange(0, BLOCK_K)
             kvalid = offs_k < NOUT
             dt = tl.load((dy_ptr + smp * dys_s + oh.to(tl.int64) * dys_h + ow.to(tl.int64) * dys_w)[:, None]
@@ -209,12 +215,8 @@ def _conv_base_lora_dgrad_kernel(
         for tap in range(0, KH * KW):
             kh = tap // KW
             kw = tap - kh * KW
-            nh = ih + PAD_H - kh * DIL_H
-            nw = iw + PAD_W - kw * DIL_W
-            oh = nh // STRIDE_H
-            ow = nw // STRIDE_W
-            ok = rmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) \
-                & (nw - ow * STRIDE_W == 0) & (ow < Wo)
+            oh, ow, ok = _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            ok = ok & rmask
             dht = tl.load((dh_ptr + smp * dhs_s + oh.to(tl.int64) * dhs_h + ow.to(tl.int64) * dhs_w)[:, None]
                           + offs_r[None, :] * dhs_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
             at = tl.load(a_base + kh * as_h + kw * as_w + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
@@ -225,11 +227,6 @@ def _conv_base_lora_dgrad_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-def _geometry(stride, padding, dilation):
-    pair = lambda v: (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # noqa: E731
-    return pair(stride), pair(padding), pair(dilation)
-
-
 _TILE_OVERRIDE: list = []  # [(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)] inside tiles()
 
 
@@ -300,7 +297,7 @@ def conv_base_lora_fwd(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, sorted
     Ho, Wo = y.shape[2:]
     if S == 0 or Ho * Wo == 0 or NOUT == 0:
         return y
-    (sh, sw), (ph, pw), (dh, dw) = _geometry(stride, padding, dilation)
+    (sh, sw), (ph, pw), (dh, dw) = _conv_geometry(stride, padding, dilation)
     BR = _pow2_at_least(R, 16, IN_BASE_MAX_RANK)
     BM, BN, BK, warps, stages = _tiles(NOUT, x.dtype, BR if R else 0, x.stride(1) == 1)
     flat = C < BK
@@ -351,7 +348,7 @@ def conv_base_lora_dgrad(dy: torch.Tensor, W: torch.Tensor, dx: torch.Tensor, so
     Ho, Wo = dy.shape[2:]
     if S == 0 or H * Wd == 0 or C == 0:
         return dx
-    (sh, sw), (ph, pw), (dlh, dlw) = _geometry(stride, padding, dilation)
+    (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
     BR = _pow2_at_least(R, 16, IN_BASE_MAX_RANK)
     BM, BN, BK, warps, stages = _tiles(C, dy.dtype, BR if R else 0, dy.stride(1) == 1)
     flat = NOUT < BK
