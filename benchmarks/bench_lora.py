@@ -41,7 +41,8 @@ layers and N:
                        layer as the equal rank r*k*k factorised LoRA (implicit, a_blocks=k) vs its dense
                        per-expert deltas (lora_conv2d_delta)
 On CUDA the Triton layer's and the base layer's rows also hold the profile of one eager fwd+bwd
-(``fwdbwd_profile_top``: top kernels and ops). PPAP_BENCH_LORA_LAYERS="3x3,qkv" keeps the layers
+(``fwdbwd_profile_top``: top kernels and ops); at the first N the graphed rows in GRAPH_PROFILED hold
+the kernels of one graph replay (``fwdbwd_graph_profile_top``: GPU time per kernel, no host). PPAP_BENCH_LORA_LAYERS="3x3,qkv" keeps the layers
 whose name contains one of the words (a short GPU call).
 """
 from __future__ import annotations
@@ -274,27 +275,35 @@ def _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype):
         return None, f"peft mixed batch failed: {type(exc).__name__}: {exc}"
 
 
-def _captured_ms(step, reps, grad: bool):
-    """Median time of ``step()`` captured in a CUDA graph (3 warm-up calls on a side stream first),
-    or (None, why) when capture fails: report it, do not fail the whole benchmark."""
+# graphed rows whose fwd+bwd replay is profiled (first N only): where the GPU time of a layer goes
+GRAPH_PROFILED = ("ours[triton,cudagraph]", "ours[triton,a_stage=implicit,channels_last,cudagraph]",
+                  "ours[triton,a_stage=in_base,channels_last,cudagraph]", "base[channels_last,cudagraph]",
+                  "base[cudagraph]")
+
+
+def _captured_ms(step, reps, grad: bool, profile: bool = False):
+    """(median ms of ``step()`` captured in a CUDA graph (3 warm-up calls on a side stream first),
+    None or why capture failed (reported, the benchmark goes on), the kernels of one replay when
+    ``profile`` else [])."""
     from ppap_fast.train_graph import capture_after_warmup
 
     try:
         with torch.set_grad_enabled(grad):
             g, _ = capture_after_warmup(step, 3)
-        return median_ms(g.replay, "cuda", reps), None
+        ms = median_ms(g.replay, "cuda", reps)
+        return ms, None, (profile_top(g.replay, "cuda", k=12) if profile else [])
     except Exception as exc:  # pragma: no cover
-        return None, f"graph capture failed: {type(exc).__name__}: {exc}"
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}", []
 
 
 def _graphmedian_ms(fn, x, args, reps):
     """Median forward time of fn captured in a CUDA graph."""
     W, b, A, B, eb, idx, scale = args
     static_idx = idx.clone()
-    return _captured_ms(lambda: fn(x, W, b, A, B, eb, static_idx, scale), reps, grad=False)
+    return _captured_ms(lambda: fn(x, W, b, A, B, eb, static_idx, scale), reps, grad=False)[:2]
 
 
-def _graph_fwdbwd_ms(fn, x, args, reps, base: bool):
+def _graph_fwdbwd_ms(fn, x, args, reps, base: bool, profile: bool = False):
     """Median forward + backward (grads of x and, unless base, of A, B and the expert bias) captured
     in one CUDA graph: the GPU time a graphed training step pays for the layer."""
     W, b, A, B, eb, idx, scale = args
@@ -310,7 +319,7 @@ def _graph_fwdbwd_ms(fn, x, args, reps, base: bool):
         ab = getattr(fn, "lora_leaves", (Ag, Bg))  # a layer with its own LoRA leaves (_loralib)
         return torch.autograd.grad(y, (xg, *ab, ebg), torch.ones_like(y))
 
-    return _captured_ms(step, reps, grad=True)
+    return _captured_ms(step, reps, grad=True, profile=profile)
 
 
 # ----------------------------------------------------------------------------- launch accounting
@@ -518,12 +527,14 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     xv, av = inputs(vname)
                     with _tiles_of(vname):  # captured with these tiles; replays need no Python
                         t_g, why = _graphmedian_ms(fn, xv, av, reps)
-                        t_gb, why_b = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname))
+                        t_gb, why_b, prof = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname),
+                                                             profile=N == Ns[0] and vname in GRAPH_PROFILED)
                     graphed[vname] = t_gb
                     rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
                                      fwdbwd_ms=None if t_gb is None else round(t_gb, 4), device=device,
                                      dtype=str(dtype).replace("torch.", ""),
-                                     **({"skipped": why or why_b} if (why or why_b) else {})))
+                                     **({"skipped": why or why_b} if (why or why_b) else {}),
+                                     **({"fwdbwd_graph_profile_top": prof} if prof else {})))
                 ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
                 base_g = [v for k, v in graphed.items() if k.startswith("base") and v]  # NCHW or channels_last
                 if ours_g and base_g:

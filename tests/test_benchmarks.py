@@ -145,17 +145,18 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_lora
 
-    calls = {"graph": 0}
+    calls = {"graph": 0, "profiled": 0}
 
     def one_call_ms(fn, device, reps, warmup=0):
         fn()
         return 1.0
 
-    def fake_captured(step, reps, grad):
+    def fake_captured(step, reps, grad, profile=False):
         with torch.set_grad_enabled(grad):
             step()  # the captured step runs once eagerly: the code path without the graph
         calls["graph"] += 1
-        return 1.0 + 0.01 * calls["graph"], None
+        calls["profiled"] += profile
+        return 1.0 + 0.01 * calls["graph"], None, ([{"name": "kernel", "ms": 0.1}] if profile else [])
 
     make, loralib = bench_lora._make, bench_lora._loralib
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -185,3 +186,6 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
               "lora_linear_graph_in_base_vs_base_graph", "lora_linear_graph_in_base_vs_default"):
         assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
     assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]
+    profiled = {(r["layer"], r["variant"]) for r in out["rows"] if r.get("fwdbwd_graph_profile_top")}
+    assert ("tiny 3x3 8->8", "ours[triton,a_stage=implicit,channels_last,cudagraph]") in profiled
+    assert ("tiny linear", "ours[triton,cudagraph]") in profiled and len(profiled) == calls["profiled"]

@@ -26,7 +26,8 @@ GPU time:
    ``GPUTarget("cuda", 90, 32)`` down to a cubin (Triton's bundled ptxas, or
    TRITON_PTXAS_PATH), then read registers / spills from ``cuobjdump
    --dump-resource-usage`` (spill = stack frame + local bytes; a warning, not a failure) and
-   the dynamic shared memory from Triton's metadata.
+   the dynamic shared memory from Triton's metadata, and from the PTX what the code does (column
+   "code": wgmma / mma.sync / fma dots, TMA, the widest async copy in bytes; -v: all load widths).
    Failure: a compile error, shared memory > 227 KiB (sm_90's per-block opt-in limit),
    registers x threads > 64K, or a kernel that no scenario launched.
 
@@ -435,6 +436,38 @@ def _resource_usage(cubin: bytes):
     return {"regs": int(m[1]), "spill_bytes": int(m[2]) + int(m[4]), "static_smem": int(m[3])} if m else {}
 
 
+def asm_stats(asm: dict) -> dict:
+    """What the generated code does with its loads and dots (read from the PTX): Hopper warpgroup MMA
+    (wgmma) or the older mma.sync, async copies to shared memory by width in bytes (pipelined loads:
+    16 is a full vector, 2 a single fp16), TMA loads, and plain global loads by vector width."""
+    ptx = asm.get("ptx", "")
+    if isinstance(ptx, bytes):
+        ptx = ptx.decode()
+    widths = {}
+    for m in re.finditer(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        w = int(m[1], 0)
+        widths[w] = widths.get(w, 0) + 1
+    loads = {}
+    for m in re.finditer(r"ld\.global(?:\.[a-zA-Z0-9:_]+)*?(\.v[248])?\.(?:b|u|s|f)(\d+)", ptx):
+        vec = int(m[1][2:]) if m[1] else 1
+        key = vec * int(m[2]) // 8
+        loads[key] = loads.get(key, 0) + 1
+    return {"wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+            "cp_async_bytes": dict(sorted(widths.items())), "tma_loads": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+            "ld_global_bytes": dict(sorted(loads.items())),
+            # wgmma.wait_group N: N > 0 keeps MMAs in flight across K iterations (pipelined dots)
+            "wgmma_wait_depths": sorted({int(d) for d in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)})}
+
+
+def code_tag(st: dict | None) -> str:
+    """Short form of asm_stats for the table: the MMA kind and the widest async copy, e.g. "wgmma cp16"."""
+    if not st:
+        return "-"
+    mma = "wgmma" if st["wgmma"] else "mma" if st["mma_sync"] else "fma"
+    cp = max(st["cp_async_bytes"], default=0)
+    return f"{mma}{' tma' if st['tma_loads'] else ''}{f' cp{cp}' if cp else ''}"
+
+
 def compile_one(cfg: Config, ptx_only: bool) -> dict:
     t0 = time.time()
     res = {"ok": False}
@@ -450,6 +483,7 @@ def compile_one(cfg: Config, ptx_only: bool) -> dict:
         res.update(ok=True, smem=int(md.shared), num_warps=md.num_warps, num_stages=md.num_stages)
         if ck.asm.get("cubin"):
             res.update(_resource_usage(ck.asm["cubin"]))
+        res["asm"] = asm_stats(ck.asm)
         problems = []
         if res["smem"] > MAX_SHARED:
             problems.append(f"shared memory {res['smem']} B > {MAX_SHARED} B")
@@ -598,7 +632,7 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ report
     print(f"Triton {triton.__version__} -> {TARGET.backend} sm_{TARGET.arch} ({'PTX only' if ptx_only else 'cubin'}); "
           f"{len(kernels)} kernels, {len(helpers)} helpers in {', '.join(mods)}")
-    hdr = f"{'kernel':<24} {'dtypes':<9} {'status':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'s':>5}  config"
+    hdr = f"{'kernel':<24} {'dtypes':<9} {'status':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'code':<12} {'s':>5}  config"
     print(hdr)
     print("-" * len(hdr))
     for c in configs:
@@ -606,8 +640,10 @@ def main(argv=None) -> int:
         status = "ok" if r.get("ok") else "ERROR"
         cfg = c.label() + (f" [{c.derived}]" if c.derived else "")
         print(f"{c.name:<24} {c.dtype_tag():<9} {status:<6} {r.get('regs', '-'):>4} {r.get('spill_bytes', '-'):>5} "
-              f"{r.get('smem', '-'):>7} {r.get('seconds', 0):>5.1f}  {cfg}")
+              f"{r.get('smem', '-'):>7} {code_tag(r.get('asm')):<12} {r.get('seconds', 0):>5.1f}  {cfg}")
         if args.verbose:
+            if r.get("asm"):
+                print(f"    code: {r['asm']}")
             print(f"    signature: {c.signature}")
             print(f"    scenarios: {'; '.join(c.scenarios[:3])}{' ...' if len(c.scenarios) > 3 else ''}")
     failures = [c for c in configs if not c.result.get("ok")]
