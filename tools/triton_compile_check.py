@@ -275,6 +275,7 @@ def scenarios(dtype):
         (16, 32, 1, 1, 0, 1, 64, 8, False, True, False),
         (16, 32, 3, 1, 1, 1, 144, 8, True, False, True),  # loralib 3x3 as factorised: rank r * 9
         (64, 64, 3, 1, 1, 1, 16, 4, True, False, True),  # a 4x4 map (ResNet50 layer4 at 128px): 16-row tiles
+        (256, 256, 3, 1, 1, 1, 16, 14, True, False, False),  # bench_lora's ResNet50 layer3 conv2, channels_last
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
         for a_stage in ("stacked", "fused", "implicit", "in_base", "grouped"):
@@ -561,6 +562,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--all-specializations", action="store_true",
                     help="also tell apart configurations by their 16-divisibility hints (more compiles)")
+    ap.add_argument("--scenario", default="",
+                    help="only scenarios whose label contains this (their own alignment hints: the 'code' column "
+                         "of a configuration otherwise reflects the first scenario that launched it)")
     ap.add_argument("--list", action="store_true", help="record and list the configurations, compile nothing")
     ap.add_argument("-v", "--verbose", action="store_true", help="print full signatures and scenarios")
     args = ap.parse_args(argv)
@@ -578,6 +582,8 @@ def main(argv=None) -> int:
             for dname in args.dtypes.split(","):
                 dtype = DTYPES[dname.strip()]
                 for label, f in scenarios(dtype):
+                    if args.scenario and args.scenario not in label:
+                        continue
                     rec.scenario = f"{dname}: {label}"
                     try:
                         f()
@@ -647,7 +653,7 @@ def main(argv=None) -> int:
             print(f"    signature: {c.signature}")
             print(f"    scenarios: {'; '.join(c.scenarios[:3])}{' ...' if len(c.scenarios) > 3 else ''}")
     failures = [c for c in configs if not c.result.get("ok")]
-    uncovered = [k for k, n in rec.launches.items() if n == 0
+    uncovered = [k for k, n in rec.launches.items() if n == 0 and not args.scenario
                  and (not args.kernels or k.split(":")[1] in args.kernels.split(","))]
     spills = [c for c in configs if c.result.get("spill_bytes")]
     print()

@@ -412,10 +412,15 @@ class LoraConvImplicitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, expert_bias, W, bias, seg: Segments, scale, stride, padding, dilation, fwd,
                 a_blocks=1):
+        from .triton_conv import lora_a_for_tiles
+
         cdt = x.dtype
         N, r = A.shape[:2]
         Wc = W.detach().to(cdt)
-        Ac, Bc = A.detach().to(cdt), B.detach().to(cdt)
+        # A with the rank contiguous ([N, kh, kw, C, R] in memory): the forward's [C, R] and the dgrad's
+        # [R, C] tiles load whole rank rows (vector loads the pipeliner can make asynchronous) instead of
+        # elements kh*kw apart; one small copy per forward, shared with the backward
+        Ac, Bc = lora_a_for_tiles(A.detach(), cdt), B.detach().to(cdt)
         y = F.conv2d(x, Wc, None if bias is None else bias.detach().to(cdt), stride, padding, dilation, 1)
         S, C_out, Ho, Wo = y.shape
         hc = _alloc((S, r, Ho, Wo), x)

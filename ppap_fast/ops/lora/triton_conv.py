@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _conv_geometry, _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, alloc
+from .triton_kernels import (_conv_geometry, _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, _tap_source,
+                             alloc)
 
 IN_BASE_MAX_RANK = 64  # the forward keeps the R columns of h in one register tile beside the y tile
 
@@ -51,18 +52,6 @@ def _segment_rows(off_ptr, sidx_ptr, pid, N, M, BLOCK_M: tl.constexpr):
     rmask = j < nrows
     smp = tl.load(sidx_ptr + s0 + j // M, mask=rmask, other=0).to(tl.int64)
     return e, rmask, smp, j % M
-
-
-@triton.jit
-def _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
-    """The output pixel (oh, ow) from which tap (kh, kw) reaches input pixel (ih, iw), and whether one
-    exists (inside the map, on the stride)."""
-    nh = ih + PAD_H - kh * DIL_H
-    nw = iw + PAD_W - kw * DIL_W
-    oh = nh // STRIDE_H
-    ow = nw // STRIDE_W
-    ok = (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) & (ow < Wo)
-    return oh, ow, ok
 
 
 @triton.jit

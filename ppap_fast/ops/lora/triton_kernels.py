@@ -238,6 +238,18 @@ def _a_block_channels(q, tap, C, PART, KHKW):
 
 
 @triton.jit
+def _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """The output pixel (oh, ow) from which tap (kh, kw) reaches input pixel (ih, iw), and whether one
+    exists (inside the map, on the stride)."""
+    nh = ih + PAD_H - kh * DIL_H
+    nw = iw + PAD_W - kw * DIL_W
+    oh = nh // STRIDE_H
+    ow = nw // STRIDE_W
+    ok = (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) & (ow < Wo)
+    return oh, ow, ok
+
+
+@triton.jit
 def _conv_lora_fwd_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, eb_ptr, eidx_ptr, hout_ptr,
     C, H, W, Ho, Wo, R, NOUT, NB, RB, PART,
@@ -272,30 +284,53 @@ def _conv_lora_fwd_kernel(
     hrow = hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None]
     KHKW = KH * KW
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=hout_ptr.dtype.element_ty)  # carried out of the loop (NB = 1)
-    for q in range(0, NB):
-        offs_r = q * RB + tl.arange(0, BLOCK_R)
-        rvalid = tl.arange(0, BLOCK_R) < RB
+    if BLOCKED:
+        for q in range(0, NB):
+            offs_r = q * RB + tl.arange(0, BLOCK_R)
+            rvalid = tl.arange(0, BLOCK_R) < RB
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for tap in range(0, KHKW):  # a loop, not unrolled: fewer live registers
+                kh = tap // KW
+                kw = tap % KW
+                ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
+                a_tap = a_base + kh * as_h + kw * as_w
+                c_lo, c_hi = _a_block_channels(q, tap, C, PART, KHKW)
+                for c0 in range(c_lo, c_hi, BLOCK_K):
+                    offs_c = c0 + tl.arange(0, BLOCK_K)
+                    cvalid = offs_c < c_hi
+                    xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :],
+                                 other=0.0)
+                    at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
+                                 mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+                    acc += _dot(xt, at, DOT_F32, PREC)
+            hq = acc.to(hout_ptr.dtype.element_ty)
+            tl.store(hrow + offs_r[None, :] * hs_r, hq, mask=pmask[:, None] & rvalid[None, :])
+        tl.debug_barrier()  # the blocks' h, stored above by other threads, are read back below
+    else:  # one flat loop over (tap, channel tile): the software pipeliner overlaps its loads and dots
+        offs_r = tl.arange(0, BLOCK_R)
+        rvalid = offs_r < R
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for tap in range(0, KHKW):  # a loop, not unrolled: fewer live registers
+        CT = tl.cdiv(C, BLOCK_K)
+        for k in range(0, KHKW * CT):
+            tap = k // CT
+            c0 = (k - tap * CT) * BLOCK_K
             kh = tap // KW
             kw = tap % KW
             ih = oh * STRIDE_H - PAD_H + kh * DIL_H
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
             inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
-            a_tap = a_base + kh * as_h + kw * as_w
-            c_lo, c_hi = _a_block_channels(q, tap, C, PART, KHKW)
-            for c0 in range(c_lo, c_hi, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                cvalid = offs_c < c_hi
-                xt = tl.load(xrow[:, None] + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
-                at = tl.load(a_tap + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
-                             mask=cvalid[:, None] & rvalid[None, :], other=0.0)
-                acc += _dot(xt, at, DOT_F32, PREC)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            cvalid = offs_c < C
+            xt = tl.load((x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c,
+                         mask=inb[:, None] & cvalid[None, :], other=0.0)
+            at = tl.load(a_base + kh * as_h + kw * as_w + offs_c[:, None] * as_c + offs_r[None, :] * as_r,
+                         mask=cvalid[:, None] & rvalid[None, :], other=0.0)
+            acc += _dot(xt, at, DOT_F32, PREC)
         h = acc.to(hout_ptr.dtype.element_ty)  # h in the compute dtype, as a separate A conv gives it
         tl.store(hrow + offs_r[None, :] * hs_r, h, mask=pmask[:, None] & rvalid[None, :])
-    if BLOCKED:
-        tl.debug_barrier()  # the blocks' h, stored above by other threads, are read back below
     yrow = y_ptr + s * ys_s + oh.to(tl.int64) * ys_h + ow.to(tl.int64) * ys_w
     b_base = b_ptr + e * bs_e
     for n0 in range(0, NOUT, BLOCK_N):
@@ -352,33 +387,41 @@ def _conv_lora_dgrad_kernel(
     dh_base = dh_ptr + s * ds_s + e * ds_e
     a_base = a_ptr + e * as_e
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, KH * KW):  # a loop, not unrolled: fewer live registers
-        kh = tap // KW
-        kw = tap % KW
-        nh = ih + PAD_H - kh * DIL_H
-        nw = iw + PAD_W - kw * DIL_W
-        oh = nh // STRIDE_H
-        ow = nw // STRIDE_W
-        ok = qmask & (nh >= 0) & (nh - oh * STRIDE_H == 0) & (oh < Ho) & (nw >= 0) & (nw - ow * STRIDE_W == 0) \
-            & (ow < Wo)
-        drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
-        a_tap = a_base + kh * as_h + kw * as_w
-        r_lo = 0
-        r_hi = R
-        if BLOCKED:  # the rank rows of the blocks holding this tap's columns of the channel tile
+    if BLOCKED:
+        for tap in range(0, KH * KW):  # a loop, not unrolled: fewer live registers
+            kh = tap // KW
+            kw = tap % KW
+            oh, ow, ok = _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            ok = ok & qmask
+            drow = dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w
+            a_tap = a_base + kh * as_h + kw * as_w
+            # the rank rows of the blocks holding this tap's columns of the channel tile
             g_first = (pid_n * BLOCK_N) * (KH * KW) + tap
             g_last = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, C) - 1) * (KH * KW) + tap
             r_lo = (g_first // PART) * RB
             r_hi = tl.minimum((g_last // PART + 1) * RB, R)
             col_block = (offs_c * (KH * KW) + tap) // PART
-        for r0 in range(r_lo, r_hi, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            rvalid = offs_r < r_hi
-            dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
-            amask = rvalid[:, None] & cvalid[None, :]
-            if BLOCKED:
-                amask = amask & ((offs_r // RB)[:, None] == col_block[None, :])
-            at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c, mask=amask, other=0.0)
+            for r0 in range(r_lo, r_hi, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                rvalid = offs_r < r_hi
+                dt = tl.load(drow[:, None] + offs_r[None, :] * ds_r, mask=ok[:, None] & rvalid[None, :], other=0.0)
+                amask = rvalid[:, None] & cvalid[None, :] & ((offs_r // RB)[:, None] == col_block[None, :])
+                at = tl.load(a_tap + offs_r[:, None] * as_r + offs_c[None, :] * as_c, mask=amask, other=0.0)
+                acc += _dot(dt, at, DOT_F32, PREC)
+    else:  # one flat loop over (tap, rank tile): the software pipeliner overlaps its loads and dots
+        RT = tl.cdiv(R, BLOCK_R)
+        for k in range(0, KH * KW * RT):
+            tap = k // RT
+            kh = tap // KW
+            kw = tap % KW
+            oh, ow, ok = _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            ok = ok & qmask
+            offs_r = (k - tap * RT) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rvalid = offs_r < R
+            dt = tl.load((dh_base + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w)[:, None] + offs_r[None, :] * ds_r,
+                         mask=ok[:, None] & rvalid[None, :], other=0.0)
+            at = tl.load(a_base + kh * as_h + kw * as_w + offs_r[:, None] * as_r + offs_c[None, :] * as_c,
+                         mask=rvalid[:, None] & cvalid[None, :], other=0.0)
             acc += _dot(dt, at, DOT_F32, PREC)
     xp = dx_ptr + s * xs_s + (ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c
     omask = qmask[:, None] & cvalid[None, :]
