@@ -276,6 +276,7 @@ def scenarios(dtype):
         (16, 32, 3, 1, 1, 1, 144, 8, True, False, True),  # loralib 3x3 as factorised: rank r * 9
         (64, 64, 3, 1, 1, 1, 16, 4, True, False, True),  # a 4x4 map (ResNet50 layer4 at 128px): 16-row tiles
         (256, 256, 3, 1, 1, 1, 16, 14, True, False, False),  # bench_lora's ResNet50 layer3 conv2, channels_last
+        (256, 256, 3, 1, 1, 1, 16, 14, False, False, False),  # and NCHW (the distill step's format)
     ]
     for (ci, co, k, st, pd, g, r, hw, cl, bias, eb) in convs:
         for a_stage in ("stacked", "fused", "implicit", "in_base", "grouped"):
