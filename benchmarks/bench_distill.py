@@ -20,8 +20,9 @@ its convs routed as the exactly equal rank r*k*k factorised LoRA (PPAP_FAST_LORA
 base conv once + each sample's own expert, instead of N dense convs) against its dense deltas, eager
 and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factorised_vs_delta. Opt-in
 (PPAP_BENCH_DISTILL_CL=1): the factorised bank in channels_last, captured, with the default A stage,
-"in_base" and "auto": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
-distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage).
+"in_base", "auto" and "implicit": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
+distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage),
+distill_graph_cl_best_vs_nchw (the best channels_last row vs NCHW).
 """
 from __future__ import annotations
 
@@ -141,17 +142,21 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         acc["distill_graph_vs_onepass"].append(g_ms / one)
     if os.environ.get("PPAP_BENCH_DISTILL_CL") == "1":  # opt-in: three more captured ResNet50 steps
         try:
-            cl_st, cl_ib, cl_auto = _channels_last_ms(model, n, r, alpha, x, t, teacher, reps)
+            cl_st, cl_ib, cl_auto, cl_impl = _channels_last_ms(model, n, r, alpha, x, t, teacher, reps)
         except Exception as exc:  # noqa: BLE001
             row["channels_last_error"] = _error(exc)
         else:
             row["factorised_graph_channels_last_ms"] = round(cl_st, 3)
             row["factorised_graph_channels_last_in_base_ms"] = round(cl_ib, 3)
             row["factorised_graph_channels_last_auto_ms"] = round(cl_auto, 3)
+            row["factorised_graph_channels_last_implicit_ms"] = round(cl_impl, 3)
             acc.setdefault("distill_graph_cl_in_base_vs_stacked", []).append(cl_ib / cl_st)
             acc.setdefault("distill_graph_cl_auto_vs_stacked", []).append(cl_auto / cl_st)
+            acc.setdefault("distill_graph_cl_implicit_vs_stacked", []).append(cl_impl / cl_st)
             if "factorised_graph_ms" in row:
                 acc.setdefault("distill_graph_cl_vs_nchw", []).append(cl_st / row["factorised_graph_ms"])
+                acc.setdefault("distill_graph_cl_best_vs_nchw", []).append(
+                    min(cl_st, cl_ib, cl_auto, cl_impl) / row["factorised_graph_ms"])
     try:  # the loralib bank's convs as the equal rank r*k*k factorised LoRA (implicit A stage)
         def lf(fn):
             return _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit", fn)
@@ -169,8 +174,10 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
 
 def _channels_last_ms(model, n, r, alpha, x, t, teacher, reps):
     """The factorised bank in channels_last (weights and input), its step captured in a CUDA graph with
-    the default A stage, a_stage="in_base" (the frozen conv and its LoRA in one Triton implicit GEMM)
-    and "auto" (the fastest per layer, timed in the warm-up steps): (stacked, in_base, auto) ms."""
+    the default A stage, a_stage="in_base" (the frozen conv and its LoRA in one Triton implicit GEMM),
+    "auto" (the fastest per layer, timed in the warm-up steps) and "implicit" (cuDNN's conv + the
+    implicit LoRA kernels, whose tile loads vectorise in channels_last): (stacked, in_base, auto,
+    implicit) ms."""
     device = x.device.type
     bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha, layout="factorised").to(device).train()
     bank.to(memory_format=torch.channels_last)
@@ -180,7 +187,9 @@ def _channels_last_ms(model, n, r, alpha, x, t, teacher, reps):
                             lambda: _graphed_ms(bank, xc, t, teacher, reps))
     auto = _with_backend("PPAP_FAST_LORA_A_STAGE", "auto", "lora_conv2d/a_stage", None,
                          lambda: _graphed_ms(bank, xc, t, teacher, reps))
-    return stacked, in_base, auto
+    implicit = _with_backend("PPAP_FAST_LORA_A_STAGE", "implicit", "lora_conv2d/a_stage", "implicit",
+                             lambda: _graphed_ms(bank, xc, t, teacher, reps))
+    return stacked, in_base, auto, implicit
 
 
 def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):

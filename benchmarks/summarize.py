@@ -36,6 +36,9 @@ PENDING = (
      "(#3's per-layer goal: lora_graph_in_base_vs_base_graph <= 1.15)"),
     ("lora_linear_graph_in_base_vs_default", "the linear LoRA layer faster with its base GEMM in the in-base "
      "kernels (DeiT-S qkv, CUDA graphs)", "make 'in_base' the CUDA default of lora_linear (ops/lora/__init__.py)"),
+    ("distill_graph_cl_best_vs_nchw", "the graphed distill step faster with the bank in channels_last "
+     "(PPAP_BENCH_DISTILL_CL=1; NCHW rows cannot vectorise the LoRA kernels' activation loads)",
+     "convert the bank and its inputs to channels_last in distill on CUDA, with the A stage of the best row"),
     ("distill_graph_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA in the graphed step",
      "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
     ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",

@@ -189,3 +189,40 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     profiled = {(r["layer"], r["variant"]) for r in out["rows"] if r.get("fwdbwd_graph_profile_top")}
     assert ("tiny 3x3 8->8", "ours[triton,a_stage=implicit,channels_last,cudagraph]") in profiled
     assert ("tiny linear", "ours[triton,cudagraph]") in profiled and len(profiled) == calls["profiled"]
+
+
+def test_distill_channels_last_rows_run_on_cpu(monkeypatch):
+    """bench_distill's opt-in channels_last rows (PPAP_BENCH_DISTILL_CL=1) on a tiny ResNet under the
+    Triton interpreter, the CUDA-graph capture faked by one eager step with Triton preferred: every A
+    stage runs (bench_distill checks each ran the stage it names) on a channels_last bank."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it)")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    from ppap_fast.models.tiny import TinyResNet
+    from ppap_fast.ops import lora as L
+    from ppap_fast.ops.lora import autotune
+
+    seen = []
+
+    def eager_step(bank, x, t, teacher, reps):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        bench_distill._kd(bank(x, t), teacher).backward()
+        seen.append(L.last_backend.get("lora_conv2d/a_stage"))
+        return 1.0 + len(seen)
+
+    monkeypatch.setattr(bench_distill, "_graphed_ms", eager_step)
+    monkeypatch.setenv("PPAP_LORA_BACKEND", "triton")  # on a GPU the graphed step prefers Triton itself
+    monkeypatch.setattr(autotune, "_elapsed_ms", lambda fn, device: 1.0)  # "auto": warm-ups only (interpreter time)
+    autotune.clear_a_stage_choices()
+    torch.manual_seed(0)
+    model = TinyResNet(widths=(16, 16), layers=(1, 1), in_channels=1, num_classes=10)
+    x, t, teacher = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 990]), torch.randn(3, 10)
+    out = bench_distill._channels_last_ms(model, 4, 2, 2, x, t, teacher, 1)
+    assert out == (2.0, 3.0, 4.0, 5.0)
+    assert seen[1] == "in_base" and seen[3] == "implicit" and seen[0] != "in_base"
+    assert autotune.a_stage_choices()  # "auto" tuned the bank's convs
+    autotune.clear_a_stage_choices()
