@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import (_conv_geometry, _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, _tap_source,
-                             alloc)
+from .triton_kernels import (_conv_geometry, _dot, _dot_cfg, _find_tile, _interpreting, _pow2_at_least, _tap_input,
+                             _tap_source, alloc)
 
 IN_BASE_MAX_RANK = 64  # the forward keeps the R columns of h in one register tile beside the y tile
 
@@ -98,9 +98,9 @@ def _conv_base_lora_fwd_kernel(
             c_k = offs_k - tap_k * C
             kh_k = tap_k // KW
             kw_k = tap_k - kh_k * KW
-            ih2 = oh[:, None] * STRIDE_H - PAD_H + kh_k[None, :] * DIL_H
-            iw2 = ow[:, None] * STRIDE_W - PAD_W + kw_k[None, :] * DIL_W
-            xmask = rmask[:, None] & kvalid[None, :] & (ih2 >= 0) & (ih2 < H) & (iw2 >= 0) & (iw2 < W)
+            ih2, iw2, inside = _tap_input(oh[:, None], ow[:, None], kh_k[None, :], kw_k[None, :], H, W,
+                                          STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            xmask = rmask[:, None] & kvalid[None, :] & inside
             xt = tl.load(x_smp[:, None] + (ih2 * xs_h + iw2 * xs_w + c_k[None, :] * xs_c),  # in-sample: int32
                          mask=xmask, other=0.0)
             w_k = (kh_k * ws_h + kw_k * ws_w + c_k * ws_c)[:, None]
@@ -110,9 +110,8 @@ def _conv_base_lora_fwd_kernel(
             c0 = k0 - tap * CP
             kh = tap // KW
             kw = tap - kh * KW
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inb = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, iw, inb = _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            inb = inb & rmask
             offs_c = c0 + tl.arange(0, BLOCK_K)
             kvalid = offs_c < C
             xt = tl.load((x_smp + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c,

@@ -238,6 +238,15 @@ def _a_block_channels(q, tap, C, PART, KHKW):
 
 
 @triton.jit
+def _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """The input pixel (ih, iw) that tap (kh, kw) of output pixel (oh, ow) reads, and whether it lies
+    inside the map (not in the padding)."""
+    ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+    iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+    return ih, iw, (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+
+@triton.jit
 def _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
     """The output pixel (oh, ow) from which tap (kh, kw) reaches input pixel (ih, iw), and whether one
     exists (inside the map, on the stride)."""
@@ -292,9 +301,8 @@ def _conv_lora_fwd_kernel(
             for tap in range(0, KHKW):  # a loop, not unrolled: fewer live registers
                 kh = tap // KW
                 kw = tap % KW
-                ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                ih, iw, inb = _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+                inb = inb & pmask
                 xrow = x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w
                 a_tap = a_base + kh * as_h + kw * as_w
                 c_lo, c_hi = _a_block_channels(q, tap, C, PART, KHKW)
@@ -319,9 +327,8 @@ def _conv_lora_fwd_kernel(
             c0 = (k - tap * CT) * BLOCK_K
             kh = tap // KW
             kw = tap % KW
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inb = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, iw, inb = _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+            inb = inb & pmask
             offs_c = c0 + tl.arange(0, BLOCK_K)
             cvalid = offs_c < C
             xt = tl.load((x_base + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None] + offs_c[None, :] * xs_c,
@@ -481,9 +488,8 @@ def _conv_lora_wgrad_kernel(
         p = j % P
         oh = p // Wo
         ow = p % Wo
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-        inb = jmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, inb = _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
+        inb = inb & jmask
         dt = tl.load(dh_ptr + (smp * ds_s + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w)[None, :]
                      + offs_r[:, None] * ds_r, mask=rvalid[:, None] & jmask[None, :], other=0.0)
         xt = tl.load(x_ptr + (smp * xs_s + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None]
