@@ -292,7 +292,6 @@ def _conv_lora_fwd_kernel(
     a_base = a_ptr + e * as_e
     hrow = hout_ptr + s * hs_s + (oh * hs_h + ow * hs_w)[:, None]
     KHKW = KH * KW
-    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=hout_ptr.dtype.element_ty)  # carried out of the loop (NB = 1)
     if BLOCKED:
         for q in range(0, NB):
             offs_r = q * RB + tl.arange(0, BLOCK_R)
