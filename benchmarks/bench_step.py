@@ -30,7 +30,9 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_nchw_vs_reference      CUDA only: unfused and NCHW
     The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
     round-robin with the reference and freed after (row keys fast_compiled, fast_unfused, fast_nchw:
-    ms, mfu, rel_err, first_step_s, peak_gib; an error is recorded there instead of failing the suite).
+    ms, mfu, rel_err, first_step_s, peak_gib, profile_top; an error is recorded there instead of failing
+    the suite). On CUDA ``fast_profile_top`` and each variant's ``profile_top``: the top kernels of one
+    step by device time.
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -58,7 +60,7 @@ from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, reco
 from ppap_fast.guidance import ClassGuide  # noqa: E402
 from ppap_fast.models import ADMUNet  # noqa: E402
 from ppap_fast.schedule import Schedule  # noqa: E402
-from timing import round_robin_ms  # noqa: E402
+from timing import profile_top, round_robin_ms  # noqa: E402
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
@@ -262,6 +264,8 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm) -> dict:
                                      device, reps, warm)
         res["ms"] = round(ms["v"], 3)
         res["ratio_vs_reference"] = round(_ratio(rounds, "v", "ref"), 4)
+        if device == "cuda":
+            res["profile_top"] = _step_profile(sampler, x, i, device)
     except Exception as exc:  # noqa: BLE001
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -271,6 +275,15 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm) -> dict:
             torch.cuda.empty_cache()
             res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     return res
+
+
+def _step_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
+    """Top kernels of one (graph-replayed) step by device time: where a step's time goes beyond its
+    FLOP floor. A profiler failure is recorded, not raised."""
+    try:
+        return profile_top(lambda: sampler.step(x, i), device, k=k)
+    except Exception as exc:  # noqa: BLE001
+        return [{"name": f"profile failed: {type(exc).__name__}: {exc}"[:80], "ms": 0.0, "share": 0.0, "calls": 0}]
 
 
 def _ratio(times: dict, a: str, b: str) -> float:
@@ -357,6 +370,8 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             row["floor_ms"] = round(fl / peak * 1e3, 3)
             row["fast_mfu"] = round(fl / peak / (t_fast * 1e-3), 4)
             row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
+    if cuda:
+        row["fast_profile_top"] = _step_profile(fast, x, i, device)
     ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
     if emit is not None:  # the main figures survive a later phase that runs out of time
