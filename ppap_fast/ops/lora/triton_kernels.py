@@ -479,7 +479,9 @@ def _conv_lora_wgrad_kernel(
         rq_lo = r_first // RB
         rq_hi = (tl.minimum(r_first + BLOCK_R, R) - 1) // RB
         r_end = tl.where((rq_hi < gq_lo) | (gq_hi < rq_lo), r_begin, r_end)  # no block in this tile
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    # the [C, R] orientation: C (>= 64) is the MMA's M side, so Hopper can run it as wgmma (an
+    # [R, C] tile has M = R = 16, too small for wgmma: mma.sync)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for j0 in range(r_begin, r_end, BLOCK_M):
         j = j0 + tl.arange(0, BLOCK_M)
         jmask = j < r_end
@@ -489,17 +491,17 @@ def _conv_lora_wgrad_kernel(
         ow = p % Wo
         ih, iw, inb = _tap_input(oh, ow, kh, kw, H, W, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W)
         inb = inb & jmask
-        dt = tl.load(dh_ptr + (smp * ds_s + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w)[None, :]
-                     + offs_r[:, None] * ds_r, mask=rvalid[:, None] & jmask[None, :], other=0.0)
-        xt = tl.load(x_ptr + (smp * xs_s + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[:, None]
-                     + offs_c[None, :] * xs_c, mask=inb[:, None] & cvalid[None, :], other=0.0)
-        acc += _dot(dt, xt, DOT_F32, PREC)
+        xt = tl.load(x_ptr + (smp * xs_s + ih.to(tl.int64) * xs_h + iw.to(tl.int64) * xs_w)[None, :]
+                     + offs_c[:, None] * xs_c, mask=cvalid[:, None] & inb[None, :], other=0.0)
+        dt = tl.load(dh_ptr + (smp * ds_s + oh.to(tl.int64) * ds_h + ow.to(tl.int64) * ds_w)[:, None]
+                     + offs_r[None, :] * ds_r, mask=jmask[:, None] & rvalid[None, :], other=0.0)
+        acc += _dot(xt, dt, DOT_F32, PREC)
     acc = acc * alpha
     if BLOCKED:
-        acc = tl.where((offs_r // RB)[:, None] == ((offs_c * (KH * KW) + tap) // PART)[None, :], acc, 0.0)
+        acc = tl.where(((offs_c * (KH * KW) + tap) // PART)[:, None] == (offs_r // RB)[None, :], acc, 0.0)
     tl.store(out_ptr + sp.to(tl.int64) * os_split + e.to(tl.int64) * os_e + kh * os_h + kw * os_w
-             + offs_r[:, None] * os_r + offs_c[None, :] * os_c, acc.to(out_ptr.dtype.element_ty),
-             mask=rvalid[:, None] & cvalid[None, :])
+             + offs_c[:, None] * os_c + offs_r[None, :] * os_r, acc.to(out_ptr.dtype.element_ty),
+             mask=cvalid[:, None] & rvalid[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -769,7 +771,7 @@ def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted
     (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
     BLOCK_R = _pow2_at_least(R, 16, 64)
     BLOCK_M = (64 if BLOCK_R <= 32 and x.dtype != torch.float32 else 32) if not _interpreting() else 16
-    BLOCK_C = (64 if BLOCK_R <= 32 or x.dtype != torch.float32 else 32) if not _interpreting() else 16
+    BLOCK_C = 64 if not _interpreting() else 16  # the MMA's M side: 64 for wgmma
     n_ct = triton.cdiv(C, BLOCK_C)
     tiles = N * triton.cdiv(R, BLOCK_R) * n_ct * KH * KW
     if split is None:
