@@ -614,6 +614,11 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
     BLOCK_M = 64 if not _interpreting() else 32
     BLOCK_P = _pow2_at_least(P)
     BLOCK_Q = _pow2_at_least(Q)
+    result = out
+    if BLOCK_P < min(BLOCK_Q, 64) and u_sum is None and not v_expert_stride:
+        # out[e]^T = V_e^T U_e: the wider side becomes the MMA's M side (a 16-row M side, e.g. the
+        # rank of dA = dh^T x, is mma.sync on Hopper; 64 rows can be wgmma)
+        u, v, out, P, Q, BLOCK_P, BLOCK_Q = v, u, out.transpose(1, 2), Q, P, BLOCK_Q, BLOCK_P
     tiles = N * triton.cdiv(P, BLOCK_P) * triton.cdiv(Q, BLOCK_Q)
     if split is None:
         target = 2 * sm_count(u.device, 4)
@@ -639,7 +644,7 @@ def seg_outer(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor, sorted_idx: t
         out.copy_(total[..., :Q])
         if has_sum:
             u_sum.copy_(total[..., Q])
-    return out
+    return result
 
 
 POISON = False
