@@ -101,7 +101,8 @@ def recommended_options(model, device, *, compile_model: bool = False, fuse_norm
     cuda = torch.device(device).type == "cuda"
     can_fuse = callable(getattr(model, "fuse_norm_act", None)) and not compile_model
     fuse = (cuda and can_fuse) if fuse_norm_act is None else bool(fuse_norm_act)
-    return {"fuse_norm_act": fuse, "channels_last": cuda and ((fuse and can_fuse) or compile_model),
+    return {"compile_model": bool(compile_model), "fuse_norm_act": fuse,
+            "channels_last": cuda and ((fuse and can_fuse) or compile_model),
             "cudnn_benchmark": cuda, "compile_freeze": torch.device(device).type == "cpu" and bool(compile_model)}
 
 
@@ -206,8 +207,11 @@ class _GradRunner:
         return torch.func.grad(objective)(self._input(x), t)
 
     def __call__(self, x, t):
-        if self.children is not None:
-            total = _gd.weighted_grad_sum((child(x, t), w) for child, w in self.children)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
+                               "disables: sample under torch.no_grad() instead")
+        if self.children is not None:  # weights read now (not at construction): the guide's may have changed
+            total = _gd.weighted_grad_sum((child(x, t), w) for (child, _), (_, w) in zip(self.children, self.guide.guides))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():
@@ -290,6 +294,61 @@ class _Opts:
         self.compile_freeze = bool(compile_freeze)
 
 
+def _guide_state(g) -> tuple:
+    """What a guide's gradient depends on besides its network, as host values (no device read): scalar
+    attributes (scale, ...), the identity and in-place version of tensors (targets), ComposedGuide weights."""
+    if isinstance(g, _gd.ComposedGuide):
+        return (id(g), g.nonfinite, tuple((_guide_state(c), w) for c, w in g.guides))
+    out = []
+    for k, v in vars(g).items():
+        if k.startswith("_"):  # private caches and once-only flags
+            continue
+        if isinstance(v, _gd._ClassTarget):
+            v = v.target
+        if isinstance(v, torch.Tensor):
+            out.append((k, id(v), v._version))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out.append((k, v))
+        else:
+            out.append((k, id(v)))
+    return tuple(out)
+
+
+def _sync_view(view, src, device, seen: dict):
+    """Make ``view`` (a shallow copy of guide ``src`` that owns a merged model and / or on-device targets)
+    read every other attribute from ``src`` as it is now (scale, target, nonfinite, ComposedGuide weights)."""
+    if view is src:
+        return
+    if isinstance(src, _gd.ComposedGuide):
+        if len(view.guides) != len(src.guides):
+            raise ValueError("the ComposedGuide's list of guides changed after its first use: build a new "
+                             "PPAPGuidance / FastGuidedSampler")
+        view.nonfinite = src.nonfinite
+        for (v, _), (g, _) in zip(view.guides, src.guides):
+            _sync_view(v, g, device, seen)
+        view.guides = [(v, w) for (v, _), (_, w) in zip(view.guides, src.guides)]
+        return
+    keep = ("model", "pass_t") if view.__dict__.get("model") is not src.__dict__.get("model") else ()
+    for k, val in vars(src).items():
+        if k in keep:
+            continue
+        if device is not None and k in ("target", "target_map"):
+            tens = val.target if isinstance(val, _gd._ClassTarget) else val
+            if isinstance(tens, torch.Tensor) and tens.device != device:  # one H2D copy per change, not per step
+                ck = (id(view), k)
+                old = seen.get(ck)
+                if old is None or old[0] is not tens or old[1] != tens._version:
+                    moved = tens.to(device)
+                    if isinstance(val, _gd._ClassTarget):
+                        moved_val = copy.copy(val)
+                        moved_val.target = moved
+                    else:
+                        moved_val = moved
+                    seen[ck] = (tens, tens._version, moved_val)
+                val = seen[ck][2]
+        setattr(view, k, val)
+
+
 class _Graph:
     __slots__ = ("graph", "x", "idx", "noise", "out")
 
@@ -316,6 +375,8 @@ class FastGuide:
         self.opts = opts if opts is not None else _Opts(channels_last, guide_autocast, compile_guide, False,
                                                         compile_kwargs)
         self.device = None if device is None else torch.device(device)
+        self.source = guide
+        self._moved: dict = {}
         self.guide = guide if self.device is None else _on_device(guide, self.device)
         self.banks = guide_banks(self.guide)
         self.merge_experts = bool(merge_experts) and bool(self.banks)
@@ -329,6 +390,11 @@ class FastGuide:
         self._variants: dict = {}
         self._routed = _GradRunner(self.guide, self.opts, self.banks)
         self.swaps = 0
+        # in-place changes of a bank's tensors (load_experts_into, training) bump their version counters
+        self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
+        self._versions = self._bank_versions()
+        self._state = _guide_state(self.source)
+        self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
 
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
@@ -377,8 +443,44 @@ class FastGuide:
         new.pass_t = False
         return new
 
+    def _bank_versions(self) -> dict:
+        return {k: sum(t._version for t in ts) for k, ts in self._bank_tensors.items()}
+
+    def sync(self) -> None:
+        """Follow changes of the user's guide since the last step: its scale, targets or ComposedGuide
+        weights (copied into the device / merged views), and its banks' weights (merged copies re-merged in
+        place: parameter addresses kept). Host-side checks only; ``generation`` counts the changes."""
+        state, versions = _guide_state(self.source), self._bank_versions()
+        if state == self._state and versions == self._versions:
+            return
+        self._state = state
+        _sync_view(self.guide, self.source, self.device, self._moved)
+        for v in self._variants.values():
+            _sync_view(v.guide, self.guide, None, self._moved)
+        changed = {k for k, n in versions.items() if n != self._versions[k]}
+        self._versions = versions
+        if changed:
+            self._refresh_merged(changed)
+        self.generation += 1
+
+    @torch.no_grad()
+    def _refresh_merged(self, changed: set) -> None:
+        for bank in self.banks:
+            if id(bank) not in changed:
+                continue
+            if self.merge_mode == "swap":
+                if id(bank) in self._merged_models:
+                    self._loaded[id(bank)] = None  # the next _swap_to copies the new weights in
+                continue
+            for (bid, n), m in self._merged_models.items():
+                if bid == id(bank):
+                    src = bank.merged(n).state_dict()
+                    for name, t in m.state_dict().items():
+                        t.copy_(src[name])
+
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""
+        self.sync()
         if key is None:
             return self._routed
         vkey = self.variant_key(key)
@@ -474,6 +576,7 @@ class FastGuidedSampler:
         self.overlap_guide = bool(overlap_guide)
         self._side_stream = None
         self._graphs: dict = {}
+        self._graph_generation = 0
         self._graph_pool = None  # one memory pool for every graph of this sampler
         self._graph_warned = False
 
@@ -638,6 +741,10 @@ class FastGuidedSampler:
         if not self._graph_ok(x):
             return self._core(x, idx, runner, noise)
         vkey = key if self.fast_guide is None else self.fast_guide.variant_key(key)
+        gen = 0 if self.fast_guide is None else self.fast_guide.generation
+        if gen != self._graph_generation:  # the guide changed: graphs captured with its old state are stale
+            self._graphs.clear()
+            self._graph_generation = gen
         gkey = (vkey, runner is None, tuple(x.shape), x.dtype, noise is not None)
         g = self._graphs.get(gkey)
         if g is None:

@@ -145,8 +145,28 @@ class Guide:
     def _finite(self, g):
         return check_finite(g, self.nonfinite, self.name)
 
+    def _warn_train_mode(self):
+        """A guide network with BatchNorm / Dropout in train mode: batch statistics (a sample's gradient depends on
+        the rest of the batch) and running statistics overwritten by every guided step. Warned once."""
+        if getattr(self, "_train_warned", False):
+            return
+        model = getattr(self, "model", None) or getattr(self, "classifier", None)
+        if isinstance(model, nn.Module) and any(
+                m.training for m in model.modules()
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) or type(m).__name__ == "ExpertBatchNorm"):
+            import warnings
+
+            warnings.warn(f"{self.name}: the guide's model is in train mode (BatchNorm uses batch statistics and "
+                          "sampling overwrites its running statistics); call model.eval() before sampling",
+                          RuntimeWarning, stacklevel=3)
+            self._train_warned = True
+
     def __call__(self, x_t, t, **kw):
         x_t, t = self._check_inputs(x_t, t)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name}: guidance needs autograd (the gradient wrt x_t), which "
+                               "torch.inference_mode() disables: sample under torch.no_grad() instead")
+        self._warn_train_mode()
         x = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
             obj = self._scaled_sum(self.objective(x, t, **kw))

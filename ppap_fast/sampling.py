@@ -241,6 +241,9 @@ def compute_guidance(x: torch.Tensor, idx: torch.Tensor, schedule: Schedule, gui
     if guide is not None:
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
+                               "disables: sample under torch.no_grad() instead")
         with torch.enable_grad():
             grad = guide(x, schedule.timestep_map[idx])
     if grad is None:

@@ -527,15 +527,74 @@ def test_recommended_options_follow_the_h100_measurements():
     from ppap_fast.fast_sampling import recommended_options
 
     adm, plain = tiny_adm(), (lambda x, t: x)
-    assert recommended_options(adm, "cuda") == {"fuse_norm_act": True, "channels_last": True, "cudnn_benchmark": True,
-                                                "compile_freeze": False}
-    assert recommended_options(plain, "cuda") == {"fuse_norm_act": False, "channels_last": False,
+    assert recommended_options(adm, "cuda") == {"compile_model": False, "fuse_norm_act": True, "channels_last": True,
+                                                "cudnn_benchmark": True, "compile_freeze": False}
+    assert recommended_options(plain, "cuda") == {"compile_model": False, "fuse_norm_act": False, "channels_last": False,
                                                   "cudnn_benchmark": True, "compile_freeze": False}
     assert recommended_options(adm, "cuda", compile_model=True)["compile_freeze"] is False
     assert recommended_options(adm, "cpu", compile_model=True) == {
-        "fuse_norm_act": False, "channels_last": False, "cudnn_benchmark": False, "compile_freeze": True}
+        "compile_model": True, "fuse_norm_act": False, "channels_last": False, "cudnn_benchmark": False,
+        "compile_freeze": True}
+    FastGuidedSampler(adm, Schedule.create("linear", 1000, respacing="ddim5"),
+                      **recommended_options(adm, "cpu", compile_model=True))  # usable as **kwargs alone
     assert recommended_options(adm, torch.device("cuda", 0), compile_model=True)["fuse_norm_act"] is False
     assert recommended_options(adm, "cuda", compile_model=True)["channels_last"] is True
     assert recommended_options(adm, "cuda", fuse_norm_act=False)["channels_last"] is False
     assert not any(recommended_options(adm, "cpu").values())
     assert recommended_options(adm, "cpu", fuse_norm_act=True)["fuse_norm_act"] is True
+
+
+def test_fast_path_follows_changes_of_the_guide(setup):
+    """A guide changed after the sampler's first use (scale, a ComposedGuide weight, new expert weights
+    loaded in place) is what the next steps use, as in the reference loop; unchanged guides do not
+    count as changed (no re-merge, no new CUDA graphs)."""
+    model = setup[0]
+    sched = Schedule.create("linear", 1000, "ddim5")
+    bank = tiny_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    composed = ComposedGuide([(guide, 1.0)])
+    fast = FastGuidedSampler(model, sched, guide=composed)
+    run = lambda: fast.sample(SHAPE, generator=torch.Generator().manual_seed(2))  # noqa: E731
+    ref = lambda: sample_loop(model, SHAPE, sched, sampler="ddim", guide=composed,  # noqa: E731
+                              generator=torch.Generator().manual_seed(2))
+    first = run()
+    torch.testing.assert_close(first, ref(), rtol=1e-4, atol=1e-5)
+    gen = fast.fast_guide.generation
+    torch.testing.assert_close(run(), first, rtol=0, atol=0)
+    assert fast.fast_guide.generation == gen  # nothing changed: nothing re-merged
+    guide.scale = 12.0
+    changed = run()
+    assert (changed - first).abs().max() > 1e-3
+    torch.testing.assert_close(changed, ref(), rtol=1e-4, atol=1e-5)
+    composed.guides = [(guide, 0.0)]  # weight 0: unguided
+    torch.testing.assert_close(run(), ref(), rtol=1e-4, atol=1e-5)
+    composed.guides = [(guide, 1.0)]
+    with torch.no_grad():  # new experts loaded in place (load_experts_into copies into the bank)
+        for name, t in bank.per_expert_state_dict().items():
+            if not name.endswith(("num_batches_tracked", "running_var")):
+                t.add_(torch.randn_like(t.float()).to(t.dtype) * 0.1)
+    reloaded = run()
+    assert (reloaded - changed).abs().max() > 1e-4
+    torch.testing.assert_close(reloaded, ref(), rtol=1e-4, atol=1e-5)
+    assert fast.fast_guide.generation == gen + 3
+
+
+def test_guidance_under_inference_mode_says_why(setup):
+    model, _, guide = setup
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        fast.sample(SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+        sample_loop(model, SHAPE, Schedule.create("linear", 1000, "ddim5"), guide=guide)
+
+
+def test_train_mode_guide_warns_once():
+    b = tiny_bank().train()
+    g = ClassGuide(b, 0, scale=1.0)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    with pytest.warns(RuntimeWarning, match="train mode"):
+        g(x, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        g(x, t)  # once
+        ClassGuide(b.eval(), 0, scale=1.0)(x, t)
