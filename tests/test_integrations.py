@@ -271,3 +271,68 @@ def test_fuse_norm_act_matches_the_modules(backend, kw):
         assert ((got - want).norm() / want.norm()).item() < 1e-5
         assert fuse_norm_act(net, False) == 0
         assert torch.equal(net(x, t).sample, want)
+
+
+def _bank_guide(scale=3.0):
+    from ppap_fast.experts import ExpertBank
+    from ppap_fast.guidance import ClassGuide
+    from ppap_fast.models.tiny import TinyResNet
+
+    torch.manual_seed(1)
+    bank = ExpertBank(TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=C, num_classes=3), "resnet",
+                      n_experts=5, r=4, alpha=2)
+    with torch.no_grad():
+        for name, t in bank.per_expert_state_dict().items():
+            if not name.endswith(("num_batches_tracked", "running_var")):
+                t.normal_(0, 0.2)
+    return ClassGuide(bank.eval(), torch.tensor([0, 1, 2, 0]), scale=scale)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_pipeline_clips_x0_before_the_guidance_as_guided_diffusion(unet, classifier, pt):
+    """DDIMScheduler's default clip_sample=True: the pipeline equals the reference DDIM sampler
+    (guided-diffusion's order: clip x0, then condition_score; the guidance itself is never clipped)."""
+    from ppap_fast import Schedule
+    from ppap_fast.sampling import sample_loop
+
+    W, y = classifier
+    guide, steps = linear_classifier_guide(W, y, 4.0), 10
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = sample_loop(lambda x, t: unet(x, t).sample, xT, Schedule.create("linear", 1000, respacing=f"ddim{steps}"),
+                          guide=guide)
+    sched = DDIMScheduler(prediction_type=pt)
+    assert sched.config.clip_sample
+    acp = sched.alphas_cumprod
+
+    def den(x, t):  # the same denoiser in the scheduler's parameterisation
+        eps = unet(x, t).sample
+        a, s1 = acp[int(t)].sqrt(), (1 - acp[int(t)]).sqrt()
+        x0 = (x - s1 * eps) / a
+        return {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt]
+
+    pipe = PPAPGuidedPipeline(den, sched, guide, image_shape=(C, H, H))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
+    assert (ref.abs() > 0.999).any()  # clipping mattered on this run
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_half_precision_unet_with_a_float32_guide():
+    guide = _bank_guide()
+    for dt in (torch.bfloat16, torch.float16):
+        x = torch.randn(B, C, H, H).to(dt)
+        want = guide(x.float(), torch.full((B,), 500))
+        for fast in (True, False):
+            g = PPAPGuidance(guide, fast=fast).grad(x, 500)
+            assert g.dtype == dt
+            torch.testing.assert_close(g.float(), want.to(dt).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_scheduler_with_other_timesteps_than_the_bank_is_refused():
+    guide = _bank_guide()
+    x = torch.randn(B, C, H, H)
+    for T in (500, 2000):
+        with pytest.raises(ValueError, match="num_train_timesteps"):
+            PPAPGuidance(guide).correct(torch.randn_like(x), x, 100, DDIMScheduler(num_train_timesteps=T))
+    PPAPGuidance(guide).correct(torch.randn_like(x), x, 100, DDIMScheduler(num_train_timesteps=1000))

@@ -8,10 +8,11 @@ Three lines in an ordinary diffusers loop::
         eps = guided.correct(eps, x, t, scheduler)
         x = scheduler.step(eps, t, x).prev_sample
 
-With ``DDIMScheduler(clip_sample=True)`` (its default) call
-``scheduler.step(eps, t, x, use_clipped_model_output=True)``: the guided eps moves x0 toward the
-target, clipping caps that move, and only the eps re-derived from the clipped x0 keeps the
-direction term from pulling the other way (guided-diffusion's DDIM does the same re-derivation).
+That is guided-diffusion's update for a scheduler that does not clip x0 itself. With
+``clip_sample=True`` (DDPM's and DDIM's default) the scheduler clips x0 after the guidance was added:
+where x0 saturates the guidance is lost and the direction term moves against it. There, clip first
+(``guided.clip_first(eps, x, t, scheduler)`` before ``correct``) and step a copy made with
+``clip_sample=False``, as guided-diffusion (clip, then ``condition_score``) and the pipeline below do.
 
 Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``,
 a ``diffusers.DiffusionPipeline`` subclass (also ``PPAPGuidedPipeline.from_pipe(ddpm_pipe, guide=guide)``).
@@ -120,6 +121,13 @@ class PPAPGuidance:
                 raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
                                  f"{sigma0:.4g}); PPAPGuidance supports schedulers whose sample is x_t of the "
                                  "variance-preserving process (DDPM, DDIM, DPMSolverMultistep, PNDM, UniPC, DEIS)")
+            from ppap_fast.fast_sampling import guide_banks
+
+            for bank in guide_banks(self.guide):
+                if bank.num_timesteps != acp.numel():
+                    raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
+                                     f"ExpertBank splits T={bank.num_timesteps} timesteps into its experts: the "
+                                     "scheduler's timesteps would be routed to the wrong experts")
             tab = acp.detach().to(device=device, dtype=torch.float32)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
             self._tables[key] = tab
@@ -142,15 +150,33 @@ class PPAPGuidance:
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         return t
 
+    def _guide_dtype(self):
+        """The floating dtype of the guide's network (a half-precision UNet's x is cast to it), or None."""
+        from ppap_fast.guidance import ComposedGuide
+
+        g = self.guide
+        while isinstance(g, ComposedGuide):
+            g = g.guides[0][0]
+        m = getattr(g, "model", None) or getattr(g, "classifier", None)
+        if isinstance(m, torch.nn.Module):
+            for p in m.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return None
+
     def grad(self, x: torch.Tensor, t, scale: float | None = None) -> torch.Tensor:
-        """scale * guide(x_t, t), detached, in x's dtype."""
+        """scale * guide(x_t, t), detached, in x's dtype (the guide runs in its own parameters' dtype)."""
         s = self.scale if scale is None else float(scale)
         tt = self.timesteps(t, x.shape[0], x.device)
+        xg = x.detach()
+        dt = self._guide_dtype()
+        if dt is not None and xg.dtype != dt:
+            xg = xg.to(dt)
         if self.fast:
-            g = self._fast_guide(x.device)(x.detach(), tt, self._host_timestep(t))
+            g = self._fast_guide(x.device)(xg, tt, self._host_timestep(t))
         else:
             with torch.enable_grad():
-                g = self.guide(x.detach(), tt)
+                g = self.guide(xg, tt)
         if not isinstance(g, torch.Tensor) or g.shape != x.shape:
             raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
                              f"{getattr(g, 'shape', type(g).__name__)}")
@@ -196,6 +222,23 @@ class PPAPGuidance:
         return torch.cat([new, model_output[:, c:]], dim=1)
 
     __call__ = correct
+
+    def clip_first(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler) -> torch.Tensor:
+        """The model output whose predicted x0 is clipped to ``clip_sample_range`` (guided-diffusion clips x0
+        BEFORE ``condition_score`` adds the guidance, which is then never clipped): call it before ``correct``
+        and step a scheduler that does not clip again."""
+        pt = _prediction_type(scheduler)
+        rng = float(getattr(scheduler.config, "clip_sample_range", 1.0))
+        tab = self._abar(scheduler, x.device)
+        abar = tab[self.timesteps(t, x.shape[0], x.device)].view(-1, *([1] * (x.ndim - 1)))
+        a, s1 = abar.sqrt(), (1 - abar).sqrt()
+        c = x.shape[1]
+        head, xf = model_output[:, :c].float(), x.float()
+        x0 = {"epsilon": lambda: (xf - s1 * head) / a, "v_prediction": lambda: a * xf - s1 * head,
+              "sample": lambda: head}[pt]().clamp(-rng, rng)
+        eps = (xf - a * x0) / s1
+        new = {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt].to(model_output.dtype)
+        return new if model_output.shape[1] == c else torch.cat([new, model_output[:, c:]], dim=1)
 
 
 def _fusable_resnet(block) -> bool:
@@ -267,15 +310,11 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
-def _step_kwargs(scheduler, eta, generator, guided: bool) -> dict:
+def _step_kwargs(scheduler, eta, generator) -> dict:
     params = set(inspect.signature(scheduler.step).parameters)
     kw = {}
     if "eta" in params:
         kw["eta"] = eta
-    if guided and "use_clipped_model_output" in params and getattr(scheduler.config, "clip_sample", False):
-        # the direction term must use eps re-derived from the clipped x0 (as guided-diffusion's
-        # ddim_sample): with the raw corrected eps it would carry -grad once x0's +grad is clipped
-        kw["use_clipped_model_output"] = True
     if "generator" in params:
         kw["generator"] = generator
     return kw
@@ -363,13 +402,20 @@ class _GuidedPipelineBody:
         sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
         # guide then knows each step's band without a device read (merged experts)
         guided = self.guidance is not None and guidance_scale != 0
-        extra = _step_kwargs(sched, eta, generator, guided)
+        extra = _step_kwargs(sched, eta, generator)
+        step_sched = sched
+        clip_first = guided and bool(getattr(sched.config, "clip_sample", False))
+        if clip_first:  # guided-diffusion's order: clip x0, then add the guidance (not clipped again)
+            step_sched = type(sched).from_config(sched.config, clip_sample=False)
+            step_sched.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(sched.timesteps)):
             inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             out = self._denoise(inp, t)
             if guided:
+                if clip_first:
+                    out = self.guidance.clip_first(out, x, t, sched)
                 out = self.guidance.correct(out, x, t, sched, scale=guidance_scale)
-            x = sched.step(out, t, x, **extra).prev_sample
+            x = step_sched.step(out, t, x, **extra).prev_sample
             if callback is not None:
                 callback(i, t, x)
         if output_type == "raw":
