@@ -30,9 +30,30 @@ from pathlib import Path
 from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
 
 
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
+    return x
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP demo pipeline on scikit-learn digits (16x16).")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("PPAP_THREADS", "2")),
+    env_threads = os.environ.get("PPAP_THREADS", "2")
+    p.add_argument("--threads", type=int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
                    help="torch CPU threads (default 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -46,47 +67,47 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
     s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--steps", type=_positive_int, default=2000)
+    s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--ema-decay", type=float, default=0.999)
-    s.add_argument("--max-minutes", type=float, default=None)
-    s.add_argument("--checkpoint-every", type=int, default=500)
+    s.add_argument("--max-minutes", type=_positive_float, default=None)
+    s.add_argument("--checkpoint-every", type=_positive_int, default=500)
     common(s, weights=False)
 
     s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")
     s.add_argument("--arch", choices=["resnet", "evalnet"], default="resnet")
     s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=1000)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--steps", type=_positive_int, default=1000)
+    s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--widths", default="16,32,64", help="resnet stage widths")
     common(s, weights=False)
 
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
     s.add_argument("--out", required=True)
-    s.add_argument("--num-images", type=int, default=6000)
-    s.add_argument("--shard-size", type=int, default=500)
-    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--num-images", type=_positive_int, default=6000)
+    s.add_argument("--shard-size", type=_positive_int, default=500)
+    s.add_argument("--steps", type=_positive_int, default=25)
     common(s)
 
     s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
     s.add_argument("--data", required=True)
-    s.add_argument("--experts", type=int, default=5)
-    s.add_argument("--rank", type=int, default=4)
+    s.add_argument("--experts", type=_positive_int, default=5)
+    s.add_argument("--rank", type=_positive_int, default=4)
     s.add_argument("--alpha", type=float, default=2.0)
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--steps", type=_positive_int, default=2000)
+    s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--max-minutes", type=float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
     s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
     common(s)
 
     s = sub.add_parser("finetune", help="supervised noise-aware baselines (full fine-tuning with labels)")
-    s.add_argument("--experts", type=int, default=1, help="1: single noise-aware model; N: multi-experts-N")
-    s.add_argument("--max-minutes", type=float, default=None, help="stop (LR annealed by elapsed time) after this")
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--experts", type=_positive_int, default=1, help="1: single noise-aware model; N: multi-experts-N")
+    s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--steps", type=_positive_int, default=2000)
+    s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--out", required=True)
     common(s)
@@ -95,12 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--method", "--guide", dest="method", required=True,
                    help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
     s.add_argument("--sampler", default="ddim")
-    s.add_argument("--steps", type=int, default=None, help="default: 25 (ddim), 250 (ddpm)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
     s.add_argument("--targets", default=None, help="comma-separated target classes, cycled to --num-samples "
                                                    "(default 0..9 cycled)")
-    s.add_argument("--num-samples", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--num-samples", type=_positive_int, default=None)
+    s.add_argument("--batch-size", type=_positive_int, default=250)
     s.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
     s.add_argument("--fast", action="store_true", help="fast path: fused update, PPAP experts merged per band")
     common(s, device=False)
@@ -113,11 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the whole comparison with the shipped weights")
     s.add_argument("--out", required=True)
     s.add_argument("--ddpm", action="store_true", help="DDPM-250 instead of DDIM-25")
-    s.add_argument("--steps", type=int, default=None, help="override the step count (tests)")
-    s.add_argument("--num-samples", type=int, default=200)
+    s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (tests)")
+    s.add_argument("--num-samples", type=_positive_int, default=200)
     s.add_argument("--methods", default=",".join(DEMO_METHODS))
     s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
-    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--batch-size", type=_positive_int, default=250)
     common(s, device=False)
 
     s = sub.add_parser("guided-sample", help="guided sampling with real models (ADM + ImageNet / dense guides, "
@@ -148,9 +169,12 @@ def _parse_targets(spec, n):
     return t.repeat(-(-n // t.numel()))[:n].clone() if n != t.numel() else t
 
 
-def _atomic_dir(out: Path, write):
-    """Write a directory via a temporary sibling, then move it into place."""
+def _atomic_dir(out: Path, write, marker: str = "config.json"):
+    """Write a directory via a temporary sibling, then move it into place. An existing ``out`` is
+    replaced only when it is a directory holding ``marker`` and nothing but files this command
+    writes (a previous output); a file or any other directory is refused before any work."""
     out = Path(out)
+    _check_replaceable(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o755)
@@ -170,6 +194,35 @@ def _atomic_dir(out: Path, write):
     return out
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise DemoError(f"--device {name!r}: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {name!r}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DemoError(f"--device {name!r}: MPS is not available on this machine")
+
+
+_OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "train_summary.json",
+                 "adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+
+def _check_replaceable(out: Path, marker: str) -> None:
+    if out.name in ("", ".", ".."):
+        raise DemoError(f"--out {str(out)!r}: name a new or previous output directory")
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} exists and is not a directory")
+    if out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        if names and (marker not in names or names - _OUTPUT_FILES):
+            raise DemoError(f"--out {out} is a non-empty directory that is not a previous output of this command "
+                            f"(holds {sorted(names)[:5]}); refusing to replace it")
+
+
 def _run(args) -> int:
     import torch
 
@@ -178,6 +231,8 @@ def _run(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     progress = not getattr(args, "no_progress", False)
+    if getattr(args, "device", None) and args.cmd != "guided-sample":  # guided-sample checks its own (auto)
+        _check_device(args.device)
     if args.cmd == "train-diffusion":
         demo.check_writable_dir(Path(args.out).parent)
         demo.train_diffusion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -231,10 +286,14 @@ def _run(args) -> int:
         teacher = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
         demo.check_writable_dir(Path(args.out).parent)
         try:
-            from .data import load_shards
-            load_shards(args.data)
+            from .data import ShardSet
+            shards = ShardSet(args.data)  # headers only; verify() checks every member's CRC-32
+            bad = shards.verify()
         except (FileNotFoundError, ValueError) as e:
             raise DemoError(str(e)) from None
+        if bad:
+            raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+        _check_replaceable(Path(args.out), "config.json")  # before training, not after
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
                             args.lr, seed=args.seed, device=args.device, progress=progress,
                             max_minutes=args.max_minutes)
@@ -300,7 +359,8 @@ def _run(args) -> int:
         src = Path(args.experts_dir) if args.experts_dir else Path(args.weights_dir) / "ppap5"
         bank = demo._load(load_experts, src, base)
         demo.check_writable_dir(Path(args.out).parent)
-        _atomic_dir(Path(args.out), lambda d: export_peft(bank, args.expert, d, base_model=base))
+        _atomic_dir(Path(args.out), lambda d: export_peft(bank, args.expert, d, base_model=base),
+                    marker="adapter_config.json")
         print(json.dumps({"out": args.out, "expert": args.expert, "band": list(bank.bands[args.expert])}))
         return 0
 

@@ -55,8 +55,17 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ckpt = Path(str(out) + ".ckpt.pt")
     start = 0
+    run_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "data_seed": data_seed, "ema_decay": ema_decay,
+               "unet_config": unet_config or DEMO_UNET}
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
+        try:
+            state = torch.load(ckpt, map_location=device)
+        except Exception as e:  # written atomically: damage is external, never resume from it silently
+            raise DemoError(f"{ckpt} is not a readable checkpoint ({type(e).__name__}); remove it to start over") from None
+        old_cfg = state.get("config")
+        if old_cfg is not None and old_cfg != run_cfg:
+            diff = ", ".join(f"{k}: {old_cfg.get(k)!r} there vs {v!r} now" for k, v in run_cfg.items() if old_cfg.get(k) != v)
+            raise DemoError(f"{ckpt} was written with other settings ({diff}); use the same settings or remove it")
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); start = state["step"]; gen.set_state(state["gen"])
         _log(f"resumed from {ckpt} at step {start}", log)
@@ -95,7 +104,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
             _log(f"step {done} loss {running:.4f} elapsed {time.time() - t0:.0f}s", log)
             tmp = Path(str(ckpt) + ".tmp")
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": done, "gen": gen.get_state()}, tmp)
+                        "step": done, "gen": gen.get_state(), "config": run_cfg}, tmp)
             tmp.replace(ckpt)
             save_model(ema.cpu(), out, extra={"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                                              "data_seed": data_seed, "ema_decay": ema_decay})
@@ -103,6 +112,9 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
         if timed_out:
             _log(f"stopping at step {done}: max_minutes={max_minutes} reached", log)
             break
+    if not out.exists():  # no step ran (steps <= the checkpoint's step): still write what the checkpoint holds
+        save_model(ema.cpu(), out, extra={"steps": start, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                         "data_seed": data_seed, "ema_decay": ema_decay})
     return out
 
 
@@ -187,6 +199,8 @@ def load_guide_model(weights_dir, method: str):
     path = weight_path(weights_dir, method)
     if fam == "ppap":
         model, trainable = _load_ppap(path, clf)
+        if model.n_experts != n:
+            raise DemoError(f"{path} holds {model.n_experts} experts, method {method} needs {n}")
         return model, True, {"trainable_parameters": int(trainable), "labelled_data": 0}
     me = _load(load_multi, path)
     if me.n_experts != n:

@@ -45,9 +45,15 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     sched = Schedule.create("linear", 1000, respacing=respacing).to(device)
     unet = unet.to(device).eval()
     teacher = teacher.to(device).eval()
+    from .distributed import tensors_fingerprint
+
     writer = ShardWriter(out_dir, num_images, shard_size,
                          meta={"kind": "datafree", "seed": seed, "respacing": respacing,
-                               "teacher_temperature": TEACHER_TEMPERATURE})
+                               "teacher_temperature": TEACHER_TEMPERATURE,
+                               # which models made the images / cached logits: a resume with other weights
+                               # is refused, and distillation can check its teacher against it
+                               "unet_state": tensors_fingerprint(sorted(unet.state_dict().items())),
+                               "teacher_state": tensors_fingerprint(sorted(teacher.state_dict().items()))})
 
     def make(k):
         n = writer.shard_count(k)
@@ -87,9 +93,17 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode)."""
+    if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
+        raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
+    from .distributed import tensors_fingerprint
+
+    cached_by = data.manifest.get("teacher_state") or data.manifest.get("config", {}).get("teacher_state")
+    if cached_by is not None and cached_by != tensors_fingerprint(sorted(teacher.state_dict().items())):
+        raise ValueError(f"the logits cached in {data_dir} were computed by another classifier than this teacher; "
+                         "distil with the classifier the set was generated with, or generate a new set")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
@@ -102,6 +116,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         it = tqdm(it, desc=f"distill ppap-{n_experts}", mininterval=2)
     import time
     t0 = time.time()
+    done = 0
     for step in it:
         frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
         if frac >= 1:
@@ -118,7 +133,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    bank.trained_steps = step
+        done = step + 1
+    bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
     return bank.eval()
 
 

@@ -456,9 +456,9 @@ class GenerateConfig:
         before the field existed (reference path) keep their hash."""
         d = dataclasses.asdict(self)
         d.pop("device")
+        d.pop("out_dir")  # where the set lives does not change its images (a moved set still resumes)
         if not self.fast:
             d.pop("fast")
-        d["out_dir"] = str(Path(self.out_dir).resolve())
         d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["format"] = FORMAT
@@ -498,8 +498,10 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
         theirs = old.get("config", {})
+        if "out_dir" in theirs:  # written when the path was part of the identity
+            theirs = {k: v for k, v in theirs.items() if k != "out_dir"}
         legacy = {k: v for k, v in ident.items() if k != "teacher_state"}
-        if old.get("config_hash") != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)):
+        if config_hash(theirs) != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)):
             hint = ("; it was sampled on the reference path: finish it with --no-fast (fast=False)"
                     if theirs.get("fast") != ident.get("fast") and not theirs.get("fast") else "")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
@@ -678,8 +680,8 @@ class DistillConfig:
         for k in ("device", "dump_rank_states", "checkpoint_every", "cuda_graph", "prefetch", "verify_data",
                   "lora_kernels"):  # how it runs, not what it computes (the routes agree to rounding)
             d.pop(k)
-        d["data_dir"] = str(Path(self.data_dir).resolve())
-        d["out_dir"] = str(Path(self.out_dir).resolve())
+        d.pop("data_dir")  # the set is identified by its manifest hash below, not by where it is mounted
+        d.pop("out_dir")
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         m = Path(self.data_dir) / MANIFEST
         d["data_manifest"] = hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
@@ -829,7 +831,8 @@ def _cached_target_key(cfg: DistillConfig, data, teacher_state: str) -> str | No
         return None
     man = data.manifest
     gen_cfg = man.get("config", {})
-    theirs = gen_cfg.get("teacher_state")  # recorded by generate() with a teacher
+    # recorded by generate() with a teacher; top level: a `ppap-fast generate` (ShardWriter) set
+    theirs = gen_cfg.get("teacher_state") or man.get("teacher_state")
     if theirs is None and not gen_cfg.get("teacher"):  # a set made by hand: its outputs are the user's
         return key
     if theirs is None:  # an older generate() set: trusted only when spec and weights file match
@@ -878,7 +881,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     counts = [int(c) for c in data.counts]
     paths = [tdir / f"targets_{k:05d}.npz" for k in range(len(counts))]
     tid = {"format": TARGETS_FORMAT, "teacher": cfg.teacher, "teacher_state": ident["teacher_state"],
-           "data_dir": ident["data_dir"], "data_manifest": ident["data_manifest"], "micro_batch": micro,
+           "data_dir": str(Path(cfg.data_dir).resolve()), "data_manifest": ident["data_manifest"], "micro_batch": micro,
            "counts": counts}
     err, todo = None, None
     if env.rank == 0:
@@ -1356,9 +1359,19 @@ def main(argv=None) -> int:
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
-    env = init_distributed(a.device, timeout_s=a.timeout)
+    try:
+        env = init_distributed(a.device, timeout_s=a.timeout)
+    except (RuntimeError, ValueError) as e:
+        print(f"python -m ppap_fast.distributed: error: {e}", file=sys.stderr)
+        return 2
     try:
         res = _TASKS[a.task](cfg, env, progress=a.progress)
+    except (ValueError, OSError, DistributedRunError, ConfigMismatchError) as e:
+        if env.distributed:
+            raise
+        print(f"python -m ppap_fast.distributed: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    else:
         if a.task == "generate":
             print(json.dumps(res))
     finally:

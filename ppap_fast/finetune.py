@@ -61,6 +61,8 @@ class MultiExperts(nn.Module):
 
     def __init__(self, base: nn.Module, n_experts: int, num_timesteps: int = 1000):
         super().__init__()
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts <= 0:
+            raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
         if num_timesteps % n_experts:
             raise ValueError(f"n_experts={n_experts} must divide num_timesteps={num_timesteps}")
         self.n_experts, self.num_timesteps = n_experts, num_timesteps
@@ -95,6 +97,8 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
                          shift: int = 1, progress: bool = True, device: str = "cpu",
                          max_minutes: float | None = None) -> MultiExperts:
     """Full supervised fine-tuning of N copies of ``base`` on noisy labelled images."""
+    if n_experts <= 0 or steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
+        raise ValueError("n_experts, steps and batch_size must be positive, max_minutes positive or None")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
@@ -105,6 +109,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"finetune noise-aware x{n_experts}", mininterval=2)
+    done = 0
     for step in it:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         x0 = random_shift(x[idx], shift, generator=gen)
@@ -118,7 +123,8 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    me.trained_steps = step
+        done = step + 1
+    me.trained_steps = done
     return me.cpu().eval()
 
 

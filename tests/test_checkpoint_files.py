@@ -122,3 +122,25 @@ def test_base_file_not_recorded_in_config_is_refused(tmp_path):
     save_experts(_bank(1), ck, include_base=False)
     with pytest.raises(ValueError, match="base.safetensors"):
         load_experts(ck, _fresh(), load_base=True)
+
+
+def test_experts_on_other_base_weights_warn(tmp_path):
+    """The checkpoint records which frozen base it was distilled on: loading onto other base weights
+    says so (a warning: a half-precision copy of the right classifier differs too); the right base is
+    silent."""
+    import warnings
+
+    from ppap_fast.experts.checkpoint import BaseMismatchWarning
+
+    torch.manual_seed(5)
+    base = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    bank = randomise_bank(ExpertBank(base, "resnet", n_experts=4, r=2, alpha=1))
+    save_experts(bank, tmp_path / "ck")
+    assert read_config(tmp_path / "ck")["base_state"]
+    same = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    same.load_state_dict(base.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        assert _same(load_experts(tmp_path / "ck", same), bank)
+    with pytest.warns(BaseMismatchWarning, match="other frozen base weights"):
+        load_experts(tmp_path / "ck", _fresh())

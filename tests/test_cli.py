@@ -186,3 +186,71 @@ def test_sample_fast_flag(weights, tmp_path, capsys):
                  "--out", str(tmp_path / "s.npz"), "--no-progress", "--fast"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["path"] == "fast" and res["images_per_s"] > 0 and res["nfe_per_sample"] == 2
+
+
+def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_path, capsys):
+    data, keep = tmp_path / "data", tmp_path / "precious"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "4", "--shard-size", "2", "--steps", "2"] + common) == 0
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep")
+    args = ["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size", "4"]
+    assert main(args + ["--out", str(keep)] + common) == 2
+    assert "refusing to replace" in _err(capsys)
+    assert (keep / "notes.txt").read_text() == "keep" and sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+    assert main(args + ["--out", str(tmp_path / "d")] + common) == 0
+    assert json.loads(capsys.readouterr().out)["steps_done"] == 1  # steps taken (was the last index, 0)
+    assert main(args + ["--out", str(tmp_path / "d")] + common) == 0  # a previous output is replaced
+
+
+def test_resume_with_other_settings_or_teacher_is_refused(weights, tmp_path, capsys):
+    data = tmp_path / "data"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    gen = ["generate", "--out", str(data), "--num-images", "4", "--shard-size", "2"]
+    assert main(gen + ["--steps", "2"] + common) == 0
+    (data / "shard_00001.npz").unlink()
+    assert main(gen + ["--steps", "3", "--seed", "9"] + common) == 2
+    err = _err(capsys)
+    assert "other settings" in err and "seed" in err
+    assert not (data / "shard_00001.npz").exists()
+    assert main(gen + ["--steps", "2"] + common) == 0  # same settings: finishes
+    other = make_tiny_weights(tmp_path / "w_other", seed=7)
+    assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size",
+                 "4", "--out", str(tmp_path / "d"), "--weights-dir", str(other), "--no-progress"]) == 2
+    assert "another classifier" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--method", "none", "--num-samples", "0", "--out", "x.npz"],
+    ["sample", "--method", "none", "--steps", "-1", "--out", "x.npz"],
+    ["train-diffusion", "--out", "u.safetensors", "--checkpoint-every", "0"],
+    ["distill", "--data", "d", "--out", "o", "--max-minutes", "0"],
+    ["finetune", "--experts", "0", "--out", "f.safetensors"],
+])
+def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but never into the repo
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "must be a positive" in capsys.readouterr().err
+
+
+def test_unavailable_device_is_one_line(weights, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train-classifier", "--out", str(tmp_path / "c.safetensors"), "--steps", "1", "--device", "cuda",
+                 "--no-progress"]) == 2
+    assert "CUDA is not available" in _err(capsys)
+
+
+def test_damaged_shard_is_one_line(weights, tmp_path, capsys):
+    data = tmp_path / "data"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "4", "--shard-size", "2", "--steps", "2"] + common) == 0
+    raw = bytearray((data / "shard_00001.npz").read_bytes())
+    raw[200] ^= 0xFF
+    (data / "shard_00001.npz").write_bytes(bytes(raw))
+    assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size",
+                 "4", "--out", str(tmp_path / "d")] + common) == 2
+    assert "shard_00001.npz" in _err(capsys)

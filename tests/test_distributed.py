@@ -478,3 +478,19 @@ def test_older_sets_with_a_teacher_finish_and_their_outputs_are_trusted_only_for
     (data / "shard_00001.npz").unlink()
     with pytest.raises(D.DistributedRunError, match="another configuration"):
         D.generate(gen, D.DistEnv())
+
+
+def test_a_moved_set_still_resumes(tmp_path):
+    """Where a set lives is not part of its identity: moved (or mounted elsewhere) after a kill, it
+    finishes with the same images."""
+    import shutil
+
+    first = tmp_path / "a"
+    D.generate(D.GenerateConfig(str(first), **{**GEN, "num_images": 6}), D.DistEnv())
+    want = _images(first)
+    moved = tmp_path / "b"
+    shutil.move(str(first), str(moved))
+    (moved / "shard_00001.npz").unlink()
+    res = D.generate(D.GenerateConfig(str(moved), **{**GEN, "num_images": 6}), D.DistEnv())
+    assert res["written"] == [1]
+    np.testing.assert_array_equal(_images(moved), want)

@@ -149,11 +149,23 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         m = self.dir / MANIFEST
         if m.exists():
-            old = json.loads(m.read_text())
+            try:
+                old = json.loads(m.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
             for key in ("num_images", "shard_size"):
                 if old.get(key) != getattr(self, key):
                     raise ValueError(f"{self.dir} holds a shard set with {key}={old.get(key)}, "
                                      f"not {getattr(self, key)}; use another directory")
+            # everything else that determines the shards (seed, sampler, model fingerprints): keys an
+            # older manifest lacks are not compared, so sets written before they were recorded still finish
+            diff = [f"{k}: {old[k]!r} there vs {v!r} now" for k, v in self.meta.items() if k in old and old[k] != v]
+            if diff:
+                raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
+                                 "use the same arguments or another directory")
+        for p in self.dir.iterdir():  # temporaries of a killed write (see _atomic)
+            if p.name.startswith(".shard_") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
 
     def shard_path(self, k: int) -> Path:
         return self.dir / f"shard_{k:05d}.npz"

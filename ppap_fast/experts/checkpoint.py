@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,22 @@ def _config(bank: ExpertBank) -> dict:
     }
 
 
+class BaseMismatchWarning(UserWarning):
+    """Experts loaded onto other frozen base weights than those they were distilled on."""
+
+
+def _base_fingerprint(bank: ExpertBank) -> str:
+    """sha256 of the shared frozen tensors (float32, CPU): which base model the experts belong to."""
+    own = set(bank.per_expert_state_dict())
+    h = hashlib.sha256()
+    for k, v in sorted(bank.model.state_dict().items()):
+        if k in own or not v.is_floating_point():
+            continue
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _digest(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -66,6 +83,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
                                      if k not in own}
     cfg = _config(bank)
     cfg["include_base"] = include_base
+    cfg["base_state"] = _base_fingerprint(bank)
     cfg["files"] = {}
     for name, t in files.items():
         save_safetensors_atomic(path / name, t)
@@ -128,8 +146,12 @@ def read_config(path, **where) -> dict:
     f = path / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    cfg = json.loads(f.read_text())
-    if cfg.get("format") != FORMAT:
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        cfg = cfg if isinstance(cfg, dict) else {}
         raise ValueError(f"{f} is not a {FORMAT} checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
         raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")
@@ -169,11 +191,22 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
     # every file is read once and verified (keys, shapes, then digest) before anything is copied:
     # never half-loaded
     raw = [f.read_bytes() for _, f, _ in parts]
-    loaded = [load(data) for data in raw]
+    loaded = []
+    for (_, f, _), data in zip(parts, raw):
+        try:
+            loaded.append(load(data))
+        except Exception as e:  # SafetensorError (truncated / not safetensors) is not a ValueError
+            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     for (dst, _, what), src in zip(parts, loaded):
         _check_keys(dst, src, what)
     for (_, f, _), data in zip(parts, raw):
         _check_file(f, data, cfg)
+    want = cfg.get("base_state")
+    if want is not None and not load_base and want != _base_fingerprint(bank):
+        # a warning, not an error: a half-precision copy of the right classifier differs too
+        warnings.warn(f"the experts in {path} were distilled on other frozen base weights than this model's "
+                      "(another classifier, or a lower-precision copy): they are only meaningful on the "
+                      "classifier they were distilled from", BaseMismatchWarning, stacklevel=2)
     with torch.no_grad():
         for (dst, _, _), src in zip(parts, loaded):
             for k, v in src.items():
