@@ -465,6 +465,25 @@ def test_cuda_graph_step_equals_reference(no_tf32, sampler):
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_graphs_follow_a_changed_guide(no_tf32):
+    """Captured steps bake the guide's scale in: a changed scale drops them (new graphs, new scale)."""
+    model, _, guide = _cuda_setup()
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    fast = FastGuidedSampler(model, sched, guide=guide, cuda_graph=True)
+    first = fast.sample(SHAPE, generator=gen())
+    guide.scale = 9.0
+    try:
+        ref = sample_loop(model, SHAPE, sched, guide=guide, generator=gen())
+        out = fast.sample(SHAPE, generator=gen())
+    finally:
+        guide.scale = 3.0
+    assert fast.fast_guide.generation == 1 and fast._graphs
+    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_overlap_guide_equals_reference(no_tf32, graph):
     model, _, guide = _cuda_setup()
