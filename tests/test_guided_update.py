@@ -248,3 +248,16 @@ def test_auto_cuda_backend_follows_the_h100_measurements():
         assert auto_cuda_backend(dt, large) == "triton"
     assert auto_cuda_backend(torch.float32, small) == auto_cuda_backend(torch.float32, large) == "triton"
     assert auto_cuda_backend(torch.float64, small) == "cuda"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", None])
+def test_strided_and_expanded_idx(backend):
+    """The kernels read idx[b] from its data pointer: a strided or expanded idx (e.g. the
+    torch.tensor(t).expand(B) idiom) must give the reference's result, not other timesteps."""
+    tab = gu.build_table(Schedule.create("linear", 50), "ddim")
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    for idx in (torch.tensor([40, 0, 25, 0, 3, 0])[::2], torch.tensor(10).expand(3)):
+        want, _ = gu.guided_update_reference(x, eps, idx.contiguous(), tab)
+        got, _ = gu.guided_update(x, eps, idx, tab, backend=backend)
+        assert rel_err(got, want) < 1e-6

@@ -1376,3 +1376,40 @@ def test_global_set_backend_reaches_the_lora_ops():
         assert L.last_backend["lora_linear"] == "cpp"
     finally:
         ops.set_backend(None)
+
+
+def test_empty_batch_and_expert_bias_shape():
+    """S = 0 gives empty outputs and gradients (as the wrapped layers do); an expert_bias not shaped
+    [N, C_out] is refused up front (it failed later, or silently, depending on the routing)."""
+    N, r, K, O = 3, 4, 5, 6
+    idx0 = torch.zeros(0, dtype=torch.long)
+    A = torch.randn(N, r, K, requires_grad=True)
+    y = L.lora_linear(torch.randn(0, K), torch.randn(O, K), None, A, torch.randn(N, O, r), idx0, 0.5)
+    assert y.shape == (0, O)
+    y.sum().backward()
+    assert A.grad is not None and not A.grad.any()
+    Ac = torch.randn(N, r, K, 3, 3, requires_grad=True)
+    y = L.lora_conv2d(torch.randn(0, K, 4, 4), torch.randn(O, K, 3, 3), None, Ac, torch.randn(N, O, r), idx0, 0.5,
+                      padding=1)
+    assert y.shape == (0, O, 4, 4)
+    y.sum().backward()
+    d = torch.randn(N, O, K, 3, 3, requires_grad=True)
+    y = L.lora_conv2d_delta(torch.randn(0, K, 4, 4), torch.randn(O, K, 3, 3), None, d, idx0, padding=1)
+    assert y.shape == (0, O, 4, 4)
+    y.sum().backward()
+    idx = torch.tensor([0, 2])
+    for eb in (torch.randn(N - 1, O), torch.randn(N + 2, O), torch.randn(N * O)):
+        with pytest.raises(ValueError, match="expert_bias must be"):
+            L.lora_linear(torch.randn(2, K), torch.randn(O, K), None, A, torch.randn(N, O, r), idx, 0.5, eb)
+        with pytest.raises(ValueError, match="expert_bias must be"):
+            L.lora_conv2d(torch.randn(2, K, 4, 4), torch.randn(O, K, 3, 3), None, Ac, torch.randn(N, O, r), idx, 0.5,
+                          padding=1, expert_bias=eb)
+
+
+def test_expert_bank_takes_an_empty_batch():
+    from ppap_fast.experts import ExpertBank
+    from ppap_fast.models.tiny import TinyResNet
+
+    bank = ExpertBank(TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3), "resnet",
+                      n_experts=4, r=2, alpha=1).eval()
+    assert bank(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)).shape == (0, 3)

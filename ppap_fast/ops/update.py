@@ -151,6 +151,7 @@ def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None
     Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference".
     """
     _check(x, eps, v, grad, noise, idx, table)
+    idx = idx.contiguous()  # the cpp / cuda / triton kernels read idx[b] at idx's data pointer + b
     if backend in (None, "auto") and x.is_cuda and _registry._forced is None:
         pick = auto_cuda_backend(x.dtype, x.numel())
         if _registry.why_unavailable(OP, pick, x.device) is None:

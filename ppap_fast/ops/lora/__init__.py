@@ -206,6 +206,11 @@ def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
             raise ValueError(f"expert_idx values must lie in [0, {N}), got range [{lo}, {hi}]")
 
 
+def _check_expert_bias(expert_bias, N: int, c_out: int):
+    if expert_bias is not None and tuple(expert_bias.shape) != (N, c_out):
+        raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
+
+
 # ----------------------------------------------------------------------------- ops
 def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backend=None, segments=None,
                 a_stage=None):
@@ -222,6 +227,10 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     _check_idx(expert_idx, x.shape[0], N)
+    _check_expert_bias(expert_bias, N, W.shape[0])
+    if x.shape[0] == 0:  # empty batch: the fast paths view x as [S, -1, K]; the reference handles it
+        last_backend["lora_linear"] = last_backend["lora_linear/a_stage"] = "reference"
+        return reference.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias)
     explicit_stage = a_stage is not None
     stage = "default" if a_stage == "default" else _resolve_a_stage(a_stage)
     b = _pick("lora_linear", x, backend, skip=("cpp",) if stage in ("in_base", "auto") else ())
@@ -288,7 +297,12 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         raise ValueError(f"a_blocks must be a positive int dividing the rank {r} and the flat A columns {flat_cols}, "
                          f"got {a_blocks!r}")
     _check_idx(expert_idx, x.shape[0], N)
+    _check_expert_bias(expert_bias, N, W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
+    if x.shape[0] == 0:  # empty batch: the fast paths assume S > 0; the reference handles it
+        last_backend["lora_conv2d"] = last_backend["lora_conv2d/a_stage"] = "reference"
+        return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
+                                     expert_bias)
     b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
     if b == "cpp" and (not explicit_stage or a_stage == "auto"):  # the environment's A stage is a preference
         a_stage = "stacked"
@@ -402,7 +416,12 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
+    _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
+    if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups
+        last_backend["lora_conv2d_delta"] = "reference"
+        return reference.lora_conv2d_delta(x, W, bias, delta, expert_idx, stride, padding, dilation, groups,
+                                           expert_bias)
     if backend in (None, "auto") and not os.environ.get("PPAP_LORA_BACKEND") \
             and _registry._forced not in _ORDER["lora_conv2d_delta"]:  # a global choice still wins
         backend = _auto_delta_backend(x)

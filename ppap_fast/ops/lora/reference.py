@@ -14,6 +14,7 @@ Conventions shared by all ops
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import torch
@@ -40,7 +41,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None):
     """
     S = x.shape[0]
     y = F.linear(x, W.detach(), None if bias is None else bias.detach())
-    x3 = x.reshape(S, -1, x.shape[-1])                      # [S, M, in]
+    x3 = x.reshape(S, math.prod(x.shape[1:-1]), x.shape[-1])  # [S, M, in] (no -1: S may be 0)
     h = torch.bmm(x3, A[expert_idx].transpose(1, 2))        # [S, M, r]
     d = torch.bmm(h, B[expert_idx].transpose(1, 2))         # [S, M, out]
     y = y + scale * d.view(*x.shape[:-1], W.shape[0])
@@ -80,7 +81,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     order = []
     for e in range(N):
         sel = (expert_idx == e).nonzero().flatten()
-        if sel.numel() == 0:
+        if sel.numel() == 0 and (e > 0 or x.shape[0] > 0):  # an empty batch keeps one (empty) part
             continue
         h = F.conv2d(x[sel], A[e], None, stride, padding, dilation, groups)
         d = F.conv2d(h, B[e].reshape(c_out, rg, 1, 1), None, 1, 0, 1, groups)
@@ -133,7 +134,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     b = None if bias is None else bias.detach()
     outs = [F.conv2d(x[s:s + 1], Wd + delta[expert_idx[s]], b, stride, padding, dilation, groups)
             for s in range(x.shape[0])]
-    y = torch.cat(outs)
+    y = torch.cat(outs) if outs else F.conv2d(x, Wd + delta[:1].sum(0) * 0, b, stride, padding, dilation, groups)
     if expert_bias is not None:
         y = y + expert_bias[expert_idx][:, :, None, None]
     return y
