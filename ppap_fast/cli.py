@@ -174,6 +174,9 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     replaced only when it is a directory holding ``marker`` and nothing but files this command
     writes (a previous output); a file or any other directory is refused before any work."""
     out = Path(out)
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.is_dir():  # a replacement killed between its two renames: roll it back
+        old.rename(out)
     _check_replaceable(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -181,10 +184,14 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     try:
         write(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                if not out.exists():  # interrupted between the renames: the previous output goes back
+                    old.rename(out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
@@ -235,6 +242,7 @@ def _run(args) -> int:
         _check_device(args.device)
     if args.cmd == "train-diffusion":
         demo.check_writable_dir(Path(args.out).parent)
+        demo.check_output_file(args.out)
         demo.train_diffusion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              ema_decay=args.ema_decay, device=args.device, max_minutes=args.max_minutes,
                              checkpoint_every=args.checkpoint_every, progress=progress)
@@ -247,6 +255,7 @@ def _run(args) -> int:
         from .models.tiny import EvalNet, TinyResNet, save_model
 
         demo.check_writable_dir(Path(args.out).parent)
+        demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
         torch.manual_seed(args.seed)  # model initialisation
         if args.arch == "resnet":
@@ -309,6 +318,7 @@ def _run(args) -> int:
 
         base = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
         demo.check_writable_dir(Path(args.out).parent)
+        demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
         x, y = s.classifier
         me = finetune_noise_aware(base, x, y, args.experts, args.steps, args.batch_size, args.lr, seed=args.seed,
@@ -326,6 +336,7 @@ def _run(args) -> int:
             raise DemoError(f"--out must end in .npz, got {out.name}")
         demo.parse_method(args.method)
         demo.check_writable_dir(out.parent)
+        demo.check_output_file(out)
         targets = _parse_targets(args.targets, args.num_samples)
         x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
                                       args.seed, args.batch_size, progress=progress, fast=args.fast)
@@ -336,6 +347,8 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "evaluate":
+        if args.json:
+            demo.check_output_file(args.json, "--json")
         images, labels = demo.read_samples(args.samples)
         evaluator = demo.load_evaluator(args.weights_dir)
         res = demo.evaluate_samples(images, labels, evaluator)
@@ -366,6 +379,8 @@ def _run(args) -> int:
 
     if args.cmd == "demo":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise DemoError(f"--methods names no method ({args.methods!r}); choose from {', '.join(DEMO_METHODS)}")
         demo.run_demo(args.out, args.weights_dir, methods, args.num_samples,
                       "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size, progress)
         return 0

@@ -406,9 +406,20 @@ def evaluate_samples(images_u8: np.ndarray, labels: np.ndarray, evaluator, data_
     real, real_out = _REAL_CACHE[key]
     if images_u8.shape[1:] != (16, 16, 1):
         raise DemoError(f"samples must be 16 x 16 x 1 images, got {images_u8.shape[1:]}")
+    if images_u8.shape[0] < 4:  # precision / recall need more than k=3 samples (FD at least 2)
+        raise DemoError(f"scoring needs at least 4 samples, got {images_u8.shape[0]}")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DemoError(f"labels out of range [0, {NUM_CLASSES})")
     return score_samples(evaluator, from_uint8(images_u8), labels, real, real_outputs=real_out)
+
+
+def check_output_file(path, what: str = "--out") -> Path:
+    """Refuse, before any work, an output file path that names an existing directory (the atomic
+    write would otherwise fail at the end, naming its temporary file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DemoError(f"{what} {path} is a directory; name an output file")
+    return path
 
 
 def check_writable_dir(d) -> Path:
@@ -469,7 +480,9 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     from .data.shards import write_json_atomic
 
     out = check_writable_dir(out)
-    methods = list(methods or DEMO_METHODS)
+    methods = list(DEMO_METHODS if methods is None else methods)
+    if not methods:
+        raise DemoError("no methods to run (an empty --methods list)")
     for m in methods:
         parse_method(m)
     if num_samples < 10:

@@ -76,6 +76,8 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--sampler must be ddim or ddpm, got {cfg.sampler!r}")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be positive")
+    if cfg.image_size < 1 or cfg.channels < 1:
+        raise ValueError(f"--image-size and --channels must be positive, got {cfg.image_size} and {cfg.channels}")
     if cfg.steps is not None and cfg.steps < 1:
         raise ValueError(f"--steps must be positive, got {cfg.steps}")
     if cfg.experts_subfolder and not cfg.experts:
@@ -89,8 +91,22 @@ def _check(cfg: GuidedSampleConfig) -> Path:
     if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")
+    for p in (out, out.with_suffix(".png"), out.with_suffix(".json")):
+        if p.is_dir():  # the atomic writes would fail after all the sampling, naming a temporary file
+            raise ValueError(f"output {p} is a directory; --out names a new .npz (its .png and .json go beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _probe(what: str, cfg: GuidedSampleConfig, fn):
+    """One batch-1 forward that turns a shape mismatch (a raw RuntimeError deep in a conv or a skip
+    concatenation) into a one-line error naming the options, before any sampling."""
+    try:
+        with torch.no_grad():
+            return fn()
+    except RuntimeError as e:
+        raise ValueError(f"{what} does not take [1, {cfg.channels}, {cfg.image_size}, {cfg.image_size}] images "
+                         f"(check --channels / --image-size): {str(e).splitlines()[0]}") from None
 
 
 def _class_targets(spec: str | None, n: int) -> torch.Tensor:
@@ -184,15 +200,17 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     sched = sched.to(device)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
     unet.requires_grad_(False)
+    x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
+    t1 = sched.timestep_map[:1].to(device)
+    _probe(f"denoiser {cfg.denoiser!r}", cfg, lambda: unet(x1, t1))
     make_guide, info = (None, {"guide": None}) if cfg.guide is None else _build_guide(cfg, device)
     targets = None
     if info.get("task") == "classification":
         targets = _class_targets(cfg.targets, cfg.num_samples)
         check = make_guide(targets.to(device))  # validates the ids against the model's class count
         if not check.target.checked:  # count unknown until the model has run: one forward on one image
-            with torch.no_grad():
-                x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
-                k = check.logits(x1, torch.zeros(1, dtype=torch.long, device=device)).shape[1]
+            k = _probe(f"guide {cfg.guide!r}", cfg,
+                       lambda: check.logits(x1, torch.zeros(1, dtype=torch.long, device=device))).shape[1]
             check.target._check(k)
     opts = {}
     if cfg.fast:
@@ -258,7 +276,9 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     arrays = {"images": imgs}
     if targets is not None:
         arrays["targets"] = targets.numpy()
-    write_npz_atomic(out, **arrays)
+    for side in (out.with_suffix(".json"), out.with_suffix(".png")):  # a previous run's: not this .npz's
+        side.unlink(missing_ok=True)
+    write_npz_atomic(out, **arrays)  # the .json, written last, marks a complete output
     save_image_grid(out.with_suffix(".png"), imgs)
     guided = make_guide is not None
     stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": steps,

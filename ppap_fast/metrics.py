@@ -11,10 +11,13 @@ import numpy as np
 import torch
 
 
-def _f64(a) -> np.ndarray:
+def _f64(a, what: str = "features") -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} hold {int((~np.isfinite(a)).sum())} non-finite values (NaN/Inf)")
+    return a
 
 
 def frechet_distance(feats_a, feats_b) -> float:
@@ -25,7 +28,7 @@ def frechet_distance(feats_a, feats_b) -> float:
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError("need at least 2 samples per set for a covariance")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # D = 1: 0-d
     # Tr((S_a S_b)^{1/2}) = Tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}), the inner matrix is symmetric PSD.
     w, v = np.linalg.eigh(s_a)
     sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -49,6 +52,8 @@ def _radii(x: np.ndarray, k: int) -> np.ndarray:
 def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
     """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
     r, f = _f64(real_feats), _f64(fake_feats)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     if r.shape[0] <= k or f.shape[0] <= k:
         raise ValueError(f"need more than k={k} samples in each set")
     r_rad, f_rad = _radii(r, k), _radii(f, k)
@@ -59,7 +64,11 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
 
 
 def inception_score(probs) -> float:
-    p = _f64(probs)
+    p = _f64(probs, "probabilities")
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"probabilities must be N x K with N >= 1, got {p.shape}")
+    if (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-2):
+        raise ValueError("probabilities must be non-negative rows summing to 1 (softmax outputs, not logits)")
     py = p.mean(0, keepdims=True)
     kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1)
     return float(np.exp(kl.mean()))
@@ -68,6 +77,8 @@ def inception_score(probs) -> float:
 @torch.no_grad()
 def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W."""
+    if images.shape[0] == 0:
+        raise ValueError("no images to score (an empty sample set)")
     evaluator.eval()
     feats, probs = [], []
     for i in range(0, images.shape[0], batch_size):
