@@ -37,8 +37,9 @@ void check_guided_update_args(const at::Tensor& x, const at::Tensor& eps, const 
   if (grad) check_like(*grad, "grad");
   if (noise) check_like(*noise, "noise");
   TORCH_CHECK(mode != 2 || v.has_value(), "guided_update: mode 2 (learned range) needs v");
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == B && idx.scalar_type() == at::kLong && idx.device() == x.device(),
-              "guided_update: idx must be a long tensor of shape (B,) on x's device");
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == B && idx.scalar_type() == at::kLong && idx.device() == x.device()
+                  && idx.is_contiguous(),  // the kernels read idx[b] at its data pointer + b
+              "guided_update: idx must be a contiguous long tensor of shape (B,) on x's device");
   const auto coef_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(1) == kGuidedUpdateCols && coefs.scalar_type() == coef_type &&
                   coefs.is_contiguous() && coefs.device() == x.device(),

@@ -139,6 +139,9 @@ def test_bad_inputs():
     if "cpp" in _backends_for("cpu"):
         with pytest.raises(RuntimeError, match="outside"):
             ops.guided_update(x, x, torch.tensor([1, 25]), table, backend="cpp")
+        with pytest.raises(RuntimeError, match="contiguous"):  # the raw op (the public one makes idx contiguous)
+            torch.ops.ppap_fast.guided_update(x, x, None, None, None, torch.tensor([1, 0, 2, 0])[::2],
+                                              table.coefs_f32, table.mode, True)
 
 
 def test_backend_report_names_every_path():
