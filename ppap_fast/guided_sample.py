@@ -55,6 +55,7 @@ class GuidedSampleConfig:
     target_map: str | None = None
     scale: float = 10.0
     sampler: str = "ddim"
+    schedule: str = "linear"            # the denoiser's noise schedule (guided-diffusion's "linear" / "cosine")
     steps: int | None = None
     eta: float = 0.0
     num_samples: int = 16
@@ -196,7 +197,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
-    sched = Schedule.create("linear", 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     sched = sched.to(device)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
     unet.requires_grad_(False)
@@ -312,6 +313,8 @@ def add_arguments(s) -> None:
     s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
     s.add_argument("--scale", type=float, default=10.0)
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    s.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+                   help="the denoiser's noise schedule (ADM's ImageNet models: linear)")
     s.add_argument("--steps", type=int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--num-samples", type=int, default=16)

@@ -494,3 +494,27 @@ def test_a_moved_set_still_resumes(tmp_path):
     res = D.generate(D.GenerateConfig(str(moved), **{**GEN, "num_images": 6}), D.DistEnv())
     assert res["written"] == [1]
     np.testing.assert_array_equal(_images(moved), want)
+
+
+def test_distill_noises_with_the_sets_own_schedule(tmp_path, monkeypatch):
+    """The student sees q(x_t | x_0) of the diffusion model that made the set (its manifest's schedule),
+    not a fixed linear one; a set from a model with another T is refused."""
+    from ppap_fast import schedule as S
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    torch.manual_seed(0)
+    tfile = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(), tmp_path / "t.safetensors")
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4, "schedule": "cosine",
+                                              "teacher": f"tiny:{tfile}"}), D.DistEnv())
+    used = []
+    orig = S.Schedule.q_sample
+    monkeypatch.setattr(S.Schedule, "q_sample",
+                        lambda self, *a, **k: (used.append(float(self.alphas_cumprod[500])), orig(self, *a, **k))[1])
+    kw = dict(n_experts=2, r=2, alpha=2.0, steps=1, batch_size=4, lr=1e-2, warmup=1, device="cpu",
+              cuda_graph=False, prefetch=False)
+    D.distill(D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{tfile}", **kw), D.DistEnv())
+    assert used and abs(used[0] - float(S.Schedule.create("cosine", 1000).alphas_cumprod[500])) < 1e-9
+    with pytest.raises(D.DistributedRunError, match="num-timesteps"):
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "out2"), f"tiny:{tfile}", num_timesteps=500, **kw),
+                  D.DistEnv())

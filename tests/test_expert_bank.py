@@ -541,3 +541,17 @@ def test_factorised_bank_in_channels_last_through_the_in_base_kernels(monkeypatc
     assert g_r.keys() == g_b.keys()
     for n in g_r:
         assert rel(g_b[n], g_r[n]) < 5e-5 or float(g_r[n].norm()) < 1e-6, n
+
+
+def test_batchnorms_no_expert_owns_stay_frozen_in_training():
+    """A BatchNorm the placement does not route (affine=False under the generic rule) is part of the
+    frozen base: training mode must not overwrite its running statistics."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    bank = ExpertBank(m, "generic", 5, 1000, r=2, alpha=1.0)
+    before = bank.model[1].running_var.clone()
+    bank.train()
+    assert bank.training and not bank.model[1].training
+    bank(torch.randn(10, 3, 8, 8) * 3, torch.randint(0, 1000, (10,)))
+    assert torch.equal(bank.model[1].running_var, before)

@@ -137,3 +137,10 @@ def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
     _run(tmp_path, "d", *GUIDE)
     assert seen and all(kw["fuse_norm_act"] is False and kw["channels_last"] is False and kw["cuda_graph"] is False
                         and kw["compile_freeze"] is False for kw in seen)
+
+
+def test_schedule_option_reaches_the_sampler(tmp_path):
+    lin, _ = _run(tmp_path, "lin")
+    cos, stats = _run(tmp_path, "cos", "--schedule", "cosine")
+    assert stats["config"]["schedule"] == "cosine"
+    assert np.abs(lin["images"].astype(int) - cos["images"].astype(int)).mean() > 1

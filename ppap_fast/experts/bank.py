@@ -545,6 +545,16 @@ class ExpertBank(nn.Module):
                 new = RoutedBias(m, R, N)
             _set_submodule(self.model, name, new)
 
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; BatchNorms of the frozen base that no expert owns (e.g. ``affine=False``) stay in
+        eval mode: their running statistics are part of the shared frozen model, which training must not
+        overwrite with the mixed-noise-level statistics of every expert's samples."""
+        super().train(mode)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
     # -- routing
     @property
     def bands(self) -> list:
