@@ -126,7 +126,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         tl = torch.from_numpy(data.gather("logits", idx.numpy())).float()
         t = torch.randint(0, 1000, (batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
-        lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # warm-up then linear anneal (official)
+        lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # linear anneal (official), after a 50-step warm-up (ours)
         for g in opt.param_groups:
             g["lr"] = lr_now
         loss = kd_loss(bank(xt.to(device), t.to(device)), tl.to(device))
