@@ -186,18 +186,7 @@ def test_imports_without_diffusers():
 
 
 def test_fast_guidance_merges_experts_and_matches_routed(unet):
-    from ppap_fast.experts import ExpertBank
-    from ppap_fast.guidance import ClassGuide
-    from ppap_fast.models.tiny import TinyResNet
-
-    torch.manual_seed(1)
-    bank = ExpertBank(TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=C, num_classes=3), "resnet",
-                      n_experts=5, r=4, alpha=2)
-    with torch.no_grad():
-        for name, t in bank.per_expert_state_dict().items():
-            if not name.endswith(("num_batches_tracked", "running_var")):
-                t.normal_(0, 0.2)
-    guide = ClassGuide(bank.eval(), torch.tensor([0, 1, 2, 0]), scale=3.0)
+    guide = _bank_guide()
     fast, slow = PPAPGuidance(guide), PPAPGuidance(guide, fast=False)
     for cls in (DDIMScheduler, DPMSolverMultistepScheduler):
         a = _manual_loop(unet, cls(num_train_timesteps=1000), 5, seed=2, guided=fast)
