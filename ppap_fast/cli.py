@@ -30,24 +30,20 @@ from pathlib import Path
 from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
 
 
-def _positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
-    return n
+def _positive(cast, what: str):
+    """An argparse type: ``cast(v)`` that must be finite and > 0."""
+    def parse(v: str):
+        try:
+            x = cast(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {v!r}") from None
+        if not 0 < x < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {v}")
+        return x
+    return parse
 
 
-def _positive_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {v}")
-    return x
+_positive_int, _positive_float = _positive(int, "integer"), _positive(float, "number")
 
 
 def _parser() -> argparse.ArgumentParser:
