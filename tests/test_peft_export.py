@@ -193,6 +193,44 @@ def test_suffix_conflict_refused(tmp_path):
         export_peft(bank, 0, tmp_path / "a")
 
 
+def test_saved_name_matching_peft_own_submodules_refused(tmp_path):
+    """peft adds lora_dropout / lora_A / ... under every LoRA target before it suffix-matches
+    modules_to_save: a per-expert head named "out" would match "<target>.lora_dropout" (TypeError
+    when peft loads the adapter). Refused up front, nothing written."""
+    class Attn(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    class Net(nn.Module):
+        def __init__(self, d=16):
+            super().__init__()
+            self.embed, self.attn, self.norm, self.out = nn.Linear(12, d), Attn(d), nn.LayerNorm(d), nn.Linear(d, 4)
+
+        def forward(self, x):
+            h = self.embed(x)
+            q, k, v = self.attn.qkv(h).chunk(3, -1)
+            h = h + self.attn.proj(torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v)
+            return self.out(self.norm(h).mean(1))
+
+    plain = Net().eval()
+    bank = ExpertBank(plain, "deit", n_experts=2, r=4, alpha=8).eval()
+    with pytest.raises(ValueError, match=r"peft's own LoRA submodules it would match: .*lora_dropout"):
+        export_peft(bank, 1, tmp_path / "a", base_model=plain)
+    assert not (tmp_path / "a").exists()
+
+
+def test_numpy_and_tensor_expert_indices():
+    import numpy as np
+
+    bank = ExpertBank(ConvNet(), Placement(lora=("conv1",), norm=("bn1",), r=2, alpha=2), n_experts=2)
+    for n in (np.int64(1), torch.tensor(1)):
+        assert bank.expert_state_dict(n).keys() == bank.expert_state_dict(1).keys()
+    for bad in (True, 1.0, torch.tensor([1]), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="integer index"):
+            bank.expert_state_dict(bad)
+
+
 def test_base_model_mismatch_refused(tmp_path):
     plain = TinyViT()
     bank = ExpertBank(plain, "deit", n_experts=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections import Counter
 
 import torch
@@ -640,21 +641,36 @@ class ExpertBank(nn.Module):
                     continue
                 yield f"{name}.{attr}", t
 
-    def _check_n(self, n):
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < self.n_experts:
-            raise ValueError(f"expert {n!r} out of range [0, {self.n_experts})")
+    def _check_n(self, n) -> int:
+        """``n`` as a Python int in [0, N): ints, NumPy integers and 0-d integer tensors (e.g. from
+        ``np.arange`` / ``torch.arange``); ValueError otherwise."""
+        i = None
+        if not isinstance(n, bool) and not (isinstance(n, torch.Tensor) and
+                                            (n.dim() or n.is_floating_point() or n.dtype == torch.bool)):
+            try:
+                i = operator.index(n)
+            except TypeError:
+                pass
+        if i is None:
+            raise ValueError(f"expert must be an integer index, got {type(n).__name__} {n!r}")
+        if not 0 <= i < self.n_experts:
+            raise ValueError(f"expert {i} out of range [0, {self.n_experts})")
+        return i
 
     def parameters_to_train(self) -> list:
         """The stacked per-expert parameters [N, ...] (all experts): give these to an optimiser.
 
-        Routing a batch to one expert leaves the other experts' gradients zero, but decoupled
-        weight decay (AdamW) still shrinks them: use weight_decay=0 or train with all experts.
+        Routing a batch to one expert leaves the other experts' gradients zero, but AdamW still
+        changes them: decoupled weight decay shrinks them, and Adam's running moments keep moving
+        them after their last batch (weight_decay=0 does not stop that). Train with all experts in
+        every batch (mixed timesteps), or give each one-expert-at-a-time phase a fresh optimizer and
+        restore the other experts afterwards.
         """
         return [t for _, t in self._per_expert_items(params_only=True)]
 
     def trainable_parameters(self, n: int) -> dict:
         """Views of what expert ``n`` owns: name -> tensor (LoRA factors, biases, norm affine)."""
-        self._check_n(n)
+        n = self._check_n(n)
         return {k: t[n] for k, t in self._per_expert_items(params_only=True)}
 
     def num_trainable_parameters(self, n: int = 0) -> int:
@@ -674,12 +690,12 @@ class ExpertBank(nn.Module):
 
     def expert_state_dict(self, n: int) -> dict:
         """Copies of everything expert ``n`` owns, including its BatchNorm running statistics."""
-        self._check_n(n)
+        n = self._check_n(n)
         return {k: t[n].detach().clone() for k, t in self._per_expert_items()}
 
     def load_expert_state_dict(self, n: int, state_dict: dict, strict: bool = True) -> None:
         """Load expert ``n``; with ``strict`` any missing / unexpected / misshaped key is a ValueError."""
-        self._check_n(n)
+        n = self._check_n(n)
         own = dict(self._per_expert_items())
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
@@ -706,7 +722,7 @@ class ExpertBank(nn.Module):
         directly follows a conv is folded into it (the result then equals expert ``n`` in
         eval mode only; it is returned in eval mode).
         """
-        self._check_n(n)
+        n = self._check_n(n)
         routed = list(self.routed_modules())
         memo = {id(m): None for _, m in routed}  # do not deep-copy the stacked expert tensors
         for _, m in routed:

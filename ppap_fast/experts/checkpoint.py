@@ -281,7 +281,7 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
     then use them), ``"ignore"`` skips them. The alpha of the bank's placement is used (the
     checkpoint does not store it; the official scripts use r=16, alpha=8).
     """
-    bank._check_n(expert)
+    expert = bank._check_n(expert)
     if base not in ("check", "load", "ignore"):
         raise ValueError(f"base must be 'check', 'load' or 'ignore', got {base!r}")
     if not isinstance(state_dict, dict):
@@ -318,7 +318,7 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
 
 def export_ppap_checkpoint(bank: ExpertBank, expert: int, prefix: str = "resnet.") -> dict:
     """Expert ``expert`` as an official-layout state_dict (inverse of import_ppap_checkpoint)."""
-    bank._check_n(expert)
+    expert = bank._check_n(expert)
     return {k: (t[expert] if pe else t).detach().clone() for k, (t, pe) in ppap_key_map(bank, prefix).items()}
 
 

@@ -53,6 +53,10 @@ from .bank import ExpertBank, ExpertBatchNorm, ExpertGroupNorm, ExpertLayerNorm,
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# submodules peft (0.21) adds to each LoRA Linear / Conv2d target
+_PEFT_LORA_CHILDREN = ("base_layer", "lora_dropout", "lora_dropout.default", "lora_A", "lora_A.default",
+                       "lora_B", "lora_B.default", "lora_embedding_A", "lora_embedding_B",
+                       "lora_magnitude_vector")
 
 
 def _conv_lora_factorised(m: RoutedConv2d, n: int):
@@ -152,7 +156,7 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     """
     if not isinstance(bank, ExpertBank):
         raise TypeError(f"export_peft needs an ExpertBank, got {type(bank).__name__}")
-    bank._check_n(expert)
+    expert = bank._check_n(expert)
     if base_model is not None:
         _check_base_model(bank, base_model)
     n = expert
@@ -181,12 +185,17 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     excluded = sorted(k for k in lora if any(re.match(rf"(^|.*\.){s}($|\..*)", k) for s in saved))
     wrapped_lora = sorted(k for k in wrapped if k in lora)
     nested = sorted(k for k in wrapped if any(o != k and o.startswith(k + ".") for o in (*wrapped, *lora)))
-    if excluded or wrapped_lora or nested:
+    # peft injects these children into every LoRA target before it matches modules_to_save, so the
+    # suffix rule also sees them (a saved "out" matches "<target>.lora_dropout": TypeError on load)
+    injected = sorted({f"{k}.{c}" for k in lora for c in _PEFT_LORA_CHILDREN
+                       if any(f"{k}.{c}".endswith(s) for s in saved)})
+    if excluded or wrapped_lora or nested or injected:
         raise ValueError(
             "peft would load this adapter differently: modules_to_save names are matched by string suffix "
             f"(per-expert non-LoRA modules {sorted(saved)}); LoRA modules it would not adapt: "
             f"{sorted(set(excluded) | set(wrapped_lora))}; modules_to_save matches that contain other adapted "
-            f"modules: {nested}. Rename the modules or change the placement.")
+            f"modules: {nested}; peft's own LoRA submodules it would match: {injected[:10]}. Rename the modules "
+            "or change the placement.")
     mods = dict(bank.model.named_modules())
 
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
