@@ -206,12 +206,15 @@ class _GradRunner:
 
         return torch.func.grad(objective)(self._input(x), t)
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, checked: bool = True):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
         if self.children is not None:  # weights read now (not at construction): the guide's may have changed
-            total = _gd.weighted_grad_sum((child(x, t), w) for (child, _), (_, w) in zip(self.children, self.guide.guides))
+            lenient = self.guide.nonfinite != "raise"  # children left at "raise" must not raise before its policy
+            total = _gd.weighted_grad_sum(
+                (child(x, t, checked=not (lenient and getattr(child.guide, "nonfinite", None) == "raise")), w)
+                for (child, _), (_, w) in zip(self.children, self.guide.guides))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():
@@ -232,7 +235,7 @@ class _GradRunner:
             if g is None:
                 g = self._eager(x, t)
         g = g.detach().to(x.dtype)
-        return _gd.check_finite(g, self.guide.nonfinite, self.guide.name)
+        return _gd.check_finite(g, self.guide.nonfinite, self.guide.name) if checked else g
 
 
 @contextlib.contextmanager

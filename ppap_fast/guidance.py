@@ -19,6 +19,7 @@ optional finite check.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -39,14 +40,17 @@ class InputTransform(nn.Module):
     """
 
     def __init__(self, mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD,
-                 size: int | tuple | None = None, antialias: bool = False):
+                 size: int | tuple | None = None, antialias: bool | str = False):
         super().__init__()
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         if std is not None and any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {std}")
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
-        self.antialias = antialias
+        if antialias not in (True, False, "auto"):
+            raise ValueError(f"antialias must be True, False or 'auto', got {antialias!r}")
+        self.antialias = antialias  # "auto": only when a side shrinks 2x or more (below that bilinear reads
+        # every input pixel; from 2x on, without antialiasing, whole rows and columns get no gradient)
         if mean is not None:
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)
@@ -58,16 +62,18 @@ class InputTransform(nn.Module):
             raise ValueError(f"InputTransform expects images [B, C, H, W], got shape {tuple(x.shape)}")
         y = (x + 1) * 0.5
         if self.size is not None and tuple(y.shape[-2:]) != self.size:
-            y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False, antialias=self.antialias)
+            aa = self.antialias if self.antialias != "auto" else any(
+                s >= 2 * o for s, o in zip(y.shape[-2:], self.size))
+            y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False, antialias=aa)
         if self.mean is not None:
             if self.mean.shape[1] != y.shape[1]:
                 raise ValueError(f"InputTransform has {self.mean.shape[1]} channel statistics, input has "
                                  f"{y.shape[1]} channels")
-            y = (y - self.mean.to(y.dtype)) / self.std.to(y.dtype)
+            y = (y - self.mean.to(y.device, y.dtype)) / self.std.to(y.device, y.dtype)
         return y
 
 
-def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool = False) -> InputTransform:
+def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = False) -> InputTransform:
     """[-1, 1] -> model normalisation (mean/std, ImageNet by default) and resolution (bilinear)."""
     return InputTransform(mean, std, size, antialias)
 
@@ -84,6 +90,16 @@ def _primary(out):
     return out
 
 
+def _to_model_dtype(model, h):
+    """Cast the network input to the dtype of the network's floating parameters (a bf16/fp16 guide network
+    with the sampler's float32 x_t); the cast is differentiable, so the gradient comes back in x_t's dtype."""
+    if isinstance(model, nn.Module) and isinstance(h, torch.Tensor):
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if p is not None and h.dtype != p.dtype:
+            return h.to(p.dtype)
+    return h
+
+
 def _is_bank(model) -> bool:
     from ppap_fast.experts import ExpertBank
 
@@ -95,7 +111,7 @@ def _check_scale(scale):
         if scale.dim() > 1 or scale.is_complex():
             raise ValueError(f"scale must be a number or a [B] tensor, got shape {tuple(scale.shape)}")
         return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     return float(scale)
 
@@ -162,6 +178,10 @@ class Guide:
             self._train_warned = True
 
     def __call__(self, x_t, t, **kw):
+        return self._finite(self._grad(x_t, t, **kw))
+
+    def _grad(self, x_t, t, **kw):
+        """The scaled gradient before the non-finite policy."""
         x_t, t = self._check_inputs(x_t, t)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{self.name}: guidance needs autograd (the gradient wrt x_t), which "
@@ -173,7 +193,7 @@ class Guide:
             (g,) = torch.autograd.grad(obj, x, allow_unused=True)
         if g is None:
             g = torch.zeros_like(x)
-        return self._finite(g.detach())
+        return g.detach()
 
 
 def check_finite(g: torch.Tensor, mode: str, name: str) -> torch.Tensor:
@@ -268,7 +288,7 @@ class ClassGuide(Guide):
         self.target = _ClassTarget(target, _num_classes(model, num_classes) or _num_classes(inner, None), self.name)
 
     def logits(self, x, t):
-        h = self.transform(x) if self.transform is not None else x
+        h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
         return _primary(self.model(h, t) if self.pass_t else self.model(h))
 
     def objective(self, x, t, target=None):
@@ -328,7 +348,7 @@ class X0HatGuide(Guide):
 
     def objective(self, x, t, target=None):
         x0 = self.x0_hat(x, t)
-        h = self.transform(x0) if self.transform is not None else x0
+        h = _to_model_dtype(self.classifier, self.transform(x0) if self.transform is not None else x0)
         return self.target.select(_primary(self.classifier(h)), target)
 
 
@@ -341,7 +361,7 @@ class _DenseGuide(Guide):
         self.pass_t = _is_bank(model) if pass_t is None else bool(pass_t)
 
     def output(self, x, t):
-        h = self.transform(x) if self.transform is not None else x
+        h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
         return _primary(self.model(h, t) if self.pass_t else self.model(h))
 
 
@@ -442,8 +462,16 @@ class ComposedGuide:
         self.guides = items
         self.nonfinite = nonfinite
 
+    def _sub(self, g, x_t, t):
+        # a sub-guide left at the default nonfinite="raise" must not raise before a lenient composition
+        # ("zero" / "ignore") applies its own policy to the sum
+        if self.nonfinite != "raise" and isinstance(g, Guide) and g.nonfinite == "raise":
+            return g._grad(x_t, t)
+        return g(x_t, t)
+
     def __call__(self, x_t, t, **kw):
-        return check_finite(weighted_grad_sum((g(x_t, t), w) for g, w in self.guides), self.nonfinite, self.name)
+        return check_finite(weighted_grad_sum((self._sub(g, x_t, t), w) for g, w in self.guides), self.nonfinite,
+                            self.name)
 
 
 def as_cond_fn(guide) -> Callable:

@@ -617,3 +617,15 @@ def test_train_mode_guide_warns_once():
         warnings.simplefilter("error", RuntimeWarning)
         g(x, t)  # once
         ClassGuide(b.eval(), 0, scale=1.0)(x, t)
+
+
+def test_fast_composed_nonfinite_policy_applies_over_default_sub_guides():
+    class Bad(nn.Module):  # sample 0: NaN logits, sample 1: fine
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * torch.tensor([[float("nan")], [1.0]])
+
+    cg = ComposedGuide([ClassGuide(Bad(), 1), (ClassGuide(Bad(), 2), 0.5)], nonfinite="zero")
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([10, 10])
+    got = fs.FastGuide(cg, None).runner(None)(x, t)
+    torch.testing.assert_close(got, cg(x, t))
+    assert not got[0].any() and got[1].abs().sum() > 0

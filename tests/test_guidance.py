@@ -313,3 +313,25 @@ def test_input_transform():
         return F.log_softmax(clf(tr(z)), -1)[0, 2]
 
     assert rel(guide(xx, 1), numerical_grad(J, xx)) < 1e-7
+
+
+def test_composed_nonfinite_policy_applies_over_default_sub_guides():
+    """ComposedGuide(nonfinite="zero") zeroes the bad sample; its sub-guides (left at "raise") must
+    not raise before the composition's policy applies."""
+    class Bad(nn.Module):  # sample 0: NaN logits, sample 1: fine
+        def forward(self, x):
+            return x.flatten(1)[:, :4] * torch.tensor([[float("nan")], [1.0]])
+
+    out = ComposedGuide([ClassGuide(Bad(), 1), (ClassGuide(Bad(), 2), 0.5)], nonfinite="zero")(torch.randn(2, 3, 4, 4), 10)
+    assert torch.isfinite(out).all() and not out[0].any() and out[1].abs().sum() > 0
+
+
+def test_input_transform_follows_the_input_device_and_numpy_scales():
+    import numpy as np
+
+    assert input_transform(size=None)(torch.zeros(1, 3, 8, 8, device="meta")).device.type == "meta"
+    for s in (np.float32(2.0), np.int64(3)):
+        ClassGuide(nn.Linear(4, 3), 1, scale=s)
+    for bad in (True, float("nan"), np.float32("inf")):
+        with pytest.raises(ValueError):
+            ClassGuide(nn.Linear(4, 3), 1, scale=bad)

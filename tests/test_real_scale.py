@@ -221,3 +221,70 @@ def test_mobilenet_v2_bank_merged_and_guide(mnv2):
     guide = mnv2.guide(698, scale=1.0, experts=bank, transform=input_transform(size=96))
     grad = guide(_photo(size=64).repeat(2, 1, 1, 1), torch.tensor([10, 990]))
     assert grad.shape == (2, 3, 64, 64) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- weights and transforms users bring
+def test_checkpoint_layouts_users_have(tmp_path):
+    """A Hugging Face cache whose model.safetensors is a symlink to a blob (no suffix), a pre-0.4.1
+    torchvision file (no BatchNorm num_batches_tracked), an AveragedModel (EMA) state dict: all load."""
+    import os
+
+    import torchvision
+    from safetensors.torch import save_file
+    from torch.optim.swa_utils import AveragedModel
+
+    gm = build_guide_model("resnet18")
+    d = tmp_path / "models--timm--resnet18"
+    (d / "blobs").mkdir(parents=True)
+    snap = d / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text("abc123")
+    save_file({k: v.contiguous() for k, v in gm.model.state_dict().items()}, str(d / "blobs" / "5f1e9a0c"))
+    os.symlink("../../blobs/5f1e9a0c", snap / "model.safetensors")
+    build_guide_model("resnet18", weights=str(d))
+    old = tmp_path / "resnet18-5c106cde.pth"
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items()
+                if not k.endswith("num_batches_tracked")}, old)
+    build_guide_model("resnet18", weights=str(old))
+    ema = tmp_path / "ema.pth"
+    torch.save(AveragedModel(gm.model).state_dict(), ema)
+    build_guide_model("resnet18", weights=str(ema))
+
+
+def test_registry_transform_antialiases_large_downscales():
+    """Bilinear from 2x downsampling on, unantialiased, gives whole rows / columns of x_t no gradient."""
+    gm = build_guide_model("resnet18")
+    x = torch.zeros(1, 3, 512, 512, requires_grad=True)
+    gm.transform(x).sum().backward()
+    assert (x.grad == 0).float().mean() == 0
+    y = torch.randn(1, 3, 256, 256)  # below 2x: the plain bilinear resize, as before
+    torch.testing.assert_close(gm.transform(y), torch.nn.functional.interpolate(
+        (y + 1) / 2, size=(224, 224), mode="bilinear", align_corners=False).sub(gm.transform.mean.float())
+        .div(gm.transform.std.float()))
+
+
+def test_half_precision_guide_network_takes_float32_x():
+    from ppap_fast.integrations.guided_diffusion import as_cond_fn
+
+    gm = build_guide_model("resnet18", dtype=torch.bfloat16)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    g = gm.guide(target=3)(x, 500)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
+    c = as_cond_fn(gm.guide(target=0))(x, torch.tensor([500, 500]), y=torch.tensor([3, 4]))
+    assert c.dtype == torch.float32 and torch.isfinite(c).all()
+
+
+@needs_mnv2
+def test_mobilenet_v2_weights_env_variable(tmp_path, monkeypatch):
+    """A copy under another name is accepted (its hash checked against the known one); a path that is not
+    a file is an error, not a silent fall-back to the packaged weights."""
+    import shutil
+
+    copy = tmp_path / "mnv2-imagenet.pth"
+    shutil.copy(ots.offline_mobilenet_v2_weights(), copy)
+    monkeypatch.setenv(ots.MOBILENET_V2_ENV, str(copy))
+    assert ots.offline_mobilenet_v2_weights() == copy
+    monkeypatch.setenv(ots.MOBILENET_V2_ENV, str(tmp_path / "typo.pth"))
+    with pytest.raises(ots.WeightsNotAvailable, match="not a file"):
+        ots.offline_mobilenet_v2_weights()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -75,12 +76,12 @@ def resolve_weights_path(path) -> Path:
         p = _hf_snapshot(p)
     for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
         if (p / name).is_file():
-            return (p / name).resolve()
+            return p / name  # not .resolve(): in a HF cache it is a symlink to a blob without the suffix
     cands = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.suffix in _TORCH_SUFFIXES))
     if len(cands) != 1:
         raise CheckpointError(f"{p}: expected one weight file (model.safetensors, pytorch_model.bin, *.safetensors, "
                               f"*.pth), found {[c.name for c in cands]}")
-    return cands[0].resolve()
+    return cands[0]
 
 
 def _unwrap(obj, where: str) -> dict:
@@ -98,9 +99,11 @@ def _unwrap(obj, where: str) -> dict:
     bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise CheckpointError(f"{where}: state_dict entries that are not tensors: {bad[:10]}")
-    keys = list(obj)
-    if all(k.startswith("module.") for k in keys):  # saved from a DDP / DataParallel wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    if "n_averaged" in obj and all(k.startswith("module.") for k in obj if k != "n_averaged"):
+        obj = {k: v for k, v in obj.items() if k != "n_averaged"}  # torch.optim.swa_utils.AveragedModel (EMA)
+    for prefix in ("module.", "_orig_mod."):  # DDP / DataParallel / AveragedModel; torch.compile
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -135,6 +138,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, what: str = "mode
     Keys starting with one of ``ignore_prefixes`` are dropped from the checkpoint first."""
     sd = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_prefixes)}
     own = model.state_dict()
+    for k in own:  # checkpoints saved before PyTorch 0.4.1 (old torchvision files) have no BN step counters
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k].clone()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     bad = [f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(sd[k].shape)}"
@@ -175,14 +181,18 @@ def offline_mobilenet_v2_weights(check_hash: bool = True) -> Path:
     """
     cands = []
     if os.environ.get(MOBILENET_V2_ENV):
-        cands.append(Path(os.environ[MOBILENET_V2_ENV]))
+        env = Path(os.environ[MOBILENET_V2_ENV]).expanduser()
+        if not env.is_file():
+            raise WeightsNotAvailable(f"${MOBILENET_V2_ENV} is set to {env}, which is not a file")
+        cands.append(env)
     d = _package_dir(MOBILENET_V2_PACKAGE)
     if d is not None:
         cands += [d / "weights" / MOBILENET_V2_FILE, *sorted(d.rglob("mobilenet_v2-*.pth"))]
     for c in cands:
         if c.is_file():
             if check_hash:
-                want = c.stem.rsplit("-", 1)[-1] if "-" in c.stem else MOBILENET_V2_FILE.split("-")[1][:8]
+                tail = c.stem.rsplit("-", 1)[-1] if "-" in c.stem else ""
+                want = tail if re.fullmatch(r"[0-9a-f]{8,64}", tail) else MOBILENET_V2_FILE.split("-")[1][:8]
                 h = hashlib.sha256(c.read_bytes()).hexdigest()
                 if not h.startswith(want):
                     raise CheckpointError(f"{c}: sha256 {h[:16]}... does not start with {want} (the hash in its "
