@@ -150,33 +150,15 @@ class PPAPGuidance:
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         return t
 
-    def _guide_dtype(self):
-        """The floating dtype of the guide's network (a half-precision UNet's x is cast to it), or None."""
-        from ppap_fast.guidance import ComposedGuide
-
-        g = self.guide
-        while isinstance(g, ComposedGuide):
-            g = g.guides[0][0]
-        m = getattr(g, "model", None) or getattr(g, "classifier", None)
-        if isinstance(m, torch.nn.Module):
-            for p in m.parameters():
-                if p.is_floating_point():
-                    return p.dtype
-        return None
-
     def grad(self, x: torch.Tensor, t, scale: float | None = None) -> torch.Tensor:
-        """scale * guide(x_t, t), detached, in x's dtype (the guide runs in its own parameters' dtype)."""
+        """scale * guide(x_t, t), detached, in x's dtype (guides cast their network's input to its dtype)."""
         s = self.scale if scale is None else float(scale)
         tt = self.timesteps(t, x.shape[0], x.device)
-        xg = x.detach()
-        dt = self._guide_dtype()
-        if dt is not None and xg.dtype != dt:
-            xg = xg.to(dt)
         if self.fast:
-            g = self._fast_guide(x.device)(xg, tt, self._host_timestep(t))
+            g = self._fast_guide(x.device)(x.detach(), tt, self._host_timestep(t))
         else:
             with torch.enable_grad():
-                g = self.guide(xg, tt)
+                g = self.guide(x.detach(), tt)
         if not isinstance(g, torch.Tensor) or g.shape != x.shape:
             raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
                              f"{getattr(g, 'shape', type(g).__name__)}")
