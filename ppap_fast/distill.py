@@ -45,15 +45,15 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     sched = Schedule.create("linear", 1000, respacing=respacing).to(device)
     unet = unet.to(device).eval()
     teacher = teacher.to(device).eval()
-    from .distributed import tensors_fingerprint
+    from .distributed import module_fingerprint
 
     writer = ShardWriter(out_dir, num_images, shard_size,
                          meta={"kind": "datafree", "seed": seed, "respacing": respacing,
                                "teacher_temperature": TEACHER_TEMPERATURE,
                                # which models made the images / cached logits: a resume with other weights
                                # is refused, and distillation can check its teacher against it
-                               "unet_state": tensors_fingerprint(sorted(unet.state_dict().items())),
-                               "teacher_state": tensors_fingerprint(sorted(teacher.state_dict().items()))})
+                               "unet_state": module_fingerprint(unet),
+                               "teacher_state": module_fingerprint(teacher)})
 
     def make(k):
         n = writer.shard_count(k)
@@ -98,10 +98,10 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
-    from .distributed import tensors_fingerprint
+    from .distributed import module_fingerprint
 
     cached_by = data.manifest.get("teacher_state") or data.manifest.get("config", {}).get("teacher_state")
-    if cached_by is not None and cached_by != tensors_fingerprint(sorted(teacher.state_dict().items())):
+    if cached_by is not None and cached_by != module_fingerprint(teacher):
         raise ValueError(f"the logits cached in {data_dir} were computed by another classifier than this teacher; "
                          "distil with the classifier the set was generated with, or generate a new set")
     torch.manual_seed(seed)

@@ -290,6 +290,11 @@ def tensors_fingerprint(tensors) -> str:
     return h.hexdigest()
 
 
+def module_fingerprint(module: nn.Module) -> str:
+    """tensors_fingerprint of a module's state dict (sorted by name): which weights it holds."""
+    return tensors_fingerprint(sorted(module.state_dict().items()))
+
+
 # ----------------------------------------------------------------------------- models from specs
 class RandomConvDenoiser(nn.Module):
     """A tiny deterministic eps model for smoke tests and CI (no weights needed)."""
@@ -552,7 +557,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     if cfg.teacher:
         # the teacher's weights, whatever the spec (a py: factory, a random init): restarts and
         # distillation compare it before trusting cached outputs
-        ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
+        ident["teacher_state"] = module_fingerprint(teacher)
     h = check_same_config(ident, env)
     out = Path(cfg.out_dir)
     n_shards = -(-cfg.num_images // cfg.shard_size)
@@ -1044,7 +1049,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     loss_kind = resolve_loss(cfg, task)
     ident = cfg.identity()
     ident["teacher_task"], ident["loss"] = task, loss_kind
-    ident["teacher_state"] = tensors_fingerprint(sorted(teacher.state_dict().items()))
+    ident["teacher_state"] = module_fingerprint(teacher)
     h = check_same_config(ident, env)
     # a training state in --out: rank 0 checks its configuration now, before anything in --out (the
     # computed teacher outputs of the run it belongs to) is replaced; it is restored after the bank is built
