@@ -407,12 +407,13 @@ def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeac
 
 
 def teacher_output(model: nn.Module, transform, x: torch.Tensor, t=None) -> torch.Tensor:
-    """The model's main output on ``x`` (dict outputs: ``['out']``, as guidance uses), float32.
+    """The model's main output on ``x`` (read as the guides read it: ``['out']`` / ``.logits`` /
+    ``.predicted_depth`` of dict or ModelOutput outputs), float32.
     With ``t`` the model is an ExpertBank called as ``model(x, t)``."""
     from .guidance import _primary
 
     h = transform(x) if transform is not None else x
-    return _primary(model(h) if t is None else model(h, t)).float()
+    return _primary(model(h) if t is None else model(h, t), ("out", "logits", "predicted_depth"), "teacher").float()
 
 
 @torch.no_grad()

@@ -189,43 +189,46 @@ class _GradRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _eager(self, x, t):
+    def _eager(self, x, t, **kw):
         g_obj = self.guide
         xl = self._input(x).requires_grad_(True)
         with torch.enable_grad(), self._ctx(x.device):
-            obj = g_obj._scaled_sum(g_obj.objective(xl, t))
+            obj = g_obj._scaled_sum(g_obj.objective(xl, t, **kw))
         (g,) = torch.autograd.grad(obj, xl, allow_unused=True)
         return torch.zeros_like(x) if g is None else g
 
-    def _functional(self, x, t):
+    def _functional(self, x, t, **kw):
         g_obj, ctx = self.guide, self._ctx
 
         def objective(xx, tt):
             with ctx(xx.device):
-                return g_obj._scaled_sum(g_obj.objective(xx, tt)).float()
+                return g_obj._scaled_sum(g_obj.objective(xx, tt, **kw)).float()
 
         return torch.func.grad(objective)(self._input(x), t)
 
-    def __call__(self, x, t, checked: bool = True):
+    def __call__(self, x, t, checked: bool = True, target=None):
+        """``target``: overrides the class target of the (sub-)guides that have one (as ComposedGuide's)."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
         if self.children is not None:  # weights read now (not at construction): the guide's may have changed
             lenient = self.guide.nonfinite != "raise"  # children left at "raise" must not raise before its policy
             total = _gd.weighted_grad_sum(
-                (child(x, t, checked=not (lenient and getattr(child.guide, "nonfinite", None) == "raise")), w)
+                (child(x, t, checked=not (lenient and getattr(child.guide, "nonfinite", None) == "raise"),
+                       target=target), w)
                 for (child, _), (_, w) in zip(self.children, self.guide.guides))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():
                 return self.guide(x, t)
+        kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
         with _no_host_checks(self.banks):
             g = None
             if self._compile_ok:
                 try:
                     if self._compiled is None:
                         self._compiled = _compile(self._functional, **self.opts.compile_kwargs)
-                    g = self._compiled(x, t)
+                    g = self._compiled(x, t, **kw)
                 except Exception as exc:  # noqa: BLE001 - any compile/trace error -> eager
                     self._compile_ok = False
                     warnings.warn(f"torch.compile of the guide failed ({type(exc).__name__}: "
@@ -233,7 +236,7 @@ class _GradRunner:
                                   FastSamplingWarning, stacklevel=3)
                     g = None
             if g is None:
-                g = self._eager(x, t)
+                g = self._eager(x, t, **kw)
         g = g.detach().to(x.dtype)
         return _gd.check_finite(g, self.guide.nonfinite, self.guide.name) if checked else g
 
@@ -484,6 +487,7 @@ class FastGuide:
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""
         self.sync()
+        _gd.warn_train_mode(self.source, stacklevel=4)
         if key is None:
             return self._routed
         vkey = self.variant_key(key)
@@ -496,8 +500,9 @@ class FastGuide:
             self._swap_to(key)
         return v
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None) -> torch.Tensor:
-        return self.runner(self.key(t_host))(x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None, target=None) -> torch.Tensor:
+        """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones)."""
+        return self.runner(self.key(t_host))(x, t, target=target)
 
 
 # ----------------------------------------------------------------------------- the sampler

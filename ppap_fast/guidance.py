@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,15 +79,29 @@ def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: 
 
 
 # ----------------------------------------------------------------------------- helpers
-def _primary(out):
-    """A model's main output: ``out['out']`` for dict outputs (torchvision segmentation), ``out[0]`` for tuples."""
-    if isinstance(out, dict):
-        if "out" not in out:
-            raise ValueError(f"model returned a dict without an 'out' entry (keys {sorted(out)})")
-        return out["out"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
+CLASS_OUTPUT_KEYS = ("out", "logits")  # torchvision segmentation's dict, Hugging Face ModelOutput
+DEPTH_OUTPUT_KEYS = ("predicted_depth", "out", "logits")  # Hugging Face depth estimators first
+DENOISER_OUTPUT_KEYS = ("sample", "out")  # diffusers UNet2DOutput
+
+
+def _primary(out, keys: Sequence[str] = CLASS_OUTPUT_KEYS, name: str = "guide"):
+    """A network's main output: a tensor as it is; the first of ``keys`` present in a mapping (a
+    transformers ``ModelOutput`` is one) or as an attribute of an object (a namedtuple's field first);
+    else a tuple's / list's first element. Anything else is a ValueError naming its type."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        picked = next((out[k] for k in keys if out.get(k) is not None), None)
+    else:
+        picked = next((v for v in (getattr(out, k, None) for k in keys) if v is not None), None)
+        if picked is None and isinstance(out, (tuple, list)) and len(out):
+            picked = out[0]
+    if not isinstance(picked, torch.Tensor):
+        found = f" (keys {sorted(map(str, out))})" if isinstance(out, Mapping) else ""
+        raise ValueError(f"{name}: cannot read the network output of type {type(out).__name__}{found}: expected a "
+                         f"tensor, a tuple / list (its first element), or a mapping / object with a tensor "
+                         f"{' or '.join(map(repr, keys))}")
+    return picked
 
 
 def _to_model_dtype(model, h):
@@ -161,20 +175,28 @@ class Guide:
     def _finite(self, g):
         return check_finite(g, self.nonfinite, self.name)
 
-    def _warn_train_mode(self):
-        """A guide network with BatchNorm / Dropout in train mode: batch statistics (a sample's gradient depends on
-        the rest of the batch) and running statistics overwritten by every guided step. Warned once."""
+    def _networks(self) -> list:
+        return [m for m in (getattr(self, k, None) for k in ("model", "classifier", "denoiser"))
+                if isinstance(m, nn.Module)]
+
+    def _warn_train_mode(self, stacklevel: int = 3):
+        """A guide network (X0HatGuide's denoiser too) with BatchNorm / Dropout / DropPath in train mode: batch
+        statistics (a sample's gradient depends on the rest of the batch), running statistics overwritten by every
+        guided step, random dropout masks. Warned once. The networks' mode-dependent submodules are listed once
+        (per set of networks); their ``training`` flags are read every call, so a later ``.train()`` is seen."""
         if getattr(self, "_train_warned", False):
             return
-        model = getattr(self, "model", None) or getattr(self, "classifier", None)
-        if isinstance(model, nn.Module) and any(
-                m.training for m in model.modules()
-                if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) or type(m).__name__ == "ExpertBatchNorm"):
+        nets = self._networks()
+        cached = getattr(self, "_mode_dependent", None)
+        if cached is None or len(cached[0]) != len(nets) or any(a is not b for a, b in zip(cached[0], nets)):
+            cached = self._mode_dependent = (nets, [m for net in nets for m in net.modules()
+                                                    if _depends_on_train_mode(m)])
+        if any(m.training for m in cached[1]):
             import warnings
 
-            warnings.warn(f"{self.name}: the guide's model is in train mode (BatchNorm uses batch statistics and "
-                          "sampling overwrites its running statistics); call model.eval() before sampling",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.name}: a guide network is in train mode (BatchNorm uses batch statistics and "
+                          "sampling overwrites its running statistics; Dropout / DropPath make the guidance random); "
+                          "call .eval() on the guide's networks before sampling", RuntimeWarning, stacklevel=stacklevel)
             self._train_warned = True
 
     def __call__(self, x_t, t, **kw):
@@ -194,6 +216,20 @@ class Guide:
         if g is None:
             g = torch.zeros_like(x)
         return g.detach()
+
+
+def _depends_on_train_mode(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)) or \
+        type(m).__name__ in ("ExpertBatchNorm", "DropPath", "StochasticDepth")
+
+
+def warn_train_mode(guide, stacklevel: int = 3) -> None:
+    """The train-mode warning of ``guide``'s networks (a ComposedGuide's sub-guides'), as a call would give."""
+    if isinstance(guide, Guide):
+        guide._warn_train_mode(stacklevel + 1)
+    elif isinstance(guide, ComposedGuide):
+        for g, _ in guide.guides:
+            warn_train_mode(g, stacklevel + 1)
 
 
 def check_finite(g: torch.Tensor, mode: str, name: str) -> torch.Tensor:
@@ -289,7 +325,7 @@ class ClassGuide(Guide):
 
     def logits(self, x, t):
         h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
-        return _primary(self.model(h, t) if self.pass_t else self.model(h))
+        return _primary(self.model(h, t) if self.pass_t else self.model(h), CLASS_OUTPUT_KEYS, self.name)
 
     def objective(self, x, t, target=None):
         return self.target.select(self.logits(x, t), target)
@@ -303,7 +339,7 @@ class X0HatGuide(Guide):
     ``scale * grad_{x_t} sum_b log p(target_b | x0_hat_b)``, back-propagated through the denoiser
     (``through_denoiser=True``, the exact gradient; one extra UNet backward) or with eps
     detached (``False``: cheap, grad = scale * grad_{x0hat} / sqrt(abar)). A denoiser output
-    with 2C channels (eps, v) is split and eps used.
+    with 2C channels (eps, v) is split and eps used; a diffusers-style output's ``.sample`` is read.
     """
 
     name = "X0HatGuide"
@@ -333,10 +369,10 @@ class X0HatGuide(Guide):
         if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= self.acp.numel())).any()):
             raise ValueError(f"{self.name}: t out of range [0, {self.acp.numel()})")
         if self.through_denoiser:
-            eps = _primary(self.denoiser(x, t, **self.denoiser_kwargs))
+            eps = _primary(self.denoiser(x, t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
         else:
             with torch.no_grad():
-                eps = _primary(self.denoiser(x.detach(), t, **self.denoiser_kwargs))
+                eps = _primary(self.denoiser(x.detach(), t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
         C = x.shape[1]
         if eps.shape[1] == 2 * C:
             eps = eps[:, :C]
@@ -349,10 +385,41 @@ class X0HatGuide(Guide):
     def objective(self, x, t, target=None):
         x0 = self.x0_hat(x, t)
         h = _to_model_dtype(self.classifier, self.transform(x0) if self.transform is not None else x0)
-        return self.target.select(_primary(self.classifier(h)), target)
+        return self.target.select(_primary(self.classifier(h), CLASS_OUTPUT_KEYS, self.name), target)
+
+
+def resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """Nearest resize of an integer map [..., H, W] to ``size`` (pixel centres, as interpolate's
+    'nearest-exact'; exact integer index arithmetic: labels are never mixed, ignore_index survives)."""
+    (h, w), (ho, wo) = labels.shape[-2:], size
+
+    def src(n_in, n_out):
+        return ((2 * torch.arange(n_out, device=labels.device) + 1) * n_in // (2 * n_out)).clamp_max(n_in - 1)
+
+    return labels[..., src(h, ho)[:, None], src(w, wo)]
+
+
+def resize_values(values: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False, antialiased when shrinking) of a float map [..., H, W] to ``size``.
+    Non-finite (invalid) pixels drop out of the interpolation weights (normalised: valid neighbours are averaged);
+    an output pixel with no valid source is NaN."""
+    lead, (h, w) = values.shape[:-2], values.shape[-2:]
+    flat = values.reshape(-1, 1, h, w)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    valid = torch.isfinite(flat)
+
+    def resize(v):
+        return F.interpolate(v, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+    num, den = resize(torch.where(valid, flat, 0.0)), resize(valid.to(flat.dtype))
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), float("nan"))
+    return out.reshape(*lead, *size).to(values.dtype)
 
 
 class _DenseGuide(Guide):
+    output_keys = CLASS_OUTPUT_KEYS
+
     def __init__(self, model, target_map, scale, input_transform, pass_t, nonfinite):
         super().__init__(scale, nonfinite)
         if not isinstance(target_map, torch.Tensor):
@@ -362,32 +429,55 @@ class _DenseGuide(Guide):
 
     def output(self, x, t):
         h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
-        return _primary(self.model(h, t) if self.pass_t else self.model(h))
+        return _primary(self.model(h, t) if self.pass_t else self.model(h), self.output_keys, self.name)
+
+    def _target_for(self, out_shape, per_pixel_dims: int, resize, device):
+        """The target map as [B, *out_shape[1 + per_pixel_dims:]] (logits' K is a per-pixel dim), its [H, W]
+        resized to the output's where they differ (maps of rank >= 2 for outputs [B, ..., H, W])."""
+        want = (out_shape[0], *out_shape[1 + per_pixel_dims:])
+        tgt = self.target_map.to(device)
+        shared = tgt.dim() == len(want) - 1
+        per_sample = want[1:] if shared else want
+        if tgt.dim() != len(per_sample) or tgt.shape[:-2] != per_sample[:-2]:
+            raise ValueError(self._shape_error(out_shape))
+        if tgt.shape[-2:] != per_sample[-2:]:
+            if len(want) < 3 or tgt.dim() < 2:
+                raise ValueError(self._shape_error(out_shape))
+            tgt = resize(tgt, per_sample[-2:])
+        return tgt.expand(want)
 
 
 class DenseRegressionGuide(_DenseGuide):
-    """Depth-style guidance: ``scale * grad_x sum_b -mean_pixels (model(x)_b - target_b)^2``.
+    """Depth-style guidance: ``scale * grad_x sum_b -mean_valid_pixels (model(x)_b - target_b)^2``.
 
-    ``target`` has the model output's shape [B, ...] or that shape without the batch dim
-    (shared by all samples); any other shape is a ValueError naming both shapes.
+    ``target`` has the model output's shape [B, ..., H, W] or that shape without the batch dim (shared by
+    all samples); a target map of another [H, W] (an image-resolution depth map, a network predicting at
+    1/4 resolution) is resized to the output's, bilinearly (align_corners=False, antialiased when shrinking;
+    see :func:`resize_values`). Any other mismatch (batch, channels) is a ValueError naming both shapes.
+    Non-finite target pixels (NaN / Inf: invalid depth) do not count; a sample without a valid pixel gets no
+    guidance (maps marking invalid pixels with 0 need ``target[target == 0] = nan``).
+    A Hugging Face depth model's ``predicted_depth`` [B, H, W] is read (then give [B, H, W] or [H, W] targets).
     """
 
     name = "DenseRegressionGuide"
+    output_keys = DEPTH_OUTPUT_KEYS
 
     def __init__(self, model, target, scale=1.0, input_transform=None, pass_t=None, nonfinite="raise"):
         super().__init__(model, target, scale, input_transform, pass_t, nonfinite)
         if not self.target_map.is_floating_point():
             raise ValueError(f"{self.name}: target map must be floating, got {self.target_map.dtype}")
 
+    def _shape_error(self, out_shape):
+        return (f"{self.name}: model output shape {tuple(out_shape)} does not match the target shape "
+                f"{tuple(self.target_map.shape)} (expected the output's shape, or without the batch dim; "
+                "only [H, W] may differ)")
+
     def objective(self, x, t):
         out = self.output(x, t)
-        tgt = self.target_map.to(out.device, out.dtype)
-        if tuple(tgt.shape) == tuple(out.shape[1:]):
-            tgt = tgt.unsqueeze(0).expand_as(out)
-        if tgt.shape != out.shape:
-            raise ValueError(f"{self.name}: model output shape {tuple(out.shape)} does not match the target "
-                             f"shape {tuple(self.target_map.shape)}")
-        return -((out - tgt) ** 2).flatten(1).mean(1)
+        tgt = self._target_for(out.shape, 0, resize_values, out.device).to(out.dtype)
+        valid = torch.isfinite(tgt)
+        err = torch.where(valid, out - torch.where(valid, tgt, 0), 0) ** 2
+        return -err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1).to(err.dtype)
 
 
 DepthGuide = DenseRegressionGuide
@@ -395,7 +485,9 @@ DepthGuide = DenseRegressionGuide
 
 class SegmentationGuide(_DenseGuide):
     """``scale * grad_x sum_b -mean_valid_pixels CE(model(x)_b, labels_b)``; ``ignore_index`` pixels
-    do not count. ``labels``: long [B, H, W] or [H, W] matching the logits [B, K, H, W]."""
+    do not count (a sample without a valid pixel gets no guidance). ``labels``: long [B, H, W] or [H, W]
+    for logits [B, K, H', W']; labels of another size than the logits' (image-resolution labels, a network
+    predicting at 1/4 resolution) are resized to it by nearest neighbour (:func:`resize_labels`)."""
 
     name = "SegmentationGuide"
 
@@ -415,17 +507,20 @@ class SegmentationGuide(_DenseGuide):
 
     def _check_classes(self, k):
         if self._hi >= k:
-            raise ValueError(f"{self.name}: label {self._hi} is out of range for a model with {k} classes")
+            hint = " (255 marks void pixels in VOC / ADE20K / Cityscapes maps: pass ignore_index=255)" \
+                if self._hi == 255 else ""
+            raise ValueError(f"{self.name}: label {self._hi} is out of range for a model with {k} classes{hint}")
         self._checked = True
+
+    def _shape_error(self, out_shape):
+        return (f"{self.name}: logits shape {tuple(out_shape)} does not match the label map shape "
+                f"{tuple(self.target_map.shape)} (expected logits [B, K, ...] for labels [B, ...] or [...])")
 
     def objective(self, x, t):
         logits = self.output(x, t)
-        lab = self.target_map.to(logits.device, torch.long)
-        if lab.dim() == logits.dim() - 2:
-            lab = lab.unsqueeze(0).expand(logits.shape[0], *lab.shape)
-        if logits.dim() < 3 or tuple(lab.shape) != (logits.shape[0], *logits.shape[2:]):
-            raise ValueError(f"{self.name}: logits shape {tuple(logits.shape)} does not match the label map shape "
-                             f"{tuple(self.target_map.shape)} (expected logits [B, K, *labels.shape[-2:]])")
+        if logits.dim() < 3:
+            raise ValueError(self._shape_error(logits.shape))
+        lab = self._target_for(logits.shape, 1, resize_labels, logits.device).long()
         if not self._checked:
             self._check_classes(logits.shape[1])
         ce = F.cross_entropy(logits, lab, ignore_index=self.ignore_index, reduction="none")
@@ -444,7 +539,10 @@ def weighted_grad_sum(grads_and_weights):
 
 
 class ComposedGuide:
-    """Sum of guides with weights: ``grad = sum_i w_i * guide_i(x_t, t)`` (each already scaled)."""
+    """Sum of guides with weights: ``grad = sum_i w_i * guide_i(x_t, t)`` (each already scaled).
+
+    ``guide(x_t, t, target=y)`` overrides the target of the sub-guides with a class target (ClassGuide,
+    X0HatGuide, also inside nested ComposedGuides); dense guides keep their target maps."""
 
     name = "ComposedGuide"
 
@@ -462,24 +560,38 @@ class ComposedGuide:
         self.guides = items
         self.nonfinite = nonfinite
 
-    def _sub(self, g, x_t, t):
+    def _sub(self, g, x_t, t, target):
+        kw = {"target": target} if target is not None and has_class_target(g) else {}
         # a sub-guide left at the default nonfinite="raise" must not raise before a lenient composition
         # ("zero" / "ignore") applies its own policy to the sum
         if self.nonfinite != "raise" and isinstance(g, Guide) and g.nonfinite == "raise":
-            return g._grad(x_t, t)
-        return g(x_t, t)
+            return g._grad(x_t, t, **kw)
+        return g(x_t, t, **kw)
 
-    def __call__(self, x_t, t, **kw):
-        return check_finite(weighted_grad_sum((self._sub(g, x_t, t), w) for g, w in self.guides), self.nonfinite,
-                            self.name)
+    def __call__(self, x_t, t, target=None):
+        return check_finite(weighted_grad_sum((self._sub(g, x_t, t, target), w) for g, w in self.guides),
+                            self.nonfinite, self.name)
+
+
+def has_class_target(guide) -> bool:
+    """Whether ``guide(x_t, t, target=y)`` overrides a class target: a ClassGuide / X0HatGuide, or a
+    ComposedGuide or :class:`ppap_fast.fast_sampling.FastGuide` holding one."""
+    if isinstance(guide, (ClassGuide, X0HatGuide)):
+        return True
+    if isinstance(guide, ComposedGuide):
+        return any(has_class_target(g) for g, _ in guide.guides)
+    from .fast_sampling import FastGuide
+
+    return isinstance(guide, FastGuide) and has_class_target(guide.source)
 
 
 def as_cond_fn(guide) -> Callable:
     """guided-diffusion ``cond_fn(x, t, y=None, **kw)`` calling ``guide(x, t)``.
 
-    ``y`` (guided-diffusion's class labels) overrides the target of a ClassGuide / X0HatGuide;
-    other guides ignore it. ``t`` is the original timestep (SpacedDiffusion maps it)."""
-    takes_y = isinstance(guide, (ClassGuide, X0HatGuide))
+    ``y`` (guided-diffusion's class labels) overrides the target of a ClassGuide / X0HatGuide, and of
+    those sub-guides of a ComposedGuide (a FastGuide of either: the same); other guides, and a ComposedGuide's
+    dense sub-guides, ignore it. ``t`` is the original timestep (SpacedDiffusion maps it)."""
+    takes_y = has_class_target(guide)
 
     def cond_fn(x, t, y=None, **kwargs):
         if y is not None and takes_y:
@@ -490,5 +602,6 @@ def as_cond_fn(guide) -> Callable:
 
 
 __all__ = ["Guide", "ClassGuide", "X0HatGuide", "DenseRegressionGuide", "DepthGuide", "SegmentationGuide",
-           "ComposedGuide", "InputTransform", "input_transform", "as_cond_fn", "check_finite",
+           "ComposedGuide", "InputTransform", "input_transform", "as_cond_fn", "check_finite", "has_class_target",
+           "resize_labels", "resize_values", "warn_train_mode",
            "IMAGENET_MEAN", "IMAGENET_STD", "NONFINITE_MODES"]

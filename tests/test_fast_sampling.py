@@ -626,3 +626,17 @@ def test_fast_composed_nonfinite_policy_applies_over_default_sub_guides():
     got = fs.FastGuide(cg, None).runner(None)(x, t)
     torch.testing.assert_close(got, cg(x, t))
     assert not got[0].any() and got[1].abs().sum() > 0
+
+
+def test_fast_guide_target_override_matches_reference(setup):
+    """FastGuide(x, t, target=y) (what as_cond_fn passes y as), merged and routed, ComposedGuide included."""
+    _, bank, guide = setup
+    other = ClassGuide(bank, torch.tensor([3, 2, 1, 0]), scale=0.5)
+    comp = ComposedGuide([(guide, 1.0), (ComposedGuide([other]), -2.0)])
+    x, y = torch.randn(SHAPE), torch.tensor([2, 2, 0, 1])
+    t = torch.full((SHAPE[0],), 420)
+    want = ClassGuide(bank, y, scale=3.0)(x, t) - 2.0 * ClassGuide(bank, y, scale=0.5)(x, t)
+    fast = fs.FastGuide(comp, None)
+    for t_host in (420, None):  # merged expert, routed bank
+        assert rel_err(fast(x, t, t_host=t_host, target=y), want) < TOL
+    assert rel_err(fast(x, t, t_host=420), comp(x, t)) < TOL and rel_err(comp(x, t), want) > 1e-3

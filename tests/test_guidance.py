@@ -1,9 +1,13 @@
 """Guides: gradients vs finite differences (float64), golden cond_fn grad, routing, bad input, NaN."""
+import warnings
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ppap_fast import fast_sampling as fs
 from ppap_fast.experts import ExpertBank
 from ppap_fast.guidance import (ClassGuide, ComposedGuide, DenseRegressionGuide, SegmentationGuide, X0HatGuide,
                                 as_cond_fn, input_transform)
@@ -245,8 +249,8 @@ def test_dense_regression_guide():
     assert rel(guide(x, 3), numerical_grad(J, x)) < 1e-7
     shared = DenseRegressionGuide(net, target[0], scale=4.0)  # [1,3,3] target shared by the batch
     assert rel(shared(x[:1], 3), DenseRegressionGuide(net, target[:1], scale=4.0)(x[:1], 3)) < 1e-12
-    with pytest.raises(ValueError, match=r"\(2, 1, 3, 3\).*\(2, 1, 4, 4\)"):
-        DenseRegressionGuide(net, torch.zeros(2, 1, 4, 4, dtype=D))(x, 3)
+    with pytest.raises(ValueError, match=r"\(2, 1, 3, 3\).*\(2, 2, 4, 4\)"):  # channels (an [H, W] is resized)
+        DenseRegressionGuide(net, torch.zeros(2, 2, 4, 4, dtype=D))(x, 3)
 
 
 def test_segmentation_guide():
@@ -270,8 +274,8 @@ def test_segmentation_guide():
     assert rel(guide(x, 0), numerical_grad(J, x)) < 1e-7
     with pytest.raises(ValueError, match="label 4 is out of range"):
         SegmentationGuide(net, torch.full((2, 3, 3), 4))(x, 0)
-    with pytest.raises(ValueError, match=r"logits shape \(2, 4, 3, 3\).*\(2, 5, 5\)"):
-        SegmentationGuide(net, torch.zeros(2, 5, 5, dtype=torch.long))(x, 0)
+    with pytest.raises(ValueError, match=r"logits shape \(2, 4, 3, 3\).*\(3, 5, 5\)"):  # batch ([H, W] is resized)
+        SegmentationGuide(net, torch.zeros(3, 5, 5, dtype=torch.long))(x, 0)
     with pytest.raises(ValueError, match="integer"):
         SegmentationGuide(net, torch.zeros(2, 3, 3))
 
@@ -335,3 +339,203 @@ def test_input_transform_follows_the_input_device_and_numpy_scales():
     for bad in (True, float("nan"), np.float32("inf")):
         with pytest.raises(ValueError):
             ClassGuide(nn.Linear(4, 3), 1, scale=bad)
+
+
+# ----------------------------------------------------------------------------- model outputs, dense targets
+class FakeModelOutput(OrderedDict):
+    """transformers.utils.ModelOutput's behaviour: a dict of the non-None fields, also read as attributes
+    and by integer index (``to_tuple()[i]``)."""
+
+    def __init__(self, **fields):
+        super().__init__((k, v) for k, v in fields.items() if v is not None)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, k):
+        return self.to_tuple()[k] if isinstance(k, int) else super().__getitem__(k)
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+
+class Wrapped(nn.Module):
+    """``net``'s output wrapped by ``wrap`` (a transformers-style output, a namespace, a tuple...)."""
+
+    def __init__(self, net, wrap):
+        super().__init__()
+        self.net, self.wrap = net, wrap
+
+    def forward(self, x):
+        return self.wrap(self.net(x))
+
+
+def test_guides_read_transformers_style_outputs():
+    from types import SimpleNamespace
+
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    clf = SmallNet().to(D).eval()
+    ref = ClassGuide(clf, 3, scale=2.0)(x, 5)
+    for wrap in (lambda y: FakeModelOutput(loss=None, logits=y, hidden_states=(y,)),
+                 lambda y: SimpleNamespace(logits=y), lambda y: (y, y * 0), lambda y: [y], lambda y: {"out": y}):
+        guide = ClassGuide(Wrapped(clf, wrap), 3, scale=2.0)
+        assert torch.equal(guide(x, 5), ref)
+        assert torch.equal(fs.FastGuide(guide, None).runner(None)(x, 5), ref)
+    net = DenseNet(1)
+    depth = torch.randn(2, 3, 3, dtype=D)
+    ref = DenseRegressionGuide(lambda z: net(z)[:, 0], depth)(x, 5)
+    guide = DenseRegressionGuide(Wrapped(net, lambda y: FakeModelOutput(predicted_depth=y[:, 0])), depth)
+    assert torch.equal(guide(x, 5), ref) and torch.equal(fs.FastGuide(guide, None).runner(None)(x, 5), ref)
+    seg, labels = DenseNet(4), torch.randint(0, 4, (2, 3, 3))
+    ref = SegmentationGuide(seg, labels)(x, 5)
+    guide = SegmentationGuide(Wrapped(seg, lambda y: FakeModelOutput(logits=y)), labels)
+    assert torch.equal(guide(x, 5), ref) and torch.equal(fs.FastGuide(guide, None).runner(None)(x, 5), ref)
+    den = ToyDenoiser()  # a diffusers-style denoiser output (``.sample``)
+    acp = torch.linspace(0.99, 0.1, 100, dtype=D)
+    ref = X0HatGuide(clf, den, acp, 1)(x, 5)
+    wrapped = X0HatGuide(clf, lambda z, t: FakeModelOutput(sample=den(z, t)), acp, 1)
+    assert torch.equal(wrapped(x, 5), ref)
+    for bad in (lambda y: FakeModelOutput(hidden_states=y), lambda y: SimpleNamespace(features=y), lambda y: "y"):
+        with pytest.raises(ValueError, match=r"ClassGuide.*(FakeModelOutput|SimpleNamespace|str)"):
+            ClassGuide(Wrapped(clf, bad), 3)(x, 5)
+
+
+class HalfResNet(nn.Module):
+    """A dense head at half the input resolution (as segmentation / depth networks at 1/4, 1/8...)."""
+
+    def __init__(self, out_ch):
+        super().__init__()
+        self.conv = nn.Conv2d(2, out_ch, 3, stride=2, padding=1).to(D)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x))
+
+
+def test_dense_targets_are_resized_to_the_output():
+    x = torch.randn(2, 2, 8, 8, dtype=D)
+    net = HalfResNet(1)
+    depth = torch.randn(2, 1, 8, 8, dtype=D)
+    small = F.interpolate(depth, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    guide = DenseRegressionGuide(net, depth, scale=2.0)
+    ref = DenseRegressionGuide(net, small, scale=2.0)(x, 3)
+    assert rel(guide(x, 3), ref) < 1e-12
+    assert rel(fs.FastGuide(guide, None).runner(None)(x, 3), ref) < 1e-12
+    assert rel(DenseRegressionGuide(net, depth[0], scale=2.0)(x[:1], 3),  # shared [1, H, W] target
+               DenseRegressionGuide(net, small[0], scale=2.0)(x[:1], 3)) < 1e-12
+    up = DenseRegressionGuide(DenseNet(1), torch.randn(2, 1, 3, 3, dtype=D))  # upsampled too
+    assert torch.isfinite(up(x, 3)).all()
+    with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\).*\(3, 1, 8, 8\)"):  # batch
+        DenseRegressionGuide(net, torch.zeros(3, 1, 8, 8, dtype=D))(x, 3)
+    with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\).*\(2, 2, 8, 8\)"):  # channels
+        DenseRegressionGuide(net, torch.zeros(2, 2, 8, 8, dtype=D))(x, 3)
+    seg = HalfResNet(4)
+    labels = torch.randint(0, 4, (2, 8, 8))
+    labels[1, :2] = 255
+    nearest = F.interpolate(labels[:, None].double(), size=(4, 4), mode="nearest-exact")[:, 0].long()
+    guide = SegmentationGuide(seg, labels, ignore_index=255)
+    ref = SegmentationGuide(seg, nearest, ignore_index=255)(x, 3)
+    assert rel(guide(x, 3), ref) < 1e-12
+    assert rel(fs.FastGuide(guide, None).runner(None)(x, 3), ref) < 1e-12
+    assert rel(SegmentationGuide(seg, labels[0], ignore_index=255)(x[:1], 3),
+               SegmentationGuide(seg, nearest[0], ignore_index=255)(x[:1], 3)) < 1e-12
+    with pytest.raises(ValueError, match=r"logits shape \(2, 4, 4, 4\).*\(3, 8, 8\)"):
+        SegmentationGuide(seg, torch.zeros(3, 8, 8, dtype=torch.long))(x, 3)
+
+
+def test_dense_guides_skip_invalid_target_pixels():
+    x = torch.randn(3, 2, 3, 3, dtype=D)
+    net = DenseNet(1)
+    depth = torch.randn(3, 1, 3, 3, dtype=D)
+    depth[0, 0, 1, 1], depth[0, 0, 2, 0], depth[1, 0, 0, :] = float("nan"), float("inf"), float("-inf")
+    depth[2] = float("nan")  # no valid pixel: no guidance, not NaN
+    valid = torch.isfinite(depth)
+    guide = DenseRegressionGuide(net, depth, scale=4.0)
+
+    def J(z):
+        err = torch.where(valid, net(z) - depth.nan_to_num(0, 0, 0), 0.0) ** 2
+        return -4.0 * (err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)).sum()
+
+    g = guide(x, 3)
+    assert rel(g, numerical_grad(J, x)) < 1e-7 and not g[2].any() and g[0].abs().sum() > 0
+    assert torch.equal(fs.FastGuide(guide, None).runner(None)(x, 3), g)
+    # resized: an invalid pixel drops out of its neighbours' bilinear weights instead of making them NaN
+    big = torch.randn(3, 1, 8, 8, dtype=D)
+    big[0, 0, 3, 3], big[2] = float("nan"), float("nan")
+    ok = torch.isfinite(big)
+    num = F.interpolate(big.nan_to_num(0), size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    den = F.interpolate(ok.to(D), size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
+    small = torch.where(den > 0, num / den.clamp_min(1e-12), float("nan"))
+    net = HalfResNet(1)
+    xb = torch.randn(3, 2, 8, 8, dtype=D)
+    g = DenseRegressionGuide(net, big)(xb, 3)
+    assert torch.isfinite(g).all() and not g[2].any()
+    assert rel(g, DenseRegressionGuide(net, small)(xb, 3)) < 1e-12
+    # segmentation: a sample whose pixels are all ignore_index gets zero guidance
+    labels = torch.randint(0, 4, (3, 3, 3))
+    labels[1] = -100
+    g = SegmentationGuide(DenseNet(4), labels)(x, 3)
+    assert torch.isfinite(g).all() and not g[1].any() and g[0].abs().sum() > 0
+
+
+def test_segmentation_void_label_hint():
+    labels = torch.randint(0, 4, (2, 3, 3))
+    labels[0, 0] = 255  # VOC / ADE20K / Cityscapes void label
+    with pytest.raises(ValueError, match="ignore_index=255"):
+        SegmentationGuide(DenseNet(4), labels)(torch.randn(2, 2, 3, 3, dtype=D), 3)
+
+
+# ----------------------------------------------------------------------------- as_cond_fn, train mode
+def test_as_cond_fn_y_overrides_the_class_sub_guides_of_a_composed_guide():
+    clf, x, t = SmallNet().to(D).eval(), torch.randn(2, 2, 3, 3, dtype=D), torch.tensor([10, 900])
+    y = torch.tensor([4, 2])
+    acp, den = torch.linspace(0.99, 0.1, 1000, dtype=D), ToyDenoiser()
+    dense = DenseRegressionGuide(DenseNet(1), torch.randn(2, 1, 3, 3, dtype=D), scale=0.5)
+    comp = ComposedGuide([(ClassGuide(clf, 0, scale=2.0), 1.0), (dense, -3.0),  # dense: no class target
+                          (ComposedGuide([X0HatGuide(clf, den, acp, 1)]), 0.5)])
+    want = ClassGuide(clf, y, scale=2.0)(x, t) - 3.0 * dense(x, t) + 0.5 * X0HatGuide(clf, den, acp, y)(x, t)
+    assert rel(as_cond_fn(comp)(x, t, y=y), want) < 1e-12
+    assert rel(as_cond_fn(comp)(x, t), comp(x, t)) < 1e-12 and rel(comp(x, t), want) > 1e-3
+    assert rel(as_cond_fn(fs.FastGuide(comp, None))(x, t, y=y), want) < 1e-12
+    assert rel(as_cond_fn(fs.FastGuide(ClassGuide(clf, 0, scale=2.0), None))(x, t, y=y),
+               ClassGuide(clf, y, scale=2.0)(x, t)) < 1e-12
+
+
+def test_train_mode_warning_covers_the_x0hat_denoiser_and_later_train_calls():
+    class DropoutDenoiser(ToyDenoiser):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, t):
+            return super().forward(self.drop(x), t)
+
+    clf, den = SmallNet().to(D).eval(), DropoutDenoiser()
+    x, acp = torch.randn(2, 2, 3, 3, dtype=D), torch.linspace(0.99, 0.1, 100, dtype=D)
+    with pytest.warns(RuntimeWarning, match="train mode"):
+        X0HatGuide(clf, den, acp, 1)(x, 5)
+    with pytest.warns(RuntimeWarning, match="train mode"):
+        fs.FastGuide(X0HatGuide(clf, den, acp, 1), None).runner(None)(x, torch.tensor([5, 5]))
+    den.eval()
+    guide = ClassGuide(clf, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        guide(x, 5)
+        X0HatGuide(clf, den, acp, 1)(x, 5)
+    clf.bn.train()  # a later .train() of one submodule is still seen
+    with pytest.warns(RuntimeWarning, match="train mode"):
+        guide(x, 5)
+
+
+def test_train_mode_check_does_not_walk_the_modules_every_call(monkeypatch):
+    clf, x = SmallNet().to(D).eval(), torch.randn(2, 2, 3, 3, dtype=D)
+    guide = ClassGuide(clf, 1)
+    guide(x, 5)
+    walks = []
+    real = nn.Module.modules
+    monkeypatch.setattr(nn.Module, "modules", lambda self: walks.append(self) or real(self))
+    for _ in range(3):
+        guide(x, 5)
+    assert walks == []

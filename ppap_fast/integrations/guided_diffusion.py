@@ -4,7 +4,8 @@
     sample = diffusion.ddim_sample_loop(model, shape, cond_fn=as_cond_fn(guide), model_kwargs={})
 
 ``cond_fn(x, t, y=None, **kw)`` returns ``guide(x, t)`` (the scaled gradient of log p(y | x_t));
-``y`` overrides the target of a ClassGuide / X0HatGuide. ``t`` arrives as the ORIGINAL timestep
+``y`` overrides the target of a ClassGuide / X0HatGuide, also of those sub-guides of a ComposedGuide
+(and through a ``fast_sampling.FastGuide``). ``t`` arrives as the ORIGINAL timestep
 (SpacedDiffusion maps respaced indices before calling cond_fn), which is what an ExpertBank
 routes by. This is :func:`ppap_fast.guidance.as_cond_fn`, re-exported (not a copy).
 """
