@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -1242,6 +1243,9 @@ def test_lora_linear_under_autocast():
 
 
 # ============================================================================ cpp backend
+CPU_FAST_BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not INTERP, reason="no interpreter"))]
+
+
 def test_cpp_backend_auto_policy(monkeypatch):
     """Opt-in (PPAP_FAST_LORA_CPP=1) until a GPU run verifies it; on CPU it is slower than the
     per-expert reference (the stacked A conv does N times the A work), so never automatic there."""
@@ -1337,6 +1341,67 @@ def test_cpp_backend_cpu_autocast():
     assert_close("autocast y", y, y_r, 3e-2)
     for n, a, w in zip(["dx", "dA", "dB"], [gx, gA, gB], torch.autograd.grad(y_r.sum(), ins)):
         assert_close(n, a, w, 3e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+def test_stale_segments_are_refused(backend):
+    """segments built for another expert_idx of the same length, or for this one before an in-place
+    change, are refused (the fast paths routed by them: silently wrong); rebuilt, they run."""
+    _maybe_skip("cpu", backend, torch.float32)
+    x, W, A, B = torch.randn(4, 16), torch.randn(16, 16), torch.randn(3, 16, 16), torch.randn(3, 16, 16)
+    xc, Wc, Ac = torch.randn(4, 3, 5, 5), torch.randn(16, 3, 3, 3), torch.randn(3, 16, 3, 3, 3)
+    idx = torch.tensor([0, 1, 1, 2])
+    seg = build_segments(idx, 3)
+    lin = lambda i, s: L.lora_linear(x, W, None, A, B, i, 0.5, backend=backend, segments=s)  # noqa: E731
+    conv = lambda i, s: L.lora_conv2d(xc, Wc, None, Ac, B, i, 0.5, padding=1, backend=backend,  # noqa: E731
+                                      segments=s)
+    other = torch.tensor([2, 2, 0, 1])
+    for op in (lin, conv):
+        with pytest.raises(ValueError, match="stale"):
+            op(other, seg)
+    idx.copy_(torch.tensor([2, 0, 0, 1]))  # changed in place since build_segments
+    with pytest.raises(ValueError, match="stale"):
+        lin(idx, seg)
+    build_segments(idx, 3, out=seg)
+    assert_close("rebuilt", lin(idx, seg), R.lora_linear(x, W, None, A, B, idx, 0.5), TOL[torch.float32])
+    assert_close("rebuilt conv", conv(idx, seg), R.lora_conv2d(xc, Wc, None, Ac, B, idx, 0.5, padding=1),
+                 TOL[torch.float32])
+    with pytest.raises(ValueError, match="N=4"):
+        lin(idx, build_segments(idx, 4))
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_tensor_scale_gets_its_gradient(kind, backend):
+    """A tensor scale that requires grad (a learned LoRA scale): d(scale) as the reference gives it, no
+    warning, with the other grads unchanged (it was dropped with a warning)."""
+    _maybe_skip("cpu", backend, torch.float32)
+    torch.manual_seed(5)
+    N, idx = 3, torch.tensor([2, 0, 2, 1])
+    if kind == "linear":
+        x, W, A, B, kw = torch.randn(4, 2, 6), torch.randn(5, 6), torch.randn(N, 2, 6), torch.randn(N, 5, 2), {}
+    else:
+        x, W, A, B = torch.randn(4, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(N, 4, 2, 3, 3), torch.randn(N, 6, 2)
+        kw = dict(padding=1, groups=2)
+    op, ref = (L.lora_linear, R.lora_linear) if kind == "linear" else (L.lora_conv2d, R.lora_conv2d)
+    eb, s = torch.randn(N, W.shape[0]), torch.tensor(0.7)
+    ins = [t.clone().requires_grad_() for t in (x, A, B, eb, s)]
+    ins_r = [t.double().requires_grad_() for t in (x, A, B, eb, s)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = op(ins[0], W, None, ins[1], ins[2], idx, ins[4], expert_bias=ins[3], backend=backend, **kw)
+        y_r = ref(ins_r[0], W.double(), None, ins_r[1], ins_r[2], idx, ins_r[4], expert_bias=ins_r[3], **kw)
+        assert_close("y", y, y_r, TOL[torch.float32])
+        dy = torch.randn(y.shape)
+        got = torch.autograd.grad(y, ins, dy)
+    for name, a, w in zip(["dx", "dA", "dB", "deb", "dscale"], got, torch.autograd.grad(y_r, ins_r, dy.double())):
+        assert a.dtype == torch.float32, name
+        assert_close(name, a, w, TOL[torch.float32])
+    # only the scale needs a gradient
+    (gs,) = torch.autograd.grad(op(x, W, None, A, B, idx, ins[4], backend=backend, **kw), ins[4], dy)
+    (gs_r,) = torch.autograd.grad(ref(x.double(), W.double(), None, A.double(), B.double(), idx, ins_r[4], **kw),
+                                  ins_r[4], dy.double())
+    assert_close("dscale alone", gs, gs_r, TOL[torch.float32])
 
 
 def test_cpp_backend_refuses_double_backward():

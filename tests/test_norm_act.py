@@ -95,6 +95,23 @@ def test_in_bias_is_added_before_the_statistics(dtype):
             assert err <= tol, f"{backend} {shape} per_sample={per_sample} cl={cl}: {err:.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_precision_dtypes_agree_across_backends(dtype):
+    """Half x with float32 weight / bias / scale / shift / in_bias: y in x's dtype on both backends; the
+    reference's gradients in each input's own dtype."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b, sc, sh = _case((2, 16, 3, 5), 4, gen, dtype)
+    sc, sh, ib = sc.float(), sh.float(), torch.randn(16, generator=gen)
+    ys = {bk: GA.group_norm_act(x, 4, w, b, scale=sc, shift=sh, in_bias=ib, backend=bk)
+          for bk in ("triton", "reference")}
+    assert ys["triton"].dtype == ys["reference"].dtype == dtype
+    assert rel_err(ys["triton"], ys["reference"]) <= 2 * TOL[dtype]
+    ins = [t.clone().requires_grad_() for t in (x, w, b, sc, sh, ib)]
+    y = GA.group_norm_act(ins[0], 4, *ins[1:3], scale=ins[3], shift=ins[4], in_bias=ins[5])
+    grads = torch.autograd.grad(y, ins, torch.randn_like(y))
+    assert [g.dtype for g in grads] == [t.dtype for t in ins]
+
+
 def test_triton_statistics_hold_at_a_large_mean():
     gen = torch.Generator().manual_seed(5)
     for mean in (50.0, -300.0, 1e4):

@@ -314,6 +314,33 @@ def test_triton_layer_and_group_norm_run_in_fp32_under_autocast():
     assert y_ln.dtype == y_gn.dtype == torch.float32
     assert torch.equal(y_ln, NO.expert_layer_norm(x.float(), idx, w, b, backend="triton"))
     assert torch.equal(y_gn, NO.expert_group_norm(x.float(), idx, 3, wg, bg, backend="triton"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference follows torch.autocast too
+        assert NO.expert_layer_norm(x, idx, w, b, backend="reference").dtype == torch.float32
+        assert NO.expert_group_norm(x, idx, 3, wg, bg, backend="reference").dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["batch_train", "batch_eval", "layer", "group"])
+def test_mixed_precision_dtypes_agree_across_backends(kind, dtype):
+    """Half x, float32 parameters (a mixed-precision bank): every CPU backend returns x's dtype (as
+    Triton and CUDA's nn.BatchNorm2d do), dx in x's dtype, dw / db in the parameters' (no cpp backend)."""
+    x0 = (torch.randn(6, 8, 3, 4) * 2 + 1).to(dtype)
+    idx = torch.tensor([0, 2, 2, 1, 0, 2])
+    w0, b0 = torch.randn(3, 8) * 0.5 + 1, torch.randn(3, 8)
+    got = {}
+    for backend in ("reference", "triton"):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        if kind.startswith("batch"):
+            y = NO.expert_batch_norm(x, idx, w, b, torch.zeros(3, 8), torch.ones(3, 8), kind == "batch_train",
+                                     backend=backend)
+        elif kind == "layer":
+            y = NO.expert_layer_norm(x.transpose(1, 3), idx, w, b, backend=backend)
+        else:
+            y = NO.expert_group_norm(x, idx, 4, w, b, backend=backend)
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+        assert (y.dtype, dx.dtype, dw.dtype, db.dtype) == (dtype, dtype, torch.float32, torch.float32), backend
+        got[backend] = y
+    _check("triton vs reference", got["triton"], got["reference"], 2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 def test_bad_inputs():
@@ -334,6 +361,29 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="segments were built for N=3"):
         seg = build_segments(idx, 3)
         NO.expert_layer_norm(x, idx, torch.ones(2, 2), torch.zeros(2, 2), backend="triton", segments=seg)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_stale_segments_are_refused(backend):
+    """segments built for another expert_idx of the same length, or for this one before an in-place
+    change, are refused (the Triton path routed by them: silently wrong); rebuilt, they run."""
+    x, w, b = torch.randn(4, 6), torch.randn(3, 6), torch.randn(3, 6)
+    idx = torch.tensor([0, 1, 1, 2])
+    seg = build_segments(idx, 3)
+    run = lambda i, s: NO.expert_layer_norm(x, i, w, b, backend=backend, segments=s)  # noqa: E731
+    with pytest.raises(ValueError, match="stale"):
+        run(torch.tensor([2, 2, 0, 1]), seg)  # another routing
+    with pytest.raises(ValueError, match="stale"):
+        NO.expert_batch_norm(x, torch.tensor([2, 2, 0, 1]), w, b, torch.zeros(3, 6), torch.ones(3, 6), True,
+                             backend=backend, segments=seg)
+    idx.copy_(torch.tensor([2, 0, 0, 1]))  # changed in place since build_segments
+    with pytest.raises(ValueError, match="stale"):
+        run(idx, seg)
+    build_segments(idx, 3, out=seg)
+    want = R.expert_layer_norm(x, idx, w, b)
+    _check("rebuilt segments", run(idx, seg), want, 1e-6)
+    _check("equal values, another tensor", run(idx.clone(), seg), want, 1e-6)
+    _check("int32 index", run(idx.int(), build_segments(idx.int(), 3)), want, 1e-6)
 
 
 class _NormNet(nn.Module):

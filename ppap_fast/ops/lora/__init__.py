@@ -43,7 +43,7 @@ import torch
 
 from . import reference
 from .reference import lora_conv_delta, loralib_conv_delta
-from .segments import Segments, build_segments
+from .segments import Segments, build_segments, check_segments
 
 __all__ = [
     "lora_linear", "lora_conv2d", "lora_conv2d_delta",
@@ -211,13 +211,22 @@ def _check_expert_bias(expert_bias, N: int, c_out: int):
         raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
 
 
+def _fold_scale(B, scale):
+    """The fast paths take scale as a float: a tensor scale that needs a gradient goes into B instead
+    (B * scale, differentiable, then scale 1), so autograd gives d(scale) = <dB', B> from their dB'."""
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
+        return B * scale.reshape(()).to(B.dtype), 1.0
+    return B, scale
+
+
 # ----------------------------------------------------------------------------- ops
 def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backend=None, segments=None,
                 a_stage=None):
     """x [S, ..., in] -> x W^T + bias + expert_bias[e] + scale (x A_e^T) B_e^T, e = expert_idx[s].
 
     W [out, in] and bias are frozen; A [N, r, in], B [N, out, r], expert_bias [N, out] | None.
-    ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers. ``a_stage``
+    ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers (a stale one is refused:
+    segments.check_segments). ``a_stage``
     (None: PPAP_FAST_LORA_A_STAGE): "in_base" runs the base GEMM and the LoRA in the same Triton kernels
     (r <= 64; the conv A stage's kernels, the rows as a 1 x M map), "auto" times that against the default
     path on the first call with each key; "default" or any other conv A stage name: the default path.
@@ -228,12 +237,16 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
+    if segments is not None:
+        check_segments(segments, expert_idx, N)
     if x.shape[0] == 0:  # empty batch: the fast paths view x as [S, -1, K]; the reference handles it
         last_backend["lora_linear"] = last_backend["lora_linear/a_stage"] = "reference"
         return reference.lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias)
     explicit_stage = a_stage is not None
     stage = "default" if a_stage == "default" else _resolve_a_stage(a_stage)
     b = _pick("lora_linear", x, backend, skip=("cpp",) if stage in ("in_base", "auto") else ())
+    if b != "reference":
+        B, scale = _fold_scale(B, scale)
     if b in ("reference", "cpp") or stage not in ("in_base", "auto") or r > _in_base_max_rank():
         stage = "default"
     elif stage == "auto":
@@ -298,12 +311,16 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                          f"got {a_blocks!r}")
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
+    if segments is not None:
+        check_segments(segments, expert_idx, N)
     padding = _resolve_padding(padding, W.shape[-2:], dilation)
     if x.shape[0] == 0:  # empty batch: the fast paths assume S > 0; the reference handles it
         last_backend["lora_conv2d"] = last_backend["lora_conv2d/a_stage"] = "reference"
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
                                      expert_bias)
     b = _pick("lora_conv2d", x, backend, skip=("cpp",) if a_stage != "stacked" else ())
+    if b != "reference":
+        B, scale = _fold_scale(B, scale)
     if b == "cpp" and (not explicit_stage or a_stage == "auto"):  # the environment's A stage is a preference
         a_stage = "stacked"
     if a_stage == "auto":

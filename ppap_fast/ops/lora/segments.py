@@ -6,7 +6,8 @@ graph capture (vLLM's idea): samples are stable-sorted by expert id.
 
 * ``sorted_idx`` int32 [S]: sample ids ordered by expert (stable);
 * ``counts``     int32 [N]: samples per expert (0 for empty experts);
-* ``offsets``    int32 [N+1]: segment e covers ``sorted_idx[offsets[e]:offsets[e+1]]``.
+* ``offsets``    int32 [N+1]: segment e covers ``sorted_idx[offsets[e]:offsets[e+1]]``;
+* ``source``     [the expert_idx given, its version counter then]: what ``check_segments`` compares.
 """
 from __future__ import annotations
 
@@ -21,6 +22,48 @@ class Segments(NamedTuple):
     counts: torch.Tensor      # int32 [N]
     offsets: torch.Tensor     # int32 [N+1]
     num_experts: int
+    source: Optional[list] = None  # [expert_idx as given, its _version at build] (updated by out=)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor or a view of the same memory and layout (views share the version counter)."""
+    if a is b:
+        return True
+    try:
+        return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.device == b.device)
+    except RuntimeError:  # no storage (fake / functorch tensors)
+        return False
+
+
+def check_segments(seg: Segments, expert_idx: torch.Tensor, num_experts: int) -> None:
+    """ValueError unless ``seg`` is ``build_segments(expert_idx, num_experts)`` for expert_idx as it
+    is now. No host sync (fine under CUDA graph capture): N and S; for the tensor it was built from (or
+    a view of it), its version counter, which any in-place change since has bumped. Another tensor
+    (or no version counter) is compared by value on CPU; on CUDA that would sync, so it is trusted."""
+    if seg.num_experts != num_experts or seg.expert_idx.shape != expert_idx.shape:
+        raise ValueError(f"segments were built for N={seg.num_experts}, S={seg.expert_idx.shape[0]}; "
+                         f"this call has N={num_experts}, S={expert_idx.shape[0]}")
+    if torch.compiler.is_compiling():
+        return
+    src, ver = seg.source if seg.source is not None else (seg.expert_idx, None)
+    now = _version(expert_idx) if _same_tensor(expert_idx, src) else None
+    if ver is not None and now is not None:
+        stale = now != ver
+    elif expert_idx.device.type == "cpu" and seg.expert_idx.device.type == "cpu":
+        stale = not torch.equal(seg.expert_idx, expert_idx.long())
+    else:
+        return
+    if stale:
+        raise ValueError("stale segments: expert_idx differs from (or was changed in place since) the one "
+                         "they were built from; rebuild them: build_segments(expert_idx, N, out=segments)")
 
 
 def build_segments(expert_idx: torch.Tensor, num_experts: int, out: Optional[Segments] = None) -> Segments:
@@ -40,10 +83,12 @@ def build_segments(expert_idx: torch.Tensor, num_experts: int, out: Optional[Seg
     if out is None:
         offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)
         torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
-        return Segments(idx, order, counts, offsets, num_experts)
+        return Segments(idx, order, counts, offsets, num_experts, [expert_idx, _version(expert_idx)])
     out.expert_idx.copy_(idx)
     out.sorted_idx.copy_(order)
     out.counts.copy_(counts)
     out.offsets[0].zero_()
     torch.cumsum(counts, 0, dtype=torch.int32, out=out.offsets[1:])
+    if out.source is not None:
+        out.source[:] = [expert_idx, _version(expert_idx)]  # after the copy: it may be expert_idx itself
     return out

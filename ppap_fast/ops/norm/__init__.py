@@ -15,9 +15,10 @@ GroupNorm: x [S, C, *], statistics per (sample, group), channel affine [N, C] pe
 Backends (ops.set_backend / backend= / last_backend(op) as for every registered op):
 "triton" (CUDA; on CPU only when asked for, under TRITON_INTERPRET=1) and "reference"
 (pure PyTorch). Automatic choice: triton on CUDA for fp32/fp16/bf16, else reference.
+Both give y in x's dtype whatever the parameters' (float32 under autocast for layer / group norm).
 The Triton path computes statistics in fp32 and never syncs with the host; its
 segment metadata (``segments=``, an ops.lora.build_segments result that the bank
-shares across layers) is built on the device.
+shares across layers) is built on the device; a stale one is refused (segments.check_segments).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from .. import _ext, _registry
 from .._kernel_util import autocast_off
 from ..lora import _check_idx
-from ..lora.segments import build_segments
+from ..lora.segments import build_segments, check_segments
 from . import reference
 
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,6 +57,8 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
     N = _check_params("expert_batch_norm", x, x.shape[1], weight=weight, bias=bias, running_mean=running_mean,
                       running_var=running_var)
     _check_idx(expert_idx, x.shape[0], N)
+    if segments is not None:
+        check_segments(segments, expert_idx, N)
     fn = _select("expert_batch_norm", x, backend)
     return fn(x, expert_idx, weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps),
               segments)
@@ -67,6 +70,8 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, se
         raise ValueError(f"expert_layer_norm: x must be [S, ..., D], got {tuple(x.shape)}")
     N = _check_params("expert_layer_norm", x, x.shape[-1], weight=weight, bias=bias)
     _check_idx(expert_idx, x.shape[0], N)
+    if segments is not None:
+        check_segments(segments, expert_idx, N)
     fn = _select("expert_layer_norm", x, backend)
     return fn(x, expert_idx, weight, bias, float(eps), segments)
 
@@ -80,6 +85,8 @@ def expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5, *, back
                          f"C={x.shape[1]}")
     N = _check_params("expert_group_norm", x, x.shape[1], weight=weight, bias=bias)
     _check_idx(expert_idx, x.shape[0], N)
+    if segments is not None:
+        check_segments(segments, expert_idx, N)
     fn = _select("expert_group_norm", x, backend)
     return fn(x, expert_idx, num_groups, weight, bias, float(eps), segments)
 
@@ -98,12 +105,7 @@ def _gn_reference(x, idx, G, w, b, eps, segments):
 
 
 def _seg(idx, N, segments):
-    if segments is not None:
-        if segments.num_experts != N or segments.expert_idx.shape != idx.shape:
-            raise ValueError(f"segments were built for N={segments.num_experts}, S={segments.expert_idx.shape[0]}; "
-                             f"this call has N={N}, S={idx.shape[0]}")
-        return segments
-    return build_segments(idx, N)
+    return segments if segments is not None else build_segments(idx, N)  # checked by the public op
 
 
 def _bn_triton(x, idx, w, b, rm, rv, training, momentum, eps, segments):
