@@ -59,7 +59,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
                "unet_config": unet_config or DEMO_UNET}
     if ckpt.exists():
         try:
-            state = torch.load(ckpt, map_location=device)
+            state = torch.load(ckpt, map_location="cpu")  # the generator state must stay a CPU tensor
         except Exception as e:  # written atomically: damage is external, never resume from it silently
             raise DemoError(f"{ckpt} is not a readable checkpoint ({type(e).__name__}); remove it to start over") from None
         old_cfg = state.get("config")
@@ -112,7 +112,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
         if timed_out:
             _log(f"stopping at step {done}: max_minutes={max_minutes} reached", log)
             break
-    if not out.exists():  # no step ran (steps <= the checkpoint's step): still write what the checkpoint holds
+    if start >= steps:  # no step ran: write what the checkpoint holds (a kill may have left an older ``out``)
         save_model(ema.cpu(), out, extra={"steps": start, "batch_size": batch_size, "lr": lr, "seed": seed,
                                          "data_seed": data_seed, "ema_decay": ema_decay})
     return out

@@ -132,7 +132,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         loss = kd_loss(bank(xt.to(device), t.to(device)), tl.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        bank.step_sampled_experts(opt, bank.sampled_experts(t.to(device)))  # an expert moves on its own samples only
         done = step + 1
     bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
     return bank.eval()

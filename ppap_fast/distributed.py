@@ -1149,7 +1149,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
         def whole_step(xt, t, target):
             loss = loss_and_grads(xt, t, target)
-            opt.step()
+            bank.step_sampled_experts(opt, bank.sampled_experts(t))
             return loss
 
         graph_step = GraphedTrainStep(whole_step)
@@ -1183,8 +1183,12 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
             losses.append(float(mean_loss))
             if not math.isfinite(losses[-1]):
                 raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
-            if graph_step is None:
-                opt.step()
+            if graph_step is None:  # experts without a sample on any rank stay as they were
+                sampled = bank.sampled_experts(t)
+                if env.distributed:
+                    sampled = sampled.int()
+                    dist.all_reduce(sampled, op=dist.ReduceOp.MAX)
+                bank.step_sampled_experts(opt, sampled)
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 # the data generator as it was before the next batch (prefetching has drawn it already)
@@ -1193,6 +1197,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
             _kill_hook(env.rank, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
     finally:
         batches.close()
+    bank.check_inputs = True  # off only for the capture: the returned bank checks t again
 
     if cfg.dump_rank_states:
         from .data.shards import save_safetensors_atomic

@@ -33,6 +33,42 @@ def test_train_stages(tmp_path, capsys):
     assert '"labelled_images": 1400' in out and '"labelled_images": 500' in out
 
 
+TINY_UNET = dict(block_out_channels=[8, 8], down_block_types=["DownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4)
+
+
+def test_train_diffusion_killed_between_checkpoint_and_weights_resumes_to_the_final_weights(tmp_path, monkeypatch):
+    """A kill after the last checkpoint is written but before --out is: the restart (nothing left
+    to train) must write the checkpoint's EMA weights, not keep the previous checkpoint's --out."""
+    import torch
+
+    from ppap_fast import demo
+    from ppap_fast.models.tiny import read_safetensors
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kw = dict(steps=2, batch_size=2, checkpoint_every=1, unet_config=TINY_UNET, progress=False)
+    try:
+        demo.train_diffusion(tmp_path / "ref.safetensors", **kw)
+        real = demo.save_model
+
+        def killed_at_the_last_step(model, path, extra=None):
+            if extra["steps"] == 2:
+                raise KeyboardInterrupt
+            return real(model, path, extra=extra)
+
+        monkeypatch.setattr(demo, "save_model", killed_at_the_last_step)
+        with pytest.raises(KeyboardInterrupt):
+            demo.train_diffusion(tmp_path / "out.safetensors", **kw)
+        monkeypatch.setattr(demo, "save_model", real)
+        demo.train_diffusion(tmp_path / "out.safetensors", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    (ref, ref_meta), (out, out_meta) = (read_safetensors(tmp_path / f) for f in ("ref.safetensors", "out.safetensors"))
+    assert json.loads(out_meta["extra"])["steps"] == json.loads(ref_meta["extra"])["steps"] == 2
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
 def test_generate_distill_finetune(weights, tmp_path):
     data = tmp_path / "data"
     common = ["--weights-dir", str(weights), "--no-progress"]

@@ -2,6 +2,7 @@
 fallback and argument checks)."""
 import contextlib
 import dataclasses
+import json
 import warnings
 
 import numpy as np
@@ -198,6 +199,42 @@ def test_distill_cuda_graph_matches_eager(tmp_path, no_tf32):
     assert len(la) == len(lb) == 8 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(la, lb))
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
+
+
+def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_path, monkeypatch):
+    """The graph path's step (capturable AdamW with a tensor learning rate, optimizer step inside the
+    step function, no host input checks) run on the CPU without capture: the same experts as the
+    eager path (5 experts at batch 4: some unsampled every step), and the bank that distill returns
+    checks its inputs again."""
+    import ppap_fast.train_graph as TG
+    from safetensors.torch import load_file
+
+    data, teacher = _tiny_set(tmp_path)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=5, r=2, alpha=2.0, steps=4,
+                          batch_size=4, lr=1e-2, warmup=1, device="cpu")
+    D.distill(cfg, D.DistEnv())
+
+    class Uncaptured:  # GraphedTrainStep's contract: step_fn(*inputs) does the whole step
+        def __init__(self, step_fn):
+            self.step_fn = step_fn
+
+        def __call__(self, *inputs):
+            return self.step_fn(*inputs)
+
+    class CpuAdamW(torch.optim.AdamW):  # capturable needs CUDA; the tensor lr stays
+        def __init__(self, params, capturable=False, **kw):
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(TG, "why_no_graph", lambda *a, **k: None)
+    monkeypatch.setattr(TG, "GraphedTrainStep", Uncaptured)
+    monkeypatch.setattr(torch.optim, "AdamW", CpuAdamW)
+    bank = D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g")), D.DistEnv())
+    assert json.loads((tmp_path / "g" / "train_summary.json").read_text())["cuda_graph"] is True
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
+    assert all(rel(b[k].double(), a[k].double()) < 1e-5 for k in a if a[k].is_floating_point())
+    assert bank.check_inputs
+    with pytest.raises(ValueError, match="out of range"):
+        bank(torch.zeros(1, 1, 8, 8), torch.tensor([1000]))
 
 
 def test_prefetched_batches_train_the_same_experts(tmp_path):

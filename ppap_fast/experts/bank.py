@@ -662,11 +662,33 @@ class ExpertBank(nn.Module):
 
         Routing a batch to one expert leaves the other experts' gradients zero, but AdamW still
         changes them: decoupled weight decay shrinks them, and Adam's running moments keep moving
-        them after their last batch (weight_decay=0 does not stop that). Train with all experts in
-        every batch (mixed timesteps), or give each one-expert-at-a-time phase a fresh optimizer and
-        restore the other experts afterwards.
+        them after their last batch (weight_decay=0 does not stop that). Step with
+        :meth:`step_sampled_experts` to leave the experts without a sample in the batch as they were.
         """
         return [t for _, t in self._per_expert_items(params_only=True)]
+
+    def sampled_experts(self, t) -> torch.Tensor:
+        """bool [N]: which experts the original timesteps ``t`` route a sample to (no host sync)."""
+        idx = self.expert_index(t)
+        return torch.zeros(self.n_experts, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+
+    @torch.no_grad()
+    def step_sampled_experts(self, opt, sampled: torch.Tensor) -> None:
+        """``opt.step()`` that changes only the experts with ``sampled[n]`` (bool [N], e.g.
+        :meth:`sampled_experts`): the others keep their parameters and optimizer moments, as when
+        each expert is trained on its own batches (weight decay and Adam's moments would move them).
+        Only the shared step count advances. Sync-free: capturable in a CUDA graph."""
+        params = self.parameters_to_train()
+        kept = []
+        for p in params:
+            st = opt.state.get(p, {})
+            ts = [p] + [v for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor) and v.shape == p.shape]
+            kept.append([(x, x.clone()) for x in ts])
+        opt.step()
+        sampled = sampled.to(torch.bool)
+        for pairs in kept:
+            for x, old in pairs:
+                x.copy_(torch.where(sampled.view(-1, *([1] * (x.dim() - 1))).to(x.device), x, old))
 
     def trainable_parameters(self, n: int) -> dict:
         """Views of what expert ``n`` owns: name -> tensor (LoRA factors, biases, norm affine)."""
