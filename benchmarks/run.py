@@ -12,10 +12,8 @@ import gc
 import importlib
 import inspect
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -96,11 +94,12 @@ def _emitter(out: dict, suite: str, path):
 
 
 def _write_json(out: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(out, fh, indent=1)
-    os.replace(tmp, path)
+    from ppap_fast.data.shards import _atomic
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(out, fh, indent=1)
+    _atomic(path, write, ".json")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .data.shards import fsync_dir
 from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
 
 
@@ -194,6 +195,7 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)  # the files inside were fsynced by their atomic writers
     return out
 
 

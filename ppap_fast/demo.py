@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DigitsSplits, random_shift
+from .data.shards import _atomic
 from .models.tiny import EpsModel, count_params, load_model, save_model
 from .schedule import Schedule
 
@@ -57,6 +58,8 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
     start = 0
     run_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "data_seed": data_seed, "ema_decay": ema_decay,
                "unet_config": unet_config or DEMO_UNET}
+    for p in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # a checkpoint write that was killed
+        p.unlink(missing_ok=True)
     if ckpt.exists():
         try:
             state = torch.load(ckpt, map_location="cpu")  # the generator state must stay a CPU tensor
@@ -102,10 +105,9 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
         timed_out = max_minutes is not None and (time.time() - t0) > 60 * max_minutes
         if done % checkpoint_every == 0 or done == steps or timed_out:
             _log(f"step {done} loss {running:.4f} elapsed {time.time() - t0:.0f}s", log)
-            tmp = Path(str(ckpt) + ".tmp")
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": done, "gen": gen.get_state(), "config": run_cfg}, tmp)
-            tmp.replace(ckpt)
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "step": done, "gen": gen.get_state(), "config": run_cfg}
+            _atomic(ckpt, lambda tmp: torch.save(state, tmp), ".pt")
             save_model(ema.cpu(), out, extra={"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                                              "data_seed": data_seed, "ema_decay": ema_decay})
             ema.to(device)
@@ -227,8 +229,8 @@ class PeakMemory:
     """Peak resident memory above the starting point while the block runs (MB).
 
     ru_maxrss is a process-lifetime maximum, useless for the second method of a run; a
-    thread samples the current RSS (/proc/self/statm) every few ms instead, and on CUDA the
-    allocator's own peak is reported.
+    thread samples the current RSS (/proc/self/statm) every few ms instead. Host memory only: on
+    CUDA, guided_sample reports the allocator's own peak beside it (``peak_memory_kind``).
     """
 
     def __init__(self, interval: float = 0.005):
@@ -365,8 +367,6 @@ def save_grid(path, images_u8: np.ndarray, labels=None, per_class: int = 10, sca
     """PNG grid: one row per class (first ``per_class`` samples of each) when labels are given."""
     from PIL import Image
 
-    from .data.shards import _atomic
-
     imgs = np.asarray(images_u8)[..., 0]
     h, w = imgs.shape[1:3]
     if labels is not None:
@@ -456,8 +456,6 @@ def save_bar_chart(path, results: dict) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .data.shards import _atomic
 
     methods = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

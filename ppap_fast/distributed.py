@@ -19,7 +19,11 @@ Generation (:func:`generate`)
     shape), e.g. N x 1 x H x W for depth (2*H*W bytes per image: 128 KiB at 256x256) or
     N x 21 x H x W for DeepLabV3 logits (42*H*W bytes: 2.6 MiB per 256x256 image, 1.3 TB for
     500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
-    range (65504) or not finite are an error. The configuration includes the teacher's state
+    range (65504) or not finite are an error. The temperature 0.25 of ``pixel_kl`` amplifies that
+    rounding: segmentation logits of magnitude ~30 shift a pixel's target distribution by up to ~5%
+    (total variation; mean KL ~1e-5); float32 would remove that but double a cache that is already
+    terabytes. Classifier logits (N x K, small) are float32; float16 ones (sets made by other tools)
+    are upcast on read. The configuration includes the teacher's state
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
     another teacher. Sets written before that fingerprint was recorded are finished, and their
     cached outputs used, only for the same teacher spec and weights file (same file fingerprint);

@@ -20,7 +20,9 @@ Sample k of the run starts from x_T of batch k // batch_size drawn from
 ``torch.Generator().manual_seed(seed * 1_000_003 + batch)`` on the CPU: the same seed gives the same
 images on the fast and the reference path (up to float rounding) and for any device.
 Writes OUT (.npz: ``images`` uint8 N x H x W x C, ``targets`` when classifying), a PNG grid beside it
-and OUT with .json: NFE, seconds, images/s, peak memory, the configuration.
+and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
+peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
+"process_rss"; ``peak_rss_mb`` on both), the configuration.
 """
 from __future__ import annotations
 
@@ -181,6 +183,17 @@ def save_image_grid(path, images_u8: np.ndarray, ncol: int = 8) -> Path:
     return _atomic(path, lambda tmp: img.save(tmp, format="PNG"), ".png")
 
 
+def _peak_memory(device: torch.device, mem) -> dict:
+    """``peak_memory_mb``: the CUDA caching allocator's peak (tensors on the GPU, reset before
+    sampling) on CUDA, else the process's peak RSS; ``peak_memory_kind`` says which
+    ("cuda_allocator" | "process_rss"); ``peak_rss_mb``: the process's peak RSS on any device."""
+    rss = round(mem.peak_mb, 1)
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda_allocator", "peak_rss_mb": rss}
+    return {"peak_memory_mb": rss, "peak_memory_kind": "process_rss", "peak_rss_mb": rss}
+
+
 def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     """Sample ``cfg.num_samples`` images; writes the .npz, the grid and the stats JSON; returns the stats."""
     from .data import to_uint8
@@ -290,8 +303,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
              "first_batch_seconds": round(first_s if first_s is not None else seconds, 3),
              "steady_images_per_s": None if first_s is None else round((cfg.num_samples - min(cfg.batch_size, cfg.num_samples))
                                                                        / max(seconds - first_s, 1e-9), 3),
-             "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda"
-             else round(mem.peak_mb, 1), **info, "config": dataclasses.asdict(cfg)}
+             **_peak_memory(device, mem), **info, "config": dataclasses.asdict(cfg)}
     write_json_atomic(out.with_suffix(".json"), stats)
     return stats
 

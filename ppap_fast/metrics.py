@@ -76,17 +76,21 @@ def inception_score(probs) -> float:
 
 @torch.no_grad()
 def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W."""
+    """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W. Each batch
+    goes to the evaluator's device and dtype (those of its first floating parameter), the results
+    come back to the CPU in float64."""
     if images.shape[0] == 0:
         raise ValueError("no images to score (an empty sample set)")
     evaluator.eval()
+    p = next((p for p in evaluator.parameters() if p.is_floating_point()), None)
+    device, dtype = (p.device, p.dtype) if p is not None else (images.device, torch.float32)
     feats, probs = [], []
     for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].float()
+        x = images[i:i + batch_size].to(device=device, dtype=dtype)
         h = evaluator.features(x)
         logits = evaluator.head(h) if hasattr(evaluator, "head") else evaluator.fc(h)
-        feats.append(h.double().numpy())
-        probs.append(torch.softmax(logits.double(), 1).numpy())
+        feats.append(h.cpu().double().numpy())
+        probs.append(torch.softmax(logits.cpu().double(), 1).numpy())
     return np.concatenate(feats), np.concatenate(probs)
 
 

@@ -77,6 +77,7 @@ def test_generate_distill_finetune(weights, tmp_path):
     assert man["complete"] and man["num_shards"] == 3
     with np.load(data / "shard_00002.npz") as z:
         assert z["images"].dtype == np.uint8 and z["images"].shape == (2, 16, 16, 1) and z["logits"].shape == (2, 10)
+        assert z["logits"].dtype == np.float32  # N x K: float16 would blur the targets at temperature 0.25
     assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--alpha", "1", "--steps", "2",
                  "--batch-size", "8", "--out", str(tmp_path / "ppap5")] + common) == 0
     cfg = json.loads((tmp_path / "ppap5" / "config.json").read_text())
@@ -84,6 +85,21 @@ def test_generate_distill_finetune(weights, tmp_path):
     assert main(["finetune", "--experts", "5", "--steps", "2", "--batch-size", "10",
                  "--out", str(tmp_path / "m5.safetensors")] + common) == 0
     assert (tmp_path / "m5.safetensors").exists()
+
+
+def test_distill_reads_a_float16_logits_cache(weights, tmp_path):
+    # a set whose logits were cached in float16 (by hand or another tool) still distils: upcast on read
+    from ppap_fast.data import ShardWriter, load_shards
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    ShardWriter(data, num_images=6, shard_size=3).run(lambda k: {
+        "images": rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8),
+        "logits": (rng.standard_normal((3, 10)) * 8).astype(np.float16)})
+    assert load_shards(data)["logits"].dtype == np.float16
+    assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size",
+                 "4", "--out", str(tmp_path / "d"), "--weights-dir", str(weights), "--no-progress"]) == 0
+    assert (tmp_path / "d" / "config.json").exists()
 
 
 def test_sample_and_evaluate(weights, tmp_path, capsys):

@@ -78,6 +78,54 @@ def test_shard_resume_after_interruption(tmp_path):
         ShardWriter(tmp_path / "s", num_images=24, shard_size=5)
 
 
+def test_shard_writer_removes_stale_manifest_temporaries(tmp_path):
+    # only the shards' temporaries were removed on resume: a killed manifest write stayed forever
+    w = ShardWriter(tmp_path, num_images=10, shard_size=5)
+    w.run(lambda k: _shard(k, 5))
+    stale = [tmp_path / ".manifest.json.k2j4x.json.tmp", tmp_path / ".shard_00001.npz.a8f.npz.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    ShardWriter(tmp_path, num_images=10, shard_size=5)
+    assert not any(p.exists() for p in stale) and (tmp_path / "notes.tmp").exists()
+
+
+@pytest.mark.parametrize("writer", ["json", "npz", "safetensors"])
+def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch, writer):
+    # nothing was fsynced: a power loss after the rename could leave a renamed but empty file
+    import os
+    import stat
+
+    from ppap_fast.data import shards
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync_dir" if stat.S_ISDIR(st.st_mode) else "fsync", st.st_ino))
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(22, "directory fsync unsupported here")  # best effort: must not fail the write
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / f"out.{writer}"
+    if writer == "json":
+        shards.write_json_atomic(path, {"a": 1})
+    elif writer == "npz":
+        shards.write_npz_atomic(path, images=np.zeros((2, 4, 4, 1), np.uint8))
+    else:
+        shards.save_safetensors_atomic(path, {"w": torch.ones(3)})
+    ino, dir_ino = path.stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", ino), ("replace", ino), ("fsync_dir", dir_ino)]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_corrupt_shard_is_redone(tmp_path):
     w = ShardWriter(tmp_path, num_images=10, shard_size=5)
     w.run(lambda k: _shard(k, 5))

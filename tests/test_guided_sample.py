@@ -48,6 +48,24 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert nstats["experts"] is None and not np.array_equal(naive["images"], fast["images"])
 
 
+def test_peak_memory_says_what_it_measured(tmp_path, capsys, monkeypatch):
+    # peak_memory_mb was the CUDA allocator's peak on a GPU but the process RSS on a CPU, unlabelled
+    from ppap_fast import guided_sample as gs
+    from ppap_fast.demo import PeakMemory
+
+    _, stats = _run(tmp_path, "plain")
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for st in (stats, printed):
+        assert st["peak_memory_kind"] == "process_rss" and st["peak_memory_mb"] == st["peak_rss_mb"] > 0
+    mem = PeakMemory()
+    mem.peak_mb = 321.04
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**20)
+    assert gs._peak_memory(torch.device("cuda", 0), mem) == {
+        "peak_memory_mb": 5.0, "peak_memory_kind": "cuda_allocator", "peak_rss_mb": 321.0}
+    assert gs._peak_memory(torch.device("cpu"), mem) == {
+        "peak_memory_mb": 321.0, "peak_memory_kind": "process_rss", "peak_rss_mb": 321.0}
+
+
 def test_ppap_guidance_reaches_the_targets(tmp_path):
     from ppap_fast.data import from_uint8
     from ppap_fast.demo import load_evaluator

@@ -1,7 +1,10 @@
+import types
+
 import numpy as np
 import pytest
+import torch
 
-from ppap_fast.metrics import frechet_distance, inception_score, precision_recall
+from ppap_fast.metrics import evaluator_outputs, frechet_distance, inception_score, precision_recall
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():
@@ -44,3 +47,62 @@ def test_bad_shapes():
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+
+
+class _Evaluator(torch.nn.Module):
+    """A fake evaluator (features + fc) that records the device, dtype and grad mode of its inputs."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3).to(dtype)
+        self.seen = []
+
+    def features(self, x):
+        self.seen.append((type(x), x.dtype, torch.is_grad_enabled()))
+        return x.flatten(1)[:, :4] * 2 + self.fc.weight.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_evaluator_outputs_uses_the_evaluators_dtype_without_autograd(dtype):
+    # the images went in as float32 whatever the evaluator's dtype: a half / bf16 / float64 one failed
+    ev = _Evaluator(dtype).requires_grad_(True)
+    images = torch.rand(5, 1, 2, 2) * 2 - 1
+    feats, probs = evaluator_outputs(ev, images, batch_size=2)
+    assert [s[1] for s in ev.seen] == [dtype] * 3 and not any(s[2] for s in ev.seen)
+    assert feats.shape == (5, 4) and probs.shape == (5, 3) and feats.dtype == probs.dtype == np.float64
+    assert np.allclose(probs.sum(1), 1)
+
+
+class _OnDevice(torch.Tensor):
+    """CPU data standing for a CUDA tensor: .numpy() refuses it, as it refuses a CUDA tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu()")
+        if func is torch.Tensor.cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return args[0].clone()
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_evaluator_outputs_moves_batches_to_the_evaluators_device_and_back(monkeypatch):
+    # a CUDA evaluator got CPU images, and its CUDA outputs were converted with .numpy()
+    ev = _Evaluator()
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ev, "parameters", lambda recurse=True: iter(
+        [types.SimpleNamespace(device=cuda, dtype=torch.float32, is_floating_point=lambda: True)]))
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        dev = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+        if dev is not None and torch.device(dev).type == "cuda":
+            args = tuple("cpu" if a is dev else a for a in args)
+            kwargs = {**kwargs, "device": "cpu"} if "device" in kwargs else kwargs
+            return real_to(self, *args, **kwargs).as_subclass(_OnDevice)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    feats, probs = evaluator_outputs(ev, torch.rand(3, 1, 2, 2) * 2 - 1, batch_size=2)
+    assert [s[0] for s in ev.seen] == [_OnDevice] * 2
+    assert feats.shape == (3, 4) and probs.shape == (3, 3)

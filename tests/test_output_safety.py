@@ -92,6 +92,26 @@ def test_atomic_dir_interrupted_between_renames_keeps_previous_output(tmp_path, 
     assert (out / "config.json").read_text() == "v1"
 
 
+def test_train_diffusion_checkpoint_is_written_by_the_atomic_writer(tmp_path, monkeypatch):
+    # the checkpoint had its own torch.save + rename (nothing fsynced); a killed write's temporary stays
+    from ppap_fast import demo
+    from ppap_fast.data import shards
+
+    stale = tmp_path / ".u.safetensors.ckpt.pt.k2j4x.pt.tmp"
+    stale.write_bytes(b"partial")
+    written = []
+
+    def spy(path, write_fn, suffix):
+        written.append(pathlib.Path(path).name)
+        return shards._atomic(path, write_fn, suffix)
+
+    monkeypatch.setattr(demo, "_atomic", spy, raising=False)
+    assert main(["train-diffusion", "--out", str(tmp_path / "u.safetensors"), "--steps", "1", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    assert written == ["u.safetensors.ckpt.pt"] and not stale.exists()
+    assert (tmp_path / "u.safetensors.ckpt.pt").stat().st_size > 0 and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_metrics_degenerate_inputs():
     from ppap_fast.metrics import frechet_distance, inception_score, precision_recall
 

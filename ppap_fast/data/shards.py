@@ -33,7 +33,24 @@ import numpy as np
 MANIFEST = "manifest.json"
 
 
+def fsync_dir(directory) -> None:
+    """Make a rename in ``directory`` durable; best effort (some filesystems refuse a directory fsync)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path, write_fn, suffix: str):
+    """Write ``path`` via ``write_fn(tmp)`` on a temporary name ``.<name>.*<suffix>.tmp`` beside it,
+    fsynced, then renamed into place (and the directory fsynced): after a crash or a power loss the
+    file is the old one or the complete new one, never empty or partial."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
@@ -41,7 +58,13 @@ def _atomic(path, write_fn, suffix: str):
     try:
         write_fn(tmp)
         os.chmod(tmp, 0o644)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -163,8 +186,8 @@ class ShardWriter:
             if diff:
                 raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
                                  "use the same arguments or another directory")
-        for p in self.dir.iterdir():  # temporaries of a killed write (see _atomic)
-            if p.name.startswith(".shard_") and p.name.endswith(".tmp"):
+        for p in self.dir.iterdir():  # temporaries of a killed write (see _atomic): shards' and manifest's
+            if p.name.startswith((".shard_", f".{MANIFEST}.")) and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
 
     def shard_path(self, k: int) -> Path:

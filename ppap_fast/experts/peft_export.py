@@ -265,14 +265,14 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    from safetensors.torch import save_file
+    from ..data.shards import save_safetensors_atomic, write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "ppap_fast.expert": str(n), "ppap_fast.n_experts": str(bank.n_experts),
             "ppap_fast.arch": str(bank.arch), "ppap_fast.band": json.dumps(list(bank.bands[n]))}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata=meta)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    save_safetensors_atomic(out / WEIGHTS_NAME, tensors, metadata=meta)
+    write_json_atomic(out / CONFIG_NAME, config)
     return config
 
 
