@@ -54,7 +54,15 @@ def _kd(student, teacher):
                     reduction="batchmean")
 
 
-def run(device: str = "cpu", quick: bool = False) -> dict:
+def _ratios(ratios, acc) -> dict:
+    out = {"distill_onepass_vs_sequential": geomean(ratios)} if ratios else {}
+    out.update({k: geomean(v) for k, v in acc.items() if v})
+    return out
+
+
+def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
+    """``emit(rows, ratios)`` (benchmarks/run.py): called after every N's main figures and again after
+    its CUDA rows, so that a run killed at its time limit keeps what finished."""
     model, batch, shape, r, alpha = _model(device)
     reps = 10 if device == "cuda" else (3 if quick else 8)
     rows, ratios = [], []
@@ -89,21 +97,26 @@ def run(device: str = "cpu", quick: bool = False) -> dict:
                "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
                "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
-        if device == "cuda":
-            _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch)
         rows.append(row)
-    out = {"distill_onepass_vs_sequential": geomean(ratios)}
-    out.update({k: geomean(v) for k, v in acc.items() if v})
-    return {"rows": rows, "ratios": out}
+        if emit is not None:  # the issue's ratio of this N first: the CUDA rows below take minutes
+            emit([dict(r) for r in rows], _ratios(ratios, acc))
+        if device == "cuda":
+            def checkpoint():
+                if emit is not None:
+                    emit([dict(r) for r in rows], _ratios(ratios, acc))
+            _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint)
+    return {"rows": rows, "ratios": _ratios(ratios, acc)}
 
 
 def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch):
-    """The CUDA-only rows of one N; a variant that fails records why in the row (the others still run)."""
+def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint=None):
+    """The CUDA-only rows of one N; a variant that fails records why in the row (the others still run).
+    ``checkpoint()`` after each block (run() emits the rows and ratios so far)."""
     device = "cuda"
+    checkpoint = checkpoint or (lambda: None)
     try:  # the loralib bank's dense deltas: CUDA's automatic stacked conv vs the per-sample grouped one
         st_ms = _with_backend("PPAP_FAST_LORA_DELTA", "stacked", "lora_conv2d_delta", "stacked",
                               lambda: median_ms(onepass, device, reps))
@@ -115,6 +128,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_delta_stacked_ms"] = round(st_ms, 3)
         row["onepass_delta_grouped_ms"] = round(gr_ms, 3)
         acc["distill_delta_stacked_vs_grouped"].append(st_ms / gr_ms)
+    checkpoint()
     try:  # the factorised layout (the multi-expert LoRA kernels), automatic and cpp backends
         f_ms, c_ms, tr_ms, im_ms, g_st, g_im = _factorised_ms(model, n, r, alpha, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
@@ -132,6 +146,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["factorised_graph_ms"] = round(g_st, 3)
         row["factorised_graph_implicit_ms"] = round(g_im, 3)
         acc["distill_graph_implicit_vs_stacked"].append(g_im / g_st)
+    checkpoint()
     try:  # the one-pass step captured whole in a CUDA graph (ppap_fast.train_graph)
         g_ms = _graphed_ms(bank, x, t, teacher, reps)
     except Exception as exc:  # noqa: BLE001
@@ -140,6 +155,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_ms"] = round(g_ms, 3)
         row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
         acc["distill_graph_vs_onepass"].append(g_ms / one)
+    checkpoint()
     if os.environ.get("PPAP_BENCH_DISTILL_CL") == "1":  # opt-in: three more captured ResNet50 steps
         try:
             cl_st, cl_ib, cl_auto, cl_impl = _channels_last_ms(model, n, r, alpha, x, t, teacher, reps)
@@ -157,6 +173,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
                 acc.setdefault("distill_graph_cl_vs_nchw", []).append(cl_st / row["factorised_graph_ms"])
                 acc.setdefault("distill_graph_cl_best_vs_nchw", []).append(
                     min(cl_st, cl_ib, cl_auto, cl_impl) / row["factorised_graph_ms"])
+        checkpoint()
     try:  # the loralib bank's convs as the equal rank r*k*k factorised LoRA (implicit A stage)
         def lf(fn):
             return _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit", fn)
@@ -170,6 +187,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
             acc["distill_graph_loralib_factorised_vs_delta"].append(lg_ms / row["onepass_graph_ms"])
     except Exception as exc:  # noqa: BLE001
         row["loralib_factorised_error"] = _error(exc)
+    checkpoint()
 
 
 def _channels_last_ms(model, n, r, alpha, x, t, teacher, reps):

@@ -419,7 +419,21 @@ def launch_table(backend: str = "triton", device: str = "cpu") -> List[Dict]:
     return rows
 
 
-def run(device: str = "cuda", quick: bool = False) -> Dict:
+def _ran(cfg) -> str:
+    """What the last LoRA call ran: backend and A stage (ops.lora.last_backend), so that a row whose
+    path fell back (an A stage degraded, the reference) says so in the JSON."""
+    op = "lora_linear" if cfg["kind"] == "linear" else "lora_conv2d"
+    return f"{L.last_backend.get(op)}/{L.last_backend.get(op + '/a_stage')}"
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def run(device: str = "cuda", quick: bool = False, emit=None) -> Dict:
+    """``emit(rows, ratios)`` (benchmarks/run.py): called after every layer and N with the rows and
+    ratios so far, so that a run killed at its time limit keeps them. A variant that raises records
+    its error in its row (the other variants and ratios go on)."""
     device = "cuda" if (device == "cuda" and torch.cuda.is_available()) else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     reps = (5 if quick else 20) if device == "cuda" else (2 if quick else 5)
@@ -489,15 +503,26 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                     y = fn(xg, av[0], b, Ag, Bg, ebg, idx, scale)
                     y.backward(torch.ones_like(y))
 
-                t_f = median_ms(fwd, device, reps)
-                t_fb = median_ms(fwdbwd, device, reps)
+                L.last_backend.pop("lora_linear", None), L.last_backend.pop("lora_conv2d", None)
+                try:
+                    t_f = median_ms(fwd, device, reps)
+                    t_fb = median_ms(fwdbwd, device, reps)
+                except Exception as exc:  # noqa: BLE001 - e.g. one kernel failing on this GPU: the others go on
+                    rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None, fwdbwd_ms=None,
+                                     device=device, dtype=str(dtype).replace("torch.", ""), error=_error(exc)))
+                    continue
                 res[vname] = (t_f, t_fb)
                 rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=round(t_f, 4),
                                  fwdbwd_ms=round(t_fb, 4), device=device, dtype=str(dtype).replace("torch.", "")))
+                if vname.startswith(("ours", "loralib[factorised")):
+                    rows[-1]["ran"] = _ran(cfg)
                 if device == "cuda" and N == Ns[0] and vname in (
                         "ours[triton]", "ours[triton,a_stage=implicit]", "ours[triton,a_stage=in_base,channels_last]",
                         "base", "base[channels_last]"):  # where the time goes
-                    rows[-1]["fwdbwd_profile_top"] = profile_top(fwdbwd, device, k=12, grad=True)
+                    try:
+                        rows[-1]["fwdbwd_profile_top"] = profile_top(fwdbwd, device, k=12, grad=True)
+                    except Exception as exc:  # noqa: BLE001
+                        rows[-1]["fwdbwd_profile_error"] = _error(exc)
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
                 graphed = {}
                 graph_variants = [("ours[triton,cudagraph]", _ours(cfg, "triton", seg=seg)),
@@ -525,6 +550,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                                _loralib(cfg, route, N, r, device, dtype, gen, seg)))
                 for vname, fn in graph_variants + [("base[cudagraph]", _base(cfg))]:
                     xv, av = inputs(vname)
+                    L.last_backend.pop("lora_linear", None), L.last_backend.pop("lora_conv2d", None)
                     with _tiles_of(vname):  # captured with these tiles; replays need no Python
                         t_g, why = _graphmedian_ms(fn, xv, av, reps)
                         t_gb, why_b, prof = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname),
@@ -534,6 +560,7 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                                      fwdbwd_ms=None if t_gb is None else round(t_gb, 4), device=device,
                                      dtype=str(dtype).replace("torch.", ""),
                                      **({"skipped": why or why_b} if (why or why_b) else {}),
+                                     **({"ran": _ran(cfg)} if vname.startswith(("ours", "loralib[factorised")) else {}),
                                      **({"fwdbwd_graph_profile_top": prof} if prof else {})))
                 ours_g = [v for k, v in graphed.items() if k.startswith("ours") and v]
                 base_g = [v for k, v in graphed.items() if k.startswith("base") and v]  # NCHW or channels_last
@@ -563,29 +590,40 @@ def run(device: str = "cuda", quick: bool = False) -> Dict:
                         graphed["loralib[factorised,cudagraph]"] / graphed["loralib[delta,cudagraph]"])
             pf, why = _peft_forward(cfg, W, b, A, B, idx, scale, device, dtype)
             if pf is not None:
-                with torch.no_grad():  # same math? (peft has no per-expert bias)
-                    mine = _ours(cfg, None if ours_backends[0] == "auto" else ours_backends[0])(
-                        x, W, b, A, B, None, idx, scale).float()
-                    theirs = pf(x).float()
-                check = float((mine - theirs).norm() / theirs.norm())
-                t_p = median_ms(lambda: pf(x), device, reps)
-                res["peft"] = (t_p, float("nan"))
-                rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", fwd_ms=round(t_p, 4),
-                                 fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
-                                 rel_err_vs_ours=check))
+                try:
+                    with torch.no_grad():  # same math? (peft has no per-expert bias)
+                        mine = _ours(cfg, None if ours_backends[0] == "auto" else ours_backends[0])(
+                            x, W, b, A, B, None, idx, scale).float()
+                        theirs = pf(x).float()
+                    check = float((mine - theirs).norm() / theirs.norm())
+                    t_p = median_ms(lambda: pf(x), device, reps)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", error=_error(exc)))
+                else:
+                    res["peft"] = (t_p, float("nan"))
+                    rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", fwd_ms=round(t_p, 4),
+                                     fwdbwd_ms=None, device=device, dtype=str(dtype).replace("torch.", ""),
+                                     rel_err_vs_ours=check))
             else:
                 rows.append(dict(layer=cfg["name"], N=N, variant="peft(adapter_names)", skipped=why))
-            if "ours[triton,a_stage=implicit]" in res:  # same backend, implicit vs the default stacked A stage
+            if "ours[triton,a_stage=implicit]" in res and "ours[triton]" in res:  # implicit vs the default stacked
                 ratio_acc.setdefault("lora_implicit_vs_stacked", []).append(
                     res["ours[triton,a_stage=implicit]"][1] / res["ours[triton]"][1])
-            if "loralib[factorised]" in res:
+            if "loralib[factorised]" in res and "loralib[delta]" in res:
                 ratio_acc.setdefault("loralib_factorised_vs_delta", []).append(
                     res["loralib[factorised]"][1] / res["loralib[delta]"][1])
-            best = min((v for k, v in res.items() if k.startswith("ours")), key=lambda t: t[1])
-            if "peft" in res:
-                ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
-            ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
-            ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / min(v[1] for k, v in res.items() if k.startswith("base")))
+            ours = [v for k, v in res.items() if k.startswith("ours")]
+            bases = [v[1] for k, v in res.items() if k.startswith("base")]
+            if ours:  # every "ours" variant failing leaves these ratios out (the rows say why)
+                best = min(ours, key=lambda t: t[1])
+                if "peft" in res:
+                    ratio_acc["lora_fwd_vs_peft"].append(best[0] / res["peft"][0])
+                if "loop" in res:
+                    ratio_acc["lora_fwdbwd_vs_loop"].append(best[1] / res["loop"][1])
+                if bases:
+                    ratio_acc["lora_fwdbwd_vs_base"].append(best[1] / min(bases))
+            if emit is not None:
+                emit(list(rows), {k: geomean(v) for k, v in ratio_acc.items() if v})
     ratios = {k: geomean(v) for k, v in ratio_acc.items() if v}
     return {"rows": rows, "ratios": ratios}
 

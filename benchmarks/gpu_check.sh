@@ -7,13 +7,15 @@
 #   Stages (default: build tests bench scale; also probe: toolchain facts + C++ error path), in this order;
 #   e.g. `gpu_check.sh bench` alone. BENCH_SUITES, SCALE_SUITES, LORA_TEST_ARGS (default "-m cuda"), LORA_TEST_K
 #   (a pytest -k expression, spaces allowed) narrow a rerun; TESTS_ONLY (pytest args, no spaces inside
-#   one) replaces the test groups with one group run after the build (at most TESTS_ONLY_CAP s, default 120);
+#   one) replaces the test groups with one group run after the build (at most TESTS_ONLY_CAP s, default 120,
+#   TESTS_ONLY_WORKERS pytest-xdist workers, default 4; tests start in the order given, so put new ones first);
 #   BENCH_MIN / SCALE_MIN: seconds promised to those stages;
 #   BENCH_CAP: the most the bench stage may take (default 300).
 #   The build runs in the background while the tests that do not need the extension run.
 # .devcarry/fixtures holds a copy of ../shared/fixtures (shared/ does not travel).
 # Writes under $OUT (or /tmp/ppap_gpu_out; the device tool returns at most 8 files): gpu.txt, build.log,
-# backends.json, tests.txt (every group), bench.json (written after every suite), scale.json, summary.txt. PPAP_GEN_IMAGES: images generated (default 256).
+# backends.json, tests.txt (every group), bench.json (written after every suite), scale.json, summary.txt;
+# gpu.txt also gets the benchmarks' whole output (tracebacks of a failing suite, seconds per suite). PPAP_GEN_IMAGES: images generated (default 256).
 # Dry run without a GPU (checks this script, runs nothing on a device): GPU_CHECK_DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,7 +81,7 @@ if has tests && [[ -z ${TESTS_ONLY:-} ]]; then
     tests/test_fast_sampling.py tests/test_norm_act.py -m cuda
 fi
 finish_build
-python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('$DEV'), indent=1))" > "$OUT/backends.json" 2>&1
+timeout 90 python3 -c "import ppap_fast.ops as o, json; print(json.dumps(o.backend_report('$DEV'), indent=1))" > "$OUT/backends.json" 2>&1
 if has probe; then  # toolchain facts and whether a C++ error raised in the extension reaches Python
   stamp "probe"
   timeout 60 bash benchmarks/ext_probe.sh >> "$OUT/gpu.txt" 2>&1
@@ -87,7 +89,7 @@ fi
 
 if has tests && [[ -n ${TESTS_ONLY:-} ]]; then  # a rerun's few tests, after the build
   # shellcheck disable=SC2086
-  run_tests only "$(budget "${TESTS_ONLY_CAP:-120}" $(( R_BENCH + R_SCALE )))" 4 $TESTS_ONLY
+  run_tests only "$(budget "${TESTS_ONLY_CAP:-120}" $(( R_BENCH + R_SCALE )))" "${TESTS_ONLY_WORKERS:-4}" $TESTS_ONLY
 elif has tests; then
   run_tests update_graph_build "$(budget 90 $(( R_LORA + R_BENCH + R_SCALE )))" 8 tests/test_guided_update.py \
     tests/test_extension_build.py tests/test_train_graph.py
@@ -99,7 +101,8 @@ fi
 if has bench; then
   lim=$(budget "${BENCH_CAP:-300}" "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
-    --only $BENCH_SUITES 2>&1 | grep -v "^  " | tail -25
+    --only $BENCH_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -25
+  rm -f "$OUT"/*.tmp  # a JSON write cut by the timeout (the device tool returns at most 8 files)
 fi
 
 if has scale; then
@@ -107,8 +110,9 @@ if has scale; then
   lim=$(budget 200 8)
   stamp "real scale (limit ${lim}s): ADM-256 + ResNet50 PPAP-10 DDIM-25 batch 32; generation of $PPAP_GEN_IMAGES images"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/scale.json" \
-    --only $SCALE_SUITES 2>&1 | grep -v "^  " | tail -12
+    --only $SCALE_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -12
+  rm -f "$OUT"/*.tmp
 fi
 
 stamp "summary"
-python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.txt"
+timeout 25 python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.txt"

@@ -43,16 +43,23 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible")
     out = {"device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
-           "quick": args.quick, "rows": [], "ratios": {}, "errors": {}, "memory_gib": {}}
+           "triton": _triton_version(), "quick": args.quick, "rows": [], "ratios": {}, "errors": {},
+           "memory_gib": {}, "seconds": {}, "backends_used": {}}
     for name in args.only or SUITES:
         if not (HERE / f"{name}.py").exists():
             continue
         t0 = time.perf_counter()
+        # before the import: a suite that fails to import must not crash the runner (NameError) or,
+        # on CUDA, hit the previous suite's emitter set to None below
+        emit = _emitter(out, name, args.json)
+        if args.json:  # a run killed inside this suite says so: "running" names it (absent once it ends)
+            _write_json({**out, "running": name}, args.json)
+        used = _BackendRecorder()
         try:
-            suite = importlib.import_module(name)
-            emit = _emitter(out, name, args.json)
-            kwargs = {"emit": emit} if "emit" in inspect.signature(suite.run).parameters else {}
-            res = suite.run(args.device, args.quick, **kwargs)
+            with used:
+                suite = importlib.import_module(name)
+                kwargs = {"emit": emit} if "emit" in inspect.signature(suite.run).parameters else {}
+                res = suite.run(args.device, args.quick, **kwargs)
         except Exception as exc:  # one broken suite must not hide the others, nor what it emitted
             traceback.print_exc()
             out["errors"][name] = f"{type(exc).__name__}: {exc}"
@@ -62,6 +69,8 @@ def main(argv=None) -> int:
             out["rows"] += [dict(suite=name, **r) for r in res["rows"]]
             out["ratios"].update(res["ratios"])
             print(f"[{name} {time.perf_counter() - t0:.0f}s] " + json.dumps(res["ratios"]), flush=True)
+        out["seconds"][name] = round(time.perf_counter() - t0, 1)
+        out["backends_used"][name] = used.used
         if args.device == "cuda":  # what a suite left behind (e.g. graph pools) must not starve the next
             suite = emit = res = None
             gc.collect()
@@ -79,6 +88,66 @@ def main(argv=None) -> int:
     return 1 if out["errors"] else 0
 
 
+def _triton_version():
+    try:
+        import triton
+    except Exception:  # noqa: BLE001
+        return None
+    return triton.__version__
+
+
+class _BackendRecorder:
+    """Within the block, every backend the dispatched ops choose: {op: sorted backends} in ``used``
+    (the registry ops through _registry.select, the LoRA ops through ops.lora.last_backend), so the
+    JSON says when a suite ran a reference / fallback path where a fast one was meant."""
+
+    def __init__(self):
+        self.used: dict = {}
+        self._undo = []
+
+    def _add(self, op, backend):
+        if backend is not None:
+            self.used.setdefault(op, [])
+            if backend not in self.used[op]:
+                self.used[op] = sorted(self.used[op] + [str(backend)])
+
+    def __enter__(self):
+        try:
+            from ppap_fast.ops import _registry
+            from ppap_fast.ops import lora as L
+        except Exception:  # noqa: BLE001 - nothing to record; the suite reports its own import error
+            return self
+        rec = self
+        orig_select = _registry.select
+
+        def select(op, device, backend=None):
+            fn = orig_select(op, device, backend)
+            rec._add(op, _registry._OPS[op].last)
+            return fn
+
+        class Recording(dict):
+            def __setitem__(self, k, v):
+                rec._add(k, v)
+                super().__setitem__(k, v)
+
+        orig_last = L.last_backend
+        _registry.select = select
+        L.last_backend = Recording(orig_last)
+
+        def undo():
+            _registry.select = orig_select
+            orig_last.clear()
+            orig_last.update(L.last_backend)
+            L.last_backend = orig_last
+        self._undo.append(undo)
+        return self
+
+    def __exit__(self, *exc):
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+
 def _emitter(out: dict, suite: str, path):
     """emit(rows, ratios) for a suite that reports as it goes: the JSON then holds the suite's rows so
     far (marked partial) until it returns, so a run killed at its time limit keeps them."""
@@ -87,7 +156,7 @@ def _emitter(out: dict, suite: str, path):
         emit.rows, emit.ratios = rows, dict(ratios or {})
         if path:
             snap = {**out, "rows": out["rows"] + [dict(suite=suite, partial=True, **r) for r in rows],
-                    "ratios": {**out["ratios"], **(ratios or {})}}
+                    "ratios": {**out["ratios"], **(ratios or {})}, "running": suite}
             _write_json(snap, path)
     emit.rows, emit.ratios = [], {}
     return emit

@@ -73,6 +73,7 @@ def _test_groups(path: Path):
     return list(zip(parts[1::2], parts[2::2]))
 
 
+_NOTE_SUFFIXES = ("error", "skipped", "warnings")
 FIGURE_SUFFIXES = ("_ms", "GBps", "_fraction", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
 
 
@@ -86,6 +87,12 @@ def _table(path: Path) -> None:
         print(f"  {k:30s} {v}")
     for k, v in data.get("errors", {}).items():
         print(f"  ERROR {k}: {v}")
+    if data.get("running"):
+        print(f"  CUT: the run was killed inside {data['running']} (its rows so far are marked partial)")
+    if data.get("seconds"):
+        print("  seconds per suite: " + ", ".join(f"{k} {v}" for k, v in data["seconds"].items()))
+    for suite, used in data.get("backends_used", {}).items():  # a fallback shows up here
+        print(f"  backends {suite}: " + ", ".join(f"{op}={'/'.join(b)}" for op, b in sorted(used.items())))
     if data.get("memory_gib"):
         print("  GPU memory GiB per suite (peak, left after): " + ", ".join(
             f"{k} {v['peak']}/{v['left']}" for k, v in data["memory_gib"].items()))
@@ -94,9 +101,14 @@ def _table(path: Path) -> None:
         label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",
                                                     "variant", "sampler", "var_type", "shape", "dtype") if k in row)
         print(f"  {label}: " + ", ".join(f"{k}={row[k]}" for k in keys))
+        for k in row:  # what did not run, or ran another path than the row names: never silent
+            if k.endswith(_NOTE_SUFFIXES) and row[k]:
+                print(f"    {k.upper() if 'error' in k else k}: {row[k]}")
         for k, v in row.items():  # a variant's own figures (bench_step: fast_compiled, ...)
             if isinstance(v, dict) and ("ms" in v or "error" in v):
                 print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items() if kk != "warnings"))
+                if v.get("warnings"):
+                    print(f"      {k} warnings: {v['warnings']}")
         for key in (k for k in row if k.endswith("profile_top")):
             print(f"    {key}:")
             for op in row[key][:6]:

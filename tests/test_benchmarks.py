@@ -63,6 +63,7 @@ def test_emitted_rows_survive_a_killed_suite(tmp_path):
     assert data["rows"] == [{"suite": "a", "x": 1}, {"suite": "b", "partial": True, "y": 2},
                             {"suite": "b", "partial": True, "z": 3}]
     assert data["ratios"] == {"r_a": 1.0, "r_b": 0.4}
+    assert data["running"] == "b"  # killed now, the JSON names the suite it was cut in
     assert out["rows"] == [{"suite": "a", "x": 1}]  # the runner's own state is untouched
     assert emit.rows == [{"y": 2}, {"z": 3}] and emit.ratios == {"r_b": 0.4}  # what run.py keeps on an error
 
@@ -186,6 +187,7 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
               "lora_linear_graph_in_base_vs_base_graph", "lora_linear_graph_in_base_vs_default"):
         assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
     assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]
+    assert not [r for r in out["rows"] if r.get("error")]  # a variant's error is now a row, not a raise
     profiled = {(r["layer"], r["variant"]) for r in out["rows"] if r.get("fwdbwd_graph_profile_top")}
     assert ("tiny 3x3 8->8", "ours[triton,a_stage=implicit,channels_last,cudagraph]") in profiled
     assert ("tiny linear", "ours[triton,cudagraph]") in profiled and len(profiled) == calls["profiled"]
@@ -226,3 +228,166 @@ def test_distill_channels_last_rows_run_on_cpu(monkeypatch):
     assert seen[1] == "in_base" and seen[3] == "implicit" and seen[0] != "in_base"
     assert autotune.a_stage_choices()  # "auto" tuned the bank's convs
     autotune.clear_a_stage_choices()
+
+
+def _fake_suite(monkeypatch, tmp_path, name, run=None, source=""):
+    """A suite run.py finds (a file under its HERE) and imports: ``run`` as its run(), else ``source``."""
+    import types
+
+    (tmp_path / f"{name}.py").write_text(source)
+    if run is not None:
+        mod = types.ModuleType(name)
+        mod.run = run
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_a_suite_that_fails_to_import_costs_only_itself(tmp_path, monkeypatch):
+    """An import error (a module missing on the device image) was a NameError in run.py's handler (no
+    emitter yet), ending the whole run, or, after another suite, re-filed that suite's emitted rows
+    under the broken one."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as runner
+
+    def ok(device, quick, emit=None):
+        emit({"bench": "a", "ms": 1.0}, {"ok_ratio": 0.5})
+        return {"rows": [{"bench": "a", "ms": 1.0}], "ratios": {"ok_ratio": 0.5}}
+
+    _fake_suite(monkeypatch, tmp_path, "bench_fake_ok", run=ok)
+    _fake_suite(monkeypatch, tmp_path, "bench_fake_broken", source="raise ImportError('no module named nothere')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bench_fake_broken", raising=False)
+    monkeypatch.setattr(runner, "HERE", tmp_path)
+    path = tmp_path / "b.json"
+    assert runner.main(["--device", "cpu", "--only", "bench_fake_broken", "bench_fake_ok", "bench_fake_broken",
+                        "--json", str(path)]) == 1
+    data = json.loads(path.read_text())
+    assert "nothere" in data["errors"]["bench_fake_broken"]
+    assert data["rows"] == [{"suite": "bench_fake_ok", "bench": "a", "ms": 1.0}]  # not re-filed as the broken one's
+    assert data["ratios"] == {"ok_ratio": 0.5}
+
+
+def test_runner_names_the_suite_it_was_killed_in_and_times_each(tmp_path, monkeypatch):
+    """While a suite runs, the JSON says which ("running"), so a run cut by the time limit tells a suite
+    that was cut from one that never started; each finished suite's seconds are recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as runner
+
+    path = tmp_path / "b.json"
+    seen = []
+
+    def slow(device, quick):
+        seen.append(json.loads(path.read_text()).get("running"))
+        return {"rows": [], "ratios": {}}
+
+    _fake_suite(monkeypatch, tmp_path, "bench_fake_slow", run=slow)
+    monkeypatch.setattr(runner, "HERE", tmp_path)
+    assert runner.main(["--device", "cpu", "--only", "bench_fake_slow", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert seen == ["bench_fake_slow"] and "running" not in data
+    assert data["seconds"]["bench_fake_slow"] >= 0 and data["triton"]
+
+
+def test_runner_records_the_backends_each_suite_ran(tmp_path, monkeypatch):
+    """backends_used: every backend the dispatched ops picked during a suite (a reference or fallback
+    path where a fast one was meant shows there); the library's own state is restored after."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import run as runner
+    from ppap_fast import ops
+    from ppap_fast.ops import _registry
+    from ppap_fast.ops import lora as L
+
+    def uses_ops(device, quick):
+        x = torch.randn(2, 3, 4, 4)
+        table = ops.build_table(__import__("ppap_fast.schedule", fromlist=["Schedule"]).Schedule.create(
+            "linear", 1000, "ddim25"), "ddim", eta=0.0)
+        ops.guided_update(x, x, torch.tensor([3, 4]), table, backend="reference")
+        L.lora_linear(torch.randn(2, 3, 8), torch.randn(5, 8), None, torch.randn(2, 4, 8), torch.randn(2, 5, 4),
+                      torch.tensor([0, 1]), 0.5, backend="reference")
+        return {"rows": [], "ratios": {}}
+
+    last, select = L.last_backend, _registry.select
+    _fake_suite(monkeypatch, tmp_path, "bench_fake_ops", run=uses_ops)
+    monkeypatch.setattr(runner, "HERE", tmp_path)
+    path = tmp_path / "b.json"
+    assert runner.main(["--device", "cpu", "--only", "bench_fake_ops", "--json", str(path)]) == 0
+    used = json.loads(path.read_text())["backends_used"]["bench_fake_ops"]
+    assert used["guided_update"] == ["reference"] and used["lora_linear"] == ["reference"]
+    assert L.last_backend is last and _registry.select is select and last["lora_linear"] == "reference"
+
+
+def test_lora_bench_emits_as_it_goes_and_a_failing_variant_costs_only_its_row(monkeypatch):
+    """bench_lora reports through emit after every layer and N (a run killed at its limit keeps them; it
+    wrote nothing until its end), and a variant that raises (a kernel failing on the GPU) is a row with
+    its error instead of ending the suite; each "ours" row says which backend / A stage ran."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_lora
+
+    def broken_loop(*a, **k):
+        raise RuntimeError("loop exploded")
+
+    monkeypatch.setattr(bench_lora, "_loop", broken_loop)
+    monkeypatch.setattr(bench_lora, "median_ms", lambda fn, device, reps, warmup=0: (fn(), 1.0)[1])
+    monkeypatch.setenv("PPAP_BENCH_LORA_LAYERS", "3x3,qkv")
+    seen = []
+    out = bench_lora.run("cpu", quick=True, emit=lambda rows, ratios: seen.append((list(rows), dict(ratios))))
+    assert len(seen) == 2 and seen[-1] == (out["rows"], out["ratios"])  # one per (layer, N): 2 layers, N = 5
+    assert len(seen[0][0]) < len(out["rows"])
+    errors = [r for r in out["rows"] if r.get("error")]
+    assert [r["variant"] for r in errors] == ["loop", "loop"] and "loop exploded" in errors[0]["error"]
+    assert "lora_fwdbwd_vs_loop" not in out["ratios"] and out["ratios"]["lora_fwdbwd_vs_base"] > 0
+    ours = [r for r in out["rows"] if r["variant"].startswith("ours") and not r.get("error")]
+    assert ours and all(r["ran"].split("/")[0] in ("reference", "cpp", "vectorized") for r in ours), ours
+
+
+def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
+    """bench_distill reports through emit after each N's main figures and after each block of its CUDA
+    rows (it wrote nothing until its end: a run killed in the CUDA rows of the last N lost
+    distill_onepass_vs_sequential with the rest)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: (fn(), 1.0)[1])
+    seen = []
+    out = bench_distill.run("cpu", quick=True, emit=lambda rows, ratios: seen.append((rows, ratios)))
+    assert len(seen) == 1 and seen[0] == (out["rows"], out["ratios"])
+    assert out["ratios"]["distill_onepass_vs_sequential"] > 0
+    # the CUDA rows' blocks, their GPU parts faked: a checkpoint after each, ratios filled in as they go
+    monkeypatch.setenv("PPAP_BENCH_DISTILL_CL", "1")
+    monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())
+    monkeypatch.setattr(bench_distill, "_factorised_ms", lambda *a: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
+    monkeypatch.setattr(bench_distill, "_graphed_ms", lambda *a: 0.5)
+    monkeypatch.setattr(bench_distill, "_channels_last_ms", lambda *a: (0.5, 0.4, 0.3, 0.2))
+    row, acc, snaps = {}, {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
+                                           "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
+                                           "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked",
+                                           "distill_loralib_factorised_vs_delta",
+                                           "distill_graph_loralib_factorised_vs_delta")}, []
+    bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
+                               lambda: snaps.append(sum(bool(v) for v in acc.values())))
+    assert snaps == [1, 6, 7, 12, 14], snaps
+    assert not [k for k in row if k.endswith("error")], row
+
+
+def test_summary_shows_errors_cuts_and_backends(tmp_path):
+    """The short table printed last says what did not run or ran another path: row errors and skips
+    (bench_distill's *_error keys were not printed), a variant's warnings (a compile that fell back to
+    eager), the suite a run was cut in, and the backends each suite ran."""
+    (tmp_path / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB\n")
+    data = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "running": "bench_step",
+            "ratios": {"distill_onepass_vs_sequential": 0.13}, "errors": {}, "seconds": {"bench_distill": 120.5},
+            "backends_used": {"bench_distill": {"lora_conv2d": ["reference", "triton"]}},
+            "rows": [{"suite": "bench_distill", "op": "distill_step", "onepass_ms": 1.0,
+                      "channels_last_error": "RuntimeError: in_base exploded"},
+                     {"suite": "bench_step", "partial": True, "bench": "guided_ddim_step", "fast_ms": 2.0,
+                      "fast_warnings": ["CUDA-graph capture of the guided step failed"],
+                      "fast_compiled": {"ms": 3.0, "warnings": ["torch.compile of the denoiser failed"]}}]}
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/summarize.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for text in ("in_base exploded", "CUDA-graph capture of the guided step failed",
+                 "torch.compile of the denoiser failed", "killed inside bench_step", "bench_distill 120.5",
+                 "lora_conv2d=reference/triton"):
+        assert text in res.stdout, (text, res.stdout)
