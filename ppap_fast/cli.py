@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -45,6 +46,17 @@ def _positive(cast, what: str):
 
 
 _positive_int, _positive_float = _positive(int, "integer"), _positive(float, "number")
+
+
+def finite_float(v: str) -> float:
+    """An argparse type: a finite float (``--scale nan`` / ``inf`` is refused at parse time, not after loading)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
+    return x
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,10 +126,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
     s.add_argument("--sampler", default="ddim")
     s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
-    s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
     s.add_argument("--targets", default=None, help="comma-separated target classes, cycled to --num-samples "
                                                    "(default 0..9 cycled)")
-    s.add_argument("--num-samples", type=_positive_int, default=None)
+    s.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="default: one per --targets entry, else 100 (0..9 cycled)")
     s.add_argument("--batch-size", type=_positive_int, default=250)
     s.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
     s.add_argument("--fast", action="store_true", help="fast path: fused update, PPAP experts merged per band")
@@ -134,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (tests)")
     s.add_argument("--num-samples", type=_positive_int, default=200)
     s.add_argument("--methods", default=",".join(DEMO_METHODS))
-    s.add_argument("--scale", type=float, default=DEFAULT_SCALE)
+    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
     s.add_argument("--batch-size", type=_positive_int, default=250)
     common(s, device=False)
 
@@ -149,7 +162,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--expert", type=int, required=True)
     s.add_argument("--out", required=True, help="output directory (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="holds classifier.safetensors (the base model)")
+    for s in sub.choices.values():
+        _show_defaults(s)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """``--help`` states each option's default (argparse's ArgumentDefaultsHelpFormatter skips options without
+    help text and would print the None / False of options whose help already says what happens)."""
+    for a in parser._actions:
+        if a.default is None or a.default is False or a.default == argparse.SUPPRESS or not a.option_strings \
+                or a.required:
+            continue
+        h = a.help or ""
+        if "default" in h or "%(default)" in h:
+            continue
+        a.help = f"{h} (default: %(default)s)" if h else "default: %(default)s"
 
 
 def _parse_targets(spec, n):

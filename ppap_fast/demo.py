@@ -351,8 +351,13 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DemoError(f"sample file not found: {path}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load would take it for a pickle and suggest allow_pickle=True
+        raise DemoError(f"{path} is not an .npz archive: evaluate reads the .npz that `ppap-fast sample` or "
+                        "`ppap-fast demo` writes (images uint8 N x H x W x C, labels int64 [N])")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             images, labels = z["images"], z["labels"]
     except Exception as e:
         raise DemoError(f"corrupt or unreadable sample file {path}: {type(e).__name__}: {e}") from None
@@ -424,6 +429,8 @@ def check_output_file(path, what: str = "--out") -> Path:
 
 def check_writable_dir(d) -> Path:
     d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise DemoError(f"output directory {d} is an existing file, not a directory: name a new or existing directory")
     try:
         d.mkdir(parents=True, exist_ok=True)
         import tempfile

@@ -193,7 +193,11 @@ class _GradRunner:
         g_obj = self.guide
         xl = self._input(x).requires_grad_(True)
         with torch.enable_grad(), self._ctx(x.device):
-            obj = g_obj._scaled_sum(g_obj.objective(xl, t, **kw))
+            try:
+                obj = g_obj._scaled_sum(g_obj.objective(xl, t, **kw))
+            except RuntimeError as e:
+                _gd._raise_explained(g_obj, x, e)
+                raise
         (g,) = torch.autograd.grad(obj, xl, allow_unused=True)
         return torch.zeros_like(x) if g is None else g
 
@@ -650,6 +654,8 @@ class FastGuidedSampler:
     def _guide_grad(self, runner, x, t):
         grad = runner(x, t)
         if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
+            _gd.raise_if_network(runner.guide, None, f" (it returned {tuple(getattr(grad, 'shape', ()))}, not a "
+                                 "gradient shaped like x_t)")
             raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
                              f"{getattr(grad, 'shape', type(grad).__name__)}")
         grad = grad.detach().to(x.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -130,6 +131,39 @@ def _check_scale(scale):
     return float(scale)
 
 
+_CONV_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
+
+
+def _networks(guide):
+    nets = (getattr(guide, a, None) for a in ("model", "classifier", "denoiser"))
+    return [m for m in nets if isinstance(m, nn.Module)]
+
+
+def _raise_explained(guide, x, err: RuntimeError) -> None:
+    """Turn the errors of a guide network fed the wrong x_t (another device, another channel count) into one
+    line naming the fix; return for any other error."""
+    name = getattr(guide, "name", type(guide).__name__)
+    for net in _networks(guide):
+        p = next(iter(net.parameters()), None)
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{name}: the guide's network ({type(net).__name__}) is on {p.device} but x_t is on "
+                             f"{x.device}: move it with .to({str(x.device)!r}) (or sample on {p.device})") from err
+    _raise_channel_mismatch(name, x, err)
+
+
+def _raise_channel_mismatch(name, x, err: RuntimeError) -> None:
+    """Turn a conv's channel-count error inside the guide's network into one line naming the fix."""
+    m = _CONV_CHANNELS.search(str(err))
+    if m is None:
+        return
+    want, got = int(m.group(1)), int(m.group(2))
+    hint = (f"e.g. input_transform=lambda x: x.expand(-1, {want}, -1, -1) (grey to {want} channels)" if got == 1
+            else f"e.g. input_transform=lambda x: x.mean(1, keepdim=True) ({got} channels to grey)" if want == 1
+            else "pass an input_transform that maps x_t to the network's channels")
+    raise ValueError(f"{name}: x_t {tuple(x.shape)} reaches a conv of the guide's network with {got} channels, "
+                     f"but it takes {want}: the guide must see images shaped like its training data; {hint}") from err
+
+
 class Guide:
     """Base class: subclasses implement ``objective(x, t) -> [B]`` (per-sample, unscaled)."""
 
@@ -175,10 +209,6 @@ class Guide:
     def _finite(self, g):
         return check_finite(g, self.nonfinite, self.name)
 
-    def _networks(self) -> list:
-        return [m for m in (getattr(self, k, None) for k in ("model", "classifier", "denoiser"))
-                if isinstance(m, nn.Module)]
-
     def _warn_train_mode(self, stacklevel: int = 3):
         """A guide network (X0HatGuide's denoiser too) with BatchNorm / Dropout / DropPath in train mode: batch
         statistics (a sample's gradient depends on the rest of the batch), running statistics overwritten by every
@@ -186,7 +216,7 @@ class Guide:
         (per set of networks); their ``training`` flags are read every call, so a later ``.train()`` is seen."""
         if getattr(self, "_train_warned", False):
             return
-        nets = self._networks()
+        nets = _networks(self)
         cached = getattr(self, "_mode_dependent", None)
         if cached is None or len(cached[0]) != len(nets) or any(a is not b for a, b in zip(cached[0], nets)):
             cached = self._mode_dependent = (nets, [m for net in nets for m in net.modules()
@@ -211,7 +241,11 @@ class Guide:
         self._warn_train_mode()
         x = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
-            obj = self._scaled_sum(self.objective(x, t, **kw))
+            try:
+                obj = self._scaled_sum(self.objective(x, t, **kw))
+            except RuntimeError as e:
+                _raise_explained(self, x, e)
+                raise
             (g,) = torch.autograd.grad(obj, x, allow_unused=True)
         if g is None:
             g = torch.zeros_like(x)
@@ -336,7 +370,8 @@ class X0HatGuide(Guide):
 
     ``x0_hat = (x_t - sqrt(1 - abar_t) eps(x_t, t)) / sqrt(abar_t)`` with ``abar`` the BASE
     schedule's alphas_cumprod (length T, indexed by the original t); the result is
-    ``scale * grad_{x_t} sum_b log p(target_b | x0_hat_b)``, back-propagated through the denoiser
+    ``scale * grad_{x_t} sum_b log p(target_b | x0_hat_b)``; ``alphas_cumprod`` may be given as an un-respaced
+    :class:`~ppap_fast.schedule.Schedule`. Back-propagated through the denoiser
     (``through_denoiser=True``, the exact gradient; one extra UNet backward) or with eps
     detached (``False``: cheap, grad = scale * grad_{x0hat} / sqrt(abar)). A denoiser output
     with 2C channels (eps, v) is split and eps used; a diffusers-style output's ``.sample`` is read.
@@ -348,6 +383,15 @@ class X0HatGuide(Guide):
                  input_transform: Callable | None = None, num_classes: int | None = None,
                  denoiser_kwargs: dict | None = None, nonfinite: str = "raise"):
         super().__init__(scale, nonfinite)
+        from ppap_fast.schedule import Schedule
+
+        if isinstance(alphas_cumprod, Schedule):  # the base schedule's table; a respaced one lacks most of it
+            if alphas_cumprod.num_timesteps != alphas_cumprod.original_num_timesteps:
+                raise ValueError(f"{self.name}: alphas_cumprod must be the BASE schedule's table (length T, indexed by "
+                                 f"the original t), got a respaced Schedule with {alphas_cumprod.num_timesteps} of "
+                                 f"{alphas_cumprod.original_num_timesteps} steps: pass Schedule.create(name, "
+                                 f"{alphas_cumprod.original_num_timesteps}) or its .alphas_cumprod")
+            alphas_cumprod = alphas_cumprod.alphas_cumprod
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         if acp.dim() != 1 or acp.numel() == 0 or not torch.isfinite(acp).all() or (acp <= 0).any() or (acp > 1).any():
             raise ValueError("alphas_cumprod must be a 1-D table of values in (0, 1]")
@@ -583,6 +627,16 @@ def has_class_target(guide) -> bool:
     from .fast_sampling import FastGuide
 
     return isinstance(guide, FastGuide) and has_class_target(guide.source)
+
+
+def raise_if_network(guide, err=None, what: str = "") -> None:
+    """Raise a TypeError naming the fix when ``guide`` is a guide's network (a classifier, an ExpertBank) passed where
+    a guide wrapping it belongs; return otherwise."""
+    if isinstance(guide, nn.Module) and not isinstance(guide, (Guide, ComposedGuide)):
+        name = type(guide).__name__
+        raise TypeError(f"guide= takes a guide, guide(x_t, t) -> scale * grad log p, but got the network {name} "
+                        f"itself{what}: wrap it, e.g. ClassGuide(model.eval(), target=..., scale=10.0) with model "
+                        f"the {name}") from err
 
 
 def as_cond_fn(guide) -> Callable:

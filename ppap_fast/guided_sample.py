@@ -310,6 +310,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
 
 def add_arguments(s) -> None:
     """The ``guided-sample`` subcommand's arguments (ppap_fast.cli)."""
+    from .cli import finite_float as _finite_float
+
     s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
     s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | random-conv")
     s.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
@@ -323,7 +325,7 @@ def add_arguments(s) -> None:
     s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t)")
     s.add_argument("--targets", default=None, help="class ids, comma-separated, cycled over the samples")
     s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
-    s.add_argument("--scale", type=float, default=10.0)
+    s.add_argument("--scale", type=_finite_float, default=10.0)
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     s.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="the denoiser's noise schedule (ADM's ImageNet models: linear)")

@@ -244,8 +244,16 @@ def compute_guidance(x: torch.Tensor, idx: torch.Tensor, schedule: Schedule, gui
         if torch.is_inference_mode_enabled():
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
+        from .guidance import raise_if_network
+
         with torch.enable_grad():
-            grad = guide(x, schedule.timestep_map[idx])
+            try:
+                grad = guide(x, schedule.timestep_map[idx])
+            except TypeError as e:
+                raise_if_network(guide, e)
+                raise
+        if isinstance(grad, torch.Tensor) and grad.shape != x.shape:
+            raise_if_network(guide, None, f" (it returned {tuple(grad.shape)}, not a gradient shaped like x_t)")
     if grad is None:
         return None
     return _check_grad(grad, x, nonfinite_grad)

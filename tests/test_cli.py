@@ -190,6 +190,21 @@ def test_bad_sample_file(weights, tmp_path, capsys):
     assert "uint8" in _err(capsys)
 
 
+@pytest.mark.parametrize("content", ["text", "npy"])
+def test_sample_file_that_is_not_npz_names_the_expected_file(weights, tmp_path, capsys, content):
+    """A text file or a bare .npy passed to evaluate: one line saying what evaluate reads, not numpy's
+    'pickled (object) data ... allow_pickle=' advice or a bare AttributeError."""
+    p = tmp_path / "s.npz"
+    if content == "text":
+        p.write_text("not samples\n")
+    else:
+        with open(p, "wb") as f:
+            np.save(f, np.zeros((2, 16, 16, 1), np.uint8))
+    assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 2
+    err = _err(capsys)
+    assert "is not an .npz archive" in err and "ppap-fast sample" in err and "pickle" not in err
+
+
 def test_generate_resumes_after_interruption(weights, tmp_path):
     """A run killed mid-way leaves only complete shards; the rerun fills in the rest, identical to a clean run."""
     from ppap_fast.distill import generate_datafree
@@ -306,3 +321,41 @@ def test_damaged_shard_is_one_line(weights, tmp_path, capsys):
     assert main(["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size",
                  "4", "--out", str(tmp_path / "d")] + common) == 2
     assert "shard_00001.npz" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--method", "ppap-5", "--scale", "nan", "--out", "x.npz"],
+    ["demo", "--scale", "inf", "--out", "d"],
+    ["guided-sample", "--scale", "nan", "--out", "g.npz"],
+])
+def test_non_finite_scale_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
+    """--scale nan / inf is refused while parsing (before any weight is loaded or sample drawn)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "argument --scale: must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd,shown", [
+    ("distill", ["--lr LR", "default: 0.001", "--experts EXPERTS", "default: 5"]),
+    ("generate", ["default: 6000"]),
+    ("sample", ["default: 250", "default: ddim", "one per --targets entry"]),
+    ("guided-sample", ["default: 256", "default: linear"]),
+])
+def test_help_states_defaults(cmd, shown, capsys):
+    """`ppap-fast <cmd> --help` states each option's default (docs/demo.md's commands pass values that differ)."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for s in shown:
+        assert s in out, (s, out)
+
+
+def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert main(["generate", "--out", str(f), "--num-images", "2", "--weights-dir", str(weights), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "is an existing file, not a directory" in err and "not writable" not in err
+    assert f.read_text() == "x"

@@ -539,3 +539,80 @@ def test_train_mode_check_does_not_walk_the_modules_every_call(monkeypatch):
     for _ in range(3):
         guide(x, 5)
     assert walks == []
+
+
+def test_channel_mismatch_names_the_fix():
+    """A grey x_t into a 3-channel (here: 2-channel) guide network is one ValueError naming input_transform,
+    on the reference guide and on the fast path, not the conv's RuntimeError."""
+    from ppap_fast.fast_sampling import FastGuide
+
+    g = ClassGuide(SmallNet().eval(), target=1, scale=1.0)
+    x, t = torch.randn(2, 1, 6, 6), torch.tensor([10, 20])
+    with pytest.raises(ValueError, match=r"takes 2: .*input_transform=lambda x: x.expand\(-1, 2, -1, -1\)"):
+        g(x, t)
+    with pytest.raises(ValueError, match="input_transform"):
+        FastGuide(g, torch.device("cpu"))(x, t, None)
+    fixed = ClassGuide(SmallNet().eval(), target=1, scale=1.0, input_transform=lambda x: x.expand(-1, 2, -1, -1))
+    assert fixed(x, t).shape == x.shape
+
+
+def test_x0hat_guide_takes_a_base_schedule_and_refuses_a_respaced_one():
+    from ppap_fast.schedule import Schedule
+
+    clf = SmallNet().eval()
+    den = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    base = Schedule.create("linear", 1000)
+    a = X0HatGuide(clf, den, base, target=1)
+    b = X0HatGuide(clf, den, base.alphas_cumprod, target=1)
+    x, t = torch.randn(2, 2, 6, 6), torch.tensor([100, 900])
+    assert torch.equal(a(x, t), b(x, t))
+    with pytest.raises(ValueError, match=r"respaced Schedule with 25 of 1000 steps"):
+        X0HatGuide(clf, den, Schedule.create("linear", 1000, respacing="ddim25"), target=1)
+
+
+def test_guide_network_on_another_device_names_the_fix():
+    """A guide network left on another device than x_t (here 'meta', CPU-only CI) is one ValueError naming .to()."""
+    from ppap_fast.fast_sampling import FastGuide
+
+    g = ClassGuide(SmallNet().eval().to("meta"), target=1, scale=1.0)
+    x, t = torch.randn(2, 2, 6, 6), torch.tensor([10, 20])
+    with pytest.raises(ValueError, match=r"SmallNet\) is on meta but x_t is on cpu: move it with \.to\('cpu'\)"):
+        g(x, t)
+    with pytest.raises(ValueError, match="is on meta but x_t is on cpu"):
+        FastGuide(g, torch.device("cpu"))(x, t, None)
+
+
+def test_readme_guides_import_from_the_package():
+    """README lists every guide under one contract; each imports from the top level like ClassGuide."""
+    import ppap_fast
+    from ppap_fast import guidance
+
+    for name in ("ClassGuide", "X0HatGuide", "DenseRegressionGuide", "SegmentationGuide", "ComposedGuide",
+                 "as_cond_fn"):
+        assert getattr(ppap_fast, name) is getattr(guidance, name)
+        assert name in dir(ppap_fast)
+
+
+def test_network_passed_as_guide_names_the_fix():
+    """guide=classifier / guide=bank (instead of ClassGuide(...)) is one TypeError naming ClassGuide, on the
+    reference loop, the fast sampler and the diffusers correction, not a forward() arity or grad-shape error."""
+    from ppap_fast.fast_sampling import FastGuidedSampler
+    from ppap_fast.integrations.diffusers import PPAPGuidance
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    den = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    s = Schedule.create("linear", 1000, respacing="ddim2")
+    clf = SmallNet().eval()
+    bank = ExpertBank(clf, "generic", 5).eval()
+    for net in (clf, bank):
+        with pytest.raises(TypeError, match=rf"network {type(net).__name__} itself.*ClassGuide\(model.eval\(\)"):
+            sample_loop(den, (2, 2, 6, 6), s, sampler="ddim", guide=net)
+    with pytest.raises(TypeError, match="got the network ExpertBank itself"):
+        FastGuidedSampler(den, s, sampler="ddim", guide=bank).sample((2, 2, 6, 6))
+
+    class Sched:
+        alphas_cumprod = Schedule.create("linear", 1000).alphas_cumprod.float()
+        config = None
+    with pytest.raises(TypeError, match="got the network ExpertBank itself"):
+        PPAPGuidance(bank).correct(torch.randn(2, 2, 6, 6), torch.randn(2, 2, 6, 6), 1, Sched())

@@ -160,6 +160,10 @@ class PPAPGuidance:
             with torch.enable_grad():
                 g = self.guide(x.detach(), tt)
         if not isinstance(g, torch.Tensor) or g.shape != x.shape:
+            from ppap_fast.guidance import raise_if_network
+
+            raise_if_network(self.guide, None, f" (it returned {tuple(getattr(g, 'shape', ()))}, not a gradient "
+                             "shaped like x_t)")
             raise ValueError(f"the guide must return a gradient shaped like x {tuple(x.shape)}, got "
                              f"{getattr(g, 'shape', type(g).__name__)}")
         g = g.detach().to(x.dtype)
