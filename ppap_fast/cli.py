@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--loss-reduction", choices=["expert_mean", "batch_mean"], default="expert_mean",
+                   help="expert_mean: each expert learns from the mean loss over its own samples (as trained "
+                        "separately); batch_mean: the mean over the whole mixed batch")
     s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
     common(s)
 
@@ -331,7 +334,7 @@ def _run(args) -> int:
         _check_replaceable(Path(args.out), "config.json")  # before training, not after
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
                             args.lr, seed=args.seed, device=args.device, progress=progress,
-                            max_minutes=args.max_minutes)
+                            max_minutes=args.max_minutes, loss_reduction=args.loss_reduction)
         steps_done = bank.trained_steps
         bank = bank.cpu()
         _atomic_dir(Path(args.out), lambda d: save_experts(bank, d))

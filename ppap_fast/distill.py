@@ -6,7 +6,8 @@
 2. ``distill_ppap``: an ExpertBank (frozen off-the-shelf classifier + per-expert LoRA / biases /
    BatchNorm) trained with KL(softmax(teacher / 0.25) || softmax(student(q_sample(x0, t), t))),
    t drawn per sample over [0, T): one pass over mixed-timestep batches trains all experts
-   through the bank's per-sample routing. No labels anywhere.
+   through the bank's per-sample routing, each on the mean loss over its own samples
+   (:func:`expert_mean_loss`), as when trained separately. No labels anywhere.
 """
 from __future__ import annotations
 
@@ -83,18 +84,35 @@ def make_bank(teacher: nn.Module, n_experts: int, r: int = 4, alpha: float = 2.0
     return ExpertBank(teacher, "resnet", n_experts, 1000, r=r, alpha=alpha)
 
 
+def _upcast(a: torch.Tensor, b: torch.Tensor):
+    """Both in float32, or float64 where either is (fp16 / bf16 logits are upcast)."""
+    dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dt), b.to(dt)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = TEACHER_TEMPERATURE):
     """KL(softmax(teacher / temperature) || softmax(student)), batch mean."""
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), p_t, reduction="batchmean")
+    return kd_loss_per_sample(student_logits, teacher_logits, temperature).mean()
+
+
+def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
+    """:func:`kd_loss` of each sample: [B]."""
+    s, t = _upcast(student_logits, teacher_logits)
+    p_t = F.softmax(t / temperature, dim=1)
+    return F.kl_div(F.log_softmax(s, dim=1), p_t, reduction="none").sum(1)
 
 
 def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, alpha: float = 2.0,
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
-                 seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None):
-    """Train PPAP-N experts data-free; returns the ExpertBank (eval mode)."""
+                 seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
+                 loss_reduction: str = "expert_mean"):
+    """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
+    :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples)."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {loss_reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
@@ -129,10 +147,12 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # linear anneal (official), after a 50-step warm-up (ours)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        loss = kd_loss(bank(xt.to(device), t.to(device)), tl.to(device))
+        e = bank.expert_index(t.to(device))
+        per_sample = kd_loss_per_sample(bank(xt.to(device), t.to(device)), tl.to(device))
+        counts = expert_counts(e, n_experts, per_sample.dtype)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        bank.step_sampled_experts(opt, bank.sampled_experts(t.to(device)))  # an expert moves on its own samples only
+        expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
+        bank.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
         done = step + 1
     bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
     return bank.eval()
@@ -144,17 +164,21 @@ def pixel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Per-pixel KL(softmax(teacher / temperature) || softmax(student)) over the class dim 1 of
     [B, K, *spatial] logits (segmentation), averaged over pixels and the batch. With no spatial
     dims ([B, K]) it equals :func:`kd_loss`."""
+    return _pixel_kd(student_logits, teacher_logits, temperature).mean()
+
+
+def _pixel_kd(student_logits, teacher_logits, temperature):  # [B, *spatial]
     _check_pair(student_logits, teacher_logits, "pixel_kl", min_dim=2)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    log_q = F.log_softmax(student_logits.float(), dim=1)
-    return F.kl_div(log_q, log_p_t, reduction="none", log_target=True).sum(1).mean()
+    s, t = _upcast(student_logits, teacher_logits)
+    log_p_t = F.log_softmax(t / temperature, dim=1)
+    return F.kl_div(F.log_softmax(s, dim=1), log_p_t, reduction="none", log_target=True).sum(1)
 
 
 def dense_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the student's map on x_t and the teacher's on x0 (depth or any
     dense regression: [B, 1, H, W], [B, H, W], ...), averaged over every element."""
     _check_pair(student, teacher, "mse", min_dim=1)
-    return F.mse_loss(student.float(), teacher.float())
+    return F.mse_loss(*_upcast(student, teacher))
 
 
 DISTILL_LOSSES = ("kl", "pixel_kl", "mse")
@@ -170,6 +194,13 @@ def _check_pair(student, teacher, kind, min_dim):
         raise ValueError(f"{kind} loss needs at least {min_dim} dims, got shape {tuple(student.shape)}")
 
 
+def _check_kl(student, teacher):
+    _check_pair(student, teacher, "kl", min_dim=2)
+    if student.dim() != 2:
+        raise ValueError(f"kl loss takes [B, K] logits, got shape {tuple(student.shape)}; "
+                         "use pixel_kl for segmentation logits")
+
+
 def loss_for_task(task: str) -> str:
     """The PPAP distillation loss of a teacher task (classification: kl, segmentation: pixel_kl,
     depth / regression: mse)."""
@@ -181,15 +212,62 @@ def loss_for_task(task: str) -> str:
 def distill_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor,
                  temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
     """``kind``: "kl" (:func:`kd_loss`, [B, K] logits), "pixel_kl" (:func:`pixel_kd_loss`) or "mse"
-    (:func:`dense_mse_loss`, temperature unused). Shapes must match exactly (ValueError naming both)."""
+    (:func:`dense_mse_loss`, temperature unused). Shapes must match exactly (ValueError naming both).
+    Batch mean; :func:`expert_mean_loss` is what one-pass training differentiates."""
     if kind == "kl":
-        _check_pair(student, teacher, kind, min_dim=2)
-        if student.dim() != 2:
-            raise ValueError(f"kl loss takes [B, K] logits, got shape {tuple(student.shape)}; "
-                             "use pixel_kl for segmentation logits")
+        _check_kl(student, teacher)
         return kd_loss(student, teacher, temperature)
     if kind == "pixel_kl":
         return pixel_kd_loss(student, teacher, temperature)
     if kind == "mse":
         return dense_mse_loss(student, teacher)
     raise ValueError(f"unknown distillation loss {kind!r}; expected one of {list(DISTILL_LOSSES)}")
+
+
+def distill_loss_per_sample(kind: str, student: torch.Tensor, teacher: torch.Tensor,
+                            temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
+    """:func:`distill_loss` of each sample, [B] (dense losses: the mean over the sample's pixels);
+    its mean is :func:`distill_loss` (to rounding)."""
+    if kind == "kl":
+        _check_kl(student, teacher)
+        return kd_loss_per_sample(student, teacher, temperature)
+    if kind == "pixel_kl":
+        return _pixel_kd(student, teacher, temperature).flatten(1).mean(1)
+    if kind == "mse":
+        _check_pair(student, teacher, kind, min_dim=1)
+        s, t = _upcast(student, teacher)
+        return (s - t).square().reshape(s.shape[0], -1).mean(1)
+    raise ValueError(f"unknown distillation loss {kind!r}; expected one of {list(DISTILL_LOSSES)}")
+
+
+LOSS_REDUCTIONS = ("expert_mean", "batch_mean")
+
+
+def expert_counts(expert_idx: torch.Tensor, n_experts: int, dtype=torch.float32) -> torch.Tensor:
+    """[N] how many samples ``expert_idx`` routes to each expert (index_add: no host sync, unlike
+    CUDA's bincount)."""
+    ones = torch.ones(expert_idx.shape, dtype=dtype, device=expert_idx.device)
+    return torch.zeros(n_experts, dtype=dtype, device=expert_idx.device).index_add_(0, expert_idx, ones)
+
+
+def expert_mean_loss(per_sample: torch.Tensor, expert_idx: torch.Tensor, n_experts: int,
+                     reduction: str = "expert_mean", counts: torch.Tensor | None = None,
+                     world_size: int = 1) -> torch.Tensor:
+    """The loss that one-pass training of N experts differentiates, from per-sample losses [B].
+
+    "expert_mean": sum over the sampled experts of the mean over each one's samples, i.e. sample i
+    weighted by 1 / n_{e(i)}: expert e's gradient is that of its own batch-mean loss, as when each
+    expert trains separately on its samples (the batch mean scales it by n_e / B, a factor that
+    varies from step to step). Under DDP pass the global ``counts`` (the all-reduced
+    :func:`expert_counts`) and ``world_size``: DDP averages the gradients over the ranks, so the
+    weight is world_size / n_e and each expert gets the mean over its samples on every rank.
+    "batch_mean": the plain batch mean (the reduction before). Sync-free; an expert without a
+    sample contributes nothing."""
+    if reduction == "batch_mean":
+        return per_sample.mean()
+    if reduction != "expert_mean":
+        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
+    if counts is None:
+        counts = expert_counts(expert_idx, n_experts, per_sample.dtype)
+    w = world_size / counts.to(per_sample.dtype)[expert_idx]  # every indexed count is >= 1
+    return (per_sample * w).sum()

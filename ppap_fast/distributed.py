@@ -58,7 +58,11 @@ Distillation (:func:`distill`)
     Losses (:mod:`ppap_fast.distill`), chosen from the teacher's task, ``--loss`` overrides (the
     choice is part of the configuration identity): ``kl`` for classifiers (KL to the teacher's
     softmax at temperature 0.25), ``pixel_kl`` for segmentation (the same per pixel, mean over
-    pixels and batch), ``mse`` for depth / any dense regression. Teachers: ``tiny:<file>``, a
+    pixels), ``mse`` for depth / any dense regression. Reduction (``--loss-reduction``, part of the
+    identity): ``expert_mean`` (default) weights each sample by world_size / n_e (n_e: its expert's
+    samples on all ranks, all-reduced counts), so after DDP's average each expert's gradient is
+    that of the mean loss over its own samples, as when trained separately; ``batch_mean`` scales
+    it by n_e / B instead. Teachers: ``tiny:<file>``, a
     registry name (its spec gives the task), or ``py:package.module:factory`` for any module,
     e.g. a depth network (task from ``--teacher-task`` or the factory's ``task`` attribute; see
     :func:`build_teacher`). Data: the set is read lazily (:class:`ppap_fast.data.ShardSet`):
@@ -70,8 +74,8 @@ Distillation (:func:`distill`)
     kept on disk in ``<out>/teacher_targets/`` (:func:`compute_targets`; dense ones rounded to
     float16 like the cache), never inside the training loop; a restart reuses them, and they
     are removed once the experts are written. A target shape that does not match the
-    student's output is an error naming both. The recorded loss of a step is the mean over
-    ranks; a non-finite one stops every rank at that step.
+    student's output is an error naming both. The recorded loss of a step is the batch mean (with
+    either reduction), averaged over ranks; a non-finite one stops every rank at that step.
 
     Resume (``--checkpoint-every n``): every n steps rank 0 gathers each rank's buffers (its
     local BatchNorm statistics) and RNG states (data stream, torch CPU, CUDA) and writes
@@ -682,6 +686,7 @@ class DistillConfig:
     prefetch: bool = True               # make the next batch on a background thread during the step
     verify_data: bool = False           # check every shard's CRC-32 before training (split over ranks)
     lora_kernels: str = "default"       # "implicit": the implicit-GEMM conv LoRA kernels (see LORA_KERNELS)
+    loss_reduction: str = "expert_mean"  # or "batch_mean" (distill.expert_mean_loss); part of the identity
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
@@ -1041,7 +1046,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
     from .data import ShardSet, from_uint8
     from .data.shards import write_json_atomic
-    from .distill import distill_loss
+    from .distill import LOSS_REDUCTIONS, distill_loss_per_sample, expert_counts, expert_mean_loss
     from .experts import ExpertBank, save_experts
     from .schedule import Schedule
 
@@ -1049,6 +1054,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
+    if cfg.loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {cfg.loss_reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
     teacher, transform, placement, task, arch = collectively(
         lambda: build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task), env, "building the teacher")
     loss_kind = resolve_loss(cfg, task)
@@ -1142,18 +1149,25 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         from tqdm import tqdm
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
     def loss_and_grads(xt, t, target):
-        loss = distill_loss(loss_kind, teacher_output(model, transform, xt, t), target, cfg.temperature)
+        """Backward of the expert-mean loss (global counts under DDP); returns the batch mean (what is
+        logged) and the counts [N]."""
+        e = bank.expert_index(t)
+        counts = expert_counts(e, cfg.n_experts)
+        if env.distributed:  # every rank's samples of an expert: DDP's gradient average is their mean
+            dist.all_reduce(counts)
+        per_sample = distill_loss_per_sample(loss_kind, teacher_output(model, transform, xt, t), target,
+                                             cfg.temperature)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss
+        expert_mean_loss(per_sample, e, cfg.n_experts, cfg.loss_reduction, counts, env.world_size).backward()
+        return per_sample.detach().mean(), counts
 
     graph_step = None
     if graphed:
         from .train_graph import GraphedTrainStep
 
         def whole_step(xt, t, target):
-            loss = loss_and_grads(xt, t, target)
-            bank.step_sampled_experts(opt, bank.sampled_experts(t))
+            loss, counts = loss_and_grads(xt, t, target)
+            bank.step_sampled_experts(opt, counts > 0)
             return loss
 
         graph_step = GraphedTrainStep(whole_step)
@@ -1179,7 +1193,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
             if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
                 loss = graph_step(xt, t, target)
             else:
-                loss = loss_and_grads(xt, t, target)
+                loss, counts = loss_and_grads(xt, t, target)
             mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
             if env.distributed:
                 dist.all_reduce(mean_loss)
@@ -1187,12 +1201,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
             losses.append(float(mean_loss))
             if not math.isfinite(losses[-1]):
                 raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
-            if graph_step is None:  # experts without a sample on any rank stay as they were
-                sampled = bank.sampled_experts(t)
-                if env.distributed:
-                    sampled = sampled.int()
-                    dist.all_reduce(sampled, op=dist.ReduceOp.MAX)
-                bank.step_sampled_experts(opt, sampled)
+            if graph_step is None:  # experts without a sample on any rank stay as they were (global counts)
+                bank.step_sampled_experts(opt, counts > 0)
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 # the data generator as it was before the next batch (prefetching has drawn it already)
@@ -1223,6 +1233,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                 "config": ident, "config_hash": h, "world_size": env.world_size, "backend": env.backend,
                 "global_batch": cfg.batch_size * env.world_size, "loss": loss_kind, "targets": target_source,
                 "losses": losses, "losses_are": "per step, mean over ranks of each rank's batch loss",
+                "loss_reduction": cfg.loss_reduction,
                 "resumed_from_step": resumed_from, "expert_fingerprint": fp, "cuda_graph": graphed,
                 "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(),
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
@@ -1326,6 +1337,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--loss", default=None, choices=["kl", "pixel_kl", "mse"],
                    help="distillation loss (default: kl for classification, pixel_kl for segmentation, "
                         "mse for depth / regression)")
+    d.add_argument("--loss-reduction", choices=["expert_mean", "batch_mean"], default="expert_mean",
+                   help="expert_mean: each expert's gradient is that of the mean loss over its own samples, as "
+                        "when trained separately; batch_mean: the mean over the whole mixed batch (before)")
     d.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resumable training state every N steps (0: never); a restart with the "
                         "same arguments resumes from it")
@@ -1368,7 +1382,8 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          temperature=a.temperature, seed=a.seed, device=a.device,
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
                          checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph,
-                         prefetch=a.prefetch, verify_data=a.verify_data, lora_kernels=a.lora_kernels)
+                         prefetch=a.prefetch, verify_data=a.verify_data, lora_kernels=a.lora_kernels,
+                         loss_reduction=a.loss_reduction)
 
 
 def main(argv=None) -> int:

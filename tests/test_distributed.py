@@ -328,6 +328,8 @@ def test_single_process_distill_resumes_exactly(tmp_path, monkeypatch):
         # a training state written with another configuration is refused, naming the keys
         with pytest.raises(D.DistributedRunError, match=r"another configuration.*lr: 0.02 there vs 0.03 now"):
             D.distill(dataclasses.replace(cfg, lr=3e-2), D.DistEnv())
+        with pytest.raises(D.DistributedRunError, match=r"another configuration.*loss_reduction: 'expert_mean' there"):
+            D.distill(dataclasses.replace(cfg, loss_reduction="batch_mean"), D.DistEnv())
         D.distill(dataclasses.replace(cfg, checkpoint_every=3), D.DistEnv())  # checkpoint_every is not identity
     finally:
         torch.set_num_threads(threads)

@@ -187,3 +187,198 @@ def test_ddp_ranks_agree_on_which_experts_step(tmp_path):
                           batch_size=1, lr=1e-2, warmup=1, device="cpu")
     D.launch("distill", cfg, 2, threads=1, timeout_s=60)  # check_replicas_identical raises on divergence
     assert (tmp_path / "out" / "experts.safetensors").exists()
+
+
+def _per_expert_close(g_one, g_sep, n, sampled, tol):
+    """Each expert's slice of every stacked gradient within ``tol`` (relative); unsampled: zero."""
+    checked = 0
+    for k, g in g_sep.items():
+        for e in range(n):
+            if e in sampled:
+                if g[e].abs().max() > 0:
+                    assert rel_err(g_one[k][e], g[e]) <= tol, (k, e, rel_err(g_one[k][e], g[e]))
+                    checked += 1
+            else:
+                assert g_one[k][e].abs().max() == 0 and g[e].abs().max() == 0, (k, e)
+    assert checked > 0
+
+
+@pytest.mark.parametrize("kind", ["kl", "pixel_kl", "mse"])
+def test_onepass_expert_mean_loss_equals_separate_batch_mean_training(kind):
+    """Uneven mix (experts 0..4 get 4, 1, 0, 2, 1 samples): one pass with the default reduction gives
+    every expert the gradient of the batch-mean loss over its own samples, as training it alone on
+    them; the batch mean (the old reduction) scales expert e by n_e / B. Dense losses: the mean over
+    each sample's pixels first."""
+    from ppap_fast.distill import distill_loss, distill_loss_per_sample, expert_counts, expert_mean_loss
+
+    n = 5
+    t = torch.tensor([5, 950, 120, 10, 610, 199, 333, 690])
+    x = torch.randn(t.numel(), 1, 16, 16, dtype=torch.float64)
+    pix = torch.rand(1, 1, 2, 3, dtype=torch.float64) + 0.5  # a dense output: logits scaled per pixel
+    dense = (lambda y: y[:, :, None, None] * pix) if kind != "kl" else (lambda y: y)
+    teacher = dense(torch.randn(t.numel(), 5, dtype=torch.float64))
+
+    one = _bank(n)
+    e = one.expert_index(t)
+    assert expert_counts(e, n).tolist() == [4, 1, 0, 2, 1]
+    per = distill_loss_per_sample(kind, dense(one(x, t)), teacher)
+    assert per.shape == (t.numel(),) and per.dtype == torch.float64
+    torch.testing.assert_close(per.mean(), distill_loss(kind, dense(one(x, t)), teacher), rtol=1e-12, atol=0)
+    loss = expert_mean_loss(per, e, n)
+    loss.backward()
+    g_one = {k: p.grad.clone() for k, p in one.named_parameters() if p.requires_grad}
+
+    sep, total = _bank(n), 0.0
+    for ex in range(n):
+        rows = (e == ex).nonzero().flatten()
+        if rows.numel():
+            part = distill_loss(kind, dense(sep(x[rows], t[rows])), teacher[rows])  # its own batch mean
+            part.backward()
+            total += part.item()
+    assert abs(loss.item() - total) <= 1e-10 * abs(total)
+    g_sep = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+             for k, p in sep.named_parameters() if p.requires_grad}
+    _per_expert_close(g_one, g_sep, n, {0, 1, 3, 4}, 1e-10)
+    # the batch mean is the same up to n_e / B per expert: what the default reduction removes
+    old = _bank(n)
+    expert_mean_loss(distill_loss_per_sample(kind, dense(old(x, t)), teacher), e, n, "batch_mean").backward()
+    g_old = {k: p.grad for k, p in old.named_parameters() if p.requires_grad}
+    k = next(k for k in g_sep if "lora_A" in k and g_sep[k][1].abs().max() > 0)
+    torch.testing.assert_close(g_old[k][1], g_sep[k][1] / t.numel(), rtol=1e-10, atol=1e-14)
+
+
+def test_expert_mean_loss_is_finite_and_weights_by_global_counts():
+    """An expert without a sample takes no weight (no 0 / 0); DDP: with global counts and the world
+    size, each rank's loss is world_size / n_e_global per sample."""
+    from ppap_fast.distill import expert_counts, expert_mean_loss
+
+    e = torch.tensor([0, 0, 3])
+    per = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    loss = expert_mean_loss(per, e, 4)
+    loss.backward()
+    assert loss.item() == 1.5 + 4.0 and per.grad.tolist() == [0.5, 0.5, 1.0]
+    counts = expert_counts(e, 4) + torch.tensor([2.0, 0.0, 0.0, 1.0])  # the other rank's samples
+    assert expert_mean_loss(per.detach(), e, 4, counts=counts, world_size=2).item() == (3.0 / 4 + 4.0 / 2) * 2
+    assert expert_mean_loss(per.detach(), e, 4, "batch_mean").item() == pytest.approx(7.0 / 3)
+    with pytest.raises(ValueError, match="reduction"):
+        expert_mean_loss(per, e, 4, "sum")
+
+
+SPY_MODULE = '''
+import os
+
+import torch
+import torch.nn as nn
+
+
+def net():
+    """A tiny depth network without BatchNorm (DDP's local batch statistics would differ from the
+    union batch's): [B, 1, H, W] -> [B, 1, H, W]."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+
+def make():
+    """The teacher; in the distilling processes also: each rank trains on its share of the fixed
+    union batches in PPAP_SPY_BATCHES, and every step's gradients (after DDP) and parameters
+    (before the step) go to PPAP_SPY_OUT."""
+    import ppap_fast.distributed as D
+    from ppap_fast.experts import ExpertBank
+
+    if os.environ.get("PPAP_SPY_OUT") and not getattr(ExpertBank, "_spied", False):
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        steps = [tuple(a.chunk(world)[rank] for a in b) for b in torch.load(os.environ["PPAP_SPY_BATCHES"])]
+
+        class Fixed:
+            def __init__(self, make, gen, count, prefetch=True):
+                self.gen, self.k = gen, 0
+
+            def take(self):
+                self.k += 1
+                return steps[self.k - 1]
+
+            def generator_before_next(self):
+                return self.gen
+
+            def close(self):
+                pass
+
+        real, done = ExpertBank.step_sampled_experts, []
+
+        def spy(self, opt, sampled):
+            rec = {"sampled": sampled.clone()}
+            for k, p in self.named_parameters():
+                if p.requires_grad:
+                    rec["param/" + k] = p.detach().clone()
+                    rec["grad/" + k] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            torch.save(rec, os.path.join(os.environ["PPAP_SPY_OUT"], f"w{world}_rank{rank}_step{len(done)}.pt"))
+            done.append(1)
+            return real(self, opt, sampled)
+
+        D.BatchStream, ExpertBank.step_sampled_experts, ExpertBank._spied = Fixed, spy, True
+    return net()
+
+
+make.task = "depth"
+'''
+
+
+def test_ddp_expert_mean_gradients_equal_one_rank_on_the_union_batch_and_separate_training(tmp_path, monkeypatch):
+    """D.distill (mse, 4 experts) on fixed batches: 2 gloo ranks (4 samples each) vs 1 rank on the
+    union batch (8): the same gradients after DDP's average and the same updates; and step 0's
+    gradients equal each expert trained separately (float64) on the batch mean of its own samples.
+    Step 0's experts get 4, 1, 0, 3 samples, expert 0's split 3 + 1 over the ranks (global counts)."""
+    from ppap_fast import distributed as D
+    from ppap_fast.experts import ExpertBank
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_onepass_spy.py").write_text(SPY_MODULE)
+    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path and the environment
+    spec = "py:ppap_onepass_spy:make"
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), num_images=4, shard_size=4, image_size=8, channels=1,
+                                denoiser="random-conv", respacing="ddim5", device="cpu"), D.DistEnv())
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.tensor([10, 300, 20, 30, 900, 40, 950, 980]), torch.tensor([600, 610, 5, 999, 620, 700, 260, 15])]
+    batches = [(torch.randn(8, 1, 8, 8, generator=g), t, torch.randn(8, 1, 8, 8, generator=g)) for t in ts]
+    torch.save(batches, tmp_path / "batches.pt")
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    monkeypatch.setenv("PPAP_SPY_BATCHES", str(tmp_path / "batches.pt"))
+    monkeypatch.setenv("PPAP_SPY_OUT", str(spy))
+    kw = dict(n_experts=4, r=2, alpha=2.0, steps=2, lr=1e-2, warmup=1, device="cpu")
+    D.launch("distill", D.DistillConfig(str(data), str(tmp_path / "one"), spec, batch_size=8, **kw), 1,
+             threads=1, timeout_s=120)
+    D.launch("distill", D.DistillConfig(str(data), str(tmp_path / "two"), spec, batch_size=4, **kw), 2,
+             threads=1, timeout_s=120)
+    monkeypatch.delenv("PPAP_SPY_OUT")
+    rec = {(w, r, s): torch.load(spy / f"w{w}_rank{r}_step{s}.pt") for w, r in ((1, 0), (2, 0), (2, 1))
+           for s in (0, 1)}
+    for s in (0, 1):
+        one = rec[1, 0, s]
+        for r in (0, 1):
+            two = rec[2, r, s]
+            assert torch.equal(one["sampled"], two["sampled"])
+            for k, v in one.items():
+                if k.startswith(("grad/", "param/")):  # params of step 1: after the same update
+                    assert rel_err(two[k], v) <= 1e-5 or (v.abs().max() == 0 and two[k].abs().max() == 0), (s, r, k)
+    assert rec[1, 0, 0]["sampled"].tolist() == [True, True, False, True]
+
+    # step 0 against each expert trained alone on its own samples, float64
+    bt = D.build_teacher(spec)
+    ref = ExpertBank(bt.model, bt.placement(r=2, alpha=2.0, layout=None), 4, 1000, arch=bt.arch).double().train()
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(rec[1, 0, 0]["param/" + k])
+    x, t, target = batches[0]
+    e = ref.expert_index(t)
+    for ex in range(4):
+        rows = (e == ex).nonzero().flatten()
+        if rows.numel():
+            F.mse_loss(ref(x[rows].double(), t[rows]), target[rows].double()).backward()
+    g_sep = {k: p.grad if p.grad is not None else torch.zeros_like(p)
+             for k, p in ref.named_parameters() if p.requires_grad}
+    g_one = {k: rec[1, 0, 0]["grad/" + k] for k in g_sep}
+    _per_expert_close(g_one, g_sep, 4, {0, 1, 3}, 1e-5)
