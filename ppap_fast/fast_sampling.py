@@ -696,7 +696,7 @@ class FastGuidedSampler:
         if runner is not None and grad is None:
             grad = self._guide_grad(runner, x, t)
         return guided_update(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=self.clip_denoised,
-                             backend=self.backend)
+                             backend=self.backend, check_range=False)  # idx range-checked by _index
 
     def _index(self, index, x) -> tuple[torch.Tensor, object]:
         """(idx [B] long on the device, variant key); key None = route per sample."""

@@ -137,8 +137,11 @@ def test_bad_inputs():
     with pytest.raises(ops.BackendUnavailableError, match="cuda"):
         ops.guided_update(x, x, idx, table, backend="cuda")
     if "cpp" in _backends_for("cpu"):
-        with pytest.raises(RuntimeError, match="outside"):
+        with pytest.raises(ValueError, match="idx values"):  # the public op checks first (every CPU backend)
             ops.guided_update(x, x, torch.tensor([1, 25]), table, backend="cpp")
+        with pytest.raises(RuntimeError, match="outside"):  # the raw op's own check
+            torch.ops.ppap_fast.guided_update(x, x, None, None, None, torch.tensor([1, 25]), table.coefs_f32,
+                                              table.mode, True)
         with pytest.raises(RuntimeError, match="contiguous"):  # the raw op (the public one makes idx contiguous)
             torch.ops.ppap_fast.guided_update(x, x, None, None, None, torch.tensor([1, 0, 2, 0])[::2],
                                               table.coefs_f32, table.mode, True)
@@ -264,3 +267,19 @@ def test_strided_and_expanded_idx(backend):
         want, _ = gu.guided_update_reference(x, eps, idx.contiguous(), tab)
         got, _ = gu.guided_update(x, eps, idx, tab, backend=backend)
         assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "cpp", "triton"])
+@pytest.mark.parametrize("bad", [-1, 50, 10**6])
+def test_out_of_range_idx_is_refused_on_cpu(backend, bad):
+    """A step index outside the table: cpp raised, the reference wrapped -1 to the last step (silently
+    wrong) and the Triton kernel read outside the table (garbage, or a crash for 10**6). Every backend
+    now refuses it on CPU with one message; on CUDA the CUDA and Triton kernels clamp (no host sync)."""
+    avail = ops.backend_report("cpu")["ops"]["guided_update"]["available"]
+    if backend is not None and avail.get(backend) != "ok":
+        pytest.skip(f"{backend}: {avail.get(backend)}")
+    table = gu.build_table(Schedule.create("linear", 50), "ddim")
+    x, eps = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"idx values must lie in \[0, 50\)"):
+        gu.guided_update(x, eps, torch.tensor([0, bad]), table, backend=backend)
+    gu.guided_update(x, eps, torch.tensor([0, 49]), table, backend=backend)  # the edges still run

@@ -1478,3 +1478,63 @@ def test_expert_bank_takes_an_empty_batch():
     bank = ExpertBank(TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3), "resnet",
                       n_experts=4, r=2, alpha=1).eval()
     assert bank(torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)).shape == (0, 3)
+
+
+def _strided(idx):
+    big = torch.full((2 * idx.numel(),), 7, dtype=idx.dtype)
+    big[::2] = idx
+    return big[::2]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if INTERP else []))
+@pytest.mark.parametrize("idx_kind", ["int32", "strided", "strided_int32"])
+def test_expert_idx_int32_and_strided(backend, idx_kind):
+    """expert_idx may be int32 and/or a strided view: the reference conv's inverse permutation took
+    idx's dtype (int32: index_put dtype error), and the kernels that read expert_idx[s] directly
+    (conv_lora_fwd: linear with >= 16 rows a sample, implicit / in_base convs) read a strided int64
+    view as if contiguous (wrong experts)."""
+    if backend == "cpp" and not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    idx = torch.tensor([0, 1, 1, 0])
+    idx = {"int32": idx.int(), "strided": _strided(idx), "strided_int32": _strided(idx.int())}[idx_kind]
+    S, N, K, O, r = 4, 2, 8, 6, 16
+    x, W, A, B, eb = mk(S, 16, K), mk(O, K), mk(N, r, K), mk(N, O, r), mk(N, O)
+    want = R.lora_linear(x, W, None, A, B, idx.long().contiguous(), 0.5, eb)
+    t = lambda v: v.float().requires_grad_()  # noqa: E731
+    leaves = [t(x), t(A), t(B), t(eb)]
+    got = L.lora_linear(leaves[0], W.float(), None, leaves[1], leaves[2], idx, 0.5, leaves[3], backend=backend)
+    assert_close(f"linear y {idx_kind}", got, want, 2e-5)
+    xc, Wc, Ac, Bc = mk(S, 3, 6, 5), mk(4, 3, 3, 3), mk(N, 5, 3, 3, 3), mk(N, 4, 5)
+    want = R.lora_conv2d(xc, Wc, None, Ac, Bc, idx.long().contiguous(), 0.5, 1, 1, 1, 1, eb[:, :4])
+    stages = ["stacked"] if backend != "triton" else ["stacked", "implicit", "in_base"]
+    for st in stages:
+        kw = {} if backend == "reference" else {"a_stage": st}
+        got = L.lora_conv2d(xc.float(), Wc.float(), None, Ac.float(), Bc.float(), idx, 0.5, 1, 1, 1, 1,
+                            eb[:, :4].float(), backend=backend, **kw)
+        assert_close(f"conv y {idx_kind} {st}", got, want, 2e-5)
+
+
+@pytest.mark.skipif(not INTERP, reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kind", ["linear", "stacked", "fused", "implicit"])
+def test_triton_double_backward_is_refused(kind):
+    """create_graph=True through the Triton LoRA paths (@once_differentiable): a gradient penalty's
+    grad w.r.t. A came back silently without the penalty's share (66 vs 7e5 against the reference).
+    Now it raises, as the cpp backend does."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([0, 1, 1])
+    if kind == "linear":
+        x, W, A, B = (torch.randn(*s, generator=g) for s in ((3, 5, 8), (6, 8), (2, 4, 8), (2, 6, 4)))
+        run = lambda xs, As: L.lora_linear(xs, W, None, As, B, idx, 1.0, backend="triton")  # noqa: E731
+    else:
+        x, W, A, B = (torch.randn(*s, generator=g) for s in ((3, 3, 5, 5), (4, 3, 3, 3), (2, 4, 3, 3, 3), (2, 4, 4)))
+        run = lambda xs, As: L.lora_conv2d(xs, W, None, As, B, idx, 1.0, 1, 1,  # noqa: E731
+                                           backend="triton", a_stage=kind)
+    xs, As = x.clone().requires_grad_(), A.clone().requires_grad_()
+    y = run(xs, As)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dx, = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        torch.autograd.grad(y.sum() + dx.square().sum(), As)
+    y = run(xs, As)  # first-order backward still works
+    assert torch.autograd.grad(y.sum(), As)[0].shape == A.shape

@@ -190,3 +190,21 @@ def test_cuda_parity_layouts_and_graph(dtype):
     x.copy_(x * 2 + 1)
     graph.replay()
     assert rel_err(static, _want(x, 32, w, b, sc, sh, True)) <= TOL[dtype] and not torch.equal(static, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_size1_trailing_dim_with_other_stride(dtype):
+    """x[..., 1:2] of [B, C, H, 3]: the last dim has size 1 and stride 1, the positions step by 3;
+    the kernel used the last dim's stride (read the wrong elements)."""
+    gen = torch.Generator().manual_seed(6)
+    base = (torch.randn(2, 8, 5, 3, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)  # views in dtype:
+    five = (torch.randn(2, 8, 5, 1, 3, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)  # .to() copies
+    for v in (base[..., 1:2], five[..., 1], base.transpose(2, 3)[:, :, 1:2, :].transpose(2, 3)):
+        x = v
+        assert not x.is_contiguous()
+        w, b = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+        scale, shift = torch.randn(2, 8, generator=gen) * 0.3, torch.randn(2, 8, generator=gen)
+        want = GA.group_norm_act_reference(x.double(), 4, w, b, 1e-5, scale, shift, True)
+        got = ops.group_norm_act(x, 4, w, b, scale=scale, shift=shift, backend="triton")
+        err = rel_err(got, want)
+        assert err <= (2e-5 if dtype == torch.float32 else 3e-3), (tuple(x.stride()), err)

@@ -565,3 +565,48 @@ def test_old_lora_names_of_the_norms_still_work_with_a_deprecation_warning():
             assert getattr(L, name) is getattr(NO, name)
     with pytest.raises(AttributeError):
         L.no_such_op
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batch_norm_strided_running_stats(training):
+    """Running statistics that are strided views ([C, N] buffers transposed): eval's mean / rstd went
+    to the kernels with those strides (read as contiguous [N, C]: wrong weight gradient)."""
+    g = torch.Generator().manual_seed(0)
+    S, N, C = 3, 2, 3
+    x = torch.randn(S, C, 4, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 1, 1])
+    w, b = torch.randn(N, C, generator=g, dtype=torch.float64), torch.randn(N, C, generator=g, dtype=torch.float64)
+    rm0 = torch.randn(C, N, generator=g, dtype=torch.float64)
+    rv0 = torch.rand(C, N, generator=g, dtype=torch.float64) + 0.5
+    dy = torch.randn(S, C, 4, generator=g, dtype=torch.float64)
+
+    def run(backend, dt):
+        xs, ws, bs = (t.to(dt).requires_grad_() for t in (x, w, b))
+        rm, rv = rm0.to(dt, copy=True).t(), rv0.to(dt, copy=True).t()  # [N, C], strides (1, N)
+        y = NO.expert_batch_norm(xs, idx, ws, bs, rm, rv, training, backend=backend)
+        return [y, *torch.autograd.grad(y, (xs, ws, bs), dy.to(dt)), rm, rv]
+
+    want = run("reference", torch.float64)
+    got = run("triton", torch.float32)
+    for name, a, b_ in zip(["y", "dx", "dw", "db", "running_mean", "running_var"], got, want):
+        _check(f"{name} training={training}", a, b_, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["batch", "layer", "group"])
+def test_triton_double_backward_is_refused(op):
+    """create_graph=True through the Triton norms (@once_differentiable) gave a dx whose graph led
+    nowhere: a penalty on dx silently contributed nothing to the weight's gradient. Now it raises."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g).requires_grad_()
+    idx = torch.tensor([0, 1, 1, 0])
+    w = torch.randn(2, 6 if op != "layer" else 5, generator=g).requires_grad_()
+    b = torch.randn(w.shape, generator=g)
+    run = {"batch": lambda: NO.expert_batch_norm(x, idx, w, b, torch.zeros(2, 6), torch.ones(2, 6), True,
+                                                 backend="triton"),
+           "layer": lambda: NO.expert_layer_norm(x, idx, w, b, backend="triton"),
+           "group": lambda: NO.expert_group_norm(x, idx, 3, w, b, backend="triton")}[op]
+    y = run()
+    with pytest.raises(RuntimeError, match="double backward"):
+        dx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        torch.autograd.grad(y.sum() + dx.square().sum(), w)
+    assert torch.autograd.grad(run().sum(), w)[0].shape == w.shape

@@ -130,3 +130,28 @@ def test_cuda_parity_layouts_and_graph(dtype):
     out.fill_(float("nan"))
     graph.replay()
     assert rel_err(out, want) <= TOL[dtype]
+
+
+def _size1_last_views(shape, gen, dtype):
+    """Views whose last spatial dim has size 1 but a stride that is not the positions' step:
+    x[..., 1:2] of [B, C, H, 3] (H steps by 3, W's stride 1), and [B, C, 1, W] / [B, C, H, 1, W] cousins."""
+    B, C, H = shape
+    base = torch.randn(B, C, H, 3, generator=gen, dtype=torch.float64).to(dtype)  # the views in dtype: .to()
+    five = torch.randn(B, C, H, 1, 3, generator=gen, dtype=torch.float64).to(dtype)  # would copy them dense
+    return [base[..., 1:2], five[..., 1], base.transpose(2, 3)[:, :, 1:2, :].transpose(2, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_size1_trailing_dim_with_other_stride(dtype):
+    """_bcp_strides took the LAST dim's stride as the position stride even when that dim has size 1
+    (so any stride): h = x[..., 1:2] read its H positions with stride 1 (wrong values)."""
+    gen = torch.Generator().manual_seed(5)
+    for h in _size1_last_views((2, 6, 5), gen, dtype):
+        assert not h.is_contiguous()
+        skip = torch.randn(h.shape, generator=gen, dtype=torch.float64).to(dtype)
+        bias = torch.randn(h.shape[1], generator=gen, dtype=torch.float64).to(dtype)
+        want = h.double() + skip.double() + bias.double()[:, None, None]
+        for a, b in ((h, skip), (skip, h)):
+            got = ops.bias_residual_add(a, b, bias, backend="triton")
+            err = rel_err(got, want)
+            assert err <= TOL[dtype], (tuple(h.stride()), err)

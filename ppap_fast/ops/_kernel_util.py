@@ -42,3 +42,25 @@ def autocast_input(x: torch.Tensor):
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
     return x, autocast_off(dev)
+
+
+def first_order_only(backward):
+    """``@once_differentiable`` that refuses ``create_graph=True`` (grad mode on in the backward) with a
+    clear error, as the cpp backend does. once_differentiable alone returns grads whose graph leads
+    nowhere: ``torch.autograd.grad(penalty_of(dx), A)`` then silently drops the penalty's dependence on
+    A (or says "not used in the graph"); the reference's double backward is exact."""
+    import functools
+
+    from torch.autograd.function import once_differentiable
+
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"ppap_fast: the {backward.__qualname__.split('.')[0]} backward is built from kernels "
+                               "without derivatives: double backward (create_graph=True) is not supported; use "
+                               "backend='reference'")
+        return inner(ctx, *grads)
+
+    return wrapper

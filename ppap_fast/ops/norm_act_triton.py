@@ -97,12 +97,14 @@ def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
 def _bcp_strides(t: torch.Tensor):
     """(stride_b, stride_c, stride_p) of t viewed as [B, C, P], or None if its spatial dims do
     not flatten to one stride."""
-    if t.dim() == 2:
+    dims = [d for d in range(2, t.dim()) if t.shape[d] != 1]  # size-1 dims take no steps: any stride
+    if not dims:
         return t.stride(0), t.stride(1), 1
-    for d in range(2, t.dim() - 1):
-        if t.shape[d + 1] != 1 and t.stride(d) != t.stride(d + 1) * t.shape[d + 1]:
+    for a, b in zip(dims, dims[1:]):
+        if t.stride(a) != t.stride(b) * t.shape[b]:
             return None
-    return t.stride(0), t.stride(1), t.stride(t.dim() - 1)
+    # the position stride is the innermost non-size-1 dim's (x[..., 1:2] of [B, C, H, W]: H's, not W's)
+    return t.stride(0), t.stride(1), t.stride(dims[-1])
 
 
 def _bcp_view(t: torch.Tensor):

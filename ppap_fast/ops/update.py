@@ -80,7 +80,7 @@ def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
     return UpdateTable(c, mode).to(schedule.device)
 
 
-def _check(x, eps, v, grad, noise, idx, table):
+def _check(x, eps, v, grad, noise, idx, table, check_range=True):
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or not x.is_floating_point():
         raise ValueError("x must be a floating tensor with a batch dimension")
     for name, t in (("eps", eps), ("v", v), ("grad", grad), ("noise", noise)):
@@ -96,6 +96,11 @@ def _check(x, eps, v, grad, noise, idx, table):
         raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}")
     if table.coefs.device != x.device:
         raise ValueError(f"table is on {table.coefs.device}, x on {x.device}: call table.to(device)")
+    # step range: a host sync, so CPU only (the CUDA and Triton kernels clamp; the reference would wrap -1)
+    if check_range and idx.device.type == "cpu" and idx.numel():
+        lo, hi, T = int(idx.min()), int(idx.max()), table.coefs.shape[0]
+        if lo < 0 or hi >= T:
+            raise ValueError(f"idx values must lie in [0, {T}) (the table's steps), got range [{lo}, {hi}]")
 
 
 def guided_update_reference(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=True):
@@ -144,13 +149,15 @@ def _native(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=Tru
 
 
 def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None,
-                  clip_denoised: bool = True, backend: str | None = None):
+                  clip_denoised: bool = True, backend: str | None = None, check_range: bool = True):
     """One guided reverse step for each sample at its own step index idx[b].
 
     eps and v may be channel slices of the model output (contiguous per sample).
     Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference".
+    ``check_range=False`` skips the CPU range check of idx (a host read; for callers that built idx
+    from the table themselves, as the fast sampler).
     """
-    _check(x, eps, v, grad, noise, idx, table)
+    _check(x, eps, v, grad, noise, idx, table, check_range)
     idx = idx.contiguous()  # the cpp / cuda / triton kernels read idx[b] at idx's data pointer + b
     if backend in (None, "auto") and x.is_cuda and _registry._forced is None:
         pick = auto_cuda_backend(x.dtype, x.numel())

@@ -7,14 +7,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _guided_update_kernel(x_ptr, eps_ptr, es, v_ptr, vs, grad_ptr, gs, noise_ptr, ns, idx_ptr, coef_ptr,
+def _guided_update_kernel(x_ptr, eps_ptr, es, v_ptr, vs, grad_ptr, gs, noise_ptr, ns, idx_ptr, coef_ptr, T,
                           sample_ptr, pred_ptr, inner,
                           MODE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD: tl.constexpr,
                           HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inner
-    row = coef_ptr + tl.load(idx_ptr + b) * 8
+    t = tl.load(idx_ptr + b).to(tl.int64)
+    t = tl.minimum(tl.maximum(t, 0), T - 1)  # as the CUDA kernel: never read outside the table (the wrapper checks on CPU)
+    row = coef_ptr + t * 8
     c0 = tl.load(row + 0)
     c1 = tl.load(row + 1)
     x = tl.load(x_ptr + b * inner + offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +74,7 @@ def guided_update_triton(x, eps, idx, table, v=None, grad=None, noise=None, clip
 
     grid = (triton.cdiv(inner, block), B)
     _guided_update_kernel[grid](
-        x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, sample, pred, inner,
+        x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, table.coefs_f32.shape[0], sample, pred, inner,
         MODE=table.mode, CLIP=bool(clip_denoised), HAS_GRAD=grad is not None, HAS_NOISE=noise is not None,
         BLOCK=block,
     )

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .._kernel_util import autocast_input, new_buffer
+from .._kernel_util import autocast_input, first_order_only, new_buffer
 from . import triton_kernels as tk
 from .reference import block_diag_B, stacked_expert_conv  # noqa: F401  (pure torch; block_diag_B also for cpp)
 from .segments import Segments
@@ -139,7 +138,7 @@ class LoraLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x3, Wc, Ac, Bc, h = ctx.saved_tensors
         seg: Segments = ctx.seg
@@ -278,7 +277,7 @@ class LoraConvBFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, hc, Bc, Wc = ctx.saved_tensors
         seg, s = ctx.seg, ctx.scale
@@ -367,7 +366,7 @@ class LoraConvFusedFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, hc, Bc, Wcat = ctx.saved_tensors
         seg, s = ctx.seg, ctx.scale
@@ -432,7 +431,7 @@ class LoraConvImplicitFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, hc, Ac, Bc, Wc = ctx.saved_tensors
         seg, s = ctx.seg, ctx.scale

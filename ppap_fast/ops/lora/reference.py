@@ -88,7 +88,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         parts.append(d)
         order.append(sel)
     d = torch.cat(parts)
-    inv = torch.empty_like(expert_idx)
+    inv = torch.empty_like(expert_idx, dtype=torch.long)  # int32 ids too (index_put needs matching dtypes)
     perm = torch.cat(order)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     y = y + scale * d[inv]

@@ -17,7 +17,7 @@ import torch
 
 
 class Segments(NamedTuple):
-    expert_idx: torch.Tensor  # long [S], as given
+    expert_idx: torch.Tensor  # long [S], contiguous (a copy when the one given is not)
     sorted_idx: torch.Tensor  # int32 [S]
     counts: torch.Tensor      # int32 [N]
     offsets: torch.Tensor     # int32 [N+1]
@@ -75,7 +75,7 @@ def build_segments(expert_idx: torch.Tensor, num_experts: int, out: Optional[Seg
     """
     if expert_idx.dim() != 1:
         raise ValueError(f"expert_idx must be 1-D [S], got shape {tuple(expert_idx.shape)}")
-    idx = expert_idx.long()
+    idx = expert_idx.long().contiguous()  # the kernels read expert_idx[s] at offset s (a strided view: wrong experts)
     dev = idx.device
     order = torch.argsort(idx, stable=True).to(torch.int32)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .._kernel_util import first_order_only
 from . import triton_kernels as tk
 
 
@@ -41,8 +41,11 @@ class ExpertBatchNormFn(torch.autograd.Function):
                 running_mean.copy_(torch.where(has, rm, running_mean))
                 running_var.copy_(torch.where(has, rv, running_var))
         else:
-            mean, var = running_mean.detach().float().clone(), running_var.detach().float()
-        rstd = torch.rsqrt(var + eps)
+            # contiguous [N, C]: the kernels index mean / rstd at e * C + c (clone() keeps a strided
+            # running stat's strides, and so does rsqrt)
+            mean = running_mean.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            var = running_var.detach().float()
+        rstd = torch.rsqrt(var + eps).contiguous()
         w = weight.detach().float()
         a = (w * rstd).contiguous()
         shift = (bias.detach().float() - mean * a).contiguous()
@@ -53,7 +56,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x3, mean, rstd, a, n = ctx.saved_tensors
         seg = ctx.seg
@@ -111,7 +114,7 @@ class ExpertLayerNormFn(torch.autograd.Function):
         return _row_norm_forward(ctx, x, x2, weight, bias, seg, M, tk.ln_fwd, eps)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         return (*_row_norm_backward(ctx, dy, tk.ln_dx, tk.ln_dwb), None, None)
 
@@ -126,6 +129,6 @@ class ExpertGroupNormFn(torch.autograd.Function):
         return _row_norm_forward(ctx, x, x3, weight, bias, seg, num_groups, tk.gn_fwd, eps)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         return (*_row_norm_backward(ctx, dy, tk.gn_dx, tk.gn_dwb), None, None, None)
