@@ -754,6 +754,10 @@ class FastGuidedSampler:
     def _run_graph_or_eager(self, x, idx, key, runner, noise):
         if not self._graph_ok(x):
             return self._core(x, idx, runner, noise)
+        with torch.cuda.device(x.device):  # capture and replay use the current device's streams
+            return self._run_graph(x, idx, key, runner, noise)
+
+    def _run_graph(self, x, idx, key, runner, noise):
         vkey = key if self.fast_guide is None else self.fast_guide.variant_key(key)
         gen = 0 if self.fast_guide is None else self.fast_guide.generation
         if gen != self._graph_generation:  # the guide changed: graphs captured with its old state are stale

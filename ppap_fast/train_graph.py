@@ -40,16 +40,19 @@ def capture_after_warmup(step: Callable[[], object], warmup: int = 3, *, pool=No
     returned: static outputs that every replay rewrites). ``pool``: a
     ``torch.cuda.graph_pool_handle()`` shared with other graphs that never run at the same time.
     For a step whose warm-up calls must count as real work, see :class:`GraphedTrainStep`."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step()
+    # torch.cuda.graph captures on a stream of the *current* device: make it ``device`` (else, with
+    # the tensors on cuda:1 and cuda:0 current, their kernels ran uncaptured and replays did nothing)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
     return graph, out
 
 
@@ -102,6 +105,11 @@ class GraphedTrainStep:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self._load(inputs)
+        # capture and replay on the inputs' device (torch.cuda.graph and replay use the current one's streams)
+        with torch.cuda.device(self.static[0].device):
+            return self._step()
+
+    def _step(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
             return self.loss

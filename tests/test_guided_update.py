@@ -283,3 +283,19 @@ def test_out_of_range_idx_is_refused_on_cpu(backend, bad):
     with pytest.raises(ValueError, match=r"idx values must lie in \[0, 50\)"):
         gu.guided_update(x, eps, torch.tensor([0, bad]), table, backend=backend)
     gu.guided_update(x, eps, torch.tensor([0, 49]), table, backend=backend)  # the edges still run
+
+
+def test_triton_clamps_an_index_outside_the_table():
+    """The CUDA kernel clamps idx[b] to [0, T) (no host check: that would sync); the Triton one read the
+    coefficient row at idx * 8 unchecked, past the table's end (stray memory, or an illegal address)."""
+    sched = Schedule.create("linear", 1000, "ddim25")
+    table = gu.build_table(sched, "ddim")
+    T = sched.num_timesteps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    eps, grad = torch.randn_like(x), torch.randn_like(x)
+    out = gu.guided_update(x, eps, torch.tensor([T + 1000, -7, 3]), table, grad=grad, backend="triton",
+                          check_range=False)  # the CPU check off: the kernel itself (as on CUDA)
+    want = gu.guided_update_reference(x, eps, torch.tensor([T - 1, 0, 3]), table, grad=grad)
+    for a, b in zip(out, want):
+        assert (a - b).abs().max() < 1e-5

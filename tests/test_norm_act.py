@@ -208,3 +208,16 @@ def test_size1_trailing_dim_with_other_stride(dtype):
         got = ops.group_norm_act(x, 4, w, b, scale=scale, shift=shift, backend="triton")
         err = rel_err(got, want)
         assert err <= (2e-5 if dtype == torch.float32 else 3e-3), (tuple(x.stride()), err)
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(2, 8, 1, 5, generator=g).permute(0, 1, 3, 2),  # [2, 8, 5, 1], strides (40, 5, 1, 5)
+    lambda g: torch.randn(2, 8, 5, 3, generator=g)[..., :1],              # a slice: strides (120, 15, 3, 1)
+    lambda g: torch.randn(2, 8, 1, 1, 5, generator=g).permute(0, 1, 4, 2, 3),
+], ids=["permuted-contiguous", "sliced", "two-unit-dims"])
+def test_triton_trailing_unit_spatial_dims(make):
+    """A size-1 spatial dim's stride takes no part in the flattened position stride (it was read as the
+    position stride: NaN / out-of-bounds reads and writes, a segfault under the interpreter)."""
+    x = make(torch.Generator().manual_seed(0))
+    y = GA.group_norm_act(x, 2, backend="triton")
+    assert (y.double() - GA.group_norm_act_reference(x.double(), 2)).abs().max() < 1e-5

@@ -155,3 +155,17 @@ def test_size1_trailing_dim_with_other_stride(dtype):
             got = ops.bias_residual_add(a, b, bias, backend="triton")
             err = rel_err(got, want)
             assert err <= TOL[dtype], (tuple(h.stride()), err)
+
+
+def test_triton_trailing_unit_spatial_dim():
+    """[B, C, H, 1] whose size-1 dim has a stride other than the position stride (a permuted [B, C, 1, W]
+    is even is_contiguous()): the flattened position stride ignores it (it was used: wrong / out-of-bounds
+    addresses)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 8, 1, 5, generator=g).permute(0, 1, 3, 2)
+    skip = torch.randn(2, 8, 5, 3, generator=g)[..., :1]
+    bias = torch.randn(8, generator=g)
+    for a, b in ((h, skip), (skip, h)):
+        y = RA.bias_residual_add(a, b, bias, backend="triton")
+        want = RA.bias_residual_add_reference(a.double(), b.double(), bias.double())
+        assert (y.double() - want).abs().max() < 1e-5

@@ -93,6 +93,19 @@ def test_capture_after_warmup_order(monkeypatch):
     assert log == ["side waits current", "on side", "step 0", "step 1", "off side", "current waits side",
                    "capture pool=P", "step 2", "captured"]
 
+    # on another device than the current one: all of it with that device current (torch.cuda.graph
+    # captures on a stream of the current device: cuda:0's, while the step's kernels went to cuda:1)
+    @contextlib.contextmanager
+    def fake_device(d):
+        log.append(f"device {d}")
+        yield
+        log.append("device back")
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    log.clear()
+    TG.capture_after_warmup(lambda: log.append("step") or 0, 1, device=torch.device("cuda", 1))
+    assert log[0] == "device cuda:1" and log[-1] == "device back" and "captured" in log[:-1]
+
 
 def test_arguments_and_reasons():
     with pytest.raises(ValueError, match="warmup"):

@@ -34,6 +34,18 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def on_device(t: torch.Tensor):
+    """A context making t's CUDA device the current one, where it is not already (else nothing to
+    switch). Triton launches on the *current* device and its current stream whatever device the
+    pointer arguments live on: a tensor on cuda:1 with cuda:0 current gave a kernel on cuda:0 reading
+    cuda:1 memory (an illegal address without peer access) on a stream not ordered after the one that
+    wrote its inputs. (The C++ ops take a CUDAGuard; the autograd engine runs a CUDA backward with its
+    device current.)"""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def autocast_input(x: torch.Tensor):
     """Under torch.autocast the fast paths compute in the autocast dtype (like F.linear / F.conv2d
     would), with autocast off inside them so that every op sees one dtype. Returns (x in that dtype,

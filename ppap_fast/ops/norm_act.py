@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext, _registry
-from ._kernel_util import autocast_off
+from ._kernel_util import autocast_off, on_device
 
 OP = "group_norm_act"
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -88,7 +88,7 @@ def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5
 def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias):
     from . import norm_act_triton as tk
 
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
         return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, poison=POISON)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, _registry
-from ._kernel_util import autocast_off
+from ._kernel_util import autocast_off, on_device
 
 OP = "bias_residual_add"
 FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,7 +54,7 @@ def bias_residual_add(h, skip, bias=None, *, backend: str | None = None):
 def _triton(h, skip, bias):
     from . import residual_triton as tk
 
-    with autocast_off(h.device.type):
+    with autocast_off(h.device.type), on_device(h):  # Triton launches on the current device
         return tk.bias_residual_add(h, skip, bias, poison=POISON)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ppap_fast.ops import _ext, _registry
+from ppap_fast.ops._kernel_util import on_device
 from ppap_fast.schedule import Schedule
 
 OP = "guided_update"
@@ -181,10 +182,11 @@ def auto_cuda_backend(dtype: torch.dtype, numel: int) -> str:
     return "cuda" if half and numel <= CUDA_HALF_MAX_NUMEL else "triton"
 
 
-def _triton(*args, **kwargs):
+def _triton(x, *args, **kwargs):
     from ppap_fast.ops.update_triton import guided_update_triton
 
-    return guided_update_triton(*args, **kwargs)
+    with on_device(x):  # Triton launches on the current device: make it x's
+        return guided_update_triton(x, *args, **kwargs)
 
 
 _registry.register(OP, "reference", guided_update_reference, _ext.reference_unavailable)

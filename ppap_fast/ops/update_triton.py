@@ -11,7 +11,7 @@ def _guided_update_kernel(x_ptr, eps_ptr, es, v_ptr, vs, grad_ptr, gs, noise_ptr
                           sample_ptr, pred_ptr, inner,
                           MODE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD: tl.constexpr,
                           HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # b * inner and b * stride: int64 (int32 wraps past 2^31 elements)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inner
     t = tl.load(idx_ptr + b).to(tl.int64)
@@ -74,7 +74,8 @@ def guided_update_triton(x, eps, idx, table, v=None, grad=None, noise=None, clip
 
     grid = (triton.cdiv(inner, block), B)
     _guided_update_kernel[grid](
-        x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, table.coefs_f32.shape[0], sample, pred, inner,
+        x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, table.coefs_f32.shape[0],
+        sample, pred, inner,
         MODE=table.mode, CLIP=bool(clip_denoised), HAS_GRAD=grad is not None, HAS_NOISE=noise is not None,
         BLOCK=block,
     )

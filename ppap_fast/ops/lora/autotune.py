@@ -55,9 +55,10 @@ def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
     """One run of fn in ms (CUDA events on CUDA; the wall clock elsewhere)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        stream = torch.cuda.current_stream(device)  # the stream fn's kernels go to (not the current device's)
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end)
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._kernel_util import autocast_input, first_order_only, new_buffer
+from .._kernel_util import autocast_input, first_order_only, new_buffer, on_device
 from . import triton_kernels as tk
 from .reference import block_diag_B, stacked_expert_conv  # noqa: F401  (pure torch; block_diag_B also for cpp)
 from .segments import Segments
@@ -219,6 +219,11 @@ class LoraLinearInBaseFn(LoraLinearFn):
 
 def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segments | None = None,
                 fwd: str = "triton", a_stage: str = "default"):
+    with on_device(x):  # Triton launches on the current device: make it x's
+        return _lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg, fwd, a_stage)
+
+
+def _lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias, seg, fwd, a_stage):
     from .segments import build_segments
 
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
@@ -506,6 +511,13 @@ def _pair(v):
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
                 expert_bias=None, seg: Segments | None = None, fwd: str = "triton", a_stage: str = "stacked",
                 a_blocks: int = 1):
+    with on_device(x):  # Triton launches on the current device: make it x's
+        return _lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
+                            seg, fwd, a_stage, a_blocks)
+
+
+def _lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias, seg, fwd,
+                 a_stage, a_blocks):
     from .segments import build_segments
 
     N = A.shape[0]

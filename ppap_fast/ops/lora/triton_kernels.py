@@ -509,9 +509,20 @@ def _pow2_at_least(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def tf32_matmul_allowed() -> bool:
+    """torch's TF32 setting for fp32 matmuls. Reading the legacy ``allow_tf32`` raises (torch >= 2.9:
+    "mix of the legacy and new APIs") once ``torch.backends[.cuda.matmul].fp32_precision = "tf32"`` (the
+    new API) is set: every fp32 Triton LoRA launch on CUDA then failed; read the new flag instead."""
+    m = torch.backends.cuda.matmul
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return getattr(m, "fp32_precision", "ieee") == "tf32"
+
+
 def _dot_cfg(*tensors: torch.Tensor):
     if _interpreting() or any(t.dtype == torch.float32 for t in tensors):
-        tf32 = (not _interpreting()) and tensors[0].is_cuda and torch.backends.cuda.matmul.allow_tf32
+        tf32 = (not _interpreting()) and tensors[0].is_cuda and tf32_matmul_allowed()
         return True, ("tf32" if tf32 else "ieee")
     return False, "ieee"
 

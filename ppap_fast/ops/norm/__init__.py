@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext, _registry
-from .._kernel_util import autocast_off
+from .._kernel_util import autocast_off, on_device
 from ..lora import _check_idx
 from ..lora.segments import build_segments, check_segments
 from . import reference
@@ -112,7 +112,7 @@ def _bn_triton(x, idx, w, b, rm, rv, training, momentum, eps, segments):
     from .fast import ExpertBatchNormFn
 
     seg = _seg(idx, w.shape[0], segments)
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
         return ExpertBatchNormFn.apply(x, w, b, rm, rv, seg, training, momentum, eps)
 
 
@@ -126,7 +126,7 @@ def _ln_triton(x, idx, w, b, eps, segments):
 
     seg = _seg(idx, w.shape[0], segments)
     x = _fp32_under_autocast(x)
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
         return ExpertLayerNormFn.apply(x, w, b, seg, eps)
 
 
@@ -135,7 +135,7 @@ def _gn_triton(x, idx, G, w, b, eps, segments):
 
     seg = _seg(idx, w.shape[0], segments)
     x = _fp32_under_autocast(x)
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
         return ExpertGroupNormFn.apply(x, w, b, seg, G, eps)
 
 
