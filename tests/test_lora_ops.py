@@ -1538,3 +1538,30 @@ def test_triton_double_backward_is_refused(kind):
         torch.autograd.grad(y.sum() + dx.square().sum(), As)
     y = run(xs, As)  # first-order backward still works
     assert torch.autograd.grad(y.sum(), As)[0].shape == A.shape
+
+
+def test_a_stage_auto_raises_device_faults():
+    """A stage that cannot run is not chosen (inf), but a CUDA error (illegal address, device assert) is
+    raised: it poisons the context for every later call, and was recorded as inf and hidden."""
+    from ppap_fast.ops.lora import autotune
+
+    autotune.clear_a_stage_choices()
+
+    def run(exc):
+        def stage(name):
+            if name == "implicit":
+                raise exc
+        return stage
+
+    cpu = torch.device("cpu")
+    assert autotune.choose(run(RuntimeError("out of resources: shared memory")), ("k1",), autotune.CANDIDATES, cpu) \
+        != "implicit"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        autotune.choose(run(RuntimeError("CUDA error: an illegal memory access was encountered")), ("k2",),
+                        autotune.CANDIDATES, cpu)
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None:
+        with pytest.raises(accel):
+            autotune.choose(run(accel("device-side assert triggered")), ("k3",), autotune.CANDIDATES, cpu)
+    assert ("k2",) not in autotune.a_stage_choices()
+    autotune.clear_a_stage_choices()

@@ -66,9 +66,17 @@ def _elapsed_ms(fn: Callable[[], None], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA error (illegal address, device-side assert, launch failure): it poisons the CUDA context,
+    so it must surface, unlike a stage that merely cannot run (out of shared memory, unsupported shape)."""
+    accel = getattr(torch, "AcceleratorError", None)
+    return (accel is not None and isinstance(exc, accel)) or "CUDA error" in str(exc)
+
+
 def choose(run: Callable[[str], None], key: tuple, candidates, device: torch.device) -> str:
     """The fastest of ``candidates`` for ``key`` (cached): ``run(stage)`` does one call with that A stage.
-    A candidate that raises is recorded as inf; if all do, the first is taken (also inside a capture)."""
+    A candidate that raises is recorded as inf (a CUDA error is raised: :func:`is_device_fault`); if all do,
+    the first is taken (also inside a capture)."""
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
@@ -79,7 +87,9 @@ def choose(run: Callable[[str], None], key: tuple, candidates, device: torch.dev
         try:
             run(stage)  # warm-up: compiles, cuDNN algorithm choice, allocator
             times[stage] = statistics.median(_elapsed_ms(lambda: run(stage), device) for _ in range(REPS))
-        except Exception:  # noqa: BLE001  (a stage that cannot run here is simply not chosen)
+        except Exception as exc:  # noqa: BLE001  (a stage that cannot run here is simply not chosen)
+            if is_device_fault(exc):  # not "cannot run here": the context is broken for every later call
+                raise
             times[stage] = float("inf")
     choice = min(candidates, key=lambda s: times[s])
     _CHOICES[key] = (choice, times)
