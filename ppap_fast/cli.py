@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--loss-reduction", choices=["expert_mean", "batch_mean"], default="expert_mean",
                    help="expert_mean: each expert learns from the mean loss over its own samples (as trained "
                         "separately); batch_mean: the mean over the whole mixed batch")
+    s.add_argument("--checkpoint-every", type=_positive_int, default=200,
+                   help="steps between resumable training states, kept in OUT.distill_state.safetensors beside "
+                        "--out until the experts are written; a rerun with the same arguments resumes from it")
     s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
     common(s)
 
@@ -331,14 +334,21 @@ def _run(args) -> int:
             raise DemoError(str(e)) from None
         if bad:
             raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
-        _check_replaceable(Path(args.out), "config.json")  # before training, not after
+        out = Path(args.out)
+        _check_replaceable(out, "config.json")  # before training, not after
+        # the resumable state lives beside --out (which appears only when finished), removed after it is written
+        state = out.with_name(out.name + ".distill_state.safetensors")
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
                             args.lr, seed=args.seed, device=args.device, progress=progress,
-                            max_minutes=args.max_minutes, loss_reduction=args.loss_reduction)
-        steps_done = bank.trained_steps
+                            max_minutes=args.max_minutes, loss_reduction=args.loss_reduction,
+                            checkpoint_path=state, checkpoint_every=args.checkpoint_every)
+        steps_done, resumed_from = bank.trained_steps, bank.resumed_from_step
         bank = bank.cpu()
-        _atomic_dir(Path(args.out), lambda d: save_experts(bank, d))
-        print(json.dumps({"out": args.out, "steps_done": steps_done, **bank.parameter_report()}))
+        _atomic_dir(out, lambda d: save_experts(bank, d))
+        state.unlink(missing_ok=True)  # the experts are the product: nothing left to resume
+        fsync_dir(out.parent)
+        print(json.dumps({"out": args.out, "steps_done": steps_done, "resumed_from_step": resumed_from,
+                          **bank.parameter_report()}))
         return 0
 
     if args.cmd == "finetune":

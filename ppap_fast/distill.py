@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,38 +104,82 @@ def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return F.kl_div(F.log_softmax(s, dim=1), p_t, reduction="none").sum(1)
 
 
+DISTILL_STATE_FORMAT = "ppap_fast.distill_ppap"
+
+
 def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, alpha: float = 2.0,
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
-                 loss_reduction: str = "expert_mean"):
+                 loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
-    :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples)."""
+    :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples).
+
+    ``checkpoint_path``: a resumable training state (distributed.save_train_state: trained tensors,
+    BatchNorm statistics, AdamW state, RNG states, step, losses) written atomically there every
+    ``checkpoint_every`` steps and when training ends. If the file exists the run resumes from it and
+    ends with the experts of an uninterrupted run (bitwise, same device); a state written with other
+    settings (teacher weights, data set, n_experts, r, alpha, steps, batch_size, lr, weight_decay,
+    seed, loss_reduction, max_minutes) is refused with a ValueError naming them. The caller removes the
+    file once the experts are saved. The returned bank has ``trained_steps``, ``resumed_from_step``
+    and ``train_losses`` (each step's batch-mean loss)."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
+    if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"unknown loss reduction {loss_reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
-    from .distributed import module_fingerprint
+    from .distributed import (DistEnv, _kill_hook, check_train_state, config_hash, data_manifest_hash,
+                              load_train_state, module_fingerprint, read_train_state_meta, save_train_state)
 
+    teacher_state = module_fingerprint(teacher)
     cached_by = data.manifest.get("teacher_state") or data.manifest.get("config", {}).get("teacher_state")
-    if cached_by is not None and cached_by != module_fingerprint(teacher):
+    if cached_by is not None and cached_by != teacher_state:
         raise ValueError(f"the logits cached in {data_dir} were computed by another classifier than this teacher; "
                          "distil with the classifier the set was generated with, or generate a new set")
+    # what determines the experts (not device / progress / checkpoint_every: a resume is exact)
+    ident = {"format": DISTILL_STATE_FORMAT, "teacher_state": teacher_state, "data_manifest": data_manifest_hash(data_dir),
+             "n_experts": n_experts, "r": r, "alpha": alpha, "steps": steps, "batch_size": batch_size, "lr": lr,
+             "weight_decay": weight_decay, "seed": seed, "loss_reduction": loss_reduction, "max_minutes": max_minutes,
+             "teacher_temperature": TEACHER_TEMPERATURE}
+    found = False
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path)
+        for p in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):  # a state write that was killed
+            p.unlink(missing_ok=True)
+        found, err = check_train_state(checkpoint_path, ident, f"use the same settings or remove {checkpoint_path} "
+                                                               "to start over")
+        if err is not None:
+            raise ValueError(err)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
     bank = make_bank(teacher, n_experts, r, alpha).to(device).train()
     params = bank.parameters_to_train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    it = range(steps)
+    env = DistEnv(device=torch.device(device))  # one process: the training-state helpers of distributed.py
+    start, losses, elapsed = 0, [], 0.0
+    if found:
+        start, losses = load_train_state(checkpoint_path, bank, opt, gen, env)
+        elapsed = float(read_train_state_meta(checkpoint_path).get("elapsed_s", 0.0))
+    step_losses = []  # device scalars, read at checkpoints and the end (no host sync per step)
+    import time
+    t0 = time.time() - elapsed  # max_minutes counts the time trained before a kill
+
+    def save(done):
+        losses.extend(torch.stack(step_losses).double().cpu().tolist() if step_losses else [])
+        step_losses.clear()
+        if checkpoint_path is not None:
+            save_train_state(checkpoint_path, bank, opt, gen, done, losses, ident, config_hash(ident), env,
+                             extra_meta={"elapsed_s": repr(time.time() - t0)})
+
+    it = range(start, steps)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=f"distill ppap-{n_experts}", mininterval=2)
-    import time
-    t0 = time.time()
-    done = 0
+        it = tqdm(it, desc=f"distill ppap-{n_experts}", initial=start, total=steps, mininterval=2)
+    done = start
     for step in it:
         frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
         if frac >= 1:
@@ -153,8 +198,16 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         bank.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
+        step_losses.append(per_sample.detach().mean())
         done = step + 1
+        if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
+            save(done)
+        _kill_hook(0, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    if done > start or checkpoint_path is None:  # on completion (or max_minutes): the final state
+        save(done)
     bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
+    bank.resumed_from_step = start
+    bank.train_losses = losses
     return bank.eval()
 
 

@@ -698,9 +698,14 @@ class DistillConfig:
         d.pop("data_dir")  # the set is identified by its manifest hash below, not by where it is mounted
         d.pop("out_dir")
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
-        m = Path(self.data_dir) / MANIFEST
-        d["data_manifest"] = hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
+        d["data_manifest"] = data_manifest_hash(self.data_dir)
         return d
+
+
+def data_manifest_hash(data_dir) -> str | None:
+    """Identity of a data set: a hash of its manifest (None without one)."""
+    m = Path(data_dir) / MANIFEST
+    return hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
 
 
 def resolve_loss(cfg: DistillConfig, task: str | None) -> str:
@@ -731,11 +736,13 @@ def _rank_state(bank, gen: torch.Generator, device: torch.device) -> dict:
     return st
 
 
-def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict, h: str, env: DistEnv) -> None:
+def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict, h: str, env: DistEnv,
+                     extra_meta: dict | None = None) -> None:
     """Collective: rank 0 gathers every rank's buffers and RNG states and writes one safetensors
     file atomically (``param/`` the trained per-expert tensors, identical on all ranks;
     ``optim/<param>/<key>`` the AdamW state; ``rank<r>/...`` per-rank state; ``losses`` float64;
-    metadata: step, config and hash). A failure to write raises on every rank."""
+    metadata: step, config and hash, and ``extra_meta`` (str values)). A failure to write raises on
+    every rank. One process without a process group: ``env=DistEnv(device=...)``."""
     from .data.shards import save_safetensors_atomic
 
     mine = _rank_state(bank, gen, env.device)
@@ -755,7 +762,8 @@ def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict,
             t.update({f"rank{r}/{k}": v for k, v in st.items()})
         t["losses"] = torch.tensor(losses, dtype=torch.float64)
         meta = {"format": TRAIN_STATE_FORMAT, "step": str(step), "world_size": str(env.world_size),
-                "config_hash": h, "config": json.dumps(ident, sort_keys=True, default=str)}
+                "config_hash": h, "config": json.dumps(ident, sort_keys=True, default=str),
+                **{k: str(v) for k, v in (extra_meta or {}).items()}}
         try:
             save_safetensors_atomic(path, t, metadata=meta)
         except Exception as e:  # safetensors reports I/O errors (disk full) as SafetensorError, not OSError
@@ -771,6 +779,22 @@ def read_train_state_meta(path) -> dict:
     if meta.get("format") != TRAIN_STATE_FORMAT:
         raise ValueError(f"{path} is not a ppap_fast training state (format {meta.get('format')!r})")
     return meta
+
+
+def check_train_state(path, ident: dict, hint: str) -> tuple[bool, str | None]:
+    """(whether ``path`` holds a training state, why it may not be resumed: None if it was written
+    with the configuration ``ident``; else a one-line message naming the differing keys + ``hint``)."""
+    path = Path(path)
+    if not path.exists():
+        return False, None
+    try:
+        meta = read_train_state_meta(path)
+    except Exception as e:  # written atomically, so a damaged file is not ours to overwrite silently
+        return False, f"{path} is not a readable training state ({type(e).__name__}: {e}); remove it to start over"
+    if meta.get("config_hash") != config_hash(ident):
+        return True, (f"{path} was written with another configuration (differs in "
+                      f"{_config_diff(json.loads(meta.get('config', '{}')), ident)}); {hint}")
+    return True, None
 
 
 @torch.no_grad()
@@ -1069,16 +1093,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     ck_ident = {**ident, "world_size": env.world_size}
     ck_hash = config_hash(ck_ident)
     err, found = None, False
-    if env.rank == 0 and state_path.exists():
-        try:
-            meta = read_train_state_meta(state_path)
-            if meta.get("config_hash") != ck_hash:
-                err = (f"{state_path} was written with another configuration (differs in "
-                       f"{_config_diff(json.loads(meta.get('config', '{}')), ck_ident)}); "
-                       "use another --out or the same arguments")
-            found = True
-        except Exception as e:  # written atomically, so a damaged file is not ours to overwrite silently
-            err = f"{state_path} is not a readable training state ({type(e).__name__}: {e}); remove it to start over"
+    if env.rank == 0:
+        found, err = check_train_state(state_path, ck_ident, "use another --out or the same arguments")
     raise_if_any(err, env, "resuming")
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None

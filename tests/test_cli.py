@@ -102,6 +102,36 @@ def test_distill_reads_a_float16_logits_cache(weights, tmp_path):
     assert (tmp_path / "d" / "config.json").exists()
 
 
+def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from ppap_fast.distributed import SimulatedCrash
+
+    data, ref, out = tmp_path / "data", tmp_path / "ref", tmp_path / "out"
+    state = tmp_path / "out.distill_state.safetensors"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "4", "--shard-size", "2", "--steps", "2"] + common) == 0
+    args = ["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "4", "--batch-size", "4",
+            "--checkpoint-every", "2"] + common
+    assert main(args + ["--out", str(ref)]) == 0
+    assert not (tmp_path / "ref.distill_state.safetensors").exists()
+    capsys.readouterr()
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(SimulatedCrash):
+        main(args + ["--out", str(out)])
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert not out.exists() and state.is_file()  # --out appears only when finished
+    assert main(args + ["--out", str(out), "--lr", "0.002"]) == 2
+    err = _err(capsys)
+    assert "another configuration" in err and "lr: 0.001 there vs 0.002 now" in err and state.is_file()
+    assert main(args + ["--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    assert not state.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "out", "ref"]
+    a, b = load_file(ref / "experts.safetensors"), load_file(out / "experts.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sample_and_evaluate(weights, tmp_path, capsys):
     out = tmp_path / "s.npz"
     assert main(["sample", "--weights-dir", str(weights), "--method", "ppap-10", "--targets", "3,7",

@@ -382,3 +382,33 @@ def test_ddp_expert_mean_gradients_equal_one_rank_on_the_union_batch_and_separat
              for k, p in ref.named_parameters() if p.requires_grad}
     g_one = {k: rec[1, 0, 0]["grad/" + k] for k in g_sep}
     _per_expert_close(g_one, g_sep, 4, {0, 1, 3}, 1e-5)
+
+
+def test_distill_ppap_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A kill after step 3 (state written at step 2) and a restart give bitwise the experts, optimizer
+    trajectory and losses of one uninterrupted run; a restart with another setting is refused."""
+    from ppap_fast import distributed as D
+    from ppap_fast.distill import distill_ppap
+
+    teacher, _, data = _datafree_set(tmp_path)
+    kw = dict(n_experts=5, r=2, alpha=2.0, steps=5, batch_size=2, lr=1e-2, progress=False)
+    ref = distill_ppap(teacher, data, **kw)
+    state = tmp_path / "state.safetensors"
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **kw)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert D.read_train_state_meta(state)["step"] == "2"
+    with pytest.raises(ValueError, match=r"differs in lr: 0\.01 there vs 0\.02 now") as e:
+        distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **{**kw, "lr": 2e-2})
+    assert "\n" not in str(e.value)
+    assert D.read_train_state_meta(state)["step"] == "2"  # the refused run left the state alone
+    out = distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **kw)
+    assert (out.resumed_from_step, out.trained_steps, ref.trained_steps) == (2, 5, 5)
+    assert D.read_train_state_meta(state)["step"] == "5"  # written on completion too
+    a, b = ref.state_dict(), out.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert out.train_losses == ref.train_losses and len(ref.train_losses) == 5
+    again = distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **kw)  # nothing left to train
+    assert again.resumed_from_step == 5 and all(torch.equal(a[k], again.state_dict()[k]) for k in a)
