@@ -60,6 +60,8 @@ def finite_float(v: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
+
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP demo pipeline on scikit-learn digits (16x16).")
     env_threads = os.environ.get("PPAP_THREADS", "2")
     p.add_argument("--threads", type=int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
@@ -109,9 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
-    s.add_argument("--loss-reduction", choices=["expert_mean", "batch_mean"], default="expert_mean",
-                   help="expert_mean: each expert learns from the mean loss over its own samples (as trained "
-                        "separately); batch_mean: the mean over the whole mixed batch")
+    s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.distill_state.safetensors beside "
                         "--out until the experts are written; a rerun with the same arguments resumes from it")

@@ -126,8 +126,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
     if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {loss_reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
+    check_loss_reduction(loss_reduction)
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
@@ -294,6 +293,13 @@ def distill_loss_per_sample(kind: str, student: torch.Tensor, teacher: torch.Ten
 
 
 LOSS_REDUCTIONS = ("expert_mean", "batch_mean")
+LOSS_REDUCTION_HELP = ("expert_mean: each expert's gradient is that of the mean loss over its own samples, as when "
+                       "trained separately; batch_mean: the mean over the whole mixed batch (before)")
+
+
+def check_loss_reduction(reduction: str) -> None:
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
 
 
 def expert_counts(expert_idx: torch.Tensor, n_experts: int, dtype=torch.float32) -> torch.Tensor:
@@ -316,10 +322,9 @@ def expert_mean_loss(per_sample: torch.Tensor, expert_idx: torch.Tensor, n_exper
     weight is world_size / n_e and each expert gets the mean over its samples on every rank.
     "batch_mean": the plain batch mean (the reduction before). Sync-free; an expert without a
     sample contributes nothing."""
+    check_loss_reduction(reduction)
     if reduction == "batch_mean":
         return per_sample.mean()
-    if reduction != "expert_mean":
-        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
     if counts is None:
         counts = expert_counts(expert_idx, n_experts, per_sample.dtype)
     w = world_size / counts.to(per_sample.dtype)[expert_idx]  # every indexed count is >= 1

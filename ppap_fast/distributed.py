@@ -1070,7 +1070,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
     from .data import ShardSet, from_uint8
     from .data.shards import write_json_atomic
-    from .distill import LOSS_REDUCTIONS, distill_loss_per_sample, expert_counts, expert_mean_loss
+    from .distill import check_loss_reduction, distill_loss_per_sample, expert_counts, expert_mean_loss
     from .experts import ExpertBank, save_experts
     from .schedule import Schedule
 
@@ -1078,8 +1078,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
-    if cfg.loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"unknown loss reduction {cfg.loss_reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
+    check_loss_reduction(cfg.loss_reduction)
     teacher, transform, placement, task, arch = collectively(
         lambda: build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task), env, "building the teacher")
     loss_kind = resolve_loss(cfg, task)
@@ -1303,6 +1302,8 @@ def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | No
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
+
     ap = argparse.ArgumentParser(prog="python -m ppap_fast.distributed", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="task", required=True)
 
@@ -1353,9 +1354,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--loss", default=None, choices=["kl", "pixel_kl", "mse"],
                    help="distillation loss (default: kl for classification, pixel_kl for segmentation, "
                         "mse for depth / regression)")
-    d.add_argument("--loss-reduction", choices=["expert_mean", "batch_mean"], default="expert_mean",
-                   help="expert_mean: each expert's gradient is that of the mean loss over its own samples, as "
-                        "when trained separately; batch_mean: the mean over the whole mixed batch (before)")
+    d.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     d.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resumable training state every N steps (0: never); a restart with the "
                         "same arguments resumes from it")
