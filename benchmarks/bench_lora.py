@@ -19,7 +19,8 @@ metadata (sort by expert) is built once per batch, as ExpertBank does for all it
 the per-layer times: its own cost is the "segments(once per batch)" row.
 On CUDA, "[cudagraph]" rows time the forward, and the forward + backward, captured in a CUDA graph
 (GPU time without Python / launch overhead), the cost a graphed
-training step (distill's default on one GPU) pays: ratio lora_fwdbwd_graph_vs_base_graph.
+training step (distill's default on one GPU) pays: ratio lora_fwdbwd_graph_vs_base_graph; its
+_b2b twin (rows' fwdbwd_b2b_ms) times replays issued back to back, without the per-replay sync.
 Ratios are ours / other (below 1 means ours is faster), geometric means over
 layers and N:
   lora_fwd_vs_peft     forward, ours vs peft mixed-batch forward (peft: eval mode, no grad)
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from ppap_fast.ops import lora as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import profile_top, geomean, median_ms  # noqa: E402
+from timing import back_to_back_ms, geomean, median_ms, profile_top  # noqa: E402
 
 
 def _configs(device: str, quick: bool):
@@ -284,16 +285,18 @@ GRAPH_PROFILED = ("ours[triton,cudagraph]", "ours[triton,a_stage=implicit,channe
 def _captured_ms(step, reps, grad: bool, profile: bool = False):
     """(median ms of ``step()`` captured in a CUDA graph (3 warm-up calls on a side stream first),
     None or why capture failed (reported, the benchmark goes on), the kernels of one replay when
-    ``profile`` else [])."""
+    ``profile`` else [], mean ms of replays issued back to back: no per-replay sync, which adds
+    10-20 us to both sides of the median)."""
     from ppap_fast.train_graph import capture_after_warmup
 
     try:
         with torch.set_grad_enabled(grad):
             g, _ = capture_after_warmup(step, 3)
         ms = median_ms(g.replay, "cuda", reps)
-        return ms, None, (profile_top(g.replay, "cuda", k=12) if profile else [])
+        b2b = back_to_back_ms(g.replay, "cuda", max(reps, 20))
+        return ms, None, (profile_top(g.replay, "cuda", k=12) if profile else []), b2b
     except Exception as exc:  # pragma: no cover
-        return None, f"graph capture failed: {type(exc).__name__}: {exc}", []
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}", [], None
 
 
 def _graphmedian_ms(fn, x, args, reps):
@@ -524,7 +527,7 @@ def run(device: str = "cuda", quick: bool = False, emit=None) -> Dict:
                     except Exception as exc:  # noqa: BLE001
                         rows[-1]["fwdbwd_profile_error"] = _error(exc)
             if device == "cuda":  # GPU time without Python/launch overhead: captured forward and fwd+bwd
-                graphed = {}
+                graphed, graphed_b2b = {}, {}
                 graph_variants = [("ours[triton,cudagraph]", _ours(cfg, "triton", seg=seg)),
                                   ("ours[auto,cudagraph]", _ours(cfg, None, seg=seg))]
                 if "cpp" in ours_backends:
@@ -553,11 +556,13 @@ def run(device: str = "cuda", quick: bool = False, emit=None) -> Dict:
                     L.last_backend.pop("lora_linear", None), L.last_backend.pop("lora_conv2d", None)
                     with _tiles_of(vname):  # captured with these tiles; replays need no Python
                         t_g, why = _graphmedian_ms(fn, xv, av, reps)
-                        t_gb, why_b, prof = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname),
+                        t_gb, why_b, prof, t_gb2b = _graph_fwdbwd_ms(fn, xv, av, reps, base=_frozen_only(vname),
                                                              profile=N == Ns[0] and vname in GRAPH_PROFILED)
                     graphed[vname] = t_gb
+                    graphed_b2b[vname] = t_gb2b
                     rows.append(dict(layer=cfg["name"], N=N, variant=vname, fwd_ms=None if t_g is None else round(t_g, 4),
-                                     fwdbwd_ms=None if t_gb is None else round(t_gb, 4), device=device,
+                                     fwdbwd_ms=None if t_gb is None else round(t_gb, 4),
+                                     fwdbwd_b2b_ms=None if t_gb2b is None else round(t_gb2b, 4), device=device,
                                      dtype=str(dtype).replace("torch.", ""),
                                      **({"skipped": why or why_b} if (why or why_b) else {}),
                                      **({"ran": _ran(cfg)} if vname.startswith(("ours", "loralib[factorised")) else {}),
@@ -566,6 +571,10 @@ def run(device: str = "cuda", quick: bool = False, emit=None) -> Dict:
                 base_g = [v for k, v in graphed.items() if k.startswith("base") and v]  # NCHW or channels_last
                 if ours_g and base_g:
                     ratio_acc["lora_fwdbwd_graph_vs_base_graph"].append(min(ours_g) / min(base_g))
+                ours_b = [v for k, v in graphed_b2b.items() if k.startswith("ours") and v]
+                base_b = [v for k, v in graphed_b2b.items() if k.startswith("base") and v]
+                if ours_b and base_b:
+                    ratio_acc.setdefault("lora_fwdbwd_graph_vs_base_graph_b2b", []).append(min(ours_b) / min(base_b))
                 in_base_g = min((v for k, v in graphed.items() if k.startswith("ours[triton,a_stage=in_base") and v),
                                 default=None)  # the better tiling
                 if in_base_g and base_g:

@@ -157,7 +157,8 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
             step()  # the captured step runs once eagerly: the code path without the graph
         calls["graph"] += 1
         calls["profiled"] += profile
-        return 1.0 + 0.01 * calls["graph"], None, ([{"name": "kernel", "ms": 0.1}] if profile else [])
+        return (1.0 + 0.01 * calls["graph"], None, ([{"name": "kernel", "ms": 0.1}] if profile else []),
+                0.9 + 0.01 * calls["graph"])
 
     make, loralib = bench_lora._make, bench_lora._loralib
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -184,10 +185,12 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     for k in ("lora_graph_in_base_vs_base_graph", "lora_graph_in_base_vs_implicit", "conv_triton_vs_cudnn_graph",
               "lora_graph_implicit_vs_stacked", "loralib_graph_factorised_vs_delta", "lora_fwdbwd_graph_vs_base_graph",
               "lora_implicit_vs_stacked", "loralib_factorised_vs_delta", "lora_fwdbwd_vs_base",
-              "lora_linear_graph_in_base_vs_base_graph", "lora_linear_graph_in_base_vs_default"):
+              "lora_linear_graph_in_base_vs_base_graph", "lora_linear_graph_in_base_vs_default",
+              "lora_fwdbwd_graph_vs_base_graph_b2b"):
         assert k in out["ratios"] and math.isfinite(out["ratios"][k]) and out["ratios"][k] > 0, k
     assert not [r for r in out["rows"] if r.get("skipped") and "peft" not in r["variant"]]
     assert not [r for r in out["rows"] if r.get("error")]  # a variant's error is now a row, not a raise
+    assert all(r["fwdbwd_b2b_ms"] > 0 for r in out["rows"] if r["variant"].endswith("cudagraph]"))
     profiled = {(r["layer"], r["variant"]) for r in out["rows"] if r.get("fwdbwd_graph_profile_top")}
     assert ("tiny 3x3 8->8", "ours[triton,a_stage=implicit,channels_last,cudagraph]") in profiled
     assert ("tiny linear", "ours[triton,cudagraph]") in profiled and len(profiled) == calls["profiled"]
