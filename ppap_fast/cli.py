@@ -120,10 +120,16 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="supervised noise-aware baselines (full fine-tuning with labels)")
     s.add_argument("--experts", type=_positive_int, default=1, help="1: single noise-aware model; N: multi-experts-N")
-    s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop (LR annealed by elapsed time) after this; a resumed run counts the time "
+                        "trained before")
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
+    s.add_argument("--checkpoint-every", type=_positive_int, default=200,
+                   help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "
+                        "--out until the experts are written; a rerun with the same arguments resumes from it")
     s.add_argument("--out", required=True)
     common(s)
 
@@ -360,13 +366,20 @@ def _run(args) -> int:
         demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
         x, y = s.classifier
+        out = Path(args.out)
+        # the resumable state lives beside --out (which appears only when finished), removed after it is written
+        state = out.with_name(out.name + ".finetune_state.safetensors")
         me = finetune_noise_aware(base, x, y, args.experts, args.steps, args.batch_size, args.lr, seed=args.seed,
-                                  progress=progress, device=args.device, max_minutes=args.max_minutes)
+                                  progress=progress, device=args.device, max_minutes=args.max_minutes,
+                                  loss_reduction=args.loss_reduction, checkpoint_path=state,
+                                  checkpoint_every=args.checkpoint_every)
         extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "steps_done": me.trained_steps,
-                 "seed": args.seed,
+                 "seed": args.seed, "loss_reduction": args.loss_reduction,
                  "heldout_noisy_accuracy": {str(k): v for k, v in noisy_accuracy(me, *s.eval).items()}}
-        save_multi(me, args.out, extra=extra)
-        print(json.dumps({"out": args.out, **extra}))
+        save_multi(me, out, extra=extra)
+        state.unlink(missing_ok=True)  # the experts are the product: nothing left to resume
+        fsync_dir(out.parent)
+        print(json.dumps({"out": args.out, "resumed_from_step": me.resumed_from_step, **extra}))
         return 0
 
     if args.cmd == "sample":

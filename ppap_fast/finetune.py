@@ -4,13 +4,16 @@
 * ``MultiExperts``: N full copies of a classifier, expert n for original timesteps
   [n*T/N, (n+1)*T/N) (half-open), routed per sample; N=1 is the single noise-aware model.
 * ``finetune_noise_aware``: full fine-tuning of every expert with labels on q_sample(x0, t),
-  t drawn per sample over [0, T) so that one pass over mixed-timestep batches trains all experts.
+  t drawn per sample over [0, T) so that one pass over mixed-timestep batches trains all experts,
+  each as if trained separately on its own samples (distill.expert_mean_loss and
+  :meth:`MultiExperts.step_sampled_experts`); resumable after a kill (``checkpoint_path``).
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -91,40 +94,139 @@ class MultiExperts(nn.Module):
             out = out.index_copy(0, sel, o)
         return out
 
+    def sampled_experts(self, t) -> torch.Tensor:
+        """bool [N]: which experts the original timesteps ``t`` ([B]) route a sample to."""
+        idx = self.expert_index(t, 1)
+        return torch.zeros(self.n_experts, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+
+    def step_sampled_experts(self, opt, sampled: torch.Tensor) -> None:
+        """``opt.step()`` that changes only the experts with ``sampled[n]`` (bool [N]): the others keep
+        their parameters, optimizer moments and step count, as when each expert trains on its own
+        batches (weight decay and Adam's moments would otherwise move an expert whose gradient is zero).
+        The experts are separate modules, so unlike ExpertBank.step_sampled_experts (stacked tensors:
+        restore after the step) their gradients are dropped: torch optimizers skip a parameter
+        without one. One host sync."""
+        sampled = torch.as_tensor(sampled)
+        if sampled.dtype != torch.bool or tuple(sampled.shape) != (self.n_experts,):
+            raise ValueError(f"sampled must be a bool tensor of shape ({self.n_experts},), got "
+                             f"{sampled.dtype} {tuple(sampled.shape)}")
+        for n in (~sampled).cpu().nonzero().flatten().tolist():
+            for p in self.experts[n].parameters():
+                p.grad = None
+        opt.step()
+
+
+FINETUNE_STATE_FORMAT = "ppap_fast.finetune_noise_aware"
+
+
+def noisy_batch(x: torch.Tensor, y: torch.Tensor, batch_size: int, shift: int, gen: torch.Generator,
+                sched: Schedule, num_timesteps: int = 1000):
+    """One training batch of :func:`finetune_noise_aware`: (q_sample(x0, t) float32, labels, t), every
+    draw from ``gen`` (rows, shift, t, noise, in that order)."""
+    idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+    x0 = random_shift(x[idx], shift, generator=gen)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
+    xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+    return xt, y[idx], t
+
 
 def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_experts: int = 1, steps: int = 1500,
                          batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 5e-4, seed: int = 0,
                          shift: int = 1, progress: bool = True, device: str = "cpu",
-                         max_minutes: float | None = None) -> MultiExperts:
-    """Full supervised fine-tuning of N copies of ``base`` on noisy labelled images."""
+                         max_minutes: float | None = None, loss_reduction: str = "expert_mean",
+                         checkpoint_path=None, checkpoint_every: int = 200) -> MultiExperts:
+    """Full supervised fine-tuning of N copies of ``base`` on noisy labelled images.
+
+    ``loss_reduction`` (distill.LOSS_REDUCTIONS): "expert_mean" trains each expert on the mean
+    cross-entropy over its own samples; "batch_mean" (the mean over the mixed batch, which scales
+    expert e's gradient by n_e / B) reproduces runs made before it. Either way an expert without a
+    sample in a batch is left as it was (:meth:`MultiExperts.step_sampled_experts`; the plain step
+    already skipped it: its gradient is None).
+
+    ``checkpoint_path``: a resumable training state (distributed.save_train_state: parameters,
+    BatchNorm statistics, AdamW state, RNG states, step, losses, elapsed time) written atomically
+    there every ``checkpoint_every`` steps and when training ends. If the file exists the run resumes
+    from it and ends with the experts of an uninterrupted run (bitwise, same device); a state written
+    with other settings (base weights, x / y, n_experts, steps, batch_size, lr, weight_decay, seed,
+    shift, loss_reduction, max_minutes) is refused with a ValueError naming them. With
+    ``max_minutes`` the schedule follows the elapsed time: a resume counts the time trained before
+    the kill (stored in the state), so it ends within the same budget but, like any time-bounded
+    run, not bitwise as an uninterrupted one. The caller removes the file once the experts are saved.
+    The result has ``trained_steps``, ``resumed_from_step`` and ``train_losses`` (each step's
+    batch-mean cross-entropy)."""
+    from .distill import check_loss_reduction, expert_counts, expert_mean_loss
+
     if n_experts <= 0 or steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("n_experts, steps and batch_size must be positive, max_minutes positive or None")
+    if checkpoint_path is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                        or checkpoint_every <= 0):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    check_loss_reduction(loss_reduction)
+    from .distributed import (DistEnv, _kill_hook, check_train_state, config_hash, load_train_state,
+                              module_fingerprint, read_train_state_meta, save_train_state, tensors_fingerprint)
+
+    found = False
+    if checkpoint_path is not None:
+        # what determines the experts (not device / progress / checkpoint_every: a resume is exact)
+        ident = {"format": FINETUNE_STATE_FORMAT, "base_state": module_fingerprint(base),
+                 "data": tensors_fingerprint([("x", x), ("y", y)]), "n_experts": n_experts, "steps": steps,
+                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "shift": shift,
+                 "loss_reduction": loss_reduction, "max_minutes": max_minutes}
+        checkpoint_path = Path(checkpoint_path)
+        for p in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):  # a state write that was killed
+            p.unlink(missing_ok=True)
+        found, err = check_train_state(checkpoint_path, ident, f"use the same settings or remove {checkpoint_path} "
+                                                               "to start over")
+        if err is not None:
+            raise ValueError(err)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
     me = MultiExperts(base, n_experts).to(device).train()
-    t0 = time.time()
     opt = torch.optim.AdamW(me.parameters(), lr=lr, weight_decay=weight_decay)
-    it = range(steps)
+    env = DistEnv(device=torch.device(device))  # one process: the training-state helpers of distributed.py
+    start, losses, elapsed = 0, [], 0.0
+    if found:
+        start, losses = load_train_state(checkpoint_path, me, opt, gen, env)
+        elapsed = float(read_train_state_meta(checkpoint_path).get("elapsed_s", 0.0))
+    step_losses = []  # device scalars, read at checkpoints and the end
+    t0 = time.time() - elapsed  # max_minutes counts the time trained before a kill
+
+    def save(done):
+        losses.extend(torch.stack(step_losses).double().cpu().tolist() if step_losses else [])
+        step_losses.clear()
+        if checkpoint_path is not None:
+            save_train_state(checkpoint_path, me, opt, gen, done, losses, ident, config_hash(ident), env,
+                             extra_meta={"elapsed_s": repr(time.time() - t0)})
+
+    it = range(start, steps)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=f"finetune noise-aware x{n_experts}", mininterval=2)
-    done = 0
+        it = tqdm(it, desc=f"finetune noise-aware x{n_experts}", initial=start, total=steps, mininterval=2)
+    done = start
     for step in it:
-        idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
-        x0 = random_shift(x[idx], shift, generator=gen)
-        t = torch.randint(0, 1000, (batch_size,), generator=gen)
-        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+        xt, yb, t = noisy_batch(x, y, batch_size, shift, gen, sched)
         frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
         if frac >= 1:
             break
         _cosine_lr(opt, lr, int(frac * steps), steps)
-        loss = F.cross_entropy(me(xt.to(device), t.to(device)), y[idx].to(device))
+        t = t.to(device)
+        e = me.expert_index(t, batch_size)
+        per_sample = F.cross_entropy(me(xt.to(device), t), yb.to(device), reduction="none")
+        counts = expert_counts(e, n_experts, per_sample.dtype)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
+        me.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
+        step_losses.append(per_sample.detach().mean())
         done = step + 1
+        if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
+            save(done)
+        _kill_hook(0, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    if done > start or checkpoint_path is None:  # on completion (or max_minutes): the final state
+        save(done)
     me.trained_steps = done
+    me.resumed_from_step = start
+    me.train_losses = losses
     return me.cpu().eval()
 
 

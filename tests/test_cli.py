@@ -132,6 +132,35 @@ def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_finetune_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from ppap_fast.distributed import SimulatedCrash
+
+    ref, out = tmp_path / "ref.safetensors", tmp_path / "out.safetensors"
+    state = tmp_path / "out.safetensors.finetune_state.safetensors"
+    args = ["finetune", "--experts", "2", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
+            "--weights-dir", str(weights), "--no-progress"]
+    assert main(args + ["--out", str(ref)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss_reduction"] == "expert_mean"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.safetensors"]  # no state left
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(SimulatedCrash):
+        main(args + ["--out", str(out)])
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert not out.exists() and state.is_file()  # --out appears only when finished
+    assert main(args + ["--out", str(out), "--loss-reduction", "batch_mean"]) == 2
+    err = _err(capsys)
+    assert "another configuration" in err and "loss_reduction: 'expert_mean' there vs 'batch_mean' now" in err
+    assert state.is_file()
+    assert main(args + ["--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    assert not state.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]
+    a, b = load_file(ref), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sample_and_evaluate(weights, tmp_path, capsys):
     out = tmp_path / "s.npz"
     assert main(["sample", "--weights-dir", str(weights), "--method", "ppap-10", "--targets", "3,7",

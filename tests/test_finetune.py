@@ -1,0 +1,155 @@
+"""Supervised noise-aware fine-tuning (finetune.py): one-pass training of N experts equals
+training each expert separately on its own samples, and a killed run resumes exactly."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ppap_fast.finetune import MultiExperts, _cosine_lr, finetune_noise_aware, noisy_batch
+from ppap_fast.schedule import Schedule
+
+N_EXPERTS, STEPS, BATCH, LR, WD = 4, 8, 5, 2e-2, 0.1
+
+
+def _tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(4),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+def _data(n=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+
+
+def _separately_trained(base, x, y):
+    """Each expert alone: its own copy and AdamW, a step only in the batches that hold its samples,
+    the mean cross-entropy over those (the batches and lr of the one-pass run)."""
+    gen = torch.Generator().manual_seed(0)
+    sched = Schedule.create("linear", 1000)
+    experts = [copy.deepcopy(base).train() for _ in range(N_EXPERTS)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=WD) for m in experts]
+    skipped_after_a_step = 0  # steps where an expert that has AdamW moments gets no sample
+    for step in range(STEPS):
+        xt, yb, t = noisy_batch(x, y, BATCH, 1, gen, sched)
+        e = t // (1000 // N_EXPERTS)
+        for n, (m, opt) in enumerate(zip(experts, opts)):
+            rows = (e == n).nonzero().flatten()
+            if rows.numel() == 0:
+                skipped_after_a_step += bool(opt.state)
+                continue
+            _cosine_lr(opt, LR, int(step / STEPS * STEPS), STEPS)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(xt[rows]), yb[rows]).backward()
+            opt.step()
+    assert skipped_after_a_step > 0  # else the test could not see an unsampled expert being moved
+    return experts
+
+
+def _max_diff(me, experts):
+    return max(float((a.double() - b.double()).abs().max())
+               for n, m in enumerate(experts)
+               for a, b in zip(me.experts[n].state_dict().values(), m.state_dict().values()))
+
+
+def test_one_pass_finetune_equals_training_each_expert_separately():
+    base, (x, y) = _tiny_classifier(), _data()
+    ref = _separately_trained(base, x, y)
+    kw = dict(n_experts=N_EXPERTS, steps=STEPS, batch_size=BATCH, lr=LR, weight_decay=WD, progress=False)
+    one_pass = finetune_noise_aware(base, x, y, **kw)
+    assert one_pass.trained_steps == STEPS and len(one_pass.train_losses) == STEPS
+    assert _max_diff(one_pass, [m.eval() for m in ref]) < 1e-6  # parameters and BatchNorm statistics
+    # the batch mean weights expert e by n_e / B, which varies from step to step
+    batch_mean = finetune_noise_aware(base, x, y, loss_reduction="batch_mean", **kw)
+    assert _max_diff(batch_mean, ref) > 1e-4
+    with pytest.raises(ValueError, match="unknown loss reduction 'sum'"):
+        finetune_noise_aware(base, x, y, loss_reduction="sum", **kw)
+
+
+def test_batch_mean_reproduces_the_plain_loop_of_the_shipped_baselines_bitwise():
+    """docs/demo.md regenerates noise_aware / multi5 with --loss-reduction batch_mean: the loop they were
+    trained with (batch-mean cross-entropy, plain AdamW step, these draws in this order)."""
+    from ppap_fast.data import random_shift
+
+    base, (x, y) = _tiny_classifier(), _data()
+    torch.manual_seed(0)
+    gen, sched = torch.Generator().manual_seed(0), Schedule.create("linear", 1000)
+    me = MultiExperts(base, N_EXPERTS).train()
+    opt = torch.optim.AdamW(me.parameters(), lr=LR, weight_decay=WD)
+    for step in range(STEPS):
+        idx = torch.randint(0, x.shape[0], (BATCH,), generator=gen)
+        x0 = random_shift(x[idx], 1, generator=gen)
+        t = torch.randint(0, 1000, (BATCH,), generator=gen)
+        xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+        _cosine_lr(opt, LR, int(step / STEPS * STEPS), STEPS)
+        loss = F.cross_entropy(me(xt, t), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out = finetune_noise_aware(base, x, y, N_EXPERTS, STEPS, BATCH, LR, WD, progress=False,
+                               loss_reduction="batch_mean")
+    a, b = me.state_dict(), out.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_sampled_experts_leaves_unsampled_experts_and_their_adamw_state_alone():
+    torch.manual_seed(0)
+    me = MultiExperts(nn.Linear(3, 2), 2, 10)
+    opt = torch.optim.AdamW(me.parameters(), lr=0.1, weight_decay=0.5)
+    x, t = torch.randn(4, 3), torch.tensor([1, 2, 6, 7])
+    me(x, t).square().sum().backward()
+    me.step_sampled_experts(opt, me.sampled_experts(t))  # both experts get moments
+    before = copy.deepcopy((me.state_dict(), opt.state_dict()))
+    opt.zero_grad(set_to_none=False)  # zero, not None: a plain step would decay expert 1 and its moments
+    t = torch.tensor([0, 3, 4, 2])
+    me(x, t).square().sum().backward()
+    sampled = me.sampled_experts(t)
+    assert sampled.tolist() == [True, False]
+    me.step_sampled_experts(opt, sampled)
+    after = (me.state_dict(), opt.state_dict())
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]) == k.startswith("experts.1."), k
+    for i in (2, 3):  # expert 1's weight and bias: moments and step count unchanged
+        for field, v in before[1]["state"][i].items():
+            assert torch.equal(v, after[1]["state"][i][field]), field
+    assert not torch.equal(before[1]["state"][0]["exp_avg"], after[1]["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(2,\)"):
+        me.step_sampled_experts(opt, torch.tensor([1, 0]))
+
+
+def test_finetune_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A kill after step 3 (state written at step 2) and a restart give bitwise the experts, BatchNorm
+    statistics and losses of one uninterrupted run; restarts with other settings are refused."""
+    from ppap_fast import distributed as D
+
+    base, (x, y) = _tiny_classifier(), _data()
+    kw = dict(n_experts=N_EXPERTS, steps=5, batch_size=BATCH, lr=LR, weight_decay=WD, progress=False)
+    ref = finetune_noise_aware(base, x, y, **kw)
+    state = tmp_path / "m.finetune_state.safetensors"
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=2, **kw)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert D.read_train_state_meta(state)["step"] == "2"
+    for change, msg in [({"lr": 1e-2}, r"lr: 0\.02 there vs 0\.01 now"),
+                        ({"loss_reduction": "batch_mean"}, "loss_reduction: 'expert_mean' there vs 'batch_mean' now"),
+                        ({"max_minutes": 5.0}, "max_minutes: None there vs 5.0 now")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=2, **{**kw, **change})
+        assert "another configuration" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="differs in data"):  # other labels
+        finetune_noise_aware(base, x, (y + 1) % 10, checkpoint_path=state, checkpoint_every=2, **kw)
+    assert D.read_train_state_meta(state)["step"] == "2"  # the refused runs left the state alone
+    out = finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=2, **kw)
+    assert (out.resumed_from_step, out.trained_steps, ref.trained_steps) == (2, 5, 5)
+    assert D.read_train_state_meta(state)["step"] == "5"  # written on completion too
+    a, b = ref.state_dict(), out.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert out.train_losses == ref.train_losses and len(ref.train_losses) == 5
+    again = finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=2, **kw)  # nothing to train
+    assert again.resumed_from_step == 5 and all(torch.equal(a[k], again.state_dict()[k]) for k in a)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=0, **kw)
