@@ -133,11 +133,20 @@ Tensor seg_outer_new(const Tensor& u, const Tensor& v, const Tensor& sorted_idx,
   return direct ? out : out.to(out_dt);
 }
 
-// d expert_bias [N, C] from dy3 [S, M, C]: per-sample sums added per expert (sync-free)
+// d expert_bias [N, C] from dy3 [S, M, C]: per-sample sums added per expert (sync-free). index_add on
+// the CPU (sample order); elsewhere, or with deterministic algorithms on, a masked sum over S (fixed
+// order, bitwise reproducible: index_add on CUDA adds with atomics). As fast.py's _expert_bias_grad.
 Tensor expert_bias_grad(const Tensor& dy3, const Tensor& expert_idx, int64_t N, at::ScalarType dt) {
   Tensor per_sample = at::sum(dy3, at::IntArrayRef{1}, false, acc_type(dy3.scalar_type()));
-  Tensor g = at::zeros({N, per_sample.size(1)}, per_sample.options());
-  g.index_add_(0, expert_idx, per_sample);
+  if (per_sample.is_cpu() && !at::globalContext().deterministicAlgorithms()) {
+    Tensor g = at::zeros({N, per_sample.size(1)}, per_sample.options());
+    g.index_add_(0, expert_idx, per_sample);
+    return maybe_cast(g, dt);
+  }
+  Tensor experts = at::arange(N, expert_idx.options());
+  Tensor mine = expert_idx.unsqueeze(0).eq(experts.unsqueeze(1)).unsqueeze(2);  // [N, S, 1]
+  // where, not a 0/1 product: a non-finite sum stays in its own expert's row
+  Tensor g = at::where(mine, per_sample.unsqueeze(0), at::Scalar(0.0)).sum(1);
   return maybe_cast(g, dt);
 }
 

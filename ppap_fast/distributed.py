@@ -20,10 +20,14 @@ Generation (:func:`generate`)
     N x 21 x H x W for DeepLabV3 logits (42*H*W bytes: 2.6 MiB per 256x256 image, 1.3 TB for
     500k images: budget the disk). float16 keeps about 3 significant digits; outputs past its
     range (65504) or not finite are an error. The temperature 0.25 of ``pixel_kl`` amplifies that
-    rounding: segmentation logits of magnitude ~30 shift a pixel's target distribution by up to ~5%
-    (total variation; mean KL ~1e-5); float32 would remove that but double a cache that is already
-    terabytes. Classifier logits (N x K, small) are float32; float16 ones (sets made by other tools)
-    are upcast on read. The configuration includes the teacher's state
+    rounding: raw segmentation logits of magnitude ~30 would shift a pixel's target distribution by
+    up to ~5% (total variation), so a segmentation teacher's logits are stored minus their per-pixel
+    max over the classes (``MAX_SUBTRACTED``, recorded in the configuration as ``targets_encoding``;
+    the softmax is unchanged and the top classes lie near 0, where float16 is fine: well under
+    0.5%). Sets written before (raw float16 logits) are read as they are, but not finished (another
+    configuration); distillation with a loss other than ``pixel_kl`` does not use max-subtracted
+    targets (it computes the teacher's outputs itself). Classifier logits (N x K, small) are
+    float32; float16 ones (sets made by other tools) are upcast on read. The configuration includes the teacher's state
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
     another teacher. Sets written before that fingerprint was recorded are finished, and their
     cached outputs used, only for the same teacher spec and weights file (same file fingerprint);
@@ -145,6 +149,10 @@ from .data.shards import shard_is_complete
 MANIFEST = "manifest.json"
 SEED_STRIDE = 1_000_003
 FORMAT = "ppap_fast.datafree"
+# How dense softmax targets (pixel_kl: segmentation logits) are stored: float16 logits minus their
+# per-pixel max over the class dim 1 (the softmax is unchanged; values <= 0 round far less at the
+# top classes). Recorded as "targets_encoding" (absent: raw float16 outputs, as in older sets).
+MAX_SUBTRACTED = "float16_logits_minus_class_max"
 
 
 class ConfigMismatchError(RuntimeError):
@@ -425,16 +433,20 @@ def teacher_output(model: nn.Module, transform, x: torch.Tensor, t=None) -> torc
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int, device) -> torch.Tensor:
+def teacher_targets(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int, device,
+                    softmax_targets: bool = False) -> torch.Tensor:
     """Teacher outputs on the dequantised clean images, in the dtype shards store them: [N, K]
-    logits float32 (classifiers), anything with spatial dims float16 (see the module docstring).
-    Non-finite outputs (including float16 overflow past 65504) are a ValueError."""
+    logits float32 (classifiers), anything with spatial dims float16 (see the module docstring);
+    ``softmax_targets`` (dense logits for a softmax loss: pixel_kl): minus their max over dim 1
+    first (``MAX_SUBTRACTED``). Non-finite outputs (including float16 overflow past 65504) are a ValueError."""
     from .data import from_uint8
 
     out = []
     for i in range(0, images_u8.shape[0], batch_size):
-        y = teacher_output(model, transform, from_uint8(images_u8[i:i + batch_size]).to(device)).cpu()
-        out.append(y if y.dim() == 2 else y.half())
+        y = teacher_output(model, transform, from_uint8(images_u8[i:i + batch_size]).to(device))
+        if y.dim() > 2 and softmax_targets:
+            y = y - y.amax(dim=1, keepdim=True)
+        out.append(y.cpu() if y.dim() == 2 else y.cpu().half())
     y = torch.cat(out)
     if not bool(torch.isfinite(y).all()):
         raise ValueError(f"teacher outputs {tuple(y.shape)} ({y.dtype}) are not all finite"
@@ -518,6 +530,10 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
         if config_hash(theirs) != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)):
             hint = ("; it was sampled on the reference path: finish it with --no-fast (fast=False)"
                     if theirs.get("fast") != ident.get("fast") and not theirs.get("fast") else "")
+            if theirs.get("targets_encoding") != ident.get("targets_encoding"):
+                hint += ("; its cached teacher targets are stored another way (targets_encoding "
+                         f"{theirs.get('targets_encoding', 'raw float16, an older version')!r}), and a set holds one "
+                         "encoding only: distil from it as it is, or generate the rest into another directory")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
                              f"{_config_diff(theirs, ident)}); use another directory or the same arguments"
                              + hint)
@@ -546,6 +562,14 @@ def _kill_hook(rank: int, done: int, var: str = "PPAP_FAST_TEST_KILL_AFTER_SHARD
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _generation_teacher(cfg: GenerateConfig) -> tuple:
+    """(model, transform, task) of the teacher whose outputs generation caches, or three Nones."""
+    if not cfg.teacher:
+        return None, None, None
+    b = build_teacher(cfg.teacher, cfg.teacher_weights)
+    return b.model, b.transform, b.task
+
+
 def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = False) -> dict:
     """Write (or complete) the data-free set ``cfg.out_dir`` with all ranks of ``env``.
 
@@ -561,12 +585,14 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
     ident = cfg.identity()
     # every rank takes part, teacher or not: ranks whose configurations differ still meet in check_same_config
-    teacher, transform = collectively(lambda: build_teacher(cfg.teacher, cfg.teacher_weights)[:2] if cfg.teacher
-                                      else (None, None), env, "building the teacher")
+    teacher, transform, task = collectively(lambda: _generation_teacher(cfg), env, "building the teacher")
+    softmax_targets = task == "segmentation"
     if cfg.teacher:
         # the teacher's weights, whatever the spec (a py: factory, a random init): restarts and
         # distillation compare it before trusting cached outputs
         ident["teacher_state"] = module_fingerprint(teacher)
+    if softmax_targets:  # how the cached targets are stored: a set holds one encoding only
+        ident["targets_encoding"] = MAX_SUBTRACTED
     h = check_same_config(ident, env)
     out = Path(cfg.out_dir)
     n_shards = -(-cfg.num_images // cfg.shard_size)
@@ -626,7 +652,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
             imgs.append(to_uint8(x0))
         arrays = {"images": np.concatenate(imgs)}
         if teacher is not None:  # cached once: the teacher sees the clean x0, which does not depend on t
-            y = teacher_targets(teacher, transform, arrays["images"], bs, device)
+            y = teacher_targets(teacher, transform, arrays["images"], bs, device, softmax_targets)
             arrays["logits" if y.dim() == 2 else "targets"] = y.numpy()
         write_npz_atomic(out / _shard_name(k), **arrays)
 
@@ -862,14 +888,24 @@ def check_replicas_identical(bank, env: DistEnv) -> str:
     return fp
 
 
-def _cached_target_key(cfg: DistillConfig, data, teacher_state: str) -> str | None:
+def _cached_target_key(cfg: DistillConfig, data, teacher_state: str, loss: str | None = None) -> str | None:
     """The set's cached teacher outputs ("logits" float32 or "targets" float16), None if it has
-    none; a ValueError if another teacher (other weights) computed them."""
+    none or they do not suit ``loss`` (max-subtracted logits are pixel_kl targets only: warned);
+    a ValueError if another teacher (other weights) computed them or their encoding is unknown."""
     key = "logits" if "logits" in data else "targets" if "targets" in data else None
     if key is None:
         return None
     man = data.manifest
     gen_cfg = man.get("config", {})
+    encoding = gen_cfg.get("targets_encoding") or man.get("targets_encoding")
+    if encoding not in (None, MAX_SUBTRACTED):
+        raise ValueError(f"the teacher outputs cached in {cfg.data_dir} are stored as {encoding!r}, which this "
+                         f"version does not read (it knows raw outputs and {MAX_SUBTRACTED!r})")
+    if encoding == MAX_SUBTRACTED and loss != "pixel_kl":
+        warnings.warn(f"{cfg.data_dir} caches segmentation logits minus their per-pixel max (targets for "
+                      f"pixel_kl only); with loss {loss!r} they are not used: this teacher's outputs are "
+                      "computed instead", stacklevel=2)
+        return None
     # recorded by generate() with a teacher; top level: a `ppap-fast generate` (ShardWriter) set
     theirs = gen_cfg.get("teacher_state") or man.get("teacher_state")
     if theirs is None and not gen_cfg.get("teacher"):  # a set made by hand: its outputs are the user's
@@ -909,7 +945,8 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     ranks and kept on disk, never in memory: shard k's outputs go to
     ``<out>/teacher_targets/targets_<k>.npz`` (the shard files' format, written atomically), the
     missing files are dealt round-robin to the ranks (each computes only its share, in
-    micro-batches of ``cfg.batch_size``, dense outputs rounded to float16 like the cache), then
+    micro-batches of ``cfg.batch_size``, dense outputs rounded to float16 like the cache, pixel_kl
+    targets max-subtracted like the cache), then
     every rank attaches all of them to ``data`` (read lazily like cached targets). A restart
     reuses complete files written for the same teacher state and data set; files for anything
     else are removed first. Returns the name of the attached array ("logits" or "targets")."""
@@ -922,6 +959,9 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     tid = {"format": TARGETS_FORMAT, "teacher": cfg.teacher, "teacher_state": ident["teacher_state"],
            "data_dir": str(Path(cfg.data_dir).resolve()), "data_manifest": ident["data_manifest"], "micro_batch": micro,
            "counts": counts}
+    softmax_targets = ident.get("loss") == "pixel_kl"
+    if softmax_targets:  # absent otherwise: files written before the encoding existed still match
+        tid["targets_encoding"] = MAX_SUBTRACTED
     err, todo = None, None
     if env.rank == 0:
         try:
@@ -944,7 +984,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     try:
         for k in todo[env.rank::env.world_size]:
             rows = np.arange(data.starts[k], data.starts[k + 1])
-            y = teacher_targets(teacher, transform, data.gather("images", rows), micro, env.device)
+            y = teacher_targets(teacher, transform, data.gather("images", rows), micro, env.device, softmax_targets)
             write_npz_atomic(paths[k], **{"logits" if y.dim() == 2 else "targets": y.numpy()})
     except (OSError, ValueError) as e:
         err = str(e)
@@ -1101,7 +1141,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     err = data = key = None
     try:
         data = ShardSet(cfg.data_dir)  # lazy: each step reads its batch's rows only
-        key = _cached_target_key(cfg, data, ident["teacher_state"])
+        key = _cached_target_key(cfg, data, ident["teacher_state"], ident["loss"])
     except (OSError, ValueError) as e:
         err = str(e)
     raise_if_any(err, env, "reading the data set")

@@ -408,6 +408,90 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA did not train"
 
 
+SEG_MODULE = '''
+import torch
+import torch.nn as nn
+
+
+def make():
+    """Segmentation logits of magnitude ~30, class gaps ~1: [B, 1, H, W] in [-1, 1] -> [B, 7, H, W]."""
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(1, 7, 1)
+    with torch.no_grad():
+        conv.weight.copy_(2 * torch.randn(7, 1, 1, 1, generator=g))
+        conv.bias.copy_(30 + torch.randn(7, generator=g))
+    return conv
+
+
+make.task = "segmentation"
+'''
+
+
+def _max_tv(a, b, temperature=0.25):
+    """Largest total variation over pixels between the pixel_kl target distributions of a and b."""
+    p, q = (torch.softmax(t.double() / temperature, dim=1) for t in (a, b))
+    return float(0.5 * (p - q).abs().sum(1).max())
+
+
+def test_segmentation_targets_are_cached_max_subtracted(tmp_path, monkeypatch):
+    """A segmentation teacher's float16 targets (cached in the shards or computed by distill) are its
+    logits minus their per-pixel max: the pixel_kl targets stay within 0.5% total variation of the
+    float32 ones (raw float16 logits of magnitude ~30 are off by more). The encoding is recorded: an
+    older raw set is not finished with it (clear error), its targets are still used for pixel_kl, and
+    max-subtracted ones are not used for another loss; older computed targets are recomputed."""
+    from ppap_fast.data import ShardSet, from_uint8
+    from ppap_fast.data.shards import write_json_atomic, write_npz_atomic
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_seg_logits.py").write_text(SEG_MODULE)
+    monkeypatch.syspath_prepend(str(mods))
+    teacher = "py:ppap_seg_logits:make"
+    data = tmp_path / "data"
+    gen = D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2, "teacher": teacher})
+    D.generate(gen, D.DistEnv())
+    man = json.loads((data / D.MANIFEST).read_text())
+    assert man["config"]["targets_encoding"] == D.MAX_SUBTRACTED
+    shards = load_shards(data)
+    model = D.build_teacher(teacher).model
+    with torch.no_grad():
+        exact = D.teacher_output(model, None, from_uint8(shards["images"]))
+    assert exact.abs().max() > 25 and _max_tv(exact.half(), exact) > 0.01  # what raw float16 did
+    cached = torch.from_numpy(shards["targets"])
+    assert cached.dtype == torch.float16 and torch.isfinite(cached).all()
+    assert torch.equal(cached.amax(dim=1), torch.zeros_like(cached[:, 0]))
+    assert _max_tv(cached, exact) < 0.005
+
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, batch_size=2)
+    state = D.module_fingerprint(model)
+    assert D._cached_target_key(cfg, ShardSet(data), state, "pixel_kl") == "targets"
+    with pytest.warns(UserWarning, match="pixel_kl only"):
+        assert D._cached_target_key(cfg, ShardSet(data), state, "mse") is None
+
+    # computed by distill: teacher_targets/ files of an older version (same inputs, raw logits) are redone
+    ident = {"teacher_state": state, "data_manifest": D.data_manifest_hash(data), "loss": "pixel_kl"}
+    tdir = tmp_path / "out" / D.TARGETS_DIR
+    old_tid = {"format": D.TARGETS_FORMAT, "teacher": teacher, "teacher_state": state,
+               "data_dir": str(data.resolve()), "data_manifest": ident["data_manifest"], "micro_batch": 2,
+               "counts": [2, 2]}
+    write_json_atomic(tdir / D.MANIFEST, old_tid)
+    for k in range(2):
+        write_npz_atomic(tdir / f"targets_{k:05d}.npz", targets=exact[2 * k:2 * k + 2].half().numpy())
+    data_set = ShardSet(data)
+    assert D.compute_targets(cfg, data_set, ident, model, None, D.DistEnv()) == "targets"
+    computed = torch.from_numpy(data_set.gather("targets", np.arange(4)))
+    assert torch.equal(computed, cached)
+
+    # an older set (raw float16 logits): its targets serve pixel_kl, but it is not finished in the new encoding
+    man["config"].pop("targets_encoding")
+    man["config_hash"] = D.config_hash(man["config"])
+    (data / D.MANIFEST).write_text(json.dumps(man))
+    assert D._cached_target_key(cfg, ShardSet(data), state, "pixel_kl") == "targets"
+    (data / "shard_00001.npz").unlink()
+    with pytest.raises(D.DistributedRunError, match="stored another way"):
+        D.generate(gen, D.DistEnv())
+
+
 @pytest.mark.parametrize("fail_on", ["train_state", "experts"])
 def test_write_errors_of_safetensors_reach_every_rank(tmp_path, monkeypatch, fail_on):
     """safetensors reports I/O errors (disk full, ...) as SafetensorError, not OSError: rank 0 must

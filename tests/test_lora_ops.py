@@ -1370,6 +1370,88 @@ def test_stale_segments_are_refused(backend):
         lin(idx, build_segments(idx, 4))
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.skipif(not INTERP, reason="no interpreter")
+def test_expert_bias_grad_deterministic_without_index_add(monkeypatch, deterministic_algorithms):
+    """With deterministic algorithms on, deb (the fast path's per-expert bias gradient where seg_outer
+    does not give it: B frozen) comes from a fixed-order reduction, not index_add (atomics on CUDA),
+    and equals the reference; a non-finite dy stays in its own expert's row."""
+    torch.manual_seed(3)
+    N, idx = 4, torch.tensor([2, 0, 2, 3, 0, 2])  # expert 1 empty
+    x, W, A, B = torch.randn(6, 3, 8), torch.randn(5, 8), torch.randn(N, 2, 8), torch.randn(N, 5, 2)
+    eb = torch.randn(N, 5)
+    seg = build_segments(idx, N)
+
+    def no_index_add(*a, **k):
+        raise AssertionError("index_add used with deterministic algorithms on")
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", no_index_add)
+    monkeypatch.setattr(torch.Tensor, "index_add", no_index_add)
+    dy = torch.randn(6, 3, 5)
+    ebg = eb.clone().requires_grad_()
+    y = L.lora_linear(x, W, None, A, B, idx, 0.5, expert_bias=ebg, backend="triton", segments=seg)
+    (deb,) = torch.autograd.grad(y, ebg, dy)
+    want = torch.stack([dy[idx == e].sum(dim=(0, 1)) for e in range(N)])
+    assert_close("deb", deb, want, TOL[torch.float32])
+    assert torch.equal(deb[1], torch.zeros(5))
+    dy[3, 0, 0] = float("inf")  # sample 3 is expert 3's only one
+    g = fast._expert_bias_grad(dy, idx, N, torch.empty(0))
+    assert torch.isinf(g[3, 0]) and torch.isfinite(g[[0, 1, 2]]).all()
+
+
+def test_cpp_expert_bias_grad_deterministic_without_index_add(deterministic_algorithms):
+    """The cpp backend's deb (C++: a profiler sees its ATen ops) under deterministic algorithms: no
+    index_add (atomics on CUDA), the reference values."""
+    _maybe_skip("cpu", "cpp", torch.float32)
+    torch.manual_seed(4)
+    N, idx = 4, torch.tensor([2, 0, 2, 3, 0, 2])
+    x, W, A, B = torch.randn(6, 3, 8), torch.randn(5, 8), torch.randn(N, 2, 8), torch.randn(N, 5, 2)
+    eb = torch.randn(N, 5)
+    dy, seg = torch.randn(6, 3, 5), build_segments(idx, N)  # (its counts: an int index_add, exact)
+    ebg = eb.clone().requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = L.lora_linear(x, W, None, A, B, idx, 0.5, expert_bias=ebg, backend="cpp", segments=seg)
+        (deb,) = torch.autograd.grad(y, ebg, dy)
+    ops = {e.name for e in prof.events()}
+    assert not {"aten::index_add_", "aten::index_add"} & ops, sorted(o for o in ops if "index" in o)
+    want = torch.stack([dy[idx == e].sum(dim=(0, 1)) for e in range(N)])
+    assert_close("deb", deb, want, TOL[torch.float32])
+
+
+def test_segments_of_another_tensor_refused_without_value_compare(monkeypatch):
+    """Off the CPU (forced here) values are never compared (a host sync): segments passed with
+    another expert_idx tensor of the same length, even an equal copy, are refused; the tensor they
+    were built from (or a same-layout view of it) passes, an in-place change is caught by its version."""
+    from ppap_fast.ops.lora import segments as S
+
+    def no_value_compare(*a, **k):
+        raise AssertionError("check_segments compared values (a host sync on CUDA)")
+
+    idx = torch.tensor([0, 1, 1, 2])
+    seg = build_segments(idx, 3)
+    monkeypatch.setattr(S, "_values_comparable", lambda a, b: False, raising=False)
+    monkeypatch.setattr(torch, "equal", no_value_compare)
+    S.check_segments(seg, idx, 3)
+    S.check_segments(seg, idx.view(4), 3)
+    for other in (idx.clone(), torch.tensor([2, 2, 0, 1]), idx.to(torch.int32)):
+        with pytest.raises(ValueError, match="another expert_idx tensor"):
+            S.check_segments(seg, other, 3)
+    with pytest.raises(ValueError, match="another expert_idx tensor"):  # through a public op
+        L.lora_linear(torch.randn(4, 8), torch.randn(6, 8), None, torch.randn(3, 2, 8), torch.randn(3, 6, 2),
+                      idx.clone(), 0.5, backend="reference", segments=seg)
+    idx.add_(0)
+    with pytest.raises(ValueError, match="stale"):
+        S.check_segments(seg, idx, 3)
+
+
 @pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_tensor_scale_gets_its_gradient(kind, backend):

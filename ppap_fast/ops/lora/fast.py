@@ -64,10 +64,17 @@ def _cuda_seg_outer(u, v, seg: Segments, alpha: float, out_dtype: torch.dtype, N
 
 
 def _expert_bias_grad(dy3: torch.Tensor, expert_idx: torch.Tensor, N: int, like: torch.Tensor):
-    # dy3 [S, M, C] (any strides) -> [N, C]; index_add is sync-free.
+    """dy3 [S, M, C] (any strides) -> [N, C]: the per-sample sums of each expert's samples; sync-free.
+    On the CPU index_add (it adds in sample order); elsewhere, or with deterministic algorithms on, a
+    masked sum over S (fixed order, bitwise reproducible; index_add on CUDA adds with atomics)."""
     per_sample = dy3.sum(dim=1, dtype=torch.float32)
-    g = torch.zeros((N, per_sample.shape[1]), dtype=torch.float32, device=dy3.device)
-    g.index_add_(0, expert_idx, per_sample)
+    if dy3.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
+        g = torch.zeros((N, per_sample.shape[1]), dtype=torch.float32, device=dy3.device)
+        g.index_add_(0, expert_idx, per_sample)
+    else:  # where, not a 0/1 product: a non-finite sum stays in its own expert's row
+        experts = torch.arange(N, device=expert_idx.device, dtype=expert_idx.dtype)
+        mine = (expert_idx.unsqueeze(0) == experts.unsqueeze(1)).unsqueeze(2)  # [N, S, 1]
+        g = torch.where(mine, per_sample.unsqueeze(0), 0.0).sum(dim=1)
     return g.to(like.dtype)
 
 

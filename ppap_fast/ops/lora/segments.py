@@ -7,7 +7,8 @@ graph capture (vLLM's idea): samples are stable-sorted by expert id.
 * ``sorted_idx`` int32 [S]: sample ids ordered by expert (stable);
 * ``counts``     int32 [N]: samples per expert (0 for empty experts);
 * ``offsets``    int32 [N+1]: segment e covers ``sorted_idx[offsets[e]:offsets[e+1]]``;
-* ``source``     [the expert_idx given, its version counter then]: what ``check_segments`` compares.
+* ``source``     [the expert_idx given, its version counter then]: what ``check_segments`` compares
+  (the tensor's identity: its memory and layout, and its version counter).
 """
 from __future__ import annotations
 
@@ -32,33 +33,46 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same tensor or a view of the same memory and layout (views share the version counter)."""
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
+    """The same tensor or a view of the same memory and layout (views share the version counter);
+    None when that cannot be told (no storage: fake / functorch tensors). Reads no values (no sync)."""
     if a is b:
         return True
     try:
         return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
                 and a.stride() == b.stride() and a.device == b.device)
-    except RuntimeError:  # no storage (fake / functorch tensors)
-        return False
+    except RuntimeError:
+        return None
+
+
+def _values_comparable(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both on the CPU: comparing their values costs no device sync."""
+    return a.device.type == "cpu" and b.device.type == "cpu"
 
 
 def check_segments(seg: Segments, expert_idx: torch.Tensor, num_experts: int) -> None:
     """ValueError unless ``seg`` is ``build_segments(expert_idx, num_experts)`` for expert_idx as it
     is now. No host sync (fine under CUDA graph capture): N and S; for the tensor it was built from (or
-    a view of it), its version counter, which any in-place change since has bumped. Another tensor
-    (or no version counter) is compared by value on CPU; on CUDA that would sync, so it is trusted."""
+    a view of it), its version counter, which any in-place change since has bumped. Another tensor is
+    compared by value on CPU; on other devices that would sync, so another tensor (other memory or
+    layout) is refused. The same tensor without a version counter (an inference tensor) is trusted."""
     if seg.num_experts != num_experts or seg.expert_idx.shape != expert_idx.shape:
         raise ValueError(f"segments were built for N={seg.num_experts}, S={seg.expert_idx.shape[0]}; "
                          f"this call has N={num_experts}, S={expert_idx.shape[0]}")
     if torch.compiler.is_compiling():
         return
     src, ver = seg.source if seg.source is not None else (seg.expert_idx, None)
-    now = _version(expert_idx) if _same_tensor(expert_idx, src) else None
+    same = _same_tensor(expert_idx, src)
+    now = _version(expert_idx) if same else None
     if ver is not None and now is not None:
         stale = now != ver
-    elif expert_idx.device.type == "cpu" and seg.expert_idx.device.type == "cpu":
+    elif _values_comparable(expert_idx, seg.expert_idx):
         stale = not torch.equal(seg.expert_idx, expert_idx.long())
+    elif same is False:
+        raise ValueError(f"stale segments: they were built from another expert_idx tensor than this one "
+                         f"(on {expert_idx.device.type} their values are not compared: that would sync); "
+                         "pass the tensor they were built from, or rebuild them: "
+                         "build_segments(expert_idx, N, out=segments)")
     else:
         return
     if stale:
