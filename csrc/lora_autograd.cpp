@@ -14,6 +14,7 @@
 // fully overwrite start as NaN (tests).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -116,6 +117,35 @@ void seg_outer(const Tensor& u, const Tensor& v, const Tensor& out, const Tensor
 // ----------------------------------------------------------------------------- autograd Functions
 namespace {
 
+// The Functions below call the segment steps through the dispatcher (the registered ops
+// ppap_fast::lora_sgmv_shrink / _expand / lora_seg_outer), not directly: under FakeTensor /
+// torch.compile tracing they then reach the ops' fake kernels (ppap_fast/ops/_fake_kernels.py), not the
+// CPU host loop, which reads offsets' data.
+void op_shrink(const Tensor& x, const Tensor& A, const Tensor& out, const Tensor& sorted_idx, const Tensor& offsets) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ppap_fast::lora_sgmv_shrink", "")
+                             .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  op.call(x, A, out, sorted_idx, offsets);
+}
+
+void op_expand(const Tensor& h, const Tensor& B, const Tensor& out, const Tensor& sorted_idx, const Tensor& offsets,
+               double scale) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ppap_fast::lora_sgmv_expand", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>();
+  op.call(h, B, out, sorted_idx, offsets, scale);
+}
+
+void op_outer(const Tensor& u, const Tensor& v, const Tensor& out, const Tensor& sorted_idx, const Tensor& offsets,
+              double alpha) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ppap_fast::lora_seg_outer", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t)>();
+  op.call(u, v, out, sorted_idx, offsets, alpha, 0);
+}
+
 Tensor alloc(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
   Tensor t = at::empty(shape, opt);
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -129,7 +159,7 @@ Tensor seg_outer_new(const Tensor& u, const Tensor& v, const Tensor& sorted_idx,
                      at::ScalarType out_dt, int64_t N, bool poison) {
   const bool direct = out_dt == u.scalar_type() || out_dt == at::kFloat;
   Tensor out = alloc({N, u.size(2), v.size(2)}, u.options().dtype(direct ? out_dt : at::kFloat), poison);
-  seg_outer(u, v, out, sorted_idx, offsets, alpha);
+  op_outer(u, v, out, sorted_idx, offsets, alpha);
   return direct ? out : out.to(out_dt);
 }
 
@@ -216,8 +246,8 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
     Tensor y = at::linear(x, Wc, bc);
     Tensor y3 = y.view({S, M, O});
     Tensor h = alloc({S, M, R}, x.options(), poison);
-    seg_shrink(x3, Ac, h, sorted_idx, offsets);
-    seg_expand(h, Bc, y3, sorted_idx, offsets, scale);
+    op_shrink(x3, Ac, h, sorted_idx, offsets);
+    op_expand(h, Bc, y3, sorted_idx, offsets, scale);
     const bool has_eb = expert_bias.defined();
     if (has_eb) y3.add_(maybe_cast(expert_bias.detach(), cdt).index_select(0, expert_idx).unsqueeze(1));
     ctx->save_for_backward({x3, Wc, Ac, Bc, h, expert_idx, sorted_idx, offsets});
@@ -239,10 +269,10 @@ struct LoraLinearCpp : public torch::autograd::Function<LoraLinearCpp> {
     const bool need_x = needs_grad(ctx, 0), need_a = needs_grad(ctx, 3);
     if (need_x || need_a) {
       Tensor dh0 = alloc({S, M, R}, x3.options(), poison);  // dy B_e (s applied below)
-      seg_shrink(dy3, weight_t(Bc), dh0, sidx, off);
+      op_shrink(dy3, weight_t(Bc), dh0, sidx, off);
       if (need_x) {
         dx = at::matmul(dy3, Wc);
-        seg_expand(dh0, weight_t(Ac), dx, sidx, off, s);
+        op_expand(dh0, weight_t(Ac), dx, sidx, off, s);
         dx = dx.view(ctx->saved_data["x_shape"].toIntVector());
       }
       if (need_a) dA = seg_outer_new(dh0, x3, sidx, off, s, c.a_dt, N, poison);
@@ -291,7 +321,7 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
     Tensor sel = expert_index(expert_idx, S, groups, rg, Ho, Wo);
     Tensor h = at::gather(hs.unflatten(1, {groups, N, rg}), 2, sel).reshape({S, A.size(1), Ho, Wo}).contiguous();
     Tensor y3 = y.view({S, C_out, P}).transpose(1, 2);  // rows [S, P, C_out] in NCHW or channels_last
-    seg_expand(h.view({S, r, P}).transpose(1, 2), Bc, y3, sorted_idx, offsets, scale);
+    op_expand(h.view({S, r, P}).transpose(1, 2), Bc, y3, sorted_idx, offsets, scale);
     const bool has_eb = expert_bias.defined();
     if (has_eb) y.add_(maybe_cast(expert_bias.detach(), cdt).index_select(0, expert_idx).view({S, C_out, 1, 1}));
     ctx->save_for_backward({x, Wc, As, Bc, h, expert_idx, sorted_idx, offsets});
@@ -328,7 +358,7 @@ struct LoraConv2dCpp : public torch::autograd::Function<LoraConv2dCpp> {
                                                 groups, {true, false, false}));
     if (need_x || need_a) {
       Tensor dh = alloc({S, r, Ho, Wo}, x.options().memory_format(at::MemoryFormat::Contiguous), poison);
-      seg_shrink(dy3, weight_t(Bc, s), dh.view({S, r, P}).transpose(1, 2), sidx, off);  // s dy B_e
+      op_shrink(dy3, weight_t(Bc, s), dh.view({S, r, P}).transpose(1, 2), sidx, off);  // s dy B_e
       Tensor dhs = at::zeros({S, groups, N, rg, Ho, Wo}, dh.options());
       dhs.scatter_(2, expert_index(expert_idx, S, groups, rg, Ho, Wo), dh.view({S, groups, 1, rg, Ho, Wo}));
       auto res = at::convolution_backward(dhs.view({S, groups * N * rg, Ho, Wo}), x, As, std::nullopt, stride,

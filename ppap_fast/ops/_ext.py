@@ -12,6 +12,11 @@ try:
 except Exception as exc:  # missing build, ABI mismatch with this torch, ...
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
 
+if _C is not None:
+    from ppap_fast.ops import _fake_kernels
+
+    _fake_kernels.register()
+
 TRITON_ERROR: str | None = None
 try:
     import triton  # noqa: F401

@@ -97,8 +97,9 @@ def _check(x, eps, v, grad, noise, idx, table, check_range=True):
         raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}")
     if table.coefs.device != x.device:
         raise ValueError(f"table is on {table.coefs.device}, x on {x.device}: call table.to(device)")
-    # step range: a host sync, so CPU only (the CUDA and Triton kernels clamp; the reference would wrap -1)
-    if check_range and idx.device.type == "cpu" and idx.numel():
+    # step range: a host sync, so CPU only (the CUDA and Triton kernels clamp; the reference would wrap -1);
+    # not while compiling (data-dependent: a graph break; the cpp kernel checks idx itself)
+    if check_range and idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
         lo, hi, T = int(idx.min()), int(idx.max()), table.coefs.shape[0]
         if lo < 0 or hi >= T:
             raise ValueError(f"idx values must lie in [0, {T}) (the table's steps), got range [{lo}, {hi}]")

@@ -199,8 +199,9 @@ def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
         raise ValueError(f"expert_idx must be [S]={S}, got {tuple(expert_idx.shape)}")
     if expert_idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
-    # range check needs a host sync: CPU only, never during CUDA graph capture
-    if expert_idx.device.type == "cpu" and S > 0:
+    # range check needs a host sync: CPU only, never during CUDA graph capture nor while compiling
+    # (data-dependent: a graph break)
+    if expert_idx.device.type == "cpu" and S > 0 and not torch.compiler.is_compiling():
         lo, hi = int(expert_idx.min()), int(expert_idx.max())
         if lo < 0 or hi >= N:
             raise ValueError(f"expert_idx values must lie in [0, {N}), got range [{lo}, {hi}]")

@@ -1,0 +1,82 @@
+"""Fake (meta) kernels of the extension's ops, so FakeTensor tracing and torch.compile can run them.
+
+Each returns what the real kernel returns, with its shapes, dtypes and strides, and checks the
+arguments' metadata as the kernel does (values, e.g. idx ranges, are not visible here). The
+segment ops write their ``out`` argument in place and return nothing. lora_linear_cpp /
+lora_conv2d_cpp are CompositeImplicitAutograd (C++ autograd Functions made of ATen calls and the
+segment ops, called through the dispatcher): they decompose while tracing and need no fake kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+GUIDED_UPDATE_COLS = 8
+_REGISTERED: list[str] = []  # the ops given a fake kernel
+_DONE = False  # register() ran (registering twice raises)
+
+
+def _guided_update_fake(x, eps, v, grad, noise, idx, coefs, mode, clip_denoised):
+    torch._check(0 <= mode <= 2, lambda: f"guided_update: mode must be 0, 1 or 2, got {mode}")
+    torch._check(x.dim() >= 1 and x.is_contiguous(), lambda: "guided_update: x must be contiguous with a batch dim")
+    for name, t in (("eps", eps), ("v", v), ("grad", grad), ("noise", noise)):
+        if t is None:
+            continue
+        torch._check(t.shape == x.shape,
+                     lambda: f"guided_update: {name} shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
+        torch._check(t.dtype == x.dtype and t.device == x.device,
+                     lambda: f"guided_update: {name} must have x's dtype and device")
+    torch._check(mode != 2 or v is not None, lambda: "guided_update: mode 2 (learned range) needs v")
+    torch._check(idx.dim() == 1 and idx.shape[0] == x.shape[0] and idx.dtype == torch.long,
+                 lambda: "guided_update: idx must be a long tensor of shape (B,)")
+    coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(coefs.dim() == 2 and coefs.shape[1] == GUIDED_UPDATE_COLS and coefs.dtype == coef_dtype,
+                 lambda: f"guided_update: coefs must be a (T, {GUIDED_UPDATE_COLS}) {coef_dtype} table")
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _check_segment_args(op, x, w, out, sorted_idx, offsets):
+    torch._check(x.dim() == 3 and w.dim() == 3 and out.dim() == 3,
+                 lambda: f"{op}: x, weight and out must be 3-D, got {tuple(x.shape)}, {tuple(w.shape)}, "
+                         f"{tuple(out.shape)}")
+    torch._check(sorted_idx.dim() == 1 and sorted_idx.shape[0] == x.shape[0], lambda: f"{op}: sorted_idx must be [S]")
+    torch._check(offsets.dim() == 1 and offsets.shape[0] == w.shape[0] + 1, lambda: f"{op}: offsets must be [N+1]")
+
+
+def _sgmv_shrink_fake(x, A, out, sorted_idx, offsets):
+    _check_segment_args("lora_sgmv_shrink", x, A, out, sorted_idx, offsets)
+
+
+def _sgmv_expand_fake(h, B, out, sorted_idx, offsets, scale):
+    _check_segment_args("lora_sgmv_expand", h, B, out, sorted_idx, offsets)
+
+
+def _seg_outer_fake(u, v, out, sorted_idx, offsets, alpha, split):
+    torch._check(u.dim() == 3 and v.dim() == 3 and out.dim() == 3 and u.shape[:2] == v.shape[:2],
+                 lambda: f"lora_seg_outer: u [S, M, P], v [S, M, Q], out [N, P, Q], got {tuple(u.shape)}, "
+                         f"{tuple(v.shape)}, {tuple(out.shape)}")
+
+
+FAKES = {
+    "guided_update": _guided_update_fake,
+    "lora_sgmv_shrink": _sgmv_shrink_fake,
+    "lora_sgmv_expand": _sgmv_expand_fake,
+    "lora_seg_outer": _seg_outer_fake,
+}
+
+
+def register() -> list[str]:
+    """Give each op of FAKES that the loaded extension defines its fake kernel (skips ops an older
+    build lacks and, defensively, CompositeImplicitAutograd ones, which decompose instead)."""
+    global _DONE
+    if _DONE:
+        return _REGISTERED
+    _DONE = True
+    for name, fn in FAKES.items():
+        qualname = f"ppap_fast::{name}"
+        if not hasattr(torch.ops.ppap_fast, name):  # e.g. lora_seg_outer in builds made before it
+            continue
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeImplicitAutograd"):
+            continue
+        torch.library.register_fake(qualname, fn)
+        _REGISTERED.append(name)
+    return _REGISTERED
