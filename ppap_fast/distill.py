@@ -157,7 +157,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     sched = Schedule.create("linear", 1000)
     bank = make_bank(teacher, n_experts, r, alpha).to(device).train()
     params = bank.parameters_to_train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_expert_optimizer(params, n_experts, loss_reduction, lr, weight_decay)
     env = DistEnv(device=torch.device(device))  # one process: the training-state helpers of distributed.py
     start, losses, elapsed = 0, [], 0.0
     if found:
@@ -300,6 +300,20 @@ LOSS_REDUCTION_HELP = ("expert_mean: each expert's gradient is that of the mean 
 def check_loss_reduction(reduction: str) -> None:
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {list(LOSS_REDUCTIONS)}")
+
+
+def make_expert_optimizer(params, n_experts: int, reduction: str, lr, weight_decay: float, capturable: bool = False):
+    """The distillers' AdamW over the stacked per-expert tensors, stepped by
+    ``ExpertBank.step_sampled_experts``. "expert_mean": :class:`~ppap_fast.experts.optim.ExpertAdamW`,
+    each expert with its own step count (as trained separately). "batch_mean": torch.optim.AdamW with
+    one shared count, as the experts made before were (they reproduce). ``capturable``: for a CUDA
+    graph (``lr`` a device tensor)."""
+    check_loss_reduction(reduction)
+    if reduction == "expert_mean":
+        from .experts.optim import ExpertAdamW
+
+        return ExpertAdamW(params, n_experts, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"capturable": True} if capturable else {}))
 
 
 def expert_counts(expert_idx: torch.Tensor, n_experts: int, dtype=torch.float32) -> torch.Tensor:

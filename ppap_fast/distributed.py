@@ -844,7 +844,10 @@ def load_train_state(path, bank, opt, gen, env: DistEnv) -> tuple[int, list]:
     sd = opt.state_dict()  # state by the index of each parameter in the optimizer's list
     sd["state"] = {i: optim[names[id(p)]] for i, p in enumerate(opt.param_groups[0]["params"])
                    if names[id(p)] in optim}
-    opt.load_state_dict(sd)
+    try:
+        opt.load_state_dict(sd)
+    except ValueError as e:  # e.g. a torch.optim.AdamW state (one shared step count) for ExpertAdamW
+        raise ValueError(f"{path}: {e}; remove it to start over") from None
     gen.set_state(t[f"rank{env.rank}/rng/data"])
     torch.set_rng_state(t[f"rank{env.rank}/rng/torch"])
     if env.device.type == "cuda" and f"rank{env.rank}/rng/cuda" in t:
@@ -1110,7 +1113,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
     from .data import ShardSet, from_uint8
     from .data.shards import write_json_atomic
-    from .distill import check_loss_reduction, distill_loss_per_sample, expert_counts, expert_mean_loss
+    from .distill import (check_loss_reduction, distill_loss_per_sample, expert_counts, expert_mean_loss,
+                          make_expert_optimizer)
     from .experts import ExpertBank, save_experts
     from .schedule import Schedule
 
@@ -1179,12 +1183,12 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         if why is not None and cfg.cuda_graph:
             warnings.warn(f"cuda_graph: {why}; training eagerly", stacklevel=2)
         graphed = why is None
-    if graphed:  # capturable AdamW with its learning rate on the device, set in place every step
-        opt = torch.optim.AdamW(bank.parameters_to_train(), lr=torch.tensor(cfg.lr, device=device),
-                                weight_decay=cfg.weight_decay, capturable=True)
+    # capturable AdamW with its learning rate on the device, set in place every step
+    opt = make_expert_optimizer(bank.parameters_to_train(), cfg.n_experts, cfg.loss_reduction,
+                                torch.tensor(cfg.lr, device=device) if graphed else cfg.lr, cfg.weight_decay,
+                                capturable=graphed)
+    if graphed:
         bank.check_inputs = False  # t comes from randint(0, num_timesteps): no host check in the graph
-    else:
-        opt = torch.optim.AdamW(bank.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.create(schedule_name, cfg.num_timesteps)
     gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
 

@@ -10,8 +10,8 @@ ops in the step prefer their Triton backend there (``lora_backend``; None keeps 
 choice): with no host time left, its kernels were the fastest in every H100 layer row.
 
 The step function must be capturable: no host synchronisation (``ExpertBank.check_inputs`` off,
-no ``.item()``), an optimizer made with ``capturable=True`` and a tensor learning rate (set it
-with ``group["lr"].fill_(lr)`` between steps), inputs of one shape and dtype. It should call
+no ``.item()``), an optimizer made with ``capturable=True`` (or an ``ExpertAdamW``) and a tensor
+learning rate (set it with ``group["lr"].fill_(lr)`` between steps), inputs of one shape and dtype. It should call
 ``optimizer.zero_grad(set_to_none=True)`` before ``backward()`` (in the graph, gradients are then
 written, not accumulated). The returned loss tensor is static: read or copy it before the next step.
 """

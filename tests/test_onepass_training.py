@@ -143,6 +143,51 @@ def test_step_sampled_experts_leaves_experts_without_samples_as_they_were():
         assert all(torch.equal(a[k], b[k]) for k in a), e
 
 
+def _kd_per_sample(student, teacher):
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher / 0.25, -1), log_target=True,
+                    reduction="none").sum(-1)
+
+
+def test_onepass_adamw_training_with_skipped_experts_equals_separate_training():
+    """3 steps, 4 experts; experts 1 and 3 skip step 1, expert 2 skips step 2: one pass (expert-mean
+    loss, ExpertAdamW via step_sampled_experts) == each expert trained alone by torch.optim.AdamW on
+    the batch mean of its own samples, stepping only when it has some. With one step count shared by
+    the experts (torch.optim.AdamW + the mask), a skipped expert's next update was scaled wrongly."""
+    from ppap_fast.distill import expert_mean_loss
+    from ppap_fast.experts import ExpertAdamW
+
+    n, lr, wd = 4, 1e-2, 0.05
+    ts = [torch.tensor([5, 300, 600, 900]), torch.tensor([10, 20, 700, 710]),
+          torch.tensor([260, 280, 990, 30])]
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64),
+             torch.randn(4, 5, generator=g, dtype=torch.float64)) for _ in ts]
+
+    one = _bank(n)
+    opt = ExpertAdamW(one.parameters_to_train(), n, lr=lr, weight_decay=wd)
+    for t, (x, teacher) in zip(ts, data):
+        opt.zero_grad(set_to_none=True)
+        e = one.expert_index(t)
+        expert_mean_loss(_kd_per_sample(one(x, t), teacher), e, n).backward()
+        one.step_sampled_experts(opt, one.sampled_experts(t))
+    assert opt.state[one.parameters_to_train()[0]]["step"].tolist() == [3.0, 2.0, 2.0, 2.0]
+
+    for ex in (1, 2):  # skipped, then stepped (its own count); skipped at the last step (0 and 3: the same kinds)
+        sep = _bank(n)  # trains expert ex only; the other slices of its tensors are not compared
+        sep_opt = torch.optim.AdamW(sep.parameters_to_train(), lr=lr, weight_decay=wd)
+        for t, (x, teacher) in zip(ts, data):
+            rows = (sep.expert_index(t) == ex).nonzero().flatten()
+            if rows.numel():
+                sep_opt.zero_grad(set_to_none=True)
+                _kd_per_sample(sep(x[rows], t[rows]), teacher[rows]).mean().backward()
+                sep_opt.step()
+        mine, ref = one.expert_state_dict(ex), sep.expert_state_dict(ex)
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            assert torch.isfinite(mine[k]).all(), (ex, k)
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-9, atol=1e-12, msg=f"expert {ex}: {k}")
+
+
 def _datafree_set(tmp_path):
     from ppap_fast import distributed as D
     from ppap_fast.models.tiny import save_model
@@ -175,6 +220,58 @@ def test_distillers_move_only_the_experts_their_batches_sample(tmp_path):
     bank = D.distill(D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{tfile}", n_experts=5, r=2, alpha=2.0,
                                      steps=2, batch_size=1, lr=1e-2, warmup=1, device="cpu"), D.DistEnv())
     assert _untouched_experts(bank, teacher) >= 3
+
+
+def test_distillers_step_expert_mean_runs_with_per_expert_counts_and_batch_mean_runs_as_before(tmp_path, monkeypatch):
+    """expert_mean (the default): ExpertAdamW, each expert its own step count; batch_mean: the plain
+    torch.optim.AdamW of the runs that made the shipped experts (docs/demo.md), so they reproduce."""
+    from ppap_fast import distributed as D
+    from ppap_fast.distill import distill_ppap
+    from ppap_fast.experts import ExpertAdamW
+
+    teacher, tfile, data = _datafree_set(tmp_path)
+    real, used = ExpertBank.step_sampled_experts, []
+
+    def spy(self, opt, sampled):
+        used.append(type(opt))
+        return real(self, opt, sampled)
+
+    monkeypatch.setattr(ExpertBank, "step_sampled_experts", spy)
+    for reduction, want in (("expert_mean", ExpertAdamW), ("batch_mean", torch.optim.AdamW)):
+        used.clear()
+        distill_ppap(teacher, data, n_experts=5, r=2, alpha=2.0, steps=1, batch_size=1, progress=False,
+                     loss_reduction=reduction)
+        D.distill(D.DistillConfig(str(data), str(tmp_path / reduction), f"tiny:{tfile}", n_experts=5, r=2, alpha=2.0,
+                                  steps=1, batch_size=1, lr=1e-2, warmup=1, device="cpu", loss_reduction=reduction),
+                  D.DistEnv())
+        assert used == [want, want], reduction
+
+
+def test_resuming_a_shared_step_adamw_state_with_expert_adamw_is_refused(tmp_path):
+    """A training state written by torch.optim.AdamW (one step count for all experts, the expert_mean
+    runs before ExpertAdamW) cannot be resumed exactly: refused naming the file, not converted."""
+    from ppap_fast import distributed as D
+    from ppap_fast.experts import ExpertAdamW
+
+    bank, gen, env = _bank(4), torch.Generator().manual_seed(0), D.DistEnv(device=torch.device("cpu"))
+    old = torch.optim.AdamW(bank.parameters_to_train(), lr=1e-2)
+    x, teacher = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    _kd(bank(x, torch.tensor([5, 700])), teacher).backward()
+    old.step()
+    path = tmp_path / "state.safetensors"
+    D.save_train_state(path, bank, old, gen, 1, [0.5], {"k": 1}, "h", env)
+    new = ExpertAdamW(bank.parameters_to_train(), 4, lr=1e-2)
+    with pytest.raises(ValueError, match=r"state\.safetensors: optimizer state of parameter 0 has a step count of "
+                                         r"shape \(\), not one per expert \[4\].*remove it to start over"):
+        D.load_train_state(path, bank, new, gen, env)
+    # an ExpertAdamW state resumes (per-expert counts survive the file)
+    new.step(torch.tensor([True, False, True, False]))
+    D.save_train_state(path, bank, new, gen, 2, [0.5, 0.4], {"k": 1}, "h", env)
+    again = ExpertAdamW(bank.parameters_to_train(), 4, lr=1e-2)
+    assert D.load_train_state(path, bank, again, gen, env)[0] == 2
+    p = bank.parameters_to_train()[0]
+    assert again.state[p]["step"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert all(torch.equal(again.state[p][k], new.state[p][k]) for k in new.state[p])
 
 
 def test_ddp_ranks_agree_on_which_experts_step(tmp_path):

@@ -214,17 +214,18 @@ def test_distill_cuda_graph_matches_eager(tmp_path, no_tf32):
     assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
 
 
-def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_path, monkeypatch):
-    """The graph path's step (capturable AdamW with a tensor learning rate, optimizer step inside the
-    step function, no host input checks) run on the CPU without capture: the same experts as the
-    eager path (5 experts at batch 4: some unsampled every step), and the bank that distill returns
-    checks its inputs again."""
+@pytest.mark.parametrize("reduction", ["expert_mean", "batch_mean"])
+def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_path, monkeypatch, reduction):
+    """The graph path's step (ExpertAdamW, or for batch_mean capturable AdamW, with a tensor learning
+    rate, optimizer step inside the step function, no host input checks) run on the CPU without
+    capture: the same experts as the eager path (5 experts at batch 4: some unsampled every step),
+    and the bank that distill returns checks its inputs again."""
     import ppap_fast.train_graph as TG
     from safetensors.torch import load_file
 
     data, teacher = _tiny_set(tmp_path)
     cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=5, r=2, alpha=2.0, steps=4,
-                          batch_size=4, lr=1e-2, warmup=1, device="cpu")
+                          batch_size=4, lr=1e-2, warmup=1, device="cpu", loss_reduction=reduction)
     D.distill(cfg, D.DistEnv())
 
     class Uncaptured:  # GraphedTrainStep's contract: step_fn(*inputs) does the whole step

@@ -663,7 +663,8 @@ class ExpertBank(nn.Module):
         Routing a batch to one expert leaves the other experts' gradients zero, but AdamW still
         changes them: decoupled weight decay shrinks them, and Adam's running moments keep moving
         them after their last batch (weight_decay=0 does not stop that). Step with
-        :meth:`step_sampled_experts` to leave the experts without a sample in the batch as they were.
+        :meth:`step_sampled_experts` to leave the experts without a sample in the batch as they were,
+        and use :class:`~ppap_fast.experts.optim.ExpertAdamW` for per-expert step counts.
         """
         return [t for _, t in self._per_expert_items(params_only=True)]
 
@@ -677,7 +678,17 @@ class ExpertBank(nn.Module):
         """``opt.step()`` that changes only the experts with ``sampled[n]`` (bool [N], e.g.
         :meth:`sampled_experts`): the others keep their parameters and optimizer moments, as when
         each expert is trained on its own batches (weight decay and Adam's moments would move them).
-        Only the shared step count advances. Sync-free: capturable in a CUDA graph."""
+        With :class:`~ppap_fast.experts.optim.ExpertAdamW` this is ``opt.step(sampled)``: each
+        expert also keeps its own step count (its bias corrections), which makes one-pass training
+        equal separate training. Another optimizer (torch.optim.AdamW) steps every tensor's shared
+        count: a skipped expert's later updates then differ from separate training (what
+        ``--loss-reduction batch_mean`` runs keep, to reproduce the experts made so).
+        Sync-free: capturable in a CUDA graph."""
+        from .optim import ExpertAdamW
+
+        if isinstance(opt, ExpertAdamW):
+            opt.step(sampled.to(torch.bool))
+            return
         params = self.parameters_to_train()
         kept = []
         for p in params:

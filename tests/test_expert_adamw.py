@@ -1,0 +1,172 @@
+"""ExpertAdamW: torch.optim.AdamW on stacked [N, ...] tensors with one step count per expert."""
+import io
+
+import pytest
+import torch
+
+from ppap_fast.experts import ExpertAdamW
+
+from _util import requires_cuda
+
+N = 5
+MASKS = [[1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [0, 1, 1, 0, 1], [1, 1, 0, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def _params(dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, 4, 3, generator=g, dtype=dtype).to(device).requires_grad_(),
+            torch.randn(N, 6, generator=g, dtype=dtype).to(device).requires_grad_()]
+
+
+def _grads(params, k):
+    g = torch.Generator().manual_seed(100 + k)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for p in params]
+
+
+def _set_lr(opt, lr):
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def _run(opt, params, steps, masks=None, first=0):
+    for k in range(first, first + steps):
+        for p, g in zip(params, _grads(params, k)):
+            p.grad = g
+        _set_lr(opt, 1e-2 * (1 - k / 20))
+        if masks is None:
+            opt.step()
+        else:
+            opt.step(torch.tensor(masks[k], dtype=torch.bool, device=params[0].device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_every_expert_stepping_equals_torch_adamw(dtype, amsgrad, lr_tensor):
+    """All experts sampled at every step: torch.optim.AdamW's parameters and state; bitwise for a
+    float32 lr and parameters (CPU), else within 1e-6 (float64 bias corrections: 1 ulp)."""
+    ref, mine = _params(dtype), _params(dtype)
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, amsgrad=amsgrad)
+    lr = torch.tensor(1e-2) if lr_tensor else 1e-2
+    opt = ExpertAdamW(mine, N, lr=lr, weight_decay=0.05, amsgrad=amsgrad)
+    _run(torch_opt, ref, 8)
+    _run(opt, mine, 4)
+    _run(opt, mine, 4, [[True] * N] * 8, first=4)  # an all-True mask is the same as none
+    exact = dtype == torch.float32 and not lr_tensor
+    for i, (a, b) in enumerate(zip(mine, ref)):
+        assert torch.isfinite(a).all()
+        assert not torch.equal(a, _params(dtype)[i])  # it moved
+        for x, y in [(a, b)] + [(opt.state[a][k], torch_opt.state[b][k]) for k in torch_opt.state[b] if k != "step"]:
+            if exact:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+        assert opt.state[a]["step"].tolist() == [8.0] * N and float(torch_opt.state[b]["step"]) == 8.0
+
+
+def test_each_expert_steps_as_its_own_adamw():
+    """Random masks: expert n's slices equal a torch.optim.AdamW stepped only when n is sampled (its
+    own step count); an expert never sampled keeps its parameters and zero moments."""
+    masks = MASKS[1:5]  # expert 3 never sampled, no expert at the last step
+    mine = _params(torch.float64)
+    opt = ExpertAdamW(mine, N, lr=1e-2, weight_decay=0.05, amsgrad=True)
+    _run(opt, mine, len(masks), masks)
+    for n in range(N):
+        ref = [p[n].detach().clone().requires_grad_() for p in _params(torch.float64)]
+        torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, amsgrad=True)
+        for k, m in enumerate(masks):
+            if m[n]:
+                for r, g in zip(ref, _grads(mine, k)):
+                    r.grad = g[n]
+                _set_lr(torch_opt, 1e-2 * (1 - k / 20))
+                torch_opt.step()
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a[n], b, rtol=1e-12, atol=1e-15)
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                want = torch_opt.state[b][k] if b in torch_opt.state else torch.zeros_like(b)
+                torch.testing.assert_close(opt.state[a][k][n], want, rtol=1e-12, atol=1e-15)
+        assert opt.state[mine[0]]["step"][n] == sum(m[n] for m in masks)
+
+
+def test_state_dict_round_trip_resumes_bitwise():
+    a = _params()
+    opt_a = ExpertAdamW(a, N, lr=1e-2, weight_decay=0.05, amsgrad=True)
+    _run(opt_a, a, 3, MASKS)
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_b = ExpertAdamW(b, N, lr=0.5, weight_decay=0.05, amsgrad=True)  # lr comes from the state
+    opt_b.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert opt_b.state[b[0]]["step"].dtype == torch.float32 and opt_b.state[b[0]]["step"].shape == (N,)
+    _run(opt_a, a, 3, MASKS, first=3)
+    _run(opt_b, b, 3, MASKS, first=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        assert all(torch.equal(opt_a.state[x][k], opt_b.state[y][k]) for k in opt_a.state[x])
+
+
+def test_refuses_a_torch_adamw_state_and_bad_inputs():
+    ps = _params()
+    torch_opt = torch.optim.AdamW(ps, lr=1e-2)
+    _run(torch_opt, ps, 1)
+    opt = ExpertAdamW(ps, N)
+    with pytest.raises(ValueError, match=r"step count of shape \(\), not one per expert \[5\]"):
+        opt.load_state_dict(torch_opt.state_dict())
+    with pytest.raises(ValueError, match=r"stacked per-expert tensors \[4, \.\.\.\]; got one of shape \(5, 4, 3\)"):
+        ExpertAdamW(ps, 4)
+    with pytest.raises(ValueError, match="n_experts"):
+        ExpertAdamW(ps, 0)
+    with pytest.raises(ValueError, match="learning rate"):
+        ExpertAdamW(ps, N, lr=-1.0)
+    for bad in (torch.ones(N), torch.ones(N + 1, dtype=torch.bool), [True] * N):
+        with pytest.raises(ValueError, match=r"sampled must be a bool tensor \[5\]"):
+            opt.step(bad)
+
+
+def test_step_reads_nothing_back_to_the_host(monkeypatch):
+    """What a CUDA graph cannot capture: no .item() / bool() / float() / .cpu() / .tolist() in a step
+    (tensor lr and a device mask, as the captured distillation step passes them)."""
+    ps = _params()
+    opt = ExpertAdamW(ps, N, lr=torch.tensor(1e-2), weight_decay=0.05, amsgrad=True)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    masks = [torch.tensor(m, dtype=torch.bool) for m in MASKS[:3]]
+
+    def sync(*a, **k):
+        raise AssertionError("host sync in ExpertAdamW.step")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for m in masks:  # the first step allocates the state, later ones update it
+        opt.step(m)
+    monkeypatch.undo()
+    assert opt.state[ps[0]]["step"].tolist() == [2.0, 2.0, 3.0, 1.0, 2.0]
+
+
+@requires_cuda
+def test_step_replays_in_a_cuda_graph():
+    """Captured once (tensor lr, static mask and gradients) and replayed: the eager steps, bitwise."""
+    eager, graphed = _params(device="cuda"), _params(device="cuda")
+    opt_e = ExpertAdamW(eager, N, lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.05)
+    opt_g = ExpertAdamW(graphed, N, lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.05)
+    _run(opt_e, eager, len(MASKS), MASKS)
+    mask = torch.ones(N, dtype=torch.bool, device="cuda")
+    _run(opt_g, graphed, 1, MASKS)  # eager: allocates the state
+    for p in graphed:
+        p.grad = p.grad.clone()  # static gradient buffers
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step(mask)
+    for k in range(1, len(MASKS)):
+        for p, g in zip(graphed, _grads(graphed, k)):
+            p.grad.copy_(g)
+        mask.copy_(torch.tensor(MASKS[k], dtype=torch.bool))
+        _set_lr(opt_g, 1e-2 * (1 - k / 20))
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed, eager):
+        assert torch.equal(a, b) and torch.equal(opt_g.state[a]["exp_avg_sq"], opt_e.state[b]["exp_avg_sq"])
+    assert opt_g.state[graphed[0]]["step"].tolist() == [4.0, 4.0, 4.0, 2.0, 4.0]
