@@ -9,7 +9,7 @@ from ppap_fast import ops
 from ppap_fast.ops import update as gu
 from ppap_fast.schedule import Schedule
 
-from _util import assert_close_rel, poison_allocator, rel_err
+from _util import LaunchRecorder, assert_close_rel, assert_grid_within_cuda_limits, poison_allocator, rel_err
 
 CONFIGS = [
     ("ddim", 0.0, "learned_range", "ddim25"),
@@ -299,3 +299,66 @@ def test_triton_clamps_an_index_outside_the_table():
     want = gu.guided_update_reference(x, eps, torch.tensor([T - 1, 0, 3]), table, grad=grad)
     for a, b in zip(out, want):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_triton_launch_grids_stay_within_cuda_limits_above_65535_samples(monkeypatch):
+    """Samples sat on grid axis 1, which CUDA caps at 65535: a batch of 70000 failed to launch. Every
+    launch must keep axes 1 and 2 <= 65535, and the launches together must cover every sample once.
+    (The interpreter takes minutes for 70000 programs: the grids are recorded here, the chunked
+    results are checked against the reference below.)"""
+    from ppap_fast.ops import update_triton
+
+    rec = LaunchRecorder()
+    monkeypatch.setattr(update_triton, "_guided_update_kernel", rec)
+    B = 70000
+    table = gu.build_table(Schedule.create("linear", 1000, "ddim25"), "ddim")
+    x = torch.zeros(B, 1)
+    update_triton.guided_update_triton(x, x, torch.zeros(B, dtype=torch.long), table)
+    assert rec.launches
+    covered = []
+    for grid, args in rec.launches:
+        assert_grid_within_cuda_limits(grid)
+        b0 = args[-1]  # the kernel's first sample (after inner)
+        covered += range(b0, b0 + grid[1])
+    assert covered == list(range(B))
+
+
+def test_triton_chunked_launches_match_reference(monkeypatch):
+    """The chunked path (forced with a grid limit of 7 samples: 20 samples in 3 launches, the last
+    partial) against the float64 reference, mixed steps, grad and noise, outputs poisoned."""
+    from ppap_fast.ops import _kernel_util
+
+    monkeypatch.setattr(_kernel_util, "MAX_GRID_YZ", 7)
+    assert len(_kernel_util.grid_chunks(20)) == 3
+    gen = torch.Generator().manual_seed(5)
+    for cfg in (CONFIGS[0], CONFIGS[2]):
+        table64, idx, x, eps, v, grad, noise = _case(*cfg, 20, (2, 1, 3), "cpu", gen, True, True, "mixed")
+        table = gu.UpdateTable(table64.coefs, table64.mode)
+        with monkeypatch.context() as m:  # the outputs start as NaN
+            m.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+            got = gu.guided_update(x.float(), eps.float(), idx, table, v=None if v is None else v.float(),
+                                   grad=grad.float(), noise=noise.float(), backend="triton")
+        want = gu.guided_update_reference(x, eps, idx, table64, v=v, grad=grad, noise=noise)
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all()
+            assert_close_rel(g.double(), w, TOL[torch.float32] * 10, "chunked triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backends_above_65535_samples():
+    """On the GPU: the CUDA kernel refused a batch above 65535 (grid axis y) and the Triton one failed
+    to launch; both now run it (samples looped / chunked) and match the reference, outputs poisoned."""
+    B = 70000
+    table64 = gu.build_table(Schedule.create("linear", 1000, "ddim25"), "ddim").to("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, 1, 3, device="cuda", generator=gen)
+    eps, grad = torch.randn_like(x), torch.randn_like(x)
+    idx = torch.randint(0, 25, (B,), device="cuda", generator=gen)
+    want = gu.guided_update_reference(x.double(), eps.double(), idx, table64, grad=grad.double())
+    backends = [b for b in _backends_for("cuda") if b in ("cuda", "triton")]
+    assert backends
+    for backend in backends:
+        poison_allocator("cuda")
+        got = gu.guided_update(x, eps, idx, table64, grad=grad, backend=backend)
+        for g, w in zip(got, want):
+            assert_close_rel(g.double(), w, TOL[torch.float32] * 10, f"{backend} at B={B}")

@@ -1647,3 +1647,102 @@ def test_a_stage_auto_raises_device_faults():
             autotune.choose(run(accel("device-side assert triggered")), ("k3",), autotune.CANDIDATES, cpu)
     assert ("k2",) not in autotune.a_stage_choices()
     autotune.clear_a_stage_choices()
+
+
+def _record_conv_outputs(monkeypatch):
+    """Element counts of every F.conv2d output from here on (the stacked and fused convs call it)."""
+    sizes, conv = [], F.conv2d
+
+    def spy(*args, **kwargs):
+        y = conv(*args, **kwargs)
+        sizes.append(y.numel())
+        return y
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    return sizes
+
+
+def test_stacked_delta_conv_splits_the_batch_past_the_element_limit(monkeypatch):
+    """The stacked delta conv's [S, N*C_out, Ho, Wo] output reaches 96% of 2^31 elements for ResNet50's
+    layer1 conv3 at batch 256, N = 10 (past 2^31 cuDNN / 32-bit kernels fail or index wrong). With the
+    limit lowered to 1000 elements (432 per sample here, 2160 in all) the batch must run in chunks whose
+    conv outputs stay within it, with forward and every gradient equal to the reference."""
+    g = torch.Generator().manual_seed(11)
+    N, S = 3, 5
+    x = torch.randn(S, 3, 6, 6, generator=g, dtype=torch.float64)
+    W, b = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    delta = torch.randn(N, 4, 3, 3, 3, generator=g, dtype=torch.float64) * 0.1
+    eb = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    idx, dy = torch.tensor([2, 0, 2, 1, 0]), torch.randn(S, 4, 6, 6, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, delta, eb)]
+        y = fn(leaves[0], W, b, leaves[1], idx, 1, 1, 1, 1, leaves[2])
+        return [y, *torch.autograd.grad(y, leaves, dy)]
+
+    want = run(R.lora_conv2d_delta)
+    monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
+    sizes = _record_conv_outputs(monkeypatch)
+    got = run(lambda *a: L.lora_conv2d_delta(*a, backend="stacked"))
+    assert L.last_backend["lora_conv2d_delta"] == "stacked"
+    assert sizes and max(sizes) <= 1000, f"conv outputs of {sizes} elements exceed the limit of 1000"
+    for name, a, w in zip(["y", "dx", "ddelta", "deb"], got, want):
+        assert_close(f"chunked stacked delta conv {name}", a, w, 1e-12)
+
+
+@pytest.mark.skipif(not INTERP and not HAS_CUDA, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("a_stage", ["stacked", "fused"])
+def test_lora_conv2d_stacked_a_splits_the_batch_past_the_element_limit(monkeypatch, a_stage):
+    """lora_conv2d's N-fold A-stage tensors: the stacked A conv [S, N*r, Ho, Wo] (2160 elements here) and
+    the fused [S, C_out + N*r, Ho, Wo] conv (2880). Past the limit (lowered to 1000) the stacked one runs
+    in batch chunks and fused falls back to it; y and every gradient still match the reference (the
+    fast path's buffers poisoned)."""
+    dev = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(12)
+    N, S, r = 3, 5, 4
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, W, b = mk(S, 3, 6, 6), mk(4, 3, 3, 3) / 3, mk(4)
+    A, B, eb = mk(N, r, 3, 3, 3) / 3, mk(N, 4, r), mk(N, 4)
+    idx, dy = torch.tensor([2, 0, 2, 1, 0]), mk(S, 4, 6, 6)
+
+    def run(dev, dt, **kw):
+        leaves = [t.to(dev, dt).requires_grad_(True) for t in (x, A, B, eb)]
+        y = L.lora_conv2d(leaves[0], W.to(dev, dt), b.to(dev, dt), leaves[1], leaves[2], idx.to(dev), 0.5, 1, 1,
+                          expert_bias=leaves[3], **kw)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(dev, dt))]
+
+    want = run("cpu", torch.float64, backend="reference")
+    monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
+    sizes = _record_conv_outputs(monkeypatch)
+    got = run(dev, torch.float32, backend="triton", a_stage=a_stage)
+    assert sizes and max(sizes) <= 1000, f"conv outputs of {sizes} elements exceed the limit of 1000"
+    for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], got, want):
+        assert_close(f"{a_stage} chunked {name}", a.cpu(), w, TOL[torch.float32])
+
+
+def test_cpp_lora_conv2d_splits_the_batch_past_the_element_limit(monkeypatch):
+    """The cpp backend's C++ stacked A conv [S, N*r, Ho, Wo] (2160 elements here): past the limit
+    (lowered to 1000) the batch goes to the C++ op in chunks of at most 1000 // 432 = 2 samples; y and
+    every gradient match the reference."""
+    _maybe_skip("cpu", "cpp", torch.float64)
+    g = torch.Generator().manual_seed(13)
+    N, S, r = 3, 5, 4
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, W, b = mk(S, 3, 6, 6), mk(4, 3, 3, 3) / 3, mk(4)
+    A, B, eb = mk(N, r, 3, 3, 3) / 3, mk(N, 4, r), mk(N, 4)
+    idx, dy = torch.tensor([2, 0, 2, 1, 0]), mk(S, 4, 6, 6)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, eb)]
+        y = L.lora_conv2d(leaves[0], W, b, leaves[1], leaves[2], idx, 0.5, 1, 1, expert_bias=leaves[3],
+                          backend=backend, a_stage="stacked")
+        return [y, *torch.autograd.grad(y, leaves, dy)]
+
+    want = run("reference")
+    monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
+    batches, op = [], torch.ops.ppap_fast.lora_conv2d_cpp
+    monkeypatch.setattr(torch.ops.ppap_fast, "lora_conv2d_cpp", lambda x, *a: (batches.append(x.shape[0]), op(x, *a))[1])
+    got = run("cpp")
+    assert batches and max(batches) * N * r * 36 <= 1000, f"C++ calls over batches {batches} exceed the limit"
+    for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], got, want):
+        assert_close(f"cpp chunked {name}", a, w, 1e-10)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ppap_fast import ops
 from ppap_fast.ops import norm_act as GA
 
-from _util import poisoned_kernels, rel_err, requires_cuda
+from _util import LaunchRecorder, assert_grid_within_cuda_limits, poisoned_kernels, rel_err, requires_cuda
 
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
@@ -221,3 +221,37 @@ def test_triton_trailing_unit_spatial_dims(make):
     x = make(torch.Generator().manual_seed(0))
     y = GA.group_norm_act(x, 2, backend="triton")
     assert (y.double() - GA.group_norm_act_reference(x.double(), 2)).abs().max() < 1e-5
+
+
+def test_triton_launch_grids_stay_within_cuda_limits_above_65535_samples(monkeypatch):
+    """The apply kernel had the samples on grid axis 2, which CUDA caps at 65535: a batch of 70000
+    failed to launch. Every launch must stay within the limits and the apply launches cover every
+    sample once (grids recorded, nothing run: the interpreter would take minutes)."""
+    from ppap_fast.ops import norm_act_triton as NT
+
+    stats, apply = LaunchRecorder(), LaunchRecorder()
+    monkeypatch.setattr(NT, "_gn_stats_kernel", stats)
+    monkeypatch.setattr(NT, "_gn_apply_kernel", apply)
+    B = 70000
+    NT.group_norm_act(torch.zeros(B, 2, 1), 1, None, None, 1e-5, None, None, True)
+    covered = []
+    for grid, args in stats.launches + apply.launches:
+        assert_grid_within_cuda_limits(grid)
+    for grid, args in apply.launches:
+        b0 = args[14]  # after x, y, shift, mean, rstd, w, b, scale, shift, in_bias, C, HW, Cg, G
+        covered += range(b0, b0 + grid[2])
+    assert covered == list(range(B))
+
+
+def test_triton_chunked_launches_match_float64(monkeypatch):
+    """The chunked launches (forced: at most 3 samples per launch, 7 samples, last chunk partial) with
+    per-sample scale / shift, NCHW and channels_last, against the float64 reference; poisoned output."""
+    from ppap_fast.ops import _kernel_util
+
+    monkeypatch.setattr(_kernel_util, "MAX_GRID_YZ", 3)
+    assert len(_kernel_util.grid_chunks(7)) == 3
+    gen = torch.Generator().manual_seed(3)
+    for cl in (False, True):
+        x, w, b, sc, sh = _case((7, 8, 3, 2), 4, gen, torch.float32, channels_last=cl)
+        got = GA.group_norm_act(x, 4, w, b, scale=sc, shift=sh, backend="triton")
+        assert rel_err(got, _want(x, 4, w, b, sc, sh, True)) <= TOL[torch.float32], f"channels_last={cl}"

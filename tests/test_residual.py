@@ -9,7 +9,7 @@ import torch
 from ppap_fast import ops
 from ppap_fast.ops import residual as RA
 
-from _util import capture_cuda_graph, poisoned_kernels, rel_err, requires_cuda
+from _util import LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph, poisoned_kernels, rel_err, requires_cuda
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SHAPES = [(2, 24, 6, 5), (3, 8, 9), (2, 5), (1, 40, 3, 7), (2, 3, 17, 17)]
@@ -169,3 +169,36 @@ def test_triton_trailing_unit_spatial_dim():
         y = RA.bias_residual_add(a, b, bias, backend="triton")
         want = RA.bias_residual_add_reference(a.double(), b.double(), bias.double())
         assert (y.double() - want).abs().max() < 1e-5
+
+
+def test_triton_launch_grids_stay_within_cuda_limits_above_65535_samples(monkeypatch):
+    """The samples sat on grid axis 2, which CUDA caps at 65535: a batch of 70000 failed to launch.
+    Every launch must stay within the limits and the launches cover every sample once (grids
+    recorded, nothing run: the interpreter would take minutes)."""
+    from ppap_fast.ops import residual_triton as RT
+
+    rec = LaunchRecorder()
+    monkeypatch.setattr(RT, "_bias_residual_kernel", rec)
+    B = 70000
+    RT.bias_residual_add(torch.zeros(B, 2), torch.zeros(B, 2), None)
+    covered = []
+    for grid, args in rec.launches:
+        assert_grid_within_cuda_limits(grid)
+        b0 = args[6]  # after h, skip, bias, y, C, HW
+        covered += range(b0, b0 + grid[2])
+    assert covered == list(range(B))
+
+
+def test_triton_chunked_launches_match_float64(monkeypatch):
+    """The chunked launches (forced: at most 3 samples per launch, 7 samples, last chunk partial), with
+    and without bias, NCHW and channels_last; poisoned output."""
+    from ppap_fast.ops import _kernel_util
+
+    monkeypatch.setattr(_kernel_util, "MAX_GRID_YZ", 3)
+    gen = torch.Generator().manual_seed(4)
+    for cl, with_bias in itertools.product([False, True], [False, True]):
+        h, skip, bias = _inputs((7, 5, 3, 2), gen, torch.float32, cl, cl)
+        bias = bias if with_bias else None
+        got = RA.bias_residual_add(h, skip, bias, backend="triton")
+        want = RA.bias_residual_add_reference(h.double(), skip.double(), None if bias is None else bias.double())
+        assert rel_err(got, want) <= TOL[torch.float32], f"channels_last={cl} bias={with_bias}"

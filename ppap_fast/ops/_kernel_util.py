@@ -7,6 +7,21 @@ import torch
 
 _SM_COUNT: dict = {}
 
+# CUDA caps launch-grid axes 1 and 2 at 65535 blocks (axis 0 at 2^31 - 1): a kernel with samples on
+# axis 1 or 2 launches in chunks of at most this many samples (tests lower it to reach the chunked path)
+MAX_GRID_YZ = 65535
+
+
+def grid_chunks(n: int):
+    """(first, count) chunks covering n samples, count <= MAX_GRID_YZ. Chunk starts are multiples of 16
+    (where the limit allows), so a kernel taking `first` as an argument compiles once for every chunk."""
+    step = MAX_GRID_YZ - MAX_GRID_YZ % 16 if MAX_GRID_YZ >= 16 else MAX_GRID_YZ
+    if step < 1:
+        raise ValueError(f"MAX_GRID_YZ must be >= 1, got {MAX_GRID_YZ}")
+    if n <= MAX_GRID_YZ:  # the common case: one launch over every sample
+        return [(0, n)]
+    return [(first, min(step, n - first)) for first in range(0, n, step)]
+
 
 def sm_count(device: torch.device, other: int) -> int:
     """Streaming multiprocessors of a CUDA device (cached per device); `other` for any other

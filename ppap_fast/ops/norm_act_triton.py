@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._kernel_util import grid_chunks
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,7 +56,7 @@ def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sx
 
 
 @triton.jit
-def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, ib_ptr, C, HW, Cg, G,
+def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, ib_ptr, C, HW, Cg, G, b0,
                      sxb, sxc, sxp, syb, syc, syp, ssb, shb, sib,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      HAS_IB: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -63,7 +65,7 @@ def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
     first: no cancellation at a large mean)."""
     pp = tl.program_id(0)
     pc = tl.program_id(1)
-    b = tl.program_id(2)
+    b = b0 + tl.program_id(2)  # samples in chunks of <= 65535 (CUDA's cap on grid axis 2)
     cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     ps = pp * BLOCK_P + tl.arange(0, BLOCK_P)
     cm = cs < C
@@ -157,11 +159,11 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, po
     bb = bias.contiguous() if bias is not None else mean
     sc = scale if scale is None or scale.stride(1) == 1 else scale.contiguous()
     sh = shift if shift is None or shift.stride(1) == 1 else shift.contiguous()
-    grid = (triton.cdiv(HW, bp), triton.cdiv(C, bc), B)
-    _gn_apply_kernel[grid](x, y, shift0, mean, rstd, w, bb, sc if sc is not None else mean, sh if sh is not None else mean,
-                           ib if ib is not None else mean, C, HW, Cg, G, *st, *sy,
-                           sc.stride(0) if sc is not None else 0, sh.stride(0) if sh is not None else 0, sib,
-                           HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
-                           HAS_SHIFT=shift is not None, HAS_IB=ib is not None, SILU=bool(silu), BLOCK_C=bc,
-                           BLOCK_P=bp)
+    for b0, count in grid_chunks(B):  # one launch unless B > 65535
+        _gn_apply_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), count)](
+            x, y, shift0, mean, rstd, w, bb, sc if sc is not None else mean, sh if sh is not None else mean,
+            ib if ib is not None else mean, C, HW, Cg, G, b0, *st, *sy,
+            sc.stride(0) if sc is not None else 0, sh.stride(0) if sh is not None else 0, sib,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, HAS_IB=ib is not None, SILU=bool(silu), BLOCK_C=bc, BLOCK_P=bp)
     return y

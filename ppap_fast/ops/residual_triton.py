@@ -6,15 +6,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._kernel_util import grid_chunks
 from .norm_act_triton import _bcp_empty, _bcp_view, _blocks
 
 
 @triton.jit
-def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, shb, shc, shp, ssb, ssc, ssp, syb, syc, syp,
+def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, b0, shb, shc, shp, ssb, ssc, ssp, syb, syc, syp,
                           HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pp = tl.program_id(0)
     pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b = b0 + tl.program_id(2).to(tl.int64)  # samples in chunks of <= 65535 (CUDA's cap on grid axis 2)
     cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     ps = pp * BLOCK_P + tl.arange(0, BLOCK_P)
     cm = cs < C
@@ -37,7 +38,8 @@ def bias_residual_add(h, skip, bias, poison=False):
         return y
     bias = bias.contiguous() if bias is not None else None
     bc, bp = _blocks(C, HW, sh[1] == 1 and C > 1)
-    grid = (triton.cdiv(HW, bp), triton.cdiv(C, bc), B)
-    _bias_residual_kernel[grid](h, skip, bias if bias is not None else h, y, C, HW, *sh, *ss, *sy,
-                                HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_P=bp)
+    for b0, count in grid_chunks(B):  # one launch unless B > 65535
+        _bias_residual_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), count)](
+            h, skip, bias if bias is not None else h, y, C, HW, b0, *sh, *ss, *sy,
+            HAS_BIAS=bias is not None, BLOCK_C=bc, BLOCK_P=bp)
     return y

@@ -5,13 +5,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ppap_fast.ops._kernel_util import grid_chunks
+
 
 @triton.jit
 def _guided_update_kernel(x_ptr, eps_ptr, es, v_ptr, vs, grad_ptr, gs, noise_ptr, ns, idx_ptr, coef_ptr, T,
-                          sample_ptr, pred_ptr, inner,
+                          sample_ptr, pred_ptr, inner, b0,
                           MODE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD: tl.constexpr,
                           HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)  # b * inner and b * stride: int64 (int32 wraps past 2^31 elements)
+    # sample b0 + axis 1 (launched in chunks: grid axis 1 holds at most 65535); b * inner and b * stride in
+    # int64 (int32 wraps past 2^31 elements)
+    b = b0 + tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inner
     t = tl.load(idx_ptr + b).to(tl.int64)
@@ -72,11 +76,11 @@ def guided_update_triton(x, eps, idx, table, v=None, grad=None, noise=None, clip
     def ptr(t):
         return (x, 0) if t is None else (t, t.stride(0))
 
-    grid = (triton.cdiv(inner, block), B)
-    _guided_update_kernel[grid](
-        x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, table.coefs_f32.shape[0],
-        sample, pred, inner,
-        MODE=table.mode, CLIP=bool(clip_denoised), HAS_GRAD=grad is not None, HAS_NOISE=noise is not None,
-        BLOCK=block,
-    )
+    for b0, count in grid_chunks(B):  # one launch unless B > 65535
+        _guided_update_kernel[(triton.cdiv(inner, block), count)](
+            x, eps, eps.stride(0), *ptr(v), *ptr(grad), *ptr(noise), idx, table.coefs_f32, table.coefs_f32.shape[0],
+            sample, pred, inner, b0,
+            MODE=table.mode, CLIP=bool(clip_denoised), HAS_GRAD=grad is not None, HAS_NOISE=noise is not None,
+            BLOCK=block,
+        )
     return sample, pred

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._kernel_util import autocast_input
-from .reference import block_diag_B
+from .reference import batch_chunk, block_diag_B, conv_out_hw
 from .segments import Segments, build_segments
 
 POISON = False  # tests: buffers the ops fully overwrite start as NaN
@@ -57,6 +57,12 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, seg: Segm
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
                 seg: Segments | None = None):
+    S = x.shape[0]
+    Ho, Wo = conv_out_hw(x.shape[-2:], W.shape[-2:], stride, padding, dilation)
+    chunk = batch_chunk(S, A.shape[0] * A.shape[1] * Ho * Wo)
+    if chunk < S:  # the stacked A conv [S, N*r, Ho, Wo] (and its gradient) past 2^31 elements: batch chunks
+        return torch.cat([lora_conv2d(x[i:i + chunk], W, bias, A, B, expert_idx[i:i + chunk], scale, stride, padding,
+                                      dilation, groups, expert_bias) for i in range(0, S, chunk)])
     seg = seg if seg is not None else build_segments(expert_idx, A.shape[0])
     Bd = block_diag_B(B, groups)
     args = (W, bias, A, Bd, expert_bias, seg.expert_idx, seg.sorted_idx, seg.offsets, float(scale), _ints(stride),

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .._kernel_util import autocast_input, first_order_only, new_buffer, on_device
 from . import triton_kernels as tk
+from . import reference
 from .reference import block_diag_B, stacked_expert_conv  # noqa: F401  (pure torch; block_diag_B also for cpp)
 from .segments import Segments
 from .triton_conv import IN_BASE_MAX_RANK
@@ -515,6 +516,13 @@ def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
+def fused_fits(x, W, A, stride, padding, dilation) -> bool:
+    """Whether the fused A stage's [S, C_out + N*r, Ho, Wo] conv output (and its gradient) stays within
+    reference.MAX_INTERMEDIATE_NUMEL; else the stacked A stage runs (it splits the batch)."""
+    Ho, Wo = reference.conv_out_hw(x.shape[-2:], W.shape[-2:], stride, padding, dilation)
+    return x.shape[0] * (W.shape[0] + A.shape[0] * A.shape[1]) * Ho * Wo <= reference.MAX_INTERMEDIATE_NUMEL
+
+
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
                 expert_bias=None, seg: Segments | None = None, fwd: str = "triton", a_stage: str = "stacked",
                 a_blocks: int = 1):
@@ -536,7 +544,7 @@ def _lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation,
                                           dilation, fwd, 1)
     if a_stage == "in_base":  # a blocked A or a rank over the in-base tile: the implicit kernels
         a_stage = "implicit"
-    if a_stage == "fused" and groups == 1:
+    if a_stage == "fused" and groups == 1 and fused_fits(x, W, A, stride, padding, dilation):
         with no_autocast:
             return LoraConvFusedFn.apply(x, A, B, expert_bias, W, bias, seg, float(scale), stride, padding,
                                          dilation, fwd)

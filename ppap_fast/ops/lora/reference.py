@@ -140,19 +140,50 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     return y
 
 
+# cuDNN and kernels with 32-bit indexing fail or index wrong on tensors of 2^31 elements or more
+MAX_INTERMEDIATE_NUMEL = 2**31 - 1
+
+
+def conv_out_hw(hw, kernel_hw, stride, padding, dilation) -> Tuple[int, int]:
+    """(Ho, Wo) of a conv over an (H, W) input (padding an int, a pair, 'valid' or 'same')."""
+    if padding == "same":
+        return tuple(hw)  # type: ignore[return-value]
+    padding = 0 if padding == "valid" else padding
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (H, W), (kh, kw) = hw, kernel_hw
+    return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def batch_chunk(S: int, numel_per_sample: int) -> int:
+    """Samples per chunk that keep an intermediate of numel_per_sample elements per sample within
+    MAX_INTERMEDIATE_NUMEL (S: no split needed; at least 1)."""
+    return min(S, max(1, MAX_INTERMEDIATE_NUMEL // max(numel_per_sample, 1)))
+
+
 def stacked_expert_conv(x, w_experts, expert_idx, stride, padding, dilation, groups):
     """ONE conv with every expert's weight stacked along the output channels, then each sample keeps
     its own expert's channels (one gather, any memory format). w_experts [N, C_o, C_in/g, kh, kw]
-    -> [S, C_o, Ho, Wo]; differentiable (autograd); N times the FLOPs of one expert's conv."""
+    -> [S, C_o, Ho, Wo]; differentiable (autograd); N times the FLOPs of one expert's conv.
+    The stacked output [S, N*C_o, Ho, Wo] is N times the result (e.g. 96% of 2^31 elements for
+    ResNet50's layer1 conv3 at batch 256, N = 10): past MAX_INTERMEDIATE_NUMEL the batch runs in chunks."""
     N, C_o = w_experts.shape[:2]
     cg = C_o // groups
     # stacked output channels ordered [g, N, C_o/g] so each conv group sees its own input group
     w = w_experts.reshape(N, groups, cg, *w_experts.shape[2:]).transpose(0, 1).reshape(
-        groups * N * cg, *w_experts.shape[2:])
-    ys = F.conv2d(x, w.to(x.dtype), None, stride, padding, dilation, groups)
-    S, _, Ho, Wo = ys.shape
-    sel = expert_idx.view(S, 1, 1, 1, 1, 1).expand(S, groups, 1, cg, Ho, Wo)
-    return ys.unflatten(1, (groups, N, cg)).gather(2, sel).reshape(S, C_o, Ho, Wo)
+        groups * N * cg, *w_experts.shape[2:]).to(x.dtype)
+    S = x.shape[0]
+    Ho, Wo = conv_out_hw(x.shape[-2:], w_experts.shape[-2:], stride, padding, dilation)
+    chunk = batch_chunk(S, N * C_o * Ho * Wo)
+
+    def conv_gather(xc, idx):
+        ys = F.conv2d(xc, w, None, stride, padding, dilation, groups)
+        Sc, _, Hc, Wc = ys.shape
+        sel = idx.view(Sc, 1, 1, 1, 1, 1).expand(Sc, groups, 1, cg, Hc, Wc)
+        return ys.unflatten(1, (groups, N, cg)).gather(2, sel).reshape(Sc, C_o, Hc, Wc)
+
+    if chunk >= S:
+        return conv_gather(x, expert_idx)
+    return torch.cat([conv_gather(x[i:i + chunk], expert_idx[i:i + chunk]) for i in range(0, S, chunk)])
 
 
 def block_diag_B(B: torch.Tensor, groups: int) -> torch.Tensor:
