@@ -582,6 +582,12 @@ class FastGuidedSampler:
                                                                 opts=self.opts, merge_mode=merge_mode,
                                                                 _stacklevel=3)
         self.guide = None if guide is None else self.fast_guide.guide
+        t_max = max(self._tmap_host)
+        for b in self.banks:  # once here: the steps run with the banks' host-side range checks off
+            if t_max >= b.num_timesteps:
+                raise ValueError(f"the schedule's original timesteps reach {t_max}, but an ExpertBank of the guide "
+                                 f"covers [0, {b.num_timesteps}) (num_timesteps={b.num_timesteps}): use a schedule "
+                                 f"of {b.num_timesteps} base steps, or a bank trained for this schedule")
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)

@@ -300,6 +300,17 @@ def ddpm_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
     return StepOutput(sample, out["pred_xstart"], mean, out["log_variance"], out["eps"], g)
 
 
+def _ddim_sigma_and_dir(schedule: Schedule, idx: torch.Tensor, eta: float, x: torch.Tensor):
+    """DDIM's sigma and sqrt(1 - abar_prev - sigma^2), computed on the schedule's float64 tables and then cast
+    to x's dtype: in float32, 1 - abar_prev - sigma^2 (eta near 1, few steps) cancels below rounding and can
+    turn negative (NaN)."""
+    abar, abar_prev = schedule.alphas_cumprod[idx], schedule.alphas_cumprod_prev[idx]
+    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
+    dir_coef = (1 - abar_prev - sigma ** 2).clamp_min(0).sqrt()
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return sigma.to(x.dtype).view(shape), dir_coef.to(x.dtype).view(shape)
+
+
 def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule, *,
               guide: Guide | None = None, grad: torch.Tensor | None = None, eta: float = 0.0,
               noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -332,8 +343,8 @@ def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
     if eta == 0:
         mean = mean + (1 - abar_prev).sqrt() * eps
         return StepOutput(mean, pred_xstart, mean, None, eps, g)
-    sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
-    mean = mean + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    sigma, dir_coef = _ddim_sigma_and_dir(schedule, idx, eta, x)
+    mean = mean + dir_coef * eps
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif noise.shape != x.shape or noise.device != x.device or not noise.is_floating_point():

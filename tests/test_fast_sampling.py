@@ -640,3 +640,24 @@ def test_fast_guide_target_override_matches_reference(setup):
     for t_host in (420, None):  # merged expert, routed bank
         assert rel_err(fast(x, t, t_host=t_host, target=y), want) < TOL
     assert rel_err(fast(x, t, t_host=420), comp(x, t)) < TOL and rel_err(comp(x, t), want) > 1e-3
+
+
+def test_schedule_beyond_the_banks_timesteps_is_refused_at_construction(setup):
+    # the steps switch the bank's range checks off: an original t past its bands must fail up front
+    model, bank, guide = setup
+    with pytest.raises(ValueError, match="covers \\[0, 1000\\)"):
+        FastGuidedSampler(model, Schedule.create("linear", 2000, "ddim4"), guide=guide)
+    FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim4"), guide=guide)  # t up to 999: fine
+
+
+def test_ddpm_fixed_small_last_step_is_unguided_as_reference(setup):
+    # the posterior variance scaling the grad is 0 at index 0 (only its log is clipped, for the noise);
+    # a 10-step cosine schedule, where the clipped value (posterior_variance[1]) is large
+    model, bank, _ = setup
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=30.0)
+    sched = Schedule.create("cosine", 10, "3")
+    ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type="fixed_small",
+                      generator=torch.Generator().manual_seed(3))
+    out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type="fixed_small",
+                           generator=torch.Generator().manual_seed(3))
+    assert rel_err(out, ref) < TOL

@@ -362,3 +362,23 @@ def test_cuda_backends_above_65535_samples():
         got = gu.guided_update(x, eps, idx, table64, grad=grad, backend=backend)
         for g, w in zip(got, want):
             assert_close_rel(g.double(), w, TOL[torch.float32] * 10, f"{backend} at B={B}")
+
+
+def test_fixed_small_guidance_uses_the_unclipped_variance_at_step_zero():
+    # condition_mean scales the grad by the posterior variance, which is 0 at index 0 (only its log is
+    # clipped, for the noise): every backend must then leave the grad out, as ppap_fast.sampling does
+    from ppap_fast.sampling import ddpm_step
+
+    sched = Schedule.create("linear", 1000, "5")
+    table = gu.build_table(sched, "ddpm", var_type="fixed_small")
+    gen = torch.Generator().manual_seed(5)
+    x, eps, grad, noise = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(4))
+    grad = grad * 10
+    idx = torch.tensor([0, 2, 0])
+    want = torch.cat([ddpm_step(None, x[b:b + 1].double(), int(idx[b]), sched, model_output=eps[b:b + 1].double(),
+                                grad=grad[b:b + 1].double(), noise=noise[b:b + 1].double(),
+                                var_type="fixed_small").sample for b in range(3)])
+    for backend in ["reference"] + _backends_for("cpu"):
+        poison_allocator("cpu")
+        got, _ = ops.guided_update(x, eps, idx, table, grad=grad, noise=noise, backend=backend)
+        assert_close_rel(got, want, 2e-6, backend)

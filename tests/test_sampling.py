@@ -380,3 +380,14 @@ def test_guided_ddim_step_cuda_graph(fixtures_dir, nonfinite_grad):
         with torch.no_grad():
             ref = ddim_step(model, x * (1 + i / 100), i, s, guide=guide).sample
         torch.testing.assert_close(static_out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_eta_one_few_steps_float32_stays_finite():
+    # 1 - abar_prev - sigma^2 is ~4e-9 at t=999 after t=0: in float32 it cancelled below 0 (NaN samples)
+    s = Schedule.create("linear", 1000, "2")
+    gen = torch.Generator().manual_seed(0)
+    x, eps, noise = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3))
+    out = ddim_step(None, x, 1, s, eta=1.0, model_output=eps, noise=noise)
+    want = ddim_step(None, x.double(), 1, s, eta=1.0, model_output=eps.double(), noise=noise.double())
+    assert torch.isfinite(out.sample).all()
+    torch.testing.assert_close(out.sample.double(), want.sample, rtol=1e-5, atol=1e-5)

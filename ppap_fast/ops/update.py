@@ -69,7 +69,9 @@ def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
             c[:, 5] = s.posterior_log_variance_clipped
             mode = MODES["ddpm_learned"]
         elif var_type == "fixed_small":
-            c[:, 4] = s.posterior_log_variance_clipped
+            # log of the UNclipped posterior variance: condition_mean's grad variance is 0 at index 0 (log -inf,
+            # exp -> 0, as the reference); elsewhere it equals the clipped log-variance (index 0 draws no noise)
+            c[:, 4] = s.posterior_variance.log()
             mode = MODES["ddpm_fixed"]
         elif var_type == "fixed_large":
             c[:, 4] = torch.cat([s.posterior_variance[1:2], s.betas[1:]]).log()
