@@ -184,7 +184,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     help text and would print the None / False of options whose help already says what happens)."""
     for a in parser._actions:
         if a.default is None or a.default is False or a.default == argparse.SUPPRESS or not a.option_strings \
-                or a.required:
+                or a.required or isinstance(a, argparse._StoreFalseAction):  # --no-x: its True means "x on"
             continue
         h = a.help or ""
         if "default" in h or "%(default)" in h:

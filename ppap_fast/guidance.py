@@ -646,8 +646,15 @@ def as_cond_fn(guide) -> Callable:
     those sub-guides of a ComposedGuide (a FastGuide of either: the same); other guides, and a ComposedGuide's
     dense sub-guides, ignore it. ``t`` is the original timestep (SpacedDiffusion maps it)."""
     takes_y = has_class_target(guide)
+    from .fast_sampling import FastGuide
+
+    integer_t = isinstance(guide, (Guide, ComposedGuide, FastGuide))  # these route / check by integer timesteps
 
     def cond_fn(x, t, y=None, **kwargs):
+        if integer_t and isinstance(t, torch.Tensor) and t.is_floating_point():
+            raise ValueError("cond_fn got float timesteps: guided-diffusion passes t * 1000 / T when the diffusion "
+                             "was made with rescale_timesteps=True, which a guide cannot route by; create it with "
+                             "rescale_timesteps=False (the default) so cond_fn gets the original integer timesteps")
         if y is not None and takes_y:
             return guide(x, t, target=y)
         return guide(x, t)

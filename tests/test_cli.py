@@ -411,6 +411,14 @@ def test_help_states_defaults(cmd, shown, capsys):
         assert s in out, (s, out)
 
 
+def test_help_of_a_no_flag_does_not_call_it_on_by_default(capsys):
+    """--no-fast (store_false, dest fast=True) must not read "the reference sampling loop (default: True)"."""
+    with pytest.raises(SystemExit):
+        main(["guided-sample", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--no-fast the reference sampling loop" in out and "the reference sampling loop (default: True)" not in out
+
+
 def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")

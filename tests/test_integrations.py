@@ -132,8 +132,8 @@ def test_bad_inputs(unet, classifier):
         guided.correct(x, x, 10, bad)
     with pytest.raises(ValueError, match="prediction_type 'flow'"):
         PPAPGuidedPipeline(unet, bad, linear_classifier_guide(W, y, 1.0))(batch_size=1, num_inference_steps=2)
-    with pytest.raises(ValueError, match="sigma space"):
-        guided.correct(x, x, 10, EulerDiscreteScheduler(num_train_timesteps=1000))
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        guided.correct(x, x, 10, diffusers.EDMEulerScheduler())
     with pytest.raises(ValueError, match="does not match"):
         guided.correct(x[:, :2], x, 10, DDIMScheduler())
     with pytest.raises(ValueError, match="shape"):
@@ -167,6 +167,20 @@ def test_guided_diffusion_cond_fn_is_the_guidance_one():
     import ppap_fast.integrations as integ
 
     assert integ.as_cond_fn is guidance.as_cond_fn and integ.PPAPGuidance is PPAPGuidance
+
+
+def test_cond_fn_names_rescale_timesteps_for_float_timesteps(classifier):
+    """guided-diffusion with rescale_timesteps=True hands cond_fn t * 1000 / T as floats: refused naming the fix."""
+    from ppap_fast.integrations.guided_diffusion import as_cond_fn
+
+    cond_fn = as_cond_fn(_bank_guide())
+    x = torch.randn(B, C, H, H)
+    t = torch.tensor([999, 500, 10, 0])
+    assert cond_fn(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="rescale_timesteps=False"):
+        cond_fn(x, t.float() * 0.25, y=torch.tensor([0, 1, 2, 0]))
+    # a guide of the user's own that takes any t is left alone
+    assert as_cond_fn(lambda x, t: x * 0 + t.view(-1, 1, 1, 1))(x, t.float() * 0.25)[1, 0, 0, 0] == 125.0
 
 
 def test_imports_without_diffusers():
@@ -325,3 +339,248 @@ def test_scheduler_with_other_timesteps_than_the_bank_is_refused():
         with pytest.raises(ValueError, match="num_train_timesteps"):
             PPAPGuidance(guide).correct(torch.randn_like(x), x, 100, DDIMScheduler(num_train_timesteps=T))
     PPAPGuidance(guide).correct(torch.randn_like(x), x, 100, DDIMScheduler(num_train_timesteps=1000))
+
+
+def _ddim_reference(unet, sched, xT, steps, grad_fn, limit_x0=None):
+    """Hand-written guided DDIM (eta=0): eps_hat = eps - sqrt(1 - abar_t) * grad log p(y | x_t), with x0
+    limited (clip / threshold) BEFORE the guidance is added, as guided-diffusion's ddim_sample."""
+    acp = sched.alphas_cumprod
+    ts = [1000 // steps * i for i in range(steps)][::-1]  # "leading" spacing, steps_offset 0
+    x = xT.clone()
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            a_t = acp[t]
+            a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            eps = unet(x, t).sample
+            if limit_x0 is not None:
+                x0 = limit_x0((x - (1 - a_t).sqrt() * eps) / a_t.sqrt())
+                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            eps = eps - (1 - a_t).sqrt() * grad_fn(x, t)
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def _dpmpp_2m_reference(unet, sched, xT, grad_fn):
+    """Hand-written guided DPM-Solver++(2M) on the scheduler's own sigmas (first order at the first and last
+    step, as diffusers' lower_order_final for < 15 steps)."""
+    vp_alpha = 1 / (1 + sched.sigmas ** 2).sqrt()
+    vp_sigma = sched.sigmas * vp_alpha
+    lam = vp_alpha.log() - vp_sigma.log()
+    x, prev_x0, n = xT.clone(), None, len(sched.timesteps)
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            eps = unet(x, t).sample - vp_sigma[i] * grad_fn(x, t)
+            x0 = (x - vp_sigma[i] * eps) / vp_alpha[i]
+            if vp_sigma[i + 1] == 0:
+                return x0
+            h = lam[i + 1] - lam[i]
+            d = x0 if prev_x0 is None or i == n - 1 else x0 + 0.5 * (x0 - prev_x0) * h / (lam[i] - lam[i - 1])
+            x = vp_sigma[i + 1] / vp_sigma[i] * x - vp_alpha[i + 1] * torch.expm1(-h) * d
+            prev_x0 = x0
+    return x
+
+
+def test_guided_ddim_and_dpmsolver_equal_hand_written_references(unet, classifier):
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 0.5)
+    grad_fn = lambda x, t: guide(x, torch.full((B,), int(t)))  # noqa: E731
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(11))
+    steps = 8
+    for kw in ({}, {"timestep_spacing": "trailing"}, {"use_karras_sigmas": True}):
+        sched = DPMSolverMultistepScheduler(**kw)
+        pipe = PPAPGuidedPipeline(unet, sched, guide)
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
+        ref = _dpmpp_2m_reference(unet, sched, xT, grad_fn)
+        unguided = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw",
+                        guidance_scale=0.0).images
+        assert (got - unguided).norm() > 0.05 * ref.norm()  # the guidance matters here
+        # karras sigmas: the timestep is rounded, its abar differs from the scheduler's sigma by < 1%
+        tol = 1e-3 if kw else 1e-4
+        assert ((got - ref).norm() / ref.norm()).item() < tol, kw
+    sched = DDIMScheduler(clip_sample=False)
+    pipe = PPAPGuidedPipeline(unet, sched, guide)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
+    ref = _ddim_reference(unet, sched, xT, steps, grad_fn)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_dynamic_thresholding_is_applied_before_the_guidance(unet, classifier):
+    """thresholding=True: the scheduler thresholds x0 in its step, after the guidance was added (saturated
+    pixels lose it): the pipeline thresholds first and steps an unthresholded copy, as with clip_sample."""
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 2.0)
+    grad_fn = lambda x, t: guide(x, torch.full((B,), int(t)))  # noqa: E731
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(12))
+    steps, ratio, max_value = 6, 0.9, 2.0
+    saturated = []
+
+    def threshold(x0):  # Imagen's dynamic thresholding, written out
+        s = torch.quantile(x0.abs().flatten(1), ratio, dim=1).clamp(1, max_value).view(-1, 1, 1, 1)
+        saturated.append(bool((x0.abs() > s).any()))
+        return x0.clamp(-s, s) / s
+
+    ref = _ddim_reference(unet, DDIMScheduler(), xT, steps, grad_fn, limit_x0=threshold)
+    assert any(saturated)
+    sched = DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+    pipe = PPAPGuidedPipeline(unet, sched, guide)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert sched.config.thresholding  # the user's scheduler is left as it was
+
+
+def test_scale_and_prediction_type_checked_on_every_path(unet, classifier):
+    W, y = classifier
+    guided = PPAPGuidance(linear_classifier_guide(W, y, 1.0))
+    x = torch.randn(B, C, H, H)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            guided.correct(x, x, 10, DDIMScheduler(), scale=bad)
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            guided.grad(x, 10, scale=bad)
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            PPAPGuidedPipeline(unet, DDIMScheduler(), linear_classifier_guide(W, y, 1.0))(
+                batch_size=1, num_inference_steps=2, guidance_scale=bad)
+    bad_sched = DDPMScheduler()
+    bad_sched.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        guided.clip_first(x, x, 10, bad_sched)
+    with pytest.raises(ValueError, match="does not match"):
+        guided.clip_first(x[:, :2], x, 10, DDIMScheduler())
+
+
+def test_pipeline_scales_the_initial_noise_after_set_timesteps(unet):
+    """A sigma-space scheduler's init_noise_sigma is its first sigma, known only after set_timesteps
+    ("leading" spacing starts below the training grid's last sigma): the pipeline equals diffusers' own loop."""
+    sched = EulerDiscreteScheduler(timestep_spacing="leading")
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(13))
+    pipe = PPAPGuidedPipeline(unet, sched)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=B, num_inference_steps=4, latents=xT, output_type="raw").images
+    ref_sched = EulerDiscreteScheduler(timestep_spacing="leading")
+    ref_sched.set_timesteps(4)
+    x = xT * ref_sched.init_noise_sigma
+    with torch.no_grad():
+        for t in ref_sched.timesteps:
+            x = ref_sched.step(unet(ref_sched.scale_model_input(x, t), t).sample, t, x).prev_sample
+    assert torch.isfinite(got).all() and (got - x).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_sigma_space_schedulers_guide_the_variance_preserving_sample(unet, classifier, pt):
+    """Euler samples x = x_t * sqrt(1 + sigma^2): the guide gets x_t (and the rounded timestep) and the correction
+    uses abar = 1 / (1 + sigma^2). Deterministic Euler on the same grid is DDIM, so guided Euler equals guided
+    DDIM (no clipping), in all three parameterisations (the tiny UNet's output read as eps, v or x0 by both);
+    the user's loop equals the pipeline."""
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 1.0)
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(14))
+    steps = 5
+
+    def run(sched, scale=1.0):
+        pipe = PPAPGuidedPipeline(unet, sched, guide)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw",
+                    guidance_scale=scale).images
+
+    ddim = run(DDIMScheduler(clip_sample=False, prediction_type=pt))
+    euler = run(EulerDiscreteScheduler(timestep_spacing="leading", prediction_type=pt))
+    assert (ddim - run(DDIMScheduler(clip_sample=False, prediction_type=pt), 0.0)).norm() > 0.1 * ddim.norm()
+    assert ((euler - ddim).norm() / ddim.norm()).item() < 1e-5
+    # the README loop, with Euler's scale_model_input
+    sched, guided = EulerDiscreteScheduler(timestep_spacing="leading", prediction_type=pt), PPAPGuidance(guide)
+    sched.set_timesteps(steps)
+    x = xT * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = guided.correct(unet(sched.scale_model_input(x, t), t).sample, x, t, sched)
+            x = sched.step(out, t, x).prev_sample
+    assert ((x - euler).norm() / euler.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_other_sigma_space_schedulers_move_to_the_target(unet, classifier, name):
+    W, y = classifier
+    sched = getattr(diffusers, name)()
+
+    def run(guide):
+        pipe = PPAPGuidedPipeline(unet, sched, guide)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(15),
+                    output_type="raw").images
+
+    plain, guided = run(None), run(linear_classifier_guide(W, y, 4.0))
+    assert torch.isfinite(guided).all()
+    gain = _logp(W, y, guided) - _logp(W, y, plain)
+    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+
+
+def test_class_labels_per_call_replace_the_guides_target(unet, classifier):
+    """class_labels (one per sample, or one int) guide toward those classes, as a guide built with them would."""
+    from ppap_fast.guidance import ClassGuide
+
+    guide = _bank_guide()
+    bank = guide.model
+    labels = torch.tensor([2, 1, 0, 2])
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(16))
+
+    def run(g, **kw):
+        pipe = PPAPGuidedPipeline(unet, DDIMScheduler(clip_sample=False), g)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=3, latents=xT, output_type="raw", **kw).images
+
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    want = run(ClassGuide(bank, labels, scale=3.0))
+    assert rel(run(guide), want) > 1e-3  # the guide's own target [0, 1, 2, 0] gives another sample
+    assert rel(run(guide, class_labels=labels), want) < 1e-5
+    assert rel(run(guide, class_labels=1), run(ClassGuide(bank, torch.ones(B, dtype=torch.long), scale=3.0))) < 1e-5
+    x = torch.randn(B, C, H, H)
+    torch.testing.assert_close(PPAPGuidance(guide, fast=False).grad(x, 500, target=labels),
+                               ClassGuide(bank, labels, scale=3.0)(x, torch.full((B,), 500)))
+    with pytest.raises(ValueError, match="3 class labels for a batch of 4"):
+        run(guide, class_labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="no class target"):
+        PPAPGuidance(lambda x, t: torch.zeros_like(x)).grad(x, 500, target=labels)
+    with pytest.raises(ValueError, match="without a guide"):
+        run(None, class_labels=labels)
+
+
+def test_sigma_space_correction_keeps_diffusers_scale_model_input_check(classifier):
+    """correct() reads the step's sigma through scale_model_input; a loop that never scaled the UNet's input
+    must still get diffusers' warning from step()."""
+    W, y = classifier
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(3)
+    x = torch.randn(B, C, H, H) * sched.init_noise_sigma
+    PPAPGuidance(linear_classifier_guide(W, y, 1.0)).correct(torch.randn_like(x), x, sched.timesteps[0], sched)
+    assert sched.is_scale_input_called is False
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
+def test_zero_terminal_snr_step_is_not_guided(unet, classifier, cls):
+    """rescale_betas_zero_snr=True makes abar_999 = 0 (DDIM / DDPM keep the exact 0): x_t is pure noise there,
+    p(y | x_t) = p(y), so that step gets no guidance; the v / x0 coefficients (1/sqrt(abar)) made it NaN."""
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 1.0)
+    sched = cls(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    assert sched.alphas_cumprod[-1] == 0
+    x, v = torch.randn(B, C, H, H), torch.randn(B, C, H, H)
+    for pt in ("v_prediction", "sample", "epsilon"):
+        sched.register_to_config(prediction_type=pt)
+        assert torch.equal(PPAPGuidance(guide).correct(v, x, 999, sched), v)
+    sched.register_to_config(prediction_type="v_prediction")
+
+    def run(g):
+        pipe = PPAPGuidedPipeline(unet, sched, g)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=4, generator=torch.Generator().manual_seed(17),
+                    output_type="raw").images
+
+    plain, guided = run(None), run(linear_classifier_guide(W, y, 4.0))
+    assert torch.isfinite(guided).all()
+    gain = _logp(W, y, guided) - _logp(W, y, plain)
+    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain

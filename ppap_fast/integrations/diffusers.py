@@ -10,9 +10,10 @@ Three lines in an ordinary diffusers loop::
 
 That is guided-diffusion's update for a scheduler that does not clip x0 itself. With
 ``clip_sample=True`` (DDPM's and DDIM's default) the scheduler clips x0 after the guidance was added:
-where x0 saturates the guidance is lost and the direction term moves against it. There, clip first
-(``guided.clip_first(eps, x, t, scheduler)`` before ``correct``) and step a copy made with
-``clip_sample=False``, as guided-diffusion (clip, then ``condition_score``) and the pipeline below do.
+where x0 saturates the guidance is lost and the direction term moves against it (``thresholding=True``
+likewise). There, clip first (``guided.clip_first(eps, x, t, scheduler)`` before ``correct``: it clips,
+or thresholds as the scheduler would) and step a copy made with ``clip_sample=False, thresholding=False``,
+as guided-diffusion (clip, then ``condition_score``) and the pipeline below do.
 
 Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``,
 a ``diffusers.DiffusionPipeline`` subclass (also ``PPAPGuidedPipeline.from_pipe(ddpm_pipe, guide=guide)``).
@@ -26,8 +27,13 @@ the guide the step's band, so a PPAP guide runs with merged experts (``fast=True
 the device (``set_timesteps(n, device=...)``) route per sample through the ExpertBank instead.
 Schedulers predicting ``v_prediction`` or ``sample`` get the same correction expressed in their
 parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqrt(abar) grad).
-Any other prediction_type raises ValueError, as do sigma-space schedulers (Euler, Heun, ...:
-``init_noise_sigma != 1``), whose samples are not x_t of the variance-preserving process.
+A step at abar = 0 (``rescale_betas_zero_snr``'s last timestep: x_t holds nothing of x0) is not guided.
+Any other prediction_type raises ValueError. Sigma-space schedulers (Euler, Euler ancestral, Heun, LMS,
+KDPM2: ``init_noise_sigma != 1``) sample x = x_t * sqrt(1 + sigma^2): the guide gets x_t (their
+``scale_model_input`` of x, as the UNet) and the rounded timestep, and abar = 1 / (1 + sigma^2) of the
+step's own sigma; call ``scheduler.scale_model_input`` in the loop as for the UNet. Schedulers with no
+``alphas_cumprod`` (EDM, flow matching, VE) raise ValueError. With ``clip_sample`` or ``thresholding``
+the scheduler limits x0 after the guidance was added: see below.
 
 Faster denoiser on a GPU: ``fuse_norm_act(unet)`` runs each ResnetBlock2D's GroupNorm + SiLU pairs as
 one op and adds its conv biases inside the next fused op (as ``ADMUNet.fuse_norm_act``; on an H100
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -49,12 +56,30 @@ __all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "fuse_norm_
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def _finite_scale(scale, what: str = "scale") -> float:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex():
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{what} must be a finite number, got {scale!r}")
+    return float(scale)
+
+
 def _prediction_type(scheduler) -> str:
     cfg = getattr(scheduler, "config", None)
     pt = getattr(cfg, "prediction_type", None) if cfg is not None else None
     if pt is None:
         pt = getattr(scheduler, "prediction_type", "epsilon")
     return pt
+
+
+def _init_noise_sigma(scheduler) -> float:
+    sigma0 = getattr(scheduler, "init_noise_sigma", 1.0)
+    return float(sigma0.detach().cpu()) if isinstance(sigma0, torch.Tensor) else float(sigma0)
+
+
+def _sigma_space(scheduler) -> bool:
+    """A scheduler whose sample is x = x_t / sqrt(abar_t) (Euler, Heun, LMS, KDPM2, ...), not x_t."""
+    return abs(_init_noise_sigma(scheduler) - 1.0) > 1e-6
 
 
 class PPAPGuidance:
@@ -74,8 +99,7 @@ class PPAPGuidance:
     def __init__(self, guide: Callable, scale: float = 1.0, fast: bool = True, **fast_options):
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        scale = _finite_scale(scale)
         allowed = {"merge_experts", "merge_mode", "channels_last", "guide_autocast", "compile_guide", "compile_kwargs"}
         if set(fast_options) - allowed:
             raise TypeError(f"unknown fast options {sorted(set(fast_options) - allowed)}; allowed: {sorted(allowed)}")
@@ -106,21 +130,42 @@ class PPAPGuidance:
                 return int(v.round()) if v.is_floating_point() else int(v)
         return None
 
+    def _target(self, target, x) -> torch.Tensor:
+        from ppap_fast.guidance import has_class_target
+
+        if not has_class_target(self.guide):
+            raise ValueError(f"class labels given, but the guide ({type(self.guide).__name__}) has no class target "
+                             "to replace: pass them to a ClassGuide / X0HatGuide, or leave them out")
+        y = torch.as_tensor(target, device=x.device)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
+            raise ValueError(f"class labels must be an int or integer labels [B], got dtype {y.dtype}, "
+                             f"shape {tuple(y.shape)}")
+        y = y.long()
+        if y.ndim == 0:
+            y = y.expand(x.shape[0])
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{y.shape[0]} class labels for a batch of {x.shape[0]}: give one label per sample "
+                             "(repeat them to batch_size) or one int for all")
+        return y
+
     # -- pieces --------------------------------------------------------------------------
     def _abar(self, scheduler, device) -> torch.Tensor:
+        return self._table(scheduler, device)[0]
+
+    def _table(self, scheduler, device) -> tuple:
+        """(abar table on device, whether the scheduler samples in sigma space), made once per scheduler."""
         acp = getattr(scheduler, "alphas_cumprod", None)
         if not isinstance(acp, torch.Tensor) or acp.ndim != 1:
             raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod table: PPAPGuidance needs a "
                              "scheduler of the variance-preserving (DDPM-family) process")
         key = (id(scheduler), id(acp), torch.device(device))
-        tab = self._tables.get(key)
-        if tab is None:
-            sigma0 = getattr(scheduler, "init_noise_sigma", 1.0)
-            sigma0 = float(sigma0) if not isinstance(sigma0, torch.Tensor) else float(sigma0.detach().cpu())
-            if abs(sigma0 - 1.0) > 1e-6:
+        entry = self._tables.get(key)
+        if entry is None:
+            sigma_space = _sigma_space(scheduler)
+            if sigma_space and not callable(getattr(scheduler, "scale_model_input", None)):
                 raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
-                                 f"{sigma0:.4g}); PPAPGuidance supports schedulers whose sample is x_t of the "
-                                 "variance-preserving process (DDPM, DDIM, DPMSolverMultistep, PNDM, UniPC, DEIS)")
+                                 f"{_init_noise_sigma(scheduler):.4g}) without scale_model_input: PPAPGuidance "
+                                 "cannot map its sample to x_t of the variance-preserving process")
             from ppap_fast.fast_sampling import guide_banks
 
             for bank in guide_banks(self.guide):
@@ -130,8 +175,8 @@ class PPAPGuidance:
                                      "scheduler's timesteps would be routed to the wrong experts")
             tab = acp.detach().to(device=device, dtype=torch.float32)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
-            self._tables[key] = tab
-        return tab
+            entry = self._tables[key] = (tab, sigma_space)
+        return entry
 
     @staticmethod
     def timesteps(t, batch: int, device) -> torch.Tensor:
@@ -150,15 +195,18 @@ class PPAPGuidance:
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         return t
 
-    def grad(self, x: torch.Tensor, t, scale: float | None = None) -> torch.Tensor:
-        """scale * guide(x_t, t), detached, in x's dtype (guides cast their network's input to its dtype)."""
-        s = self.scale if scale is None else float(scale)
+    def grad(self, x: torch.Tensor, t, scale: float | None = None, target=None) -> torch.Tensor:
+        """scale * guide(x_t, t), detached, in x's dtype (guides cast their network's input to its dtype).
+        ``target``: class labels [B] (or one int) replacing the guide's own target for this call (a
+        ClassGuide / X0HatGuide, or a ComposedGuide / FastGuide holding one)."""
+        s = self.scale if scale is None else _finite_scale(scale)
         tt = self.timesteps(t, x.shape[0], x.device)
+        kw = {} if target is None else {"target": self._target(target, x)}
         if self.fast:
-            g = self._fast_guide(x.device)(x.detach(), tt, self._host_timestep(t))
+            g = self._fast_guide(x.device)(x.detach(), tt, self._host_timestep(t), **kw)
         else:
             with torch.enable_grad():
-                g = self.guide(x.detach(), tt)
+                g = self.guide(x.detach(), tt, **kw)
         if not isinstance(g, torch.Tensor) or g.shape != x.shape:
             from ppap_fast.guidance import raise_if_network
 
@@ -169,38 +217,49 @@ class PPAPGuidance:
         g = g.detach().to(x.dtype)
         return g if s == 1.0 else g * s
 
+    def vp_sample(self, x: torch.Tensor, t, scheduler) -> tuple:
+        """(x_t, abar_t): the scheduler's sample as x_t of the variance-preserving process (what the guide
+        is trained on) and abar_t as float32 [B, 1, ...] (or a scalar) on x's device. For a scheduler in
+        sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
+        ``scale_model_input`` at this step (its sigma, which need not sit on the training grid)."""
+        tab, sigma_space = self._table(scheduler, x.device)
+        if not sigma_space:
+            return x, tab[self.timesteps(t, x.shape[0], x.device)].view(-1, *([1] * (x.ndim - 1)))
+        step_t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
+        warned = getattr(scheduler, "is_scale_input_called", None)  # keep diffusers' "call scale_model_input" check
+        c_in = scheduler.scale_model_input(torch.ones((), dtype=torch.float32), step_t)  # 1 / sqrt(1 + sigma^2)
+        if warned is not None:
+            scheduler.is_scale_input_called = warned
+        c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(())
+        return x * c_in.to(device=x.device, dtype=x.dtype), (c_in * c_in).to(x.device)
+
     # -- the correction ------------------------------------------------------------------
     def correct(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler, scale: float | None = None,
-                grad: torch.Tensor | None = None) -> torch.Tensor:
+                grad: torch.Tensor | None = None, target=None) -> torch.Tensor:
         """The guided model output for ``scheduler.step(model_output', t, x)``.
 
         model_output: the denoiser's output for x at t ([B, C, ...], or [B, 2C, ...] with learned
-        variance: only the first C channels are corrected). grad: a precomputed scale*guide(x, t).
+        variance: only the first C channels are corrected). grad: a precomputed scale*guide(x_t, t), x_t the
+        ``vp_sample`` of x (x itself unless the scheduler samples in sigma space). target: class labels
+        for this call (see :meth:`grad`).
         """
-        pt = _prediction_type(scheduler)
-        if pt not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler prediction_type {pt!r} is not supported: expected one of {PREDICTION_TYPES}")
-        if not isinstance(model_output, torch.Tensor) or not isinstance(x, torch.Tensor):
-            raise TypeError("model_output and x must be tensors")
-        c = x.shape[1] if x.ndim > 1 else None
-        if c is None or model_output.shape[0] != x.shape[0] or model_output.shape[2:] != x.shape[2:] \
-                or model_output.shape[1] not in (c, 2 * c):
-            raise ValueError(f"model_output {tuple(model_output.shape)} does not match x {tuple(x.shape)} "
-                             "(expected [B, C or 2C, ...])")
-        s = self.scale if scale is None else float(scale)
+        pt = _checked_prediction_type(scheduler)
+        c = _check_output_shape(model_output, x)
+        s = self.scale if scale is None else _finite_scale(scale)
         if grad is None and s == 0.0:
             return model_output
-        tab = self._abar(scheduler, x.device)
+        x_vp, abar = self.vp_sample(x, t, scheduler)
         if grad is None:
-            grad = self.grad(x, t, s)
-        tt = self.timesteps(t, x.shape[0], x.device)
-        abar = tab[tt].view(-1, *([1] * (x.ndim - 1)))
+            grad = self.grad(x_vp, t, s, target=target)
         if pt == "epsilon":
             coef = (1 - abar).sqrt()
         elif pt == "v_prediction":
             coef = ((1 - abar) / abar).sqrt()
         else:  # "sample": x0 moves the opposite way
             coef = -(1 - abar) / abar.sqrt()
+        # zero terminal SNR (rescale_betas_zero_snr): x_t holds nothing of x0, p(y | x_t) = p(y), no guidance
+        # (the v / x0 coefficients are infinite there)
+        coef = torch.where(abar > 0, coef, torch.zeros_like(coef))
         head = model_output[:, :c]
         new = (head.float() - coef * grad.float()).to(model_output.dtype)
         if model_output.shape[1] == c:
@@ -210,21 +269,64 @@ class PPAPGuidance:
     __call__ = correct
 
     def clip_first(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler) -> torch.Tensor:
-        """The model output whose predicted x0 is clipped to ``clip_sample_range`` (guided-diffusion clips x0
-        BEFORE ``condition_score`` adds the guidance, which is then never clipped): call it before ``correct``
-        and step a scheduler that does not clip again."""
-        pt = _prediction_type(scheduler)
-        rng = float(getattr(scheduler.config, "clip_sample_range", 1.0))
-        tab = self._abar(scheduler, x.device)
-        abar = tab[self.timesteps(t, x.shape[0], x.device)].view(-1, *([1] * (x.ndim - 1)))
+        """The model output whose predicted x0 is clipped to ``clip_sample_range`` (or, for a scheduler with
+        ``thresholding=True``, dynamically thresholded as it would): guided-diffusion clips x0 BEFORE
+        ``condition_score`` adds the guidance, which is then never clipped. Call it before ``correct`` and
+        step a scheduler that does not clip or threshold again (``clip_sample=False, thresholding=False``)."""
+        pt = _checked_prediction_type(scheduler)
+        c = _check_output_shape(model_output, x)
+        x_vp, abar = self.vp_sample(x, t, scheduler)
         a, s1 = abar.sqrt(), (1 - abar).sqrt()
-        c = x.shape[1]
-        head, xf = model_output[:, :c].float(), x.float()
+        head, xf = model_output[:, :c].float(), x_vp.float()
         x0 = {"epsilon": lambda: (xf - s1 * head) / a, "v_prediction": lambda: a * xf - s1 * head,
-              "sample": lambda: head}[pt]().clamp(-rng, rng)
+              "sample": lambda: head}[pt]()
+        x0 = _limit_x0(scheduler, x0)
         eps = (xf - a * x0) / s1
         new = {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt].to(model_output.dtype)
         return new if model_output.shape[1] == c else torch.cat([new, model_output[:, c:]], dim=1)
+
+
+def _checked_prediction_type(scheduler) -> str:
+    pt = _prediction_type(scheduler)
+    if pt not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {pt!r} is not supported: expected one of {PREDICTION_TYPES}")
+    return pt
+
+
+def _check_output_shape(model_output, x) -> int:
+    """x's channel count C, after checking model_output is [B, C or 2C, ...] like x."""
+    if not isinstance(model_output, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError("model_output and x must be tensors")
+    c = x.shape[1] if x.ndim > 1 else None
+    if c is None or model_output.shape[0] != x.shape[0] or model_output.shape[2:] != x.shape[2:] \
+            or model_output.shape[1] not in (c, 2 * c):
+        raise ValueError(f"model_output {tuple(model_output.shape)} does not match x {tuple(x.shape)} "
+                         "(expected [B, C or 2C, ...])")
+    return c
+
+
+def _thresholds(scheduler) -> bool:
+    return bool(getattr(getattr(scheduler, "config", None), "thresholding", False)) and \
+        hasattr(scheduler, "_threshold_sample")
+
+
+def _limits_x0(scheduler) -> bool:
+    """Whether the scheduler's step clips or thresholds its predicted x0 (after any guidance added)."""
+    return _thresholds(scheduler) or bool(getattr(getattr(scheduler, "config", None), "clip_sample", False))
+
+
+def _limit_x0(scheduler, x0: torch.Tensor) -> torch.Tensor:
+    """x0 limited as the scheduler's step would: dynamic thresholding if enabled, else clipped."""
+    if _thresholds(scheduler):
+        return scheduler._threshold_sample(x0).to(x0.dtype)
+    rng = float(getattr(scheduler.config, "clip_sample_range", 1.0))
+    return x0.clamp(-rng, rng)
+
+
+def _unlimited_copy(scheduler):
+    """A copy of the scheduler that neither clips nor thresholds x0."""
+    off = {k: False for k in ("clip_sample", "thresholding") if k in scheduler.config}
+    return type(scheduler).from_config(scheduler.config, **off)
 
 
 def _fusable_resnet(block) -> bool:
@@ -360,9 +462,10 @@ class _GuidedPipelineBody:
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
                  guidance_scale: float = 1.0, output_type: str = "pil", return_dict: bool = True,
-                 latents: torch.Tensor | None = None, callback: Callable | None = None):
+                 latents: torch.Tensor | None = None, callback: Callable | None = None, class_labels=None):
         """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1])
         or "raw" (the final x in [-1, 1]). ``latents``: the starting noise (default randn(generator)).
+        ``class_labels``: one int or [batch_size] labels replacing the guide's class target for this call.
         callback(i, t, x) after each step. Returns ImagePipelineOutput(images=...) or (images,)."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -371,28 +474,30 @@ class _GuidedPipelineBody:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         sched, device = self.scheduler, self.device
+        guidance_scale = _finite_scale(guidance_scale, "guidance_scale")
         if self.guidance is not None:
-            pt = _prediction_type(sched)
-            if pt not in PREDICTION_TYPES:
-                raise ValueError(f"scheduler prediction_type {pt!r} is not supported: expected one of "
-                                 f"{PREDICTION_TYPES}")
-            self.guidance._abar(sched, device)  # rejects sigma-space schedulers before sampling
+            _checked_prediction_type(sched)
+            self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
         shape = self._shape(batch_size)
+        if class_labels is not None:
+            if self.guidance is None:
+                raise ValueError("class_labels given to a pipeline without a guide: pass guide=...")
+            class_labels = self.guidance._target(class_labels, torch.empty(batch_size, 0, device=device))
         if latents is None:
             x = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             x = latents.to(device=device, dtype=self.dtype)
-        x = x * sched.init_noise_sigma
         sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
         # guide then knows each step's band without a device read (merged experts)
+        x = x * sched.init_noise_sigma  # after set_timesteps: a sigma-space scheduler's first sigma depends on it
         guided = self.guidance is not None and guidance_scale != 0
         extra = _step_kwargs(sched, eta, generator)
         step_sched = sched
-        clip_first = guided and bool(getattr(sched.config, "clip_sample", False))
-        if clip_first:  # guided-diffusion's order: clip x0, then add the guidance (not clipped again)
-            step_sched = type(sched).from_config(sched.config, clip_sample=False)
+        clip_first = guided and _limits_x0(sched)
+        if clip_first:  # guided-diffusion's order: clip (threshold) x0, then add the guidance (not clipped again)
+            step_sched = _unlimited_copy(sched)
             step_sched.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(sched.timesteps)):
             inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
@@ -400,7 +505,7 @@ class _GuidedPipelineBody:
             if guided:
                 if clip_first:
                     out = self.guidance.clip_first(out, x, t, sched)
-                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale)
+                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale, target=class_labels)
             x = step_sched.step(out, t, x, **extra).prev_sample
             if callback is not None:
                 callback(i, t, x)
