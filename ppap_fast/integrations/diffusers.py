@@ -17,17 +17,29 @@ as guided-diffusion (clip, then ``condition_score``) and the pipeline below do.
 
 Or the whole loop: ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size=4, num_inference_steps=25)``,
 a ``diffusers.DiffusionPipeline`` subclass (also ``PPAPGuidedPipeline.from_pipe(ddpm_pipe, guide=guide)``).
+It follows diffusers' conventions: ``output_type`` "pil", "np", "pt" or "latent" (the final x as it is;
+"raw" is an alias), ``callback_on_step_end(pipe, i, t, {"latents": x})`` whose returned dict may replace
+the latents (the older ``callback(i, t, x)`` too), and ``class_labels`` go to a class-conditional UNet
+(``num_class_embeds`` / ``class_embed_type``; required there) as well as to the guide's class target.
 
 The correction is the generic score correction (guided-diffusion's ``condition_score``) that fits
 any sampler built on the model's eps: ``eps' = eps - sqrt(1 - abar_t) * grad`` with
 ``grad = guide(x_t, t)`` (scale included) and ``abar_t = scheduler.alphas_cumprod[t]``, read from a
-device copy of the table made once per scheduler (no host syncs). Timesteps left on the host (the
+device copy of the table made once per scheduler (no host syncs). Solvers that convert the model output
+with their own step sigma (DPM-Solver, UniPC, DEIS, SA-Solver: ``sigmas[step_index]``, off the training
+grid with karras / lu-lambda / exponential / beta sigmas, where the rounded timestep's abar was up to 1%
+off) get their ``_sigma_to_alpha_sigma_t`` of that sigma instead, as their step uses. A timestep outside
+0..T-1 raises ValueError (device timesteps: one read per step for that check). Timesteps left on the host (the
 default of ``scheduler.set_timesteps(n)``) cost one scalar host-to-device copy per step but tell
 the guide the step's band, so a PPAP guide runs with merged experts (``fast=True``); timesteps on
 the device (``set_timesteps(n, device=...)``) route per sample through the ExpertBank instead.
 Schedulers predicting ``v_prediction`` or ``sample`` get the same correction expressed in their
 parameterisation (v' = v - sqrt(1-abar)/sqrt(abar) grad; x0' = x0 + (1-abar)/sqrt(abar) grad).
-A step at abar = 0 (``rescale_betas_zero_snr``'s last timestep: x_t holds nothing of x0) is not guided.
+A step with abar below ``MIN_GUIDED_ABAR`` = 1e-6 is not guided: x_t holds (almost) nothing of x0, so
+p(y | x_t) ~ p(y), while the exact correction would move the predicted x0 by (1 - abar)/sqrt(abar) * grad
+(4096 x grad at the 2**-24 that ``rescale_betas_zero_snr`` leaves in DPM-Solver / UniPC / Euler; DDIM / DDPM
+keep 0). This holds in every parameterisation (they are one correction); the cosine schedule's last step
+(abar 2.4e-9) is skipped too, the linear schedule's (4.0e-5) is guided.
 Any other prediction_type raises ValueError. Sigma-space schedulers (Euler, Euler ancestral, Heun, LMS,
 KDPM2: ``init_noise_sigma != 1``) sample x = x_t * sqrt(1 + sigma^2): the guide gets x_t (their
 ``scale_model_input`` of x, as the UNet) and the rounded timestep, and abar = 1 / (1 + sigma^2) of the
@@ -51,9 +63,17 @@ from typing import Callable, Optional, Union
 
 import torch
 
-__all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "fuse_norm_act"]
+__all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "MIN_GUIDED_ABAR", "OUTPUT_TYPES",
+           "fuse_norm_act"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "raw")  # "raw": alias of "latent" (the final x, unscaled)
+# Below this abar (SNR < 1e-6: x_t keeps < 0.1% of x0's amplitude) a step is not guided, as at abar = 0:
+# p(y | x_t) ~ p(y), and the exact correction moves the predicted x0 by (1 - abar) / sqrt(abar) * grad
+# (> 1000 x grad). It catches zero-terminal-SNR's last step, which DPM-Solver / UniPC / Euler keep at
+# abar = 2**-24 (4096 x grad), and the cosine schedule's last (2.4e-9); the linear schedule's last
+# (4.0e-5) and every other step of the usual schedules stay guided.
+MIN_GUIDED_ABAR = 1e-6
 
 
 def _finite_scale(scale, what: str = "scale") -> float:
@@ -179,8 +199,9 @@ class PPAPGuidance:
         return entry
 
     @staticmethod
-    def timesteps(t, batch: int, device) -> torch.Tensor:
-        """Scheduler timestep(s) -> long [B] on `device` (floats are rounded)."""
+    def timesteps(t, batch: int, device, num_train_timesteps: int | None = None) -> torch.Tensor:
+        """Scheduler timestep(s) -> long [B] on `device` (floats are rounded). With num_train_timesteps=T,
+        a timestep outside 0..T-1 raises ValueError (one read when t is already on an accelerator)."""
         if isinstance(t, bool):
             raise TypeError("t must be an int or a tensor of timesteps, got bool")
         t = torch.as_tensor(t)
@@ -188,6 +209,12 @@ class PPAPGuidance:
             raise ValueError(f"t must hold timesteps, got dtype {t.dtype}")
         if t.is_floating_point():
             t = t.round()
+        if num_train_timesteps is not None and t.numel() > 0:
+            lo, hi = (int(v) for v in torch.stack([t.min(), t.max()]).tolist())
+            if lo < 0 or hi >= num_train_timesteps:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"timestep {bad} is outside the scheduler's range 0..{num_train_timesteps - 1} "
+                                 f"(num_train_timesteps={num_train_timesteps})")
         t = t.to(device=device, dtype=torch.long)
         if t.ndim == 0:
             t = t.expand(batch)
@@ -221,17 +248,34 @@ class PPAPGuidance:
         """(x_t, abar_t): the scheduler's sample as x_t of the variance-preserving process (what the guide
         is trained on) and abar_t as float32 [B, 1, ...] (or a scalar) on x's device. For a scheduler in
         sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
-        ``scale_model_input`` at this step (its sigma, which need not sit on the training grid)."""
+        ``scale_model_input`` at this step (its sigma, which need not sit on the training grid). For a
+        solver that converts with its own step sigma (DPM-Solver, UniPC, DEIS, SA-Solver:
+        ``sigmas[step_index]``, off the training grid with karras / lu-lambda / exponential / beta sigmas)
+        abar_t = alpha_t^2 of that sigma, as its step uses; else ``alphas_cumprod[t]``. Timesteps outside
+        0..T-1 raise ValueError."""
+        x_t, _, _, abar = self._vp(x, t, scheduler)
+        return x_t, abar
+
+    def _vp(self, x: torch.Tensor, t, scheduler) -> tuple:
+        """(x_t, alpha_t, sigma_t, abar_t) of :meth:`vp_sample` (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
+        a solver's own alpha_t, sigma_t taken as they are: 1 - abar loses digits in float32 near abar = 1)."""
         tab, sigma_space = self._table(scheduler, x.device)
+        tt = self.timesteps(t, x.shape[0], x.device, num_train_timesteps=tab.numel())
         if not sigma_space:
-            return x, tab[self.timesteps(t, x.shape[0], x.device)].view(-1, *([1] * (x.ndim - 1)))
+            step = _solver_step_alpha_sigma(scheduler, t)
+            if step is not None:  # the alpha_t, sigma_t the solver's step itself uses (karras / lu-lambda sigmas)
+                a, s1 = (v.to(x.device) for v in step)
+                return x, a, s1, a * a
+            abar = tab[tt].view(-1, *([1] * (x.ndim - 1)))
+            return x, abar.sqrt(), (1 - abar).sqrt(), abar
         step_t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
         warned = getattr(scheduler, "is_scale_input_called", None)  # keep diffusers' "call scale_model_input" check
         c_in = scheduler.scale_model_input(torch.ones((), dtype=torch.float32), step_t)  # 1 / sqrt(1 + sigma^2)
         if warned is not None:
             scheduler.is_scale_input_called = warned
         c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(())
-        return x * c_in.to(device=x.device, dtype=x.dtype), (c_in * c_in).to(x.device)
+        abar = (c_in * c_in).to(x.device)
+        return x * c_in.to(device=x.device, dtype=x.dtype), c_in.to(x.device), (1 - abar).sqrt(), abar
 
     # -- the correction ------------------------------------------------------------------
     def correct(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler, scale: float | None = None,
@@ -248,18 +292,17 @@ class PPAPGuidance:
         s = self.scale if scale is None else _finite_scale(scale)
         if grad is None and s == 0.0:
             return model_output
-        x_vp, abar = self.vp_sample(x, t, scheduler)
+        x_vp, a, s1, abar = self._vp(x, t, scheduler)
         if grad is None:
             grad = self.grad(x_vp, t, s, target=target)
         if pt == "epsilon":
-            coef = (1 - abar).sqrt()
+            coef = s1
         elif pt == "v_prediction":
-            coef = ((1 - abar) / abar).sqrt()
+            coef = s1 / a
         else:  # "sample": x0 moves the opposite way
-            coef = -(1 - abar) / abar.sqrt()
-        # zero terminal SNR (rescale_betas_zero_snr): x_t holds nothing of x0, p(y | x_t) = p(y), no guidance
-        # (the v / x0 coefficients are infinite there)
-        coef = torch.where(abar > 0, coef, torch.zeros_like(coef))
+            coef = -s1 * s1 / a
+        # (near) zero SNR: x_t holds (almost) nothing of x0, p(y | x_t) ~ p(y): no guidance (MIN_GUIDED_ABAR)
+        coef = torch.where(abar >= MIN_GUIDED_ABAR, coef, torch.zeros_like(coef))
         head = model_output[:, :c]
         new = (head.float() - coef * grad.float()).to(model_output.dtype)
         if model_output.shape[1] == c:
@@ -275,8 +318,7 @@ class PPAPGuidance:
         step a scheduler that does not clip or threshold again (``clip_sample=False, thresholding=False``)."""
         pt = _checked_prediction_type(scheduler)
         c = _check_output_shape(model_output, x)
-        x_vp, abar = self.vp_sample(x, t, scheduler)
-        a, s1 = abar.sqrt(), (1 - abar).sqrt()
+        x_vp, a, s1, _ = self._vp(x, t, scheduler)
         head, xf = model_output[:, :c].float(), x_vp.float()
         x0 = {"epsilon": lambda: (xf - s1 * head) / a, "v_prediction": lambda: a * xf - s1 * head,
               "sample": lambda: head}[pt]()
@@ -284,6 +326,35 @@ class PPAPGuidance:
         eps = (xf - a * x0) / s1
         new = {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt].to(model_output.dtype)
         return new if model_output.shape[1] == c else torch.cat([new, model_output[:, c:]], dim=1)
+
+
+def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
+    """(alpha_t, sigma_t) (float32 scalars) of the sigma the scheduler's step converts x0 / eps with, for a solver that
+    reads ``sigmas[step_index]`` through ``_sigma_to_alpha_sigma_t`` (DPM-Solver, UniPC, DEIS, SA-Solver);
+    None for the others (they read alphas_cumprod[t]), before ``set_timesteps``, or for a t off its schedule.
+    The step index is found as the step will: ``step_index``, else ``begin_index``, else t's place in
+    ``timesteps`` (the second of two equal ones, as diffusers)."""
+    sigmas, timesteps = getattr(scheduler, "sigmas", None), getattr(scheduler, "timesteps", None)
+    to_alpha_sigma = getattr(scheduler, "_sigma_to_alpha_sigma_t", None)
+    if not (isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and callable(to_alpha_sigma)) \
+            or getattr(scheduler, "num_inference_steps", None) is None:
+        return None
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        raise ValueError(f"{type(scheduler).__name__} with use_flow_sigmas=True samples a flow-matching path, not "
+                         "the variance-preserving one PPAPGuidance corrects")
+    idx = getattr(scheduler, "step_index", None)
+    if idx is None:
+        idx = getattr(scheduler, "begin_index", None)
+    if idx is None:
+        step_t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
+        found = (timesteps == torch.as_tensor(step_t, device=timesteps.device)).nonzero().flatten().tolist()
+        if not found:
+            return None
+        idx = found[1] if len(found) > 1 else found[0]
+    if not 0 <= idx < min(len(timesteps), len(sigmas)):
+        return None
+    alpha_t, sigma_t = to_alpha_sigma(sigmas[idx].detach().float())
+    return alpha_t.reshape(()), sigma_t.reshape(())
 
 
 def _checked_prediction_type(scheduler) -> str:
@@ -455,34 +526,88 @@ class _GuidedPipelineBody:
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, chans, *size)
 
-    def _denoise(self, x, t):
-        out = self.unet(x, t)
+    _callback_tensor_inputs = ["latents"]
+
+    def _class_embedding(self):
+        """The denoiser's class embedding when it is class-conditional (num_class_embeds / class_embed_type)."""
+        return getattr(self.unet, "class_embedding", None) if isinstance(self.unet, torch.nn.Module) else None
+
+    def _unet_class_labels(self, class_labels, batch_size: int, device):
+        """class_labels as the class-conditional denoiser takes them ([batch_size]), None if it is not one."""
+        emb = self._class_embedding()
+        if emb is None:
+            return None
+        if class_labels is None:
+            raise ValueError(f"the denoiser is class-conditional (class embedding {type(emb).__name__}): pass "
+                             "class_labels=<one int or [batch_size] labels>")
+        y = torch.as_tensor(class_labels)
+        if isinstance(emb, torch.nn.Embedding):
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
+                raise ValueError(f"class labels must be an int or integer labels [B], got dtype {y.dtype}, "
+                                 f"shape {tuple(y.shape)}")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= emb.num_embeddings):
+                raise ValueError(f"class labels must lie in 0..{emb.num_embeddings - 1} (the denoiser's "
+                                 f"num_class_embeds={emb.num_embeddings}), got {y.tolist()}")
+            y = y.long()
+        if y.ndim == 0:
+            y = y.expand(batch_size)
+        if y.shape[0] != batch_size:
+            raise ValueError(f"{y.shape[0]} class labels for a batch of {batch_size}: give one label per sample "
+                             "(repeat them to batch_size) or one int for all")
+        return y.to(device)
+
+    def _denoise(self, x, t, class_labels=None):
+        out = self.unet(x, t) if class_labels is None else self.unet(x, t, class_labels=class_labels)
         return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
                  guidance_scale: float = 1.0, output_type: str = "pil", return_dict: bool = True,
-                 latents: torch.Tensor | None = None, callback: Callable | None = None, class_labels=None):
-        """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1])
-        or "raw" (the final x in [-1, 1]). ``latents``: the starting noise (default randn(generator)).
-        ``class_labels``: one int or [batch_size] labels replacing the guide's class target for this call.
-        callback(i, t, x) after each step. Returns ImagePipelineOutput(images=...) or (images,)."""
+                 latents: torch.Tensor | None = None, callback: Callable | None = None, class_labels=None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list | None = None):
+        """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]),
+        "latent" (the final x itself, [-1, 1] for a pixel model; "raw" is the same). ``latents``: the
+        starting noise (default randn(generator)). ``class_labels``: one int or [batch_size] labels: they
+        condition a class-conditional denoiser (num_class_embeds / class_embed_type; required there) and
+        replace the guide's class target (a ClassGuide / X0HatGuide) for this call.
+        After each step, as diffusers' pipelines: ``callback_on_step_end(pipe, i, t, callback_kwargs)``
+        (a function or a diffusers PipelineCallback), callback_kwargs holding the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (default and only ["latents"]: x after the step); a dict it
+        returns may replace "latents". The older ``callback(i, t, x)`` works too.
+        Returns ImagePipelineOutput(images=...) or (images,)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        if output_type not in ("pil", "np", "pt", "raw"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'raw', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None)  # a diffusers PipelineCallback's
+        if not isinstance(tensor_inputs, (list, tuple)):
+            tensor_inputs = callback_on_step_end_tensor_inputs
+        tensor_inputs = ["latents"] if tensor_inputs is None else list(tensor_inputs)
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available: choose from "
+                             f"{self._callback_tensor_inputs}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable(pipe, i, t, callback_kwargs)")
         sched, device = self.scheduler, self.device
         guidance_scale = _finite_scale(guidance_scale, "guidance_scale")
         if self.guidance is not None:
             _checked_prediction_type(sched)
             self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
         shape = self._shape(batch_size)
+        unet_labels = self._unet_class_labels(class_labels, batch_size, device)
+        guide_labels = None
         if class_labels is not None:
-            if self.guidance is None:
-                raise ValueError("class_labels given to a pipeline without a guide: pass guide=...")
-            class_labels = self.guidance._target(class_labels, torch.empty(batch_size, 0, device=device))
+            from ppap_fast.guidance import has_class_target
+
+            if self.guidance is None and unet_labels is None:
+                raise ValueError("class_labels given to a pipeline without a guide or a class-conditional "
+                                 "denoiser: pass guide=...")
+            if self.guidance is not None and (unet_labels is None or has_class_target(self.guidance.guide)):
+                guide_labels = self.guidance._target(class_labels, torch.empty(batch_size, 0, device=device))
         if latents is None:
             x = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
         else:
@@ -501,15 +626,22 @@ class _GuidedPipelineBody:
             step_sched.set_timesteps(num_inference_steps)
         for i, t in enumerate(self.progress_bar(sched.timesteps)):
             inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-            out = self._denoise(inp, t)
+            out = self._denoise(inp, t, unet_labels)
             if guided:
                 if clip_first:
                     out = self.guidance.clip_first(out, x, t, sched)
-                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale, target=class_labels)
+                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale, target=guide_labels)
             x = step_sched.step(out, t, x, **extra).prev_sample
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {k: x for k in tensor_inputs})  # "latents" only
+                new = outputs.get("latents", x) if isinstance(outputs, dict) else x
+                if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                    raise ValueError(f"callback_on_step_end returned latents {getattr(new, 'shape', type(new))}, "
+                                     f"expected a tensor of shape {tuple(x.shape)}")
+                x = new.to(device=x.device, dtype=x.dtype)
             if callback is not None:
                 callback(i, t, x)
-        if output_type == "raw":
+        if output_type in ("latent", "raw"):
             images = x
         else:
             images = (x / 2 + 0.5).clamp(0, 1)
