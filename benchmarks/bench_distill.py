@@ -22,7 +22,9 @@ and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factori
 (PPAP_BENCH_DISTILL_CL=1): the factorised bank in channels_last, captured, with the default A stage,
 "in_base", "auto" and "implicit": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
 distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage),
-distill_graph_cl_best_vs_nchw (the best channels_last row vs NCHW).
+distill_graph_cl_best_vs_nchw (the best channels_last row vs NCHW). And one optimizer step alone on
+the trainable tensors of a ResNet-50 bank (N=10: 168 stacked tensors, 4M elements; grads set, every expert sampled):
+expert_adamw_vs_adamw = time(ExpertAdamW.step) / time(torch.optim.AdamW(foreach=True).step).
 """
 from __future__ import annotations
 
@@ -70,6 +72,11 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                                 "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
                                 "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked",
                                 "distill_loralib_factorised_vs_delta", "distill_graph_loralib_factorised_vs_delta")}
+    try:  # first: seconds, where the rows below take minutes
+        rows.append(_adamw_row(device, quick))
+        acc["expert_adamw_vs_adamw"] = [rows[-1]["expert_adamw_vs_adamw"]]
+    except Exception as exc:  # noqa: BLE001 - the suite's main rows must still run
+        rows.append({"op": "optimizer_step", "error": _error(exc)})
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -106,6 +113,52 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                     emit([dict(r) for r in rows], _ratios(ratios, acc))
             _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint)
     return {"rows": rows, "ratios": _ratios(ratios, acc)}
+
+
+def _adamw_row(device: str, quick: bool, n: int = 10) -> dict:
+    """One step of ExpertAdamW vs torch.optim.AdamW(foreach=True) on a ResNet-50 bank's trainable tensors
+    (random weights; TinyResNet without torchvision), timed round-robin (median per-round ratio); on
+    CPU with one thread (as bench_update: a shared box's descheduled OpenMP threads swamp the times)."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _adamw_row_timed(device, quick, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _adamw_row_timed(device: str, quick: bool, n: int) -> dict:
+    import statistics
+
+    from timing import round_robin_ms
+
+    from ppap_fast.distill import make_bank
+    from ppap_fast.experts import ExpertAdamW
+
+    try:
+        import torchvision
+
+        model, arch = torchvision.models.resnet50(weights=None), "resnet50"
+    except ImportError:
+        model, arch = _model("cpu")[0], "tiny_resnet"
+    bank = make_bank(model, n).to(device)
+    gen = torch.Generator().manual_seed(0)
+    ours = [p for p in bank.parameters_to_train()]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=gen).to(device, a.dtype)
+        b.grad = a.grad.clone()
+    opts = {"expert_adamw": ExpertAdamW(ours, n, lr=1e-4, weight_decay=0.05),
+            "adamw_foreach": torch.optim.AdamW(theirs, lr=1e-4, weight_decay=0.05, foreach=True)}
+    times = round_robin_ms({k: o.step for k, o in opts.items()}, device, 10 if quick else 30, warmup=3)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return {"op": "optimizer_step", "model": arch, "n_experts": n, "tensors": len(ours),
+            "threads": torch.get_num_threads() if device == "cpu" else None,
+            "elements": sum(p.numel() for p in ours), "expert_adamw_ms": round(ms["expert_adamw"], 3),
+            "adamw_foreach_ms": round(ms["adamw_foreach"], 3),
+            "expert_adamw_vs_adamw": round(statistics.median(
+                a / b for a, b in zip(times["expert_adamw"], times["adamw_foreach"])), 4)}
 
 
 def _error(exc: Exception) -> str:
@@ -289,4 +342,7 @@ def _graphed_ms(bank, x, t, teacher, reps):
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "cpu", quick=True), indent=1))
+    if sys.argv[2:3] == ["adamw"]:  # the optimizer step row alone: bench_distill.py cpu adamw
+        print(json.dumps(_adamw_row(sys.argv[1], quick=True), indent=1))
+    else:
+        print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "cpu", quick=True), indent=1))

@@ -20,7 +20,8 @@ class ExpertAdamW(torch.optim.Optimizer):
     the others keep parameters, moments and counts. Every expert sampled at every step: the same
     updates as torch.optim.AdamW (bitwise for float32 on CPU; float64: to 1 ulp of the bias
     corrections). ``lr`` may be a tensor (set it in place with ``group["lr"].fill_(lr)``). Sync-free:
-    capturable in a CUDA graph after a first eager step (which allocates the state)."""
+    capturable in a CUDA graph after a first eager step (which allocates the state). On CUDA a step
+    is a few dozen kernels however many tensors (stepping them one by one was ~20 each)."""
 
     def __init__(self, params, n_experts: int, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False):
@@ -48,27 +49,34 @@ class ExpertAdamW(torch.optim.Optimizer):
         if not p.is_floating_point():
             raise ValueError(f"ExpertAdamW takes floating parameters, got dtype {p.dtype}")
 
+    # device types stepped by _step_foreach (CPU: foreach ops loop over the tensors there anyway, and
+    # concatenating measured slower: its extra passes over memory); the others concatenate the tensors
+    # (a few dozen kernels in all); tests set () to run the concatenated path on CPU
+    _foreach_device_types = ("cpu",)
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._check_param(p)
 
-    def _sampled(self, sampled, device):
-        if sampled is None:
-            return torch.ones(self.n_experts, dtype=torch.bool, device=device)
+    def _check_sampled(self, sampled):
         if not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.bool or sampled.shape != (self.n_experts,):
             got = (f"{tuple(sampled.shape)} {sampled.dtype}" if isinstance(sampled, torch.Tensor)
                    else type(sampled).__name__)
             raise ValueError(f"sampled must be a bool tensor [{self.n_experts}] (which experts step), got {got}")
-        return sampled.to(device)
 
     @torch.no_grad()
     def step(self, sampled: torch.Tensor | None = None):
         """One AdamW step of the experts with ``sampled[n]`` (bool [N]; None: all). A parameter
-        without a gradient is skipped, as by torch.optim.AdamW."""
+        without a gradient is skipped, as by torch.optim.AdamW.
+
+        The tensors of a group on one device with one dtype step together, in a number of ops that
+        does not grow with the number of tensors on CUDA (:meth:`_step_concatenated`), in foreach ops
+        on CPU (:meth:`_step_foreach`): the same elementwise ops either way, so the same results."""
+        if sampled is not None:
+            self._check_sampled(sampled)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+            by_device_dtype: dict = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -79,30 +87,127 @@ class ExpertAdamW(torch.optim.Optimizer):
                     st["step"] = torch.zeros(self.n_experts, dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if amsgrad:
+                    if group["amsgrad"]:
                         st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                on = self._sampled(sampled, p.device)
-                on_p = on.view(-1, *([1] * (p.dim() - 1)))
-                grad, exp_avg, exp_avg_sq, count = p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"]
-                count.add_(on.to(count.dtype))
-                # the same ops as torch's single-tensor AdamW; bias corrections per expert (float64, as its
-                # Python floats); an expert never sampled yet is clamped to 1 here and discarded below
-                t = count.double().clamp(min=1)
-                step_size_neg = (-(lr / (1 - beta1 ** t))).to(p.dtype).view_as(on_p)
-                bc2_sqrt = (1 - beta2 ** t).sqrt().to(p.dtype).view_as(on_p)
-                new_avg = exp_avg.lerp(grad, 1 - beta1)
-                new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if amsgrad:
-                    new_max = torch.maximum(st["max_exp_avg_sq"], new_avg_sq)
-                    st["max_exp_avg_sq"].copy_(torch.where(on_p, new_max, st["max_exp_avg_sq"]))
-                    denom = (new_max.sqrt() / bc2_sqrt).add_(eps)
+                by_device_dtype.setdefault((p.device, p.dtype), []).append(p)
+            for params in by_device_dtype.values():
+                device = params[0].device
+                on = (torch.ones(self.n_experts, dtype=torch.bool, device=device) if sampled is None
+                      else sampled.to(device))
+                if params[0].device.type in self._foreach_device_types:
+                    self._step_foreach(params, group, on)
                 else:
-                    denom = (new_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-                new_p = p.mul(1 - lr * wd) if wd != 0 else p.clone()
-                new_p.add_(new_avg * step_size_neg / denom)  # torch's addcdiv: p + (value * m) / denom
-                p.copy_(torch.where(on_p, new_p, p))
-                exp_avg.copy_(torch.where(on_p, new_avg, exp_avg))
-                exp_avg_sq.copy_(torch.where(on_p, new_avg_sq, exp_avg_sq))
+                    self._step_concatenated(params, group, on)
+
+    def _owner_index(self, params) -> torch.Tensor:
+        """int32, for each element of the concatenated flattened ``params``, its row i * N + n of a
+        [len(params), N] coefficient table (tensor i, expert n). Cached per tensor list; built on the
+        device (no host copy, so also when first needed inside a capture)."""
+        cache = self.__dict__.setdefault("_owner_cache", {})
+        key = tuple((id(p), tuple(p.shape), p.device) for p in params)
+        if key not in cache:
+            if len(cache) >= 8:  # a few lists of tensors with gradients, in practice
+                cache.clear()
+            n = self.n_experts
+            rows = torch.arange(len(params) * n, dtype=torch.int32, device=params[0].device).view(-1, n)
+            cache[key] = torch.cat([rows[i].unsqueeze(1).expand(n, p.numel() // n).reshape(-1)
+                                    for i, p in enumerate(params)])
+        return cache[key]
+
+    @staticmethod
+    def _advance_counts(counts, on) -> torch.Tensor:
+        """Adds ``on`` to every count [N] (few ops, not one per tensor); returns them as float64
+        [tensors, N] for the bias corrections (float64, as torch's Python floats), clamped to 1: a count
+        still 0 belongs to an expert never stepped, whose update is discarded. Counts differ between
+        tensors where one had no gradient at some step."""
+        count = torch.stack(counts).add_(on.to(torch.float32))
+        torch._foreach_copy_(counts, list(count.unbind(0)))
+        return count.double().clamp(min=1)
+
+    def _step_foreach(self, params, group, on):
+        """The step of ``params`` (one device and dtype, all with gradients and state) as the single-
+        tensor AdamW ops, each one foreach op over the tensors (per-expert coefficients broadcast),
+        the masked commits a ``torch.where`` per tensor. On CPU (where a foreach op loops over the
+        tensors anyway) faster than concatenating: each op passes over the data once."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+        states = [self.state[p] for p in params]
+        t = self._advance_counts([st["step"] for st in states], on)
+        per_expert = [(1,) * (p.dim() - 1) for p in params]  # [N, 1, ...]: broadcast over each tensor
+        step_size_neg = [x.view(-1, *k) for x, k in zip((-(lr / (1 - beta1 ** t))).to(params[0].dtype), per_expert)]
+        bc2_sqrt = [x.view(-1, *k) for x, k in zip((1 - beta2 ** t).sqrt().to(params[0].dtype), per_expert)]
+        ons = [on.view(-1, *k) for k in per_expert]
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        new_avgs = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+        new_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(new_avg_sqs, grads, grads, value=1 - beta2)
+        if amsgrad:
+            max_sqs = [st["max_exp_avg_sq"] for st in states]
+            new_maxs = torch._foreach_maximum(max_sqs, new_avg_sqs)
+            denoms = torch._foreach_sqrt(new_maxs)
+            for m, new, o in zip(max_sqs, new_maxs, ons):
+                torch.where(o, new, m, out=m)
+            del new_maxs
+        else:
+            denoms = torch._foreach_sqrt(new_avg_sqs)
+        torch._foreach_div_(denoms, bc2_sqrt)
+        torch._foreach_add_(denoms, eps)
+        # torch's p.mul_(1 - lr * wd) then addcdiv_: p + (value * m) / denom
+        new_ps = torch._foreach_mul(new_avgs, step_size_neg)
+        torch._foreach_div_(new_ps, denoms)
+        del denoms
+        torch._foreach_add_(new_ps, torch._foreach_mul(params, 1 - lr * wd) if wd != 0 else params)
+        for olds, news in ((params, new_ps), (exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs)):
+            for old, new, o in zip(olds, news, ons):
+                torch.where(o, new, old, out=old)
+
+    def _step_concatenated(self, params, group, on):
+        """The step of ``params`` (one device and dtype, all with gradients and state): the single-
+        tensor AdamW ops on the tensors concatenated ([sum of numels]: a few dozen kernels however
+        many tensors), the per-expert coefficients spread to the elements by one gather, the masked
+        commits one ``torch.where`` each, then one ``_foreach_copy_`` back."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+        dtype, device = params[0].dtype, params[0].device
+        states = [self.state[p] for p in params]
+        counts = [st["step"] for st in states]
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        owner = self._owner_index(params)
+        ws = torch.empty(9 + amsgrad, owner.numel(), dtype=dtype, device=device)  # rows: the work buffers
+
+        def flat(tensors, row):
+            return torch.cat([x.reshape(-1) for x in tensors], out=ws[row])
+
+        t = self._advance_counts(counts, on)
+        table = torch.stack([-(lr / (1 - beta1 ** t)), (1 - beta2 ** t).sqrt()]).to(dtype).view(2, -1)
+        step_size_neg, bc2_sqrt = torch.index_select(table, 1, owner, out=ws[0:2]).unbind(0)
+        on_elem = on.expand(len(params), -1).reshape(-1).index_select(0, owner)
+
+        grad, p = flat([q.grad for q in params], 2), flat(params, 3)
+        exp_avg, exp_avg_sq = flat([st["exp_avg"] for st in states], 4), flat([st["exp_avg_sq"] for st in states], 5)
+        new_avg = torch.lerp(exp_avg, grad, 1 - beta1, out=ws[6])
+        new_avg_sq = torch.mul(exp_avg_sq, beta2, out=ws[7]).addcmul_(grad, grad, value=1 - beta2)
+        denom = ws[8]
+        if amsgrad:
+            max_sq = flat([st["max_exp_avg_sq"] for st in states], 9)
+            torch.maximum(max_sq, new_avg_sq, out=denom)
+            torch.where(on_elem, denom, max_sq, out=max_sq)
+            denom.sqrt_()
+        else:
+            torch.sqrt(new_avg_sq, out=denom)
+        denom.div_(bc2_sqrt).add_(eps)
+        # torch's p.mul_(1 - lr * wd) then addcdiv_: p + (value * m) / denom; into spent buffers
+        new_p = torch.mul(new_avg, step_size_neg, out=grad).div_(denom)
+        new_p.add_(torch.mul(p, 1 - lr * wd, out=denom) if wd != 0 else p)
+        torch.where(on_elem, new_p, p, out=p)
+        torch.where(on_elem, new_avg, exp_avg, out=exp_avg)
+        torch.where(on_elem, new_avg_sq, exp_avg_sq, out=exp_avg_sq)
+        sizes = [q.numel() for q in params]
+        dst = list(params) + [st[k] for k in names for st in states]
+        src = [v.view(q.shape) for f in [p, exp_avg, exp_avg_sq] + ([max_sq] if amsgrad else [])
+               for v, q in zip(f.split(sizes), params)]
+        torch._foreach_copy_(dst, src)
 
     def load_state_dict(self, state_dict):
         """As torch's, refusing a state without one step count per expert (torch.optim.AdamW's single
