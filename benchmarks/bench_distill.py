@@ -5,7 +5,8 @@ training expert by expert costs for the same samples); onepass = the bank routes
 one forward/backward. Both end with one AdamW step. Ratio distill_onepass_vs_sequential =
 time(onepass) / time(sequential), below 1 = one pass faster; rows also give images/s. On CUDA also
 the one-pass step captured whole in a CUDA graph (capturable AdamW; 3 eager warm-up steps, then
-replays): distill_graph_vs_onepass = time(graph) / time(eager one pass). The banks use the ResNet
+replays): distill_graph_vs_onepass = time(graph) / time(eager one pass); the captured step with what
+distill steps by default (ExpertAdamW on the sampled experts) against it: distill_graph_expert_adamw_vs_adamw. The banks use the ResNet
 placement's default "loralib" layout (the official checkpoints': dense per-expert deltas, routed by
 lora_conv2d_delta); on CUDA also a "factorised" bank (lora_conv2d, the multi-expert LoRA kernels),
 eager: distill_factorised_vs_loralib = time(factorised) / time(loralib), and the same with its LoRA
@@ -208,6 +209,14 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_ms"] = round(g_ms, 3)
         row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
         acc["distill_graph_vs_onepass"].append(g_ms / one)
+    try:  # the same with what distill steps by default (expert_mean): ExpertAdamW, sampled experts only
+        ge_ms = _graphed_ms(bank, x, t, teacher, reps, True)
+    except Exception as exc:  # noqa: BLE001
+        row["onepass_graph_expert_adamw_error"] = _error(exc)
+    else:
+        row["onepass_graph_expert_adamw_ms"] = round(ge_ms, 3)
+        if row.get("onepass_graph_ms"):
+            acc.setdefault("distill_graph_expert_adamw_vs_adamw", []).append(ge_ms / row["onepass_graph_ms"])
     checkpoint()
     if os.environ.get("PPAP_BENCH_DISTILL_CL") == "1":  # opt-in: three more captured ResNet50 steps
         try:
@@ -318,18 +327,31 @@ def _with_cpp_backend(fn):
     return _with_backend("PPAP_FAST_LORA_CPP", "1", "lora_conv2d", "cpp", fn)
 
 
-def _graphed_ms(bank, x, t, teacher, reps):
+def _graphed_ms(bank, x, t, teacher, reps, expert_adamw: bool = False):
+    """Median ms of the one-pass step captured in a CUDA graph: capturable torch AdamW on every
+    trainable tensor, or (``expert_adamw``) distill's expert_mean default: ExpertAdamW stepping the
+    sampled experts only (ExpertBank.step_sampled_experts)."""
     from ppap_fast.train_graph import GraphedTrainStep
 
     bank.check_inputs = False
-    opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=torch.tensor(1e-4, device=x.device),
-                            weight_decay=0.05, capturable=True)
+    lr = torch.tensor(1e-4, device=x.device)
+    if expert_adamw:
+        from ppap_fast.distill import expert_counts
+        from ppap_fast.experts import ExpertAdamW
+
+        opt = ExpertAdamW(bank.parameters_to_train(), bank.n_experts, lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=lr, weight_decay=0.05,
+                                capturable=True)
 
     def step(x, t, teacher):
         loss = _kd(bank(x, t), teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if expert_adamw:
+            bank.step_sampled_experts(opt, expert_counts(bank.expert_index(t), bank.n_experts) > 0)
+        else:
+            opt.step()
         return loss
 
     run = GraphedTrainStep(step)

@@ -369,7 +369,8 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
                                            "distill_graph_loralib_factorised_vs_delta")}, []
     bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
                                lambda: snaps.append(sum(bool(v) for v in acc.values())))
-    assert snaps == [1, 6, 7, 12, 14], snaps
+    assert snaps == [1, 6, 8, 13, 15], snaps
+    assert row["onepass_graph_expert_adamw_ms"] == 0.5 and acc["distill_graph_expert_adamw_vs_adamw"] == [1.0]
     assert not [k for k in row if k.endswith("error")], row
 
 
@@ -394,3 +395,31 @@ def test_summary_shows_errors_cuts_and_backends(tmp_path):
                  "torch.compile of the denoiser failed", "killed inside bench_step", "bench_distill 120.5",
                  "lora_conv2d=reference/triton"):
         assert text in res.stdout, (text, res.stdout)
+
+
+def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monkeypatch):
+    """bench_distill's graphed row with distill's default optimizer (ExpertAdamW through
+    ExpertBank.step_sampled_experts), its step run eagerly (no GPU here): the experts with samples
+    move, an expert without one keeps its parameters."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    import ppap_fast.train_graph as tg
+    from ppap_fast.experts import ExpertBank
+
+    monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: [fn() for _ in range(2)] and 1.0)
+    monkeypatch.setattr(tg, "GraphedTrainStep", lambda step: step)
+    model, _, shape, _, _ = bench_distill._model("cpu")
+    bank = ExpertBank(model, placement="resnet", n_experts=4, r=2, alpha=2).train()
+    gen = torch.Generator().manual_seed(0)
+    x, teacher = torch.randn(4, *shape, generator=gen), torch.randn(4, model.fc.out_features, generator=gen)
+    t = torch.tensor([0, 100, 300, 600])  # experts 0, 0, 1, 2: expert 3 has no sample
+    before = [p.detach().clone() for p in bank.parameters_to_train()]
+    assert bench_distill._graphed_ms(bank, x, t, teacher, 1, True) == 1.0
+    after = bank.parameters_to_train()
+    for e in range(3):
+        assert any(not torch.equal(a[e], b[e]) for a, b in zip(after, before)), e
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(after, before))
+    assert bank.check_inputs
