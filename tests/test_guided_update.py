@@ -9,7 +9,7 @@ from ppap_fast import ops
 from ppap_fast.ops import update as gu
 from ppap_fast.schedule import Schedule
 
-from _util import LaunchRecorder, assert_close_rel, assert_grid_within_cuda_limits, poison_allocator, rel_err
+from _util import LaunchRecorder, assert_close_rel, assert_grid_within_cuda_limits, poison_allocator, rel_err, requires_cuda
 
 CONFIGS = [
     ("ddim", 0.0, "learned_range", "ddim25"),
@@ -344,7 +344,7 @@ def test_triton_chunked_launches_match_reference(monkeypatch):
             assert_close_rel(g.double(), w, TOL[torch.float32] * 10, "chunked triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_backends_above_65535_samples():
     """On the GPU: the CUDA kernel refused a batch above 65535 (grid axis y) and the Triton one failed
     to launch; both now run it (samples looped / chunked) and match the reference, outputs poisoned."""
