@@ -129,13 +129,20 @@ def capture_cuda_graph(step, warmup: int = 2):
 
 class LaunchRecorder:
     """Stands in for a Triton kernel (monkeypatched over it): records each launch's grid and
-    arguments, runs nothing (checks launch grids at sizes the interpreter would take minutes for)."""
+    arguments, runs nothing (checks launch grids at sizes the interpreter would take minutes for);
+    with ``kernel``, also launches it (counts the launches of a run)."""
 
-    def __init__(self):
+    def __init__(self, kernel=None):
         self.launches = []
+        self.kernel = kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((tuple(grid), args))
+        def launch(*args, **kwargs):
+            self.launches.append((tuple(grid), args))
+            if self.kernel is not None:
+                self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def assert_grid_within_cuda_limits(grid):

@@ -21,7 +21,7 @@ from ppap_fast.ops.lora import fast, reference as R, triton_conv as TC, triton_k
 from ppap_fast.ops.lora import cpp as CPP
 from ppap_fast.ops.lora.segments import build_segments
 
-from _util import capture_cuda_graph
+from _util import LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph
 
 HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1696,7 +1696,7 @@ def test_lora_conv2d_stacked_a_splits_the_batch_past_the_element_limit(monkeypat
     """lora_conv2d's N-fold A-stage tensors: the stacked A conv [S, N*r, Ho, Wo] (2160 elements here) and
     the fused [S, C_out + N*r, Ho, Wo] conv (2880). Past the limit (lowered to 1000) the stacked one runs
     in batch chunks and fused falls back to it; y and every gradient still match the reference (the
-    fast path's buffers poisoned)."""
+    fast path's buffers poisoned), and last_backend reports the stacked A stage that ran."""
     dev = "cuda" if HAS_CUDA else "cpu"
     g = torch.Generator().manual_seed(12)
     N, S, r = 3, 5, 4
@@ -1715,6 +1715,7 @@ def test_lora_conv2d_stacked_a_splits_the_batch_past_the_element_limit(monkeypat
     monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
     sizes = _record_conv_outputs(monkeypatch)
     got = run(dev, torch.float32, backend="triton", a_stage=a_stage)
+    assert L.last_backend["lora_conv2d/a_stage"] == "stacked"  # fused fell back: it reported "fused"
     assert sizes and max(sizes) <= 1000, f"conv outputs of {sizes} elements exceed the limit of 1000"
     for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], got, want):
         assert_close(f"{a_stage} chunked {name}", a.cpu(), w, TOL[torch.float32])
@@ -1746,3 +1747,56 @@ def test_cpp_lora_conv2d_splits_the_batch_past_the_element_limit(monkeypatch):
     assert batches and max(batches) * N * r * 36 <= 1000, f"C++ calls over batches {batches} exceed the limit"
     for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], got, want):
         assert_close(f"cpp chunked {name}", a, w, 1e-10)
+
+
+
+def test_implicit_conv_launch_grids_stay_within_cuda_limits_past_65535_pixel_tiles(monkeypatch):
+    """conv_lora_fwd put the pixel tiles on grid axis 1, which CUDA caps at 65535: a 1024x1024 map with
+    16-row tiles (the GPU's choice for fp32 and rank > 64) gave 65536; conv_lora_dgrad's 64-row tiles
+    passed it at 2048x2048. Grids recorded with the GPU's tiles, nothing run (the interpreter would take
+    minutes): one launch each (3 samples), within the limits, covering every (pixel tile, sample)."""
+    monkeypatch.setattr(TK, "_interpreting", lambda: False)
+    fwd, dgrad = LaunchRecorder(), LaunchRecorder()
+    monkeypatch.setattr(TK, "_conv_lora_fwd_kernel", fwd)
+    monkeypatch.setattr(TK, "_conv_lora_dgrad_kernel", dgrad)
+    S, N, R = 3, 2, 128
+    idx, A, B = torch.tensor([1, 0, 1]), torch.zeros(N, R, 1, 1, 1), torch.zeros(N, 1, R)
+    big = lambda c, hw: torch.zeros(1, 1, 1, 1).expand(S, c, hw, hw)  # noqa: E731  (strides only)
+    TK.conv_lora_fwd(big(1, 1024), A, B, big(1, 1024), idx, 1.0, h_out=big(R, 1024))
+    TK.conv_lora_dgrad(big(R, 2048), A, big(1, 2048), idx)
+    # (recorder, pixel tiles a sample, position of the first-sample argument s0)
+    for rec, tiles, s0_arg in ((fwd, 1024 * 1024 // 16, 7), (dgrad, 2048 * 2048 // 64, 4)):
+        assert len(rec.launches) == 1
+        grid, args = rec.launches[0]
+        assert_grid_within_cuda_limits(grid)
+        assert grid[0] == tiles and grid[-1] == S and args[s0_arg] == 0
+
+
+@pytest.mark.skipif(not INTERP and not HAS_CUDA, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
+def test_implicit_conv_sample_chunks_match_float64(monkeypatch):
+    """Samples in launches of <= MAX_GRID_YZ (lowered to 2: 5 samples in 3 launches, the last partial), 4
+    pixel tiles (9x7 map, 16-row tiles under the interpreter), 2 channel tiles in the dgrad, against
+    per-sample float64 convs; h poisoned, y and dx accumulated in place."""
+    from ppap_fast.ops import _kernel_util
+
+    monkeypatch.setattr(_kernel_util, "MAX_GRID_YZ", 2)
+    recorders = [LaunchRecorder(getattr(TK, name)) for name in ("_conv_lora_fwd_kernel", "_conv_lora_dgrad_kernel")]
+    for name, rec in zip(("_conv_lora_fwd_kernel", "_conv_lora_dgrad_kernel"), recorders):
+        monkeypatch.setattr(TK, name, rec)
+    dev = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(21)
+    S, N, C, R, NOUT = 5, 2, 20, 6, 5
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, A, B, y0, dh, dx0 = mk(S, C, 9, 7), mk(N, R, C, 3, 3) / 8, mk(N, NOUT, R), mk(S, NOUT, 9, 7), \
+        mk(S, R, 9, 7), mk(S, C, 9, 7)
+    idx = torch.tensor([1, 0, 1, 1, 0])
+    on = lambda t: t.to(dev, torch.float32)  # noqa: E731
+    y, dx, h = on(y0), on(dx0), torch.full((S, R, 9, 7), float("nan"), device=dev)
+    TK.conv_lora_fwd(on(x), on(A), on(B), y, idx.to(dev), 0.5, 1, 1, h_out=h)
+    TK.conv_lora_dgrad(on(dh), on(A), dx, idx.to(dev), 1, 1)
+    assert [[grid[-1] for grid, _ in rec.launches] for rec in recorders] == [[2, 2, 1] * 1] * 2
+    h_ref = torch.cat([F.conv2d(x[i:i + 1], A[idx[i]], None, 1, 1) for i in range(S)])
+    y_ref = y0 + 0.5 * torch.einsum("snr,srhw->snhw", B[idx], h_ref)
+    dx_ref = dx0 + torch.cat([F.conv_transpose2d(dh[i:i + 1], A[idx[i]], None, 1, 1) for i in range(S)])
+    for name, got, want in (("h", h, h_ref), ("y", y, y_ref), ("dx", dx, dx_ref)):
+        assert_close(f"sample chunks {name}", got.cpu(), want, TOL[torch.float32])

@@ -23,7 +23,8 @@ from ppap_fast.ops.lora.segments import build_segments
 from ppap_fast.ops.norm import reference as R
 from ppap_fast.ops.norm import triton_kernels as TK
 
-from _util import assert_no_host_sync, poisoned_kernels, rel_err, requires_cuda
+from _util import (LaunchRecorder, assert_grid_within_cuda_limits, assert_no_host_sync, poisoned_kernels, rel_err,
+                   requires_cuda)
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 
@@ -610,3 +611,55 @@ def test_triton_double_backward_is_refused(op):
         dx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         torch.autograd.grad(y.sum() + dx.square().sum(), w)
     assert torch.autograd.grad(run().sum(), w)[0].shape == w.shape
+
+
+
+def test_batch_norm_elementwise_grids_stay_within_cuda_limits_past_65535_position_blocks(monkeypatch):
+    """bn_apply / bn_dx put the position blocks on grid axis 2, which CUDA caps at 65535: 4096x4096
+    positions a sample with the GPU's 256-position blocks gave 65536. Grids recorded with the GPU's
+    blocks, nothing run: one launch each, within the limits, covering every (position block, channel
+    block, sample)."""
+    monkeypatch.setattr(TK, "_interpreting", lambda: False)
+    apply, dx = LaunchRecorder(), LaunchRecorder()
+    monkeypatch.setattr(TK, "_bn_apply_kernel", apply)
+    monkeypatch.setattr(TK, "_bn_dx_kernel", dx)
+    S, C, P = 2, 40, 4096 * 4096  # 2 channel blocks of 32
+    x3 = torch.zeros(1, 1, 1).expand(S, C, P)  # strides only: the launches run nothing
+    idx, stats = torch.tensor([0, 1]), torch.zeros(2, C)
+    with monkeypatch.context() as m:  # the outputs the launchers allocate: views of one element
+        m.setattr(TK, "alloc", lambda shape, dtype, device: torch.zeros(1, dtype=dtype).expand(shape))
+        TK.bn_apply(x3, idx, stats, stats, torch.float32)
+        TK.bn_dx(x3, x3, idx, stats, stats, stats, stats, stats, True, torch.float32)
+    for rec, s0_arg in ((apply, 5), (dx, 9)):  # s0: the launch's first sample
+        assert len(rec.launches) == 1
+        grid, args = rec.launches[0]
+        assert_grid_within_cuda_limits(grid)
+        assert grid == (P // 256, 2, S) and args[s0_arg] == 0
+
+
+def test_batch_norm_elementwise_sample_chunks_match_float64(monkeypatch):
+    """bn_apply / bn_dx with samples in launches of <= MAX_GRID_YZ (lowered to 2: 5 samples in 3 launches,
+    the last partial), 2 channel blocks x 2 position blocks (40 channels, 90 positions under the
+    interpreter), against float64; outputs poisoned (autouse fixture)."""
+    from ppap_fast.ops import _kernel_util
+
+    monkeypatch.setattr(_kernel_util, "MAX_GRID_YZ", 2)
+    recorders = [LaunchRecorder(getattr(TK, name)) for name in ("_bn_apply_kernel", "_bn_dx_kernel")]
+    for name, rec in zip(("_bn_apply_kernel", "_bn_dx_kernel"), recorders):
+        monkeypatch.setattr(TK, name, rec)
+    g = torch.Generator().manual_seed(5)
+    S, N, C, P = 5, 2, 40, 90
+    x, dy = torch.randn(S, C, P, generator=g), torch.randn(S, C, P, generator=g)
+    a, b, mean, k1, k2 = (torch.randn(N, C, generator=g) for _ in range(5))
+    rstd = torch.rand(N, C, generator=g) + 0.5
+    idx = torch.tensor([1, 0, 1, 1, 0])
+    y = TK.bn_apply(x, idx, a, b, torch.float32)
+    dx_train = TK.bn_dx(dy, x, idx, mean, rstd, a, k1, k2, True, torch.float32)
+    dx_eval = TK.bn_dx(dy, x, idx, mean, rstd, a, k1, k2, False, torch.float32)
+    assert [[grid[-1] for grid, _ in rec.launches] for rec in recorders] == [[2, 2, 1], [2, 2, 1] * 2]  # dx twice
+    e = lambda t: t.double()[idx][:, :, None]  # noqa: E731  (per-sample [S, C, 1])
+    xd, dyd = x.double(), dy.double()
+    xhat = (xd - e(mean)) * e(rstd)
+    _check("bn_apply", y, xd * e(a) + e(b), TOL[torch.float32])
+    _check("bn_dx train", dx_train, e(a) * (dyd - e(k1) - xhat * e(k2)), TOL[torch.float32])
+    _check("bn_dx eval", dx_eval, e(a) * dyd, TOL[torch.float32])

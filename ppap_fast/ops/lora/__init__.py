@@ -327,7 +327,13 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     if a_stage == "auto":
         a_stage = _auto_a_stage(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups, expert_bias,
                                 b, segments, a_blocks)
-    last_backend["lora_conv2d/a_stage"] = _effective_a_stage(a_stage, b, groups, r, a_blocks)
+    ran = _effective_a_stage(a_stage, b, groups, r, a_blocks)
+    if ran == "fused" and b != "cpp":
+        from . import fast
+
+        if not fast.fused_fits(x, W, A, stride, padding, dilation):
+            ran = "stacked"  # the fused conv output would pass the element limit: fast runs stacked
+    last_backend["lora_conv2d/a_stage"] = ran
     if b == "reference":
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
                                      expert_bias)

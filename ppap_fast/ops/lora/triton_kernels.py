@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kernel_util import new_buffer, sm_count
+from .._kernel_util import grid_chunks, new_buffer, sm_count
 
 
 def _interpreting() -> bool:
@@ -261,7 +261,7 @@ def _tap_source(ih, iw, kh, kw, Ho, Wo, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H,
 @triton.jit
 def _conv_lora_fwd_kernel(
     x_ptr, a_ptr, b_ptr, y_ptr, eb_ptr, eidx_ptr, hout_ptr,
-    C, H, W, Ho, Wo, R, NOUT, NB, RB, PART,
+    s0, C, H, W, Ho, Wo, R, NOUT, NB, RB, PART,
     xs_s, xs_c, xs_h, xs_w,
     as_e, as_r, as_c, as_h, as_w,
     bs_e, bs_n, bs_r,
@@ -276,13 +276,15 @@ def _conv_lora_fwd_kernel(
     """Per-sample LoRA of a conv in one pass, accumulated into the base conv's output y:
     h = conv(x, A_e) (implicit GEMM: each tap's channel tiles of x dotted with A_e's), y += scale *
     B_e h (+ eb[e]) over every output channel, and h stored to hout [S, R, Ho, Wo] for the backward.
-    One program: one sample, BLOCK_M output pixels; e = expert_idx[s] (no segments needed).
+    One program: one sample, BLOCK_M output pixels; e = expert_idx[s] (no segments needed). Grid:
+    (pixel tile, sample - s0): the pixel tiles on axis 0 (on axis 1, CUDA's 65535 cap, a 1024x1024 map
+    of 16-row tiles failed), samples from s0 in launches of <= 65535.
     BLOCKED: A is block diagonal, NB blocks of RB rank rows, block q nonzero only on the flat
     (C, kh, kw) columns [q*PART, (q+1)*PART) (the loralib layout as a factorised LoRA): each block's
     h is computed over its own columns only, stored, and read back for the expand. Otherwise
     NB = 1, RB = R and all R rank channels stay in one register tile."""
-    s = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    s = s0 + tl.program_id(1).to(tl.int64)
     e = tl.load(eidx_ptr + s).to(tl.int64)
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pmask = p < Ho * Wo
@@ -365,7 +367,7 @@ def _conv_lora_fwd_kernel(
 @triton.jit
 def _conv_lora_dgrad_kernel(
     dh_ptr, a_ptr, dx_ptr, eidx_ptr,
-    C, H, W, Ho, Wo, R, RB, PART,
+    s0, C, H, W, Ho, Wo, R, RB, PART,
     ds_s, ds_r, ds_h, ds_w, ds_e,
     as_e, as_r, as_c, as_h, as_w,
     xs_s, xs_c, xs_h, xs_w,
@@ -377,12 +379,14 @@ def _conv_lora_dgrad_kernel(
     """dx += conv_transpose(dh, A_e) for each sample's own expert (the LoRA share of a conv's
     input gradient), added in place into the base dgrad. dh is read at + e * ds_e (expert 0's
     slice of a stacked [S, N*R, Ho, Wo] gradient). One program: one sample, BLOCK_M input pixels,
-    BLOCK_N input channels; K = taps x R (each tap keeps only the output pixels it maps onto).
+    BLOCK_N input channels; K = taps x R (each tap keeps only the output pixels it maps onto). Grid:
+    (pixel tile, channel tile, sample - s0): the pixel tiles on axis 0 (CUDA caps axes 1/2 at 65535),
+    samples from s0 in launches of <= 65535.
     BLOCKED (A block diagonal: RB rank rows per block, PART flat columns): each tap reads only the
     rank rows of the blocks its channel tile's columns fall in, off-block entries masked."""
-    s = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s = s0 + tl.program_id(2).to(tl.int64)
     e = tl.load(eidx_ptr + s).to(tl.int64)
     q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qmask = q < H * W
@@ -723,14 +727,14 @@ def conv_lora_fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, y: torch.Te
     has_eb = expert_bias is not None
     eb = expert_bias if has_eb else y
     ebs = expert_bias.stride() if has_eb else (0, 0)
-    grid = (S, triton.cdiv(Ho * Wo, BLOCK_M))
-    _conv_lora_fwd_kernel[grid](
-        x, A, B, y, eb, expert_idx, h_out, C, H, W, Ho, Wo, R, NOUT, nb, rb, part,
-        *x.stride(), *A.stride(), *B.stride(), *y.stride(), *ebs, *h_out.stride(),
-        float(scale), sh, sw, ph, pw, dh, dw,
-        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
-        HAS_BIAS=has_eb, BLOCKED=nb > 1, DOT_F32=dot_f32, PREC=prec,
-    )
+    for s0, count in grid_chunks(S):  # one launch unless S > 65535
+        _conv_lora_fwd_kernel[(triton.cdiv(Ho * Wo, BLOCK_M), count)](
+            x, A, B, y, eb, expert_idx, h_out, s0, C, H, W, Ho, Wo, R, NOUT, nb, rb, part,
+            *x.stride(), *A.stride(), *B.stride(), *y.stride(), *ebs, *h_out.stride(),
+            float(scale), sh, sw, ph, pw, dh, dw,
+            KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N,
+            HAS_BIAS=has_eb, BLOCKED=nb > 1, DOT_F32=dot_f32, PREC=prec,
+        )
     return y
 
 
@@ -753,14 +757,14 @@ def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_
     BLOCK_N = 64 if not _interpreting() else 16
     BLOCK_R = _pow2_at_least(R, 16, 32)
     dot_f32, prec = _dot_cfg(dh, A)
-    grid = (S, triton.cdiv(H * W, BLOCK_M), triton.cdiv(C, BLOCK_N))
-    _conv_lora_dgrad_kernel[grid](
-        dh, A, dx, expert_idx, C, H, W, Ho, Wo, R, rb, part,
-        *dh.stride(), int(dh_expert_stride), *A.stride(), *dx.stride(),
-        sh, sw, ph, pw, dlh, dlw,
-        KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCKED=nb > 1, DOT_F32=dot_f32,
-        PREC=prec,
-    )
+    for s0, count in grid_chunks(S):  # one launch unless S > 65535
+        _conv_lora_dgrad_kernel[(triton.cdiv(H * W, BLOCK_M), triton.cdiv(C, BLOCK_N), count)](
+            dh, A, dx, expert_idx, s0, C, H, W, Ho, Wo, R, rb, part,
+            *dh.stride(), int(dh_expert_stride), *A.stride(), *dx.stride(),
+            sh, sw, ph, pw, dlh, dlw,
+            KH=KH, KW=KW, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, BLOCKED=nb > 1, DOT_F32=dot_f32,
+            PREC=prec,
+        )
     return dx
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._kernel_util import new_buffer, sm_count
+from .._kernel_util import grid_chunks, new_buffer, sm_count
 
 POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
@@ -121,12 +121,14 @@ def _bn_partial_kernel(x_ptr, dy_ptr, sidx_ptr, off_ptr, mean_ptr, rstd_ptr, out
 
 
 @triton.jit
-def _bn_elem_tile(idx_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Tile (sample s, channel block, position block) of contiguous [S, C, P]: s's expert e,
-    the channels offs_c (< C: cmask), the offsets [BLOCK_C, BLOCK_P] and their mask."""
-    s = tl.program_id(0)
+def _bn_elem_tile(idx_ptr, s0, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Tile (position block, channel block, sample s - s0) of contiguous [S, C, P]: s's expert e,
+    the channels offs_c (< C: cmask), the offsets [BLOCK_C, BLOCK_P] and their mask. The position
+    blocks on grid axis 0 (on axis 2, CUDA's 65535 cap, 4096x4096 positions failed), samples from
+    s0 in launches of <= 65535."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    s = s0 + tl.program_id(2).to(tl.int64)
     cmask = offs_c < C
     m = cmask[:, None] & (offs_p < P)[None, :]
     e = tl.load(idx_ptr + s).to(tl.int64)
@@ -135,10 +137,10 @@ def _bn_elem_tile(idx_ptr, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _bn_apply_kernel(x_ptr, y_ptr, idx_ptr, a_ptr, b_ptr, C, P,
+def _bn_apply_kernel(x_ptr, y_ptr, idx_ptr, a_ptr, b_ptr, s0, C, P,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """y = x * a[e] + b[e] per channel (x, y contiguous [S, C, P]; a, b fp32 [N, C])."""
-    e, offs_c, cmask, off, m = _bn_elem_tile(idx_ptr, C, P, BLOCK_C, BLOCK_P)
+    e, offs_c, cmask, off, m = _bn_elem_tile(idx_ptr, s0, C, P, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + e * C + offs_c, mask=cmask, other=0.0)
     b = tl.load(b_ptr + e * C + offs_c, mask=cmask, other=0.0)
     xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -146,10 +148,10 @@ def _bn_apply_kernel(x_ptr, y_ptr, idx_ptr, a_ptr, b_ptr, C, P,
 
 
 @triton.jit
-def _bn_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, mean_ptr, rstd_ptr, a_ptr, k1_ptr, k2_ptr, C, P,
+def _bn_dx_kernel(dy_ptr, x_ptr, dx_ptr, idx_ptr, mean_ptr, rstd_ptr, a_ptr, k1_ptr, k2_ptr, s0, C, P,
                   TRAIN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = a[e] * (dy - k1[e] - xhat * k2[e]) (train) or a[e] * dy (eval); a = w * rstd."""
-    e, offs_c, cmask, off, m = _bn_elem_tile(idx_ptr, C, P, BLOCK_C, BLOCK_P)
+    e, offs_c, cmask, off, m = _bn_elem_tile(idx_ptr, s0, C, P, BLOCK_C, BLOCK_P)
     a = tl.load(a_ptr + e * C + offs_c, mask=cmask, other=0.0)
     g = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
     if TRAIN:
@@ -230,10 +232,13 @@ def bn_bwd_reduce(dy3, x3, sorted_idx, offsets, mean, rstd):
     return _bn_partials(2, x3, dy3, sorted_idx, offsets, N, mean, rstd)
 
 
-def _elementwise_grid(S, C, P):
+def _elementwise_launches(S, C, P):
+    """(grid, s0) of each launch of an elementwise kernel over [S, C, P] (one unless S > 65535), and
+    its BLOCK_C, BLOCK_P."""
     BLOCK_C = _pow2(C, 16, 32)
     BLOCK_P = _pow2(P, 16, 64 if _interpreting() else 256)
-    return (S, triton.cdiv(C, BLOCK_C), triton.cdiv(P, BLOCK_P)), BLOCK_C, BLOCK_P
+    tiles = (triton.cdiv(P, BLOCK_P), triton.cdiv(C, BLOCK_C))
+    return [(tiles + (count,), s0) for s0, count in grid_chunks(S)], BLOCK_C, BLOCK_P
 
 
 def bn_apply(x3, expert_idx, a, b, out_dtype, out_shape=None):
@@ -243,8 +248,9 @@ def bn_apply(x3, expert_idx, a, b, out_dtype, out_shape=None):
     out = alloc(out_shape or (S, C, P), out_dtype, x3.device)
     if out.numel() == 0:
         return out
-    grid, BC, BP = _elementwise_grid(S, C, P)
-    _bn_apply_kernel[grid](x3, out.view(S, C, P), expert_idx, a, b, C, P, BLOCK_C=BC, BLOCK_P=BP)
+    launches, BC, BP = _elementwise_launches(S, C, P)
+    for grid, s0 in launches:
+        _bn_apply_kernel[grid](x3, out.view(S, C, P), expert_idx, a, b, s0, C, P, BLOCK_C=BC, BLOCK_P=BP)
     return out
 
 
@@ -253,9 +259,10 @@ def bn_dx(dy3, x3, expert_idx, mean, rstd, a, k1, k2, train, out_dtype):
     dx = alloc((S, C, P), out_dtype, x3.device)
     if dx.numel() == 0:
         return dx
-    grid, BC, BP = _elementwise_grid(S, C, P)
-    _bn_dx_kernel[grid](dy3, x3, dx, expert_idx, mean, rstd, a, k1, k2, C, P, TRAIN=bool(train),
-                        BLOCK_C=BC, BLOCK_P=BP)
+    launches, BC, BP = _elementwise_launches(S, C, P)
+    for grid, s0 in launches:
+        _bn_dx_kernel[grid](dy3, x3, dx, expert_idx, mean, rstd, a, k1, k2, s0, C, P, TRAIN=bool(train),
+                            BLOCK_C=BC, BLOCK_P=BP)
     return dx
 
 
