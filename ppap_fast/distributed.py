@@ -24,10 +24,12 @@ Generation (:func:`generate`)
     up to ~5% (total variation), so a segmentation teacher's logits are stored minus their per-pixel
     max over the classes (``MAX_SUBTRACTED``, recorded in the configuration as ``targets_encoding``;
     the softmax is unchanged and the top classes lie near 0, where float16 is fine: well under
-    0.5%). Sets written before (raw float16 logits) are read as they are, but not finished (another
-    configuration); distillation with a loss other than ``pixel_kl`` does not use max-subtracted
-    targets (it computes the teacher's outputs itself). Classifier logits (N x K, small) are
-    float32; float16 ones (sets made by other tools) are upcast on read. The configuration includes the teacher's state
+    0.5%). Sets written before (raw float16 logits) are read as they are (pixel_kl warns of their
+    rounding), but not finished (another configuration); a pixel_kl run's training state records
+    the encoding it trains on (a resume on targets rounded another way is refused); distillation
+    with a loss other than ``pixel_kl`` does not use max-subtracted targets (it computes the
+    teacher's outputs itself). Classifier logits (N x K, small) are float32; float16 ones (sets
+    made by other tools) are upcast on read. The configuration includes the teacher's state
     fingerprint (its weights, whatever the spec); distillation refuses cached outputs of
     another teacher. Sets written before that fingerprint was recorded are finished, and their
     cached outputs used, only for the same teacher spec and weights file (same file fingerprint);
@@ -153,6 +155,9 @@ FORMAT = "ppap_fast.datafree"
 # per-pixel max over the class dim 1 (the softmax is unchanged; values <= 0 round far less at the
 # top classes). Recorded as "targets_encoding" (absent: raw float16 outputs, as in older sets).
 MAX_SUBTRACTED = "float16_logits_minus_class_max"
+# The encoding of pixel_kl targets read from an older set (no targets_encoding): raw float16 logits.
+# Named in a pixel_kl run's training-state identity only (sets never record it).
+RAW_FLOAT16 = "raw_float16_logits"
 
 
 class ConfigMismatchError(RuntimeError):
@@ -909,6 +914,12 @@ def _cached_target_key(cfg: DistillConfig, data, teacher_state: str, loss: str |
                       f"pixel_kl only); with loss {loss!r} they are not used: this teacher's outputs are "
                       "computed instead", stacklevel=2)
         return None
+    raw_softmax_targets = encoding is None and key == "targets" and loss == "pixel_kl"
+    if raw_softmax_targets and _cached_outputs_trusted(cfg, man, teacher_state):
+        warnings.warn(f"{cfg.data_dir} caches raw float16 segmentation logits (written by an older version): "
+                      "its pixel_kl targets carry up to ~5% total-variation rounding; regenerate the set, or "
+                      "distil from a set without cached outputs (the targets are then computed max-subtracted)",
+                      stacklevel=2)
     # recorded by generate() with a teacher; top level: a `ppap-fast generate` (ShardWriter) set
     theirs = gen_cfg.get("teacher_state") or man.get("teacher_state")
     if theirs is None and not gen_cfg.get("teacher"):  # a set made by hand: its outputs are the user's
@@ -927,6 +938,54 @@ def _cached_target_key(cfg: DistillConfig, data, teacher_state: str, loss: str |
                          f"({cfg.teacher!r}, state {teacher_state[:12]}); distil on a set generated with "
                          "this teacher or without --teacher")
     return key
+
+
+def _cached_outputs_trusted(cfg: DistillConfig, man: dict, teacher_state: str) -> bool:
+    """Whether _cached_target_key uses a set's cached outputs (made by hand or by this teacher)."""
+    gen_cfg = man.get("config", {})
+    theirs = gen_cfg.get("teacher_state") or man.get("teacher_state")
+    if theirs is None:
+        return not gen_cfg.get("teacher") or legacy_teacher_match(gen_cfg, {
+            "teacher": cfg.teacher, "teacher_fingerprint": teacher_file_fingerprint(cfg.teacher, cfg.teacher_weights)})
+    return theirs == teacher_state
+
+
+def _cached_targets_encoding(data) -> str:
+    """How a set's cached dense targets are stored: its recorded targets_encoding, else RAW_FLOAT16."""
+    gen_cfg = data.manifest.get("config", {})
+    return gen_cfg.get("targets_encoding") or data.manifest.get("targets_encoding") or RAW_FLOAT16
+
+
+def _check_distill_state(path: Path, ck_ident: dict, targets_manifest: Path, computed: bool) -> tuple:
+    """check_train_state for distillation. A pixel_kl state written before its identity held
+    targets_encoding resumes only if the targets it trained on were encoded as this run's are:
+    cached ones are the same set's (data_manifest is checked); computed ones are known from the
+    teacher_targets manifest the killed run left in --out (raw float16 before MAX_SUBTRACTED existed)."""
+    hint = "use another --out or the same arguments"
+    found, err = check_train_state(path, ck_ident, hint)
+    if err is None or "targets_encoding" not in ck_ident:
+        return found, err
+    try:
+        theirs = json.loads(read_train_state_meta(path).get("config", "{}"))
+    except Exception:  # noqa: BLE001 - unreadable: err already says so
+        return found, err
+    legacy = {k: v for k, v in ck_ident.items() if k != "targets_encoding"}
+    if "targets_encoding" in theirs or check_train_state(path, legacy, hint)[1] is not None:
+        return found, err
+    was = None
+    if not computed:
+        was = ck_ident["targets_encoding"]
+    else:
+        try:
+            was = json.loads(targets_manifest.read_text()).get("targets_encoding") or RAW_FLOAT16
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+    if was == ck_ident["targets_encoding"]:
+        return found, None
+    was = repr(was) if was else f"unknown (no readable {targets_manifest})"
+    return found, (f"{path} was trained on pixel_kl targets encoded as {was}, this run's are "
+                   f"{ck_ident['targets_encoding']!r} (targets_encoding: rounded another way); "
+                   f"use another --out or remove {path} to start over")
 
 
 TARGETS_DIR = "teacher_targets"
@@ -1130,15 +1189,6 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     ident["teacher_task"], ident["loss"] = task, loss_kind
     ident["teacher_state"] = module_fingerprint(teacher)
     h = check_same_config(ident, env)
-    # a training state in --out: rank 0 checks its configuration now, before anything in --out (the
-    # computed teacher outputs of the run it belongs to) is replaced; it is restored after the bank is built
-    state_path = Path(cfg.out_dir) / TRAIN_STATE
-    ck_ident = {**ident, "world_size": env.world_size}
-    ck_hash = config_hash(ck_ident)
-    err, found = None, False
-    if env.rank == 0:
-        found, err = check_train_state(state_path, ck_ident, "use another --out or the same arguments")
-    raise_if_any(err, env, "resuming")
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None
 
@@ -1156,6 +1206,18 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     raise_if_any(None if set_T == cfg.num_timesteps else
                  f"{cfg.data_dir} was generated by a {set_T}-step diffusion model; distil with --num-timesteps "
                  f"{set_T} (got {cfg.num_timesteps})", env, "reading the data set")
+    # a training state in --out: rank 0 checks its configuration now, before anything in --out (the
+    # computed teacher outputs of the run it belongs to) is replaced; it is restored after the bank is built
+    state_path = Path(cfg.out_dir) / TRAIN_STATE
+    ck_ident = {**ident, "world_size": env.world_size}
+    if loss_kind == "pixel_kl":  # how its targets are rounded (other runs: unchanged identity, old states resume)
+        ck_ident["targets_encoding"] = (MAX_SUBTRACTED if key is None else _cached_targets_encoding(data))
+    ck_hash = config_hash(ck_ident)
+    err, found = None, False
+    if env.rank == 0:
+        found, err = _check_distill_state(state_path, ck_ident, Path(cfg.out_dir) / TARGETS_DIR / MANIFEST,
+                                          computed=key is None)
+    raise_if_any(err, env, "resuming")
     target_source = "cached"
     if key is None:
         key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"

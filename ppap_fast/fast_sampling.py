@@ -31,7 +31,9 @@ the band changes (N-1 re-merges per sampling run; one graph serves every band si
 parameters keep their addresses): the memory of one backbone and one graph. A batch that mixes step indices (``step(x, idx)``
 with a [B] tensor: several requests at different steps served together) routes each sample
 through the bank by index instead. ``merge_experts=False`` always routes. A bank in train mode is
-never merged (merging equals the bank in eval mode only).
+never merged (merging equals the bank in eval mode only): the mode is read at every step, so a bank
+switched to train mode after the sampler was built is routed per sample (as the plain guide would
+run it, with a FastSamplingWarning) until ``bank.eval()``, which merges again.
 
 Options (all off by default; each falls back to the eager path with a warning when it cannot run)
 --------------------------------------------------------------------------------------------------
@@ -389,12 +391,13 @@ class FastGuide:
         self._moved: dict = {}
         self.guide = guide if self.device is None else _on_device(guide, self.device)
         self.banks = guide_banks(self.guide)
-        self.merge_experts = bool(merge_experts) and bool(self.banks)
-        if self.merge_experts and any(b.training for b in self.banks):
+        self._merge_requested = bool(merge_experts) and bool(self.banks)
+        self._train_mode_warned = False
+        if self._merge_requested and any(b.training for b in self.banks):
             warnings.warn("an ExpertBank is in train mode: merged experts equal the bank in eval mode only; "
                           "routing per sample instead of merging (call bank.eval() to merge)",
                           FastSamplingWarning, stacklevel=_stacklevel)
-            self.merge_experts = False
+            self._train_mode_warned = True
         self._merged_models: dict = {}
         self._loaded: dict = {}  # swap mode: id(bank) -> expert whose weights the merged copy holds
         self._variants: dict = {}
@@ -404,10 +407,25 @@ class FastGuide:
         self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
         self._versions = self._bank_versions()
         self._state = _guide_state(self.source)
+        self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
+
+    @property
+    def merge_experts(self) -> bool:
+        """Whether steps run merged experts now: requested, and no bank in train mode (read every step)."""
+        return self._merge_requested and not any(b.training for b in self.banks)
 
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
+        if self._merge_requested and any(b.training for b in self.banks):
+            if not self._train_mode_warned:
+                warnings.warn("an ExpertBank was switched to train mode after this sampler was built: its merged "
+                              "experts equal the bank in eval mode only, so steps route per sample through the "
+                              "bank in train mode (as the guide itself runs) until bank.eval(), which merges "
+                              "again", FastSamplingWarning, stacklevel=4)
+                self._train_mode_warned = True
+            return None
+        self._train_mode_warned = False  # warned again at the next switch
         if t_host is None or not self.merge_experts:
             return None
         return tuple(int(t_host) // b.band for b in self.banks)
@@ -453,16 +471,21 @@ class FastGuide:
         new.pass_t = False
         return new
 
+    def _bank_modes(self) -> tuple:
+        return tuple(m.training for b in self.banks for m in b.modules())
+
     def _bank_versions(self) -> dict:
         return {k: sum(t._version for t in ts) for k, ts in self._bank_tensors.items()}
 
     def sync(self) -> None:
         """Follow changes of the user's guide since the last step: its scale, targets or ComposedGuide
         weights (copied into the device / merged views), and its banks' weights (merged copies re-merged in
-        place: parameter addresses kept). Host-side checks only; ``generation`` counts the changes."""
-        state, versions = _guide_state(self.source), self._bank_versions()
-        if state == self._state and versions == self._versions:
+        place: parameter addresses kept) or train / eval modes. Host-side checks only; ``generation``
+        counts the changes (captured CUDA graphs of an older one are dropped)."""
+        state, versions, modes = _guide_state(self.source), self._bank_versions(), self._bank_modes()
+        if state == self._state and versions == self._versions and modes == self._modes:
             return
+        self._modes = modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
         self._state = state
         _sync_view(self.guide, self.source, self.device, self._moved)
         for v in self._variants.values():

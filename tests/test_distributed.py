@@ -486,10 +486,76 @@ def test_segmentation_targets_are_cached_max_subtracted(tmp_path, monkeypatch):
     man["config"].pop("targets_encoding")
     man["config_hash"] = D.config_hash(man["config"])
     (data / D.MANIFEST).write_text(json.dumps(man))
-    assert D._cached_target_key(cfg, ShardSet(data), state, "pixel_kl") == "targets"
+    with pytest.warns(UserWarning, match="up to ~5% total-variation rounding"):
+        assert D._cached_target_key(cfg, ShardSet(data), state, "pixel_kl") == "targets"
     (data / "shard_00001.npz").unlink()
     with pytest.raises(D.DistributedRunError, match="stored another way"):
         D.generate(gen, D.DistEnv())
+
+
+def _distill_killed_after_step_1(cfg, monkeypatch):
+    """Run distill in this process until its training state at step 1 is written, then stop it."""
+    def stop(rank, done, var):
+        if done == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(D, "_kill_hook", stop)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(cfg, D.DistEnv())
+    monkeypatch.undo()
+
+
+def _rewrite_state_config(path, config):
+    """The training state at ``path`` as an older version wrote it: identity ``config``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(config=json.dumps(config, sort_keys=True, default=str), config_hash=D.config_hash(config))
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_pixel_kl_training_state_records_targets_encoding(tmp_path, monkeypatch):
+    """A pixel_kl run's training state names the encoding of the targets it trains on: a state
+    written before it was recorded resumes only if its computed targets were max-subtracted too
+    (the teacher_targets manifest it left); one from before max-subtraction is refused naming
+    targets_encoding. Other losses keep their identity (their older states still resume)."""
+    from safetensors import safe_open
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_seg_resume.py").write_text(SEG_MODULE.replace("    return conv", "    return nn.Sequential(conv)"))
+    monkeypatch.syspath_prepend(str(mods))
+    teacher = "py:ppap_seg_resume:make"
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    kw = dict(n_experts=2, r=2, alpha=2.0, steps=2, batch_size=2, device="cpu", checkpoint_every=1,
+              prefetch=False)
+    out = tmp_path / "out"
+    state, tmanifest = out / D.TRAIN_STATE, out / D.TARGETS_DIR / D.MANIFEST
+    cfg = D.DistillConfig(str(data), str(out), teacher, loss="pixel_kl", **kw)
+    _distill_killed_after_step_1(cfg, monkeypatch)
+    with safe_open(str(state), "pt") as f:
+        ident = json.loads(f.metadata()["config"])
+    assert ident["targets_encoding"] == D.MAX_SUBTRACTED
+    legacy = {k: v for k, v in ident.items() if k != "targets_encoding"}
+
+    # before this identity: killed before max-subtraction existed (raw computed targets) -> refused
+    _rewrite_state_config(state, legacy)
+    tid = json.loads(tmanifest.read_text())
+    tmanifest.write_text(json.dumps({k: v for k, v in tid.items() if k != "targets_encoding"}))
+    with pytest.raises(D.DistributedRunError, match="targets_encoding") as e:
+        D.distill(cfg, D.DistEnv())
+    assert "raw_float16_logits" in str(e.value) and D.MAX_SUBTRACTED in str(e.value)
+    # killed after max-subtraction (its targets manifest says so): consistent, resumes
+    tmanifest.write_text(json.dumps(tid))
+    D.distill(cfg, D.DistEnv())
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] == 1
+
+    out2 = tmp_path / "out_mse"  # another loss: no targets_encoding in its identity
+    _distill_killed_after_step_1(D.DistillConfig(str(data), str(out2), teacher, loss="mse", **kw), monkeypatch)
+    with safe_open(str(out2 / D.TRAIN_STATE), "pt") as f:
+        assert "targets_encoding" not in json.loads(f.metadata()["config"])
 
 
 @pytest.mark.parametrize("fail_on", ["train_state", "experts"])

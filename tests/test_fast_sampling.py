@@ -379,6 +379,37 @@ def test_train_mode_bank_is_routed_not_merged(setup):
     assert not fast.merge_experts
 
 
+def test_bank_switched_to_train_mode_after_construction_is_routed(setup):
+    """Merged experts equal the bank in eval mode only: a bank switched to train mode after the sampler was
+    built is routed per sample (as the guide itself runs it: batch statistics), with a warning saying so;
+    bank.eval() merges again. (The merged eval-mode experts were used, only the guide's warning given.)"""
+    model, _, _ = setup
+    bank = tiny_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    merged, _ = fast.step(x, 2)
+    assert fast.merge_experts and fast.expert_key(2) is not None
+    generation = fast.fast_guide.generation
+    bank.train()
+    fast.fast_guide.sync()  # a mode change alone makes CUDA graphs captured before it stale
+    assert fast.fast_guide.generation == generation + 1
+    with pytest.warns(RuntimeWarning, match="ClassGuide: a guide network is in train mode"):  # the guide's own
+        want, _ = FastGuidedSampler(model, sched, guide=guide, merge_experts=False).step(x, 2)  # routed, train mode
+    assert rel_err(want, merged) > 1e-3  # batch statistics differ from the running ones
+    with pytest.warns(FastSamplingWarning, match="switched to train mode after this sampler was built.*bank.eval"):
+        got, _ = fast.step(x, 2)
+    assert not fast.merge_experts and torch.equal(got, want)
+    bank.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        again, _ = fast.step(x, 2)
+    # the train-mode steps moved the running statistics: re-merged, as the routed eval-mode bank
+    routed, _ = FastGuidedSampler(model, sched, guide=guide, merge_experts=False).step(x, 2)
+    assert fast.merge_experts and rel_err(again, routed) < TOL and rel_err(again, merged) > TOL
+
+
 def test_nonfinite_and_bad_inputs(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "ddim5")

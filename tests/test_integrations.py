@@ -9,7 +9,7 @@ from ppap_fast.sampling import eps_correction
 from ppap_fast.testing import linear_classifier_guide
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+from diffusers import (DDIMScheduler, HeunDiscreteScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerDiscreteScheduler, UNet2DModel)
 
 from ppap_fast.integrations.diffusers import PPAPGuidance, PPAPGuidedPipeline  # noqa: E402
@@ -434,6 +434,43 @@ def test_dynamic_thresholding_is_applied_before_the_guidance(unet, classifier):
     assert sched.config.thresholding  # the user's scheduler is left as it was
 
 
+def test_clip_sample_with_repeated_timesteps_reads_the_stepping_schedulers_sigma(unet, classifier):
+    """Heun (clip_sample=True) repeats each timestep for its second-order pass: the pipeline steps an
+    unclipped copy, and every step's input scaling, clip and correction must use that copy's sigma
+    (the user's scheduler never steps: its step index stayed at the first step). Reference written out
+    in sigma space: x0 = x - sigma eps clipped, eps' = (x - x0) / sigma, minus sigma_vp * grad(x_vp)."""
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 2.0)
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(22))
+    steps = 3
+    ref = HeunDiscreteScheduler(clip_sample=False)
+    ref.set_timesteps(steps)
+    assert len(set(ref.timesteps.tolist())) < len(ref.timesteps)  # repeated timesteps
+    x, clipped = xT * ref.init_noise_sigma, []
+    with torch.no_grad():
+        for t in ref.timesteps:
+            if ref.step_index is None:
+                ref._init_step_index(t)
+            sigma = ref.sigmas[ref.step_index]
+            c_in = 1 / (sigma ** 2 + 1) ** 0.5
+            eps = unet(x * c_in, t).sample
+            x0 = x - sigma * eps
+            clipped.append(bool((x0.abs() > 1).any()))
+            eps = (x - x0.clamp(-1, 1)) / sigma
+            eps = eps - sigma * c_in * guide(x * c_in, torch.full((B,), int(t)))
+            x = ref.step(eps, t, x).prev_sample
+    assert any(clipped)
+    sched = HeunDiscreteScheduler(clip_sample=True)
+    pipe = PPAPGuidedPipeline(unet, sched, guide)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
+    # 1e-2: sqrt(1 - abar) from scale_model_input's float32 c_in is 7e-5 off at sigma 0.03 (Heun's
+    # last derivative average amplifies it to ~1.5e-3); the user's scheduler's sigma gave 12x
+    assert torch.isfinite(got).all() and ((got - x).norm() / x.norm()).item() < 1e-2
+    assert sched.config.clip_sample and not pipe.guidance._tables.keys() - {
+        k for k in pipe.guidance._tables if k[0] == id(sched)}  # the copy's table is not kept
+
+
 def test_scale_and_prediction_type_checked_on_every_path(unet, classifier):
     W, y = classifier
     guided = PPAPGuidance(linear_classifier_guide(W, y, 1.0))
@@ -586,6 +623,32 @@ def test_zero_terminal_snr_step_is_not_guided(unet, classifier, cls):
     assert torch.isfinite(guided).all()
     gain = _logp(W, y, guided) - _logp(W, y, plain)
     assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+
+
+@pytest.mark.parametrize("limit", [dict(clip_sample=True), dict(thresholding=True, sample_max_value=2.0)])
+def test_clip_first_leaves_singular_steps_unchanged(classifier, limit):
+    """clip_first converts through x0 = (x - sqrt(1-abar) eps) / sqrt(abar) and back: at abar = 0 (zero
+    terminal SNR) with epsilon, or abar = 1 with epsilon / v, that divides by 0 (NaN). There the output is
+    returned as it is (like correct's unguided step); the other samples of the batch are limited as before."""
+    W, y = classifier
+    guided = PPAPGuidance(linear_classifier_guide(W, y, 1.0))
+    sched = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", **limit)
+    sched.alphas_cumprod[0] = 1.0  # abar = 1 at t = 0 (a table ending at zero noise)
+    assert sched.alphas_cumprod[-1] == 0
+    gen = torch.Generator().manual_seed(21)
+    x, out = torch.randn(B, C, H, H, generator=gen), 3 * torch.randn(B, C, H, H, generator=gen)
+    t = torch.tensor([999, 0, 500, 999])
+    for pt, singular in (("epsilon", [0, 1, 3]), ("v_prediction", [1]), ("sample", [])):
+        sched.register_to_config(prediction_type=pt)
+        got = guided.clip_first(out, x, t, sched)
+        assert torch.isfinite(got).all(), pt
+        for i in range(B):
+            one = guided.clip_first(out[i:i + 1], x[i:i + 1], t[i:i + 1], sched)
+            assert torch.equal(got[i:i + 1], one), (pt, i)  # per sample, as alone
+            if i in singular:
+                assert torch.equal(one, out[i:i + 1]), (pt, i)
+            else:
+                assert not torch.equal(one, out[i:i + 1]), (pt, i)  # |x0| > 1 here: limited
 
 
 @pytest.mark.parametrize("name, sigmas", [

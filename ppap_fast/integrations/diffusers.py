@@ -172,6 +172,10 @@ class PPAPGuidance:
     def _abar(self, scheduler, device) -> torch.Tensor:
         return self._table(scheduler, device)[0]
 
+    def _forget(self, scheduler) -> None:
+        """Drop the tables cached for ``scheduler`` (a temporary copy: its id may be reused)."""
+        self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
+
     def _table(self, scheduler, device) -> tuple:
         """(abar table on device, whether the scheduler samples in sigma space), made once per scheduler."""
         acp = getattr(scheduler, "alphas_cumprod", None)
@@ -315,16 +319,31 @@ class PPAPGuidance:
         """The model output whose predicted x0 is clipped to ``clip_sample_range`` (or, for a scheduler with
         ``thresholding=True``, dynamically thresholded as it would): guided-diffusion clips x0 BEFORE
         ``condition_score`` adds the guidance, which is then never clipped. Call it before ``correct`` and
-        step a scheduler that does not clip or threshold again (``clip_sample=False, thresholding=False``)."""
+        step a scheduler that does not clip or threshold again (``clip_sample=False, thresholding=False``).
+
+        Where the conversion is singular the output is returned unchanged (as ``correct`` leaves such
+        steps unguided): epsilon at abar = 0 (zero terminal SNR: x0 = (x - eps) / 0) and epsilon or
+        v_prediction at abar = 1 (eps = (x - x0) / 0); "sample" is never singular."""
+        return self._clip_first(model_output, x, t, scheduler, scheduler)
+
+    def _clip_first(self, model_output, x, t, scheduler, limits_of) -> torch.Tensor:
+        """clip_first at ``scheduler``'s step (its step index: the scheduler that steps), x0 limited as
+        ``limits_of`` would (the user's scheduler when a copy without limits steps)."""
         pt = _checked_prediction_type(scheduler)
         c = _check_output_shape(model_output, x)
         x_vp, a, s1, _ = self._vp(x, t, scheduler)
+        singular = s1 == 0 if pt == "v_prediction" else (a == 0) | (s1 == 0) if pt == "epsilon" else None
+        if singular is not None:  # unit divisors there: finite values, discarded below
+            a, s1 = torch.where(singular, torch.ones_like(a), a), torch.where(singular, torch.ones_like(s1), s1)
         head, xf = model_output[:, :c].float(), x_vp.float()
         x0 = {"epsilon": lambda: (xf - s1 * head) / a, "v_prediction": lambda: a * xf - s1 * head,
               "sample": lambda: head}[pt]()
-        x0 = _limit_x0(scheduler, x0)
+        x0 = _limit_x0(limits_of, x0)
         eps = (xf - a * x0) / s1
-        new = {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt].to(model_output.dtype)
+        new = {"epsilon": eps, "v_prediction": a * eps - s1 * x0, "sample": x0}[pt]
+        if singular is not None:
+            new = torch.where(singular, head, new)
+        new = new.to(model_output.dtype)
         return new if model_output.shape[1] == c else torch.cat([new, model_output[:, c:]], dim=1)
 
 
@@ -624,23 +643,29 @@ class _GuidedPipelineBody:
         if clip_first:  # guided-diffusion's order: clip (threshold) x0, then add the guidance (not clipped again)
             step_sched = _unlimited_copy(sched)
             step_sched.set_timesteps(num_inference_steps)
-        for i, t in enumerate(self.progress_bar(sched.timesteps)):
-            inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-            out = self._denoise(inp, t, unet_labels)
-            if guided:
-                if clip_first:
-                    out = self.guidance.clip_first(out, x, t, sched)
-                out = self.guidance.correct(out, x, t, sched, scale=guidance_scale, target=guide_labels)
-            x = step_sched.step(out, t, x, **extra).prev_sample
-            if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {k: x for k in tensor_inputs})  # "latents" only
-                new = outputs.get("latents", x) if isinstance(outputs, dict) else x
-                if not isinstance(new, torch.Tensor) or new.shape != x.shape:
-                    raise ValueError(f"callback_on_step_end returned latents {getattr(new, 'shape', type(new))}, "
-                                     f"expected a tensor of shape {tuple(x.shape)}")
-                x = new.to(device=x.device, dtype=x.dtype)
-            if callback is not None:
-                callback(i, t, x)
+        # every step reads its sigma / step index from the scheduler that steps (the user's one does not
+        # when a copy steps: its index never advances, and repeated timesteps (Heun) are ambiguous)
+        try:
+            for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
+                inp = step_sched.scale_model_input(x, t) if hasattr(step_sched, "scale_model_input") else x
+                out = self._denoise(inp, t, unet_labels)
+                if guided:
+                    if clip_first:
+                        out = self.guidance._clip_first(out, x, t, step_sched, sched)
+                    out = self.guidance.correct(out, x, t, step_sched, scale=guidance_scale, target=guide_labels)
+                x = step_sched.step(out, t, x, **extra).prev_sample
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {k: x for k in tensor_inputs})  # "latents" only
+                    new = outputs.get("latents", x) if isinstance(outputs, dict) else x
+                    if not isinstance(new, torch.Tensor) or new.shape != x.shape:
+                        raise ValueError(f"callback_on_step_end returned latents {getattr(new, 'shape', type(new))}, "
+                                         f"expected a tensor of shape {tuple(x.shape)}")
+                    x = new.to(device=x.device, dtype=x.dtype)
+                if callback is not None:
+                    callback(i, t, x)
+        finally:  # the copy's abar table (cached by id) goes with it
+            if step_sched is not sched and self.guidance is not None:
+                self.guidance._forget(step_sched)
         if output_type in ("latent", "raw"):
             images = x
         else:
