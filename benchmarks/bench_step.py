@@ -14,8 +14,8 @@ fast: FastGuidedSampler.step: the denoiser with SDPA attention, merged expert (L
     on CUDA also bf16 autocast for the guide, fast_sampling.recommended_options (ADM's GroupNorm +
     SiLU fused, channels_last, cuDNN's algorithm timing before capture; the denoiser its own copy)
     and one CUDA graph for the whole step;
-    on CPU also torch.compile (inductor) of the denoiser (with freezing) and of the guide's
-    forward + input-backward, all fp32. Compilation happens in the first (parity-checked) step,
+    on CPU also torch.compile (inductor) of the denoiser (with freezing and the C++ wrapper) and of
+    the guide's forward + input-backward (merged expert in channels_last), all fp32. Compilation happens in the first (parity-checked) step,
     timed on its own as fast_first_step_s; the ratios are steady state, after warm-up.
 
 Ratios (time ratios, below 1 = first faster; the median over rounds of the ratio measured within

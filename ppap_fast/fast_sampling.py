@@ -47,12 +47,15 @@ Options (all off by default; each falls back to the eager path with a warning wh
   of the graph: folded, and on CPU prepacked for oneDNN convolutions; the model's weights must not
   change afterwards). An ADMUNet compiled so for CPU computes its large maps' GroupNorm statistics
   per channel (``set_group_norm_stats("channel")``: faster inductor code in the channels-last
-  layout freezing gives). The first call compiles; for the CPU benchmark's tiny ADM + TinyResNet on a
-  shared 2-core box that took about 35 s with freezing, 60-75 s cold without, under 20 s from
-  inductor's on-disk cache. Worth it for long runs only: it saves about 15-20 ms per step there.
+  layout freezing gives) and is compiled with inductor's C++ wrapper (the graph's kernel and oneDNN
+  calls made from C++). The first call compiles; for the CPU benchmark's tiny ADM + TinyResNet on a
+  shared 2-core box that took about 45-55 s with freezing and the C++ wrapper (35 s without it),
+  60-75 s cold without freezing, under 20 s from inductor's on-disk cache. Worth it for long runs
+  only: it saves about 15-20 ms per step there.
   A compile/trace failure (at the first call) warns once and the eager path is used from then on.
   Merged experts are compiled (one graph per band: with more than 8 bands raise
-  ``torch._dynamo.config.recompile_limit``); a routed bank (mixed batches) runs eagerly.
+  ``torch._dynamo.config.recompile_limit``), on the CPU in channels_last (their weights and the
+  guide's input); a routed bank (mixed batches) runs eagerly.
 * ``cuda_graph``: capture each distinct step (one graph per merged expert, one for routed batches,
   per shape) with static buffers and replay it. Only on CUDA; elsewhere it warns once and runs
   eagerly. A sampler's graphs share one memory pool (they never run at the same time; a graph's
@@ -167,14 +170,26 @@ def _on_device(guide, device):
     return guide
 
 
+def _channels_last_model(model) -> bool:
+    """Whether a module's 4-D weights are in channels_last (and some not also NCHW-contiguous)."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    ws = [p for p in model.parameters() if p.dim() == 4]
+    return bool(ws) and all(w.is_contiguous(memory_format=torch.channels_last) for w in ws) \
+        and any(not w.is_contiguous() for w in ws)
+
+
 class _GradRunner:
     """grad = scale * d/dx objective for one guide variant (merged expert n, or routed)."""
 
-    def __init__(self, guide, opts: "_Opts", banks):
+    def __init__(self, guide, opts: "_Opts", banks, cpu_channels_last: bool = False):
         self.guide, self.opts, self.banks = guide, opts, banks
+        # merged experts compiled on the CPU run in channels_last (FastGuide._merged_model converts them;
+        # a plain classifier of a ComposedGuide keeps its layout)
+        self.cpu_channels_last = bool(cpu_channels_last) and _channels_last_model(getattr(guide, "model", None))
         self.children = None
         if isinstance(guide, _gd.ComposedGuide):
-            self.children = [(_GradRunner(g, opts, banks), w) for g, w in guide.guides]
+            self.children = [(_GradRunner(g, opts, banks, cpu_channels_last), w) for g, w in guide.guides]
         self._compiled = None
         # A routed bank is not compiled: its router's per-forward state does not trace under torch.func.
         self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
@@ -187,7 +202,8 @@ class _GradRunner:
 
     def _input(self, x):
         x = x.detach()
-        if self.opts.channels_last and x.dim() == 4:
+        cpu_cl = self.cpu_channels_last and self._compile_ok and x.device.type == "cpu"
+        if (self.opts.channels_last or cpu_cl) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -248,15 +264,17 @@ class _GradRunner:
 
 
 @contextlib.contextmanager
-def _freezing(on: bool):
+def _freezing(on: bool, cpu: bool = False):
     """Inductor freezing for what compiles (or recompiles) inside; torch.compile's ``options`` do
-    not reach it, so the global config is patched for the call."""
+    not reach it, so the global config is patched for the call. On the CPU also inductor's C++
+    wrapper: the frozen graph's ~400 kernel and oneDNN calls made from C++, not Python (the CPU
+    benchmark's denoiser: 0.97 of the Python wrapper's time, ~20 s more compile)."""
     if not on:
         yield
         return
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(freezing=True):
+    with inductor_config.patch(freezing=True, cpp_wrapper=bool(cpu)):
         yield
 
 
@@ -284,7 +302,7 @@ class _ModelRunner:
                 try:
                     if self._compiled is None:
                         self._compiled = _compile(self.model, **_denoiser_compile_kwargs(self.model, self.opts))
-                    with _freezing(self.opts.compile_freeze):
+                    with _freezing(self.opts.compile_freeze, cpu=x.device.type == "cpu"):
                         return self._compiled(x, t, **self.kwargs)
                 except Exception as exc:  # noqa: BLE001
                     self._compile_ok = False
@@ -415,6 +433,11 @@ class FastGuide:
         """Whether steps run merged experts now: requested, and no bank in train mode (read every step)."""
         return self._merge_requested and not any(b.training for b in self.banks)
 
+    def _cpu_channels_last(self, model) -> bool:
+        """A merged expert compiled for the CPU runs in channels_last: inductor's forward + input-backward
+        of the CPU benchmark's TinyResNet took 0.80 of the NCHW time (benchmarks/NOTES.md)."""
+        return self.opts.compile_guide and all(p.device.type == "cpu" for p in model.parameters())
+
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
         if self._merge_requested and any(b.training for b in self.banks):
@@ -435,7 +458,7 @@ class FastGuide:
         m = self._merged_models.get(key)
         if m is None:
             m = bank.merged(n)
-            if self.opts.channels_last:
+            if self.opts.channels_last or self._cpu_channels_last(m):
                 m = m.to(memory_format=torch.channels_last)
             self._merged_models[key] = m
             self._loaded[id(bank)] = n
@@ -521,7 +544,7 @@ class FastGuide:
         v = self._variants.get(vkey)
         if v is None:
             experts = {id(b): n for b, n in zip(self.banks, key)}
-            v = _GradRunner(self._merge(self.guide, experts), self.opts, [])
+            v = _GradRunner(self._merge(self.guide, experts), self.opts, [], cpu_channels_last=self.opts.compile_guide)
             self._variants[vkey] = v
         if self.merge_mode == "swap":
             self._swap_to(key)

@@ -264,6 +264,65 @@ def test_compile_freeze_takes_channel_stats(freeze, monkeypatch):
     assert not any(getattr(m, "stats_by_channel", False) for m in other.modules())
 
 
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_cpu_denoiser_compiles_with_cpp_wrapper(freeze, monkeypatch):
+    # compile_freeze on the CPU: inductor's C++ wrapper (and freezing) are on while the denoiser compiles
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def spy(fn, **kw):
+        def run(*a, **k):
+            seen.append((inductor_config.freezing, inductor_config.cpp_wrapper))
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(fs, "_compile", spy)
+    model = tiny_adm()
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), compile_model=True,
+                             compile_freeze=freeze)
+    x = torch.randn(SHAPE)
+    fast.step(x, 2)
+    assert seen == [(freeze, freeze)]
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper) == (False, False)  # restored after the call
+
+
+def test_compiled_guide_runs_merged_experts_channels_last_on_cpu(setup, monkeypatch):
+    # compile_guide on the CPU: merged experts and the guide's input in channels_last, same gradient
+    model, bank, guide = setup
+    seen = []
+
+    def spy(fn, **kw):
+        def run(x, t, **k):
+            runner = fn.__self__
+            seen.append(runner._input(x).is_contiguous(memory_format=torch.channels_last))
+            return fn(x, t, **k)
+        return run
+
+    monkeypatch.setattr(fs, "_compile", spy)
+    x, t = torch.randn(SHAPE), torch.full((SHAPE[0],), 480)
+    want = fs.FastGuide(guide, "cpu")(x, t, t_host=480)
+    fast = fs.FastGuide(guide, "cpu", compile_guide=True)
+    got = fast(x, t, t_host=480)
+    assert seen == [True]
+    convs = [m.weight for m in fast._merged_models[(id(bank), 480 // bank.band)].modules()
+             if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # 3x3 convs: NCHW no longer
+    assert torch.isfinite(got).all() and rel_err(got, want) < TOL
+    # a plain classifier in a ComposedGuide beside the bank keeps its NCHW input
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 4))
+    both = ComposedGuide([(guide, 1.0), (ClassGuide(plain, 1, scale=2.0), 0.5)])
+    seen.clear()
+    fs.FastGuide(both, "cpu", compile_guide=True)(x, t, t_host=480)
+    assert seen == [True, False]
+    # without compile_guide the merged experts stay NCHW (the eager guide: unmeasured in channels_last)
+    eager = fs.FastGuide(guide, "cpu")
+    eager(x, t, t_host=480)
+    assert all(m.weight.is_contiguous() for m in eager._merged_models[(id(bank), 480 // bank.band)].modules()
+               if isinstance(m, nn.Conv2d))
+
 class _ConvDenoiser(nn.Module):
     def __init__(self):
         super().__init__()
