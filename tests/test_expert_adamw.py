@@ -293,3 +293,60 @@ def test_step_replays_in_a_cuda_graph():
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b) and torch.equal(opt_g.state[a]["exp_avg_sq"], opt_e.state[b]["exp_avg_sq"])
     assert opt_g.state[graphed[0]]["step"].tolist() == [4.0, 4.0, 4.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("path", ["foreach", "concatenated"])
+def test_one_element_lr_of_shape_1_steps_as_a_0dim_lr(path, monkeypatch):
+    """A tensor lr of shape [1] (accepted: one element) steps as a 0-dim one on both paths
+    (the foreach ops take only 0-dim tensor scalars: weight decay raised on CPU)."""
+    if path == "concatenated":
+        monkeypatch.setattr(ExpertAdamW, "_foreach_device_types", ())
+    ref, mine = _params(), _params()
+    ref_opt = ExpertAdamW(ref, N, lr=torch.tensor(1e-2), weight_decay=0.05)
+    opt = ExpertAdamW(mine, N, lr=torch.tensor([1e-2]), weight_decay=0.05)
+    _run(ref_opt, ref, 3, MASKS)
+    _run(opt, mine, 3, MASKS)
+    for a, b in zip(ref, mine):
+        assert torch.equal(a, b)
+
+
+def test_owner_index_read_by_a_capture_is_kept_and_one_built_in_a_capture_not_cached(monkeypatch):
+    """The concatenated path's cached index (CUDA graphs, simulated on CPU): an entry a capture read
+    survives the cache's eviction (freed, a graph's replays would read reused memory), and one built
+    during a capture is not cached (its values exist only at replay)."""
+    import itertools
+
+    monkeypatch.setattr(ExpertAdamW, "_foreach_device_types", ())
+    params = [torch.randn(N, k + 1).requires_grad_() for k in range(4)]
+    opt = ExpertAdamW(params, N, lr=1e-2)
+
+    def step(subset, capturing):
+        monkeypatch.setattr(ExpertAdamW, "_capturing", staticmethod(lambda: capturing), raising=False)
+        for i, p in enumerate(params):
+            p.grad = torch.ones_like(p) if i in subset else None
+        opt.step()
+
+    step((0, 1, 2, 3), False)  # the eager warm-up step
+    captured = opt._owner_cache[tuple((id(p), tuple(p.shape), p.device) for p in params)]
+    step((0, 1, 2, 3), True)  # the capture reads it
+    for subset in itertools.combinations(range(4), 2):  # 6 more lists, then 3 more: eviction
+        step(subset, False)
+    for subset in itertools.combinations(range(4), 3):
+        step(subset, False)
+    assert any(v is captured for v in opt._owner_cache.values())
+    size = len(opt._owner_cache)
+    step((0,), True)  # first seen inside a capture
+    assert len(opt._owner_cache) == size
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_capture_refuses_a_tensor_lr_on_another_device(monkeypatch):
+    """A CPU tensor lr with parameters elsewhere is a scalar read when the kernels are captured: the
+    replays would ignore group["lr"].fill_; refused under capture (simulated: meta parameters)."""
+    params = [torch.randn(N, 3, device="meta").requires_grad_()]
+    params[0].grad = torch.randn(N, 3, device="meta")
+    opt = ExpertAdamW(params, N, lr=torch.tensor(1e-2))
+    opt.step()  # eager: the value is read at each call, fine
+    monkeypatch.setattr(ExpertAdamW, "_capturing", staticmethod(lambda: True), raising=False)
+    with pytest.raises(ValueError, match="cannot be captured"):
+        opt.step()

@@ -13,13 +13,19 @@ import torch
 __all__ = ["ExpertAdamW"]
 
 
+def _lr_scalar(lr):
+    """A one-element tensor lr as 0-dim (a view: foreach ops take only 0-dim tensor scalars)."""
+    return lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
+
+
 class ExpertAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, optional amsgrad) on parameters whose dim 0 is the
     expert, stepping only the experts in ``step(sampled)``: they update exactly as under their own
     AdamW, with bias corrections from their own step counts (``state[p]["step"]``, float32 [N]);
     the others keep parameters, moments and counts. Every expert sampled at every step: the same
     updates as torch.optim.AdamW (bitwise for float32 on CPU; float64: to 1 ulp of the bias
-    corrections). ``lr`` may be a tensor (set it in place with ``group["lr"].fill_(lr)``). Sync-free:
+    corrections). ``lr`` may be a tensor (set it in place with ``group["lr"].fill_(lr)``; on the
+    parameters' device to be captured). Sync-free:
     capturable in a CUDA graph after a first eager step (which allocates the state). On CUDA a step
     is a few dozen kernels however many tensors (stepping them one by one was ~20 each)."""
 
@@ -99,20 +105,35 @@ class ExpertAdamW(torch.optim.Optimizer):
                 else:
                     self._step_concatenated(params, group, on)
 
+    @staticmethod
+    def _capturing() -> bool:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
     def _owner_index(self, params) -> torch.Tensor:
         """int32, for each element of the concatenated flattened ``params``, its row i * N + n of a
         [len(params), N] coefficient table (tensor i, expert n). Cached per tensor list; built on the
-        device (no host copy, so also when first needed inside a capture)."""
+        device (no host copy). Built inside a CUDA graph capture it is not cached (its values exist
+        only when the graph replays); one a captured graph reads is never evicted (freed, its memory
+        reused, the replays would read other data)."""
         cache = self.__dict__.setdefault("_owner_cache", {})
+        pinned = self.__dict__.setdefault("_owner_pinned", set())  # keys read by captured graphs
         key = tuple((id(p), tuple(p.shape), p.device) for p in params)
-        if key not in cache:
-            if len(cache) >= 8:  # a few lists of tensors with gradients, in practice
-                cache.clear()
+        capturing = self._capturing()
+        owner = cache.get(key)
+        if owner is None:
             n = self.n_experts
             rows = torch.arange(len(params) * n, dtype=torch.int32, device=params[0].device).view(-1, n)
-            cache[key] = torch.cat([rows[i].unsqueeze(1).expand(n, p.numel() // n).reshape(-1)
-                                    for i, p in enumerate(params)])
-        return cache[key]
+            owner = torch.cat([rows[i].unsqueeze(1).expand(n, p.numel() // n).reshape(-1)
+                               for i, p in enumerate(params)])
+            if capturing:
+                return owner
+            if len(cache) >= 8:  # a few lists of tensors with gradients, in practice
+                for k in [k for k in cache if k not in pinned]:
+                    del cache[k]
+            cache[key] = owner
+        elif capturing:
+            pinned.add(key)
+        return owner
 
     @staticmethod
     def _advance_counts(counts, on) -> torch.Tensor:
@@ -130,7 +151,7 @@ class ExpertAdamW(torch.optim.Optimizer):
         the masked commits a ``torch.where`` per tensor. On CPU (where a foreach op loops over the
         tensors anyway) faster than concatenating: each op passes over the data once."""
         beta1, beta2 = group["betas"]
-        lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+        lr, eps, wd, amsgrad = _lr_scalar(group["lr"]), group["eps"], group["weight_decay"], group["amsgrad"]
         states = [self.state[p] for p in params]
         t = self._advance_counts([st["step"] for st in states], on)
         per_expert = [(1,) * (p.dim() - 1) for p in params]  # [N, 1, ...]: broadcast over each tensor
@@ -168,8 +189,12 @@ class ExpertAdamW(torch.optim.Optimizer):
         many tensors), the per-expert coefficients spread to the elements by one gather, the masked
         commits one ``torch.where`` each, then one ``_foreach_copy_`` back."""
         beta1, beta2 = group["betas"]
-        lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+        lr, eps, wd, amsgrad = _lr_scalar(group["lr"]), group["eps"], group["weight_decay"], group["amsgrad"]
         dtype, device = params[0].dtype, params[0].device
+        if isinstance(lr, torch.Tensor) and lr.device != device and self._capturing():
+            # a CPU scalar's value is read when the kernels are captured: fill_ would not reach the replays
+            raise ValueError(f"a tensor lr on {lr.device} cannot be captured with parameters on {device}: the graph "
+                             f"would keep its value at capture; create it on {device}")
         states = [self.state[p] for p in params]
         counts = [st["step"] for st in states]
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
