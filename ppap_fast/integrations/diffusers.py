@@ -156,17 +156,7 @@ class PPAPGuidance:
         if not has_class_target(self.guide):
             raise ValueError(f"class labels given, but the guide ({type(self.guide).__name__}) has no class target "
                              "to replace: pass them to a ClassGuide / X0HatGuide, or leave them out")
-        y = torch.as_tensor(target, device=x.device)
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
-            raise ValueError(f"class labels must be an int or integer labels [B], got dtype {y.dtype}, "
-                             f"shape {tuple(y.shape)}")
-        y = y.long()
-        if y.ndim == 0:
-            y = y.expand(x.shape[0])
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{y.shape[0]} class labels for a batch of {x.shape[0]}: give one label per sample "
-                             "(repeat them to batch_size) or one int for all")
-        return y
+        return _labels_for_batch(torch.as_tensor(target, device=x.device), x.shape[0])
 
     # -- pieces --------------------------------------------------------------------------
     def _abar(self, scheduler, device) -> torch.Tensor:
@@ -272,7 +262,7 @@ class PPAPGuidance:
                 return x, a, s1, a * a
             abar = tab[tt].view(-1, *([1] * (x.ndim - 1)))
             return x, abar.sqrt(), (1 - abar).sqrt(), abar
-        step_t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
+        step_t = _first_timestep(t)
         warned = getattr(scheduler, "is_scale_input_called", None)  # keep diffusers' "call scale_model_input" check
         c_in = scheduler.scale_model_input(torch.ones((), dtype=torch.float32), step_t)  # 1 / sqrt(1 + sigma^2)
         if warned is not None:
@@ -365,7 +355,7 @@ def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
     if idx is None:
         idx = getattr(scheduler, "begin_index", None)
     if idx is None:
-        step_t = t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
+        step_t = _first_timestep(t)
         found = (timesteps == torch.as_tensor(step_t, device=timesteps.device)).nonzero().flatten().tolist()
         if not found:
             return None
@@ -374,6 +364,30 @@ def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
         return None
     alpha_t, sigma_t = to_alpha_sigma(sigmas[idx].detach().float())
     return alpha_t.reshape(()), sigma_t.reshape(())
+
+
+def _check_integer_labels(y: torch.Tensor) -> None:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
+        raise ValueError(f"class labels must be an int or integer labels [B], got dtype {y.dtype}, "
+                         f"shape {tuple(y.shape)}")
+
+
+def _labels_for_batch(y: torch.Tensor, batch: int, integer: bool = True) -> torch.Tensor:
+    """Class labels (one for all, or [batch]) as [batch]: long if ``integer`` (checked), else as given."""
+    if integer:
+        _check_integer_labels(y)
+        y = y.long()
+    if y.ndim == 0:
+        y = y.expand(batch)
+    if y.shape[0] != batch:
+        raise ValueError(f"{y.shape[0]} class labels for a batch of {batch}: give one label per sample "
+                         "(repeat them to batch_size) or one int for all")
+    return y
+
+
+def _first_timestep(t):
+    """A step's timestep as one value (diffusers passes one t for the whole batch)."""
+    return t.reshape(-1)[0] if isinstance(t, torch.Tensor) and t.ndim > 0 else t
 
 
 def _checked_prediction_type(scheduler) -> str:
@@ -560,20 +574,13 @@ class _GuidedPipelineBody:
             raise ValueError(f"the denoiser is class-conditional (class embedding {type(emb).__name__}): pass "
                              "class_labels=<one int or [batch_size] labels>")
         y = torch.as_tensor(class_labels)
-        if isinstance(emb, torch.nn.Embedding):
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.ndim > 1:
-                raise ValueError(f"class labels must be an int or integer labels [B], got dtype {y.dtype}, "
-                                 f"shape {tuple(y.shape)}")
+        integer = isinstance(emb, torch.nn.Embedding)
+        if integer:
+            _check_integer_labels(y)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= emb.num_embeddings):
                 raise ValueError(f"class labels must lie in 0..{emb.num_embeddings - 1} (the denoiser's "
                                  f"num_class_embeds={emb.num_embeddings}), got {y.tolist()}")
-            y = y.long()
-        if y.ndim == 0:
-            y = y.expand(batch_size)
-        if y.shape[0] != batch_size:
-            raise ValueError(f"{y.shape[0]} class labels for a batch of {batch_size}: give one label per sample "
-                             "(repeat them to batch_size) or one int for all")
-        return y.to(device)
+        return _labels_for_batch(y, batch_size, integer).to(device)
 
     def _denoise(self, x, t, class_labels=None):
         out = self.unet(x, t) if class_labels is None else self.unet(x, t, class_labels=class_labels)
