@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--max-minutes", type=_positive_float, default=None, help="stop (LR annealed by elapsed time) after this")
+    s.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.distill_state.safetensors beside "

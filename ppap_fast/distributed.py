@@ -67,8 +67,9 @@ Distillation (:func:`distill`)
     pixels), ``mse`` for depth / any dense regression. Reduction (``--loss-reduction``, part of the
     identity): ``expert_mean`` (default) weights each sample by world_size / n_e (n_e: its expert's
     samples on all ranks, all-reduced counts), so after DDP's average each expert's gradient is
-    that of the mean loss over its own samples, as when trained separately; ``batch_mean`` scales
-    it by n_e / B instead. Teachers: ``tiny:<file>``, a
+    that of the mean loss over its own samples, as when trained separately, and
+    :class:`ppap_fast.experts.ExpertAdamW` steps it with its own step count; ``batch_mean`` scales
+    it by n_e / B instead, stepped by torch.optim.AdamW (one shared count). Teachers: ``tiny:<file>``, a
     registry name (its spec gives the task), or ``py:package.module:factory`` for any module,
     e.g. a depth network (task from ``--teacher-task`` or the factory's ``task`` attribute; see
     :func:`build_teacher`). Data: the set is read lazily (:class:`ppap_fast.data.ShardSet`):
@@ -92,8 +93,8 @@ Distillation (:func:`distill`)
     result is bit-identical with gloo on 2 ranks (tested; a + b is commutative). With more
     ranks or NCCL, the first resumed step's gradient all-reduce may sum in another order (DDP
     rebuilds its buckets), so expect float rounding differences there. A state written with
-    another configuration is an error naming the differing keys; a damaged one is an error
-    (remove it to start over). ``train_summary.json`` lists every step's loss exactly once;
+    another configuration is an error naming the differing keys; a damaged one, or an expert_mean
+    state written before ExpertAdamW (one shared step count), is an error (remove it to start over). ``train_summary.json`` lists every step's loss exactly once;
     the state file is deleted once the experts are written.
 
     BatchNorm policy (per-expert BN, :class:`ppap_fast.experts.ExpertBatchNorm`):

@@ -16,7 +16,8 @@ Conventions
 * Model output: C channels (eps) or 2C channels (eps, v). Variance types:
   "learned_range" (guided-diffusion LEARNED_RANGE, frac=(v+1)/2 between
   log beta_t and the clipped posterior log-variance), "learned" (v is the
-  log-variance), "fixed_small" (posterior variance, clipped log) and
+  log-variance), "fixed_small" (posterior variance, clipped log; the variance is 0
+  at the last step, so condition_mean does not guide it) and
   "fixed_large" (betas with posterior_variance[1] at index 0). Default: learned_range
   for 2C outputs, fixed_large for C outputs (guided-diffusion's defaults).
 * No host syncs inside a step on accelerators: tables are indexed by device

@@ -396,7 +396,8 @@ def test_non_finite_scale_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cmd,shown", [
-    ("distill", ["--lr LR", "default: 0.001", "--experts EXPERTS", "default: 5"]),
+    ("distill", ["--lr LR", "default: 0.001", "--experts EXPERTS", "default: 5",
+                 "a resumed run counts the time trained before"]),
     ("generate", ["default: 6000"]),
     ("sample", ["default: 250", "default: ddim", "one per --targets entry"]),
     ("guided-sample", ["default: 256", "default: linear"]),

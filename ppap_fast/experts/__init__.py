@@ -1,4 +1,4 @@
-"""Timestep experts: LoRA layers, placements, the ExpertBank, checkpoints."""
+"""Timestep experts: LoRA layers, placements, the ExpertBank, checkpoints, ExpertAdamW (per-expert step counts)."""
 from .bank import (ExpertBank, ExpertBatchNorm, ExpertGroupNorm, ExpertLayerNorm, RoutedBias, RoutedConv2d,
                    RoutedLinear, fold_batchnorm_)
 from .checkpoint import (check_ppap_checkpoint_manifest, export_ppap_checkpoint, import_ppap_checkpoint,

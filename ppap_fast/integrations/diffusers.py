@@ -4,7 +4,7 @@ Three lines in an ordinary diffusers loop::
 
     guided = PPAPGuidance(guide)
     for t in scheduler.timesteps:
-        eps = unet(x, t).sample
+        eps = unet(scheduler.scale_model_input(x, t), t).sample   # x itself for DDPM / DDIM / DPM-Solver
         eps = guided.correct(eps, x, t, scheduler)
         x = scheduler.step(eps, t, x).prev_sample
 
@@ -27,8 +27,8 @@ any sampler built on the model's eps: ``eps' = eps - sqrt(1 - abar_t) * grad`` w
 ``grad = guide(x_t, t)`` (scale included) and ``abar_t = scheduler.alphas_cumprod[t]``, read from a
 device copy of the table made once per scheduler (no host syncs). Solvers that convert the model output
 with their own step sigma (DPM-Solver, UniPC, DEIS, SA-Solver: ``sigmas[step_index]``, off the training
-grid with karras / lu-lambda / exponential / beta sigmas, where the rounded timestep's abar was up to 1%
-off) get their ``_sigma_to_alpha_sigma_t`` of that sigma instead, as their step uses. A timestep outside
+grid with karras / lu-lambda / exponential / beta sigmas, where the rounded timestep's abar was up to 2%
+off at 25 steps) get their ``_sigma_to_alpha_sigma_t`` of that sigma instead, as their step uses. A timestep outside
 0..T-1 raises ValueError (device timesteps: one read per step for that check). Timesteps left on the host (the
 default of ``scheduler.set_timesteps(n)``) cost one scalar host-to-device copy per step but tell
 the guide the step's band, so a PPAP guide runs with merged experts (``fast=True``); timesteps on
