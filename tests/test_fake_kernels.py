@@ -3,6 +3,8 @@ shape / dtype / stride, torch.library.opcheck passes, and torch.compile(fullgrap
 public ops on the cpp backend and matches eager."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -69,16 +71,70 @@ def test_guided_update_fake_matches_cpu(dtype, mode):
         assert _meta(f) == _meta(r)
 
 
-def test_guided_update_fake_rejects_what_the_kernel_rejects():
+def _row_strided(t):
+    """t's values with a batch stride of two samples: each sample contiguous, the tensor not."""
+    return torch.stack([t, torch.full_like(t, NAN)], 1)[:, 0]
+
+
+def _channels_last(t):
+    """t's values with each sample's channels innermost (not contiguous within a sample)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# (argument index, how it is changed, the rejection's message, None: accepted), on _update_args(float32, 2)
+_UPDATE_CASES = {
+    "learned range without v": (2, lambda t: None, "needs v"),
+    "mode 3": (7, lambda m: 3, "mode must be 0"),
+    "x not contiguous": (0, _channels_last, "x must be contiguous with a batch dim"),
+    "eps of another rank": (1, lambda t: t.flatten(2), "eps must have x's batch size and rank"),
+    "grad of another shape": (3, lambda t: t.transpose(2, 3).contiguous(), r"grad shape \[3, 2, 4, 5\] does not match"),
+    "noise of another dtype": (4, lambda t: t.double(), "noise dtype differs from x"),
+    "v on another device": (2, lambda t: t.to("meta"), "v is on another device than x"),
+    "eps channels last": (1, _channels_last, "eps must be contiguous within a sample"),
+    "v channels last": (2, _channels_last, "v must be contiguous within a sample"),
+    "grad channels last": (3, _channels_last, "grad must be contiguous within a sample"),
+    "noise channels last": (4, _channels_last, "noise must be contiguous within a sample"),
+    "eps, grad, noise batch-strided": ((1, 3, 4), _row_strided, None),
+    "idx not contiguous": (5, lambda t: torch.stack([t, t], 1)[:, 0], "idx must be a contiguous long tensor"),
+    "idx int32": (5, lambda t: t.int(), "idx must be a contiguous long tensor"),
+    "idx on another device": (5, lambda t: t.to("meta"), "idx must be a contiguous long tensor"),
+    "coefs not contiguous": (6, lambda t: t.t().contiguous().t(), "coefs must be a contiguous"),
+    "coefs float64": (6, lambda t: t.double(), "coefs must be a contiguous"),
+    "coefs on another device": (6, lambda t: t.to("meta"), "coefs must be a contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UPDATE_CASES))
+def test_guided_update_fake_rejects_what_the_kernel_rejects(case):
+    """The fake kernel refuses (with the same message) what the CPU kernel refuses, and accepts what it
+    accepts; the CPU kernel is called by its dispatch key (a meta argument would dispatch to the fake)."""
+    where, change, message = _UPDATE_CASES[case]
     args = _update_args(torch.float32, 2)
-    args[2] = None  # learned range without v
-    for mode in (None, FakeTensorMode()):
-        with pytest.raises(RuntimeError, match="needs v"):
-            if mode is None:
-                _op("guided_update")(*args)
-            else:
-                with mode:
-                    _op("guided_update")(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for i in where if isinstance(where, tuple) else (where,):
+        args[i] = change(args[i])
+    cpu_kernel = functools.partial(_op("guided_update").redispatch, torch._C.DispatchKeySet(torch._C.DispatchKey.CPU))
+    mode = FakeTensorMode()
+    with mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    if message is None:
+        assert torch.isfinite(cpu_kernel(*args)[0]).all()
+        with mode:
+            assert _meta(_op("guided_update")(*fake_args)[0]) == _meta(args[0])
+        return
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernel(*args)
+    with mode, pytest.raises(RuntimeError, match=message):
+        _op("guided_update")(*fake_args)
+
+
+def test_guided_update_fake_rejects_integer_x():
+    """The kernels dispatch on floating dtypes only."""
+    args = _update_args(torch.float32, 1)
+    args[:5] = [None if a is None else a.long() for a in args[:5]]
+    with pytest.raises(RuntimeError, match="not implemented for 'Long'"):
+        _op("guided_update")(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match="x must be float16, bfloat16, float32 or float64"):
+        _op("guided_update")(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def _segment_args(name, dtype, S=4, M=3, K=5, R=2, N=3):

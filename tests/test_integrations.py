@@ -464,9 +464,10 @@ def test_clip_sample_with_repeated_timesteps_reads_the_stepping_schedulers_sigma
     pipe = PPAPGuidedPipeline(unet, sched, guide)
     pipe.set_progress_bar_config(disable=True)
     got = pipe(batch_size=B, num_inference_steps=steps, latents=xT, output_type="raw").images
-    # 1e-2: sqrt(1 - abar) from scale_model_input's float32 c_in is 7e-5 off at sigma 0.03 (Heun's
-    # last derivative average amplifies it to ~1.5e-3); the user's scheduler's sigma gave 12x
-    assert torch.isfinite(got).all() and ((got - x).norm() / x.norm()).item() < 1e-2
+    # 2e-5 (measured 2.8e-6): sqrt(1 - abar) from the stepping scheduler's sigma in float64; from
+    # scale_model_input's float32 c_in it was 7e-5 off at sigma 0.03 (1.5e-3 after Heun's last
+    # derivative average); the user's scheduler's sigma gave 12x that
+    assert torch.isfinite(got).all() and ((got - x).norm() / x.norm()).item() < 2e-5
     assert sched.config.clip_sample and not pipe.guidance._tables.keys() - {
         k for k in pipe.guidance._tables if k[0] == id(sched)}  # the copy's table is not kept
 
@@ -586,6 +587,31 @@ def test_class_labels_per_call_replace_the_guides_target(unet, classifier):
         PPAPGuidance(lambda x, t: torch.zeros_like(x)).grad(x, 500, target=labels)
     with pytest.raises(ValueError, match="without a guide"):
         run(None, class_labels=labels)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_sigma_space_correction_coefficient_comes_from_the_input_scalings_sigma(name):
+    """At every step, second-order passes included (KDPM2's interpolated sigmas), correct() subtracts
+    sqrt(1 - abar) * grad with sqrt(1 - abar) = sigma / sqrt(1 + sigma^2) of the sigma scale_model_input
+    used, to float32 rounding; from its float32 c_in, sqrt(1 - c_in^2) was 1e-4 off (relative) at sigma 0.03."""
+    sched = getattr(diffusers, name)()
+    sched.set_timesteps(6)
+    candidates = torch.cat([sched.sigmas] + [getattr(sched, "sigmas_interpol", sched.sigmas)]).double()
+    candidates = candidates[candidates.isfinite()]  # KDPM2's first interpolated sigma is NaN (never used)
+    grad = torch.ones(1, 1, 2, 2)
+    guided = PPAPGuidance(lambda x, t: grad)
+    x, worst = torch.zeros(1, 1, 2, 2), []
+    for t in sched.timesteps:
+        c_in = float(sched.scale_model_input(torch.ones(()), t))
+        sigma = candidates[((1 / c_in ** 2 - 1) ** 0.5 - candidates).abs().argmin()]  # the one c_in rounds
+        want = float(sigma / (1 + sigma ** 2) ** 0.5)
+        got = -guided.correct(torch.zeros_like(x), x, t, sched)  # eps' = 0 - sqrt(1 - abar) * grad
+        assert torch.isfinite(got).all()
+        worst.append(((got - want).abs().max() / want).item())
+        kw = {"generator": torch.Generator().manual_seed(0)} if "Ancestral" in name else {}
+        x = sched.step(torch.zeros_like(x), t, x, **kw).prev_sample
+    assert max(worst) < 2e-7, worst
 
 
 def test_sigma_space_correction_keeps_diffusers_scale_model_input_check(classifier):

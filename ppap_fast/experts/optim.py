@@ -18,16 +18,24 @@ def _lr_scalar(lr):
     return lr.reshape(()) if isinstance(lr, torch.Tensor) else lr
 
 
+def _coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-expert step sizes and bias corrections: float32 for half-precision parameters
+    (as torch.optim.AdamW's Python-float scalars, which its bf16 / fp16 kernels read as float32; rounded to
+    bf16 they were up to 0.4% off), else the parameters'."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class ExpertAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, optional amsgrad) on parameters whose dim 0 is the
     expert, stepping only the experts in ``step(sampled)``: they update exactly as under their own
     AdamW, with bias corrections from their own step counts (``state[p]["step"]``, float32 [N]);
     the others keep parameters, moments and counts. Every expert sampled at every step: the same
     updates as torch.optim.AdamW (bitwise for float32 on CPU; float64: to 1 ulp of the bias
-    corrections). ``lr`` may be a tensor (set it in place with ``group["lr"].fill_(lr)``; on the
-    parameters' device to be captured). Sync-free:
-    capturable in a CUDA graph after a first eager step (which allocates the state). On CUDA a step
-    is a few dozen kernels however many tensors (stepping them one by one was ~20 each)."""
+    corrections; bf16 / fp16: step sizes, bias corrections and the update in float32, rounded once, as
+    torch.optim.AdamW(foreach=False) on CPU, bitwise). ``lr`` may be a tensor (set it in place with
+    ``group["lr"].fill_(lr)``; on the parameters' device to be captured). Sync-free: capturable in a CUDA
+    graph after a first eager step (which allocates the state). On CUDA a step is a few dozen kernels
+    however many tensors (stepping them one by one was ~20 each)."""
 
     def __init__(self, params, n_experts: int, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False):
@@ -155,8 +163,9 @@ class ExpertAdamW(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         t = self._advance_counts([st["step"] for st in states], on)
         per_expert = [(1,) * (p.dim() - 1) for p in params]  # [N, 1, ...]: broadcast over each tensor
-        step_size_neg = [x.view(-1, *k) for x, k in zip((-(lr / (1 - beta1 ** t))).to(params[0].dtype), per_expert)]
-        bc2_sqrt = [x.view(-1, *k) for x, k in zip((1 - beta2 ** t).sqrt().to(params[0].dtype), per_expert)]
+        coef_dtype = _coefficient_dtype(params[0].dtype)
+        step_size_neg = [x.view(-1, *k) for x, k in zip((-(lr / (1 - beta1 ** t))).to(coef_dtype), per_expert)]
+        bc2_sqrt = [x.view(-1, *k) for x, k in zip((1 - beta2 ** t).sqrt().to(coef_dtype), per_expert)]
         ons = [on.view(-1, *k) for k in per_expert]
         grads = [p.grad for p in params]
         exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
@@ -180,8 +189,8 @@ class ExpertAdamW(torch.optim.Optimizer):
         del denoms
         torch._foreach_add_(new_ps, torch._foreach_mul(params, 1 - lr * wd) if wd != 0 else params)
         for olds, news in ((params, new_ps), (exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs)):
-            for old, new, o in zip(olds, news, ons):
-                torch.where(o, new, old, out=old)
+            for old, new, o in zip(olds, news, ons):  # to(): a half parameter's float32 update rounded once
+                torch.where(o, new.to(old.dtype), old, out=old)
 
     def _step_concatenated(self, params, group, on):
         """The step of ``params`` (one device and dtype, all with gradients and state): the single-
@@ -205,8 +214,12 @@ class ExpertAdamW(torch.optim.Optimizer):
             return torch.cat([x.reshape(-1) for x in tensors], out=ws[row])
 
         t = self._advance_counts(counts, on)
-        table = torch.stack([-(lr / (1 - beta1 ** t)), (1 - beta2 ** t).sqrt()]).to(dtype).view(2, -1)
-        step_size_neg, bc2_sqrt = torch.index_select(table, 1, owner, out=ws[0:2]).unbind(0)
+        coef_dtype = _coefficient_dtype(dtype)
+        # half precision: the coefficients (and so the update, by type promotion) in float32, where the new
+        # parameters land after rounding once (torch's addcdiv_), ws[0:2] stays unused
+        coefs = ws[0:2] if coef_dtype == dtype else torch.empty(2, owner.numel(), dtype=coef_dtype, device=device)
+        table = torch.stack([-(lr / (1 - beta1 ** t)), (1 - beta2 ** t).sqrt()]).to(coef_dtype).view(2, -1)
+        step_size_neg, bc2_sqrt = torch.index_select(table, 1, owner, out=coefs).unbind(0)
         on_elem = on.expand(len(params), -1).reshape(-1).index_select(0, owner)
 
         grad, p = flat([q.grad for q in params], 2), flat(params, 3)
@@ -223,8 +236,10 @@ class ExpertAdamW(torch.optim.Optimizer):
             torch.sqrt(new_avg_sq, out=denom)
         denom.div_(bc2_sqrt).add_(eps)
         # torch's p.mul_(1 - lr * wd) then addcdiv_: p + (value * m) / denom; into spent buffers
-        new_p = torch.mul(new_avg, step_size_neg, out=grad).div_(denom)
+        new_p = torch.mul(new_avg, step_size_neg, out=grad if coef_dtype == dtype else bc2_sqrt).div_(denom)
         new_p.add_(torch.mul(p, 1 - lr * wd, out=denom) if wd != 0 else p)
+        if new_p.dtype != dtype:  # a half parameter's float32 update, rounded once (into the spent gradient)
+            new_p = grad.copy_(new_p)
         torch.where(on_elem, new_p, p, out=p)
         torch.where(on_elem, new_avg, exp_avg, out=exp_avg)
         torch.where(on_elem, new_avg_sq, exp_avg_sq, out=exp_avg_sq)

@@ -242,7 +242,8 @@ class PPAPGuidance:
         """(x_t, abar_t): the scheduler's sample as x_t of the variance-preserving process (what the guide
         is trained on) and abar_t as float32 [B, 1, ...] (or a scalar) on x's device. For a scheduler in
         sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
-        ``scale_model_input`` at this step (its sigma, which need not sit on the training grid). For a
+        ``scale_model_input`` at this step (its sigma, which need not sit on the training grid; abar and
+        sqrt(1 - abar) in float64 from that sigma where it is found in ``sigmas`` / ``sigmas_interpol``). For a
         solver that converts with its own step sigma (DPM-Solver, UniPC, DEIS, SA-Solver:
         ``sigmas[step_index]``, off the training grid with karras / lu-lambda / exponential / beta sigmas)
         abar_t = alpha_t^2 of that sigma, as its step uses; else ``alphas_cumprod[t]``. Timesteps outside
@@ -268,8 +269,14 @@ class PPAPGuidance:
         if warned is not None:
             scheduler.is_scale_input_called = warned
         c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(())
-        abar = (c_in * c_in).to(x.device)
-        return x * c_in.to(device=x.device, dtype=x.dtype), c_in.to(x.device), (1 - abar).sqrt(), abar
+        sigma = _input_scaling_sigma(scheduler, c_in)
+        if sigma is None:  # 1 - c_in^2 loses digits at small sigma (7e-5 off in sqrt(1 - abar) at sigma 0.03)
+            abar = (c_in * c_in).to(x.device)
+            s1 = (1 - abar).sqrt()
+        else:  # float64 from the sigma itself
+            abar = (1 / (1 + sigma * sigma)).float().to(x.device)
+            s1 = (sigma / (1 + sigma * sigma).sqrt()).float().to(x.device)
+        return x * c_in.to(device=x.device, dtype=x.dtype), c_in.to(x.device), s1, abar
 
     # -- the correction ------------------------------------------------------------------
     def correct(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler, scale: float | None = None,
@@ -335,6 +342,30 @@ class PPAPGuidance:
             new = torch.where(singular, head, new)
         new = new.to(model_output.dtype)
         return new if model_output.shape[1] == c else torch.cat([new, model_output[:, c:]], dim=1)
+
+
+def _input_scaling_sigma(scheduler, c_in: torch.Tensor) -> torch.Tensor | None:
+    """The sigma (float64, 0-dim, on the CPU) of a sigma-space scheduler's ``scale_model_input`` that returned
+    ``c_in`` = 1 / sqrt(1 + sigma^2) (float32) at its current step: ``sigmas[step_index]``, or in a
+    second-order pass (``state_in_first_order`` False: KDPM2, KDPM2 ancestral) ``sigmas_interpol[step_index]``
+    or ``[step_index - 1]``; the candidate whose input scaling, computed as the scheduler does, gives c_in
+    bitwise. None where none does (another scheduler's sigma choice: c_in is used)."""
+    idx = getattr(scheduler, "step_index", None)
+    if not isinstance(idx, int):
+        return None
+    candidates = []
+    if getattr(scheduler, "state_in_first_order", True) is False:
+        candidates += [("sigmas_interpol", idx), ("sigmas_interpol", idx - 1)]
+    candidates.append(("sigmas", idx))
+    for name, i in candidates:
+        sigmas = getattr(scheduler, name, None)
+        if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or not 0 <= i < len(sigmas):
+            continue
+        sigma = sigmas[i].detach().cpu()
+        scaled = torch.ones((), dtype=torch.float32) / ((sigma ** 2 + 1) ** 0.5)
+        if scaled.dtype == torch.float32 and torch.equal(scaled, c_in):
+            return sigma.double()
+    return None
 
 
 def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:

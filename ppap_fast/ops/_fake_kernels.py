@@ -11,26 +11,43 @@ from __future__ import annotations
 import torch
 
 GUIDED_UPDATE_COLS = 8
+_GUIDED_UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REGISTERED: list[str] = []  # the ops given a fake kernel
 _DONE = False  # register() ran (registering twice raises)
 
 
+def _contiguous_within_a_sample(t) -> bool:
+    """t[0].is_contiguous() (the kernel's per-sample layout: any batch stride), True for an empty batch."""
+    return t.shape[0] == 0 or t[0].is_contiguous()
+
+
 def _guided_update_fake(x, eps, v, grad, noise, idx, coefs, mode, clip_denoised):
-    torch._check(0 <= mode <= 2, lambda: f"guided_update: mode must be 0, 1 or 2, got {mode}")
+    # the checks (and messages) of check_guided_update_args in csrc/ops.cpp, in its order
+    torch._check(0 <= mode <= 2,
+                 lambda: f"guided_update: mode must be 0 (ddim), 1 (ddpm fixed) or 2 (ddpm learned), got {mode}")
     torch._check(x.dim() >= 1 and x.is_contiguous(), lambda: "guided_update: x must be contiguous with a batch dim")
     for name, t in (("eps", eps), ("v", v), ("grad", grad), ("noise", noise)):
         if t is None:
             continue
-        torch._check(t.shape == x.shape,
-                     lambda: f"guided_update: {name} shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
-        torch._check(t.dtype == x.dtype and t.device == x.device,
-                     lambda: f"guided_update: {name} must have x's dtype and device")
+        torch._check(t.dim() == x.dim() and t.shape[0] == x.shape[0],
+                     lambda: f"guided_update: {name} must have x's batch size and rank")
+        torch._check(t.shape[1:] == x.shape[1:],
+                     lambda: f"guided_update: {name} shape {list(t.shape)} does not match x {list(x.shape)}")
+        torch._check(t.dtype == x.dtype, lambda: f"guided_update: {name} dtype differs from x")
+        torch._check(t.device == x.device, lambda: f"guided_update: {name} is on another device than x")
+        torch._check(_contiguous_within_a_sample(t),
+                     lambda: f"guided_update: {name} must be contiguous within a sample")
     torch._check(mode != 2 or v is not None, lambda: "guided_update: mode 2 (learned range) needs v")
-    torch._check(idx.dim() == 1 and idx.shape[0] == x.shape[0] and idx.dtype == torch.long,
-                 lambda: "guided_update: idx must be a long tensor of shape (B,)")
+    torch._check(idx.dim() == 1 and idx.shape[0] == x.shape[0] and idx.dtype == torch.long and idx.device == x.device
+                 and idx.is_contiguous(),
+                 lambda: "guided_update: idx must be a contiguous long tensor of shape (B,) on x's device")
     coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    torch._check(coefs.dim() == 2 and coefs.shape[1] == GUIDED_UPDATE_COLS and coefs.dtype == coef_dtype,
-                 lambda: f"guided_update: coefs must be a (T, {GUIDED_UPDATE_COLS}) {coef_dtype} table")
+    torch._check(coefs.dim() == 2 and coefs.shape[1] == GUIDED_UPDATE_COLS and coefs.dtype == coef_dtype
+                 and coefs.is_contiguous() and coefs.device == x.device,
+                 lambda: f"guided_update: coefs must be a contiguous (T, {GUIDED_UPDATE_COLS}) table on x's device, "
+                         "float64 for float64 x, else float32")
+    torch._check(x.dtype in _GUIDED_UPDATE_DTYPES,  # the kernels' dtype dispatch
+                 lambda: f"guided_update: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     return torch.empty_like(x), torch.empty_like(x)
 
 
