@@ -130,8 +130,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
-    from .distributed import (DistEnv, _kill_hook, check_train_state, config_hash, data_manifest_hash,
-                              load_train_state, module_fingerprint, read_train_state_meta, save_train_state)
+    from .distributed import LocalTrainState, _kill_hook, data_manifest_hash, module_fingerprint
 
     teacher_state = module_fingerprint(teacher)
     cached_by = data.manifest.get("teacher_state") or data.manifest.get("config", {}).get("teacher_state")
@@ -143,36 +142,13 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
              "n_experts": n_experts, "r": r, "alpha": alpha, "steps": steps, "batch_size": batch_size, "lr": lr,
              "weight_decay": weight_decay, "seed": seed, "loss_reduction": loss_reduction, "max_minutes": max_minutes,
              "teacher_temperature": TEACHER_TEMPERATURE}
-    found = False
-    if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path)
-        for p in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):  # a state write that was killed
-            p.unlink(missing_ok=True)
-        found, err = check_train_state(checkpoint_path, ident, f"use the same settings or remove {checkpoint_path} "
-                                                               "to start over")
-        if err is not None:
-            raise ValueError(err)
+    state = LocalTrainState(checkpoint_path, ident)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
     bank = make_bank(teacher, n_experts, r, alpha).to(device).train()
-    params = bank.parameters_to_train()
-    opt = make_expert_optimizer(params, n_experts, loss_reduction, lr, weight_decay)
-    env = DistEnv(device=torch.device(device))  # one process: the training-state helpers of distributed.py
-    start, losses, elapsed = 0, [], 0.0
-    if found:
-        start, losses = load_train_state(checkpoint_path, bank, opt, gen, env)
-        elapsed = float(read_train_state_meta(checkpoint_path).get("elapsed_s", 0.0))
-    step_losses = []  # device scalars, read at checkpoints and the end (no host sync per step)
-    import time
-    t0 = time.time() - elapsed  # max_minutes counts the time trained before a kill
-
-    def save(done):
-        losses.extend(torch.stack(step_losses).double().cpu().tolist() if step_losses else [])
-        step_losses.clear()
-        if checkpoint_path is not None:
-            save_train_state(checkpoint_path, bank, opt, gen, done, losses, ident, config_hash(ident), env,
-                             extra_meta={"elapsed_s": repr(time.time() - t0)})
+    opt = make_expert_optimizer(bank.parameters_to_train(), n_experts, loss_reduction, lr, weight_decay)
+    start = state.resume(bank, opt, gen, device)
 
     it = range(start, steps)
     if progress:
@@ -180,7 +156,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         it = tqdm(it, desc=f"distill ppap-{n_experts}", initial=start, total=steps, mininterval=2)
     done = start
     for step in it:
-        frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
+        frac = step / steps if max_minutes is None else max(step / steps, state.elapsed_s() / (60 * max_minutes))
         if frac >= 1:
             break
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
@@ -197,16 +173,16 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         bank.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
-        step_losses.append(per_sample.detach().mean())
+        state.step_losses.append(per_sample.detach().mean())
         done = step + 1
         if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
-            save(done)
+            state.save(done)
         _kill_hook(0, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
     if done > start or checkpoint_path is None:  # on completion (or max_minutes): the final state
-        save(done)
+        state.save(done)
     bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
     bank.resumed_from_step = start
-    bank.train_losses = losses
+    bank.train_losses = state.losses
     return bank.eval()
 
 

@@ -861,6 +861,52 @@ def load_train_state(path, bank, opt, gen, env: DistEnv) -> tuple[int, list]:
     return int(meta["step"]), [float(v) for v in t["losses"].tolist()]
 
 
+class LocalTrainState:
+    """The resumable training state of a one-process trainer (distill_ppap, finetune_noise_aware): the
+    distributed path's state file at ``path`` (None: none written, losses still collected), checked
+    against ``ident`` on opening (a ValueError names what differs), elapsed time kept for max_minutes,
+    each step's loss kept on the device until a save (no host sync per step)."""
+
+    def __init__(self, path, ident: dict):
+        self.path, self.ident, self.found = (None if path is None else Path(path)), ident, False
+        self.losses: list = []
+        self.step_losses: list = []
+        if self.path is not None:
+            for p in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a state write that was killed
+                p.unlink(missing_ok=True)
+            self.found, err = check_train_state(self.path, ident, f"use the same settings or remove {self.path} "
+                                                                  "to start over")
+            if err is not None:
+                raise ValueError(err)
+
+    def resume(self, model, opt, gen, device) -> int:
+        """Restore model / opt / gen from the state if one was found and start the clock (counting the
+        time trained before a kill); the step to start from (0 without a state)."""
+        import time
+
+        self._parts, self._env = (model, opt, gen), DistEnv(device=torch.device(device))
+        start, elapsed = 0, 0.0
+        if self.found:
+            start, self.losses = load_train_state(self.path, model, opt, gen, self._env)
+            elapsed = float(read_train_state_meta(self.path).get("elapsed_s", 0.0))
+        self.t0 = time.time() - elapsed
+        return start
+
+    def elapsed_s(self) -> float:
+        import time
+
+        return time.time() - self.t0
+
+    def save(self, done: int) -> None:
+        """Read the losses of the steps since the last save; write the state (if a path was given)."""
+        self.losses.extend(torch.stack(self.step_losses).double().cpu().tolist() if self.step_losses else [])
+        self.step_losses.clear()
+        if self.path is not None:
+            model, opt, gen = self._parts
+            save_train_state(self.path, model, opt, gen, done, self.losses, self.ident, config_hash(self.ident),
+                             self._env, extra_meta={"elapsed_s": repr(self.elapsed_s())})
+
+
 @torch.no_grad()
 def sync_expert_batchnorm_stats(bank, env: DistEnv) -> int:
     """Merge every ExpertBatchNorm's per-expert running statistics across ranks (see the module

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -162,42 +160,22 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
                                         or checkpoint_every <= 0):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     check_loss_reduction(loss_reduction)
-    from .distributed import (DistEnv, _kill_hook, check_train_state, config_hash, load_train_state,
-                              module_fingerprint, read_train_state_meta, save_train_state, tensors_fingerprint)
+    from .distributed import LocalTrainState, _kill_hook, module_fingerprint, tensors_fingerprint
 
-    found = False
+    ident = None
     if checkpoint_path is not None:
         # what determines the experts (not device / progress / checkpoint_every: a resume is exact)
         ident = {"format": FINETUNE_STATE_FORMAT, "base_state": module_fingerprint(base),
                  "data": tensors_fingerprint([("x", x), ("y", y)]), "n_experts": n_experts, "steps": steps,
                  "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "shift": shift,
                  "loss_reduction": loss_reduction, "max_minutes": max_minutes}
-        checkpoint_path = Path(checkpoint_path)
-        for p in checkpoint_path.parent.glob(f".{checkpoint_path.name}.*.tmp"):  # a state write that was killed
-            p.unlink(missing_ok=True)
-        found, err = check_train_state(checkpoint_path, ident, f"use the same settings or remove {checkpoint_path} "
-                                                               "to start over")
-        if err is not None:
-            raise ValueError(err)
+    state = LocalTrainState(checkpoint_path, ident)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
     me = MultiExperts(base, n_experts).to(device).train()
     opt = torch.optim.AdamW(me.parameters(), lr=lr, weight_decay=weight_decay)
-    env = DistEnv(device=torch.device(device))  # one process: the training-state helpers of distributed.py
-    start, losses, elapsed = 0, [], 0.0
-    if found:
-        start, losses = load_train_state(checkpoint_path, me, opt, gen, env)
-        elapsed = float(read_train_state_meta(checkpoint_path).get("elapsed_s", 0.0))
-    step_losses = []  # device scalars, read at checkpoints and the end
-    t0 = time.time() - elapsed  # max_minutes counts the time trained before a kill
-
-    def save(done):
-        losses.extend(torch.stack(step_losses).double().cpu().tolist() if step_losses else [])
-        step_losses.clear()
-        if checkpoint_path is not None:
-            save_train_state(checkpoint_path, me, opt, gen, done, losses, ident, config_hash(ident), env,
-                             extra_meta={"elapsed_s": repr(time.time() - t0)})
+    start = state.resume(me, opt, gen, device)
 
     it = range(start, steps)
     if progress:
@@ -206,7 +184,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     done = start
     for step in it:
         xt, yb, t = noisy_batch(x, y, batch_size, shift, gen, sched)
-        frac = step / steps if max_minutes is None else max(step / steps, (time.time() - t0) / (60 * max_minutes))
+        frac = step / steps if max_minutes is None else max(step / steps, state.elapsed_s() / (60 * max_minutes))
         if frac >= 1:
             break
         _cosine_lr(opt, lr, int(frac * steps), steps)
@@ -217,16 +195,16 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         me.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
-        step_losses.append(per_sample.detach().mean())
+        state.step_losses.append(per_sample.detach().mean())
         done = step + 1
         if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
-            save(done)
+            state.save(done)
         _kill_hook(0, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
     if done > start or checkpoint_path is None:  # on completion (or max_minutes): the final state
-        save(done)
+        state.save(done)
     me.trained_steps = done
     me.resumed_from_step = start
-    me.train_losses = losses
+    me.train_losses = state.losses
     return me.cpu().eval()
 
 
