@@ -1536,6 +1536,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--warmup", type=int, default=50)
     d.add_argument("--temperature", type=float, default=0.25)
     d.add_argument("--dump-rank-states", default=None)
+    from .cli import _show_defaults
+
+    for s in (g, d):
+        _show_defaults(s)
     return ap
 
 

@@ -427,3 +427,17 @@ def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     err = _err(capsys)
     assert "is an existing file, not a directory" in err and "not writable" not in err
     assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("task,shown", [("distill", ["default: 1000", "default: 0.0001", "(default: expert_mean)"]),
+                                        ("generate", ["--seed SEED default: 0"])])
+def test_distributed_help_states_defaults(task, shown, capsys):
+    """`python -m ppap_fast.distributed <task> --help` states defaults as ppap-fast's commands do."""
+    from ppap_fast.distributed import _parser
+
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args([task, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for s in shown:
+        assert s in out, (s, out)
