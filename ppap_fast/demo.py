@@ -404,7 +404,12 @@ def evaluate_samples(images_u8: np.ndarray, labels: np.ndarray, evaluator, data_
     from .data.digits import to_uint8
     from .metrics import evaluator_outputs, score_samples
 
-    key = (id(evaluator), data_seed)
+    from .distributed import module_fingerprint
+
+    # keyed by the weights, not id(): a freed evaluator's id is reused by the next one, and weights
+    # loaded in place keep the id; either way the cache served another network's real features
+    p = next((p for p in evaluator.parameters() if p.is_floating_point()), None)
+    key = (module_fingerprint(evaluator), str(p.device) if p is not None else None, data_seed)
     if key not in _REAL_CACHE:
         real = from_uint8(to_uint8(DigitsSplits.create(data_seed).eval[0]))  # same uint8 quantisation as samples
         _REAL_CACHE[key] = (real, evaluator_outputs(evaluator, real))

@@ -28,7 +28,10 @@ def frechet_distance(feats_a, feats_b) -> float:
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError("need at least 2 samples per set for a covariance")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # D = 1: 0-d
+    with np.errstate(over="ignore", invalid="ignore"):
+        s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # D = 1: 0-d
+    if not (np.isfinite(s_a).all() and np.isfinite(s_b).all() and np.isfinite(mu_a - mu_b).all()):
+        raise ValueError("features too large: their mean or covariance overflows float64")
     # Tr((S_a S_b)^{1/2}) = Tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}), the inner matrix is symmetric PSD.
     w, v = np.linalg.eigh(s_a)
     sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -56,10 +59,16 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
         raise ValueError(f"k must be at least 1, got {k}")
     if r.shape[0] <= k or f.shape[0] <= k:
         raise ValueError(f"need more than k={k} samples in each set")
-    r_rad, f_rad = _radii(r, k), _radii(f, k)
+    # distances come from |a|^2 + |b|^2 - 2 a.b: centred, so a large common mean does not cancel them
+    # away; the tie tolerance follows the features' scale (the result is translation and scale invariant)
+    centre = r.mean(0)
+    r, f = r - centre, f - centre
+    f_own = f - f.mean(0)
+    tol = 1e-9 * max(np.sqrt((r * r).sum(1).mean()), np.sqrt((f_own * f_own).sum(1).mean()))  # spreads
+    r_rad, f_rad = _radii(r, k), _radii(f_own, k)
     d = _pairwise(f, r)  # fake x real
-    precision = float((d <= r_rad[None, :] + 1e-9).any(1).mean())
-    recall = float((d.T <= f_rad[None, :] + 1e-9).any(1).mean())
+    precision = float((d <= r_rad[None, :] + tol).any(1).mean())
+    recall = float((d.T <= f_rad[None, :] + tol).any(1).mean())
     return precision, recall
 
 
@@ -100,6 +109,8 @@ def score_samples(evaluator, images: torch.Tensor, labels, real_images: torch.Te
     feats, probs = evaluator_outputs(evaluator, images)
     rfeats = real_outputs[0] if real_outputs is not None else evaluator_outputs(evaluator, real_images)[0]
     labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (images.shape[0],):  # (N, 1) or (1,) would broadcast into a wrong accuracy
+        raise ValueError(f"labels must have shape ({images.shape[0]},) like the images, got {labels.shape}")
     prec, rec = precision_recall(rfeats, feats, k)
     return {
         "target_accuracy": float((probs.argmax(1) == labels).mean()),

@@ -29,6 +29,16 @@ def test_uint8_round_trip_and_layout():
         from_uint8(u.astype(np.float32))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_to_uint8_refuses_non_finite_images(bad):
+    # NaN -> uint8 was 0 (a plausible black pixel) and +-Inf clamped to a saturated one: a diverged
+    # sample became a valid-looking image in a shard (distill's data-free generation has no own check)
+    x = torch.zeros(2, 1, 4, 4)
+    x[1, 0, 2, 3] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        to_uint8(x)
+
+
 def test_seeded_split_is_disjoint_and_deterministic():
     a, b = DigitsSplits.create(0), DigitsSplits.create(0)
     sizes = [a.diffusion[0].shape[0], a.classifier[0].shape[0], a.eval[0].shape[0]]
@@ -124,6 +134,20 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_directory_after(
     ino, dir_ino = path.stat().st_ino, tmp_path.stat().st_ino
     assert events == [("fsync", ino), ("replace", ino), ("fsync_dir", dir_ino)]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_shard_arrays_must_line_up_with_the_images(tmp_path):
+    # only the images' row count was checked: logits one row short were written, and load_shards
+    # concatenated them, pairing every later image with its neighbour's logits
+    w = ShardWriter(tmp_path / "w", num_images=10, shard_size=5)
+    with pytest.raises(ValueError, match="every array needs 5 rows"):
+        w.run(lambda k: {**_shard(k, 5), "logits": np.zeros((4, 3), np.float32)})
+    w.run(lambda k: _shard(k, 5))
+    from ppap_fast.data import write_npz_atomic
+
+    write_npz_atomic(w.shard_path(0), images=np.zeros((5, 4, 4, 1), np.uint8))  # a shard without logits
+    with pytest.raises(ValueError, match="'logits' is in 1 of 2 shards"):
+        load_shards(tmp_path / "w")
 
 
 def test_corrupt_shard_is_redone(tmp_path):

@@ -106,3 +106,51 @@ def test_evaluator_outputs_moves_batches_to_the_evaluators_device_and_back(monke
     feats, probs = evaluator_outputs(ev, torch.rand(3, 1, 2, 2) * 2 - 1, batch_size=2)
     assert [s[0] for s in ev.seen] == [_OnDevice] * 2
     assert feats.shape == (3, 4) and probs.shape == (3, 3)
+
+
+@pytest.mark.parametrize("bad_labels", [lambda y: y[:, None], lambda y: y[:1], lambda y: y[:-1]])
+def test_score_samples_refuses_labels_that_do_not_match_the_images(bad_labels):
+    # (N, 1) labels broadcast against the (N,) argmax into an N x N table: a wrong accuracy, silently
+    from ppap_fast.metrics import score_samples
+
+    images = torch.rand(6, 1, 2, 2) * 2 - 1
+    ev = _Evaluator()
+    labels = np.asarray(evaluator_outputs(ev, images)[1].argmax(1))  # every sample "on target"
+    assert score_samples(ev, images, labels, images)["target_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="labels must have shape"):
+        score_samples(ev, images, bad_labels(labels), images)
+
+
+def test_frechet_distance_refuses_features_whose_covariance_overflows():
+    x = np.random.default_rng(0).normal(size=(10, 3)) * 1e200  # finite, but squares overflow float64
+    with pytest.raises(ValueError, match="overflows"):
+        frechet_distance(x, x * 0.5)
+
+
+@pytest.mark.parametrize("shift, scale", [(1e8, 1.0), (0.0, 1e-9)])
+def test_precision_recall_is_translation_and_scale_invariant(shift, scale):
+    # |a|^2 + |b|^2 - 2 a.b on uncentred features cancelled the distances away under a large mean
+    # (precision 0.63 off at 1e8), and an absolute 1e-9 tie tolerance swamped features of scale 1e-9
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 8)), rng.normal(size=(30, 8)) * 1.3 + 0.5
+    expected = precision_recall(real, fake)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert precision_recall(real * scale + shift, fake * scale + shift) == expected
+
+
+def test_evaluate_samples_does_not_reuse_another_evaluators_real_features(monkeypatch):
+    # the held-out set's features were cached under id(evaluator): weights loaded in place (or a new
+    # evaluator at a freed one's address) were scored against the old network's real features
+    from ppap_fast import demo
+    from ppap_fast.models.tiny import EvalNet
+
+    monkeypatch.setattr(demo, "_REAL_CACHE", {})
+    torch.manual_seed(0)
+    ev, other = EvalNet(width=4, feat_dim=8).eval(), EvalNet(width=4, feat_dim=8).eval()
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    labels = np.arange(8) % 10
+    demo.evaluate_samples(images, labels, ev)
+    ev.load_state_dict(other.state_dict())  # same object, another network
+    got = demo.evaluate_samples(images, labels, ev)
+    demo._REAL_CACHE.clear()
+    assert got == demo.evaluate_samples(images, labels, ev)

@@ -34,6 +34,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     x = torch.as_tensor(x).detach().float().cpu()
     if x.ndim != 4:
         raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):  # NaN -> uint8 is undefined (usually 0: a plausible black pixel)
+        raise ValueError(f"images hold {int((~torch.isfinite(x)).sum())} non-finite values (NaN/Inf); "
+                         "refusing to quantise them to uint8")
     u = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return u.permute(0, 2, 3, 1).contiguous().numpy()
 

@@ -223,6 +223,9 @@ class ShardWriter:
             if arrays["images"].shape[0] != n or arrays["images"].dtype != np.uint8:
                 raise ValueError(f"shard {k}: expected {n} uint8 images, got {arrays['images'].shape} "
                                  f"{arrays['images'].dtype}")
+            short = {name: np.shape(a) for name, a in arrays.items() if np.ndim(a) and np.shape(a)[0] != n}
+            if short:  # rows that do not line up with the images would pair images with others' outputs
+                raise ValueError(f"shard {k}: every array needs {n} rows like the images, got {short}")
             write_npz_atomic(self.shard_path(k), **arrays)
         self.write_manifest(complete=True)
         return todo
@@ -395,6 +398,10 @@ def load_shards(directory) -> dict[str, np.ndarray]:
             for k in z.files:
                 parts.setdefault(k, []).append(z[k])
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    if out["images"].shape[0] != man["num_images"]:
-        raise ValueError(f"shard set {d} holds {out['images'].shape[0]} images, manifest says {man['num_images']}")
+    if "images" not in out:
+        raise ValueError(f"shard set {d} holds no images")
+    for k, v in out.items():  # an array missing from a shard, or short there, would shift every later row
+        if len(parts[k]) != len(man["shards"]) or v.shape[0] != man["num_images"]:
+            raise ValueError(f"shard set {d}: {k!r} is in {len(parts[k])} of {len(man['shards'])} shards with "
+                             f"{v.shape[0]} rows, manifest says {man['num_images']} images")
     return out
