@@ -144,3 +144,40 @@ def test_experts_on_other_base_weights_warn(tmp_path):
         assert _same(load_experts(tmp_path / "ck", same), bank)
     with pytest.warns(BaseMismatchWarning, match="other frozen base weights"):
         load_experts(tmp_path / "ck", _fresh())
+
+
+def test_load_refuses_values_the_bank_cannot_hold(tmp_path):
+    from ppap_fast.experts.checkpoint import export_ppap_checkpoint, import_ppap_checkpoint
+
+    bank = _bank()
+    with torch.no_grad():
+        bank.model.bn1.running_var[1].fill_(1e5)  # fine in fp32, inf in fp16
+    save_experts(bank, tmp_path / "big")
+    with pytest.raises(ValueError, match=r"bn1.running_var \(overflows torch.float16"):
+        load_experts(tmp_path / "big", _fresh().half())
+    assert _same(load_experts(tmp_path / "big", _fresh()), bank)  # fp32 holds it
+    sd = export_ppap_checkpoint(bank, 1)
+    half = ExpertBank(_fresh().half(), "resnet", n_experts=4, r=2, alpha=1)
+    with pytest.raises(ValueError, match="overflows"):
+        import_ppap_checkpoint(half, 1, sd, base="ignore")
+    with pytest.raises(ValueError, match="overflows"):
+        half.load_expert_state_dict(1, bank.expert_state_dict(1))
+    # a NaN saved by a diverged run is refused on load, not run
+    bank = _bank()
+    with torch.no_grad():
+        bank.model.conv1.lora_A[2].view(-1)[0] = float("nan")
+    save_experts(bank, tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"conv1.lora_A \(non-finite"):
+        load_experts(tmp_path / "nan", _fresh())
+    with pytest.raises(ValueError, match="non-finite"):
+        _bank().load_expert_state_dict(0, bank.expert_state_dict(2))
+
+
+def test_config_with_missing_or_malformed_entries_is_a_clear_error(tmp_path):
+    save_experts(_bank(), tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    for broken in ({**cfg, "files": None}, {k: v for k, v in cfg.items() if k != "placement"},
+                   {**cfg, "n_experts": None}):
+        (tmp_path / "ck" / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="damaged: missing or malformed entries"):
+            load_experts(tmp_path / "ck", _fresh())

@@ -76,6 +76,21 @@ def _frozen(t):
     return None if t is None else nn.Parameter(t.detach().clone(), requires_grad=False)
 
 
+def nonfinite_after_cast(dst: dict, src: dict) -> list:
+    """Names of floating ``src`` tensors that hold NaN / Inf, or whose values overflow to Inf when cast to the
+    dtype of ``dst[name]`` (an fp32 running_var of 1e5 in an fp16 bank): loading them would run wrong numbers."""
+    bad = []
+    for k, v in src.items():
+        d = dst.get(k)
+        if d is None or not (v.is_floating_point() and d.is_floating_point()):
+            continue
+        if not torch.isfinite(v).all():
+            bad.append(f"{k} (non-finite values)")
+        elif not torch.isfinite(v.to(d.dtype)).all():
+            bad.append(f"{k} (overflows {d.dtype}: max |value| {v.abs().max().item():.4g})")
+    return sorted(bad)
+
+
 def _stack(t, n):
     return nn.Parameter(t.detach().clone().unsqueeze(0).repeat(n, *([1] * t.dim())))
 
@@ -737,6 +752,9 @@ class ExpertBank(nn.Module):
         if bad or (strict and (missing or unexpected)):
             raise ValueError(f"expert {n} state_dict mismatch: missing keys {missing}; unexpected keys "
                              f"{unexpected}; shape mismatches {bad}")
+        unusable = nonfinite_after_cast(own, state_dict)
+        if unusable:
+            raise ValueError(f"expert {n} state_dict cannot be loaded into this bank: {unusable[:10]}")
         with torch.no_grad():
             for k, v in state_dict.items():
                 if k in own:

@@ -4,8 +4,10 @@ Bank checkpoints are a directory holding ``experts.safetensors`` (every stacked
 per-expert tensor [N, ...], named as in ``bank.per_expert_state_dict()``),
 ``config.json`` (architecture name, placement, N, T, bands, rank, alpha,
 layout) and, with ``include_base=True``, ``base.safetensors`` (the shared frozen
-weights). Loading is strict: missing / unexpected / misshaped keys and a config
-that does not match the bank raise ValueError listing them.
+weights). Loading is strict: missing / unexpected / misshaped keys, a config
+that does not match the bank, and NaN / Inf values (stored, or from overflow when
+cast to the bank's dtype, e.g. an fp32 checkpoint into an fp16 bank) raise
+ValueError listing them.
 
 Every file is written under a temporary name and renamed into place, config.json
 last; it records each tensor file's size and SHA-256, checked on load, so a save
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bank import ExpertBank, ExpertBatchNorm, RoutedBias, RoutedConv2d, RoutedLinear, _Routed
+from .bank import ExpertBank, ExpertBatchNorm, RoutedBias, RoutedConv2d, RoutedLinear, _Routed, nonfinite_after_cast
 from .placement import Placement, resnet_placement
 
 FORMAT = "ppap_fast.experts"
@@ -155,6 +157,11 @@ def read_config(path, **where) -> dict:
         raise ValueError(f"{f} is not a {FORMAT} checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
         raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")
+    bad = [k for k, kind in (("placement", dict), ("n_experts", int), ("num_timesteps", int))
+           if not isinstance(cfg.get(k), kind)]
+    bad += [k for k in ("files",) if k in cfg and not isinstance(cfg[k], dict)]
+    if bad:
+        raise ValueError(f"{f} is damaged: missing or malformed entries {bad}")
     return cfg
 
 
@@ -201,6 +208,9 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
         _check_keys(dst, src, what)
     for (_, f, _), data in zip(parts, raw):
         _check_file(f, data, cfg)
+    unusable = [u for (dst, _, _), src in zip(parts, loaded) for u in nonfinite_after_cast(dst, src)]
+    if unusable:
+        raise ValueError(f"checkpoint {path} cannot be loaded into this bank ({mine['dtype']}): {unusable[:10]}")
     want = cfg.get("base_state")
     if want is not None and not load_base and want != _base_fingerprint(bank):
         # a warning, not an error: a half-precision copy of the right classifier differs too
@@ -296,10 +306,10 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
         raise ValueError(f"PPAP checkpoint does not match the bank ({len(missing)} missing, {len(unexpected)} "
                          f"unexpected, {len(bad)} misshaped): missing keys {missing}; unexpected keys "
                          f"{unexpected}; shape mismatches {bad}")
-    nonfinite = sorted(k for k, v in state_dict.items()
-                       if v.is_floating_point() and (keymap[k][1] or base == "load") and not torch.isfinite(v).all())
+    written = {k: t for k, (t, pe) in keymap.items() if pe or base == "load"}
+    nonfinite = nonfinite_after_cast(written, state_dict)
     if nonfinite:
-        raise ValueError(f"PPAP checkpoint has non-finite values in {nonfinite}")
+        raise ValueError(f"PPAP checkpoint has values this bank cannot hold: {nonfinite}")
     if base == "check":
         differ = sorted(k for k, (t, pe) in keymap.items()
                         if not pe and not torch.equal(state_dict[k].to(t.device, t.dtype), t.detach()))
