@@ -102,10 +102,26 @@ def test_distill_reads_a_float16_logits_cache(weights, tmp_path):
     assert (tmp_path / "d" / "config.json").exists()
 
 
+def _kill_refuse_then_resume(args, out, state, changed, named, monkeypatch, capsys):
+    """Run ``args`` killed after step 3 (state written at step 2, --out not yet), rerun with ``changed``
+    settings (refused, naming them: ``named``; the state kept), then rerun as before: resumed from step 2."""
+    from ppap_fast.distributed import SimulatedCrash
+
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(SimulatedCrash):
+        main(args)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert not out.exists() and state.is_file()  # --out appears only when finished
+    assert main(args + changed) == 2
+    err = _err(capsys)
+    assert "another configuration" in err and named in err and state.is_file()
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+
+
 def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights, tmp_path, monkeypatch, capsys):
     import torch
-
-    from ppap_fast.distributed import SimulatedCrash
 
     data, ref, out = tmp_path / "data", tmp_path / "ref", tmp_path / "out"
     state = tmp_path / "out.distill_state.safetensors"
@@ -116,17 +132,8 @@ def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights,
     assert main(args + ["--out", str(ref)]) == 0
     assert not (tmp_path / "ref.distill_state.safetensors").exists()
     capsys.readouterr()
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
-    with pytest.raises(SimulatedCrash):
-        main(args + ["--out", str(out)])
-    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
-    assert not out.exists() and state.is_file()  # --out appears only when finished
-    assert main(args + ["--out", str(out), "--lr", "0.002"]) == 2
-    err = _err(capsys)
-    assert "another configuration" in err and "lr: 0.001 there vs 0.002 now" in err and state.is_file()
-    assert main(args + ["--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    _kill_refuse_then_resume(args + ["--out", str(out)], out, state, ["--lr", "0.002"],
+                             "lr: 0.001 there vs 0.002 now", monkeypatch, capsys)
     assert not state.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "out", "ref"]
     a, b = load_file(ref / "experts.safetensors"), load_file(out / "experts.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -135,8 +142,6 @@ def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights,
 def test_finetune_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights, tmp_path, monkeypatch, capsys):
     import torch
 
-    from ppap_fast.distributed import SimulatedCrash
-
     ref, out = tmp_path / "ref.safetensors", tmp_path / "out.safetensors"
     state = tmp_path / "out.safetensors.finetune_state.safetensors"
     args = ["finetune", "--experts", "2", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2",
@@ -144,18 +149,8 @@ def test_finetune_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights
     assert main(args + ["--out", str(ref)]) == 0
     assert json.loads(capsys.readouterr().out)["loss_reduction"] == "expert_mean"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.safetensors"]  # no state left
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
-    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
-    with pytest.raises(SimulatedCrash):
-        main(args + ["--out", str(out)])
-    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
-    assert not out.exists() and state.is_file()  # --out appears only when finished
-    assert main(args + ["--out", str(out), "--loss-reduction", "batch_mean"]) == 2
-    err = _err(capsys)
-    assert "another configuration" in err and "loss_reduction: 'expert_mean' there vs 'batch_mean' now" in err
-    assert state.is_file()
-    assert main(args + ["--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["resumed_from_step"] == 2
+    _kill_refuse_then_resume(args + ["--out", str(out)], out, state, ["--loss-reduction", "batch_mean"],
+                             "loss_reduction: 'expert_mean' there vs 'batch_mean' now", monkeypatch, capsys)
     assert not state.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]
     a, b = load_file(ref), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

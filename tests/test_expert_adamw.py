@@ -72,6 +72,21 @@ def test_every_expert_stepping_equals_torch_adamw(dtype, amsgrad, lr_tensor, pat
         assert opt.state[a]["step"].tolist() == [8.0] * N and float(torch_opt.state[b]["step"]) == 8.0
 
 
+def _trained_alone(n, mine, masks, dtype, **adamw_kw):
+    """Expert n's slices of _params(dtype) stepped by their own torch.optim.AdamW (lr 1e-2, weight decay
+    0.05, _run's lr schedule) at the steps whose mask samples n, on the gradients _run gave ``mine``:
+    (parameters, optimizer)."""
+    ref = [p[n].detach().clone().requires_grad_() for p in _params(dtype)]
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, **adamw_kw)
+    for k, m in enumerate(masks):
+        if m[n]:
+            for r, g in zip(ref, _grads(mine, k)):
+                r.grad = g[n]
+            _set_lr(torch_opt, 1e-2 * (1 - k / 20))
+            torch_opt.step()
+    return ref, torch_opt
+
+
 def test_each_expert_steps_as_its_own_adamw():
     """Random masks: expert n's slices equal a torch.optim.AdamW stepped only when n is sampled (its
     own step count); an expert never sampled keeps its parameters and zero moments."""
@@ -80,14 +95,7 @@ def test_each_expert_steps_as_its_own_adamw():
     opt = ExpertAdamW(mine, N, lr=1e-2, weight_decay=0.05, amsgrad=True)
     _run(opt, mine, len(masks), masks)
     for n in range(N):
-        ref = [p[n].detach().clone().requires_grad_() for p in _params(torch.float64)]
-        torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, amsgrad=True)
-        for k, m in enumerate(masks):
-            if m[n]:
-                for r, g in zip(ref, _grads(mine, k)):
-                    r.grad = g[n]
-                _set_lr(torch_opt, 1e-2 * (1 - k / 20))
-                torch_opt.step()
+        ref, torch_opt = _trained_alone(n, mine, masks, torch.float64, amsgrad=True)
         for a, b in zip(mine, ref):
             torch.testing.assert_close(a[n], b, rtol=1e-12, atol=1e-15)
             for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -370,14 +378,7 @@ def test_half_precision_experts_step_as_torch_adamw_bitwise(dtype, amsgrad, path
     opt = ExpertAdamW(mine, N, lr=1e-2, weight_decay=0.05, amsgrad=amsgrad)
     _run(opt, mine, len(masks), masks)
     for n in range(N):
-        ref = [p[n].detach().clone().requires_grad_() for p in _params(dtype)]
-        torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05, amsgrad=amsgrad, foreach=False)
-        for k, m in enumerate(masks):
-            if m[n]:
-                for r, g in zip(ref, _grads(mine, k)):
-                    r.grad = g[n]
-                _set_lr(torch_opt, 1e-2 * (1 - k / 20))
-                torch_opt.step()
+        ref, torch_opt = _trained_alone(n, mine, masks, dtype, amsgrad=amsgrad, foreach=False)
         for a, b, a0 in zip(mine, ref, _params(dtype)):
             assert torch.isfinite(a[n]).all() and not torch.equal(a[n], a0[n])
             assert torch.equal(a[n], b), (n, (a[n] - b).abs().max())

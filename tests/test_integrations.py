@@ -40,6 +40,27 @@ def _logp(W, y, x):
     return torch.log_softmax(x.flatten(1) @ W.T, -1)[torch.arange(x.shape[0]), y]
 
 
+def _assert_moves_to_target(W, y, guided, plain):
+    """Every sample's log p(y | x) no lower than unguided (1e-4), 0.1 higher on average (a sample
+    already at log p = 0 cannot gain)."""
+    gain = _logp(W, y, guided) - _logp(W, y, plain)
+    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+
+
+def _assert_pipeline_guidance_gains(unet, sched, W, y, steps: int, seed: int):
+    """PPAPGuidedPipeline with a scale-4 linear-classifier guide vs unguided, same noise: finite and
+    moved to the target (_assert_moves_to_target)."""
+    def run(guide):
+        pipe = PPAPGuidedPipeline(unet, sched, guide)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="raw").images
+
+    plain, guided = run(None), run(linear_classifier_guide(W, y, 4.0))
+    assert torch.isfinite(guided).all()
+    _assert_moves_to_target(W, y, guided, plain)
+
+
 def _manual_loop(unet, sched, steps, seed, guided=None):
     """The user's 3-line loop."""
     sched.set_timesteps(steps)
@@ -66,8 +87,7 @@ def test_scale_zero_is_unguided_and_guidance_moves_to_target(unet, classifier, c
     assert torch.equal(zero, plain)
     guided = _manual_loop(unet, sched, 6, seed=1, guided=PPAPGuidance(linear_classifier_guide(W, y, 4.0)))
     assert torch.isfinite(guided).all()
-    gain = _logp(W, y, guided) - _logp(W, y, plain)
-    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain  # (a sample already at log p = 0 cannot gain)
+    _assert_moves_to_target(W, y, guided, plain)
 
 
 @pytest.mark.parametrize("cls", SCHEDULERS)
@@ -81,8 +101,7 @@ def test_pipeline(unet, classifier, cls):
     plain = PPAPGuidedPipeline(unet, sched)(batch_size=B, num_inference_steps=5,
                                             generator=torch.Generator().manual_seed(3), output_type="raw").images
     assert torch.equal(off, plain)
-    gain = _logp(W, y, guided) - _logp(W, y, plain)
-    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+    _assert_moves_to_target(W, y, guided, plain)
     if cls is DDIMScheduler:  # same noise and loop as diffusers' own DDIMPipeline
         ref = diffusers.DDIMPipeline(unet, DDIMScheduler.from_config(sched.config))(
             batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(3), output_type="np",
@@ -547,16 +566,7 @@ def test_other_sigma_space_schedulers_move_to_the_target(unet, classifier, name)
     W, y = classifier
     sched = getattr(diffusers, name)()
 
-    def run(guide):
-        pipe = PPAPGuidedPipeline(unet, sched, guide)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(15),
-                    output_type="raw").images
-
-    plain, guided = run(None), run(linear_classifier_guide(W, y, 4.0))
-    assert torch.isfinite(guided).all()
-    gain = _logp(W, y, guided) - _logp(W, y, plain)
-    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+    _assert_pipeline_guidance_gains(unet, sched, W, y, steps=5, seed=15)
 
 
 def test_class_labels_per_call_replace_the_guides_target(unet, classifier):
@@ -639,16 +649,7 @@ def test_zero_terminal_snr_step_is_not_guided(unet, classifier, cls):
         assert torch.equal(PPAPGuidance(guide).correct(v, x, 999, sched), v)
     sched.register_to_config(prediction_type="v_prediction")
 
-    def run(g):
-        pipe = PPAPGuidedPipeline(unet, sched, g)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(batch_size=B, num_inference_steps=4, generator=torch.Generator().manual_seed(17),
-                    output_type="raw").images
-
-    plain, guided = run(None), run(linear_classifier_guide(W, y, 4.0))
-    assert torch.isfinite(guided).all()
-    gain = _logp(W, y, guided) - _logp(W, y, plain)
-    assert (gain >= -1e-4).all() and gain.mean() > 0.1, gain
+    _assert_pipeline_guidance_gains(unet, sched, W, y, steps=4, seed=17)
 
 
 @pytest.mark.parametrize("limit", [dict(clip_sample=True), dict(thresholding=True, sample_max_value=2.0)])

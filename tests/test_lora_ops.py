@@ -1690,6 +1690,25 @@ def test_stacked_delta_conv_splits_the_batch_past_the_element_limit(monkeypatch)
         assert_close(f"chunked stacked delta conv {name}", a, w, 1e-12)
 
 
+def _element_limit_case(seed: int):
+    """A float64 lora_conv2d case (N=3 experts, S=5, rank 4, 3x3 conv 3->4 on 6x6) whose stacked A conv
+    is [5, 12, 6, 6] (2160 elements): run(dev, dtype, **op_kwargs) -> [y, dx, dA, dB, deb]."""
+    g = torch.Generator().manual_seed(seed)
+    N, S, r = 3, 5, 4
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, W, b = mk(S, 3, 6, 6), mk(4, 3, 3, 3) / 3, mk(4)
+    A, B, eb = mk(N, r, 3, 3, 3) / 3, mk(N, 4, r), mk(N, 4)
+    idx, dy = torch.tensor([2, 0, 2, 1, 0]), mk(S, 4, 6, 6)
+
+    def run(dev, dt, **kw):
+        leaves = [t.to(dev, dt).clone().requires_grad_(True) for t in (x, A, B, eb)]
+        y = L.lora_conv2d(leaves[0], W.to(dev, dt), b.to(dev, dt), leaves[1], leaves[2], idx.to(dev), 0.5, 1, 1,
+                          expert_bias=leaves[3], **kw)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(dev, dt))]
+
+    return run
+
+
 @pytest.mark.skipif(not INTERP and not HAS_CUDA, reason="needs Triton (CUDA or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("a_stage", ["stacked", "fused"])
 def test_lora_conv2d_stacked_a_splits_the_batch_past_the_element_limit(monkeypatch, a_stage):
@@ -1698,19 +1717,7 @@ def test_lora_conv2d_stacked_a_splits_the_batch_past_the_element_limit(monkeypat
     in batch chunks and fused falls back to it; y and every gradient still match the reference (the
     fast path's buffers poisoned), and last_backend reports the stacked A stage that ran."""
     dev = "cuda" if HAS_CUDA else "cpu"
-    g = torch.Generator().manual_seed(12)
-    N, S, r = 3, 5, 4
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x, W, b = mk(S, 3, 6, 6), mk(4, 3, 3, 3) / 3, mk(4)
-    A, B, eb = mk(N, r, 3, 3, 3) / 3, mk(N, 4, r), mk(N, 4)
-    idx, dy = torch.tensor([2, 0, 2, 1, 0]), mk(S, 4, 6, 6)
-
-    def run(dev, dt, **kw):
-        leaves = [t.to(dev, dt).requires_grad_(True) for t in (x, A, B, eb)]
-        y = L.lora_conv2d(leaves[0], W.to(dev, dt), b.to(dev, dt), leaves[1], leaves[2], idx.to(dev), 0.5, 1, 1,
-                          expert_bias=leaves[3], **kw)
-        return [y, *torch.autograd.grad(y, leaves, dy.to(dev, dt))]
-
+    run = _element_limit_case(12)
     want = run("cpu", torch.float64, backend="reference")
     monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
     sizes = _record_conv_outputs(monkeypatch)
@@ -1726,24 +1733,13 @@ def test_cpp_lora_conv2d_splits_the_batch_past_the_element_limit(monkeypatch):
     (lowered to 1000) the batch goes to the C++ op in chunks of at most 1000 // 432 = 2 samples; y and
     every gradient match the reference."""
     _maybe_skip("cpu", "cpp", torch.float64)
-    g = torch.Generator().manual_seed(13)
-    N, S, r = 3, 5, 4
-    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x, W, b = mk(S, 3, 6, 6), mk(4, 3, 3, 3) / 3, mk(4)
-    A, B, eb = mk(N, r, 3, 3, 3) / 3, mk(N, 4, r), mk(N, 4)
-    idx, dy = torch.tensor([2, 0, 2, 1, 0]), mk(S, 4, 6, 6)
-
-    def run(backend):
-        leaves = [t.clone().requires_grad_(True) for t in (x, A, B, eb)]
-        y = L.lora_conv2d(leaves[0], W, b, leaves[1], leaves[2], idx, 0.5, 1, 1, expert_bias=leaves[3],
-                          backend=backend, a_stage="stacked")
-        return [y, *torch.autograd.grad(y, leaves, dy)]
-
-    want = run("reference")
+    N, r = 3, 4
+    run = _element_limit_case(13)
+    want = run("cpu", torch.float64, backend="reference", a_stage="stacked")
     monkeypatch.setattr(R, "MAX_INTERMEDIATE_NUMEL", 1000, raising=False)
     batches, op = [], torch.ops.ppap_fast.lora_conv2d_cpp
     monkeypatch.setattr(torch.ops.ppap_fast, "lora_conv2d_cpp", lambda x, *a: (batches.append(x.shape[0]), op(x, *a))[1])
-    got = run("cpp")
+    got = run("cpu", torch.float64, backend="cpp", a_stage="stacked")
     assert batches and max(batches) * N * r * 36 <= 1000, f"C++ calls over batches {batches} exceed the limit"
     for name, a, w in zip(["y", "dx", "dA", "dB", "deb"], got, want):
         assert_close(f"cpp chunked {name}", a, w, 1e-10)
