@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-GUIDED_UPDATE_COLS = 8
 _GUIDED_UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REGISTERED: list[str] = []  # the ops given a fake kernel
 _DONE = False  # register() ran (registering twice raises)
@@ -22,6 +21,8 @@ def _contiguous_within_a_sample(t) -> bool:
 
 
 def _guided_update_fake(x, eps, v, grad, noise, idx, coefs, mode, clip_denoised):
+    from ppap_fast.ops.update import COLS as GUIDED_UPDATE_COLS  # the table's columns (kGuidedUpdateCols)
+
     # the checks (and messages) of check_guided_update_args in csrc/ops.cpp, in its order
     torch._check(0 <= mode <= 2,
                  lambda: f"guided_update: mode must be 0 (ddim), 1 (ddpm fixed) or 2 (ddpm learned), got {mode}")
