@@ -301,28 +301,31 @@ def _captured_ms(step, reps, grad: bool, profile: bool = False):
 
 def _graphmedian_ms(fn, x, args, reps):
     """Median forward time of fn captured in a CUDA graph."""
-    W, b, A, B, eb, idx, scale = args
-    static_idx = idx.clone()
-    return _captured_ms(lambda: fn(x, W, b, A, B, eb, static_idx, scale), reps, grad=False)[:2]
+    W, b, A, B, eb, idx, scale = args  # idx: the tensor the variants' segments were built from
+    return _captured_ms(lambda: fn(x, W, b, A, B, eb, idx, scale), reps, grad=False)[:2]
 
 
-def _graph_fwdbwd_ms(fn, x, args, reps, base: bool, profile: bool = False):
-    """Median forward + backward (grads of x and, unless base, of A, B and the expert bias) captured
-    in one CUDA graph: the GPU time a graphed training step pays for the layer."""
+def _fwdbwd_step(fn, x, args, base: bool):
+    """One forward + backward of fn on its own leaves. expert_idx is the tensor passed in: the
+    variants' segments were built from it (a copy is refused as stale segments, without a sync)."""
     W, b, A, B, eb, idx, scale = args
     xg = x.detach().clone().requires_grad_(True)
     Ag, Bg, ebg = (t.detach().clone().requires_grad_(True) for t in (A, B, eb))
-    static_idx = idx.clone()
 
     def step():
         if base:
             y = fn(xg, *args)
             return torch.autograd.grad(y, (xg,), torch.ones_like(y))
-        y = fn(xg, W, b, Ag, Bg, ebg, static_idx, scale)
+        y = fn(xg, W, b, Ag, Bg, ebg, idx, scale)
         ab = getattr(fn, "lora_leaves", (Ag, Bg))  # a layer with its own LoRA leaves (_loralib)
         return torch.autograd.grad(y, (xg, *ab, ebg), torch.ones_like(y))
+    return step
 
-    return _captured_ms(step, reps, grad=True, profile=profile)
+
+def _graph_fwdbwd_ms(fn, x, args, reps, base: bool, profile: bool = False):
+    """Median forward + backward (grads of x and, unless base, of A, B and the expert bias) captured
+    in one CUDA graph: the GPU time a graphed training step pays for the layer."""
+    return _captured_ms(_fwdbwd_step(fn, x, args, base), reps, grad=True, profile=profile)
 
 
 # ----------------------------------------------------------------------------- launch accounting

@@ -173,6 +173,9 @@ def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(bench_lora, "median_ms", one_call_ms)
     monkeypatch.setattr(bench_lora, "_captured_ms", fake_captured)
     monkeypatch.setattr(bench_lora, "profile_top", lambda *a, **k: [])
+    from ppap_fast.ops.lora import segments as seg_mod
+    # as on CUDA: segments are checked without reading values (a copy of expert_idx is refused as stale)
+    monkeypatch.setattr(seg_mod, "_values_comparable", lambda a, b: False)
     monkeypatch.setattr(bench_lora.L, "available_backends",
                         lambda op, dev: {"triton": "ok", "cuda": "faked off", "cuda_full": "faked off",
                                          "cpp": "faked off"})
