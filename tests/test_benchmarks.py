@@ -119,6 +119,24 @@ def test_plot_draws_one_panel_per_suite_and_a_rerun_replaces_rows(tmp_path):
         plot.plot([empty], tmp_path / "x.png")
 
 
+def test_plot_distill_panel_skips_optimizer_rows_and_draws_a_cut_run(tmp_path):
+    """bench_distill writes an optimizer_step row beside the distill_step rows, and a run cut inside
+    the suite lacks the graphed images/s of its last N: the panel draws both (it divided by zero)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot
+
+    rows = [{"suite": "bench_distill", "op": "optimizer_step", "n_experts": 10, "expert_adamw_ms": 8.6},
+            {"suite": "bench_distill", "op": "distill_step", "n_experts": 5, "batch": 64, "shape": [3, 128, 128],
+             "sequential_img_per_s": 75.0, "onepass_img_per_s": 379.0, "onepass_graph_img_per_s": 1999.0},
+            {"suite": "bench_distill", "op": "distill_step", "n_experts": 10, "batch": 64, "shape": [3, 128, 128],
+             "sequential_img_per_s": 41.0, "onepass_img_per_s": 334.0, "partial": True}]
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps({"device": "Card X", "rows": rows}))
+    out = tmp_path / "d.png"
+    assert plot.plot([src], out) == ["bench_distill"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_summary_decisions_name_the_switch():
     """summarize.decisions: a pending default's ratio below 0.97 says what to change, otherwise keep."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
