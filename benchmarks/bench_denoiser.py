@@ -9,7 +9,7 @@ profiles one forward (eager, fused and, on CUDA, compiled):
     channels_last        model and input in channels_last (the fast sampler's option)
     cudnn_benchmark      channels_last + torch.backends.cudnn.benchmark (CUDA only)
     fused_norm_act       cudnn_benchmark + ADMUNet.fuse_norm_act() (GroupNorm + scale-shift + SiLU as
-                         one Triton op; CUDA only)
+                         one Triton op, the resampling as Triton ops; CUDA only)
     compiled             channels_last (+ cudnn benchmark) + torch.compile (inductor, default mode);
                          compile time reported apart as ``compile_s``; skipped on CPU with --quick
                          and where PPAP_SKIP_COMPILE=1
@@ -22,7 +22,9 @@ FlopCounterMode), and the profiler's top ops by self device time (``profile_top`
 share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benchmark_vs_default``,
 ``denoiser_fused_norm_act_vs_eager`` and ``denoiser_compiled_vs_eager`` (each vs the best of the
 unfused eager variants); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
-bias add then a residual add, ADM-256's largest activation).
+bias add then a residual add, ADM-256's largest activation) and ``resample_triton_vs_torch``
+(ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
+resampling, geometric mean of the two).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -60,6 +62,32 @@ def _residual_ratio(row, batch, reps) -> float:
     eager = _median_ms(lambda: skip + h.add(bias[:, None, None]), "cuda", reps)
     row["residual_fused_ms"], row["residual_eager_ms"] = round(fused, 3), round(eager, 3)
     return round(fused / eager, 4)
+
+
+def _resample_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """ops.upsample_nearest2x / avg_pool2x (Triton) vs F.interpolate / F.avg_pool2d at ADM-256's largest
+    resampling ([batch, C, size/2, size/2] up, [batch, C, size, size] pooled; fp16 channels_last): median
+    ms of each into row, whether the outputs are PyTorch's bit for bit, and the geometric mean of the two
+    Triton / torch ratios."""
+    import torch.nn.functional as F
+
+    from ppap_fast.ops import resample
+
+    def cl(*shape):
+        return torch.randn(shape, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+
+    small, big = cl(batch, channels, size // 2, size // 2), cl(batch, channels, size, size)
+    pairs = {"up": (lambda: F.interpolate(small, scale_factor=2, mode="nearest"),
+                    lambda: resample.upsample_nearest2x(small, backend="triton")),
+             "pool": (lambda: F.avg_pool2d(big, 2, 2), lambda: resample.avg_pool2x(big, backend="triton"))}
+    ratio = 1.0
+    for name, (torch_fn, triton_fn) in pairs.items():
+        with torch.no_grad():
+            row[f"resample_{name}_bitwise"] = bool(torch.equal(torch_fn(), triton_fn()))
+        ms_torch, ms_triton = _median_ms(torch_fn, device, reps), _median_ms(triton_fn, device, reps)
+        row[f"resample_{name}_torch_ms"], row[f"resample_{name}_triton_ms"] = round(ms_torch, 3), round(ms_triton, 3)
+        ratio *= ms_triton / ms_torch
+    return round(ratio ** 0.5, 4)
 
 
 def _compile_timed(model, x, t, device):
@@ -132,8 +160,9 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 model.fuse_norm_act(False)
                 ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
-        if cuda:  # the fused path's residual op alone, at the top level's shape
+        if cuda:  # the fused path's residual and resampling ops alone, at the top level's shapes
             ratios["residual_fused_vs_eager"] = _residual_ratio(row, shape[0], reps)
+            ratios["resample_triton_vs_torch"] = _resample_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):

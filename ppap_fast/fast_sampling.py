@@ -64,7 +64,8 @@ Options (all off by default; each falls back to the eager path with a warning wh
   pool per graph, ADM-256 + ResNet50 PPAP-10 at batch 32 ran an H100 out of memory at 62 GiB of
   graph pools).
 * ``fuse_norm_act``: an ADMUNet runs each ResBlock's GroupNorm (+ scale-shift) + SiLU as one op
-  (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place).
+  (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place), and
+  its 2x up / down sampling through :mod:`ppap_fast.ops.resample` (Triton on channels_last CUDA tensors).
   Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.
 * ``cudnn_benchmark``: on CUDA, ``torch.backends.cudnn.benchmark`` is on during the sampler's steps
   (restored after each): cuDNN times its convolution algorithms once per shape (with ``cuda_graph``

@@ -281,6 +281,7 @@ def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
     from ppap_fast import ops
 
     assert ops.last_backend("group_norm_act") == "triton"
+    assert ops.last_backend("upsample_nearest2x") == ops.last_backend("avg_pool2x") == "triton"  # resblock_updown
     rel = ((out - g["out"]).norm() / g["out"].norm()).item()
     assert rel < 5e-3, rel
 

@@ -50,6 +50,22 @@ def test_denoiser_suite_profiles_and_times_variants(tmp_path):
     assert data["ratios"]["denoiser_channels_last_vs_nchw"] > 0
 
 
+def test_denoiser_resample_row_runs_the_triton_ops():
+    """The CUDA-only resample row, on CPU through the Triton interpreter (tiny shapes): Triton times,
+    torch times, bit-for-bit flags and the ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from ppap_fast import ops
+
+    row = {}
+    ratio = bench_denoiser._resample_ratio(row, 1, 1, device="cpu", channels=8, size=4)
+    assert ops.last_backend("upsample_nearest2x") == ops.last_backend("avg_pool2x") == "triton"
+    assert row["resample_up_bitwise"] and row["resample_pool_bitwise"]
+    assert all(row[f"resample_{k}_ms"] > 0 for k in ("up_torch", "up_triton", "pool_torch", "pool_triton"))
+    assert ratio > 0
+
+
 def test_emitted_rows_survive_a_killed_suite(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as runner

@@ -12,7 +12,8 @@ GPU time:
    sm_90 (Triton's own binder + ``_pack_args``: pointer dtypes, i32/i64 scalars,
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
-   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add, guided_update) then run,
+   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add,
+   upsample_nearest2x, avg_pool2x, guided_update) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
    so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
@@ -399,6 +400,17 @@ def scenarios(dtype):
                 residual.bias_residual_add(h, skip, torch.randn(shape[1], dtype=dtype) if has_bias else None,
                                            backend="triton")
         add(f"bias_residual_add {shape} channels_last={cl} bias={has_bias}", f)
+
+    # ------------------------------------------------------------------ resampling (ADM's Upsample / Downsample)
+    from ppap_fast.ops import resample
+
+    for shape in ((2, 256, 8, 8), (2, 37, 6, 4), (2, 3, 4, 4)):  # ADM's widths, an odd C, a narrow stem
+        def f(shape=shape):
+            x = torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                resample.upsample_nearest2x(x, backend="triton")
+                resample.avg_pool2x(x, backend="triton")
+        add(f"resample {shape} channels_last", f)
 
     # ------------------------------------------------------------------ guided update
     B_, C_, H_ = 4, 3, 16

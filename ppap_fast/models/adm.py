@@ -159,12 +159,17 @@ class Upsample(nn.Module):
         super().__init__()
         self.channels, self.out_channels = channels, out_channels or channels
         self.use_conv, self.dims = use_conv, dims
+        self.fast_resample = False  # ADMUNet.fuse_norm_act: ops.upsample_nearest2x
         if use_conv:
             self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        elif getattr(self, "fast_resample", False):  # ADMUNet.fuse_norm_act (modules pickled before: absent)
+            from ..ops.resample import upsample_nearest2x
+
+            x = upsample_nearest2x(x)
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -177,6 +182,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.channels, self.out_channels = channels, out_channels or channels
         stride = 2 if dims != 3 else (1, 2, 2)
+        self.fast_resample = False  # ADMUNet.fuse_norm_act: ops.avg_pool2x
         if use_conv:
             self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
         else:
@@ -185,7 +191,21 @@ class Downsample(nn.Module):
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "fast_resample", False):  # ADMUNet.fuse_norm_act: a 2x2 AvgPool2d as ops.avg_pool2x
+            from ..ops.resample import avg_pool2x
+
+            return avg_pool2x(x)
         return self.op(x)
+
+    def fast_pool_possible(self) -> bool:
+        """Whether self.op is a 2x2 stride-2 AvgPool2d that ops.avg_pool2x computes (no padding, floor)."""
+        op = self.op
+        return type(op) is nn.AvgPool2d and _pair(op.kernel_size) == (2, 2) and _pair(op.stride) == (2, 2) \
+            and _pair(op.padding) == (0, 0) and not op.ceil_mode and op.divisor_override is None
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None, silu=True):
@@ -474,7 +494,10 @@ class ADMUNet(nn.Module):
         attention's output projection then run without their biases: the next fused op adds them
         (the out norm's ``in_bias``; :func:`ppap_fast.ops.bias_residual_add`, which also does the
         residual add), as the attention blocks' norms become ``group_norm_act`` without SiLU. Blocks
-        whose norms were replaced (e.g. by a routed ExpertGroupNorm) keep their modules."""
+        whose norms were replaced (e.g. by a routed ExpertGroupNorm) keep their modules. The 2-D
+        Upsample / Downsample (ResBlocks' up / down paths and the standalone ones) resample through
+        :func:`ppap_fast.ops.upsample_nearest2x` / :func:`ppap_fast.ops.avg_pool2x` (Triton on
+        channels_last CUDA tensors, PyTorch's results bit for bit; a strided-conv Downsample keeps its conv)."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -482,6 +505,10 @@ class ADMUNet(nn.Module):
                     and isinstance(m.out_layers[1], nn.SiLU) and len(m.in_layers) == 3 and len(m.out_layers) == 4
             elif isinstance(m, AttentionBlock):
                 m.fused_norm_act = bool(enabled) and type(m.norm) in (GroupNorm32, nn.GroupNorm)
+            elif isinstance(m, Upsample):  # nearest 2x (before the conv, if any) as ops.upsample_nearest2x
+                m.fast_resample = bool(enabled) and m.dims == 2
+            elif isinstance(m, Downsample):  # the conv-less one's average pool as ops.avg_pool2x
+                m.fast_resample = bool(enabled) and m.fast_pool_possible()
         self.fused_out_norm_act = bool(enabled) and type(self.out[0]) in (GroupNorm32, nn.GroupNorm) \
             and isinstance(self.out[1], nn.SiLU)
         return self
