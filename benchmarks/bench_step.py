@@ -32,7 +32,9 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     round-robin with the reference and freed after (row keys fast_compiled, fast_unfused, fast_nchw:
     ms, mfu, rel_err, first_step_s, peak_gib, profile_top; an error is recorded there instead of failing
     the suite). On CUDA ``fast_profile_top`` and each variant's ``profile_top``: the top kernels of one
-    step by device time.
+    step by device time (a graph replay: kernel names only); ``fast_op_profile_top`` and the compiled
+    variant's ``op_profile_top``: the top aten ops of one step run without its CUDA graph (other
+    options kept), with input shapes, dtypes and the kernels each launched (which op a kernel is).
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -240,10 +242,11 @@ def _cuda_variants(model, sched, guide) -> dict:
     return out
 
 
-def _variant_phase(build, x, i, want, ref, device, reps, warm) -> dict:
+def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool = False) -> dict:
     """Build one fast variant, check its first step against the reference step, time it round-robin
     with the reference; an error is recorded (a kernel or compile failing on this GPU must not cost
-    the suite). The variant and its graph pool are freed before returning."""
+    the suite). The variant and its graph pool are freed before returning. ``op_profile``: also its
+    eager op-level profile (``op_profile_top``, CUDA)."""
     import gc
 
     res, sampler = {}, None
@@ -266,6 +269,8 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm) -> dict:
         res["ratio_vs_reference"] = round(_ratio(rounds, "v", "ref"), 4)
         if device == "cuda":
             res["profile_top"] = _step_profile(sampler, x, i, device)
+            if op_profile:
+                res["op_profile_top"] = _op_profile(sampler, x, i, device)
     except Exception as exc:  # noqa: BLE001
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -284,6 +289,21 @@ def _step_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
         return profile_top(lambda: sampler.step(x, i), device, k=k)
     except Exception as exc:  # noqa: BLE001
         return [{"name": f"profile failed: {type(exc).__name__}: {exc}"[:80], "ms": 0.0, "share": 0.0, "calls": 0}]
+
+
+def _op_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
+    """Top aten ops of one step by self device time, run eagerly (the sampler's CUDA graph off for
+    the call, its other options kept), each with input shapes, dtypes and the kernels it launched:
+    which op a kernel of the graph replay's profile is. A profiler failure is recorded, not raised."""
+    graphed = sampler.cuda_graph
+    sampler.cuda_graph = False
+    try:
+        return profile_top(lambda: sampler.step(x, i), device, k=k, by_shape=True)
+    except Exception as exc:  # noqa: BLE001
+        return [{"name": f"op profile failed: {type(exc).__name__}: {exc}"[:80], "ms": 0.0, "share": 0.0,
+                 "calls": 0, "shapes": []}]
+    finally:
+        sampler.cuda_graph = graphed
 
 
 def _ratio(times: dict, a: str, b: str) -> float:
@@ -372,12 +392,14 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             row["reference_mfu"] = round(fl / peak / (t_ref * 1e-3), 4)
     if cuda:
         row["fast_profile_top"] = _step_profile(fast, x, i, device)
+        row["fast_op_profile_top"] = _op_profile(fast, x, i, device)
     ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
     if emit is not None:  # the main figures survive a later phase that runs out of time
         emit(dict(row), dict(ratios))
     for variant, (ratio_key, build) in extras.items():  # one phase each, vs the reference in its rounds
-        row[variant] = res = _variant_phase(build, x, i, want, ref, device, reps, warm)
+        row[variant] = res = _variant_phase(build, x, i, want, ref, device, reps, warm,
+                                            op_profile=variant == "fast_compiled")
         if "ms" in res:
             ratios[ratio_key] = res.pop("ratio_vs_reference")
             if fl and _peak(device):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from timing import back_to_back_ms, geomean, round_robin_ms  # noqa: E402
+from timing import back_to_back_ms, copy_bandwidth_gbps, geomean, round_robin_ms  # noqa: E402
 
 from ppap_fast import ops  # noqa: E402
 from ppap_fast.ops import update as gu  # noqa: E402
@@ -33,14 +33,6 @@ def _inputs(B, C, H, device, dtype, gen):
     out = torch.randn(B, 2 * C, H, H, generator=gen).to(device, dtype)
     x, grad, noise = (torch.randn(B, C, H, H, generator=gen).to(device, dtype) for _ in range(3))
     return x, out[:, :C], out[:, C:], grad, noise
-
-
-def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Measured memory bandwidth: bytes read + written by a large device copy / time."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = back_to_back_ms(lambda: dst.copy_(src), device, reps)
-    return 2 * nbytes / ms / 1e6
 
 
 def run(device: str = "cpu", quick: bool = False) -> dict:

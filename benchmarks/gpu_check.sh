@@ -16,6 +16,8 @@
 # Writes under $OUT (or /tmp/ppap_gpu_out; the device tool returns at most 8 files): gpu.txt, build.log,
 # backends.json, tests.txt (every group), bench.json (written after every suite), scale.json, summary.txt;
 # gpu.txt also gets the benchmarks' whole output (tracebacks of a failing suite, seconds per suite). PPAP_GEN_IMAGES: images generated (default 256).
+# gpu.txt also gets the card's clocks, power, temperature and throttle reasons at the start and after the
+# bench stage (gpu_state; bench.json's device_probe has the same with a measured matmul and copy speed).
 # Dry run without a GPU (checks this script, runs nothing on a device): GPU_CHECK_DEVICE=cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,20 @@ LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
 # budget CAP RESERVE: seconds this stage may take (at most CAP, leaving RESERVE for later stages; >= 10)
 budget() { local b=$(( DEADLINE - $(elapsed) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
 HAVE_XDIST=0; python3 -c "import xdist" 2>/dev/null && HAVE_XDIST=1
+SMI_STATE=clocks.sm,clocks.mem,clocks.max.sm,power.draw,power.limit,temperature.gpu
+gpu_state() {  # clocks, power, temperature, active throttle reasons into gpu.txt; never fails the script
+  local why="nvidia-smi not found"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    for reasons in clocks_throttle_reasons.active clocks_event_reasons.active; do  # renamed in newer drivers
+      if timeout 20 nvidia-smi --query-gpu="$SMI_STATE,$reasons" --format=csv > "$OUT/.smi" 2>&1; then
+        stamp "gpu state $1:"; tee -a "$OUT/gpu.txt" < "$OUT/.smi"; rm -f "$OUT/.smi"; return 0
+      fi
+      why="nvidia-smi failed: $(head -c 200 "$OUT/.smi")"
+    done
+    rm -f "$OUT/.smi"
+  fi
+  stamp "gpu state $1: $why"
+}
 run_tests() {  # name, seconds, workers, pytest args
   local name=$1 limit=$2 workers=$3; shift 3
   local par=(); (( HAVE_XDIST && workers > 1 )) && par=(-n "$workers")
@@ -56,6 +72,7 @@ else
 fi
 cat "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+gpu_state start
 
 build_pid=
 if has build || ! ls ppap_fast/_C*.so >/dev/null 2>&1; then
@@ -103,6 +120,7 @@ if has bench; then
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
     --only $BENCH_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -25
   rm -f "$OUT"/*.tmp  # a JSON write cut by the timeout (the device tool returns at most 8 files)
+  gpu_state "after bench"
 fi
 
 if has scale; then

@@ -4,6 +4,9 @@ Runs every suite (bench_*.py with run(device, quick)), writes
 {"device", "torch", "rows": [...], "ratios": {...}} and prints the ratios.
 Ratios are time ratios A/B for a name "A_vs_B": below 1 means A is faster. The JSON is rewritten
 after every suite, and a suite whose run() takes ``emit`` writes its rows as it goes (partial=True).
+``device_probe`` {"before", "after"}: the card's state before the first suite and after the last
+(device_probe()): absolute times of runs on different days compare only where these agree (one
+H100 ran the same cuDNN kernel 1.5x slower than another day's).
 """
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ import gc
 import importlib
 import inspect
 import json
+import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -23,6 +30,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from summarize import probe_line  # noqa: E402
+from timing import copy_bandwidth_gbps, matmul_tflops  # noqa: E402
+
 SUITES = ["bench_update", "bench_lora", "bench_denoiser", "bench_step", "bench_distill", "bench_scale",
           "bench_generate"]
 
@@ -31,6 +41,81 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# nvidia-smi --query-gpu fields of the probe -> JSON keys (the throttle field last: renamed in newer drivers)
+SMI_FIELDS = (("clocks.sm", "sm_clock_mhz"), ("clocks.mem", "mem_clock_mhz"), ("clocks.max.sm", "max_sm_clock_mhz"),
+              ("clocks.max.mem", "max_mem_clock_mhz"), ("power.draw", "power_w"), ("power.limit", "power_limit_w"),
+              ("temperature.gpu", "temperature_c"), ("clocks_throttle_reasons.active", "throttle_mask"))
+THROTTLE_FIELD_NAMES = ("clocks_throttle_reasons.active", "clocks_event_reasons.active")
+# NVML's clocks throttle (event) reason bits
+THROTTLE_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+                    0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+                    0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+
+
+def device_probe(device: str, matmul_n: int = 8192, copy_bytes: int = 1 << 30, rounds: int = 3) -> dict:
+    """The machine's state now, so that runs on different days can be compared. On CUDA: the
+    measured fp16 dense matmul (matmul_n^3) TFLOP/s and device-to-device copy GB/s (each the median of
+    ``rounds``; well under a second on an H100), then nvidia-smi's clocks, power, temperature and
+    active throttle reasons, read right after that load (idle clocks say nothing). On the CPU: the
+    load average. Never raises: a failure is recorded as ``error`` / ``smi_error``."""
+    t0 = time.perf_counter()
+    probe = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if device == "cuda":
+        try:
+            probe["matmul_fp16_tflops"] = _4g(statistics.median(matmul_tflops(device, matmul_n) for _ in range(rounds)))
+            probe["copy_gbps"] = _4g(statistics.median(copy_bandwidth_gbps(device, copy_bytes) for _ in range(rounds)))
+        except Exception as exc:  # noqa: BLE001 - a probe must not cost the run
+            probe["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        probe.update(nvidia_smi_state())
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the first suite's peak is its own
+    elif hasattr(os, "getloadavg"):
+        probe["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    probe["seconds"] = round(time.perf_counter() - t0, 2)
+    return probe
+
+
+def _4g(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+def nvidia_smi_state(timeout: float = 10) -> dict:
+    """Clocks (MHz), power (W), temperature (C) and active throttle reasons of the first GPU
+    nvidia-smi lists, as SMI_FIELDS' keys; {"smi_error": why} when nvidia-smi is absent or fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"smi_error": "nvidia-smi not found"}
+    why = ""
+    for throttle in THROTTLE_FIELD_NAMES:  # an unknown field fails the whole query
+        fields = ",".join([f for f, _ in SMI_FIELDS[:-1]] + [throttle])
+        try:
+            res = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return {"smi_error": f"{type(exc).__name__}: {exc}"[:200]}
+        if res.returncode == 0 and res.stdout.strip():
+            return _parse_smi(res.stdout.strip().splitlines()[0])
+        why = f"exit {res.returncode}: {(res.stdout + res.stderr).strip()}"
+    return {"smi_error": f"nvidia-smi {why}"[:200]}
+
+
+def _parse_smi(line: str) -> dict:
+    values = [v.strip() for v in line.split(",")]
+    out = {}
+    for (_, key), v in zip(SMI_FIELDS, values):
+        try:
+            out[key] = float(v) if key != "throttle_mask" else v
+        except ValueError:  # [N/A], [Not Supported]
+            out[key] = None
+    try:
+        mask = int(out.get("throttle_mask") or "", 16)
+    except ValueError:
+        out["throttle_reasons"] = None
+    else:
+        out["throttle_reasons"] = [THROTTLE_REASONS.get(1 << b, hex(1 << b)) for b in range(64) if mask >> b & 1]
+    return out
 
 
 def main(argv=None) -> int:
@@ -45,6 +130,7 @@ def main(argv=None) -> int:
     out = {"device": device_name(args.device), "device_type": args.device, "torch": torch.__version__,
            "triton": _triton_version(), "quick": args.quick, "rows": [], "ratios": {}, "errors": {},
            "memory_gib": {}, "seconds": {}, "backends_used": {}}
+    out["device_probe"] = {"before": device_probe(args.device)}
     for name in args.only or SUITES:
         if not (HERE / f"{name}.py").exists():
             continue
@@ -80,7 +166,11 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         if args.json:  # after every suite: a run killed at its time limit keeps what finished
             _write_json(out, args.json)
+    out["device_probe"]["after"] = device_probe(args.device)  # throttling during the run shows here
+    if args.json:
+        _write_json(out, args.json)
     print(f"device: {out['device']}")
+    print(probe_line(out["device_probe"]))
     for k, v in out["ratios"].items():
         print(f"  {k:32s} {v}")
     for k, v in out["errors"].items():

@@ -1,4 +1,5 @@
-"""Short table of a gpu_check.sh output folder: card, test tally, ratios, fastest rows."""
+"""Short table of a gpu_check.sh output folder: card and its probe (speed, clocks, throttling), test tally,
+ratios, fastest rows."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,9 @@ def main(folder: str) -> None:
     out = Path(folder)
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown card"
     print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
+    for fname in ("bench.json", "scale.json"):  # the card's speed and state, beside its name
+        if (out / fname).exists():
+            print(f"{Path(fname).stem} {probe_line(json.loads((out / fname).read_text()).get('device_probe') or {})}")
     for f in sorted(out.glob("tests*.txt")):
         for name, text in _test_groups(f):
             tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected|errors?).*?)\s*=*$", text, flags=re.M)
@@ -49,6 +53,37 @@ PENDING = (
      "set_group_norm_stats('channel') for compiled CUDA ADMs too "
      "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),
 )
+
+
+# (label, device_probe key, unit) of the probe line
+PROBE_FIGURES = (("matmul fp16", "matmul_fp16_tflops", " TFLOP/s"), ("copy", "copy_gbps", " GB/s"),
+                 ("SM clock", "sm_clock_mhz", " MHz"), ("max SM clock", "max_sm_clock_mhz", " MHz"),
+                 ("mem clock", "mem_clock_mhz", " MHz"), ("power", "power_w", " W"),
+                 ("power limit", "power_limit_w", " W"), ("temp", "temperature_c", " C"),
+                 ("throttle", "throttle_reasons", ""), ("load", "loadavg", ""))
+
+
+def probe_line(probe: dict) -> str:
+    """One line of run.py's device_probe: each figure before -> after the suites (one value where
+    both agree), and the probe's errors; the numbers to check before comparing times across runs."""
+    before, after = probe.get("before") or {}, probe.get("after") or {}
+    parts = []
+    for label, key, unit in PROBE_FIGURES:
+        if key not in before and key not in after:
+            continue
+        b, a = (_probe_value(d.get(key), key in d) for d in (before, after))
+        parts.append(f"{label} {b}{unit}" if a == b else f"{label} {b} -> {a}{unit}")
+    for d, when in ((before, "before"), (after, "after")):
+        parts += [f"{k.upper()} {when}: {d[k]}" for k in ("error", "smi_error") if d.get(k)]
+    return "probe: " + (", ".join(parts) if parts else "none recorded")
+
+
+def _probe_value(v, present: bool) -> str:
+    if not present:
+        return "?"
+    if isinstance(v, list):
+        return "[" + " ".join(str(x) for x in v) + "]" if v else "none"
+    return "n/a" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def decisions(ratios: dict) -> list:
@@ -106,13 +141,33 @@ def _table(path: Path) -> None:
                 print(f"    {k.upper() if 'error' in k else k}: {row[k]}")
         for k, v in row.items():  # a variant's own figures (bench_step: fast_compiled, ...)
             if isinstance(v, dict) and ("ms" in v or "error" in v):
-                print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items() if kk != "warnings"))
+                print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items()
+                                                 if kk != "warnings" and not kk.endswith("profile_top")))
                 if v.get("warnings"):
                     print(f"      {k} warnings: {v['warnings']}")
+                for key in (kk for kk in v if kk.endswith("profile_top")):
+                    _print_profile(f"{k}.{key}", v[key])
         for key in (k for k in row if k.endswith("profile_top")):
-            print(f"    {key}:")
-            for op in row[key][:6]:
-                print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}")
+            _print_profile(key, row[key])
+
+
+def _print_profile(key: str, ops: list) -> None:
+    """Top 6 kernels / ops; an op-level profile (rows with shapes) all of its rows, each with its
+    inputs (dtype[shape]) and the top kernel it launched (the JSON holds 3)."""
+    print(f"    {key}:")
+    by_shape = any("shapes" in op for op in ops)
+    for op in ops if by_shape else ops[:6]:
+        print(f"      {op['share']:6.1%} {op['ms']:9.3f} ms x{op['calls']:<4d} {op['name']}"
+              + (f"  {_inputs(op)}" if by_shape else ""))
+        for kern in op.get("kernels", [])[:1]:
+            print(f"{'':26s}-> {kern['ms']:9.3f} ms {kern['name']}")
+
+
+def _inputs(op: dict) -> str:
+    """The tensor inputs of an op-profile row: dtype[shape] each (scalars left out)."""
+    shapes, dtypes = op.get("shapes") or [], op.get("dtypes") or []
+    dtypes = list(dtypes) + [""] * (len(shapes) - len(dtypes))
+    return " ".join(f"{d or '?'}[{','.join(map(str, s))}]" for s, d in zip(shapes, dtypes) if s)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -55,32 +56,113 @@ def back_to_back_ms(fn: Callable, device: str, reps: int, warmup: int = 3) -> fl
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Measured memory bandwidth: bytes read + written by a large device copy / time."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = back_to_back_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(device: str, n: int = 8192, reps: int = 10, dtype: torch.dtype = torch.float16) -> float:
+    """Measured dense matmul throughput: 2 n^3 FLOP of an n x n x n ``dtype`` matmul / time (TFLOP/s)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    ms = back_to_back_ms(lambda: torch.mm(a, b, out=out), device, reps)
+    return 2 * n**3 / ms / 1e9
+
+
 def geomean(values) -> float:
     """Geometric mean of positive ratios, rounded to 4 digits (how every suite aggregates its rows)."""
     values = list(values)
     return round(math.exp(sum(map(math.log, values)) / len(values)), 4)
 
 
-def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False) -> list[dict]:
+def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False, by_shape: bool = False) -> list[dict]:
     """Top k ops and kernels of one call of fn (after one warm call) by self device time (self CPU time
-    on CPU): name, ms, share, calls. ``grad``: run with autograd recording (fwd + bwd profiles)."""
+    on CPU): name, ms, share, calls. ``grad``: run with autograd recording (fwd + bwd profiles).
+    ``by_shape``: the host-side ops only (aten ops, no kernel rows), one row per op and input shapes,
+    each with its ``shapes``, ``dtypes`` and (on CUDA) the ``kernels`` it launched ({name, ms}, top 3):
+    which op a kernel seen in a CUDA-graph replay's profile (names only) belongs to."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.set_grad_enabled(grad):
         fn()  # warm
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=by_shape) as prof:
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-    events = prof.key_averages()
-
-    def self_us(e):
+    events = prof.key_averages(group_by_input_shape=by_shape)
+    outside_us, outside = 0.0, []
+    if by_shape:
+        details, in_ops = _op_details(prof.events())
         if device == "cuda":
-            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
-        return float(e.self_cpu_time_total)
+            outside_us, outside = _kernels_outside_ops(events, in_ops)
+        events = [e for e in events if e.device_type == DeviceType.CPU]
 
-    total = sum(self_us(e) for e in events) or 1.0
-    top = sorted(events, key=self_us, reverse=True)[:k]
-    return [{"name": e.key[:80], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 4),
-             "calls": int(e.count)} for e in top]
+    total = sum(_self_us(e, device) for e in events) + outside_us or 1.0
+    top = sorted(events, key=lambda e: _self_us(e, device), reverse=True)[:k]
+    rows = [{"name": e.key[:80], "ms": round(_self_us(e, device) / 1e3, 3),
+             "share": round(_self_us(e, device) / total, 4), "calls": int(e.count)} for e in top]
+    if by_shape:
+        for row, e in zip(rows, top):
+            row.update(details.get((e.key, str(e.input_shapes)), {"shapes": _jsonable(e.input_shapes)}))
+        if outside_us >= 0.01 * total:  # e.g. Triton kernels launched from Python: no aten op around them
+            rows.append({"name": "(kernels launched outside any op)", "ms": round(outside_us / 1e3, 3),
+                         "share": round(outside_us / total, 4), "calls": 0, "shapes": [], "kernels": outside})
+    return rows
+
+
+def _self_us(e, device: str) -> float:
+    """Self device time of a profile row on CUDA, self CPU time on the CPU (us)."""
+    if device == "cuda":
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+    return float(e.self_cpu_time_total)
+
+
+def _kernels_outside_ops(averages, in_ops: Counter) -> tuple[float, list]:
+    """Device time (us) of the kernels no host-side op launched (each kernel's total less ``in_ops``,
+    what the ops launched of it) and the top 3 of them ({name, ms})."""
+    from torch.autograd import DeviceType
+
+    rest = Counter()
+    for e in averages:
+        if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False):
+            rest[e.key] += _self_us(e, "cuda")
+    rest.subtract(in_ops)
+    rest = Counter({name: us for name, us in rest.items() if us > 0})
+    return sum(rest.values()), [{"name": name[:100], "ms": round(us / 1e3, 3)} for name, us in rest.most_common(3)]
+
+
+def _op_details(events) -> tuple[dict, Counter]:
+    """{(op name, str(input shapes)): {shapes, dtypes, kernels}} of a profile's host-side events
+    (key_averages keeps no dtypes nor kernel names), and the device time (us) per kernel name of
+    every kernel an op launched."""
+    from torch.autograd import DeviceType
+
+    out, kernel_us, in_ops = {}, {}, Counter()
+    for ev in events:
+        if ev.device_type != DeviceType.CPU:
+            continue
+        key = (ev.key, str(ev.input_shapes))
+        if key not in out:
+            out[key] = {"shapes": _jsonable(ev.input_shapes), "dtypes": list(getattr(ev, "input_dtypes", None) or [])}
+            kernel_us[key] = Counter()
+        for kern in getattr(ev, "kernels", ()):
+            kernel_us[key][kern.name] += kern.duration
+            in_ops[kern.name] += kern.duration
+    for key, d in out.items():
+        if kernel_us[key]:
+            d["kernels"] = [{"name": name[:100], "ms": round(us / 1e3, 3)}
+                            for name, us in kernel_us[key].most_common(3)]
+    return out, in_ops
+
+
+def _jsonable(shapes):
+    """Profiler input shapes as nested lists of ints (tensor lists stay nested; None for a non-tensor)."""
+    if isinstance(shapes, (list, tuple)):
+        return [_jsonable(s) for s in shapes]
+    return shapes if isinstance(shapes, (int, float, str)) or shapes is None else str(shapes)

@@ -460,3 +460,133 @@ def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monke
         assert any(not torch.equal(a[e], b[e]) for a, b in zip(after, before)), e
     assert all(torch.equal(a[3], b[3]) for a, b in zip(after, before))
     assert bank.check_inputs
+
+
+_FAKE_SMI = """#!/bin/sh
+case "$*" in
+  *clocks_throttle_reasons*) echo 'Field "clocks_throttle_reasons.active" is not a valid field to query.'; exit 2;;
+  *) echo "1755, 2619, 1980, 2619, 612.30, 700.00, 61, 0x0000000000000024";;
+esac
+"""
+
+
+def test_device_probe_records_speed_clocks_and_throttling(tmp_path, monkeypatch):
+    """run.device_probe on a (faked) CUDA machine: measured matmul TFLOP/s and copy GB/s (here on CPU
+    tensors), nvidia-smi's clocks, power, temperature and decoded throttle reasons (a driver that
+    renamed the throttle field: the query falls back), JSON-able; without nvidia-smi it records why."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as runner
+    import timing
+
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(_FAKE_SMI)
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(runner, "matmul_tflops", lambda device, n: timing.matmul_tflops("cpu", n, reps=2))
+    monkeypatch.setattr(runner, "copy_bandwidth_gbps", lambda device, nbytes: timing.copy_bandwidth_gbps(
+        "cpu", nbytes, reps=2))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    probe = runner.device_probe("cuda", matmul_n=64, copy_bytes=1 << 16)
+    assert probe["matmul_fp16_tflops"] > 0 and probe["copy_gbps"] > 0 and "error" not in probe, probe
+    assert probe["sm_clock_mhz"] == 1755 and probe["max_sm_clock_mhz"] == 1980 and probe["mem_clock_mhz"] == 2619
+    assert probe["power_w"] == 612.3 and probe["power_limit_w"] == 700 and probe["temperature_c"] == 61
+    assert probe["throttle_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]  # 0x24
+    assert json.loads(json.dumps(probe)) == probe
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert runner.device_probe("cuda", matmul_n=64, copy_bytes=1 << 16)["smi_error"] == "nvidia-smi not found"
+    assert "loadavg" in runner.device_probe("cpu")  # CPU: nothing measured, nothing queried
+
+
+def test_runner_probes_before_and_after_and_summary_prints_probe_and_op_profiles(tmp_path, monkeypatch):
+    """run.py records device_probe before the first suite and after the last; summarize prints the
+    probe next to the card (before -> after) and an op-level profile with each op's inputs and kernels,
+    a variant's profiles as tables rather than inline lists."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as runner
+
+    _fake_suite(monkeypatch, tmp_path, "bench_fake_probe", run=lambda device, quick: {"rows": [], "ratios": {}})
+    monkeypatch.setattr(runner, "HERE", tmp_path)
+    path = tmp_path / "b.json"
+    assert runner.main(["--device", "cpu", "--only", "bench_fake_probe", "--json", str(path)]) == 0
+    probe = json.loads(path.read_text())["device_probe"]
+    assert set(probe) == {"before", "after"} and probe["before"]["utc"] <= probe["after"]["utc"]
+
+    out = tmp_path / "gpu_out"
+    out.mkdir()
+    (out / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB\n")
+    before = {"matmul_fp16_tflops": 612.3, "copy_gbps": 2890.0, "sm_clock_mhz": 1980.0, "max_sm_clock_mhz": 1980.0,
+              "power_w": 420.5, "throttle_reasons": []}
+    after = dict(before, matmul_fp16_tflops=401.7, sm_clock_mhz=1335.0, throttle_reasons=["sw_power_cap"])
+    op = {"name": "aten::mm", "ms": 8.6, "share": 0.1, "calls": 5, "shapes": [[2048, 1000], [1000, 2048], []],
+          "dtypes": ["float", "float", "Scalar"],
+          "kernels": [{"name": "sm80_xmma_gemm_f32f32_f32f32_f32_nt_n_tilesize128x128x8", "ms": 8.6}]}
+    compiled_op = {"name": "triton_poi_fused_group_norm_silu_144", "ms": 64.0, "share": 0.2, "calls": 3,
+                   "shapes": [[32, 256, 64, 64]], "dtypes": ["c10::Half"]}
+    row = {"suite": "bench_step", "bench": "guided_ddim_step", "fast_ms": 250.0, "fast_op_profile_top": [op],
+           "fast_compiled": {"ms": 300.0, "op_profile_top": [compiled_op]}}
+    (out / "bench.json").write_text(json.dumps({"device": "NVIDIA H100", "torch": "2.14", "ratios": {}, "rows": [row],
+                                                "device_probe": {"before": before, "after": after}}))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/summarize.py"), str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("card: NVIDIA H100") and lines[1].startswith("bench probe: "), lines
+    for text in ("matmul fp16 612.3 -> 401.7 TFLOP/s", "copy 2890 GB/s", "SM clock 1980 -> 1335 MHz",
+                 "throttle none -> [sw_power_cap]"):
+        assert text in lines[1], (text, lines[1])
+    for text in ("aten::mm  float[2048,1000] float[1000,2048]", "-> ", "sm80_xmma_gemm_f32f32",
+                 "fast_compiled.op_profile_top:", "triton_poi_fused_group_norm_silu_144  c10::Half[32,256,64,64]"):
+        assert text in res.stdout, (text, res.stdout)
+    assert "op_profile_top=[" not in res.stdout  # not dumped inline with the variant's figures
+
+
+def test_op_profile_of_an_eager_step_names_ops_with_their_shapes():
+    """profile_top(by_shape=True) (the profiler works on CPU too): aten ops with input shapes and dtypes;
+    bench_step._op_profile runs a CUDA-graph sampler's step eagerly for the profile (flag restored)
+    and a failing step is a row, not a raise; kernels no op launched are summed in one row."""
+    import types
+
+    import torch
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+    import timing
+
+    from ppap_fast.experts import ExpertBank
+    from ppap_fast.fast_sampling import FastGuidedSampler
+    from ppap_fast.guidance import ClassGuide
+    from ppap_fast.models import ADMUNet
+    from ppap_fast.models.tiny import TinyResNet
+    from ppap_fast.schedule import Schedule
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    rows = timing.profile_top(lambda: conv(torch.randn(2, 3, 8, 8)), "cpu", k=3, by_shape=True)
+    top = [r for r in rows if "conv" in r["name"]][0]
+    assert top["shapes"][:2] == [[2, 3, 8, 8], [8, 3, 3, 3]] and top["dtypes"][:2] == ["float", "float"], rows
+    assert json.loads(json.dumps(rows)) == rows
+
+    model = ADMUNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                    attention_resolutions=(), channel_mult=(1,), num_heads=1).eval()
+    bank = ExpertBank(TinyResNet(widths=(8,), layers=(1,), in_channels=3, num_classes=4), "resnet", n_experts=2).eval()
+    sampler = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim25"), guide=ClassGuide(bank, 1),
+                                cuda_graph=True)
+    x = torch.randn(2, 3, 8, 8)
+    ops = bench_step._op_profile(sampler, x, 12, "cpu", k=1000)  # every op: the check below needs no ranking
+    assert sampler.cuda_graph is True
+    assert len(ops) > 20 and all(op["calls"] > 0 and op["ms"] >= 0 and "dtypes" in op for op in ops)
+    convs = {str(op["shapes"][1]) for op in ops if "convolution" in op["name"] and op["shapes"]}
+    assert "[8, 3, 3, 3]" in convs, convs  # the guide's / denoiser's 3 -> 8 stem conv, by its weight shape
+    failed = bench_step._op_profile(types.SimpleNamespace(cuda_graph=True, step=None), x, 12, "cpu")
+    assert failed[0]["name"].startswith("op profile failed: TypeError")
+
+    kernel = types.SimpleNamespace(device_type=DeviceType.CUDA, key="triton_fused_norm", self_device_time_total=500.0)
+    host = types.SimpleNamespace(device_type=DeviceType.CPU, key="aten::mm", self_device_time_total=9.0)
+    us, rest = timing._kernels_outside_ops([kernel, host], timing.Counter({"triton_fused_norm": 200.0}))
+    assert us == 300.0 and rest == [{"name": "triton_fused_norm", "ms": 0.3}]
