@@ -90,6 +90,28 @@ def _resample_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
     return round(ratio ** 0.5, 4)
 
 
+def _gn_stats_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """group_norm_act (GroupNorm + SiLU, fp16 channels_last, ADM-256's largest map) with the split
+    statistics (the default for channels-fastest x) vs one program per group (PPAP_FAST_GN_STATS=group):
+    median ms of each into row, and their ratio."""
+    from ppap_fast.ops import norm_act
+    from ppap_fast.ops import norm_act_triton as NT
+
+    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.float16) \
+        .contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    before = NT.GN_STATS_CL
+    ms = {}
+    try:
+        for mode in ("split", "group"):
+            NT.GN_STATS_CL = mode
+            ms[mode] = _median_ms(lambda: norm_act.group_norm_act(x, 32, w, b, backend="triton"), device, reps)
+    finally:
+        NT.GN_STATS_CL = before
+    row["gn_stats_split_ms"], row["gn_stats_group_ms"] = round(ms["split"], 3), round(ms["group"], 3)
+    return round(ms["split"] / ms["group"], 4)
+
+
 def _compile_timed(model, x, t, device):
     """torch.compile(model) and its first call (the compile), timed: (compiled, seconds)."""
     compiled = torch.compile(model)
@@ -163,6 +185,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
         if cuda:  # the fused path's residual and resampling ops alone, at the top level's shapes
             ratios["residual_fused_vs_eager"] = _residual_ratio(row, shape[0], reps)
             ratios["resample_triton_vs_torch"] = _resample_ratio(row, shape[0], reps)
+            ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):

@@ -55,6 +55,15 @@ PENDING = (
 )
 
 
+# defaults switched before a GPU measured them: key -> (what a ratio above 1.03 means, what to do)
+REVERT_ABOVE = {
+    "gn_stats_split_vs_group": ("the split GroupNorm statistics (channels_last) slower than one program per "
+                                "group", "set ops/norm_act_triton.py GN_STATS_CL's default back to 'group'"),
+    "resample_triton_vs_torch": ("the Triton 2x resampling slower than PyTorch's NHWC kernels",
+                                 "leave Upsample / Downsample fast_resample off in ADMUNet.fuse_norm_act"),
+}
+
+
 # (label, device_probe key, unit) of the probe line
 PROBE_FIGURES = (("matmul fp16", "matmul_fp16_tflops", " TFLOP/s"), ("copy", "copy_gbps", " GB/s"),
                  ("SM clock", "sm_clock_mhz", " MHz"), ("max SM clock", "max_sm_clock_mhz", " MHz"),
@@ -89,10 +98,16 @@ def _probe_value(v, present: bool) -> str:
 def decisions(ratios: dict) -> list:
     """One line per pending default: the measured ratio and whether it says to switch."""
     lines = []
-    for key, meaning, action in PENDING:
+    for key, meaning, action in PENDING + tuple((k, "", "") for k in REVERT_ABOVE):
         v = ratios.get(key)
         if v is None:
             lines.append(f"decision {key}: not measured")
+        elif key in REVERT_ABOVE:
+            meaning, action = REVERT_ABOVE[key]
+            if v > 1.03:
+                lines.append(f"decision {key} = {v}: {meaning} -> {action}")
+            else:
+                lines.append(f"decision {key} = {v}: keep the new default (revert only above 1.03)")
         elif v < 0.97:
             lines.append(f"decision {key} = {v}: {meaning} -> {action}")
         else:

@@ -66,6 +66,24 @@ def test_denoiser_resample_row_runs_the_triton_ops():
     assert ratio > 0
 
 
+def test_denoiser_gn_stats_row_times_both_statistics_kernels(monkeypatch):
+    """The CUDA-only GroupNorm statistics row on CPU (interpreter, tiny map): both modes run (the split
+    kernels, then the per-group one), their times and ratio recorded, the module's mode restored."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from _util import LaunchRecorder
+    from ppap_fast.ops import norm_act_triton as NT
+
+    part, group = LaunchRecorder(NT._gn_stats_cl_part_kernel), LaunchRecorder(NT._gn_stats_kernel)
+    monkeypatch.setattr(NT, "_gn_stats_cl_part_kernel", part)
+    monkeypatch.setattr(NT, "_gn_stats_kernel", group)
+    row = {}
+    ratio = bench_denoiser._gn_stats_ratio(row, 1, 1, device="cpu", channels=64, size=4)
+    assert part.launches and group.launches and NT.GN_STATS_CL == "split"
+    assert row["gn_stats_split_ms"] > 0 and row["gn_stats_group_ms"] > 0 and ratio > 0
+
+
 def test_emitted_rows_survive_a_killed_suite(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as runner
@@ -158,12 +176,16 @@ def test_summary_decisions_name_the_switch():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import summarize
 
-    lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02})
-    assert len(lines) == len(summarize.PENDING)
+    lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02,
+                                 "gn_stats_split_vs_group": 1.2, "resample_triton_vs_torch": 0.3})
+    assert len(lines) == len(summarize.PENDING) + len(summarize.REVERT_ABOVE)
     by_key = {ln.split()[1].rstrip(":"): ln for ln in lines}
     assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
     assert "keep the current default" in by_key["distill_triton_vs_auto"]
     assert "not measured" in by_key["distill_loralib_factorised_vs_delta"]
+    # a default switched before a GPU measured it: reverted above 1.03, kept below
+    assert "GN_STATS_CL" in by_key["gn_stats_split_vs_group"]
+    assert "keep the new default" in by_key["resample_triton_vs_torch"]
 
 
 def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):

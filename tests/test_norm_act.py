@@ -2,6 +2,7 @@
 composition; Triton (CPU interpreter, small shapes; CUDA marked ``cuda``) vs float64, poisoned
 outputs, NCHW and channels_last, large means."""
 import itertools
+from collections import Counter
 
 import pytest
 import torch
@@ -229,18 +230,24 @@ def test_triton_launch_grids_stay_within_cuda_limits_above_65535_samples(monkeyp
     sample once (grids recorded, nothing run: the interpreter would take minutes)."""
     from ppap_fast.ops import norm_act_triton as NT
 
-    stats, apply = LaunchRecorder(), LaunchRecorder()
+    stats, apply, part, reduce = LaunchRecorder(), LaunchRecorder(), LaunchRecorder(), LaunchRecorder()
     monkeypatch.setattr(NT, "_gn_stats_kernel", stats)
     monkeypatch.setattr(NT, "_gn_apply_kernel", apply)
+    monkeypatch.setattr(NT, "_gn_stats_cl_part_kernel", part)
+    monkeypatch.setattr(NT, "_gn_stats_cl_reduce_kernel", reduce)
     B = 70000
-    NT.group_norm_act(torch.zeros(B, 2, 1), 1, None, None, 1e-5, None, None, True)
-    covered = []
-    for grid, args in stats.launches + apply.launches:
+    for x in (torch.zeros(B, 2, 3), torch.zeros(B, 2, 3).transpose(1, 2).contiguous().transpose(1, 2)):
+        NT.group_norm_act(x, 1, None, None, 1e-5, None, None, True)  # NCHW, then channels fastest
+    assert len(stats.launches) == 1 and len(reduce.launches) == 1
+    for grid, args in stats.launches + apply.launches + part.launches + reduce.launches:
         assert_grid_within_cuda_limits(grid)
-    for grid, args in apply.launches:
-        b0 = args[14]  # after x, y, shift, mean, rstd, w, b, scale, shift, in_bias, C, HW, Cg, G
-        covered += range(b0, b0 + grid[2])
-    assert covered == list(range(B))
+    # b0 follows x, y, shift, mean, rstd, w, b, scale, shift, in_bias, C, HW, Cg, G (apply: both runs)
+    # / x, in_bias, part, C, HW, Cg (split statistics: the channels-fastest run)
+    for rec, at, runs in ((apply, 14, 2), (part, 6, 1)):
+        covered = Counter()
+        for grid, args in rec.launches:
+            covered.update(range(args[at], args[at] + grid[2]))
+        assert sorted(covered) == list(range(B)) and set(covered.values()) == {runs}
 
 
 def test_triton_chunked_launches_match_float64(monkeypatch):
@@ -255,3 +262,36 @@ def test_triton_chunked_launches_match_float64(monkeypatch):
         x, w, b, sc, sh = _case((7, 8, 3, 2), 4, gen, torch.float32, channels_last=cl)
         got = GA.group_norm_act(x, 4, w, b, scale=sc, shift=sh, backend="triton")
         assert rel_err(got, _want(x, 4, w, b, sc, sh, True)) <= TOL[torch.float32], f"channels_last={cl}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_split_statistics_match_float64_and_the_group_kernel(monkeypatch, dtype):
+    """Channels-fastest x takes the split statistics (per-channel sums over position chunks, then a
+    reduction per group): several channel blocks, groups of 9 channels straddling them, a partial last
+    chunk, one chunk of several position tiles, an in_bias and a large mean; equal to float64 and to
+    the one-program-per-group kernel (PPAP_FAST_GN_STATS=group)."""
+    from ppap_fast.ops import norm_act_triton as NT
+
+    gen = torch.Generator().manual_seed(11)
+    shape, G = (2, 72, 7, 9), 8  # 72 channels: two blocks of 64; 63 positions: 4 tiles of 16
+    part = LaunchRecorder(NT._gn_stats_cl_part_kernel)
+    monkeypatch.setattr(NT, "_gn_stats_cl_part_kernel", part)
+    for target, mean in ((2048, 0.0), (1, 30.0)):  # 4 chunks of one tile / one chunk of 4 tiles
+        monkeypatch.setattr(NT, "_STATS_TARGET_PROGRAMS", target)
+        x, w, b, sc, sh = _case(shape, G, gen, dtype, channels_last=True, mean=mean)
+        ib = (torch.randn(shape[0], shape[1], generator=gen, dtype=torch.float64) + 5).to(dtype)
+        n = len(part.launches)
+        got = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh, in_bias=ib, backend="triton")
+        (grid, args), = part.launches[n:]
+        assert grid[:2] == ((4, 2) if target > 1 else (1, 2)), grid
+        x_plus = x.double() + ib.double()[:, :, None, None]
+        want = GA.group_norm_act_reference(x_plus, G, w.double(), b.double(), 1e-5, sc.double(), sh.double())
+        assert rel_err(got, want) <= 2 * TOL[dtype], (target, mean)
+        monkeypatch.setattr(NT, "GN_STATS_CL", "group")
+        old = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh, in_bias=ib, backend="triton")
+        monkeypatch.setattr(NT, "GN_STATS_CL", "split")
+        assert len(part.launches) == n + 1  # the group kernel ran, not the split one
+        assert rel_err(got, old) <= 2 * TOL[dtype]
+    monkeypatch.setattr(NT, "GN_STATS_CL", "fast")
+    with pytest.raises(ValueError, match="PPAP_FAST_GN_STATS"):
+        GA.group_norm_act(x, G, w, b, backend="triton")

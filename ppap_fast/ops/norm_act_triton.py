@@ -56,6 +56,100 @@ def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sx
 
 
 @triton.jit
+def _gn_stats_cl_part_kernel(x_ptr, ib_ptr, part_ptr, C, HW, Cg, b0, sxb, sxp, sib, P_CHUNK,
+                             HAS_IB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Channels-fastest x, tile (position chunk, channel block, sample): per-channel sums of d and d^2
+    over P_CHUNK positions, d = x + in_bias - k with k the channel's group shift (as _gn_stats_kernel's),
+    into part [B, chunks, 2, C]. Each row read is BLOCK_C contiguous channels (a program per group
+    read only Cg of them: half-used sectors at ADM's 8 channels a group)."""
+    pk = tl.program_id(0)
+    pc = tl.program_id(1)
+    b = b0 + tl.program_id(2)
+    cs = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cs < C
+    xb = x_ptr + b.to(tl.int64) * sxb
+    first = (cs // Cg) * Cg
+    k = tl.load(xb + first, mask=cm, other=0.0).to(tl.float32)
+    ib = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_IB:
+        ibb = ib_ptr + b.to(tl.int64) * sib
+        ib = tl.load(ibb + cs, mask=cm, other=0.0).to(tl.float32)
+        k += tl.load(ibb + first, mask=cm, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    p_lo = pk * P_CHUNK  # P_CHUNK is a multiple of BLOCK_P: chunks do not overlap
+    for p0 in range(p_lo, p_lo + P_CHUNK, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        m = (ps < HW)[:, None] & cm[None, :]
+        off = ps[:, None].to(tl.int64) * sxp + cs[None, :]
+        d = tl.where(m, tl.load(xb + off, mask=m, other=0.0).to(tl.float32) + ib[None, :] - k[None, :], 0.0)
+        s1 += d
+        s2 += d * d
+    out = part_ptr + ((b.to(tl.int64) * tl.num_programs(0) + pk) * 2) * C + cs
+    tl.store(out, tl.sum(s1, axis=0), mask=cm)
+    tl.store(out + C, tl.sum(s2, axis=0), mask=cm)
+
+
+@triton.jit
+def _gn_stats_cl_reduce_kernel(x_ptr, ib_ptr, part_ptr, shift_ptr, mean_ptr, rstd_ptr, C, HW, Cg, G, K, sxb, sib,
+                               eps, HAS_IB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program b * G + g: the group's shift, mean and 1/std from the K position chunks' channel sums
+    (the same shifted one-pass formula as _gn_stats_kernel)."""
+    pid = tl.program_id(0)
+    b = pid // G
+    g = pid % G
+    k = tl.load(x_ptr + b.to(tl.int64) * sxb + g * Cg).to(tl.float32)
+    if HAS_IB:
+        k += tl.load(ib_ptr + b.to(tl.int64) * sib + g * Cg).to(tl.float32)
+    s1 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+    base = part_ptr + b.to(tl.int64) * K * 2 * C + g * Cg
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        for c0 in range(0, Cg, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            m = (ks < K)[:, None] & (cs < Cg)[None, :]
+            off = ks[:, None].to(tl.int64) * 2 * C + cs[None, :]
+            s1 += tl.load(base + off, mask=m, other=0.0)
+            s2 += tl.load(base + off + C, mask=m, other=0.0)
+    n = (Cg * HW).to(tl.float32)
+    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
+    var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
+    tl.store(shift_ptr + pid, k)
+    tl.store(mean_ptr + pid, m1)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
+# GroupNorm statistics of a channels-fastest x: "split" (coalesced per-channel partial sums over
+# position chunks, then one small reduction) or "group" (one program per group, as for NCHW)
+GN_STATS_CL = os.environ.get("PPAP_FAST_GN_STATS", "split")
+_STATS_TARGET_PROGRAMS = 2048  # position chunks sized for about this many programs (a few per SM)
+
+
+def _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison):
+    """shift0 / mean / rstd of a channels-fastest x through the split kernels."""
+    Cg = C // G
+    bc = max(4, min(64, triton.next_power_of_2(C)))
+    bp = 16 if _interpreting() else 32
+    ncb = triton.cdiv(C, bc)
+    max_chunks = triton.cdiv(HW, bp)
+    chunks = max(1, min(max_chunks, triton.cdiv(_STATS_TARGET_PROGRAMS, B * ncb)))
+    p_chunk = triton.cdiv(triton.cdiv(HW, chunks), bp) * bp
+    chunks = triton.cdiv(HW, p_chunk)
+    part = torch.empty(B, chunks, 2, C, dtype=torch.float32, device=x.device)
+    if poison:
+        part.fill_(float("nan"))
+    for b0, count in grid_chunks(B):
+        _gn_stats_cl_part_kernel[(chunks, ncb, count)](x, ib if ib is not None else part, part, C, HW, Cg, b0,
+                                                       st[0], st[2], sib, p_chunk, HAS_IB=ib is not None,
+                                                       BLOCK_C=bc, BLOCK_P=bp)
+    _gn_stats_cl_reduce_kernel[(B * G,)](x, ib if ib is not None else part, part, shift0, mean, rstd, C, HW, Cg, G,
+                                         chunks, st[0], sib, eps, HAS_IB=ib is not None,
+                                         BLOCK_K=min(64, triton.next_power_of_2(chunks)),
+                                         BLOCK_C=max(2, min(32, triton.next_power_of_2(Cg))))
+
+
+@triton.jit
 def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, ib_ptr, C, HW, Cg, G, b0,
                      sxb, sxc, sxp, syb, syc, syp, ssb, shb, sib,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -152,8 +246,13 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, po
     bc, bp = _blocks(Cg, HW, cl)
     ib = in_bias if in_bias is None or in_bias.stride(-1) == 1 else in_bias.contiguous()
     sib = 0 if ib is None or ib.shape[0] == 1 else ib.stride(0)
-    _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
-                               HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
+    if GN_STATS_CL not in ("split", "group"):
+        raise ValueError(f"PPAP_FAST_GN_STATS must be 'split' or 'group', got {GN_STATS_CL!r}")
+    if cl and GN_STATS_CL == "split":
+        _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison)
+    else:
+        _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
+                                   HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
     bc, bp = _blocks(C, HW, cl)
     w = weight.contiguous() if weight is not None else mean
     bb = bias.contiguous() if bias is not None else mean
