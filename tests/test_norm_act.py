@@ -183,14 +183,15 @@ def test_cuda_parity_layouts_and_graph(dtype):
         got = GA.group_norm_act(x, G, w, b, scale=sc, shift=sh)  # auto: triton on CUDA
         assert ops.last_backend(GA.OP) == "triton"
         assert rel_err(got, _want(x, G, w, b, sc, sh, True)) <= TOL[dtype], (shape, cl)
-    x, w, b, sc, sh = _case((4, 64, 16, 16), 32, gen, dtype, device="cuda")
-    out = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
-    x.copy_(x * 2 + 1)
-    graph.replay()
-    assert rel_err(static, _want(x, 32, w, b, sc, sh, True)) <= TOL[dtype] and not torch.equal(static, out)
+    for cl in (False, True):  # channels_last: the split statistics' partial sums inside the graph
+        x, w, b, sc, sh = _case((4, 64, 16, 16), 32, gen, dtype, channels_last=cl, device="cuda")
+        out = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = GA.group_norm_act(x, 32, w, b, scale=sc, shift=sh)
+        x.copy_(x * 2 + 1)
+        graph.replay()
+        assert rel_err(static, _want(x, 32, w, b, sc, sh, True)) <= TOL[dtype] and not torch.equal(static, out), cl
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
