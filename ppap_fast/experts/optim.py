@@ -8,7 +8,10 @@ its updates differed from separate training. :class:`ExpertAdamW` keeps ``step``
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch._utils import _flatten_dense_tensors
 
 __all__ = ["ExpertAdamW"]
 
@@ -25,6 +28,51 @@ def _coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _flat_copy(tensors) -> torch.Tensor:
+    """The tensors flattened and concatenated into a new 1-D tensor: one call, however many tensors (their
+    flattening views made in C++, not one Python call each); a copy even of a single tensor."""
+    flat = _flatten_dense_tensors(tensors)
+    return flat.clone() if len(tensors) == 1 else flat  # of one tensor: a view of it
+
+
+_shape = operator.attrgetter("shape")
+
+
+class _FlatPlan:
+    """What the concatenated step of one list of parameters reuses from step to step: the owner index,
+    the sizes, and the 1-D views of the tensors it writes (the parameters, then their states), which
+    gather them in one ``cat`` and take the results back in one ``_foreach_copy_`` (re-creating ~4 views
+    per tensor each step was most of an eager step's host time). ``flat`` is None where one of them is
+    not contiguous (no 1-D view): they are then flattened at each step."""
+
+    def __init__(self, params, dsts, owner):
+        self.owner = owner
+        self.shapes = list(map(_shape, params))
+        self.strides = list(map(torch.Tensor.stride, params))
+        self.ptrs = list(map(torch.Tensor.data_ptr, dsts))
+        self.sizes = [x.numel() for x in dsts]
+        self.flat = [x.view(-1) for x in dsts] if all(x.is_contiguous() for x in dsts) else None
+
+    def matches(self, params, dsts) -> bool:
+        """Still the views of ``dsts``: the same memory (a replaced state or ``p.data`` has other memory, as
+        the views keep the old alive), and the parameters of the same shapes and strides."""
+        return (list(map(torch.Tensor.data_ptr, dsts)) == self.ptrs and list(map(_shape, params)) == self.shapes
+                and list(map(torch.Tensor.stride, params)) == self.strides)
+
+    def gather(self, dsts, out):
+        """``dsts`` flattened and concatenated into ``out`` (contiguous)."""
+        flat = self.flat if self.flat is not None else [x.reshape(-1) for x in dsts]
+        torch.cat(flat, out=out.view(-1))
+
+    def scatter(self, src, dsts):
+        """The inverse of :meth:`gather`: ``src`` back into ``dsts``."""
+        pieces = src.view(-1).split(self.sizes)
+        if self.flat is not None:
+            torch._foreach_copy_(self.flat, pieces)
+        else:
+            torch._foreach_copy_(dsts, [v.view(x.shape) for v, x in zip(pieces, dsts)])
+
+
 class ExpertAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW (decoupled weight decay, optional amsgrad) on parameters whose dim 0 is the
     expert, stepping only the experts in ``step(sampled)``: they update exactly as under their own
@@ -35,7 +83,8 @@ class ExpertAdamW(torch.optim.Optimizer):
     torch.optim.AdamW(foreach=False) on CPU, bitwise). ``lr`` may be a tensor (set it in place with
     ``group["lr"].fill_(lr)``; on the parameters' device to be captured). Sync-free: capturable in a CUDA
     graph after a first eager step (which allocates the state). On CUDA a step is a few dozen kernels
-    however many tensors (stepping them one by one was ~20 each)."""
+    however many tensors (stepping them one by one was ~20 each), issued by a few dozen Python calls (the
+    views that concatenate the tensors are kept from step to step)."""
 
     def __init__(self, params, n_experts: int, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False):
@@ -145,13 +194,12 @@ class ExpertAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _advance_counts(counts, on) -> torch.Tensor:
-        """Adds ``on`` to every count [N] (few ops, not one per tensor); returns them as float64
+        """Adds ``on`` to every count [N] (one foreach op); returns them as float64
         [tensors, N] for the bias corrections (float64, as torch's Python floats), clamped to 1: a count
         still 0 belongs to an expert never stepped, whose update is discarded. Counts differ between
         tensors where one had no gradient at some step."""
-        count = torch.stack(counts).add_(on.to(torch.float32))
-        torch._foreach_copy_(counts, list(count.unbind(0)))
-        return count.double().clamp(min=1)
+        torch._foreach_add_(counts, [on.to(torch.float32)] * len(counts))
+        return torch.stack(counts).double().clamp(min=1)
 
     def _step_foreach(self, params, group, on):
         """The step of ``params`` (one device and dtype, all with gradients and state) as the single-
@@ -192,11 +240,34 @@ class ExpertAdamW(torch.optim.Optimizer):
             for old, new, o in zip(olds, news, ons):  # to(): a half parameter's float32 update rounded once
                 torch.where(o, new.to(old.dtype), old, out=old)
 
+    def _flat_plan(self, params, dsts) -> _FlatPlan:
+        """The :class:`_FlatPlan` of ``params`` (writing ``dsts``), cached per list of parameters and rebuilt
+        when its views went stale. Inside a CUDA graph capture one is used only with the owner index that
+        :meth:`_owner_index` keeps for the graph, and one built there is not cached (as its owner index)."""
+        plans = self.__dict__.setdefault("_flat_plans", {})
+        key = tuple(map(id, params))
+        capturing = self._capturing()
+        plan = plans.get(key)
+        valid = plan is not None and plan.matches(params, dsts)
+        if valid and not capturing:
+            return plan
+        owner = self._owner_index(params)  # in a capture: the one kept for the graph's replays
+        if valid and owner is plan.owner:
+            return plan
+        plan = _FlatPlan(params, dsts, owner)
+        if not capturing:
+            if len(plans) >= 8:  # as the owner indexes: a few lists of tensors with gradients, in practice
+                plans.clear()
+            plans[key] = plan
+        return plan
+
     def _step_concatenated(self, params, group, on):
         """The step of ``params`` (one device and dtype, all with gradients and state): the single-
         tensor AdamW ops on the tensors concatenated ([sum of numels]: a few dozen kernels however
         many tensors), the per-expert coefficients spread to the elements by one gather, the masked
-        commits one ``torch.where`` each, then one ``_foreach_copy_`` back."""
+        commits one ``torch.where`` each, then one ``_foreach_copy_`` back. The views that concatenate
+        the parameters and states are cached (:class:`_FlatPlan`): a step issues the same few dozen
+        Python calls however many tensors."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, amsgrad = _lr_scalar(group["lr"]), group["eps"], group["weight_decay"], group["amsgrad"]
         dtype, device = params[0].dtype, params[0].device
@@ -205,30 +276,32 @@ class ExpertAdamW(torch.optim.Optimizer):
             raise ValueError(f"a tensor lr on {lr.device} cannot be captured with parameters on {device}: the graph "
                              f"would keep its value at capture; create it on {device}")
         states = [self.state[p] for p in params]
-        counts = [st["step"] for st in states]
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-        owner = self._owner_index(params)
-        ws = torch.empty(9 + amsgrad, owner.numel(), dtype=dtype, device=device)  # rows: the work buffers
-
-        def flat(tensors, row):
-            return torch.cat([x.reshape(-1) for x in tensors], out=ws[row])
-
-        t = self._advance_counts(counts, on)
+        dsts = list(params) + [st[k] for k in names for st in states]  # what the step writes, row by row
+        plan = self._flat_plan(params, dsts)
+        owner = plan.owner
         coef_dtype = _coefficient_dtype(dtype)
         # half precision: the coefficients (and so the update, by type promotion) in float32, where the new
-        # parameters land after rounding once (torch's addcdiv_), ws[0:2] stays unused
-        coefs = ws[0:2] if coef_dtype == dtype else torch.empty(2, owner.numel(), dtype=coef_dtype, device=device)
+        # parameters land after rounding once (torch's addcdiv_)
+        coef_rows = 2 if coef_dtype == dtype else 0
+        rows = 1 + len(names)
+        # rows: [coefficients], the parameters and states gathered (adjacent: one cat, one copy back), 3 work rows
+        ws = torch.empty(coef_rows + rows + 3, owner.numel(), dtype=dtype, device=device)
+        gathered = ws[coef_rows:coef_rows + rows]
+        t = self._advance_counts([st["step"] for st in states], on)
+        coefs = ws[0:2] if coef_rows else torch.empty(2, owner.numel(), dtype=coef_dtype, device=device)
         table = torch.stack([-(lr / (1 - beta1 ** t)), (1 - beta2 ** t).sqrt()]).to(coef_dtype).view(2, -1)
         step_size_neg, bc2_sqrt = torch.index_select(table, 1, owner, out=coefs).unbind(0)
         on_elem = on.expand(len(params), -1).reshape(-1).index_select(0, owner)
 
-        grad, p = flat([q.grad for q in params], 2), flat(params, 3)
-        exp_avg, exp_avg_sq = flat([st["exp_avg"] for st in states], 4), flat([st["exp_avg_sq"] for st in states], 5)
-        new_avg = torch.lerp(exp_avg, grad, 1 - beta1, out=ws[6])
-        new_avg_sq = torch.mul(exp_avg_sq, beta2, out=ws[7]).addcmul_(grad, grad, value=1 - beta2)
-        denom = ws[8]
+        grad = _flat_copy([q.grad for q in params])  # a copy: spent below as a work buffer
+        plan.gather(dsts, gathered)
+        p, exp_avg, exp_avg_sq = gathered[0], gathered[1], gathered[2]
+        new_avg, new_avg_sq, denom = ws[coef_rows + rows:].unbind(0)
+        torch.lerp(exp_avg, grad, 1 - beta1, out=new_avg)
+        torch.mul(exp_avg_sq, beta2, out=new_avg_sq).addcmul_(grad, grad, value=1 - beta2)
         if amsgrad:
-            max_sq = flat([st["max_exp_avg_sq"] for st in states], 9)
+            max_sq = gathered[3]
             torch.maximum(max_sq, new_avg_sq, out=denom)
             torch.where(on_elem, denom, max_sq, out=max_sq)
             denom.sqrt_()
@@ -243,11 +316,7 @@ class ExpertAdamW(torch.optim.Optimizer):
         torch.where(on_elem, new_p, p, out=p)
         torch.where(on_elem, new_avg, exp_avg, out=exp_avg)
         torch.where(on_elem, new_avg_sq, exp_avg_sq, out=exp_avg_sq)
-        sizes = [q.numel() for q in params]
-        dst = list(params) + [st[k] for k in names for st in states]
-        src = [v.view(q.shape) for f in [p, exp_avg, exp_avg_sq] + ([max_sq] if amsgrad else [])
-               for v, q in zip(f.split(sizes), params)]
-        torch._foreach_copy_(dst, src)
+        plan.scatter(gathered, dsts)
 
     def load_state_dict(self, state_dict):
         """As torch's, refusing a state without one step count per expert (torch.optim.AdamW's single
@@ -261,6 +330,7 @@ class ExpertAdamW(torch.optim.Optimizer):
                     f"[{self.n_experts}]: written by torch.optim.AdamW (one count shared by the experts, before "
                     "ExpertAdamW), it cannot be resumed exactly")
         super().load_state_dict(state_dict)
+        self.__dict__.pop("_flat_plans", None)  # views of the replaced states: rebuilt at the next step
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
