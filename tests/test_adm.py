@@ -113,6 +113,26 @@ def test_qkv_attention_orders(legacy, sdpa):
     assert (out - other).abs().max() > 1e-3  # the two orders really differ
 
 
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sdpa_gets_channels_contiguous_heads(monkeypatch, legacy):
+    """The fused SDPA kernels need a unit last-dim stride: q / k / v as transposed views (stride T) sent
+    CUDA to the math path (float32 GEMMs for half inputs). Same result as the math path."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *a, **kw):
+        seen.append([t.stride(-1) for t in (q, k, v)])
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    qkv = torch.randn(2, 3 * 4 * 8, 37, dtype=torch.float64)
+    out = qkv_attention(qkv, 4, legacy=legacy, use_sdpa=True)
+    assert seen == [[1, 1, 1]]
+    torch.testing.assert_close(out, qkv_attention(qkv, 4, legacy=legacy, use_sdpa=False), rtol=1e-10, atol=1e-10)
+
+
 def test_fp16_conversion_matches_guided_diffusion_rule():
     model = ADMUNet(**SMALL, use_fp16=True)
     for name, p in model.named_parameters():
