@@ -9,7 +9,7 @@ profiles one forward (eager, fused and, on CUDA, compiled):
     channels_last        model and input in channels_last (the fast sampler's option)
     cudnn_benchmark      channels_last + torch.backends.cudnn.benchmark (CUDA only)
     fused_norm_act       cudnn_benchmark + ADMUNet.fuse_norm_act() (GroupNorm + scale-shift + SiLU as
-                         one Triton op, the resampling as Triton ops; CUDA only)
+                         one Triton op, the resampling and skip concatenations as Triton ops; CUDA only)
     compiled             channels_last (+ cudnn benchmark) + torch.compile (inductor, default mode);
                          compile time reported apart as ``compile_s``; skipped on CPU with --quick
                          and where PPAP_SKIP_COMPILE=1
@@ -24,7 +24,8 @@ share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benc
 unfused eager variants); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
 bias add then a residual add, ADM-256's largest activation) and ``resample_triton_vs_torch``
 (ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
-resampling, geometric mean of the two).
+resampling, geometric mean of the two) and ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
+ADM-256's largest decoder skip concatenation).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -112,6 +113,28 @@ def _gn_stats_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
     return round(ms["split"] / ms["group"], 4)
 
 
+def _cat_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """ops.cat_channels (Triton) vs torch.cat(dim=1) at ADM-256's largest decoder concatenation (two
+    [batch, C, size, size] fp16 channels_last tensors): median ms of each into row, whether the outputs
+    are torch.cat's bit for bit, and the Triton / torch ratio."""
+    from ppap_fast.ops import concat
+
+    xs = [torch.randn(batch, channels, size, size, device=device, dtype=torch.float16)
+          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+
+    def torch_fn():
+        return torch.cat(xs, dim=1)
+
+    def triton_fn():
+        return concat.cat_channels(xs, backend="triton")
+
+    with torch.no_grad():
+        row["cat_bitwise"] = bool(torch.equal(torch_fn(), triton_fn()))
+    ms_torch, ms_triton = _median_ms(torch_fn, device, reps), _median_ms(triton_fn, device, reps)
+    row["cat_torch_ms"], row["cat_triton_ms"] = round(ms_torch, 3), round(ms_triton, 3)
+    return round(ms_triton / ms_torch, 4)
+
+
 def _compile_timed(model, x, t, device):
     """torch.compile(model) and its first call (the compile), timed: (compiled, seconds)."""
     compiled = torch.compile(model)
@@ -182,9 +205,10 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 model.fuse_norm_act(False)
                 ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
-        if cuda:  # the fused path's residual and resampling ops alone, at the top level's shapes
+        if cuda:  # the fused path's residual, resampling and concatenation ops alone, at the top level's shapes
             ratios["residual_fused_vs_eager"] = _residual_ratio(row, shape[0], reps)
             ratios["resample_triton_vs_torch"] = _resample_ratio(row, shape[0], reps)
+            ratios["cat_triton_vs_torch"] = _cat_ratio(row, shape[0], reps)
             ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))

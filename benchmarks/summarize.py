@@ -61,6 +61,8 @@ REVERT_ABOVE = {
                                 "group", "set ops/norm_act_triton.py GN_STATS_CL's default back to 'group'"),
     "resample_triton_vs_torch": ("the Triton 2x resampling slower than PyTorch's NHWC kernels",
                                  "leave Upsample / Downsample fast_resample off in ADMUNet.fuse_norm_act"),
+    "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
+                            "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }
 
 

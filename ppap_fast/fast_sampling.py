@@ -65,7 +65,8 @@ Options (all off by default; each falls back to the eager path with a warning wh
   graph pools).
 * ``fuse_norm_act``: an ADMUNet runs each ResBlock's GroupNorm (+ scale-shift) + SiLU as one op
   (:func:`ppap_fast.ops.group_norm_act`, Triton on CUDA; ``model.fuse_norm_act()``, in place), and
-  its 2x up / down sampling through :mod:`ppap_fast.ops.resample` (Triton on channels_last CUDA tensors).
+  its 2x up / down sampling and decoder skip concatenations through :mod:`ppap_fast.ops.resample` and
+  :func:`ppap_fast.ops.cat_channels` (Triton on channels_last CUDA tensors).
   Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.
 * ``cudnn_benchmark``: on CUDA, ``torch.backends.cudnn.benchmark`` is on during the sampler's steps
   (restored after each): cuDNN times its convolution algorithms once per shape (with ``cuda_graph``

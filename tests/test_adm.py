@@ -302,6 +302,7 @@ def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
 
     assert ops.last_backend("group_norm_act") == "triton"
     assert ops.last_backend("upsample_nearest2x") == ops.last_backend("avg_pool2x") == "triton"  # resblock_updown
+    assert ops.last_backend("cat_channels") == "triton"  # the decoder's skips
     rel = ((out - g["out"]).norm() / g["out"].norm()).item()
     assert rel < 5e-3, rel
 

@@ -84,6 +84,21 @@ def test_denoiser_gn_stats_row_times_both_statistics_kernels(monkeypatch):
     assert row["gn_stats_split_ms"] > 0 and row["gn_stats_group_ms"] > 0 and ratio > 0
 
 
+def test_denoiser_cat_row_runs_the_triton_op():
+    """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
+    torch times, the bit-for-bit flag and the ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from ppap_fast import ops
+
+    row = {}
+    ratio = bench_denoiser._cat_ratio(row, 1, 1, device="cpu", channels=8, size=4)
+    assert ops.last_backend("cat_channels") == "triton"
+    assert row["cat_bitwise"] is True
+    assert row["cat_torch_ms"] > 0 and row["cat_triton_ms"] > 0 and ratio > 0
+
+
 def test_emitted_rows_survive_a_killed_suite(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import run as runner
@@ -177,7 +192,8 @@ def test_summary_decisions_name_the_switch():
     import summarize
 
     lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02,
-                                 "gn_stats_split_vs_group": 1.2, "resample_triton_vs_torch": 0.3})
+                                 "gn_stats_split_vs_group": 1.2, "resample_triton_vs_torch": 0.3,
+                                 "cat_triton_vs_torch": 1.1})
     assert len(lines) == len(summarize.PENDING) + len(summarize.REVERT_ABOVE)
     by_key = {ln.split()[1].rstrip(":"): ln for ln in lines}
     assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
@@ -186,6 +202,7 @@ def test_summary_decisions_name_the_switch():
     # a default switched before a GPU measured it: reverted above 1.03, kept below
     assert "GN_STATS_CL" in by_key["gn_stats_split_vs_group"]
     assert "keep the new default" in by_key["resample_triton_vs_torch"]
+    assert "fast_cat off" in by_key["cat_triton_vs_torch"]
 
 
 def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):

@@ -13,7 +13,7 @@ GPU time:
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
    (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add,
-   upsample_nearest2x, avg_pool2x, guided_update) then run,
+   upsample_nearest2x, avg_pool2x, cat_channels, guided_update) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
    so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
@@ -411,6 +411,16 @@ def scenarios(dtype):
                 resample.upsample_nearest2x(x, backend="triton")
                 resample.avg_pool2x(x, backend="triton")
         add(f"resample {shape} channels_last", f)
+
+    # ------------------------------------------------------------------ channel concatenation (ADM's decoder skips)
+    from ppap_fast.ops import concat
+
+    for chans in ((256, 256), (512, 256), (37, 3, 16)):  # ADM's widths (aligned tiles), odd / unaligned ones
+        def f(chans=chans):
+            xs = [torch.randn(2, c, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last) for c in chans]
+            with torch.no_grad():
+                concat.cat_channels(xs, backend="triton")
+        add(f"cat_channels {chans} channels_last", f)
 
     # ------------------------------------------------------------------ guided update
     B_, C_, H_ = 4, 3, 16

@@ -505,7 +505,9 @@ class ADMUNet(nn.Module):
         whose norms were replaced (e.g. by a routed ExpertGroupNorm) keep their modules. The 2-D
         Upsample / Downsample (ResBlocks' up / down paths and the standalone ones) resample through
         :func:`ppap_fast.ops.upsample_nearest2x` / :func:`ppap_fast.ops.avg_pool2x` (Triton on
-        channels_last CUDA tensors, PyTorch's results bit for bit; a strided-conv Downsample keeps its conv)."""
+        channels_last CUDA tensors, PyTorch's results bit for bit; a strided-conv Downsample keeps its conv).
+        The decoder's skip concatenations of a 2-D model go through :func:`ppap_fast.ops.cat_channels`
+        (Triton on channels_last CUDA tensors, torch.cat's result bit for bit)."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -517,6 +519,7 @@ class ADMUNet(nn.Module):
                 m.fast_resample = bool(enabled) and m.dims == 2
             elif isinstance(m, Downsample):  # the conv-less one's average pool as ops.avg_pool2x
                 m.fast_resample = bool(enabled) and m.fast_pool_possible()
+        self.fast_cat = bool(enabled) and isinstance(self.input_blocks[0][0], nn.Conv2d)  # 4-D activations
         self.fused_out_norm_act = bool(enabled) and type(self.out[0]) in (GroupNorm32, nn.GroupNorm) \
             and isinstance(self.out[1], nn.SiLU)
         return self
@@ -565,8 +568,14 @@ class ADMUNet(nn.Module):
             h = module(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
-        for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb)
+        if getattr(self, "fast_cat", False):  # ADMUNet.fuse_norm_act (models pickled before: absent)
+            from ..ops.concat import cat_channels
+
+            for module in self.output_blocks:
+                h = module(cat_channels([h, hs.pop()]), emb)
+        else:
+            for module in self.output_blocks:
+                h = module(torch.cat([h, hs.pop()], dim=1), emb)
         h = h.type(x.dtype)
         if getattr(self, "fused_out_norm_act", False):
             return self.out[2](_fused_norm_act(self.out[0], h))

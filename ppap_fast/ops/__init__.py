@@ -11,6 +11,7 @@ from ppap_fast.ops.norm_act import group_norm_act, group_norm_act_reference
 from ppap_fast.ops.residual import bias_residual_add, bias_residual_add_reference
 from ppap_fast.ops.resample import (avg_pool2x, avg_pool2x_reference, upsample_nearest2x,
                                    upsample_nearest2x_reference)
+from ppap_fast.ops.concat import cat_channels, cat_channels_reference
 from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
 from ppap_fast.ops._registry import report as _report
 from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided_update_reference
@@ -21,7 +22,8 @@ def backend_report(device=None) -> dict:
     from ppap_fast.ops import lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ops = _report(device)  # registry ops: guided_update, expert_*_norm, group_norm_act, bias_residual_add, resample
+    # registry ops: guided_update, expert_*_norm, group_norm_act, bias_residual_add, resample, cat_channels
+    ops = _report(device)
     for name in ("lora_linear", "lora_conv2d", "lora_conv2d_delta"):
         ops[name] = {"available": lora.available_backends(name, device), "last": lora.last_backend.get(name)}
     return {
@@ -38,4 +40,5 @@ __all__ = [
     "UpdateTable", "build_table", "guided_update", "guided_update_reference",
     "group_norm_act", "group_norm_act_reference", "bias_residual_add", "bias_residual_add_reference",
     "upsample_nearest2x", "upsample_nearest2x_reference", "avg_pool2x", "avg_pool2x_reference",
+    "cat_channels", "cat_channels_reference",
 ]
