@@ -39,21 +39,53 @@ def test_config_records_digests_and_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_damaged_or_torn_checkpoint_is_refused(tmp_path, monkeypatch):
-    ck = tmp_path / "ck"
-    save_experts(_bank(0), ck)
-    # an interrupted overwrite: the new experts file landed, the config did not
+@pytest.mark.parametrize("killed_in", ["save_safetensors_atomic", "write_json_atomic"])
+def test_an_interrupted_overwrite_leaves_the_previous_checkpoint(tmp_path, monkeypatch, killed_in):
+    """A save over a checkpoint killed before its config.json (the old experts file already moved
+    aside, or the new one already in place) loads the previous checkpoint, with a warning; a save that
+    completes then loads the new one and leaves no kept copies."""
     import ppap_fast.data.shards as shards
+
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, "write_json_atomic", boom)
+    monkeypatch.setattr(shards, killed_in, boom)
     with pytest.raises(KeyboardInterrupt):
-        save_experts(_bank(1), ck)
+        save_experts(_bank(1), ck, include_base=True)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="does not match its config.json"):
-        load_experts(ck, _fresh())
+    with pytest.warns(UserWarning, match="interrupted before its config.json"):
+        loaded = load_experts(ck, _fresh())
+    assert _same(loaded, _bank(0))
+    with pytest.raises(KeyboardInterrupt):  # killed again: the kept copy stays the committed one
+        monkeypatch.setattr(shards, killed_in, boom)
+        save_experts(_bank(2), ck, include_base=True)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted"):
+        assert _same(load_experts(ck, _fresh()), _bank(0))
+    save_experts(_bank(1), ck, include_base=True)
+    assert _same(load_experts(ck, _fresh()), _bank(1))
+    assert not [p for p in ck.iterdir() if p.name.startswith(".")]
+
+
+def test_a_diverged_bank_is_not_saved_over_a_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    bank = _bank(1)
+    with torch.no_grad():
+        bank.model.conv1.lora_B[1].view(-1)[0] = float("inf")
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    with pytest.raises(ValueError, match=r"NaN / Inf.*conv1.lora_B \(1 non-finite\)"):
+        save_experts(bank, ck)
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before  # nothing written
+    save_experts(bank, tmp_path / "inspect", allow_nonfinite=True)
+    assert (tmp_path / "inspect" / "experts.safetensors").exists()
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    ck = tmp_path / "ck"
     # a corrupted byte
     save_experts(_bank(0), ck)
     raw = bytearray((ck / "experts.safetensors").read_bytes())
@@ -166,7 +198,7 @@ def test_load_refuses_values_the_bank_cannot_hold(tmp_path):
     bank = _bank()
     with torch.no_grad():
         bank.model.conv1.lora_A[2].view(-1)[0] = float("nan")
-    save_experts(bank, tmp_path / "nan")
+    save_experts(bank, tmp_path / "nan", allow_nonfinite=True)
     with pytest.raises(ValueError, match=r"conv1.lora_A \(non-finite"):
         load_experts(tmp_path / "nan", _fresh())
     with pytest.raises(ValueError, match="non-finite"):

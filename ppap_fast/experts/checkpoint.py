@@ -10,8 +10,10 @@ cast to the bank's dtype, e.g. an fp32 checkpoint into an fp16 bank) raise
 ValueError listing them.
 
 Every file is written under a temporary name and renamed into place, config.json
-last; it records each tensor file's size and SHA-256, checked on load, so a save
-interrupted while overwriting an older checkpoint is reported, never half-loaded.
+last; it records each tensor file's size and SHA-256, checked on load, so nothing is ever
+half-loaded. A save over an older checkpoint keeps its files (``.<name>.prev``) until the new
+config.json is in place: killed midway, the older checkpoint still loads (with a warning). Banks
+with NaN / Inf values are not saved (``allow_nonfinite=True`` to inspect one).
 A checkpoint is found by path, or by Hugging Face repo id in the local HF cache
 (offline: nothing is downloaded): ``load_experts("org/ppap-resnet50", model,
 subfolder="ppap10")``.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -70,27 +73,57 @@ def _digest(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def save_experts(bank: ExpertBank, path, include_base: bool = False) -> Path:
+def _prev(f: Path) -> Path:
+    """Where a save keeps the checkpoint's committed copy of ``f`` until its new config.json is in place."""
+    return f.with_name(f".{f.name}.prev")
+
+
+def _committed_config(path: Path) -> dict | None:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("files"), dict) else None
+
+
+def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
-    Atomic per file, config.json (with the files' digests) last."""
-    from ..data.shards import save_safetensors_atomic, write_json_atomic
+    Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
+    are kept as ``.<name>.prev`` until the new config.json is in place: a save killed midway leaves the
+    old checkpoint loadable (:func:`load_experts_into` falls back to them), nothing lost. NaN / Inf
+    values (a diverged run) are refused before anything is written, unless ``allow_nonfinite``."""
+    from ..data.shards import fsync_dir, save_safetensors_atomic, write_json_atomic
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in bank.per_expert_state_dict().items()}
     files = {"experts.safetensors": tensors}
     if include_base:
         own = set(tensors)
         files["base.safetensors"] = {k: v.detach().contiguous().clone() for k, v in bank.model.state_dict().items()
                                      if k not in own}
+    if not allow_nonfinite:
+        bad = [f"{k} ({int((~torch.isfinite(v)).sum())} non-finite)" for t in files.values() for k, v in t.items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"not saving experts with NaN / Inf values (a diverged run?) to {path}: {bad[:10]}; "
+                             "nothing was written (allow_nonfinite=True saves them anyway, e.g. to inspect)")
+    path.mkdir(parents=True, exist_ok=True)
     cfg = _config(bank)
     cfg["include_base"] = include_base
     cfg["base_state"] = _base_fingerprint(bank)
     cfg["files"] = {}
+    committed = (_committed_config(path) or {}).get("files", {})
+    for name in files:  # keep the committed copy (the file, or its .prev from a save killed before)
+        f = path / name
+        if name in committed and f.exists() and _digest(f.read_bytes()) == committed[name]:
+            os.replace(f, _prev(f))
     for name, t in files.items():
         save_safetensors_atomic(path / name, t)
         cfg["files"][name] = _digest((path / name).read_bytes())
     write_json_atomic(path / "config.json", cfg)
+    for name in files:
+        _prev(path / name).unlink(missing_ok=True)
+    fsync_dir(path)
     return path
 
 
@@ -108,6 +141,22 @@ def _check_file(path: Path, data: bytes, cfg: dict) -> None:
         raise ValueError(f"{path} does not match its config.json ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... "
                          f"vs recorded {want['bytes']} bytes, {want['sha256'][:12]}...): the checkpoint is damaged or "
                          "was overwritten by an interrupted save; save it again")
+
+
+def _read_committed(f: Path, cfg: dict) -> bytes:
+    """The bytes of ``f``, or of the copy a save killed before its config.json kept (``.<name>.prev``,
+    matching config.json while ``f`` does not: the previous checkpoint, loaded with a warning)."""
+    want = (cfg.get("files") or {}).get(f.name)
+    data = f.read_bytes() if f.exists() else None
+    if want is None or (data is not None and _digest(data) == want):
+        return data if data is not None else f.read_bytes()  # (missing: FileNotFoundError names it)
+    prev = _prev(f)
+    kept = prev.read_bytes() if prev.exists() else None
+    if kept is None or _digest(kept) != want:
+        return data if data is not None else f.read_bytes()  # damaged: refused by _check_file
+    warnings.warn(f"{f} is from a save into {f.parent} interrupted before its config.json: loaded the previous "
+                  f"checkpoint's copy {prev.name} (save again to replace it)", stacklevel=3)
+    return kept
 
 
 def resolve_checkpoint(path_or_repo, subfolder: str | None = None, revision: str | None = None,
@@ -192,12 +241,12 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
     parts = [(own, path / "experts.safetensors", f"experts in {path}")]
     if load_base:
         f = path / "base.safetensors"
-        if not f.exists():
+        if not f.exists() and not _prev(f).exists():
             raise FileNotFoundError(f"{f} not found (saved without include_base)")
         parts.append(({k: v for k, v in bank.model.state_dict().items() if k not in own}, f, f"base weights in {path}"))
     # every file is read once and verified (keys, shapes, then digest) before anything is copied:
     # never half-loaded
-    raw = [f.read_bytes() for _, f, _ in parts]
+    raw = [_read_committed(f, cfg) for _, f, _ in parts]
     loaded = []
     for (_, f, _), data in zip(parts, raw):
         try:
