@@ -844,3 +844,19 @@ def test_callback_on_step_end_as_diffusers(unet):
     torch.testing.assert_close(run(callback_on_step_end=Scale()), plain * 2)
     with pytest.raises(ValueError, match="prompt_embeds"):
         run(callback_on_step_end=on_end, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_abar_table_cache_follows_reused_ids_and_in_place_changes(monkeypatch):
+    """The abar table is cached by (id(scheduler), id(alphas_cumprod), device): ids are reused once an
+    object is freed, and a table can change in place. Forced id collisions (every id 0) and an in-place
+    change must give the scheduler's own table, never another's."""
+    import ppap_fast.integrations.diffusers as D
+
+    monkeypatch.setattr(D, "id", lambda obj: 0, raising=False)
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    a = DDIMScheduler(num_train_timesteps=1000)
+    b = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    assert torch.equal(g._abar(a, "cpu"), a.alphas_cumprod.float())
+    assert torch.equal(g._abar(b, "cpu"), b.alphas_cumprod.float())  # same key as a's
+    b.alphas_cumprod.mul_(0.5)
+    assert torch.equal(g._abar(b, "cpu"), b.alphas_cumprod.float())

@@ -59,6 +59,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -100,6 +101,20 @@ def _init_noise_sigma(scheduler) -> float:
 def _sigma_space(scheduler) -> bool:
     """A scheduler whose sample is x = x_t / sqrt(abar_t) (Euler, Heun, LMS, KDPM2, ...), not x_t."""
     return abs(_init_noise_sigma(scheduler) - 1.0) > 1e-6
+
+
+def _ref(obj):
+    """A weak reference to obj where it takes one, else obj itself (held)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _table_current(entry, scheduler, acp) -> bool:
+    """A cached (table, sigma_space, scheduler ref, alphas_cumprod, its version) entry still belongs to this
+    scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed)."""
+    return entry[2]() is scheduler and entry[3] is acp and entry[4] == acp._version
 
 
 class PPAPGuidance:
@@ -174,6 +189,8 @@ class PPAPGuidance:
                              "scheduler of the variance-preserving (DDPM-family) process")
         key = (id(scheduler), id(acp), torch.device(device))
         entry = self._tables.get(key)
+        if entry is not None and not _table_current(entry, scheduler, acp):
+            entry = None  # ids reused by a new scheduler / table, or the table changed in place
         if entry is None:
             sigma_space = _sigma_space(scheduler)
             if sigma_space and not callable(getattr(scheduler, "scale_model_input", None)):
@@ -189,8 +206,8 @@ class PPAPGuidance:
                                      "scheduler's timesteps would be routed to the wrong experts")
             tab = acp.detach().to(device=device, dtype=torch.float32)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
-            entry = self._tables[key] = (tab, sigma_space)
-        return entry
+            entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, acp._version)
+        return entry[:2]
 
     @staticmethod
     def timesteps(t, batch: int, device, num_train_timesteps: int | None = None) -> torch.Tensor:
