@@ -69,6 +69,18 @@ def test_pool_sums_in_pytorchs_order():
     assert torch.equal(RS.avg_pool2x(x, backend="triton"), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pool_of_negative_zeros_is_positive_zero_as_pytorchs(dtype):
+    """PyTorch's sum starts at +0: four -0.0 average to +0.0 (a sum started at the first input: -0.0)."""
+    x = torch.tensor([-0.0, -0.0, -0.0, -0.0, -0.0, 1.0, -0.0, -1.0], dtype=dtype)
+    x = x.reshape(1, 2, 2, 2).permute(0, 3, 1, 2)  # [1, 2, 2, 2] channels_last: channel 0 all -0.0
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    want = F.avg_pool2d(x, 2, 2)
+    got = RS.avg_pool2x(x, backend="triton")
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want)), (got, want)
+    assert not torch.signbit(want).any()  # the case tested: +0.0
+
+
 def test_outside_the_kernels_the_reference_runs():
     """NCHW and odd H / W (pool) run the reference (auto, and with the global backend forced to triton: a
     model's NCHW tensors), as float64 and inputs requiring grad do automatically; an explicit

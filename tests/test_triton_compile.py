@@ -7,6 +7,7 @@ kernel (the largest tiles; a few seconds, cached by Triton afterwards); .ci/run 
 configuration. Subprocesses: the check needs triton imported without the interpreter.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -65,3 +66,15 @@ def test_check_reports_a_gpu_only_compile_error(tmp_path):
     assert r.returncode == 0, out[-4000:]
     assert "a:bf16,o:bf16 | B=8" in out, out[-2000:]
     assert "ERROR CompilationError" in out and "K >= 16" in out, out[-2000:]
+
+
+def test_group_norm_act_compiles_with_one_element_a_group():
+    """C == G on one position: Triton passes Cg == HW == 1 as constexprs, so the statistics kernels'
+    element count Cg * HW is a Python int there (no .to()); both the split (channels fastest) and the
+    one-program-per-group kernel must still compile (PTX, fp32)."""
+    r = _run([str(TOOL), "--scenario", "group_norm_act one element a group", "--dtypes", "fp32", "--ptx-only"])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    for kernel in ("_gn_stats_cl_part_kernel", "_gn_stats_cl_reduce_kernel", "_gn_stats_kernel", "_gn_apply_kernel"):
+        assert re.search(rf"^{kernel}\s+fp32\s+ok\b", out, re.M), (kernel, out[-3000:])  # each one compiled
+    assert " 0 failed;" in out and " 0 scenario errors" in out, out[-3000:]

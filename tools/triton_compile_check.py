@@ -387,6 +387,14 @@ def scenarios(dtype):
                     norm_act.group_norm_act(x, G, w, b, scale=sc, shift=sh, silu=silu, in_bias=in_bias,
                                             backend="triton")
             add(f"group_norm_act {shape} G{G} channels_last={cl} affine+scale_shift={ss} silu={silu} in_bias={ib}", f)
+    # one element a group (C == G, one position): Cg and HW are both 1, which Triton folds to constexprs;
+    # channels fastest (the split statistics) and a channel stride of 2 (the one-program-per-group kernel)
+    for layout, make in (("channels fastest", lambda: torch.randn(2, 8, 1, 1, dtype=dtype)),
+                         ("channel stride 2", lambda: torch.randn(2, 16, 1, dtype=dtype)[:, ::2])):
+        def f(make=make):
+            with torch.no_grad():
+                norm_act.group_norm_act(make(), 8, backend="triton")
+        add(f"group_norm_act one element a group, {layout}", f)
 
     # ------------------------------------------------------------------ bias + residual add
     from ppap_fast.ops import residual

@@ -47,7 +47,7 @@ def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sx
             d = tl.where(m, tl.load(base + off, mask=m, other=0.0).to(tl.float32) + ib[:, None] - k, 0.0)
             s1 += d
             s2 += d * d
-    n = (Cg * HW).to(tl.float32)
+    n = tl.cast(Cg * HW, tl.float32)  # Cg == HW == 1 arrive as constexprs: a Python int, no .to()
     m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
     var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
     tl.store(shift_ptr + pid, k)
@@ -112,7 +112,7 @@ def _gn_stats_cl_reduce_kernel(x_ptr, ib_ptr, part_ptr, shift_ptr, mean_ptr, rst
             off = ks[:, None].to(tl.int64) * 2 * C + cs[None, :]
             s1 += tl.load(base + off, mask=m, other=0.0)
             s2 += tl.load(base + off + C, mask=m, other=0.0)
-    n = (Cg * HW).to(tl.float32)
+    n = tl.cast(Cg * HW, tl.float32)  # Cg == HW == 1 arrive as constexprs: a Python int, no .to()
     m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
     var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
     tl.store(shift_ptr + pid, k)

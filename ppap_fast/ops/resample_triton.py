@@ -44,7 +44,7 @@ def _avg_pool2x_kernel(x_ptr, y_ptr, NP, Wo, C, cb0, BLOCK_P: tl.constexpr, BLOC
     bi = qs // Wo  # b * Ho + i
     row = 2 * Wo * C  # one input row
     a = x_ptr + (bi * 2 * row + 2 * j * C)[:, None] + cs[None, :]
-    s = tl.load(a, mask=m, other=0.0).to(tl.float32)
+    s = 0.0 + tl.load(a, mask=m, other=0.0).to(tl.float32)  # from +0 as PyTorch: four -0.0 give +0.0
     s += tl.load(a + C, mask=m, other=0.0).to(tl.float32)
     s += tl.load(a + row, mask=m, other=0.0).to(tl.float32)
     s += tl.load(a + row + C, mask=m, other=0.0).to(tl.float32)
