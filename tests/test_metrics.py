@@ -154,3 +154,16 @@ def test_evaluate_samples_does_not_reuse_another_evaluators_real_features(monkey
     got = demo.evaluate_samples(images, labels, ev)
     demo._REAL_CACHE.clear()
     assert got == demo.evaluate_samples(images, labels, ev)
+
+
+def test_inception_score_averages_splits_of_5000_as_guided_diffusion():
+    """Past 5000 samples the score is the mean over consecutive splits of 5000 (the last shorter), as
+    guided-diffusion's evaluator computes it: here two halves that each name one class (score 1 each)
+    while the whole set spans two (one split: 2)."""
+    k = 4
+    first, second = np.tile(np.eye(k)[:1], (5000, 1)), np.tile(np.eye(k)[1:2], (2500, 1))
+    probs = np.concatenate([first, second])
+    assert inception_score(probs) == pytest.approx(1.0, rel=1e-6)
+    assert inception_score(probs, split_size=len(probs)) == pytest.approx(np.exp(-(2 / 3) * np.log(2 / 3) - (1 / 3) * np.log(1 / 3)), rel=1e-6)
+    with pytest.raises(ValueError, match="split_size"):
+        inception_score(probs, split_size=0)
