@@ -213,3 +213,24 @@ def test_config_with_missing_or_malformed_entries_is_a_clear_error(tmp_path):
         (tmp_path / "ck" / "config.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match="damaged: missing or malformed entries"):
             load_experts(tmp_path / "ck", _fresh())
+
+
+def test_a_save_without_base_removes_the_kept_base_of_a_killed_save(tmp_path, monkeypatch):
+    """A save with include_base killed after moving the committed files aside, then a completed save
+    without base: the kept base copy (.base.safetensors.prev, as large as the model) goes too."""
+    import ppap_fast.data.shards as shards
+
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "save_safetensors_atomic", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_experts(_bank(1), ck, include_base=True)
+    monkeypatch.undo()
+    assert (ck / ".base.safetensors.prev").exists()
+    save_experts(_bank(1), ck, include_base=False)
+    assert _same(load_experts(ck, _fresh()), _bank(1))
+    assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]

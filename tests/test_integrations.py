@@ -860,3 +860,18 @@ def test_abar_table_cache_follows_reused_ids_and_in_place_changes(monkeypatch):
     assert torch.equal(g._abar(b, "cpu"), b.alphas_cumprod.float())  # same key as a's
     b.alphas_cumprod.mul_(0.5)
     assert torch.equal(g._abar(b, "cpu"), b.alphas_cumprod.float())
+
+
+def test_abar_table_of_an_inference_mode_scheduler():
+    """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
+    no version counter: its table is rebuilt on every call (an in-place change made in inference mode
+    is seen), not a RuntimeError."""
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    with torch.inference_mode():
+        s = DDIMScheduler(num_train_timesteps=1000)
+        s.alphas_cumprod = s.alphas_cumprod.double()  # the float32 table is then a copy, not acp itself
+    x_t, abar = g.vp_sample(torch.ones(2, 1, 2, 2), torch.tensor([10, 900]), s)
+    assert torch.equal(abar.flatten(), s.alphas_cumprod[[10, 900]].float()) and torch.equal(x_t, torch.ones(2, 1, 2, 2))
+    with torch.inference_mode():
+        s.alphas_cumprod.mul_(0.5)
+    assert torch.equal(g._abar(s, "cpu"), s.alphas_cumprod.float())

@@ -41,6 +41,7 @@ from .placement import Placement, resnet_placement
 
 FORMAT = "ppap_fast.experts"
 VERSION = 1
+CHECKPOINT_FILES = ("experts.safetensors", "base.safetensors")  # what save_experts writes
 
 
 def _config(bank: ExpertBank) -> dict:
@@ -121,7 +122,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
         save_safetensors_atomic(path / name, t)
         cfg["files"][name] = _digest((path / name).read_bytes())
     write_json_atomic(path / "config.json", cfg)
-    for name in files:
+    for name in CHECKPOINT_FILES:  # also a kept copy of a file this save leaves out (include_base=False)
         _prev(path / name).unlink(missing_ok=True)
     fsync_dir(path)
     return path

@@ -111,10 +111,16 @@ def _ref(obj):
         return lambda: obj
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter; None for an inference tensor (e.g. a scheduler built under
+    torch.inference_mode()), which has none: its table is then never taken from the cache."""
+    return None if t.is_inference() else t._version
+
+
 def _table_current(entry, scheduler, acp) -> bool:
     """A cached (table, sigma_space, scheduler ref, alphas_cumprod, its version) entry still belongs to this
     scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed)."""
-    return entry[2]() is scheduler and entry[3] is acp and entry[4] == acp._version
+    return entry[2]() is scheduler and entry[3] is acp and entry[4] is not None and entry[4] == _version(acp)
 
 
 class PPAPGuidance:
@@ -206,7 +212,7 @@ class PPAPGuidance:
                                      "scheduler's timesteps would be routed to the wrong experts")
             tab = acp.detach().to(device=device, dtype=torch.float32)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
-            entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, acp._version)
+            entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, _version(acp))
         return entry[:2]
 
     @staticmethod
