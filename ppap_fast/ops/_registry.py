@@ -73,7 +73,8 @@ def select(op: str, device: torch.device, backend: str | None = None) -> Callabl
 def select_gated(op: str, x: torch.Tensor, backend: str | None, fast_dtypes, reference_only: str | None = None):
     """:func:`select` for ops whose fast paths take only ``fast_dtypes`` (and, where ``reference_only``
     says why, cannot run at all, e.g. forward-only kernels under autograd): then the automatic choice
-    (and a global set_backend) falls back to the reference, and an explicit fast backend raises."""
+    falls back to the reference, and a fast backend asked for (explicitly, or by a global set_backend:
+    it must run where asked) raises."""
     b = backend
     if b is None and _forced in _OPS[op].impls:
         b = _forced
