@@ -18,6 +18,17 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _store_group_stats(shift_ptr, mean_ptr, rstd_ptr, pid, k, s1, s2, count, eps):
+    """Group ``pid``'s shift k, mean of x - k and 1/std from the 2-D tiles of shifted sums s1, s2."""
+    n = tl.cast(count, tl.float32)  # Cg == HW == 1 arrive as constexprs: a Python int, no .to()
+    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
+    var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
+    tl.store(shift_ptr + pid, k)
+    tl.store(mean_ptr + pid, m1)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
 def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sxb, sxc, sxp, sib, eps,
                      HAS_IB: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Program b * G + g: 1/std of group g of sample b and its mean as k + m (k the group's first
@@ -47,12 +58,7 @@ def _gn_stats_kernel(x_ptr, ib_ptr, shift_ptr, mean_ptr, rstd_ptr, HW, Cg, G, sx
             d = tl.where(m, tl.load(base + off, mask=m, other=0.0).to(tl.float32) + ib[:, None] - k, 0.0)
             s1 += d
             s2 += d * d
-    n = tl.cast(Cg * HW, tl.float32)  # Cg == HW == 1 arrive as constexprs: a Python int, no .to()
-    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
-    var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
-    tl.store(shift_ptr + pid, k)
-    tl.store(mean_ptr + pid, m1)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+    _store_group_stats(shift_ptr, mean_ptr, rstd_ptr, pid, k, s1, s2, Cg * HW, eps)
 
 
 @triton.jit
@@ -112,12 +118,7 @@ def _gn_stats_cl_reduce_kernel(x_ptr, ib_ptr, part_ptr, shift_ptr, mean_ptr, rst
             off = ks[:, None].to(tl.int64) * 2 * C + cs[None, :]
             s1 += tl.load(base + off, mask=m, other=0.0)
             s2 += tl.load(base + off + C, mask=m, other=0.0)
-    n = tl.cast(Cg * HW, tl.float32)  # Cg == HW == 1 arrive as constexprs: a Python int, no .to()
-    m1 = tl.sum(tl.sum(s1, axis=1), axis=0) / n
-    var = tl.maximum(tl.sum(tl.sum(s2, axis=1), axis=0) / n - m1 * m1, 0.0)
-    tl.store(shift_ptr + pid, k)
-    tl.store(mean_ptr + pid, m1)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+    _store_group_stats(shift_ptr, mean_ptr, rstd_ptr, pid, k, s1, s2, Cg * HW, eps)
 
 
 # GroupNorm statistics of a channels-fastest x: "split" (coalesced per-channel partial sums over
