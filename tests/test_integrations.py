@@ -875,3 +875,16 @@ def test_abar_table_of_an_inference_mode_scheduler():
     with torch.inference_mode():
         s.alphas_cumprod.mul_(0.5)
     assert torch.equal(g._abar(s, "cpu"), s.alphas_cumprod.float())
+
+
+def test_pipeline_refuses_a_scheduler_whose_step_needs_more_than_the_sample(unet, classifier):
+    """RePaint's step needs original_image and mask (inpainting): a TypeError from inside the loop
+    before; now one error naming them, before sampling."""
+    from diffusers import RePaintScheduler
+
+    W, y = classifier
+    for guide in (linear_classifier_guide(W, y, 4.0), None):
+        pipe = PPAPGuidedPipeline(unet, RePaintScheduler(num_train_timesteps=1000), guide)
+        pipe.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match=r"RePaintScheduler.step needs \['original_image', 'mask'\]"):
+            pipe(batch_size=B, num_inference_steps=2, output_type="raw")

@@ -556,6 +556,18 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
+def _check_step_takes_a_plain_sample(scheduler) -> None:
+    """The loop calls scheduler.step(model_output, t, x, [eta, generator]): a scheduler whose step needs
+    more (RePaint's original_image and mask: inpainting) is refused by name, before sampling."""
+    params = inspect.signature(scheduler.step).parameters.values()
+    needed = [p.name for p in list(params)[3:] if p.default is inspect.Parameter.empty
+              and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if needed:
+        raise ValueError(f"{type(scheduler).__name__}.step needs {needed} besides (model_output, timestep, sample): "
+                         "PPAPGuidedPipeline runs unconditional sampling loops; use a DDPM-family scheduler "
+                         "(DDPM, DDIM, DPM-Solver, Euler, ...)")
+
+
 def _step_kwargs(scheduler, eta, generator) -> dict:
     params = set(inspect.signature(scheduler.step).parameters)
     kw = {}
@@ -673,6 +685,7 @@ class _GuidedPipelineBody:
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be callable(pipe, i, t, callback_kwargs)")
         sched, device = self.scheduler, self.device
+        _check_step_takes_a_plain_sample(sched)
         guidance_scale = _finite_scale(guidance_scale, "guidance_scale")
         if self.guidance is not None:
             _checked_prediction_type(sched)
