@@ -4,17 +4,11 @@ of that input's channels to the same pixels at the input's channel offset of the
 and store is a run of contiguous channels. Grids depend on shapes only (CUDA-graph capturable)."""
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
 from ._kernel_util import grid_chunks
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from .resample_triton import _blocks, _empty_channels_last
 
 
 @triton.jit
@@ -27,24 +21,11 @@ def _cat_channels_kernel(x_ptr, y_ptr, NP, C, C_OUT, c_off, cb0, BLOCK_P: tl.con
     tl.store(y_ptr + (ps * C_OUT + c_off)[:, None] + cs[None, :], v, mask=m)
 
 
-def _blocks(C: int, aligned: bool):
-    """(BLOCK_P, BLOCK_C): on a GPU tiles up to 256 channels wide, of 4096 elements where the input's
-    channels, the output's and the offset are multiples of 16 (Triton then knows each pixel's runs are
-    aligned: vector loads and stores) and of 1024 elsewhere; under the interpreter small tiles (tests
-    reach partial channel blocks and several pixel blocks with tiny tensors)."""
-    if _interpreting():
-        return 16, max(2, min(8, triton.next_power_of_2(C)))
-    bc = max(2, min(256, triton.next_power_of_2(C)))
-    return max(1, (4096 if aligned else 1024) // bc), bc
-
-
 def cat_channels(tensors, poison=False):
     first = tensors[0]
     B, _, H, W = first.shape
     c_out = sum(t.shape[1] for t in tensors)
-    y = torch.empty((B, c_out, H, W), dtype=first.dtype, device=first.device, memory_format=torch.channels_last)
-    if poison:
-        y.fill_(float("nan"))
+    y = _empty_channels_last((B, c_out, H, W), first, poison)
     pixels = B * H * W
     c_off = 0
     for x in tensors:

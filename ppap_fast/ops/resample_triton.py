@@ -51,15 +51,17 @@ def _avg_pool2x_kernel(x_ptr, y_ptr, NP, Wo, C, cb0, BLOCK_P: tl.constexpr, BLOC
     tl.store(y_ptr + qs[:, None] * C + cs[None, :], (s * 0.25).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(C: int):
-    """(BLOCK_P, BLOCK_C): on a GPU tiles up to 256 channels wide, of 4096 elements where C is a multiple
-    of 16 (Triton then knows each pixel's channels are aligned: vector loads and stores, 32 elements a
-    thread) and of 1024 elsewhere (element-wise addresses: 4096 spilled registers); under the
-    interpreter small tiles (tests reach partial channel blocks and several pixel blocks with tiny tensors)."""
+def _blocks(C: int, aligned: bool | None = None):
+    """(BLOCK_P, BLOCK_C): on a GPU tiles up to 256 channels wide, of 4096 elements where every pixel's
+    run of channels is 16-aligned (``aligned``; default: C a multiple of 16; Triton then knows it: vector
+    loads and stores, 32 elements a thread) and of 1024 elsewhere (element-wise addresses: 4096 spilled
+    registers); under the interpreter small tiles (tests reach partial channel blocks and several pixel
+    blocks with tiny tensors). Also ops.concat's tiles."""
     if _interpreting():
         return 16, max(2, min(8, triton.next_power_of_2(C)))
+    aligned = C % 16 == 0 if aligned is None else aligned
     bc = max(2, min(256, triton.next_power_of_2(C)))
-    return max(1, (4096 if C % 16 == 0 else 1024) // bc), bc
+    return max(1, (4096 if aligned else 1024) // bc), bc
 
 
 def _empty_channels_last(shape, like, poison):
