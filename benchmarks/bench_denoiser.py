@@ -65,6 +65,21 @@ def _residual_ratio(row, batch, reps) -> float:
     return round(fused / eager, 4)
 
 
+def _cl_half(device, *shape):
+    """randn(shape) in fp16, channels_last: the fused ADM's activations."""
+    return torch.randn(shape, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+
+
+def _torch_vs_triton(row, name, torch_fn, triton_fn, device, reps) -> float:
+    """Whether triton_fn gives torch_fn's result bit for bit, their median ms (row keys name_bitwise,
+    name_torch_ms, name_triton_ms), and the Triton / torch time ratio."""
+    with torch.no_grad():
+        row[f"{name}_bitwise"] = bool(torch.equal(torch_fn(), triton_fn()))
+    ms_torch, ms_triton = _median_ms(torch_fn, device, reps), _median_ms(triton_fn, device, reps)
+    row[f"{name}_torch_ms"], row[f"{name}_triton_ms"] = round(ms_torch, 3), round(ms_triton, 3)
+    return ms_triton / ms_torch
+
+
 def _resample_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
     """ops.upsample_nearest2x / avg_pool2x (Triton) vs F.interpolate / F.avg_pool2d at ADM-256's largest
     resampling ([batch, C, size/2, size/2] up, [batch, C, size, size] pooled; fp16 channels_last): median
@@ -74,21 +89,12 @@ def _resample_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
 
     from ppap_fast.ops import resample
 
-    def cl(*shape):
-        return torch.randn(shape, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-
-    small, big = cl(batch, channels, size // 2, size // 2), cl(batch, channels, size, size)
-    pairs = {"up": (lambda: F.interpolate(small, scale_factor=2, mode="nearest"),
-                    lambda: resample.upsample_nearest2x(small, backend="triton")),
-             "pool": (lambda: F.avg_pool2d(big, 2, 2), lambda: resample.avg_pool2x(big, backend="triton"))}
-    ratio = 1.0
-    for name, (torch_fn, triton_fn) in pairs.items():
-        with torch.no_grad():
-            row[f"resample_{name}_bitwise"] = bool(torch.equal(torch_fn(), triton_fn()))
-        ms_torch, ms_triton = _median_ms(torch_fn, device, reps), _median_ms(triton_fn, device, reps)
-        row[f"resample_{name}_torch_ms"], row[f"resample_{name}_triton_ms"] = round(ms_torch, 3), round(ms_triton, 3)
-        ratio *= ms_triton / ms_torch
-    return round(ratio ** 0.5, 4)
+    small, big = _cl_half(device, batch, channels, size // 2, size // 2), _cl_half(device, batch, channels, size, size)
+    up = _torch_vs_triton(row, "resample_up", lambda: F.interpolate(small, scale_factor=2, mode="nearest"),
+                          lambda: resample.upsample_nearest2x(small, backend="triton"), device, reps)
+    pool = _torch_vs_triton(row, "resample_pool", lambda: F.avg_pool2d(big, 2, 2),
+                            lambda: resample.avg_pool2x(big, backend="triton"), device, reps)
+    return round((up * pool) ** 0.5, 4)
 
 
 def _gn_stats_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
@@ -98,8 +104,7 @@ def _gn_stats_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
     from ppap_fast.ops import norm_act
     from ppap_fast.ops import norm_act_triton as NT
 
-    x = torch.randn(batch, channels, size, size, device=device, dtype=torch.float16) \
-        .contiguous(memory_format=torch.channels_last)
+    x = _cl_half(device, batch, channels, size, size)
     w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
     before = NT.GN_STATS_CL
     ms = {}
@@ -119,20 +124,9 @@ def _cat_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float
     are torch.cat's bit for bit, and the Triton / torch ratio."""
     from ppap_fast.ops import concat
 
-    xs = [torch.randn(batch, channels, size, size, device=device, dtype=torch.float16)
-          .contiguous(memory_format=torch.channels_last) for _ in range(2)]
-
-    def torch_fn():
-        return torch.cat(xs, dim=1)
-
-    def triton_fn():
-        return concat.cat_channels(xs, backend="triton")
-
-    with torch.no_grad():
-        row["cat_bitwise"] = bool(torch.equal(torch_fn(), triton_fn()))
-    ms_torch, ms_triton = _median_ms(torch_fn, device, reps), _median_ms(triton_fn, device, reps)
-    row["cat_torch_ms"], row["cat_triton_ms"] = round(ms_torch, 3), round(ms_triton, 3)
-    return round(ms_triton / ms_torch, 4)
+    xs = [_cl_half(device, batch, channels, size, size) for _ in range(2)]
+    return round(_torch_vs_triton(row, "cat", lambda: torch.cat(xs, dim=1),
+                                  lambda: concat.cat_channels(xs, backend="triton"), device, reps), 4)
 
 
 def _compile_timed(model, x, t, device):
