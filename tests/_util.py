@@ -149,3 +149,26 @@ def assert_grid_within_cuda_limits(grid):
     """CUDA launch grids: axis 0 up to 2^31 - 1 blocks, axes 1 and 2 up to 65535."""
     assert 1 <= grid[0] <= 2**31 - 1 and all(1 <= g <= 65535 for g in grid[1:]), \
         f"grid {grid} exceeds CUDA's limits (2^31 - 1 on axis 0, 65535 on axes 1 and 2)"
+
+
+def randn_channels_last(shape, dtype, seed, device="cpu"):
+    """randn(shape) from its own seed, in dtype, channels_last (the fused ADM's activations)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
+
+
+TINY_ADM = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                attention_resolutions=(), channel_mult=(1, 2), use_scale_shift_norm=True)
+
+
+def tiny_adm(**kw):
+    """A tiny 2-level ADMUNet (TINY_ADM, overridden by kw), eval mode, every parameter nudged off its
+    init (its output convs start at zero)."""
+    from ppap_fast.models import ADMUNet
+
+    torch.manual_seed(3)
+    m = ADMUNet(**{**TINY_ADM, **kw}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
+    return m

@@ -7,7 +7,8 @@ import torch
 from ppap_fast import ops
 from ppap_fast.ops import concat as CC
 
-from _util import LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph, poisoned_kernels, requires_cuda
+from _util import (LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph, poisoned_kernels,
+                   randn_channels_last as _cl, requires_cuda, TINY_ADM, tiny_adm)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,11 +22,6 @@ CASES = [((2, 4, 6), (5, 3)), ((3, 2, 4), (19, 8)), ((1, 6, 2), (40, 17)), ((2, 
 def _poison():
     with poisoned_kernels(CC):
         yield
-
-
-def _cl(shape, dtype, seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
 
 
 def _inputs(bhw, chans, dtype, device="cpu"):
@@ -153,19 +149,11 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
 
 # ------------------------------------------------------------------ ADM's fast path
 
-ADM_TINY = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                attention_resolutions=(), channel_mult=(1, 2), use_scale_shift_norm=True, resblock_updown=True)
+ADM_TINY = dict(TINY_ADM, resblock_updown=True)
 
 
 def _adm():
-    from ppap_fast.models import ADMUNet
-
-    torch.manual_seed(3)
-    m = ADMUNet(**ADM_TINY).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
-    return m
+    return tiny_adm(resblock_updown=True)
 
 
 def test_fused_adm_concatenates_through_the_op(monkeypatch):

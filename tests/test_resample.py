@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from ppap_fast import ops
 from ppap_fast.ops import resample as RS
 
-from _util import LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph, poisoned_kernels, requires_cuda
+from _util import (LaunchRecorder, assert_grid_within_cuda_limits, capture_cuda_graph, poisoned_kernels,
+                   randn_channels_last as _cl, requires_cuda, tiny_adm)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,11 +22,6 @@ SHAPES = [(2, 5, 4, 6), (3, 19, 2, 4), (1, 40, 6, 2), (2, 3, 1, 1), (1, 1, 8, 10
 def _poison():
     with poisoned_kernels(RS):
         yield
-
-
-def _cl(shape, dtype, seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
 
 
 def _assert_pool_matches(got, want):
@@ -165,21 +161,6 @@ def test_launch_grids_stay_within_cuda_limits(monkeypatch):
 
 # ------------------------------------------------------------------ ADM's fast path
 
-ADM_TINY = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                attention_resolutions=(), channel_mult=(1, 2), use_scale_shift_norm=True)
-
-
-def _adm(**kw):
-    from ppap_fast.models import ADMUNet
-
-    torch.manual_seed(3)
-    m = ADMUNet(**{**ADM_TINY, **kw}).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
-    return m
-
-
 def _resamplers(m):
     from ppap_fast.models.adm import Downsample, Upsample
 
@@ -197,7 +178,7 @@ def test_fused_adm_resamples_through_the_ops(monkeypatch, kw, launches):
     Triton forced, interpreted); fuse_norm_act(False) restores the modules."""
     from ppap_fast.ops import resample_triton as RT
 
-    m = _adm(**kw).to(memory_format=torch.channels_last)
+    m = tiny_adm(**kw).to(memory_format=torch.channels_last)
     x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     t = torch.tensor([500])
     m.fuse_norm_act()
@@ -223,7 +204,7 @@ def test_fused_adm_resamples_through_the_ops(monkeypatch, kw, launches):
 
 def test_fused_adm_on_cpu_keeps_its_results():
     """CPU (no backend forced): the fused path's resampling is PyTorch's, NCHW and channels_last."""
-    m = _adm(resblock_updown=True)
+    m = tiny_adm(resblock_updown=True)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 800])
     with torch.no_grad():
         want = m.fuse_norm_act()(x, t)
