@@ -64,6 +64,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..ops.lora.segments import _version  # None for an inference tensor
+
 __all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "MIN_GUIDED_ABAR", "OUTPUT_TYPES",
            "fuse_norm_act"]
 
@@ -111,15 +113,10 @@ def _ref(obj):
         return lambda: obj
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """t's in-place version counter; None for an inference tensor (e.g. a scheduler built under
-    torch.inference_mode()), which has none: its table is then never taken from the cache."""
-    return None if t.is_inference() else t._version
-
-
 def _table_current(entry, scheduler, acp) -> bool:
     """A cached (table, sigma_space, scheduler ref, alphas_cumprod, its version) entry still belongs to this
-    scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed)."""
+    scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed).
+    An inference tensor (a scheduler built under torch.inference_mode()) has no version: never reused."""
     return entry[2]() is scheduler and entry[3] is acp and entry[4] is not None and entry[4] == _version(acp)
 
 
