@@ -86,6 +86,7 @@ import torch
 
 from . import guidance as _gd
 from .ops import build_table, guided_update
+from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
 from .sampling import NONFINITE_MODES, _index_tensor
 from .schedule import Schedule
@@ -328,7 +329,8 @@ class _Opts:
 
 def _guide_state(g) -> tuple:
     """What a guide's gradient depends on besides its network, as host values (no device read): scalar
-    attributes (scale, ...), the identity and in-place version of tensors (targets), ComposedGuide weights."""
+    attributes (scale, ...), the identity and in-place version of tensors (targets), ComposedGuide weights.
+    An inference tensor keeps no version: its in-place changes are not seen (assign a new tensor instead)."""
     if isinstance(g, _gd.ComposedGuide):
         return (id(g), g.nonfinite, tuple((_guide_state(c), w) for c, w in g.guides))
     out = []
@@ -338,7 +340,7 @@ def _guide_state(g) -> tuple:
         if isinstance(v, _gd._ClassTarget):
             v = v.target
         if isinstance(v, torch.Tensor):
-            out.append((k, id(v), v._version))
+            out.append((k, id(v), _version(v)))
         elif v is None or isinstance(v, (bool, int, float, str)):
             out.append((k, v))
         else:
@@ -369,14 +371,14 @@ def _sync_view(view, src, device, seen: dict):
             if isinstance(tens, torch.Tensor) and tens.device != device:  # one H2D copy per change, not per step
                 ck = (id(view), k)
                 old = seen.get(ck)
-                if old is None or old[0] is not tens or old[1] != tens._version:
+                if old is None or old[0] is not tens or old[1] != _version(tens):
                     moved = tens.to(device)
                     if isinstance(val, _gd._ClassTarget):
                         moved_val = copy.copy(val)
                         moved_val.target = moved
                     else:
                         moved_val = moved
-                    seen[ck] = (tens, tens._version, moved_val)
+                    seen[ck] = (tens, _version(tens), moved_val)
                 val = seen[ck][2]
         setattr(view, k, val)
 
@@ -500,7 +502,7 @@ class FastGuide:
         return tuple(m.training for b in self.banks for m in b.modules())
 
     def _bank_versions(self) -> dict:
-        return {k: sum(t._version for t in ts) for k, ts in self._bank_tensors.items()}
+        return {k: tuple(_version(t) for t in ts) for k, ts in self._bank_tensors.items()}
 
     def sync(self) -> None:
         """Follow changes of the user's guide since the last step: its scale, targets or ComposedGuide

@@ -317,13 +317,20 @@ class _ClassTarget:
         if isinstance(tgt, int):
             idx = torch.full((B, 1), tgt, dtype=torch.long, device=logits.device)
         else:
-            tgt = tgt.to(logits.device, torch.long)
+            tgt = _autograd_usable(tgt.to(logits.device, torch.long))
             if tgt.dim() == 0:
                 tgt = tgt.expand(B)
             if tgt.shape != (B,):
                 raise ValueError(f"{self.name}: target has shape {tuple(tgt.shape)}, batch is {B}")
             idx = tgt.view(B, 1)
         return F.log_softmax(logits, dim=-1).gather(1, idx).squeeze(1)
+
+
+def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    """A target made under torch.inference_mode cannot be saved for backward: use a normal copy of it."""
+    if torch.compiler.is_compiling() or not t.is_inference() or torch.is_inference_mode_enabled():
+        return t
+    return t.clone()
 
 
 def _num_classes(model, given):
@@ -479,7 +486,7 @@ class _DenseGuide(Guide):
         """The target map as [B, *out_shape[1 + per_pixel_dims:]] (logits' K is a per-pixel dim), its [H, W]
         resized to the output's where they differ (maps of rank >= 2 for outputs [B, ..., H, W])."""
         want = (out_shape[0], *out_shape[1 + per_pixel_dims:])
-        tgt = self.target_map.to(device)
+        tgt = _autograd_usable(self.target_map.to(device))
         shared = tgt.dim() == len(want) - 1
         per_sample = want[1:] if shared else want
         if tgt.dim() != len(per_sample) or tgt.shape[:-2] != per_sample[:-2]:

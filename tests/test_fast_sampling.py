@@ -694,6 +694,28 @@ def test_guidance_under_inference_mode_says_why(setup):
         sample_loop(model, SHAPE, Schedule.create("linear", 1000, "ddim5"), guide=guide)
 
 
+def test_targets_made_under_inference_mode(setup):
+    """Targets built under torch.inference_mode (no version counter, not savable for backward) guide the
+    reference loop and the fast path alike, the fast one equal to the reference."""
+    from ppap_fast.guidance import DenseRegressionGuide
+
+    model = setup[0]
+    sched = Schedule.create("linear", 1000, "ddim5")
+    with torch.inference_mode():
+        labels, depth = torch.tensor([0, 1, 2, 3]), torch.rand(1, 8, 8)
+    dense_net = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1))
+    for guide in (ClassGuide(tiny_bank(), labels, scale=3.0), DenseRegressionGuide(dense_net, depth, scale=2.0),
+                  ComposedGuide([(ClassGuide(tiny_bank(), labels, scale=3.0), 1.0)])):
+        ref = sample_loop(model, SHAPE, sched, sampler="ddim", guide=guide, generator=torch.Generator().manual_seed(3))
+        fast = FastGuidedSampler(model, sched, guide=guide)
+        out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(3))
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        gen = fast.fast_guide.generation
+        fast.sample(SHAPE, generator=torch.Generator().manual_seed(3))
+        assert fast.fast_guide.generation == gen
+
+
 def test_train_mode_guide_warns_once():
     b = tiny_bank().train()
     g = ClassGuide(b, 0, scale=1.0)
