@@ -22,6 +22,10 @@ Ratios (time ratios, below 1 = first faster; the median over rounds of the ratio
 one round, the variants being timed round-robin, which keeps load drift out on shared CPUs):
     step_fast_vs_reference      guided step, fast / reference
     step_guided_vs_unguided     fast guided step / fast unguided step (cost of guidance)
+    step_fast_vs_reference_deit_s, step_guided_vs_unguided_deit_s
+                                the same with a DeiT-S PPAP-5 guide (resized to 224 by its input
+                                transform; row key deit_s), CUDA by default (PPAP_BENCH_STEP_DEIT=1
+                                on CPU: a tiny timm ViT)
     step_compiled_vs_reference  CUDA only (unless PPAP_SKIP_COMPILE=1): the fast step with the
                                 denoiser compiled (inductor; no fused norms) in channels_last,
                                 compile time apart
@@ -71,8 +75,9 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, 
 class ReferenceStack:
     """The official per-step code path (guided-diffusion SpacedDiffusion + PPAP cond_fn), eager fp32."""
 
-    def __init__(self, model, bank, target: int, scale: float, schedule: Schedule, device):
+    def __init__(self, model, bank, target: int, scale: float, schedule: Schedule, device, transform=None):
         self.model, self.bank, self.target, self.scale, self.device = model, bank, target, scale, device
+        self.transform = transform  # e.g. DeiT's resize to 224 + ImageNet normalisation
         s = schedule.to("cpu")
         self.np = {k: getattr(s, k).numpy() for k in (
             "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -93,7 +98,7 @@ class ReferenceStack:
         expert = t0 // self.bank.band
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            logits = self.bank(x_in, expert_idx=expert)
+            logits = self.bank(x_in if self.transform is None else self.transform(x_in), expert_idx=expert)
             logp = F.log_softmax(logits, dim=-1)[range(len(logits)), torch.full((len(logits),), self.target,
                                                                                     device=x.device)]
             return torch.autograd.grad(logp.sum(), x_in)[0] * self.scale
@@ -171,6 +176,79 @@ def _setup(device):
         shape, name = (4, 3, 32, 32), "tiny_adm32+tinyresnet_ppap5"
     model.requires_grad_(False)
     return model, bank, shape, name
+
+
+def _deit_setup(device):
+    """DeiT-S PPAP-5 bank (random, timm) guiding through its transform (resize to 224, ImageNet
+    normalisation) on CUDA; a tiny timm ViT (patch 8, 32x32 input) with the same placement on CPU."""
+    from ppap_fast.models.registry import build_guide_model
+
+    torch.manual_seed(1)
+    if device == "cuda":
+        gm = build_guide_model("deit_s")
+        bank, tf, name = gm.bank(n_experts=5), gm.transform, "deit_s_ppap5@224"
+    else:
+        import timm
+
+        net = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                            num_classes=10)
+        bank = ExpertBank(net.eval().requires_grad_(False), "deit", n_experts=5).eval()
+        from ppap_fast.guidance import input_transform
+
+        tf, name = input_transform(size=32), "tiny_vit32_ppap5"
+    return _randomise_bank(bank, 0.01 if device == "cuda" else 0.05).to(device), tf, name
+
+
+def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_opts, unguided_opts,
+                 device, reps, warm) -> dict:
+    """Another guide on the same denoiser (e.g. DeiT-S): its reference stack, its fast guided step and
+    the fast unguided step timed round-robin; the samplers are freed after. An error is recorded."""
+    import gc
+
+    res, samplers = {}, []
+    try:
+        bank, tf, res["config"] = setup(device)
+        guide = ClassGuide(bank, target, scale=scale, input_transform=tf)
+        ref = ReferenceStack(ref_model, bank, target, scale, sched, device, transform=tf)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FastSamplingWarning)
+            samplers = [FastGuidedSampler(fast_model, sched, guide=guide, **fast_opts),
+                        FastGuidedSampler(fast_model, sched, **unguided_opts)]
+            with torch.no_grad():
+                want = ref.step(x, i)
+            t0 = time.perf_counter()
+            got = samplers[0].step(x, i)[0]
+            samplers[1].step(x, i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            res["first_step_s"] = round(time.perf_counter() - t0, 1)
+            res["rel_err"] = float(f"{_rel(got, want):.3e}")
+        res["warnings"] = [str(w.message).splitlines()[0] for w in caught
+                           if issubclass(w.category, FastSamplingWarning)]
+        ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "fast": lambda: samplers[0].step(x, i),
+                                      "fast_u": lambda: samplers[1].step(x, i)}, device, reps, warm)
+        res.update(reference_ms=round(ms["ref"], 3), fast_ms=round(ms["fast"], 3),
+                   fast_unguided_ms=round(ms["fast_u"], 3),
+                   fast_vs_reference=round(_ratio(rounds, "fast", "ref"), 4),
+                   guided_vs_unguided=round(_ratio(rounds, "fast", "fast_u"), 4))
+        fl_g = _guide_flops(_seq(tf, bank.merged(int(sched.timestep_map[i]) // bank.band).to(device)), x, target)
+        if fl_g:
+            res["guide_gflop"] = round(fl_g / 1e9, 3)
+        if device == "cuda":
+            res["fast_profile_top"] = _step_profile(samplers[0], x, i, device)
+    except Exception as exc:  # noqa: BLE001
+        res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        samplers = None
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    return res
+
+
+def _seq(*mods):
+    return torch.nn.Sequential(*[m for m in mods if m is not None])
 
 
 def _peak(device):
@@ -397,6 +475,14 @@ def _run(device: str, quick: bool, emit=None) -> dict:
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
     if emit is not None:  # the main figures survive a later phase that runs out of time
         emit(dict(row), dict(ratios))
+    if os.environ.get("PPAP_BENCH_STEP_DEIT", "1" if cuda else "0") == "1":  # issue #4: DeiT-S experts too
+        row["deit_s"] = res = _guide_phase(_deit_setup, ref.model, fast_model, sched, x, i, target, scale,
+                                           fast_opts, unguided_opts, device, reps, warm)
+        if "fast_ms" in res:
+            ratios["step_fast_vs_reference_deit_s"] = res["fast_vs_reference"]
+            ratios["step_guided_vs_unguided_deit_s"] = res["guided_vs_unguided"]
+        if emit is not None:
+            emit(dict(row), dict(ratios))
     for variant, (ratio_key, build) in extras.items():  # one phase each, vs the reference in its rounds
         row[variant] = res = _variant_phase(build, x, i, want, ref, device, reps, warm,
                                             op_profile=variant == "fast_compiled")

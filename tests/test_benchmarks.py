@@ -629,3 +629,38 @@ def test_op_profile_of_an_eager_step_names_ops_with_their_shapes():
     host = types.SimpleNamespace(device_type=DeviceType.CPU, key="aten::mm", self_device_time_total=9.0)
     us, rest = timing._kernels_outside_ops([kernel, host], timing.Counter({"triton_fused_norm": 200.0}))
     assert us == 300.0 and rest == [{"name": "triton_fused_norm", "ms": 0.3}]
+
+
+def test_bench_step_second_guide_phase_equals_its_reference():
+    """bench_step's DeiT-S phase (here its CPU stand-in, a tiny timm ViT bank guiding through a resize):
+    the fast guided step equals the reference stack's step with the same transform, timings and both
+    ratios are recorded, the guide FLOPs include the transform; a failing setup is a recorded error."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    from ppap_fast.models import ADMUNet
+    from ppap_fast.schedule import Schedule
+
+    torch.manual_seed(0)
+    model = ADMUNet(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+                    attention_resolutions=(), channel_mult=(1, 2), num_heads=1, use_scale_shift_norm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.requires_grad_(False)
+    sched = Schedule.create("linear", 1000, "ddim25")
+    x = torch.randn(2, 3, 16, 16)
+    res = bench_step._guide_phase(bench_step._deit_setup, model, model, sched, x, 12, 1, 10.0, {}, {}, "cpu",
+                                  reps=2, warm=1)
+    assert "error" not in res, res
+    assert res["config"] == "tiny_vit32_ppap5" and res["rel_err"] < 1e-4
+    assert all(res[k] > 0 for k in ("reference_ms", "fast_ms", "fast_unguided_ms", "fast_vs_reference",
+                                    "guided_vs_unguided", "guide_gflop"))
+
+    def broken(device):
+        raise RuntimeError("no timm here")
+
+    failed = bench_step._guide_phase(broken, model, model, sched, x, 12, 1, 10.0, {}, {}, "cpu", reps=2, warm=1)
+    assert failed["error"] == "RuntimeError: no timm here" and "fast_ms" not in failed
