@@ -88,7 +88,7 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import NONFINITE_MODES, _index_tensor
+from .sampling import NONFINITE_MODES, _index_tensor, denoiser_output
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -306,13 +306,13 @@ class _ModelRunner:
                     if self._compiled is None:
                         self._compiled = _compile(self.model, **_denoiser_compile_kwargs(self.model, self.opts))
                     with _freezing(self.opts.compile_freeze, cpu=x.device.type == "cpu"):
-                        return self._compiled(x, t, **self.kwargs)
+                        return denoiser_output(self._compiled(x, t, **self.kwargs))
                 except Exception as exc:  # noqa: BLE001
                     self._compile_ok = False
                     warnings.warn(f"torch.compile of the denoiser failed ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager denoiser",
                                   FastSamplingWarning, stacklevel=3)
-            return self.model(x, t, **self.kwargs)
+            return denoiser_output(self.model(x, t, **self.kwargs))
 
 
 class _Opts:

@@ -50,6 +50,7 @@ __all__ = [
     "model_variance",
     "p_mean_variance",
     "eps_correction",
+    "denoiser_output",
     "compute_guidance",
     "ddpm_step",
     "ddim_step",
@@ -260,6 +261,20 @@ def compute_guidance(x: torch.Tensor, idx: torch.Tensor, schedule: Schedule, gui
     return _check_grad(grad, x, nonfinite_grad)
 
 
+def denoiser_output(out):
+    """A denoiser's output tensor: the tensor itself, the ``.sample`` of a diffusers output (a
+    UNet2DModel's UNet2DOutput), or the first element of a tuple (``return_dict=False``); anything
+    else is returned as it is (and refused by the shape checks)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 def _run_model(model, model_output, x, idx, schedule, model_kwargs):
     if model_output is None:
         if model is None:
@@ -267,7 +282,7 @@ def _run_model(model, model_output, x, idx, schedule, model_kwargs):
         model_output = model(x, schedule.timestep_map[idx], **(model_kwargs or {}))
     elif model is not None:
         raise ValueError("pass either model or model_output, not both")
-    return model_output
+    return denoiser_output(model_output)
 
 
 # --------------------------------------------------------------------------- steps

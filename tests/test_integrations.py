@@ -178,6 +178,36 @@ def test_any_denoiser_callable(unet):
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
 
 
+def test_unet2dmodel_in_our_samplers_as_it_is(unet, classifier):
+    """A diffusers UNet2DModel (UNet2DOutput, or a tuple with return_dict=False) goes into sample_loop,
+    FastGuidedSampler and the single steps' precomputed model_output as it is: the same samples as a
+    plain-tensor wrapper of it."""
+    from ppap_fast.fast_sampling import FastGuidedSampler
+    from ppap_fast.sampling import ddim_step, sample_loop
+    from ppap_fast.schedule import Schedule
+
+    sched = Schedule.create("linear", 1000, "ddim5")
+    guide = linear_classifier_guide(*classifier, 2.0)
+    plain = lambda x, t: unet(x, t).sample  # noqa: E731
+    as_tuple = lambda x, t: unet(x, t, return_dict=False)  # noqa: E731
+    run = lambda m, fast: (FastGuidedSampler(m, sched, guide=guide).sample if fast else  # noqa: E731
+                           (lambda shape, generator: sample_loop(m, shape, sched, guide=guide, generator=generator)))(
+        (B, C, H, H), generator=torch.Generator().manual_seed(3))
+    for fast in (False, True):
+        want = run(plain, fast)
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(run(unet, fast), want, rtol=0, atol=0)
+        torch.testing.assert_close(run(as_tuple, fast), want, rtol=0, atol=0)
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(4))
+    t = sched.timestep_map[torch.full((B,), 2)]
+    with torch.no_grad():
+        a = ddim_step(None, x, 2, sched, model_output=unet(x, t), guide=guide).sample
+        b = ddim_step(plain, x, 2, sched, guide=guide).sample
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="model_output must be a tensor"):
+        sample_loop(lambda x, t: {"eps": x}, (B, C, H, H), sched)
+
+
 def test_guided_diffusion_cond_fn_is_the_guidance_one():
     from ppap_fast import guidance
     from ppap_fast.integrations import guided_diffusion

@@ -65,6 +65,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..ops.lora.segments import _version  # None for an inference tensor
+from ..sampling import denoiser_output
 
 __all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "MIN_GUIDED_ABAR", "OUTPUT_TYPES",
            "fuse_norm_act"]
@@ -647,7 +648,7 @@ class _GuidedPipelineBody:
 
     def _denoise(self, x, t, class_labels=None):
         out = self.unet(x, t) if class_labels is None else self.unet(x, t, class_labels=class_labels)
-        return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+        return denoiser_output(out)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
