@@ -208,6 +208,21 @@ def test_unet2dmodel_in_our_samplers_as_it_is(unet, classifier):
         sample_loop(lambda x, t: {"eps": x}, (B, C, H, H), sched)
 
 
+def test_pipeline_takes_a_configured_guidance(unet, classifier):
+    """A PPAPGuidance given as the pipeline's guide is used as it is (its options kept), not wrapped as
+    if it were a guide(x_t, t)."""
+    guide = linear_classifier_guide(*classifier, 3.0)
+    run = lambda g: PPAPGuidedPipeline(unet, DDIMScheduler(num_train_timesteps=1000), g)(  # noqa: E731
+        batch_size=B, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="raw").images
+    configured = PPAPGuidance(guide, fast=False)
+    pipe = PPAPGuidedPipeline(unet, DDIMScheduler(num_train_timesteps=1000), configured)
+    assert pipe.guidance is configured
+    want = run(guide)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(run(configured), want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(run(None), want)
+
+
 def test_guided_diffusion_cond_fn_is_the_guidance_one():
     from ppap_fast import guidance
     from ppap_fast.integrations import guided_diffusion

@@ -588,12 +588,14 @@ class _GuidedPipelineBody:
     (``pipe.components``, ``save_pretrained``, ``from_pretrained(path, guide=...)``,
     ``from_pipe(ddpm_pipeline, guide=...)``, ``set_progress_bar_config``); the guide is not a
     component (it is not saved with the pipeline: keep it with :func:`ppap_fast.experts.save_experts`).
+    ``guide`` may be a :class:`PPAPGuidance` (its fast options kept: ``PPAPGuidance(guide, channels_last=True,
+    guide_autocast=torch.bfloat16)``); a plain guide gets ``PPAPGuidance(guide)``'s defaults.
     """
 
     def __init__(self, unet, scheduler, guide: Callable | None = None, image_shape: tuple | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.guidance = None if guide is None else PPAPGuidance(guide)
+        self.guidance = guide if guide is None or isinstance(guide, PPAPGuidance) else PPAPGuidance(guide)
         self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
 
     @property
