@@ -217,6 +217,14 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_expert_adamw_ms"] = round(ge_ms, 3)
         if row.get("onepass_graph_ms"):
             acc.setdefault("distill_graph_expert_adamw_vs_adamw", []).append(ge_ms / row["onepass_graph_ms"])
+        try:  # distill --amp bf16: the same step with the forward under bf16 autocast
+            ga_ms = _graphed_ms(bank, x, t, teacher, reps, True, amp="bf16")
+        except Exception as exc:  # noqa: BLE001
+            row["onepass_graph_amp_bf16_error"] = _error(exc)
+        else:
+            row["onepass_graph_amp_bf16_ms"] = round(ga_ms, 3)
+            row["onepass_graph_amp_bf16_img_per_s"] = round(batch / ga_ms * 1e3, 1)
+            acc.setdefault("distill_graph_amp_bf16_vs_fp32", []).append(ga_ms / ge_ms)
     checkpoint()
     if os.environ.get("PPAP_BENCH_DISTILL_CL") == "1":  # opt-in: three more captured ResNet50 steps
         try:
@@ -327,10 +335,12 @@ def _with_cpp_backend(fn):
     return _with_backend("PPAP_FAST_LORA_CPP", "1", "lora_conv2d", "cpp", fn)
 
 
-def _graphed_ms(bank, x, t, teacher, reps, expert_adamw: bool = False):
+def _graphed_ms(bank, x, t, teacher, reps, expert_adamw: bool = False, amp: str = "none"):
     """Median ms of the one-pass step captured in a CUDA graph: capturable torch AdamW on every
     trainable tensor, or (``expert_adamw``) distill's expert_mean default: ExpertAdamW stepping the
-    sampled experts only (ExpertBank.step_sampled_experts)."""
+    sampled experts only (ExpertBank.step_sampled_experts). ``amp``: the forward under
+    distributed.amp_autocast (distill --amp)."""
+    from ppap_fast.distributed import amp_autocast
     from ppap_fast.train_graph import GraphedTrainStep
 
     bank.check_inputs = False
@@ -345,7 +355,9 @@ def _graphed_ms(bank, x, t, teacher, reps, expert_adamw: bool = False):
                                 capturable=True)
 
     def step(x, t, teacher):
-        loss = _kd(bank(x, t), teacher)
+        with amp_autocast(amp, x.device):
+            out = bank(x, t)
+        loss = _kd(out.float(), teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if expert_adamw:

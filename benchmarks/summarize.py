@@ -49,6 +49,8 @@ PENDING = (
      "with the graphed ratio below 1 too: the same default change"),
     ("distill_triton_vs_auto", "Triton LoRA faster than cuda_full eager (factorised bank)",
      "make 'triton' first in the CUDA automatic order (ops/lora/__init__.py _ORDER)"),
+    ("distill_graph_amp_bf16_vs_fp32", "the graphed distill step (ExpertAdamW) faster with --amp bf16",
+     "recommend `distill --amp bf16` for CUDA in README (or make it the CUDA default: an identity change)"),
     ("denoiser_compiled_chstats_vs_compiled", "compiled ADM faster with per-channel GroupNorm statistics",
      "set_group_norm_stats('channel') for compiled CUDA ADMs too "
      "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),

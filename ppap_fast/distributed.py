@@ -719,6 +719,7 @@ class DistillConfig:
     verify_data: bool = False           # check every shard's CRC-32 before training (split over ranks)
     lora_kernels: str = "default"       # "implicit": the implicit-GEMM conv LoRA kernels (see LORA_KERNELS)
     loss_reduction: str = "expert_mean"  # or "batch_mean" (distill.expert_mean_loss); part of the identity
+    amp: str = "none"                   # "bf16": the experts' forward under bf16 autocast (AMP_MODES)
 
     def identity(self) -> dict:
         """What determines the experts (``checkpoint_every`` does not: a resume is exact).
@@ -729,9 +730,28 @@ class DistillConfig:
             d.pop(k)
         d.pop("data_dir")  # the set is identified by its manifest hash below, not by where it is mounted
         d.pop("out_dir")
+        if self.amp == "none":  # absent: states written before the field existed keep their hash
+            d.pop("amp")
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["data_manifest"] = data_manifest_hash(self.data_dir)
         return d
+
+
+# DistillConfig.amp: the official PPAP code trains with AMP fp16; bf16 has float32's range, so it needs no
+# loss scaling (a GradScaler's inf checks would sync the host every step and break CUDA graph capture)
+AMP_MODES = {"none": None, "bf16": torch.bfloat16}
+AMP_HELP = ("bf16: run the experts' forward under bfloat16 autocast (the official code trains with AMP fp16; "
+            "bf16 needs no loss scaling); the loss, gradients, optimizer state and saved experts stay float32")
+
+
+def amp_autocast(amp: str, device: torch.device):
+    """The autocast context of DistillConfig.amp on ``device`` (a no-op context for "none")."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
+    if AMP_MODES[amp] is None:
+        return contextlib.nullcontext()
+    # no weight-cast cache: its casts would outlive a captured step's graph pool
+    return torch.autocast(device.type, dtype=AMP_MODES[amp], cache_enabled=False)
 
 
 def data_manifest_hash(data_dir) -> str | None:
@@ -1229,6 +1249,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
     check_loss_reduction(cfg.loss_reduction)
+    amp_autocast(cfg.amp, device)  # an unknown mode fails before any work
     teacher, transform, placement, task, arch = collectively(
         lambda: build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task), env, "building the teacher")
     loss_kind = resolve_loss(cfg, task)
@@ -1323,8 +1344,9 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         counts = expert_counts(e, cfg.n_experts)
         if env.distributed:  # every rank's samples of an expert: DDP's gradient average is their mean
             dist.all_reduce(counts)
-        per_sample = distill_loss_per_sample(loss_kind, teacher_output(model, transform, xt, t), target,
-                                             cfg.temperature)
+        with amp_autocast(cfg.amp, device):
+            student = teacher_output(model, transform, xt, t)  # float32 out
+        per_sample = distill_loss_per_sample(loss_kind, student, target, cfg.temperature)
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, cfg.n_experts, cfg.loss_reduction, counts, env.world_size).backward()
         return per_sample.detach().mean(), counts
@@ -1403,7 +1425,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                 "losses": losses, "losses_are": "per step, mean over ranks of each rank's batch loss",
                 "loss_reduction": cfg.loss_reduction,
                 "resumed_from_step": resumed_from, "expert_fingerprint": fp, "cuda_graph": graphed,
-                "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(),
+                "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(), "amp": cfg.amp,
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})
             state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
@@ -1508,6 +1530,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="distillation loss (default: kl for classification, pixel_kl for segmentation, "
                         "mse for depth / regression)")
     d.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
+    d.add_argument("--amp", choices=list(AMP_MODES), default="none", help=AMP_HELP)
     d.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resumable training state every N steps (0: never); a restart with the "
                         "same arguments resumes from it")
@@ -1555,7 +1578,7 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          dump_rank_states=a.dump_rank_states, teacher_task=a.teacher_task, loss=a.loss,
                          checkpoint_every=a.checkpoint_every, cuda_graph=a.cuda_graph,
                          prefetch=a.prefetch, verify_data=a.verify_data, lora_kernels=a.lora_kernels,
-                         loss_reduction=a.loss_reduction)
+                         loss_reduction=a.loss_reduction, amp=a.amp)
 
 
 def main(argv=None) -> int:

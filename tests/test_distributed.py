@@ -284,6 +284,46 @@ def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     assert D.config_from_args(a).lora_kernels == "implicit"
 
 
+def test_distill_amp_bf16(tmp_path, monkeypatch):
+    """amp="bf16": the experts' forward runs under bf16 autocast (its convs see bf16 inputs), the saved
+    experts stay float32, finite and near the float32 run's; amp is in the identity only when used
+    (older states keep their hash); a bad mode and the CLI flag are checked."""
+    tfile = _tiny_teacher_file(tmp_path)
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4, "teacher": f"tiny:{tfile}"}),
+               D.DistEnv())
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=2, batch_size=4, lr=1e-2, warmup=1, device="cpu")
+    seen, student_forward = [], D.teacher_output
+
+    def recording(model, transform, x, t=None):
+        out = student_forward(model, transform, x, t)
+        if t is not None:  # the experts' forward (the teacher's targets are cached in the set)
+            seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(D, "teacher_output", recording)
+    banks = {}
+    for amp in ("none", "bf16"):
+        seen.clear()
+        cfg = D.DistillConfig(str(data), str(tmp_path / amp), f"tiny:{tfile}", amp=amp, **base)
+        D.distill(cfg, D.DistEnv())
+        s = json.loads((tmp_path / amp / "train_summary.json").read_text())
+        assert s["amp"] == amp and ("amp" in s["config"]) == (amp != "none")
+        assert seen and all(s == (amp == "bf16", torch.float32) for s in seen), seen
+        banks[amp] = _experts(tmp_path / amp)
+    trained = 0
+    for k, v in banks["none"].items():
+        got = banks["bf16"][k]
+        assert got.dtype == v.dtype and torch.isfinite(got.float()).all(), k
+        torch.testing.assert_close(got, v, rtol=0.1, atol=4 * base["lr"])  # AdamW moves <= ~lr a step
+        trained += not torch.equal(got, v)
+    assert trained  # bf16 rounding reached the experts: the option did something
+    with pytest.raises(ValueError, match="amp must be one of"):
+        D.distill(dataclasses.replace(cfg, amp="fp8", out_dir=str(tmp_path / "bad")), D.DistEnv())
+    a = D._parser().parse_args(["distill", "--data", str(data), "--out", "o", "--teacher", "x", "--amp", "bf16"])
+    assert D.config_from_args(a).amp == "bf16"
+
+
 # ----------------------------------------------------------------------------- resumable distillation
 def _tiny_teacher_file(tmp_path):
     from ppap_fast.models.tiny import TinyResNet, save_model

@@ -3,6 +3,7 @@ fallback and argument checks)."""
 import contextlib
 import dataclasses
 import json
+import math
 import warnings
 
 import numpy as np
@@ -212,6 +213,24 @@ def test_distill_cuda_graph_matches_eager(tmp_path, no_tf32):
     assert len(la) == len(lb) == 8 and all(abs(a - b) <= 1e-4 * max(1.0, abs(a)) for a, b in zip(la, lb))
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert all(rel(b[k].double(), a[k].double()) < 1e-4 for k in a if a[k].is_floating_point())
+
+
+@requires_cuda
+def test_distill_amp_bf16_cuda_graph_matches_eager(tmp_path, no_tf32):
+    """amp="bf16" inside the captured step (autocast without its weight-cast cache) trains as eagerly."""
+    from safetensors.torch import load_file
+
+    data, teacher = _tiny_set(tmp_path)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=6,
+                          batch_size=4, device="cuda", cuda_graph=False, amp="bf16")
+    env = D.DistEnv(device=torch.device("cuda", 0))
+    D.distill(cfg, env)
+    D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g"), cuda_graph=True), env)
+    sa, sb = (json.loads((tmp_path / o / "train_summary.json").read_text()) for o in ("eager", "g"))
+    assert sb["cuda_graph"] is True and sa["amp"] == sb["amp"] == "bf16"
+    assert all(math.isfinite(a) and abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(sa["losses"], sb["losses"]))
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
+    assert all(rel(b[k].double(), a[k].double()) < 1e-3 for k in a if a[k].is_floating_point())
 
 
 @pytest.mark.parametrize("reduction", ["expert_mean", "batch_mean"])
