@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     common(s)
 
-    s = sub.add_parser("sample", help="sample with one guidance method; writes .npz + PNG grid")
+    s = sub.add_parser("sample", help="sample with one guidance method; writes .npz + PNG grid + stats .json "
+                                      "(NFE, seconds, images/s, peak memory)")
     s.add_argument("--method", "--guide", dest="method", required=True,
                    help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
     s.add_argument("--sampler", default="ddim")
@@ -145,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=_positive_int, default=None,
                    help="default: one per --targets entry, else 100 (0..9 cycled)")
     s.add_argument("--batch-size", type=_positive_int, default=250)
-    s.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
+    s.add_argument("--out", required=True, help="output .npz (a PNG grid and the stats .json are written beside it)")
     s.add_argument("--fast", action="store_true", help="fast path: fused update, PPAP experts merged per band")
     common(s, device=False)
 
@@ -389,13 +390,17 @@ def _run(args) -> int:
             raise DemoError(f"--out must end in .npz, got {out.name}")
         demo.parse_method(args.method)
         demo.check_writable_dir(out.parent)
-        demo.check_output_file(out)
+        for side in (out, out.with_suffix(".png"), out.with_suffix(".json")):
+            demo.check_output_file(side)
         targets = _parse_targets(args.targets, args.num_samples)
         x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
                                       args.seed, args.batch_size, progress=progress, fast=args.fast)
         demo.save_samples(out, x, targets.numpy())
         images, labels = demo.read_samples(out)
         demo.save_grid(out.with_suffix(".png"), images, labels)
+        from .data.shards import write_json_atomic
+
+        write_json_atomic(out.with_suffix(".json"), {"out": str(out), **stats})  # as guided-sample's
         print(json.dumps({"out": str(out), **stats}))
         return 0
 

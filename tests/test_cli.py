@@ -307,6 +307,8 @@ def test_sample_fast_flag(weights, tmp_path, capsys):
                  "--out", str(tmp_path / "s.npz"), "--no-progress", "--fast"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["path"] == "fast" and res["images_per_s"] > 0 and res["nfe_per_sample"] == 2
+    assert json.loads((tmp_path / "s.json").read_text()) == res  # the stats beside the .npz, as guided-sample
+    assert res["peak_rss_mb"] > 0 and res["seconds"] >= 0
 
 
 def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_path, capsys):
