@@ -40,7 +40,9 @@ Options (all off by default; each falls back to the eager path with a warning wh
 * ``channels_last``: denoiser and merged experts in channels_last memory format (the denoiser's
   parameters are converted in place).
 * ``guide_autocast``: torch.float16 / torch.bfloat16 autocast for the guide's forward and backward
-  (the gradient comes back in x's dtype).
+  (the gradient comes back in x's dtype). ``model_autocast``: the same for the denoiser's forward (a
+  float32 diffusers UNet on a GPU; its output comes back in x's dtype; ADM's ``use_fp16`` torso needs
+  none).
 * ``compile_guide``: torch.compile of the guide's forward + input-backward (``torch.func.grad``);
   ``compile_model``: torch.compile of the denoiser. ``compile_kwargs`` go to torch.compile.
   ``compile_freeze``: the denoiser is compiled with inductor freezing (its weights become constants
@@ -198,10 +200,7 @@ class _GradRunner:
         self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
 
     def _ctx(self, device):
-        if self.opts.guide_autocast is None:
-            return contextlib.nullcontext()
-        # no weight-cast cache: a cache filled during CUDA-graph capture would be reused outside it
-        return torch.autocast(device.type, dtype=self.opts.guide_autocast, cache_enabled=False)
+        return _autocast(device, self.opts.guide_autocast)
 
     def _input(self, x):
         x = x.detach()
@@ -300,7 +299,7 @@ class _ModelRunner:
     def __call__(self, x, t):
         if self.opts.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(x.device, self.opts.model_autocast):
             if self._compile_ok:
                 try:
                     if self._compiled is None:
@@ -315,13 +314,25 @@ class _ModelRunner:
             return denoiser_output(self.model(x, t, **self.kwargs))
 
 
+def _autocast_dtype(dtype, name):
+    if dtype not in (None, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be None, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    # no weight-cast cache: a cache filled during CUDA-graph capture would be reused outside it
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
 class _Opts:
     def __init__(self, channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs,
-                 compile_freeze=False):
-        if guide_autocast not in (None, torch.float16, torch.bfloat16):
-            raise ValueError(f"guide_autocast must be None, torch.float16 or torch.bfloat16, got {guide_autocast!r}")
+                 compile_freeze=False, model_autocast=None):
         self.channels_last = bool(channels_last)
-        self.guide_autocast = guide_autocast
+        self.guide_autocast = _autocast_dtype(guide_autocast, "guide_autocast")
+        self.model_autocast = _autocast_dtype(model_autocast, "model_autocast")
         self.compile_guide, self.compile_model = bool(compile_guide), bool(compile_model)
         self.compile_kwargs = dict(compile_kwargs or {})
         self.compile_freeze = bool(compile_freeze)
@@ -585,7 +596,7 @@ class FastGuidedSampler:
                  compile_guide: bool = False, compile_model: bool = False, compile_kwargs: Mapping | None = None,
                  compile_freeze: bool = False, cuda_graph: bool = False, overlap_guide: bool = False,
                  backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False,
-                 cudnn_benchmark: bool = False):
+                 cudnn_benchmark: bool = False, model_autocast: torch.dtype | None = None):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if nonfinite_grad not in NONFINITE_MODES:
@@ -605,7 +616,8 @@ class FastGuidedSampler:
         self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
         self.sampler, self.eta, self.var_type = sampler, float(eta), var_type
         self.clip_denoised, self.nonfinite_grad, self.backend = clip_denoised, nonfinite_grad, backend
-        self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs, compile_freeze)
+        self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs, compile_freeze,
+                          model_autocast)
         if self.opts.channels_last and isinstance(model, torch.nn.Module):
             model.to(memory_format=torch.channels_last)
         if fuse_norm_act:

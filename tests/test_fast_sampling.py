@@ -716,6 +716,27 @@ def test_targets_made_under_inference_mode(setup):
         assert fast.fast_guide.generation == gen
 
 
+def test_model_autocast_runs_the_denoiser_in_half_precision(setup):
+    """model_autocast=bf16: the denoiser's forward under bf16 autocast (the output back in x's dtype): the
+    reference loop with an autocast wrapper of the denoiser, not the float32 samples; other dtypes refused."""
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+
+    def bf16_denoiser(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, t).float()
+
+    want = sample_loop(bf16_denoiser, SHAPE, sched, sampler="ddim", guide=guide, generator=gen())
+    fp32 = sample_loop(model, SHAPE, sched, sampler="ddim", guide=guide, generator=gen())
+    got = FastGuidedSampler(model, sched, guide=guide, model_autocast=torch.bfloat16).sample(SHAPE, generator=gen())
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert rel_err(got, want) < TOL
+    assert rel_err(got, fp32) > 10 * rel_err(got, want)
+    with pytest.raises(ValueError, match="model_autocast must be None"):
+        FastGuidedSampler(model, sched, model_autocast=torch.float64)
+
+
 def test_train_mode_guide_warns_once():
     b = tiny_bank().train()
     g = ClassGuide(b, 0, scale=1.0)
