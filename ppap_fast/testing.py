@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -28,6 +28,7 @@ __all__ = [
     "check_adm_golden",
     "check_adm_manifest",
     "check_guided_golden",
+    "GOLDEN_IMPLS",
     "load_golden_adm",
     "linear_classifier_guide",
     "state_dict_sha256",
@@ -119,15 +120,128 @@ def linear_classifier_guide(W: torch.Tensor, y: torch.Tensor, scale: float) -> C
     return guide
 
 
-def check_guided_golden(path, device="cpu") -> dict[str, float]:
+class _RecordedDenoiser:
+    """The golden's recorded model outputs at x_T ({original t: output}) as a denoiser: any other input
+    raises, so a sampler that feeds it something else than the recorded x_t cannot pass silently."""
+
+    def __init__(self, x_T: torch.Tensor, outputs: dict[int, torch.Tensor]):
+        self.x_T, self.outputs = x_T, outputs
+
+    def __call__(self, x, t, **kwargs):
+        ts = sorted({int(v) for v in t.flatten().tolist()})
+        if not torch.equal(x, self.x_T) or len(ts) != 1 or ts[0] not in self.outputs:
+            raise ValueError(f"recorded denoiser: only x_T at t in {sorted(self.outputs)} was recorded, "
+                             f"got timesteps {ts}")
+        return self.outputs[ts[0]].clone()
+
+
+class _RecordedGuide:
+    """grad_at_xT as a guide (it does not depend on t); any other x raises."""
+
+    def __init__(self, x_T: torch.Tensor, grad: torch.Tensor):
+        self.x_T, self.grad = x_T, grad
+
+    def __call__(self, x, t):
+        if not torch.equal(x, self.x_T):
+            raise ValueError("recorded guide: only the gradient at x_T was recorded")
+        return self.grad.clone()
+
+
+GOLDEN_IMPLS = ("reference", "fast")
+
+
+class _ReferencePath:
+    """The golden's steps and loops through ppap_fast.sampling."""
+
+    def __init__(self, g, clip_denoised):
+        self.eta, self.clip = float(g["eta"]), clip_denoised
+
+    def ddim_step(self, model, x, i, s, guide):
+        out = _sampling().ddim_step(model, x, i, s, guide=guide, eta=self.eta, clip_denoised=self.clip)
+        return out.sample, out.pred_xstart
+
+    def ddpm_step(self, model, x, i, s, guide, noise):
+        """sample, pred_xstart, mean, log_variance."""
+        out = _sampling().ddpm_step(model, x, i, s, guide=guide, noise=noise, clip_denoised=self.clip)
+        return out.sample, out.pred_xstart, out.mean, out.log_variance
+
+    def model_and_grad(self, model, guide, x, t, s):
+        with torch.no_grad():
+            return model(x, t), guide(x, t)
+
+    def ddim_loop(self, model, x, s, guide):
+        return _sampling().sample_loop(model, x, s, sampler="ddim", guide=guide, eta=self.eta,
+                                       clip_denoised=self.clip, return_trajectory=True)
+
+
+class _FastPath:
+    """The golden's steps and loops through ppap_fast.fast_sampling (FastGuidedSampler.step with the
+    fused guided_update; fast_sample_loop for the loops). The fused op returns (x_prev, pred_xstart)
+    only: the DDPM mean is its sample with zero noise; log_variance is not exposed (it enters the
+    checked guided / noised samples)."""
+
+    def __init__(self, g, clip_denoised, backend, options):
+        self.eta, self.clip = float(g["eta"]), clip_denoised
+        self.kw = dict(clip_denoised=clip_denoised, backend=backend, **options)
+
+    def _sampler(self, model, s, sampler, guide):
+        from .fast_sampling import FastGuidedSampler
+
+        return FastGuidedSampler(model, s, sampler=sampler, guide=guide, eta=self.eta if sampler == "ddim" else 0.0,
+                                 **self.kw)
+
+    def ddim_step(self, model, x, i, s, guide):
+        return self._sampler(model, s, "ddim", guide).step(x, i)
+
+    def ddpm_step(self, model, x, i, s, guide, noise):
+        fs = self._sampler(model, s, "ddpm", guide)
+        sample, pred = fs.step(x, i, noise=noise)
+        mean = fs.step(x, i, noise=torch.zeros_like(noise))[0] if guide is None else None
+        return sample, pred, mean, None
+
+    def model_and_grad(self, model, guide, x, t, s):
+        """The sampler's own denoiser and guide runners (with its options applied)."""
+        fs = self._sampler(model, s, "ddim", guide)
+        with torch.no_grad():
+            return fs._denoise(x, t), fs.fast_guide(x, t, t_host=int(t[0]))
+
+    def ddim_loop(self, model, x, s, guide):
+        from .fast_sampling import fast_sample_loop
+
+        return fast_sample_loop(model, x, s, sampler="ddim", guide=guide, eta=self.eta, return_trajectory=True,
+                                **self.kw)
+
+
+def _sampling():
+    from . import sampling  # local: sampling imports nothing from here
+
+    return sampling
+
+
+def check_guided_golden(path, device="cpu", impl: str = "reference", backend: str | None = None,
+                        fast_options: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Max abs error per recorded tensor of guided_steps_golden.pt (fp32).
 
     Rebuilds both schedules and the model (adm_small_golden_1.pt beside the
     fixture), runs our single steps at every recorded index and both 25-step
     DDIM loops; trajectories are compared step by step (`..._trajectory_step{k}`).
-    """
-    from . import sampling  # local: sampling imports nothing from here
+    Keys ending in ``_from_recorded_inputs`` run the steps at t=960 (DDIM index 24) and
+    t=999 (DDPM index 49) with the golden's own model outputs and gradient at x_T in place
+    of the model and guide: the update alone, free of the model's float32 error.
 
+    impl: "reference" (ppap_fast.sampling) or "fast" (ppap_fast.fast_sampling: FastGuidedSampler
+    steps with the fused guided_update, fast_sample_loop; ``backend`` picks the guided_update backend,
+    ``fast_options`` go to FastGuidedSampler, e.g. channels_last or cuda_graph). The fast path has no
+    ``ddpm_step*_log_variance`` keys (the fused op does not return it). With ``cuda_graph`` the
+    recorded-input steps run eagerly (their stand-in denoiser reads x on the host: a warning).
+    """
+    if impl not in GOLDEN_IMPLS:
+        raise ValueError(f"impl must be one of {GOLDEN_IMPLS}, got {impl!r}")
+    if impl == "reference" and (backend is not None or fast_options):
+        raise ValueError("backend and fast_options apply to impl='fast' only")
+    fixed = sorted(set(fast_options or {}) & {"sampler", "guide", "eta", "clip_denoised", "backend", "var_type"})
+    if fixed:
+        raise ValueError(f"fast_options may not set {fixed}: the golden fixes them (backend: the argument)")
     path = Path(path)
     g = _load(path)
     model_path = path.parent / g["model_ref"].split()[0]
@@ -139,6 +253,8 @@ def check_guided_golden(path, device="cpu") -> dict[str, float]:
     dev = lambda v: v.to(device)  # noqa: E731
     x_T, noise = dev(g["x_T"]), dev(g["noise"])
     guide = linear_classifier_guide(dev(g["W"]), dev(g["y"]), float(g["scale"]))
+    clip = bool(g["clip_denoised"])
+    run = _ReferencePath(g, clip) if impl == "reference" else _FastPath(g, clip, backend, dict(fast_options or {}))
     scheds = {
         "ddim": Schedule.create("linear", 1000, g["ddim_respacing"]).to(device),
         "ddpm": Schedule.create("linear", 1000, g["ddpm_respacing"]).to(device),
@@ -150,38 +266,44 @@ def check_guided_golden(path, device="cpu") -> dict[str, float]:
         errs[f"{name}_alphas_cumprod"] = max_abs_err(s.alphas_cumprod, g[f"{name}_alphas_cumprod"])
         errs[f"{name}_betas"] = max_abs_err(s.betas, g[f"{name}_betas"])
 
-    def cmp(key, value):
-        errs[key] = max_abs_err(value, g[key])
+    def cmp(key, value, suffix=""):
+        errs[key + suffix] = max_abs_err(value, g[key])
 
     B = x_T.shape[0]
-    with torch.no_grad():
-        cmp("model_out_xT_t960", model(x_T, torch.full((B,), 960, device=device)))
-        cmp("model_out_xT_t999", model(x_T, torch.full((B,), 999, device=device)))
-    cmp("grad_at_xT", guide(x_T, torch.full((B,), 960, device=device)))
+    t960, t999 = (torch.full((B,), t, device=device) for t in (960, 999))
+    out960, grad = run.model_and_grad(model, guide, x_T, t960, scheds["ddim"])
+    out999, _ = run.model_and_grad(model, guide, x_T, t999, scheds["ddim"])
+    cmp("model_out_xT_t960", out960)
+    cmp("model_out_xT_t999", out999)
+    cmp("grad_at_xT", grad)
 
-    s = scheds["ddim"]
-    for i in (24, 12, 0):
-        for kind, gd in (("guided", guide), ("unguided", None)):
-            out = sampling.ddim_step(model, x_T, i, s, guide=gd, eta=float(g["eta"]),
-                                     clip_denoised=bool(g["clip_denoised"]))
-            cmp(f"ddim_step{i}_{kind}_sample", out.sample)
-            cmp(f"ddim_step{i}_{kind}_pred_xstart", out.pred_xstart)
+    def ddim_steps(mdl, gd, indices, suffix=""):
+        for i in indices:
+            for kind, gdi in (("guided", gd), ("unguided", None)):
+                sample, pred = run.ddim_step(mdl, x_T, i, scheds["ddim"], gdi)
+                cmp(f"ddim_step{i}_{kind}_sample", sample, suffix)
+                cmp(f"ddim_step{i}_{kind}_pred_xstart", pred, suffix)
 
-    s = scheds["ddpm"]
-    for i in (49, 25, 0):
-        for kind, gd in (("guided", guide), ("unguided", None)):
-            out = sampling.ddpm_step(model, x_T, i, s, guide=gd, noise=noise,
-                                     clip_denoised=bool(g["clip_denoised"]))
-            cmp(f"ddpm_step{i}_{kind}_sample", out.sample)
-            if gd is None:
-                cmp(f"ddpm_step{i}_unguided_mean", out.mean)
-                cmp(f"ddpm_step{i}_pred_xstart", out.pred_xstart)
-                cmp(f"ddpm_step{i}_log_variance", out.log_variance)
+    def ddpm_steps(mdl, gd, indices, suffix=""):
+        for i in indices:
+            for kind, gdi in (("guided", gd), ("unguided", None)):
+                sample, pred, mean, log_var = run.ddpm_step(mdl, x_T, i, scheds["ddpm"], gdi, noise)
+                cmp(f"ddpm_step{i}_{kind}_sample", sample, suffix)
+                if gdi is None:
+                    cmp(f"ddpm_step{i}_unguided_mean", mean, suffix)
+                    cmp(f"ddpm_step{i}_pred_xstart", pred, suffix)
+                    if log_var is not None:
+                        cmp(f"ddpm_step{i}_log_variance", log_var, suffix)
+
+    ddim_steps(model, guide, (24, 12, 0))
+    ddpm_steps(model, guide, (49, 25, 0))
+    recorded = _RecordedDenoiser(x_T, {960: dev(g["model_out_xT_t960"]), 999: dev(g["model_out_xT_t999"])})
+    recorded_guide = _RecordedGuide(x_T, dev(g["grad_at_xT"]))
+    ddim_steps(recorded, recorded_guide, (24,), "_from_recorded_inputs")
+    ddpm_steps(recorded, recorded_guide, (49,), "_from_recorded_inputs")
 
     for kind, gd in (("guided", guide), ("unguided", None)):
-        final, traj = sampling.sample_loop(model, x_T, scheds["ddim"], sampler="ddim", guide=gd,
-                                           eta=float(g["eta"]), clip_denoised=bool(g["clip_denoised"]),
-                                           return_trajectory=True)
+        final, traj = run.ddim_loop(model, x_T, scheds["ddim"], gd)
         ref = g[f"ddim25_{kind}_trajectory"]
         if traj.shape != ref.shape:
             errs[f"ddim25_{kind}_trajectory"] = float("inf")

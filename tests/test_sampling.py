@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ppap_fast import sampling
+from ppap_fast import fast_sampling, ops, sampling
+from ppap_fast.ops.update import MODES
 from ppap_fast.sampling import ddim_step, ddpm_step, eps_correction, sample_loop
 from ppap_fast.schedule import Schedule
 from ppap_fast.testing import check_guided_golden
@@ -14,7 +15,7 @@ from _util import assert_no_host_sync, capture_cuda_graph, requires_cuda
 # ----------------------------------------------------------------- golden parity
 
 @pytest.fixture(scope="module")
-def golden(fixtures_dir):
+def golden(fixtures_dir, one_thread):
     g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
     return g, check_guided_golden(fixtures_dir / "guided_steps_golden.pt")
 
@@ -28,18 +29,29 @@ def test_golden_covers_every_recorded_tensor(golden):
     assert sum(k.startswith("ddim25_unguided_trajectory_step") for k in errs) == 25
 
 
-def test_golden_single_steps(golden):
+def _golden_tol(key, g):
+    """Tolerance of check_guided_golden's key `key`, the same for every sampler path."""
+    if key.endswith("_from_recorded_inputs"):
+        # the update alone on the golden's own model outputs and gradient: float32 rounding only,
+        # 4 ulp of the tensor's largest value (seen: <= 1 ulp with every guided_update backend)
+        ref = g[key.removesuffix("_from_recorded_inputs")]
+        return 4 * torch.finfo(torch.float32).eps * max(1.0, float(ref.abs().max()))
+    if "trajectory" in key or "final" in key:
+        return 5e-4
     # <= 1e-4, or 4x the golden's own fp32-vs-fp64 deviation where the formula amplifies
     # fp32 error (pred_xstart at t=960/999 is sqrt(1/abar-1) ~ 100x the eps error).
+    return max(1e-4, 4 * g["fp64_vs_fp32_maxabs"].get(key, 0.0))
+
+
+def _golden_failures(errs, g):
+    return {k: (e, _golden_tol(k, g)) for k, e in errs.items() if not (math.isfinite(e) and e <= _golden_tol(k, g))}
+
+
+def test_golden_single_steps(golden):
     g, errs = golden
-    dev = g["fp64_vs_fp32_maxabs"]
-    bad = {}
-    for k, e in errs.items():
-        if "trajectory" in k or "final" in k:
-            continue
-        tol = max(1e-4, 4 * dev.get(k, 0.0))
-        if not (math.isfinite(e) and e <= tol):
-            bad[k] = (e, tol)
+    steps = {k: e for k, e in errs.items() if not ("trajectory" in k or "final" in k)}
+    assert sum(k.endswith("_from_recorded_inputs") for k in steps) == 9
+    bad = _golden_failures(steps, g)
     assert not bad, bad
 
 
@@ -49,6 +61,84 @@ def test_golden_trajectories(golden):
     assert len(traj) == 2 * 25 + 4
     bad = {k: e for k, e in traj.items() if not (math.isfinite(e) and e <= 5e-4)}
     assert not bad, bad
+
+
+# ----------------------------------------------------------------- golden parity of the fast path
+
+FAST_GOLDEN_BACKENDS = ["reference", "cpp", "triton"]  # the guided_update backends that run on the CPU
+NOT_ON_FAST_PATH = ("log_variance",)  # the fused update returns (x_prev, pred_xstart) only
+
+
+@pytest.fixture
+def fused_update_runs(monkeypatch):
+    """Spy on the fast sampler's fused update: the allocator is NaN-poisoned before each call (an output
+    element the kernel skips stays NaN, and NaN never passes), and the backend that ran is recorded."""
+    real, ran = fast_sampling.guided_update, []
+
+    def spy(x, *args, **kwargs):
+        poison = [torch.full_like(x, float("nan")) for _ in range(8)]  # freed blocks of the outputs' size
+        del poison
+        out = real(x, *args, **kwargs)
+        ran.append(ops.last_backend("guided_update"))
+        return out
+
+    monkeypatch.setattr(fast_sampling, "guided_update", spy)
+    return ran
+
+
+def _skip_unless_cpu_backend(backend):
+    why = ops.backend_report("cpu")["ops"]["guided_update"]["available"].get(backend, "not registered")
+    if why != "ok":
+        pytest.skip(f"guided_update backend {backend!r} cannot run on the CPU here: {why}")
+
+
+@pytest.mark.parametrize("backend", FAST_GOLDEN_BACKENDS)
+def test_golden_fast_path(fixtures_dir, one_thread, fused_update_runs, backend):
+    """FastGuidedSampler.step / fast_sample_loop with the fused update against the official goldens:
+    DDIM (eta 0, condition_score) and learned-range DDPM (condition_mean) steps, both 25-step DDIM
+    trajectories step by step, and the steps on the golden's recorded model outputs and gradient."""
+    _skip_unless_cpu_backend(backend)
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    errs = check_guided_golden(fixtures_dir / "guided_steps_golden.pt", impl="fast", backend=backend)
+    assert len(fused_update_runs) >= 2 * 25 and set(fused_update_runs) == {backend}
+    recorded = [k for k, v in g.items() if isinstance(v, torch.Tensor) and k not in
+                ("W", "y", "x_T", "noise", "ddim_timestep_map", "ddpm_timestep_map", "base_betas")]
+    missing = {k for k in recorded if k not in errs and not k.endswith(NOT_ON_FAST_PATH)}
+    assert not missing, missing
+    assert sum(k.endswith("_from_recorded_inputs") for k in errs) == 8
+    assert sum(k.startswith("ddim25_guided_trajectory_step") for k in errs) == 25
+    bad = _golden_failures(errs, g)
+    assert not bad, bad
+
+
+def test_golden_fast_path_catches_a_perturbed_update(fixtures_dir, one_thread, monkeypatch):
+    # the fused update off by 1e-3 at DDIM index 12 only: exactly those steps and trajectory entries fail
+    real = fast_sampling.guided_update
+
+    def off_at_ddim_index12(x, eps, idx, table, **kwargs):
+        sample, pred = real(x, eps, idx, table, **kwargs)
+        if table.mode == MODES["ddim"]:
+            sample = sample + 1e-3 * (idx == 12).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return sample, pred
+
+    monkeypatch.setattr(fast_sampling, "guided_update", off_at_ddim_index12)
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    errs = check_guided_golden(fixtures_dir / "guided_steps_golden.pt", impl="fast", backend="reference")
+    want = {f"ddim_step12_{kind}_sample" for kind in ("guided", "unguided")}
+    for kind in ("guided", "unguided"):
+        want |= {f"ddim25_{kind}_trajectory", f"ddim25_{kind}_final"}
+        want |= {f"ddim25_{kind}_trajectory_step{k}" for k in range(12, 25)}  # entry k: after index 24 - k
+    assert set(_golden_failures(errs, g)) == want
+
+
+def test_check_guided_golden_refuses_bad_options(fixtures_dir):
+    path = fixtures_dir / "guided_steps_golden.pt"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        check_guided_golden(path, impl="fused")
+    with pytest.raises(ValueError, match="impl='fast' only"):
+        check_guided_golden(path, backend="cpp")
+    with pytest.raises(ValueError, match=r"may not set \['eta'\]"):
+        check_guided_golden(path, impl="fast", fast_options={"eta": 0.5})
 
 
 def test_golden_guidance_is_visible(golden):
@@ -330,9 +420,18 @@ cuda = requires_cuda
 def test_golden_cuda(fixtures_dir, no_tf32):
     g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
     errs = check_guided_golden(fixtures_dir / "guided_steps_golden.pt", device="cuda")
-    dev = g["fp64_vs_fp32_maxabs"]
-    bad = {k: e for k, e in errs.items() if not (math.isfinite(e) and e <= (
-        5e-4 if ("trajectory" in k or "final" in k) else max(1e-4, 4 * dev.get(k, 0.0))))}
+    bad = _golden_failures(errs, g)
+    assert not bad, bad
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_golden_fast_path_cuda(fixtures_dir, no_tf32, backend):
+    g = torch.load(fixtures_dir / "guided_steps_golden.pt", weights_only=True)
+    errs = check_guided_golden(fixtures_dir / "guided_steps_golden.pt", device="cuda", impl="fast", backend=backend)
+    assert ops.last_backend("guided_update") == backend
+    bad = _golden_failures(errs, g)
     assert not bad, bad
 
 
