@@ -171,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(s)
     common(s, device=False, weights=False)
 
+    from .score import add_parser as add_score_parser
+    add_score_parser(sub)
+
     s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
     s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
     s.add_argument("--expert", type=int, required=True)
@@ -421,6 +424,12 @@ def _run(args) -> int:
         from .guided_sample import config_from_args, main_json
 
         print(main_json(config_from_args(args), progress=progress))
+        return 0
+
+    if args.cmd == "score":
+        from .score import main_json as score_json
+
+        print(score_json(args))
         return 0
 
     if args.cmd == "export-peft":

@@ -1,0 +1,199 @@
+"""Score samples of real models with an independent classifier: ``ppap-fast score``.
+
+    ppap-fast score samples/goldfish.npz --classifier mobilenet_v2 --classifier-weights imagenet \\
+        --real imagenet_val_256.npz --json scores.json
+
+Did the guidance work? A classifier that did not guide (MobileNetV2's ImageNet weights ship offline:
+``--classifier-weights imagenet``; any registry name with a local weight file, ``tiny:<file>`` or
+``py:module:factory`` as for ``guided-sample --guide``) scores the samples of ``guided-sample`` (or any
+.npz with ``images`` uint8 N x H x W x C and ``targets`` / ``labels`` int [N]):
+
+* ``target_accuracy`` / ``target_top5_accuracy`` / ``mean_target_probability`` (with targets);
+* ``is``: the Inception Score formula on this classifier's softmax (not Inception-v3's: compare runs
+  scored with the same classifier only);
+* with ``--real`` (an .npz of real images, ``images`` uint8 N x H x W x C): ``fd`` (Frechet distance
+  of the classifier's penultimate features, the input of its last linear layer) and ``precision`` /
+  ``recall`` (k-NN manifolds, k=3), against those images.
+
+Nothing is downloaded. Images go through the classifier's own input transform (resize and ImageNet
+normalisation for registry models).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .metrics import frechet_distance, inception_score, precision_recall
+
+
+class ScoreError(ValueError):
+    """Bad input of ``ppap-fast score`` (a file, a classifier that cannot score these samples)."""
+
+
+@dataclass
+class ScoreConfig:
+    samples: str
+    classifier: str = "mobilenet_v2"
+    classifier_weights: str | None = "auto"
+    real: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    k: int = 3
+
+
+def read_images(path, what: str = "samples") -> tuple[np.ndarray, np.ndarray | None]:
+    """(images uint8 N x H x W x C, targets int64 [N] or None) of an .npz (``targets`` or ``labels``)."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreError(f"{what} file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ScoreError(f"{path} is not an .npz archive (images uint8 N x H x W x C, targets int [N])")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise ScoreError(f"{path} has no 'images' array (it has {sorted(z.files)})")
+            images = z["images"]
+            key = next((k for k in ("targets", "labels") if k in z.files), None)
+            targets = z[key] if key is not None else None
+    except ScoreError:
+        raise
+    except Exception as e:
+        raise ScoreError(f"corrupt or unreadable {what} file {path}: {type(e).__name__}: {e}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
+        raise ScoreError(f"{path}: images must be uint8 N x H x W x C with N > 0, got {images.dtype} {images.shape}")
+    if targets is not None:
+        if targets.dtype.kind not in "iu" or targets.shape != (images.shape[0],):
+            raise ScoreError(f"{path}: targets must be integers [N={images.shape[0]}], got {targets.dtype} "
+                             f"{targets.shape}")
+        targets = targets.astype(np.int64)
+    return images, targets
+
+
+def _last_linear(model: nn.Module) -> nn.Linear | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last
+
+
+@torch.no_grad()
+def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int,
+                       device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate features: the input of the model's last nn.Linear, or its logits without one;
+    softmax probabilities), float64 on the CPU, of uint8 N x H x W x C images."""
+    from .data import from_uint8
+    from .guidance import _primary
+
+    head = _last_linear(model)
+    seen: list = []
+    hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten(1))) if head is not None else None
+    feats, probs = [], []
+    try:
+        for i in range(0, images_u8.shape[0], batch_size):
+            x = from_uint8(images_u8[i:i + batch_size]).to(device)
+            h = transform(x) if transform is not None else x
+            seen.clear()
+            logits = _primary(model(h), ("logits", "out"), "classifier").float()
+            if logits.dim() != 2:
+                raise ScoreError(f"the classifier must output logits [B, K], got {tuple(logits.shape)}")
+            f = seen[-1] if seen else logits
+            feats.append(f.double().cpu().numpy())
+            probs.append(torch.softmax(logits.double(), 1).cpu().numpy())
+    finally:
+        if hook is not None:
+            hook.remove()
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def _resolve_weights(classifier: str, weights):
+    """"auto": a registry model's offline ImageNet weights (else an error: random weights score nothing),
+    nothing for tiny: / py: specs (their file or factory holds the weights); "none": random (tests)."""
+    if weights in (None, "none"):
+        return None
+    if weights != "auto":
+        return weights
+    if classifier.startswith(("tiny:", "py:")):
+        return None
+    from .models.registry import GUIDES
+
+    spec = GUIDES.get(classifier)
+    if spec is not None and spec.offline_weights is None:
+        raise ScoreError(f"classifier {classifier!r} has no offline weights: pass --classifier-weights PATH "
+                         "(a local checkpoint), or use mobilenet_v2 (its ImageNet weights ship offline)")
+    return "imagenet" if spec is not None else None
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """All the scores of ``cfg.samples`` (see the module docstring) as a JSON-able dict."""
+    from .distributed import _device_for, build_teacher
+
+    if cfg.batch_size <= 0 or cfg.k <= 0:
+        raise ScoreError("batch_size and k must be positive")
+    images, targets = read_images(cfg.samples)
+    real = read_images(cfg.real, "real images")[0] if cfg.real is not None else None
+    built = build_teacher(cfg.classifier, _resolve_weights(cfg.classifier, cfg.classifier_weights))
+    if built.task not in (None, "classification"):
+        raise ScoreError(f"classifier {cfg.classifier!r} is a {built.task} model: scoring needs a classifier")
+    device = _device_for(cfg.device, 0)
+    model = built.model.to(device).eval()
+    transform = built.transform.to(device) if built.transform is not None else None
+    feats, probs = classifier_outputs(model, transform, images, cfg.batch_size, device)
+    if not (np.isfinite(feats).all() and np.isfinite(probs).all()):
+        raise ScoreError("the classifier returned non-finite outputs on these samples")
+    res = {"samples": str(cfg.samples), "num_samples": int(images.shape[0]), "classifier": cfg.classifier,
+           "classifier_weights": cfg.classifier_weights, "num_classes": int(probs.shape[1]),
+           "feature_dim": int(feats.shape[1]), "is": inception_score(probs)}
+    if targets is not None:
+        if targets.min() < 0 or targets.max() >= probs.shape[1]:
+            raise ScoreError(f"targets must lie in 0..{probs.shape[1] - 1} (the classifier's classes), got "
+                             f"{int(targets.min())}..{int(targets.max())}")
+        rows = np.arange(len(targets))
+        top5 = np.argsort(-probs, 1)[:, :5]
+        res.update(target_accuracy=float((probs.argmax(1) == targets).mean()),
+                   target_top5_accuracy=float((top5 == targets[:, None]).any(1).mean()),
+                   mean_target_probability=float(probs[rows, targets].mean()))
+    if real is not None:
+        rfeats, _ = classifier_outputs(model, transform, real, cfg.batch_size, device)
+        if real.shape[0] <= cfg.k or images.shape[0] <= cfg.k:
+            raise ScoreError(f"precision / recall need more than k={cfg.k} images in each set")
+        prec, rec = precision_recall(rfeats, feats, cfg.k)
+        res.update(real=str(cfg.real), num_real=int(real.shape[0]), fd=frechet_distance(feats, rfeats),
+                   precision=prec, recall=rec)
+    return res
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("score", help="score samples of real models with an independent classifier (target "
+                                     "accuracy, IS; FD / precision / recall against --real images)")
+    s.add_argument("samples", help=".npz with images uint8 N x H x W x C and targets (guided-sample's output)")
+    s.add_argument("--classifier", default="mobilenet_v2",
+                   help="registry name (see ppap_fast.models.registry), tiny:<file> or py:module:factory")
+    s.add_argument("--classifier-weights", default="auto",
+                   help="local weight file, 'imagenet' (offline: MobileNetV2 only), 'auto' (a registry model's "
+                        "offline weights; tiny: / py: specs hold their own) or 'none' (random: tests)")
+    s.add_argument("--real", default=None, help=".npz of real images (images uint8 N x H x W x C) for FD, "
+                                                "precision and recall")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--json", default=None, help="also write the scores to this .json file")
+
+
+def main_json(args) -> str:
+    cfg = ScoreConfig(args.samples, args.classifier, args.classifier_weights, args.real, args.batch_size, args.device)
+    if args.json is not None and Path(args.json).is_dir():
+        raise ScoreError(f"--json {args.json} is a directory; name an output file")
+    res = score(cfg)
+    if args.json is not None:
+        from .data.shards import write_json_atomic
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.json, res)
+    return json.dumps(res)

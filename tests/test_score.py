@@ -1,0 +1,90 @@
+"""ppap-fast score: an independent classifier scores samples of real models (target accuracy, IS, FD,
+precision / recall against real images)."""
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from ppap_fast.cli import main
+
+FACTORY = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+    task = "classification"
+
+    def make():
+        """Class 1 for bright images, 0 for dark ones; its last linear layer sees the mean colour."""
+        lin = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]) * 10)
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin)
+''')
+
+
+@pytest.fixture()
+def brightness_classifier(tmp_path, monkeypatch):
+    (tmp_path / "bright_cls.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "py:bright_cls:make"
+
+
+def _images(levels, size=8):
+    return np.stack([np.full((size, size, 3), v, dtype=np.uint8) for v in levels])
+
+
+def test_score_counts_what_the_classifier_sees(tmp_path, capsys, brightness_classifier):
+    samples, real = tmp_path / "s.npz", tmp_path / "r.npz"
+    np.savez(samples, images=_images([250, 240, 230, 10]), targets=np.array([1, 1, 1, 1]))
+    np.savez(real, images=_images([250, 240, 230, 10]))
+    out = tmp_path / "scores" / "s.json"
+    assert main(["score", str(samples), "--classifier", brightness_classifier, "--real", str(real),
+                 "--device", "cpu", "--batch-size", "3", "--json", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == res
+    assert res["num_samples"] == 4 and res["num_classes"] == 2 and res["feature_dim"] == 3
+    assert res["target_accuracy"] == 0.75 and res["target_top5_accuracy"] == 1.0
+    assert 0.7 < res["mean_target_probability"] < 0.76
+    assert abs(res["fd"]) < 1e-6 and res["precision"] == res["recall"] == 1.0
+    assert 1.0 <= res["is"] <= 2.0
+
+    np.savez(real, images=_images([0, 5, 10, 15, 20]))  # real images unlike the samples: a large distance
+    assert main(["score", str(samples), "--classifier", brightness_classifier, "--real", str(real),
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd"] > 1.0
+
+
+def test_score_with_the_offline_mobilenet(tmp_path, capsys):
+    """The default classifier: MobileNetV2 with its ImageNet weights from the offline package."""
+    np.savez(tmp_path / "s.npz", images=_images([120, 130], size=32), targets=np.array([1, 999]))
+    assert main(["score", str(tmp_path / "s.npz"), "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_classes"] == 1000 and res["feature_dim"] == 1280 and 0 <= res["target_accuracy"] <= 1
+    assert "fd" not in res
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "not found"), ("not_npz", "not an .npz"), ("no_images", "no 'images'"),
+    ("target_range", "targets must lie in 0..1"), ("bad_targets", "targets must be integers"),
+    ("few_real", "more than k=3"), ("no_weights", "no offline weights")])
+def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
+    s = tmp_path / "s.npz"
+    args = ["score", str(s), "--classifier", brightness_classifier, "--device", "cpu"]
+    if case == "not_npz":
+        s.write_text("hello")
+    elif case == "no_images":
+        np.savez(s, pictures=_images([1]))
+    elif case == "target_range":
+        np.savez(s, images=_images([1, 2]), targets=np.array([0, 2]))
+    elif case == "bad_targets":
+        np.savez(s, images=_images([1, 2]), targets=np.array([0.5, 1.0]))
+    elif case == "few_real":
+        np.savez(s, images=_images([1, 2, 3, 4]))
+        np.savez(tmp_path / "r.npz", images=_images([1, 2]))
+        args += ["--real", str(tmp_path / "r.npz")]
+    elif case == "no_weights":
+        np.savez(s, images=_images([1, 2]))
+        args[args.index("--classifier") + 1] = "resnet50"
+    assert main(args) == 2
+    assert match in capsys.readouterr().err
