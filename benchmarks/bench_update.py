@@ -1,4 +1,7 @@
-"""Fused guided update vs the eager (unfused) PyTorch reference, same inputs.
+"""Fused guided update vs the eager (unfused) PyTorch reference, same inputs; and the one-pass guided
+eps correction (ops.guided_eps, what PPAPGuidance.correct runs for any diffusers scheduler) vs its
+eager formula (arithmetic in float32, then a cat of the variance channels): ratio eps_fused_vs_eager,
+geomean over the same shapes / dtypes of the best fast backend.
 
 Ratio update_fused_vs_eager = time(fused) / time(eager), below 1 = fused faster (geomean over the
 rows: DDIM, DDPM learned-range, DDPM fixed variance); on CUDA also the achieved bandwidth of the
@@ -101,7 +104,56 @@ def _run(device: str, quick: bool) -> dict:
     out = {"update_fused_vs_eager": ratio}
     if fractions:
         out["update_hbm_fraction"] = max(fractions)
+    eps_rows, eps_ratios = _eps_rows(device, shapes, dtypes, reps, hbm, gen)
+    rows += eps_rows
+    out["eps_fused_vs_eager"] = geomean(eps_ratios) if eps_ratios else None
+    both = [r["triton_ms"] / r["cuda_ms"] for r in eps_rows if "triton_ms" in r and "cuda_ms" in r]
+    if device == "cuda" and both:  # the automatic CUDA choice (cuda) is unmeasured: this decides it
+        out["eps_triton_vs_cuda"] = geomean(both)
     return {"rows": rows, "ratios": out}
+
+
+def _eager_eps(model_output, grad, coef, channels):
+    """PPAPGuidance.correct's eps correction before ops.guided_eps: arithmetic, then a cat."""
+    new = (model_output[:, :channels].float() - coef * grad.float()).to(model_output.dtype)
+    return torch.cat([new, model_output[:, channels:]], dim=1)
+
+
+def _eps_rows(device, shapes, dtypes, reps, hbm, gen):
+    """guided_eps (one pass) vs the eager correction on a learned-variance output [B, 2C, H, H]."""
+    fast = [b for b, why in ops.backend_report(device)["ops"]["guided_eps"]["available"].items()
+            if why == "ok" and b != "reference"]
+    rows, ratios = [], []
+    for B, C, H in shapes:
+        for dtype in dtypes:
+            model_output = torch.randn(B, 2 * C, H, H, generator=gen).to(device, dtype)
+            grad = torch.randn(B, C, H, H, generator=gen).to(device, dtype)
+            coef = torch.rand(B, 1, 1, 1, generator=gen).to(device)
+            row = {"op": "guided_eps", "shape": [B, 2 * C, H, H], "dtype": str(dtype),
+                   "threads": torch.get_num_threads() if device == "cpu" else None}
+            nbytes = model_output.element_size() * (2 * model_output.numel() + grad.numel())  # read both, write one
+            eager_fn = lambda: _eager_eps(model_output, grad, coef, C)  # noqa: E731
+            if device == "cuda":
+                eager = back_to_back_ms(eager_fn, device, reps)
+                for b in fast:
+                    ms = back_to_back_ms(lambda: ops.guided_eps(model_output, grad, coef, C, backend=b), device, reps)
+                    row[f"{b}_ms"], row[f"{b}_vs_eager"] = round(ms, 4), round(ms / eager, 4)
+                    row[f"{b}_GBps"] = round(nbytes / ms / 1e6, 1)
+                    row[f"{b}_hbm_fraction"] = round(nbytes / ms / 1e6 / hbm, 4)
+            else:
+                fns = {"eager": eager_fn}
+                fns.update({b: (lambda b=b: ops.guided_eps(model_output, grad, coef, C, backend=b)) for b in fast})
+                times = round_robin_ms(fns, device, reps, warmup=3)
+                eager = statistics.median(times["eager"])
+                for b in fast:
+                    row[f"{b}_ms"] = round(statistics.median(times[b]), 4)
+                    row[f"{b}_vs_eager"] = round(statistics.median(f / e for f, e in zip(times[b], times["eager"])), 4)
+            row["eager_ms"] = round(eager, 4)
+            best = min(fast, key=lambda b: row[f"{b}_vs_eager"], default=None)
+            if best is not None:
+                ratios.append(row[f"{best}_vs_eager"])
+            rows.append(row)
+    return rows, ratios
 
 
 if __name__ == "__main__":

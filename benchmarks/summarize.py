@@ -51,6 +51,9 @@ PENDING = (
      "make 'triton' first in the CUDA automatic order (ops/lora/__init__.py _ORDER)"),
     ("distill_graph_amp_bf16_vs_fp32", "the graphed distill step (ExpertAdamW) faster with --amp bf16",
      "recommend `distill --amp bf16` for CUDA in README (or make it the CUDA default: an identity change)"),
+    ("eps_triton_vs_cuda", "the Triton guided eps correction faster than the CUDA kernel (bench_update)",
+     "put 'triton' before 'cuda' in ops/eps_correction.py's automatic CUDA choice (as guided_update's "
+     "auto_cuda_backend)"),
     ("denoiser_compiled_chstats_vs_compiled", "compiled ADM faster with per-channel GroupNorm statistics",
      "set_group_norm_stats('channel') for compiled CUDA ADMs too "
      "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),

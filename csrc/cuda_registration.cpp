@@ -13,6 +13,8 @@ std::tuple<at::Tensor, at::Tensor> guided_update_cuda(const at::Tensor& x, const
                                                       const c10::optional<at::Tensor>& grad,
                                                       const c10::optional<at::Tensor>& noise, const at::Tensor& idx,
                                                       const at::Tensor& coefs, int64_t mode, bool clip_denoised);
+at::Tensor guided_eps_cuda(const at::Tensor& model_output, const at::Tensor& grad, const at::Tensor& coef,
+                           int64_t channels);
 
 void cuda_sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& out, const at::Tensor& sorted_idx,
                       const at::Tensor& offsets) {
@@ -35,6 +37,7 @@ void cuda_seg_outer(const at::Tensor& u, const at::Tensor& v, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(ppap_fast, CUDA, m) {
   m.impl("guided_update", &ppap_fast::guided_update_cuda);
+  m.impl("guided_eps", &ppap_fast::guided_eps_cuda);
   m.impl("lora_sgmv_shrink", &ppap_fast::cuda_sgmv_shrink);
   m.impl("lora_sgmv_expand", &ppap_fast::cuda_sgmv_expand);
   m.impl("lora_seg_outer", &ppap_fast::cuda_seg_outer);

@@ -47,6 +47,35 @@ void check_guided_update_args(const at::Tensor& x, const at::Tensor& eps, const 
               "else float32");
 }
 
+// guided_eps: out = model_output with its first `channels` channels replaced by head - coef[b] * grad.
+// model_output [B, C, ...] and grad [B, channels, ...] are contiguous within a sample (any batch stride);
+// coef is the contiguous per-sample coefficient (B,) in the math type (float64 for float64, else float32).
+void check_guided_eps_args(const at::Tensor& model_output, const at::Tensor& grad, const at::Tensor& coef,
+                           int64_t channels) {
+  const auto& mo = model_output;
+  TORCH_CHECK(mo.dim() >= 2, "guided_eps: model_output must be [B, C, ...], got ", mo.sizes());
+  const auto st = mo.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+              "guided_eps: model_output must be float16, bfloat16, float32 or float64, got ", st);
+  const int64_t B = mo.size(0);
+  TORCH_CHECK(channels >= 1 && channels <= mo.size(1), "guided_eps: channels must lie in [1, ", mo.size(1), "], got ",
+              channels);
+  TORCH_CHECK(B == 0 || mo[0].is_contiguous(), "guided_eps: model_output must be contiguous within a sample");
+  bool same_shape = grad.dim() == mo.dim() && grad.size(0) == B && grad.size(1) == channels;
+  for (int64_t d = 2; same_shape && d < mo.dim(); ++d) same_shape = grad.size(d) == mo.size(d);
+  TORCH_CHECK(same_shape, "guided_eps: grad must be [B, channels, ...] = [", B, ", ", channels,
+              ", ...] of model_output ", mo.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == st || grad.scalar_type() == at::kFloat,
+              "guided_eps: grad must have model_output's dtype or float32, got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == mo.device(), "guided_eps: grad is on another device than model_output");
+  TORCH_CHECK(B == 0 || grad[0].is_contiguous(), "guided_eps: grad must be contiguous within a sample");
+  const auto coef_type = st == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == B && coef.scalar_type() == coef_type && coef.is_contiguous() &&
+                  coef.device() == mo.device(),
+              "guided_eps: coef must be a contiguous (B,) tensor on model_output's device, float64 for float64 "
+              "model_output, else float32");
+}
+
 // exp for the CPU loop. float: branch-free (selects only, no libm call) so that the loop around it
 // vectorises. exp(a) = 2^n e^r with n = round(a / ln 2), r = a - n ln 2 (ln 2 split into a part exact
 // in float and the rest), |r| <= ln2/2, e^r by its Taylor polynomial to degree 7 (truncation below
@@ -191,12 +220,53 @@ std::tuple<at::Tensor, at::Tensor> guided_update_cpu(const at::Tensor& x, const 
   return {sample, pred};
 }
 
+
+// guided_eps on the CPU: samples in parallel; products rounded on their own (fp-contract=off above), so
+// the bits are eager PyTorch's.
+at::Tensor guided_eps_cpu(const at::Tensor& model_output, const at::Tensor& grad, const at::Tensor& coef,
+                          int64_t channels) {
+  check_guided_eps_args(model_output, grad, coef, channels);
+  auto out = at::empty(model_output.sizes(), model_output.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = model_output.size(0);
+  if (B == 0 || model_output.numel() == 0) return out;
+  const int64_t inner = model_output.numel() / B;
+  const int64_t head_len = inner / model_output.size(1) * channels;
+  const int64_t ms = model_output.stride(0), gs = grad.stride(0);
+  const bool grad_float = grad.scalar_type() != model_output.scalar_type();  // then float32 (checked)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "guided_eps_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* mo_p = model_output.data_ptr<scalar_t>();
+    const acc_t* coef_p = coef.data_ptr<acc_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    auto run = [&](const auto* grad_p) {
+      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          const scalar_t* m = mo_p + b * ms;
+          const auto* g = grad_p + b * gs;
+          scalar_t* o = out_p + b * inner;
+          const acc_t c = coef_p[b];
+          for (int64_t j = 0; j < head_len; ++j)
+            o[j] = static_cast<scalar_t>(static_cast<acc_t>(m[j]) - c * static_cast<acc_t>(g[j]));
+          std::copy(m + head_len, m + inner, o + head_len);
+        }
+      });
+    };
+    if (grad_float) {
+      run(grad.data_ptr<float>());
+    } else {
+      run(grad.data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
 }  // namespace ppap_fast
 
 TORCH_LIBRARY(ppap_fast, m) {
   m.def(
       "guided_update(Tensor x, Tensor eps, Tensor? v, Tensor? grad, Tensor? noise, Tensor idx, Tensor coefs, "
       "int mode, bool clip_denoised) -> (Tensor, Tensor)");
+  // Guided eps correction for any scheduler (CPU below, CUDA in kernels/guided_update.cu).
+  m.def("guided_eps(Tensor model_output, Tensor grad, Tensor coef, int channels) -> Tensor");
   // Multi-expert LoRA segment kernels (kernels/lora_kernels.cuh documents the contract; CPU
   // versions in lora_autograd.cpp).
   m.def("lora_sgmv_shrink(Tensor x, Tensor A, Tensor(a!) out, Tensor sorted_idx, Tensor offsets) -> ()");
@@ -204,4 +274,7 @@ TORCH_LIBRARY(ppap_fast, m) {
   m.def("lora_seg_outer(Tensor u, Tensor v, Tensor(a!) out, Tensor sorted_idx, Tensor offsets, float alpha, int split) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(ppap_fast, CPU, m) { m.impl("guided_update", &ppap_fast::guided_update_cpu); }
+TORCH_LIBRARY_IMPL(ppap_fast, CPU, m) {
+  m.impl("guided_update", &ppap_fast::guided_update_cpu);
+  m.impl("guided_eps", &ppap_fast::guided_eps_cpu);
+}

@@ -1,4 +1,4 @@
-// CUDA path of the fused guided update (math in csrc/guided_update.h).
+// CUDA path of the fused guided update (math in csrc/guided_update.h) and of the guided eps correction.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -66,6 +66,63 @@ std::tuple<at::Tensor, at::Tensor> guided_update_cuda(const at::Tensor& x, const
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {sample, pred};
+}
+
+void check_guided_eps_args(const at::Tensor& model_output, const at::Tensor& grad, const at::Tensor& coef,
+                           int64_t channels);
+
+// Products rounded on their own (no FMA contraction under --use_fast_math): head - coef * grad as
+// PyTorch's eager ops compute it.
+__device__ inline float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// One pass over model_output: out[b, j] = head - coef[b] * grad for j < head_len (the first `channels`
+// channels), model_output copied for the rest (learned variance).
+template <typename scalar_t, typename grad_t>
+__global__ void guided_eps_kernel(const scalar_t* __restrict__ mo, int64_t ms, const grad_t* __restrict__ grad,
+                                  int64_t gs, const at::opmath_type<scalar_t>* __restrict__ coef,
+                                  scalar_t* __restrict__ out, int64_t B, int64_t inner, int64_t head_len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {  // grid axis y holds at most 65535 blocks
+    const acc_t c = coef[b];
+    for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < inner; j += (int64_t)gridDim.x * blockDim.x) {
+      const scalar_t m = mo[b * ms + j];
+      out[b * inner + j] =
+          j < head_len ? static_cast<scalar_t>(static_cast<acc_t>(m) - mul_rn(c, static_cast<acc_t>(grad[b * gs + j])))
+                       : m;
+    }
+  }
+}
+
+at::Tensor guided_eps_cuda(const at::Tensor& model_output, const at::Tensor& grad, const at::Tensor& coef,
+                           int64_t channels) {
+  check_guided_eps_args(model_output, grad, coef, channels);
+  const c10::cuda::CUDAGuard guard(model_output.device());
+  auto out = at::empty(model_output.sizes(), model_output.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = model_output.size(0);
+  if (B == 0 || model_output.numel() == 0) return out;
+  const int64_t inner = model_output.numel() / B;
+  const int64_t head_len = inner / model_output.size(1) * channels;
+  const int threads = 256;
+  const int64_t blocks_x = std::min<int64_t>((inner + threads - 1) / threads, 4096);
+  const int64_t blocks_y = std::min<int64_t>(B, 65535);  // CUDA's cap on grid axis y; the kernel loops past it
+  dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(blocks_y));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool grad_float = grad.scalar_type() != model_output.scalar_type();  // then float32 (checked)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(), "guided_eps_cuda", [&] {
+    const auto* mo_p = model_output.data_ptr<scalar_t>();
+    const auto* coef_p = coef.data_ptr<at::opmath_type<scalar_t>>();
+    auto* out_p = out.data_ptr<scalar_t>();
+    if (grad_float) {
+      guided_eps_kernel<scalar_t, float><<<grid, threads, 0, stream>>>(
+          mo_p, model_output.stride(0), grad.data_ptr<float>(), grad.stride(0), coef_p, out_p, B, inner, head_len);
+    } else {
+      guided_eps_kernel<scalar_t, scalar_t><<<grid, threads, 0, stream>>>(
+          mo_p, model_output.stride(0), grad.data_ptr<scalar_t>(), grad.stride(0), coef_p, out_p, B, inner, head_len);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace ppap_fast

@@ -137,6 +137,64 @@ def test_guided_update_fake_rejects_integer_x():
         _op("guided_update")(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
+
+def _eps_args(dtype, extra=True):
+    """guided_eps arguments: model_output [3, 2 + 2, 5, 4] as a channel slice (batch-strided), grad, coef."""
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(3, 6 if extra else 3, 5, 4, generator=gen).to(dtype)
+    model_output = wide[:, 1:5] if extra else wide[:, 1:3]
+    grad = torch.randn(3, 2, 5, 4, generator=gen).to(dtype)
+    coef = torch.rand(3, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return [model_output, grad, coef, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("extra", [True, False])
+def test_guided_eps_fake_matches_cpu(dtype, extra):
+    real, fake, _, _ = _run_real_and_fake(_op("guided_eps"), _eps_args(dtype, extra))
+    assert torch.isfinite(real.float()).all()
+    assert _meta(fake) == _meta(real)
+
+
+# (argument index, how it is changed, the rejection's message, None: accepted), on _eps_args(float32)
+_EPS_CASES = {
+    "1-D model_output": (0, lambda t: t[:, 0, 0, 0], r"model_output must be \[B, C, ...\]"),
+    "model_output channels last": (0, _channels_last, "model_output must be contiguous within a sample"),
+    "channels 0": (3, lambda c: 0, r"channels must lie in \[1, 4\]"),
+    "channels 5": (3, lambda c: 5, r"channels must lie in \[1, 4\]"),
+    "grad of other channels": (1, lambda t: torch.cat([t, t], 1), r"grad must be \[B, channels, ...\]"),
+    "grad of another batch": (1, lambda t: t[:2], r"grad must be \[B, channels, ...\]"),
+    "grad float64": (1, lambda t: t.double(), "grad must have model_output's dtype or float32"),
+    "grad on another device": (1, lambda t: t.to("meta"), "grad is on another device"),
+    "grad channels last": (1, _channels_last, "grad must be contiguous within a sample"),
+    "grad batch-strided": (1, _row_strided, None),
+    "coef float64": (2, lambda t: t.double(), "coef must be a contiguous"),
+    "coef [B, 1]": (2, lambda t: t[:, None], "coef must be a contiguous"),
+    "coef not contiguous": (2, lambda t: torch.stack([t, t], 1)[:, 0], "coef must be a contiguous"),
+    "coef on another device": (2, lambda t: t.to("meta"), "coef must be a contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(_EPS_CASES))
+def test_guided_eps_fake_rejects_what_the_kernel_rejects(case):
+    where, change, message = _EPS_CASES[case]
+    args = _eps_args(torch.float32)
+    args[where] = change(args[where])
+    cpu_kernel = functools.partial(_op("guided_eps").redispatch, torch._C.DispatchKeySet(torch._C.DispatchKey.CPU))
+    mode = FakeTensorMode()
+    with mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    if message is None:
+        real = cpu_kernel(*args)
+        assert torch.isfinite(real).all()
+        with mode:
+            assert _meta(_op("guided_eps")(*fake_args)) == _meta(real)
+        return
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernel(*args)
+    with mode, pytest.raises(RuntimeError, match=message):
+        _op("guided_eps")(*fake_args)
+
 def _segment_args(name, dtype, S=4, M=3, K=5, R=2, N=3):
     gen = torch.Generator().manual_seed(0)
     seg = build_segments(torch.tensor([2, 0, 2, 1][:S]), N)
@@ -215,7 +273,7 @@ def test_composite_lora_op_fake_matches_cpu(case):
 def test_fake_kernels_registered_and_composites_left_alone():
     from ppap_fast.ops import _fake_kernels
 
-    for name in ("guided_update",) + SEGMENT_OPS:
+    for name in ("guided_update", "guided_eps") + SEGMENT_OPS:
         if hasattr(torch.ops.ppap_fast, name):
             assert name in _fake_kernels.register(), name  # register() again: no second registration
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppap_fast::{name}", "Meta"), name
@@ -225,10 +283,12 @@ def test_fake_kernels_registered_and_composites_left_alone():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppap_fast::{name}", "CompositeImplicitAutograd")
 
 
-@pytest.mark.parametrize("name", ("guided_update",) + SEGMENT_OPS)
+@pytest.mark.parametrize("name", ("guided_update", "guided_eps") + SEGMENT_OPS)
 def test_opcheck(name):
     if name == "guided_update":
         args = _update_args(torch.float32, 2)
+    elif name == "guided_eps":
+        args = _eps_args(torch.float32)
     else:
         args = _segment_args(name, torch.float32)
         if name != "lora_sgmv_expand":

@@ -32,6 +32,9 @@ SCRIPT = textwrap.dedent("""
         assert "not loaded" in str(e)
     else:
         raise AssertionError("an unavailable backend must raise")
+    eps = ops.guided_eps(torch.randn(2, 6, 4, 4), x, torch.tensor([0.5, 0.0]), 3)
+    assert ops.last_backend("guided_eps") == "reference" and torch.isfinite(eps).all()
+    assert rep["ops"]["guided_eps"]["available"]["cpp"] != "ok"
     from ppap_fast.ops import lora
     y = lora.lora_linear(torch.randn(4, 8), torch.randn(6, 8), None, torch.randn(3, 2, 8), torch.randn(3, 6, 2),
                          torch.tensor([0, 2, 1, 2]), 0.5)

@@ -13,7 +13,7 @@ GPU time:
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
    (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add,
-   upsample_nearest2x, avg_pool2x, cat_channels, guided_update) then run,
+   upsample_nearest2x, avg_pool2x, cat_channels, guided_update, guided_eps) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
    so that the dispatchers accept CPU tensors, while the kernel modules' ``_interpreting()``
@@ -446,6 +446,20 @@ def scenarios(dtype):
                                          noise=torch.randn_like(x) if has_noise else None,
                                          clip_denoised=clip, backend="triton")
                 add(f"guided_update mode={mode} clip={clip} grad={has_grad} noise={has_noise}", f)
+
+    # ------------------------------------------------------------------ guided eps correction (any scheduler)
+    from ppap_fast.ops import eps_correction
+
+    # with variance channels, eps only, a float32 grad
+    eps_cases = [(2 * C_, dtype, dtype), (C_, dtype, dtype), (2 * C_, dtype, torch.float32)]
+    if dtype == torch.float32:
+        eps_cases.append((2 * C_, torch.float64, torch.float64))  # float64 math
+    for width, out_dtype, grad_dtype in eps_cases:
+        def f(width=width, out_dtype=out_dtype, grad_dtype=grad_dtype):
+            model_out = torch.randn(B_, width, H_, H_, dtype=out_dtype)
+            grad = torch.randn(B_, C_, H_, H_, dtype=grad_dtype)
+            eps_correction.guided_eps(model_out, grad, torch.rand(B_), C_, backend="triton")
+        add(f"guided_eps channels={C_}/{width} out={out_dtype} grad={grad_dtype}", f)
     return out
 
 

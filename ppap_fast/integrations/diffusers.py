@@ -64,6 +64,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..ops.eps_correction import guided_eps
 from ..ops.lora.segments import _version  # None for an inference tensor
 from ..sampling import denoiser_output
 
@@ -325,11 +326,13 @@ class PPAPGuidance:
             coef = -s1 * s1 / a
         # (near) zero SNR: x_t holds (almost) nothing of x0, p(y | x_t) ~ p(y): no guidance (MIN_GUIDED_ABAR)
         coef = torch.where(abar >= MIN_GUIDED_ABAR, coef, torch.zeros_like(coef))
-        head = model_output[:, :c]
-        new = (head.float() - coef * grad.float()).to(model_output.dtype)
-        if model_output.shape[1] == c:
-            return new
-        return torch.cat([new, model_output[:, c:]], dim=1)
+        # one pass (ops.guided_eps): head - coef * grad in float32 (float64 for a float64 output), the variance
+        # channels copied; grad as the eager formula took it: broadcast to the head, float32 unless in the
+        # output's dtype
+        grad = grad.expand(model_output[:, :c].shape)
+        if grad.dtype not in (model_output.dtype, torch.float32):
+            grad = grad.float()
+        return guided_eps(model_output, grad, coef, c)
 
     __call__ = correct
 

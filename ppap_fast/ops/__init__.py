@@ -15,6 +15,7 @@ from ppap_fast.ops.concat import cat_channels, cat_channels_reference
 from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
 from ppap_fast.ops._registry import report as _report
 from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided_update_reference
+from ppap_fast.ops.eps_correction import guided_eps, guided_eps_reference
 
 
 def backend_report(device=None) -> dict:
@@ -22,7 +23,7 @@ def backend_report(device=None) -> dict:
     from ppap_fast.ops import lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # registry ops: guided_update, expert_*_norm, group_norm_act, bias_residual_add, resample, cat_channels
+    # registry ops: guided_update, guided_eps, expert_*_norm, group_norm_act, bias_residual_add, resample, cat_channels
     ops = _report(device)
     for name in ("lora_linear", "lora_conv2d", "lora_conv2d_delta"):
         ops[name] = {"available": lora.available_backends(name, device), "last": lora.last_backend.get(name)}
@@ -37,7 +38,7 @@ def backend_report(device=None) -> dict:
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "backend_report", "last_backend", "set_backend",
-    "UpdateTable", "build_table", "guided_update", "guided_update_reference",
+    "UpdateTable", "build_table", "guided_update", "guided_update_reference", "guided_eps", "guided_eps_reference",
     "group_norm_act", "group_norm_act_reference", "bias_residual_add", "bias_residual_add_reference",
     "upsample_nearest2x", "upsample_nearest2x_reference", "avg_pool2x", "avg_pool2x_reference",
     "cat_channels", "cat_channels_reference",

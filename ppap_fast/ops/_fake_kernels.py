@@ -52,6 +52,31 @@ def _guided_update_fake(x, eps, v, grad, noise, idx, coefs, mode, clip_denoised)
     return torch.empty_like(x), torch.empty_like(x)
 
 
+def _guided_eps_fake(model_output, grad, coef, channels):
+    # the checks (and messages) of check_guided_eps_args in csrc/ops.cpp, in its order
+    mo = model_output
+    torch._check(mo.dim() >= 2, lambda: f"guided_eps: model_output must be [B, C, ...], got {list(mo.shape)}")
+    torch._check(mo.dtype in _GUIDED_UPDATE_DTYPES,
+                 lambda: f"guided_eps: model_output must be float16, bfloat16, float32 or float64, got {mo.dtype}")
+    torch._check(1 <= channels <= mo.shape[1],
+                 lambda: f"guided_eps: channels must lie in [1, {mo.shape[1]}], got {channels}")
+    torch._check(_contiguous_within_a_sample(mo), lambda: "guided_eps: model_output must be contiguous within a sample")
+    torch._check(grad.dim() == mo.dim() and grad.shape[0] == mo.shape[0] and grad.shape[1] == channels
+                 and grad.shape[2:] == mo.shape[2:],
+                 lambda: f"guided_eps: grad must be [B, channels, ...] of model_output {list(mo.shape)}, "
+                         f"got {list(grad.shape)}")
+    torch._check(grad.dtype in (mo.dtype, torch.float32),
+                 lambda: f"guided_eps: grad must have model_output's dtype or float32, got {grad.dtype}")
+    torch._check(grad.device == mo.device, lambda: "guided_eps: grad is on another device than model_output")
+    torch._check(_contiguous_within_a_sample(grad), lambda: "guided_eps: grad must be contiguous within a sample")
+    coef_dtype = torch.float64 if mo.dtype == torch.float64 else torch.float32
+    torch._check(coef.dim() == 1 and coef.shape[0] == mo.shape[0] and coef.dtype == coef_dtype and coef.is_contiguous()
+                 and coef.device == mo.device,
+                 lambda: "guided_eps: coef must be a contiguous (B,) tensor on model_output's device, float64 for "
+                         "float64 model_output, else float32")
+    return torch.empty(mo.shape, dtype=mo.dtype, device=mo.device)
+
+
 def _check_segment_args(op, x, w, out, sorted_idx, offsets):
     torch._check(x.dim() == 3 and w.dim() == 3 and out.dim() == 3,
                  lambda: f"{op}: x, weight and out must be 3-D, got {tuple(x.shape)}, {tuple(w.shape)}, "
@@ -76,6 +101,7 @@ def _seg_outer_fake(u, v, out, sorted_idx, offsets, alpha, split):
 
 FAKES = {
     "guided_update": _guided_update_fake,
+    "guided_eps": _guided_eps_fake,
     "lora_sgmv_shrink": _sgmv_shrink_fake,
     "lora_sgmv_expand": _sgmv_expand_fake,
     "lora_seg_outer": _seg_outer_fake,

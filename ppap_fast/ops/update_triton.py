@@ -1,4 +1,5 @@
-"""Triton path of the fused guided update (same math as guided_update_reference)."""
+"""Triton paths of the fused guided update (same math as guided_update_reference) and of the guided eps
+correction (guided_eps_reference)."""
 from __future__ import annotations
 
 import torch
@@ -84,3 +85,33 @@ def guided_update_triton(x, eps, idx, table, v=None, grad=None, noise=None, clip
             BLOCK=block,
         )
     return sample, pred
+
+
+@triton.jit
+def _guided_eps_kernel(mo_ptr, ms, grad_ptr, gs, coef_ptr, out_ptr, inner, head_len, b0, BLOCK: tl.constexpr):
+    # one pass over sample b0 + axis 1 (chunked launches as above): the first head_len elements (the
+    # corrected channels) become model_output - coef[b] * grad, the rest are copied
+    b = b0 + tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inner
+    in_head = offs < head_len
+    m = tl.load(mo_ptr + b * ms + offs, mask=mask, other=0.0)
+    c = tl.load(coef_ptr + b)  # float32, or float64 for float64 model outputs: the math type
+    g = tl.load(grad_ptr + b * gs + offs, mask=mask & in_head, other=0.0).to(c.dtype)
+    new = (m.to(c.dtype) - c * g).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * inner + offs, tl.where(in_head, new, m), mask=mask)
+
+
+def guided_eps_triton(model_output, grad, coef, channels: int, block: int = 1024):
+    """model_output [B, C, ...] and grad [B, channels, ...] contiguous within a sample, coef (B,)
+    contiguous in the math type (checked by ppap_fast.ops.eps_correction)."""
+    out = torch.empty(model_output.shape, dtype=model_output.dtype, device=model_output.device)
+    B = model_output.shape[0]
+    if out.numel() == 0:
+        return out
+    inner = out.numel() // B
+    head_len = inner // model_output.shape[1] * channels
+    for b0, count in grid_chunks(B):  # one launch unless B > 65535
+        _guided_eps_kernel[(triton.cdiv(inner, block), count)](
+            model_output, model_output.stride(0), grad, grad.stride(0), coef, out, inner, head_len, b0, BLOCK=block)
+    return out
