@@ -14,6 +14,7 @@ import torch
 
 from ppap_fast.ops import _ext, _registry
 from ppap_fast.ops._kernel_util import on_device
+from ppap_fast.ops.update import _per_sample_contiguous
 
 OP = "guided_eps"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,12 +60,6 @@ def guided_eps_reference(model_output, grad, coef, channels):
     if model_output.shape[1] == channels:
         return new
     return torch.cat([new, model_output[:, channels:]], dim=1)
-
-
-def _per_sample_contiguous(t):
-    if t.shape[0] == 0 or t[0].is_contiguous():
-        return t
-    return t.contiguous()
 
 
 def _native(model_output, grad, coef, channels):
