@@ -475,6 +475,12 @@ def _run(device: str, quick: bool, emit=None) -> dict:
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
     if emit is not None:  # the main figures survive a later phase that runs out of time
         emit(dict(row), dict(ratios))
+    fast = got = None  # its graph pool (and a step output in it) is not needed by the phases below
+    if cuda:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     if os.environ.get("PPAP_BENCH_STEP_DEIT", "1" if cuda else "0") == "1":  # issue #4: DeiT-S experts too
         row["deit_s"] = res = _guide_phase(_deit_setup, ref.model, fast_model, sched, x, i, target, scale,
                                            fast_opts, unguided_opts, device, reps, warm)
