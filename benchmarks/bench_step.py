@@ -196,7 +196,9 @@ def _deit_setup(device):
         from ppap_fast.guidance import input_transform
 
         tf, name = input_transform(size=32), "tiny_vit32_ppap5"
-    return _randomise_bank(bank, 0.01 if device == "cuda" else 0.05).to(device), tf, name
+    # the transform on the bank's device: CPU mean / std buffers would be copied to the GPU every
+    # step (a host sync, and a CUDA-graph capture failure that leaves the fast step eager)
+    return _randomise_bank(bank, 0.01 if device == "cuda" else 0.05).to(device), tf.to(device), name
 
 
 def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_opts, unguided_opts,
@@ -206,6 +208,8 @@ def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_
     import gc
 
     res, samplers = {}, []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # peak_gib: this phase's
     try:
         bank, tf, res["config"] = setup(device)
         guide = ClassGuide(bank, target, scale=scale, input_transform=tf)

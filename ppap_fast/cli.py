@@ -281,7 +281,9 @@ def _run(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     progress = not getattr(args, "no_progress", False)
-    if getattr(args, "device", None) and args.cmd != "guided-sample":  # guided-sample checks its own (auto)
+    # guided-sample checks its own; score's default "auto" is resolved by score itself
+    if getattr(args, "device", None) and args.cmd != "guided-sample" and not (args.cmd == "score"
+                                                                              and args.device == "auto"):
         _check_device(args.device)
     if args.cmd == "train-diffusion":
         demo.check_writable_dir(Path(args.out).parent)

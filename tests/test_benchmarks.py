@@ -664,3 +664,16 @@ def test_bench_step_second_guide_phase_equals_its_reference():
 
     failed = bench_step._guide_phase(broken, model, model, sched, x, 12, 1, 10.0, {}, {}, "cpu", reps=2, warm=1)
     assert failed["error"] == "RuntimeError: no timm here" and "fast_ms" not in failed
+
+
+def test_bench_step_second_guide_transform_on_the_bank_device():
+    """_deit_setup returns its input transform on the bank's device (a CPU transform would copy its
+    mean / std host-to-device every step: a host sync, which fails the fast step's CUDA-graph capture)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    bank, tf, _ = bench_step._deit_setup("meta")  # a non-CPU device that needs no GPU
+    assert next(bank.parameters()).device.type == "meta"
+    assert {b.device.type for b in tf.buffers()} == {"meta"}

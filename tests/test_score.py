@@ -88,3 +88,13 @@ def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
         args[args.index("--classifier") + 1] = "resnet50"
     assert main(args) == 2
     assert match in capsys.readouterr().err
+
+
+def test_score_default_device_auto(tmp_path, capsys, brightness_classifier):
+    """Without --device (its default "auto": CUDA when available, else the CPU) score runs."""
+    np.savez(tmp_path / "s.npz", images=_images([250, 10]), targets=np.array([1, 0]))
+    assert main(["score", str(tmp_path / "s.npz"), "--classifier", brightness_classifier]) == 0, \
+        capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["target_accuracy"] == 1.0
+    assert main(["score", str(tmp_path / "s.npz"), "--classifier", brightness_classifier, "--device", "bogus"]) == 2
+    assert "--device 'bogus'" in capsys.readouterr().err
