@@ -70,8 +70,26 @@ class InputTransform(nn.Module):
             if self.mean.shape[1] != y.shape[1]:
                 raise ValueError(f"InputTransform has {self.mean.shape[1]} channel statistics, input has "
                                  f"{y.shape[1]} channels")
-            y = (y - self.mean.to(y.device, y.dtype)) / self.std.to(y.device, y.dtype)
+            mean, std = self._stats_on(y)
+            y = (y - mean) / std
         return y
+
+    def _stats_on(self, y):
+        """mean and std in y's dtype on y's device. On another device than the buffers (a transform left
+        on the CPU guiding a CUDA model) the copies are kept, not made at every call: a copy per step
+        synced the host and made CUDA-graph capture of a guided step fail (eager fallback). Refreshed when
+        the buffers move or change in place."""
+        if self.mean.device == y.device or torch.compiler.is_compiling():
+            return self.mean.to(y.device, y.dtype), self.std.to(y.device, y.dtype)
+        from .ops.lora.segments import _version
+
+        key = (y.device, y.dtype)
+        stamp = tuple((t.data_ptr(), t.device, _version(t)) for t in (self.mean, self.std))
+        cache = self.__dict__.setdefault("_stats_cache", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = cache[key] = (stamp, self.mean.to(y.device, y.dtype), self.std.to(y.device, y.dtype))
+        return hit[1], hit[2]
 
 
 def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = False) -> InputTransform:

@@ -341,6 +341,28 @@ def test_input_transform_follows_the_input_device_and_numpy_scales():
             ClassGuide(nn.Linear(4, 3), 1, scale=bad)
 
 
+def test_input_transform_keeps_its_statistics_on_the_input_device(monkeypatch):
+    """Buffers on another device than the input (a CPU transform guiding a CUDA model; "meta" here): the
+    device copies of mean / std are made once, not at every call (a per-step host-to-device copy breaks
+    CUDA-graph capture), and again after the buffers change in place or move."""
+    tr = input_transform(size=None)
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (copies.append(a), real_to(t, *a, **k))[1])
+    x = torch.zeros(2, 3, 4, 4, device="meta")
+    for _ in range(3):
+        assert tr(x).device.type == "meta"
+    assert len(copies) == 2  # mean and std, once
+    with torch.no_grad():
+        tr.mean.mul_(1.0)
+    tr(x)
+    assert len(copies) == 4
+    cpu = torch.rand(2, 3, 4, 4)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    want = ((cpu + 1) / 2 - tr.mean.float()) / tr.std.float()
+    torch.testing.assert_close(tr(cpu), want)
+
+
 # ----------------------------------------------------------------------------- model outputs, dense targets
 class FakeModelOutput(OrderedDict):
     """transformers.utils.ModelOutput's behaviour: a dict of the non-None fields, also read as attributes
