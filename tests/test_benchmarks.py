@@ -436,7 +436,7 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     monkeypatch.setenv("PPAP_BENCH_DISTILL_CL", "1")
     monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())
     monkeypatch.setattr(bench_distill, "_factorised_ms", lambda *a: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
-    monkeypatch.setattr(bench_distill, "_graphed_ms", lambda *a: 0.5)
+    monkeypatch.setattr(bench_distill, "_graphed_ms", lambda *a, amp="none": 0.25 if amp == "bf16" else 0.5)
     monkeypatch.setattr(bench_distill, "_channels_last_ms", lambda *a: (0.5, 0.4, 0.3, 0.2))
     row, acc, snaps = {}, {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
                                            "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
@@ -445,8 +445,9 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
                                            "distill_graph_loralib_factorised_vs_delta")}, []
     bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
                                lambda: snaps.append(sum(bool(v) for v in acc.values())))
-    assert snaps == [1, 6, 8, 13, 15], snaps
+    assert snaps == [1, 6, 9, 14, 16], snaps
     assert row["onepass_graph_expert_adamw_ms"] == 0.5 and acc["distill_graph_expert_adamw_vs_adamw"] == [1.0]
+    assert row["onepass_graph_amp_bf16_ms"] == 0.25 and acc["distill_graph_amp_bf16_vs_fp32"] == [0.5]
     assert not [k for k in row if k.endswith("error")], row
 
 
