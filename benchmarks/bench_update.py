@@ -77,28 +77,12 @@ def _run(device: str, quick: bool) -> dict:
                 # read x, eps, grad (+ v for learned range, + noise for DDPM); write x_prev and pred_xstart
                 n_tensors = 3 + (v is not None) + (sampler == "ddpm") + 2
                 nbytes = x.numel() * x.element_size() * n_tensors
-                eager_fn = lambda: gu.guided_update_reference(x, eps, idx, table, **args)  # noqa: E731
-                if device == "cuda":
-                    eager = back_to_back_ms(eager_fn, device, reps)
-                    for b in fast:
-                        ms = back_to_back_ms(lambda: ops.guided_update(x, eps, idx, table, backend=b, **args), device,
-                                             reps)
-                        row[f"{b}_ms"], row[f"{b}_vs_eager"] = round(ms, 4), round(ms / eager, 4)
-                        row[f"{b}_GBps"] = round(nbytes / ms / 1e6, 1)
-                        row[f"{b}_hbm_fraction"] = round(nbytes / ms / 1e6 / hbm, 4)
-                        fractions.append(row[f"{b}_hbm_fraction"])
-                else:
-                    fns = {"eager": eager_fn}
-                    fns.update({b: (lambda b=b: ops.guided_update(x, eps, idx, table, backend=b, **args)) for b in fast})
-                    times = round_robin_ms(fns, device, reps, warmup=3)
-                    eager = statistics.median(times["eager"])
-                    for b in fast:
-                        row[f"{b}_ms"] = round(statistics.median(times[b]), 4)
-                        row[f"{b}_vs_eager"] = round(statistics.median(f / e for f, e in zip(times[b], times["eager"])), 4)
-                row["eager_ms"] = round(eager, 4)
-                best = min(fast, key=lambda b: row[f"{b}_vs_eager"], default=None)
+                fns = {b: (lambda b=b: ops.guided_update(x, eps, idx, table, backend=b, **args)) for b in fast}
+                best = _time_vs_eager(row, lambda: gu.guided_update_reference(x, eps, idx, table, **args), fns,
+                                      device, reps, nbytes, hbm)
                 if best is not None:
                     ratios.append(row[f"{best}_vs_eager"])
+                fractions += [row[f"{b}_hbm_fraction"] for b in fast if f"{b}_hbm_fraction" in row]
                 rows.append(row)
     ratio = geomean(ratios) if ratios else None
     out = {"update_fused_vs_eager": ratio}
@@ -111,6 +95,27 @@ def _run(device: str, quick: bool) -> dict:
     if device == "cuda" and both:  # the automatic CUDA choice (cuda) is unmeasured: this decides it
         out["eps_triton_vs_cuda"] = geomean(both)
     return {"rows": rows, "ratios": out}
+
+
+def _time_vs_eager(row, eager_fn, fns: dict, device, reps, nbytes, hbm):
+    """Time eager_fn and each backend's fn into row (``{b}_ms``, ``{b}_vs_eager``, ``eager_ms``; on CUDA
+    back to back, with ``{b}_GBps`` and ``{b}_hbm_fraction`` of nbytes moved; on CPU round-robin, the
+    ratio the median of per-round ratios); returns the backend with the lowest ratio (None without one)."""
+    if device == "cuda":
+        eager = back_to_back_ms(eager_fn, device, reps)
+        for b, fn in fns.items():
+            ms = back_to_back_ms(fn, device, reps)
+            row[f"{b}_ms"], row[f"{b}_vs_eager"] = round(ms, 4), round(ms / eager, 4)
+            row[f"{b}_GBps"] = round(nbytes / ms / 1e6, 1)
+            row[f"{b}_hbm_fraction"] = round(nbytes / ms / 1e6 / hbm, 4)
+    else:
+        times = round_robin_ms({"eager": eager_fn, **fns}, device, reps, warmup=3)
+        eager = statistics.median(times["eager"])
+        for b in fns:
+            row[f"{b}_ms"] = round(statistics.median(times[b]), 4)
+            row[f"{b}_vs_eager"] = round(statistics.median(f / e for f, e in zip(times[b], times["eager"])), 4)
+    row["eager_ms"] = round(eager, 4)
+    return min(fns, key=lambda b: row[f"{b}_vs_eager"], default=None)
 
 
 def _eager_eps(model_output, grad, coef, channels):
@@ -132,24 +137,9 @@ def _eps_rows(device, shapes, dtypes, reps, hbm, gen):
             row = {"op": "guided_eps", "shape": [B, 2 * C, H, H], "dtype": str(dtype),
                    "threads": torch.get_num_threads() if device == "cpu" else None}
             nbytes = model_output.element_size() * (2 * model_output.numel() + grad.numel())  # read both, write one
-            eager_fn = lambda: _eager_eps(model_output, grad, coef, C)  # noqa: E731
-            if device == "cuda":
-                eager = back_to_back_ms(eager_fn, device, reps)
-                for b in fast:
-                    ms = back_to_back_ms(lambda: ops.guided_eps(model_output, grad, coef, C, backend=b), device, reps)
-                    row[f"{b}_ms"], row[f"{b}_vs_eager"] = round(ms, 4), round(ms / eager, 4)
-                    row[f"{b}_GBps"] = round(nbytes / ms / 1e6, 1)
-                    row[f"{b}_hbm_fraction"] = round(nbytes / ms / 1e6 / hbm, 4)
-            else:
-                fns = {"eager": eager_fn}
-                fns.update({b: (lambda b=b: ops.guided_eps(model_output, grad, coef, C, backend=b)) for b in fast})
-                times = round_robin_ms(fns, device, reps, warmup=3)
-                eager = statistics.median(times["eager"])
-                for b in fast:
-                    row[f"{b}_ms"] = round(statistics.median(times[b]), 4)
-                    row[f"{b}_vs_eager"] = round(statistics.median(f / e for f, e in zip(times[b], times["eager"])), 4)
-            row["eager_ms"] = round(eager, 4)
-            best = min(fast, key=lambda b: row[f"{b}_vs_eager"], default=None)
+            fns = {b: (lambda b=b: ops.guided_eps(model_output, grad, coef, C, backend=b)) for b in fast}
+            best = _time_vs_eager(row, lambda: _eager_eps(model_output, grad, coef, C), fns, device, reps, nbytes,
+                                  hbm)
             if best is not None:
                 ratios.append(row[f"{best}_vs_eager"])
             rows.append(row)
