@@ -205,8 +205,6 @@ def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_
                  device, reps, warm) -> dict:
     """Another guide on the same denoiser (e.g. DeiT-S): its reference stack, its fast guided step and
     the fast unguided step timed round-robin; the samplers are freed after. An error is recorded."""
-    import gc
-
     res, samplers = {}, []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()  # peak_gib: this phase's
@@ -244,11 +242,18 @@ def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         samplers = None
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        _end_phase(res, device)
     return res
+
+
+def _end_phase(res: dict, device: str) -> None:
+    """After a phase dropped its samplers: free their memory (graph pools) and record the peak."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
 
 
 def _seq(*mods):
@@ -329,8 +334,6 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool 
     with the reference; an error is recorded (a kernel or compile failing on this GPU must not cost
     the suite). The variant and its graph pool are freed before returning. ``op_profile``: also its
     eager op-level profile (``op_profile_top``, CUDA)."""
-    import gc
-
     res, sampler = {}, None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -357,10 +360,7 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool 
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         sampler = None
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        _end_phase(res, device)
     return res
 
 
@@ -480,11 +480,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
     if emit is not None:  # the main figures survive a later phase that runs out of time
         emit(dict(row), dict(ratios))
     fast = got = None  # its graph pool (and a step output in it) is not needed by the phases below
-    if cuda:
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
+    _end_phase({}, device)
     if os.environ.get("PPAP_BENCH_STEP_DEIT", "1" if cuda else "0") == "1":  # issue #4: DeiT-S experts too
         row["deit_s"] = res = _guide_phase(_deit_setup, ref.model, fast_model, sched, x, i, target, scale,
                                            fast_opts, unguided_opts, device, reps, warm)

@@ -151,6 +151,17 @@ class LaunchRecorder:
         return launch
 
 
+def assert_chunked_launches_cover(rec: "LaunchRecorder", n: int, axis: int = 1):
+    """Every launch's grid is within CUDA's limits and the launches, each taking its first item as its
+    last positional argument and grid[axis] items from there, cover items 0..n-1 once, in order."""
+    assert rec.launches
+    covered = []
+    for grid, args in rec.launches:
+        assert_grid_within_cuda_limits(grid)
+        covered += range(args[-1], args[-1] + grid[axis])
+    assert covered == list(range(n))
+
+
 def assert_grid_within_cuda_limits(grid):
     """CUDA launch grids: axis 0 up to 2^31 - 1 blocks, axes 1 and 2 up to 65535."""
     assert 1 <= grid[0] <= 2**31 - 1 and all(1 <= g <= 65535 for g in grid[1:]), \

@@ -9,7 +9,8 @@ from ppap_fast import ops
 from ppap_fast.ops import update as gu
 from ppap_fast.schedule import Schedule
 
-from _util import LaunchRecorder, assert_close_rel, assert_grid_within_cuda_limits, poison_allocator, rel_err, requires_cuda
+from _util import (LaunchRecorder, assert_chunked_launches_cover, assert_close_rel, poison_allocator, rel_err,
+                   requires_cuda)
 
 CONFIGS = [
     ("ddim", 0.0, "learned_range", "ddim25"),
@@ -314,13 +315,7 @@ def test_triton_launch_grids_stay_within_cuda_limits_above_65535_samples(monkeyp
     table = gu.build_table(Schedule.create("linear", 1000, "ddim25"), "ddim")
     x = torch.zeros(B, 1)
     update_triton.guided_update_triton(x, x, torch.zeros(B, dtype=torch.long), table)
-    assert rec.launches
-    covered = []
-    for grid, args in rec.launches:
-        assert_grid_within_cuda_limits(grid)
-        b0 = args[-1]  # the kernel's first sample (after inner)
-        covered += range(b0, b0 + grid[1])
-    assert covered == list(range(B))
+    assert_chunked_launches_cover(rec, B)
 
 
 def test_triton_chunked_launches_match_reference(monkeypatch):
