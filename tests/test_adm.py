@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ppap_fast.models import ADM_PRESETS, ADMUNet
 from ppap_fast.models.adm import qkv_attention
@@ -272,6 +273,38 @@ def test_fused_norm_act_equals_the_modules(backend, kw):
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(m(xg, t).square().sum(), xg)
     assert ops.last_backend("group_norm_act") == "reference" and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("new_order", [False, True])
+def test_fused_attention_in_channels_last_is_token_major_and_equals_the_modules(backend, new_order, monkeypatch):
+    """A fused model in channels_last: attention blocks run token-major (qkv / proj_out as GEMMs on [B, T, C]
+    views, q / k / v as strided views: no layout copy before SDPA, no conv1d), for both channel orders of
+    qkv, equal to the modules in NCHW; the output stays channels_last."""
+    from ppap_fast import ops
+    from ppap_fast.models import adm
+
+    m = _randomised(use_new_attention_order=new_order)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(adm.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: (seen.append((q.stride(-1), q.is_contiguous())), sdpa(q, k, v, **kw))[1])
+    with torch.no_grad():
+        want = m(x, t)
+        m = m.to(memory_format=torch.channels_last).fuse_norm_act()
+        calls = []
+        for blk in (b for b in m.modules() if type(b).__name__ == "AttentionBlock"):
+            blk.qkv.register_forward_hook(lambda *a: calls.append(1))
+        seen.clear()
+        ops.set_backend(backend)
+        try:
+            got = m(x.contiguous(memory_format=torch.channels_last), t)
+        finally:
+            ops.set_backend(None)
+    assert seen and all(s == (1, False) for s in seen), seen  # strided views of the qkv GEMM's output
+    assert not calls  # the qkv conv1d module did not run: its weight went to a GEMM
+    assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()).item() < 1e-5
 
 
 def test_fused_norm_act_fp16_torso_no_less_accurate():

@@ -377,6 +377,9 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
+        if getattr(self, "fused_norm_act", False) and self.use_sdpa and x.dim() > 2 and x.stride(1) == 1 \
+                and type(self.qkv) is nn.Conv1d and type(self.proj_out) is nn.Conv1d:
+            return self._forward_channels_last(x)
         x = x.reshape(b, c, -1)
         if getattr(self, "fused_norm_act", False):  # ADMUNet.fuse_norm_act: one norm op, one residual op
             h = qkv_attention(self.qkv(_fused_norm_act(self.norm, x, silu=False)), self.num_heads, self.legacy,
@@ -385,6 +388,28 @@ class AttentionBlock(nn.Module):
             return _fused_residual(h, x, b_out).reshape(b, c, *spatial)
         h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy, self.use_sdpa)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused block on a channels-fastest x ([B, C, *spatial], channel stride 1): token-major
+        throughout, with no layout copies. The 1x1 qkv / proj_out convs as GEMMs on [B, T, C] views, q / k /
+        v as strided [B, heads, T, ch] views of the qkv GEMM's output (unit last stride: SDPA's fused
+        kernels), the attention read back as [B, T, C]. The channel-major path copied x to conv1d's layout,
+        qkv to [B, heads, T, ch] and the attention back to [B, C, T] (PyTorch's strided copy kernels)."""
+        b, c, *spatial = x.shape
+        heads, ch = self.num_heads, c // self.num_heads
+        h = _fused_norm_act(self.norm, x, silu=False)
+        tokens = h.movedim(1, -1).reshape(b, -1, c)  # a view where h is channels-fastest too
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # [B, T, 3C]
+        T = qkv.shape[1]
+        if self.legacy:  # per head [q | k | v]
+            q, k, v = qkv.view(b, T, heads, 3, ch).unbind(3)
+        else:  # [q of all heads | k | v]
+            q, k, v = qkv.view(b, T, 3, heads, ch).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        a = a.transpose(1, 2).reshape(b, T, c)  # [B, T, heads, ch] -> [B, T, C]
+        out = F.linear(a, self.proj_out.weight.squeeze(-1))  # its bias goes to the residual op
+        out = out.view(b, *spatial, c).movedim(-1, 1)  # [B, C, *spatial], channels-fastest like x
+        return _fused_residual(out, x, self.proj_out.bias)
 
 
 def _zero(module: nn.Module) -> nn.Module:
