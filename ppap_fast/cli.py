@@ -405,8 +405,9 @@ def _run(args) -> int:
         demo.save_grid(out.with_suffix(".png"), images, labels)
         from .data.shards import write_json_atomic
 
-        write_json_atomic(out.with_suffix(".json"), {"out": str(out), **stats})  # as guided-sample's
-        print(json.dumps({"out": str(out), **stats}))
+        stats = {"out": str(out), **stats}
+        write_json_atomic(out.with_suffix(".json"), stats)  # as guided-sample's
+        print(json.dumps(stats))
         return 0
 
     if args.cmd == "evaluate":

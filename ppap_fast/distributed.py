@@ -746,12 +746,11 @@ AMP_HELP = ("bf16: run the experts' forward under bfloat16 autocast (the officia
 
 def amp_autocast(amp: str, device: torch.device):
     """The autocast context of DistillConfig.amp on ``device`` (a no-op context for "none")."""
+    from .fast_sampling import _autocast  # no weight-cast cache: fit for a captured step
+
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
-    if AMP_MODES[amp] is None:
-        return contextlib.nullcontext()
-    # no weight-cast cache: its casts would outlive a captured step's graph pool
-    return torch.autocast(device.type, dtype=AMP_MODES[amp], cache_enabled=False)
+    return _autocast(device, AMP_MODES[amp])
 
 
 def data_manifest_hash(data_dir) -> str | None:

@@ -139,6 +139,8 @@ def score(cfg: ScoreConfig) -> dict:
         raise ScoreError("batch_size and k must be positive")
     images, targets = read_images(cfg.samples)
     real = read_images(cfg.real, "real images")[0] if cfg.real is not None else None
+    if real is not None and (real.shape[0] <= cfg.k or images.shape[0] <= cfg.k):
+        raise ScoreError(f"precision / recall need more than k={cfg.k} images in each set")
     built = build_teacher(cfg.classifier, _resolve_weights(cfg.classifier, cfg.classifier_weights))
     if built.task not in (None, "classification"):
         raise ScoreError(f"classifier {cfg.classifier!r} is a {built.task} model: scoring needs a classifier")
@@ -162,8 +164,6 @@ def score(cfg: ScoreConfig) -> dict:
                    mean_target_probability=float(probs[rows, targets].mean()))
     if real is not None:
         rfeats, _ = classifier_outputs(model, transform, real, cfg.batch_size, device)
-        if real.shape[0] <= cfg.k or images.shape[0] <= cfg.k:
-            raise ScoreError(f"precision / recall need more than k={cfg.k} images in each set")
         prec, rec = precision_recall(rfeats, feats, cfg.k)
         res.update(real=str(cfg.real), num_real=int(real.shape[0]), fd=frechet_distance(feats, rfeats),
                    precision=prec, recall=rec)
