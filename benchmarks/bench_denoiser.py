@@ -24,8 +24,11 @@ share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benc
 unfused eager variants); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
 bias add then a residual add, ADM-256's largest activation) and ``resample_triton_vs_torch``
 (ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
-resampling, geometric mean of the two) and ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
-ADM-256's largest decoder skip concatenation).
+resampling, geometric mean of the two), ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
+ADM-256's largest decoder skip concatenation), ``gn_stats_split_vs_group`` and
+``cl_tile_rows_vs_narrow`` (defaults switched before a GPU timed them), and each of those memory-bound
+ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_copy``, ``cat_vs_copy``,
+``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -118,6 +121,49 @@ def _gn_stats_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
     return round(ms["split"] / ms["group"], 4)
 
 
+def _cl_tile_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """group_norm_act (with ADM's scale-shift and SiLU) and bias_residual_add on ADM-256's largest map
+    (fp16 channels_last) in the whole-row tiles (PPAP_FAST_CL_TILE=rows, the default) vs the 32-channel
+    ones (narrow): median ms of each into row, the geometric mean of the two rows / narrow ratios."""
+    from ppap_fast.ops import norm_act, residual
+    from ppap_fast.ops import norm_act_triton as NT
+
+    x, skip = _cl_half(device, batch, channels, size, size), _cl_half(device, batch, channels, size, size)
+    w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    sc, sh = (torch.randn(batch, channels, device=device, dtype=torch.float16) for _ in range(2))
+    bias = torch.randn(channels, device=device, dtype=torch.float16)
+    ops = {"gn": lambda: norm_act.group_norm_act(x, 32, w, b, scale=sc, shift=sh, backend="triton"),
+           "residual": lambda: residual.bias_residual_add(x, skip, bias, backend="triton")}
+    before, ms = NT.CL_TILE, {}
+    try:
+        for mode in ("rows", "narrow"):
+            NT.CL_TILE = mode
+            for op, fn in ops.items():
+                ms[op, mode] = _median_ms(fn, device, reps)
+                row[f"cl_tile_{op}_{mode}_ms"] = round(ms[op, mode], 3)
+    finally:
+        NT.CL_TILE = before
+    return round((ms["gn", "rows"] / ms["gn", "narrow"] * ms["residual", "rows"] / ms["residual", "narrow"]) ** 0.5, 4)
+
+
+# passes over one activation-sized tensor each op makes (a copy: 2, one read and one write), for
+# time / (copy time of the same bytes): 1 means the op runs at copy speed
+_PASSES = {"gn_vs_copy": ("gn_stats_split_ms", 3), "residual_vs_copy": ("residual_fused_ms", 3),
+           "cat_vs_copy": ("cat_triton_ms", 4), "resample_up_vs_copy": ("resample_up_triton_ms", 1.25),
+           "resample_pool_vs_copy": ("resample_pool_triton_ms", 1.25)}
+
+
+def _vs_copy(row, batch, reps, device="cuda", channels=256, size=256) -> dict:
+    """A plain copy of ADM-256's largest activation (``copy_ms``, into row) and each memory-bound op's
+    time against a copy of the bytes it moves (``*_vs_copy``: its passes over the tensor / 2 copies),
+    for the rows already in row."""
+    x = _cl_half(device, batch, channels, size, size)
+    y = torch.empty_like(x)
+    copy = _median_ms(lambda: y.copy_(x), device, reps)
+    row["copy_ms"] = round(copy, 3)
+    return {name: round(row[key] / (copy * passes / 2), 4) for name, (key, passes) in _PASSES.items() if key in row}
+
+
 def _cat_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
     """ops.cat_channels (Triton) vs torch.cat(dim=1) at ADM-256's largest decoder concatenation (two
     [batch, C, size, size] fp16 channels_last tensors): median ms of each into row, whether the outputs
@@ -204,6 +250,8 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["resample_triton_vs_torch"] = _resample_ratio(row, shape[0], reps)
             ratios["cat_triton_vs_torch"] = _cat_ratio(row, shape[0], reps)
             ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
+            ratios["cl_tile_rows_vs_narrow"] = _cl_tile_ratio(row, shape[0], reps)
+            ratios.update(_vs_copy(row, shape[0], reps))
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):

@@ -66,6 +66,9 @@ REVERT_ABOVE = {
                                 "group", "set ops/norm_act_triton.py GN_STATS_CL's default back to 'group'"),
     "resample_triton_vs_torch": ("the Triton 2x resampling slower than PyTorch's NHWC kernels",
                                  "leave Upsample / Downsample fast_resample off in ADMUNet.fuse_norm_act"),
+    "cl_tile_rows_vs_narrow": ("the whole-row channels_last tiles of the GroupNorm apply and residual passes "
+                               "slower than 32-channel tiles", "set ops/norm_act_triton.py CL_TILE's default "
+                               "back to 'narrow'"),
     "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
                             "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }

@@ -84,6 +84,33 @@ def test_denoiser_gn_stats_row_times_both_statistics_kernels(monkeypatch):
     assert row["gn_stats_split_ms"] > 0 and row["gn_stats_group_ms"] > 0 and ratio > 0
 
 
+def test_denoiser_cl_tile_row_times_both_tilings_and_copy_fractions(monkeypatch):
+    """The CUDA-only channels_last tile row on CPU (interpreter, tiny map): the GroupNorm apply and the
+    residual kernels run in both tilings (rows, then narrow: grids differ), times and the ratio recorded,
+    the module's mode restored; then the copy figure and each op's time against a copy of its bytes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from _util import LaunchRecorder
+    from ppap_fast.ops import norm_act_triton as NT
+    from ppap_fast.ops import residual_triton as RT
+
+    apply, res = LaunchRecorder(NT._gn_apply_kernel), LaunchRecorder(RT._bias_residual_kernel)
+    monkeypatch.setattr(NT, "_gn_apply_kernel", apply)
+    monkeypatch.setattr(RT, "_bias_residual_kernel", res)
+    row = {"gn_stats_split_ms": 3.0, "cat_triton_ms": 4.0}
+    ratio = bench_denoiser._cl_tile_ratio(row, 1, 1, device="cpu", channels=128, size=8)
+    assert NT.CL_TILE == "rows" and ratio > 0
+    for rec in (apply, res):  # 128 channels: 2 blocks of 64 in rows / 4 of 32 in narrow (interpreter)
+        assert [grid[1] for grid, _ in rec.launches] == [2] * 3 + [4] * 3  # median_ms: 2 warm-up calls + 1 rep
+    assert all(row[f"cl_tile_{op}_{mode}_ms"] > 0 for op in ("gn", "residual") for mode in ("rows", "narrow"))
+    copies = []
+    monkeypatch.setattr(bench_denoiser, "_median_ms", lambda fn, *a: copies.append(fn()) or 2.0)
+    fractions = bench_denoiser._vs_copy(row, 1, 1, device="cpu", channels=128, size=8)
+    assert len(copies) == 1 and copies[0].shape == (1, 128, 8, 8) and row["copy_ms"] == 2.0
+    assert fractions == {"gn_vs_copy": 1.0, "cat_vs_copy": 1.0}  # 3 passes in 3 ms, 4 in 4 ms: copy speed
+
+
 def test_denoiser_cat_row_runs_the_triton_op():
     """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
     torch times, the bit-for-bit flag and the ratio."""
@@ -193,7 +220,7 @@ def test_summary_decisions_name_the_switch():
 
     lines = summarize.decisions({"distill_graph_implicit_vs_stacked": 0.8, "distill_triton_vs_auto": 1.02,
                                  "gn_stats_split_vs_group": 1.2, "resample_triton_vs_torch": 0.3,
-                                 "cat_triton_vs_torch": 1.1})
+                                 "cat_triton_vs_torch": 1.1, "cl_tile_rows_vs_narrow": 1.04})
     assert len(lines) == len(summarize.PENDING) + len(summarize.REVERT_ABOVE)
     by_key = {ln.split()[1].rstrip(":"): ln for ln in lines}
     assert "_resolve_a_stage" in by_key["distill_graph_implicit_vs_stacked"]
@@ -203,6 +230,7 @@ def test_summary_decisions_name_the_switch():
     assert "GN_STATS_CL" in by_key["gn_stats_split_vs_group"]
     assert "keep the new default" in by_key["resample_triton_vs_torch"]
     assert "fast_cat off" in by_key["cat_triton_vs_torch"]
+    assert "CL_TILE" in by_key["cl_tile_rows_vs_narrow"]
 
 
 def test_lora_bench_cuda_branch_runs_on_cpu(monkeypatch):

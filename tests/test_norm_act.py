@@ -296,3 +296,28 @@ def test_channels_last_split_statistics_match_float64_and_the_group_kernel(monke
     monkeypatch.setattr(NT, "GN_STATS_CL", "fast")
     with pytest.raises(ValueError, match="PPAP_FAST_GN_STATS"):
         GA.group_norm_act(x, G, w, b, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_apply_tiles_rows_and_narrow_agree(monkeypatch, dtype):
+    """The apply pass of channels-fastest x in both tilings (PPAP_FAST_CL_TILE): "rows" takes whole runs of
+    channels (here two channel blocks, the last partial, and several position blocks), "narrow" the old
+    32-channel tiles; same values as float64 and bit for bit as each other (the same per-element math).
+    A bad mode raises."""
+    from ppap_fast.ops import norm_act_triton as NT
+
+    gen = torch.Generator().manual_seed(21)
+    apply = LaunchRecorder(NT._gn_apply_kernel)
+    monkeypatch.setattr(NT, "_gn_apply_kernel", apply)
+    x, w, b, sc, sh = _case((2, 72, 7, 9), 8, gen, dtype, channels_last=True, mean=3.0)
+    got = {}
+    for mode in ("rows", "narrow"):
+        monkeypatch.setattr(NT, "CL_TILE", mode)
+        got[mode] = GA.group_norm_act(x, 8, w, b, scale=sc, shift=sh, backend="triton")
+        assert rel_err(got[mode], _want(x, 8, w, b, sc, sh, True)) <= TOL[dtype], mode
+    # 63 positions by 32 and 72 channels by 64 / positions by 64 and channels by 32
+    assert [grid for grid, _ in apply.launches] == [(2, 2, 2), (1, 3, 2)]
+    assert torch.equal(got["rows"], got["narrow"])
+    monkeypatch.setattr(NT, "CL_TILE", "wide")
+    with pytest.raises(ValueError, match="PPAP_FAST_CL_TILE"):
+        GA.group_norm_act(x, 8, w, b, backend="triton")

@@ -202,3 +202,23 @@ def test_triton_chunked_launches_match_float64(monkeypatch):
         got = RA.bias_residual_add(h, skip, bias, backend="triton")
         want = RA.bias_residual_add_reference(h.double(), skip.double(), None if bias is None else bias.double())
         assert rel_err(got, want) <= TOL[torch.float32], f"channels_last={cl} bias={with_bias}"
+
+
+def test_channels_last_tiles_rows_and_narrow_agree(monkeypatch):
+    """Channels-fastest h in both tilings (PPAP_FAST_CL_TILE): "rows" (two channel blocks, the last partial,
+    several position blocks) and "narrow"; float64's values, bit for bit each other's."""
+    from ppap_fast.ops import norm_act_triton as NT
+    from ppap_fast.ops import residual_triton as RT
+
+    gen = torch.Generator().manual_seed(23)
+    rec = LaunchRecorder(RT._bias_residual_kernel)
+    monkeypatch.setattr(RT, "_bias_residual_kernel", rec)
+    h, skip, bias = _inputs((2, 72, 7, 9), gen, torch.float16, True, True)
+    want = RA.bias_residual_add_reference(h.double(), skip.double(), bias.double())
+    got = {}
+    for mode in ("rows", "narrow"):
+        monkeypatch.setattr(NT, "CL_TILE", mode)
+        got[mode] = RA.bias_residual_add(h, skip, bias, backend="triton")
+        assert rel_err(got[mode], want) <= TOL[torch.float16], mode
+    assert [grid for grid, _ in rec.launches] == [(2, 2, 2), (1, 3, 2)]
+    assert torch.equal(got["rows"], got["narrow"])

@@ -373,7 +373,8 @@ def scenarios(dtype):
     # ------------------------------------------------------------------ fused group norm + act
     from ppap_fast.ops import norm_act
 
-    for shape, G, cl in (((2, 64, 16, 16), 32, False), ((2, 64, 16, 16), 32, True), ((2, 24, 7), 3, False)):
+    for shape, G, cl in (((2, 64, 16, 16), 32, False), ((2, 64, 16, 16), 32, True), ((2, 256, 16, 16), 32, True),
+                         ((2, 24, 7), 3, False)):  # 256 channels_last: ADM's whole-row tiles
         for ss, silu, ib in ((True, True, "C"), (False, False, None), (False, True, "BC")):
             def f(shape=shape, G=G, cl=cl, ss=ss, silu=silu, ib=ib):
                 B, C = shape[:2]
@@ -399,7 +400,8 @@ def scenarios(dtype):
     # ------------------------------------------------------------------ bias + residual add
     from ppap_fast.ops import residual
 
-    for shape, cl, has_bias in (((2, 64, 16, 16), True, True), ((2, 64, 16, 16), False, False), ((2, 24, 7), False, True)):
+    for shape, cl, has_bias in (((2, 64, 16, 16), True, True), ((2, 256, 16, 16), True, True), ((2, 64, 16, 16), False, False),
+                                ((2, 24, 7), False, True)):
         def f(shape=shape, cl=cl, has_bias=has_bias):
             h, skip = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
             if cl:

@@ -232,6 +232,24 @@ def _blocks(channels: int, HW: int, channels_fastest: bool):
     return bc, bp
 
 
+# tiles of the channels-fastest elementwise passes (GroupNorm apply, ops.residual): "rows" (whole runs of
+# up to 256 contiguous channels by fewer positions, as ops.resample's) or "narrow" (32 channels by 256
+# positions: 64-byte runs of each pixel, the tiles before)
+CL_TILE = os.environ.get("PPAP_FAST_CL_TILE", "rows")
+
+
+def _elementwise_blocks(channels: int, HW: int, channels_fastest: bool):
+    """(BLOCK_C, BLOCK_P) of the apply / residual passes: channels-fastest x in CL_TILE's tiles of 8192
+    elements (the interpreter's: at most 64 channels by 32 positions, so small tests reach several channel
+    blocks), else _blocks'."""
+    if CL_TILE not in ("rows", "narrow"):
+        raise ValueError(f"PPAP_FAST_CL_TILE must be 'rows' or 'narrow', got {CL_TILE!r}")
+    if not channels_fastest or CL_TILE == "narrow":
+        return _blocks(channels, HW, channels_fastest)
+    bc = max(4, min(64 if _interpreting() else 256, triton.next_power_of_2(channels)))
+    return bc, max(16, min((2048 if _interpreting() else 8192) // bc, triton.next_power_of_2(max(HW, 1))))
+
+
 def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False):
     B, C = x.shape[:2]
     HW = x.numel() // max(B * C, 1)
@@ -254,7 +272,7 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, po
     else:
         _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
                                    HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
-    bc, bp = _blocks(C, HW, cl)
+    bc, bp = _elementwise_blocks(C, HW, cl)
     w = weight.contiguous() if weight is not None else mean
     bb = bias.contiguous() if bias is not None else mean
     sc = scale if scale is None or scale.stride(1) == 1 else scale.contiguous()

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._kernel_util import grid_chunks
-from .norm_act_triton import _bcp_empty, _bcp_view, _blocks
+from .norm_act_triton import _bcp_empty, _bcp_view, _elementwise_blocks
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def bias_residual_add(h, skip, bias, poison=False):
     if h.numel() == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
-    bc, bp = _blocks(C, HW, sh[1] == 1 and C > 1)
+    bc, bp = _elementwise_blocks(C, HW, sh[1] == 1 and C > 1)
     for b0, count in grid_chunks(B):  # one launch unless B > 65535
         _bias_residual_kernel[(triton.cdiv(HW, bp), triton.cdiv(C, bc), count)](
             h, skip, bias if bias is not None else h, y, C, HW, b0, *sh, *ss, *sy,
