@@ -322,6 +322,39 @@ def test_fused_norm_act_fp16_torso_no_less_accurate():
     assert 0 < fused < 5e-3 and fused <= 1.1 * unfused, (fused, unfused)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_output_head_reads_the_half_torso_without_an_upcast(backend, monkeypatch):
+    """The fused out norm takes the fp16 torso's last activation as it is and writes float32 (out_dtype):
+    no upcast pass, and the same bits as upcasting first (the head before)."""
+    from ppap_fast import ops
+    from ppap_fast.ops import norm_act
+
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(_randomised().state_dict(), strict=True)
+    m16.fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    real, calls = norm_act.group_norm_act, []
+
+    def recording(h, *a, **kw):
+        calls.append((h.dtype, kw.get("out_dtype")))
+        return real(h, *a, **kw)
+
+    def upcast_first(h, *a, out_dtype=None, **kw):
+        return real(h.to(out_dtype or h.dtype), *a, **kw)
+
+    ops.set_backend(backend)
+    try:
+        with torch.no_grad():
+            monkeypatch.setattr(norm_act, "group_norm_act", recording)
+            got = m16(x, t)
+            monkeypatch.setattr(norm_act, "group_norm_act", upcast_first)
+            before = m16(x, t)
+    finally:
+        ops.set_backend(None)
+    assert calls[-1] == (torch.float16, torch.float32) and calls[0] == (torch.float16, None)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.equal(got, before)
+
+
 @pytest.mark.cuda
 @cuda
 def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):

@@ -113,6 +113,29 @@ def test_mixed_precision_dtypes_agree_across_backends(dtype):
     assert [g.dtype for g in grads] == [t.dtype for t in ins]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_out_dtype_equals_upcasting_first(dtype):
+    """out_dtype=float32 of a half x (ADM's output head: the torso's activation into the float32 out norm)
+    is bit for bit the op on x upcast first, in x's memory format, on both backends, output poisoned;
+    a float64 out_dtype runs the reference (explicit Triton refuses); a non-float one raises."""
+    gen = torch.Generator().manual_seed(31)
+    for cl in (False, True):
+        x, w, b, sc, sh = _case((2, 72, 7, 9), 8, gen, dtype, channels_last=cl, mean=2.0)
+        ib = torch.randn(72, generator=gen).to(dtype)
+        for backend in ("triton", "reference"):
+            got = GA.group_norm_act(x, 8, w, b, scale=sc, shift=sh, in_bias=ib, out_dtype=torch.float32,
+                                    backend=backend)
+            want = GA.group_norm_act(x.float(), 8, w, b, scale=sc, shift=sh, in_bias=ib, backend=backend)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (cl, backend)
+            assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    got = GA.group_norm_act(x, 8, w, b, out_dtype=torch.float64)
+    assert got.dtype == torch.float64 and ops.last_backend(GA.OP) == "reference"
+    with pytest.raises(ops.BackendUnavailableError, match="out_dtype"):
+        GA.group_norm_act(x, 8, w, b, out_dtype=torch.float64, backend="triton")
+    with pytest.raises(ValueError, match="out_dtype"):
+        GA.group_norm_act(x, 8, w, b, out_dtype=torch.int32)
+
+
 def test_triton_statistics_hold_at_a_large_mean():
     gen = torch.Generator().manual_seed(5)
     for mean in (50.0, -300.0, 1e4):

@@ -208,12 +208,12 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None, silu=True):
+def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None, silu=True, out_dtype=None):
     """``norm`` of h + in_bias (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act)."""
     from ..ops.norm_act import group_norm_act
 
     return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift,
-                          in_bias=in_bias, silu=silu)
+                          in_bias=in_bias, silu=silu, out_dtype=out_dtype)
 
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -601,10 +601,9 @@ class ADMUNet(nn.Module):
         else:
             for module in self.output_blocks:
                 h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        h = h.type(x.dtype)
-        if getattr(self, "fused_out_norm_act", False):
-            return self.out[2](_fused_norm_act(self.out[0], h))
-        return self.out(h)
+        if getattr(self, "fused_out_norm_act", False):  # the torso's dtype read, x's written: no upcast pass
+            return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=x.dtype))
+        return self.out(h.type(x.dtype))
 
     # -- construction from configs -----------------------------------------
     @classmethod

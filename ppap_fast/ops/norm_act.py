@@ -9,7 +9,9 @@ produced x (run without it) and, without scale-shift, ADM's timestep embedding, 
 costs a pass of its own.
 
 gn: statistics per (sample, group) in float32 whatever x's dtype (as ADM's GroupNorm32), act
-SiLU or identity, y in x's dtype and memory format (NCHW or channels_last). Unfused, an fp16
+SiLU or identity, y in x's memory format (NCHW or channels_last) and dtype, or ``out_dtype``: a
+float32 result of a half x equals upcasting x first (the upcast is exact), without the upcast's pass
+(ADM's output head: the fp16 torso's last activation into the float32 out norm). Unfused, an fp16
 ADM runs this as upcast, GroupNorm, downcast, scale-shift, SiLU: ~28 bytes of memory traffic per
 element; the Triton path reads x twice and writes y once (6 bytes in fp16).
 
@@ -32,7 +34,7 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
-                             silu=True, in_bias=None):
+                             silu=True, in_bias=None, out_dtype=None):
     dt = torch.promote_types(x.dtype, torch.float32)
     shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     xx = x.to(dt)
@@ -46,7 +48,7 @@ def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, sc
         h = h + shift.to(dt).reshape(shp)
     if silu:
         h = F.silu(h)
-    return h.to(x.dtype)
+    return h.to(out_dtype or x.dtype)
 
 
 def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
@@ -75,25 +77,30 @@ def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
-                   silu: bool = True, in_bias=None, backend: str | None = None):
+                   silu: bool = True, in_bias=None, out_dtype: torch.dtype | None = None, backend: str | None = None):
     """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
     scale, shift, in_bias = _check(x, num_groups, weight, bias, scale, shift, in_bias)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"group_norm_act: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, in_bias))
-    fn = _registry.select_gated(OP, x, backend, FAST_DTYPES,
-                                "is forward-only (an input requires grad)" if needs_grad else None)
-    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), in_bias)
+    why = "is forward-only (an input requires grad)" if needs_grad else None
+    if out_dtype is not None and out_dtype not in FAST_DTYPES:
+        why = f"writes fp32/fp16/bf16, got out_dtype {out_dtype}"
+    fn = _registry.select_gated(OP, x, backend, FAST_DTYPES, why)
+    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), in_bias, out_dtype or x.dtype)
 
 
-def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias):
+def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype):
     from . import norm_act_triton as tk
 
     with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
-        return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, poison=POISON)
+        return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, poison=POISON,
+                                 out_dtype=out_dtype)
 
 
-def _reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias):
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias)
+def _reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype):
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype)
 
 
 _registry.register(OP, "reference", _reference, _ext.reference_unavailable)

@@ -250,11 +250,11 @@ def _elementwise_blocks(channels: int, HW: int, channels_fastest: bool):
     return bc, max(16, min((2048 if _interpreting() else 8192) // bc, triton.next_power_of_2(max(HW, 1))))
 
 
-def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False):
+def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False, out_dtype=None):
     B, C = x.shape[:2]
     HW = x.numel() // max(B * C, 1)
     x, st = _bcp_view(x)
-    y, sy = _bcp_empty(x, x.dtype, poison)  # x's memory format
+    y, sy = _bcp_empty(x, out_dtype or x.dtype, poison)  # x's memory format
     if x.numel() == 0:
         return y
     Cg = C // G
