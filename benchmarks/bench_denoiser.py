@@ -28,7 +28,9 @@ resampling, geometric mean of the two), ``cat_triton_vs_torch`` (ops.cat_channel
 ADM-256's largest decoder skip concatenation), ``gn_stats_split_vs_group`` and
 ``cl_tile_rows_vs_narrow`` (defaults switched before a GPU timed them), and each of those memory-bound
 ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_copy``, ``cat_vs_copy``,
-``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed).
+``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed); ``adm_conv_triton_vs_cudnn``: the
+Triton implicit-GEMM conv vs cuDNN at ADM-256's largest 3x3 conv (whether a conv with the GroupNorm
+fused into its loads could pay).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -146,6 +148,44 @@ def _cl_tile_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> f
     return round((ms["gn", "rows"] / ms["gn", "narrow"] * ms["residual", "rows"] / ms["residual", "narrow"]) ** 0.5, 4)
 
 
+# the Triton implicit-GEMM conv's tilings timed at ADM's scale (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
+# the launchers' default first, then bench_lora's alternatives
+ADM_CONV_TILES = (None, (64, 128, 64, 4, 4), (128, 256, 64, 8, 3))
+
+
+def _adm_conv_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """The Triton implicit-GEMM conv (ops/lora/triton_conv.py with no LoRA: the kernels a conv with a
+    fused GroupNorm prologue would grow from) vs cuDNN at ADM-256's most frequent conv (3x3, 256 -> 256
+    channels at 256x256, fp16 channels_last; cudnn.benchmark as the caller set it): median ms of cuDNN and
+    of each tiling into row, the best tiling's time / cuDNN's. Near 1, a conv that applies the previous
+    GroupNorm + SiLU on its loads would save that pass (~0.6 ms a call at batch 32)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from ppap_fast.ops import lora as L
+    from ppap_fast.ops.lora import triton_conv as tc
+
+    x = _cl_half(device, batch, channels, size, size)
+    w = (torch.randn(channels, channels, 3, 3, device=device) / 48).to(torch.float16)
+    wt = tc.weight_for_tiles(w)
+    y = torch.empty_like(x)
+    seg = L.build_segments(torch.zeros(batch, dtype=torch.long, device=device), 1)
+    with torch.no_grad():
+        row["adm_conv_cudnn_ms"] = round(_median_ms(lambda: F.conv2d(x, w, None, 1, 1), device, reps), 3)
+        best = None
+        for t in ADM_CONV_TILES:
+            tag = "default" if t is None else "x".join(map(str, t[:3]))
+            with contextlib.nullcontext() if t is None else tc.tiles(*t):
+                ms = _median_ms(lambda: tc.conv_base_lora_fwd(x, wt, y, seg.sorted_idx, seg.offsets, 1, 1, 1), device,
+                                reps)
+            row[f"adm_conv_triton_{tag}_ms"] = round(ms, 3)
+            best = ms if best is None else min(best, ms)
+        err = (y.float() - F.conv2d(x, w, None, 1, 1).float()).norm() / F.conv2d(x, w, None, 1, 1).float().norm()
+        row["adm_conv_triton_rel_err"] = float(err)
+    return round(best / row["adm_conv_cudnn_ms"], 4)
+
+
 # passes over one activation-sized tensor each op makes (a copy: 2, one read and one write), for
 # time / (copy time of the same bytes): 1 means the op runs at copy speed
 _PASSES = {"gn_vs_copy": ("gn_stats_split_ms", 3), "residual_vs_copy": ("residual_fused_ms", 3),
@@ -252,6 +292,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
             ratios["cl_tile_rows_vs_narrow"] = _cl_tile_ratio(row, shape[0], reps)
             ratios.update(_vs_copy(row, shape[0], reps))
+            ratios["adm_conv_triton_vs_cudnn"] = _adm_conv_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):

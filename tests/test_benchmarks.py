@@ -111,6 +111,24 @@ def test_denoiser_cl_tile_row_times_both_tilings_and_copy_fractions(monkeypatch)
     assert fractions == {"gn_vs_copy": 1.0, "cat_vs_copy": 1.0}  # 3 passes in 3 ms, 4 in 4 ms: copy speed
 
 
+def test_denoiser_adm_conv_row_times_cudnn_and_each_tiling(monkeypatch):
+    """The CUDA-only ADM conv row on CPU (interpreter, tiny map): cuDNN's stand-in and the Triton conv in
+    each tiling timed (the tiling contexts entered and left), the Triton output checked against the conv."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from ppap_fast.ops.lora import triton_conv as tc
+
+    entered = []
+    real_tiles = tc.tiles
+    monkeypatch.setattr(tc, "tiles", lambda *t: (entered.append(t), real_tiles(*t))[1])
+    row = {}
+    ratio = bench_denoiser._adm_conv_ratio(row, 1, 1, device="cpu", channels=16, size=4)
+    assert entered == [t for t in bench_denoiser.ADM_CONV_TILES if t is not None] and not tc._TILE_OVERRIDE
+    assert row["adm_conv_cudnn_ms"] > 0 and row["adm_conv_triton_default_ms"] > 0 and ratio > 0
+    assert row["adm_conv_triton_rel_err"] < 1e-2
+
+
 def test_denoiser_cat_row_runs_the_triton_op():
     """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
     torch times, the bit-for-bit flag and the ratio."""
