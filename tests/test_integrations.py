@@ -933,3 +933,95 @@ def test_pipeline_refuses_a_scheduler_whose_step_needs_more_than_the_sample(unet
         pipe.set_progress_bar_config(disable=True)
         with pytest.raises(ValueError, match=r"RePaintScheduler.step needs \['original_image', 'mask'\]"):
             pipe(batch_size=B, num_inference_steps=2, output_type="raw")
+
+
+def _text_unet(out_channels=C):
+    torch.manual_seed(7)
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=H, in_channels=C, out_channels=out_channels, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def test_text_conditional_unet_with_classifier_free_guidance_as_diffusers(classifier):
+    """A DeepFloyd-IF-like denoiser (UNet2DConditionModel, learned variance: 2C channels, DDPM learned_range):
+    the pipeline equals the hand-written loop of diffusers' IF pipeline (one forward of [x; x] with
+    [negative; prompt] states, eps = uncond + w (text - uncond), the variance of the text half) with the PPAP
+    correction on top; without cfg_scale one forward of the prompt. Every forward of a CFG step is 2B wide."""
+    W, y = classifier
+    net = _text_unet(2 * C)
+    g = torch.Generator().manual_seed(23)
+    cond, neg = torch.randn(1, 5, 12, generator=g), torch.randn(1, 5, 12, generator=g)
+    xT = torch.randn(B, C, H, H, generator=g)
+    guide = linear_classifier_guide(W, y, 2.0)
+    sched = lambda: DDPMScheduler(variance_type="learned_range", clip_sample=False)  # noqa: E731
+    widths = []
+    net.register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[0]))
+
+    def run(gd, **kw):
+        pipe = PPAPGuidedPipeline(net, sched(), gd)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=3, latents=xT, output_type="latent",
+                    generator=torch.Generator().manual_seed(1), **kw).images
+
+    def by_hand(gd, w):
+        s, x, gen = sched(), xT.clone(), torch.Generator().manual_seed(1)
+        s.set_timesteps(3)
+        with torch.no_grad():
+            for t in s.timesteps:
+                if w > 1:
+                    states = torch.cat([neg.expand(B, -1, -1), cond.expand(B, -1, -1)])
+                    out_u, out_c = net(torch.cat([x, x]), t, encoder_hidden_states=states).sample.chunk(2)
+                    eps_u, _ = out_u.split(C, dim=1)
+                    eps_c, var = out_c.split(C, dim=1)
+                    out = torch.cat([eps_u + w * (eps_c - eps_u), var], dim=1)
+                else:
+                    out = net(x, t, encoder_hidden_states=cond.expand(B, -1, -1)).sample
+                if gd is not None:
+                    out = PPAPGuidance(gd).correct(out, x, t, s)
+                x = s.step(out, t, x, generator=gen).prev_sample
+        return x
+
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    text = dict(prompt_embeds=cond, negative_prompt_embeds=neg)
+    widths.clear()
+    cfg_guided = run(guide, cfg_scale=4.0, **text)
+    assert widths == [2 * B] * 3
+    assert rel(cfg_guided, by_hand(guide, 4.0)) < 1e-6
+    cfg_plain = run(None, cfg_scale=4.0, **text)
+    assert rel(cfg_plain, by_hand(None, 4.0)) < 1e-6
+    widths.clear()
+    prompt_only = run(None, prompt_embeds=cond)
+    assert widths == [B] * 3 and rel(prompt_only, by_hand(None, 1.0)) < 1e-6
+    assert rel(cfg_plain, prompt_only) > 1e-3 and rel(run(None, prompt_embeds=neg), prompt_only) > 1e-3
+    assert rel(cfg_guided, cfg_plain) > 1e-3  # the PPAP guidance acts on the combined prediction
+    assert torch.equal(run(None, prompt_embeds=cond.expand(B, -1, -1)), prompt_only)  # per-sample states
+
+
+def test_text_conditioning_bad_inputs(unet):
+    net = _text_unet()
+    cond = torch.randn(1, 5, 12)
+
+    def run(model, **kw):
+        pipe = PPAPGuidedPipeline(model, DDIMScheduler(clip_sample=False))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=2, output_type="latent", **kw)
+
+    cases = [
+        (net, {}, "text-conditional \\(cross_attention_dim=12\\): pass prompt_embeds"),
+        (unet, dict(prompt_embeds=cond), "takes no text conditioning"),
+        (unet, dict(cfg_scale=3.0), "cfg_scale .* needs prompt_embeds"),
+        (unet, dict(negative_prompt_embeds=cond), "without prompt_embeds"),
+        (net, dict(prompt_embeds=cond, cfg_scale=3.0), "needs negative_prompt_embeds"),
+        (net, dict(prompt_embeds=torch.randn(1, 5, 8)), "width 8 != the denoiser's cross_attention_dim 12"),
+        (net, dict(prompt_embeds=torch.randn(3, 5, 12)), r"\[1 or batch_size=4, tokens, width\]"),
+        (net, dict(prompt_embeds=torch.randn(5, 12)), r"\[1 or batch_size=4, tokens, width\]"),
+        (net, dict(prompt_embeds=cond, negative_prompt_embeds=torch.randn(1, 4, 12), cfg_scale=2.0), "same tokens"),
+        (net, dict(prompt_embeds=torch.full((1, 5, 12), float("nan"))), "finite"),
+        (net, dict(prompt_embeds=cond, cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+    ]
+    for model, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            run(model, **kw)

@@ -580,7 +580,7 @@ def _step_kwargs(scheduler, eta, generator) -> dict:
 
 
 class _GuidedPipelineBody:
-    """A ``diffusers.DiffusionPipeline`` (unconditional sampler) with PPAP guidance.
+    """A ``diffusers.DiffusionPipeline`` (unconditional, class- or text-conditional sampler) with PPAP guidance.
 
     ``PPAPGuidedPipeline(unet, scheduler, guide)(batch_size, num_inference_steps, generator)`` runs
     ``scheduler`` on ``unet`` (a diffusers UNet2DModel, or any ``denoiser(x, t)`` returning a tensor
@@ -651,21 +651,86 @@ class _GuidedPipelineBody:
                                  f"num_class_embeds={emb.num_embeddings}), got {y.tolist()}")
         return _labels_for_batch(y, batch_size, integer).to(device)
 
-    def _denoise(self, x, t, class_labels=None):
-        out = self.unet(x, t) if class_labels is None else self.unet(x, t, class_labels=class_labels)
-        return denoiser_output(out)
+    def _cross_attention_dim(self):
+        """The denoiser's text-conditioning width (config.cross_attention_dim: UNet2DConditionModel), or None."""
+        cfg = getattr(self.unet, "config", None)
+        return getattr(cfg, "cross_attention_dim", None) if cfg is not None else None
+
+    def _text_conditioning(self, prompt_embeds, negative_prompt_embeds, cfg_scale: float, batch_size: int, device):
+        """(encoder_hidden_states of the text, of the negative text or None, cfg_scale) for _denoise, or None
+        without prompt_embeds. Classifier-free guidance runs where cfg_scale > 1 (as diffusers' pipelines)."""
+        width = self._cross_attention_dim()
+        if prompt_embeds is None:
+            if width is not None:
+                raise ValueError(f"the denoiser is text-conditional (cross_attention_dim={width}): pass "
+                                 "prompt_embeds=<[1 or batch_size, tokens, width] text-encoder states>")
+            if negative_prompt_embeds is not None:
+                raise ValueError("negative_prompt_embeds given without prompt_embeds")
+            if cfg_scale != 1:
+                raise ValueError("cfg_scale (classifier-free guidance) needs prompt_embeds and negative_prompt_embeds")
+            return None
+        cfg = getattr(self.unet, "config", None)
+        if cfg is not None and width is None:
+            raise ValueError(f"prompt_embeds given, but the denoiser ({type(self.unet).__name__}) takes no text "
+                             "conditioning (its config has no cross_attention_dim)")
+        cond = self._embeds_for_batch(prompt_embeds, "prompt_embeds", batch_size, width, device)
+        if cfg_scale <= 1:
+            return cond, None, cfg_scale
+        if negative_prompt_embeds is None:
+            raise ValueError(f"cfg_scale={cfg_scale} (classifier-free guidance) needs negative_prompt_embeds: the "
+                             "text encoder's states of the negative (or empty) prompt")
+        uncond = self._embeds_for_batch(negative_prompt_embeds, "negative_prompt_embeds", batch_size, width, device)
+        if uncond.shape != cond.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+                             f"{tuple(prompt_embeds.shape)} must have the same tokens and width")
+        return cond, uncond, cfg_scale
+
+    def _embeds_for_batch(self, e, name: str, batch_size: int, width, device):
+        if not isinstance(e, torch.Tensor) or e.dim() != 3 or e.shape[0] not in (1, batch_size):
+            raise ValueError(f"{name} must be a [1 or batch_size={batch_size}, tokens, width] tensor, got "
+                             f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+        if isinstance(width, int) and e.shape[-1] != width:
+            raise ValueError(f"{name} width {e.shape[-1]} != the denoiser's cross_attention_dim {width}")
+        if not e.is_floating_point() or not bool(torch.isfinite(e).all()):
+            raise ValueError(f"{name} must be finite floating-point states")
+        return e.to(device=device, dtype=self.dtype).expand(batch_size, *e.shape[1:])
+
+    def _denoise(self, x, t, class_labels=None, text=None):
+        kw = {} if class_labels is None else {"class_labels": class_labels}
+        if text is None:
+            return denoiser_output(self.unet(x, t, **kw))
+        cond, uncond, cfg_scale = text
+        if uncond is None:
+            return denoiser_output(self.unet(x, t, encoder_hidden_states=cond, **kw))
+        # classifier-free guidance as diffusers' IF / Stable Diffusion pipelines: one forward of [uncond; cond],
+        # the eps channels combined, a learned variance (2C channels: IF) taken from the text half
+        if class_labels is not None:
+            kw["class_labels"] = torch.cat([class_labels, class_labels])
+        out = denoiser_output(self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]), **kw))
+        out_uncond, out_text = out.chunk(2)
+        c = x.shape[1]
+        eps_uncond, eps_text = out_uncond[:, :c], out_text[:, :c]
+        eps = eps_uncond + cfg_scale * (eps_text - eps_uncond)
+        return torch.cat([eps, out_text[:, c:]], dim=1) if out.shape[1] > c else eps
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
                  guidance_scale: float = 1.0, output_type: str = "pil", return_dict: bool = True,
                  latents: torch.Tensor | None = None, callback: Callable | None = None, class_labels=None,
                  callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: list | None = None):
+                 callback_on_step_end_tensor_inputs: list | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, cfg_scale: float = 1.0):
         """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]),
         "latent" (the final x itself, [-1, 1] for a pixel model; "raw" is the same). ``latents``: the
         starting noise (default randn(generator)). ``class_labels``: one int or [batch_size] labels: they
         condition a class-conditional denoiser (num_class_embeds / class_embed_type; required there) and
         replace the guide's class target (a ClassGuide / X0HatGuide) for this call.
+        A text-conditional denoiser (a UNet2DConditionModel: DeepFloyd IF's stage I, a GLIDE-like model) takes
+        ``prompt_embeds`` ([1 or batch_size, tokens, cross_attention_dim], the text encoder's states: this
+        pipeline has no text encoder) as its encoder_hidden_states; ``cfg_scale`` > 1 adds classifier-free
+        guidance against ``negative_prompt_embeds`` as diffusers' IF / Stable Diffusion pipelines do (one
+        forward of both halves, eps combined, a learned variance from the text half), and the PPAP guidance
+        (``guidance_scale``) corrects that combined prediction.
         After each step, as diffusers' pipelines: ``callback_on_step_end(pipe, i, t, callback_kwargs)``
         (a function or a diffusers PipelineCallback), callback_kwargs holding the tensors named in
         ``callback_on_step_end_tensor_inputs`` (default and only ["latents"]: x after the step); a dict it
@@ -695,6 +760,8 @@ class _GuidedPipelineBody:
             self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
         shape = self._shape(batch_size)
         unet_labels = self._unet_class_labels(class_labels, batch_size, device)
+        text = self._text_conditioning(prompt_embeds, negative_prompt_embeds, _finite_scale(cfg_scale, "cfg_scale"),
+                                       batch_size, device)
         guide_labels = None
         if class_labels is not None:
             from ppap_fast.guidance import has_class_target
@@ -725,7 +792,7 @@ class _GuidedPipelineBody:
         try:
             for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
                 inp = step_sched.scale_model_input(x, t) if hasattr(step_sched, "scale_model_input") else x
-                out = self._denoise(inp, t, unet_labels)
+                out = self._denoise(inp, t, unet_labels, text)
                 if guided:
                     if clip_first:
                         out = self.guidance._clip_first(out, x, t, step_sched, sched)
