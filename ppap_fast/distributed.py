@@ -335,9 +335,20 @@ class RandomConvDenoiser(nn.Module):
         return x + 0.5 * self.c2(torch.tanh(self.c1(torch.cat([x, tt], 1))))  # eps ~ x: unsaturated samples
 
 
-def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: str = "cuda") -> nn.Module:
+def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: str = "cuda",
+                   schedule: str | None = None, num_timesteps: int | None = None) -> nn.Module:
     """``adm:<preset>`` (guided-diffusion checkpoint, strict; its fp16 torso only on CUDA),
-    ``tiny`` (a ppap_fast tiny UNet safetensors file), ``random-conv`` (smoke tests)."""
+    ``tiny`` (a ppap_fast tiny UNet safetensors file), ``diffusers:PATH`` (a UNet2DModel or a pipeline
+    saved with save_pretrained; with ``schedule``, its scheduler config is checked against it),
+    ``random-conv`` (smoke tests)."""
+    if spec.startswith("diffusers:"):
+        from .integrations import diffusers_models
+
+        if checkpoint is not None:
+            raise ValueError(f"denoiser {spec!r} reads its weights from its folder: drop --checkpoint")
+        if schedule is not None:
+            diffusers_models.check_schedule(spec[10:], schedule, num_timesteps or 1000)
+        return diffusers_models.load_denoiser(spec[10:])
     if spec.startswith("adm:"):
         from .models.adm import ADMUNet
 
@@ -353,7 +364,7 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
         return load_model(checkpoint, kind="unet")
     if spec == "random-conv":
         return RandomConvDenoiser(channels)
-    raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny or random-conv")
+    raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny, diffusers:PATH or random-conv")
 
 
 class BuiltTeacher(NamedTuple):
@@ -492,6 +503,10 @@ class GenerateConfig:
         if not self.fast:
             d.pop("fast")
         d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
+        if self.denoiser.startswith("diffusers:"):  # the weights live in the spec's folder (absent for others: old hashes hold)
+            from .integrations.diffusers_models import weights_fingerprint
+
+            d["denoiser_fingerprint"] = weights_fingerprint(self.denoiser[10:])
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["format"] = FORMAT
         return d
@@ -618,7 +633,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
 
     device = env.device
     torch.manual_seed(cfg.seed)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
+                          cfg.num_timesteps).to(device).eval()
     if teacher is not None:
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None
@@ -1498,7 +1514,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=0)
     g.add_argument("--image-size", type=int, default=256)
     g.add_argument("--channels", type=int, default=3)
-    g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond")
+    g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond",
+                   help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     g.add_argument("--checkpoint", default=None)
     g.add_argument("--schedule", default="linear")
     g.add_argument("--num-timesteps", type=int, default=1000)

@@ -212,7 +212,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
     sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     sched = sched.to(device)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type).to(device).eval()
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule, 1000).to(device).eval()
     unet.requires_grad_(False)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t1 = sched.timestep_map[:1].to(device)
@@ -313,7 +313,7 @@ def add_arguments(s) -> None:
     from .cli import finite_float as _finite_float
 
     s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
-    s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | random-conv")
+    s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     s.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--channels", type=int, default=3)

@@ -1,0 +1,116 @@
+"""Saved diffusers denoisers as ``denoiser(x, t) -> eps`` for the CLI (``--denoiser diffusers:PATH``).
+
+PATH is a folder written by ``save_pretrained``: a ``UNet2DModel`` (its config.json and weights) or a
+whole pipeline (model_index.json, ``unet/``, ``scheduler/``), read offline. Only unconditional pixel
+``UNet2DModel`` denoisers: the CLI has no class labels or text states to give (``PPAPGuidedPipeline``
+takes both). The pipeline's scheduler config, where there is one, must describe the schedule the CLI
+samples with (``--schedule``, ``--num-timesteps``) and an eps prediction: a mismatch raises naming the
+flags, instead of sampling on another noise schedule than the model was trained on.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class DiffusersDenoiser(nn.Module):
+    """A diffusers ``UNet2DModel`` as ``denoiser(x, t) -> model output`` (its ``.sample``)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+def unet_dir(path) -> Path:
+    """The UNet folder of ``path``: the folder itself (config.json) or a pipeline's ``unet/``."""
+    p = Path(path)
+    if (p / "unet" / "config.json").is_file():
+        return p / "unet"
+    if (p / "config.json").is_file():
+        return p
+    raise ValueError(f"denoiser 'diffusers:{path}': no config.json there or in its unet/ folder (expected a "
+                     "UNet2DModel or a pipeline saved with save_pretrained)")
+
+
+def scheduler_config(path) -> dict | None:
+    """The pipeline's scheduler config (``scheduler/scheduler_config.json``, or one beside the UNet's
+    config), None where the folder holds the UNet alone."""
+    p = Path(path)
+    for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
+                 unet_dir(p).parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return None
+
+
+def weights_fingerprint(path) -> list:
+    """File fingerprints of the UNet's config and weights (a data-free set's identity: other weights in
+    the same folder are another denoiser)."""
+    from ..distributed import file_fingerprint
+
+    d = unet_dir(path)
+    return [file_fingerprint(d / name) for name in ("config.json", *WEIGHT_FILES) if (d / name).is_file()]
+
+
+def load_denoiser(path) -> DiffusersDenoiser:
+    """``DiffusersDenoiser`` of the UNet2DModel saved at ``path`` (offline); conditional models raise."""
+    d = unet_dir(path)
+    cfg = json.loads((d / "config.json").read_text())
+    cls = cfg.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ValueError(f"denoiser 'diffusers:{path}' is a {cls}: the CLI samples unconditional UNet2DModel "
+                         "denoisers only (text or other conditioning: PPAPGuidedPipeline with prompt_embeds)")
+    if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
+        raise ValueError(f"denoiser 'diffusers:{path}' is class-conditional (num_class_embeds / class_embed_type): "
+                         "the CLI has no labels to give it (PPAPGuidedPipeline takes class_labels)")
+    if not any((d / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"denoiser 'diffusers:{path}': no {' or '.join(WEIGHT_FILES)} in {d}")
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise ValueError("denoiser 'diffusers:...' needs diffusers (pip install diffusers)") from e
+    return DiffusersDenoiser(UNet2DModel.from_pretrained(d, local_files_only=True))
+
+
+def _close(a, b) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+
+
+def check_schedule(path, schedule: str, num_timesteps: int) -> None:
+    """Raise if the saved scheduler config describes another schedule than ``schedule`` over
+    ``num_timesteps`` (guided-diffusion's "linear" = diffusers' "linear" from 1e-4 to 0.02 scaled by
+    1000 / T; "cosine" = "squaredcos_cap_v2"), or a prediction other than eps."""
+    cfg = scheduler_config(path)
+    if cfg is None:
+        return
+    where = f"denoiser 'diffusers:{path}' (its scheduler config)"
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ValueError(f"{where} predicts {pred!r}: the samplers take eps-prediction models")
+    if cfg.get("trained_betas") is not None:
+        raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
+    T = int(cfg.get("num_train_timesteps", 1000))
+    kind = cfg.get("beta_schedule", "linear")
+    scale = 1000 / T
+    if kind == "linear" and _close(cfg.get("beta_start", 1e-4), 1e-4 * scale) \
+            and _close(cfg.get("beta_end", 0.02), 0.02 * scale):
+        theirs = "linear"
+    elif kind == "squaredcos_cap_v2":
+        theirs = "cosine"
+    else:
+        raise ValueError(f"{where}: beta_schedule {kind!r} (beta_start {cfg.get('beta_start')}, beta_end "
+                         f"{cfg.get('beta_end')}, T={T}) is none of the named schedules (linear: 1e-4 .. 0.02 "
+                         "at T=1000; cosine: squaredcos_cap_v2)")
+    if (theirs, T) != (schedule, int(num_timesteps)):
+        raise ValueError(f"{where} was trained on the {theirs} schedule over {T} steps; this run samples "
+                         f"{schedule!r} over {num_timesteps}: pass --schedule {theirs}"
+                         + (f" --num-timesteps {T}" if T != int(num_timesteps) else ""))

@@ -1,0 +1,110 @@
+"""--denoiser diffusers:PATH: a UNet2DModel or pipeline saved with save_pretrained, as the CLI's denoiser
+(guided-sample, data-free generation); its scheduler config checked against the run's schedule."""
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+
+from ppap_fast import distributed as D  # noqa: E402
+from ppap_fast.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _unet(**kw):
+    torch.manual_seed(0)
+    return UNet2DModel(**{**dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")), **kw}).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(a UNet folder, a DDPM pipeline folder with the default linear 1000-step scheduler, the UNet)."""
+    root = tmp_path_factory.mktemp("diffusers")
+    unet = _unet()
+    unet.save_pretrained(root / "unet_only")
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(root / "pipe")
+    return root / "unet_only", root / "pipe", unet
+
+
+def test_saved_unet_and_pipeline_load_as_the_unets_eps(saved):
+    unet_dir, pipe_dir, unet = saved
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    want = unet(x, t).sample
+    for path in (unet_dir, pipe_dir):
+        den = D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+        with torch.no_grad():
+            assert torch.equal(den(x, t), want), path
+
+
+def test_scheduler_config_must_match_the_runs_schedule(saved, tmp_path):
+    _, pipe_dir, unet = saved
+    with pytest.raises(ValueError, match="linear schedule over 1000 steps.*pass --schedule linear"):
+        D.build_denoiser(f"diffusers:{pipe_dir}", None, 1, "cpu", "cosine", 1000)
+    for sched, msg in ((DDPMScheduler(beta_schedule="squaredcos_cap_v2"), "pass --schedule cosine"),
+                       (DDPMScheduler(num_train_timesteps=500, beta_start=2e-4, beta_end=0.04),
+                        "--schedule linear --num-timesteps 500"),
+                       (DDPMScheduler(beta_end=0.012, beta_schedule="scaled_linear"), "none of the named"),
+                       (DDPMScheduler(beta_end=0.03), "none of the named"),
+                       (DDPMScheduler(prediction_type="v_prediction"), "predicts 'v_prediction'")):
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+        with pytest.raises(ValueError, match=msg):
+            D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+    cos = tmp_path / "cos"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(cos)
+    D.build_denoiser(f"diffusers:{cos}", None, 1, "cpu", "cosine", 1000)  # matching: no error
+
+
+def test_conditional_missing_and_checkpoint_specs_are_refused(saved, tmp_path):
+    unet_dir, _, _ = saved
+    UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                         norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(tmp_path / "text")
+    _unet(num_class_embeds=3).save_pretrained(tmp_path / "cls")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    for path, msg in ((tmp_path / "text", "UNet2DConditionModel.*prompt_embeds"), (tmp_path / "cls", "class-conditional"),
+                      (tmp_path / "empty", "no config.json"), (tmp_path / "noweights", "no diffusion_pytorch_model")):
+        with pytest.raises(ValueError, match=msg):
+            D.build_denoiser(f"diffusers:{path}", None, 1, "cpu")
+    with pytest.raises(ValueError, match="drop --checkpoint"):
+        D.build_denoiser(f"diffusers:{unet_dir}", "x.pt", 1, "cpu")
+
+
+def test_generation_identity_follows_the_weights(saved, tmp_path):
+    """A data-free set of a diffusers denoiser is keyed on its weight files: new weights in the same folder are
+    another set; other denoiser specs keep their identity (no new key: old sets keep their hash)."""
+    cfg = lambda den: D.GenerateConfig(out_dir=str(tmp_path / "set"), num_images=2, shard_size=2, image_size=8,  # noqa: E731
+                                       channels=1, denoiser=den, respacing="ddim2", device="cpu")
+    path = tmp_path / "u"
+    _unet().save_pretrained(path)
+    before = cfg(f"diffusers:{path}").identity()
+    assert before["denoiser_fingerprint"] and "denoiser_fingerprint" not in cfg("random-conv").identity()
+    with torch.no_grad():
+        u = _unet()
+        u.conv_in.weight.add_(1)
+    u.save_pretrained(path)
+    assert cfg(f"diffusers:{path}").identity()["denoiser_fingerprint"] != before["denoiser_fingerprint"]
+
+
+def test_cli_generates_and_guided_samples_with_a_saved_pipeline(saved, tmp_path):
+    _, pipe_dir, _ = saved
+    spec = f"diffusers:{pipe_dir}"
+    out = tmp_path / "s.npz"
+    assert main(["guided-sample", "--out", str(out), "--denoiser", spec, "--channels", "1", "--image-size", "8",
+                 "--num-samples", "2", "--batch-size", "2", "--steps", "2", "--no-progress", "--device", "cpu"]) == 0
+    stats = json.loads(out.with_suffix(".json").read_text())
+    assert stats["config"]["denoiser"] == spec
+    res = D.generate(D.GenerateConfig(out_dir=str(tmp_path / "set"), num_images=2, shard_size=2, image_size=8,
+                                      channels=1, denoiser=spec, respacing="ddim2", device="cpu"), D.DistEnv())
+    assert res["written"] == [0]
+    assert main(["guided-sample", "--out", str(tmp_path / "c.npz"), "--denoiser", spec, "--schedule", "cosine",
+                 "--channels", "1", "--image-size", "8", "--num-samples", "1", "--no-progress", "--device", "cpu"]) == 2
