@@ -30,7 +30,8 @@ ADM-256's largest decoder skip concatenation), ``gn_stats_split_vs_group`` and
 ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_copy``, ``cat_vs_copy``,
 ``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed); ``adm_conv_triton_vs_cudnn``: the
 Triton implicit-GEMM conv vs cuDNN at ADM-256's largest 3x3 conv (whether a conv with the GroupNorm
-fused into its loads could pay).
+fused into its loads could pay); ``out_head_half_vs_float``: the output head with its conv in fp16 vs
+float32 / TF32 (a pending default: ADMUNet.fuse_norm_act's half_out_conv).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -186,6 +187,34 @@ def _adm_conv_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> 
     return round(best / row["adm_conv_cudnn_ms"], 4)
 
 
+def _out_head_ratio(row, batch, reps, device="cuda", channels=256, size=256, out_channels=6) -> float:
+    """ADM-256's output head (out norm + SiLU, 3x3 conv to 6 channels) on the fp16 torso's last activation:
+    the conv in fp16 (ADMUNet.fuse_norm_act(half_out_conv=True)) vs float32 (TF32 on a GPU, as cudnn.allow_tf32
+    leaves it: stop 19's profile had it at 4.8 ms, a 256x32 tile for 6 channels): median ms of each and their
+    relative difference into row, the half / float time ratio."""
+    import torch.nn.functional as F
+
+    from ppap_fast.ops import norm_act
+
+    h = _cl_half(device, batch, channels, size, size)
+    w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    cw = (torch.randn(out_channels, channels, 3, 3, device=device) / 48).contiguous(memory_format=torch.channels_last)
+    cb = torch.randn(out_channels, device=device)
+
+    def head(half):
+        if half:
+            hn = norm_act.group_norm_act(h, 32, w, b)
+            return F.conv2d(hn, cw.half(), cb.half(), 1, 1).float()
+        return F.conv2d(norm_act.group_norm_act(h, 32, w, b, out_dtype=torch.float32), cw, cb, 1, 1)
+
+    ms = {k: _median_ms(lambda: head(k), device, reps) for k in (True, False)}
+    with torch.no_grad():
+        a, ref = head(True), head(False)
+        row["out_head_half_rel_diff"] = float((a - ref).norm() / ref.norm())
+    row["out_head_half_ms"], row["out_head_float_ms"] = round(ms[True], 3), round(ms[False], 3)
+    return round(ms[True] / ms[False], 4)
+
+
 # passes over one activation-sized tensor each op makes (a copy: 2, one read and one write), for
 # time / (copy time of the same bytes): 1 means the op runs at copy speed
 _PASSES = {"gn_vs_copy": ("gn_stats_split_ms", 3), "residual_vs_copy": ("residual_fused_ms", 3),
@@ -292,6 +321,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
             ratios["cl_tile_rows_vs_narrow"] = _cl_tile_ratio(row, shape[0], reps)
             ratios.update(_vs_copy(row, shape[0], reps))
+            ratios["out_head_half_vs_float"] = _out_head_ratio(row, shape[0], reps)
             ratios["adm_conv_triton_vs_cudnn"] = _adm_conv_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))

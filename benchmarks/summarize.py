@@ -54,6 +54,9 @@ PENDING = (
     ("eps_triton_vs_cuda", "the Triton guided eps correction faster than the CUDA kernel (bench_update)",
      "put 'triton' before 'cuda' in ops/eps_correction.py's automatic CUDA choice (as guided_update's "
      "auto_cuda_backend)"),
+    ("out_head_half_vs_float", "ADM's output head faster with its conv in fp16 (bench_denoiser; rel. diff in "
+     "out_head_half_rel_diff)", "make half_out_conv's default True in ADMUNet.fuse_norm_act (models/adm.py) if "
+     "the difference is within the fast path's tolerance"),
     ("denoiser_compiled_chstats_vs_compiled", "compiled ADM faster with per-channel GroupNorm statistics",
      "set_group_norm_stats('channel') for compiled CUDA ADMs too "
      "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),

@@ -355,6 +355,33 @@ def test_fused_output_head_reads_the_half_torso_without_an_upcast(backend, monke
     assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.equal(got, before)
 
 
+def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
+    """half_out_conv (opt-in, or PPAP_FAST_HALF_OUT_CONV=1): the out norm written in fp16 and the output conv
+    run in fp16, the result float32 and close to the float32 head; off by default; a float32 torso keeps
+    the float32 head (nothing to gain)."""
+    from ppap_fast.ops import norm_act
+
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(_randomised().state_dict(), strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    real, outs = norm_act.group_norm_act, []
+    monkeypatch.setattr(norm_act, "group_norm_act", lambda h, *a, **kw: outs.append(real(h, *a, **kw)) or outs[-1])
+    with torch.no_grad():
+        want = m16.fuse_norm_act()(x, t)
+        assert not m16.half_out_conv
+        monkeypatch.setenv("PPAP_FAST_HALF_OUT_CONV", "1")
+        assert m16.fuse_norm_act().half_out_conv
+        outs.clear()
+        got = m16(x, t)
+        assert outs[-1].dtype == torch.float16  # the out norm's output: the conv's half input
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        rel = ((got - want).norm() / want.norm()).item()
+        assert 0 < rel < 3e-3, rel
+        assert not m16.fuse_norm_act(half_out_conv=False).half_out_conv
+        m32 = _randomised().fuse_norm_act(half_out_conv=True)
+        assert torch.equal(m32(x, t), _randomised().fuse_norm_act()(x, t))
+
+
 @pytest.mark.cuda
 @cuda
 def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):

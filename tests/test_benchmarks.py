@@ -129,6 +129,18 @@ def test_denoiser_adm_conv_row_times_cudnn_and_each_tiling(monkeypatch):
     assert row["adm_conv_triton_rel_err"] < 1e-2
 
 
+def test_denoiser_out_head_row_times_both_heads():
+    """The CUDA-only output-head row on CPU (reference GroupNorm, tiny map): both heads timed, their
+    relative difference small and non-zero (fp16 rounding), the ratio recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    row = {}
+    ratio = bench_denoiser._out_head_ratio(row, 1, 1, device="cpu", channels=64, size=4)
+    assert row["out_head_half_ms"] > 0 and row["out_head_float_ms"] > 0 and ratio > 0
+    assert 0 < row["out_head_half_rel_diff"] < 5e-3
+
+
 def test_denoiser_cat_row_runs_the_triton_op():
     """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
     torch times, the bit-for-bit flag and the ratio."""

@@ -8,6 +8,7 @@ model(x, t[, y]) with integer original timesteps t of shape [B].
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -519,7 +520,7 @@ class ADMUNet(nn.Module):
         """Dtype the torso runs in (that of its convs)."""
         return self.input_blocks[0][0].weight.dtype
 
-    def fuse_norm_act(self, enabled: bool = True) -> "ADMUNet":
+    def fuse_norm_act(self, enabled: bool = True, half_out_conv: bool | None = None) -> "ADMUNet":
         """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
         fused op (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
         one rounding to the torso dtype; without autograd recording, else its reference). Same math
@@ -532,7 +533,13 @@ class ADMUNet(nn.Module):
         :func:`ppap_fast.ops.upsample_nearest2x` / :func:`ppap_fast.ops.avg_pool2x` (Triton on
         channels_last CUDA tensors, PyTorch's results bit for bit; a strided-conv Downsample keeps its conv).
         The decoder's skip concatenations of a 2-D model go through :func:`ppap_fast.ops.cat_channels`
-        (Triton on channels_last CUDA tensors, torch.cat's result bit for bit)."""
+        (Triton on channels_last CUDA tensors, torch.cat's result bit for bit).
+
+        ``half_out_conv`` (default: env PPAP_FAST_HALF_OUT_CONV=1): a half torso's output head writes the
+        out norm in the torso dtype and runs the output conv (float32 in guided-diffusion, TF32 on a GPU:
+        inputs with a 10-bit mantissa, as fp16's) in it, the result cast back; not bit for bit the float32
+        head (fp16 rounding of the conv's inputs and output). bench_denoiser's ``out_head_half_vs_float``
+        decides whether it becomes the default."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -547,6 +554,9 @@ class ADMUNet(nn.Module):
         self.fast_cat = bool(enabled) and isinstance(self.input_blocks[0][0], nn.Conv2d)  # 4-D activations
         self.fused_out_norm_act = bool(enabled) and type(self.out[0]) in (GroupNorm32, nn.GroupNorm) \
             and isinstance(self.out[1], nn.SiLU)
+        if half_out_conv is None:
+            half_out_conv = os.environ.get("PPAP_FAST_HALF_OUT_CONV", "0") == "1"
+        self.half_out_conv = self.fused_out_norm_act and bool(half_out_conv) and type(self.out[2]) is nn.Conv2d
         return self
 
     def set_group_norm_stats(self, mode: str) -> "ADMUNet":
@@ -602,6 +612,10 @@ class ADMUNet(nn.Module):
             for module in self.output_blocks:
                 h = module(torch.cat([h, hs.pop()], dim=1), emb)
         if getattr(self, "fused_out_norm_act", False):  # the torso's dtype read, x's written: no upcast pass
+            if getattr(self, "half_out_conv", False) and h.dtype in (torch.float16, torch.bfloat16):
+                conv = self.out[2]
+                b = None if conv.bias is None else conv.bias.to(h.dtype)
+                return conv._conv_forward(_fused_norm_act(self.out[0], h), conv.weight.to(h.dtype), b).to(x.dtype)
             return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=x.dtype))
         return self.out(h.type(x.dtype))
 
