@@ -347,7 +347,7 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
         if checkpoint is not None:
             raise ValueError(f"denoiser {spec!r} reads its weights from its folder: drop --checkpoint")
         if schedule is not None:
-            diffusers_models.check_schedule(spec[10:], schedule, num_timesteps or 1000)
+            diffusers_models.check_schedule(spec[10:], schedule, num_timesteps)
         return diffusers_models.load_denoiser(spec[10:])
     if spec.startswith("adm:"):
         from .models.adm import ADMUNet

@@ -212,7 +212,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
     sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     sched = sched.to(device)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule, 1000).to(device).eval()
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule).to(device).eval()
     unet.requires_grad_(False)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t1 = sched.timestep_map[:1].to(device)

@@ -108,3 +108,26 @@ def test_cli_generates_and_guided_samples_with_a_saved_pipeline(saved, tmp_path)
     assert res["written"] == [0]
     assert main(["guided-sample", "--out", str(tmp_path / "c.npz"), "--denoiser", spec, "--schedule", "cosine",
                  "--channels", "1", "--image-size", "8", "--num-samples", "1", "--no-progress", "--device", "cpu"]) == 2
+
+
+def test_a_scheduler_config_without_betas_is_refused(saved, tmp_path):
+    """A VE / sigma scheduler (ScoreSdeVe, KarrasVe: no beta_schedule) is no DDPM schedule: not taken for linear."""
+    _, _, unet = saved
+    path = tmp_path / "ve"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 1000, "sigma_min": 0.01, "sigma_max": 1348.0}))
+    with pytest.raises(ValueError, match="ScoreSdeVeScheduler.*no beta_schedule"):
+        D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+
+
+def test_guided_sample_names_no_num_timesteps_flag_it_lacks(saved, tmp_path, capsys):
+    """guided-sample samples over 1000 steps (no --num-timesteps): its error must not tell to pass that flag."""
+    _, _, unet = saved
+    path = tmp_path / "t500"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=500, beta_start=2e-4,
+                                                    beta_end=0.04)).save_pretrained(path)
+    assert main(["guided-sample", "--out", str(tmp_path / "s.npz"), "--denoiser", f"diffusers:{path}", "--channels",
+                 "1", "--image-size", "8", "--num-samples", "1", "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "over 500 steps" in err and "--num-timesteps" not in err

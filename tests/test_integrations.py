@@ -1021,7 +1021,38 @@ def test_text_conditioning_bad_inputs(unet):
         (net, dict(prompt_embeds=cond, negative_prompt_embeds=torch.randn(1, 4, 12), cfg_scale=2.0), "same tokens"),
         (net, dict(prompt_embeds=torch.full((1, 5, 12), float("nan"))), "finite"),
         (net, dict(prompt_embeds=cond, cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+        (net, dict(prompt_embeds=cond, negative_prompt_embeds=cond, cfg_scale=0.5), "with cfg_scale=0.5"),
+        (net, dict(prompt_embeds=cond, negative_prompt_embeds=cond), "with cfg_scale=1.0"),
     ]
     for model, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             run(model, **kw)
+
+
+def test_text_unet_with_encoder_hid_proj_takes_the_text_encoders_width():
+    """IF's stage I projects the T5 states (encoder_hid_dim) to cross_attention_dim inside: prompt_embeds
+    are encoder_hid_dim wide."""
+    torch.manual_seed(7)
+    from diffusers import UNet2DConditionModel
+
+    net = UNet2DConditionModel(sample_size=H, in_channels=C, out_channels=C, layers_per_block=1,
+                               block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=12,
+                               encoder_hid_dim=20, attention_head_dim=4,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    pipe = PPAPGuidedPipeline(net, DDIMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=B, num_inference_steps=2, output_type="latent", prompt_embeds=torch.randn(1, 5, 20),
+               negative_prompt_embeds=torch.randn(1, 5, 20), cfg_scale=3.0).images
+    assert out.shape == (B, C, H, H) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="width 12 != the denoiser.s encoder_hid_dim 20"):
+        pipe(batch_size=B, num_inference_steps=2, output_type="latent", prompt_embeds=torch.randn(1, 5, 12))
+
+
+def test_from_pipe_keeps_a_text_conditional_unet():
+    """from_pipe switches a model over only if its exact type is in the signature: a UNet2DConditionModel too."""
+    from diffusers import DDPMPipeline
+
+    net = _text_unet()
+    pipe = PPAPGuidedPipeline.from_pipe(DDPMPipeline(unet=net, scheduler=DDPMScheduler()))
+    assert pipe.unet is net

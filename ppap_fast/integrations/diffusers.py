@@ -654,7 +654,13 @@ class _GuidedPipelineBody:
     def _cross_attention_dim(self):
         """The denoiser's text-conditioning width (config.cross_attention_dim: UNet2DConditionModel), or None."""
         cfg = getattr(self.unet, "config", None)
+        if getattr(cfg, "encoder_hid_dim", None) is not None:  # IF: states projected to cross_attention_dim inside
+            return cfg.encoder_hid_dim
         return getattr(cfg, "cross_attention_dim", None) if cfg is not None else None
+
+    def _width_key(self) -> str:
+        return "encoder_hid_dim" if getattr(getattr(self.unet, "config", None), "encoder_hid_dim", None) is not None \
+            else "cross_attention_dim"
 
     def _text_conditioning(self, prompt_embeds, negative_prompt_embeds, cfg_scale: float, batch_size: int, device):
         """(encoder_hidden_states of the text, of the negative text or None, cfg_scale) for _denoise, or None
@@ -662,7 +668,7 @@ class _GuidedPipelineBody:
         width = self._cross_attention_dim()
         if prompt_embeds is None:
             if width is not None:
-                raise ValueError(f"the denoiser is text-conditional (cross_attention_dim={width}): pass "
+                raise ValueError(f"the denoiser is text-conditional ({self._width_key()}={width}): pass "
                                  "prompt_embeds=<[1 or batch_size, tokens, width] text-encoder states>")
             if negative_prompt_embeds is not None:
                 raise ValueError("negative_prompt_embeds given without prompt_embeds")
@@ -675,6 +681,9 @@ class _GuidedPipelineBody:
                              "conditioning (its config has no cross_attention_dim)")
         cond = self._embeds_for_batch(prompt_embeds, "prompt_embeds", batch_size, width, device)
         if cfg_scale <= 1:
+            if negative_prompt_embeds is not None:  # else silently unused
+                raise ValueError(f"negative_prompt_embeds given with cfg_scale={cfg_scale}: classifier-free guidance "
+                                 "runs where cfg_scale > 1 (as diffusers' pipelines); pass cfg_scale > 1 or drop them")
             return cond, None, cfg_scale
         if negative_prompt_embeds is None:
             raise ValueError(f"cfg_scale={cfg_scale} (classifier-free guidance) needs negative_prompt_embeds: the "
@@ -690,7 +699,7 @@ class _GuidedPipelineBody:
             raise ValueError(f"{name} must be a [1 or batch_size={batch_size}, tokens, width] tensor, got "
                              f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
         if isinstance(width, int) and e.shape[-1] != width:
-            raise ValueError(f"{name} width {e.shape[-1]} != the denoiser's cross_attention_dim {width}")
+            raise ValueError(f"{name} width {e.shape[-1]} != the denoiser's {self._width_key()} {width}")
         if not e.is_floating_point() or not bool(torch.isfinite(e).all()):
             raise ValueError(f"{name} must be finite floating-point states")
         return e.to(device=device, dtype=self.dtype).expand(batch_size, *e.shape[1:])
@@ -833,14 +842,15 @@ def _pipeline_class():
     except ImportError as e:
         raise ImportError("PPAPGuidedPipeline needs diffusers (pip install diffusers); PPAPGuidance works "
                           "without it") from e
-    from diffusers import SchedulerMixin, UNet2DModel
+    from diffusers import SchedulerMixin, UNet2DConditionModel, UNet2DModel
 
     def __init__(self, unet, scheduler, guide=None, image_shape=None):
         _GuidedPipelineBody.__init__(self, unet, scheduler, guide, image_shape)
 
     # real types (not strings): from_pipe keeps a source pipeline's model only if its type is listed here
-    __init__.__annotations__ = {"unet": Union[UNet2DModel, torch.nn.Module], "scheduler": SchedulerMixin,
-                                "guide": Optional[Callable], "image_shape": Optional[tuple]}
+    __init__.__annotations__ = {"unet": Union[UNet2DModel, UNet2DConditionModel, torch.nn.Module],
+                                "scheduler": SchedulerMixin, "guide": Optional[Callable],
+                                "image_shape": Optional[tuple]}
     return type("PPAPGuidedPipeline", (_GuidedPipelineBody, DiffusionPipeline),
                 {"__module__": __name__, "__qualname__": "PPAPGuidedPipeline", "__init__": __init__,
                  "__doc__": _GuidedPipelineBody.__doc__, "model_cpu_offload_seq": "unet"})

@@ -85,7 +85,7 @@ def _close(a, b) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
 
 
-def check_schedule(path, schedule: str, num_timesteps: int) -> None:
+def check_schedule(path, schedule: str, num_timesteps: int | None) -> None:
     """Raise if the saved scheduler config describes another schedule than ``schedule`` over
     ``num_timesteps`` (guided-diffusion's "linear" = diffusers' "linear" from 1e-4 to 0.02 scaled by
     1000 / T; "cosine" = "squaredcos_cap_v2"), or a prediction other than eps."""
@@ -98,6 +98,8 @@ def check_schedule(path, schedule: str, num_timesteps: int) -> None:
         raise ValueError(f"{where} predicts {pred!r}: the samplers take eps-prediction models")
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
+    if "beta_schedule" not in cfg and ("sigma_min" in cfg or "sigma_max" in cfg):  # VE (ScoreSdeVe, KarrasVe)
+        raise ValueError(f"{where} ({cfg.get('_class_name')}) has no beta_schedule: not a DDPM (beta) schedule")
     T = int(cfg.get("num_train_timesteps", 1000))
     kind = cfg.get("beta_schedule", "linear")
     scale = 1000 / T
@@ -110,7 +112,10 @@ def check_schedule(path, schedule: str, num_timesteps: int) -> None:
         raise ValueError(f"{where}: beta_schedule {kind!r} (beta_start {cfg.get('beta_start')}, beta_end "
                          f"{cfg.get('beta_end')}, T={T}) is none of the named schedules (linear: 1e-4 .. 0.02 "
                          "at T=1000; cosine: squaredcos_cap_v2)")
-    if (theirs, T) != (schedule, int(num_timesteps)):
+    n = 1000 if num_timesteps is None else int(num_timesteps)  # None: a command without --num-timesteps
+    if (theirs, T) != (schedule, n):
+        if T != n and num_timesteps is None:
+            raise ValueError(f"{where} was trained over {T} steps; this command samples over 1000 only")
         raise ValueError(f"{where} was trained on the {theirs} schedule over {T} steps; this run samples "
-                         f"{schedule!r} over {num_timesteps}: pass --schedule {theirs}"
-                         + (f" --num-timesteps {T}" if T != int(num_timesteps) else ""))
+                         f"{schedule!r} over {n}: pass --schedule {theirs}"
+                         + (f" --num-timesteps {T}" if T != n else ""))
