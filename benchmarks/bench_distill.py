@@ -78,6 +78,12 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
         acc["expert_adamw_vs_adamw"] = [rows[-1]["expert_adamw_vs_adamw"]]
     except Exception as exc:  # noqa: BLE001 - the suite's main rows must still run
         rows.append({"op": "optimizer_step", "error": _error(exc)})
+    if device == "cuda":  # seconds too: the LoRA weight gradient's split (a default switched before a GPU timed it)
+        try:
+            rows.append(_wgrad_row(device))
+            acc["wgrad_split_new_vs_old"] = [rows[-1]["wgrad_split_new_vs_old"]]
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"op": "conv_lora_wgrad", "error": _error(exc)})
     gen = torch.Generator().manual_seed(0)
     for n in ([5] if quick and device != "cuda" else [5, 10]):
         bank = ExpertBank(model, placement="resnet", n_experts=n, r=r, alpha=alpha).to(device).train()
@@ -114,6 +120,33 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                     emit([dict(r) for r in rows], _ratios(ratios, acc))
             _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint)
     return {"rows": rows, "ratios": _ratios(ratios, acc)}
+
+
+def _wgrad_row(device: str, batch: int = 64, channels: int = 256, size: int = 14, r: int = 16, n: int = 5,
+               reps: int = 20) -> dict:
+    """conv_lora_wgrad (the A weight gradient of the Triton LoRA conv) at resnet50.layer3.conv2's shape
+    (3x3, fp16 channels_last, random experts) with the automatic split (WGRAD_PROGRAMS_PER_SM a SM) vs
+    the split of 2 programs a SM it had before: ms of each, both splits, the new / old ratio."""
+    from ppap_fast.ops import lora as L
+    from ppap_fast.ops.lora import triton_kernels as TK
+
+    gen = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+    x = torch.randn(batch, channels, size, size, generator=gen).to(device, torch.float16).contiguous(memory_format=cl)
+    dh = torch.randn(batch, r, size, size, generator=gen).to(device, torch.float16).contiguous(memory_format=cl)
+    seg = L.build_segments(torch.randint(0, n, (batch,), generator=gen).to(device), n)
+    out = torch.empty(n, r, channels, 3, 3, device=device, dtype=torch.float16)
+    splits = {"new": TK.wgrad_auto_split(x, dh, out), "old": TK.wgrad_auto_split(x, dh, out, per_sm=2)}
+    ms, res = {}, {}
+    for k, sp in splits.items():
+        ms[k] = median_ms(lambda: TK.conv_lora_wgrad(x, dh, out, seg.sorted_idx, seg.offsets, 1, 1, 1, split=sp),
+                          device, reps)
+        res[k] = out.float().clone()
+    err = float((res["new"] - res["old"]).norm() / res["old"].norm())
+    return {"op": "conv_lora_wgrad", "shape": [batch, channels, size, size], "r": r, "n_experts": n,
+            "split_new": splits["new"], "split_old": splits["old"], "new_ms": round(ms["new"], 4),
+            "old_ms": round(ms["old"], 4), "new_vs_old_rel_diff": err,
+            "wgrad_split_new_vs_old": round(ms["new"] / ms["old"], 4)}
 
 
 def _adamw_row(device: str, quick: bool, n: int = 10) -> dict:

@@ -72,6 +72,8 @@ REVERT_ABOVE = {
     "cl_tile_rows_vs_narrow": ("the whole-row channels_last tiles of the GroupNorm apply and residual passes "
                                "slower than 32-channel tiles", "set ops/norm_act_triton.py CL_TILE's default "
                                "back to 'narrow'"),
+    "wgrad_split_new_vs_old": ("the LoRA weight gradient slower split for 8 programs a SM than for 2",
+                               "set ops/lora/triton_kernels.py WGRAD_PROGRAMS_PER_SM's default back to 2"),
     "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
                             "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }

@@ -141,6 +141,17 @@ def test_denoiser_out_head_row_times_both_heads():
     assert 0 < row["out_head_half_rel_diff"] < 5e-3
 
 
+def test_distill_wgrad_row_times_both_splits():
+    """bench_distill's CUDA-only weight-gradient row on CPU (interpreter, tiny layer): both splits timed,
+    the results equal, the ratio recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    row = bench_distill._wgrad_row("cpu", batch=4, channels=16, size=4, r=4, n=2, reps=1)
+    assert row["split_new"] >= 1 and row["split_old"] >= 1 and row["new_ms"] > 0 and row["old_ms"] > 0
+    assert row["new_vs_old_rel_diff"] < 1e-3 and row["wgrad_split_new_vs_old"] > 0
+
+
 def test_denoiser_cat_row_runs_the_triton_op():
     """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
     torch times, the bit-for-bit flag and the ratio."""

@@ -1796,3 +1796,30 @@ def test_implicit_conv_sample_chunks_match_float64(monkeypatch):
     dx_ref = dx0 + torch.cat([F.conv_transpose2d(dh[i:i + 1], A[idx[i]], None, 1, 1) for i in range(S)])
     for name, got, want in (("h", h, h_ref), ("y", y, y_ref), ("dx", dx, dx_ref)):
         assert_close(f"sample chunks {name}", got.cpu(), want, TOL[torch.float32])
+
+
+def test_wgrad_auto_split_aims_at_programs_per_sm(monkeypatch):
+    """conv_lora_wgrad's automatic split on a GPU: about WGRAD_PROGRAMS_PER_SM programs a SM (resnet50.layer3.conv2,
+    N=5, 132 SMs: 180 tiles -> split 6; 2 a SM, the split before: 2), capped by 4 row tiles a program and 16;
+    off the GPU 2 a SM whatever the setting. The launch uses it (grid axis 2 = taps x split)."""
+    import types
+
+    monkeypatch.setattr(TK, "_interpreting", lambda: False)
+    monkeypatch.setattr(TK, "sm_count", lambda device, other: 132 if device.type == "cuda" else other)
+    fake = lambda *shape: types.SimpleNamespace(shape=shape, device=torch.device("cuda"), dtype=torch.float16)  # noqa: E731
+    x, dh, out = fake(64, 256, 14, 14), fake(64, 16, 14, 14), fake(5, 16, 256, 3, 3)
+    assert TK.WGRAD_PROGRAMS_PER_SM == 8
+    assert TK.wgrad_auto_split(x, dh, out) == 6 and TK.wgrad_auto_split(x, dh, out, per_sm=2) == 2
+    assert TK.wgrad_auto_split(fake(64, 256, 2, 2), fake(64, 16, 2, 2), out) == 1  # 256 rows: few row tiles
+    assert TK.wgrad_auto_split(x, dh, fake(5, 16, 64, 1, 1), per_sm=100) == 10  # rows / (64 x 5 x 4)
+    monkeypatch.setattr(TK, "WGRAD_PROGRAMS_PER_SM", 64)
+    cpu = lambda *shape: types.SimpleNamespace(shape=shape, device=torch.device("cpu"), dtype=torch.float16)  # noqa: E731
+    assert TK.wgrad_auto_split(cpu(64, 256, 14, 14), cpu(64, 16, 14, 14), out) == 1  # 2 x 4 "SMs" / 180 tiles
+    rec = LaunchRecorder()
+    monkeypatch.setattr(TK, "_conv_lora_wgrad_kernel", rec)
+    monkeypatch.setattr(TK, "wgrad_auto_split", lambda *a, **k: 3)
+    xs, dhs = torch.randn(4, 8, 5, 5), torch.randn(4, 2, 5, 5)
+    seg = build_segments(torch.tensor([0, 1, 1, 0]), 2)
+    TK.conv_lora_wgrad(xs, dhs, torch.empty(2, 2, 8, 3, 3), seg.sorted_idx, seg.offsets, 1, 1, 1)
+    (grid, _), = rec.launches
+    assert grid[2] == 9 * 3

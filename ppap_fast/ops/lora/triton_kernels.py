@@ -768,6 +768,35 @@ def conv_lora_dgrad(dh: torch.Tensor, A: torch.Tensor, dx: torch.Tensor, expert_
     return dx
 
 
+# programs per SM that conv_lora_wgrad's automatic split aims for on a GPU: each program loops over its
+# share of a segment's rows, every step's loads behind an index gather (latency-bound). Stop 19's replay had
+# it at 0.046 ms with 2 a SM (resnet50.layer3.conv2, N=5: 360 programs of 20 serial steps), the largest
+# LoRA kernel of the layer. bench_distill's wgrad_split_new_vs_old compares.
+WGRAD_PROGRAMS_PER_SM = int(os.environ.get("PPAP_FAST_WGRAD_PROGRAMS_PER_SM", "8"))
+
+
+def _wgrad_blocks(x: torch.Tensor, N: int, R: int, C: int, KH: int, KW: int):
+    """(BLOCK_R, BLOCK_M, BLOCK_C, C tiles, all (expert, R, C, tap) tiles) of conv_lora_wgrad."""
+    BLOCK_R = _pow2_at_least(R, 16, 64)
+    BLOCK_M = (64 if BLOCK_R <= 32 and x.dtype != torch.float32 else 32) if not _interpreting() else 16
+    BLOCK_C = 64 if not _interpreting() else 16  # the MMA's M side: 64 for wgmma
+    n_ct = triton.cdiv(C, BLOCK_C)
+    return BLOCK_R, BLOCK_M, BLOCK_C, n_ct, N * triton.cdiv(R, BLOCK_R) * n_ct * KH * KW
+
+
+def wgrad_auto_split(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, per_sm: int | None = None) -> int:
+    """conv_lora_wgrad's automatic split of each segment's rows: about ``per_sm`` (default
+    WGRAD_PROGRAMS_PER_SM on CUDA, 2 elsewhere) programs a SM, at most 16, at least 4 row tiles a program."""
+    S, C = x.shape[:2]
+    N, R, _, KH, KW = out.shape
+    _, block_m, _, _, tiles = _wgrad_blocks(x, N, R, C, KH, KW)
+    if per_sm is None:
+        per_sm = WGRAD_PROGRAMS_PER_SM if x.device.type == "cuda" else 2
+    target = per_sm * sm_count(x.device, 4)
+    rows = S * dh.shape[2] * dh.shape[3]
+    return max(1, min(16, triton.cdiv(target, max(tiles, 1)), triton.cdiv(rows, block_m * max(N, 1) * 4)))
+
+
 def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted_idx: torch.Tensor,
                     offsets: torch.Tensor, stride=1, padding=0, dilation=1, alpha: float = 1.0,
                     split: int | None = None, a_blocks: int = 1) -> torch.Tensor:
@@ -789,15 +818,8 @@ def conv_lora_wgrad(x: torch.Tensor, dh: torch.Tensor, out: torch.Tensor, sorted
     if S == 0 or Ho * Wo == 0:
         return out.zero_()
     (sh, sw), (ph, pw), (dlh, dlw) = _conv_geometry(stride, padding, dilation)
-    BLOCK_R = _pow2_at_least(R, 16, 64)
-    BLOCK_M = (64 if BLOCK_R <= 32 and x.dtype != torch.float32 else 32) if not _interpreting() else 16
-    BLOCK_C = 64 if not _interpreting() else 16  # the MMA's M side: 64 for wgmma
-    n_ct = triton.cdiv(C, BLOCK_C)
-    tiles = N * triton.cdiv(R, BLOCK_R) * n_ct * KH * KW
-    if split is None:
-        target = 2 * sm_count(x.device, 4)
-        split = max(1, min(16, triton.cdiv(target, tiles), triton.cdiv(S * Ho * Wo, BLOCK_M * max(N, 1) * 4)))
-    split = int(split)
+    BLOCK_R, BLOCK_M, BLOCK_C, n_ct, _ = _wgrad_blocks(x, N, R, C, KH, KW)
+    split = int(wgrad_auto_split(x, dh, out) if split is None else split)
     dot_f32, prec = _dot_cfg(x, dh)
     dst = out if split == 1 else alloc((split, N, R, C, KH, KW), torch.float32, out.device)
     ds = (0,) + tuple(out.stride()) if split == 1 else tuple(dst.stride())
