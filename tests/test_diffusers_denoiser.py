@@ -131,3 +131,22 @@ def test_guided_sample_names_no_num_timesteps_flag_it_lacks(saved, tmp_path, cap
                  "1", "--image-size", "8", "--num-samples", "1", "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "over 500 steps" in err and "--num-timesteps" not in err
+
+
+def test_loaded_denoiser_takes_the_fast_samplers_fused_norms(saved):
+    """DiffusersDenoiser.fuse_norm_act fuses the UNet's ResnetBlock2D norms (same outputs), so the fast
+    sampler's CUDA options fuse and go channels_last as for ADM (recommended_options)."""
+    from ppap_fast.fast_sampling import recommended_options
+
+    unet_dir, _, unet = saved
+    den = D.build_denoiser(f"diffusers:{unet_dir}", None, 1, "cpu")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        want = den(x, t)
+        assert den.fuse_norm_act() is den
+        assert any("forward" in vars(m) for m in den.unet.modules())  # blocks now run the fused forward
+        assert torch.allclose(den(x, t), want, rtol=1e-5, atol=1e-6)
+        den.fuse_norm_act(False)
+        assert not any("forward" in vars(m) for m in den.unet.modules())
+    opts = recommended_options(den, "cuda")
+    assert opts["fuse_norm_act"] and opts["channels_last"]

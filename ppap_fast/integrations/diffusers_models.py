@@ -29,6 +29,14 @@ class DiffusersDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t).sample
 
+    def fuse_norm_act(self, enabled: bool = True) -> "DiffusersDenoiser":
+        """The UNet's ResnetBlock2D norms + SiLU as fused ops (integrations.diffusers.fuse_norm_act), in
+        place: the fast sampler's CUDA default, as for ADMUNet."""
+        from .diffusers import fuse_norm_act
+
+        fuse_norm_act(self.unet, enabled)
+        return self
+
 
 def unet_dir(path) -> Path:
     """The UNet folder of ``path``: the folder itself (config.json) or a pipeline's ``unet/``."""
