@@ -355,6 +355,39 @@ def test_fused_output_head_reads_the_half_torso_without_an_upcast(backend, monke
     assert got.dtype == torch.float32 and torch.isfinite(got).all() and torch.equal(got, before)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decoder_blocks_write_into_the_next_concatenation(backend, monkeypatch):
+    """A fused channels_last model without autograd: every decoder block (and the middle block) whose last
+    layer is a fused ResBlock / AttentionBlock writes its output into the next concatenation's buffer, so
+    only the skip is copied in (one full concatenation: the first block's, where the middle block's output
+    came from elsewhere, none here); bit for bit the model with a concatenation per block."""
+    from ppap_fast import ops
+    from ppap_fast.models import adm
+    from ppap_fast.ops import concat
+
+    m = _randomised().to(memory_format=torch.channels_last).fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.tensor([3, 800])
+    real, calls = concat.cat_channels, []
+    monkeypatch.setattr(concat, "cat_channels", lambda ts, **kw: (calls.append((len(ts), "out" in kw)), real(ts, **kw))[1])
+    xg = x.clone().requires_grad_(True)  # with autograd recording: a concatenation per block, gradients flow
+    m(xg, t).sum().backward()
+    assert calls == [(2, False)] * len(m.output_blocks) and torch.isfinite(xg.grad).all()
+    calls.clear()
+    ops.set_backend(backend)
+    try:
+        with torch.no_grad():
+            got = m(x, t)
+            into = list(calls)
+            calls.clear()
+            monkeypatch.setattr(adm.ADMUNet, "_into_next_cat", lambda self, block, h, emb, nxt: (block(h, emb), None))
+            want = m(x, t)
+    finally:
+        ops.set_backend(None)
+    assert into == [(1, True)] * len(m.output_blocks), into
+    assert calls == [(2, False)] * len(m.output_blocks)
+    assert torch.equal(got, want)
+
+
 def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
     """half_out_conv (opt-in, or PPAP_FAST_HALF_OUT_CONV=1): the out norm written in fp16 and the output conv
     run in fp16, the result float32 and close to the float32 head; off by default; a float32 torso keeps

@@ -158,7 +158,8 @@ def _adm():
 
 def test_fused_adm_concatenates_through_the_op(monkeypatch):
     """fuse_norm_act makes ADM's decoder join its skips through ops.cat_channels (the kernel launches
-    twice per decoder block: h, then the skip), with the fused model's output unchanged bit for bit
+    once per decoder block: the skip, into the buffer the block before wrote), with the fused model's
+    output unchanged bit for bit
     (channels_last, Triton forced, interpreted); fuse_norm_act(False) turns it off."""
     from ppap_fast.ops import concat_triton as CT
 
@@ -178,7 +179,7 @@ def test_fused_adm_concatenates_through_the_op(monkeypatch):
             want = m(x, t)
     finally:
         ops.set_backend(None)
-    assert len(rec.launches) == 2 * len(m.output_blocks)
+    assert len(rec.launches) == len(m.output_blocks)
     assert torch.isfinite(got).all() and torch.equal(got, want)
     m.fuse_norm_act()
     assert m.fuse_norm_act(False) is m and not m.fast_cat
@@ -224,3 +225,22 @@ def test_cuda_parity_and_graph(dtype):
     out.fill_(float("nan"))
     graph.replay()
     assert torch.equal(out, torch.cat(xs, dim=1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_and_offset_write_into_a_buffer(backend):
+    """out= / c_off= (ADM's decoder: the skip copied after the block output already in the buffer): the
+    tensors land at channels c_off.., the rest untouched, bit for bit torch.cat's slice; out returned;
+    a c_off past the end or a mismatched out raises."""
+    xs = _inputs((2, 3, 5), (7, 9), torch.float16)
+    buf = torch.full((2, 20, 3, 5), 5.0, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    got = CC.cat_channels(xs, out=buf, c_off=3, backend=backend)
+    assert got is buf and ops.last_backend(CC.OP) == backend
+    assert torch.equal(_bits(buf[:, 3:19]), _bits(torch.cat(xs, 1)))
+    assert (buf[:, :3] == 5).all() and (buf[:, 19:] == 5).all()
+    for kw, msg in ((dict(out=buf, c_off=5), "must fit"), (dict(out=buf, c_off=-1), "must fit"),
+                    (dict(out=buf[:, :, :2]), "B, H, W")):
+        with pytest.raises(ValueError, match=msg):
+            CC.cat_channels(xs, backend=backend, **kw)
+    nchw = torch.zeros(2, 16, 3, 5, dtype=torch.float16)  # not the kernel's layout: the reference (auto)
+    assert torch.equal(CC.cat_channels(xs, out=nchw), torch.cat(xs, 1)) and ops.last_backend(CC.OP) == "reference"

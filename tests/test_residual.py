@@ -222,3 +222,19 @@ def test_channels_last_tiles_rows_and_narrow_agree(monkeypatch):
         assert rel_err(got[mode], want) <= TOL[torch.float16], mode
     assert [grid for grid, _ in rec.launches] == [(2, 2, 2), (1, 3, 2)]
     assert torch.equal(got["rows"], got["narrow"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_writes_into_a_channel_slice_of_a_buffer(backend):
+    """out= (ADM's decoder: a block's output straight into the next concatenation's buffer): written in place,
+    returned, the rest of the buffer untouched, equal to the op's own output; a mismatched out raises."""
+    gen = torch.Generator().manual_seed(29)
+    h, skip, bias = _inputs((2, 24, 5, 3), gen, torch.float16, True, True)
+    buf = torch.full((2, 40, 5, 3), 7.0, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    got = RA.bias_residual_add(h, skip, bias, out=buf[:, :24], backend=backend)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, RA.bias_residual_add(h, skip, bias, backend=backend))
+    assert torch.equal(buf[:, 24:], torch.full((2, 16, 5, 3), 7.0, dtype=torch.float16))
+    for bad, msg in ((buf[:, :20], "h's shape"), (buf[:, :24].float(), "float16 tensor"),
+                     (torch.empty(2, 24, 3, 5, dtype=torch.float16).transpose(2, 3), "flatten")):
+        with pytest.raises(ValueError, match=msg):
+            RA.bias_residual_add(h, skip, bias, out=bad, backend=backend)

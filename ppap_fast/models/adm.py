@@ -234,10 +234,19 @@ def _sum_bias(a, b):
     return a.float() + b.float()
 
 
-def _fused_residual(h, skip, bias):
+def _fused_residual(h, skip, bias, out=None):
     from ..ops.residual import bias_residual_add
 
-    return bias_residual_add(h, skip, bias)
+    return bias_residual_add(h, skip, bias, out=out)
+
+
+def _residual_target(module: nn.Module, like: torch.Tensor):
+    """The view ADMUNet.forward left on ``module`` for its output (a channel slice of the next decoder
+    concatenation's buffer) when it fits ``like``; None otherwise (the output gets its own tensor)."""
+    out = getattr(module, "_residual_out", None)
+    if out is None or out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        return None
+    return out
 
 
 class ResBlock(TimestepBlock):
@@ -314,7 +323,7 @@ class ResBlock(TimestepBlock):
             h = _fused_norm_act(self.out_layers[0], h, in_bias=_sum_bias(emb_out, b1))
         h, b2 = _conv_without_bias(self.out_layers[3], self.out_layers[2](h))  # dropout, conv
         skip, b_skip = _conv_without_bias(self.skip_connection, x)
-        return _fused_residual(h, skip, _sum_bias(b2, b_skip))
+        return _fused_residual(h, skip, _sum_bias(b2, b_skip), _residual_target(self, h))
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool = True, use_sdpa: bool = True) -> torch.Tensor:
@@ -410,7 +419,7 @@ class AttentionBlock(nn.Module):
         a = a.transpose(1, 2).reshape(b, T, c)  # [B, T, heads, ch] -> [B, T, C]
         out = F.linear(a, self.proj_out.weight.squeeze(-1))  # its bias goes to the residual op
         out = out.view(b, *spatial, c).movedim(-1, 1)  # [B, C, *spatial], channels-fastest like x
-        return _fused_residual(out, x, self.proj_out.bias)
+        return _fused_residual(out, x, self.proj_out.bias, _residual_target(self, out))
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -559,6 +568,28 @@ class ADMUNet(nn.Module):
         self.half_out_conv = self.fused_out_norm_act and bool(half_out_conv) and type(self.out[2]) is nn.Conv2d
         return self
 
+    def _into_next_cat(self, block: nn.Module, h, emb, next_skip):
+        """(block(h, emb), None), or, where the block's last layer is a fused ResBlock / channels_last
+        AttentionBlock (no autograd), (a new channels_last [B, C_out + C_skip, H, W] buffer holding the block's
+        output in its first C_out channels, C_out): the next decoder concatenation without a copy of h."""
+        last = block[-1] if len(block) else None
+        c_out = last.out_channels if isinstance(last, ResBlock) else last.channels \
+            if isinstance(last, AttentionBlock) else None
+        if c_out is None or next_skip is None or next_skip.dim() != 4 or torch.is_grad_enabled() \
+                or not getattr(last, "fused_norm_act", False) \
+                or not next_skip.is_contiguous(memory_format=torch.channels_last):  # the fast path's layout
+            return block(h, emb), None
+        buf = torch.empty((next_skip.shape[0], c_out + next_skip.shape[1], *next_skip.shape[2:]), dtype=next_skip.dtype,
+                          device=next_skip.device, memory_format=torch.channels_last)
+        last._residual_out = buf[:, :c_out]
+        try:
+            y = block(h, emb)
+        finally:
+            last._residual_out = None
+        if y.data_ptr() != buf.data_ptr() or tuple(y.shape) != (buf.shape[0], c_out, *buf.shape[2:]):
+            return y, None  # it could not write there (another path, shape or dtype)
+        return buf, c_out
+
     def set_group_norm_stats(self, mode: str) -> "ADMUNet":
         """"group" (default) or "channel": how the GroupNorm32 layers compute their statistics when
         compiled (:class:`GroupNorm32`); FastGuidedSampler sets "channel" with compile_freeze on CPU."""
@@ -602,13 +633,18 @@ class ADMUNet(nn.Module):
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
-        h = self.middle_block(h, emb)
         if getattr(self, "fast_cat", False):  # ADMUNet.fuse_norm_act (models pickled before: absent)
             from ..ops.concat import cat_channels
 
+            # each block's output goes straight into the next concatenation's buffer where its last
+            # residual op can write there (then only the skip is copied in); else a concatenation
+            h, c_h = self._into_next_cat(self.middle_block, h, emb, hs[-1] if hs else None)
             for module in self.output_blocks:
-                h = module(cat_channels([h, hs.pop()]), emb)
+                skip = hs.pop()
+                xin = cat_channels([h, skip]) if c_h is None else cat_channels([skip], out=h, c_off=c_h)
+                h, c_h = self._into_next_cat(module, xin, emb, hs[-1] if hs else None)
         else:
+            h = self.middle_block(h, emb)
             for module in self.output_blocks:
                 h = module(torch.cat([h, hs.pop()], dim=1), emb)
         if getattr(self, "fused_out_norm_act", False):  # the torso's dtype read, x's written: no upcast pass

@@ -57,33 +57,57 @@ def _not_fast(tensors) -> str | None:
     if any(t.device != first.device for t in tensors):
         return f"takes tensors on one device, got {[str(t.device) for t in tensors]}"
     if not all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
-        return "takes channels_last-contiguous tensors only"
+        return "takes channels_last-contiguous tensors (and out) only"
     pixels = first.shape[0] * first.shape[2] * first.shape[3]
     if pixels > MAX_GRID_X:  # pixel blocks on grid axis 0: at most one block per pixel
         return f"takes at most {MAX_GRID_X} pixels per launch, got {pixels}"
     return None
 
 
-def cat_channels(tensors, *, backend: str | None = None):
-    """[B, C_1, H, W], ..., [B, C_n, H, W] -> [B, C_1 + ... + C_n, H, W] (module docstring)."""
+def _check_out(tensors, out, c_off):
+    first = tensors[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or (out.shape[0], out.shape[2], out.shape[3]) != \
+            (first.shape[0], first.shape[2], first.shape[3]):
+        raise ValueError(f"cat_channels: out must be [B, C, H, W] with the tensors' B, H, W, got "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    c_total = sum(t.shape[1] for t in tensors)
+    if isinstance(c_off, bool) or not isinstance(c_off, int) or c_off < 0 or c_off + c_total > out.shape[1]:
+        raise ValueError(f"cat_channels: c_off={c_off!r} + {c_total} channels must fit out's {out.shape[1]}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("cat_channels: out must not require grad")
+
+
+def cat_channels(tensors, *, out=None, c_off: int = 0, backend: str | None = None):
+    """[B, C_1, H, W], ..., [B, C_n, H, W] -> [B, C_1 + ... + C_n, H, W] (module docstring); with ``out``:
+    written into its channels c_off.. (the rest of out untouched) and out returned."""
     tensors = _check(tensors)
-    layout = _not_fast(tensors)
+    if out is not None:
+        _check_out(tensors, out, c_off)
+    layout = _not_fast(tensors if out is None else tensors + [out])
     if layout is not None and backend in (None, "auto"):
-        return _registry.select(OP, tensors[0].device, "reference")(tensors)
+        return _registry.select(OP, tensors[0].device, "reference")(tensors, out, c_off)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fn = _registry.select_gated(OP, tensors[0], backend, FAST_DTYPES,
                                 layout or ("is forward-only (an input requires grad)" if needs_grad else None))
-    return fn(tensors)
+    return fn(tensors, out, c_off)
 
 
-def _triton_cat(tensors):
+def _reference(tensors, out=None, c_off=0):
+    y = cat_channels_reference(tensors)
+    if out is None:
+        return y
+    out[:, c_off:c_off + y.shape[1]].copy_(y)
+    return out
+
+
+def _triton_cat(tensors, out=None, c_off=0):
     from . import concat_triton as tk
 
     with on_device(tensors[0]):  # Triton launches on the current device
-        return tk.cat_channels(tensors, poison=POISON)
+        return tk.cat_channels(tensors, poison=POISON, out=out, c_off=c_off)
 
 
-_registry.register(OP, "reference", cat_channels_reference, _ext.reference_unavailable)
+_registry.register(OP, "reference", _reference, _ext.reference_unavailable)
 _registry.register(OP, "triton", _triton_cat, _ext.triton_unavailable)
 
 __all__ = ["cat_channels", "cat_channels_reference", "OP", "FAST_DTYPES"]

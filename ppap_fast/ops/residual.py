@@ -42,23 +42,45 @@ def _check(h, skip, bias):
         raise ValueError(f"bias_residual_add: bias must be [C] = [{h.shape[1]}], got {tuple(bias.shape)}")
 
 
-def bias_residual_add(h, skip, bias=None, *, backend: str | None = None):
-    """h + skip + bias[c] (module docstring)."""
+def _check_out(out, h):
+    from .norm_act_triton import _bcp_strides
+
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(h.shape) or out.dtype != h.dtype \
+            or out.device != h.device:
+        raise ValueError(f"bias_residual_add: out must be a {h.dtype} tensor of h's shape {tuple(h.shape)} on "
+                         f"{h.device}, got {getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    if _bcp_strides(out) is None:
+        raise ValueError("bias_residual_add: out's spatial dims must flatten to one stride (e.g. a channel slice "
+                         "of a channels_last tensor)")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("bias_residual_add: out must not require grad")
+
+
+def bias_residual_add(h, skip, bias=None, *, out=None, backend: str | None = None):
+    """h + skip + bias[c] (module docstring); ``out``: written there (e.g. a channel slice of a concatenation
+    buffer) and returned."""
     _check(h, skip, bias)
+    if out is not None:
+        _check_out(out, h)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, skip, bias))
     fn = _registry.select_gated(OP, h, backend, FAST_DTYPES,
                                 "is forward-only (an input requires grad)" if needs_grad else None)
-    return fn(h, skip, bias)
+    return fn(h, skip, bias, out)
 
 
-def _triton(h, skip, bias):
+def _reference(h, skip, bias, out=None):
+    y = bias_residual_add_reference(h, skip, bias)
+    return y if out is None else out.copy_(y)
+
+
+def _triton(h, skip, bias, out=None):
     from . import residual_triton as tk
 
     with autocast_off(h.device.type), on_device(h):  # Triton launches on the current device
-        return tk.bias_residual_add(h, skip, bias, poison=POISON)
+        return tk.bias_residual_add(h, skip, bias, poison=POISON, out=out)
 
 
-_registry.register(OP, "reference", bias_residual_add_reference, _ext.reference_unavailable)
+_registry.register(OP, "reference", _reference, _ext.reference_unavailable)
 _registry.register(OP, "triton", _triton, _ext.triton_unavailable)
 
 __all__ = ["bias_residual_add", "bias_residual_add_reference", "OP", "FAST_DTYPES"]

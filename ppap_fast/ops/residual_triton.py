@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._kernel_util import grid_chunks
-from .norm_act_triton import _bcp_empty, _bcp_view, _elementwise_blocks
+from .norm_act_triton import _bcp_empty, _bcp_strides, _bcp_view, _elementwise_blocks
 
 
 @triton.jit
@@ -28,12 +28,17 @@ def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, b0, shb, shc, shp, 
     tl.store(y_ptr + b * syb + c64 * syc + p64 * syp, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def bias_residual_add(h, skip, bias, poison=False):
+def bias_residual_add(h, skip, bias, poison=False, out=None):
     B, C = h.shape[:2]
     HW = h.numel() // max(B * C, 1)
     h, sh = _bcp_view(h)
     skip, ss = _bcp_view(skip)
-    y, sy = _bcp_empty(skip, h.dtype, poison)  # the residual stream's layout (e.g. ADM attention's [B, C, HW] view)
+    if out is None:
+        y, sy = _bcp_empty(skip, h.dtype, poison)  # the residual stream's layout (e.g. ADM attention's [B, C, HW] view)
+    else:  # a view whose spatial dims flatten (ops.residual checked): written in place
+        y, sy = out, _bcp_strides(out)
+        if poison:
+            y.fill_(float("nan"))
     if h.numel() == 0:
         return y
     bias = bias.contiguous() if bias is not None else None
