@@ -225,6 +225,10 @@ def test_cuda_parity_and_graph(dtype):
     out.fill_(float("nan"))
     graph.replay()
     assert torch.equal(out, torch.cat(xs, dim=1))
+    skip = _inputs((2, 32, 32), (256,), dtype, "cuda")[0]  # ADM's decoder: the skip after h, in place
+    buf = torch.full((2, 512, 32, 32), 3.0, dtype=dtype, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert CC.cat_channels([skip], out=buf, c_off=256) is buf and ops.last_backend(CC.OP) == "triton"
+    assert torch.equal(buf[:, 256:], skip) and (buf[:, :256] == 3).all()
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

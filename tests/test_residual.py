@@ -130,6 +130,9 @@ def test_cuda_parity_layouts_and_graph(dtype):
     out.fill_(float("nan"))
     graph.replay()
     assert rel_err(out, want) <= TOL[dtype]
+    buf = torch.full((4, 96, 33, 31), 2.0, dtype=dtype, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert RA.bias_residual_add(h, skip, bias, out=buf[:, :64]).data_ptr() == buf.data_ptr()  # into a concat buffer
+    assert rel_err(buf[:, :64], want) <= TOL[dtype] and (buf[:, 64:] == 2).all()
 
 
 def _size1_last_views(shape, gen, dtype):
