@@ -388,6 +388,56 @@ def test_decoder_blocks_write_into_the_next_concatenation(backend, monkeypatch):
     assert torch.equal(got, want)
 
 
+def test_compiled_fused_channels_last_model_traces_in_one_graph():
+    """torch.compile of a fused channels_last model without autograd (fullgraph): the decoder's writes into the
+    next concatenation's buffer (module attributes, data_ptr checks) stay out of the trace; same output."""
+    m = _randomised().to(memory_format=torch.channels_last).fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.tensor([3, 800])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = m(x, t)
+        got = torch.compile(m, backend="eager", fullgraph=True)(x, t)
+    torch._dynamo.reset()
+    assert torch.equal(got, want)
+
+
+def test_concatenation_buffer_is_allocated_at_the_residual_op(monkeypatch):
+    """The next concatenation's buffer does not exist while the block's norms (and so its intermediates) run:
+    allocated by the last residual op (peak memory as before, plus the skip's channels only there)."""
+    from ppap_fast.models import adm
+
+    m = _randomised().to(memory_format=torch.channels_last).fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.tensor([3, 800])
+    real, seen = adm._fused_norm_act, []
+
+    def spy(*a, **kw):
+        targets = [mod._residual_out for mod in m.modules() if getattr(mod, "_residual_out", None) is not None]
+        seen.extend(getattr(tg, "buf", tg) is None for tg in targets)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(adm, "_fused_norm_act", spy)
+    with torch.no_grad():
+        got = m(x, t)
+    monkeypatch.setattr(adm, "_fused_norm_act", real)
+    with torch.no_grad():
+        assert torch.equal(got, m(x, t))
+    assert seen and all(seen)
+
+
+def test_fused_decoder_runs_without_triton(monkeypatch):
+    """Without Triton (an optional extra) a fused channels_last model runs its references, the decoder's
+    out= writes included."""
+    import sys
+
+    m = _randomised().to(memory_format=torch.channels_last).fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last), torch.tensor([3, 800])
+    with torch.no_grad():
+        want = m(x, t)
+        for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.") or n.endswith("_triton")]:
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+        assert torch.equal(m(x, t), want)
+
+
 def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
     """half_out_conv (opt-in, or PPAP_FAST_HALF_OUT_CONV=1): the out norm written in fp16 and the output conv
     run in fp16, the result float32 and close to the float32 head; off by default; a float32 torso keeps

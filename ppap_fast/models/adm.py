@@ -240,13 +240,27 @@ def _fused_residual(h, skip, bias, out=None):
     return bias_residual_add(h, skip, bias, out=out)
 
 
+class _CatTarget:
+    """The next decoder concatenation (its skip, the block's C_out) ADMUNet.forward left on a block's last layer;
+    ``buf`` allocated by _residual_target."""
+
+    def __init__(self, skip: torch.Tensor, c_out: int):
+        self.skip, self.c_out, self.buf = skip, c_out, None
+
+
 def _residual_target(module: nn.Module, like: torch.Tensor):
-    """The view ADMUNet.forward left on ``module`` for its output (a channel slice of the next decoder
-    concatenation's buffer) when it fits ``like``; None otherwise (the output gets its own tensor)."""
-    out = getattr(module, "_residual_out", None)
-    if out is None or out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+    """A channel slice of the next decoder concatenation's buffer (ADMUNet.forward's _CatTarget on ``module``),
+    allocated now, for the output when it fits ``like``; None otherwise (the output gets its own tensor)."""
+    tgt = getattr(module, "_residual_out", None)
+    if tgt is None:
         return None
-    return out
+    s = tgt.skip
+    if tuple(like.shape) != (s.shape[0], tgt.c_out, *s.shape[2:]) or like.dtype != s.dtype or like.device != s.device:
+        return None
+    # only now: the block's intermediates are gone (peak memory)
+    tgt.buf = torch.empty((s.shape[0], tgt.c_out + s.shape[1], *s.shape[2:]), dtype=s.dtype, device=s.device,
+                          memory_format=torch.channels_last)
+    return tgt.buf[:, :tgt.c_out]
 
 
 class ResBlock(TimestepBlock):
@@ -575,18 +589,19 @@ class ADMUNet(nn.Module):
         last = block[-1] if len(block) else None
         c_out = last.out_channels if isinstance(last, ResBlock) else last.channels \
             if isinstance(last, AttentionBlock) else None
+        # compiled: no data_ptr checks or module attributes in the trace (fullgraph); inductor fuses the cat
         if c_out is None or next_skip is None or next_skip.dim() != 4 or torch.is_grad_enabled() \
+                or torch.compiler.is_compiling() \
                 or not getattr(last, "fused_norm_act", False) \
                 or not next_skip.is_contiguous(memory_format=torch.channels_last):  # the fast path's layout
             return block(h, emb), None
-        buf = torch.empty((next_skip.shape[0], c_out + next_skip.shape[1], *next_skip.shape[2:]), dtype=next_skip.dtype,
-                          device=next_skip.device, memory_format=torch.channels_last)
-        last._residual_out = buf[:, :c_out]
+        tgt = last._residual_out = _CatTarget(next_skip, c_out)
         try:
             y = block(h, emb)
         finally:
             last._residual_out = None
-        if y.data_ptr() != buf.data_ptr() or tuple(y.shape) != (buf.shape[0], c_out, *buf.shape[2:]):
+        buf = tgt.buf
+        if buf is None or y.data_ptr() != buf.data_ptr() or tuple(y.shape) != (buf.shape[0], c_out, *buf.shape[2:]):
             return y, None  # it could not write there (another path, shape or dtype)
         return buf, c_out
 

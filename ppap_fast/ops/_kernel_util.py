@@ -91,3 +91,16 @@ def first_order_only(backward):
         return inner(ctx, *grads)
 
     return wrapper
+
+
+def _bcp_strides(t: torch.Tensor):
+    """(stride_b, stride_c, stride_p) of t viewed as [B, C, P], or None if its spatial dims do
+    not flatten to one stride."""
+    dims = [d for d in range(2, t.dim()) if t.shape[d] != 1]  # size-1 dims take no steps: any stride
+    if not dims:
+        return t.stride(0), t.stride(1), 1
+    for a, b in zip(dims, dims[1:]):
+        if t.stride(a) != t.stride(b) * t.shape[b]:
+            return None
+    # the position stride is the innermost non-size-1 dim's (x[..., 1:2] of [B, C, H, W]: H's, not W's)
+    return t.stride(0), t.stride(1), t.stride(dims[-1])

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._kernel_util import grid_chunks
+from ._kernel_util import _bcp_strides, grid_chunks
 
 
 def _interpreting() -> bool:
@@ -189,19 +189,6 @@ def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
         h = h * tl.sigmoid(h)
     yo = b.to(tl.int64) * syb + cs[:, None].to(tl.int64) * syc + ps[None, :].to(tl.int64) * syp
     tl.store(y_ptr + yo, h.to(y_ptr.dtype.element_ty), mask=m)
-
-
-def _bcp_strides(t: torch.Tensor):
-    """(stride_b, stride_c, stride_p) of t viewed as [B, C, P], or None if its spatial dims do
-    not flatten to one stride."""
-    dims = [d for d in range(2, t.dim()) if t.shape[d] != 1]  # size-1 dims take no steps: any stride
-    if not dims:
-        return t.stride(0), t.stride(1), 1
-    for a, b in zip(dims, dims[1:]):
-        if t.stride(a) != t.stride(b) * t.shape[b]:
-            return None
-    # the position stride is the innermost non-size-1 dim's (x[..., 1:2] of [B, C, H, W]: H's, not W's)
-    return t.stride(0), t.stride(1), t.stride(dims[-1])
 
 
 def _bcp_view(t: torch.Tensor):
