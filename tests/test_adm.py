@@ -411,7 +411,7 @@ def test_concatenation_buffer_is_allocated_at_the_residual_op(monkeypatch):
     real, seen = adm._fused_norm_act, []
 
     def spy(*a, **kw):
-        targets = [mod._residual_out for mod in m.modules() if getattr(mod, "_residual_out", None) is not None]
+        targets = [mod._cat_target for mod in m.modules() if getattr(mod, "_cat_target", None) is not None]
         seen.extend(getattr(tg, "buf", tg) is None for tg in targets)
         return real(*a, **kw)
 

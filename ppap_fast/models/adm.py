@@ -251,7 +251,7 @@ class _CatTarget:
 def _residual_target(module: nn.Module, like: torch.Tensor):
     """A channel slice of the next decoder concatenation's buffer (ADMUNet.forward's _CatTarget on ``module``),
     allocated now, for the output when it fits ``like``; None otherwise (the output gets its own tensor)."""
-    tgt = getattr(module, "_residual_out", None)
+    tgt = getattr(module, "_cat_target", None)
     if tgt is None:
         return None
     s = tgt.skip
@@ -595,11 +595,11 @@ class ADMUNet(nn.Module):
                 or not getattr(last, "fused_norm_act", False) \
                 or not next_skip.is_contiguous(memory_format=torch.channels_last):  # the fast path's layout
             return block(h, emb), None
-        tgt = last._residual_out = _CatTarget(next_skip, c_out)
+        tgt = last._cat_target = _CatTarget(next_skip, c_out)
         try:
             y = block(h, emb)
         finally:
-            last._residual_out = None
+            last._cat_target = None
         buf = tgt.buf
         if buf is None or y.data_ptr() != buf.data_ptr() or tuple(y.shape) != (buf.shape[0], c_out, *buf.shape[2:]):
             return y, None  # it could not write there (another path, shape or dtype)
