@@ -651,24 +651,22 @@ class _GuidedPipelineBody:
                                  f"num_class_embeds={emb.num_embeddings}), got {y.tolist()}")
         return _labels_for_batch(y, batch_size, integer).to(device)
 
-    def _cross_attention_dim(self):
-        """The denoiser's text-conditioning width (config.cross_attention_dim: UNet2DConditionModel), or None."""
+    def _text_width(self):
+        """(config key, width) of the text states the denoiser takes: encoder_hid_dim (IF: projected to
+        cross_attention_dim inside) or cross_attention_dim (UNet2DConditionModel); (None, None) without."""
         cfg = getattr(self.unet, "config", None)
-        if getattr(cfg, "encoder_hid_dim", None) is not None:  # IF: states projected to cross_attention_dim inside
-            return cfg.encoder_hid_dim
-        return getattr(cfg, "cross_attention_dim", None) if cfg is not None else None
-
-    def _width_key(self) -> str:
-        return "encoder_hid_dim" if getattr(getattr(self.unet, "config", None), "encoder_hid_dim", None) is not None \
-            else "cross_attention_dim"
+        for key in ("encoder_hid_dim", "cross_attention_dim"):
+            if getattr(cfg, key, None) is not None:
+                return key, getattr(cfg, key)
+        return None, None
 
     def _text_conditioning(self, prompt_embeds, negative_prompt_embeds, cfg_scale: float, batch_size: int, device):
         """(encoder_hidden_states of the text, of the negative text or None, cfg_scale) for _denoise, or None
         without prompt_embeds. Classifier-free guidance runs where cfg_scale > 1 (as diffusers' pipelines)."""
-        width = self._cross_attention_dim()
+        key, width = self._text_width()
         if prompt_embeds is None:
             if width is not None:
-                raise ValueError(f"the denoiser is text-conditional ({self._width_key()}={width}): pass "
+                raise ValueError(f"the denoiser is text-conditional ({key}={width}): pass "
                                  "prompt_embeds=<[1 or batch_size, tokens, width] text-encoder states>")
             if negative_prompt_embeds is not None:
                 raise ValueError("negative_prompt_embeds given without prompt_embeds")
@@ -679,7 +677,7 @@ class _GuidedPipelineBody:
         if cfg is not None and width is None:
             raise ValueError(f"prompt_embeds given, but the denoiser ({type(self.unet).__name__}) takes no text "
                              "conditioning (its config has no cross_attention_dim)")
-        cond = self._embeds_for_batch(prompt_embeds, "prompt_embeds", batch_size, width, device)
+        cond = self._embeds_for_batch(prompt_embeds, "prompt_embeds", batch_size, key, width, device)
         if cfg_scale <= 1:
             if negative_prompt_embeds is not None:  # else silently unused
                 raise ValueError(f"negative_prompt_embeds given with cfg_scale={cfg_scale}: classifier-free guidance "
@@ -688,18 +686,19 @@ class _GuidedPipelineBody:
         if negative_prompt_embeds is None:
             raise ValueError(f"cfg_scale={cfg_scale} (classifier-free guidance) needs negative_prompt_embeds: the "
                              "text encoder's states of the negative (or empty) prompt")
-        uncond = self._embeds_for_batch(negative_prompt_embeds, "negative_prompt_embeds", batch_size, width, device)
+        uncond = self._embeds_for_batch(negative_prompt_embeds, "negative_prompt_embeds", batch_size, key, width,
+                                        device)
         if uncond.shape != cond.shape:
             raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
                              f"{tuple(prompt_embeds.shape)} must have the same tokens and width")
         return cond, uncond, cfg_scale
 
-    def _embeds_for_batch(self, e, name: str, batch_size: int, width, device):
+    def _embeds_for_batch(self, e, name: str, batch_size: int, key, width, device):
         if not isinstance(e, torch.Tensor) or e.dim() != 3 or e.shape[0] not in (1, batch_size):
             raise ValueError(f"{name} must be a [1 or batch_size={batch_size}, tokens, width] tensor, got "
                              f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
         if isinstance(width, int) and e.shape[-1] != width:
-            raise ValueError(f"{name} width {e.shape[-1]} != the denoiser's {self._width_key()} {width}")
+            raise ValueError(f"{name} width {e.shape[-1]} != the denoiser's {key} {width}")
         if not e.is_floating_point() or not bool(torch.isfinite(e).all()):
             raise ValueError(f"{name} must be finite floating-point states")
         return e.to(device=device, dtype=self.dtype).expand(batch_size, *e.shape[1:])
