@@ -26,7 +26,9 @@ bias add then a residual add, ADM-256's largest activation) and ``resample_trito
 (ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
 resampling, geometric mean of the two), ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
 ADM-256's largest decoder skip concatenation), ``gn_stats_split_vs_group`` and
-``cl_tile_rows_vs_narrow`` (defaults switched before a GPU timed them), and each of those memory-bound
+``cl_tile_rows_vs_narrow``, ``channel_sums_vs_separate`` (a residual add + the next GroupNorm with the
+add writing the GroupNorm's channel sums vs its own statistics pass) (defaults switched before a GPU
+timed them), and each of those memory-bound
 ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_copy``, ``cat_vs_copy``,
 ``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed); ``adm_conv_triton_vs_cudnn``: the
 Triton implicit-GEMM conv vs cuDNN at ADM-256's largest 3x3 conv (whether a conv with the GroupNorm
@@ -147,6 +149,35 @@ def _cl_tile_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> f
     finally:
         NT.CL_TILE = before
     return round((ms["gn", "rows"] / ms["gn", "narrow"] * ms["residual", "rows"] / ms["residual", "narrow"]) ** 0.5, 4)
+
+
+def _channel_sums_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
+    """A residual add then the GroupNorm + SiLU of its output (ADM's block boundary; fp16 channels_last,
+    ADM-256's largest map): with the residual op writing the GroupNorm's channel sums (ops.channel_sums, ADM's
+    default on CUDA) vs the GroupNorm's own statistics pass: median ms of each into row, their ratio."""
+    from ppap_fast.ops import norm_act, residual
+    from ppap_fast.ops.channel_sums import ChannelSums
+
+    h, skip = _cl_half(device, batch, channels, size, size), _cl_half(device, batch, channels, size, size)
+    w, b = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device)
+    bias = torch.randn(channels, device=device, dtype=torch.float16)
+
+    def separate():
+        return norm_act.group_norm_act(residual.bias_residual_add(h, skip, bias, backend="triton"), 32, w, b,
+                                       backend="triton")
+
+    def with_sums():
+        y = torch.empty_like(skip)
+        sums = ChannelSums(y)
+        residual.bias_residual_add(h, skip, bias, out=y, channel_sums=sums, backend="triton")
+        return norm_act.group_norm_act(y, 32, w, b, channel_sums=sums, backend="triton")
+
+    with torch.no_grad():
+        a, c = separate().float(), with_sums().float()
+        row["channel_sums_rel_diff"] = float(((a - c).norm() / a.norm()).item())
+    ms_sep, ms_sums = _median_ms(separate, device, reps), _median_ms(with_sums, device, reps)
+    row["channel_sums_separate_ms"], row["channel_sums_ms"] = round(ms_sep, 3), round(ms_sums, 3)
+    return round(ms_sums / ms_sep, 4)
 
 
 # the Triton implicit-GEMM conv's tilings timed at ADM's scale (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
@@ -320,6 +351,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["cat_triton_vs_torch"] = _cat_ratio(row, shape[0], reps)
             ratios["gn_stats_split_vs_group"] = _gn_stats_ratio(row, shape[0], reps)
             ratios["cl_tile_rows_vs_narrow"] = _cl_tile_ratio(row, shape[0], reps)
+            ratios["channel_sums_vs_separate"] = _channel_sums_ratio(row, shape[0], reps)
             ratios.update(_vs_copy(row, shape[0], reps))
             ratios["out_head_half_vs_float"] = _out_head_ratio(row, shape[0], reps)
             ratios["adm_conv_triton_vs_cudnn"] = _adm_conv_ratio(row, shape[0], reps)

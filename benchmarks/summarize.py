@@ -74,6 +74,9 @@ REVERT_ABOVE = {
                                "back to 'narrow'"),
     "wgrad_split_new_vs_old": ("the LoRA weight gradient slower split for 8 programs a SM than for 2",
                                "set ops/lora/triton_kernels.py WGRAD_PROGRAMS_PER_SM's default back to 2"),
+    "channel_sums_vs_separate": ("a residual add writing the next GroupNorm's channel sums (ops.channel_sums) "
+                                 "slower than the GroupNorm's own statistics pass",
+                                 "set models/adm.py CHANNEL_SUMS's default to '0'"),
     "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
                             "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }

@@ -84,6 +84,30 @@ def test_denoiser_gn_stats_row_times_both_statistics_kernels(monkeypatch):
     assert row["gn_stats_split_ms"] > 0 and row["gn_stats_group_ms"] > 0 and ratio > 0
 
 
+def test_denoiser_channel_sums_row_times_both_paths(monkeypatch):
+    """The CUDA-only channel sums row on CPU (interpreter, tiny map): the separate path runs the GroupNorm's own
+    statistics kernels, the other the residual op's sums kernel and the statistics from them; times, the ratio
+    and the two outputs' difference recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+
+    from _util import LaunchRecorder
+    from ppap_fast.ops import norm_act_triton as NT
+    from ppap_fast.ops import residual_triton as RT
+
+    recs = {}
+    for mod, name in ((NT, "_gn_stats_cl_part_kernel"), (NT, "_gn_stats_from_sums_kernel"),
+                      (RT, "_bias_residual_sums_kernel")):
+        recs[name] = LaunchRecorder(getattr(mod, name))
+        monkeypatch.setattr(mod, name, recs[name])
+    row = {}
+    ratio = bench_denoiser._channel_sums_ratio(row, 1, 1, device="cpu", channels=64, size=4)
+    # median_ms: 2 warm-up calls + 1 rep each, after one call each for the difference
+    assert [len(r.launches) for r in recs.values()] == [4, 4, 4]
+    assert row["channel_sums_separate_ms"] > 0 and row["channel_sums_ms"] > 0 and ratio > 0
+    assert 0 <= row["channel_sums_rel_diff"] < 1e-3
+
+
 def test_denoiser_cl_tile_row_times_both_tilings_and_copy_fractions(monkeypatch):
     """The CUDA-only channels_last tile row on CPU (interpreter, tiny map): the GroupNorm apply and the
     residual kernels run in both tilings (rows, then narrow: grids differ), times and the ratio recorded,

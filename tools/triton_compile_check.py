@@ -398,7 +398,7 @@ def scenarios(dtype):
         add(f"group_norm_act one element a group, {layout}", f)
 
     # ------------------------------------------------------------------ bias + residual add
-    from ppap_fast.ops import residual
+    from ppap_fast.ops import concat, residual
 
     for shape, cl, has_bias in (((2, 64, 16, 16), True, True), ((2, 256, 16, 16), True, True), ((2, 64, 16, 16), False, False),
                                 ((2, 24, 7), False, True)):
@@ -410,6 +410,24 @@ def scenarios(dtype):
                 residual.bias_residual_add(h, skip, torch.randn(shape[1], dtype=dtype) if has_bias else None,
                                            backend="triton")
         add(f"bias_residual_add {shape} channels_last={cl} bias={has_bias}", f)
+
+    # ------------------------------------------------------------------ channel sums (a GroupNorm's statistics
+    # from the residual add / skip copy that wrote its input: ADM's decoder buffer)
+    from ppap_fast.ops.channel_sums import ChannelSums
+
+    for c1, c2, G in ((256, 256, 32), (64, 64, 32), (24, 40, 16)):  # ADM's widths, an unaligned split
+        def f(c1=c1, c2=c2, G=G):
+            cl = torch.channels_last
+            h, skip = (torch.randn(2, c1, 16, 16, dtype=dtype).contiguous(memory_format=cl) for _ in range(2))
+            other = torch.randn(2, c2, 16, 16, dtype=dtype).contiguous(memory_format=cl)
+            buf = torch.empty(2, c1 + c2, 16, 16, dtype=dtype).contiguous(memory_format=cl)
+            sums = ChannelSums(buf)
+            with torch.no_grad():
+                residual.bias_residual_add(h, skip, torch.randn(c1, dtype=dtype), out=buf[:, :c1], channel_sums=sums,
+                                           backend="triton")
+                concat.cat_channels([other], out=buf, c_off=c1, channel_sums=sums, backend="triton")
+                norm_act.group_norm_act(buf, G, channel_sums=sums, backend="triton")
+        add(f"channel sums {c1}+{c2} G{G}", f)
 
     # ------------------------------------------------------------------ resampling (ADM's Upsample / Downsample)
     from ppap_fast.ops import resample

@@ -210,11 +210,14 @@ def _pair(v):
 
 
 def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None, silu=True, out_dtype=None):
-    """``norm`` of h + in_bias (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act)."""
+    """``norm`` of h + in_bias (+ scale-shift) then SiLU as one op (ADMUNet.fuse_norm_act); its statistics
+    from the sums h's producer left on it (_fused_residual, the decoder's skip copy), where it did."""
+    from ..ops.channel_sums import attached
     from ..ops.norm_act import group_norm_act
 
+    sums = attached(h) if in_bias is None else None
     return group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale=scale, shift=shift,
-                          in_bias=in_bias, silu=silu, out_dtype=out_dtype)
+                          in_bias=in_bias, silu=silu, out_dtype=out_dtype, channel_sums=sums)
 
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -234,10 +237,36 @@ def _sum_bias(a, b):
     return a.float() + b.float()
 
 
+# per-channel sums of each residual output (and decoder concatenation) for the GroupNorm reading it next
+# (ops.channel_sums): "auto" on CUDA tensors (Triton writes them on its way), "1" everywhere (tests), "0" off
+CHANNEL_SUMS = os.environ.get("PPAP_FAST_CHANNEL_SUMS", "auto")
+
+
+def _channel_sums_wanted(y: torch.Tensor, *inputs) -> bool:
+    """Whether the fused op writing y leaves its channel sums on it: a channels_last 4-D y, outside autograd,
+    torch.compile and inference mode (whose tensors have no version to check the sums against)."""
+    if CHANNEL_SUMS not in ("auto", "1", "0"):
+        raise ValueError(f"PPAP_FAST_CHANNEL_SUMS must be 'auto', '1' or '0', got {CHANNEL_SUMS!r}")
+    if CHANNEL_SUMS == "0" or (CHANNEL_SUMS == "auto" and y.device.type != "cuda"):
+        return False
+    return y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) \
+        and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() \
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+
+
 def _fused_residual(h, skip, bias, out=None):
+    """ops.bias_residual_add; its output carries its channel sums (or, written into a decoder buffer, adds them
+    to the buffer's) where _channel_sums_wanted."""
+    from ..ops.channel_sums import ChannelSums, attach
     from ..ops.residual import bias_residual_add
 
-    return bias_residual_add(h, skip, bias, out=out)
+    sums = None
+    if out is not None:
+        sums = getattr(out, "_ppap_cat_sums", None)  # the decoder buffer's (_residual_target)
+    elif skip.dim() == 4 and skip.shape == h.shape and _channel_sums_wanted(skip, h, skip, bias):
+        out = torch.empty(h.shape, dtype=h.dtype, device=h.device, memory_format=torch.channels_last)
+        sums = attach(out, ChannelSums(out))
+    return bias_residual_add(h, skip, bias, out=out, channel_sums=sums)
 
 
 class _CatTarget:
@@ -260,7 +289,27 @@ def _residual_target(module: nn.Module, like: torch.Tensor):
     # only now: the block's intermediates are gone (peak memory)
     tgt.buf = torch.empty((s.shape[0], tgt.c_out + s.shape[1], *s.shape[2:]), dtype=s.dtype, device=s.device,
                           memory_format=torch.channels_last)
-    return tgt.buf[:, :tgt.c_out]
+    view = tgt.buf[:, :tgt.c_out]
+    if _channel_sums_wanted(tgt.buf):
+        from ..ops.channel_sums import ChannelSums, attach
+
+        view._ppap_cat_sums = attach(tgt.buf, ChannelSums(tgt.buf))  # filled by the residual op, then the skip copy
+    return view
+
+
+def _cat_with_sums(tensors):
+    """ops.cat_channels of a decoder input, with its channel sums on it where _channel_sums_wanted."""
+    from ..ops.concat import cat_channels
+
+    first = tensors[0]
+    if not (first.dim() == 4 and all(t.dtype == first.dtype and t.is_contiguous(memory_format=torch.channels_last)
+                                     for t in tensors) and _channel_sums_wanted(first, *tensors)):
+        return cat_channels(tensors)
+    from ..ops.channel_sums import ChannelSums, attach
+
+    out = torch.empty((first.shape[0], sum(t.shape[1] for t in tensors), *first.shape[2:]), dtype=first.dtype,
+                      device=first.device, memory_format=torch.channels_last)
+    return cat_channels(tensors, out=out, channel_sums=attach(out, ChannelSums(out)))
 
 
 class ResBlock(TimestepBlock):
@@ -656,7 +705,10 @@ class ADMUNet(nn.Module):
             h, c_h = self._into_next_cat(self.middle_block, h, emb, hs[-1] if hs else None)
             for module in self.output_blocks:
                 skip = hs.pop()
-                xin = cat_channels([h, skip]) if c_h is None else cat_channels([skip], out=h, c_off=c_h)
+                if c_h is None:
+                    xin = _cat_with_sums([h, skip])
+                else:
+                    xin = cat_channels([skip], out=h, c_off=c_h, channel_sums=getattr(h, "_ppap_channel_sums", None))
                 h, c_h = self._into_next_cat(module, xin, emb, hs[-1] if hs else None)
         else:
             h = self.middle_block(h, emb)

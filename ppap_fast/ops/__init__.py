@@ -12,6 +12,7 @@ from ppap_fast.ops.residual import bias_residual_add, bias_residual_add_referenc
 from ppap_fast.ops.resample import (avg_pool2x, avg_pool2x_reference, upsample_nearest2x,
                                    upsample_nearest2x_reference)
 from ppap_fast.ops.concat import cat_channels, cat_channels_reference
+from ppap_fast.ops.channel_sums import ChannelSums
 from ppap_fast.ops._registry import BACKENDS, BackendUnavailableError, last_backend, set_backend
 from ppap_fast.ops._registry import report as _report
 from ppap_fast.ops.update import UpdateTable, build_table, guided_update, guided_update_reference
@@ -41,5 +42,5 @@ __all__ = [
     "UpdateTable", "build_table", "guided_update", "guided_update_reference", "guided_eps", "guided_eps_reference",
     "group_norm_act", "group_norm_act_reference", "bias_residual_add", "bias_residual_add_reference",
     "upsample_nearest2x", "upsample_nearest2x_reference", "avg_pool2x", "avg_pool2x_reference",
-    "cat_channels", "cat_channels_reference",
+    "cat_channels", "cat_channels_reference", "ChannelSums",
 ]

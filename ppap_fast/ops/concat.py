@@ -7,6 +7,10 @@ need (ADM-256 at batch 32: 21 ms for the 18 skip concatenations of one guided st
 copies, per input, blocks of pixels by blocks of contiguous channels into that input's channel offset
 of the output: a copy, so torch.cat's result bit for bit.
 
+``channel_sums`` (an ops.channel_sums.ChannelSums whose target is ``out`` or holds it as a channel slice):
+the per-channel sums of the copied channels go there too, for the GroupNorm that reads out next
+(group_norm_act(channel_sums=)).
+
 Backends (registry op "cat_channels"): "triton" (CUDA; on CPU only when asked for, under
 TRITON_INTERPRET=1) and "reference" (torch.cat, differentiable). The Triton path takes channels_last-
 contiguous tensors of one fp32 / fp16 / bf16 dtype on one device and writes a channels_last output;
@@ -77,34 +81,49 @@ def _check_out(tensors, out, c_off):
         raise ValueError("cat_channels: out must not require grad")
 
 
-def cat_channels(tensors, *, out=None, c_off: int = 0, backend: str | None = None):
+def cat_channels(tensors, *, out=None, c_off: int = 0, channel_sums=None, backend: str | None = None):
     """[B, C_1, H, W], ..., [B, C_n, H, W] -> [B, C_1 + ... + C_n, H, W] (module docstring); with ``out``:
-    written into its channels c_off.. (the rest of out untouched) and out returned."""
+    written into its channels c_off.. (the rest of out untouched) and out returned; ``channel_sums``: the
+    sums of the copied channels added there (needs ``out``)."""
     tensors = _check(tensors)
     if out is not None:
         _check_out(tensors, out, c_off)
+    if channel_sums is not None:
+        from .channel_sums import ChannelSums
+
+        if not isinstance(channel_sums, ChannelSums):
+            raise TypeError(f"cat_channels: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
+        if out is None:
+            raise ValueError("cat_channels: channel_sums needs out= (their target or a channel slice of it)")
+        channel_sums.offset_of(out)
     layout = _not_fast(tensors if out is None else tensors + [out])
     if layout is not None and backend in (None, "auto"):
-        return _registry.select(OP, tensors[0].device, "reference")(tensors, out, c_off)
+        return _registry.select(OP, tensors[0].device, "reference")(tensors, out, c_off, channel_sums)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     fn = _registry.select_gated(OP, tensors[0], backend, FAST_DTYPES,
                                 layout or ("is forward-only (an input requires grad)" if needs_grad else None))
-    return fn(tensors, out, c_off)
+    return fn(tensors, out, c_off, channel_sums)
 
 
-def _reference(tensors, out=None, c_off=0):
+def _reference(tensors, out=None, c_off=0, channel_sums=None):
     y = cat_channels_reference(tensors)
     if out is None:
         return y
     out[:, c_off:c_off + y.shape[1]].copy_(y)
+    if channel_sums is not None:
+        from .channel_sums import fill_reference
+
+        s_off = channel_sums.offset_of(out) + c_off
+        fill_reference(channel_sums, out[:, c_off:c_off + y.shape[1]], s_off)  # the stored values
+        channel_sums.mark_written(s_off, s_off + y.shape[1], out)
     return out
 
 
-def _triton_cat(tensors, out=None, c_off=0):
+def _triton_cat(tensors, out=None, c_off=0, channel_sums=None):
     from . import concat_triton as tk
 
     with on_device(tensors[0]):  # Triton launches on the current device
-        return tk.cat_channels(tensors, poison=POISON, out=out, c_off=c_off)
+        return tk.cat_channels(tensors, poison=POISON, out=out, c_off=c_off, channel_sums=channel_sums)
 
 
 _registry.register(OP, "reference", _reference, _ext.reference_unavailable)

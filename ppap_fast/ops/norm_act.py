@@ -22,6 +22,8 @@ requires grad the reference runs (an explicit backend="triton" then raises).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,14 +36,17 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
-                             silu=True, in_bias=None, out_dtype=None):
+                             silu=True, in_bias=None, out_dtype=None, channel_sums=None):
     dt = torch.promote_types(x.dtype, torch.float32)
     shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     xx = x.to(dt)
     if in_bias is not None:
         xx = xx + in_bias.to(dt).reshape((-1, x.shape[1]) + (1,) * (x.dim() - 2))
-    h = F.group_norm(xx, num_groups, None if weight is None else weight.to(dt),
-                     None if bias is None else bias.to(dt), eps)
+    if channel_sums is None:
+        h = F.group_norm(xx, num_groups, None if weight is None else weight.to(dt),
+                         None if bias is None else bias.to(dt), eps)
+    else:
+        h = _normalize_from_sums(xx, num_groups, weight, bias, eps, channel_sums, dt)
     if scale is not None:
         h = h * (1 + scale.to(dt).reshape(shp))
     if shift is not None:
@@ -49,6 +54,26 @@ def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, sc
     if silu:
         h = F.silu(h)
     return h.to(out_dtype or x.dtype)
+
+
+def _normalize_from_sums(x, num_groups, weight, bias, eps, channel_sums, dt):
+    """F.group_norm's result with the group statistics from channel_sums (ops.channel_sums)."""
+    from .channel_sums import group_stats_reference
+
+    B, C = x.shape[:2]
+    kg, m1, var = group_stats_reference(channel_sums, num_groups, math.prod(x.shape[2:]))
+    per_channel = (B, C) + (1,) * (x.dim() - 2)  # elementwise from here: x's memory format kept
+
+    def expand(v):
+        return v.to(dt).repeat_interleave(C // num_groups, dim=1).reshape(per_channel)
+
+    h = ((x - expand(kg)) - expand(m1)) * expand(torch.rsqrt(var + eps))
+    shp = (1, C) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        h = h * weight.to(dt).reshape(shp)
+    if bias is not None:
+        h = h + bias.to(dt).reshape(shp)
+    return h
 
 
 def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
@@ -77,30 +102,45 @@ def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
 
 
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
-                   silu: bool = True, in_bias=None, out_dtype: torch.dtype | None = None, backend: str | None = None):
+                   silu: bool = True, in_bias=None, out_dtype: torch.dtype | None = None, channel_sums=None,
+                   backend: str | None = None):
     """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
     scale, shift, in_bias = _check(x, num_groups, weight, bias, scale, shift, in_bias)
+    if channel_sums is not None:
+        from .channel_sums import ChannelSums
+
+        if not isinstance(channel_sums, ChannelSums):
+            raise TypeError(f"group_norm_act: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
+        if in_bias is not None:
+            raise ValueError("group_norm_act: channel_sums are x's own sums: no in_bias with them")
+        if not channel_sums.complete_for(x):
+            raise ValueError("group_norm_act: channel_sums do not describe x (another tensor, channels not all "
+                             "written, or x modified since)")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"group_norm_act: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, scale, shift, in_bias))
+    if channel_sums is not None and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("group_norm_act: channel_sums are constants to autograd: not with an x that requires grad")
     why = "is forward-only (an input requires grad)" if needs_grad else None
     if out_dtype is not None and out_dtype not in FAST_DTYPES:
         why = f"writes fp32/fp16/bf16, got out_dtype {out_dtype}"
     fn = _registry.select_gated(OP, x, backend, FAST_DTYPES, why)
-    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), in_bias, out_dtype or x.dtype)
+    return fn(x, num_groups, weight, bias, float(eps), scale, shift, bool(silu), in_bias, out_dtype or x.dtype,
+              channel_sums)
 
 
-def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype):
+def _triton(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype, channel_sums=None):
     from . import norm_act_triton as tk
 
     with autocast_off(x.device.type), on_device(x):  # Triton launches on the current device
         return tk.group_norm_act(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, poison=POISON,
-                                 out_dtype=out_dtype)
+                                 out_dtype=out_dtype, channel_sums=channel_sums)
 
 
-def _reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype):
-    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype)
+def _reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype, channel_sums=None):
+    return group_norm_act_reference(x, num_groups, weight, bias, eps, scale, shift, silu, in_bias, out_dtype,
+                                    channel_sums)
 
 
 _registry.register(OP, "reference", _reference, _ext.reference_unavailable)

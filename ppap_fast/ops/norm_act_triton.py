@@ -121,6 +121,45 @@ def _gn_stats_cl_reduce_kernel(x_ptr, ib_ptr, part_ptr, shift_ptr, mean_ptr, rst
     _store_group_stats(shift_ptr, mean_ptr, rstd_ptr, pid, k, s1, s2, Cg * HW, eps)
 
 
+@triton.jit
+def _gn_stats_from_sums_kernel(part_ptr, kshift_ptr, shift_ptr, mean_ptr, rstd_ptr, C, HW, Cg, G, K, eps,
+                               BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program b * G + g: the group's shift (its first channel's), mean and 1/std from a producer's per-channel
+    shifted sums (ops.channel_sums: part [B, K, 2, C], channel shifts [B, C]); each channel's sums moved to the
+    group's shift exactly: sum(x - kg) = s1 + P d, sum((x - kg)^2) = s2 + 2 d s1 + P d^2, d = k_c - kg."""
+    pid = tl.program_id(0)
+    b = pid // G
+    g = pid % G
+    ks_base = kshift_ptr + b.to(tl.int64) * C + g * Cg
+    kg = tl.load(ks_base)
+    n = tl.cast(HW, tl.float32)
+    t1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    t2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    base = part_ptr + b.to(tl.int64) * K * 2 * C + g * Cg
+    for c0 in range(0, Cg, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < Cg
+        s1 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m = (ks < K)[:, None] & cm[None, :]
+            off = ks[:, None].to(tl.int64) * 2 * C + cs[None, :]
+            s1 += tl.load(base + off, mask=m, other=0.0)
+            s2 += tl.load(base + off + C, mask=m, other=0.0)
+        c1 = tl.sum(s1, axis=0)
+        c2 = tl.sum(s2, axis=0)
+        d = tl.where(cm, tl.load(ks_base + cs, mask=cm, other=0.0) - kg, 0.0)
+        t1 += c1 + n * d
+        t2 += c2 + 2.0 * d * c1 + n * d * d
+    cnt = tl.cast(Cg * HW, tl.float32)
+    m1 = tl.sum(t1, axis=0) / cnt
+    var = tl.maximum(tl.sum(t2, axis=0) / cnt - m1 * m1, 0.0)
+    tl.store(shift_ptr + pid, kg)
+    tl.store(mean_ptr + pid, m1)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+
+
 # GroupNorm statistics of a channels-fastest x: "split" (coalesced per-channel partial sums over
 # position chunks, then one small reduction) or "group" (one program per group, as for NCHW)
 GN_STATS_CL = os.environ.get("PPAP_FAST_GN_STATS", "split")
@@ -237,7 +276,8 @@ def _elementwise_blocks(channels: int, HW: int, channels_fastest: bool):
     return bc, max(16, min((2048 if _interpreting() else 8192) // bc, triton.next_power_of_2(max(HW, 1))))
 
 
-def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False, out_dtype=None):
+def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False, out_dtype=None,
+                   channel_sums=None):
     B, C = x.shape[:2]
     HW = x.numel() // max(B * C, 1)
     x, st = _bcp_view(x)
@@ -254,7 +294,12 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, po
     sib = 0 if ib is None or ib.shape[0] == 1 else ib.stride(0)
     if GN_STATS_CL not in ("split", "group"):
         raise ValueError(f"PPAP_FAST_GN_STATS must be 'split' or 'group', got {GN_STATS_CL!r}")
-    if cl and GN_STATS_CL == "split":
+    if channel_sums is not None:  # complete for x (ops.norm_act checked): no pass over x
+        K = channel_sums.chunks
+        _gn_stats_from_sums_kernel[(B * G,)](channel_sums.part, channel_sums.shift, shift0, mean, rstd, C, HW, Cg, G,
+                                             K, eps, BLOCK_K=min(64, triton.next_power_of_2(K)),
+                                             BLOCK_C=max(2, min(32, triton.next_power_of_2(Cg))))
+    elif cl and GN_STATS_CL == "split":
         _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison)
     else:
         _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,

@@ -7,6 +7,10 @@ Sums in float32, y in h's dtype and in skip's layout (the residual stream's: NCH
 or a [B, C, HW] view of channels_last); skip in h's shape (any float dtype and strides); bias [C]
 or None.
 
+``channel_sums`` (an ops.channel_sums.ChannelSums whose target is ``out`` or holds it as a channel slice):
+the per-channel sums of the written y go there too, for the GroupNorm that reads y next
+(group_norm_act(channel_sums=)): its statistics pass is skipped.
+
 Backends (registry op "bias_residual_add"): "triton" (CUDA; on CPU only when asked for, under
 TRITON_INTERPRET=1) and "reference" (PyTorch, differentiable). With autograd recording and an input
 that requires grad the reference runs (an explicit backend="triton" then raises).
@@ -56,28 +60,45 @@ def _check_out(out, h):
         raise ValueError("bias_residual_add: out must not require grad")
 
 
-def bias_residual_add(h, skip, bias=None, *, out=None, backend: str | None = None):
+def bias_residual_add(h, skip, bias=None, *, out=None, channel_sums=None, backend: str | None = None):
     """h + skip + bias[c] (module docstring); ``out``: written there (e.g. a channel slice of a concatenation
-    buffer) and returned."""
+    buffer) and returned; ``channel_sums``: the sums of what was written added there (needs ``out``)."""
     _check(h, skip, bias)
     if out is not None:
         _check_out(out, h)
+    if channel_sums is not None:
+        from .channel_sums import ChannelSums
+
+        if not isinstance(channel_sums, ChannelSums):
+            raise TypeError(f"bias_residual_add: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
+        if out is None:
+            raise ValueError("bias_residual_add: channel_sums needs out= (their target or a channel slice of it)")
+        channel_sums.offset_of(out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, skip, bias))
     fn = _registry.select_gated(OP, h, backend, FAST_DTYPES,
                                 "is forward-only (an input requires grad)" if needs_grad else None)
-    return fn(h, skip, bias, out)
+    return fn(h, skip, bias, out, channel_sums)
 
 
-def _reference(h, skip, bias, out=None):
+def _reference(h, skip, bias, out=None, channel_sums=None):
     y = bias_residual_add_reference(h, skip, bias)
-    return y if out is None else out.copy_(y)
+    if out is None:
+        return y
+    out.copy_(y)
+    if channel_sums is not None:
+        from .channel_sums import fill_reference
+
+        c_off = channel_sums.offset_of(out)
+        fill_reference(channel_sums, out, c_off)
+        channel_sums.mark_written(c_off, c_off + out.shape[1], out)
+    return out
 
 
-def _triton(h, skip, bias, out=None):
+def _triton(h, skip, bias, out=None, channel_sums=None):
     from . import residual_triton as tk
 
     with autocast_off(h.device.type), on_device(h):  # Triton launches on the current device
-        return tk.bias_residual_add(h, skip, bias, poison=POISON, out=out)
+        return tk.bias_residual_add(h, skip, bias, poison=POISON, out=out, channel_sums=channel_sums)
 
 
 _registry.register(OP, "reference", _reference, _ext.reference_unavailable)
