@@ -21,7 +21,8 @@ Rows: ms per forward, TFLOP/s and MFU against the card's dense bf16/fp16 peak (F
 FlopCounterMode), and the profiler's top ops by self device time (``profile_top``: name, ms,
 share, calls). Ratios: ``denoiser_channels_last_vs_nchw``, ``denoiser_cudnn_benchmark_vs_default``,
 ``denoiser_fused_norm_act_vs_eager`` and ``denoiser_compiled_vs_eager`` (each vs the best of the
-unfused eager variants); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
+unfused eager variants), ``denoiser_channel_sums_vs_off`` (the fused ADM with / without the GroupNorm
+statistics from the producers' channel sums); on CUDA also ``residual_fused_vs_eager`` (ops.bias_residual_add vs a
 bias add then a residual add, ADM-256's largest activation) and ``resample_triton_vs_torch``
 (ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
 resampling, geometric mean of the two), ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
@@ -178,6 +179,19 @@ def _channel_sums_ratio(row, batch, reps, device="cuda", channels=256, size=256)
     ms_sep, ms_sums = _median_ms(separate, device, reps), _median_ms(with_sums, device, reps)
     row["channel_sums_separate_ms"], row["channel_sums_ms"] = round(ms_sep, 3), round(ms_sums, 3)
     return round(ms_sums / ms_sep, 4)
+
+
+def _channel_sums_off_ratio(model, x, t, device, reps, row, record) -> float:
+    """The fused ADM (row's fused_norm_act_ms) against itself with PPAP_FAST_CHANNEL_SUMS=0 (every GroupNorm
+    its own statistics pass): recorded as fused_no_channel_sums, the ratio returned."""
+    from ppap_fast.models import adm as ADM
+
+    before, ADM.CHANNEL_SUMS = ADM.CHANNEL_SUMS, "0"
+    try:
+        record("fused_no_channel_sums", _median_ms(lambda: model(x, t), device, reps))
+    finally:
+        ADM.CHANNEL_SUMS = before
+    return round(row["fused_norm_act_ms"] / row["fused_no_channel_sums_ms"], 4)
 
 
 # the Triton implicit-GEMM conv's tilings timed at ADM's scale (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
@@ -342,6 +356,9 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                 model.fuse_norm_act()
                 record("fused_norm_act", _median_ms(lambda: model(x_cl, t), device, reps))
                 row["fused_norm_act_profile_top"] = profile_top(lambda: model(x_cl, t), device, k=8)
+                if hasattr(model, "output_blocks"):  # ADM: the same without the producers' channel sums
+                    ratios["denoiser_channel_sums_vs_off"] = _channel_sums_off_ratio(model, x_cl, t, device, reps,
+                                                                                    row, record)
                 model.fuse_norm_act(False)
                 ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)

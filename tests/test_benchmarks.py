@@ -108,6 +108,34 @@ def test_denoiser_channel_sums_row_times_both_paths(monkeypatch):
     assert 0 <= row["channel_sums_rel_diff"] < 1e-3
 
 
+def test_denoiser_channel_sums_off_row_turns_them_off_and_back(monkeypatch):
+    """The fused ADM timed once more with PPAP_FAST_CHANNEL_SUMS=0 (CUDA-only row, here a tiny ADM on CPU with
+    the sums forced on): no GroupNorm gets sums in that run, the module's mode comes back, the ratio recorded."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser
+    import torch
+
+    from ppap_fast.models import adm as ADM
+    from ppap_fast.ops import norm_act as NA
+
+    from _util import tiny_adm
+
+    monkeypatch.setattr(ADM, "CHANNEL_SUMS", "1")
+    model = tiny_adm().to(memory_format=torch.channels_last).fuse_norm_act()
+    x, t = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([5, 700])
+    sums_seen, real = [], NA.group_norm_act
+    monkeypatch.setattr(NA, "group_norm_act", lambda *a, channel_sums=None, **k: sums_seen.append(
+        channel_sums is not None) or real(*a, channel_sums=channel_sums, **k))
+    row = {"fused_norm_act_ms": 4.0}
+    ratio = bench_denoiser._channel_sums_off_ratio(model, x, t, "cpu", 1, row,
+                                                   lambda v, ms: row.__setitem__(f"{v}_ms", ms))
+    assert sums_seen and not any(sums_seen) and ADM.CHANNEL_SUMS == "1"
+    assert row["fused_no_channel_sums_ms"] > 0 and ratio == round(4.0 / row["fused_no_channel_sums_ms"], 4)
+    with torch.no_grad():
+        model(x, t)
+    assert any(sums_seen)
+
+
 def test_denoiser_cl_tile_row_times_both_tilings_and_copy_fractions(monkeypatch):
     """The CUDA-only channels_last tile row on CPU (interpreter, tiny map): the GroupNorm apply and the
     residual kernels run in both tilings (rows, then narrow: grids differ), times and the ratio recorded,
