@@ -27,14 +27,14 @@ bias add then a residual add, ADM-256's largest activation) and ``resample_trito
 (ops.upsample_nearest2x / avg_pool2x vs F.interpolate / F.avg_pool2d at ADM-256's largest
 resampling, geometric mean of the two), ``cat_triton_vs_torch`` (ops.cat_channels vs torch.cat at
 ADM-256's largest decoder skip concatenation), ``gn_stats_split_vs_group`` and
-``cl_tile_rows_vs_narrow``, ``channel_sums_vs_separate`` (a residual add + the next GroupNorm with the
-add writing the GroupNorm's channel sums vs its own statistics pass) (defaults switched before a GPU
-timed them), and each of those memory-bound
+``cl_tile_rows_vs_narrow`` (defaults switched before a GPU timed them), ``channel_sums_vs_separate`` (a
+residual add + the next GroupNorm with the add writing the GroupNorm's channel sums vs its own statistics
+pass: opt-in, PPAP_FAST_CHANNEL_SUMS), and each of those memory-bound
 ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_copy``, ``cat_vs_copy``,
 ``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed); ``adm_conv_triton_vs_cudnn``: the
 Triton implicit-GEMM conv vs cuDNN at ADM-256's largest 3x3 conv (whether a conv with the GroupNorm
 fused into its loads could pay); ``out_head_half_vs_float``: the output head with its conv in fp16 vs
-float32 / TF32 (a pending default: ADMUNet.fuse_norm_act's half_out_conv).
+float32 / TF32 (ADMUNet.fuse_norm_act's half_out_conv, the default since the 2026-11-28 H100 run).
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.

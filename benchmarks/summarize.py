@@ -54,9 +54,9 @@ PENDING = (
     ("eps_triton_vs_cuda", "the Triton guided eps correction faster than the CUDA kernel (bench_update)",
      "put 'triton' before 'cuda' in ops/eps_correction.py's automatic CUDA choice (as guided_update's "
      "auto_cuda_backend)"),
-    ("out_head_half_vs_float", "ADM's output head faster with its conv in fp16 (bench_denoiser; rel. diff in "
-     "out_head_half_rel_diff)", "make half_out_conv's default True in ADMUNet.fuse_norm_act (models/adm.py) if "
-     "the difference is within the fast path's tolerance"),
+    ("channel_sums_vs_separate", "a residual add writing the next GroupNorm's channel sums (ops.channel_sums) "
+     "faster than the GroupNorm's own statistics pass", "set models/adm.py CHANNEL_SUMS's default to 'auto' "
+     "(check denoiser_channel_sums_vs_off too)"),
     ("denoiser_compiled_chstats_vs_compiled", "compiled ADM faster with per-channel GroupNorm statistics",
      "set_group_norm_stats('channel') for compiled CUDA ADMs too "
      "(fast_sampling._denoiser_compile_kwargs: CPU + freeze only)"),
@@ -74,9 +74,6 @@ REVERT_ABOVE = {
                                "back to 'narrow'"),
     "wgrad_split_new_vs_old": ("the LoRA weight gradient slower split for 8 programs a SM than for 2",
                                "set ops/lora/triton_kernels.py WGRAD_PROGRAMS_PER_SM's default back to 2"),
-    "channel_sums_vs_separate": ("a residual add writing the next GroupNorm's channel sums (ops.channel_sums) "
-                                 "slower than the GroupNorm's own statistics pass",
-                                 "set models/adm.py CHANNEL_SUMS's default to '0'"),
     "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
                             "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }

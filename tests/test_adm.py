@@ -324,14 +324,14 @@ def test_fused_norm_act_fp16_torso_no_less_accurate():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fused_output_head_reads_the_half_torso_without_an_upcast(backend, monkeypatch):
-    """The fused out norm takes the fp16 torso's last activation as it is and writes float32 (out_dtype):
-    no upcast pass, and the same bits as upcasting first (the head before)."""
+    """The fused float32 out head (half_out_conv=False) takes the fp16 torso's last activation as it is and
+    writes float32 (out_dtype): no upcast pass, and the same bits as upcasting first (the head before)."""
     from ppap_fast import ops
     from ppap_fast.ops import norm_act
 
     m16 = ADMUNet(**SMALL, use_fp16=True).eval()
     m16.load_state_dict(_randomised().state_dict(), strict=True)
-    m16.fuse_norm_act()
+    m16.fuse_norm_act(half_out_conv=False)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
     real, calls = norm_act.group_norm_act, []
 
@@ -439,9 +439,9 @@ def test_fused_decoder_runs_without_triton(monkeypatch):
 
 
 def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
-    """half_out_conv (opt-in, or PPAP_FAST_HALF_OUT_CONV=1): the out norm written in fp16 and the output conv
-    run in fp16, the result float32 and close to the float32 head; off by default; a float32 torso keeps
-    the float32 head (nothing to gain)."""
+    """half_out_conv (the default; PPAP_FAST_HALF_OUT_CONV=0 turns it off): the out norm written in fp16 and
+    the output conv run in fp16, the result float32 and close to the float32 head; a float32 torso keeps the
+    float32 head (nothing to gain)."""
     from ppap_fast.ops import norm_act
 
     m16 = ADMUNet(**SMALL, use_fp16=True).eval()
@@ -450,9 +450,10 @@ def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
     real, outs = norm_act.group_norm_act, []
     monkeypatch.setattr(norm_act, "group_norm_act", lambda h, *a, **kw: outs.append(real(h, *a, **kw)) or outs[-1])
     with torch.no_grad():
+        monkeypatch.setenv("PPAP_FAST_HALF_OUT_CONV", "0")
         want = m16.fuse_norm_act()(x, t)
         assert not m16.half_out_conv
-        monkeypatch.setenv("PPAP_FAST_HALF_OUT_CONV", "1")
+        monkeypatch.delenv("PPAP_FAST_HALF_OUT_CONV")
         assert m16.fuse_norm_act().half_out_conv
         outs.clear()
         got = m16(x, t)

@@ -204,11 +204,13 @@ def test_fused_adm_passes_sums_to_every_norm_after_a_residual_or_concatenation(b
 
 
 def test_cpu_auto_and_autograd_take_no_sums(monkeypatch):
-    """auto: only CUDA tensors carry sums (the reference producer costs more on the CPU than the pass it saves);
-    with autograd recording none either (the reference path, sums are constants to autograd)."""
+    """Off by default; auto: only CUDA tensors carry sums (the reference producer costs more on the CPU than the
+    pass it saves); with autograd recording none either (the reference path, sums are constants to autograd)."""
     m = _adm().fuse_norm_act()
     x, t = _cl(torch.randn(2, 3, 16, 16)), torch.tensor([3, 800])
     norms = _NormCalls(monkeypatch)
+    assert ADM.CHANNEL_SUMS == "0"
+    monkeypatch.setattr(ADM, "CHANNEL_SUMS", "auto")
     with torch.no_grad():
         m(x, t)
     assert norms.calls and not any(s for s, _ in norms.calls)
