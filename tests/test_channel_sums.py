@@ -55,11 +55,11 @@ def _want_sums(buf, p_chunk):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("p_chunk", [None, 64])  # the default (2 chunks here), 6 chunks
+@pytest.mark.parametrize("p_chunk", [None, 64, 48])  # the default (2 chunks here), 6, 7 (a chunk below the tile)
 def test_producers_sum_what_they_wrote(backend, dtype, p_chunk):
     gen = torch.Generator().manual_seed(1)
     buf, sums = _buffer_with_sums(gen, dtype, backend, p_chunk=p_chunk)
-    assert sums.chunks == (2 if p_chunk is None else 6)  # 17 * 19 = 323 positions
+    assert sums.chunks == {None: 2, 64: 6, 48: 7}[p_chunk]  # 17 * 19 = 323 positions
     want = _want_sums(buf, sums.p_chunk)
     assert torch.isfinite(sums.part).all() and torch.isfinite(sums.shift).all()
     assert torch.equal(sums.shift, buf[:, :, 0, 0].float())  # the stored value at position 0
@@ -125,6 +125,39 @@ def test_sums_are_refused_where_they_do_not_describe_x():
         s3 = ChannelSums(inf)
         CC.cat_channels([_cl(torch.ones(1, 4, 2, 2))], out=inf, channel_sums=s3)
     assert not s3.complete_for(inf)  # no version to check against
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sums_are_refused_after_a_write_they_did_not_see(backend):
+    """x changed between two producers' writes (the earlier channels' sums stale), or rewritten by a Triton op
+    without channel_sums (which must bump x's version, as copy_ does): the sums no longer count as complete."""
+    gen = torch.Generator().manual_seed(7)
+    buf, sums = _buffer_with_sums(gen, torch.float32, backend)
+    c1 = 22
+    buf[:, :c1].mul_(3.0)  # after the residual's sums: the skip copy below must not make them complete
+    CC.cat_channels([_cl(torch.randn(3, 42, 17, 19, generator=gen))], out=buf, c_off=c1, channel_sums=sums,
+                    backend=backend)
+    assert not sums.complete_for(buf) and attached(buf) is None
+    buf, sums = _buffer_with_sums(gen, torch.float32, backend)
+    CC.cat_channels([_cl(torch.randn(3, 42, 17, 19, generator=gen) + 5)], out=buf, c_off=c1, backend=backend)
+    assert not sums.complete_for(buf)
+    buf, sums = _buffer_with_sums(gen, torch.float32, backend)
+    h = _cl(torch.randn(3, c1, 17, 19, generator=gen))
+    RA.bias_residual_add(h, h, out=buf[:, :c1], backend=backend)
+    assert not sums.complete_for(buf)
+
+
+def test_sums_are_refused_for_another_tensor_at_the_targets_address():
+    """The target gone, another tensor at its address (the caching allocator's reuse; here the same storage
+    under its own version counter) whose version happens to match: not the target's sums."""
+    gen = torch.Generator().manual_seed(8)
+    buf, sums = _buffer_with_sums(gen, torch.float32, "reference")
+    x = torch.empty(0).set_(buf.untyped_storage(), buf.storage_offset(), buf.shape, buf.stride())
+    del buf
+    while x._version < sums._version:
+        x.add_(1.0)  # new values, the target's version
+    assert x._version == sums._version and x.is_contiguous(memory_format=CL)
+    assert not sums.complete_for(x)
 
 
 def test_bad_targets_and_outputs_raise():

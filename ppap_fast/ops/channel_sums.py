@@ -20,6 +20,8 @@ consumer takes the sums only while every channel was written and x not modified 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _TARGET_PROGRAMS = 4096  # a producer's launch at 256 channels a program: chunks sized for about this many
@@ -58,6 +60,7 @@ class ChannelSums:
         self.part = torch.empty(B, self.chunks, 2, C, dtype=torch.float32, device=target.device)
         self.shift = torch.empty(B, C, dtype=torch.float32, device=target.device)
         self._key = (target.data_ptr(), tuple(target.shape), target.stride(), target.dtype, target.device)
+        self._target = weakref.ref(target)  # gone: its address may hold another tensor (the caching allocator)
         self._filled = torch.zeros(C, dtype=torch.bool)  # host-side: which channels a producer wrote
         self._version = None
 
@@ -76,6 +79,11 @@ class ChannelSums:
                              f"is not the sums' target ({dtype} {shape}, channels_last) or a channel slice of it")
         return off
 
+    def begin_write(self, t: torch.Tensor) -> None:
+        """A producer is about to write into t: the channels written before stay only while t is unmodified since."""
+        if self._version is not None and (t.is_inference() or t._version != self._version):
+            self._filled.zero_()
+
     def mark_written(self, c0: int, c1: int, t: torch.Tensor) -> None:
         """Channels c0..c1 hold the sums of what was just written into t (the target or a view of it)."""
         self._filled[c0:c1] = True
@@ -84,6 +92,7 @@ class ChannelSums:
     def complete_for(self, x: torch.Tensor) -> bool:
         """Whether these are x's sums: x is the target, every channel written, x unmodified since."""
         return (isinstance(x, torch.Tensor) and not x.is_inference() and self._version is not None
+                and self._target() is not None
                 and (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device) == self._key
                 and x._version == self._version and bool(self._filled.all()))
 

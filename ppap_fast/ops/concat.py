@@ -96,6 +96,7 @@ def cat_channels(tensors, *, out=None, c_off: int = 0, channel_sums=None, backen
         if out is None:
             raise ValueError("cat_channels: channel_sums needs out= (their target or a channel slice of it)")
         channel_sums.offset_of(out)
+        channel_sums.begin_write(out)
     layout = _not_fast(tensors if out is None else tensors + [out])
     if layout is not None and backend in (None, "auto"):
         return _registry.select(OP, tensors[0].device, "reference")(tensors, out, c_off, channel_sums)
@@ -122,6 +123,8 @@ def _reference(tensors, out=None, c_off=0, channel_sums=None):
 def _triton_cat(tensors, out=None, c_off=0, channel_sums=None):
     from . import concat_triton as tk
 
+    if out is not None:  # an in-place write, as copy_'s (ChannelSums check versions)
+        torch.autograd.graph.increment_version(out)
     with on_device(tensors[0]):  # Triton launches on the current device
         return tk.cat_channels(tensors, poison=POISON, out=out, c_off=c_off, channel_sums=channel_sums)
 

@@ -74,6 +74,7 @@ def bias_residual_add(h, skip, bias=None, *, out=None, channel_sums=None, backen
         if out is None:
             raise ValueError("bias_residual_add: channel_sums needs out= (their target or a channel slice of it)")
         channel_sums.offset_of(out)
+        channel_sums.begin_write(out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, skip, bias))
     fn = _registry.select_gated(OP, h, backend, FAST_DTYPES,
                                 "is forward-only (an input requires grad)" if needs_grad else None)
@@ -97,6 +98,8 @@ def _reference(h, skip, bias, out=None, channel_sums=None):
 def _triton(h, skip, bias, out=None, channel_sums=None):
     from . import residual_triton as tk
 
+    if out is not None:  # an in-place write, as copy_'s (ChannelSums check versions)
+        torch.autograd.graph.increment_version(out)
     with autocast_off(h.device.type), on_device(h):  # Triton launches on the current device
         return tk.bias_residual_add(h, skip, bias, poison=POISON, out=out, channel_sums=channel_sums)
 
