@@ -26,9 +26,13 @@ distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs
 distill_graph_cl_best_vs_nchw (the best channels_last row vs NCHW). And one optimizer step alone on
 the trainable tensors of a ResNet-50 bank (N=10: 168 stacked tensors, 4M elements; grads set, every expert sampled):
 expert_adamw_vs_adamw = time(ExpertAdamW.step) / time(torch.optim.AdamW(foreach=True).step).
+The LoRA overhead where a user pays it (#3): the captured ExpertAdamW step against the frozen backbone
+(no experts, no LoRA) doing forward + loss + backward to the input only, captured too:
+distill_graph_vs_frozen_fwdbwd (CPU, both eager: distill_onepass_vs_frozen_fwdbwd).
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -114,12 +118,73 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
         rows.append(row)
         if emit is not None:  # the issue's ratio of this N first: the CUDA rows below take minutes
             emit([dict(r) for r in rows], _ratios(ratios, acc))
+        rows.append(_frozen_row(device, bank, model, x, t, teacher, reps, n, one))
+        for key in ("distill_graph_vs_frozen_fwdbwd", "distill_onepass_vs_frozen_fwdbwd"):
+            if key in rows[-1]:
+                acc.setdefault(key, []).append(rows[-1][key])
+        if emit is not None:  # before the CUDA rows below, which take minutes
+            emit([dict(r) for r in rows], _ratios(ratios, acc))
         if device == "cuda":
             def checkpoint():
                 if emit is not None:
                     emit([dict(r) for r in rows], _ratios(ratios, acc))
-            _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint)
+            _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint,
+                         graph_expert_adamw_ms=rows[-1].get("onepass_graph_expert_adamw_ms"))
     return {"rows": rows, "ratios": _ratios(ratios, acc)}
+
+
+def _frozen_row(device, bank, model, x, t, teacher, reps, n, one) -> dict:
+    """frozen_fwdbwd: the distill step the users run against the frozen backbone alone (#3's LoRA overhead
+    per training step). CUDA: the one-pass step captured with ExpertAdamW (_graphed_ms(expert_adamw=True),
+    distill's default) vs _frozen_fwdbwd_ms captured; CPU: the eager one-pass step ``one`` vs it eager."""
+    row = {"op": "frozen_fwdbwd", "n_experts": n, "batch": x.shape[0], "shape": list(x.shape[1:])}
+    try:
+        frozen_ms, _ = _frozen_fwdbwd_ms(_frozen_model(model, device), x, teacher, reps)
+        row["frozen_ms"] = round(frozen_ms, 3)
+        if device == "cuda":
+            step_ms = _graphed_ms(bank, x, t, teacher, reps, True)
+            row["onepass_graph_expert_adamw_ms"] = round(step_ms, 3)
+            row["distill_graph_vs_frozen_fwdbwd"] = round(step_ms / frozen_ms, 4)
+        else:
+            row["onepass_ms"] = round(one, 3)
+            row["distill_onepass_vs_frozen_fwdbwd"] = round(one / frozen_ms, 4)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = _error(exc)
+    return row
+
+
+def _frozen_model(model, device):
+    """A copy of the unwrapped backbone (ExpertBank wraps its own deep copy; this one's BatchNorm running
+    statistics must not leak into the banks built from ``model`` later): fp32, NCHW, every weight
+    requires_grad=False, train mode (BatchNorm on batch statistics, as the bank's per-expert ones)."""
+    return copy.deepcopy(model).to(device).requires_grad_(False).train()
+
+
+def _frozen_fwdbwd_ms(frozen, x, teacher, reps):
+    """Median ms of ``frozen`` forward + _kd + backward to the input (a leaf on x's memory that requires grad):
+    every layer's input gradient, no weight gradient, the model-level frozen base layers' fwd + dgrad.
+    Captured in a CUDA graph on CUDA (GraphedTrainStep, as _graphed_ms), eager on CPU.
+    Returns (ms, the input leaf of the last step (captured: of every replay), its gradient in .grad)."""
+    trainable = [name for name, p in frozen.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"the frozen model has trainable weights: {trainable[:4]}")
+
+    leaf = []
+
+    def step(x, teacher):  # a fresh leaf of x each step: its gradient written, not accumulated
+        leaf[:] = [x.detach().requires_grad_(True)]
+        loss = _kd(frozen(leaf[0]), teacher)
+        loss.backward()
+        return loss
+
+    if x.device.type == "cuda":
+        from ppap_fast.train_graph import GraphedTrainStep
+
+        run = GraphedTrainStep(step, lora_backend=None)
+        ms = median_ms(lambda: run(x, teacher), "cuda", reps, warmup=5)  # 3 eager, capture, replays
+    else:
+        ms = median_ms(lambda: step(x, teacher), x.device.type, reps)
+    return ms, leaf[0]
 
 
 def _wgrad_row(device: str, batch: int = 64, channels: int = 256, size: int = 14, r: int = 16, n: int = 5,
@@ -199,9 +264,11 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint=None):
+def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint=None,
+                 graph_expert_adamw_ms=None):
     """The CUDA-only rows of one N; a variant that fails records why in the row (the others still run).
-    ``checkpoint()`` after each block (run() emits the rows and ratios so far)."""
+    ``checkpoint()`` after each block (run() emits the rows and ratios so far). ``graph_expert_adamw_ms``:
+    the captured ExpertAdamW step already timed (the frozen_fwdbwd row), reused instead of timed again."""
     device = "cuda"
     checkpoint = checkpoint or (lambda: None)
     try:  # the loralib bank's dense deltas: CUDA's automatic stacked conv vs the per-sample grouped one
@@ -243,7 +310,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
         row["onepass_graph_img_per_s"] = round(batch / g_ms * 1e3, 1)
         acc["distill_graph_vs_onepass"].append(g_ms / one)
     try:  # the same with what distill steps by default (expert_mean): ExpertAdamW, sampled experts only
-        ge_ms = _graphed_ms(bank, x, t, teacher, reps, True)
+        ge_ms = graph_expert_adamw_ms or _graphed_ms(bank, x, t, teacher, reps, True)
     except Exception as exc:  # noqa: BLE001
         row["onepass_graph_expert_adamw_error"] = _error(exc)
     else:

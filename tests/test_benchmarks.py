@@ -551,8 +551,10 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: (fn(), 1.0)[1])
     seen = []
     out = bench_distill.run("cpu", quick=True, emit=lambda rows, ratios: seen.append((rows, ratios)))
-    assert len(seen) == 1 and seen[0] == (out["rows"], out["ratios"])
-    assert out["ratios"]["distill_onepass_vs_sequential"] > 0
+    assert len(seen) == 2 and seen[1] == (out["rows"], out["ratios"])  # again after the frozen_fwdbwd row
+    assert seen[0][0] == out["rows"][:-1] and out["rows"][-1]["op"] == "frozen_fwdbwd"
+    assert seen[0][1]["distill_onepass_vs_sequential"] == out["ratios"]["distill_onepass_vs_sequential"] > 0
+    assert "distill_onepass_vs_frozen_fwdbwd" not in seen[0][1] and out["ratios"]["distill_onepass_vs_frozen_fwdbwd"] > 0
     # the CUDA rows' blocks, their GPU parts faked: a checkpoint after each, ratios filled in as they go
     monkeypatch.setenv("PPAP_BENCH_DISTILL_CL", "1")
     monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())
@@ -570,6 +572,10 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     assert row["onepass_graph_expert_adamw_ms"] == 0.5 and acc["distill_graph_expert_adamw_vs_adamw"] == [1.0]
     assert row["onepass_graph_amp_bf16_ms"] == 0.25 and acc["distill_graph_amp_bf16_vs_fp32"] == [0.5]
     assert not [k for k in row if k.endswith("error")], row
+    row, acc = {}, {k: [] for k in acc}  # the captured ExpertAdamW step the frozen_fwdbwd row timed: reused
+    bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
+                               graph_expert_adamw_ms=0.4)
+    assert row["onepass_graph_expert_adamw_ms"] == 0.4 and acc["distill_graph_expert_adamw_vs_adamw"] == [0.8]
 
 
 def test_summary_shows_errors_cuts_and_backends(tmp_path):
@@ -621,6 +627,58 @@ def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monke
         assert any(not torch.equal(a[e], b[e]) for a, b in zip(after, before)), e
     assert all(torch.equal(a[3], b[3]) for a, b in zip(after, before))
     assert bank.check_inputs
+
+
+
+def _tiny_distill_inputs(batch=8):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    model, _, shape, _, _ = bench_distill._model("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x, teacher = torch.randn(batch, *shape, generator=gen), torch.randn(batch, model.fc.out_features, generator=gen)
+    return bench_distill, model, x, torch.randint(0, 1000, (batch,), generator=gen), teacher
+
+
+def test_distill_frozen_fwdbwd_row_on_cpu():
+    """bench_distill's frozen_fwdbwd row (#3's LoRA overhead per training step) on CPU: the eager one-pass
+    step against the frozen backbone's forward + loss + backward to the input, both times finite, the ratio
+    theirs."""
+    import math
+
+    from ppap_fast.experts import ExpertBank
+
+    bench_distill, model, x, t, teacher = _tiny_distill_inputs()
+    bank = ExpertBank(model, placement="resnet", n_experts=4, r=2, alpha=2).train()
+    row = bench_distill._frozen_row("cpu", bank, model, x, t, teacher, 1, 4, 3.0)
+    assert "error" not in row, row
+    assert row["op"] == "frozen_fwdbwd" and row["n_experts"] == 4 and row["onepass_ms"] == 3.0
+    assert math.isfinite(row["frozen_ms"]) and row["frozen_ms"] > 0
+    ratio = row["distill_onepass_vs_frozen_fwdbwd"]
+    assert math.isfinite(ratio) and ratio == pytest.approx(3.0 / row["frozen_ms"], rel=1e-2, abs=1e-4)
+
+
+def test_distill_frozen_fwdbwd_computes_input_grads_only():
+    """The frozen step of frozen_fwdbwd: no weight is trainable and none gets a gradient, the input gets
+    one (the backward ran to it), the backbone it copies keeps its weights trainable and its BatchNorm
+    statistics; a model with a trainable weight is refused."""
+    import torch
+
+    bench_distill, model, x, _, teacher = _tiny_distill_inputs()
+    stats = [b.clone() for b in model.buffers()]
+    frozen = bench_distill._frozen_model(model, "cpu")
+    assert frozen.training and all(m.training for m in frozen.modules())
+    ms, leaf = bench_distill._frozen_fwdbwd_ms(frozen, x, teacher, 2)
+    assert ms > 0
+    assert not [n for n, p in frozen.named_parameters() if p.requires_grad or p.grad is not None]
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    assert x.grad is None and not x.requires_grad
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))
+    with pytest.raises(ValueError, match="trainable"):
+        bench_distill._frozen_fwdbwd_ms(frozen.fc.requires_grad_(True) and frozen, x, teacher, 1)
 
 
 _FAKE_SMI = """#!/bin/sh
