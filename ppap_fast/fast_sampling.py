@@ -830,6 +830,9 @@ class FastGuidedSampler:
         gen = 0 if self.fast_guide is None else self.fast_guide.generation
         if gen != self._graph_generation:  # the guide changed: graphs captured with its old state are stale
             self._graphs.clear()
+            # their pool goes with them: capturing into a pool whose graphs are all gone trips PyTorch's
+            # allocator (use_count > 0 INTERNAL ASSERT on an H100, torch 2.11)
+            self._graph_pool = None
             self._graph_generation = gen
         gkey = (vkey, runner is None, tuple(x.shape), x.dtype, noise is not None)
         g = self._graphs.get(gkey)

@@ -794,3 +794,30 @@ def test_ddpm_fixed_small_last_step_is_unguided_as_reference(setup):
     out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type="fixed_small",
                            generator=torch.Generator().manual_seed(3))
     assert rel_err(out, ref) < TOL
+
+
+def test_graphs_dropped_for_a_changed_guide_take_their_pool_with_them(monkeypatch):
+    """A changed guide drops the captured steps and their shared memory pool: the next capture gets a new pool
+    (capturing into the pool of graphs all gone tripped PyTorch's allocator on an H100). Capture faked on CPU."""
+    model, bank = tiny_adm(), tiny_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
+    pools = []
+
+    def fake_capture(x, idx, runner, noise):
+        if fast._graph_pool is None:
+            fast._graph_pool = object()
+        pools.append(fast._graph_pool)
+        g = fs._Graph()
+        g.x, g.idx, g.noise, g.out = x.clone(), idx.clone(), None, x.clone()
+        g.graph = type("FakeGraph", (), {"replay": lambda self: None})()
+        return g
+
+    monkeypatch.setattr(fast, "_capture", fake_capture)
+    x, idx = torch.randn(SHAPE), torch.tensor([3, 3, 3, 3])
+    fast._run_graph(x, idx, "k", None, None)
+    fast._run_graph(x, idx, "k", None, None)  # replayed: no new capture
+    assert len(pools) == 1
+    fast._graph_generation = -1  # as after the guide changed
+    fast._run_graph(x, idx, "k", None, None)
+    assert len(pools) == 2 and pools[1] is not pools[0]
