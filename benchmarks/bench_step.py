@@ -29,11 +29,14 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_compiled_vs_reference  CUDA only (unless PPAP_SKIP_COMPILE=1): the fast step with the
                                 denoiser compiled (inductor; no fused norms) in channels_last,
                                 compile time apart
+    step_overlap_vs_reference   CUDA only: the fast step with overlap_guide (the guide on a side
+                                stream while the denoiser runs); step_overlap_vs_fast = it / step_fast_vs_reference
+                                (a pending default of recommended_options)
     step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
                                 (the fast path's options before recommended_options)
     step_nchw_vs_reference      CUDA only: unfused and NCHW
     The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
-    round-robin with the reference and freed after (row keys fast_compiled, fast_unfused, fast_nchw:
+    round-robin with the reference and freed after (row keys fast_overlap, fast_compiled, fast_unfused, fast_nchw:
     ms, mfu, rel_err, first_step_s, peak_gib, profile_top; an error is recorded there instead of failing
     the suite). On CUDA ``fast_profile_top`` and each variant's ``profile_top``: the top kernels of one
     step by device time (a graph replay: kernel names only); ``fast_op_profile_top`` and the compiled
@@ -317,7 +320,13 @@ def _cuda_variants(model, sched, guide) -> dict:
     every captured step holds its own graph pool of ADM-256 activations, and four at once (with what
     earlier suites left) ran an 80 GB H100 out of memory."""
     base = dict(guide_autocast=torch.bfloat16, cuda_graph=True, cudnn_benchmark=True)
-    out = {}
+
+    def overlapped():  # the fast step as above, its guide on a side stream while the denoiser runs
+        m = copy.deepcopy(model)
+        return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
+                                 overlap_guide=True, **recommended_options(m, "cuda"))
+
+    out = {"fast_overlap": ("step_overlap_vs_reference", overlapped)}
     if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
         out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
             copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
@@ -496,6 +505,9 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             ratios[ratio_key] = res.pop("ratio_vs_reference")
             if fl and _peak(device):
                 res["mfu"] = round(fl / _peak(device) / (res["ms"] * 1e-3), 4)
+        if variant == "fast_overlap" and "step_overlap_vs_reference" in ratios:  # each vs the reference in-phase
+            ratios["step_overlap_vs_fast"] = round(ratios["step_overlap_vs_reference"]
+                                                   / ratios["step_fast_vs_reference"], 4)
         if emit is not None:
             emit(dict(row), dict(ratios))
     row["reference_guided_vs_unguided"] = ref_u_ratio

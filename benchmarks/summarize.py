@@ -54,6 +54,8 @@ PENDING = (
     ("eps_triton_vs_cuda", "the Triton guided eps correction faster than the CUDA kernel (bench_update)",
      "put 'triton' before 'cuda' in ops/eps_correction.py's automatic CUDA choice (as guided_update's "
      "auto_cuda_backend)"),
+    ("step_overlap_vs_fast", "the fast guided step faster with its guide on a side stream (overlap_guide; "
+     "#4's guided / unguided and MFU goals)", "add overlap_guide=True on CUDA to fast_sampling.recommended_options"),
     ("channel_sums_vs_separate", "a residual add writing the next GroupNorm's channel sums (ops.channel_sums) "
      "faster than the GroupNorm's own statistics pass", "set models/adm.py CHANNEL_SUMS's default to 'auto' "
      "(check denoiser_channel_sums_vs_off too)"),

@@ -857,3 +857,24 @@ def test_bench_step_second_guide_transform_on_the_bank_device():
     bank, tf, _ = bench_step._deit_setup("meta")  # a non-CPU device that needs no GPU
     assert next(bank.parameters()).device.type == "meta"
     assert {b.device.type for b in tf.buffers()} == {"meta"}
+
+
+def test_bench_step_overlap_variant_is_the_fast_step_with_its_guide_on_a_side_stream():
+    """The CUDA-only variant phases start with fast_overlap: recommended_options of its own model copy (fused
+    norms, channels_last, cuDNN timing), the bf16 guide, graphs and overlap_guide (built here on CPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+    import torch
+
+    from ppap_fast.guidance import ClassGuide
+    from ppap_fast.schedule import Schedule
+
+    model, bank, _, _ = bench_step._setup("cpu")
+    sched = Schedule.create("linear", 1000, "ddim25")
+    variants = bench_step._cuda_variants(model, sched, ClassGuide(bank, 1, scale=10.0))
+    assert list(variants)[0] == "fast_overlap" and variants["fast_overlap"][0] == "step_overlap_vs_reference"
+    sampler = variants["fast_overlap"][1]()
+    assert sampler.overlap_guide and sampler.cuda_graph and sampler.cudnn_benchmark
+    assert sampler.opts.guide_autocast == torch.bfloat16 and sampler.opts.channels_last
+    assert sampler.model is not model and sampler.model.fused_out_norm_act
+    assert not getattr(model, "fused_out_norm_act", False)  # the caller's model untouched
