@@ -32,11 +32,14 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_overlap_vs_reference   CUDA only: the fast step with overlap_guide (the guide on a side
                                 stream while the denoiser runs); step_overlap_vs_fast = it / step_fast_vs_reference
                                 (a pending default of recommended_options)
+    step_compiled_guide_vs_reference  CUDA only (PPAP_BENCH_STEP_COMPILE_GUIDE=0 skips it): the fast step
+                                with compile_guide; step_compiled_guide_vs_fast likewise
     step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
                                 (the fast path's options before recommended_options)
     step_nchw_vs_reference      CUDA only: unfused and NCHW
     The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
-    round-robin with the reference and freed after (row keys fast_overlap, fast_compiled, fast_unfused, fast_nchw:
+    round-robin with the reference and freed after (row keys fast_overlap, fast_compiled_guide, fast_compiled,
+    fast_unfused, fast_nchw:
     ms, mfu, rel_err, first_step_s, peak_gib, profile_top; an error is recorded there instead of failing
     the suite). On CUDA ``fast_profile_top`` and each variant's ``profile_top``: the top kernels of one
     step by device time (a graph replay: kernel names only); ``fast_op_profile_top`` and the compiled
@@ -326,7 +329,14 @@ def _cuda_variants(model, sched, guide) -> dict:
         return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
                                  overlap_guide=True, **recommended_options(m, "cuda"))
 
+    def compiled_guide():  # the fast step as above, its guide's forward + input-backward through inductor
+        m = copy.deepcopy(model)
+        return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
+                                 compile_guide=True, **recommended_options(m, "cuda"))
+
     out = {"fast_overlap": ("step_overlap_vs_reference", overlapped)}
+    if os.environ.get("PPAP_BENCH_STEP_COMPILE_GUIDE", "1") == "1":
+        out["fast_compiled_guide"] = ("step_compiled_guide_vs_reference", compiled_guide)
     if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
         out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
             copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
@@ -505,9 +515,10 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             ratios[ratio_key] = res.pop("ratio_vs_reference")
             if fl and _peak(device):
                 res["mfu"] = round(fl / _peak(device) / (res["ms"] * 1e-3), 4)
-        if variant == "fast_overlap" and "step_overlap_vs_reference" in ratios:  # each vs the reference in-phase
-            ratios["step_overlap_vs_fast"] = round(ratios["step_overlap_vs_reference"]
-                                                   / ratios["step_fast_vs_reference"], 4)
+        for name in ("overlap", "compiled_guide"):  # each vs the reference in its own phase
+            if variant == f"fast_{name}" and f"step_{name}_vs_reference" in ratios:
+                ratios[f"step_{name}_vs_fast"] = round(ratios[f"step_{name}_vs_reference"]
+                                                       / ratios["step_fast_vs_reference"], 4)
         if emit is not None:
             emit(dict(row), dict(ratios))
     row["reference_guided_vs_unguided"] = ref_u_ratio

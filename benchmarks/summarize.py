@@ -56,6 +56,8 @@ PENDING = (
      "auto_cuda_backend)"),
     ("step_overlap_vs_fast", "the fast guided step faster with its guide on a side stream (overlap_guide; "
      "#4's guided / unguided and MFU goals)", "add overlap_guide=True on CUDA to fast_sampling.recommended_options"),
+    ("step_compiled_guide_vs_fast", "the fast guided step faster with its guide compiled (compile_guide)",
+     "add compile_guide=True on CUDA to fast_sampling.recommended_options (first step: its compile time)"),
     ("channel_sums_vs_separate", "a residual add writing the next GroupNorm's channel sums (ops.channel_sums) "
      "faster than the GroupNorm's own statistics pass", "set models/adm.py CHANNEL_SUMS's default to 'auto' "
      "(check denoiser_channel_sums_vs_off too)"),

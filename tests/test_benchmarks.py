@@ -878,3 +878,6 @@ def test_bench_step_overlap_variant_is_the_fast_step_with_its_guide_on_a_side_st
     assert sampler.opts.guide_autocast == torch.bfloat16 and sampler.opts.channels_last
     assert sampler.model is not model and sampler.model.fused_out_norm_act
     assert not getattr(model, "fused_out_norm_act", False)  # the caller's model untouched
+    assert list(variants)[1] == "fast_compiled_guide"
+    compiled = variants["fast_compiled_guide"][1]()
+    assert compiled.opts.compile_guide and not compiled.overlap_guide and compiled.cuda_graph
