@@ -97,6 +97,17 @@ class ChannelSums:
                 and x._version == self._version and bool(self._filled.all()))
 
 
+def check_producer(op: str, channel_sums, out) -> None:
+    """A producer op's channel_sums argument (bias_residual_add, cat_channels): a ChannelSums whose target is
+    ``out`` or holds it as a channel slice; marks the write about to start (ChannelSums.begin_write)."""
+    if not isinstance(channel_sums, ChannelSums):
+        raise TypeError(f"{op}: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
+    if out is None:
+        raise ValueError(f"{op}: channel_sums needs out= (their target or a channel slice of it)")
+    channel_sums.offset_of(out)
+    channel_sums.begin_write(out)
+
+
 def attached(x: torch.Tensor) -> ChannelSums | None:
     """The ChannelSums a producer attached to x (ADM's fused path), where they are complete for x."""
     cs = getattr(x, "_ppap_channel_sums", None)
@@ -140,4 +151,4 @@ def group_stats_reference(cs: ChannelSums, num_groups: int, positions: int):
     return kg, m1, var
 
 
-__all__ = ["ChannelSums", "default_p_chunk", "group_stats_reference", "fill_reference", "attached", "attach"]
+__all__ = ["ChannelSums", "check_producer", "default_p_chunk", "group_stats_reference", "fill_reference", "attached", "attach"]

@@ -89,14 +89,9 @@ def cat_channels(tensors, *, out=None, c_off: int = 0, channel_sums=None, backen
     if out is not None:
         _check_out(tensors, out, c_off)
     if channel_sums is not None:
-        from .channel_sums import ChannelSums
+        from .channel_sums import check_producer
 
-        if not isinstance(channel_sums, ChannelSums):
-            raise TypeError(f"cat_channels: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
-        if out is None:
-            raise ValueError("cat_channels: channel_sums needs out= (their target or a channel slice of it)")
-        channel_sums.offset_of(out)
-        channel_sums.begin_write(out)
+        check_producer("cat_channels", channel_sums, out)
     layout = _not_fast(tensors if out is None else tensors + [out])
     if layout is not None and backend in (None, "auto"):
         return _registry.select(OP, tensors[0].device, "reference")(tensors, out, c_off, channel_sums)

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ._kernel_util import MAX_GRID_YZ, grid_chunks
 from .resample_triton import _blocks, _empty_channels_last
+from .residual_triton import store_channel_sums
 
 
 @triton.jit
@@ -45,11 +46,7 @@ def _cat_channels_sums_kernel(x_ptr, y_ptr, part_ptr, kshift_ptr, P, C, C_OUT, c
         d = tl.where(m, v.to(tl.float32) - k[None, :], 0.0)
         s1 += tl.sum(d, axis=0)
         s2 += tl.sum(d * d, axis=0)
-    out = part_ptr + ((b * tl.num_programs(0) + pk) * 2) * C_SUM + s_off + cs
-    tl.store(out, s1, mask=cm)
-    tl.store(out + C_SUM, s2, mask=cm)
-    if pk == 0:
-        tl.store(kshift_ptr + b * C_SUM + s_off + cs, k, mask=cm)
+    store_channel_sums(part_ptr, kshift_ptr, b, pk, C_SUM, s_off + cs, cm, s1, s2, k)
 
 
 def _cat_with_sums(x, y, c_off, cs, s_off):

@@ -67,14 +67,9 @@ def bias_residual_add(h, skip, bias=None, *, out=None, channel_sums=None, backen
     if out is not None:
         _check_out(out, h)
     if channel_sums is not None:
-        from .channel_sums import ChannelSums
+        from .channel_sums import check_producer
 
-        if not isinstance(channel_sums, ChannelSums):
-            raise TypeError(f"bias_residual_add: channel_sums must be a ChannelSums, got {type(channel_sums).__name__}")
-        if out is None:
-            raise ValueError("bias_residual_add: channel_sums needs out= (their target or a channel slice of it)")
-        channel_sums.offset_of(out)
-        channel_sums.begin_write(out)
+        check_producer("bias_residual_add", channel_sums, out)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, skip, bias))
     fn = _registry.select_gated(OP, h, backend, FAST_DTYPES,
                                 "is forward-only (an input requires grad)" if needs_grad else None)

@@ -29,6 +29,17 @@ def _bias_residual_kernel(h_ptr, s_ptr, b_ptr, y_ptr, C, HW, b0, shb, shc, shp, 
 
 
 @triton.jit
+def store_channel_sums(part_ptr, kshift_ptr, b, pk, C_SUM, chans, cm, s1, s2, k):
+    """A producer program's shifted sums s1, s2 of position chunk pk into part [B, chunks, 2, C_SUM] at channels
+    ``chans``, and (chunk 0) the channels' shifts k (ops.channel_sums)."""
+    out = part_ptr + ((b * tl.num_programs(0) + pk) * 2) * C_SUM + chans
+    tl.store(out, s1, mask=cm)
+    tl.store(out + C_SUM, s2, mask=cm)
+    if pk == 0:
+        tl.store(kshift_ptr + b * C_SUM + chans, k, mask=cm)
+
+
+@triton.jit
 def _bias_residual_sums_kernel(h_ptr, s_ptr, b_ptr, y_ptr, part_ptr, kshift_ptr, C, HW, C_SUM, c_off, P_CHUNK, b0,
                                shb, shc, shp, ssb, ssc, ssp, syb, syc, syp,
                                HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -61,11 +72,7 @@ def _bias_residual_sums_kernel(h_ptr, s_ptr, b_ptr, y_ptr, part_ptr, kshift_ptr,
         d = tl.where(m, yq.to(tl.float32) - k[:, None], 0.0)
         s1 += tl.sum(d, axis=1)
         s2 += tl.sum(d * d, axis=1)
-    out = part_ptr + ((b * tl.num_programs(0) + pk) * 2) * C_SUM + c_off + cs
-    tl.store(out, s1, mask=cm)
-    tl.store(out + C_SUM, s2, mask=cm)
-    if pk == 0:
-        tl.store(kshift_ptr + b * C_SUM + c_off + cs, k, mask=cm)
+    store_channel_sums(part_ptr, kshift_ptr, b, pk, C_SUM, c_off + cs, cm, s1, s2, k)
 
 
 def _sums_blocks(bc: int, bp: int, p_chunk: int):
