@@ -56,7 +56,7 @@ class ChannelSums:
         if isinstance(p_chunk, bool) or not isinstance(p_chunk, int) or p_chunk < 16 or p_chunk % 16:
             raise ValueError(f"ChannelSums: p_chunk must be a positive multiple of 16, got {p_chunk!r}")
         self.p_chunk = p_chunk
-        self.chunks = max(1, -(-P // p_chunk))
+        self.chunks = max(1, _cdiv(P, p_chunk))
         self.part = torch.empty(B, self.chunks, 2, C, dtype=torch.float32, device=target.device)
         self.shift = torch.empty(B, C, dtype=torch.float32, device=target.device)
         self._key = (target.data_ptr(), tuple(target.shape), target.stride(), target.dtype, target.device)

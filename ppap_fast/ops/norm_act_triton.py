@@ -152,12 +152,7 @@ def _gn_stats_from_sums_kernel(part_ptr, kshift_ptr, shift_ptr, mean_ptr, rstd_p
         d = tl.where(cm, tl.load(ks_base + cs, mask=cm, other=0.0) - kg, 0.0)
         t1 += c1 + n * d
         t2 += c2 + 2.0 * d * c1 + n * d * d
-    cnt = tl.cast(Cg * HW, tl.float32)
-    m1 = tl.sum(t1, axis=0) / cnt
-    var = tl.maximum(tl.sum(t2, axis=0) / cnt - m1 * m1, 0.0)
-    tl.store(shift_ptr + pid, kg)
-    tl.store(mean_ptr + pid, m1)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+    _store_group_stats(shift_ptr, mean_ptr, rstd_ptr, pid, kg, t1[None, :], t2[None, :], Cg * HW, eps)
 
 
 # GroupNorm statistics of a channels-fastest x: "split" (coalesced per-channel partial sums over
