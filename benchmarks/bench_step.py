@@ -324,19 +324,15 @@ def _cuda_variants(model, sched, guide) -> dict:
     earlier suites left) ran an 80 GB H100 out of memory."""
     base = dict(guide_autocast=torch.bfloat16, cuda_graph=True, cudnn_benchmark=True)
 
-    def overlapped():  # the fast step as above, its guide on a side stream while the denoiser runs
+    def fast_step_with(**option):  # the fast step as the main rounds time it (own model copy), plus one option
         m = copy.deepcopy(model)
         return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
-                                 overlap_guide=True, **recommended_options(m, "cuda"))
+                                 **option, **recommended_options(m, "cuda"))
 
-    def compiled_guide():  # the fast step as above, its guide's forward + input-backward through inductor
-        m = copy.deepcopy(model)
-        return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
-                                 compile_guide=True, **recommended_options(m, "cuda"))
-
-    out = {"fast_overlap": ("step_overlap_vs_reference", overlapped)}
+    # the guide on a side stream while the denoiser runs; its forward + input-backward through inductor
+    out = {"fast_overlap": ("step_overlap_vs_reference", lambda: fast_step_with(overlap_guide=True))}
     if os.environ.get("PPAP_BENCH_STEP_COMPILE_GUIDE", "1") == "1":
-        out["fast_compiled_guide"] = ("step_compiled_guide_vs_reference", compiled_guide)
+        out["fast_compiled_guide"] = ("step_compiled_guide_vs_reference", lambda: fast_step_with(compile_guide=True))
     if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
         out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
             copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
