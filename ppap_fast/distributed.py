@@ -41,8 +41,12 @@ Generation (:func:`generate`)
     so their images agree up to float rounding (uint8 equal but for rare one-level flips,
     tested); the choice is part of the configuration (sets written before the option existed
     are reference sets: finish them with ``--no-fast``). Non-finite samples are an error, not
-    pixels. Shard ``k`` is a pure function of ``(config, k)``: its x_T (and any sampler
-    noise) comes from ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU. Every
+    pixels. Shard ``k`` is a pure function of ``(config, k)``: its x_T comes from
+    ``torch.Generator().manual_seed(seed * 1_000_003 + k)`` on the CPU, the sampler noise of its
+    sample ``j`` (DDPM, or eta > 0) from a generator of its own (``seeding.sample_seed(seed, k, j)``),
+    so the micro-batch size (``--batch-size``) changes no image beyond float rounding and may change
+    between restarts (sets written before this drew the noise from the shard's generator in
+    micro-batch order: they are finished that way, with their batch size). Every
     file is written under a temporary name and renamed into place (``os.replace``), so after a
     crash or a ``kill -9`` a shard either exists completely or not at all. A restart (with any
     world size) skips complete shards, regenerates missing or damaged ones, removes stale
@@ -148,9 +152,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .data.shards import shard_is_complete
+from .seeding import PerSampleNoise
 
 MANIFEST = "manifest.json"
 SEED_STRIDE = 1_000_003
+STEP_NOISE_RULES = ("per_sample", "shard_stream")
 FORMAT = "ppap_fast.datafree"
 # How dense softmax targets (pixel_kl: segmentation logits) are stored: float16 logits minus their
 # per-pixel max over the class dim 1 (the softmax is unchanged; values <= 0 round far less at the
@@ -492,16 +498,32 @@ class GenerateConfig:
     teacher_weights: str | None = None
     device: str = "auto"
     fast: bool = True                   # FastGuidedSampler (fused update; on CUDA + CUDA graphs, fast_sampling.recommended_options)
+    step_noise: str = "per_sample"      # sampler noise (ddpm, eta > 0): "per_sample" | "shard_stream" (sets written before it)
+
+    def __post_init__(self):
+        if self.step_noise not in STEP_NOISE_RULES:
+            raise ValueError(f"step_noise must be one of {sorted(STEP_NOISE_RULES)}, got {self.step_noise!r}")
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.sampler == "ddpm" or self.eta > 0
 
     def identity(self) -> dict:
         """What determines the images (hashed and compared across ranks and restarts). ``fast``
         is part of it (the two paths round differently); absent when False, so sets written
-        before the field existed (reference path) keep their hash."""
+        before the field existed (reference path) keep their hash. The micro-batch size is not
+        (like the device: rounding only), except for "shard_stream" sets, whose one noise stream
+        per shard was consumed micro-batch after micro-batch; their identity is the one they were
+        written with."""
         d = dataclasses.asdict(self)
         d.pop("device")
         d.pop("out_dir")  # where the set lives does not change its images (a moved set still resumes)
         if not self.fast:
             d.pop("fast")
+        if d.pop("step_noise") == "per_sample":
+            d.pop("batch_size")
+            if self.needs_noise:
+                d["step_noise"] = "per_sample"
         d["checkpoint_fingerprint"] = file_fingerprint(self.checkpoint)
         if self.denoiser.startswith("diffusers:"):  # the weights live in the spec's folder (absent for others: old hashes hold)
             from .integrations.diffusers_models import weights_fingerprint
@@ -516,6 +538,19 @@ def shard_seed(seed: int, k: int) -> int:
     return seed * SEED_STRIDE + k
 
 
+def _set_step_noise(cfg: GenerateConfig) -> GenerateConfig:
+    """The noise rule of the set in ``cfg.out_dir``: one written before per-sample noise (its
+    manifest's configuration holds the micro-batch size) is finished with the shard stream it
+    was started with; a new or per-sample set keeps ``cfg``'s."""
+    try:
+        theirs = json.loads((Path(cfg.out_dir) / MANIFEST).read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return cfg  # none (or unreadable: _prepare_dir says so)
+    if isinstance(theirs, dict) and "batch_size" in theirs and cfg.step_noise == "per_sample":
+        return dataclasses.replace(cfg, step_noise="shard_stream")
+    return cfg
+
+
 def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.npz"
 
@@ -525,7 +560,10 @@ def _manifest(cfg: GenerateConfig, ident: dict, h: str, world: int, complete: bo
     return {"kind": "datafree", "format": FORMAT, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
             "num_shards": n_shards, "complete": complete, "shards": [_shard_name(k) for k in range(n_shards)],
             "config": ident, "config_hash": h, "world_size": world,
-            "shard_rule": "shard k: x_T (and sampler noise) ~ torch.Generator().manual_seed(seed * 1000003 + k)",
+            "shard_rule": "shard k: x_T ~ torch.Generator().manual_seed(seed * 1000003 + k)" + (
+                ", sampler noise from the same generator, micro-batch after micro-batch"
+                if cfg.step_noise == "shard_stream" else
+                "; sampler noise of its sample j ~ torch.Generator().manual_seed(ppap_fast.seeding.sample_seed(seed, k, j))"),
             "seed": cfg.seed, "respacing": cfg.respacing}
 
 
@@ -555,6 +593,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
                 hint += ("; its cached teacher targets are stored another way (targets_encoding "
                          f"{theirs.get('targets_encoding', 'raw float16, an older version')!r}), and a set holds one "
                          "encoding only: distil from it as it is, or generate the rest into another directory")
+            if "batch_size" in theirs and theirs["batch_size"] != ident.get("batch_size"):
+                hint += ("; it was written before per-sample sampler noise, so its images depend on the micro-batch "
+                         "size: finish it with its --batch-size")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
                              f"{_config_diff(theirs, ident)}); use another directory or the same arguments"
                              + hint)
@@ -604,6 +645,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     env = env or init_distributed(cfg.device)
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
+    cfg = _set_step_noise(cfg)  # read by every rank before anyone rewrites the manifest (check_same_config)
     ident = cfg.identity()
     # every rank takes part, teacher or not: ranks whose configurations differ still meet in check_same_config
     teacher, transform, task = collectively(lambda: _generation_teacher(cfg), env, "building the teacher")
@@ -664,10 +706,13 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         count = count_of(k)
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, k))
         x_T = torch.randn((count, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
-        noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
         bs = cfg.batch_size or count
         imgs = []
         for i in range(0, count, bs):
+            if cfg.step_noise == "shard_stream":
+                noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
+            else:
+                noise_fn = PerSampleNoise((cfg.seed, k), range(i, min(i + bs, count))).noise_fn
             x0 = sample(x_T[i:i + bs].to(device), noise_fn)
             if not bool(torch.isfinite(x0).all()):  # to_uint8 would turn NaN into a plausible pixel
                 raise ValueError(f"shard {k}: the sampler returned non-finite images (denoiser {cfg.denoiser!r})")

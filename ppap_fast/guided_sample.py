@@ -16,9 +16,10 @@
   off-the-shelf baseline). ``--raw-input`` skips the model's input transform (the official PPAP
   experts were trained on raw x_t in [-1, 1]).
 
-Sample k of the run starts from x_T of batch k // batch_size drawn from
-``torch.Generator().manual_seed(seed * 1_000_003 + batch)`` on the CPU: the same seed gives the same
-images on the fast and the reference path (up to float rounding) and for any device.
+Sample k of the run draws its x_T and its sampler noise (DDPM, eta > 0) from a CPU generator of its
+own, ``torch.Generator().manual_seed(ppap_fast.seeding.sample_seed(seed, k))``: the same seed gives
+the same images (up to float rounding) on the fast and the reference path, on any device and at any
+``--batch-size``.
 Writes OUT (.npz: ``images`` uint8 N x H x W x C, ``targets`` when classifying), a PNG grid beside it
 and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
 peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
@@ -37,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -203,6 +203,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
     from .schedule import Schedule
+    from .seeding import PerSampleNoise
 
     out = _check(cfg)
     try:
@@ -264,9 +265,9 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
             fast, buf, guide = sampler_for(b)
             if targets is not None:
                 buf.copy_(targets[c:c + b])  # in place: merged experts and captured graphs see it
-            g = torch.Generator().manual_seed(cfg.seed * SEED_STRIDE + k)
-            x_T = torch.randn((b, cfg.channels, cfg.image_size, cfg.image_size), generator=g).to(device)
-            noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
+            streams = PerSampleNoise((cfg.seed,), range(c, c + b))
+            x_T = streams.randn((cfg.channels, cfg.image_size, cfg.image_size)).to(device)
+            noise_fn = streams.noise_fn
             cb = (lambda *a: bar.update(1)) if bar is not None else None
             try:
                 if fast is not None:

@@ -712,6 +712,69 @@ def test_distill_noises_with_the_sets_own_schedule(tmp_path, monkeypatch):
                   D.DistEnv())
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("over", [{"eta": 1.0}, {"sampler": "ddpm"}])
+def test_generated_images_do_not_depend_on_the_micro_batch_size(tmp_path, over):
+    """Per-sample sampler noise: a set written in micro-batches of 1, 2 or whole shards holds the
+    same images, and a set killed at batch size 2 may be finished at batch size 3."""
+    cfg = {**GEN, "num_images": 7, "shard_size": 3, "respacing": "ddim4", **over}
+    sets = {}
+    for bs in (0, 1, 2):
+        D.generate(D.GenerateConfig(str(tmp_path / f"bs{bs}"), **cfg, batch_size=bs), D.DistEnv())
+        sets[bs] = _images(tmp_path / f"bs{bs}")
+    assert sets[0].std() > 20
+    for bs in (1, 2):
+        diff = np.abs(sets[bs] - sets[0])
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.005, (bs, diff.max(), (diff > 0).mean())
+    man = json.loads((tmp_path / "bs2" / D.MANIFEST).read_text())
+    assert "batch_size" not in man["config"] and man["config"]["step_noise"] == "per_sample"
+    assert "sample_seed(seed, k, j)" in man["shard_rule"]
+    # the check discriminates: the old rule (one noise stream per shard) gives other images at another size
+    for bs in (1, 2):
+        D.generate(D.GenerateConfig(str(tmp_path / f"old{bs}"), **cfg, batch_size=bs, step_noise="shard_stream"),
+                   D.DistEnv())
+    assert (_images(tmp_path / "old1") != _images(tmp_path / "old2")).mean() > 0.3
+    # killed after one shard at batch size 2, finished at batch size 3: the uninterrupted set
+    out = tmp_path / "resumed"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        mp.setenv("PPAP_FAST_TEST_KILL_AFTER_SHARDS", "1")
+        with pytest.raises(D.SimulatedCrash):
+            D.generate(D.GenerateConfig(str(out), **cfg, batch_size=2), D.DistEnv())
+    res = D.generate(D.GenerateConfig(str(out), **cfg, batch_size=3), D.DistEnv())
+    assert res["skipped"] == [0] and res["written"] == [1, 2]
+    diff = np.abs(_images(out) - sets[0])
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.005
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_set_written_with_the_shard_noise_stream_is_finished_with_it(tmp_path):
+    """Sets written before per-sample noise (their configuration holds the micro-batch size) keep
+    their identity and noise rule: a default restart finishes them bit for bit, at their batch size
+    only; a new set's identity has no batch size, and an unknown rule is refused."""
+    cfg = {**GEN, "num_images": 6, "shard_size": 2, "respacing": "ddim3", "eta": 1.0}
+    old = D.GenerateConfig(str(tmp_path / "ref"), **cfg, batch_size=1, step_noise="shard_stream")
+    new = dataclasses.replace(old, step_noise="per_sample")
+    assert set(old.identity()) == set(new.identity()) - {"step_noise"} | {"batch_size"}
+    assert "step_noise" not in D.GenerateConfig(str(tmp_path / "x"), **GEN).identity()  # no noise drawn: no rule
+    D.generate(old, D.DistEnv())
+    want = load_shards(tmp_path / "ref")["images"]
+    out = tmp_path / "set"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        mp.setenv("PPAP_FAST_TEST_KILL_AFTER_SHARDS", "1")
+        with pytest.raises(D.SimulatedCrash):
+            D.generate(dataclasses.replace(old, out_dir=str(out)), D.DistEnv())
+    with pytest.raises(D.DistributedRunError, match=r"batch_size: 1 there vs 2 now.*finish it with its --batch-size"):
+        D.generate(dataclasses.replace(new, out_dir=str(out), batch_size=2), D.DistEnv())
+    res = D.generate(dataclasses.replace(new, out_dir=str(out)), D.DistEnv())  # the default rule, adopted
+    assert res["written"] == [1, 2]
+    np.testing.assert_array_equal(load_shards(out)["images"], want)
+    assert "micro-batch after micro-batch" in json.loads((out / D.MANIFEST).read_text())["shard_rule"]
+    with pytest.raises(ValueError, match="step_noise must be one of"):
+        D.GenerateConfig(str(out), **GEN, step_noise="per_batch")
+
+
 def test_generate_resumed_at_every_shard_boundary_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     # a shard size that does not divide num_images and micro-batches that do not divide the shards,
     # with sampler noise (eta 1): killed after every single shard, the set is still the same

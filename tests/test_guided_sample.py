@@ -48,6 +48,19 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert nstats["experts"] is None and not np.array_equal(naive["images"], fast["images"])
 
 
+@pytest.mark.parametrize("sampler", [["--sampler", "ddpm"], []])
+def test_images_do_not_depend_on_the_batch_size(tmp_path, sampler):
+    """Per-sample x_T and noise: sample k is the same image at any --batch-size (float rounding aside)."""
+    runs = [_run(tmp_path, f"b{bs}", *GUIDE, *sampler, "--batch-size", str(bs))[0]["images"].astype(int)
+            for bs in (1, 4, 6)]
+    for got in runs[1:]:
+        diff = np.abs(got - runs[0])
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert len({im.tobytes() for im in runs[0]}) == 6  # six different samples, not one repeated
+    other = _run(tmp_path, "seed", *GUIDE, *sampler, "--seed", "1")[0]["images"].astype(int)
+    assert (other != runs[0]).mean() > 0.5
+
+
 def test_peak_memory_says_what_it_measured(tmp_path, capsys, monkeypatch):
     # peak_memory_mb was the CUDA allocator's peak on a GPU but the process RSS on a CPU, unlabelled
     from ppap_fast import guided_sample as gs
