@@ -16,6 +16,11 @@ from ppap_fast.integrations.diffusers import PPAPGuidance, PPAPGuidedPipeline  #
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
 B, C, H = 4, 3, 8
+try:  # DPMSolverSDEScheduler samples its noise with torchsde's Brownian tree
+    import torchsde  # noqa: F401
+    SDE = "DPMSolverSDEScheduler"
+except ImportError:
+    SDE = pytest.param("DPMSolverSDEScheduler", marks=pytest.mark.skip(reason="torchsde is not installed"))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -606,7 +611,7 @@ def test_sigma_space_schedulers_guide_the_variance_preserving_sample(unet, class
 
 
 @pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler"])
+                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", SDE])
 def test_other_sigma_space_schedulers_move_to_the_target(unet, classifier, name):
     W, y = classifier
     sched = getattr(diffusers, name)()
@@ -645,7 +650,8 @@ def test_class_labels_per_call_replace_the_guides_target(unet, classifier):
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+                                  "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                                  SDE])
 def test_sigma_space_correction_coefficient_comes_from_the_input_scalings_sigma(name):
     """At every step, second-order passes included (KDPM2's interpolated sigmas), correct() subtracts
     sqrt(1 - abar) * grad with sqrt(1 - abar) = sigma / sqrt(1 + sigma^2) of the sigma scale_model_input
@@ -659,7 +665,9 @@ def test_sigma_space_correction_coefficient_comes_from_the_input_scalings_sigma(
     x, worst = torch.zeros(1, 1, 2, 2), []
     for t in sched.timesteps:
         c_in = float(sched.scale_model_input(torch.ones(()), t))
-        sigma = candidates[((1 / c_in ** 2 - 1) ** 0.5 - candidates).abs().argmin()]  # the one c_in rounds
+        mid = getattr(sched, "mid_point_sigma", None)  # DPM-Solver SDE's second pass reads it
+        pool = candidates if mid is None else torch.cat([candidates, torch.as_tensor(mid).double().reshape(1)])
+        sigma = pool[((1 / c_in ** 2 - 1) ** 0.5 - pool).abs().argmin()]  # the one c_in rounds
         want = float(sigma / (1 + sigma ** 2) ** 0.5)
         got = -guided.correct(torch.zeros_like(x), x, t, sched)  # eps' = 0 - sqrt(1 - abar) * grad
         assert torch.isfinite(got).all()

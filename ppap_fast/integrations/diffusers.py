@@ -372,20 +372,25 @@ def _input_scaling_sigma(scheduler, c_in: torch.Tensor) -> torch.Tensor | None:
     """The sigma (float64, 0-dim, on the CPU) of a sigma-space scheduler's ``scale_model_input`` that returned
     ``c_in`` = 1 / sqrt(1 + sigma^2) (float32) at its current step: ``sigmas[step_index]``, or in a
     second-order pass (``state_in_first_order`` False: KDPM2, KDPM2 ancestral) ``sigmas_interpol[step_index]``
-    or ``[step_index - 1]``; the candidate whose input scaling, computed as the scheduler does, gives c_in
+    or ``[step_index - 1]``, or DPM-Solver SDE's ``mid_point_sigma``; the candidate whose input scaling, computed as the scheduler does, gives c_in
     bitwise. None where none does (another scheduler's sigma choice: c_in is used)."""
     idx = getattr(scheduler, "step_index", None)
     if not isinstance(idx, int):
         return None
     candidates = []
     if getattr(scheduler, "state_in_first_order", True) is False:
-        candidates += [("sigmas_interpol", idx), ("sigmas_interpol", idx - 1)]
+        candidates += [("sigmas_interpol", idx), ("sigmas_interpol", idx - 1), ("mid_point_sigma", None)]
     candidates.append(("sigmas", idx))
     for name, i in candidates:
         sigmas = getattr(scheduler, name, None)
-        if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or not 0 <= i < len(sigmas):
+        if i is None:  # a scalar (DPM-Solver SDE's midpoint sigma; a float or a 0-dim tensor)
+            if not isinstance(sigmas, (float, torch.Tensor)) or torch.as_tensor(sigmas).numel() != 1:
+                continue
+            sigma = torch.as_tensor(sigmas).detach().cpu().reshape(())
+        elif not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or not 0 <= i < len(sigmas):
             continue
-        sigma = sigmas[i].detach().cpu()
+        else:
+            sigma = sigmas[i].detach().cpu()
         scaled = torch.ones((), dtype=torch.float32) / ((sigma ** 2 + 1) ** 0.5)
         if scaled.dtype == torch.float32 and torch.equal(scaled, c_in):
             return sigma.double()
