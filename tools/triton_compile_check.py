@@ -12,7 +12,8 @@ GPU time:
    sm_90 (Triton's own binder + ``_pack_args``: pointer dtypes, i32/i64 scalars,
    ints == 1 folded to constexprs, 16-divisibility, constexpr values, num_warps /
    num_stages) and returns without launching. The package's public ops
-   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, bias_residual_add,
+   (lora_linear, lora_conv2d, expert_batch/layer/group_norm, group_norm_act, group_norm_silu_conv3x3,
+   bias_residual_add,
    upsample_nearest2x, avg_pool2x, cat_channels, guided_update, guided_eps) then run,
    forward and backward, on small CPU inputs in fp32, fp16 and bf16 with
    ``backend="triton"``: TRITON_INTERPRET=1 is set in os.environ during this phase only
@@ -396,6 +397,24 @@ def scenarios(dtype):
             with torch.no_grad():
                 norm_act.group_norm_act(make(), 8, backend="triton")
         add(f"group_norm_act one element a group, {layout}", f)
+
+    # ------------------------------------------------------------------ output head (norm + SiLU + 3x3 conv)
+    from ppap_fast.ops import out_head
+
+    if dtype != torch.float32:  # half torsos only (float32 x takes the reference)
+        for shape, G, cout, cl in (((2, 256, 16, 16), 32, 6, True), ((2, 64, 8, 8), 32, 3, True),
+                                   ((2, 24, 5, 7), 3, 14, False)):  # ADM's heads; 126 columns; NCHW
+            def f(shape=shape, G=G, cout=cout, cl=cl):
+                C = shape[1]
+                x = torch.randn(*shape, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    out_head.group_norm_silu_conv3x3(x, G, torch.randn(C), torch.randn(C),
+                                                     conv_weight=torch.randn(cout, C, 3, 3),
+                                                     conv_bias=torch.randn(cout), out_dtype=torch.float32,
+                                                     backend="triton")
+            add(f"group_norm_silu_conv3x3 {shape} G{G} cout={cout} channels_last={cl}", f)
 
     # ------------------------------------------------------------------ bias + residual add
     from ppap_fast.ops import concat, residual

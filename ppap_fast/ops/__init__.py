@@ -8,6 +8,7 @@ import torch
 from ppap_fast.ops import _ext
 from ppap_fast.ops import norm  # noqa: F401  registers the expert_*_norm ops
 from ppap_fast.ops.norm_act import group_norm_act, group_norm_act_reference
+from ppap_fast.ops.out_head import group_norm_silu_conv3x3, group_norm_silu_conv3x3_reference
 from ppap_fast.ops.residual import bias_residual_add, bias_residual_add_reference
 from ppap_fast.ops.resample import (avg_pool2x, avg_pool2x_reference, upsample_nearest2x,
                                    upsample_nearest2x_reference)
@@ -24,7 +25,8 @@ def backend_report(device=None) -> dict:
     from ppap_fast.ops import lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # registry ops: guided_update, guided_eps, expert_*_norm, group_norm_act, bias_residual_add, resample, cat_channels
+    # registry ops: guided_update, guided_eps, expert_*_norm, group_norm_act, group_norm_silu_conv3x3,
+    # bias_residual_add, resample, cat_channels
     ops = _report(device)
     for name in ("lora_linear", "lora_conv2d", "lora_conv2d_delta"):
         ops[name] = {"available": lora.available_backends(name, device), "last": lora.last_backend.get(name)}
@@ -40,7 +42,8 @@ def backend_report(device=None) -> dict:
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "backend_report", "last_backend", "set_backend",
     "UpdateTable", "build_table", "guided_update", "guided_update_reference", "guided_eps", "guided_eps_reference",
-    "group_norm_act", "group_norm_act_reference", "bias_residual_add", "bias_residual_add_reference",
+    "group_norm_act", "group_norm_act_reference", "group_norm_silu_conv3x3", "group_norm_silu_conv3x3_reference",
+    "bias_residual_add", "bias_residual_add_reference",
     "upsample_nearest2x", "upsample_nearest2x_reference", "avg_pool2x", "avg_pool2x_reference",
     "cat_channels", "cat_channels_reference", "ChannelSums",
 ]

@@ -185,6 +185,22 @@ def _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison
 
 
 @triton.jit
+def _channel_coefs(shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, grp, cs, cm, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """Per channel cs (group grp): the group's shift k and mean, a = rstd * weight and d = bias, so that
+    gn(x) = ((x - k) - mean) * a + d (the mean subtracted first: no cancellation at a large mean)."""
+    k = tl.load(shift_ptr + grp, mask=cm, other=0.0)
+    mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
+    a = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+    if HAS_W:
+        a = a * tl.load(w_ptr + cs, mask=cm, other=0.0).to(tl.float32)
+    d = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        d += tl.load(b_ptr + cs, mask=cm, other=0.0).to(tl.float32)
+    return k, mean, a, d
+
+
+@triton.jit
 def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, ib_ptr, C, HW, Cg, G, b0,
                      sxb, sxc, sxp, syb, syc, syp, ssb, shb, sib,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -199,17 +215,10 @@ def _gn_apply_kernel(x_ptr, y_ptr, shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, 
     ps = pp * BLOCK_P + tl.arange(0, BLOCK_P)
     cm = cs < C
     m = cm[:, None] & (ps < HW)[None, :]
-    grp = b * G + cs // Cg
-    k = tl.load(shift_ptr + grp, mask=cm, other=0.0)
+    k, mean, a, d = _channel_coefs(shift_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, b * G + cs // Cg, cs, cm, HAS_W, HAS_B,
+                                   BLOCK_C)
     if HAS_IB:  # x + in_bias - k: fold the bias into the shift
         k -= tl.load(ib_ptr + b.to(tl.int64) * sib + cs, mask=cm, other=0.0).to(tl.float32)
-    mean = tl.load(mean_ptr + grp, mask=cm, other=0.0)
-    a = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
-    if HAS_W:
-        a = a * tl.load(w_ptr + cs, mask=cm, other=0.0).to(tl.float32)
-    d = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        d += tl.load(b_ptr + cs, mask=cm, other=0.0).to(tl.float32)
     if HAS_SCALE:
         s = 1.0 + tl.load(sc_ptr + b.to(tl.int64) * ssb + cs, mask=cm, other=0.0).to(tl.float32)
         a = a * s
@@ -271,6 +280,30 @@ def _elementwise_blocks(channels: int, HW: int, channels_fastest: bool):
     return bc, max(16, min((2048 if _interpreting() else 8192) // bc, triton.next_power_of_2(max(HW, 1))))
 
 
+def group_stats(x, st, G, eps, ib=None, sib=0, channel_sums=None, poison=False):
+    """(shift, mean, rstd), float32 [B * G]: the statistics of each (sample, group) of x + ib (x viewed as
+    [B, C, P] by strides ``st``), from ``channel_sums`` where given (complete for x: no pass over x)."""
+    B, C = x.shape[:2]
+    HW = x.numel() // max(B * C, 1)
+    Cg = C // G
+    shift0, mean, rstd = (torch.empty(B * G, dtype=torch.float32, device=x.device) for _ in range(3))
+    cl = st[1] == 1 and C > 1  # channels fastest (channels_last)
+    if GN_STATS_CL not in ("split", "group"):
+        raise ValueError(f"PPAP_FAST_GN_STATS must be 'split' or 'group', got {GN_STATS_CL!r}")
+    if channel_sums is not None:
+        K = channel_sums.chunks
+        _gn_stats_from_sums_kernel[(B * G,)](channel_sums.part, channel_sums.shift, shift0, mean, rstd, C, HW, Cg, G,
+                                             K, eps, BLOCK_K=min(64, triton.next_power_of_2(K)),
+                                             BLOCK_C=max(2, min(32, triton.next_power_of_2(Cg))))
+    elif cl and GN_STATS_CL == "split":
+        _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison)
+    else:
+        bc, bp = _blocks(Cg, HW, cl)
+        _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
+                                   HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
+    return shift0, mean, rstd
+
+
 def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, poison=False, out_dtype=None,
                    channel_sums=None):
     B, C = x.shape[:2]
@@ -280,25 +313,10 @@ def group_norm_act(x, G, weight, bias, eps, scale, shift, silu, in_bias=None, po
     if x.numel() == 0:
         return y
     Cg = C // G
-    shift0 = torch.empty(B * G, dtype=torch.float32, device=x.device)
-    mean = torch.empty(B * G, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(B * G, dtype=torch.float32, device=x.device)
     cl = st[1] == 1 and C > 1  # channels fastest (channels_last)
-    bc, bp = _blocks(Cg, HW, cl)
     ib = in_bias if in_bias is None or in_bias.stride(-1) == 1 else in_bias.contiguous()
     sib = 0 if ib is None or ib.shape[0] == 1 else ib.stride(0)
-    if GN_STATS_CL not in ("split", "group"):
-        raise ValueError(f"PPAP_FAST_GN_STATS must be 'split' or 'group', got {GN_STATS_CL!r}")
-    if channel_sums is not None:  # complete for x (ops.norm_act checked): no pass over x
-        K = channel_sums.chunks
-        _gn_stats_from_sums_kernel[(B * G,)](channel_sums.part, channel_sums.shift, shift0, mean, rstd, C, HW, Cg, G,
-                                             K, eps, BLOCK_K=min(64, triton.next_power_of_2(K)),
-                                             BLOCK_C=max(2, min(32, triton.next_power_of_2(Cg))))
-    elif cl and GN_STATS_CL == "split":
-        _cl_stats_split(x, ib, shift0, mean, rstd, B, C, HW, G, st, sib, eps, poison)
-    else:
-        _gn_stats_kernel[(B * G,)](x, ib if ib is not None else mean, shift0, mean, rstd, HW, Cg, G, *st, sib, eps,
-                                   HAS_IB=ib is not None, BLOCK_C=bc, BLOCK_P=bp)
+    shift0, mean, rstd = group_stats(x, st, G, eps, ib, sib, channel_sums, poison)
     bc, bp = _elementwise_blocks(C, HW, cl)
     w = weight.contiguous() if weight is not None else mean
     bb = bias.contiguous() if bias is not None else mean
