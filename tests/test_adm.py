@@ -466,6 +466,53 @@ def test_half_out_conv_runs_the_output_conv_in_the_torso_dtype(monkeypatch):
         assert torch.equal(m32(x, t), _randomised().fuse_norm_act()(x, t))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_out_head_is_the_half_head_in_one_op(backend, monkeypatch):
+    """fused_out_head (the default with half_out_conv; PPAP_FAST_FUSED_OUT_HEAD=0 turns it off): the head's
+    norm, SiLU and conv as ops.group_norm_silu_conv3x3; the reference is bit for bit the unfused half head,
+    the Triton path (no rounding of the conv's result to fp16) as close to the float32 model as it. Heads
+    it cannot take keep the unfused one: a float32 torso, a conv to more than 14 channels or not 3x3."""
+    from ppap_fast import ops
+    from ppap_fast.ops import out_head
+
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(_randomised().state_dict(), strict=True)
+    m16 = m16.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([3, 800])
+    real, calls = out_head.group_norm_silu_conv3x3, []
+    monkeypatch.setattr(out_head, "group_norm_silu_conv3x3", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        want32 = _randomised()(x, t)
+        monkeypatch.setenv("PPAP_FAST_FUSED_OUT_HEAD", "0")
+        assert not m16.fuse_norm_act().fused_out_head and m16.half_out_conv
+        ops.set_backend(backend)
+        try:
+            unfused = m16(x, t)
+            assert not calls
+            monkeypatch.delenv("PPAP_FAST_FUSED_OUT_HEAD")
+            assert m16.fuse_norm_act().fused_out_head
+            got = m16(x, t)
+            assert calls and ops.last_backend(out_head.OP) == backend
+        finally:
+            ops.set_backend(None)
+    assert got.dtype == torch.float32 and got.shape == unfused.shape and torch.isfinite(got).all()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    if backend == "reference":
+        assert torch.equal(got, unfused)
+    else:
+        assert 0 < rel(got, unfused) < 3e-3 and rel(got, want32) <= 1.1 * rel(unfused, want32)
+    assert not m16.fuse_norm_act(half_out_conv=False).fused_out_head
+    assert not m16.fuse_norm_act(fused_out_head=False).fused_out_head
+    calls.clear()
+    with torch.no_grad():
+        _randomised().fuse_norm_act()(x, t)  # a float32 torso: no half head to fuse
+    assert not calls
+    for conv in (torch.nn.Conv2d(32, 15, 3, padding=1), torch.nn.Conv2d(32, 6, 1), torch.nn.Conv2d(32, 6, 3, padding=2)):
+        m16.out[2] = conv
+        assert not m16.fuse_norm_act().fused_out_head
+
+
 @pytest.mark.cuda
 @cuda
 def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):

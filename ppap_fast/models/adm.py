@@ -223,6 +223,21 @@ def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None,
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _channel_sums_of(h):
+    from ..ops.channel_sums import attached
+
+    return attached(h)
+
+
+def _plain_head_conv(conv: nn.Module) -> bool:
+    """A 3x3, stride 1, zero-padding 1 conv to at most ops.out_head.MAX_OUT_CHANNELS channels (the fused head's)."""
+    from ..ops.out_head import MAX_OUT_CHANNELS
+
+    return type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1) \
+        and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 \
+        and conv.padding_mode == "zeros" and conv.out_channels <= MAX_OUT_CHANNELS
+
+
 def _conv_without_bias(conv: nn.Module, h):
     """(conv(h) without its bias, the bias) for a plain conv, so that the next fused op adds the
     bias; (conv(h), None) for anything else."""
@@ -593,7 +608,8 @@ class ADMUNet(nn.Module):
         """Dtype the torso runs in (that of its convs)."""
         return self.input_blocks[0][0].weight.dtype
 
-    def fuse_norm_act(self, enabled: bool = True, half_out_conv: bool | None = None) -> "ADMUNet":
+    def fuse_norm_act(self, enabled: bool = True, half_out_conv: bool | None = None,
+                      fused_out_head: bool | None = None) -> "ADMUNet":
         """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
         fused op (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
         one rounding to the torso dtype; without autograd recording, else its reference). Same math
@@ -613,7 +629,13 @@ class ADMUNet(nn.Module):
         on a GPU: inputs with a 10-bit mantissa, as fp16's) in it, the result cast back; not bit for bit the
         float32 head (fp16 rounding of the conv's inputs and output). On an H100 at ADM-256 b32: 2.9 vs 5.1 ms
         (bench_denoiser ``out_head_half_vs_float`` 0.58, the outputs 3.1e-4 apart; the guided step's difference
-        from the reference 3.13e-4 with it, 3.13e-4 without)."""
+        from the reference 3.13e-4 with it, 3.13e-4 without).
+
+        ``fused_out_head`` (default True; env PPAP_FAST_FUSED_OUT_HEAD=0 turns it off): with half_out_conv, the
+        head's norm, SiLU and 3x3 conv as one op (:func:`ppap_fast.ops.group_norm_silu_conv3x3`: on CUDA two
+        Triton passes that never write the normalised activation; the reference, the unfused half head,
+        elsewhere), for plain 3x3 output convs of at most ``ops.out_head.MAX_OUT_CHANNELS`` channels and when no
+        channel sums ride on the torso's output."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -631,6 +653,9 @@ class ADMUNet(nn.Module):
         if half_out_conv is None:
             half_out_conv = os.environ.get("PPAP_FAST_HALF_OUT_CONV", "1") != "0"
         self.half_out_conv = self.fused_out_norm_act and bool(half_out_conv) and type(self.out[2]) is nn.Conv2d
+        if fused_out_head is None:
+            fused_out_head = os.environ.get("PPAP_FAST_FUSED_OUT_HEAD", "1") != "0"
+        self.fused_out_head = self.half_out_conv and bool(fused_out_head) and _plain_head_conv(self.out[2])
         return self
 
     def _into_next_cat(self, block: nn.Module, h, emb, next_skip):
@@ -719,6 +744,12 @@ class ADMUNet(nn.Module):
         if getattr(self, "fused_out_norm_act", False):  # the torso's dtype read, x's written: no upcast pass
             if getattr(self, "half_out_conv", False) and h.dtype in (torch.float16, torch.bfloat16):
                 conv = self.out[2]
+                if getattr(self, "fused_out_head", False) and _channel_sums_of(h) is None:
+                    from ..ops.out_head import group_norm_silu_conv3x3
+
+                    norm = self.out[0]
+                    return group_norm_silu_conv3x3(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                                   conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
                 b = None if conv.bias is None else conv.bias.to(h.dtype)
                 return conv._conv_forward(_fused_norm_act(self.out[0], h), conv.weight.to(h.dtype), b).to(x.dtype)
             return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=x.dtype))
