@@ -34,7 +34,9 @@ ops against a plain copy of the bytes it moves (``gn_vs_copy``, ``residual_vs_co
 ``resample_up_vs_copy``, ``resample_pool_vs_copy``: 1 is copy speed); ``adm_conv_triton_vs_cudnn``: the
 Triton implicit-GEMM conv vs cuDNN at ADM-256's largest 3x3 conv (whether a conv with the GroupNorm
 fused into its loads could pay); ``out_head_half_vs_float``: the output head with its conv in fp16 vs
-float32 / TF32 (ADMUNet.fuse_norm_act's half_out_conv, the default since the 2026-11-28 H100 run).
+float32 / TF32 (ADMUNet.fuse_norm_act's half_out_conv, the default since the 2026-11-28 H100 run);
+``out_head_fused_vs_half``: that half head as one op (ops.group_norm_silu_conv3x3: the normalised activation
+never written; ADMUNet's fused_out_head, default on: revert above 1.03) vs the half head.
 
 cuda: ADM-256 uncond preset, random weights, batch ``PPAP_DENOISER_BATCH`` (default 32), t = 480.
 cpu: the tiny ADM-32 of bench_step at batch 4, so the suite stays tested.
@@ -257,7 +259,22 @@ def _out_head_ratio(row, batch, reps, device="cuda", channels=256, size=256, out
         a, ref = head(True), head(False)
         row["out_head_half_rel_diff"] = float((a - ref).norm() / ref.norm())
     row["out_head_half_ms"], row["out_head_float_ms"] = round(ms[True], 3), round(ms[False], 3)
+    row["out_head_fused_ms"], row["out_head_fused_rel_diff"] = _out_head_fused(h, w, b, cw, cb, ref, device, reps)
     return round(ms[True] / ms[False], 4)
+
+
+def _out_head_fused(h, w, b, cw, cb, ref, device, reps) -> tuple:
+    """The same head as one op (ops.group_norm_silu_conv3x3, ADMUNet's fused_out_head): median ms and its
+    relative difference from the float32 head."""
+    from ppap_fast.ops import out_head
+
+    def fused():
+        return out_head.group_norm_silu_conv3x3(h, 32, w, b, conv_weight=cw, conv_bias=cb, out_dtype=torch.float32)
+
+    ms = _median_ms(fused, device, reps)
+    with torch.no_grad():
+        got = fused()
+    return round(ms, 3), float((got - ref).norm() / ref.norm())
 
 
 # passes over one activation-sized tensor each op makes (a copy: 2, one read and one write), for
@@ -371,6 +388,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["channel_sums_vs_separate"] = _channel_sums_ratio(row, shape[0], reps)
             ratios.update(_vs_copy(row, shape[0], reps))
             ratios["out_head_half_vs_float"] = _out_head_ratio(row, shape[0], reps)
+            ratios["out_head_fused_vs_half"] = round(row["out_head_fused_ms"] / row["out_head_half_ms"], 4)
             ratios["adm_conv_triton_vs_cudnn"] = _adm_conv_ratio(row, shape[0], reps)
         if emit is not None:  # the eager figures survive a compile that runs out of time
             emit(dict(row), dict(ratios))

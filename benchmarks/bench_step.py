@@ -44,7 +44,8 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     the suite). On CUDA ``fast_profile_top`` and each variant's ``profile_top``: the top kernels of one
     step by device time (a graph replay: kernel names only); ``fast_op_profile_top`` and the compiled
     variant's ``op_profile_top``: the top aten ops of one step run without its CUDA graph (other
-    options kept), with input shapes, dtypes and the kernels each launched (which op a kernel is).
+    options kept), with input shapes, dtypes and the kernels each launched (which op a kernel is);
+    ``guide_op_profile_top`` the same for the guide alone (merged expert forward + input backward).
 On CUDA rows also hold the FLOPs of a step (FlopCounterMode), achieved TFLOP/s and MFU vs the
 card's dense fp16/bf16 peak (floor = FLOPs / peak).
 
@@ -403,6 +404,18 @@ def _op_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
         sampler.cuda_graph = graphed
 
 
+def _guide_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
+    """Top aten ops of the step's guide alone (merged expert forward + backward to x_t, eager, the
+    sampler's options), with shapes and kernels: where #4's guided / unguided gap goes."""
+    try:
+        idx, key = sampler._index(i, x)
+        runner, t = sampler._variant(key), sampler._tmap[idx]
+        return profile_top(lambda: sampler._guide_grad(runner, x, t), device, k=k, by_shape=True)
+    except Exception as exc:  # noqa: BLE001
+        return [{"name": f"guide profile failed: {type(exc).__name__}: {exc}"[:80], "ms": 0.0, "share": 0.0,
+                 "calls": 0, "shapes": []}]
+
+
 def _ratio(times: dict, a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b) measured in the same round."""
     import statistics
@@ -490,6 +503,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
     if cuda:
         row["fast_profile_top"] = _step_profile(fast, x, i, device)
         row["fast_op_profile_top"] = _op_profile(fast, x, i, device)
+        row["guide_op_profile_top"] = _guide_profile(fast, x, i, device)
     ratios = {"step_fast_vs_reference": round(_ratio(rounds, "fast", "ref"), 4),
               "step_guided_vs_unguided": round(_ratio(rounds, "fast", "fast_u"), 4)}
     if emit is not None:  # the main figures survive a later phase that runs out of time

@@ -78,6 +78,9 @@ REVERT_ABOVE = {
                                "back to 'narrow'"),
     "wgrad_split_new_vs_old": ("the LoRA weight gradient slower split for 8 programs a SM than for 2",
                                "set ops/lora/triton_kernels.py WGRAD_PROGRAMS_PER_SM's default back to 2"),
+    "out_head_fused_vs_half": ("ADM's output head as one op (norm + SiLU + 3x3 conv, ops.group_norm_silu_conv3x3) "
+                               "slower than the half head (Triton norm, cuDNN conv)",
+                               "default ADMUNet.fuse_norm_act's fused_out_head to False (models/adm.py)"),
     "cat_triton_vs_torch": ("the Triton channel concatenation (ops.cat_channels) slower than torch.cat",
                             "leave ADMUNet.fast_cat off in ADMUNet.fuse_norm_act"),
 }

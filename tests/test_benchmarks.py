@@ -182,7 +182,7 @@ def test_denoiser_adm_conv_row_times_cudnn_and_each_tiling(monkeypatch):
 
 
 def test_denoiser_out_head_row_times_both_heads():
-    """The CUDA-only output-head row on CPU (reference GroupNorm, tiny map): both heads timed, their
+    """The CUDA-only output-head row on CPU (reference GroupNorm, tiny map): the heads timed, their
     relative difference small and non-zero (fp16 rounding), the ratio recorded."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_denoiser
@@ -191,6 +191,7 @@ def test_denoiser_out_head_row_times_both_heads():
     ratio = bench_denoiser._out_head_ratio(row, 1, 1, device="cpu", channels=64, size=4)
     assert row["out_head_half_ms"] > 0 and row["out_head_float_ms"] > 0 and ratio > 0
     assert 0 < row["out_head_half_rel_diff"] < 5e-3
+    assert row["out_head_fused_ms"] > 0 and 0 < row["out_head_fused_rel_diff"] < 5e-3  # the one-op head too
 
 
 def test_distill_wgrad_row_times_both_splits():
@@ -804,6 +805,11 @@ def test_op_profile_of_an_eager_step_names_ops_with_their_shapes():
     assert "[8, 3, 3, 3]" in convs, convs  # the guide's / denoiser's 3 -> 8 stem conv, by its weight shape
     failed = bench_step._op_profile(types.SimpleNamespace(cuda_graph=True, step=None), x, 12, "cpu")
     assert failed[0]["name"].startswith("op profile failed: TypeError")
+    guide_ops = bench_step._guide_profile(sampler, x, 12, "cpu", k=1000)  # the guide alone: no denoiser
+    names = {op["name"] for op in guide_ops}
+    assert "aten::convolution_backward" in names or any("backward" in n for n in names), names
+    assert not any(op["shapes"] and op["shapes"][1] == [32, 3, 3, 3] for op in guide_ops if "conv" in op["name"])
+    assert bench_step._guide_profile(None, x, 12, "cpu")[0]["name"].startswith("guide profile failed")
 
     kernel = types.SimpleNamespace(device_type=DeviceType.CUDA, key="triton_fused_norm", self_device_time_total=500.0)
     host = types.SimpleNamespace(device_type=DeviceType.CPU, key="aten::mm", self_device_time_total=9.0)
