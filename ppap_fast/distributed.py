@@ -594,8 +594,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
                          f"{theirs.get('targets_encoding', 'raw float16, an older version')!r}), and a set holds one "
                          "encoding only: distil from it as it is, or generate the rest into another directory")
             if "batch_size" in theirs and theirs["batch_size"] != ident.get("batch_size"):
-                hint += ("; it was written before per-sample sampler noise, so its images depend on the micro-batch "
-                         "size: finish it with its --batch-size")
+                hint += ("; it was written before per-sample sampler noise" + (
+                    ", so its images depend on the micro-batch size" if cfg.needs_noise else
+                    " and records its micro-batch size") + ": finish it with its --batch-size")
             raise ValueError(f"{out} holds a shard set made with another configuration (differs in "
                              f"{_config_diff(theirs, ident)}); use another directory or the same arguments"
                              + hint)

@@ -756,6 +756,8 @@ def test_a_set_written_with_the_shard_noise_stream_is_finished_with_it(tmp_path)
     old = D.GenerateConfig(str(tmp_path / "ref"), **cfg, batch_size=1, step_noise="shard_stream")
     new = dataclasses.replace(old, step_noise="per_sample")
     assert set(old.identity()) == set(new.identity()) - {"step_noise"} | {"batch_size"}
+    # the hash ec3be41 (before per-sample noise) gave this configuration: old manifests still match
+    assert D.config_hash(old.identity()) == "166e83baaf02a0a21d244c4d9ebe62e4e9873809e9554370d0b669eb11ffbb1b"
     assert "step_noise" not in D.GenerateConfig(str(tmp_path / "x"), **GEN).identity()  # no noise drawn: no rule
     D.generate(old, D.DistEnv())
     want = load_shards(tmp_path / "ref")["images"]
@@ -773,6 +775,13 @@ def test_a_set_written_with_the_shard_noise_stream_is_finished_with_it(tmp_path)
     assert "micro-batch after micro-batch" in json.loads((out / D.MANIFEST).read_text())["shard_rule"]
     with pytest.raises(ValueError, match="step_noise must be one of"):
         D.GenerateConfig(str(out), **GEN, step_noise="per_batch")
+    # an old set that drew no sampler noise (DDIM, eta 0) is finished the same way, at its batch size
+    quiet = D.GenerateConfig(str(tmp_path / "quiet"), **{**GEN, "num_images": 4}, batch_size=1, step_noise="shard_stream")
+    D.generate(quiet, D.DistEnv())
+    with pytest.raises(D.DistributedRunError, match=r"before per-sample sampler noise and records its micro-batch"):
+        D.generate(dataclasses.replace(quiet, step_noise="per_sample", batch_size=2), D.DistEnv())
+    res = D.generate(dataclasses.replace(quiet, step_noise="per_sample"), D.DistEnv())
+    assert res["written"] == [] and res["skipped"] == [0, 1]
 
 
 def test_generate_resumed_at_every_shard_boundary_equals_an_uninterrupted_run(tmp_path, monkeypatch):
