@@ -708,12 +708,11 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         g = torch.Generator().manual_seed(shard_seed(cfg.seed, k))
         x_T = torch.randn((count, cfg.channels, cfg.image_size, cfg.image_size), generator=g)
         bs = cfg.batch_size or count
+        shard_noise = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
         imgs = []
         for i in range(0, count, bs):
-            if cfg.step_noise == "shard_stream":
-                noise_fn = (lambda i, x: torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device))
-            else:
-                noise_fn = PerSampleNoise((cfg.seed, k), range(i, min(i + bs, count))).noise_fn
+            noise_fn = shard_noise if cfg.step_noise == "shard_stream" else \
+                PerSampleNoise((cfg.seed, k), range(i, min(i + bs, count))).noise_fn
             x0 = sample(x_T[i:i + bs].to(device), noise_fn)
             if not bool(torch.isfinite(x0).all()):  # to_uint8 would turn NaN into a plausible pixel
                 raise ValueError(f"shard {k}: the sampler returned non-finite images (denoiser {cfg.denoiser!r})")

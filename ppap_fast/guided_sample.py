@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 
-
 @dataclass
 class GuidedSampleConfig:
     out: str

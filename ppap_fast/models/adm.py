@@ -223,12 +223,6 @@ def _fused_norm_act(norm: nn.GroupNorm, h, scale=None, shift=None, in_bias=None,
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _channel_sums_of(h):
-    from ..ops.channel_sums import attached
-
-    return attached(h)
-
-
 def _plain_head_conv(conv: nn.Module) -> bool:
     """A 3x3, stride 1, zero-padding 1 conv to at most ops.out_head.MAX_OUT_CHANNELS channels (the fused head's)."""
     from ..ops.out_head import MAX_OUT_CHANNELS
@@ -744,7 +738,9 @@ class ADMUNet(nn.Module):
         if getattr(self, "fused_out_norm_act", False):  # the torso's dtype read, x's written: no upcast pass
             if getattr(self, "half_out_conv", False) and h.dtype in (torch.float16, torch.bfloat16):
                 conv = self.out[2]
-                if getattr(self, "fused_out_head", False) and _channel_sums_of(h) is None:
+                from ..ops.channel_sums import attached
+
+                if getattr(self, "fused_out_head", False) and attached(h) is None:
                     from ..ops.out_head import group_norm_silu_conv3x3
 
                     norm = self.out[0]
