@@ -19,7 +19,9 @@
 Sample k of the run draws its x_T and its sampler noise (DDPM, eta > 0) from a CPU generator of its
 own, ``torch.Generator().manual_seed(ppap_fast.seeding.sample_seed(seed, k))``: the same seed gives
 the same images (up to float rounding) on the fast and the reference path, on any device and at any
-``--batch-size``.
+``--batch-size``. ``--first-sample K`` starts the run at sample K (its x_T, noise and cycled target):
+a large run split into parts (``--first-sample 0 --num-samples 25000``, ``--first-sample 25000 ...``,
+on other machines) gives the images of the whole run.
 Writes OUT (.npz: ``images`` uint8 N x H x W x C, ``targets`` when classifying), a PNG grid beside it
 and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
 peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
@@ -62,6 +64,7 @@ class GuidedSampleConfig:
     num_samples: int = 16
     batch_size: int = 16
     seed: int = 0
+    first_sample: int = 0               # index of the run's first sample (split a large run into parts)
     device: str = "auto"
     fast: bool = True
     guide_dtype: str | None = None      # "bf16" | "fp16": autocast of the guide (fast path)
@@ -78,6 +81,8 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--sampler must be ddim or ddpm, got {cfg.sampler!r}")
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be positive")
+    if cfg.first_sample < 0:
+        raise ValueError(f"--first-sample must be >= 0, got {cfg.first_sample}")
     if cfg.image_size < 1 or cfg.channels < 1:
         raise ValueError(f"--image-size and --channels must be positive, got {cfg.image_size} and {cfg.channels}")
     if cfg.steps is not None and cfg.steps < 1:
@@ -111,7 +116,7 @@ def _probe(what: str, cfg: GuidedSampleConfig, fn):
                          f"(check --channels / --image-size): {str(e).splitlines()[0]}") from None
 
 
-def _class_targets(spec: str | None, n: int) -> torch.Tensor:
+def _class_targets(spec: str | None, n: int, first: int = 0) -> torch.Tensor:
     if not spec:
         raise ValueError("a classification guide needs --targets (class ids, comma-separated, cycled)")
     try:
@@ -120,7 +125,7 @@ def _class_targets(spec: str | None, n: int) -> torch.Tensor:
         raise ValueError(f"--targets must be comma-separated integers, got {spec!r}") from None
     if not ids or min(ids) < 0:
         raise ValueError(f"--targets must be non-negative class ids, got {spec!r}")
-    return torch.tensor([ids[i % len(ids)] for i in range(n)], dtype=torch.long)
+    return torch.tensor([ids[i % len(ids)] for i in range(first, first + n)], dtype=torch.long)
 
 
 def _target_map(path: str | None, task: str) -> torch.Tensor:
@@ -220,7 +225,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     make_guide, info = (None, {"guide": None}) if cfg.guide is None else _build_guide(cfg, device)
     targets = None
     if info.get("task") == "classification":
-        targets = _class_targets(cfg.targets, cfg.num_samples)
+        targets = _class_targets(cfg.targets, cfg.num_samples, cfg.first_sample)
         check = make_guide(targets.to(device))  # validates the ids against the model's class count
         if not check.target.checked:  # count unknown until the model has run: one forward on one image
             k = _probe(f"guide {cfg.guide!r}", cfg,
@@ -264,7 +269,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
             fast, buf, guide = sampler_for(b)
             if targets is not None:
                 buf.copy_(targets[c:c + b])  # in place: merged experts and captured graphs see it
-            streams = PerSampleNoise((cfg.seed,), range(c, c + b))
+            streams = PerSampleNoise((cfg.seed,), range(cfg.first_sample + c, cfg.first_sample + c + b))
             x_T = streams.randn((cfg.channels, cfg.image_size, cfg.image_size)).to(device)
             noise_fn = streams.noise_fn
             cb = (lambda *a: bar.update(1)) if bar is not None else None
@@ -333,6 +338,9 @@ def add_arguments(s) -> None:
     s.add_argument("--eta", type=float, default=0.0)
     s.add_argument("--num-samples", type=int, default=16)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--first-sample", type=int, default=0,
+                   help="index of the first sample: parts of a large run (each sample's noise and target depend on "
+                        "its index only)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
     s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"])

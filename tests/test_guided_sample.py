@@ -61,6 +61,20 @@ def test_images_do_not_depend_on_the_batch_size(tmp_path, sampler):
     assert (other != runs[0]).mean() > 0.5
 
 
+def test_a_run_split_by_first_sample_gives_the_whole_runs_images(tmp_path, capsys):
+    """--first-sample: samples 0-2 and 3-5 run apart (other batch sizes) are samples 0-5 of one run, targets
+    cycled by the sample's index; a negative index is refused."""
+    whole = _run(tmp_path, "whole", *GUIDE, "--sampler", "ddpm")[0]
+    parts = [_run(tmp_path, f"part{k}", *GUIDE, "--sampler", "ddpm", "--first-sample", str(k), "--num-samples", "3",
+                  "--batch-size", str(bs))[0] for k, bs in ((0, 2), (3, 3))]
+    assert np.concatenate([p["targets"] for p in parts]).tolist() == whole["targets"].tolist() == [3, 7, 3, 7, 3, 7]
+    diff = np.abs(np.concatenate([p["images"] for p in parts]).astype(int) - whole["images"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert not np.array_equal(parts[0]["images"], parts[1]["images"])
+    assert main(["guided-sample", "--out", str(tmp_path / "bad.npz"), *BASE, "--first-sample", "-1"]) != 0
+    assert "--first-sample must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_peak_memory_says_what_it_measured(tmp_path, capsys, monkeypatch):
     # peak_memory_mb was the CUDA allocator's peak on a GPU but the process RSS on a CPU, unlabelled
     from ppap_fast import guided_sample as gs
