@@ -6,7 +6,8 @@
 Did the guidance work? A classifier that did not guide (MobileNetV2's ImageNet weights ship offline:
 ``--classifier-weights imagenet``; any registry name with a local weight file, ``tiny:<file>`` or
 ``py:module:factory`` as for ``guided-sample --guide``) scores the samples of ``guided-sample`` (or any
-.npz with ``images`` uint8 N x H x W x C and ``targets`` / ``labels`` int [N]):
+.npz with ``images`` uint8 N x H x W x C and ``targets`` / ``labels`` int [N]; several files: the parts of a
+split run, e.g. ``guided-sample --first-sample``, scored as one set):
 
 * ``target_accuracy`` / ``target_top5_accuracy`` / ``mean_target_probability`` (with targets);
 * ``is``: the Inception Score formula on this classifier's softmax (not Inception-v3's: compare runs
@@ -37,7 +38,7 @@ class ScoreError(ValueError):
 
 @dataclass
 class ScoreConfig:
-    samples: str
+    samples: str | list          # one .npz, or the parts of a split run (concatenated in order)
     classifier: str = "mobilenet_v2"
     classifier_weights: str | None = "auto"
     real: str | None = None
@@ -74,6 +75,26 @@ def read_images(path, what: str = "samples") -> tuple[np.ndarray, np.ndarray | N
                              f"{targets.shape}")
         targets = targets.astype(np.int64)
     return images, targets
+
+
+def read_parts(paths) -> tuple[np.ndarray, np.ndarray | None]:
+    """read_images of one path, or of several (the parts of a split ``guided-sample`` run, e.g. one per
+    ``--first-sample``) concatenated in order: the same image size, and targets in all of them or none."""
+    if isinstance(paths, (str, Path)):
+        return read_images(paths)
+    parts = [read_images(p) for p in paths]
+    if not parts:
+        raise ScoreError("no samples file given")
+    shapes = {im.shape[1:] for im, _ in parts}
+    if len(shapes) > 1:
+        raise ScoreError("the sample files hold images of different sizes: "
+                         + ", ".join(f"{p}: {im.shape[1:]}" for p, (im, _) in zip(paths, parts)))
+    with_targets = [t is not None for _, t in parts]
+    if any(with_targets) and not all(with_targets):
+        raise ScoreError("targets in some sample files but not in others: "
+                         + ", ".join(str(p) for p, w in zip(paths, with_targets) if not w) + " have none")
+    targets = np.concatenate([t for _, t in parts]) if all(with_targets) else None
+    return np.concatenate([im for im, _ in parts]), targets
 
 
 def _last_linear(model: nn.Module) -> nn.Linear | None:
@@ -137,7 +158,7 @@ def score(cfg: ScoreConfig) -> dict:
 
     if cfg.batch_size <= 0 or cfg.k <= 0:
         raise ScoreError("batch_size and k must be positive")
-    images, targets = read_images(cfg.samples)
+    images, targets = read_parts(cfg.samples)
     real = read_images(cfg.real, "real images")[0] if cfg.real is not None else None
     if real is not None and (real.shape[0] <= cfg.k or images.shape[0] <= cfg.k):
         raise ScoreError(f"precision / recall need more than k={cfg.k} images in each set")
@@ -150,7 +171,8 @@ def score(cfg: ScoreConfig) -> dict:
     feats, probs = classifier_outputs(model, transform, images, cfg.batch_size, device)
     if not (np.isfinite(feats).all() and np.isfinite(probs).all()):
         raise ScoreError("the classifier returned non-finite outputs on these samples")
-    res = {"samples": str(cfg.samples), "num_samples": int(images.shape[0]), "classifier": cfg.classifier,
+    names = [str(p) for p in cfg.samples] if isinstance(cfg.samples, (list, tuple)) else [str(cfg.samples)]
+    res = {"samples": names[0] if len(names) == 1 else names, "num_samples": int(images.shape[0]), "classifier": cfg.classifier,
            "classifier_weights": cfg.classifier_weights, "num_classes": int(probs.shape[1]),
            "feature_dim": int(feats.shape[1]), "is": inception_score(probs)}
     if targets is not None:
@@ -173,7 +195,8 @@ def score(cfg: ScoreConfig) -> dict:
 def add_parser(sub) -> None:
     s = sub.add_parser("score", help="score samples of real models with an independent classifier (target "
                                      "accuracy, IS; FD / precision / recall against --real images)")
-    s.add_argument("samples", help=".npz with images uint8 N x H x W x C and targets (guided-sample's output)")
+    s.add_argument("samples", nargs="+", help=".npz with images uint8 N x H x W x C and targets (guided-sample's "
+                                              "output); several: the parts of a split run, scored as one set")
     s.add_argument("--classifier", default="mobilenet_v2",
                    help="registry name (see ppap_fast.models.registry), tiny:<file> or py:module:factory")
     s.add_argument("--classifier-weights", default="auto",

@@ -55,6 +55,29 @@ def test_score_counts_what_the_classifier_sees(tmp_path, capsys, brightness_clas
     assert json.loads(capsys.readouterr().out)["fd"] > 1.0
 
 
+def test_score_reads_the_parts_of_a_split_run_as_one_set(tmp_path, capsys, brightness_classifier):
+    """Several sample files (guided-sample --first-sample parts): the scores of their concatenation; parts
+    that do not fit together (image sizes, targets in some only) are refused by name."""
+    whole, a, b = tmp_path / "w.npz", tmp_path / "a.npz", tmp_path / "b.npz"
+    levels, targets = [250, 240, 230, 10, 20], np.array([1, 1, 0, 0, 1])
+    np.savez(whole, images=_images(levels), targets=targets)
+    np.savez(a, images=_images(levels[:2]), targets=targets[:2])
+    np.savez(b, images=_images(levels[2:]), targets=targets[2:])
+    args = ["--classifier", brightness_classifier, "--device", "cpu"]
+    assert main(["score", str(whole), *args]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["score", str(a), str(b), *args]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got.pop("samples") == [str(a), str(b)] and want.pop("samples") == str(whole)
+    assert got == want and got["num_samples"] == 5 and got["target_accuracy"] == 0.6
+    np.savez(b, images=_images(levels[2:], size=4), targets=targets[2:])
+    assert main(["score", str(a), str(b), *args]) == 2
+    assert "images of different sizes" in capsys.readouterr().err
+    np.savez(b, images=_images(levels[2:]))
+    assert main(["score", str(a), str(b), *args]) == 2
+    assert f"targets in some sample files but not in others: {b} have none" in capsys.readouterr().err
+
+
 def test_score_with_the_offline_mobilenet(tmp_path, capsys):
     """The default classifier: MobileNetV2 with its ImageNet weights from the offline package."""
     np.savez(tmp_path / "s.npz", images=_images([120, 130], size=32), targets=np.array([1, 999]))
