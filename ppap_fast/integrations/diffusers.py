@@ -372,8 +372,8 @@ def _input_scaling_sigma(scheduler, c_in: torch.Tensor) -> torch.Tensor | None:
     """The sigma (float64, 0-dim, on the CPU) of a sigma-space scheduler's ``scale_model_input`` that returned
     ``c_in`` = 1 / sqrt(1 + sigma^2) (float32) at its current step: ``sigmas[step_index]``, or in a
     second-order pass (``state_in_first_order`` False: KDPM2, KDPM2 ancestral) ``sigmas_interpol[step_index]``
-    or ``[step_index - 1]``, or DPM-Solver SDE's ``mid_point_sigma``; the candidate whose input scaling, computed as the scheduler does, gives c_in
-    bitwise. None where none does (another scheduler's sigma choice: c_in is used)."""
+    or ``[step_index - 1]``, or DPM-Solver SDE's ``mid_point_sigma``; the candidate whose input scaling, computed
+    as the scheduler does, gives c_in bitwise. None where none does (another scheduler's sigma choice: c_in is used)."""
     idx = getattr(scheduler, "step_index", None)
     if not isinstance(idx, int):
         return None

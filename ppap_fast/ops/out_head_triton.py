@@ -88,7 +88,7 @@ def tap_major_weight(conv_weight: torch.Tensor, dtype: torch.dtype, block_n: int
     return w
 
 
-def _tiles(C: int, HW: int, NT: int):
+def _tiles(C: int, NT: int):
     """(BLOCK_M, BLOCK_K, BLOCK_N, warps) of the projection; the interpreter's small, so tests reach several
     pixel and channel tiles."""
     bn = max(16, triton.next_power_of_2(NT))
@@ -109,7 +109,7 @@ def group_norm_silu_conv3x3(x, G, gw, gb, eps, conv_weight, conv_bias, out_dtype
     if x.numel() == 0:
         return y
     shift0, mean, rstd = group_stats(x, st, G, eps, poison=poison)
-    bm, bk, bn, warps = _tiles(C, HW, NT)
+    bm, bk, bn, warps = _tiles(C, NT)
     wt = tap_major_weight(conv_weight, x.dtype, bn)
     p = torch.empty(B * HW * NT, dtype=torch.float32, device=x.device)
     if poison:
