@@ -125,6 +125,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEMO_METHODS = ["none", "naive", "x0hat", "ppap-5", "ppap-10", "noise-aware", "multi-experts-5"]
 DEFAULT_SCALE = 10.0  # one scale for every guided method, fixed a priori (see docs/demo.md)
 NUM_CLASSES = 10
+DDPM_NOISE_KEY = 7919  # sample_seed(seed, DDPM_NOISE_KEY, j): sample j's DDPM step noise
 
 
 class DemoError(Exception):
@@ -278,6 +279,7 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
     merged per band) instead of the reference loop; same random numbers, same images up to float rounding."""
     from .guidance import ClassGuide, X0HatGuide
     from .sampling import sample_loop
+    from .seeding import PerSampleNoise
 
     fam, _ = parse_method(method)
     targets = check_targets(targets)
@@ -316,16 +318,17 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
                 guide = X0HatGuide(gmodel, counted, base_acp, tgt, scale)
             elif gmodel is not None:
                 guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
-            step_gen = torch.Generator().manual_seed(seed * 7919 + c + 1)
+            # DDPM's step noise: one stream per sample, so --batch-size changes no image
+            noise_fn = PerSampleNoise((seed, DDPM_NOISE_KEY), range(c, min(c + batch_size, n))).noise_fn
             if fast:
                 from .fast_sampling import FastGuidedSampler
 
                 fs = FastGuidedSampler(counted, sched, sampler=sampler, guide=guide, eta=0.0)
-                outs.append(fs.sample(x_T[c:c + batch_size], generator=step_gen,
+                outs.append(fs.sample(x_T[c:c + batch_size], noise_fn=noise_fn,
                                       callback=(lambda i, x, x0: bar.update(1)) if bar else None))
             else:
                 outs.append(sample_loop(counted, x_T[c:c + batch_size], sched, sampler=sampler, guide=guide,
-                                        eta=0.0, generator=step_gen,
+                                        eta=0.0, noise_fn=noise_fn,
                                         callback=(lambda i, o: bar.update(1)) if bar else None))
         seconds = time.time() - t0
     if bar is not None:

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from ppap_fast.cli import main
@@ -438,3 +439,17 @@ def test_distributed_help_states_defaults(task, shown, capsys):
     assert e.value.code == 0
     for s in shown:
         assert s in out, (s, out)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_ddpm_samples_do_not_depend_on_batch_size(weights, fast):
+    from ppap_fast.demo import sample_method
+
+    runs = [sample_method("ppap-5", weights, torch.tensor([1, 4, 7]), sampler="ddpm", steps=4, scale=5.0, seed=3,
+                          batch_size=bs, progress=False, fast=fast)[0] for bs in (3, 2, 1)]
+    assert torch.isfinite(runs[0]).all()
+    for x in runs[1:]:
+        torch.testing.assert_close(x, runs[0], rtol=0, atol=1e-4)  # batched convs round apart
+    other_seed = sample_method("ppap-5", weights, torch.tensor([1, 4, 7]), sampler="ddpm", steps=4, scale=5.0, seed=4,
+                               batch_size=3, progress=False, fast=fast)[0]
+    assert (other_seed - runs[0]).abs().max() > 1e-2
