@@ -34,6 +34,9 @@ one round, the variants being timed round-robin, which keeps load drift out on s
                                 (a pending default of recommended_options)
     step_compiled_guide_vs_reference  CUDA only (PPAP_BENCH_STEP_COMPILE_GUIDE=0 skips it): the fast step
                                 with compile_guide; step_compiled_guide_vs_fast likewise
+    step_guided_vs_unguided_overlap, step_guided_vs_unguided_compiled_guide
+                                the variant over the main rounds' fast unguided step (through the
+                                reference's time in each: different phases)
     step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
                                 (the fast path's options before recommended_options)
     step_nchw_vs_reference      CUDA only: unfused and NCHW
@@ -416,6 +419,18 @@ def _guide_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
                  "calls": 0, "shapes": []}]
 
 
+def _variant_ratios(variant: str, ratios: dict, unguided_vs_reference: float) -> dict:
+    """Figures of a guide variant phase timed against the reference in its own rounds: vs the fast
+    step (``step_<name>_vs_fast``) and its guided / unguided (``step_guided_vs_unguided_<name>``: the
+    variant over the fast unguided step of the main rounds, both through the reference's time)."""
+    name = variant.removeprefix("fast_")
+    vs_ref = ratios.get(f"step_{name}_vs_reference")
+    if name not in ("overlap", "compiled_guide") or vs_ref is None:
+        return {}
+    return {f"step_{name}_vs_fast": round(vs_ref / ratios["step_fast_vs_reference"], 4),
+            f"step_guided_vs_unguided_{name}": round(vs_ref / unguided_vs_reference, 4)}
+
+
 def _ratio(times: dict, a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b) measured in the same round."""
     import statistics
@@ -477,6 +492,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
     ms, rounds = _interleaved_ms(variants, device, reps, warm)
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
     ref_u_ratio = round(_ratio(rounds, "ref", "ref_u"), 4)
+    unguided_vs_reference = _ratio(rounds, "fast_u", "ref")
     variants = fast_unguided = None  # frees its graph pool before the variant phases
     extras = _cuda_variants(model, sched, guide) if cuda else {}
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
@@ -525,10 +541,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             ratios[ratio_key] = res.pop("ratio_vs_reference")
             if fl and _peak(device):
                 res["mfu"] = round(fl / _peak(device) / (res["ms"] * 1e-3), 4)
-        for name in ("overlap", "compiled_guide"):  # each vs the reference in its own phase
-            if variant == f"fast_{name}" and f"step_{name}_vs_reference" in ratios:
-                ratios[f"step_{name}_vs_fast"] = round(ratios[f"step_{name}_vs_reference"]
-                                                       / ratios["step_fast_vs_reference"], 4)
+        ratios.update(_variant_ratios(variant, ratios, unguided_vs_reference))
         if emit is not None:
             emit(dict(row), dict(ratios))
     row["reference_guided_vs_unguided"] = ref_u_ratio

@@ -22,7 +22,8 @@ def main(folder: str) -> None:
     for fname in ("bench.json", "scale.json"):
         _table(out / fname)
     if (out / "bench.json").exists():
-        for line in decisions(json.loads((out / "bench.json").read_text())["ratios"]):
+        data = json.loads((out / "bench.json").read_text())
+        for line in decisions(data["ratios"]) + goal_lines(data):
             print(line)
 
 
@@ -134,6 +135,41 @@ def decisions(ratios: dict) -> list:
             lines.append(f"decision {key} = {v}: {meaning} -> {action}")
         else:
             lines.append(f"decision {key} = {v}: keep the current default (needs < 0.97 to switch)")
+    return lines
+
+
+# the issues' GPU goals: (label, ratio key or (row suite, row key[, variant]), "<=" / ">=", goal)
+GOALS = (
+    ("#4 fast / reference", "step_fast_vs_reference", "<=", 1 / 3),
+    ("#4 guided / unguided", "step_guided_vs_unguided", "<=", 1.02),
+    ("#4 guided / unguided, overlap_guide", "step_guided_vs_unguided_overlap", "<=", 1.02),
+    ("#4 guided / unguided, compile_guide", "step_guided_vs_unguided_compiled_guide", "<=", 1.02),
+    ("#4 MFU", ("bench_step", "fast_mfu"), ">=", 0.5),
+    ("#4 MFU, overlap_guide", ("bench_step", "fast_overlap", "mfu"), ">=", 0.5),
+    ("#4 MFU, compile_guide", ("bench_step", "fast_compiled_guide", "mfu"), ">=", 0.5),
+    ("#4 fused update / HBM", "update_hbm_fraction", ">=", 0.8),
+    ("#3 LoRA fwd+bwd / base layer", "lora_fwdbwd_vs_base", "<=", 1.15),
+    ("#3 LoRA fwd / peft mixed batch", "lora_fwd_vs_peft", "<=", 1 / 3),
+    ("#3 one-pass / sequential distill", "distill_onepass_vs_sequential", "<=", 0.5),
+)
+
+
+def goal_lines(data: dict) -> list:
+    """One line per issue goal: the figure (not measured when absent) and whether it meets the goal."""
+    lines = []
+    for label, key, op, goal in GOALS:
+        if isinstance(key, str):
+            v = data.get("ratios", {}).get(key)
+        else:
+            rows = [r for r in data.get("rows", []) if r.get("suite") == key[0] and key[1] in r]
+            v = rows[0][key[1]] if rows else None
+            for k in key[2:]:
+                v = v.get(k) if isinstance(v, dict) else None
+        if not isinstance(v, (int, float)):
+            lines.append(f"goal {label} {op} {goal:.4g}: not measured")
+        else:
+            met = v <= goal if op == "<=" else v >= goal
+            lines.append(f"goal {label} {op} {goal:.4g}: {v} {'MET' if met else 'not met'}")
     return lines
 
 

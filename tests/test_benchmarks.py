@@ -887,3 +887,36 @@ def test_bench_step_overlap_variant_is_the_fast_step_with_its_guide_on_a_side_st
     assert list(variants)[1] == "fast_compiled_guide"
     compiled = variants["fast_compiled_guide"][1]()
     assert compiled.opts.compile_guide and not compiled.overlap_guide and compiled.cuda_graph
+
+
+def test_variant_ratios_give_each_guide_variant_its_guided_over_unguided():
+    """A variant phase's ratio vs the reference becomes its ratio vs the fast step and its guided / unguided
+    through the reference's time: fast 150 ms, unguided 142, reference 480, overlap 144 -> 144 / 142."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    ratios = {"step_fast_vs_reference": 150 / 480, "step_overlap_vs_reference": 144 / 480}
+    got = bench_step._variant_ratios("fast_overlap", ratios, 142 / 480)
+    assert got == {"step_overlap_vs_fast": round(144 / 150, 4), "step_guided_vs_unguided_overlap": round(144 / 142, 4)}
+    ratios["step_compiled_guide_vs_reference"] = 147 / 480
+    assert bench_step._variant_ratios("fast_compiled_guide", ratios, 142 / 480)["step_guided_vs_unguided_compiled_guide"] \
+        == round(147 / 142, 4)
+    assert bench_step._variant_ratios("fast_nchw", {**ratios, "step_nchw_vs_reference": 0.8}, 142 / 480) == {}
+    assert bench_step._variant_ratios("fast_overlap", {"step_fast_vs_reference": 0.3}, 0.29) == {}  # phase failed
+
+
+def test_goal_lines_read_ratios_rows_and_variants():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    data = {"ratios": {"step_guided_vs_unguided": 1.041, "step_guided_vs_unguided_overlap": 1.01},
+            "rows": [{"suite": "bench_lora"}, {"suite": "bench_step", "fast_mfu": 0.494,
+                                               "fast_overlap": {"ms": 140.0, "mfu": 0.52}}]}
+    lines = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    assert lines["goal #4 guided / unguided <= 1.02"] == "1.041 not met"
+    assert lines["goal #4 guided / unguided, overlap_guide <= 1.02"] == "1.01 MET"
+    assert lines["goal #4 MFU >= 0.5"] == "0.494 not met"
+    assert lines["goal #4 MFU, overlap_guide >= 0.5"] == "0.52 MET"
+    assert lines["goal #4 MFU, compile_guide >= 0.5"] == "not measured"
+    assert lines["goal #3 LoRA fwd+bwd / base layer <= 1.15"] == "not measured"
+    assert len(lines) == len(summarize.GOALS)
