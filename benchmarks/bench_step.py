@@ -39,7 +39,7 @@ one round, the variants being timed round-robin, which keeps load drift out on s
                                 reference's time in each: different phases)
     step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
                                 (the fast path's options before recommended_options)
-    step_nchw_vs_reference      CUDA only: unfused and NCHW
+    step_nchw_vs_reference      CUDA only: unfused and NCHW (PPAP_BENCH_STEP_OLD_PATHS=0 skips these two)
     The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
     round-robin with the reference and freed after (row keys fast_overlap, fast_compiled_guide, fast_compiled,
     fast_unfused, fast_nchw:
@@ -340,6 +340,8 @@ def _cuda_variants(model, sched, guide) -> dict:
     if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
         out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
             copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
+    if os.environ.get("PPAP_BENCH_STEP_OLD_PATHS", "1") != "1":  # measured on 2026-11-28: a short call skips them
+        return out
     # the fast step before recommended_options: unfused, channels_last
     out["fast_unfused"] = ("step_unfused_vs_reference", lambda: FastGuidedSampler(
         copy.deepcopy(model), sched, guide=guide, channels_last=True, **base))

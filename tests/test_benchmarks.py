@@ -920,3 +920,16 @@ def test_goal_lines_read_ratios_rows_and_variants():
     assert lines["goal #4 MFU, compile_guide >= 0.5"] == "not measured"
     assert lines["goal #3 LoRA fwd+bwd / base layer <= 1.15"] == "not measured"
     assert len(lines) == len(summarize.GOALS)
+
+
+def test_step_variants_old_paths_can_be_skipped(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    monkeypatch.delenv("PPAP_BENCH_STEP_COMPILE_GUIDE", raising=False)
+    monkeypatch.setenv("PPAP_SKIP_COMPILE", "1")
+    monkeypatch.delenv("PPAP_BENCH_STEP_OLD_PATHS", raising=False)
+    assert list(bench_step._cuda_variants(None, None, None)) == ["fast_overlap", "fast_compiled_guide", "fast_unfused",
+                                                                  "fast_nchw"]
+    monkeypatch.setenv("PPAP_BENCH_STEP_OLD_PATHS", "0")
+    assert list(bench_step._cuda_variants(None, None, None)) == ["fast_overlap", "fast_compiled_guide"]
