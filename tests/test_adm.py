@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -513,6 +514,57 @@ def test_fused_out_head_is_the_half_head_in_one_op(backend, monkeypatch):
         assert not m16.fuse_norm_act().fused_out_head
 
 
+@pytest.mark.parametrize("fault", ["none", "offset", "nan", "model_nan"])
+def test_fused_out_head_is_checked_once_per_device_against_the_half_head(fault, monkeypatch):
+    """A device's first eager fused head (never yet run on a GPU when it became the default) is compared with
+    the unfused half head: a wrong or non-finite result warns, returns the half head and turns the fused head
+    off; a right one is kept and not checked again; the model's own NaN judges nothing. (On a CPU the check
+    is off: here it is forced on.)"""
+    from ppap_fast.ops import out_head
+
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(_randomised().state_dict(), strict=True)
+    m16.fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    real, calls = out_head.group_norm_silu_conv3x3, []
+
+    def op(*a, **kw):
+        calls.append(1)
+        y = real(*a, **kw)
+        return {"offset": y + 0.1, "nan": y.index_fill(2, torch.tensor([3]), float("nan"))}.get(fault, y)
+
+    monkeypatch.setattr(out_head, "group_norm_silu_conv3x3", op)
+    monkeypatch.setattr(ADMUNet, "_should_verify_fused_head",
+                        lambda self, y: str(y.device) not in self._fused_out_head_verified)
+    with torch.no_grad():
+        m16.fuse_norm_act(fused_out_head=False)
+        unfused = m16(x, t)
+        m16.fuse_norm_act()
+        if fault == "model_nan":
+            m16.out[0].weight.data[0] = float("nan")
+            unfused = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = m16(x, t), m16(x, t)
+    warned = [w for w in caught if "fused output head" in str(w.message)]
+    if fault in ("offset", "nan"):
+        assert len(warned) == 1 and issubclass(warned[0].category, RuntimeWarning), caught
+        assert not m16.fused_out_head and len(calls) == 1
+        assert torch.equal(first, unfused) and torch.equal(second, unfused)
+    elif fault == "none":
+        assert not warned and m16.fused_out_head and m16._fused_out_head_verified == {"cpu"} and len(calls) == 2
+        assert torch.equal(first, unfused) and torch.equal(second, unfused)
+    else:  # not judged, checked again next time
+        assert not warned and m16.fused_out_head and not m16._fused_out_head_verified and len(calls) == 2
+    m16.fuse_norm_act()
+    assert not m16._fused_out_head_verified  # a new fuse_norm_act checks again
+
+
+def test_fused_out_head_check_is_off_on_cpu_and_while_capturing():
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval().fuse_norm_act()
+    assert not m16._should_verify_fused_head(torch.zeros(1))
+
+
 @pytest.mark.cuda
 @cuda
 def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
@@ -520,10 +572,13 @@ def test_fused_norm_act_cuda_fp16_channels_last(fixtures_dir):
     m = ADMUNet.from_config(g["config"]).convert_to_fp16(torch.float16)
     m.load_state_dict(g["state_dict"], strict=True)
     m = m.cuda().eval().to(memory_format=torch.channels_last).fuse_norm_act()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused head's first-use check falling back fails here
         out = m(g["x"].cuda().contiguous(memory_format=torch.channels_last), g["t"].cuda()).cpu()
     from ppap_fast import ops
 
+    assert m.fused_out_head and m._fused_out_head_verified == {"cuda:0"}
+    assert ops.last_backend("group_norm_silu_conv3x3") == "triton"
     assert ops.last_backend("group_norm_act") == "triton"
     assert ops.last_backend("upsample_nearest2x") == ops.last_backend("avg_pool2x") == "triton"  # resblock_updown
     assert ops.last_backend("cat_channels") == "triton"  # the decoder's skips

@@ -629,7 +629,8 @@ class ADMUNet(nn.Module):
         head's norm, SiLU and 3x3 conv as one op (:func:`ppap_fast.ops.group_norm_silu_conv3x3`: on CUDA two
         Triton passes that never write the normalised activation; the reference, the unfused half head,
         elsewhere), for plain 3x3 output convs of at most ``ops.out_head.MAX_OUT_CHANNELS`` channels and when no
-        channel sums ride on the torso's output."""
+        channel sums ride on the torso's output. A CUDA device's first eager forward also runs the unfused head
+        and compares: beyond rounding (relative error 1e-2) it warns and keeps the unfused head."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -650,7 +651,38 @@ class ADMUNet(nn.Module):
         if fused_out_head is None:
             fused_out_head = os.environ.get("PPAP_FAST_FUSED_OUT_HEAD", "1") != "0"
         self.fused_out_head = self.half_out_conv and bool(fused_out_head) and _plain_head_conv(self.out[2])
+        self._fused_out_head_verified = set()  # devices whose first fused head was checked against the unfused one
         return self
+
+    def _should_verify_fused_head(self, y) -> bool:
+        """A device's first fused head, eager: checked once against the unfused half head (not while a
+        CUDA graph is captured or inductor traces; on a CPU the op runs its reference)."""
+        if y.device.type != "cuda" or str(y.device) in getattr(self, "_fused_out_head_verified", ()):
+            return False
+        return not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
+
+    def _verified_fused_head(self, y, half_head):
+        """y, or the unfused half head's output (and the fused head off, with a warning) where a device's
+        first fused head is not finite or differs from it by more than rounding (relative error 1e-2)."""
+        if not self._should_verify_fused_head(y):
+            return y
+        want = half_head()
+        if not bool(torch.isfinite(want).all()):  # the model's own NaN / Inf: nothing to judge the op by
+            return y
+        if not hasattr(self, "_fused_out_head_verified"):
+            self._fused_out_head_verified = set()
+        self._fused_out_head_verified.add(str(y.device))
+        rel = ((y.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+        if rel <= 1e-2:  # NaN fails too
+            return y
+        import warnings
+
+        warnings.warn(f"ADMUNet: the fused output head (ops.group_norm_silu_conv3x3) on {y.device} differs from "
+                      f"the unfused half head (relative error {rel:.3g}); using the unfused head from now on "
+                      f"(fuse_norm_act(fused_out_head=False)); please report this with your GPU and versions",
+                      RuntimeWarning, stacklevel=3)
+        self.fused_out_head = False
+        return want
 
     def _into_next_cat(self, block: nn.Module, h, emb, next_skip):
         """(block(h, emb), None), or, where the block's last layer is a fused ResBlock / channels_last
@@ -740,14 +772,17 @@ class ADMUNet(nn.Module):
                 conv = self.out[2]
                 from ..ops.channel_sums import attached
 
+                b = None if conv.bias is None else conv.bias.to(h.dtype)
+                half_head = lambda: conv._conv_forward(  # noqa: E731
+                    _fused_norm_act(self.out[0], h), conv.weight.to(h.dtype), b).to(x.dtype)
                 if getattr(self, "fused_out_head", False) and attached(h) is None:
                     from ..ops.out_head import group_norm_silu_conv3x3
 
                     norm = self.out[0]
-                    return group_norm_silu_conv3x3(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                                   conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
-                b = None if conv.bias is None else conv.bias.to(h.dtype)
-                return conv._conv_forward(_fused_norm_act(self.out[0], h), conv.weight.to(h.dtype), b).to(x.dtype)
+                    y = group_norm_silu_conv3x3(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                                conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
+                    return self._verified_fused_head(y, half_head)
+                return half_head()
             return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=x.dtype))
         return self.out(h.type(x.dtype))
 
