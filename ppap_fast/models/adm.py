@@ -772,9 +772,9 @@ class ADMUNet(nn.Module):
                 conv = self.out[2]
                 from ..ops.channel_sums import attached
 
-                b = None if conv.bias is None else conv.bias.to(h.dtype)
                 half_head = lambda: conv._conv_forward(  # noqa: E731
-                    _fused_norm_act(self.out[0], h), conv.weight.to(h.dtype), b).to(x.dtype)
+                    _fused_norm_act(self.out[0], h), conv.weight.to(h.dtype),
+                    None if conv.bias is None else conv.bias.to(h.dtype)).to(x.dtype)
                 if getattr(self, "fused_out_head", False) and attached(h) is None:
                     from ..ops.out_head import group_norm_silu_conv3x3
 
