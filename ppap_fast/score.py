@@ -168,7 +168,17 @@ def score(cfg: ScoreConfig) -> dict:
     device = _device_for(cfg.device, 0)
     model = built.model.to(device).eval()
     transform = built.transform.to(device) if built.transform is not None else None
-    feats, probs = classifier_outputs(model, transform, images, cfg.batch_size, device)
+
+    def outputs(what, imgs):
+        try:
+            return classifier_outputs(model, transform, imgs, cfg.batch_size, device)
+        except RuntimeError as e:  # a shape / channel mismatch deep in a conv: one line naming the images
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise ScoreError(f"classifier {cfg.classifier!r} cannot take the {what} (images "
+                             f"{' x '.join(map(str, imgs.shape[1:]))}): {str(e).splitlines()[0]}") from None
+
+    feats, probs = outputs("samples", images)
     if not (np.isfinite(feats).all() and np.isfinite(probs).all()):
         raise ScoreError("the classifier returned non-finite outputs on these samples")
     names = [str(p) for p in cfg.samples] if isinstance(cfg.samples, (list, tuple)) else [str(cfg.samples)]
@@ -185,7 +195,7 @@ def score(cfg: ScoreConfig) -> dict:
                    target_top5_accuracy=float((top5 == targets[:, None]).any(1).mean()),
                    mean_target_probability=float(probs[rows, targets].mean()))
     if real is not None:
-        rfeats, _ = classifier_outputs(model, transform, real, cfg.batch_size, device)
+        rfeats, _ = outputs("real images", real)
         prec, rec = precision_recall(rfeats, feats, cfg.k)
         res.update(real=str(cfg.real), num_real=int(real.shape[0]), fd=frechet_distance(feats, rfeats),
                    precision=prec, recall=rec)

@@ -90,7 +90,9 @@ def test_score_with_the_offline_mobilenet(tmp_path, capsys):
 @pytest.mark.parametrize("case,match", [
     ("missing", "not found"), ("not_npz", "not an .npz"), ("no_images", "no 'images'"),
     ("target_range", "targets must lie in 0..1"), ("bad_targets", "targets must be integers"),
-    ("few_real", "more than k=3"), ("no_weights", "no offline weights")])
+    ("few_real", "more than k=3"), ("no_weights", "no offline weights"),
+    ("gray_samples", "cannot take the samples (images 8 x 8 x 1)"),
+    ("gray_real", "cannot take the real images (images 8 x 8 x 1)")])
 def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
     s = tmp_path / "s.npz"
     args = ["score", str(s), "--classifier", brightness_classifier, "--device", "cpu"]
@@ -105,6 +107,11 @@ def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
     elif case == "few_real":
         np.savez(s, images=_images([1, 2, 3, 4]))
         np.savez(tmp_path / "r.npz", images=_images([1, 2]))
+        args += ["--real", str(tmp_path / "r.npz")]
+    elif case in ("gray_samples", "gray_real"):  # 1 channel for a 3-channel classifier: one line, no traceback
+        gray = _images([1, 2, 3, 4])[..., :1]
+        np.savez(s, images=gray if case == "gray_samples" else _images([1, 2, 3, 4]))
+        np.savez(tmp_path / "r.npz", images=gray)
         args += ["--real", str(tmp_path / "r.npz")]
     elif case == "no_weights":
         np.savez(s, images=_images([1, 2]))
