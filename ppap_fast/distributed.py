@@ -543,9 +543,12 @@ def _set_step_noise(cfg: GenerateConfig) -> GenerateConfig:
     manifest's configuration holds the micro-batch size) is finished with the shard stream it
     was started with; a new or per-sample set keeps ``cfg``'s."""
     try:
-        theirs = json.loads((Path(cfg.out_dir) / MANIFEST).read_text()).get("config", {})
+        old = json.loads((Path(cfg.out_dir) / MANIFEST).read_text())
+        theirs = old.get("config", {})
     except (OSError, ValueError, AttributeError):
         return cfg  # none (or unreadable: _prepare_dir says so)
+    if _nothing_written(Path(cfg.out_dir), old):
+        return cfg
     if isinstance(theirs, dict) and "batch_size" in theirs and cfg.step_noise == "per_sample":
         return dataclasses.replace(cfg, step_noise="shard_stream")
     return cfg
@@ -567,6 +570,12 @@ def _manifest(cfg: GenerateConfig, ident: dict, h: str, world: int, complete: bo
             "seed": cfg.seed, "respacing": cfg.respacing}
 
 
+def _nothing_written(out: Path, manifest: dict) -> bool:
+    """An unfinished set without a single shard: a run that failed before its first shard (a typo in
+    its arguments, a missing checkpoint). Nothing to keep, so another configuration may start afresh."""
+    return manifest.get("complete") is False and not any(out.glob("shard_*.npz"))
+
+
 def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     """Rank 0: check an existing manifest, remove stale temporary files, mark the set incomplete."""
     from .data.shards import write_json_atomic
@@ -586,7 +595,8 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
         if "out_dir" in theirs:  # written when the path was part of the identity
             theirs = {k: v for k, v in theirs.items() if k != "out_dir"}
         legacy = {k: v for k, v in ident.items() if k != "teacher_state"}
-        if config_hash(theirs) != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)):
+        if config_hash(theirs) != h and not (theirs == legacy and legacy_teacher_match(theirs, ident)) \
+                and not _nothing_written(out, old):
             hint = ("; it was sampled on the reference path: finish it with --no-fast (fast=False)"
                     if theirs.get("fast") != ident.get("fast") and not theirs.get("fast") else "")
             if theirs.get("targets_encoding") != ident.get("targets_encoding"):
@@ -646,6 +656,11 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     env = env or init_distributed(cfg.device)
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
+    if not (math.isfinite(cfg.eta) and cfg.eta >= 0):  # before the manifest records it
+        raise ValueError(f"eta must be >= 0, got {cfg.eta}")
+    if cfg.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {cfg.sampler!r}")
+    Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing)  # a bad --respacing fails here
     cfg = _set_step_noise(cfg)  # read by every rank before anyone rewrites the manifest (check_same_config)
     ident = cfg.identity()
     # every rank takes part, teacher or not: ranks whose configurations differ still meet in check_same_config

@@ -156,6 +156,21 @@ def test_generation_refuses_non_finite_images(tmp_path, monkeypatch, fast):
     assert not list((tmp_path / "x").glob("shard_*.npz"))
 
 
+def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(FileNotFoundError):  # fails after the manifest, before any shard
+        D.generate(D.GenerateConfig(str(out), **{**GEN, "denoiser": "tiny", "checkpoint": str(tmp_path / "no.st")}),
+                   D.DistEnv())
+    assert (out / "manifest.json").exists() and not list(out.glob("shard_*.npz"))
+    res = D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())  # the corrected arguments
+    assert res["written"] == list(range(5))
+    with pytest.raises(ValueError, match="eta must be >= 0, got nan"):  # refused before a manifest records it
+        D.generate(D.GenerateConfig(str(tmp_path / "y"), **{**GEN, "eta": float("nan")}), D.DistEnv())
+    with pytest.raises(ValueError, match="0 steps"):
+        D.generate(D.GenerateConfig(str(tmp_path / "y"), **{**GEN, "respacing": "ddim0"}), D.DistEnv())
+    assert not (tmp_path / "y" / "manifest.json").exists()
+
+
 def test_ranks_with_different_configs_fail_clearly(tmp_path):
     cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
     cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "respacing": "ddim4"})
