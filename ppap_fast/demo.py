@@ -361,7 +361,13 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
                         "`ppap-fast demo` writes (images uint8 N x H x W x C, labels int64 [N])")
     try:
         with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
+            key = next((k for k in ("labels", "targets") if k in z.files), None)  # targets: guided-sample's
+            if "images" not in z.files or key is None:
+                raise DemoError(f"{path} has no 'images' and 'labels' (or 'targets') arrays (it has "
+                                f"{sorted(z.files)})")
+            images, labels = z["images"], z[key]
+    except DemoError:
+        raise
     except Exception as e:
         raise DemoError(f"corrupt or unreadable sample file {path}: {type(e).__name__}: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4:

@@ -243,6 +243,17 @@ def test_bad_sample_file(weights, tmp_path, capsys):
     np.savez(p, images=np.zeros((2, 16, 16, 1), np.float32), labels=np.zeros(2, np.int64))
     assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 2
     assert "uint8" in _err(capsys)
+    np.savez(p, images=np.zeros((2, 16, 16, 1), np.uint8))  # no labels: named, not "corrupt" + a KeyError
+    assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 2
+    assert "has no 'images' and 'labels' (or 'targets') arrays (it has ['images'])" in _err(capsys)
+
+
+def test_evaluate_reads_guided_sample_targets(weights, tmp_path, capsys):
+    """guided-sample with the tiny models writes 16x16x1 images and 'targets': evaluate scores them."""
+    p = tmp_path / "g.npz"
+    np.savez(p, images=np.full((4, 16, 16, 1), 128, np.uint8), targets=np.array([0, 1, 2, 3]))
+    assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 4
 
 
 @pytest.mark.parametrize("content", ["text", "npy"])
