@@ -59,6 +59,17 @@ def finite_float(v: str) -> float:
     return x
 
 
+def _decay(v: str) -> float:
+    """An argparse type: an EMA decay in [0, 1] (nan or -1 would average the weights into garbage)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {v}")
+    return x
+
+
 def _parser() -> argparse.ArgumentParser:
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
 
@@ -81,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=float, default=2e-4)
-    s.add_argument("--ema-decay", type=float, default=0.999)
+    s.add_argument("--ema-decay", type=_decay, default=0.999)
     s.add_argument("--max-minutes", type=_positive_float, default=None)
     s.add_argument("--checkpoint-every", type=_positive_int, default=500)
     common(s, weights=False)

@@ -43,6 +43,8 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
     Saves the EMA weights to ``out`` (safetensors). A checkpoint ``out + '.ckpt.pt'`` is written
     every ``checkpoint_every`` steps and resumed from if present.
     """
+    if not 0 <= ema_decay <= 1:  # nan: every EMA weight NaN, saved without a word
+        raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -404,6 +404,19 @@ def test_non_finite_scale_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
     assert e.value.code == 2 and "argument --scale: must be a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "1.5"])
+def test_bad_ema_decay_is_a_usage_error(value, capsys, tmp_path):
+    """--ema-decay nan trained and saved a UNet of NaN weights with exit status 0."""
+    with pytest.raises(SystemExit) as e:
+        main(["train-diffusion", "--ema-decay", value, "--steps", "1", "--out", str(tmp_path / "u.safetensors")])
+    assert e.value.code == 2 and "argument --ema-decay: must be a number in [0, 1]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    from ppap_fast.demo import train_diffusion
+
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        train_diffusion(tmp_path / "u.safetensors", steps=1, ema_decay=float(value))
+
+
 @pytest.mark.parametrize("cmd,shown", [
     ("distill", ["--lr LR", "default: 0.001", "--experts EXPERTS", "default: 5",
                  "a resumed run counts the time trained before"]),
