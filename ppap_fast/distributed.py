@@ -1516,7 +1516,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 _TASKS = {"generate": generate, "distill": distill}
 
 
-def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cfgs, threads, timeout_s):
+def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cfgs, threads, timeout_s,
+            progress: bool = False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if threads:
         torch.set_num_threads(int(threads))
@@ -1525,7 +1526,7 @@ def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cf
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         env = init_distributed(cfg.device)
-        _TASKS[task](cfg, env)
+        _TASKS[task](cfg, env, progress=progress)
     finally:
         dist.destroy_process_group()
     # success: every output is written atomically; skip interpreter teardown, where gloo's threads
@@ -1536,9 +1537,10 @@ def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cf
 
 
 def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | None = None,
-           timeout_s: float = 1800.0) -> None:
+           timeout_s: float = 1800.0, progress: bool = False) -> None:
     """Run ``task`` ("generate" | "distill") on ``nproc`` spawned processes (one config for all,
-    or a list with one per rank); a rank's exception is re-raised here (torch.multiprocessing)."""
+    or a list with one per rank); a rank's exception is re-raised here (torch.multiprocessing).
+    ``progress``: the task's progress bars, as ``--progress`` without ``--nproc``."""
     import torch.multiprocessing as mp
 
     if task not in _TASKS:
@@ -1547,8 +1549,8 @@ def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | No
         raise ValueError(f"{len(cfgs)} configs for {nproc} processes")
     with tempfile.TemporaryDirectory(prefix="ppap_rdzv_") as d:
         init = Path(d, "rendezvous").as_uri()
-        mp.start_processes(_worker, args=(nproc, init, backend, task, cfgs, threads, timeout_s), nprocs=nproc,
-                           start_method="spawn", join=True)
+        mp.start_processes(_worker, args=(nproc, init, backend, task, cfgs, threads, timeout_s, progress),
+                           nprocs=nproc, start_method="spawn", join=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1662,7 +1664,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(a)
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if a.nproc > 1 and not under_torchrun:
-        launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout)
+        launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout, progress=a.progress)
         print(f"{a.task}: done on {a.nproc} processes")
         return 0
     if a.threads:

@@ -171,6 +171,13 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
     assert not (tmp_path / "y" / "manifest.json").exists()
 
 
+def test_progress_reaches_the_spawned_ranks(tmp_path):
+    """--progress with --nproc: the ranks' bars (it was dropped on the way to the workers)."""
+    r = _run(_gen_args(tmp_path / "x", num_images=4) + ["--progress"])
+    assert r.returncode == 0, r.stderr
+    assert "rank 0 shards" in r.stderr and "rank 1 shards" in r.stderr
+
+
 def test_ranks_with_different_configs_fail_clearly(tmp_path):
     cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
     cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "respacing": "ddim4"})
