@@ -1659,12 +1659,28 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          loss_reduction=a.loss_reduction, amp=a.amp)
 
 
+# what main() reports as one line (bad arguments, files, a failed rank), as raised in a spawned rank too
+_BAD_INPUT_ERRORS = {"ValueError", "OSError", "FileNotFoundError", "FileExistsError", "IsADirectoryError",
+                     "NotADirectoryError", "PermissionError", "DistributedRunError", "ConfigMismatchError"}
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     cfg = config_from_args(a)
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if a.nproc < 1:  # it ran one process without a word
+        print(f"python -m ppap_fast.distributed: error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
+        return 2
     if a.nproc > 1 and not under_torchrun:
-        launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout, progress=a.progress)
+        try:
+            launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout, progress=a.progress)
+        except Exception as e:  # a rank's exception, re-raised with its traceback in the message
+            last = ([ln for ln in str(e).splitlines() if ln.strip()] or [""])[-1].strip()
+            name, _, msg = last.partition(": ")
+            if name.rsplit(".", 1)[-1] not in _BAD_INPUT_ERRORS:
+                raise  # a bug: keep the traceback
+            print(f"python -m ppap_fast.distributed: error: {' '.join(msg.split())}", file=sys.stderr)
+            return 2
         print(f"{a.task}: done on {a.nproc} processes")
         return 0
     if a.threads:

@@ -178,6 +178,16 @@ def test_progress_reaches_the_spawned_ranks(tmp_path):
     assert "rank 0 shards" in r.stderr and "rank 1 shards" in r.stderr
 
 
+def test_bad_input_with_nproc_is_one_line(tmp_path):
+    """--nproc 2: a rank's ValueError is one error line and status 2, as with one process (not the
+    spawned rank's traceback inside torch.multiprocessing's); --nproc 0 is refused."""
+    r = _run(_gen_args(tmp_path / "x", num_images=4) + ["--eta", "nan"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        "python -m ppap_fast.distributed: error: eta must be >= 0, got nan" and "Traceback" not in r.stderr
+    r = _run(_gen_args(tmp_path / "x", num_images=4), nproc=0)
+    assert r.returncode == 2 and "--nproc must be >= 1, got 0" in r.stderr
+
+
 def test_ranks_with_different_configs_fail_clearly(tmp_path):
     cfg0 = D.GenerateConfig(str(tmp_path / "x"), **GEN)
     cfg1 = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "respacing": "ddim4"})
