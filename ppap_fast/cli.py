@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--experts", type=_positive_int, default=5)
     s.add_argument("--rank", type=_positive_int, default=4)
-    s.add_argument("--alpha", type=float, default=2.0)
+    s.add_argument("--alpha", type=finite_float, default=2.0)
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=float, default=1e-3)

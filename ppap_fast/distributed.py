@@ -1554,6 +1554,7 @@ def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | No
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .cli import finite_float
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
 
     ap = argparse.ArgumentParser(prog="python -m ppap_fast.distributed", description=__doc__.split("\n")[0])
@@ -1628,7 +1629,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
-    d.add_argument("--lora-alpha", dest="alpha", type=float, default=None)
+    d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None)
     d.add_argument("--layout", default=None)
     d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=64, help="per rank")

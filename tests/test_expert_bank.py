@@ -555,3 +555,20 @@ def test_batchnorms_no_expert_owns_stay_frozen_in_training():
     assert bank.training and not bank.model[1].training
     bank(torch.randn(10, 3, 8, 8) * 3, torch.randint(0, 1000, (10,)))
     assert torch.equal(bank.model[1].running_var, before)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_non_finite_lora_alpha_is_refused_before_training(alpha, capsys):
+    """alpha nan trained every step into NaN experts, refused only when saving them at the end."""
+    with pytest.raises(ValueError, match="Placement.alpha must be a finite number"):
+        Placement(lora=("0",), r=2, alpha=alpha)
+    from ppap_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--data", "d", "--alpha", str(alpha), "--out", "o"])
+    assert e.value.code == 2 and "argument --alpha: must be a finite number" in capsys.readouterr().err
+    from ppap_fast.distributed import main as dmain
+
+    with pytest.raises(SystemExit) as e:
+        dmain(["distill", "--data", "d", "--out", "o", "--teacher", "resnet18", "--lora-alpha", str(alpha)])
+    assert e.value.code == 2 and "argument --lora-alpha: must be a finite number" in capsys.readouterr().err

@@ -18,6 +18,7 @@ Rules (:func:`make_placement`): ``"resnet"``, ``"deit"``, ``"mobilenet_v2"``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +48,8 @@ class Placement:
         check_layout(self.layout)
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"Placement.r must be a positive int, got {self.r!r}")
+        if not math.isfinite(self.alpha):  # NaN experts, found only when saving after the whole run
+            raise ValueError(f"Placement.alpha must be a finite number, got {self.alpha!r}")
         for name, lst in (("lora", self.lora), ("bias", self.bias), ("norm", self.norm)):
             dup = sorted({m for m in lst if lst.count(m) > 1})
             if dup:
