@@ -147,6 +147,11 @@ def _build_guide(cfg: GuidedSampleConfig, device):
     from .guidance import ClassGuide, DenseRegressionGuide, SegmentationGuide
 
     bt = build_teacher(cfg.guide, cfg.guide_weights, task=cfg.guide_task)
+    if cfg.guide_weights is None and not cfg.experts and not cfg.guide.startswith(("tiny:", "py:")):
+        import warnings
+
+        warnings.warn(f"--guide {cfg.guide} without --guide-weights: a randomly initialised network guides the "
+                      "samples; pass --guide-weights PATH (mobilenet_v2: 'imagenet', shipped offline)", stacklevel=2)
     model = bt.model
     info = {"guide": cfg.guide, "task": bt.task, "experts": None}
     if cfg.experts:

@@ -189,3 +189,11 @@ def test_schedule_option_reaches_the_sampler(tmp_path):
     cos, stats = _run(tmp_path, "cos", "--schedule", "cosine")
     assert stats["config"]["schedule"] == "cosine"
     assert np.abs(lin["images"].astype(int) - cos["images"].astype(int)).mean() > 1
+
+
+def test_registry_guide_without_weights_warns(tmp_path):
+    """--guide resnet18 with no --guide-weights guided with a random network without a word."""
+    args = ["guided-sample", "--denoiser", "random-conv", "--image-size", "16", "--num-samples", "1", "--steps", "2",
+            "--no-progress", "--guide", "resnet18", "--targets", "5"]
+    with pytest.warns(UserWarning, match="--guide resnet18 without --guide-weights: a randomly initialised"):
+        assert main([*args, "--out", str(tmp_path / "a.npz")]) == 0
