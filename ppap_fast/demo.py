@@ -354,6 +354,8 @@ def save_samples(path, images: torch.Tensor, labels) -> Path:
 
 def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
+    if path.is_dir():
+        raise DemoError(f"sample file {path} is a directory: name the .npz inside it")
     if not path.is_file():
         raise DemoError(f"sample file not found: {path}")
     import zipfile

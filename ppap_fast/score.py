@@ -52,6 +52,8 @@ def read_images(path, what: str = "samples") -> tuple[np.ndarray, np.ndarray | N
     import zipfile
 
     path = Path(path)
+    if path.is_dir():
+        raise ScoreError(f"{what} file {path} is a directory: name the .npz inside it")
     if not path.is_file():
         raise ScoreError(f"{what} file not found: {path}")
     if not zipfile.is_zipfile(path):

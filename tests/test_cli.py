@@ -239,6 +239,8 @@ def test_unwritable_output(weights, tmp_path, capsys):
 def test_bad_sample_file(weights, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--weights-dir", str(weights)]) == 2
     assert "not found" in _err(capsys)
+    assert main(["evaluate", str(tmp_path), "--weights-dir", str(weights)]) == 2
+    assert "is a directory" in _err(capsys)
     p = tmp_path / "bad.npz"
     np.savez(p, images=np.zeros((2, 16, 16, 1), np.float32), labels=np.zeros(2, np.int64))
     assert main(["evaluate", str(p), "--weights-dir", str(weights)]) == 2

@@ -88,7 +88,7 @@ def test_score_with_the_offline_mobilenet(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("missing", "not found"), ("not_npz", "not an .npz"), ("no_images", "no 'images'"),
+    ("missing", "not found"), ("directory", "is a directory"), ("not_npz", "not an .npz"), ("no_images", "no 'images'"),
     ("target_range", "targets must lie in 0..1"), ("bad_targets", "targets must be integers"),
     ("few_real", "more than k=3"), ("no_weights", "no offline weights"),
     ("gray_samples", "cannot take the samples (images 8 x 8 x 1)"),
@@ -96,7 +96,9 @@ def test_score_with_the_offline_mobilenet(tmp_path, capsys):
 def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
     s = tmp_path / "s.npz"
     args = ["score", str(s), "--classifier", brightness_classifier, "--device", "cpu"]
-    if case == "not_npz":
+    if case == "directory":  # it said "not found" of a folder that exists
+        s.mkdir()
+    elif case == "not_npz":
         s.write_text("hello")
     elif case == "no_images":
         np.savez(s, pictures=_images([1]))
