@@ -50,16 +50,21 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     splits [0, T) into equal sections and takes that many evenly spaced steps in each.
     """
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+        spec = section_counts
+        try:  # "ddimx" / "abc": int()'s message named neither the option nor its forms
+            desired = int(spec[len("ddim"):]) if spec.startswith("ddim") else None
+            section_counts = [int(x) for x in spec.split(",")] if desired is None else None
+        except ValueError:
+            raise ValueError(f"respacing must be 'ddimN' or comma-separated step counts such as '250' or "
+                             f"'10,10,5', got {spec!r}") from None
+        if desired is not None:
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
-        section_counts = [int(x) for x in section_counts.split(",")]
     section_counts = list(section_counts)
-    if not section_counts or any(c < 0 for c in section_counts):
-        raise ValueError(f"invalid section counts {section_counts!r}")
+    if not section_counts or any(c < 0 for c in section_counts) or sum(section_counts) == 0:
+        raise ValueError(f"invalid section counts {section_counts!r}: non-negative, at least one step in all")
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, steps = 0, []
     for i, count in enumerate(section_counts):

@@ -35,6 +35,11 @@ def test_respacing_ddim25():
     assert s.timestep_map.tolist() == steps and s.num_timesteps == 25
     with pytest.raises(ValueError):
         space_timesteps(1000, "ddim600")  # no integer stride gives 600 steps
+    for bad in ("abc", "ddimx", "10,,5"):  # int()'s "invalid literal" named neither the option nor its forms
+        with pytest.raises(ValueError, match=f"respacing must be 'ddimN' or comma-separated step counts.*{bad!r}"):
+            Schedule.create("linear", 1000, bad)
+    with pytest.raises(ValueError, match="at least one step"):  # it said "timesteps must lie in [0, T)"
+        Schedule.create("linear", 1000, "0")
 
 
 def test_respacing_sections():
