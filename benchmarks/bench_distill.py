@@ -19,7 +19,10 @@ Triton kernel per direction for the LoRA share) against the default stacked A st
 captured: distill_implicit_vs_stacked, distill_graph_implicit_vs_stacked. And the loralib bank with
 its convs routed as the exactly equal rank r*k*k factorised LoRA (PPAP_FAST_LORALIB_CONV=factorised:
 base conv once + each sample's own expert, instead of N dense convs) against its dense deltas, eager
-and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factorised_vs_delta. Opt-in
+and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factorised_vs_delta; and with
+PPAP_FAST_LORALIB_CONV=lowrank (the base conv once + the LoRA's low-rank factors as one stacked grouped conv
+and a bmm, where that needs fewer FLOPs than N dense convs), captured with ExpertAdamW against the same
+step on the dense deltas: distill_graph_loralib_lowrank_vs_delta. Opt-in
 (PPAP_BENCH_DISTILL_CL=1): the factorised bank in channels_last, captured, with the default A stage,
 "in_base", "auto" and "implicit": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
 distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage),
@@ -344,6 +347,16 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
                 acc.setdefault("distill_graph_cl_best_vs_nchw", []).append(
                     min(cl_st, cl_ib, cl_auto, cl_impl) / row["factorised_graph_ms"])
         checkpoint()
+    try:  # the loralib bank's convs through their low-rank factors where that needs fewer FLOPs than N dense convs
+        lr_ms = _with_backend("PPAP_FAST_LORALIB_CONV", "lowrank", "lora_conv2d_delta", None,
+                              lambda: _graphed_ms(bank, x, t, teacher, reps, True))
+        row["onepass_graph_expert_adamw_loralib_lowrank_ms"] = round(lr_ms, 3)
+        if row.get("onepass_graph_expert_adamw_ms"):
+            acc.setdefault("distill_graph_loralib_lowrank_vs_delta", []).append(
+                lr_ms / row["onepass_graph_expert_adamw_ms"])
+    except Exception as exc:  # noqa: BLE001
+        row["loralib_lowrank_error"] = _error(exc)
+    checkpoint()
     try:  # the loralib bank's convs as the equal rank r*k*k factorised LoRA (implicit A stage)
         def lf(fn):
             return _with_backend("PPAP_FAST_LORALIB_CONV", "factorised", "lora_conv2d/a_stage", "implicit", fn)

@@ -569,7 +569,9 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
                                            "distill_graph_loralib_factorised_vs_delta")}, []
     bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
                                lambda: snaps.append(sum(bool(v) for v in acc.values())))
-    assert snaps == [1, 6, 9, 14, 16], snaps
+    assert snaps == [1, 6, 9, 14, 15, 17], snaps  # 15: the loralib lowrank route's captured step
+    assert row["onepass_graph_expert_adamw_loralib_lowrank_ms"] == 0.5
+    assert acc["distill_graph_loralib_lowrank_vs_delta"] == [1.0]
     assert row["onepass_graph_expert_adamw_ms"] == 0.5 and acc["distill_graph_expert_adamw_vs_adamw"] == [1.0]
     assert row["onepass_graph_amp_bf16_ms"] == 0.25 and acc["distill_graph_amp_bf16_vs_fp32"] == [0.5]
     assert not [k for k in row if k.endswith("error")], row

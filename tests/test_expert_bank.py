@@ -572,3 +572,97 @@ def test_non_finite_lora_alpha_is_refused_before_training(alpha, capsys):
     with pytest.raises(SystemExit) as e:
         dmain(["distill", "--data", "d", "--out", "o", "--teacher", "resnet18", "--lora-alpha", str(alpha)])
     assert e.value.code == 2 and "argument --lora-alpha: must be a finite number" in capsys.readouterr().err
+
+
+class _LowrankNet(nn.Module):
+    """Loralib convs of every lowrank case: a 5x5 stem and a 3x3 stride-2 conv whose C_in (3, 7) kh does not
+    divide (channel windows with partial channels), 1x1, 3x1 with dilation and padding (12 channels: whole
+    channel blocks), per-expert conv bias, BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 7, 5, padding=2, bias=False)
+        self.bn0 = nn.BatchNorm2d(7)
+        self.c3 = nn.Conv2d(7, 9, 3, stride=2, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(9)
+        self.c1 = nn.Conv2d(9, 12, 1, bias=False)
+        self.c31 = nn.Conv2d(12, 7, (3, 1), padding=(2, 0), dilation=(2, 1), bias=True)
+        self.head = nn.Linear(7, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.c3(x)))
+        x = self.c31(F.relu(self.c1(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("n", range(1, 11))
+def test_loralib_lowrank_route_equals_the_delta_route(monkeypatch, n, device):
+    """PPAP_FAST_LORALIB_CONV=lowrank (the base conv + the loralib LoRA's low-rank factors: no N-fold dense
+    convs) gives the delta route's outputs, gradients of every trainable tensor and BatchNorm running
+    statistics (float64 to 1e-10; float32 to 1e-5), for N = 1..10 with experts that have no sample."""
+    from ppap_fast.ops.lora import vectorized
+
+    ran = []
+    real = vectorized.loralib_conv2d_lowrank
+    monkeypatch.setattr(vectorized, "lowrank_is_cheaper", lambda *a: True)  # every conv: each case runs
+    monkeypatch.setattr(vectorized, "loralib_conv2d_lowrank", lambda *a, **k: ran.append(a[1].shape) or real(*a, **k))
+    torch.manual_seed(n)
+    if device == "cuda":  # fp32 parity: no TF32 in the convs / matmuls of either route
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    idx = torch.tensor([0, n - 1, n - 1, n // 2, 0], device=device)  # experts 1.. n-2 but n // 2: no sample
+    for dt, tol in ((D, 1e-10), (torch.float32, 1e-5)):
+        start = randomise_bank(ExpertBank(_LowrankNet(), "generic", n_experts=n, num_timesteps=10 * n,
+                                          layout="loralib").to(dt)).to(device).train()
+        x = torch.randn(5, 3, 9, 11, dtype=dt).to(device)
+        runs = {}
+        for route in ("delta", "lowrank"):
+            monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", route)
+            bank = ExpertBank(_LowrankNet(), "generic", n_experts=n, num_timesteps=10 * n,
+                              layout="loralib").to(dt).to(device).train()
+            bank.load_state_dict(start.state_dict())
+            ran.clear()
+            y = bank(x, expert_idx=idx)
+            (y.square().sum() + y.sum()).backward()
+            runs[route] = (y.detach(), {k: p.grad for k, p in bank.named_parameters() if p.requires_grad},
+                           {k: v for k, v in bank.state_dict().items() if "running" in k})
+            assert len(ran) == (4 if route == "lowrank" else 0)
+        (y_d, g_d, s_d), (y_l, g_l, s_l) = runs["delta"], runs["lowrank"]
+        assert rel(y_l, y_d) < tol
+        assert set(g_l) == set(g_d) and "model.c3.lora_A" in g_d
+        floor = 1e-2 * max(float(g.norm()) for g in g_d.values())  # grads zero in exact arithmetic (a conv
+        for k, g in g_d.items():  # bias before a train-mode BatchNorm) compare against the floor
+            assert float((g_l[k] - g).norm()) <= tol * max(float(g.norm()), floor), k
+        for k, v in s_d.items():
+            assert rel(s_l[k], v) < tol, k
+
+
+def test_loralib_lowrank_route_runs_where_it_saves_flops(monkeypatch):
+    """PPAP_FAST_LORALIB_CONV=lowrank takes a conv through the low-rank factors only where that needs fewer
+    multiply-adds than the N dense convs (vectorized.lowrank_is_cheaper): ResNet50 at N=5 and 10, every
+    LoRA conv but the 7x7 stem on 3 channels; at N=1 the wide 3x3 convs of layer1/2 keep their deltas."""
+    from ppap_fast.experts.placement import resnet_placement
+    from ppap_fast.ops.lora.vectorized import lowrank_is_cheaper
+
+    m = torchvision.models.resnet50()
+    mods = dict(m.named_modules())
+
+    def kept(n):
+        return [k for k in resnet_placement(m).lora if not lowrank_is_cheaper(
+            n, mods[k].out_channels, mods[k].in_channels, *mods[k].kernel_size, 16 * mods[k].kernel_size[0])]
+
+    assert kept(5) == kept(10) == ["conv1"]
+    assert set(kept(1)) == {"conv1", "layer1.0.conv1"} | {f"layer{s}.{b}.conv2" for s, nb in ((1, 3), (2, 4))
+                                                           for b in range(nb)}
+    from ppap_fast.ops.lora import vectorized
+
+    ran = []
+    real = vectorized.loralib_conv2d_lowrank
+    monkeypatch.setattr(vectorized, "loralib_conv2d_lowrank", lambda *a, **k: ran.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "lowrank")
+    bank = ExpertBank(_LowrankNet(), "generic", n_experts=10, num_timesteps=100, layout="loralib").train()
+    bank(torch.randn(3, 3, 8, 8), expert_idx=torch.tensor([0, 9, 4]))
+    assert [tuple(s[-2:]) for s in ran] == [(1, 1)]  # its narrow 5x5, 3x3, 3x1 convs (<= 12 channels): delta

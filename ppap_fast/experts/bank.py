@@ -171,14 +171,18 @@ class RoutedLinear(_RoutedLoRA):
         return lin
 
 
-LORALIB_CONV_ROUTES = ("delta", "factorised")
+LORALIB_CONV_ROUTES = ("delta", "factorised", "lowrank")
 
 
 def loralib_conv_route() -> str:
     """How a routed loralib-layout conv (groups 1) runs: "delta" (default: dense per-expert deltas
-    through lora_conv2d_delta) or "factorised" (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal
+    through lora_conv2d_delta), "factorised" (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal
     rank r*kh*kh factorised LoRA through lora_conv2d's implicit A stage: the base conv once plus each
-    sample's own expert, instead of the delta path's N dense convs on CUDA)."""
+    sample's own expert, instead of the delta path's N dense convs on CUDA) or "lowrank"
+    (PPAP_FAST_LORALIB_CONV=lowrank: ops.lora.vectorized.loralib_conv2d_lowrank, the base conv once plus
+    the LoRA's low-rank factors as one stacked grouped cuDNN conv (N*r*kh channels over ~C_in/kh-channel
+    windows) and one bmm: about r*kh/C_out of the delta route's N-fold conv FLOPs; per conv, where that
+    takes fewer multiply-adds than the delta route: vectorized.lowrank_is_cheaper, else the delta route)."""
     import os
 
     route = os.environ.get("PPAP_FAST_LORALIB_CONV", "").strip().lower() or "delta"
@@ -239,6 +243,14 @@ class RoutedConv2d(_RoutedLoRA):
                 kw["a_blocks"] = self.kernel_size[0]  # A is kh blocks on a diagonal: skip the zeros
             return ops.lora_conv2d(x, self.weight, self.bias, A, B, idx, self.scale,
                                    self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
+        if self.groups == 1 and x.shape[0] and loralib_conv_route() == "lowrank":
+            from ppap_fast.ops.lora import vectorized as V
+
+            if V.lowrank_is_cheaper(self.n_experts, self.out_channels, self.in_channels, *self.kernel_size,
+                                    self.lora_A.shape[1]):
+                return V.loralib_conv2d_lowrank(x, self.weight, self.bias, self.lora_A, self.lora_B, idx,
+                                                self.scale, self.stride, self.padding, self.dilation,
+                                                self.expert_bias)
         return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,
                                      self.padding, self.dilation, self.groups, self.expert_bias)
 
