@@ -48,6 +48,10 @@ PENDING = (
      "make 'factorised' the CUDA default of experts/bank.py loralib_conv_route"),
     ("distill_loralib_factorised_vs_delta", "loralib convs faster as factorised LoRA eager",
      "with the graphed ratio below 1 too: the same default change"),
+    ("distill_graph_loralib_lowrank_vs_delta", "loralib convs faster through their low-rank factors (one stacked "
+     "grouped conv + bmm) than as N dense convs in the graphed step (N=10: 3730 -> 1339 GFLOP)",
+     "make 'lowrank' the CUDA default of experts/bank.py loralib_conv_route (then re-read "
+     "distill_graph_vs_frozen_fwdbwd)"),
     ("distill_triton_vs_auto", "Triton LoRA faster than cuda_full eager (factorised bank)",
      "make 'triton' first in the CUDA automatic order (ops/lora/__init__.py _ORDER)"),
     ("distill_graph_amp_bf16_vs_fp32", "the graphed distill step (ExpertAdamW) faster with --amp bf16",
