@@ -411,6 +411,8 @@ def _run(args) -> int:
         targets = _parse_targets(args.targets, args.num_samples)
         x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
                                       args.seed, args.batch_size, progress=progress, fast=args.fast)
+        for side in (out.with_suffix(".json"), out.with_suffix(".png")):  # an older run's, never beside new samples
+            side.unlink(missing_ok=True)
         demo.save_samples(out, x, targets.numpy())
         images, labels = demo.read_samples(out)
         demo.save_grid(out.with_suffix(".png"), images, labels)

@@ -479,3 +479,18 @@ def test_ddpm_samples_do_not_depend_on_batch_size(weights, fast):
     other_seed = sample_method("ppap-5", weights, torch.tensor([1, 4, 7]), sampler="ddpm", steps=4, scale=5.0, seed=4,
                                batch_size=3, progress=False, fast=fast)[0]
     assert (other_seed - runs[0]).abs().max() > 1e-2
+
+
+def test_sample_failing_after_its_npz_leaves_no_older_runs_stats(weights, tmp_path, monkeypatch):
+    from ppap_fast import demo
+
+    out = tmp_path / "s.npz"
+    out.with_suffix(".json").write_text('{"method": "an older run"}')
+
+    def broken_grid(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(demo, "save_grid", broken_grid)
+    assert main(["sample", "--weights-dir", str(weights), "--method", "none", "--num-samples", "2", "--steps", "2",
+                 "--out", str(out), "--no-progress"]) != 0
+    assert out.exists() and not out.with_suffix(".json").exists()
