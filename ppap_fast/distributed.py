@@ -1660,9 +1660,10 @@ def config_from_args(a) -> GenerateConfig | DistillConfig:
                          loss_reduction=a.loss_reduction, amp=a.amp)
 
 
-# what main() reports as one line (bad arguments, files, a failed rank), as raised in a spawned rank too
-_BAD_INPUT_ERRORS = {"ValueError", "OSError", "FileNotFoundError", "FileExistsError", "IsADirectoryError",
-                     "NotADirectoryError", "PermissionError", "DistributedRunError", "ConfigMismatchError"}
+# what main() reports as one line (bad arguments, files, a failed rank); a spawned rank's by class name
+_BAD_INPUT = (ValueError, OSError, DistributedRunError, ConfigMismatchError)
+_BAD_INPUT_ERRORS = {c.__name__ for c in (*_BAD_INPUT, FileNotFoundError, FileExistsError, IsADirectoryError,
+                                          NotADirectoryError, PermissionError)}
 
 
 def main(argv=None) -> int:
@@ -1693,7 +1694,7 @@ def main(argv=None) -> int:
         return 2
     try:
         res = _TASKS[a.task](cfg, env, progress=a.progress)
-    except (ValueError, OSError, DistributedRunError, ConfigMismatchError) as e:
+    except _BAD_INPUT as e:
         if env.distributed:
             raise
         print(f"python -m ppap_fast.distributed: error: {' '.join(str(e).split())}", file=sys.stderr)
