@@ -500,11 +500,14 @@ class _DenseGuide(Guide):
         h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
         return _primary(self.model(h, t) if self.pass_t else self.model(h), self.output_keys, self.name)
 
+    def _aligned_target(self, out_shape):
+        return self.target_map
+
     def _target_for(self, out_shape, per_pixel_dims: int, resize, device):
         """The target map as [B, *out_shape[1 + per_pixel_dims:]] (logits' K is a per-pixel dim), its [H, W]
         resized to the output's where they differ (maps of rank >= 2 for outputs [B, ..., H, W])."""
         want = (out_shape[0], *out_shape[1 + per_pixel_dims:])
-        tgt = _autograd_usable(self.target_map.to(device))
+        tgt = _autograd_usable(self._aligned_target(out_shape).to(device))
         shared = tgt.dim() == len(want) - 1
         per_sample = want[1:] if shared else want
         if tgt.dim() != len(per_sample) or tgt.shape[:-2] != per_sample[:-2]:
@@ -526,6 +529,8 @@ class DenseRegressionGuide(_DenseGuide):
     Non-finite target pixels (NaN / Inf: invalid depth) do not count; a sample without a valid pixel gets no
     guidance (maps marking invalid pixels with 0 need ``target[target == 0] = nan``).
     A Hugging Face depth model's ``predicted_depth`` [B, H, W] is read (then give [B, H, W] or [H, W] targets).
+    For a one-channel output [B, 1, H, W], a target without that channel ([H, W], or [B, H, W] with B > 1)
+    is read as [1, H, W] / [B, 1, H, W].
     """
 
     name = "DenseRegressionGuide"
@@ -535,6 +540,15 @@ class DenseRegressionGuide(_DenseGuide):
         super().__init__(model, target, scale, input_transform, pass_t, nonfinite)
         if not self.target_map.is_floating_point():
             raise ValueError(f"{self.name}: target map must be floating, got {self.target_map.dtype}")
+
+    def _aligned_target(self, out_shape):
+        tgt = self.target_map
+        if len(out_shape) >= 4 and out_shape[1] == 1:
+            if tgt.dim() == len(out_shape) - 2:
+                return tgt.unsqueeze(0)
+            if tgt.dim() == len(out_shape) - 1 and tgt.shape[0] == out_shape[0] > 1:
+                return tgt.unsqueeze(1)
+        return tgt
 
     def _shape_error(self, out_shape):
         return (f"{self.name}: model output shape {tuple(out_shape)} does not match the target shape "

@@ -453,6 +453,13 @@ def test_dense_targets_are_resized_to_the_output():
         DenseRegressionGuide(net, torch.zeros(3, 1, 8, 8, dtype=D))(x, 3)
     with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\).*\(2, 2, 8, 8\)"):  # channels
         DenseRegressionGuide(net, torch.zeros(2, 2, 8, 8, dtype=D))(x, 3)
+    # a one-channel output's target may omit the channel: [H, W] shared, [B, H, W] per sample
+    for no_channel in (depth[0, 0], depth[:, 0]):
+        g = DenseRegressionGuide(net, no_channel, scale=2.0)(x if no_channel.dim() == 3 else x[:1], 3)
+        want = ref if no_channel.dim() == 3 else DenseRegressionGuide(net, small[0], scale=2.0)(x[:1], 3)
+        assert rel(g, want) < 1e-12
+    with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\).*\(3, 8, 8\)"):  # [B, H, W] of another batch
+        DenseRegressionGuide(net, torch.zeros(3, 8, 8, dtype=D))(x, 3)
     seg = HalfResNet(4)
     labels = torch.randint(0, 4, (2, 8, 8))
     labels[1, :2] = 255
