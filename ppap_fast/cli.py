@@ -48,6 +48,17 @@ def _positive(cast, what: str):
 _positive_int, _positive_float = _positive(int, "integer"), _positive(float, "number")
 
 
+def _widths(v: str) -> list[int]:
+    """An argparse type: comma-separated positive stage widths."""
+    try:
+        widths = [int(w) for w in v.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {v!r}") from None
+    if not all(w > 0 for w in widths):
+        raise argparse.ArgumentTypeError(f"stage widths must be positive, got {v}")
+    return widths
+
+
 def finite_float(v: str) -> float:
     """An argparse type: a finite float (``--scale nan`` / ``inf`` is refused at parse time, not after loading)."""
     try:
@@ -103,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=1000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=float, default=2e-3)
-    s.add_argument("--widths", default="16,32,64", help="resnet stage widths")
+    s.add_argument("--widths", type=_widths, default="16,32,64", help="resnet stage widths (positive integers)")
     common(s, weights=False)
 
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
@@ -296,6 +307,9 @@ def _run(args) -> int:
     if getattr(args, "device", None) and args.cmd != "guided-sample" and not (args.cmd == "score"
                                                                               and args.device == "auto"):
         _check_device(args.device)
+    weights_dir = getattr(args, "weights_dir", None)
+    if weights_dir and Path(weights_dir).exists() and not Path(weights_dir).is_dir():
+        raise DemoError(f"--weights-dir {weights_dir} is a file; name the directory that holds the weights")
     if args.cmd == "train-diffusion":
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
@@ -315,7 +329,7 @@ def _run(args) -> int:
         s = DigitsSplits.create(0)
         torch.manual_seed(args.seed)  # model initialisation
         if args.arch == "resnet":
-            model = TinyResNet(widths=[int(w) for w in args.widths.split(",")])
+            model = TinyResNet(widths=args.widths)
             x, y = s.classifier
         else:  # the evaluator: a different architecture and seed, clean diffusion+classifier splits
             model = EvalNet()

@@ -494,3 +494,21 @@ def test_sample_failing_after_its_npz_leaves_no_older_runs_stats(weights, tmp_pa
     assert main(["sample", "--weights-dir", str(weights), "--method", "none", "--num-samples", "2", "--steps", "2",
                  "--out", str(out), "--no-progress"]) != 0
     assert out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("value", ["0,0,0", "16,-8", "16,x"])
+def test_bad_classifier_widths_are_a_usage_error(value, capsys, tmp_path):
+    """--widths 0,0,0 ended in a conv2d traceback after loading the data."""
+    with pytest.raises(SystemExit) as e:
+        main(["train-classifier", "--widths", value, "--steps", "1", "--out", str(tmp_path / "c.safetensors")])
+    assert e.value.code == 2 and "argument --widths:" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_weights_dir_that_is_a_file_says_so(tmp_path, capsys):
+    """A file given as --weights-dir was reported as a missing '<file>/unet.safetensors'."""
+    f = tmp_path / "weights.safetensors"
+    f.write_bytes(b"")
+    assert main(["sample", "--weights-dir", str(f), "--method", "ppap-5", "--out", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"--weights-dir {f} is a file" in err and "unet.safetensors" not in err
