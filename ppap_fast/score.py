@@ -45,6 +45,7 @@ class ScoreConfig:
     batch_size: int = 64
     device: str = "auto"
     k: int = 3
+    progress: bool = False
 
 
 def read_images(path, what: str = "samples") -> tuple[np.ndarray, np.ndarray | None]:
@@ -109,9 +110,9 @@ def _last_linear(model: nn.Module) -> nn.Linear | None:
 
 @torch.no_grad()
 def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int,
-                       device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                       device: torch.device, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features: the input of the model's last nn.Linear, or its logits without one;
-    softmax probabilities), float64 on the CPU, of uint8 N x H x W x C images."""
+    softmax probabilities), float64 on the CPU, of uint8 N x H x W x C images; ``progress``: a bar's title."""
     from .data import from_uint8
     from .guidance import _primary
 
@@ -119,6 +120,10 @@ def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch
     seen: list = []
     hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten(1))) if head is not None else None
     feats, probs = [], []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=images_u8.shape[0], desc=progress, unit="img", mininterval=1)
     try:
         for i in range(0, images_u8.shape[0], batch_size):
             x = from_uint8(images_u8[i:i + batch_size]).to(device)
@@ -130,7 +135,11 @@ def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch
             f = seen[-1] if seen else logits
             feats.append(f.double().cpu().numpy())
             probs.append(torch.softmax(logits.double(), 1).cpu().numpy())
+            if bar is not None:
+                bar.update(x.shape[0])
     finally:
+        if bar is not None:
+            bar.close()
         if hook is not None:
             hook.remove()
     return np.concatenate(feats), np.concatenate(probs)
@@ -173,7 +182,8 @@ def score(cfg: ScoreConfig) -> dict:
 
     def outputs(what, imgs):
         try:
-            return classifier_outputs(model, transform, imgs, cfg.batch_size, device)
+            return classifier_outputs(model, transform, imgs, cfg.batch_size, device,
+                                      f"score {what}" if cfg.progress else None)
         except RuntimeError as e:  # a shape / channel mismatch deep in a conv: one line naming the images
             if isinstance(e, torch.OutOfMemoryError):
                 raise
@@ -219,10 +229,12 @@ def add_parser(sub) -> None:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--json", default=None, help="also write the scores to this .json file")
+    s.add_argument("--no-progress", action="store_true")
 
 
 def main_json(args) -> str:
-    cfg = ScoreConfig(args.samples, args.classifier, args.classifier_weights, args.real, args.batch_size, args.device)
+    cfg = ScoreConfig(args.samples, args.classifier, args.classifier_weights, args.real, args.batch_size, args.device,
+                      progress=not args.no_progress)
     if args.json is not None and Path(args.json).is_dir():
         raise ScoreError(f"--json {args.json} is a directory; name an output file")
     res = score(cfg)

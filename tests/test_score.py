@@ -41,7 +41,9 @@ def test_score_counts_what_the_classifier_sees(tmp_path, capsys, brightness_clas
     out = tmp_path / "scores" / "s.json"
     assert main(["score", str(samples), "--classifier", brightness_classifier, "--real", str(real),
                  "--device", "cpu", "--batch-size", "3", "--json", str(out)]) == 0
-    res = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert "score samples" in captured.err and "score real images" in captured.err and "4/4" in captured.err
     assert json.loads(out.read_text()) == res
     assert res["num_samples"] == 4 and res["num_classes"] == 2 and res["feature_dim"] == 3
     assert res["target_accuracy"] == 0.75 and res["target_top5_accuracy"] == 1.0
@@ -51,8 +53,9 @@ def test_score_counts_what_the_classifier_sees(tmp_path, capsys, brightness_clas
 
     np.savez(real, images=_images([0, 5, 10, 15, 20]))  # real images unlike the samples: a large distance
     assert main(["score", str(samples), "--classifier", brightness_classifier, "--real", str(real),
-                 "--device", "cpu"]) == 0
-    assert json.loads(capsys.readouterr().out)["fd"] > 1.0
+                 "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["fd"] > 1.0 and "score samples" not in captured.err
 
 
 def test_score_reads_the_parts_of_a_split_run_as_one_set(tmp_path, capsys, brightness_classifier):
