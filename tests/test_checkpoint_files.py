@@ -84,6 +84,16 @@ def test_a_diverged_bank_is_not_saved_over_a_checkpoint(tmp_path):
     assert (tmp_path / "inspect" / "experts.safetensors").exists()
 
 
+def test_output_that_is_a_file_is_named(tmp_path):
+    """An existing file as the checkpoint directory (or a folder above it) was a bare errno."""
+    f = tmp_path / "experts.safetensors"
+    f.write_text("keep")
+    for out in (f, f / "sub"):
+        with pytest.raises(ValueError, match=f"save_experts: {f} is a file, not a directory"):
+            save_experts(_bank(0), out)
+    assert f.read_text() == "keep"
+
+
 def test_damaged_checkpoint_is_refused(tmp_path):
     ck = tmp_path / "ck"
     # a corrupted byte

@@ -253,6 +253,17 @@ def test_bad_expert_and_nonfinite(tmp_path):
         export_peft(bank, 1, tmp_path / "b")
 
 
+def test_output_that_is_a_file_is_named(tmp_path):
+    """An existing file as out_dir (or a folder above it) was a bare FileExistsError / NotADirectoryError."""
+    bank = ExpertBank(ConvNet(), Placement(lora=("conv1",), norm=("bn1",), r=2, alpha=2), n_experts=2)
+    f = tmp_path / "adapter"
+    f.write_text("keep")
+    for out in (f, f / "sub"):
+        with pytest.raises(ValueError, match=f"export_peft: {f} is a file, not a directory"):
+            export_peft(bank, 0, out)
+    assert f.read_text() == "keep"
+
+
 # ----------------------------------------------------------------------------- CLI (shipped demo weights)
 def test_cli_export_peft_shipped(tmp_path, capsys):
     from ppap_fast.cli import main

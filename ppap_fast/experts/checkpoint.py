@@ -87,6 +87,18 @@ def _committed_config(path: Path) -> dict | None:
     return cfg if isinstance(cfg, dict) and isinstance(cfg.get("files"), dict) else None
 
 
+def check_output_dir(path, what: str) -> Path:
+    """``path`` as a Path, or a ValueError when it, or a folder above it, is an existing file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" (in {path})"
+                raise ValueError(f"{what}: {p} is a file, not a directory{where}; name an output directory")
+            break
+    return path
+
+
 def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
     Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
@@ -95,7 +107,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     values (a diverged run) are refused before anything is written, unless ``allow_nonfinite``."""
     from ..data.shards import fsync_dir, save_safetensors_atomic, write_json_atomic
 
-    path = Path(path)
+    path = check_output_dir(path, "save_experts")
     tensors = {k: v.detach().contiguous().clone() for k, v in bank.per_expert_state_dict().items()}
     files = {"experts.safetensors": tensors}
     if include_base:

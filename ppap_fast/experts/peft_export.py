@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from .bank import ExpertBank, ExpertBatchNorm, ExpertGroupNorm, ExpertLayerNorm, RoutedBias, RoutedConv2d, \
     RoutedLinear
+from .checkpoint import check_output_dir
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -157,6 +158,7 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     if not isinstance(bank, ExpertBank):
         raise TypeError(f"export_peft needs an ExpertBank, got {type(bank).__name__}")
     expert = bank._check_n(expert)
+    check_output_dir(out_dir, "export_peft")
     if base_model is not None:
         _check_base_model(bank, base_model)
     n = expert
