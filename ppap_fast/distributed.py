@@ -1567,7 +1567,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="torch threads per process")
         p.add_argument("--timeout", type=float, default=1800.0, help="collective timeout, seconds")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--progress", action="store_true")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="progress bars (as ppap-fast's commands; --no-progress: none)")
 
     g = sub.add_parser("generate", help="data-free set: per-rank resumable shards + manifest")
     common(g)

@@ -172,10 +172,13 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
 
 
 def test_progress_reaches_the_spawned_ranks(tmp_path):
-    """--progress with --nproc: the ranks' bars (it was dropped on the way to the workers)."""
-    r = _run(_gen_args(tmp_path / "x", num_images=4) + ["--progress"])
+    """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
+    dropped on the way to the workers); --no-progress: none."""
+    r = _run(_gen_args(tmp_path / "x", num_images=4))
     assert r.returncode == 0, r.stderr
     assert "rank 0 shards" in r.stderr and "rank 1 shards" in r.stderr
+    r = _run(_gen_args(tmp_path / "y", num_images=4) + ["--no-progress"])
+    assert r.returncode == 0 and "shards" not in r.stderr, r.stderr
 
 
 def test_bad_input_with_nproc_is_one_line(tmp_path):
