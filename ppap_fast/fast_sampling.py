@@ -90,7 +90,7 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import NONFINITE_MODES, _index_tensor, denoiser_output
+from .sampling import NONFINITE_MODES, _index_tensor, call_denoiser, denoiser_output
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -311,7 +311,7 @@ class _ModelRunner:
                     warnings.warn(f"torch.compile of the denoiser failed ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager denoiser",
                                   FastSamplingWarning, stacklevel=3)
-            return denoiser_output(self.model(x, t, **self.kwargs))
+            return denoiser_output(call_denoiser(self.model, x, t, self.kwargs))
 
 
 def _autocast_dtype(dtype, name):
@@ -881,6 +881,8 @@ class FastGuidedSampler:
         else:
             x = torch.randn(tuple(int(s) for s in shape_or_x), generator=generator, device=self.device, dtype=dtype)
         self._check_x(x)
+        if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
         steps = range(self.schedule.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm

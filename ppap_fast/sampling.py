@@ -275,11 +275,31 @@ def denoiser_output(out):
     return out
 
 
+def _weight_dtypes(model) -> set:
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return {p.dtype for p in params if p.is_floating_point()}
+
+
+def call_denoiser(model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None):
+    """``model(x, t, **model_kwargs)``; a RuntimeError of a model whose weights are all of another dtype than x
+    (float64 x_T into a float32 UNet) is raised again naming both dtypes and the fix."""
+    try:
+        return model(x, t, **(model_kwargs or {}))
+    except RuntimeError as e:
+        weights = _weight_dtypes(model)
+        if isinstance(e, torch.OutOfMemoryError) or not weights or x.dtype in weights:
+            raise
+        names = ", ".join(sorted(str(d) for d in weights))
+        raise RuntimeError(f"the denoiser failed on x_t of dtype {x.dtype}, its weights are {names}: give x_T "
+                           f"in the weights' dtype (sample_loop's dtype= or x_T.to(...)) or convert the denoiser "
+                           f"(it raised: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
 def _run_model(model, model_output, x, idx, schedule, model_kwargs):
     if model_output is None:
         if model is None:
             raise ValueError("pass a model or a precomputed model_output")
-        model_output = model(x, schedule.timestep_map[idx], **(model_kwargs or {}))
+        model_output = call_denoiser(model, x, schedule.timestep_map[idx], model_kwargs)
     elif model is not None:
         raise ValueError("pass either model or model_output, not both")
     return denoiser_output(model_output)
@@ -396,6 +416,8 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         shape = tuple(int(s) for s in shape_or_x)
         x = torch.randn(shape, generator=generator, device=schedule.device, dtype=dtype)
     _check_x(x, schedule, "x_T")
+    if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

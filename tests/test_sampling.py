@@ -356,6 +356,31 @@ def test_sample_loop_ddim_eta0_draws_no_noise_and_generator_reproducible():
 
 # ----------------------------------------------------------------- bad inputs
 
+@pytest.mark.parametrize("loop", [sample_loop, fast_sampling.fast_sample_loop])
+def test_x_T_of_another_dtype_or_non_finite_is_named(loop):
+    """A float64 x_T into a float32 UNet was the conv's bare dtype error; a NaN x_T without a guide gave
+    NaN images."""
+    s = Schedule.create("linear", 1000, "ddim5")
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(x)
+
+    with pytest.raises(RuntimeError, match=r"x_t of dtype torch.float64, its weights are torch.float32.*"
+                                           r"\(it raised: Input type"):
+        loop(Denoiser(), torch.randn(2, 3, 8, 8, dtype=torch.float64), s)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.isfinite(loop(Denoiser(), x, s)).all()
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="x_T has 1 non-finite values"):
+        loop(Denoiser(), x, s)
+
+
 def test_bad_inputs_raise():
     s = Schedule.create("linear", 1000, "ddim25")
     x = torch.randn(2, 3, 4, 4)
