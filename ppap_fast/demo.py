@@ -409,6 +409,46 @@ def save_grid(path, images_u8: np.ndarray, labels=None, per_class: int = 10, sca
     return _atomic(path, lambda tmp: im.save(tmp, format="PNG"), ".png")
 
 
+COMPARISON_CELL, COMPARISON_GAP, COMPARISON_LEFT, COMPARISON_TOP = 64, 4, 230, 28
+
+
+def comparison_cell(row: int, col: int) -> tuple[int, int]:
+    """Top-left (x, y) pixel of sample ``col`` of method ``row`` in :func:`save_comparison`'s picture."""
+    step = COMPARISON_CELL + COMPARISON_GAP
+    return COMPARISON_LEFT + col * step, COMPARISON_TOP + row * step
+
+
+def save_comparison(path, samples: dict, labels, captions: dict | None = None) -> Path:
+    """One picture of every method: a row per method (``samples``: name -> uint8 N x H x W x 1, all drawn
+    from the same initial noise per index), a column per class with that class's first sample, the
+    method's name and ``captions[name]`` on the left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    labels = np.asarray(labels)
+    cols = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if (labels == c).any()]
+    names = list(samples)
+    x_end, y_end = comparison_cell(len(names), len(cols))
+    canvas = Image.new("L", (x_end, y_end), 255)
+    draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    for j, k in enumerate(cols):
+        x, _ = comparison_cell(0, j)
+        draw.text((x + COMPARISON_CELL // 2, COMPARISON_TOP // 2), f"target {int(labels[k])}", fill=0,
+                  font=font, anchor="mm")
+    for i, name in enumerate(names):
+        imgs = np.asarray(samples[name])[..., 0]
+        _, y = comparison_cell(i, 0)
+        text = name if not captions or name not in captions else f"{name}\n{captions[name]}"
+        draw.multiline_text((8, y + COMPARISON_CELL // 2), text, fill=0, font=font, anchor="lm")
+        for j, k in enumerate(cols):
+            cell = Image.fromarray(imgs[k]).resize((COMPARISON_CELL, COMPARISON_CELL), Image.NEAREST)
+            canvas.paste(cell, comparison_cell(i, j))
+    return _atomic(path, lambda tmp: canvas.save(tmp, format="PNG"), ".png")
+
+
 _REAL_CACHE: dict = {}
 
 
@@ -516,7 +556,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     for m in methods:
         load_guide_model(weights_dir, m)
     targets = cyclic_targets(num_samples)
-    results = {}
+    results, pictured = {}, {}
     t_start = time.time()
     for m in methods:
         x, stats = sample_method(m, weights_dir, targets, sampler, steps, scale, seed, batch_size, unet=unet,
@@ -525,6 +565,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         path = save_samples(out / f"samples_{tag}.npz", x, targets.numpy())
         images, labels = read_samples(path)
         save_grid(out / f"grid_{tag}.png", images, labels)
+        pictured[m] = images
         results[m] = {**evaluate_samples(images, labels, evaluator), **stats}
         if progress:
             r = results[m]
@@ -535,6 +576,8 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
                "torch_threads": torch.get_num_threads()}
     write_json_atomic(out / "results.json", summary)
     save_bar_chart(out / "results.png", results)
+    save_comparison(out / "comparison.png", pictured, targets.numpy(),
+                    {m: f"acc {r['target_accuracy']:.2f}, FD {r['fd']:.0f}" for m, r in results.items()})
     print(format_table(results))
     return summary
 

@@ -29,6 +29,17 @@ def test_demo_writes_every_artefact(tmp_path, capsys):
     assert res["methods"]["ppap-10"]["labelled_data"] == 0 and res["methods"]["multi-experts-5"]["labelled_data"] == 500
     assert res["methods"]["x0hat"]["nfe_per_sample"] == 4  # the UNet runs again inside the x0-hat guide
     assert (out / "results.png").stat().st_size > 0
+    from PIL import Image
+
+    from ppap_fast.demo import COMPARISON_CELL, comparison_cell
+    pic = np.asarray(Image.open(out / "comparison.png"))  # a row per method, a column per target class
+    assert pic.shape == comparison_cell(len(DEMO_METHODS), 10)[::-1]
+    for i, m in enumerate(DEMO_METHODS):
+        with np.load(out / f"samples_{m}.npz") as z:
+            for j in (0, 7):
+                x, y = comparison_cell(i, j)
+                want = np.kron(z["images"][j, ..., 0], np.ones((COMPARISON_CELL // 16,) * 2, np.uint8))
+                assert np.array_equal(pic[y:y + COMPARISON_CELL, x:x + COMPARISON_CELL], want), (m, j)
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     table = capsys.readouterr().out
     assert "| method" in table and "ppap-10" in table
