@@ -32,53 +32,27 @@ from .data.shards import fsync_dir
 from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
 
 
-def _positive(cast, what: str):
-    """An argparse type: ``cast(v)`` that must be finite and > 0."""
+def _checked(cast, ok, what: str):
+    """An argparse type: ``cast(v)`` for which ``ok`` holds; ``what`` names the accepted values."""
     def parse(v: str):
         try:
             x = cast(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {v!r}") from None
-        if not 0 < x < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
         return x
     return parse
 
 
-_positive_int, _positive_float = _positive(int, "integer"), _positive(float, "number")
-
-
-def _widths(v: str) -> list[int]:
-    """An argparse type: comma-separated positive stage widths."""
-    try:
-        widths = [int(w) for w in v.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {v!r}") from None
-    if not all(w > 0 for w in widths):
-        raise argparse.ArgumentTypeError(f"stage widths must be positive, got {v}")
-    return widths
-
-
-def finite_float(v: str) -> float:
-    """An argparse type: a finite float (``--scale nan`` / ``inf`` is refused at parse time, not after loading)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
-    return x
-
-
-def _decay(v: str) -> float:
-    """An argparse type: an EMA decay in [0, 1] (nan or -1 would average the weights into garbage)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v!r}") from None
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {v}")
-    return x
+_positive_int = _checked(int, lambda x: x > 0, "a positive integer")
+_positive_float = _checked(float, lambda x: 0 < x < float("inf"), "a positive number")
+# --scale nan / inf is refused at parse time, not after loading
+finite_float = _checked(float, math.isfinite, "a finite number")
+# an EMA decay: nan or -1 would average the weights into garbage
+_decay = _checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+_widths = _checked(lambda v: [int(w) for w in v.split(",")], lambda ws: all(w > 0 for w in ws),
+                   "comma-separated positive integers")
 
 
 def _parser() -> argparse.ArgumentParser:
