@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from .data.shards import fsync_dir
-from .demo import DEFAULT_SCALE, DEMO_METHODS, WEIGHTS_DIR, DemoError
+from .demo import DEFAULT_SCALE, DEMO_METHODS, DEMO_MIN_SAMPLES, WEIGHTS_DIR, DemoError
 
 
 def _checked(cast, ok, what: str):
@@ -53,6 +53,11 @@ finite_float = _checked(float, math.isfinite, "a finite number")
 _decay = _checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 _widths = _checked(lambda v: [int(w) for w in v.split(",")], lambda ws: all(w > 0 for w in ws),
                    "comma-separated positive integers")
+
+
+def _int_at_least(lo: int, why: str):
+    """An argparse type: an integer >= ``lo`` (``why`` says what needs it)."""
+    return _checked(int, lambda x: x >= lo, f"an integer of at least {lo} ({why})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--ddpm", action="store_true", help="DDPM-250 instead of DDIM-25")
     s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (tests)")
-    s.add_argument("--num-samples", type=_positive_int, default=200)
+    s.add_argument("--num-samples", type=_int_at_least(DEMO_MIN_SAMPLES, "one sample per class"), default=200,
+                   help=f"samples per method, at least {DEMO_MIN_SAMPLES}: the targets cycle through the classes 0..9")
     s.add_argument("--methods", default=",".join(DEMO_METHODS))
     s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
     s.add_argument("--batch-size", type=_positive_int, default=250)

@@ -125,6 +125,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
 # ============================================================================= comparison
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEMO_METHODS = ["none", "naive", "x0hat", "ppap-5", "ppap-10", "noise-aware", "multi-experts-5"]
+DEMO_MIN_SAMPLES = 10  # the targets cycle through the 10 classes: at least one sample of each
 DEFAULT_SCALE = 10.0  # one scale for every guided method, fixed a priori (see docs/demo.md)
 NUM_CLASSES = 10
 DDPM_NOISE_KEY = 7919  # sample_seed(seed, DDPM_NOISE_KEY, j): sample j's DDPM step noise
@@ -542,14 +543,15 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
              progress: bool = True) -> dict:
     from .data.shards import write_json_atomic
 
+    if num_samples < DEMO_MIN_SAMPLES:  # before the output directory is made
+        raise DemoError(f"num_samples (--num-samples) must be at least {DEMO_MIN_SAMPLES} (one sample per class), "
+                        f"got {num_samples}")
     out = check_writable_dir(out)
     methods = list(DEMO_METHODS if methods is None else methods)
     if not methods:
         raise DemoError("no methods to run (an empty --methods list)")
     for m in methods:
         parse_method(m)
-    if num_samples < 10:
-        raise DemoError("num_samples must be at least 10")
     # load (and so validate) every weight file before any work
     unet = load_unet(weights_dir)
     evaluator = load_evaluator(weights_dir)

@@ -406,6 +406,22 @@ def test_non_finite_scale_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
     assert e.value.code == 2 and "argument --scale: must be a finite number" in capsys.readouterr().err
 
 
+def test_demo_num_samples_below_ten_is_a_usage_error_that_help_states(capsys, tmp_path):
+    """--num-samples 5 was refused only after the output directory was made, and --help did not say so."""
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--num-samples", "5", "--out", str(tmp_path / "d")])
+    assert e.value.code == 2 and "argument --num-samples: must be an integer of at least 10" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "at least 10" in " ".join(capsys.readouterr().out.split())
+    from ppap_fast.demo import DemoError, run_demo
+
+    with pytest.raises(DemoError, match="at least 10"):
+        run_demo(tmp_path / "d", num_samples=5)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value", ["nan", "-1", "1.5"])
 def test_bad_ema_decay_is_a_usage_error(value, capsys, tmp_path):
     """--ema-decay nan trained and saved a UNet of NaN weights with exit status 0."""
