@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP demo pipeline on scikit-learn digits (16x16).")
     env_threads = os.environ.get("PPAP_THREADS", "2")
     p.add_argument("--threads", type=int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
-                   help="torch CPU threads (default 2)")
+                   help="torch CPU threads (default: $PPAP_THREADS, else 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(s, device=True, weights=True):
@@ -81,10 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
-    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--lr", type=_positive_float, default=2e-4)
     s.add_argument("--ema-decay", type=_decay, default=0.999)
-    s.add_argument("--max-minutes", type=_positive_float, default=None)
-    s.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    s.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop after this many minutes of this run (the LR is not annealed), saving --out")
+    s.add_argument("--checkpoint-every", type=_positive_int, default=500,
+                   help="steps between resumable checkpoints, kept in OUT.ckpt.pt (the EMA weights are written to "
+                        "--out too); a rerun with the same arguments resumes from it")
     common(s, weights=False)
 
     s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")
@@ -92,25 +95,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive_int, default=1000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
-    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--lr", type=_positive_float, default=2e-3)
     s.add_argument("--widths", type=_widths, default="16,32,64", help="resnet stage widths (positive integers)")
     common(s, weights=False)
 
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="output directory (shard_NNNNN.npz + manifest.json); a rerun with "
+                                                "the same arguments finishes an interrupted set")
     s.add_argument("--num-images", type=_positive_int, default=6000)
     s.add_argument("--shard-size", type=_positive_int, default=500)
     s.add_argument("--steps", type=_positive_int, default=25)
     common(s)
 
     s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="the data-free set written by generate")
     s.add_argument("--experts", type=_positive_int, default=5)
     s.add_argument("--rank", type=_positive_int, default=4)
     s.add_argument("--alpha", type=finite_float, default=2.0)
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lr", type=_positive_float, default=1e-3)
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
@@ -127,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                         "trained before")
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lr", type=_positive_float, default=1e-3)
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "
@@ -139,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "(NFE, seconds, images/s, peak memory)")
     s.add_argument("--method", "--guide", dest="method", required=True,
                    help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
-    s.add_argument("--sampler", default="ddim")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
     s.add_argument("--targets", default=None, help="comma-separated target classes, cycled to --num-samples "
@@ -159,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the whole comparison with the shipped weights")
     s.add_argument("--out", required=True)
     s.add_argument("--ddpm", action="store_true", help="DDPM-250 instead of DDIM-25")
-    s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (tests)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (default: 25, or 250 with --ddpm)")
     s.add_argument("--num-samples", type=_int_at_least(DEMO_MIN_SAMPLES, "one sample per class"), default=200,
                    help=f"samples per method, at least {DEMO_MIN_SAMPLES}: the targets cycle through the classes 0..9")
     s.add_argument("--methods", default=",".join(DEMO_METHODS))
@@ -178,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
     s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
-    s.add_argument("--expert", type=int, required=True)
+    s.add_argument("--expert", type=int, required=True, help="which expert: 0 .. N-1 of the folder's N experts")
     s.add_argument("--out", required=True, help="output directory (adapter_config.json + adapter_model.safetensors)")
     s.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="holds classifier.safetensors (the base model)")
     for s in sub.choices.values():

@@ -363,6 +363,8 @@ def test_resume_with_other_settings_or_teacher_is_refused(weights, tmp_path, cap
     ["train-diffusion", "--out", "u.safetensors", "--checkpoint-every", "0"],
     ["distill", "--data", "d", "--out", "o", "--max-minutes", "0"],
     ["finetune", "--experts", "0", "--out", "f.safetensors"],
+    ["distill", "--data", "d", "--out", "o", "--lr", "nan"],  # was accepted (type=float)
+    ["train-classifier", "--out", "c.safetensors", "--lr", "-1"],
 ])
 def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written, but never into the repo
@@ -404,6 +406,15 @@ def test_non_finite_scale_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "argument --scale: must be a finite number" in capsys.readouterr().err
+
+
+def test_sample_sampler_choices_are_in_help_and_checked_while_parsing(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--method", "none", "--sampler", "ddim25", "--out", "x.npz"])
+    assert e.value.code == 2 and "argument --sampler: invalid choice: 'ddim25'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--sampler {ddim,ddpm}" in capsys.readouterr().out
 
 
 def test_demo_num_samples_below_ten_is_a_usage_error_that_help_states(capsys, tmp_path):
