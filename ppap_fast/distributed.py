@@ -1575,13 +1575,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--num-images", type=int, required=True)
     g.add_argument("--shard-size", type=int, default=250)
-    g.add_argument("--batch-size", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=0,
+                   help="micro-batch inside a shard (0: the whole shard); a memory knob: the images do not depend on it "
+                        "beyond float rounding")
     g.add_argument("--image-size", type=int, default=256)
     g.add_argument("--channels", type=int, default=3)
     g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond",
                    help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     g.add_argument("--checkpoint", default=None)
-    g.add_argument("--schedule", default="linear")
+    g.add_argument("--schedule", default="linear", help="the denoiser's noise schedule: linear | cosine")
     g.add_argument("--num-timesteps", type=int, default=1000)
     g.add_argument("--respacing", default="ddim25")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
@@ -1630,8 +1632,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--n-experts", type=int, default=5)
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
-    d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None)
-    d.add_argument("--layout", default=None)
+    d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None,
+                   help="LoRA alpha (default: the placement rule's)")
+    d.add_argument("--layout", default=None, help="LoRA layout: factorised | loralib (default: the placement rule's)")
     d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=64, help="per rank")
     d.add_argument("--lr", type=float, default=1e-4)
