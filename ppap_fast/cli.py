@@ -60,6 +60,12 @@ def _int_at_least(lo: int, why: str):
     return _checked(int, lambda x: x >= lo, f"an integer of at least {lo} ({why})")
 
 
+DEMO_T = 1000  # the demo diffusion model's timesteps: experts split them into equal bands
+# a number of timestep experts: equal bands of T
+_expert_count = _checked(int, lambda n: n > 0 and DEMO_T % n == 0,
+                         f"a positive integer dividing T = {DEMO_T} (equal timestep bands)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
 
@@ -109,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
     s.add_argument("--data", required=True, help="the data-free set written by generate")
-    s.add_argument("--experts", type=_positive_int, default=5)
+    s.add_argument("--experts", type=_expert_count, default=5,
+                   help="number of timestep experts, a divisor of T = 1000")
     s.add_argument("--rank", type=_positive_int, default=4)
     s.add_argument("--alpha", type=finite_float, default=2.0)
     s.add_argument("--steps", type=_positive_int, default=2000)
@@ -125,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
 
     s = sub.add_parser("finetune", help="supervised noise-aware baselines (full fine-tuning with labels)")
-    s.add_argument("--experts", type=_positive_int, default=1, help="1: single noise-aware model; N: multi-experts-N")
+    s.add_argument("--experts", type=_expert_count, default=1,
+                   help="1: single noise-aware model; N: multi-experts-N (N divides T = 1000)")
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time "
                         "trained before")
@@ -146,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
-    s.add_argument("--targets", default=None, help="comma-separated target classes, cycled to --num-samples "
-                                                   "(default 0..9 cycled)")
+    s.add_argument("--targets", default=None, help="comma-separated target classes in 0..9, cycled to "
+                                                   "--num-samples (default 0..9 cycled)")
     s.add_argument("--num-samples", type=_positive_int, default=None,
                    help="default: one per --targets entry, else 100 (0..9 cycled)")
     s.add_argument("--batch-size", type=_positive_int, default=250)

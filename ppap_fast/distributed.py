@@ -1629,7 +1629,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="make each batch in the training loop instead of one step ahead on a thread")
-    d.add_argument("--n-experts", type=int, default=5)
+    d.add_argument("--n-experts", type=int, default=5, help="number of timestep experts, a divisor of --num-timesteps")
     d.add_argument("--num-timesteps", type=int, default=1000)
     d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
     d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None,

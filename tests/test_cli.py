@@ -417,6 +417,18 @@ def test_sample_sampler_choices_are_in_help_and_checked_while_parsing(capsys):
     assert "--sampler {ddim,ddpm}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cmd", [["distill", "--data", "d"], ["finetune"]])
+def test_expert_count_must_divide_1000_and_help_says_so(cmd, capsys, tmp_path, monkeypatch):
+    """--experts 3 was refused only after the weights (and distill's data set) were read."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--experts", "3", "--out", "o"])
+    assert e.value.code == 2 and "argument --experts: must be a positive integer dividing T = 1000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([cmd[0], "--help"])
+    assert "T = 1000" in " ".join(capsys.readouterr().out.split())
+
+
 def test_demo_num_samples_below_ten_is_a_usage_error_that_help_states(capsys, tmp_path):
     """--num-samples 5 was refused only after the output directory was made, and --help did not say so."""
     with pytest.raises(SystemExit) as e:
