@@ -1553,6 +1553,10 @@ def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | No
                            nprocs=nproc, start_method="spawn", join=True)
 
 
+TEACHER_WEIGHTS_HELP = ("the teacher's weight file (a py: factory gets it as weights=PATH); a registry name without it "
+                        "is randomly initialised (tests), with no warning")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .cli import finite_float
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
@@ -1591,7 +1595,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", default=None,
                    help="cache this teacher's outputs on the clean images: tiny:<file>, a registry name, "
                         "or py:package.module:factory (classifier logits float32, dense maps float16)")
-    g.add_argument("--teacher-weights", default=None)
+    g.add_argument("--teacher-weights", default=None, help=TEACHER_WEIGHTS_HELP)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="sample with FastGuidedSampler (fused update; on CUDA CUDA graphs, fused GroupNorm + SiLU); "
                         "--no-fast: the reference sample_loop (also what sets written before this option used). "
@@ -1605,7 +1609,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True,
                    help="tiny:<file>, a registry name (resnet50, deit_s, deeplabv3_resnet50, ...) or "
                         "py:package.module:factory (any module, e.g. a depth network; see build_teacher)")
-    d.add_argument("--teacher-weights", default=None)
+    d.add_argument("--teacher-weights", default=None, help=TEACHER_WEIGHTS_HELP)
     d.add_argument("--teacher-task", default=None, choices=list(TEACHER_TASKS),
                    help="override the teacher's task (chooses the default loss)")
     d.add_argument("--loss", default=None, choices=["kl", "pixel_kl", "mse"],
