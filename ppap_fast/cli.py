@@ -13,6 +13,7 @@
   ppap-fast export-peft --experts-dir W/ppap5 --expert 2 --out DIR   (a peft LoRA adapter of one expert)
   ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint ADM.pt --guide resnet50 \
       --guide-weights R50.pth --experts PPAP10_DIR --targets 207 --out s.npz   (real models: see guided_sample.py)
+  ppap-fast score s.npz --real real.npz   (target accuracy, IS; FD / precision / recall with --real)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
@@ -69,7 +70,8 @@ _expert_count = _checked(int, lambda n: n > 0 and DEMO_T % n == 0,
 def _parser() -> argparse.ArgumentParser:
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
 
-    p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP demo pipeline on scikit-learn digits (16x16).")
+    p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP guidance: the demo pipeline on scikit-learn digits (16x16), "
+                                                           "and sampling and scoring with real models.")
     env_threads = os.environ.get("PPAP_THREADS", "2")
     p.add_argument("--threads", type=int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
                    help="torch CPU threads (default: $PPAP_THREADS, else 2)")
