@@ -328,10 +328,13 @@ def add_arguments(s) -> None:
     s.add_argument("--image-size", type=int, default=256)
     s.add_argument("--channels", type=int, default=3)
     s.add_argument("--guide", default=None, help="registry name | tiny:<file> | py:module:factory (none: unguided)")
-    s.add_argument("--guide-weights", default=None)
+    s.add_argument("--guide-weights", default=None,
+                   help="the guide network's weights: a local checkpoint (torchvision / timm / official PPAP "
+                        "state_dict), or 'imagenet' for a registry model with offline weights (mobilenet_v2)")
     s.add_argument("--guide-task", default=None, choices=["classification", "segmentation", "depth", "regression"])
     s.add_argument("--experts", default=None, help="PPAP experts: save_experts dir or HF repo id in the local cache")
-    s.add_argument("--experts-subfolder", default=None)
+    s.add_argument("--experts-subfolder", default=None, help="the experts' folder inside --experts (a repo id's "
+                                                                 "subfolder)")
     s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t)")
     s.add_argument("--targets", default=None, help="class ids, comma-separated, cycled over the samples")
     s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
