@@ -1558,7 +1558,9 @@ TEACHER_WEIGHTS_HELP = ("the teacher's weight file (a py: factory gets it as wei
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import finite_float
+    from .cli import _checked, _positive_float, _positive_int, finite_float
+    non_negative_int = _checked(int, lambda x: x >= 0, "an integer >= 0")
+    non_negative_float = _checked(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
 
     ap = argparse.ArgumentParser(prog="python -m ppap_fast.distributed", description=__doc__.split("\n")[0])
@@ -1569,7 +1571,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="spawn this many gloo workers (without torchrun); under torchrun leave 1")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-        p.add_argument("--timeout", type=float, default=1800.0, help="collective timeout, seconds")
+        p.add_argument("--timeout", type=_positive_float, default=1800.0, help="collective timeout, seconds")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="progress bars (as ppap-fast's commands; --no-progress: none)")
@@ -1577,21 +1579,21 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="data-free set: per-rank resumable shards + manifest")
     common(g)
     g.add_argument("--out", required=True)
-    g.add_argument("--num-images", type=int, required=True)
-    g.add_argument("--shard-size", type=int, default=250)
-    g.add_argument("--batch-size", type=int, default=0,
+    g.add_argument("--num-images", type=_positive_int, required=True)
+    g.add_argument("--shard-size", type=_positive_int, default=250)
+    g.add_argument("--batch-size", type=non_negative_int, default=0,
                    help="micro-batch inside a shard (0: the whole shard); a memory knob: the images do not depend on it "
                         "beyond float rounding")
-    g.add_argument("--image-size", type=int, default=256)
-    g.add_argument("--channels", type=int, default=3)
+    g.add_argument("--image-size", type=_positive_int, default=256)
+    g.add_argument("--channels", type=_positive_int, default=3)
     g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond",
                    help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     g.add_argument("--checkpoint", default=None)
     g.add_argument("--schedule", default="linear", help="the denoiser's noise schedule: linear | cosine")
-    g.add_argument("--num-timesteps", type=int, default=1000)
+    g.add_argument("--num-timesteps", type=_positive_int, default=1000)
     g.add_argument("--respacing", default="ddim25")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--eta", type=non_negative_float, default=0.0)
     g.add_argument("--teacher", default=None,
                    help="cache this teacher's outputs on the clean images: tiny:<file>, a registry name, "
                         "or py:package.module:factory (classifier logits float32, dense maps float16)")
@@ -1617,7 +1619,7 @@ def _parser() -> argparse.ArgumentParser:
                         "mse for depth / regression)")
     d.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     d.add_argument("--amp", choices=list(AMP_MODES), default="none", help=AMP_HELP)
-    d.add_argument("--checkpoint-every", type=int, default=0,
+    d.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="write a resumable training state every N steps (0: never); a restart with the "
                         "same arguments resumes from it")
     d.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -1633,18 +1635,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="make each batch in the training loop instead of one step ahead on a thread")
-    d.add_argument("--n-experts", type=int, default=5, help="number of timestep experts, a divisor of --num-timesteps")
-    d.add_argument("--num-timesteps", type=int, default=1000)
-    d.add_argument("--lora-r", dest="r", type=int, default=None, help="LoRA rank (default: the placement rule's)")
+    d.add_argument("--n-experts", type=_positive_int, default=5, help="number of timestep experts, a divisor of --num-timesteps")
+    d.add_argument("--num-timesteps", type=_positive_int, default=1000)
+    d.add_argument("--lora-r", dest="r", type=_positive_int, default=None, help="LoRA rank (default: the placement rule's)")
     d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None,
                    help="LoRA alpha (default: the placement rule's)")
     d.add_argument("--layout", default=None, help="LoRA layout: factorised | loralib (default: the placement rule's)")
-    d.add_argument("--steps", type=int, default=1000)
-    d.add_argument("--batch-size", type=int, default=64, help="per rank")
-    d.add_argument("--lr", type=float, default=1e-4)
-    d.add_argument("--weight-decay", type=float, default=0.05)
-    d.add_argument("--warmup", type=int, default=50)
-    d.add_argument("--temperature", type=float, default=0.25)
+    d.add_argument("--steps", type=_positive_int, default=1000)
+    d.add_argument("--batch-size", type=_positive_int, default=64, help="per rank")
+    d.add_argument("--lr", type=_positive_float, default=1e-4)
+    d.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    d.add_argument("--warmup", type=non_negative_int, default=50)
+    d.add_argument("--temperature", type=_positive_float, default=0.25)
     d.add_argument("--dump-rank-states", default=None)
     from .cli import _show_defaults
 

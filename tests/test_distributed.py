@@ -184,11 +184,22 @@ def test_progress_reaches_the_spawned_ranks(tmp_path):
 def test_bad_input_with_nproc_is_one_line(tmp_path):
     """--nproc 2: a rank's ValueError is one error line and status 2, as with one process (not the
     spawned rank's traceback inside torch.multiprocessing's); --nproc 0 is refused."""
-    r = _run(_gen_args(tmp_path / "x", num_images=4) + ["--eta", "nan"])
+    r = _run(_gen_args(tmp_path / "x", num_images=4, respacing="ddim0"))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        "python -m ppap_fast.distributed: error: eta must be >= 0, got nan" and "Traceback" not in r.stderr
+        "python -m ppap_fast.distributed: error: cannot create exactly 0 steps with an integer stride from 1000" \
+        and "Traceback" not in r.stderr
     r = _run(_gen_args(tmp_path / "x", num_images=4), nproc=0)
     assert r.returncode == 2 and "--nproc must be >= 1, got 0" in r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--num-images", "0"), ("--shard-size", "-1"),
+                                        ("--timeout", "inf")])
+def test_bad_numbers_are_usage_errors_before_any_rank_starts(flag, value, tmp_path, capsys):
+    args = _gen_args(tmp_path / "x", num_images=4) + [flag, value, "--nproc", "2"]
+    with pytest.raises(SystemExit) as e:
+        D.main(args)
+    assert e.value.code == 2 and f"argument {flag}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_ranks_with_different_configs_fail_clearly(tmp_path):
