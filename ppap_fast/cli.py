@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--experts", type=_expert_count, default=5,
                    help="number of timestep experts, a divisor of T = 1000")
     s.add_argument("--rank", type=_positive_int, default=4)
-    s.add_argument("--alpha", type=finite_float, default=2.0)
+    s.add_argument("--alpha", type=_positive_float, default=2.0, help="LoRA alpha (scale alpha / rank)")
     s.add_argument("--steps", type=_positive_int, default=2000)
     s.add_argument("--batch-size", type=_positive_int, default=128)
     s.add_argument("--lr", type=_positive_float, default=1e-3)

@@ -365,6 +365,7 @@ def test_resume_with_other_settings_or_teacher_is_refused(weights, tmp_path, cap
     ["finetune", "--experts", "0", "--out", "f.safetensors"],
     ["distill", "--data", "d", "--out", "o", "--lr", "nan"],  # was accepted (type=float)
     ["train-classifier", "--out", "c.safetensors", "--lr", "-1"],
+    ["distill", "--data", "d", "--out", "o", "--alpha", "0"],  # a LoRA that never learns
 ])
 def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written, but never into the repo
