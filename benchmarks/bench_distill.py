@@ -22,7 +22,10 @@ base conv once + each sample's own expert, instead of N dense convs) against its
 and captured: distill_loralib_factorised_vs_delta, distill_graph_loralib_factorised_vs_delta; and with
 PPAP_FAST_LORALIB_CONV=lowrank (the base conv once + the LoRA's low-rank factors as one stacked grouped conv
 and a bmm, where that needs fewer FLOPs than N dense convs), captured with ExpertAdamW against the same
-step on the dense deltas: distill_graph_loralib_lowrank_vs_delta. Opt-in
+step on the dense deltas: distill_graph_loralib_lowrank_vs_delta; eager, on every device, the same two routes
+forced (the default is "lowrank" on a CPU, "delta" on CUDA): distill_loralib_lowrank_vs_delta on the suite's
+bank, and on a CPU a torchvision ResNet18 PPAP-5 bank (r 16, alpha 8, batch 16, 3x64x64), closer to a real
+guide than the tiny one: distill_resnet18_lowrank_vs_delta. Opt-in
 (PPAP_BENCH_DISTILL_CL=1): the factorised bank in channels_last, captured, with the default A stage,
 "in_base", "auto" and "implicit": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
 distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage),
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import geomean, median_ms  # noqa: E402
+from timing import geomean, median_ms, round_robin_ms  # noqa: E402
 
 from ppap_fast.experts import ExpertBank  # noqa: E402
 
@@ -80,6 +84,12 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                                 "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
                                 "distill_implicit_vs_stacked", "distill_graph_implicit_vs_stacked",
                                 "distill_loralib_factorised_vs_delta", "distill_graph_loralib_factorised_vs_delta")}
+    if device == "cpu":  # a real architecture's loralib step: seconds on a CPU
+        try:
+            rows.append({**_loralib_route_row(*_resnet18_setup(), reps), "model": "resnet18"})
+            acc["distill_resnet18_lowrank_vs_delta"] = [rows[-1]["lowrank_vs_delta"]]
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"op": "distill_step_resnet18_loralib", "error": _error(exc)})
     try:  # first: seconds, where the rows below take minutes
         rows.append(_adamw_row(device, quick))
         acc["expert_adamw_vs_adamw"] = [rows[-1]["expert_adamw_vs_adamw"]]
@@ -118,6 +128,12 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                "onepass_ms": round(one, 3), "sequential_ms": round(seq, 3),
                "onepass_img_per_s": round(batch / one * 1e3, 1), "sequential_img_per_s": round(batch / seq * 1e3, 1)}
         ratios.append(one / seq)
+        try:
+            route_row = _loralib_route_row(bank, x, t, teacher, reps)
+            row.update(onepass_loralib_delta_ms=route_row["delta_ms"], onepass_loralib_lowrank_ms=route_row["lowrank_ms"])
+            acc.setdefault("distill_loralib_lowrank_vs_delta", []).append(route_row["lowrank_vs_delta"])
+        except Exception as exc:  # noqa: BLE001
+            row["loralib_route_error"] = _error(exc)
         rows.append(row)
         if emit is not None:  # the issue's ratio of this N first: the CUDA rows below take minutes
             emit([dict(r) for r in rows], _ratios(ratios, acc))
@@ -134,6 +150,57 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher, reps, batch, checkpoint,
                          graph_expert_adamw_ms=rows[-1].get("onepass_graph_expert_adamw_ms"))
     return {"rows": rows, "ratios": _ratios(ratios, acc)}
+
+
+def _resnet18_setup(batch: int = 16, size: int = 64, n: int = 5):
+    """A torchvision ResNet18 PPAP-N bank (loralib layout, r 16, alpha 8: the official settings) and a batch."""
+    import torchvision
+
+    gen = torch.Generator().manual_seed(1)
+    bank = ExpertBank(torchvision.models.resnet18(weights=None), placement="resnet", n_experts=n, r=16,
+                      alpha=8).train()
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    return bank, x, t, torch.randn(batch, 1000, generator=gen)
+
+
+def _loralib_route_row(bank, x, t, teacher, reps) -> dict:
+    """One eager one-pass step (AdamW) of a loralib bank with its convs on the dense-delta route and on the
+    low-rank route (PPAP_FAST_LORALIB_CONV forced each way); lowrank_vs_delta = time(lowrank) / time(delta)."""
+    from ppap_fast.ops.lora import vectorized as V
+
+    device = x.device.type
+    opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    calls = {"lowrank": 0}
+    lowrank = V.loralib_conv2d_lowrank
+
+    def counted(*a, **k):
+        calls["lowrank"] += 1
+        return lowrank(*a, **k)
+
+    def onepass():
+        opt.zero_grad(set_to_none=True)
+        _kd(bank(x, t), teacher).backward()
+        opt.step()
+
+    def on(route):
+        def step():
+            before = calls["lowrank"]
+            _with_backend("PPAP_FAST_LORALIB_CONV", route, "lora_conv2d_delta", None, onepass)
+            if (calls["lowrank"] > before) != (route == "lowrank"):
+                raise RuntimeError(f"the {route} route {'never ran' if route == 'lowrank' else 'ran'} "
+                                   "loralib_conv2d_lowrank")
+        return step
+
+    V.loralib_conv2d_lowrank = counted
+    try:  # alternating rounds: load drift on a shared machine hits both alike
+        times = round_robin_ms({"delta": on("delta"), "lowrank": on("lowrank")}, device, reps)
+    finally:
+        V.loralib_conv2d_lowrank = lowrank
+    delta, low = statistics.median(times["delta"]), statistics.median(times["lowrank"])
+    return {"op": "distill_step_loralib_routes", "n_experts": bank.n_experts, "batch": x.shape[0],
+            "shape": list(x.shape[1:]), "delta_ms": round(delta, 3), "lowrank_ms": round(low, 3),
+            "lowrank_vs_delta": round(low / delta, 4)}
 
 
 def _frozen_row(device, bank, model, x, t, teacher, reps, n, one) -> dict:

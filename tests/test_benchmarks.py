@@ -205,6 +205,18 @@ def test_distill_wgrad_row_times_both_splits():
     assert row["new_vs_old_rel_diff"] < 1e-3 and row["wgrad_split_new_vs_old"] > 0
 
 
+def test_distill_loralib_route_row_times_both_routes(monkeypatch):
+    """bench_distill's loralib route row (the CPU default's evidence): each route runs what it names (the row
+    raises otherwise), with whatever PPAP_FAST_LORALIB_CONV the caller had left in place afterwards."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distill
+
+    monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "factorised")
+    row = bench_distill._loralib_route_row(*bench_distill._resnet18_setup(batch=2, size=32, n=2), reps=1)
+    assert row["delta_ms"] > 0 and row["lowrank_ms"] > 0 and row["lowrank_vs_delta"] > 0
+    assert os.environ["PPAP_FAST_LORALIB_CONV"] == "factorised"
+
+
 def test_denoiser_cat_row_runs_the_triton_op():
     """The CUDA-only concatenation row, on CPU through the Triton interpreter (tiny shapes): Triton and
     torch times, the bit-for-bit flag and the ratio."""
@@ -550,12 +562,14 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     import bench_distill
 
     monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench_distill, "round_robin_ms", lambda fns, device, reps: {k: [f(), 1.0][1:] for k, f in fns.items()})
     seen = []
     out = bench_distill.run("cpu", quick=True, emit=lambda rows, ratios: seen.append((rows, ratios)))
     assert len(seen) == 2 and seen[1] == (out["rows"], out["ratios"])  # again after the frozen_fwdbwd row
     assert seen[0][0] == out["rows"][:-1] and out["rows"][-1]["op"] == "frozen_fwdbwd"
     assert seen[0][1]["distill_onepass_vs_sequential"] == out["ratios"]["distill_onepass_vs_sequential"] > 0
     assert "distill_onepass_vs_frozen_fwdbwd" not in seen[0][1] and out["ratios"]["distill_onepass_vs_frozen_fwdbwd"] > 0
+    assert out["ratios"]["distill_loralib_lowrank_vs_delta"] == out["ratios"]["distill_resnet18_lowrank_vs_delta"] == 1
     # the CUDA rows' blocks, their GPU parts faked: a checkpoint after each, ratios filled in as they go
     monkeypatch.setenv("PPAP_BENCH_DISTILL_CL", "1")
     monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())

@@ -667,3 +667,24 @@ def test_loralib_lowrank_route_runs_where_it_saves_flops(monkeypatch):
     bank(torch.randn(3, 3, 8, 8), expert_idx=torch.tensor([0, 9, 4]))
     assert [tuple(s[-2:]) for s in ran] == [(1, 1)]  # its narrow 5x5, 3x3, 3x1 convs (<= 12 channels): delta
 
+
+def test_loralib_route_default_is_lowrank_on_a_cpu_only(monkeypatch):
+    """Without PPAP_FAST_LORALIB_CONV a CPU bank's loralib convs take the low-rank route (measured faster
+    there: bench_distill distill_resnet18_lowrank_vs_delta); other devices keep the delta route until a GPU
+    times it; the variable overrides both."""
+    from ppap_fast.experts.bank import loralib_conv_route
+    from ppap_fast.ops.lora import vectorized
+
+    monkeypatch.delenv("PPAP_FAST_LORALIB_CONV", raising=False)
+    assert loralib_conv_route("cpu") == loralib_conv_route(torch.device("cpu")) == "lowrank"
+    assert loralib_conv_route("cuda") == loralib_conv_route(None) == "delta"
+    monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "delta")
+    assert loralib_conv_route("cpu") == "delta"
+    monkeypatch.delenv("PPAP_FAST_LORALIB_CONV")
+    ran = []
+    real = vectorized.loralib_conv2d_lowrank
+    monkeypatch.setattr(vectorized, "loralib_conv2d_lowrank", lambda *a, **k: ran.append(a[1].shape) or real(*a, **k))
+    bank = ExpertBank(_LowrankNet(), "generic", n_experts=10, num_timesteps=100, layout="loralib").train()
+    bank(torch.randn(3, 3, 8, 8), expert_idx=torch.tensor([0, 9, 4]))
+    assert [tuple(s[-2:]) for s in ran] == [(1, 1)]
+

@@ -174,18 +174,22 @@ class RoutedLinear(_RoutedLoRA):
 LORALIB_CONV_ROUTES = ("delta", "factorised", "lowrank")
 
 
-def loralib_conv_route() -> str:
-    """How a routed loralib-layout conv (groups 1) runs: "delta" (default: dense per-expert deltas
-    through lora_conv2d_delta), "factorised" (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal
-    rank r*kh*kh factorised LoRA through lora_conv2d's implicit A stage: the base conv once plus each
-    sample's own expert, instead of the delta path's N dense convs on CUDA) or "lowrank"
+def loralib_conv_route(device: torch.device | str | None = None) -> str:
+    """How a routed loralib-layout conv (groups 1) on ``device`` runs (the default: "lowrank" on a CPU, where
+    a ResNet18 PPAP-5 training step took 0.28x the delta route's time on 2 cores (bench_distill
+    ``distill_resnet18_lowrank_vs_delta``), "delta" elsewhere until a GPU times it; PPAP_FAST_LORALIB_CONV picks
+    one everywhere): "delta" (dense per-expert deltas through lora_conv2d_delta), "factorised"
+    (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal rank r*kh*kh factorised LoRA through lora_conv2d's
+    implicit A stage: the base conv once plus each sample's own expert, instead of the delta path's N dense
+    convs on CUDA) or "lowrank"
     (PPAP_FAST_LORALIB_CONV=lowrank: ops.lora.vectorized.loralib_conv2d_lowrank, the base conv once plus
     the LoRA's low-rank factors as one stacked grouped cuDNN conv (N*r*kh channels over ~C_in/kh-channel
     windows) and one bmm: about r*kh/C_out of the delta route's N-fold conv FLOPs; per conv, where that
     takes fewer multiply-adds than the delta route: vectorized.lowrank_is_cheaper, else the delta route)."""
     import os
 
-    route = os.environ.get("PPAP_FAST_LORALIB_CONV", "").strip().lower() or "delta"
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    route = os.environ.get("PPAP_FAST_LORALIB_CONV", "").strip().lower() or ("lowrank" if on_cpu else "delta")
     if route not in LORALIB_CONV_ROUTES:
         raise ValueError(f"PPAP_FAST_LORALIB_CONV must be one of {LORALIB_CONV_ROUTES}, got {route!r}")
     return route
@@ -231,7 +235,7 @@ class RoutedConv2d(_RoutedLoRA):
     def forward(self, x):
         idx = self._idx(x)
         ops = _ops()
-        if self.layout == "factorised" or (self.groups == 1 and loralib_conv_route() == "factorised"):
+        if self.layout == "factorised" or (self.groups == 1 and loralib_conv_route(x.device) == "factorised"):
             seg = self._router.segments(x, self.n_experts)
             kw = {} if seg is None else {"segments": seg}
             A, B = self.lora_A, self.lora_B
@@ -243,7 +247,7 @@ class RoutedConv2d(_RoutedLoRA):
                 kw["a_blocks"] = self.kernel_size[0]  # A is kh blocks on a diagonal: skip the zeros
             return ops.lora_conv2d(x, self.weight, self.bias, A, B, idx, self.scale,
                                    self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
-        if self.groups == 1 and x.shape[0] and loralib_conv_route() == "lowrank":
+        if self.groups == 1 and x.shape[0] and loralib_conv_route(x.device) == "lowrank":
             from ppap_fast.ops.lora import vectorized as V
 
             if V.lowrank_is_cheaper(self.n_experts, self.out_channels, self.in_channels, *self.kernel_size,
