@@ -1270,6 +1270,10 @@ LORA_KERNELS = {  # DistillConfig.lora_kernels -> the environment the LoRA ops r
     "implicit": {"PPAP_FAST_LORA_A_STAGE": "implicit", "PPAP_FAST_LORALIB_CONV": "factorised"},
     # factorised-layout convs: the fastest A stage per layer shape, timed on the first step (ops/lora/autotune.py)
     "auto": {"PPAP_FAST_LORA_A_STAGE": "auto"},
+    # loralib convs: the base conv once + the LoRA's low-rank factors where that saves FLOPs (the CPU default)
+    "lowrank": {"PPAP_FAST_LORALIB_CONV": "lowrank"},
+    # loralib convs: N dense per-expert deltas (the GPU default)
+    "delta": {"PPAP_FAST_LORALIB_CONV": "delta"},
 }
 
 
@@ -1630,7 +1634,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="implicit: train the experts' convs with the implicit-GEMM LoRA kernels (base conv once + "
                         "each sample's own expert; loralib convs as the equal rank r*k*k factorised LoRA) instead "
                         "of the default stacked / dense-delta convs; auto: each factorised conv layer takes the "
-                        "fastest of its A stages, timed on the first step (CUDA; elsewhere the reference ops run)")
+                        "fastest of its A stages, timed on the first step (CUDA; elsewhere the reference ops run); "
+                        "lowrank / delta: loralib convs through their low-rank factors (the CPU default) / as N "
+                        "dense per-expert deltas (the GPU default)")
     d.add_argument("--verify-data", action="store_true",
                    help="before training, read every shard whole once and check its zip CRC-32 (row reads skip it)")
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",

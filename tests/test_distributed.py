@@ -300,8 +300,8 @@ def test_single_process_distill_and_bad_data(tmp_path):
 
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     """lora_kernels="implicit" trains the (loralib) convs through lora_conv2d's implicit route ("auto":
-    A stages timed per layer; on the CPU the reference ops either way): the
-    same experts as the default dense-delta route to rounding, the summary names the choice and the
+    A stages timed per layer; on the CPU the reference ops either way; "lowrank" / "delta": the loralib convs'
+    low-rank factors / dense deltas): the same experts as the default route (low-rank on a CPU) to rounding, the summary names the choice and the
     LoRA ops that ran, the environment is restored afterwards, a bad name is refused; the CLI flag
     reaches the config."""
     tfile = _tiny_teacher_file(tmp_path)
@@ -311,7 +311,7 @@ def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     monkeypatch.delenv("PPAP_FAST_LORALIB_CONV", raising=False)
     base = dict(n_experts=2, r=2, alpha=2.0, steps=2, batch_size=4, lr=1e-2, warmup=1, device="cpu")
     banks = {}
-    for choice in ("default", "implicit", "auto"):
+    for choice in ("default", "implicit", "auto", "lowrank", "delta"):
         cfg = D.DistillConfig(str(data), str(tmp_path / choice), f"tiny:{tfile}", lora_kernels=choice, **base)
         D.distill(cfg, D.DistEnv())
         s = json.loads((tmp_path / choice / "train_summary.json").read_text())
@@ -321,8 +321,8 @@ def test_distill_lora_kernels_option(tmp_path, monkeypatch):
         assert "PPAP_FAST_LORALIB_CONV" not in os.environ and "PPAP_FAST_LORA_A_STAGE" not in os.environ
         banks[choice] = _experts(tmp_path / choice)
     for k, v in banks["default"].items():
-        torch.testing.assert_close(banks["implicit"][k], v, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(banks["auto"][k], v, rtol=1e-4, atol=1e-6)
+        for other in ("implicit", "auto", "lowrank", "delta"):
+            torch.testing.assert_close(banks[other][k], v, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="lora_kernels"):
         D.distill(dataclasses.replace(cfg, lora_kernels="fast", out_dir=str(tmp_path / "bad")), D.DistEnv())
     a = D._parser().parse_args(["distill", "--data", str(data), "--out", "o", "--teacher", "x",
