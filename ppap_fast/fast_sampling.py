@@ -90,7 +90,7 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import NONFINITE_MODES, _index_tensor, call_denoiser, denoiser_output
+from .sampling import NONFINITE_MODES, _check_eta, _index_tensor, call_denoiser, denoiser_output
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -601,8 +601,7 @@ class FastGuidedSampler:
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if nonfinite_grad not in NONFINITE_MODES:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        _check_eta(eta)
         if compile_freeze and not compile_model:
             raise ValueError("compile_freeze freezes the compiled denoiser: it needs compile_model=True")
         if var_type not in (None, "learned_range", "fixed_small", "fixed_large"):

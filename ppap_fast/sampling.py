@@ -33,6 +33,8 @@ nonfinite_grad: what to do when the guide's grad holds NaN/Inf.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -147,6 +149,17 @@ def _check_grad(grad: torch.Tensor, x: torch.Tensor, nonfinite_grad: str) -> tor
     elif nonfinite_grad == "zero":
         grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))
     return grad
+
+
+def _check_eta(eta) -> None:
+    """eta must be a finite number >= 0: an infinite one turned every sample into NaN without an error."""
+    v = None
+    if isinstance(eta, torch.Tensor) and eta.numel() == 1 and not eta.is_complex():
+        v = float(eta)
+    elif isinstance(eta, numbers.Real) and not isinstance(eta, bool):
+        v = float(eta)
+    if v is None or not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
 
 
 def _check_mode(nonfinite_grad: str) -> None:
@@ -362,8 +375,7 @@ def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
     The variance channels of the model output (if any) are not used.
     """
     _check_mode(nonfinite_grad)
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_eta(eta)
     _check_x(x, schedule)
     idx = _index_tensor(index, x, schedule)
     eps_model, _ = split_model_output(_run_model(model, model_output, x, idx, schedule, model_kwargs), x)
@@ -410,6 +422,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     """
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    _check_eta(eta)
     if isinstance(shape_or_x, torch.Tensor):
         x = shape_or_x
     else:

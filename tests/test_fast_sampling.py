@@ -499,6 +499,8 @@ def test_nonfinite_and_bad_inputs(setup):
         fast.step(x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="noise"):
         FastGuidedSampler(model, sched, eta=1.0).step(x, 1, noise=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):  # inf: NaN samples, no error
+        FastGuidedSampler(model, sched, eta=float("inf"))
     with pytest.raises(ValueError, match="learned_range"):
         FastGuidedSampler(tiny_adm(learn_sigma=False), sched, sampler="ddpm", var_type="learned_range").step(x, 1)
 

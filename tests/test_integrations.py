@@ -170,6 +170,8 @@ def test_bad_inputs(unet, classifier):
         PPAPGuidance(lambda x, t: x[:1]).correct(x, x, 5, DDIMScheduler())
     with pytest.raises(ValueError, match="output_type"):
         PPAPGuidedPipeline(unet, DDIMScheduler())(output_type="jpg")
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):  # inf: NaN images, no error
+        PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=2, eta=float("inf"))
     for n in (0, -1):  # 0: ZeroDivisionError in set_timesteps; -1: no step at all, x_T returned as the images
         with pytest.raises(ValueError, match=f"num_inference_steps must be a positive int, got {n}"):
             PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=n)

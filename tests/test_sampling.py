@@ -526,3 +526,16 @@ def test_ddim_eta_one_few_steps_float32_stays_finite():
     want = ddim_step(None, x.double(), 1, s, eta=1.0, model_output=eps.double(), noise=noise.double())
     assert torch.isfinite(out.sample).all()
     torch.testing.assert_close(out.sample.double(), want.sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [float("inf"), float("-inf"), float("nan"), -0.5, "1"])
+def test_eta_must_be_finite_nonnegative(eta):
+    # eta=inf used to run and return NaN samples with no error
+    s = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        sample_loop(lambda x, t: torch.zeros_like(x), x, s, eta=eta)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        ddim_step(None, x, 3, s, eta=eta, model_output=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        ops.build_table(s, "ddim", eta=eta)

@@ -798,6 +798,10 @@ class _GuidedPipelineBody:
         # guide then knows each step's band without a device read (merged experts)
         x = x * sched.init_noise_sigma  # after set_timesteps: a sigma-space scheduler's first sigma depends on it
         guided = self.guidance is not None and guidance_scale != 0
+        if "eta" in inspect.signature(sched.step).parameters:  # DDIM: an infinite eta made NaN images silently
+            from ppap_fast.sampling import _check_eta
+
+            _check_eta(eta)
         extra = _step_kwargs(sched, eta, generator)
         step_sched = sched
         clip_first = guided and _limits_x0(sched)

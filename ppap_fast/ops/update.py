@@ -51,8 +51,9 @@ def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
     c[:, 1] = s.sqrt_recipm1_alphas_cumprod
     nonzero = (torch.arange(n) != 0).double()
     if sampler == "ddim":
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        from ..sampling import _check_eta
+
+        _check_eta(eta)
         acp, prev = s.alphas_cumprod, s.alphas_cumprod_prev
         sigma = eta * ((1 - prev) / (1 - acp)).sqrt() * (1 - acp / prev).sqrt()
         c[:, 2] = s.sqrt_one_minus_alphas_cumprod
