@@ -6,6 +6,7 @@ tensors; `Schedule.to(device)` moves them so that sampling never touches the hos
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
@@ -49,6 +50,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     "ddimN" takes a uniform stride giving exactly N steps; "10,10,5" (or a list)
     splits [0, T) into equal sections and takes that many evenly spaced steps in each.
     """
+    if isinstance(section_counts, numbers.Integral) and not isinstance(section_counts, bool):
+        section_counts = [int(section_counts)]  # 250 as "250" (an int was 'not iterable')
     if isinstance(section_counts, str):
         spec = section_counts
         try:  # "ddimx" / "abc": int()'s message named neither the option nor its forms
@@ -63,6 +66,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
     section_counts = list(section_counts)
+    if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in section_counts):
+        raise ValueError(f"section counts must be ints (steps per section), got {section_counts!r}")
+    section_counts = [int(c) for c in section_counts]
     if not section_counts or any(c < 0 for c in section_counts) or sum(section_counts) == 0:
         raise ValueError(f"invalid section counts {section_counts!r}: non-negative, at least one step in all")
     size_per, extra = divmod(num_timesteps, len(section_counts))
@@ -138,8 +144,10 @@ class Schedule:
     @classmethod
     def create(cls, name: str = "linear", num_timesteps: int = 1000,
                respacing: str | Sequence[int] | None = None) -> "Schedule":
-        """Base schedule, optionally respaced ("ddim25", "250", "10,10,5", or a list)."""
+        """Base schedule, optionally respaced ("ddim25", "250" or 250, "10,10,5", or a list)."""
         base = get_named_beta_schedule(name, num_timesteps)
+        if isinstance(respacing, numbers.Integral) and not isinstance(respacing, bool):
+            respacing = str(int(respacing))
         if respacing is None or respacing == "" or respacing == str(num_timesteps):
             return cls.from_betas(base, original_num_timesteps=num_timesteps)
         return cls.respaced(base, space_timesteps(num_timesteps, respacing))

@@ -109,3 +109,14 @@ def test_from_betas_rejects_bad_betas():
         Schedule.from_betas(torch.tensor([0.1, 0.0, 0.2]))
     with pytest.raises(ValueError, match="betas"):
         Schedule.from_betas(torch.tensor([[0.1]]))
+
+
+def test_respacing_as_int():
+    # an int respacing raised "'int' object is not iterable"; it means the same as its string
+    assert Schedule.create("linear", 1000, 25).timestep_map.tolist() == \
+        Schedule.create("linear", 1000, "25").timestep_map.tolist()
+    full = Schedule.create("linear", 1000, 1000)
+    assert torch.equal(full.betas, Schedule.create("linear", 1000).betas)
+    assert space_timesteps(1000, 10) == space_timesteps(1000, "10")
+    with pytest.raises(ValueError, match="section counts must be ints"):
+        Schedule.create("linear", 1000, [2.5])
