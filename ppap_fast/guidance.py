@@ -632,6 +632,11 @@ class ComposedGuide:
     def __init__(self, guides: Sequence, nonfinite: str = "raise"):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if callable(guides):
+            raise ValueError(f"{self.name} takes a list of guides or (guide, weight) pairs, got one "
+                             f"{type(guides).__name__}: pass [guide]")
+        if isinstance(guides, Mapping):  # {guide: weight}: iterating gave the guides alone, weights dropped
+            guides = list(guides.items())
         items = []
         for item in guides:
             g, w = item if isinstance(item, (tuple, list)) else (item, 1.0)

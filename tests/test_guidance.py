@@ -291,6 +291,10 @@ def test_composed_guide():
         ComposedGuide([])
     with pytest.raises(ValueError, match="scale"):
         ComposedGuide([(g1, float("inf"))])
+    # a {guide: weight} mapping: iterating it gave the guides alone and silently dropped the weights
+    assert rel(ComposedGuide({g1: 1.0, g2: -3.0})(x, 4), comp(x, 4)) < 1e-14
+    with pytest.raises(ValueError, match=r"pass \[guide\]"):  # was "'ClassGuide' object is not iterable"
+        ComposedGuide(g1)
 
 
 # ----------------------------------------------------------------------------- input transform
