@@ -221,6 +221,9 @@ class Guide:
             raise RuntimeError(f"{self.name}: objective must be per-sample [B], got {tuple(per_sample.shape)}")
         s = self.scale
         if isinstance(s, torch.Tensor):
+            if s.dim() == 1 and s.numel() != 1 and s.shape[0] != per_sample.shape[0]:
+                raise ValueError(f"{self.name}: scale has {s.shape[0]} per-sample values for a batch of "
+                                 f"{per_sample.shape[0]}: give one scale or one per sample")
             s = s.to(per_sample.device, per_sample.dtype)
         return (per_sample * s).sum()
 
