@@ -35,22 +35,43 @@ def teacher_logits(teacher: nn.Module, images_u8: np.ndarray, batch_size: int = 
     return torch.cat(out).numpy().astype(np.float32)
 
 
+def _image_shape(unet, image_shape) -> tuple:
+    """(C, H, W) of the images ``unet`` samples: ``image_shape`` if given, else its config's in_channels and
+    sample_size (diffusers, the demo's EpsModel) or ADMUNet's in_channels and image_size."""
+    if image_shape is None:
+        cfg = getattr(unet, "config", None)
+        get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+        c, size = get("in_channels"), get("sample_size")
+        if c is None or size is None:
+            c, size = getattr(unet, "in_channels", None), getattr(unet, "image_size", None)
+        if c is None or size is None:
+            raise ValueError(f"cannot infer the image shape from the denoiser ({type(unet).__name__}): pass "
+                             "image_shape=(C, H, W)")
+        image_shape = (c, *((size, size) if isinstance(size, int) else size))
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
+    return shape
+
+
 def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: int = 6000, shard_size: int = 500,
                       seed: int = 0, respacing: str = "ddim25", device: str = "cpu", progress: bool = True,
-                      shard_hook=None) -> list[int]:
+                      shard_hook=None, image_shape: tuple | None = None) -> list[int]:
     """Write (or complete) the data-free set in ``out_dir``; returns the shard indices written now.
 
     Shard k is a pure function of (seed, k): x_T ~ N(0, I) from torch.Generator().manual_seed(seed * 1_000_003 + k)
     on the CPU, DDIM (eta 0) to x_0, quantised to uint8; teacher logits computed on the dequantised images.
+    ``image_shape`` (C, H, W): by default the unet's (config in_channels / sample_size, or ADMUNet's).
     ``shard_hook(k)`` is called after each shard is written (tests use it to simulate a crash).
     """
+    shape = _image_shape(unet, image_shape)
     sched = Schedule.create("linear", 1000, respacing=respacing).to(device)
     unet = unet.to(device).eval()
     teacher = teacher.to(device).eval()
     from .distributed import module_fingerprint
 
     writer = ShardWriter(out_dir, num_images, shard_size,
-                         meta={"kind": "datafree", "seed": seed, "respacing": respacing,
+                         meta={"kind": "datafree", "seed": seed, "respacing": respacing, "image_shape": list(shape),
                                "teacher_temperature": TEACHER_TEMPERATURE,
                                # which models made the images / cached logits: a resume with other weights
                                # is refused, and distillation can check its teacher against it
@@ -60,7 +81,7 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     def make(k):
         n = writer.shard_count(k)
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        x_t = torch.randn((n, 1, 16, 16), generator=g).to(device)
+        x_t = torch.randn((n, *shape), generator=g).to(device)
         x0 = sample_loop(unet, x_t, sched, sampler="ddim", eta=0.0)
         imgs = to_uint8(x0)
         arrays = {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}

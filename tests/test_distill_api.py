@@ -1,0 +1,42 @@
+"""ppap_fast.distill's Python entry points with models other than the demo's."""
+import pytest
+import torch
+
+from ppap_fast.distill import generate_datafree
+from ppap_fast.models.tiny import TinyResNet
+
+
+def _unet(channels, size):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+class _Eps(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.inner = unet
+
+    def forward(self, x, t):
+        return self.inner(x, t).sample
+
+
+def test_generate_datafree_samples_the_unets_image_shape(tmp_path):
+    # x_T was always (n, 1, 16, 16): a 3-channel UNet failed deep in its first conv, a 1-channel 8x8 one
+    # silently wrote 16x16 images
+    from ppap_fast.data import load_shards
+
+    unet, teacher = _unet(3, 8), TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=3, num_classes=3)
+    generate_datafree(unet, teacher, tmp_path / "a", 2, 2, respacing="ddim2", progress=False)
+    assert load_shards(tmp_path / "a")["images"].shape == (2, 8, 8, 3)
+    gray = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    generate_datafree(_unet(1, 8), gray, tmp_path / "b", 2, 2, respacing="ddim2", progress=False)
+    assert load_shards(tmp_path / "b")["images"].shape == (2, 8, 8, 1)
+    wrapped = _Eps(_unet(1, 8))  # no config: the shape is asked for
+    with pytest.raises(ValueError, match=r"pass image_shape=\(C, H, W\)"):
+        generate_datafree(wrapped, gray, tmp_path / "c", 2, 2, respacing="ddim2", progress=False)
+    generate_datafree(wrapped, gray, tmp_path / "c", 2, 2, respacing="ddim2", progress=False, image_shape=(1, 4, 4))
+    assert load_shards(tmp_path / "c")["images"].shape == (2, 4, 4, 1)
