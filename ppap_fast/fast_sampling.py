@@ -602,6 +602,8 @@ class FastGuidedSampler:
         if nonfinite_grad not in NONFINITE_MODES:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
         _check_eta(eta)
+        if merge_mode not in MERGE_MODES:  # also without a guide (it was checked only with one)
+            raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
         if compile_freeze and not compile_model:
             raise ValueError("compile_freeze freezes the compiled denoiser: it needs compile_model=True")
         if var_type not in (None, "learned_range", "fixed_small", "fixed_large"):

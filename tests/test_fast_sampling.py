@@ -501,6 +501,8 @@ def test_nonfinite_and_bad_inputs(setup):
         FastGuidedSampler(model, sched, eta=1.0).step(x, 1, noise=torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):  # inf: NaN samples, no error
         FastGuidedSampler(model, sched, eta=float("inf"))
+    with pytest.raises(ValueError, match="merge_mode"):  # was accepted without a guide
+        FastGuidedSampler(model, sched, merge_mode="swapp")
     with pytest.raises(ValueError, match="learned_range"):
         FastGuidedSampler(tiny_adm(learn_sigma=False), sched, sampler="ddpm", var_type="learned_range").step(x, 1)
 
