@@ -51,6 +51,7 @@ def test_band_edges():
     t = torch.tensor([0, 199, 200, 399, 400, 999])
     assert bank.expert_index(t).tolist() == [0, 0, 1, 1, 2, 4]
     assert bank.bands[1] == (200, 400)
+    assert int(bank.expert_index(999)) == 4 and int(bank.expert_index(torch.tensor(200))) == 1  # was a shape error
     for bad in (torch.tensor([1000]), torch.tensor([-1]), torch.tensor([5, 1000])):
         with pytest.raises(ValueError, match="out of range"):
             bank.expert_index(bad)
@@ -71,6 +72,11 @@ def test_band_edges():
         bank(x.double(), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="floating"):
         bank(x.long(), torch.tensor([3, 4]))
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="ExpertBank wraps an nn.Module"):  # was an AttributeError in the rule
+        ExpertBank(lambda x: x, "generic", n_experts=5)
 
 
 def test_n_must_divide_T():

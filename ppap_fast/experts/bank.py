@@ -495,6 +495,8 @@ class ExpertBank(nn.Module):
                  *, r: int | None = None, alpha: float | None = None, layout: str | None = None,
                  arch: str | None = None):
         super().__init__()
+        if not isinstance(model, nn.Module):  # a function failed deep in the placement rule
+            raise TypeError(f"ExpertBank wraps an nn.Module (the off-the-shelf network), got {type(model).__name__}")
         if not isinstance(n_experts, int) or n_experts <= 0:
             raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
         if not isinstance(num_timesteps, int) or num_timesteps <= 0:
@@ -604,7 +606,8 @@ class ExpertBank(nn.Module):
         return None
 
     def expert_index(self, t, batch: int | None = None) -> torch.Tensor:
-        """Original timesteps (long [B] or int) -> expert indices long [B] (half-open bands)."""
+        """Original timesteps (long [B] or int) -> expert indices long [B] (half-open bands); a 0-d t without
+        ``batch`` gives a 0-d index."""
         ref = self._ref_param()
         device = ref.device if ref is not None else torch.device("cpu")
         if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
@@ -615,7 +618,7 @@ class ExpertBank(nn.Module):
             raise ValueError(f"t must hold integer (original) timesteps, got dtype {t.dtype}")
         if t.dim() == 0 and batch is not None:
             t = t.expand(batch)
-        if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+        if t.dim() > 1 or (batch is not None and t.shape[0] != batch):
             raise ValueError(f"t must have shape [{batch if batch is not None else 'B'}], got {tuple(t.shape)}")
         if self.check_inputs and t.numel() and bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(f"t out of range [0, {self.num_timesteps}): min {int(t.min())}, max {int(t.max())}")
