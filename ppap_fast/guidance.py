@@ -606,6 +606,10 @@ class SegmentationGuide(_DenseGuide):
         logits = self.output(x, t)
         if logits.dim() < 3:
             raise ValueError(self._shape_error(logits.shape))
+        if logits.shape[1] == 1:  # cross-entropy over one class is 0: the guidance was silently zero
+            raise ValueError(f"{self.name}: logits {tuple(logits.shape)} have one class, whose cross-entropy is "
+                             "constant (no guidance); for a binary net with one sigmoid logit l, make the model "
+                             "return the two-class logits torch.cat([torch.zeros_like(l), l], 1)")
         lab = self._target_for(logits.shape, 1, resize_labels, logits.device).long()
         if not self._checked:
             self._check_classes(logits.shape[1])

@@ -284,6 +284,8 @@ def test_segmentation_guide():
         SegmentationGuide(net, torch.zeros(3, 5, 5, dtype=torch.long))(x, 0)
     with pytest.raises(ValueError, match="integer"):
         SegmentationGuide(net, torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match="one class"):  # its gradient was silently all zeros
+        SegmentationGuide(DenseNet(1), torch.zeros(2, 3, 3, dtype=torch.long))(x, 0)
 
 
 def test_composed_guide():
