@@ -922,8 +922,16 @@ def _cudnn_benchmark():
 
 def fast_sample_loop(model: Callable, shape_or_x, schedule: Schedule, *, sampler: str = "ddim",
                      guide: Callable | None = None, generator: torch.Generator | None = None,
-                     noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype = torch.float32, **options):
-    """Drop-in for ``sampling.sample_loop`` on the fast path (options: see FastGuidedSampler)."""
+                     noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype = torch.float32,
+                     progress: bool = False, **options):
+    """Drop-in for ``sampling.sample_loop`` on the fast path (options: see FastGuidedSampler); sample_loop's
+    ``callback(i, StepOutput)`` and ``denoised_fn`` have no fast equivalent and raise a TypeError."""
+    if "callback" in options:  # the fused step makes no StepOutput
+        raise TypeError("fast_sample_loop takes no callback (sample_loop's callback(i, StepOutput)): use "
+                        "FastGuidedSampler(model, schedule, ...).sample(shape, callback=lambda i, x, pred_x0: ...)")
+    if "denoised_fn" in options:
+        raise TypeError("fast_sample_loop has no denoised_fn (the fused update clips x0 itself): use "
+                        "sampling.sample_loop for it")
     s = FastGuidedSampler(model, schedule, sampler=sampler, guide=guide, **options)
     return s.sample(shape_or_x, generator=generator, noise_fn=noise_fn, return_trajectory=return_trajectory,
-                    dtype=dtype)
+                    dtype=dtype, progress=progress)

@@ -90,6 +90,16 @@ def test_ddpm_fixed_variance_and_plain_callable_guide():
         out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type=var_type,
                                generator=torch.Generator().manual_seed(2))
         assert rel_err(out, ref) < TOL
+    # sample_loop's progress= passes through (it was an unexpected keyword of FastGuidedSampler);
+    # its callback / denoised_fn, which have no fast equivalent, are named
+    out = fast_sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, progress=True,
+                           generator=torch.Generator().manual_seed(2))
+    assert rel_err(out, sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide,
+                                    generator=torch.Generator().manual_seed(2))) < TOL
+    with pytest.raises(TypeError, match="FastGuidedSampler.*sample.*callback"):
+        fast_sample_loop(model, SHAPE, sched, callback=lambda i, out: None)
+    with pytest.raises(TypeError, match="denoised_fn"):
+        fast_sample_loop(model, SHAPE, sched, denoised_fn=lambda x0: x0)
 
 
 def test_merged_path_does_not_call_the_bank(setup):
