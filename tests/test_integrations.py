@@ -172,6 +172,8 @@ def test_bad_inputs(unet, classifier):
         PPAPGuidedPipeline(unet, DDIMScheduler())(output_type="jpg")
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):  # inf: NaN images, no error
         PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=2, eta=float("inf"))
+    with pytest.raises(ValueError, match="latents must be finite"):  # unguided: NaN images, no error
+        PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=2, latents=torch.full((1, C, H, H), float("nan")))
     for n in (0, -1):  # 0: ZeroDivisionError in set_timesteps; -1: no step at all, x_T returned as the images
         with pytest.raises(ValueError, match=f"num_inference_steps must be a positive int, got {n}"):
             PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=n)

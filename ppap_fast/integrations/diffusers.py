@@ -793,6 +793,9 @@ class _GuidedPipelineBody:
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):  # NaN images otherwise
+                raise ValueError("latents must be finite floating-point noise (they hold NaN / Inf or are not "
+                                 "floating point)")
             x = latents.to(device=device, dtype=self.dtype)
         sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
         # guide then knows each step's band without a device read (merged experts)
