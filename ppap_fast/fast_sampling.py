@@ -148,6 +148,17 @@ def guide_banks(guide) -> list:
     return [] if b is None else [b]
 
 
+def check_bank_timesteps(banks, num_timesteps: int) -> None:
+    """Each bank's bands must split the schedule's own T: with a shorter schedule its steps silently reached
+    only the first experts (T=500 with a T=1000 bank: experts 0-2 of 5), with a longer one they left the bank."""
+    for b in banks:
+        if b.num_timesteps != num_timesteps:
+            raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but an ExpertBank of the guide splits "
+                             f"T={b.num_timesteps} into its experts' bands, which would route the steps to the wrong "
+                             f"experts: use a schedule of {b.num_timesteps} base steps (Schedule.create(name, "
+                             f"{b.num_timesteps}, respacing)), or a bank trained for this schedule")
+
+
 @contextlib.contextmanager
 def _no_host_checks(banks):
     """Switch off the banks' host-side range checks (indices were validated before the step)."""
@@ -645,12 +656,8 @@ class FastGuidedSampler:
                                                                 opts=self.opts, merge_mode=merge_mode,
                                                                 _stacklevel=3)
         self.guide = None if guide is None else self.fast_guide.guide
-        t_max = max(self._tmap_host)
-        for b in self.banks:  # once here: the steps run with the banks' host-side range checks off
-            if t_max >= b.num_timesteps:
-                raise ValueError(f"the schedule's original timesteps reach {t_max}, but an ExpertBank of the guide "
-                                 f"covers [0, {b.num_timesteps}) (num_timesteps={b.num_timesteps}): use a schedule "
-                                 f"of {b.num_timesteps} base steps, or a bank trained for this schedule")
+        # once here: the steps run with the banks' host-side range checks off
+        check_bank_timesteps(self.banks, self.schedule.original_num_timesteps)
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)

@@ -431,6 +431,10 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     _check_x(x, schedule, "x_T")
     if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
+    if guide is not None:
+        from .fast_sampling import check_bank_timesteps, guide_banks
+
+        check_bank_timesteps(guide_banks(guide), schedule.original_num_timesteps)
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

@@ -34,14 +34,15 @@ def tiny_adm(learn_sigma=True):
     return m.eval()
 
 
-def tiny_bank(n_experts=5):
+def tiny_bank(n_experts=5, num_timesteps=1000):
     net = TinyResNet(widths=(8, 16), layers=(1, 1), in_channels=3, num_classes=4)
     with torch.no_grad():
         for mod in net.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.running_mean.normal_(0, 0.3)
                 mod.running_var.uniform_(0.5, 2)
-    return randomise_bank(ExpertBank(net, "resnet", n_experts=n_experts, r=4, alpha=2)).eval()
+    return randomise_bank(ExpertBank(net, "resnet", n_experts=n_experts, num_timesteps=num_timesteps, r=4,
+                                     alpha=2)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -792,7 +793,7 @@ def test_fast_guide_target_override_matches_reference(setup):
 def test_schedule_beyond_the_banks_timesteps_is_refused_at_construction(setup):
     # the steps switch the bank's range checks off: an original t past its bands must fail up front
     model, bank, guide = setup
-    with pytest.raises(ValueError, match="covers \\[0, 1000\\)"):
+    with pytest.raises(ValueError, match="splits T=1000 into its experts' bands"):
         FastGuidedSampler(model, Schedule.create("linear", 2000, "ddim4"), guide=guide)
     FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim4"), guide=guide)  # t up to 999: fine
 
@@ -800,8 +801,8 @@ def test_schedule_beyond_the_banks_timesteps_is_refused_at_construction(setup):
 def test_ddpm_fixed_small_last_step_is_unguided_as_reference(setup):
     # the posterior variance scaling the grad is 0 at index 0 (only its log is clipped, for the noise);
     # a 10-step cosine schedule, where the clipped value (posterior_variance[1]) is large
-    model, bank, _ = setup
-    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=30.0)
+    model = setup[0]
+    guide = ClassGuide(tiny_bank(num_timesteps=10), torch.tensor([0, 1, 2, 3]), scale=30.0)  # the schedule's T
     sched = Schedule.create("cosine", 10, "3")
     ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, var_type="fixed_small",
                       generator=torch.Generator().manual_seed(3))
@@ -835,3 +836,13 @@ def test_graphs_dropped_for_a_changed_guide_take_their_pool_with_them(monkeypatc
     fast._graph_generation = -1  # as after the guide changed
     fast._run_graph(x, idx, "k", None, None)
     assert len(pools) == 2 and pools[1] is not pools[0]
+
+
+def test_bank_of_another_T_than_the_schedule_is_refused(setup):
+    # a T=500 schedule with a T=1000 bank ran silently, every step routed to experts 0-2 of 5
+    model, bank, guide = setup
+    for s in (Schedule.create("linear", 500, "ddim5"), Schedule.create("linear", 2000, "ddim5")):
+        with pytest.raises(ValueError, match="T=1000 into its experts' bands"):
+            FastGuidedSampler(model, s, guide=guide)
+        with pytest.raises(ValueError, match="T=1000 into its experts' bands"):
+            sample_loop(model, (2, 3, 8, 8), s, guide=guide)
