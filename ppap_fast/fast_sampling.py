@@ -148,10 +148,22 @@ def guide_banks(guide) -> list:
     return [] if b is None else [b]
 
 
-def check_bank_timesteps(banks, num_timesteps: int) -> None:
-    """Each bank's bands must split the schedule's own T: with a shorter schedule its steps silently reached
-    only the first experts (T=500 with a T=1000 bank: experts 0-2 of 5), with a longer one they left the bank."""
-    for b in banks:
+def _x0hat_guides(guide) -> list:
+    if isinstance(guide, _gd.ComposedGuide):
+        return [x for g, _ in guide.guides for x in _x0hat_guides(g)]
+    return [guide] if isinstance(guide, _gd.X0HatGuide) else []
+
+
+def check_guide_timesteps(guide, num_timesteps: int) -> None:
+    """The guide's ExpertBanks must split, and an X0HatGuide's alphas_cumprod cover, the schedule's own T:
+    with a shorter schedule a bank's steps silently reached only its first experts (T=500 with a T=1000 bank:
+    experts 0-2 of 5) and x0-hat took another schedule's abar; with a longer one they left the bank."""
+    for g in _x0hat_guides(guide):
+        if g.acp.numel() != num_timesteps:
+            raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but the X0HatGuide's alphas_cumprod "
+                             f"has {g.acp.numel()}: give it the base table of this schedule (Schedule.create(name, "
+                             f"{num_timesteps}))")
+    for b in guide_banks(guide):
         if b.num_timesteps != num_timesteps:
             raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but an ExpertBank of the guide splits "
                              f"T={b.num_timesteps} into its experts' bands, which would route the steps to the wrong "
@@ -657,7 +669,8 @@ class FastGuidedSampler:
                                                                 _stacklevel=3)
         self.guide = None if guide is None else self.fast_guide.guide
         # once here: the steps run with the banks' host-side range checks off
-        check_bank_timesteps(self.banks, self.schedule.original_num_timesteps)
+        if guide is not None:
+            check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps)
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)

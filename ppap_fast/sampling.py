@@ -432,9 +432,9 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
     if guide is not None:
-        from .fast_sampling import check_bank_timesteps, guide_banks
+        from .fast_sampling import check_guide_timesteps
 
-        check_bank_timesteps(guide_banks(guide), schedule.original_num_timesteps)
+        check_guide_timesteps(guide, schedule.original_num_timesteps)
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

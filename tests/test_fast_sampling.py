@@ -8,7 +8,7 @@ import torch.nn as nn
 from ppap_fast import fast_sampling as fs
 from ppap_fast.experts import ExpertBank
 from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, fast_sample_loop
-from ppap_fast.guidance import ClassGuide, ComposedGuide
+from ppap_fast.guidance import ClassGuide, ComposedGuide, X0HatGuide
 from ppap_fast.models import ADMUNet
 from ppap_fast.models.tiny import TinyResNet
 from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
@@ -846,3 +846,9 @@ def test_bank_of_another_T_than_the_schedule_is_refused(setup):
             FastGuidedSampler(model, s, guide=guide)
         with pytest.raises(ValueError, match="T=1000 into its experts' bands"):
             sample_loop(model, (2, 3, 8, 8), s, guide=guide)
+        x0hat = X0HatGuide(bank.model, model, Schedule.create("linear", 1000), 1)  # x0-hat took the wrong abar
+        for g in (x0hat, ComposedGuide([x0hat])):
+            with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod has 1000"):
+                FastGuidedSampler(model, s, guide=g)
+            with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod has 1000"):
+                sample_loop(model, (2, 3, 8, 8), s, guide=g)
