@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
     """:func:`kd_loss` of each sample: [B]."""
+    _check_temperature(temperature)
     s, t = _upcast(student_logits, teacher_logits)
     p_t = F.softmax(t / temperature, dim=1)
     return F.kl_div(F.log_softmax(s, dim=1), p_t, reduction="none").sum(1)
@@ -216,7 +218,15 @@ def pixel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _pixel_kd(student_logits, teacher_logits, temperature).mean()
 
 
+def _check_temperature(temperature) -> None:
+    """0 gave NaN losses, a negative one a target that favours the teacher's least likely classes."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (PPAP: {TEACHER_TEMPERATURE}), got {temperature!r}")
+
+
 def _pixel_kd(student_logits, teacher_logits, temperature):  # [B, *spatial]
+    _check_temperature(temperature)
     _check_pair(student_logits, teacher_logits, "pixel_kl", min_dim=2)
     s, t = _upcast(student_logits, teacher_logits)
     log_p_t = F.log_softmax(t / temperature, dim=1)

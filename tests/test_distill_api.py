@@ -40,3 +40,17 @@ def test_generate_datafree_samples_the_unets_image_shape(tmp_path):
         generate_datafree(wrapped, gray, tmp_path / "c", 2, 2, respacing="ddim2", progress=False)
     generate_datafree(wrapped, gray, tmp_path / "c", 2, 2, respacing="ddim2", progress=False, image_shape=(1, 4, 4))
     assert load_shards(tmp_path / "c")["images"].shape == (2, 4, 4, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.25, float("inf"), float("nan")])
+def test_distillation_temperature_must_be_positive_and_finite(temperature):
+    # 0 gave a NaN loss with no error, a negative one a target favouring the least likely classes
+    from ppap_fast.distill import distill_loss, distill_loss_per_sample, kd_loss, pixel_kd_loss
+
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    for loss in (lambda: kd_loss(s, t, temperature), lambda: distill_loss("kl", s, t, temperature),
+                 lambda: distill_loss_per_sample("kl", s, t, temperature),
+                 lambda: pixel_kd_loss(s[..., None], t[..., None], temperature),
+                 lambda: distill_loss_per_sample("pixel_kl", s[..., None], t[..., None], temperature)):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            loss()
