@@ -181,6 +181,21 @@ def test_bad_inputs(unet, classifier):
         PPAPGuidedPipeline(lambda x, t: x, DDIMScheduler())(batch_size=1, num_inference_steps=1)
 
 
+def test_pipeline_keeps_the_scale_of_a_ppap_guidance(unet, classifier):
+    # PPAPGuidance(guide, scale=s) given to the pipeline: its scale was replaced by guidance_scale (0 still guided)
+    W, y = classifier
+
+    def run(guide, **kw):
+        return PPAPGuidedPipeline(unet, DDIMScheduler(), guide)(
+            batch_size=B, num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="raw",
+            **kw).images
+
+    g = linear_classifier_guide(W, y, 1.0)
+    assert torch.equal(run(PPAPGuidance(g, scale=4.0)), run(PPAPGuidance(g), guidance_scale=4.0))
+    assert torch.equal(run(PPAPGuidance(g, scale=2.0), guidance_scale=2.0), run(g, guidance_scale=4.0))
+    assert torch.equal(run(PPAPGuidance(g, scale=0.0)), run(None))
+
+
 def test_any_denoiser_callable(unet):
     pipe = PPAPGuidedPipeline(lambda x, t: unet(x, t).sample, DDIMScheduler(num_train_timesteps=1000),
                               image_shape=(C, H, H))

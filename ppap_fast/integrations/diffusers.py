@@ -597,7 +597,8 @@ class _GuidedPipelineBody:
     ``from_pipe(ddpm_pipeline, guide=...)``, ``set_progress_bar_config``); the guide is not a
     component (it is not saved with the pipeline: keep it with :func:`ppap_fast.experts.save_experts`).
     ``guide`` may be a :class:`PPAPGuidance` (its fast options kept: ``PPAPGuidance(guide, channels_last=True,
-    guide_autocast=torch.bfloat16)``); a plain guide gets ``PPAPGuidance(guide)``'s defaults.
+    guide_autocast=torch.bfloat16)``; its ``scale`` multiplies ``guidance_scale``); a plain guide gets
+    ``PPAPGuidance(guide)``'s defaults.
     """
 
     def __init__(self, unet, scheduler, guide: Callable | None = None, image_shape: tuple | None = None):
@@ -800,6 +801,8 @@ class _GuidedPipelineBody:
         sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
         # guide then knows each step's band without a device read (merged experts)
         x = x * sched.init_noise_sigma  # after set_timesteps: a sigma-space scheduler's first sigma depends on it
+        if self.guidance is not None:  # a PPAPGuidance's own scale multiplies (it was silently replaced)
+            guidance_scale = guidance_scale * self.guidance.scale
         guided = self.guidance is not None and guidance_scale != 0
         if "eta" in inspect.signature(sched.step).parameters:  # DDIM: an infinite eta made NaN images silently
             from ppap_fast.sampling import _check_eta
