@@ -267,7 +267,7 @@ class _GradRunner:
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             with torch.enable_grad():
-                return self.guide(x, t)
+                return _gd.call_guide(self.guide, x, t)
         kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
         with _no_host_checks(self.banks):
             g = None

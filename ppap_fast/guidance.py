@@ -661,7 +661,7 @@ class ComposedGuide:
         # ("zero" / "ignore") applies its own policy to the sum
         if self.nonfinite != "raise" and isinstance(g, Guide) and g.nonfinite == "raise":
             return g._grad(x_t, t, **kw)
-        return g(x_t, t, **kw)
+        return call_guide(g, x_t, t, **kw)
 
     def __call__(self, x_t, t, target=None):
         return check_finite(weighted_grad_sum((self._sub(g, x_t, t, target), w) for g, w in self.guides),
@@ -690,6 +690,19 @@ def raise_if_network(guide, err=None, what: str = "") -> None:
                         f"the {name}") from err
 
 
+def call_guide(guide, x_t, t, **kw):
+    """``guide(x_t, t, **kw)``; a network passed as the guide (it fails on the extra t, or returns logits) raises
+    :func:`raise_if_network`'s TypeError instead of its own error or a result of the wrong shape."""
+    try:
+        g = guide(x_t, t, **kw)
+    except TypeError as e:
+        raise_if_network(guide, e)
+        raise
+    if isinstance(g, torch.Tensor) and g.shape != x_t.shape:
+        raise_if_network(guide, None, f" (it returned {tuple(g.shape)}, not a gradient shaped like x_t)")
+    return g
+
+
 def as_cond_fn(guide) -> Callable:
     """guided-diffusion ``cond_fn(x, t, y=None, **kw)`` calling ``guide(x, t)``.
 
@@ -708,7 +721,7 @@ def as_cond_fn(guide) -> Callable:
                              "rescale_timesteps=False (the default) so cond_fn gets the original integer timesteps")
         if y is not None and takes_y:
             return guide(x, t, target=y)
-        return guide(x, t)
+        return call_guide(guide, x, t)
 
     return cond_fn
 

@@ -657,3 +657,25 @@ def test_network_passed_as_guide_names_the_fix():
         config = None
     with pytest.raises(TypeError, match="got the network ExpertBank itself"):
         PPAPGuidance(bank).correct(torch.randn(2, 2, 6, 6), torch.randn(2, 2, 6, 6), 1, Sched())
+
+
+def test_network_inside_composed_guide_or_as_cond_fn_names_the_fix():
+    # as_cond_fn(bank) returned the logits as the "gradient"; a network inside a ComposedGuide failed with its
+    # forward()'s arity or a grad-shape error
+    from ppap_fast.fast_sampling import FastGuidedSampler
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    den = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    s = Schedule.create("linear", 1000, respacing="ddim2")
+    clf = SmallNet().eval()
+    bank = ExpertBank(clf, "generic", 5).eval()
+    x, t = torch.randn(2, 2, 6, 6), torch.tensor([3, 700])
+    for net in (clf, bank):
+        want = rf"network {type(net).__name__} itself.*ClassGuide\(model.eval\(\)"
+        with pytest.raises(TypeError, match=want):
+            as_cond_fn(net)(x, t)
+        with pytest.raises(TypeError, match=want):
+            sample_loop(den, (2, 2, 6, 6), s, guide=ComposedGuide([(ClassGuide(clf, 1), 1.0), (net, 1.0)]))
+        with pytest.raises(TypeError, match=want):
+            FastGuidedSampler(den, s, guide=ComposedGuide([net])).sample((2, 2, 6, 6))
