@@ -196,6 +196,23 @@ def test_pipeline_keeps_the_scale_of_a_ppap_guidance(unet, classifier):
     assert torch.equal(run(PPAPGuidance(g, scale=0.0)), run(None))
 
 
+def test_x0hat_guide_of_another_schedule_than_the_scheduler_is_refused(classifier):
+    # x0-hat silently took another schedule's abar than the one the denoiser was trained on
+    from ppap_fast.guidance import X0HatGuide
+    from ppap_fast.schedule import Schedule
+
+    W, y = classifier
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(C * H * H, 3))
+    x = torch.randn(B, C, H, H)
+    den = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    ok = X0HatGuide(clf, den, Schedule.create("linear", 1000), y)
+    PPAPGuidance(ok).correct(torch.randn_like(x), x, 500, DDIMScheduler())
+    for sched, acp in ((DDIMScheduler(beta_schedule="scaled_linear"), Schedule.create("linear", 1000)),
+                       (DDIMScheduler(), Schedule.create("cosine", 1000)), (DDIMScheduler(), Schedule.create("linear", 500))):
+        with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod .* is not the DDIMScheduler's"):
+            PPAPGuidance(X0HatGuide(clf, den, acp, y)).correct(torch.randn_like(x), x, 400, sched)
+
+
 def test_any_denoiser_callable(unet):
     pipe = PPAPGuidedPipeline(lambda x, t: unet(x, t).sample, DDIMScheduler(num_train_timesteps=1000),
                               image_shape=(C, H, H))

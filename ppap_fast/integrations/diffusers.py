@@ -202,8 +202,14 @@ class PPAPGuidance:
                 raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
                                  f"{_init_noise_sigma(scheduler):.4g}) without scale_model_input: PPAPGuidance "
                                  "cannot map its sample to x_t of the variance-preserving process")
-            from ppap_fast.fast_sampling import guide_banks
+            from ppap_fast.fast_sampling import _x0hat_guides, guide_banks
 
+            for g in _x0hat_guides(self.guide):  # x0-hat from another schedule's abar than the denoiser's
+                if g.acp.shape != acp.shape or not torch.allclose(g.acp, acp.detach().cpu().double(), rtol=1e-4,
+                                                                  atol=1e-7):
+                    raise ValueError(f"the X0HatGuide's alphas_cumprod ({g.acp.numel()} steps) is not the "
+                                     f"{type(scheduler).__name__}'s ({acp.numel()} steps, its beta_schedule): give it "
+                                     "scheduler.alphas_cumprod")
             for bank in guide_banks(self.guide):
                 if bank.num_timesteps != acp.numel():
                     raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
