@@ -658,6 +658,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
     if not (math.isfinite(cfg.eta) and cfg.eta >= 0):  # before the manifest records it
         raise ValueError(f"eta must be >= 0, got {cfg.eta}")
+    if cfg.sampler == "ddpm" and cfg.eta:  # it was ignored
+        raise ValueError(f"eta {cfg.eta} is DDIM's noise level (sampler ddim); DDPM's noise comes from its variance")
     if cfg.sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {cfg.sampler!r}")
     Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing)  # a bad --respacing fails here

@@ -90,7 +90,8 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import NONFINITE_MODES, _check_eta, _index_tensor, call_denoiser, denoiser_output
+from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_sampler_options,
+                       denoiser_output)
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -620,11 +621,9 @@ class FastGuidedSampler:
                  compile_freeze: bool = False, cuda_graph: bool = False, overlap_guide: bool = False,
                  backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False,
                  cudnn_benchmark: bool = False, model_autocast: torch.dtype | None = None):
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        check_sampler_options(sampler, eta, var_type)
         if nonfinite_grad not in NONFINITE_MODES:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
-        _check_eta(eta)
         if merge_mode not in MERGE_MODES:  # also without a guide (it was checked only with one)
             raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
         if compile_freeze and not compile_model:

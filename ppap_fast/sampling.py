@@ -162,6 +162,19 @@ def _check_eta(eta) -> None:
         raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
 
 
+def check_sampler_options(sampler: str, eta, var_type) -> None:
+    """The sampler, and that eta / var_type belong to it (each was ignored silently by the other)."""
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    _check_eta(eta)
+    if sampler == "ddpm" and float(eta) != 0:
+        raise ValueError(f"eta={float(eta)} is DDIM's noise level: DDPM's comes from its variance (var_type); "
+                         "use sampler='ddim' with eta, or eta=0")
+    if sampler == "ddim" and var_type is not None:
+        raise ValueError(f"var_type={var_type!r} is DDPM's variance: DDIM's noise comes from eta; use "
+                         "sampler='ddpm' with var_type, or var_type=None")
+
+
 def _check_mode(nonfinite_grad: str) -> None:
     if nonfinite_grad not in NONFINITE_MODES:
         raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
@@ -420,9 +433,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     Returns the final sample, or (final, trajectory [N, *x.shape]) with return_trajectory
     (entry k is the sample after the step at index N-1-k).
     """
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    _check_eta(eta)
+    check_sampler_options(sampler, eta, var_type)
     if isinstance(shape_or_x, torch.Tensor):
         x = shape_or_x
     else:

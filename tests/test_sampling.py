@@ -357,6 +357,18 @@ def test_sample_loop_ddim_eta0_draws_no_noise_and_generator_reproducible():
 # ----------------------------------------------------------------- bad inputs
 
 @pytest.mark.parametrize("loop", [sample_loop, fast_sampling.fast_sample_loop])
+def test_eta_and_var_type_belong_to_their_sampler(loop):
+    """eta with DDPM and var_type with DDIM were ignored silently."""
+    s = Schedule.create("linear", 1000, "ddim5")
+    m = FakeModel()
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's noise level"):
+        loop(m, (2, 3, 4, 4), s, sampler="ddpm", eta=0.5)
+    with pytest.raises(ValueError, match="var_type='fixed_small' is DDPM's variance"):
+        loop(m, (2, 3, 4, 4), s, sampler="ddim", var_type="fixed_small")
+    assert loop(m, (2, 3, 4, 4), s, sampler="ddpm", var_type="fixed_small").shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("loop", [sample_loop, fast_sampling.fast_sample_loop])
 def test_x_T_of_another_dtype_or_non_finite_is_named(loop):
     """A float64 x_T into a float32 UNet was the conv's bare dtype error; a NaN x_T without a guide gave
     NaN images."""
