@@ -307,8 +307,13 @@ class _ClassTarget:
 
     def __init__(self, target, num_classes, name):
         self.name = name
+        if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+            target = int(target)  # numpy ints too
+        elif type(target).__module__ == "numpy" and hasattr(target, "dtype") and target.dtype.kind in "iu":
+            target = torch.as_tensor(target, dtype=torch.long)  # a numpy array of class ids
         if isinstance(target, bool) or not isinstance(target, (int, torch.Tensor)):
-            raise ValueError(f"{name}: target must be an int or a long tensor [B], got {type(target).__name__}")
+            raise ValueError(f"{name}: target must be an int or an integer tensor / array [B], got "
+                             f"{type(target).__name__}")
         if isinstance(target, torch.Tensor):
             if target.is_floating_point() or target.dtype == torch.bool or target.dim() > 1:
                 raise ValueError(f"{name}: target must be an integer tensor [B], got {target.dtype} "

@@ -694,3 +694,13 @@ def test_loralib_route_default_is_lowrank_on_a_cpu_only(monkeypatch):
     bank(torch.randn(3, 3, 8, 8), expert_idx=torch.tensor([0, 9, 4]))
     assert [tuple(s[-2:]) for s in ran] == [(1, 1)]
 
+
+def test_numpy_integer_counts_are_accepted():
+    """n_experts / num_timesteps from numpy (a config array, np.arange) were refused as not int."""
+    import numpy as np
+
+    bank = ExpertBank(Tiny(), "generic", n_experts=np.int64(5), num_timesteps=np.int32(1000))
+    assert type(bank.n_experts) is int and bank.n_experts == 5 and bank.expert_index(999) == 4
+    with pytest.raises(ValueError, match="n_experts must be a positive int"):
+        ExpertBank(Tiny(), "generic", n_experts=np.float64(5))
+

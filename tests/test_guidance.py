@@ -124,6 +124,15 @@ def test_class_guide_target_validation():
         g(torch.randn(1, 2, 3, 3, dtype=D), 3)
     with pytest.raises(ValueError, match="batch"):
         ClassGuide(model, torch.tensor([0, 1, 2]))(torch.randn(2, 2, 3, 3, dtype=D), 3)
+    import numpy as np  # numpy class ids (a scalar from a dataset, an array of them) as their torch equals
+
+    x, model = torch.randn(2, 2, 3, 3, dtype=D), model.eval()
+    assert torch.equal(ClassGuide(model, np.int64(3))(x, 3), ClassGuide(model, 3)(x, 3))
+    assert torch.equal(ClassGuide(model, np.array([3, 1]))(x, 3), ClassGuide(model, torch.tensor([3, 1]))(x, 3))
+    with pytest.raises(ValueError, match="out of range"):
+        ClassGuide(model, np.array([0, 7]))
+    with pytest.raises(ValueError, match="integer tensor / array"):
+        ClassGuide(model, np.array([0.5]))
 
 
 def test_bad_inputs():

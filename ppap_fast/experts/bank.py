@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 from collections import Counter
 
@@ -169,6 +170,11 @@ class RoutedLinear(_RoutedLoRA):
         if b is not None:
             lin.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         return lin
+
+
+def _as_int(v):
+    """A Python int for integer scalars (numpy's included); anything else unchanged (for the caller's error)."""
+    return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
 
 
 LORALIB_CONV_ROUTES = ("delta", "factorised", "lowrank")
@@ -497,6 +503,7 @@ class ExpertBank(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):  # a function failed deep in the placement rule
             raise TypeError(f"ExpertBank wraps an nn.Module (the off-the-shelf network), got {type(model).__name__}")
+        n_experts, num_timesteps = _as_int(n_experts), _as_int(num_timesteps)  # numpy ints too
         if not isinstance(n_experts, int) or n_experts <= 0:
             raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
         if not isinstance(num_timesteps, int) or num_timesteps <= 0:
