@@ -119,6 +119,10 @@ class Schedule:
         tmap = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map), dtype=torch.long)
         if tmap.numel() != n:
             raise ValueError(f"timestep_map has {tmap.numel()} entries for {n} betas")
+        T = original_num_timesteps or n
+        if n and (bool((tmap[1:] <= tmap[:-1]).any()) or int(tmap[0]) < 0 or int(tmap[-1]) >= T):
+            raise ValueError(f"timestep_map must be strictly increasing original timesteps in [0, {T}), got "
+                             f"{tmap.tolist()[:8]}{' ...' if n > 8 else ''}")
         alphas = 1.0 - betas
         acp = torch.cumprod(alphas, 0)
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])

@@ -109,6 +109,11 @@ def test_from_betas_rejects_bad_betas():
         Schedule.from_betas(torch.tensor([0.1, 0.0, 0.2]))
     with pytest.raises(ValueError, match="betas"):
         Schedule.from_betas(torch.tensor([[0.1]]))
+    betas = torch.tensor([0.1, 0.2, 0.3])  # a timestep map that is no respacing of T = 10 (it was accepted)
+    assert Schedule.from_betas(betas, [0, 4, 9], 10).timestep_map.tolist() == [0, 4, 9]
+    for bad in ([0, 9, 4], [0, 4, 4], [-1, 4, 9], [0, 4, 10]):
+        with pytest.raises(ValueError, match=r"timestep_map must be strictly increasing original timesteps in \[0, 10\)"):
+            Schedule.from_betas(betas, bad, 10)
 
 
 def test_respacing_as_int():
