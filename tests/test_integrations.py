@@ -934,6 +934,13 @@ def test_callback_on_step_end_as_diffusers(unet):
             return {"latents": callback_kwargs["latents"] * 2} if step_index == 2 else callback_kwargs
 
     torch.testing.assert_close(run(callback_on_step_end=Scale()), plain * 2)
+    # diffusers' interrupt flag: the steps after the callback that set it are skipped (it was ignored)
+    calls, denoise = [], pipe._denoise
+    pipe._denoise = lambda *a: calls.append(1) or denoise(*a)
+    stop = run(callback_on_step_end=lambda p, i, t, kw: setattr(p, "_interrupt", i == 0) or kw)
+    assert len(calls) == 1 and torch.equal(stop, seen[0][4]) and pipe.interrupt
+    del pipe._denoise
+    assert torch.equal(run(), plain) and not pipe.interrupt  # the next call starts uninterrupted
     with pytest.raises(ValueError, match="prompt_embeds"):
         run(callback_on_step_end=on_end, callback_on_step_end_tensor_inputs=["prompt_embeds"])
 

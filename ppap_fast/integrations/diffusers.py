@@ -733,6 +733,11 @@ class _GuidedPipelineBody:
         eps = eps_uncond + cfg_scale * (eps_text - eps_uncond)
         return torch.cat([eps, out_text[:, c:]], dim=1) if out.shape[1] > c else eps
 
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' flag: a callback setting ``pipe._interrupt = True`` skips the remaining steps."""
+        return getattr(self, "_interrupt", False)
+
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50, generator=None, eta: float = 0.0,
                  guidance_scale: float = 1.0, output_type: str = "pil", return_dict: bool = True,
@@ -754,10 +759,12 @@ class _GuidedPipelineBody:
         After each step, as diffusers' pipelines: ``callback_on_step_end(pipe, i, t, callback_kwargs)``
         (a function or a diffusers PipelineCallback), callback_kwargs holding the tensors named in
         ``callback_on_step_end_tensor_inputs`` (default and only ["latents"]: x after the step); a dict it
-        returns may replace "latents". The older ``callback(i, t, x)`` works too.
+        returns may replace "latents"; setting ``pipe._interrupt = True`` there skips the remaining steps (the
+        images are the latents so far). The older ``callback(i, t, x)`` works too.
         Returns ImagePipelineOutput(images=...) or (images,)."""
         from diffusers.utils.torch_utils import randn_tensor
 
+        self._interrupt = False
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -824,6 +831,8 @@ class _GuidedPipelineBody:
         # when a copy steps: its index never advances, and repeated timesteps (Heun) are ambiguous)
         try:
             for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
+                if self.interrupt:  # set by a callback (pipe._interrupt = True): the rest of the steps is skipped
+                    continue
                 inp = step_sched.scale_model_input(x, t) if hasattr(step_sched, "scale_model_input") else x
                 out = self._denoise(inp, t, unet_labels, text)
                 if guided:
