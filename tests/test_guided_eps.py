@@ -253,3 +253,5 @@ def test_ppap_guidance_correct_runs_the_op():
         got = guidance.correct(model_output, x, t, sched, grad=grad)
         assert ops.last_backend("guided_eps") is not None
         assert torch.equal(got, _eager(model_output, grad, coef, 2)), (dtype, tuple(grad.shape))
+    with pytest.raises(ValueError, match="takes no scale="):  # the scale was ignored silently
+        guidance.correct(model_output, x, t, sched, grad=grad, scale=2.0)

@@ -312,10 +312,13 @@ class PPAPGuidance:
         """The guided model output for ``scheduler.step(model_output', t, x)``.
 
         model_output: the denoiser's output for x at t ([B, C, ...], or [B, 2C, ...] with learned
-        variance: only the first C channels are corrected). grad: a precomputed scale*guide(x_t, t), x_t the
+        variance: only the first C channels are corrected). grad: a precomputed scale*guide(x_t, t) (no ``scale``
+        with it), x_t the
         ``vp_sample`` of x (x itself unless the scheduler samples in sigma space). target: class labels
         for this call (see :meth:`grad`).
         """
+        if grad is not None and scale is not None:  # the scale was ignored silently
+            raise ValueError("grad= is a precomputed scale * guide(x_t, t): it takes no scale= (scale it yourself)")
         pt = _checked_prediction_type(scheduler)
         c = _check_output_shape(model_output, x)
         s = self.scale if scale is None else _finite_scale(scale)
