@@ -704,3 +704,11 @@ def test_numpy_integer_counts_are_accepted():
     with pytest.raises(ValueError, match="n_experts must be a positive int"):
         ExpertBank(Tiny(), "generic", n_experts=np.float64(5))
 
+
+
+def test_an_unbatched_image_is_named():
+    """x [C, H, W] (one image) failed deep in the LoRA conv ('not enough values to unpack')."""
+    bank = ExpertBank(Tiny(), "generic", n_experts=2).eval()
+    with pytest.raises(ValueError, match=r"x has shape \(3, 8, 8\).*x\[None\]"):
+        bank(torch.randn(3, 8, 8), 5)
+    assert bank(torch.randn(1, 3, 8, 8), 5).shape == (1, 4)

@@ -657,10 +657,20 @@ class ExpertBank(nn.Module):
             raise ValueError(f"x must be a floating tensor, got dtype {x.dtype}")
         if x.dim() < 2:
             raise ValueError(f"x must have a leading sample dimension and features, got shape {tuple(x.shape)}")
+        if x.dim() == 3 and self._has_conv2d():
+            raise ValueError(f"x has shape {tuple(x.shape)}: the bank's convolutions take batches [B, C, H, W] "
+                             "(one image [C, H, W]: x[None])")
         ref = self._ref_param()
         if ref is not None and (x.dtype != ref.dtype or x.device != ref.device):
             raise ValueError(f"x has dtype {x.dtype} on {x.device} but the bank's parameters are {ref.dtype} "
                              f"on {ref.device}; move one of them (bank.to(...) or x.to(...))")
+
+    def _has_conv2d(self) -> bool:
+        has = self.__dict__.get("_has_conv2d_cache")
+        if has is None:
+            has = any(isinstance(m, (nn.Conv2d, RoutedConv2d)) for m in self.model.modules())
+            self.__dict__["_has_conv2d_cache"] = has
+        return has
 
     def forward(self, x, t=None, *, expert_idx=None, **kwargs):
         self._check_x(x)
