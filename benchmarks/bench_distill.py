@@ -25,7 +25,9 @@ and a bmm, where that needs fewer FLOPs than N dense convs), captured with Exper
 step on the dense deltas: distill_graph_loralib_lowrank_vs_delta; eager, on every device, the same two routes
 forced (the default is "lowrank" on a CPU, "delta" on CUDA): distill_loralib_lowrank_vs_delta on the suite's
 bank, and on a CPU a torchvision ResNet18 PPAP-5 bank (r 16, alpha 8, batch 16, 3x64x64), closer to a real
-guide than the tiny one: distill_resnet18_lowrank_vs_delta. Opt-in
+guide than the tiny one: distill_resnet18_lowrank_vs_delta; the low-rank route's A stage with each sample's own
+expert (PPAP_FAST_LOWRANK_A=own, the CPU default) against every expert stacked then gathered ("stacked"):
+distill_lowrank_own_a_vs_stacked_a, distill_resnet18_own_a_vs_stacked_a. Opt-in
 (PPAP_BENCH_DISTILL_CL=1): the factorised bank in channels_last, captured, with the default A stage,
 "in_base", "auto" and "implicit": distill_graph_cl_in_base_vs_stacked, distill_graph_cl_auto_vs_stacked,
 distill_graph_cl_implicit_vs_stacked, distill_graph_cl_vs_nchw (channels_last vs NCHW, default A stage),
@@ -88,6 +90,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
         try:
             rows.append({**_loralib_route_row(*_resnet18_setup(), reps), "model": "resnet18"})
             acc["distill_resnet18_lowrank_vs_delta"] = [rows[-1]["lowrank_vs_delta"]]
+            acc["distill_resnet18_own_a_vs_stacked_a"] = [rows[-1]["own_a_vs_stacked_a"]]
         except Exception as exc:  # noqa: BLE001
             rows.append({"op": "distill_step_resnet18_loralib", "error": _error(exc)})
     try:  # first: seconds, where the rows below take minutes
@@ -130,8 +133,9 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
         ratios.append(one / seq)
         try:
             route_row = _loralib_route_row(bank, x, t, teacher, reps)
-            row.update(onepass_loralib_delta_ms=route_row["delta_ms"], onepass_loralib_lowrank_ms=route_row["lowrank_ms"])
+            row.update({f"onepass_loralib_{k}": v for k, v in route_row.items() if k.endswith("_ms")})
             acc.setdefault("distill_loralib_lowrank_vs_delta", []).append(route_row["lowrank_vs_delta"])
+            acc.setdefault("distill_lowrank_own_a_vs_stacked_a", []).append(route_row["own_a_vs_stacked_a"])
         except Exception as exc:  # noqa: BLE001
             row["loralib_route_error"] = _error(exc)
         rows.append(row)
@@ -166,41 +170,64 @@ def _resnet18_setup(batch: int = 16, size: int = 64, n: int = 5):
 
 def _loralib_route_row(bank, x, t, teacher, reps) -> dict:
     """One eager one-pass step (AdamW) of a loralib bank with its convs on the dense-delta route and on the
-    low-rank route (PPAP_FAST_LORALIB_CONV forced each way); lowrank_vs_delta = time(lowrank) / time(delta)."""
+    low-rank route with each A stage (PPAP_FAST_LORALIB_CONV / PPAP_FAST_LOWRANK_A forced), alternating
+    rounds: lowrank_vs_delta = time(low-rank route, the device's default A stage) / time(delta),
+    own_a_vs_stacked_a = time(own A stage) / time(stacked A stage)."""
     from ppap_fast.ops.lora import vectorized as V
 
     device = x.device.type
     opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
-    calls = {"lowrank": 0}
-    lowrank = V.loralib_conv2d_lowrank
+    calls = {"stacked": 0, "own": 0}
+    real = {"stacked": V.stacked_expert_conv, "own": V.own_expert_conv}
 
-    def counted(*a, **k):
-        calls["lowrank"] += 1
-        return lowrank(*a, **k)
+    def counted(stage):
+        def conv(*a, **k):
+            calls[stage] += 1
+            return real[stage](*a, **k)
+        return conv
 
     def onepass():
         opt.zero_grad(set_to_none=True)
         _kd(bank(x, t), teacher).backward()
         opt.step()
 
-    def on(route):
+    def on(route, a_stage=None):
         def step():
-            before = calls["lowrank"]
-            _with_backend("PPAP_FAST_LORALIB_CONV", route, "lora_conv2d_delta", None, onepass)
-            if (calls["lowrank"] > before) != (route == "lowrank"):
-                raise RuntimeError(f"the {route} route {'never ran' if route == 'lowrank' else 'ran'} "
-                                   "loralib_conv2d_lowrank")
+            before = dict(calls)
+            env = {"PPAP_FAST_LORALIB_CONV": route, **({"PPAP_FAST_LOWRANK_A": a_stage} if a_stage else {})}
+            _with_env(env, onepass)
+            ran = {k for k in calls if calls[k] > before[k]}
+            if ran != ({a_stage} if a_stage else set()):
+                raise RuntimeError(f"the {route} route (A stage {a_stage}) ran the low-rank A stages {sorted(ran)}")
         return step
 
-    V.loralib_conv2d_lowrank = counted
-    try:  # alternating rounds: load drift on a shared machine hits both alike
-        times = round_robin_ms({"delta": on("delta"), "lowrank": on("lowrank")}, device, reps)
+    V.stacked_expert_conv, V.own_expert_conv = counted("stacked"), counted("own")
+    try:  # alternating rounds: load drift on a shared machine hits all alike
+        times = round_robin_ms({"delta": on("delta"), "stacked": on("lowrank", "stacked"),
+                                "own": on("lowrank", "own")}, device, reps)
     finally:
-        V.loralib_conv2d_lowrank = lowrank
-    delta, low = statistics.median(times["delta"]), statistics.median(times["lowrank"])
+        V.stacked_expert_conv, V.own_expert_conv = real["stacked"], real["own"]
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    low = ms[V.lowrank_a_stage(x.device)]  # what the low-rank route runs here by default
     return {"op": "distill_step_loralib_routes", "n_experts": bank.n_experts, "batch": x.shape[0],
-            "shape": list(x.shape[1:]), "delta_ms": round(delta, 3), "lowrank_ms": round(low, 3),
-            "lowrank_vs_delta": round(low / delta, 4)}
+            "shape": list(x.shape[1:]), "delta_ms": round(ms["delta"], 3),
+            "lowrank_stacked_a_ms": round(ms["stacked"], 3), "lowrank_own_a_ms": round(ms["own"], 3),
+            "lowrank_ms": round(low, 3), "lowrank_vs_delta": round(low / ms["delta"], 4),
+            "own_a_vs_stacked_a": round(ms["own"] / ms["stacked"], 4)}
+
+
+def _with_env(env: dict, fn):
+    """fn() with the environment variables ``env`` set, restored after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _frozen_row(device, bank, model, x, t, teacher, reps, n, one) -> dict:

@@ -212,9 +212,12 @@ def test_distill_loralib_route_row_times_both_routes(monkeypatch):
     import bench_distill
 
     monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "factorised")
+    monkeypatch.delenv("PPAP_FAST_LOWRANK_A", raising=False)
     row = bench_distill._loralib_route_row(*bench_distill._resnet18_setup(batch=2, size=32, n=2), reps=1)
-    assert row["delta_ms"] > 0 and row["lowrank_ms"] > 0 and row["lowrank_vs_delta"] > 0
-    assert os.environ["PPAP_FAST_LORALIB_CONV"] == "factorised"
+    assert min(row["delta_ms"], row["lowrank_stacked_a_ms"], row["lowrank_own_a_ms"]) > 0
+    assert row["lowrank_ms"] == row["lowrank_own_a_ms"]  # the CPU default A stage
+    assert row["lowrank_vs_delta"] > 0 and row["own_a_vs_stacked_a"] > 0
+    assert os.environ["PPAP_FAST_LORALIB_CONV"] == "factorised" and "PPAP_FAST_LOWRANK_A" not in os.environ
 
 
 def test_denoiser_cat_row_runs_the_triton_op():
@@ -570,6 +573,7 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     assert seen[0][1]["distill_onepass_vs_sequential"] == out["ratios"]["distill_onepass_vs_sequential"] > 0
     assert "distill_onepass_vs_frozen_fwdbwd" not in seen[0][1] and out["ratios"]["distill_onepass_vs_frozen_fwdbwd"] > 0
     assert out["ratios"]["distill_loralib_lowrank_vs_delta"] == out["ratios"]["distill_resnet18_lowrank_vs_delta"] == 1
+    assert out["ratios"]["distill_lowrank_own_a_vs_stacked_a"] == out["ratios"]["distill_resnet18_own_a_vs_stacked_a"] == 1
     # the CUDA rows' blocks, their GPU parts faked: a checkpoint after each, ratios filled in as they go
     monkeypatch.setenv("PPAP_BENCH_DISTILL_CL", "1")
     monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())

@@ -605,13 +605,20 @@ class _LowrankNet(nn.Module):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("n", range(1, 11))
-def test_loralib_lowrank_route_equals_the_delta_route(monkeypatch, n, device):
+@pytest.mark.parametrize("a_stage", ["stacked", "own"])
+def test_loralib_lowrank_route_equals_the_delta_route(monkeypatch, n, device, a_stage):
     """PPAP_FAST_LORALIB_CONV=lowrank (the base conv + the loralib LoRA's low-rank factors: no N-fold dense
     convs) gives the delta route's outputs, gradients of every trainable tensor and BatchNorm running
-    statistics (float64 to 1e-10; float32 to 1e-5), for N = 1..10 with experts that have no sample."""
+    statistics (float64 to 1e-10; float32 to 1e-5), for N = 1..10 with experts that have no sample, with
+    either A stage (PPAP_FAST_LOWRANK_A: every expert stacked then gathered, or each sample's own)."""
     from ppap_fast.ops.lora import vectorized
 
-    ran = []
+    ran, stages = [], []
+    for name in ("stacked", "own"):
+        conv = getattr(vectorized, f"{name}_expert_conv")
+        monkeypatch.setattr(vectorized, f"{name}_expert_conv",
+                            lambda *a, _c=conv, _n=name, **k: stages.append(_n) or _c(*a, **k))
+    monkeypatch.setenv("PPAP_FAST_LOWRANK_A", a_stage)
     real = vectorized.loralib_conv2d_lowrank
     monkeypatch.setattr(vectorized, "lowrank_is_cheaper", lambda *a: True)  # every conv: each case runs
     monkeypatch.setattr(vectorized, "loralib_conv2d_lowrank", lambda *a, **k: ran.append(a[1].shape) or real(*a, **k))
@@ -636,6 +643,9 @@ def test_loralib_lowrank_route_equals_the_delta_route(monkeypatch, n, device):
             runs[route] = (y.detach(), {k: p.grad for k, p in bank.named_parameters() if p.requires_grad},
                            {k: v for k, v in bank.state_dict().items() if "running" in k})
             assert len(ran) == (4 if route == "lowrank" else 0)
+            if route == "lowrank":  # (the delta route may stack its dense convs too: CUDA's choice)
+                assert set(stages) == {a_stage}
+            stages.clear()
         (y_d, g_d, s_d), (y_l, g_l, s_l) = runs["delta"], runs["lowrank"]
         assert rel(y_l, y_d) < tol
         assert set(g_l) == set(g_d) and "model.c3.lora_A" in g_d

@@ -186,6 +186,18 @@ def stacked_expert_conv(x, w_experts, expert_idx, stride, padding, dilation, gro
     return torch.cat([conv_gather(x[i:i + chunk], expert_idx[i:i + chunk]) for i in range(0, S, chunk)])
 
 
+def own_expert_conv(x, w_experts, expert_idx, stride, padding, dilation, groups):
+    """stacked_expert_conv's result with each sample's own expert only: the samples as groups of ONE grouped
+    conv (S*groups groups, each sample's weight gathered: [S, C_o, C_in/g, kh, kw]); 1/N of its FLOPs, no
+    N-fold intermediate, differentiable (autograd: the weight gradient scatter-added to the experts)."""
+    S, C_in = x.shape[:2]
+    C_o = w_experts.shape[1]
+    w = w_experts.to(x.dtype)[expert_idx]
+    y = F.conv2d(x.reshape(1, S * C_in, *x.shape[2:]), w.reshape(S * C_o, *w.shape[2:]), None, stride, padding,
+                 dilation, S * groups)
+    return y.view(S, C_o, *y.shape[2:])
+
+
 def block_diag_B(B: torch.Tensor, groups: int) -> torch.Tensor:
     """Grouped 1x1 conv weight B [N, C_out, r/g] -> dense block-diagonal [N, C_out, r] (differentiable)."""
     if groups == 1:

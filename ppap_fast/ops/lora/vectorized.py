@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import stacked_expert_conv
+from .reference import own_expert_conv, stacked_expert_conv
 
 
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None):
@@ -70,6 +70,24 @@ def lowrank_is_cheaper(n_experts: int, C_out: int, C_in: int, kh: int, kw: int, 
     return lowrank < delta
 
 
+LOWRANK_A_STAGES = ("stacked", "own")
+
+
+def lowrank_a_stage(device) -> str:
+    """The A stage of loralib_conv2d_lowrank on ``device``: "own" (each sample's own expert: the samples as
+    groups of one conv, reference.own_expert_conv) on a CPU, where it took a ResNet18 PPAP-5 step to
+    0.58x the "stacked" one's time on 2 cores (bench_distill ``distill_resnet18_own_a_vs_stacked_a``), "stacked" (every
+    expert in one conv, then a gather: reference.stacked_expert_conv) elsewhere until a GPU times both;
+    PPAP_FAST_LOWRANK_A picks one everywhere."""
+    import os
+
+    stage = os.environ.get("PPAP_FAST_LOWRANK_A", "").strip().lower() or (
+        "own" if torch.device(device).type == "cpu" else "stacked")
+    if stage not in LOWRANK_A_STAGES:
+        raise ValueError(f"PPAP_FAST_LOWRANK_A must be one of {LOWRANK_A_STAGES}, got {stage!r}")
+    return stage
+
+
 def loralib_conv2d_lowrank(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, expert_bias=None):
     """conv(x, W + scale * loralib_delta(A_e, B_e), bias) + expert_bias[e] (groups 1) WITHOUT the N dense
     per-expert convs of the "stacked" delta route: the base conv once, then the loralib LoRA as its exact
@@ -81,7 +99,8 @@ def loralib_conv2d_lowrank(x, W, bias, A, B, expert_idx, scale, stride=1, paddin
     A_e's rows as kernels (r*kh outputs; A_e's flat rows placed at the block's offset in a window of Cb
     channels, zeros around), followed by B_e's rows o*kh + q. The A stage is ONE grouped cuDNN conv
     (kh groups, one a block's window of x) with every expert's A stacked (N*kh*r*kh outputs over Cb ~
-    C_in/kh channels each) and a gather of each sample's own expert (reference.stacked_expert_conv); the
+    C_in/kh channels each) and a gather of each sample's own expert (reference.stacked_expert_conv; or,
+    lowrank_a_stage "own", the CPU default, each sample's own A only: reference.own_expert_conv); the
     B stage one bmm with each sample's B_e as [C_out, kh*r*kh]. Per output pixel that is about
     N*r*kh*C_in*kh*kw + kh*r*kh*C_out multiply-adds (plus the base conv) instead of the stacked delta
     route's N*C_out*C_in*kh*kw: r*kh / C_out of it (r=16, 3x3: 0.75 at C_out 64, 0.09 at 512; 1x1:
@@ -103,7 +122,8 @@ def loralib_conv2d_lowrank(x, W, bias, A, B, expert_idx, scale, stride=1, paddin
         xw = x.index_select(1, ch)  # [S, kh*Cb, H, W]
     # [N, kh*rk, Cb, kh, kw]: block q's rows are A_e's rows at flat offset offs[q] of its window
     a = torch.cat([F.pad(A, (o, win - A.shape[2] - o)) for o in offs], 1).view(N, kh * rk, Cb, kh, kw)
-    h = stacked_expert_conv(xw, a, expert_idx, stride, padding, dilation, kh)  # [S, kh*rk, Ho, Wo], (q, j)
+    a_conv = own_expert_conv if lowrank_a_stage(x.device) == "own" else stacked_expert_conv
+    h = a_conv(xw, a, expert_idx, stride, padding, dilation, kh)  # [S, kh*rk, Ho, Wo], (q, j)
     Ho, Wo = h.shape[-2:]
     Bs = (B.reshape(N, C_out, kh * rk)[expert_idx] * scale).to(h.dtype)  # [S, C_out, (q, j)]
     yd = torch.bmm(Bs, h.reshape(S, kh * rk, Ho * Wo)).view(S, C_out, Ho, Wo)
