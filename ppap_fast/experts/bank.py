@@ -182,7 +182,7 @@ LORALIB_CONV_ROUTES = ("delta", "factorised", "lowrank")
 
 def loralib_conv_route(device: torch.device | str | None = None) -> str:
     """How a routed loralib-layout conv (groups 1) on ``device`` runs (the default: "lowrank" on a CPU, where
-    a ResNet18 PPAP-5 training step took 0.16-0.28x the delta route's time on 2 cores (bench_distill
+    a ResNet18 PPAP-5 training step took 0.16x the delta route's time on 2 cores (bench_distill
     ``distill_resnet18_lowrank_vs_delta``), "delta" elsewhere until a GPU times it; PPAP_FAST_LORALIB_CONV picks
     one everywhere): "delta" (dense per-expert deltas through lora_conv2d_delta), "factorised"
     (PPAP_FAST_LORALIB_CONV=factorised: the exactly equal rank r*kh*kh factorised LoRA through lora_conv2d's

@@ -76,7 +76,7 @@ LOWRANK_A_STAGES = ("stacked", "own")
 def lowrank_a_stage(device) -> str:
     """The A stage of loralib_conv2d_lowrank on ``device``: "own" (each sample's own expert: the samples as
     groups of one conv, reference.own_expert_conv) on a CPU, where it took a ResNet18 PPAP-5 step to
-    0.58x the "stacked" one's time on 2 cores (bench_distill ``distill_resnet18_own_a_vs_stacked_a``), "stacked" (every
+    0.74x the "stacked" one's time on 2 cores (bench_distill ``distill_resnet18_own_a_vs_stacked_a``), "stacked" (every
     expert in one conv, then a gather: reference.stacked_expert_conv) elsewhere until a GPU times both;
     PPAP_FAST_LOWRANK_A picks one everywhere."""
     import os
