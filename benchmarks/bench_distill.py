@@ -519,22 +519,15 @@ def _factorised_ms(model, n, r, alpha, x, t, teacher, reps):
 
 def _with_backend(env: str, value: str, op: str, backend: str, fn):
     """fn() with the environment variable env=value, checking that op then ran backend."""
-    import os
-
     from ppap_fast.ops import lora as L
 
-    old = os.environ.get(env)
-    os.environ[env] = value
-    try:
+    def checked():
         out = fn()
         if backend is not None and L.last_backend.get(op) != backend:
             raise RuntimeError(f"the bank ran {op} on {L.last_backend.get(op)!r}, not {backend}")
         return out
-    finally:
-        if old is None:
-            os.environ.pop(env, None)
-        else:
-            os.environ[env] = old
+
+    return _with_env({env: value}, checked)
 
 
 def _with_cpp_backend(fn):
