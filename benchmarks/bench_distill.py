@@ -177,14 +177,12 @@ def _loralib_route_row(bank, x, t, teacher, reps) -> dict:
 
     device = x.device.type
     opt = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
-    calls = {"stacked": 0, "own": 0}
-    real = {"stacked": V.stacked_expert_conv, "own": V.own_expert_conv}
+    ran = []  # the A stage of every low-rank conv call
+    lowrank = V.loralib_conv2d_lowrank
 
-    def counted(stage):
-        def conv(*a, **k):
-            calls[stage] += 1
-            return real[stage](*a, **k)
-        return conv
+    def counted(xi, *a, **k):
+        ran.append(V.lowrank_a_stage(xi.device))
+        return lowrank(xi, *a, **k)
 
     def onepass():
         opt.zero_grad(set_to_none=True)
@@ -193,20 +191,19 @@ def _loralib_route_row(bank, x, t, teacher, reps) -> dict:
 
     def on(route, a_stage=None):
         def step():
-            before = dict(calls)
+            ran.clear()
             env = {"PPAP_FAST_LORALIB_CONV": route, **({"PPAP_FAST_LOWRANK_A": a_stage} if a_stage else {})}
             _with_env(env, onepass)
-            ran = {k for k in calls if calls[k] > before[k]}
-            if ran != ({a_stage} if a_stage else set()):
-                raise RuntimeError(f"the {route} route (A stage {a_stage}) ran the low-rank A stages {sorted(ran)}")
+            if set(ran) != ({a_stage} if a_stage else set()):
+                raise RuntimeError(f"the {route} route (A stage {a_stage}) ran low-rank convs with {sorted(set(ran))}")
         return step
 
-    V.stacked_expert_conv, V.own_expert_conv = counted("stacked"), counted("own")
+    V.loralib_conv2d_lowrank = counted
     try:  # alternating rounds: load drift on a shared machine hits all alike
         times = round_robin_ms({"delta": on("delta"), "stacked": on("lowrank", "stacked"),
                                 "own": on("lowrank", "own")}, device, reps)
     finally:
-        V.stacked_expert_conv, V.own_expert_conv = real["stacked"], real["own"]
+        V.loralib_conv2d_lowrank = lowrank
     ms = {k: statistics.median(v) for k, v in times.items()}
     low = ms[V.lowrank_a_stage(x.device)]  # what the low-rank route runs here by default
     return {"op": "distill_step_loralib_routes", "n_experts": bank.n_experts, "batch": x.shape[0],

@@ -192,7 +192,7 @@ def own_expert_conv(x, w_experts, expert_idx, stride, padding, dilation, groups)
     N-fold intermediate, differentiable (autograd: the weight gradient scatter-added to the experts)."""
     S, C_in = x.shape[:2]
     C_o = w_experts.shape[1]
-    w = w_experts.to(x.dtype)[expert_idx]
+    w = w_experts[expert_idx].to(x.dtype)  # [S, C_o, C_in/g, kh, kw]
     y = F.conv2d(x.reshape(1, S * C_in, *x.shape[2:]), w.reshape(S * C_o, *w.shape[2:]), None, stride, padding,
                  dilation, S * groups)
     return y.view(S, C_o, *y.shape[2:])
