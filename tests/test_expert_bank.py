@@ -211,6 +211,17 @@ def test_mobilenet_v2_depthwise_merged():
     assert rel(bank.merged(1)(x), bank(x, expert_idx=1)) < 1e-10
 
 
+def test_mobilenet_v2_placement_refuses_other_nets():
+    with pytest.raises(ValueError, match="not a MobileNetV2.*generic"):
+        make_placement("mobilenet_v2", torchvision.models.resnet18(weights=None))
+    net = torchvision.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25)
+    net.features[-1][0] = nn.Conv2d(net.features[-1][0].in_channels, 1280, 3, padding=1, bias=False)
+    with pytest.raises(ValueError, match="1x1 head conv"):
+        make_placement("mobilenet_v2", net)
+    ok = make_placement("mobilenet_v2", torchvision.models.mobilenet_v2(weights=None, width_mult=0.25))
+    assert ok.lora[-1] != "features.18.0" and "features.17.conv.2" in ok.lora
+
+
 # ----------------------------------------------------------------------------- counts
 def test_resnet50_trainable_count_matches_official():
     model = torchvision.models.resnet50(weights=None)

@@ -154,9 +154,14 @@ def mobilenet_v2_placement(model: nn.Module, r: int = 4, alpha: float = 4,
     blocks (expand 1x1, depthwise 3x3 - rank per group x groups, project 1x1), not on the
     final 1x1 conv nor the classifier; every BatchNorm's affine + stats and every bias except
     the classifier's per expert."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"mobilenet_v2 placement: no Conv2d in {type(model).__name__}")
+    modules = dict(model.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if not any(type(m).__name__ == "InvertedResidual" for m in modules.values()):
+        raise ValueError(f"mobilenet_v2 placement: {type(model).__name__} has no InvertedResidual blocks, so it is "
+                         "not a MobileNetV2; use placement='generic' or give a Placement")
+    if modules[convs[-1]].kernel_size != (1, 1):
+        raise ValueError(f"mobilenet_v2 placement: the last conv {convs[-1]!r} of {type(model).__name__} is "
+                         f"{modules[convs[-1]].kernel_size}, not MobileNetV2's 1x1 head conv; use placement='generic'")
     lora = convs[:-1]  # the last conv is the 1x1 head conv (features.18)
     head = _last_linear(model)
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
