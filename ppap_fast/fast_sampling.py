@@ -903,6 +903,8 @@ class FastGuidedSampler:
         self._check_x(x)
         if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
+        if self.guide is not None:
+            _gd.check_guide_batch(self.guide, x.shape[0])
         steps = range(self.schedule.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm

@@ -685,6 +685,30 @@ def has_class_target(guide) -> bool:
     return isinstance(guide, FastGuide) and has_class_target(guide.source)
 
 
+def check_guide_batch(guide, batch: int, class_target_given: bool = False) -> None:
+    """Raise ValueError, before any model runs, where a guide's own per-sample values cannot serve a batch of
+    ``batch``: a class target [n] (unless ``class_target_given``: a target passed per call replaces it) or a
+    per-sample scale [n] with n != batch (before, the mismatch surfaced after the first denoiser forward)."""
+    from .fast_sampling import FastGuide
+
+    if isinstance(guide, FastGuide):
+        return check_guide_batch(guide.source, batch, class_target_given)
+    if isinstance(guide, ComposedGuide):
+        for g, _ in guide.guides:
+            check_guide_batch(g, batch, class_target_given)
+        return
+    if not isinstance(guide, Guide):
+        return
+    s = guide.scale
+    if isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() != 1 and s.shape[0] != batch:
+        raise ValueError(f"{guide.name}: scale has {s.shape[0]} per-sample values for a batch of {batch}: give one "
+                         "scale or one per sample")
+    tgt = getattr(getattr(guide, "target", None), "target", None)
+    if not class_target_given and isinstance(tgt, torch.Tensor) and tgt.dim() == 1 and tgt.shape[0] != batch:
+        raise ValueError(f"{guide.name}: target has {tgt.shape[0]} class labels for a batch of {batch}: give one "
+                         "label per sample, or one int for all")
+
+
 def raise_if_network(guide, err=None, what: str = "") -> None:
     """Raise a TypeError naming the fix when ``guide`` is a guide's network (a classifier, an ExpertBank) passed where
     a guide wrapping it belongs; return otherwise."""

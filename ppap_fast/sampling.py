@@ -444,8 +444,10 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
     if guide is not None:
         from .fast_sampling import check_guide_timesteps
+        from .guidance import check_guide_batch
 
         check_guide_timesteps(guide, schedule.original_num_timesteps)
+        check_guide_batch(guide, x.shape[0])
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

@@ -480,6 +480,32 @@ def test_bank_switched_to_train_mode_after_construction_is_routed(setup):
     assert fast.merge_experts and rel_err(again, routed) < TOL and rel_err(again, merged) > TOL
 
 
+class _CountingDenoiser(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *a, **kw):
+        self.calls += 1
+        return self.model(*a, **kw)
+
+
+def test_guide_batch_mismatch_is_refused_before_the_denoiser_runs(setup):
+    model, bank, guide = setup  # guide: a [4] class target
+    sched = Schedule.create("linear", 1000, "ddim5")
+    counted = _CountingDenoiser(model)
+    composed = ComposedGuide([ClassGuide(bank, 1, scale=torch.tensor([1.0, 2.0, 3.0])), guide])
+    for g, msg in ((guide, "target has 4 class labels for a batch of 2"),
+                   (composed, "scale has 3 per-sample values for a batch of 2")):
+        with pytest.raises(ValueError, match=msg):
+            sample_loop(counted, (2, 3, 8, 8), sched, guide=g)
+        with pytest.raises(ValueError, match=msg):
+            FastGuidedSampler(counted, sched, guide=g).sample((2, 3, 8, 8))
+    assert counted.calls == 0
+    FastGuidedSampler(counted, sched, guide=guide).sample(SHAPE)  # the right batch still samples
+    assert counted.calls == 5
+
+
 def test_nonfinite_and_bad_inputs(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "ddim5")

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from ppap_fast.guidance import ClassGuide
 from ppap_fast.sampling import eps_correction
 from ppap_fast.testing import linear_classifier_guide
 
@@ -179,6 +180,22 @@ def test_bad_inputs(unet, classifier):
             PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=n)
     with pytest.raises(ValueError, match="image_shape"):
         PPAPGuidedPipeline(lambda x, t: x, DDIMScheduler())(batch_size=1, num_inference_steps=1)
+
+
+def test_pipeline_refuses_a_guide_target_of_another_batch_before_the_unet(unet, classifier):
+    W, _ = classifier
+    calls = []
+    hook = unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        guide = ClassGuide(lambda x: x.flatten(1) @ W.T, torch.tensor([0, 1, 2, 0]), scale=1.0)
+        pipe = PPAPGuidedPipeline(unet, DDIMScheduler(), guide)
+        with pytest.raises(ValueError, match="target has 4 class labels for a batch of 2"):
+            pipe(batch_size=2, num_inference_steps=2, output_type="pt")
+        assert not calls
+        out = pipe(batch_size=2, num_inference_steps=2, output_type="pt", class_labels=[1, 2]).images
+        assert out.shape == (2, C, H, H) and calls  # labels per call replace the guide's target
+    finally:
+        hook.remove()
 
 
 def test_pipeline_keeps_the_scale_of_a_ppap_guidance(unet, classifier):

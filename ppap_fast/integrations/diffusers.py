@@ -805,6 +805,10 @@ class _GuidedPipelineBody:
                                  "denoiser: pass guide=...")
             if self.guidance is not None and (unet_labels is None or has_class_target(self.guidance.guide)):
                 guide_labels = self.guidance._target(class_labels, torch.empty(batch_size, 0, device=device))
+        if self.guidance is not None:  # a guide target of another length failed only after the first UNet forward
+            from ppap_fast.guidance import check_guide_batch
+
+            check_guide_batch(self.guidance.guide, batch_size, class_target_given=guide_labels is not None)
         if latents is None:
             x = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
         else:
