@@ -236,7 +236,8 @@ class _CountOps(TorchDispatchMode):
 def test_step_issues_the_same_ops_for_any_number_of_tensors(path, amsgrad, monkeypatch):
     """A step of 12 tensors issues the ops of a step of 2: ~45 on CUDA's path (run here on CPU), where
     stepping tensor by tensor issued ~20 per tensor (~5000 kernel launches for a ResNet-50 bank);
-    CPU's foreach ops, all but its masked commits (a torch.where per tensor)."""
+    CPU's foreach ops, all but the rows of the experts not sampled, kept and put back per tensor (and
+    none of those when every expert steps)."""
     if path == "concatenated":
         monkeypatch.setattr(ExpertAdamW, "_foreach_device_types", ())
     counted = []
@@ -249,9 +250,15 @@ def test_step_issues_the_same_ops_for_any_number_of_tensors(path, amsgrad, monke
         opt.step(torch.tensor(MASKS[1], dtype=torch.bool))  # allocates the state
         with _CountOps() as ops:
             opt.step(torch.tensor(MASKS[2], dtype=torch.bool))
-        wheres = sum(f is torch.ops.aten.where.self_out for f in ops.ops)
-        assert wheres == (3 + amsgrad) * (count if path == "foreach" else 1)
-        counted.append(len(ops.ops) - wheres)
+        per_tensor = ((torch.ops.aten.index_select.default, torch.ops.aten.index_copy_.default) if path == "foreach"
+                      else (torch.ops.aten.where.self_out,))  # foreach: kept, then put back; else masked commits
+        kept = sum(f in per_tensor for f in ops.ops)
+        assert kept == (3 + amsgrad) * (2 * count if path == "foreach" else 1)
+        counted.append(len(ops.ops) - kept)
+        if path == "foreach":
+            with _CountOps() as all_on:
+                opt.step()
+            assert not any(f in per_tensor for f in all_on.ops)
     assert counted[0] == counted[1] and counted[0] < 50, counted
 
 
