@@ -215,16 +215,10 @@ def _loralib_route_row(bank, x, t, teacher, reps) -> dict:
 
 def _with_env(env: dict, fn):
     """fn() with the environment variables ``env`` set, restored after."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from ppap_fast.ops._registry import environ_set
+
+    with environ_set(env):
         return fn()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _frozen_row(device, bank, model, x, t, teacher, reps, n, one) -> dict:

@@ -1283,20 +1283,13 @@ LORA_KERNELS = {  # DistillConfig.lora_kernels -> the environment the LoRA ops r
 def _lora_kernel_env(choice: str):
     if choice not in LORA_KERNELS:
         raise ValueError(f"lora_kernels must be one of {sorted(LORA_KERNELS)}, got {choice!r}")
-    saved = {k: os.environ.get(k) for k in LORA_KERNELS[choice]}
-    os.environ.update(LORA_KERNELS[choice])
     from .ops import lora as L
+    from .ops._registry import environ_set
 
-    for k in [k for k in L.last_backend if k.startswith(("lora_conv2d", "lora_linear"))]:
-        del L.last_backend[k]  # the summary's lora_ops: what this run used, nothing from before
-    try:
+    with environ_set(LORA_KERNELS[choice]):
+        for k in [k for k in L.last_backend if k.startswith(("lora_conv2d", "lora_linear"))]:
+            del L.last_backend[k]  # the summary's lora_ops: what this run used, nothing from before
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _lora_ops_that_ran() -> dict:

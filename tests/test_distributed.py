@@ -332,6 +332,19 @@ def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     assert D.config_from_args(a).lora_kernels == "implicit"
 
 
+def test_environ_set_restores_set_and_unset_variables(monkeypatch):
+    from ppap_fast.ops._registry import environ_set
+
+    monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", "delta")
+    monkeypatch.delenv("PPAP_FAST_LORA_A_STAGE", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with environ_set({"PPAP_FAST_LORALIB_CONV": "lowrank", "PPAP_FAST_LORA_A_STAGE": "implicit"}):
+            assert os.environ["PPAP_FAST_LORALIB_CONV"] == "lowrank"
+            assert os.environ["PPAP_FAST_LORA_A_STAGE"] == "implicit"
+            raise RuntimeError("inside")
+    assert os.environ["PPAP_FAST_LORALIB_CONV"] == "delta" and "PPAP_FAST_LORA_A_STAGE" not in os.environ
+
+
 def test_distill_amp_bf16(tmp_path, monkeypatch):
     """amp="bf16": the experts' forward runs under bf16 autocast (its convs see bf16 inputs), the saved
     experts stay float32, finite and near the float32 run's; amp is in the identity only when used

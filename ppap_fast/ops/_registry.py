@@ -7,6 +7,7 @@ raises (a global ``set_backend`` / PPAP_FAST_BACKEND only concerns the ops that 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,22 @@ class _Op:
 
 _OPS: dict[str, _Op] = {}
 _forced: str | None = os.environ.get("PPAP_FAST_BACKEND") or None
+
+
+@contextlib.contextmanager
+def environ_set(env: dict):
+    """The environment variables ``env`` set (the PPAP_FAST_* choices read at call time) inside the block,
+    each restored after (removed where it was unset)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def register(op: str, backend: str, fn: Callable, why_unavailable: Callable[[torch.device], str | None]):
