@@ -650,18 +650,13 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     """
     from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
-    from .sampling import sample_loop
+    from .sampling import check_sampler_options, sample_loop
     from .schedule import Schedule
 
     env = env or init_distributed(cfg.device)
     if cfg.num_images <= 0 or cfg.shard_size <= 0 or cfg.batch_size < 0:
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
-    if not (math.isfinite(cfg.eta) and cfg.eta >= 0):  # before the manifest records it
-        raise ValueError(f"eta must be >= 0, got {cfg.eta}")
-    if cfg.sampler == "ddpm" and cfg.eta:  # it was ignored
-        raise ValueError(f"eta {cfg.eta} is DDIM's noise level (sampler ddim); DDPM's noise comes from its variance")
-    if cfg.sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {cfg.sampler!r}")
+    check_sampler_options(cfg.sampler, cfg.eta, None)  # before the manifest records them
     Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing)  # a bad --respacing fails here
     cfg = _set_step_noise(cfg)  # read by every rank before anyone rewrites the manifest (check_same_config)
     ident = cfg.identity()

@@ -74,6 +74,8 @@ class GuidedSampleConfig:
 
 
 def _check(cfg: GuidedSampleConfig) -> Path:
+    from .sampling import check_sampler_options
+
     out = Path(cfg.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out.name}")
@@ -89,9 +91,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--steps must be positive, got {cfg.steps}")
     if cfg.experts_subfolder and not cfg.experts:
         raise ValueError("--experts-subfolder needs --experts")
-    if cfg.sampler == "ddpm" and cfg.eta:  # it was ignored
-        raise ValueError(f"--eta {cfg.eta} is DDIM's noise level (--sampler ddim); DDPM's noise comes from its "
-                         "variance")
+    check_sampler_options(cfg.sampler, cfg.eta, None)
     if not math.isfinite(cfg.scale):
         raise ValueError(f"--scale must be finite, got {cfg.scale}")
     if cfg.guide_dtype not in (None, "bf16", "fp16"):

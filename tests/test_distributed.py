@@ -164,11 +164,11 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
     assert (out / "manifest.json").exists() and not list(out.glob("shard_*.npz"))
     res = D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())  # the corrected arguments
     assert res["written"] == list(range(5))
-    with pytest.raises(ValueError, match="eta must be >= 0, got nan"):  # refused before a manifest records it
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):  # refused before a manifest records it
         D.generate(D.GenerateConfig(str(tmp_path / "y"), **{**GEN, "eta": float("nan")}), D.DistEnv())
     with pytest.raises(ValueError, match="0 steps"):
         D.generate(D.GenerateConfig(str(tmp_path / "y"), **{**GEN, "respacing": "ddim0"}), D.DistEnv())
-    with pytest.raises(ValueError, match="eta 0.5 is DDIM's noise level"):  # it was ignored
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's noise level"):  # it was ignored
         D.generate(D.GenerateConfig(str(tmp_path / "y"), **{**GEN, "sampler": "ddpm", "eta": 0.5}), D.DistEnv())
     assert not (tmp_path / "y" / "manifest.json").exists()
 

@@ -117,7 +117,7 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     ([*GUIDE, "--target-map", "map.npy"], "--target-map"),
     (["--steps", "0"], "--steps"),
     (["--experts-subfolder", "ppap10"], "--experts-subfolder"),
-    (["--sampler", "ddpm", "--eta", "0.5"], "--eta 0.5 is DDIM's noise level"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "eta=0.5 is DDIM's noise level"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--sampler", "plms"], "cuda|invalid choice"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
