@@ -1,6 +1,7 @@
 """diffusers adapter (tiny random UNet2DModel; no downloads) and the guided-diffusion cond_fn re-export."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -196,6 +197,21 @@ def test_pipeline_refuses_a_guide_target_of_another_batch_before_the_unet(unet, 
         assert out.shape == (2, C, H, H) and calls  # labels per call replace the guide's target
     finally:
         hook.remove()
+
+
+def test_pipeline_warns_when_images_are_not_finite(unet):
+    class HalfOverflow(torch.nn.Module):  # sample 1's output overflows, as a half-precision UNet's can
+        def forward(self, x, t):
+            out = unet(x, t).sample.clone()
+            out[1] = float("inf")
+            return out
+
+    pipe = PPAPGuidedPipeline(HalfOverflow(), DDIMScheduler(), image_shape=(C, H, H))
+    with pytest.warns(RuntimeWarning, match="1 of 3 images hold NaN/Inf"):
+        pipe(batch_size=3, num_inference_steps=2, output_type="np")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PPAPGuidedPipeline(unet, DDIMScheduler())(batch_size=3, num_inference_steps=2, output_type="np")
 
 
 def test_pipeline_keeps_the_scale_of_a_ppap_guidance(unet, classifier):

@@ -59,6 +59,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 import weakref
 from typing import Callable, Optional, Union
 
@@ -859,6 +860,11 @@ class _GuidedPipelineBody:
         finally:  # the copy's abar table (cached by id) goes with it
             if step_sched is not sched and self.guidance is not None:
                 self.guidance._forget(step_sched)
+        bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step
+        if bad:  # "pil" / "np" would show them black, with no error
+            warnings.warn(f"{bad} of {x.shape[0]} images hold NaN/Inf: the denoiser's output or the guidance went "
+                          "non-finite (a half-precision UNet overflowing? a guidance_scale too large?)",
+                          RuntimeWarning, stacklevel=2)
         if output_type in ("latent", "raw"):
             images = x
         else:
