@@ -169,24 +169,48 @@ def _load(fn, *args):
         raise DemoError(str(e).splitlines()[0] if str(e) else repr(e)) from None
 
 
-def load_unet(weights_dir) -> torch.nn.Module:
+def load_unet(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
+    """The demo's unconditional UNet (``EpsModel``: ``unet(x, t) -> eps``, linear schedule, T=1000; the
+    diffusers ``UNet2DModel`` itself is its ``.unet``), in eval mode."""
     return _load(load_model, Path(weights_dir) / "unet.safetensors", "unet")
 
 
-def load_evaluator(weights_dir) -> torch.nn.Module:
+def load_evaluator(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
+    """The demo's evaluator (scores samples only; it guides nothing), in eval mode."""
     return _load(load_model, Path(weights_dir) / "evaluator.safetensors", "evalnet")
 
 
-def _load_ppap(path: Path, classifier):
+def load_classifier(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
+    """The demo's off-the-shelf classifier (``TinyResNet``, trained on clean images only), in eval mode:
+    the base network of the PPAP experts and, on its own, the naive guide."""
+    return _load(load_model, Path(weights_dir) / "classifier.safetensors", "resnet")
+
+
+def load_ppap_bank(n_experts: int = 5, weights_dir=WEIGHTS_DIR, classifier=None):
+    """The shipped PPAP-``n_experts`` experts (5 or 10) as an ``ExpertBank`` over ``classifier`` (default:
+    :func:`load_classifier`), in eval mode: ``ClassGuide(bank, target, scale)`` guides with it."""
+    path = weight_path(weights_dir, f"ppap-{n_experts}")
+    bank = _read_bank(path, load_classifier(weights_dir) if classifier is None else classifier)
+    if bank.n_experts != n_experts:
+        raise DemoError(f"{path} holds {bank.n_experts} experts, PPAP-{n_experts} needs {n_experts}")
+    return bank.eval()
+
+
+def _read_bank(path: Path, classifier):
     from .experts import load_experts
-    from .finetune import from_modules
 
     if not (path / "experts.safetensors").is_file():
         raise DemoError(f"weight file not found: {path / 'experts.safetensors'}")
     try:
-        bank = load_experts(path, classifier)
+        return load_experts(path, classifier)
     except Exception as e:
         raise DemoError(f"corrupt or mismatched PPAP experts in {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_ppap(path: Path, classifier):
+    from .finetune import from_modules
+
+    bank = _read_bank(path, classifier)
     report = bank.parameter_report()
     router = from_modules([bank.merged(n) for n in range(bank.n_experts)])
     return router, report["total_trainable"]

@@ -43,3 +43,23 @@ def test_shipped_ppap10_guides_towards_the_target():
         x, _ = sample_method(m, WEIGHTS_DIR, targets, progress=False)
         accs[m] = evaluate_samples(to_uint8(x), targets.numpy(), ev)["target_accuracy"]
     assert accs["ppap-10"] > accs["none"] + 0.3, accs
+
+
+def test_public_loaders_of_the_shipped_classifier_and_ppap_banks():
+    """load_classifier / load_ppap_bank: what the examples start from (no private _load_ppap, no paths)."""
+    from ppap_fast import ExpertBank
+    from ppap_fast.demo import DemoError, load_classifier, load_ppap_bank
+
+    clf = load_classifier()
+    assert type(clf).__name__ == "TinyResNet" and not clf.training
+    x, t = torch.zeros(2, 1, 16, 16), torch.tensor([0, 999])
+    for n in (5, 10):
+        bank = load_ppap_bank(n)
+        assert isinstance(bank, ExpertBank) and bank.n_experts == n and not bank.training
+        model, _, _ = load_guide_model(WEIGHTS_DIR, f"ppap-{n}")  # the demo's merged router: same outputs
+        torch.testing.assert_close(bank(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+    bank = load_ppap_bank(5, classifier=clf)  # the bank works on its own copy: clf stays the naive guide
+    assert isinstance(clf.conv1, torch.nn.Conv2d) and type(bank.model.conv1) is not torch.nn.Conv2d
+    assert load_unet().kind == "unet" and load_evaluator().kind == "evalnet"  # default: the shipped weights
+    with pytest.raises(DemoError, match="not found.*ppap4"):
+        load_ppap_bank(4)
