@@ -1,0 +1,102 @@
+"""examples/*.py run as a user runs them (a subprocess, shipped weights, tiny settings, nothing downloaded)
+and do what they print: guidance beats no guidance, fast = reference, files written and readable."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def run_example(name, tmp_path, *args, timeout=240):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(tmp_path), "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def accuracies(out: str) -> dict:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(.+): target accuracy ([0-9.]+)", out, re.M)}
+
+
+def number(pattern: str, out: str) -> float:
+    m = re.search(pattern, out)
+    assert m, f"{pattern!r} not in the output:\n{out}"
+    return float(m[1])
+
+
+def assert_png(path, min_size=(16, 16)):
+    from PIL import Image
+
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_size[0] and im.size[1] >= min_size[1]
+
+
+def test_every_example_is_tested_and_documented():
+    scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    assert scripts == sorted(["guide_a_sampling_loop.py", "diffusers_schedulers.py", "guided_diffusion_cond_fn.py",
+                              "distill_your_own_experts.py"])
+    readme = (REPO / "README.md").read_text()
+    for s in scripts:
+        assert f"examples/{s}" in readme, s
+        src = (EXAMPLES / s).read_text()
+        assert 'if __name__ == "__main__":' in src and "--out" in src and "--device" in src, s
+
+
+@pytest.mark.slow
+def test_guide_a_sampling_loop(tmp_path):
+    out = run_example("guide_a_sampling_loop.py", tmp_path, "--per-class", "2", "--steps", "10")
+    acc = accuracies(out)
+    assert set(acc) == {"unguided", "sample_loop", "FastGuidedSampler"}, out
+    # measured 0.85 / 0.85 vs 0.05 (20 samples)
+    assert acc["sample_loop"] >= acc["unguided"] + 0.4 and acc["FastGuidedSampler"] >= acc["unguided"] + 0.4, out
+    assert number(r"fast vs reference: max \|diff\| (\S+)", out) < 1e-3, out
+    assert_png(tmp_path / "guided_grid.png")
+
+
+@pytest.mark.slow
+def test_diffusers_schedulers_match_the_unets_schedule_and_guide(tmp_path):
+    out = run_example("diffusers_schedulers.py", tmp_path, "--num", "20", "--steps", "10")
+    # the schedulers are configured as the UNet was trained (linear betas 1e-4..0.02, T=1000)
+    assert number(r"training schedule: max \|diff\| (\S+)", out) < 1e-5, out
+    acc = accuracies(out)
+    assert set(acc) == {"DPM-Solver++ unguided", "DPM-Solver++ PPAP-5", "DDIM pipeline PPAP-5"}, out
+    assert acc["DPM-Solver++ PPAP-5"] >= acc["DPM-Solver++ unguided"] + 0.4, out  # measured 0.85 vs 0.10
+    assert acc["DDIM pipeline PPAP-5"] >= acc["DPM-Solver++ unguided"] + 0.4, out  # measured 0.85
+    assert_png(tmp_path / "diffusers_dpm_guided.png")
+
+
+@pytest.mark.slow
+def test_guided_diffusion_cond_fn_equals_sample_loop(tmp_path):
+    out = run_example("guided_diffusion_cond_fn.py", tmp_path, "--num", "20", "--steps", "10")
+    acc = accuracies(out)
+    assert acc["cond_fn"] >= acc["unguided"] + 0.4, out  # measured 0.85 vs 0.05
+    assert number(r"sample_loop\(guide=\.\.\.\): max \|diff\| (\S+)", out) < 1e-5, out
+    assert_png(tmp_path / "cond_fn_grid.png")
+
+
+@pytest.mark.slow
+def test_distill_your_own_experts(tmp_path):
+    out = run_example("distill_your_own_experts.py", tmp_path, "--experts", "2", "--num-images", "64",
+                      "--steps", "40", "--batch-size", "32", "--samples", "10")
+    assert "distilled PPAP-2: 40 steps" in out, out
+    first, last = (float(v) for v in re.search(r"KD loss ([0-9.]+) \(first \d+\) -> ([0-9.]+)", out).groups())
+    assert last < first - 0.15, out  # measured 2.96 -> 2.44
+    assert number(r"reloaded experts' logits max \|diff\| (\S+)", out) == 0.0, out
+    acc = accuracies(out)
+    assert set(acc) == {"guided by naive classifier", "guided by your PPAP-2"}, out
+    assert acc["guided by your PPAP-2"] >= acc["guided by naive classifier"], out  # measured 0.4 vs 0.1
+    assert (tmp_path / "ppap2" / "experts.safetensors").is_file() and (tmp_path / "ppap2" / "config.json").is_file()
+    from ppap_fast.data import ShardSet
+
+    data = ShardSet(tmp_path / "datafree")  # the data-free set: images + the classifier's cached logits
+    assert len(data) == 64 and "logits" in data
