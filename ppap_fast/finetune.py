@@ -27,10 +27,16 @@ def _cosine_lr(opt, base_lr, step, total, warmup=50):
         g["lr"] = lr
 
 
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 1500, batch_size: int = 64,
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, steps: int = 1500, batch_size: int = 64,
                      lr: float = 2e-3, weight_decay: float = 5e-4, seed: int = 0, shift: int = 1,
-                     progress: bool = True, desc: str = "train-classifier", device: str = "cpu") -> nn.Module:
-    """Plain supervised training on clean images (with +-shift pixel augmentation)."""
+                     progress: bool = True, desc: str = "train-classifier", device: str = "cpu",
+                     labels_fn=None) -> nn.Module:
+    """Plain supervised training on clean images (with +-shift pixel augmentation).
+
+    ``labels_fn(images) -> labels``: labels computed from each shifted clean batch instead of ``y`` (the
+    stroke segmentation net: :func:`ppap_fast.data.ink_mask`, per-pixel labels [B, H, W])."""
+    if (y is None) == (labels_fn is None):
+        raise ValueError("train_classifier takes labels y or a labels_fn, exactly one of them")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -43,7 +49,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         xb = random_shift(x[idx], shift, generator=gen)
         _cosine_lr(opt, lr, step, steps)
-        loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
+        yb = y[idx] if labels_fn is None else labels_fn(xb)
+        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,6 +21,17 @@ import torch.nn.functional as F
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
 SPLIT_SIZES = {"diffusion": 900, "classifier": 500, "eval": 397}
+INK_THRESHOLD = 0.0  # a pixel is ink when its value in [-1, 1] is above this (raw digit value > 8 of 16)
+
+
+def ink_mask(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel stroke labels of images N x 1 x H x W in [-1, 1]: long N x H x W, 1 = ink (value above
+    ``INK_THRESHOLD``), 0 = background. The segmentation net's training labels (on clean images), the
+    demo's target masks and its evaluator of samples all use this one rule."""
+    x = torch.as_tensor(x)
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"ink_mask takes one-channel images N x 1 x H x W, got shape {tuple(x.shape)}")
+    return (x[:, 0] > INK_THRESHOLD).long()
 
 
 def values_to_unit(values) -> torch.Tensor:

@@ -5,6 +5,7 @@
 * ``TinyResNet``: the "off-the-shelf" classifier. A narrow torchvision-style ResNet with BasicBlocks
   and BatchNorm, a 3x3 stride-1 stem (no max-pool) for 16x16 inputs, and torchvision's module names
   (conv1, bn1, layerN.M.conv1/bn1/conv2/bn2/downsample, fc) so the "resnet" expert placement applies.
+* ``SegNet``: the "off-the-shelf" stroke segmentation net (per-pixel ink / background logits).
 * ``EvalNet``: the evaluator (a VGG-style CNN, a different architecture), used only for scoring;
   ``features(x)`` gives its penultimate activations for Fréchet distance / precision / recall.
 
@@ -137,7 +138,27 @@ class EvalNet(nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
-MODEL_KINDS = {"unet": EpsModel, "resnet": TinyResNet, "evalnet": EvalNet}
+class SegNet(nn.Module):
+    """The "off-the-shelf" stroke segmentation net of the digits demo: ``depth`` 3x3 conv-BN-ReLU layers
+    (receptive field 2 * depth + 1) and a 1x1 head, logits [B, num_classes, H, W] (ink / background)."""
+
+    kind = "segnet"
+
+    def __init__(self, width: int = 16, depth: int = 3, in_channels: int = 1, num_classes: int = 2):
+        super().__init__()
+        self.config = dict(width=width, depth=depth, in_channels=in_channels, num_classes=num_classes)
+        layers, c = [], in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            c = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+MODEL_KINDS = {"unet": EpsModel, "resnet": TinyResNet, "evalnet": EvalNet, "segnet": SegNet}
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
