@@ -5,6 +5,9 @@
   ppap-fast train-classifier --arch evalnet --out W/evaluator.safetensors
   ppap-fast generate --weights-dir W --out DATA
   ppap-fast distill --weights-dir W --data DATA --experts 5 --out W/ppap5
+  ppap-fast train-classifier --arch segnet --out W/segnet.safetensors        (the segmentation demo's net)
+  ppap-fast generate --task segmentation --weights-dir W --out SEGDATA
+  ppap-fast distill --task segmentation --weights-dir W --data SEGDATA --experts 5 --out W/seg_ppap5
   ppap-fast finetune --weights-dir W --experts 1 --out W/noise_aware.safetensors
   ppap-fast finetune --weights-dir W --experts 5 --out W/multi5.safetensors
   ppap-fast sample --method ppap-10 --targets 3 --num-samples 50 --out s.npz
@@ -30,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from .data.shards import fsync_dir
-from .demo import DEFAULT_SCALE, DEMO_METHODS, DEMO_MIN_SAMPLES, WEIGHTS_DIR, DemoError
+from .demo import DEFAULT_SCALE, DEMO_METHODS, DEMO_MIN_SAMPLES, SEG_PER_TARGET, TEACHERS, WEIGHTS_DIR, DemoError
 
 
 def _checked(cast, ok, what: str):
@@ -99,13 +102,18 @@ def _parser() -> argparse.ArgumentParser:
     common(s, weights=False)
 
     s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")
-    s.add_argument("--arch", choices=["resnet", "evalnet"], default="resnet")
+    s.add_argument("--arch", choices=["resnet", "evalnet", "segnet"], default="resnet",
+                   help="resnet: the off-the-shelf classifier; evalnet: the evaluator; segnet: the off-the-shelf "
+                        "stroke segmentation net (per-pixel ink / background, labels from each clean image: "
+                        "ink = value > 0)")
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive_int, default=1000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=_positive_float, default=2e-3)
     s.add_argument("--widths", type=_widths, default="16,32,64", help="resnet stage widths (positive integers)")
     common(s, weights=False)
+    task_help = ("classification: the digit classifier (classifier.safetensors, KL); segmentation: the stroke "
+                 "segmentation net (segnet.safetensors, per-pixel KL)")
 
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
     s.add_argument("--out", required=True, help="output directory (shard_NNNNN.npz + manifest.json); a rerun with "
@@ -113,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=_positive_int, default=6000)
     s.add_argument("--shard-size", type=_positive_int, default=500)
     s.add_argument("--steps", type=_positive_int, default=25)
+    s.add_argument("--task", choices=list(TEACHERS), default="classification",
+                   help="whose outputs the set caches: " + task_help)
     common(s)
 
     s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
@@ -130,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.distill_state.safetensors beside "
                         "--out until the experts are written; a rerun with the same arguments resumes from it")
+    s.add_argument("--task", choices=list(TEACHERS), default="classification",
+                   help="which off-the-shelf net becomes the experts (the set must be generated with the same "
+                        "--task): " + task_help)
     s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
     common(s)
 
@@ -179,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default=",".join(DEMO_METHODS))
     s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
     s.add_argument("--batch-size", type=_positive_int, default=250)
+    s.add_argument("--seg-per-target", type=_int_at_least(0, "0 skips it"), default=SEG_PER_TARGET,
+                   help="the segmentation-guidance comparison: samples per held-out target mask (10 masks; "
+                        "0: skip it)")
     common(s, device=False)
 
     s = sub.add_parser("guided-sample", help="guided sampling with real models (ADM + ImageNet / dense guides, "
@@ -314,26 +330,36 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "train-classifier":
-        from .data import DigitsSplits
+        from .data import DigitsSplits, ink_mask
         from .finetune import accuracy, noisy_accuracy, train_classifier
-        from .models.tiny import EvalNet, TinyResNet, save_model
+        from .models.tiny import EvalNet, SegNet, TinyResNet, save_model
 
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
         torch.manual_seed(args.seed)  # model initialisation
+        labels_fn = None
         if args.arch == "resnet":
             model = TinyResNet(widths=args.widths)
             x, y = s.classifier
+        elif args.arch == "segnet":  # labels from each clean (shifted) image itself: no annotation
+            model, (x, _), y, labels_fn = SegNet(), s.classifier, None, ink_mask
         else:  # the evaluator: a different architecture and seed, clean diffusion+classifier splits
             model = EvalNet()
             x, y = torch.cat([s.diffusion[0], s.classifier[0]]), torch.cat([s.diffusion[1], s.classifier[1]])
         model = train_classifier(model, x, y, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, progress=progress, desc=f"train-classifier {args.arch}",
-                                 device=args.device)
-        acc = accuracy(model, *s.eval)
-        extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,
-                 "heldout_accuracy": acc}
+                                 device=args.device, labels_fn=labels_fn)
+        if args.arch == "segnet":
+            xe = s.eval[0]
+            acc = accuracy(model, xe, ink_mask(xe))  # per-pixel accuracy on the held-out split
+            extra = {"labelled_images": 0, "labels": "ink_mask: pixel value > 0 of each clean image",
+                     "train_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,
+                     "heldout_pixel_accuracy": acc}
+        else:
+            acc = accuracy(model, *s.eval)
+            extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,
+                     "heldout_accuracy": acc}
         if args.arch == "resnet":
             extra["heldout_noisy_accuracy"] = {str(k): v for k, v in
                                                noisy_accuracy(model, *s.eval, clean_model=True).items()}
@@ -346,7 +372,7 @@ def _run(args) -> int:
 
         demo.check_writable_dir(args.out)
         unet = demo.load_unet(args.weights_dir)
-        teacher = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        teacher = demo.load_teacher(args.weights_dir, args.task)
         written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
                                     respacing=f"ddim{args.steps}", device=args.device, progress=progress)
         print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")
@@ -356,7 +382,7 @@ def _run(args) -> int:
         from .distill import distill_ppap
         from .experts import save_experts
 
-        teacher = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        teacher = demo.load_teacher(args.weights_dir, args.task)
         demo.check_writable_dir(Path(args.out).parent)
         try:
             from .data import ShardSet
@@ -373,7 +399,8 @@ def _run(args) -> int:
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
                             args.lr, seed=args.seed, device=args.device, progress=progress,
                             max_minutes=args.max_minutes, loss_reduction=args.loss_reduction,
-                            checkpoint_path=state, checkpoint_every=args.checkpoint_every)
+                            checkpoint_path=state, checkpoint_every=args.checkpoint_every,
+                            loss=TEACHERS[args.task][2])
         steps_done, resumed_from = bank.trained_steps, bank.resumed_from_step
         bank = bank.cpu()
         _atomic_dir(out, lambda d: save_experts(bank, d))
@@ -473,7 +500,8 @@ def _run(args) -> int:
         if not methods:
             raise DemoError(f"--methods names no method ({args.methods!r}); choose from {', '.join(DEMO_METHODS)}")
         demo.run_demo(args.out, args.weights_dir, methods, args.num_samples,
-                      "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size, progress)
+                      "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size, progress,
+                      args.seg_per_target)
         return 0
     raise DemoError(f"unknown command {args.cmd!r}")  # pragma: no cover
 

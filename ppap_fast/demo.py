@@ -3,7 +3,8 @@
 Stages (each also a ``ppap-fast`` subcommand, see cli.py):
   train_diffusion  unconditional eps-prediction UNet on the diffusion-train split
   (classifiers, distillation and fine-tuning live in finetune.py / distill.py)
-  run_demo         sample every method with the shipped weights, score with the evaluator
+  run_demo         sample every method with the shipped weights, score with the evaluator; then the
+                   segmentation-guidance comparison (seg_demo.py)
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ DEMO_METHODS = ["none", "naive", "x0hat", "ppap-5", "ppap-10", "noise-aware", "m
 DEMO_MIN_SAMPLES = 10  # the targets cycle through the 10 classes: at least one sample of each
 DEFAULT_SCALE = 10.0  # one scale for every guided method, fixed a priori (see docs/demo.md)
 NUM_CLASSES = 10
+SEG_PER_TARGET = 2  # the demo's segmentation comparison: samples per held-out target mask (10 masks)
 DDPM_NOISE_KEY = 7919  # sample_seed(seed, DDPM_NOISE_KEY, j): sample j's DDPM step noise
 
 
@@ -180,10 +182,23 @@ def load_evaluator(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
     return _load(load_model, Path(weights_dir) / "evaluator.safetensors", "evalnet")
 
 
+# the demo's off-the-shelf teachers by task: (weight file, model kind, distillation loss)
+TEACHERS = {"classification": ("classifier.safetensors", "resnet", "kl"),
+            "segmentation": ("segnet.safetensors", "segnet", "pixel_kl")}
+
+
+def load_teacher(weights_dir=WEIGHTS_DIR, task: str = "classification") -> torch.nn.Module:
+    """The off-the-shelf net of ``task``: the digit classifier, or the stroke segmentation net."""
+    if task not in TEACHERS:
+        raise DemoError(f"unknown task {task!r}: expected one of {', '.join(TEACHERS)}")
+    name, kind, _ = TEACHERS[task]
+    return _load(load_model, Path(weights_dir) / name, kind)
+
+
 def load_classifier(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
     """The demo's off-the-shelf classifier (``TinyResNet``, trained on clean images only), in eval mode:
     the base network of the PPAP experts and, on its own, the naive guide."""
-    return _load(load_model, Path(weights_dir) / "classifier.safetensors", "resnet")
+    return load_teacher(weights_dir, "classification")
 
 
 def load_ppap_bank(n_experts: int = 5, weights_dir=WEIGHTS_DIR, classifier=None):
@@ -297,33 +312,29 @@ class PeakMemory:
         return self.peak_mb - self.start_mb
 
 
-def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", steps: int | None = None,
-                  scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, unet=None,
-                  progress: bool = True, fast: bool = False) -> tuple[torch.Tensor, dict]:
-    """Sample len(targets) images with ``method``; returns (images in [-1, 1], stats).
-
-    ``fast``: the fast path (:class:`ppap_fast.fast_sampling.FastGuidedSampler`: fused update, PPAP experts
-    merged per band) instead of the reference loop; same random numbers, same images up to float rounding."""
-    from .guidance import ClassGuide, X0HatGuide
-    from .sampling import sample_loop
-    from .seeding import PerSampleNoise
-
-    fam, _ = parse_method(method)
-    targets = check_targets(targets)
+def demo_schedule(sampler: str, steps: int | None) -> tuple[Schedule, int]:
+    """(the respaced schedule, its step count) of ``sampler`` ("ddim": 25 steps by default, "ddpm": 250)."""
     if sampler not in ("ddim", "ddpm"):
         raise DemoError(f"unknown sampler {sampler!r}: expected ddim or ddpm")
     steps = steps or (25 if sampler == "ddim" else 250)
     respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     try:
-        sched = Schedule.create("linear", 1000, respacing=respacing)
+        return Schedule.create("linear", 1000, respacing=respacing), steps
     except ValueError as e:
         raise DemoError(f"bad step count {steps} for {sampler}: {e}") from None
-    unet = unet if unet is not None else load_unet(weights_dir)
-    gmodel, pass_t, info = load_guide_model(weights_dir, method)
-    base_acp = Schedule.create("linear", 1000).alphas_cumprod
-    n = targets.numel()
+
+
+def run_sampler(unet, n: int, sched: Schedule, sampler: str, make_guide, seed: int = 0, batch_size: int = 250,
+                fast: bool = False, progress: bool = True, desc: str = "sample") -> tuple[torch.Tensor, dict]:
+    """The demos' sampling loop: ``n`` images 1 x 16 x 16 from x_T ~ N(0, I) drawn with ``seed`` (the same x_T
+    for every method: common random numbers), in chunks of ``batch_size``; ``make_guide(rows, denoiser)`` gives
+    the guide (or None) of the chunk's rows (a slice), ``denoiser`` being the UNet with its calls counted.
+    Returns (images in [-1, 1], {"seconds", "memory" (PeakMemory), "unet_calls", "chunks"})."""
+    from .sampling import sample_loop
+    from .seeding import PerSampleNoise
+
     gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((n, 1, 16, 16), generator=gen)  # same x_T for every method (common random numbers)
+    x_T = torch.randn((n, 1, 16, 16), generator=gen)
     counter = {"unet": 0}
 
     def counted(x, t):
@@ -335,16 +346,11 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(chunks) * sched.num_timesteps, desc=f"sample {method}", mininterval=1)
+        bar = tqdm(total=len(chunks) * sched.num_timesteps, desc=desc, mininterval=1)
     with PeakMemory() as mem:
         t0 = time.time()
         for c in chunks:
-            tgt = targets[c:c + batch_size]
-            guide = None
-            if fam == "x0hat":
-                guide = X0HatGuide(gmodel, counted, base_acp, tgt, scale)
-            elif gmodel is not None:
-                guide = ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
+            guide = make_guide(slice(c, c + batch_size), counted)
             # DDPM's step noise: one stream per sample, so --batch-size changes no image
             noise_fn = PerSampleNoise((seed, DDPM_NOISE_KEY), range(c, min(c + batch_size, n))).noise_fn
             if fast:
@@ -360,9 +366,38 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
         seconds = time.time() - t0
     if bar is not None:
         bar.close()
-    x = torch.cat(outs)
+    return torch.cat(outs), {"seconds": seconds, "memory": mem, "unet_calls": counter["unet"], "chunks": len(chunks)}
+
+
+def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", steps: int | None = None,
+                  scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, unet=None,
+                  progress: bool = True, fast: bool = False) -> tuple[torch.Tensor, dict]:
+    """Sample len(targets) images with ``method``; returns (images in [-1, 1], stats).
+
+    ``fast``: the fast path (:class:`ppap_fast.fast_sampling.FastGuidedSampler`: fused update, PPAP experts
+    merged per band) instead of the reference loop; same random numbers, same images up to float rounding."""
+    from .guidance import ClassGuide, X0HatGuide
+
+    fam, _ = parse_method(method)
+    targets = check_targets(targets)
+    sched, steps = demo_schedule(sampler, steps)
+    unet = unet if unet is not None else load_unet(weights_dir)
+    gmodel, pass_t, info = load_guide_model(weights_dir, method)
+    base_acp = Schedule.create("linear", 1000).alphas_cumprod
+    n = targets.numel()
+
+    def make_guide(rows, denoiser):
+        tgt = targets[rows]
+        if fam == "x0hat":
+            return X0HatGuide(gmodel, denoiser, base_acp, tgt, scale)
+        if gmodel is not None:
+            return ClassGuide(gmodel, tgt, scale, pass_t=pass_t, num_classes=NUM_CLASSES)
+        return None
+
+    x, run = run_sampler(unet, n, sched, sampler, make_guide, seed, batch_size, fast, progress, f"sample {method}")
+    seconds, mem = run["seconds"], run["memory"]
     stats = {**info, "method": method, "sampler": sampler, "steps": steps, "path": "fast" if fast else "reference", "scale": scale if fam != "none" else 0.0,
-             "num_samples": n, "nfe_per_sample": counter["unet"] / len(chunks),
+             "num_samples": n, "nfe_per_sample": run["unet_calls"] / run["chunks"],
              "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
              "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2),
              "peak_rss_mb": round(mem.peak_mb, 1), "peak_rss_delta_mb": round(mem.delta_mb, 1)}
@@ -564,7 +599,9 @@ def save_bar_chart(path, results: dict) -> Path:
 
 def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
              steps: int | None = None, scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250,
-             progress: bool = True) -> dict:
+             progress: bool = True, seg_per_target: int = SEG_PER_TARGET) -> dict:
+    """The class-guidance comparison, then (``seg_per_target`` > 0) the segmentation one
+    (:mod:`ppap_fast.seg_demo`: ``seg_per_target`` samples for each of the 10 held-out target masks)."""
     from .data.shards import write_json_atomic
 
     if num_samples < DEMO_MIN_SAMPLES:  # before the output directory is made
@@ -581,6 +618,13 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     evaluator = load_evaluator(weights_dir)
     for m in methods:
         load_guide_model(weights_dir, m)
+    if seg_per_target < 0:
+        raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
+                        f"got {seg_per_target}")
+    if seg_per_target:
+        from .seg_demo import SEG_METHODS, load_seg_guide
+        for m in SEG_METHODS:
+            load_seg_guide(weights_dir, m)
     targets = cyclic_targets(num_samples)
     results, pictured = {}, {}
     t_start = time.time()
@@ -597,23 +641,40 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
             r = results[m]
             print(f"{m}: acc {r['target_accuracy']:.3f} FD {r['fd']:.2f} IS {r['is']:.2f} "
                   f"({r['seconds']:.1f}s)", flush=True)
+    seg = None
+    if seg_per_target:
+        from .seg_demo import run_segmentation
+
+        seg = run_segmentation(out, weights_dir, seg_per_target, sampler, steps, scale, seed, batch_size, progress,
+                               unet=unet, evaluator=evaluator)
     summary = {"methods": results, "sampler": sampler, "steps": steps or (25 if sampler == "ddim" else 250),
                "scale": scale, "seed": seed, "num_samples": num_samples, "total_seconds": round(time.time() - t_start, 1),
                "torch_threads": torch.get_num_threads()}
+    if seg is not None:
+        summary["segmentation"] = seg
     write_json_atomic(out / "results.json", summary)
     save_bar_chart(out / "results.png", results)
     save_comparison(out / "comparison.png", pictured, targets.numpy(),
                     {m: f"acc {r['target_accuracy']:.2f}, FD {r['fd']:.0f}" for m, r in results.items()})
     print(format_table(results))
+    if seg is not None:
+        from .seg_demo import format_seg_table
+
+        print(f"\nsegmentation guidance ({seg['per_target']} samples x {seg['num_targets']} held-out ink masks, "
+              f"IoU of each sample's ink mask with its target; FD over {seg['per_target'] * seg['num_targets']} "
+              f"samples: compare only at equal N):")
+        print(format_seg_table(seg["methods"]))
     return summary
 
 
 def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
     """Untrained tiny versions of every demo weight file (unet, classifier, evaluator, PPAP-5/10,
-    noise-aware, multi-experts-5): for tests and smoke runs, built in a second, nothing downloaded."""
+    noise-aware, multi-experts-5, segnet and its PPAP-5): for tests and smoke runs, built in a second,
+    nothing downloaded."""
+    from .distill import make_bank
     from .experts import ExpertBank, save_experts
     from .finetune import MultiExperts, save_multi
-    from .models.tiny import EvalNet, TinyResNet
+    from .models.tiny import EvalNet, SegNet, TinyResNet
 
     d = Path(weights_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -627,4 +688,7 @@ def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
         save_experts(ExpertBank(clf, "resnet", n, 1000, r=2, alpha=1.0), d / f"ppap{n}")
     save_multi(MultiExperts(clf, 1), d / "noise_aware.safetensors", extra={"labelled_images": 500})
     save_multi(MultiExperts(clf, 5), d / "multi5.safetensors", extra={"labelled_images": 500})
+    seg = SegNet(width=4, depth=2).eval()
+    save_model(seg, d / "segnet.safetensors")
+    save_experts(make_bank(seg, 5, r=2, alpha=1.0), d / "seg_ppap5")
     return d

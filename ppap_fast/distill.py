@@ -101,10 +101,16 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     return done
 
 
+# the demo teachers' expert placements (by model kind): the classifier's is PPAP's ResNet rule; the stroke
+# segnet (plain conv stack, no residual blocks) takes LoRA on every conv and per-expert BatchNorm / head bias
+DEMO_PLACEMENTS = {"resnet": "resnet", "segnet": "generic"}
+
+
 def make_bank(teacher: nn.Module, n_experts: int, r: int = 4, alpha: float = 2.0):
     from .experts import ExpertBank
 
-    return ExpertBank(teacher, "resnet", n_experts, 1000, r=r, alpha=alpha)
+    rule = DEMO_PLACEMENTS.get(getattr(teacher, "kind", "resnet"), "resnet")
+    return ExpertBank(teacher, rule, n_experts, 1000, r=r, alpha=alpha)
 
 
 def _upcast(a: torch.Tensor, b: torch.Tensor):
@@ -133,9 +139,12 @@ DISTILL_STATE_FORMAT = "ppap_fast.distill_ppap"
 def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, alpha: float = 2.0,
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
-                 loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200):
+                 loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200,
+                 loss: str = "kl"):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
     :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples).
+    ``loss``: "kl" (a classifier's [B, K] logits), "pixel_kl" (a segmentation net's [B, K, H, W]: the
+    same KL per pixel) or "mse" (:func:`distill_loss`); the cached teacher outputs must have the student's shape.
 
     ``checkpoint_path``: a resumable training state (distributed.save_train_state: trained tensors,
     BatchNorm statistics, AdamW state, RNG states, step, losses) written atomically there every
@@ -150,6 +159,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     check_loss_reduction(loss_reduction)
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {loss!r}; expected one of {list(DISTILL_LOSSES)}")
     data = ShardSet(data_dir)  # read lazily: only each batch's rows
     if "logits" not in data:
         raise ValueError(f"{data_dir} holds no cached teacher logits")
@@ -165,6 +176,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
              "n_experts": n_experts, "r": r, "alpha": alpha, "steps": steps, "batch_size": batch_size, "lr": lr,
              "weight_decay": weight_decay, "seed": seed, "loss_reduction": loss_reduction, "max_minutes": max_minutes,
              "teacher_temperature": TEACHER_TEMPERATURE}
+    if loss != "kl":  # absent for the classifier: states written before the option keep their identity
+        ident["loss"] = loss
     state = LocalTrainState(checkpoint_path, ident)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -191,7 +204,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         for g in opt.param_groups:
             g["lr"] = lr_now
         e = bank.expert_index(t.to(device))
-        per_sample = kd_loss_per_sample(bank(xt.to(device), t.to(device)), tl.to(device))
+        per_sample = distill_loss_per_sample(loss, bank(xt.to(device), t.to(device)), tl.to(device))
         counts = expert_counts(e, n_experts, per_sample.dtype)
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
