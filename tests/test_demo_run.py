@@ -40,6 +40,16 @@ def test_demo_writes_every_artefact(tmp_path, capsys):
                 x, y = comparison_cell(i, j)
                 want = np.kron(z["images"][j, ..., 0], np.ones((COMPARISON_CELL // 16,) * 2, np.uint8))
                 assert np.array_equal(pic[y:y + COMPARISON_CELL, x:x + COMPARISON_CELL], want), (m, j)
+    from ppap_fast.seg_demo import SEG_METHODS
+    seg = res["segmentation"]  # the segmentation comparison: 2 samples for each of the 10 held-out masks
+    assert list(seg["methods"]) == SEG_METHODS and seg["per_target"] == 2 and seg["num_targets"] == 10
+    for m in SEG_METHODS:
+        assert 0 <= seg["methods"][m]["iou"] <= 1 and seg["methods"][m]["num_samples"] == 20, m
+        with np.load(out / f"seg_samples_{m}.npz") as z:
+            assert z["images"].shape == (20, 16, 16, 1)
+    seg_pic = np.asarray(Image.open(out / "segmentation.png"))  # target masks, then a row per method
+    assert seg_pic.shape == comparison_cell(1 + len(SEG_METHODS), 10)[::-1]
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     table = capsys.readouterr().out
     assert "| method" in table and "ppap-10" in table
+    assert "segmentation guidance" in table and "| IoU" in table

@@ -6,7 +6,7 @@ from ppap_fast.demo import DEMO_METHODS, WEIGHTS_DIR, load_evaluator, load_guide
 
 FILES = ["unet.safetensors", "classifier.safetensors", "evaluator.safetensors", "noise_aware.safetensors",
          "multi5.safetensors", "ppap5/experts.safetensors", "ppap5/config.json", "ppap10/experts.safetensors",
-         "ppap10/config.json"]
+         "ppap10/config.json", "segnet.safetensors", "seg_ppap5/experts.safetensors", "seg_ppap5/config.json"]
 
 
 def test_shipped_weights_exist_and_fit_the_budget():
