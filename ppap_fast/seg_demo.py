@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .demo import (DEFAULT_SCALE, DemoError, _load_ppap, check_writable_dir, demo_schedule, evaluate_samples, load_evaluator,
-                   load_teacher, load_unet, run_sampler, save_comparison, save_samples)
+from .demo import (DEFAULT_SCALE, DemoError, _load_ppap, check_writable_dir, demo_schedule, evaluate_samples,
+                   load_evaluator, load_teacher, load_unet, run_sampler, save_comparison, save_samples)
 
 SEG_METHODS = ["none", "naive", "ppap-5"]
 SEG_EXPERTS = {"ppap-5": "seg_ppap5"}  # method -> experts folder in the weights dir
@@ -41,8 +41,8 @@ def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                          f"{tuple(target.shape)}")
     for name, m in (("pred", pred), ("target", target)):
         if m.is_floating_point() or m.is_complex() or (m.numel() and not bool(((m == 0) | (m == 1)).all())):
-            raise ValueError(f"iou: {name} must be a binary mask (bool or 0 / 1 integers), got {m.dtype}"
-                             + ("" if m.is_floating_point() else f" with values {sorted(set(m.unique().tolist()))[:5]}"))
+            values = "" if m.is_floating_point() or m.is_complex() else f" with values {m.unique().tolist()[:5]}"
+            raise ValueError(f"iou: {name} must be a binary mask (bool or 0 / 1 integers), got {m.dtype}{values}")
     p, t = pred.bool().flatten(1), target.bool().flatten(1)
     inter, union = (p & t).sum(1).double(), (p | t).sum(1).double()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
