@@ -315,7 +315,7 @@ def distill_loss_per_sample(kind: str, student: torch.Tensor, teacher: torch.Ten
 LOSS_REDUCTIONS = ("expert_mean", "batch_mean")
 LOSS_REDUCTION_HELP = ("expert_mean: each expert's gradient is that of the mean loss over its own samples, as when "
                        "trained separately; batch_mean: the mean over the whole mixed batch, as earlier runs "
-                       "(the shipped weights) were trained")
+                       "(the class demo's shipped weights) were trained")
 
 
 def check_loss_reduction(reduction: str) -> None:
