@@ -402,10 +402,14 @@ def _py_factory(spec: str):
     return fn
 
 
+TINY_TEACHER_TASKS = {"resnet": "classification", "segnet": "segmentation"}  # tiny model kind -> task
+
+
 def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeacher:
     """Build the frozen teacher (eval mode) named by ``spec``:
 
-    * ``tiny:<path>``: a ppap_fast tiny classifier file (takes [-1, 1] directly, "resnet" placement);
+    * ``tiny:<path>``: a ppap_fast tiny classifier ("resnet" placement) or stroke segmentation net
+      ("generic", task segmentation) file, taking [-1, 1] directly;
     * a name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ``deeplabv3_resnet50``,
       ...) with ``weights`` (None: random init); its spec gives the task and the input transform;
     * ``py:package.module:factory``: any module, e.g. a depth network: ``factory()`` (or
@@ -424,11 +428,17 @@ def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeac
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if spec.startswith("tiny:"):
+            from .distill import DEMO_PLACEMENTS
             from .models.tiny import load_model
 
             model = load_model(spec[5:]).eval()
-            return BuiltTeacher(model, None, lambda **kw: make_placement("resnet", model, **kw),
-                                task or "classification", "tiny")
+            kind = getattr(model, "kind", None)
+            if kind not in TINY_TEACHER_TASKS:  # the UNet, the evaluator: ResNet placement errors on them
+                raise ValueError(f"teacher {spec!r} holds a tiny {kind!r} model; a tiny teacher is one of "
+                                 f"{sorted(TINY_TEACHER_TASKS)} (train-classifier --arch)")
+            rule = DEMO_PLACEMENTS[kind]
+            return BuiltTeacher(model, None, lambda **kw: make_placement(rule, model, **kw),
+                                task or TINY_TEACHER_TASKS[kind], "tiny")
         if spec.startswith("py:"):
             fn = _py_factory(spec)
             model = fn() if weights is None else fn(weights=weights)

@@ -135,7 +135,7 @@ def test_loss_errors_name_shapes_and_kinds():
 
 
 # ----------------------------------------------------------------------------- teachers and configuration
-def test_teacher_specs_tasks_and_loss_choice(depth_module):
+def test_teacher_specs_tasks_and_loss_choice(depth_module, tmp_path):
     t = D.build_teacher(depth_module)
     assert t.task == "depth" and t.transform is None and t.arch == depth_module
     assert D.build_teacher("py:ppap_test_depth:make_hw").task is None
@@ -153,6 +153,13 @@ def test_teacher_specs_tasks_and_loss_choice(depth_module):
             D.build_teacher(bad)
     with pytest.raises(ValueError, match="unknown teacher task 'sky'"):
         D.build_teacher(depth_module, task="sky")
+    # a tiny file's model kind gives its task and placement (the stroke segmentation net failed as a ResNet)
+    from ppap_fast.models.tiny import EpsModel, SegNet, save_model
+
+    seg = D.build_teacher(f"tiny:{save_model(SegNet(width=4, depth=2), tmp_path / 'seg.safetensors')}")
+    assert seg.task == "segmentation" and seg.placement(r=2, alpha=2.0).rule == "generic"
+    with pytest.raises(ValueError, match="tiny 'unet' model"):
+        D.build_teacher(f"tiny:{save_model(EpsModel(), tmp_path / 'unet.safetensors')}")
 
     cfg = D.DistillConfig("d", "o", depth_module)
     assert D.resolve_loss(cfg, "depth") == "mse"
