@@ -442,14 +442,15 @@ def read_samples(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_grid(path, images_u8: np.ndarray, labels=None, per_class: int = 10, scale: int = 3) -> Path:
-    """PNG grid: one row per class (first ``per_class`` samples of each) when labels are given."""
+    """PNG grid: one row per class present, in class order (first ``per_class`` samples of each), when labels
+    are given."""
     from PIL import Image
 
     imgs = np.asarray(images_u8)[..., 0]
     h, w = imgs.shape[1:3]
     if labels is not None:
         rows = []
-        for c in range(NUM_CLASSES):
+        for c in np.unique(np.asarray(labels)):  # every class 0..9 in the demo; a subset draws no empty rows
             sel = imgs[np.asarray(labels) == c][:per_class]
             row = np.zeros((per_class, h, w), np.uint8)
             row[:len(sel)] = sel

@@ -53,3 +53,18 @@ def test_demo_writes_every_artefact(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| method" in table and "ppap-10" in table
     assert "segmentation guidance" in table and "| IoU" in table
+
+
+def test_grid_has_one_row_per_class_present(tmp_path):
+    from PIL import Image
+
+    from ppap_fast.demo import save_grid
+
+    imgs = np.random.default_rng(0).integers(1, 255, (5, 16, 16, 1), dtype=np.uint8)
+    labels = np.array([3, 7, 3, 7, 7])
+    with Image.open(save_grid(tmp_path / "g.png", imgs, labels, per_class=3, scale=1)) as im:
+        assert im.size == (3 * 17 + 1, 2 * 17 + 1)  # rows 3 and 7 only, not 8 empty ones
+        px = np.asarray(im)
+    assert (px[1:17, 1:17] == imgs[0, ..., 0]).all() and (px[18:34, 35:51] == imgs[4, ..., 0]).all()
+    with Image.open(save_grid(tmp_path / "all.png", np.repeat(imgs, 2, 0), np.arange(10), per_class=1, scale=1)) as im:
+        assert im.size == (18, 10 * 17 + 1)
