@@ -139,6 +139,13 @@ def _is_bank(model) -> bool:
     return isinstance(model, ExpertBank)
 
 
+def check_per_sample(value, batch: int, name: str, what: str = "scale") -> None:
+    """A [n] tensor ``value`` (a guide's scale, a composition's weight) must have one value or one per sample."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() != 1 and value.shape[0] != batch:
+        raise ValueError(f"{name}: {what} has {value.shape[0]} per-sample values for a batch of {batch}: give one "
+                         f"{what} or one per sample")
+
+
 def _check_scale(scale):
     if isinstance(scale, torch.Tensor):
         if scale.dim() > 1 or scale.is_complex():
@@ -220,10 +227,8 @@ class Guide:
         if per_sample.dim() != 1:
             raise RuntimeError(f"{self.name}: objective must be per-sample [B], got {tuple(per_sample.shape)}")
         s = self.scale
+        check_per_sample(s, per_sample.shape[0], self.name)
         if isinstance(s, torch.Tensor):
-            if s.dim() == 1 and s.numel() != 1 and s.shape[0] != per_sample.shape[0]:
-                raise ValueError(f"{self.name}: scale has {s.shape[0]} per-sample values for a batch of "
-                                 f"{per_sample.shape[0]}: give one scale or one per sample")
             s = s.to(per_sample.device, per_sample.dtype)
         return (per_sample * s).sum()
 
@@ -627,6 +632,7 @@ def weighted_grad_sum(grads_and_weights):
     """sum_i w_i * grad_i; a tensor weight w_i [B] scales each sample's gradient."""
     total = None
     for gi, w in grads_and_weights:
+        check_per_sample(w, gi.shape[0], "ComposedGuide", "weight")
         if isinstance(w, torch.Tensor):
             w = w.to(gi.device, gi.dtype).view(-1, *([1] * (gi.dim() - 1)))
         total = gi * w if total is None else total + gi * w
@@ -687,22 +693,21 @@ def has_class_target(guide) -> bool:
 
 def check_guide_batch(guide, batch: int, class_target_given: bool = False) -> None:
     """Raise ValueError, before any model runs, where a guide's own per-sample values cannot serve a batch of
-    ``batch``: a class target [n] (unless ``class_target_given``: a target passed per call replaces it) or a
-    per-sample scale [n] with n != batch (before, the mismatch surfaced after the first denoiser forward)."""
+    ``batch``: a class target [n] (unless ``class_target_given``: a target passed per call replaces it), a
+    per-sample scale or a composition's weight [n] with n != batch (before, the mismatch surfaced after the
+    first denoiser forward)."""
     from .fast_sampling import FastGuide
 
     if isinstance(guide, FastGuide):
         return check_guide_batch(guide.source, batch, class_target_given)
     if isinstance(guide, ComposedGuide):
-        for g, _ in guide.guides:
+        for g, w in guide.guides:
+            check_per_sample(w, batch, guide.name, "weight")
             check_guide_batch(g, batch, class_target_given)
         return
     if not isinstance(guide, Guide):
         return
-    s = guide.scale
-    if isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() != 1 and s.shape[0] != batch:
-        raise ValueError(f"{guide.name}: scale has {s.shape[0]} per-sample values for a batch of {batch}: give one "
-                         "scale or one per sample")
+    check_per_sample(guide.scale, batch, guide.name)
     tgt = getattr(getattr(guide, "target", None), "target", None)
     if not class_target_given and isinstance(tgt, torch.Tensor) and tgt.dim() == 1 and tgt.shape[0] != batch:
         raise ValueError(f"{guide.name}: target has {tgt.shape[0]} class labels for a batch of {batch}: give one "

@@ -495,8 +495,10 @@ def test_guide_batch_mismatch_is_refused_before_the_denoiser_runs(setup):
     sched = Schedule.create("linear", 1000, "ddim5")
     counted = _CountingDenoiser(model)
     composed = ComposedGuide([ClassGuide(bank, 1, scale=torch.tensor([1.0, 2.0, 3.0])), guide])
+    weighted = ComposedGuide([(guide, torch.tensor([1.0, 2.0, 3.0, 4.0]))])
     for g, msg in ((guide, "target has 4 class labels for a batch of 2"),
-                   (composed, "scale has 3 per-sample values for a batch of 2")):
+                   (composed, "scale has 3 per-sample values for a batch of 2"),
+                   (weighted, "weight has 4 per-sample values for a batch of 2")):
         with pytest.raises(ValueError, match=msg):
             sample_loop(counted, (2, 3, 8, 8), sched, guide=g)
         with pytest.raises(ValueError, match=msg):

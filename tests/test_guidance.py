@@ -152,6 +152,8 @@ def test_bad_inputs():
     # a per-sample scale of another length: a raw broadcasting RuntimeError before
     with pytest.raises(ValueError, match="scale has 3 per-sample values for a batch of 2"):
         ClassGuide(model, 1, scale=torch.tensor([1.0, 2.0, 3.0]))(x, 3)
+    with pytest.raises(ValueError, match="weight has 3 per-sample values for a batch of 2"):  # a raw broadcast error
+        ComposedGuide([(ClassGuide(model, 1), torch.tensor([1.0, 2.0, 3.0]))])(x, 3)
     model.eval()
     per_sample = ClassGuide(model, 1, scale=torch.tensor([2.0, 0.0], dtype=D))(x, 3)
     assert rel(per_sample[0], ClassGuide(model, 1, scale=2.0)(x, 3)[0]) < 1e-14 and not per_sample[1].any()
