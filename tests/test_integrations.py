@@ -207,8 +207,9 @@ def test_pipeline_warns_when_images_are_not_finite(unet):
             return out
 
     pipe = PPAPGuidedPipeline(HalfOverflow(), DDIMScheduler(), image_shape=(C, H, H))
-    with pytest.warns(RuntimeWarning, match="1 of 3 images hold NaN/Inf"):
+    with pytest.warns(RuntimeWarning, match="1 of 3 images hold NaN/Inf") as rec:
         pipe(batch_size=3, num_inference_steps=2, output_type="np")
+    assert rec[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PPAPGuidedPipeline(unet, DDIMScheduler())(batch_size=3, num_inference_steps=2, output_type="np")

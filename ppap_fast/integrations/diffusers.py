@@ -864,7 +864,7 @@ class _GuidedPipelineBody:
         if bad:  # "pil" / "np" would show them black, with no error
             warnings.warn(f"{bad} of {x.shape[0]} images hold NaN/Inf: the denoiser's output or the guidance went "
                           "non-finite (a half-precision UNet overflowing? a guidance_scale too large?)",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
         if output_type in ("latent", "raw"):
             images = x
         else:
