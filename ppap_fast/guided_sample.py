@@ -79,8 +79,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
     out = Path(cfg.out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {out.name}")
-    if cfg.sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"--sampler must be ddim or ddpm, got {cfg.sampler!r}")
+    check_sampler_options(cfg.sampler, cfg.eta, None)
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise ValueError("--num-samples and --batch-size must be positive")
     if cfg.first_sample < 0:
@@ -91,7 +90,6 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--steps must be positive, got {cfg.steps}")
     if cfg.experts_subfolder and not cfg.experts:
         raise ValueError("--experts-subfolder needs --experts")
-    check_sampler_options(cfg.sampler, cfg.eta, None)
     if not math.isfinite(cfg.scale):
         raise ValueError(f"--scale must be finite, got {cfg.scale}")
     if cfg.guide_dtype not in (None, "bf16", "fp16"):

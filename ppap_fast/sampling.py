@@ -169,10 +169,10 @@ def check_sampler_options(sampler: str, eta, var_type) -> None:
     _check_eta(eta)
     if sampler == "ddpm" and float(eta) != 0:
         raise ValueError(f"eta={float(eta)} is DDIM's noise level: DDPM's comes from its variance (var_type); "
-                         "use sampler='ddim' with eta, or eta=0")
+                         "use the ddim sampler with eta, or eta 0")
     if sampler == "ddim" and var_type is not None:
-        raise ValueError(f"var_type={var_type!r} is DDPM's variance: DDIM's noise comes from eta; use "
-                         "sampler='ddpm' with var_type, or var_type=None")
+        raise ValueError(f"var_type={var_type!r} is DDPM's variance: DDIM's noise comes from eta; use the ddpm "
+                         "sampler with var_type, or no var_type")
 
 
 def _check_mode(nonfinite_grad: str) -> None:
