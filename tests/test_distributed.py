@@ -343,6 +343,10 @@ def test_environ_set_restores_set_and_unset_variables(monkeypatch):
             assert os.environ["PPAP_FAST_LORA_A_STAGE"] == "implicit"
             raise RuntimeError("inside")
     assert os.environ["PPAP_FAST_LORALIB_CONV"] == "delta" and "PPAP_FAST_LORA_A_STAGE" not in os.environ
+    with pytest.raises(TypeError):  # a value that is no str: the variables set before it are restored too
+        with environ_set({"PPAP_FAST_LORA_A_STAGE": "implicit", "PPAP_FAST_LORALIB_CONV": 3}):
+            pass
+    assert os.environ["PPAP_FAST_LORALIB_CONV"] == "delta" and "PPAP_FAST_LORA_A_STAGE" not in os.environ
 
 
 def test_distill_amp_bf16(tmp_path, monkeypatch):

@@ -39,8 +39,8 @@ def environ_set(env: dict):
     """The environment variables ``env`` set (the PPAP_FAST_* choices read at call time) inside the block,
     each restored after (removed where it was unset)."""
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
+        os.environ.update(env)  # a value that is no str raises part way: the keys set before it are restored
         yield
     finally:
         for k, v in saved.items():
