@@ -379,7 +379,7 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "distill":
-        from .distill import distill_ppap
+        from .distill import distill_ppap, loss_for_task
         from .experts import save_experts
 
         teacher = demo.load_teacher(args.weights_dir, args.task)
@@ -400,7 +400,7 @@ def _run(args) -> int:
                             args.lr, seed=args.seed, device=args.device, progress=progress,
                             max_minutes=args.max_minutes, loss_reduction=args.loss_reduction,
                             checkpoint_path=state, checkpoint_every=args.checkpoint_every,
-                            loss=TEACHERS[args.task][2])
+                            loss=loss_for_task(args.task))
         steps_done, resumed_from = bank.trained_steps, bank.resumed_from_step
         bank = bank.cpu()
         _atomic_dir(out, lambda d: save_experts(bank, d))

@@ -182,16 +182,16 @@ def load_evaluator(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
     return _load(load_model, Path(weights_dir) / "evaluator.safetensors", "evalnet")
 
 
-# the demo's off-the-shelf teachers by task: (weight file, model kind, distillation loss)
-TEACHERS = {"classification": ("classifier.safetensors", "resnet", "kl"),
-            "segmentation": ("segnet.safetensors", "segnet", "pixel_kl")}
+# the demo's off-the-shelf teachers by task: (weight file, model kind)
+TEACHERS = {"classification": ("classifier.safetensors", "resnet"),
+            "segmentation": ("segnet.safetensors", "segnet")}
 
 
 def load_teacher(weights_dir=WEIGHTS_DIR, task: str = "classification") -> torch.nn.Module:
     """The off-the-shelf net of ``task``: the digit classifier, or the stroke segmentation net."""
     if task not in TEACHERS:
         raise DemoError(f"unknown task {task!r}: expected one of {', '.join(TEACHERS)}")
-    name, kind, _ = TEACHERS[task]
+    name, kind = TEACHERS[task]
     return _load(load_model, Path(weights_dir) / name, kind)
 
 
@@ -608,6 +608,9 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     if num_samples < DEMO_MIN_SAMPLES:  # before the output directory is made
         raise DemoError(f"num_samples (--num-samples) must be at least {DEMO_MIN_SAMPLES} (one sample per class), "
                         f"got {num_samples}")
+    if seg_per_target < 0:
+        raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
+                        f"got {seg_per_target}")
     out = check_writable_dir(out)
     methods = list(DEMO_METHODS if methods is None else methods)
     if not methods:
@@ -619,9 +622,6 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     evaluator = load_evaluator(weights_dir)
     for m in methods:
         load_guide_model(weights_dir, m)
-    if seg_per_target < 0:
-        raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
-                        f"got {seg_per_target}")
     if seg_per_target:
         from .seg_demo import SEG_METHODS, load_seg_guide
         for m in SEG_METHODS:

@@ -101,15 +101,26 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     return done
 
 
-# the demo teachers' expert placements (by model kind): the classifier's is PPAP's ResNet rule; the stroke
-# segnet (plain conv stack, no residual blocks) takes LoRA on every conv and per-expert BatchNorm / head bias
-DEMO_PLACEMENTS = {"resnet": "resnet", "segnet": "generic"}
+# the tiny teachers (by model kind): (expert placement, task). The classifier takes PPAP's ResNet rule; the
+# stroke segnet (plain conv stack, no residual blocks) LoRA on every conv and per-expert BatchNorm / head bias
+TINY_TEACHERS = {"resnet": ("resnet", "classification"), "segnet": ("generic", "segmentation")}
+
+
+def tiny_teacher_kind(model: nn.Module, what: str = "teacher") -> str:
+    """``model.kind`` if it is a tiny teacher's (the UNet and the evaluator are none)."""
+    kind = getattr(model, "kind", None)
+    if kind not in TINY_TEACHERS:
+        raise ValueError(f"{what} holds a tiny {kind!r} model; a tiny teacher is one of {sorted(TINY_TEACHERS)} "
+                         "(train-classifier --arch)")
+    return kind
 
 
 def make_bank(teacher: nn.Module, n_experts: int, r: int = 4, alpha: float = 2.0):
+    """The teacher's ExpertBank: a tiny teacher's placement by its kind; a model without one (any classifier
+    of the user's) the ResNet rule."""
     from .experts import ExpertBank
 
-    rule = DEMO_PLACEMENTS.get(getattr(teacher, "kind", "resnet"), "resnet")
+    rule = "resnet" if getattr(teacher, "kind", None) is None else TINY_TEACHERS[tiny_teacher_kind(teacher)][0]
     return ExpertBank(teacher, rule, n_experts, 1000, r=r, alpha=alpha)
 
 

@@ -402,9 +402,6 @@ def _py_factory(spec: str):
     return fn
 
 
-TINY_TEACHER_TASKS = {"resnet": "classification", "segnet": "segmentation"}  # tiny model kind -> task
-
-
 def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeacher:
     """Build the frozen teacher (eval mode) named by ``spec``:
 
@@ -428,17 +425,13 @@ def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeac
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if spec.startswith("tiny:"):
-            from .distill import DEMO_PLACEMENTS
+            from .distill import TINY_TEACHERS, tiny_teacher_kind
             from .models.tiny import load_model
 
             model = load_model(spec[5:]).eval()
-            kind = getattr(model, "kind", None)
-            if kind not in TINY_TEACHER_TASKS:  # the UNet, the evaluator: ResNet placement errors on them
-                raise ValueError(f"teacher {spec!r} holds a tiny {kind!r} model; a tiny teacher is one of "
-                                 f"{sorted(TINY_TEACHER_TASKS)} (train-classifier --arch)")
-            rule = DEMO_PLACEMENTS[kind]
-            return BuiltTeacher(model, None, lambda **kw: make_placement(rule, model, **kw),
-                                task or TINY_TEACHER_TASKS[kind], "tiny")
+            rule, tiny_task = TINY_TEACHERS[tiny_teacher_kind(model, f"teacher {spec!r}")]
+            return BuiltTeacher(model, None, lambda **kw: make_placement(rule, model, **kw), task or tiny_task,
+                                "tiny")
         if spec.startswith("py:"):
             fn = _py_factory(spec)
             model = fn() if weights is None else fn(weights=weights)

@@ -68,3 +68,11 @@ def test_grid_has_one_row_per_class_present(tmp_path):
     assert (px[1:17, 1:17] == imgs[0, ..., 0]).all() and (px[18:34, 35:51] == imgs[4, ..., 0]).all()
     with Image.open(save_grid(tmp_path / "all.png", np.repeat(imgs, 2, 0), np.arange(10), per_class=1, scale=1)) as im:
         assert im.size == (18, 10 * 17 + 1)
+
+
+def test_bad_seg_per_target_is_refused_before_the_output_directory_is_made(tmp_path):
+    from ppap_fast.demo import DemoError, run_demo
+
+    with pytest.raises(DemoError, match="seg_per_target"):
+        run_demo(tmp_path / "never", seg_per_target=-1)
+    assert not (tmp_path / "never").exists()
