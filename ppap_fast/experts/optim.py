@@ -214,8 +214,9 @@ class ExpertAdamW(torch.optim.Optimizer):
         """The step of ``params`` (one device and dtype, all with gradients and state) on CPU: torch's AdamW
         ops in place, each one foreach op over the tensors (per-expert step sizes and bias corrections
         broadcast), then the rows of the experts not sampled put back as they were (read from ``on`` on the
-        host, free on a CPU). Each op passes over the data once: 1.2x torch's foreach AdamW on a ResNet50
-        PPAP-10 bank, where new tensors and masked ``torch.where`` commits per tensor took 2.2x."""
+        host, free on a CPU). Each op passes over the data once: every expert sampled, 1.2x torch's foreach
+        AdamW on a ResNet50 PPAP-10 bank (quiet machine), where new tensors and masked ``torch.where`` commits
+        per tensor took 2.2x; 4 of 10 experts unsampled, 0.6x that old step (benchmarks/NOTES.md, stop 26)."""
         beta1, beta2 = group["betas"]
         lr, eps, wd, amsgrad = _lr_scalar(group["lr"]), group["eps"], group["weight_decay"], group["amsgrad"]
         states = [self.state[p] for p in params]
