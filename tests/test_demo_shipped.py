@@ -63,3 +63,37 @@ def test_public_loaders_of_the_shipped_classifier_and_ppap_banks():
     assert load_unet().kind == "unet" and load_evaluator().kind == "evalnet"  # default: the shipped weights
     with pytest.raises(DemoError, match="not found.*ppap4"):
         load_ppap_bank(4)
+
+
+@pytest.mark.parametrize("folder,teacher", [("ppap5", "classifier"), ("ppap10", "classifier"),
+                                            ("seg_ppap5", "segnet")])
+def test_shipped_experts_record_their_files_and_base(folder, teacher, tmp_path):
+    """Every shipped expert checkpoint names its files' digests and its frozen base: a damaged file or
+    experts loaded onto another teacher are caught, not silently used."""
+    import json
+    import shutil
+    import warnings
+
+    from ppap_fast.demo import load_teacher
+    from ppap_fast.experts import load_experts
+    from ppap_fast.experts.checkpoint import BaseMismatchWarning, _base_fingerprint
+
+    cfg = json.loads((WEIGHTS_DIR / folder / "config.json").read_text())
+    assert set(cfg["files"]) == {"experts.safetensors"}
+    task = "segmentation" if teacher == "segnet" else "classification"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank = load_experts(WEIGHTS_DIR / folder, load_teacher(task=task))
+    assert cfg["base_state"] == _base_fingerprint(bank)
+    other = load_teacher(task=task)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.is_floating_point()).add_(1.0)
+    with pytest.warns(BaseMismatchWarning):
+        load_experts(WEIGHTS_DIR / folder, other)
+    damaged = tmp_path / folder
+    shutil.copytree(WEIGHTS_DIR / folder, damaged)
+    data = bytearray((damaged / "experts.safetensors").read_bytes())
+    data[-1] ^= 1
+    (damaged / "experts.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        load_experts(damaged, load_teacher(task=task))
