@@ -207,12 +207,23 @@ def test_pipeline_warns_when_images_are_not_finite(unet):
             return out
 
     pipe = PPAPGuidedPipeline(HalfOverflow(), DDIMScheduler(), image_shape=(C, H, H))
-    with pytest.warns(RuntimeWarning, match="1 of 3 images hold NaN/Inf") as rec:
+    with pytest.warns(RuntimeWarning, match="1 of 3 images hold NaN/Inf: the denoiser.s output went non-finite "
+                      r"first, at step 1 of 2 \(t=\d+\)") as rec:
         pipe(batch_size=3, num_inference_steps=2, output_type="np")
     assert rec[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PPAPGuidedPipeline(unet, DDIMScheduler())(batch_size=3, num_inference_steps=2, output_type="np")
+
+
+def test_pipeline_warning_names_the_guidance_and_its_step(unet):
+    def late_overflow(x, t):  # finite at the first step (t ~ 500), Inf at the second (t ~ 0)
+        return torch.where(t[:, None, None, None] < 250, torch.full_like(x, float("inf")), torch.zeros_like(x))
+
+    pipe = PPAPGuidedPipeline(unet, DDIMScheduler(), PPAPGuidance(late_overflow, fast=False))
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 images hold NaN/Inf: the guided output \(the guidance\) went "
+                                            r"non-finite first, at step 2 of 2 \(t=0\)"):
+        pipe(batch_size=3, num_inference_steps=2, output_type="pt")
 
 
 def test_pipeline_keeps_the_scale_of_a_ppap_guidance(unet, classifier):

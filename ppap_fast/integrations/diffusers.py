@@ -572,6 +572,29 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
+class _FirstNonFinite:
+    """The first step at which each stage of a sampling loop (denoiser, guidance, scheduler step) produced
+    NaN / Inf, kept on the device (no host sync per step) and read once, after the loop, for the warning."""
+
+    def __init__(self, device):
+        self.device, self.first, self.timesteps = device, {}, {}  # stage -> step index (-1: finite so far)
+
+    def see(self, stage: str, value: torch.Tensor, i: int, t) -> None:
+        step = self.first.setdefault(stage, torch.full((), -1, dtype=torch.long, device=self.device))
+        bad = ~torch.isfinite(value).all().to(step.device)
+        step.copy_(torch.where((step < 0) & bad, torch.full_like(step, i), step))
+        self.timesteps[i] = t
+
+    def describe(self, n_steps: int) -> str:
+        seen = [(int(step), stage) for stage, step in self.first.items()]  # one small host read per stage
+        hits = [(step, stage) for step, stage in seen if step >= 0]
+        if not hits:
+            return "every stage's output was finite (latents replaced by a callback?)"
+        step, stage = min(hits, key=lambda h: h[0])  # min keeps the loop's order within a step
+        t = torch.as_tensor(self.timesteps[step])
+        return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={t.item() if t.numel() == 1 else t})"
+
+
 def _check_step_takes_a_plain_sample(scheduler) -> None:
     """The loop calls scheduler.step(model_output, t, x, [eta, generator]): a scheduler whose step needs
     more (RePaint's original_image and mask: inpainting) is refused by name, before sampling."""
@@ -837,17 +860,21 @@ class _GuidedPipelineBody:
             step_sched.set_timesteps(num_inference_steps)
         # every step reads its sigma / step index from the scheduler that steps (the user's one does not
         # when a copy steps: its index never advances, and repeated timesteps (Heun) are ambiguous)
+        first_bad = _FirstNonFinite(device)
         try:
             for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
                 if self.interrupt:  # set by a callback (pipe._interrupt = True): the rest of the steps is skipped
                     continue
                 inp = step_sched.scale_model_input(x, t) if hasattr(step_sched, "scale_model_input") else x
                 out = self._denoise(inp, t, unet_labels, text)
+                first_bad.see("the denoiser's output", out, i, t)
                 if guided:
                     if clip_first:
                         out = self.guidance._clip_first(out, x, t, step_sched, sched)
                     out = self.guidance.correct(out, x, t, step_sched, scale=guidance_scale, target=guide_labels)
+                    first_bad.see("the guided output (the guidance)", out, i, t)
                 x = step_sched.step(out, t, x, **extra).prev_sample
+                first_bad.see("the scheduler's step", x, i, t)
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {k: x for k in tensor_inputs})  # "latents" only
                     new = outputs.get("latents", x) if isinstance(outputs, dict) else x
@@ -862,8 +889,8 @@ class _GuidedPipelineBody:
                 self.guidance._forget(step_sched)
         bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step
         if bad:  # "pil" / "np" would show them black, with no error
-            warnings.warn(f"{bad} of {x.shape[0]} images hold NaN/Inf: the denoiser's output or the guidance went "
-                          "non-finite (a half-precision UNet overflowing? a guidance_scale too large?)",
+            warnings.warn(f"{bad} of {x.shape[0]} images hold NaN/Inf: {first_bad.describe(len(step_sched.timesteps))} "
+                          "(a half-precision UNet overflowing? a guidance_scale too large?)",
                           RuntimeWarning, stacklevel=3)  # past torch.no_grad's wrapper: the caller's line
         if output_type in ("latent", "raw"):
             images = x
