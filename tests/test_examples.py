@@ -44,7 +44,7 @@ def assert_png(path, min_size=(16, 16)):
 def test_every_example_is_tested_and_documented():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == sorted(["guide_a_sampling_loop.py", "diffusers_schedulers.py", "guided_diffusion_cond_fn.py",
-                              "distill_your_own_experts.py"])
+                              "distill_your_own_experts.py", "why_experts.py"])
     readme = (REPO / "README.md").read_text()
     for s in scripts:
         assert f"examples/{s}" in readme, s
@@ -100,3 +100,21 @@ def test_distill_your_own_experts(tmp_path):
 
     data = ShardSet(tmp_path / "datafree")  # the data-free set: images + the classifier's cached logits
     assert len(data) == 64 and "logits" in data
+
+
+@pytest.mark.slow
+def test_why_experts_measures_the_papers_motivation(tmp_path):
+    import json
+
+    run_example("why_experts.py", tmp_path, "--draws", "32", "--t-step", "100")
+    assert_png(tmp_path / "why_experts.png", min_size=(600, 300))
+    res = json.loads((tmp_path / "why_experts.json").read_text())
+    assert res["timesteps"] == list(range(0, 1000, 100)) + [999]
+    acc = {m: dict(zip(res["timesteps"], a)) for m, a in res["accuracy"].items()}
+    assert all(acc[m][0] > 0.95 for m in acc), acc  # every network classifies clean digits
+    # measured (defaults): naive 0.27, PPAP-5 0.92 at t = 200; all near chance (0.1) at t = 999
+    assert acc["ppap-5"][200] > acc["naive"][200] + 0.4 and acc["ppap-10"][200] > acc["naive"][200] + 0.4, acc
+    assert all(acc[m][999] < 0.3 for m in acc), acc
+    hf = res["high_frequency_share"]  # measured: naive 0.74-0.84, PPAP 0.01-0.02 at t = 300 / 450
+    for k in (2, 3):
+        assert hf["naive"][k] > 0.5 and hf["ppap-5"][k] < 0.2 and hf["ppap-10"][k] < 0.2, hf
