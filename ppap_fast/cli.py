@@ -17,6 +17,7 @@
   ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint ADM.pt --guide resnet50 \
       --guide-weights R50.pth --experts PPAP10_DIR --targets 207 --out s.npz   (real models: see guided_sample.py)
   ppap-fast score s.npz --real real.npz   (target accuracy, IS; FD / precision / recall with --real)
+  ppap-fast info [EXPERTS_DIR ...]   (versions, devices, op backends; checkpoints summarised and verified)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
@@ -205,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from .score import add_parser as add_score_parser
     add_score_parser(sub)
+
+    from .info import add_parser as add_info_parser
+    add_info_parser(sub)
 
     s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
     s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
@@ -481,6 +485,15 @@ def _run(args) -> int:
         from .score import main_json as score_json
 
         print(score_json(args))
+        return 0
+
+    if args.cmd == "info":
+        from .info import main_json as info_json
+
+        text, bad = info_json(args)
+        print(text)
+        if bad:
+            raise DemoError(f"damaged or missing checkpoint files: {'; '.join(bad)}")
         return 0
 
     if args.cmd == "export-peft":

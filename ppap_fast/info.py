@@ -1,0 +1,136 @@
+"""``ppap-fast info``: what this install can run (versions, devices, which op backends exist) and what
+expert checkpoints hold (config, per-expert parameters, file digests verified), without a base model.
+Paste its output into a bug report."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def environment(device: str | None = None) -> dict:
+    """Versions, devices and the op backends that can run on ``device`` (default: cuda if present)."""
+    import ppap_fast
+    from ppap_fast.ops import backend_report
+
+    cuda = torch.cuda.is_available()
+    report = backend_report(device)
+    why_not: dict = {}  # backend -> the reasons it cannot run here (one line each)
+    for op in report["ops"].values():
+        for b, why in op["available"].items():
+            if why != "ok" and why not in why_not.setdefault(b, []):
+                why_not[b].append(why)
+    return {
+        "ppap_fast": ppap_fast.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "packages": {d: _version(d) for d in ("triton", "diffusers", "peft", "timm", "torchvision", "numpy")},
+        "cuda_available": cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cpu_threads": torch.get_num_threads(),
+        "backend_device": str(torch.device(device or ("cuda" if cuda else "cpu"))),
+        "extension": report["extension"],
+        "extension_cuda": report["extension_cuda"],
+        "triton": report["triton"],
+        "ops_runnable": {name: [b for b, why in op["available"].items() if why == "ok"]
+                         for name, op in sorted(report["ops"].items())},
+        "backends_not_runnable": why_not,
+    }
+
+
+_STAT_BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _file_status(f: Path, want: dict | None) -> str:
+    from ppap_fast.experts.checkpoint import _digest
+
+    if not f.is_file():
+        return "missing"
+    if want is None:
+        return "present (no digest recorded)"
+    got = _digest(f.read_bytes())
+    if got == want:
+        return "ok (sha256 verified)"
+    return f"DAMAGED ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... vs recorded {want['bytes']} bytes, " \
+           f"{want['sha256'][:12]}...)"
+
+
+def checkpoint_summary(path) -> dict:
+    """An expert checkpoint directory's config, per-expert trainable values and statistics buffers (from the
+    tensor shapes: no base model needed) and each file's state against the digests config.json records."""
+    from safetensors import safe_open
+
+    from ppap_fast.experts.checkpoint import read_config
+
+    path = Path(path)
+    cfg = read_config(path)
+    placement = cfg.get("placement", {})
+    recorded = cfg.get("files")
+    names = sorted(set(recorded or {}) | {"experts.safetensors"})
+    files = {n: _file_status(path / n, (recorded or {}).get(n)) for n in names}
+    n = int(cfg["n_experts"])
+    counts = None  # per expert: trained values, statistics buffers (BN running stats); values shared by all
+    if files.get("experts.safetensors", "").startswith(("ok", "present")):
+        counts = {"trainable_per_expert": 0, "buffers_per_expert": 0, "not_per_expert": 0}
+        with safe_open(str(path / "experts.safetensors"), "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shape, numel = sl.get_shape(), 1
+                for d in shape:
+                    numel *= d
+                if not shape or shape[0] != n:
+                    counts["not_per_expert"] += numel
+                elif k.endswith(_STAT_BUFFERS) or sl.get_dtype() not in _FLOAT_DTYPES:
+                    counts["buffers_per_expert"] += numel // n
+                else:
+                    counts["trainable_per_expert"] += numel // n
+    return {
+        "path": str(path),
+        "arch": cfg.get("arch"),
+        "n_experts": n,
+        "bands": cfg.get("bands"),
+        "num_timesteps": cfg.get("num_timesteps"),
+        "layout": cfg.get("layout"),
+        "r": cfg.get("r"),
+        "alpha": cfg.get("alpha"),
+        "dtype": cfg.get("dtype"),
+        "placement": {k: len(placement.get(k, [])) for k in ("lora", "bias", "norm")} | {"rule": placement.get("rule")},
+        "values": counts,
+        "include_base": cfg.get("include_base"),
+        "base_state": (cfg.get("base_state") or "")[:16] or None,
+        "files": files,
+        "verified": recorded is not None and all(s.startswith("ok") for s in files.values()),
+    }
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("info", help="versions, devices and op backends of this install; what expert checkpoints "
+                                    "hold (digests verified): paste into a bug report")
+    s.add_argument("experts", nargs="*", help="expert checkpoint directories to summarise and verify")
+    s.add_argument("--device", default=None, help="device whose op backends are listed (default: cuda if present)")
+    return s
+
+
+def main_json(args) -> tuple[str, list]:
+    """(the JSON text, the damaged or missing checkpoint files: "DIR/NAME: state")."""
+    out = {"environment": environment(args.device)}
+    if args.experts:
+        out["experts"] = [checkpoint_summary(p) for p in args.experts]
+    bad = [f"{c['path']}/{n}: {state}" for c in out.get("experts", []) for n, state in c["files"].items()
+           if state.startswith(("DAMAGED", "missing"))]
+    return json.dumps(out, indent=2), bad
