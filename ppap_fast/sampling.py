@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -76,6 +77,29 @@ class StepOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks
+
+class FirstNonFinite:
+    """The first step at which each stage of a sampling loop (denoiser, guidance, scheduler step) produced
+    NaN / Inf, kept on the device (no host sync per step) and read once, after the loop, for the warning."""
+
+    def __init__(self, device):
+        self.device, self.first, self.timesteps = device, {}, {}  # stage -> step index (-1: finite so far)
+
+    def see(self, stage: str, value: torch.Tensor, i: int, t) -> None:
+        step = self.first.setdefault(stage, torch.full((), -1, dtype=torch.long, device=self.device))
+        bad = ~torch.isfinite(value).all().to(step.device)
+        step.copy_(torch.where((step < 0) & bad, torch.full_like(step, i), step))
+        self.timesteps[i] = t
+
+    def describe(self, n_steps: int) -> str:
+        seen = [(int(step), stage) for stage, step in self.first.items()]  # one small host read per stage
+        hits = [(step, stage) for step, stage in seen if step >= 0]
+        if not hits:
+            return "no stage's output went non-finite (a callback replaced the latents?)"
+        step, stage = min(hits, key=lambda h: h[0])  # min keeps the loop's order within a step
+        t = torch.as_tensor(self.timesteps[step])
+        return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={t.item() if t.numel() == 1 else t})"
+
 
 def _check_x(x: torch.Tensor, schedule: Schedule, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
@@ -454,6 +478,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         steps = tqdm(steps, desc=f"{sampler} sampling")
     traj = []
     needs_noise = sampler == "ddpm" or eta > 0
+    first_bad = FirstNonFinite(x.device)
     with torch.no_grad():
         for i in steps:
             noise = noise_fn(i, x) if (noise_fn is not None and needs_noise) else None
@@ -464,8 +489,18 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
             else:
                 out = ddpm_step(model, x, i, schedule, var_type=var_type, **common)
             x = out.sample
+            k, t = schedule.num_timesteps - 1 - i, schedule.timestep_map[i]  # k-th step, original t
+            if out.grad is not None:
+                first_bad.see("the guidance gradient", out.grad, k, t)
+            first_bad.see("the denoiser's output (eps)", out.eps, k, t)
+            first_bad.see("the step's sample", x, k, t)
             if callback is not None:
                 callback(i, out)
             if return_trajectory:
                 traj.append(x)
+    bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step
+    if bad:
+        warnings.warn(f"sample_loop: {bad} of {x.shape[0]} samples hold NaN/Inf: "
+                      f"{first_bad.describe(schedule.num_timesteps)} (a half-precision model overflowing? a "
+                      "guidance scale too large?)", RuntimeWarning, stacklevel=2)
     return (x, torch.stack(traj)) if return_trajectory else x

@@ -458,6 +458,40 @@ def test_nonfinite_grad(step):
     assert not torch.isfinite(ignored.sample).all()
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_loop_warns_naming_the_stage_and_step_that_went_non_finite(sampler):
+    import warnings
+
+    s = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def overflowing(x, t):  # sample 1's output goes NaN from the third step on, as a half-precision UNet's can
+        calls.append(int(t[0]))  # (an Inf eps is clipped away by clip_denoised: x0-hat saturates, DDIM stays finite)
+        eps = FakeModel()(x, t)
+        if len(calls) >= 3:
+            eps[1] = float("nan")
+        return eps
+
+    gen = torch.Generator().manual_seed(1)
+    with pytest.warns(RuntimeWarning, match=r"sample_loop: 1 of 3 samples hold NaN/Inf: the denoiser's output \(eps\) "
+                                            rf"went non-finite first, at step 3 of 5 \(t={calls_t(s, 2)}\)") as rec:
+        sample_loop(overflowing, x_T, s, sampler=sampler, generator=gen)
+    assert rec[0].filename == __file__  # the caller's line
+    late_nan = lambda x, t: torch.where(t[:, None, None, None] < 100, torch.full_like(x, float("nan")), 0 * x)
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 samples hold NaN/Inf: the guidance gradient went non-finite "
+                                            rf"first, at step 5 of 5 \(t={calls_t(s, 4)}\)"):
+        sample_loop(FakeModel(), x_T, s, sampler=sampler, guide=late_nan, nonfinite_grad="ignore", generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(sample_loop(FakeModel(), x_T, s, sampler=sampler, generator=gen)).all()
+
+
+def calls_t(s, k):
+    """The original timestep of the k-th step of a sample_loop over s."""
+    return int(s.timestep_map[s.num_timesteps - 1 - k])
+
+
 # ----------------------------------------------------------------- CUDA: parity, no host syncs, graph capture
 
 cuda = requires_cuda

@@ -66,6 +66,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..ops.eps_correction import guided_eps
+from ..sampling import FirstNonFinite
 from ..ops.lora.segments import _version  # None for an inference tensor
 from ..sampling import denoiser_output
 
@@ -572,29 +573,6 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
-class _FirstNonFinite:
-    """The first step at which each stage of a sampling loop (denoiser, guidance, scheduler step) produced
-    NaN / Inf, kept on the device (no host sync per step) and read once, after the loop, for the warning."""
-
-    def __init__(self, device):
-        self.device, self.first, self.timesteps = device, {}, {}  # stage -> step index (-1: finite so far)
-
-    def see(self, stage: str, value: torch.Tensor, i: int, t) -> None:
-        step = self.first.setdefault(stage, torch.full((), -1, dtype=torch.long, device=self.device))
-        bad = ~torch.isfinite(value).all().to(step.device)
-        step.copy_(torch.where((step < 0) & bad, torch.full_like(step, i), step))
-        self.timesteps[i] = t
-
-    def describe(self, n_steps: int) -> str:
-        seen = [(int(step), stage) for stage, step in self.first.items()]  # one small host read per stage
-        hits = [(step, stage) for step, stage in seen if step >= 0]
-        if not hits:
-            return "every stage's output was finite (latents replaced by a callback?)"
-        step, stage = min(hits, key=lambda h: h[0])  # min keeps the loop's order within a step
-        t = torch.as_tensor(self.timesteps[step])
-        return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={t.item() if t.numel() == 1 else t})"
-
-
 def _check_step_takes_a_plain_sample(scheduler) -> None:
     """The loop calls scheduler.step(model_output, t, x, [eta, generator]): a scheduler whose step needs
     more (RePaint's original_image and mask: inpainting) is refused by name, before sampling."""
@@ -860,7 +838,7 @@ class _GuidedPipelineBody:
             step_sched.set_timesteps(num_inference_steps)
         # every step reads its sigma / step index from the scheduler that steps (the user's one does not
         # when a copy steps: its index never advances, and repeated timesteps (Heun) are ambiguous)
-        first_bad = _FirstNonFinite(device)
+        first_bad = FirstNonFinite(device)
         try:
             for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
                 if self.interrupt:  # set by a callback (pipe._interrupt = True): the rest of the steps is skipped
