@@ -66,9 +66,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..ops.eps_correction import guided_eps
-from ..sampling import FirstNonFinite
 from ..ops.lora.segments import _version  # None for an inference tensor
-from ..sampling import denoiser_output
+from ..sampling import FirstNonFinite, denoiser_output
 
 __all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "MIN_GUIDED_ABAR", "OUTPUT_TYPES",
            "fuse_norm_act"]
