@@ -8,6 +8,7 @@
   ppap-fast train-classifier --arch segnet --out W/segnet.safetensors        (the segmentation demo's net)
   ppap-fast generate --task segmentation --weights-dir W --out SEGDATA
   ppap-fast distill --task segmentation --weights-dir W --data SEGDATA --experts 5 --out W/seg_ppap5
+  ppap-fast train-classifier --arch semseg --out W/semseg.safetensors        (the semantic net; then --task semantic)
   ppap-fast finetune --weights-dir W --experts 1 --out W/noise_aware.safetensors
   ppap-fast finetune --weights-dir W --experts 5 --out W/multi5.safetensors
   ppap-fast sample --method ppap-10 --targets 3 --num-samples 50 --out s.npz
@@ -103,10 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     common(s, weights=False)
 
     s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")
-    s.add_argument("--arch", choices=["resnet", "evalnet", "segnet"], default="resnet",
+    s.add_argument("--arch", choices=["resnet", "evalnet", "segnet", "semseg"], default="resnet",
                    help="resnet: the off-the-shelf classifier; evalnet: the evaluator; segnet: the off-the-shelf "
                         "stroke segmentation net (per-pixel ink / background, labels from each clean image: "
-                        "ink = value > 0)")
+                        "ink = value > 0); semseg: the semantic one (11 classes per pixel: background, or the "
+                        "digit's class on its ink; a SegNet with an image-level context branch)")
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=_positive_int, default=1000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
@@ -114,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--widths", type=_widths, default="16,32,64", help="resnet stage widths (positive integers)")
     common(s, weights=False)
     task_help = ("classification: the digit classifier (classifier.safetensors, KL); segmentation: the stroke "
-                 "segmentation net (segnet.safetensors, per-pixel KL)")
+                 "segmentation net (segnet.safetensors, per-pixel KL); semantic: the semantic segmentation net "
+                 "(semseg.safetensors, per-pixel KL)")
 
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
     s.add_argument("--out", required=True, help="output directory (shard_NNNNN.npz + manifest.json); a rerun with "
@@ -334,7 +337,7 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "train-classifier":
-        from .data import DigitsSplits, ink_mask
+        from .data import DigitsSplits, SEMANTIC_CLASSES, ink_mask, semantic_mask
         from .finetune import accuracy, noisy_accuracy, train_classifier
         from .models.tiny import EvalNet, SegNet, TinyResNet, save_model
 
@@ -348,6 +351,8 @@ def _run(args) -> int:
             x, y = s.classifier
         elif args.arch == "segnet":  # labels from each clean (shifted) image itself: no annotation
             model, (x, _), y, labels_fn = SegNet(), s.classifier, None, ink_mask
+        elif args.arch == "semseg":  # labels: each clean (shifted) image's ink, marked with its digit's class
+            model, (x, y), labels_fn = SegNet(num_classes=SEMANTIC_CLASSES, context=2), s.classifier, semantic_mask
         else:  # the evaluator: a different architecture and seed, clean diffusion+classifier splits
             model = EvalNet()
             x, y = torch.cat([s.diffusion[0], s.classifier[0]]), torch.cat([s.diffusion[1], s.classifier[1]])
@@ -360,6 +365,18 @@ def _run(args) -> int:
             extra = {"labelled_images": 0, "labels": "ink_mask: pixel value > 0 of each clean image",
                      "train_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,
                      "heldout_pixel_accuracy": acc}
+        elif args.arch == "semseg":
+            xe, ye = s.eval
+            want = semantic_mask(xe, ye)
+            with torch.no_grad():
+                pred = model(xe).argmax(1)
+            ink = want > 0
+            extra = {"labelled_images": int(x.shape[0]),
+                     "labels": "semantic_mask: 0 background, 1 + digit class where pixel value > 0",
+                     "steps": args.steps, "seed": args.seed,
+                     "heldout_pixel_accuracy": float((pred == want).float().mean()),
+                     "heldout_ink_class_accuracy": float((pred[ink] == want[ink]).float().mean())}
+            acc = extra["heldout_pixel_accuracy"]
         else:
             acc = accuracy(model, *s.eval)
             extra = {"labelled_images": int(x.shape[0]), "steps": args.steps, "seed": args.seed,

@@ -184,11 +184,13 @@ def load_evaluator(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
 
 # the demo's off-the-shelf teachers by task: (weight file, model kind)
 TEACHERS = {"classification": ("classifier.safetensors", "resnet"),
-            "segmentation": ("segnet.safetensors", "segnet")}
+            "segmentation": ("segnet.safetensors", "segnet"),
+            "semantic": ("semseg.safetensors", "segnet")}
 
 
 def load_teacher(weights_dir=WEIGHTS_DIR, task: str = "classification") -> torch.nn.Module:
-    """The off-the-shelf net of ``task``: the digit classifier, or the stroke segmentation net."""
+    """The off-the-shelf net of ``task``: the digit classifier, the stroke segmentation net, or the semantic
+    one (background / ink of digit 0..9)."""
     if task not in TEACHERS:
         raise DemoError(f"unknown task {task!r}: expected one of {', '.join(TEACHERS)}")
     name, kind = TEACHERS[task]
@@ -480,16 +482,17 @@ def comparison_cell(row: int, col: int) -> tuple[int, int]:
 
 
 def save_comparison(path, samples: dict, labels, captions: dict | None = None) -> Path:
-    """One picture of every method: a row per method (``samples``: name -> uint8 N x H x W x 1, all drawn
-    from the same initial noise per index), a column per class with that class's first sample, the
-    method's name and ``captions[name]`` on the left."""
+    """One picture of every method: a row per method (``samples``: name -> uint8 N x H x W x 1, or x 3 for a
+    colour row, which makes the picture RGB; all drawn from the same initial noise per index), a column per
+    class with that class's first sample, the method's name and ``captions[name]`` on the left."""
     from PIL import Image, ImageDraw, ImageFont
 
     labels = np.asarray(labels)
     cols = [int(np.flatnonzero(labels == c)[0]) for c in range(NUM_CLASSES) if (labels == c).any()]
     names = list(samples)
     x_end, y_end = comparison_cell(len(names), len(cols))
-    canvas = Image.new("L", (x_end, y_end), 255)
+    rgb = any(np.asarray(v).shape[-1] == 3 for v in samples.values())  # a colour row (semantic masks)
+    canvas = Image.new("RGB" if rgb else "L", (x_end, y_end), (255, 255, 255) if rgb else 255)
     draw = ImageDraw.Draw(canvas)
     try:
         font = ImageFont.load_default(size=15)
@@ -500,12 +503,14 @@ def save_comparison(path, samples: dict, labels, captions: dict | None = None) -
         draw.text((x + COMPARISON_CELL // 2, COMPARISON_TOP // 2), f"target {int(labels[k])}", fill=0,
                   font=font, anchor="mm")
     for i, name in enumerate(names):
-        imgs = np.asarray(samples[name])[..., 0]
+        imgs = np.asarray(samples[name])
+        imgs = imgs[..., 0] if imgs.shape[-1] == 1 else imgs
         _, y = comparison_cell(i, 0)
         text = name if not captions or name not in captions else f"{name}\n{captions[name]}"
         draw.multiline_text((8, y + COMPARISON_CELL // 2), text, fill=0, font=font, anchor="lm")
         for j, k in enumerate(cols):
-            cell = Image.fromarray(imgs[k]).resize((COMPARISON_CELL, COMPARISON_CELL), Image.NEAREST)
+            cell = Image.fromarray(imgs[k]).convert(canvas.mode).resize((COMPARISON_CELL, COMPARISON_CELL),
+                                                                           Image.NEAREST)
             canvas.paste(cell, comparison_cell(i, j))
     return _atomic(path, lambda tmp: canvas.save(tmp, format="PNG"), ".png")
 
@@ -670,7 +675,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
 
 def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
     """Untrained tiny versions of every demo weight file (unet, classifier, evaluator, PPAP-5/10,
-    noise-aware, multi-experts-5, segnet and its PPAP-5): for tests and smoke runs, built in a second,
+    noise-aware, multi-experts-5, segnet and semseg and their PPAP-5): for tests and smoke runs, built in a second,
     nothing downloaded."""
     from .distill import make_bank
     from .experts import ExpertBank, save_experts
@@ -692,4 +697,7 @@ def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
     seg = SegNet(width=4, depth=2).eval()
     save_model(seg, d / "segnet.safetensors")
     save_experts(make_bank(seg, 5, r=2, alpha=1.0), d / "seg_ppap5")
+    sem = SegNet(width=4, depth=2, num_classes=11, context=1).eval()
+    save_model(sem, d / "semseg.safetensors", extra={"labelled_images": 500})
+    save_experts(make_bank(sem, 5, r=2, alpha=1.0), d / "semseg_ppap5")
     return d

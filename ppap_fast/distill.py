@@ -265,7 +265,8 @@ def dense_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 
 DISTILL_LOSSES = ("kl", "pixel_kl", "mse")
-TASK_LOSS = {"classification": "kl", "segmentation": "pixel_kl", "depth": "mse", "regression": "mse"}
+TASK_LOSS = {"classification": "kl", "segmentation": "pixel_kl", "semantic": "pixel_kl", "depth": "mse",
+             "regression": "mse"}
 
 
 def _check_pair(student, teacher, kind, min_dim):

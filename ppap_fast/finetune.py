@@ -34,9 +34,10 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     """Plain supervised training on clean images (with +-shift pixel augmentation).
 
     ``labels_fn(images) -> labels``: labels computed from each shifted clean batch instead of ``y`` (the
-    stroke segmentation net: :func:`ppap_fast.data.ink_mask`, per-pixel labels [B, H, W])."""
-    if (y is None) == (labels_fn is None):
-        raise ValueError("train_classifier takes labels y or a labels_fn, exactly one of them")
+    stroke segmentation net: :func:`ppap_fast.data.ink_mask`, per-pixel labels [B, H, W]); given with ``y``,
+    ``labels_fn(images, y_batch)`` (the semantic net: :func:`ppap_fast.data.semantic_mask`)."""
+    if y is None and labels_fn is None:
+        raise ValueError("train_classifier takes labels y, a labels_fn, or both (labels_fn(images, y)); got neither")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -49,7 +50,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         xb = random_shift(x[idx], shift, generator=gen)
         _cosine_lr(opt, lr, step, steps)
-        yb = y[idx] if labels_fn is None else labels_fn(xb)
+        yb = y[idx] if labels_fn is None else labels_fn(xb) if y is None else labels_fn(xb, y[idx])
         loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

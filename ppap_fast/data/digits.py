@@ -34,6 +34,23 @@ def ink_mask(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0] > INK_THRESHOLD).long()
 
 
+SEMANTIC_CLASSES = 1 + NUM_CLASSES  # background, then ink of digit 0..9
+
+
+def semantic_mask(x: torch.Tensor, y) -> torch.Tensor:
+    """Per-pixel semantic labels of images N x 1 x H x W in [-1, 1] of digit classes ``y`` [N] (0..9):
+    long N x H x W, 0 = background, 1 + y on the image's ink (:func:`ink_mask`). The semantic segmentation
+    net's training labels and the demo's semantic targets."""
+    ink = ink_mask(x)
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or tuple(y.shape) != (ink.shape[0],):
+        raise ValueError(f"semantic_mask takes one integer class per image, [{ink.shape[0]}], got {y.dtype} "
+                         f"with shape {tuple(y.shape)}")
+    if y.numel() and bool(((y < 0) | (y >= NUM_CLASSES)).any()):
+        raise ValueError(f"semantic_mask: classes must lie in [0, {NUM_CLASSES}), got {y.unique().tolist()[:10]}")
+    return ink * (1 + y.long().to(ink.device).view(-1, 1, 1))
+
+
 def values_to_unit(values) -> torch.Tensor:
     """Raw digit values 0..16 -> [-1, 1] (linear, background -1, ink bright)."""
     v = torch.as_tensor(np.asarray(values), dtype=torch.float32)

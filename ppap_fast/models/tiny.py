@@ -5,7 +5,8 @@
 * ``TinyResNet``: the "off-the-shelf" classifier. A narrow torchvision-style ResNet with BasicBlocks
   and BatchNorm, a 3x3 stride-1 stem (no max-pool) for 16x16 inputs, and torchvision's module names
   (conv1, bn1, layerN.M.conv1/bn1/conv2/bn2/downsample, fc) so the "resnet" expert placement applies.
-* ``SegNet``: the "off-the-shelf" stroke segmentation net (per-pixel ink / background logits).
+* ``SegNet``: the "off-the-shelf" segmentation nets (per-pixel logits: ink / background, or with an
+  image-level context branch background / ink of digit 0..9).
 * ``EvalNet``: the evaluator (a VGG-style CNN, a different architecture), used only for scoring;
   ``features(x)`` gives its penultimate activations for Fréchet distance / precision / recall.
 
@@ -139,23 +140,44 @@ class EvalNet(nn.Module):
 
 
 class SegNet(nn.Module):
-    """The "off-the-shelf" stroke segmentation net of the digits demo: ``depth`` 3x3 conv-BN-ReLU layers
-    (receptive field 2 * depth + 1) and a 1x1 head, logits [B, num_classes, H, W] (ink / background)."""
+    """The "off-the-shelf" segmentation nets of the digits demo: ``depth`` 3x3 conv-BN-ReLU layers
+    (receptive field 2 * depth + 1) and a 1x1 head, logits [B, num_classes, H, W].
+
+    ``context`` > 0 adds an image-level branch (as DeepLabV3's image pooling): ``context`` stride-2
+    conv-BN-ReLU layers, a global average pool and a 1x1 conv, added to every pixel's features before the
+    head. The semantic net (background / ink of digit 0..9) needs it: a pixel's class depends on the whole
+    digit, not on its 7x7 neighbourhood. context=0 is the stroke net (ink / background)."""
 
     kind = "segnet"
 
-    def __init__(self, width: int = 16, depth: int = 3, in_channels: int = 1, num_classes: int = 2):
+    def __init__(self, width: int = 16, depth: int = 3, in_channels: int = 1, num_classes: int = 2,
+                 context: int = 0):
         super().__init__()
+        if context < 0:
+            raise ValueError(f"context must be 0 (no image-level branch) or more stride-2 layers, got {context}")
         self.config = dict(width=width, depth=depth, in_channels=in_channels, num_classes=num_classes)
+        if context:  # stroke files keep their config as it was
+            self.config["context"] = context
         layers, c = [], in_channels
         for _ in range(depth):
             layers += [nn.Conv2d(c, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             c = width
         self.body = nn.Sequential(*layers)
+        if context:
+            ctx, cc = [], c
+            for _ in range(context):
+                ctx += [nn.Conv2d(cc, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU()]
+                cc = 2 * width
+            self.context = nn.Sequential(*ctx)
+            self.context_proj = nn.Conv2d(cc, c, 1)
         self.head = nn.Conv2d(c, num_classes, 1)
 
     def forward(self, x):
-        return self.head(self.body(x))
+        h = self.body(x)
+        if hasattr(self, "context"):
+            g = self.context_proj(F.adaptive_avg_pool2d(self.context(h), 1))
+            h = F.relu(h + g)
+        return self.head(h)
 
 
 MODEL_KINDS = {"unet": EpsModel, "resnet": TinyResNet, "evalnet": EvalNet, "segnet": SegNet}
