@@ -6,7 +6,8 @@ from ppap_fast.demo import DEMO_METHODS, WEIGHTS_DIR, load_evaluator, load_guide
 
 FILES = ["unet.safetensors", "classifier.safetensors", "evaluator.safetensors", "noise_aware.safetensors",
          "multi5.safetensors", "ppap5/experts.safetensors", "ppap5/config.json", "ppap10/experts.safetensors",
-         "ppap10/config.json", "segnet.safetensors", "seg_ppap5/experts.safetensors", "seg_ppap5/config.json"]
+         "ppap10/config.json", "segnet.safetensors", "seg_ppap5/experts.safetensors", "seg_ppap5/config.json",
+         "semseg.safetensors", "semseg_ppap5/experts.safetensors", "semseg_ppap5/config.json"]
 
 
 def test_shipped_weights_exist_and_fit_the_budget():
@@ -66,7 +67,7 @@ def test_public_loaders_of_the_shipped_classifier_and_ppap_banks():
 
 
 @pytest.mark.parametrize("folder,teacher", [("ppap5", "classifier"), ("ppap10", "classifier"),
-                                            ("seg_ppap5", "segnet")])
+                                            ("seg_ppap5", "segnet"), ("semseg_ppap5", "semseg")])
 def test_shipped_experts_record_their_files_and_base(folder, teacher, tmp_path):
     """Every shipped expert checkpoint names its files' digests and its frozen base: a damaged file or
     experts loaded onto another teacher are caught, not silently used."""
@@ -80,7 +81,7 @@ def test_shipped_experts_record_their_files_and_base(folder, teacher, tmp_path):
 
     cfg = json.loads((WEIGHTS_DIR / folder / "config.json").read_text())
     assert set(cfg["files"]) == {"experts.safetensors"}
-    task = "segmentation" if teacher == "segnet" else "classification"
+    task = {"segnet": "segmentation", "semseg": "semantic"}.get(teacher, "classification")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bank = load_experts(WEIGHTS_DIR / folder, load_teacher(task=task))

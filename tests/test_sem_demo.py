@@ -162,6 +162,26 @@ def test_semantic_comparison_runs_on_tiny_weights(tmp_path):
         run_semantic(tmp_path / "o2", w, per_target=1, steps=2, progress=False)
 
 
+# ----------------------------------------------------------------------------- the shipped weights
+def test_shipped_semantic_weights_segment_held_out_digits():
+    from ppap_fast.demo import WEIGHTS_DIR
+
+    net = load_model(WEIGHTS_DIR / "semseg.safetensors", "segnet")
+    assert net.config == {"width": 16, "depth": 3, "in_channels": 1, "num_classes": 11, "context": 2}
+    xe, ye = DigitsSplits.create(0).eval
+    want = semantic_mask(xe, ye)
+    with torch.no_grad():
+        pred = net(xe).argmax(1)
+    assert (pred == want).float().mean() > 0.95 and (pred[want > 0] == want[want > 0]).float().mean() > 0.9
+    x, t = torch.zeros(2, 1, 16, 16), torch.tensor([0, 999])
+    for m in SEG_METHODS:
+        model, pass_t, info = load_seg_guide(WEIGHTS_DIR, m, "semantic")
+        assert info["labelled_data"] == 0
+        if model is not None:
+            assert (model(x, t) if pass_t else model(x)).shape == (2, 11, 16, 16), m
+    assert load_seg_guide(WEIGHTS_DIR, "ppap-5", "semantic")[2]["trainable_parameters"] == 5 * 3915
+
+
 # ----------------------------------------------------------------------------- the CLI's semantic task
 def test_cli_trains_generates_and_distils_the_semantic_task(tmp_path, capsys):
     w = make_tiny_weights(tmp_path / "w")
