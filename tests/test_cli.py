@@ -552,3 +552,13 @@ def test_weights_dir_that_is_a_file_says_so(tmp_path, capsys):
     assert main(["sample", "--weights-dir", str(f), "--method", "ppap-5", "--out", str(tmp_path / "s.npz")]) == 2
     err = capsys.readouterr().err
     assert f"--weights-dir {f} is a file" in err and "unet.safetensors" not in err
+
+
+def test_classifier_with_four_widths_trains(tmp_path, capsys):
+    """--widths 4,8,8,8 built 3 stages (layers defaulted to (1, 1, 1)) and crashed on the missing 4th."""
+    from ppap_fast.models.tiny import load_model
+
+    out = tmp_path / "c.safetensors"
+    assert main(["--threads", "1", "train-classifier", "--widths", "4,8,8,8", "--steps", "1", "--batch-size", "4",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert load_model(out, "resnet").num_stages == 4

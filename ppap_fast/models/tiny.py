@@ -85,9 +85,13 @@ class TinyResNet(nn.Module):
 
     kind = "resnet"
 
-    def __init__(self, widths=(16, 32, 64), layers=(1, 1, 1), in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, widths=(16, 32, 64), layers=None, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
-        widths, layers = list(widths), list(layers)
+        # layers: blocks per stage, default one per width (a fixed (1, 1, 1) built 3 stages of 4 widths)
+        widths = list(widths)
+        layers = [1] * len(widths) if layers is None else list(layers)
+        if len(layers) < len(widths):  # (extra counts are ignored, as files saved before this accept)
+            raise ValueError(f"TinyResNet: {len(widths)} widths but only {len(layers)} layer counts")
         self.config = dict(widths=widths, layers=layers, in_channels=in_channels, num_classes=num_classes)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
