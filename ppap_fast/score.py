@@ -163,6 +163,9 @@ def _resolve_weights(classifier: str, weights):
     return "imagenet" if spec is not None else None
 
 
+TINY_CLASSIFIERS = ("evalnet", "resnet")  # tiny model kinds that score: the digits evaluator, classifier
+
+
 def score(cfg: ScoreConfig) -> dict:
     """All the scores of ``cfg.samples`` (see the module docstring) as a JSON-able dict."""
     from .distributed import _device_for, build_teacher
@@ -173,12 +176,21 @@ def score(cfg: ScoreConfig) -> dict:
     real = read_images(cfg.real, "real images")[0] if cfg.real is not None else None
     if real is not None and (real.shape[0] <= cfg.k or images.shape[0] <= cfg.k):
         raise ScoreError(f"precision / recall need more than k={cfg.k} images in each set")
-    built = build_teacher(cfg.classifier, _resolve_weights(cfg.classifier, cfg.classifier_weights))
-    if built.task not in (None, "classification"):
-        raise ScoreError(f"classifier {cfg.classifier!r} is a {built.task} model: scoring needs a classifier")
+    if cfg.classifier.startswith("tiny:"):  # any tiny classifier (build_teacher refused the evaluator: no teacher)
+        from .models.tiny import load_model
+
+        model, transform = load_model(cfg.classifier[5:]), None
+        if model.kind not in TINY_CLASSIFIERS:
+            raise ScoreError(f"classifier {cfg.classifier!r} holds a tiny {model.kind!r} model: scoring needs a "
+                             f"classifier ({' or '.join(TINY_CLASSIFIERS)})")
+    else:
+        built = build_teacher(cfg.classifier, _resolve_weights(cfg.classifier, cfg.classifier_weights))
+        if built.task not in (None, "classification"):
+            raise ScoreError(f"classifier {cfg.classifier!r} is a {built.task} model: scoring needs a classifier")
+        model, transform = built.model, built.transform
     device = _device_for(cfg.device, 0)
-    model = built.model.to(device).eval()
-    transform = built.transform.to(device) if built.transform is not None else None
+    model = model.to(device).eval()
+    transform = transform.to(device) if transform is not None else None
 
     def outputs(what, imgs):
         try:

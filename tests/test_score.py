@@ -133,3 +133,21 @@ def test_score_default_device_auto(tmp_path, capsys, brightness_classifier):
     assert json.loads(capsys.readouterr().out)["target_accuracy"] == 1.0
     assert main(["score", str(tmp_path / "s.npz"), "--classifier", brightness_classifier, "--device", "bogus"]) == 2
     assert "--device 'bogus'" in capsys.readouterr().err
+
+
+def test_score_with_the_tiny_digits_evaluator(tmp_path, capsys):
+    """tiny:evaluator.safetensors (the digits' independent scorer) was refused as 'not a tiny teacher'."""
+    import torch
+
+    from ppap_fast.models.tiny import EvalNet, SegNet, save_model
+
+    torch.manual_seed(0)
+    save_model(EvalNet(width=4, feat_dim=8).eval(), tmp_path / "e.safetensors")
+    save_model(SegNet(width=4, depth=2).eval(), tmp_path / "seg.safetensors")
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 16, 16, 1), np.uint8), targets=np.array([0, 1, 2, 3]))
+    args = ["score", str(tmp_path / "s.npz"), "--device", "cpu", "--no-progress", "--classifier"]
+    assert main(args + [f"tiny:{tmp_path / 'e.safetensors'}"]) == 0, capsys.readouterr().err
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_classes"] == 10 and res["feature_dim"] == 8
+    assert main(args + [f"tiny:{tmp_path / 'seg.safetensors'}"]) == 2
+    assert "tiny 'segnet' model: scoring needs a classifier" in capsys.readouterr().err
