@@ -484,6 +484,21 @@ def test_help_of_a_no_flag_does_not_call_it_on_by_default(capsys):
     assert "--no-fast the reference sampling loop" in out and "the reference sampling loop (default: True)" not in out
 
 
+def test_generate_refuses_a_distributed_set(weights, tmp_path, capsys):
+    """generate adopted a `python -m ppap_fast.distributed generate` set with the same seed / respacing as its own
+    ("already complete", whatever denoiser made it) and overwrote its manifest, dropping its config."""
+    d = tmp_path / "dist"
+    d.mkdir()
+    manifest = {"kind": "datafree", "format": "ppap_fast.datafree", "num_images": 2, "shard_size": 2,
+                "num_shards": 1, "complete": True, "shards": ["shard_00000.npz"], "seed": 0, "respacing": "ddim2",
+                "config": {"denoiser": "random-conv"}, "config_hash": "abc"}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["generate", "--out", str(d), "--num-images", "2", "--shard-size", "2", "--steps", "2",
+                 "--weights-dir", str(weights), "--no-progress"]) == 2
+    assert "written by another tool (format='ppap_fast.datafree'" in _err(capsys)
+    assert json.loads((d / "manifest.json").read_text()) == manifest and not list(d.glob("shard_*"))
+
+
 def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")

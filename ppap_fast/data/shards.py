@@ -176,6 +176,10 @@ class ShardWriter:
                 old = json.loads(m.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
+            if old.get("format") != self.meta.get("format"):  # another writer's set: never adopt it (and rewrite
+                # its manifest as ours, dropping its configuration)
+                raise ValueError(f"{self.dir} holds a shard set written by another tool (format="
+                                 f"{old.get('format')!r}, not {self.meta.get('format')!r}); use another directory")
             for key in ("num_images", "shard_size"):
                 if old.get(key) != getattr(self, key):
                     raise ValueError(f"{self.dir} holds a shard set with {key}={old.get(key)}, "
