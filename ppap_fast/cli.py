@@ -312,6 +312,26 @@ def _check_replaceable(out: Path, marker: str) -> None:
                             f"(holds {sorted(names)[:5]}); refusing to replace it")
 
 
+def _check_set_task(shards, teacher, args) -> None:
+    """A set generated with another --task: say so (its teacher check only said "another classifier")."""
+    from . import demo
+    from .distributed import module_fingerprint
+
+    cached_by = shards.manifest.get("teacher_state") or shards.manifest.get("config", {}).get("teacher_state")
+    if cached_by is None or cached_by == module_fingerprint(teacher):
+        return
+    for other in TEACHERS:
+        if other == args.task or not (Path(args.weights_dir) / TEACHERS[other][0]).is_file():
+            continue
+        try:
+            theirs = module_fingerprint(demo.load_teacher(args.weights_dir, other))
+        except DemoError:  # a damaged file of a task not asked for: the teacher check reports the mismatch
+            continue
+        if theirs == cached_by:
+            raise DemoError(f"{args.data} was generated with --task {other}: distil it with --task {other} "
+                            f"(this run: --task {args.task})")
+
+
 def _run(args) -> int:
     import torch
 
@@ -413,6 +433,7 @@ def _run(args) -> int:
             raise DemoError(str(e)) from None
         if bad:
             raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+        _check_set_task(shards, teacher, args)
         out = Path(args.out)
         _check_replaceable(out, "config.json")  # before training, not after
         # the resumable state lives beside --out (which appears only when finished), removed after it is written

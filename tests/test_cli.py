@@ -499,6 +499,17 @@ def test_generate_refuses_a_distributed_set(weights, tmp_path, capsys):
     assert json.loads((d / "manifest.json").read_text()) == manifest and not list(d.glob("shard_*"))
 
 
+def test_distill_of_a_set_of_another_task_names_the_task(weights, tmp_path, capsys):
+    """A segmentation set distilled without --task said only 'computed by another classifier than this teacher'."""
+    data = tmp_path / "seg"
+    assert main(["generate", "--task", "segmentation", "--out", str(data), "--num-images", "2", "--steps", "2",
+                 "--weights-dir", str(weights), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--data", str(data), "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "e"),
+                 "--weights-dir", str(weights), "--no-progress"]) == 2
+    assert "was generated with --task segmentation: distil it with --task segmentation" in _err(capsys)
+
+
 def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")
