@@ -213,11 +213,14 @@ def _parser() -> argparse.ArgumentParser:
     from .info import add_parser as add_info_parser
     add_info_parser(sub)
 
-    s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier")
+    s = sub.add_parser("export-peft", help="one PPAP expert as a peft LoRA adapter for the plain classifier "
+                                           "(or segmentation net)")
     s.add_argument("--experts-dir", default=None, help="PPAP expert folder (default: WEIGHTS_DIR/ppap5)")
     s.add_argument("--expert", type=int, required=True, help="which expert: 0 .. N-1 of the folder's N experts")
     s.add_argument("--out", required=True, help="output directory (adapter_config.json + adapter_model.safetensors)")
-    s.add_argument("--weights-dir", default=str(WEIGHTS_DIR), help="holds classifier.safetensors (the base model)")
+    s.add_argument("--weights-dir", default=str(WEIGHTS_DIR),
+                   help="holds the base model: classifier.safetensors (segnet.safetensors / semseg.safetensors "
+                        "for segmentation / semantic experts)")
     for s in sub.choices.values():
         _show_defaults(s)
     return p
@@ -310,6 +313,34 @@ def _check_replaceable(out: Path, marker: str) -> None:
         if names and (marker not in names or names - _OUTPUT_FILES):
             raise DemoError(f"--out {out} is a non-empty directory that is not a previous output of this command "
                             f"(holds {sorted(names)[:5]}); refusing to replace it")
+
+
+def _experts_base(weights_dir, src: Path):
+    """(base net, experts bank) of the experts in ``src``: the demo net of their architecture (config.json's arch)
+    whose frozen weights they were distilled on (base_state; two tasks share SegNet); the classifier if unknown."""
+    import warnings
+
+    from . import demo
+    from .experts import load_experts
+    from .experts.checkpoint import BaseMismatchWarning
+    from .models.tiny import MODEL_KINDS
+
+    try:
+        arch = json.loads((src / "config.json").read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):  # a repo id, a damaged config: load_experts reports it
+        arch = None
+    tasks = [t for t, (f, kind) in TEACHERS.items() if MODEL_KINDS[kind].__name__ == arch
+             and (Path(weights_dir) / f).is_file()] or ["classification"]
+    for task in tasks[:-1]:  # the last one loads as before, reporting what is wrong
+        try:
+            base = demo.load_teacher(weights_dir, task)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BaseMismatchWarning)
+                return base, load_experts(src, base)
+        except (DemoError, BaseMismatchWarning, ValueError, OSError):
+            continue
+    base = demo.load_teacher(weights_dir, tasks[-1])
+    return base, demo._load(load_experts, src, base)
 
 
 def _check_set_task(shards, teacher, args) -> None:
@@ -535,11 +566,10 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "export-peft":
-        from .experts import export_peft, load_experts
+        from .experts import export_peft
 
-        base = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
         src = Path(args.experts_dir) if args.experts_dir else Path(args.weights_dir) / "ppap5"
-        bank = demo._load(load_experts, src, base)
+        base, bank = _experts_base(args.weights_dir, src)  # segmentation experts: the segnet, not the classifier
         demo.check_writable_dir(Path(args.out).parent)
         _atomic_dir(Path(args.out), lambda d: export_peft(bank, args.expert, d, base_model=base),
                     marker="adapter_config.json")

@@ -286,3 +286,28 @@ def test_cli_export_peft_shipped(tmp_path, capsys):
     assert main(["--threads", "1", "export-peft", "--expert", "5", "--out", str(tmp_path / "bad")]) == 2
     assert "out of range" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("experts,base", [("seg_ppap5", "segnet"), ("semseg_ppap5", "semseg")])
+def test_cli_export_peft_segmentation_experts(tmp_path, capsys, experts, base):
+    """export-peft loaded classifier.safetensors as the base of every folder: the shipped seg_ppap5 failed with
+    'placement names modules not in TinyResNet'; its base is the segnet (semseg_ppap5's: the semantic net)."""
+    import warnings
+
+    from ppap_fast.cli import main
+    from ppap_fast.demo import WEIGHTS_DIR
+    from ppap_fast.experts import load_experts
+    from ppap_fast.models.tiny import load_model
+
+    out = tmp_path / "adapter"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no experts loaded onto another net's weights
+        assert main(["--threads", "1", "export-peft", "--experts-dir", str(WEIGHTS_DIR / experts), "--expert", "2",
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+    plain = load_model(WEIGHTS_DIR / f"{base}.safetensors", "segnet").eval()
+    bank = load_experts(WEIGHTS_DIR / experts, plain).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        want = bank(x, expert_idx=2)
+        got = _load(plain, out)(x)
+    assert rel(got, want) < TOL
