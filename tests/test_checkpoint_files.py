@@ -244,3 +244,12 @@ def test_a_save_without_base_removes_the_kept_base_of_a_killed_save(tmp_path, mo
     save_experts(_bank(1), ck, include_base=False)
     assert _same(load_experts(ck, _fresh()), _bank(1))
     assert not [p.name for p in ck.iterdir() if p.name.startswith(".")]
+
+
+def test_experts_of_another_architecture_say_so(tmp_path):
+    """Loading TinyResNet experts onto a SegNet said only 'placement names modules not in SegNet'."""
+    from ppap_fast.models.tiny import SegNet
+
+    save_experts(_bank(), tmp_path / "ck")
+    with pytest.raises(ValueError, match="adapt a TinyResNet, not this SegNet"):
+        load_experts(tmp_path / "ck", SegNet(width=4, depth=2))

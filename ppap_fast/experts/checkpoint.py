@@ -294,8 +294,14 @@ def load_experts(path, base_model: nn.Module, load_base: bool | None = None, **w
                         "unless saved with include_base=True, and never the architecture code)")
     path = resolve_checkpoint(path, **where)
     cfg = read_config(path)
-    bank = ExpertBank(base_model, Placement.from_dict(cfg["placement"]), cfg["n_experts"], cfg["num_timesteps"],
-                      arch=cfg.get("arch"))
+    try:
+        bank = ExpertBank(base_model, Placement.from_dict(cfg["placement"]), cfg["n_experts"], cfg["num_timesteps"],
+                          arch=cfg.get("arch"))
+    except ValueError as e:  # "placement names modules not in X" alone did not say the experts are another net's
+        arch = cfg.get("arch")
+        if arch and arch != type(base_model).__name__:
+            raise ValueError(f"the experts in {path} adapt a {arch}, not this {type(base_model).__name__} ({e})") from None
+        raise
     return load_experts_into(bank, path, load_base)
 
 
