@@ -631,6 +631,9 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         from .seg_demo import SEG_METHODS, load_seg_guide
         for m in SEG_METHODS:
             load_seg_guide(weights_dir, m)
+    # a previous run's summary must not sit beside this run's samples if it stops early (or skips segmentation)
+    for stale in ("results.json", "results.png", "comparison.png", "segmentation.png"):
+        (out / stale).unlink(missing_ok=True)
     targets = cyclic_targets(num_samples)
     results, pictured = {}, {}
     t_start = time.time()

@@ -76,3 +76,31 @@ def test_bad_seg_per_target_is_refused_before_the_output_directory_is_made(tmp_p
     with pytest.raises(DemoError, match="seg_per_target"):
         run_demo(tmp_path / "never", seg_per_target=-1)
     assert not (tmp_path / "never").exists()
+
+
+def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
+    """A rerun into a previous demo's --out stopped mid-way left the old results.json / comparison.png beside
+    its new samples_*.npz; segmentation.png stayed after a rerun with --seg-per-target 0."""
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "results.png", "comparison.png", "segmentation.png"):
+        (out / name).write_text("an older run's")
+    real, calls = demo.sample_method, []
+
+    def killed_at_the_second_method(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(demo, "sample_method", killed_at_the_second_method)
+    args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10", "--steps",
+            "2", "--methods", "none,naive", "--seg-per-target", "0", "--no-progress"]
+    assert main(args) == 2
+    assert (out / "samples_none.npz").exists() and not (out / "results.json").exists()
+    assert not (out / "comparison.png").exists() and not (out / "segmentation.png").exists()
+    assert main(args) == 0 and not (out / "segmentation.png").exists()
+    assert list(json.loads((out / "results.json").read_text())["methods"]) == ["none", "naive"]
