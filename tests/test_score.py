@@ -151,3 +151,13 @@ def test_score_with_the_tiny_digits_evaluator(tmp_path, capsys):
     assert res["num_classes"] == 10 and res["feature_dim"] == 8
     assert main(args + [f"tiny:{tmp_path / 'seg.safetensors'}"]) == 2
     assert "tiny 'segnet' model: scoring needs a classifier" in capsys.readouterr().err
+
+
+def test_score_tiny_classifier_that_is_a_directory_says_so(tmp_path, capsys):
+    """tiny:<an experts folder> said 'weight file not found' of a path that exists."""
+    (tmp_path / "ppap5").mkdir()
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 16, 16, 1), np.uint8))
+    assert main(["score", str(tmp_path / "s.npz"), "--device", "cpu", "--classifier",
+                 f"tiny:{tmp_path / 'ppap5'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory: name a .safetensors file" in err and "not found" not in err

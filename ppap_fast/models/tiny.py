@@ -206,6 +206,8 @@ def read_safetensors(path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():  # e.g. an experts folder given as tiny:<file>: "not found" of a path that exists misled
+        raise IsADirectoryError(f"weight file {path} is a directory: name a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     try:
