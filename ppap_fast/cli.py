@@ -534,6 +534,9 @@ def _run(args) -> int:
     if args.cmd == "evaluate":
         if args.json:
             demo.check_output_file(args.json, "--json")
+            from .score import _same_file
+            if _same_file(args.json, args.samples):  # it overwrote the samples with the metrics
+                raise DemoError(f"--json {args.json} is the sample file; name another output file")
         images, labels = demo.read_samples(args.samples)
         evaluator = demo.load_evaluator(args.weights_dir)
         res = demo.evaluate_samples(images, labels, evaluator)

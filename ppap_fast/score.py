@@ -244,11 +244,21 @@ def add_parser(sub) -> None:
     s.add_argument("--no-progress", action="store_true")
 
 
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).samefile(b)
+    except OSError:
+        return False
+
+
 def main_json(args) -> str:
     cfg = ScoreConfig(args.samples, args.classifier, args.classifier_weights, args.real, args.batch_size, args.device,
                       progress=not args.no_progress)
     if args.json is not None and Path(args.json).is_dir():
         raise ScoreError(f"--json {args.json} is a directory; name an output file")
+    inputs = list(args.samples) if isinstance(args.samples, (list, tuple)) else [args.samples]
+    if args.json is not None and any(_same_file(args.json, p) for p in inputs + [args.real] if p is not None):
+        raise ScoreError(f"--json {args.json} is one of the input files; name another output file")  # was overwritten
     res = score(cfg)
     if args.json is not None:
         from .data.shards import write_json_atomic

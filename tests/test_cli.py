@@ -510,6 +510,17 @@ def test_distill_of_a_set_of_another_task_names_the_task(weights, tmp_path, caps
     assert "was generated with --task segmentation: distil it with --task segmentation" in _err(capsys)
 
 
+def test_evaluate_json_that_is_the_samples_file_is_refused(weights, tmp_path, capsys):
+    """evaluate s.npz --json s.npz replaced the samples with the metrics."""
+    s = tmp_path / "s.npz"
+    assert main(["sample", "--weights-dir", str(weights), "--method", "none", "--num-samples", "4", "--steps", "2",
+                 "--out", str(s), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = s.read_bytes()
+    assert main(["evaluate", str(s), "--weights-dir", str(weights), "--json", str(tmp_path / "." / "s.npz")]) == 2
+    assert "is the sample file" in _err(capsys) and s.read_bytes() == before
+
+
 def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")

@@ -161,3 +161,16 @@ def test_score_tiny_classifier_that_is_a_directory_says_so(tmp_path, capsys):
                  f"tiny:{tmp_path / 'ppap5'}"]) == 2
     err = capsys.readouterr().err
     assert "is a directory: name a .safetensors file" in err and "not found" not in err
+
+
+def test_score_json_that_names_an_input_is_refused(tmp_path, capsys, brightness_classifier):
+    """--json naming the samples (or --real) file replaced that .npz with the scores."""
+    s, r = tmp_path / "s.npz", tmp_path / "r.npz"
+    np.savez(s, images=_images([250, 240, 230, 10]), targets=np.array([1, 1, 1, 1]))
+    np.savez(r, images=_images([250, 240, 230, 10]))
+    before = s.read_bytes(), r.read_bytes()
+    for out in (s, r, tmp_path / "." / "s.npz"):
+        assert main(["score", str(s), "--classifier", brightness_classifier, "--real", str(r), "--device", "cpu",
+                     "--no-progress", "--json", str(out)]) == 2
+        assert "is one of the input files" in capsys.readouterr().err
+    assert (s.read_bytes(), r.read_bytes()) == before
