@@ -487,9 +487,13 @@ def _run(args) -> int:
         from .data import DigitsSplits
         from .finetune import finetune_noise_aware, noisy_accuracy, save_multi
 
-        base = demo._load(load_model, Path(args.weights_dir) / "classifier.safetensors", "resnet")
+        base_file = Path(args.weights_dir) / "classifier.safetensors"
+        base = demo._load(load_model, base_file, "resnet")
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
+        from .score import _same_file
+        if _same_file(args.out, base_file):  # it replaced the base every method loads with the fine-tuned copy
+            raise DemoError(f"--out {args.out} is the base classifier it fine-tunes; name another file")
         s = DigitsSplits.create(0)
         x, y = s.classifier
         out = Path(args.out)

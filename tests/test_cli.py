@@ -521,6 +521,19 @@ def test_evaluate_json_that_is_the_samples_file_is_refused(weights, tmp_path, ca
     assert "is the sample file" in _err(capsys) and s.read_bytes() == before
 
 
+def test_finetune_out_that_is_its_base_classifier_is_refused(weights, tmp_path, capsys):
+    """finetune --out W/classifier.safetensors overwrote the base classifier with the fine-tuned experts."""
+    import shutil
+
+    w = tmp_path / "w"
+    shutil.copytree(weights, w)
+    before = (w / "classifier.safetensors").read_bytes()
+    assert main(["--threads", "1", "finetune", "--weights-dir", str(w), "--steps", "1", "--batch-size", "2",
+                 "--out", str(w / "classifier.safetensors"), "--no-progress"]) == 2
+    assert "is the base classifier it fine-tunes" in _err(capsys)
+    assert (w / "classifier.safetensors").read_bytes() == before
+
+
 def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
     f = tmp_path / "notes.txt"
     f.write_text("x")
