@@ -1320,6 +1320,11 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
+    out = Path(cfg.out_dir)  # before training: a file failed only at the save, the data set took the experts
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; name an output directory")
+    if out.exists() and out.resolve() == Path(cfg.data_dir).resolve():
+        raise ValueError(f"--out {out} is the data set (--data); name another directory")
     check_loss_reduction(cfg.loss_reduction)
     amp_autocast(cfg.amp, device)  # an unknown mode fails before any work
     teacher, transform, placement, task, arch = collectively(

@@ -300,6 +300,20 @@ def test_single_process_distill_and_bad_data(tmp_path):
         D.distill(dataclasses.replace(cfg, data_dir=str(tmp_path / "nothing")), D.DistEnv())
 
 
+def test_distill_out_that_is_a_file_or_the_data_set_is_refused_before_training(tmp_path, monkeypatch):
+    """--out naming a file failed only when the trained experts were saved; --out naming --data wrote the experts,
+    the training state and the teacher targets into the data set."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())
+    before = sorted(p.name for p in data.iterdir())
+    monkeypatch.setattr(D, "build_teacher", lambda *a, **k: pytest.fail("got past the --out check"))
+    for out, match in ((data / "manifest.json", "is a file, not a directory"), (data, "is the data set")):
+        cfg = D.DistillConfig(str(data), str(out), "resnet18", n_experts=2, steps=1, batch_size=2, device="cpu")
+        with pytest.raises(ValueError, match=match):
+            D.distill(cfg, D.DistEnv())
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     """lora_kernels="implicit" trains the (loralib) convs through lora_conv2d's implicit route ("auto":
     A stages timed per layer; on the CPU the reference ops either way; "lowrank" / "delta": the loralib convs'
