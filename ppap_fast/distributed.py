@@ -584,6 +584,8 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     from .data.shards import write_json_atomic
 
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():  # mkdir said only "[Errno 17] File exists"
+        raise ValueError(f"--out {out} is a file, not a directory; name an output directory")
     out.mkdir(parents=True, exist_ok=True)
     m = out / MANIFEST
     if m.exists():

@@ -173,6 +173,15 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
     assert not (tmp_path / "y" / "manifest.json").exists()
 
 
+def test_generate_out_that_is_a_file_says_so(tmp_path):
+    """It said only '[Errno 17] File exists'."""
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    with pytest.raises(Exception, match="notes.txt is a file, not a directory") as e:
+        D.generate(D.GenerateConfig(str(f), **GEN), D.DistEnv())
+    assert "Errno" not in str(e.value) and f.read_text() == "keep"
+
+
 def test_progress_reaches_the_spawned_ranks(tmp_path):
     """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
     dropped on the way to the workers); --no-progress: none."""
