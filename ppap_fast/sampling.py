@@ -82,8 +82,11 @@ class FirstNonFinite:
     """The first step at which each stage of a sampling loop (denoiser, guidance, scheduler step) produced
     NaN / Inf, kept on the device (no host sync per step) and read once, after the loop, for the warning."""
 
-    def __init__(self, device):
-        self.device, self.first, self.timesteps = device, {}, {}  # stage -> step index (-1: finite so far)
+    def __init__(self, device, stages: Sequence[str] = ()):
+        # stage -> step index (-1: finite so far); ``stages`` in their order within a step, so that a stage first
+        # seen late (a guide that returned None at first) still wins a tie with the stages it feeds
+        self.device, self.timesteps = device, {}
+        self.first = {s: torch.full((), -1, dtype=torch.long, device=device) for s in stages}
 
     def see(self, stage: str, value: torch.Tensor, i: int, t) -> None:
         step = self.first.setdefault(stage, torch.full((), -1, dtype=torch.long, device=self.device))
@@ -478,7 +481,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         steps = tqdm(steps, desc=f"{sampler} sampling")
     traj = []
     needs_noise = sampler == "ddpm" or eta > 0
-    first_bad = FirstNonFinite(x.device)
+    first_bad = FirstNonFinite(x.device, ("the guidance gradient", "the denoiser's output (eps)", "the step's sample"))
     with torch.no_grad():
         for i in steps:
             noise = noise_fn(i, x) if (noise_fn is not None and needs_noise) else None

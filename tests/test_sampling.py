@@ -487,6 +487,19 @@ def test_sample_loop_warns_naming_the_stage_and_step_that_went_non_finite(sample
         assert torch.isfinite(sample_loop(FakeModel(), x_T, s, sampler=sampler, generator=gen)).all()
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_loop_warning_blames_a_guide_that_gave_no_gradient_at_first(sampler):
+    # no gradient (None) until t < 100, then NaN: the guidance stage is first seen at the step where it and the
+    # eps / sample it feeds all go NaN; the warning must still name the guidance
+    s = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    late = lambda x, t: None if int(t[0]) >= 100 else torch.full_like(x, float("nan"))
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 samples hold NaN/Inf: the guidance gradient went non-finite "
+                                            rf"first, at step 5 of 5 \(t={calls_t(s, 4)}\)"):
+        sample_loop(FakeModel(), x_T, s, sampler=sampler, guide=late, nonfinite_grad="ignore",
+                    generator=torch.Generator().manual_seed(1))
+
+
 def calls_t(s, k):
     """The original timestep of the k-th step of a sample_loop over s."""
     return int(s.timestep_map[s.num_timesteps - 1 - k])
