@@ -572,15 +572,19 @@ COLUMNS = [("target_accuracy", "acc", "{:.3f}"), ("fd", "FD", "{:.2f}"), ("is", 
            ("nfe_per_sample", "NFE", "{:.0f}"), ("seconds", "sec", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
 
 
-def format_table(results: dict) -> str:
-    head = ["method"] + [c[1] for c in COLUMNS]
-    rows = [head]
-    for m, r in results.items():
-        rows.append([m] + [fmt.format(r[k]) for k, _, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+def markdown_table(rows: list) -> str:
+    """Rows of strings (the first: the header) as a Markdown table with padded columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def format_table(results: dict) -> str:
+    rows = [["method"] + [c[1] for c in COLUMNS]]
+    for m, r in results.items():
+        rows.append([m] + [fmt.format(r[k]) for k, _, fmt in COLUMNS])
+    return markdown_table(rows)
 
 
 def save_bar_chart(path, results: dict) -> Path:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .demo import (DEFAULT_SCALE, DemoError, _load_ppap, check_writable_dir, demo_schedule, evaluate_samples,
-                   load_evaluator, load_teacher, load_unet, run_sampler, save_comparison, save_samples)
+                   load_evaluator, load_teacher, load_unet, markdown_table, run_sampler, save_comparison,
+                   save_samples)
 
 SEG_METHODS = ["none", "naive", "ppap-5"]
 SEG_EXPERTS = {"ppap-5": "seg_ppap5"}  # method -> experts folder in the weights dir
@@ -323,10 +324,7 @@ def format_sem_table(results: dict) -> str:
         rows.append([m, f"{r['success']:.3f}", f"{r['iou']:.3f}", f"{r['class_accuracy']:.3f}",
                      "-" if r["fd"] is None else f"{r['fd']:.1f}", f"{r['trainable_parameters']:d}",
                      f"{r['seconds']:.1f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def format_seg_table(results: dict) -> str:
@@ -335,7 +333,4 @@ def format_seg_table(results: dict) -> str:
         rows.append([m, f"{r['iou']:.3f}", f"{r['iou_std']:.3f}", "-" if r["fd"] is None else f"{r['fd']:.1f}",
                      "-" if r["target_class_accuracy"] is None else f"{r['target_class_accuracy']:.3f}",
                      f"{r['trainable_parameters']:d}", f"{r['seconds']:.1f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
