@@ -87,18 +87,22 @@ def checkpoint_summary(path) -> dict:
     counts = None  # per expert: trained values, statistics buffers (BN running stats); values shared by all
     if files.get("experts.safetensors", "").startswith(("ok", "present")):
         counts = {"trainable_per_expert": 0, "buffers_per_expert": 0, "not_per_expert": 0}
-        with safe_open(str(path / "experts.safetensors"), "pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                shape, numel = sl.get_shape(), 1
-                for d in shape:
-                    numel *= d
-                if not shape or shape[0] != n:
-                    counts["not_per_expert"] += numel
-                elif k.endswith(_STAT_BUFFERS) or sl.get_dtype() not in _FLOAT_DTYPES:
-                    counts["buffers_per_expert"] += numel // n
-                else:
-                    counts["trainable_per_expert"] += numel // n
+        try:
+            with safe_open(str(path / "experts.safetensors"), "pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    shape, numel = sl.get_shape(), 1
+                    for d in shape:
+                        numel *= d
+                    if not shape or shape[0] != n:
+                        counts["not_per_expert"] += numel
+                    elif k.endswith(_STAT_BUFFERS) or sl.get_dtype() not in _FLOAT_DTYPES:
+                        counts["buffers_per_expert"] += numel // n
+                    else:
+                        counts["trainable_per_expert"] += numel // n
+        except Exception as e:  # SafetensorError (truncated / not safetensors: no digest caught it) is no ValueError
+            files["experts.safetensors"] = f"DAMAGED (not a readable safetensors file: {type(e).__name__}: {e})"
+            counts = None
     return {
         "path": str(path),
         "arch": cfg.get("arch"),

@@ -54,6 +54,11 @@ def test_info_names_damaged_missing_and_undigested_files(capsys, tmp_path):
     c = json.loads(out)["experts"][0]
     assert rc == 0 and not err and not c["verified"]
     assert c["files"] == {"experts.safetensors": "present (no digest recorded)"} and c["values"]["trainable_per_expert"]
+    data = (old / "experts.safetensors").read_bytes()  # no digest to catch a truncated file: the reader does
+    (old / "experts.safetensors").write_bytes(data[:1000])
+    rc, out, err = run(capsys, str(old))
+    c = json.loads(out)["experts"][0]
+    assert rc == 2 and "experts.safetensors: DAMAGED (not a readable safetensors file" in err and c["values"] is None
 
 
 def test_info_on_a_folder_that_is_no_checkpoint_is_one_error_line(capsys, tmp_path):
