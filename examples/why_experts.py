@@ -40,8 +40,9 @@ def noisy_accuracy(model, pass_t, x0, y, schedule, timesteps, seed=0) -> list:
     return accs
 
 
-def mean_gradient(model, pass_t, x0, target, schedule, t, draws, seed=0) -> torch.Tensor:
-    """grad_x log p(target | x_t) averaged over ``draws`` noisings of the one image x0 [1, C, H, W] at t."""
+def mean_gradient(model, pass_t, x0, target, schedule, t, draws, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x log p(target | x_t) averaged over ``draws`` noisings of the one image x0 [1, C, H, W] at t,
+    the first of those x_t)."""
     g = torch.Generator().manual_seed(seed)
     tt = torch.full((draws,), t, dtype=torch.long)
     x_t = schedule.q_sample(x0.expand(draws, -1, -1, -1), tt, torch.randn((draws, *x0.shape[1:]), generator=g))
