@@ -458,7 +458,8 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     noise_fn(index, x) -> per-step noise (DDPM, or DDIM with eta > 0); default randn(generator).
     The model runs under torch.no_grad() (the guide re-enables grad for itself).
     Returns the final sample, or (final, trajectory [N, *x.shape]) with return_trajectory
-    (entry k is the sample after the step at index N-1-k).
+    (entry k is the sample after the step at index N-1-k). Final samples holding NaN / Inf raise a
+    RuntimeWarning naming the stage (guidance gradient, eps, step) and the step that went non-finite first.
     """
     check_sampler_options(sampler, eta, var_type)
     if isinstance(shape_or_x, torch.Tensor):
