@@ -85,14 +85,20 @@ def semantic_targets(data_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return semantic_mask(x, y), y
 
 
-def check_masks(masks) -> torch.Tensor:
-    """Target masks as long [T, 16, 16] of 0 / 1 (a single [16, 16] mask is one target)."""
+def _mask_batch(masks, what: str) -> torch.Tensor:
+    """``masks`` as a tensor [T, 16, 16], T >= 1 (a single [16, 16] mask is one target)."""
     m = torch.as_tensor(masks)
     if m.dim() == 2:
         m = m.unsqueeze(0)
     if m.dim() != 3 or tuple(m.shape[1:]) != (16, 16) or m.shape[0] == 0:
-        raise DemoError(f"target masks must be [T, 16, 16] (or one [16, 16]) like the demo's images, got shape "
+        raise DemoError(f"{what} must be [T, 16, 16] (or one [16, 16]) like the demo's images, got shape "
                         f"{tuple(torch.as_tensor(masks).shape)}")
+    return m
+
+
+def check_masks(masks) -> torch.Tensor:
+    """Target masks as long [T, 16, 16] of 0 / 1 (a single [16, 16] mask is one target)."""
+    m = _mask_batch(masks, "target masks")
     if m.is_floating_point() or not bool(((m == 0) | (m == 1)).all()):
         raise DemoError("target masks must hold 0 (background) and 1 (ink) only, as integers or bools")
     return m.long()
@@ -100,12 +106,7 @@ def check_masks(masks) -> torch.Tensor:
 
 def check_semantic_masks(masks) -> torch.Tensor:
     """Semantic target masks as long [T, 16, 16] of 0 (background) .. 10 (ink of digit 9)."""
-    m = torch.as_tensor(masks)
-    if m.dim() == 2:
-        m = m.unsqueeze(0)
-    if m.dim() != 3 or tuple(m.shape[1:]) != (16, 16) or m.shape[0] == 0:
-        raise DemoError(f"semantic target masks must be [T, 16, 16] (or one [16, 16]), got shape "
-                        f"{tuple(torch.as_tensor(masks).shape)}")
+    m = _mask_batch(masks, "semantic target masks")
     if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool or bool(((m < 0) | (m >= SEM_CLASSES)).any()):
         raise DemoError(f"semantic target masks must hold integers 0 (background) .. {SEM_CLASSES - 1} "
                         "(1 + the digit's class on its ink)")
