@@ -152,6 +152,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .data.shards import shard_is_complete
+from .experts.checkpoint import check_output_dir
 from .seeding import PerSampleNoise
 
 MANIFEST = "manifest.json"
@@ -583,9 +584,7 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     """Rank 0: check an existing manifest, remove stale temporary files, mark the set incomplete."""
     from .data.shards import write_json_atomic
 
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():  # mkdir said only "[Errno 17] File exists"
-        raise ValueError(f"--out {out} is a file, not a directory; name an output directory")
+    out = check_output_dir(cfg.out_dir, "--out")  # mkdir said only "[Errno 17] File exists"
     out.mkdir(parents=True, exist_ok=True)
     m = out / MANIFEST
     if m.exists():
@@ -1322,9 +1321,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
-    out = Path(cfg.out_dir)  # before training: a file failed only at the save, the data set took the experts
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory; name an output directory")
+    out = check_output_dir(cfg.out_dir, "--out")  # before training: a file failed only at the save
     if out.exists() and out.resolve() == Path(cfg.data_dir).resolve():
         raise ValueError(f"--out {out} is the data set (--data); name another directory")
     check_loss_reduction(cfg.loss_reduction)
