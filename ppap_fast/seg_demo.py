@@ -194,45 +194,57 @@ def run_segmentation(out, weights_dir, per_target: int = 2, sampler: str = "ddim
     ``threads``: torch CPU threads meanwhile (None: as set). One by default: the demo's batches of 20 tiny
     images gain nothing from a second thread, and on 2 shared cores its spin-waits made a method take
     8-15 s instead of 0.8 s (measured under load)."""
+    return _run_dense("segmentation", out, weights_dir, per_target, sampler, steps, scale, seed, batch_size,
+                      progress, unet, evaluator, methods, threads)
+
+
+def _score_stroke_run(images, masks, ev, evaluator) -> dict:
+    return {**score_segmentation(images, masks), "fd": ev.get("fd"), "target_class_accuracy": ev.get("target_accuracy")}
+
+
+def _stroke_caption(r: dict) -> str:
+    return f"IoU {r['iou']:.2f}" + ("" if r["fd"] is None else f", FD {r['fd']:.0f}")
+
+
+def _run_dense(task, out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet,
+               evaluator, methods, threads) -> dict:
+    """The stroke or semantic comparison (:data:`DENSE_RUNS`), with ``threads`` torch threads meanwhile."""
     prev = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_segmentation(Path(out), weights_dir, per_target, sampler, steps, scale, seed, batch_size,
-                                 progress, unet, evaluator, methods)
+        return _run_dense_body(task, Path(out), weights_dir, per_target, sampler, steps, scale, seed, batch_size,
+                               progress, unet, evaluator, methods)
     finally:
         torch.set_num_threads(prev)
 
 
-def _run_segmentation(out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet,
-                      evaluator, methods) -> dict:
+def _run_dense_body(task, out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet,
+                    evaluator, methods) -> dict:
+    spec = DENSE_RUNS[task]
     out = check_writable_dir(out)
     methods = list(SEG_METHODS if methods is None else methods)
     for m in methods:  # every weight file loads before any work
-        load_seg_guide(weights_dir, m)
+        load_seg_guide(weights_dir, m, task)
     unet = unet if unet is not None else load_unet(weights_dir)
     evaluator = evaluator if evaluator is not None else load_evaluator(weights_dir)
-    masks, classes = heldout_targets()
+    masks, classes = spec["targets"]()
     labels = classes.repeat(per_target).numpy()  # the target digit's class: the evaluator's accuracy
     t0 = time.time()
-    results, pictured = {}, {TARGET_ROW: (masks.repeat(per_target, 1, 1) * 255).to(torch.uint8)[..., None].numpy()}
+    results, pictured = {}, {spec["target_row"]: spec["picture_targets"](masks.repeat(per_target, 1, 1))}
     for m in methods:
         x, stats = sample_seg_method(m, weights_dir, masks, per_target, sampler, steps, scale, seed, batch_size,
-                                     unet=unet, progress=progress)
-        path = save_samples(out / f"seg_samples_{m}.npz", x, labels)
+                                     unet=unet, progress=progress, task=task)
+        path = save_samples(out / f"{spec['prefix']}_samples_{m}.npz", x, labels)
         with np.load(path) as z:
             images = z["images"]
         pictured[m] = images
         ev = evaluate_samples(images, labels, evaluator) if images.shape[0] >= 4 else {}  # (FD needs a few)
-        results[m] = {**score_segmentation(images, masks), "fd": ev.get("fd"),
-                      "target_class_accuracy": ev.get("target_accuracy"), **stats}
-    save_comparison(out / "segmentation.png", pictured, labels,
-                    {m: f"IoU {r['iou']:.2f}" + ("" if r["fd"] is None else f", FD {r['fd']:.0f}")
-                     for m, r in results.items()})
+        results[m] = {**spec["score"](images, masks, ev, evaluator), **stats}
+    save_comparison(out / spec["picture"], pictured, labels, {m: spec["caption"](r) for m, r in results.items()})
     return {"methods": results, "per_target": per_target, "num_targets": int(masks.shape[0]),
-            "target_classes": classes.tolist(), "scale": scale, "seed": seed,
-            "ink_rule": "pixel value in [-1, 1] > 0", "seconds": round(time.time() - t0, 1),
-            "torch_threads": torch.get_num_threads()}
+            "target_classes": classes.tolist(), "scale": scale, "seed": seed, **spec["extra"],
+            "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------- the semantic comparison
@@ -280,43 +292,28 @@ def run_semantic(out, weights_dir, per_target: int = 2, sampler: str = "ddim", s
     (:func:`semantic_targets`), scored by :func:`score_semantic` (+ the evaluator's FD); writes
     ``sem_samples_<method>.npz`` and ``semantic.png`` (rows: the class-coloured target, then a method each;
     a column per target, each from the same initial noise) in ``out``. Threads: as :func:`run_segmentation`."""
-    prev = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run_semantic(Path(out), weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress,
-                             unet, evaluator, methods)
-    finally:
-        torch.set_num_threads(prev)
+    return _run_dense("semantic", out, weights_dir, per_target, sampler, steps, scale, seed, batch_size,
+                      progress, unet, evaluator, methods, threads)
 
 
-def _run_semantic(out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet, evaluator,
-                  methods) -> dict:
-    out = check_writable_dir(out)
-    methods = list(SEG_METHODS if methods is None else methods)
-    for m in methods:
-        load_seg_guide(weights_dir, m, "semantic")
-    unet = unet if unet is not None else load_unet(weights_dir)
-    evaluator = evaluator if evaluator is not None else load_evaluator(weights_dir)
-    masks, classes = semantic_targets()
-    labels = classes.repeat(per_target).numpy()
-    t0 = time.time()
-    results, pictured = {}, {SEM_TARGET_ROW: colour_masks(masks.repeat(per_target, 1, 1))}
-    for m in methods:
-        x, stats = sample_seg_method(m, weights_dir, masks, per_target, sampler, steps, scale, seed, batch_size,
-                                     unet=unet, progress=progress, task="semantic")
-        path = save_samples(out / f"sem_samples_{m}.npz", x, labels)
-        with np.load(path) as z:
-            images = z["images"]
-        pictured[m] = images
-        ev = evaluate_samples(images, labels, evaluator) if images.shape[0] >= 4 else {}
-        results[m] = {**score_semantic(images, masks, evaluator), "fd": ev.get("fd"), **stats}
-    save_comparison(out / "semantic.png", pictured, labels,
-                    {m: f"success {r['success']:.2f}\nIoU {r['iou']:.2f}, acc {r['class_accuracy']:.2f}"
-                     for m, r in results.items()})
-    return {"methods": results, "per_target": per_target, "num_targets": int(masks.shape[0]),
-            "target_classes": classes.tolist(), "scale": scale, "seed": seed, "success_iou": SUCCESS_IOU,
-            "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
+def _score_semantic_run(images, masks, ev, evaluator) -> dict:
+    return {**score_semantic(images, masks, evaluator), "fd": ev.get("fd")}
+
+
+def _semantic_caption(r: dict) -> str:
+    return f"success {r['success']:.2f}\nIoU {r['iou']:.2f}, acc {r['class_accuracy']:.2f}"
+
+
+# what differs between the two dense comparisons
+DENSE_RUNS = {
+    "segmentation": {"targets": heldout_targets, "target_row": TARGET_ROW, "prefix": "seg",
+                     "picture": "segmentation.png", "score": _score_stroke_run, "caption": _stroke_caption,
+                     "picture_targets": lambda m: (m * 255).to(torch.uint8)[..., None].numpy(),
+                     "extra": {"ink_rule": "pixel value in [-1, 1] > 0"}},
+    "semantic": {"targets": semantic_targets, "target_row": SEM_TARGET_ROW, "prefix": "sem",
+                 "picture": "semantic.png", "score": _score_semantic_run, "caption": _semantic_caption,
+                 "picture_targets": colour_masks, "extra": {"success_iou": SUCCESS_IOU}},
+}
 
 
 def format_sem_table(results: dict) -> str:
