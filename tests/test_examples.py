@@ -44,7 +44,8 @@ def assert_png(path, min_size=(16, 16)):
 def test_every_example_is_tested_and_documented():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == sorted(["guide_a_sampling_loop.py", "diffusers_schedulers.py", "guided_diffusion_cond_fn.py",
-                              "distill_your_own_experts.py", "why_experts.py"])
+                              "distill_your_own_experts.py", "why_experts.py",
+                              "dense_guide_strength.py"])
     readme = (REPO / "README.md").read_text()
     for s in scripts:
         assert f"examples/{s}" in readme, s
@@ -118,3 +119,25 @@ def test_why_experts_measures_the_papers_motivation(tmp_path):
     hf = res["high_frequency_share"]  # measured: naive 0.74-0.84, PPAP 0.01-0.02 at t = 300 / 450
     for k in (2, 3):
         assert hf["naive"][k] > 0.5 and hf["ppap-5"][k] < 0.2 and hf["ppap-10"][k] < 0.2, hf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["semantic", "segmentation"])
+def test_dense_guide_strength_measures_why_ppap5_needs_a_larger_scale(tmp_path, task):
+    import json
+
+    run_example("dense_guide_strength.py", tmp_path, "--task", task, "--t-step", "150")
+    assert_png(tmp_path / "dense_guide_strength.png", min_size=(600, 250))
+    res = json.loads((tmp_path / "dense_guide_strength.json").read_text())
+    assert res["task"] == task and res["timesteps"] == list(range(0, 1000, 150)) + [999] and res["num_images"] == 397
+    at = {t: i for i, t in enumerate(res["timesteps"])}
+    naive, ppap = res["naive"], res["ppap-5"]
+    for c in (naive, ppap):
+        assert all(0 <= v <= 1 for v in c["ink_accuracy"] + c["ink_called_background"]), c
+        assert all(v > 0 for v in c["grad_norm"]), c
+    assert naive["ink_accuracy"][at[0]] > 0.85 and ppap["ink_accuracy"][at[0]] > 0.85, res
+    # measured (t-step 50): the experts segment better at t = 150 but push 3-30x less from t = 450 on
+    # (semantic 0.75 vs 0.25 ink accuracy; norms 0.19 / 1.24 at t = 500, 0.04 / 1.27 at t = 900)
+    assert ppap["ink_accuracy"][at[150]] > naive["ink_accuracy"][at[150]] + (0.3 if task == "semantic" else 0.02), res
+    for t in (450, 600, 750, 900):
+        assert ppap["grad_norm"][at[t]] < naive["grad_norm"][at[t]] / (2.5 if task == "semantic" else 1.5), (t, res)
