@@ -100,8 +100,9 @@ class FirstNonFinite:
         if not hits:
             return "no stage's output went non-finite (a callback replaced the latents?)"
         step, stage = min(hits, key=lambda h: h[0])  # min keeps the loop's order within a step
-        t = torch.as_tensor(self.timesteps[step])
-        return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={t.item() if t.numel() == 1 else t})"
+        ts = torch.as_tensor(self.timesteps[step]).flatten().tolist()
+        shown = ts[0] if len(set(ts)) == 1 else ts  # a batch at one timestep: that timestep
+        return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={shown})"
 
 
 def _check_x(x: torch.Tensor, schedule: Schedule, name: str = "x") -> None:

@@ -598,3 +598,27 @@ def test_eta_must_be_finite_nonnegative(eta):
         ddim_step(None, x, 3, s, eta=eta, model_output=torch.zeros_like(x))
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         ops.build_table(s, "ddim", eta=eta)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_first_non_finite_tracks_on_the_device_without_host_sync(device):
+    stages = ("the guidance gradient", "the denoiser's output (eps)")
+    tracker = sampling.FirstNonFinite(torch.device(device), stages)
+    finite, bad = torch.ones(4, 3, device=device), torch.ones(4, 3, device=device)
+    bad[2, 1] = float("nan")
+    t = torch.tensor([500, 500], device=device)
+    calls = [lambda: tracker.see(stages[0], finite, 0, t), lambda: tracker.see(stages[1], finite, 0, t),
+             lambda: tracker.see(stages[1], bad, 1, t), lambda: tracker.see(stages[0], bad, 2, t)]
+    if device == "cuda":
+        assert_no_host_sync(calls)  # each see: device-side compare and copy only
+    else:
+        [c() for c in calls]
+    assert all(v.device.type == device for v in tracker.first.values())
+    assert [int(v) for v in tracker.first.values()] == [2, 1]
+    assert tracker.describe(3) == "the denoiser's output (eps) went non-finite first, at step 2 of 3 (t=500)"
+    tracker.see(stages[0], bad, 0, t)  # a stage keeps its first step
+    assert [int(v) for v in tracker.first.values()] == [2, 1]
+    mixed = sampling.FirstNonFinite(torch.device(device), stages)
+    mixed.see(stages[0], bad, 0, torch.tensor([7, 9], device=device))  # a mixed-timestep batch: every t
+    assert mixed.describe(3) == "the guidance gradient went non-finite first, at step 1 of 3 (t=[7, 9])"
