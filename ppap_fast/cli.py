@@ -453,6 +453,7 @@ def _run(args) -> int:
     if args.cmd == "distill":
         from .distill import distill_ppap, loss_for_task
         from .experts import save_experts
+        from .experts.checkpoint import check_experts_dir
 
         teacher = demo.load_teacher(args.weights_dir, args.task)
         demo.check_writable_dir(Path(args.out).parent)
@@ -467,6 +468,10 @@ def _run(args) -> int:
         _check_set_task(shards, teacher, args)
         out = Path(args.out)
         _check_replaceable(out, "config.json")  # before training, not after
+        try:
+            check_experts_dir(out, "--out")  # a config.json alone could be another model's
+        except ValueError as e:
+            raise DemoError(str(e)) from None
         # the resumable state lives beside --out (which appears only when finished), removed after it is written
         state = out.with_name(out.name + ".distill_state.safetensors")
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,

@@ -152,7 +152,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .data.shards import shard_is_complete
-from .experts.checkpoint import check_output_dir
+from .experts.checkpoint import check_experts_dir, check_output_dir
 from .seeding import PerSampleNoise
 
 MANIFEST = "manifest.json"
@@ -1321,7 +1321,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     device = env.device
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
-    out = check_output_dir(cfg.out_dir, "--out")  # before training: a file failed only at the save
+    out = check_experts_dir(cfg.out_dir, "--out")  # before training: these failed only at the save
     if out.exists() and out.resolve() == Path(cfg.data_dir).resolve():
         raise ValueError(f"--out {out} is the data set (--data); name another directory")
     check_loss_reduction(cfg.loss_reduction)

@@ -84,6 +84,20 @@ def test_a_diverged_bank_is_not_saved_over_a_checkpoint(tmp_path):
     assert (tmp_path / "inspect" / "experts.safetensors").exists()
 
 
+@pytest.mark.parametrize("other", ['{"model_type": "resnet", "num_labels": 10}', "[1, 2]", "not json"])
+def test_a_folder_with_another_models_config_is_not_overwritten(tmp_path, other):
+    """save_experts into a folder holding another model's config.json replaced that file."""
+    d = tmp_path / "hf_model"
+    d.mkdir()
+    (d / "config.json").write_text(other)
+    with pytest.raises(ValueError, match="holds a config.json that is not a ppap_fast experts checkpoint's"):
+        save_experts(_bank(0), d)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"] and (d / "config.json").read_text() == other
+    save_experts(_bank(0), tmp_path / "ck")
+    save_experts(_bank(1), tmp_path / "ck")  # over its own checkpoint: still fine
+    assert _same(load_experts(tmp_path / "ck", _fresh()), _bank(1))
+
+
 def test_output_that_is_a_file_is_named(tmp_path):
     """An existing file as the checkpoint directory (or a folder above it) was a bare errno."""
     f = tmp_path / "experts.safetensors"

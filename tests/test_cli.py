@@ -335,6 +335,12 @@ def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_pa
     assert main(args + ["--out", str(keep)] + common) == 2
     assert "refusing to replace" in _err(capsys)
     assert (keep / "notes.txt").read_text() == "keep" and sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+    other = tmp_path / "hf_config_only"  # a config.json alone, another model's: it was replaced
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "resnet"}')
+    assert main(args + ["--out", str(other)] + common) == 2
+    assert "not a ppap_fast experts checkpoint" in _err(capsys)
+    assert (other / "config.json").read_text() == '{"model_type": "resnet"}'
     assert main(args + ["--out", str(tmp_path / "d")] + common) == 0
     assert json.loads(capsys.readouterr().out)["steps_done"] == 1  # steps taken (was the last index, 0)
     assert main(args + ["--out", str(tmp_path / "d")] + common) == 0  # a previous output is replaced

@@ -311,16 +311,22 @@ def test_single_process_distill_and_bad_data(tmp_path):
 
 def test_distill_out_that_is_a_file_or_the_data_set_is_refused_before_training(tmp_path, monkeypatch):
     """--out naming a file failed only when the trained experts were saved; --out naming --data wrote the experts,
-    the training state and the teacher targets into the data set."""
+    the training state and the teacher targets into the data set; --out naming another model's folder replaced
+    its config.json."""
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())
     before = sorted(p.name for p in data.iterdir())
     monkeypatch.setattr(D, "build_teacher", lambda *a, **k: pytest.fail("got past the --out check"))
-    for out, match in ((data / "manifest.json", "is a file, not a directory"), (data, "is the data set")):
+    foreign = tmp_path / "hf_model"  # another model's folder: its config.json was replaced by the experts'
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "resnet"}')
+    for out, match in ((data / "manifest.json", "is a file, not a directory"), (data, "is the data set"),
+                       (foreign, "not a ppap_fast experts checkpoint")):
         cfg = D.DistillConfig(str(data), str(out), "resnet18", n_experts=2, steps=1, batch_size=2, device="cpu")
         with pytest.raises(ValueError, match=match):
             D.distill(cfg, D.DistEnv())
     assert sorted(p.name for p in data.iterdir()) == before
+    assert [p.name for p in foreign.iterdir()] == ["config.json"]
 
 
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):

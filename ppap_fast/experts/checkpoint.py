@@ -99,6 +99,22 @@ def check_output_dir(path, what: str) -> Path:
     return path
 
 
+def check_experts_dir(path, what: str) -> Path:
+    """:func:`check_output_dir`, and a ValueError when ``path`` holds a config.json that is not an experts
+    checkpoint's (another model's folder): saving experts there would replace it."""
+    path = check_output_dir(path, what)
+    cfg_file = path / "config.json"
+    if cfg_file.exists():
+        try:
+            fmt = json.loads(cfg_file.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt != FORMAT:
+            raise ValueError(f"{what}: {path} holds a config.json that is not a ppap_fast experts checkpoint's "
+                             f"(format {fmt!r}); saving experts there would replace it: name another directory")
+    return path
+
+
 def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False) -> Path:
     """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
     Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
@@ -107,7 +123,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     values (a diverged run) are refused before anything is written, unless ``allow_nonfinite``."""
     from ..data.shards import fsync_dir, save_safetensors_atomic, write_json_atomic
 
-    path = check_output_dir(path, "save_experts")
+    path = check_experts_dir(path, "save_experts")
     tensors = {k: v.detach().contiguous().clone() for k, v in bank.per_expert_state_dict().items()}
     files = {"experts.safetensors": tensors}
     if include_base:
