@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--task", choices=list(TEACHERS), default="classification",
                    help="which off-the-shelf net becomes the experts (the set must be generated with the same "
                         "--task): " + task_help)
-    s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
+    s.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json, and "
+                   "train_summary.json + train_loss.png: the loss per step, overall and per expert)")
     common(s)
 
     s = sub.add_parser("finetune", help="supervised noise-aware baselines (full fine-tuning with labels)")
@@ -299,8 +300,18 @@ def _check_device(name: str) -> None:
         raise DemoError(f"--device {name!r}: MPS is not available on this machine")
 
 
-_OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "train_summary.json",
+_OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "train_summary.json", "train_loss.png",
                  "adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+
+# what distill's train_summary.json records of its command line
+DISTILL_SETTINGS = ("data", "experts", "rank", "alpha", "steps", "batch_size", "lr", "seed", "loss_reduction",
+                    "max_minutes", "checkpoint_every")
+
+
+def _nan_to_none(rows):
+    """[[float]] with NaN as None (JSON has no NaN)."""
+    return [[None if v != v else v for v in row] for row in rows]
 
 
 def _check_replaceable(out: Path, marker: str) -> None:
@@ -451,7 +462,8 @@ def _run(args) -> int:
         return 0
 
     if args.cmd == "distill":
-        from .distill import distill_ppap, loss_for_task
+        from .data.shards import write_json_atomic
+        from .distill import distill_ppap, loss_for_task, plot_train_losses
         from .experts import save_experts
         from .experts.checkpoint import check_experts_dir
 
@@ -481,7 +493,18 @@ def _run(args) -> int:
                             loss=loss_for_task(args.task))
         steps_done, resumed_from = bank.trained_steps, bank.resumed_from_step
         bank = bank.cpu()
-        _atomic_dir(out, lambda d: save_experts(bank, d))
+        summary = {"steps_done": steps_done, "resumed_from_step": resumed_from, "task": args.task,
+                   "settings": {k: getattr(args, k) for k in DISTILL_SETTINGS}, "bands": bank.bands,
+                   "losses_are": "per step: the batch mean, and each expert's mean over its samples (null: none)",
+                   "losses": bank.train_losses, "expert_losses": _nan_to_none(bank.train_expert_losses)}
+
+        def write(d):
+            save_experts(bank, d)
+            write_json_atomic(d / "train_summary.json", summary)
+            plot_train_losses(d / "train_loss.png", bank.train_losses, bank.train_expert_losses, bank.bands,
+                              f"distill {args.task} PPAP-{args.experts}")
+
+        _atomic_dir(out, write)
         state.unlink(missing_ok=True)  # the experts are the product: nothing left to resume
         fsync_dir(out.parent)
         print(json.dumps({"out": args.out, "steps_done": steps_done, "resumed_from_step": resumed_from,

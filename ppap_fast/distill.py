@@ -164,7 +164,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     settings (teacher weights, data set, n_experts, r, alpha, steps, batch_size, lr, weight_decay,
     seed, loss_reduction, max_minutes) is refused with a ValueError naming them. The caller removes the
     file once the experts are saved. The returned bank has ``trained_steps``, ``resumed_from_step``
-    and ``train_losses`` (each step's batch-mean loss)."""
+    ``train_losses`` (each step's batch-mean loss) and ``train_expert_losses`` (per step, each expert's mean
+    loss over its samples, NaN where it had none; :func:`plot_train_losses` draws both)."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
     if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
@@ -220,7 +221,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         bank.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
-        state.step_losses.append(per_sample.detach().mean())
+        state.record(per_sample, e, counts)
         done = step + 1
         if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
             state.save(done)
@@ -230,7 +231,61 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     bank.trained_steps = done  # optimizer steps taken (was the last index: steps - 1 for a full run)
     bank.resumed_from_step = start
     bank.train_losses = state.losses
+    bank.train_expert_losses = state.expert_losses
     return bank.eval()
+
+
+def smooth_losses(values, window: int) -> np.ndarray:
+    """Running mean over the last ``window`` steps, NaN (an expert without samples that step) skipped;
+    NaN where the window holds none."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    cnt = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(1, len(v) + 1) - window, 0)
+    hi = np.arange(1, len(v) + 1)
+    n = cnt[hi] - cnt[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (csum[hi] - csum[lo]) / np.maximum(n, 1), np.nan)
+
+
+def plot_train_losses(path, losses, expert_losses=None, bands=None, title: str = "distillation loss") -> Path:
+    """PNG of a training run's loss against the step (running mean over 5% of the run): the batch mean and,
+    given ``expert_losses`` [steps][N], each expert's (labelled with its timestep band from ``bands``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(losses) == 0:
+        raise ValueError("plot_train_losses: no losses to draw")
+    window = max(1, len(losses) // 20)
+    steps = np.arange(1, len(losses) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if expert_losses is not None and len(expert_losses):
+        per = np.asarray(expert_losses, dtype=np.float64)
+        cmap = plt.get_cmap("viridis")
+        for k in range(per.shape[1]):
+            band = f" (t {bands[k][0]}-{bands[k][1] - 1})" if bands is not None else ""
+            ax.plot(np.arange(len(losses) - len(per) + 1, len(losses) + 1), smooth_losses(per[:, k], window),
+                    lw=1, color=cmap(k / max(per.shape[1] - 1, 1)), label=f"expert {k}{band}")
+    ax.plot(steps, smooth_losses(losses, window), lw=2.2, color="black", label="batch mean")
+    finite = np.asarray(losses, dtype=np.float64)
+    if np.isfinite(finite).all() and (finite > 0).all():
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set(xlabel="step", ylabel=f"loss (running mean over {window} step{'s' * (window > 1)})", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    from .data.shards import _atomic
+
+    try:
+        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90), ".png")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- dense guides

@@ -865,12 +865,12 @@ def _rank_state(bank, gen: torch.Generator, device: torch.device) -> dict:
 
 
 def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict, h: str, env: DistEnv,
-                     extra_meta: dict | None = None) -> None:
+                     extra_meta: dict | None = None, extra_tensors: dict | None = None) -> None:
     """Collective: rank 0 gathers every rank's buffers and RNG states and writes one safetensors
     file atomically (``param/`` the trained per-expert tensors, identical on all ranks;
     ``optim/<param>/<key>`` the AdamW state; ``rank<r>/...`` per-rank state; ``losses`` float64;
-    metadata: step, config and hash, and ``extra_meta`` (str values)). A failure to write raises on
-    every rank. One process without a process group: ``env=DistEnv(device=...)``."""
+    ``extra_tensors``; metadata: step, config and hash, and ``extra_meta`` (str values)). A failure to
+    write raises on every rank. One process without a process group: ``env=DistEnv(device=...)``."""
     from .data.shards import save_safetensors_atomic
 
     mine = _rank_state(bank, gen, env.device)
@@ -889,6 +889,7 @@ def save_train_state(path, bank, opt, gen, step: int, losses: list, ident: dict,
         for r, st in enumerate(got):
             t.update({f"rank{r}/{k}": v for k, v in st.items()})
         t["losses"] = torch.tensor(losses, dtype=torch.float64)
+        t.update(extra_tensors or {})
         meta = {"format": TRAIN_STATE_FORMAT, "step": str(step), "world_size": str(env.world_size),
                 "config_hash": h, "config": json.dumps(ident, sort_keys=True, default=str),
                 **{k: str(v) for k, v in (extra_meta or {}).items()}}
@@ -957,16 +958,22 @@ def load_train_state(path, bank, opt, gen, env: DistEnv) -> tuple[int, list]:
     return int(meta["step"]), [float(v) for v in t["losses"].tolist()]
 
 
+EXPERT_LOSSES = "expert_losses"  # a one-process state's per-expert losses [steps, N] (absent in older states)
+
+
 class LocalTrainState:
     """The resumable training state of a one-process trainer (distill_ppap, finetune_noise_aware): the
     distributed path's state file at ``path`` (None: none written, losses still collected), checked
     against ``ident`` on opening (a ValueError names what differs), elapsed time kept for max_minutes,
-    each step's loss kept on the device until a save (no host sync per step)."""
+    each step's loss kept on the device until a save (no host sync per step); with :meth:`record`, also each
+    expert's mean loss over its samples of the step (``expert_losses``, NaN where it had none)."""
 
     def __init__(self, path, ident: dict):
         self.path, self.ident, self.found = (None if path is None else Path(path)), ident, False
         self.losses: list = []
         self.step_losses: list = []
+        self.expert_losses: list = []  # [step][expert]; rows of steps before a resume from an older state: NaN
+        self.step_expert_losses: list = []
         if self.path is not None:
             for p in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a state write that was killed
                 p.unlink(missing_ok=True)
@@ -985,6 +992,11 @@ class LocalTrainState:
         if self.found:
             start, self.losses = load_train_state(self.path, model, opt, gen, self._env)
             elapsed = float(read_train_state_meta(self.path).get("elapsed_s", 0.0))
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                if EXPERT_LOSSES in f.keys():
+                    self.expert_losses = f.get_tensor(EXPERT_LOSSES).tolist()
         self.t0 = time.time() - elapsed
         return start
 
@@ -993,14 +1005,28 @@ class LocalTrainState:
 
         return time.time() - self.t0
 
+    def record(self, per_sample: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor) -> None:
+        """Keep a step's batch-mean loss and each expert's mean over its samples (on the device)."""
+        per_sample = per_sample.detach()
+        self.step_losses.append(per_sample.mean())
+        sums = torch.zeros(counts.shape, dtype=per_sample.dtype, device=per_sample.device)
+        self.step_expert_losses.append(sums.index_add_(0, expert_idx, per_sample) / counts)  # 0 / 0: NaN
+
     def save(self, done: int) -> None:
         """Read the losses of the steps since the last save; write the state (if a path was given)."""
         self.losses.extend(torch.stack(self.step_losses).double().cpu().tolist() if self.step_losses else [])
         self.step_losses.clear()
+        if self.step_expert_losses:
+            rows = torch.stack(self.step_expert_losses).double().cpu().tolist()
+            self.step_expert_losses.clear()
+            missing = len(self.losses) - len(rows) - len(self.expert_losses)  # resumed from a state without them
+            self.expert_losses.extend([[math.nan] * len(rows[0])] * max(missing, 0) + rows)
         if self.path is not None:
             model, opt, gen = self._parts
+            extra = ({EXPERT_LOSSES: torch.tensor(self.expert_losses, dtype=torch.float64)}
+                     if self.expert_losses else None)
             save_train_state(self.path, model, opt, gen, done, self.losses, self.ident, config_hash(self.ident),
-                             self._env, extra_meta={"elapsed_s": repr(self.elapsed_s())})
+                             self._env, extra_meta={"elapsed_s": repr(self.elapsed_s())}, extra_tensors=extra)
 
 
 @torch.no_grad()
@@ -1504,6 +1530,11 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                 "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(), "amp": cfg.amp,
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})
+            if losses:
+                from .distill import plot_train_losses
+
+                plot_train_losses(Path(cfg.out_dir) / "train_loss.png", losses, None, bank.bands,
+                                  f"distill PPAP-{cfg.n_experts}, {env.world_size} process(es)")
             state_path.unlink(missing_ok=True)  # finished: the experts are the product, nothing to resume
             if target_source == "computed":
                 shutil.rmtree(Path(cfg.out_dir) / TARGETS_DIR, ignore_errors=True)

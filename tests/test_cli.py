@@ -343,6 +343,15 @@ def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_pa
     assert (other / "config.json").read_text() == '{"model_type": "resnet"}'
     assert main(args + ["--out", str(tmp_path / "d")] + common) == 0
     assert json.loads(capsys.readouterr().out)["steps_done"] == 1  # steps taken (was the last index, 0)
+    summary = json.loads((tmp_path / "d" / "train_summary.json").read_text())  # the run's losses, and a picture
+    assert summary["steps_done"] == 1 and len(summary["losses"]) == 1 and summary["settings"]["rank"] == 2
+    assert summary["bands"] == [[0, 200], [200, 400], [400, 600], [600, 800], [800, 1000]]
+    row = summary["expert_losses"][0]  # 4 samples over 5 experts: one at least had none (null)
+    assert len(row) == 5 and None in row and min(v for v in row if v is not None) <= summary["losses"][0]
+    from PIL import Image
+
+    with Image.open(tmp_path / "d" / "train_loss.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
     assert main(args + ["--out", str(tmp_path / "d")] + common) == 0  # a previous output is replaced
 
 

@@ -305,6 +305,7 @@ def test_single_process_distill_and_bad_data(tmp_path):
     bank = D.distill(cfg, D.DistEnv())        # teacher logits computed on the fly
     assert not bank.training and bank.placement.r == 2
     assert (tmp_path / "out" / "experts.safetensors").is_file()
+    assert (tmp_path / "out" / "train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve
     with pytest.raises(D.DistributedRunError, match="no manifest.json"):
         D.distill(dataclasses.replace(cfg, data_dir=str(tmp_path / "nothing")), D.DistEnv())
 

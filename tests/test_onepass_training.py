@@ -501,11 +501,29 @@ def test_distill_ppap_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, 
         distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **{**kw, "lr": 2e-2})
     assert "\n" not in str(e.value)
     assert D.read_train_state_meta(state)["step"] == "2"  # the refused run left the state alone
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    older = tmp_path / "older_state.safetensors"  # as written before per-expert losses were kept
+    with safe_open(str(state), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v for k, v in load_file(str(state)).items() if k != D.EXPERT_LOSSES}, str(older), metadata=meta)
+    from_older = distill_ppap(teacher, data, checkpoint_path=older, checkpoint_every=2, **kw)
     out = distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **kw)
     assert (out.resumed_from_step, out.trained_steps, ref.trained_steps) == (2, 5, 5)
     assert D.read_train_state_meta(state)["step"] == "5"  # written on completion too
     a, b = ref.state_dict(), out.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert out.train_losses == ref.train_losses and len(ref.train_losses) == 5
+    per = torch.tensor(ref.train_expert_losses, dtype=torch.float64)  # [steps, N], NaN: no sample that step
+    assert per.shape == (5, 5) and torch.equal(torch.tensor(out.train_expert_losses).nan_to_num(-1), per.nan_to_num(-1))
+    seen = per.isfinite().sum(1)
+    assert ((seen >= 1) & (seen <= 2)).all(), per  # 2 samples a step: one or two experts
+    mean = torch.tensor(ref.train_losses, dtype=torch.float64)
+    lo, hi = per.nan_to_num(float("inf")).min(1).values, per.nan_to_num(-float("inf")).max(1).values
+    assert ((mean >= lo - 1e-6) & (mean <= hi + 1e-6)).all() and (lo > 0).all(), (mean, per)
+    older_rows = torch.tensor(from_older.train_expert_losses, dtype=torch.float64)  # steps 1-2 unknown there: NaN
+    assert from_older.train_losses == ref.train_losses and older_rows[:2].isnan().all()
+    assert torch.equal(older_rows[2:].nan_to_num(-1), per[2:].nan_to_num(-1))
     again = distill_ppap(teacher, data, checkpoint_path=state, checkpoint_every=2, **kw)  # nothing left to train
     assert again.resumed_from_step == 5 and all(torch.equal(a[k], again.state_dict()[k]) for k in a)
