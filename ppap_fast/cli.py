@@ -304,6 +304,35 @@ _OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "trai
                  "adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
+def _datafree_preview(out: Path, shown: int = 100) -> str:
+    """Write ``preview.png`` into a finished data-free set: its first images in rows by the teacher's top-1
+    class (a segmentation teacher: each image beside its predicted mask); returns a line to print, with the
+    teacher's top-1 counts over the whole set for a classifier (is every class there?)."""
+    import numpy as np
+
+    from . import demo
+    from .data import ShardSet
+
+    data = ShardSet(out)
+    if "logits" not in data:
+        return f"{out}: no cached teacher logits, no preview"
+    rows = np.arange(min(shown, len(data)))
+    images, logits = data.gather("images", rows), data.gather("logits", rows)
+    path = out / "preview.png"
+    if logits.ndim == 2:
+        demo.save_grid(path, images, labels=logits.argmax(1), per_class=10)
+        top1 = np.concatenate([data.gather("logits", np.arange(s, min(s + 1000, len(data)))).argmax(1)
+                               for s in range(0, len(data), 1000)])
+        counts = np.bincount(top1, minlength=logits.shape[1])
+        return (f"{path}: the first {len(rows)} images, a row per teacher class; the teacher's top-1 over all "
+                f"{len(data)}: " + ", ".join(f"{c}: {n}" for c, n in enumerate(counts.tolist())))
+    masks = logits.argmax(1)  # [n, H, W] classes -> grey levels
+    grey = (masks * (255 // max(logits.shape[1] - 1, 1))).astype(np.uint8)[..., None]
+    pairs = np.stack([images[: len(grey)], grey], 1).reshape(-1, *images.shape[1:])
+    demo.save_grid(path, pairs[: 2 * 50], per_class=10)
+    return f"{path}: the first {min(len(rows), 50)} images, each beside the teacher's predicted mask"
+
+
 # what distill's train_summary.json records of its command line
 DISTILL_SETTINGS = ("data", "experts", "rank", "alpha", "steps", "batch_size", "lr", "seed", "loss_reduction",
                     "max_minutes", "checkpoint_every")
@@ -459,6 +488,7 @@ def _run(args) -> int:
         written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
                                     respacing=f"ddim{args.steps}", device=args.device, progress=progress)
         print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")
+        print(_datafree_preview(Path(args.out)))
         return 0
 
     if args.cmd == "distill":

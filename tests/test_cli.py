@@ -627,3 +627,35 @@ def test_classifier_with_four_widths_trains(tmp_path, capsys):
     assert main(["--threads", "1", "train-classifier", "--widths", "4,8,8,8", "--steps", "1", "--batch-size", "4",
                  "--out", str(out), "--no-progress"]) == 0
     assert load_model(out, "resnet").num_stages == 4
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_generate_writes_a_preview_with_the_teachers_view(weights, tmp_path, capsys, task):
+    """A data-free set is only as good as the teacher's reading of it: generate shows it (preview.png) and, for a
+    classifier, counts the teacher's top-1 classes over the whole set."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from ppap_fast.data import ShardSet
+
+    out = tmp_path / "set"
+    assert main(["generate", "--weights-dir", str(weights), "--out", str(out), "--num-images", "6", "--shard-size", "4",
+                 "--steps", "2", "--task", task, "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{out}: wrote shards [0, 1]" and lines[1].startswith(f"{out / 'preview.png'}: the first 6 "), lines
+    with Image.open(out / "preview.png") as im:
+        im.load()
+        grid = np.asarray(im)
+    if task == "classification":
+        counts = [int(n) for n in re.findall(r"\d+: (\d+)", lines[1].split("over all 6: ")[1])]
+        top1 = ShardSet(out).gather("logits", np.arange(6)).argmax(1)
+        assert counts == np.bincount(top1, minlength=10).tolist() and sum(counts) == 6
+        assert grid.shape[0] == len(set(top1.tolist())) * 17 * 3 + 3  # a row per class the teacher saw
+    else:
+        assert "beside the teacher's predicted mask" in lines[1] and grid.shape == (17 * 2 * 3 + 3, 17 * 10 * 3 + 3)
+    assert not ShardSet(out).verify()  # the picture does not disturb the set
+    assert main(["generate", "--weights-dir", str(weights), "--out", str(out), "--num-images", "6", "--shard-size", "4",
+                 "--steps", "2", "--task", task, "--no-progress"]) == 0  # complete: the preview is redrawn
+    assert "none (already complete)" in capsys.readouterr().out
