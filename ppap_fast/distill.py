@@ -272,13 +272,14 @@ def plot_train_losses(path, losses, expert_losses=None, bands=None, title: str =
     ax.plot(steps, smooth_losses(losses, window), lw=2.2, color="black", label="batch mean")
     finite = np.asarray(losses, dtype=np.float64)
     if np.isfinite(finite).all() and (finite > 0).all():
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="step", ylabel=f"loss (running mean over {window} step{'s' * (window > 1)})", title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     from .data.shards import _atomic
 
