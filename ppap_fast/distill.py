@@ -395,7 +395,7 @@ def make_expert_optimizer(params, n_experts: int, reduction: str, lr, weight_dec
     """The distillers' AdamW over the stacked per-expert tensors, stepped by
     ``ExpertBank.step_sampled_experts``. "expert_mean": :class:`~ppap_fast.experts.optim.ExpertAdamW`,
     each expert with its own step count (as trained separately). "batch_mean": torch.optim.AdamW with
-    one shared count, as the experts made before were (they reproduce). ``capturable``: for a CUDA
+    one shared count, as the experts made before were (they reproduce up to rounding). ``capturable``: for a CUDA
     graph (``lr`` a device tensor)."""
     check_loss_reduction(reduction)
     if reduction == "expert_mean":
