@@ -383,14 +383,14 @@ def _experts_base(weights_dir, src: Path):
     return base, demo._load(load_experts, src, base)
 
 
-def _check_set_task(shards, teacher, args) -> None:
-    """A set generated with another --task: say so (its teacher check only said "another classifier")."""
+def _task_of_set(manifest: dict, teacher, args) -> str | None:
+    """The other --task whose teacher cached a set's outputs (manifest's teacher_state), else None."""
     from . import demo
     from .distributed import module_fingerprint
 
-    cached_by = shards.manifest.get("teacher_state") or shards.manifest.get("config", {}).get("teacher_state")
+    cached_by = manifest.get("teacher_state") or manifest.get("config", {}).get("teacher_state")
     if cached_by is None or cached_by == module_fingerprint(teacher):
-        return
+        return None
     for other in TEACHERS:
         if other == args.task or not (Path(args.weights_dir) / TEACHERS[other][0]).is_file():
             continue
@@ -399,8 +399,30 @@ def _check_set_task(shards, teacher, args) -> None:
         except DemoError:  # a damaged file of a task not asked for: the teacher check reports the mismatch
             continue
         if theirs == cached_by:
-            raise DemoError(f"{args.data} was generated with --task {other}: distil it with --task {other} "
-                            f"(this run: --task {args.task})")
+            return other
+    return None
+
+
+def _check_set_task(shards, teacher, args) -> None:
+    """A set generated with another --task: say so (its teacher check only said "another classifier")."""
+    other = _task_of_set(shards.manifest, teacher, args)
+    if other is not None:
+        raise DemoError(f"{args.data} was generated with --task {other}: distil it with --task {other} "
+                        f"(this run: --task {args.task})")
+
+
+def _check_resume_task(out: Path, teacher, args) -> None:
+    """generate into a set made with another --task: say so (the manifest check only names teacher_state)."""
+    from .data.shards import MANIFEST
+
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):  # none, or damaged: ShardWriter reports that
+        return
+    other = _task_of_set(manifest, teacher, args) if isinstance(manifest, dict) else None
+    if other is not None:
+        raise DemoError(f"--out {out} holds a data-free set made with --task {other}; this run asks for --task "
+                        f"{args.task}: rerun with --task {other} to finish that set, or name another --out")
 
 
 def _run(args) -> int:
@@ -485,6 +507,7 @@ def _run(args) -> int:
         demo.check_writable_dir(args.out)
         unet = demo.load_unet(args.weights_dir)
         teacher = demo.load_teacher(args.weights_dir, args.task)
+        _check_resume_task(Path(args.out), teacher, args)
         written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
                                     respacing=f"ddim{args.steps}", device=args.device, progress=progress)
         print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")

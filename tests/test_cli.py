@@ -525,6 +525,19 @@ def test_distill_of_a_set_of_another_task_names_the_task(weights, tmp_path, caps
     assert "was generated with --task segmentation: distil it with --task segmentation" in _err(capsys)
 
 
+def test_generate_into_a_set_of_another_task_names_the_task(weights, tmp_path, capsys):
+    """A rerun into a classification set with --task segmentation named only teacher_state hashes."""
+    data = tmp_path / "cls"
+    common = ["--out", str(data), "--num-images", "2", "--steps", "2", "--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate"] + common) == 0
+    manifest = (data / "manifest.json").read_text()
+    capsys.readouterr()
+    assert main(["generate", "--task", "segmentation"] + common) == 2
+    err = _err(capsys)
+    assert "made with --task classification; this run asks for --task segmentation" in err
+    assert (data / "manifest.json").read_text() == manifest
+
+
 def test_evaluate_json_that_is_the_samples_file_is_refused(weights, tmp_path, capsys):
     """evaluate s.npz --json s.npz replaced the samples with the metrics."""
     s = tmp_path / "s.npz"
