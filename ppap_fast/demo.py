@@ -607,6 +607,21 @@ def save_bar_chart(path, results: dict) -> Path:
     return Path(path)
 
 
+def _remove_other_methods_files(out: Path, tags: set) -> None:
+    """A previous run's samples_<method>.npz / grid_<method>.png of methods not in this run (only names
+    of methods parse_method accepts: other files are the user's)."""
+    for p in out.iterdir():
+        for prefix, suffix in (("samples_", ".npz"), ("grid_", ".png")):
+            tag = p.name[len(prefix):-len(suffix)] if p.name.startswith(prefix) and p.name.endswith(suffix) else ""
+            if not tag or tag in tags or not p.is_file():
+                continue
+            try:
+                parse_method(tag)
+            except DemoError:
+                continue
+            p.unlink(missing_ok=True)
+
+
 def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
              steps: int | None = None, scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250,
              progress: bool = True, seg_per_target: int = SEG_PER_TARGET) -> dict:
@@ -638,6 +653,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     # a previous run's summary must not sit beside this run's samples if it stops early (or skips segmentation)
     for stale in ("results.json", "results.png", "comparison.png", "segmentation.png"):
         (out / stale).unlink(missing_ok=True)
+    _remove_other_methods_files(out, {m.replace("/", "_") for m in methods})
     targets = cyclic_targets(num_samples)
     results, pictured = {}, {}
     t_start = time.time()

@@ -104,3 +104,19 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     assert not (out / "comparison.png").exists() and not (out / "segmentation.png").exists()
     assert main(args) == 0 and not (out / "segmentation.png").exists()
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["none", "naive"]
+
+
+def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path):
+    """A rerun with fewer --methods left the earlier run's samples_<m>.npz / grid_<m>.png of the others."""
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = ["samples_ppap-5.npz", "grid_ppap-5.png", "samples_multi-experts-5.npz", "grid_NAIVE.png"]
+    mine = ["samples_mine.npz", "grid_ppap-5.txt", "notes.txt"]  # not names the demo writes: kept
+    for name in stale + mine:
+        (out / name).write_text("an older run's")
+    assert main(["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
+                 "--steps", "2", "--methods", "none", "--seg-per-target", "0", "--no-progress"]) == 0
+    assert not [n for n in stale if (out / n).exists()]
+    assert all((out / n).read_text() == "an older run's" for n in mine)
+    assert (out / "samples_none.npz").exists() and (out / "grid_none.png").exists()
