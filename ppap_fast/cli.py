@@ -599,8 +599,11 @@ def _run(args) -> int:
             raise DemoError(f"--out must end in .npz, got {out.name}")
         demo.parse_method(args.method)
         demo.check_writable_dir(out.parent)
+        from .data.shards import remove_stale_tmp
+
         for side in (out, out.with_suffix(".png"), out.with_suffix(".json")):
             demo.check_output_file(side)
+            remove_stale_tmp(side, side.suffix)  # a killed run's atomic-write temporary
         targets = _parse_targets(args.targets, args.num_samples)
         x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
                                       args.seed, args.batch_size, progress=progress, fast=args.fast)

@@ -1,5 +1,6 @@
 """ppap-fast CLI stages on tiny, untrained models (built on the fly; nothing downloaded)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -597,6 +598,26 @@ def test_ddpm_samples_do_not_depend_on_batch_size(weights, fast):
     other_seed = sample_method("ppap-5", weights, torch.tensor([1, 4, 7]), sampler="ddpm", steps=4, scale=5.0, seed=4,
                                batch_size=3, progress=False, fast=fast)[0]
     assert (other_seed - runs[0]).abs().max() > 1e-2
+
+
+def test_sample_removes_the_temporaries_of_a_killed_run(weights, tmp_path, capsys):
+    """A `sample` killed (SIGKILL) mid-write left its atomic-write .tmp beside --out for good."""
+    import os
+    import tempfile
+
+    out = tmp_path / "s.npz"
+    left = []
+    for side in (out, out.with_suffix(".png"), out.with_suffix(".json")):  # the names the atomic writer makes
+        fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=side.suffix + ".tmp", dir=tmp_path)
+        os.close(fd)
+        left.append(Path(tmp))
+    others = [tmp_path / ".t.npz.abcd1234.npz.tmp", tmp_path / ".s.npz.mine.tmp", tmp_path / "s.npz.tmp"]
+    for p in others:  # another output's, or not a name the writer makes: kept
+        p.write_text("not sample's")
+    assert main(["sample", "--method", "none", "--targets", "1", "--steps", "2", "--out", str(out),
+                 "--weights-dir", str(weights), "--no-progress"]) == 0
+    assert out.is_file() and not [p for p in left if p.exists()]
+    assert all(p.read_text() == "not sample's" for p in others)
 
 
 def test_sample_failing_after_its_npz_leaves_no_older_runs_stats(weights, tmp_path, monkeypatch):

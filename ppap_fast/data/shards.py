@@ -18,8 +18,10 @@ concatenates everything in memory (small sets and tests only).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import struct
 import tempfile
 import warnings
@@ -72,6 +74,16 @@ def _atomic(path, write_fn, suffix: str):
             pass
         raise
     return path
+
+
+def remove_stale_tmp(path, suffix: str) -> None:
+    """Remove the temporaries :func:`_atomic` left for ``path`` when killed (SIGKILL: no cleanup ran);
+    only its exact ``.<name>.<8 mkstemp characters><suffix>.tmp`` names."""
+    path = Path(path)
+    name = re.compile(re.escape(f".{path.name}.") + "[a-z0-9_]{8}" + re.escape(suffix + ".tmp"))
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if name.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def write_npz_atomic(path, **arrays) -> Path:
