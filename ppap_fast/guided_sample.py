@@ -321,13 +321,13 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
 
 def add_arguments(s) -> None:
     """The ``guided-sample`` subcommand's arguments (ppap_fast.cli)."""
-    from .cli import finite_float as _finite_float
+    from .cli import _positive_int, finite_float as _finite_float
 
     s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
     s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     s.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
-    s.add_argument("--image-size", type=int, default=256)
-    s.add_argument("--channels", type=int, default=3)
+    s.add_argument("--image-size", type=_positive_int, default=256)
+    s.add_argument("--channels", type=_positive_int, default=3)
     s.add_argument("--guide", default=None, help="registry name | tiny:<file> | py:module:factory (none: unguided)")
     s.add_argument("--guide-weights", default=None,
                    help="the guide network's weights: a local checkpoint (torchvision / timm / official PPAP "
@@ -343,10 +343,10 @@ def add_arguments(s) -> None:
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     s.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
                    help="the denoiser's noise schedule (ADM's ImageNet models: linear)")
-    s.add_argument("--steps", type=int, default=None, help="default: 25 (ddim), 250 (ddpm)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--num-samples", type=int, default=16)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--num-samples", type=_positive_int, default=16)
+    s.add_argument("--batch-size", type=_positive_int, default=16)
     s.add_argument("--first-sample", type=int, default=0,
                    help="index of the first sample: parts of a large run (each sample's noise and target depend on "
                         "its index only)")

@@ -227,6 +227,8 @@ def score(cfg: ScoreConfig) -> dict:
 
 
 def add_parser(sub) -> None:
+    from .cli import _positive_int
+
     s = sub.add_parser("score", help="score samples of real models with an independent classifier (target "
                                      "accuracy, IS; FD / precision / recall against --real images)")
     s.add_argument("samples", nargs="+", help=".npz with images uint8 N x H x W x C and targets (guided-sample's "
@@ -238,7 +240,7 @@ def add_parser(sub) -> None:
                         "offline weights; tiny: / py: specs hold their own) or 'none' (random: tests)")
     s.add_argument("--real", default=None, help=".npz of real images (images uint8 N x H x W x C) for FD, "
                                                 "precision and recall")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--json", default=None, help="also write the scores to this .json file")
     s.add_argument("--no-progress", action="store_true")

@@ -382,6 +382,13 @@ def test_resume_with_other_settings_or_teacher_is_refused(weights, tmp_path, cap
     ["distill", "--data", "d", "--out", "o", "--lr", "nan"],  # was accepted (type=float)
     ["train-classifier", "--out", "c.safetensors", "--lr", "-1"],
     ["distill", "--data", "d", "--out", "o", "--alpha", "0"],  # a LoRA that never learns
+    # refused only after start-up (type=int)
+    ["score", "s.npz", "--batch-size", "0"],
+    ["guided-sample", "--out", "g.npz", "--num-samples", "0"],
+    ["guided-sample", "--out", "g.npz", "--batch-size", "-2"],
+    ["guided-sample", "--out", "g.npz", "--steps", "0"],
+    ["guided-sample", "--out", "g.npz", "--image-size", "0"],
+    ["guided-sample", "--out", "g.npz", "--channels", "0"],
 ])
 def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written, but never into the repo
