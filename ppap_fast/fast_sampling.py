@@ -590,7 +590,11 @@ class FastGuide:
         return v
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None, target=None) -> torch.Tensor:
-        """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones)."""
+        """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones).
+        ``t_host`` must be every sample's t: checked when t is on the CPU (on a GPU that would cost a sync)."""
+        if t_host is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool((t != t_host).any()):
+            raise ValueError(f"FastGuide: t_host={t_host} but t holds {t.unique().tolist()[:5]}; t_host selects the "
+                             "merged expert, so it must equal every sample's t (or pass t_host=None to route by t)")
         return self.runner(self.key(t_host))(x, t, target=target)
 
 

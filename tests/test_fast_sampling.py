@@ -880,3 +880,15 @@ def test_bank_of_another_T_than_the_schedule_is_refused(setup):
                 FastGuidedSampler(model, s, guide=g)
             with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod has 1000"):
                 sample_loop(model, (2, 3, 8, 8), s, guide=g)
+
+
+def test_fast_guide_refuses_a_t_host_that_is_not_t(setup):
+    """t_host picks the merged expert: a wrong one silently guided with another band's expert."""
+    _, _, guide = setup
+    x, t = torch.randn(SHAPE), torch.full((SHAPE[0],), 300)
+    fg = fs.FastGuide(guide, "cpu")
+    right = fg(x, t, t_host=300)
+    assert torch.isfinite(right).all()
+    with pytest.raises(ValueError, match=r"t_host=700 but t holds \[300\]"):
+        fg(x, t, t_host=700)
+    assert torch.equal(fg(x, t), right) or (fg(x, t) - right).abs().max() < 1e-5  # routed by t: the same expert
