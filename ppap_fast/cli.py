@@ -61,6 +61,20 @@ _widths = _checked(lambda v: [int(w) for w in v.split(",")], lambda ws: all(w > 
                    "comma-separated positive integers")
 
 
+SEED_MAX = 2**63 - 1  # torch's manual_seed takes -2**63 .. 2**64 - 1: larger overflowed deep inside
+
+
+def _seed_type(top: int = SEED_MAX):
+    """An argparse type: a seed in 0 .. ``top``."""
+    return _checked(int, lambda x: 0 <= x <= top, f"a seed in 0 .. {top}")
+
+
+_seed = _seed_type()
+# generate seeds shard k with seed * 1_000_003 + k, which must stay in torch's range
+SHARD_SEED_MAX = SEED_MAX // 1_000_003
+_shard_seed = _seed_type(SHARD_SEED_MAX)
+
+
 def _int_at_least(lo: int, why: str):
     """An argparse type: an integer >= ``lo`` (``why`` says what needs it)."""
     return _checked(int, lambda x: x >= lo, f"an integer of at least {lo} ({why})")
@@ -82,12 +96,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: $PPAP_THREADS, else 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(s, device=True, weights=True):
+    def common(s, device=True, weights=True, seed=_seed):
         if device:
             s.add_argument("--device", default="cpu")
         if weights:
             s.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=seed, default=0)
         s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
@@ -127,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=25)
     s.add_argument("--task", choices=list(TEACHERS), default="classification",
                    help="whose outputs the set caches: " + task_help)
-    common(s)
+    common(s, seed=_shard_seed)
 
     s = sub.add_parser("distill", help="PPAP-N: data-free expert distillation (no labels)")
     s.add_argument("--data", required=True, help="the data-free set written by generate")

@@ -1590,7 +1590,7 @@ TEACHER_WEIGHTS_HELP = ("the teacher's weight file (a py: factory gets it as wei
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import _checked, _positive_float, _positive_int, finite_float
+    from .cli import _checked, _positive_float, _positive_int, _shard_seed, finite_float
     non_negative_int = _checked(int, lambda x: x >= 0, "an integer >= 0")
     non_negative_float = _checked(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0")
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
@@ -1604,7 +1604,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--threads", type=int, default=None, help="torch threads per process")
         p.add_argument("--timeout", type=_positive_float, default=1800.0, help="collective timeout, seconds")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_shard_seed, default=0)  # seeds shard k with seed * stride + k
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="progress bars (as ppap-fast's commands; --no-progress: none)")
 

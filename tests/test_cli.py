@@ -397,6 +397,32 @@ def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatc
     assert e.value.code == 2 and "must be a positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["sample", "--method", "none", "--out", "x.npz", "--seed", "99999999999999999999"],
+    ["sample", "--method", "none", "--out", "x.npz", "--seed", "1e20"],
+    ["train-diffusion", "--out", "u.safetensors", "--steps", "1", "--seed", "-1"],
+    ["guided-sample", "--out", "g.npz", "--seed", str(2**63)],
+    ["generate", "--out", "d", "--seed", str(2**63 // 1_000_003 + 1)],  # seed * 1_000_003 + k leaves torch's range
+])
+def test_seed_out_of_torchs_range_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
+    """--seed 99999999999999999999 failed after start-up with 'Overflow when unpacking long long'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed: " in err and "a seed in 0 .. " in err, err
+
+
+def test_largest_seeds_run(weights, tmp_path):
+    from ppap_fast.cli import SEED_MAX, SHARD_SEED_MAX
+
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["sample", "--method", "none", "--targets", "1", "--steps", "2", "--seed", str(SEED_MAX),
+                 "--out", str(tmp_path / "s.npz")] + common) == 0
+    assert main(["generate", "--out", str(tmp_path / "d"), "--num-images", "2", "--steps", "2",
+                 "--seed", str(SHARD_SEED_MAX)] + common) == 0
+
+
 def test_unavailable_device_is_one_line(weights, tmp_path, capsys):
     import torch
 
