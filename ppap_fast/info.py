@@ -81,6 +81,14 @@ def checkpoint_summary(path) -> dict:
     cfg = read_config(path)
     placement = cfg.get("placement", {})
     recorded = cfg.get("files")
+    # read_config checks the keys loading needs; these are read here only (a hand edit raised KeyError)
+    bad = [f"files.{k}" for k, v in (recorded or {}).items()
+           if not (isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str))]
+    bad += [f"placement.{k}" for k in ("lora", "bias", "norm") if not isinstance(placement.get(k, []), list)]
+    bad += ["n_experts"] if cfg["n_experts"] < 1 else []
+    if bad:
+        raise ValueError(f"{path / 'config.json'} is damaged: missing or malformed entries {bad}; "
+                         "restore it from the saved checkpoint or save the experts again")
     names = sorted(set(recorded or {}) | {"experts.safetensors"})
     files = {n: _file_status(path / n, (recorded or {}).get(n)) for n in names}
     n = int(cfg["n_experts"])

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from ppap_fast.cli import main
@@ -67,3 +68,22 @@ def test_info_on_a_folder_that_is_no_checkpoint_is_one_error_line(capsys, tmp_pa
     (tmp_path / "config.json").write_text('{"format": "something else"}')
     rc, out, err = run(capsys, str(tmp_path))
     assert rc == 2 and "is not a ppap_fast.experts checkpoint" in err
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c.pop("n_experts"), "n_experts"),
+    (lambda c: c.update(n_experts=0), "n_experts"),
+    (lambda c: c["files"]["experts.safetensors"].pop("bytes"), "files.experts.safetensors"),
+    (lambda c: c["files"].update({"experts.safetensors": "x"}), "files.experts.safetensors"),
+    (lambda c: c["placement"].update(lora=3), "placement.lora"),
+])
+def test_info_on_a_hand_edited_config_names_the_damaged_key(capsys, tmp_path, edit, key):
+    """A config.json lacking a key info reads (a digest's bytes, ...) gave a KeyError / TypeError traceback."""
+    d = tmp_path / "edited"
+    shutil.copytree(WEIGHTS_DIR / "ppap5", d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run(capsys, str(d))
+    assert rc == 2 and not out and err.startswith("ppap-fast: error:") and len(err.strip().splitlines()) == 1
+    assert "config.json is damaged" in err and repr(key) in err, err
