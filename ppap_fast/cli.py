@@ -330,21 +330,21 @@ def _datafree_preview(out: Path, shown: int = 100) -> str:
     data = ShardSet(out)
     if "logits" not in data:
         return f"{out}: no cached teacher logits, no preview"
-    rows = np.arange(min(shown, len(data)))
-    images, logits = data.gather("images", rows), data.gather("logits", rows)
     path = out / "preview.png"
-    if logits.ndim == 2:
-        demo.save_grid(path, images, labels=logits.argmax(1), per_class=10)
+    first = data.gather("logits", np.arange(1))
+    if first.ndim == 2:  # a classifier: top-1 of every image, read in chunks; the first ``shown`` pictured
         top1 = np.concatenate([data.gather("logits", np.arange(s, min(s + 1000, len(data)))).argmax(1)
                                for s in range(0, len(data), 1000)])
-        counts = np.bincount(top1, minlength=logits.shape[1])
+        rows = np.arange(min(shown, len(data)))
+        demo.save_grid(path, data.gather("images", rows), labels=top1[rows], per_class=10)
+        counts = np.bincount(top1, minlength=first.shape[1])
         return (f"{path}: the first {len(rows)} images, a row per teacher class; the teacher's top-1 over all "
                 f"{len(data)}: " + ", ".join(f"{c}: {n}" for c, n in enumerate(counts.tolist())))
-    masks = logits.argmax(1)  # [n, H, W] classes -> grey levels
-    grey = (masks * (255 // max(logits.shape[1] - 1, 1))).astype(np.uint8)[..., None]
-    pairs = np.stack([images[: len(grey)], grey], 1).reshape(-1, *images.shape[1:])
-    demo.save_grid(path, pairs[: 2 * 50], per_class=10)
-    return f"{path}: the first {min(len(rows), 50)} images, each beside the teacher's predicted mask"
+    rows = np.arange(min(shown // 2, len(data)))  # each image beside its mask
+    images, masks = data.gather("images", rows), data.gather("logits", rows).argmax(1)  # [n, H, W] classes
+    grey = (masks * (255 // max(first.shape[1] - 1, 1))).astype(np.uint8)[..., None]
+    demo.save_grid(path, np.stack([images, grey], 1).reshape(-1, *images.shape[1:]), per_class=10)
+    return f"{path}: the first {len(rows)} images, each beside the teacher's predicted mask"
 
 
 # what distill's train_summary.json records of its command line
