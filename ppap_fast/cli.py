@@ -318,35 +318,6 @@ _OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "trai
                  "adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
-def _datafree_preview(out: Path, shown: int = 100) -> str:
-    """Write ``preview.png`` into a finished data-free set: its first images in rows by the teacher's top-1
-    class (a segmentation teacher: each image beside its predicted mask); returns a line to print, with the
-    teacher's top-1 counts over the whole set for a classifier (is every class there?)."""
-    import numpy as np
-
-    from . import demo
-    from .data import ShardSet
-
-    data = ShardSet(out)
-    if "logits" not in data:
-        return f"{out}: no cached teacher logits, no preview"
-    path = out / "preview.png"
-    first = data.gather("logits", np.arange(1))
-    if first.ndim == 2:  # a classifier: top-1 of every image, read in chunks; the first ``shown`` pictured
-        top1 = np.concatenate([data.gather("logits", np.arange(s, min(s + 1000, len(data)))).argmax(1)
-                               for s in range(0, len(data), 1000)])
-        rows = np.arange(min(shown, len(data)))
-        demo.save_grid(path, data.gather("images", rows), labels=top1[rows], per_class=10)
-        counts = np.bincount(top1, minlength=first.shape[1])
-        return (f"{path}: the first {len(rows)} images, a row per teacher class; the teacher's top-1 over all "
-                f"{len(data)}: " + ", ".join(f"{c}: {n}" for c, n in enumerate(counts.tolist())))
-    rows = np.arange(min(shown // 2, len(data)))  # each image beside its mask
-    images, masks = data.gather("images", rows), data.gather("logits", rows).argmax(1)  # [n, H, W] classes
-    grey = (masks * (255 // max(first.shape[1] - 1, 1))).astype(np.uint8)[..., None]
-    demo.save_grid(path, np.stack([images, grey], 1).reshape(-1, *images.shape[1:]), per_class=10)
-    return f"{path}: the first {len(rows)} images, each beside the teacher's predicted mask"
-
-
 # what distill's train_summary.json records of its command line
 DISTILL_SETTINGS = ("data", "experts", "rank", "alpha", "steps", "batch_size", "lr", "seed", "loss_reduction",
                     "max_minutes", "checkpoint_every")
@@ -525,7 +496,9 @@ def _run(args) -> int:
         written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
                                     respacing=f"ddim{args.steps}", device=args.device, progress=progress)
         print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")
-        print(_datafree_preview(Path(args.out)))
+        from .data.preview import datafree_preview
+
+        print(datafree_preview(args.out))
         return 0
 
     if args.cmd == "distill":

@@ -758,9 +758,23 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         else:
             write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True))
     raise_if_any(err, env, "final shard check")
-    return {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
-            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h,
-            "sampling": "fast" if cfg.fast else "reference"}
+    res = {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
+           "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h,
+           "sampling": "fast" if cfg.fast else "reference"}
+    if env.rank == 0 and teacher is not None:
+        res["preview"] = _preview(out)
+    return res
+
+
+def _preview(out: Path) -> str | None:
+    """Draw the finished set's preview.png; a failure to draw it is warned, never fails the set."""
+    from .data.preview import datafree_preview
+
+    try:
+        return datafree_preview(out)
+    except (OSError, ValueError, ImportError) as e:
+        warnings.warn(f"{out}: no preview.png ({type(e).__name__}: {e}); the set itself is complete", RuntimeWarning)
+        return None
 
 
 # ----------------------------------------------------------------------------- distillation

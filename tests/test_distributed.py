@@ -899,3 +899,91 @@ def test_generate_resumed_at_every_shard_boundary_equals_an_uninterrupted_run(tm
     got = load_shards(out)["images"]
     assert got.shape == (7, 8, 8, 1) and len({im.tobytes() for im in got}) == 7
     np.testing.assert_array_equal(got, want)
+
+
+WIDE_CLASSIFIER_MODULE = '''
+import torch
+import torch.nn as nn
+
+
+def make():
+    """An ImageNet-sized head on RGB images: [B, 3, H, W] -> [B, 1000] logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1000))
+
+
+make.task = "classification"
+
+
+def depth():
+    """A one-channel dense output (depth-like): [B, 3, H, W] -> [B, 1, H, W]."""
+    torch.manual_seed(0)
+    return nn.Conv2d(3, 1, 3, padding=1)
+
+
+depth.task = "depth"
+'''
+
+
+@pytest.mark.parametrize("kind", ["wide_classifier", "segmentation", "depth"])
+def test_generate_draws_the_teachers_view_of_any_set(tmp_path, monkeypatch, kind):
+    """Distributed generate writes preview.png as the CLI's generate does, for any image shape: RGB images with a
+    1000-class teacher (a plain grid and the classes it covers), a segmentation teacher (each image beside its
+    coloured mask) and a one-channel dense teacher (beside its output, min to max)."""
+    from PIL import Image
+
+    from ppap_fast.data import ShardSet
+    from ppap_fast.data.preview import mask_colours
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_seg_logits.py").write_text(SEG_MODULE)
+    (mods / "ppap_wide_teachers.py").write_text(WIDE_CLASSIFIER_MODULE)
+    monkeypatch.syspath_prepend(str(mods))
+    teacher, channels = {"wide_classifier": ("py:ppap_wide_teachers:make", 3),
+                         "segmentation": ("py:ppap_seg_logits:make", 1),
+                         "depth": ("py:ppap_wide_teachers:depth", 3)}[kind]
+    data = tmp_path / "data"
+    res = D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 6, "shard_size": 4, "channels": channels,
+                                                    "teacher": teacher}), D.DistEnv())
+    with Image.open(data / "preview.png") as im:
+        im.load()
+        grid = np.asarray(im)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    cell = 8 * 6 + 1  # 8x8 images shown 6x, 1-pixel borders
+    images = ShardSet(data).gather("images", np.arange(6))
+    first = grid[1:49, 1:49]
+    if kind == "wide_classifier":
+        top1 = ShardSet(data).gather("logits", np.arange(6)).argmax(1)
+        assert res["preview"].startswith(f"{data / 'preview.png'}: the first 6 images; the teacher's top-1 over all 6 "
+                                         f"covers {len(set(top1.tolist()))} of 1000 classes, most often ")
+        assert grid.shape[:2] == (cell + 1, 10 * cell + 1)
+        assert np.array_equal(first, images[0].repeat(6, 0).repeat(6, 1))  # RGB as it is
+    else:
+        assert res["preview"].endswith("each beside " + ("the teacher's predicted mask" if kind == "segmentation"
+                                                         else "its teacher output (min to max)"))
+        assert grid.shape[:2] == (2 * cell + 1, 10 * cell + 1)
+        shown = images[0] if channels == 3 else np.repeat(images[0], 3, -1)
+        assert np.array_equal(first, shown.repeat(6, 0).repeat(6, 1))
+        beside = grid[1:49, 1 + cell:cell + 49]
+        if kind == "segmentation":
+            mask = ShardSet(data).gather("targets", np.arange(1)).argmax(1)[0]
+            assert np.array_equal(beside, mask_colours(7)[mask].repeat(6, 0).repeat(6, 1))
+        else:
+            assert beside.min() == 0 and beside.max() == 255
+    assert not ShardSet(data).verify()  # the picture does not disturb the set
+    res = D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 6, "shard_size": 4, "channels": channels,
+                                                    "teacher": teacher}), D.DistEnv())
+    assert res["written"] == [] and res["preview"]  # a complete set: resumed, nothing written, drawn again
+
+
+def test_a_preview_that_cannot_be_drawn_never_fails_the_set(tmp_path, monkeypatch):
+    import ppap_fast.data.preview as P
+
+    monkeypatch.setattr(P, "save_cell_grid", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    tfile = _tiny_teacher_file(tmp_path)
+    data = tmp_path / "data"
+    with pytest.warns(RuntimeWarning, match="no preview.png .*disk full.*the set itself is complete"):
+        res = D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 2, "teacher": f"tiny:{tfile}"}),
+                         D.DistEnv())
+    assert res["preview"] is None and json.loads((data / D.MANIFEST).read_text())["complete"]
