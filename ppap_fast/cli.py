@@ -18,7 +18,7 @@
   ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint ADM.pt --guide resnet50 \
       --guide-weights R50.pth --experts PPAP10_DIR --targets 207 --out s.npz   (real models: see guided_sample.py)
   ppap-fast score s.npz --real real.npz   (target accuracy, IS; FD / precision / recall with --real)
-  ppap-fast info [EXPERTS_DIR ...]   (versions, devices, op backends; checkpoints summarised and verified)
+  ppap-fast info [DIR ...]   (versions, devices, op backends; checkpoints and data-free sets summarised, verified)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.
@@ -640,7 +640,7 @@ def _run(args) -> int:
         text, bad = info_json(args)
         print(text)
         if bad:
-            raise DemoError(f"damaged or missing checkpoint files: {'; '.join(bad)}")
+            raise DemoError(f"damaged or missing checkpoint files or shards: {'; '.join(bad)}")
         return 0
 
     if args.cmd == "export-peft":

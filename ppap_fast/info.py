@@ -1,5 +1,6 @@
-"""``ppap-fast info``: what this install can run (versions, devices, which op backends exist) and what
-expert checkpoints hold (config, per-expert parameters, file digests verified), without a base model.
+"""``ppap-fast info``: what this install can run (versions, devices, which op backends exist), what
+expert checkpoints hold (config, per-expert parameters, file digests verified), without a base model, and
+what data-free sets hold (settings, arrays, shards readable; CRC-32 checked with --verify-data).
 Paste its output into a bug report."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -130,19 +132,98 @@ def checkpoint_summary(path) -> dict:
     }
 
 
+SET_MANIFEST = "manifest.json"
+# a set's recorded settings shown by info (either manifest format); digests are cut to 16 hex digits
+_SET_SETTINGS = ("kind", "seed", "respacing", "sampler", "eta", "schedule", "num_timesteps", "image_shape", "image_size",
+                 "channels", "denoiser", "checkpoint", "teacher", "teacher_weights", "fast", "step_noise",
+                 "targets_encoding", "teacher_temperature", "unet_state", "teacher_state")
+
+
+def data_set_summary(path, verify: bool = False) -> dict:
+    """A data-free set's manifest settings, shards (complete or not, read from their zip directories and npy headers
+    only) and arrays; ``verify``: every shard read whole and its CRC-32 checked. ``problems``: one line per missing,
+    damaged or inconsistent shard."""
+    from ppap_fast.data.shards import ShardSet, npz_members
+
+    path = Path(path)
+    try:
+        man = json.loads((path / SET_MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / SET_MANIFEST} is not readable JSON ({e})") from None
+    shards = man.get("shards")
+    if not isinstance(man, dict) or not isinstance(shards, list) or not all(isinstance(n, str) for n in shards) \
+            or not isinstance(man.get("num_images"), int):
+        raise ValueError(f"{path / SET_MANIFEST} is not a ppap_fast data-free set manifest (no shards list / num_images)")
+    config = man.get("config") if isinstance(man.get("config"), dict) else man  # distributed: nested
+    settings = {k: config[k] for k in _SET_SETTINGS if k in config}
+    for k in ("unet_state", "teacher_state"):
+        if isinstance(settings.get(k), str):
+            settings[k] = settings[k][:16]
+    problems, arrays, complete = [], None, 0
+    for name in shards:
+        try:
+            members = npz_members(path / name)
+        except (OSError, ValueError) as e:
+            problems.append(f"{name}: {'missing' if not (path / name).exists() else f'DAMAGED ({e})'}")
+            continue
+        im = members.get("images")
+        if im is None or len(im.shape) != 4 or im.dtype != np.uint8:
+            problems.append(f"{name}: DAMAGED (no uint8 N x H x W x C images)")
+            continue
+        complete += 1
+        if arrays is None:
+            arrays = {k: {"row_shape": list(m.shape[1:]), "dtype": str(m.dtype)} for k, m in members.items()}
+    summary = {"path": str(path), "format": man.get("format") or man.get("kind"), "complete": bool(man.get("complete")),
+               "num_images": man["num_images"], "num_shards": len(shards), "shards_readable": complete,
+               "arrays": arrays, "settings": settings, "verified": None, "problems": problems,
+               "preview": str(path / "preview.png") if (path / "preview.png").is_file() else None}
+    if not summary["complete"]:  # generation is under way or was stopped: a rerun writes what is missing
+        summary["note"] = (f"incomplete ({len(problems)} of {len(shards)} shards missing or unfinished): rerun the "
+                           "same generate command to finish it")
+        summary["problems"] = []
+    elif not problems:
+        try:  # row counts and every array's shape against the other shards (what reading it checks)
+            data = ShardSet(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{SET_MANIFEST}: inconsistent with its shards ({e})")
+        else:
+            if verify:
+                problems += [line.removeprefix(f"{path}/") for line in data.verify()]
+                summary["verified"] = not problems
+    return summary
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, devices and op backends of this install; what expert checkpoints "
                                     "hold (digests verified): paste into a bug report")
-    s.add_argument("experts", nargs="*", help="expert checkpoint directories to summarise and verify")
+    s.add_argument("experts", nargs="*", metavar="DIR",
+                   help="expert checkpoint directories to summarise and verify, or data-free sets (generate's --out: "
+                        "a manifest.json and its shards) to summarise")
     s.add_argument("--device", default=None, help="device whose op backends are listed (default: cuda if present)")
+    s.add_argument("--verify-data", action="store_true",
+                   help="also read every shard of a data-free set whole and check its CRC-32 (slow for large sets)")
     return s
 
 
+def _is_data_set(path: Path) -> bool:
+    return (path / SET_MANIFEST).is_file() and not (path / "config.json").exists()
+
+
 def main_json(args) -> tuple[str, list]:
-    """(the JSON text, the damaged or missing checkpoint files: "DIR/NAME: state")."""
+    """(the JSON text, the damaged or missing checkpoint files and shards: "DIR/NAME: state")."""
     out = {"environment": environment(args.device)}
-    if args.experts:
-        out["experts"] = [checkpoint_summary(p) for p in args.experts]
-    bad = [f"{c['path']}/{n}: {state}" for c in out.get("experts", []) for n, state in c["files"].items()
+    dirs = [Path(p) for p in args.experts]
+    for p in dirs:
+        if p.is_dir() and not (p / "config.json").exists() and not (p / SET_MANIFEST).exists():
+            raise FileNotFoundError(f"{p} holds neither an expert checkpoint (config.json) nor a data-free set "
+                                    f"({SET_MANIFEST})")
+    experts = [checkpoint_summary(p) for p in dirs if not _is_data_set(p)]
+    sets = [data_set_summary(p, verify=getattr(args, "verify_data", False)) for p in dirs if _is_data_set(p)]
+    if experts:
+        out["experts"] = experts
+    if sets:
+        out["data_sets"] = sets
+    bad = [f"{c['path']}/{n}: {state}" for c in experts for n, state in c["files"].items()
            if state.startswith(("DAMAGED", "missing"))]
+    bad += [f"{d['path']}/{line}" for d in sets for line in d["problems"]]
     return json.dumps(out, indent=2), bad

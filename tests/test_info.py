@@ -87,3 +87,77 @@ def test_info_on_a_hand_edited_config_names_the_damaged_key(capsys, tmp_path, ed
     rc, out, err = run(capsys, str(d))
     assert rc == 2 and not out and err.startswith("ppap-fast: error:") and len(err.strip().splitlines()) == 1
     assert "config.json is damaged" in err and repr(key) in err, err
+
+
+def _small_set(out, num_images=6, shard_size=4, size=8):
+    """A data-free set as `generate` writes it (images and teacher logits), without sampling."""
+    import numpy as np
+
+    from ppap_fast.data import ShardWriter
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(out, num_images, shard_size, meta={"kind": "datafree", "seed": 5, "respacing": "ddim3",
+                                                       "unet_state": "ab" * 32})
+    w.run(lambda k: {"images": rng.integers(0, 256, (w.shard_count(k), size, size, 3), dtype=np.uint8),
+                     "logits": rng.standard_normal((w.shard_count(k), 7)).astype(np.float32)})
+    return out
+
+
+def test_info_summarises_a_data_free_set(capsys, tmp_path):
+    data = _small_set(tmp_path / "set")
+    rc, out, err = run(capsys, str(data), str(WEIGHTS_DIR / "ppap5"), "--device", "cpu", "--verify-data")
+    assert rc == 0 and not err
+    res = json.loads(out)
+    assert [c["n_experts"] for c in res["experts"]] == [5]  # checkpoints and sets side by side
+    s = res["data_sets"][0]
+    assert (s["path"], s["complete"], s["num_images"], s["num_shards"], s["shards_readable"]) == (str(data), True, 6, 2, 2)
+    assert s["arrays"] == {"images": {"row_shape": [8, 8, 3], "dtype": "uint8"},
+                           "logits": {"row_shape": [7], "dtype": "float32"}}
+    assert s["settings"] == {"kind": "datafree", "seed": 5, "respacing": "ddim3", "unet_state": "ab" * 8}
+    assert s["verified"] is True and s["problems"] == [] and s["preview"] is None
+
+
+def test_info_names_a_data_free_sets_damaged_and_missing_shards(capsys, tmp_path):
+    data = _small_set(tmp_path / "set", size=64)
+    shard = data / "shard_00001.npz"
+    raw = bytearray(shard.read_bytes())
+    raw[9000] ^= 0xFF  # inside the images' bytes, past what the headers' read sees: only a whole read (CRC-32) does
+    shard.write_bytes(bytes(raw))
+    rc, out, err = run(capsys, str(data))
+    assert rc == 0 and json.loads(out)["data_sets"][0]["verified"] is None  # headers only: not read
+    rc, out, err = run(capsys, str(data), "--verify-data")
+    s = json.loads(out)["data_sets"][0]
+    assert rc == 2 and s["verified"] is False and "shard_00001.npz: member images.npy fails its CRC-32 check" in err
+    shard.write_bytes(bytes(raw[:300]))  # truncated: no zip directory
+    rc, out, err = run(capsys, str(data))
+    assert rc == 2 and f"{data}/shard_00001.npz: DAMAGED" in err
+    shard.unlink()
+    rc, out, err = run(capsys, str(data))
+    s = json.loads(out)["data_sets"][0]
+    assert rc == 2 and f"{data}/shard_00001.npz: missing" in err and s["shards_readable"] == 1
+
+
+def test_info_on_an_unfinished_or_foreign_data_set(capsys, tmp_path):
+    data = _small_set(tmp_path / "set")
+    man = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**man, "complete": False}))
+    (data / "shard_00001.npz").unlink()  # generation stopped: a rerun writes it, nothing is wrong
+    rc, out, err = run(capsys, str(data))
+    s = json.loads(out)["data_sets"][0]
+    assert rc == 0 and not err and not s["complete"] and s["problems"] == []
+    assert s["note"].startswith("incomplete (1 of 2 shards missing or unfinished): rerun the same generate command")
+    (data / "manifest.json").write_text('{"shards": "x"}')
+    rc, out, err = run(capsys, str(data))
+    assert rc == 2 and not out and "is not a ppap_fast data-free set manifest" in err
+
+
+def test_info_reads_a_distributed_sets_nested_config(capsys, tmp_path):
+    from ppap_fast import distributed as D
+
+    data = tmp_path / "set"
+    D.generate(D.GenerateConfig(str(data), num_images=3, shard_size=2, image_size=8, channels=1, denoiser="random-conv",
+                                respacing="ddim2", seed=7, device="cpu"), D.DistEnv())
+    rc, out, err = run(capsys, str(data))
+    s = json.loads(out)["data_sets"][0]
+    assert rc == 0 and s["format"] == D.FORMAT and s["complete"] and s["shards_readable"] == 2
+    assert s["settings"]["seed"] == 7 and s["settings"]["respacing"] == "ddim2" and s["settings"]["denoiser"] == "random-conv"
