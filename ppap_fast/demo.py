@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .data import DigitsSplits, random_shift
 from .data.shards import _atomic
 from .models.tiny import EpsModel, count_params, load_model, save_model
+from .progress import BarLoss
 from .schedule import Schedule
 
 # The demo UNet: ~0.95M parameters, attention only at 4x4 (fast enough for a CPU demo).
@@ -82,6 +83,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="train-diffusion", initial=start, total=steps, mininterval=5)
+    bar_loss = BarLoss(it, every_s=5.0)
     running = None
     step = start
     for step in it:
@@ -104,6 +106,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
             for be, bm in zip(ema.buffers(), model.buffers()):
                 be.copy_(bm)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        bar_loss.add(running)
         done = step + 1
         timed_out = max_minutes is not None and (time.time() - t0) > 60 * max_minutes
         if done % checkpoint_every == 0 or done == steps or timed_out:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import ShardSet, ShardWriter, from_uint8, to_uint8
+from .progress import BarLoss
 from .sampling import sample_loop
 from .schedule import Schedule
 
@@ -202,6 +203,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"distill ppap-{n_experts}", initial=start, total=steps, mininterval=2)
+    bar_loss = BarLoss(it)
     done = start
     for step in it:
         frac = step / steps if max_minutes is None else max(step / steps, state.elapsed_s() / (60 * max_minutes))
@@ -222,6 +224,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         bank.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
         state.record(per_sample, e, counts)
+        bar_loss.add(state.step_losses[-1])
         done = step + 1
         if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
             state.save(done)

@@ -153,6 +153,7 @@ import torch.nn as nn
 
 from .data.shards import shard_is_complete
 from .experts.checkpoint import check_experts_dir, check_output_dir
+from .progress import BarLoss
 from .seeding import PerSampleNoise
 
 MANIFEST = "manifest.json"
@@ -1453,6 +1454,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if progress and env.rank == 0:
         from tqdm import tqdm
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
+    bar_loss = BarLoss(it)
     def loss_and_grads(xt, t, target):
         """Backward of the expert-mean loss (global counts under DDP); returns the batch mean (what is
         logged) and the counts [N]."""
@@ -1505,6 +1507,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                 dist.all_reduce(mean_loss)
                 mean_loss /= env.world_size
             losses.append(float(mean_loss))
+            bar_loss.add(losses[-1])
             if not math.isfinite(losses[-1]):
                 raise DistributedRunError(f"distillation loss is {losses[-1]} at step {step} (loss {loss_kind!r})")
             if graph_step is None:  # experts without a sample on any rank stay as they were (global counts)

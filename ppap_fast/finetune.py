@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import random_shift
+from .progress import BarLoss
 from .schedule import Schedule
 
 
@@ -46,6 +47,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=desc, mininterval=2)
+    bar_loss = BarLoss(it)
     for step in it:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         xb = random_shift(x[idx], shift, generator=gen)
@@ -55,6 +57,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        bar_loss.add(loss)
     return model.cpu().eval()
 
 
@@ -189,6 +192,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"finetune noise-aware x{n_experts}", initial=start, total=steps, mininterval=2)
+    bar_loss = BarLoss(it)
     done = start
     for step in it:
         xt, yb, t = noisy_batch(x, y, batch_size, shift, gen, sched)
@@ -204,6 +208,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
         expert_mean_loss(per_sample, e, n_experts, loss_reduction, counts).backward()
         me.step_sampled_experts(opt, counts > 0)  # an expert moves on its own samples only
         state.step_losses.append(per_sample.detach().mean())
+        bar_loss.add(state.step_losses[-1])
         done = step + 1
         if checkpoint_path is not None and done % checkpoint_every == 0 and done < steps:
             state.save(done)
