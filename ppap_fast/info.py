@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -197,8 +198,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, devices and op backends of this install; what expert checkpoints "
                                     "hold (digests verified): paste into a bug report")
     s.add_argument("experts", nargs="*", metavar="DIR",
-                   help="expert checkpoint directories to summarise and verify, or data-free sets (generate's --out: "
-                        "a manifest.json and its shards) to summarise")
+                   help="expert checkpoint directories to summarise and verify, data-free sets (generate's --out: "
+                        "a manifest.json and its shards), or a distill / finetune run's --out (or its state file) "
+                        "while it trains: the step, the time and the loss so far")
     s.add_argument("--device", default=None, help="device whose op backends are listed (default: cuda if present)")
     s.add_argument("--verify-data", action="store_true",
                    help="also read every shard of a data-free set whole and check its CRC-32 (slow for large sets)")
@@ -209,20 +211,71 @@ def _is_data_set(path: Path) -> bool:
     return (path / SET_MANIFEST).is_file() and not (path / "config.json").exists()
 
 
+# where a run in progress keeps its resumable state: distributed distill inside --out, the CLI beside it
+_STATE_NAMES = ("train_state.safetensors",)
+_STATE_SUFFIXES = (".distill_state.safetensors", ".finetune_state.safetensors")
+
+
+def _training_states(path: Path) -> list[Path]:
+    """The training states ``path`` names: the file itself, or a run's --out (inside it or beside it)."""
+    if path.is_file():
+        return [path] if path.suffix == ".safetensors" else []
+    found = [path / n for n in _STATE_NAMES if (path / n).is_file()]
+    return found + [s for s in (path.with_name(path.name + x) for x in _STATE_SUFFIXES) if s.is_file()]
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if isinstance(x, float) and math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def training_state_summary(path, recent: int = 50) -> dict:
+    """A resumable training state (a distill / finetune run in progress or killed): the step it resumes from, of
+    how many, its settings, the time trained, and the mean loss over the first and the last ``recent`` steps
+    (overall and per expert where recorded). Read from its metadata and loss tensors only."""
+    from safetensors import safe_open
+
+    from ppap_fast.distributed import EXPERT_LOSSES, read_train_state_meta
+
+    path = Path(path)
+    meta = read_train_state_meta(path)
+    config = json.loads(meta.get("config", "{}"))
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        losses = f.get_tensor("losses").tolist() if "losses" in keys else []
+        expert = f.get_tensor(EXPERT_LOSSES).tolist() if EXPERT_LOSSES in keys else None
+    step, steps = int(meta.get("step", 0)), config.get("steps")
+    out = {"path": str(path), "step": step, "steps": steps,
+           "done": round(step / steps, 4) if isinstance(steps, int) and steps > 0 else None,
+           "world_size": int(meta.get("world_size", 1)),
+           "elapsed_s": round(float(meta["elapsed_s"]), 1) if "elapsed_s" in meta else None,
+           "loss_first": _mean(losses[:recent]), "loss_last": _mean(losses[-recent:]), "loss_over_steps": recent,
+           "config": config}
+    if expert:
+        out["expert_loss_last"] = [_mean(col) for col in zip(*expert[-recent:])]
+    return out
+
+
 def main_json(args) -> tuple[str, list]:
     """(the JSON text, the damaged or missing checkpoint files and shards: "DIR/NAME: state")."""
     out = {"environment": environment(args.device)}
-    dirs = [Path(p) for p in args.experts]
-    for p in dirs:
-        if p.is_dir() and not (p / "config.json").exists() and not (p / SET_MANIFEST).exists():
-            raise FileNotFoundError(f"{p} holds neither an expert checkpoint (config.json) nor a data-free set "
-                                    f"({SET_MANIFEST})")
-    experts = [checkpoint_summary(p) for p in dirs if not _is_data_set(p)]
-    sets = [data_set_summary(p, verify=getattr(args, "verify_data", False)) for p in dirs if _is_data_set(p)]
-    if experts:
-        out["experts"] = experts
-    if sets:
-        out["data_sets"] = sets
+    experts, sets, states = [], [], []
+    for p in map(Path, args.experts):
+        if (p / "config.json").exists():
+            experts.append(checkpoint_summary(p))
+        elif _is_data_set(p):
+            sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False)))
+        elif _training_states(p):  # a run under way (or killed): its resumable state
+            states += [training_state_summary(s) for s in _training_states(p)]
+        elif p.is_dir() or not p.exists():
+            raise FileNotFoundError(f"{p} holds no expert checkpoint (config.json), data-free set ({SET_MANIFEST}) "
+                                    "or training state (train_state.safetensors inside, or "
+                                    f"{p.name}.distill_state.safetensors beside it)")
+        else:
+            raise ValueError(f"{p} is a file but no training state (*.safetensors): give a directory")
+    for key, found in (("experts", experts), ("data_sets", sets), ("training_states", states)):
+        if found:
+            out[key] = found
     bad = [f"{c['path']}/{n}: {state}" for c in experts for n, state in c["files"].items()
            if state.startswith(("DAMAGED", "missing"))]
     bad += [f"{d['path']}/{line}" for d in sets for line in d["problems"]]

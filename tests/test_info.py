@@ -161,3 +161,32 @@ def test_info_reads_a_distributed_sets_nested_config(capsys, tmp_path):
     s = json.loads(out)["data_sets"][0]
     assert rc == 0 and s["format"] == D.FORMAT and s["complete"] and s["shards_readable"] == 2
     assert s["settings"]["seed"] == 7 and s["settings"]["respacing"] == "ddim2" and s["settings"]["denoiser"] == "random-conv"
+
+
+def test_info_reports_a_distill_run_in_progress(capsys, tmp_path, monkeypatch):
+    """A killed (or running) distill: info on its --out reads the state beside it: step of steps, the settings,
+    the loss over the first and last steps, per expert too."""
+    from ppap_fast.distributed import SimulatedCrash
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    common = ["--weights-dir", str(WEIGHTS_DIR), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "4", "--shard-size", "4", "--steps", "2"] + common) == 0
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(SimulatedCrash):  # the state is written at step 2, then killed at 3
+        main(["distill", "--data", str(data), "--experts", "2", "--rank", "2", "--steps", "5", "--batch-size", "4",
+              "--checkpoint-every", "2", "--out", str(out)] + common)
+    capsys.readouterr()
+    state = tmp_path / "out.distill_state.safetensors"
+    assert not out.exists() and state.is_file()
+    for arg in (out, state):
+        rc, text, err = run(capsys, str(arg))
+        assert rc == 0 and not err
+        s = json.loads(text)["training_states"][0]
+        assert (s["path"], s["step"], s["steps"], s["done"], s["world_size"]) == (str(state), 2, 5, 0.4, 1)
+        assert s["config"]["n_experts"] == 2 and s["elapsed_s"] >= 0 and s["loss_over_steps"] == 50
+        assert s["loss_first"] == s["loss_last"] and s["loss_first"] > 0  # 2 steps: both means over both
+        assert len(s["expert_loss_last"]) == 2 and all(v is None or v > 0 for v in s["expert_loss_last"])
+    (tmp_path / "notes.txt").write_text("x")
+    rc, text, err = run(capsys, str(tmp_path / "notes.txt"))
+    assert rc == 2 and "is a file but no training state" in err
