@@ -18,7 +18,7 @@
   ppap-fast guided-sample --denoiser adm:256x256_diffusion_uncond --checkpoint ADM.pt --guide resnet50 \
       --guide-weights R50.pth --experts PPAP10_DIR --targets 207 --out s.npz   (real models: see guided_sample.py)
   ppap-fast score s.npz --real real.npz   (target accuracy, IS; FD / precision / recall with --real)
-  ppap-fast info [DIR ...]   (versions, devices, op backends; checkpoints and data-free sets summarised, verified)
+  ppap-fast info [DIR ...]   (versions, devices, op backends; checkpoints, data-free sets, runs in progress)
 
 Bad input (missing or corrupt weights, a target class out of range, an unknown method, an
 unwritable output) prints one line ``ppap-fast: error: ...`` and exits with status 2.

@@ -1455,6 +1455,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         from tqdm import tqdm
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
     bar_loss = BarLoss(it)
+
     def loss_and_grads(xt, t, target):
         """Backward of the expert-mean loss (global counts under DDP); returns the batch mean (what is
         logged) and the counts [N]."""

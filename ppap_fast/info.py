@@ -151,8 +151,8 @@ def data_set_summary(path, verify: bool = False) -> dict:
         man = json.loads((path / SET_MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path / SET_MANIFEST} is not readable JSON ({e})") from None
-    shards = man.get("shards")
-    if not isinstance(man, dict) or not isinstance(shards, list) or not all(isinstance(n, str) for n in shards) \
+    shards = man.get("shards") if isinstance(man, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(n, str) for n in shards) \
             or not isinstance(man.get("num_images"), int):
         raise ValueError(f"{path / SET_MANIFEST} is not a ppap_fast data-free set manifest (no shards list / num_images)")
     config = man.get("config") if isinstance(man.get("config"), dict) else man  # distributed: nested
@@ -196,7 +196,8 @@ def data_set_summary(path, verify: bool = False) -> dict:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, devices and op backends of this install; what expert checkpoints "
-                                    "hold (digests verified): paste into a bug report")
+                                    "(digests verified), data-free sets and runs in progress hold: paste into a bug "
+                                    "report")
     s.add_argument("experts", nargs="*", metavar="DIR",
                    help="expert checkpoint directories to summarise and verify, data-free sets (generate's --out: "
                         "a manifest.json and its shards), or a distill / finetune run's --out (or its state file) "

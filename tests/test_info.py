@@ -146,9 +146,10 @@ def test_info_on_an_unfinished_or_foreign_data_set(capsys, tmp_path):
     s = json.loads(out)["data_sets"][0]
     assert rc == 0 and not err and not s["complete"] and s["problems"] == []
     assert s["note"].startswith("incomplete (1 of 2 shards missing or unfinished): rerun the same generate command")
-    (data / "manifest.json").write_text('{"shards": "x"}')
-    rc, out, err = run(capsys, str(data))
-    assert rc == 2 and not out and "is not a ppap_fast data-free set manifest" in err
+    for bad in ('{"shards": "x"}', '[1, 2]'):
+        (data / "manifest.json").write_text(bad)
+        rc, out, err = run(capsys, str(data))
+        assert rc == 2 and not out and "is not a ppap_fast data-free set manifest" in err
 
 
 def test_info_reads_a_distributed_sets_nested_config(capsys, tmp_path):
