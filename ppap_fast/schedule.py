@@ -25,11 +25,15 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) 
 
 def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tensor:
     """Betas (float64) of guided-diffusion's "linear" or "cosine" schedule."""
-    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+    if not isinstance(num_timesteps, numbers.Integral) or isinstance(num_timesteps, bool) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    num_timesteps = int(num_timesteps)
     if name == "linear":
         scale = 1000 / num_timesteps
         start, end = scale * 0.0001, scale * 0.02
+        if end >= 1:  # beta 1 zeroes alphas_cumprod: x_0 = x_t / 0, every sample NaN
+            raise ValueError(f"the linear schedule needs num_timesteps > 20 (its last beta, 20 / num_timesteps, "
+                             f"must stay below 1), got {num_timesteps}; use more steps and respacing, or 'cosine'")
         if num_timesteps == 1:
             return torch.tensor([start], dtype=torch.float64)
         # numpy.linspace's arithmetic (i * step + start, last = end), bit-exact with guided-diffusion;
@@ -113,8 +117,9 @@ class Schedule:
     def from_betas(cls, betas: torch.Tensor, timestep_map: Iterable[int] | None = None,
                    original_num_timesteps: int | None = None) -> "Schedule":
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+        if betas.ndim != 1 or betas.numel() == 0 or not bool(((betas > 0) & (betas < 1)).all()):
+            # a beta of 1 made alphas_cumprod 0 and every table derived from 1 / alphas_cumprod infinite
+            raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1)")
         n = betas.numel()
         tmap = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map), dtype=torch.long)
         if tmap.numel() != n:
@@ -150,6 +155,7 @@ class Schedule:
                respacing: str | Sequence[int] | None = None) -> "Schedule":
         """Base schedule, optionally respaced ("ddim25", "250" or 250, "10,10,5", or a list)."""
         base = get_named_beta_schedule(name, num_timesteps)
+        num_timesteps = base.numel()  # a numpy int as an int
         if isinstance(respacing, numbers.Integral) and not isinstance(respacing, bool):
             respacing = str(int(respacing))
         if respacing is None or respacing == "" or respacing == str(num_timesteps):

@@ -109,11 +109,31 @@ def test_from_betas_rejects_bad_betas():
         Schedule.from_betas(torch.tensor([0.1, 0.0, 0.2]))
     with pytest.raises(ValueError, match="betas"):
         Schedule.from_betas(torch.tensor([[0.1]]))
+    with pytest.raises(ValueError, match=r"betas must be a non-empty 1-D tensor with values in \(0, 1\)"):
+        Schedule.from_betas(torch.tensor([0.1, 1.0]))  # alphas_cumprod 0: inf tables, every sample NaN
+    with pytest.raises(ValueError, match="non-empty"):
+        Schedule.from_betas(torch.tensor([]))  # a schedule of no steps: sampling returned x_T
     betas = torch.tensor([0.1, 0.2, 0.3])  # a timestep map that is no respacing of T = 10 (it was accepted)
     assert Schedule.from_betas(betas, [0, 4, 9], 10).timestep_map.tolist() == [0, 4, 9]
     for bad in ([0, 9, 4], [0, 4, 4], [-1, 4, 9], [0, 4, 10]):
         with pytest.raises(ValueError, match=r"timestep_map must be strictly increasing original timesteps in \[0, 10\)"):
             Schedule.from_betas(betas, bad, 10)
+
+
+def test_linear_schedule_few_timesteps():
+    # T = 20 made the last beta exactly 1 (alphas_cumprod 0): every sample came out NaN, blamed on the
+    # denoiser; T < 20 said only 'betas must be ... in (0, 1]'
+    for T in (1, 10, 20):
+        with pytest.raises(ValueError, match=rf"linear schedule needs num_timesteps > 20 .*got {T}"):
+            Schedule.create("linear", T)
+    s = Schedule.create("linear", 21)
+    assert bool(torch.isfinite(s.sqrt_recip_alphas_cumprod).all())
+    assert Schedule.create("cosine", 10).num_timesteps == 10
+    # a numpy int is an int; a bool is not
+    s = Schedule.create("linear", np.int64(50), "10")
+    assert s.num_timesteps == 10 and type(s.original_num_timesteps) is int
+    with pytest.raises(ValueError, match="num_timesteps must be a positive int"):
+        get_named_beta_schedule("linear", True)
 
 
 def test_respacing_as_int():
