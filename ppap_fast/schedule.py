@@ -192,6 +192,18 @@ class Schedule:
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Diffuse x_start to step index t: sqrt(abar) x0 + sqrt(1-abar) noise."""
+        if not isinstance(x_start, torch.Tensor) or not x_start.is_floating_point():
+            raise ValueError(f"x_start must be a floating tensor, got {getattr(x_start, 'dtype', type(x_start))}")
+        t = torch.as_tensor(t, device=self.device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold integer step indices, got {t.dtype}")
+        in_range = ((t >= 0) & (t < self.num_timesteps)).all()  # t = -1 read the last step's table
+        msg = f"t must be step indices in [0, {self.num_timesteps})"
+        if in_range.device.type == "cpu":
+            if not bool(in_range):
+                raise ValueError(msg)
+        else:
+            torch._assert_async(in_range, msg)
         if noise is None:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:

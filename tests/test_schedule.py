@@ -145,3 +145,19 @@ def test_respacing_as_int():
     assert space_timesteps(1000, 10) == space_timesteps(1000, "10")
     with pytest.raises(ValueError, match="section counts must be ints"):
         Schedule.create("linear", 1000, [2.5])
+
+
+def test_q_sample_checks_t_and_x_start():
+    # t = -1 silently read the last step's table; a float t or an integer x_start failed deep in indexing / randn
+    s = Schedule.create("linear", 1000, "10")
+    x0 = torch.zeros(2, 3)
+    for bad in ([0, -1], [0, 10]):
+        with pytest.raises(ValueError, match=r"t must be step indices in \[0, 10\)"):
+            s.q_sample(x0, torch.tensor(bad))
+    with pytest.raises(ValueError, match="t must hold integer step indices"):
+        s.q_sample(x0, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="x_start must be a floating tensor"):
+        s.q_sample(x0.long(), torch.tensor([0, 1]))
+    noise = torch.ones(2, 3)
+    out = s.q_sample(x0, torch.tensor([0, 9]), noise)
+    torch.testing.assert_close(out[:, 0].double(), s.sqrt_one_minus_alphas_cumprod[[0, 9]])
