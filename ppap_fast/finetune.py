@@ -39,6 +39,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     ``labels_fn(images, y_batch)`` (the semantic net: :func:`ppap_fast.data.semantic_mask`)."""
     if y is None and labels_fn is None:
         raise ValueError("train_classifier takes labels y, a labels_fn, or both (labels_fn(images, y)); got neither")
+    _check_images_labels(x, y)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -61,11 +62,29 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     return model.cpu().eval()
 
 
+def _check_images_labels(x, y) -> None:
+    """x: floating, finite images [N, ...] with N > 0; y (if any): one label row per image."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty floating tensor of images [N, C, ...], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not bool(torch.isfinite(x).all()):  # NaN images trained every expert to NaN without a word
+        raise ValueError(f"x holds {int((~torch.isfinite(x)).sum())} non-finite values (NaN/Inf)")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.ndim < 1 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"y must hold one label per image of x ({x.shape[0]}), got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> float:
+    if x.shape[0] == 0:
+        raise ValueError("accuracy of no images (x is empty)")
     model.eval()
     logits = model(x) if t is None else model(x, t)
-    return float((logits.argmax(1) == y).float().mean())
+    pred = logits.argmax(1)
+    y = torch.as_tensor(y, device=pred.device)
+    if y.shape != pred.shape:  # (N, 1) or (1,) broadcast into a wrong accuracy
+        raise ValueError(f"y must have shape {tuple(pred.shape)} like the predictions, got {tuple(y.shape)}")
+    return float((pred == y).float().mean())
 
 
 class MultiExperts(nn.Module):
@@ -86,6 +105,8 @@ class MultiExperts(nn.Module):
         t = torch.as_tensor(t, dtype=torch.long)
         if t.ndim == 0:
             t = t.expand(batch)
+        if t.ndim != 1 or t.shape[0] != batch:  # rows without a t came out as zeros
+            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         if bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(f"t out of range [0, {self.num_timesteps})")
         return torch.div(t, self.band, rounding_mode="floor")
@@ -101,11 +122,11 @@ class MultiExperts(nn.Module):
             if out is None:
                 out = o.new_zeros((x.shape[0],) + o.shape[1:])
             out = out.index_copy(0, sel, o)
-        return out
+        return self.experts[0](x) if out is None else out  # an empty batch: no expert ran (it returned None)
 
     def sampled_experts(self, t) -> torch.Tensor:
         """bool [N]: which experts the original timesteps ``t`` ([B]) route a sample to."""
-        idx = self.expert_index(t, 1)
+        idx = self.expert_index(t, torch.as_tensor(t).numel())
         return torch.zeros(self.n_experts, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
 
     def step_sampled_experts(self, opt, sampled: torch.Tensor) -> None:
@@ -171,6 +192,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
                                         or checkpoint_every <= 0):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     check_loss_reduction(loss_reduction)
+    _check_images_labels(x, y)
     from .distributed import LocalTrainState, _kill_hook, module_fingerprint, tensors_fingerprint
 
     ident = None

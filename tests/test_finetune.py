@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ppap_fast.finetune import MultiExperts, _cosine_lr, finetune_noise_aware, noisy_batch
+from ppap_fast.finetune import MultiExperts, _cosine_lr, accuracy, finetune_noise_aware, noisy_batch, train_classifier
 from ppap_fast.schedule import Schedule
 
 N_EXPERTS, STEPS, BATCH, LR, WD = 4, 8, 5, 2e-2, 0.1
@@ -153,3 +153,36 @@ def test_finetune_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, monk
     assert again.resumed_from_step == 5 and all(torch.equal(a[k], again.state_dict()[k]) for k in a)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=0, **kw)
+
+
+def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
+    # y of shape (N, 1) or (1,) broadcast against the predictions into a wrong accuracy, an empty x gave NaN;
+    # a t shorter than the batch left the rows without one as zeros; an empty batch returned None
+    base = _tiny_classifier()
+    x, _ = _data(6)
+    y = base.eval()(x).argmax(1)
+    assert accuracy(base, x, y) == 1.0
+    for bad in (y[:, None], y[:1]):
+        with pytest.raises(ValueError, match=r"y must have shape \(6,\)"):
+            accuracy(base, x, bad)
+    with pytest.raises(ValueError, match="no images"):
+        accuracy(base, x[:0], y[:0])
+    me = MultiExperts(base, 2, 10).eval()
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(6,\)"):
+        me(x, torch.tensor([0, 9]))
+    assert me(x[:0], torch.zeros(0, dtype=torch.long)).shape == (0, 10)
+    assert me.sampled_experts(torch.tensor([0, 1, 2])).tolist() == [True, False]
+
+
+def test_training_refuses_mismatched_or_nonfinite_data():
+    # y shorter than x failed mid-training with an IndexError (longer: silently misaligned); NaN images
+    # trained every expert to NaN without an error
+    x, y = _data(6)
+    for train in (lambda x, y: train_classifier(_tiny_classifier(), x, y, steps=1, batch_size=2, progress=False),
+                  lambda x, y: finetune_noise_aware(_tiny_classifier(), x, y, steps=1, batch_size=2, progress=False)):
+        with pytest.raises(ValueError, match=r"y must hold one label per image of x \(6\)"):
+            train(x, y[:3])
+        with pytest.raises(ValueError, match="x holds 1 non-finite"):
+            train(torch.where(torch.arange(x.numel()).view_as(x) == 5, float("nan"), x), y)
+        with pytest.raises(ValueError, match="x must be a non-empty floating tensor"):
+            train((x * 100).to(torch.uint8), y)
