@@ -13,7 +13,8 @@ import torch
 
 def _f64(a, what: str = "features") -> np.ndarray:
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        a = a.detach().cpu()
+        a = (a.double() if a.is_floating_point() else a).numpy()  # numpy has no bfloat16
     a = np.asarray(a, dtype=np.float64)
     if not np.isfinite(a).all():
         raise ValueError(f"{what} hold {int((~np.isfinite(a)).sum())} non-finite values (NaN/Inf)")
@@ -55,8 +56,10 @@ def _radii(x: np.ndarray, k: int) -> np.ndarray:
 def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
     """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
     r, f = _f64(real_feats), _f64(fake_feats)
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
+        raise ValueError(f"feature arrays must be N x D with equal D, got {r.shape} and {f.shape}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int of at least 1, got {k!r}")
     if r.shape[0] <= k or f.shape[0] <= k:
         raise ValueError(f"need more than k={k} samples in each set")
     # distances come from |a|^2 + |b|^2 - 2 a.b: centred, so a large common mean does not cancel them
@@ -97,8 +100,14 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
     """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W. Each batch
     goes to the evaluator's device and dtype (those of its first floating parameter), the results
     come back to the CPU in float64."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        # uint8 pixels (0..255) were scored as values of [-1, 1] images: wrong features, no error
+        raise ValueError(f"images must be a floating tensor in [-1, 1], got "
+                         f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.shape[0] == 0:
         raise ValueError("no images to score (an empty sample set)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     evaluator.eval()
     p = next((p for p in evaluator.parameters() if p.is_floating_point()), None)
     device, dtype = (p.device, p.dtype) if p is not None else (images.device, torch.float32)

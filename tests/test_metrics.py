@@ -47,6 +47,33 @@ def test_bad_shapes():
         frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+    # these failed inside numpy (broadcast / axis / index errors) naming neither argument
+    r = np.random.default_rng(0).normal(size=(10, 4))
+    for a, b in ((r, r[:, :3]), (r[:, 0], r[:, 0]), (r.reshape(10, 2, 2), r.reshape(10, 2, 2))):
+        with pytest.raises(ValueError, match="feature arrays must be N x D with equal D"):
+            precision_recall(a, b)
+    for k in (2.5, True, 0):
+        with pytest.raises(ValueError, match="k must be an int of at least 1"):
+            precision_recall(r, r, k=k)
+
+
+def test_bfloat16_tensors_are_scored():
+    # numpy has no bfloat16: 'Got unsupported ScalarType BFloat16'
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(20, 3, generator=g), torch.randn(20, 3, generator=g) + 1
+    assert frechet_distance(a.bfloat16(), b.bfloat16()) == pytest.approx(
+        frechet_distance(a.bfloat16().float(), b.bfloat16().float()))
+    p = torch.softmax(a, 1)
+    assert inception_score(p.bfloat16()) == pytest.approx(inception_score(p.bfloat16().float()))
+
+
+def test_evaluator_outputs_refuses_integer_images_and_bad_batch_size():
+    # uint8 pixels went to the evaluator as 0..255 floats, scored as [-1, 1] images without an error
+    ev = _Evaluator()
+    with pytest.raises(ValueError, match=r"images must be a floating tensor in \[-1, 1\], got torch.uint8"):
+        evaluator_outputs(ev, torch.zeros(3, 1, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluator_outputs(ev, torch.zeros(3, 1, 2, 2), batch_size=0)
 
 
 class _Evaluator(torch.nn.Module):
