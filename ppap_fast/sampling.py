@@ -254,7 +254,7 @@ def model_variance(v: torch.Tensor | None, x: torch.Tensor, idx: torch.Tensor, s
     if var_type == "fixed_small":
         var_tab, log_tab = schedule.posterior_variance, schedule.posterior_log_variance_clipped
     else:  # fixed_large: betas, with posterior_variance[1] at index 0 (a better log-likelihood, as in ADM)
-        var_tab = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        var_tab = schedule.fixed_large_variance()
         log_tab = var_tab.log()
     var, log_var = extract(var_tab, idx, x), extract(log_tab, idx, x)
     return var.expand_as(x), log_var.expand_as(x)

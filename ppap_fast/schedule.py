@@ -179,6 +179,13 @@ class Schedule:
     def num_timesteps(self) -> int:
         return self.betas.numel()
 
+    def fixed_large_variance(self) -> torch.Tensor:
+        """DDPM's fixed_large variance: betas with posterior_variance[1] at index 0 (as ADM); a 1-step
+        schedule has no [1] (it failed with an IndexError) and keeps its beta."""
+        if self.num_timesteps == 1:
+            return self.betas.clone()
+        return torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+
     @property
     def device(self) -> torch.device:
         return self.betas.device

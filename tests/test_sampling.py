@@ -587,6 +587,23 @@ def test_ddim_eta_one_few_steps_float32_stays_finite():
     torch.testing.assert_close(out.sample.double(), want.sample, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("learned", [False, True])
+def test_ddpm_on_a_one_step_schedule(learned):
+    # fixed_large reads posterior_variance[1], which a 1-step schedule lacks: sample_loop raised an IndexError,
+    # the fast path a size mismatch (it builds the fixed_large table for C outputs whatever the model gives)
+    s = Schedule.create("linear", 1000, "1")
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    guide = lambda x, t: torch.full_like(x, 0.5)
+    ref = sample_loop(FakeModel(learned), x_T, s, sampler="ddpm", guide=guide)
+    fast = fast_sampling.fast_sample_loop(FakeModel(learned), x_T, s, sampler="ddpm", guide=guide)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    if not learned:  # fixed_large at the only step: its beta scales the grad
+        out = ddpm_step(FakeModel(False), x_T, 0, s, grad=torch.ones_like(x_T), var_type="fixed_large")
+        unguided = ddpm_step(FakeModel(False), x_T, 0, s, var_type="fixed_large")
+        torch.testing.assert_close(out.mean - unguided.mean, torch.full_like(x_T, float(s.betas[0])))
+
+
 @pytest.mark.parametrize("eta", [float("inf"), float("-inf"), float("nan"), -0.5, "1"])
 def test_eta_must_be_finite_nonnegative(eta):
     # eta=inf used to run and return NaN samples with no error

@@ -75,7 +75,7 @@ def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
             c[:, 4] = s.posterior_variance.log()
             mode = MODES["ddpm_fixed"]
         elif var_type == "fixed_large":
-            c[:, 4] = torch.cat([s.posterior_variance[1:2], s.betas[1:]]).log()
+            c[:, 4] = s.fixed_large_variance().log()
             mode = MODES["ddpm_fixed"]
         else:
             raise ValueError(f"unknown var_type {var_type!r}: expected learned_range, fixed_small or fixed_large")
