@@ -907,6 +907,7 @@ class FastGuidedSampler:
         self._check_x(x)
         if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
+        x = x.detach()  # an x_T requiring grad chained every step into one autograd graph (sample_loop: no_grad)
         if self.guide is not None:
             _gd.check_guide_batch(self.guide, x.shape[0])
         steps = range(self.schedule.num_timesteps - 1, -1, -1)
@@ -930,6 +931,11 @@ class FastGuidedSampler:
                 traj.append(x.clone() if graphs else x)
         if graphs:
             x = x.clone()
+        bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step (as sample_loop)
+        if bad:  # NaN samples came back without a word
+            warnings.warn(f"FastGuidedSampler.sample: {bad} of {x.shape[0]} samples hold NaN/Inf (a half-precision "
+                          "model overflowing? a guidance scale too large? sampling.sample_loop names the stage and "
+                          "step that went non-finite first)", RuntimeWarning, stacklevel=2)
         return (x, torch.stack(traj)) if return_trajectory else x
 
 

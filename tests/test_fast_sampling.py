@@ -401,6 +401,32 @@ def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
         fast.step(out, 3)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_warns_of_non_finite_samples_as_the_reference(sampler):
+    # sample_loop warns when samples come out NaN; the fast path returned them without a word
+    sched = Schedule.create("linear", 1000, "ddim5")
+    nan_model = lambda x, t: torch.where(t.view(-1, 1, 1, 1) < 100, float("nan"), 0.1 * x)  # noqa: E731
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=r"FastGuidedSampler.sample: 4 of 4 samples hold NaN/Inf"):
+        out = fast_sample_loop(nan_model, x_T, sched, sampler=sampler)
+    assert torch.isnan(out).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fast_sample_loop(lambda x, t: 0.1 * x, x_T, sched, sampler=sampler)
+    assert torch.isfinite(out).all()
+
+
+def test_sample_from_an_x_T_requiring_grad_builds_no_graph(setup):
+    # every fused step chained onto x_T's autograd graph (sample_loop runs under no_grad): the result required
+    # grad and held all the steps' tensors
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    out, traj = FastGuidedSampler(model, sched, guide=guide).sample(x_T, return_trajectory=True)
+    assert not out.requires_grad and not traj.requires_grad
+    assert rel_err(out, sample_loop(model, x_T, sched, guide=guide)) < TOL
+
+
 def test_cudnn_benchmark_option_is_scoped(setup, monkeypatch):
     """cudnn_benchmark switches torch.backends.cudnn.benchmark on only inside a CUDA step (restored
     after, also when the step raises); on CPU it changes nothing."""
