@@ -140,6 +140,7 @@ def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tenso
                        temperature: float = TEACHER_TEMPERATURE) -> torch.Tensor:
     """:func:`kd_loss` of each sample: [B]."""
     _check_temperature(temperature)
+    _check_kl(student_logits, teacher_logits)  # teacher [B, 1] or [1, K] broadcast into a wrong loss
     s, t = _upcast(student_logits, teacher_logits)
     p_t = F.softmax(t / temperature, dim=1)
     return F.kl_div(F.log_softmax(s, dim=1), p_t, reduction="none").sum(1)
@@ -241,6 +242,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
 def smooth_losses(values, window: int) -> np.ndarray:
     """Running mean over the last ``window`` steps, NaN (an expert without samples that step) skipped;
     NaN where the window holds none."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window must be a positive int (steps), got {window!r}")  # 0: every value NaN
     v = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(v)
     csum = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])

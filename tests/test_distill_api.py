@@ -54,3 +54,27 @@ def test_distillation_temperature_must_be_positive_and_finite(temperature):
                  lambda: distill_loss_per_sample("pixel_kl", s[..., None], t[..., None], temperature)):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             loss()
+
+
+def test_kd_loss_refuses_teacher_logits_of_another_shape():
+    # kd_loss broadcast teacher logits [B, 1] or [1, K] against the student's [B, K]: a wrong loss, no error
+    from ppap_fast.distill import kd_loss, kd_loss_per_sample
+
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    for bad in (t[:, :1], t[:1]):
+        for loss in (kd_loss, kd_loss_per_sample):
+            with pytest.raises(ValueError, match=r"kl loss: the student's output has shape \(4, 10\)"):
+                loss(s, bad)
+    with pytest.raises(ValueError, match=r"kl loss takes \[B, K\] logits"):
+        kd_loss(s[..., None], t[..., None])
+    assert kd_loss_per_sample(s, t).shape == (4,)
+
+
+def test_smooth_losses_window_must_be_positive():
+    # window 0 returned all NaN without an error
+    from ppap_fast.distill import smooth_losses
+
+    assert smooth_losses([1.0, 3.0, float("nan"), 5.0], 2).tolist() == [1.0, 2.0, 3.0, 5.0]
+    for w in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            smooth_losses([1.0, 2.0], w)
