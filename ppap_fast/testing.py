@@ -42,9 +42,11 @@ def _load(path) -> dict:
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| as a float; inf on shape mismatch or any non-finite value (NaN never passes)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)  # numpy arrays too
     if a.shape != b.shape:
         return float("inf")
-    d = (a.detach().double().cpu() - b.detach().double().cpu()).abs()
+    dt = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64  # .double() dropped the imaginary part
+    d = (a.detach().cpu().to(dt) - b.detach().cpu().to(dt)).abs()
     if d.numel() == 0:
         return 0.0
     if not bool(torch.isfinite(d).all()):
@@ -57,7 +59,10 @@ def state_dict_sha256(state_dict: dict) -> str:
     h = hashlib.sha256()
     for k, v in state_dict.items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        v = v.detach().cpu().contiguous()
+        if v.dtype == torch.bfloat16:  # numpy has none: its raw bytes, as numpy's tobytes() gives the others'
+            v = v.view(torch.int16)
+        h.update(v.numpy().tobytes())
     return h.hexdigest()
 
 

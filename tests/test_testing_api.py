@@ -21,3 +21,25 @@ def test_ppap_checkpoint_manifest(fixtures_dir, tmp_path):
 def test_adm_checks(fixtures_dir):
     assert testing.check_adm_golden(fixtures_dir / "adm_small_golden_1.pt") < 1e-4
     assert testing.check_adm_manifest(fixtures_dir / "adm256_uncond_keys.json") == 552_814_086
+
+
+def test_max_abs_err_compares_complex_and_numpy_inputs():
+    import numpy as np
+    import torch
+
+    # complex tensors went through .double(), which drops the imaginary part: 1+1j vs 1+2j gave 0.0
+    assert testing.max_abs_err(torch.tensor([1 + 1j]), torch.tensor([1 + 2j])) == pytest.approx(1.0)
+    assert testing.max_abs_err(torch.tensor([1 + 1j]), torch.tensor([complex(1, float("nan"))])) == float("inf")
+    assert testing.max_abs_err(np.array([1.0, 2.0]), np.array([1.0, 2.5])) == pytest.approx(0.5)  # 'no .detach'
+    assert testing.max_abs_err(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == float("inf")
+
+
+def test_state_dict_sha256_of_bfloat16_weights():
+    import torch
+
+    # numpy has no bfloat16: 'Got unsupported ScalarType BFloat16'
+    w = torch.randn(3, 2)
+    bf = {"w": w.bfloat16()}
+    assert testing.state_dict_sha256(bf) == testing.state_dict_sha256({"w": w.bfloat16().view(torch.int16)})
+    assert testing.state_dict_sha256(bf) != testing.state_dict_sha256({"w": (w * 2).bfloat16()})
+    assert testing.state_dict_sha256({"s": torch.tensor(1.0, dtype=torch.bfloat16)})  # 0-d too
