@@ -34,7 +34,11 @@ def teacher_logits(teacher: nn.Module, images_u8: np.ndarray, batch_size: int = 
     out = []
     for i in range(0, images_u8.shape[0], batch_size):
         out.append(teacher(from_uint8(images_u8[i:i + batch_size]).to(device)).float().cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+    y = torch.cat(out)
+    if not bool(torch.isfinite(y).all()):  # cached as distillation targets: every expert would train to NaN
+        raise ValueError(f"teacher logits {tuple(y.shape)} hold {int((~torch.isfinite(y)).sum())} non-finite "
+                         "values (NaN/Inf: a half-precision teacher overflowing?)")
+    return y.numpy().astype(np.float32)
 
 
 def _image_shape(unet, image_shape) -> tuple:

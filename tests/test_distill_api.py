@@ -78,3 +78,20 @@ def test_smooth_losses_window_must_be_positive():
     for w in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="window must be a positive int"):
             smooth_losses([1.0, 2.0], w)
+
+
+def test_generate_datafree_refuses_non_finite_teacher_logits(tmp_path):
+    # a teacher giving NaN / Inf (an fp16 overflow) had them cached as the distillation targets, silently
+    import numpy as np
+
+    from ppap_fast.distill import teacher_logits
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    assert np.isfinite(teacher_logits(teacher, images, batch_size=2)).all()
+    with torch.no_grad():
+        teacher.fc.bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"teacher logits \(3, 3\) hold 3 non-finite values"):
+        teacher_logits(teacher, images, batch_size=2)
+    with pytest.raises(ValueError, match="non-finite"):
+        generate_datafree(_unet(1, 8), teacher, tmp_path / "a", 2, 2, respacing="ddim2", progress=False)
