@@ -283,9 +283,16 @@ def eps_correction(eps: torch.Tensor, grad: torch.Tensor, alphas_cumprod_t) -> t
     alphas_cumprod_t: a float or a tensor broadcastable against eps (e.g. [B,1,1,1]);
     grad already includes the guidance scale.
     """
+    if not isinstance(grad, torch.Tensor) or grad.shape != eps.shape:  # [C, H, W] broadcast over the batch
+        raise ValueError(f"grad must have the shape of eps {tuple(eps.shape)}, got "
+                         f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
     abar = torch.as_tensor(alphas_cumprod_t, dtype=eps.dtype, device=eps.device)
     if abar.ndim == 1 and eps.ndim > 1 and abar.shape[0] == eps.shape[0]:
         abar = abar.view(-1, *([1] * (eps.ndim - 1)))
+    if abar.numel() != 1 and (abar.ndim != eps.ndim or torch.broadcast_shapes(abar.shape, eps.shape) != eps.shape):
+        # a [T] or [B, 1] table broadcast along the image's last dims instead of the batch
+        raise ValueError(f"alphas_cumprod_t must be a float, [B] or [B, 1, ...] for eps {tuple(eps.shape)}, "
+                         f"got shape {tuple(abar.shape)}")
     return eps - (1 - abar).sqrt() * grad
 
 

@@ -302,6 +302,12 @@ def test_eps_correction_and_grad_equals_guide():
     expected = eps - (1 - abar).sqrt().view(2, 1, 1, 1) * grad
     torch.testing.assert_close(eps_correction(eps, grad, abar), expected)
     torch.testing.assert_close(eps_correction(eps, grad, 0.25), eps - math.sqrt(0.75) * grad)
+    # a grad of one sample, or an abar table of another length, broadcast along the wrong dims silently
+    with pytest.raises(ValueError, match=r"grad must have the shape of eps \(2, 3, 4, 4\)"):
+        eps_correction(eps, grad[0], abar)
+    for bad in (s.alphas_cumprod[:4], abar[:, None]):
+        with pytest.raises(ValueError, match="alphas_cumprod_t must be a float, \\[B\\] or"):
+            eps_correction(eps, grad, bad)
     c = ddpm_step(FakeModel(), x, 10, s, grad=grad, noise=torch.zeros_like(x))
     d = ddpm_step(FakeModel(), x, 10, s, guide=guide, noise=torch.zeros_like(x))
     assert torch.equal(c.sample, d.sample)
