@@ -273,7 +273,11 @@ def p_mean_variance(model_output: torch.Tensor, x: torch.Tensor, idx: torch.Tens
 
 def _process_xstart(x0: torch.Tensor, clip_denoised: bool, denoised_fn) -> torch.Tensor:
     if denoised_fn is not None:
-        x0 = denoised_fn(x0)
+        out = denoised_fn(x0)
+        if not isinstance(out, torch.Tensor) or out.shape != x0.shape:  # [B, 1, H, W] broadcast into the mean
+            raise ValueError(f"denoised_fn must return a tensor shaped like pred_xstart {tuple(x0.shape)}, got "
+                             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        x0 = out.to(x0.dtype)
     return x0.clamp(-1, 1) if clip_denoised else x0
 
 

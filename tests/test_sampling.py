@@ -593,6 +593,19 @@ def test_ddim_eta_one_few_steps_float32_stays_finite():
     torch.testing.assert_close(out.sample.double(), want.sample, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("step", [ddim_step, ddpm_step])
+def test_denoised_fn_must_keep_pred_xstarts_shape(step):
+    # a denoised_fn returning [B, 1, H, W] was broadcast into the mean / eps of every channel, silently
+    s = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"denoised_fn must return a tensor shaped like pred_xstart \(2, 3, 4, 4\)"):
+        step(FakeModel(), x, 3, s, denoised_fn=lambda x0: x0.mean(1, keepdim=True))
+    out = step(FakeModel(), x, 3, s, denoised_fn=lambda x0: 0.5 * x0.double())
+    want = step(FakeModel(), x, 3, s, denoised_fn=lambda x0: 0.5 * x0)
+    assert out.sample.dtype == x.dtype
+    torch.testing.assert_close(out.pred_xstart, want.pred_xstart)
+
+
 @pytest.mark.parametrize("learned", [False, True])
 def test_ddpm_on_a_one_step_schedule(learned):
     # fixed_large reads posterior_variance[1], which a 1-step schedule lacks: sample_loop raised an IndexError,
