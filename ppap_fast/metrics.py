@@ -126,7 +126,12 @@ def score_samples(evaluator, images: torch.Tensor, labels, real_images: torch.Te
     """All metrics for one sample set against the held-out real images."""
     feats, probs = evaluator_outputs(evaluator, images)
     rfeats = real_outputs[0] if real_outputs is not None else evaluator_outputs(evaluator, real_images)[0]
-    labels = np.asarray(labels, dtype=np.int64)
+    raw = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if raw.dtype.kind not in "iu" and not (raw.dtype.kind == "f" and np.isfinite(raw).all()
+                                           and (raw == np.round(raw)).all()):
+        # 2.7 was truncated to class 2 (NaN to some int) by the int64 cast, without an error
+        raise ValueError(f"labels must be integer class indices, got {raw.dtype} values")
+    labels = raw.astype(np.int64)
     if labels.shape != (images.shape[0],):  # (N, 1) or (1,) would broadcast into a wrong accuracy
         raise ValueError(f"labels must have shape ({images.shape[0]},) like the images, got {labels.shape}")
     prec, rec = precision_recall(rfeats, feats, k)

@@ -148,6 +148,20 @@ def test_score_samples_refuses_labels_that_do_not_match_the_images(bad_labels):
         score_samples(ev, images, bad_labels(labels), images)
 
 
+def test_score_samples_refuses_labels_that_are_not_class_indices():
+    # float labels were cast to int64: 2.7 scored as class 2, NaN as an arbitrary class, silently
+    from ppap_fast.metrics import score_samples
+
+    images = torch.rand(6, 1, 2, 2) * 2 - 1
+    ev = _Evaluator()
+    labels = evaluator_outputs(ev, images)[1].argmax(1)
+    for ok in (labels, labels.astype(np.float32), torch.from_numpy(labels)):
+        assert score_samples(ev, images, ok, images)["target_accuracy"] == 1.0
+    for bad in (labels + 0.7, np.where(np.arange(6) == 0, np.nan, labels), labels.astype(str)):
+        with pytest.raises(ValueError, match="labels must be integer class indices"):
+            score_samples(ev, images, bad, images)
+
+
 def test_frechet_distance_refuses_features_whose_covariance_overflows():
     x = np.random.default_rng(0).normal(size=(10, 3)) * 1e200  # finite, but squares overflow float64
     with pytest.raises(ValueError, match="overflows"):
