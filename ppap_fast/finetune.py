@@ -102,7 +102,10 @@ class MultiExperts(nn.Module):
         self.num_classes = base.fc.out_features if hasattr(base, "fc") else None
 
     def expert_index(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.long)
+        t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:  # 499.9 was truncated into a band
+            raise ValueError(f"t must hold integer (original) timesteps, got dtype {t.dtype}")
+        t = t.long()
         if t.ndim == 0:
             t = t.expand(batch)
         if t.ndim != 1 or t.shape[0] != batch:  # rows without a t came out as zeros

@@ -171,6 +171,8 @@ def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
     with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(6,\)"):
         me(x, torch.tensor([0, 9]))
     assert me(x[:0], torch.zeros(0, dtype=torch.long)).shape == (0, 10)
+    with pytest.raises(ValueError, match="t must hold integer"):  # as ExpertBank (4.9 was truncated to 4)
+        me(x, torch.full((6,), 4.9))
     assert me.sampled_experts(torch.tensor([0, 1, 2])).tolist() == [True, False]
 
 
