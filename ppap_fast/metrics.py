@@ -134,6 +134,9 @@ def score_samples(evaluator, images: torch.Tensor, labels, real_images: torch.Te
     labels = raw.astype(np.int64)
     if labels.shape != (images.shape[0],):  # (N, 1) or (1,) would broadcast into a wrong accuracy
         raise ValueError(f"labels must have shape ({images.shape[0]},) like the images, got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):  # never on target: accuracy fell silently
+        raise ValueError(f"labels must be class indices in [0, {probs.shape[1]}) (the evaluator's classes), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
     prec, rec = precision_recall(rfeats, feats, k)
     return {
         "target_accuracy": float((probs.argmax(1) == labels).mean()),

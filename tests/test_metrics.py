@@ -160,6 +160,9 @@ def test_score_samples_refuses_labels_that_are_not_class_indices():
     for bad in (labels + 0.7, np.where(np.arange(6) == 0, np.nan, labels), labels.astype(str)):
         with pytest.raises(ValueError, match="labels must be integer class indices"):
             score_samples(ev, images, bad, images)
+    for bad in (np.where(np.arange(6) == 0, 3, labels), np.where(np.arange(6) == 0, -1, labels)):
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 3\)"):  # were never on target
+            score_samples(ev, images, bad, images)
 
 
 def test_frechet_distance_refuses_features_whose_covariance_overflows():
