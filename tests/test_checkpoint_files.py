@@ -39,6 +39,20 @@ def test_config_records_digests_and_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_rank_from_numpy_is_saved_and_a_bool_rank_refused(tmp_path):
+    # r=np.int64(2) was refused ('must be a positive int'); r=True built rank-1 adapters
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    bank = ExpertBank(net, "resnet", n_experts=2, r=np.int64(2), alpha=1)
+    assert type(bank.placement.r) is int and bank.placement.r == 2
+    save_experts(bank, tmp_path / "ck")
+    assert read_config(tmp_path / "ck")["r"] == 2 and _same(load_experts(tmp_path / "ck", _fresh()), bank)
+    with pytest.raises(ValueError, match="Placement.r must be a positive int, got True"):
+        ExpertBank(net, "resnet", n_experts=2, r=True)
+
+
 @pytest.mark.parametrize("killed_in", ["save_safetensors_atomic", "write_json_atomic"])
 def test_an_interrupted_overwrite_leaves_the_previous_checkpoint(tmp_path, monkeypatch, killed_in):
     """A save over a checkpoint killed before its config.json (the old experts file already moved

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -46,8 +47,9 @@ class Placement:
         object.__setattr__(self, "norm", tuple(self.norm))
         object.__setattr__(self, "alpha", float(self.alpha))
         check_layout(self.layout)
-        if not isinstance(self.r, int) or self.r <= 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:  # True was rank 1
             raise ValueError(f"Placement.r must be a positive int, got {self.r!r}")
+        object.__setattr__(self, "r", int(self.r))  # a numpy int too (it is written to config.json)
         if not math.isfinite(self.alpha):  # NaN experts, found only when saving after the whole run
             raise ValueError(f"Placement.alpha must be a finite number, got {self.alpha!r}")
         for name, lst in (("lora", self.lora), ("bias", self.bias), ("norm", self.norm)):
