@@ -105,7 +105,14 @@ class FirstNonFinite:
         return f"{stage} went non-finite first, at step {step + 1} of {n_steps} (t={shown})"
 
 
+def _check_schedule(schedule) -> None:
+    if not isinstance(schedule, Schedule):  # a respacing string failed with "'str' object has no attribute 'device'"
+        raise TypeError(f"schedule must be a Schedule (e.g. Schedule.create('linear', 1000, 'ddim25')), got "
+                        f"{type(schedule).__name__}")
+
+
 def _check_x(x: torch.Tensor, schedule: Schedule, name: str = "x") -> None:
+    _check_schedule(schedule)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 2 or x.shape[0] == 0:
@@ -474,6 +481,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     RuntimeWarning naming the stage (guidance gradient, eps, step) and the step that went non-finite first.
     """
     check_sampler_options(sampler, eta, var_type)
+    _check_schedule(schedule)
     if isinstance(shape_or_x, torch.Tensor):
         x = shape_or_x
     else:

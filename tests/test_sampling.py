@@ -441,6 +441,11 @@ def test_bad_inputs_raise():
         sample_loop(m, x, s, sampler="euler")
     with pytest.raises(ValueError, match="eta"):
         ddim_step(m, x, 3, s, eta=float("nan"))
+    for bad in ("ddim25", None):  # "'str' object has no attribute 'device'"
+        with pytest.raises(TypeError, match="schedule must be a Schedule"):
+            sample_loop(m, (2, 3, 4, 4), bad)
+        with pytest.raises(TypeError, match="schedule must be a Schedule"):
+            ddpm_step(m, x, 3, bad)
 
 
 @pytest.mark.parametrize("step", [ddim_step, ddpm_step])
