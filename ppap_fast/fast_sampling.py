@@ -91,7 +91,7 @@ from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
 from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_sampler_options,
-                       denoiser_output)
+                       denoiser_output, sample_shape)
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -903,7 +903,7 @@ class FastGuidedSampler:
         if isinstance(shape_or_x, torch.Tensor):
             x = shape_or_x
         else:
-            x = torch.randn(tuple(int(s) for s in shape_or_x), generator=generator, device=self.device, dtype=dtype)
+            x = torch.randn(sample_shape(shape_or_x), generator=generator, device=self.device, dtype=dtype)
         self._check_x(x)
         if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")

@@ -111,6 +111,17 @@ def _check_schedule(schedule) -> None:
                         f"{type(schedule).__name__}")
 
 
+def sample_shape(shape) -> tuple:
+    """The shape of x_T to draw, as ints (numpy ints too): (2.5, 3) was truncated to (2, 3) silently."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape_or_x must be x_T (a tensor) or a shape [B, C, ...], got {type(shape).__name__}") from None
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
+        raise ValueError(f"the shape of x_T must be ints [B, C, ...], got {dims!r}")
+    return tuple(int(d) for d in dims)
+
+
 def _check_x(x: torch.Tensor, schedule: Schedule, name: str = "x") -> None:
     _check_schedule(schedule)
     if not isinstance(x, torch.Tensor):
@@ -485,8 +496,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     if isinstance(shape_or_x, torch.Tensor):
         x = shape_or_x
     else:
-        shape = tuple(int(s) for s in shape_or_x)
-        x = torch.randn(shape, generator=generator, device=schedule.device, dtype=dtype)
+        x = torch.randn(sample_shape(shape_or_x), generator=generator, device=schedule.device, dtype=dtype)
     _check_x(x, schedule, "x_T")
     if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")

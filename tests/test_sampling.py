@@ -441,6 +441,13 @@ def test_bad_inputs_raise():
         sample_loop(m, x, s, sampler="euler")
     with pytest.raises(ValueError, match="eta"):
         ddim_step(m, x, 3, s, eta=float("nan"))
+    for loop in (sample_loop, fast_sampling.fast_sample_loop):  # (2.5, 3, 4, 4) drew (2, 3, 4, 4) silently
+        with pytest.raises(ValueError, match=r"the shape of x_T must be ints \[B, C, ...\], got \(2.5, 3, 4, 4\)"):
+            loop(m, (2.5, 3, 4, 4), s)
+        with pytest.raises(TypeError, match="shape_or_x must be x_T"):
+            loop(m, 2, s)
+    import numpy as np
+    assert sample_loop(FakeModel(), np.array([2, 3, 4, 4]), s).shape == (2, 3, 4, 4)
     for bad in ("ddim25", None):  # "'str' object has no attribute 'device'"
         with pytest.raises(TypeError, match="schedule must be a Schedule"):
             sample_loop(m, (2, 3, 4, 4), bad)
