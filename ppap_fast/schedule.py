@@ -69,7 +69,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
-    section_counts = list(section_counts)
+    section_counts = section_counts.tolist() if hasattr(section_counts, "tolist") else list(section_counts)  # arrays
     if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in section_counts):
         raise ValueError(f"section counts must be ints (steps per section), got {section_counts!r}")
     section_counts = [int(c) for c in section_counts]
@@ -158,7 +158,8 @@ class Schedule:
         num_timesteps = base.numel()  # a numpy int as an int
         if isinstance(respacing, numbers.Integral) and not isinstance(respacing, bool):
             respacing = str(int(respacing))
-        if respacing is None or respacing == "" or respacing == str(num_timesteps):
+        # a str test first: an array compared with == had an ambiguous truth value
+        if respacing is None or (isinstance(respacing, str) and respacing in ("", str(num_timesteps))):
             return cls.from_betas(base, original_num_timesteps=num_timesteps)
         return cls.respaced(base, space_timesteps(num_timesteps, respacing))
 

@@ -136,6 +136,15 @@ def test_linear_schedule_few_timesteps():
         get_named_beta_schedule("linear", True)
 
 
+def test_respacing_as_an_array():
+    # np.array([5, 5]) failed with 'truth value of an array ... is ambiguous', a tensor as 'must be ints'
+    want = Schedule.create("linear", 1000, "5,5").timestep_map.tolist()
+    for r in (np.array([5, 5]), torch.tensor([5, 5]), (5, 5)):
+        assert Schedule.create("linear", 1000, r).timestep_map.tolist() == want
+    with pytest.raises(ValueError, match="section counts must be ints"):
+        Schedule.create("linear", 1000, torch.tensor([5.0]))
+
+
 def test_respacing_as_int():
     # an int respacing raised "'int' object is not iterable"; it means the same as its string
     assert Schedule.create("linear", 1000, 25).timestep_map.tolist() == \
