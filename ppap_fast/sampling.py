@@ -116,7 +116,8 @@ def sample_shape(shape) -> tuple:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise TypeError(f"shape_or_x must be x_T (a tensor) or a shape [B, C, ...], got {type(shape).__name__}") from None
+        raise TypeError(f"shape_or_x must be x_T (a tensor) or a shape [B, C, ...], "
+                        f"got {type(shape).__name__}") from None
     if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims):
         raise ValueError(f"the shape of x_T must be ints [B, C, ...], got {dims!r}")
     return tuple(int(d) for d in dims)

@@ -45,7 +45,8 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = torch.as_tensor(a), torch.as_tensor(b)  # numpy arrays too
     if a.shape != b.shape:
         return float("inf")
-    dt = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64  # .double() dropped the imaginary part
+    # complex: .double() dropped the imaginary part
+    dt = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
     d = (a.detach().cpu().to(dt) - b.detach().cpu().to(dt)).abs()
     if d.numel() == 0:
         return 0.0
