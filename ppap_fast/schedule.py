@@ -192,6 +192,10 @@ class Schedule:
         return self.betas.device
 
     def to(self, device) -> "Schedule":
+        if isinstance(device, torch.dtype):  # converted every table: float timesteps for the model, float32 tables
+            raise TypeError(f"Schedule.to takes a device, got the dtype {device}: the tables stay float64 and "
+                            "the timestep map long (the steps cast to x's dtype themselves)")
+        device = torch.device(device)
         kwargs = {}
         for f in fields(self):
             v = getattr(self, f.name)

@@ -102,6 +102,9 @@ def test_extract_and_to():
         extract(s.betas, torch.tensor([1, 2, 3]), like)
     m = s.to("meta")
     assert m.betas.device.type == "meta" and m.timestep_map.device.type == "meta"
+    # a dtype converted every table: the denoiser got float timesteps, the tables lost float64
+    with pytest.raises(TypeError, match="Schedule.to takes a device, got the dtype torch.float32"):
+        s.to(torch.float32)
 
 
 def test_from_betas_rejects_bad_betas():
