@@ -203,6 +203,20 @@ def test_merged_equals_expert_in_eval(builder, rule, layout):
     assert rel(bank.merged(0)(x), bank.merged(3)(x)) > 1e-4
 
 
+def test_fold_batchnorm_folds_eval_mode_norms_only():
+    # the docstring says eval-mode BatchNorms; a model in train mode had its (batch-statistics) norms folded
+    # with their running statistics, changing its output
+    from ppap_fast.experts import fold_batchnorm_
+
+    model = randomise_bn(small_resnet(BasicBlock)).train()
+    x = torch.randn(4, 3, 32, 32, dtype=D)
+    want = model(x)
+    assert fold_batchnorm_(model) == [] and rel(model(x), want) < 1e-12
+    model.eval()
+    want = model(x)
+    assert fold_batchnorm_(model) and rel(model(x), want) < 1e-10
+
+
 def test_mobilenet_v2_depthwise_merged():
     model = randomise_bn(torchvision.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25)).to(D)
     bank = randomise_bank(ExpertBank(model, "mobilenet_v2", n_experts=2), std=0.05).eval()

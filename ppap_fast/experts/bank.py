@@ -460,8 +460,8 @@ def fold_batchnorm_(model: nn.Module) -> list:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         bn = mods[node.target]
-        if len(node.args) != 1 or node.kwargs or not bn.track_running_stats:
-            continue
+        if len(node.args) != 1 or node.kwargs or not bn.track_running_stats or bn.training:
+            continue  # a train-mode BatchNorm normalises by batch statistics: folding its running ones changed it
         prev = node.args[0]
         if not (isinstance(prev, fx.Node) and prev.op == "call_module" and isinstance(mods.get(prev.target), nn.Conv2d)):
             continue
