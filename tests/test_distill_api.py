@@ -95,3 +95,18 @@ def test_generate_datafree_refuses_non_finite_teacher_logits(tmp_path):
         teacher_logits(teacher, images, batch_size=2)
     with pytest.raises(ValueError, match="non-finite"):
         generate_datafree(_unet(1, 8), teacher, tmp_path / "a", 2, 2, respacing="ddim2", progress=False)
+
+
+def test_distill_ppap_refuses_non_finite_cached_logits(tmp_path, monkeypatch):
+    # a set caching NaN logits (written before generate_datafree checked them) trained every expert to NaN
+    import numpy as np
+
+    from ppap_fast import distill
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    real = distill.teacher_logits
+    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: np.full_like(real(*a, **k), np.nan))
+    generate_datafree(_unet(1, 8), teacher, tmp_path / "set", 4, 2, respacing="ddim2", progress=False)
+    monkeypatch.setattr(distill, "teacher_logits", real)
+    with pytest.raises(ValueError, match=r"the teacher logits cached in .*set hold NaN / Inf"):
+        distill.distill_ppap(teacher, tmp_path / "set", n_experts=2, steps=2, batch_size=2, progress=False)
