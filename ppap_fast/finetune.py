@@ -78,8 +78,12 @@ def _check_images_labels(x, y) -> None:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> float:
     if x.shape[0] == 0:
         raise ValueError("accuracy of no images (x is empty)")
+    was_training = model.training  # left in eval mode, a training loop calling this went on with eval BatchNorm
     model.eval()
-    logits = model(x) if t is None else model(x, t)
+    try:
+        logits = model(x) if t is None else model(x, t)
+    finally:
+        model.train(was_training)
     pred = logits.argmax(1)
     y = torch.as_tensor(y, device=pred.device)
     if y.shape != pred.shape:  # (N, 1) or (1,) broadcast into a wrong accuracy

@@ -108,16 +108,20 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
         raise ValueError("no images to score (an empty sample set)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    was_training = evaluator.training  # restored: a training loop scoring itself went on in eval mode
     evaluator.eval()
     p = next((p for p in evaluator.parameters() if p.is_floating_point()), None)
     device, dtype = (p.device, p.dtype) if p is not None else (images.device, torch.float32)
     feats, probs = [], []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].to(device=device, dtype=dtype)
-        h = evaluator.features(x)
-        logits = evaluator.head(h) if hasattr(evaluator, "head") else evaluator.fc(h)
-        feats.append(h.cpu().double().numpy())
-        probs.append(torch.softmax(logits.cpu().double(), 1).numpy())
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            x = images[i:i + batch_size].to(device=device, dtype=dtype)
+            h = evaluator.features(x)
+            logits = evaluator.head(h) if hasattr(evaluator, "head") else evaluator.fc(h)
+            feats.append(h.cpu().double().numpy())
+            probs.append(torch.softmax(logits.cpu().double(), 1).numpy())
+    finally:
+        evaluator.train(was_training)
     return np.concatenate(feats), np.concatenate(probs)
 
 

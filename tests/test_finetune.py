@@ -167,6 +167,8 @@ def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
             accuracy(base, x, bad)
     with pytest.raises(ValueError, match="no images"):
         accuracy(base, x[:0], y[:0])
+    base.train()  # scored in eval mode, then left in it: a training loop calling accuracy went on in eval mode
+    assert accuracy(base, x, y) == 1.0 and base.training
     me = MultiExperts(base, 2, 10).eval()
     with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(6,\)"):
         me(x, torch.tensor([0, 9]))

@@ -67,6 +67,19 @@ def test_bfloat16_tensors_are_scored():
     assert inception_score(p.bfloat16()) == pytest.approx(inception_score(p.bfloat16().float()))
 
 
+def test_evaluator_outputs_restores_the_evaluators_mode():
+    # it switched the evaluator to eval mode for good: a training loop scoring its model went on in eval mode
+    ev = _Evaluator().train()
+    modes = []
+    features = ev.features
+    ev.features = lambda x: modes.append(ev.training) or features(x)
+    evaluator_outputs(ev, torch.rand(3, 1, 2, 2) * 2 - 1)
+    assert modes == [False] and ev.training
+    ev.eval()
+    evaluator_outputs(ev, torch.rand(3, 1, 2, 2) * 2 - 1)
+    assert not ev.training
+
+
 def test_evaluator_outputs_refuses_integer_images_and_bad_batch_size():
     # uint8 pixels went to the evaluator as 0..255 floats, scored as [-1, 1] images without an error
     ev = _Evaluator()
