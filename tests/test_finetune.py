@@ -190,3 +190,6 @@ def test_training_refuses_mismatched_or_nonfinite_data():
             train(torch.where(torch.arange(x.numel()).view_as(x) == 5, float("nan"), x), y)
         with pytest.raises(ValueError, match="x must be a non-empty floating tensor"):
             train((x * 100).to(torch.uint8), y)
+    for kw in ({"steps": 0}, {"batch_size": 0}, {"steps": 2.5}):  # ran without training, or failed in range()
+        with pytest.raises(ValueError, match="steps and batch_size must be positive ints"):
+            train_classifier(_tiny_classifier(), x, y, progress=False, **{"steps": 1, "batch_size": 2, **kw})
