@@ -106,7 +106,7 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
                          f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.shape[0] == 0:
         raise ValueError("no images to score (an empty sample set)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     was_training = evaluator.training  # restored: a training loop scoring itself went on in eval mode
     evaluator.eval()

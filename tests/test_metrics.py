@@ -87,6 +87,7 @@ def test_evaluator_outputs_refuses_integer_images_and_bad_batch_size():
         evaluator_outputs(ev, torch.zeros(3, 1, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         evaluator_outputs(ev, torch.zeros(3, 1, 2, 2), batch_size=0)
+    assert evaluator_outputs(ev, torch.zeros(3, 1, 2, 2), batch_size=np.int64(2))[0].shape == (3, 4)
 
 
 class _Evaluator(torch.nn.Module):
