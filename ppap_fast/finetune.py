@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     if y is None and labels_fn is None:
         raise ValueError("train_classifier takes labels y, a labels_fn, or both (labels_fn(images, y)); got neither")
     _check_images_labels(x, y)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in (steps, batch_size)):
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in (steps, batch_size)):
         # batch_size 0 "trained" on empty batches (weight decay only), steps 0 returned the model untrained
         raise ValueError(f"steps and batch_size must be positive ints, got steps={steps!r}, batch_size={batch_size!r}")
     torch.manual_seed(seed)

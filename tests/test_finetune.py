@@ -193,3 +193,5 @@ def test_training_refuses_mismatched_or_nonfinite_data():
     for kw in ({"steps": 0}, {"batch_size": 0}, {"steps": 2.5}):  # ran without training, or failed in range()
         with pytest.raises(ValueError, match="steps and batch_size must be positive ints"):
             train_classifier(_tiny_classifier(), x, y, progress=False, **{"steps": 1, "batch_size": 2, **kw})
+    import numpy as np
+    train_classifier(_tiny_classifier(), x, y, steps=np.int64(1), batch_size=np.int32(2), progress=False)
