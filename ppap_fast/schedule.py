@@ -166,7 +166,10 @@ class Schedule:
     @classmethod
     def respaced(cls, base_betas: torch.Tensor, use_timesteps: Iterable[int]) -> "Schedule":
         base = cls.from_betas(base_betas)
-        keep = sorted(set(int(t) for t in use_timesteps))
+        vals = use_timesteps.tolist() if hasattr(use_timesteps, "tolist") else list(use_timesteps)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals):  # 500.7 kept 500
+            raise ValueError(f"respaced timesteps must be ints, got {vals[:8]!r}")
+        keep = sorted(set(int(t) for t in vals))
         if not keep or keep[0] < 0 or keep[-1] >= base.num_timesteps:
             raise ValueError("respaced timesteps must lie in [0, T)")
         new_betas, last = [], 1.0

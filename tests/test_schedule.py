@@ -148,6 +148,15 @@ def test_respacing_as_an_array():
         Schedule.create("linear", 1000, torch.tensor([5.0]))
 
 
+def test_respaced_timesteps_must_be_ints():
+    # 500.7 was truncated to 500 silently
+    b = get_named_beta_schedule("linear", 1000)
+    for ok in ([0, 500, 999], torch.tensor([0, 500, 999]), np.array([0, 500, 999])):
+        assert Schedule.respaced(b, ok).timestep_map.tolist() == [0, 500, 999]
+    with pytest.raises(ValueError, match="respaced timesteps must be ints"):
+        Schedule.respaced(b, [0, 500.7, 999])
+
+
 def test_respacing_as_int():
     # an int respacing raised "'int' object is not iterable"; it means the same as its string
     assert Schedule.create("linear", 1000, 25).timestep_map.tolist() == \
