@@ -121,7 +121,10 @@ class Schedule:
             # a beta of 1 made alphas_cumprod 0 and every table derived from 1 / alphas_cumprod infinite
             raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1)")
         n = betas.numel()
-        tmap = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map), dtype=torch.long)
+        tmap = torch.arange(n) if timestep_map is None else torch.as_tensor(list(timestep_map))
+        if tmap.is_floating_point() or tmap.is_complex() or tmap.dtype == torch.bool:  # 4.5 was truncated to 4
+            raise ValueError(f"timestep_map must hold integer timesteps, got {tmap.dtype}")
+        tmap = tmap.long()
         if tmap.numel() != n:
             raise ValueError(f"timestep_map has {tmap.numel()} entries for {n} betas")
         T = original_num_timesteps or n

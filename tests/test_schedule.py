@@ -155,6 +155,9 @@ def test_respaced_timesteps_must_be_ints():
         assert Schedule.respaced(b, ok).timestep_map.tolist() == [0, 500, 999]
     with pytest.raises(ValueError, match="respaced timesteps must be ints"):
         Schedule.respaced(b, [0, 500.7, 999])
+    with pytest.raises(ValueError, match="timestep_map must hold integer timesteps"):
+        Schedule.from_betas(torch.tensor([0.1, 0.2]), [0, 4.5], 10)
+    assert Schedule.from_betas(torch.tensor([0.1, 0.2]), np.array([0, 4]), 10).timestep_map.tolist() == [0, 4]
 
 
 def test_respacing_as_int():
