@@ -100,8 +100,9 @@ class MultiExperts(nn.Module):
 
     def __init__(self, base: nn.Module, n_experts: int, num_timesteps: int = 1000):
         super().__init__()
-        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts <= 0:
+        if isinstance(n_experts, bool) or not isinstance(n_experts, numbers.Integral) or n_experts <= 0:
             raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
+        n_experts = int(n_experts)  # a numpy int too (as ExpertBank)
         if num_timesteps % n_experts:
             raise ValueError(f"n_experts={n_experts} must divide num_timesteps={num_timesteps}")
         self.n_experts, self.num_timesteps = n_experts, num_timesteps

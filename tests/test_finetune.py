@@ -176,6 +176,10 @@ def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
     with pytest.raises(ValueError, match="t must hold integer"):  # as ExpertBank (4.9 was truncated to 4)
         me(x, torch.full((6,), 4.9))
     assert me.sampled_experts(torch.tensor([0, 1, 2])).tolist() == [True, False]
+    import numpy as np
+    assert type(MultiExperts(base, np.int64(2), 10).n_experts) is int  # was refused as 'not a positive int'
+    with pytest.raises(ValueError, match="n_experts must be a positive int"):
+        MultiExperts(base, True, 10)
 
 
 def test_training_refuses_mismatched_or_nonfinite_data():
