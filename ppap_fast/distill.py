@@ -345,6 +345,8 @@ def _check_pair(student, teacher, kind, min_dim):
                          "resolution?)")
     if student.dim() < min_dim:
         raise ValueError(f"{kind} loss needs at least {min_dim} dims, got shape {tuple(student.shape)}")
+    if student.shape[0] == 0:  # its mean is NaN
+        raise ValueError(f"{kind} loss of an empty batch (shape {tuple(student.shape)})")
 
 
 def _check_kl(student, teacher):

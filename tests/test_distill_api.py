@@ -1,4 +1,5 @@
 """ppap_fast.distill's Python entry points with models other than the demo's."""
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,28 @@ def test_kd_loss_refuses_teacher_logits_of_another_shape():
     with pytest.raises(ValueError, match=r"kl loss takes \[B, K\] logits"):
         kd_loss(s[..., None], t[..., None])
     assert kd_loss_per_sample(s, t).shape == (4,)
+
+
+def test_distillation_losses_refuse_an_empty_batch():
+    # their batch mean was NaN without an error
+    from ppap_fast.distill import dense_mse_loss, kd_loss, pixel_kd_loss
+
+    for loss, shape in ((kd_loss, (0, 10)), (pixel_kd_loss, (0, 3, 4, 4)), (dense_mse_loss, (0, 1, 4, 4))):
+        with pytest.raises(ValueError, match="loss of an empty batch"):
+            loss(torch.randn(shape), torch.randn(shape))
+        ok = loss(torch.randn(2, *shape[1:]), torch.randn(2, *shape[1:]))
+        assert torch.isfinite(ok)
+
+
+def test_a_set_of_a_fractional_image_count_is_refused(tmp_path):
+    # ShardWriter truncated 3.5 images to 3 silently
+    from ppap_fast.data import ShardWriter
+
+    for bad in ({"num_images": 3.5, "shard_size": 2}, {"num_images": 4, "shard_size": 2.0},
+                {"num_images": True, "shard_size": 2}, {"num_images": 0, "shard_size": 2}):
+        with pytest.raises(ValueError, match="num_images and shard_size must be positive ints"):
+            ShardWriter(tmp_path / "s", **bad)
+    assert ShardWriter(tmp_path / "s", np.int64(4), 2).num_shards == 2
 
 
 def test_smooth_losses_window_must_be_positive():

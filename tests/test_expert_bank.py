@@ -588,6 +588,13 @@ def test_batchnorms_no_expert_owns_stay_frozen_in_training():
     assert torch.equal(bank.model[1].running_var, before)
 
 
+def test_zero_lora_alpha_is_refused():
+    """alpha 0 made the LoRA scale alpha / r zero: the adapters added nothing and never learned, silently."""
+    with pytest.raises(ValueError, match="Placement.alpha must not be 0"):
+        Placement(lora=("0",), r=2, alpha=0)
+    assert Placement(lora=("0",), r=2, alpha=-1).scale == -0.5
+
+
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
 def test_non_finite_lora_alpha_is_refused_before_training(alpha, capsys):
     """alpha nan trained every step into NaN experts, refused only when saving them at the end."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import numbers
 import os
 import re
 import struct
@@ -174,8 +175,9 @@ class ShardWriter:
     """Resumable writer: ``run(make_shard)`` calls ``make_shard(k)`` only for missing shards."""
 
     def __init__(self, directory, num_images: int, shard_size: int, meta: dict | None = None):
-        if num_images <= 0 or shard_size <= 0:
-            raise ValueError("num_images and shard_size must be positive")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in (num_images, shard_size)):
+            # 3.5 images became 3 silently
+            raise ValueError(f"num_images and shard_size must be positive ints, got {num_images!r}, {shard_size!r}")
         self.dir = Path(directory)
         self.num_images = int(num_images)
         self.shard_size = int(shard_size)

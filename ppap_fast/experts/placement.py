@@ -52,6 +52,9 @@ class Placement:
         object.__setattr__(self, "r", int(self.r))  # a numpy int too (it is written to config.json)
         if not math.isfinite(self.alpha):  # NaN experts, found only when saving after the whole run
             raise ValueError(f"Placement.alpha must be a finite number, got {self.alpha!r}")
+        if self.alpha == 0:  # LoRA scale alpha / r = 0: the adapters add nothing and get no gradient
+            raise ValueError("Placement.alpha must not be 0: the LoRA scale alpha / r would be 0, so the adapters "
+                             "would contribute and learn nothing")
         for name, lst in (("lora", self.lora), ("bias", self.bias), ("norm", self.norm)):
             dup = sorted({m for m in lst if lst.count(m) > 1})
             if dup:
