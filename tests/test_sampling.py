@@ -670,3 +670,24 @@ def test_first_non_finite_tracks_on_the_device_without_host_sync(device):
     mixed = sampling.FirstNonFinite(torch.device(device), stages)
     mixed.see(stages[0], bad, 0, torch.tensor([7, 9], device=device))  # a mixed-timestep batch: every t
     assert mixed.describe(3) == "the guidance gradient went non-finite first, at step 1 of 3 (t=[7, 9])"
+
+
+def test_step_index_takes_numpy_integers():
+    """ddim_step / ddpm_step refused np.int64(2) ('got int64') where an int works; numpy int arrays act as tensors."""
+    import numpy as np
+
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(3, 1, 4, 4)
+
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    noise = torch.randn_like(x)
+    for step, kw in ((ddim_step, {}), (ddpm_step, {"noise": noise})):
+        want = step(model, x, 2, sched, **kw).sample
+        for idx in (np.int64(2), np.int32(2), np.full(3, 2, dtype=np.int64)):
+            assert torch.equal(step(model, x, idx, sched, **kw).sample, want)
+        with pytest.raises(ValueError, match="index must be an integer tensor"):
+            step(model, x, np.full(3, 2.0), sched)
+        with pytest.raises(ValueError, match=r"index 5 out of range \[0, 5\)"):
+            step(model, x, np.int64(5), sched)
