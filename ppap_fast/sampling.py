@@ -518,6 +518,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     traj = []
     needs_noise = sampler == "ddpm" or eta > 0
     first_bad = FirstNonFinite(x.device, ("the guidance gradient", "the denoiser's output (eps)", "the step's sample"))
+    guided_steps = 0
     with torch.no_grad():
         for i in steps:
             noise = noise_fn(i, x) if (noise_fn is not None and needs_noise) else None
@@ -530,6 +531,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
             x = out.sample
             k, t = schedule.num_timesteps - 1 - i, schedule.timestep_map[i]  # k-th step, original t
             if out.grad is not None:
+                guided_steps += 1
                 first_bad.see("the guidance gradient", out.grad, k, t)
             first_bad.see("the denoiser's output (eps)", out.eps, k, t)
             first_bad.see("the step's sample", x, k, t)
@@ -537,6 +539,9 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
                 callback(i, out)
             if return_trajectory:
                 traj.append(x)
+    if guide is not None and not guided_steps:  # None means "no gradient at this step": at every step, unguided
+        warnings.warn(f"sample_loop: the guide returned no gradient (None) at all {schedule.num_timesteps} steps: "
+                      "the samples are unguided", RuntimeWarning, stacklevel=2)
     bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step
     if bad:
         warnings.warn(f"sample_loop: {bad} of {x.shape[0]} samples hold NaN/Inf: "

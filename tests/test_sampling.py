@@ -691,3 +691,19 @@ def test_step_index_takes_numpy_integers():
             step(model, x, np.full(3, 2.0), sched)
         with pytest.raises(ValueError, match=r"index 5 out of range \[0, 5\)"):
             step(model, x, np.int64(5), sched)
+
+
+def test_a_guide_that_never_gives_a_gradient_is_reported():
+    """None is "no gradient at this step"; a guide returning it at every step sampled unguided without a word."""
+    import warnings
+
+    s = Schedule.create("linear", 1000, "ddim4")
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="the guide returned no gradient \\(None\\) at all 4 steps: the samples "
+                                            "are unguided"):
+        out = sample_loop(FakeModel(), x_T, s, guide=lambda x, t: None)
+    assert torch.equal(out, sample_loop(FakeModel(), x_T, s))
+    late = lambda x, t: None if int(t[0]) >= 300 else torch.zeros_like(x)  # guided at some steps: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample_loop(FakeModel(), x_T, s, guide=late)
