@@ -610,19 +610,26 @@ def save_bar_chart(path, results: dict) -> Path:
     return Path(path)
 
 
-def _remove_other_methods_files(out: Path, tags: set) -> None:
-    """A previous run's samples_<method>.npz / grid_<method>.png of methods not in this run (only names
-    of methods parse_method accepts: other files are the user's)."""
-    for p in out.iterdir():
-        for prefix, suffix in (("samples_", ".npz"), ("grid_", ".png")):
-            tag = p.name[len(prefix):-len(suffix)] if p.name.startswith(prefix) and p.name.endswith(suffix) else ""
-            if not tag or tag in tags or not p.is_file():
-                continue
-            try:
-                parse_method(tag)
-            except DemoError:
-                continue
-            p.unlink(missing_ok=True)
+DEMO_RECORD = "demo_outputs.json"  # the files demo runs wrote in --out: the only ones removed as stale
+
+
+def _read_demo_record(out: Path) -> set:
+    """Names of the files earlier demo runs wrote in ``out`` (none if there is no readable record)."""
+    import json
+
+    try:
+        names = json.loads((out / DEMO_RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(names, list):
+        return set()
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", DEMO_RECORD) and Path(n).name == n}
+
+
+def _write_demo_record(out: Path, names: set) -> None:
+    from .data.shards import write_json_atomic
+
+    write_json_atomic(out / DEMO_RECORD, {"files": sorted(names)})
 
 
 def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
@@ -653,10 +660,33 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         from .seg_demo import SEG_METHODS, load_seg_guide
         for m in SEG_METHODS:
             load_seg_guide(weights_dir, m)
-    # a previous run's summary must not sit beside this run's samples if it stops early (or skips segmentation)
-    for stale in ("results.json", "results.png", "comparison.png", "segmentation.png"):
+    from .data.shards import remove_stale_tmp
+
+    summary_files = ["results.json", "results.png", "comparison.png"]
+    seg_files = []
+    if seg_per_target:
+        seg_files = [f"seg_samples_{m}.npz" for m in SEG_METHODS] + ["segmentation.png"]
+    this_run = set(summary_files + seg_files)
+    this_run |= {f"{kind}_{m.replace('/', '_')}{ext}" for m in methods for kind, ext in (("samples", ".npz"),
+                                                                                         ("grid", ".png"))}
+    recorded = _read_demo_record(out)
+    for name in this_run | recorded | {DEMO_RECORD}:
+        remove_stale_tmp(out / name, Path(name).suffix)  # a killed run's atomic-write temporaries
+    # a previous run's summary must not sit beside this run's samples if it stops early
+    for stale in summary_files + seg_files[-1:]:
         (out / stale).unlink(missing_ok=True)
-    _remove_other_methods_files(out, {m.replace("/", "_") for m in methods})
+    # an earlier demo run's outputs this run does not rewrite (other methods, skipped segmentation);
+    # only recorded ones: a file the user made is never removed
+    for name in recorded - this_run:
+        if (out / name).is_file():
+            (out / name).unlink()
+    written = {n for n in recorded if (out / n).exists()}
+
+    def record(*names):
+        written.update(names)
+        _write_demo_record(out, written)
+
+    record()
     targets = cyclic_targets(num_samples)
     results, pictured = {}, {}
     t_start = time.time()
@@ -666,7 +696,9 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         tag = m.replace("/", "_")
         path = save_samples(out / f"samples_{tag}.npz", x, targets.numpy())
         images, labels = read_samples(path)
+        record(path.name)
         save_grid(out / f"grid_{tag}.png", images, labels)
+        record(f"grid_{tag}.png")
         pictured[m] = images
         results[m] = {**evaluate_samples(images, labels, evaluator), **stats}
         if progress:
@@ -679,6 +711,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
 
         seg = run_segmentation(out, weights_dir, seg_per_target, sampler, steps, scale, seed, batch_size, progress,
                                unet=unet, evaluator=evaluator)
+        record(*seg_files)
     summary = {"methods": results, "sampler": sampler, "steps": steps or (25 if sampler == "ddim" else 250),
                "scale": scale, "seed": seed, "num_samples": num_samples, "total_seconds": round(time.time() - t_start, 1),
                "torch_threads": torch.get_num_threads()}
@@ -688,6 +721,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     save_bar_chart(out / "results.png", results)
     save_comparison(out / "comparison.png", pictured, targets.numpy(),
                     {m: f"acc {r['target_accuracy']:.2f}, FD {r['fd']:.0f}" for m, r in results.items()})
+    record(*summary_files)
     print(format_table(results))
     if seg is not None:
         from .seg_demo import format_seg_table

@@ -88,6 +88,7 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     out.mkdir()
     for name in ("results.json", "results.png", "comparison.png", "segmentation.png"):
         (out / name).write_text("an older run's")
+    demo._write_demo_record(out, {"segmentation.png"})  # as the older run recorded it
     real, calls = demo.sample_method, []
 
     def killed_at_the_second_method(*a, **k):
@@ -107,16 +108,50 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
 
 
 def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path):
-    """A rerun with fewer --methods left the earlier run's samples_<m>.npz / grid_<m>.png of the others."""
+    """A rerun with fewer --methods left the earlier run's samples_<m>.npz / grid_<m>.png of the others;
+    a killed run's atomic-write temporaries stayed for good."""
+    from ppap_fast.demo import DEMO_RECORD, _write_demo_record
+
     w = make_tiny_weights(tmp_path / "w")
     out = tmp_path / "out"
     out.mkdir()
     stale = ["samples_ppap-5.npz", "grid_ppap-5.png", "samples_multi-experts-5.npz", "grid_NAIVE.png"]
-    mine = ["samples_mine.npz", "grid_ppap-5.txt", "notes.txt"]  # not names the demo writes: kept
+    mine = ["samples_mine.npz", "grid_ppap-5.txt", "notes.txt", "samples_naive.npz"]  # not recorded: kept
     for name in stale + mine:
+        (out / name).write_text("an older run's")
+    _write_demo_record(out, set(stale))  # as the older run recorded them
+    temps = [".samples_none.npz.abcd1234.npz.tmp", ".grid_ppap-5.png.k2j4x_9z.png.tmp",
+             f".{DEMO_RECORD}.q1w2e3r4.json.tmp"]  # the names shards._atomic makes
+    mine += [".samples_none.npz.mine.tmp", "samples_none.npz.tmp", ".notes.txt.abcd1234.txt.tmp"]
+    for name in temps + mine[-3:]:
         (out / name).write_text("an older run's")
     assert main(["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
                  "--steps", "2", "--methods", "none", "--seg-per-target", "0", "--no-progress"]) == 0
-    assert not [n for n in stale if (out / n).exists()]
+    assert not [n for n in stale + temps if (out / n).exists()]
     assert all((out / n).read_text() == "an older run's" for n in mine)
     assert (out / "samples_none.npz").exists() and (out / "grid_none.png").exists()
+    assert json.loads((out / DEMO_RECORD).read_text())["files"] == sorted(
+        ["samples_none.npz", "grid_none.png", "results.json", "results.png", "comparison.png"])
+
+
+def test_rerun_removes_only_what_an_earlier_demo_run_wrote(tmp_path):
+    """A user's samples_none.npz in --out was removed as another method's; an earlier run's seg_samples_<m>.npz
+    and segmentation.png stayed after a rerun with --seg-per-target 0."""
+    from ppap_fast.seg_demo import SEG_METHODS
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
+            "--steps", "2", "--no-progress"]
+    assert main(args + ["--methods", "naive,ppap-5", "--seg-per-target", "1"]) == 0
+    earlier = ["samples_ppap-5.npz", "grid_ppap-5.png", "segmentation.png"] + [f"seg_samples_{m}.npz"
+                                                                             for m in SEG_METHODS]
+    assert all((out / n).is_file() for n in earlier)
+    mine = ["samples_none.npz", "grid_x0hat.png"]  # named as demo outputs, but the user's
+    for name in mine:
+        (out / name).write_text("mine")
+    assert main(args + ["--methods", "naive", "--seg-per-target", "0"]) == 0
+    assert not [n for n in earlier if (out / n).exists()]
+    assert all((out / n).read_text() == "mine" for n in mine)
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["naive"] and "segmentation" not in res
