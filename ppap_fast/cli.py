@@ -612,6 +612,9 @@ def _run(args) -> int:
             from .score import _same_file
             if _same_file(args.json, args.samples):  # it overwrote the samples with the metrics
                 raise DemoError(f"--json {args.json} is the sample file; name another output file")
+            from .data.shards import remove_stale_tmp
+
+            remove_stale_tmp(args.json, ".json")  # a killed run's atomic-write temporary (write_json_atomic's)
         images, labels = demo.read_samples(args.samples)
         evaluator = demo.load_evaluator(args.weights_dir)
         res = demo.evaluate_samples(images, labels, evaluator)

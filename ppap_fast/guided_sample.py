@@ -103,6 +103,10 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         if p.is_dir():  # the atomic writes would fail after all the sampling, naming a temporary file
             raise ValueError(f"output {p} is a directory; --out names a new .npz (its .png and .json go beside it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    from .data.shards import remove_stale_tmp
+
+    for p in (out, out.with_suffix(".png"), out.with_suffix(".json")):
+        remove_stale_tmp(p, p.suffix)  # a killed run's atomic-write temporaries
     return out
 
 

@@ -583,6 +583,22 @@ def test_evaluate_json_that_is_the_samples_file_is_refused(weights, tmp_path, ca
     assert "is the sample file" in _err(capsys) and s.read_bytes() == before
 
 
+def test_evaluate_removes_the_temporaries_of_a_killed_json_write(weights, tmp_path, capsys):
+    """An evaluate --json killed (SIGKILL) mid-write left its atomic-write .tmp beside the json for good."""
+    s = tmp_path / "s.npz"
+    assert main(["sample", "--weights-dir", str(weights), "--method", "none", "--num-samples", "4", "--steps", "2",
+                 "--out", str(s), "--no-progress"]) == 0
+    d = tmp_path / "m"
+    d.mkdir()
+    left = [d / ".m.txt.abcd1234.json.tmp", d / ".m.txt.k2j4x_9z.json.tmp"]  # write_json_atomic's names for m.txt
+    others = [d / ".m.json.abcd1234.json.tmp", d / ".m.txt.abcd1234.txt.tmp", d / ".m.txt.mine.tmp", d / "notes.txt"]
+    for p in left + others:
+        p.write_text("left")
+    assert main(["evaluate", str(s), "--weights-dir", str(weights), "--json", str(d / "m.txt")]) == 0
+    assert (d / "m.txt").is_file() and not [p for p in left if p.exists()]
+    assert all(p.read_text() == "left" for p in others)
+
+
 def test_finetune_out_that_is_its_base_classifier_is_refused(weights, tmp_path, capsys):
     """finetune --out W/classifier.safetensors overwrote the base classifier with the fine-tuned experts."""
     import shutil

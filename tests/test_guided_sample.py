@@ -48,6 +48,18 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert nstats["experts"] is None and not np.array_equal(naive["images"], fast["images"])
 
 
+def test_guided_sample_removes_the_temporaries_of_a_killed_run(tmp_path):
+    """A guided-sample killed (SIGKILL) mid-write left its atomic-write .tmp beside --out for good."""
+    left = [tmp_path / ".g.npz.abcd1234.npz.tmp", tmp_path / ".g.png.k2j4x_9z.png.tmp",
+            tmp_path / ".g.json.q1w2e3r4.json.tmp"]  # the names shards._atomic makes for g.npz/.png/.json
+    others = [tmp_path / ".h.npz.abcd1234.npz.tmp", tmp_path / ".g.npz.mine.tmp", tmp_path / "g.npz.tmp"]
+    for p in left + others:
+        p.write_text("left")
+    _run(tmp_path, "g")
+    assert not [p for p in left if p.exists()]
+    assert all(p.read_text() == "left" for p in others)  # another output's, or not a name the writer makes
+
+
 @pytest.mark.parametrize("sampler", [["--sampler", "ddpm"], []])
 def test_images_do_not_depend_on_the_batch_size(tmp_path, sampler):
     """Per-sample x_T and noise: sample k is the same image at any --batch-size (float rounding aside)."""
