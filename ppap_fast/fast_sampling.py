@@ -592,6 +592,9 @@ class FastGuide:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None, target=None) -> torch.Tensor:
         """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones).
         ``t_host`` must be every sample's t: checked when t is on the CPU (on a GPU that would cost a sync)."""
+        t, t_host = _gd.as_int_or_tensor(t), _gd.as_int_or_tensor(t_host)
+        if isinstance(t, int) and not isinstance(t, bool):  # the guides' objectives index by a tensor t
+            t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         if t_host is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool((t != t_host).any()):
             raise ValueError(f"FastGuide: t_host={t_host} but t holds {t.unique().tolist()[:5]}; t_host selects the "
                              "merged expert, so it must equal every sample's t (or pass t_host=None to route by t)")
@@ -792,6 +795,7 @@ class FastGuidedSampler:
 
     def _index(self, index, x) -> tuple[torch.Tensor, object]:
         """(idx [B] long on the device, variant key); key None = route per sample."""
+        index = _gd.as_int_or_tensor(index)
         if isinstance(index, int) and not isinstance(index, bool):
             n = self.schedule.num_timesteps
             if not 0 <= index < n:

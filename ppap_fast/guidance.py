@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .experts.bank import as_int_or_tensor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NONFINITE_MODES = ("raise", "zero", "ignore")
@@ -208,6 +210,7 @@ class Guide:
         if x.dim() < 2:
             raise ValueError(f"{self.name}: x_t must be batched [B, ...], got shape {tuple(x.shape)}")
         B = x.shape[0]
+        t = as_int_or_tensor(t)
         if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
             raise ValueError(f"{self.name}: t must be an int or an integer tensor [B], got {type(t).__name__}")
         if isinstance(t, int):

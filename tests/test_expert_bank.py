@@ -754,3 +754,20 @@ def test_an_unbatched_image_is_named():
     with pytest.raises(ValueError, match=r"x has shape \(3, 8, 8\).*x\[None\]"):
         bank(torch.randn(3, 8, 8), 5)
     assert bank(torch.randn(1, 3, 8, 8), 5).shape == (1, 4)
+
+
+def test_numpy_integer_timesteps_route_as_ints():
+    """bank(x, np.int64(t)) was refused ('got int64') where bank(x, t) works; numpy arrays act as tensors."""
+    import numpy as np
+
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = bank(x, 500)
+    for t in (np.int64(500), np.int32(500), np.array(500), np.array([500, 500])):
+        assert torch.equal(bank(x, t), want)
+    assert torch.equal(bank(x, expert_idx=np.int64(2)), bank(x, expert_idx=2))
+    for bad in (np.float64(500), np.float32(500), np.bool_(True)):
+        with pytest.raises(ValueError, match="t must be an int or an integer tensor"):
+            bank(x, bad)
+    with pytest.raises(ValueError, match="integer"):
+        bank(x, np.array([500.0, 500.0]))

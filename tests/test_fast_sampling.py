@@ -918,3 +918,22 @@ def test_fast_guide_refuses_a_t_host_that_is_not_t(setup):
     with pytest.raises(ValueError, match=r"t_host=700 but t holds \[300\]"):
         fg(x, t, t_host=700)
     assert torch.equal(fg(x, t), right) or (fg(x, t) - right).abs().max() < 1e-5  # routed by t: the same expert
+
+
+def test_step_and_bank_guide_take_numpy_integers(setup):
+    """ClassGuide(bank, 3)(x, np.int64(500)) and step(x, np.int64(i)) were refused or routed where an int
+    merges; numpy floats still refused."""
+    import numpy as np
+
+    model, bank, guide = setup
+    x = torch.randn(SHAPE)
+    g = ClassGuide(bank, 3)
+    assert torch.equal(g(x, np.int64(500)), g(x, 500))
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
+    want, _ = fast.step(x, 2)
+    got, _ = fast.step(x, np.int64(2))
+    assert torch.equal(got, want) and list(fast._variants) == [fast.expert_key(2)]  # merged, as an int
+    assert torch.equal(fast.fast_guide(x, torch.full((4,), 500), t_host=np.int64(500)),
+                       fast.fast_guide(x, torch.full((4,), 500), t_host=500))
+    with pytest.raises(ValueError, match="index must be an integer tensor"):
+        fast.step(x, np.float64(2))

@@ -690,3 +690,25 @@ def test_network_inside_composed_guide_or_as_cond_fn_names_the_fix():
             sample_loop(den, (2, 2, 6, 6), s, guide=ComposedGuide([(ClassGuide(clf, 1), 1.0), (net, 1.0)]))
         with pytest.raises(TypeError, match=want):
             FastGuidedSampler(den, s, guide=ComposedGuide([net])).sample((2, 2, 6, 6))
+
+
+def test_guides_take_numpy_integer_timesteps():
+    """ClassGuide(bank, 3)(x, np.int64(500)) was refused ('got int64') where an int works; numpy floats / bools
+    are refused as Python floats / bools are."""
+    import numpy as np
+
+    clf = SmallNet().to(D).eval()
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    den, acp = ToyDenoiser(), torch.linspace(0.99, 0.1, 100, dtype=D)
+    guides = [ClassGuide(clf, 3), X0HatGuide(clf, den, acp, 1),
+              SegmentationGuide(DenseNet(4).to(D), torch.randint(0, 4, (2, 3, 3)))]
+    for guide in guides:
+        want = guide(x, 50)
+        for t in (np.int64(50), np.int32(50), np.array(50), np.array([50, 50])):
+            assert torch.equal(guide(x, t), want)
+            assert torch.equal(fs.FastGuide(guide, None)(x, t), want)
+        for bad in (50.0, np.float64(50), np.float32(50), True, np.bool_(True)):
+            with pytest.raises(ValueError, match="t must be an int or an integer tensor"):
+                guide(x, bad)
+        with pytest.raises(ValueError, match="integer original timesteps"):
+            guide(x, np.array([50.0, 50.0]))

@@ -177,6 +177,16 @@ def _as_int(v):
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
 
 
+def as_int_or_tensor(v):
+    """Timesteps / indices as an int or tensor: integer scalars (numpy's, 0-d numpy int arrays) -> int, other
+    numpy arrays -> tensors (their dtype checked by the caller); anything else unchanged (for the caller's error)."""
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and v.dtype.kind in "iu":
+        return int(v)
+    if type(v).__module__ == "numpy" and type(v).__name__ == "ndarray":
+        return torch.as_tensor(v)
+    return _as_int(v)
+
+
 LORALIB_CONV_ROUTES = ("delta", "factorised", "lowrank")
 
 
@@ -617,6 +627,7 @@ class ExpertBank(nn.Module):
         ``batch`` gives a 0-d index."""
         ref = self._ref_param()
         device = ref.device if ref is not None else torch.device("cpu")
+        t = as_int_or_tensor(t)
         if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
             raise ValueError(f"t must be an int or an integer tensor of original timesteps, got {type(t).__name__}")
         if isinstance(t, int):
@@ -634,6 +645,7 @@ class ExpertBank(nn.Module):
     def _check_expert_idx(self, expert_idx, batch):
         ref = self._ref_param()
         device = ref.device if ref is not None else torch.device("cpu")
+        expert_idx = as_int_or_tensor(expert_idx)
         if isinstance(expert_idx, bool) or not isinstance(expert_idx, (int, torch.Tensor)):
             raise ValueError(f"expert_idx must be an int or an integer tensor, got {type(expert_idx).__name__}")
         if isinstance(expert_idx, int):
