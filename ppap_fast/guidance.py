@@ -464,8 +464,10 @@ class X0HatGuide(Guide):
         if eps.shape != x.shape:
             raise ValueError(f"{self.name}: denoiser output {tuple(eps.shape)} does not match x_t {tuple(x.shape)} "
                              "(expected eps with C or 2C channels)")
-        ab = self._table(x.device, x.dtype)[t].view(-1, *([1] * (x.dim() - 1)))
-        return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+        # fp32 at least: in fp16 abar near 1 rounds to 1, so 1 - abar = 0 and x0_hat = x at small t
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        ab = self._table(x.device, dtype)[t].view(-1, *([1] * (x.dim() - 1)))
+        return ((x.to(dtype) - (1 - ab).sqrt() * eps.to(dtype)) / ab.sqrt()).to(x.dtype)
 
     def objective(self, x, t, target=None):
         x0 = self.x0_hat(x, t)

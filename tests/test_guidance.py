@@ -712,3 +712,25 @@ def test_guides_take_numpy_integer_timesteps():
                 guide(x, bad)
         with pytest.raises(ValueError, match="integer original timesteps"):
             guide(x, np.array([50.0, 50.0]))
+
+
+def test_x0hat_in_fp16_keeps_the_small_t_correction():
+    """In fp16 the alpha-bar table rounded 0.9999 to 1: 1 - abar = 0, so x0_hat = x_t at small t."""
+    from ppap_fast.schedule import Schedule
+
+    acp = Schedule.create("linear", 1000).alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    guide = X0HatGuide(SmallNet().to(D).eval(), lambda z, t: eps.to(z.dtype), acp, 1)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 5])
+    ab = acp[t].view(-1, 1, 1, 1)
+    want = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    x16 = x.half()
+    got = guide.x0_hat(x16, t)
+    assert got.dtype == torch.float16
+    want16 = (x16.double() - (1 - ab).sqrt() * eps.half().double()) / ab.sqrt()  # the same inputs, exactly
+    err = (got.double() - want16).abs().max()
+    assert err <= 1e-3 * want16.abs().max(), err  # fp16 rounding of the result only
+    assert (got.double() - want).abs().max() <= 2e-3 * want.abs().max()
+    assert not torch.equal(got, x16)  # the eps term (sqrt(1 - abar) ~ 0.01) is not lost
