@@ -1823,3 +1823,24 @@ def test_wgrad_auto_split_aims_at_programs_per_sm(monkeypatch):
     TK.conv_lora_wgrad(xs, dhs, torch.empty(2, 2, 8, 3, 3), seg.sorted_idx, seg.offsets, 1, 1, 1)
     (grid, _), = rec.launches
     assert grid[2] == 9 * 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if INTERP else []))
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_mixed_dtypes_are_refused_by_every_backend(backend, x_dtype, w_dtype):
+    """x fp16 with W fp32: the reference raised torch's bare dtype error, cpp promoted silently."""
+    if backend == "cpp" and not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    idx = torch.tensor([0, 1])
+    x, W, A, B = torch.randn(2, 8, dtype=x_dtype), torch.randn(6, 8), torch.randn(2, 4, 8), torch.randn(2, 6, 4)
+    with pytest.raises(TypeError, match=rf"lora_linear: .*x {x_dtype}, W {w_dtype}, A {w_dtype}, B {w_dtype}"):
+        L.lora_linear(x, W.to(w_dtype), None, A.to(w_dtype), B.to(w_dtype), idx, 0.5, backend=backend)
+    with pytest.raises(TypeError, match=rf"x {x_dtype}, W {x_dtype}, A {w_dtype}, B {x_dtype}"):
+        L.lora_linear(x, W.to(x_dtype), None, A.to(w_dtype), B.to(x_dtype), idx, 0.5, backend=backend)
+    xc, Wc, Ac, Bc = torch.randn(2, 3, 6, 6, dtype=x_dtype), torch.randn(4, 3, 3, 3), torch.randn(2, 2, 3, 3, 3), \
+        torch.randn(2, 4, 2)
+    with pytest.raises(TypeError, match=rf"lora_conv2d: .*x {x_dtype}, W {w_dtype}, A {w_dtype}, B {w_dtype}"):
+        L.lora_conv2d(xc, Wc.to(w_dtype), None, Ac.to(w_dtype), Bc.to(w_dtype), idx, 0.5, padding=1, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes in its dtype: mixed inputs are fine
+        y = L.lora_linear(x.float(), W, None, A, B, idx, 0.5, backend=backend)
+    assert torch.isfinite(y).all()

@@ -212,6 +212,16 @@ def _check_expert_bias(expert_bias, N: int, c_out: int):
         raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
 
 
+def _check_dtypes(op: str, x, W, A, B):
+    """One floating dtype for x, W, A, B (backends disagreed: a bare torch error or a silent promotion); under
+    torch.autocast the ops compute in the autocast dtype, so mixed inputs are fine there."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    if not (x.dtype == W.dtype == A.dtype == B.dtype):
+        raise TypeError(f"{op}: x, W, A and B must have one dtype, got x {x.dtype}, W {W.dtype}, A {A.dtype}, "
+                        f"B {B.dtype}; cast them (or run under torch.autocast)")
+
+
 def _fold_scale(B, scale):
     """The fast paths take scale as a float: a tensor scale that needs a gradient goes into B instead
     (B * scale, differentiable, then scale 1), so autograd gives d(scale) = <dB', B> from their dB'."""
@@ -236,6 +246,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     N, r, K = A.shape
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    _check_dtypes("lora_linear", x, W, A, B)
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
@@ -310,6 +321,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     if not isinstance(a_blocks, int) or a_blocks < 1 or r % a_blocks or flat_cols % a_blocks:
         raise ValueError(f"a_blocks must be a positive int dividing the rank {r} and the flat A columns {flat_cols}, "
                          f"got {a_blocks!r}")
+    _check_dtypes("lora_conv2d", x, W, A, B)
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
