@@ -1844,3 +1844,26 @@ def test_mixed_dtypes_are_refused_by_every_backend(backend, x_dtype, w_dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes in its dtype: mixed inputs are fine
         y = L.lora_linear(x.float(), W, None, A, B, idx, 0.5, backend=backend)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("op", ["lora_conv2d", "lora_conv2d_delta"])
+def test_padding_same_with_stride_is_refused(op):
+    """padding='same' with stride 2 was accepted (F.conv2d refuses it); 'valid' works, unknown strings refused."""
+    torch.manual_seed(5)
+    x, W, idx = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.tensor([1, 0])
+    A, B = torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2)
+    delta = torch.randn(2, 4, 3, 3, 3)
+
+    def call(**kw):
+        if op == "lora_conv2d":
+            return L.lora_conv2d(x, W, None, A, B, idx, 0.5, **kw)
+        return L.lora_conv2d_delta(x, W, None, delta, idx, **kw)
+
+    for stride in (2, (1, 2)):
+        with pytest.raises(ValueError, match=r"padding='same' needs stride 1.*stride=" + str(stride).replace("(", r"\(")
+                           .replace(")", r"\)")):
+            call(stride=stride, padding="same")
+    assert torch.equal(call(stride=2, padding="valid"), call(stride=2, padding=0))
+    assert call(stride=1, padding="same").shape[-2:] == (6, 6)
+    with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid', got 'full'"):
+        call(padding="full")

@@ -326,7 +326,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
-    padding = _resolve_padding(padding, W.shape[-2:], dilation)
+    padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the fast paths assume S > 0; the reference handles it
         last_backend["lora_conv2d"] = last_backend["lora_conv2d/a_stage"] = "reference"
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
@@ -414,14 +414,16 @@ def _effective_a_stage(a_stage, backend, groups, r, a_blocks=1):
     return a_stage
 
 
-def _resolve_padding(padding, kernel_size, dilation):
-    """'valid' -> 0, 'same' -> the symmetric padding that keeps the size (odd kernels)."""
+def _resolve_padding(padding, kernel_size, dilation, stride=1):
+    """'valid' -> 0, 'same' -> the symmetric padding that keeps the size (odd kernels, stride 1 as F.conv2d)."""
     if not isinstance(padding, str):
         return padding
     if padding == "valid":
         return 0
     if padding != "same":
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    if any(st != 1 for st in ((stride, stride) if isinstance(stride, int) else tuple(stride))):
+        raise ValueError(f"padding='same' needs stride 1 (as F.conv2d), got stride={stride!r}: pad explicitly")
     dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     pads = []
     for k, d in zip(kernel_size, dil):
@@ -453,7 +455,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
-    padding = _resolve_padding(padding, W.shape[-2:], dilation)
+    padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups
         last_backend["lora_conv2d_delta"] = "reference"
         return reference.lora_conv2d_delta(x, W, bias, delta, expert_idx, stride, padding, dilation, groups,
