@@ -672,8 +672,9 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     recorded = _read_demo_record(out)
     for name in this_run | recorded | {DEMO_RECORD}:
         remove_stale_tmp(out / name, Path(name).suffix)  # a killed run's atomic-write temporaries
-    # a previous run's summary must not sit beside this run's samples if it stops early
-    for stale in summary_files + seg_files[-1:]:
+    # an earlier demo run's summary must not sit beside this run's samples if it stops early (a user's file of that
+    # name is kept: the demo overwrites it only at the end)
+    for stale in recorded & set(summary_files + seg_files[-1:]):
         (out / stale).unlink(missing_ok=True)
     # an earlier demo run's outputs this run does not rewrite (other methods, skipped segmentation);
     # only recorded ones: a file the user made is never removed

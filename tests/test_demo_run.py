@@ -88,7 +88,7 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     out.mkdir()
     for name in ("results.json", "results.png", "comparison.png", "segmentation.png"):
         (out / name).write_text("an older run's")
-    demo._write_demo_record(out, {"segmentation.png"})  # as the older run recorded it
+    demo._write_demo_record(out, {"results.json", "results.png", "comparison.png", "segmentation.png"})  # as it did
     real, calls = demo.sample_method, []
 
     def killed_at_the_second_method(*a, **k):
@@ -105,6 +105,27 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     assert not (out / "comparison.png").exists() and not (out / "segmentation.png").exists()
     assert main(args) == 0 and not (out / "segmentation.png").exists()
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["none", "naive"]
+
+
+def test_a_users_summary_named_files_stay_when_no_demo_run_wrote_them(tmp_path, monkeypatch):
+    """At start the demo removed results.json / results.png / comparison.png / segmentation.png by name although no
+    earlier demo run wrote them: a user's results.json in --out was lost (here: the run stops before writing its own)."""
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["results.json", "results.png", "comparison.png", "segmentation.png"]
+    for name in names:
+        (out / name).write_text("mine")
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "sample_method", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=1)
+    assert [(out / n).read_text() for n in names] == ["mine"] * 4
 
 
 def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path):
