@@ -611,16 +611,25 @@ def save_bar_chart(path, results: dict) -> Path:
 
 
 DEMO_RECORD = "demo_outputs.json"  # the files demo runs wrote in --out: the only ones removed as stale
+DEMO_RECORD_MARK = "ppap_fast demo"  # its "written_by": a demo_outputs.json without it is not the demo's
 
 
 def _read_demo_record(out: Path) -> set:
-    """Names of the files earlier demo runs wrote in ``out`` (none if there is no readable record)."""
+    """Names of the files earlier demo runs wrote in ``out`` (none if there is no record). Raises DemoError for a
+    demo_outputs.json the demo did not write (the run would overwrite it)."""
     import json
 
+    path = out / DEMO_RECORD
     try:
-        names = json.loads((out / DEMO_RECORD).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
         return set()
+    except (OSError, ValueError):
+        rec = None
+    if not isinstance(rec, dict) or rec.get("written_by") != DEMO_RECORD_MARK:
+        raise DemoError(f"{path} was not written by ppap-fast demo (no \"written_by\": \"{DEMO_RECORD_MARK}\") and the "
+                        f"demo would overwrite it: move it away or name another --out")
+    names = rec.get("files")
     if not isinstance(names, list):
         return set()
     return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", DEMO_RECORD) and Path(n).name == n}
@@ -629,7 +638,7 @@ def _read_demo_record(out: Path) -> set:
 def _write_demo_record(out: Path, names: set) -> None:
     from .data.shards import write_json_atomic
 
-    write_json_atomic(out / DEMO_RECORD, {"files": sorted(names)})
+    write_json_atomic(out / DEMO_RECORD, {"written_by": DEMO_RECORD_MARK, "files": sorted(names)})
 
 
 def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
@@ -646,6 +655,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
                         f"got {seg_per_target}")
     out = check_writable_dir(out)
+    recorded = _read_demo_record(out)  # before any work: refuses a demo_outputs.json of the user's
     methods = list(DEMO_METHODS if methods is None else methods)
     if not methods:
         raise DemoError("no methods to run (an empty --methods list)")
@@ -669,7 +679,6 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     this_run = set(summary_files + seg_files)
     this_run |= {f"{kind}_{m.replace('/', '_')}{ext}" for m in methods for kind, ext in (("samples", ".npz"),
                                                                                          ("grid", ".png"))}
-    recorded = _read_demo_record(out)
     for name in this_run | recorded | {DEMO_RECORD}:
         remove_stale_tmp(out / name, Path(name).suffix)  # a killed run's atomic-write temporaries
     # an earlier demo run's summary must not sit beside this run's samples if it stops early (a user's file of that

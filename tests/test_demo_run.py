@@ -128,6 +128,23 @@ def test_a_users_summary_named_files_stay_when_no_demo_run_wrote_them(tmp_path, 
     assert [(out / n).read_text() for n in names] == ["mine"] * 4
 
 
+@pytest.mark.parametrize("theirs", ['{"files": ["notes.txt"]}', "my notes", '["notes.txt"]'])
+def test_a_demo_outputs_json_the_demo_did_not_write_is_refused(tmp_path, monkeypatch, theirs):
+    """A user's own demo_outputs.json in --out was overwritten (and the files it listed removed as stale)."""
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / demo.DEMO_RECORD).write_text(theirs)
+    monkeypatch.setattr(demo, "sample_method", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(demo.DemoError, match=r"demo_outputs\.json was not written by ppap-fast demo.*another --out"):
+        demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=0)
+    assert (out / demo.DEMO_RECORD).read_text() == theirs and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_RECORD, "notes.txt"]
+
+
 def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path):
     """A rerun with fewer --methods left the earlier run's samples_<m>.npz / grid_<m>.png of the others;
     a killed run's atomic-write temporaries stayed for good."""
