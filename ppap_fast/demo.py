@@ -614,31 +614,48 @@ DEMO_RECORD = "demo_outputs.json"  # the files demo runs wrote in --out: the onl
 DEMO_RECORD_MARK = "ppap_fast demo"  # its "written_by": a demo_outputs.json without it is not the demo's
 
 
-def _read_demo_record(out: Path) -> set:
-    """Names of the files earlier demo runs wrote in ``out`` (none if there is no record). Raises DemoError for a
-    demo_outputs.json the demo did not write (the run would overwrite it)."""
+def _read_demo_record(out: Path) -> dict:
+    """{name: its _file_entry} of the files earlier demo runs wrote in ``out`` (empty if there is no record). Raises
+    DemoError for a demo_outputs.json the demo did not write (the run would overwrite it)."""
     import json
 
     path = out / DEMO_RECORD
     try:
         rec = json.loads(path.read_text())
     except FileNotFoundError:
-        return set()
+        return {}
     except (OSError, ValueError):
         rec = None
     if not isinstance(rec, dict) or rec.get("written_by") != DEMO_RECORD_MARK:
         raise DemoError(f"{path} was not written by ppap-fast demo (no \"written_by\": \"{DEMO_RECORD_MARK}\") and the "
                         f"demo would overwrite it: move it away or name another --out")
-    names = rec.get("files")
-    if not isinstance(names, list):
-        return set()
-    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", DEMO_RECORD) and Path(n).name == n}
+    files = rec.get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {n: e for n, e in files.items() if n not in ("", ".", "..", DEMO_RECORD) and Path(n).name == n}
 
 
-def _write_demo_record(out: Path, names: set) -> None:
+def _file_entry(path: Path) -> dict:
+    """Size and SHA-256 of a file the demo wrote: a file put in its place since does not match."""
+    import hashlib
+
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _unchanged(path: Path, entry) -> bool:
+    """``path`` is still the file the demo recorded as ``entry``."""
+    try:
+        return (isinstance(entry, dict) and path.is_file() and path.stat().st_size == entry.get("size")
+                and _file_entry(path) == entry)
+    except OSError:
+        return False
+
+
+def _write_demo_record(out: Path, files: dict) -> None:
     from .data.shards import write_json_atomic
 
-    write_json_atomic(out / DEMO_RECORD, {"written_by": DEMO_RECORD_MARK, "files": sorted(names)})
+    write_json_atomic(out / DEMO_RECORD, {"written_by": DEMO_RECORD_MARK, "files": dict(sorted(files.items()))})
 
 
 def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200, sampler: str = "ddim",
@@ -679,21 +696,22 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     this_run = set(summary_files + seg_files)
     this_run |= {f"{kind}_{m.replace('/', '_')}{ext}" for m in methods for kind, ext in (("samples", ".npz"),
                                                                                          ("grid", ".png"))}
-    for name in this_run | recorded | {DEMO_RECORD}:
+    for name in this_run | set(recorded) | {DEMO_RECORD}:
         remove_stale_tmp(out / name, Path(name).suffix)  # a killed run's atomic-write temporaries
+    # only files an earlier demo run recorded and that are unchanged since are removed: a file the user made or put
+    # in place of one is kept (this run overwrites it only if it writes that name)
+    ours = {n for n, e in recorded.items() if _unchanged(out / n, e)}
     # an earlier demo run's summary must not sit beside this run's samples if it stops early (a user's file of that
     # name is kept: the demo overwrites it only at the end)
-    for stale in recorded & set(summary_files + seg_files[-1:]):
+    for stale in ours & set(summary_files + seg_files[-1:]):
         (out / stale).unlink(missing_ok=True)
-    # an earlier demo run's outputs this run does not rewrite (other methods, skipped segmentation);
-    # only recorded ones: a file the user made is never removed
-    for name in recorded - this_run:
-        if (out / name).is_file():
-            (out / name).unlink()
-    written = {n for n in recorded if (out / n).exists()}
+    # an earlier demo run's outputs this run does not rewrite (other methods, skipped segmentation)
+    for name in ours - this_run:
+        (out / name).unlink(missing_ok=True)
+    written = {n: recorded[n] for n in ours if (out / n).exists()}
 
     def record(*names):
-        written.update(names)
+        written.update({n: _file_entry(out / n) for n in names})
         _write_demo_record(out, written)
 
     record()

@@ -88,7 +88,8 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     out.mkdir()
     for name in ("results.json", "results.png", "comparison.png", "segmentation.png"):
         (out / name).write_text("an older run's")
-    demo._write_demo_record(out, {"results.json", "results.png", "comparison.png", "segmentation.png"})  # as it did
+    names = ("results.json", "results.png", "comparison.png", "segmentation.png")
+    demo._write_demo_record(out, {n: demo._file_entry(out / n) for n in names})  # as the older run recorded them
     real, calls = demo.sample_method, []
 
     def killed_at_the_second_method(*a, **k):
@@ -148,7 +149,7 @@ def test_a_demo_outputs_json_the_demo_did_not_write_is_refused(tmp_path, monkeyp
 def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path):
     """A rerun with fewer --methods left the earlier run's samples_<m>.npz / grid_<m>.png of the others;
     a killed run's atomic-write temporaries stayed for good."""
-    from ppap_fast.demo import DEMO_RECORD, _write_demo_record
+    from ppap_fast.demo import DEMO_RECORD, _file_entry, _write_demo_record
 
     w = make_tiny_weights(tmp_path / "w")
     out = tmp_path / "out"
@@ -157,7 +158,7 @@ def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path)
     mine = ["samples_mine.npz", "grid_ppap-5.txt", "notes.txt", "samples_naive.npz"]  # not recorded: kept
     for name in stale + mine:
         (out / name).write_text("an older run's")
-    _write_demo_record(out, set(stale))  # as the older run recorded them
+    _write_demo_record(out, {n: _file_entry(out / n) for n in stale})  # as the older run recorded them
     temps = [".samples_none.npz.abcd1234.npz.tmp", ".grid_ppap-5.png.k2j4x_9z.png.tmp",
              f".{DEMO_RECORD}.q1w2e3r4.json.tmp"]  # the names shards._atomic makes
     mine += [".samples_none.npz.mine.tmp", "samples_none.npz.tmp", ".notes.txt.abcd1234.txt.tmp"]
@@ -168,8 +169,10 @@ def test_rerun_with_fewer_methods_removes_the_others_samples_and_grids(tmp_path)
     assert not [n for n in stale + temps if (out / n).exists()]
     assert all((out / n).read_text() == "an older run's" for n in mine)
     assert (out / "samples_none.npz").exists() and (out / "grid_none.png").exists()
-    assert json.loads((out / DEMO_RECORD).read_text())["files"] == sorted(
-        ["samples_none.npz", "grid_none.png", "results.json", "results.png", "comparison.png"])
+    files = json.loads((out / DEMO_RECORD).read_text())["files"]
+    assert sorted(files) == sorted(["samples_none.npz", "grid_none.png", "results.json", "results.png",
+                                    "comparison.png"])
+    assert all(files[n] == _file_entry(out / n) for n in files)
 
 
 def test_rerun_removes_only_what_an_earlier_demo_run_wrote(tmp_path):
@@ -193,3 +196,29 @@ def test_rerun_removes_only_what_an_earlier_demo_run_wrote(tmp_path):
     assert all((out / n).read_text() == "mine" for n in mine)
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["naive"] and "segmentation" not in res
+
+
+def test_a_file_put_in_place_of_a_recorded_output_is_kept(tmp_path, monkeypatch):
+    """demo_outputs.json listed names only: a user's file that replaced an earlier run's output of the same name
+    (same size here) was removed as stale."""
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
+            "--steps", "2", "--no-progress", "--seg-per-target", "0"]
+    assert main(args + ["--methods", "ppap-5"]) == 0
+    mine = {n: b"m" * (out / n).stat().st_size for n in ("samples_ppap-5.npz", "results.json")}  # recorded sizes
+    mine["results.png"] = b"mine"
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "sample_method", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=0)
+    assert {n: (out / n).read_bytes() for n in mine} == mine
+    assert not (out / "grid_ppap-5.png").exists() and not (out / "comparison.png").exists()  # unchanged: removed
+    assert json.loads((out / demo.DEMO_RECORD).read_text())["files"] == {}  # the kept files are the user's now
