@@ -1867,3 +1867,48 @@ def test_padding_same_with_stride_is_refused(op):
     assert call(stride=1, padding="same").shape[-2:] == (6, 6)
     with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid', got 'full'"):
         call(padding="full")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if INTERP else []))
+@pytest.mark.parametrize("x_dtype,o_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32)])
+def test_bias_and_expert_bias_of_another_dtype_are_refused(backend, x_dtype, o_dtype):
+    """A bias / expert_bias in another dtype than x: the reference raised torch's bare error (bias) or promoted
+    the output (expert_bias), cpp and triton cast silently."""
+    if backend == "cpp" and not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    idx = torch.tensor([0, 1])
+    x, W, A, B = (torch.randn(*s, dtype=x_dtype) for s in ((2, 8), (6, 8), (2, 4, 8), (2, 6, 4)))
+    xc, Wc, Ac, Bc = (torch.randn(*s, dtype=x_dtype) for s in ((2, 3, 6, 6), (4, 3, 3, 3), (2, 2, 3, 3, 3), (2, 4, 2)))
+    with pytest.raises(TypeError, match=rf"lora_linear: x, W, A, B and bias must .* B {x_dtype}, bias {o_dtype};"):
+        L.lora_linear(x, W, torch.randn(6, dtype=o_dtype), A, B, idx, 0.5, backend=backend)
+    with pytest.raises(TypeError, match=rf"lora_linear: .*B {x_dtype}, expert_bias {o_dtype};"):
+        L.lora_linear(x, W, None, A, B, idx, 0.5, torch.randn(2, 6, dtype=o_dtype), backend=backend)
+    with pytest.raises(TypeError, match=rf"lora_conv2d: .*B {x_dtype}, bias {o_dtype};"):
+        L.lora_conv2d(xc, Wc, torch.randn(4, dtype=o_dtype), Ac, Bc, idx, 0.5, padding=1, backend=backend)
+    with pytest.raises(TypeError, match=rf"lora_conv2d: .*B {x_dtype}, bias {x_dtype}, expert_bias {o_dtype};"):
+        L.lora_conv2d(xc, Wc, torch.randn(4, dtype=x_dtype), Ac, Bc, idx, 0.5, padding=1,
+                      expert_bias=torch.randn(2, 4, dtype=o_dtype), backend=backend)
+    y = L.lora_linear(x, W, torch.randn(6, dtype=x_dtype), A, B, idx, 0.5, torch.randn(2, 6, dtype=x_dtype),
+                      backend=backend)
+    assert y.dtype == x_dtype and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "vectorized", "stacked"])
+@pytest.mark.parametrize("o_dtype", [torch.float64, torch.float16])
+def test_lora_conv2d_delta_refuses_mixed_dtypes(backend, o_dtype):
+    """lora_conv2d_delta had no dtype check: the reference raised bare torch errors or promoted (W fp16 + delta
+    fp32), vectorized / stacked cast W, bias, delta and expert_bias to x's dtype silently."""
+    idx = torch.tensor([0, 1])
+    x, W, delta = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3)
+    bias, eb = torch.randn(4), torch.randn(2, 4)
+    cases = {"x": (x.to(o_dtype), W, delta, None, None), "W": (x, W.to(o_dtype), delta, None, None),
+             "delta": (x, W, delta.to(o_dtype), None, None), "bias": (x, W, delta, bias.to(o_dtype), None),
+             "expert_bias": (x, W, delta, bias, eb.to(o_dtype))}
+    for name, (xx, ww, dd, bb, ee) in cases.items():
+        with pytest.raises(TypeError, match=rf"lora_conv2d_delta: x, W.* one dtype, got (.*, )?{name} {o_dtype}"):
+            L.lora_conv2d_delta(xx, ww, bb, dd, idx, padding=1, expert_bias=ee, backend=backend)
+    y = L.lora_conv2d_delta(x, W, bias, delta, idx, padding=1, expert_bias=eb, backend=backend)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast computes in its dtype: mixed inputs are fine there
+        y = L.lora_conv2d_delta(x, W.half(), bias, delta, idx, padding=1, expert_bias=eb, backend=backend)
+    assert torch.isfinite(y).all()

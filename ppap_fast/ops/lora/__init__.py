@@ -212,14 +212,22 @@ def _check_expert_bias(expert_bias, N: int, c_out: int):
         raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
 
 
-def _check_dtypes(op: str, x, W, A, B):
-    """One floating dtype for x, W, A, B (backends disagreed: a bare torch error or a silent promotion); under
-    torch.autocast the ops compute in the autocast dtype, so mixed inputs are fine there."""
+def _check_dtypes(op: str, **tensors):
+    """One floating dtype for the tensors given (x first; None: absent): x, W, A, B (or delta), bias, expert_bias
+    (backends disagreed: a bare torch error, a silent promotion or a silent cast); under torch.autocast the ops
+    compute in the autocast dtype, so mixed inputs are fine there."""
+    x = tensors["x"]
     if torch.is_autocast_enabled(x.device.type):
         return
-    if not (x.dtype == W.dtype == A.dtype == B.dtype):
-        raise TypeError(f"{op}: x, W, A and B must have one dtype, got x {x.dtype}, W {W.dtype}, A {A.dtype}, "
-                        f"B {B.dtype}; cast them (or run under torch.autocast)")
+    for t in tensors.values():
+        if t is not None and t.dtype != x.dtype:
+            break
+    else:
+        return
+    names = [k for k, t in tensors.items() if t is not None]
+    got = ", ".join(f"{k} {tensors[k].dtype}" for k in names)
+    raise TypeError(f"{op}: {', '.join(names[:-1])} and {names[-1]} must have one dtype, got {got}; cast them "
+                    f"(or run under torch.autocast)")
 
 
 def _fold_scale(B, scale):
@@ -246,7 +254,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     N, r, K = A.shape
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
-    _check_dtypes("lora_linear", x, W, A, B)
+    _check_dtypes("lora_linear", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
@@ -321,7 +329,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     if not isinstance(a_blocks, int) or a_blocks < 1 or r % a_blocks or flat_cols % a_blocks:
         raise ValueError(f"a_blocks must be a positive int dividing the rank {r} and the flat A columns {flat_cols}, "
                          f"got {a_blocks!r}")
-    _check_dtypes("lora_conv2d", x, W, A, B)
+    _check_dtypes("lora_conv2d", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
@@ -453,6 +461,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
+    _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
