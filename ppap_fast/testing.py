@@ -114,9 +114,13 @@ def check_adm_manifest(json_path) -> int:
 
 
 def linear_classifier_guide(W: torch.Tensor, y: torch.Tensor, scale: float) -> Callable:
-    """The fixture's cond_fn: scale * grad_x sum_b log_softmax(flatten(x) @ W.T)[b, y_b]; ignores t."""
+    """The fixture's cond_fn: scale * grad_x sum_b log_softmax(flatten(x) @ W.T)[b, y_b]; ignores t.
+    y [B]: one label per sample (ValueError for another length: indexing broadcast it silently)."""
 
     def guide(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"linear_classifier_guide: y must hold one label per sample, [{x.shape[0]}], got "
+                             f"shape {tuple(y.shape)}")
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
             logp = torch.log_softmax(x_in.flatten(1) @ W.to(x_in).T, dim=-1)

@@ -116,7 +116,8 @@ def test_pipeline(unet, classifier, cls):
         np_imgs = pipe(batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(3),
                        output_type="np", guidance_scale=0.0).images
         assert abs(np_imgs - ref).max() < 1e-5
-        pil = pipe(batch_size=1, num_inference_steps=2, output_type="pil").images
+        pil = PPAPGuidedPipeline(unet, sched, linear_classifier_guide(W, y[:1], 4.0))(
+            batch_size=1, num_inference_steps=2, output_type="pil").images  # one label per sample
         assert len(pil) == 1 and pil[0].size == (H, H)
 
 

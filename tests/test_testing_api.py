@@ -43,3 +43,19 @@ def test_state_dict_sha256_of_bfloat16_weights():
     assert testing.state_dict_sha256(bf) == testing.state_dict_sha256({"w": w.bfloat16().view(torch.int16)})
     assert testing.state_dict_sha256(bf) != testing.state_dict_sha256({"w": (w * 2).bfloat16()})
     assert testing.state_dict_sha256({"s": torch.tensor(1.0, dtype=torch.bfloat16)})  # 0-d too
+
+
+def test_linear_classifier_guide_needs_one_label_per_sample():
+    import re
+
+    import torch
+
+    # y of length 1 with a batch of 4 guided every sample to y[0]; length 3 gave an indexing error
+    W, x = torch.randn(3, 8), torch.randn(4, 2, 2, 2)
+    y = torch.tensor([0, 1, 2, 0])
+    grad = testing.linear_classifier_guide(W, y, 2.0)(x, torch.zeros(4))
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+    for bad in (y[:1], y[:3], torch.tensor(1), torch.cat([y, y])):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"one label per sample, \[4\], got shape {shape}"):
+            testing.linear_classifier_guide(W, bad, 2.0)(x, torch.zeros(4))
