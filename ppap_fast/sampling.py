@@ -150,10 +150,10 @@ def _index_tensor(index, x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     n, b = schedule.num_timesteps, x.shape[0]
     if isinstance(index, bool):
         raise TypeError("index must be an int or an integer tensor, got bool")
-    if isinstance(index, numbers.Integral):  # a numpy int too
-        index = int(index)
-    elif type(index).__module__ == "numpy" and hasattr(index, "dtype"):  # numpy arrays: as tensors
-        index = torch.as_tensor(index)
+    if not isinstance(index, (int, torch.Tensor)):  # numpy ints -> int, other numpy values -> tensors
+        from .experts.bank import as_int_or_tensor
+
+        index = as_int_or_tensor(index, numpy_scalars_as_tensors=True)
     if isinstance(index, int):
         if not 0 <= index < n:
             raise ValueError(f"index {index} out of range [0, {n})")

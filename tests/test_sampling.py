@@ -693,6 +693,27 @@ def test_step_index_takes_numpy_integers():
             step(model, x, np.int64(5), sched)
 
 
+def test_step_index_numpy_values_go_through_the_guides_helper():
+    """_index_tensor converted numpy values inline: a 0-d numpy int array took the tensor path ('index out of
+    range' without the value) where experts.bank.as_int_or_tensor, used by FastGuidedSampler and the guides, makes
+    it an int; numpy floats / bools still give the tensor dtype error."""
+    import numpy as np
+
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(3, 1, 4, 4)
+
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    assert torch.equal(ddim_step(model, x, np.array(2), sched).sample, ddim_step(model, x, 2, sched).sample)
+    for idx in (np.array(5), np.int64(5)):
+        with pytest.raises(ValueError, match=r"index 5 out of range \[0, 5\)"):
+            ddim_step(model, x, idx, sched)
+    for idx, dt in ((np.float64(2), "float64"), (np.bool_(True), "bool"), (np.array(2.0), "float64")):
+        with pytest.raises(ValueError, match=f"index must be an integer tensor, got torch.{dt}"):
+            ddim_step(model, x, idx, sched)
+
+
 def test_a_guide_that_never_gives_a_gradient_is_reported():
     """None is "no gradient at this step"; a guide returning it at every step sampled unguided without a word."""
     import warnings

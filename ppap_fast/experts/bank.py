@@ -177,12 +177,15 @@ def _as_int(v):
     return int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
 
 
-def as_int_or_tensor(v):
+def as_int_or_tensor(v, numpy_scalars_as_tensors: bool = False):
     """Timesteps / indices as an int or tensor: integer scalars (numpy's, 0-d numpy int arrays) -> int, other
-    numpy arrays -> tensors (their dtype checked by the caller); anything else unchanged (for the caller's error)."""
+    numpy arrays -> tensors (their dtype checked by the caller); anything else unchanged (for the caller's error).
+    ``numpy_scalars_as_tensors``: other numpy scalars (floats, bools) -> 0-d tensors too, for a caller whose
+    tensor dtype check names them (sampling._index_tensor)."""
     if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and v.dtype.kind in "iu":
         return int(v)
-    if type(v).__module__ == "numpy" and type(v).__name__ == "ndarray":
+    if type(v).__module__ == "numpy" and (type(v).__name__ == "ndarray" or (numpy_scalars_as_tensors and
+                                                                            hasattr(v, "dtype"))):
         return torch.as_tensor(v)
     return _as_int(v)
 
