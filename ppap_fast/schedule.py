@@ -51,8 +51,8 @@ def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tenso
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
     """Timesteps kept by respacing, sorted, with guided-diffusion's semantics.
 
-    "ddimN" takes a uniform stride giving exactly N steps; "10,10,5" (or a list)
-    splits [0, T) into equal sections and takes that many evenly spaced steps in each.
+    "ddimN" takes a uniform stride below T giving exactly N steps (so no "ddim1": "1" is the single step t=0);
+    "10,10,5" (or a list) splits [0, T) into equal sections and takes that many evenly spaced steps in each.
     """
     if isinstance(section_counts, numbers.Integral) and not isinstance(section_counts, bool):
         section_counts = [int(section_counts)]  # 250 as "250" (an int was 'not iterable')
@@ -68,7 +68,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")
+            hint = " (strides stop at T - 1, as guided-diffusion's): use respacing '1' for a single step" \
+                if desired == 1 else ""
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}{hint}")
     section_counts = section_counts.tolist() if hasattr(section_counts, "tolist") else list(section_counts)  # arrays
     if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in section_counts):
         raise ValueError(f"section counts must be ints (steps per section), got {section_counts!r}")

@@ -42,6 +42,16 @@ def test_respacing_ddim25():
         Schedule.create("linear", 1000, "0")
 
 
+def test_respacing_ddim1_names_the_single_step_spelling():
+    """'ddim1' fails as in guided-diffusion (its strides stop at T - 1; only stride T gives one step) but the error
+    did not say that '1' gives the single step."""
+    with pytest.raises(ValueError, match=r"exactly 1 steps .* from 1000 \(strides stop at T - 1.*use respacing '1'"):
+        Schedule.create("linear", 1000, "ddim1")
+    assert Schedule.create("linear", 1000, "1").timestep_map.tolist() == [0]
+    with pytest.raises(ValueError, match=r"^cannot create exactly 600 steps with an integer stride from 1000$"):
+        space_timesteps(1000, "ddim600")  # other counts: the message as before
+
+
 def test_respacing_sections():
     s250 = space_timesteps(1000, "250")
     assert len(s250) == 250 and s250[0] == 0 and s250[-1] == 999
