@@ -1007,6 +1007,27 @@ def test_abar_table_cache_follows_reused_ids_and_in_place_changes(monkeypatch):
     assert torch.equal(g._abar(b, "cpu"), b.alphas_cumprod.float())
 
 
+def test_replacing_the_guide_drops_the_caches_of_the_old_one(classifier):
+    """guidance.guide = new: the fast path kept running the old guide (its FastGuide was cached per device), and
+    the new guide's X0HatGuide / bank were never checked against a scheduler whose table was cached."""
+    from ppap_fast.guidance import X0HatGuide
+    from ppap_fast.schedule import Schedule
+
+    W, y = classifier
+    x, sched = torch.randn(B, C, H, H), DDIMScheduler()
+    for fast in (True, False):
+        g = PPAPGuidance(lambda x, t: torch.ones_like(x), fast=fast)
+        g.correct(torch.zeros_like(x), x, 500, sched)
+        g.guide = lambda x, t: torch.full_like(x, 2.0)
+        assert torch.equal(g.grad(x, 500), torch.full_like(x, 2.0)), fast
+        clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(C * H * H, 3))
+        g.guide = X0HatGuide(clf, lambda x, t: torch.zeros_like(x), Schedule.create("cosine", 1000), y)
+        with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod .* is not the DDIMScheduler's"):
+            g.correct(torch.randn_like(x), x, 400, sched)
+        with pytest.raises(TypeError, match="guide must be callable"):
+            g.guide = None
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

@@ -146,6 +146,18 @@ class PPAPGuidance:
             raise TypeError(f"unknown fast options {sorted(set(fast_options) - allowed)}; allowed: {sorted(allowed)}")
         self.guide, self.scale = guide, float(scale)
         self.fast, self.fast_options = bool(fast), dict(fast_options)
+
+    @property
+    def guide(self) -> Callable:
+        return self._guide
+
+    @guide.setter
+    def guide(self, guide: Callable) -> None:
+        # a new guide drops the caches built for the old one: its FastGuide (the old guide ran on) and the tables
+        # whose creation checked the guide's banks / X0HatGuide tables against the scheduler
+        if not callable(guide):
+            raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
+        self._guide = guide
         self._tables: dict = {}
         self._fast_guides: dict = {}
 
