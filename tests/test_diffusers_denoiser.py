@@ -51,7 +51,8 @@ def test_scheduler_config_must_match_the_runs_schedule(saved, tmp_path):
                         "--schedule linear --num-timesteps 500"),
                        (DDPMScheduler(beta_end=0.012, beta_schedule="scaled_linear"), "none of the named"),
                        (DDPMScheduler(beta_end=0.03), "none of the named"),
-                       (DDPMScheduler(prediction_type="v_prediction"), "predicts 'v_prediction'")):
+                       (DDPMScheduler(prediction_type="v_prediction"), "predicts 'v_prediction'"),
+                       (DDPMScheduler(rescale_betas_zero_snr=True), "rescale_betas_zero_snr")):  # was accepted
         path = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
         DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
         with pytest.raises(ValueError, match=msg):

@@ -106,6 +106,9 @@ def check_schedule(path, schedule: str, num_timesteps: int | None) -> None:
         raise ValueError(f"{where} predicts {pred!r}: the samplers take eps-prediction models")
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
+    if cfg.get("rescale_betas_zero_snr"):  # its alphas_cumprod end at 0: the model was trained on other abar
+        raise ValueError(f"{where} has rescale_betas_zero_snr=True (zero terminal SNR): no named schedule "
+                         "reproduces its rescaled betas")
     if "beta_schedule" not in cfg and ("sigma_min" in cfg or "sigma_max" in cfg):  # VE (ScoreSdeVe, KarrasVe)
         raise ValueError(f"{where} ({cfg.get('_class_name')}) has no beta_schedule: not a DDPM (beta) schedule")
     T = int(cfg.get("num_train_timesteps", 1000))
