@@ -222,6 +222,10 @@ class _GradRunner:
         self._compiled = None
         # A routed bank is not compiled: its router's per-forward state does not trace under torch.func.
         self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
+        if opts.compile_guide and not isinstance(guide, (_gd.Guide, _gd.ComposedGuide)):  # was silent
+            warnings.warn(f"compile_guide: the guide ({type(guide).__name__}) is a plain callable, not a ppap_fast "
+                          "Guide whose objective can be compiled; running it eagerly", FastSamplingWarning,
+                          stacklevel=4)
 
     def _ctx(self, device):
         return _autocast(device, self.opts.guide_autocast)
@@ -266,9 +270,9 @@ class _GradRunner:
                        target=target), w)
                 for (child, _), (_, w) in zip(self.children, self.guide.guides))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
-        if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
-            with torch.enable_grad():
-                return _gd.call_guide(self.guide, x, t)
+        if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad: autocast and
+            with torch.enable_grad(), self._ctx(x.device):  # channels_last apply to it too (they were ignored)
+                return _gd.call_guide(self.guide, self._input(x), t)
         kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
         with _no_host_checks(self.banks):
             g = None

@@ -467,6 +467,30 @@ def test_channels_last_and_autocast(setup):
     assert out16.dtype == torch.float32 and rel_err(out16, ref) < 3e-2
 
 
+def test_guide_options_reach_a_plain_callable_guide():
+    """guide_autocast and channels_last were silently not applied to a plain callable guide (only to ppap_fast
+    Guides); compile_guide, which cannot compile it, warns instead of doing nothing silently."""
+    seen = []
+    inner = linear_classifier_guide(torch.randn(3, 3 * 8 * 8) * 0.2, torch.tensor([0, 1, 2, 0]), 2.0)
+
+    def guide(x, t):
+        seen.append((torch.is_autocast_enabled("cpu"), x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous()))
+        return inner(x, t)
+
+    sched, x = Schedule.create("linear", 1000, "ddim5"), torch.randn(SHAPE)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    for opts, want in ((dict(guide_autocast=torch.bfloat16), (True, False)), (dict(channels_last=True), (False, True)),
+                       (dict(), (False, False))):
+        seen.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            FastGuidedSampler(model, sched, guide=guide, **opts).step(x, 3)
+        assert seen == [want], opts
+    with pytest.warns(FastSamplingWarning, match="compile_guide: the guide .* plain callable"):
+        FastGuidedSampler(model, sched, guide=guide, compile_guide=True)
+
+
 def test_train_mode_bank_is_routed_not_merged(setup):
     model, bank, _ = setup
     b = tiny_bank().train()
