@@ -1028,6 +1028,18 @@ def test_replacing_the_guide_drops_the_caches_of_the_old_one(classifier):
             g.guide = None
 
 
+def test_correct_refuses_a_precomputed_grad_not_shaped_like_x():
+    """grad= of another shape was broadcast silently ([C, H, W] or [H] to every sample, [B, 1, H, W] to every
+    channel); x's shape, or [1, ...] for every sample, are taken."""
+    g, sched = PPAPGuidance(lambda x, t: torch.zeros_like(x)), DDIMScheduler()
+    x, out = torch.randn(B, C, H, H), torch.randn(B, 2 * C, H, H)
+    for grad in (torch.ones(B, C, H, H), torch.ones(1, C, H, H)):
+        assert torch.isfinite(g.correct(out, x, 500, sched, grad=grad)).all()
+    for shape in ((C, H, H), (H,), (B, 1, H, H), (B, 2 * C, H, H), (2, C, H, H), ()):
+        with pytest.raises(ValueError, match=r"grad must be a precomputed .* shaped like x \(4, 3, 8, 8\)"):
+            g.correct(out, x, 500, sched, grad=torch.ones(shape))
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

@@ -334,6 +334,10 @@ class PPAPGuidance:
             raise ValueError("grad= is a precomputed scale * guide(x_t, t): it takes no scale= (scale it yourself)")
         pt = _checked_prediction_type(scheduler)
         c = _check_output_shape(model_output, x)
+        if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape[1:] != x.shape[1:]
+                                 or grad.shape[0] not in (1, x.shape[0])):  # [C, H, W], [H], [B, 1, H, W] broadcast
+            raise ValueError(f"grad must be a precomputed scale * guide(x_t, t) shaped like x {tuple(x.shape)} (or "
+                             f"[1, ...] for every sample), got {getattr(grad, 'shape', type(grad).__name__)}")
         s = self.scale if scale is None else _finite_scale(scale)
         if grad is None and s == 0.0:
             return model_output
