@@ -366,6 +366,8 @@ def test_fast_guidance_merges_experts_and_matches_routed(unet):
     torch.testing.assert_close(fast.grad(x, t_mixed), guide(x, t_mixed), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="unknown fast options"):
         PPAPGuidance(guide, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"fast options \['guide_autocast'\] .* fast=False does not run"):
+        PPAPGuidance(guide, fast=False, guide_autocast=torch.bfloat16)  # was ignored silently
 
 
 def test_pipeline_is_a_diffusion_pipeline(unet, classifier, tmp_path):

@@ -144,6 +144,9 @@ class PPAPGuidance:
         allowed = {"merge_experts", "merge_mode", "channels_last", "guide_autocast", "compile_guide", "compile_kwargs"}
         if set(fast_options) - allowed:
             raise TypeError(f"unknown fast options {sorted(set(fast_options) - allowed)}; allowed: {sorted(allowed)}")
+        if not fast and fast_options:  # the plain guide runs: they were ignored silently
+            raise ValueError(f"fast options {sorted(fast_options)} configure the fast path, which fast=False does not "
+                             "run: drop them or keep fast=True")
         self.guide, self.scale = guide, float(scale)
         self.fast, self.fast_options = bool(fast), dict(fast_options)
 
