@@ -1042,6 +1042,22 @@ def test_correct_refuses_a_precomputed_grad_not_shaped_like_x():
             g.correct(out, x, 500, sched, grad=torch.ones(shape))
 
 
+def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):
+    """eta > 0 with a scheduler whose step takes none (DDPM, Euler, DPM-Solver) was dropped without a word."""
+    def run(sched, eta):
+        pipe = PPAPGuidedPipeline(unet, sched)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(num_inference_steps=2, eta=eta, generator=torch.Generator().manual_seed(0), output_type="raw").images
+
+    with pytest.warns(UserWarning, match=r"eta=0.5 is ignored: DDPMScheduler.step takes no eta") as rec:
+        run(DDPMScheduler(), 0.5)
+    assert rec[0].filename == __file__  # the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(DDPMScheduler(), 0.0)
+        run(DDIMScheduler(), 0.5)
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

@@ -848,6 +848,9 @@ class _GuidedPipelineBody:
             from ppap_fast.sampling import _check_eta
 
             _check_eta(eta)
+        elif not (isinstance(eta, numbers.Real) and eta == 0):  # it was ignored without a word
+            warnings.warn(f"eta={eta!r} is ignored: {type(sched).__name__}.step takes no eta (DDIM's noise level; "
+                          "DDIMScheduler takes it)", UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
         extra = _step_kwargs(sched, eta, generator)
         step_sched = sched
         clip_first = guided and _limits_x0(sched)
