@@ -1058,6 +1058,18 @@ def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):
         run(DDIMScheduler(), 0.5)
 
 
+def test_continuous_timesteps_are_refused(unet):
+    """Euler's timestep_type='continuous' passes 0.25 * log(sigma) as t: rounded, the guide got t = 1 and 0 at
+    the noisiest steps (the wrong experts, silently) and a range error only at the last step."""
+    sched = EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+    sched.set_timesteps(10)
+    x = torch.randn(B, C, H, H)
+    with pytest.raises(ValueError, match="timestep_type='continuous' passes 0.25 \\* log\\(sigma\\)"):
+        PPAPGuidance(lambda x, t: torch.zeros_like(x)).correct(x, x, sched.timesteps[0], sched)
+    with pytest.raises(ValueError, match="timestep_type='continuous'"):  # before sampling
+        PPAPGuidedPipeline(unet, sched, lambda x, t: torch.zeros_like(x))(num_inference_steps=2)
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

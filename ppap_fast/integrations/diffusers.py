@@ -213,6 +213,11 @@ class PPAPGuidance:
         if entry is not None and not _table_current(entry, scheduler, acp):
             entry = None  # ids reused by a new scheduler / table, or the table changed in place
         if entry is None:
+            if getattr(getattr(scheduler, "config", None), "timestep_type", None) == "continuous":
+                # its timesteps are 0.25 * log(sigma): rounded to 0 / 1 they routed the guide silently, then raised
+                raise ValueError(f"{type(scheduler).__name__} with timestep_type='continuous' passes 0.25 * log(sigma) "
+                                 "as its timesteps, not the training timesteps 0..T-1 the guide takes: use "
+                                 "timestep_type='discrete' (the default)")
             sigma_space = _sigma_space(scheduler)
             if sigma_space and not callable(getattr(scheduler, "scale_model_input", None)):
                 raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
