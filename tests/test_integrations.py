@@ -1070,6 +1070,16 @@ def test_continuous_timesteps_are_refused(unet):
         PPAPGuidedPipeline(unet, sched, lambda x, t: torch.zeros_like(x))(num_inference_steps=2)
 
 
+def test_guidance_scale_without_a_guide_is_refused(unet):
+    """guidance_scale=5 on a pipeline built without guide= sampled unguided images without a word."""
+    pipe = PPAPGuidedPipeline(unet, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="guidance_scale=5.0 given to a pipeline without a guide: pass guide="):
+        pipe(num_inference_steps=2, guidance_scale=5.0)
+    for scale in (0.0, 1.0):  # the default, and "no guidance"
+        assert pipe(num_inference_steps=2, guidance_scale=scale, output_type="raw").images.shape == (1, C, H, H)
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

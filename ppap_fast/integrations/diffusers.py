@@ -814,6 +814,9 @@ class _GuidedPipelineBody:
         sched, device = self.scheduler, self.device
         _check_step_takes_a_plain_sample(sched)
         guidance_scale = _finite_scale(guidance_scale, "guidance_scale")
+        if self.guidance is None and guidance_scale not in (0.0, 1.0):  # unguided images came back without a word
+            raise ValueError(f"guidance_scale={guidance_scale} given to a pipeline without a guide: pass guide=... "
+                             "(cfg_scale is the classifier-free guidance of a text-conditional denoiser)")
         if self.guidance is not None:
             _checked_prediction_type(sched)
             self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
