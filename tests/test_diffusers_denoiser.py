@@ -151,3 +151,21 @@ def test_loaded_denoiser_takes_the_fast_samplers_fused_norms(saved):
         assert not any("forward" in vars(m) for m in den.unet.modules())
     opts = recommended_options(den, "cuda")
     assert opts["fuse_norm_act"] and opts["channels_last"]
+
+
+def test_fuse_norm_act_warns_when_no_block_can_fuse():
+    """A UNet whose ResnetBlock2Ds cannot run fused (act_fn="mish": no SiLU) ran unchanged without a word under
+    FastGuidedSampler(fuse_norm_act=True)."""
+    import warnings
+
+    from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning
+    from ppap_fast.integrations.diffusers_models import DiffusersDenoiser
+    from ppap_fast.schedule import Schedule
+
+    sched = Schedule.create("linear", 1000, "ddim5")
+    with pytest.warns(FastSamplingWarning, match="fuse_norm_act: no block of this UNet2DModel can run fused"):
+        FastGuidedSampler(DiffusersDenoiser(_unet(act_fn="mish")), sched, fuse_norm_act=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastGuidedSampler(DiffusersDenoiser(_unet()), sched, fuse_norm_act=True)
+        DiffusersDenoiser(_unet(act_fn="mish")).fuse_norm_act(False)

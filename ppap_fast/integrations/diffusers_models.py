@@ -34,7 +34,14 @@ class DiffusersDenoiser(nn.Module):
         place: the fast sampler's CUDA default, as for ADMUNet."""
         from .diffusers import fuse_norm_act
 
-        fuse_norm_act(self.unet, enabled)
+        if fuse_norm_act(self.unet, enabled) == 0 and enabled:  # the fast sampler's option did nothing silently
+            import warnings
+
+            from ..fast_sampling import FastSamplingWarning
+
+            warnings.warn(f"fuse_norm_act: no block of this {type(self.unet).__name__} can run fused (a ResnetBlock2D "
+                          "with GroupNorms, SiLU, plain convs and a time embedding): it runs unchanged",
+                          FastSamplingWarning, stacklevel=2)
         return self
 
 
