@@ -69,11 +69,12 @@ def test_conditional_missing_and_checkpoint_specs_are_refused(saved, tmp_path):
                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(tmp_path / "text")
     _unet(num_class_embeds=3).save_pretrained(tmp_path / "cls")
+    _unet(time_embedding_type="fourier").save_pretrained(tmp_path / "ve")  # was loaded: output / t, NaN at t = 0
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     for path, msg in ((tmp_path / "text", "UNet2DConditionModel.*prompt_embeds"), (tmp_path / "cls", "class-conditional"),
-                      (tmp_path / "empty", "no config.json"), (tmp_path / "noweights", "no diffusion_pytorch_model")):
+                      (tmp_path / "ve", "time_embedding_type='fourier'"), (tmp_path / "empty", "no config.json"), (tmp_path / "noweights", "no diffusion_pytorch_model")):
         with pytest.raises(ValueError, match=msg):
             D.build_denoiser(f"diffusers:{path}", None, 1, "cpu")
     with pytest.raises(ValueError, match="drop --checkpoint"):

@@ -87,6 +87,9 @@ def load_denoiser(path) -> DiffusersDenoiser:
     if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
         raise ValueError(f"denoiser 'diffusers:{path}' is class-conditional (num_class_embeds / class_embed_type): "
                          "the CLI has no labels to give it (PPAPGuidedPipeline takes class_labels)")
+    if cfg.get("time_embedding_type") == "fourier":  # it takes sigmas and divides its output by them: NaN at t = 0
+        raise ValueError(f"denoiser 'diffusers:{path}' has time_embedding_type='fourier': a score-SDE (VE) network "
+                         "conditioned on sigma, not an eps model of the DDPM timesteps the CLI samples with")
     if not any((d / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"denoiser 'diffusers:{path}': no {' or '.join(WEIGHT_FILES)} in {d}")
     try:
