@@ -270,9 +270,11 @@ class _GradRunner:
                        target=target), w)
                 for (child, _), (_, w) in zip(self.children, self.guide.guides))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
-        if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad: autocast and
-            with torch.enable_grad(), self._ctx(x.device):  # channels_last apply to it too (they were ignored)
-                return _gd.call_guide(self.guide, self._input(x), t)
+        if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
+            # a FastGuide of a ClassGuide takes the target override too (it was dropped silently)
+            kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
+            with torch.enable_grad(), self._ctx(x.device):  # autocast and channels_last apply (they were ignored)
+                return _gd.call_guide(self.guide, self._input(x), t, **kw)
         kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
         with _no_host_checks(self.banks):
             g = None

@@ -1080,6 +1080,23 @@ def test_guidance_scale_without_a_guide_is_refused(unet):
         assert pipe(num_inference_steps=2, guidance_scale=scale, output_type="raw").images.shape == (1, C, H, H)
 
 
+def test_class_labels_reach_a_guide_given_as_a_fast_guide():
+    """PPAPGuidance(FastGuide(class_guide)) (or a ComposedGuide of one) ran the FastGuide as a plain callable
+    on the fast path and dropped target=: the guide's own target was used silently."""
+    from ppap_fast.fast_sampling import FastGuide
+    from ppap_fast.guidance import ComposedGuide
+
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(C * H * H, 4))
+    g = ClassGuide(clf, target=torch.zeros(B, dtype=torch.long))
+    x, y = torch.randn(B, C, H, H), torch.tensor([2, 3, 1, 2])
+    want = g(x, torch.full((B,), 5), target=y)
+    assert not torch.allclose(want, g(x, torch.full((B,), 5)))
+    for guide in (FastGuide(g), ComposedGuide([FastGuide(g)])):
+        for fast in (True, False):
+            torch.testing.assert_close(PPAPGuidance(guide, fast=fast).grad(x, 5, target=y), want)
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode
