@@ -389,9 +389,10 @@ def _guide_state(g) -> tuple:
     return tuple(out)
 
 
-def _sync_view(view, src, device, seen: dict):
+def _sync_view(view, src, device, seen: dict, follow_model: bool = False):
     """Make ``view`` (a shallow copy of guide ``src`` that owns a merged model and / or on-device targets)
-    read every other attribute from ``src`` as it is now (scale, target, nonfinite, ComposedGuide weights)."""
+    read every other attribute from ``src`` as it is now (scale, target, nonfinite, ComposedGuide weights);
+    ``follow_model``: its network too (a view that only moved the targets owns no model of its own)."""
     if view is src:
         return
     if isinstance(src, _gd.ComposedGuide):
@@ -400,10 +401,11 @@ def _sync_view(view, src, device, seen: dict):
                              "PPAPGuidance / FastGuidedSampler")
         view.nonfinite = src.nonfinite
         for (v, _), (g, _) in zip(view.guides, src.guides):
-            _sync_view(v, g, device, seen)
+            _sync_view(v, g, device, seen, follow_model)
         view.guides = [(v, w) for (v, _), (_, w) in zip(view.guides, src.guides)]
         return
-    keep = ("model", "pass_t") if view.__dict__.get("model") is not src.__dict__.get("model") else ()
+    keep = ("model", "pass_t") if not follow_model and view.__dict__.get("model") is not src.__dict__.get("model") \
+        else ()
     for k, val in vars(src).items():
         if k in keep:
             continue
@@ -454,6 +456,7 @@ class FastGuide:
         self._moved: dict = {}
         self.guide = guide if self.device is None else _on_device(guide, self.device)
         self.banks = guide_banks(self.guide)
+        self._merge_wanted = bool(merge_experts)
         self._merge_requested = bool(merge_experts) and bool(self.banks)
         self._train_mode_warned = False
         if self._merge_requested and any(b.training for b in self.banks):
@@ -555,7 +558,11 @@ class FastGuide:
             return
         self._modes = modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
         self._state = state
-        _sync_view(self.guide, self.source, self.device, self._moved)
+        _sync_view(self.guide, self.source, self.device, self._moved, follow_model=True)
+        if [id(b) for b in guide_banks(self.guide)] != [id(b) for b in self.banks]:
+            self._reset_banks()  # guide.model = another bank: the merged experts were the old bank's, silently
+            self.generation += 1
+            return
         for v in self._variants.values():
             _sync_view(v.guide, self.guide, None, self._moved)
         changed = {k for k, n in versions.items() if n != self._versions[k]}
@@ -563,6 +570,16 @@ class FastGuide:
         if changed:
             self._refresh_merged(changed)
         self.generation += 1
+
+    def _reset_banks(self) -> None:
+        """Drop the merged copies and runners of the banks the guide held before, for the ones it holds now."""
+        self.banks = guide_banks(self.guide)
+        self._merge_requested = self._merge_wanted and bool(self.banks)
+        self._merged_models, self._loaded, self._variants = {}, {}, {}
+        self._routed = _GradRunner(self.guide, self.opts, self.banks)
+        self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
+        self._versions, self._modes = self._bank_versions(), self._bank_modes()
+        self._train_mode_warned = False
 
     @torch.no_grad()
     def _refresh_merged(self, changed: set) -> None:

@@ -778,6 +778,32 @@ def test_fast_path_follows_changes_of_the_guide(setup):
     assert fast.fast_guide.generation == gen + 3
 
 
+@pytest.mark.parametrize("device_view", [False, True])
+@pytest.mark.parametrize("merge_mode", ["cache", "swap"])
+def test_fast_path_follows_a_guide_given_another_bank(setup, monkeypatch, device_view, merge_mode):
+    """guide.model = another bank after the first steps: the merged path kept the old bank's experts silently
+    (and, where the sampler holds an on-device copy of the guide, a CUDA device with a CPU target, the routed
+    path kept the old bank too: simulated here by forcing that copy)."""
+    import copy
+
+    model = setup[0]
+    if device_view:
+        monkeypatch.setattr(fs, "_on_device", lambda g, device: copy.copy(g))
+    sched = Schedule.create("linear", 1000, "ddim5")
+    guide = ClassGuide(tiny_bank(), torch.tensor([0, 1, 2, 3]), scale=3.0)
+    fast = FastGuidedSampler(model, sched, guide=guide, merge_mode=merge_mode)
+    run = lambda: fast.sample(SHAPE, generator=torch.Generator().manual_seed(2))  # noqa: E731
+    first = run()
+    torch.manual_seed(7)
+    guide.model = tiny_bank()
+    want = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(2))
+    assert (want - first).abs().max() > 1e-3
+    torch.testing.assert_close(run(), want, rtol=1e-4, atol=1e-5)
+    x = torch.randn(SHAPE)
+    t = torch.tensor([900, 500, 100, 10])
+    torch.testing.assert_close(fast.fast_guide(x, t), guide(x, t), rtol=1e-5, atol=1e-6)  # routed per sample
+
+
 def test_guidance_under_inference_mode_says_why(setup):
     model, _, guide = setup
     fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
