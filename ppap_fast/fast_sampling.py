@@ -136,12 +136,15 @@ def _bank_of(guide):
     return None
 
 
-def guide_banks(guide) -> list:
-    """The ExpertBanks a guide routes through (its own, or those of a ComposedGuide's parts)."""
+def guide_banks(guide, through_fast: bool = False) -> list:
+    """The ExpertBanks a guide routes through (its own, or those of a ComposedGuide's parts); ``through_fast``:
+    also those of a FastGuide's guide (for the checks against a schedule)."""
+    if through_fast and isinstance(guide, FastGuide):
+        return guide_banks(guide.source, True)
     if isinstance(guide, _gd.ComposedGuide):
         out = []
         for g, _ in guide.guides:
-            for b in guide_banks(g):
+            for b in guide_banks(g, through_fast):
                 if all(b is not o for o in out):
                     out.append(b)
         return out
@@ -150,6 +153,8 @@ def guide_banks(guide) -> list:
 
 
 def _x0hat_guides(guide) -> list:
+    if isinstance(guide, FastGuide):
+        return _x0hat_guides(guide.source)
     if isinstance(guide, _gd.ComposedGuide):
         return [x for g, _ in guide.guides for x in _x0hat_guides(g)]
     return [guide] if isinstance(guide, _gd.X0HatGuide) else []
@@ -158,13 +163,14 @@ def _x0hat_guides(guide) -> list:
 def check_guide_timesteps(guide, num_timesteps: int) -> None:
     """The guide's ExpertBanks must split, and an X0HatGuide's alphas_cumprod cover, the schedule's own T:
     with a shorter schedule a bank's steps silently reached only its first experts (T=500 with a T=1000 bank:
-    experts 0-2 of 5) and x0-hat took another schedule's abar; with a longer one they left the bank."""
+    experts 0-2 of 5) and x0-hat took another schedule's abar; with a longer one they left the bank. A guide
+    given as a FastGuide is checked too (it was not)."""
     for g in _x0hat_guides(guide):
         if g.acp.numel() != num_timesteps:
             raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but the X0HatGuide's alphas_cumprod "
                              f"has {g.acp.numel()}: give it the base table of this schedule (Schedule.create(name, "
                              f"{num_timesteps}))")
-    for b in guide_banks(guide):
+    for b in guide_banks(guide, through_fast=True):
         if b.num_timesteps != num_timesteps:
             raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but an ExpertBank of the guide splits "
                              f"T={b.num_timesteps} into its experts' bands, which would route the steps to the wrong "

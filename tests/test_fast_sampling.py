@@ -950,8 +950,10 @@ def test_bank_of_another_T_than_the_schedule_is_refused(setup):
             FastGuidedSampler(model, s, guide=guide)
         with pytest.raises(ValueError, match="T=1000 into its experts' bands"):
             sample_loop(model, (2, 3, 8, 8), s, guide=guide)
+        with pytest.raises(ValueError, match="T=1000 into its experts' bands"):  # a FastGuide was not checked
+            FastGuidedSampler(model, s, guide=ComposedGuide([fs.FastGuide(guide)]))
         x0hat = X0HatGuide(bank.model, model, Schedule.create("linear", 1000), 1)  # x0-hat took the wrong abar
-        for g in (x0hat, ComposedGuide([x0hat])):
+        for g in (x0hat, ComposedGuide([x0hat]), fs.FastGuide(x0hat)):
             with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod has 1000"):
                 FastGuidedSampler(model, s, guide=g)
             with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod has 1000"):

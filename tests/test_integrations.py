@@ -1097,6 +1097,24 @@ def test_class_labels_reach_a_guide_given_as_a_fast_guide():
             torch.testing.assert_close(PPAPGuidance(guide, fast=fast).grad(x, 5, target=y), want)
 
 
+def test_guide_given_as_a_fast_guide_is_checked_against_the_scheduler(classifier):
+    """A T=1000 bank with a T=500 scheduler (every step routed to experts 0-2 of 5) and an X0HatGuide of another
+    schedule were refused, but not when the guide came wrapped in a FastGuide."""
+    from ppap_fast.fast_sampling import FastGuide
+    from ppap_fast.guidance import ComposedGuide, X0HatGuide
+    from ppap_fast.schedule import Schedule
+
+    W, y = classifier
+    x, bank_guide = torch.randn(B, C, H, H), _bank_guide()
+    for g in (bank_guide, FastGuide(bank_guide), ComposedGuide([FastGuide(bank_guide)])):
+        with pytest.raises(ValueError, match="num_train_timesteps=500 but the guide's ExpertBank splits T=1000"):
+            PPAPGuidance(g).correct(x, x, 400, DDIMScheduler(num_train_timesteps=500))
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(C * H * H, 3))
+    x0hat = X0HatGuide(clf, lambda x, t: torch.zeros_like(x), Schedule.create("cosine", 1000), y)
+    with pytest.raises(ValueError, match="X0HatGuide's alphas_cumprod .* is not the DDIMScheduler's"):
+        PPAPGuidance(FastGuide(x0hat)).correct(x, x, 400, DDIMScheduler())
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

@@ -231,7 +231,7 @@ class PPAPGuidance:
                     raise ValueError(f"the X0HatGuide's alphas_cumprod ({g.acp.numel()} steps) is not the "
                                      f"{type(scheduler).__name__}'s ({acp.numel()} steps, its beta_schedule): give it "
                                      "scheduler.alphas_cumprod")
-            for bank in guide_banks(self.guide):
+            for bank in guide_banks(self.guide, through_fast=True):  # a FastGuide's too
                 if bank.num_timesteps != acp.numel():
                     raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
                                      f"ExpertBank splits T={bank.num_timesteps} timesteps into its experts: the "
