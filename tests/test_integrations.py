@@ -1040,6 +1040,8 @@ def test_correct_refuses_a_precomputed_grad_not_shaped_like_x():
     for shape in ((C, H, H), (H,), (B, 1, H, H), (B, 2 * C, H, H), (2, C, H, H), ()):
         with pytest.raises(ValueError, match=r"grad must be a precomputed .* shaped like x \(4, 3, 8, 8\)"):
             g.correct(out, x, 500, sched, grad=torch.ones(shape))
+    with pytest.raises(ValueError, match="it takes no target="):  # the labels were ignored silently
+        g.correct(out, x, 500, sched, grad=torch.ones(B, C, H, H), target=torch.tensor([0, 1, 2, 0]))
 
 
 def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):

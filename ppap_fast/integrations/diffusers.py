@@ -340,6 +340,9 @@ class PPAPGuidance:
         """
         if grad is not None and scale is not None:  # the scale was ignored silently
             raise ValueError("grad= is a precomputed scale * guide(x_t, t): it takes no scale= (scale it yourself)")
+        if grad is not None and target is not None:  # the labels were ignored silently
+            raise ValueError("grad= is a precomputed scale * guide(x_t, t): it takes no target= (give the labels to "
+                             "grad(x_t, t, target=...), or leave grad= out)")
         pt = _checked_prediction_type(scheduler)
         c = _check_output_shape(model_output, x)
         if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape[1:] != x.shape[1:]
