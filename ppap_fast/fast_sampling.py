@@ -470,6 +470,9 @@ class FastGuide:
                           "routing per sample instead of merging (call bank.eval() to merge)",
                           FastSamplingWarning, stacklevel=_stacklevel)
             self._train_mode_warned = True
+        if self.opts.compile_guide and self.banks and not merge_experts:  # it was ignored silently
+            warnings.warn("compile_guide: with merge_experts=False the guide's ExpertBank routes per sample, which runs "
+                          "eagerly (only merged experts are compiled)", FastSamplingWarning, stacklevel=_stacklevel)
         self._merged_models: dict = {}
         self._loaded: dict = {}  # swap mode: id(bank) -> expert whose weights the merged copy holds
         self._variants: dict = {}

@@ -491,6 +491,19 @@ def test_guide_options_reach_a_plain_callable_guide():
         FastGuidedSampler(model, sched, guide=guide, compile_guide=True)
 
 
+def test_compile_guide_with_merging_off_warns(setup, monkeypatch):
+    """compile_guide=True with merge_experts=False compiled nothing (a routed bank runs eagerly) without a word."""
+    model, _, guide = setup
+    monkeypatch.setattr(fs, "_compile", lambda fn, **kw: pytest.fail("a routed bank was compiled"))
+    sched = Schedule.create("linear", 1000, "ddim5")
+    with pytest.warns(FastSamplingWarning, match="compile_guide: with merge_experts=False .* runs eagerly") as rec:
+        FastGuidedSampler(model, sched, guide=guide, compile_guide=True, merge_experts=False)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastGuidedSampler(model, sched, guide=guide, merge_experts=False)
+
+
 def test_train_mode_bank_is_routed_not_merged(setup):
     model, bank, _ = setup
     b = tiny_bank().train()
