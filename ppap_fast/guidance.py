@@ -748,6 +748,11 @@ def as_cond_fn(guide) -> Callable:
     ``y`` (guided-diffusion's class labels) overrides the target of a ClassGuide / X0HatGuide, and of
     those sub-guides of a ComposedGuide (a FastGuide of either: the same); other guides, and a ComposedGuide's
     dense sub-guides, ignore it. ``t`` is the original timestep (SpacedDiffusion maps it)."""
+    from .integrations.diffusers import PPAPGuidance  # imports no diffusers
+
+    if isinstance(guide, PPAPGuidance):  # it failed at the first call: "correct() missing 't' and 'scheduler'"
+        raise TypeError("as_cond_fn takes a guide, guide(x_t, t) -> grad, but got a PPAPGuidance (the correction of a "
+                        "diffusers scheduler's output): pass its guide, as_cond_fn(guidance.guide)")
     takes_y = has_class_target(guide)
     from .fast_sampling import FastGuide
 

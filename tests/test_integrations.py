@@ -335,6 +335,8 @@ def test_cond_fn_names_rescale_timesteps_for_float_timesteps(classifier):
         cond_fn(x, t.float() * 0.25, y=torch.tensor([0, 1, 2, 0]))
     # a guide of the user's own that takes any t is left alone
     assert as_cond_fn(lambda x, t: x * 0 + t.view(-1, 1, 1, 1))(x, t.float() * 0.25)[1, 0, 0, 0] == 125.0
+    with pytest.raises(TypeError, match=r"got a PPAPGuidance .* as_cond_fn\(guidance.guide\)"):
+        as_cond_fn(PPAPGuidance(_bank_guide()))  # failed at the first call: correct() missing 't' and 'scheduler'
 
 
 def test_imports_without_diffusers():
