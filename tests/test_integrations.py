@@ -182,6 +182,9 @@ def test_bad_inputs(unet, classifier):
             PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=n)
     with pytest.raises(ValueError, match="image_shape"):
         PPAPGuidedPipeline(lambda x, t: x, DDIMScheduler())(batch_size=1, num_inference_steps=1)
+    for bad in ((H, H), (1, C, H, H), (C, 8.5, H), (C, 0, H)):  # (H, W) sampled [B, H, W]: rows read as channels
+        with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\): three positive ints"):
+            PPAPGuidedPipeline(lambda x, t: torch.zeros_like(x), DDIMScheduler(), image_shape=bad)
 
 
 def test_pipeline_refuses_a_guide_target_of_another_batch_before_the_unet(unet, classifier):

@@ -642,6 +642,11 @@ class _GuidedPipelineBody:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.guidance = guide if guide is None or isinstance(guide, PPAPGuidance) else PPAPGuidance(guide)
+        if image_shape is not None:  # (H, W) made [B, H, W] samples (rows read as channels), 8.5 was truncated
+            image_shape = tuple(image_shape)
+            if len(image_shape) != 3 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                                                for s in image_shape):
+                raise ValueError(f"image_shape must be (C, H, W): three positive ints, got {image_shape!r}")
         self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
 
     @property
