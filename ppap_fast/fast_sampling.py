@@ -961,8 +961,8 @@ class FastGuidedSampler:
             idx, key = self._index(i, x)
             runner = None if self.guide is None else self._variant(key)
             x, pred = self._run(x, idx, key, runner, noise)
-            if callback is not None:
-                callback(i, x, pred)
+            if callback is not None:  # a graph's outputs are overwritten by the next replay: copies, as step gives
+                callback(i, *((x.clone(), pred.clone()) if graphs else (x, pred)))
             if return_trajectory:
                 traj.append(x.clone() if graphs else x)
         if graphs:

@@ -504,6 +504,34 @@ def test_compile_guide_with_merging_off_warns(setup, monkeypatch):
         FastGuidedSampler(model, sched, guide=guide, merge_experts=False)
 
 
+def test_sample_callback_gets_tensors_the_next_graph_replay_does_not_overwrite(setup, monkeypatch):
+    """With CUDA graphs a step's outputs are the graph's static buffers, overwritten by the next replay: callback(i,
+    x, pred_x0) got those, so every pred_x0 a user kept became the last step's. Simulated on the CPU by a _run that
+    returns the same two buffers every step, as a replay does."""
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    want = []
+    FastGuidedSampler(model, sched, guide=guide).sample(SHAPE, generator=torch.Generator().manual_seed(3),
+                                                        callback=lambda i, x, p: want.append((x, p)))
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    bufs = (torch.empty(SHAPE), torch.empty(SHAPE))
+
+    def replay(x, idx, key, runner, noise):
+        s, p = fast._core(x, idx, runner, noise)
+        bufs[0].copy_(s)
+        bufs[1].copy_(p)
+        return bufs
+
+    monkeypatch.setattr(fast, "_graph_ok", lambda x: True)
+    monkeypatch.setattr(fast, "_run", replay)
+    got = []
+    fast.sample(SHAPE, generator=torch.Generator().manual_seed(3), callback=lambda i, x, p: got.append((x, p)))
+    assert len(got) == len(want) == 5
+    for (gx, gp), (wx, wp) in zip(got, want):
+        torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gp, wp, rtol=1e-5, atol=1e-6)
+
+
 def test_train_mode_bank_is_routed_not_merged(setup):
     model, bank, _ = setup
     b = tiny_bank().train()
