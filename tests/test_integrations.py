@@ -1122,6 +1122,20 @@ def test_guide_given_as_a_fast_guide_is_checked_against_the_scheduler(classifier
         PPAPGuidance(FastGuide(x0hat)).correct(x, x, 400, DDIMScheduler())
 
 
+def test_numpy_timesteps_run_merged_experts():
+    """A numpy int timestep (or a numpy array of one value) is known on the host as an int is: it routed per sample
+    through the bank instead of running the band's merged experts."""
+    import numpy as np
+
+    guide = _bank_guide()
+    x = torch.randn(B, C, H, H)
+    for t in (np.int64(500), np.array(500), np.full(B, 500)):
+        g = PPAPGuidance(guide)
+        got = g.grad(x, t)
+        assert len(g._fast_guides[torch.device("cpu")]._merged_models) == 1, type(t)
+        torch.testing.assert_close(got, guide(x, 500), rtol=1e-5, atol=1e-6)
+
+
 def test_abar_table_of_an_inference_mode_scheduler():
     """A scheduler built under torch.inference_mode() has an inference tensor as alphas_cumprod, which has
     no version counter: its table is rebuilt on every call (an in-place change made in inference mode

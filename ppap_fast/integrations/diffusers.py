@@ -175,6 +175,9 @@ class PPAPGuidance:
     @staticmethod
     def _host_timestep(t) -> int | None:
         """The batch's common timestep if it can be read without touching an accelerator."""
+        from ppap_fast.experts.bank import as_int_or_tensor
+
+        t = as_int_or_tensor(t)  # numpy ints / arrays: they routed per sample instead of merging
         if isinstance(t, int) and not isinstance(t, bool):
             return t
         if isinstance(t, float):
