@@ -508,7 +508,11 @@ class FastGuide:
         self._train_mode_warned = False  # warned again at the next switch
         if t_host is None or not self.merge_experts:
             return None
-        return tuple(int(t_host) // b.band for b in self.banks)
+        t_host = int(t_host)
+        for b in self.banks:  # it failed as "expert -1 out of range", naming no timestep
+            if not 0 <= t_host < b.num_timesteps:
+                raise ValueError(f"timestep {t_host} out of range [0, {b.num_timesteps}) of the guide's ExpertBank")
+        return tuple(t_host // b.band for b in self.banks)
 
     def _merged_model(self, bank, n):
         key = (id(bank), n) if self.merge_mode == "cache" else id(bank)

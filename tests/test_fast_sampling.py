@@ -532,6 +532,15 @@ def test_sample_callback_gets_tensors_the_next_graph_replay_does_not_overwrite(s
         torch.testing.assert_close(gp, wp, rtol=1e-5, atol=1e-6)
 
 
+def test_merged_timestep_out_of_the_banks_range_names_it(setup):
+    """A host timestep outside 0..T-1 failed on the merged path as "expert -1 out of range [0, 5)"."""
+    _, _, guide = setup
+    x = torch.randn(SHAPE)
+    for t in (-5, 1000):
+        with pytest.raises(ValueError, match=f"timestep {t} out of range \\[0, 1000\\) of the guide's ExpertBank"):
+            fs.FastGuide(guide)(x, torch.full((SHAPE[0],), t), t)
+
+
 def test_train_mode_bank_is_routed_not_merged(setup):
     model, bank, _ = setup
     b = tiny_bank().train()
