@@ -218,11 +218,13 @@ _STATE_SUFFIXES = (".distill_state.safetensors", ".finetune_state.safetensors")
 
 
 def _training_states(path: Path) -> list[Path]:
-    """The training states ``path`` names: the file itself, or a run's --out (inside it or beside it)."""
+    """The training states ``path`` names: the file itself, or a run's --out (inside it or beside it). A run
+    rerun over its previous output keeps its state beside that output (finetune's --out is a file)."""
+    named = path if path.name not in ("", "..") else path.resolve()  # "." has no name to put a suffix on
+    beside = [s for s in (named.with_name(named.name + x) for x in _STATE_SUFFIXES) if s.is_file()]
     if path.is_file():
-        return [path] if path.suffix == ".safetensors" else []
-    found = [path / n for n in _STATE_NAMES if (path / n).is_file()]
-    return found + [s for s in (path.with_name(path.name + x) for x in _STATE_SUFFIXES) if s.is_file()]
+        return beside or ([path] if path.suffix == ".safetensors" else [])
+    return [path / n for n in _STATE_NAMES if (path / n).is_file()] + beside
 
 
 def _mean(values) -> float | None:
@@ -264,6 +266,7 @@ def main_json(args) -> tuple[str, list]:
     for p in map(Path, args.experts):
         if (p / "config.json").exists():
             experts.append(checkpoint_summary(p))
+            states += [training_state_summary(s) for s in _training_states(p)]  # a rerun into it, under way
         elif _is_data_set(p):
             sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False)))
         elif _training_states(p):  # a run under way (or killed): its resumable state

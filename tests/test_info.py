@@ -191,3 +191,42 @@ def test_info_reports_a_distill_run_in_progress(capsys, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("x")
     rc, text, err = run(capsys, str(tmp_path / "notes.txt"))
     assert rc == 2 and "is a file but no training state" in err
+
+
+def test_info_reports_a_rerun_in_progress_over_a_previous_output(capsys, tmp_path, monkeypatch):
+    """A finetune / distill rerun into an existing --out keeps its state beside that output: info on the --out
+    reported only the old experts (distill) or failed with 'not a ppap_fast training state' (finetune's file)."""
+    from ppap_fast.distributed import SimulatedCrash
+
+    common = ["--weights-dir", str(WEIGHTS_DIR), "--no-progress"]
+    data, d_out, f_out = tmp_path / "data", tmp_path / "ppap", tmp_path / "multi.safetensors"
+    assert main(["generate", "--out", str(data), "--num-images", "4", "--shard-size", "4", "--steps", "2"] + common) == 0
+    distill = ["distill", "--data", str(data), "--experts", "2", "--rank", "2", "--batch-size", "4",
+               "--checkpoint-every", "2", "--out", str(d_out)] + common
+    finetune = ["finetune", "--experts", "2", "--batch-size", "4", "--checkpoint-every", "2", "--out", str(f_out)] + common
+    for args in (distill, finetune):
+        assert main(args + ["--steps", "1"]) == 0  # the previous output
+        monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+        monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        with pytest.raises(SimulatedCrash):  # the rerun: state at step 2, killed at 3
+            main(args + ["--steps", "5"])
+        monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    capsys.readouterr()
+    for out, suffix in ((d_out, ".distill_state.safetensors"), (f_out, ".finetune_state.safetensors")):
+        rc, text, err = run(capsys, str(out))
+        assert rc == 0 and not err, err
+        s = json.loads(text)["training_states"]
+        assert [(x["path"], x["step"], x["steps"]) for x in s] == [(str(out) + suffix, 2, 5)]
+    assert json.loads(run(capsys, str(d_out))[1])["experts"][0]["n_experts"] == 2  # the previous output too
+
+
+def test_info_on_the_current_folder(capsys, tmp_path, monkeypatch):
+    """`info .`: ValueError "PosixPath('.') has an empty name" (looking for a state beside it)."""
+    d = tmp_path / "ppap5"
+    shutil.copytree(WEIGHTS_DIR / "ppap5", d)
+    monkeypatch.chdir(d)
+    rc, out, err = run(capsys, ".")
+    assert rc == 0 and not err and json.loads(out)["experts"][0]["n_experts"] == 5
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, ".")
+    assert rc == 2 and "holds no expert checkpoint" in err
