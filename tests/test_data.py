@@ -283,3 +283,17 @@ def test_shard_set_with_a_scalar_member_is_a_clear_error(tmp_path):
     w.run(lambda k: {"images": np.zeros((3, 2, 2, 1), np.uint8), "seed": np.int64(k)})
     with pytest.raises(ValueError, match=r"shard_00000.npz: 'seed' is \(\)"):
         ShardSet(tmp_path)
+
+
+@pytest.mark.parametrize("text", ['{"shards": ', "[1, 2]", '{"complete": true}', '{"complete": true, "shards": 3}'])
+def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, text):
+    """A manifest.json that is not JSON (json's message named no file), a list (AttributeError) or an object
+    without shards / num_images (KeyError): reading the set, or writing into it, raised a bare error."""
+    from ppap_fast.data import ShardSet, ShardWriter, load_shards
+
+    (tmp_path / "manifest.json").write_text(text)
+    for read in (ShardSet, load_shards):
+        with pytest.raises(ValueError, match="manifest.json"):
+            read(tmp_path)
+    with pytest.raises(ValueError):  # not adopted
+        ShardWriter(tmp_path, num_images=4, shard_size=2)

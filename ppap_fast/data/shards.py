@@ -190,6 +190,9 @@ class ShardWriter:
                 old = json.loads(m.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
+            if not isinstance(old, dict):  # old.get below was an AttributeError traceback
+                raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}, not an object); "
+                                 "remove it or use another directory")
             if old.get("format") != self.meta.get("format"):  # another writer's set: never adopt it (and rewrite
                 # its manifest as ours, dropping its configuration)
                 raise ValueError(f"{self.dir} holds a shard set written by another tool (format="
@@ -253,7 +256,14 @@ def _read_manifest(d: Path) -> dict:
     m = d / MANIFEST
     if not m.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {d}: not a shard set")
-    man = json.loads(m.read_text())
+    try:
+        man = json.loads(m.read_text())
+    except json.JSONDecodeError as e:  # json's message alone named no file
+        raise ValueError(f"{m} is not valid JSON ({e}): not a readable shard set") from None
+    # a list (AttributeError) or a manifest without these (KeyError) failed with a traceback
+    if not isinstance(man, dict) or not isinstance(man.get("shards"), list) \
+            or not all(isinstance(n, str) for n in man["shards"]) or not isinstance(man.get("num_images"), int):
+        raise ValueError(f"{m} is not a shard set manifest (no shards list / num_images)")
     if not man.get("complete"):
         raise ValueError(f"shard set {d} is incomplete: rerun `generate` to finish it")
     return man
