@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=1000)
     s.add_argument("--batch-size", type=_positive_int, default=64)
     s.add_argument("--lr", type=_positive_float, default=2e-3)
-    s.add_argument("--widths", type=_widths, default="16,32,64", help="resnet stage widths (positive integers)")
+    s.add_argument("--widths", type=_widths, default=None,
+                   help="resnet stage widths (positive integers; default: 16,32,64); --arch resnet only")
     common(s, weights=False)
     task_help = ("classification: the digit classifier (classifier.safetensors, KL); segmentation: the stroke "
                  "segmentation net (segnet.safetensors, per-pixel KL); semantic: the semantic segmentation net "
@@ -439,13 +440,15 @@ def _run(args) -> int:
         from .finetune import accuracy, noisy_accuracy, train_classifier
         from .models.tiny import EvalNet, SegNet, TinyResNet, save_model
 
+        if args.widths is not None and args.arch != "resnet":  # it was ignored silently
+            raise DemoError(f"--widths sets the resnet's stage widths; --arch {args.arch} has none: drop it")
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
         torch.manual_seed(args.seed)  # model initialisation
         labels_fn = None
         if args.arch == "resnet":
-            model = TinyResNet(widths=args.widths)
+            model = TinyResNet(widths=args.widths or [16, 32, 64])
             x, y = s.classifier
         elif args.arch == "segnet":  # labels from each clean (shifted) image itself: no annotation
             model, (x, _), y, labels_fn = SegNet(), s.classifier, None, ink_mask

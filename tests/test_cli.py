@@ -742,3 +742,18 @@ def test_generate_writes_a_preview_with_the_teachers_view(weights, tmp_path, cap
     assert main(["generate", "--weights-dir", str(weights), "--out", str(out), "--num-images", "6", "--shard-size", "4",
                  "--steps", "2", "--task", task, "--no-progress"]) == 0  # complete: the preview is redrawn
     assert "none (already complete)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["evalnet", "segnet", "semseg"])
+def test_classifier_widths_of_another_arch_are_refused(arch, tmp_path, capsys):
+    """--widths is the resnet's: with --arch evalnet / segnet / semseg it was ignored silently."""
+    out = tmp_path / "sub" / "n.safetensors"
+    assert main(["train-classifier", "--arch", arch, "--widths", "4,8,8", "--steps", "1", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert f"--arch {arch} has none" in _err(capsys) and not (tmp_path / "sub").exists()
+
+
+def test_classifier_default_widths_are_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train-classifier", "--help"])
+    assert "default: 16,32,64" in " ".join(capsys.readouterr().out.split())
