@@ -272,7 +272,7 @@ def _parse_targets(spec, n):
 def _atomic_dir(out: Path, write, marker: str = "config.json"):
     """Write a directory via a temporary sibling, then move it into place. An existing ``out`` is
     replaced only when it is a directory holding ``marker`` and nothing but files this command
-    writes (a previous output); a file or any other directory is refused before any work."""
+    writes (a previous output; its README.md is kept); a file or any other directory is refused before any work."""
     out = Path(out)
     old = out.with_name(f".{out.name}.old")
     if not out.exists() and old.is_dir():  # a replacement killed between its two renames: roll it back
@@ -283,6 +283,9 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     os.chmod(tmp, 0o755)
     try:
         write(tmp)
+        for name in _KEPT_FILES:  # the user's, beside a previous output: it was deleted with it
+            if (out / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(out / name, tmp / name)
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
@@ -317,6 +320,8 @@ def _check_device(name: str) -> None:
 
 _OUTPUT_FILES = {"config.json", "experts.safetensors", "base.safetensors", "train_summary.json", "train_loss.png",
                  "adapter_config.json", "adapter_model.safetensors", "README.md"}
+# files in an output folder that a rerun keeps (not written by the commands: a model card for the Hub)
+_KEPT_FILES = ("README.md",)
 
 
 # what distill's train_summary.json records of its command line

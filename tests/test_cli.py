@@ -757,3 +757,15 @@ def test_classifier_default_widths_are_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["train-classifier", "--help"])
     assert "default: 16,32,64" in " ".join(capsys.readouterr().out.split())
+
+
+def test_rerun_into_a_previous_output_keeps_its_readme(weights, tmp_path, capsys):
+    """A README.md (a model card) beside a previous export-peft / distill output was deleted by the rerun."""
+    out = tmp_path / "adapter"
+    args = ["export-peft", "--experts-dir", str(weights / "ppap5"), "--out", str(out), "--weights-dir", str(weights)]
+    assert main(args + ["--expert", "1"]) == 0
+    (out / "README.md").write_text("# my card\n")
+    assert main(args + ["--expert", "2"]) == 0
+    assert (out / "README.md").read_text() == "# my card\n"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
