@@ -408,7 +408,7 @@ def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeac
     """Build the frozen teacher (eval mode) named by ``spec``:
 
     * ``tiny:<path>``: a ppap_fast tiny classifier ("resnet" placement) or stroke segmentation net
-      ("generic", task segmentation) file, taking [-1, 1] directly;
+      ("generic", task segmentation) file, taking [-1, 1] directly (``weights`` must be None: the file holds them);
     * a name of :mod:`ppap_fast.models.registry` (``resnet50``, ``deit_s``, ``deeplabv3_resnet50``,
       ...) with ``weights`` (None: random init); its spec gives the task and the input transform;
     * ``py:package.module:factory``: any module, e.g. a depth network: ``factory()`` (or
@@ -427,6 +427,9 @@ def build_teacher(spec: str, weights=None, task: str | None = None) -> BuiltTeac
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if spec.startswith("tiny:"):
+            if weights is not None:  # the file's own weights were used, the ones given ignored silently
+                raise ValueError(f"teacher {spec!r} holds its own weights (the file after 'tiny:'); the weights "
+                                 f"given ({weights}) would be ignored: drop them, or name that file in tiny:<file>")
             from .distill import TINY_TEACHERS, tiny_teacher_kind
             from .models.tiny import load_model
 

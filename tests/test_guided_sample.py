@@ -210,3 +210,14 @@ def test_registry_guide_without_weights_warns(tmp_path):
             "--no-progress", "--guide", "resnet18", "--targets", "5"]
     with pytest.warns(UserWarning, match="--guide resnet18 without --guide-weights: a randomly initialised"):
         assert main([*args, "--out", str(tmp_path / "a.npz")]) == 0
+
+
+def test_guide_weights_with_a_tiny_guide_are_refused(tmp_path, capsys):
+    """--guide tiny:FILE --guide-weights OTHER guided with FILE's weights, OTHER ignored silently."""
+    other = tmp_path / "other.safetensors"
+    other.write_bytes((WEIGHTS_DIR / "classifier.safetensors").read_bytes())
+    assert main(["guided-sample", "--out", str(tmp_path / "g.npz"), *BASE, "--guide",
+                 f"tiny:{WEIGHTS_DIR / 'classifier.safetensors'}", "--guide-weights", str(other),
+                 "--targets", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds its own weights" in err and str(other) in err and not (tmp_path / "g.npz").exists()
