@@ -371,6 +371,8 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
             raise ValueError("denoiser 'tiny' needs --checkpoint (a tiny UNet safetensors file)")
         return load_model(checkpoint, kind="unet")
     if spec == "random-conv":
+        if checkpoint is not None:  # it was ignored silently: the run sampled with the random weights
+            raise ValueError(f"denoiser 'random-conv' has no weights to load: drop --checkpoint ({checkpoint})")
         return RandomConvDenoiser(channels)
     raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny, diffusers:PATH or random-conv")
 

@@ -221,3 +221,12 @@ def test_guide_weights_with_a_tiny_guide_are_refused(tmp_path, capsys):
                  "--targets", "3"]) == 2
     err = capsys.readouterr().err
     assert "holds its own weights" in err and str(other) in err and not (tmp_path / "g.npz").exists()
+
+
+def test_checkpoint_with_the_random_conv_denoiser_is_refused(tmp_path, capsys):
+    """--denoiser random-conv --checkpoint FILE sampled with random weights, FILE ignored silently."""
+    assert main(["guided-sample", "--out", str(tmp_path / "g.npz"), "--denoiser", "random-conv", "--checkpoint",
+                 str(WEIGHTS_DIR / "unet.safetensors"), "--image-size", "8", "--channels", "1", "--num-samples",
+                 "1", "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no weights to load" in err and not (tmp_path / "g.npz").exists()
