@@ -59,9 +59,17 @@ _STAT_BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def _file_status(f: Path, want: dict | None) -> str:
-    from ppap_fast.experts.checkpoint import _digest
+_PREV_OK = "ok (sha256 verified: the previous copy "
 
+
+def _file_status(f: Path, want: dict | None) -> str:
+    from ppap_fast.experts.checkpoint import _digest, _prev
+
+    prev = _prev(f)  # kept by a save killed before its config.json: what loading falls back to
+    if want is not None and prev.is_file() and (not f.is_file() or _digest(f.read_bytes()) != want) \
+            and _digest(prev.read_bytes()) == want:
+        return f"{_PREV_OK}{prev.name}: a save was interrupted before its config.json; it loads with a warning, " \
+               "save again to replace it)"
     if not f.is_file():
         return "missing"
     if want is None:
@@ -98,8 +106,13 @@ def checkpoint_summary(path) -> dict:
     counts = None  # per expert: trained values, statistics buffers (BN running stats); values shared by all
     if files.get("experts.safetensors", "").startswith(("ok", "present")):
         counts = {"trainable_per_expert": 0, "buffers_per_expert": 0, "not_per_expert": 0}
+        src = path / "experts.safetensors"
+        if files["experts.safetensors"].startswith(_PREV_OK):
+            from ppap_fast.experts.checkpoint import _prev
+
+            src = _prev(src)
         try:
-            with safe_open(str(path / "experts.safetensors"), "pt") as f:
+            with safe_open(str(src), "pt") as f:
                 for k in f.keys():
                     sl = f.get_slice(k)
                     shape, numel = sl.get_shape(), 1

@@ -230,3 +230,40 @@ def test_info_on_the_current_folder(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run(capsys, ".")
     assert rc == 2 and "holds no expert checkpoint" in err
+def test_info_on_a_save_interrupted_before_its_config_is_not_damaged(capsys, tmp_path):
+    """A save killed before its config.json leaves the new experts file beside the previous one (kept as
+    .experts.safetensors.prev): loading falls back to that copy, but info called the checkpoint DAMAGED (exit 2)."""
+    import warnings
+
+    from ppap_fast.data import shards
+    from ppap_fast.demo import load_classifier
+    from ppap_fast.experts import load_experts, save_experts
+
+    d = tmp_path / "ppap5"
+    shutil.copytree(WEIGHTS_DIR / "ppap5", d)
+    bank = load_ppap_bank(5)
+    with torch.no_grad():
+        next(p for p in bank.parameters() if p.requires_grad).add_(1)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    real, shards.write_json_atomic = shards.write_json_atomic, killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_experts(bank, d)
+    finally:
+        shards.write_json_atomic = real
+    assert (d / ".experts.safetensors.prev").is_file()
+    with pytest.warns(UserWarning, match="interrupted before its config.json"):
+        load_experts(d, load_classifier())  # the previous checkpoint loads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc, out, err = run(capsys, str(d))
+    c = json.loads(out)["experts"][0]
+    assert rc == 0 and not err and c["verified"], err
+    assert "previous copy .experts.safetensors.prev" in c["files"]["experts.safetensors"]
+    assert c["values"] == json.loads(run(capsys, str(WEIGHTS_DIR / "ppap5"))[1])["experts"][0]["values"]
+    (d / ".experts.safetensors.prev").write_bytes(b"x")  # and no copy to fall back to: damaged, as before
+    rc, out, err = run(capsys, str(d))
+    assert rc == 2 and "experts.safetensors: DAMAGED" in err
