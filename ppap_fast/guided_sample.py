@@ -56,6 +56,7 @@ class GuidedSampleConfig:
     raw_input: bool = False
     targets: str | None = None
     target_map: str | None = None
+    ignore_index: int | None = None     # segmentation: --target-map label of void pixels (None: -100)
     scale: float = 10.0
     sampler: str = "ddim"
     schedule: str = "linear"            # the denoiser's noise schedule (guided-diffusion's "linear" / "cosine")
@@ -170,11 +171,15 @@ def _build_guide(cfg: GuidedSampleConfig, device):
         raise ValueError("--target-map is for segmentation / depth guides; a classification guide takes --targets")
     if bt.task in ("segmentation", "depth", "regression") and cfg.targets:
         raise ValueError(f"--targets (class ids) is for classification guides; a {bt.task} guide takes --target-map")
+    if cfg.ignore_index is not None and bt.task != "segmentation":
+        raise ValueError(f"--ignore-index marks void pixels of a segmentation --target-map; this guide's task is "
+                         f"{bt.task}")
     if bt.task == "classification":
         return (lambda tgt: ClassGuide(model, tgt, cfg.scale, input_transform=tf)), info
     if bt.task in ("segmentation", "depth", "regression"):
+        kw = {"ignore_index": cfg.ignore_index} if cfg.ignore_index is not None else {}
         cls = SegmentationGuide if bt.task == "segmentation" else DenseRegressionGuide
-        guide = cls(model, _target_map(cfg.target_map, bt.task).to(device), cfg.scale, input_transform=tf)
+        guide = cls(model, _target_map(cfg.target_map, bt.task).to(device), cfg.scale, input_transform=tf, **kw)
         return (lambda tgt: guide), info
     raise ValueError(f"the guide's task is unknown ({bt.task!r}): pass --guide-task classification|segmentation|"
                      "depth|regression")
@@ -343,6 +348,9 @@ def add_arguments(s) -> None:
     s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t)")
     s.add_argument("--targets", default=None, help="class ids, comma-separated, cycled over the samples")
     s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
+    s.add_argument("--ignore-index", type=int, default=None,
+                   help="segmentation: the --target-map label of void pixels, which do not count (VOC / ADE20K / "
+                        "Cityscapes maps: 255; default -100)")
     s.add_argument("--scale", type=_finite_float, default=10.0)
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     s.add_argument("--schedule", default="linear", choices=["linear", "cosine"],

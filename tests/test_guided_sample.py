@@ -230,3 +230,22 @@ def test_checkpoint_with_the_random_conv_denoiser_is_refused(tmp_path, capsys):
                  "1", "--steps", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "has no weights to load" in err and not (tmp_path / "g.npz").exists()
+
+
+def test_segmentation_void_label_255_needs_and_takes_ignore_index(tmp_path, capsys):
+    """A VOC-style map (255: void) was refused with 'pass ignore_index=255', which guided-sample had no way to
+    pass; --ignore-index 255 guides exactly as the same map with the void pixels at the default -100."""
+    seg = ["--guide", f"tiny:{WEIGHTS_DIR / 'segnet.safetensors'}", "--num-samples", "2", "--steps", "2"]
+    labels = np.ones((16, 16), np.int64)
+    labels[:, :4] = 255
+    np.save(tmp_path / "voc.npy", labels)
+    np.save(tmp_path / "plain.npy", np.where(labels == 255, -100, labels))
+    assert main(["guided-sample", "--out", str(tmp_path / "x.npz"), *BASE, *seg, "--target-map",
+                 str(tmp_path / "voc.npy")]) == 2
+    assert "ignore_index=255" in capsys.readouterr().err
+    voc, _ = _run(tmp_path, "voc", *seg, "--target-map", str(tmp_path / "voc.npy"), "--ignore-index", "255")
+    plain, _ = _run(tmp_path, "plain", *seg, "--target-map", str(tmp_path / "plain.npy"))
+    unguided, _ = _run(tmp_path, "none", "--num-samples", "2", "--steps", "2")
+    assert np.array_equal(voc["images"], plain["images"]) and not np.array_equal(voc["images"], unguided["images"])
+    assert main(["guided-sample", "--out", str(tmp_path / "c.npz"), *BASE, *GUIDE, "--ignore-index", "255"]) == 2
+    assert "--ignore-index marks void pixels of a segmentation" in capsys.readouterr().err
