@@ -274,6 +274,8 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     replaced only when it is a directory holding ``marker`` and nothing but files this command
     writes (a previous output; its README.md is kept); a file or any other directory is refused before any work."""
     out = Path(out)
+    if out.is_symlink():  # the renames replaced the link by a folder, the linked one kept the old output
+        out = out.resolve()
     old = out.with_name(f".{out.name}.old")
     if not out.exists() and old.is_dir():  # a replacement killed between its two renames: roll it back
         old.rename(out)

@@ -769,3 +769,24 @@ def test_rerun_into_a_previous_output_keeps_its_readme(weights, tmp_path, capsys
     assert (out / "README.md").read_text() == "# my card\n"
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_an_output_named_through_a_symlink_is_written_to_its_target(weights, tmp_path):
+    """--out LINK -> DIR: the link was replaced by a new folder (DIR kept the old output, a .LINK.old link was
+    left); a file output through a link was replaced by a file the same way."""
+    from safetensors import safe_open
+
+    from ppap_fast.data.shards import write_json_atomic
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    args = ["export-peft", "--experts-dir", str(weights / "ppap5"), "--weights-dir", str(weights)]
+    assert main(args + ["--expert", "1", "--out", str(real)]) == 0
+    link.symlink_to(real)
+    assert main(args + ["--expert", "2", "--out", str(link)]) == 0
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    with safe_open(str(real / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["ppap_fast.expert"] == "2"
+    (tmp_path / "stats.json").write_text("{}")
+    (tmp_path / "s.json").symlink_to(tmp_path / "stats.json")
+    write_json_atomic(tmp_path / "s.json", {"a": 1})
+    assert (tmp_path / "s.json").is_symlink() and json.loads((tmp_path / "stats.json").read_text()) == {"a": 1}

@@ -55,6 +55,8 @@ def _atomic(path, write_fn, suffix: str):
     fsynced, then renamed into place (and the directory fsynced): after a crash or a power loss the
     file is the old one or the complete new one, never empty or partial."""
     path = Path(path)
+    if path.is_symlink():  # os.replace replaced the link by a file, the linked one kept the old contents
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
