@@ -519,6 +519,12 @@ def _run(args) -> int:
 
         teacher = demo.load_teacher(args.weights_dir, args.task)
         demo.check_writable_dir(Path(args.out).parent)
+        out = Path(args.out)
+        _check_replaceable(out, "config.json")  # before training, and before reading the whole set (verify)
+        try:
+            check_experts_dir(out, "--out")  # a config.json alone could be another model's
+        except ValueError as e:
+            raise DemoError(str(e)) from None
         try:
             from .data import ShardSet
             shards = ShardSet(args.data)  # headers only; verify() checks every member's CRC-32
@@ -528,12 +534,6 @@ def _run(args) -> int:
         if bad:
             raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
         _check_set_task(shards, teacher, args)
-        out = Path(args.out)
-        _check_replaceable(out, "config.json")  # before training, not after
-        try:
-            check_experts_dir(out, "--out")  # a config.json alone could be another model's
-        except ValueError as e:
-            raise DemoError(str(e)) from None
         # the resumable state lives beside --out (which appears only when finished), removed after it is written
         state = out.with_name(out.name + ".distill_state.safetensors")
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,

@@ -790,3 +790,18 @@ def test_an_output_named_through_a_symlink_is_written_to_its_target(weights, tmp
     (tmp_path / "s.json").symlink_to(tmp_path / "stats.json")
     write_json_atomic(tmp_path / "s.json", {"a": 1})
     assert (tmp_path / "s.json").is_symlink() and json.loads((tmp_path / "stats.json").read_text()) == {"a": 1}
+
+
+def test_distill_refuses_its_out_before_reading_the_whole_set(weights, tmp_path, capsys, monkeypatch):
+    """A wrong --out was refused only after every shard had been read and CRC-checked (minutes on a large set)."""
+    from ppap_fast.data import ShardSet
+
+    data, keep = tmp_path / "data", tmp_path / "precious"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["generate", "--out", str(data), "--num-images", "2", "--steps", "2"] + common) == 0
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep")
+    read = []
+    monkeypatch.setattr(ShardSet, "verify", lambda self, *a, **k: read.append(self) or [])
+    assert main(["distill", "--data", str(data), "--steps", "1", "--out", str(keep)] + common) == 2
+    assert "refusing to replace" in _err(capsys) and not read
