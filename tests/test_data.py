@@ -297,3 +297,22 @@ def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, te
             read(tmp_path)
     with pytest.raises(ValueError):  # not adopted
         ShardWriter(tmp_path, num_images=4, shard_size=2)
+
+
+def test_shards_without_a_manifest_are_not_adopted(tmp_path):
+    """A folder with shards but no manifest.json (removed by hand, copied without it): ShardWriter kept every
+    shard of the right size as this run's and wrote a manifest with this run's settings over them."""
+
+    def shard(seed):
+        return lambda k: {"images": np.full((2, 4, 4, 1), seed, np.uint8)}
+
+    ShardWriter(tmp_path, num_images=4, shard_size=2, meta={"seed": 0}).run(shard(0))
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="holds shards but no manifest.json"):
+        ShardWriter(tmp_path, num_images=4, shard_size=2, meta={"seed": 1})
+    assert not (tmp_path / "manifest.json").exists()
+    fresh = tmp_path / "fresh"  # an empty or new folder, or one holding other files, is still written
+    fresh.mkdir()
+    (fresh / "notes.txt").write_text("x")
+    assert ShardWriter(fresh, num_images=4, shard_size=2, meta={"seed": 1}).run(shard(1)) == [0, 1]
+    assert (load_shards(fresh)["images"] == 1).all()

@@ -209,6 +209,10 @@ class ShardWriter:
             if diff:
                 raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
                                  "use the same arguments or another directory")
+        elif any(self.dir.glob("shard_*.npz")):  # the manifest is written before any shard: these are of unknown
+            # seed / models, and were adopted as this run's (recorded with its settings) when their size matched
+            raise ValueError(f"{self.dir} holds shards but no {MANIFEST}: which settings made them is unknown; "
+                             "remove them or use another directory")
         for p in self.dir.iterdir():  # temporaries of a killed write (see _atomic): shards' and manifest's
             if p.name.startswith((".shard_", f".{MANIFEST}.")) and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)
