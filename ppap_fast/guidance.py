@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .experts.bank import as_int_or_tensor
+from .ops.lora.segments import _version
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -341,10 +342,21 @@ class _ClassTarget:
             raise ValueError(f"{self.name}: target class {self.hi} is out of range for a model with {k} classes")
         self.checked = True
 
+    def _checked_override(self, override, k: int):
+        """A per-call target checked like the own one; the last tensor checked is remembered (while unchanged in
+        place), so a loop passing the same labels every step reads their range once, not once per step (a sync)."""
+        cached = getattr(self, "_override", None)
+        if cached is not None and cached[0] is override and cached[1] == k and cached[2] == _version(override):
+            return cached[3]
+        tgt = _ClassTarget(override, k, self.name).target
+        if isinstance(override, torch.Tensor) and not torch.compiler.is_compiling() and _version(override) is not None:
+            self._override = (override, k, _version(override), tgt)
+        return tgt
+
     def select(self, logits, override=None):
         if logits.dim() != 2:
             raise ValueError(f"{self.name}: classifier output must be logits [B, K], got {tuple(logits.shape)}")
-        tgt = self.target if override is None else _ClassTarget(override, logits.shape[1], self.name).target
+        tgt = self.target if override is None else self._checked_override(override, logits.shape[1])
         if override is None and not self.checked:
             self._check(logits.shape[1])
         B = logits.shape[0]

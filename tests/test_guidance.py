@@ -734,3 +734,33 @@ def test_x0hat_in_fp16_keeps_the_small_t_correction():
     assert err <= 1e-3 * want16.abs().max(), err  # fp16 rounding of the result only
     assert (got.double() - want).abs().max() <= 2e-3 * want.abs().max()
     assert not torch.equal(got, x16)  # the eps term (sqrt(1 - abar) ~ 0.01) is not lost
+
+
+def test_per_call_labels_are_range_checked_once_while_unchanged(monkeypatch):
+    """Labels passed at every step (the diffusers pipeline's class_labels) had their min / max read every step (two
+    host syncs on a GPU); the same tensor is now checked once, and again after an in-place change."""
+    from ppap_fast import guidance as gd
+
+    g = ClassGuide(SmallNet().eval(), target=0, scale=1.0)
+    x, t = torch.randn(2, 2, 6, 6), torch.tensor([5, 5])
+    y = torch.tensor([1, 3])
+    checks = []
+    init = gd._ClassTarget.__init__
+
+    def counted_init(self, *a, **k):
+        checks.append(1)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(gd._ClassTarget, "__init__", counted_init)
+    want = g(x, t, target=torch.tensor([1, 3]))
+    checks.clear()
+    for _ in range(3):
+        got = g(x, t, target=y)
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert len(checks) == 1
+    y[1] = 7  # out of range for 5 classes: must be seen
+    with pytest.raises(ValueError, match="out of range"):
+        g(x, t, target=y)
+    y[1] = 2
+    assert not torch.equal(g(x, t, target=y), want)
+    assert torch.equal(g(x, t, target=torch.tensor([1, 2])), g(x, t, target=y))
