@@ -1285,3 +1285,19 @@ def test_from_pipe_keeps_a_text_conditional_unet():
     net = _text_unet()
     pipe = PPAPGuidedPipeline.from_pipe(DDPMPipeline(unet=net, scheduler=DDPMScheduler()))
     assert pipe.unet is net
+
+
+def test_a_fast_guide_given_runs_its_merged_experts():
+    """PPAPGuidance(FastGuide(guide)) wrapped the FastGuide in a second one, which ran it as an opaque callable
+    (no host timestep): the bank routed per sample at every step, never its merged experts."""
+    from ppap_fast.fast_sampling import FastGuide
+
+    guide = _bank_guide()
+    x = torch.randn(B, C, H, H)
+    fast = FastGuide(guide)
+    g = PPAPGuidance(fast)
+    got = g.grad(x, torch.tensor(500))
+    assert g._fast_guides[torch.device("cpu")] is fast and len(fast._merged_models) == 1
+    torch.testing.assert_close(got, guide(x, 500), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="give them to the FastGuide"):
+        PPAPGuidance(FastGuide(guide), channels_last=True).grad(x, torch.tensor(500))

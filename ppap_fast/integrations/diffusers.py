@@ -169,7 +169,16 @@ class PPAPGuidance:
         if fg is None:
             from ppap_fast.fast_sampling import FastGuide
 
-            fg = self._fast_guides[device] = FastGuide(self.guide, device, **self.fast_options)
+            own = self.guide if isinstance(self.guide, FastGuide) else None
+            if own is not None and self.fast_options:  # they would configure a second wrapper, not the guide's
+                raise ValueError(f"fast options {sorted(self.fast_options)} given with a FastGuide: give them to the "
+                                 "FastGuide (it runs with its own)")
+            if own is not None and (own.device is None or (own.device.type == device.type and
+                                                           own.device.index in (None, device.index))):
+                fg = own  # a second FastGuide ran it as an opaque callable: never its merged experts
+            else:
+                fg = FastGuide(self.guide, device, **self.fast_options)
+            self._fast_guides[device] = fg
         return fg
 
     @staticmethod
