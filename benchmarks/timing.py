@@ -98,7 +98,7 @@ def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False, by_s
     events = prof.key_averages(group_by_input_shape=by_shape)
     outside_us, outside = 0.0, []
     if by_shape:
-        details, in_ops = _op_details(prof.events())
+        details, in_ops = _op_details(prof.events(), _kineto_dtypes(prof))
         if device == "cuda":
             outside_us, outside = _kernels_outside_ops(events, in_ops)
         events = [e for e in events if e.device_type == DeviceType.CPU]
@@ -137,10 +137,19 @@ def _kernels_outside_ops(averages, in_ops: Counter) -> tuple[float, list]:
     return sum(rest.values()), [{"name": name[:100], "ms": round(us / 1e3, 3)} for name, us in rest.most_common(3)]
 
 
-def _op_details(events) -> tuple[dict, Counter]:
+def _kineto_dtypes(prof) -> dict:
+    """{(op name, str(input shapes)): input dtypes} from the profiler's raw events: torch 2.11's FunctionEvent
+    has no input_dtypes (the device image's torch), its kineto events do. Empty where they cannot be read."""
+    try:
+        return {(e.name(), str(e.shapes())): list(e.dtypes()) for e in prof.profiler.kineto_results.events()}
+    except (AttributeError, RuntimeError, TypeError):
+        return {}
+
+
+def _op_details(events, fallback_dtypes: dict | None = None) -> tuple[dict, Counter]:
     """{(op name, str(input shapes)): {shapes, dtypes, kernels}} of a profile's host-side events
     (key_averages keeps no dtypes nor kernel names), and the device time (us) per kernel name of
-    every kernel an op launched."""
+    every kernel an op launched. ``fallback_dtypes``: the same keys' dtypes where the events have none."""
     from torch.autograd import DeviceType
 
     out, kernel_us, in_ops = {}, {}, Counter()
@@ -149,7 +158,8 @@ def _op_details(events) -> tuple[dict, Counter]:
             continue
         key = (ev.key, str(ev.input_shapes))
         if key not in out:
-            out[key] = {"shapes": _jsonable(ev.input_shapes), "dtypes": list(getattr(ev, "input_dtypes", None) or [])}
+            dtypes = list(getattr(ev, "input_dtypes", None) or (fallback_dtypes or {}).get(key) or [])
+            out[key] = {"shapes": _jsonable(ev.input_shapes), "dtypes": dtypes}
             kernel_us[key] = Counter()
         for kern in getattr(ev, "kernels", ()):
             kernel_us[key][kern.name] += kern.duration
