@@ -484,6 +484,7 @@ class FastGuide:
         self._state = _guide_state(self.source)
         self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
+        self.num_timesteps: int | None = None  # the sampler's base T: a guide changed later is checked against it
 
     @property
     def merge_experts(self) -> bool:
@@ -569,6 +570,8 @@ class FastGuide:
         state, versions, modes = _guide_state(self.source), self._bank_versions(), self._bank_modes()
         if state == self._state and versions == self._versions and modes == self._modes:
             return
+        if state != self._state and self.num_timesteps is not None:  # before anything is taken over
+            check_guide_timesteps(self.source, self.num_timesteps)
         self._modes = modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
         self._state = state
         _sync_view(self.guide, self.source, self.device, self._moved, follow_model=True)
@@ -713,6 +716,7 @@ class FastGuidedSampler:
         # once here: the steps run with the banks' host-side range checks off
         if guide is not None:
             check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps)
+            self.fast_guide.num_timesteps = self.schedule.original_num_timesteps
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)

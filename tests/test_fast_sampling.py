@@ -854,6 +854,19 @@ def test_fast_path_follows_a_guide_given_another_bank(setup, monkeypatch, device
     torch.testing.assert_close(fast.fast_guide(x, t), guide(x, t), rtol=1e-5, atol=1e-6)  # routed per sample
 
 
+def test_guide_given_a_bank_of_another_T_is_refused(setup):
+    """guide.model = a bank of another T after the first steps: refused as at construction (a T=2000 bank on a
+    T=1000 schedule ran silently on its first experts only), and still refused at the next call."""
+    sched = Schedule.create("linear", 1000, "ddim5")
+    guide = ClassGuide(tiny_bank(), torch.tensor([0, 1, 2, 3]), scale=3.0)
+    fast = FastGuidedSampler(setup[0], sched, guide=guide)
+    fast.sample(SHAPE, generator=torch.Generator().manual_seed(2))
+    guide.model = tiny_bank(num_timesteps=2000)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="T=2000"):
+            fast.sample(SHAPE, generator=torch.Generator().manual_seed(2))
+
+
 def test_guidance_under_inference_mode_says_why(setup):
     model, _, guide = setup
     fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
