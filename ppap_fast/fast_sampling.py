@@ -331,8 +331,20 @@ class _ModelRunner:
         self.model, self.opts, self.kwargs = model, opts, dict(model_kwargs or {})
         self._compiled = None
         self._compile_ok = opts.compile_model
+        self._batch_checked = None
+
+    def _check_batch(self, b: int) -> None:
+        """A model_kwargs tensor of another batch size failed deep inside the model, or broadcast silently
+        (y of batch 1: every sample got y[0]). Shapes only, once per batch size."""
+        for k, v in self.kwargs.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != b:
+                raise ValueError(f"model_kwargs[{k!r}] has batch size {v.shape[0]} (shape {tuple(v.shape)}), but x "
+                                 f"has {b} samples: give one row per sample (e.g. {k}.expand({b}, ...))")
+        self._batch_checked = b
 
     def __call__(self, x, t):
+        if x.shape[0] != self._batch_checked:
+            self._check_batch(x.shape[0])
         if self.opts.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(x.device, self.opts.model_autocast):

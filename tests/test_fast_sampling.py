@@ -1052,3 +1052,24 @@ def test_step_and_bank_guide_take_numpy_integers(setup):
                        fast.fast_guide(x, torch.full((4,), 500), t_host=500))
     with pytest.raises(ValueError, match="index must be an integer tensor"):
         fast.step(x, np.float64(2))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_model_kwargs_of_another_batch_size_named(rows):
+    """A model_kwargs tensor of another batch size failed inside the model (2 rows for 4 samples) or broadcast
+    silently (1 row: every sample got y[0]); now refused naming the kwarg. A 0-dim tensor is left alone."""
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = nn.Embedding(4, 3), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t, y=None, w=None):
+            return self.conv(x) * w + self.emb(y)[:, :, None, None]
+
+    sched = Schedule.create("linear", 1000, "ddim3")
+    bad = FastGuidedSampler(Cond(), sched, model_kwargs={"y": torch.arange(rows), "w": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] has batch size %d" % rows):
+        bad.sample(SHAPE, generator=torch.Generator().manual_seed(0))
+    ok = FastGuidedSampler(Cond(), sched, model_kwargs={"y": torch.arange(4), "w": torch.tensor(1.0)})
+    assert torch.isfinite(ok.sample(SHAPE, generator=torch.Generator().manual_seed(0))).all()
