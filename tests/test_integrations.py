@@ -177,6 +177,9 @@ def test_bad_inputs(unet, classifier):
         PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=2, eta=float("inf"))
     with pytest.raises(ValueError, match="latents must be finite"):  # unguided: NaN images, no error
         PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=2, latents=torch.full((1, C, H, H), float("nan")))
+    for n in (True, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            PPAPGuidedPipeline(unet, DDIMScheduler())(batch_size=n, num_inference_steps=1)
     for n in (0, -1):  # 0: ZeroDivisionError in set_timesteps; -1: no step at all, x_T returned as the images
         with pytest.raises(ValueError, match=f"num_inference_steps must be a positive int, got {n}"):
             PPAPGuidedPipeline(unet, DDIMScheduler())(num_inference_steps=n)
@@ -1047,6 +1050,20 @@ def test_correct_refuses_a_precomputed_grad_not_shaped_like_x():
             g.correct(out, x, 500, sched, grad=torch.ones(shape))
     with pytest.raises(ValueError, match="it takes no target="):  # the labels were ignored silently
         g.correct(out, x, 500, sched, grad=torch.ones(B, C, H, H), target=torch.tensor([0, 1, 2, 0]))
+
+
+def test_pipeline_takes_numpy_int_counts(unet):
+    """batch_size / num_inference_steps of numpy ints (np.int64 from a config or an array) were refused."""
+    import numpy as np
+
+    pipe = PPAPGuidedPipeline(unet, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=np.int64(2), num_inference_steps=np.int32(2), generator=torch.Generator().manual_seed(0),
+               output_type="raw").images
+    ref = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="raw").images
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
 
 
 def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):

@@ -815,12 +815,14 @@ class _GuidedPipelineBody:
         self._interrupt = False
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        # numbers.Integral: a numpy int was refused; a bool is no count
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         # 0 divides by zero in set_timesteps; a negative count gives no timesteps: the noise came back as images
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        batch_size, num_inference_steps = int(batch_size), int(num_inference_steps)
         tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None)  # a diffusers PipelineCallback's
         if not isinstance(tensor_inputs, (list, tuple)):
             tensor_inputs = callback_on_step_end_tensor_inputs
