@@ -1080,6 +1080,12 @@ def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):
         warnings.simplefilter("error")
         run(DDPMScheduler(), 0.0)
         run(DDIMScheduler(), 0.5)
+        import numpy as np
+
+        for zero in (torch.tensor(0.0), np.float32(0.0), np.array(0.0), torch.tensor([0])):  # it warned for these
+            run(DDPMScheduler(), zero)
+    with pytest.warns(UserWarning, match=r"is ignored: DDPMScheduler.step takes no eta"):
+        run(DDPMScheduler(), torch.tensor(0.5))
 
 
 def test_continuous_timesteps_are_refused(unet):
