@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DigitsSplits, random_shift
-from .data.shards import _atomic
+from .data.shards import _atomic, remove_stale_tmp
 from .models.tiny import EpsModel, count_params, load_model, save_model
 from .progress import BarLoss
 from .schedule import Schedule
@@ -62,8 +62,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
     start = 0
     run_cfg = {"batch_size": batch_size, "lr": lr, "seed": seed, "data_seed": data_seed, "ema_decay": ema_decay,
                "unet_config": unet_config or DEMO_UNET}
-    for p in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):  # a checkpoint write that was killed
-        p.unlink(missing_ok=True)
+    remove_stale_tmp(ckpt, ".pt")  # a checkpoint write that was killed (only _atomic's exact names)
     if ckpt.exists():
         try:
             state = torch.load(ckpt, map_location="cpu")  # the generator state must stay a CPU tensor

@@ -71,6 +71,19 @@ def test_train_diffusion_killed_between_checkpoint_and_weights_resumes_to_the_fi
     assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
+def test_train_diffusion_removes_only_its_own_checkpoint_temporaries(tmp_path):
+    """Every .<ckpt>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
+    from ppap_fast import demo
+
+    ckpt = "u.safetensors.ckpt.pt"
+    ours = [f".{ckpt}.abcd1234.pt.tmp", f".{ckpt}.k2j4x_9z.pt.tmp"]
+    theirs = [f".{ckpt}.mine.tmp", f".{ckpt}.abcd1234.npz.tmp", f".{ckpt}.abcd12345.pt.tmp"]
+    for n in ours + theirs:
+        (tmp_path / n).write_text("x")
+    demo.train_diffusion(tmp_path / "u.safetensors", steps=0, batch_size=2, unet_config=TINY_UNET, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(theirs)
+
+
 def test_generate_distill_finetune(weights, tmp_path):
     data = tmp_path / "data"
     common = ["--weights-dir", str(weights), "--no-progress"]
