@@ -737,8 +737,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         from .seg_demo import run_segmentation
 
         seg = run_segmentation(out, weights_dir, seg_per_target, sampler, steps, scale, seed, batch_size, progress,
-                               unet=unet, evaluator=evaluator)
-        record(*seg_files)
+                               unet=unet, evaluator=evaluator, on_written=record)  # each file as it is written
     summary = {"methods": results, "sampler": sampler, "steps": steps or (25 if sampler == "ddim" else 250),
                "scale": scale, "seed": seed, "num_samples": num_samples, "total_seconds": round(time.time() - t_start, 1),
                "torch_threads": torch.get_num_threads()}

@@ -186,16 +186,16 @@ def score_segmentation(images_u8: np.ndarray, masks: torch.Tensor) -> dict:
 
 def run_segmentation(out, weights_dir, per_target: int = 2, sampler: str = "ddim", steps: int | None = None,
                      scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, progress: bool = True,
-                     unet=None, evaluator=None, methods=None, threads: int | None = 1) -> dict:
+                     unet=None, evaluator=None, methods=None, threads: int | None = 1, on_written=None) -> dict:
     """Sample every segmentation method towards the 10 held-out masks, score them, and write
     ``seg_samples_<method>.npz`` and ``segmentation.png`` (rows: target mask, then a method each; columns:
     the targets, each from the same initial noise) in ``out``. Returns {"methods": {method: results}, ...}.
 
     ``threads``: torch CPU threads meanwhile (None: as set). One by default: the demo's batches of 20 tiny
     images gain nothing from a second thread, and on 2 shared cores its spin-waits made a method take
-    8-15 s instead of 0.8 s (measured under load)."""
+    8-15 s instead of 0.8 s (measured under load). ``on_written(name)``: called as each file is written."""
     return _run_dense("segmentation", out, weights_dir, per_target, sampler, steps, scale, seed, batch_size,
-                      progress, unet, evaluator, methods, threads)
+                      progress, unet, evaluator, methods, threads, on_written)
 
 
 def _score_stroke_run(images, masks, ev, evaluator) -> dict:
@@ -207,21 +207,22 @@ def _stroke_caption(r: dict) -> str:
 
 
 def _run_dense(task, out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet,
-               evaluator, methods, threads) -> dict:
+               evaluator, methods, threads, on_written=None) -> dict:
     """The stroke or semantic comparison (:data:`DENSE_RUNS`), with ``threads`` torch threads meanwhile."""
     prev = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _run_dense_body(task, Path(out), weights_dir, per_target, sampler, steps, scale, seed, batch_size,
-                               progress, unet, evaluator, methods)
+                               progress, unet, evaluator, methods, on_written)
     finally:
         torch.set_num_threads(prev)
 
 
 def _run_dense_body(task, out, weights_dir, per_target, sampler, steps, scale, seed, batch_size, progress, unet,
-                    evaluator, methods) -> dict:
+                    evaluator, methods, on_written=None) -> dict:
     spec = DENSE_RUNS[task]
+    written = on_written if on_written is not None else (lambda name: None)
     out = check_writable_dir(out)
     methods = list(SEG_METHODS if methods is None else methods)
     for m in methods:  # every weight file loads before any work
@@ -236,12 +237,14 @@ def _run_dense_body(task, out, weights_dir, per_target, sampler, steps, scale, s
         x, stats = sample_seg_method(m, weights_dir, masks, per_target, sampler, steps, scale, seed, batch_size,
                                      unet=unet, progress=progress, task=task)
         path = save_samples(out / f"{spec['prefix']}_samples_{m}.npz", x, labels)
+        written(path.name)  # at once: a run killed later still records it (the demo removes it on a rerun)
         with np.load(path) as z:
             images = z["images"]
         pictured[m] = images
         ev = evaluate_samples(images, labels, evaluator) if images.shape[0] >= 4 else {}  # (FD needs a few)
         results[m] = {**spec["score"](images, masks, ev, evaluator), **stats}
     save_comparison(out / spec["picture"], pictured, labels, {m: spec["caption"](r) for m, r in results.items()})
+    written(spec["picture"])
     return {"methods": results, "per_target": per_target, "num_targets": int(masks.shape[0]),
             "target_classes": classes.tolist(), "scale": scale, "seed": seed, **spec["extra"],
             "seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
@@ -287,13 +290,13 @@ def score_semantic(images_u8: np.ndarray, masks, evaluator) -> dict:
 
 def run_semantic(out, weights_dir, per_target: int = 2, sampler: str = "ddim", steps: int | None = None,
                  scale: float = DEFAULT_SCALE, seed: int = 0, batch_size: int = 250, progress: bool = True,
-                 unet=None, evaluator=None, methods=None, threads: int | None = 1) -> dict:
+                 unet=None, evaluator=None, methods=None, threads: int | None = 1, on_written=None) -> dict:
     """The semantic comparison: every method towards the 10 held-out semantic masks
     (:func:`semantic_targets`), scored by :func:`score_semantic` (+ the evaluator's FD); writes
     ``sem_samples_<method>.npz`` and ``semantic.png`` (rows: the class-coloured target, then a method each;
     a column per target, each from the same initial noise) in ``out``. Threads: as :func:`run_segmentation`."""
     return _run_dense("semantic", out, weights_dir, per_target, sampler, steps, scale, seed, batch_size,
-                      progress, unet, evaluator, methods, threads)
+                      progress, unet, evaluator, methods, threads, on_written)
 
 
 def _score_semantic_run(images, masks, ev, evaluator) -> dict:

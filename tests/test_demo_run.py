@@ -222,3 +222,29 @@ def test_a_file_put_in_place_of_a_recorded_output_is_kept(tmp_path, monkeypatch)
     assert {n: (out / n).read_bytes() for n in mine} == mine
     assert not (out / "grid_ppap-5.png").exists() and not (out / "comparison.png").exists()  # unchanged: removed
     assert json.loads((out / demo.DEMO_RECORD).read_text())["files"] == {}  # the kept files are the user's now
+
+
+def test_a_run_killed_in_the_segmentation_step_records_what_it_wrote(tmp_path, monkeypatch):
+    """seg_samples_<m>.npz were recorded only after the whole segmentation step: a run killed at its second method
+    left the first one's file unrecorded, so a rerun with --seg-per-target 0 never removed it."""
+    from ppap_fast import demo, seg_demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    real, calls = seg_demo.sample_seg_method, []
+
+    def killed_at_the_second_method(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(seg_demo, "sample_seg_method", killed_at_the_second_method)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=1)
+    first = out / f"seg_samples_{calls[0]}.npz"
+    assert first.is_file()
+    assert json.loads((out / demo.DEMO_RECORD).read_text())["files"][first.name] == demo._file_entry(first)
+    monkeypatch.setattr(seg_demo, "sample_seg_method", real)
+    demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=0)
+    assert not first.exists()
