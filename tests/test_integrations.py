@@ -945,6 +945,40 @@ def test_timestep_outside_the_schedule_is_a_clear_error(classifier):
     assert guided.correct(x, x, 999, DDPMScheduler()).shape == x.shape
 
 
+def test_timesteps_of_the_schedulers_table_are_range_checked_once(classifier):
+    """t = scheduler.timesteps[i] had its min / max read at every step (a sync a step for set_timesteps(device=
+    'cuda')): the table is checked once per set_timesteps / in-place change, a t of it not again; others still are."""
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Reads.n += func is torch.Tensor.tolist
+            return func(*args, **(kwargs or {}))
+
+    W, y = classifier
+    guided = PPAPGuidance(linear_classifier_guide(W, y, 1.0))
+    x = torch.randn(B, C, H, H)
+    sched = DDIMScheduler()
+    sched.set_timesteps(5)
+    guided.correct(x, x, sched.timesteps[0], sched)  # the table's one read
+    with Reads():
+        for t in sched.timesteps:
+            guided.correct(x, x, t, sched)
+    assert Reads.n == 0
+    with pytest.raises(ValueError, match=r"outside the scheduler's range 0\.\.999"):
+        guided.correct(x, x, torch.tensor(1000), sched)
+    sched.timesteps[1] = 1000  # in place: the table is checked again
+    with pytest.raises(ValueError, match=r"outside the scheduler's range 0\.\.999"):
+        guided.correct(x, x, sched.timesteps[1], sched)
+    sched.set_timesteps(4)
+    guided.correct(x, x, sched.timesteps[0], sched)
+    with Reads():
+        guided.correct(x, x, sched.timesteps[2], sched)
+    assert Reads.n == 0
+
+
 def test_output_types_follow_diffusers(unet):
     pipe = PPAPGuidedPipeline(unet, DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)

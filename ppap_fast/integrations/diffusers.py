@@ -253,18 +253,39 @@ class PPAPGuidance:
             entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, _version(acp))
         return entry[:2]
 
+    def _range_checked_table(self, scheduler, num_train_timesteps: int):
+        """scheduler.timesteps when its values all lie in 0..T-1: read once per table (set_timesteps) and in-place
+        version, not once per step (a sync a step for a table on an accelerator); else None."""
+        table = getattr(scheduler, "timesteps", None)
+        if not isinstance(table, torch.Tensor) or table.numel() == 0 or table.is_complex() or not table.is_contiguous():
+            return None
+        key = (id(table), _version(table), num_train_timesteps)
+        cached = getattr(self, "_checked_table", None)
+        if cached is not None and cached[0] == key and cached[1]() is table:
+            return table if cached[2] else None
+        if key[1] is None:  # an inference tensor: in-place changes not seen
+            return None
+        v = table.round() if table.is_floating_point() else table
+        lo, hi = (int(x) for x in torch.stack([v.min(), v.max()]).tolist())
+        ok = lo >= 0 and hi < num_train_timesteps  # if not, each t is checked (and one outside raises)
+        self._checked_table = (key, weakref.ref(table), ok)
+        return table if ok else None
+
     @staticmethod
-    def timesteps(t, batch: int, device, num_train_timesteps: int | None = None) -> torch.Tensor:
+    def timesteps(t, batch: int, device, num_train_timesteps: int | None = None,
+                  checked: torch.Tensor | None = None) -> torch.Tensor:
         """Scheduler timestep(s) -> long [B] on `device` (floats are rounded). With num_train_timesteps=T,
-        a timestep outside 0..T-1 raises ValueError (one read when t is already on an accelerator)."""
+        a timestep outside 0..T-1 raises ValueError (one read when t is already on an accelerator, none for a t
+        that is a view into ``checked``, a table whose values were checked)."""
         if isinstance(t, bool):
             raise TypeError("t must be an int or a tensor of timesteps, got bool")
         t = torch.as_tensor(t)
         if t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"t must hold timesteps, got dtype {t.dtype}")
+        known = _view_into(t, checked)  # before rounding (a new tensor)
         if t.is_floating_point():
             t = t.round()
-        if num_train_timesteps is not None and t.numel() > 0:
+        if num_train_timesteps is not None and t.numel() > 0 and not known:
             lo, hi = (int(v) for v in torch.stack([t.min(), t.max()]).tolist())
             if lo < 0 or hi >= num_train_timesteps:
                 bad = lo if lo < 0 else hi
@@ -316,7 +337,8 @@ class PPAPGuidance:
         """(x_t, alpha_t, sigma_t, abar_t) of :meth:`vp_sample` (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
         a solver's own alpha_t, sigma_t taken as they are: 1 - abar loses digits in float32 near abar = 1)."""
         tab, sigma_space = self._table(scheduler, x.device)
-        tt = self.timesteps(t, x.shape[0], x.device, num_train_timesteps=tab.numel())
+        tt = self.timesteps(t, x.shape[0], x.device, num_train_timesteps=tab.numel(),
+                            checked=self._range_checked_table(scheduler, tab.numel()))
         if not sigma_space:
             step = _solver_step_alpha_sigma(scheduler, t)
             if step is not None:  # the alpha_t, sigma_t the solver's step itself uses (karras / lu-lambda sigmas)
@@ -492,6 +514,18 @@ def _labels_for_batch(y: torch.Tensor, batch: int, integer: bool = True) -> torc
         raise ValueError(f"{y.shape[0]} class labels for a batch of {batch}: give one label per sample "
                          "(repeat them to batch_size) or one int for all")
     return y
+
+
+def _view_into(t: torch.Tensor, table: torch.Tensor | None) -> bool:
+    """Whether every element of t is an element of the contiguous ``table`` (t a view of it: scheduler.timesteps[i]);
+    host metadata only."""
+    if table is None or t.dtype != table.dtype or t.device != table.device or any(st < 0 for st in t.stride()):
+        return False
+    if t.untyped_storage().data_ptr() != table.untyped_storage().data_ptr():
+        return False
+    lo = t.storage_offset()
+    hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return table.storage_offset() <= lo and hi < table.storage_offset() + table.numel()
 
 
 def _first_timestep(t):
