@@ -133,6 +133,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import math
@@ -995,7 +996,7 @@ class LocalTrainState:
         self.expert_losses: list = []  # [step][expert]; rows of steps before a resume from an older state: NaN
         self.step_expert_losses: list = []
         if self.path is not None:
-            for p in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a state write that was killed
+            for p in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):  # a state write that was killed
                 p.unlink(missing_ok=True)
             self.found, err = check_train_state(self.path, ident, f"use the same settings or remove {self.path} "
                                                                   "to start over")

@@ -987,3 +987,17 @@ def test_a_preview_that_cannot_be_drawn_never_fails_the_set(tmp_path, monkeypatc
         res = D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 2, "teacher": f"tiny:{tfile}"}),
                          D.DistEnv())
     assert res["preview"] is None and json.loads((data / D.MANIFEST).read_text())["complete"]
+
+
+def test_local_train_state_removes_killed_temporaries_of_a_name_with_brackets(tmp_path):
+    """The killed-write temporaries were found with an unescaped glob: a state named run[1]... kept them (the
+    brackets read as a character class), and run1... would have matched another name's."""
+    from ppap_fast.distributed import LocalTrainState
+
+    path = tmp_path / "run[1].distill_state.safetensors"
+    ours = tmp_path / f".{path.name}.abc123.tmp"
+    other = tmp_path / ".run1.distill_state.safetensors.abc123.tmp"
+    ours.write_bytes(b"partial")
+    other.write_bytes(b"another run's")
+    LocalTrainState(path, {"x": 1})
+    assert not ours.exists() and other.read_bytes() == b"another run's"
