@@ -404,6 +404,20 @@ def _check_set_task(shards, teacher, args) -> None:
                         f"(this run: --task {args.task})")
 
 
+def _check_set_folder(out: Path) -> None:
+    """generate writes into an empty folder or a data-free set's own (its manifest.json): a folder of other files
+    (the weights, an experts folder) got shards, a manifest and a preview among them."""
+    from .data.shards import MANIFEST
+
+    if (out / MANIFEST).exists():
+        return
+    others = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if others:
+        shown = ", ".join(others[:3]) + (f" (+{len(others) - 3} more)" if len(others) > 3 else "")
+        raise DemoError(f"--out {out} is not empty ({shown}) and holds no data-free set ({MANIFEST}): name a new or "
+                        "empty folder")
+
+
 def _check_resume_task(out: Path, teacher, args) -> None:
     """generate into a set made with another --task: say so (the manifest check only names teacher_state)."""
     from .data.shards import MANIFEST
@@ -500,6 +514,7 @@ def _run(args) -> int:
         from .distill import generate_datafree
 
         demo.check_writable_dir(args.out)
+        _check_set_folder(Path(args.out))
         unet = demo.load_unet(args.weights_dir)
         teacher = demo.load_teacher(args.weights_dir, args.task)
         _check_resume_task(Path(args.out), teacher, args)

@@ -818,3 +818,16 @@ def test_distill_refuses_its_out_before_reading_the_whole_set(weights, tmp_path,
     monkeypatch.setattr(ShardSet, "verify", lambda self, *a, **k: read.append(self) or [])
     assert main(["distill", "--data", str(data), "--steps", "1", "--out", str(keep)] + common) == 2
     assert "refusing to replace" in _err(capsys) and not read
+
+
+def test_generate_refuses_a_folder_of_other_files(weights, tmp_path, capsys):
+    """generate wrote shards, a manifest and a preview into any folder (the weights folder, an experts folder);
+    a folder holding files and no data-free set is now refused before any work, and left as it was."""
+    out = tmp_path / "experts"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["generate", "--out", str(out), "--num-images", "2", "--weights-dir", str(weights),
+                 "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "is not empty (config.json)" in err and "manifest.json" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
