@@ -26,9 +26,11 @@ unwritable output) prints one line ``ppap-fast: error: ...`` and exits with stat
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -281,6 +283,11 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
         old.rename(out)
     _check_replaceable(out, marker)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # a run killed mid-write (SIGKILL) left its temporary: only this code's exact .<name>.<8 chars>.tmp folders
+    stale = re.compile(re.escape(f".{out.name}.") + "[a-z0-9_]{8}" + re.escape(".tmp"))
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        if stale.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:

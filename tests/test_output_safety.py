@@ -97,6 +97,20 @@ def test_atomic_dir_interrupted_between_renames_keeps_previous_output(tmp_path, 
     assert (out / "config.json").read_text() == "v1"
 
 
+def test_atomic_dir_removes_a_killed_runs_temporary_of_that_name_only(tmp_path):
+    out = tmp_path / "run[1]"
+    killed = tmp_path / ".run[1].ab_3xy9z.tmp"  # what mkdtemp names it; a SIGKILL runs no cleanup
+    (killed / "sub").mkdir(parents=True)
+    keep = [tmp_path / ".run[1].abcdefgh.tmp.bak", tmp_path / ".run[1].abc.tmp", tmp_path / ".run1.abcdefgh.tmp",
+            tmp_path / ".other.abcdefgh.tmp"]
+    for k in keep:
+        k.mkdir()
+    (tmp_path / ".run[1].zzzzzzzz.tmp").write_text("a file, not ours")
+    cli._atomic_dir(out, lambda d: (d / "config.json").write_text("v1"))
+    assert (out / "config.json").read_text() == "v1" and not killed.exists()
+    assert all(k.is_dir() for k in keep) and (tmp_path / ".run[1].zzzzzzzz.tmp").is_file()
+
+
 def test_train_diffusion_checkpoint_is_written_by_the_atomic_writer(tmp_path, monkeypatch):
     # the checkpoint had its own torch.save + rename (nothing fsynced); a killed write's temporary stays
     from ppap_fast import demo
