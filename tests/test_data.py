@@ -316,3 +316,15 @@ def test_shards_without_a_manifest_are_not_adopted(tmp_path):
     (fresh / "notes.txt").write_text("x")
     assert ShardWriter(fresh, num_images=4, shard_size=2, meta={"seed": 1}).run(shard(1)) == [0, 1]
     assert (load_shards(fresh)["images"] == 1).all()
+
+
+def test_datafree_preview_removes_a_killed_preview_write(tmp_path):
+    from ppap_fast.data.preview import datafree_preview
+
+    _mixed_set(tmp_path)
+    killed = tmp_path / ".preview.png.a1_b2c3d.png.tmp"  # shards._atomic's name; a SIGKILL runs no cleanup
+    killed.write_bytes(b"partial")
+    other = tmp_path / ".preview.png.a1_b2c3d.npz.tmp"
+    other.write_bytes(b"not the preview's")
+    assert "preview.png" in datafree_preview(tmp_path, shown=4)
+    assert (tmp_path / "preview.png").is_file() and not killed.exists() and other.exists()

@@ -57,10 +57,11 @@ def datafree_preview(out, shown: int = 100, per_row: int = 10) -> str:
     teacher's top-1 class (more than MAX_CLASS_ROWS classes: a plain grid), or for a dense teacher each image
     beside its predicted mask. Returns a line to print with the teacher's top-1 counts over the whole set for
     a classifier (is every class there?)."""
-    from .shards import ShardSet
+    from .shards import ShardSet, remove_stale_tmp
 
     out = Path(out)
     data = ShardSet(out)
+    remove_stale_tmp(out / "preview.png", ".png")  # a preview write that was killed
     key = "logits" if "logits" in data else "targets" if "targets" in data else None
     if key is None:
         return f"{out}: no cached teacher outputs, no preview"
