@@ -272,16 +272,46 @@ def training_state_summary(path, recent: int = 50) -> dict:
     return out
 
 
+def model_file_summary(path) -> dict | None:
+    """A model file this package saves (save_model / finetune's save_multi): its kind and recorded settings;
+    None for a training state or a file without that metadata."""
+    from safetensors import safe_open
+
+    from ppap_fast.distributed import TRAIN_STATE_FORMAT
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a safetensors file: the callers' messages say what is expected
+        return None
+    if meta.get("format") == TRAIN_STATE_FORMAT or "kind" not in meta:
+        return None
+    out = {"path": str(path), "kind": meta["kind"]}
+    try:
+        if meta["kind"] == "multiexperts":
+            out.update(what="multi-experts checkpoint (finetune output)", n_experts=int(meta["n_experts"]),
+                       base_kind=meta.get("base_kind"), base_config=json.loads(meta.get("base_config", "{}")))
+        else:
+            out.update(what="model checkpoint", config=json.loads(meta.get("config", "{}")))
+        out["extra"] = json.loads(meta.get("extra", "{}"))
+    except (ValueError, KeyError) as e:
+        out["problem"] = f"unreadable metadata: {type(e).__name__}: {e}"
+    return out
+
+
 def main_json(args) -> tuple[str, list]:
     """(the JSON text, the damaged or missing checkpoint files and shards: "DIR/NAME: state")."""
     out = {"environment": environment(args.device)}
-    experts, sets, states = [], [], []
+    experts, sets, states, models = [], [], [], []
     for p in map(Path, args.experts):
         if (p / "config.json").exists():
             experts.append(checkpoint_summary(p))
             states += [training_state_summary(s) for s in _training_states(p)]  # a rerun into it, under way
         elif _is_data_set(p):
             sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False)))
+        elif p.is_file() and (m := model_file_summary(p)) is not None:  # a finished output, not a state
+            models.append(m)
+            states += [training_state_summary(s) for s in _training_states(p) if s != p]
         elif _training_states(p):  # a run under way (or killed): its resumable state
             states += [training_state_summary(s) for s in _training_states(p)]
         elif p.is_dir() or not p.exists():
@@ -290,7 +320,7 @@ def main_json(args) -> tuple[str, list]:
                                     f"{p.name}.distill_state.safetensors beside it)")
         else:
             raise ValueError(f"{p} is a file but no training state (*.safetensors): give a directory")
-    for key, found in (("experts", experts), ("data_sets", sets), ("training_states", states)):
+    for key, found in (("experts", experts), ("data_sets", sets), ("training_states", states), ("models", models)):
         if found:
             out[key] = found
     bad = [f"{c['path']}/{n}: {state}" for c in experts for n, state in c["files"].items()

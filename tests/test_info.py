@@ -267,3 +267,18 @@ def test_info_on_a_save_interrupted_before_its_config_is_not_damaged(capsys, tmp
     (d / ".experts.safetensors.prev").write_bytes(b"x")  # and no copy to fall back to: damaged, as before
     rc, out, err = run(capsys, str(d))
     assert rc == 2 and "experts.safetensors: DAMAGED" in err
+
+
+def test_info_on_a_finished_finetune_output_file_summarises_it(capsys, tmp_path):
+    """`info multi5.safetensors` (finetune's --out, a file): "not a ppap_fast training state (format None)"."""
+    out = tmp_path / "multi[2].safetensors"
+    assert main(["finetune", "--experts", "2", "--batch-size", "4", "--steps", "1", "--out", str(out),
+                 "--weights-dir", str(WEIGHTS_DIR), "--no-progress"]) == 0
+    capsys.readouterr()
+    rc, text, err = run(capsys, str(out))
+    assert rc == 0 and not err, err
+    s = json.loads(text)
+    assert "training_states" not in s
+    m = s["models"]
+    assert [(x["path"], x["kind"], x["n_experts"]) for x in m] == [(str(out), "multiexperts", 2)]
+    assert "multi-experts" in m[0]["what"] and m[0]["base_kind"]
