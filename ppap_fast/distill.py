@@ -157,7 +157,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200,
-                 loss: str = "kl"):
+                 loss: str = "kl", after_state_check=None):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
     :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples).
     ``loss``: "kl" (a classifier's [B, K] logits), "pixel_kl" (a segmentation net's [B, K, H, W]: the
@@ -197,6 +197,8 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     if loss != "kl":  # absent for the classifier: states written before the option keep their identity
         ident["loss"] = loss
     state = LocalTrainState(checkpoint_path, ident)
+    if after_state_check is not None:  # e.g. the CLI's full data check: a refused rerun does not wait for it
+        after_state_check()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)

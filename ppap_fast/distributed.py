@@ -273,10 +273,20 @@ def check_same_config(config: dict, env: DistEnv) -> str:
     return h
 
 
+# identity keys that are hashes: named with what to change instead of two hashes
+_HASHED_KEYS = {
+    "data_manifest": "another data set: --data",
+    "teacher_state": "other teacher weights: --weights-dir, or --teacher / --teacher-weights",
+    "teacher_fingerprint": "other teacher weights: --teacher / --teacher-weights",
+    "base_state": "another base classifier: --weights-dir",
+}
+
+
 def _config_diff(theirs: dict, mine: dict) -> str:
     """The keys where a stored configuration differs from this one, for error messages."""
     keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    return ", ".join(f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
+    return ", ".join(f"{k} ({_HASHED_KEYS[k]})" if k in _HASHED_KEYS and k in mine and k in theirs
+                     else f"{k}: {theirs.get(k)!r} there vs {mine.get(k)!r} now" for k in keys)
 
 
 def file_fingerprint(path) -> str | None:

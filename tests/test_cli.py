@@ -154,6 +154,35 @@ def test_distill_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_distill_rerun_on_another_data_set_is_refused_naming_data_before_verifying(weights, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The refusal came after every shard's CRC was read and named only "data_manifest: '<hash>' there vs ..."."""
+    from ppap_fast.data import ShardSet
+    from ppap_fast.distributed import SimulatedCrash
+
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    for name, seed in (("data", "0"), ("data2", "1")):
+        assert main(["generate", "--out", str(tmp_path / name), "--num-images", "4", "--shard-size", "2", "--steps",
+                     "2", "--seed", seed] + common) == 0
+    out, state = tmp_path / "out", tmp_path / "out.distill_state.safetensors"
+    args = ["distill", "--data", str(tmp_path / "data"), "--experts", "2", "--rank", "2", "--steps", "4",
+            "--batch-size", "4", "--checkpoint-every", "2", "--out", str(out)] + common
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(SimulatedCrash):
+        main(args)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    capsys.readouterr()
+    verified = []
+    orig = ShardSet.verify
+    monkeypatch.setattr(ShardSet, "verify", lambda self, *a, **k: verified.append(1) or orig(self, *a, **k))
+    assert main(args + ["--data", str(tmp_path / "data2")]) == 2
+    err = _err(capsys)
+    assert "another configuration" in err and "--data" in err and "there vs" not in err, err
+    assert verified == [] and state.is_file()
+    assert main(args) == 0 and verified == [1]
+
+
 def test_finetune_killed_then_rerun_resumes_to_the_uninterrupted_experts(weights, tmp_path, monkeypatch, capsys):
     import torch
 
