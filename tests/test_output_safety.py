@@ -116,7 +116,7 @@ def test_train_diffusion_checkpoint_is_written_by_the_atomic_writer(tmp_path, mo
     from ppap_fast import demo
     from ppap_fast.data import shards
 
-    stale = tmp_path / ".u.safetensors.ckpt.pt.k2j4x.pt.tmp"
+    stale = tmp_path / ".u.safetensors.ckpt.pt.k2j4x9ab.pt.tmp"  # mkstemp: 8 random characters
     stale.write_bytes(b"partial")
     written = []
 
