@@ -90,7 +90,7 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_sampler_options,
+from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_sampler_options, eta_value,
                        denoiser_output, sample_shape)
 from .schedule import Schedule
 
@@ -695,7 +695,7 @@ class FastGuidedSampler:
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         self.schedule = schedule.to(torch.device(device) if device is not None else schedule.device)
         self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
-        self.sampler, self.eta, self.var_type = sampler, float(eta), var_type
+        self.sampler, self.eta, self.var_type = sampler, eta_value(eta), var_type
         self.clip_denoised, self.nonfinite_grad, self.backend = clip_denoised, nonfinite_grad, backend
         self.opts = _Opts(channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs, compile_freeze,
                           model_autocast)

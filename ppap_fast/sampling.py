@@ -202,24 +202,34 @@ def _check_grad(grad: torch.Tensor, x: torch.Tensor, nonfinite_grad: str) -> tor
     return grad
 
 
-def _check_eta(eta) -> None:
-    """eta must be a finite number >= 0: an infinite one turned every sample into NaN without an error."""
-    v = None
-    if isinstance(eta, torch.Tensor) and eta.numel() == 1 and not eta.is_complex():
-        v = float(eta)
-    elif isinstance(eta, numbers.Real) and not isinstance(eta, bool):
-        v = float(eta)
+def eta_value(eta) -> float | None:
+    """eta as a float: a real number (not bool), or a one-element real tensor / numpy array; else None.
+
+    Reads a tensor once (a host value normally): call it once per sampling call, never per step."""
+    if isinstance(eta, torch.Tensor):
+        return float(eta) if eta.numel() == 1 and not eta.is_complex() and eta.dtype != torch.bool else None
+    if type(eta).__module__ == "numpy" and getattr(eta, "size", None) == 1:
+        return float(eta.item()) if eta.dtype.kind in "fiu" else None  # numpy scalars and one-element arrays
+    if isinstance(eta, numbers.Real) and not isinstance(eta, bool):
+        return float(eta)
+    return None
+
+
+def _check_eta(eta) -> float:
+    """eta as a float; it must be a finite number >= 0: an infinite one turned every sample into NaN without an error."""
+    v = eta_value(eta)
     if v is None or not (math.isfinite(v) and v >= 0):
         raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
+    return v
 
 
 def check_sampler_options(sampler: str, eta, var_type) -> None:
     """The sampler, and that eta / var_type belong to it (each was ignored silently by the other)."""
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    _check_eta(eta)
-    if sampler == "ddpm" and float(eta) != 0:
-        raise ValueError(f"eta={float(eta)} is DDIM's noise level: DDPM's comes from its variance (var_type); "
+    eta = _check_eta(eta)
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} is DDIM's noise level: DDPM's comes from its variance (var_type); "
                          "use the ddim sampler with eta, or eta 0")
     if sampler == "ddim" and var_type is not None:
         raise ValueError(f"var_type={var_type!r} is DDPM's variance: DDIM's noise comes from eta; use the ddpm "
@@ -450,7 +460,7 @@ def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
     The variance channels of the model output (if any) are not used.
     """
     _check_mode(nonfinite_grad)
-    _check_eta(eta)
+    eta = _check_eta(eta)
     _check_x(x, schedule)
     idx = _index_tensor(index, x, schedule)
     eps_model, _ = split_model_output(_run_model(model, model_output, x, idx, schedule, model_kwargs), x)

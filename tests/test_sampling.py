@@ -1,6 +1,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -646,6 +647,30 @@ def test_eta_must_be_finite_nonnegative(eta):
         ddim_step(None, x, 3, s, eta=eta, model_output=torch.zeros_like(x))
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         ops.build_table(s, "ddim", eta=eta)
+
+
+@pytest.mark.parametrize("eta", [np.float32(0.5), np.array(0.5), np.array([0.5]), torch.tensor([0.5])])
+def test_eta_of_any_numeric_kind_samples_as_its_float(eta):
+    # a numpy array eta was refused by one path and multiplied as an array by another
+    assert sampling.eta_value(eta) == 0.5
+    s = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    model = lambda x, t: 0.1 * x
+
+    def run(loop, e):
+        return loop(model, x, s, eta=e, generator=torch.Generator().manual_seed(1))
+
+    for loop in (sample_loop, fast_sampling.fast_sample_loop):
+        out = run(loop, eta)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, run(loop, 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(ops.build_table(s, "ddim", eta=eta), ops.build_table(s, "ddim", eta=0.5), rtol=0, atol=0)
+
+
+def test_eta_value_refuses_what_is_no_number():
+    for bad in (True, "0.5", np.array([0.5, 0.5]), torch.tensor([0.5, 0.5]), np.array(["a"]), torch.tensor(True),
+                None, complex(1, 0)):
+        assert sampling.eta_value(bad) is None, bad
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

@@ -67,7 +67,7 @@ import torch
 
 from ..ops.eps_correction import guided_eps
 from ..ops.lora.segments import _version  # None for an inference tensor
-from ..sampling import FirstNonFinite, denoiser_output
+from ..sampling import FirstNonFinite, denoiser_output, eta_value
 
 __all__ = ["PPAPGuidance", "PPAPGuidedPipeline", "PREDICTION_TYPES", "MIN_GUIDED_ABAR", "OUTPUT_TYPES",
            "fuse_norm_act"]
@@ -657,15 +657,6 @@ def _check_step_takes_a_plain_sample(scheduler) -> None:
                          "(DDPM, DDIM, DPM-Solver, Euler, ...)")
 
 
-def _is_zero(eta) -> bool:
-    """eta == 0 for a number, or a one-element tensor / array (read once a call: a host value normally)."""
-    if isinstance(eta, torch.Tensor):
-        return eta.numel() == 1 and not eta.is_complex() and float(eta) == 0
-    if type(eta).__module__ == "numpy" and getattr(eta, "size", None) == 1:
-        return eta.dtype.kind in "fiub" and float(eta) == 0  # a 0-d or one-element numpy array
-    return isinstance(eta, numbers.Real) and eta == 0
-
-
 def _step_kwargs(scheduler, eta, generator) -> dict:
     params = set(inspect.signature(scheduler.step).parameters)
     kw = {}
@@ -921,7 +912,7 @@ class _GuidedPipelineBody:
             from ppap_fast.sampling import _check_eta
 
             _check_eta(eta)
-        elif not _is_zero(eta):  # it was ignored without a word
+        elif eta_value(eta) != 0:  # it was ignored without a word
             warnings.warn(f"eta={eta!r} is ignored: {type(sched).__name__}.step takes no eta (DDIM's noise level; "
                           "DDIMScheduler takes it)", UserWarning, stacklevel=3)  # past torch.no_grad's wrapper
         extra = _step_kwargs(sched, eta, generator)

@@ -53,7 +53,7 @@ def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
     if sampler == "ddim":
         from ..sampling import _check_eta
 
-        _check_eta(eta)
+        eta = _check_eta(eta)
         acp, prev = s.alphas_cumprod, s.alphas_cumprod_prev
         sigma = eta * ((1 - prev) / (1 - acp)).sqrt() * (1 - acp / prev).sqrt()
         c[:, 2] = s.sqrt_one_minus_alphas_cumprod
