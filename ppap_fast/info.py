@@ -66,15 +66,14 @@ def _file_status(f: Path, want: dict | None) -> str:
     from ppap_fast.experts.checkpoint import _digest, _prev
 
     prev = _prev(f)  # kept by a save killed before its config.json: what loading falls back to
-    if want is not None and prev.is_file() and (not f.is_file() or _digest(f.read_bytes()) != want) \
-            and _digest(prev.read_bytes()) == want:
+    got = _digest(f.read_bytes()) if f.is_file() and want is not None else None
+    if want is not None and got != want and prev.is_file() and _digest(prev.read_bytes()) == want:
         return f"{_PREV_OK}{prev.name}: a save was interrupted before its config.json; it loads with a warning, " \
                "save again to replace it)"
     if not f.is_file():
         return "missing"
     if want is None:
         return "present (no digest recorded)"
-    got = _digest(f.read_bytes())
     if got == want:
         return "ok (sha256 verified)"
     return f"DAMAGED ({got['bytes']} bytes, sha256 {got['sha256'][:12]}... vs recorded {want['bytes']} bytes, " \

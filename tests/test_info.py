@@ -230,6 +230,26 @@ def test_info_on_the_current_folder(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run(capsys, ".")
     assert rc == 2 and "holds no expert checkpoint" in err
+
+
+def test_file_status_hashes_each_file_once(tmp_path, monkeypatch):
+    """With a .prev copy beside it, the file was read and hashed twice (experts files are large)."""
+    from ppap_fast.experts import checkpoint
+    from ppap_fast.info import _file_status
+
+    f, prev = tmp_path / "experts.safetensors", tmp_path / ".experts.safetensors.prev"
+    f.write_bytes(b"new")
+    prev.write_bytes(b"old")
+    seen = []
+    real = checkpoint._digest
+    monkeypatch.setattr(checkpoint, "_digest", lambda b: seen.append(b) or real(b))
+    assert _file_status(f, real(b"new")) == "ok (sha256 verified)" and seen == [b"new"]
+    seen.clear()
+    assert _file_status(f, real(b"old")).startswith("ok") and seen == [b"new", b"old"]  # the copy loads
+    seen.clear()
+    assert _file_status(f, real(b"other")).startswith("DAMAGED") and seen == [b"new", b"old"]
+
+
 def test_info_on_a_save_interrupted_before_its_config_is_not_damaged(capsys, tmp_path):
     """A save killed before its config.json leaves the new experts file beside the previous one (kept as
     .experts.safetensors.prev): loading falls back to that copy, but info called the checkpoint DAMAGED (exit 2)."""
