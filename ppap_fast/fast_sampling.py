@@ -90,8 +90,8 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_sampler_options, eta_value,
-                       denoiser_output, sample_shape)
+from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_model_kwargs_batch, check_sampler_options,
+                       denoiser_output, eta_value, sample_shape)
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -334,12 +334,7 @@ class _ModelRunner:
         self._batch_checked = None
 
     def _check_batch(self, b: int) -> None:
-        """A model_kwargs tensor of another batch size failed deep inside the model, or broadcast silently
-        (y of batch 1: every sample got y[0]). Shapes only, once per batch size."""
-        for k, v in self.kwargs.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != b:
-                raise ValueError(f"model_kwargs[{k!r}] has batch size {v.shape[0]} (shape {tuple(v.shape)}), but x "
-                                 f"has {b} samples: give one row per sample (e.g. {k}.expand({b}, ...))")
+        check_model_kwargs_batch(self.kwargs, b)  # once per batch size
         self._batch_checked = b
 
     def __call__(self, x, t):

@@ -378,6 +378,15 @@ def _weight_dtypes(model) -> set:
     return {p.dtype for p in params if p.is_floating_point()}
 
 
+def check_model_kwargs_batch(model_kwargs: Mapping[str, Any] | None, batch: int) -> None:
+    """A model_kwargs tensor of another batch size failed deep inside the model, or broadcast silently
+    (y of batch 1: every sample got y[0]). Shapes only."""
+    for k, v in (model_kwargs or {}).items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != batch:
+            raise ValueError(f"model_kwargs[{k!r}] has batch size {v.shape[0]} (shape {tuple(v.shape)}), but x "
+                             f"has {batch} samples: give one row per sample (e.g. {k}.expand({batch}, ...))")
+
+
 def call_denoiser(model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None):
     """``model(x, t, **model_kwargs)``; a RuntimeError of a model whose weights are all of another dtype than x
     (float64 x_T into a float32 UNet) is raised again naming both dtypes and the fix."""
@@ -521,6 +530,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
 
         check_guide_timesteps(guide, schedule.original_num_timesteps)
         check_guide_batch(guide, x.shape[0])
+    check_model_kwargs_batch(model_kwargs, x.shape[0])
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm

@@ -1073,3 +1073,9 @@ def test_model_kwargs_of_another_batch_size_named(rows):
         bad.sample(SHAPE, generator=torch.Generator().manual_seed(0))
     ok = FastGuidedSampler(Cond(), sched, model_kwargs={"y": torch.arange(4), "w": torch.tensor(1.0)})
     assert torch.isfinite(ok.sample(SHAPE, generator=torch.Generator().manual_seed(0))).all()
+    from ppap_fast.sampling import sample_loop  # the reference loop broadcast 1 row silently, too
+
+    with pytest.raises(ValueError, match=r"model_kwargs\['y'\] has batch size %d" % rows):
+        sample_loop(Cond(), SHAPE, sched, model_kwargs={"y": torch.arange(rows), "w": torch.tensor(1.0)})
+    assert torch.isfinite(sample_loop(Cond(), SHAPE, sched, model_kwargs={"y": torch.arange(4),
+                                                                          "w": torch.tensor(1.0)})).all()
