@@ -106,6 +106,10 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
                          f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.shape[0] == 0:
         raise ValueError("no images to score (an empty sample set)")
+    lo, hi = float(images.min()), float(images.max())
+    if lo >= 0 and hi > 2:  # 0..255 pixels as floats were scored as [-1, 1] images, without an error
+        raise ValueError(f"images must be in [-1, 1], got values in [{lo:g}, {hi:g}] (0..255 pixels? pass "
+                         "x / 127.5 - 1)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     was_training = evaluator.training  # restored: a training loop scoring itself went on in eval mode

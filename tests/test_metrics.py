@@ -90,6 +90,16 @@ def test_evaluator_outputs_refuses_integer_images_and_bad_batch_size():
     assert evaluator_outputs(ev, torch.zeros(3, 1, 2, 2), batch_size=np.int64(2))[0].shape == (3, 4)
 
 
+def test_evaluator_outputs_refuses_float_images_of_0_to_255_pixels():
+    # float 0..255 pixels (a uint8 array cast with .float()) were scored as [-1, 1] images without an error
+    ev = _Evaluator()
+    images = torch.arange(12, dtype=torch.float32).view(3, 1, 2, 2) * 20
+    with pytest.raises(ValueError, match=r"images must be in \[-1, 1\], got values in \[0, 220\] \(0..255 pixels"):
+        evaluator_outputs(ev, images)
+    assert evaluator_outputs(ev, images / 127.5 - 1)[0].shape == (3, 4)
+    assert evaluator_outputs(ev, images / 220 * 1.5)[0].shape == (3, 4)  # unclipped samples slightly above 1
+
+
 class _Evaluator(torch.nn.Module):
     """A fake evaluator (features + fc) that records the device, dtype and grad mode of its inputs."""
 
