@@ -143,6 +143,9 @@ def _target_map(path: str | None, task: str) -> torch.Tensor:
         raise ValueError(f"--target-map {path}: expected a single .npy array, got an .npz archive")
     if task == "segmentation" and not np.issubdtype(arr.dtype, np.integer):  # .long() would truncate 1.7 -> 1
         raise ValueError(f"--target-map {path}: a segmentation map holds integer class labels, got {arr.dtype}")
+    if task == "segmentation" and arr.ndim != 2:  # [B, H, W] was read per batch: cycled, or refused at a short batch
+        raise ValueError(f"--target-map {path}: a segmentation map is one [H, W] label map shared by all samples, "
+                         f"got shape {arr.shape}")
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.long() if task == "segmentation" else t.float()
 

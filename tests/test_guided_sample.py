@@ -158,6 +158,21 @@ def test_segmentation_target_map_must_hold_integer_labels(tmp_path):
     assert _target_map(str(tmp_path / "f.npy"), "depth").dtype == torch.float32
 
 
+def test_segmentation_target_map_must_be_one_label_map(tmp_path, capsys):
+    # a [4, H, W] map with --batch-size 4 guided each batch's sample k towards map k (samples 4..7 towards
+    # maps 0..3 again), and a shorter last batch failed after the others were sampled
+    from ppap_fast.guided_sample import _target_map
+
+    np.save(tmp_path / "b.npy", np.ones((4, 16, 16), np.int64))
+    with pytest.raises(ValueError, match=r"one \[H, W\] label map shared by all samples, got shape \(4, 16, 16\)"):
+        _target_map(str(tmp_path / "b.npy"), "segmentation")
+    seg = ["--guide", f"tiny:{WEIGHTS_DIR / 'segnet.safetensors'}", "--num-samples", "8", "--steps", "2"]
+    assert main(["guided-sample", "--out", str(tmp_path / "s.npz"), *BASE, *seg, "--target-map",
+                 str(tmp_path / "b.npy")]) == 2
+    assert "shared by all samples" in capsys.readouterr().err and not (tmp_path / "s.npz").exists()
+    assert _target_map(str(tmp_path / "b.npy"), "depth").shape == (4, 16, 16)  # a C-channel depth target
+
+
 def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     # an .npz given as --target-map came back from np.load as an open NpzFile: torch.from_numpy
     # raised TypeError (a traceback, not the CLI's one-line error) and the file stayed open
