@@ -72,6 +72,9 @@ def read_images(path, what: str = "samples") -> tuple[np.ndarray, np.ndarray | N
         raise ScoreError(f"corrupt or unreadable {what} file {path}: {type(e).__name__}: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
         raise ScoreError(f"{path}: images must be uint8 N x H x W x C with N > 0, got {images.dtype} {images.shape}")
+    if images.shape[1] in (1, 3, 4) and images.shape[3] > 4:  # read as H = C: a conv error naming "1 x 16 x 16"
+        raise ScoreError(f"{path}: images must be N x H x W x C (channels last), got {images.shape}, channels first: "
+                         "np.transpose(images, (0, 2, 3, 1))")
     if targets is not None:
         if targets.dtype.kind not in "iu" or targets.shape != (images.shape[0],):
             raise ScoreError(f"{path}: targets must be integers [N={images.shape[0]}], got {targets.dtype} "

@@ -95,7 +95,8 @@ def test_score_with_the_offline_mobilenet(tmp_path, capsys):
     ("target_range", "targets must lie in 0..1"), ("bad_targets", "targets must be integers"),
     ("few_real", "more than k=3"), ("no_weights", "no offline weights"),
     ("gray_samples", "cannot take the samples (images 8 x 8 x 1)"),
-    ("gray_real", "cannot take the real images (images 8 x 8 x 1)")])
+    ("gray_real", "cannot take the real images (images 8 x 8 x 1)"),
+    ("channels_first", "got (4, 3, 8, 8), channels first")])
 def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
     s = tmp_path / "s.npz"
     args = ["score", str(s), "--classifier", brightness_classifier, "--device", "cpu"]
@@ -118,6 +119,8 @@ def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
         np.savez(s, images=gray if case == "gray_samples" else _images([1, 2, 3, 4]))
         np.savez(tmp_path / "r.npz", images=gray)
         args += ["--real", str(tmp_path / "r.npz")]
+    elif case == "channels_first":  # it said "cannot take the samples (images 3 x 8 x 8)" of 8 x 8 RGB images
+        np.savez(s, images=_images([1, 2, 3, 4]).transpose(0, 3, 1, 2))
     elif case == "no_weights":
         np.savez(s, images=_images([1, 2]))
         args[args.index("--classifier") + 1] = "resnet50"
