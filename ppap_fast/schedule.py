@@ -56,6 +56,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     """
     if isinstance(section_counts, numbers.Integral) and not isinstance(section_counts, bool):
         section_counts = [int(section_counts)]  # 250 as "250" (an int was 'not iterable')
+    elif isinstance(section_counts, numbers.Number) or isinstance(section_counts, bool):  # 25.0: 'not iterable'
+        raise ValueError(f"respacing must be an int step count, 'ddimN' or comma-separated step counts such as "
+                         f"'10,10,5', got {section_counts!r}")
     if isinstance(section_counts, str):
         spec = section_counts
         try:  # "ddimx" / "abc": int()'s message named neither the option nor its forms

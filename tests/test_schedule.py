@@ -179,6 +179,10 @@ def test_respacing_as_int():
     assert space_timesteps(1000, 10) == space_timesteps(1000, "10")
     with pytest.raises(ValueError, match="section counts must be ints"):
         Schedule.create("linear", 1000, [2.5])
+    # a float (a config's 25.0) raised TypeError "'float' object is not iterable"
+    for bad in (25.0, np.float64(25)):
+        with pytest.raises(ValueError, match="respacing must be an int step count, 'ddimN' or comma-separated"):
+            Schedule.create("linear", 1000, bad)
 
 
 def test_q_sample_checks_t_and_x_start():
