@@ -233,7 +233,10 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
-    sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    try:  # "cannot divide section of 1000 steps into 1500" named neither option
+        sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    except ValueError as e:
+        raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None
     sched = sched.to(device)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule).to(device).eval()
     unet.requires_grad_(False)

@@ -173,6 +173,14 @@ def test_segmentation_target_map_must_be_one_label_map(tmp_path, capsys):
     assert _target_map(str(tmp_path / "b.npy"), "depth").shape == (4, 16, 16)  # a C-channel depth target
 
 
+@pytest.mark.parametrize("sampler,steps", [("ddim", "600"), ("ddpm", "1500")])
+def test_step_count_the_sampler_cannot_take_names_the_options(tmp_path, capsys, sampler, steps):
+    # "cannot create exactly 600 steps with an integer stride from 1000" named neither --steps nor --sampler
+    assert main(["guided-sample", "--out", str(tmp_path / "s.npz"), *BASE, "--sampler", sampler,
+                 "--steps", steps]) == 2
+    assert f"--steps {steps} with --sampler {sampler} over 1000 diffusion steps: " in capsys.readouterr().err
+
+
 def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     # an .npz given as --target-map came back from np.load as an open NpzFile: torch.from_numpy
     # raised TypeError (a traceback, not the CLI's one-line error) and the file stayed open
