@@ -516,6 +516,12 @@ def resize_values(values: torch.Tensor, size) -> torch.Tensor:
     return out.reshape(*lead, *size).to(values.dtype)
 
 
+def _loss_dtype(out: torch.Tensor) -> torch.Tensor:
+    """A dense guide's output in float32 at least: in a half network's float16 the pixel count (65536 at 256x256)
+    and the summed loss overflow to inf, and the mean's gradient became exactly zero."""
+    return out.to(torch.promote_types(out.dtype, torch.float32))
+
+
 class _DenseGuide(Guide):
     output_keys = CLASS_OUTPUT_KEYS
 
@@ -586,7 +592,7 @@ class DenseRegressionGuide(_DenseGuide):
                 "only [H, W] may differ)")
 
     def objective(self, x, t):
-        out = self.output(x, t)
+        out = _loss_dtype(self.output(x, t))
         tgt = self._target_for(out.shape, 0, resize_values, out.device).to(out.dtype)
         valid = torch.isfinite(tgt)
         err = torch.where(valid, out - torch.where(valid, tgt, 0), 0) ** 2
@@ -640,7 +646,7 @@ class SegmentationGuide(_DenseGuide):
         lab = self._target_for(logits.shape, 1, resize_labels, logits.device).long()
         if not self._checked:
             self._check_classes(logits.shape[1])
-        ce = F.cross_entropy(logits, lab, ignore_index=self.ignore_index, reduction="none")
+        ce = F.cross_entropy(_loss_dtype(logits), lab, ignore_index=self.ignore_index, reduction="none")
         valid = (lab != self.ignore_index).flatten(1).sum(1).clamp_min(1).to(ce.dtype)
         return -ce.flatten(1).sum(1) / valid
 

@@ -532,6 +532,27 @@ def test_dense_guides_skip_invalid_target_pixels():
     assert torch.isfinite(g).all() and not g[1].any() and g[0].abs().sum() > 0
 
 
+def test_half_dense_guides_at_256x256_keep_their_gradient():
+    """A float16 guide network at 256x256: the pixel count 65536 (and the summed loss) overflowed float16 to inf,
+    so the per-pixel mean's gradient was exactly zero. Checked against the same network in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 256, 256)
+    x64 = x.half().double()  # what the half network sees
+    labels = torch.randint(0, 4, (256, 256))
+    depth = torch.randn(256, 256)
+    for k, guide_cls, tgt in ((4, SegmentationGuide, labels), (1, DenseRegressionGuide, depth)):
+        net = nn.Conv2d(2, k, 1).half()
+        got = guide_cls(net, tgt, scale=100.0)(x, 3)
+        net64 = nn.Conv2d(2, k, 1).to(D).requires_grad_(False)
+        net64.load_state_dict({n: v.double() for n, v in net.state_dict().items()})
+        want = guide_cls(net64, tgt.double() if tgt.is_floating_point() else tgt, scale=100.0)(x64, 3)
+        assert got.dtype == x.dtype and want.abs().sum() > 0
+        assert rel(got.double(), want) < 1e-2, guide_cls.__name__
+        with torch.autocast("cpu", dtype=torch.float16):  # a float32 network under float16 autocast: the same
+            got = guide_cls(net.float(), tgt, scale=100.0)(x, 3)
+        assert rel(got.double(), want) < 1e-2, guide_cls.__name__
+
+
 def test_segmentation_void_label_hint():
     labels = torch.randint(0, 4, (2, 3, 3))
     labels[0, 0] = 255  # VOC / ADE20K / Cityscapes void label
