@@ -221,7 +221,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
         tl = torch.from_numpy(data.gather("logits", idx.numpy())).float()
         if not bool(torch.isfinite(tl).all()):  # on the CPU (read from the shards): NaN targets trained NaN experts
             raise ValueError(f"the teacher logits cached in {data_dir} hold NaN / Inf (rows "
-                             f"{idx[~torch.isfinite(tl).all(1)].tolist()[:5]} of the set): regenerate the set")
+                             f"{idx[~torch.isfinite(tl).flatten(1).all(1)].tolist()[:5]} of the set): regenerate the set")
         t = torch.randint(0, 1000, (batch_size,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
         lr_now = lr * min(1.0, (step + 1) / 50) * (1 - frac)  # linear anneal (official), after a 50-step warm-up (ours)

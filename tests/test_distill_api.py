@@ -133,3 +133,18 @@ def test_distill_ppap_refuses_non_finite_cached_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(distill, "teacher_logits", real)
     with pytest.raises(ValueError, match=r"the teacher logits cached in .*set hold NaN / Inf"):
         distill.distill_ppap(teacher, tmp_path / "set", n_experts=2, steps=2, batch_size=2, progress=False)
+
+
+def test_distill_ppap_refuses_non_finite_cached_dense_logits(tmp_path, monkeypatch):
+    # a segmentation teacher's cached logits [N, K, H, W] holding NaN: the error's row listing raised an IndexError
+    from ppap_fast import distill
+    from ppap_fast.models.tiny import SegNet
+
+    teacher = SegNet(width=4, depth=1)
+    real = distill.teacher_logits
+    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: np.full_like(real(*a, **k), np.nan))
+    generate_datafree(_unet(1, 8), teacher, tmp_path / "set", 4, 2, respacing="ddim2", progress=False)
+    monkeypatch.setattr(distill, "teacher_logits", real)
+    with pytest.raises(ValueError, match=r"the teacher logits cached in .*set hold NaN / Inf \(rows \[\d"):
+        distill.distill_ppap(teacher, tmp_path / "set", n_experts=2, steps=2, batch_size=2, progress=False,
+                             loss="pixel_kl")
