@@ -270,12 +270,14 @@ class _GradRunner:
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
         if self.children is not None:  # weights read now (not at construction): the guide's may have changed
-            lenient = self.guide.nonfinite != "raise"  # children left at "raise" must not raise before its policy
+            # children left at "raise" must not raise before a lenient policy: this one's, or (checked=False)
+            # a lenient outer composition's
+            lenient = not checked or self.guide.nonfinite != "raise"
             total = _gd.weighted_grad_sum(
                 (child(x, t, checked=not (lenient and getattr(child.guide, "nonfinite", None) == "raise"),
                        target=target), w)
                 for (child, _), (_, w) in zip(self.children, self.guide.guides))
-            return _gd.check_finite(total, self.guide.nonfinite, self.guide.name)
+            return _gd.check_finite(total, self.guide.nonfinite, self.guide.name) if checked else total
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             # a FastGuide of a ClassGuide takes the target override too (it was dropped silently)
             kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}

@@ -689,17 +689,23 @@ class ComposedGuide:
         self.guides = items
         self.nonfinite = nonfinite
 
-    def _sub(self, g, x_t, t, target):
+    def _sub(self, g, x_t, t, target, lenient: bool):
         kw = {"target": target} if target is not None and has_class_target(g) else {}
-        # a sub-guide left at the default nonfinite="raise" must not raise before a lenient composition
-        # ("zero" / "ignore") applies its own policy to the sum
-        if self.nonfinite != "raise" and isinstance(g, Guide) and g.nonfinite == "raise":
+        # a sub-guide (or nested composition) left at the default nonfinite="raise" must not raise before a
+        # lenient composition ("zero" / "ignore") applies its own policy to the sum
+        if lenient and isinstance(g, (Guide, ComposedGuide)) and g.nonfinite == "raise":
             return g._grad(x_t, t, **kw)
         return call_guide(g, x_t, t, **kw)
 
+    def _sum(self, x_t, t, target, lenient: bool):
+        return weighted_grad_sum((self._sub(g, x_t, t, target, lenient), w) for g, w in self.guides)
+
+    def _grad(self, x_t, t, target=None):
+        """The weighted sum before any non-finite policy (for a lenient outer composition)."""
+        return self._sum(x_t, t, target, lenient=True)
+
     def __call__(self, x_t, t, target=None):
-        return check_finite(weighted_grad_sum((self._sub(g, x_t, t, target), w) for g, w in self.guides),
-                            self.nonfinite, self.name)
+        return check_finite(self._sum(x_t, t, target, self.nonfinite != "raise"), self.nonfinite, self.name)
 
 
 def has_class_target(guide) -> bool:

@@ -941,6 +941,8 @@ def test_fast_composed_nonfinite_policy_applies_over_default_sub_guides():
     got = fs.FastGuide(cg, None).runner(None)(x, t)
     torch.testing.assert_close(got, cg(x, t))
     assert not got[0].any() and got[1].abs().sum() > 0
+    nested = ComposedGuide([ComposedGuide([ClassGuide(Bad(), 1)]), (ClassGuide(Bad(), 2), 0.5)], nonfinite="zero")
+    torch.testing.assert_close(fs.FastGuide(nested, None).runner(None)(x, t), got)  # the inner one raised
 
 
 def test_fast_guide_target_override_matches_reference(setup):

@@ -351,6 +351,14 @@ def test_composed_nonfinite_policy_applies_over_default_sub_guides():
 
     out = ComposedGuide([ClassGuide(Bad(), 1), (ClassGuide(Bad(), 2), 0.5)], nonfinite="zero")(torch.randn(2, 3, 4, 4), 10)
     assert torch.isfinite(out).all() and not out[0].any() and out[1].abs().sum() > 0
+    # a nested composition left at "raise" raised before the outer one's policy applied
+    nested = ComposedGuide([ComposedGuide([ClassGuide(Bad(), 1)]), (ClassGuide(Bad(), 2), 0.5)], nonfinite="zero")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(nested(x, 10), ComposedGuide([ClassGuide(Bad(), 1), (ClassGuide(Bad(), 2), 0.5)],
+                                                            nonfinite="zero")(x, 10))
+    with pytest.raises(RuntimeError, match="holds NaN"):  # left at "raise" all the way: it raises
+        ComposedGuide([ComposedGuide([ClassGuide(Bad(), 1)])])(x, 10)
 
 
 def test_input_transform_follows_the_input_device_and_numpy_scales():
