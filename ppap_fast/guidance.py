@@ -616,7 +616,8 @@ class SegmentationGuide(_DenseGuide):
         if self.target_map.is_floating_point() or self.target_map.dtype == torch.bool:
             raise ValueError(f"{self.name}: target labels must be an integer tensor, got {self.target_map.dtype}")
         self.ignore_index = int(ignore_index)
-        valid = self.target_map[self.target_map != self.ignore_index]
+        labels = self.target_map.long()  # a uint8 map compared with -100 wrapped it to 156 (label 156 unchecked)
+        valid = labels[labels != self.ignore_index]
         self._hi = int(valid.max()) if valid.numel() else -1
         if valid.numel() and int(valid.min()) < 0:
             raise ValueError(f"{self.name}: negative label {int(valid.min())} (ignore_index is {self.ignore_index})")

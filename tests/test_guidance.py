@@ -291,6 +291,8 @@ def test_segmentation_guide():
     assert rel(guide(x, 0), numerical_grad(J, x)) < 1e-7
     with pytest.raises(ValueError, match="label 4 is out of range"):
         SegmentationGuide(net, torch.full((2, 3, 3), 4))(x, 0)
+    with pytest.raises(ValueError, match="label 156 is out of range"):  # uint8 156 == -100 wrapped: unchecked
+        SegmentationGuide(net, torch.full((2, 3, 3), 156, dtype=torch.uint8), num_classes=4)
     with pytest.raises(ValueError, match=r"logits shape \(2, 4, 3, 3\).*\(3, 5, 5\)"):  # batch ([H, W] is resized)
         SegmentationGuide(net, torch.zeros(3, 5, 5, dtype=torch.long))(x, 0)
     with pytest.raises(ValueError, match="integer"):
