@@ -91,7 +91,7 @@ from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
 from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_model_kwargs_batch, check_sampler_options,
-                       denoiser_output, eta_value, sample_shape)
+                       denoiser_output, eta_value, initial_noise)
 from .schedule import Schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -944,7 +944,7 @@ class FastGuidedSampler:
 
     # -- the loop -------------------------------------------------------------------------------
     def sample(self, shape_or_x: Sequence[int] | torch.Tensor, *, generator: torch.Generator | None = None,
-               noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
+               noise_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None, dtype: torch.dtype | None = None,
                return_trajectory: bool = False, progress: bool = False,
                callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None):
         """All steps N-1..0 from x_T (given, or randn(shape, generator)), as ``sampling.sample_loop``.
@@ -953,10 +953,7 @@ class FastGuidedSampler:
         when the sampler needs noise), so the same generator seed gives the same result.
         callback(index, x_prev, pred_xstart). Returns x_0, or (x_0, trajectory [N, *x.shape]).
         """
-        if isinstance(shape_or_x, torch.Tensor):
-            x = shape_or_x
-        else:
-            x = torch.randn(sample_shape(shape_or_x), generator=generator, device=self.device, dtype=dtype)
+        x = initial_noise(shape_or_x, generator, self.device, dtype)
         self._check_x(x)
         if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
@@ -1006,7 +1003,7 @@ def _cudnn_benchmark():
 
 def fast_sample_loop(model: Callable, shape_or_x, schedule: Schedule, *, sampler: str = "ddim",
                      guide: Callable | None = None, generator: torch.Generator | None = None,
-                     noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype = torch.float32,
+                     noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype | None = None,
                      progress: bool = False, **options):
     """Drop-in for ``sampling.sample_loop`` on the fast path (options: see FastGuidedSampler); sample_loop's
     ``callback(i, StepOutput)`` and ``denoised_fn`` have no fast equivalent and raise a TypeError."""

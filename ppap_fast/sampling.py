@@ -498,6 +498,16 @@ def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
 
 # --------------------------------------------------------------------------- loop
 
+def initial_noise(shape_or_x, generator, device, dtype: torch.dtype | None) -> torch.Tensor:
+    """x_T: the tensor given, or randn(shape) in ``dtype`` (float32 by default)."""
+    if isinstance(shape_or_x, torch.Tensor):
+        if dtype is not None and dtype != shape_or_x.dtype:  # it was ignored silently
+            raise ValueError(f"dtype={dtype} is for a drawn x_T, but x_T was given in {shape_or_x.dtype}: "
+                             f"pass x_T.to({dtype}) or leave dtype out")
+        return shape_or_x
+    return torch.randn(sample_shape(shape_or_x), generator=generator, device=device, dtype=dtype or torch.float32)
+
+
 def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, schedule: Schedule, *,
                 sampler: str = "ddim", guide: Guide | None = None, eta: float = 0.0,
                 clip_denoised: bool = True, var_type: str | None = None,
@@ -505,7 +515,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
                 generator: torch.Generator | None = None, progress: bool = False,
                 return_trajectory: bool = False, model_kwargs: Mapping[str, Any] | None = None,
                 denoised_fn: Callable | None = None, nonfinite_grad: str = "raise",
-                dtype: torch.dtype = torch.float32, callback: Callable[[int, StepOutput], None] | None = None):
+                dtype: torch.dtype | None = None, callback: Callable[[int, StepOutput], None] | None = None):
     """Run all steps N-1..0 from x_T (given, or drawn with `generator` for a shape).
 
     sampler: "ddim" (eta, condition_score) or "ddpm" (ancestral, condition_mean).
@@ -517,10 +527,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     """
     check_sampler_options(sampler, eta, var_type)
     _check_schedule(schedule)
-    if isinstance(shape_or_x, torch.Tensor):
-        x = shape_or_x
-    else:
-        x = torch.randn(sample_shape(shape_or_x), generator=generator, device=schedule.device, dtype=dtype)
+    x = initial_noise(shape_or_x, generator, schedule.device, dtype)
     _check_x(x, schedule, "x_T")
     if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")

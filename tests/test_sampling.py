@@ -667,6 +667,21 @@ def test_eta_of_any_numeric_kind_samples_as_its_float(eta):
     torch.testing.assert_close(ops.build_table(s, "ddim", eta=eta), ops.build_table(s, "ddim", eta=0.5), rtol=0, atol=0)
 
 
+def test_dtype_for_a_given_x_T_of_another_dtype_is_refused():
+    # dtype= was ignored silently when x_T was given
+    s = Schedule.create("linear", 1000, "ddim2")
+    x = torch.randn(1, 3, 4, 4)
+    model = lambda x, t: 0.1 * x
+    for loop in (sample_loop, fast_sampling.fast_sample_loop):
+        with pytest.raises(ValueError, match=r"dtype=torch.float64 is for a drawn x_T, but x_T was given in "
+                                             r"torch.float32"):
+            loop(model, x, s, dtype=torch.float64)
+        assert loop(model, x, s, dtype=torch.float32).dtype == torch.float32  # the same dtype: fine
+        assert loop(model, x.double(), s).dtype == torch.float64
+        assert loop(model, (1, 3, 4, 4), s).dtype == torch.float32  # drawn: float32 by default
+        assert loop(model, (1, 3, 4, 4), s, dtype=torch.float64).dtype == torch.float64
+
+
 def test_eta_value_refuses_what_is_no_number():
     for bad in (True, "0.5", np.array([0.5, 0.5]), torch.tensor([0.5, 0.5]), np.array(["a"]), torch.tensor(True),
                 None, complex(1, 0)):
