@@ -446,6 +446,8 @@ def expert_mean_loss(per_sample: torch.Tensor, expert_idx: torch.Tensor, n_exper
     if reduction == "batch_mean":
         return per_sample.mean()
     if counts is None:
+        if world_size != 1:  # local counts with the world size: every expert's loss world_size times too large
+            raise ValueError(f"world_size={world_size} needs the global counts (the all-reduced expert_counts)")
         counts = expert_counts(expert_idx, n_experts, per_sample.dtype)
     w = world_size / counts.to(per_sample.dtype)[expert_idx]  # every indexed count is >= 1
     return (per_sample * w).sum()

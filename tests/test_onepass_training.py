@@ -356,6 +356,8 @@ def test_expert_mean_loss_is_finite_and_weights_by_global_counts():
     assert loss.item() == 1.5 + 4.0 and per.grad.tolist() == [0.5, 0.5, 1.0]
     counts = expert_counts(e, 4) + torch.tensor([2.0, 0.0, 0.0, 1.0])  # the other rank's samples
     assert expert_mean_loss(per.detach(), e, 4, counts=counts, world_size=2).item() == (3.0 / 4 + 4.0 / 2) * 2
+    with pytest.raises(ValueError, match="world_size=2 needs the global counts"):  # local counts: 2x too large
+        expert_mean_loss(per.detach(), e, 4, world_size=2)
     assert expert_mean_loss(per.detach(), e, 4, "batch_mean").item() == pytest.approx(7.0 / 3)
     with pytest.raises(ValueError, match="reduction"):
         expert_mean_loss(per, e, 4, "sum")
