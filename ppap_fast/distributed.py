@@ -602,6 +602,14 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     from .data.shards import write_json_atomic
 
     out = check_output_dir(cfg.out_dir, "--out")  # mkdir said only "[Errno 17] File exists"
+    if out.is_dir():  # as the CLI's generate: shards and a manifest were written among other files
+        from .cli import _check_set_folder
+        from .demo import DemoError
+
+        try:
+            _check_set_folder(out)
+        except DemoError as e:
+            raise ValueError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     m = out / MANIFEST
     if m.exists():

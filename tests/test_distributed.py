@@ -182,6 +182,22 @@ def test_generate_out_that_is_a_file_says_so(tmp_path):
     assert "Errno" not in str(e.value) and f.read_text() == "keep"
 
 
+def test_generate_refuses_a_non_empty_folder_that_holds_no_set(tmp_path, capsys):
+    """As the CLI's generate: shards, a manifest and a preview were written among the folder's own files."""
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "unet.safetensors").write_text("keep")
+    with pytest.raises(D.DistributedRunError,
+                       match=r"--out .*weights is not empty \(unet.safetensors\) and holds no data-free set"):
+        D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
+    assert D.main(_gen_args(out)) == 2 and "is not empty (unet.safetensors)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["unet.safetensors"]
+    (out / ".shard_00000.npz.abc.tmp").write_text("")  # a killed write's temporary alone: still an empty folder
+    (out / "unet.safetensors").unlink()
+    assert D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())["written"] == list(range(5))
+    assert D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())["written"] == []  # its own set resumes
+
+
 def test_progress_reaches_the_spawned_ranks(tmp_path):
     """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
     dropped on the way to the workers); --no-progress: none."""
