@@ -116,8 +116,9 @@ Distillation (:func:`distill`)
         (:func:`ppap_fast.experts.save_experts` format).
 
 Configuration agreement: each rank hashes its configuration (all arguments that change the
-result, plus fingerprints of the weight files it reads) and the hashes are all-gathered before
-any work; ranks that disagree raise :class:`ConfigMismatchError` naming the ranks and keys.
+result, plus fingerprints of the weight files it reads; for distill also ``--checkpoint-every`` and
+``--verify-data``, which decide its collectives) and the hashes are all-gathered before any work;
+ranks that disagree raise :class:`ConfigMismatchError` naming the ranks and keys.
 
 Test hooks (environment): ``PPAP_FAST_TEST_KILL_AFTER_SHARDS=n`` makes rank
 ``PPAP_FAST_TEST_KILL_RANK`` (default 0) SIGKILL itself right after writing its n-th shard,
@@ -1397,7 +1398,10 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     ident = cfg.identity()
     ident["teacher_task"], ident["loss"] = task, loss_kind
     ident["teacher_state"] = module_fingerprint(teacher)
-    h = check_same_config(ident, env)
+    # also settings that decide the collectives (not the experts): ranks that disagree waited on each other until
+    # the timeout (a training-state save on one rank against a training step on another)
+    check_same_config({**ident, "checkpoint_every": cfg.checkpoint_every, "verify_data": cfg.verify_data}, env)
+    h = config_hash(ident)
     teacher = teacher.to(device).eval()
     transform = transform.to(device) if transform is not None else None
 

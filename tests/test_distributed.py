@@ -248,6 +248,24 @@ def test_a_teacher_failing_on_one_rank_fails_every_rank_at_once(tmp_path):
     assert time.time() - t0 < 60  # not the collective timeout
 
 
+@pytest.mark.parametrize("over", [{"checkpoint_every": 1}, {"verify_data": True}])
+def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_path, over):
+    """checkpoint_every / verify_data are not part of the experts' identity, but decide collectives: ranks that
+    disagreed waited on each other until the collective timeout (a state save on one, a training step on the other)."""
+    import time
+
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg0 = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2, r=2,
+                           alpha=2.0, steps=2, batch_size=2, warmup=1, device="cpu")
+    key = next(iter(over))
+    t0 = time.time()
+    with pytest.raises(Exception, match=rf"(?s)ConfigMismatchError.*rank 1 .*{key}: "):
+        D.launch("distill", [cfg0, dataclasses.replace(cfg0, **over)], 2, threads=1, timeout_s=20)
+    assert time.time() - t0 < 20  # not the collective timeout
+    assert not (tmp_path / "out" / D.TRAIN_STATE).exists()
+
+
 def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
