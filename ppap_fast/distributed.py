@@ -1385,15 +1385,20 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
     env = env or init_distributed(cfg.device)
     device = env.device
-    if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise ValueError("steps and batch_size must be positive, checkpoint_every >= 0")
+    if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.n_experts <= 0:
+        raise ValueError("steps, batch_size and n_experts must be positive, checkpoint_every >= 0")
     out = check_experts_dir(cfg.out_dir, "--out")  # before training: these failed only at the save
     if out.exists() and out.resolve() == Path(cfg.data_dir).resolve():
         raise ValueError(f"--out {out} is the data set (--data); name another directory")
     check_loss_reduction(cfg.loss_reduction)
     amp_autocast(cfg.amp, device)  # an unknown mode fails before any work
+    if cfg.num_timesteps % cfg.n_experts:  # ExpertBank said so only after the teacher outputs were computed
+        raise ValueError(f"n_experts={cfg.n_experts} does not divide num_timesteps={cfg.num_timesteps}: "
+                         "the timestep bands would not be equal")
     teacher, transform, placement, task, arch = collectively(
         lambda: build_teacher(cfg.teacher, cfg.teacher_weights, cfg.teacher_task), env, "building the teacher")
+    # bad --lora-r / --lora-alpha / --layout fail here, not after the teacher outputs and --verify-data
+    placement = placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout)
     loss_kind = resolve_loss(cfg, task)
     ident = cfg.identity()
     ident["teacher_task"], ident["loss"] = task, loss_kind
@@ -1445,7 +1450,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         raise_if_any(err, env, "verifying the data set")
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
-    bank = ExpertBank(teacher, placement(r=cfg.r, alpha=cfg.alpha, layout=cfg.layout), cfg.n_experts,
+    bank = ExpertBank(teacher, placement, cfg.n_experts,
                       cfg.num_timesteps, arch=arch).to(device).train()
     model = bank
     if env.distributed:

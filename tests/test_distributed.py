@@ -364,6 +364,21 @@ def test_distill_out_that_is_a_file_or_the_data_set_is_refused_before_training(t
     assert [p.name for p in foreign.iterdir()] == ["config.json"]
 
 
+@pytest.mark.parametrize("over,msg", [({"n_experts": 3}, "n_experts=3 does not divide num_timesteps=1000"),
+                                      ({"alpha": 0.0}, "alpha must not be 0"),
+                                      ({"layout": "bogus"}, "unknown LoRA layout 'bogus'"),
+                                      ({"n_experts": 0}, "n_experts must be positive")])
+def test_distill_bad_expert_settings_are_refused_before_the_teacher_outputs(tmp_path, over, msg):
+    """They failed only when the bank was built: after the teacher's outputs on the whole set were computed."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())  # no logits
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}",
+                          **{"n_experts": 2, "r": 2, "alpha": 2.0, **over}, steps=1, batch_size=2, device="cpu")
+    with pytest.raises(ValueError, match=msg):
+        D.distill(cfg, D.DistEnv())
+    assert not (tmp_path / "out" / D.TARGETS_DIR).exists()
+
+
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     """lora_kernels="implicit" trains the (loralib) convs through lora_conv2d's implicit route ("auto":
     A stages timed per layer; on the CPU the reference ops either way; "lowrank" / "delta": the loralib convs'
