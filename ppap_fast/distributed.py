@@ -1373,6 +1373,10 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
         return _distill(cfg, env, progress)
 
 
+# what distill writes into --out atomically (besides teacher_targets/, cleaned by compute_targets)
+_DISTILL_OUTPUTS = (TRAIN_STATE, "experts.safetensors", "config.json", "train_summary.json", "train_loss.png")
+
+
 def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1435,6 +1439,12 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if env.rank == 0:
         found, err = _check_distill_state(state_path, ck_ident, Path(cfg.out_dir) / TARGETS_DIR / MANIFEST,
                                           computed=key is None)
+        if err is None:  # a killed write's temporaries (a training state each): only _atomic's exact names
+            from .data.shards import remove_stale_tmp
+
+            for name in _DISTILL_OUTPUTS:
+                with contextlib.suppress(OSError):
+                    remove_stale_tmp(Path(cfg.out_dir) / name, Path(name).suffix)
     raise_if_any(err, env, "resuming")
     target_source = "cached"
     if key is None:

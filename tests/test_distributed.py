@@ -379,6 +379,24 @@ def test_distill_bad_expert_settings_are_refused_before_the_teacher_outputs(tmp_
     assert not (tmp_path / "out" / D.TARGETS_DIR).exists()
 
 
+def test_distill_removes_the_temporaries_of_killed_writes_in_out(tmp_path):
+    """A kill during a training-state save (or the final writes) left its temporary in --out for good, one per kill;
+    only _atomic's exact names of distill's own outputs go."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())
+    out.mkdir()
+    stale = [out / f".{D.TRAIN_STATE}.k1l2e3d4.safetensors.tmp", out / ".experts.safetensors.a_b1c2d3.safetensors.tmp",
+             out / ".train_summary.json.zz99zz99.json.tmp", out / ".train_loss.png.q1w2e3r4.png.tmp"]
+    kept = [out / f".{D.TRAIN_STATE}.mine.tmp", out / ".notes.txt.k1l2e3d4.txt.tmp"]
+    for f in stale + kept:
+        f.write_bytes(b"partial")
+    cfg = D.DistillConfig(str(data), str(out), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2, r=2, alpha=2.0,
+                          steps=1, batch_size=2, device="cpu")
+    D.distill(cfg, D.DistEnv())
+    assert (out / "experts.safetensors").is_file()
+    assert [f.name for f in stale if f.exists()] == [] and all(f.read_bytes() == b"partial" for f in kept)
+
+
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     """lora_kernels="implicit" trains the (loralib) convs through lora_conv2d's implicit route ("auto":
     A stages timed per layer; on the CPU the reference ops either way; "lowrank" / "delta": the loralib convs'
