@@ -52,7 +52,8 @@ Generation (:func:`generate`)
     world size) skips complete shards, regenerates missing or damaged ones, removes stale
     temporary files, and ends with exactly ``num_images`` images: nothing lost, nothing
     duplicated, the same images an uninterrupted run writes. Only rank 0 writes the manifest,
-    which records the configuration and its hash; restarting into a directory written with
+    which records the configuration and its hash (a rerun on a finished set leaves it as it is: its
+    hash identifies the set to distillation); restarting into a directory written with
     another configuration is an error naming the differing keys. All ranks must see the same
     output directory (a shared filesystem across nodes). Rank 0 scans the shards (npz headers
     only) and the missing ones are dealt round-robin to the ranks: ``k % world_size`` on a fresh
@@ -598,8 +599,9 @@ def _nothing_written(out: Path, manifest: dict) -> bool:
     return manifest.get("complete") is False and not any(out.glob("shard_*.npz"))
 
 
-def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
-    """Rank 0: check an existing manifest, remove stale temporary files, mark the set incomplete."""
+def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of) -> tuple[list, list, bool]:
+    """Rank 0: check an existing manifest, remove stale temporary files, scan the shards, mark the set incomplete.
+    Returns (stale names removed, shards to write, whether a finished set's manifest was kept as it is)."""
     from .data.shards import write_json_atomic
 
     out = check_output_dir(cfg.out_dir, "--out")  # mkdir said only "[Errno 17] File exists"
@@ -613,6 +615,7 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
             raise ValueError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     m = out / MANIFEST
+    old = None
     if m.exists():
         try:
             old = json.loads(m.read_text())
@@ -643,8 +646,14 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int) -> list:
     stale = [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     for p in stale:
         p.unlink(missing_ok=True)
-    write_json_atomic(m, _manifest(cfg, ident, h, world, complete=False))
-    return [p.name for p in stale]
+    n_shards = -(-cfg.num_images // cfg.shard_size)
+    todo = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
+    # a finished set with nothing to write keeps its manifest byte for byte: its hash is the set's identity
+    # (distill's data_manifest), and a rerun with another world size changed it (a distill resume was refused)
+    keep = old is not None and not todo and old.get("complete") is True and old.get("config_hash") == h
+    if not keep:
+        write_json_atomic(m, _manifest(cfg, ident, h, world, complete=False))
+    return [p.name for p in stale], todo, keep
 
 
 class SimulatedCrash(BaseException):
@@ -706,11 +715,10 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     def count_of(k):
         return min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
 
-    err, stale, todo = None, [], None
+    err, stale, todo, keep = None, [], None, False
     if env.rank == 0:
         try:
-            stale = _prepare_dir(cfg, ident, h, env.world_size)
-            todo = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
+            stale, todo, keep = _prepare_dir(cfg, ident, h, env.world_size, count_of)
         except (ValueError, OSError) as e:
             err = str(e)
     raise_if_any(err, env, "output directory check")
@@ -781,7 +789,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         missing = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
         if missing:
             err = f"shards {missing[:10]} are still missing or damaged after generation"
-        else:
+        elif not keep:
             write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True))
     raise_if_any(err, env, "final shard check")
     res = {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,

@@ -850,6 +850,27 @@ def test_a_moved_set_still_resumes(tmp_path):
     np.testing.assert_array_equal(_images(moved), want)
 
 
+def test_rerunning_generate_on_a_finished_set_keeps_its_manifest(tmp_path, monkeypatch):
+    """A job script reruns generate before distill: with another world size it rewrote the finished set's manifest
+    (its world_size), whose hash is the set's identity, so the killed distill's resume was refused as another data
+    set (and its teacher outputs recomputed)."""
+    data = tmp_path / "data"
+    gen = D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2})
+    D.generate(gen, D.DistEnv())
+    before = (data / D.MANIFEST).read_bytes()
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2, r=2,
+                          alpha=2.0, steps=2, batch_size=2, device="cpu", checkpoint_every=1)
+    _distill_killed_after_step_1(cfg, monkeypatch)
+    D.launch("generate", gen, 2, threads=1, timeout_s=60)  # nothing to write, on 2 ranks
+    assert (data / D.MANIFEST).read_bytes() == before
+    D.distill(cfg, D.DistEnv())
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["resumed_from_step"] == 1
+    (data / "shard_00001.npz").unlink()  # a set that needed work records the run that finished it
+    D.launch("generate", gen, 2, threads=1, timeout_s=60)
+    man = json.loads((data / D.MANIFEST).read_text())
+    assert man["complete"] is True and man["world_size"] == 2
+
+
 def test_distill_noises_with_the_sets_own_schedule(tmp_path, monkeypatch):
     """The student sees q(x_t | x_0) of the diffusion model that made the set (its manifest's schedule),
     not a fixed linear one; a set from a model with another T is refused."""
