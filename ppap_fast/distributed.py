@@ -62,9 +62,9 @@ Generation (:func:`generate`)
 Distillation (:func:`distill`)
     :class:`torch.nn.parallel.DistributedDataParallel` over the ExpertBank; only the stacked
     per-expert tensors train (the frozen shared backbone has no gradients, so it costs no
-    communication). Each rank draws its own batches, timesteps and noise (seeded by rank), DDP
-    averages the gradients, so the parameters stay identical on all ranks (checked at the end:
-    a divergence is an error). The global batch is ``batch_size * world_size``.
+    communication). Each rank draws its own batches, timesteps, noise and dropout masks (seeded by
+    rank), DDP averages the gradients, so the parameters stay identical on all ranks (checked at the
+    end: a divergence is an error). The global batch is ``batch_size * world_size``.
 
     Losses (:mod:`ppap_fast.distill`), chosen from the teacher's task, ``--loss`` overrides (the
     choice is part of the configuration identity): ``kl`` for classifiers (KL to the teacher's
@@ -1489,6 +1489,10 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         bank.check_inputs = False  # t comes from randint(0, num_timesteps): no host check in the graph
     sched = Schedule.create(schedule_name, cfg.num_timesteps)
     gen = torch.Generator().manual_seed(shard_seed(cfg.seed, 7919 * (env.rank + 1)))  # per-rank data stream
+    if env.rank:  # the global RNG's draws in training (dropout) per rank too; rank 0 (one process) keeps cfg.seed's
+        from .seeding import sample_seed
+
+        torch.manual_seed(sample_seed(cfg.seed, 7919, env.rank))
 
     # resume: every rank restores its part of the state (checked above) in place
     start, losses = 0, []

@@ -266,6 +266,47 @@ def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_pat
     assert not (tmp_path / "out" / D.TRAIN_STATE).exists()
 
 
+DROPOUT_MODULE = '''
+import os
+
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    task = "regression"
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.drop, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Dropout(0.5), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.training:  # the dropout mask this rank draws at this step
+            with open(os.path.join(os.environ["PPAP_TEST_MASKS"], "rank" + os.environ["RANK"]), "a") as f:
+                f.write(repr((self.drop(torch.ones(32)) == 0).int().tolist()) + "\\n")
+        return self.fc(self.drop(torch.relu(self.conv(x)).mean((2, 3))))
+
+
+def make():
+    return Net()
+'''
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks(tmp_path, monkeypatch):
+    """Every rank trained from the same global seed, so a teacher with dropout (mobilenet_v2, deeplabv3's ASPP)
+    dropped the same units on every rank at every step."""
+    (tmp_path / "ppap_test_dropout.py").write_text(DROPOUT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PPAP_TEST_MASKS", str(tmp_path))
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "py:ppap_test_dropout:make", n_experts=2, r=2, alpha=2.0,
+                          steps=2, batch_size=2, device="cpu")
+    D.launch("distill", cfg, 2, threads=1, timeout_s=60)
+    m0, m1 = [(tmp_path / f"rank{r}").read_text().splitlines() for r in (0, 1)]
+    assert len(m0) == len(m1) == 2 and m0[0] != m1[0] and m0[1] != m1[1]
+
+
 def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
