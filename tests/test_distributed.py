@@ -438,6 +438,31 @@ def test_distill_removes_the_temporaries_of_killed_writes_in_out(tmp_path):
     assert [f.name for f in stale if f.exists()] == [] and all(f.read_bytes() == b"partial" for f in kept)
 
 
+def test_distill_refuses_a_softmax_loss_the_teachers_outputs_cannot_train(tmp_path, monkeypatch):
+    """A segmentation teacher with one logit per pixel (a sigmoid mask): pixel_kl's softmax over it is 1, the loss
+    was 0 at every step and the experts were saved untrained. pixel_kl of a classifier's [B, K] logits failed at the
+    first step with an IndexError traceback."""
+    (tmp_path / "ppap_test_seg1.py").write_text(
+        "import torch.nn as nn\n\n\ndef make():\n    return nn.Sequential(nn.Conv2d(1, 1, 3, padding=1))\n\n\n"
+        "make.task = 'segmentation'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tfile = _tiny_teacher_file(tmp_path)
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    D.generate(D.GenerateConfig(str(plain), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())
+    D.generate(D.GenerateConfig(str(cached), **{**GEN, "num_images": 4, "shard_size": 4}, teacher=f"tiny:{tfile}"),
+               D.DistEnv())
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=1, batch_size=2, device="cpu")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"loss 'pixel_kl' takes \[C, H, W\] class logits.*outputs \[1, 8, 8\] per "
+                                         r"image \(a softmax over one logit is 1 everywhere: nothing would train\)"):
+        D.distill(D.DistillConfig(str(plain), str(out), "py:ppap_test_seg1:make", **base), D.DistEnv())
+    assert not (out / D.TARGETS_DIR).exists()  # before the teacher's outputs on the whole set
+    for data in (plain, cached):
+        with pytest.raises(ValueError, match=r"loss 'pixel_kl' takes .*outputs \[3\] per image: pass --loss"):
+            D.distill(D.DistillConfig(str(data), str(out), f"tiny:{tfile}", loss="pixel_kl", **base), D.DistEnv())
+    D.distill(D.DistillConfig(str(plain), str(out), "py:ppap_test_seg1:make", loss="mse", **base), D.DistEnv())
+
+
 def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     """lora_kernels="implicit" trains the (loralib) convs through lora_conv2d's implicit route ("auto":
     A stages timed per layer; on the CPU the reference ops either way; "lowrank" / "delta": the loralib convs'
