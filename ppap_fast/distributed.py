@@ -1837,10 +1837,15 @@ def main(argv=None) -> int:
     try:
         res = _TASKS[a.task](cfg, env, progress=a.progress)
     except _BAD_INPUT as e:
-        if env.distributed:
-            raise
-        print(f"python -m ppap_fast.distributed: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        # under torchrun too (every rank printed its traceback): a collective error, the same on every rank, once
+        if not env.distributed or env.rank == 0 or not isinstance(e, (DistributedRunError, ConfigMismatchError)):
+            where = f" (rank {env.rank})" if env.distributed else ""
+            print(f"python -m ppap_fast.distributed: error{where}: {' '.join(str(e).split())}", file=sys.stderr)
+        if not env.distributed:
+            return 2
+        dist.destroy_process_group()
+        sys.stderr.flush()
+        os._exit(2)  # as on success: no interpreter teardown (gloo's threads)
     else:
         if a.task == "generate":
             print(json.dumps(res))

@@ -219,6 +219,18 @@ def test_bad_input_with_nproc_is_one_line(tmp_path):
     assert r.returncode == 2 and "--nproc must be >= 1, got 0" in r.stderr
 
 
+def test_bad_input_under_torchrun_is_one_line(tmp_path):
+    """Under torchrun every rank printed the traceback of a user error (here: no data set); now rank 0 prints one line
+    and the ranks exit with status 2."""
+    r = _run(["distill", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--teacher",
+              f"tiny:{_tiny_teacher_file(tmp_path)}", "--device", "cpu"], torchrun=True)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("python -m ppap_fast.distributed: error")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("python -m ppap_fast.distributed: error (rank 0): reading the data set failed on "
+                               "rank(s) [0, 1]") and "no manifest.json" in lines[0]
+    assert "ppap_fast/distributed.py" not in r.stderr and "exitcode  : 2" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--num-images", "0"), ("--shard-size", "-1"),
                                         ("--timeout", "inf")])
 def test_bad_numbers_are_usage_errors_before_any_rank_starts(flag, value, tmp_path, capsys):
