@@ -621,6 +621,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of)
             old = json.loads(m.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
+        if not isinstance(old, dict):  # old.get below was an AttributeError on rank 0 (the others waited)
+            raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}); remove it or use "
+                             "another directory")
         if old.get("format") != FORMAT:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")

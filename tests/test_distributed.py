@@ -198,6 +198,17 @@ def test_generate_refuses_a_non_empty_folder_that_holds_no_set(tmp_path, capsys)
     assert D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())["written"] == []  # its own set resumes
 
 
+@pytest.mark.parametrize("text", ["[]", '"x"'])
+def test_generate_into_a_manifest_that_is_no_object_says_so(tmp_path, text):
+    """It was an AttributeError ('list' object has no attribute 'get') on rank 0 while the other ranks waited."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(D.DistributedRunError, match=r"manifest.json is not a shard set manifest \(a JSON (list|str)\)"):
+        D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
+    assert (out / "manifest.json").read_text() == text and not list(out.glob("shard_*"))
+
+
 def test_progress_reaches_the_spawned_ranks(tmp_path):
     """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
     dropped on the way to the workers); --no-progress: none."""
