@@ -1703,7 +1703,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, default=1,
                        help="spawn this many gloo workers (without torchrun); under torchrun leave 1")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+        p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
         p.add_argument("--timeout", type=_positive_float, default=1800.0, help="collective timeout, seconds")
         p.add_argument("--seed", type=_shard_seed, default=0)  # seeds shard k with seed * stride + k
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,

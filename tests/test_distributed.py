@@ -518,6 +518,15 @@ def test_distill_lora_kernels_option(tmp_path, monkeypatch):
     assert D.config_from_args(a).lora_kernels == "implicit"
 
 
+def test_threads_must_be_positive(capsys):
+    """--threads 0 was ignored silently (torch's default thread count ran) and a negative one was a traceback."""
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            D._parser().parse_args(["generate", "--out", "o", "--num-images", "2", "--threads", bad])
+        assert "--threads" in capsys.readouterr().err
+    assert D._parser().parse_args(["generate", "--out", "o", "--num-images", "2", "--threads", "3"]).threads == 3
+
+
 def test_environ_set_restores_set_and_unset_variables(monkeypatch):
     from ppap_fast.ops._registry import environ_set
 
