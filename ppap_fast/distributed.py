@@ -628,6 +628,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of)
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")
         theirs = old.get("config", {})
+        if not isinstance(theirs, dict):
+            raise ValueError(f"{m} is damaged (its 'config' is a JSON {type(theirs).__name__}, not an object); "
+                             "remove it or use another directory")
         if "out_dir" in theirs:  # written when the path was part of the identity
             theirs = {k: v for k, v in theirs.items() if k != "out_dir"}
         legacy = {k: v for k, v in ident.items() if k != "teacher_state"}

@@ -209,6 +209,16 @@ def test_generate_into_a_manifest_that_is_no_object_says_so(tmp_path, text):
     assert (out / "manifest.json").read_text() == text and not list(out.glob("shard_*"))
 
 
+def test_generate_into_a_manifest_whose_config_is_no_object_says_so(tmp_path):
+    out = tmp_path / "set"
+    out.mkdir()
+    text = json.dumps({"format": D.FORMAT, "config": [1, 2]})
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(D.DistributedRunError, match=r"manifest.json is damaged \(its 'config' is a JSON list"):
+        D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
+    assert (out / "manifest.json").read_text() == text and not list(out.glob("shard_*"))
+
+
 def test_progress_reaches_the_spawned_ranks(tmp_path):
     """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
     dropped on the way to the workers); --no-progress: none."""
