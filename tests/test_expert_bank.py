@@ -771,3 +771,34 @@ def test_numpy_integer_timesteps_route_as_ints():
             bank(x, bad)
     with pytest.raises(ValueError, match="integer"):
         bank(x, np.array([500.0, 500.0]))
+
+
+def test_layer_subclasses_with_their_own_forward_are_refused():
+    """A Conv2d / BatchNorm2d / LayerNorm subclass with its own forward (timm's StdConv2d, BatchNormAct2d,
+    LayerNorm2d) was replaced by a routed module computing the plain layer: a fresh bank silently differed
+    from its base model (weight standardisation, the fused activation, the channel norm dropped)."""
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class BNReLU(nn.BatchNorm2d):
+        def forward(self, x):
+            return F.relu(super().forward(x))
+
+    class LN2d(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    class Named(nn.Conv2d):  # no forward of its own: routable
+        pass
+
+    for layer in (StdConv(3, 4, 3, padding=1), BNReLU(3), LN2d(3)):
+        with pytest.raises(ValueError, match=rf"'?0 \({type(layer).__name__}, an nn\.\w+ with its own forward"):
+            ExpertBank(nn.Sequential(layer), "generic", n_experts=2, num_timesteps=10)
+    m = nn.Sequential(Named(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)).eval()
+    bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert "0" in bank.placement.lora and rel(bank(x, torch.tensor([0, 9])), m(x)) < 1e-6

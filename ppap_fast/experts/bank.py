@@ -445,6 +445,23 @@ class ExpertGroupNorm(_ExpertAffine):
 
 ROUTED_TYPES = (RoutedLinear, RoutedConv2d, RoutedBias, ExpertBatchNorm, ExpertLayerNorm, ExpertGroupNorm)
 
+# the torch classes whose forward the routed modules reproduce
+_REPLACED = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+# subclasses with their own forward that computes the same as their torch class (scripting / fast-norm variants)
+_SAME_FORWARD = frozenset({"timm.layers.linear.Linear", "timm.layers.norm.LayerNorm", "timm.layers.norm.GroupNorm",
+                           "timm.layers.norm.GroupNorm1"})
+
+
+def _other_forward(m: nn.Module) -> str | None:
+    """The torch class of ``m`` when ``m`` is a subclass whose own forward computes something else (timm's
+    StdConv2d, Conv2dSame, BatchNormAct2d, LayerNorm2d): a routed replacement would silently drop it."""
+    cls = type(m)
+    for base in _REPLACED:
+        if isinstance(m, base):
+            same = cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in _SAME_FORWARD
+            return None if same or _computes_in_fp32(m) else base.__name__.lstrip("_")
+    return None
+
 
 # ----------------------------------------------------------------------------- helpers
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -572,6 +589,13 @@ class ExpertBank(nn.Module):
                              f"{sorted({fused[n] for n in inside})[:3]}: torch's nn.Transformer*Layer reads its "
                              "children's parameters directly (fused path), so experts there are unsupported; "
                              "use blocks that call their layers (e.g. timm's ViT / DeiT, placement 'deit')")
+        other = sorted(f"{n} ({type(mods[n]).__name__}, an nn.{_other_forward(mods[n])} with its own forward)"
+                       for n in dict.fromkeys((*p.lora, *p.bias, *p.norm)) if _other_forward(mods[n]))
+        if other:
+            raise ValueError(f"placement puts experts on {other[:6]}{' ...' if len(other) > 6 else ''}: a routed "
+                             "module computes the plain torch layer's forward, so what these subclasses add (weight "
+                             "standardisation, dynamic padding, a fused activation, channels-first norm) would be "
+                             "silently lost; leave them out of the placement")
         lora, bias, norm = set(p.lora), set(p.bias), set(p.norm)
         R, N = self._router, self.n_experts
         for name in dict.fromkeys((*p.lora, *p.bias, *p.norm)):
