@@ -802,3 +802,20 @@ def test_layer_subclasses_with_their_own_forward_are_refused():
     bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
     x = torch.randn(2, 3, 4, 4)
     assert "0" in bank.placement.lora and rel(bank(x, torch.tensor([0, 9])), m(x)) < 1e-6
+
+
+def test_merged_groupnorm_subclass_with_other_constructor_arguments():
+    """merged() rebuilt a GroupNorm subclass as cls(num_groups, num_channels): timm's GroupNorm takes
+    (num_channels, num_groups), so merging its bank raised ('num_channels (2) must be divisible by num_groups (8)')."""
+
+    class ChannelsFirstGN(nn.GroupNorm):  # timm.layers.GroupNorm's signature, nn.GroupNorm's forward
+        def __init__(self, num_channels, num_groups=32, eps=1e-5, **kwargs):
+            super().__init__(num_groups, num_channels, eps=eps, **kwargs)
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), ChannelsFirstGN(8, num_groups=2), nn.Flatten(), nn.Linear(128, 2)).eval()
+    bank = randomise_bank(ExpertBank(m, "generic", n_experts=2, num_timesteps=10)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    for n in range(2):
+        plain = bank.merged(n)
+        assert (plain[1].num_groups, plain[1].num_channels) == (2, 8)
+        assert rel(plain(x), bank(x, expert_idx=n)) < 1e-5

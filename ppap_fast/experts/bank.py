@@ -434,9 +434,13 @@ class ExpertGroupNorm(_ExpertAffine):
         return y.to(x.dtype) if self.fp32 else y
 
     def to_plain(self, n):
-        try:
-            gn = self.plain_cls(self.num_groups, self.num_channels, eps=self.eps, device="meta")
-        except TypeError:  # a subclass with another constructor: plain GroupNorm (same math in fp32 inputs)
+        gn = None
+        if self.fp32:  # other subclasses compute as nn.GroupNorm, and may order their arguments otherwise (timm's)
+            try:
+                gn = self.plain_cls(self.num_groups, self.num_channels, eps=self.eps, device="meta")
+            except TypeError:  # another constructor: plain GroupNorm (same math in fp32 inputs)
+                pass
+        if gn is None:
             gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, device="meta")
         w, b = self._affine_n(n)
         gn.weight, gn.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
