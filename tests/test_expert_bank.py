@@ -819,3 +819,26 @@ def test_merged_groupnorm_subclass_with_other_constructor_arguments():
         plain = bank.merged(n)
         assert (plain[1].num_groups, plain[1].num_channels) == (2, 8)
         assert rel(plain(x), bank(x, expert_idx=n)) < 1e-5
+
+
+def test_a_module_shared_under_two_names_is_refused_not_half_routed():
+    """A Linear registered as both ``a`` and ``b`` was routed under ``a`` only: the calls through ``b`` ran
+    the base weights without any expert, silently (and naming ``b`` said it was 'not in' the model)."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+            self.act = nn.ReLU()
+            self.act2 = self.act  # shared, but no expert on it: fine
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.act2(self.b(self.act(self.a(x)))))
+
+    for placement in ("generic", Placement(lora=("b",), r=2, alpha=2)):
+        with pytest.raises(ValueError, match=r"shares under several names \(\['a = b'\]\)"):
+            ExpertBank(Shared(), placement, n_experts=2, num_timesteps=10)
+    bank = ExpertBank(Shared(), Placement(bias=("head",)), n_experts=2, num_timesteps=10)
+    assert bank(torch.randn(3, 4), expert_idx=1).shape == (3, 2)

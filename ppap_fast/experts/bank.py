@@ -576,10 +576,19 @@ class ExpertBank(nn.Module):
 
     # -- construction
     def _install(self, p: Placement):
-        mods = dict(self.model.named_modules())
+        mods = dict(self.model.named_modules(remove_duplicate=False))  # a shared module under each of its names
         missing = sorted({n for n in (*p.lora, *p.bias, *p.norm) if n not in mods or n == ""})
         if missing:
             raise ValueError(f"placement names modules not in {type(self.model).__name__}: {missing}")
+        aliases: dict = {}
+        for n, m in mods.items():
+            aliases.setdefault(id(m), []).append(n)
+        shared = sorted({" = ".join(aliases[id(mods[n])]) for n in (*p.lora, *p.bias, *p.norm)
+                         if len(aliases[id(mods[n])]) > 1})
+        if shared:
+            raise ValueError(f"placement puts experts on modules the model shares under several names ({shared[:3]}): "
+                             "replacing one name would leave the others running the base weights, silently; "
+                             "unshare them (copy.deepcopy each) or leave them out of the placement")
         from .placement import inside_fused_layers, weight_read_directly
 
         unrouted = sorted((set(p.lora) | set(p.bias)) & weight_read_directly(self.model))
