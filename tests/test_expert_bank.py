@@ -842,3 +842,15 @@ def test_a_module_shared_under_two_names_is_refused_not_half_routed():
             ExpertBank(Shared(), placement, n_experts=2, num_timesteps=10)
     bank = ExpertBank(Shared(), Placement(bias=("head",)), n_experts=2, num_timesteps=10)
     assert bank(torch.randn(3, 4), expert_idx=1).shape == (3, 2)
+
+
+def test_generic_rule_leaves_a_bias_free_layernorm_shared():
+    """The generic rule put a LayerNorm(bias=False) in ``norm``, so the bank could not be built ('without
+    affine parameters'); it now stays shared, and naming it asks for a bias."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
+    assert bank.placement.norm == ("2",) and type(bank.model[1]) is nn.LayerNorm
+    x = torch.randn(3, 4)
+    assert rel(bank(x, expert_idx=1), m(x)) < 1e-6
+    with pytest.raises(ValueError, match=r"LayerNorm without a bias \(bias=False\)"):
+        ExpertBank(m, Placement(norm=("1",)), n_experts=2, num_timesteps=10)

@@ -320,7 +320,8 @@ class RoutedBias(_Routed):
 class _ExpertAffine(_Routed):
     def _init_affine(self, base, n_experts, per_expert_weight):
         if base.bias is None or base.weight is None:
-            raise ValueError(f"{type(base).__name__} without affine parameters cannot have per-expert ones")
+            what = "without a bias (bias=False)" if base.weight is not None else "without affine parameters"
+            raise ValueError(f"{type(base).__name__} {what} cannot have per-expert affine parameters")
         if per_expert_weight:
             self.expert_weight = _stack(base.weight, n_experts)
             self.weight = None

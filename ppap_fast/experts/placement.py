@@ -86,8 +86,8 @@ def _has_bias(m: nn.Module) -> bool:
 def _affine_norm(m: nn.Module) -> bool:
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
         return m.affine
-    if isinstance(m, nn.LayerNorm):
-        return m.elementwise_affine and m.weight is not None
+    if isinstance(m, nn.LayerNorm):  # LayerNorm(bias=False) has no bias to route: left shared
+        return m.elementwise_affine and m.weight is not None and m.bias is not None
     return False
 
 
