@@ -140,6 +140,23 @@ def test_refuses_a_torch_adamw_state_and_bad_inputs():
             opt.step(bad)
 
 
+def test_refuses_the_state_of_another_bank():
+    """A state of another N was blamed on torch.optim.AdamW; one of another rank (moments of other shapes)
+    loaded and the next step failed in a broadcast ('size of tensor a (2) must match ... b (4)')."""
+    ps = _params()
+    opt = ExpertAdamW(ps, N)
+    _run(opt, ps, 1)
+    fewer = [p[:4].detach().clone().requires_grad_() for p in ps]
+    with pytest.raises(ValueError, match=r"parameter 0 has step counts for 5 experts, this optimizer's bank has 4"):
+        ExpertAdamW(fewer, 4).load_state_dict(opt.state_dict())
+    wider = [torch.randn(N, 4, 5, requires_grad=True), torch.randn(N, 6, requires_grad=True)]
+    other = ExpertAdamW(wider, N)
+    with pytest.raises(ValueError, match=r"parameter 0 has moments of shapes \{'exp_avg': \(5, 4, 3\), 'exp_avg_sq': "
+                                         r"\(5, 4, 3\)\} for a parameter of shape \(5, 4, 5\)"):
+        other.load_state_dict(opt.state_dict())
+    assert not other.state
+
+
 class _PerTensorAdamW(ExpertAdamW):
     """The reference: ExpertAdamW's step one tensor at a time (~20 ops per tensor), as it was written."""
 

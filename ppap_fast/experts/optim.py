@@ -338,14 +338,26 @@ class ExpertAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """As torch's, refusing a state without one step count per expert (torch.optim.AdamW's single
         count cannot tell how often each expert stepped); counts move to their parameter's device."""
+        # the saved ids of the parameters, in order, name ours (as torch's load_state_dict maps them)
+        ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        ours = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
         for i, st in state_dict.get("state", {}).items():
             step = st.get("step")
+            if isinstance(step, torch.Tensor) and step.dim() == 1 and tuple(step.shape) != (self.n_experts,):
+                raise ValueError(f"optimizer state of parameter {i} has step counts for {step.shape[0]} experts, "
+                                 f"this optimizer's bank has {self.n_experts}: a state of another bank")
             if not isinstance(step, torch.Tensor) or tuple(step.shape) != (self.n_experts,):
                 shape = tuple(step.shape) if isinstance(step, torch.Tensor) else type(step).__name__
                 raise ValueError(
                     f"optimizer state of parameter {i} has a step count of shape {shape}, not one per expert "
                     f"[{self.n_experts}]: written by torch.optim.AdamW (one count shared by the experts, before "
                     "ExpertAdamW), it cannot be resumed exactly")
+            p = ours.get(i)
+            bad = {k: tuple(v.shape) for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor)
+                   and p is not None and v.shape != p.shape}
+            if bad:  # (otherwise the next step failed in a broadcast)
+                raise ValueError(f"optimizer state of parameter {i} has moments of shapes {bad} for a parameter of "
+                                 f"shape {tuple(p.shape)}: a state of another bank (other rank, placement or model)")
         super().load_state_dict(state_dict)
         self.__dict__.pop("_flat_plans", None)  # views of the replaced states: rebuilt at the next step
         for group in self.param_groups:
