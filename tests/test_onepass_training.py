@@ -143,6 +143,39 @@ def test_step_sampled_experts_leaves_experts_without_samples_as_they_were():
         assert all(torch.equal(a[k], b[k]) for k in a), e
 
 
+def test_step_sampled_experts_with_coupled_weight_decay_equals_separate_training():
+    """SGD (momentum, weight_decay adds wd * p to the gradient): the first step created the momentum of the
+    experts without samples from wd * p alone, which later moved them unlike separate training, where an
+    expert's momentum starts at its own first step (SGD keeps no step count: one-pass equals it exactly)."""
+    n = 4
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    teacher = torch.randn(6, 5, dtype=torch.float64)
+    ts = [torch.tensor([5, 10, 900, 20, 990, 600]), torch.tensor([5, 400, 900, 10, 500, 990]),
+          torch.tensor([300, 260, 5, 700, 499, 999])]  # expert 1 first sampled at the second step
+
+    def sgd(bank):
+        return torch.optim.SGD(bank.parameters_to_train(), lr=0.05, momentum=0.9, weight_decay=0.1)
+
+    one = _bank(n)
+    opt = sgd(one)
+    for t in ts:
+        opt.zero_grad(set_to_none=True)
+        _kd(one(x, t), teacher).backward()
+        one.step_sampled_experts(opt, one.sampled_experts(t))
+    for e in range(n):
+        sep = _bank(n)
+        opt_e = sgd(sep)
+        for t in ts:
+            rows = (t // (1000 // n) == e).nonzero().flatten()
+            if rows.numel():
+                opt_e.zero_grad(set_to_none=True)
+                _kd(sep(x[rows], t[rows]), teacher[rows]).backward()
+                opt_e.step()
+        got, want = one.expert_state_dict(e), sep.expert_state_dict(e)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14, msg=f"expert {e}: {k}")
+
+
 def _kd_per_sample(student, teacher):
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher / 0.25, -1), log_target=True,
                     reduction="none").sum(-1)

@@ -516,6 +516,11 @@ def fold_batchnorm_(model: nn.Module) -> list:
 
 
 # ----------------------------------------------------------------------------- the bank
+# per-element states that torch.optim optimizers create at a tensor's first step and that start at zero
+_ZERO_START_STATES = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg",
+                                "grad_avg", "acc_delta", "ax", "prev"})
+
+
 class ExpertBank(nn.Module):
     """N timestep experts sharing one frozen copy of ``model``.
 
@@ -801,9 +806,16 @@ class ExpertBank(nn.Module):
             kept.append([(x, x.clone()) for x in ts])
         opt.step()
         sampled = sampled.to(torch.bool)
-        for pairs in kept:
+        for p, pairs in zip(params, kept):
             for x, old in pairs:
                 x.copy_(torch.where(sampled.view(-1, *([1] * (x.dim() - 1))).to(x.device), x, old))
+            # moments this step created: an unsampled expert's rows as never stepped (zero), not moved by a
+            # weight decay added to its zero gradient (torch.optim.Adam / SGD weight_decay)
+            known = {id(x) for x, _ in pairs}
+            for k, v in opt.state.get(p, {}).items():
+                if k in _ZERO_START_STATES and isinstance(v, torch.Tensor) and v.shape == p.shape \
+                        and id(v) not in known:
+                    v.masked_fill_(~sampled.view(-1, *([1] * (v.dim() - 1))).to(v.device), 0)
 
     def trainable_parameters(self, n: int) -> dict:
         """Views of what expert ``n`` owns: name -> tensor (LoRA factors, biases, norm affine)."""
