@@ -854,3 +854,22 @@ def test_generic_rule_leaves_a_bias_free_layernorm_shared():
     assert rel(bank(x, expert_idx=1), m(x)) < 1e-6
     with pytest.raises(ValueError, match=r"LayerNorm without a bias \(bias=False\)"):
         ExpertBank(m, Placement(norm=("1",)), n_experts=2, num_timesteps=10)
+
+
+def test_a_new_bank_takes_the_mode_of_its_model():
+    """The routed modules were made in train mode inside an eval model: a bank built (or load_experts'ed)
+    around an eval classifier normalised by batch statistics and overwrote its experts' running statistics,
+    and in a train-mode model the BatchNorms no expert owns updated the frozen base until .train() was called."""
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 600, 900])
+    bank = randomise_bank(ExpertBank(randomise_bn(Tiny()).eval(), "generic", n_experts=5))
+    assert not any(m.training for m in bank.modules())
+    stats = {k: v.clone() for k, v in bank.named_buffers()}
+    y = bank(x, t)
+    assert all(torch.equal(v, stats[k]) for k, v in bank.named_buffers())
+    assert rel(bank(x[:1], t[:1]), y[:1]) < 1e-5  # per sample: no batch statistics (expert 0 has two samples)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.Flatten(), nn.Linear(512, 4))
+    bank = ExpertBank(m.train(), "generic", n_experts=5)
+    assert bank.training and bank.model[0].training and not bank.model[1].training
+    before = bank.model[1].running_mean.clone()
+    bank(x * 3, t)
+    assert torch.equal(bank.model[1].running_mean, before)

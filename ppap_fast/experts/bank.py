@@ -532,6 +532,7 @@ class ExpertBank(nn.Module):
         r, alpha, layout: passed to the rule when ``placement`` is a name.
         arch: architecture name recorded in checkpoints (default: the model's class name).
 
+    The bank starts in the mode of ``model`` (eval for a guide model; ``.train()`` to distil).
     Call as ``bank(x, t)`` with ``t`` the ORIGINAL timesteps (long [B] or an int), or
     ``bank(x, expert_idx=...)``. Set ``bank.check_inputs = False`` to skip the range checks
     (they read values on the host, which a CUDA graph capture cannot do).
@@ -565,6 +566,7 @@ class ExpertBank(nn.Module):
         self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         self._install(placement)
+        self.train(model.training)  # the routed modules were made in train mode: all in the model's mode
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``; with ``memory_format`` only the tensors of that format's rank convert (4-D for
