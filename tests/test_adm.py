@@ -182,6 +182,17 @@ def test_class_cond_and_bad_inputs():
         u(x, torch.tensor([1, 2, 3]))
 
 
+def test_attention_resolutions_flag_string_in_unet_kwargs_is_refused():
+    """The script flag's string of resolutions among UNetModel kwargs: "16" was read character by character
+    as the downsample rates (1, 6), silently another model, and "16,8" failed on int(','); both now say
+    which rates to pass."""
+    with pytest.raises(ValueError, match=r"attention_resolutions='16' is guided-diffusion's script flag.*\(1,\) here"):
+        ADMUNet.from_config({**SMALL, "attention_resolutions": "16"})
+    with pytest.raises(ValueError, match=r"'16,8'.*\(1, 2\) here"):
+        ADMUNet(**{**SMALL, "attention_resolutions": "16,8"})
+    assert ADMUNet(**SMALL).attention_resolutions == (2,)
+
+
 def test_label_emb_changes_output():
     torch.manual_seed(2)
     m = ADMUNet(**SMALL, num_classes=10).eval()

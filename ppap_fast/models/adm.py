@@ -520,6 +520,12 @@ class ADMUNet(nn.Module):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
+        if isinstance(attention_resolutions, str):  # "16" read as (1, 6); "32,16,8" failed on int(",")
+            res = [int(r) for r in attention_resolutions.split(",") if r.strip().isdigit() and int(r)]
+            raise ValueError(f"attention_resolutions={attention_resolutions!r} is guided-diffusion's script flag "
+                             "(resolutions); UNetModel takes downsample rates image_size // resolution "
+                             f"({tuple(image_size // r for r in res)} here): pass those, or give the script flags "
+                             "(num_channels=..., without model_channels)")
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.out_channels = model_channels, out_channels
