@@ -199,3 +199,15 @@ def test_training_refuses_mismatched_or_nonfinite_data():
             train_classifier(_tiny_classifier(), x, y, progress=False, **{"steps": 1, "batch_size": 2, **kw})
     import numpy as np
     train_classifier(_tiny_classifier(), x, y, steps=np.int64(1), batch_size=np.int32(2), progress=False)
+
+
+def test_a_noise_aware_experts_file_is_named_by_the_tiny_model_loader(tmp_path):
+    """load_model (tiny:<file> teachers and classifiers) said finetune's experts file had 'no model metadata'."""
+    from ppap_fast.finetune import load_multi, save_multi
+    from ppap_fast.models.tiny import TinyResNet, load_model
+
+    path = save_multi(MultiExperts(TinyResNet(widths=(4,), num_classes=3), 2), tmp_path / "experts.safetensors")
+    assert load_multi(path).n_experts == 2
+    for kind in (None, "resnet"):
+        with pytest.raises(ValueError, match=r"holds a 'multiexperts' file \(finetune's noise-aware experts"):
+            load_model(path, kind)

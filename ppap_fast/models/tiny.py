@@ -223,6 +223,11 @@ def read_safetensors(path) -> tuple[dict, dict]:
 
 def load_model(path, kind: str | None = None) -> nn.Module:
     tensors, meta = read_safetensors(path)
+    k = meta.get("kind")
+    if k is not None and k not in MODEL_KINDS:  # e.g. finetune's experts: 'no model metadata' misled
+        what = " (finetune's noise-aware experts: ppap_fast.finetune.load_multi)" if k == "multiexperts" else ""
+        raise ValueError(f"weight file {path} holds a {k!r} file{what}, not one of the tiny models "
+                         f"{sorted(MODEL_KINDS)}")
     try:
         k = meta["kind"]
         config = json.loads(meta["config"])
