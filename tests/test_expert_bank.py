@@ -873,3 +873,14 @@ def test_a_new_bank_takes_the_mode_of_its_model():
     before = bank.model[1].running_mean.clone()
     bank(x * 3, t)
     assert torch.equal(bank.model[1].running_mean, before)
+
+
+def test_a_module_the_bank_cannot_route_is_named():
+    """'routed conv supports padding_mode='zeros' only' (or a BatchNorm without running statistics) did not say
+    which of the model's modules the placement should leave out."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                      nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(ValueError, match=r"cannot route '1' \(Conv2d\): routed conv supports padding_mode='zeros'"):
+        ExpertBank(m, "generic", n_experts=2, num_timesteps=10)
+    with pytest.raises(ValueError, match=r"cannot route '2' \(BatchNorm2d\): ExpertBatchNorm needs track_running"):
+        ExpertBank(m, Placement(norm=("2",)), n_experts=2, num_timesteps=10)

@@ -469,6 +469,14 @@ def _other_forward(m: nn.Module) -> str | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _routed(name: str, cls, base: nn.Module, *args, **kwargs):
+    """``cls(base, ...)``; its ValueError (padding_mode, track_running_stats, ...) names the module."""
+    try:
+        return cls(base, *args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"placement: cannot route {name!r} ({type(base).__name__}): {e}") from None
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -623,9 +631,9 @@ class ExpertBank(nn.Module):
             m = mods[name]
             if name in lora:
                 if isinstance(m, nn.Linear):
-                    new = RoutedLinear(m, R, N, p.r, p.alpha, per_expert_bias=name in bias)
+                    new = _routed(name, RoutedLinear, m, R, N, p.r, p.alpha, per_expert_bias=name in bias)
                 elif isinstance(m, nn.Conv2d):
-                    new = RoutedConv2d(m, R, N, p.r, p.alpha, p.layout, per_expert_bias=name in bias)
+                    new = _routed(name, RoutedConv2d, m, R, N, p.r, p.alpha, p.layout, per_expert_bias=name in bias)
                 else:
                     raise ValueError(f"LoRA placed on {name!r}, a {type(m).__name__}; only Linear and Conv2d take LoRA")
                 if name in norm:
@@ -634,14 +642,14 @@ class ExpertBank(nn.Module):
                 full = name in norm
                 cls = (ExpertBatchNorm if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
                        else ExpertLayerNorm if isinstance(m, nn.LayerNorm) else ExpertGroupNorm)
-                new = cls(m, R, N, per_expert_weight=full)
+                new = _routed(name, cls, m, R, N, per_expert_weight=full)
             elif name in norm:
                 raise ValueError(f"norm placement names {name!r}, a {type(m).__name__}; expected one of "
                                  f"{[t.__name__ for t in NORM_TYPES]}")
             else:
                 if getattr(m, "bias", None) is None:
                     raise ValueError(f"per-expert bias placed on {name!r} ({type(m).__name__}), which has no bias")
-                new = RoutedBias(m, R, N)
+                new = _routed(name, RoutedBias, m, R, N)
             _set_submodule(self.model, name, new)
 
     def train(self, mode: bool = True):
