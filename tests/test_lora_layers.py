@@ -92,6 +92,26 @@ def test_linear_merge_and_scale():
     assert rel(layer.weight, base.weight) < 1e-14
 
 
+@pytest.mark.parametrize("make", [lambda: LoRALinear(nn.Linear(7, 5).to(D), r=4, alpha=2),
+                                  lambda: LoRAConv2d(nn.Conv2d(7, 6, 3, padding=1).to(D), r=4, alpha=2)])
+def test_state_dict_of_a_merged_layer_loads_as_the_same_function(make):
+    """merge() then state_dict(): the merged weight was saved without the flag, so a fresh layer added the
+    delta a second time (silently another function)."""
+    layer = randomise(make())
+    x = torch.randn(2, 7, 5, 5, dtype=D) if isinstance(layer, LoRAConv2d) else torch.randn(3, 7, dtype=D)
+    y = layer(x)
+    layer.merge()
+    sd = layer.state_dict()
+    assert layer.merged and rel(layer(x), y) < 1e-13  # saving leaves the merged layer as it was
+    fresh = make()
+    fresh.load_state_dict(sd)
+    assert rel(fresh(x), y) < 1e-13
+    fresh.merge()
+    assert rel(fresh(x), y) < 1e-13
+    layer.load_state_dict(sd)  # into the merged layer: the loaded, unmerged weight
+    assert not layer.merged and rel(layer(x), y) < 1e-13
+
+
 def test_fresh_adapter_is_identity():
     base = nn.Conv2d(4, 6, 3, padding=1)
     layer = LoRAConv2d(base, r=4, layout="factorised")

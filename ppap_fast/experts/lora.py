@@ -132,6 +132,18 @@ class _LoRABase(nn.Module):
             self.weight.sub_(self.delta_weight())
         self.merged = False
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Always the unmerged base weight: a merged one (the flag is not saved) got the delta added twice when
+        loaded into a fresh layer."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            with torch.no_grad():
+                destination[prefix + "weight"] = self.weight - self.delta_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.merged = False  # the loaded weight is the unmerged one (see _save_to_state_dict)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale}, merged={self.merged}"
 
