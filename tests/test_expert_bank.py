@@ -884,3 +884,25 @@ def test_a_module_the_bank_cannot_route_is_named():
         ExpertBank(m, "generic", n_experts=2, num_timesteps=10)
     with pytest.raises(ValueError, match=r"cannot route '2' \(BatchNorm2d\): ExpertBatchNorm needs track_running"):
         ExpertBank(m, Placement(norm=("2",)), n_experts=2, num_timesteps=10)
+
+
+def test_hooks_on_replaced_modules_are_named():
+    """A forward hook on a module that gets experts stopped running in the bank, silently (it was replaced)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.a(x).relu())
+
+    net = Net()
+    net.a.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match=r"hooks registered on \['a'\] do not run in the bank") as rec:
+        ExpertBank(net, Placement(lora=("a",), bias=("head",), r=2, alpha=2), n_experts=2, num_timesteps=10)
+    assert rec[0].filename == __file__
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ExpertBank(net, Placement(bias=("head",)), n_experts=2, num_timesteps=10)  # a is kept: its hook runs

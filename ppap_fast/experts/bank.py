@@ -16,6 +16,7 @@ import copy
 import math
 import numbers
 import operator
+import warnings
 from collections import Counter
 
 import torch
@@ -625,6 +626,13 @@ class ExpertBank(nn.Module):
                              "module computes the plain torch layer's forward, so what these subclasses add (weight "
                              "standardisation, dynamic padding, a fused activation, channels-first norm) would be "
                              "silently lost; leave them out of the placement")
+        hooked = sorted(n for n in dict.fromkeys((*p.lora, *p.bias, *p.norm))
+                        if any(getattr(mods[n], h, None) for h in ("_forward_hooks", "_forward_pre_hooks",
+                                                                   "_backward_hooks", "_backward_pre_hooks")))
+        if hooked:
+            warnings.warn(f"hooks registered on {hooked[:6]}{' ...' if len(hooked) > 6 else ''} do not run in the "
+                          "bank: these modules are replaced by routed ones; register them on the bank's modules "
+                          "(bank.model.get_submodule(name)) after building it", UserWarning, stacklevel=3)
         lora, bias, norm = set(p.lora), set(p.bias), set(p.norm)
         R, N = self._router, self.n_experts
         for name in dict.fromkeys((*p.lora, *p.bias, *p.norm)):
