@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
@@ -41,19 +42,36 @@ def teacher_logits(teacher: nn.Module, images_u8: np.ndarray, batch_size: int = 
     return y.numpy().astype(np.float32)
 
 
+def declared_image_shape(unet) -> tuple | None:
+    """(C, H, W) a denoiser declares: its config's in_channels and sample_size (diffusers, the demo's EpsModel)
+    or ADMUNet's in_channels and image_size; None if it declares none."""
+    cfg = getattr(unet, "config", None)
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    c, size = get("in_channels"), get("sample_size")
+    if c is None or size is None:
+        c, size = getattr(unet, "in_channels", None), getattr(unet, "image_size", None)
+    if not isinstance(c, int) or not isinstance(size, (int, tuple, list)):
+        return None
+    return (c, *((size, size) if isinstance(size, int) else size))
+
+
+def warn_if_not_declared(unet, channels: int, image_size: int, options: str = "--channels / --image-size") -> None:
+    """A denoiser sampled at another size than it declares (an ADM-64 at the default 256) gave images of
+    another resolution, silently."""
+    declared = declared_image_shape(unet)
+    if declared is not None and tuple(declared) != (channels, image_size, image_size):
+        warnings.warn(f"the denoiser declares {tuple(declared)} images but sampling makes "
+                      f"{(channels, image_size, image_size)} ({options}); pass its size unless this is intended",
+                      UserWarning, stacklevel=3)
+
+
 def _image_shape(unet, image_shape) -> tuple:
-    """(C, H, W) of the images ``unet`` samples: ``image_shape`` if given, else its config's in_channels and
-    sample_size (diffusers, the demo's EpsModel) or ADMUNet's in_channels and image_size."""
+    """(C, H, W) of the images ``unet`` samples: ``image_shape`` if given, else :func:`declared_image_shape`."""
     if image_shape is None:
-        cfg = getattr(unet, "config", None)
-        get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-        c, size = get("in_channels"), get("sample_size")
-        if c is None or size is None:
-            c, size = getattr(unet, "in_channels", None), getattr(unet, "image_size", None)
-        if c is None or size is None:
+        image_shape = declared_image_shape(unet)
+        if image_shape is None:
             raise ValueError(f"cannot infer the image shape from the denoiser ({type(unet).__name__}): pass "
                              "image_shape=(C, H, W)")
-        image_shape = (c, *((size, size) if isinstance(size, int) else size))
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
         raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")

@@ -734,6 +734,10 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     torch.manual_seed(cfg.seed)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
                           cfg.num_timesteps).to(device).eval()
+    if env.rank == 0:
+        from .distill import warn_if_not_declared
+
+        warn_if_not_declared(unet, cfg.channels, cfg.image_size)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None

@@ -222,6 +222,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .data.shards import write_json_atomic, write_npz_atomic
     from .demo import PeakMemory
     from .distributed import _device_for, build_denoiser
+    from .distill import warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
     from .schedule import Schedule
@@ -240,6 +241,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     sched = sched.to(device)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule).to(device).eval()
     unet.requires_grad_(False)
+    warn_if_not_declared(unet, cfg.channels, cfg.image_size)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t1 = sched.timestep_map[:1].to(device)
     _probe(f"denoiser {cfg.denoiser!r}", cfg, lambda: unet(x1, t1))

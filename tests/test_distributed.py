@@ -219,6 +219,15 @@ def test_generate_into_a_manifest_whose_config_is_no_object_says_so(tmp_path):
     assert (out / "manifest.json").read_text() == text and not list(out.glob("shard_*"))
 
 
+def test_generate_at_a_size_the_denoiser_does_not_declare_warns(tmp_path):
+    from ppap_fast.demo import WEIGHTS_DIR
+
+    cfg = {**GEN, "denoiser": "tiny", "checkpoint": str(WEIGHTS_DIR / "unet.safetensors"), "num_images": 1,
+           "shard_size": 1, "respacing": "ddim2"}
+    with pytest.warns(UserWarning, match=r"declares \(1, 16, 16\) images but sampling makes \(1, 8, 8\)"):
+        D.generate(D.GenerateConfig(str(tmp_path / "a"), **cfg), D.DistEnv())
+
+
 def test_progress_reaches_the_spawned_ranks(tmp_path):
     """Progress bars (on by default, as ppap-fast's commands) with --nproc: the ranks' bars (they were
     dropped on the way to the workers); --no-progress: none."""

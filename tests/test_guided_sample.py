@@ -235,6 +235,16 @@ def test_registry_guide_without_weights_warns(tmp_path):
         assert main([*args, "--out", str(tmp_path / "a.npz")]) == 0
 
 
+def test_an_image_size_the_denoiser_does_not_declare_warns(tmp_path):
+    """The default --image-size 256 with a denoiser made for 16x16 (an ADM-64 at 256) sampled images of another
+    resolution without a word."""
+    args = [a for a in BASE if a not in ("--image-size", "16")]
+    with pytest.warns(UserWarning, match=r"the denoiser declares \(1, 16, 16\) images but sampling makes "
+                                         r"\(1, 32, 32\) \(--channels / --image-size\)"):
+        assert main(["guided-sample", "--out", str(tmp_path / "a.npz"), *args, "--image-size", "32",
+                     "--num-samples", "1"]) == 0
+
+
 def test_guide_weights_with_a_tiny_guide_are_refused(tmp_path, capsys):
     """--guide tiny:FILE --guide-weights OTHER guided with FILE's weights, OTHER ignored silently."""
     other = tmp_path / "other.safetensors"
