@@ -377,3 +377,33 @@ def test_fixed_small_guidance_uses_the_unclipped_variance_at_step_zero():
         poison_allocator("cpu")
         got, _ = ops.guided_update(x, eps, idx, table, grad=grad, noise=noise, backend=backend)
         assert_close_rel(got, want, 2e-6, backend)
+
+
+def test_autograd_uses_the_reference():
+    """The kernels are forward-only: under autograd the automatic choice (cpp on CPU) returned outputs
+    with requires_grad set but no graph to the inputs (x.grad stayed None, or a sum with other terms
+    lost this step's share). Now the reference runs (exact gradients) and a kernel asked for by name
+    is refused, as guided_eps and the other forward-only ops do."""
+    table = gu.build_table(Schedule.create("linear", 50), "ddpm", var_type="learned_range")
+    g = torch.Generator().manual_seed(0)
+    x, eps, v, grad, noise = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(5))
+    idx = torch.tensor([7, 30])
+    for which in range(5):  # one input that requires grad at a time
+        ins = [t.clone().requires_grad_(i == which) for i, t in enumerate((x, eps, v.tanh(), grad, noise))]
+        want = torch.autograd.grad(sum(o.square().sum() for o in gu.guided_update_reference(
+            ins[0], ins[1], idx, table, *ins[2:])), ins[which])[0]
+        sample, pred = gu.guided_update(ins[0], ins[1], idx, table, *ins[2:])
+        assert ops.last_backend("guided_update") == "reference"
+        got = torch.autograd.grad(sample.square().sum() + pred.square().sum(), ins[which], allow_unused=True)[0]
+        assert got is not None and rel_err(got, want) < 1e-12, which
+    xs = x.clone().requires_grad_()
+    for backend in _backends_for("cpu"):
+        with pytest.raises(ops.BackendUnavailableError, match="forward-only"):
+            gu.guided_update(xs, eps, idx, table, v, grad, noise, backend=backend)
+    f32 = [t.float() for t in (xs, eps, v.tanh(), grad, noise)]  # float32: every kernel takes it
+    want = gu.guided_update_reference(x, eps, idx, table, v.tanh(), grad, noise)[0]
+    with torch.no_grad():  # no autograd: the kernels run
+        for backend in _backends_for("cpu"):
+            got, _ = gu.guided_update(f32[0], f32[1], idx, table, *f32[2:], backend=backend)
+            assert ops.last_backend("guided_update") == backend
+            assert rel_err(got, want) < 1e-5, backend

@@ -158,12 +158,18 @@ def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None
     """One guided reverse step for each sample at its own step index idx[b].
 
     eps and v may be channel slices of the model output (contiguous per sample).
-    Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference".
+    Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference";
+    the kernels are forward-only: with an input that requires grad under autograd the automatic
+    choice is the reference (a kernel asked for then raises).
     ``check_range=False`` skips the CPU range check of idx (a host read; for callers that built idx
     from the table themselves, as the fast sampler).
     """
     _check(x, eps, v, grad, noise, idx, table, check_range)
     idx = idx.contiguous()  # the cpp / cuda / triton kernels read idx[b] at idx's data pointer + b
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, eps, v, grad, noise)):
+        # the kernels' outputs would keep no graph to the inputs (no gradient, silently)
+        fn = _registry.select_gated(OP, x, backend, (x.dtype,), "is forward-only (an input requires grad)")
+        return fn(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=clip_denoised)
     if backend in (None, "auto") and x.is_cuda and _registry._forced is None:
         pick = auto_cuda_backend(x.dtype, x.numel())
         if _registry.why_unavailable(OP, pick, x.device) is None:
