@@ -1598,6 +1598,33 @@ def test_expert_idx_int32_and_strided(backend, idx_kind):
         assert_close(f"conv y {idx_kind} {st}", got, want, 2e-5)
 
 
+@pytest.mark.parametrize("idx", [[0, 1], (0, 1), "ndarray", torch.tensor([0, 1], dtype=torch.uint8)],
+                         ids=["list", "tuple", "ndarray", "uint8"])
+def test_expert_idx_that_is_no_int_tensor_is_refused_by_name(idx):
+    """expert_idx as a Python list / tuple / numpy array raised a bare AttributeError ('list' object has
+    no attribute 'dim') in every public op taking it; a uint8 tensor was called "not an integer tensor"."""
+    from ppap_fast.ops import norm as NM
+
+    idx = __import__("numpy").array([0, 1]) if isinstance(idx, str) else idx
+    N, K, O = 2, 4, 3
+    x, xc = torch.randn(2, K), torch.randn(2, K, 4, 4)
+    Wc = torch.randn(O, K, 3, 3)
+    calls = {
+        "lora_linear": lambda: L.lora_linear(x, torch.randn(O, K), None, torch.randn(N, 2, K), torch.randn(N, O, 2),
+                                             idx, 1.0),
+        "lora_conv2d": lambda: L.lora_conv2d(xc, Wc, None, torch.randn(N, 2, K, 3, 3), torch.randn(N, O, 2), idx,
+                                             1.0, padding=1),
+        "lora_conv2d_delta": lambda: L.lora_conv2d_delta(xc, Wc, None, torch.randn(N, O, K, 3, 3), idx, padding=1),
+        "expert_layer_norm": lambda: NM.expert_layer_norm(x, idx, torch.ones(N, K), torch.zeros(N, K)),
+        "expert_group_norm": lambda: NM.expert_group_norm(xc, idx, 2, torch.ones(N, K), torch.zeros(N, K)),
+        "expert_batch_norm": lambda: NM.expert_batch_norm(xc, idx, torch.ones(N, K), torch.zeros(N, K),
+                                                          torch.zeros(N, K), torch.ones(N, K), True),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="expert_idx must be an int64 or int32 tensor"):
+            call()
+
+
 @pytest.mark.skipif(not INTERP, reason="Triton on CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["linear", "stacked", "fused", "implicit"])
 def test_triton_double_backward_is_refused(kind):

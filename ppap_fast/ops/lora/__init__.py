@@ -195,10 +195,13 @@ def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) ->
 
 
 def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
+    if not isinstance(expert_idx, torch.Tensor):  # a list / array: a bare AttributeError on .dim()
+        raise TypeError(f"expert_idx must be an int64 or int32 tensor [S], got {type(expert_idx).__name__} "
+                        "(convert it with torch.as_tensor)")
     if expert_idx.dim() != 1 or expert_idx.shape[0] != S:
         raise ValueError(f"expert_idx must be [S]={S}, got {tuple(expert_idx.shape)}")
     if expert_idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"expert_idx must be an integer tensor, got {expert_idx.dtype}")
+        raise TypeError(f"expert_idx must be an int64 or int32 tensor, got {expert_idx.dtype}")
     # range check needs a host sync: CPU only, never during CUDA graph capture nor while compiling
     # (data-dependent: a graph break)
     if expert_idx.device.type == "cpu" and S > 0 and not torch.compiler.is_compiling():
