@@ -125,8 +125,11 @@ def test_bad_inputs():
     idx = torch.tensor([1, 2])
     with pytest.raises(ValueError, match="eps shape"):
         ops.guided_update(x, torch.randn(2, 3, 4, 5), idx, table)
-    with pytest.raises(ValueError, match="idx"):
+    with pytest.raises(ValueError, match=r"idx must be a long tensor .*got torch.int32 \(2,\) on cpu"):
         ops.guided_update(x, x, idx.int(), table)
+    for bad in ([1, 2], (1, 2), 3):  # a bare AttributeError ('list' object has no attribute 'ndim') before
+        with pytest.raises(ValueError, match=f"idx must be a long tensor .*got {type(bad).__name__}"):
+            ops.guided_update(x, x, bad, table)
     with pytest.raises(ValueError, match="dtype"):
         ops.guided_update(x, x.double(), idx, table)
     with pytest.raises(ValueError, match="needs v"):

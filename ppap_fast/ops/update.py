@@ -96,8 +96,11 @@ def _check(x, eps, v, grad, noise, idx, table, check_range=True):
             raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
     if table.mode == MODES["ddpm_learned"] and v is None:
         raise ValueError("learned-range DDPM needs v (the model's variance channels)")
-    if idx.ndim != 1 or idx.shape[0] != x.shape[0] or idx.dtype != torch.long or idx.device != x.device:
-        raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}")
+    if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.shape[0] != x.shape[0] or idx.dtype != torch.long \
+            or idx.device != x.device:  # (a list: a bare AttributeError before)
+        got = (f"{idx.dtype} {tuple(idx.shape)} on {idx.device}" if isinstance(idx, torch.Tensor)
+               else type(idx).__name__)
+        raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}, got {got}")
     if table.coefs.device != x.device:
         raise ValueError(f"table is on {table.coefs.device}, x on {x.device}: call table.to(device)")
     # step range: a host sync, so CPU only (the CUDA and Triton kernels clamp; the reference would wrap -1);
