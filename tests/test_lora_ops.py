@@ -1525,6 +1525,35 @@ def test_global_set_backend_reaches_the_lora_ops():
         ops.set_backend(None)
 
 
+def test_lora_backend_environment_reaches_the_ops_that_have_it(monkeypatch):
+    """PPAP_LORA_BACKEND, like ops.set_backend, applies to the LoRA ops that have the backend named:
+    PPAP_LORA_BACKEND=cpp (or triton) made every lora_conv2d_delta (a loralib bank's routed conv) raise
+    "op 'lora_conv2d_delta' has no backend 'cpp'", and =vectorized every lora_linear. A name that is no
+    LoRA backend raises, naming the variable; an explicit backend= stays strict."""
+    if not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.delenv("PPAP_FAST_LORA_DELTA", raising=False)
+    monkeypatch.delenv("PPAP_FAST_LORA_CPP", raising=False)
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    A, B, idx = torch.randn(2, 2, 4), torch.randn(2, 5, 2), torch.tensor([0, 1, 1])
+    xc, Wc, d = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3)
+    want = R.lora_conv2d_delta(xc, Wc, None, d, idx[:2], 1, 1)
+    for env, linear, delta in (("cpp", "cpp", "vectorized"), ("vectorized", "reference", "vectorized"),
+                               ("reference", "reference", "reference")):
+        monkeypatch.setenv("PPAP_LORA_BACKEND", env)
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+        assert L.last_backend["lora_linear"] == linear, env
+        got = L.lora_conv2d_delta(xc, Wc, None, d, idx[:2], padding=1)
+        assert L.last_backend["lora_conv2d_delta"] == delta, env
+        assert_close(f"delta under {env}", got, want, 1e-5)
+    monkeypatch.setenv("PPAP_LORA_BACKEND", "cpp")
+    with pytest.raises(L.BackendUnavailableError, match="has no backend 'cpp'"):
+        L.lora_conv2d_delta(xc, Wc, None, d, idx[:2], padding=1, backend="cpp")
+    monkeypatch.setenv("PPAP_LORA_BACKEND", "tritn")
+    with pytest.raises(ValueError, match="PPAP_LORA_BACKEND='tritn' is no LoRA backend"):
+        L.lora_linear(x, W, None, A, B, idx, 1.0)
+
+
 def test_empty_batch_and_expert_bias_shape():
     """S = 0 gives empty outputs and gradients (as the wrapped layers do); an expert_bias not shaped
     [N, C_out] is refused up front (it failed later, or silently, depending on the routing)."""

@@ -165,9 +165,20 @@ def prefer_backend(name: str):
         _preferred.pop()
 
 
+def _env_backend(op: str) -> Optional[str]:
+    """PPAP_LORA_BACKEND where ``op`` has that backend: a global choice, as ops.set_backend (it named one
+    op's backend, e.g. "cpp", and the others raised "has no backend"); an unknown name raises."""
+    env = os.environ.get("PPAP_LORA_BACKEND") or None
+    if env in (None, "auto"):
+        return env
+    if env not in _CHECKS:
+        raise ValueError(f"PPAP_LORA_BACKEND={env!r} is no LoRA backend; expected one of {sorted(_CHECKS)}")
+    return env if env in _ORDER[op] else None
+
+
 def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
     order = _ORDER[op]
-    backend = backend or os.environ.get("PPAP_LORA_BACKEND") or None
+    backend = backend or _env_backend(op)
     if backend is None and _registry._forced in order:  # ops.set_backend(name): the ops that have it
         backend = _registry._forced
     if backend not in (None, "auto"):
@@ -472,7 +483,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         last_backend["lora_conv2d_delta"] = "reference"
         return reference.lora_conv2d_delta(x, W, bias, delta, expert_idx, stride, padding, dilation, groups,
                                            expert_bias)
-    if backend in (None, "auto") and not os.environ.get("PPAP_LORA_BACKEND") \
+    if backend in (None, "auto") and _env_backend("lora_conv2d_delta") is None \
             and _registry._forced not in _ORDER["lora_conv2d_delta"]:  # a global choice still wins
         backend = _auto_delta_backend(x)
     b = _pick("lora_conv2d_delta", x, backend)
