@@ -1370,6 +1370,46 @@ def test_stale_segments_are_refused(backend):
         lin(idx, build_segments(idx, 4))
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear_in_base", "implicit", "in_base", "fused", "stacked", "cpp_linear",
+                                  "cpp_conv"])
+@pytest.mark.parametrize("change", ["rebuilt", "idx_in_place"])
+def test_segments_changed_between_forward_and_backward_are_refused(kind, change):
+    """The Triton Functions kept the segments as a plain ctx attribute: rebuilt in place
+    (build_segments(out=), e.g. for the next micro-batch) or expert_idx changed in place after the
+    forward, the backward silently routed the gradients by the new values (every gradient off); the
+    reference and the cpp backend raise autograd's in-place error there. Now the Triton paths do too."""
+    backend = "cpp" if kind.startswith("cpp") else "triton"
+    if backend == "triton" and not INTERP:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    if backend == "cpp" and not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    g = torch.Generator().manual_seed(0)
+    N = 3
+    idx = torch.tensor([0, 1, 2, 0])
+    seg = build_segments(idx, N)
+    B, eb = torch.randn(N, 6, 2, generator=g, requires_grad=True), torch.randn(N, 6, generator=g, requires_grad=True)
+    if "linear" in kind:
+        x, W = torch.randn(4, 20, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g)
+        A = torch.randn(N, 2, 8, generator=g, requires_grad=True)
+        kw = {"a_stage": "in_base"} if kind == "linear_in_base" else {}
+        call = lambda: L.lora_linear(x, W, None, A, B, idx, 0.5, eb, backend=backend, segments=seg, **kw)  # noqa: E731
+    else:
+        x, W = torch.randn(4, 3, 5, 5, generator=g, requires_grad=True), torch.randn(6, 3, 3, 3, generator=g)
+        A = torch.randn(N, 2, 3, 3, 3, generator=g, requires_grad=True)
+        stage = "stacked" if kind == "cpp_conv" else kind
+        call = lambda: L.lora_conv2d(x, W, None, A, B, idx, 0.5, 1, 1, expert_bias=eb,  # noqa: E731
+                                     backend=backend, segments=seg, a_stage=stage)
+    grads = torch.autograd.grad(call().square().sum(), (x, A, B, eb))  # unchanged: runs
+    assert all(torch.isfinite(t).all() for t in grads)
+    y = call()
+    if change == "rebuilt":
+        build_segments(torch.tensor([2, 2, 1, 1]), N, out=seg)
+    else:
+        idx.copy_(torch.tensor([2, 2, 1, 1]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.square().sum(), (x, A, B, eb))
+
+
 @pytest.fixture
 def deterministic_algorithms():
     before = torch.are_deterministic_algorithms_enabled()

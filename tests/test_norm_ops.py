@@ -387,6 +387,35 @@ def test_stale_segments_are_refused(backend):
     _check("int32 index", run(idx.int(), build_segments(idx.int(), 3)), want, 1e-6)
 
 
+@pytest.mark.parametrize("op", ["layer", "group", "batch_train", "batch_eval"])
+@pytest.mark.parametrize("change", ["rebuilt", "idx_in_place"])
+def test_segments_changed_between_forward_and_backward_are_refused(op, change):
+    """The Triton Functions kept the segments as a plain ctx attribute: rebuilt in place
+    (build_segments(out=), e.g. for the next micro-batch) or expert_idx changed in place after the
+    forward, the backward silently routed the gradients by the new values (the reference raises
+    autograd's in-place error there). Now autograd checks them as saved tensors: the same error."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 3, generator=g, requires_grad=True)
+    w, b = torch.randn(3, 4, generator=g, requires_grad=True), torch.randn(3, 4, generator=g)
+    idx = torch.tensor([0, 1, 2, 0])
+    seg = build_segments(idx, 3)
+    call = {"layer": lambda: NO.expert_layer_norm(x, idx, w[:, :3], b[:, :3], backend="triton", segments=seg),
+            "group": lambda: NO.expert_group_norm(x, idx, 2, w, b, backend="triton", segments=seg),
+            "batch_train": lambda: NO.expert_batch_norm(x, idx, w, b, torch.zeros(3, 4), torch.ones(3, 4), True,
+                                                        backend="triton", segments=seg),
+            "batch_eval": lambda: NO.expert_batch_norm(x, idx, w, b, torch.zeros(3, 4), torch.ones(3, 4), False,
+                                                       backend="triton", segments=seg)}[op]
+    dx, dw = torch.autograd.grad(call().square().sum(), (x, w))  # unchanged: runs
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    y = call()
+    if change == "rebuilt":
+        build_segments(torch.tensor([2, 2, 1, 1]), 3, out=seg)
+    else:
+        idx.copy_(torch.tensor([2, 2, 1, 1]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.square().sum(), (x, w))
+
+
 class _NormNet(nn.Module):
     def __init__(self):
         super().__init__()

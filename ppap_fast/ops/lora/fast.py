@@ -33,7 +33,7 @@ from .._kernel_util import autocast_input, first_order_only, new_buffer, on_devi
 from . import triton_kernels as tk
 from . import reference
 from .reference import block_diag_B, stacked_expert_conv  # noqa: F401  (pure torch; block_diag_B also for cpp)
-from .segments import Segments
+from .segments import Segments, saved_for_backward
 from .triton_conv import IN_BASE_MAX_RANK
 
 
@@ -138,7 +138,7 @@ class LoraLinearFn(torch.autograd.Function):
             tk.sgmv_expand(tk.sgmv_shrink(x3, Ac, h, seg.sorted_idx, seg.offsets), Bc, y3, seg.sorted_idx,
                            seg.offsets, scale, bias=None if expert_bias is None else expert_bias.detach(),
                            accumulate=True)
-        ctx.save_for_backward(x3, Wc, Ac, Bc, h)
+        ctx.save_for_backward(x3, Wc, Ac, Bc, h, *saved_for_backward(seg))
         ctx.seg = seg
         ctx.scale = scale
         ctx.cuda_bwd = fwd == "cuda_full"
@@ -148,7 +148,7 @@ class LoraLinearFn(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x3, Wc, Ac, Bc, h = ctx.saved_tensors
+        x3, Wc, Ac, Bc, h = ctx.saved_tensors[:5]  # (the rest: seg's, for autograd's in-place check)
         seg: Segments = ctx.seg
         s = ctx.scale
         x_shape, a_dt, b_dt, has_eb, eb_dt = ctx.meta
@@ -219,7 +219,7 @@ class LoraLinearInBaseFn(LoraLinearFn):
                               bias=None if bias is None else bias.detach(), A=Ac[..., None, None], B=Bc,
                               scale=scale, expert_bias=None if expert_bias is None else expert_bias.detach(),
                               h_out=_rows_as_map(h))
-        ctx.save_for_backward(x3, Wc, Ac, Bc, h)
+        ctx.save_for_backward(x3, Wc, Ac, Bc, h, *saved_for_backward(seg))
         ctx.seg, ctx.scale, ctx.cuda_bwd, ctx.in_base = seg, scale, False, True
         ctx.meta = (x.shape, A.dtype, B.dtype, expert_bias is not None, None if expert_bias is None else expert_bias.dtype)
         return y3.view(*x.shape[:-1], NOUT)
@@ -282,7 +282,7 @@ class LoraConvBFn(torch.autograd.Function):
         else:
             tk.sgmv_expand(h3, Bc, y3, seg.sorted_idx, seg.offsets, scale,
                            bias=None if expert_bias is None else expert_bias.detach(), accumulate=True)
-        ctx.save_for_backward(x, hc, Bc, Wc)
+        ctx.save_for_backward(x, hc, Bc, Wc, *saved_for_backward(seg))
         ctx.seg, ctx.scale = seg, scale
         ctx.geom = (stride, padding, dilation, groups)
         ctx.cuda_bwd = fwd == "cuda_full"
@@ -292,7 +292,7 @@ class LoraConvBFn(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x, hc, Bc, Wc = ctx.saved_tensors
+        x, hc, Bc, Wc = ctx.saved_tensors[:4]
         seg, s = ctx.seg, ctx.scale
         stride, padding, dilation, groups = ctx.geom
         b_dt, has_eb, eb_dt = ctx.meta
@@ -374,14 +374,14 @@ class LoraConvFusedFn(torch.autograd.Function):
         tk.sgmv_expand(o3[:, :, C_out:C_out + r], Bc, y.flatten(2).transpose(1, 2), seg.sorted_idx, seg.offsets,
                        scale, bias=eb, accumulate=True, src=o3[:, :, :C_out], h_expert_stride=r * o3.stride(2),
                        h_out=hc.view(S, r, P).transpose(1, 2))
-        ctx.save_for_backward(x, hc, Bc, Wcat)
+        ctx.save_for_backward(x, hc, Bc, Wcat, *saved_for_backward(seg))
         _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
         return y
 
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x, hc, Bc, Wcat = ctx.saved_tensors
+        x, hc, Bc, Wcat = ctx.saved_tensors[:4]
         seg, s = ctx.seg, ctx.scale
         stride, padding, dilation = ctx.geom
         a_dt, b_dt, has_eb, eb_dt = ctx.meta
@@ -438,7 +438,7 @@ class LoraConvImplicitFn(torch.autograd.Function):
         hc = _alloc((S, r, Ho, Wo), x)
         tk.conv_lora_fwd(x, Ac, Bc, y, seg.expert_idx, scale, stride, padding, dilation,
                          None if expert_bias is None else expert_bias.detach(), hc, a_blocks=a_blocks)
-        ctx.save_for_backward(x, hc, Ac, Bc, Wc)
+        ctx.save_for_backward(x, hc, Ac, Bc, Wc, *saved_for_backward(seg))
         _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
         ctx.a_blocks = a_blocks
         return y
@@ -446,7 +446,7 @@ class LoraConvImplicitFn(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x, hc, Ac, Bc, Wc = ctx.saved_tensors
+        x, hc, Ac, Bc, Wc = ctx.saved_tensors[:5]
         seg, s = ctx.seg, ctx.scale
         stride, padding, dilation = ctx.geom
         a_dt, b_dt, has_eb, eb_dt = ctx.meta
@@ -506,7 +506,7 @@ class LoraConvInBaseFn(LoraConvImplicitFn):
         tc.conv_base_lora_fwd(x, Wk, y, seg.sorted_idx, seg.offsets, stride, padding, dilation,
                               None if bias is None else bias.detach(), Ak, Bc, scale,
                               None if expert_bias is None else expert_bias.detach(), hc)
-        ctx.save_for_backward(x, hc, Ak, Bc, Wk)
+        ctx.save_for_backward(x, hc, Ak, Bc, Wk, *saved_for_backward(seg))
         _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
         ctx.a_blocks, ctx.in_base = 1, True
         return y

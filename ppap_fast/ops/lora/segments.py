@@ -80,6 +80,14 @@ def check_segments(seg: Segments, expert_idx: torch.Tensor, num_experts: int) ->
                          "they were built from; rebuild them: build_segments(expert_idx, N, out=segments)")
 
 
+def saved_for_backward(seg: Segments) -> tuple:
+    """seg's tensors for an autograd Function's ``ctx.save_for_backward`` (after its own): autograd then
+    refuses a backward after they changed in place (``build_segments(out=)``, an in-place change of the
+    expert_idx they hold) instead of routing the gradients by the new values, as the reference and the
+    cpp backend do. Inference tensors (no version counter: nothing to check, and unsavable) are left out."""
+    return tuple(t for t in (seg.expert_idx, seg.sorted_idx, seg.offsets) if not t.is_inference())
+
+
 def build_segments(expert_idx: torch.Tensor, num_experts: int, out: Optional[Segments] = None) -> Segments:
     """Sort samples by expert on the device. ``out`` (a previous result of the same
     S and N) is reused in place, e.g. as static buffers for a captured CUDA graph.

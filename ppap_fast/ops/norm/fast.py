@@ -22,6 +22,7 @@ import torch
 
 from .._kernel_util import first_order_only
 from . import triton_kernels as tk
+from ..lora.segments import saved_for_backward
 
 
 class ExpertBatchNormFn(torch.autograd.Function):
@@ -50,7 +51,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
         a = (w * rstd).contiguous()
         shift = (bias.detach().float() - mean * a).contiguous()
         y = tk.bn_apply(x3, seg.expert_idx, a, shift, x.dtype, x.shape)
-        ctx.save_for_backward(x3, mean, rstd, a, n)
+        ctx.save_for_backward(x3, mean, rstd, a, n, *saved_for_backward(seg))  # seg's: autograd's in-place check
         ctx.seg, ctx.training = seg, training
         ctx.meta = (x.shape, weight.dtype, bias.dtype)
         return y
@@ -58,7 +59,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, dy):
-        x3, mean, rstd, a, n = ctx.saved_tensors
+        x3, mean, rstd, a, n = ctx.saved_tensors[:5]
         seg = ctx.seg
         x_shape, w_dt, b_dt = ctx.meta
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -83,7 +84,7 @@ def _row_norm_forward(ctx, x, xv, weight, bias, seg, k, fwd, eps):
     contiguous view xv of x (k: M rows a sample, or G groups)."""
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
     y, mean, rstd = fwd(xv, seg.expert_idx, k, w, b, eps, x.shape)  # y in x's shape, not a view
-    ctx.save_for_backward(xv, w, mean, rstd)
+    ctx.save_for_backward(xv, w, mean, rstd, *saved_for_backward(seg))  # seg's: autograd's in-place check
     ctx.seg, ctx.k = seg, k
     ctx.meta = (x.shape, weight.dtype, bias.dtype)
     return y
@@ -91,7 +92,7 @@ def _row_norm_forward(ctx, x, xv, weight, bias, seg, k, fwd, eps):
 
 def _row_norm_backward(ctx, dy, dx_fn, dwb_fn):
     """dx, dw, db of _row_norm_forward (None where not needed) with the kernels' dx_fn, dwb_fn."""
-    xv, w, mean, rstd = ctx.saved_tensors
+    xv, w, mean, rstd = ctx.saved_tensors[:4]
     seg, k = ctx.seg, ctx.k
     x_shape, w_dt, b_dt = ctx.meta
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
