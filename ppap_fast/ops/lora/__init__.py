@@ -221,6 +221,12 @@ def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
             raise ValueError(f"expert_idx values must lie in [0, {N}), got range [{lo}, {hi}]")
 
 
+def _check_conv_bias(bias, c_out: int):
+    """F.conv2d's rule for every A stage (the in-base kernels read bias[o] of any shape: past its end)."""
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must be [C_out] = [{c_out}], got {tuple(bias.shape)}")
+
+
 def _check_expert_bias(expert_bias, N: int, c_out: int):
     if expert_bias is not None and tuple(expert_bias.shape) != (N, c_out):
         raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
@@ -345,6 +351,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                          f"got {a_blocks!r}")
     _check_dtypes("lora_conv2d", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N)
+    _check_conv_bias(bias, W.shape[0])
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -477,6 +484,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], delta.shape[0])
+    _check_conv_bias(bias, W.shape[0])  # (the stacked path broadcast a [1] bias where F.conv2d refuses it)
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups

@@ -196,6 +196,18 @@ class LoraLinearFn(torch.autograd.Function):
         return dx, None, None, dA, dB, deb, None, None, None
 
 
+def _in_base_bias(bias, n: int):
+    """bias (detached) as the contiguous [n] vector the in-base kernels read at bias + o (they take no stride:
+    a strided bias, e.g. a column of a table, read other values; a [1] or scalar one, as F.linear broadcasts
+    it, read past its end)."""
+    if bias is None:
+        return None
+    bias = bias.detach()
+    if bias.dim() != 1 or bias.shape[0] != n or (n > 1 and bias.stride(0) != 1):
+        bias = bias.reshape(-1).expand(n).contiguous()  # a size that does not broadcast raises as F.linear's
+    return bias
+
+
 class LoraLinearInBaseFn(LoraLinearFn):
     """in_base for a linear layer (r <= 64): the rows as a 1 x M map and W as a 1x1 conv through the
     in-base kernels (triton_conv.py), every operand read in place. Forward one kernel (x tiles feed W
@@ -216,7 +228,7 @@ class LoraLinearInBaseFn(LoraLinearFn):
         y3 = _alloc((S, M, NOUT), x)
         h = _alloc((S, M, R), x)
         tc.conv_base_lora_fwd(_rows_as_map(x3), Wc[:, :, None, None], _rows_as_map(y3), seg.sorted_idx, seg.offsets,
-                              bias=None if bias is None else bias.detach(), A=Ac[..., None, None], B=Bc,
+                              bias=_in_base_bias(bias, NOUT), A=Ac[..., None, None], B=Bc,
                               scale=scale, expert_bias=None if expert_bias is None else expert_bias.detach(),
                               h_out=_rows_as_map(h))
         ctx.save_for_backward(x3, Wc, Ac, Bc, h, *saved_for_backward(seg))
@@ -504,7 +516,7 @@ class LoraConvInBaseFn(LoraConvImplicitFn):
         y = _alloc_fmt((S, C_out, Ho, Wo), x, fmt)
         hc = _alloc_fmt((S, A.shape[1], Ho, Wo), x, fmt)
         tc.conv_base_lora_fwd(x, Wk, y, seg.sorted_idx, seg.offsets, stride, padding, dilation,
-                              None if bias is None else bias.detach(), Ak, Bc, scale,
+                              _in_base_bias(bias, C_out), Ak, Bc, scale,
                               None if expert_bias is None else expert_bias.detach(), hc)
         ctx.save_for_backward(x, hc, Ak, Bc, Wk, *saved_for_backward(seg))
         _keep_conv_ctx(ctx, seg, scale, (stride, padding, dilation), fwd, A, B, expert_bias)
