@@ -69,7 +69,7 @@ def main():
     for name, x in results.items():
         print(f"{name}: target accuracy {accuracy(x):.3f}")
     path = save_grid(f"{args.out}/diffusers_dpm_guided.png", to_uint8(results["DPM-Solver++ PPAP-5"].cpu()),
-                     targets.cpu().numpy(), per_class=max(1, args.num // 10))
+                     targets.cpu().numpy(), per_class=int(torch.bincount(targets.cpu()).max()))  # every sample
     print(f"saved {path}")
 
 

@@ -50,9 +50,9 @@ def main():
         print(f"{name}: target accuracy {acc:.3f} ({time.time() - t0:.1f}s)")
     diff = (images["sample_loop"] - images["FastGuidedSampler"]).abs().max().item()
     print(f"fast vs reference: max |diff| {diff:.2e}")
-    # one row per target digit, columns = samples
+    # one row per target digit, columns = samples (a digit listed twice in --digits: twice --per-class)
     path = save_grid(f"{args.out}/guided_grid.png", to_uint8(images["FastGuidedSampler"].cpu()),
-                     targets.cpu().numpy(), per_class=args.per_class)
+                     targets.cpu().numpy(), per_class=int(torch.bincount(targets.cpu()).max()))
     print(f"saved {path}")
 
 

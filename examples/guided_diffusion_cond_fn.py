@@ -50,8 +50,9 @@ def main():
         for name, imgs in (("unguided", plain), ("cond_fn", x)):
             print(f"{name}: target accuracy {(evaluator(imgs).argmax(1) == y).float().mean().item():.3f}")
     print(f"cond_fn loop vs sample_loop(guide=...): max |diff| {(x - same).abs().max().item():.2e}")
+    # a row per class, wide enough for its most frequent one (--num 15: two columns, not one)
     path = save_grid(f"{args.out}/cond_fn_grid.png", to_uint8(x.cpu()), y.cpu().numpy(),
-                     per_class=max(1, args.num // 10))
+                     per_class=int(torch.bincount(y.cpu()).max()))
     print(f"saved {path}")
 
 

@@ -141,3 +141,17 @@ def test_dense_guide_strength_measures_why_ppap5_needs_a_larger_scale(tmp_path, 
     assert ppap["ink_accuracy"][at[150]] > naive["ink_accuracy"][at[150]] + (0.3 if task == "semantic" else 0.02), res
     for t in (450, 600, 750, 900):
         assert ppap["grad_norm"][at[t]] < naive["grad_norm"][at[t]] / (2.5 if task == "semantic" else 1.5), (t, res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, args, grid", [
+    ("guided_diffusion_cond_fn.py", ["--num", "15"], "cond_fn_grid.png"),
+    ("diffusers_schedulers.py", ["--num", "15"], "diffusers_dpm_guided.png"),
+    ("guide_a_sampling_loop.py", ["--digits", "3,3,7", "--per-class", "1"], "guided_grid.png")])
+def test_example_grids_show_every_sample(tmp_path, name, args, grid):
+    """A class with more samples than --num // 10 (or --per-class) lost the extra ones from the grid, silently."""
+    from PIL import Image
+
+    run_example(name, tmp_path, *args, "--steps", "2")
+    with Image.open(tmp_path / grid) as im:  # save_grid: a row per class, 17 px per cell at scale 3
+        assert im.size == ((2 * 17 + 1) * 3, (10 * 17 + 1) * 3 if "--num" in args else (2 * 17 + 1) * 3), im.size
