@@ -72,6 +72,20 @@ def test_from_script_flags_matches_unet_kwargs(fixtures_dir):
         assert sum(p.numel() for p in ADMUNet.from_config("256x256_diffusion_uncond").parameters()) == 552_814_086
 
 
+def test_script_flags_given_as_strings():
+    # flags parsed from a MODEL_FLAGS string: "False" was truthy (new attention order: same keys, other outputs)
+    from ppap_fast.models import adm_kwargs_from_flags
+
+    flags = dict(image_size=64, num_channels=32, learn_sigma=True, class_cond=False, use_fp16=False,
+                 use_new_attention_order=False, resblock_updown=True, use_scale_shift_norm=True)
+    as_str = {k: str(v) for k, v in flags.items()}
+    assert adm_kwargs_from_flags(as_str) == adm_kwargs_from_flags(flags)
+    k = adm_kwargs_from_flags(dict(as_str, use_new_attention_order="false", learn_sigma="0", use_fp16="no"))
+    assert k["use_new_attention_order"] is False and k["out_channels"] == 3 and k["use_fp16"] is False
+    with pytest.raises(ValueError, match="class_cond='maybe'"):
+        adm_kwargs_from_flags(dict(as_str, class_cond="maybe"))
+
+
 def test_from_checkpoint(fixtures_dir, tmp_path):
     g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
     torch.save(g["state_dict"], tmp_path / "ckpt.pt")

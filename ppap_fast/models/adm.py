@@ -846,12 +846,29 @@ _INIT_ARGS = (
 )
 
 
+_BOOL_FLAGS = ("class_cond", "use_checkpoint", "use_scale_shift_norm", "resblock_updown", "use_fp16",
+               "use_new_attention_order", "learn_sigma")
+
+
+def _flag_bool(name: str, v) -> bool:
+    if isinstance(v, str):
+        low = v.strip().lower()
+        if low in ("true", "t", "yes", "y", "1"):
+            return True
+        if low in ("false", "f", "no", "n", "0"):
+            return False
+        raise ValueError(f"ADM flag {name}={v!r} is not a boolean (True / False)")
+    return bool(v)
+
+
 def adm_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """guided-diffusion create_model(): script flags -> UNetModel kwargs (defaults filled in)."""
     unknown = set(flags) - set(ADM_FLAG_DEFAULTS) - _DIFFUSION_FLAGS
     if unknown:
         raise ValueError(f"unknown ADM flags: {sorted(unknown)}")
     f = {**ADM_FLAG_DEFAULTS, **flags}
+    for k in _BOOL_FLAGS:  # script flags read as strings: bool("False") is True
+        f[k] = _flag_bool(k, f[k])
     size = int(f["image_size"])
     cm = f["channel_mult"]
     if cm == "" or cm is None:
