@@ -371,8 +371,10 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
             diffusers_models.check_schedule(spec[10:], schedule, num_timesteps)
         return diffusers_models.load_denoiser(spec[10:])
     if spec.startswith("adm:"):
-        from .models.adm import ADMUNet
+        from .models.adm import ADMUNet, check_preset_schedule
 
+        if schedule is not None:  # as diffusers:PATH's scheduler config: sampled on another schedule silently
+            check_preset_schedule(spec[4:], schedule, num_timesteps)
         if checkpoint is None:
             raise ValueError(f"denoiser {spec!r} needs --checkpoint (the guided-diffusion .pt file)")
         over = {} if device_type == "cuda" else {"use_fp16": False}

@@ -86,6 +86,20 @@ def test_script_flags_given_as_strings():
         adm_kwargs_from_flags(dict(as_str, class_cond="maybe"))
 
 
+def test_adm_denoiser_refuses_another_schedule(tmp_path):
+    # the preset's noise_schedule / diffusion_steps were not checked: a linear model sampled on cosine silently
+    from ppap_fast.distributed import build_denoiser
+    from ppap_fast.models.adm import check_preset_schedule
+
+    ckpt = tmp_path / "missing.pt"  # refused before anything is built or read
+    with pytest.raises(ValueError, match=r"linear schedule over 1000 steps; this run samples 'cosine'.*--schedule linear"):
+        build_denoiser("adm:256x256_diffusion_uncond", ckpt, 3, "cpu", "cosine", 1000)
+    with pytest.raises(ValueError, match=r"over 4000: pass --schedule linear --num-timesteps 1000"):
+        build_denoiser("adm:256x256_diffusion_uncond", ckpt, 3, "cpu", "linear", 4000)
+    check_preset_schedule("256x256_diffusion_uncond", "linear", None)  # guided-sample: 1000 steps
+    check_preset_schedule("256x256_diffusion_uncond", "linear", 1000)
+
+
 def test_from_checkpoint(fixtures_dir, tmp_path):
     g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
     torch.save(g["state_dict"], tmp_path / "ckpt.pt")

@@ -839,6 +839,22 @@ class ADMUNet(nn.Module):
         return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
 
 
+def check_preset_schedule(preset: str, schedule: str, num_timesteps: int | None) -> None:
+    """Raise if the ADM preset was trained on another noise schedule / number of steps than the run
+    samples with (``num_timesteps`` None: 1000); an unknown preset is left to :meth:`ADMUNet.from_config`."""
+    flags = ADM_PRESETS.get(preset)
+    if flags is None:
+        return
+    theirs, T = flags.get("noise_schedule", "linear"), int(flags.get("diffusion_steps", 1000))
+    n = 1000 if num_timesteps is None else int(num_timesteps)
+    if (theirs, T) != (schedule, n):
+        where = f"denoiser 'adm:{preset}'"
+        if T != n and num_timesteps is None:
+            raise ValueError(f"{where} was trained over {T} steps; this command samples over 1000 only")
+        raise ValueError(f"{where} was trained on the {theirs} schedule over {T} steps; this run samples "
+                         f"{schedule!r} over {n}: pass --schedule {theirs}" + (f" --num-timesteps {T}" if T != n else ""))
+
+
 _INIT_ARGS = (
     "image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
     "dropout", "channel_mult", "conv_resample", "dims", "num_classes", "use_checkpoint", "use_fp16", "num_heads",
