@@ -279,6 +279,29 @@ def test_checkpoint_errors_name_the_file_and_keys(tmp_path):
         ADMUNet.from_checkpoint(f, cfg)
 
 
+def test_checkpoint_errors_name_learn_sigma_and_class_cond(tmp_path):
+    # a learned-sigma head read "other output size (number of classes?)"; label_emb "depth / width"
+    from ppap_fast.models.offtheshelf import CheckpointError
+
+    flags = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", channel_mult="1,2",
+                 learn_sigma=True)
+    f, fc = tmp_path / "sigma.pt", tmp_path / "cond.pt"
+    torch.save(ADMUNet.from_config(flags).state_dict(), f)
+    torch.save(ADMUNet.from_config(dict(flags, class_cond=True)).state_dict(), fc)
+    with pytest.raises(CheckpointError, match=r"sigma\.pt does not fit .*predicts eps and learned sigmas \(6 output "
+                                              r"channels\), the model eps only \(3\): learn_sigma=True \(out_channels=6\)"):
+        ADMUNet.from_checkpoint(f, dict(flags, learn_sigma=False))
+    with pytest.raises(CheckpointError, match=r"cond\.pt does not fit .*class-conditional \(1000 classes\): "
+                                              r"class_cond=True \(num_classes=1000\)"):
+        ADMUNet.from_checkpoint(fc, flags)
+    with pytest.raises(CheckpointError, match=r"unconditional \(no label_emb\): class_cond=False"):
+        ADMUNet.from_checkpoint(f, dict(flags, class_cond=True))
+    with pytest.raises(CheckpointError) as e:  # another width: the generic message, no learn_sigma note
+        ADMUNet.from_checkpoint(f, dict(flags, num_channels=64))
+    assert "learn_sigma" not in str(e.value) and "shape mismatches" in str(e.value)
+    ADMUNet.from_checkpoint(fc, dict(flags, learn_sigma=False), out_channels=6, num_classes=1000)  # overrides fit
+
+
 def _randomised(**kw):
     torch.manual_seed(3)
     m = ADMUNet(**{**SMALL, **kw}).eval()

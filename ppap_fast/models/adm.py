@@ -827,16 +827,44 @@ class ADMUNet(nn.Module):
         """Build from `config` and load an official guided-diffusion .pt state_dict (weights_only).
         An unreadable file, or (strict) any missing / unexpected / misshaped key or non-finite value, is a
         :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys."""
-        from .offtheshelf import load_state_dict_strict, read_state_dict
+        from .offtheshelf import CheckpointError, load_state_dict_strict, read_state_dict
 
         model = cls.from_config(config, **overrides)
         state = read_state_dict(path)
         what = f"ADM UNet {config!r}" if isinstance(config, str) else "the ADM UNet config given"
         if strict:
-            load_state_dict_strict(model, state, what=what, source=str(path))
+            try:
+                load_state_dict_strict(model, state, what=what, source=str(path))
+            except CheckpointError as e:
+                notes = _variant_notes(model, state)
+                if not notes:
+                    raise
+                raise CheckpointError(f"checkpoint {path} does not fit {what}: {'; '.join(notes)} ({e})") from None
         else:
             model.load_state_dict(state, strict=False)
         return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
+
+
+def _variant_notes(model: ADMUNet, state: Mapping[str, Any]) -> list:
+    """learn_sigma / class_cond differences between a model and a checkpoint, in the flags' words (the
+    generic hint read 'number of classes?' for a learned-sigma output conv)."""
+    notes = []
+    w = state.get("out.2.weight")
+    if isinstance(w, torch.Tensor) and w.shape[1:] == model.out[2].weight.shape[1:] \
+            and w.shape[0] != model.out_channels:  # same head conv, other output count
+        c = model.in_channels
+        kind = {c: "eps only", 2 * c: "eps and learned sigmas"}
+        if w.shape[0] in kind and model.out_channels in kind:
+            notes.append(f"the checkpoint predicts {kind[w.shape[0]]} ({w.shape[0]} output channels), the model "
+                         f"{kind[model.out_channels]} ({model.out_channels}): learn_sigma={w.shape[0] == 2 * c} "
+                         f"(out_channels={w.shape[0]})")
+    emb = state.get("label_emb.weight")
+    if isinstance(emb, torch.Tensor) and emb.ndim == 2 and emb.shape[0] != model.num_classes:
+        notes.append(f"the checkpoint is class-conditional ({emb.shape[0]} classes): class_cond=True "
+                     f"(num_classes={emb.shape[0]})")
+    elif emb is None and model.num_classes is not None:
+        notes.append("the checkpoint is unconditional (no label_emb): class_cond=False (num_classes=None)")
+    return notes
 
 
 def check_preset_schedule(preset: str, schedule: str, num_timesteps: int | None) -> None:
