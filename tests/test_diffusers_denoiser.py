@@ -170,3 +170,17 @@ def test_fuse_norm_act_warns_when_no_block_can_fuse():
         warnings.simplefilter("error")
         FastGuidedSampler(DiffusersDenoiser(_unet()), sched, fuse_norm_act=True)
         DiffusersDenoiser(_unet(act_fn="mish")).fuse_norm_act(False)
+
+
+def test_latent_pipeline_is_refused(saved, tmp_path):
+    """An LDMPipeline's UNet (its vqvae decodes the latents) was sampled as a pixel model: latents saved as images."""
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    _, pipe_dir, unet = saved
+    vq = VQModel(in_channels=3, out_channels=3, latent_channels=1, block_out_channels=(8,), norm_num_groups=4,
+                 layers_per_block=1, num_vq_embeddings=8, vq_embed_dim=1)
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ldm")
+    for path in (tmp_path / "ldm", tmp_path / "ldm" / "unet"):
+        with pytest.raises(ValueError, match=r"latent diffusion pipeline \(its vqvae \(VQModel\)"):
+            D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+    D.build_denoiser(f"diffusers:{pipe_dir / 'unet'}", None, 1, "cpu", "linear", 1000)  # a pixel pipeline's unet/

@@ -2,10 +2,11 @@
 
 PATH is a folder written by ``save_pretrained``: a ``UNet2DModel`` (its config.json and weights) or a
 whole pipeline (model_index.json, ``unet/``, ``scheduler/``), read offline. Only unconditional pixel
-``UNet2DModel`` denoisers: the CLI has no class labels or text states to give (``PPAPGuidedPipeline``
-takes both). The pipeline's scheduler config, where there is one, must describe the schedule the CLI
-samples with (``--schedule``, ``--num-timesteps``) and an eps prediction: a mismatch raises naming the
-flags, instead of sampling on another noise schedule than the model was trained on.
+``UNet2DModel`` denoisers (a latent pipeline, with a ``vae`` / ``vqvae``, is refused): the CLI has no
+class labels or text states to give (``PPAPGuidedPipeline`` takes both). The pipeline's scheduler
+config, where there is one, must describe the schedule the CLI samples with (``--schedule``,
+``--num-timesteps``) and an eps prediction: a mismatch raises naming the flags, instead of sampling
+on another noise schedule than the model was trained on.
 """
 from __future__ import annotations
 
@@ -76,9 +77,26 @@ def weights_fingerprint(path) -> list:
     return [file_fingerprint(d / name) for name in ("config.json", *WEIGHT_FILES) if (d / name).is_file()]
 
 
-def load_denoiser(path) -> DiffusersDenoiser:
-    """``DiffusersDenoiser`` of the UNet2DModel saved at ``path`` (offline); conditional models raise."""
+def _latent_component(path) -> str | None:
+    """The autoencoder a pipeline's model_index.json names (its UNet denoises latents), else None."""
     d = unet_dir(path)
+    for idx in (Path(path) / "model_index.json", d.parent / "model_index.json" if d.name == "unet" else None):
+        if idx is not None and idx.is_file():
+            comps = json.loads(idx.read_text())
+            for name in ("vae", "vqvae"):
+                if isinstance(comps.get(name), list) and any(comps[name]):  # [null, null]: an absent component
+                    return f"{name} ({comps[name][-1]})"
+            return None
+    return None
+
+
+def load_denoiser(path) -> DiffusersDenoiser:
+    """``DiffusersDenoiser`` of the UNet2DModel saved at ``path`` (offline); conditional and latent models raise."""
+    d = unet_dir(path)
+    latent = _latent_component(path)
+    if latent:  # its UNet was sampled as a pixel model: latents written as images
+        raise ValueError(f"denoiser 'diffusers:{path}' is a latent diffusion pipeline (its {latent} decodes the "
+                         "UNet's latents): the CLI samples pixel-space UNet2DModel denoisers only")
     cfg = json.loads((d / "config.json").read_text())
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
