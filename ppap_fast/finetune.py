@@ -292,8 +292,11 @@ def load_multi(path) -> MultiExperts:
     me = MultiExperts(base, int(meta["n_experts"]), int(meta["num_timesteps"]))
     try:
         me.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"weight file {path} does not match its model: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # the first line is torch's header only ("Error(s) in loading state_dict ...")
+        detail = "; ".join(ln.strip()[:300] + ("..." if len(ln.strip()) > 300 else "")
+                           for ln in str(e).splitlines()[1:] if ln.strip())
+        raise ValueError(f"weight file {path} does not match its model ({me.n_experts} x {meta['base_kind']} "
+                         f"{meta['base_config']}): {detail}") from None
     me.extra = json.loads(meta.get("extra", "{}"))
     return me.eval()
 

@@ -211,3 +211,20 @@ def test_a_noise_aware_experts_file_is_named_by_the_tiny_model_loader(tmp_path):
     for kind in (None, "resnet"):
         with pytest.raises(ValueError, match=r"holds a 'multiexperts' file \(finetune's noise-aware experts"):
             load_model(path, kind)
+
+
+def test_load_multi_names_the_keys_that_do_not_fit(tmp_path):
+    """A file whose tensors do not fit its metadata said only "Error(s) in loading state_dict for MultiExperts:"."""
+    import json
+
+    from ppap_fast.data.shards import save_safetensors_atomic
+    from ppap_fast.finetune import load_multi
+    from ppap_fast.models.tiny import TinyResNet
+
+    base = TinyResNet(widths=(4,), num_classes=3)
+    meta = {"kind": "multiexperts", "n_experts": "2", "num_timesteps": "1000", "base_kind": "resnet",
+            "base_config": json.dumps(base.config)}
+    path = save_safetensors_atomic(tmp_path / "e.safetensors", MultiExperts(base, 4).state_dict(), metadata=meta)
+    with pytest.raises(ValueError, match=r"e\.safetensors does not match its model \(2 x resnet .*\): Unexpected "
+                                         r"key\(s\) in state_dict: \"experts\.2\."):
+        load_multi(path)
