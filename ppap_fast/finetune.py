@@ -41,6 +41,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
     if y is None and labels_fn is None:
         raise ValueError("train_classifier takes labels y, a labels_fn, or both (labels_fn(images, y)); got neither")
     _check_images_labels(x, y)
+    _check_trainable(model, "train_classifier: the model")
     if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in (steps, batch_size)):
         # batch_size 0 "trained" on empty batches (weight decay only), steps 0 returned the model untrained
         raise ValueError(f"steps and batch_size must be positive ints, got steps={steps!r}, batch_size={batch_size!r}")
@@ -64,6 +65,12 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
         opt.step()
         bar_loss.add(loss)
     return model.cpu().eval()
+
+
+def _check_trainable(model: nn.Module, what: str) -> None:
+    if not any(p.requires_grad for p in model.parameters()):  # it failed in backward, naming no model
+        raise ValueError(f"{what} has no parameter with requires_grad=True (build_guide_model / build_teacher "
+                         "return frozen models): call .requires_grad_(True) on it first")
 
 
 def _check_images_labels(x, y) -> None:
@@ -205,6 +212,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     check_loss_reduction(loss_reduction)
     _check_images_labels(x, y)
+    _check_trainable(base, "finetune_noise_aware: the base model")
     from .distributed import LocalTrainState, _kill_hook, module_fingerprint, tensors_fingerprint
 
     ident = None

@@ -228,3 +228,18 @@ def test_load_multi_names_the_keys_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"e\.safetensors does not match its model \(2 x resnet .*\): Unexpected "
                                          r"key\(s\) in state_dict: \"experts\.2\."):
         load_multi(path)
+
+
+def test_training_a_frozen_model_names_requires_grad():
+    """build_guide_model / build_teacher freeze their models: training one failed in backward with
+    "element 0 of tensors does not require grad"."""
+    from ppap_fast.models.tiny import TinyResNet
+
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    frozen = TinyResNet(widths=(4,), num_classes=3).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"train_classifier: the model has no parameter with requires_grad=True"):
+        train_classifier(frozen, x, y, steps=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"finetune_noise_aware: the base model has no parameter .*requires_grad_"):
+        finetune_noise_aware(frozen, x, y, steps=1, batch_size=2, progress=False)
+    frozen.fc.requires_grad_(True)  # a partly frozen model (linear probe) trains
+    train_classifier(frozen, x, y, steps=1, batch_size=2, progress=False)
