@@ -184,3 +184,22 @@ def test_latent_pipeline_is_refused(saved, tmp_path):
         with pytest.raises(ValueError, match=r"latent diffusion pipeline \(its vqvae \(VQModel\)"):
             D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
     D.build_denoiser(f"diffusers:{pipe_dir / 'unet'}", None, 1, "cpu", "linear", 1000)  # a pixel pipeline's unet/
+
+
+def test_a_pipeline_saved_as_an_fp16_variant_loads(saved, tmp_path):
+    """save_pretrained(variant="fp16") writes only diffusion_pytorch_model.fp16.safetensors: it was refused
+    as holding no weights. It loads as those weights, and keys a data-free set's identity."""
+    _, _, unet = saved
+    half = _unet().half()
+    path = tmp_path / "v16"
+    DDPMPipeline(unet=half, scheduler=DDPMScheduler()).save_pretrained(path, variant="fp16")
+    den = D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+    want = {k: v.float() for k, v in half.state_dict().items()}
+    got = den.unet.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k].float(), want[k]) for k in want)
+    from ppap_fast.integrations.diffusers_models import weights_fingerprint
+
+    assert len(weights_fingerprint(path)) == 2  # config.json and the variant's weights
+    unet.save_pretrained(path / "unet", variant="bf16")  # two variants, no plain file: which one is unknown
+    with pytest.raises(ValueError, match=r"several variants \['bf16', 'fp16'\]"):
+        D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)

@@ -68,13 +68,30 @@ def scheduler_config(path) -> dict | None:
     return None
 
 
+def _weight_files(d: Path) -> tuple[list, str | None]:
+    """(the UNet's weight files, their variant): the plain names, else the one variant saved
+    (``save_pretrained(variant="fp16")`` writes only diffusion_pytorch_model.fp16.safetensors)."""
+    plain = [d / name for name in WEIGHT_FILES if (d / name).is_file()]
+    if plain:
+        return plain, None
+    found = {}
+    for f in d.glob("diffusion_pytorch_model.*"):
+        parts = f.name.split(".")
+        if len(parts) == 3 and f.suffix in (".safetensors", ".bin") and f.is_file():
+            found.setdefault(parts[1], []).append(f)
+    if len(found) > 1:
+        raise ValueError(f"denoiser 'diffusers:{d}': weights of several variants {sorted(found)} and none without "
+                         "one: keep one variant")
+    return next(((sorted(v), k) for k, v in found.items()), ([], None))
+
+
 def weights_fingerprint(path) -> list:
     """File fingerprints of the UNet's config and weights (a data-free set's identity: other weights in
     the same folder are another denoiser)."""
     from ..distributed import file_fingerprint
 
     d = unet_dir(path)
-    return [file_fingerprint(d / name) for name in ("config.json", *WEIGHT_FILES) if (d / name).is_file()]
+    return [file_fingerprint(f) for f in [d / "config.json", *_weight_files(d)[0]] if f.is_file()]
 
 
 def _latent_component(path) -> str | None:
@@ -108,13 +125,14 @@ def load_denoiser(path) -> DiffusersDenoiser:
     if cfg.get("time_embedding_type") == "fourier":  # it takes sigmas and divides its output by them: NaN at t = 0
         raise ValueError(f"denoiser 'diffusers:{path}' has time_embedding_type='fourier': a score-SDE (VE) network "
                          "conditioned on sigma, not an eps model of the DDPM timesteps the CLI samples with")
-    if not any((d / name).is_file() for name in WEIGHT_FILES):
-        raise ValueError(f"denoiser 'diffusers:{path}': no {' or '.join(WEIGHT_FILES)} in {d}")
+    files, variant = _weight_files(d)
+    if not files:  # a variant (fp16) is read too: it was refused as "no weights"
+        raise ValueError(f"denoiser 'diffusers:{path}': no {' or '.join(WEIGHT_FILES)} (or a variant of them) in {d}")
     try:
         from diffusers import UNet2DModel
     except ImportError as e:
         raise ValueError("denoiser 'diffusers:...' needs diffusers (pip install diffusers)") from e
-    return DiffusersDenoiser(UNet2DModel.from_pretrained(d, local_files_only=True))
+    return DiffusersDenoiser(UNet2DModel.from_pretrained(d, local_files_only=True, variant=variant))
 
 
 def _close(a, b) -> bool:
