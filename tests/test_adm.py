@@ -86,6 +86,20 @@ def test_script_flags_given_as_strings():
         adm_kwargs_from_flags(dict(as_str, class_cond="maybe"))
 
 
+def test_an_x0_predicting_config_is_refused():
+    # predict_xstart=True was ignored: the model's x0 output was read as eps, silently
+    from ppap_fast.models import ADMUNet
+
+    flags = dict(image_size=64, num_channels=32, learn_sigma=False, use_fp16=False)
+    for v in (True, "True", "1"):
+        with pytest.raises(ValueError, match="predict_xstart=True: this model predicts x0"):
+            ADMUNet.config_to_kwargs(dict(flags, predict_xstart=v))
+    kwargs = ADMUNet.config_to_kwargs(dict(flags, predict_xstart="False"))
+    with pytest.raises(ValueError, match="predict_xstart=True"):  # beside UNetModel kwargs too
+        ADMUNet.config_to_kwargs(dict(kwargs, predict_xstart=True))
+    assert ADMUNet.config_to_kwargs(dict(kwargs, predict_xstart=False)) == kwargs
+
+
 def test_adm_denoiser_refuses_another_schedule(tmp_path):
     # the preset's noise_schedule / diffusion_steps were not checked: a linear model sampled on cosine silently
     from ppap_fast.distributed import build_denoiser

@@ -801,6 +801,9 @@ class ADMUNet(nn.Module):
         config = dict(config)
         if "unet_kwargs" in config:
             return cls.config_to_kwargs(config["unet_kwargs"])
+        if _flag_bool("predict_xstart", config.get("predict_xstart", False)):  # it was ignored: x0 read as eps
+            raise ValueError("predict_xstart=True: this model predicts x0, and ppap_fast samples eps-prediction "
+                             "models (guided-diffusion's default, predict_xstart=False)")
         if "model_channels" not in config:
             return adm_kwargs_from_flags(config)
         known = set(_INIT_ARGS)
