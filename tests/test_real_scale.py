@@ -252,6 +252,30 @@ def test_checkpoint_layouts_users_have(tmp_path):
     build_guide_model("resnet18", weights=str(ema))
 
 
+def test_state_dict_prefixes_in_any_order_and_ema_copies_named(tmp_path):
+    """torch.compile of a DDP model saves '_orig_mod.module.' keys: 'module.' stayed (a key mismatch); a timm
+    training checkpoint with 'state_dict' and 'state_dict_ema' loaded the former without saying so."""
+    import warnings
+
+    import torch.nn as nn
+
+    sd = nn.Linear(3, 2).state_dict()
+    f = tmp_path / "c.pth"
+    torch.save({f"_orig_mod.module.{k}": v for k, v in sd.items()}, f)
+    assert sorted(ots.read_state_dict(f)) == sorted(sd)
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, f)
+    assert sorted(ots.read_state_dict(f)) == sorted(sd)
+    ema = {k: v + 1 for k, v in sd.items()}
+    torch.save({"epoch": 3, "state_dict": sd, "state_dict_ema": ema}, f)
+    with pytest.warns(UserWarning, match=r"also holds \['state_dict_ema'\]: loading its 'state_dict' weights"):
+        got = ots.read_state_dict(f)
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+    torch.save({"epoch": 3, "state_dict": sd}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ots.read_state_dict(f)
+
+
 def test_registry_transform_antialiases_large_downscales():
     """Bilinear from 2x downsampling on, unantialiased, gives whole rows / columns of x_t no gradient."""
     gm = build_guide_model("resnet18")

@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +90,10 @@ def _unwrap(obj, where: str) -> dict:
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)]
             if inner:
+                ema = sorted(k for k in obj if isinstance(k, str) and "ema" in k.lower() and isinstance(obj[k], dict))
+                if ema:  # timm's training checkpoints: which copy loaded was not said
+                    warnings.warn(f"{where} also holds {ema}: loading its {inner[0]!r} weights, not the EMA copy "
+                                  f"(save the EMA state dict alone to use it)", UserWarning, stacklevel=3)
                 obj = obj[inner[0]]
                 continue
         break
@@ -101,9 +106,12 @@ def _unwrap(obj, where: str) -> dict:
         raise CheckpointError(f"{where}: state_dict entries that are not tensors: {bad[:10]}")
     if "n_averaged" in obj and all(k.startswith("module.") for k in obj if k != "n_averaged"):
         obj = {k: v for k, v in obj.items() if k != "n_averaged"}  # torch.optim.swa_utils.AveragedModel (EMA)
-    for prefix in ("module.", "_orig_mod."):  # DDP / DataParallel / AveragedModel; torch.compile
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    stripped = True
+    while stripped:  # DDP / DataParallel / AveragedModel; torch.compile; in any order ("_orig_mod.module.")
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if obj and all(k.startswith(prefix) for k in obj):
+                obj, stripped = {k[len(prefix):]: v for k, v in obj.items()}, True
     return dict(obj)
 
 
