@@ -150,6 +150,25 @@ def test_shard_arrays_must_line_up_with_the_images(tmp_path):
         load_shards(tmp_path / "w")
 
 
+def test_load_shards_checks_each_shard_like_shard_set(tmp_path):
+    # only the totals were checked: logits 4 rows in shard 0 and 6 in shard 1 added up to the images' 10, pairing
+    # image 4 with shard 1's first logits; float16 and float32 shards were upcast together without a word
+    from ppap_fast.data import write_npz_atomic
+
+    w = ShardWriter(tmp_path, num_images=10, shard_size=5)
+    w.run(lambda k: _shard(k, 5))
+    images = {k: np.full((5, 4, 4, 1), k, np.uint8) for k in (0, 1)}
+    write_npz_atomic(w.shard_path(0), images=images[0], logits=np.zeros((4, 3), np.float32))
+    write_npz_atomic(w.shard_path(1), images=images[1], logits=np.ones((6, 3), np.float32))
+    with pytest.raises(ValueError, match=r"shard_00000.npz: 'logits' is \(4, 3\) float32, expected \(5, 3\)"):
+        load_shards(tmp_path)
+    write_npz_atomic(w.shard_path(0), images=images[0], logits=np.zeros((5, 3), np.float16))
+    write_npz_atomic(w.shard_path(1), images=images[1], logits=np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"shard_00001.npz: 'logits' is \(5, 3\) float32, expected \(5, 3\) float16"):
+        load_shards(tmp_path)
+    write_npz_atomic(w.shard_path(1), images=images[1], logits=np.ones((5, 3), np.float16))
+    assert load_shards(tmp_path)["logits"].dtype == np.float16
+
 def test_corrupt_shard_is_redone(tmp_path):
     w = ShardWriter(tmp_path, num_images=10, shard_size=5)
     w.run(lambda k: _shard(k, 5))

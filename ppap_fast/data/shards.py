@@ -429,8 +429,18 @@ def load_shards(directory) -> dict[str, np.ndarray]:
     parts: dict[str, list] = {}
     for name in man["shards"]:
         with np.load(d / name) as z:
-            for k in z.files:
-                parts.setdefault(k, []).append(z[k])
+            arrays = {k: z[k] for k in z.files}
+        n = arrays["images"].shape[0] if "images" in arrays and arrays["images"].ndim else None
+        for k, v in arrays.items():
+            first = parts[k][0] if k in parts else v
+            # checked per shard as ShardSet does: rows short in one shard and long in another added up
+            # (every row in between paired with a neighbour's), and float16 / float32 shards were upcast silently
+            if not v.ndim or (n is not None and v.shape[0] != n) or v.shape[1:] != first.shape[1:] \
+                    or v.dtype != first.dtype:
+                want = (n if n is not None else v.shape[0] if v.ndim else "N", *first.shape[1:])
+                raise ValueError(f"{d / name}: {k!r} is {v.shape} {v.dtype}, expected {want} {first.dtype} "
+                                 "(the shard's image count, the other shards' rows)")
+            parts.setdefault(k, []).append(v)
     out = {k: np.concatenate(v) for k, v in parts.items()}
     if "images" not in out:
         raise ValueError(f"shard set {d} holds no images")
