@@ -427,13 +427,15 @@ def _check_set_folder(out: Path) -> None:
 
 def _check_resume_task(out: Path, teacher, args) -> None:
     """generate into a set made with another --task: say so (the manifest check only names teacher_state)."""
-    from .data.shards import MANIFEST
+    from .data.shards import MANIFEST, nothing_written_yet
 
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):  # none, or damaged: ShardWriter reports that
         return
-    other = _task_of_set(manifest, teacher, args) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or nothing_written_yet(out, manifest):  # stopped before its first shard
+        return
+    other = _task_of_set(manifest, teacher, args)
     if other is not None:
         raise DemoError(f"--out {out} holds a data-free set made with --task {other}; this run asks for --task "
                         f"{args.task}: rerun with --task {other} to finish that set, or name another --out")

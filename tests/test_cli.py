@@ -614,6 +614,26 @@ def test_generate_into_a_set_of_another_task_names_the_task(weights, tmp_path, c
     assert (data / "manifest.json").read_text() == manifest
 
 
+def test_generate_stopped_before_its_first_shard_does_not_lock_its_folder(weights, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the first shard of a run with the wrong --task (or --seed, --steps, ...): its manifest alone
+    refused the corrected rerun (\"made with --task segmentation\", \"other settings\"), with nothing to keep."""
+    from ppap_fast.data import shards
+
+    data = tmp_path / "d"
+    common = ["--out", str(data), "--num-images", "2", "--weights-dir", str(weights), "--no-progress"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(shards, "write_npz_atomic", interrupted)
+        assert main(["generate", "--task", "segmentation", "--steps", "3"] + common) == 2
+    assert (data / "manifest.json").exists() and not list(data.glob("shard_*.npz"))
+    capsys.readouterr()
+    assert main(["generate", "--steps", "2", "--seed", "1"] + common) == 0, _err(capsys)
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["complete"] and man["seed"] == 1 and man["respacing"] == "ddim2"
+
 def test_evaluate_json_that_is_the_samples_file_is_refused(weights, tmp_path, capsys):
     """evaluate s.npz --json s.npz replaced the samples with the metrics."""
     s = tmp_path / "s.npz"

@@ -337,6 +337,32 @@ def test_shards_without_a_manifest_are_not_adopted(tmp_path):
     assert (load_shards(fresh)["images"] == 1).all()
 
 
+def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
+    """generate_datafree failing in its first shard (a NaN teacher, a wrong image_shape) left a manifest with its
+    settings: the rerun with corrected ones was refused although nothing had been written (as distributed's is not)."""
+
+    def failing(k):
+        raise ValueError("teacher logits hold non-finite values")
+
+    with pytest.raises(ValueError, match="non-finite"):
+        ShardWriter(tmp_path, num_images=4, shard_size=2, meta={"seed": 0}).run(failing)
+    assert (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("shard_*.npz"))
+    w = ShardWriter(tmp_path, num_images=6, shard_size=3, meta={"seed": 1})
+    assert w.run(lambda k: {"images": np.full((3, 4, 4, 1), 1, np.uint8)}) == [0, 1]
+    assert load_shards(tmp_path)["images"].shape[0] == 6
+    # once a shard exists the settings are compared again
+    def killed_after_the_first(k):
+        if k:
+            raise KeyboardInterrupt
+        return {"images": np.zeros((2, 4, 4, 1), np.uint8)}
+
+    with pytest.raises(KeyboardInterrupt):
+        ShardWriter(tmp_path / "b", num_images=4, shard_size=2, meta={"seed": 0}).run(killed_after_the_first)
+    with pytest.raises(ValueError, match="seed: 0 there vs 1 now"):
+        ShardWriter(tmp_path / "b", num_images=4, shard_size=2, meta={"seed": 1})
+    with pytest.raises(ValueError, match="num_images=4, not 6"):
+        ShardWriter(tmp_path / "b", num_images=6, shard_size=2, meta={"seed": 0})
+
 def test_datafree_preview_removes_a_killed_preview_write(tmp_path):
     from ppap_fast.data.preview import datafree_preview
 

@@ -173,6 +173,11 @@ def shard_is_complete(path: Path, count: int) -> bool:
     return im is not None and len(im.shape) == 4 and im.shape[0] == count and im.dtype == np.uint8
 
 
+def nothing_written_yet(directory, manifest: dict) -> bool:
+    """An unfinished set without a single shard: its recorded settings made nothing that another run could mix with."""
+    return manifest.get("complete") is False and not any(Path(directory).glob("shard_*.npz"))
+
+
 class ShardWriter:
     """Resumable writer: ``run(make_shard)`` calls ``make_shard(k)`` only for missing shards."""
 
@@ -199,13 +204,17 @@ class ShardWriter:
                 # its manifest as ours, dropping its configuration)
                 raise ValueError(f"{self.dir} holds a shard set written by another tool (format="
                                  f"{old.get('format')!r}, not {self.meta.get('format')!r}); use another directory")
+            # a run that failed or was stopped before its first shard (a NaN teacher, a wrong image_shape) left
+            # only its manifest: nothing to keep, so the corrected arguments start afresh (they were refused)
+            nothing_written = nothing_written_yet(self.dir, old)
             for key in ("num_images", "shard_size"):
-                if old.get(key) != getattr(self, key):
+                if old.get(key) != getattr(self, key) and not nothing_written:
                     raise ValueError(f"{self.dir} holds a shard set with {key}={old.get(key)}, "
                                      f"not {getattr(self, key)}; use another directory")
             # everything else that determines the shards (seed, sampler, model fingerprints): keys an
             # older manifest lacks are not compared, so sets written before they were recorded still finish
-            diff = [f"{k}: {old[k]!r} there vs {v!r} now" for k, v in self.meta.items() if k in old and old[k] != v]
+            diff = [f"{k}: {old[k]!r} there vs {v!r} now" for k, v in self.meta.items()
+                    if k in old and old[k] != v and not nothing_written]
             if diff:
                 raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
                                  "use the same arguments or another directory")
