@@ -169,6 +169,20 @@ def test_load_shards_checks_each_shard_like_shard_set(tmp_path):
     write_npz_atomic(w.shard_path(1), images=images[1], logits=np.ones((5, 3), np.float16))
     assert load_shards(tmp_path)["logits"].dtype == np.float16
 
+def test_shard_writer_refuses_images_that_its_own_check_counts_missing(tmp_path):
+    # N x H x W images (no channel axis) were written and the set marked complete, but shard_is_complete (a
+    # rerun) counted every shard missing and ShardSet refused the set; a shard without images was a KeyError
+    from ppap_fast.data import ShardSet
+
+    w = ShardWriter(tmp_path, num_images=4, shard_size=2)
+    with pytest.raises(ValueError, match=r"shard 0: expected 2 uint8 images N x H x W x C, got \(2, 4, 4\) uint8"):
+        w.run(lambda k: {"images": np.zeros((2, 4, 4), np.uint8)})
+    with pytest.raises(ValueError, match="shard 0: expected 2 uint8 images N x H x W x C, got no 'images'"):
+        w.run(lambda k: {"logits": np.zeros((2, 3), np.float32)})
+    assert not list(tmp_path.glob("shard_*.npz"))
+    w.run(lambda k: {"images": np.zeros((2, 4, 4, 1), np.uint8)})
+    assert w.missing() == [] and len(ShardSet(tmp_path)) == 4
+
 def test_corrupt_shard_is_redone(tmp_path):
     w = ShardWriter(tmp_path, num_images=10, shard_size=5)
     w.run(lambda k: _shard(k, 5))

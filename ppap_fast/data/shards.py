@@ -256,9 +256,12 @@ class ShardWriter:
         for k in it:
             arrays = make_shard(k)
             n = self.shard_count(k)
-            if arrays["images"].shape[0] != n or arrays["images"].dtype != np.uint8:
-                raise ValueError(f"shard {k}: expected {n} uint8 images, got {arrays['images'].shape} "
-                                 f"{arrays['images'].dtype}")
+            im = arrays.get("images")
+            # what shard_is_complete / ShardSet accept: N x H x W images were written and the set marked complete,
+            # yet every rerun counted them missing and reading refused them
+            if im is None or im.ndim != 4 or im.shape[0] != n or im.dtype != np.uint8:
+                raise ValueError(f"shard {k}: expected {n} uint8 images N x H x W x C, got "
+                                 + ("no 'images'" if im is None else f"{im.shape} {im.dtype}"))
             short = {name: np.shape(a) for name, a in arrays.items() if np.ndim(a) and np.shape(a)[0] != n}
             if short:  # rows that do not line up with the images would pair images with others' outputs
                 raise ValueError(f"shard {k}: every array needs {n} rows like the images, got {short}")
