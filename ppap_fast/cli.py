@@ -562,7 +562,10 @@ def _run(args) -> int:
             except (FileNotFoundError, ValueError) as e:
                 raise DemoError(str(e)) from None
             if bad:
-                raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""))
+                # a rerun of generate alone kept them (it checks the zip headers, not the data): say what rewrites them
+                raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+                                + "; remove the damaged shard file(s) and rerun generate with the set's arguments: "
+                                  "it rewrites missing shards")
         # the resumable state lives beside --out (which appears only when finished), removed after it is written
         state = out.with_name(out.name + ".distill_state.safetensors")
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,

@@ -487,6 +487,30 @@ def test_damaged_shard_is_one_line(weights, tmp_path, capsys):
     assert "shard_00001.npz" in _err(capsys)
 
 
+def test_a_shard_failing_its_crc_says_how_to_rewrite_it(weights, tmp_path, capsys):
+    """A byte flipped past the npy header passes generate's cheap check (zip directory and headers), so rerunning
+    generate kept the shard and distill failed again: the error named the file but not what rewrites it."""
+    from ppap_fast.data.shards import npz_members
+
+    data = tmp_path / "data"
+    common = ["--weights-dir", str(weights), "--no-progress"]
+    gen = ["generate", "--out", str(data), "--num-images", "40", "--shard-size", "20", "--steps", "2"] + common
+    distill = ["distill", "--data", str(data), "--experts", "5", "--rank", "2", "--steps", "1", "--batch-size", "4",
+               "--out", str(tmp_path / "d")] + common
+    assert main(gen) == 0
+    shard = data / "shard_00001.npz"
+    im = npz_members(shard)["images"]
+    raw = bytearray(shard.read_bytes())
+    raw[im.offset + int(np.prod(im.shape)) - 1] ^= 0xFF  # the last image byte: beyond what reading a header touches
+    shard.write_bytes(bytes(raw))
+    assert main(gen) == 0 and "none (already complete)" in capsys.readouterr().out  # kept: headers intact
+    assert main(distill) == 2
+    err = _err(capsys)
+    assert "shard_00001.npz: member images.npy fails its CRC-32 check" in err
+    assert "remove the damaged shard file(s) and rerun generate" in err
+    shard.unlink()  # as the error says
+    assert main(gen) == 0 and main(distill) == 0
+
 @pytest.mark.parametrize("argv", [
     ["sample", "--method", "ppap-5", "--scale", "nan", "--out", "x.npz"],
     ["demo", "--scale", "inf", "--out", "d"],
