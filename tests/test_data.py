@@ -332,6 +332,23 @@ def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, te
         ShardWriter(tmp_path, num_images=4, shard_size=2)
 
 
+def test_a_manifest_whose_config_is_no_object_is_refused_on_read(tmp_path):
+    """Its readers (distill_ppap's and the CLI's teacher checks, the distributed distill) all do
+    manifest.get("config", {}).get(...): a damaged 'config' was an AttributeError traceback."""
+    import json
+
+    from ppap_fast.data import ShardSet
+
+    w = ShardWriter(tmp_path, num_images=4, shard_size=2)
+    w.run(lambda k: _shard(k, 2))
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**man, "config": "x"}))
+    for read in (ShardSet, load_shards):
+        with pytest.raises(ValueError, match=r"manifest.json is damaged \(its 'config' is a JSON str, not an object\)"):
+            read(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**man, "config": {"seed": 0}}))
+    assert len(ShardSet(tmp_path)) == 4
+
 def test_shards_without_a_manifest_are_not_adopted(tmp_path):
     """A folder with shards but no manifest.json (removed by hand, copied without it): ShardWriter kept every
     shard of the right size as this run's and wrote a manifest with this run's settings over them."""

@@ -282,6 +282,8 @@ def _read_manifest(d: Path) -> dict:
     if not isinstance(man, dict) or not isinstance(man.get("shards"), list) \
             or not all(isinstance(n, str) for n in man["shards"]) or not isinstance(man.get("num_images"), int):
         raise ValueError(f"{m} is not a shard set manifest (no shards list / num_images)")
+    if not isinstance(man.get("config", {}), dict):  # its readers' .get("config", {}).get(...) was an AttributeError
+        raise ValueError(f"{m} is damaged (its 'config' is a JSON {type(man['config']).__name__}, not an object)")
     if not man.get("complete"):
         raise ValueError(f"shard set {d} is incomplete: rerun `generate` to finish it")
     return man
