@@ -357,10 +357,12 @@ class RandomConvDenoiser(nn.Module):
 
 
 def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: str = "cuda",
-                   schedule: str | None = None, num_timesteps: int | None = None) -> nn.Module:
+                   schedule: str | None = None, num_timesteps: int | None = None,
+                   sampler: str | None = None) -> nn.Module:
     """``adm:<preset>`` (guided-diffusion checkpoint, strict; its fp16 torso only on CUDA),
     ``tiny`` (a ppap_fast tiny UNet safetensors file), ``diffusers:PATH`` (a UNet2DModel or a pipeline
-    saved with save_pretrained; with ``schedule``, its scheduler config is checked against it),
+    saved with save_pretrained; with ``schedule``, its scheduler config is checked against it and
+    ``sampler``: a learned variance is refused unless "ddim"),
     ``random-conv`` (smoke tests)."""
     if spec.startswith("diffusers:"):
         from .integrations import diffusers_models
@@ -368,7 +370,7 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
         if checkpoint is not None:
             raise ValueError(f"denoiser {spec!r} reads its weights from its folder: drop --checkpoint")
         if schedule is not None:
-            diffusers_models.check_schedule(spec[10:], schedule, num_timesteps)
+            diffusers_models.check_schedule(spec[10:], schedule, num_timesteps, sampler)
         return diffusers_models.load_denoiser(spec[10:])
     if spec.startswith("adm:"):
         from .models.adm import ADMUNet, check_preset_schedule
@@ -735,7 +737,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     device = env.device
     torch.manual_seed(cfg.seed)
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
-                          cfg.num_timesteps).to(device).eval()
+                          cfg.num_timesteps, cfg.sampler).to(device).eval()
     if env.rank == 0:
         from .distill import warn_if_not_declared
 

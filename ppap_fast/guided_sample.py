@@ -239,7 +239,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except ValueError as e:
         raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None
     sched = sched.to(device)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule).to(device).eval()
+    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
+                          sampler=cfg.sampler).to(device).eval()
     unet.requires_grad_(False)
     warn_if_not_declared(unet, cfg.channels, cfg.image_size)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)

@@ -203,3 +203,25 @@ def test_a_pipeline_saved_as_an_fp16_variant_loads(saved, tmp_path):
     unet.save_pretrained(path / "unet", variant="bf16")  # two variants, no plain file: which one is unknown
     with pytest.raises(ValueError, match=r"several variants \['bf16', 'fp16'\]"):
         D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000)
+
+
+def test_learned_variance_is_refused_for_ddpm_only(tmp_path, capsys):
+    """A 2C-channel UNet whose scheduler says variance_type='learned' (its variance itself, not learned_range's
+    interpolation) was sampled by DDPM as learned_range: refused there; DDIM ignores the variance channels."""
+    unet = _unet(out_channels=2)
+    path, rng = tmp_path / "learned", tmp_path / "range"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="learned")).save_pretrained(path)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="learned_range")).save_pretrained(rng)
+    with pytest.raises(ValueError, match="variance_type='learned'.*--sampler ddim"):
+        D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000, "ddpm")
+    D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000, "ddim")
+    D.build_denoiser(f"diffusers:{rng}", None, 1, "cpu", "linear", 1000, "ddpm")  # what the sampler computes
+    args = ["guided-sample", "--denoiser", f"diffusers:{path}", "--channels", "1", "--image-size", "8",
+            "--num-samples", "1", "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "p.npz"), "--sampler", "ddpm"]) == 2
+    assert "variance_type='learned'" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "i.npz")]) == 0
+    with pytest.raises(ValueError, match="variance_type='learned'"):
+        D.generate(D.GenerateConfig(out_dir=str(tmp_path / "set"), num_images=1, shard_size=1, image_size=8,
+                                    channels=1, denoiser=f"diffusers:{path}", sampler="ddpm", respacing="2",
+                                    device="cpu"), D.DistEnv())

@@ -6,7 +6,8 @@ whole pipeline (model_index.json, ``unet/``, ``scheduler/``), read offline. Only
 class labels or text states to give (``PPAPGuidedPipeline`` takes both). The pipeline's scheduler
 config, where there is one, must describe the schedule the CLI samples with (``--schedule``,
 ``--num-timesteps``) and an eps prediction: a mismatch raises naming the flags, instead of sampling
-on another noise schedule than the model was trained on.
+on another noise schedule than the model was trained on. A 2C-channel UNet whose scheduler has
+``variance_type='learned'`` is refused for DDPM (its variance channels are read as learned_range).
 """
 from __future__ import annotations
 
@@ -139,10 +140,12 @@ def _close(a, b) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
 
 
-def check_schedule(path, schedule: str, num_timesteps: int | None) -> None:
+def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str | None = None) -> None:
     """Raise if the saved scheduler config describes another schedule than ``schedule`` over
     ``num_timesteps`` (guided-diffusion's "linear" = diffusers' "linear" from 1e-4 to 0.02 scaled by
-    1000 / T; "cosine" = "squaredcos_cap_v2"), or a prediction other than eps."""
+    1000 / T; "cosine" = "squaredcos_cap_v2"), or a prediction other than eps. Unless ``sampler`` is
+    "ddim" (which ignores variance channels), a 2C-channel UNet with ``variance_type='learned'`` raises:
+    the DDPM samplers read those channels as learned_range."""
     cfg = scheduler_config(path)
     if cfg is None:
         return
@@ -150,6 +153,12 @@ def check_schedule(path, schedule: str, num_timesteps: int | None) -> None:
     pred = cfg.get("prediction_type", "epsilon")
     if pred != "epsilon":
         raise ValueError(f"{where} predicts {pred!r}: the samplers take eps-prediction models")
+    if cfg.get("variance_type") == "learned" and sampler != "ddim":
+        unet = json.loads((unet_dir(path) / "config.json").read_text())
+        if unet.get("out_channels", 3) == 2 * unet.get("in_channels", 3):
+            raise ValueError(f"{where} has variance_type='learned' (the UNet's second half of channels is its "
+                             "variance itself): the DDPM sampler would read it as learned_range (an interpolation "
+                             "between log beta_t and the posterior log-variance); sample it with --sampler ddim")
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
     if cfg.get("rescale_betas_zero_snr"):  # its alphas_cumprod end at 0: the model was trained on other abar
