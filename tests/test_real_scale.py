@@ -131,6 +131,29 @@ def test_wrong_architecture_checkpoint_is_a_clear_error(tmp_path):
         build_guide_model("resnet18", weights=g, num_classes=10)
 
 
+def test_teacher_with_a_head_of_another_class_count_loads(tmp_path):
+    """--teacher resnet18 --teacher-weights FILE of a 10-class head: refused ("number of classes?") for want of a
+    class count; the count is read from the head. Other mismatches and an explicit count still raise."""
+    from ppap_fast.distributed import build_teacher
+
+    torch.manual_seed(1)
+    src = build_guide_model("resnet18", num_classes=10).model
+    f = tmp_path / "r18_10.pth"
+    torch.save(src.state_dict(), f)
+    bt = build_teacher("resnet18", str(f))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(bt.model(bt.transform(x)), src(bt.transform(x)))
+    assert build_guide_model("resnet18", weights=f).spec.num_classes == 10
+    with pytest.raises(ots.CheckpointError, match="number of classes"):
+        build_guide_model("resnet18", weights=f, num_classes=1000)
+    sd = src.state_dict()
+    sd["fc.bias"] = torch.zeros(7)  # weight and bias disagree: no one count
+    torch.save(sd, f)
+    with pytest.raises(ots.CheckpointError, match="number of classes"):
+        build_teacher("resnet18", str(f))
+
+
 def test_hf_cache_directory_layout(tmp_path):
     from safetensors.torch import save_file
 

@@ -143,6 +143,17 @@ register_guide_model(GuideSpec("deeplabv3_resnet50", "segmentation", "torchvisio
                                     "per expert; the auxiliary head of torchvision checkpoints is dropped"))
 
 
+def _head_classes(own: dict, sd: dict, k: int, ignore_prefixes: tuple) -> int | None:
+    """The checkpoint's class count where its only shape mismatches with ``own`` (a model of ``k``
+    classes) are tensors whose first dim is k in the model and the same other K in the file."""
+    bad = [(own[n].shape, v.shape) for n, v in sd.items()
+           if n in own and not n.startswith(ignore_prefixes) and own[n].shape != v.shape]
+    if not bad or any(len(a) != len(b) or not a or a[0] != k or a[1:] != b[1:] for a, b in bad):
+        return None
+    ks = {b[0] for _, b in bad}
+    return ks.pop() if len(ks) == 1 and min(ks) > 0 else None
+
+
 def build_guide_model(name: str, weights=None, *, num_classes: int | None = None, device=None,
                       dtype: torch.dtype | None = None) -> GuideModel:
     """Build the registered off-the-shelf model ``name``.
@@ -150,7 +161,8 @@ def build_guide_model(name: str, weights=None, *, num_classes: int | None = None
     ``weights``: None (random init, nothing read), a local path (file, directory, or Hugging Face
     cache entry; loaded strictly, see :mod:`ppap_fast.models.offtheshelf`), or ``"imagenet"`` for
     the weights shipped offline (MobileNetV2 only). The model is returned in eval mode with
-    ``requires_grad=False`` (guides differentiate wrt the input only).
+    ``requires_grad=False`` (guides differentiate wrt the input only). ``num_classes`` None: the
+    spec's count, or the checkpoint's where only its head's output size differs (a fine-tuned head).
     """
     if name not in GUIDES:
         raise ValueError(f"unknown guide model {name!r}; known: {list_guide_models()}")
@@ -166,6 +178,10 @@ def build_guide_model(name: str, weights=None, *, num_classes: int | None = None
     if weights is not None:
         path = ots.resolve_weights_path(weights)
         sd = ots.read_state_dict(path)
+        if num_classes is None:  # a head of another class count was refused ("number of classes?")
+            head_k = _head_classes(model.state_dict(), sd, k, spec.ignore_prefixes)
+            if head_k is not None:
+                k, model = head_k, spec.builder(num_classes=head_k)
         ots.load_state_dict_strict(model, sd, what=f"{name} ({spec.source}.{spec.arch}, {k} classes)",
                                    source=str(path), ignore_prefixes=spec.ignore_prefixes)
         src = str(path)
