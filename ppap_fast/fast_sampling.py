@@ -92,7 +92,7 @@ from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
 from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_model_kwargs_batch, check_sampler_options,
                        denoiser_output, eta_value, initial_noise)
-from .schedule import Schedule
+from .schedule import Schedule, check_trained_schedule
 
 MERGE_MODES = ("cache", "swap")
 
@@ -690,6 +690,7 @@ class FastGuidedSampler:
             raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        check_trained_schedule(model, schedule)
         self.schedule = schedule.to(torch.device(device) if device is not None else schedule.device)
         self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
         self.sampler, self.eta, self.var_type = sampler, eta_value(eta), var_type

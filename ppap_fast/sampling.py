@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from .schedule import Schedule, extract
+from .schedule import Schedule, check_trained_schedule, extract
 
 __all__ = [
     "StepOutput",
@@ -527,6 +527,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     """
     check_sampler_options(sampler, eta, var_type)
     _check_schedule(schedule)
+    check_trained_schedule(model, schedule)
     x = initial_noise(shape_or_x, generator, schedule.device, dtype)
     _check_x(x, schedule, "x_T")
     if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):

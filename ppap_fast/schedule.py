@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["get_named_beta_schedule", "space_timesteps", "Schedule", "extract"]
+__all__ = ["get_named_beta_schedule", "space_timesteps", "Schedule", "check_trained_schedule", "extract"]
 
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
@@ -233,6 +233,24 @@ class Schedule:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
         return (extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+
+def check_trained_schedule(model, schedule: Schedule) -> None:
+    """Raise where ``model`` records the schedule it was trained on (``trained_schedule``: (name, T), as
+    ADMUNet.from_config sets from noise_schedule / diffusion_steps flags) and ``schedule`` (respaced or
+    not) is not that one. Once per sampler or loop (a copy to the host)."""
+    want = getattr(model, "trained_schedule", None)
+    if want is None:
+        return
+    name, T = want
+    ok = schedule.original_num_timesteps == T
+    if ok:
+        base = torch.cumprod(1.0 - get_named_beta_schedule(name, T), 0)
+        ok = torch.allclose(schedule.alphas_cumprod.cpu(), base[schedule.timestep_map.cpu()], rtol=1e-9, atol=0)
+    if not ok:
+        raise ValueError(f"the denoiser was trained on the {name} schedule over {T} steps (its noise_schedule / "
+                         f"diffusion_steps flags); this Schedule ({schedule.original_num_timesteps} steps) is "
+                         f"another: use Schedule.create({name!r}, {T}, respacing=...)")
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,35 @@ def test_an_x0_predicting_config_is_refused():
     assert ADMUNet.config_to_kwargs(dict(kwargs, predict_xstart=False)) == kwargs
 
 
+def test_flags_noise_schedule_is_checked_against_the_sampling_schedule():
+    """A user's flags dict with noise_schedule='cosine' (or other diffusion_steps) was ignored: the model sampled
+    on a linear Schedule silently. The samplers refuse another schedule, respaced or not."""
+    from ppap_fast.fast_sampling import FastGuidedSampler
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    flags = dict(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions="", learn_sigma=False,
+                 num_res_blocks=1, num_head_channels=8)
+    torch.manual_seed(0)
+    cos = ADMUNet.from_config(dict(flags, noise_schedule="cosine")).eval()
+    x = torch.randn(1, 3, 16, 16)
+    for sched in (Schedule.create("linear", 1000, "ddim2"), Schedule.create("cosine", 4000, "ddim2")):
+        with pytest.raises(ValueError, match=r"cosine schedule over 1000 steps.*Schedule.create\('cosine', 1000"):
+            sample_loop(cos, x, sched)
+        with pytest.raises(ValueError, match="cosine schedule over 1000 steps"):
+            FastGuidedSampler(cos, sched)
+    ok = Schedule.create("cosine", 1000, "ddim2")
+    assert torch.isfinite(sample_loop(cos, x, ok)).all()
+    FastGuidedSampler(cos, Schedule.create("cosine", 1000))
+    t4k = ADMUNet.from_config(dict(flags, diffusion_steps="4000"))  # script flags are strings
+    assert t4k.trained_schedule == ("linear", 4000)
+    with pytest.raises(ValueError, match="linear schedule over 4000 steps"):
+        sample_loop(t4k, x, Schedule.create("linear", 1000, "ddim2"))
+    assert ADMUNet.from_config(flags).trained_schedule is None  # nothing said: nothing checked
+    with pytest.raises(ValueError, match="noise_schedule='sqrt'"):
+        ADMUNet.from_config(dict(flags, noise_schedule="sqrt"))
+
+
 def test_adm_denoiser_refuses_another_schedule(tmp_path):
     # the preset's noise_schedule / diffusion_steps were not checked: a linear model sampled on cosine silently
     from ppap_fast.distributed import build_denoiser

@@ -508,7 +508,11 @@ class ADMUNet(nn.Module):
     UNetModel expects; `from_config` also accepts the script flags ("32,16,8").
     use_fp16=True converts the torso convs to float16 at construction
     (guided-diffusion's convert_to_fp16); fp32 checkpoints still load (cast on copy).
+    ``trained_schedule``: (noise_schedule, diffusion_steps) of the flags `from_config` was given (None:
+    not given); ``sampling.sample_loop`` and ``FastGuidedSampler`` refuse a Schedule of another.
     """
+
+    trained_schedule: tuple[str, int] | None = None
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions: Iterable[int], dropout: float = 0.0,
@@ -822,7 +826,10 @@ class ADMUNet(nn.Module):
             config = ADM_PRESETS[config]
         kwargs = cls.config_to_kwargs(config)
         kwargs.update(overrides)
-        return cls(**kwargs)
+        trained = _flags_schedule(config)
+        model = cls(**kwargs)
+        model.trained_schedule = trained  # the samplers refuse another schedule (they were ignored)
+        return model
 
     @classmethod
     def from_checkpoint(cls, path, config: Mapping[str, Any] | str, map_location="cpu", strict: bool = True,
@@ -846,6 +853,17 @@ class ADMUNet(nn.Module):
         else:
             model.load_state_dict(state, strict=False)
         return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
+
+
+def _flags_schedule(config: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(noise_schedule, diffusion_steps) that a config's diffusion flags name, guided-diffusion's defaults
+    (linear, 1000) for the one left out; None where it names neither."""
+    if "noise_schedule" not in config and "diffusion_steps" not in config:
+        return None
+    name = config.get("noise_schedule", "linear")
+    if name not in ("linear", "cosine"):
+        raise ValueError(f"noise_schedule={name!r}: ppap_fast samples the 'linear' and 'cosine' schedules only")
+    return name, int(config.get("diffusion_steps", 1000))
 
 
 def _variant_notes(model: ADMUNet, state: Mapping[str, Any]) -> list:
