@@ -270,6 +270,27 @@ def test_corrupt_weight_file(weights, tmp_path, capsys):
     assert not list((tmp_path / "d").glob("*"))
 
 
+def test_weight_file_with_other_keys_names_them(weights, tmp_path, capsys):
+    """A tiny weight file whose keys do not fit its model said only "Error(s) in loading state_dict for
+    TinyResNet:" (load_state_dict's first line): the file, its model and the differing keys are named."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "w"
+    shutil.copytree(weights, bad)
+    f = bad / "classifier.safetensors"
+    with safe_open(str(f), framework="pt") as r:
+        meta, sd = r.metadata(), {k: r.get_tensor(k) for k in r.keys()}
+    sd["head.weight"] = sd.pop("fc.weight")
+    save_file(sd, str(f), metadata=meta)
+    assert _sample(bad, tmp_path / "s.npz", "--method", "naive") == 2
+    err = _err(capsys)
+    assert str(f) in err and "'resnet' model" in err
+    assert "1 missing keys ['fc.weight'], 1 unexpected keys ['head.weight'], 0 shape mismatches" in err
+
+
 def test_unwritable_output(weights, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -237,6 +237,13 @@ def load_model(path, kind: str | None = None) -> nn.Module:
         raise ValueError(f"weight file {path} holds a {k!r} model, expected {kind!r}")
     model = MODEL_KINDS[k](**config)
     ref = model.state_dict()
+    missing, unexpected = [n for n in ref if n not in tensors], [n for n in tensors if n not in ref]
+    bad = [f"{n}: model {tuple(ref[n].shape)} vs file {tuple(v.shape)}"
+           for n, v in tensors.items() if n in ref and v.shape != ref[n].shape]
+    if missing or unexpected or bad:  # load_state_dict's first line named none of them
+        raise ValueError(f"weight file {path} does not fit the {k!r} model its metadata describes ({config}): "
+                         f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:8]}, {len(bad)} shape mismatches {bad[:8]}")
     tensors = {n: v.to(ref[n].dtype) if n in ref else v for n, v in tensors.items()}
     try:
         model.load_state_dict(tensors, strict=True)
