@@ -217,14 +217,16 @@ def _channels_last_model(model) -> bool:
 class _GradRunner:
     """grad = scale * d/dx objective for one guide variant (merged expert n, or routed)."""
 
-    def __init__(self, guide, opts: "_Opts", banks, cpu_channels_last: bool = False):
+    def __init__(self, guide, opts: "_Opts", banks, cpu_channels_last: bool = False, path: tuple = ()):
         self.guide, self.opts, self.banks = guide, opts, banks
+        self.path = path  # position in a ComposedGuide: the runners of every band at one path run one sub-guide
         # merged experts compiled on the CPU run in channels_last (FastGuide._merged_model converts them;
         # a plain classifier of a ComposedGuide keeps its layout)
         self.cpu_channels_last = bool(cpu_channels_last) and _channels_last_model(getattr(guide, "model", None))
         self.children = None
         if isinstance(guide, _gd.ComposedGuide):
-            self.children = [(_GradRunner(g, opts, banks, cpu_channels_last), w) for g, w in guide.guides]
+            self.children = [(_GradRunner(g, opts, banks, cpu_channels_last, path + (i,)), w)
+                             for i, (g, w) in enumerate(guide.guides)]
         self._compiled = None
         # A routed bank is not compiled: its router's per-forward state does not trace under torch.func.
         self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
@@ -286,6 +288,9 @@ class _GradRunner:
         kw = {"target": target} if target is not None and _gd.has_class_target(self.guide) else {}
         with _no_host_checks(self.banks):
             g = None
+            failed = ("guide compile failed", self.path)
+            if self._compile_ok and failed in self.opts.state:  # another band's compile of it failed: not retried
+                self._compile_ok = False
             if self._compile_ok:
                 try:
                     if self._compiled is None:
@@ -293,6 +298,7 @@ class _GradRunner:
                     g = self._compiled(x, t, **kw)
                 except Exception as exc:  # noqa: BLE001 - any compile/trace error -> eager
                     self._compile_ok = False
+                    self.opts.state.add(failed)
                     warnings.warn(f"torch.compile of the guide failed ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager guide",
                                   FastSamplingWarning, stacklevel=3)
@@ -381,6 +387,7 @@ class _Opts:
         self.compile_guide, self.compile_model = bool(compile_guide), bool(compile_model)
         self.compile_kwargs = dict(compile_kwargs or {})
         self.compile_freeze = bool(compile_freeze)
+        self.state: set = set()  # shared by the runners of one sampler / FastGuide: failures, once-only warnings
 
 
 def _guide_state(g) -> tuple:

@@ -213,6 +213,37 @@ def test_compile_failure_warns_and_falls_back(setup, monkeypatch):
     assert rel_err(out, ref) < TOL
 
 
+def test_guide_compile_failure_warns_once_not_once_per_band(setup, monkeypatch):
+    """A failed guide compile was retried (and warned about) for every band's merged expert: five compiles that fail
+    the same way and five warnings for one sampling run; once now, the eager guide from then on (a ComposedGuide's
+    parts each once)."""
+    model, _, guide = setup
+    compiled = []
+
+    def broken(fn, **kw):
+        compiled.append(fn)
+
+        def run(*a, **k):
+            raise RuntimeError("simulated inductor failure")
+        return run
+
+    monkeypatch.setattr(fs, "_compile", broken)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
+    plain = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval(), torch.tensor([1, 1, 0, 0]), 1.0)
+    for g, parts in ((guide, 1), (ComposedGuide([(guide, 1.0), (plain, 2.0)]), 2)):
+        compiled.clear()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            fast = FastGuidedSampler(model, sched, guide=g, compile_guide=True)
+            out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(1))
+        msgs = [str(w.message) for w in rec if "guide failed" in str(w.message)]
+        assert len(msgs) == parts and len(compiled) == parts, (msgs, len(compiled))
+        assert len(fast._variants) == 5
+        if g is guide:
+            assert rel_err(out, ref) < TOL
+
+
 def test_compile_eager_backend_matches(setup):
     model, _, guide = setup
     torch._dynamo.reset()
