@@ -230,7 +230,9 @@ class _GradRunner:
         self._compiled = None
         # A routed bank is not compiled: its router's per-forward state does not trace under torch.func.
         self._compile_ok = opts.compile_guide and isinstance(guide, _gd.Guide) and _bank_of(guide) is None
-        if opts.compile_guide and not isinstance(guide, (_gd.Guide, _gd.ComposedGuide)):  # was silent
+        plain = ("plain guide warned", path)  # once, not again for each band's merged variant
+        if opts.compile_guide and not isinstance(guide, (_gd.Guide, _gd.ComposedGuide)) and plain not in opts.state:
+            opts.state.add(plain)
             warnings.warn(f"compile_guide: the guide ({type(guide).__name__}) is a plain callable, not a ppap_fast "
                           "Guide whose objective can be compiled; running it eagerly", FastSamplingWarning,
                           stacklevel=4)

@@ -522,6 +522,21 @@ def test_guide_options_reach_a_plain_callable_guide():
         FastGuidedSampler(model, sched, guide=guide, compile_guide=True)
 
 
+def test_plain_callable_part_of_a_composed_guide_warns_once(setup):
+    """compile_guide's warning about a plain callable part of a ComposedGuide came again for every band's merged
+    variant (six warnings for one PPAP-5 run)."""
+    model, _, bank_guide = setup
+    inner = linear_classifier_guide(torch.randn(4, 3 * 8 * 8) * 0.1, torch.tensor([1, 1, 0, 0]), 1.0)
+    composed = ComposedGuide([(bank_guide, 1.0), (inner, 2.0)])
+    sched = Schedule.create("linear", 1000, "ddim5")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fast = FastGuidedSampler(model, sched, guide=composed, compile_guide=True, compile_kwargs={"backend": "eager"})
+        fast.sample(SHAPE, generator=torch.Generator().manual_seed(1))
+    assert len(fast._variants) == 5
+    assert [str(w.message)[:40] for w in rec] == ["compile_guide: the guide (function) is a"]
+
+
 def test_compile_guide_with_merging_off_warns(setup, monkeypatch):
     """compile_guide=True with merge_experts=False compiled nothing (a routed bank runs eagerly) without a word."""
     model, _, guide = setup
