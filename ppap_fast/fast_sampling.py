@@ -72,10 +72,11 @@ Options (all off by default; each falls back to the eager path with a warning wh
   Skipped with ``compile_model`` (inductor fuses them); other models warn and run unchanged.
 * ``cudnn_benchmark``: on CUDA, ``torch.backends.cudnn.benchmark`` is on during the sampler's steps
   (restored after each): cuDNN times its convolution algorithms once per shape (with ``cuda_graph``
-  in the warm-up before capture) instead of taking its heuristic's pick. A no-op elsewhere.
+  in the warm-up before capture) instead of taking its heuristic's pick. Elsewhere it warns and does nothing.
 * ``overlap_guide``: on CUDA, run the guide (it reads only x_t) on a side stream concurrently with
   the denoiser (the fork/join is captured too); it helps where the denoiser leaves the GPU idle
-  (small batches). A no-op elsewhere. (Written for CUDA; its test is skipped without a GPU.)
+  (small batches). Elsewhere it warns (at construction) and does nothing. (Written for CUDA; its test
+  is skipped without a GPU.)
 """
 from __future__ import annotations
 
@@ -740,6 +741,13 @@ class FastGuidedSampler:
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.overlap_guide = bool(overlap_guide)
+        if self.device.type != "cuda" and self.overlap_guide:  # a no-op here: it was ignored without a word
+            warnings.warn(f"overlap_guide=True needs a CUDA device (a side stream for the guide), but the sampler runs "
+                          f"on {self.device.type}: the guide runs after the denoiser", FastSamplingWarning,
+                          stacklevel=2)
+        if self.device.type != "cuda" and self.cudnn_benchmark:
+            warnings.warn(f"cudnn_benchmark=True needs a CUDA device (cuDNN's algorithm timing), but the sampler runs "
+                          f"on {self.device.type}: ignored", FastSamplingWarning, stacklevel=2)
         self._side_stream = None
         self._graphs: dict = {}
         self._graph_generation = 0

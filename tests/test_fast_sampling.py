@@ -423,7 +423,9 @@ def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "6")
     ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, generator=torch.Generator().manual_seed(4))
-    fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True, overlap_guide=True)
+    with pytest.warns(FastSamplingWarning, match="overlap_guide=True needs a CUDA device .* runs on cpu") as rec:
+        fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True, overlap_guide=True)
+    assert len(rec) == 1 and rec[0].filename == __file__  # overlap_guide was ignored without a word
     with pytest.warns(FastSamplingWarning, match="CUDA-graph capture needs a CUDA device.*cpu"):
         out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(4))
     assert rel_err(out, ref) < TOL and not fast._graphs
@@ -463,7 +465,8 @@ def test_cudnn_benchmark_option_is_scoped(setup, monkeypatch):
     after, also when the step raises); on CPU it changes nothing."""
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "ddim5")
-    fast = FastGuidedSampler(model, sched, guide=guide, cudnn_benchmark=True)
+    with pytest.warns(FastSamplingWarning, match="cudnn_benchmark=True needs a CUDA device .* on cpu: ignored"):
+        fast = FastGuidedSampler(model, sched, guide=guide, cudnn_benchmark=True)  # it was silent
     plain = FastGuidedSampler(model, sched, guide=guide)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
     before = torch.backends.cudnn.benchmark
