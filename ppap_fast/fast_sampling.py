@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
@@ -368,6 +369,17 @@ class _ModelRunner:
             return denoiser_output(call_denoiser(self.model, x, t, self.kwargs))
 
 
+def _flag(value, name: str) -> bool:
+    """An on/off option as a bool; a string ("false" is truthy) or another non-boolean value is refused."""
+    if value is None or isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    import numpy as np
+
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def _autocast_dtype(dtype, name):
     if dtype not in (None, torch.float16, torch.bfloat16):
         raise ValueError(f"{name} must be None, torch.float16 or torch.bfloat16, got {dtype!r}")
@@ -384,12 +396,16 @@ def _autocast(device: torch.device, dtype):
 class _Opts:
     def __init__(self, channels_last, guide_autocast, compile_guide, compile_model, compile_kwargs,
                  compile_freeze=False, model_autocast=None):
-        self.channels_last = bool(channels_last)
+        self.channels_last = _flag(channels_last, "channels_last")
         self.guide_autocast = _autocast_dtype(guide_autocast, "guide_autocast")
         self.model_autocast = _autocast_dtype(model_autocast, "model_autocast")
-        self.compile_guide, self.compile_model = bool(compile_guide), bool(compile_model)
+        self.compile_guide = _flag(compile_guide, "compile_guide")
+        self.compile_model = _flag(compile_model, "compile_model")
+        if compile_kwargs is not None and not isinstance(compile_kwargs, Mapping):  # dict() failed unreadably
+            raise TypeError(f"compile_kwargs must be a dict of torch.compile keyword arguments (e.g. {{'mode': "
+                            f"'max-autotune'}}), got {type(compile_kwargs).__name__}")
         self.compile_kwargs = dict(compile_kwargs or {})
-        self.compile_freeze = bool(compile_freeze)
+        self.compile_freeze = _flag(compile_freeze, "compile_freeze")
         self.state: set = set()  # shared by the runners of one sampler / FastGuide: failures, once-only warnings
 
 
@@ -481,7 +497,7 @@ class FastGuide:
         self._moved: dict = {}
         self.guide = guide if self.device is None else _on_device(guide, self.device)
         self.banks = guide_banks(self.guide)
-        self._merge_wanted = bool(merge_experts)
+        self._merge_wanted = _flag(merge_experts, "merge_experts")
         self._merge_requested = bool(merge_experts) and bool(self.banks)
         self._train_mode_warned = False
         if self._merge_requested and any(b.training for b in self.banks):
@@ -687,6 +703,11 @@ class FastGuidedSampler:
                  backend: str | None = None, device=None, merge_mode: str = "cache", fuse_norm_act: bool = False,
                  cudnn_benchmark: bool = False, model_autocast: torch.dtype | None = None):
         check_sampler_options(sampler, eta, var_type)
+        flags = dict(merge_experts=merge_experts, channels_last=channels_last, compile_guide=compile_guide,
+                     compile_model=compile_model, compile_freeze=compile_freeze, cuda_graph=cuda_graph,
+                     overlap_guide=overlap_guide, fuse_norm_act=fuse_norm_act, cudnn_benchmark=cudnn_benchmark)
+        for name, v in flags.items():
+            _flag(v, name)  # cuda_graph="false" ran as True
         if nonfinite_grad not in NONFINITE_MODES:
             raise ValueError(f"nonfinite_grad must be one of {NONFINITE_MODES}, got {nonfinite_grad!r}")
         if merge_mode not in MERGE_MODES:  # also without a guide (it was checked only with one)

@@ -657,6 +657,29 @@ def test_guide_batch_mismatch_is_refused_before_the_denoiser_runs(setup):
     assert counted.calls == 5
 
 
+def test_on_off_options_given_as_strings_are_refused(setup):
+    """cuda_graph="false" (an option read from a config file or the environment) ran as True, and every other on/off
+    option likewise; a compile_kwargs that is not a dict failed as "dictionary update sequence element #0 ..."."""
+    import numpy as np
+
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    names = ("merge_experts", "channels_last", "compile_guide", "compile_model", "compile_freeze", "cuda_graph",
+             "overlap_guide", "fuse_norm_act", "cudnn_benchmark")
+    for name in names:
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got 'false' \\(str\\)"):
+            FastGuidedSampler(model, sched, guide=guide, **{name: "false"})
+    with pytest.raises(TypeError, match="merge_experts must be True or False"):
+        fs.FastGuide(guide, merge_experts="no")
+    with pytest.raises(TypeError, match="compile_kwargs must be a dict .* got str"):
+        FastGuidedSampler(model, sched, guide=guide, compile_kwargs="eager")
+    with pytest.raises(TypeError, match="compile_kwargs must be a dict"):
+        fs.FastGuide(guide, compile_guide=True, compile_kwargs=["backend", "eager"])
+    fast = FastGuidedSampler(model, sched, guide=guide, merge_experts=np.bool_(False), channels_last=0,
+                             compile_kwargs={"backend": "eager"})  # numpy bools and 0 / 1 still pass
+    assert not fast.merge_experts and not fast.opts.channels_last
+
+
 def test_nonfinite_and_bad_inputs(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "ddim5")
