@@ -30,8 +30,9 @@ keeps ONE merged copy per bank and copies the next band's merged weights into it
 the band changes (N-1 re-merges per sampling run; one graph serves every band since the
 parameters keep their addresses): the memory of one backbone and one graph. A batch that mixes step indices (``step(x, idx)``
 with a [B] tensor: several requests at different steps served together) routes each sample
-through the bank by index instead. ``merge_experts=False`` always routes. A bank in train mode is
-never merged (merging equals the bank in eval mode only): the mode is read at every step, so a bank
+through the bank by index instead. ``merge_experts=False`` always routes. A bank in train mode (or
+a BatchNorm / Dropout in it: ``bank.model.train()``) is never merged (merging equals the bank in
+eval mode only): the mode is read at every step, so a bank
 switched to train mode after the sampler was built is routed per sample (as the plain guide would
 run it, with a FastSamplingWarning) until ``bank.eval()``, which merges again.
 
@@ -500,9 +501,10 @@ class FastGuide:
         self._merge_wanted = _flag(merge_experts, "merge_experts")
         self._merge_requested = bool(merge_experts) and bool(self.banks)
         self._train_mode_warned = False
-        if self._merge_requested and any(b.training for b in self.banks):
-            warnings.warn("an ExpertBank is in train mode: merged experts equal the bank in eval mode only; "
-                          "routing per sample instead of merging (call bank.eval() to merge)",
+        self._dependent = self._mode_dependent()
+        if self._merge_requested and self._bank_training():
+            warnings.warn("an ExpertBank (or a BatchNorm / Dropout in it) is in train mode: merged experts equal the "
+                          "bank in eval mode only; routing per sample instead of merging (call bank.eval() to merge)",
                           FastSamplingWarning, stacklevel=_stacklevel)
             self._train_mode_warned = True
         if self.opts.compile_guide and self.banks and not merge_experts:  # it was ignored silently
@@ -524,7 +526,15 @@ class FastGuide:
     @property
     def merge_experts(self) -> bool:
         """Whether steps run merged experts now: requested, and no bank in train mode (read every step)."""
-        return self._merge_requested and not any(b.training for b in self.banks)
+        return self._merge_requested and not self._bank_training()
+
+    def _mode_dependent(self) -> list:
+        return [m for b in self.banks for m in b.modules() if _gd._depends_on_train_mode(m)]
+
+    def _bank_training(self) -> bool:
+        """A bank in train mode, or a BatchNorm / Dropout in one (``bank.model.train()`` leaves ``bank.training``
+        False; merged experts were used, the guide's own warning only)."""
+        return any(b.training for b in self.banks) or any(m.training for m in self._dependent)
 
     def _cpu_channels_last(self, model) -> bool:
         """A merged expert compiled for the CPU runs in channels_last: inductor's forward + input-backward
@@ -533,7 +543,7 @@ class FastGuide:
 
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
-        if self._merge_requested and any(b.training for b in self.banks):
+        if self._merge_requested and self._bank_training():
             if not self._train_mode_warned:
                 warnings.warn("an ExpertBank was switched to train mode after this sampler was built: its merged "
                               "experts equal the bank in eval mode only, so steps route per sample through the "
@@ -630,6 +640,7 @@ class FastGuide:
         self._routed = _GradRunner(self.guide, self.opts, self.banks)
         self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
         self._versions, self._modes = self._bank_versions(), self._bank_modes()
+        self._dependent = self._mode_dependent()
         self._train_mode_warned = False
 
     @torch.no_grad()

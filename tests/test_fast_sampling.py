@@ -629,6 +629,29 @@ def test_bank_switched_to_train_mode_after_construction_is_routed(setup):
     assert fast.merge_experts and rel_err(again, routed) < TOL and rel_err(again, merged) > TOL
 
 
+def test_bank_with_a_batchnorm_in_train_mode_is_routed_not_merged(setup):
+    """bank.model.train() leaves bank.training False but its BatchNorms use batch statistics: the fast path merged
+    the eval-mode experts anyway (1.9e-2 off the guide it was given, with the guide's own warning only)."""
+    model, _, _ = setup
+    bank = tiny_bank()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    bank.model.train()
+    assert not bank.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the guide's own train-mode warning
+        want, _ = FastGuidedSampler(model, sched, guide=guide, merge_experts=False).step(x, 2)  # as the guide runs
+        with pytest.warns(FastSamplingWarning, match="BatchNorm / Dropout in it\\) is in train mode"):
+            fast = FastGuidedSampler(model, sched, guide=guide)
+        got, _ = fast.step(x, 2)
+    assert not fast.merge_experts and torch.equal(got, want)
+    bank.eval()  # merged again
+    merged, _ = fast.step(x, 2)
+    routed, _ = FastGuidedSampler(model, sched, guide=guide, merge_experts=False).step(x, 2)
+    assert fast.merge_experts and fast._variants and rel_err(merged, routed) < TOL and rel_err(merged, want) > 1e-3
+
+
 class _CountingDenoiser(nn.Module):
     def __init__(self, model):
         super().__init__()
