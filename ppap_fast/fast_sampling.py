@@ -410,12 +410,14 @@ class _Opts:
         self.state: set = set()  # shared by the runners of one sampler / FastGuide: failures, once-only warnings
 
 
-def _guide_state(g) -> tuple:
+def _guide_state(g, device=None) -> tuple:
     """What a guide's gradient depends on besides its network, as host values (no device read): scalar
     attributes (scale, ...), the identity and in-place version of tensors (targets), ComposedGuide weights.
-    An inference tensor keeps no version: its in-place changes are not seen (assign a new tensor instead)."""
+    An inference tensor keeps no version: its in-place changes are not seen (assign a new tensor instead).
+    A tensor already on ``device`` counts by identity only: the views share it and a captured step reads it
+    at every replay, so an in-place change (the CLI's per-batch targets) needs no sync and no new graphs."""
     if isinstance(g, _gd.ComposedGuide):
-        return (id(g), g.nonfinite, tuple((_guide_state(c), w) for c, w in g.guides))
+        return (id(g), g.nonfinite, tuple((_guide_state(c, device), w) for c, w in g.guides))
     out = []
     for k, v in vars(g).items():
         if k.startswith("_"):  # private caches and once-only flags
@@ -423,7 +425,7 @@ def _guide_state(g) -> tuple:
         if isinstance(v, _gd._ClassTarget):
             v = v.target
         if isinstance(v, torch.Tensor):
-            out.append((k, id(v), _version(v)))
+            out.append((k, id(v)) if device is not None and v.device == device else (k, id(v), _version(v)))
         elif v is None or isinstance(v, (bool, int, float, str)):
             out.append((k, v))
         else:
@@ -518,7 +520,7 @@ class FastGuide:
         # in-place changes of a bank's tensors (load_experts_into, training) bump their version counters
         self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
         self._versions = self._bank_versions()
-        self._state = _guide_state(self.source)
+        self._state = _guide_state(self.source, self.device)
         self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
         self.num_timesteps: int | None = None  # the sampler's base T: a guide changed later is checked against it
@@ -612,7 +614,7 @@ class FastGuide:
         weights (copied into the device / merged views), and its banks' weights (merged copies re-merged in
         place: parameter addresses kept) or train / eval modes. Host-side checks only; ``generation``
         counts the changes (captured CUDA graphs of an older one are dropped)."""
-        state, versions, modes = _guide_state(self.source), self._bank_versions(), self._bank_modes()
+        state, versions, modes = _guide_state(self.source, self.device), self._bank_versions(), self._bank_modes()
         if state == self._state and versions == self._versions and modes == self._modes:
             return
         if state != self._state and self.num_timesteps is not None:  # before anything is taken over

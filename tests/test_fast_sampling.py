@@ -809,6 +809,26 @@ def test_cuda_graphs_follow_a_changed_guide(no_tf32):
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
+    """guided-sample's per-batch targets, copied into the guide's CUDA target in place: the captured steps are kept
+    (they were dropped and recaptured for every batch) and their replays read the new targets."""
+    model, bank, _ = _cuda_setup()
+    buf = torch.tensor([0, 1, 2, 3], device="cuda")
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    fast = FastGuidedSampler(model, sched, guide=ClassGuide(bank, buf, scale=3.0), cuda_graph=True)
+    first = fast.sample(SHAPE, generator=gen())
+    graphs = dict(fast._graphs)
+    buf.copy_(torch.tensor([3, 2, 1, 0], device="cuda"))
+    out = fast.sample(SHAPE, generator=gen())
+    want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
+    ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
+    assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
+    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_overlap_guide_equals_reference(no_tf32, graph):
     model, _, guide = _cuda_setup()
@@ -921,6 +941,30 @@ def test_fast_path_follows_changes_of_the_guide(setup):
     assert (reloaded - changed).abs().max() > 1e-4
     torch.testing.assert_close(reloaded, ref(), rtol=1e-4, atol=1e-5)
     assert fast.fast_guide.generation == gen + 3
+
+
+def test_an_on_device_target_changed_in_place_keeps_the_captured_steps(setup):
+    """guided-sample copies each batch's class ids into the guide's on-device target in place ("captured graphs see
+    it"), but that bumped the FastGuide's generation, which drops every captured step: each batch recaptured them
+    all (warm-up + capture per band). The steps read the tensor where it lies, so the result follows the new
+    targets without it; a target off the sampler's device is still copied again when changed in place."""
+    model, bank, _ = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    buf = torch.tensor([0, 1, 2, 3])
+    guide = ClassGuide(bank, buf, scale=3.0)
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    run = lambda: fast.sample(SHAPE, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    first = run()
+    buf.copy_(torch.tensor([3, 2, 1, 0]))
+    changed = run()
+    ref = sample_loop(model, SHAPE, sched, guide=ClassGuide(bank, torch.tensor([3, 2, 1, 0]), scale=3.0),
+                      generator=torch.Generator().manual_seed(1))
+    assert fast.fast_guide.generation == 0
+    assert rel_err(changed, ref) < TOL and rel_err(first, ref) > 1e-3
+    before = fs._guide_state(guide, torch.device("cuda"))  # off the device: its version still counts
+    buf.add_(0)
+    assert fs._guide_state(guide, torch.device("cuda")) != before
+    assert fs._guide_state(guide, torch.device("cpu")) == fs._guide_state(guide, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device_view", [False, True])
