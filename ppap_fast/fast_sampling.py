@@ -767,6 +767,11 @@ class FastGuidedSampler:
                                                                 opts=self.opts, merge_mode=merge_mode,
                                                                 _stacklevel=3)
         self.guide = None if guide is None else self.fast_guide.guide
+        unused = [k for k, v in (("guide_autocast", guide_autocast), ("compile_guide", compile_guide),
+                                 ("overlap_guide", overlap_guide)) if guide is None and v]
+        if unused:  # they were ignored without a word
+            warnings.warn(f"{', '.join(unused)} configure{'s' if len(unused) == 1 else ''} the guide, but this sampler "
+                          "has none (guide=None): ignored", FastSamplingWarning, stacklevel=2)
         # once here: the steps run with the banks' host-side range checks off
         if guide is not None:
             check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps)
@@ -775,7 +780,7 @@ class FastGuidedSampler:
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.overlap_guide = bool(overlap_guide)
-        if self.device.type != "cuda" and self.overlap_guide:  # a no-op here: it was ignored without a word
+        if self.device.type != "cuda" and self.overlap_guide and guide is not None:  # was ignored without a word
             warnings.warn(f"overlap_guide=True needs a CUDA device (a side stream for the guide), but the sampler runs "
                           f"on {self.device.type}: the guide runs after the denoiser", FastSamplingWarning,
                           stacklevel=2)

@@ -501,6 +501,22 @@ def test_channels_last_and_autocast(setup):
     assert out16.dtype == torch.float32 and rel_err(out16, ref) < 3e-2
 
 
+def test_guide_options_without_a_guide_warn(setup):
+    """guide_autocast, compile_guide and overlap_guide on an unguided sampler were ignored without a word."""
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    with pytest.warns(FastSamplingWarning, match="^guide_autocast, compile_guide configure the guide, but this "
+                                                 "sampler has none \\(guide=None\\): ignored") as rec:
+        FastGuidedSampler(model, sched, guide_autocast=torch.bfloat16, compile_guide=True)
+    assert len(rec) == 1 and rec[0].filename == __file__
+    with pytest.warns(FastSamplingWarning, match="^overlap_guide configures the guide"):
+        FastGuidedSampler(model, sched, overlap_guide=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastGuidedSampler(model, sched, guide=guide, guide_autocast=torch.bfloat16)
+        FastGuidedSampler(model, sched, compile_model=True, channels_last=True)
+
+
 def test_guide_options_reach_a_plain_callable_guide():
     """guide_autocast and channels_last were silently not applied to a plain callable guide (only to ppap_fast
     Guides); compile_guide, which cannot compile it, warns instead of doing nothing silently."""
