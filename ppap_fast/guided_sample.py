@@ -97,6 +97,8 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError(f"--guide-dtype must be bf16 or fp16, got {cfg.guide_dtype!r}")
     if cfg.guide is None and (cfg.experts or cfg.targets or cfg.target_map):
         raise ValueError("--experts / --targets / --target-map need --guide (the off-the-shelf model)")
+    if cfg.guide is None and cfg.guide_dtype:  # an unguided run ignored it without a word
+        raise ValueError("--guide-dtype sets the guide's autocast dtype: it needs --guide")
     if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")

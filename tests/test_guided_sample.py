@@ -131,6 +131,7 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     (["--experts-subfolder", "ppap10"], "--experts-subfolder"),
     (["--sampler", "ddpm", "--eta", "0.5"], "eta=0.5 is DDIM's noise level"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--sampler", "plms"], "cuda|invalid choice"),
+    (["--guide-dtype", "bf16"], "--guide-dtype .* needs --guide"),  # an unguided run ignored it silently
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, msg):
     import re
