@@ -155,6 +155,13 @@ def guide_banks(guide, through_fast: bool = False) -> list:
     return [] if b is None else [b]
 
 
+def _wrapped_banks(guide) -> bool:
+    """Whether a FastGuide (the guide, or a part of a ComposedGuide) hides banks it would merge."""
+    if isinstance(guide, FastGuide):
+        return bool(guide.banks) and guide._merge_wanted
+    return isinstance(guide, _gd.ComposedGuide) and any(_wrapped_banks(g) for g, _ in guide.guides)
+
+
 def _x0hat_guides(guide) -> list:
     if isinstance(guide, FastGuide):
         return _x0hat_guides(guide.source)
@@ -776,6 +783,10 @@ class FastGuidedSampler:
         if guide is not None:
             check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps)
             self.fast_guide.num_timesteps = self.schedule.original_num_timesteps
+            if merge_experts and _wrapped_banks(guide):  # was silent
+                warnings.warn("the guide is (or holds) a FastGuide: the sampler calls it without the step's timestep "
+                              "on the host, so its ExpertBank routes per sample and no merged expert runs; pass the "
+                              "guide it wraps (.source) to merge the experts", FastSamplingWarning, stacklevel=2)
         # CUDA graphs
         self.cuda_graph = bool(cuda_graph)
         self.cudnn_benchmark = bool(cudnn_benchmark)

@@ -517,6 +517,29 @@ def test_guide_options_without_a_guide_warn(setup):
         FastGuidedSampler(model, sched, compile_model=True, channels_last=True)
 
 
+def test_a_fast_guide_given_to_the_sampler_warns_that_it_routes(setup):
+    """A FastGuide as the sampler's guide is an opaque callable: it got no host timestep, so its bank routed per
+    sample at every step (merge_experts=True had no effect) without a word; same result, slower."""
+    model, _, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    for g in (fs.FastGuide(guide, "cpu"), ComposedGuide([(fs.FastGuide(guide, "cpu"), 1.0)])):
+        with pytest.warns(FastSamplingWarning, match="FastGuide: .* routes per sample .*\\(.source\\)") as rec:
+            wrapped = FastGuidedSampler(model, sched, guide=g)
+        assert len(rec) == 1 and rec[0].filename == __file__
+    calls = []
+    h = guide.model.register_forward_hook(lambda *a: calls.append(1))  # the routed bank runs
+    try:
+        got, _ = wrapped.step(x, 2)
+    finally:
+        h.remove()
+    assert calls and rel_err(got, FastGuidedSampler(model, sched, guide=guide).step(x, 2)[0]) < TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastGuidedSampler(model, sched, guide=fs.FastGuide(guide, "cpu", merge_experts=False))
+        FastGuidedSampler(model, sched, guide=fs.FastGuide(guide, "cpu"), merge_experts=False)
+
+
 def test_guide_options_reach_a_plain_callable_guide():
     """guide_autocast and channels_last were silently not applied to a plain callable guide (only to ppap_fast
     Guides); compile_guide, which cannot compile it, warns instead of doing nothing silently."""
