@@ -55,7 +55,7 @@ Generation (:func:`generate`)
     which records the configuration and its hash (a rerun on a finished set leaves it as it is: its
     hash identifies the set to distillation); restarting into a directory written with
     another configuration is an error naming the differing keys. All ranks must see the same
-    output directory (a shared filesystem across nodes). Rank 0 scans the shards (npz headers
+    output directory (a shared filesystem across nodes; checked before any shard, :func:`check_shared_dir`). Rank 0 scans the shards (npz headers
     only) and the missing ones are dealt round-robin to the ranks: ``k % world_size`` on a fresh
     run, balanced over what is left on a resume.
 
@@ -252,6 +252,38 @@ def collectively(fn, env: DistEnv, what: str):
         out, err = None, f"{type(e).__name__}: {e}"
     raise_if_any(err, env, what)
     return out
+
+
+def check_shared_dir(path, env: DistEnv, flag: str) -> None:
+    """Collective, once: every rank must see the folder ``path`` that rank 0 writes into (a shared filesystem).
+    Rank 0 writes a file with a random name and content there, every rank reads it back; a rank that cannot
+    (a node-local path on another node) fails every rank now, not after its share of the work."""
+    if not env.distributed:
+        return
+    path = Path(path)
+    token = mine = None
+    if env.rank == 0:
+        nonce = os.urandom(8).hex()
+        token = path / f".ppap_shared_check.{nonce}.tmp"  # a stale-temporary name: a restart removes it
+        try:
+            token.write_text(nonce)
+            mine = (token.name, nonce, None)
+        except OSError as e:
+            mine = (None, None, f"{type(e).__name__}: {e}")
+    try:
+        name, nonce, err = _gather(mine, env)[0]
+        raise_if_any(err and f"rank 0 cannot write into {flag} {path}: {err}", env, f"shared {flag} check")
+        try:
+            seen = (path / name).read_text()
+        except OSError as e:
+            seen = f"{type(e).__name__}: {e}"
+        raise_if_any(None if seen == nonce else
+                     f"{flag} {path}: this rank does not see the file {name} rank 0 just wrote there ({seen}); every "
+                     f"rank must see the same {flag} folder (a filesystem shared across nodes, not a node-local path)",
+                     env, f"shared {flag} check")
+    finally:
+        if token is not None:
+            token.unlink(missing_ok=True)
 
 
 def config_hash(config: dict) -> str:
@@ -733,6 +765,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
             err = str(e)
     raise_if_any(err, env, "output directory check")
     todo = _gather(todo, env)[0]  # rank 0's scan of the missing / damaged shards
+    check_shared_dir(out, env, "--out")  # a node-local --out failed only at the final shard check
 
     device = env.device
     torch.manual_seed(cfg.seed)

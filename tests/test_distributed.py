@@ -290,6 +290,22 @@ def test_a_teacher_failing_on_one_rank_fails_every_rank_at_once(tmp_path):
     assert time.time() - t0 < 60  # not the collective timeout
 
 
+def test_ranks_that_do_not_share_out_fail_before_generating(tmp_path):
+    """Each rank seeing its own --out (a node-local path on multi-node) failed only at the final shard check, after
+    every rank had sampled its shards; now a token file rank 0 writes is read back by every rank first."""
+    import time
+
+    (tmp_path / "b").mkdir()  # rank 1's "node-local" folder with the same role
+    t0 = time.time()
+    with pytest.raises(Exception, match=r"(?s)shared --out check failed on rank\(s\) \[1\].*b: this rank does not "
+                                        r"see the file .*every rank must see the same --out folder"):
+        D.launch("generate", [D.GenerateConfig(str(tmp_path / "a"), **GEN), D.GenerateConfig(str(tmp_path / "b"), **GEN)],
+                 2, threads=1, timeout_s=60)
+    assert time.time() - t0 < 60
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [D.MANIFEST]  # no shard, the token removed
+    assert not list((tmp_path / "b").iterdir())
+
+
 @pytest.mark.parametrize("over", [{"checkpoint_every": 1}, {"verify_data": True}])
 def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_path, over):
     """checkpoint_every / verify_data are not part of the experts' identity, but decide collectives: ranks that
