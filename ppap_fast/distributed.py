@@ -1313,6 +1313,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
             err = f"{tdir}: {e}"
     raise_if_any(err, env, "preparing the teacher outputs")
     todo = _gather(todo, env)[0]
+    check_shared_dir(tdir, env, "--out")  # a node-local --out failed only after every rank computed its share
     err = None
     try:
         for k in todo[env.rank::env.world_size]:

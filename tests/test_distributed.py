@@ -306,6 +306,20 @@ def test_ranks_that_do_not_share_out_fail_before_generating(tmp_path):
     assert not list((tmp_path / "b").iterdir())
 
 
+def test_distill_ranks_that_do_not_share_out_fail_before_computing_teacher_outputs(tmp_path):
+    """The teacher outputs go to <out>/teacher_targets, a share per rank: with a node-local --out each rank computed
+    its share, then failed reading the others'."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg0 = D.DistillConfig(str(data), str(tmp_path / "a"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2, r=2,
+                           alpha=2.0, steps=2, batch_size=2, warmup=1, device="cpu")
+    with pytest.raises(Exception, match=r"(?s)shared --out check failed on rank\(s\) \[1\].*every rank must see"):
+        D.launch("distill", [cfg0, dataclasses.replace(cfg0, out_dir=str(tmp_path / "b"))], 2, threads=1,
+                 timeout_s=60)
+    assert [p.name for p in (tmp_path / "a" / D.TARGETS_DIR).iterdir()] == [D.MANIFEST]  # no outputs, no token
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("over", [{"checkpoint_every": 1}, {"verify_data": True}])
 def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_path, over):
     """checkpoint_every / verify_data are not part of the experts' identity, but decide collectives: ranks that
