@@ -254,12 +254,13 @@ def collectively(fn, env: DistEnv, what: str):
     return out
 
 
-def check_shared_dir(path, env: DistEnv, flag: str) -> None:
+def check_shared_dir(path, env: DistEnv, flag: str) -> str | None:
     """Collective, once: every rank must see the folder ``path`` that rank 0 writes into (a shared filesystem).
     Rank 0 writes a file with a random name and content there, every rank reads it back; a rank that cannot
-    (a node-local path on another node) fails every rank now, not after its share of the work."""
+    (a node-local path on another node) fails every rank now, not after its share of the work. Returns the
+    random content (this run's nonce, the same on every rank; None alone)."""
     if not env.distributed:
-        return
+        return None
     path = Path(path)
     token = mine = None
     if env.rank == 0:
@@ -284,6 +285,35 @@ def check_shared_dir(path, env: DistEnv, flag: str) -> None:
     finally:
         if token is not None:
             token.unlink(missing_ok=True)
+    return nonce
+
+
+class StopMarker:
+    """A file in a shared folder by which a rank whose share of the work failed stops the others at their next
+    item (they check it between items, one stat each), so that every rank soon meets in the barrier that reports
+    the error: waiting there alone, the failed rank kept the others working through their whole share (or until
+    --timeout). Its name carries the run's nonce (:func:`check_shared_dir`) and ends in .tmp (a restart removes it)."""
+
+    def __init__(self, folder, nonce: str | None, env: DistEnv):
+        self.path = Path(folder) / f".ppap_failed.{nonce}.tmp" if nonce else None
+        self.env = env
+
+    def seen(self) -> bool:
+        return self.path is not None and self.path.exists()
+
+    def set(self, err: str) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                self.path.write_text(err)
+
+    def report(self, err: str | None, what: str) -> None:
+        """raise_if_any(err) on every rank; rank 0 removes the marker."""
+        try:
+            raise_if_any(err, self.env, what)
+        finally:
+            if self.env.rank == 0 and self.path is not None:
+                with contextlib.suppress(OSError):
+                    self.path.unlink(missing_ok=True)
 
 
 def config_hash(config: dict) -> str:
@@ -765,7 +795,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
             err = str(e)
     raise_if_any(err, env, "output directory check")
     todo = _gather(todo, env)[0]  # rank 0's scan of the missing / damaged shards
-    check_shared_dir(out, env, "--out")  # a node-local --out failed only at the final shard check
+    stop = StopMarker(out, check_shared_dir(out, env, "--out"), env)  # a node-local --out failed at the final check
 
     device = env.device
     torch.manual_seed(cfg.seed)
@@ -823,6 +853,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     err = None
     try:
         for k in it:
+            if stop.seen():  # another rank failed: meet it in the barrier below now
+                break
             write_shard(k)
             written.append(k)
             _kill_hook(env.rank, len(written))
@@ -830,7 +862,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         if not env.distributed:
             raise
         err = f"shard generation failed: {type(e).__name__}: {e}"
-    raise_if_any(err, env, "generation")  # barrier: every rank finished its shards
+        stop.set(err)
+    stop.report(err, "generation")  # barrier: every rank finished its shards (or stopped)
     err = None
     if env.rank == 0:
         missing = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
@@ -1313,20 +1346,25 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
             err = f"{tdir}: {e}"
     raise_if_any(err, env, "preparing the teacher outputs")
     todo = _gather(todo, env)[0]
-    check_shared_dir(tdir, env, "--out")  # a node-local --out failed only after every rank computed its share
+    # a node-local --out failed only after every rank computed its share
+    stop = StopMarker(tdir, check_shared_dir(tdir, env, "--out"), env)
     err = None
     try:
         for k in todo[env.rank::env.world_size]:
+            if stop.seen():  # another rank failed: meet it in the barrier below now
+                break
             rows = np.arange(data.starts[k], data.starts[k + 1])
             y = teacher_targets(teacher, transform, data.gather("images", rows), micro, env.device, softmax_targets)
             write_npz_atomic(paths[k], **{"logits" if y.dim() == 2 else "targets": y.numpy()})
     except (OSError, ValueError) as e:
         err = str(e)
+        stop.set(err)
     except Exception as e:  # every rank learns of it below (nobody waits for a timeout)
         if not env.distributed:
             raise
         err = f"{type(e).__name__}: {e}"
-    raise_if_any(err, env, "computing the teacher outputs")
+        stop.set(err)
+    stop.report(err, "computing the teacher outputs")
     err = key = None
     try:
         from .data.shards import npz_members

@@ -320,6 +320,58 @@ def test_distill_ranks_that_do_not_share_out_fail_before_computing_teacher_outpu
     assert not (tmp_path / "b").exists()
 
 
+RANK1_BREAKS = """
+import os, time
+import torch.nn as nn
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 1:  # a shard's batch (distill's shape probe sees one image)
+            if os.environ.get("RANK") == "1":
+                raise ValueError("teacher broken on rank 1")
+            time.sleep(2)  # rank 0: slow shards
+        return self.fc(x.mean((1, 2, 3))[:, None])
+
+
+def make():
+    return Teacher()
+
+
+make.task = "classification"
+"""
+
+
+@pytest.mark.parametrize("task", ["generate", "distill"])
+def test_a_rank_failing_on_its_share_stops_the_others_soon(tmp_path, monkeypatch, task):
+    """A rank whose shard (generate) or teacher outputs (distill) failed waited in the barrier until every other rank had
+    done its whole share (multi-node: up to --timeout); now its stop marker ends the others' share at their next shard,
+    and every rank reports its error."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_rank1_breaks.py").write_text(RANK1_BREAKS)
+    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
+    teacher = "py:ppap_rank1_breaks:make"
+    data = tmp_path / "data"
+    n = dict(num_images=40, shard_size=2)  # 10 shards of 2 s each for rank 0
+    if task == "generate":
+        cfg, folder, name = D.GenerateConfig(str(data), **{**GEN, **n, "teacher": teacher}), data, "shard_"
+    else:
+        D.generate(D.GenerateConfig(str(data), **{**GEN, **n}), D.DistEnv())
+        cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=2,
+                              batch_size=2, device="cpu")
+        folder, name = tmp_path / "out" / D.TARGETS_DIR, "targets_"
+    what = "generation" if task == "generate" else "computing the teacher outputs"
+    with pytest.raises(Exception, match=rf"(?s)DistributedRunError: {what} failed on rank\(s\) \[1\].*teacher broken"):
+        D.launch(task, cfg, 2, threads=1, timeout_s=120)
+    assert len(list(folder.glob(name + "*"))) < 5  # rank 0 stopped early
+    assert not list(folder.glob(".ppap_*"))  # the marker removed
+
+
 @pytest.mark.parametrize("over", [{"checkpoint_every": 1}, {"verify_data": True}])
 def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_path, over):
     """checkpoint_every / verify_data are not part of the experts' identity, but decide collectives: ranks that
