@@ -346,6 +346,45 @@ def test_ppap_import_strict_and_base_check(fixtures_dir):
         import_ppap_checkpoint(fact, 0, sd)
 
 
+def test_generic_placement_finds_the_head_that_produces_the_output():
+    """The generic rule took the LAST registered Linear as the classifier head (no LoRA): a model that registers its
+    head first got LoRA on the head and none on an inner Linear."""
+    from ppap_fast.experts.placement import generic_placement
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(6, 4)
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.proj = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.head(F.relu(self.proj(self.conv(x).mean((2, 3))))).flatten(1)
+
+    p = generic_placement(HeadFirst())
+    assert p.lora == ("conv", "proj") and p.bias == ("head", "conv", "proj")  # the head: shared weight, expert bias
+    assert generic_placement(Tiny()).lora == ("conv1", "dw", "proj")  # head registered last: as before
+
+    class WithOptions(HeadFirst):  # optional arguments traced as their defaults
+        def forward(self, x, features=False, scale=None):
+            return self.proj(x) if features else super().forward(x if scale is None else x * scale)
+
+    assert generic_placement(WithOptions()).lora == ("conv", "proj")
+
+    class ConvHead(HeadFirst):  # a dense output: no Linear is the classifier
+        def forward(self, x):
+            return self.conv(x) * self.proj(self.head(torch.ones(4, 6))).mean()
+
+    assert generic_placement(ConvHead()).lora == ("head", "conv", "proj")
+
+    class Untraceable(HeadFirst):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x
+
+    with pytest.warns(UserWarning, match=r"cannot trace Untraceable.*last registered Linear 'proj'"):
+        assert generic_placement(Untraceable()).lora == ("head", "conv")
+
+
 def test_multihead_attention_out_proj_is_never_silently_unrouted():
     from ppap_fast.experts.placement import Placement, generic_placement
 

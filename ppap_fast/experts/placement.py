@@ -192,11 +192,51 @@ def inside_fused_layers(model: nn.Module) -> dict:
     return {n: p for n, _ in model.named_modules() for p in layers if n.startswith(p + ".")}
 
 
+def output_linear(model: nn.Module) -> tuple[bool, str | None]:
+    """(traced, name): the Linear that produces the model's output (its first tensor, or a dict's ``out`` /
+    ``logits`` / ``predicted_depth``), found by symbolic tracing (torch.fx, nothing runs): back from the output
+    through parameter-free ops to the first module with parameters; name is None when that is no Linear (a conv
+    head). (False, None) when the model cannot be traced."""
+    import inspect
+
+    import torch.fx
+
+    try:  # optional arguments as their defaults (``forward(x, return_features=False)``)
+        defaults = {n: a.default for n, a in inspect.signature(model.forward).parameters.items()
+                    if a.default is not inspect.Parameter.empty}
+        graph = torch.fx.Tracer().trace(model, concrete_args=defaults or None)
+    except Exception:  # noqa: BLE001 - data-dependent control flow and the like
+        return False, None
+    modules = dict(model.named_modules())
+    node = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(node, dict):
+        node = next((node[k] for k in ("out", "logits", "predicted_depth") if k in node), next(iter(node.values()), None))
+    while isinstance(node, (tuple, list)) and node:
+        node = node[0]
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
+            return True, node.target if isinstance(modules[node.target], nn.Linear) else None
+        if node.op not in ("call_module", "call_method", "call_function"):
+            break  # an input, a parameter
+        node = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+    return True, None
+
+
 def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: str = "factorised") -> Placement:
-    """Every Conv2d / Linear except the last Linear (the classifier) gets LoRA; every affine
-    norm (weight+bias) and every Conv2d / Linear bias is per expert. nn.MultiheadAttention's
-    out_proj is skipped (MHA reads its weight directly)."""
-    head = _last_linear(model)
+    """Every Conv2d / Linear except the classifier head (the Linear that produces the output, see
+    :func:`output_linear`; none for a conv head) gets LoRA; every affine norm (weight+bias) and every
+    Conv2d / Linear bias is per expert. nn.MultiheadAttention's out_proj is skipped (MHA reads its weight
+    directly). A model torch.fx cannot trace takes its last Linear as the head (with a warning when it has
+    several: pass a Placement to choose)."""
+    traced, head = output_linear(model)
+    if not traced:  # registration order: wrong where the head is registered before another Linear
+        head = _last_linear(model)
+        if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
+            import warnings
+
+            warnings.warn(f"generic placement: torch.fx cannot trace {type(model).__name__}, so the classifier head "
+                          f"(no LoRA) is taken to be its last registered Linear {head!r}; if another Linear produces "
+                          "the output, give a Placement", UserWarning, stacklevel=2)
     skip = weight_read_directly(model) | {head}
     lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip]
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
@@ -222,4 +262,4 @@ def make_placement(rule: str, model: nn.Module, **kwargs) -> Placement:
 
 
 __all__ = ["Placement", "RULES", "make_placement", "resnet_placement", "deit_placement",
-           "mobilenet_v2_placement", "generic_placement", "NORM_TYPES"]
+           "mobilenet_v2_placement", "generic_placement", "output_linear", "NORM_TYPES"]
