@@ -59,3 +59,14 @@ def test_linear_classifier_guide_needs_one_label_per_sample():
         shape = re.escape(str(tuple(bad.shape)))
         with pytest.raises(ValueError, match=rf"one label per sample, \[4\], got shape {shape}"):
             testing.linear_classifier_guide(W, bad, 2.0)(x, torch.zeros(4))
+
+
+def test_readme_names_the_public_checks():
+    """README's fidelity section says what ppap_fast.testing checks: the check_* it names are the public ones
+    (it credited the module with a loralib conv check that only the tests run)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Fidelity to the official code", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"`(check_\w+)`", section)) == {n for n in testing.__all__ if n.startswith("check_")}
