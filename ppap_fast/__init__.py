@@ -28,6 +28,7 @@ _EXPORTS = {
     "FastGuidedSampler": "fast_sampling",
     "fast_sample_loop": "fast_sampling",
 }
+__all__ = sorted(_EXPORTS)  # `from ppap_fast import *` resolves these through __getattr__
 
 
 def __getattr__(name):

@@ -47,3 +47,22 @@ def test_import_and_ops_without_extension_or_triton():
     res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fallback ok" in res.stdout
+
+
+def test_star_import_gives_the_exports():
+    """`from ppap_fast import *` gave none of the lazily loaded exports (no __all__)."""
+    script = textwrap.dedent("""
+        import sys
+        for name in ("ppap_fast._C", "triton", "triton.language"):
+            sys.modules[name] = None
+        import ppap_fast
+        ns = {}
+        exec("from ppap_fast import *", ns)
+        missing = sorted(set(ppap_fast._EXPORTS) - set(ns))
+        assert not missing, missing
+        assert all(ns[n] is getattr(ppap_fast, n) for n in ppap_fast._EXPORTS)
+        print("star ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "star ok" in res.stdout
