@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "schedule", "sampling", "guidance", "experts", "models", "ops", "testing", "metrics",
     "distill", "finetune", "data", "cli", "demo", "integrations", "fast_sampling", "distributed",
+    "guided_sample", "info", "progress", "score", "seeding", "seg_demo", "train_graph",
 }
 _EXPORTS = {
     "Schedule": "schedule",

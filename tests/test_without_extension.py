@@ -66,3 +66,23 @@ def test_star_import_gives_the_exports():
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "star ok" in res.stdout
+
+
+def test_every_submodule_is_an_attribute():
+    """`import ppap_fast; ppap_fast.seeding.sample_seed(...)` as the docs write it: seeding, seg_demo, train_graph,
+    info, score, guided_sample and progress raised AttributeError (not in the lazy list) unless imported first."""
+    names = sorted(p.stem for p in (REPO / "ppap_fast").glob("*.py") if not p.stem.startswith("_"))
+    names += sorted(p.parent.name for p in (REPO / "ppap_fast").glob("*/__init__.py"))
+    script = textwrap.dedent(f"""
+        import sys
+        for name in ("ppap_fast._C", "triton", "triton.language"):
+            sys.modules[name] = None
+        import ppap_fast
+        for name in {names!r}:
+            assert getattr(ppap_fast, name).__name__ == "ppap_fast." + name, name
+            assert name in dir(ppap_fast), name
+        print("submodules ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "submodules ok" in res.stdout
