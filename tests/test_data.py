@@ -394,6 +394,28 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
     with pytest.raises(ValueError, match="num_images=4, not 6"):
         ShardWriter(tmp_path / "b", num_images=6, shard_size=2, meta={"seed": 0})
 
+
+def test_datafree_preview_of_a_depth_teacher_without_a_channel_dim(tmp_path):
+    """Depth teachers may output [B, H, W] (a Hugging Face model's predicted_depth; docs/distributed.md): their set
+    got no preview.png ("teacher outputs of shape (H, W), no preview"); it is drawn as one channel."""
+    from PIL import Image
+
+    from ppap_fast.data.preview import datafree_preview
+
+    rng = np.random.default_rng(0)
+    depth = rng.standard_normal((4, 5, 6)).astype(np.float16)
+    ShardWriter(tmp_path, num_images=4, shard_size=2).run(
+        lambda k: {"images": rng.integers(0, 256, (2, 5, 6, 1), dtype=np.uint8), "targets": depth[2 * k:2 * k + 2]})
+    assert datafree_preview(tmp_path).endswith("each beside its teacher output (min to max)")
+    with Image.open(tmp_path / "preview.png") as im:
+        grid = np.asarray(im.convert("RGB"))
+    cell = 5 * 8 + 1, 6 * 8 + 1  # 5x6 images shown 8x, 1-pixel borders
+    beside = grid[1:cell[0], 1 + cell[1]:2 * cell[1]]
+    d = depth[0].astype(np.float32)
+    want = ((d - d.min()) / (d.max() - d.min()) * 255).round().astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    assert np.array_equal(beside[..., 0], want)
+
+
 def test_datafree_preview_removes_a_killed_preview_write(tmp_path):
     from ppap_fast.data.preview import datafree_preview
 

@@ -86,6 +86,8 @@ def datafree_preview(out, shown: int = 100, per_row: int = 10) -> str:
                 ", ".join(f"{c}: {counts[c]}" for c in common.tolist() if counts[c]))
     sel = np.arange(min(shown // 2, len(data)))  # each image beside its mask
     images, maps = data.gather("images", sel), data.gather(key, sel)
+    if maps.ndim == 3:  # a depth map without its channel dim ([B, H, W], as predicted_depth)
+        maps = maps[:, None]
     if maps.ndim != 4:
         return f"{out}: teacher outputs of shape {maps.shape[1:]}, no preview"
     if maps.shape[1] == 1:  # one channel (depth, a saliency map): min-max scaled per image
