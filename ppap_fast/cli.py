@@ -98,13 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: $PPAP_THREADS, else 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(s, device=True, weights=True, seed=_seed):
+    def common(s, device=True, weights=True, seed=_seed, draws=True):
         if device:
             s.add_argument("--device", default="cpu")
         if weights:
             s.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
-        s.add_argument("--seed", type=seed, default=0)
-        s.add_argument("--no-progress", action="store_true")
+        if draws:  # only commands that draw random numbers and show a progress bar
+            s.add_argument("--seed", type=seed, default=0)
+            s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
     s.add_argument("--out", required=True)
@@ -203,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="score a sample .npz with the evaluator")
     s.add_argument("samples")
     s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    common(s, device=False)
+    common(s, device=False, draws=False)  # scoring draws nothing and shows no bar: --seed was ignored
 
     s = sub.add_parser("demo", help="run the whole comparison with the shipped weights")
     s.add_argument("--out", required=True)

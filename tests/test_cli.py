@@ -215,6 +215,14 @@ def test_sample_and_evaluate(weights, tmp_path, capsys):
     assert json.loads((tmp_path / "m.json").read_text()) == res
 
 
+@pytest.mark.parametrize("flag", [["--seed", "3"], ["--no-progress"]])
+def test_evaluate_refuses_flags_it_would_ignore(flag, capsys, tmp_path):
+    """evaluate draws nothing and shows no bar: --seed / --no-progress were accepted and did nothing."""
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(tmp_path / "s.npz"), *flag])
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["none", "naive", "x0hat", "noise-aware", "multi-experts-5"])
 def test_sample_every_method(weights, tmp_path, method):
     assert main(["sample", "--weights-dir", str(weights), "--method", method, "--num-samples", "3", "--steps", "2",
