@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP guidance: the demo pipeline on scikit-learn digits (16x16), "
                                                            "and sampling and scoring with real models.")
     env_threads = os.environ.get("PPAP_THREADS", "2")
-    p.add_argument("--threads", type=int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
+    # --threads 0 / -1 became 1 silently (max(1, ...) below is for $PPAP_THREADS=0 only)
+    p.add_argument("--threads", type=_positive_int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
                    help="torch CPU threads (default: $PPAP_THREADS, else 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -468,6 +468,15 @@ def test_non_positive_counts_are_usage_errors(argv, capsys, tmp_path, monkeypatc
     assert e.value.code == 2 and "must be a positive" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_non_positive_threads_is_a_usage_error(value, capsys, tmp_path, monkeypatch):
+    """--threads 0 / -2 ran with one thread, the value ignored without a word."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--threads", value, "info"])
+    assert e.value.code == 2 and "argument --threads: must be a positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["sample", "--method", "none", "--out", "x.npz", "--seed", "99999999999999999999"],
     ["sample", "--method", "none", "--out", "x.npz", "--seed", "1e20"],
