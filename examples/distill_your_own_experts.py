@@ -11,6 +11,7 @@ import argparse
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, Schedule
+from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
 from ppap_fast.demo import load_classifier, load_evaluator, load_unet
 from ppap_fast.distill import distill_ppap, generate_datafree
 from ppap_fast.experts import load_experts, save_experts
@@ -20,7 +21,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="examples_out")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--experts", type=int, default=5, help="N of PPAP-N (must divide 1000)")
     ap.add_argument("--num-images", type=int, default=256, help="size of the data-free set")
     ap.add_argument("--steps", type=int, default=400, help="distillation steps")

@@ -11,6 +11,7 @@ import time
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, Schedule, sample_loop
+from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
 
@@ -19,7 +20,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="examples_out")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="target digits")
     ap.add_argument("--per-class", type=int, default=2)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")

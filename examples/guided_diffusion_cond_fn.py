@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from ppap_fast import ClassGuide, Schedule, as_cond_fn, ddim_step, sample_loop
+from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
 
@@ -29,7 +30,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="examples_out")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--num", type=int, default=20, help="samples (labels cycle through 0..9)")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
     ap.add_argument("--scale", type=float, default=10.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ppap_fast import Schedule
+from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
 from ppap_fast.data import DigitsSplits, from_uint8, to_uint8
 from ppap_fast.demo import WEIGHTS_DIR, load_guide_model
 
@@ -55,7 +56,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="examples_out")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
+    ap.add_argument("--threads", type=positive_int, default=1,
+                    help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--digit", type=int, default=3, help="the held-out digit whose guidance direction is drawn")
     ap.add_argument("--draws", type=int, default=256, help="noisings averaged per gradient map")
     ap.add_argument("--t-step", type=int, default=50, help="spacing of the accuracy curve's timesteps")

@@ -54,6 +54,7 @@ def _checked(cast, ok, what: str):
 
 
 _positive_int = _checked(int, lambda x: x > 0, "a positive integer")
+positive_int = _positive_int  # public: the examples' argparse type for --threads
 _positive_float = _checked(float, lambda x: 0 < x < float("inf"), "a positive number")
 # --scale nan / inf is refused at parse time, not after loading
 finite_float = _checked(float, math.isfinite, "a finite number")

@@ -54,6 +54,18 @@ def test_every_example_is_tested_and_documented():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["why_experts.py", "distill_your_own_experts.py", "diffusers_schedulers.py",
+                                  "guide_a_sampling_loop.py", "guided_diffusion_cond_fn.py"])
+def test_non_positive_threads_is_a_usage_error(tmp_path, name):
+    """--threads 0 ended in torch's RuntimeError traceback; the CLI's positive_int refuses it while parsing."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(tmp_path), "--threads", "0"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "argument --threads: must be a positive integer" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 def test_guide_a_sampling_loop(tmp_path):
     out = run_example("guide_a_sampling_loop.py", tmp_path, "--per-class", "2", "--steps", "10")
     acc = accuracies(out)
