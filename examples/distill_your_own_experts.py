@@ -35,8 +35,11 @@ def main():
     unet, classifier = load_unet(), load_classifier()
     # 1. data-free set: DDIM-10 samples of the UNet + the classifier's logits on them (resumable shards)
     data = f"{args.out}/datafree"
-    generate_datafree(unet, classifier, data, num_images=args.num_images, shard_size=64, respacing="ddim10",
-                      device=args.device, progress=False)
+    try:
+        generate_datafree(unet, classifier, data, num_images=args.num_images, shard_size=64, respacing="ddim10",
+                          device=args.device, progress=False)
+    except ValueError as e:  # e.g. --out holds a set of another --num-images: one line, as ppap-fast generate
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     # 2. distil: frozen classifier + per-expert LoRA / biases / BatchNorm, KL to the cached logits at x_t
     bank = distill_ppap(classifier, data, n_experts=args.experts, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, device=args.device, progress=False)

@@ -116,6 +116,22 @@ def test_distill_your_own_experts(tmp_path):
 
 
 @pytest.mark.slow
+def test_distill_your_own_experts_rerun_with_another_num_images_is_one_line(tmp_path):
+    """Rerun into the same --out with another --num-images: ShardWriter's ValueError ended in a traceback."""
+    from ppap_fast.demo import load_classifier, load_unet
+    from ppap_fast.distill import generate_datafree
+
+    generate_datafree(load_unet(), load_classifier(), tmp_path / "datafree", num_images=2, shard_size=64,
+                      respacing="ddim2", progress=False)  # an earlier run's set
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "distill_your_own_experts.py"), "--out", str(tmp_path),
+                           "--num-images", "4"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("distill_your_own_experts.py: error: ") and "num_images=2, not 4" in err[0], err
+
+
+@pytest.mark.slow
 def test_why_experts_measures_the_papers_motivation(tmp_path):
     import json
 
