@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, Schedule
-from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
+from ppap_fast.cli import expert_count, positive_float, positive_int  # the CLI's checks, while parsing
 from ppap_fast.demo import load_classifier, load_evaluator, load_unet
 from ppap_fast.distill import distill_ppap, generate_datafree
 from ppap_fast.experts import load_experts, save_experts
@@ -23,12 +23,13 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
-    ap.add_argument("--experts", type=int, default=5, help="N of PPAP-N (must divide 1000)")
-    ap.add_argument("--num-images", type=int, default=256, help="size of the data-free set")
-    ap.add_argument("--steps", type=int, default=400, help="distillation steps")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-2, help="AdamW peak lr (the shipped experts: 2e-3 over 2,000 steps)")
-    ap.add_argument("--samples", type=int, default=20, help="guided samples at the end")
+    ap.add_argument("--experts", type=expert_count, default=5, help="N of PPAP-N (must divide 1000)")
+    ap.add_argument("--num-images", type=positive_int, default=256, help="size of the data-free set")
+    ap.add_argument("--steps", type=positive_int, default=400, help="distillation steps")
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--lr", type=positive_float, default=1e-2,
+                    help="AdamW peak lr (the shipped experts: 2e-3 over 2,000 steps)")
+    ap.add_argument("--samples", type=positive_int, default=20, help="guided samples at the end")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -54,7 +54,6 @@ def _checked(cast, ok, what: str):
 
 
 _positive_int = _checked(int, lambda x: x > 0, "a positive integer")
-positive_int = _positive_int  # public: the examples' argparse type for --threads
 _positive_float = _checked(float, lambda x: 0 < x < float("inf"), "a positive number")
 # --scale nan / inf is refused at parse time, not after loading
 finite_float = _checked(float, math.isfinite, "a finite number")
@@ -87,6 +86,8 @@ DEMO_T = 1000  # the demo diffusion model's timesteps: experts split them into e
 # a number of timestep experts: equal bands of T
 _expert_count = _checked(int, lambda n: n > 0 and DEMO_T % n == 0,
                          f"a positive integer dividing T = {DEMO_T} (equal timestep bands)")
+# public: the examples' argparse types
+positive_int, positive_float, expert_count = _positive_int, _positive_float, _expert_count
 
 
 def _parser() -> argparse.ArgumentParser:

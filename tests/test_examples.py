@@ -132,6 +132,21 @@ def test_distill_your_own_experts_rerun_with_another_num_images_is_one_line(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flag, value, what", [("--experts", "3", "a positive integer dividing T = 1000"),
+                                               ("--steps", "0", "a positive integer"),
+                                               ("--lr", "-1", "a positive number"),
+                                               ("--samples", "0", "a positive integer")])
+def test_distill_your_own_experts_bad_values_are_usage_errors(tmp_path, flag, value, what):
+    """Each was refused by a traceback only after the data-free set was made (--samples 0: after distilling)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "distill_your_own_experts.py"), "--out", str(tmp_path),
+                           "--num-images", "2", "--steps", "1", flag, value],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and f"argument {flag}: must be {what}" in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 def test_why_experts_measures_the_papers_motivation(tmp_path):
     import json
 
