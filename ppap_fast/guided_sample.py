@@ -22,7 +22,8 @@ the same images (up to float rounding) on the fast and the reference path, on an
 ``--batch-size``. ``--first-sample K`` starts the run at sample K (its x_T, noise and cycled target):
 a large run split into parts (``--first-sample 0 --num-samples 25000``, ``--first-sample 25000 ...``,
 on other machines) gives the images of the whole run.
-Writes OUT (.npz: ``images`` uint8 N x H x W x C, ``targets`` when classifying), a PNG grid beside it
+Writes OUT (.npz: ``images`` uint8 N x H x W x C, quantised as guided-diffusion's sample scripts do,
+``((x + 1) * 127.5).clamp(0, 255)`` truncated; ``targets`` when classifying), a PNG grid beside it
 and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
 peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
 "process_rss"; ``peak_rss_mb`` on both), the configuration.
@@ -311,7 +312,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
                 raise ValueError(f"batch {k}: {e} (guidance scale {cfg.scale} too large?)") from None
             if not torch.isfinite(x0).all():
                 raise ValueError(f"batch {k} produced non-finite images (guidance scale {cfg.scale} too large?)")
-            images.append(to_uint8(x0))
+            images.append(to_uint8(x0, truncate=True))  # as guided-diffusion's sample scripts: FID comparable
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.time() - t0

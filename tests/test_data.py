@@ -29,6 +29,16 @@ def test_uint8_round_trip_and_layout():
         from_uint8(u.astype(np.float32))
 
 
+def test_to_uint8_truncate_is_guided_diffusions_quantisation():
+    x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 2.0]).view(1, 1, 1, 8)
+    official = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(to_uint8(x, truncate=True), official)
+    assert to_uint8(x, truncate=True).ravel().tolist() == [0, 0, 0, 127, 191, 254, 255, 255]
+    assert to_uint8(x).ravel().tolist() == [0, 0, 0, 128, 191, 255, 255, 255]  # the demo's files: rounded
+    with pytest.raises(ValueError, match="non-finite"):
+        to_uint8(torch.full((1, 1, 1, 1), float("nan")), truncate=True)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_to_uint8_refuses_non_finite_images(bad):
     # NaN -> uint8 was 0 (a plausible black pixel) and +-Inf clamped to a saturated one: a diverged

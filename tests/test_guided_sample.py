@@ -48,6 +48,25 @@ def test_guided_sample_files_stats_and_paths(tmp_path, capsys):
     assert nstats["experts"] is None and not np.array_equal(naive["images"], fast["images"])
 
 
+def test_guided_sample_quantises_as_guided_diffusions_sample_scripts(tmp_path, monkeypatch):
+    """The .npz held round((x + 1) * 127.5); guided-diffusion's scripts (whose samples the paper's FIDs score)
+    write ((x + 1) * 127.5).clamp(0, 255).to(uint8), which truncates: ~half the pixels were a level brighter."""
+    import ppap_fast.data
+
+    floats = []
+    real = ppap_fast.data.to_uint8
+
+    def spy(x, *a, **kw):
+        floats.append(x.detach().float().cpu().clone())
+        return real(x, *a, **kw)
+
+    monkeypatch.setattr(ppap_fast.data, "to_uint8", spy)
+    imgs, _ = _run(tmp_path, "q")
+    x = torch.cat(floats)
+    official = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert x.shape[0] == 6 and np.array_equal(imgs["images"], official)
+
+
 def test_guided_sample_removes_the_temporaries_of_a_killed_run(tmp_path):
     """A guided-sample killed (SIGKILL) mid-write left its atomic-write .tmp beside --out for good."""
     left = [tmp_path / ".g.npz.abcd1234.npz.tmp", tmp_path / ".g.png.k2j4x_9z.png.tmp",

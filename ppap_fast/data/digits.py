@@ -57,15 +57,18 @@ def values_to_unit(values) -> torch.Tensor:
     return v / 8.0 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] tensor N x C x H x W -> uint8 array N x H x W x C."""
+def to_uint8(x: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """[-1, 1] tensor N x C x H x W -> uint8 array N x H x W x C: round((x + 1) * 127.5) (the demo's files);
+    ``truncate``: guided-diffusion's sample scripts' ((x + 1) * 127.5).clamp(0, 255).to(uint8), which
+    truncates (the official samples scored for FID)."""
     x = torch.as_tensor(x).detach().float().cpu()
     if x.ndim != 4:
         raise ValueError(f"expected N x C x H x W, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):  # NaN -> uint8 is undefined (usually 0: a plausible black pixel)
         raise ValueError(f"images hold {int((~torch.isfinite(x)).sum())} non-finite values (NaN/Inf); "
                          "refusing to quantise them to uint8")
-    u = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    u = ((x.clamp(-1, 1) + 1) * 127.5)
+    u = (u if truncate else u.round()).to(torch.uint8)
     return u.permute(0, 2, 3, 1).contiguous().numpy()
 
 
