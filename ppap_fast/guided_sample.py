@@ -100,6 +100,13 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         raise ValueError("--experts / --targets / --target-map need --guide (the off-the-shelf model)")
     if cfg.guide is None and cfg.guide_dtype:  # an unguided run ignored it without a word
         raise ValueError("--guide-dtype sets the guide's autocast dtype: it needs --guide")
+    if cfg.guide is None:  # the guide's other options: ignored silently without one (an unguided run)
+        given = [f for f, v in (("--guide-weights", cfg.guide_weights), ("--guide-task", cfg.guide_task),
+                                ("--raw-input", cfg.raw_input or None), ("--ignore-index", cfg.ignore_index))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{' / '.join(given)} need --guide (the off-the-shelf model); without it the run is "
+                             "unguided")
     if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")

@@ -148,6 +148,12 @@ def test_ppap_guidance_reaches_the_targets(tmp_path):
     ([*GUIDE, "--target-map", "map.npy"], "--target-map"),
     (["--steps", "0"], "--steps"),
     (["--experts-subfolder", "ppap10"], "--experts-subfolder"),
+    # options of the guide without --guide: the run was unguided, the option ignored silently
+    (["--guide-weights", "r50.pth"], "--guide-weights need --guide"),
+    (["--guide-task", "classification"], "--guide-task need --guide"),
+    (["--raw-input"], "--raw-input need --guide"),
+    (["--ignore-index", "255"], "--ignore-index need --guide"),
+    (["--raw-input", "--guide-weights", "r50.pth"], "--guide-weights / --raw-input need --guide"),
     (["--sampler", "ddpm", "--eta", "0.5"], "eta=0.5 is DDIM's noise level"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--sampler", "plms"], "cuda|invalid choice"),
     (["--guide-dtype", "bf16"], "--guide-dtype .* needs --guide"),  # an unguided run ignored it silently
