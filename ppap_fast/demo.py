@@ -670,6 +670,7 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     if seg_per_target < 0:
         raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
                         f"got {seg_per_target}")
+    demo_schedule(sampler, steps)  # a step count it cannot take: refused before an earlier run's summary is removed
     out = check_writable_dir(out)
     recorded = _read_demo_record(out)  # before any work: refuses a demo_outputs.json of the user's
     methods = list(DEMO_METHODS if methods is None else methods)

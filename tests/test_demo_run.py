@@ -198,6 +198,23 @@ def test_rerun_removes_only_what_an_earlier_demo_run_wrote(tmp_path):
     assert list(res["methods"]) == ["naive"] and "segmentation" not in res
 
 
+@pytest.mark.parametrize("sampler", [[], ["--ddpm"]])
+def test_a_step_count_the_sampler_cannot_take_keeps_the_earlier_runs_outputs(tmp_path, capsys, sampler):
+    """--steps 1001 was refused only at the first method's sampling, after the earlier run's results.json,
+    results.png and comparison.png were removed."""
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
+            "--methods", "none", "--seg-per-target", "0", "--no-progress"]
+    assert main(args + ["--steps", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"results.json", "results.png", "comparison.png"} <= set(before)
+    capsys.readouterr()
+    assert main(args + ["--steps", "1001", *sampler]) == 2
+    assert "bad step count 1001" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_file_put_in_place_of_a_recorded_output_is_kept(tmp_path, monkeypatch):
     """demo_outputs.json listed names only: a user's file that replaced an earlier run's output of the same name
     (same size here) was removed as stale."""
