@@ -526,6 +526,7 @@ def _run(args) -> int:
     if args.cmd == "generate":
         from .distill import generate_datafree
 
+        demo.demo_schedule("ddim", args.steps)  # --steps 1001: refused after the folder was made, naming no option
         demo.check_writable_dir(args.out)
         _check_set_folder(Path(args.out))
         unet = demo.load_unet(args.weights_dir)

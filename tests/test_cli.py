@@ -345,6 +345,13 @@ def test_sample_file_that_is_not_npz_names_the_expected_file(weights, tmp_path, 
     assert "is not an .npz archive" in err and "ppap-fast sample" in err and "pickle" not in err
 
 
+def test_generate_step_count_ddim_cannot_take_is_refused_before_the_folder_is_made(weights, tmp_path, capsys):
+    """--steps 1001 failed after loading, leaving an empty --out folder, with an error that named no step count."""
+    assert main(["generate", "--weights-dir", str(weights), "--out", str(tmp_path / "d"), "--num-images", "2",
+                 "--steps", "1001", "--no-progress"]) == 2
+    assert "bad step count 1001 for ddim" in _err(capsys) and not (tmp_path / "d").exists()
+
+
 def test_generate_resumes_after_interruption(weights, tmp_path):
     """A run killed mid-way leaves only complete shards; the rerun fills in the rest, identical to a clean run."""
     from ppap_fast.distill import generate_datafree
