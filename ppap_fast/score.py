@@ -175,6 +175,10 @@ def score(cfg: ScoreConfig) -> dict:
 
     if cfg.batch_size <= 0 or cfg.k <= 0:
         raise ScoreError("batch_size and k must be positive")
+    if cfg.classifier.startswith("tiny:") and _resolve_weights(cfg.classifier, cfg.classifier_weights) is not None:
+        # ignored silently (yet recorded as the weights scored with); build_teacher refuses it for teachers / guides
+        raise ScoreError(f"classifier {cfg.classifier!r} holds its own weights (the file after 'tiny:'); "
+                         f"--classifier-weights {cfg.classifier_weights} would be ignored: drop it")
     images, targets = read_parts(cfg.samples)
     real = read_images(cfg.real, "real images")[0] if cfg.real is not None else None
     if real is not None and (real.shape[0] <= cfg.k or images.shape[0] <= cfg.k):

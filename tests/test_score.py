@@ -154,6 +154,10 @@ def test_score_with_the_tiny_digits_evaluator(tmp_path, capsys):
     assert res["num_classes"] == 10 and res["feature_dim"] == 8
     assert main(args + [f"tiny:{tmp_path / 'seg.safetensors'}"]) == 2
     assert "tiny 'segnet' model: scoring needs a classifier" in capsys.readouterr().err
+    # --classifier-weights was ignored (the file's own weights scored) yet recorded as the weights used
+    assert main(args + [f"tiny:{tmp_path / 'e.safetensors'}", "--classifier-weights", str(tmp_path / "w.pth")]) == 2
+    assert "holds its own weights" in capsys.readouterr().err
+    assert main(args + [f"tiny:{tmp_path / 'e.safetensors'}", "--classifier-weights", "none"]) == 0
 
 
 def test_score_tiny_classifier_that_is_a_directory_says_so(tmp_path, capsys):
