@@ -300,6 +300,10 @@ def model_file_summary(path) -> dict | None:
 
 def main_json(args) -> tuple[str, list]:
     """(the JSON text, the damaged or missing checkpoint files and shards: "DIR/NAME: state")."""
+    if getattr(args, "verify_data", False) and not any(_is_data_set(Path(p)) for p in args.experts):
+        # it verified nothing without a word: the report read as if the data had been checked
+        raise ValueError("--verify-data checks data-free sets (a generate --out: manifest.json and its shards); "
+                         "none of the paths given is one")
     out = {"environment": environment(args.device)}
     experts, sets, states, models = [], [], [], []
     for p in map(Path, args.experts):

@@ -117,6 +117,13 @@ def test_info_summarises_a_data_free_set(capsys, tmp_path):
     assert s["verified"] is True and s["problems"] == [] and s["preview"] is None
 
 
+def test_info_verify_data_without_a_data_free_set_is_refused(capsys):
+    """--verify-data with no data-free set among the paths verified nothing, without a word."""
+    for paths in ([], [str(WEIGHTS_DIR / "ppap5")]):
+        rc, out, err = run(capsys, *paths, "--verify-data")
+        assert rc == 2 and not out and "--verify-data checks data-free sets" in err, err
+
+
 def test_info_names_a_data_free_sets_damaged_and_missing_shards(capsys, tmp_path):
     data = _small_set(tmp_path / "set", size=64)
     shard = data / "shard_00001.npz"
