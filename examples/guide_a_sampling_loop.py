@@ -11,7 +11,7 @@ import time
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, Schedule, sample_loop
-from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
+from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
 
@@ -23,9 +23,9 @@ def main():
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="target digits")
-    ap.add_argument("--per-class", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    ap.add_argument("--scale", type=float, default=10.0)
+    ap.add_argument("--per-class", type=positive_int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    ap.add_argument("--scale", type=finite_float, default=10.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from ppap_fast import ClassGuide, Schedule, as_cond_fn, ddim_step, sample_loop
-from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
+from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
 
@@ -32,9 +32,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
-    ap.add_argument("--num", type=int, default=20, help="samples (labels cycle through 0..9)")
-    ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    ap.add_argument("--scale", type=float, default=10.0)
+    ap.add_argument("--num", type=positive_int, default=20, help="samples (labels cycle through 0..9)")
+    ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    ap.add_argument("--scale", type=finite_float, default=10.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -66,6 +66,21 @@ def test_non_positive_threads_is_a_usage_error(tmp_path, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name, flag, value, what", [
+    ("guide_a_sampling_loop.py", "--per-class", "0", "a positive integer"),
+    ("guide_a_sampling_loop.py", "--steps", "0", "a positive integer"),
+    ("diffusers_schedulers.py", "--num", "0", "a positive integer"),
+    ("guided_diffusion_cond_fn.py", "--num", "0", "a positive integer"),
+    ("guided_diffusion_cond_fn.py", "--scale", "nan", "a finite number")])
+def test_example_bad_counts_and_scales_are_usage_errors(tmp_path, name, flag, value, what):
+    """Each ended in a traceback from deep inside sampling, after the weights were loaded."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(tmp_path), flag, value],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and f"argument {flag}: must be {what}" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_guide_a_sampling_loop(tmp_path):
     out = run_example("guide_a_sampling_loop.py", tmp_path, "--per-class", "2", "--steps", "10")
     acc = accuracies(out)
