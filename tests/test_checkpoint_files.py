@@ -216,6 +216,37 @@ def test_experts_on_other_base_weights_warn(tmp_path):
         load_experts(tmp_path / "ck", _fresh())
 
 
+def test_experts_on_another_architecture_refused(tmp_path):
+    """Experts saved on one architecture (resnet18-like) are refused on a deeper one of the same class
+    (resnet34-like: the placement's layers exist in both), not loaded with the other-weights warning; a
+    half-precision copy of the right base still loads with the warning; a checkpoint saved before the
+    architecture was recorded loads as before."""
+    import warnings
+
+    from ppap_fast.experts.checkpoint import BaseMismatchWarning
+
+    torch.manual_seed(5)
+    base = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    bank = randomise_bank(ExpertBank(base, "resnet", n_experts=4, r=2, alpha=1))
+    save_experts(bank, tmp_path / "ck")
+    deeper = TinyResNet(widths=(4, 8), layers=(2, 1), in_channels=1, num_classes=3)
+    with pytest.raises(ValueError, match="trained on another architecture") as e:
+        load_experts(tmp_path / "ck", deeper)
+    assert "TinyResNet" in str(e.value)
+    with pytest.warns(BaseMismatchWarning, match="other frozen base weights"):
+        half = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+        half.load_state_dict(base.state_dict())
+        load_experts(tmp_path / "ck", half.half())
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del cfg["base_arch"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(BaseMismatchWarning, match="other frozen base weights"):
+        load_experts(tmp_path / "ck", deeper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        assert _same(load_experts(tmp_path / "ck", base), bank)
+
+
 def test_load_refuses_values_the_bank_cannot_hold(tmp_path):
     from ppap_fast.experts.checkpoint import export_ppap_checkpoint, import_ppap_checkpoint
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -68,6 +69,15 @@ def _base_fingerprint(bank: ExpertBank) -> str:
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _base_arch(bank: ExpertBank) -> dict:
+    """Architecture of the shared frozen base: sha256 of its tensors' sorted names and shapes (not values,
+    dtype or device), with their count and element total (named in the error when it differs)."""
+    own = set(bank.per_expert_state_dict())
+    items = sorted((k, list(v.shape)) for k, v in bank.model.state_dict().items() if k not in own)
+    return {"sha256": hashlib.sha256(json.dumps(items).encode()).hexdigest(), "tensors": len(items),
+            "params": sum(math.prod(s) for _, s in items)}
 
 
 def _digest(data: bytes) -> dict:
@@ -140,6 +150,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     cfg = _config(bank)
     cfg["include_base"] = include_base
     cfg["base_state"] = _base_fingerprint(bank)
+    cfg["base_arch"] = _base_arch(bank)
     cfg["files"] = {}
     committed = (_committed_config(path) or {}).get("files", {})
     for name in files:  # keep the committed copy (the file, or its .prev from a save killed before)
@@ -264,6 +275,12 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
              for k in ("placement", "n_experts", "num_timesteps", "r", "alpha", "layout") if cfg.get(k) != mine[k]]
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the bank: " + "; ".join(diffs))
+    want_arch = cfg.get("base_arch")  # absent in checkpoints saved before it was recorded
+    if isinstance(want_arch, dict) and want_arch.get("sha256") != (got := _base_arch(bank))["sha256"]:
+        raise ValueError(f"the experts in {path} were trained on another architecture than this model: a "
+                         f"{cfg.get('arch')} with {want_arch.get('params')} base parameters in "
+                         f"{want_arch.get('tensors')} tensors, this {mine['arch']} has {got['params']} in "
+                         f"{got['tensors']}; load them onto the model they were distilled from")
     own = bank.per_expert_state_dict()
     if load_base is None:
         load_base = bool(cfg.get("include_base"))
