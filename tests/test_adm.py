@@ -129,6 +129,43 @@ def test_flags_noise_schedule_is_checked_against_the_sampling_schedule():
         ADMUNet.from_config(dict(flags, noise_schedule="sqrt"))
 
 
+def test_rescale_timesteps_flag_is_applied():
+    """rescale_timesteps=True with diffusion_steps != 1000 was ignored: that model was trained on t * 1000 / T
+    (guided-diffusion's _scale_timesteps, after mapping respaced indices to original t), but the samplers fed
+    the original t. The model rescales it; a float (already rescaled) t is refused; T=1000 is unchanged."""
+    from ppap_fast.models.adm import timestep_embedding
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    flags = dict(image_size=16, num_channels=32, channel_mult="1,2", attention_resolutions="", learn_sigma=False,
+                 num_res_blocks=1, num_head_channels=8, diffusion_steps="4000")
+    torch.manual_seed(0)
+    plain = ADMUNet.from_config(flags).eval()
+    with torch.no_grad():  # zero-initialised output convs would give 0 whatever t
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    resc = ADMUNet.from_config(dict(flags, rescale_timesteps="True")).eval()
+    resc.load_state_dict(plain.state_dict())
+    assert plain.timestep_scale is None and resc.timestep_scale == 0.25
+    assert ADMUNet.from_config(dict(flags, diffusion_steps=1000, rescale_timesteps=True)).timestep_scale is None
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3999, 1234])
+    with torch.no_grad():
+        out = resc(x, t)
+        torch.testing.assert_close(out, plain(x, t.float() * 0.25), rtol=0, atol=0)
+        assert not torch.allclose(out, plain(x, t))
+    with pytest.raises(ValueError, match="rescales timesteps itself"):
+        resc(x, t.float() * 0.25)
+    seen = []
+    resc.time_embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    sched = Schedule.create("linear", 4000, "ddim2")
+    with torch.no_grad():
+        sample_loop(resc, x, sched)
+    want = [timestep_embedding(t.float().expand(2) * 0.25, 32) for t in sched.timestep_map.flip(0)]
+    assert len(seen) == len(want) == 2
+    for a, b in zip(seen, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_adm_denoiser_refuses_another_schedule(tmp_path):
     # the preset's noise_schedule / diffusion_steps were not checked: a linear model sampled on cosine silently
     from ppap_fast.distributed import build_denoiser

@@ -510,9 +510,12 @@ class ADMUNet(nn.Module):
     (guided-diffusion's convert_to_fp16); fp32 checkpoints still load (cast on copy).
     ``trained_schedule``: (noise_schedule, diffusion_steps) of the flags `from_config` was given (None:
     not given); ``sampling.sample_loop`` and ``FastGuidedSampler`` refuse a Schedule of another.
+    ``timestep_scale``: 1000 / diffusion_steps where the flags say rescale_timesteps=True (guided-diffusion fed
+    that model t * 1000 / T); forward applies it to the original integer timesteps the samplers pass.
     """
 
     trained_schedule: tuple[str, int] | None = None
+    timestep_scale: float | None = None
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions: Iterable[int], dropout: float = 0.0,
@@ -749,6 +752,12 @@ class ADMUNet(nn.Module):
             raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
+        if self.timestep_scale is not None:  # rescale_timesteps=True: trained on t * 1000 / diffusion_steps
+            if timesteps.is_floating_point():  # guided-diffusion's rescaled t would be rescaled twice
+                raise ValueError("this model rescales timesteps itself (rescale_timesteps=True): pass the original "
+                                 f"integer timesteps, got {timesteps.dtype} (create guided-diffusion's diffusion "
+                                 "with rescale_timesteps=False)")
+            timesteps = timesteps.float() * self.timestep_scale
 
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
@@ -829,6 +838,8 @@ class ADMUNet(nn.Module):
         trained = _flags_schedule(config)
         model = cls(**kwargs)
         model.trained_schedule = trained  # the samplers refuse another schedule (they were ignored)
+        if _flag_bool("rescale_timesteps", config.get("rescale_timesteps", False)) and trained and trained[1] != 1000:
+            model.timestep_scale = 1000.0 / trained[1]  # was ignored: the samplers fed raw t
         return model
 
     @classmethod
