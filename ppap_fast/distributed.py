@@ -708,6 +708,10 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of)
                 hint += ("; its cached teacher targets are stored another way (targets_encoding "
                          f"{theirs.get('targets_encoding', 'raw float16, an older version')!r}), and a set holds one "
                          "encoding only: distil from it as it is, or generate the rest into another directory")
+            if theirs.get("denoiser_fp16") != ident.get("denoiser_fp16"):
+                cuda = "denoiser_fp16" not in theirs
+                hint += (f"; it was sampled on {'CUDA (the ADM float16 torso)' if cuda else 'the CPU (float32 torso)'}"
+                         f": finish it with --device {'cuda' if cuda else 'cpu'}, or generate into another directory")
             if "batch_size" in theirs and theirs["batch_size"] != ident.get("batch_size"):
                 hint += ("; it was written before per-sample sampler noise" + (
                     ", so its images depend on the micro-batch size" if cfg.needs_noise else
@@ -754,6 +758,13 @@ def _generation_teacher(cfg: GenerateConfig) -> tuple:
     return b.model, b.transform, b.task
 
 
+def _adm_fp32_torso(denoiser: str, device_type: str) -> bool:
+    """An adm: preset with an fp16 torso that build_denoiser builds in fp32 (off CUDA)."""
+    from .models.adm import ADM_PRESETS
+
+    return device_type != "cuda" and denoiser.startswith("adm:") and bool(ADM_PRESETS.get(denoiser[4:], {}).get("use_fp16"))
+
+
 def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = False) -> dict:
     """Write (or complete) the data-free set ``cfg.out_dir`` with all ranks of ``env``.
 
@@ -771,6 +782,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing)  # a bad --respacing fails here
     cfg = _set_step_noise(cfg)  # read by every rank before anyone rewrites the manifest (check_same_config)
     ident = cfg.identity()
+    if _adm_fp32_torso(cfg.denoiser, env.device.type):  # its images differ from CUDA's (absent there: hashes hold)
+        ident["denoiser_fp16"] = False
     # every rank takes part, teacher or not: ranks whose configurations differ still meet in check_same_config
     teacher, transform, task = collectively(lambda: _generation_teacher(cfg), env, "building the teacher")
     softmax_targets = task == "segmentation"

@@ -144,6 +144,24 @@ def test_fast_generation_matches_the_reference_path(tmp_path, monkeypatch):
     assert D.config_from_args(D._parser().parse_args([*_gen_args(tmp_path / "x"), "--no-fast"])).fast is False
 
 
+def test_adm_set_resumed_on_another_device_type_is_refused(tmp_path):
+    """An adm: preset runs its torso in float16 on CUDA and float32 elsewhere: a set resumed on the other
+    device type mixed both precisions silently. The set records the fp32 torso (CUDA sets keep their hash)."""
+    cfg = D.GenerateConfig(str(tmp_path / "s"), num_images=4, shard_size=2, image_size=256,
+                           denoiser="adm:256x256_diffusion_uncond", checkpoint=str(tmp_path / "none.pt"))
+    for was, now, hint in ((None, "cpu", "sampled on CUDA.*--device cuda"), (False, "cuda", "on the CPU.*--device cpu")):
+        out = Path(cfg.out_dir)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        ident = {**cfg.identity(), **({} if was is None else {"denoiser_fp16": was})}
+        (out / D.MANIFEST).write_text(json.dumps(D._manifest(cfg, ident, D.config_hash(ident), 1, complete=False)))
+        (out / "shard_00000.npz").write_bytes(b"")  # a shard was written: the set is kept
+        with pytest.raises(D.DistributedRunError, match=f"another configuration.*denoiser_fp16.*{hint}"):
+            D.generate(cfg, D.DistEnv(device=torch.device(now)))
+    assert not D._adm_fp32_torso(cfg.denoiser, "cuda") and D._adm_fp32_torso(cfg.denoiser, "cpu")
+    assert not D._adm_fp32_torso("tiny", "cpu")
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_generation_refuses_non_finite_images(tmp_path, monkeypatch, fast):
     class NaNDenoiser(torch.nn.Module):
