@@ -1589,9 +1589,16 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if cfg.verify_data:  # row reads skip the zip CRC: read every file whole once, each rank its share
         err = None
         try:
-            bad = data.verify(data.files()[env.rank::env.world_size], progress=progress and env.rank == 0)
+            mine = data.files()[env.rank::env.world_size]
+            bad = data.verify(mine, progress=progress and env.rank == 0)
             if bad:
                 err = f"{len(bad)} damaged file(s): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+                computed = {f"{f}: " for f in mine if Path(f).parent == Path(cfg.out_dir) / TARGETS_DIR}
+                if any(not b.startswith(tuple(computed)) for b in bad):  # a shard (or its cached outputs)
+                    err += ("; remove the damaged shard file(s) and rerun generate with the set's arguments: it "
+                            "rewrites missing shards")
+                if computed and any(b.startswith(tuple(computed)) for b in bad):
+                    err += f"; remove the damaged {TARGETS_DIR} file(s) and rerun distill: it recomputes them"
         except Exception as e:  # noqa: BLE001 - every rank learns of it below
             err = f"{type(e).__name__}: {e}"
         raise_if_any(err, env, "verifying the data set")

@@ -562,6 +562,47 @@ def test_distill_bad_expert_settings_are_refused_before_the_teacher_outputs(tmp_
     assert not (tmp_path / "out" / D.TARGETS_DIR).exists()
 
 
+def _flip_a_data_byte(path):
+    """Damage the first member's data in place (its zip headers intact: only the CRC-32 check sees it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.infolist()[0]
+    raw = bytearray(Path(path).read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    raw[start + info.compress_size - 1] ^= 0xFF
+    Path(path).write_bytes(bytes(raw))
+
+
+def test_verify_data_says_how_to_repair_a_damaged_file(tmp_path, monkeypatch):
+    """--verify-data named the damaged files only (the CLI says what rewrites them): a shard is rewritten by
+    generate once removed, a computed teacher_targets file by distill."""
+    data = tmp_path / "data"
+    # 64x64: a member past zipfile's first read (a smaller one fails its CRC when its header is read)
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2, "image_size": 64}), D.DistEnv())
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=1, batch_size=2, device="cpu", verify_data=True)
+    tfile = _tiny_teacher_file(tmp_path)
+    real = D.compute_targets
+
+    def damaging(cfg, *a, **k):
+        key = real(cfg, *a, **k)
+        _flip_a_data_byte(Path(cfg.out_dir) / D.TARGETS_DIR / "targets_00001.npz")
+        return key
+
+    monkeypatch.setattr(D, "compute_targets", damaging)
+    with pytest.raises(D.DistributedRunError, match=r"1 damaged file.*targets_00001.*remove the damaged "
+                                                    r"teacher_targets file\(s\) and rerun distill") as e:
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "o1"), f"tiny:{tfile}", **base), D.DistEnv())
+    assert "rerun generate" not in str(e.value)
+    monkeypatch.setattr(D, "compute_targets", real)
+    _flip_a_data_byte(data / "shard_00001.npz")
+    with pytest.raises(D.DistributedRunError, match=r"1 damaged file.*shard_00001.*remove the damaged shard "
+                                                    r"file\(s\) and rerun generate") as e:
+        D.distill(D.DistillConfig(str(data), str(tmp_path / "o2"), f"tiny:{tfile}", **base), D.DistEnv())
+    assert "rerun distill" not in str(e.value)
+
+
 def test_distill_removes_the_temporaries_of_killed_writes_in_out(tmp_path):
     """A kill during a training-state save (or the final writes) left its temporary in --out for good, one per kill;
     only _atomic's exact names of distill's own outputs go."""
