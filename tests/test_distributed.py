@@ -403,8 +403,8 @@ def test_distill_ranks_that_disagree_on_collective_settings_fail_clearly(tmp_pat
     key = next(iter(over))
     t0 = time.time()
     with pytest.raises(Exception, match=rf"(?s)ConfigMismatchError.*rank 1 .*{key}: "):
-        D.launch("distill", [cfg0, dataclasses.replace(cfg0, **over)], 2, threads=1, timeout_s=20)
-    assert time.time() - t0 < 20  # not the collective timeout
+        D.launch("distill", [cfg0, dataclasses.replace(cfg0, **over)], 2, threads=1, timeout_s=90)
+    assert time.time() - t0 < 80  # not the collective timeout (90 s); start-up alone took 20 s on a loaded box
     assert not (tmp_path / "out" / D.TRAIN_STATE).exists()
 
 
