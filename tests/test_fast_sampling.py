@@ -498,7 +498,9 @@ def test_channels_last_and_autocast(setup):
     assert rel_err(out, ref) < TOL
     out16 = fast_sample_loop(model, SHAPE, sched, guide=guide, guide_autocast=torch.bfloat16,
                              generator=torch.Generator().manual_seed(1))
-    assert out16.dtype == torch.float32 and rel_err(out16, ref) < 3e-2
+    # the guide moves these samples by ~5e-3 only: 3e-2 passed with no guidance at all under autocast
+    unguided = sample_loop(model, SHAPE, sched, generator=torch.Generator().manual_seed(1))
+    assert out16.dtype == torch.float32 and rel_err(out16, ref) < 0.1 * rel_err(unguided, ref)
 
 
 def test_guide_options_without_a_guide_warn(setup):
