@@ -738,6 +738,14 @@ def test_distill_amp_bf16(tmp_path, monkeypatch):
         torch.testing.assert_close(got, v, rtol=0.1, atol=4 * base["lr"])  # AdamW moves <= ~lr a step
         trained += not torch.equal(got, v)
     assert trained  # bf16 rounding reached the experts: the option did something
+    # the atol above passed untrained bf16 experts too (2 steps move <= ~2 lr): the bf16 run must have trained
+    # them about as float32 did (~0.3 of the float32 move off; 1.0 untrained), the start from an lr=0 run
+    D.distill(D.DistillConfig(str(data), str(tmp_path / "lr0"), f"tiny:{tfile}", **{**base, "lr": 0.0}), D.DistEnv())
+    start = _experts(tmp_path / "lr0")
+    params = [k for k in banks["none"] if "running_" not in k and "num_batches" not in k]
+    moved = torch.cat([(banks["none"][k] - start[k]).flatten() for k in params]).norm()
+    off = torch.cat([(banks["bf16"][k] - banks["none"][k]).flatten() for k in params]).norm()
+    assert moved > 0 and off < 0.5 * moved, (off, moved)
     with pytest.raises(ValueError, match="amp must be one of"):
         D.distill(dataclasses.replace(cfg, amp="fp8", out_dir=str(tmp_path / "bad")), D.DistEnv())
     a = D._parser().parse_args(["distill", "--data", str(data), "--out", "o", "--teacher", "x", "--amp", "bf16"])
