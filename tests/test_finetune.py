@@ -49,9 +49,10 @@ def _separately_trained(base, x, y):
 
 
 def _max_diff(me, experts):
-    return max(float((a.double() - b.double()).abs().max())
-               for n, m in enumerate(experts)
-               for a, b in zip(me.experts[n].state_dict().values(), m.state_dict().values()))
+    # torch's max: a NaN anywhere gives NaN (Python's max() kept the first value and dropped later NaNs)
+    return float(torch.stack([(a.double() - b.double()).abs().max()
+                              for n, m in enumerate(experts)
+                              for a, b in zip(me.experts[n].state_dict().values(), m.state_dict().values())]).max())
 
 
 def test_one_pass_finetune_equals_training_each_expert_separately():
