@@ -843,7 +843,7 @@ def test_solver_correction_uses_the_steps_own_sigma(classifier, name, sigmas):
     sched.set_timesteps(6)
     gen = torch.Generator().manual_seed(18)
     x0_data = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64) * 0.5
-    guided, x, worst = PPAPGuidance(guide), torch.randn(B, C, H, H, generator=gen, dtype=torch.float64), 0.0
+    guided, x, errs = PPAPGuidance(guide), torch.randn(B, C, H, H, generator=gen, dtype=torch.float64), []
     for t in sched.timesteps:
         if sched.step_index is None:
             sched._init_step_index(t)
@@ -853,9 +853,9 @@ def test_solver_correction_uses_the_steps_own_sigma(classifier, name, sigmas):
         shift = sched.convert_model_output(guided.correct(eps, x, t, sched), sample=x) - \
             sched.convert_model_output(eps, sample=x)
         want = sigma_t ** 2 / alpha_t * grad
-        worst = max(worst, ((shift - want).norm() / want.norm()).item())
+        errs.append(((shift - want).norm() / want.norm()).item())
         x = sched.step(eps, t, x).prev_sample
-    assert worst < 1e-4, worst
+    assert errs and all(e < 1e-4 for e in errs), errs  # (max(worst, nan) kept worst: NaN outputs passed)
 
 
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
