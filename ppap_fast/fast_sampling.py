@@ -484,11 +484,11 @@ class _Graph:
 class FastGuide:
     """``guide(x_t, t) -> grad`` with the sampling-time speed-ups of this module, usable alone.
 
-    ``fast(x, t, t_host=None)``: t the original timesteps (long [B] on x's device). When every
-    sample is at the same original timestep and the caller knows it on the host (``t_host``, an
-    int; e.g. the loop's counter or a CPU scheduler timestep), a PPAP guide runs with the merged
-    experts of that band; otherwise it routes per sample through its ExpertBank(s). Other guides
-    run as they are (with autocast / channels_last / compile as configured).
+    ``fast(x, t, t_host=None)``: t the original timesteps (long [B] on x's device, or an int). When
+    every sample is at the same original timestep and the caller knows it on the host (``t_host``,
+    an int; e.g. the loop's counter or a CPU scheduler timestep; an int t is its own), a PPAP guide
+    runs with the merged experts of that band; otherwise it routes per sample through its
+    ExpertBank(s). Other guides run as they are (with autocast / channels_last / compile as configured).
     """
 
     def __init__(self, guide: Callable, device=None, *, merge_experts: bool = True, channels_last: bool = False,
@@ -688,6 +688,8 @@ class FastGuide:
         ``t_host`` must be every sample's t: checked when t is on the CPU (on a GPU that would cost a sync)."""
         t, t_host = _gd.as_int_or_tensor(t), _gd.as_int_or_tensor(t_host)
         if isinstance(t, int) and not isinstance(t, bool):  # the guides' objectives index by a tensor t
+            if t_host is None:  # an int t is known on the host: the merged expert (it routed per sample)
+                t_host = t
             t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         if t_host is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool((t != t_host).any()):
             raise ValueError(f"FastGuide: t_host={t_host} but t holds {t.unique().tolist()[:5]}; t_host selects the "

@@ -1217,6 +1217,22 @@ def test_fast_guide_refuses_a_t_host_that_is_not_t(setup):
     assert torch.equal(fg(x, t), right) or (fg(x, t) - right).abs().max() < 1e-5  # routed by t: the same expert
 
 
+def test_fast_guide_with_an_int_t_runs_the_merged_expert(setup):
+    """FastGuide(x, 300): the timestep is known on the host, so the band's merged expert runs (it routed
+    per sample through the bank), with the routed gradient."""
+    import numpy as np
+
+    _, bank, guide = setup
+    x = torch.randn(SHAPE)
+    routed = fs.FastGuide(guide, "cpu")(x, torch.full((SHAPE[0],), 300))
+    for t in (300, np.int64(300)):
+        fg = fs.FastGuide(guide, "cpu")
+        got = fg(x, t)
+        assert list(fg._variants) == [(300 // bank.band,)]  # merged, no routed call
+        assert torch.isfinite(got).all() and rel_err(got, routed) < TOL
+        assert torch.equal(got, fg(x, torch.full((SHAPE[0],), 300), t_host=300))
+
+
 def test_step_and_bank_guide_take_numpy_integers(setup):
     """ClassGuide(bank, 3)(x, np.int64(500)) and step(x, np.int64(i)) were refused or routed where an int
     merges; numpy floats still refused."""
