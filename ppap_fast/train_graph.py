@@ -104,6 +104,9 @@ class GraphedTrainStep:
             s.copy_(x, non_blocking=True)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not inputs:  # self.static[0] raised IndexError
+            raise ValueError("GraphedTrainStep takes the step's input tensors (at least one: the step runs on "
+                             "their device), got none")
         self._load(inputs)
         # capture and replay on the inputs' device (torch.cuda.graph and replay use the current one's streams)
         with torch.cuda.device(self.static[0].device):

@@ -113,6 +113,8 @@ def test_arguments_and_reasons():
         GraphedTrainStep(lambda x: x, warmup=0)
     with pytest.raises(ValueError, match="CUDA tensors"):
         GraphedTrainStep(lambda x: x)(torch.zeros(2))
+    with pytest.raises(ValueError, match="input tensors .*got none"):  # was an IndexError
+        GraphedTrainStep(lambda: None)()
     assert "CUDA device" in why_no_graph(torch.device("cpu"))
     if torch.cuda.is_available():
         assert why_no_graph(torch.device("cuda")) is None
