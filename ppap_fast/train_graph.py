@@ -14,10 +14,12 @@ no ``.item()``), an optimizer made with ``capturable=True`` (or an ``ExpertAdamW
 learning rate (set it with ``group["lr"].fill_(lr)`` between steps), inputs of one shape and dtype. It should call
 ``optimizer.zero_grad(set_to_none=True)`` before ``backward()`` (in the graph, gradients are then
 written, not accumulated). The returned loss tensor is static: read or copy it before the next step.
+A capture that fails warns once and runs that step and every later one eagerly (``capture_error``).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable
 
 import torch
@@ -73,6 +75,7 @@ class GraphedTrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         self.eager_steps = 0
+        self.capture_error: str | None = None  # why the capture failed: every step eager from then on
         self._side = None
 
     def lora_preference(self):
@@ -107,6 +110,8 @@ class GraphedTrainStep:
         if not inputs:  # self.static[0] raised IndexError
             raise ValueError("GraphedTrainStep takes the step's input tensors (at least one: the step runs on "
                              "their device), got none")
+        if self.capture_error is not None:
+            return self.step_fn(*inputs)
         self._load(inputs)
         # capture and replay on the inputs' device (torch.cuda.graph and replay use the current one's streams)
         with torch.cuda.device(self.static[0].device):
@@ -127,8 +132,14 @@ class GraphedTrainStep:
             self.eager_steps += 1
             return loss
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self.lora_preference():
-            self.loss = self.step_fn(*self.static)
-        self.graph = graph
+        try:
+            with torch.cuda.graph(graph), self.lora_preference():
+                loss = self.step_fn(*self.static)
+        except Exception as exc:  # noqa: BLE001 - as the sampler's capture: eager from now on
+            self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"GraphedTrainStep: capturing the training step in a CUDA graph failed "
+                          f"({self.capture_error}); training eagerly from now on", UserWarning, stacklevel=3)
+            return self.step_fn(*self.static)  # the failed capture ran nothing: this is the step's execution
+        self.loss, self.graph = loss, graph
         graph.replay()  # capturing ran nothing: this is the step's execution
         return self.loss

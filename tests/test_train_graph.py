@@ -121,6 +121,72 @@ def test_arguments_and_reasons():
         assert "DDP" in why_no_graph(torch.device("cuda"), distributed=True)
 
 
+def _fake_cuda_capture(monkeypatch, capturing: list):
+    """torch.cuda's streams, device and graph faked for CPU tensors; ``capturing`` is non-empty under capture."""
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_graph(g, pool=None):
+        capturing.append(True)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", fake_graph)
+
+
+class _CpuGraphedTrainStep(GraphedTrainStep):
+    """GraphedTrainStep without its CUDA-tensor check (CPU tests with torch.cuda faked)."""
+
+    def _load(self, inputs):
+        self.static = [x.detach().clone() for x in inputs]
+
+
+def test_failed_capture_warns_once_and_trains_eagerly(monkeypatch):
+    """A step that cannot be captured (a host sync under capture, faked on the CPU) raised at the first
+    captured step, with no eager fallback (distill stopped there); now it warns once and that step and
+    every later one run eagerly: the same losses and parameters as the eager steps."""
+    capturing = []
+    _fake_cuda_capture(monkeypatch, capturing)
+
+    def train(graphed):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+
+        def step(x, y):
+            if capturing:  # as .item() under capture
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore text")
+            loss = F.mse_loss(lin(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = _CpuGraphedTrainStep(step, warmup=2, lora_backend=None) if graphed else step
+        gen = torch.Generator().manual_seed(1)
+        losses = [run(torch.randn(8, 4, generator=gen), torch.randn(8, 2, generator=gen)).item() for _ in range(5)]
+        return run, losses, [p.detach().clone() for p in lin.parameters()]
+
+    _, l_e, p_e = train(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, l_g, p_g = train(True)
+    msgs = [str(w.message) for w in caught]
+    assert msgs == ["GraphedTrainStep: capturing the training step in a CUDA graph failed (RuntimeError: CUDA "
+                    "error: operation not permitted when stream is capturing); training eagerly from now on"], msgs
+    assert not run.captured and run.eager_steps == 2 and run.capture_error.startswith("RuntimeError")
+    assert l_g == l_e and all(torch.equal(a, b) for a, b in zip(p_g, p_e))
+
+
 def _tiny_set(tmp_path, image_size=8):
     from ppap_fast.models.tiny import save_model
 
@@ -251,6 +317,8 @@ def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_pa
     D.distill(cfg, D.DistEnv())
 
     class Uncaptured:  # GraphedTrainStep's contract: step_fn(*inputs) does the whole step
+        capture_error = None
+
         def __init__(self, step_fn):
             self.step_fn = step_fn
 
@@ -271,6 +339,43 @@ def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_pa
     assert bank.check_inputs
     with pytest.raises(ValueError, match="out of range"):
         bank(torch.zeros(1, 1, 8, 8), torch.tensor([1000]))
+
+
+def test_distill_whose_capture_fails_trains_eagerly(tmp_path, monkeypatch):
+    """distill crashed at its first captured step when the capture failed; now it warns, trains on eagerly
+    (the experts of the graph path's step run uncaptured) and its summary says it was not captured."""
+    import ppap_fast.train_graph as TG
+    from safetensors.torch import load_file
+
+    data, teacher = _tiny_set(tmp_path)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "eager"), teacher, n_experts=2, r=2, alpha=2.0, steps=5,
+                          batch_size=4, lr=1e-2, warmup=1, device="cpu")
+    D.distill(cfg, D.DistEnv())
+
+    class CpuAdamW(torch.optim.AdamW):  # capturable needs CUDA; the tensor lr stays
+        def __init__(self, params, capturable=False, **kw):
+            super().__init__(params, **kw)
+
+    capturing = []
+    _fake_cuda_capture(monkeypatch, capturing)
+
+    @contextlib.contextmanager
+    def failing_graph(g, pool=None):
+        raise RuntimeError("CUDA error: operation not supported")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    monkeypatch.setattr(TG, "why_no_graph", lambda *a, **k: None)
+    monkeypatch.setattr(TG, "GraphedTrainStep", _CpuGraphedTrainStep)
+    monkeypatch.setattr(torch.optim, "AdamW", CpuAdamW)
+    with pytest.warns(UserWarning, match=r"capturing the training step in a CUDA graph failed \(RuntimeError: CUDA "
+                                         r"error: operation not supported\); training eagerly"):
+        D.distill(dataclasses.replace(cfg, out_dir=str(tmp_path / "g")), D.DistEnv())
+    sa, sb = (json.loads((tmp_path / o / "train_summary.json").read_text()) for o in ("eager", "g"))
+    assert sb["cuda_graph"] is False and len(sb["losses"]) == 5
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(sa["losses"], sb["losses"]))
+    a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
+    assert all(rel(b[k].double(), a[k].double()) < 1e-5 for k in a if a[k].is_floating_point())
 
 
 def test_prefetched_batches_train_the_same_experts(tmp_path):
