@@ -713,7 +713,7 @@ class FastGuidedSampler:
             device-side assert on accelerators).
         backend: guided_update backend (None = fastest available).
         See the module docstring for merge_experts, merge_mode, channels_last, guide_autocast, compile_*,
-        cuda_graph, overlap_guide.
+        cuda_graph, overlap_guide. ``applied_options``: the ones in effect (after fallbacks so far).
     """
 
     def __init__(self, model: Callable, schedule: Schedule, *, sampler: str = "ddim", guide: Callable | None = None,
@@ -744,6 +744,7 @@ class FastGuidedSampler:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         check_trained_schedule(model, schedule)
+        self._fused_norm_act = False
         self.schedule = schedule.to(torch.device(device) if device is not None else schedule.device)
         self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
         self.sampler, self.eta, self.var_type = sampler, eta_value(eta), var_type
@@ -758,6 +759,7 @@ class FastGuidedSampler:
                               FastSamplingWarning, stacklevel=2)
             elif callable(getattr(model, "fuse_norm_act", None)):
                 model.fuse_norm_act()  # in place, like channels_last
+                self._fused_norm_act = True
             else:
                 warnings.warn(f"fuse_norm_act: {type(model).__name__} has no fuse_norm_act() (ADMUNet has); "
                               "running it as it is", FastSamplingWarning, stacklevel=2)
@@ -805,6 +807,25 @@ class FastGuidedSampler:
         self._graph_generation = 0
         self._graph_pool = None  # one memory pool for every graph of this sampler
         self._graph_warned = False
+
+    @property
+    def applied_options(self) -> dict:
+        """The on/off options and autocast dtypes in effect now: those asked for that apply here and have not
+        fallen back (e.g. cuda_graph False off CUDA or after a failed capture, fuse_norm_act False with
+        compile_model or a model without fuse_norm_act, compile_model False after a failed compile)."""
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        guided = self.fast_guide is not None
+        compiled = self.opts.compile_model and self._denoise._compile_ok
+        guide_failed = any(isinstance(k, tuple) and k[0] in ("guide compile failed", "plain guide warned")
+                           for k in self.opts.state)
+        return {"merge_experts": self.merge_experts, "channels_last": self.opts.channels_last,
+                "guide_autocast": self.opts.guide_autocast if guided else None,
+                "model_autocast": self.opts.model_autocast,
+                "compile_guide": self.opts.compile_guide and guided and not guide_failed
+                and (self.merge_experts or not self.banks),  # a routed bank runs eagerly
+                "compile_model": compiled, "compile_freeze": compiled and self.opts.compile_freeze,
+                "cuda_graph": self.cuda_graph and cuda, "overlap_guide": self.overlap_guide and cuda and guided,
+                "fuse_norm_act": self._fused_norm_act, "cudnn_benchmark": self.cudnn_benchmark and cuda}
 
     # -- guide variants --------------------------------------------------------------------
     @property

@@ -334,9 +334,13 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     write_npz_atomic(out, **arrays)  # the .json, written last, marks a complete output
     save_image_grid(out.with_suffix(".png"), imgs)
     guided = make_guide is not None
+    applied = {}
+    if cfg.fast:  # what ran, not what was asked (config has that): on if every batch size's sampler ran it
+        per = [s.applied_options for s, _, _ in samplers.values()]
+        applied = {k: all(p[k] for p in per) if isinstance(v, bool) else per[0][k] for k, v in opts.items()}
     stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": steps,
              "path": "fast" if cfg.fast else "reference", "device": str(device),
-             "fast_options": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in opts.items()},
+             "fast_options": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in applied.items()},
              "nfe_per_sample": steps, "guide_evals_per_sample": steps if guided else 0,
              "seconds": round(seconds, 3), "images_per_s": round(cfg.num_samples / max(seconds, 1e-9), 3),
              "first_batch_seconds": round(first_s if first_s is not None else seconds, 3),

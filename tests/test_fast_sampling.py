@@ -925,6 +925,40 @@ def test_fuse_norm_act_option(one_thread):
     assert not any(b.fused_norm_act for b in model.modules() if type(b).__name__ == "ResBlock")
 
 
+def test_applied_options_say_what_runs(setup, monkeypatch):
+    """applied_options: what the sampler runs after its fallbacks, not what was asked (ppap-fast guided-sample's
+    stats showed cuda_graph True on a CPU run and fuse_norm_act True with compile_model)."""
+    model, bank, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    cpu = not torch.cuda.is_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FastSamplingWarning)
+        asked = FastGuidedSampler(lambda x, t: torch.cat([x, x], 1), sched, guide=guide, cuda_graph=True,
+                                  fuse_norm_act=True, cudnn_benchmark=True, overlap_guide=True,
+                                  guide_autocast=torch.bfloat16)
+        compiled = FastGuidedSampler(tiny_adm(), sched, fuse_norm_act=True, compile_model=True,
+                                     compile_freeze=True)
+    got = asked.applied_options
+    assert got["fuse_norm_act"] is False and got["merge_experts"] is True and got["guide_autocast"] is torch.bfloat16
+    assert got["compile_model"] is False and got["compile_guide"] is False and got["channels_last"] is False
+    if cpu:  # CUDA-only options
+        assert got["cuda_graph"] is False and got["cudnn_benchmark"] is False and got["overlap_guide"] is False
+    c = compiled.applied_options
+    assert c["fuse_norm_act"] is False and c["guide_autocast"] is None  # skipped with compile_model; no guide
+    assert c["compile_model"] is True and c["compile_freeze"] is True
+
+    def failing(fn, **kw):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fs, "_compile", failing)
+    with pytest.warns(FastSamplingWarning, match="torch.compile of the denoiser failed"):
+        compiled.step(torch.randn(SHAPE), 4)
+    c = compiled.applied_options
+    assert c["compile_model"] is False and c["compile_freeze"] is False  # the eager denoiser runs
+    fused = FastGuidedSampler(tiny_adm(), sched, fuse_norm_act=True)
+    assert fused.applied_options["fuse_norm_act"] is True
+
+
 def test_recommended_options_follow_the_h100_measurements():
     """CUDA: ADM fused in channels_last; a model without fuse_norm_act stays NCHW (eager unfused
     channels_last was slower); compiled: channels_last, no fusion; CPU: nothing, and freezing when

@@ -246,6 +246,25 @@ def test_compile_option_reaches_the_fast_sampler(tmp_path, monkeypatch):
                         and kw["compile_freeze"] is False for kw in seen)
 
 
+def test_stats_fast_options_say_what_ran(tmp_path, monkeypatch):
+    """stats["fast_options"] held what was asked: cuda_graph True on a CPU run, fuse_norm_act True with --compile,
+    though neither ran. Now what ran (both batch sizes' samplers); config keeps what was asked."""
+    import warnings
+
+    import ppap_fast.fast_sampling as fs
+
+    monkeypatch.setattr(fs, "_compile", lambda fn, **kw: fn)  # compiled at once: the options are under test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, stats = _run(tmp_path, "s", *GUIDE, "--device", "cpu", "--cuda-graph", "--fuse-norm-act", "--compile")
+    said = " | ".join(str(w.message) for w in caught)  # the sampler's warnings, as before
+    assert "CUDA-graph capture needs a CUDA device" in said and "fuse_norm_act is skipped with compile_model" in said
+    opts = stats["fast_options"]
+    assert opts["cuda_graph"] is False and opts["fuse_norm_act"] is False, opts
+    assert opts["compile_model"] is True and opts["compile_freeze"] is True and opts["guide_autocast"] is None
+    assert stats["config"]["cuda_graph"] is True and stats["config"]["fuse_norm_act"] is True
+
+
 def test_schedule_option_reaches_the_sampler(tmp_path):
     lin, _ = _run(tmp_path, "lin")
     cos, stats = _run(tmp_path, "cos", "--schedule", "cosine")
