@@ -33,16 +33,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_close_rel(a, b, tol: float, what: str = ""):
     err = rel_err(a, b)
+    assert tol == tol and tol < float("inf"), f"{what}: tolerance {tol} is not finite (a non-finite reference?)"
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
 def poison_allocator(device, nbytes: int = 64 << 20) -> None:
     """Fill and free NaN blocks so that the next allocations likely reuse NaN-filled memory: one large
-    block, and two of every power-of-two size from 256 B to 16 MiB (one large block alone poisoned 4 of
+    block, and two of every power-of-two size from 16 B to 16 MiB (one large block alone poisoned 4 of
     18 CPU outputs: glibc returns it to the OS; CUDA's caching allocator keeps blocks under 1 MiB in a
     separate pool)."""
     blocks = [torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device=device)]
-    for k in range(8, 25):
+    for k in range(4, 25):
         blocks += [torch.full(((1 << k) // 4 + 17,), float("nan"), dtype=torch.float32, device=device)
                    for _ in range(2)]
     del blocks

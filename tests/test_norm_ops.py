@@ -536,6 +536,7 @@ def test_cuda_graph_capture(training):
                                training, 0.1, 1e-5)
     _check("replayed y", y, want, TOL[torch.float32])
     _check("replayed running_var", rv, rv_r, TOL[torch.float32])
+    _check("replayed running_mean", rm, rm_r, TOL[torch.float32])
 
 
 def test_empty_batch():
