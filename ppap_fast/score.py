@@ -103,7 +103,14 @@ def read_parts(paths) -> tuple[np.ndarray, np.ndarray | None]:
     return np.concatenate([im for im, _ in parts]), targets
 
 
-def _last_linear(model: nn.Module) -> nn.Linear | None:
+def _head_linear(model: nn.Module) -> nn.Linear | None:
+    """The Linear that produces the output (torch.fx, see output_linear), None for another head; a model
+    that cannot be traced: its last registered Linear."""
+    from .experts.placement import output_linear
+
+    traced, name = output_linear(model)
+    if traced:
+        return model.get_submodule(name) if name is not None else None
     last = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -114,12 +121,12 @@ def _last_linear(model: nn.Module) -> nn.Linear | None:
 @torch.no_grad()
 def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch_size: int,
                        device: torch.device, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(penultimate features: the input of the model's last nn.Linear, or its logits without one;
+    """(penultimate features: the input of the nn.Linear that produces the logits, or the logits without one;
     softmax probabilities), float64 on the CPU, of uint8 N x H x W x C images; ``progress``: a bar's title."""
     from .data import from_uint8
     from .guidance import _primary
 
-    head = _last_linear(model)
+    head = _head_linear(model)
     seen: list = []
     hook = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten(1))) if head is not None else None
     feats, probs = [], []

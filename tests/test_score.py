@@ -181,3 +181,44 @@ def test_score_json_that_names_an_input_is_refused(tmp_path, capsys, brightness_
                      "--no-progress", "--json", str(out)]) == 2
         assert "is one of the input files" in capsys.readouterr().err
     assert (s.read_bytes(), r.read_bytes()) == before
+
+
+def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
+    """The head registered before another Linear: the features were the input of the last registered Linear
+    (here the 3 mean colours), not the head's input; a conv head (no Linear produces the logits): the logits."""
+    import torch
+    import torch.nn as nn
+
+    from ppap_fast.score import classifier_outputs
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return {"logits": self.head(torch.relu(self.proj(x.mean((2, 3)))))}
+
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(3, 3)  # an SE-style gate, not the head
+            self.head = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            x = x * torch.sigmoid(self.gate(x.mean((2, 3))))[:, :, None, None]
+            return self.head(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    for model in (HeadFirst().eval(), ConvHead().eval()):
+        with torch.no_grad():
+            out = model(x)
+            logits = out["logits"] if isinstance(out, dict) else out
+            want = torch.relu(model.proj(x.mean((2, 3)))) if isinstance(model, HeadFirst) else logits
+        feats, probs = classifier_outputs(model, None, images, 2, torch.device("cpu"))
+        assert feats.shape == tuple(want.shape) and np.isfinite(feats).all()
+        np.testing.assert_allclose(feats, want.double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(probs, torch.softmax(logits.double(), 1).numpy(), rtol=1e-5, atol=1e-7)
