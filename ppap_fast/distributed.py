@@ -144,6 +144,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1759,7 +1760,7 @@ _TASKS = {"generate": generate, "distill": distill}
 
 
 def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cfgs, threads, timeout_s,
-            progress: bool = False):
+            progress: bool = False, error_dir: str | None = None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     if threads:
         torch.set_num_threads(int(threads))
@@ -1769,6 +1770,10 @@ def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cf
     try:
         env = init_distributed(cfg.device)
         _TASKS[task](cfg, env, progress=progress)
+    except BaseException:
+        if error_dir is not None:  # before the peers' collectives fail on this rank's closed connections
+            _record_rank_error(error_dir, rank)
+        raise
     finally:
         dist.destroy_process_group()
     # success: every output is written atomically; skip interpreter teardown, where gloo's threads
@@ -1781,7 +1786,8 @@ def _worker(rank: int, world: int, init_method: str, backend: str, task: str, cf
 def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | None = None,
            timeout_s: float = 1800.0, progress: bool = False) -> None:
     """Run ``task`` ("generate" | "distill") on ``nproc`` spawned processes (one config for all,
-    or a list with one per rank); a rank's exception is re-raised here (torch.multiprocessing).
+    or a list with one per rank); a failed rank's exception is raised here as torch.multiprocessing's
+    ProcessRaisedException (the cause, not a peer's collective error about it: see _join_ranks).
     ``progress``: the task's progress bars, as ``--progress`` without ``--nproc``."""
     import torch.multiprocessing as mp
 
@@ -1791,8 +1797,110 @@ def launch(task: str, cfgs, nproc: int, backend: str = "gloo", threads: int | No
         raise ValueError(f"{len(cfgs)} configs for {nproc} processes")
     with tempfile.TemporaryDirectory(prefix="ppap_rdzv_") as d:
         init = Path(d, "rendezvous").as_uri()
-        mp.start_processes(_worker, args=(nproc, init, backend, task, cfgs, threads, timeout_s, progress),
-                           nprocs=nproc, start_method="spawn", join=True)
+        ctx = mp.start_processes(_worker, args=(nproc, init, backend, task, cfgs, threads, timeout_s, progress, d),
+                                 nprocs=nproc, start_method="spawn", join=False)
+        _join_ranks(ctx, d)
+
+
+# a failed rank's error as its peers see it: their collectives fail on its closed connections (or time out)
+_PEER_ERROR_MARKS = ("Connection closed by peer", "Connection reset by peer", "gloo/", "NCCL", "DistBackendError",
+                     "DistNetworkError", "DistStoreError")
+PEER_ERROR_GRACE_S = 10.0  # how long the launcher waits for a real cause after only peer errors
+
+
+def _record_rank_error(error_dir: str, rank: int) -> None:
+    """Write this rank's traceback (being handled) with the time, for launch to pick the real cause."""
+    import traceback
+
+    try:
+        tmp = Path(error_dir, f".rank{rank}.error.tmp")
+        tmp.write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
+        os.replace(tmp, Path(error_dir, f"rank{rank}.error"))
+    except Exception:  # noqa: BLE001 - torch's own error file still reports it
+        pass
+
+
+def _rank_error(ctx, error_dir: str, rank: int, exited: bool) -> tuple[int, str] | None:
+    """(time_ns, traceback or exit line) of a failed rank: its recorded error, else (exited) torch's error file or
+    its exit code / signal; None while it has recorded nothing."""
+    try:
+        stamp, _, trace = Path(error_dir, f"rank{rank}.error").read_text().partition("\n")
+        return int(stamp), trace
+    except (OSError, ValueError):
+        pass
+    if not exited:
+        return None
+    import pickle
+
+    try:
+        with open(ctx.error_files[rank], "rb") as fh:
+            return time.time_ns(), pickle.load(fh)
+    except Exception:  # noqa: BLE001 - no traceback: it died (signal) or exited without one
+        code = ctx.processes[rank].exitcode
+        try:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        except ValueError:
+            how = f"signal {-code}"
+        return time.time_ns(), f"process {rank} terminated with {how}"
+
+
+def _last_line(text: str) -> str:
+    return ([ln.strip() for ln in text.splitlines() if ln.strip()] or [""])[-1]
+
+
+def _is_peer_error(text: str) -> bool:
+    return any(m in _last_line(text) for m in _PEER_ERROR_MARKS)
+
+
+def _join_ranks(ctx, error_dir: str, grace_s: float | None = None) -> None:
+    """Wait for the ranks of ``mp.start_processes(join=False)``; when any fails, stop the others and raise the real
+    cause: the first error (by time) that is not a peer's collective error about it, else the first; waits up to
+    ``grace_s`` for one while only peer errors are known. The others are named in a line above it."""
+    from multiprocessing.connection import wait
+
+    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
+    grace_s = PEER_ERROR_GRACE_S if grace_s is None else grace_s
+    procs = ctx.processes
+    alive = {p.sentinel: r for r, p in enumerate(procs)}
+    failed: list[int] = []
+    deadline = None
+    while alive:
+        ready = wait(list(alive), None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for s in ready:
+            r = alive.pop(s)
+            procs[r].join()
+            if procs[r].exitcode != 0:
+                failed.append(r)
+        if not failed:
+            continue
+        errors = {r: e for r in range(len(procs)) if (e := _rank_error(ctx, error_dir, r, r in failed)) is not None}
+        if not ready or any(not _is_peer_error(t) for _, t in errors.values()):
+            break
+        if deadline is None:
+            deadline = time.monotonic() + grace_s
+    if not failed:
+        return
+    still = list(alive.values())
+    for r in still:
+        procs[r].terminate()
+    for r in still:
+        procs[r].join(30)
+        if procs[r].is_alive():
+            procs[r].kill()
+            procs[r].join()
+    errors = {r: e for r in range(len(procs)) if (e := _rank_error(ctx, error_dir, r, r in failed)) is not None}
+    cause = min(errors, key=lambda r: (_is_peer_error(errors[r][1]), errors[r][0]))
+    others = [f"process {r}: " + (_last_line(errors[r][1])[:160] if r in errors else "terminated")
+              for r in sorted(set(failed) | set(still) | set(errors)) if r != cause]
+    note = f"-- also failed: {'; '.join(others)}\n" if others else ""
+    trace = errors[cause][1]
+    if trace.startswith(f"process {cause} terminated with "):
+        code = procs[cause].exitcode
+        raise ProcessExitedException(note + trace, cause, procs[cause].pid, code,
+                                     trace.rsplit(" ", 1)[-1] if code < 0 else None)
+    raise ProcessRaisedException(f"\n\n{note}-- Process {cause} terminated with the following error:\n{trace}",
+                                 cause, procs[cause].pid)
 
 
 TEACHER_WEIGHTS_HELP = ("the teacher's weight file (a py: factory gets it as weights=PATH); a registry name without it "

@@ -449,6 +449,49 @@ def test_ddp_ranks_draw_their_own_dropout_masks(tmp_path, monkeypatch):
     assert len(m0) == len(m1) == 2 and m0[0] != m1[0] and m0[1] != m1[1]
 
 
+SLOW_TEARDOWN_MODULE = '''
+import os
+import time
+
+import torch.distributed as dist
+import torch.nn as nn
+
+if os.environ.get("RANK") == "1":  # its connections close, then it is slow to exit (e.g. a CUDA teardown)
+    _destroy = dist.destroy_process_group
+
+    def _slow_destroy(*a, **k):
+        _destroy(*a, **k)
+        time.sleep(float(os.environ["PPAP_TEST_TEARDOWN_S"]))
+
+    dist.destroy_process_group = _slow_destroy
+
+
+def make():
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 3))
+
+
+make.task = "classification"
+'''
+
+
+def test_launch_reports_the_failing_rank_not_its_peers_connection_error(tmp_path, monkeypatch):
+    """Rank 1 raises after its first shard while rank 0 waits for it in a collective: rank 0's gloo "Connection
+    closed by peer" reached the launcher first and was the error reported; rank 1's, the cause, was lost."""
+    (tmp_path / "ppap_test_slow_teardown.py").write_text(SLOW_TEARDOWN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path and the environment
+    monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "8")
+    for k, v in {"AFTER_SHARDS": "1", "RANK": "1", "SCOPE": "raise"}.items():
+        monkeypatch.setenv(f"PPAP_FAST_TEST_KILL_{k}", v)
+    cfg = D.GenerateConfig(str(tmp_path / "x"), **{**GEN, "num_images": 8, "teacher": "py:ppap_test_slow_teardown:make"})
+    with pytest.raises(Exception) as e:
+        D.launch("generate", cfg, 2, threads=1, timeout_s=60)
+    msg = str(e.value)
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    assert lines[-1] == "ppap_fast.distributed.SimulatedCrash: PPAP_FAST_TEST_KILL_AFTER_SHARDS=1 on rank 1", msg
+    assert "-- Process 1 terminated with the following error:" in msg
+    assert lines[0].startswith("-- also failed: process 0: "), msg  # its peer error, or terminated
+
+
 def test_ddp_distillation_two_ranks_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
@@ -850,8 +893,8 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     cfg = D.DistillConfig(str(data), str(out), teacher, **kw)
     monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")   # spawned ranks inherit the environment
     monkeypatch.setenv("PPAP_FAST_TEST_KILL_RANK", "1")
-    # the launcher reports rank 1's death (or rank 0's gloo error about it, whichever it sees first)
-    with pytest.raises(ProcessException):
+    # the launcher reports rank 1's death, not rank 0's gloo error about it (whichever it sees first)
+    with pytest.raises(ProcessException, match="process 1 terminated with signal SIGKILL"):
         D.launch("distill", cfg, 2, threads=1, timeout_s=60)
     monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
     assert not (out / "experts.safetensors").exists()
