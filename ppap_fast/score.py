@@ -103,12 +103,15 @@ def read_parts(paths) -> tuple[np.ndarray, np.ndarray | None]:
     return np.concatenate([im for im, _ in parts]), targets
 
 
+SCORED_OUTPUT_KEYS = ("logits", "out")  # a dict output's logits: the head is found by the same keys
+
+
 def _head_linear(model: nn.Module) -> nn.Linear | None:
     """The Linear that produces the output (torch.fx, see output_linear), None for another head; a model
     that cannot be traced: its last registered Linear."""
     from .experts.placement import output_linear
 
-    traced, name = output_linear(model)
+    traced, name = output_linear(model, SCORED_OUTPUT_KEYS)
     if traced:
         return model.get_submodule(name) if name is not None else None
     last = None
@@ -139,7 +142,7 @@ def classifier_outputs(model: nn.Module, transform, images_u8: np.ndarray, batch
             x = from_uint8(images_u8[i:i + batch_size]).to(device)
             h = transform(x) if transform is not None else x
             seen.clear()
-            logits = _primary(model(h), ("logits", "out"), "classifier").float()
+            logits = _primary(model(h), SCORED_OUTPUT_KEYS, "classifier").float()
             if logits.dim() != 2:
                 raise ScoreError(f"the classifier must output logits [B, K], got {tuple(logits.shape)}")
             f = seen[-1] if seen else logits

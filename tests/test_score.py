@@ -213,7 +213,15 @@ def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    for model in (HeadFirst().eval(), ConvHead().eval()):
+    class BothKeys(HeadFirst):  # scored by "logits": the features are that head's input, not "out"'s
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"out": self.aux(x.mean((2, 3))), "logits": self.head(torch.relu(self.proj(x.mean((2, 3)))))}
+
+    for model in (HeadFirst().eval(), ConvHead().eval(), BothKeys().eval()):
         with torch.no_grad():
             out = model(x)
             logits = out["logits"] if isinstance(out, dict) else out

@@ -192,9 +192,9 @@ def inside_fused_layers(model: nn.Module) -> dict:
     return {n: p for n, _ in model.named_modules() for p in layers if n.startswith(p + ".")}
 
 
-def output_linear(model: nn.Module) -> tuple[bool, str | None]:
-    """(traced, name): the Linear that produces the model's output (its first tensor, or a dict's ``out`` /
-    ``logits`` / ``predicted_depth``), found by symbolic tracing (torch.fx, nothing runs): back from the output
+def output_linear(model: nn.Module, keys=("out", "logits", "predicted_depth")) -> tuple[bool, str | None]:
+    """(traced, name): the Linear that produces the model's output (its first tensor, or a dict's first of
+    ``keys``), found by symbolic tracing (torch.fx, nothing runs): back from the output
     through parameter-free ops to the first module with parameters; name is None when that is no Linear (a conv
     head). (False, None) when the model cannot be traced."""
     import inspect
@@ -210,7 +210,7 @@ def output_linear(model: nn.Module) -> tuple[bool, str | None]:
     modules = dict(model.named_modules())
     node = next(n for n in graph.nodes if n.op == "output").args[0]
     if isinstance(node, dict):
-        node = next((node[k] for k in ("out", "logits", "predicted_depth") if k in node), next(iter(node.values()), None))
+        node = next((node[k] for k in keys if k in node), next(iter(node.values()), None))
     while isinstance(node, (tuple, list)) and node:
         node = node[0]
     while isinstance(node, torch.fx.Node):
