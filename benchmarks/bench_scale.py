@@ -86,6 +86,7 @@ def _sampling_rows(device: str, quick: bool, emit=None):
     peak = _peak(device)
     row = {"bench": "guided_sampling_ddim25", "config": name, "shape": list(shape), "device": device,
            "steps": steps, "fast_options": {k: str(v) for k, v in opts.items()},
+           "applied_options": {k: str(v) for k, v in guided.applied_options.items()},
            "guided_s": round(t_g, 4), "unguided_s": round(t_u, 4),
            "guided_images_per_s": round(shape[0] / t_g, 3), "unguided_images_per_s": round(shape[0] / t_u, 3),
            "peak_memory_gib": None if peak_gib is None else round(peak_gib, 3),

@@ -500,6 +500,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
            "threads": torch.get_num_threads() if not cuda else None, "reps": reps,
            "fast_options": {k: str(v) for k, v in fast_opts.items()},
+           "applied_options": {k: str(v) for k, v in fast.applied_options.items()},
            "reference_ms": round(t_ref, 3), "reference_unguided_ms": round(t_ref_u, 3),
            "fast_ms": round(t_fast, 3), "fast_unguided_ms": round(t_fast_u, 3),
            "fast_vs_reference_rel_err": float(f"{rel:.3e}"), "fast_first_step_s": round(first_s, 2),
