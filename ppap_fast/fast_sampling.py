@@ -685,16 +685,22 @@ class FastGuide:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_host: int | None = None, target=None) -> torch.Tensor:
         """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones).
-        ``t_host`` must be every sample's t: checked when t is on the CPU (on a GPU that would cost a sync)."""
+        ``t_host`` must be every sample's t: checked when t is an int or on the CPU (a GPU t would cost a sync)."""
         t, t_host = _gd.as_int_or_tensor(t), _gd.as_int_or_tensor(t_host)
         if isinstance(t, int) and not isinstance(t, bool):  # the guides' objectives index by a tensor t
             if t_host is None:  # an int t is known on the host: the merged expert (it routed per sample)
                 t_host = t
+            elif isinstance(t_host, int) and t_host != t:  # host-only: checked on every device
+                _t_host_mismatch(t_host, [t])
             t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         if t_host is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool((t != t_host).any()):
-            raise ValueError(f"FastGuide: t_host={t_host} but t holds {t.unique().tolist()[:5]}; t_host selects the "
-                             "merged expert, so it must equal every sample's t (or pass t_host=None to route by t)")
+            _t_host_mismatch(t_host, t.unique().tolist()[:5])
         return self.runner(self.key(t_host))(x, t, target=target)
+
+
+def _t_host_mismatch(t_host, held: list):
+    raise ValueError(f"FastGuide: t_host={t_host} but t holds {held}; t_host selects the merged expert, so it must "
+                     "equal every sample's t (or pass t_host=None to route by t)")
 
 
 # ----------------------------------------------------------------------------- the sampler

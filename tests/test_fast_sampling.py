@@ -1251,6 +1251,15 @@ def test_fast_guide_refuses_a_t_host_that_is_not_t(setup):
     assert torch.equal(fg(x, t), right) or (fg(x, t) - right).abs().max() < 1e-5  # routed by t: the same expert
 
 
+def test_fast_guide_refuses_an_int_t_with_another_t_host_on_any_device(setup):
+    """An int t is known on the host: a different t_host is refused without looking at x's device (x off the
+    CPU, here 'meta', skipped the check: on a GPU t_host's expert guided every sample)."""
+    _, _, guide = setup
+    for x in (torch.randn(SHAPE), torch.empty(SHAPE, device="meta")):
+        with pytest.raises(ValueError, match=r"t_host=700 but t holds \[300\]"):
+            fs.FastGuide(guide, "cpu")(x, 300, t_host=700)
+
+
 def test_fast_guide_with_an_int_t_runs_the_merged_expert(setup):
     """FastGuide(x, 300): the timestep is known on the host, so the band's merged expert runs (it routed
     per sample through the bank), with the routed gradient."""
