@@ -1737,7 +1737,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                 "losses": losses, "losses_are": "per step, mean over ranks of each rank's batch loss",
                 "loss_reduction": cfg.loss_reduction,
                 "resumed_from_step": resumed_from, "expert_fingerprint": fp,
-                "cuda_graph": graphed and graph_step.capture_error is None,  # a failed capture trained eagerly
+                "cuda_graph": graph_step is not None and graph_step.captured,  # not when it failed or steps <= warmup
                 "lora_kernels": cfg.lora_kernels, "lora_ops": _lora_ops_that_ran(), "amp": cfg.amp,
                 "batchnorm_policy": "local batch stats per rank; running stats merged at checkpoint (pooled)",
                 "batchnorm_modules_merged": n_bn})

@@ -318,6 +318,7 @@ def test_graphed_step_function_without_capture_trains_like_the_eager_path(tmp_pa
 
     class Uncaptured:  # GraphedTrainStep's contract: step_fn(*inputs) does the whole step
         capture_error = None
+        captured = True  # stands in for a captured graph in the summary
 
         def __init__(self, step_fn):
             self.step_fn = step_fn
@@ -376,6 +377,37 @@ def test_distill_whose_capture_fails_trains_eagerly(tmp_path, monkeypatch):
     assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(sa["losses"], sb["losses"]))
     a, b = (load_file(str(tmp_path / o / "experts.safetensors")) for o in ("eager", "g"))
     assert all(rel(b[k].double(), a[k].double()) < 1e-5 for k in a if a[k].is_floating_point())
+
+
+def test_distill_summary_says_no_graph_when_no_step_was_captured(tmp_path, monkeypatch):
+    """steps <= the graph's warm-up: every step ran eagerly and nothing was captured; the summary said
+    cuda_graph true."""
+    import ppap_fast.train_graph as TG
+
+    data, teacher = _tiny_set(tmp_path)
+
+    class CpuAdamW(torch.optim.AdamW):  # capturable needs CUDA; the tensor lr stays
+        def __init__(self, params, capturable=False, **kw):
+            super().__init__(params, **kw)
+
+    capturing = []
+    _fake_cuda_capture(monkeypatch, capturing)
+    made = []
+
+    def graphed_step(step_fn):
+        made.append(_CpuGraphedTrainStep(step_fn))
+        return made[-1]
+
+    monkeypatch.setattr(TG, "why_no_graph", lambda *a, **k: None)
+    monkeypatch.setattr(TG, "GraphedTrainStep", graphed_step)
+    monkeypatch.setattr(torch.optim, "AdamW", CpuAdamW)
+    steps = GraphedTrainStep(lambda: None).warmup
+    cfg = D.DistillConfig(str(data), str(tmp_path / "g"), teacher, n_experts=2, r=2, alpha=2.0, steps=steps,
+                          batch_size=4, lr=1e-2, warmup=1, device="cpu")
+    D.distill(cfg, D.DistEnv())
+    summary = json.loads((tmp_path / "g" / "train_summary.json").read_text())
+    assert len(made) == 1 and made[0].eager_steps == steps and made[0].capture_error is None  # the graph path ran
+    assert summary["cuda_graph"] is False and len(summary["losses"]) == steps
 
 
 def test_prefetched_batches_train_the_same_experts(tmp_path):
