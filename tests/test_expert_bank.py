@@ -609,8 +609,9 @@ def test_factorised_bank_in_channels_last_through_the_in_base_kernels(monkeypatc
     (y_r, dx_r, g_r), (y_b, dx_b, g_b) = runs["reference"], runs["in_base"]
     assert rel(y_b, y_r) < 2e-5 and rel(dx_b, dx_r) < 5e-5
     assert g_r.keys() == g_b.keys()
-    for n in g_r:
-        assert rel(g_b[n], g_r[n]) < 5e-5 or float(g_r[n].norm()) < 1e-6, n
+    floor = 1e-2 * max(float(g.norm()) for g in g_r.values())  # grads zero in exact arithmetic (a conv
+    for n, g in g_r.items():  # bias before a train-mode BatchNorm) compare against the floor
+        assert float((g_b[n] - g).norm()) <= 5e-5 * max(float(g.norm()), floor), n
 
 
 def test_batchnorms_no_expert_owns_stay_frozen_in_training():
