@@ -95,9 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP guidance: the demo pipeline on scikit-learn digits (16x16), "
                                                            "and sampling and scoring with real models.")
-    env_threads = os.environ.get("PPAP_THREADS", "2")
-    # --threads 0 / -1 became 1 silently (max(1, ...) below is for $PPAP_THREADS=0 only)
-    p.add_argument("--threads", type=_positive_int, default=int(env_threads) if env_threads.strip().isdigit() else 2,
+    # --threads 0 / -1 became 1 silently; None: $PPAP_THREADS, checked by _env_threads in _run
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: $PPAP_THREADS, else 2)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -445,13 +444,22 @@ def _check_resume_task(out: Path, teacher, args) -> None:
                         f"{args.task}: rerun with --task {other} to finish that set, or name another --out")
 
 
+def _env_threads() -> int:
+    """$PPAP_THREADS (unset or empty: 2); 'abc' fell back to 2 and 0 to 1 without a word."""
+    v = os.environ.get("PPAP_THREADS", "").strip()
+    try:
+        return _positive_int(v) if v else 2
+    except argparse.ArgumentTypeError as e:
+        raise DemoError(f"$PPAP_THREADS: {e} (or pass --threads N)") from None
+
+
 def _run(args) -> int:
     import torch
 
     from . import demo
     from .models.tiny import load_model
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(args.threads if args.threads is not None else _env_threads())
     progress = not getattr(args, "no_progress", False)
     # guided-sample checks its own; score's default "auto" is resolved by score itself
     if getattr(args, "device", None) and args.cmd != "guided-sample" and not (args.cmd == "score"

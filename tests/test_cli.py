@@ -484,6 +484,36 @@ def test_non_positive_threads_is_a_usage_error(value, capsys, tmp_path, monkeypa
     assert e.value.code == 2 and "argument --threads: must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_bad_ppap_threads_is_refused(value, capsys, tmp_path, monkeypatch):
+    """$PPAP_THREADS=abc ran with 2 threads and 0 with 1, the value ignored without a word."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PPAP_THREADS", value)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["info"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.startswith("ppap-fast: error: $PPAP_THREADS: ") and value in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("env,argv,want", [(None, [], 2), ("3", [], 3), (" ", [], 2), ("abc", ["--threads", "1"], 1)])
+def test_threads_default_from_ppap_threads(env, argv, want, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    if env is None:
+        monkeypatch.delenv("PPAP_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("PPAP_THREADS", env)
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert main(argv + ["info"]) == 0 and seen[:1] == [want]
+
+
 @pytest.mark.parametrize("argv", [
     ["sample", "--method", "none", "--out", "x.npz", "--seed", "99999999999999999999"],
     ["sample", "--method", "none", "--out", "x.npz", "--seed", "1e20"],
