@@ -671,13 +671,16 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
         raise DemoError(f"seg_per_target (--seg-per-target) must be 0 (no segmentation comparison) or more, "
                         f"got {seg_per_target}")
     demo_schedule(sampler, steps)  # a step count it cannot take: refused before an earlier run's summary is removed
-    out = check_writable_dir(out)
-    recorded = _read_demo_record(out)  # before any work: refuses a demo_outputs.json of the user's
     methods = list(DEMO_METHODS if methods is None else methods)
     if not methods:
         raise DemoError("no methods to run (an empty --methods list)")
-    for m in methods:
-        parse_method(m)
+    seen = {}
+    for i, m in enumerate(methods):  # none,none sampled it twice and reported it once
+        first = seen.setdefault(parse_method(m), i)
+        if first != i:
+            raise DemoError(f"--methods names one method twice ({methods[first]!r} and {m!r}): name each once")
+    out = check_writable_dir(out)
+    recorded = _read_demo_record(out)  # before any work: refuses a demo_outputs.json of the user's
     # load (and so validate) every weight file before any work
     unet = load_unet(weights_dir)
     evaluator = load_evaluator(weights_dir)

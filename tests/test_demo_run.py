@@ -108,6 +108,19 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["none", "naive"]
 
 
+@pytest.mark.parametrize("methods,named", [("none,naive, none", "'none' and 'none'"),
+                                           ("ppap-5,PPAP-5", "'ppap-5' and 'PPAP-5'"),
+                                           ("noise-aware,single", "'noise-aware' and 'single'")])
+def test_demo_refuses_a_method_named_twice(methods, named, tmp_path, capsys):
+    """--methods none,none sampled none twice and reported it once (results keyed by name)."""
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    assert main(["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10",
+                 "--steps", "2", "--methods", methods, "--seg-per-target", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--methods names one method twice ({named})" in err and not out.exists()
+
+
 def test_a_users_summary_named_files_stay_when_no_demo_run_wrote_them(tmp_path, monkeypatch):
     """At start the demo removed results.json / results.png / comparison.png / segmentation.png by name although no
     earlier demo run wrote them: a user's results.json in --out was lost (here: the run stops before writing its own)."""
