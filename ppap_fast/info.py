@@ -264,7 +264,8 @@ def training_state_summary(path, recent: int = 50) -> dict:
            "done": round(step / steps, 4) if isinstance(steps, int) and steps > 0 else None,
            "world_size": int(meta.get("world_size", 1)),
            "elapsed_s": round(float(meta["elapsed_s"]), 1) if "elapsed_s" in meta else None,
-           "loss_first": _mean(losses[:recent]), "loss_last": _mean(losses[-recent:]), "loss_over_steps": recent,
+           "loss_first": _mean(losses[:recent]), "loss_last": _mean(losses[-recent:]),
+           "loss_over_steps": min(recent, len(losses)),  # 6 steps recorded: means over 6, not 50
            "config": config}
     if expert:
         out["expert_loss_last"] = [_mean(col) for col in zip(*expert[-recent:])]

@@ -192,12 +192,27 @@ def test_info_reports_a_distill_run_in_progress(capsys, tmp_path, monkeypatch):
         assert rc == 0 and not err
         s = json.loads(text)["training_states"][0]
         assert (s["path"], s["step"], s["steps"], s["done"], s["world_size"]) == (str(state), 2, 5, 0.4, 1)
-        assert s["config"]["n_experts"] == 2 and s["elapsed_s"] >= 0 and s["loss_over_steps"] == 50
+        assert s["config"]["n_experts"] == 2 and s["elapsed_s"] >= 0 and s["loss_over_steps"] == 2
         assert s["loss_first"] == s["loss_last"] and s["loss_first"] > 0  # 2 steps: both means over both
         assert len(s["expert_loss_last"]) == 2 and all(v is None or v > 0 for v in s["expert_loss_last"])
     (tmp_path / "notes.txt").write_text("x")
     rc, text, err = run(capsys, str(tmp_path / "notes.txt"))
     assert rc == 2 and "is a file but no training state" in err
+
+
+@pytest.mark.parametrize("n,over", [(6, 6), (120, 50)])
+def test_training_state_loss_window_is_the_real_count(tmp_path, n, over):
+    """loss_over_steps said 50 for a state of 6 recorded steps (the means were over 6)."""
+    from safetensors.torch import save_file
+
+    from ppap_fast.distributed import TRAIN_STATE_FORMAT
+    from ppap_fast.info import training_state_summary
+
+    path = tmp_path / "train_state.safetensors"
+    save_file({"losses": torch.arange(1.0, n + 1)}, str(path),
+              metadata={"format": TRAIN_STATE_FORMAT, "step": str(n), "config": json.dumps({"steps": 200})})
+    s = training_state_summary(path)
+    assert s["loss_over_steps"] == over and s["loss_last"] == sum(range(n - over + 1, n + 1)) / over
 
 
 def test_info_reports_a_rerun_in_progress_over_a_previous_output(capsys, tmp_path, monkeypatch):
