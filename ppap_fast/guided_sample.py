@@ -364,7 +364,9 @@ def add_arguments(s) -> None:
     s.add_argument("--guide-weights", default=None,
                    help="the guide network's weights: a local checkpoint (torchvision / timm / official PPAP "
                         "state_dict), or 'imagenet' for a registry model with offline weights (mobilenet_v2)")
-    s.add_argument("--guide-task", default=None, choices=["classification", "segmentation", "depth", "regression"])
+    s.add_argument("--guide-task", default=None, choices=["classification", "segmentation", "depth", "regression"],
+                   help="default: the guide's own (its registry entry's, the tiny: file's kind, or a py: factory's "
+                        "or module's .task)")
     s.add_argument("--experts", default=None, help="PPAP experts: save_experts dir or HF repo id in the local cache")
     s.add_argument("--experts-subfolder", default=None, help="the experts' folder inside --experts (a repo id's "
                                                                  "subfolder)")
@@ -387,7 +389,9 @@ def add_arguments(s) -> None:
                         "its index only)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
-    s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"])
+    s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"],
+                   help="autocast the guide's forward and backward (fast path; default: none, the guide runs in its "
+                        "weights' dtype)")
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each guided step in a CUDA graph (default: on with the fast path on CUDA; "
                         "--cuda-graph elsewhere warns and runs eagerly)")

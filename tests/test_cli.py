@@ -654,7 +654,8 @@ def test_bad_ema_decay_is_a_usage_error(value, capsys, tmp_path):
                  "a resumed run counts the time trained before"]),
     ("generate", ["default: 6000"]),
     ("sample", ["default: 250", "default: ddim", "one per --targets entry"]),
-    ("guided-sample", ["default: 256", "default: linear"]),
+    ("guided-sample", ["default: 256", "default: linear", "--guide-task {classification,segmentation,depth,"
+                       "regression} default: the guide's own", "default: none, the guide runs in its weights' dtype"]),
 ])
 def test_help_states_defaults(cmd, shown, capsys):
     """`ppap-fast <cmd> --help` states each option's default (docs/demo.md's commands pass values that differ)."""
