@@ -545,7 +545,11 @@ def _run(args) -> int:
         print(f"{args.out}: wrote shards {written if written else 'none (already complete)'}")
         from .data.preview import datafree_preview
 
-        print(datafree_preview(args.out))
+        try:
+            print(datafree_preview(args.out))
+        except (OSError, ValueError, ImportError) as e:  # the set is complete: a missing preview is no failure
+            print(f"ppap-fast: warning: {args.out}: no preview.png ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())}); the set itself is complete", file=sys.stderr)
         return 0
 
     if args.cmd == "distill":

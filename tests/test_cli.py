@@ -980,3 +980,19 @@ def test_generate_refuses_a_folder_of_other_files(weights, tmp_path, capsys):
     err = _err(capsys)
     assert "is not empty (config.json)" in err and "manifest.json" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_generate_preview_failure_after_a_complete_set_warns_and_exits_0(weights, tmp_path, capsys, monkeypatch):
+    """preview.png failing to draw after the last shard made generate exit 2, reporting a complete set as failed."""
+    from ppap_fast.data import preview
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(preview, "datafree_preview", broken)
+    data = tmp_path / "d"
+    assert main(["generate", "--out", str(data), "--num-images", "2", "--shard-size", "2", "--steps", "2",
+                 "--weights-dir", str(weights), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppap-fast: warning: ") and "disk full" in err[0], err
+    assert json.loads((data / "manifest.json").read_text())["complete"] is True
