@@ -457,6 +457,16 @@ def build_denoiser(spec: str, checkpoint=None, channels: int = 3, device_type: s
     raise ValueError(f"unknown denoiser {spec!r}: expected adm:<preset>, tiny, diffusers:PATH or random-conv")
 
 
+def denoiser_var_type(spec: str, sampler: str | None) -> str | None:
+    """The DDPM variance a ``diffusers:PATH`` denoiser's scheduler config names (fixed_small / fixed_large,
+    C-channel UNets, sampler "ddpm"), else None: the sampler's default."""
+    if not spec.startswith("diffusers:"):
+        return None
+    from .integrations import diffusers_models
+
+    return diffusers_models.scheduler_var_type(spec[10:], sampler)
+
+
 class BuiltTeacher(NamedTuple):
     model: nn.Module                 # eval mode, frozen
     transform: nn.Module | None      # [-1, 1] images -> the model's input (None: the model takes them as is)
@@ -619,6 +629,8 @@ class GenerateConfig:
             from .integrations.diffusers_models import weights_fingerprint
 
             d["denoiser_fingerprint"] = weights_fingerprint(self.denoiser[10:])
+            if denoiser_var_type(self.denoiser, self.sampler) == "fixed_small":  # not the default: other images
+                d["var_type"] = "fixed_small"
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["format"] = FORMAT
         return d
@@ -823,16 +835,17 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         teacher = teacher.to(device).eval()
         transform = transform.to(device) if transform is not None else None
     sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
+    var_type = denoiser_var_type(cfg.denoiser, cfg.sampler)  # a diffusers scheduler's fixed_small / fixed_large
     if cfg.fast:  # one sampler for all shards (CUDA graphs are captured once per batch shape)
         from .fast_sampling import FastGuidedSampler, recommended_options
 
-        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, cuda_graph=device.type == "cuda",
-                                 **recommended_options(unet, device))
+        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type,
+                                 cuda_graph=device.type == "cuda", **recommended_options(unet, device))
 
     def sample(x_T, noise_fn):
         if cfg.fast:  # same random numbers as the reference: x_T given, then noise_fn(i, x) per step
             return fast.sample(x_T, noise_fn=noise_fn)
-        return sample_loop(unet, x_T, sched, sampler=cfg.sampler, eta=cfg.eta, noise_fn=noise_fn)
+        return sample_loop(unet, x_T, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type, noise_fn=noise_fn)
 
     # the missing shards are dealt round-robin (balanced on a resume, k % world_size on a fresh
     # run); a shard's content depends on k only, so who writes it does not matter
@@ -889,6 +902,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     res = {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h,
            "sampling": "fast" if cfg.fast else "reference"}
+    if var_type is not None:
+        res["var_type"] = var_type
     if env.rank == 0 and teacher is not None:
         res["preview"] = _preview(out)
     return res

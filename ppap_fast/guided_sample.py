@@ -26,7 +26,8 @@ Writes OUT (.npz: ``images`` uint8 N x H x W x C, quantised as guided-diffusion'
 ``((x + 1) * 127.5).clamp(0, 255)`` truncated; ``targets`` when classifying), a PNG grid beside it
 and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
 peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
-"process_rss"; ``peak_rss_mb`` on both), the configuration.
+"process_rss"; ``peak_rss_mb`` on both), DDPM's ``var_type`` (a diffusers scheduler's fixed_small /
+fixed_large, else the sampler's default), the configuration.
 """
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
     from .demo import PeakMemory
-    from .distributed import _device_for, build_denoiser
+    from .distributed import _device_for, build_denoiser, denoiser_var_type
     from .distill import warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
@@ -255,7 +256,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     warn_if_not_declared(unet, cfg.channels, cfg.image_size)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t1 = sched.timestep_map[:1].to(device)
-    _probe(f"denoiser {cfg.denoiser!r}", cfg, lambda: unet(x1, t1))
+    out_channels = _probe(f"denoiser {cfg.denoiser!r}", cfg, lambda: unet(x1, t1)).shape[1]
+    var_type = denoiser_var_type(cfg.denoiser, cfg.sampler)  # a diffusers scheduler's fixed_small / fixed_large
     make_guide, info = (None, {"guide": None}) if cfg.guide is None else _build_guide(cfg, device)
     targets = None
     if info.get("task") == "classification":
@@ -278,7 +280,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
         if b not in samplers:
             buf = torch.zeros(b, dtype=torch.long, device=device)
             guide = None if make_guide is None else make_guide(buf)
-            s = FastGuidedSampler(unet, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, **opts) \
+            s = FastGuidedSampler(unet, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, var_type=var_type,
+                                  **opts) \
                 if cfg.fast else None
             samplers[b] = (s, buf, guide)
         return samplers[b]
@@ -312,7 +315,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
                     x0 = fast.sample(x_T, noise_fn=noise_fn, callback=cb)
                 else:
                     x0 = sample_loop(unet, x_T, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta,
-                                     noise_fn=noise_fn, callback=(lambda i, o: bar.update(1)) if bar else None)
+                                     var_type=var_type, noise_fn=noise_fn,
+                                     callback=(lambda i, o: bar.update(1)) if bar else None)
             except RuntimeError as e:  # the guide's non-finite check: a bad-input error for the CLI, not a crash
                 if "NaN/Inf" not in str(e):
                     raise
@@ -338,8 +342,10 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     if cfg.fast:  # what ran, not what was asked (config has that): on if every batch size's sampler ran it
         per = [s.applied_options for s, _, _ in samplers.values()]
         applied = {k: all(p[k] for p in per) if isinstance(v, bool) else per[0][k] for k, v in opts.items()}
-    stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "steps": steps,
-             "path": "fast" if cfg.fast else "reference", "device": str(device),
+    if cfg.sampler == "ddpm" and var_type is None:  # the sampler's default
+        var_type = "learned_range" if out_channels == 2 * cfg.channels else "fixed_large"
+    stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "var_type": var_type,
+             "steps": steps, "path": "fast" if cfg.fast else "reference", "device": str(device),
              "fast_options": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in applied.items()},
              "nfe_per_sample": steps, "guide_evals_per_sample": steps if guided else 0,
              "seconds": round(seconds, 3), "images_per_s": round(cfg.num_samples / max(seconds, 1e-9), 3),

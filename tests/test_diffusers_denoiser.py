@@ -225,3 +225,48 @@ def test_learned_variance_is_refused_for_ddpm_only(tmp_path, capsys):
         D.generate(D.GenerateConfig(out_dir=str(tmp_path / "set"), num_images=1, shard_size=1, image_size=8,
                                     channels=1, denoiser=f"diffusers:{path}", sampler="ddpm", respacing="2",
                                     device="cpu"), D.DistEnv())
+
+
+def test_ddpm_takes_the_schedulers_fixed_variance(saved, tmp_path):
+    """A C-channel UNet whose DDPMScheduler says variance_type='fixed_small' (diffusers' default) was sampled by
+    --sampler ddpm with fixed_large (the samplers' default) without a word: its scheduler's variance is used."""
+    import numpy as np
+
+    from ppap_fast.data import to_uint8
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+    from ppap_fast.seeding import PerSampleNoise
+
+    _, _, unet = saved
+    small, large = tmp_path / "small", tmp_path / "large"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="fixed_small")).save_pretrained(small)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="fixed_large")).save_pretrained(large)
+    den = D.build_denoiser(f"diffusers:{small}", None, 1, "cpu", "linear", 1000, "ddpm")
+    sched = Schedule.create("linear", 1000, respacing="4")
+
+    def ours(var_type):
+        streams = PerSampleNoise((0,), range(2))
+        with torch.no_grad():
+            x0 = sample_loop(den, streams.randn((1, 8, 8)), sched, sampler="ddpm", var_type=var_type,
+                             noise_fn=streams.noise_fn)
+        return to_uint8(x0, truncate=True)
+
+    want, other = ours("fixed_small"), ours("fixed_large")
+    assert not np.array_equal(want, other)
+    for path, expect, ref in ((small, "fixed_small", want), (large, "fixed_large", other)):
+        for fast in ([], ["--no-fast"]):
+            out = tmp_path / f"{path.name}{len(fast)}.npz"
+            assert main(["guided-sample", "--out", str(out), "--denoiser", f"diffusers:{path}", "--channels", "1",
+                         "--image-size", "8", "--num-samples", "2", "--steps", "4", "--sampler", "ddpm",
+                         "--no-progress", "--device", "cpu", *fast]) == 0
+            got = np.load(out)["images"]
+            assert np.abs(got.astype(int) - ref).max() <= 1, (path.name, fast)  # fast path: rounding only
+            assert json.loads(out.with_suffix(".json").read_text())["var_type"] == expect
+    gen = lambda path: D.generate(D.GenerateConfig(  # noqa: E731
+        out_dir=str(tmp_path / f"set_{path.name}"), num_images=2, shard_size=2, image_size=8, channels=1,
+        denoiser=f"diffusers:{path}", sampler="ddpm", respacing="4", device="cpu"), D.DistEnv())
+    res_s, res_l = gen(small), gen(large)
+    assert res_s["var_type"] == "fixed_small" and res_l["var_type"] == "fixed_large"
+    img = lambda path: np.load(tmp_path / f"set_{path.name}" / "shard_00000.npz")["images"]  # noqa: E731
+    assert not np.array_equal(img(small), img(large))
+    assert res_s["config_hash"] != res_l["config_hash"]  # a set sampled with fixed_large is not resumed as fixed_small

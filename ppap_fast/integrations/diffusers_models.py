@@ -7,7 +7,8 @@ class labels or text states to give (``PPAPGuidedPipeline`` takes both). The pip
 config, where there is one, must describe the schedule the CLI samples with (``--schedule``,
 ``--num-timesteps``) and an eps prediction: a mismatch raises naming the flags, instead of sampling
 on another noise schedule than the model was trained on. A 2C-channel UNet whose scheduler has
-``variance_type='learned'`` is refused for DDPM (its variance channels are read as learned_range).
+``variance_type='learned'`` is refused for DDPM (its variance channels are read as learned_range); a
+C-channel UNet's ``fixed_small`` / ``fixed_large`` is the DDPM sampler's variance (``scheduler_var_type``).
 """
 from __future__ import annotations
 
@@ -138,6 +139,18 @@ def load_denoiser(path) -> DiffusersDenoiser:
 
 def _close(a, b) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12)
+
+
+def scheduler_var_type(path, sampler: str | None) -> str | None:
+    """The DDPM variance ("fixed_small" / "fixed_large") the saved scheduler config names for a C-channel
+    UNet sampled by ``sampler`` "ddpm" (DDPMScheduler's default is fixed_small; the samplers' default for C
+    channels, fixed_large), else None (the sampler's default)."""
+    cfg = scheduler_config(path) if sampler == "ddpm" else None
+    vt = None if cfg is None else cfg.get("variance_type")
+    if vt not in ("fixed_small", "fixed_large"):
+        return None
+    unet = json.loads((unet_dir(path) / "config.json").read_text())
+    return vt if unet.get("out_channels", 3) == unet.get("in_channels", 3) else None
 
 
 def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str | None = None) -> None:
