@@ -270,3 +270,15 @@ def test_ddpm_takes_the_schedulers_fixed_variance(saved, tmp_path):
     img = lambda path: np.load(tmp_path / f"set_{path.name}" / "shard_00000.npz")["images"]  # noqa: E731
     assert not np.array_equal(img(small), img(large))
     assert res_s["config_hash"] != res_l["config_hash"]  # a set sampled with fixed_large is not resumed as fixed_small
+
+
+def test_ddpm_fixed_small_log_is_fixed_small(saved, tmp_path):
+    """DDPMScheduler's fixed_small_log draws with the posterior std (computed in log space), as fixed_small: it
+    fell to the samplers' fixed_large. fixed_large_log is left to the default (diffusers' step is NaN there)."""
+    _, _, unet = saved
+    for vt, want in (("fixed_small_log", "fixed_small"), ("fixed_large_log", None)):
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=vt)).save_pretrained(tmp_path / vt)
+        assert D.denoiser_var_type(f"diffusers:{tmp_path / vt}", "ddpm") == want
+    sch = DDPMScheduler(variance_type="fixed_small_log")
+    ref = DDPMScheduler(variance_type="fixed_small")
+    assert torch.allclose(sch._get_variance(500), ref._get_variance(500) ** 0.5)

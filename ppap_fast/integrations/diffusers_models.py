@@ -144,9 +144,12 @@ def _close(a, b) -> bool:
 def scheduler_var_type(path, sampler: str | None) -> str | None:
     """The DDPM variance ("fixed_small" / "fixed_large") the saved scheduler config names for a C-channel
     UNet sampled by ``sampler`` "ddpm" (DDPMScheduler's default is fixed_small; the samplers' default for C
-    channels, fixed_large), else None (the sampler's default)."""
+    channels, fixed_large), else None (the sampler's default). "fixed_small_log" is fixed_small; not
+    "fixed_large_log": DDPMScheduler's step takes the square root of log(beta_t) there (NaN)."""
     cfg = scheduler_config(path) if sampler == "ddpm" else None
     vt = None if cfg is None else cfg.get("variance_type")
+    if vt == "fixed_small_log":  # DDPMScheduler's step: the same std, computed in log space
+        vt = "fixed_small"
     if vt not in ("fixed_small", "fixed_large"):
         return None
     unet = json.loads((unet_dir(path) / "config.json").read_text())
