@@ -436,3 +436,28 @@ def test_datafree_preview_removes_a_killed_preview_write(tmp_path):
     other.write_bytes(b"not the preview's")
     assert "preview.png" in datafree_preview(tmp_path, shown=4)
     assert (tmp_path / "preview.png").is_file() and not killed.exists() and other.exists()
+
+
+def test_a_hand_edited_manifest_or_mixed_shards_are_clear_errors(tmp_path):
+    """A shard listed twice was counted twice (its rows read twice), `shards: []` with `num_images: 0` was an
+    IndexError in ShardSet, and an array only a later shard holds was dropped without a word."""
+    import json
+
+    from ppap_fast.data import ShardSet
+
+    w = ShardWriter(tmp_path, num_images=4, shard_size=2)
+    w.run(lambda k: _shard(k, 2))
+    mpath = tmp_path / "manifest.json"
+    man = json.loads(mpath.read_text())
+    for edit, msg in (({"shards": [man["shards"][0]] * 2}, r"lists shard\(s\) \['shard_00000.npz'\] more than once"),
+                      ({"shards": [], "num_images": 0}, "lists 0 shards and 0 images")):
+        mpath.write_text(json.dumps({**man, **edit}))
+        for read in (ShardSet, load_shards):
+            with pytest.raises(ValueError, match="manifest.json is damaged: it " + msg):
+                read(tmp_path)
+    mpath.write_text(json.dumps(man))
+    np.savez(tmp_path / man["shards"][1], **_shard(1, 2), extra=np.zeros(2))
+    with pytest.raises(ValueError, match=r"shard_00001.npz has array\(s\) \['extra'\] that shard shard_00000.npz lacks"):
+        ShardSet(tmp_path)
+    np.savez(tmp_path / man["shards"][1], **_shard(1, 2))
+    assert len(ShardSet(tmp_path)) == 4 and len(load_shards(tmp_path)["images"]) == 4

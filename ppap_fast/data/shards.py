@@ -284,6 +284,12 @@ def _read_manifest(d: Path) -> dict:
         raise ValueError(f"{m} is not a shard set manifest (no shards list / num_images)")
     if not isinstance(man.get("config", {}), dict):  # its readers' .get("config", {}).get(...) was an AttributeError
         raise ValueError(f"{m} is damaged (its 'config' is a JSON {type(man['config']).__name__}, not an object)")
+    names = [os.path.normpath(n) for n in man["shards"]]
+    if not names or man["num_images"] <= 0:  # no writer makes one; ShardSet's shards[0] was an IndexError
+        raise ValueError(f"{m} is damaged: it lists {len(names)} shards and {man['num_images']} images")
+    if len(set(names)) != len(names):  # a hand-edited list: that shard's rows were counted twice
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{m} is damaged: it lists shard(s) {dup} more than once")
     if not man.get("complete"):
         raise ValueError(f"shard set {d} is incomplete: rerun `generate` to finish it")
     return man
@@ -318,6 +324,10 @@ class ShardSet:
         self._members: dict[str, list[NpzMember]] = {}
         for name in shards[0]:
             self._add(name, [m.get(name) for m in shards], paths)
+        for p, members in zip(paths[1:], shards[1:]):  # an array shard 0 lacks was dropped without a word
+            extra = sorted(set(members) - set(shards[0]))
+            if extra:
+                raise ValueError(f"{p} has array(s) {extra} that shard {paths[0].name} lacks")
         self.bytes_read = 0
         self._whole: tuple | None = None  # (member, array): the last member read whole (fallback)
         self._warned = False
