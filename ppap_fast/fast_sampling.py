@@ -303,18 +303,22 @@ class _GradRunner:
             failed = ("guide compile failed", self.path)
             if self._compile_ok and failed in self.opts.state:  # another band's compile of it failed: not retried
                 self._compile_ok = False
+            compile_exc = None
             if self._compile_ok:
                 try:
                     if self._compiled is None:
                         self._compiled = _compile(self._functional, **self.opts.compile_kwargs)
                     g = self._compiled(x, t, **kw)
                 except Exception as exc:  # noqa: BLE001 - any compile/trace error -> eager
-                    self._compile_ok = False
-                    self.opts.state.add(failed)
-                    warnings.warn(f"torch.compile of the guide failed ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager guide",
-                                  FastSamplingWarning, stacklevel=3)
-                    g = None
+                    compile_exc, g = exc, None
+            if compile_exc is not None:
+                # the guide's own error (e.g. out-of-range labels) raises here too: not a failed compile
+                g = self._eager(x, t, **kw)
+                self._compile_ok = False
+                self.opts.state.add(failed)
+                warnings.warn(f"torch.compile of the guide failed ({type(compile_exc).__name__}: "
+                              f"{str(compile_exc).splitlines()[0] if str(compile_exc) else ''}); using the eager "
+                              "guide", FastSamplingWarning, stacklevel=3)
             if g is None:
                 g = self._eager(x, t, **kw)
         g = g.detach().to(x.dtype)

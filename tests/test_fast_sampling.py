@@ -213,6 +213,28 @@ def test_compile_failure_warns_and_falls_back(setup, monkeypatch):
     assert rel_err(out, ref) < TOL
 
 
+def test_guide_error_under_compile_guide_is_not_taken_for_a_failed_compile(monkeypatch):
+    """Out-of-range labels (as_cond_fn's y, the pipeline's class_labels) under compile_guide were taken for a failed
+    compile: a "torch.compile of the guide failed" warning, and the guide ran eagerly from then on. The guide's own
+    error is raised now, and the compiled guide keeps running."""
+    compiled = []
+
+    def spy(fn, **kw):
+        compiled.append(fn)
+        return fn  # "compiled": the functional path, run eagerly
+
+    monkeypatch.setattr(fs, "_compile", spy)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+    fast = fs.FastGuide(ClassGuide(clf, torch.tensor([0, 1, 2, 3]), scale=2.0), "cpu", compile_guide=True)
+    x, t, y = torch.randn(SHAPE), torch.full((SHAPE[0],), 300), torch.tensor([3, 2, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        with pytest.raises(ValueError, match="target class 7 is out of range"):
+            fast(x, t, target=torch.tensor([7, 0, 0, 0]))
+        assert rel_err(fast(x, t, target=y), ClassGuide(clf, y, scale=2.0)(x, t)) < TOL
+    assert fast._routed._compile_ok and len(compiled) == 1 and not fast.opts.state
+
+
 def test_guide_compile_failure_warns_once_not_once_per_band(setup, monkeypatch):
     """A failed guide compile was retried (and warned about) for every band's merged expert: five compiles that fail
     the same way and five warnings for one sampling run; once now, the eager guide from then on (a ComposedGuide's
