@@ -203,6 +203,13 @@ def _no_host_checks(banks):
 
 def _on_device(guide, device):
     """A shallow copy of a guide whose tensor targets already sit on `device` (no per-step H2D copy)."""
+    if isinstance(guide, _gd.ComposedGuide):  # its parts' targets too (they were copied at every step)
+        parts = [(_on_device(g, device), w) for g, w in guide.guides]
+        if all(p is g for (p, _), (g, _) in zip(parts, guide.guides)):
+            return guide
+        guide = copy.copy(guide)
+        guide.guides = parts
+        return guide
     tgt = getattr(guide, "target", None)
     if isinstance(tgt, _gd._ClassTarget) and isinstance(tgt.target, torch.Tensor) and tgt.target.device != device:
         guide = copy.copy(guide)

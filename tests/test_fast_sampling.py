@@ -8,7 +8,7 @@ import torch.nn as nn
 from ppap_fast import fast_sampling as fs
 from ppap_fast.experts import ExpertBank
 from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, fast_sample_loop
-from ppap_fast.guidance import ClassGuide, ComposedGuide, X0HatGuide
+from ppap_fast.guidance import ClassGuide, ComposedGuide, DenseRegressionGuide, X0HatGuide
 from ppap_fast.models import ADMUNet
 from ppap_fast.models.tiny import TinyResNet
 from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
@@ -1062,6 +1062,25 @@ def test_an_on_device_target_changed_in_place_keeps_the_captured_steps(setup):
     buf.add_(0)
     assert fs._guide_state(guide, torch.device("cuda")) != before
     assert fs._guide_state(guide, torch.device("cpu")) == fs._guide_state(guide, torch.device("cpu"))
+
+
+def test_a_composed_guides_parts_get_their_targets_on_the_device():
+    """A FastGuide on another device moved a plain guide's class target / target map there once, but not those of a
+    ComposedGuide's parts (nested too): they were copied to the device at every step. "meta" stands in for a GPU;
+    a part's target changed in place is moved again; the user's guide keeps its own."""
+    buf = torch.tensor([0, 1, 2, 3])
+    cg = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), buf, 1.0)
+    dg = DenseRegressionGuide(nn.Conv2d(3, 1, 1), torch.randn(4, 1, 8, 8))
+    comp = ComposedGuide([cg, (ComposedGuide([(dg, 2.0)]), -1.0)])
+    fast = fs.FastGuide(comp, "meta")
+    part, inner = fast.guide.guides[0][0], fast.guide.guides[1][0].guides[0][0]
+    assert part.target.target.device.type == "meta" and inner.target_map.device.type == "meta"
+    assert [w for _, w in fast.guide.guides] == [1.0, -1.0] and fast.guide.guides[1][0].guides[0][1] == 2.0
+    assert cg.target.target is buf and dg.target_map.device.type == "cpu" and comp.guides[0][0] is cg
+    old = part.target.target
+    buf.add_(0)
+    fast.sync()
+    assert fast.guide.guides[0][0].target.target is not old and part.target.target.device.type == "meta"
 
 
 @pytest.mark.parametrize("device_view", [False, True])
