@@ -241,6 +241,15 @@ def test_base_model_mismatch_refused(tmp_path):
         export_peft(bank, 0, tmp_path / "a", base_model=other)
 
 
+def test_base_model_not_a_module_refused(tmp_path):
+    """A state_dict as base_model was a bare AttributeError on named_modules."""
+    plain = TinyViT()
+    bank = ExpertBank(plain, "deit", n_experts=2)
+    with pytest.raises(TypeError, match=r"base_model must be the plain nn.Module .* got OrderedDict"):
+        export_peft(bank, 0, tmp_path / "a", base_model=plain.state_dict())
+    assert not (tmp_path / "a").exists()
+
+
 def test_bad_expert_and_nonfinite(tmp_path):
     plain = ConvNet()
     bank = ExpertBank(plain, Placement(lora=("conv1",), norm=("bn1",), r=2, alpha=2), n_experts=2)

@@ -157,6 +157,9 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     """
     if not isinstance(bank, ExpertBank):
         raise TypeError(f"export_peft needs an ExpertBank, got {type(bank).__name__}")
+    if base_model is not None and not isinstance(base_model, nn.Module):
+        raise TypeError(f"export_peft: base_model must be the plain nn.Module the bank was built from, "
+                        f"got {type(base_model).__name__}")
     expert = bank._check_n(expert)
     check_output_dir(out_dir, "export_peft")
     if base_model is not None:
