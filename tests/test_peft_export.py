@@ -241,6 +241,22 @@ def test_base_model_mismatch_refused(tmp_path):
         export_peft(bank, 0, tmp_path / "a", base_model=other)
 
 
+def test_base_model_missing_weight_or_bias_refused(tmp_path):
+    """A base module at a routed name without weight / with bias=None was a bare AttributeError."""
+    plain = TinyViT()
+    bank = ExpertBank(plain, "deit", n_experts=2)  # qkv: LoRA + per-expert bias; norm1: shared weight
+    other = copy.deepcopy(plain)
+    other.blocks[0].attn.qkv.bias = None  # the bank keeps only the per-expert bias here
+    other.blocks[1].attn.proj = nn.Identity()
+    other.blocks[1].norm1.weight = None
+    with pytest.raises(ValueError, match=r"4 differences.*blocks.0.attn.qkv.bias: missing in base_model.*"
+                                         r"blocks.1.norm1.weight: missing in base_model.*"
+                                         r"blocks.1.attn.proj.weight: missing in base_model.*"
+                                         r"blocks.1.attn.proj.bias: missing in base_model"):
+        export_peft(bank, 0, tmp_path / "a", base_model=other)
+    assert not (tmp_path / "a").exists()
+
+
 def test_base_model_not_a_module_refused(tmp_path):
     """A state_dict as base_model was a bare AttributeError on named_modules."""
     plain = TinyViT()

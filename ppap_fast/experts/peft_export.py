@@ -122,8 +122,13 @@ def _check_base_model(bank: ExpertBank, base_model: nn.Module) -> None:
             r = routed[name]
             for attr in ("weight", "bias"):
                 shared = getattr(r, attr, None)
-                if shared is not None and not torch.equal(getattr(m, attr).detach().to(shared.device, shared.dtype),
-                                                          shared.detach()):
+                if shared is None and getattr(r, "expert_" + attr, None) is None:
+                    continue  # the bank's base had none
+                theirs_t = getattr(m, attr, None)
+                if not isinstance(theirs_t, torch.Tensor):
+                    problems.append(f"{name}.{attr}: missing in base_model")
+                elif shared is not None and not torch.equal(theirs_t.detach().to(shared.device, shared.dtype),
+                                                            shared.detach()):
                     problems.append(f"{name}.{attr}: differs from the bank's frozen base")
             continue
         if any(name.startswith(p + ".") for p in routed):
