@@ -241,6 +241,19 @@ def test_base_model_mismatch_refused(tmp_path):
         export_peft(bank, 0, tmp_path / "a", base_model=other)
 
 
+def test_routed_base_model_refused(tmp_path):
+    """base_model=bank.model passed the check, then crashed: 'NoneType' object has no attribute 'detach'
+    (the routed modules keep no base bias where it is per expert); the error now says what to pass."""
+    plain = TinyViT()
+    bank = ExpertBank(plain, "deit", n_experts=2)
+    for routed in (bank.model, bank):
+        with pytest.raises(ValueError, match=r"routed modules \(\['(model\.)?patch', '(model\.)?blocks.0.norm1'.*"
+                                             r"pass the plain \(un-routed\) model"):
+            export_peft(bank, 0, tmp_path / "a", base_model=routed)
+    assert not (tmp_path / "a").exists()
+    export_peft(bank, 0, tmp_path / "a", base_model=plain)
+
+
 def test_base_model_missing_weight_or_bias_refused(tmp_path):
     """A base module at a routed name without weight / with bias=None was a bare AttributeError."""
     plain = TinyViT()

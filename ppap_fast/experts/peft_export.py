@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from .bank import ExpertBank, ExpertBatchNorm, ExpertGroupNorm, ExpertLayerNorm, RoutedBias, RoutedConv2d, \
-    RoutedLinear
+    RoutedLinear, _Routed
 from .checkpoint import check_output_dir
 
 PREFIX = "base_model.model."
@@ -110,6 +110,11 @@ def _plain_state(mod: nn.Module) -> dict:
 
 def _check_base_model(bank: ExpertBank, base_model: nn.Module) -> None:
     """The plain model the adapter will be loaded on must be the bank's frozen base."""
+    routed_in = [k for k, m in base_model.named_modules() if isinstance(m, _Routed)]
+    if routed_in:  # bank.model: its routed modules keep no base bias where the bias is per expert
+        raise ValueError(f"base_model contains the bank's routed modules ({routed_in[:3]}"
+                         f"{' ...' if len(routed_in) > 3 else ''}): pass the plain (un-routed) model the bank was "
+                         "built from, not bank.model")
     mine = dict(bank.model.named_modules())
     theirs = dict(base_model.named_modules())
     routed = dict(bank.routed_modules())
