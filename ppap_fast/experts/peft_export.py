@@ -37,6 +37,11 @@ peft matches ``modules_to_save`` by plain string suffix and excludes from LoRA
 any module matched by a modules_to_save name; both rules are checked here and a
 layout peft would load differently raises ValueError naming the modules. Other
 modules a suffix happens to match are saved with their base values (exact).
+
+peft's mixed batches (``model(x, adapter_names=[...])``) raise peft's own TypeError
+when an adapter saves a norm (``modules_to_save``), i.e. for every resnet /
+mobilenet_v2 / ViT placement (peft 0.21 also leaves that PeftModel failing the
+same way afterwards); single-adapter use (``set_adapter``) works.
 """
 from __future__ import annotations
 
