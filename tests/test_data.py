@@ -461,3 +461,43 @@ def test_a_hand_edited_manifest_or_mixed_shards_are_clear_errors(tmp_path):
         ShardSet(tmp_path)
     np.savez(tmp_path / man["shards"][1], **_shard(1, 2))
     assert len(ShardSet(tmp_path)) == 4 and len(load_shards(tmp_path)["images"]) == 4
+
+
+def test_a_resumed_old_format_set_records_no_identity_its_shards_lack_and_a_finished_set_is_not_rewritten(tmp_path,
+                                                                                                           monkeypatch):
+    """A set written before the model fingerprints were recorded (no unet_state / teacher_state) is resumed without
+    comparing them, but its rewritten manifest recorded this run's as the whole set's; and a rerun on a finished
+    set rewrote its manifest, changing the hash a distill state records (its resume was refused)."""
+    import json
+
+    import ppap_fast.data.shards as shards
+    from ppap_fast.distributed import data_manifest_hash
+
+    def shard(k):
+        return {"images": np.full((2, 4, 4, 1), k, np.uint8)}
+
+    def killed_after_the_first(k):
+        if k:
+            raise KeyboardInterrupt
+        return shard(k)
+
+    new = {"seed": 0, "unet_state": "u1", "teacher_state": "t1"}
+    with pytest.raises(KeyboardInterrupt):  # an unfinished old-format set
+        ShardWriter(tmp_path / "a", num_images=6, shard_size=2, meta={"seed": 0}).run(killed_after_the_first)
+    assert ShardWriter(tmp_path / "a", num_images=6, shard_size=2, meta=new).run(shard) == [1, 2]
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert man["complete"] is True and man["seed"] == 0
+    assert "unet_state" not in man and "teacher_state" not in man
+    for meta in ({"seed": 0}, new):  # finished: an old-format one, and one with every key
+        d = tmp_path / f"b{len(meta)}"
+        ShardWriter(d, num_images=4, shard_size=2, meta=meta).run(shard)
+        m = d / "manifest.json"
+        before, h, written = m.read_bytes(), data_manifest_hash(d), []
+        with monkeypatch.context() as mp:
+            mp.setattr(shards, "write_json_atomic", lambda *a, **k: written.append(a[0]))
+            assert ShardWriter(d, num_images=4, shard_size=2, meta=new).run(shard) == []
+        assert written == [] and m.read_bytes() == before and data_manifest_hash(d) == h
+    d = tmp_path / "b3"  # a finished set missing a shard is rewritten (unfinished, then finished)
+    (d / "shard_00001.npz").unlink()
+    assert ShardWriter(d, num_images=4, shard_size=2, meta=new).run(shard) == [1]
+    assert json.loads((d / "manifest.json").read_text())["complete"] is True

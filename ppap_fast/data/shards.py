@@ -190,6 +190,7 @@ class ShardWriter:
         self.shard_size = int(shard_size)
         self.meta = dict(meta or {})
         self.num_shards = -(-self.num_images // self.shard_size)
+        self._complete_on_disk = False  # the manifest there says complete: not rewritten while nothing changes
         self.dir.mkdir(parents=True, exist_ok=True)
         m = self.dir / MANIFEST
         if m.exists():
@@ -218,6 +219,10 @@ class ShardWriter:
             if diff:
                 raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
                                  "use the same arguments or another directory")
+            if not nothing_written:  # its shards were not made with this run's values of the keys it lacks: a
+                # rewrite recorded them as the whole set's (and changed a finished set's bytes, distill's identity)
+                self.meta = {k: v for k, v in self.meta.items() if k in old}
+                self._complete_on_disk = old.get("complete") is True
         elif any(self.dir.glob("shard_*.npz")):  # the manifest is written before any shard: these are of unknown
             # seed / models, and were adopted as this run's (recorded with its settings) when their size matched
             raise ValueError(f"{self.dir} holds shards but no {MANIFEST}: which settings made them is unknown; "
@@ -239,6 +244,10 @@ class ShardWriter:
         return [k for k in range(self.num_shards) if not self.is_complete(k)]
 
     def write_manifest(self, complete: bool) -> None:
+        """A finished set keeps its manifest byte for byte (its hash is what distill's state records)."""
+        if complete and self._complete_on_disk:
+            return
+        self._complete_on_disk = complete
         write_json_atomic(self.dir / MANIFEST, {
             **self.meta, "num_images": self.num_images, "shard_size": self.shard_size,
             "num_shards": self.num_shards, "complete": complete,
