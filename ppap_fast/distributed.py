@@ -1603,10 +1603,14 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if key is None:
         key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"
     if cfg.verify_data:  # row reads skip the zip CRC: read every file whole once, each rank its share
+        # a rank that fails stops the others' share (a marker in the set's folder, which every rank reads;
+        # a read-only one takes none: they finish their share as before)
+        nonce = _gather(os.urandom(8).hex() if env.rank == 0 else None, env)[0] if env.distributed else None
+        stop = StopMarker(cfg.data_dir, nonce, env)
         err = None
         try:
             mine = data.files()[env.rank::env.world_size]
-            bad = data.verify(mine, progress=progress and env.rank == 0)
+            bad = data.verify(mine, progress=progress and env.rank == 0, stop=stop.seen)
             if bad:
                 err = f"{len(bad)} damaged file(s): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
                 computed = {f"{f}: " for f in mine if Path(f).parent == Path(cfg.out_dir) / TARGETS_DIR}
@@ -1617,7 +1621,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                     err += f"; remove the damaged {TARGETS_DIR} file(s) and rerun distill: it recomputes them"
         except Exception as e:  # noqa: BLE001 - every rank learns of it below
             err = f"{type(e).__name__}: {e}"
-        raise_if_any(err, env, "verifying the data set")
+            stop.set(err)
+        stop.report(err, "verifying the data set")
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
     bank = ExpertBank(teacher, placement, cfg.n_experts,

@@ -618,6 +618,61 @@ def _flip_a_data_byte(path):
     Path(path).write_bytes(bytes(raw))
 
 
+RANK1_VERIFY_BREAKS = """
+import os, time, zipfile
+from pathlib import Path
+import torch.nn as nn
+
+_test = zipfile.ZipFile.testzip
+
+
+def testzip(self):  # --verify-data's read of one file
+    if os.environ.get("RANK") == "1":
+        raise ValueError("verify broken on rank 1")  # not a damaged-file report: no CRC / zip error
+    time.sleep(1)  # rank 0: slow files
+    with open(Path(__file__).with_name("verified.log"), "a") as f:
+        f.write("x")
+    return _test(self)
+
+
+zipfile.ZipFile.testzip = testzip
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.fc(x.mean((1, 2, 3))[:, None])
+
+
+def make():
+    return Teacher()
+
+
+make.task = "classification"
+"""
+
+
+def test_a_rank_failing_to_verify_stops_the_others_soon(tmp_path, monkeypatch):
+    """--verify-data: a rank whose check raised (not a damaged file) waited in the barrier until every other rank
+    had read its whole share; its stop marker (in the set's folder) now ends theirs at their next file."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "ppap_rank1_verify_breaks.py").write_text(RANK1_VERIFY_BREAKS)
+    (mods / "verified.log").write_text("")
+    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 20, "shard_size": 2}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "py:ppap_rank1_verify_breaks:make", n_experts=2, r=2,
+                          alpha=2.0, steps=2, batch_size=2, device="cpu", verify_data=True)
+    with pytest.raises(Exception, match=r"(?s)verifying the data set failed on rank\(s\) \[1\].*verify broken"):
+        D.launch("distill", cfg, 2, threads=1, timeout_s=120)
+    assert len((mods / "verified.log").read_text()) < 5  # of rank 0's 10 files (shards and teacher outputs)
+    assert not list(data.glob(".ppap_*"))  # the marker removed
+
+
 def test_verify_data_says_how_to_repair_a_damaged_file(tmp_path, monkeypatch):
     """--verify-data named the damaged files only (the CLI says what rewrites them): a shard is rewritten by
     generate once removed, a computed teacher_targets file by distill."""

@@ -421,10 +421,11 @@ class ShardSet:
                 seen.setdefault(Path(m.path), None)
         return list(seen)
 
-    def verify(self, files=None, progress: bool = False) -> list[str]:
+    def verify(self, files=None, progress: bool = False, stop=None) -> list[str]:
         """Read ``files`` (default: all of :meth:`files`) whole once and check every member's zip
         CRC-32, in constant memory: row reads skip it (they read only their rows), so a damaged
-        shard would otherwise feed training wrong bytes silently. Returns one line per damaged file."""
+        shard would otherwise feed training wrong bytes silently. Returns one line per damaged file.
+        ``stop()``, if given, is asked before each file: True ends the check there (another rank failed)."""
         files = self.files() if files is None else [Path(f) for f in files]
         it = files
         if progress:
@@ -433,6 +434,8 @@ class ShardSet:
             it = tqdm(files, desc="verifying shards", unit="file")
         bad = []
         for f in it:
+            if stop is not None and stop():
+                break
             try:
                 with zipfile.ZipFile(f) as z:
                     first = z.testzip()
