@@ -374,6 +374,7 @@ class _ModelRunner:
         if self.opts.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(x.device, self.opts.model_autocast):
+            failure = None
             if self._compile_ok:
                 try:
                     if self._compiled is None:
@@ -381,11 +382,14 @@ class _ModelRunner:
                     with _freezing(self.opts.compile_freeze, cpu=x.device.type == "cpu"):
                         return denoiser_output(self._compiled(x, t, **self.kwargs))
                 except Exception as exc:  # noqa: BLE001
-                    self._compile_ok = False
-                    warnings.warn(f"torch.compile of the denoiser failed ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager denoiser",
-                                  FastSamplingWarning, stacklevel=3)
-            return denoiser_output(call_denoiser(self.model, x, t, self.kwargs))
+                    # the message only: the exception's frames would hold the failed call's tensors
+                    failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            out = denoiser_output(call_denoiser(self.model, x, t, self.kwargs))
+            if failure is not None:  # the eager run succeeded: the model's own error (bad model_kwargs) raised above
+                self._compile_ok = False
+                warnings.warn(f"torch.compile of the denoiser failed ({failure}); using the eager denoiser",
+                              FastSamplingWarning, stacklevel=3)
+            return out
 
 
 def _flag(value, name: str) -> bool:

@@ -235,6 +235,35 @@ def test_guide_error_under_compile_guide_is_not_taken_for_a_failed_compile(monke
     assert fast._routed._compile_ok and len(compiled) == 1 and not fast.opts.state
 
 
+def test_denoiser_error_under_compile_model_is_not_taken_for_a_failed_compile(monkeypatch):
+    """The denoiser's own error (an out-of-range class label in model_kwargs) under compile_model was taken for a
+    failed compile: a "torch.compile of the denoiser failed" warning, and the eager denoiser from then on. The
+    model's error is raised now, and the compiled denoiser keeps running."""
+    compiled = []
+
+    def spy(fn, **kw):
+        compiled.append(fn)
+        return fn  # "compiled": the model itself
+
+    monkeypatch.setattr(fs, "_compile", spy)
+    torch.manual_seed(0)
+    model = ADMUNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                    attention_resolutions=(), channel_mult=(1,), num_heads=2, num_classes=4).eval()
+    y = torch.tensor([7, 0, 0, 0])
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), compile_model=True,
+                             model_kwargs={"y": y})
+    x = torch.randn(SHAPE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        with pytest.raises(IndexError):
+            fast.step(x, 3)
+        y.copy_(torch.tensor([3, 2, 1, 0]))  # the labels fixed in place: the same runner goes on
+        got = fast.step(x, 3)[0]
+    assert fast._denoise._compile_ok and len(compiled) == 1
+    ref = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), model_kwargs={"y": y}).step(x, 3)[0]
+    assert torch.isfinite(got).all() and rel_err(got, ref) < TOL
+
+
 def test_guide_compile_failure_warns_once_not_once_per_band(setup, monkeypatch):
     """A failed guide compile was retried (and warned about) for every band's merged expert: five compiles that fail
     the same way and five warnings for one sampling run; once now, the eager guide from then on (a ComposedGuide's
