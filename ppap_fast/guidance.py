@@ -778,7 +778,6 @@ def as_cond_fn(guide) -> Callable:
     if isinstance(guide, PPAPGuidance):  # it failed at the first call: "correct() missing 't' and 'scheduler'"
         raise TypeError("as_cond_fn takes a guide, guide(x_t, t) -> grad, but got a PPAPGuidance (the correction of a "
                         "diffusers scheduler's output): pass its guide, as_cond_fn(guidance.guide)")
-    takes_y = has_class_target(guide)
     from .fast_sampling import FastGuide
 
     integer_t = isinstance(guide, (Guide, ComposedGuide, FastGuide))  # these route / check by integer timesteps
@@ -788,7 +787,7 @@ def as_cond_fn(guide) -> Callable:
             raise ValueError("cond_fn got float timesteps: guided-diffusion passes t * 1000 / T when the diffusion "
                              "was made with rescale_timesteps=True, which a guide cannot route by; create it with "
                              "rescale_timesteps=False (the default) so cond_fn gets the original integer timesteps")
-        if y is not None and takes_y:
+        if y is not None and has_class_target(guide):  # per call: a ComposedGuide's list may have gained a class part
             return guide(x, t, target=y)
         return call_guide(guide, x, t)
 

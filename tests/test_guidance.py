@@ -586,6 +586,19 @@ def test_as_cond_fn_y_overrides_the_class_sub_guides_of_a_composed_guide():
                ClassGuide(clf, y, scale=2.0)(x, t)) < 1e-12
 
 
+def test_as_cond_fn_y_reaches_a_class_part_added_to_the_composed_guide_later():
+    """as_cond_fn decided at creation whether the guide takes y: a ClassGuide appended to the ComposedGuide's list
+    afterwards kept its own target, y dropped without a word."""
+    clf, x, t = SmallNet().to(D).eval(), torch.randn(2, 2, 3, 3, dtype=D), torch.tensor([10, 900])
+    y = torch.tensor([4, 2])
+    dense = DenseRegressionGuide(DenseNet(1), torch.randn(2, 1, 3, 3, dtype=D), scale=0.5)
+    comp = ComposedGuide([dense])
+    cond_fn = as_cond_fn(comp)
+    comp.guides.append((ClassGuide(clf, 0, scale=2.0), 1.0))
+    want = dense(x, t) + ClassGuide(clf, y, scale=2.0)(x, t)
+    assert rel(cond_fn(x, t, y=y), want) < 1e-12 and rel(comp(x, t), want) > 1e-3
+
+
 def test_train_mode_warning_covers_the_x0hat_denoiser_and_later_train_calls():
     class DropoutDenoiser(ToyDenoiser):
         def __init__(self):
