@@ -171,7 +171,7 @@ def test_cli_refuses_missing_seg_weights_and_bad_counts(tmp_path, capsys):
     w = make_tiny_weights(tmp_path / "w")
     (w / "segnet.safetensors").unlink()
     assert main(["demo", "--weights-dir", str(w), "--out", str(tmp_path / "o"), "--num-samples", "10",
-                 "--steps", "1", "--no-progress"]) == 2
+                 "--steps", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "segnet.safetensors" in err and "--seg-per-target 0" in err and err.count("\n") == 1
     assert not list((tmp_path / "o").glob("*.npz"))  # refused before any sampling
