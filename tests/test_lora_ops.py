@@ -1564,6 +1564,40 @@ def test_tensor_scale_gets_its_gradient(kind, backend):
     assert_close("dscale alone", gs, gs_r, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["plain", "learned-no_grad"])
+def test_tensor_scale_is_not_read_on_the_host(kind, backend, needs_grad, monkeypatch):
+    """A tensor scale with no gradient wanted (a plain one, or a learned one under no_grad, as when
+    sampling) is folded into B, never read with float()/.item(): on CUDA each read was a device-to-host
+    sync per layer call (and an error under CUDA graph capture); the result as the reference."""
+    _maybe_skip("cpu", backend, torch.float32)
+    torch.manual_seed(6)
+    N, idx = 3, torch.tensor([2, 0, 2, 1])
+    if kind == "linear":
+        x, W, A, B, kw = torch.randn(4, 2, 6), torch.randn(5, 6), torch.randn(N, 2, 6), torch.randn(N, 5, 2), {}
+    else:
+        x, W, A, B = torch.randn(4, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(N, 4, 2, 3, 3), torch.randn(N, 6, 2)
+        kw = dict(padding=1, groups=2)
+    op, ref = (L.lora_linear, R.lora_linear) if kind == "linear" else (L.lora_conv2d, R.lora_conv2d)
+    s = torch.tensor(0.7, requires_grad=needs_grad)
+    reads = []
+    for name in ("__float__", "item"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name):
+            if self is s:
+                reads.append(_name)
+            return _orig(self, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.no_grad():
+        y = op(x, W, None, A, B, idx, s, backend=backend, **kw)
+    assert L.last_backend[op.__name__] == backend
+    assert reads == [], f"the scale tensor was read on the host: {reads}"
+    y_r = ref(x.double(), W.double(), None, A.double(), B.double(), idx, s.detach().double(), **kw)
+    assert_close("y", y, y_r, TOL[torch.float32])
+
+
 def test_cpp_backend_refuses_double_backward():
     """Its backward is built from kernels without derivatives: create_graph=True raises instead of
     returning second-order grads that would be silently wrong."""

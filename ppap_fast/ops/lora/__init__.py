@@ -251,9 +251,10 @@ def _check_dtypes(op: str, **tensors):
 
 
 def _fold_scale(B, scale):
-    """The fast paths take scale as a float: a tensor scale that needs a gradient goes into B instead
-    (B * scale, differentiable, then scale 1), so autograd gives d(scale) = <dB', B> from their dB'."""
-    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
+    """The fast paths take scale as a float: a tensor scale goes into B instead (B * scale, differentiable,
+    then scale 1), so autograd gives d(scale) = <dB', B> from their dB', and the scale is never read on the
+    host (float() of a CUDA tensor: a device sync per layer call, an error under CUDA graph capture)."""
+    if isinstance(scale, torch.Tensor):
         return B * scale.reshape(()).to(B.dtype), 1.0
     return B, scale
 
