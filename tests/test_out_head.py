@@ -88,6 +88,28 @@ def test_triton_matches_float64(seed):
         assert err <= 1.5 * ref + 1e-4, f"{label}: fused {err:.2e} vs the half head's {ref:.2e}"
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_bf16_reference_matches_float64(seed):
+    """bf16 on the CPU: the reference (the automatic choice there; no C++ path, and the Triton projection's
+    bf16 tl.dot is not exercised under the interpreter) against float64 over random shapes, layouts, affine /
+    bias mixes and a large mean, out_dtype float32 and the default (bf16): finite, in x's memory format."""
+    gen, rng = torch.Generator().manual_seed(100 + seed), random.Random(100 + seed)
+    dtype = torch.bfloat16
+    for i in range(3):
+        cl, affine, bias = rng.random() < 0.6, rng.random() < 0.8, rng.random() < 0.7
+        x, G, gw, gb, w, b = _case(rng, gen, dtype, affine=affine, bias=bias, channels_last=cl,
+                                   mean=30.0 if i == 0 else 0.0)
+        out_dtype = rng.choice([torch.float32, None])
+        got = OH.group_norm_silu_conv3x3(x, G, gw, gb, conv_weight=w, conv_bias=b, out_dtype=out_dtype)
+        assert ops.last_backend(OH.OP) == "reference"
+        label = f"{tuple(x.shape)} G{G} cout={w.shape[0]} cl={cl} affine={affine} bias={bias} out={out_dtype}"
+        assert got.dtype == (out_dtype or dtype) and got.shape == (x.shape[0], w.shape[0], *x.shape[2:]), label
+        assert torch.isfinite(got).all(), label
+        assert got.is_contiguous(memory_format=torch.channels_last if cl and x.shape[1] > 1 else torch.contiguous_format)
+        err = rel_err(got, _want(x, G, gw, gb, w, b))
+        assert err <= TOL[dtype], f"{label}: {err:.2e}"
+
+
 def test_triton_several_channel_and_pixel_tiles_and_chunked_launches(monkeypatch):
     """ADM-like widths (the interpreter's 16-channel, 16-pixel tiles: 6 channel tiles, 5 pixel tiles),
     the samples launched in chunks of 2 (5 samples), against float64."""
