@@ -176,6 +176,8 @@ def score_segmentation(images_u8: np.ndarray, masks: torch.Tensor) -> dict:
     from .data import from_uint8, ink_mask
 
     masks = check_masks(masks)
+    if images_u8.shape[0] == 0:  # 0 % T passed: an IoU of NaN (the mean of no samples), no error
+        raise DemoError("no samples to score (an empty sample set)")
     if images_u8.shape[0] % masks.shape[0]:
         raise DemoError(f"{images_u8.shape[0]} samples are not a whole number of rounds over {masks.shape[0]} targets")
     per = iou(ink_mask(from_uint8(images_u8)), masks.repeat(images_u8.shape[0] // masks.shape[0], 1, 1))

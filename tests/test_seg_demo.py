@@ -85,6 +85,8 @@ def test_bad_masks_and_images_are_refused_clearly():
     assert check_masks(torch.ones(16, 16, dtype=torch.bool)).shape == (1, 16, 16)
     with pytest.raises(DemoError, match="not a whole number of rounds over 3 targets"):
         score_segmentation(np.zeros((4, 16, 16, 1), np.uint8), torch.zeros(3, 16, 16, dtype=torch.long))
+    with pytest.raises(DemoError, match="no samples to score"):  # was an IoU of NaN
+        score_segmentation(np.zeros((0, 16, 16, 1), np.uint8), torch.zeros(3, 16, 16, dtype=torch.long))
     with pytest.raises(DemoError, match="unknown segmentation method 'x0hat'"):
         load_seg_guide(WEIGHTS_DIR, "x0hat")
 
