@@ -276,6 +276,9 @@ def score_semantic(images_u8: np.ndarray, masks, evaluator) -> dict:
     digit = masks.flatten(1).max(1).values - 1  # the class marked on each target's ink
     if bool((digit < 0).any()):
         raise DemoError("a semantic target mask has no ink, so no target digit")
+    lowest = masks.masked_fill(masks == 0, SEM_CLASSES).flatten(1).min(1).values - 1
+    if bool((lowest != digit).any()):  # the highest class was taken as the target digit, without an error
+        raise DemoError("a semantic target mask marks its ink with more than one class, so no single target digit")
     if images_u8.shape[0] % masks.shape[0]:
         raise DemoError(f"{images_u8.shape[0]} samples are not a whole number of rounds over {masks.shape[0]} targets")
     rounds = images_u8.shape[0] // masks.shape[0]

@@ -125,6 +125,10 @@ def test_bad_semantic_masks_are_refused():
     assert check_semantic_masks(torch.zeros(16, 16, dtype=torch.int32)).shape == (1, 16, 16)
     with pytest.raises(DemoError, match="no ink"):
         score_semantic(np.zeros((1, 16, 16, 1), np.uint8), torch.zeros(1, 16, 16, dtype=torch.long), _Reads([0]))
+    two = torch.zeros(1, 16, 16, dtype=torch.long)
+    two[0, :8], two[0, 8:] = 4, 8  # digits 3 and 7: scored against 7 only
+    with pytest.raises(DemoError, match="more than one class"):
+        score_semantic(np.zeros((1, 16, 16, 1), np.uint8), two, _Reads([7]))
     m = torch.ones(3, 16, 16, dtype=torch.long)
     with pytest.raises(DemoError, match="not a whole number of rounds over 3 targets"):
         score_semantic(np.zeros((4, 16, 16, 1), np.uint8), m, _Reads([0] * 4))
