@@ -231,7 +231,7 @@ def _load_ppap(path: Path, classifier):
 
     bank = _read_bank(path, classifier)
     report = bank.parameter_report()
-    router = from_modules([bank.merged(n) for n in range(bank.n_experts)])
+    router = from_modules([bank.merged(n) for n in range(bank.n_experts)], bank.num_timesteps)
     return router, report["total_trainable"]
 
 

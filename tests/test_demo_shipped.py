@@ -98,3 +98,26 @@ def test_shipped_experts_record_their_files_and_base(folder, teacher, tmp_path):
     (damaged / "experts.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match its config.json"):
         load_experts(damaged, load_teacher(task=task))
+
+
+def test_demo_routes_a_ppap_bank_by_its_own_timestep_count(tmp_path):
+    """A bank distilled with T=500 routes t=150 to expert 1 of 5; the demo's merged router used T=1000."""
+    import shutil
+
+    from ppap_fast import ExpertBank
+    from ppap_fast.demo import load_classifier
+    from ppap_fast.experts import save_experts
+
+    shutil.copy(WEIGHTS_DIR / "classifier.safetensors", tmp_path / "classifier.safetensors")
+    bank = ExpertBank(load_classifier(), n_experts=5, num_timesteps=500)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bank.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    save_experts(bank.eval(), tmp_path / "ppap5")
+    model, _, _ = load_guide_model(tmp_path, "ppap-5")
+    x = torch.randn(4, 1, 16, 16, generator=gen)
+    t = torch.tensor([0, 150, 250, 499])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), bank(x, t), rtol=1e-4, atol=1e-4)
