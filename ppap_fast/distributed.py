@@ -1335,6 +1335,16 @@ def _targets_complete(path: Path, count: int) -> bool:
     return len(m) == 1 and next(iter(m)) in ("logits", "targets") and next(iter(m.values())).shape[0] == count
 
 
+def _targets_damaged(path: Path) -> bool:
+    """``path``'s CRC-32 fails (read whole); warns that it is recomputed."""
+    from .data.shards import crc_problem
+
+    problem = crc_problem(path)
+    if problem is not None:
+        warnings.warn(f"{path}: {problem}; recomputed", UserWarning, stacklevel=3)
+    return problem is not None
+
+
 def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, env: DistEnv) -> str:
     """Collective: the teacher's outputs on a set without cached ones, computed ONCE over all
     ranks and kept on disk, never in memory: shard k's outputs go to
@@ -1343,8 +1353,8 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     micro-batches of ``cfg.batch_size``, dense outputs rounded to float16 like the cache, pixel_kl
     targets max-subtracted like the cache), then
     every rank attaches all of them to ``data`` (read lazily like cached targets). A restart
-    reuses complete files written for the same teacher state and data set; files for anything
-    else are removed first. Returns the name of the attached array ("logits" or "targets")."""
+    reuses complete files written for the same teacher state and data set (with --verify-data: whose
+    CRC-32 passes); files for anything else are removed first. Returns the name of the attached array ("logits" or "targets")."""
     from .data.shards import write_json_atomic, write_npz_atomic
 
     tdir = Path(cfg.out_dir) / TARGETS_DIR
@@ -1377,6 +1387,11 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     todo = _gather(todo, env)[0]
     # a node-local --out failed only after every rank computed its share
     stop = StopMarker(tdir, check_shared_dir(tdir, env, "--out"), env)
+    if cfg.verify_data:  # the kept files' CRC-32, each rank a share: their headers alone kept a damaged one, and
+        # the check of the set failed on it again (without --verify-data nothing is read whole, shards neither)
+        kept = sorted(set(range(len(paths))) - set(todo))
+        damaged = [k for k in kept[env.rank::env.world_size] if _targets_damaged(paths[k])]
+        todo = sorted({*todo, *(k for got in _gather(damaged, env) for k in got)})
     err = None
     try:
         for k in todo[env.rank::env.world_size]:

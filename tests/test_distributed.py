@@ -701,6 +701,40 @@ def test_verify_data_says_how_to_repair_a_damaged_file(tmp_path, monkeypatch):
     assert "rerun distill" not in str(e.value)
 
 
+def test_distill_rerun_recomputes_a_damaged_teacher_targets_file(tmp_path, monkeypatch):
+    """A computed teacher_targets file whose data fails its CRC-32 (headers intact) was kept by a rerun (only its
+    headers were read): --verify-data failed again on it. The rerun now recomputes that file alone, with a warning."""
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    torch.manual_seed(0)  # 1000 classes: logits past zipfile's first read (a smaller member fails at its header)
+    teacher = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=1000).eval(),
+                         tmp_path / "t.safetensors")
+    cfg = D.DistillConfig(str(data), str(out), f"tiny:{teacher}", n_experts=2, r=2, alpha=2.0,
+                          steps=1, batch_size=2, device="cpu", verify_data=True)
+    real = D.compute_targets
+
+    def damaging(cfg, *a, **k):
+        key = real(cfg, *a, **k)
+        _flip_a_data_byte(out / D.TARGETS_DIR / "targets_00001.npz")
+        return key
+
+    monkeypatch.setattr(D, "compute_targets", damaging)
+    with pytest.raises(D.DistributedRunError, match="targets_00001"):
+        D.distill(cfg, D.DistEnv())
+    monkeypatch.setattr(D, "compute_targets", real)
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in data.iterdir()}
+    calls = []
+    real_targets = D.teacher_targets
+    monkeypatch.setattr(D, "teacher_targets", lambda *a, **k: calls.append(1) or real_targets(*a, **k))
+    with pytest.warns(UserWarning, match=r"targets_00001\.npz.*CRC-32.*recomputed"):
+        D.distill(cfg, D.DistEnv())
+    assert len(calls) == 1  # that file only (one call per shard here)
+    assert (out / "experts.safetensors").is_file()
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in data.iterdir()} == before  # the set untouched
+
+
 def test_distill_removes_the_temporaries_of_killed_writes_in_out(tmp_path):
     """A kill during a training-state save (or the final writes) left its temporary in --out for good, one per kill;
     only _atomic's exact names of distill's own outputs go."""

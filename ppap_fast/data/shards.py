@@ -162,6 +162,18 @@ def npz_members(path) -> dict[str, NpzMember]:
     return out
 
 
+def crc_problem(path) -> str | None:
+    """Read the zip file ``path`` whole and check every member's CRC-32: None if all pass, else what failed."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            first = z.testzip()
+        if first is not None:
+            return f"member {first} fails its CRC-32 check"
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def shard_is_complete(path: Path, count: int) -> bool:
     """Cheap check (zip directory + npy headers, no data read: a resume over thousands of large
     shards must not re-read them): a readable npz with ``count`` uint8 images. Atomic renames
@@ -436,13 +448,9 @@ class ShardSet:
         for f in it:
             if stop is not None and stop():
                 break
-            try:
-                with zipfile.ZipFile(f) as z:
-                    first = z.testzip()
-                if first is not None:
-                    bad.append(f"{f}: member {first} fails its CRC-32 check")
-            except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as e:
-                bad.append(f"{f}: unreadable ({type(e).__name__}: {e})")
+            problem = crc_problem(f)
+            if problem is not None:
+                bad.append(f"{f}: {problem}")
         return bad
 
     def _read_whole(self, m: NpzMember) -> np.ndarray:
