@@ -165,7 +165,7 @@ def data_set_summary(path, verify: bool = False) -> dict:
         raise ValueError(f"{path / SET_MANIFEST} is not readable JSON ({e})") from None
     shards = man.get("shards") if isinstance(man, dict) else None
     if not isinstance(shards, list) or not all(isinstance(n, str) for n in shards) \
-            or not isinstance(man.get("num_images"), int):
+            or not isinstance(man.get("num_images"), int) or isinstance(man["num_images"], bool):
         raise ValueError(f"{path / SET_MANIFEST} is not a ppap_fast data-free set manifest (no shards list / num_images)")
     config = man.get("config") if isinstance(man.get("config"), dict) else man  # distributed: nested
     settings = {k: config[k] for k in _SET_SETTINGS if k in config}

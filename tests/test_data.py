@@ -342,6 +342,30 @@ def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, te
         ShardWriter(tmp_path, num_images=4, shard_size=2)
 
 
+def test_a_manifest_with_a_bool_where_an_int_belongs_is_refused(tmp_path):
+    """bool is an int in Python: `num_images: true` read as a set of 1 image, and a rerun's writer took
+    `num_images: true` / `shard_size: true` for 1."""
+    import json
+
+    from ppap_fast.data import ShardSet
+    from ppap_fast.info import data_set_summary
+
+    w = ShardWriter(tmp_path, num_images=1, shard_size=1)
+    w.run(lambda k: _shard(k, 1))
+    mpath = tmp_path / "manifest.json"
+    man = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**man, "num_images": True}))
+    for read in (ShardSet, load_shards, data_set_summary):
+        with pytest.raises(ValueError, match="manifest.json is not a .*manifest"):
+            read(tmp_path)
+    for key in ("num_images", "shard_size"):
+        mpath.write_text(json.dumps({**man, key: True, "complete": False}))
+        with pytest.raises(ValueError, match=f"{key}=True, not 1"):
+            ShardWriter(tmp_path, num_images=1, shard_size=1)
+    mpath.write_text(json.dumps(man))
+    assert len(ShardSet(tmp_path)) == 1 and data_set_summary(tmp_path)["num_images"] == 1
+
+
 def test_a_manifest_whose_config_is_no_object_is_refused_on_read(tmp_path):
     """Its readers (distill_ppap's and the CLI's teacher checks, the distributed distill) all do
     manifest.get("config", {}).get(...): a damaged 'config' was an AttributeError traceback."""

@@ -220,8 +220,8 @@ class ShardWriter:
             # a run that failed or was stopped before its first shard (a NaN teacher, a wrong image_shape) left
             # only its manifest: nothing to keep, so the corrected arguments start afresh (they were refused)
             nothing_written = nothing_written_yet(self.dir, old)
-            for key in ("num_images", "shard_size"):
-                if old.get(key) != getattr(self, key) and not nothing_written:
+            for key in ("num_images", "shard_size"):  # a bool: true == 1
+                if (isinstance(old.get(key), bool) or old.get(key) != getattr(self, key)) and not nothing_written:
                     raise ValueError(f"{self.dir} holds a shard set with {key}={old.get(key)}, "
                                      f"not {getattr(self, key)}; use another directory")
             # everything else that determines the shards (seed, sampler, model fingerprints): keys an
@@ -301,7 +301,8 @@ def _read_manifest(d: Path) -> dict:
         raise ValueError(f"{m} is not valid JSON ({e}): not a readable shard set") from None
     # a list (AttributeError) or a manifest without these (KeyError) failed with a traceback
     if not isinstance(man, dict) or not isinstance(man.get("shards"), list) \
-            or not all(isinstance(n, str) for n in man["shards"]) or not isinstance(man.get("num_images"), int):
+            or not all(isinstance(n, str) for n in man["shards"]) or not isinstance(man.get("num_images"), int) \
+            or isinstance(man["num_images"], bool):  # true passed as 1 image
         raise ValueError(f"{m} is not a shard set manifest (no shards list / num_images)")
     if not isinstance(man.get("config", {}), dict):  # its readers' .get("config", {}).get(...) was an AttributeError
         raise ValueError(f"{m} is damaged (its 'config' is a JSON {type(man['config']).__name__}, not an object)")
