@@ -429,6 +429,27 @@ def test_a_run_that_wrote_no_shard_does_not_lock_its_directory(tmp_path):
         ShardWriter(tmp_path / "b", num_images=6, shard_size=2, meta={"seed": 0})
 
 
+def test_a_resumed_set_keeps_the_manifest_keys_another_version_wrote(tmp_path):
+    """A rerun rewrote an unfinished set's manifest from its own keys only: what another version recorded there
+    (e.g. how its cached targets are encoded) was dropped, and the finished set read as if never recorded."""
+    import json
+
+    def killed_after_the_first(k):
+        if k:
+            raise KeyboardInterrupt
+        return _shard(k, 2)
+
+    with pytest.raises(KeyboardInterrupt):
+        ShardWriter(tmp_path, num_images=4, shard_size=2, meta={"seed": 0}).run(killed_after_the_first)
+    mpath = tmp_path / "manifest.json"
+    man = json.loads(mpath.read_text())
+    mpath.write_text(json.dumps({**man, "targets_encoding": "v2", "extra": {"a": [1]}}))
+    assert ShardWriter(tmp_path, num_images=4, shard_size=2, meta={"seed": 0}).run(lambda k: _shard(k, 2)) == [1]
+    got = json.loads(mpath.read_text())
+    assert got["complete"] is True and got["seed"] == 0
+    assert got["targets_encoding"] == "v2" and got["extra"] == {"a": [1]}
+
+
 def test_datafree_preview_of_a_depth_teacher_without_a_channel_dim(tmp_path):
     """Depth teachers may output [B, H, W] (a Hugging Face model's predicted_depth; docs/distributed.md): their set
     got no preview.png ("teacher outputs of shape (H, W), no preview"); it is drawn as one channel."""

@@ -190,6 +190,9 @@ def nothing_written_yet(directory, manifest: dict) -> bool:
     return manifest.get("complete") is False and not any(Path(directory).glob("shard_*.npz"))
 
 
+_LAYOUT_KEYS = ("num_images", "shard_size", "num_shards", "complete", "shards")  # what write_manifest sets
+
+
 class ShardWriter:
     """Resumable writer: ``run(make_shard)`` calls ``make_shard(k)`` only for missing shards."""
 
@@ -203,6 +206,7 @@ class ShardWriter:
         self.meta = dict(meta or {})
         self.num_shards = -(-self.num_images // self.shard_size)
         self._complete_on_disk = False  # the manifest there says complete: not rewritten while nothing changes
+        self._kept = {}  # keys of the manifest there that this writer does not know (another version's): kept
         self.dir.mkdir(parents=True, exist_ok=True)
         m = self.dir / MANIFEST
         if m.exists():
@@ -233,6 +237,7 @@ class ShardWriter:
                                  "use the same arguments or another directory")
             if not nothing_written:  # its shards were not made with this run's values of the keys it lacks: a
                 # rewrite recorded them as the whole set's (and changed a finished set's bytes, distill's identity)
+                self._kept = {k: v for k, v in old.items() if k not in self.meta and k not in _LAYOUT_KEYS}
                 self.meta = {k: v for k, v in self.meta.items() if k in old}
                 self._complete_on_disk = old.get("complete") is True
         elif any(self.dir.glob("shard_*.npz")):  # the manifest is written before any shard: these are of unknown
@@ -261,7 +266,7 @@ class ShardWriter:
             return
         self._complete_on_disk = complete
         write_json_atomic(self.dir / MANIFEST, {
-            **self.meta, "num_images": self.num_images, "shard_size": self.shard_size,
+            **self._kept, **self.meta, "num_images": self.num_images, "shard_size": self.shard_size,
             "num_shards": self.num_shards, "complete": complete,
             "shards": [self.shard_path(k).name for k in range(self.num_shards)],
         })
