@@ -1618,10 +1618,12 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if key is None:
         key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"
     if cfg.verify_data:  # row reads skip the zip CRC: read every file whole once, each rank its share
-        # a rank that fails stops the others' share (a marker in the set's folder, which every rank reads;
-        # a read-only one takes none: they finish their share as before)
-        nonce = _gather(os.urandom(8).hex() if env.rank == 0 else None, env)[0] if env.distributed else None
-        stop = StopMarker(cfg.data_dir, nonce, env)
+        # a rank that fails stops the others' share by a marker in --out, which every rank must see (checked
+        # here): in the set's folder, a read-only one took none and the others read their whole share
+        if env.distributed and env.rank == 0:
+            with contextlib.suppress(OSError):  # an error: check_shared_dir says rank 0 cannot write there
+                out.mkdir(parents=True, exist_ok=True)
+        stop = StopMarker(out, check_shared_dir(out, env, "--out"), env)
         err = None
         try:
             mine = data.files()[env.rank::env.world_size]

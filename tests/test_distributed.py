@@ -626,6 +626,18 @@ import torch.nn as nn
 _test = zipfile.ZipFile.testzip
 
 
+_write_text = Path.write_text
+
+
+def write_text(self, *a, **k):  # a read-only data set folder (root ignores chmod)
+    if str(self.parent) == os.environ.get("PPAP_TEST_READ_ONLY_DIR"):
+        raise PermissionError(13, "Permission denied", str(self))
+    return _write_text(self, *a, **k)
+
+
+Path.write_text = write_text
+
+
 def testzip(self):  # --verify-data's read of one file
     if os.environ.get("RANK") == "1":
         raise ValueError("verify broken on rank 1")  # not a damaged-file report: no CRC / zip error
@@ -655,9 +667,11 @@ make.task = "classification"
 """
 
 
-def test_a_rank_failing_to_verify_stops_the_others_soon(tmp_path, monkeypatch):
+@pytest.mark.parametrize("read_only_data", [False, True])
+def test_a_rank_failing_to_verify_stops_the_others_soon(tmp_path, monkeypatch, read_only_data):
     """--verify-data: a rank whose check raised (not a damaged file) waited in the barrier until every other rank
-    had read its whole share; its stop marker (in the set's folder) now ends theirs at their next file."""
+    had read its whole share; its stop marker now ends theirs at their next file. The marker is in --out: in the
+    set's folder, a read-only one took none (the others read their whole share again)."""
     mods = tmp_path / "mods"
     mods.mkdir()
     (mods / "ppap_rank1_verify_breaks.py").write_text(RANK1_VERIFY_BREAKS)
@@ -665,12 +679,14 @@ def test_a_rank_failing_to_verify_stops_the_others_soon(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 20, "shard_size": 2}), D.DistEnv())
+    if read_only_data:
+        monkeypatch.setenv("PPAP_TEST_READ_ONLY_DIR", str(data))
     cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "py:ppap_rank1_verify_breaks:make", n_experts=2, r=2,
                           alpha=2.0, steps=2, batch_size=2, device="cpu", verify_data=True)
     with pytest.raises(Exception, match=r"(?s)verifying the data set failed on rank\(s\) \[1\].*verify broken"):
         D.launch("distill", cfg, 2, threads=1, timeout_s=120)
     assert len((mods / "verified.log").read_text()) < 5  # of rank 0's 10 files (shards and teacher outputs)
-    assert not list(data.glob(".ppap_*"))  # the marker removed
+    assert not list(data.glob(".ppap_*")) and not list((tmp_path / "out").glob(".ppap_*"))  # the marker removed
 
 
 def test_verify_data_says_how_to_repair_a_damaged_file(tmp_path, monkeypatch):
