@@ -231,6 +231,11 @@ def _channels_last_model(model) -> bool:
         and any(not w.is_contiguous() for w in ws)
 
 
+_PARTS_CHANGED = ("the ComposedGuide's list of guides changed (a part added, removed or replaced) after a FastGuide / "
+                  "FastGuidedSampler / PPAPGuidance was built on it: build a new one for the new list (weights, and a "
+                  "part's scale or target, may change in place)")
+
+
 class _GradRunner:
     """grad = scale * d/dx objective for one guide variant (merged expert n, or routed)."""
 
@@ -291,13 +296,17 @@ class _GradRunner:
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
         if self.children is not None:  # weights read now (not at construction): the guide's may have changed
+            parts = self.guide.guides
+            if len(parts) != len(self.children) or any(c.guide is not g
+                                                       for (c, _), (g, _) in zip(self.children, parts)):
+                raise ValueError(_PARTS_CHANGED)  # zip left an appended part out silently (or ran a replaced one)
             # children left at "raise" must not raise before a lenient policy: this one's, or (checked=False)
             # a lenient outer composition's
             lenient = not checked or self.guide.nonfinite != "raise"
             total = _gd.weighted_grad_sum(
                 (child(x, t, checked=not (lenient and getattr(child.guide, "nonfinite", None) == "raise"),
                        target=target), w)
-                for (child, _), (_, w) in zip(self.children, self.guide.guides))
+                for (child, _), (_, w) in zip(self.children, parts))
             return _gd.check_finite(total, self.guide.nonfinite, self.guide.name) if checked else total
         if not isinstance(self.guide, _gd.Guide):  # an opaque callable guide(x_t, t) -> grad
             # a FastGuide of a ClassGuide takes the target override too (it was dropped silently)
@@ -463,8 +472,7 @@ def _sync_view(view, src, device, seen: dict, follow_model: bool = False):
         return
     if isinstance(src, _gd.ComposedGuide):
         if len(view.guides) != len(src.guides):
-            raise ValueError("the ComposedGuide's list of guides changed after its first use: build a new "
-                             "PPAPGuidance / FastGuidedSampler")
+            raise ValueError(_PARTS_CHANGED)
         view.nonfinite = src.nonfinite
         for (v, _), (g, _) in zip(view.guides, src.guides):
             _sync_view(v, g, device, seen, follow_model)

@@ -1390,3 +1390,32 @@ def test_model_kwargs_of_another_batch_size_named(rows):
         sample_loop(Cond(), SHAPE, sched, model_kwargs={"y": torch.arange(rows), "w": torch.tensor(1.0)})
     assert torch.isfinite(sample_loop(Cond(), SHAPE, sched, model_kwargs={"y": torch.arange(4),
                                                                           "w": torch.tensor(1.0)})).all()
+
+
+def test_a_part_added_to_or_replaced_in_a_composed_guide_is_refused(setup):
+    """The fast path paired its sub-runners with the ComposedGuide's parts by zip: a part appended to the user's list
+    after the FastGuide was built was left out, a replaced one kept running the old part, without a word (0.27 off).
+    A changed weight is still followed."""
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+    first = ClassGuide(clf, torch.tensor([0, 1, 2, 3]), scale=2.0)
+    comp = ComposedGuide([first])
+    fast = fs.FastGuide(comp, "cpu")
+    x, t = torch.randn(SHAPE), torch.full((SHAPE[0],), 300)
+    assert rel_err(fast(x, t), comp(x, t)) < TOL
+    comp.guides = [(first, -0.5)]
+    assert rel_err(fast(x, t), comp(x, t)) < TOL
+    comp.guides.append((ClassGuide(clf, 1, scale=3.0), 1.0))
+    with pytest.raises(ValueError, match="list of guides changed .* build a new one"):
+        fast(x, t)
+    comp.guides = [(ClassGuide(clf, 2, scale=3.0), 1.0)]
+    with pytest.raises(ValueError, match="list of guides changed"):
+        fast(x, t)
+    # a sampler's routed step (a mixed batch) over a bank part and a plain one, a plain part appended
+    model, bank, guide = setup
+    comp = ComposedGuide([guide])
+    sampler = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=comp)
+    xs, idx = torch.randn(SHAPE), torch.tensor([0, 1, 2, 3])
+    sampler.step(xs, idx)
+    comp.guides.append((first, 1.0))
+    with pytest.raises(ValueError, match="list of guides changed"):
+        sampler.step(xs, idx)
