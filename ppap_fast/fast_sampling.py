@@ -320,11 +320,18 @@ class _GradRunner:
             if self._compile_ok and failed in self.opts.state:  # another band's compile of it failed: not retried
                 self._compile_ok = False
             compile_exc = None
-            if self._compile_ok:
+            ready = True
+            if self._compile_ok and kw:  # a per-call target's range is read here, on the host, not in the trace
+                ct = getattr(self.guide, "target", None)
+                tgt = ct.precheck(target) if isinstance(ct, _gd._ClassTarget) else target
+                ready = tgt is not None  # None: class count unknown until the guide has run (eagerly, below)
+                kw = {"target": tgt} if ready else kw
+            if self._compile_ok and ready:
                 try:
                     if self._compiled is None:
                         self._compiled = _compile(self._functional, **self.opts.compile_kwargs)
-                    g = self._compiled(x, t, **kw)
+                    with _gd.prechecked_targets():
+                        g = self._compiled(x, t, **kw)
                 except Exception as exc:  # noqa: BLE001 - any compile/trace error -> eager
                     compile_exc, g = exc, None
             if compile_exc is not None:

@@ -18,6 +18,7 @@ optional finite check.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -332,6 +333,7 @@ class _ClassTarget:
             lo = hi = target
         self.target, self.lo, self.hi = target, lo, hi
         self.checked = False
+        self.k = None  # the class count last checked against
         if lo < 0:
             raise ValueError(f"{name}: target {lo} is negative")
         if num_classes is not None:
@@ -340,18 +342,29 @@ class _ClassTarget:
     def _check(self, k):
         if self.hi >= k:
             raise ValueError(f"{self.name}: target class {self.hi} is out of range for a model with {k} classes")
-        self.checked = True
+        self.checked, self.k = True, k
 
     def _checked_override(self, override, k: int):
         """A per-call target checked like the own one; the last tensor checked is remembered (while unchanged in
         place), so a loop passing the same labels every step reads their range once, not once per step (a sync)."""
+        if _PRECHECKED[0] and torch.compiler.is_compiling() and getattr(self, "k", None) == k:
+            return override  # checked by precheck() on the host before the compiled guide: no read in the graph
         cached = getattr(self, "_override", None)
         if cached is not None and cached[0] is override and cached[1] == k and cached[2] == _version(override):
             return cached[3]
+        if not torch.compiler.is_compiling():
+            self.k = k  # the count is known, even where these labels fail it
         tgt = _ClassTarget(override, k, self.name).target
         if isinstance(override, torch.Tensor) and not torch.compiler.is_compiling() and _version(override) is not None:
             self._override = (override, k, _version(override), tgt)
         return tgt
+
+    def precheck(self, override):
+        """A per-call target checked on the host before a compiled guide runs (its trace cannot read the labels'
+        range: a graph break): the target to pass it, or None while the class count is unknown (run it eagerly
+        once). A tensor is read once while unchanged, as in ``select``."""
+        k = getattr(self, "k", None)
+        return None if k is None else self._checked_override(override, k)
 
     def select(self, logits, override=None):
         if logits.dim() != 2:
@@ -370,6 +383,20 @@ class _ClassTarget:
                 raise ValueError(f"{self.name}: target has shape {tuple(tgt.shape)}, batch is {B}")
             idx = tgt.view(B, 1)
         return F.log_softmax(logits, dim=-1).gather(1, idx).squeeze(1)
+
+
+_PRECHECKED = [False]  # set (by prechecked_targets) while a compiled guide runs with targets precheck()ed
+
+
+@contextlib.contextmanager
+def prechecked_targets():
+    """Per-call class targets passed in the block were checked by ``_ClassTarget.precheck``: a compiled guide's
+    trace skips their range read (the class count it was checked against is compared in the trace)."""
+    old, _PRECHECKED[0] = _PRECHECKED[0], True
+    try:
+        yield
+    finally:
+        _PRECHECKED[0] = old
 
 
 def _autograd_usable(t: torch.Tensor) -> torch.Tensor:

@@ -1419,3 +1419,31 @@ def test_a_part_added_to_or_replaced_in_a_composed_guide_is_refused(setup):
     comp.guides.append((first, 1.0))
     with pytest.raises(ValueError, match="list of guides changed"):
         sampler.step(xs, idx)
+
+
+def test_compiled_guide_takes_a_per_call_target_without_a_graph_break():
+    """A per-call target (as_cond_fn's y, the pipeline's class_labels) under compile_guide had its range read inside
+    the compiled guide (int(target.min())): a graph break, the guide's gradient run outside the graph while
+    applied_options said compiled. It is checked on the host before the call now (once per tensor while unchanged);
+    out-of-range labels still raise the guide's error."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounter()
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()  # no num_classes: unknown until it has run
+    fast = fs.FastGuide(ClassGuide(clf, 0, scale=2.0), "cpu", compile_guide=True, compile_kwargs={"backend": cnt})
+    x, t, y = torch.randn(SHAPE), torch.full((SHAPE[0],), 300), torch.tensor([3, 2, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastSamplingWarning)
+        for labels in (y, y, torch.tensor([1, 1, 0, 2])):  # the first runs eagerly (class count unknown)
+            assert rel_err(fast(x, t, target=labels), ClassGuide(clf, labels, scale=2.0)(x, t)) < TOL
+        assert cnt.frame_count == 1 and not counters["graph_break"]
+        with pytest.raises(ValueError, match="target class 7 is out of range"):
+            fast(x, t, target=torch.tensor([7, 0, 0, 0]))
+        y[0] = 4  # in place: checked again
+        with pytest.raises(ValueError, match="target class 4 is out of range"):
+            fast(x, t, target=y)
+    assert fast._routed._compile_ok and not fast.opts.state and cnt.frame_count == 1
+    torch._dynamo.reset()
