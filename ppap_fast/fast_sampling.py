@@ -201,24 +201,31 @@ def _no_host_checks(banks):
             b.check_inputs = o
 
 
-def _on_device(guide, device):
-    """A shallow copy of a guide whose tensor targets already sit on `device` (no per-step H2D copy)."""
+def _on_device(guide, device, seen: dict | None = None):
+    """A shallow copy of a guide whose tensor targets already sit on `device` (no per-step H2D copy); ``seen``
+    records the copies made (as ``_sync_view`` does: an in-place change is copied into them)."""
     if isinstance(guide, _gd.ComposedGuide):  # its parts' targets too (they were copied at every step)
-        parts = [(_on_device(g, device), w) for g, w in guide.guides]
+        parts = [(_on_device(g, device, seen), w) for g, w in guide.guides]
         if all(p is g for (p, _), (g, _) in zip(parts, guide.guides)):
             return guide
         guide = copy.copy(guide)
         guide.guides = parts
         return guide
+    moved = {}
     tgt = getattr(guide, "target", None)
     if isinstance(tgt, _gd._ClassTarget) and isinstance(tgt.target, torch.Tensor) and tgt.target.device != device:
-        guide = copy.copy(guide)
-        guide.target = copy.copy(tgt)
-        guide.target.target = tgt.target.to(device)
+        moved["target"] = (tgt.target, copy.copy(tgt))
+        moved["target"][1].target = tgt.target.to(device)
     tmap = getattr(guide, "target_map", None)
     if isinstance(guide, _gd._DenseGuide) and isinstance(tmap, torch.Tensor) and tmap.device != device:
-        guide = copy.copy(guide)
-        guide.target_map = tmap.to(device)
+        moved["target_map"] = (tmap, tmap.to(device))
+    if not moved:
+        return guide
+    guide = copy.copy(guide)
+    for k, (src, val) in moved.items():
+        setattr(guide, k, val)
+        if seen is not None:
+            seen[(id(guide), k)] = (src, _version(src), val)
     return guide
 
 
@@ -448,14 +455,15 @@ class _Opts:
         self.state: set = set()  # shared by the runners of one sampler / FastGuide: failures, once-only warnings
 
 
-def _guide_state(g, device=None) -> tuple:
+def _guide_state(g, device=None, versions: bool = True) -> tuple:
     """What a guide's gradient depends on besides its network, as host values (no device read): scalar
     attributes (scale, ...), the identity and in-place version of tensors (targets), ComposedGuide weights.
     An inference tensor keeps no version: its in-place changes are not seen (assign a new tensor instead).
     A tensor already on ``device`` counts by identity only: the views share it and a captured step reads it
-    at every replay, so an in-place change (the CLI's per-batch targets) needs no sync and no new graphs."""
+    at every replay, so an in-place change (the CLI's per-batch targets) needs no sync and no new graphs.
+    ``versions=False``: no target's version (what is left when only off-device targets changed in place)."""
     if isinstance(g, _gd.ComposedGuide):
-        return (id(g), g.nonfinite, tuple((_guide_state(c, device), w) for c, w in g.guides))
+        return (id(g), g.nonfinite, tuple((_guide_state(c, device, versions), w) for c, w in g.guides))
     out = []
     for k, v in vars(g).items():
         if k.startswith("_"):  # private caches and once-only flags
@@ -463,7 +471,9 @@ def _guide_state(g, device=None) -> tuple:
         if isinstance(v, _gd._ClassTarget):
             v = v.target
         if isinstance(v, torch.Tensor):
-            out.append((k, id(v)) if device is not None and v.device == device else (k, id(v), _version(v)))
+            on = device is not None and v.device == device
+            moved = not versions and k in ("target", "target_map")  # copied into the views' device copies
+            out.append((k, id(v)) if on or moved else (k, id(v), _version(v)))
         elif v is None or isinstance(v, (bool, int, float, str)):
             out.append((k, v))
         else:
@@ -471,10 +481,12 @@ def _guide_state(g, device=None) -> tuple:
     return tuple(out)
 
 
-def _sync_view(view, src, device, seen: dict, follow_model: bool = False):
+def _sync_view(view, src, device, seen: dict, follow_model: bool = False, fresh: list | None = None):
     """Make ``view`` (a shallow copy of guide ``src`` that owns a merged model and / or on-device targets)
     read every other attribute from ``src`` as it is now (scale, target, nonfinite, ComposedGuide weights);
-    ``follow_model``: its network too (a view that only moved the targets owns no model of its own)."""
+    ``follow_model``: its network too (a view that only moved the targets owns no model of its own).
+    An off-device target changed in place is copied into the view's device copy (captured steps read it there);
+    ``fresh`` gets the name of each target that needed a new device tensor instead."""
     if view is src:
         return
     if isinstance(src, _gd.ComposedGuide):
@@ -482,7 +494,7 @@ def _sync_view(view, src, device, seen: dict, follow_model: bool = False):
             raise ValueError(_PARTS_CHANGED)
         view.nonfinite = src.nonfinite
         for (v, _), (g, _) in zip(view.guides, src.guides):
-            _sync_view(v, g, device, seen, follow_model)
+            _sync_view(v, g, device, seen, follow_model, fresh)
         view.guides = [(v, w) for (v, _), (_, w) in zip(view.guides, src.guides)]
         return
     keep = ("model", "pass_t") if not follow_model and view.__dict__.get("model") is not src.__dict__.get("model") \
@@ -496,7 +508,15 @@ def _sync_view(view, src, device, seen: dict, follow_model: bool = False):
                 ck = (id(view), k)
                 old = seen.get(ck)
                 if old is None or old[0] is not tens or old[1] != _version(tens):
-                    moved = tens.to(device)
+                    prev = None if old is None or view.__dict__.get(k) is not old[2] else \
+                        (old[2].target if isinstance(old[2], _gd._ClassTarget) else old[2])
+                    if isinstance(prev, torch.Tensor) and prev.shape == tens.shape and prev.dtype == tens.dtype \
+                            and not prev.is_inference():
+                        moved = prev.copy_(tens)  # same address: the captured steps stay valid
+                    else:
+                        moved = tens.to(device)
+                        if fresh is not None:
+                            fresh.append(k)
                     if isinstance(val, _gd._ClassTarget):
                         moved_val = copy.copy(val)
                         moved_val.target = moved
@@ -535,7 +555,7 @@ class FastGuide:
         self.device = None if device is None else torch.device(device)
         self.source = guide
         self._moved: dict = {}
-        self.guide = guide if self.device is None else _on_device(guide, self.device)
+        self.guide = guide if self.device is None else _on_device(guide, self.device, self._moved)
         self.banks = guide_banks(self.guide)
         self._merge_wanted = _flag(merge_experts, "merge_experts")
         self._merge_requested = bool(merge_experts) and bool(self.banks)
@@ -558,6 +578,7 @@ class FastGuide:
         self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
         self._versions = self._bank_versions()
         self._state = _guide_state(self.source, self.device)
+        self._layout = _guide_state(self.source, self.device, versions=False)
         self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
         self.num_timesteps: int | None = None  # the sampler's base T: a guide changed later is checked against it
@@ -656,9 +677,12 @@ class FastGuide:
             return
         if state != self._state and self.num_timesteps is not None:  # before anything is taken over
             check_guide_timesteps(self.source, self.num_timesteps)
+        layout = _guide_state(self.source, self.device, versions=False)
+        targets_only = layout == self._layout and versions == self._versions and modes == self._modes
         self._modes = modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
-        self._state = state
-        _sync_view(self.guide, self.source, self.device, self._moved, follow_model=True)
+        self._state, self._layout = state, layout
+        fresh: list = []
+        _sync_view(self.guide, self.source, self.device, self._moved, follow_model=True, fresh=fresh)
         if [id(b) for b in guide_banks(self.guide)] != [id(b) for b in self.banks]:
             self._reset_banks()  # guide.model = another bank: the merged experts were the old bank's, silently
             self.generation += 1
@@ -669,7 +693,8 @@ class FastGuide:
         self._versions = versions
         if changed:
             self._refresh_merged(changed)
-        self.generation += 1
+        if not (targets_only and not fresh):  # off-device targets copied in place only: the graphs stay valid
+            self.generation += 1
 
     def _reset_banks(self) -> None:
         """Drop the merged copies and runners of the banks the guide held before, for the ones it holds now."""

@@ -921,6 +921,26 @@ def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
 
 @pytest.mark.cuda
 @cuda
+def test_cuda_graphs_replay_a_cpu_target_changed_in_place(no_tf32):
+    """A CPU target under a CUDA sampler, changed in place: copied into the guide's CUDA copy (it was copied to a new
+    tensor, and every captured step dropped and recaptured); the replays read the new targets."""
+    model, bank, _ = _cuda_setup()
+    buf = torch.tensor([0, 1, 2, 3])
+    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
+    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
+    fast = FastGuidedSampler(model, sched, guide=ClassGuide(bank, buf, scale=3.0), cuda_graph=True)
+    first = fast.sample(SHAPE, generator=gen())
+    graphs = dict(fast._graphs)
+    buf.copy_(torch.tensor([3, 2, 1, 0]))
+    out = fast.sample(SHAPE, generator=gen())
+    want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
+    ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
+    assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
+    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_overlap_guide_equals_reference(no_tf32, graph):
     model, _, guide = _cuda_setup()
@@ -1096,7 +1116,7 @@ def test_an_on_device_target_changed_in_place_keeps_the_captured_steps(setup):
 def test_a_composed_guides_parts_get_their_targets_on_the_device():
     """A FastGuide on another device moved a plain guide's class target / target map there once, but not those of a
     ComposedGuide's parts (nested too): they were copied to the device at every step. "meta" stands in for a GPU;
-    a part's target changed in place is moved again; the user's guide keeps its own."""
+    a part's target changed in place is copied again (into its device copy); the user's guide keeps its own."""
     buf = torch.tensor([0, 1, 2, 3])
     cg = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), buf, 1.0)
     dg = DenseRegressionGuide(nn.Conv2d(3, 1, 1), torch.randn(4, 1, 8, 8))
@@ -1109,7 +1129,7 @@ def test_a_composed_guides_parts_get_their_targets_on_the_device():
     old = part.target.target
     buf.add_(0)
     fast.sync()
-    assert fast.guide.guides[0][0].target.target is not old and part.target.target.device.type == "meta"
+    assert fast.guide.guides[0][0].target.target is old and part.target.target.device.type == "meta"
 
 
 @pytest.mark.parametrize("device_view", [False, True])
@@ -1122,7 +1142,7 @@ def test_fast_path_follows_a_guide_given_another_bank(setup, monkeypatch, device
 
     model = setup[0]
     if device_view:
-        monkeypatch.setattr(fs, "_on_device", lambda g, device: copy.copy(g))
+        monkeypatch.setattr(fs, "_on_device", lambda g, device, seen=None: copy.copy(g))
     sched = Schedule.create("linear", 1000, "ddim5")
     guide = ClassGuide(tiny_bank(), torch.tensor([0, 1, 2, 3]), scale=3.0)
     fast = FastGuidedSampler(model, sched, guide=guide, merge_mode=merge_mode)
@@ -1447,3 +1467,30 @@ def test_compiled_guide_takes_a_per_call_target_without_a_graph_break():
             fast(x, t, target=y)
     assert fast._routed._compile_ok and not fast.opts.state and cnt.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_an_off_device_target_changed_in_place_is_copied_into_its_device_copy():
+    """A CPU target under a sampler on another device, changed in place (a new batch's labels), was copied to a new
+    device tensor and counted as a changed guide: every captured CUDA graph dropped and recaptured. It is copied into
+    the device copy the captured steps read now ("meta" stands in for a GPU); a target whose shape changed, or any
+    other change, still counts."""
+    buf, scale = torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    dmap = torch.randn(4, 1, 8, 8)
+    cg = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)), buf, scale)
+    dg = DenseRegressionGuide(nn.Conv2d(3, 1, 1), dmap)
+    fast = fs.FastGuide(ComposedGuide([cg, dg]), "meta")
+    part, dpart = fast.guide.guides[0][0], fast.guide.guides[1][0]
+    on_device = part.target.target, dpart.target_map
+    buf.copy_(torch.tensor([3, 2, 1, 0]))
+    dmap.mul_(2)
+    fast.sync()
+    assert part.target.target is on_device[0] and dpart.target_map is on_device[1] and fast.generation == 0
+    assert on_device[0].device.type == "meta" and cg.target.target is buf
+    scale.mul_(2)  # another tensor changed in place: a changed guide
+    fast.sync()
+    assert fast.generation == 1 and part.scale is scale
+    buf.resize_(2)  # a new shape: a new device copy
+    fast.sync()
+    assert part.target.target is not on_device[0] and part.target.target.shape == (2,) and fast.generation == 2
+    fast.sync()
+    assert fast.generation == 2
