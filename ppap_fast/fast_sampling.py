@@ -239,8 +239,19 @@ def _channels_last_model(model) -> bool:
 
 
 _PARTS_CHANGED = ("the ComposedGuide's list of guides changed (a part added, removed or replaced) after a FastGuide / "
-                  "FastGuidedSampler / PPAPGuidance was built on it: build a new one for the new list (weights, and a "
-                  "part's scale or target, may change in place)")
+                  "FastGuidedSampler / PPAPGuidance holding device copies of its parts' targets was built on it: build "
+                  "a new one for the new list (weights, and a part's scale or target, may change in place)")
+
+
+def _parts(g) -> tuple:
+    """A ComposedGuide's parts, nested (the objects: a part added, removed or replaced is told by identity)."""
+    return tuple((p, _parts(p)) for p, _ in g.guides) if isinstance(g, _gd.ComposedGuide) else ()
+
+
+def _same_parts(rec: tuple, g) -> bool:
+    if not isinstance(g, _gd.ComposedGuide):
+        return not rec
+    return len(g.guides) == len(rec) and all(p is q and _same_parts(sub, q) for (p, sub), (q, _) in zip(rec, g.guides))
 
 
 class _GradRunner:
@@ -579,6 +590,7 @@ class FastGuide:
         self._versions = self._bank_versions()
         self._state = _guide_state(self.source, self.device)
         self._layout = _guide_state(self.source, self.device, versions=False)
+        self._parts = _parts(self.source)
         self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
         self.num_timesteps: int | None = None  # the sampler's base T: a guide changed later is checked against it
@@ -672,6 +684,9 @@ class FastGuide:
         weights (copied into the device / merged views), and its banks' weights (merged copies re-merged in
         place: parameter addresses kept) or train / eval modes. Host-side checks only; ``generation``
         counts the changes (captured CUDA graphs of an older one are dropped)."""
+        if not _same_parts(self._parts, self.source):
+            self._parts_changed()
+            return
         state, versions, modes = _guide_state(self.source, self.device), self._bank_versions(), self._bank_modes()
         if state == self._state and versions == self._versions and modes == self._modes:
             return
@@ -695,6 +710,19 @@ class FastGuide:
             self._refresh_merged(changed)
         if not (targets_only and not fresh):  # off-device targets copied in place only: the graphs stay valid
             self.generation += 1
+
+    def _parts_changed(self) -> None:
+        """A ComposedGuide part added, removed or replaced: the runners (and merged views) are built anew from the
+        guide as it is (they ran the old parts: a merged view took the new part's attributes onto the old one)."""
+        if self.guide is not self.source:  # a view holding device copies of the old parts' targets
+            raise ValueError(_PARTS_CHANGED)
+        if self.num_timesteps is not None:
+            check_guide_timesteps(self.source, self.num_timesteps)
+        self._parts = _parts(self.source)
+        self._reset_banks()
+        self._state = _guide_state(self.source, self.device)
+        self._layout = _guide_state(self.source, self.device, versions=False)
+        self.generation += 1
 
     def _reset_banks(self) -> None:
         """Drop the merged copies and runners of the banks the guide held before, for the ones it holds now."""
