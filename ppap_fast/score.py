@@ -107,18 +107,12 @@ SCORED_OUTPUT_KEYS = ("logits", "out")  # a dict output's logits: the head is fo
 
 
 def _head_linear(model: nn.Module) -> nn.Linear | None:
-    """The Linear that produces the output (torch.fx, see output_linear), None for another head; a model
-    that cannot be traced: its last registered Linear."""
-    from .experts.placement import output_linear
+    """The Linear that produces the output (see placement.head_linear: torch.fx, else the last registered
+    Linear), None for another head."""
+    from .experts.placement import head_linear
 
-    traced, name = output_linear(model, SCORED_OUTPUT_KEYS)
-    if traced:
-        return model.get_submodule(name) if name is not None else None
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    return last
+    name = head_linear(model, SCORED_OUTPUT_KEYS)[1]
+    return model.get_submodule(name) if name is not None else None
 
 
 @torch.no_grad()

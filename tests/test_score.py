@@ -230,3 +230,36 @@ def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
         assert feats.shape == tuple(want.shape) and np.isfinite(feats).all()
         np.testing.assert_allclose(feats, want.double().numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(probs, torch.softmax(logits.double(), 1).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_score_and_generic_placement_take_the_same_head():
+    """One head lookup (placement.head_linear) for score and the generic placement: the Linear torch.fx finds
+    (registered first here), and for an untraceable model the last registered Linear, in both."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    from ppap_fast.experts.placement import generic_placement, head_linear
+    from ppap_fast.score import _head_linear
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.proj(x.mean((2, 3)))))
+
+    class Untraceable(HeadFirst):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x[:, :2, 0, 0]
+
+    for model, want in ((HeadFirst(), (True, "head")), (Untraceable(), (False, "proj"))):
+        assert head_linear(model) == want
+        assert _head_linear(model) is model.get_submodule(want[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = generic_placement(model).lora
+        assert set(dict(model.named_modules())) - {""} - set(lora) == {want[1]}

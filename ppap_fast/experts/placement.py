@@ -222,15 +222,21 @@ def output_linear(model: nn.Module, keys=("out", "logits", "predicted_depth")) -
     return True, None
 
 
+def head_linear(model: nn.Module, keys=("out", "logits", "predicted_depth")) -> tuple[bool, str | None]:
+    """(traced, name): :func:`output_linear`'s head; a model torch.fx cannot trace: (False, its last
+    registered Linear), which is wrong where the head is registered before another Linear."""
+    traced, name = output_linear(model, keys)
+    return (True, name) if traced else (False, _last_linear(model))
+
+
 def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: str = "factorised") -> Placement:
     """Every Conv2d / Linear except the classifier head (the Linear that produces the output, see
     :func:`output_linear`; none for a conv head) gets LoRA; every affine norm (weight+bias) and every
     Conv2d / Linear bias is per expert. nn.MultiheadAttention's out_proj is skipped (MHA reads its weight
     directly). A model torch.fx cannot trace takes its last Linear as the head (with a warning when it has
     several: pass a Placement to choose)."""
-    traced, head = output_linear(model)
-    if not traced:  # registration order: wrong where the head is registered before another Linear
-        head = _last_linear(model)
+    traced, head = head_linear(model)
+    if not traced:
         if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
             import warnings
 
@@ -262,4 +268,5 @@ def make_placement(rule: str, model: nn.Module, **kwargs) -> Placement:
 
 
 __all__ = ["Placement", "RULES", "make_placement", "resnet_placement", "deit_placement",
-           "mobilenet_v2_placement", "generic_placement", "output_linear", "NORM_TYPES"]
+           "mobilenet_v2_placement", "generic_placement", "output_linear", "head_linear",
+           "NORM_TYPES"]
