@@ -41,6 +41,10 @@ def main():
     ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--scale", type=finite_float, default=10.0)
     args = ap.parse_args()
+    T = TRAINED_SCHEDULE["num_train_timesteps"]
+    if args.steps >= T:  # DPM-Solver++ repeats a timestep from T steps on (NaN, a traceback); DDIM refuses > T
+        ap.exit(2, f"{ap.prog}: error: argument --steps: at most {T - 1} steps over the UNet's {T} training "
+                   f"timesteps, got {args.steps}\n")
     torch.set_num_threads(args.threads)
 
     unet = load_unet().unet.to(args.device)  # the diffusers UNet2DModel inside the demo's EpsModel

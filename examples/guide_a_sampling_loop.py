@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from ppap_fast import ClassGuide, FastGuidedSampler, Schedule, sample_loop
+from ppap_fast import ClassGuide, FastGuidedSampler, sample_loop
 from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
-from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
+from ppap_fast.demo import DemoError, demo_schedule, load_evaluator, load_ppap_bank, load_unet, save_grid
 
 
 def main():
@@ -27,14 +27,19 @@ def main():
     ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     ap.add_argument("--scale", type=finite_float, default=10.0)
     args = ap.parse_args()
+    # the UNet was trained on guided-diffusion's linear schedule, T=1000; DDIM over `steps` of it, checked as the
+    # CLI does before loading anything (--steps 1001 was a traceback from the schedule code)
+    try:
+        schedule = demo_schedule("ddim", args.steps)[0]
+    except DemoError as e:
+        ap.exit(2, f"{ap.prog}: error: argument --steps: {e}\n")
     torch.set_num_threads(args.threads)
 
     unet = load_unet().to(args.device)
     guide_net = load_ppap_bank(5).to(args.device)  # ExpertBank: the classifier + 5 timestep experts
     evaluator = load_evaluator().to(args.device)  # scores only, never guides
     targets = torch.tensor([int(d) for d in args.digits.split(",")]).repeat_interleave(args.per_class).to(args.device)
-    # the UNet was trained on guided-diffusion's linear schedule, T=1000; DDIM over `steps` of it
-    schedule = Schedule.create("linear", 1000, respacing=f"ddim{args.steps}").to(args.device)
+    schedule = schedule.to(args.device)
     guide = ClassGuide(guide_net, targets, scale=args.scale)  # guide(x_t, t) -> scale * grad log p(y | x_t)
     x_T = torch.randn((len(targets), 1, 16, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
 

@@ -9,10 +9,10 @@ import argparse
 
 import torch
 
-from ppap_fast import ClassGuide, Schedule, as_cond_fn, ddim_step, sample_loop
+from ppap_fast import ClassGuide, as_cond_fn, ddim_step, sample_loop
 from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
-from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
+from ppap_fast.demo import DemoError, demo_schedule, load_evaluator, load_ppap_bank, load_unet, save_grid
 
 
 @torch.no_grad()
@@ -36,10 +36,14 @@ def main():
     ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     ap.add_argument("--scale", type=finite_float, default=10.0)
     args = ap.parse_args()
+    try:  # the CLI's check, before loading anything (--steps 1001 was a traceback from the schedule code)
+        schedule = demo_schedule("ddim", args.steps)[0]
+    except DemoError as e:
+        ap.exit(2, f"{ap.prog}: error: argument --steps: {e}\n")
     torch.set_num_threads(args.threads)
 
     unet, evaluator, bank = load_unet().to(args.device), load_evaluator().to(args.device), load_ppap_bank(5)
-    schedule = Schedule.create("linear", 1000, respacing=f"ddim{args.steps}").to(args.device)
+    schedule = schedule.to(args.device)
     y = (torch.arange(args.num) % 10).to(args.device)  # guided-diffusion's model_kwargs["y"]
     # the target given here is a placeholder: cond_fn's y replaces it on every call
     cond_fn = as_cond_fn(ClassGuide(bank.to(args.device), target=0, scale=args.scale, num_classes=10))

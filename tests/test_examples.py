@@ -81,6 +81,24 @@ def test_example_bad_counts_and_scales_are_usage_errors(tmp_path, name, flag, va
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name, steps, limit", [
+    ("guide_a_sampling_loop.py", "1001", "from 1000"),
+    ("guided_diffusion_cond_fn.py", "1001", "from 1000"),
+    ("diffusers_schedulers.py", "1001", "at most 999"),
+    ("diffusers_schedulers.py", "1000", "at most 999")])  # DPM-Solver++ repeats a timestep: NaN
+def test_example_too_many_steps_is_a_one_line_error(tmp_path, name, steps, limit):
+    """--steps 1001 ended in a traceback from the schedule code (or guidance's NaN check), after loading the
+    models; refused before loading anything, naming the limit."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(tmp_path / "out"), "--steps", steps],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, proc.stderr[-2000:]
+    assert f"{name}: error: argument --steps:" in err and limit in err and steps in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_guide_a_sampling_loop(tmp_path):
     out = run_example("guide_a_sampling_loop.py", tmp_path, "--per-class", "2", "--steps", "10")
     acc = accuracies(out)
