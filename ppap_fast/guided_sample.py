@@ -108,6 +108,10 @@ def _check(cfg: GuidedSampleConfig) -> Path:
         if given:
             raise ValueError(f"{' / '.join(given)} need --guide (the off-the-shelf model); without it the run is "
                              "unguided")
+    if cfg.guide is not None and cfg.ignore_index is not None:  # was refused only after loading the models
+        task = _declared_task(cfg)
+        if task is not None:
+            _check_ignore_index(task)
     if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")
@@ -120,6 +124,38 @@ def _check(cfg: GuidedSampleConfig) -> Path:
     for p in (out, out.with_suffix(".png"), out.with_suffix(".json")):
         remove_stale_tmp(p, p.suffix)  # a killed run's atomic-write temporaries
     return out
+
+
+def _declared_task(cfg: GuidedSampleConfig) -> str | None:
+    """The guide's task where it is known without building the guide: --guide-task, a registry model's, a tiny:
+    file's (its header only); None otherwise (a py: factory, a bad name or file: build_teacher reports them)."""
+    from .distributed import TEACHER_TASKS
+
+    if cfg.guide_task is not None:
+        return cfg.guide_task if cfg.guide_task in TEACHER_TASKS else None
+    if cfg.guide.startswith("tiny:"):
+        from safetensors import safe_open
+
+        from .distill import TINY_TEACHERS
+
+        try:
+            with safe_open(cfg.guide[5:], framework="pt") as f:
+                kind = (f.metadata() or {}).get("kind")
+        except Exception:  # noqa: BLE001 - missing or damaged: reported when the guide is built
+            return None
+        return TINY_TEACHERS[kind][1] if kind in TINY_TEACHERS else None
+    if cfg.guide.startswith("py:"):
+        return None
+    from .models.registry import GUIDES
+
+    spec = GUIDES.get(cfg.guide)
+    return spec.task if spec is not None else None
+
+
+def _check_ignore_index(task: str | None) -> None:
+    if task != "segmentation":
+        raise ValueError(f"--ignore-index marks void pixels of a segmentation --target-map; this guide's task is "
+                         f"{task}")
 
 
 def _probe(what: str, cfg: GuidedSampleConfig, fn):
@@ -185,9 +221,8 @@ def _build_guide(cfg: GuidedSampleConfig, device):
         raise ValueError("--target-map is for segmentation / depth guides; a classification guide takes --targets")
     if bt.task in ("segmentation", "depth", "regression") and cfg.targets:
         raise ValueError(f"--targets (class ids) is for classification guides; a {bt.task} guide takes --target-map")
-    if cfg.ignore_index is not None and bt.task != "segmentation":
-        raise ValueError(f"--ignore-index marks void pixels of a segmentation --target-map; this guide's task is "
-                         f"{bt.task}")
+    if cfg.ignore_index is not None:  # a py: factory's task (_check knew the others)
+        _check_ignore_index(bt.task)
     if bt.task == "classification":
         return (lambda tgt: ClassGuide(model, tgt, cfg.scale, input_transform=tf)), info
     if bt.task in ("segmentation", "depth", "regression"):

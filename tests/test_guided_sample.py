@@ -327,3 +327,22 @@ def test_segmentation_void_label_255_needs_and_takes_ignore_index(tmp_path, caps
     assert np.array_equal(voc["images"], plain["images"]) and not np.array_equal(voc["images"], unguided["images"])
     assert main(["guided-sample", "--out", str(tmp_path / "c.npz"), *BASE, *GUIDE, "--ignore-index", "255"]) == 2
     assert "--ignore-index marks void pixels of a segmentation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("guide", [GUIDE, ["--guide", "mobilenet_v2", "--targets", "3"],
+                                   ["--guide", "py:no_such_module:make", "--guide-task", "depth"]])
+def test_ignore_index_of_a_guide_not_segmentation_is_refused_before_loading(tmp_path, capsys, monkeypatch, guide):
+    """Refused only after the denoiser and the guide were built (seconds for real models); the task of a tiny:
+    file, a registry model or --guide-task is known before that."""
+    import ppap_fast.distributed as dist
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded a model before refusing --ignore-index")
+
+    monkeypatch.setattr(dist, "build_denoiser", no_loading)
+    monkeypatch.setattr(dist, "build_teacher", no_loading)
+    out = tmp_path / "sub" / "s.npz"
+    assert main(["guided-sample", "--out", str(out), *BASE, *guide, "--ignore-index", "255"]) == 2
+    err = capsys.readouterr().err
+    assert "--ignore-index marks void pixels of a segmentation --target-map; this guide's task is" in err, err
+    assert ("depth" if "depth" in guide else "classification") in err and not out.parent.exists()
