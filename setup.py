@@ -70,7 +70,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn", "matplotlib",
-        "diffusers", "peft", "timm",
+        "diffusers", "peft", "timm", "torchvision>=0.19",  # torchvision: the registry's torchvision guides
     ],
     extras_require={
         "triton": ["triton"],

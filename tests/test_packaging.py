@@ -28,3 +28,54 @@ def test_sdist_holds_what_setup_py_builds_from(tmp_path):
     needed += [str(p.relative_to(REPO)) for p in sorted((REPO / "ppap_fast" / "weights").rglob("*")) if p.is_file()]
     missing = [n for n in needed if n not in names]
     assert not missing, f"the sdist lacks {missing}"
+
+
+def _setup_kwargs() -> dict:
+    """The literal keyword arguments of setup.py's setup() call (read, not run: no build)."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"]
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords
+            if k.arg in ("install_requires", "extras_require")}
+
+
+def _dist_name(req: str) -> str:
+    import re
+
+    return re.match(r"[A-Za-z0-9_.\-]+", req.strip())[0].lower().replace("_", "-")
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """setup.py lacked torchvision (imported for every torchvision guide; timm happened to pull it in): every
+    top-level package ppap_fast/ imports is in install_requires, an extra, or named here as optional; and
+    requirements.txt pins every install_requires package."""
+    import ast
+
+    if not (REPO / "setup.py").is_file():
+        pytest.skip("not a source checkout")
+    dist_of = {"PIL": "pillow", "sklearn": "scikit-learn"}  # import name -> distribution name
+    optional = {"huggingface_hub": "guarded ImportError (comes with diffusers)"}
+    kw = _setup_kwargs()
+    required = {_dist_name(r) for r in kw["install_requires"]}
+    extras = {_dist_name(r) for reqs in kw["extras_require"].values() for r in reqs}
+    imported = {}
+    for path in sorted((REPO / "ppap_fast").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "ppap_fast":
+                    imported.setdefault(top, f"{path.relative_to(REPO)}:{node.lineno}")
+    assert "torch" in imported and "torchvision" in imported  # the scan sees the imports
+    undeclared = {top: where for top, where in imported.items()
+                  if top not in optional and dist_of.get(top, top).lower().replace("_", "-") not in required | extras}
+    assert not undeclared, f"imported but not in setup.py's install_requires / extras_require: {undeclared}"
+    pinned = {_dist_name(line) for line in (REPO / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")}
+    assert required <= pinned, f"install_requires not in requirements.txt: {sorted(required - pinned)}"
