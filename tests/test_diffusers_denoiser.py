@@ -227,6 +227,24 @@ def test_learned_variance_is_refused_for_ddpm_only(tmp_path, capsys):
                                     device="cpu"), D.DistEnv())
 
 
+def test_fixed_variance_config_of_a_2c_unet_is_refused_for_ddpm(tmp_path, capsys):
+    """A 2C-channel UNet whose scheduler says variance_type='fixed_small' / 'fixed_large' (inconsistent: diffusers'
+    own step fails on it) was sampled by DDPM as learned_range without a word: refused naming the value; DDIM
+    ignores the variance channels."""
+    unet = _unet(out_channels=2)
+    for vt in ("fixed_small", "fixed_large", "fixed_small_log"):
+        path = tmp_path / vt
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=vt)).save_pretrained(path)
+        with pytest.raises(ValueError, match=f"variance_type='{vt}' but the UNet outputs 2C channels"):
+            D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000, "ddpm")
+        D.build_denoiser(f"diffusers:{path}", None, 1, "cpu", "linear", 1000, "ddim")
+    args = ["guided-sample", "--denoiser", f"diffusers:{tmp_path / 'fixed_small'}", "--channels", "1",
+            "--image-size", "8", "--num-samples", "1", "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "p.npz"), "--sampler", "ddpm"]) == 2
+    assert "variance_type='fixed_small'" in capsys.readouterr().err and not (tmp_path / "p.npz").exists()
+    assert main([*args, "--out", str(tmp_path / "i.npz")]) == 0
+
+
 def test_ddpm_takes_the_schedulers_fixed_variance(saved, tmp_path):
     """A C-channel UNet whose DDPMScheduler says variance_type='fixed_small' (diffusers' default) was sampled by
     --sampler ddpm with fixed_large (the samplers' default) without a word: its scheduler's variance is used."""

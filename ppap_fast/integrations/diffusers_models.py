@@ -7,8 +7,9 @@ class labels or text states to give (``PPAPGuidedPipeline`` takes both). The pip
 config, where there is one, must describe the schedule the CLI samples with (``--schedule``,
 ``--num-timesteps``) and an eps prediction: a mismatch raises naming the flags, instead of sampling
 on another noise schedule than the model was trained on. A 2C-channel UNet whose scheduler has
-``variance_type='learned'`` is refused for DDPM (its variance channels are read as learned_range); a
-C-channel UNet's ``fixed_small`` / ``fixed_large`` is the DDPM sampler's variance (``scheduler_var_type``).
+``variance_type='learned'`` (or a fixed one: an inconsistent config) is refused for DDPM (its variance
+channels are read as learned_range); a C-channel UNet's ``fixed_small`` / ``fixed_large`` is the DDPM
+sampler's variance (``scheduler_var_type``).
 """
 from __future__ import annotations
 
@@ -160,8 +161,8 @@ def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str 
     """Raise if the saved scheduler config describes another schedule than ``schedule`` over
     ``num_timesteps`` (guided-diffusion's "linear" = diffusers' "linear" from 1e-4 to 0.02 scaled by
     1000 / T; "cosine" = "squaredcos_cap_v2"), or a prediction other than eps. Unless ``sampler`` is
-    "ddim" (which ignores variance channels), a 2C-channel UNet with ``variance_type='learned'`` raises:
-    the DDPM samplers read those channels as learned_range."""
+    "ddim" (which ignores variance channels), a 2C-channel UNet with ``variance_type='learned'`` or a fixed
+    one ("fixed_small", ...) raises: the DDPM samplers read those channels as learned_range."""
     cfg = scheduler_config(path)
     if cfg is None:
         return
@@ -175,6 +176,13 @@ def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str 
             raise ValueError(f"{where} has variance_type='learned' (the UNet's second half of channels is its "
                              "variance itself): the DDPM sampler would read it as learned_range (an interpolation "
                              "between log beta_t and the posterior log-variance); sample it with --sampler ddim")
+    vt = cfg.get("variance_type")
+    if isinstance(vt, str) and vt.startswith("fixed_") and sampler != "ddim":  # diffusers' own step fails on it
+        unet = json.loads((unet_dir(path) / "config.json").read_text())
+        if unet.get("out_channels", 3) == 2 * unet.get("in_channels", 3):
+            raise ValueError(f"{where} has variance_type={vt!r} but the UNet outputs 2C channels (eps and a "
+                             "variance): an inconsistent config, which the DDPM sampler would read as learned_range; "
+                             "fix the config's variance_type, or sample it with --sampler ddim")
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
     if cfg.get("rescale_betas_zero_snr"):  # its alphas_cumprod end at 0: the model was trained on other abar
