@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ppap_fast.experts import ExpertBank, load_experts, save_experts
-from ppap_fast.experts.checkpoint import read_config, resolve_checkpoint
+from ppap_fast.experts.checkpoint import load_experts_into, read_config, resolve_checkpoint
 from ppap_fast.models.tiny import TinyResNet
 
 from _util import randomise_bank
@@ -282,6 +282,21 @@ def test_config_with_missing_or_malformed_entries_is_a_clear_error(tmp_path):
         (tmp_path / "ck" / "config.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match="damaged: missing or malformed entries"):
             load_experts(tmp_path / "ck", _fresh())
+
+
+@pytest.mark.parametrize("key", ["n_experts", "num_timesteps"])
+def test_config_with_a_bool_count_is_refused(tmp_path, key):
+    # true is an int in Python: n_experts: true was read as 1 (loaded into a 1-expert bank, or a TypeError deep in
+    # torch); num_timesteps: true gave 'does not divide num_timesteps=True'
+    torch.manual_seed(0)
+    bank = ExpertBank(_fresh(), "resnet", n_experts=1, r=2, alpha=1)
+    save_experts(bank, tmp_path / "ck")
+    f = tmp_path / "ck" / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), key: True}))
+    for load in (lambda: read_config(tmp_path / "ck"), lambda: load_experts(tmp_path / "ck", _fresh()),
+                 lambda: load_experts_into(bank, tmp_path / "ck")):
+        with pytest.raises(ValueError, match=rf"config.json is damaged: missing or malformed entries \['{key}'\]"):
+            load()
 
 
 def test_a_save_without_base_removes_the_kept_base_of_a_killed_save(tmp_path, monkeypatch):
