@@ -22,6 +22,7 @@ import contextlib
 import math
 import numbers
 import re
+import threading
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -347,7 +348,7 @@ class _ClassTarget:
     def _checked_override(self, override, k: int):
         """A per-call target checked like the own one; the last tensor checked is remembered (while unchanged in
         place), so a loop passing the same labels every step reads their range once, not once per step (a sync)."""
-        if _PRECHECKED[0] and torch.compiler.is_compiling() and getattr(self, "k", None) == k:
+        if getattr(_PRECHECKED, "on", False) and torch.compiler.is_compiling() and getattr(self, "k", None) == k:
             return override  # checked by precheck() on the host before the compiled guide: no read in the graph
         cached = getattr(self, "_override", None)
         if cached is not None and cached[0] is override and cached[1] == k and cached[2] == _version(override):
@@ -385,18 +386,20 @@ class _ClassTarget:
         return F.log_softmax(logits, dim=-1).gather(1, idx).squeeze(1)
 
 
-_PRECHECKED = [False]  # set (by prechecked_targets) while a compiled guide runs with targets precheck()ed
+# .on: set (by prechecked_targets) while a compiled guide runs with targets precheck()ed, per thread. Read with
+# getattr(_PRECHECKED, "on", False): dynamo guards on that per calling thread (not on a class-level default)
+_PRECHECKED = threading.local()
 
 
 @contextlib.contextmanager
 def prechecked_targets():
     """Per-call class targets passed in the block were checked by ``_ClassTarget.precheck``: a compiled guide's
     trace skips their range read (the class count it was checked against is compared in the trace)."""
-    old, _PRECHECKED[0] = _PRECHECKED[0], True
+    old, _PRECHECKED.on = getattr(_PRECHECKED, "on", False), True
     try:
         yield
     finally:
-        _PRECHECKED[0] = old
+        _PRECHECKED.on = old
 
 
 def _autograd_usable(t: torch.Tensor) -> torch.Tensor:

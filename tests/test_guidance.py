@@ -808,3 +808,38 @@ def test_per_call_labels_are_range_checked_once_while_unchanged(monkeypatch):
     y[1] = 2
     assert not torch.equal(g(x, t, target=y), want)
     assert torch.equal(g(x, t, target=torch.tensor([1, 2])), g(x, t, target=y))
+
+
+def test_prechecked_targets_is_per_thread():
+    """prechecked_targets() (set while a FastGuide's compiled guide runs) was a module-wide flag: a compiled guide
+    of another thread, traced meanwhile, skipped the range check of its own labels."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    from ppap_fast import guidance as gd
+
+    ct = gd._ClassTarget(0, 4, "guide")  # the class count is known: 4
+    logits = torch.randn(2, 4)
+    f = torch.compile(lambda lg, y: ct.select(lg, y), backend="eager")
+    inside, done = threading.Event(), threading.Event()
+
+    def holder():
+        with gd.prechecked_targets():
+            inside.set()
+            done.wait(60)
+
+    th = threading.Thread(target=holder)
+    th.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(ValueError, match="target class 9 is out of range for a model with 4 classes"):
+            f(logits, torch.tensor([9, 0]))
+    finally:
+        done.set()
+        th.join()
+    y = torch.tensor([3, 1])
+    counters.clear()
+    with gd.prechecked_targets():  # in its own thread it still skips the range read (a graph break)
+        got = f(logits, y)
+    assert not counters["graph_break"] and torch.equal(got, ct.select(logits, y))
