@@ -70,11 +70,12 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn", "matplotlib",
-        "diffusers", "peft", "timm", "torchvision>=0.19",  # torchvision: the registry's torchvision guides
+        "diffusers", "timm", "torchvision>=0.19",  # torchvision: the registry's torchvision guides
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "peft": ["peft"],  # to load export_peft's adapters (PeftModel); writing them needs no peft
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft"],
     },
     entry_points={"console_scripts": ["ppap-fast=ppap_fast.cli:main"]},
     ext_modules=ext_modules,
