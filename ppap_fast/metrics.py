@@ -99,7 +99,12 @@ def inception_score(probs, split_size: int = 5000) -> float:
 def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features, softmax probabilities) of images in [-1, 1], N x C x H x W. Each batch
     goes to the evaluator's device and dtype (those of its first floating parameter), the results
-    come back to the CPU in float64."""
+    come back to the CPU in float64.
+
+    ``images``: a floating tensor in [-1, 1] (what the samplers return). Images in [0, 1] cannot be
+    told from [-1, 1] ones and are scored as they are (wrong features and metrics, no error): pass
+    ``2 * x - 1``. uint8 pixels, and floats in 0..255 (none negative, maximum above 2), are refused
+    (ValueError): pass ``x / 127.5 - 1``."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
         # uint8 pixels (0..255) were scored as values of [-1, 1] images: wrong features, no error
         raise ValueError(f"images must be a floating tensor in [-1, 1], got "
@@ -131,7 +136,12 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
 
 def score_samples(evaluator, images: torch.Tensor, labels, real_images: torch.Tensor, k: int = 3,
                   real_outputs=None) -> dict:
-    """All metrics for one sample set against the held-out real images."""
+    """All metrics for one sample set against the held-out real images.
+
+    ``images`` and ``real_images``: floating N x C x H x W in [-1, 1], as in ``evaluator_outputs`` (images
+    in [0, 1] are not detected and give wrong metrics; 0..255 pixels are refused). ``labels``: the
+    requested class of each image. ``real_outputs``: ``evaluator_outputs(evaluator, real_images)``
+    computed once, to reuse (``real_images`` is then not scored)."""
     feats, probs = evaluator_outputs(evaluator, images)
     rfeats = real_outputs[0] if real_outputs is not None else evaluator_outputs(evaluator, real_images)[0]
     raw = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
