@@ -311,6 +311,36 @@ def test_registry_transform_antialiases_large_downscales():
         .div(gm.transform.std.float()))
 
 
+def test_timm_weights_normalised_with_their_own_pretrained_cfg(tmp_path):
+    """ViT-S/16 augreg weights (mean = std = 0.5) load strictly into deit_s (same keys): the transform must use
+    the statistics of the timm config.json beside them (Hugging Face cache entry), not ImageNet's."""
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config
+    from timm.models import save_for_hf
+
+    from ppap_fast.distributed import build_teacher
+
+    src = timm.create_model("vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=False)
+    cfg = resolve_data_config({}, model=src)
+    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["input_size"] == (3, 224, 224)
+    entry = tmp_path / "models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k"
+    snap = entry / "snapshots" / "abc123"
+    save_for_hf(src, snap, safe_serialization=True)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    want = ((x + 1) / 2 - mean) / std  # timm's own statistics; x is already 224 x 224
+    for tf in (build_guide_model("deit_s", weights=entry).transform,  # guides
+               build_guide_model("deit_s", weights=snap / "model.safetensors").transform,  # the file itself
+               build_teacher("deit_s", str(entry)).transform):  # distillation, generation, score
+        torch.testing.assert_close(tf(x), want)
+    gm = build_guide_model("deit_s", weights=entry)
+    assert gm.spec.mean == (0.5, 0.5, 0.5) and GUIDES["deit_s"].mean == (0.485, 0.456, 0.406)
+    # a config.json without pretrained_cfg statistics changes nothing
+    (snap / "config.json").write_text("{}")
+    torch.testing.assert_close(build_guide_model("deit_s", weights=entry).transform(x),
+                               build_guide_model("deit_s").transform(x))
+
+
 def test_half_precision_guide_network_takes_float32_x():
     from ppap_fast.integrations.guided_diffusion import as_cond_fn
 

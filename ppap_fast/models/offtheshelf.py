@@ -170,6 +170,33 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, what: str = "mode
     return model
 
 
+def timm_normalisation(weight_file) -> tuple | None:
+    """(mean, std) that a timm ``config.json`` beside ``weight_file`` gives its weights (a Hugging Face
+    snapshot or ``save_for_hf`` folder: ``pretrained_cfg``, or the legacy single dict), else None.
+    Some timm weights of registry architectures use other statistics than ImageNet's (ViT-S/16 augreg:
+    0.5 / 0.5, same keys as deit_small_patch16_224)."""
+    import json
+
+    cfg_file = Path(weight_file).parent / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    pre = cfg.get("pretrained_cfg", cfg if "architecture" in cfg else None)
+    if not isinstance(pre, dict) or pre.get("mean") is None or pre.get("std") is None:
+        return None
+    try:
+        mean, std = tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{cfg_file}: pretrained_cfg mean / std are not lists of numbers: "
+                              f"{pre['mean']!r} / {pre['std']!r}") from None
+    if len(mean) != len(std) or not mean:
+        raise CheckpointError(f"{cfg_file}: pretrained_cfg mean {mean} and std {std} differ in length")
+    return mean, std
+
+
 # ----------------------------------------------------------------------------- offline MobileNetV2 weights
 def _package_dir(pkg: str) -> Path | None:
     spec = importlib.util.find_spec(pkg)  # locates the package without importing (running) it
@@ -235,5 +262,5 @@ def deeplabv3(backbone: str = "resnet50", num_classes: int = 21) -> nn.Module:
 
 
 __all__ = ["CheckpointError", "WeightsNotAvailable", "read_state_dict", "resolve_weights_path",
-           "load_state_dict_strict", "offline_mobilenet_v2_weights", "torchvision_classifier", "timm_model",
-           "deeplabv3", "MOBILENET_V2_PIP"]
+           "load_state_dict_strict", "offline_mobilenet_v2_weights", "timm_normalisation", "torchvision_classifier",
+           "timm_model", "deeplabv3", "MOBILENET_V2_PIP"]

@@ -21,7 +21,9 @@ deeplabv3_resnet50     torchvision resnet(+stem) native  segmentation (VOC 21 cl
 
 The official PPAP experts were trained on the RAW x_t in [-1, 1] at 256x256 (no ImageNet
 normalisation); to reproduce them use ``input_transform=None`` (``gm.guide(..., transform=None)``).
-Off-the-shelf (clean) models need the transform: they were trained on normalised images.
+Off-the-shelf (clean) models need the transform: they were trained on normalised images. Weights
+given with a timm ``config.json`` beside them (a Hugging Face cache entry) are normalised with its
+``pretrained_cfg`` mean / std, not the spec's ImageNet ones.
 """
 from __future__ import annotations
 
@@ -185,6 +187,9 @@ def build_guide_model(name: str, weights=None, *, num_classes: int | None = None
         ots.load_state_dict_strict(model, sd, what=f"{name} ({spec.source}.{spec.arch}, {k} classes)",
                                    source=str(path), ignore_prefixes=spec.ignore_prefixes)
         src = str(path)
+        norm = ots.timm_normalisation(path) if spec.mean is not None else None
+        if norm is not None and norm != (tuple(spec.mean), tuple(spec.std)):  # was ImageNet's, whatever the file said
+            spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
     model.eval().requires_grad_(False)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
