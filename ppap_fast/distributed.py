@@ -401,6 +401,20 @@ def module_fingerprint(module: nn.Module) -> str:
     return tensors_fingerprint(sorted(module.state_dict().items()))
 
 
+def teacher_fingerprint(model: nn.Module, transform=None) -> str:
+    """module_fingerprint of a teacher; with its input normalisation where that is not ImageNet's (a timm
+    config.json's beside the weights): the same weights normalised otherwise give other outputs."""
+    from .guidance import IMAGENET_MEAN, IMAGENET_STD
+
+    fp = module_fingerprint(model)
+    if getattr(transform, "mean", None) is None:
+        return fp
+    mean, std = tuple(transform.mean.flatten().tolist()), tuple(transform.std.flatten().tolist())
+    if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD):  # as before: existing sets' fingerprints hold
+        return fp
+    return hashlib.sha256(f"{fp}|mean={mean}|std={std}".encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- models from specs
 class RandomConvDenoiser(nn.Module):
     """A tiny deterministic eps model for smoke tests and CI (no weights needed)."""
@@ -803,7 +817,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     if cfg.teacher:
         # the teacher's weights, whatever the spec (a py: factory, a random init): restarts and
         # distillation compare it before trusting cached outputs
-        ident["teacher_state"] = module_fingerprint(teacher)
+        ident["teacher_state"] = teacher_fingerprint(teacher, transform)
     if softmax_targets:  # how the cached targets are stored: a set holds one encoding only
         ident["targets_encoding"] = MAX_SUBTRACTED
     h = check_same_config(ident, env)
@@ -1570,7 +1584,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     loss_kind = resolve_loss(cfg, task)
     ident = cfg.identity()
     ident["teacher_task"], ident["loss"] = task, loss_kind
-    ident["teacher_state"] = module_fingerprint(teacher)
+    ident["teacher_state"] = teacher_fingerprint(teacher, transform)
     # also settings that decide the collectives (not the experts): ranks that disagree waited on each other until
     # the timeout (a training-state save on one rank against a training step on another)
     check_same_config({**ident, "checkpoint_every": cfg.checkpoint_every, "verify_data": cfg.verify_data}, env)

@@ -311,21 +311,32 @@ def test_registry_transform_antialiases_large_downscales():
         .div(gm.transform.std.float()))
 
 
+def _vit_augreg_entry(tmp_path, src=None):
+    """A Hugging Face cache entry of timm ViT-S/16 augreg weights (random init; mean = std = 0.5), which
+    deit_s's architecture loads strictly."""
+    timm = pytest.importorskip("timm")
+    from timm.models import save_for_hf
+
+    src = src if src is not None else timm.create_model("vit_small_patch16_224.augreg_in21k_ft_in1k",
+                                                        pretrained=False)
+    entry = tmp_path / "models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k"
+    save_for_hf(src, entry / "snapshots" / "abc123", safe_serialization=True)
+    return entry
+
+
 def test_timm_weights_normalised_with_their_own_pretrained_cfg(tmp_path):
     """ViT-S/16 augreg weights (mean = std = 0.5) load strictly into deit_s (same keys): the transform must use
     the statistics of the timm config.json beside them (Hugging Face cache entry), not ImageNet's."""
     timm = pytest.importorskip("timm")
     from timm.data import resolve_data_config
-    from timm.models import save_for_hf
 
     from ppap_fast.distributed import build_teacher
 
     src = timm.create_model("vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=False)
     cfg = resolve_data_config({}, model=src)
     assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["input_size"] == (3, 224, 224)
-    entry = tmp_path / "models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k"
+    entry = _vit_augreg_entry(tmp_path, src)
     snap = entry / "snapshots" / "abc123"
-    save_for_hf(src, snap, safe_serialization=True)
     x = torch.rand(2, 3, 224, 224) * 2 - 1
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     want = ((x + 1) / 2 - mean) / std  # timm's own statistics; x is already 224 x 224
@@ -339,6 +350,29 @@ def test_timm_weights_normalised_with_their_own_pretrained_cfg(tmp_path):
     (snap / "config.json").write_text("{}")
     torch.testing.assert_close(build_guide_model("deit_s", weights=entry).transform(x),
                                build_guide_model("deit_s").transform(x))
+
+
+def test_cached_teacher_outputs_name_the_teacher_normalisation(tmp_path):
+    """The same weights with and without their timm config.json (0.5 / 0.5 vs ImageNet statistics) give other
+    teacher outputs: distillation must not train on one's cached targets with the other's inputs."""
+    import shutil
+
+    from ppap_fast import distributed as D
+
+    entry = _vit_augreg_entry(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(entry / "snapshots" / "abc123" / "model.safetensors", bare / "model.safetensors")
+    imagenet = D.build_teacher("deit_s", str(bare))
+    assert D.teacher_fingerprint(imagenet.model, imagenet.transform) == D.module_fingerprint(imagenet.model)
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), num_images=2, shard_size=2, image_size=16, channels=3,
+                                denoiser="random-conv", respacing="ddim2", teacher="deit_s",
+                                teacher_weights=str(entry), device="cpu"), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "deit_s", teacher_weights=str(bare), n_experts=2,
+                          steps=1, batch_size=2, device="cpu")
+    with pytest.raises(D.DistributedRunError, match="computed by another teacher"):
+        D.distill(cfg, D.DistEnv())
 
 
 def test_half_precision_guide_network_takes_float32_x():
