@@ -1788,7 +1788,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     err = None
     if env.rank == 0:
         try:
-            save_experts(bank, cfg.out_dir)
+            save_experts(bank, cfg.out_dir, input_transform=transform)  # guided-sample refuses another one
             write_json_atomic(Path(cfg.out_dir) / "train_summary.json", {
                 "config": ident, "config_hash": h, "world_size": env.world_size, "backend": env.backend,
                 "global_batch": cfg.batch_size * env.world_size, "loss": loss_kind, "targets": target_source,

@@ -14,7 +14,8 @@
 * experts: a :func:`ppap_fast.experts.save_experts` directory or a Hugging Face repo id in the local
   cache (``--experts-subfolder``): PPAP. Without ``--experts`` the plain model guides (the naive
   off-the-shelf baseline). ``--raw-input`` skips the model's input transform (the official PPAP
-  experts were trained on raw x_t in [-1, 1]).
+  experts were trained on raw x_t in [-1, 1]). Experts that record the input transform they were distilled
+  through (``python -m ppap_fast.distributed`` distillation) are refused with another one.
 
 Sample k of the run draws its x_T and its sampler noise (DDPM, eta > 0) from a CPU generator of its
 own, ``torch.Generator().manual_seed(ppap_fast.seeding.sample_seed(seed, k))``: the same seed gives
@@ -197,6 +198,40 @@ def _target_map(path: str | None, task: str) -> torch.Tensor:
     return t.long() if task == "segmentation" else t.float()
 
 
+def _check_experts_transform(cfg: GuidedSampleConfig, transform) -> None:
+    """Refuse experts distilled through another input transform than the guide's (raw x_t vs normalised, other
+    mean / std): they were never trained on such inputs. Checkpoints without the record load as before."""
+    from .experts.checkpoint import (describe_input_transform, input_transform_record, read_config,
+                                     same_input_transform)
+
+    want = read_config(cfg.experts, subfolder=cfg.experts_subfolder).get("input_transform")
+    got = input_transform_record(transform)
+    if not isinstance(want, dict) or got is None or same_input_transform(want, got):
+        return
+    if cfg.raw_input:
+        why, fix = "--raw-input", "drop --raw-input"
+    elif transform is None:
+        why, fix = f"--guide {cfg.guide} takes x_t as is", "guide with the model the experts were distilled from"
+    else:
+        from .models import offtheshelf as ots
+
+        try:
+            weights = ots.resolve_weights_path(cfg.guide_weights) if cfg.guide_weights not in (None, "imagenet") \
+                else None
+        except (OSError, ValueError):
+            weights = None
+        if weights is not None and ots.timm_normalisation(weights) is not None:
+            why = f"the timm config.json beside --guide-weights {weights}"
+        elif weights is not None:
+            why = f"--guide {cfg.guide}'s default, no timm config.json beside --guide-weights {weights}"
+        else:
+            why = f"--guide {cfg.guide}'s default"
+        fix = ("pass --raw-input" if want.get("raw") else
+               "guide with the weights the experts were distilled from, with the config.json that was beside them")
+    raise ValueError(f"the experts in {cfg.experts} were distilled through {describe_input_transform(want)}, but "
+                     f"this guide sees {describe_input_transform(got)} ({why}): {fix}")
+
+
 def _build_guide(cfg: GuidedSampleConfig, device):
     """-> (make_guide(targets [B] on device or None) -> guide, info dict)."""
     from .distributed import build_teacher
@@ -214,6 +249,7 @@ def _build_guide(cfg: GuidedSampleConfig, device):
         from .experts import load_experts
 
         model = load_experts(cfg.experts, bt.model, subfolder=cfg.experts_subfolder).eval()
+        _check_experts_transform(cfg, None if cfg.raw_input else bt.transform)
         info["experts"] = {"path": cfg.experts, "n_experts": model.n_experts}
     model = model.to(device)
     tf = None if cfg.raw_input or bt.transform is None else bt.transform.to(device)

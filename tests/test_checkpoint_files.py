@@ -327,3 +327,26 @@ def test_experts_of_another_architecture_say_so(tmp_path):
     save_experts(_bank(), tmp_path / "ck")
     with pytest.raises(ValueError, match="adapt a TinyResNet, not this SegNet"):
         load_experts(tmp_path / "ck", SegNet(width=4, depth=2))
+
+
+def test_save_records_the_teachers_input_transform(tmp_path):
+    """The input transform the experts were distilled through is recorded (None: raw x_t), compared to float32
+    precision; not given, nothing is recorded (as before)."""
+    from ppap_fast.experts.checkpoint import input_transform_record, same_input_transform
+    from ppap_fast.guidance import input_transform
+
+    bank = _bank()
+    save_experts(bank, tmp_path / "raw", input_transform=None)
+    assert read_config(tmp_path / "raw")["input_transform"] == {"raw": True}
+    save_experts(bank, tmp_path / "norm", input_transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
+    rec = read_config(tmp_path / "norm")["input_transform"]
+    assert rec == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    save_experts(bank, tmp_path / "old")
+    assert "input_transform" not in read_config(tmp_path / "old")
+    f32 = torch.tensor((0.485, 0.456, 0.406)).tolist()  # float32 statistics of the same normalisation
+    assert same_input_transform(input_transform_record(input_transform(size=224)),
+                                input_transform_record(input_transform(f32, (0.229, 0.224, 0.225), 224)))
+    for other in (None, input_transform(size=224), input_transform((0.5,) * 3, (0.5,) * 3, 256),
+                  input_transform(None, None, 224)):
+        assert not same_input_transform(rec, input_transform_record(other))
+    assert input_transform_record(torch.nn.Identity()) is None  # not described: not recorded

@@ -346,3 +346,41 @@ def test_ignore_index_of_a_guide_not_segmentation_is_refused_before_loading(tmp_
     err = capsys.readouterr().err
     assert "--ignore-index marks void pixels of a segmentation --target-map; this guide's task is" in err, err
     assert ("depth" if "depth" in guide else "classification") in err and not out.parent.exists()
+
+
+def test_experts_refuse_a_guide_normalised_otherwise_than_their_distillation(tmp_path, capsys):
+    """Experts distilled from weights with a timm config.json (mean = std = 0.5) guided through the bare weight
+    file (ImageNet statistics), or through raw x_t (--raw-input), ran without a word: refused, naming both."""
+    from safetensors.torch import save_file
+
+    from ppap_fast import distributed as D
+    from ppap_fast.models.registry import build_guide_model
+
+    timm_dir, bare = tmp_path / "timm", tmp_path / "bare"
+    sd = build_guide_model("resnet18").model.state_dict()
+    for d in (timm_dir, bare):  # the same weights, with and without their config.json
+        d.mkdir()
+        save_file(sd, d / "model.safetensors")
+    (timm_dir / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    data, experts = tmp_path / "data", tmp_path / "experts"
+    D.generate(D.GenerateConfig(str(data), num_images=2, shard_size=2, image_size=16, channels=3,
+                                denoiser="random-conv", respacing="ddim2", teacher="resnet18",
+                                teacher_weights=str(timm_dir), device="cpu"), D.DistEnv())
+    D.distill(D.DistillConfig(str(data), str(experts), "resnet18", teacher_weights=str(timm_dir), n_experts=2,
+                              steps=1, batch_size=2, device="cpu"), D.DistEnv())
+    args = ["guided-sample", "--denoiser", "random-conv", "--image-size", "16", "--num-samples", "1", "--steps", "2",
+            "--no-progress", "--guide", "resnet18", "--targets", "5", "--experts", str(experts)]
+    assert main([*args, "--out", str(tmp_path / "same.npz"), "--guide-weights", str(timm_dir)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bare.npz"), "--guide-weights", str(bare / "model.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mean [0.5, 0.5, 0.5]" in err and "mean [0.485, 0.456, 0.406]" in err
+    assert "no timm config.json beside" in err and not (tmp_path / "bare.npz").exists()
+    assert main([*args, "--out", str(tmp_path / "raw.npz"), "--guide-weights", str(timm_dir), "--raw-input"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "raw x_t" in err and "drop --raw-input" in err
+    # a checkpoint saved before the transform was recorded loads as before, whatever the guide's normalisation
+    cfg = json.loads((experts / "config.json").read_text())
+    assert cfg.pop("input_transform") == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    (experts / "config.json").write_text(json.dumps(cfg))
+    assert main([*args, "--out", str(tmp_path / "old.npz"), "--guide-weights", str(bare / "model.safetensors")]) == 0

@@ -3,8 +3,8 @@
 Bank checkpoints are a directory holding ``experts.safetensors`` (every stacked
 per-expert tensor [N, ...], named as in ``bank.per_expert_state_dict()``),
 ``config.json`` (architecture name, placement, N, T, bands, rank, alpha,
-layout) and, with ``include_base=True``, ``base.safetensors`` (the shared frozen
-weights). Loading is strict: missing / unexpected / misshaped keys, a config
+layout; the teacher's input transform where given) and, with ``include_base=True``,
+``base.safetensors`` (the shared frozen weights). Loading is strict: missing / unexpected / misshaped keys, a config
 that does not match the bank, and NaN / Inf values (stored, or from overflow when
 cast to the bank's dtype, e.g. an fp32 checkpoint into an fp16 bank) raise
 ValueError listing them.
@@ -80,6 +80,39 @@ def _base_arch(bank: ExpertBank) -> dict:
             "params": sum(math.prod(s) for _, s in items)}
 
 
+def input_transform_record(transform) -> dict | None:
+    """JSON record of the input transform x_t goes through to the network: ``{"raw": True}`` for None (x_t in
+    [-1, 1] as is), an InputTransform's mean / std (None: [0, 1] images) and size; None for any other module."""
+    from ..guidance import InputTransform
+
+    if transform is None:
+        return {"raw": True}
+    if not isinstance(transform, InputTransform):
+        return None
+    stats = [None if t is None else [float(v) for v in t.flatten().tolist()] for t in (transform.mean, transform.std)]
+    return {"raw": False, "mean": stats[0], "std": stats[1],
+            "size": list(transform.size) if transform.size is not None else None}
+
+
+def same_input_transform(a: dict, b: dict) -> bool:
+    """Whether two :func:`input_transform_record` records map x_t alike (statistics to float32 precision)."""
+    def close(u, v):
+        return (u is None) == (v is None) and (u is None or (
+            len(u) == len(v) and all(math.isclose(p, q, rel_tol=1e-6) for p, q in zip(u, v))))
+
+    if bool(a.get("raw")) or bool(b.get("raw")):
+        return bool(a.get("raw")) == bool(b.get("raw"))
+    return a.get("size") == b.get("size") and close(a.get("mean"), b.get("mean")) and close(a.get("std"), b.get("std"))
+
+
+def describe_input_transform(rec: dict) -> str:
+    if rec.get("raw"):
+        return "raw x_t in [-1, 1]"
+    fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
+    norm = "[0, 1] images" if rec.get("mean") is None else f"mean {fmt(rec['mean'])} / std {fmt(rec['std'])}"
+    return norm + (f" at {rec['size'][0]}x{rec['size'][1]}" if rec.get("size") else "")
+
+
 def _digest(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -125,8 +158,13 @@ def check_experts_dir(path, what: str) -> Path:
     return path
 
 
-def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False) -> Path:
+_UNRECORDED = object()
+
+
+def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False,
+                 input_transform=_UNRECORDED) -> Path:
     """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
+    ``input_transform``: the teacher's (None: raw x_t), recorded so that a guide through another one is refused.
     Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
     are kept as ``.<name>.prev`` until the new config.json is in place: a save killed midway leaves the
     old checkpoint loadable (:func:`load_experts_into` falls back to them), nothing lost. NaN / Inf
@@ -151,6 +189,9 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     cfg["include_base"] = include_base
     cfg["base_state"] = _base_fingerprint(bank)
     cfg["base_arch"] = _base_arch(bank)
+    rec = None if input_transform is _UNRECORDED else input_transform_record(input_transform)
+    if rec is not None:
+        cfg["input_transform"] = rec
     cfg["files"] = {}
     committed = (_committed_config(path) or {}).get("files", {})
     for name in files:  # keep the committed copy (the file, or its .prev from a save killed before)
