@@ -1008,7 +1008,12 @@ def generating_schedule(manifest: dict, num_timesteps: int, where="the manifest"
     T = gen_cfg.get("num_timesteps", num_timesteps)
     if isinstance(T, bool) or not isinstance(T, int) or T <= 0:  # "1000" / true / 0 read as another T
         raise ValueError(f"{where}: config.num_timesteps must be a positive int, got {T!r}")
-    return gen_cfg.get("schedule", "linear"), T
+    from .schedule import SCHEDULE_NAMES
+
+    name = gen_cfg.get("schedule", "linear")
+    if not isinstance(name, str) or name not in SCHEDULE_NAMES:  # else refused by Schedule.create, after the targets
+        raise ValueError(f"{where}: config.schedule must be one of {list(SCHEDULE_NAMES)}, got {name!r}")
+    return name, T
 
 
 def data_manifest_hash(data_dir) -> str | None:

@@ -23,6 +23,9 @@ def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) 
     return torch.tensor(betas, dtype=torch.float64)
 
 
+SCHEDULE_NAMES = ("linear", "cosine")  # the names get_named_beta_schedule (and Schedule.create) accept
+
+
 def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tensor:
     """Betas (float64) of guided-diffusion's "linear" or "cosine" schedule."""
     if not isinstance(num_timesteps, numbers.Integral) or isinstance(num_timesteps, bool) or num_timesteps < 1:
@@ -45,7 +48,7 @@ def get_named_beta_schedule(name: str, num_timesteps: int = 1000) -> torch.Tenso
         return betas_for_alpha_bar(
             num_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         )
-    raise ValueError(f"unknown beta schedule {name!r}: expected 'linear' or 'cosine'")
+    raise ValueError(f"unknown beta schedule {name!r}: expected one of {list(SCHEDULE_NAMES)}")
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:

@@ -587,6 +587,23 @@ def test_distill_refuses_a_malformed_num_timesteps_in_the_sets_manifest(tmp_path
             D.distill(cfg, D.DistEnv())
 
 
+def test_distill_refuses_a_bad_schedule_in_the_sets_manifest_before_the_teacher_runs(tmp_path, monkeypatch):
+    """5 / "bogus" were refused only by Schedule.create, after the teacher outputs were computed, by an error
+    that did not name the manifest."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 4}), D.DistEnv())
+    manifest = data / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    monkeypatch.setattr(D, "compute_targets", lambda *a, **k: pytest.fail("got past the manifest check"))
+    for bad in (5, "bogus", None, ["linear"]):
+        manifest.write_text(json.dumps({**meta, "config": {**meta["config"], "schedule": bad}}))
+        cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2,
+                              r=2, alpha=2.0, steps=1, batch_size=2, device="cpu")
+        with pytest.raises(D.DistributedRunError, match=rf"manifest.json: config.schedule must be one of "
+                                                        rf"\['linear', 'cosine'\], got {re.escape(repr(bad))}"):
+            D.distill(cfg, D.DistEnv())
+
+
 def test_distill_out_that_is_a_file_or_the_data_set_is_refused_before_training(tmp_path, monkeypatch):
     """--out naming a file failed only when the trained experts were saved; --out naming --data wrote the experts,
     the training state and the teacher targets into the data set; --out naming another model's folder replaced
