@@ -299,6 +299,22 @@ def test_config_with_a_bool_count_is_refused(tmp_path, key):
             load()
 
 
+@pytest.mark.parametrize("key", ["n_experts", "num_timesteps"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_config_with_a_non_positive_count_is_refused_naming_the_file(tmp_path, key, value):
+    # read_config passed them: load_experts failed in ExpertBank ('n_experts must be a positive int, got 0'),
+    # which did not name the config file
+    torch.manual_seed(0)
+    bank = ExpertBank(_fresh(), "resnet", n_experts=1, r=2, alpha=1)
+    save_experts(bank, tmp_path / "ck")
+    f = tmp_path / "ck" / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), key: value}))
+    for load in (lambda: read_config(tmp_path / "ck"), lambda: load_experts(tmp_path / "ck", _fresh()),
+                 lambda: load_experts_into(bank, tmp_path / "ck")):
+        with pytest.raises(ValueError, match=rf"config.json is damaged: missing or malformed entries \['{key}'\]"):
+            load()
+
+
 def test_a_save_without_base_removes_the_kept_base_of_a_killed_save(tmp_path, monkeypatch):
     """A save with include_base killed after moving the committed files aside, then a completed save
     without base: the kept base copy (.base.safetensors.prev, as large as the model) goes too."""

@@ -288,7 +288,8 @@ def read_config(path, **where) -> dict:
     if cfg.get("version") != VERSION:
         raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")
     bad = [k for k, kind in (("placement", dict), ("n_experts", int), ("num_timesteps", int))
-           if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool)]  # true is an int
+           if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool)  # true is an int
+           or (kind is int and cfg[k] <= 0)]  # 0 / -2: refused by ExpertBank, not naming this file
     bad += [k for k in ("files",) if k in cfg and not isinstance(cfg[k], dict)]
     if bad:
         raise ValueError(f"{f} is damaged: missing or malformed entries {bad}")
