@@ -239,8 +239,8 @@ def _channels_last_model(model) -> bool:
 
 
 _PARTS_CHANGED = ("the ComposedGuide's list of guides changed (a part added, removed or replaced) after a FastGuide / "
-                  "FastGuidedSampler / PPAPGuidance holding device copies of its parts' targets was built on it: build "
-                  "a new one for the new list (weights, and a part's scale or target, may change in place)")
+                  "FastGuidedSampler / PPAPGuidance was built on it: build a new one for the new list (weights, and a "
+                  "part's scale or target, may change in place)")
 
 
 def _parts(g) -> tuple:
@@ -713,12 +713,14 @@ class FastGuide:
 
     def _parts_changed(self) -> None:
         """A ComposedGuide part added, removed or replaced: the runners (and merged views) are built anew from the
-        guide as it is (they ran the old parts: a merged view took the new part's attributes onto the old one)."""
-        if self.guide is not self.source:  # a view holding device copies of the old parts' targets
-            raise ValueError(_PARTS_CHANGED)
+        guide as it is (they ran the old parts: a merged view took the new part's attributes onto the old one),
+        with the parts' targets moved to the device once, as at construction (else copied at every step)."""
         if self.num_timesteps is not None:
             check_guide_timesteps(self.source, self.num_timesteps)
         self._parts = _parts(self.source)
+        if self.device is not None:  # a new view: the old one's device copies are the old parts'
+            self._moved = {}
+            self.guide = _on_device(self.source, self.device, self._moved)
         self._reset_banks()
         self._state = _guide_state(self.source, self.device)
         self._layout = _guide_state(self.source, self.device, versions=False)

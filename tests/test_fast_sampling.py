@@ -1471,7 +1471,7 @@ def test_a_part_added_to_or_replaced_in_a_composed_guide_is_followed(setup):
     """The fast path paired its sub-runners with the ComposedGuide's parts by zip: a part appended to the user's list
     after the FastGuide was built was left out, a replaced one kept running (routed: 0.27 off); a merged view took a
     replaced plain part's target and scale onto the old part, the user's object (0.66 off). The runners are built
-    anew now; where the FastGuide holds device copies of the parts' targets it raises, naming the fix."""
+    anew now, the new parts' targets moved to the FastGuide's device once (they were copied at every step)."""
     model, bank, _ = setup
     clf, clf2 = (nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval() for _ in range(2))
     first = ClassGuide(clf, torch.tensor([0, 1, 2, 3]), scale=2.0)
@@ -1486,8 +1486,26 @@ def test_a_part_added_to_or_replaced_in_a_composed_guide_is_followed(setup):
         comp.guides[1] = (ClassGuide(clf, 2, scale=5.0), -1.0)
         assert rel_err(fast(x, t, t_host=t_host), comp(x, t)) < TOL
         assert old.scale == 3.0 and old.target.target == 1 and old.model is clf2
-    comp = ComposedGuide([ClassGuide(clf, torch.tensor([0, 1, 2, 3]), 1.0)])
-    fast = fs.FastGuide(comp, "meta")  # a device copy of the target ("meta" stands in for a GPU)
-    comp.guides.append((first, 1.0))
-    with pytest.raises(ValueError, match="list of guides changed .* build a new one"):
-        fast.sync()
+    # "meta" stands in for a GPU: built with no device copy (an int target) or with one (a tensor target)
+    for old_target in (1, torch.tensor([0, 1, 2, 3])):
+        comp = ComposedGuide([ClassGuide(clf, old_target, 1.0)])
+        fast = fs.FastGuide(comp, "meta")
+        for step in range(2):  # appended, then replaced: followed again
+            new = ClassGuide(clf2, torch.tensor([3, 2, 1, 0]), scale=2.0)
+            if step:
+                comp.guides[1] = (new, -1.0)
+            else:
+                comp.guides.append((new, 1.0))
+            gen = fast.generation
+            fast.sync()
+            part = fast.guide.guides[1][0]
+            assert fast.generation == gen + 1 and part is not new and part.model is clf2 and part.scale == 2.0
+            assert part.target.target.device.type == "meta" and new.target.target.device.type == "cpu"
+            if isinstance(old_target, torch.Tensor):  # the kept part's target: on the device still
+                assert fast.guide.guides[0][0].target.target.device.type == "meta"
+            assert [w for _, w in fast.guide.guides] == [1.0, -1.0 if step else 1.0]
+            assert fast._routed.guide is fast.guide and comp.guides[1][0] is new
+            on_device = part.target.target
+            new.target.target.copy_(torch.tensor([0, 0, 1, 1]))  # in place: into the same device copy
+            fast.sync()
+            assert fast.guide.guides[1][0].target.target is on_device and fast.generation == gen + 1
