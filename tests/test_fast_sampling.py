@@ -62,6 +62,24 @@ def _both(model, sched, sampler, guide, seed=1, **kw):
     return ref, out, fast
 
 
+def _patch_compile(monkeypatch, error=None):
+    """fs._compile replaced: "compiles" to the function itself (run eagerly), or, given ``error``, to one that raises
+    RuntimeError(error) when called. Returns the list of the functions it was given."""
+    compiled = []
+
+    def fake(fn, **kw):
+        compiled.append(fn)
+        if error is None:
+            return fn
+
+        def run(*a, **k):
+            raise RuntimeError(error)
+        return run
+
+    monkeypatch.setattr(fs, "_compile", fake)
+    return compiled
+
+
 CASES = [("ddim", "ddim5", {}), ("ddim", "ddim5", {"eta": 0.7}), ("ddpm", "6", {})]
 
 
@@ -195,13 +213,7 @@ def test_composed_guide_merges_its_banks(setup):
 
 def test_compile_failure_warns_and_falls_back(setup, monkeypatch):
     model, _, guide = setup
-
-    def broken(fn, **kw):
-        def run(*a, **k):
-            raise RuntimeError("simulated inductor failure\nmore lines")
-        return run
-
-    monkeypatch.setattr(fs, "_compile", broken)
+    _patch_compile(monkeypatch, error="simulated inductor failure\nmore lines")
     sched = Schedule.create("linear", 1000, "ddim5")
     ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
     with pytest.warns(FastSamplingWarning) as rec:
@@ -217,13 +229,7 @@ def test_guide_error_under_compile_guide_is_not_taken_for_a_failed_compile(monke
     """Out-of-range labels (as_cond_fn's y, the pipeline's class_labels) under compile_guide were taken for a failed
     compile: a "torch.compile of the guide failed" warning, and the guide ran eagerly from then on. The guide's own
     error is raised now, and the compiled guide keeps running."""
-    compiled = []
-
-    def spy(fn, **kw):
-        compiled.append(fn)
-        return fn  # "compiled": the functional path, run eagerly
-
-    monkeypatch.setattr(fs, "_compile", spy)
+    compiled = _patch_compile(monkeypatch)  # "compiled": the functional path, run eagerly
     clf = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
     fast = fs.FastGuide(ClassGuide(clf, torch.tensor([0, 1, 2, 3]), scale=2.0), "cpu", compile_guide=True)
     x, t, y = torch.randn(SHAPE), torch.full((SHAPE[0],), 300), torch.tensor([3, 2, 1, 0])
@@ -239,13 +245,7 @@ def test_denoiser_error_under_compile_model_is_not_taken_for_a_failed_compile(mo
     """The denoiser's own error (an out-of-range class label in model_kwargs) under compile_model was taken for a
     failed compile: a "torch.compile of the denoiser failed" warning, and the eager denoiser from then on. The
     model's error is raised now, and the compiled denoiser keeps running."""
-    compiled = []
-
-    def spy(fn, **kw):
-        compiled.append(fn)
-        return fn  # "compiled": the model itself
-
-    monkeypatch.setattr(fs, "_compile", spy)
+    compiled = _patch_compile(monkeypatch)  # "compiled": the model itself
     torch.manual_seed(0)
     model = ADMUNet(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
                     attention_resolutions=(), channel_mult=(1,), num_heads=2, num_classes=4).eval()
@@ -269,16 +269,7 @@ def test_guide_compile_failure_warns_once_not_once_per_band(setup, monkeypatch):
     the same way and five warnings for one sampling run; once now, the eager guide from then on (a ComposedGuide's
     parts each once)."""
     model, _, guide = setup
-    compiled = []
-
-    def broken(fn, **kw):
-        compiled.append(fn)
-
-        def run(*a, **k):
-            raise RuntimeError("simulated inductor failure")
-        return run
-
-    monkeypatch.setattr(fs, "_compile", broken)
+    compiled = _patch_compile(monkeypatch, error="simulated inductor failure")
     sched = Schedule.create("linear", 1000, "ddim5")
     ref = sample_loop(model, SHAPE, sched, guide=guide, generator=torch.Generator().manual_seed(1))
     plain = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval(), torch.tensor([1, 1, 0, 0]), 1.0)
