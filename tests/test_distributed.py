@@ -38,6 +38,16 @@ def _gen_args(out, **over):
             "--device", "cpu"]
 
 
+def _py_teacher(tmp_path, monkeypatch, module, source):
+    """``source`` saved as the module ``module`` in tmp_path/mods, put on sys.path (spawned workers inherit it);
+    returns its teacher spec, "py:<module>:make"."""
+    mods = tmp_path / "mods"
+    mods.mkdir(exist_ok=True)
+    (mods / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(mods))
+    return f"py:{module}:make"
+
+
 def _run(args, env_extra=None, timeout=180, nproc=2, torchrun=False):
     """``python -m ppap_fast.distributed ARGS`` on ``nproc`` gloo processes, spawned by our own
     launcher (``--nproc``) or by torchrun."""
@@ -370,11 +380,7 @@ def test_a_rank_failing_on_its_share_stops_the_others_soon(tmp_path, monkeypatch
     """A rank whose shard (generate) or teacher outputs (distill) failed waited in the barrier until every other rank had
     done its whole share (multi-node: up to --timeout); now its stop marker ends the others' share at their next shard,
     and every rank reports its error."""
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / "ppap_rank1_breaks.py").write_text(RANK1_BREAKS)
-    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
-    teacher = "py:ppap_rank1_breaks:make"
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_breaks", RANK1_BREAKS)
     data = tmp_path / "data"
     n = dict(num_images=40, shard_size=2)  # 10 shards of 2 s each for rank 0
     if task == "generate":
@@ -1015,11 +1021,7 @@ def test_ddp_dense_distillation_killed_then_resumed_equals_uninterrupted(tmp_pat
     from safetensors import safe_open
     from torch.multiprocessing.spawn import ProcessException
 
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / "ppap_ddp_depth.py").write_text(DEPTH_MODULE)
-    monkeypatch.syspath_prepend(str(mods))  # spawned workers inherit sys.path
-    teacher = "py:ppap_ddp_depth:make"
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_ddp_depth", DEPTH_MODULE)
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 8, "shard_size": 4}), D.DistEnv())
     assert set(load_shards(data)) == {"images"}
@@ -1092,11 +1094,7 @@ def test_segmentation_targets_are_cached_max_subtracted(tmp_path, monkeypatch):
     from ppap_fast.data import ShardSet, from_uint8
     from ppap_fast.data.shards import write_json_atomic, write_npz_atomic
 
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / "ppap_seg_logits.py").write_text(SEG_MODULE)
-    monkeypatch.syspath_prepend(str(mods))
-    teacher = "py:ppap_seg_logits:make"
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_seg_logits", SEG_MODULE)
     data = tmp_path / "data"
     gen = D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2, "teacher": teacher})
     D.generate(gen, D.DistEnv())
@@ -1172,11 +1170,8 @@ def test_pixel_kl_training_state_records_targets_encoding(tmp_path, monkeypatch)
     targets_encoding. Other losses keep their identity (their older states still resume)."""
     from safetensors import safe_open
 
-    mods = tmp_path / "mods"
-    mods.mkdir()
-    (mods / "ppap_seg_resume.py").write_text(SEG_MODULE.replace("    return conv", "    return nn.Sequential(conv)"))
-    monkeypatch.syspath_prepend(str(mods))
-    teacher = "py:ppap_seg_resume:make"
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_seg_resume",
+                          SEG_MODULE.replace("    return conv", "    return nn.Sequential(conv)"))
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
     kw = dict(n_experts=2, r=2, alpha=2.0, steps=2, batch_size=2, device="cpu", checkpoint_every=1,
