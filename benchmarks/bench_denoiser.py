@@ -156,8 +156,8 @@ def _cl_tile_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> f
 
 def _channel_sums_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float:
     """A residual add then the GroupNorm + SiLU of its output (ADM's block boundary; fp16 channels_last,
-    ADM-256's largest map): with the residual op writing the GroupNorm's channel sums (ops.channel_sums, ADM's
-    default on CUDA) vs the GroupNorm's own statistics pass: median ms of each into row, their ratio."""
+    ADM-256's largest map): with the residual op writing the GroupNorm's channel sums (ops.channel_sums, opt-in:
+    PPAP_FAST_CHANNEL_SUMS) vs the GroupNorm's own statistics pass: median ms of each into row, their ratio."""
     from ppap_fast.ops import norm_act, residual
     from ppap_fast.ops.channel_sums import ChannelSums
 
@@ -184,16 +184,19 @@ def _channel_sums_ratio(row, batch, reps, device="cuda", channels=256, size=256)
 
 
 def _channel_sums_off_ratio(model, x, t, device, reps, row, record) -> float:
-    """The fused ADM (row's fused_norm_act_ms) against itself with PPAP_FAST_CHANNEL_SUMS=0 (every GroupNorm
-    its own statistics pass): recorded as fused_no_channel_sums, the ratio returned."""
+    """The fused ADM with the producers' channel sums (PPAP_FAST_CHANNEL_SUMS=1, recorded as fused_channel_sums)
+    against it with every GroupNorm its own statistics pass (=0, fused_no_channel_sums), both set whatever the
+    default is (off since 2026-11-28: row's fused_norm_act_ms is then the off run): the on / off ratio."""
     from ppap_fast.models import adm as ADM
 
-    before, ADM.CHANNEL_SUMS = ADM.CHANNEL_SUMS, "0"
+    before = ADM.CHANNEL_SUMS
     try:
-        record("fused_no_channel_sums", _median_ms(lambda: model(x, t), device, reps))
+        for mode, variant in (("1", "fused_channel_sums"), ("0", "fused_no_channel_sums")):
+            ADM.CHANNEL_SUMS = mode
+            record(variant, _median_ms(lambda: model(x, t), device, reps))
     finally:
         ADM.CHANNEL_SUMS = before
-    return round(row["fused_norm_act_ms"] / row["fused_no_channel_sums_ms"], 4)
+    return round(row["fused_channel_sums_ms"] / row["fused_no_channel_sums_ms"], 4)
 
 
 # the Triton implicit-GEMM conv's tilings timed at ADM's scale (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
