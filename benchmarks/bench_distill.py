@@ -269,7 +269,7 @@ def _frozen_fwdbwd_ms(frozen, x, teacher, reps):
         from ppap_fast.train_graph import GraphedTrainStep
 
         run = GraphedTrainStep(step, lora_backend=None)
-        ms = median_ms(lambda: run(x, teacher), "cuda", reps, warmup=5)  # 3 eager, capture, replays
+        ms = _replayed_ms(run, lambda: run(x, teacher), reps)
     else:
         ms = median_ms(lambda: step(x, teacher), x.device.type, reps)
     return ms, leaf[0]
@@ -559,9 +559,19 @@ def _graphed_ms(bank, x, t, teacher, reps, expert_adamw: bool = False, amp: str 
 
     run = GraphedTrainStep(step)
     try:
-        return median_ms(lambda: run(x, t, teacher), "cuda", reps, warmup=5)  # 3 eager, capture, replays
+        return _replayed_ms(run, lambda: run(x, t, teacher), reps)
     finally:
         bank.check_inputs = True
+
+
+def _replayed_ms(run, fn, reps):
+    """Median ms of fn (calls the GraphedTrainStep ``run``: 3 eager steps, the capture, then replays). A failed
+    capture raises: GraphedTrainStep then trains eagerly, an eager time under a graphed row's name."""
+    ms = median_ms(fn, "cuda", reps, warmup=5)
+    if not run.captured:
+        raise RuntimeError(f"the step was not captured in a CUDA graph ({run.capture_error}): its eager time is "
+                           "not a graphed figure")
+    return ms
 
 
 if __name__ == "__main__":

@@ -621,6 +621,41 @@ def test_summary_shows_errors_cuts_and_backends(tmp_path):
         assert text in res.stdout, (text, res.stdout)
 
 
+def _fake_graphed_step(captured: bool):
+    """A GraphedTrainStep stand-in on CPU: runs the step eagerly; ``captured`` what a GPU's capture gave."""
+    class Fake:
+        def __init__(self, step, warmup=3, lora_backend="triton"):
+            self.step, self.captured = step, captured
+            self.capture_error = None if captured else "RuntimeError: operation not permitted when stream is capturing"
+
+        def __call__(self, *inputs):
+            return self.step(*inputs)
+    return Fake
+
+
+def test_distill_graphed_rows_refuse_a_step_whose_capture_failed(monkeypatch):
+    """A GraphedTrainStep whose capture failed trains eagerly from then on (capture_error): bench_distill's
+    graphed rows (_graphed_ms, and the frozen step's _replayed_ms) raise instead of reporting that eager time as
+    a graphed one (each caller records the error in its row)."""
+    import torch
+
+    import ppap_fast.train_graph as tg
+    from ppap_fast.experts import ExpertBank
+
+    bench_distill, model, x, t, teacher = _tiny_distill_inputs(4)
+    monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: [fn() for _ in range(2)] and 1.0)
+    bank = ExpertBank(model, placement="resnet", n_experts=4, r=2, alpha=2).train()
+    monkeypatch.setattr(tg, "GraphedTrainStep", _fake_graphed_step(captured=False))
+    with pytest.raises(RuntimeError, match="not captured.*operation not permitted"):  # ExpertAdamW: CPU-capable
+        bench_distill._graphed_ms(bank, x, t, teacher, 1, True)
+    assert bank.check_inputs
+    run = tg.GraphedTrainStep(lambda: torch.ones(()))
+    with pytest.raises(RuntimeError, match="not captured"):
+        bench_distill._replayed_ms(run, run, 1)
+    monkeypatch.setattr(tg, "GraphedTrainStep", _fake_graphed_step(captured=True))
+    assert bench_distill._graphed_ms(bank, x, t, teacher, 1, True) == 1.0
+
+
 def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monkeypatch):
     """bench_distill's graphed row with distill's default optimizer (ExpertAdamW through
     ExpertBank.step_sampled_experts), its step run eagerly (no GPU here): the experts with samples
@@ -634,7 +669,7 @@ def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monke
     from ppap_fast.experts import ExpertBank
 
     monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: [fn() for _ in range(2)] and 1.0)
-    monkeypatch.setattr(tg, "GraphedTrainStep", lambda step: step)
+    monkeypatch.setattr(tg, "GraphedTrainStep", _fake_graphed_step(captured=True))
     model, _, shape, _, _ = bench_distill._model("cpu")
     bank = ExpertBank(model, placement="resnet", n_experts=4, r=2, alpha=2).train()
     gen = torch.Generator().manual_seed(0)
