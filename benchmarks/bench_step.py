@@ -40,6 +40,9 @@ one round, the variants being timed round-robin, which keeps load drift out on s
     step_unfused_vs_reference   CUDA only: the fast step without the fused norms, channels_last
                                 (the fast path's options before recommended_options)
     step_nchw_vs_reference      CUDA only: unfused and NCHW (PPAP_BENCH_STEP_OLD_PATHS=0 skips these two)
+    ``fast_fallbacks`` (row) / ``fallbacks`` (phase): the options asked that did not run (applied_options after
+    fallbacks, e.g. a failed capture or compile); a variant with any, or main fast steps with any, gives no
+    step_<variant>_vs_reference / _vs_fast / guided_vs_unguided_<variant> ratio (the phase keeps its figures).
     The CUDA-only variants (own model copies) run one at a time after the main rounds, each timed
     round-robin with the reference and freed after (row keys fast_overlap, fast_compiled_guide, fast_compiled,
     fast_unfused, fast_nchw:
@@ -242,7 +245,9 @@ def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_
         res.update(reference_ms=round(ms["ref"], 3), fast_ms=round(ms["fast"], 3),
                    fast_unguided_ms=round(ms["fast_u"], 3),
                    fast_vs_reference=round(_ratio(rounds, "fast", "ref"), 4),
-                   guided_vs_unguided=round(_ratio(rounds, "fast", "fast_u"), 4))
+                   guided_vs_unguided=round(_ratio(rounds, "fast", "fast_u"), 4),
+                   fallbacks=_fallbacks(fast_opts, samplers[0])
+                   + [f"unguided:{k}" for k in _fallbacks(unguided_opts, samplers[1])])
         fl_g = _guide_flops(_seq(tf, bank.merged(int(sched.timestep_map[i]) // bank.band).to(device)), x, target)
         if fl_g:
             res["guide_gflop"] = round(fl_g / 1e9, 3)
@@ -322,39 +327,45 @@ def _interleaved_ms(fns: dict, device: str, reps: int, warmup: int) -> tuple[dic
 
 
 def _cuda_variants(model, sched, guide) -> dict:
-    """CUDA-only fast variants, name -> (ratio name, builder); ``model`` is the unfused NCHW denoiser.
+    """CUDA-only fast variants, name -> (ratio name, builder, the options it asks for); ``model`` is the unfused
+    NCHW denoiser.
     Each is built, parity-checked and timed against the reference in its own phase, then freed:
     every captured step holds its own graph pool of ADM-256 activations, and four at once (with what
     earlier suites left) ran an 80 GB H100 out of memory."""
     base = dict(guide_autocast=torch.bfloat16, cuda_graph=True, cudnn_benchmark=True)
 
-    def fast_step_with(**option):  # the fast step as the main rounds time it (own model copy), plus one option
-        m = copy.deepcopy(model)
-        return FastGuidedSampler(m, sched, guide=guide, guide_autocast=torch.bfloat16, cuda_graph=True,
-                                 **option, **recommended_options(m, "cuda"))
+    def with_option(**option):  # the fast step's options as the main rounds time it, plus one option
+        return dict(guide_autocast=torch.bfloat16, cuda_graph=True, **option, **recommended_options(model, "cuda"))
+
+    def fast_step_with(**option):  # ... on its own model copy
+        return FastGuidedSampler(copy.deepcopy(model), sched, guide=guide, **with_option(**option))
 
     # the guide on a side stream while the denoiser runs; its forward + input-backward through inductor
-    out = {"fast_overlap": ("step_overlap_vs_reference", lambda: fast_step_with(overlap_guide=True))}
+    out = {"fast_overlap": ("step_overlap_vs_reference", lambda: fast_step_with(overlap_guide=True),
+                            with_option(overlap_guide=True))}
     if os.environ.get("PPAP_BENCH_STEP_COMPILE_GUIDE", "1") == "1":
-        out["fast_compiled_guide"] = ("step_compiled_guide_vs_reference", lambda: fast_step_with(compile_guide=True))
+        out["fast_compiled_guide"] = ("step_compiled_guide_vs_reference", lambda: fast_step_with(compile_guide=True),
+                                      with_option(compile_guide=True))
     if os.environ.get("PPAP_SKIP_COMPILE") != "1":  # inductor on the denoiser (fuses the norms itself)
+        compiled = dict(compile_model=True, channels_last=True, **base)
         out["fast_compiled"] = ("step_compiled_vs_reference", lambda: FastGuidedSampler(
-            copy.deepcopy(model), sched, guide=guide, compile_model=True, channels_last=True, **base))
+            copy.deepcopy(model), sched, guide=guide, **compiled), compiled)
     if os.environ.get("PPAP_BENCH_STEP_OLD_PATHS", "1") != "1":  # measured on 2026-11-28: a short call skips them
         return out
     # the fast step before recommended_options: unfused, channels_last
+    unfused = dict(channels_last=True, **base)
     out["fast_unfused"] = ("step_unfused_vs_reference", lambda: FastGuidedSampler(
-        copy.deepcopy(model), sched, guide=guide, channels_last=True, **base))
+        copy.deepcopy(model), sched, guide=guide, **unfused), unfused)
     out["fast_nchw"] = ("step_nchw_vs_reference", lambda: FastGuidedSampler(
-        copy.deepcopy(model), sched, guide=guide, **base))
+        copy.deepcopy(model), sched, guide=guide, **base), base)
     return out
 
 
-def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool = False) -> dict:
+def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool = False, asked=None) -> dict:
     """Build one fast variant, check its first step against the reference step, time it round-robin
     with the reference; an error is recorded (a kernel or compile failing on this GPU must not cost
     the suite). The variant and its graph pool are freed before returning. ``op_profile``: also its
-    eager op-level profile (``op_profile_top``, CUDA)."""
+    eager op-level profile (``op_profile_top``, CUDA). ``asked``: its options, for ``fallbacks`` (_fallbacks)."""
     res, sampler = {}, None
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -373,6 +384,9 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool 
                                      device, reps, warm)
         res["ms"] = round(ms["v"], 3)
         res["ratio_vs_reference"] = round(_ratio(rounds, "v", "ref"), 4)
+        res["applied_options"] = {k: str(v) for k, v in sampler.applied_options.items()}
+        if asked is not None:
+            res["fallbacks"] = _fallbacks(asked, sampler)
         if device == "cuda":
             res["profile_top"] = _step_profile(sampler, x, i, device)
             if op_profile:
@@ -421,16 +435,25 @@ def _guide_profile(sampler, x, i, device, k: int = 15) -> list[dict]:
                  "calls": 0, "shapes": []}]
 
 
-def _variant_ratios(variant: str, ratios: dict, unguided_vs_reference: float) -> dict:
+def _variant_ratios(variant: str, ratios: dict, unguided_vs_reference: float, fallbacks=()) -> dict:
     """Figures of a guide variant phase timed against the reference in its own rounds: vs the fast
     step (``step_<name>_vs_fast``) and its guided / unguided (``step_guided_vs_unguided_<name>``: the
-    variant over the fast unguided step of the main rounds, both through the reference's time)."""
+    variant over the fast unguided step of the main rounds, both through the reference's time). None where
+    ``fallbacks`` (options asked of the variant or of the main fast steps that did not run) is not empty."""
     name = variant.removeprefix("fast_")
     vs_ref = ratios.get(f"step_{name}_vs_reference")
-    if name not in ("overlap", "compiled_guide") or vs_ref is None:
+    if name not in ("overlap", "compiled_guide") or vs_ref is None or fallbacks:
         return {}
     return {f"step_{name}_vs_fast": round(vs_ref / ratios["step_fast_vs_reference"], 4),
             f"step_guided_vs_unguided_{name}": round(vs_ref / unguided_vs_reference, 4)}
+
+
+def _fallbacks(asked: dict, sampler) -> list:
+    """The on/off options asked for (True in ``asked``; merge_experts too where there is a guide: the sampler's
+    default) that ``sampler`` does not run after its fallbacks (applied_options: e.g. a failed capture or compile)."""
+    on = {k for k, v in asked.items() if v is True} | ({"merge_experts"} if sampler.fast_guide is not None else set())
+    applied = sampler.applied_options
+    return sorted(k for k in on if applied.get(k) is not True)
 
 
 def _ratio(times: dict, a: str, b: str) -> float:
@@ -495,12 +518,13 @@ def _run(device: str, quick: bool, emit=None) -> dict:
     t_ref, t_ref_u, t_fast, t_fast_u = ms["ref"], ms["ref_u"], ms["fast"], ms["fast_u"]
     ref_u_ratio = round(_ratio(rounds, "ref", "ref_u"), 4)
     unguided_vs_reference = _ratio(rounds, "fast_u", "ref")
+    fast_fallbacks = _fallbacks(fast_opts, fast) + [f"unguided:{k}" for k in _fallbacks(unguided_opts, fast_unguided)]
     variants = fast_unguided = None  # frees its graph pool before the variant phases
     extras = _cuda_variants(model, sched, guide) if cuda else {}
     row = {"bench": "guided_ddim_step", "config": name, "shape": list(shape), "device": device,
            "threads": torch.get_num_threads() if not cuda else None, "reps": reps,
            "fast_options": {k: str(v) for k, v in fast_opts.items()},
-           "applied_options": {k: str(v) for k, v in fast.applied_options.items()},
+           "applied_options": {k: str(v) for k, v in fast.applied_options.items()}, "fast_fallbacks": fast_fallbacks,
            "reference_ms": round(t_ref, 3), "reference_unguided_ms": round(t_ref_u, 3),
            "fast_ms": round(t_fast, 3), "fast_unguided_ms": round(t_fast_u, 3),
            "fast_vs_reference_rel_err": float(f"{rel:.3e}"), "fast_first_step_s": round(first_s, 2),
@@ -537,14 +561,15 @@ def _run(device: str, quick: bool, emit=None) -> dict:
             ratios["step_guided_vs_unguided_deit_s"] = res["guided_vs_unguided"]
         if emit is not None:
             emit(dict(row), dict(ratios))
-    for variant, (ratio_key, build) in extras.items():  # one phase each, vs the reference in its rounds
+    for variant, (ratio_key, build, asked) in extras.items():  # one phase each, vs the reference in its rounds
         row[variant] = res = _variant_phase(build, x, i, want, ref, device, reps, warm,
-                                            op_profile=variant == "fast_compiled")
+                                            op_profile=variant == "fast_compiled", asked=asked)
         if "ms" in res:
-            ratios[ratio_key] = res.pop("ratio_vs_reference")
+            if not res.get("fallbacks"):  # else the row keeps it: not a figure of the variant its name says
+                ratios[ratio_key] = res.pop("ratio_vs_reference")
             if fl and _peak(device):
                 res["mfu"] = round(fl / _peak(device) / (res["ms"] * 1e-3), 4)
-        ratios.update(_variant_ratios(variant, ratios, unguided_vs_reference))
+        ratios.update(_variant_ratios(variant, ratios, unguided_vs_reference, fast_fallbacks + res.get("fallbacks", [])))
         if emit is not None:
             emit(dict(row), dict(ratios))
     row["reference_guided_vs_unguided"] = ref_u_ratio

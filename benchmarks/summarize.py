@@ -185,7 +185,7 @@ def _test_groups(path: Path):
     return list(zip(parts[1::2], parts[2::2]))
 
 
-_NOTE_SUFFIXES = ("error", "skipped", "warnings")
+_NOTE_SUFFIXES = ("error", "skipped", "warnings", "fallbacks")
 FIGURE_SUFFIXES = ("_ms", "GBps", "_fraction", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
 
 
@@ -219,7 +219,8 @@ def _table(path: Path) -> None:
         for k, v in row.items():  # a variant's own figures (bench_step: fast_compiled, ...)
             if isinstance(v, dict) and ("ms" in v or "error" in v):
                 print(f"      {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items()
-                                                 if kk != "warnings" and not kk.endswith("profile_top")))
+                                                 if kk not in ("warnings", "applied_options")
+                                                 and not kk.endswith("profile_top")))
                 if v.get("warnings"):
                     print(f"      {k} warnings: {v['warnings']}")
                 for key in (kk for kk in v if kk.endswith("profile_top")):

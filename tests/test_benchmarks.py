@@ -959,6 +959,41 @@ def test_variant_ratios_give_each_guide_variant_its_guided_over_unguided():
     assert bench_step._variant_ratios("fast_overlap", {"step_fast_vs_reference": 0.3}, 0.29) == {}  # phase failed
 
 
+def test_step_fallbacks_name_the_options_asked_that_did_not_run():
+    """bench_step's fallbacks: options asked (True; merge_experts where a guide is) that applied_options says do
+    not run, e.g. cuda_graph off CUDA (as after a failed capture), a routed bank; none where all run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning
+    from ppap_fast.guidance import ClassGuide
+    from ppap_fast.schedule import Schedule
+
+    model, bank, _, _ = bench_step._setup("cpu")
+    sched, guide = Schedule.create("linear", 1000, "ddim25"), ClassGuide(bank, 1, scale=10.0)
+    asked = dict(cuda_graph=True, guide_autocast=None)
+    with pytest.warns(FastSamplingWarning):
+        graphed = FastGuidedSampler(model, sched, guide=guide, **asked)
+        graphed.step(bench_step.torch.randn(1, 3, 32, 32), 12)
+    assert bench_step._fallbacks(asked, graphed) == ["cuda_graph"]
+    assert bench_step._fallbacks({}, FastGuidedSampler(model, sched, guide=guide, merge_experts=False)) == \
+        ["merge_experts"]
+    assert bench_step._fallbacks({"channels_last": False}, FastGuidedSampler(model, sched, guide=guide)) == []
+    assert bench_step._fallbacks({}, FastGuidedSampler(model, sched)) == []  # unguided: nothing to merge
+
+
+def test_variant_ratios_refuse_a_comparison_with_a_fallback():
+    """A guide variant (or the main fast steps) that fell back from an option asked gives no _vs_fast nor
+    guided / unguided figure: it would not compare what the decision names (summarize: not measured)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    ratios = {"step_fast_vs_reference": 150 / 480, "step_overlap_vs_reference": 144 / 480}
+    assert bench_step._variant_ratios("fast_overlap", ratios, 142 / 480, ["cuda_graph"]) == {}
+    assert bench_step._variant_ratios("fast_overlap", ratios, 142 / 480, ["unguided:cuda_graph"]) == {}
+    assert bench_step._variant_ratios("fast_overlap", ratios, 142 / 480, []) != {}
+
+
 def test_goal_lines_read_ratios_rows_and_variants():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import summarize
