@@ -238,8 +238,7 @@ def _guide_phase(setup, ref_model, fast_model, sched, x, i, target, scale, fast_
                 torch.cuda.synchronize()
             res["first_step_s"] = round(time.perf_counter() - t0, 1)
             res["rel_err"] = float(f"{_rel(got, want):.3e}")
-        res["warnings"] = [str(w.message).splitlines()[0] for w in caught
-                           if issubclass(w.category, FastSamplingWarning)]
+        res["warnings"] = _step_warnings(caught)
         ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "fast": lambda: samplers[0].step(x, i),
                                       "fast_u": lambda: samplers[1].step(x, i)}, device, reps, warm)
         res.update(reference_ms=round(ms["ref"], 3), fast_ms=round(ms["fast"], 3),
@@ -378,8 +377,7 @@ def _variant_phase(build, x, i, want, ref, device, reps, warm, op_profile: bool 
             res["first_step_s"] = round(time.perf_counter() - t0, 1)
             res["rel_err"] = float(f"{_rel(got, want):.3e}")
             del got
-        res["warnings"] = [str(w.message).splitlines()[0] for w in caught
-                           if issubclass(w.category, FastSamplingWarning)]
+        res["warnings"] = _step_warnings(caught)
         ms, rounds = _interleaved_ms({"ref": lambda: ref.step(x, i), "v": lambda: sampler.step(x, i)},
                                      device, reps, warm)
         res["ms"] = round(ms["v"], 3)
@@ -448,6 +446,13 @@ def _variant_ratios(variant: str, ratios: dict, unguided_vs_reference: float, fa
             f"step_guided_vs_unguided_{name}": round(vs_ref / unguided_vs_reference, 4)}
 
 
+def _step_warnings(caught) -> list:
+    """First lines of the fast path's warnings among those caught: the sampler's fallbacks (FastSamplingWarning)
+    and the model's (RuntimeWarning: ADMUNet's fused output head failing its check runs the unfused head)."""
+    return [str(w.message).splitlines()[0] for w in caught
+            if issubclass(w.category, (FastSamplingWarning, RuntimeWarning))]
+
+
 def _fallbacks(asked: dict, sampler) -> list:
     """The on/off options asked for (True in ``asked``; merge_experts too where there is a guide: the sampler's
     default) that ``sampler`` does not run after its fallbacks (applied_options: e.g. a failed capture or compile)."""
@@ -505,7 +510,7 @@ def _run(device: str, quick: bool, emit=None) -> dict:
         got = fast.step(x, i)[0]
         first_s = time.perf_counter() - t0
         fast_unguided.step(x, i)
-    fast_warnings = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, FastSamplingWarning)]
+    fast_warnings = _step_warnings(caught)
     rel = _rel(got, want)
     if not cuda and not rel < 1e-4:
         raise AssertionError(f"fast step differs from the reference stack: rel err {rel:.2e}")

@@ -982,6 +982,25 @@ def test_step_fallbacks_name_the_options_asked_that_did_not_run():
     assert bench_step._fallbacks({}, FastGuidedSampler(model, sched)) == []  # unguided: nothing to merge
 
 
+def test_step_warnings_keep_the_fused_head_fallback():
+    """bench_step's rows keep the fast path's warnings: the sampler's FastSamplingWarning and the RuntimeWarning of
+    ADMUNet's fused output head falling back to the unfused head (caught, then dropped, before); others not."""
+    import warnings
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    from ppap_fast.fast_sampling import FastSamplingWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("cuda_graph=True: capture failed\ndetails", FastSamplingWarning)
+        warnings.warn("ADMUNet: the fused output head (ops.group_norm_silu_conv3x3) on cuda:0 differs", RuntimeWarning)
+        warnings.warn("some library is deprecated", DeprecationWarning)
+    assert bench_step._step_warnings(caught) == [
+        "cuda_graph=True: capture failed", "ADMUNet: the fused output head (ops.group_norm_silu_conv3x3) on cuda:0 differs"]
+
+
 def test_variant_ratios_refuse_a_comparison_with_a_fallback():
     """A guide variant (or the main fast steps) that fell back from an option asked gives no _vs_fast nor
     guided / unguided figure: it would not compare what the decision names (summarize: not measured)."""
