@@ -433,8 +433,7 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
                     min(cl_st, cl_ib, cl_auto, cl_impl) / row["factorised_graph_ms"])
         checkpoint()
     try:  # the loralib bank's convs through their low-rank factors where that needs fewer FLOPs than N dense convs
-        lr_ms = _with_backend("PPAP_FAST_LORALIB_CONV", "lowrank", "lora_conv2d_delta", None,
-                              lambda: _graphed_ms(bank, x, t, teacher, reps, True))
+        lr_ms = _lowrank_graphed_ms(bank, x, t, teacher, reps)
         row["onepass_graph_expert_adamw_loralib_lowrank_ms"] = round(lr_ms, 3)
         if row.get("onepass_graph_expert_adamw_ms"):
             acc.setdefault("distill_graph_loralib_lowrank_vs_delta", []).append(
@@ -456,6 +455,27 @@ def _cuda_extras(row, acc, bank, onepass, one, model, n, r, alpha, x, t, teacher
     except Exception as exc:  # noqa: BLE001
         row["loralib_factorised_error"] = _error(exc)
     checkpoint()
+
+
+def _lowrank_graphed_ms(bank, x, t, teacher, reps):
+    """_graphed_ms (ExpertAdamW) of the loralib bank with PPAP_FAST_LORALIB_CONV=lowrank; raises where no conv took
+    the low-rank route (each falls back to the delta route where that is cheaper: a delta-vs-delta figure)."""
+    from ppap_fast.ops.lora import vectorized as V
+
+    lowrank, calls = V.loralib_conv2d_lowrank, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return lowrank(*a, **k)
+
+    V.loralib_conv2d_lowrank = counted
+    try:
+        ms = _with_env({"PPAP_FAST_LORALIB_CONV": "lowrank"}, lambda: _graphed_ms(bank, x, t, teacher, reps, True))
+    finally:
+        V.loralib_conv2d_lowrank = lowrank
+    if not calls:
+        raise RuntimeError("PPAP_FAST_LORALIB_CONV=lowrank ran no low-rank conv (every conv took the delta route)")
+    return ms
 
 
 def _channels_last_ms(model, n, r, alpha, x, t, teacher, reps):

@@ -578,6 +578,7 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     monkeypatch.setattr(bench_distill, "_with_backend", lambda env, value, op, backend, fn: fn())
     monkeypatch.setattr(bench_distill, "_factorised_ms", lambda *a: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5))
     monkeypatch.setattr(bench_distill, "_graphed_ms", lambda *a, amp="none": 0.25 if amp == "bf16" else 0.5)
+    monkeypatch.setattr(bench_distill, "_lowrank_graphed_ms", lambda *a: 0.5)
     monkeypatch.setattr(bench_distill, "_channels_last_ms", lambda *a: (0.5, 0.4, 0.3, 0.2))
     row, acc, snaps = {}, {k: [] for k in ("distill_delta_stacked_vs_grouped", "distill_factorised_vs_loralib",
                                            "distill_cpp_vs_auto", "distill_triton_vs_auto", "distill_graph_vs_onepass",
@@ -654,6 +655,25 @@ def test_distill_graphed_rows_refuse_a_step_whose_capture_failed(monkeypatch):
         bench_distill._replayed_ms(run, run, 1)
     monkeypatch.setattr(tg, "GraphedTrainStep", _fake_graphed_step(captured=True))
     assert bench_distill._graphed_ms(bank, x, t, teacher, 1, True) == 1.0
+
+
+def test_distill_graphed_lowrank_row_checks_the_low_rank_route_ran(monkeypatch):
+    """distill_graph_loralib_lowrank_vs_delta's step: with the route's per-conv check refusing every conv (the delta
+    route then runs) the row raises instead of timing delta as low-rank; with low-rank convs it times them."""
+    import ppap_fast.train_graph as tg
+    from ppap_fast.experts import ExpertBank
+    from ppap_fast.ops.lora import vectorized as V
+
+    bench_distill, model, x, t, teacher = _tiny_distill_inputs(4)
+    monkeypatch.setattr(bench_distill, "median_ms", lambda fn, device, reps, warmup=0: [fn() for _ in range(2)] and 1.0)
+    monkeypatch.setattr(tg, "GraphedTrainStep", _fake_graphed_step(captured=True))
+    monkeypatch.delenv("PPAP_FAST_LORALIB_CONV", raising=False)
+    bank = ExpertBank(model, placement="resnet", n_experts=4, r=2, alpha=2).train()
+    assert bench_distill._lowrank_graphed_ms(bank, x, t, teacher, 1) == 1.0
+    assert V.loralib_conv2d_lowrank.__name__ == "loralib_conv2d_lowrank"  # put back
+    monkeypatch.setattr(V, "lowrank_is_cheaper", lambda *a: False)
+    with pytest.raises(RuntimeError, match="no low-rank conv"):
+        bench_distill._lowrank_graphed_ms(bank, x, t, teacher, 1)
 
 
 def test_distill_graphed_step_with_expert_adamw_moves_sampled_experts_only(monkeypatch):
