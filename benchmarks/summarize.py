@@ -167,8 +167,8 @@ def goal_lines(data: dict) -> list:
         else:
             rows = [r for r in data.get("rows", []) if r.get("suite") == key[0] and key[1] in r]
             v = rows[0][key[1]] if rows else None
-            for k in key[2:]:
-                v = v.get(k) if isinstance(v, dict) else None
+            for k in key[2:]:  # a variant that fell back from an option asked is not the variant named
+                v = v.get(k) if isinstance(v, dict) and not v.get("fallbacks") else None
         if not isinstance(v, (int, float)):
             lines.append(f"goal {label} {op} {goal:.4g}: not measured")
         else:

@@ -1048,6 +1048,10 @@ def test_goal_lines_read_ratios_rows_and_variants():
     assert lines["goal #4 MFU, compile_guide >= 0.5"] == "not measured"
     assert lines["goal #3 LoRA fwd+bwd / base layer <= 1.15"] == "not measured"
     assert len(lines) == len(summarize.GOALS)
+    # a variant whose capture (or another option asked) fell back: its MFU is not the variant's
+    data["rows"][1]["fast_overlap"]["fallbacks"] = ["cuda_graph"]
+    lines = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    assert lines["goal #4 MFU, overlap_guide >= 0.5"] == "not measured"
 
 
 def test_step_variants_old_paths_can_be_skipped(monkeypatch):
