@@ -597,6 +597,13 @@ def test_distill_bench_emits_each_n_before_its_cuda_rows(monkeypatch):
     bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64,
                                graph_expert_adamw_ms=0.4)
     assert row["onepass_graph_expert_adamw_ms"] == 0.4 and acc["distill_graph_expert_adamw_vs_adamw"] == [0.8]
+    # the factorised bank's capture failed (_graphed_ms raises): its eager figures stay, the graphed pair says why
+    monkeypatch.setattr(bench_distill, "_factorised_ms", lambda *a: (1.0, 0.9, 0.8, 0.7) + ("RuntimeError: not captured",) * 2)
+    row, acc = {}, {k: [] for k in acc}
+    bench_distill._cuda_extras(row, acc, None, lambda: None, 1.0, None, 5, 4, 2, None, None, None, 1, 64)
+    assert row["factorised_graph_error"] == "RuntimeError: not captured" and "factorised_graph_ms" not in row
+    assert acc["distill_triton_vs_auto"] == [0.8] and acc["distill_implicit_vs_stacked"] == [0.7]
+    assert not acc["distill_graph_implicit_vs_stacked"] and "factorised_error" not in row
 
 
 def test_summary_shows_errors_cuts_and_backends(tmp_path):
