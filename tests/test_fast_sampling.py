@@ -92,7 +92,7 @@ def test_equals_reference_sample_loop(setup, sampler, respacing, kw, guided):
     assert rel_err(out, ref) < TOL
     if guided:  # the guide really moved the samples, and every band ran merged
         unguided = sample_loop(model, SHAPE, sched, sampler=sampler, generator=torch.Generator().manual_seed(1), **kw)
-        assert rel_err(unguided, ref) > 20 * TOL
+        assert torch.isfinite(unguided).all() and rel_err(unguided, ref) > 20 * TOL
         bands = {int(t) // bank.band for t in sched.timestep_map}
         assert {k[0] for k in fast._variants} == bands and len(fast._merged_models) == len(bands)
 
@@ -887,7 +887,7 @@ def test_cuda_graphs_follow_a_changed_guide(no_tf32):
     ref = sample_loop(model, SHAPE, sched, guide=guide, generator=gen())
     out = fast.sample(SHAPE, generator=gen())
     assert fast.fast_guide.generation == 1 and fast._graphs
-    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+    assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
 
 
 @pytest.mark.cuda
@@ -907,7 +907,7 @@ def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
     want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
     ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
     assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
-    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+    assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
 
 
 @pytest.mark.cuda
@@ -927,7 +927,7 @@ def test_cuda_graphs_replay_a_cpu_target_changed_in_place(no_tf32):
     want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
     ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
     assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
-    assert rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+    assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
 
 
 @pytest.mark.cuda
@@ -1097,7 +1097,7 @@ def test_an_on_device_target_changed_in_place_keeps_the_captured_steps(setup):
     ref = sample_loop(model, SHAPE, sched, guide=ClassGuide(bank, torch.tensor([3, 2, 1, 0]), scale=3.0),
                       generator=torch.Generator().manual_seed(1))
     assert fast.fast_guide.generation == 0
-    assert rel_err(changed, ref) < TOL and rel_err(first, ref) > 1e-3
+    assert torch.isfinite(first).all() and rel_err(changed, ref) < TOL and rel_err(first, ref) > 1e-3
     before = fs._guide_state(guide, torch.device("cuda"))  # off the device: its version still counts
     buf.add_(0)
     assert fs._guide_state(guide, torch.device("cuda")) != before
