@@ -135,7 +135,7 @@ def test_loss_errors_name_shapes_and_kinds():
 
 
 # ----------------------------------------------------------------------------- teachers and configuration
-def test_teacher_specs_tasks_and_loss_choice(depth_module, tmp_path):
+def test_teacher_specs_tasks_and_loss_choice(depth_module, tmp_path, capsys):
     t = D.build_teacher(depth_module)
     assert t.task == "depth" and t.transform is None and t.arch == depth_module
     assert D.build_teacher("py:ppap_test_depth:make_hw").task is None
@@ -175,8 +175,9 @@ def test_teacher_specs_tasks_and_loss_choice(depth_module, tmp_path):
                                 "--teacher-task", "depth", "--checkpoint-every", "7"])
     c = D.config_from_args(a)
     assert (c.loss, c.teacher_task, c.checkpoint_every, c.n_experts) == ("mse", "depth", 7, 5)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         D._parser().parse_args(["distill", "--data", "d", "--out", "o", "--teacher", "x", "--loss", "huber"])
+    assert e.value.code == 2 and "argument --loss: invalid choice: 'huber'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end

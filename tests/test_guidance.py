@@ -308,7 +308,7 @@ def test_composed_guide():
     x = torch.randn(2, 2, 3, 3, dtype=D)
     comp = ComposedGuide([(g1, 1.0), (g2, -3.0)])
     assert rel(comp(x, 4), g1(x, 4) - 3.0 * g2(x, 4)) < 1e-14
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs at least one guide"):
         ComposedGuide([])
     with pytest.raises(ValueError, match="scale"):
         ComposedGuide([(g1, float("inf"))])
@@ -370,7 +370,7 @@ def test_input_transform_follows_the_input_device_and_numpy_scales():
     for s in (np.float32(2.0), np.int64(3)):
         ClassGuide(nn.Linear(4, 3), 1, scale=s)
     for bad in (True, float("nan"), np.float32("inf")):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
             ClassGuide(nn.Linear(4, 3), 1, scale=bad)
 
 

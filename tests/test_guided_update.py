@@ -155,7 +155,7 @@ def test_backend_report_names_every_path():
     rep = ops.backend_report("cpu")
     assert set(rep["ops"]["guided_update"]["available"]) == {"reference", "cpp", "cuda", "triton"}
     assert rep["ops"]["guided_update"]["available"]["reference"] == "ok"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
         ops.set_backend("fastest")
 
 
