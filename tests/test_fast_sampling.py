@@ -890,24 +890,30 @@ def test_cuda_graphs_follow_a_changed_guide(no_tf32):
     assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
 
 
-@pytest.mark.cuda
-@cuda
-def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
-    """guided-sample's per-batch targets, copied into the guide's CUDA target in place: the captured steps are kept
-    (they were dropped and recaptured for every batch) and their replays read the new targets."""
+def _check_graphs_replay_a_target_changed_in_place(target_device):
+    """A ClassGuide target on target_device, changed in place between two CUDA-graph samples: the captured steps are
+    kept and their replays read the new targets."""
     model, bank, _ = _cuda_setup()
-    buf = torch.tensor([0, 1, 2, 3], device="cuda")
+    buf = torch.tensor([0, 1, 2, 3], device=target_device)
     sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
     gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
     fast = FastGuidedSampler(model, sched, guide=ClassGuide(bank, buf, scale=3.0), cuda_graph=True)
     first = fast.sample(SHAPE, generator=gen())
     graphs = dict(fast._graphs)
-    buf.copy_(torch.tensor([3, 2, 1, 0], device="cuda"))
+    buf.copy_(torch.tensor([3, 2, 1, 0], device=target_device))
     out = fast.sample(SHAPE, generator=gen())
     want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
     ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
     assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
     assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
+    """guided-sample's per-batch targets, copied into the guide's CUDA target in place: the captured steps are kept
+    (they were dropped and recaptured for every batch) and their replays read the new targets."""
+    _check_graphs_replay_a_target_changed_in_place("cuda")
 
 
 @pytest.mark.cuda
@@ -915,19 +921,7 @@ def test_cuda_graphs_replay_an_on_device_target_changed_in_place(no_tf32):
 def test_cuda_graphs_replay_a_cpu_target_changed_in_place(no_tf32):
     """A CPU target under a CUDA sampler, changed in place: copied into the guide's CUDA copy (it was copied to a new
     tensor, and every captured step dropped and recaptured); the replays read the new targets."""
-    model, bank, _ = _cuda_setup()
-    buf = torch.tensor([0, 1, 2, 3])
-    sched = Schedule.create("linear", 1000, "ddim5").to("cuda")
-    gen = lambda: torch.Generator(device="cuda").manual_seed(7)  # noqa: E731
-    fast = FastGuidedSampler(model, sched, guide=ClassGuide(bank, buf, scale=3.0), cuda_graph=True)
-    first = fast.sample(SHAPE, generator=gen())
-    graphs = dict(fast._graphs)
-    buf.copy_(torch.tensor([3, 2, 1, 0]))
-    out = fast.sample(SHAPE, generator=gen())
-    want = ClassGuide(bank, torch.tensor([3, 2, 1, 0], device="cuda"), scale=3.0)
-    ref = sample_loop(model, SHAPE, sched, guide=want, generator=gen())
-    assert graphs and fast._graphs == graphs and fast.fast_guide.generation == 0
-    assert torch.isfinite(first).all() and rel_err(out, ref) < 1e-4 and rel_err(first, ref) > 1e-3
+    _check_graphs_replay_a_target_changed_in_place("cpu")
 
 
 @pytest.mark.cuda
