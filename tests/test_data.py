@@ -25,7 +25,7 @@ def test_uint8_round_trip_and_layout():
     assert to_uint8(torch.full((1, 1, 2, 2), -1.0)).max() == 0
     assert to_uint8(torch.full((1, 1, 2, 2), 1.0)).min() == 255
     assert float((from_uint8(u) - x).abs().max()) <= 1 / 127.5 + 1e-6
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected uint8 N x H x W x C, got float32"):
         from_uint8(u.astype(np.float32))
 
 
@@ -241,7 +241,7 @@ def test_shard_set_reads_only_the_requested_rows(tmp_path):
     assert s.gather("logits", []).shape == (0, 7)
     with pytest.raises(IndexError, match=r"out of range \[0, 23\)"):
         s.gather("images", [23])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"out of range \[0, 23\)"):  # not read as the last row
         s.gather("images", [-1])
     with pytest.raises(KeyError, match="no array 'depth'"):
         s.gather("depth", [0])
