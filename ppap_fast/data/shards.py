@@ -224,6 +224,10 @@ class ShardWriter:
             # a run that failed or was stopped before its first shard (a NaN teacher, a wrong image_shape) left
             # only its manifest: nothing to keep, so the corrected arguments start afresh (they were refused)
             nothing_written = nothing_written_yet(self.dir, old)
+            if not nothing_written and not all(isinstance(old.get(k), int) for k in ("num_images", "shard_size")):
+                # {"complete": true} was "holds a shard set with num_images=None": the reader's words instead
+                raise ValueError(f"{m} is not a shard set manifest (no num_images / shard_size); "
+                                 "remove it or use another directory")
             for key in ("num_images", "shard_size"):  # a bool: true == 1
                 if (isinstance(old.get(key), bool) or old.get(key) != getattr(self, key)) and not nothing_written:
                     raise ValueError(f"{self.dir} holds a shard set with {key}={old.get(key)}, "
