@@ -1530,13 +1530,8 @@ def test_segments_of_another_tensor_refused_without_value_compare(monkeypatch):
         S.check_segments(seg, idx, 3)
 
 
-@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_tensor_scale_gets_its_gradient(kind, backend):
-    """A tensor scale that requires grad (a learned LoRA scale): d(scale) as the reference gives it, no
-    warning, with the other grads unchanged (it was dropped with a warning)."""
-    _maybe_skip("cpu", backend, torch.float32)
-    torch.manual_seed(5)
+def _tensor_scale_case(kind):
+    """A small mixed-expert LoRA linear / grouped conv case: N, idx, x, W, A, B, the op's kwargs, op, reference."""
     N, idx = 3, torch.tensor([2, 0, 2, 1])
     if kind == "linear":
         x, W, A, B, kw = torch.randn(4, 2, 6), torch.randn(5, 6), torch.randn(N, 2, 6), torch.randn(N, 5, 2), {}
@@ -1544,6 +1539,17 @@ def test_tensor_scale_gets_its_gradient(kind, backend):
         x, W, A, B = torch.randn(4, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(N, 4, 2, 3, 3), torch.randn(N, 6, 2)
         kw = dict(padding=1, groups=2)
     op, ref = (L.lora_linear, R.lora_linear) if kind == "linear" else (L.lora_conv2d, R.lora_conv2d)
+    return N, idx, x, W, A, B, kw, op, ref
+
+
+@pytest.mark.parametrize("backend", CPU_FAST_BACKENDS)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_tensor_scale_gets_its_gradient(kind, backend):
+    """A tensor scale that requires grad (a learned LoRA scale): d(scale) as the reference gives it, no
+    warning, with the other grads unchanged (it was dropped with a warning)."""
+    _maybe_skip("cpu", backend, torch.float32)
+    torch.manual_seed(5)
+    N, idx, x, W, A, B, kw, op, ref = _tensor_scale_case(kind)
     eb, s = torch.randn(N, W.shape[0]), torch.tensor(0.7)
     ins = [t.clone().requires_grad_() for t in (x, A, B, eb, s)]
     ins_r = [t.double().requires_grad_() for t in (x, A, B, eb, s)]
@@ -1573,13 +1579,7 @@ def test_tensor_scale_is_not_read_on_the_host(kind, backend, needs_grad, monkeyp
     sync per layer call (and an error under CUDA graph capture); the result as the reference."""
     _maybe_skip("cpu", backend, torch.float32)
     torch.manual_seed(6)
-    N, idx = 3, torch.tensor([2, 0, 2, 1])
-    if kind == "linear":
-        x, W, A, B, kw = torch.randn(4, 2, 6), torch.randn(5, 6), torch.randn(N, 2, 6), torch.randn(N, 5, 2), {}
-    else:
-        x, W, A, B = torch.randn(4, 4, 5, 5), torch.randn(6, 2, 3, 3), torch.randn(N, 4, 2, 3, 3), torch.randn(N, 6, 2)
-        kw = dict(padding=1, groups=2)
-    op, ref = (L.lora_linear, R.lora_linear) if kind == "linear" else (L.lora_conv2d, R.lora_conv2d)
+    N, idx, x, W, A, B, kw, op, ref = _tensor_scale_case(kind)
     s = torch.tensor(0.7, requires_grad=needs_grad)
     reads = []
     for name in ("__float__", "item"):
