@@ -183,13 +183,10 @@ def test_score_json_that_names_an_input_is_refused(tmp_path, capsys, brightness_
     assert (s.read_bytes(), r.read_bytes()) == before
 
 
-def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
-    """The head registered before another Linear: the features were the input of the last registered Linear
-    (here the 3 mean colours), not the head's input; a conv head (no Linear produces the logits): the logits."""
+def _head_first_class():
+    """A classifier whose head is registered before another Linear (proj), so registration order misleads."""
     import torch
     import torch.nn as nn
-
-    from ppap_fast.score import classifier_outputs
 
     class HeadFirst(nn.Module):
         def __init__(self):
@@ -198,7 +195,22 @@ def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
             self.proj = nn.Linear(3, 4)
 
         def forward(self, x):
-            return {"logits": self.head(torch.relu(self.proj(x.mean((2, 3)))))}
+            return self.head(torch.relu(self.proj(x.mean((2, 3)))))
+
+    return HeadFirst
+
+
+def test_score_features_are_the_input_of_the_linear_that_produces_the_logits():
+    """The head registered before another Linear: the features were the input of the last registered Linear
+    (here the 3 mean colours), not the head's input; a conv head (no Linear produces the logits): the logits."""
+    import torch
+    import torch.nn as nn
+
+    from ppap_fast.score import classifier_outputs
+
+    class HeadFirst(_head_first_class()):
+        def forward(self, x):
+            return {"logits": super().forward(x)}
 
     class ConvHead(nn.Module):
         def __init__(self):
@@ -243,14 +255,7 @@ def test_score_and_generic_placement_take_the_same_head():
     from ppap_fast.experts.placement import generic_placement, head_linear
     from ppap_fast.score import _head_linear
 
-    class HeadFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.head = nn.Linear(4, 2)
-            self.proj = nn.Linear(3, 4)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.proj(x.mean((2, 3)))))
+    HeadFirst = _head_first_class()
 
     class Untraceable(HeadFirst):
         def forward(self, x):
