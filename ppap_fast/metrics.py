@@ -43,23 +43,38 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.clip(d, 0, None))
+    # |a|^2 + |b|^2 - 2 a.b, in place: two len(a) x len(b) temporaries at most
+    d = a @ b.T
+    d *= -2
+    d += (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+    return np.sqrt(np.clip(d, 0, None, out=d), out=d)
 
 
-def _radii(x: np.ndarray, k: int) -> np.ndarray:
-    d = _pairwise(x, x)
-    # k-th nearest neighbour excluding the point itself (column 0 after sorting is the self-distance 0)
-    return np.sort(d, axis=1)[:, min(k, x.shape[0] - 1)]
+def _radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    # k-th nearest neighbour excluding the point itself (index 0 of a sorted row is the self-distance 0);
+    # per row chunk, so the largest temporary is chunk x N
+    kth = min(k, x.shape[0] - 1)
+    out = np.empty(x.shape[0])  # a copy: a column view would keep its chunk x N matrix alive
+    for i in range(0, x.shape[0], chunk):
+        d = _pairwise(x[i:i + chunk], x)
+        d.partition(kth, axis=1)
+        out[i:i + chunk] = d[:, kth]
+        del d  # freed before the next chunk's
+    return out
 
 
-def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
-    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold)."""
+def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision (fake inside the real manifold) and recall (real inside the fake manifold).
+
+    ``chunk``: rows of distances computed at a time (temporaries of chunk x N float64, not N x N:
+    50k samples would need ~20 GB per matrix); the result does not depend on it."""
     r, f = _f64(real_feats), _f64(fake_feats)
     if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
         raise ValueError(f"feature arrays must be N x D with equal D, got {r.shape} and {f.shape}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int of at least 1, got {k!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     if r.shape[0] <= k or f.shape[0] <= k:
         raise ValueError(f"need more than k={k} samples in each set")
     # distances come from |a|^2 + |b|^2 - 2 a.b: centred, so a large common mean does not cancel them
@@ -68,11 +83,16 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
     r, f = r - centre, f - centre
     f_own = f - f.mean(0)
     tol = 1e-9 * max(np.sqrt((r * r).sum(1).mean()), np.sqrt((f_own * f_own).sum(1).mean()))  # spreads
-    r_rad, f_rad = _radii(r, k), _radii(f_own, k)
-    d = _pairwise(f, r)  # fake x real
-    precision = float((d <= r_rad[None, :] + tol).any(1).mean())
-    recall = float((d.T <= f_rad[None, :] + tol).any(1).mean())
-    return precision, recall
+    chunk = int(chunk)
+    r_rad, f_rad = _radii(r, k, chunk), _radii(f_own, k, chunk)
+    in_real = np.zeros(f.shape[0], dtype=bool)  # precision: fake row within some real radius
+    in_fake = np.zeros(r.shape[0], dtype=bool)  # recall: real row within some fake radius
+    for i in range(0, f.shape[0], chunk):
+        d = _pairwise(f[i:i + chunk], r)  # fake x real
+        in_real[i:i + chunk] = (d <= r_rad[None, :] + tol).any(1)
+        in_fake |= (d <= f_rad[i:i + chunk, None] + tol).any(0)
+        del d
+    return float(in_real.mean()), float(in_fake.mean())
 
 
 def inception_score(probs, split_size: int = 5000) -> float:

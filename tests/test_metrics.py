@@ -235,3 +235,63 @@ def test_inception_score_averages_splits_of_5000_as_guided_diffusion():
     assert inception_score(probs, split_size=len(probs)) == pytest.approx(np.exp(-(2 / 3) * np.log(2 / 3) - (1 / 3) * np.log(1 / 3)), rel=1e-6)
     with pytest.raises(ValueError, match="split_size"):
         inception_score(probs, split_size=0)
+
+
+def _precision_recall_full(real, fake, k):
+    """The former N x N computation (sorted full distance matrices), as the reference for the chunked one."""
+    def pairwise(a, b):
+        return np.sqrt(np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0, None))
+
+    r, f = real - real.mean(0), fake - real.mean(0)
+    f_own = f - f.mean(0)
+    tol = 1e-9 * max(np.sqrt((r * r).sum(1).mean()), np.sqrt((f_own * f_own).sum(1).mean()))
+    r_rad = np.sort(pairwise(r, r), 1)[:, min(k, len(r) - 1)]
+    f_rad = np.sort(pairwise(f_own, f_own), 1)[:, min(k, len(f) - 1)]
+    d = pairwise(f, r)
+    return float((d <= r_rad[None] + tol).any(1).mean()), float((d.T <= f_rad[None] + tol).any(1).mean())
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_in_row_chunks_equals_the_full_matrices(k):
+    # it built N x N float64 matrices: ~20 GB each at 50k samples, out of memory at the papers' protocol
+    rng = np.random.default_rng(k)
+    real = rng.integers(-4, 3, size=(60, 3)).astype(np.float64)  # a small lattice: many tied distances
+    fake = np.concatenate([rng.integers(0, 5, size=(30, 3)), real[:9]]).astype(np.float64)  # duplicates
+    fake[-3:] = fake[-4]  # a point 4 times: radius 0 for k <= 3
+    expected = _precision_recall_full(real, fake, k)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for chunk in (1, 2, 5, 38, 39, 59, 60, 1000, np.int64(4)):
+        assert precision_recall(real, fake, k, chunk=chunk) == expected, chunk
+    assert precision_recall(real, fake, k) == expected
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive int"):
+            precision_recall(real, fake, k, chunk=bad)
+
+
+def test_precision_recall_keeps_its_distance_matrices_to_chunk_rows(monkeypatch):
+    from ppap_fast import metrics
+
+    shapes = []
+    pairwise = metrics._pairwise
+    monkeypatch.setattr(metrics, "_pairwise", lambda a, b: shapes.append((len(a), len(b))) or pairwise(a, b))
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(50, 4)), rng.normal(size=(40, 4)) + 0.3
+    expected = _precision_recall_full(real, fake, 3)
+    assert precision_recall(real, fake, chunk=7) == expected
+    assert max(r for r, _ in shapes) == 7 and max(r * c for r, c in shapes) <= 7 * 50
+    # every row of each matrix was computed: 50 + 40 for the radii, 40 against the real set
+    assert sum(r for r, _ in shapes) == 50 + 40 + 40
+
+
+def test_precision_recall_peak_memory_follows_the_chunk_not_n_squared():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(1500, 8)), rng.normal(size=(1500, 8)) + 0.3
+    tracemalloc.start()
+    try:
+        precision_recall(real, fake, chunk=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6 * 100 * 1500 * 8  # a few chunk x N float64 temporaries; one N x N matrix is 15x that
