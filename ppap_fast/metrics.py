@@ -98,7 +98,8 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 1024) -> t
 def inception_score(probs, split_size: int = 5000) -> float:
     """exp(E KL(p(y|x) || p(y))) per consecutive split of ``split_size`` rows (the last one may be
     shorter), averaged over the splits: guided-diffusion's evaluator (5000, so 10 splits of 50k
-    samples, as the papers report); one split up to 5000 rows."""
+    samples, as the papers report); one split up to 5000 rows. Rows must sum to 1 +- 0.01 (a half
+    precision softmax) and are renormalised."""
     p = _f64(probs, "probabilities")
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"probabilities must be N x K with N >= 1, got {p.shape}")
@@ -106,6 +107,7 @@ def inception_score(probs, split_size: int = 5000) -> float:
         raise ValueError("probabilities must be non-negative rows summing to 1 (softmax outputs, not logits)")
     if isinstance(split_size, bool) or not isinstance(split_size, (int, np.integer)) or split_size < 1:
         raise ValueError(f"split_size must be a positive int, got {split_size!r}")
+    p = p / p.sum(1, keepdims=True)  # fp16 softmax rows sum to 1 +- 1e-3: scaled the KL by that sum
     scores = []
     for i in range(0, p.shape[0], split_size):
         part = p[i:i + split_size]

@@ -295,3 +295,19 @@ def test_precision_recall_peak_memory_follows_the_chunk_not_n_squared():
     finally:
         tracemalloc.stop()
     assert peak < 6 * 100 * 1500 * 8  # a few chunk x N float64 temporaries; one N x N matrix is 15x that
+
+
+def test_inception_score_renormalises_rows_that_sum_to_nearly_1():
+    # rows summing to 1 +- 0.01 (fp16 softmax) were accepted as they were: each row's KL scaled by its sum
+    def hand(rows):  # the formula on the renormalised rows
+        q = rows / rows.sum(1, keepdims=True)
+        py = q.mean(0)
+        return float(np.exp((q * (np.log(q + 1e-12) - np.log(py + 1e-12))).sum(1).mean()))
+
+    rng = np.random.default_rng(0)
+    exact = rng.dirichlet(np.full(6, 0.3), size=40)
+    off = exact * rng.uniform(0.991, 1.009, size=(40, 1))
+    assert 1.5 < hand(exact) < 6 and hand(off) == pytest.approx(hand(exact), rel=1e-12)
+    assert inception_score(off) == pytest.approx(hand(exact), rel=1e-12)
+    half = torch.from_numpy(off).half()
+    assert inception_score(half) == pytest.approx(hand(half.double().numpy()), rel=1e-12)
