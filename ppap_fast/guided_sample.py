@@ -198,16 +198,15 @@ def _target_map(path: str | None, task: str) -> torch.Tensor:
     return t.long() if task == "segmentation" else t.float()
 
 
-def _check_experts_transform(cfg: GuidedSampleConfig, transform) -> None:
+def _check_experts_transform(cfg: GuidedSampleConfig, experts, transform) -> None:
     """Refuse experts distilled through another input transform than the guide's (raw x_t vs normalised, other
     mean / std): they were never trained on such inputs. Checkpoints without the record load as before."""
-    from .experts.checkpoint import (describe_input_transform, input_transform_record, read_config,
-                                     same_input_transform)
+    from .experts.checkpoint import describe_input_transform, input_transform_mismatch
 
-    want = read_config(cfg.experts, subfolder=cfg.experts_subfolder).get("input_transform")
-    got = input_transform_record(transform)
-    if not isinstance(want, dict) or got is None or same_input_transform(want, got):
+    bad = input_transform_mismatch(experts, transform)  # the record load_experts attached
+    if bad is None:
         return
+    want, got = bad
     if cfg.raw_input:
         why, fix = "--raw-input", "drop --raw-input"
     elif transform is None:
@@ -249,7 +248,7 @@ def _build_guide(cfg: GuidedSampleConfig, device):
         from .experts import load_experts
 
         model = load_experts(cfg.experts, bt.model, subfolder=cfg.experts_subfolder).eval()
-        _check_experts_transform(cfg, None if cfg.raw_input else bt.transform)
+        _check_experts_transform(cfg, model, None if cfg.raw_input else bt.transform)
         info["experts"] = {"path": cfg.experts, "n_experts": model.n_experts}
     model = model.to(device)
     tf = None if cfg.raw_input or bt.transform is None else bt.transform.to(device)

@@ -352,3 +352,22 @@ def test_save_records_the_teachers_input_transform(tmp_path):
                   input_transform(None, None, 224)):
         assert not same_input_transform(rec, input_transform_record(other))
     assert input_transform_record(torch.nn.Identity()) is None  # not described: not recorded
+
+
+def test_load_attaches_the_recorded_input_transform(tmp_path):
+    """load_experts / load_experts_into attach the checkpoint's input transform record to the bank (None where
+    nothing is recorded), so that library guides can compare it with theirs."""
+    from ppap_fast.guidance import input_transform
+
+    bank = _bank()
+    assert bank.input_transform_record is None
+    save_experts(bank, tmp_path / "raw", input_transform=None)
+    save_experts(bank, tmp_path / "norm", input_transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
+    save_experts(bank, tmp_path / "old")
+    assert load_experts(tmp_path / "raw", _fresh()).input_transform_record == {"raw": True}
+    norm = load_experts(tmp_path / "norm", _fresh()).input_transform_record
+    assert norm == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    into = load_experts_into(_bank(1), tmp_path / "raw")
+    assert into.input_transform_record == {"raw": True}
+    assert load_experts_into(into, tmp_path / "old").input_transform_record is None  # not the previous one's
+    assert load_experts(tmp_path / "old", _fresh()).input_transform_record is None

@@ -399,3 +399,30 @@ def test_mobilenet_v2_weights_env_variable(tmp_path, monkeypatch):
     monkeypatch.setenv(ots.MOBILENET_V2_ENV, str(tmp_path / "typo.pth"))
     with pytest.raises(ots.WeightsNotAvailable, match="not a file"):
         ots.offline_mobilenet_v2_weights()
+
+
+def test_guide_refuses_experts_recorded_with_another_input_transform(tmp_path):
+    """GuideModel.guide with experts loaded from a checkpoint recording another input transform (raw vs
+    normalised, other mean / std) ran silently: refused in one line naming both; the same one, or a checkpoint
+    recording nothing, guides as before."""
+    from ppap_fast.experts import load_experts, save_experts
+    from ppap_fast.guidance import input_transform
+
+    gm = build_guide_model("resnet18")
+    bank = gm.bank(n_experts=2)
+    save_experts(bank, tmp_path / "raw", input_transform=None)
+    save_experts(bank, tmp_path / "norm", input_transform=gm.transform)
+    save_experts(bank, tmp_path / "old")
+    raw, norm, old = (load_experts(tmp_path / d, gm.model).eval() for d in ("raw", "norm", "old"))
+    with pytest.raises(ValueError, match=r"distilled through raw x_t in \[-1, 1\], but this guide sees mean "
+                                         r"\[0.485.*resnet18's transform\): pass transform=None") as e:
+        gm.guide(3, experts=raw)
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ValueError, match=r"distilled through mean \[0.485.*this guide sees raw x_t.*transform=None"):
+        gm.guide(3, experts=norm, transform=None)
+    with pytest.raises(ValueError, match=r"sees mean \[0.5, 0.5, 0.5\].*the transform= given"):
+        gm.guide(3, experts=norm, transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
+    x, t = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([700])
+    for experts, kw in ((raw, {"transform": None}), (norm, {}), (old, {}), (old, {"transform": None})):
+        g = gm.guide(3, experts=experts, **kw)(x, t)
+        assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0

@@ -570,6 +570,7 @@ class ExpertBank(nn.Module):
         self.band = num_timesteps // n_experts
         self.arch = arch or type(model).__name__
         self.check_inputs = True
+        self.input_transform_record = None  # load_experts: the checkpoint's (guides through another are refused)
         self.base_num_parameters = sum(p.numel() for p in model.parameters())
         object.__setattr__(self, "_router", _Router())
         self.model = copy.deepcopy(model)

@@ -113,6 +113,16 @@ def describe_input_transform(rec: dict) -> str:
     return norm + (f" at {rec['size'][0]}x{rec['size'][1]}" if rec.get("size") else "")
 
 
+def input_transform_mismatch(experts, transform) -> tuple[dict, dict] | None:
+    """(recorded, given) records where ``experts`` (a loaded bank: ``input_transform_record``) were distilled
+    through another input transform than ``transform``; None when alike, unrecorded, or not describable."""
+    want = getattr(experts, "input_transform_record", None)
+    got = input_transform_record(transform)
+    if not isinstance(want, dict) or got is None or same_input_transform(want, got):
+        return None
+    return want, got
+
+
 def _digest(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -307,7 +317,8 @@ def _check_keys(dst: dict, src: dict, what: str) -> None:
 
 def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **where) -> ExpertBank:
     """Strictly load the checkpoint ``path`` (a directory, or a HF repo id in the local cache: ``where`` =
-    subfolder, revision, cache_dir) into an existing ``bank`` (config must match)."""
+    subfolder, revision, cache_dir) into an existing ``bank`` (config must match). Sets
+    ``bank.input_transform_record`` to the teacher's input transform the checkpoint records (None: none)."""
     from safetensors.torch import load
 
     path = resolve_checkpoint(path, **where)
@@ -358,6 +369,8 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
         for (dst, _, _), src in zip(parts, loaded):
             for k, v in src.items():
                 dst[k].copy_(v)
+    rec = cfg.get("input_transform")  # absent in checkpoints saved without it: None, nothing compared
+    bank.input_transform_record = rec if isinstance(rec, dict) else None
     return bank
 
 
@@ -549,4 +562,4 @@ def check_ppap_checkpoint_manifest(json_path, n_experts: int = 5, expert: int = 
 
 
 __all__ = ["save_experts", "load_experts", "load_experts_into", "read_config", "import_ppap_checkpoint",
-           "export_ppap_checkpoint", "ppap_key_map", "check_ppap_checkpoint_manifest"]
+           "input_transform_mismatch", "export_ppap_checkpoint", "ppap_key_map", "check_ppap_checkpoint_manifest"]

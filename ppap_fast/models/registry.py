@@ -92,9 +92,13 @@ class GuideModel:
 
     def guide(self, target, scale: float = 1.0, experts=None, transform="default", **kw):
         """ClassGuide (classification) or SegmentationGuide (segmentation) on ``experts`` (an
-        ExpertBank: PPAP) or on the plain model (the naive off-the-shelf baseline)."""
+        ExpertBank: PPAP) or on the plain model (the naive off-the-shelf baseline). Experts loaded from a
+        checkpoint that records another input transform than ``transform`` (raw vs normalised, other
+        mean / std) are refused."""
         model = experts if experts is not None else self.model
         tf = self.transform if transform == "default" else transform
+        if experts is not None:
+            self._check_experts_transform(experts, tf)
         if self.spec.task == "classification":
             return ClassGuide(model, target, scale, input_transform=tf, num_classes=self.spec.num_classes, **kw)
         if self.spec.task == "segmentation":
@@ -103,6 +107,23 @@ class GuideModel:
             return SegmentationGuide(model, target, scale, input_transform=tf, num_classes=self.spec.num_classes,
                                      **kw)
         raise ValueError(f"unknown task {self.spec.task!r}")
+
+    def _check_experts_transform(self, experts, tf) -> None:
+        from ..experts.checkpoint import describe_input_transform, input_transform_mismatch
+
+        bad = input_transform_mismatch(experts, tf)
+        if bad is None:
+            return
+        want, got = bad
+        if tf is self.transform:
+            why = f"{self.name}'s transform" + (f" for weights {self.weights}" if self.weights else "")
+        else:
+            why = "transform=None" if tf is None else "the transform= given"
+        fix = ("pass transform=None" if want.get("raw") else
+               "build the GuideModel from the weights the experts were distilled from (with the config.json "
+               "that was beside them) and keep its transform")
+        raise ValueError(f"these experts were distilled through {describe_input_transform(want)}, but this guide "
+                         f"sees {describe_input_transform(got)} ({why}): {fix}")
 
 
 GUIDES: dict[str, GuideSpec] = {}
