@@ -598,7 +598,7 @@ def _run(args) -> int:
                    "losses": bank.train_losses, "expert_losses": _nan_to_none(bank.train_expert_losses)}
 
         def write(d):
-            save_experts(bank, d)
+            save_experts(bank, d, input_transform=None)  # the tiny teachers take raw x_t: recorded
             write_json_atomic(d / "train_summary.json", summary)
             plot_train_losses(d / "train_loss.png", bank.train_losses, bank.train_expert_losses, bank.bands,
                               f"distill {args.task} PPAP-{args.experts}")

@@ -97,6 +97,7 @@ def test_generate_distill_finetune(weights, tmp_path):
                  "--batch-size", "8", "--out", str(tmp_path / "ppap5")] + common) == 0
     cfg = json.loads((tmp_path / "ppap5" / "config.json").read_text())
     assert cfg["n_experts"] == 5 and cfg["bands"][1] == [200, 400]
+    assert cfg["input_transform"] == {"raw": True}  # the tiny teachers take raw x_t: a normalised guide is refused
     assert main(["finetune", "--experts", "5", "--steps", "2", "--batch-size", "10",
                  "--out", str(tmp_path / "m5.safetensors")] + common) == 0
     assert (tmp_path / "m5.safetensors").exists()
