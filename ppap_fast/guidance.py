@@ -409,6 +409,21 @@ def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def _check_recorded_transform(model, transform, name) -> None:
+    """Experts loaded from a checkpoint recording another input transform than ``transform`` (raw x_t vs
+    normalised, other mean / std): refused, they never saw such inputs. Nothing recorded: not checked."""
+    if not isinstance(getattr(model, "input_transform_record", None), dict):
+        return
+    from .experts.checkpoint import describe_input_transform, input_transform_mismatch
+
+    bad = input_transform_mismatch(model, transform)
+    if bad is not None:
+        fix = ("pass input_transform=None" if bad[0].get("raw") else
+               "pass the input transform of the model they were distilled from (its GuideModel.transform)")
+        raise ValueError(f"{name}: these experts were distilled through {describe_input_transform(bad[0])}, but "
+                         f"input_transform= gives {describe_input_transform(bad[1])}: {fix}")
+
+
 def _num_classes(model, given):
     if given is not None:
         return int(given)
@@ -424,7 +439,8 @@ class ClassGuide(Guide):
     off-the-shelf baseline: ``t`` is ignored). ``pass_t`` overrides that choice.
     ``target``: an int or long [B]. Out-of-range targets raise ValueError at construction when
     the class count is known (``num_classes=`` or ``model.num_classes``), else at the first call.
-    ``input_transform``: e.g. :func:`input_transform` (the official PPAP experts take raw x_t: None).
+    ``input_transform``: e.g. :func:`input_transform` (the official PPAP experts take raw x_t: None); loaded
+    experts recording another one (``bank.input_transform_record``) are refused.
     """
 
     name = "ClassGuide"
@@ -434,6 +450,7 @@ class ClassGuide(Guide):
         super().__init__(scale, nonfinite)
         if not callable(model):
             raise ValueError(f"{self.name}: model must be callable")
+        _check_recorded_transform(model, input_transform, self.name)
         self.model = model
         self.pass_t = _is_bank(model) if pass_t is None else bool(pass_t)
         self.transform = input_transform
@@ -559,6 +576,7 @@ class _DenseGuide(Guide):
         super().__init__(scale, nonfinite)
         if not isinstance(target_map, torch.Tensor):
             raise ValueError(f"{self.name}: target must be a tensor, got {type(target_map).__name__}")
+        _check_recorded_transform(model, input_transform, self.name)
         self.model, self.target_map, self.transform = model, target_map, input_transform
         self.pass_t = _is_bank(model) if pass_t is None else bool(pass_t)
 

@@ -371,3 +371,34 @@ def test_load_attaches_the_recorded_input_transform(tmp_path):
     assert into.input_transform_record == {"raw": True}
     assert load_experts_into(into, tmp_path / "old").input_transform_record is None  # not the previous one's
     assert load_experts(tmp_path / "old", _fresh()).input_transform_record is None
+
+
+def test_guides_refuse_loaded_experts_with_another_input_transform(tmp_path):
+    """ClassGuide / SegmentationGuide / DenseRegressionGuide(loaded bank, input_transform=...) guided experts
+    distilled on raw x_t through a normalisation (or the reverse) silently: refused at construction, one line;
+    the recorded transform, or a checkpoint recording nothing, builds as before."""
+    from ppap_fast.guidance import ClassGuide, DenseRegressionGuide, SegmentationGuide, input_transform
+
+    bank = _bank()
+    norm = input_transform((0.5,), (0.5,), 32)
+    save_experts(bank, tmp_path / "raw", input_transform=None)
+    save_experts(bank, tmp_path / "norm", input_transform=norm)
+    save_experts(bank, tmp_path / "old")
+    raw, normed, old = (load_experts(tmp_path / d, _fresh()) for d in ("raw", "norm", "old"))
+    target = torch.zeros(8, 8, dtype=torch.long)
+    for make in (lambda m, tf: ClassGuide(m, 1, input_transform=tf),
+                 lambda m, tf: SegmentationGuide(m, target, input_transform=tf),
+                 lambda m, tf: DenseRegressionGuide(m, target.float(), input_transform=tf)):
+        with pytest.raises(ValueError, match=r"distilled through raw x_t in \[-1, 1\], but input_transform= gives "
+                                             r"mean \[0.5\] / std \[0.5\] at 32x32: pass input_transform=None") as e:
+            make(raw, norm)
+        assert len(str(e.value).splitlines()) == 1
+        with pytest.raises(ValueError, match=r"distilled through mean \[0.5\].*gives raw x_t"):
+            make(normed, None)
+        with pytest.raises(ValueError, match=r"gives \[0, 1\] images"):
+            make(normed, input_transform(None, None, 32))
+        for m, tf in ((raw, None), (normed, input_transform((0.5,), (0.5,), 32)), (old, norm), (old, None)):
+            assert make(m, tf).model is m
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    g = ClassGuide(raw, 1, scale=2.0)(x, torch.tensor([10, 900]))
+    assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
