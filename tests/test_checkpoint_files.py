@@ -373,6 +373,31 @@ def test_load_attaches_the_recorded_input_transform(tmp_path):
     assert load_experts(tmp_path / "old", _fresh()).input_transform_record is None
 
 
+def test_a_resave_keeps_the_loaded_input_transform_and_a_malformed_record_is_refused(tmp_path):
+    """save_experts without input_transform= on a loaded bank dropped its record (a re-save, e.g. after more
+    training, then guided through any transform); a record with a string mean was attached as is and failed in
+    the comparison with a TypeError."""
+    from ppap_fast.guidance import input_transform
+
+    save_experts(_bank(), tmp_path / "norm", input_transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
+    save_experts(load_experts(tmp_path / "norm", _fresh()), tmp_path / "again")
+    want = {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    assert read_config(tmp_path / "again")["input_transform"] == want
+    save_experts(load_experts(tmp_path / "norm", _fresh()), tmp_path / "raw", input_transform=None)  # given: wins
+    assert read_config(tmp_path / "raw")["input_transform"] == {"raw": True}
+    f = tmp_path / "norm" / "config.json"
+    good = json.loads(f.read_text())
+    for bad in ({**want, "mean": "x"}, {**want, "std": [0.5] * 2}, {**want, "size": [224]}, {"mean": [0.5]},
+                {**want, "mean": None}, {**want, "size": [True, 224]}, [1, 2]):
+        f.write_text(json.dumps({**good, "input_transform": bad}))
+        for load in (lambda: read_config(tmp_path / "norm"), lambda: load_experts(tmp_path / "norm", _fresh())):
+            with pytest.raises(ValueError, match=r"config.json is damaged: missing or malformed entries "
+                                                 r"\['input_transform'\]"):
+                load()
+    f.write_text(json.dumps({**good, "input_transform": {**want, "mean": None, "std": None, "size": None}}))
+    assert load_experts(tmp_path / "norm", _fresh()).input_transform_record["mean"] is None  # [0, 1] images
+
+
 def test_guides_refuse_loaded_experts_with_another_input_transform(tmp_path):
     """ClassGuide / SegmentationGuide / DenseRegressionGuide(loaded bank, input_transform=...) guided experts
     distilled on raw x_t through a normalisation (or the reverse) silently: refused at construction, one line;

@@ -94,6 +94,24 @@ def input_transform_record(transform) -> dict | None:
             "size": list(transform.size) if transform.size is not None else None}
 
 
+def _valid_transform_record(rec) -> bool:
+    """An :func:`input_transform_record` as saved: raw True, or mean / std (equal-length number lists, or
+    None) and size (two positive ints, or None)."""
+    def numbers_or_none(v):
+        return v is None or (isinstance(v, list) and bool(v) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("raw"), bool):
+        return False
+    if rec["raw"]:
+        return True
+    mean, std, size = rec.get("mean"), rec.get("std"), rec.get("size")
+    return numbers_or_none(mean) and numbers_or_none(std) and (mean is None) == (std is None) \
+        and (mean is None or len(mean) == len(std)) and (size is None or (
+            isinstance(size, list) and len(size) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)))
+
+
 def same_input_transform(a: dict, b: dict) -> bool:
     """Whether two :func:`input_transform_record` records map x_t alike (statistics to float32 precision)."""
     def close(u, v):
@@ -174,7 +192,8 @@ _UNRECORDED = object()
 def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfinite: bool = False,
                  input_transform=_UNRECORDED) -> Path:
     """Write ``bank``'s experts to the directory ``path`` (created); returns the path.
-    ``input_transform``: the teacher's (None: raw x_t), recorded so that a guide through another one is refused.
+    ``input_transform``: the teacher's (None: raw x_t), recorded so that a guide through another one is refused;
+    not given: the bank's ``input_transform_record`` (what it was loaded with), if any.
     Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
     are kept as ``.<name>.prev`` until the new config.json is in place: a save killed midway leaves the
     old checkpoint loadable (:func:`load_experts_into` falls back to them), nothing lost. NaN / Inf
@@ -199,7 +218,8 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     cfg["include_base"] = include_base
     cfg["base_state"] = _base_fingerprint(bank)
     cfg["base_arch"] = _base_arch(bank)
-    rec = None if input_transform is _UNRECORDED else input_transform_record(input_transform)
+    rec = getattr(bank, "input_transform_record", None) if input_transform is _UNRECORDED \
+        else input_transform_record(input_transform)  # not given: a loaded bank's record is kept (a re-save)
     if rec is not None:
         cfg["input_transform"] = rec
     cfg["files"] = {}
@@ -301,6 +321,7 @@ def read_config(path, **where) -> dict:
            if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool)  # true is an int
            or (kind is int and cfg[k] <= 0)]  # 0 / -2: refused by ExpertBank, not naming this file
     bad += [k for k in ("files",) if k in cfg and not isinstance(cfg[k], dict)]
+    bad += [k for k in ("input_transform",) if k in cfg and not _valid_transform_record(cfg[k])]
     if bad:
         raise ValueError(f"{f} is damaged: missing or malformed entries {bad}")
     return cfg
