@@ -775,6 +775,26 @@ def test_sigma_space_correction_coefficient_comes_from_the_input_scalings_sigma(
     assert max(worst) < 2e-7, worst
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_kdpm2_second_pass_on_cuda_corrects_as_on_the_cpu(name):
+    """set_timesteps(device="cuda"): diffusers moves KDPM2's sigmas to the CPU but keeps sigmas_interpol on CUDA,
+    so the second pass's input scaling c_in is a CUDA tensor; torch.equal against the CPU candidates raised."""
+    grad = torch.ones(1, 1, 2, 2)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        sched = getattr(diffusers, name)()
+        sched.set_timesteps(4, device=dev)
+        x, got = torch.zeros(1, 1, 2, 2, device=dev), []
+        for t in sched.timesteps:
+            got.append(PPAPGuidance(lambda x, t: grad.to(x.device)).correct(torch.zeros_like(x), x, t, sched).cpu())
+            kw = {"generator": torch.Generator(dev).manual_seed(0)} if "Ancestral" in name else {}
+            x = sched.step(torch.zeros_like(x), t, x, **kw).prev_sample
+        outs[dev] = torch.stack(got)
+    assert torch.isfinite(outs["cuda"]).all()
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-6, atol=0)
+
+
 def test_sigma_space_correction_keeps_diffusers_scale_model_input_check(classifier):
     """correct() reads the step's sigma through scale_model_input; a loop that never scaled the UNet's input
     must still get diffusers' warning from step()."""

@@ -351,7 +351,8 @@ class PPAPGuidance:
         c_in = scheduler.scale_model_input(torch.ones((), dtype=torch.float32), step_t)  # 1 / sqrt(1 + sigma^2)
         if warned is not None:
             scheduler.is_scale_input_called = warned
-        c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(())
+        # .cpu(): KDPM2 keeps sigmas_interpol on set_timesteps' device, so its second pass's c_in is there
+        c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(()).cpu()
         sigma = _input_scaling_sigma(scheduler, c_in)
         if sigma is None:  # 1 - c_in^2 loses digits at small sigma (7e-5 off in sqrt(1 - abar) at sigma 0.03)
             abar = (c_in * c_in).to(x.device)
