@@ -780,14 +780,14 @@ def make_tiny_weights(weights_dir, seed: int = 0) -> Path:
     clf = TinyResNet(widths=[4, 8, 8]).eval()
     save_model(clf, d / "classifier.safetensors", extra={"labelled_images": 500})
     save_model(EvalNet(width=4, feat_dim=8).eval(), d / "evaluator.safetensors")
-    for n in (5, 10):
-        save_experts(ExpertBank(clf, "resnet", n, 1000, r=2, alpha=1.0), d / f"ppap{n}")
+    for n in (5, 10):  # experts of teachers taking raw x_t: recorded (input_transform=None)
+        save_experts(ExpertBank(clf, "resnet", n, 1000, r=2, alpha=1.0), d / f"ppap{n}", input_transform=None)
     save_multi(MultiExperts(clf, 1), d / "noise_aware.safetensors", extra={"labelled_images": 500})
     save_multi(MultiExperts(clf, 5), d / "multi5.safetensors", extra={"labelled_images": 500})
     seg = SegNet(width=4, depth=2).eval()
     save_model(seg, d / "segnet.safetensors")
-    save_experts(make_bank(seg, 5, r=2, alpha=1.0), d / "seg_ppap5")
+    save_experts(make_bank(seg, 5, r=2, alpha=1.0), d / "seg_ppap5", input_transform=None)
     sem = SegNet(width=4, depth=2, num_classes=11, context=1).eval()
     save_model(sem, d / "semseg.safetensors", extra={"labelled_images": 500})
-    save_experts(make_bank(sem, 5, r=2, alpha=1.0), d / "semseg_ppap5")
+    save_experts(make_bank(sem, 5, r=2, alpha=1.0), d / "semseg_ppap5", input_transform=None)
     return d

@@ -70,6 +70,22 @@ def test_grid_has_one_row_per_class_present(tmp_path):
         assert im.size == (18, 10 * 17 + 1)
 
 
+def test_tiny_weights_record_their_teachers_raw_input(tmp_path):
+    """make_tiny_weights saved its experts recording no input transform, so a normalised guide of them
+    (GuideModel.guide, guided-sample, ClassGuide) was not refused: they record raw x_t, as cli distill's."""
+    from ppap_fast.demo import load_classifier
+    from ppap_fast.experts import load_experts
+    from ppap_fast.guidance import ClassGuide, input_transform
+
+    w = make_tiny_weights(tmp_path / "w")
+    for d in ("ppap5", "ppap10", "seg_ppap5", "semseg_ppap5"):
+        assert json.loads((w / d / "config.json").read_text())["input_transform"] == {"raw": True}, d
+    bank = load_experts(w / "ppap5", load_classifier(w))
+    with pytest.raises(ValueError, match="distilled through raw x_t"):
+        ClassGuide(bank, 1, input_transform=input_transform((0.5,), (0.5,), 16))
+    assert ClassGuide(bank, 1).model is bank
+
+
 def test_bad_seg_per_target_is_refused_before_the_output_directory_is_made(tmp_path):
     from ppap_fast.demo import DemoError, run_demo
 
