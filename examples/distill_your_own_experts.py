@@ -49,7 +49,7 @@ def main():
     print(f"distilled PPAP-{args.experts}: {bank.trained_steps} steps, KD loss {sum(losses[:k]) / k:.3f} "
           f"(first {k}) -> {sum(losses[-k:]) / k:.3f} (last {k})")
     # 3. save, load back onto a fresh copy of the classifier
-    save_experts(bank, f"{args.out}/ppap{args.experts}")
+    save_experts(bank, f"{args.out}/ppap{args.experts}", input_transform=None)  # the classifier takes raw x_t
     loaded = load_experts(f"{args.out}/ppap{args.experts}", load_classifier()).to(args.device).eval()
     x, t = torch.randn(4, 1, 16, 16, device=args.device), torch.tensor([0, 300, 600, 999], device=args.device)
     with torch.no_grad():

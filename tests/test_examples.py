@@ -1,5 +1,6 @@
 """examples/*.py run as a user runs them (a subprocess, shipped weights, tiny settings, nothing downloaded)
 and do what they print: guidance beats no guidance, fast = reference, files written and readable."""
+import json
 import os
 import re
 import subprocess
@@ -142,6 +143,8 @@ def test_distill_your_own_experts(tmp_path):
     assert set(acc) == {"guided by naive classifier", "guided by your PPAP-2"}, out
     assert acc["guided by your PPAP-2"] >= acc["guided by naive classifier"], out  # measured 0.4 vs 0.1
     assert (tmp_path / "ppap2" / "experts.safetensors").is_file() and (tmp_path / "ppap2" / "config.json").is_file()
+    cfg = json.loads((tmp_path / "ppap2" / "config.json").read_text())
+    assert cfg["input_transform"] == {"raw": True}  # recorded: a normalised guide of them is refused
     from ppap_fast.data import ShardSet
 
     data = ShardSet(tmp_path / "datafree")  # the data-free set: images + the classifier's cached logits
