@@ -42,21 +42,23 @@ def frechet_distance(feats_a, feats_b) -> float:
     return max(fd, 0.0)
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    # |a|^2 + |b|^2 - 2 a.b, in place: two len(a) x len(b) temporaries at most
+def _pairwise(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    # |a|^2 + |b|^2 - 2 a.b, in place: two len(a) x len(b) temporaries at most; b_sq: (b * b).sum(1), given
+    # once per matrix by row-chunked callers (not an N x D temporary per chunk)
     d = a @ b.T
     d *= -2
-    d += (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+    d += (a * a).sum(1)[:, None] + ((b * b).sum(1) if b_sq is None else b_sq)[None, :]
     return np.sqrt(np.clip(d, 0, None, out=d), out=d)
 
 
-def _radii(x: np.ndarray, k: int, chunk: int) -> np.ndarray:
+def _radii(x: np.ndarray, k: int, chunk: int, x_sq: np.ndarray | None = None) -> np.ndarray:
     # k-th nearest neighbour excluding the point itself (index 0 of a sorted row is the self-distance 0);
     # per row chunk, so the largest temporary is chunk x N
     kth = min(k, x.shape[0] - 1)
     out = np.empty(x.shape[0])  # a copy: a column view would keep its chunk x N matrix alive
+    x_sq = (x * x).sum(1) if x_sq is None else x_sq
     for i in range(0, x.shape[0], chunk):
-        d = _pairwise(x[i:i + chunk], x)
+        d = _pairwise(x[i:i + chunk], x, x_sq)
         d.partition(kth, axis=1)
         out[i:i + chunk] = d[:, kth]
         del d  # freed before the next chunk's
@@ -82,13 +84,14 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 1024) -> t
     centre = r.mean(0)
     r, f = r - centre, f - centre
     f_own = f - f.mean(0)
-    tol = 1e-9 * max(np.sqrt((r * r).sum(1).mean()), np.sqrt((f_own * f_own).sum(1).mean()))  # spreads
+    r_sq, f_sq = (r * r).sum(1), (f_own * f_own).sum(1)  # once per matrix: spreads, radii, fake x real
+    tol = 1e-9 * max(np.sqrt(r_sq.mean()), np.sqrt(f_sq.mean()))  # spreads
     chunk = int(chunk)
-    r_rad, f_rad = _radii(r, k, chunk), _radii(f_own, k, chunk)
+    r_rad, f_rad = _radii(r, k, chunk, r_sq), _radii(f_own, k, chunk, f_sq)
     in_real = np.zeros(f.shape[0], dtype=bool)  # precision: fake row within some real radius
     in_fake = np.zeros(r.shape[0], dtype=bool)  # recall: real row within some fake radius
     for i in range(0, f.shape[0], chunk):
-        d = _pairwise(f[i:i + chunk], r)  # fake x real
+        d = _pairwise(f[i:i + chunk], r, r_sq)  # fake x real
         in_real[i:i + chunk] = (d <= r_rad[None, :] + tol).any(1)
         in_fake |= (d <= f_rad[i:i + chunk, None] + tol).any(0)
         del d

@@ -273,7 +273,7 @@ def test_precision_recall_keeps_its_distance_matrices_to_chunk_rows(monkeypatch)
 
     shapes = []
     pairwise = metrics._pairwise
-    monkeypatch.setattr(metrics, "_pairwise", lambda a, b: shapes.append((len(a), len(b))) or pairwise(a, b))
+    monkeypatch.setattr(metrics, "_pairwise", lambda a, b, *sq: shapes.append((len(a), len(b))) or pairwise(a, b, *sq))
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(50, 4)), rng.normal(size=(40, 4)) + 0.3
     expected = _precision_recall_full(real, fake, 3)
@@ -281,6 +281,31 @@ def test_precision_recall_keeps_its_distance_matrices_to_chunk_rows(monkeypatch)
     assert max(r for r, _ in shapes) == 7 and max(r * c for r, c in shapes) <= 7 * 50
     # every row of each matrix was computed: 50 + 40 for the radii, 40 against the real set
     assert sum(r for r, _ in shapes) == 50 + 40 + 40
+
+
+def test_precision_recall_computes_each_matrix_norms_once(monkeypatch):
+    """_pairwise recomputed |b|^2 (an N x D temporary) for every row chunk: given once per matrix, same bits."""
+    from ppap_fast import metrics
+
+    calls = []
+    pairwise = metrics._pairwise
+
+    def spy(a, b, b_sq=None):
+        calls.append((b, b_sq))
+        out = pairwise(a, b, b_sq)
+        assert np.array_equal(out, pairwise(a, b)), "not bit-identical to the norms computed per chunk"
+        return out
+
+    monkeypatch.setattr(metrics, "_pairwise", spy)
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(50, 4)) * 3 + 1, rng.normal(size=(40, 4)) + 0.3
+    expected = _precision_recall_full(real, fake, 3)
+    assert precision_recall(real, fake, chunk=7) == expected
+    by_matrix = {}
+    for b, b_sq in calls:
+        assert b_sq is not None and np.array_equal(b_sq, (b * b).sum(1))
+        by_matrix.setdefault(id(b), set()).add(id(b_sq))
+    assert len(by_matrix) == 2 and all(len(v) == 1 for v in by_matrix.values())  # r (radii and fake x real), f_own
 
 
 def test_precision_recall_peak_memory_follows_the_chunk_not_n_squared():
