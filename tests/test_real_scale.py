@@ -426,3 +426,29 @@ def test_guide_refuses_experts_recorded_with_another_input_transform(tmp_path):
     for experts, kw in ((raw, {"transform": None}), (norm, {}), (old, {}), (old, {"transform": None})):
         g = gm.guide(3, experts=experts, **kw)(x, t)
         assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_imported_official_experts_are_recorded_raw(tmp_path):
+    """import_ppap_checkpoint left no input transform record: the official experts (trained on raw x_t) were
+    guided through the GuideModel's normalisation silently. Imported banks are recorded raw: a normalising
+    guide is refused, transform=None guides, and a save records raw."""
+    from ppap_fast.experts import export_ppap_checkpoint, import_ppap_checkpoint, save_experts
+    from ppap_fast.experts.checkpoint import read_config
+    from ppap_fast.guidance import ClassGuide
+
+    gm = build_guide_model("resnet18")
+    sd = export_ppap_checkpoint(gm.bank(n_experts=2), 0)
+    bank = gm.bank(n_experts=2)
+    import_ppap_checkpoint(bank, 1, sd)
+    assert bank.input_transform_record == {"raw": True}
+    with pytest.raises(ValueError, match=r"distilled through raw x_t in \[-1, 1\], but this guide sees mean "
+                                         r"\[0.485.*pass transform=None"):
+        gm.guide(3, experts=bank)
+    with pytest.raises(ValueError, match=r"distilled through raw x_t.*pass input_transform=None"):
+        ClassGuide(bank, 3, input_transform=gm.transform)
+    x, t = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([700])
+    for g in (gm.guide(3, experts=bank, transform=None), ClassGuide(bank, 3)):
+        out = g(x, t)
+        assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().sum() > 0
+    save_experts(bank, tmp_path / "imported")
+    assert read_config(tmp_path / "imported")["input_transform"] == {"raw": True}

@@ -466,7 +466,8 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
     The checkpoint's frozen base weights: ``base="check"`` (default) requires them to equal the
     bank's shared weights exactly, ``"load"`` copies them into the shared weights (all experts
     then use them), ``"ignore"`` skips them. The alpha of the bank's placement is used (the
-    checkpoint does not store it; the official scripts use r=16, alpha=8).
+    checkpoint does not store it; the official scripts use r=16, alpha=8). The official experts take raw
+    x_t: ``bank.input_transform_record`` is set to raw (a guide through a normalisation is refused).
     """
     expert = bank._check_n(expert)
     if base not in ("check", "load", "ignore"):
@@ -501,6 +502,7 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
                 t[expert].copy_(v)
             elif base == "load":
                 t.copy_(v)
+    bank.input_transform_record = input_transform_record(None)  # trained on raw x_t in [-1, 1]
 
 
 def export_ppap_checkpoint(bank: ExpertBank, expert: int, prefix: str = "resnet.") -> dict:
