@@ -173,3 +173,24 @@ def test_distill_ppap_refuses_a_set_of_another_schedule(tmp_path):
     manifest.write_text(json.dumps({**meta, "config": {"schedule": "linear", "num_timesteps": 1000}}))
     bank = distill.distill_ppap(teacher, tmp_path / "set", n_experts=2, steps=1, batch_size=2, progress=False)
     assert bank.trained_steps == 1
+
+
+def test_distill_ppap_bank_is_recorded_raw(tmp_path):
+    """distill_ppap trains on raw x_t but returned a bank with no input transform record: a guide through a
+    normalisation ran silently, and save_experts without input_transform= recorded nothing."""
+    from ppap_fast import distill
+    from ppap_fast.experts import save_experts
+    from ppap_fast.experts.checkpoint import read_config
+    from ppap_fast.guidance import ClassGuide, input_transform
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    generate_datafree(_unet(1, 8), teacher, tmp_path / "set", 4, 2, respacing="ddim2", progress=False)
+    bank = distill.distill_ppap(teacher, tmp_path / "set", n_experts=2, steps=1, batch_size=2, progress=False)
+    assert bank.input_transform_record == {"raw": True}
+    with pytest.raises(ValueError, match=r"distilled through raw x_t.*pass input_transform=None"):
+        ClassGuide(bank, 1, input_transform=input_transform((0.5,), (0.5,), 8))
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    g = ClassGuide(bank, 1)(x, torch.tensor([10, 900]))
+    assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+    save_experts(bank, tmp_path / "ck")
+    assert read_config(tmp_path / "ck")["input_transform"] == {"raw": True}
