@@ -194,3 +194,32 @@ def test_distill_ppap_bank_is_recorded_raw(tmp_path):
     assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
     save_experts(bank, tmp_path / "ck")
     assert read_config(tmp_path / "ck")["input_transform"] == {"raw": True}
+
+
+def test_distill_ppap_refuses_a_set_whose_teacher_saw_transformed_images(tmp_path):
+    """`ppap_fast.distributed generate --teacher resnet18` caches model(transform(x0)) (resized to 224, ImageNet
+    normalised) under the bare model's fingerprint: distill_ppap(model, set) trained raw-x_t experts on them."""
+    import json
+
+    import ppap_fast.distributed as D
+    from ppap_fast import distill
+    from ppap_fast.data import from_uint8, load_shards
+
+    D.generate(D.GenerateConfig(str(tmp_path / "set"), num_images=2, shard_size=2, image_size=8, channels=3,
+                                denoiser="random-conv", respacing="ddim2", seed=3, device="cpu",
+                                teacher="resnet18"), D.DistEnv())
+    built = D.build_teacher("resnet18")
+    d = load_shards(tmp_path / "set")
+    with torch.no_grad():
+        x0 = from_uint8(d["images"])
+        assert np.allclose(d["logits"], built.model(built.transform(x0)).numpy(), atol=1e-5)
+        assert not np.allclose(d["logits"], built.model(x0).numpy(), atol=1e-2)  # what the student was matched to
+    with pytest.raises(ValueError, match=r"are 'resnet18''s on its input transform .*ppap_fast.distributed distill "
+                                         r"--teacher resnet18"):
+        distill.distill_ppap(built.model, tmp_path / "set", n_experts=2, steps=1, batch_size=2, progress=False)
+    manifest = tmp_path / "set" / "manifest.json"
+    meta = json.loads(manifest.read_text())
+    for raw in ("tiny:t.safetensors", "py:pkg.mod:factory"):  # teachers that take [-1, 1] images as they are
+        manifest.write_text(json.dumps({**meta, "config": {**meta["config"], "teacher": raw}}))
+        bank = distill.distill_ppap(built.model, tmp_path / "set", n_experts=2, steps=1, batch_size=2, progress=False)
+        assert bank.trained_steps == 1
