@@ -2,6 +2,8 @@
 real MobileNetV2 ImageNet weights (offline package), DeepLabV3 segmentation gradients, bad checkpoints."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -432,7 +434,7 @@ def test_imported_official_experts_are_recorded_raw(tmp_path):
     """import_ppap_checkpoint left no input transform record: the official experts (trained on raw x_t) were
     guided through the GuideModel's normalisation silently. Imported banks are recorded raw: a normalising
     guide is refused, transform=None guides, and a save records raw."""
-    from ppap_fast.experts import export_ppap_checkpoint, import_ppap_checkpoint, save_experts
+    from ppap_fast.experts import export_ppap_checkpoint, import_ppap_checkpoint, load_experts, save_experts
     from ppap_fast.experts.checkpoint import read_config
     from ppap_fast.guidance import ClassGuide
 
@@ -452,3 +454,11 @@ def test_imported_official_experts_are_recorded_raw(tmp_path):
         assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().sum() > 0
     save_experts(bank, tmp_path / "imported")
     assert read_config(tmp_path / "imported")["input_transform"] == {"raw": True}
+    normed = gm.bank(n_experts=2)  # experts distilled through the normalisation: the record was overwritten
+    save_experts(normed, tmp_path / "normed", input_transform=gm.transform)
+    normed = load_experts(tmp_path / "normed", copy.deepcopy(gm.model))  # the same frozen base
+    before = {k: v.clone() for k, v in normed.state_dict().items()}
+    with pytest.raises(ValueError, match=r"distilled through mean \[0.485.*official PPAP experts take raw x_t"):
+        import_ppap_checkpoint(normed, 1, sd)
+    assert normed.input_transform_record["raw"] is False
+    assert all(torch.equal(v, normed.state_dict()[k]) for k, v in before.items())  # nothing written

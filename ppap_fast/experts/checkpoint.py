@@ -467,7 +467,8 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
     bank's shared weights exactly, ``"load"`` copies them into the shared weights (all experts
     then use them), ``"ignore"`` skips them. The alpha of the bank's placement is used (the
     checkpoint does not store it; the official scripts use r=16, alpha=8). The official experts take raw
-    x_t: ``bank.input_transform_record`` is set to raw (a guide through a normalisation is refused).
+    x_t: ``bank.input_transform_record`` is set to raw (a guide through a normalisation is refused); a bank
+    recording a normalised transform (loaded experts) is refused.
     """
     expert = bank._check_n(expert)
     if base not in ("check", "load", "ignore"):
@@ -484,6 +485,10 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
         raise ValueError(f"PPAP checkpoint does not match the bank ({len(missing)} missing, {len(unexpected)} "
                          f"unexpected, {len(bad)} misshaped): missing keys {missing}; unexpected keys "
                          f"{unexpected}; shape mismatches {bad}")
+    rec = getattr(bank, "input_transform_record", None)
+    if isinstance(rec, dict) and not rec.get("raw"):  # overwritten with raw: a bank of both inputs, one record
+        raise ValueError(f"this bank's experts were distilled through {describe_input_transform(rec)}; the official "
+                         "PPAP experts take raw x_t: import them into a bank of raw-x_t experts (a fresh one)")
     written = {k: t for k, (t, pe) in keymap.items() if pe or base == "load"}
     nonfinite = nonfinite_after_cast(written, state_dict)
     if nonfinite:
