@@ -693,3 +693,34 @@ def test_batch_norm_elementwise_sample_chunks_match_float64(monkeypatch):
     _check("bn_apply", y, xd * e(a) + e(b), TOL[torch.float32])
     _check("bn_dx train", dx_train, e(a) * (dyd - e(k1) - xhat * e(k2)), TOL[torch.float32])
     _check("bn_dx eval", dx_eval, e(a) * dyd, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["batch_train", "batch_eval", "group"])
+def test_triton_keeps_a_channels_last_input_channels_last(kind):
+    """A channels_last activation (a channels_last model) comes out channels_last, as from the reference and
+    torch's norms: the next conv would otherwise convert it back. Values and gradients as the reference's."""
+    g = torch.Generator().manual_seed(5)
+    N, shape = 3, (6, 16, 5, 3)
+    idx = torch.randint(0, N, (shape[0],), generator=g)
+    w, b = torch.randn(N, 16, generator=g) + 1, torch.randn(N, 16, generator=g)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def run(backend, dtype):
+        xi, wi, bi = (t.to(dtype).requires_grad_(True) for t in (x, w, b))
+        if kind == "group":
+            y = NO.expert_group_norm(xi, idx, 4, wi, bi, backend=backend)
+        else:
+            rm, rv = torch.randn(N, 16, generator=torch.Generator().manual_seed(1)), torch.ones(N, 16)
+            y = NO.expert_batch_norm(xi, idx, wi, bi, rm.to(dtype), rv.to(dtype), kind == "batch_train",
+                                     backend=backend)
+        return y, torch.autograd.grad(y, (xi, wi, bi), dy.to(dtype))
+
+    y, grads = run("triton", torch.float32)
+    y_ref, grads_ref = run("reference", torch.float64)
+    assert y_ref.is_contiguous(memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
+    assert grads[0].is_contiguous(memory_format=torch.channels_last), grads[0].stride()
+    _check("y", y, y_ref, TOL[torch.float32])
+    for name, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        _check(name, got, want, 1e-4)

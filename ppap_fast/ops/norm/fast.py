@@ -25,6 +25,16 @@ from . import triton_kernels as tk
 from ..lora.segments import saved_for_backward
 
 
+def _channels_last_input(x) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _in_format(t, channels_last: bool):
+    """The kernels read and write contiguous NCHW: a channels_last input's output (or dx) goes back to
+    channels_last, as the reference's and torch's norms return it."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
 class ExpertBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, seg, training: bool, momentum: float, eps: float):
@@ -52,9 +62,9 @@ class ExpertBatchNormFn(torch.autograd.Function):
         shift = (bias.detach().float() - mean * a).contiguous()
         y = tk.bn_apply(x3, seg.expert_idx, a, shift, x.dtype, x.shape)
         ctx.save_for_backward(x3, mean, rstd, a, n, *saved_for_backward(seg))  # seg's: autograd's in-place check
-        ctx.seg, ctx.training = seg, training
+        ctx.seg, ctx.training, ctx.cl = seg, training, _channels_last_input(x)
         ctx.meta = (x.shape, weight.dtype, bias.dtype)
-        return y
+        return _in_format(y, ctx.cl)
 
     @staticmethod
     @first_order_only
@@ -76,6 +86,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
             else:
                 k1 = k2 = a
             dx = tk.bn_dx(dy3, x3, seg.expert_idx, mean, rstd, a, k1, k2, ctx.training, x3.dtype).view(x_shape)
+            dx = _in_format(dx, ctx.cl)
         return dx, dw, db, None, None, None, None, None, None
 
 
@@ -85,9 +96,9 @@ def _row_norm_forward(ctx, x, xv, weight, bias, seg, k, fwd, eps):
     w, b = weight.detach().contiguous(), bias.detach().contiguous()
     y, mean, rstd = fwd(xv, seg.expert_idx, k, w, b, eps, x.shape)  # y in x's shape, not a view
     ctx.save_for_backward(xv, w, mean, rstd, *saved_for_backward(seg))  # seg's: autograd's in-place check
-    ctx.seg, ctx.k = seg, k
+    ctx.seg, ctx.k, ctx.cl = seg, k, _channels_last_input(x)
     ctx.meta = (x.shape, weight.dtype, bias.dtype)
-    return y
+    return _in_format(y, ctx.cl)
 
 
 def _row_norm_backward(ctx, dy, dx_fn, dwb_fn):
@@ -99,7 +110,7 @@ def _row_norm_backward(ctx, dy, dx_fn, dwb_fn):
     dyv = dy.to(xv.dtype).contiguous().view(xv.shape)
     dx = dw = db = None
     if need_x:
-        dx = dx_fn(dyv, xv, seg.expert_idx, k, w, mean, rstd).view(x_shape)
+        dx = _in_format(dx_fn(dyv, xv, seg.expert_idx, k, w, mean, rstd).view(x_shape), ctx.cl)
     if need_w or need_b:
         gw, gb = dwb_fn(dyv, xv, seg.sorted_idx, seg.offsets, k, mean, rstd, w.shape[0])
         dw = gw.to(w_dt) if need_w else None
