@@ -474,7 +474,8 @@ def _guide_state(g, device=None, versions: bool = True) -> tuple:
     at every replay, so an in-place change (the CLI's per-batch targets) needs no sync and no new graphs.
     ``versions=False``: no target's version (what is left when only off-device targets changed in place)."""
     if isinstance(g, _gd.ComposedGuide):
-        return (id(g), g.nonfinite, tuple((_guide_state(c, device, versions), w) for c, w in g.guides))
+        return (id(g), g.nonfinite, tuple((_guide_state(c, device, versions), _tensor_state(w, device))
+                                          for c, w in g.guides))
     out = []
     for k, v in vars(g).items():
         if k.startswith("_"):  # private caches and once-only flags
@@ -490,6 +491,14 @@ def _guide_state(g, device=None, versions: bool = True) -> tuple:
         else:
             out.append((k, id(v)))
     return tuple(out)
+
+
+def _tensor_state(v, device):
+    """A per-sample weight as a comparable host value: a tensor by identity (and version, off ``device``); compared
+    by value, a [B] tensor raised "Boolean value of Tensor ... is ambiguous"."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    return (id(v),) if device is not None and v.device == device else (id(v), _version(v))
 
 
 def _sync_view(view, src, device, seen: dict, follow_model: bool = False, fresh: list | None = None):

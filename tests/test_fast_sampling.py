@@ -1494,3 +1494,33 @@ def test_a_part_added_to_or_replaced_in_a_composed_guide_is_followed(setup):
             new.target.target.copy_(torch.tensor([0, 0, 1, 1]))  # in place: into the same device copy
             fast.sync()
             assert fast.guide.guides[1][0].target.target is on_device and fast.generation == gen + 1
+
+
+def test_a_composed_guides_per_sample_weight_replaced_is_followed(setup):
+    """A ComposedGuide weight given per sample (a [B] tensor) and then replaced (by another tensor or a float) made
+    every later step raise "Boolean value of Tensor with more than one value is ambiguous" (the change check compared
+    the weights by value); an in-place change is read where the weight lies, as before."""
+    model, bank, _ = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    part = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    other = ClassGuide(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval(), 1, scale=2.0)
+    composed = ComposedGuide([(part, torch.tensor([1.0, 0.5, 2.0, 0.0])), (other, 1.0)])
+    fast = FastGuidedSampler(model, sched, guide=composed)
+    x = torch.randn(SHAPE)
+    outs = []
+    for weights in ((torch.tensor([0.0, 1.0, 1.0, 3.0]), 1.0), (2.0, torch.tensor([1.0, 0.0, -1.0, 2.0])),
+                    (2.0, 1.0)):
+        composed.guides = [(part, weights[0]), (other, weights[1])]
+        out, _ = fast.step(x, 3)
+        ref = ddim_step(model, x, 3, sched, guide=composed).sample
+        assert torch.isfinite(out).all() and rel_err(out, ref) < TOL
+        outs.append(out)
+    assert rel_err(outs[0], outs[1]) > 1e-3 and rel_err(outs[1], outs[2]) > 1e-3  # the weights reached the step
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    composed.guides = [(part, w), (other, 1.0)]
+    fast.step(x, 3)
+    gen = fast.fast_guide.generation
+    w.mul_(-2.0)
+    out, _ = fast.step(x, 3)
+    assert rel_err(out, ddim_step(model, x, 3, sched, guide=composed).sample) < TOL
+    assert fast.fast_guide.generation == gen  # on the sampler's device: read in place, no new graphs
