@@ -624,6 +624,7 @@ class FastGuide:
 
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
+        self.sync()  # the bands of the banks the guide holds now (a bank replaced since: its old bands chose)
         if self._merge_requested and self._bank_training():
             if not self._train_mode_warned:
                 warnings.warn("an ExpertBank was switched to train mode after this sampler was built: its merged "

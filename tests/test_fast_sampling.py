@@ -1524,3 +1524,27 @@ def test_a_composed_guides_per_sample_weight_replaced_is_followed(setup):
     out, _ = fast.step(x, 3)
     assert rel_err(out, ddim_step(model, x, 3, sched, guide=composed).sample) < TOL
     assert fast.fast_guide.generation == gen  # on the sampler's device: read in place, no new graphs
+
+
+@pytest.mark.parametrize("merge_mode", ["cache", "swap"])
+def test_the_first_step_after_a_bank_change_takes_the_new_banks_expert(setup, merge_mode):
+    """The merged expert was chosen by the bands of the banks held BEFORE following the guide's change: the first
+    step after guide.model = a bank of 10 experts (it had 5) ran the new bank's expert 3 at t=600, not 6 (silently;
+    right from the second step on), and a bank part appended to a ComposedGuide raised a bare KeyError."""
+    model = setup[0]
+    sched = Schedule.create("linear", 1000, "ddim5")  # index 3: t=600
+    guide = ClassGuide(tiny_bank(), torch.tensor([0, 1, 2, 3]), scale=3.0)
+    fast = FastGuidedSampler(model, sched, guide=guide, merge_mode=merge_mode)
+    alone = fs.FastGuide(guide, merge_mode=merge_mode)
+    x = torch.randn(SHAPE)
+    fast.step(x, 3)
+    alone(x, 600)
+    guide.model = tiny_bank(n_experts=10)
+    out, _ = fast.step(x, 3)
+    assert torch.isfinite(out).all() and rel_err(out, ddim_step(model, x, 3, sched, guide=guide).sample) < TOL
+    assert rel_err(alone(x, 600), guide(x, 600)) < TOL and fast.expert_key(3) == alone.key(600) == (6,)
+    comp = ComposedGuide([ClassGuide(tiny_bank(), 1, scale=3.0)])
+    fast_comp = fs.FastGuide(comp, "cpu", merge_mode=merge_mode)
+    fast_comp(x, 600)
+    comp.guides.append((ClassGuide(tiny_bank(n_experts=10), 2, scale=2.0), 1.0))
+    assert rel_err(fast_comp(x, 600), comp(x, 600)) < TOL and fast_comp.key(600) == (3, 6)
