@@ -87,7 +87,8 @@ Distillation (:func:`distill`)
     float16 like the cache), never inside the training loop; a restart reuses them, and they
     are removed once the experts are written. A target shape that does not match the
     student's output is an error naming both. The recorded loss of a step is the batch mean (with
-    either reduction), averaged over ranks; a non-finite one stops every rank at that step.
+    either reduction), averaged over ranks; a non-finite one stops every rank at that step, and so does a
+    rank whose batch or forward raised (an error flag in the step's all-reduce of the expert counts).
 
     Resume (``--checkpoint-every n``): every n steps rank 0 gathers each rank's buffers (its
     local BatchNorm statistics) and RNG states (data stream, torch CPU, CUDA) and writes
@@ -1711,19 +1712,42 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         it = tqdm(it, desc=f"ddp distill x{env.world_size}", initial=start, total=cfg.steps, mininterval=2)
     bar_loss = BarLoss(it)
 
-    def loss_and_grads(xt, t, target):
-        """Backward of the expert-mean loss (global counts under DDP); returns the batch mean (what is
-        logged) and the counts [N]."""
+    def forward_losses(xt, t, target):
+        """(expert index [B], per-sample loss [B]) of a batch."""
         e = bank.expert_index(t)
-        counts = expert_counts(e, cfg.n_experts)
-        if env.distributed:  # every rank's samples of an expert: DDP's gradient average is their mean
-            dist.all_reduce(counts)
         with amp_autocast(cfg.amp, device):
             student = teacher_output(model, transform, xt, t)  # float32 out
-        per_sample = distill_loss_per_sample(loss_kind, student, target, cfg.temperature)
+        return e, distill_loss_per_sample(loss_kind, student, target, cfg.temperature)
+
+    def backward(e, per_sample, counts):
+        """Backward of the expert-mean loss (``counts``: global under DDP); returns the batch mean (what is logged)
+        and the counts [N]."""
         opt.zero_grad(set_to_none=True)
         expert_mean_loss(per_sample, e, cfg.n_experts, cfg.loss_reduction, counts, env.world_size).backward()
         return per_sample.detach().mean(), counts
+
+    def loss_and_grads(xt, t, target):  # one process
+        e, per_sample = forward_losses(xt, t, target)
+        return backward(e, per_sample, expert_counts(e, cfg.n_experts))
+
+    def ddp_loss_and_grads(step):
+        """loss_and_grads under DDP. The all-reduce of the expert counts (every rank's samples of an expert: DDP's
+        gradient average is their mean) also carries an error flag: a rank whose batch or forward failed stops
+        every rank here, before the gradient all-reduce it would never join (NCCL: the others waited until
+        the timeout)."""
+        err, counts = None, torch.zeros(cfg.n_experts, device=device)
+        try:
+            xt, t, target = batches.take()
+            xt, t, target = xt.to(device), t.to(device), target.to(device).float()
+            e, per_sample = forward_losses(xt, t, target)
+            counts = expert_counts(e, cfg.n_experts)
+        except Exception as ex:  # noqa: BLE001 - reported to every rank below
+            err = f"{type(ex).__name__}: {ex}"
+        flagged = torch.cat([counts, torch.tensor([float(err is not None)], device=device)])
+        dist.all_reduce(flagged)
+        if flagged[-1].item() > 0:
+            raise_if_any(err, env, f"training step {step}")
+        return backward(e, per_sample, flagged[:-1])
 
     graph_step = None
     if graphed:
@@ -1746,18 +1770,21 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     batches = BatchStream(make_batch, gen, cfg.steps - start, prefetch=cfg.prefetch)
     try:
         for step in it:
-            xt, t, target = batches.take()
-            xt, t, target = xt.to(device), t.to(device), target.to(device).float()
             lr_now = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * (1 - step / cfg.steps)
             for g in opt.param_groups:
                 if isinstance(g["lr"], torch.Tensor):
                     g["lr"].fill_(lr_now)
                 else:
                     g["lr"] = lr_now
-            if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
-                loss = graph_step(xt, t, target)
+            if env.distributed:
+                loss, counts = ddp_loss_and_grads(step)
             else:
-                loss, counts = loss_and_grads(xt, t, target)
+                xt, t, target = batches.take()
+                xt, t, target = xt.to(device), t.to(device), target.to(device).float()
+                if graph_step is not None:  # the optimizer step is inside: a non-finite loss stops after it
+                    loss = graph_step(xt, t, target)
+                else:
+                    loss, counts = loss_and_grads(xt, t, target)
             mean_loss = loss.detach().clone()  # the global batch's loss; NaN on any rank stops every rank here
             if env.distributed:
                 dist.all_reduce(mean_loss)

@@ -1521,3 +1521,60 @@ def test_local_train_state_removes_killed_temporaries_of_a_name_with_brackets(tm
     other.write_bytes(b"another run's")
     LocalTrainState(path, {"x": 1})
     assert not ours.exists() and other.read_bytes() == b"another run's"
+
+
+RANK1_FAILS_A_STEP = '''
+import os
+import time
+
+import torch.distributed as dist
+import torch.nn as nn
+
+if os.environ.get("RANK") == "1":  # a remote node: its connections stay up after it failed (NCCL: the peers waited)
+    _destroy = dist.destroy_process_group
+
+    def _late_destroy(*a, **k):
+        time.sleep(float(os.environ["PPAP_TEST_TEARDOWN_S"]))
+        _destroy(*a, **k)
+
+    dist.destroy_process_group = _late_destroy
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.calls = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3), 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == "1":
+            self.calls += 1
+            if self.calls == 2:  # e.g. out of memory in this step's forward on one rank
+                raise RuntimeError("forward broken on rank 1")
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def make():
+    return Net()
+
+
+make.task = "classification"
+'''
+
+
+def test_a_rank_failing_in_a_training_step_stops_every_rank_at_that_step(tmp_path, monkeypatch):
+    """A rank whose batch or forward failed left its peers waiting in the gradient all-reduce until it exited (multi-node
+    NCCL: until the collective timeout); the step's expert-count all-reduce now carries an error flag."""
+    import time
+
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_fails_a_step", RANK1_FAILS_A_STEP)
+    monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "60")
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=4,
+                          batch_size=2, warmup=1, device="cpu")
+    t0 = time.time()
+    with pytest.raises(Exception, match=r"(?s)DistributedRunError: training step 1 failed on rank\(s\) \[1\]: "
+                                        r"rank 1: RuntimeError: forward broken on rank 1"):
+        D.launch("distill", cfg, 2, threads=1, timeout_s=120)
+    assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
+    assert not (tmp_path / "out" / "experts.safetensors").exists()
