@@ -113,7 +113,8 @@ Distillation (:func:`distill`)
         each rank accumulates its own, and at checkpoint time :func:`sync_expert_batchnorm_stats`
         merges them with an all_reduce: ``mean = avg_r mean_r``,
         ``var = avg_r (var_r + mean_r^2) - mean^2`` (the law of total variance: the pooled
-        variance of equally weighted ranks), ``num_batches_tracked = max_r``. After that every
+        variance of equally weighted ranks), ``num_batches_tracked = max_r``; the averages are over
+        the ranks that saw the expert (``num_batches_tracked_r > 0``: the others hold the teacher's). After that every
         rank holds the same statistics and rank 0 writes the checkpoint
         (:func:`ppap_fast.experts.save_experts` format).
 
@@ -1219,7 +1220,8 @@ class LocalTrainState:
 @torch.no_grad()
 def sync_expert_batchnorm_stats(bank, env: DistEnv) -> int:
     """Merge every ExpertBatchNorm's per-expert running statistics across ranks (see the module
-    docstring: mean of means, pooled variance by the law of total variance, max of counts).
+    docstring: mean of means, pooled variance by the law of total variance, max of counts; over the ranks
+    that saw each expert).
     Collective; returns the number of BatchNorm modules merged."""
     from .experts import ExpertBatchNorm
 
@@ -1230,14 +1232,16 @@ def sync_expert_batchnorm_stats(bank, env: DistEnv) -> int:
         n += 1
         if not env.distributed:
             continue
+        # a rank without a sample of an expert kept the teacher's statistics for it: left out of its merge
+        seen = (m.num_batches_tracked > 0).double()[:, None]
         mean = m.running_mean.double()
-        second = m.running_var.double() + mean * mean
-        dist.all_reduce(mean)
-        dist.all_reduce(second)
-        mean /= env.world_size
-        second /= env.world_size
-        m.running_mean.copy_(mean)
-        m.running_var.copy_((second - mean * mean).clamp_min(0))
+        sums = torch.cat([mean * seen, (m.running_var.double() + mean * mean) * seen, seen], dim=1)
+        dist.all_reduce(sums)
+        C = mean.shape[1]
+        ranks = sums[:, -1:]
+        mean, second = sums[:, :C] / ranks.clamp_min(1), sums[:, C:2 * C] / ranks.clamp_min(1)
+        m.running_mean.copy_(torch.where(ranks > 0, mean, m.running_mean.double()))
+        m.running_var.copy_(torch.where(ranks > 0, (second - mean * mean).clamp_min(0), m.running_var.double()))
         dist.all_reduce(m.num_batches_tracked, op=dist.ReduceOp.MAX)
     return n
 

@@ -1578,3 +1578,60 @@ def test_a_rank_failing_in_a_training_step_stops_every_rank_at_that_step(tmp_pat
         D.launch("distill", cfg, 2, threads=1, timeout_s=120)
     assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
     assert not (tmp_path / "out" / "experts.safetensors").exists()
+
+
+BN_MERGE_WORKER = '''
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ppap_fast import distributed as D
+from ppap_fast.experts.bank import ExpertBatchNorm
+
+
+def run(rank, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        bank = nn.Sequential(ExpertBatchNorm(nn.BatchNorm2d(2), None, 3))
+        bn = bank[0]
+        with torch.no_grad():  # expert 0: trained on both ranks; expert 1: on rank 0 only; expert 2: on none
+            bn.running_mean[0] = torch.tensor([1.0, 2.0]) * (rank + 1)
+            bn.running_var[0] = torch.tensor([0.5, 1.5]) * (rank + 1)
+            bn.num_batches_tracked[0] = 4 + rank
+            if rank == 0:
+                bn.running_mean[1], bn.running_var[1], bn.num_batches_tracked[1] = 3.0, 2.0, 7
+        D.sync_expert_batchnorm_stats(bank, D.DistEnv(rank, 2))
+        torch.save({k: v.clone() for k, v in bn.state_dict().items() if "running" in k or "tracked" in k},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+'''
+
+
+def test_batchnorm_merge_ignores_ranks_that_never_saw_an_expert(tmp_path, monkeypatch):
+    """A rank without a sample of an expert keeps the teacher's statistics for it (untouched, num_batches_tracked 0);
+    the merge averaged them in, halving what the other rank had learnt (few steps, many experts, small batches)."""
+    import torch.multiprocessing as mp
+
+    (tmp_path / "ppap_test_bn_merge.py").write_text(BN_MERGE_WORKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ppap_test_bn_merge
+
+    rdzv = tempfile.mkdtemp(prefix="ppap_rdzv_")
+    try:
+        mp.start_processes(ppap_test_bn_merge.run, args=(Path(rdzv, "f").as_uri(), str(tmp_path)), nprocs=2,
+                           start_method="spawn")
+    finally:
+        shutil.rmtree(rdzv, ignore_errors=True)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    mean, var, seen = s0["running_mean"], s0["running_var"], s0["num_batches_tracked"]
+    m0 = torch.tensor([1.5, 3.0])  # expert 0: both ranks, equally weighted, pooled variance
+    v0 = (torch.tensor([0.5, 1.5]) + torch.tensor([1.0, 2.0]) ** 2
+          + torch.tensor([1.0, 3.0]) + torch.tensor([2.0, 4.0]) ** 2) / 2 - m0 ** 2
+    torch.testing.assert_close(mean[0], m0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(var[0], v0, rtol=0, atol=1e-6)
+    assert mean[1].tolist() == [3.0, 3.0] and var[1].tolist() == [2.0, 2.0]  # rank 0's alone
+    assert mean[2].tolist() == [0.0, 0.0] and var[2].tolist() == [1.0, 1.0]  # untouched
+    assert seen.tolist() == [5, 7, 0]
