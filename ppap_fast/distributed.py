@@ -840,23 +840,29 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     stop = StopMarker(out, check_shared_dir(out, env, "--out"), env)  # a node-local --out failed at the final check
 
     device = env.device
-    torch.manual_seed(cfg.seed)
-    unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
-                          cfg.num_timesteps, cfg.sampler).to(device).eval()
-    if env.rank == 0:
-        from .distill import warn_if_not_declared
 
-        warn_if_not_declared(unet, cfg.channels, cfg.image_size)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        transform = transform.to(device) if transform is not None else None
-    sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
+    def models_on_device():
+        torch.manual_seed(cfg.seed)
+        unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
+                              cfg.num_timesteps, cfg.sampler).to(device).eval()
+        if env.rank == 0:
+            from .distill import warn_if_not_declared
+
+            warn_if_not_declared(unet, cfg.channels, cfg.image_size)
+        t = teacher.to(device).eval() if teacher is not None else None
+        tr = transform.to(device) if transform is not None else None
+        sched = Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing).to(device)
+        fast = None
+        if cfg.fast:  # one sampler for all shards (CUDA graphs are captured once per batch shape)
+            from .fast_sampling import FastGuidedSampler, recommended_options
+
+            fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type,
+                                     cuda_graph=device.type == "cuda", **recommended_options(unet, device))
+        return unet, t, tr, sched, fast
+
     var_type = denoiser_var_type(cfg.denoiser, cfg.sampler)  # a diffusers scheduler's fixed_small / fixed_large
-    if cfg.fast:  # one sampler for all shards (CUDA graphs are captured once per batch shape)
-        from .fast_sampling import FastGuidedSampler, recommended_options
-
-        fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type,
-                                 cuda_graph=device.type == "cuda", **recommended_options(unet, device))
+    # a rank failing here (out of memory, a damaged file) left the others generating, then waiting for it
+    unet, teacher, transform, sched, fast = collectively(models_on_device, env, "building the denoiser")
 
     def sample(x_T, noise_fn):
         if cfg.fast:  # same random numbers as the reference: x_T given, then noise_fn(i, x) per step

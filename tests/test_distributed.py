@@ -1635,3 +1635,50 @@ def test_batchnorm_merge_ignores_ranks_that_never_saw_an_expert(tmp_path, monkey
     assert mean[1].tolist() == [3.0, 3.0] and var[1].tolist() == [2.0, 2.0]  # rank 0's alone
     assert mean[2].tolist() == [0.0, 0.0] and var[2].tolist() == [1.0, 1.0]  # untouched
     assert seen.tolist() == [5, 7, 0]
+
+
+RANK1_CANNOT_PLACE_THE_DENOISER = '''
+import os
+import time
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from ppap_fast import distributed as D
+
+if os.environ.get("RANK") == "1":
+    _destroy = dist.destroy_process_group
+
+    def _late_destroy(*a, **k):  # a remote node: its connections stay up after it failed
+        time.sleep(float(os.environ["PPAP_TEST_TEARDOWN_S"]))
+        _destroy(*a, **k)
+
+    def _no_memory(self, *a, **k):
+        raise RuntimeError("out of memory placing the denoiser on rank 1")
+
+    dist.destroy_process_group = _late_destroy
+    D.RandomConvDenoiser.to = _no_memory
+
+
+def make():
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 3))
+
+
+make.task = "classification"
+'''
+
+
+def test_a_denoiser_failing_on_one_rank_fails_every_rank_before_any_shard(tmp_path, monkeypatch):
+    """The denoiser was built (and moved to the device) outside any check: a rank that failed there left the others
+    generating their whole share, then waiting for it in the final barrier (multi-node NCCL: until the timeout)."""
+    import time
+
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_no_denoiser", RANK1_CANNOT_PLACE_THE_DENOISER)
+    monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "60")
+    cfg = D.GenerateConfig(str(tmp_path / "set"), **{**GEN, "num_images": 8, "teacher": teacher})
+    t0 = time.time()
+    with pytest.raises(Exception, match=r"(?s)DistributedRunError: building the denoiser failed on rank\(s\) \[1\]: "
+                                        r"rank 1: RuntimeError: out of memory placing the denoiser on rank 1"):
+        D.launch("generate", cfg, 2, threads=1, timeout_s=120)
+    assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
+    assert not list((tmp_path / "set").glob("shard_*"))  # rank 0 wrote none of its share
