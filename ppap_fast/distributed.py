@@ -1605,8 +1605,10 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     # the timeout (a training-state save on one rank against a training step on another)
     check_same_config({**ident, "checkpoint_every": cfg.checkpoint_every, "verify_data": cfg.verify_data}, env)
     h = config_hash(ident)
-    teacher = teacher.to(device).eval()
-    transform = transform.to(device) if transform is not None else None
+    # a rank failing to place a model (out of memory) left the others waiting in their next collective
+    teacher, transform = collectively(lambda: (teacher.to(device).eval(),
+                                               None if transform is None else transform.to(device)),
+                                      env, "placing the teacher")
 
     err = data = key = None
     try:
@@ -1679,8 +1681,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         stop.report(err, "verifying the data set")
 
     torch.manual_seed(cfg.seed)  # identical LoRA init everywhere (DDP also broadcasts rank 0's)
-    bank = ExpertBank(teacher, placement, cfg.n_experts,
-                      cfg.num_timesteps, arch=arch).to(device).train()
+    bank = collectively(lambda: ExpertBank(teacher, placement, cfg.n_experts, cfg.num_timesteps, arch=arch)
+                        .to(device).train(), env, "placing the bank")
     model = bank
     if env.distributed:
         model = DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -1682,3 +1682,70 @@ def test_a_denoiser_failing_on_one_rank_fails_every_rank_before_any_shard(tmp_pa
         D.launch("generate", cfg, 2, threads=1, timeout_s=120)
     assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
     assert not list((tmp_path / "set").glob("shard_*"))  # rank 0 wrote none of its share
+
+
+RANK1_CANNOT_PLACE_A_MODEL = '''
+import os
+import time
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from ppap_fast.experts import ExpertBank
+
+FAIL = os.environ.get("RANK") == "1" and os.environ["PPAP_TEST_FAIL"]
+if FAIL:
+    _destroy = dist.destroy_process_group
+
+    def _late_destroy(*a, **k):  # a remote node: its connections stay up after it failed
+        time.sleep(float(os.environ["PPAP_TEST_TEARDOWN_S"]))
+        _destroy(*a, **k)
+
+    dist.destroy_process_group = _late_destroy
+    if FAIL == "bank":
+        def _no_memory(self, *a, **k):
+            raise RuntimeError("out of memory placing the bank on rank 1")
+
+        ExpertBank.to = _no_memory
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+    def to(self, *a, **k):
+        if FAIL == "teacher":
+            raise RuntimeError("out of memory placing the teacher on rank 1")
+        return super().to(*a, **k)
+
+
+def make():
+    return Net()
+
+
+make.task = "classification"
+'''
+
+
+@pytest.mark.parametrize("what", ["teacher", "bank"])
+def test_distill_models_failing_on_one_rank_fail_every_rank_at_once(tmp_path, monkeypatch, what):
+    """The teacher and the bank were moved to the device outside any check: a rank that failed there left the others
+    waiting for it in their next collective (multi-node NCCL: until the timeout)."""
+    import time
+
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_cannot_place", RANK1_CANNOT_PLACE_A_MODEL)
+    monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "60")
+    monkeypatch.setenv("PPAP_TEST_FAIL", what)
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=2,
+                          batch_size=2, warmup=1, device="cpu")
+    t0 = time.time()
+    with pytest.raises(Exception, match=rf"(?s)DistributedRunError: placing the {what} failed on rank\(s\) \[1\]: "
+                                        rf"rank 1: RuntimeError: out of memory placing the {what} on rank 1"):
+        D.launch("distill", cfg, 2, threads=1, timeout_s=120)
+    assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
