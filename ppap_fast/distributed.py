@@ -1378,6 +1378,12 @@ def _targets_damaged(path: Path) -> bool:
     return problem is not None
 
 
+def _targets_identity(tid: dict) -> dict:
+    """What decides the computed teacher outputs: a teacher_targets manifest less the set's path and the micro-batch
+    (older manifests record it)."""
+    return {k: v for k, v in tid.items() if k not in ("data_dir", "micro_batch")}
+
+
 def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, env: DistEnv) -> str:
     """Collective: the teacher's outputs on a set without cached ones, computed ONCE over all
     ranks and kept on disk, never in memory: shard k's outputs go to
@@ -1387,7 +1393,8 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     targets max-subtracted like the cache), then
     every rank attaches all of them to ``data`` (read lazily like cached targets). A restart
     reuses complete files written for the same teacher state and data set (with --verify-data: whose
-    CRC-32 passes); files for anything else are removed first. Returns the name of the attached array ("logits" or "targets")."""
+    CRC-32 passes), whatever the micro-batch and wherever the set is mounted; files for anything else are
+    removed first. Returns the name of the attached array ("logits" or "targets")."""
     from .data.shards import write_json_atomic, write_npz_atomic
 
     tdir = Path(cfg.out_dir) / TARGETS_DIR
@@ -1395,8 +1402,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     counts = [int(c) for c in data.counts]
     paths = [tdir / f"targets_{k:05d}.npz" for k in range(len(counts))]
     tid = {"format": TARGETS_FORMAT, "teacher": cfg.teacher, "teacher_state": ident["teacher_state"],
-           "data_dir": str(Path(cfg.data_dir).resolve()), "data_manifest": ident["data_manifest"], "micro_batch": micro,
-           "counts": counts}
+           "data_dir": str(Path(cfg.data_dir).resolve()), "data_manifest": ident["data_manifest"], "counts": counts}
     softmax_targets = ident.get("loss") == "pixel_kl"
     if softmax_targets:  # absent otherwise: files written before the encoding existed still match
         tid["targets_encoding"] = MAX_SUBTRACTED
@@ -1405,9 +1411,9 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
         try:
             tdir.mkdir(parents=True, exist_ok=True)
             m = tdir / MANIFEST
-            try:
-                same = json.loads(m.read_text()) == tid
-            except (OSError, json.JSONDecodeError):
+            try:  # the set is its manifest wherever it is mounted; the micro-batch changes rounding only
+                same = _targets_identity(json.loads(m.read_text())) == _targets_identity(tid)
+            except (OSError, json.JSONDecodeError, AttributeError):
                 same = False
             for f in tdir.iterdir():  # temporaries of a killed run; every file when the inputs changed
                 if (f.name.startswith(".") and f.name.endswith(".tmp")) or (not same and f.name.startswith("targets_")):

@@ -1749,3 +1749,32 @@ def test_distill_models_failing_on_one_rank_fail_every_rank_at_once(tmp_path, mo
                                         rf"rank 1: RuntimeError: out of memory placing the {what} on rank 1"):
         D.launch("distill", cfg, 2, threads=1, timeout_s=120)
     assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
+
+
+def test_computed_teacher_targets_survive_a_restart_with_another_batch_size_or_a_moved_set(tmp_path, monkeypatch):
+    """The computed teacher outputs were keyed by the micro-batch (--batch-size) and the set's path: a restart after an
+    out-of-memory with a smaller --batch-size, or with the set copied to a faster disk, deleted every file computed
+    (hours of teacher time at scale); the set is identified by its manifest, and a batch size changes rounding only."""
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 6, "shard_size": 2}), D.DistEnv())
+    torch.manual_seed(0)
+    teacher = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(),
+                         tmp_path / "t.safetensors")
+    cfg = D.DistillConfig(str(data), str(out), f"tiny:{teacher}", n_experts=2, r=2, alpha=2.0, steps=3,
+                          batch_size=4, warmup=1, device="cpu")
+    distill_crashing(monkeypatch, cfg, steps=1)
+    files = sorted((out / D.TARGETS_DIR).glob("targets_*.npz"))
+    before = {f.name: (f.stat().st_ino, f.read_bytes()) for f in files}
+    assert len(before) == 3
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    calls = []
+    real = D.teacher_targets
+    monkeypatch.setattr(D, "teacher_targets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    distill_crashing(monkeypatch, dataclasses.replace(cfg, data_dir=str(moved), batch_size=2), steps=1)
+    assert calls == []  # nothing recomputed
+    assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in files} == before
+    man = json.loads((out / D.TARGETS_DIR / D.MANIFEST).read_text())
+    assert "micro_batch" not in man and man["data_manifest"] == D.data_manifest_hash(moved)
