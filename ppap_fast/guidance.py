@@ -414,14 +414,9 @@ def _check_recorded_transform(model, transform, name) -> None:
     normalised, other mean / std): refused, they never saw such inputs. Nothing recorded: not checked."""
     if not isinstance(getattr(model, "input_transform_record", None), dict):
         return
-    from .experts.checkpoint import describe_input_transform, input_transform_mismatch
+    from .experts.checkpoint import check_input_transform
 
-    bad = input_transform_mismatch(model, transform)
-    if bad is not None:
-        fix = ("pass input_transform=None" if bad[0].get("raw") else
-               "pass the input transform of the model they were distilled from (its GuideModel.transform)")
-        raise ValueError(f"{name}: these experts were distilled through {describe_input_transform(bad[0])}, but "
-                         f"input_transform= gives {describe_input_transform(bad[1])}: {fix}")
+    check_input_transform(model, transform, subject=f"{name}: these experts")
 
 
 def _num_classes(model, given):

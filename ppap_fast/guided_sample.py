@@ -201,17 +201,13 @@ def _target_map(path: str | None, task: str) -> torch.Tensor:
 def _check_experts_transform(cfg: GuidedSampleConfig, experts, transform) -> None:
     """Refuse experts distilled through another input transform than the guide's (raw x_t vs normalised, other
     mean / std): they were never trained on such inputs. Checkpoints without the record load as before."""
-    from .experts.checkpoint import describe_input_transform, input_transform_mismatch
+    from .experts.checkpoint import check_input_transform
 
-    bad = input_transform_mismatch(experts, transform)  # the record load_experts attached
-    if bad is None:
-        return
-    want, got = bad
-    if cfg.raw_input:
-        why, fix = "--raw-input", "drop --raw-input"
-    elif transform is None:
-        why, fix = f"--guide {cfg.guide} takes x_t as is", "guide with the model the experts were distilled from"
-    else:
+    def reason():
+        if cfg.raw_input:
+            return "--raw-input"
+        if transform is None:
+            return f"--guide {cfg.guide} takes x_t as is"
         from .models import offtheshelf as ots
 
         try:
@@ -220,15 +216,21 @@ def _check_experts_transform(cfg: GuidedSampleConfig, experts, transform) -> Non
         except (OSError, ValueError):
             weights = None
         if weights is not None and ots.timm_normalisation(weights) is not None:
-            why = f"the timm config.json beside --guide-weights {weights}"
-        elif weights is not None:
-            why = f"--guide {cfg.guide}'s default, no timm config.json beside --guide-weights {weights}"
-        else:
-            why = f"--guide {cfg.guide}'s default"
-        fix = ("pass --raw-input" if want.get("raw") else
-               "guide with the weights the experts were distilled from, with the config.json that was beside them")
-    raise ValueError(f"the experts in {cfg.experts} were distilled through {describe_input_transform(want)}, but "
-                     f"this guide sees {describe_input_transform(got)} ({why}): {fix}")
+            return f"the timm config.json beside --guide-weights {weights}"
+        if weights is not None:
+            return f"--guide {cfg.guide}'s default, no timm config.json beside --guide-weights {weights}"
+        return f"--guide {cfg.guide}'s default"
+
+    def hint(want):
+        if cfg.raw_input:
+            return "drop --raw-input"
+        if transform is None:
+            return "guide with the model the experts were distilled from"
+        return ("pass --raw-input" if want.get("raw") else
+                "guide with the weights the experts were distilled from, with the config.json that was beside them")
+
+    check_input_transform(experts, transform, subject=f"the experts in {cfg.experts}", sees="this guide sees",
+                          reason=reason, hint=hint)
 
 
 def _build_guide(cfg: GuidedSampleConfig, device):

@@ -427,3 +427,61 @@ def test_guides_refuse_loaded_experts_with_another_input_transform(tmp_path):
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     g = ClassGuide(raw, 1, scale=2.0)(x, torch.tensor([10, 900]))
     assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_one_input_transform_check_serves_guides_guide_models_and_guided_sample(monkeypatch):
+    """The guides, GuideModel.guide and guided-sample each had their own copy of the recorded-transform check:
+    all go through experts.checkpoint.check_input_transform, which names both transforms, the caller's reason
+    and what to do in one line, and asks for neither when the transforms agree."""
+    import re
+    import types
+
+    from ppap_fast import guided_sample
+    from ppap_fast.experts import checkpoint
+    from ppap_fast.guidance import ClassGuide, input_transform
+    from ppap_fast.models.registry import GuideModel
+
+    norm = input_transform((0.5,), (0.5,), 32)
+    raw, normed = _bank(), _bank()
+    raw.input_transform_record = {"raw": True}
+    normed.input_transform_record = checkpoint.input_transform_record(norm)
+    described = "mean [0.5] / std [0.5] at 32x32"
+
+    def never(*_):
+        raise AssertionError("asked for a reason or a hint where the transforms agree")
+
+    checkpoint.check_input_transform(raw, None, reason=never, hint=never)
+    checkpoint.check_input_transform(normed, input_transform((0.5,), (0.5,), 32), reason=never, hint=never)
+    model = types.SimpleNamespace(transform=norm, name="tiny", weights=None)
+    cfg = types.SimpleNamespace(experts="ck", raw_input=True, guide="resnet18", guide_weights=None)
+    cases = [
+        (lambda: checkpoint.check_input_transform(raw, norm),
+         f"these experts were distilled through raw x_t in [-1, 1], but input_transform= gives {described}: "
+         "pass input_transform=None"),
+        (lambda: checkpoint.check_input_transform(normed, None, subject="X", sees="Y", reason=lambda: "why",
+                                                  hint=lambda want: f"fix {want['size']}"),
+         f"X were distilled through {described}, but Y raw x_t in [-1, 1] (why): fix [32, 32]"),
+        (lambda: ClassGuide(raw, 1, input_transform=norm),
+         f"ClassGuide: these experts were distilled through raw x_t in [-1, 1], but input_transform= gives "
+         f"{described}: pass input_transform=None"),
+        (lambda: GuideModel._check_experts_transform(model, raw, norm),
+         f"these experts were distilled through raw x_t in [-1, 1], but this guide sees {described} "
+         "(tiny's transform): pass transform=None"),
+        (lambda: guided_sample._check_experts_transform(cfg, normed, None),
+         f"the experts in ck were distilled through {described}, but this guide sees raw x_t in [-1, 1] "
+         "(--raw-input): drop --raw-input"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            call()
+    seen = []
+
+    def spy(experts, transform, **kw):
+        seen.append((experts, transform))
+        raise RuntimeError("one check")
+
+    monkeypatch.setattr(checkpoint, "check_input_transform", spy)
+    for call, _ in cases[2:]:
+        with pytest.raises(RuntimeError, match="^one check$"):
+            call()
+    assert seen == [(raw, norm), (raw, norm), (normed, None)]

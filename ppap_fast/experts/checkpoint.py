@@ -141,6 +141,26 @@ def input_transform_mismatch(experts, transform) -> tuple[dict, dict] | None:
     return want, got
 
 
+def check_input_transform(experts, transform, subject: str = "these experts",
+                          sees: str = "input_transform= gives", reason=None, hint=None) -> None:
+    """ValueError (one line) when ``experts`` were distilled through another input transform than ``transform``
+    (:func:`input_transform_mismatch`). ``reason()``: why the caller's transform is that one (in parentheses);
+    ``hint(recorded record)``: what to do (default: which ``input_transform=`` to pass)."""
+    bad = input_transform_mismatch(experts, transform)
+    if bad is None:
+        return
+    want, got = bad
+    if hint is not None:
+        fix = hint(want)
+    elif want.get("raw"):
+        fix = "pass input_transform=None"
+    else:
+        fix = "pass the input transform of the model they were distilled from (its GuideModel.transform)"
+    why = f" ({reason()})" if reason is not None else ""
+    raise ValueError(f"{subject} were distilled through {describe_input_transform(want)}, but {sees} "
+                     f"{describe_input_transform(got)}{why}: {fix}")
+
+
 def _digest(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -590,4 +610,4 @@ def check_ppap_checkpoint_manifest(json_path, n_experts: int = 5, expert: int = 
 
 
 __all__ = ["save_experts", "load_experts", "load_experts_into", "read_config", "import_ppap_checkpoint",
-           "input_transform_mismatch", "export_ppap_checkpoint", "ppap_key_map", "check_ppap_checkpoint_manifest"]
+           "input_transform_mismatch", "check_input_transform", "export_ppap_checkpoint", "ppap_key_map", "check_ppap_checkpoint_manifest"]

@@ -109,21 +109,17 @@ class GuideModel:
         raise ValueError(f"unknown task {self.spec.task!r}")
 
     def _check_experts_transform(self, experts, tf) -> None:
-        from ..experts.checkpoint import describe_input_transform, input_transform_mismatch
+        from ..experts.checkpoint import check_input_transform
 
-        bad = input_transform_mismatch(experts, tf)
-        if bad is None:
-            return
-        want, got = bad
-        if tf is self.transform:
-            why = f"{self.name}'s transform" + (f" for weights {self.weights}" if self.weights else "")
-        else:
-            why = "transform=None" if tf is None else "the transform= given"
-        fix = ("pass transform=None" if want.get("raw") else
-               "build the GuideModel from the weights the experts were distilled from (with the config.json "
-               "that was beside them) and keep its transform")
-        raise ValueError(f"these experts were distilled through {describe_input_transform(want)}, but this guide "
-                         f"sees {describe_input_transform(got)} ({why}): {fix}")
+        def reason():
+            if tf is self.transform:
+                return f"{self.name}'s transform" + (f" for weights {self.weights}" if self.weights else "")
+            return "transform=None" if tf is None else "the transform= given"
+
+        check_input_transform(experts, tf, sees="this guide sees", reason=reason, hint=lambda want: (
+            "pass transform=None" if want.get("raw") else
+            "build the GuideModel from the weights the experts were distilled from (with the config.json "
+            "that was beside them) and keep its transform"))
 
 
 GUIDES: dict[str, GuideSpec] = {}
