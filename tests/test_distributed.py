@@ -1266,6 +1266,44 @@ def test_older_sets_with_a_teacher_finish_and_their_outputs_are_trusted_only_for
         D.generate(gen, D.DistEnv())
 
 
+def test_teacher_fingerprint_names_a_non_default_input_size(tmp_path, monkeypatch):
+    """Cached teacher outputs are trusted on the teacher's fingerprint whatever its spec, which hashed the weights
+    and mean / std but not the input size: the outputs of a spec resizing to 16 were reused by one of the same
+    weights resizing to 24. A size other than 224 (or none) is named; existing fingerprints hold."""
+    import hashlib
+
+    from ppap_fast.data import ShardSet
+    from ppap_fast.guidance import input_transform
+    from ppap_fast.models.registry import GUIDES, GuideSpec
+    from ppap_fast.models.tiny import TinyResNet
+
+    model = TinyResNet(widths=(4,), layers=(1,), in_channels=3, num_classes=3)
+    fp = D.module_fingerprint(model)
+    for same in (None, input_transform(size=224), input_transform(size=None), input_transform(None, None, 224)):
+        assert D.teacher_fingerprint(model, same) == fp
+    half = ((0.5,) * 3, (0.5,) * 3)
+    assert D.teacher_fingerprint(model, input_transform(*half, 224)) == hashlib.sha256(
+        f"{fp}|mean={half[0]}|std={half[1]}".encode()).hexdigest()
+    sized = {D.teacher_fingerprint(model, tf) for tf in (
+        input_transform(size=16), input_transform(size=24), input_transform(size=(16, 24)),
+        input_transform(None, None, 16), input_transform(*half, 16), input_transform(*half, 224))}
+    assert len(sized) == 6 and fp not in sized
+    for name, size in (("test/tiny16", 16), ("test/tiny24", 24)):
+        monkeypatch.setitem(GUIDES, name, GuideSpec(
+            name, "classification", "test", "tiny", "resnet", input_size=size, num_classes=3,
+            builder=lambda num_classes=3: TinyResNet(widths=(4,), layers=(1,), in_channels=3, num_classes=num_classes)))
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 2, "channels": 3}, teacher="test/tiny16"),
+               D.DistEnv())
+    teachers = {name: D.build_teacher(name) for name in ("test/tiny16", "test/tiny24")}
+    assert len({D.module_fingerprint(t.model) for t in teachers.values()}) == 1  # the same weights
+    states = {name: D.teacher_fingerprint(t.model, t.transform) for name, t in teachers.items()}
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), "test/tiny24", batch_size=2)
+    assert D._cached_target_key(cfg, ShardSet(data), states["test/tiny16"]) == "logits"
+    with pytest.raises(ValueError, match=r"computed by another teacher \('test/tiny16', state "):
+        D._cached_target_key(cfg, ShardSet(data), states["test/tiny24"])
+
+
 def test_a_moved_set_still_resumes(tmp_path):
     """Where a set lives is not part of its identity: moved (or mounted elsewhere) after a kill, it
     finishes with the same images."""
