@@ -1388,7 +1388,8 @@ def _targets_identity(tid: dict) -> dict:
     return {k: v for k, v in tid.items() if k not in ("data_dir", "micro_batch")}
 
 
-def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, env: DistEnv) -> str:
+def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, env: DistEnv,
+                    verified: set | None = None) -> str:
     """Collective: the teacher's outputs on a set without cached ones, computed ONCE over all
     ranks and kept on disk, never in memory: shard k's outputs go to
     ``<out>/teacher_targets/targets_<k>.npz`` (the shard files' format, written atomically), the
@@ -1397,8 +1398,9 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
     targets max-subtracted like the cache), then
     every rank attaches all of them to ``data`` (read lazily like cached targets). A restart
     reuses complete files written for the same teacher state and data set (with --verify-data: whose
-    CRC-32 passes), whatever the micro-batch and wherever the set is mounted; files for anything else are
-    removed first. Returns the name of the attached array ("logits" or "targets")."""
+    CRC-32 passes: added to ``verified``, a set given, on every rank), whatever the micro-batch and wherever the
+    set is mounted; files for anything else are removed first. Returns the name of the attached array ("logits" or
+    "targets")."""
     from .data.shards import write_json_atomic, write_npz_atomic
 
     tdir = Path(cfg.out_dir) / TARGETS_DIR
@@ -1435,6 +1437,8 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
         kept = sorted(set(range(len(paths))) - set(todo))
         damaged = [k for k in kept[env.rank::env.world_size] if _targets_damaged(paths[k])]
         todo = sorted({*todo, *(k for got in _gather(damaged, env) for k in got)})
+        if verified is not None:
+            verified.update(paths[k] for k in set(kept) - set(todo))
     err = None
     try:
         for k in todo[env.rank::env.world_size]:
@@ -1664,8 +1668,9 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                     remove_stale_tmp(Path(cfg.out_dir) / name, Path(name).suffix)
     raise_if_any(err, env, "resuming")
     target_source = "cached"
+    verified = set()  # kept teacher_targets files compute_targets already read whole (with --verify-data)
     if key is None:
-        key, target_source = compute_targets(cfg, data, ident, teacher, transform, env), "computed"
+        key, target_source = compute_targets(cfg, data, ident, teacher, transform, env, verified=verified), "computed"
     if cfg.verify_data:  # row reads skip the zip CRC: read every file whole once, each rank its share
         # a rank that fails stops the others' share by a marker in --out, which every rank must see (checked
         # here): in the set's folder, a read-only one took none and the others read their whole share
@@ -1675,7 +1680,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
         stop = StopMarker(out, check_shared_dir(out, env, "--out"), env)
         err = None
         try:
-            mine = data.files()[env.rank::env.world_size]
+            mine = [f for f in data.files() if f not in verified][env.rank::env.world_size]
             bad = data.verify(mine, progress=progress and env.rank == 0, stop=stop.seen)
             if bad:
                 err = f"{len(bad)} damaged file(s): " + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")

@@ -780,6 +780,38 @@ def test_distill_rerun_recomputes_a_damaged_teacher_targets_file(tmp_path, monke
     assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in data.iterdir()} == before  # the set untouched
 
 
+def test_verify_data_reads_each_kept_teacher_targets_file_once(tmp_path, monkeypatch):
+    """A rerun with --verify-data read the kept teacher_targets files whole twice: their CRC-32 in compute_targets
+    (to recompute a damaged one), then again with the set's shards. Every file is now read once."""
+    from collections import Counter
+
+    from ppap_fast.data import shards
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    base = dict(n_experts=2, r=2, alpha=2.0, steps=1, batch_size=2, device="cpu")
+    teacher = f"tiny:{_tiny_teacher_file(tmp_path)}"
+    real_compute = D.compute_targets
+
+    def killed_after(*a, **k):
+        real_compute(*a, **k)
+        raise KeyboardInterrupt  # a run stopped after computing the teacher outputs keeps them
+
+    monkeypatch.setattr(D, "compute_targets", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(D.DistillConfig(str(data), str(out), teacher, **base), D.DistEnv())
+    monkeypatch.setattr(D, "compute_targets", real_compute)
+    reads = Counter()
+    real = shards.crc_problem
+    monkeypatch.setattr(shards, "crc_problem", lambda f: reads.update([Path(f).name]) or real(f))
+    calls = []
+    real_targets = D.teacher_targets
+    monkeypatch.setattr(D, "teacher_targets", lambda *a, **k: calls.append(1) or real_targets(*a, **k))
+    D.distill(D.DistillConfig(str(data), str(out), teacher, verify_data=True, **base), D.DistEnv())
+    assert calls == []  # the kept files were used
+    assert reads == {"shard_00000.npz": 1, "shard_00001.npz": 1, "targets_00000.npz": 1, "targets_00001.npz": 1}
+
+
 def test_distill_removes_the_temporaries_of_killed_writes_in_out(tmp_path):
     """A kill during a training-state save (or the final writes) left its temporary in --out for good, one per kill;
     only _atomic's exact names of distill's own outputs go."""
