@@ -268,3 +268,22 @@ def test_score_and_generic_placement_take_the_same_head():
             warnings.simplefilter("ignore")
             lora = generic_placement(model).lora
         assert set(dict(model.named_modules())) - {""} - set(lora) == {want[1]}
+
+
+def test_top5_counts_the_classes_above_the_target_with_ties_to_the_lower_class():
+    """score's top-5 sorted all classes of every row (argsort, which leaves the order of tied classes open): the
+    classes ranked above the target are counted instead, ties to the lower class index (a stable sort's first 5)."""
+    from ppap_fast.score import in_top_k
+
+    rng = np.random.default_rng(0)
+    for probs in (rng.random((300, 1000)), np.round(rng.random((300, 1000)), 2), np.full((300, 1000), 1e-3)):
+        probs = probs.astype(np.float32)
+        targets = rng.integers(0, 1000, 300)
+        order = np.argsort(-probs, 1, kind="stable")
+        targets[:100] = order[np.arange(100), 3 + np.arange(100) % 4]  # ranks 3..6: around the cut
+        want = (order[:, :5] == targets[:, None]).any(1)
+        assert want.any() and not want.all()
+        assert np.array_equal(in_top_k(probs, targets, 5), want)
+    tied = np.full((7, 7), 1 / 7)
+    assert in_top_k(tied, np.arange(7), 5).tolist() == [True] * 5 + [False] * 2
+    assert in_top_k(np.array([[0.2, 0.5, 0.3]] * 3), np.arange(3), 5).all()  # fewer than 5 classes: all in
