@@ -80,27 +80,33 @@ def _image_shape(unet, image_shape) -> tuple:
 
 def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: int = 6000, shard_size: int = 500,
                       seed: int = 0, respacing: str = "ddim25", device: str = "cpu", progress: bool = True,
-                      shard_hook=None, image_shape: tuple | None = None) -> list[int]:
+                      shard_hook=None, image_shape: tuple | None = None, schedule: str = "linear") -> list[int]:
     """Write (or complete) the data-free set in ``out_dir``; returns the shard indices written now.
 
     Shard k is a pure function of (seed, k): x_T ~ N(0, I) from torch.Generator().manual_seed(seed * 1_000_003 + k)
     on the CPU, DDIM (eta 0) to x_0, quantised to uint8; teacher logits computed on the dequantised images.
+    ``schedule``: the unet's 1000-step noise schedule (``schedule.SCHEDULE_NAMES``), recorded in the manifest
+    (:func:`distill_ppap` takes linear sets only).
     ``image_shape`` (C, H, W): by default the unet's (config in_channels / sample_size, or ADMUNet's).
     ``shard_hook(k)`` is called after each shard is written (tests use it to simulate a crash).
     """
     shape = _image_shape(unet, image_shape)
-    sched = Schedule.create("linear", 1000, respacing=respacing).to(device)
+    sched = Schedule.create(schedule, 1000, respacing=respacing).to(device)
     unet = unet.to(device).eval()
     teacher = teacher.to(device).eval()
     from .distributed import module_fingerprint
 
     writer = ShardWriter(out_dir, num_images, shard_size,
-                         meta={"kind": "datafree", "seed": seed, "respacing": respacing, "image_shape": list(shape),
+                         meta={"kind": "datafree", "seed": seed, "respacing": respacing, "schedule": schedule,
+                               "image_shape": list(shape),
                                "teacher_temperature": TEACHER_TEMPERATURE,
                                # which models made the images / cached logits: a resume with other weights
                                # is refused, and distillation can check its teacher against it
                                "unet_state": module_fingerprint(unet),
                                "teacher_state": module_fingerprint(teacher)})
+    if "schedule" not in writer.meta and schedule != "linear":  # its shards predate the record: linear ones
+        raise ValueError(f"{out_dir} holds a shard set made with the linear schedule (before the schedule was "
+                         f"recorded), not {schedule!r}; use schedule='linear' or another directory")
 
     def make(k):
         n = writer.shard_count(k)

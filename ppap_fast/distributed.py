@@ -1014,9 +1014,10 @@ def amp_autocast(amp: str, device: torch.device):
 
 
 def generating_schedule(manifest: dict, num_timesteps: int, where="the manifest") -> tuple[str, int]:
-    """(schedule, T) of the diffusion model that made a data-free set, from its manifest's config; a set that
-    records none: ("linear", ``num_timesteps``). ``where``: the manifest's path, for the error."""
-    gen_cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    """(schedule, T) of the diffusion model that made a data-free set, from its manifest's config (generate's;
+    generate_datafree's is the manifest itself); a set that records none: ("linear", ``num_timesteps``).
+    ``where``: the manifest's path, for the error."""
+    gen_cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else manifest
     T = gen_cfg.get("num_timesteps", num_timesteps)
     if isinstance(T, bool) or not isinstance(T, int) or T <= 0:  # "1000" / true / 0 read as another T
         raise ValueError(f"{where}: config.num_timesteps must be a positive int, got {T!r}")
