@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import numbers
 from pathlib import Path
@@ -89,11 +91,10 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     (:func:`distill_ppap` takes linear sets only).
     ``image_shape`` (C, H, W): by default the unet's (config in_channels / sample_size, or ADMUNet's).
     ``shard_hook(k)`` is called after each shard is written (tests use it to simulate a crash).
+    ``unet`` and ``teacher`` run in eval mode, left as they were: a copy runs on ``device`` where they are elsewhere.
     """
     shape = _image_shape(unet, image_shape)
     sched = Schedule.create(schedule, 1000, respacing=respacing).to(device)
-    unet = unet.to(device).eval()
-    teacher = teacher.to(device).eval()
     from .distributed import module_fingerprint
 
     writer = ShardWriter(out_dir, num_images, shard_size,
@@ -107,27 +108,49 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     if "schedule" not in writer.meta and schedule != "linear":  # its shards predate the record: linear ones
         raise ValueError(f"{out_dir} holds a shard set made with the linear schedule (before the schedule was "
                          f"recorded), not {schedule!r}; use schedule='linear' or another directory")
+    with _in_eval_on(unet, device) as unet, _in_eval_on(teacher, device) as teacher:
+        def make(k):
+            n = writer.shard_count(k)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            x_t = torch.randn((n, *shape), generator=g).to(device)
+            x0 = sample_loop(unet, x_t, sched, sampler="ddim", eta=0.0)
+            imgs = to_uint8(x0)
+            return {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}
 
-    def make(k):
-        n = writer.shard_count(k)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        x_t = torch.randn((n, *shape), generator=g).to(device)
-        x0 = sample_loop(unet, x_t, sched, sampler="ddim", eta=0.0)
-        imgs = to_uint8(x0)
-        arrays = {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}
-        return arrays
+        if shard_hook is None:
+            return writer.run(make, progress=progress)
+        done = []
+        for k in writer.missing():  # same as writer.run, with a hook after each shard
+            writer.write_manifest(complete=False)
+            from .data.shards import write_npz_atomic
+            write_npz_atomic(writer.shard_path(k), **make(k))
+            done.append(k)
+            shard_hook(k)
+        writer.write_manifest(complete=not writer.missing())
+        return done
 
-    if shard_hook is None:
-        return writer.run(make, progress=progress)
-    done = []
-    for k in writer.missing():  # same as writer.run, with a hook after each shard
-        writer.write_manifest(complete=False)
-        from .data.shards import write_npz_atomic
-        write_npz_atomic(writer.shard_path(k), **make(k))
-        done.append(k)
-        shard_hook(k)
-    writer.write_manifest(complete=not writer.missing())
-    return done
+
+def _is_on(module: nn.Module, device) -> bool:
+    """Whether all of ``module``'s parameters and buffers are on ``device`` ("cuda": the current one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return all(t.device == device for t in (*module.parameters(), *module.buffers()))
+
+
+@contextlib.contextmanager
+def _in_eval_on(module: nn.Module, device):
+    """``module`` in eval mode on ``device`` for the block, the caller's left as it was: itself where all its
+    tensors are there already (every submodule's train / eval mode restored after), else a copy on ``device``."""
+    if not _is_on(module, device):
+        yield copy.deepcopy(module).to(device).eval()
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # the tiny teachers (by model kind): (expert placement, task). The classifier takes PPAP's ResNet rule; the

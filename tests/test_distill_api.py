@@ -225,6 +225,38 @@ def test_generate_datafree_samples_with_the_unets_schedule(tmp_path, monkeypatch
     assert bank.trained_steps == 1
 
 
+def test_generate_datafree_leaves_the_callers_models_as_they_were(tmp_path, monkeypatch):
+    """generate_datafree moved the caller's unet and teacher to ``device`` for good and left them in eval mode:
+    they keep their modes (each submodule's) and are not moved; one that is elsewhere runs as a copy there."""
+    from ppap_fast import distill
+    from ppap_fast.data import load_shards
+
+    unet = _unet(1, 8).train()
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3).train()
+    frozen = next(m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()
+    modes = [m.training for m in (*unet.modules(), *teacher.modules())]
+    used = []  # (model, whether it was in train mode) as sampling and the teacher's logits got it
+    real_loop, real_logits = distill.sample_loop, distill.teacher_logits
+    monkeypatch.setattr(distill, "sample_loop", lambda m, *a, **k: used.append((m, m.training)) or real_loop(
+        m, *a, **k))
+    monkeypatch.setattr(distill, "teacher_logits", lambda m, *a, **k: used.append((m, m.training)) or real_logits(
+        m, *a, **k))
+    moved = []
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(self) or real_to(self, *a, **k))
+    generate_datafree(unet, teacher, tmp_path / "a", 2, 2, respacing="ddim2", progress=False)
+    assert used == [(unet, False), (teacher, False)]  # on the device already: themselves, in eval mode
+    assert [m.training for m in (*unet.modules(), *teacher.modules())] == modes and not frozen.training
+    assert not any(m is unet or m is teacher for m in moved)
+    used.clear()
+    monkeypatch.setattr(distill, "_is_on", lambda module, device: module is not unet)  # the unet "elsewhere"
+    generate_datafree(unet, teacher, tmp_path / "b", 2, 2, respacing="ddim2", progress=False)
+    assert used[0][0] is not unet and used[0][1] is False and used[1] == (teacher, False)
+    assert any(m is used[0][0] for m in moved) and not any(m is unet or m is teacher for m in moved)
+    assert [m.training for m in (*unet.modules(), *teacher.modules())] == modes
+    assert np.array_equal(load_shards(tmp_path / "b")["images"], load_shards(tmp_path / "a")["images"])
+
+
 def test_distill_ppap_bank_is_recorded_raw(tmp_path):
     """distill_ppap trains on raw x_t but returned a bank with no input transform record: a guide through a
     normalisation ran silently, and save_experts without input_transform= recorded nothing."""
