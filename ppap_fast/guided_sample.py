@@ -432,6 +432,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
 def add_arguments(s) -> None:
     """The ``guided-sample`` subcommand's arguments (ppap_fast.cli)."""
     from .cli import _positive_int, finite_float as _finite_float
+    from .schedule import SCHEDULE_NAMES
 
     s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
     s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
@@ -456,7 +457,7 @@ def add_arguments(s) -> None:
                         "Cityscapes maps: 255; default -100)")
     s.add_argument("--scale", type=_finite_float, default=10.0)
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    s.add_argument("--schedule", default="linear", choices=["linear", "cosine"],
+    s.add_argument("--schedule", default="linear", choices=list(SCHEDULE_NAMES),
                    help="the denoiser's noise schedule (ADM's ImageNet models: linear)")
     s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
     s.add_argument("--eta", type=float, default=0.0)

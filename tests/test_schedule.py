@@ -199,3 +199,19 @@ def test_q_sample_checks_t_and_x_start():
     noise = torch.ones(2, 3)
     out = s.q_sample(x0, torch.tensor([0, 9]), noise)
     torch.testing.assert_close(out[:, 0].double(), s.sqrt_one_minus_alphas_cumprod[[0, 9]])
+
+
+def test_schedule_names_come_from_one_list(monkeypatch):
+    """guided-sample's --schedule choices and ADM flags' noise_schedule check each wrote ("linear", "cosine") out:
+    both read schedule.SCHEDULE_NAMES, so a schedule added there is taken everywhere."""
+    from ppap_fast import schedule
+    from ppap_fast.cli import _parser
+    from ppap_fast.models.adm import _flags_schedule
+
+    assert _parser().parse_args(["guided-sample", "--out", "o.npz", "--schedule", "cosine"]).schedule == "cosine"
+    with pytest.raises(ValueError, match=r"^noise_schedule='extra': ppap_fast samples the schedules "
+                                         r"\['linear', 'cosine'\] only$"):
+        _flags_schedule({"noise_schedule": "extra"})
+    monkeypatch.setattr(schedule, "SCHEDULE_NAMES", ("linear", "cosine", "extra"))
+    assert _parser().parse_args(["guided-sample", "--out", "o.npz", "--schedule", "extra"]).schedule == "extra"
+    assert _flags_schedule({"noise_schedule": "extra", "diffusion_steps": "500"}) == ("extra", 500)

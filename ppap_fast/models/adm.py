@@ -871,9 +871,11 @@ def _flags_schedule(config: Mapping[str, Any]) -> tuple[str, int] | None:
     (linear, 1000) for the one left out; None where it names neither."""
     if "noise_schedule" not in config and "diffusion_steps" not in config:
         return None
+    from ..schedule import SCHEDULE_NAMES
+
     name = config.get("noise_schedule", "linear")
-    if name not in ("linear", "cosine"):
-        raise ValueError(f"noise_schedule={name!r}: ppap_fast samples the 'linear' and 'cosine' schedules only")
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"noise_schedule={name!r}: ppap_fast samples the schedules {list(SCHEDULE_NAMES)} only")
     return name, int(config.get("diffusion_steps", 1000))
 
 
