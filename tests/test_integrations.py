@@ -1123,6 +1123,24 @@ def test_pipeline_takes_numpy_int_counts(unet):
     torch.testing.assert_close(out, ref)
 
 
+def test_pipeline_generator_list_needs_one_generator_per_sample(unet):
+    """A list of generators is one per sample (as diffusers): a shorter list crashed with IndexError, a longer one
+    ran silently on its first batch_size generators; a list as long as the batch gives each sample its own noise."""
+    pipe = PPAPGuidedPipeline(unet, DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda n: [torch.Generator().manual_seed(10 + i) for i in range(n)]  # noqa: E731
+    for n in (2, 4):
+        with pytest.raises(ValueError, match=rf"{n} generators for a batch of 3: give one per sample"):
+            pipe(batch_size=3, num_inference_steps=2, generator=gens(n), output_type="raw")
+        with pytest.raises(ValueError, match=rf"{n} generators for a batch of 3"):  # the step's noise uses them too
+            pipe(batch_size=3, num_inference_steps=2, generator=gens(n), output_type="raw",
+                 latents=torch.zeros(3, C, H, H))
+    both = pipe(batch_size=2, num_inference_steps=2, generator=gens(2), output_type="raw").images
+    second = pipe(batch_size=1, num_inference_steps=2, generator=gens(2)[1:], output_type="raw").images
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-5)  # batched UNet convs: not bitwise
+
+
 def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):
     """eta > 0 with a scheduler whose step takes none (DDPM, Euler, DPM-Solver) was dropped without a word."""
     def run(sched, eta):
