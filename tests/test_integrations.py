@@ -1141,6 +1141,16 @@ def test_pipeline_generator_list_needs_one_generator_per_sample(unet):
     torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-5)  # batched UNet convs: not bitwise
 
 
+def test_pipeline_takes_a_tuple_of_generators_as_a_list(unet):
+    """A tuple of per-sample generators failed in diffusers' randn_tensor (AttributeError: no .device)."""
+    pipe = PPAPGuidedPipeline(unet, DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator().manual_seed(20 + i) for i in range(2)]  # noqa: E731
+    got = pipe(batch_size=2, num_inference_steps=2, generator=tuple(gens()), output_type="raw").images
+    want = pipe(batch_size=2, num_inference_steps=2, generator=gens(), output_type="raw").images
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
 def test_pipeline_warns_of_an_eta_its_scheduler_ignores(unet):
     """eta > 0 with a scheduler whose step takes none (DDPM, Euler, DPM-Solver) was dropped without a word."""
     def run(sched, eta):

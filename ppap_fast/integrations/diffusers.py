@@ -858,7 +858,9 @@ class _GuidedPipelineBody:
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         batch_size, num_inference_steps = int(batch_size), int(num_inference_steps)
-        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:  # IndexError, or extras ignored
+        if isinstance(generator, tuple):  # diffusers' randn_tensor takes a list only (AttributeError on a tuple)
+            generator = list(generator)
+        if isinstance(generator, list) and len(generator) != batch_size:  # IndexError, or extras ignored
             raise ValueError(f"{len(generator)} generators for a batch of {batch_size}: give one per sample, or one "
                              "torch.Generator for the whole batch")
         tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None)  # a diffusers PipelineCallback's
