@@ -1273,6 +1273,18 @@ def test_pipeline_refuses_a_scheduler_whose_step_needs_more_than_the_sample(unet
             pipe(batch_size=B, num_inference_steps=2, output_type="raw")
 
 
+def test_pipeline_refuses_a_scheduler_without_a_step(unet, classifier):
+    """ScoreSdeVeScheduler has step_pred / step_correct, no step: an AttributeError from the signature check."""
+    from diffusers import ScoreSdeVeScheduler
+
+    W, y = classifier
+    for guide in (linear_classifier_guide(W, y, 4.0), None):
+        pipe = PPAPGuidedPipeline(unet, ScoreSdeVeScheduler(), guide)
+        pipe.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match=r"ScoreSdeVeScheduler has no step\(model_output, timestep, sample\)"):
+            pipe(batch_size=B, num_inference_steps=2, output_type="raw")
+
+
 def _text_unet(out_channels=C):
     torch.manual_seed(7)
     from diffusers import UNet2DConditionModel

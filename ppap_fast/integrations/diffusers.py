@@ -649,6 +649,9 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
 def _check_step_takes_a_plain_sample(scheduler) -> None:
     """The loop calls scheduler.step(model_output, t, x, [eta, generator]): a scheduler whose step needs
     more (RePaint's original_image and mask: inpainting) is refused by name, before sampling."""
+    if not callable(getattr(scheduler, "step", None)):  # ScoreSdeVe: step_pred / step_correct
+        raise ValueError(f"{type(scheduler).__name__} has no step(model_output, timestep, sample): PPAPGuidedPipeline "
+                         "runs schedulers that step that way; use a DDPM-family scheduler (DDPM, DDIM, DPM-Solver, ...)")
     params = inspect.signature(scheduler.step).parameters.values()
     needed = [p.name for p in list(params)[3:] if p.default is inspect.Parameter.empty
               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
