@@ -1285,6 +1285,30 @@ def test_pipeline_refuses_a_scheduler_without_a_step(unet, classifier):
             pipe(batch_size=B, num_inference_steps=2, output_type="raw")
 
 
+def test_pipeline_names_variance_channels_its_scheduler_does_not_read(classifier):
+    """A 2C-output UNet (eps and a learned variance) with a scheduler that does not split the variance off (DDIM,
+    UniPC, Euler, DDPM with a fixed variance) failed inside its step: "size of tensor a (3) must match ... (6)"."""
+    from diffusers import UniPCMultistepScheduler
+
+    torch.manual_seed(3)
+    unet2c = UNet2DModel(sample_size=H, in_channels=C, out_channels=2 * C, layers_per_block=1, block_out_channels=(8, 16),
+                         norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    W, y = classifier
+    for sched in (DDIMScheduler(), UniPCMultistepScheduler(), EulerDiscreteScheduler(), DDPMScheduler()):
+        for guide in (linear_classifier_guide(W, y, 4.0), None):
+            pipe = PPAPGuidedPipeline(unet2c, sched, guide)
+            pipe.set_progress_bar_config(disable=True)
+            with pytest.raises(ValueError, match=rf"the denoiser returns 6 channels for a 3-channel sample \(eps and a "
+                                                 rf"learned variance\), but {type(sched).__name__} \(variance_type="):
+                pipe(batch_size=B, num_inference_steps=2, output_type="raw")
+    for sched in (DDPMScheduler(variance_type="learned_range"), DPMSolverMultistepScheduler(variance_type="learned_range")):
+        pipe = PPAPGuidedPipeline(unet2c, sched, linear_classifier_guide(W, y, 4.0))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=B, num_inference_steps=2, output_type="raw").images
+        assert out.shape == (B, C, H, H) and torch.isfinite(out).all()
+
+
 def _text_unet(out_channels=C):
     torch.manual_seed(7)
     from diffusers import UNet2DConditionModel

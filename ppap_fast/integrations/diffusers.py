@@ -661,6 +661,18 @@ def _check_step_takes_a_plain_sample(scheduler) -> None:
                          "(DDPM, DDIM, DPM-Solver, Euler, ...)")
 
 
+def _check_variance_channels(scheduler, out: torch.Tensor, x: torch.Tensor) -> None:
+    """A denoiser output of 2C channels (eps and a learned variance) goes to a scheduler that splits it off
+    (variance_type 'learned' / 'learned_range'); others failed inside their step with a broadcast error."""
+    c, vt = x.shape[1], getattr(getattr(scheduler, "config", None), "variance_type", None)
+    if out.shape[1] == 2 * c and vt in ("learned", "learned_range"):
+        return
+    what = "eps and a learned variance" if out.shape[1] == 2 * c else "not the sample's channel count"
+    raise ValueError(f"the denoiser returns {out.shape[1]} channels for a {c}-channel sample ({what}), but "
+                     f"{type(scheduler).__name__} (variance_type={vt!r}) steps with {c}: give a 2C denoiser a scheduler "
+                     "with variance_type='learned_range' (DDPM, DPM-Solver), or a denoiser returning its first C channels")
+
+
 def _step_kwargs(scheduler, eta, generator) -> dict:
     params = set(inspect.signature(scheduler.step).parameters)
     kw = {}
@@ -939,6 +951,8 @@ class _GuidedPipelineBody:
                     continue
                 inp = step_sched.scale_model_input(x, t) if hasattr(step_sched, "scale_model_input") else x
                 out = self._denoise(inp, t, unet_labels, text)
+                if isinstance(out, torch.Tensor) and out.ndim > 1 and out.shape[1] != x.shape[1]:
+                    _check_variance_channels(step_sched, out, x)
                 first_bad.see("the denoiser's output", out, i, t)
                 if guided:
                     if clip_first:
