@@ -601,6 +601,23 @@ def test_dynamic_thresholding_is_applied_before_the_guidance(unet, classifier):
     assert sched.config.thresholding  # the user's scheduler is left as it was
 
 
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_clip_sample_carried_over_from_another_schedulers_config_is_not_applied(unet, classifier, cls):
+    """diffusers' scheduler swap, cls.from_config(ddpm_pipe.scheduler.config), keeps an explicit clip_sample=True in
+    the new config though DPM-Solver / Euler never clip: the guided pipeline clipped x0 first there (up to 900 off)."""
+    W, y = classifier
+    src = DDPMScheduler.from_config({"clip_sample": True})
+    swapped, own = cls.from_config(src.config), cls.from_config({**src.config, "clip_sample": False})
+    assert swapped.config.clip_sample and not own.config.clip_sample  # the carried key, not the class's setting
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for sched in (swapped, own):
+        pipe = PPAPGuidedPipeline(unet, sched, linear_classifier_guide(W, y, 3.0))
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(batch_size=B, num_inference_steps=5, latents=xT, output_type="raw").images)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_clip_sample_with_repeated_timesteps_reads_the_stepping_schedulers_sigma(unet, classifier):
     """Heun (clip_sample=True) repeats each timestep for its second-order pass: the pipeline steps an
     unclipped copy, and every step's input scaling, clip and correction must use that copy's sigma

@@ -553,14 +553,24 @@ def _check_output_shape(model_output, x) -> int:
     return c
 
 
+def _own_setting(scheduler, name: str) -> bool:
+    """config.<name> where the scheduler's class takes that setting; False for a key its config only carries
+    (from_config of another scheduler's config keeps explicit keys: DPM-Solver made from a clip_sample=True DDPM
+    config says clip_sample=True, but never clips)."""
+    try:
+        takes = name in inspect.signature(type(scheduler).__init__).parameters
+    except (TypeError, ValueError):
+        takes = True
+    return takes and bool(getattr(getattr(scheduler, "config", None), name, False))
+
+
 def _thresholds(scheduler) -> bool:
-    return bool(getattr(getattr(scheduler, "config", None), "thresholding", False)) and \
-        hasattr(scheduler, "_threshold_sample")
+    return _own_setting(scheduler, "thresholding") and hasattr(scheduler, "_threshold_sample")
 
 
 def _limits_x0(scheduler) -> bool:
     """Whether the scheduler's step clips or thresholds its predicted x0 (after any guidance added)."""
-    return _thresholds(scheduler) or bool(getattr(getattr(scheduler, "config", None), "clip_sample", False))
+    return _thresholds(scheduler) or _own_setting(scheduler, "clip_sample")
 
 
 def _limit_x0(scheduler, x0: torch.Tensor) -> torch.Tensor:
