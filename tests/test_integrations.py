@@ -618,6 +618,34 @@ def test_clip_sample_carried_over_from_another_schedulers_config_is_not_applied(
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
+def test_settings_carried_over_from_another_schedulers_config_are_not_read(unet, classifier):
+    """Keys a scheduler's class does not take, kept in its config by from_config: DPM-Solver made from an Euler config
+    with timestep_type='continuous' was refused as continuous; DDIM made from a learned_range DDPM config let a 2C
+    output through to a broadcast error inside its step."""
+    W, y = classifier
+    guide = linear_classifier_guide(W, y, 3.0)
+    carried = DPMSolverMultistepScheduler.from_config(EulerDiscreteScheduler(timestep_type="continuous").config)
+    plain = DPMSolverMultistepScheduler.from_config({**carried.config, "timestep_type": "discrete"})
+    assert carried.config.timestep_type == "continuous"
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for sched in (carried, plain):
+        pipe = PPAPGuidedPipeline(unet, sched, guide)
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(batch_size=B, num_inference_steps=4, latents=xT, output_type="raw").images)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+    torch.manual_seed(3)
+    unet2c = UNet2DModel(sample_size=H, in_channels=C, out_channels=2 * C, layers_per_block=1, block_out_channels=(8, 16),
+                         norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    ddim = DDIMScheduler.from_config(DDPMScheduler(variance_type="learned_range").config)
+    assert ddim.config.variance_type == "learned_range"
+    pipe = PPAPGuidedPipeline(unet2c, ddim, guide)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"returns 6 channels .* but DDIMScheduler \(variance_type=None\)"):
+        pipe(batch_size=B, num_inference_steps=2, output_type="raw")
+
+
 def test_clip_sample_with_repeated_timesteps_reads_the_stepping_schedulers_sigma(unet, classifier):
     """Heun (clip_sample=True) repeats each timestep for its second-order pass: the pipeline steps an
     unclipped copy, and every step's input scaling, clip and correction must use that copy's sigma

@@ -225,7 +225,7 @@ class PPAPGuidance:
         if entry is not None and not _table_current(entry, scheduler, acp):
             entry = None  # ids reused by a new scheduler / table, or the table changed in place
         if entry is None:
-            if getattr(getattr(scheduler, "config", None), "timestep_type", None) == "continuous":
+            if _own_config(scheduler, "timestep_type") == "continuous":
                 # its timesteps are 0.25 * log(sigma): rounded to 0 / 1 they routed the guide silently, then raised
                 raise ValueError(f"{type(scheduler).__name__} with timestep_type='continuous' passes 0.25 * log(sigma) "
                                  "as its timesteps, not the training timesteps 0..T-1 the guide takes: use "
@@ -480,7 +480,7 @@ def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
     if not (isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and callable(to_alpha_sigma)) \
             or getattr(scheduler, "num_inference_steps", None) is None:
         return None
-    if getattr(scheduler.config, "use_flow_sigmas", False):
+    if _own_setting(scheduler, "use_flow_sigmas"):
         raise ValueError(f"{type(scheduler).__name__} with use_flow_sigmas=True samples a flow-matching path, not "
                          "the variance-preserving one PPAPGuidance corrects")
     idx = getattr(scheduler, "step_index", None)
@@ -553,15 +553,19 @@ def _check_output_shape(model_output, x) -> int:
     return c
 
 
-def _own_setting(scheduler, name: str) -> bool:
-    """config.<name> where the scheduler's class takes that setting; False for a key its config only carries
-    (from_config of another scheduler's config keeps explicit keys: DPM-Solver made from a clip_sample=True DDPM
-    config says clip_sample=True, but never clips)."""
+def _own_config(scheduler, name: str, default=None):
+    """config.<name> where the scheduler's class takes that setting, else ``default``: from_config of another
+    scheduler's config keeps its explicit keys (DPM-Solver made from a clip_sample=True DDPM config says
+    clip_sample=True, but never clips)."""
     try:
         takes = name in inspect.signature(type(scheduler).__init__).parameters
     except (TypeError, ValueError):
         takes = True
-    return takes and bool(getattr(getattr(scheduler, "config", None), name, False))
+    return getattr(getattr(scheduler, "config", None), name, default) if takes else default
+
+
+def _own_setting(scheduler, name: str) -> bool:
+    return bool(_own_config(scheduler, name, False))
 
 
 def _thresholds(scheduler) -> bool:
@@ -674,7 +678,7 @@ def _check_step_takes_a_plain_sample(scheduler) -> None:
 def _check_variance_channels(scheduler, out: torch.Tensor, x: torch.Tensor) -> None:
     """A denoiser output of 2C channels (eps and a learned variance) goes to a scheduler that splits it off
     (variance_type 'learned' / 'learned_range'); others failed inside their step with a broadcast error."""
-    c, vt = x.shape[1], getattr(getattr(scheduler, "config", None), "variance_type", None)
+    c, vt = x.shape[1], _own_config(scheduler, "variance_type")
     if out.shape[1] == 2 * c and vt in ("learned", "learned_range"):
         return
     what = "eps and a learned variance" if out.shape[1] == 2 * c else "not the sample's channel count"
