@@ -1318,6 +1318,35 @@ def test_pipeline_refuses_a_scheduler_whose_step_needs_more_than_the_sample(unet
             pipe(batch_size=B, num_inference_steps=2, output_type="raw")
 
 
+def test_pipeline_gives_unclip_its_previous_timestep(unet, classifier):
+    """UnCLIPScheduler.step steps to prev_timestep, t - 1 when not given (its pipelines pass the next timestep):
+    the pipeline's 5 steps went 999 -> 998 ... and returned (clipped) noise."""
+    from diffusers import UnCLIPScheduler
+
+    from ppap_fast.integrations.diffusers import MIN_GUIDED_ABAR
+
+    W, y = classifier
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(6))
+    for guide in (None, linear_classifier_guide(W, y, 2.0)):
+        pipe = PPAPGuidedPipeline(unet, UnCLIPScheduler(clip_sample=False), guide)
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(batch_size=B, num_inference_steps=5, latents=xT, generator=torch.Generator().manual_seed(7),
+                   output_type="raw").images
+        sched, x, gen = UnCLIPScheduler(clip_sample=False), xT.clone(), torch.Generator().manual_seed(7)
+        sched.set_timesteps(5)
+        ts = sched.timesteps
+        with torch.no_grad():
+            for i, t in enumerate(ts):
+                eps = unet(x, t).sample
+                abar = sched.alphas_cumprod[t]
+                if guide is not None and abar >= MIN_GUIDED_ABAR:  # its cosine schedule's t = 999 is not guided
+                    eps = eps - (1 - abar).sqrt() * guide(x, torch.full((B,), int(t)))
+                prev = ts[i + 1] if i + 1 < len(ts) else None
+                x = sched.step(eps, t, x, prev_timestep=prev, generator=gen).prev_sample
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
 def test_pipeline_refuses_a_scheduler_without_a_step(unet, classifier):
     """ScoreSdeVeScheduler has step_pred / step_correct, no step: an AttributeError from the signature check."""
     from diffusers import ScoreSdeVeScheduler

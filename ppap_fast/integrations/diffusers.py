@@ -958,6 +958,7 @@ class _GuidedPipelineBody:
             step_sched.set_timesteps(num_inference_steps)
         # every step reads its sigma / step index from the scheduler that steps (the user's one does not
         # when a copy steps: its index never advances, and repeated timesteps (Heun) are ambiguous)
+        takes_prev = "prev_timestep" in inspect.signature(step_sched.step).parameters
         first_bad = FirstNonFinite(device)
         try:
             for i, t in enumerate(self.progress_bar(step_sched.timesteps)):
@@ -973,6 +974,8 @@ class _GuidedPipelineBody:
                         out = self.guidance._clip_first(out, x, t, step_sched, sched)
                     out = self.guidance.correct(out, x, t, step_sched, scale=guidance_scale, target=guide_labels)
                     first_bad.see("the guided output (the guidance)", out, i, t)
+                if takes_prev:  # UnCLIP: without it each step went from t to t - 1 only (noise came back)
+                    extra["prev_timestep"] = step_sched.timesteps[i + 1] if i + 1 < len(step_sched.timesteps) else None
                 x = step_sched.step(out, t, x, **extra).prev_sample
                 first_bad.see("the scheduler's step", x, i, t)
                 if callback_on_step_end is not None:
