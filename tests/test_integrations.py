@@ -618,6 +618,22 @@ def test_clip_sample_carried_over_from_another_schedulers_config_is_not_applied(
     assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("name", ["TCDScheduler", "CogVideoXDDIMScheduler"])
+def test_clip_sample_a_scheduler_takes_but_never_applies_is_not_applied(unet, classifier, name):
+    """TCD and CogVideoX-DDIM take clip_sample (CogVideoX's default True) but their step never clips: the guided
+    pipeline clipped x0 first there, silently."""
+    cls = getattr(diffusers, name)
+    W, y = classifier
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for clip in (True, False):
+        pipe = PPAPGuidedPipeline(unet, cls(clip_sample=clip), linear_classifier_guide(W, y, 3.0))
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(batch_size=B, num_inference_steps=4, latents=xT, generator=torch.Generator().manual_seed(5),
+                         output_type="raw").images)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_settings_carried_over_from_another_schedulers_config_are_not_read(unet, classifier):
     """Keys a scheduler's class does not take, kept in its config by from_config: DPM-Solver made from an Euler config
     with timestep_type='continuous' was refused as continuous; DDIM made from a learned_range DDPM config let a 2C

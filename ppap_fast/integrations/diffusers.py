@@ -56,6 +56,7 @@ diffusers is imported only when ``PPAPGuidedPipeline`` is first used: this modul
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -568,13 +569,31 @@ def _own_setting(scheduler, name: str) -> bool:
     return bool(_own_config(scheduler, name, False))
 
 
+@functools.lru_cache(maxsize=None)
+def _code_reads(cls, name: str) -> bool:
+    """Whether the scheduler class's code reads ``self.config.<name>`` (True where its source is unavailable)."""
+    import re
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
+    return re.search(rf"(?<!`)self\.config\.{name}\b(?!`)", src) is not None
+
+
+def _applied_setting(scheduler, name: str) -> bool:
+    """An x0 limit (clip_sample / thresholding) the scheduler has set and applies: TCD and CogVideoX-DDIM take
+    clip_sample (CogVideoX's default True) but their step never clips."""
+    return _own_setting(scheduler, name) and _code_reads(type(scheduler), name)
+
+
 def _thresholds(scheduler) -> bool:
-    return _own_setting(scheduler, "thresholding") and hasattr(scheduler, "_threshold_sample")
+    return _applied_setting(scheduler, "thresholding") and hasattr(scheduler, "_threshold_sample")
 
 
 def _limits_x0(scheduler) -> bool:
     """Whether the scheduler's step clips or thresholds its predicted x0 (after any guidance added)."""
-    return _thresholds(scheduler) or _own_setting(scheduler, "clip_sample")
+    return _thresholds(scheduler) or _applied_setting(scheduler, "clip_sample")
 
 
 def _limit_x0(scheduler, x0: torch.Tensor) -> torch.Tensor:
