@@ -940,6 +940,62 @@ def test_solver_correction_uses_the_steps_own_sigma(classifier, name, sigmas):
     assert errs and all(e < 1e-4 for e in errs), errs  # (max(worst, nan) kept worst: NaN outputs passed)
 
 
+class _AnalyticDenoiser(torch.nn.Module):
+    """A float64 eps model in ``pt``'s parameterisation, converted with the alpha_t, sigma_t the scheduler's step reads
+    (sigmas[step_index] for DPM-Solver-like solvers, else alphas_cumprod[t]); with ``guide`` it is the guided model
+    itself: eps - sigma_t * guide(x, t)."""
+
+    def __init__(self, sched, pt, guide=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))  # the pipeline's dtype
+        self.sched, self.pt, self.guide = sched, pt, guide
+
+    def forward(self, x, t):
+        s = self.sched
+        if hasattr(s, "_sigma_to_alpha_sigma_t"):
+            idx = s.step_index if s.step_index is not None else int((s.timesteps == t).nonzero()[0])
+            a, sig = s._sigma_to_alpha_sigma_t(s.sigmas[idx].double())
+        else:
+            a, sig = s.alphas_cumprod[int(t)].double().sqrt(), (1 - s.alphas_cumprod[int(t)].double()).sqrt()
+        eps = torch.tanh(0.7 * x) + 0.1 * torch.sin(3 * x) + 1e-3 * float(t)
+        if self.guide is not None:
+            eps = eps - sig * self.guide(x, torch.full((x.shape[0],), int(t)))
+        x0 = (x - sig * eps) / a
+        return {"epsilon": eps, "v_prediction": a * eps - sig * x0, "sample": x0}[self.pt]
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+def test_multistep_solver_histories_hold_the_guided_output(classifier, pt):
+    """Solvers that keep a history of (converted) model outputs: the guided pipeline equals the unguided one on the
+    guided model itself (eps - sigma_t * grad in the scheduler's parameterisation), so every history entry is the
+    corrected eps / x0, at orders 2 and 3, SDE variants and eps-space UniPC included."""
+    W, y = classifier
+    W64 = W[:, : C * 4 * 4].double()
+    guide = lambda x, t: 2.0 * torch.func.grad(  # noqa: E731
+        lambda z: torch.log_softmax(z.flatten(1) @ W64.T, -1)[torch.arange(z.shape[0]), y].sum())(x)
+    d = diffusers
+    cases = [(d.DPMSolverMultistepScheduler, dict(algorithm_type=a, solver_order=o))
+             for a in ("dpmsolver++", "sde-dpmsolver++") for o in (2, 3)]
+    cases += [(d.DPMSolverSinglestepScheduler, dict(solver_order=3)), (d.DEISMultistepScheduler, dict(solver_order=3)),
+              (d.UniPCMultistepScheduler, dict(solver_order=3)), (d.SASolverScheduler, {}),
+              (d.UniPCMultistepScheduler, dict(predict_x0=False, final_sigmas_type="sigma_min")),
+              (DDIMScheduler, dict(clip_sample=False, timestep_spacing="trailing")), (DDPMScheduler, dict(clip_sample=False))]
+    if pt != "sample":  # PNDM takes eps and v only
+        cases += [(d.PNDMScheduler, {}), (d.PNDMScheduler, dict(skip_prk_steps=True))]
+    xT = torch.randn(B, C, 4, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for cls, kw in cases:
+        runs = []
+        for pipe_guide, model_guide in ((guide, None), (None, guide), (None, None)):  # guided, reference, unguided
+            sched = cls(prediction_type=pt, **kw)
+            pipe = PPAPGuidedPipeline(_AnalyticDenoiser(sched, pt, model_guide), sched, pipe_guide, image_shape=(C, 4, 4))
+            pipe.set_progress_bar_config(disable=True)
+            runs.append(pipe(batch_size=B, num_inference_steps=7, latents=xT, output_type="raw",
+                             generator=torch.Generator().manual_seed(9), eta=0.5 if cls is DDIMScheduler else 0.0).images)
+        got, want, plain = runs
+        assert torch.isfinite(got).all(), (cls.__name__, kw)
+        assert ((got - want).norm() / (want - plain).norm()).item() < 1e-5, (cls.__name__, kw)
+
+
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_near_zero_snr_step_is_not_guided(unet, classifier, cls):
     """rescale_betas_zero_snr in DPM-Solver / Euler keeps abar_999 = 2**-24, not 0: the v / x0 correction there
