@@ -1592,3 +1592,19 @@ def test_a_fast_guide_given_runs_its_merged_experts():
     torch.testing.assert_close(got, guide(x, 500), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="give them to the FastGuide"):
         PPAPGuidance(FastGuide(guide), channels_last=True).grad(x, torch.tensor(500))
+
+
+def test_a_subclassed_scheduler_clips_as_its_base(unet, classifier):
+    """A user's subclass of DDIMScheduler inherits its clipping step: the guided pipeline clips x0 first for it as for
+    DDIMScheduler (a check of the subclass's own source found no clip_sample and skipped it)."""
+    class MyDDIM(DDIMScheduler):
+        pass
+
+    W, y = classifier
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(6))
+    outs = []
+    for cls in (DDIMScheduler, MyDDIM):
+        pipe = PPAPGuidedPipeline(unet, cls(clip_sample=True, clip_sample_range=0.5), linear_classifier_guide(W, y, 30.0))
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(batch_size=B, num_inference_steps=4, latents=xT, output_type="raw").images)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])

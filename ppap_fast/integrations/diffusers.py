@@ -56,7 +56,6 @@ diffusers is imported only when ``PPAPGuidedPipeline`` is first used: this modul
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import numbers
@@ -569,22 +568,15 @@ def _own_setting(scheduler, name: str) -> bool:
     return bool(_own_config(scheduler, name, False))
 
 
-@functools.lru_cache(maxsize=None)
-def _code_reads(cls, name: str) -> bool:
-    """Whether the scheduler class's code reads ``self.config.<name>`` (True where its source is unavailable)."""
-    import re
-
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return True
-    return re.search(rf"(?<!`)self\.config\.{name}\b(?!`)", src) is not None
+# schedulers that take clip_sample (CogVideoX's default True) but whose step never clips
+_NEVER_CLIPS = frozenset({"TCDScheduler", "CogVideoXDDIMScheduler"})
 
 
 def _applied_setting(scheduler, name: str) -> bool:
-    """An x0 limit (clip_sample / thresholding) the scheduler has set and applies: TCD and CogVideoX-DDIM take
-    clip_sample (CogVideoX's default True) but their step never clips."""
-    return _own_setting(scheduler, name) and _code_reads(type(scheduler), name)
+    """An x0 limit (clip_sample / thresholding) the scheduler has set and applies (subclasses as their base)."""
+    if name == "clip_sample" and any(c.__name__ in _NEVER_CLIPS for c in type(scheduler).__mro__):
+        return False
+    return _own_setting(scheduler, name)
 
 
 def _thresholds(scheduler) -> bool:
