@@ -1608,3 +1608,14 @@ def test_a_subclassed_scheduler_clips_as_its_base(unet, classifier):
         pipe.set_progress_bar_config(disable=True)
         outs.append(pipe(batch_size=B, num_inference_steps=4, latents=xT, output_type="raw").images)
     assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"])
+def test_pipeline_refuses_an_inverse_scheduler(unet, classifier, name):
+    """An inverse scheduler steps an image towards noise: the pipeline ran it from noise and returned noise."""
+    W, y = classifier
+    for guide in (linear_classifier_guide(W, y, 4.0), None):
+        pipe = PPAPGuidedPipeline(unet, getattr(diffusers, name)(), guide)
+        pipe.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match=rf"{name} steps from an image towards noise \(inversion\)"):
+            pipe(batch_size=B, num_inference_steps=2, output_type="raw")

@@ -677,6 +677,9 @@ def _check_step_takes_a_plain_sample(scheduler) -> None:
     if not callable(getattr(scheduler, "step", None)):  # ScoreSdeVe: step_pred / step_correct
         raise ValueError(f"{type(scheduler).__name__} has no step(model_output, timestep, sample): PPAPGuidedPipeline "
                          "runs schedulers that step that way; use a DDPM-family scheduler (DDPM, DDIM, DPM-Solver, ...)")
+    if any(c.__name__.endswith("InverseScheduler") for c in type(scheduler).__mro__):
+        raise ValueError(f"{type(scheduler).__name__} steps from an image towards noise (inversion): "
+                         "PPAPGuidedPipeline samples from noise; use DDIMScheduler / DPMSolverMultistepScheduler")
     params = inspect.signature(scheduler.step).parameters.values()
     needed = [p.name for p in list(params)[3:] if p.default is inspect.Parameter.empty
               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
