@@ -86,6 +86,24 @@ def test_script_flags_given_as_strings():
         adm_kwargs_from_flags(dict(as_str, class_cond="maybe"))
 
 
+def test_unet_kwargs_contradicting_class_cond_or_learn_sigma_are_refused(fixtures_dir):
+    """UNetModel kwargs beside the script flags class_cond / learn_sigma: a contradiction was ignored silently
+    (class_cond=True built an unconditional model; learn_sigma=True kept 3 output channels)."""
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    cfg = g["config"]  # num_classes None, out_channels 6, learn_sigma True
+    with pytest.raises(ValueError, match=r"class_cond=True contradicts num_classes=None: .*num_classes=1000"):
+        ADMUNet.config_to_kwargs(dict(cfg, class_cond=True))
+    with pytest.raises(ValueError, match=r"class_cond='False' contradicts num_classes=10: "):
+        ADMUNet.config_to_kwargs(dict(cfg, class_cond="False", num_classes=10))
+    with pytest.raises(ValueError, match=r"learn_sigma=True contradicts out_channels=3 .*out_channels=6"):
+        ADMUNet.config_to_kwargs(dict(cfg, out_channels=3))
+    with pytest.raises(ValueError, match=r"learn_sigma=False contradicts out_channels=6 .*out_channels=3"):
+        ADMUNet.config_to_kwargs(dict(cfg, learn_sigma=False))
+    kw = ADMUNet.config_to_kwargs(dict(cfg, class_cond="True", num_classes=1000))
+    assert kw["num_classes"] == 1000 and kw["out_channels"] == 6
+    assert ADMUNet.config_to_kwargs(dict(cfg, class_cond=False))["num_classes"] is None
+
+
 def test_an_x0_predicting_config_is_refused():
     # predict_xstart=True was ignored: the model's x0 output was read as eps, silently
     from ppap_fast.models import ADMUNet

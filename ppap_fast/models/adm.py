@@ -824,6 +824,7 @@ class ADMUNet(nn.Module):
         unknown = set(config) - known - ignored
         if unknown:
             raise ValueError(f"unknown ADMUNet config keys: {sorted(unknown)}")
+        _check_flags_agree_with_kwargs(config)
         return {k: v for k, v in config.items() if k in known}
 
     @classmethod
@@ -864,6 +865,22 @@ class ADMUNet(nn.Module):
         else:
             model.load_state_dict(state, strict=False)
         return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
+
+
+def _check_flags_agree_with_kwargs(config: Mapping[str, Any]) -> None:
+    """class_cond / learn_sigma beside UNetModel kwargs must say what num_classes / out_channels say (they
+    are not applied: a contradiction built another model than the flags describe)."""
+    if "class_cond" in config:
+        n = config.get("num_classes")
+        if _flag_bool("class_cond", config["class_cond"]) != (n is not None):
+            raise ValueError(f"class_cond={config['class_cond']!r} contradicts num_classes={n!r}: give "
+                             f"num_classes={NUM_CLASSES} for a class-conditional model, None (or left out) otherwise")
+    if "learn_sigma" in config and "in_channels" in config and "out_channels" in config:
+        c, out = int(config["in_channels"]), int(config["out_channels"])
+        want = 2 * c if _flag_bool("learn_sigma", config["learn_sigma"]) else c
+        if out != want:
+            raise ValueError(f"learn_sigma={config['learn_sigma']!r} contradicts out_channels={out} "
+                             f"(in_channels={c}): give out_channels={want}, or the other learn_sigma")
 
 
 def _flags_schedule(config: Mapping[str, Any]) -> tuple[str, int] | None:
