@@ -309,6 +309,21 @@ def test_class_cond_and_bad_inputs():
         u(x, torch.tensor([1, 2, 3]))
 
 
+def test_input_size_not_divisible_by_the_downsampling_is_refused():
+    """A spatial size the UNet cannot halve at every level failed deep inside at a decoder torch.cat
+    ('Sizes of tensors must match'), after most of the forward ran."""
+    for updown in (True, False):  # stride-2 conv (ceil) and average pool (floor): both failed at the cat
+        m = ADMUNet(**{**SMALL, "channel_mult": (1, 2, 2), "resblock_updown": updown}).eval()
+        t = torch.tensor([1, 2])
+        with torch.no_grad():
+            with pytest.raises(ValueError, match=r"x's spatial size \(30, 36\) must be divisible by 4 .*2 times"):
+                m(torch.randn(2, 3, 30, 36), t)
+            with pytest.raises(ValueError, match=r"x's spatial size \(36, 35\) must be divisible by 4"):
+                m(torch.randn(2, 3, 36, 35), t)
+            out = m(torch.randn(2, 3, 36, 20), t)
+        assert out.shape == (2, 6, 36, 20) and torch.isfinite(out).all()
+
+
 def test_attention_resolutions_flag_string_in_unet_kwargs_is_refused():
     """The script flag's string of resolutions among UNetModel kwargs: "16" was read character by character
     as the downsample rates (1, 6), silently another model, and "16,8" failed on int(','); both now say

@@ -542,6 +542,7 @@ class ADMUNet(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.num_heads, self.num_head_channels = num_heads, num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.dims = dims
 
         ted = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
@@ -745,6 +746,11 @@ class ADMUNet(nn.Module):
             raise ValueError(f"x must be [B, {self.in_channels}, ...], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be floating point, got {x.dtype}")
+        halvings = len(self.channel_mult) - 1
+        resampled = x.shape[3:] if getattr(self, "dims", 2) == 3 else x.shape[2:]  # 3-D: inner two dims only
+        if any(s % 2 ** halvings for s in resampled):  # else a decoder concatenation fails, deep inside
+            raise ValueError(f"x's spatial size {tuple(resampled)} must be divisible by {2 ** halvings} (this UNet "
+                             f"halves it {halvings} times): resize or pad x")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
