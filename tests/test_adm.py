@@ -324,6 +324,23 @@ def test_input_size_not_divisible_by_the_downsampling_is_refused():
         assert out.shape == (2, 6, 36, 20) and torch.isfinite(out).all()
 
 
+def test_class_labels_are_checked():
+    """Labels out of [0, num_classes) failed in nn.Embedding with 'index out of range in self' (on CUDA a
+    device-side assert); float labels with the embedding's dtype message; a list with AttributeError."""
+    m = _randomised(num_classes=10)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    with torch.no_grad():
+        for bad in ([1, 10], [-1, 3]):
+            with pytest.raises(ValueError, match=r"y must be class indices in \[0, 10\), got min -?\d+ max \d+"):
+                m(x, t, torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"y must hold integer class indices, got torch.float32"):
+            m(x, t, torch.tensor([1.0, 2.0]))
+        want = m(x, t, torch.tensor([0, 9]))
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(m(x, t, [0, 9]), want, rtol=0, atol=0)
+        torch.testing.assert_close(m(x, t, torch.tensor([0, 9], dtype=torch.int32)), want, rtol=0, atol=0)
+
+
 def test_attention_resolutions_flag_string_in_unet_kwargs_is_refused():
     """The script flag's string of resolutions among UNetModel kwargs: "16" was read character by character
     as the downsample rates (1, 6), silently another model, and "16,8" failed on int(','); both now say

@@ -767,8 +767,15 @@ class ADMUNet(nn.Module):
 
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.num_classes is not None:
+            y = torch.as_tensor(y, device=x.device)
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                raise ValueError(f"y must hold integer class indices, got {y.dtype}: pass y.long()")
+            if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() \
+                    and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):  # accelerators: no host sync
+                raise ValueError(f"y must be class indices in [0, {self.num_classes}), got min {int(y.min())} "
+                                 f"max {int(y.max())}")
             emb = emb + self.label_emb(y)
         hs = []
         h = x.type(self.dtype)
