@@ -72,6 +72,50 @@ def test_from_script_flags_matches_unet_kwargs(fixtures_dir):
         assert sum(p.numel() for p in ADMUNet.from_config("256x256_diffusion_uncond").parameters()) == 552_814_086
 
 
+# guided-diffusion README flags of the public checkpoints; (tensors, parameters, sha256[:16] of the
+# "key:(shape)" lines in state_dict order) of guided-diffusion's create_model for them (commit 22e0df8)
+OFFICIAL_FLAGS = {
+    "64x64_diffusion": (dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, dropout=0.1,
+                             image_size=64, learn_sigma=True, noise_schedule="cosine", num_channels=192,
+                             num_head_channels=64, num_res_blocks=3, resblock_updown=True,
+                             use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True),
+                        (541, 295_904_454, "a48a5b95ed98ae0f")),
+    "128x128_diffusion": (dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=128,
+                               learn_sigma=True, noise_schedule="linear", num_channels=256, num_heads=4,
+                               num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
+                          (493, 421_529_606, "f1123836c80c9c01")),
+    "256x256_diffusion": (dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=256,
+                               learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64,
+                               num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True),
+                          (567, 553_838_086, "a578ceeaaa7287ec")),
+    "256x256_diffusion_uncond": (dict(ADM_PRESETS["256x256_diffusion_uncond"]), (566, 552_814_086, "7851a44e799b06ac")),
+    "512x512_diffusion": (dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, image_size=512,
+                               learn_sigma=True, noise_schedule="linear", num_channels=256, num_head_channels=64,
+                               num_res_blocks=2, resblock_updown=True, use_fp16=False, use_scale_shift_norm=True),
+                          (645, 558_997_638, "cddc1f38c482aa45")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_FLAGS))
+def test_official_flags_build_the_official_key_layout(name):
+    import hashlib
+
+    flags, (n_tensors, n_params, digest) = OFFICIAL_FLAGS[name]
+    with torch.device("meta"):
+        model = ADMUNet.from_config(flags)
+    sd = model.state_dict()
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+    assert (len(sd), sum(v.numel() for v in sd.values())) == (n_tensors, n_params)
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest
+    assert sd["out.2.weight"].shape[0] == 6 and ("label_emb.weight" in sd) == flags["class_cond"]
+    half = {k for k, v in sd.items() if v.dtype == torch.float16}
+    assert bool(half) == flags["use_fp16"] and all(k.startswith(("input_", "middle_", "output_")) for k in half)
+    attn = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert attn and all(m.legacy != flags.get("use_new_attention_order", False) for m in attn)
+    want_heads = (lambda c: c // 64) if "num_head_channels" in flags else (lambda c: flags["num_heads"])
+    assert all(m.num_heads == want_heads(m.channels) for m in attn)
+
+
 def test_script_flags_given_as_strings():
     # flags parsed from a MODEL_FLAGS string: "False" was truthy (new attention order: same keys, other outputs)
     from ppap_fast.models import adm_kwargs_from_flags
@@ -440,6 +484,55 @@ def _randomised(**kw):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
     return m
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_resblock_is_the_hand_written_forward(scale_shift):
+    m = _randomised(use_scale_shift_norm=scale_shift, resblock_updown=False)
+    blk = m.output_blocks[0][0]  # 128 -> 64 channels: the 1x1 skip conv
+    x, emb = torch.randn(2, 128, 8, 8), torch.randn(2, 128)
+    p = dict(blk.named_parameters())
+    h = F.conv2d(F.silu(F.group_norm(x, 32, p["in_layers.0.weight"], p["in_layers.0.bias"])),
+                 p["in_layers.2.weight"], p["in_layers.2.bias"], padding=1)
+    e = F.linear(F.silu(emb), p["emb_layers.1.weight"], p["emb_layers.1.bias"])[:, :, None, None]
+    n2 = lambda u: F.group_norm(u, 32, p["out_layers.0.weight"], p["out_layers.0.bias"])  # noqa: E731
+    if scale_shift:  # FiLM: norm(h) * (1 + scale) + shift, scale first
+        h = n2(h) * (1 + e[:, :64]) + e[:, 64:]
+    else:
+        h = n2(h + e)
+    h = F.conv2d(F.silu(h), p["out_layers.3.weight"], p["out_layers.3.bias"], padding=1)
+    want = F.conv2d(x, p["skip_connection.weight"], p["skip_connection.bias"]) + h
+    with torch.no_grad():
+        got = blk(x, emb)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_block_is_the_hand_written_forward(new_order, backend):
+    m = _randomised(use_new_attention_order=new_order).set_attention_backend(backend)
+    blk = m.middle_block[1]  # 64 channels, num_head_channels 8: 8 heads
+    assert blk.num_heads == 8 and blk.legacy != new_order
+    x = torch.randn(2, 64, 8, 8)
+    p = dict(blk.named_parameters())
+    xr = x.reshape(2, 64, 64)
+    qkv = torch.einsum("oc,bct->bot", p["qkv.weight"][:, :, 0], F.group_norm(xr, 32, p["norm.weight"], p["norm.bias"]))
+    qkv = qkv + p["qkv.bias"][:, None]
+
+    def attend(q, k, v):  # [B, heads, 8, T] each
+        w = torch.softmax(torch.einsum("bhct,bhcs->bhts", q, k) / math.sqrt(8), dim=-1)
+        return torch.einsum("bhts,bhcs->bhct", w, v).reshape(2, 64, 64)
+
+    legacy = attend(*qkv.reshape(2, 8, 24, 64).split(8, dim=2))  # per head [q | k | v]
+    new = attend(*(u.reshape(2, 8, 8, 64) for u in qkv.chunk(3, dim=1)))  # [q of all heads | k | v]
+    out = lambda a: (xr + torch.einsum("oc,bct->bot", p["proj_out.weight"][:, :, 0], a)  # noqa: E731
+                     + p["proj_out.bias"][:, None]).reshape(2, 64, 8, 8)
+    with torch.no_grad():
+        got = blk(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, out(new if new_order else legacy), rtol=0, atol=1e-5)
+    assert (got - out(legacy if new_order else new)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
