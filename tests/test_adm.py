@@ -148,6 +148,21 @@ def test_unet_kwargs_contradicting_class_cond_or_learn_sigma_are_refused(fixture
     assert ADMUNet.config_to_kwargs(dict(cfg, class_cond=False))["num_classes"] is None
 
 
+def test_attention_resolutions_flag_forms():
+    """An int flag (a YAML `attention_resolutions: 16`) failed with "'int' object is not iterable", "0" with
+    ZeroDivisionError and "16;8" with int()'s message."""
+    from ppap_fast.models import adm_kwargs_from_flags
+
+    flags = dict(image_size=64, num_channels=32, use_fp16=False)
+    assert adm_kwargs_from_flags(dict(flags, attention_resolutions=16))["attention_resolutions"] == (4,)
+    assert adm_kwargs_from_flags(dict(flags, attention_resolutions=" 16, 8"))["attention_resolutions"] == (4, 8)
+    assert adm_kwargs_from_flags(dict(flags, attention_resolutions=[32, 16]))["attention_resolutions"] == (2, 4)
+    assert adm_kwargs_from_flags(dict(flags, attention_resolutions=""))["attention_resolutions"] == ()
+    for bad in ("0", "16;8", "-8", [16.5]):
+        with pytest.raises(ValueError, match=r"attention_resolutions=.* must be positive integer resolutions"):
+            adm_kwargs_from_flags(dict(flags, attention_resolutions=bad))
+
+
 def test_an_x0_predicting_config_is_refused():
     # predict_xstart=True was ignored: the model's x0 output was read as eps, silently
     from ppap_fast.models import ADMUNet

@@ -8,6 +8,7 @@ model(x, t[, y]) with integer original timesteps t of shape [B].
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -969,6 +970,19 @@ def _flag_bool(name: str, v) -> bool:
     return bool(v)
 
 
+def _attention_resolutions_flag(v) -> list[int]:
+    """The attention_resolutions script flag ("32,16,8", an int, or a list of ints) as resolutions."""
+    items = v.split(",") if isinstance(v, str) else [v] if isinstance(v, int) else list(v)
+    try:
+        res = [int(r.strip()) if isinstance(r, str) else operator.index(r) for r in items
+               if not (isinstance(r, str) and not r.strip())]
+    except (TypeError, ValueError):
+        res = [0]
+    if any(r <= 0 for r in res):
+        raise ValueError(f"attention_resolutions={v!r} must be positive integer resolutions, e.g. \"32,16,8\"")
+    return res
+
+
 def adm_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """guided-diffusion create_model(): script flags -> UNetModel kwargs (defaults filled in)."""
     unknown = set(flags) - set(ADM_FLAG_DEFAULTS) - _DIFFUSION_FLAGS
@@ -986,9 +1000,7 @@ def adm_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         cm = defaults[size]
     elif isinstance(cm, str):
         cm = tuple(int(c) for c in cm.split(","))
-    ar = f["attention_resolutions"]
-    if isinstance(ar, str):
-        ar = [int(r) for r in ar.split(",") if r.strip()]
+    ar = _attention_resolutions_flag(f["attention_resolutions"])
     return dict(
         image_size=size, in_channels=3, model_channels=int(f["num_channels"]),
         out_channels=6 if f["learn_sigma"] else 3, num_res_blocks=int(f["num_res_blocks"]),
