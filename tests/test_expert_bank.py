@@ -129,6 +129,31 @@ def test_train_mode_bn_uses_per_expert_batch_stats(dtype, tol):
     assert (bank.model.bn1.num_batches_tracked >= 1).all()
 
 
+@pytest.mark.parametrize("kind,shape", [(nn.BatchNorm1d, (5,)), (nn.BatchNorm2d, (5, 1, 1))])
+def test_train_mode_bn_keeps_stats_of_an_expert_with_one_value_per_channel(kind, shape):
+    """An expert with one value per channel ([S, C] features, or 1x1 maps: a ResNet's last stage on 32x32 images)
+    has no variance to estimate (nn.BatchNorm raises): its running statistics stay as they were, where they
+    were pulled towards a variance of 0; the other experts' update as nn.BatchNorm's."""
+    model = nn.Sequential(kind(5))
+    bank = randomise_bank(ExpertBank(model, Placement(norm=("0",)), n_experts=2).to(D)).train()
+    m = bank.model[0]
+    before = {k: getattr(m, k).clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    x = torch.randn(4, *shape, dtype=D) * 2 + 1
+    idx = torch.tensor([1, 0, 1, 1])  # expert 0: one sample
+    y = bank(x, expert_idx=idx)
+    assert torch.isfinite(y).all()
+    for k, v in before.items():
+        assert torch.equal(getattr(m, k)[0], v[0]), k
+    ref = kind(5).to(D).train()
+    with torch.no_grad():
+        ref.weight.copy_(m.expert_weight[1]), ref.bias.copy_(m.expert_bias[1])
+        ref.running_mean.copy_(before["running_mean"][1]), ref.running_var.copy_(before["running_var"][1])
+    want = ref(x[idx == 1])
+    assert rel(y[idx == 1], want) < 1e-12
+    assert rel(m.running_mean[1], ref.running_mean) < 1e-12 and rel(m.running_var[1], ref.running_var) < 1e-12
+    assert int(m.num_batches_tracked[1]) == int(before["num_batches_tracked"][1]) + 1
+
+
 def test_gradients_stay_in_the_routed_expert():
     bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5).to(D)).eval()
     x = torch.randn(2, 3, 8, 8, dtype=D)

@@ -346,7 +346,8 @@ class ExpertBatchNorm(_ExpertAffine):
     """BatchNorm1d/2d with per-expert bias (and weight), and per-expert running statistics.
 
     Train mode normalises each expert's samples with that expert's own batch statistics and
-    updates only its running stats (``momentum=None``, the cumulative average, is not supported).
+    updates only its running stats (``momentum=None``, the cumulative average, is not supported); an
+    expert with one value per channel (one sample of [S, C] or 1x1 maps) keeps its statistics.
     """
 
     def __init__(self, base, router, n_experts, per_expert_weight=True):
@@ -366,14 +367,25 @@ class ExpertBatchNorm(_ExpertAffine):
 
     def forward(self, x):
         idx = self._idx(x)
+        # one value per (sample, channel): an expert with one sample has no variance to estimate
+        one_value = self.training and math.prod(x.shape[2:]) == 1
         if self.training:
             with torch.no_grad():  # index_add, not bincount: no host sync (CUDA graphs)
                 seen = torch.zeros(self.n_experts, dtype=torch.int32, device=idx.device)
                 seen.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
-                self.num_batches_tracked.add_((seen > 0).to(self.num_batches_tracked.dtype))
-        return _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
-                                             self.running_var, self.training, self.momentum, self.eps,
-                                             segments=self._router.segments(x, self.n_experts))
+                updated = seen > 1 if one_value else seen > 0
+                self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
+                if one_value:  # the op would pull its running_var towards 0 (nn.BatchNorm raises)
+                    kept = (~updated)[:, None], self.running_mean.clone(), self.running_var.clone()
+        y = _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
+                                          self.running_var, self.training, self.momentum, self.eps,
+                                          segments=self._router.segments(x, self.n_experts))
+        if one_value:
+            with torch.no_grad():
+                keep, rm, rv = kept
+                self.running_mean.copy_(torch.where(keep, rm, self.running_mean))
+                self.running_var.copy_(torch.where(keep, rv, self.running_var))
+        return y
 
     def to_plain(self, n):
         bn = self.kind(self.num_features, eps=self.eps, momentum=self.momentum, device="meta")
