@@ -810,26 +810,38 @@ def call_guide(guide, x_t, t, **kw):
     return g
 
 
-def as_cond_fn(guide) -> Callable:
+def as_cond_fn(guide, num_timesteps: int | None = None) -> Callable:
     """guided-diffusion ``cond_fn(x, t, y=None, **kw)`` calling ``guide(x, t)``.
 
     ``y`` (guided-diffusion's class labels) overrides the target of a ClassGuide / X0HatGuide, and of
     those sub-guides of a ComposedGuide (a FastGuide of either: the same); other guides, and a ComposedGuide's
-    dense sub-guides, ignore it. ``t`` is the original timestep (SpacedDiffusion maps it)."""
+    dense sub-guides, ignore it. ``t`` is the original timestep (SpacedDiffusion maps it).
+    ``num_timesteps``: the diffusion's base T. Given, the guide's ExpertBanks / X0HatGuide tables are checked
+    against it (a bank of another T routes to the wrong experts), and the float ``t * 1000 / T`` of a diffusion
+    made with ``rescale_timesteps=True`` is mapped back to the original integer t."""
     from .integrations.diffusers import PPAPGuidance  # imports no diffusers
 
     if isinstance(guide, PPAPGuidance):  # it failed at the first call: "correct() missing 't' and 'scheduler'"
         raise TypeError("as_cond_fn takes a guide, guide(x_t, t) -> grad, but got a PPAPGuidance (the correction of a "
                         "diffusers scheduler's output): pass its guide, as_cond_fn(guidance.guide)")
-    from .fast_sampling import FastGuide
+    from .fast_sampling import FastGuide, check_guide_timesteps
 
+    if num_timesteps is not None:
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral) or num_timesteps <= 0:
+            raise ValueError(f"as_cond_fn: num_timesteps must be the diffusion's base T (a positive int), got "
+                             f"{num_timesteps!r}")
+        num_timesteps = int(num_timesteps)
+        check_guide_timesteps(guide, num_timesteps)
     integer_t = isinstance(guide, (Guide, ComposedGuide, FastGuide))  # these route / check by integer timesteps
 
     def cond_fn(x, t, y=None, **kwargs):
         if integer_t and isinstance(t, torch.Tensor) and t.is_floating_point():
-            raise ValueError("cond_fn got float timesteps: guided-diffusion passes t * 1000 / T when the diffusion "
-                             "was made with rescale_timesteps=True, which a guide cannot route by; create it with "
-                             "rescale_timesteps=False (the default) so cond_fn gets the original integer timesteps")
+            if num_timesteps is None:
+                raise ValueError("cond_fn got float timesteps: guided-diffusion passes t * 1000 / T when the diffusion "
+                                 "was made with rescale_timesteps=True, which a guide cannot route by without T: "
+                                 "pass as_cond_fn(guide, num_timesteps=T), or create the diffusion with "
+                                 "rescale_timesteps=False (the default) so cond_fn gets the original integer timesteps")
+            t = original_timesteps(t, num_timesteps)
         if y is not None and has_class_target(guide):  # per call: a ComposedGuide's list may have gained a class part
             return guide(x, t, target=y)
         return call_guide(guide, x, t)
@@ -837,7 +849,20 @@ def as_cond_fn(guide) -> Callable:
     return cond_fn
 
 
+def original_timesteps(t_rescaled: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """guided-diffusion's rescaled ``t * 1000 / T`` (floats) back to the original integer t; values that are no such
+    rescale (another T) raise (on accelerators a device-side assert: no host sync)."""
+    from .sampling import _assert_tensor_true
+
+    exact = t_rescaled.double() * (num_timesteps / 1000.0)
+    t = exact.round()
+    _assert_tensor_true(((exact - t).abs() <= 1e-3).all() & (t >= 0).all() & (t < num_timesteps).all(),
+                        f"cond_fn got float timesteps that are not t * 1000 / T for integer t in [0, {num_timesteps}) "
+                        f"(num_timesteps={num_timesteps}): pass the diffusion's base T", ValueError)
+    return t.long()
+
+
 __all__ = ["Guide", "ClassGuide", "X0HatGuide", "DenseRegressionGuide", "DepthGuide", "SegmentationGuide",
-           "ComposedGuide", "InputTransform", "input_transform", "as_cond_fn", "check_finite", "has_class_target",
-           "resize_labels", "resize_values", "warn_train_mode",
+           "ComposedGuide", "InputTransform", "input_transform", "as_cond_fn", "original_timesteps", "check_finite",
+           "has_class_target", "resize_labels", "resize_values", "warn_train_mode",
            "IMAGENET_MEAN", "IMAGENET_STD", "NONFINITE_MODES"]

@@ -844,3 +844,36 @@ def test_prechecked_targets_is_per_thread():
     with gd.prechecked_targets():  # in its own thread it still skips the range read (a graph break)
         got = f(logits, y)
     assert not counters["graph_break"] and torch.equal(got, ct.select(logits, y))
+
+
+def test_as_cond_fn_maps_rescaled_float_timesteps_back_to_the_original_t():
+    """guided-diffusion with rescale_timesteps=True (improved-diffusion models need it) hands cond_fn t * 1000 / T
+    as float32: with num_timesteps=T each sample's expert is chosen by its original t."""
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    for T, t in ((1000, torch.tensor([999, 200, 199])), (4000, torch.tensor([3999, 800, 799]))):
+        bank = ExpertBank(SmallNet().to(D), "generic", n_experts=5, num_timesteps=T).eval()
+        with torch.no_grad():
+            for name, p in bank.per_expert_state_dict().items():
+                if name.endswith(("running_mean", "lora_A", "lora_B", "bias")):
+                    p.normal_(0, 0.3)
+        guide = ClassGuide(bank, torch.tensor([0, 2, 4]), scale=1.5)
+        want = guide(x, t)
+        rescaled = t.float() * (1000.0 / T)  # guided-diffusion's _scale_timesteps / _WrappedModel
+        g = as_cond_fn(guide, num_timesteps=T)(x, rescaled)
+        assert torch.isfinite(want).all() and torch.equal(g, want)
+        assert rel(guide(x, torch.tensor([999, 999, 999]) * (T // 1000)), want) > 1e-3  # the experts differ
+    with pytest.raises(ValueError, match=r"not t \* 1000 / T for integer t in \[0, 4000\)"):
+        as_cond_fn(guide, num_timesteps=4000)(x, torch.tensor([0.1, 3.0, 5.0]))
+    with pytest.raises(ValueError, match=r"pass as_cond_fn\(guide, num_timesteps=T\)"):
+        as_cond_fn(guide)(x, torch.tensor([0.0, 3.0, 5.0]))
+
+
+def test_as_cond_fn_with_num_timesteps_refuses_a_bank_of_another_T():
+    """A T=500 diffusion's t in [0, 500) would reach only experts 0-2 of a T=1000 bank, silently."""
+    guide = ClassGuide(small_bank(), torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match=r"T=500 base timesteps, but an ExpertBank of the guide splits T=1000"):
+        as_cond_fn(guide, num_timesteps=500)
+    with pytest.raises(ValueError, match=r"num_timesteps must be the diffusion's base T \(a positive int\), got 0"):
+        as_cond_fn(guide, num_timesteps=0)
+    assert torch.isfinite(as_cond_fn(guide, num_timesteps=1000)(torch.randn(3, 2, 4, 4, dtype=D),
+                                                                 torch.tensor([5, 500, 999]))).all()

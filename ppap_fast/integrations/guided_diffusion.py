@@ -7,8 +7,9 @@
 ``y`` overrides the target of a ClassGuide / X0HatGuide, also of those sub-guides of a ComposedGuide
 (and through a ``fast_sampling.FastGuide``). ``t`` arrives as the ORIGINAL timestep
 (SpacedDiffusion maps respaced indices before calling cond_fn), which is what an ExpertBank
-routes by; a diffusion made with ``rescale_timesteps=True`` passes float ``t * 1000 / T`` instead,
-which a ppap_fast guide refuses with a ValueError naming the fix. This is :func:`ppap_fast.guidance.as_cond_fn`, re-exported (not a copy).
+routes by; a diffusion made with ``rescale_timesteps=True`` passes float ``t * 1000 / T`` instead, which
+``as_cond_fn(guide, num_timesteps=T)`` maps back to the original t (without T: a ValueError naming the fix).
+Passing ``num_timesteps`` also checks the guide's ExpertBanks against T. This is :func:`ppap_fast.guidance.as_cond_fn`, re-exported (not a copy).
 """
 from __future__ import annotations
 
