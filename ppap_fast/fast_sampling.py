@@ -170,16 +170,23 @@ def _x0hat_guides(guide) -> list:
     return [guide] if isinstance(guide, _gd.X0HatGuide) else []
 
 
-def check_guide_timesteps(guide, num_timesteps: int) -> None:
+def check_guide_timesteps(guide, num_timesteps: int, schedule=None) -> None:
     """The guide's ExpertBanks must split, and an X0HatGuide's alphas_cumprod cover, the schedule's own T:
     with a shorter schedule a bank's steps silently reached only its first experts (T=500 with a T=1000 bank:
     experts 0-2 of 5) and x0-hat took another schedule's abar; with a longer one they left the bank. A guide
-    given as a FastGuide is checked too (it was not)."""
+    given as a FastGuide is checked too (it was not). With ``schedule`` (a possibly respaced Schedule) an
+    X0HatGuide's table must also hold its values (a cosine table under a linear sampler: x0-hat silently wrong)."""
     for g in _x0hat_guides(guide):
         if g.acp.numel() != num_timesteps:
             raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but the X0HatGuide's alphas_cumprod "
                              f"has {g.acp.numel()}: give it the base table of this schedule (Schedule.create(name, "
                              f"{num_timesteps}))")
+        if schedule is not None:
+            own = schedule.alphas_cumprod.detach().cpu().double()
+            if not torch.allclose(g.acp[schedule.timestep_map.cpu()], own, rtol=1e-4, atol=1e-7):
+                raise ValueError("the X0HatGuide's alphas_cumprod is not the sampler schedule's (another beta "
+                                 "schedule): x0-hat would use the wrong abar_t; give it the base table of this "
+                                 f"schedule (Schedule.create(name, {num_timesteps}))")
     for b in guide_banks(guide, through_fast=True):
         if b.num_timesteps != num_timesteps:
             raise ValueError(f"the schedule has T={num_timesteps} base timesteps, but an ExpertBank of the guide splits "
@@ -886,7 +893,7 @@ class FastGuidedSampler:
                           "has none (guide=None): ignored", FastSamplingWarning, stacklevel=2)
         # once here: the steps run with the banks' host-side range checks off
         if guide is not None:
-            check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps)
+            check_guide_timesteps(self.fast_guide.guide, self.schedule.original_num_timesteps, self.schedule)
             self.fast_guide.num_timesteps = self.schedule.original_num_timesteps
             if merge_experts and _wrapped_banks(guide):  # was silent
                 warnings.warn("the guide is (or holds) a FastGuide: the sampler calls it without the step's timestep "

@@ -877,3 +877,23 @@ def test_as_cond_fn_with_num_timesteps_refuses_a_bank_of_another_T():
         as_cond_fn(guide, num_timesteps=0)
     assert torch.isfinite(as_cond_fn(guide, num_timesteps=1000)(torch.randn(3, 2, 4, 4, dtype=D),
                                                                  torch.tensor([5, 500, 999]))).all()
+
+
+def test_x0hat_guide_of_another_beta_schedule_than_the_sampler_is_refused():
+    """Same T, other betas (cosine table, linear sampler): x0-hat took the wrong abar_t with no error."""
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    def denoiser(x, t):
+        return 0.5 * x
+
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 3, 5)).to(D).eval()
+    sampler_schedule = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(2, 2, 3, 3, dtype=D)
+    other = X0HatGuide(classifier, denoiser, Schedule.create("cosine", 1000), 2)
+    with pytest.raises(ValueError, match=r"X0HatGuide's alphas_cumprod is not the sampler schedule's"):
+        sample_loop(denoiser, x_T, sampler_schedule, guide=other)
+    with pytest.raises(ValueError, match=r"X0HatGuide's alphas_cumprod is not the sampler schedule's"):
+        fs.FastGuidedSampler(denoiser, sampler_schedule, guide=other)
+    same = X0HatGuide(classifier, denoiser, Schedule.create("linear", 1000), 2)
+    assert torch.isfinite(sample_loop(denoiser, x_T, sampler_schedule, guide=same)).all()
