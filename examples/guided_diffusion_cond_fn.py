@@ -1,7 +1,8 @@
 """PPAP experts as openai/guided-diffusion's ``cond_fn(x, t, y)`` (shipped digits weights, nothing downloaded).
 
-With guided-diffusion installed: ``diffusion.ddim_sample_loop(model, shape, cond_fn=as_cond_fn(guide),
-model_kwargs={"y": y})``. It is not a dependency, so this script calls cond_fn exactly as its DDIM
+With guided-diffusion installed: ``diffusion.ddim_sample_loop(model, shape, cond_fn=as_cond_fn(guide,
+num_timesteps=diffusion.original_num_steps), model_kwargs={"y": y})`` (num_timesteps checks the experts' T
+and takes rescale_timesteps=True's float t). It is not a dependency, so this script calls cond_fn exactly as its DDIM
 step does (condition_score) inside a loop over ppap_fast's reference step, and checks the result
 equals ppap_fast.sample_loop with the guide. Run: python examples/guided_diffusion_cond_fn.py --out examples_out
 """
@@ -46,7 +47,8 @@ def main():
     schedule = schedule.to(args.device)
     y = (torch.arange(args.num) % 10).to(args.device)  # guided-diffusion's model_kwargs["y"]
     # the target given here is a placeholder: cond_fn's y replaces it on every call
-    cond_fn = as_cond_fn(ClassGuide(bank.to(args.device), target=0, scale=args.scale, num_classes=10))
+    cond_fn = as_cond_fn(ClassGuide(bank.to(args.device), target=0, scale=args.scale, num_classes=10),
+                         num_timesteps=schedule.original_num_timesteps)
     x_T = torch.randn((args.num, 1, 16, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
 
     x = ddim_loop_with_cond_fn(unet, x_T, schedule, cond_fn, y)
