@@ -535,10 +535,10 @@ def _run(args) -> int:
         from .distill import generate_datafree
 
         demo.demo_schedule("ddim", args.steps)  # --steps 1001: refused after the folder was made, naming no option
+        unet = demo.load_unet(args.weights_dir)  # missing or wrong weights: refused before --out is made
+        teacher = demo.load_teacher(args.weights_dir, args.task)
         demo.check_writable_dir(args.out)
         _check_set_folder(Path(args.out))
-        unet = demo.load_unet(args.weights_dir)
-        teacher = demo.load_teacher(args.weights_dir, args.task)
         _check_resume_task(Path(args.out), teacher, args)
         written = generate_datafree(unet, teacher, args.out, args.num_images, args.shard_size, seed=args.seed,
                                     respacing=f"ddim{args.steps}", device=args.device, progress=progress)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DigitsSplits, random_shift
+from .data import SEMANTIC_CLASSES, DigitsSplits, random_shift
 from .data.shards import _atomic, remove_stale_tmp
 from .models.tiny import EpsModel, count_params, load_model, save_model
 from .progress import BarLoss
@@ -188,6 +188,9 @@ def load_evaluator(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
 TEACHERS = {"classification": ("classifier.safetensors", "resnet"),
             "segmentation": ("segnet.safetensors", "segnet"),
             "semantic": ("semseg.safetensors", "segnet")}
+# the segmentation teachers share a kind: their class counts and train-classifier --arch tell them apart
+TEACHER_CLASSES = {"segmentation": 2, "semantic": SEMANTIC_CLASSES}
+TEACHER_ARCH = {"classification": "resnet", "segmentation": "segnet", "semantic": "semseg"}
 
 
 def load_teacher(weights_dir=WEIGHTS_DIR, task: str = "classification") -> torch.nn.Module:
@@ -196,7 +199,13 @@ def load_teacher(weights_dir=WEIGHTS_DIR, task: str = "classification") -> torch
     if task not in TEACHERS:
         raise DemoError(f"unknown task {task!r}: expected one of {', '.join(TEACHERS)}")
     name, kind = TEACHERS[task]
-    return _load(load_model, Path(weights_dir) / name, kind)
+    net = _load(load_model, Path(weights_dir) / name, kind)
+    want = TEACHER_CLASSES.get(task)
+    got = net.config.get("num_classes")
+    if want is not None and got != want:  # the other segmentation net (both are segnets) ran silently
+        raise DemoError(f"weight file {Path(weights_dir) / name} holds a {got}-class segnet; --task {task} needs the "
+                        f"{want}-class one (train-classifier --arch {TEACHER_ARCH[task]})")
+    return net
 
 
 def load_classifier(weights_dir=WEIGHTS_DIR) -> torch.nn.Module:
