@@ -207,6 +207,12 @@ def score(cfg: ScoreConfig) -> dict:
         if built.task not in (None, "classification"):
             raise ScoreError(f"classifier {cfg.classifier!r} is a {built.task} model: scoring needs a classifier")
         model, transform = built.model, built.transform
+    wants = transform.mean.shape[1] if transform is not None and transform.mean is not None else None
+    for what, imgs in (("samples", images), ("real images", real)):
+        if wants is not None and imgs is not None and imgs.shape[-1] != wants:  # was a bare ValueError mid-scoring
+            raise ScoreError(f"classifier {cfg.classifier!r} takes {wants}-channel images, the {what} have "
+                             f"{imgs.shape[-1]} ({' x '.join(map(str, imgs.shape[1:]))}): score them with a "
+                             f"classifier of their channel count (--classifier tiny:FILE or py:module:factory)")
     device = _device_for(cfg.device, 0)
     model = model.to(device).eval()
     transform = transform.to(device) if transform is not None else None

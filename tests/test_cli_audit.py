@@ -33,3 +33,25 @@ def test_generate_refuses_the_other_segmentation_net(tmp_path, capsys, weights, 
     want = {"semantic": "11-class", "segmentation": "2-class"}[task]
     assert str(w / file) in err and f"--task {task} needs the {want} one" in err, err
     assert not out.exists()  # refused before the folder was made
+
+
+def _npz(path, n, c):
+    import numpy as np
+
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, (n, 16, 16, c), dtype=np.uint8),
+             targets=np.arange(n) % 10)
+    return str(path)
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_score_refuses_images_of_another_channel_count_than_the_classifier(tmp_path, capsys, real):
+    """1-channel digits scored by a registry classifier (3-channel statistics) ended in a bare
+    'ValueError: InputTransform has 3 channel statistics', naming neither the images nor a fix."""
+    rgb, grey = _npz(tmp_path / "rgb.npz", 8, 3), _npz(tmp_path / "grey.npz", 8, 1)
+    samples, extra = (rgb, ["--real", grey]) if real else (grey, [])
+    assert main(["score", samples, *extra, "--classifier", "resnet18", "--classifier-weights", "none",
+                 "--device", "cpu", "--no-progress", "--json", str(tmp_path / "s.json")]) == 2
+    err = _err(capsys)
+    what = "real images" if real else "samples"
+    assert f"takes 3-channel images, the {what} have 1 (16 x 16 x 1)" in err and "--classifier" in err, err
+    assert not (tmp_path / "s.json").exists()
