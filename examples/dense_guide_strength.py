@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ppap_fast import Schedule, SegmentationGuide
+from ppap_fast.cli import output_dir  # the CLI's checks, while parsing
 from ppap_fast.data import DigitsSplits, from_uint8, ink_mask, semantic_mask, to_uint8
 from ppap_fast.demo import WEIGHTS_DIR
 from ppap_fast.seg_demo import TASK_CLASSES, load_seg_guide
@@ -56,7 +57,7 @@ def measure(model, pass_t, num_classes, x0, masks, schedule, timesteps, batch=12
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples_out")
+    ap.add_argument("--out", type=output_dir, default="examples_out")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--task", default="semantic", choices=["semantic", "segmentation"],

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from ppap_fast import ClassGuide, Schedule
-from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
+from ppap_fast.cli import device, finite_float, output_dir, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import load_evaluator, load_ppap_bank, load_unet, save_grid
 from ppap_fast.integrations.diffusers import PPAPGuidance, PPAPGuidedPipeline
@@ -33,8 +33,8 @@ def dpm_solver_loop(unet, scheduler, x, steps, guided=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples_out")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=output_dir, default="examples_out")
+    ap.add_argument("--device", type=device, default="cpu")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--num", type=positive_int, default=20, help="samples (targets cycle through 0..9)")

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, Schedule
-from ppap_fast.cli import expert_count, positive_float, positive_int  # the CLI's checks, while parsing
+from ppap_fast.cli import device, expert_count, output_dir, positive_float, positive_int  # the CLI's checks
 from ppap_fast.demo import load_classifier, load_evaluator, load_unet
 from ppap_fast.distill import distill_ppap, generate_datafree
 from ppap_fast.experts import load_experts, save_experts
@@ -19,8 +19,8 @@ from ppap_fast.experts import load_experts, save_experts
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples_out")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=output_dir, default="examples_out")
+    ap.add_argument("--device", type=device, default="cpu")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--experts", type=expert_count, default=5, help="N of PPAP-N (must divide 1000)")

@@ -11,18 +11,18 @@ import time
 import torch
 
 from ppap_fast import ClassGuide, FastGuidedSampler, sample_loop
-from ppap_fast.cli import finite_float, positive_int  # the CLI's checks, while parsing
+from ppap_fast.cli import device, digit_list, finite_float, output_dir, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import to_uint8
 from ppap_fast.demo import DemoError, demo_schedule, load_evaluator, load_ppap_bank, load_unet, save_grid
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples_out")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=output_dir, default="examples_out")
+    ap.add_argument("--device", type=device, default="cpu")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
-    ap.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="target digits")
+    ap.add_argument("--digits", type=digit_list, default="0,1,2,3,4,5,6,7,8,9", help="target digits")
     ap.add_argument("--per-class", type=positive_int, default=2)
     ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     ap.add_argument("--scale", type=finite_float, default=10.0)
@@ -38,7 +38,7 @@ def main():
     unet = load_unet().to(args.device)
     guide_net = load_ppap_bank(5).to(args.device)  # ExpertBank: the classifier + 5 timestep experts
     evaluator = load_evaluator().to(args.device)  # scores only, never guides
-    targets = torch.tensor([int(d) for d in args.digits.split(",")]).repeat_interleave(args.per_class).to(args.device)
+    targets = torch.tensor(args.digits).repeat_interleave(args.per_class).to(args.device)
     schedule = schedule.to(args.device)
     guide = ClassGuide(guide_net, targets, scale=args.scale)  # guide(x_t, t) -> scale * grad log p(y | x_t)
     x_T = torch.randn((len(targets), 1, 16, 16), generator=torch.Generator().manual_seed(0)).to(args.device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ppap_fast import Schedule
-from ppap_fast.cli import positive_int  # the CLI's own check: 0 / -1 threads raised in torch
+from ppap_fast.cli import output_dir, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import DigitsSplits, from_uint8, to_uint8
 from ppap_fast.demo import WEIGHTS_DIR, load_guide_model
 
@@ -54,7 +54,7 @@ def mean_gradient(model, pass_t, x0, target, schedule, t, draws, seed=0) -> tupl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="examples_out")
+    ap.add_argument("--out", type=output_dir, default="examples_out")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")

@@ -86,8 +86,29 @@ DEMO_T = 1000  # the demo diffusion model's timesteps: experts split them into e
 # a number of timestep experts: equal bands of T
 _expert_count = _checked(int, lambda n: n > 0 and DEMO_T % n == 0,
                          f"a positive integer dividing T = {DEMO_T} (equal timestep bands)")
+
+
+def _output_dir(v: str) -> str:
+    """An argparse type: a new or existing directory (a file there failed only when the results were saved)."""
+    if os.path.exists(v) and not os.path.isdir(v):
+        raise argparse.ArgumentTypeError(f"{v} is a file: name a new or existing directory")
+    return v
+
+
+def _device(v: str) -> str:
+    """An argparse type: a device that exists here (cuda without a GPU was a traceback once models were loaded)."""
+    try:
+        _check_device(v)
+    except DemoError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {v!r}: ")) from None
+    return v
+
+
+_digits = _checked(lambda v: [int(d) for d in v.split(",")], lambda ds: all(0 <= d <= 9 for d in ds),
+                   "comma-separated digits in 0..9")
 # public: the examples' argparse types
 positive_int, positive_float, expert_count = _positive_int, _positive_float, _expert_count
+output_dir, device, digit_list = _output_dir, _device, _digits
 
 
 def _parser() -> argparse.ArgumentParser:

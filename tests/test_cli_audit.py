@@ -55,3 +55,56 @@ def test_score_refuses_images_of_another_channel_count_than_the_classifier(tmp_p
     what = "real images" if real else "samples"
     assert f"takes 3-channel images, the {what} have 1 (16 x 16 x 1)" in err and "--classifier" in err, err
     assert not (tmp_path / "s.json").exists()
+
+
+EXAMPLES = ["guide_a_sampling_loop.py", "guided_diffusion_cond_fn.py", "diffusers_schedulers.py",
+            "distill_your_own_experts.py", "why_experts.py", "dense_guide_strength.py"]
+
+
+def _run_example(tmp_path, name, *args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(repo / "examples" / name), *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()  # argparse's usage, then its one error line
+    assert proc.returncode == 2 and err[-1].startswith(f"{name}: error: argument "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return err[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_out_naming_a_file_is_a_usage_error(tmp_path, name):
+    """--out naming a file ran the whole example, then ended in a FileExistsError traceback when saving."""
+    (tmp_path / "taken").write_text("mine")
+    err = _run_example(tmp_path, name, "--out", "taken")
+    assert "argument --out: taken is a file" in err, err
+    assert (tmp_path / "taken").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXAMPLES[:4])
+@pytest.mark.parametrize("dev, why", [("cuda", "CUDA is not available"), ("gpu", "Expected one of")])
+def test_example_unavailable_device_is_a_usage_error(tmp_path, name, dev, why):
+    """--device cuda on a machine without CUDA (or a misspelt device) was a traceback after loading the models."""
+    import torch
+
+    if dev == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    err = _run_example(tmp_path, name, "--out", str(tmp_path / "out"), "--device", dev)
+    assert f"argument --device: {why}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("digits", ["12", "a", "3,,4"])
+def test_guide_a_sampling_loop_bad_digits_are_a_usage_error(tmp_path, digits):
+    """--digits 12 ended in ClassGuide's ValueError traceback after loading, 'a' in int()'s."""
+    err = _run_example(tmp_path, "guide_a_sampling_loop.py", "--out", str(tmp_path / "out"), "--digits", digits)
+    assert "argument --digits:" in err and "comma-separated digits in 0..9" in err, err
+    assert not (tmp_path / "out").exists()
