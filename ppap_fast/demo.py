@@ -325,11 +325,16 @@ class PeakMemory:
         return self.peak_mb - self.start_mb
 
 
+ONE_DDIM_STEP = "DDIM needs --steps 2 or more (its stride over T = 1000 gives no single step from x_T)"
+
+
 def demo_schedule(sampler: str, steps: int | None) -> tuple[Schedule, int]:
     """(the respaced schedule, its step count) of ``sampler`` ("ddim": 25 steps by default, "ddpm": 250)."""
     if sampler not in ("ddim", "ddpm"):
         raise DemoError(f"unknown sampler {sampler!r}: expected ddim or ddpm")
     steps = steps or (25 if sampler == "ddim" else 250)
+    if sampler == "ddim" and steps == 1:  # the schedule's hint named respacing '1', which no CLI option takes
+        raise DemoError(f"bad step count 1 for ddim: {ONE_DDIM_STEP}")
     respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     try:
         return Schedule.create("linear", 1000, respacing=respacing), steps

@@ -108,3 +108,19 @@ def test_guide_a_sampling_loop_bad_digits_are_a_usage_error(tmp_path, digits):
     err = _run_example(tmp_path, "guide_a_sampling_loop.py", "--out", str(tmp_path / "out"), "--digits", digits)
     assert "argument --digits:" in err and "comma-separated digits in 0..9" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cmd", [["sample", "--method", "none", "--num-samples", "1"],
+                                 ["generate", "--num-images", "2"], ["demo", "--num-samples", "10"],
+                                 ["guided-sample", "--denoiser", "tiny", "--image-size", "16", "--channels", "1",
+                                  "--guide", "none", "--num-samples", "1"]])
+def test_one_ddim_step_names_the_cli_fix(tmp_path, capsys, weights, cmd):
+    """--steps 1 (a positive integer, as --help asks) was refused with 'use respacing '1'', an option no
+    command has."""
+    out = tmp_path / ("o.npz" if cmd[0] in ("sample", "guided-sample") else "o")
+    extra = ["--checkpoint", str(weights / "unet.safetensors")] if cmd[0] == "guided-sample" else \
+        ["--weights-dir", str(weights)]
+    assert main([*cmd, *extra, "--steps", "1", "--out", str(out), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "DDIM needs --steps 2 or more" in err and "respacing" not in err, err
+    assert not out.exists()
