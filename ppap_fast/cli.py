@@ -26,6 +26,7 @@ unwritable output) prints one line ``ppap-fast: error: ...`` and exits with stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -338,6 +339,25 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
     return out
 
 
+@contextlib.contextmanager
+def _no_empty_dirs_left(d):
+    """Removes the folders of ``d`` that did not exist before, if a failed run left them empty (missing weights
+    were reported after --out's folder was made)."""
+    new, p = [], Path(d).absolute()
+    while not p.exists():
+        new.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for q in new:  # innermost first; a folder holding anything stays
+            try:
+                q.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def _check_device(name: str) -> None:
     import torch
 
@@ -472,6 +492,28 @@ def _env_threads() -> int:
         return _positive_int(v) if v else 2
     except argparse.ArgumentTypeError as e:
         raise DemoError(f"$PPAP_THREADS: {e} (or pass --threads N)") from None
+
+
+def _sample(args, out: Path, demo, progress: bool) -> int:
+    """``ppap-fast sample``: samples, grid and stats beside ``out``."""
+    from .data.shards import remove_stale_tmp, write_json_atomic
+
+    demo.check_writable_dir(out.parent)
+    for side in (out, out.with_suffix(".png"), out.with_suffix(".json")):
+        demo.check_output_file(side)
+        remove_stale_tmp(side, side.suffix)  # a killed run's atomic-write temporary
+    targets = _parse_targets(args.targets, args.num_samples)
+    x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
+                                  args.seed, args.batch_size, progress=progress, fast=args.fast)
+    for side in (out.with_suffix(".json"), out.with_suffix(".png")):  # an older run's, never beside new samples
+        side.unlink(missing_ok=True)
+    demo.save_samples(out, x, targets.numpy())
+    images, labels = demo.read_samples(out)
+    demo.save_grid(out.with_suffix(".png"), images, labels)
+    stats = {"out": str(out), **stats}
+    write_json_atomic(out.with_suffix(".json"), stats)  # as guided-sample's
+    print(json.dumps(stats))
+    return 0
 
 
 def _run(args) -> int:
@@ -665,26 +707,8 @@ def _run(args) -> int:
         if out.suffix != ".npz":
             raise DemoError(f"--out must end in .npz, got {out.name}")
         demo.parse_method(args.method)
-        demo.check_writable_dir(out.parent)
-        from .data.shards import remove_stale_tmp
-
-        for side in (out, out.with_suffix(".png"), out.with_suffix(".json")):
-            demo.check_output_file(side)
-            remove_stale_tmp(side, side.suffix)  # a killed run's atomic-write temporary
-        targets = _parse_targets(args.targets, args.num_samples)
-        x, stats = demo.sample_method(args.method, args.weights_dir, targets, args.sampler, args.steps, args.scale,
-                                      args.seed, args.batch_size, progress=progress, fast=args.fast)
-        for side in (out.with_suffix(".json"), out.with_suffix(".png")):  # an older run's, never beside new samples
-            side.unlink(missing_ok=True)
-        demo.save_samples(out, x, targets.numpy())
-        images, labels = demo.read_samples(out)
-        demo.save_grid(out.with_suffix(".png"), images, labels)
-        from .data.shards import write_json_atomic
-
-        stats = {"out": str(out), **stats}
-        write_json_atomic(out.with_suffix(".json"), stats)  # as guided-sample's
-        print(json.dumps(stats))
-        return 0
+        with _no_empty_dirs_left(out.parent):
+            return _sample(args, out, demo, progress)
 
     if args.cmd == "evaluate":
         if args.json:
@@ -695,13 +719,15 @@ def _run(args) -> int:
             from .data.shards import remove_stale_tmp
 
             remove_stale_tmp(args.json, ".json")  # a killed run's atomic-write temporary (write_json_atomic's)
-        images, labels = demo.read_samples(args.samples)
-        evaluator = demo.load_evaluator(args.weights_dir)
-        res = demo.evaluate_samples(images, labels, evaluator)
-        if args.json:
-            from .data.shards import write_json_atomic
-            demo.check_writable_dir(Path(args.json).parent)
-            write_json_atomic(args.json, res)
+        with _no_empty_dirs_left(Path(args.json or ".").parent):
+            if args.json:  # before scoring: a file in the folder's place was refused only after it
+                demo.check_writable_dir(Path(args.json).parent)
+            images, labels = demo.read_samples(args.samples)
+            evaluator = demo.load_evaluator(args.weights_dir)
+            res = demo.evaluate_samples(images, labels, evaluator)
+            if args.json:
+                from .data.shards import write_json_atomic
+                write_json_atomic(args.json, res)
         print(json.dumps(res))
         return 0
 
@@ -741,9 +767,10 @@ def _run(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods:
             raise DemoError(f"--methods names no method ({args.methods!r}); choose from {', '.join(DEMO_METHODS)}")
-        demo.run_demo(args.out, args.weights_dir, methods, args.num_samples,
-                      "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size, progress,
-                      args.seg_per_target)
+        with _no_empty_dirs_left(args.out):
+            demo.run_demo(args.out, args.weights_dir, methods, args.num_samples,
+                          "ddpm" if args.ddpm else "ddim", args.steps, args.scale, args.seed, args.batch_size,
+                          progress, args.seg_per_target)
         return 0
     raise DemoError(f"unknown command {args.cmd!r}")  # pragma: no cover
 

@@ -124,3 +124,33 @@ def test_one_ddim_step_names_the_cli_fix(tmp_path, capsys, weights, cmd):
     err = _err(capsys)
     assert "DDIM needs --steps 2 or more" in err and "respacing" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", [["sample", "--method", "none", "--num-samples", "1", "--steps", "2",
+                                  "--out", "{new}/deeper/s.npz"],
+                                 ["demo", "--num-samples", "10", "--steps", "2", "--out", "{new}/deeper"],
+                                 ["evaluate", "{samples}", "--json", "{new}/deeper/m.json"]])
+def test_failed_run_leaves_no_new_empty_output_folder(tmp_path, capsys, cmd):
+    """Missing weights were reported after --out's folders were made: each failed run left them empty."""
+    import numpy as np
+
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 16, 16, 1), np.uint8), labels=np.arange(4))
+    argv = [a.format(new=tmp_path / "new", samples=tmp_path / "s.npz") for a in cmd]
+    assert main([*argv, "--weights-dir", str(tmp_path / "no_weights")]) == 2
+    assert "weight file not found" in _err(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_evaluate_json_under_a_file_is_refused_before_scoring(tmp_path, capsys, weights, monkeypatch):
+    """--json FILE/m.json was refused only after the samples were read and scored."""
+    import numpy as np
+
+    from ppap_fast import demo
+
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 16, 16, 1), np.uint8), labels=np.arange(4))
+    (tmp_path / "f").write_text("")
+    scored = []
+    monkeypatch.setattr(demo, "evaluate_samples", lambda *a: scored.append(1) or {})
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--weights-dir", str(weights),
+                 "--json", str(tmp_path / "f" / "m.json")]) == 2
+    assert "is an existing file, not a directory" in _err(capsys) and not scored
