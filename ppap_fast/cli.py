@@ -638,7 +638,7 @@ def _run(args) -> int:
 
         def verify():  # after the resume check: a rerun with other settings is refused without reading the set
             try:
-                bad = shards.verify()
+                bad = shards.verify(progress=progress)  # reads the whole set: long for a large one
             except (FileNotFoundError, ValueError) as e:
                 raise DemoError(str(e)) from None
             if bad:

@@ -152,10 +152,10 @@ _SET_SETTINGS = ("kind", "seed", "respacing", "sampler", "eta", "schedule", "num
                  "targets_encoding", "teacher_temperature", "unet_state", "teacher_state")
 
 
-def data_set_summary(path, verify: bool = False) -> dict:
+def data_set_summary(path, verify: bool = False, progress: bool = False) -> dict:
     """A data-free set's manifest settings, shards (complete or not, read from their zip directories and npy headers
     only) and arrays; ``verify``: every shard read whole and its CRC-32 checked. ``problems``: one line per missing,
-    damaged or inconsistent shard."""
+    damaged or inconsistent shard; ``progress``: a bar over the verified shards."""
     from ppap_fast.data.shards import ShardSet, npz_members
 
     path = Path(path)
@@ -201,7 +201,7 @@ def data_set_summary(path, verify: bool = False) -> dict:
             problems.append(f"{SET_MANIFEST}: inconsistent with its shards ({e})")
         else:
             if verify:
-                problems += [line.removeprefix(f"{path}/") for line in data.verify()]
+                problems += [line.removeprefix(f"{path}/") for line in data.verify(progress=progress)]
                 summary["verified"] = not problems
     return summary
 
@@ -217,6 +217,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="device whose op backends are listed (default: cuda if present)")
     s.add_argument("--verify-data", action="store_true",
                    help="also read every shard of a data-free set whole and check its CRC-32 (slow for large sets)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar while --verify-data reads the shards")
     return s
 
 
@@ -312,7 +313,8 @@ def main_json(args) -> tuple[str, list]:
             experts.append(checkpoint_summary(p))
             states += [training_state_summary(s) for s in _training_states(p)]  # a rerun into it, under way
         elif _is_data_set(p):
-            sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False)))
+            sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False),
+                                         progress=not getattr(args, "no_progress", True)))
         elif p.is_file() and (m := model_file_summary(p)) is not None:  # a finished output, not a state
             models.append(m)
             states += [training_state_summary(s) for s in _training_states(p) if s != p]

@@ -154,3 +154,19 @@ def test_evaluate_json_under_a_file_is_refused_before_scoring(tmp_path, capsys, 
     assert main(["evaluate", str(tmp_path / "s.npz"), "--weights-dir", str(weights),
                  "--json", str(tmp_path / "f" / "m.json")]) == 2
     assert "is an existing file, not a directory" in _err(capsys) and not scored
+
+
+@pytest.mark.slow
+def test_reading_a_whole_data_free_set_shows_a_bar(tmp_path, capsys, weights):
+    """info --verify-data and distill read and CRC-check every shard (slow for large sets) with no progress bar."""
+    data = tmp_path / "set"
+    assert main(["generate", "--weights-dir", str(weights), "--out", str(data), "--num-images", "4",
+                 "--shard-size", "2", "--steps", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(data), "--verify-data"]) == 0
+    assert "verifying shards" in capsys.readouterr().err
+    assert main(["info", str(data), "--verify-data", "--no-progress"]) == 0
+    assert "verifying shards" not in capsys.readouterr().err
+    assert main(["distill", "--weights-dir", str(weights), "--data", str(data), "--experts", "1", "--steps", "1",
+                 "--batch-size", "2", "--out", str(tmp_path / "e")]) == 0
+    assert "verifying shards" in capsys.readouterr().err

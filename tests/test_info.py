@@ -105,7 +105,8 @@ def _small_set(out, num_images=6, shard_size=4, size=8):
 
 def test_info_summarises_a_data_free_set(capsys, tmp_path):
     data = _small_set(tmp_path / "set")
-    rc, out, err = run(capsys, str(data), str(WEIGHTS_DIR / "ppap5"), "--device", "cpu", "--verify-data")
+    rc, out, err = run(capsys, str(data), str(WEIGHTS_DIR / "ppap5"), "--device", "cpu", "--verify-data",
+                               "--no-progress")  # no bar: stderr must stay empty
     assert rc == 0 and not err
     res = json.loads(out)
     assert [c["n_experts"] for c in res["experts"]] == [5]  # checkpoints and sets side by side
