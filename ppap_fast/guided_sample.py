@@ -305,7 +305,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .data.shards import write_json_atomic, write_npz_atomic
     from .demo import PeakMemory
     from .distributed import _device_for, build_denoiser, denoiser_var_type
-    from .distill import warn_if_not_declared
+    from .distill import declared_image_shape, warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
     from .schedule import Schedule
@@ -328,10 +328,13 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
                           sampler=cfg.sampler).to(device).eval()
     unet.requires_grad_(False)
-    warn_if_not_declared(unet, cfg.channels, cfg.image_size)
     x1 = torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t1 = sched.timestep_map[:1].to(device)
-    out_channels = _probe(f"denoiser {cfg.denoiser!r}", cfg, lambda: unet(x1, t1)).shape[1]
+    declared = declared_image_shape(unet)
+    hint = "" if declared is None or len(declared) != 3 or declared[1] != declared[2] else \
+        f" (it declares {' x '.join(map(str, declared))}: --channels {declared[0]} --image-size {declared[1]})"
+    out_channels = _probe(f"denoiser {cfg.denoiser!r}{hint}", cfg, lambda: unet(x1, t1)).shape[1]
+    warn_if_not_declared(unet, cfg.channels, cfg.image_size)  # after the probe: a failed one is the only line
     var_type = denoiser_var_type(cfg.denoiser, cfg.sampler)  # a diffusers scheduler's fixed_small / fixed_large
     make_guide, info = (None, {"guide": None}) if cfg.guide is None else _build_guide(cfg, device)
     targets = None

@@ -170,3 +170,16 @@ def test_reading_a_whole_data_free_set_shows_a_bar(tmp_path, capsys, weights):
     assert main(["distill", "--weights-dir", str(weights), "--data", str(data), "--experts", "1", "--steps", "1",
                  "--batch-size", "2", "--out", str(tmp_path / "e")]) == 0
     assert "verifying shards" in capsys.readouterr().err
+
+
+def test_guided_sample_at_another_size_than_the_denoiser_declares_is_one_line_naming_it(tmp_path, capsys, weights,
+                                                                                       recwarn):
+    """The tiny UNet at the default 3 x 256 x 256 printed a UserWarning, then the error, neither naming the
+    options' values that fit."""
+    out = tmp_path / "s.npz"
+    assert main(["guided-sample", "--denoiser", "tiny", "--checkpoint", str(weights / "unet.safetensors"),
+                 "--guide", "none", "--steps", "2", "--num-samples", "1", "--out", str(out), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "(it declares 1 x 16 x 16: --channels 1 --image-size 16) does not take [1, 3, 256, 256]" in err, err
+    assert not [w for w in recwarn if "declares" in str(w.message)]  # the error alone, no warning before it
+    assert not out.exists()
