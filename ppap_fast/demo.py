@@ -326,6 +326,7 @@ class PeakMemory:
 
 
 ONE_DDIM_STEP = "DDIM needs --steps 2 or more (its stride over T = 1000 gives no single step from x_T)"
+ONE_DDPM_STEP = "DDPM needs --steps 2 or more (its one respaced step is t = 0: the samples would be the initial noise)"
 
 
 def demo_schedule(sampler: str, steps: int | None) -> tuple[Schedule, int]:
@@ -335,6 +336,8 @@ def demo_schedule(sampler: str, steps: int | None) -> tuple[Schedule, int]:
     steps = steps or (25 if sampler == "ddim" else 250)
     if sampler == "ddim" and steps == 1:  # the schedule's hint named respacing '1', which no CLI option takes
         raise DemoError(f"bad step count 1 for ddim: {ONE_DDIM_STEP}")
+    if sampler == "ddpm" and steps == 1:  # it sampled silently, returning the noise
+        raise DemoError(f"bad step count 1 for ddpm: {ONE_DDPM_STEP}")
     respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     try:
         return Schedule.create("linear", 1000, respacing=respacing), steps

@@ -317,9 +317,10 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
-    if cfg.sampler == "ddim" and steps == 1:
-        from .demo import ONE_DDIM_STEP
-        raise ValueError(f"--steps 1 with --sampler ddim: {ONE_DDIM_STEP}")
+    if steps == 1:
+        from .demo import ONE_DDIM_STEP, ONE_DDPM_STEP
+        raise ValueError(f"--steps 1 with --sampler {cfg.sampler}: "
+                         f"{ONE_DDIM_STEP if cfg.sampler == 'ddim' else ONE_DDPM_STEP}")
     try:  # "cannot divide section of 1000 steps into 1500" named neither option
         sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     except ValueError as e:

@@ -183,3 +183,16 @@ def test_guided_sample_at_another_size_than_the_denoiser_declares_is_one_line_na
     assert "(it declares 1 x 16 x 16: --channels 1 --image-size 16) does not take [1, 3, 256, 256]" in err, err
     assert not [w for w in recwarn if "declares" in str(w.message)]  # the error alone, no warning before it
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", [["sample", "--method", "none", "--num-samples", "1"],
+                                 ["guided-sample", "--denoiser", "tiny", "--image-size", "16", "--channels", "1",
+                                  "--guide", "none", "--num-samples", "1"]])
+def test_one_ddpm_step_is_refused(tmp_path, capsys, weights, cmd):
+    """--sampler ddpm --steps 1 took the single step t = 0 and wrote the initial noise as samples, silently."""
+    out = tmp_path / "o.npz"
+    extra = ["--checkpoint", str(weights / "unet.safetensors")] if cmd[0] == "guided-sample" else \
+        ["--weights-dir", str(weights)]
+    assert main([*cmd, *extra, "--sampler", "ddpm", "--steps", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "DDPM needs --steps 2 or more" in _err(capsys)
+    assert not out.exists()
