@@ -421,6 +421,7 @@ def sample_method(method: str, weights_dir, targets, sampler: str = "ddim", step
              "num_samples": n, "nfe_per_sample": run["unet_calls"] / run["chunks"],
              "guide_calls_per_sample": 0 if fam == "none" else sched.num_timesteps,
              "seconds": round(seconds, 2), "images_per_s": round(n / max(seconds, 1e-9), 2),
+             "peak_memory_mb": round(mem.peak_mb, 1), "peak_memory_kind": "process_rss",  # as guided-sample's
              "peak_rss_mb": round(mem.peak_mb, 1), "peak_rss_delta_mb": round(mem.delta_mb, 1)}
     return x, stats
 

@@ -403,6 +403,8 @@ def test_sample_fast_flag(weights, tmp_path, capsys):
     assert res["path"] == "fast" and res["images_per_s"] > 0 and res["nfe_per_sample"] == 2
     assert json.loads((tmp_path / "s.json").read_text()) == res  # the stats beside the .npz, as guided-sample
     assert res["peak_rss_mb"] > 0 and res["seconds"] >= 0
+    # named as guided-sample's (README): the figure and which memory it is
+    assert res["peak_memory_mb"] == res["peak_rss_mb"] and res["peak_memory_kind"] == "process_rss"
 
 
 def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_path, capsys):
