@@ -288,10 +288,13 @@ def _parse_targets(spec, n):
     if spec is None:
         return cyclic_targets(n or 100)
     try:
-        vals = [int(v) for v in str(spec).split(",") if v.strip() != ""]
+        vals = [int(v) for v in str(spec).split(",")]
     except ValueError:
         raise DemoError(f"--targets must be comma-separated integers, got {spec!r}") from None
     t = check_targets(vals)
+    if n and n < t.numel():
+        raise DemoError(f"--targets gives {t.numel()} classes but --num-samples is {n}: the last ones would never be "
+                        f"sampled; give --num-samples {t.numel()} or more (targets are cycled) or fewer targets")
     n = n or t.numel()
     return t.repeat(-(-n // t.numel()))[:n].clone() if n != t.numel() else t
 

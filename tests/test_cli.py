@@ -255,6 +255,15 @@ def test_target_out_of_range(weights, tmp_path, capsys):
     assert "target class -1 out of range" in _err(capsys)  # refused up front, not by the guide later
 
 
+def test_targets_that_would_not_all_be_sampled_are_refused(weights, tmp_path, capsys):
+    """--targets 1,2,3 with --num-samples 2 dropped class 3 silently; an empty entry (1,,2: a typo) was skipped."""
+    assert _sample(weights, tmp_path / "s.npz", "--method", "ppap-5", "--targets", "1,2,3") == 2
+    assert "--targets gives 3 classes but --num-samples is 2" in _err(capsys)
+    assert _sample(weights, tmp_path / "s.npz", "--method", "ppap-5", "--targets", "1,,2") == 2
+    assert "--targets must be comma-separated integers, got '1,,2'" in _err(capsys)
+    assert not list(tmp_path.glob("*.npz"))
+
+
 def test_missing_weight_file(weights, tmp_path, capsys):
     assert _sample(tmp_path / "nowhere", tmp_path / "s.npz", "--method", "naive") == 2
     assert "not found" in _err(capsys)
