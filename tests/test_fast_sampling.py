@@ -255,7 +255,7 @@ def test_denoiser_error_under_compile_model_is_not_taken_for_a_failed_compile(mo
     x = torch.randn(SHAPE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastSamplingWarning)
-        with pytest.raises(IndexError):
+        with pytest.raises(ValueError, match=r"y must be class indices in \[0, 4\), got min 0 max 7"):
             fast.step(x, 3)
         y.copy_(torch.tensor([3, 2, 1, 0]))  # the labels fixed in place: the same runner goes on
         got = fast.step(x, 3)[0]
