@@ -632,6 +632,7 @@ class FastGuide:
     def key(self, t_host: int | None) -> tuple | None:
         """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
         self.sync()  # the bands of the banks the guide holds now (a bank replaced since: its old bands chose)
+        self._synced_for_runner = True  # the runner() that follows (same step) need not check again
         if self._merge_requested and self._bank_training():
             if not self._train_mode_warned:
                 warnings.warn("an ExpertBank was switched to train mode after this sampler was built: its merged "
@@ -771,7 +772,9 @@ class FastGuide:
 
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""
-        self.sync()
+        if not getattr(self, "_synced_for_runner", False):
+            self.sync()
+        self._synced_for_runner = False
         _gd.warn_train_mode(self.source, stacklevel=4)
         if key is None:
             return self._routed
