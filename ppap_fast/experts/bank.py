@@ -318,6 +318,31 @@ class RoutedBias(_Routed):
 
 
 # ----------------------------------------------------------------------------- norms
+# subclasses whose own forward the routed norms reproduce: a LayerNorm over the channels of NCHW maps, and timm's
+# BatchNorm2d followed by its ``drop`` and ``act`` submodules
+CHANNELS_FIRST_LAYER_NORMS = frozenset({"timm.layers.norm.LayerNorm2d", "torchvision.models.convnext.LayerNorm2d"})
+BATCH_NORM_ACTS = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
+
+
+def _qualname(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _plain_shell(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` (its class and settings) without its own tensors and children, for ``to_plain``."""
+    memo = {id(t): None for t in (*base.parameters(recurse=False), *base.buffers(recurse=False), *base.children())}
+    return copy.deepcopy(base, memo)
+
+
+def _fill_shell(shell: nn.Module, tensors: dict, children: dict) -> nn.Module:
+    plain = copy.deepcopy(shell)
+    for k, v in tensors.items():
+        setattr(plain, k, nn.Parameter(v, requires_grad=False) if k in plain._parameters else v)
+    for k, m in children.items():
+        setattr(plain, k, copy.deepcopy(m))
+    return plain
+
+
 class _ExpertAffine(_Routed):
     def _init_affine(self, base, n_experts, per_expert_weight):
         if base.bias is None or base.weight is None:
@@ -343,7 +368,8 @@ class _ExpertAffine(_Routed):
 
 
 class ExpertBatchNorm(_ExpertAffine):
-    """BatchNorm1d/2d with per-expert bias (and weight), and per-expert running statistics.
+    """BatchNorm1d/2d with per-expert bias (and weight), and per-expert running statistics; replacing timm's
+    BatchNormAct2d it then runs that module's ``drop`` and ``act`` (and ``to_plain`` gives back that class).
 
     Train mode normalises each expert's samples with that expert's own batch statistics and
     updates only its running stats (``momentum=None``, the cumulative average, is not supported); an
@@ -358,6 +384,10 @@ class ExpertBatchNorm(_ExpertAffine):
             raise ValueError("ExpertBatchNorm needs track_running_stats=True and a float momentum")
         self.kind = type(base)
         self.num_features, self.eps, self.momentum = base.num_features, base.eps, base.momentum
+        self._plain = None
+        if _qualname(base) in BATCH_NORM_ACTS:
+            self.drop, self.act = base.drop, base.act
+            object.__setattr__(self, "_plain", _plain_shell(base))
         self._init_affine(base, n_experts, per_expert_weight)
         self.register_buffer("running_mean", base.running_mean.detach().clone().unsqueeze(0).repeat(n_experts, 1))
         self.register_buffer("running_var", base.running_var.detach().clone().unsqueeze(0).repeat(n_experts, 1))
@@ -385,9 +415,16 @@ class ExpertBatchNorm(_ExpertAffine):
                 keep, rm, rv = kept
                 self.running_mean.copy_(torch.where(keep, rm, self.running_mean))
                 self.running_var.copy_(torch.where(keep, rv, self.running_var))
+        if self._plain is not None:
+            y = self.act(self.drop(y))
         return y
 
     def to_plain(self, n):
+        if self._plain is not None:
+            w, b = self._affine_n(n)
+            stats = {k: getattr(self, k)[n].detach().clone() for k in ("running_mean", "running_var",
+                                                                         "num_batches_tracked")}
+            return _fill_shell(self._plain, {"weight": w, "bias": b, **stats}, {"drop": self.drop, "act": self.act})
         bn = self.kind(self.num_features, eps=self.eps, momentum=self.momentum, device="meta")
         w, b = self._affine_n(n)
         bn.weight = nn.Parameter(w, requires_grad=False)
@@ -399,7 +436,8 @@ class ExpertBatchNorm(_ExpertAffine):
 
 
 class ExpertLayerNorm(_ExpertAffine):
-    """LayerNorm over the last dimension with per-expert bias (and weight)."""
+    """LayerNorm over the last dimension with per-expert bias (and weight); replacing a LayerNorm2d (timm's,
+    torchvision's) it normalises the channels of NCHW maps (and ``to_plain`` gives back that class)."""
 
     def __init__(self, base: nn.LayerNorm, router, n_experts, per_expert_weight=True):
         super().__init__(router, n_experts)
@@ -407,13 +445,24 @@ class ExpertLayerNorm(_ExpertAffine):
             raise ValueError(f"ExpertLayerNorm supports a 1-D normalized_shape, got {base.normalized_shape}")
         self.normalized_shape, self.eps = tuple(base.normalized_shape), base.eps
         self._init_affine(base, n_experts, per_expert_weight)
+        self.channels_first = _qualname(base) in CHANNELS_FIRST_LAYER_NORMS
+        object.__setattr__(self, "_plain", _plain_shell(base) if self.channels_first else None)
 
     def forward(self, x):
         idx = self._idx(x)
-        return _norm_ops().expert_layer_norm(x, idx, self._weights(), self.expert_bias, self.eps,
-                                             segments=self._router.segments(x, self.n_experts))
+        if self.channels_first:
+            if x.dim() != 4:
+                raise ValueError(f"{type(self._plain).__name__} normalises the channels of [B, C, H, W] maps, "
+                                 f"got shape {tuple(x.shape)}")
+            x = x.permute(0, 2, 3, 1)
+        y = _norm_ops().expert_layer_norm(x, idx, self._weights(), self.expert_bias, self.eps,
+                                          segments=self._router.segments(x, self.n_experts))
+        return y.permute(0, 3, 1, 2) if self.channels_first else y
 
     def to_plain(self, n):
+        if self._plain is not None:
+            w, b = self._affine_n(n)
+            return _fill_shell(self._plain, {"weight": w, "bias": b}, {})
         ln = nn.LayerNorm(self.normalized_shape, eps=self.eps, device="meta")
         w, b = self._affine_n(n)
         ln.weight, ln.bias = nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False)
@@ -472,11 +521,14 @@ _SAME_FORWARD = frozenset({"timm.layers.linear.Linear", "timm.layers.norm.LayerN
 
 def _other_forward(m: nn.Module) -> str | None:
     """The torch class of ``m`` when ``m`` is a subclass whose own forward computes something else (timm's
-    StdConv2d, Conv2dSame, BatchNormAct2d, LayerNorm2d): a routed replacement would silently drop it."""
+    StdConv2d, Conv2dSame, GroupNormAct): a routed replacement would silently drop it. The routed norms reproduce
+    LayerNorm2d and BatchNormAct2d (CHANNELS_FIRST_LAYER_NORMS, BATCH_NORM_ACTS)."""
     cls = type(m)
     for base in _REPLACED:
         if isinstance(m, base):
-            same = cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in _SAME_FORWARD
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            same = (cls.forward is base.forward or name in _SAME_FORWARD or name in CHANNELS_FIRST_LAYER_NORMS
+                    or name in BATCH_NORM_ACTS)
             return None if same or _computes_in_fp32(m) else base.__name__.lstrip("_")
     return None
 
@@ -637,7 +689,7 @@ class ExpertBank(nn.Module):
         if other:
             raise ValueError(f"placement puts experts on {other[:6]}{' ...' if len(other) > 6 else ''}: a routed "
                              "module computes the plain torch layer's forward, so what these subclasses add (weight "
-                             "standardisation, dynamic padding, a fused activation, channels-first norm) would be "
+                             "standardisation, dynamic padding, a fused activation) would be "
                              "silently lost; leave them out of the placement")
         hooked = sorted(n for n in dict.fromkeys((*p.lora, *p.bias, *p.norm))
                         if any(getattr(mods[n], h, None) for h in ("_forward_hooks", "_forward_pre_hooks",

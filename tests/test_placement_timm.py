@@ -1,0 +1,111 @@
+"""The generic placement on timm / torchvision models whose norms are subclasses with their own forward:
+timm's BatchNormAct2d (efficientnet) and LayerNorm2d (timm and torchvision convnext). The bank refused them
+(ValueError), so these off-the-shelf models needed a hand-filtered placement."""
+import copy
+
+import pytest
+import torch
+
+from ppap_fast.experts import ExpertBank, load_experts, save_experts
+from ppap_fast.experts.bank import ExpertBatchNorm, ExpertLayerNorm
+
+from _util import randomise_bank
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = {
+    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", pretrained=False),
+    "timm_convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False),
+    "torchvision_convnext_tiny": lambda: torchvision.models.convnext_tiny(weights=None),
+}
+SPECIAL = {"timm_efficientnet_b0": "BatchNormAct2d", "timm_convnext_atto": "LayerNorm2d",
+           "torchvision_convnext_tiny": "LayerNorm2d"}
+
+
+def make(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().double().eval()
+    bank = randomise_bank(ExpertBank(model, "generic", n_experts=2, num_timesteps=10)).eval()
+    return model, bank
+
+
+def expert_copy(model, bank, n):
+    """A deep copy of ``model`` (its own classes and forwards) holding expert ``n``'s parameters."""
+    ref = copy.deepcopy(model)
+    for name, m in bank.routed_modules():
+        if isinstance(m, (ExpertBatchNorm, ExpertLayerNorm)):
+            state = {k.removeprefix("expert_"): getattr(m, k)[n] for k in m.per_expert}
+        else:
+            state = m.to_plain(n).state_dict()
+        ref.get_submodule(name).load_state_dict(state)
+    return ref
+
+
+def max_err(a, b):
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_generic_bank_equals_the_model_with_expert_parameters_in_eval(name):
+    model, bank = make(name)
+    routed = {type(model.get_submodule(n)).__name__ for n in bank.placement.norm}
+    assert SPECIAL[name] in routed
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    refs = [expert_copy(model, bank, n).eval() for n in range(2)]
+    with torch.no_grad():
+        for n in range(2):
+            assert max_err(bank(x, expert_idx=n), refs[n](x)) < 1e-12
+        mixed = bank(x, expert_idx=torch.tensor([0, 1, 1]))
+        assert max_err(mixed, torch.cat([refs[0](x[:1]), refs[1](x[1:])])) < 1e-12
+        for n in range(2):
+            merged = bank.merged(n)
+            assert type(merged.get_submodule(bank.placement.norm[0])).__name__ in routed
+            assert max_err(merged(x), bank(x, expert_idx=n)) < 1e-12
+
+
+def test_efficientnet_batchnormact_in_train_mode_matches_and_updates_only_its_expert():
+    model, bank = make("timm_efficientnet_b0")
+    ref = expert_copy(model, bank, 1).train()
+    bank.train()
+    stats0 = {k: v[0].clone() for k, v in bank.per_expert_state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = bank(x, expert_idx=1)
+    torch.manual_seed(1)
+    y_ref = ref(x)
+    assert max_err(y, y_ref) < 1e-12
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    bn = "blocks.1.0.bn2"
+    routed = bank.model.get_submodule(bn)
+    plain = ref.get_submodule(bn)
+    assert type(plain).__name__ == "BatchNormAct2d" and not isinstance(plain.act, torch.nn.Identity)
+    assert max_err(routed.expert_bias.grad[1], plain.bias.grad) < 1e-10
+    assert routed.expert_bias.grad[0].abs().max() == 0
+    for k in ("running_mean", "running_var"):
+        assert max_err(getattr(routed, k)[1], getattr(plain, k)) < 1e-12
+        assert torch.equal(getattr(routed, k)[0], stats0[f"{bn}.{k}"])
+
+
+@pytest.mark.parametrize("name", ["timm_efficientnet_b0", "torchvision_convnext_tiny"])
+def test_generic_bank_save_load_round_trip(name, tmp_path):
+    model, bank = make(name)
+    save_experts(bank, tmp_path / "experts")
+    loaded = load_experts(tmp_path / "experts", model).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for n in range(2):
+            y = bank(x, expert_idx=n)
+            assert torch.isfinite(y).all() and torch.equal(loaded(x, expert_idx=n), y)
+
+
+def test_layernorm2d_expert_refuses_a_non_nchw_input_in_one_line():
+    model, bank = make("timm_convnext_atto")
+    norm = bank.model.get_submodule("stem.1")
+    bank._router.set(torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"LayerNorm2d normalises the channels of \[B, C, H, W\] maps, got shape"):
+        norm(torch.randn(2, 4, 40, dtype=torch.float64))
