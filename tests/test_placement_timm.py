@@ -2,6 +2,7 @@
 timm's BatchNormAct2d (efficientnet) and LayerNorm2d (timm and torchvision convnext). The bank refused them
 (ValueError), so these off-the-shelf models needed a hand-filtered placement."""
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -62,9 +63,10 @@ def test_generic_bank_equals_the_model_with_expert_parameters_in_eval(name):
         mixed = bank(x, expert_idx=torch.tensor([0, 1, 1]))
         assert max_err(mixed, torch.cat([refs[0](x[:1]), refs[1](x[1:])])) < 1e-12
         for n in range(2):
-            merged = bank.merged(n)
-            assert type(merged.get_submodule(bank.placement.norm[0])).__name__ in routed
-            assert max_err(merged(x), bank(x, expert_idx=n)) < 1e-12
+            unfolded = bank.merged(n, fold_bn=False)
+            assert type(unfolded.get_submodule(bank.placement.norm[0])).__name__ in routed
+            assert max_err(unfolded(x), bank(x, expert_idx=n)) < 1e-12
+            assert max_err(bank.merged(n)(x), bank(x, expert_idx=n)) < 1e-12
 
 
 def test_efficientnet_batchnormact_in_train_mode_matches_and_updates_only_its_expert():
@@ -109,3 +111,15 @@ def test_layernorm2d_expert_refuses_a_non_nchw_input_in_one_line():
     bank._router.set(torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"LayerNorm2d normalises the channels of \[B, C, H, W\] maps, got shape"):
         norm(torch.randn(2, 4, 40, dtype=torch.float64))
+
+
+def test_merged_efficientnet_folds_its_batchnormact_into_the_convs():
+    """merged() left every BatchNormAct2d unfolded (fx traced through it): fast sampling ran them all."""
+    model, bank = make("timm_efficientnet_b0")
+    merged = bank.merged(1)
+    kinds = Counter(type(m).__name__ for m in merged.modules())
+    assert kinds["BatchNormAct2d"] == 0 and kinds["DropAct"] == 49
+    assert type(merged.bn1.act).__name__ == "SiLU"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_err(merged(x), bank(x, expert_idx=1)) < 1e-12

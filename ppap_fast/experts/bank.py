@@ -548,23 +548,39 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class DropAct(nn.Module):
+    """What folding leaves of a BatchNormAct2d: its ``drop``, then its ``act``."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x):
+        return self.act(self.drop(x))
+
+
 def fold_batchnorm_(model: nn.Module) -> list:
     """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into that conv, in place.
 
     The graph is read with torch.fx: a pair is folded only when the conv's output feeds only
-    the BatchNorm and each module is called exactly once; the BatchNorm becomes nn.Identity.
-    A model that fx cannot trace is left unchanged. Returns the folded (conv, bn) names.
+    the BatchNorm and each module is called exactly once; the BatchNorm becomes nn.Identity (timm's
+    BatchNormAct2d: a module running its drop and act). A model that fx cannot trace is left unchanged.
+    Returns the folded (conv, bn) names.
     """
     import torch.fx as fx
 
+    class BatchNormActLeaves(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return _qualname(m) in BATCH_NORM_ACTS or super().is_leaf_module(m, qualname)
+
     try:
-        gm = fx.symbolic_trace(model)
+        graph = BatchNormActLeaves().trace(model)
     except Exception:
         return []
     mods = dict(model.named_modules())
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     folded = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         bn = mods[node.target]
@@ -583,7 +599,8 @@ def fold_batchnorm_(model: nn.Module) -> list:
             b0 = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             conv.weight = nn.Parameter(conv.weight * g.view(-1, 1, 1, 1), requires_grad=False)
             conv.bias = nn.Parameter((b0 - bn.running_mean) * g + beta, requires_grad=False)
-        _set_submodule(model, node.target, nn.Identity())
+        _set_submodule(model, node.target, DropAct(bn.drop, bn.act) if _qualname(bn) in BATCH_NORM_ACTS
+                       else nn.Identity())
         folded.append((prev.target, node.target))
     return folded
 
