@@ -6,7 +6,7 @@ A :class:`Placement` names, by module path in the wrapped model:
 * ``bias``: modules whose ``bias`` becomes per-expert (Linear, Conv2d, or the
   bias of a BatchNorm / LayerNorm / GroupNorm whose weight stays shared);
 * ``norm``: BatchNorm / LayerNorm / GroupNorm modules whose affine weight AND
-  bias become per-expert.
+  bias become per-expert (timm's BatchNormAct2d and timm / torchvision LayerNorm2d too).
 
 A BatchNorm named in ``bias`` or ``norm`` also gets per-expert running
 statistics (each expert sees its own noise level, so its statistics differ).
