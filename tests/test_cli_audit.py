@@ -4,18 +4,7 @@ import shutil
 import pytest
 
 from ppap_fast.cli import main
-from ppap_fast.demo import make_tiny_weights
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_tiny_weights(tmp_path_factory.mktemp("w"))
-
-
-def _err(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ppap-fast: error: "), err
-    return err[0]
+from test_cli import _err, weights  # noqa: F401  (weights: the tiny-weights fixture)
 
 
 @pytest.mark.parametrize("task, file, other", [("semantic", "semseg.safetensors", "segnet.safetensors"),

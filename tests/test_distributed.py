@@ -1631,22 +1631,28 @@ make.task = "classification"
 '''
 
 
-def test_a_rank_failing_in_a_training_step_stops_every_rank_at_that_step(tmp_path, monkeypatch):
-    """A rank whose batch or forward failed left its peers waiting in the gradient all-reduce until it exited (multi-node
-    NCCL: until the collective timeout); the step's expert-count all-reduce now carries an error flag."""
+def _distill_on_two_ranks_fails_at_once(tmp_path, monkeypatch, teacher, steps, match):
+    """A 2-rank distill of ``teacher`` on a 4-image set raises ``match`` well before rank 1's late teardown (60 s, a
+    remote node's stand-in) or the timeout."""
     import time
 
-    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_fails_a_step", RANK1_FAILS_A_STEP)
     monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "60")
     data = tmp_path / "data"
     D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
-    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=4,
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=steps,
                           batch_size=2, warmup=1, device="cpu")
     t0 = time.time()
-    with pytest.raises(Exception, match=r"(?s)DistributedRunError: training step 1 failed on rank\(s\) \[1\]: "
-                                        r"rank 1: RuntimeError: forward broken on rank 1"):
+    with pytest.raises(Exception, match=match):
         D.launch("distill", cfg, 2, threads=1, timeout_s=120)
-    assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
+    assert time.time() - t0 < 50
+
+
+def test_a_rank_failing_in_a_training_step_stops_every_rank_at_that_step(tmp_path, monkeypatch):
+    """A rank whose batch or forward failed left its peers waiting in the gradient all-reduce until it exited (multi-node
+    NCCL: until the collective timeout); the step's expert-count all-reduce now carries an error flag."""
+    teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_fails_a_step", RANK1_FAILS_A_STEP)
+    _distill_on_two_ranks_fails_at_once(tmp_path, monkeypatch, teacher, 4, r"(?s)DistributedRunError: training step 1 "
+                                        r"failed on rank\(s\) \[1\]: rank 1: RuntimeError: forward broken on rank 1")
     assert not (tmp_path / "out" / "experts.safetensors").exists()
 
 
@@ -1805,20 +1811,11 @@ make.task = "classification"
 def test_distill_models_failing_on_one_rank_fail_every_rank_at_once(tmp_path, monkeypatch, what):
     """The teacher and the bank were moved to the device outside any check: a rank that failed there left the others
     waiting for it in their next collective (multi-node NCCL: until the timeout)."""
-    import time
-
-    data = tmp_path / "data"
-    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
     teacher = _py_teacher(tmp_path, monkeypatch, "ppap_rank1_cannot_place", RANK1_CANNOT_PLACE_A_MODEL)
-    monkeypatch.setenv("PPAP_TEST_TEARDOWN_S", "60")
     monkeypatch.setenv("PPAP_TEST_FAIL", what)
-    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), teacher, n_experts=2, r=2, alpha=2.0, steps=2,
-                          batch_size=2, warmup=1, device="cpu")
-    t0 = time.time()
-    with pytest.raises(Exception, match=rf"(?s)DistributedRunError: placing the {what} failed on rank\(s\) \[1\]: "
-                                        rf"rank 1: RuntimeError: out of memory placing the {what} on rank 1"):
-        D.launch("distill", cfg, 2, threads=1, timeout_s=120)
-    assert time.time() - t0 < 50  # not rank 1's late teardown (60 s), nor the timeout
+    _distill_on_two_ranks_fails_at_once(tmp_path, monkeypatch, teacher, 2, rf"(?s)DistributedRunError: placing the "
+                                        rf"{what} failed on rank\(s\) \[1\]: rank 1: RuntimeError: out of memory "
+                                        rf"placing the {what} on rank 1")
 
 
 def test_computed_teacher_targets_survive_a_restart_with_another_batch_size_or_a_moved_set(tmp_path, monkeypatch):
