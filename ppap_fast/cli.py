@@ -361,6 +361,13 @@ def _no_empty_dirs_left(d):
         raise
 
 
+def _check_safetensors_out(out) -> None:
+    """train-diffusion / train-classifier / finetune write a safetensors file: another name (x.npz, x.pt) made a
+    file that every reader takes for another format."""
+    if Path(out).suffix != ".safetensors":
+        raise DemoError(f"--out {out}: this command writes a safetensors file; name it *.safetensors")
+
+
 def _check_device(name: str) -> None:
     import torch
 
@@ -535,6 +542,7 @@ def _run(args) -> int:
     if weights_dir and Path(weights_dir).exists() and not Path(weights_dir).is_dir():
         raise DemoError(f"--weights-dir {weights_dir} is a file; name the directory that holds the weights")
     if args.cmd == "train-diffusion":
+        _check_safetensors_out(args.out)
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
         demo.train_diffusion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -550,6 +558,7 @@ def _run(args) -> int:
 
         if args.widths is not None and args.arch != "resnet":  # it was ignored silently
             raise DemoError(f"--widths sets the resnet's stage widths; --arch {args.arch} has none: drop it")
+        _check_safetensors_out(args.out)
         demo.check_writable_dir(Path(args.out).parent)
         demo.check_output_file(args.out)
         s = DigitsSplits.create(0)
@@ -680,6 +689,7 @@ def _run(args) -> int:
         from .data import DigitsSplits
         from .finetune import finetune_noise_aware, noisy_accuracy, save_multi
 
+        _check_safetensors_out(args.out)
         base_file = Path(args.weights_dir) / "classifier.safetensors"
         base = demo._load(load_model, base_file, "resnet")
         demo.check_writable_dir(Path(args.out).parent)

@@ -185,3 +185,13 @@ def test_one_ddpm_step_is_refused(tmp_path, capsys, weights, cmd):
     assert main([*cmd, *extra, "--sampler", "ddpm", "--steps", "1", "--out", str(out), "--no-progress"]) == 2
     assert "DDPM needs --steps 2 or more" in _err(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", [["train-diffusion"], ["train-classifier"], ["finetune", "--experts", "2"]])
+def test_safetensors_writers_refuse_another_suffix(tmp_path, capsys, weights, cmd):
+    """train-diffusion / train-classifier / finetune --out x.npz wrote a safetensors file under an .npz name."""
+    extra = ["--weights-dir", str(weights)] if cmd[0] == "finetune" else []
+    assert main([*cmd, *extra, "--steps", "1", "--out", str(tmp_path / "m.npz"), "--no-progress"]) == 2
+    assert _err(capsys).endswith(f"--out {tmp_path / 'm.npz'}: this command writes a safetensors file; "
+                                 "name it *.safetensors")
+    assert not list(tmp_path.iterdir())
