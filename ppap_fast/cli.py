@@ -542,9 +542,9 @@ def _run(args) -> int:
     if weights_dir and Path(weights_dir).exists() and not Path(weights_dir).is_dir():
         raise DemoError(f"--weights-dir {weights_dir} is a file; name the directory that holds the weights")
     if args.cmd == "train-diffusion":
-        _check_safetensors_out(args.out)
         demo.check_writable_dir(Path(args.out).parent)
-        demo.check_output_file(args.out)
+        demo.check_output_file(args.out)  # a directory, a device: named as such first
+        _check_safetensors_out(args.out)
         demo.train_diffusion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              ema_decay=args.ema_decay, device=args.device, max_minutes=args.max_minutes,
                              checkpoint_every=args.checkpoint_every, progress=progress)
@@ -558,9 +558,9 @@ def _run(args) -> int:
 
         if args.widths is not None and args.arch != "resnet":  # it was ignored silently
             raise DemoError(f"--widths sets the resnet's stage widths; --arch {args.arch} has none: drop it")
-        _check_safetensors_out(args.out)
         demo.check_writable_dir(Path(args.out).parent)
-        demo.check_output_file(args.out)
+        demo.check_output_file(args.out)  # a directory, a device: named as such first
+        _check_safetensors_out(args.out)
         s = DigitsSplits.create(0)
         torch.manual_seed(args.seed)  # model initialisation
         labels_fn = None
@@ -689,11 +689,11 @@ def _run(args) -> int:
         from .data import DigitsSplits
         from .finetune import finetune_noise_aware, noisy_accuracy, save_multi
 
-        _check_safetensors_out(args.out)
         base_file = Path(args.weights_dir) / "classifier.safetensors"
         base = demo._load(load_model, base_file, "resnet")
         demo.check_writable_dir(Path(args.out).parent)
-        demo.check_output_file(args.out)
+        demo.check_output_file(args.out)  # a directory, a device: named as such first
+        _check_safetensors_out(args.out)
         from .score import _same_file
         if _same_file(args.out, base_file):  # it replaced the base every method loads with the fine-tuned copy
             raise DemoError(f"--out {args.out} is the base classifier it fine-tunes; name another file")
