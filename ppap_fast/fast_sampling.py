@@ -610,6 +610,7 @@ class FastGuide:
         self._modes = self._bank_modes()
         self.generation = 0  # bumped when the guide or its banks changed (CUDA graphs of old ones are stale)
         self.num_timesteps: int | None = None  # the sampler's base T: a guide changed later is checked against it
+        self._synced_for_runner = False  # key() synced this step: the runner() that follows skips its sync
 
     @property
     def merge_experts(self) -> bool:
@@ -772,7 +773,7 @@ class FastGuide:
 
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""
-        if not getattr(self, "_synced_for_runner", False):
+        if not self._synced_for_runner:
             self.sync()
         self._synced_for_runner = False
         _gd.warn_train_mode(self.source, stacklevel=4)
