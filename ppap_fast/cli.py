@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop after this many minutes of this run (the LR is not annealed), saving --out")
     s.add_argument("--checkpoint-every", type=_positive_int, default=500,
-                   help="steps between resumable checkpoints, kept in OUT.ckpt.pt (the EMA weights are written to "
-                        "--out too); a rerun with the same arguments resumes from it")
+                   help="steps between resumable checkpoints, kept in OUT.ckpt.pt (--out, the EMA weights, is written "
+                        "only when training ends); a rerun with the same arguments resumes from it")
     common(s, weights=False)
 
     s = sub.add_parser("train-classifier", help="train the off-the-shelf classifier or the evaluator (clean data)")

@@ -42,8 +42,9 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
                     log=None, progress: bool = True) -> Path:
     """Train the unconditional demo UNet (linear schedule, T=1000, eps prediction, MSE).
 
-    Saves the EMA weights to ``out`` (safetensors). A checkpoint ``out + '.ckpt.pt'`` is written
-    every ``checkpoint_every`` steps and resumed from if present.
+    Saves the EMA weights to ``out`` (safetensors) when training ends (``steps`` or ``max_minutes``), never
+    before: a killed run leaves no ``out``. A checkpoint ``out + '.ckpt.pt'`` is written every
+    ``checkpoint_every`` steps and resumed from if present.
     """
     if not 0 <= ema_decay <= 1:  # nan: every EMA weight NaN, saved without a word
         raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay}")
@@ -113,6 +114,7 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "step": done, "gen": gen.get_state(), "config": run_cfg}
             _atomic(ckpt, lambda tmp: torch.save(state, tmp), ".pt")
+        if done == steps or timed_out:  # only then: a killed run left a partly trained ``out`` like a finished one
             save_model(ema.cpu(), out, extra={"steps": done, "batch_size": batch_size, "lr": lr, "seed": seed,
                                              "data_seed": data_seed, "ema_decay": ema_decay})
             ema.to(device)

@@ -71,6 +71,38 @@ def test_train_diffusion_killed_between_checkpoint_and_weights_resumes_to_the_fi
     assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
+def test_train_diffusion_killed_mid_run_leaves_no_out_and_resumes_bitwise(tmp_path, monkeypatch):
+    """--out was written at every checkpoint: a kill after one left a partly trained unet that looked finished."""
+    from ppap_fast import demo
+    from ppap_fast.models.tiny import read_safetensors
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    kw = dict(steps=4, batch_size=2, checkpoint_every=2, unet_config=TINY_UNET, progress=False)
+    real, writes = demo._atomic, []
+
+    def killed_at_the_second_checkpoint(path, write_fn, suffix):
+        writes.append(Path(path).name)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real(path, write_fn, suffix)
+
+    try:
+        demo.train_diffusion(tmp_path / "ref.safetensors", **kw)
+        monkeypatch.setattr(demo, "_atomic", killed_at_the_second_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            demo.train_diffusion(tmp_path / "out.safetensors", **kw)
+        assert writes == ["out.safetensors.ckpt.pt"] * 2 and not (tmp_path / "out.safetensors").exists()
+        monkeypatch.setattr(demo, "_atomic", real)
+        demo.train_diffusion(tmp_path / "out.safetensors", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    (ref, ref_meta), (out, out_meta) = (read_safetensors(tmp_path / f) for f in ("ref.safetensors", "out.safetensors"))
+    assert json.loads(out_meta["extra"])["steps"] == json.loads(ref_meta["extra"])["steps"] == 4
+    assert ref.keys() == out.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
+    assert all(bool(v.isfinite().all()) for v in out.values() if v.is_floating_point())
+
+
 def test_train_diffusion_removes_only_its_own_checkpoint_temporaries(tmp_path):
     """Every .<ckpt>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
     from ppap_fast import demo
