@@ -9,14 +9,14 @@ segmentation net on x_t ("naive") against its PPAP-5 experts:
 Writes dense_guide_strength.png and .json. Run: python examples/dense_guide_strength.py --out examples_out
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from ppap_fast import Schedule, SegmentationGuide
 from ppap_fast.cli import output_dir  # the CLI's checks, while parsing
-from ppap_fast.data import DigitsSplits, from_uint8, ink_mask, semantic_mask, to_uint8
+from ppap_fast.data import (DigitsSplits, from_uint8, ink_mask, save_figure_atomic, semantic_mask, to_uint8,
+                            write_json_atomic)
 from ppap_fast.demo import WEIGHTS_DIR
 from ppap_fast.seg_demo import TASK_CLASSES, load_seg_guide
 
@@ -104,10 +104,9 @@ def main():
     fig.tight_layout()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "dense_guide_strength.png", dpi=90)
-    (out / "dense_guide_strength.json").write_text(json.dumps(
-        {"task": args.task, "timesteps": timesteps, "num_images": len(x0), **{m: curves[m] for m in METHODS}},
-        indent=2) + "\n")
+    save_figure_atomic(fig, out / "dense_guide_strength.png", dpi=90)  # a killed rerun keeps the last complete files
+    write_json_atomic(out / "dense_guide_strength.json",
+        {"task": args.task, "timesteps": timesteps, "num_images": len(x0), **{m: curves[m] for m in METHODS}})
     print(f"saved {out / 'dense_guide_strength.png'} and {out / 'dense_guide_strength.json'}")
 
 

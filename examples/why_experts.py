@@ -9,14 +9,13 @@ The paper's motivation, measured on the demo's networks:
 Writes why_experts.png and why_experts.json. Run: python examples/why_experts.py --out examples_out
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from ppap_fast import Schedule
 from ppap_fast.cli import output_dir, positive_int  # the CLI's checks, while parsing
-from ppap_fast.data import DigitsSplits, from_uint8, to_uint8
+from ppap_fast.data import DigitsSplits, from_uint8, save_figure_atomic, to_uint8, write_json_atomic
 from ppap_fast.demo import WEIGHTS_DIR, load_guide_model
 
 ACCURACY_METHODS = ["naive", "ppap-5", "ppap-10", "noise-aware", "multi-experts-5"]
@@ -120,14 +119,14 @@ def main():
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "why_experts.png", dpi=90)
+    save_figure_atomic(fig, out / "why_experts.png", dpi=90)  # a killed rerun keeps the last complete files
     # how much of each mean gradient map is the highest spatial frequencies (the checkerboard)
     hf = {m: [round(high_frequency_share(maps[(m, t)]), 3) for t in grad_ts] for m in GRADIENT_METHODS}
     for m in GRADIENT_METHODS:
         print(f"{m}: high-frequency share of the mean gradient at t = {grad_ts}: {hf[m]}")
-    (out / "why_experts.json").write_text(json.dumps(
+    write_json_atomic(out / "why_experts.json",
         {"timesteps": timesteps, "accuracy": curves, "gradient_timesteps": grad_ts, "digit": args.digit,
-         "draws": args.draws, "high_frequency_share": hf}, indent=2) + "\n")
+         "draws": args.draws, "high_frequency_share": hf})
     print(f"saved {out / 'why_experts.png'} and {out / 'why_experts.json'}")
 
 

@@ -234,3 +234,59 @@ def test_example_grids_show_every_sample(tmp_path, name, args, grid):
     run_example(name, tmp_path, *args, "--steps", "2")
     with Image.open(tmp_path / grid) as im:  # save_grid: a row per class, 17 px per cell at scale 3
         assert im.size == ((2 * 17 + 1) * 3, (10 * 17 + 1) * 3 if "--num" in args else (2 * 17 + 1) * 3), im.size
+
+
+class _CutWrites:
+    """A file whose first write keeps half its data and then raises KeyboardInterrupt (a kill mid-write)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[:len(data) // 2])
+        self._f.flush()
+        raise KeyboardInterrupt
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("name, args, cut", [
+    ("why_experts.py", ["--draws", "2", "--t-step", "500"], ".png"),
+    ("why_experts.py", ["--draws", "2", "--t-step", "500"], ".json"),
+    pytest.param("dense_guide_strength.py", ["--t-step", "999"], ".json", marks=pytest.mark.slow)])
+def test_example_killed_while_writing_keeps_the_previous_outputs(tmp_path, monkeypatch, name, args, cut):
+    """The examples wrote their PNG / JSON in place: a kill mid-write left a truncated file instead of the last run's."""
+    import builtins
+    import io
+    import runpy
+
+    stem = Path(name).stem
+    previous = {f"{stem}.png": b"the previous run's png", f"{stem}.json": b'{"previous": true}\n'}
+    for f, data in previous.items():
+        (tmp_path / f).write_bytes(data)
+    real_open = builtins.open
+
+    def cut_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent == tmp_path and cut in Path(file).name \
+                and set(mode) & set("wax"):
+            return _CutWrites(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", cut_open)
+    monkeypatch.setattr(io, "open", cut_open)
+    monkeypatch.setattr(sys, "argv", [name, "--out", str(tmp_path), "--device", "cpu", *args])
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(previous)  # no temporary left behind
+    assert (tmp_path / f"{stem}{cut}").read_bytes() == previous[f"{stem}{cut}"]

@@ -104,6 +104,11 @@ def write_json_atomic(path, obj, sort_keys: bool = False) -> Path:
     return _atomic(path, w, ".json")
 
 
+def save_figure_atomic(fig, path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` as a PNG written atomically (a killed run left a truncated PNG in place of the last one)."""
+    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), ".png")
+
+
 def save_safetensors_atomic(path, tensors: dict, metadata: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
