@@ -73,6 +73,9 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
         if old_cfg is not None and old_cfg != run_cfg:
             diff = ", ".join(f"{k}: {old_cfg.get(k)!r} there vs {v!r} now" for k, v in run_cfg.items() if old_cfg.get(k) != v)
             raise DemoError(f"{ckpt} was written with other settings ({diff}); use the same settings or remove it")
+        if state["step"] > steps:  # its weights were written as the result, trained longer than asked
+            raise DemoError(f"{ckpt} is at step {state['step']}, past --steps {steps}: pass --steps {state['step']} "
+                            "or more, or remove it to start over")
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); start = state["step"]; gen.set_state(state["gen"])
         _log(f"resumed from {ckpt} at step {start}", log)

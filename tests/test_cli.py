@@ -103,6 +103,19 @@ def test_train_diffusion_killed_mid_run_leaves_no_out_and_resumes_bitwise(tmp_pa
     assert all(bool(v.isfinite().all()) for v in out.values() if v.is_floating_point())
 
 
+def test_train_diffusion_refuses_a_checkpoint_past_its_steps(tmp_path):
+    """A checkpoint at step 2 and --steps 1 wrote the 2-step weights as the result, without a word."""
+    from ppap_fast import demo
+
+    kw = dict(batch_size=2, checkpoint_every=1, unet_config=TINY_UNET, progress=False)
+    demo.train_diffusion(tmp_path / "u.safetensors", steps=2, **kw)
+    before = (tmp_path / "u.safetensors").read_bytes()
+    with pytest.raises(demo.DemoError, match=r"u\.safetensors\.ckpt\.pt is at step 2, past --steps 1: pass --steps 2 or "
+                                             "more, or remove it to start over"):
+        demo.train_diffusion(tmp_path / "u.safetensors", steps=1, **kw)
+    assert (tmp_path / "u.safetensors").read_bytes() == before
+
+
 def test_train_diffusion_removes_only_its_own_checkpoint_temporaries(tmp_path):
     """Every .<ckpt>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
     from ppap_fast import demo
