@@ -241,7 +241,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
         frac = step / steps if max_minutes is None else max(step / steps, state.elapsed_s() / (60 * max_minutes))
         if frac >= 1:
             break
-        _cosine_lr(opt, lr, int(frac * steps), steps)
+        _cosine_lr(opt, lr, max(step, int(frac * steps)), steps)  # int(29 / 100 * 100) is 28
         t = t.to(device)
         e = me.expert_index(t, batch_size)
         per_sample = F.cross_entropy(me(xt.to(device), t), yb.to(device), reduction="none")

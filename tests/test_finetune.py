@@ -1,6 +1,7 @@
 """Supervised noise-aware fine-tuning (finetune.py): one-pass training of N experts equals
 training each expert separately on its own samples, and a killed run resumes exactly."""
 import copy
+import math
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def _separately_trained(base, x, y):
             if rows.numel() == 0:
                 skipped_after_a_step += bool(opt.state)
                 continue
-            _cosine_lr(opt, LR, int(step / STEPS * STEPS), STEPS)
+            _cosine_lr(opt, LR, step, STEPS)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(m(xt[rows]), yb[rows]).backward()
             opt.step()
@@ -84,7 +85,7 @@ def test_batch_mean_reproduces_the_plain_loop_of_the_shipped_baselines_bitwise()
         x0 = random_shift(x[idx], 1, generator=gen)
         t = torch.randint(0, 1000, (BATCH,), generator=gen)
         xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
-        _cosine_lr(opt, LR, int(step / STEPS * STEPS), STEPS)
+        _cosine_lr(opt, LR, step, STEPS)
         loss = F.cross_entropy(me(xt, t), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,6 +157,20 @@ def test_finetune_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, monk
     assert again.resumed_from_step == 5 and all(torch.equal(a[k], again.state_dict()[k]) for k in a)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         finetune_noise_aware(base, x, y, checkpoint_path=state, checkpoint_every=0, **kw)
+
+
+def test_finetune_learning_rate_follows_the_step(monkeypatch):
+    """int(step / steps * steps) is step - 1 for some steps (29 of 100): they took the previous step's LR."""
+    from ppap_fast import finetune
+
+    seen = []
+    real = finetune._cosine_lr
+    monkeypatch.setattr(finetune, "_cosine_lr",
+                        lambda opt, lr, step, total: (seen.append(step), real(opt, lr, step, total)))
+    base, (x, y) = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), _data(4)
+    me = finetune_noise_aware(base, x, y, n_experts=1, steps=100, batch_size=2, progress=False)
+    assert seen == list(range(100)) and me.trained_steps == 100
+    assert all(math.isfinite(v) for v in me.train_losses)
 
 
 def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
