@@ -137,7 +137,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import glob
 import hashlib
 import json
 import math
@@ -1174,8 +1173,9 @@ class LocalTrainState:
         self.expert_losses: list = []  # [step][expert]; rows of steps before a resume from an older state: NaN
         self.step_expert_losses: list = []
         if self.path is not None:
-            for p in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):  # a state write that was killed
-                p.unlink(missing_ok=True)
+            from .data.shards import remove_stale_tmp
+
+            remove_stale_tmp(self.path, ".safetensors")  # a state write that was killed: its exact names only
             self.found, err = check_train_state(self.path, ident, f"use the same settings or remove {self.path} "
                                                                   "to start over")
             if err is not None:

@@ -1585,8 +1585,8 @@ def test_local_train_state_removes_killed_temporaries_of_a_name_with_brackets(tm
     from ppap_fast.distributed import LocalTrainState
 
     path = tmp_path / "run[1].distill_state.safetensors"
-    ours = tmp_path / f".{path.name}.abc123.tmp"
-    other = tmp_path / ".run1.distill_state.safetensors.abc123.tmp"
+    ours = tmp_path / f".{path.name}.abc12345.safetensors.tmp"  # what _atomic (mkstemp) names it
+    other = tmp_path / ".run1.distill_state.safetensors.abc12345.safetensors.tmp"
     ours.write_bytes(b"partial")
     other.write_bytes(b"another run's")
     LocalTrainState(path, {"x": 1})

@@ -173,6 +173,20 @@ def test_finetune_learning_rate_follows_the_step(monkeypatch):
     assert all(math.isfinite(v) for v in me.train_losses)
 
 
+def test_a_resumable_state_removes_only_its_own_killed_writes(tmp_path):
+    """Every .<state>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
+    state = "m.finetune_state.safetensors"
+    ours = [f".{state}.abcd1234.safetensors.tmp", f".{state}.k2j4x_9z.safetensors.tmp"]
+    theirs = [f".{state}.mine.tmp", f".{state}.abcd1234.json.tmp", f".{state}.abcd12345.safetensors.tmp"]
+    for n in ours + theirs:
+        (tmp_path / n).write_text("x")
+    base, (x, y) = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), _data(4)
+    me = finetune_noise_aware(base, x, y, n_experts=1, steps=1, batch_size=2, progress=False,
+                              checkpoint_path=tmp_path / state)
+    assert me.trained_steps == 1 and (tmp_path / state).is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(theirs)
+
+
 def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
     # y of shape (N, 1) or (1,) broadcast against the predictions into a wrong accuracy, an empty x gave NaN;
     # a t shorter than the batch left the rows without one as zeros; an empty batch returned None
