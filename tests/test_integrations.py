@@ -1619,3 +1619,22 @@ def test_pipeline_refuses_an_inverse_scheduler(unet, classifier, name):
         pipe.set_progress_bar_config(disable=True)
         with pytest.raises(ValueError, match=rf"{name} steps from an image towards noise \(inversion\)"):
             pipe(batch_size=B, num_inference_steps=2, output_type="raw")
+
+
+def test_own_config_reads_a_scheduler_classes_signature_once(unet, classifier, monkeypatch):
+    """_own_config runs several times a step (use_flow_sigmas, thresholding, ...): inspect.signature of the scheduler's
+    __init__ ran at each of them."""
+    import inspect
+
+    class FreshDPM(DPMSolverMultistepScheduler):  # a class no earlier test has looked up
+        pass
+
+    W, y = classifier
+    pipe = PPAPGuidedPipeline(unet, FreshDPM(), linear_classifier_guide(W, y, 4.0))
+    pipe.set_progress_bar_config(disable=True)
+    calls, signature = [], inspect.signature
+    monkeypatch.setattr(inspect, "signature",
+                        lambda f, *a, **k: (calls.append(f), signature(f, *a, **k))[1])
+    out = pipe(batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="raw")
+    assert torch.isfinite(out.images).all()
+    assert sum(f is FreshDPM.__init__ for f in calls) == 1

@@ -557,11 +557,27 @@ def _own_config(scheduler, name: str, default=None):
     """config.<name> where the scheduler's class takes that setting, else ``default``: from_config of another
     scheduler's config keeps its explicit keys (DPM-Solver made from a clip_sample=True DDPM config says
     clip_sample=True, but never clips)."""
-    try:
-        takes = name in inspect.signature(type(scheduler).__init__).parameters
-    except (TypeError, ValueError):
-        takes = True
+    params = _init_params(type(scheduler))
+    takes = params is None or name in params
     return getattr(getattr(scheduler, "config", None), name, default) if takes else default
+
+
+_INIT_PARAMS: "weakref.WeakKeyDictionary[type, frozenset | None]" = weakref.WeakKeyDictionary()
+
+
+def _init_params(cls: type) -> frozenset | None:
+    """The names ``cls.__init__`` takes (None where it has no signature), computed once per class: _own_config
+    runs several times a step, and inspect.signature is slow."""
+    try:
+        return _INIT_PARAMS[cls]
+    except KeyError:
+        pass
+    try:
+        params = frozenset(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        params = None
+    _INIT_PARAMS[cls] = params
+    return params
 
 
 def _own_setting(scheduler, name: str) -> bool:
