@@ -1638,3 +1638,20 @@ def test_own_config_reads_a_scheduler_classes_signature_once(unet, classifier, m
     out = pipe(batch_size=B, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="raw")
     assert torch.isfinite(out.images).all()
     assert sum(f is FreshDPM.__init__ for f in calls) == 1
+
+
+@pytest.mark.parametrize("name", ["DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler"])
+def test_public_helpers_refuse_an_inverse_scheduler(classifier, name):
+    """A manual loop over an inverse scheduler: its step at t converts with alphas_cumprod[t - stride], the correction
+    took alphas_cumprod[t] (a wrong coefficient, silently)."""
+    W, y = classifier
+    sched = getattr(diffusers, name)()
+    sched.set_timesteps(4)
+    guided = PPAPGuidance(linear_classifier_guide(W, y, 4.0))
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(0))
+    t = sched.timesteps[1]
+    for call in (lambda: guided.correct(x, x, t, sched), lambda: guided.vp_sample(x, t, sched),
+                 lambda: guided.clip_first(x, x, t, sched)):
+        with pytest.raises(ValueError, match=rf"{name} steps from an image towards noise \(inversion\): "
+                                             "PPAPGuidance guides sampling only"):
+            call()

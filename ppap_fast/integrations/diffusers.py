@@ -225,6 +225,10 @@ class PPAPGuidance:
         if entry is not None and not _table_current(entry, scheduler, acp):
             entry = None  # ids reused by a new scheduler / table, or the table changed in place
         if entry is None:
+            if _inverts(scheduler):  # its step at t converts with alphas_cumprod[t - stride]: the correction used [t]
+                raise ValueError(f"{type(scheduler).__name__} steps from an image towards noise (inversion): "
+                                 "PPAPGuidance guides sampling only; correct the outputs of a sampling scheduler "
+                                 "(DDIMScheduler, DPMSolverMultistepScheduler), or run the inversion unguided")
             if _own_config(scheduler, "timestep_type") == "continuous":
                 # its timesteps are 0.25 * log(sigma): rounded to 0 / 1 they routed the guide silently, then raised
                 raise ValueError(f"{type(scheduler).__name__} with timestep_type='continuous' passes 0.25 * log(sigma) "
@@ -687,13 +691,18 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
+def _inverts(scheduler) -> bool:
+    """An inversion scheduler (DDIMInverseScheduler, DPMSolverMultistepInverseScheduler; subclasses too)."""
+    return any(c.__name__.endswith("InverseScheduler") for c in type(scheduler).__mro__)
+
+
 def _check_step_takes_a_plain_sample(scheduler) -> None:
     """The loop calls scheduler.step(model_output, t, x, [eta, generator]): a scheduler whose step needs
     more (RePaint's original_image and mask: inpainting) is refused by name, before sampling."""
     if not callable(getattr(scheduler, "step", None)):  # ScoreSdeVe: step_pred / step_correct
         raise ValueError(f"{type(scheduler).__name__} has no step(model_output, timestep, sample): PPAPGuidedPipeline "
                          "runs schedulers that step that way; use a DDPM-family scheduler (DDPM, DDIM, DPM-Solver, ...)")
-    if any(c.__name__.endswith("InverseScheduler") for c in type(scheduler).__mro__):
+    if _inverts(scheduler):
         raise ValueError(f"{type(scheduler).__name__} steps from an image towards noise (inversion): "
                          "PPAPGuidedPipeline samples from noise; use DDIMScheduler / DPMSolverMultistepScheduler")
     params = inspect.signature(scheduler.step).parameters.values()
