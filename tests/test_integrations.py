@@ -1655,3 +1655,19 @@ def test_public_helpers_refuse_an_inverse_scheduler(classifier, name):
         with pytest.raises(ValueError, match=rf"{name} steps from an image towards noise \(inversion\): "
                                              "PPAPGuidance guides sampling only"):
             call()
+
+
+def test_unguided_pipeline_runs_a_flow_matching_scheduler_as_its_loop(unet):
+    """FlowMatchEulerDiscreteScheduler has no init_noise_sigma (its noise is x at sigma 1): AttributeError."""
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(3))
+    pipe = PPAPGuidedPipeline(unet, sched)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=B, num_inference_steps=3, latents=xT, output_type="raw").images
+    ref = diffusers.FlowMatchEulerDiscreteScheduler()
+    ref.set_timesteps(3)
+    x = xT
+    with torch.no_grad():
+        for t in ref.timesteps:
+            x = ref.step(unet(x, t).sample, t, x).prev_sample
+    assert torch.isfinite(out).all() and torch.equal(out, x)

@@ -978,7 +978,8 @@ class _GuidedPipelineBody:
             x = latents.to(device=device, dtype=self.dtype)
         sched.set_timesteps(num_inference_steps)  # host timesteps, as diffusers' DDPM/DDIM pipelines: the
         # guide then knows each step's band without a device read (merged experts)
-        x = x * sched.init_noise_sigma  # after set_timesteps: a sigma-space scheduler's first sigma depends on it
+        # after set_timesteps: a sigma-space scheduler's first sigma depends on it; flow matching has none (1)
+        x = x * getattr(sched, "init_noise_sigma", 1.0)
         if self.guidance is not None:  # a PPAPGuidance's own scale multiplies (it was silently replaced)
             guidance_scale = guidance_scale * self.guidance.scale
         guided = self.guidance is not None and guidance_scale != 0
