@@ -1671,3 +1671,24 @@ def test_unguided_pipeline_runs_a_flow_matching_scheduler_as_its_loop(unet):
         for t in ref.timesteps:
             x = ref.step(unet(x, t).sample, t, x).prev_sample
     assert torch.isfinite(out).all() and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+                                  "FlowMatchEulerDiscreteScheduler"])
+def test_guide_at_scale_zero_runs_schedulers_it_cannot_guide_unguided(unet, classifier, name):
+    """EDM / flow matching (no alphas_cumprod) were refused with a guide attached even at guidance_scale=0, which
+    samples unguided; guided they still are refused."""
+    W, y = classifier
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(4))
+
+    def run(guide, **kw):
+        pipe = PPAPGuidedPipeline(unet, getattr(diffusers, name)(), guide)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=B, num_inference_steps=3, latents=xT, output_type="raw", **kw).images
+
+    plain = run(None)
+    assert torch.isfinite(plain).all()
+    assert torch.equal(run(linear_classifier_guide(W, y, 4.0), guidance_scale=0.0), plain)
+    assert torch.equal(run(PPAPGuidance(linear_classifier_guide(W, y, 4.0), scale=0.0)), plain)
+    with pytest.raises(ValueError, match=f"{name} has no alphas_cumprod table"):
+        run(linear_classifier_guide(W, y, 4.0))

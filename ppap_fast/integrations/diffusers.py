@@ -44,7 +44,7 @@ Any other prediction_type raises ValueError. Sigma-space schedulers (Euler, Eule
 KDPM2: ``init_noise_sigma != 1``) sample x = x_t * sqrt(1 + sigma^2): the guide gets x_t (their
 ``scale_model_input`` of x, as the UNet) and the rounded timestep, and abar = 1 / (1 + sigma^2) of the
 step's own sigma; call ``scheduler.scale_model_input`` in the loop as for the UNet. Schedulers with no
-``alphas_cumprod`` (EDM, flow matching, VE) raise ValueError. With ``clip_sample`` or ``thresholding``
+``alphas_cumprod`` (EDM, flow matching, VE) raise ValueError (the pipeline at guidance scale 0 runs them unguided). With ``clip_sample`` or ``thresholding``
 the scheduler limits x0 after the guidance was added: see below.
 
 Faster denoiser on a GPU: ``fuse_norm_act(unet)`` runs each ResnetBlock2D's GroupNorm + SiLU pairs as
@@ -947,7 +947,10 @@ class _GuidedPipelineBody:
         if self.guidance is None and guidance_scale not in (0.0, 1.0):  # unguided images came back without a word
             raise ValueError(f"guidance_scale={guidance_scale} given to a pipeline without a guide: pass guide=... "
                              "(cfg_scale is the classifier-free guidance of a text-conditional denoiser)")
-        if self.guidance is not None:
+        if self.guidance is not None:  # a PPAPGuidance's own scale multiplies (it was silently replaced)
+            guidance_scale = guidance_scale * self.guidance.scale
+        guided = self.guidance is not None and guidance_scale != 0
+        if guided:  # at scale 0 it samples unguided: any scheduler the unguided pipeline runs (EDM, flow matching)
             _checked_prediction_type(sched)
             self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
         shape = self._shape(batch_size)
@@ -980,9 +983,6 @@ class _GuidedPipelineBody:
         # guide then knows each step's band without a device read (merged experts)
         # after set_timesteps: a sigma-space scheduler's first sigma depends on it; flow matching has none (1)
         x = x * getattr(sched, "init_noise_sigma", 1.0)
-        if self.guidance is not None:  # a PPAPGuidance's own scale multiplies (it was silently replaced)
-            guidance_scale = guidance_scale * self.guidance.scale
-        guided = self.guidance is not None and guidance_scale != 0
         if "eta" in inspect.signature(sched.step).parameters:  # DDIM: an infinite eta made NaN images silently
             from ppap_fast.sampling import _check_eta
 
