@@ -1692,3 +1692,69 @@ def test_guide_at_scale_zero_runs_schedulers_it_cannot_guide_unguided(unet, clas
     assert torch.equal(run(PPAPGuidance(linear_classifier_guide(W, y, 4.0), scale=0.0)), plain)
     with pytest.raises(ValueError, match=f"{name} has no alphas_cumprod table"):
         run(linear_classifier_guide(W, y, 4.0))
+
+
+def _float64_coef(sched, i, pt):
+    """The correction coefficient of step t, written out in float64: alpha, sigma of the step's abar (alphas_cumprod
+    for DDPM / DDIM; the step's own sigma for a solver or a sigma-space scheduler)."""
+    if isinstance(sched, (DPMSolverMultistepScheduler, EulerDiscreteScheduler)):
+        sigma = sched.sigmas[i].double()
+        abar = 1 / (1 + sigma * sigma)
+    else:
+        abar = sched.alphas_cumprod.double()[int(sched.timesteps[i])]
+    a, s1 = abar.sqrt(), (1 - abar).sqrt()
+    return {"epsilon": s1, "v_prediction": s1 / a, "sample": -s1 * s1 / a}[pt]
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_float64_output_is_corrected_with_a_float64_coefficient(cls, pt):
+    """The coefficient was computed in float32 for a float64 model (sqrt(1 - abar) 1e-7 off)."""
+    sched = cls(prediction_type=pt)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(8)
+    x, out, grad = (torch.randn(B, C, H, H, generator=g, dtype=torch.float64) for _ in range(3))
+    t = sched.timesteps[7]
+    if isinstance(sched, EulerDiscreteScheduler):
+        sched.scale_model_input(x, t)  # sets its step index, as the loop does
+    got = PPAPGuidance(lambda x, t: x).correct(out, x, t, sched, grad=grad)
+    ref = out - _float64_coef(sched, 7, pt) * grad
+    assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-14)
+
+
+def test_float64_pipeline_corrects_with_float64_abar(unet, classifier):
+    """A float64 UNet and guide in the pipeline: each step's output is eps - sqrt(1 - abar_t) grad with abar_t, the
+    square root and the product in float64, stepped by the scheduler (clip_sample=False: no clipping first)."""
+    W, y = classifier
+    unet64 = UNet2DModel.from_config(unet.config).double().eval()
+    unet64.load_state_dict(unet.state_dict())
+    guide = linear_classifier_guide(W.double(), y, 4.0)
+    xT = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    pipe = PPAPGuidedPipeline(unet64, DDIMScheduler(clip_sample=False), PPAPGuidance(guide, fast=False))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=B, num_inference_steps=4, latents=xT, output_type="raw").images
+    sched = DDIMScheduler(clip_sample=False)
+    sched.set_timesteps(4)
+    abar, x = sched.alphas_cumprod.double(), xT
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = unet64(x, t).sample - (1 - abar[t]).sqrt() * guide(x, t.expand(B))
+            x = sched.step(eps, t, x).prev_sample
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, x, rtol=1e-13, atol=1e-13)
+
+
+def test_clip_first_of_a_float64_output_in_float64(classifier):
+    """clip_first rounded a float64 output to float32 before clipping its x0 (1e-7 off)."""
+    sched = DDIMScheduler(clip_sample=True, clip_sample_range=0.5)
+    sched.set_timesteps(10)
+    t = sched.timesteps[7]
+    g = torch.Generator().manual_seed(10)
+    x, eps = (torch.randn(B, C, H, H, generator=g, dtype=torch.float64) for _ in range(2))
+    got = PPAPGuidance(lambda x, t: x).clip_first(eps, x, t, sched)
+    abar = sched.alphas_cumprod.double()[int(t)]
+    x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-0.5, 0.5)
+    ref = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    assert got.dtype == torch.float64 and torch.isfinite(got).all() and not torch.equal(got, eps)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)

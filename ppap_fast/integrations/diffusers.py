@@ -252,7 +252,9 @@ class PPAPGuidance:
                     raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
                                      f"ExpertBank splits T={bank.num_timesteps} timesteps into its experts: the "
                                      "scheduler's timesteps would be routed to the wrong experts")
-            tab = acp.detach().to(device=device, dtype=torch.float32)
+            # float64 (none on MPS): a float64 model's coefficient in float64; a float32 one's as before (exact cast)
+            tab = acp.detach().to(device=device, dtype=torch.float32 if torch.device(device).type == "mps"
+                                  else torch.float64)
             self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
             entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, _version(acp))
         return entry[:2]
@@ -326,7 +328,7 @@ class PPAPGuidance:
 
     def vp_sample(self, x: torch.Tensor, t, scheduler) -> tuple:
         """(x_t, abar_t): the scheduler's sample as x_t of the variance-preserving process (what the guide
-        is trained on) and abar_t as float32 [B, 1, ...] (or a scalar) on x's device. For a scheduler in
+        is trained on) and abar_t as float32 (float64 for a float64 x) [B, 1, ...] (or a scalar) on x's device. For a scheduler in
         sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
         ``scale_model_input`` at this step (its sigma, which need not sit on the training grid; abar and
         sqrt(1 - abar) in float64 from that sigma where it is found in ``sigmas`` / ``sigmas_interpol``). For a
@@ -341,14 +343,15 @@ class PPAPGuidance:
         """(x_t, alpha_t, sigma_t, abar_t) of :meth:`vp_sample` (alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
         a solver's own alpha_t, sigma_t taken as they are: 1 - abar loses digits in float32 near abar = 1)."""
         tab, sigma_space = self._table(scheduler, x.device)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32  # the coefficient's dtype
         tt = self.timesteps(t, x.shape[0], x.device, num_train_timesteps=tab.numel(),
                             checked=self._range_checked_table(scheduler, tab.numel()))
         if not sigma_space:
-            step = _solver_step_alpha_sigma(scheduler, t)
+            step = _solver_step_alpha_sigma(scheduler, t, work)
             if step is not None:  # the alpha_t, sigma_t the solver's step itself uses (karras / lu-lambda sigmas)
                 a, s1 = (v.to(x.device) for v in step)
                 return x, a, s1, a * a
-            abar = tab[tt].view(-1, *([1] * (x.ndim - 1)))
+            abar = tab[tt].to(work).view(-1, *([1] * (x.ndim - 1)))
             return x, abar.sqrt(), (1 - abar).sqrt(), abar
         step_t = _first_timestep(t)
         warned = getattr(scheduler, "is_scale_input_called", None)  # keep diffusers' "call scale_model_input" check
@@ -358,13 +361,16 @@ class PPAPGuidance:
         # .cpu(): KDPM2 keeps sigmas_interpol on set_timesteps' device, so its second pass's c_in is there
         c_in = torch.as_tensor(c_in, dtype=torch.float32).reshape(()).cpu()
         sigma = _input_scaling_sigma(scheduler, c_in)
+        a = c_in.to(work)
         if sigma is None:  # 1 - c_in^2 loses digits at small sigma (7e-5 off in sqrt(1 - abar) at sigma 0.03)
-            abar = (c_in * c_in).to(x.device)
+            abar = (a * a).to(x.device)
             s1 = (1 - abar).sqrt()
         else:  # float64 from the sigma itself
-            abar = (1 / (1 + sigma * sigma)).float().to(x.device)
-            s1 = (sigma / (1 + sigma * sigma).sqrt()).float().to(x.device)
-        return x * c_in.to(device=x.device, dtype=x.dtype), c_in.to(x.device), s1, abar
+            abar = (1 / (1 + sigma * sigma)).to(device=x.device, dtype=work)
+            s1 = (sigma / (1 + sigma * sigma).sqrt()).to(device=x.device, dtype=work)
+            if work == torch.float64:  # c_in is float32
+                a = (1 / (1 + sigma * sigma).sqrt()).to(x.device)
+        return x * c_in.to(device=x.device, dtype=x.dtype), a.to(x.device), s1, abar
 
     # -- the correction ------------------------------------------------------------------
     def correct(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler, scale: float | None = None,
@@ -432,7 +438,8 @@ class PPAPGuidance:
         singular = s1 == 0 if pt == "v_prediction" else (a == 0) | (s1 == 0) if pt == "epsilon" else None
         if singular is not None:  # unit divisors there: finite values, discarded below
             a, s1 = torch.where(singular, torch.ones_like(a), a), torch.where(singular, torch.ones_like(s1), s1)
-        head, xf = model_output[:, :c].float(), x_vp.float()
+        work = torch.float64 if model_output.dtype == torch.float64 else torch.float32
+        head, xf = model_output[:, :c].to(work), x_vp.to(work)
         x0 = {"epsilon": lambda: (xf - s1 * head) / a, "v_prediction": lambda: a * xf - s1 * head,
               "sample": lambda: head}[pt]()
         x0 = _limit_x0(limits_of, x0)
@@ -473,8 +480,8 @@ def _input_scaling_sigma(scheduler, c_in: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
-    """(alpha_t, sigma_t) (float32 scalars) of the sigma the scheduler's step converts x0 / eps with, for a solver that
+def _solver_step_alpha_sigma(scheduler, t, dtype: torch.dtype = torch.float32) -> tuple | None:
+    """(alpha_t, sigma_t) (``dtype`` scalars) of the sigma the scheduler's step converts x0 / eps with, for a solver that
     reads ``sigmas[step_index]`` through ``_sigma_to_alpha_sigma_t`` (DPM-Solver, UniPC, DEIS, SA-Solver);
     None for the others (they read alphas_cumprod[t]), before ``set_timesteps``, or for a t off its schedule.
     The step index is found as the step will: ``step_index``, else ``begin_index``, else t's place in
@@ -498,7 +505,7 @@ def _solver_step_alpha_sigma(scheduler, t) -> tuple | None:
         idx = found[1] if len(found) > 1 else found[0]
     if not 0 <= idx < min(len(timesteps), len(sigmas)):
         return None
-    alpha_t, sigma_t = to_alpha_sigma(sigmas[idx].detach().float())
+    alpha_t, sigma_t = to_alpha_sigma(sigmas[idx].detach().to(dtype))
     return alpha_t.reshape(()), sigma_t.reshape(())
 
 
