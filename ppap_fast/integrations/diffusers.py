@@ -44,8 +44,8 @@ Any other prediction_type raises ValueError. Sigma-space schedulers (Euler, Eule
 KDPM2: ``init_noise_sigma != 1``) sample x = x_t * sqrt(1 + sigma^2): the guide gets x_t (their
 ``scale_model_input`` of x, as the UNet) and the rounded timestep, and abar = 1 / (1 + sigma^2) of the
 step's own sigma; call ``scheduler.scale_model_input`` in the loop as for the UNet. Schedulers with no
-``alphas_cumprod`` (EDM, flow matching, VE) raise ValueError (the pipeline at guidance scale 0 runs them unguided). With ``clip_sample`` or ``thresholding``
-the scheduler limits x0 after the guidance was added: see below.
+``alphas_cumprod`` (EDM, flow matching, VE) raise ValueError (the pipeline at guidance scale 0 runs them
+unguided). With ``clip_sample`` or ``thresholding`` the scheduler limits x0 after the guidance was added: see below.
 
 Faster denoiser on a GPU: ``fuse_norm_act(unet)`` runs each ResnetBlock2D's GroupNorm + SiLU pairs as
 one op and adds its conv biases inside the next fused op (as ``ADMUNet.fuse_norm_act``; on an H100
@@ -328,8 +328,8 @@ class PPAPGuidance:
 
     def vp_sample(self, x: torch.Tensor, t, scheduler) -> tuple:
         """(x_t, abar_t): the scheduler's sample as x_t of the variance-preserving process (what the guide
-        is trained on) and abar_t as float32 (float64 for a float64 x) [B, 1, ...] (or a scalar) on x's device. For a scheduler in
-        sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
+        is trained on) and abar_t as float32 (float64 for a float64 x) [B, 1, ...] (or a scalar) on x's device. For a
+        scheduler in sigma space (Euler, Heun, LMS, KDPM2: x = x_t * sqrt(1 + sigma^2)) both come from its
         ``scale_model_input`` at this step (its sigma, which need not sit on the training grid; abar and
         sqrt(1 - abar) in float64 from that sigma where it is found in ``sigmas`` / ``sigmas_interpol``). For a
         solver that converts with its own step sigma (DPM-Solver, UniPC, DEIS, SA-Solver:
@@ -481,8 +481,8 @@ def _input_scaling_sigma(scheduler, c_in: torch.Tensor) -> torch.Tensor | None:
 
 
 def _solver_step_alpha_sigma(scheduler, t, dtype: torch.dtype = torch.float32) -> tuple | None:
-    """(alpha_t, sigma_t) (``dtype`` scalars) of the sigma the scheduler's step converts x0 / eps with, for a solver that
-    reads ``sigmas[step_index]`` through ``_sigma_to_alpha_sigma_t`` (DPM-Solver, UniPC, DEIS, SA-Solver);
+    """(alpha_t, sigma_t) (``dtype`` scalars) of the sigma the scheduler's step converts x0 / eps with, for a solver
+    that reads ``sigmas[step_index]`` through ``_sigma_to_alpha_sigma_t`` (DPM-Solver, UniPC, DEIS, SA-Solver);
     None for the others (they read alphas_cumprod[t]), before ``set_timesteps``, or for a t off its schedule.
     The step index is found as the step will: ``step_index``, else ``begin_index``, else t's place in
     ``timesteps`` (the second of two equal ones, as diffusers)."""
