@@ -56,8 +56,9 @@ def measure(model, pass_t, num_classes, x0, masks, schedule, timesteps, batch=12
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--task", default="semantic", choices=["semantic", "segmentation"],

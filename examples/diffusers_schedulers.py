@@ -32,14 +32,16 @@ def dpm_solver_loop(unet, scheduler, x, steps, guided=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
-    ap.add_argument("--device", type=device, default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
+    ap.add_argument("--device", type=device, default="cpu", help="torch device")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--num", type=positive_int, default=20, help="samples (targets cycle through 0..9)")
-    ap.add_argument("--steps", type=positive_int, default=20)
-    ap.add_argument("--scale", type=finite_float, default=10.0)
+    ap.add_argument("--steps", type=positive_int, default=20, 
+                    help="inference steps of each scheduler (fewer than T = 1000)")
+    ap.add_argument("--scale", type=finite_float, default=10.0, help="guidance scale")
     args = ap.parse_args()
     T = TRAINED_SCHEDULE["num_train_timesteps"]
     if args.steps >= T:  # DPM-Solver++ repeats a timestep from T steps on (NaN, a traceback); DDIM refuses > T

@@ -18,15 +18,16 @@ from ppap_fast.experts import load_experts, save_experts
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
-    ap.add_argument("--device", type=device, default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
+    ap.add_argument("--device", type=device, default="cpu", help="torch device")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--experts", type=expert_count, default=5, help="N of PPAP-N (must divide 1000)")
     ap.add_argument("--num-images", type=positive_int, default=256, help="size of the data-free set")
     ap.add_argument("--steps", type=positive_int, default=400, help="distillation steps")
-    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="distillation batch size")
     ap.add_argument("--lr", type=positive_float, default=1e-2,
                     help="AdamW peak lr (the shipped experts: 2e-3 over 2,000 steps)")
     ap.add_argument("--samples", type=positive_int, default=20, help="guided samples at the end")

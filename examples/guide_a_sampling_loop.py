@@ -17,15 +17,16 @@ from ppap_fast.demo import DemoError, demo_schedule, load_evaluator, load_ppap_b
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
-    ap.add_argument("--device", type=device, default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
+    ap.add_argument("--device", type=device, default="cpu", help="torch device")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--digits", type=digit_list, default="0,1,2,3,4,5,6,7,8,9", help="target digits")
-    ap.add_argument("--per-class", type=positive_int, default=2)
+    ap.add_argument("--per-class", type=positive_int, default=2, help="guided samples per target digit")
     ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
-    ap.add_argument("--scale", type=finite_float, default=10.0)
+    ap.add_argument("--scale", type=finite_float, default=10.0, help="guidance scale")
     args = ap.parse_args()
     # the UNet was trained on guided-diffusion's linear schedule, T=1000; DDIM over `steps` of it, checked as the
     # CLI does before loading anything (--steps 1001 was a traceback from the schedule code)

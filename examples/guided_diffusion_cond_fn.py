@@ -28,14 +28,15 @@ def ddim_loop_with_cond_fn(model, x, schedule, cond_fn, y):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
-    ap.add_argument("--device", type=device, default="cpu")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
+    ap.add_argument("--device", type=device, default="cpu", help="torch device")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--num", type=positive_int, default=20, help="samples (labels cycle through 0..9)")
     ap.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
-    ap.add_argument("--scale", type=finite_float, default=10.0)
+    ap.add_argument("--scale", type=finite_float, default=10.0, help="guidance scale")
     args = ap.parse_args()
     try:  # the CLI's check, before loading anything (--steps 1001 was a traceback from the schedule code)
         schedule = demo_schedule("ddim", args.steps)[0]

@@ -52,8 +52,9 @@ def mean_gradient(model, pass_t, x0, target, schedule, t, draws, seed=0) -> tupl
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=output_dir, default="examples_out")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
