@@ -124,19 +124,20 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(s, device=True, weights=True, seed=_seed, draws=True):
         if device:
-            s.add_argument("--device", default="cpu")
+            s.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
         if weights:
-            s.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
+            s.add_argument("--weights-dir", default=str(WEIGHTS_DIR),
+                           help="folder of the weights this command reads (the shipped ones by default)")
         if draws:  # only commands that draw random numbers and show a progress bar
-            s.add_argument("--seed", type=seed, default=0)
-            s.add_argument("--no-progress", action="store_true")
+            s.add_argument("--seed", type=seed, default=0, help="random seed")
+            s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
-    s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=_positive_int, default=2000)
-    s.add_argument("--batch-size", type=_positive_int, default=64)
-    s.add_argument("--lr", type=_positive_float, default=2e-4)
-    s.add_argument("--ema-decay", type=_decay, default=0.999)
+    s.add_argument("--out", required=True, help="output *.safetensors (the EMA weights)")
+    s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
+    s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    s.add_argument("--lr", type=_positive_float, default=2e-4, help="learning rate")
+    s.add_argument("--ema-decay", type=_decay, default=0.999, help="decay of the weights' EMA, the weights written")
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop after this many minutes of this run (the LR is not annealed), saving --out")
     s.add_argument("--checkpoint-every", type=_positive_int, default=500,
@@ -150,10 +151,10 @@ def _parser() -> argparse.ArgumentParser:
                         "stroke segmentation net (per-pixel ink / background, labels from each clean image: "
                         "ink = value > 0); semseg: the semantic one (11 classes per pixel: background, or the "
                         "digit's class on its ink; a SegNet with an image-level context branch)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=_positive_int, default=1000)
-    s.add_argument("--batch-size", type=_positive_int, default=64)
-    s.add_argument("--lr", type=_positive_float, default=2e-3)
+    s.add_argument("--out", required=True, help="output *.safetensors")
+    s.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
+    s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    s.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate")
     s.add_argument("--widths", type=_widths, default=None,
                    help="resnet stage widths (positive integers; default: 16,32,64); --arch resnet only")
     common(s, weights=False)
@@ -164,9 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="data-free set: unconditional DDIM samples + cached teacher logits")
     s.add_argument("--out", required=True, help="output directory (shard_NNNNN.npz + manifest.json); a rerun with "
                                                 "the same arguments finishes an interrupted set")
-    s.add_argument("--num-images", type=_positive_int, default=6000)
-    s.add_argument("--shard-size", type=_positive_int, default=500)
-    s.add_argument("--steps", type=_positive_int, default=25)
+    s.add_argument("--num-images", type=_positive_int, default=6000, help="images in the set")
+    s.add_argument("--shard-size", type=_positive_int, default=500, help="images per shard file")
+    s.add_argument("--steps", type=_positive_int, default=25, help="DDIM steps per image")
     s.add_argument("--task", choices=list(TEACHERS), default="classification",
                    help="whose outputs the set caches: " + task_help)
     common(s, seed=_shard_seed)
@@ -175,11 +176,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="the data-free set written by generate")
     s.add_argument("--experts", type=_expert_count, default=5,
                    help="number of timestep experts, a divisor of T = 1000")
-    s.add_argument("--rank", type=_positive_int, default=4)
+    s.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank")
     s.add_argument("--alpha", type=_positive_float, default=2.0, help="LoRA alpha (scale alpha / rank)")
-    s.add_argument("--steps", type=_positive_int, default=2000)
-    s.add_argument("--batch-size", type=_positive_int, default=128)
-    s.add_argument("--lr", type=_positive_float, default=1e-3)
+    s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
+    s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
+    s.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
@@ -199,46 +200,46 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time "
                         "trained before")
-    s.add_argument("--steps", type=_positive_int, default=2000)
-    s.add_argument("--batch-size", type=_positive_int, default=128)
-    s.add_argument("--lr", type=_positive_float, default=1e-3)
+    s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
+    s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
+    s.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "
                         "--out until the experts are written; a rerun with the same arguments resumes from it")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="output *.safetensors (the fine-tuned model or experts)")
     common(s)
 
     s = sub.add_parser("sample", help="sample with one guidance method; writes .npz + PNG grid + stats .json "
                                       "(NFE, seconds, images/s, peak memory)")
     s.add_argument("--method", "--guide", dest="method", required=True,
                    help="none | naive | x0hat | noise-aware | ppap-N | multi-experts-N")
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
-    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (eta 0) or ancestral DDPM")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: 25 (ddim), 250 (ddpm))")
+    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE, help="guidance scale")
     s.add_argument("--targets", default=None, help="comma-separated target classes in 0..9, cycled to "
                                                    "--num-samples (default 0..9 cycled)")
     s.add_argument("--num-samples", type=_positive_int, default=None,
                    help="default: one per --targets entry, else 100 (0..9 cycled)")
-    s.add_argument("--batch-size", type=_positive_int, default=250)
+    s.add_argument("--batch-size", type=_positive_int, default=250, help="samples per batch")
     s.add_argument("--out", required=True, help="output .npz (a PNG grid and the stats .json are written beside it)")
     s.add_argument("--fast", action="store_true", help="fast path: fused update, PPAP experts merged per band")
     common(s, device=False)
 
     s = sub.add_parser("evaluate", help="score a sample .npz with the evaluator")
-    s.add_argument("samples")
+    s.add_argument("samples", help="a sample .npz written by sample or demo")
     s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     common(s, device=False, draws=False)  # scoring draws nothing and shows no bar: --seed was ignored
 
     s = sub.add_parser("demo", help="run the whole comparison with the shipped weights")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="output directory (samples, grids, results.json, pictures)")
     s.add_argument("--ddpm", action="store_true", help="DDPM-250 instead of DDIM-25")
     s.add_argument("--steps", type=_positive_int, default=None, help="override the step count (default: 25, or 250 with --ddpm)")
     s.add_argument("--num-samples", type=_int_at_least(DEMO_MIN_SAMPLES, "one sample per class"), default=200,
                    help=f"samples per method, at least {DEMO_MIN_SAMPLES}: the targets cycle through the classes 0..9")
-    s.add_argument("--methods", default=",".join(DEMO_METHODS))
-    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE)
-    s.add_argument("--batch-size", type=_positive_int, default=250)
+    s.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated guidance methods to compare")
+    s.add_argument("--scale", type=finite_float, default=DEFAULT_SCALE, help="guidance scale of every method")
+    s.add_argument("--batch-size", type=_positive_int, default=250, help="samples per batch")
     s.add_argument("--seg-per-target", type=_int_at_least(0, "0 skips it"), default=SEG_PER_TARGET,
                    help="the segmentation-guidance comparison: samples per held-out target mask (10 masks; "
                         "0: skip it)")
@@ -266,7 +267,15 @@ def _parser() -> argparse.ArgumentParser:
                         "for segmentation / semantic experts)")
     for s in sub.choices.values():
         _show_defaults(s)
+    describe_subcommands(sub)
     return p
+
+
+def describe_subcommands(sub) -> None:
+    """``ppap-fast CMD --help`` opens with the line ``ppap-fast --help`` lists for CMD (it said nothing)."""
+    for choice in sub._choices_actions:
+        parser = sub.choices[choice.dest]
+        parser.description = parser.description or choice.help
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:

@@ -2040,28 +2040,29 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
         p.add_argument("--timeout", type=_positive_float, default=1800.0, help="collective timeout, seconds")
-        p.add_argument("--seed", type=_shard_seed, default=0)  # seeds shard k with seed * stride + k
+        # seeds shard k with seed * stride + k
+        p.add_argument("--seed", type=_shard_seed, default=0, help="random seed")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="progress bars (as ppap-fast's commands; --no-progress: none)")
 
     g = sub.add_parser("generate", help="data-free set: per-rank resumable shards + manifest")
     common(g)
-    g.add_argument("--out", required=True)
-    g.add_argument("--num-images", type=_positive_int, required=True)
-    g.add_argument("--shard-size", type=_positive_int, default=250)
+    g.add_argument("--out", required=True, help="output directory (shard_NNNNN.npz + manifest.json)")
+    g.add_argument("--num-images", type=_positive_int, required=True, help="images in the set")
+    g.add_argument("--shard-size", type=_positive_int, default=250, help="images per shard file")
     g.add_argument("--batch-size", type=non_negative_int, default=0,
                    help="micro-batch inside a shard (0: the whole shard); a memory knob: the images do not depend on it "
                         "beyond float rounding")
-    g.add_argument("--image-size", type=_positive_int, default=256)
-    g.add_argument("--channels", type=_positive_int, default=3)
+    g.add_argument("--image-size", type=_positive_int, default=256, help="the denoiser's image side, pixels")
+    g.add_argument("--channels", type=_positive_int, default=3, help="the denoiser's image channels")
     g.add_argument("--denoiser", default="adm:256x256_diffusion_uncond",
                    help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
-    g.add_argument("--checkpoint", default=None)
+    g.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
     g.add_argument("--schedule", default="linear", help="the denoiser's noise schedule: linear | cosine")
-    g.add_argument("--num-timesteps", type=_positive_int, default=1000)
-    g.add_argument("--respacing", default="ddim25")
-    g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-    g.add_argument("--eta", type=non_negative_float, default=0.0)
+    g.add_argument("--num-timesteps", type=_positive_int, default=1000, help="the denoiser's training T")
+    g.add_argument("--respacing", default="ddim25", help="sampling steps: ddimN, N or comma-separated section counts")
+    g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM or ancestral DDPM")
+    g.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (0: deterministic)")
     g.add_argument("--teacher", default=None,
                    help="cache this teacher's outputs on the clean images: tiny:<file>, a registry name, "
                         "or py:package.module:factory (classifier logits float32, dense maps float16)")
@@ -2074,8 +2075,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="DDP distillation of PPAP experts on a data-free set")
     common(d)
-    d.add_argument("--data", required=True)
-    d.add_argument("--out", required=True)
+    d.add_argument("--data", required=True, help="the data-free set written by generate")
+    d.add_argument("--out", required=True, help="output directory (experts.safetensors + config.json)")
     d.add_argument("--teacher", required=True,
                    help="tiny:<file>, a registry name (resnet50, deit_s, deeplabv3_resnet50, ...) or "
                         "py:package.module:factory (any module, e.g. a depth network; see build_teacher)")
@@ -2106,22 +2107,27 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="make each batch in the training loop instead of one step ahead on a thread")
     d.add_argument("--n-experts", type=_positive_int, default=5, help="number of timestep experts, a divisor of --num-timesteps")
-    d.add_argument("--num-timesteps", type=_positive_int, default=1000)
+    d.add_argument("--num-timesteps", type=_positive_int, default=1000, help="T of the diffusion the experts split")
     d.add_argument("--lora-r", dest="r", type=_positive_int, default=None, help="LoRA rank (default: the placement rule's)")
     d.add_argument("--lora-alpha", dest="alpha", type=finite_float, default=None,
                    help="LoRA alpha (default: the placement rule's)")
     d.add_argument("--layout", default=None, help="LoRA layout: factorised | loralib (default: the placement rule's)")
-    d.add_argument("--steps", type=_positive_int, default=1000)
+    d.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
     d.add_argument("--batch-size", type=_positive_int, default=64, help="per rank")
-    d.add_argument("--lr", type=_positive_float, default=1e-4)
-    d.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    d.add_argument("--warmup", type=non_negative_int, default=50)
-    d.add_argument("--temperature", type=_positive_float, default=0.25)
-    d.add_argument("--dump-rank-states", default=None)
+    d.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW peak learning rate (linear decay to 0)")
+    d.add_argument("--weight-decay", type=non_negative_float, default=0.05, help="AdamW weight decay")
+    d.add_argument("--warmup", type=non_negative_int, default=50, help="steps of linear learning-rate warm-up")
+    d.add_argument("--temperature", type=_positive_float, default=0.25,
+                   help="temperature of the teacher's softmax in the kl / pixel_kl losses")
+    d.add_argument("--dump-rank-states", default=None,
+                   help="debugging: every rank writes its expert tensors into this directory")
     from .cli import _show_defaults
+
+    from .cli import describe_subcommands
 
     for s in (g, d):
         _show_defaults(s)
+    describe_subcommands(sub)
     return ap
 
 

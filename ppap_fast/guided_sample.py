@@ -444,8 +444,8 @@ def add_arguments(s) -> None:
     s.add_argument("--out", required=True, help="output .npz (grid .png and stats .json beside it)")
     s.add_argument("--denoiser", default="adm:256x256_diffusion_uncond", help="adm:<preset> | tiny | diffusers:PATH (a saved UNet2DModel or pipeline) | random-conv")
     s.add_argument("--checkpoint", default=None, help="the denoiser's weights (guided-diffusion .pt for adm:)")
-    s.add_argument("--image-size", type=_positive_int, default=256)
-    s.add_argument("--channels", type=_positive_int, default=3)
+    s.add_argument("--image-size", type=_positive_int, default=256, help="the denoiser's image side, pixels")
+    s.add_argument("--channels", type=_positive_int, default=3, help="the denoiser's image channels")
     s.add_argument("--guide", default=None, help="registry name | tiny:<file> | py:module:factory (none: unguided)")
     s.add_argument("--guide-weights", default=None,
                    help="the guide network's weights: a local checkpoint (torchvision / timm / official PPAP "
@@ -462,19 +462,22 @@ def add_arguments(s) -> None:
     s.add_argument("--ignore-index", type=int, default=None,
                    help="segmentation: the --target-map label of void pixels, which do not count (VOC / ADE20K / "
                         "Cityscapes maps: 255; default -100)")
-    s.add_argument("--scale", type=_finite_float, default=10.0)
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    s.add_argument("--scale", type=_finite_float, default=10.0, help="guidance scale")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM or ancestral DDPM")
     s.add_argument("--schedule", default="linear", choices=list(SCHEDULE_NAMES),
                    help="the denoiser's noise schedule (ADM's ImageNet models: linear)")
     s.add_argument("--steps", type=_positive_int, default=None, help="default: 25 (ddim), 250 (ddpm)")
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--num-samples", type=_positive_int, default=16)
-    s.add_argument("--batch-size", type=_positive_int, default=16)
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    s.add_argument("--num-samples", type=_positive_int, default=16, help="samples in this run")
+    s.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="samples per batch (the images do not depend on it beyond float rounding)")
     s.add_argument("--first-sample", type=int, default=0,
                    help="index of the first sample: parts of a large run (each sample's noise and target depend on "
                         "its index only)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--no-fast", dest="fast", action="store_false", help="the reference sampling loop")
+    s.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="the reference sampling loop (not with --guide-dtype, --cuda-graph, --compile or "
+                        "--fuse-norm-act)")
     s.add_argument("--guide-dtype", default=None, choices=["bf16", "fp16"],
                    help="autocast the guide's forward and backward (fast path; default: none, the guide runs in its "
                         "weights' dtype)")

@@ -264,10 +264,10 @@ def add_parser(sub) -> None:
                         "offline weights; tiny: / py: specs hold their own) or 'none' (random: tests)")
     s.add_argument("--real", default=None, help=".npz of real images (images uint8 N x H x W x C) for FD, "
                                                 "precision and recall")
-    s.add_argument("--batch-size", type=_positive_int, default=64)
+    s.add_argument("--batch-size", type=_positive_int, default=64, help="images per classifier batch")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--json", default=None, help="also write the scores to this .json file")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _same_file(a, b) -> bool:

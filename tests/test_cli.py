@@ -841,7 +841,7 @@ def test_generate_out_that_is_a_file_says_so(weights, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("task,shown", [("distill", ["default: 1000", "default: 0.0001", "(default: expert_mean)"]),
-                                        ("generate", ["--seed SEED default: 0"])])
+                                        ("generate", ["--seed SEED random seed (default: 0)"])])
 def test_distributed_help_states_defaults(task, shown, capsys):
     """`python -m ppap_fast.distributed <task> --help` states defaults as ppap-fast's commands do."""
     from ppap_fast.distributed import _parser
