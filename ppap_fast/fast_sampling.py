@@ -824,8 +824,12 @@ class FastGuidedSampler:
         nonfinite_grad: "raise" | "zero" | "ignore", as ``sampling.sample_loop`` (raise is a
             device-side assert on accelerators).
         backend: guided_update backend (None = fastest available).
-        See the module docstring for merge_experts, merge_mode, channels_last, guide_autocast, compile_*,
-        cuda_graph, overlap_guide. ``applied_options``: the ones in effect (after fallbacks so far).
+        clip_denoised: clamp x0_hat to [-1, 1] (as ``sample_loop``).
+        See the module docstring for merge_experts, merge_mode, channels_last, guide_autocast, model_autocast,
+        compile_guide, compile_model, compile_kwargs, compile_freeze, cuda_graph, overlap_guide, fuse_norm_act,
+        cudnn_benchmark.
+
+    The attribute ``applied_options`` holds the options in effect (after fallbacks so far).
     """
 
     def __init__(self, model: Callable, schedule: Schedule, *, sampler: str = "ddim", guide: Callable | None = None,
@@ -1057,7 +1061,7 @@ class FastGuidedSampler:
 
     def step(self, x: torch.Tensor, index, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One guided step -> (x_prev, pred_xstart).
+        """One guided step from ``x`` (x_t) -> (x_prev, pred_xstart).
 
         index: an int (all samples at that step: merged expert) or a long [B] tensor of per-sample
         step indices (a mixed batch: per-sample routing through the bank). noise: the step's noise
@@ -1155,6 +1159,7 @@ class FastGuidedSampler:
         Random numbers are drawn in the reference's order (x_T, then one noise tensor per step
         when the sampler needs noise), so the same generator seed gives the same result.
         callback(index, x_prev, pred_xstart). Returns x_0, or (x_0, trajectory [N, *x.shape]).
+        ``shape_or_x``, ``noise_fn``, ``dtype``, ``return_trajectory``, ``progress``: as ``sample_loop``.
         """
         x = initial_noise(shape_or_x, generator, self.device, dtype)
         self._check_x(x)
@@ -1209,7 +1214,9 @@ def fast_sample_loop(model: Callable, shape_or_x, schedule: Schedule, *, sampler
                      noise_fn=None, return_trajectory: bool = False, dtype: torch.dtype | None = None,
                      progress: bool = False, **options):
     """Drop-in for ``sampling.sample_loop`` on the fast path (options: see FastGuidedSampler); sample_loop's
-    ``callback(i, StepOutput)`` and ``denoised_fn`` have no fast equivalent and raise a TypeError."""
+    ``callback(i, StepOutput)`` and ``denoised_fn`` have no fast equivalent and raise a TypeError.
+    ``model``, ``shape_or_x``, ``schedule``, ``sampler``, ``guide``, ``generator``, ``noise_fn``, ``dtype``,
+    ``return_trajectory``, ``progress``: as :func:`ppap_fast.sampling.sample_loop`."""
     if "callback" in options:  # the fused step makes no StepOutput
         raise TypeError("fast_sample_loop takes no callback (sample_loop's callback(i, StepOutput)): use "
                         "FastGuidedSampler(model, schedule, ...).sample(shape, callback=lambda i, x, pred_x0: ...)")

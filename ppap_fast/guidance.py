@@ -436,6 +436,7 @@ class ClassGuide(Guide):
     the class count is known (``num_classes=`` or ``model.num_classes``), else at the first call.
     ``input_transform``: e.g. :func:`input_transform` (the official PPAP experts take raw x_t: None); loaded
     experts recording another one (``bank.input_transform_record``) are refused.
+    ``nonfinite``: "raise" | "zero" | "ignore" (see the module docstring).
     """
 
     name = "ClassGuide"
@@ -453,10 +454,12 @@ class ClassGuide(Guide):
         self.target = _ClassTarget(target, _num_classes(model, num_classes) or _num_classes(inner, None), self.name)
 
     def logits(self, x, t):
+        """The classifier's logits on ``x`` (x_t; ``t`` goes to an ExpertBank)."""
         h = _to_model_dtype(self.model, self.transform(x) if self.transform is not None else x)
         return _primary(self.model(h, t) if self.pass_t else self.model(h), CLASS_OUTPUT_KEYS, self.name)
 
     def objective(self, x, t, target=None):
+        """Per-sample log p(target | ``x``, ``t``) [B]; ``target`` overrides the guide's own."""
         return self.target.select(self.logits(x, t), target)
 
 
@@ -470,6 +473,8 @@ class X0HatGuide(Guide):
     (``through_denoiser=True``, the exact gradient; one extra UNet backward) or with eps
     detached (``False``: cheap, grad = scale * grad_{x0hat} / sqrt(abar)). A denoiser output
     with 2C channels (eps, v) is split and eps used; a diffusers-style output's ``.sample`` is read.
+    ``target``, ``num_classes``, ``input_transform`` (applied to x0_hat), ``nonfinite``: as :class:`ClassGuide`.
+    ``denoiser_kwargs``: extra keyword arguments of every ``denoiser(x_t, t, **denoiser_kwargs)`` call.
     """
 
     name = "X0HatGuide"
@@ -505,6 +510,7 @@ class X0HatGuide(Guide):
         return self._acp_cache[key]
 
     def x0_hat(self, x, t):
+        """The predicted clean image of ``x`` (x_t) at original timesteps ``t``."""
         if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= self.acp.numel())).any()):
             raise ValueError(f"{self.name}: t out of range [0, {self.acp.numel()})")
         if self.through_denoiser:
@@ -524,6 +530,7 @@ class X0HatGuide(Guide):
         return ((x.to(dtype) - (1 - ab).sqrt() * eps.to(dtype)) / ab.sqrt()).to(x.dtype)
 
     def objective(self, x, t, target=None):
+        """Per-sample log p(target | x0_hat(``x``, ``t``)) [B]; ``target`` overrides the guide's own."""
         x0 = self.x0_hat(x, t)
         h = _to_model_dtype(self.classifier, self.transform(x0) if self.transform is not None else x0)
         return self.target.select(_primary(self.classifier(h), CLASS_OUTPUT_KEYS, self.name), target)
@@ -610,6 +617,7 @@ class DenseRegressionGuide(_DenseGuide):
     A Hugging Face depth model's ``predicted_depth`` [B, H, W] is read (then give [B, H, W] or [H, W] targets).
     For a one-channel output [B, 1, H, W], a target without that channel ([H, W], or [B, H, W] with B > 1)
     is read as [1, H, W] / [B, 1, H, W].
+    ``input_transform``, ``pass_t``, ``nonfinite``: as :class:`ClassGuide`.
     """
 
     name = "DenseRegressionGuide"
@@ -635,6 +643,7 @@ class DenseRegressionGuide(_DenseGuide):
                 "only [H, W] may differ)")
 
     def objective(self, x, t):
+        """Per-sample -mean squared error of the model's output on ``x`` (``t``: for an ExpertBank) [B]."""
         out = _loss_dtype(self.output(x, t))
         tgt = self._target_for(out.shape, 0, resize_values, out.device).to(out.dtype)
         valid = torch.isfinite(tgt)
@@ -646,10 +655,12 @@ DepthGuide = DenseRegressionGuide
 
 
 class SegmentationGuide(_DenseGuide):
-    """``scale * grad_x sum_b -mean_valid_pixels CE(model(x)_b, labels_b)``; ``ignore_index`` pixels
-    do not count (a sample without a valid pixel gets no guidance). ``labels``: long [B, H, W] or [H, W]
-    for logits [B, K, H', W']; labels of another size than the logits' (image-resolution labels, a network
-    predicting at 1/4 resolution) are resized to it by nearest neighbour (:func:`resize_labels`)."""
+    """``scale * grad_x sum_b -mean_valid_pixels CE(model(x)_b, target_b)``; ``ignore_index`` pixels
+    do not count (a sample without a valid pixel gets no guidance). ``target``: integer labels [B, H, W] or
+    [H, W] for logits [B, K, H', W']; labels of another size than the logits' (image-resolution labels, a network
+    predicting at 1/4 resolution) are resized to it by nearest neighbour (:func:`resize_labels`).
+    ``num_classes``: checks the labels at construction (else at the first call, against K).
+    ``input_transform``, ``pass_t``, ``nonfinite``: as :class:`ClassGuide`."""
 
     name = "SegmentationGuide"
 
@@ -680,6 +691,7 @@ class SegmentationGuide(_DenseGuide):
                 f"{tuple(self.target_map.shape)} (expected logits [B, K, ...] for labels [B, ...] or [...])")
 
     def objective(self, x, t):
+        """Per-sample -mean cross-entropy of the model's logits on ``x`` (``t``: for an ExpertBank) [B]."""
         logits = self.output(x, t)
         if logits.dim() < 3:
             raise ValueError(self._shape_error(logits.shape))
@@ -710,7 +722,9 @@ class ComposedGuide:
     """Sum of guides with weights: ``grad = sum_i w_i * guide_i(x_t, t)`` (each already scaled).
 
     ``guide(x_t, t, target=y)`` overrides the target of the sub-guides with a class target (ClassGuide,
-    X0HatGuide, also inside nested ComposedGuides); dense guides keep their target maps."""
+    X0HatGuide, also inside nested ComposedGuides); dense guides keep their target maps.
+    ``guides``: (guide, weight) pairs (a weight: a float or a per-sample tensor [B]) or plain guides (weight 1).
+    ``nonfinite``: "raise" | "zero" | "ignore", applied to the sum (see the module docstring)."""
 
     name = "ComposedGuide"
 

@@ -424,7 +424,12 @@ def ddpm_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
 
     mean' = mean + variance * grad; sample = mean' + (index != 0) * exp(log_var / 2) * noise.
     `noise` defaults to randn(generator); pass it to reproduce a run. The grad is
-    taken at x (x_t), as guided-diffusion does.
+    taken at x (x_t), as guided-diffusion does. ``var_type``: see the module docstring (None: its default).
+    Args (both steps): ``model(x, t, **model_kwargs)`` the denoiser, or None with ``model_output`` (its output
+    already computed at x); ``x`` x_t [B, C, H, W]; ``index`` the step index of ``schedule`` (int or long [B]);
+    ``guide`` or a precomputed ``grad`` (at most one; neither: unguided); ``noise`` / ``generator``: the step's
+    noise; ``clip_denoised``: clamp pred_xstart to [-1, 1] after ``denoised_fn(pred_xstart)``;
+    ``nonfinite_grad``: see the module docstring.
     """
     _check_mode(nonfinite_grad)
     _check_x(x, schedule)
@@ -466,7 +471,9 @@ def ddim_step(model: Callable | None, x: torch.Tensor, index, schedule: Schedule
     and pred_xstart' = predicted from eps' without re-clipping. Then
     sample = pred_xstart' sqrt(abar_prev) + sqrt(1 - abar_prev - sigma^2) eps + (index != 0) sigma noise,
     sigma = eta sqrt((1-abar_prev)/(1-abar)) sqrt(1 - abar/abar_prev). With eta=0 no noise is drawn.
-    The variance channels of the model output (if any) are not used.
+    The variance channels of the model output (if any) are not used. Arguments as :func:`ddpm_step`
+    (model, x, index, schedule, guide, grad, noise, generator, clip_denoised, model_output, model_kwargs,
+    denoised_fn, nonfinite_grad).
     """
     _check_mode(nonfinite_grad)
     eta = _check_eta(eta)
@@ -524,6 +531,9 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
     Returns the final sample, or (final, trajectory [N, *x.shape]) with return_trajectory
     (entry k is the sample after the step at index N-1-k). Final samples holding NaN / Inf raise a
     RuntimeWarning naming the stage (guidance gradient, eps, step) and the step that went non-finite first.
+    ``shape_or_x``: x_T, or the shape of one drawn in ``dtype`` (default float32) on ``schedule``'s device.
+    ``clip_denoised``, ``var_type``, ``model_kwargs``, ``denoised_fn``, ``nonfinite_grad``: as :func:`ddpm_step`.
+    ``progress``: a tqdm bar. ``callback(index, StepOutput)`` is called after each step.
     """
     check_sampler_options(sampler, eta, var_type)
     _check_schedule(schedule)

@@ -103,7 +103,12 @@ class Schedule:
     """All per-timestep tables of a (possibly respaced) diffusion process.
 
     Index i runs over the respaced steps; `timestep_map[i]` is the original t
-    that the denoiser and the guide receive.
+    that the denoiser and the guide receive. Build one with :meth:`create`, :meth:`from_betas` or
+    :meth:`respaced`; the fields are guided-diffusion's GaussianDiffusion tables (float64, one entry per
+    step): betas, alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+    sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_variance,
+    posterior_log_variance_clipped, posterior_mean_coef1, posterior_mean_coef2, log_betas;
+    original_num_timesteps: T of the base process.
     """
 
     betas: torch.Tensor
@@ -124,6 +129,8 @@ class Schedule:
     @classmethod
     def from_betas(cls, betas: torch.Tensor, timestep_map: Iterable[int] | None = None,
                    original_num_timesteps: int | None = None) -> "Schedule":
+        """The tables of ``betas`` (1-D, values in (0, 1)); ``timestep_map``: each step's original t (default
+        0..N-1); ``original_num_timesteps``: the base T (default: the number of betas)."""
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         if betas.ndim != 1 or betas.numel() == 0 or not bool(((betas > 0) & (betas < 1)).all()):
             # a beta of 1 made alphas_cumprod 0 and every table derived from 1 / alphas_cumprod infinite
@@ -164,7 +171,8 @@ class Schedule:
     @classmethod
     def create(cls, name: str = "linear", num_timesteps: int = 1000,
                respacing: str | Sequence[int] | None = None) -> "Schedule":
-        """Base schedule, optionally respaced ("ddim25", "250" or 250, "10,10,5", or a list)."""
+        """Base schedule ``name`` ("linear" or "cosine") of ``num_timesteps`` steps, optionally respaced
+        (``respacing``: "ddim25", "250" or 250, "10,10,5", or a list of section counts as [10, 10, 5])."""
         base = get_named_beta_schedule(name, num_timesteps)
         num_timesteps = base.numel()  # a numpy int as an int
         if isinstance(respacing, numbers.Integral) and not isinstance(respacing, bool):
@@ -176,6 +184,8 @@ class Schedule:
 
     @classmethod
     def respaced(cls, base_betas: torch.Tensor, use_timesteps: Iterable[int]) -> "Schedule":
+        """The base process of ``base_betas`` kept at the original timesteps ``use_timesteps`` (guided-diffusion's
+        SpacedDiffusion)."""
         base = cls.from_betas(base_betas)
         vals = use_timesteps.tolist() if hasattr(use_timesteps, "tolist") else list(use_timesteps)
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals):  # 500.7 kept 500
@@ -206,6 +216,7 @@ class Schedule:
         return self.betas.device
 
     def to(self, device) -> "Schedule":
+        """A copy with every table on ``device`` (tables stay float64)."""
         if isinstance(device, torch.dtype):  # converted every table: float timesteps for the model, float32 tables
             raise TypeError(f"Schedule.to takes a device, got the dtype {device}: the tables stay float64 and "
                             "the timestep map long (the steps cast to x's dtype themselves)")

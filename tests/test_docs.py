@@ -16,6 +16,67 @@ import ppap_fast
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _params(fn) -> list[str]:
+    sig = inspect.signature(fn)
+    return [p.name for p in sig.parameters.values()
+            if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _doc(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    if inspect.isclass(obj) and "__init__" in vars(obj) and obj.__init__.__doc__:
+        doc += "\n" + inspect.getdoc(obj.__init__)
+    return doc
+
+
+def _documented_names(doc: str) -> set[str]:
+    """Names the docstring presents as parameters: ``name``: entries and the entries of an Args: section."""
+    names = set(re.findall(r"(?:^|\. |; )``(\w+)``:", doc, re.M))
+    args = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)+)", doc, re.M)
+    if args:
+        for entry in re.findall(r"^    ([\w, ]+):", args[1], re.M):
+            names |= {n.strip() for n in entry.split(",")}
+    return names
+
+
+def _public_callables():
+    for name in ppap_fast.__all__:
+        obj = getattr(ppap_fast, name)
+        yield name, obj
+        if inspect.isclass(obj):
+            for attr, raw in vars(obj).items():
+                fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+                if not attr.startswith("_") and inspect.isfunction(fn):
+                    yield f"{name}.{attr}", getattr(obj, attr)
+
+
+@pytest.mark.parametrize("name, obj", list(_public_callables()), ids=lambda v: v if isinstance(v, str) else "")
+def test_public_docstring_names_exactly_its_parameters(name, obj):
+    doc = _doc(obj)
+    assert doc.strip(), f"{name} has no docstring"
+    params = _params(obj)
+    undocumented = [p for p in params if not re.search(rf"(?<![\w.]){re.escape(p)}(?!\w)", doc)]
+    assert not undocumented, f"{name}: parameters never named in its docstring: {undocumented}"
+    unknown = sorted(_documented_names(doc) - set(params))
+    assert not unknown, f"{name}: its docstring documents parameters it does not take: {unknown}"
+
+
+def test_docstring_checker_catches_a_stale_parameter_name():
+    def f(target, scale=1.0):
+        """Guidance. ``labels``: long [B, H, W]. ``scale``: the strength."""
+
+    assert _documented_names(_doc(f)) - set(_params(f)) == {"labels"}
+    assert [p for p in _params(f) if not re.search(rf"(?<![\w.]){p}(?!\w)", _doc(f))] == ["target"]
+
+
+def test_every_public_name_imports_and_is_documented():
+    readme = (REPO / "README.md").read_text() + "".join(p.read_text() for p in (REPO / "docs").glob("*.md"))
+    for name in ppap_fast.__all__:
+        obj = getattr(ppap_fast, name)
+        assert obj.__module__.startswith("ppap_fast."), name
+        assert name in readme or inspect.getdoc(obj), name
+
+
 def _subparsers(parser):
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):

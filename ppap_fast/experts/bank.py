@@ -758,6 +758,7 @@ class ExpertBank(nn.Module):
         return [(n * self.band, (n + 1) * self.band) for n in range(self.n_experts)]
 
     def routed_modules(self):
+        """(name, module) of every layer of the model that routes samples to experts."""
         for name, m in self.model.named_modules():
             if isinstance(m, _Routed):
                 yield name, m
@@ -831,6 +832,8 @@ class ExpertBank(nn.Module):
         return has
 
     def forward(self, x, t=None, *, expert_idx=None, **kwargs):
+        """``model(x, **kwargs)`` with each sample of ``x`` routed to one expert: by ``t`` (original timesteps,
+        long [B] or an int) or by ``expert_idx`` (long [B] or an int); exactly one of them."""
         self._check_x(x)
         if (t is None) == (expert_idx is None):
             raise ValueError("pass exactly one of t (original timesteps) or expert_idx")
@@ -923,9 +926,11 @@ class ExpertBank(nn.Module):
         return {k: t[n] for k, t in self._per_expert_items(params_only=True)}
 
     def num_trainable_parameters(self, n: int = 0) -> int:
+        """The number of parameters expert ``n`` trains."""
         return sum(v.numel() for v in self.trainable_parameters(n).values())
 
     def parameter_report(self) -> dict:
+        """Trainable counts: per expert, in total, and as fractions of the frozen base model's."""
         per = self.num_trainable_parameters(0)
         base = self.base_num_parameters
         return {
@@ -943,7 +948,8 @@ class ExpertBank(nn.Module):
         return {k: t[n].detach().clone() for k, t in self._per_expert_items()}
 
     def load_expert_state_dict(self, n: int, state_dict: dict, strict: bool = True) -> None:
-        """Load expert ``n``; with ``strict`` any missing / unexpected / misshaped key is a ValueError."""
+        """Load expert ``n`` from ``state_dict`` (as :meth:`expert_state_dict` gives); with ``strict`` any missing /
+        unexpected / misshaped key is a ValueError."""
         n = self._check_n(n)
         own = dict(self._per_expert_items())
         missing = sorted(set(own) - set(state_dict))
