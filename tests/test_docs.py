@@ -116,6 +116,50 @@ def test_mutually_exclusive_options_are_stated_in_help():
         assert fast_only in no_fast.help, no_fast.help
 
 
+def _doc_commands():
+    """Command lines of ppap-fast / ppap_fast.distributed in README.md and docs/*.md: fenced blocks whole,
+    inline code spans (which may name only some options)."""
+    for f in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = f.read_text()
+        fenced = [ln for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for ln in b.replace("\\\n", " ").splitlines()]
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        inline = [m.replace("\n", " ") for m in re.findall(r"`([^`]+)`", prose)]
+        for complete, lines in ((True, fenced), (False, inline)):
+            for ln in lines:
+                ln = re.split(r"\s+#", ln)[0].strip()
+                if re.search(r"ppap-fast |-m ppap_fast\.distributed ", ln) and not re.search(r"\.\.\.|[|<\[]", ln):
+                    yield f"{f.name}: {ln}", complete
+
+
+@pytest.mark.parametrize("line, complete", list(_doc_commands()), ids=lambda v: v if isinstance(v, str) else "")
+def test_documented_command_parses(line, complete):
+    from ppap_fast.cli import _parser as cli_parser
+    from ppap_fast.distributed import _parser as dist_parser
+
+    toks = shlex.split(line.split(": ", 1)[1].replace("$W", "W"))
+    if "ppap-fast" in toks:
+        args, parser = toks[toks.index("ppap-fast") + 1:], cli_parser()
+    else:
+        args, parser = toks[toks.index("ppap_fast.distributed") + 1:], dist_parser()
+    if complete:
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"does not parse: {line}")
+    else:  # a fragment: each option it names exists in its subcommand
+        subs = dict(_subparsers(parser))
+        sub = next((subs[a] for a in args if a in subs), parser)
+        known = {o for a in [*parser._actions, *sub._actions] for o in a.option_strings}
+        unknown = [a.split("=")[0] for a in args if a.startswith("--") and a.split("=")[0] not in known]
+        assert not unknown, f"{line}: no such option {unknown}"
+
+
+def test_doc_command_extraction_finds_the_documented_pipeline():
+    lines = [ln for ln, _ in _doc_commands()]
+    assert any("distill --weights-dir" in ln for ln in lines) and any("guided-sample" in ln for ln in lines)
+    assert any("ppap_fast.distributed distill" in ln for ln in lines)
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "examples").glob("*.py")))
 def test_example_help_shows_every_default(script):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
