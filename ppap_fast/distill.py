@@ -230,7 +230,9 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     file once the experts are saved. The returned bank has ``trained_steps``, ``resumed_from_step``
     ``train_losses`` (each step's batch-mean loss) and ``train_expert_losses`` (per step, each expert's mean
     loss over its samples, NaN where it had none; :func:`plot_train_losses` draws both), and
-    ``input_transform_record`` raw (the experts take raw x_t: a normalising guide is refused, a save records it)."""
+    ``input_transform_record`` raw (the experts take raw x_t: a normalising guide is refused, a save records it).
+    ``data_dir``: the data-free set (``generate``'s output); ``progress``: a progress bar;
+    ``after_state_check()``: called once the resumable state was checked, before training."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
     if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):

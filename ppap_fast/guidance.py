@@ -98,7 +98,8 @@ class InputTransform(nn.Module):
 
 
 def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = False) -> InputTransform:
-    """[-1, 1] -> model normalisation (mean/std, ImageNet by default) and resolution (bilinear)."""
+    """[-1, 1] -> model normalisation (mean/std, ImageNet by default) and resolution (bilinear to ``size``, an
+    int or (H, W); None keeps it). ``antialias``: True, False or "auto" (only where a side shrinks 2x or more)."""
     return InputTransform(mean, std, size, antialias)
 
 

@@ -17,8 +17,8 @@ from .schedule import Schedule
 
 
 def check_ppap_checkpoint_manifest(json_path):
-    """Build a random official PPAP ResNet50 checkpoint with exactly the manifest's keys and shapes,
-    import it strictly into an ExpertBank and raise on any mismatch (see ppap_fast.experts)."""
+    """Build a random official PPAP ResNet50 checkpoint with exactly the keys and shapes of the manifest
+    ``json_path``, import it strictly into an ExpertBank and raise on any mismatch (see ppap_fast.experts)."""
     from .experts import check_ppap_checkpoint_manifest as check
 
     return check(json_path)
@@ -76,7 +76,8 @@ def load_golden_adm(path, device="cpu", dtype=torch.float32) -> ADMUNet:
 
 
 def check_adm_golden(path, device="cpu", attention: str = "sdpa") -> float:
-    """Max abs error of ADMUNet(x, t) against the official output in adm_small_golden_1.pt (fp32)."""
+    """Max abs error of ADMUNet(x, t) against the official output in the golden file ``path``
+    (adm_small_golden_1.pt, fp32), run on ``device`` with the ``attention`` backend."""
     g = _load(path)
     model = load_golden_adm(path, device).set_attention_backend(attention)
     n = sum(p.numel() for p in model.parameters())
@@ -88,7 +89,7 @@ def check_adm_golden(path, device="cpu", attention: str = "sdpa") -> float:
 
 
 def check_adm_manifest(json_path) -> int:
-    """Build the manifest's model on the meta device and compare state_dict keys and shapes.
+    """Build the model of the manifest ``json_path`` on the meta device and compare state_dict keys and shapes.
 
     Raises ValueError listing every missing / unexpected key and shape mismatch
     (also a wrong key order or parameter count); returns the parameter count.
@@ -239,6 +240,7 @@ def check_guided_golden(path, device="cpu", impl: str = "reference", backend: st
     t=999 (DDPM index 49) with the golden's own model outputs and gradient at x_T in place
     of the model and guide: the update alone, free of the model's float32 error.
 
+    path: the golden file; device: where it runs.
     impl: "reference" (ppap_fast.sampling) or "fast" (ppap_fast.fast_sampling: FastGuidedSampler
     steps with the fused guided_update, fast_sample_loop; ``backend`` picks the guided_update backend,
     ``fast_options`` go to FastGuidedSampler, e.g. channels_last or cuda_graph). The fast path has no

@@ -39,7 +39,37 @@ def _documented_names(doc: str) -> set[str]:
     return names
 
 
+# the submodules' API the README shows (their classes' own methods are not walked)
+README_API = [
+    "experts.save_experts", "experts.load_experts", "experts.load_experts_into", "experts.export_peft",
+    "experts.import_ppap_checkpoint", "experts.ExpertBank.merged", "distill.distill_ppap", "guidance.input_transform",
+    "fast_sampling.recommended_options", "integrations.diffusers.PPAPGuidance",
+    "integrations.diffusers.PPAPGuidance.correct", "integrations.diffusers.PPAPGuidance.clip_first",
+    "integrations.diffusers.PPAPGuidedPipeline", "integrations.diffusers.PPAPGuidedPipeline.__call__",
+    "integrations.diffusers.fuse_norm_act", "models.ADMUNet", "models.ADMUNet.from_checkpoint",
+    "models.ADMUNet.fuse_norm_act", "testing.check_adm_golden", "testing.check_adm_manifest",
+    "testing.check_guided_golden", "testing.check_ppap_checkpoint_manifest", "ops.backend_report",
+]
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("ppap_fast." + ".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
 def _public_callables():
+    for dotted in README_API:
+        yield dotted, _resolve(dotted)
     for name in ppap_fast.__all__:
         obj = getattr(ppap_fast, name)
         yield name, obj
@@ -75,6 +105,8 @@ def test_every_public_name_imports_and_is_documented():
         obj = getattr(ppap_fast, name)
         assert obj.__module__.startswith("ppap_fast."), name
         assert name in readme or inspect.getdoc(obj), name
+    for name in sorted(ppap_fast._SUBMODULES):  # ppap_fast.<name> imports lazily through __getattr__
+        assert getattr(ppap_fast, name).__doc__, f"ppap_fast.{name} has no module docstring"
 
 
 def _subparsers(parser):

@@ -217,7 +217,8 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     Atomic per file, config.json (with the files' digests) last. Over an existing checkpoint, its files
     are kept as ``.<name>.prev`` until the new config.json is in place: a save killed midway leaves the
     old checkpoint loadable (:func:`load_experts_into` falls back to them), nothing lost. NaN / Inf
-    values (a diverged run) are refused before anything is written, unless ``allow_nonfinite``."""
+    values (a diverged run) are refused before anything is written, unless ``allow_nonfinite``.
+    ``include_base``: also write the frozen base model's weights (loaded back by default)."""
     from ..data.shards import fsync_dir, save_safetensors_atomic, write_json_atomic
 
     path = check_experts_dir(path, "save_experts")
@@ -359,7 +360,8 @@ def _check_keys(dst: dict, src: dict, what: str) -> None:
 def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **where) -> ExpertBank:
     """Strictly load the checkpoint ``path`` (a directory, or a HF repo id in the local cache: ``where`` =
     subfolder, revision, cache_dir) into an existing ``bank`` (config must match). Sets
-    ``bank.input_transform_record`` to the teacher's input transform the checkpoint records (None: none)."""
+    ``bank.input_transform_record`` to the teacher's input transform the checkpoint records (None: none).
+    ``load_base``: also copy the checkpoint's base weights into the bank (default: when it holds them)."""
     from safetensors.torch import load
 
     path = resolve_checkpoint(path, **where)
@@ -417,7 +419,8 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
 
 def load_experts(path, base_model: nn.Module, load_base: bool | None = None, **where) -> ExpertBank:
     """Build an ExpertBank around ``base_model`` from a checkpoint's config and load it strictly.
-    ``path``: a directory, or a HF repo id in the local cache (``where``: subfolder, revision, cache_dir)."""
+    ``path``: a directory, or a HF repo id in the local cache (``where``: subfolder, revision, cache_dir).
+    ``load_base``: as :func:`load_experts_into`."""
     if not isinstance(base_model, nn.Module):
         raise TypeError("load_experts needs the base model (the checkpoint stores only the experts "
                         "unless saved with include_base=True, and never the architecture code)")
@@ -489,6 +492,7 @@ def import_ppap_checkpoint(bank: ExpertBank, expert: int, state_dict: dict, *, p
     checkpoint does not store it; the official scripts use r=16, alpha=8). The official experts take raw
     x_t: ``bank.input_transform_record`` is set to raw (a guide through a normalisation is refused); a bank
     recording a normalised transform (loaded experts) is refused.
+    ``state_dict``: the checkpoint's tensors; ``prefix``: what its keys start with (the official ``resnet.``).
     """
     expert = bank._check_n(expert)
     if base not in ("check", "load", "ignore"):

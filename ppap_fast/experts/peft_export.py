@@ -168,6 +168,7 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     ``base_model``, when given, is checked to be that model (ValueError otherwise).
     Raises ValueError, naming the modules, when a per-expert piece cannot be
     expressed exactly in peft's format (nothing is written then).
+    ``base_model_name_or_path``: recorded in the adapter config (peft's field of that name).
     Returns the adapter config written (a dict).
     """
     if not isinstance(bank, ExpertBank):

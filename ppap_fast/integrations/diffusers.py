@@ -419,8 +419,8 @@ class PPAPGuidance:
     __call__ = correct
 
     def clip_first(self, model_output: torch.Tensor, x: torch.Tensor, t, scheduler) -> torch.Tensor:
-        """The model output whose predicted x0 is clipped to ``clip_sample_range`` (or, for a scheduler with
-        ``thresholding=True``, dynamically thresholded as it would): guided-diffusion clips x0 BEFORE
+        """``model_output`` (the UNet's at x, t) with its predicted x0 clipped to ``clip_sample_range`` (or, for a
+        scheduler with ``thresholding=True``, dynamically thresholded as it would): guided-diffusion clips x0 BEFORE
         ``condition_score`` adds the guidance, which is then never clipped. Call it before ``correct`` and
         step a scheduler that does not clip or threshold again (``clip_sample=False, thresholding=False``).
 
@@ -644,7 +644,7 @@ def _fusable_resnet(block) -> bool:
 
 
 def fuse_norm_act(unet: torch.nn.Module, enabled: bool = True) -> int:
-    """Fuse (or, with ``enabled=False``, unfuse) every ResnetBlock2D of a diffusers model in place
+    """Fuse (or, with ``enabled=False``, unfuse) every ResnetBlock2D of the diffusers model ``unet`` in place
     (module docstring); returns how many blocks now run fused. Blocks of other kinds, or with norms,
     activations or convs the fused forward does not cover, keep their forward. Same math as the
     modules (statistics and activation in float32, one rounding to the torso's dtype); without
@@ -757,7 +757,7 @@ class _GuidedPipelineBody:
     component (it is not saved with the pipeline: keep it with :func:`ppap_fast.experts.save_experts`).
     ``guide`` may be a :class:`PPAPGuidance` (its fast options kept: ``PPAPGuidance(guide, channels_last=True,
     guide_autocast=torch.bfloat16)``; its ``scale`` multiplies ``guidance_scale``); a plain guide gets
-    ``PPAPGuidance(guide)``'s defaults.
+    ``PPAPGuidance(guide)``'s defaults. ``image_shape``: (C, H, W) of the samples (default: the UNet's config).
     """
 
     def __init__(self, unet, scheduler, guide: Callable | None = None, image_shape: tuple | None = None):
@@ -919,7 +919,8 @@ class _GuidedPipelineBody:
         ``callback_on_step_end_tensor_inputs`` (default and only ["latents"]: x after the step); a dict it
         returns may replace "latents"; setting ``pipe._interrupt = True`` there skips the remaining steps (the
         images are the latents so far). The older ``callback(i, t, x)`` works too.
-        Returns ImagePipelineOutput(images=...) or (images,)."""
+        ``num_inference_steps``: the scheduler's steps; ``eta``: DDIM's eta (passed to schedulers that take it).
+        Returns ImagePipelineOutput(images=...) or, with ``return_dict=False``, (images,)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         self._interrupt = False

@@ -503,16 +503,20 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ADMUNet(nn.Module):
-    """guided-diffusion UNetModel. Arguments mirror its constructor.
+    """guided-diffusion UNetModel. Arguments mirror its constructor (image_size, in_channels, model_channels,
+    out_channels, num_res_blocks, attention_resolutions, dropout, channel_mult, conv_resample, dims,
+    num_classes, use_checkpoint, use_fp16, num_heads, num_head_channels, num_heads_upsample,
+    use_scale_shift_norm, resblock_updown, use_new_attention_order).
 
     attention_resolutions holds downsample rates (image_size // resolution), as
     UNetModel expects; `from_config` also accepts the script flags ("32,16,8").
     use_fp16=True converts the torso convs to float16 at construction
     (guided-diffusion's convert_to_fp16); fp32 checkpoints still load (cast on copy).
-    ``trained_schedule``: (noise_schedule, diffusion_steps) of the flags `from_config` was given (None:
-    not given); ``sampling.sample_loop`` and ``FastGuidedSampler`` refuse a Schedule of another.
-    ``timestep_scale``: 1000 / diffusion_steps where the flags say rescale_timesteps=True (guided-diffusion fed
-    that model t * 1000 / T); forward applies it to the original integer timesteps the samplers pass.
+    The attribute ``trained_schedule`` holds (noise_schedule, diffusion_steps) of the flags `from_config` was
+    given (None: not given); ``sampling.sample_loop`` and ``FastGuidedSampler`` refuse a Schedule of another.
+    The attribute ``timestep_scale`` is 1000 / diffusion_steps where the flags say rescale_timesteps=True
+    (guided-diffusion fed that model t * 1000 / T); forward applies it to the original integer timesteps the
+    samplers pass.
     """
 
     trained_schedule: tuple[str, int] | None = None
@@ -619,7 +623,8 @@ class ADMUNet(nn.Module):
 
     def fuse_norm_act(self, enabled: bool = True, half_out_conv: bool | None = None,
                       fused_out_head: bool | None = None) -> "ADMUNet":
-        """Run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
+        """With ``enabled`` (False undoes it, in place as well):
+        run every ResBlock's GroupNorm (+ scale-shift) + SiLU pair, and the output head's, as one
         fused op (:func:`ppap_fast.ops.group_norm_act`: Triton on CUDA, float32 statistics and activation,
         one rounding to the torso dtype; without autograd recording, else its reference). Same math
         as GroupNorm32 then SiLU, rounded once instead of twice. The plain convs of ResBlocks and
@@ -860,7 +865,8 @@ class ADMUNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, config: Mapping[str, Any] | str, map_location="cpu", strict: bool = True,
                         **overrides) -> "ADMUNet":
-        """Build from `config` and load an official guided-diffusion .pt state_dict (weights_only).
+        """Build from `config` and load the official guided-diffusion .pt state_dict at ``path`` (weights_only,
+        ``map_location``).
         An unreadable file, or (strict) any missing / unexpected / misshaped key or non-finite value, is a
         :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys."""
         from .offtheshelf import CheckpointError, load_state_dict_strict, read_state_dict
