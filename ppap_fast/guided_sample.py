@@ -449,19 +449,25 @@ def add_arguments(s) -> None:
     s.add_argument("--guide", default=None, help="registry name | tiny:<file> | py:module:factory (none: unguided)")
     s.add_argument("--guide-weights", default=None,
                    help="the guide network's weights: a local checkpoint (torchvision / timm / official PPAP "
-                        "state_dict), or 'imagenet' for a registry model with offline weights (mobilenet_v2)")
+                        "state_dict), or 'imagenet' for a registry model with offline weights (mobilenet_v2); "
+                        "needs --guide")
     s.add_argument("--guide-task", default=None, choices=["classification", "segmentation", "depth", "regression"],
                    help="default: the guide's own (its registry entry's, the tiny: file's kind, or a py: factory's "
-                        "or module's .task)")
-    s.add_argument("--experts", default=None, help="PPAP experts: save_experts dir or HF repo id in the local cache")
+                        "or module's .task); needs --guide")
+    s.add_argument("--experts", default=None,
+                   help="PPAP experts: save_experts dir or HF repo id in the local cache (needs --guide; without "
+                        "--experts the guide is the naive baseline)")
     s.add_argument("--experts-subfolder", default=None, help="the experts' folder inside --experts (a repo id's "
                                                                  "subfolder)")
-    s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t)")
-    s.add_argument("--targets", default=None, help="class ids, comma-separated, cycled over the samples")
-    s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map")
+    s.add_argument("--raw-input", action="store_true", help="no input transform (official PPAP experts: raw x_t); "
+                                                                 "needs --guide")
+    s.add_argument("--targets", default=None, help="a classification guide's class ids, comma-separated, "
+                                                   "cycled over the samples (needs --guide)")
+    s.add_argument("--target-map", default=None, help=".npy label map (segmentation) or depth map of a dense "
+                                                      "guide (needs --guide)")
     s.add_argument("--ignore-index", type=int, default=None,
                    help="segmentation: the --target-map label of void pixels, which do not count (VOC / ADE20K / "
-                        "Cityscapes maps: 255; default -100)")
+                        "Cityscapes maps: 255; default -100); needs --guide")
     s.add_argument("--scale", type=_finite_float, default=10.0, help="guidance scale")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM or ancestral DDPM")
     s.add_argument("--schedule", default="linear", choices=list(SCHEDULE_NAMES),

@@ -146,6 +146,9 @@ def test_mutually_exclusive_options_are_stated_in_help():
     no_fast = next(a for a in guided._actions if "--no-fast" in a.option_strings)
     for fast_only in ("--guide-dtype", "--cuda-graph", "--compile", "--fuse-norm-act"):  # refused with --no-fast
         assert fast_only in no_fast.help, no_fast.help
+    for a in guided._actions:  # refused without --guide (check_config)
+        if a.dest in ("guide_weights", "guide_task", "experts", "raw_input", "targets", "target_map", "ignore_index"):
+            assert "needs --guide" in a.help, (a.option_strings, a.help)
 
 
 def _doc_commands():
@@ -153,7 +156,8 @@ def _doc_commands():
     inline code spans (which may name only some options)."""
     for f in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         text = f.read_text()
-        fenced = [ln for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for ln in b.replace("\\\n", " ").splitlines()]
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+        fenced = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
         prose = re.sub(r"```.*?```", "", text, flags=re.S)
         inline = [m.replace("\n", " ") for m in re.findall(r"`([^`]+)`", prose)]
         for complete, lines in ((True, fenced), (False, inline)):
@@ -200,4 +204,5 @@ def test_example_help_shows_every_default(script):
     assert proc.returncode == 0, proc.stderr[-2000:]
     options = re.findall(r"^  (--[\w-]+)", proc.stdout, re.M)
     assert "--out" in options and "--device" in options, proc.stdout
-    assert proc.stdout.count("(default:") == len(options), f"{script} --help: an option shows no default:\n{proc.stdout}"
+    assert proc.stdout.count("(default:") == len(options), \
+        f"{script} --help: an option shows no default:\n{proc.stdout}"
