@@ -486,6 +486,27 @@ def denoiser_var_type(spec: str, sampler: str | None) -> str | None:
     return diffusers_models.scheduler_var_type(spec[10:], sampler)
 
 
+def denoiser_clip(spec: str, fast: bool = False) -> float | None:
+    """The bound the samplers clip the predicted x0 to for ``spec``: a ``diffusers:PATH`` scheduler config's
+    clip_sample_range (None: clip_sample=False), else 1.0. The fast sampler's fused update clips to 1 only."""
+    if not spec.startswith("diffusers:"):
+        return 1.0
+    from .integrations import diffusers_models
+
+    clip = diffusers_models.scheduler_clip_range(spec[10:])
+    if fast and clip not in (None, 1.0):
+        raise ValueError(f"denoiser {spec!r}: its scheduler config clips x0 to [-{clip}, {clip}] "
+                         "(clip_sample_range), the fast sampler to [-1, 1] only: sample with --no-fast")
+    return clip
+
+
+def clip_options(clip: float | None) -> dict:
+    """sample_loop's clip_denoised / denoised_fn clipping x0 to [-clip, clip] (None: no clipping)."""
+    if clip is None or clip == 1.0:
+        return {"clip_denoised": clip is not None}
+    return {"clip_denoised": False, "denoised_fn": lambda x0: x0.clamp(-clip, clip)}
+
+
 class BuiltTeacher(NamedTuple):
     model: nn.Module                 # eval mode, frozen
     transform: nn.Module | None      # [-1, 1] images -> the model's input (None: the model takes them as is)
@@ -650,6 +671,8 @@ class GenerateConfig:
             d["denoiser_fingerprint"] = weights_fingerprint(self.denoiser[10:])
             if denoiser_var_type(self.denoiser, self.sampler) == "fixed_small":  # not the default: other images
                 d["var_type"] = "fixed_small"
+            if denoiser_clip(self.denoiser) != 1.0:  # clip_sample=False or another clip_sample_range
+                d["clip_x0"] = denoiser_clip(self.denoiser)
         d["teacher_fingerprint"] = teacher_file_fingerprint(self.teacher, self.teacher_weights)
         d["format"] = FORMAT
         return d
@@ -812,6 +835,7 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         raise ValueError("num_images and shard_size must be positive, batch_size >= 0")
     check_sampler_options(cfg.sampler, cfg.eta, None)  # before the manifest records them
     Schedule.create(cfg.schedule, cfg.num_timesteps, respacing=cfg.respacing)  # a bad --respacing fails here
+    clip = denoiser_clip(cfg.denoiser, cfg.fast)  # a diffusers scheduler's clip_sample / clip_sample_range
     cfg = _set_step_noise(cfg)  # read by every rank before anyone rewrites the manifest (check_same_config)
     ident = cfg.identity()
     if _adm_fp32_torso(cfg.denoiser, env.device.type):  # its images differ from CUDA's (absent there: hashes hold)
@@ -860,7 +884,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
             from .fast_sampling import FastGuidedSampler, recommended_options
 
             fast = FastGuidedSampler(unet, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type,
-                                     cuda_graph=device.type == "cuda", **recommended_options(unet, device))
+                                     clip_denoised=clip is not None, cuda_graph=device.type == "cuda",
+                                     **recommended_options(unet, device))
         return unet, t, tr, sched, fast
 
     var_type = denoiser_var_type(cfg.denoiser, cfg.sampler)  # a diffusers scheduler's fixed_small / fixed_large
@@ -870,7 +895,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     def sample(x_T, noise_fn):
         if cfg.fast:  # same random numbers as the reference: x_T given, then noise_fn(i, x) per step
             return fast.sample(x_T, noise_fn=noise_fn)
-        return sample_loop(unet, x_T, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type, noise_fn=noise_fn)
+        return sample_loop(unet, x_T, sched, sampler=cfg.sampler, eta=cfg.eta, var_type=var_type, noise_fn=noise_fn,
+                           **clip_options(clip))
 
     # the missing shards are dealt round-robin (balanced on a resume, k % world_size on a fresh
     # run); a shard's content depends on k only, so who writes it does not matter

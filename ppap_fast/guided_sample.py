@@ -304,7 +304,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
     from .demo import PeakMemory
-    from .distributed import _device_for, build_denoiser, denoiser_var_type
+    from .distributed import _device_for, build_denoiser, clip_options, denoiser_clip, denoiser_var_type
     from .distill import declared_image_shape, warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
@@ -326,6 +326,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except ValueError as e:
         raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None
     sched = sched.to(device)
+    clip = denoiser_clip(cfg.denoiser, cfg.fast)  # a diffusers scheduler's clip_sample / clip_sample_range
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,
                           sampler=cfg.sampler).to(device).eval()
     unet.requires_grad_(False)
@@ -360,7 +361,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
             buf = torch.zeros(b, dtype=torch.long, device=device)
             guide = None if make_guide is None else make_guide(buf)
             s = FastGuidedSampler(unet, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta, var_type=var_type,
-                                  **opts) \
+                                  clip_denoised=clip is not None, **opts) \
                 if cfg.fast else None
             samplers[b] = (s, buf, guide)
         return samplers[b]
@@ -394,7 +395,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
                     x0 = fast.sample(x_T, noise_fn=noise_fn, callback=cb)
                 else:
                     x0 = sample_loop(unet, x_T, sched, sampler=cfg.sampler, guide=guide, eta=cfg.eta,
-                                     var_type=var_type, noise_fn=noise_fn,
+                                     var_type=var_type, noise_fn=noise_fn, **clip_options(clip),
                                      callback=(lambda i, o: bar.update(1)) if bar else None)
             except RuntimeError as e:  # the guide's non-finite check: a bad-input error for the CLI, not a crash
                 if "NaN/Inf" not in str(e):

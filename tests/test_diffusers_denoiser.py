@@ -300,3 +300,63 @@ def test_ddpm_fixed_small_log_is_fixed_small(saved, tmp_path):
     sch = DDPMScheduler(variance_type="fixed_small_log")
     ref = DDPMScheduler(variance_type="fixed_small")
     assert torch.allclose(sch._get_variance(500), ref._get_variance(500) ** 0.5)
+
+
+def test_the_schedulers_x0_clip_is_followed(saved, tmp_path):
+    """The CLI clipped x0 to [-1, 1] whatever the saved scheduler said: clip_sample=False and clip_sample_range
+    are followed (the fast path: clip or not only), thresholding=True is refused."""
+    import numpy as np
+
+    from ppap_fast.data import to_uint8
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+    from ppap_fast.seeding import PerSampleNoise
+
+    _, _, unet = saved
+    paths = {}
+    for name, kw in (("noclip", dict(clip_sample=False)), ("range2", dict(clip_sample_range=2.0)),
+                     ("thresh", dict(thresholding=True))):
+        paths[name] = tmp_path / name
+        DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**kw)).save_pretrained(paths[name])
+    sched = Schedule.create("linear", 1000, respacing="ddim4")
+
+    def ours(**clip):
+        streams = PerSampleNoise((0,), range(2))
+        with torch.no_grad():
+            x0 = sample_loop(unet, streams.randn((1, 8, 8)), sched, sampler="ddim", noise_fn=streams.noise_fn, **clip)
+        assert torch.isfinite(x0).all()
+        return to_uint8(x0, truncate=True)
+
+    clipped, unclipped = ours(), ours(clip_denoised=False)
+    in_range2 = ours(clip_denoised=False, denoised_fn=lambda x0: x0.clamp(-2, 2))
+    assert not np.array_equal(clipped, unclipped) and not np.array_equal(in_range2, unclipped)
+
+    def cli(name, *extra):
+        out = tmp_path / f"{name}{len(extra)}.npz"
+        rc = main(["guided-sample", "--out", str(out), "--denoiser", f"diffusers:{paths[name]}", "--channels", "1",
+                   "--image-size", "8", "--num-samples", "2", "--steps", "4", "--no-progress", "--device", "cpu",
+                   *extra])
+        return rc, (np.load(out)["images"] if rc == 0 else None)
+
+    for extra in ([], ["--no-fast"]):
+        rc, got = cli("noclip", *extra)
+        assert rc == 0 and np.abs(got.astype(int) - unclipped).max() <= 1, extra  # fast path: rounding only
+    rc, got = cli("range2", "--no-fast")
+    assert rc == 0 and np.array_equal(got, in_range2)
+    with pytest.raises(ValueError, match=r"clips x0 to \[-2.0, 2.0\].*sample with --no-fast"):
+        D.denoiser_clip(f"diffusers:{paths['range2']}", fast=True)
+    assert cli("range2")[0] == 2
+    with pytest.raises(ValueError, match="thresholding=True.*set thresholding to false"):
+        D.build_denoiser(f"diffusers:{paths['thresh']}", None, 1, "cpu", "linear", 1000, "ddim")
+    gen = lambda path, **kw: D.generate(D.GenerateConfig(  # noqa: E731
+        out_dir=str(tmp_path / f"set_{path.name}"), num_images=2, shard_size=2, image_size=8, channels=1,
+        denoiser=f"diffusers:{path}", respacing="ddim4", device="cpu", **kw), D.DistEnv())
+    _, pipe_dir, _ = saved
+    gen(pipe_dir, fast=False), gen(paths["noclip"], fast=False)
+    img = lambda path: np.load(tmp_path / f"set_{path.name}" / "shard_00000.npz")["images"]  # noqa: E731
+    assert not np.array_equal(img(pipe_dir), img(paths["noclip"]))
+    def ident(path):
+        return D.GenerateConfig(out_dir="x", num_images=1, denoiser=f"diffusers:{path}").identity()
+
+    assert "clip_x0" not in ident(pipe_dir)  # older sets' hashes hold
+    assert ident(paths["noclip"])["clip_x0"] is None and ident(paths["range2"])["clip_x0"] == 2.0

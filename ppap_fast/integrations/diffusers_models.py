@@ -9,7 +9,8 @@ config, where there is one, must describe the schedule the CLI samples with (``-
 on another noise schedule than the model was trained on. A 2C-channel UNet whose scheduler has
 ``variance_type='learned'`` (or a fixed one: an inconsistent config) is refused for DDPM (its variance
 channels are read as learned_range); a C-channel UNet's ``fixed_small`` / ``fixed_large`` is the DDPM
-sampler's variance (``scheduler_var_type``).
+sampler's variance (``scheduler_var_type``). Its ``clip_sample`` / ``clip_sample_range`` is the samplers'
+clip of the predicted x0 (``scheduler_clip_range``); ``thresholding=True`` is refused (not implemented).
 """
 from __future__ import annotations
 
@@ -157,6 +158,15 @@ def scheduler_var_type(path, sampler: str | None) -> str | None:
     return vt if unet.get("out_channels", 3) == unet.get("in_channels", 3) else None
 
 
+def scheduler_clip_range(path) -> float | None:
+    """The bound DDPM / DDIM schedulers clip the predicted x0 to: the saved config's ``clip_sample_range``
+    (diffusers' default 1.0, the samplers' own clip), None with ``clip_sample=False`` (no clipping)."""
+    cfg = scheduler_config(path) or {}
+    if not cfg.get("clip_sample", True):
+        return None
+    return float(cfg.get("clip_sample_range", 1.0))
+
+
 def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str | None = None) -> None:
     """Raise if the saved scheduler config describes another schedule than ``schedule`` over
     ``num_timesteps`` (guided-diffusion's "linear" = diffusers' "linear" from 1e-4 to 0.02 scaled by
@@ -183,6 +193,12 @@ def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str 
             raise ValueError(f"{where} has variance_type={vt!r} but the UNet outputs 2C channels (eps and a "
                              "variance): an inconsistent config, which the DDPM sampler would read as learned_range; "
                              "fix the config's variance_type, or sample it with --sampler ddim")
+    if cfg.get("thresholding"):  # a per-sample percentile of |x0|: the samplers clip to a fixed bound only
+        raise ValueError(f"{where} has thresholding=True (dynamic thresholding of x0), which the samplers do not "
+                         "implement: set thresholding to false in its scheduler_config.json to sample with clip_sample")
+    clip = scheduler_clip_range(path)
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"{where} has clip_sample_range={clip}: give a finite bound > 0, or clip_sample=false")
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
     if cfg.get("rescale_betas_zero_snr"):  # its alphas_cumprod end at 0: the model was trained on other abar
