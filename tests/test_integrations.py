@@ -1758,3 +1758,33 @@ def test_clip_first_of_a_float64_output_in_float64(classifier):
     ref = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     assert got.dtype == torch.float64 and torch.isfinite(got).all() and not torch.equal(got, eps)
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+
+
+def test_output_type_pil_refuses_non_image_channel_counts():
+    """A latent UNet's 4-channel x came back as RGBA pictures ("pil") or 4-channel arrays ("np") without a word
+    (the pipeline has no VAE): "pil" refuses 2 or 4 channels before sampling, "np" / "pt" warn, "latent" is silent."""
+    calls = []
+
+    def tiny(chans):
+        torch.manual_seed(0)
+        blocks = ("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D")
+        net = UNet2DModel(sample_size=H, in_channels=chans, out_channels=chans, layers_per_block=1,
+                          block_out_channels=(8, 16), norm_num_groups=4, down_block_types=blocks[0],
+                          up_block_types=blocks[1]).eval()
+        net.register_forward_hook(lambda *a: calls.append(1))
+        return PPAPGuidedPipeline(net, DDIMScheduler())
+
+    for chans in (2, 4):
+        with pytest.raises(ValueError, match=f"output_type='pil': the pipeline's x has {chans} channels, not 1 or 3"):
+            tiny(chans)(batch_size=1, num_inference_steps=2, output_type="pil")
+    assert not calls  # refused before sampling
+    pipe = tiny(4)
+    for kind, shape in (("np", (1, H, H, 4)), ("pt", (1, 4, H, H))):
+        with pytest.warns(UserWarning, match=f"output_type='{kind}': the pipeline's x has 4 channels") as rec:
+            img = pipe(batch_size=1, num_inference_steps=2, output_type=kind).images
+        assert tuple(img.shape) == shape and rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raw = pipe(batch_size=1, num_inference_steps=2, output_type="latent").images
+        gray = tiny(1)(batch_size=1, num_inference_steps=2, output_type="pil").images
+    assert raw.shape == (1, 4, H, H) and torch.isfinite(raw).all() and gray[0].mode == "L"

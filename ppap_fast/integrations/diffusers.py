@@ -903,8 +903,9 @@ class _GuidedPipelineBody:
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, cfg_scale: float = 1.0):
-        """Sample ``batch_size`` images. output_type: "pil", "np" (NHWC in [0, 1]), "pt" (NCHW in [0, 1]),
-        "latent" (the final x itself, [-1, 1] for a pixel model; "raw" is the same). ``latents``: the
+        """Sample ``batch_size`` images. output_type: "pil" (1 or 3 channels), "np" (NHWC in [0, 1]), "pt" (NCHW
+        in [0, 1]; both warn for other than 1 or 3 channels), "latent" (the final x itself, [-1, 1] for a pixel
+        model; "raw" is the same). ``latents``: the
         starting noise (default randn(generator)). ``class_labels``: one int or [batch_size] labels: they
         condition a class-conditional denoiser (num_class_embeds / class_embed_type; required there) and
         replace the guide's class target (a ClassGuide / X0HatGuide) for this call.
@@ -962,6 +963,7 @@ class _GuidedPipelineBody:
             _checked_prediction_type(sched)
             self.guidance._abar(sched, device)  # rejects schedulers it cannot guide before sampling
         shape = self._shape(batch_size)
+        _check_image_channels(output_type, shape[1])
         unet_labels = self._unet_class_labels(class_labels, batch_size, device)
         text = self._text_conditioning(prompt_embeds, negative_prompt_embeds, _finite_scale(cfg_scale, "cfg_scale"),
                                        batch_size, device)
@@ -1058,6 +1060,19 @@ class _GuidedPipelineBody:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
         return ImagePipelineOutput(images=images)
+
+
+def _check_image_channels(output_type: str, channels: int) -> None:
+    """"pil" images of another channel count than 1 or 3 (a latent UNet's 4: the pipeline has no VAE) came back
+    as RGBA / LA pictures; "np" / "pt" warn (diffusers' image processors return any channel count)."""
+    if output_type in ("latent", "raw") or channels in (1, 3):
+        return
+    what = (f"the pipeline's x has {channels} channels, not 1 or 3 (a latent UNet? this pipeline has no VAE to "
+            "decode it)")
+    if output_type == "pil":
+        raise ValueError(f"output_type='pil': {what}: use output_type='latent' and decode it yourself")
+    warnings.warn(f"output_type={output_type!r}: {what}: it is mapped to [0, 1] and clamped as an image; "
+                  "output_type='latent' returns it as it is", UserWarning, stacklevel=4)  # the caller's line
 
 
 def _pipeline_class():
