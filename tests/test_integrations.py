@@ -1788,3 +1788,24 @@ def test_output_type_pil_refuses_non_image_channel_counts():
         raw = pipe(batch_size=1, num_inference_steps=2, output_type="latent").images
         gray = tiny(1)(batch_size=1, num_inference_steps=2, output_type="pil").images
     assert raw.shape == (1, 4, H, H) and torch.isfinite(raw).all() and gray[0].mode == "L"
+
+
+def test_abar_tables_of_one_scheduler_are_kept_per_device():
+    """Building a scheduler's table on a new device dropped its tables on the others: alternating devices rebuilt
+    it every time. One table per device is kept (at most TABLES_PER_SCHEDULER, the oldest dropped first)."""
+    from ppap_fast.integrations.diffusers import TABLES_PER_SCHEDULER
+
+    sched = DDIMScheduler()
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    cpu = g._abar(sched, "cpu")
+    meta = g._abar(sched, "meta")
+    assert meta.device.type == "meta" and g._abar(sched, "cpu") is cpu and g._abar(sched, "meta") is meta
+    assert torch.equal(cpu, sched.alphas_cumprod.double())
+    sched.alphas_cumprod.mul_(1.0)  # changed in place: every device's table is stale
+    fresh = g._abar(sched, "cpu")
+    assert fresh is not cpu and sum(k[0] == id(sched) for k in g._tables) == 1
+    for i in range(TABLES_PER_SCHEDULER + 2):  # cpu, meta, then indexed cpu devices: only the newest kept
+        g._abar(sched, torch.device("cpu", i) if i else "meta")
+    assert sum(k[0] == id(sched) for k in g._tables) == TABLES_PER_SCHEDULER
+    assert g._abar(sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1)) is g._abar(
+        sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1))

@@ -116,6 +116,9 @@ def _ref(obj):
         return lambda: obj
 
 
+TABLES_PER_SCHEDULER = 4  # devices whose abar table of one scheduler PPAPGuidance keeps
+
+
 def _table_current(entry, scheduler, acp) -> bool:
     """A cached (table, sigma_space, scheduler ref, alphas_cumprod, its version) entry still belongs to this
     scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed).
@@ -255,7 +258,15 @@ class PPAPGuidance:
             # float64 (none on MPS): a float64 model's coefficient in float64; a float32 one's as before (exact cast)
             tab = acp.detach().to(device=device, dtype=torch.float32 if torch.device(device).type == "mps"
                                   else torch.float64)
-            self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
+            # this scheduler's tables on other devices are kept while current (alternating devices rebuilt
+            # each time), at most TABLES_PER_SCHEDULER, the oldest dropped first
+            mine = [k for k, v in self._tables.items()
+                    if k[0] == id(scheduler) and (k == key or not _table_current(v, scheduler, acp))]
+            for k in mine:
+                del self._tables[k]
+            mine = [k for k in self._tables if k[0] == id(scheduler)]
+            for k in mine[:max(0, len(mine) - TABLES_PER_SCHEDULER + 1)]:
+                del self._tables[k]
             entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, _version(acp))
         return entry[:2]
 
