@@ -355,8 +355,14 @@ def test_the_schedulers_x0_clip_is_followed(saved, tmp_path):
     gen(pipe_dir, fast=False), gen(paths["noclip"], fast=False)
     img = lambda path: np.load(tmp_path / f"set_{path.name}" / "shard_00000.npz")["images"]  # noqa: E731
     assert not np.array_equal(img(pipe_dir), img(paths["noclip"]))
+
     def ident(path):
         return D.GenerateConfig(out_dir="x", num_images=1, denoiser=f"diffusers:{path}").identity()
 
     assert "clip_x0" not in ident(pipe_dir)  # older sets' hashes hold
     assert ident(paths["noclip"])["clip_x0"] is None and ident(paths["range2"])["clip_x0"] == 2.0
+    cfg_file = paths["range2"] / "scheduler" / "scheduler_config.json"
+    for bad in (0, -1.0, "2"):  # refused before the fast path's check (it named --no-fast for a bound of 0)
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "clip_sample_range": bad}))
+        with pytest.raises(ValueError, match=f"has clip_sample_range={bad!r}: give a finite bound > 0"):
+            D.denoiser_clip(f"diffusers:{paths['range2']}", fast=True)

@@ -164,7 +164,11 @@ def scheduler_clip_range(path) -> float | None:
     cfg = scheduler_config(path) or {}
     if not cfg.get("clip_sample", True):
         return None
-    return float(cfg.get("clip_sample_range", 1.0))
+    clip = cfg.get("clip_sample_range", 1.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"denoiser 'diffusers:{path}' (its scheduler config) has clip_sample_range={clip!r}: give "
+                         "a finite bound > 0, or clip_sample=false")
+    return float(clip)
 
 
 def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str | None = None) -> None:
@@ -196,9 +200,7 @@ def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str 
     if cfg.get("thresholding"):  # a per-sample percentile of |x0|: the samplers clip to a fixed bound only
         raise ValueError(f"{where} has thresholding=True (dynamic thresholding of x0), which the samplers do not "
                          "implement: set thresholding to false in its scheduler_config.json to sample with clip_sample")
-    clip = scheduler_clip_range(path)
-    if clip is not None and not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"{where} has clip_sample_range={clip}: give a finite bound > 0, or clip_sample=false")
+    scheduler_clip_range(path)  # a bad clip_sample_range raises
     if cfg.get("trained_betas") is not None:
         raise ValueError(f"{where} has trained_betas: no named schedule reproduces them")
     if cfg.get("rescale_betas_zero_snr"):  # its alphas_cumprod end at 0: the model was trained on other abar
