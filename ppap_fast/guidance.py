@@ -595,6 +595,8 @@ class _DenseGuide(Guide):
         resized to the output's where they differ (maps of rank >= 2 for outputs [B, ..., H, W])."""
         want = (out_shape[0], *out_shape[1 + per_pixel_dims:])
         tgt = _autograd_usable(self._aligned_target(out_shape).to(device))
+        if tgt.dim() == len(want) and tgt.dim() >= 3 and tgt.shape[0] == 1 < want[0]:
+            tgt = tgt[0]  # [1, ...]: one map shared by all samples
         shared = tgt.dim() == len(want) - 1
         per_sample = want[1:] if shared else want
         if tgt.dim() != len(per_sample) or tgt.shape[:-2] != per_sample[:-2]:
@@ -613,6 +615,10 @@ class DenseRegressionGuide(_DenseGuide):
     all samples); a target map of another [H, W] (an image-resolution depth map, a network predicting at
     1/4 resolution) is resized to the output's, bilinearly (align_corners=False, antialiased when shrinking;
     see :func:`resize_values`). Any other mismatch (batch, channels) is a ValueError naming both shapes.
+    A target with a leading 1, [1, ...], is also shared. A target without the batch dim whose first dim is both
+    the batch size and the channel count (a [3, H, W] target for an output [3, 3, H, W]) is a ValueError: give
+    [1, C, H, W] (shared) or [B, C, H, W] (per sample); a per-sample map [B, H, W] is only read for a
+    one-channel output (below).
     Non-finite target pixels (NaN / Inf: invalid depth) do not count; a sample without a valid pixel gets no
     guidance (maps marking invalid pixels with 0 need ``target[target == 0] = nan``).
     A Hugging Face depth model's ``predicted_depth`` [B, H, W] is read (then give [B, H, W] or [H, W] targets).
@@ -643,9 +649,20 @@ class DenseRegressionGuide(_DenseGuide):
                 f"{tuple(self.target_map.shape)} (expected the output's shape, or without the batch dim; "
                 "only [H, W] may differ)")
 
+    def _check_unambiguous(self, out_shape):
+        """A target of the output's rank minus one whose first dim is both the batch and the channel count:
+        shared [C, H, W] or per-sample [B, H, W] cannot be told apart (it was read as shared)."""
+        tgt = self.target_map
+        B = out_shape[0]
+        if len(out_shape) >= 4 and tgt.dim() == len(out_shape) - 1 and tgt.shape[0] == B == out_shape[1] > 1:
+            raise ValueError(f"{self.name}: target {tuple(tgt.shape)} is ambiguous for the output {tuple(out_shape)} "
+                             f"(batch and channels are both {B}): pass one map shared by all samples as "
+                             f"[1, {B}, ...] (target[None]), or one map per sample as [B, C, ...]")
+
     def objective(self, x, t):
         """Per-sample -mean squared error of the model's output on ``x`` (``t``: for an ExpertBank) [B]."""
         out = _loss_dtype(self.output(x, t))
+        self._check_unambiguous(out.shape)
         tgt = self._target_for(out.shape, 0, resize_values, out.device).to(out.dtype)
         valid = torch.isfinite(tgt)
         err = torch.where(valid, out - torch.where(valid, tgt, 0), 0) ** 2

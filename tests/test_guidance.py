@@ -507,6 +507,30 @@ def test_dense_targets_are_resized_to_the_output():
         SegmentationGuide(seg, torch.zeros(3, 8, 8, dtype=torch.long))(x, 3)
 
 
+def test_dense_target_whose_first_dim_is_batch_and_channels_is_refused():
+    """A [3, H, W] target for an output [3, 3, H, W] was silently read as shared [C, H, W] (a per-sample [B, H, W]
+    map misread); [1, C, H, W] is the explicit shared form, [B, C, H, W] the per-sample one."""
+    net = DenseNet(3)
+    x = torch.randn(3, 2, 4, 4, dtype=D)
+    shared = torch.randn(3, 4, 4, dtype=D)
+    with pytest.raises(ValueError, match=r"target \(3, 4, 4\) is ambiguous .*\(3, 3, 4, 4\).*\[1, 3, \.\.\.\]"):
+        DenseRegressionGuide(net, shared)(x, 3)
+    with pytest.raises(ValueError, match="ambiguous"):
+        fs.FastGuide(DenseRegressionGuide(net, shared), None).runner(None)(x, 3)
+
+    def J(z):
+        return -2.0 * ((net(z) - shared) ** 2).flatten(1).mean(1).sum()
+
+    want = numerical_grad(J, x)
+    for tgt in (shared[None], shared.expand(3, 3, 4, 4)):  # explicit shared, per sample
+        g = DenseRegressionGuide(net, tgt, scale=2.0)(x, 3)
+        assert torch.isfinite(g).all() and rel(g, want) < 1e-7
+    # without the ambiguity, [C, H, W] is shared as documented
+    assert rel(DenseRegressionGuide(net, shared, scale=2.0)(x[:2], 3), want[:2]) < 1e-7
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 4, 4\)"):  # [B, H, W] for C > 1 is not read
+        DenseRegressionGuide(net, shared[:2])(x[:2], 3)
+
+
 def test_dense_guides_skip_invalid_target_pixels():
     x = torch.randn(3, 2, 3, 3, dtype=D)
     net = DenseNet(1)
