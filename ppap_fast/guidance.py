@@ -46,7 +46,7 @@ class InputTransform(nn.Module):
     """
 
     def __init__(self, mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD,
-                 size: int | tuple | None = None, antialias: bool | str = False):
+                 size: int | tuple | None = None, antialias: bool | str = "auto"):
         super().__init__()
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
@@ -97,9 +97,10 @@ class InputTransform(nn.Module):
         return hit[1], hit[2]
 
 
-def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = False) -> InputTransform:
+def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = "auto") -> InputTransform:
     """[-1, 1] -> model normalisation (mean/std, ImageNet by default) and resolution (bilinear to ``size``, an
-    int or (H, W); None keeps it). ``antialias``: True, False or "auto" (only where a side shrinks 2x or more)."""
+    int or (H, W); None keeps it). ``antialias``: True, False or "auto" (the default, as the model registry: only
+    where a side shrinks 2x or more; unantialiased, 512 -> 224 left ~23% of x_t without gradient)."""
     return InputTransform(mean, std, size, antialias)
 
 

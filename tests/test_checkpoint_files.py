@@ -342,7 +342,7 @@ def test_save_records_the_teachers_input_transform(tmp_path):
     assert read_config(tmp_path / "raw")["input_transform"] == {"raw": True}
     save_experts(bank, tmp_path / "norm", input_transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
     rec = read_config(tmp_path / "norm")["input_transform"]
-    assert rec == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    assert rec == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224], "antialias": "auto"}
     save_experts(bank, tmp_path / "old")
     assert "input_transform" not in read_config(tmp_path / "old")
     f32 = torch.tensor((0.485, 0.456, 0.406)).tolist()  # float32 statistics of the same normalisation
@@ -366,7 +366,7 @@ def test_load_attaches_the_recorded_input_transform(tmp_path):
     save_experts(bank, tmp_path / "old")
     assert load_experts(tmp_path / "raw", _fresh()).input_transform_record == {"raw": True}
     norm = load_experts(tmp_path / "norm", _fresh()).input_transform_record
-    assert norm == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    assert norm == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224], "antialias": "auto"}
     into = load_experts_into(_bank(1), tmp_path / "raw")
     assert into.input_transform_record == {"raw": True}
     assert load_experts_into(into, tmp_path / "old").input_transform_record is None  # not the previous one's
@@ -381,14 +381,14 @@ def test_a_resave_keeps_the_loaded_input_transform_and_a_malformed_record_is_ref
 
     save_experts(_bank(), tmp_path / "norm", input_transform=input_transform((0.5,) * 3, (0.5,) * 3, 224))
     save_experts(load_experts(tmp_path / "norm", _fresh()), tmp_path / "again")
-    want = {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    want = {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224], "antialias": "auto"}
     assert read_config(tmp_path / "again")["input_transform"] == want
     save_experts(load_experts(tmp_path / "norm", _fresh()), tmp_path / "raw", input_transform=None)  # given: wins
     assert read_config(tmp_path / "raw")["input_transform"] == {"raw": True}
     f = tmp_path / "norm" / "config.json"
     good = json.loads(f.read_text())
     for bad in ({**want, "mean": "x"}, {**want, "std": [0.5] * 2}, {**want, "size": [224]}, {"mean": [0.5]},
-                {**want, "mean": None}, {**want, "size": [True, 224]}, [1, 2]):
+                {**want, "mean": None}, {**want, "size": [True, 224]}, {**want, "antialias": "yes"}, [1, 2]):
         f.write_text(json.dumps({**good, "input_transform": bad}))
         for load in (lambda: read_config(tmp_path / "norm"), lambda: load_experts(tmp_path / "norm", _fresh())):
             with pytest.raises(ValueError, match=r"config.json is damaged: missing or malformed entries "
@@ -427,6 +427,31 @@ def test_guides_refuse_loaded_experts_with_another_input_transform(tmp_path):
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     g = ClassGuide(raw, 1, scale=2.0)(x, torch.tensor([10, 900]))
     assert g.shape == x.shape and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_the_recorded_antialias_is_kept_and_checked(tmp_path):
+    """input_transform() now antialiases by default ("auto"); experts distilled through antialias=False record it and
+    refuse the new default (one line naming the value to pass); records made before antialias was recorded load
+    and guide with either."""
+    from ppap_fast.guidance import ClassGuide, input_transform
+
+    save_experts(_bank(), tmp_path / "plain", input_transform=input_transform((0.5,), (0.5,), 32, antialias=False))
+    cfg = read_config(tmp_path / "plain")
+    assert cfg["input_transform"]["antialias"] is False
+    plain = load_experts(tmp_path / "plain", _fresh())
+    with pytest.raises(ValueError, match=r"^ClassGuide: these experts were distilled through mean \[0.5\] / std \[0.5\] "
+                                         r"at 32x32 \(antialias=False\), but input_transform= gives mean \[0.5\] / "
+                                         r"std \[0.5\] at 32x32: pass an input transform with antialias=False$"):
+        ClassGuide(plain, 1, input_transform=input_transform((0.5,), (0.5,), 32))
+    assert ClassGuide(plain, 1, input_transform=input_transform((0.5,), (0.5,), 32, antialias=False)).model is plain
+    f = tmp_path / "plain" / "config.json"
+    old = json.loads(f.read_text())
+    del old["input_transform"]["antialias"]
+    f.write_text(json.dumps(old))
+    before = load_experts(tmp_path / "plain", _fresh())
+    assert "antialias" not in before.input_transform_record
+    for aa in ("auto", False, True):
+        assert ClassGuide(before, 1, input_transform=input_transform((0.5,), (0.5,), 32, antialias=aa)).model is before
 
 
 def test_one_input_transform_check_serves_guides_guide_models_and_guided_sample(monkeypatch):

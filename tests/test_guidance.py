@@ -507,6 +507,20 @@ def test_dense_targets_are_resized_to_the_output():
         SegmentationGuide(seg, torch.zeros(3, 8, 8, dtype=torch.long))(x, 3)
 
 
+def test_input_transform_default_gives_every_pixel_gradient_at_512_to_224():
+    """input_transform() defaulted to antialias=False: a 512 -> 224 bilinear resize read ~23% of x_t's pixels
+    with weight 0 (no guidance gradient there). The default is the registry's "auto"."""
+    x = torch.zeros(1, 3, 512, 512, dtype=D, requires_grad=True)
+    input_transform(size=224)(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and int((x.grad == 0).sum()) == 0
+    x.grad = None
+    input_transform(size=224, antialias=False)(x).sum().backward()
+    assert (x.grad == 0).double().mean() > 0.2  # what the old default left without gradient
+    y = torch.randn(1, 3, 300, 300, dtype=D)  # below 2x: plain bilinear, as before
+    ref = F.interpolate((y + 1) / 2, size=(224, 224), mode="bilinear", align_corners=False)
+    assert torch.equal(input_transform(None, None, 224)(y), ref)
+
+
 def test_dense_target_whose_first_dim_is_batch_and_channels_is_refused():
     """A [3, H, W] target for an output [3, 3, H, W] was silently read as shared [C, H, W] (a per-sample [B, H, W]
     map misread); [1, C, H, W] is the explicit shared form, [B, C, H, W] the per-sample one."""

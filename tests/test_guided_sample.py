@@ -381,6 +381,7 @@ def test_experts_refuse_a_guide_normalised_otherwise_than_their_distillation(tmp
     assert len(err.splitlines()) == 1 and "raw x_t" in err and "drop --raw-input" in err
     # a checkpoint saved before the transform was recorded loads as before, whatever the guide's normalisation
     cfg = json.loads((experts / "config.json").read_text())
-    assert cfg.pop("input_transform") == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224]}
+    assert cfg.pop("input_transform") == {"raw": False, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [224, 224],
+                                          "antialias": "auto"}
     (experts / "config.json").write_text(json.dumps(cfg))
     assert main([*args, "--out", str(tmp_path / "old.npz"), "--guide-weights", str(bare / "model.safetensors")]) == 0

@@ -90,8 +90,11 @@ def input_transform_record(transform) -> dict | None:
     if not isinstance(transform, InputTransform):
         return None
     stats = [None if t is None else [float(v) for v in t.flatten().tolist()] for t in (transform.mean, transform.std)]
-    return {"raw": False, "mean": stats[0], "std": stats[1],
-            "size": list(transform.size) if transform.size is not None else None}
+    rec = {"raw": False, "mean": stats[0], "std": stats[1],
+           "size": list(transform.size) if transform.size is not None else None}
+    if transform.size is not None:  # the resize's antialiasing (records before it was recorded: not compared)
+        rec["antialias"] = transform.antialias
+    return rec
 
 
 def _valid_transform_record(rec) -> bool:
@@ -106,6 +109,8 @@ def _valid_transform_record(rec) -> bool:
     if rec["raw"]:
         return True
     mean, std, size = rec.get("mean"), rec.get("std"), rec.get("size")
+    if "antialias" in rec and not (isinstance(rec["antialias"], bool) or rec["antialias"] == "auto"):
+        return False
     return numbers_or_none(mean) and numbers_or_none(std) and (mean is None) == (std is None) \
         and (mean is None or len(mean) == len(std)) and (size is None or (
             isinstance(size, list) and len(size) == 2
@@ -120,7 +125,9 @@ def same_input_transform(a: dict, b: dict) -> bool:
 
     if bool(a.get("raw")) or bool(b.get("raw")):
         return bool(a.get("raw")) == bool(b.get("raw"))
-    return a.get("size") == b.get("size") and close(a.get("mean"), b.get("mean")) and close(a.get("std"), b.get("std"))
+    antialias_alike = "antialias" not in a or "antialias" not in b or a["antialias"] == b["antialias"]
+    return a.get("size") == b.get("size") and close(a.get("mean"), b.get("mean")) and close(a.get("std"), b.get("std")) \
+        and antialias_alike
 
 
 def describe_input_transform(rec: dict) -> str:
@@ -128,7 +135,8 @@ def describe_input_transform(rec: dict) -> str:
         return "raw x_t in [-1, 1]"
     fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
     norm = "[0, 1] images" if rec.get("mean") is None else f"mean {fmt(rec['mean'])} / std {fmt(rec['std'])}"
-    return norm + (f" at {rec['size'][0]}x{rec['size'][1]}" if rec.get("size") else "")
+    aa = f" (antialias={rec['antialias']!r})" if rec.get("size") and rec.get("antialias", "auto") != "auto" else ""
+    return norm + (f" at {rec['size'][0]}x{rec['size'][1]}{aa}" if rec.get("size") else "")
 
 
 def input_transform_mismatch(experts, transform) -> tuple[dict, dict] | None:
@@ -154,6 +162,8 @@ def check_input_transform(experts, transform, subject: str = "these experts",
         fix = hint(want)
     elif want.get("raw"):
         fix = "pass input_transform=None"
+    elif same_input_transform({**want, "antialias": None}, {**got, "antialias": None}):
+        fix = f"pass an input transform with antialias={want['antialias']!r}"
     else:
         fix = "pass the input transform of the model they were distilled from (its GuideModel.transform)"
     why = f" ({reason()})" if reason is not None else ""
