@@ -70,7 +70,12 @@ class InputTransform(nn.Module):
         if self.size is not None and tuple(y.shape[-2:]) != self.size:
             aa = self.antialias if self.antialias != "auto" else any(
                 s >= 2 * o for s, o in zip(y.shape[-2:], self.size))
-            y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False, antialias=aa)
+            if aa and y.device.type == "cpu" and y.dtype in (torch.float16, torch.bfloat16):
+                # the CPU antialiased kernel has no half / bfloat16 (NotImplementedError): resize in float32
+                y = F.interpolate(y.float(), size=self.size, mode="bilinear", align_corners=False,
+                                  antialias=True).to(y.dtype)
+            else:
+                y = F.interpolate(y, size=self.size, mode="bilinear", align_corners=False, antialias=aa)
         if self.mean is not None:
             if self.mean.shape[1] != y.shape[1]:
                 raise ValueError(f"InputTransform has {self.mean.shape[1]} channel statistics, input has "

@@ -521,6 +521,19 @@ def test_input_transform_default_gives_every_pixel_gradient_at_512_to_224():
     assert torch.equal(input_transform(None, None, 224)(y), ref)
 
 
+def test_input_transform_antialiases_half_inputs_on_the_cpu():
+    """The CPU antialiased resize has no float16 / bfloat16 kernel: a half x_t through the default transform (or the
+    registry's) raised NotImplementedError; it is resized in float32 and given back in its dtype."""
+    x = torch.randn(2, 3, 16, 16)
+    for dt in (torch.float16, torch.bfloat16):
+        xh = x.to(dt).requires_grad_()
+        y = input_transform(None, None, 4)(xh)
+        want = F.interpolate(((xh.detach() + 1) * 0.5).float(), size=(4, 4), mode="bilinear", antialias=True).to(dt)
+        assert y.dtype == dt and torch.equal(y, want)
+        input_transform(size=4)(xh).float().sum().backward()
+        assert xh.grad.dtype == dt and torch.isfinite(xh.grad).all() and int((xh.grad == 0).sum()) == 0
+
+
 def test_dense_target_whose_first_dim_is_batch_and_channels_is_refused():
     """A [3, H, W] target for an output [3, 3, H, W] was silently read as shared [C, H, W] (a per-sample [B, H, W]
     map misread); [1, C, H, W] is the explicit shared form, [B, C, H, W] the per-sample one."""
