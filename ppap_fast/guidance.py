@@ -377,6 +377,10 @@ class _ClassTarget:
     def select(self, logits, override=None):
         if logits.dim() != 2:
             raise ValueError(f"{self.name}: classifier output must be logits [B, K], got {tuple(logits.shape)}")
+        if logits.shape[1] == 1:  # log_softmax over one class is 0: the guidance was silently zero
+            raise ValueError(f"{self.name}: logits {tuple(logits.shape)} have one class, whose log-probability is "
+                             "constant (no guidance); for a binary classifier with one sigmoid logit l, make the model "
+                             "return the two-class logits torch.cat([torch.zeros_like(l), l], 1)")
         tgt = self.target if override is None else self._checked_override(override, logits.shape[1])
         if override is None and not self.checked:
             self._check(logits.shape[1])

@@ -72,6 +72,24 @@ def test_class_guide_gradcheck_plain_model():
     assert torch.equal(ClassGuide(model, 3)(x, 5), ClassGuide(model, torch.tensor([3, 3]))(x, 5))
 
 
+def test_class_guides_refuse_a_single_logit():
+    """A one-logit classifier [B, 1] gave log_softmax == 0: ClassGuide / X0HatGuide returned all-zero guidance.
+    The two-class logits [0, l] the error names give log sigmoid(l) for class 1."""
+    lin = nn.Linear(18, 1).to(D)
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+
+    def one_logit(z):
+        return lin(z.flatten(1))
+
+    den, acp = ToyDenoiser(), torch.linspace(0.99, 0.1, 100, dtype=D)
+    for guide in (ClassGuide(one_logit, 0), X0HatGuide(one_logit, den, acp, 0)):
+        with pytest.raises(ValueError, match=r"logits \(2, 1\) have one class.*torch.cat\(\[torch.zeros_like\(l\), l\], 1\)"):
+            guide(x, 5)
+    g = ClassGuide(lambda z: torch.cat([torch.zeros_like(one_logit(z)), one_logit(z)], 1), 1, scale=2.0)(x, 5)
+    want = numerical_grad(lambda z: 2.0 * F.logsigmoid(one_logit(z)).sum(), x)
+    assert torch.isfinite(g).all() and rel(g, want) < 1e-7
+
+
 def test_class_guide_matches_guided_diffusion_cond_fn(fixtures_dir):
     gold = torch.load(fixtures_dir / "guided_steps_golden.pt")
     W = gold["W"]
