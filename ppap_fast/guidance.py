@@ -52,7 +52,9 @@ class InputTransform(nn.Module):
             raise ValueError("give both mean and std, or neither")
         if std is not None and any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {std}")
-        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+        if mean is not None and len(mean) != len(std):  # a 1-value std was broadcast over a 3-value mean
+            raise ValueError(f"mean and std must have one value per channel each, got {len(mean)} and {len(std)}")
+        self.size = _check_size(size)
         if antialias not in (True, False, "auto"):
             raise ValueError(f"antialias must be True, False or 'auto', got {antialias!r}")
         self.antialias = antialias  # "auto": only when a side shrinks 2x or more (below that bilinear reads
@@ -100,6 +102,19 @@ class InputTransform(nn.Module):
         if hit is None or hit[0] != stamp:
             hit = cache[key] = (stamp, self.mean.to(y.device, y.dtype), self.std.to(y.device, y.dtype))
         return hit[1], hit[2]
+
+
+def _check_size(size):
+    """``size`` as (H, W) or None; a positive int is square."""
+    def positive_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+    if size is None:
+        return None
+    pair = (size, size) if positive_int(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(positive_int(v) for v in pair):
+        raise ValueError(f"size must be a positive int or an (H, W) pair of them, got {size!r}")
+    return tuple(int(v) for v in pair)
 
 
 def input_transform(mean=IMAGENET_MEAN, std=IMAGENET_STD, size=None, antialias: bool | str = "auto") -> InputTransform:

@@ -525,6 +525,17 @@ def test_dense_targets_are_resized_to_the_output():
         SegmentationGuide(seg, torch.zeros(3, 8, 8, dtype=torch.long))(x, 3)
 
 
+def test_input_transform_refuses_mismatched_statistics_and_bad_sizes():
+    """A 1-value std with a 3-value mean was broadcast over the channels (and its checkpoint record was refused as
+    damaged at load); sizes such as True (1x1), (224,) or 2.5 failed inside interpolate or resized to 1x1."""
+    with pytest.raises(ValueError, match=r"^mean and std must have one value per channel each, got 3 and 1$"):
+        input_transform((0.485, 0.456, 0.406), (0.5,))
+    for bad in (True, (224,), 0, -3, (2.5, 3), "224", (224, 224, 3)):
+        with pytest.raises(ValueError, match=r"^size must be a positive int or an \(H, W\) pair of them, got "):
+            input_transform(size=bad)
+    assert input_transform(size=[16, 24]).size == (16, 24) and input_transform(size=8).size == (8, 8)
+
+
 def test_input_transform_default_gives_every_pixel_gradient_at_512_to_224():
     """input_transform() defaulted to antialias=False: a 512 -> 224 bilinear resize read ~23% of x_t's pixels
     with weight 0 (no guidance gradient there). The default is the registry's "auto"."""
