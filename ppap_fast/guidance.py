@@ -397,7 +397,7 @@ class _ClassTarget:
                              "constant (no guidance); for a binary classifier with one sigmoid logit l, make the model "
                              "return the two-class logits torch.cat([torch.zeros_like(l), l], 1)")
         tgt = self.target if override is None else self._checked_override(override, logits.shape[1])
-        if override is None and not self.checked:
+        if override is None and (not self.checked or self.k != logits.shape[1]):  # num_classes= may be another K
             self._check(logits.shape[1])
         B = logits.shape[0]
         if isinstance(tgt, int):
@@ -718,7 +718,7 @@ class SegmentationGuide(_DenseGuide):
         self._hi = int(valid.max()) if valid.numel() else -1
         if valid.numel() and int(valid.min()) < 0:
             raise ValueError(f"{self.name}: negative label {int(valid.min())} (ignore_index is {self.ignore_index})")
-        self._checked = False
+        self._checked_k = None  # the class count last checked against
         if num_classes is not None:
             self._check_classes(int(num_classes))
 
@@ -727,7 +727,7 @@ class SegmentationGuide(_DenseGuide):
             hint = " (255 marks void pixels in VOC / ADE20K / Cityscapes maps: pass ignore_index=255)" \
                 if self._hi == 255 else ""
             raise ValueError(f"{self.name}: label {self._hi} is out of range for a model with {k} classes{hint}")
-        self._checked = True
+        self._checked_k = k
 
     def _shape_error(self, out_shape):
         return (f"{self.name}: logits shape {tuple(out_shape)} does not match the label map shape "
@@ -743,7 +743,7 @@ class SegmentationGuide(_DenseGuide):
                              "constant (no guidance); for a binary net with one sigmoid logit l, make the model "
                              "return the two-class logits torch.cat([torch.zeros_like(l), l], 1)")
         lab = self._target_for(logits.shape, 1, resize_labels, logits.device).long()
-        if not self._checked:
+        if self._checked_k != logits.shape[1]:  # num_classes= may differ from the logits' K
             self._check_classes(logits.shape[1])
         ce = F.cross_entropy(_loss_dtype(logits), lab, ignore_index=self.ignore_index, reduction="none")
         valid = (lab != self.ignore_index).flatten(1).sum(1).clamp_min(1).to(ce.dtype)

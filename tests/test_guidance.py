@@ -90,6 +90,20 @@ def test_class_guides_refuse_a_single_logit():
     assert torch.isfinite(g).all() and rel(g, want) < 1e-7
 
 
+def test_targets_are_checked_against_the_logits_class_count_not_only_num_classes():
+    """num_classes= larger than the network's K passed the construction check and was never compared with the logits:
+    a target in [K, num_classes) failed inside gather / cross_entropy (a device-side assert on CUDA)."""
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    clf = SmallNet(k=5, num_classes_attr=False).to(D).eval()
+    with pytest.raises(ValueError, match=r"^ClassGuide: target class 7 is out of range for a model with 5 classes$"):
+        ClassGuide(clf, 7, num_classes=10)(x, 3)
+    with pytest.raises(ValueError, match=r"^SegmentationGuide: label 6 is out of range for a model with 4 classes$"):
+        SegmentationGuide(DenseNet(4), torch.full((2, 3, 3), 6), num_classes=8)(x, 3)
+    g = ClassGuide(clf, 4, num_classes=10, scale=2.0)(x, 3)  # in range of both: as before
+    want = numerical_grad(lambda z: 2.0 * F.log_softmax(clf(z), -1)[:, 4].sum(), x)
+    assert torch.isfinite(g).all() and rel(g, want) < 1e-7
+
+
 def test_class_guide_matches_guided_diffusion_cond_fn(fixtures_dir):
     gold = torch.load(fixtures_dir / "guided_steps_golden.pt")
     W = gold["W"]
