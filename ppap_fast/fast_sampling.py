@@ -303,8 +303,7 @@ class _GradRunner:
             except RuntimeError as e:
                 _gd._raise_explained(g_obj, x, e)
                 raise
-        (g,) = torch.autograd.grad(obj, xl, allow_unused=True)
-        return torch.zeros_like(x) if g is None else g
+        return _gd.grad_wrt_input(obj, xl, g_obj.name)
 
     def _functional(self, x, t, **kw):
         g_obj, ctx = self.guide, self._ctx

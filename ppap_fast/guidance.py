@@ -300,10 +300,19 @@ class Guide:
             except RuntimeError as e:
                 _raise_explained(self, x, e)
                 raise
-            (g,) = torch.autograd.grad(obj, x, allow_unused=True)
-        if g is None:
-            g = torch.zeros_like(x)
+            g = grad_wrt_input(obj, x, self.name)
         return g.detach()
+
+
+def grad_wrt_input(obj: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """d obj / d x; a ValueError where obj does not reach x through autograd (the guidance was silently zero, or
+    autograd's "element 0 of tensors does not require grad")."""
+    g = torch.autograd.grad(obj, x, allow_unused=True)[0] if obj.requires_grad else None
+    if g is None:
+        raise ValueError(f"{name}: the guidance objective does not depend on x_t through autograd (the network "
+                         "detaches its input, or runs it under torch.no_grad() or outside torch, e.g. NumPy / PIL): "
+                         "keep the path from its input to its output differentiable")
+    return g
 
 
 def _depends_on_train_mode(m: nn.Module) -> bool:

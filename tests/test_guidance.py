@@ -104,6 +104,25 @@ def test_targets_are_checked_against_the_logits_class_count_not_only_num_classes
     assert torch.isfinite(g).all() and rel(g, want) < 1e-7
 
 
+def test_a_network_that_detaches_its_input_is_refused():
+    """A guide network detaching x (or running it through NumPy): with trainable parameters the gradient was
+    silently all zeros (allow_unused), with frozen ones autograd's 'element 0 of tensors does not require grad'."""
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(18, 5).to(D)
+
+        def forward(self, z):
+            return self.fc(z.detach().flatten(1))
+
+    x = torch.randn(2, 2, 3, 3, dtype=D)
+    for net in (Detaching(), Detaching().requires_grad_(False)):
+        for guide in (ClassGuide(net, 1), fs.FastGuide(ClassGuide(net, 1), None).runner(None)):
+            with pytest.raises(ValueError, match=r"^ClassGuide: the guidance objective does not depend on x_t through "
+                                                 r"autograd .*keep the path from its input to its output differentiable$"):
+                guide(x, 3)
+
+
 def test_class_guide_matches_guided_diffusion_cond_fn(fixtures_dir):
     gold = torch.load(fixtures_dir / "guided_steps_golden.pt")
     W = gold["W"]
