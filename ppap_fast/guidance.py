@@ -548,11 +548,12 @@ class X0HatGuide(Guide):
         """The predicted clean image of ``x`` (x_t) at original timesteps ``t``."""
         if t.device.type == "cpu" and t.numel() and bool(((t < 0) | (t >= self.acp.numel())).any()):
             raise ValueError(f"{self.name}: t out of range [0, {self.acp.numel()})")
+        h = _to_model_dtype(self.denoiser, x)  # a half x_t and a float32 denoiser (or the reverse)
         if self.through_denoiser:
-            eps = _primary(self.denoiser(x, t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
+            eps = _primary(self.denoiser(h, t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
         else:
             with torch.no_grad():
-                eps = _primary(self.denoiser(x.detach(), t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
+                eps = _primary(self.denoiser(h.detach(), t, **self.denoiser_kwargs), DENOISER_OUTPUT_KEYS, self.name)
         C = x.shape[1]
         if eps.shape[1] == 2 * C:
             eps = eps[:, :C]

@@ -295,6 +295,21 @@ def test_x0hat_guide_bad_inputs():
         bad(torch.randn(1, 2, 3, 3, dtype=D), 5)
 
 
+def test_x0hat_guide_takes_an_x_t_of_another_dtype_than_its_denoiser():
+    """ClassGuide casts x_t to its network's dtype; X0HatGuide fed it to the denoiser as is (a float16 / float32
+    x_t with a float32 / float64 denoiser: 'Input type and bias type should be the same')."""
+    clf = SmallNet().to(D).eval()
+    den, acp = ToyDenoiser(), torch.linspace(0.99, 0.1, 100, dtype=D)
+    x, t = torch.randn(2, 2, 3, 3, dtype=D), torch.tensor([3, 80])
+    for through in (True, False):
+        guide = X0HatGuide(clf, den, acp, torch.tensor([1, 4]), scale=2.0, through_denoiser=through)
+        for dt in (torch.float32, torch.float16):
+            xl = x.to(dt)
+            g = guide(xl, t)
+            want = guide(xl.double(), t)
+            assert g.dtype == dt and torch.isfinite(g).all() and rel(g.double(), want) < (1e-6 if dt == torch.float32 else 2e-3)
+
+
 # ----------------------------------------------------------------------------- dense guides
 class DenseNet(nn.Module):
     def __init__(self, out_ch):
