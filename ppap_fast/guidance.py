@@ -57,8 +57,9 @@ class InputTransform(nn.Module):
         self.size = _check_size(size)
         if antialias not in (True, False, "auto"):
             raise ValueError(f"antialias must be True, False or 'auto', got {antialias!r}")
-        self.antialias = antialias  # "auto": only when a side shrinks 2x or more (below that bilinear reads
-        # every input pixel; from 2x on, without antialiasing, whole rows and columns get no gradient)
+        # "auto": only when a side shrinks 2x or more (below that bilinear reads every input pixel; from 2x on,
+        # without antialiasing, whole rows and columns get no gradient). 1 / numpy True are stored as True (JSON)
+        self.antialias = antialias if isinstance(antialias, str) else bool(antialias)
         if mean is not None:
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1), persistent=False)

@@ -454,6 +454,20 @@ def test_the_recorded_antialias_is_kept_and_checked(tmp_path):
         assert ClassGuide(before, 1, input_transform=input_transform((0.5,), (0.5,), 32, antialias=aa)).model is before
 
 
+def test_an_antialias_given_as_1_or_numpy_true_is_recorded_as_true(tmp_path):
+    """antialias=1 / numpy.True_ were accepted and recorded as given: numpy's was no JSON (the save failed), 1 was
+    refused as a damaged record at load."""
+    import numpy as np
+
+    from ppap_fast.guidance import input_transform
+
+    for i, aa in enumerate((1, np.True_)):
+        tf = input_transform((0.5,), (0.5,), 32, antialias=aa)
+        assert tf.antialias is True
+        save_experts(_bank(), tmp_path / str(i), input_transform=tf)
+        assert load_experts(tmp_path / str(i), _fresh()).input_transform_record["antialias"] is True
+
+
 def test_one_input_transform_check_serves_guides_guide_models_and_guided_sample(monkeypatch):
     """The guides, GuideModel.guide and guided-sample each had their own copy of the recorded-transform check:
     all go through experts.checkpoint.check_input_transform, which names both transforms, the caller's reason
