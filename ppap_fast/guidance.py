@@ -367,6 +367,7 @@ class _ClassTarget:
         self.target, self.lo, self.hi = target, lo, hi
         self.checked = False
         self.k = None  # the class count last checked against
+        self.own_k = None  # the class count this target was last checked against
         if lo < 0:
             raise ValueError(f"{name}: target {lo} is negative")
         if num_classes is not None:
@@ -375,7 +376,7 @@ class _ClassTarget:
     def _check(self, k):
         if self.hi >= k:
             raise ValueError(f"{self.name}: target class {self.hi} is out of range for a model with {k} classes")
-        self.checked, self.k = True, k
+        self.checked, self.k, self.own_k = True, k, k
 
     def _checked_override(self, override, k: int):
         """A per-call target checked like the own one; the last tensor checked is remembered (while unchanged in
@@ -407,7 +408,7 @@ class _ClassTarget:
                              "constant (no guidance); for a binary classifier with one sigmoid logit l, make the model "
                              "return the two-class logits torch.cat([torch.zeros_like(l), l], 1)")
         tgt = self.target if override is None else self._checked_override(override, logits.shape[1])
-        if override is None and (not self.checked or self.k != logits.shape[1]):  # num_classes= may be another K
+        if override is None and self.own_k != logits.shape[1]:  # num_classes= may be another K
             self._check(logits.shape[1])
         B = logits.shape[0]
         if isinstance(tgt, int):

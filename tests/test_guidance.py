@@ -97,6 +97,10 @@ def test_targets_are_checked_against_the_logits_class_count_not_only_num_classes
     clf = SmallNet(k=5, num_classes_attr=False).to(D).eval()
     with pytest.raises(ValueError, match=r"^ClassGuide: target class 7 is out of range for a model with 5 classes$"):
         ClassGuide(clf, 7, num_classes=10)(x, 3)
+    after_override = ClassGuide(clf, 7, num_classes=10)
+    assert torch.isfinite(after_override(x, 3, target=1)).all()  # a per-call target in range: its own check
+    with pytest.raises(ValueError, match=r"^ClassGuide: target class 7 is out of range for a model with 5 classes$"):
+        after_override(x, 3)
     with pytest.raises(ValueError, match=r"^SegmentationGuide: label 6 is out of range for a model with 4 classes$"):
         SegmentationGuide(DenseNet(4), torch.full((2, 3, 3), 6), num_classes=8)(x, 3)
     g = ClassGuide(clf, 4, num_classes=10, scale=2.0)(x, 3)  # in range of both: as before
