@@ -82,7 +82,7 @@ def _image_shape(unet, image_shape) -> tuple:
 
 def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: int = 6000, shard_size: int = 500,
                       seed: int = 0, respacing: str = "ddim25", device: str = "cpu", progress: bool = True,
-                      shard_hook=None, image_shape: tuple | None = None, schedule: str = "linear") -> list[int]:
+                      image_shape: tuple | None = None, schedule: str = "linear") -> list[int]:
     """Write (or complete) the data-free set in ``out_dir``; returns the shard indices written now.
 
     Shard k is a pure function of (seed, k): x_T ~ N(0, I) from torch.Generator().manual_seed(seed * 1_000_003 + k)
@@ -90,7 +90,6 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     ``schedule``: the unet's 1000-step noise schedule (``schedule.SCHEDULE_NAMES``), recorded in the manifest
     (:func:`distill_ppap` takes linear sets only).
     ``image_shape`` (C, H, W): by default the unet's (config in_channels / sample_size, or ADMUNet's).
-    ``shard_hook(k)`` is called after each shard is written (tests use it to simulate a crash).
     ``unet`` and ``teacher`` run in eval mode, left as they were: a copy runs on ``device`` where they are elsewhere.
     """
     shape = _image_shape(unet, image_shape)
@@ -117,17 +116,7 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
             imgs = to_uint8(x0)
             return {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}
 
-        if shard_hook is None:
-            return writer.run(make, progress=progress)
-        done = []
-        for k in writer.missing():  # same as writer.run, with a hook after each shard
-            writer.write_manifest(complete=False)
-            from .data.shards import write_npz_atomic
-            write_npz_atomic(writer.shard_path(k), **make(k))
-            done.append(k)
-            shard_hook(k)
-        writer.write_manifest(complete=not writer.missing())
-        return done
+        return writer.run(make, progress=progress)
 
 
 def _is_on(module: nn.Module, device) -> bool:

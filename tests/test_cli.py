@@ -407,8 +407,9 @@ def test_generate_step_count_ddim_cannot_take_is_refused_before_the_folder_is_ma
     assert "bad step count 1001 for ddim" in _err(capsys) and not (tmp_path / "d").exists()
 
 
-def test_generate_resumes_after_interruption(weights, tmp_path):
+def test_generate_resumes_after_interruption(weights, tmp_path, monkeypatch):
     """A run killed mid-way leaves only complete shards; the rerun fills in the rest, identical to a clean run."""
+    from ppap_fast.data import shards
     from ppap_fast.distill import generate_datafree
     from ppap_fast.models.tiny import load_model
 
@@ -417,12 +418,15 @@ def test_generate_resumes_after_interruption(weights, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_after_first(k):
+    real_write = shards.write_npz_atomic
+
+    def crash_after_first(path, **arrays):  # in ShardWriter.run, right after shard 0 is written
+        real_write(path, **arrays)
         raise Crash
 
-    with pytest.raises(Crash):
-        generate_datafree(unet, teacher, tmp_path / "a", 9, 3, respacing="ddim2", progress=False,
-                          shard_hook=crash_after_first)
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(shards, "write_npz_atomic", crash_after_first)
+        generate_datafree(unet, teacher, tmp_path / "a", 9, 3, respacing="ddim2", progress=False)
     assert sorted(p.name for p in (tmp_path / "a").glob("shard_*.npz")) == ["shard_00000.npz"]
     assert generate_datafree(unet, teacher, tmp_path / "a", 9, 3, respacing="ddim2", progress=False) == [1, 2]
     generate_datafree(unet, teacher, tmp_path / "b", 9, 3, respacing="ddim2", progress=False)

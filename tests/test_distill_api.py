@@ -1,4 +1,6 @@
 """ppap_fast.distill's Python entry points with models other than the demo's."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,22 @@ def _unet(channels, size):
     return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
                        block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+@contextlib.contextmanager
+def _stopped_after_first_shard(monkeypatch):
+    """The block's generate_datafree interrupted (KeyboardInterrupt) in ShardWriter.run right after shard 0 is written."""
+    from ppap_fast.data import shards
+
+    real_write = shards.write_npz_atomic
+
+    def write_then_stop(path, **arrays):
+        real_write(path, **arrays)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(shards, "write_npz_atomic", write_then_stop)
+        yield
 
 
 class _Eps(torch.nn.Module):
@@ -202,13 +220,8 @@ def test_generate_datafree_samples_with_the_unets_schedule(tmp_path, monkeypatch
                           schedule="cosin")
     assert not (tmp_path / "typo").exists()
     manifest = tmp_path / "lin" / "manifest.json"
-
-    def stop_after_first(k):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        generate_datafree(_unet(1, 8), teacher, tmp_path / "lin", 4, 2, respacing="ddim2", progress=False,
-                          shard_hook=stop_after_first)
+    with _stopped_after_first_shard(monkeypatch):
+        generate_datafree(_unet(1, 8), teacher, tmp_path / "lin", 4, 2, respacing="ddim2", progress=False)
     assert json.loads(manifest.read_text())["schedule"] == "linear"
     with pytest.raises(ValueError, match=r"made with other settings \(schedule: 'linear' there vs 'cosine' now\)"):
         generate_datafree(_unet(1, 8), teacher, tmp_path / "lin", 4, 2, respacing="ddim2", progress=False,
