@@ -652,28 +652,17 @@ def _run(args) -> int:
             raise DemoError(str(e)) from None
         try:
             from .data import ShardSet
-            shards = ShardSet(args.data)  # headers only; verify() checks every member's CRC-32
+            shards = ShardSet(args.data)  # headers only; distill_ppap checks every member's CRC-32
         except (FileNotFoundError, ValueError) as e:
             raise DemoError(str(e)) from None
         _check_set_task(shards, teacher, args)
-
-        def verify():  # after the resume check: a rerun with other settings is refused without reading the set
-            try:
-                bad = shards.verify(progress=progress)  # reads the whole set: long for a large one
-            except (FileNotFoundError, ValueError) as e:
-                raise DemoError(str(e)) from None
-            if bad:
-                # a rerun of generate alone kept them (it checks the zip headers, not the data): say what rewrites them
-                raise DemoError(f"damaged data set {args.data}: {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
-                                + "; remove the damaged shard file(s) and rerun generate with the set's arguments: "
-                                  "it rewrites missing shards")
         # the resumable state lives beside --out (which appears only when finished), removed after it is written
         state = out.with_name(out.name + ".distill_state.safetensors")
         bank = distill_ppap(teacher, args.data, args.experts, args.rank, args.alpha, args.steps, args.batch_size,
                             args.lr, seed=args.seed, device=args.device, progress=progress,
                             max_minutes=args.max_minutes, loss_reduction=args.loss_reduction,
                             checkpoint_path=state, checkpoint_every=args.checkpoint_every,
-                            loss=loss_for_task(args.task), after_state_check=verify)
+                            loss=loss_for_task(args.task))
         steps_done, resumed_from = bank.trained_steps, bank.resumed_from_step
         bank = bank.cpu()
         summary = {"steps_done": steps_done, "resumed_from_step": resumed_from, "task": args.task,

@@ -200,11 +200,21 @@ def _transformed_teacher_spec(manifest: dict) -> str | None:
     return spec
 
 
+def check_shards_intact(data: ShardSet, progress: bool = False) -> None:
+    """Read every file of ``data`` whole once and check its CRC-32 (:meth:`ShardSet.verify`, with its bar if
+    ``progress``); a ValueError naming the damaged files and what rewrites them."""
+    bad = data.verify(progress=progress)
+    if bad:  # generate's resume checks the zip headers, not the data: removing the file makes it rewrite the shard
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"damaged data set {data.dir}: {bad[0]}{more}; remove the damaged shard file(s) and rerun "
+                         "generate (generate_datafree) with the set's arguments: it rewrites missing shards")
+
+
 def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, alpha: float = 2.0,
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200,
-                 loss: str = "kl", after_state_check=None):
+                 loss: str = "kl", after_state_check=None, verify: bool = True):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
     :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples).
     ``loss``: "kl" (a classifier's [B, K] logits), "pixel_kl" (a segmentation net's [B, K, H, W]: the
@@ -221,7 +231,9 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     loss over its samples, NaN where it had none; :func:`plot_train_losses` draws both), and
     ``input_transform_record`` raw (the experts take raw x_t: a normalising guide is refused, a save records it).
     ``data_dir``: the data-free set (``generate``'s output); ``progress``: a progress bar;
-    ``after_state_check()``: called once the resumable state was checked, before training."""
+    ``after_state_check()``: called once the resumable state was checked, before training;
+    ``verify``: before training, read every shard whole once and check its CRC-32 (:func:`check_shards_intact`;
+    batches read single rows, which skips it); False skips that read (a set checked already)."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
         raise ValueError("steps and batch_size must be positive, max_minutes positive or None")
     if checkpoint_path is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
@@ -259,7 +271,9 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     if loss != "kl":  # absent for the classifier: states written before the option keep their identity
         ident["loss"] = loss
     state = LocalTrainState(checkpoint_path, ident)
-    if after_state_check is not None:  # e.g. the CLI's full data check: a refused rerun does not wait for it
+    if verify:  # after the resume check: a rerun with other settings is refused without reading the set
+        check_shards_intact(data, progress)
+    if after_state_check is not None:
         after_state_check()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -318,3 +318,38 @@ def test_distill_ppap_refuses_a_set_whose_teacher_saw_transformed_images(tmp_pat
         manifest.write_text(json.dumps({**meta, "config": {**meta["config"], "teacher": raw}}))
         bank = distill.distill_ppap(built.model, tmp_path / "set", n_experts=2, steps=1, batch_size=2, progress=False)
         assert bank.trained_steps == 1
+
+
+def test_distill_ppap_refuses_a_damaged_shard_reading_each_file_once(tmp_path, monkeypatch, capsys):
+    """distill_ppap never checked the shards' CRC-32 (only the CLI and distributed --verify-data did): a byte flipped
+    in a shard's image data trained silently. It now reads every file whole once before training, with the CLI's
+    bar; verify=False skips the check."""
+    from pathlib import Path
+
+    from ppap_fast import distill
+    from ppap_fast.data import shards
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    data = tmp_path / "set"  # 48 x 48: members past zipfile's 4 KiB first read (which checks a small one's CRC)
+    generate_datafree(_unet(1, 48), teacher, data, 4, 2, respacing="ddim2", progress=False)
+    reads = []
+    real_crc = shards.crc_problem
+    monkeypatch.setattr(shards, "crc_problem", lambda f: reads.append(Path(f).name) or real_crc(f))
+    capsys.readouterr()
+    bank = distill.distill_ppap(teacher, data, n_experts=2, steps=1, batch_size=2, progress=True)
+    assert bank.trained_steps == 1 and reads == ["shard_00000.npz", "shard_00001.npz"]
+    assert "verifying shards" in capsys.readouterr().err
+    images = shards.npz_members(data / "shard_00001.npz")["images"]
+    with open(images.path, "r+b") as f:  # the first pixel of shard 1: its zip directory and headers stay intact
+        f.seek(images.offset)
+        byte = f.read(1)[0]
+        f.seek(images.offset)
+        f.write(bytes([byte ^ 0xFF]))
+    reads.clear()
+    with pytest.raises(ValueError, match=r"^damaged data set .*set: .*shard_00001\.npz: member images\.npy fails its "
+                                         r"CRC-32 check; remove the damaged shard file\(s\) and rerun generate"):
+        distill.distill_ppap(teacher, data, n_experts=2, steps=1, batch_size=2, progress=False)
+    assert reads == ["shard_00000.npz", "shard_00001.npz"]
+    reads.clear()
+    bank = distill.distill_ppap(teacher, data, n_experts=2, steps=1, batch_size=2, progress=False, verify=False)
+    assert bank.trained_steps == 1 and reads == [] and np.isfinite(bank.train_losses).all()
