@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import numbers
 from pathlib import Path
@@ -87,6 +88,8 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
 
     Shard k is a pure function of (seed, k): x_T ~ N(0, I) from torch.Generator().manual_seed(seed * 1_000_003 + k)
     on the CPU, DDIM (eta 0) to x_0, quantised to uint8; teacher logits computed on the dequantised images.
+    The manifest records the device type (devices round differently): a resume on another type is refused, a
+    finished set is only read, and a set written before the record resumes on any device.
     ``schedule``: the unet's 1000-step noise schedule (``schedule.SCHEDULE_NAMES``), recorded in the manifest
     (:func:`distill_ppap` takes linear sets only).
     ``image_shape`` (C, H, W): by default the unet's (config in_channels / sample_size, or ADMUNet's).
@@ -96,6 +99,8 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
     sched = Schedule.create(schedule, 1000, respacing=respacing).to(device)
     from .distributed import module_fingerprint
 
+    device_type = torch.device(device).type
+    recorded_type = _recorded_device_type(out_dir)
     writer = ShardWriter(out_dir, num_images, shard_size,
                          meta={"kind": "datafree", "seed": seed, "respacing": respacing, "schedule": schedule,
                                "image_shape": list(shape),
@@ -103,10 +108,16 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
                                # which models made the images / cached logits: a resume with other weights
                                # is refused, and distillation can check its teacher against it
                                "unet_state": module_fingerprint(unet),
-                               "teacher_state": module_fingerprint(teacher)})
+                               "teacher_state": module_fingerprint(teacher),
+                               # devices round differently (CUDA convs in TF32): checked below, not by the writer
+                               "device_type": recorded_type or device_type})
     if "schedule" not in writer.meta and schedule != "linear":  # its shards predate the record: linear ones
         raise ValueError(f"{out_dir} holds a shard set made with the linear schedule (before the schedule was "
                          f"recorded), not {schedule!r}; use schedule='linear' or another directory")
+    if recorded_type not in (None, device_type) and writer.missing():  # a finished set is only read
+        raise ValueError(f"{out_dir} holds shards sampled on {recorded_type!r}, not {device_type!r}: a mix would match "
+                         f"no uninterrupted run; finish it with device={recorded_type!r} (generate --device), "
+                         "or use another directory")
     with _in_eval_on(unet, device) as unet, _in_eval_on(teacher, device) as teacher:
         def make(k):
             n = writer.shard_count(k)
@@ -117,6 +128,20 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
             return {"images": imgs, "logits": teacher_logits(teacher, imgs, device=device)}
 
         return writer.run(make, progress=progress)
+
+
+def _recorded_device_type(out_dir):
+    """The device type the set in ``out_dir`` was sampled on; None where unknown (no set, one written before the
+    record) or where nothing was sampled yet (a manifest without shards: it starts afresh)."""
+    from .data.shards import MANIFEST, nothing_written_yet
+
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):  # none, or damaged: ShardWriter reports that
+        return None
+    if not isinstance(manifest, dict) or nothing_written_yet(out_dir, manifest):
+        return None
+    return manifest.get("device_type")
 
 
 def _is_on(module: nn.Module, device) -> bool:

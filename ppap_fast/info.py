@@ -149,7 +149,7 @@ SET_MANIFEST = "manifest.json"
 # a set's recorded settings shown by info (either manifest format); digests are cut to 16 hex digits
 _SET_SETTINGS = ("kind", "seed", "respacing", "sampler", "eta", "schedule", "num_timesteps", "image_shape", "image_size",
                  "channels", "denoiser", "checkpoint", "teacher", "teacher_weights", "fast", "step_noise",
-                 "targets_encoding", "teacher_temperature", "unet_state", "teacher_state")
+                 "targets_encoding", "teacher_temperature", "unet_state", "teacher_state", "device_type")
 
 
 def data_set_summary(path, verify: bool = False, progress: bool = False) -> dict:

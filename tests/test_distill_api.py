@@ -353,3 +353,45 @@ def test_distill_ppap_refuses_a_damaged_shard_reading_each_file_once(tmp_path, m
     reads.clear()
     bank = distill.distill_ppap(teacher, data, n_experts=2, steps=1, batch_size=2, progress=False, verify=False)
     assert bank.trained_steps == 1 and reads == [] and np.isfinite(bank.train_losses).all()
+
+
+def test_generate_datafree_records_its_device_type_and_resumes_only_on_it(tmp_path, monkeypatch):
+    """The manifest did not record the device: a set begun on a GPU and finished on the CPU mixed the two devices'
+    rounding silently and matched no uninterrupted run. A resume on another device type is refused; a finished set
+    is only read (nothing sampled), and a set from before the record (device unknown) resumes as before."""
+    import json
+
+    from ppap_fast.info import data_set_summary
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+
+    def generate(out):
+        return generate_datafree(_unet(1, 8), teacher, out, 4, 2, respacing="ddim2", progress=False)
+
+    data, manifest = tmp_path / "set", tmp_path / "set" / "manifest.json"
+    with _stopped_after_first_shard(monkeypatch):
+        generate(data)
+    meta = json.loads(manifest.read_text())
+    assert meta["device_type"] == "cpu"
+    manifest.write_text(json.dumps({**meta, "device_type": "cuda"}))  # as if begun on a GPU
+    with pytest.raises(ValueError, match=r"holds shards sampled on 'cuda', not 'cpu'.*finish it with device='cuda'"):
+        generate(data)
+    assert [p.name for p in data.glob("shard_*.npz")] == ["shard_00000.npz"]
+    del meta["device_type"]  # a set written before the record
+    manifest.write_text(json.dumps(meta))
+    assert generate(data) == [1] and "device_type" not in json.loads(manifest.read_text())
+
+    done = tmp_path / "done"
+    assert generate(done) == [0, 1] and data_set_summary(done)["settings"]["device_type"] == "cpu"
+    finished = json.loads((done / "manifest.json").read_text())
+    (done / "manifest.json").write_text(json.dumps({**finished, "device_type": "cuda"}))
+    before = (done / "manifest.json").read_bytes()
+    assert generate(done) == [] and (done / "manifest.json").read_bytes() == before
+    (done / "shard_00001.npz").unlink()  # a damaged shard removed: it would be resampled on the CPU
+    with pytest.raises(ValueError, match=r"holds shards sampled on 'cuda', not 'cpu'"):
+        generate(done)
+
+    failed = tmp_path / "failed"  # a run stopped before its first shard: nothing to mix with, starts afresh
+    failed.mkdir()
+    (failed / "manifest.json").write_text(json.dumps({**finished, "device_type": "cuda", "complete": False}))
+    assert generate(failed) == [0, 1] and json.loads((failed / "manifest.json").read_text())["device_type"] == "cpu"
