@@ -43,8 +43,11 @@ def main():
     except ValueError as e:  # e.g. --out holds a set of another --num-images: one line, as ppap-fast generate
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     # 2. distil: frozen classifier + per-expert LoRA / biases / BatchNorm, KL to the cached logits at x_t
-    bank = distill_ppap(classifier, data, n_experts=args.experts, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, device=args.device, progress=False)
+    try:  # it checks every shard's CRC-32 first
+        bank = distill_ppap(classifier, data, n_experts=args.experts, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, device=args.device, progress=False)
+    except ValueError as e:  # e.g. a damaged shard: one line naming it
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     losses = bank.train_losses
     k = max(1, len(losses) // 5)
     print(f"distilled PPAP-{args.experts}: {bank.trained_steps} steps, KD loss {sum(losses[:k]) / k:.3f} "

@@ -168,6 +168,33 @@ def test_distill_your_own_experts_rerun_with_another_num_images_is_one_line(tmp_
 
 
 @pytest.mark.slow
+def test_distill_your_own_experts_on_a_damaged_set_is_one_line(tmp_path):
+    """distill_ppap never checked the shards' CRC-32: the example trained on a flipped image byte without a word."""
+    import math
+
+    from ppap_fast.data.shards import npz_members
+    from ppap_fast.demo import load_classifier, load_unet
+    from ppap_fast.distill import generate_datafree
+
+    generate_datafree(load_unet(), load_classifier(), tmp_path / "datafree", num_images=20, shard_size=64,
+                      respacing="ddim10", progress=False)  # the example's set, 5 KiB of images
+    images = npz_members(tmp_path / "datafree" / "shard_00000.npz")["images"]
+    with open(images.path, "r+b") as f:  # the last image byte: past what opening the set reads
+        f.seek(images.offset + math.prod(images.shape) - 1)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "distill_your_own_experts.py"), "--out", str(tmp_path),
+                           "--num-images", "20", "--steps", "1"], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert err[0].startswith("distill_your_own_experts.py: error: damaged data set ") and \
+        "shard_00000.npz: member images.npy fails its CRC-32 check" in err[0], err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, value, what", [("--experts", "3", "a positive integer dividing T = 1000"),
                                                ("--steps", "0", "a positive integer"),
                                                ("--lr", "-1", "a positive number"),
