@@ -523,11 +523,10 @@ def _other_forward(m: nn.Module) -> str | None:
     """The torch class of ``m`` when ``m`` is a subclass whose own forward computes something else (timm's
     StdConv2d, Conv2dSame, GroupNormAct): a routed replacement would silently drop it. The routed norms reproduce
     LayerNorm2d and BatchNormAct2d (CHANNELS_FIRST_LAYER_NORMS, BATCH_NORM_ACTS)."""
-    cls = type(m)
     for base in _REPLACED:
         if isinstance(m, base):
-            name = f"{cls.__module__}.{cls.__qualname__}"
-            same = (cls.forward is base.forward or name in _SAME_FORWARD or name in CHANNELS_FIRST_LAYER_NORMS
+            name = _qualname(m)
+            same = (type(m).forward is base.forward or name in _SAME_FORWARD or name in CHANNELS_FIRST_LAYER_NORMS
                     or name in BATCH_NORM_ACTS)
             return None if same or _computes_in_fp32(m) else base.__name__.lstrip("_")
     return None
