@@ -861,9 +861,13 @@ def test_layer_subclasses_with_their_own_forward_are_refused():
     class Named(nn.Conv2d):  # no forward of its own: routable
         pass
 
-    for layer in (StdConv(3, 4, 3, padding=1), BNReLU(3), LN2d(3)):
+    for layer, placed in ((StdConv(3, 4, 3, padding=1), Placement(lora=("0",))), (BNReLU(3), Placement(norm=("0",))),
+                          (LN2d(3), Placement(norm=("0",)))):
         with pytest.raises(ValueError, match=rf"'?0 \({type(layer).__name__}, an nn\.\w+ with its own forward"):
-            ExpertBank(nn.Sequential(layer), "generic", n_experts=2, num_timesteps=10)
+            ExpertBank(nn.Sequential(layer), placed, n_experts=2, num_timesteps=10)
+        with pytest.warns(UserWarning, match=rf"generic placement leaves 1 module\(s\) without experts .*\['0 \("
+                                             rf"{type(layer).__name__}\)'\]"):
+            assert make_placement("generic", nn.Sequential(layer)).to_dict() == Placement(rule="generic", r=8).to_dict()
     m = nn.Sequential(Named(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)).eval()
     bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
     x = torch.randn(2, 3, 4, 4)

@@ -123,3 +123,34 @@ def test_merged_efficientnet_folds_its_batchnormact_into_the_convs():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert max_err(merged(x), bank(x, expert_idx=1)) < 1e-12
+
+
+def bit_resnetv2():
+    """A small BiT ResNetV2: StdConv2d convolutions, GroupNormAct norms."""
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[1, 1, 1, 1], channels=(128, 128, 256, 256), stem_chs=32, num_classes=10)
+
+
+@pytest.mark.parametrize("build, kinds", [
+    (lambda: timm.create_model("tf_efficientnet_b0", pretrained=False), {"Conv2dSame"}),
+    (bit_resnetv2, {"StdConv2d", "GroupNormAct"}),
+])
+def test_generic_placement_leaves_out_timm_layers_with_their_own_forward_and_names_them(build, kinds):
+    """Conv2dSame / StdConv2d / GroupNormAct were placed by the generic rule, which the bank then refused:
+    these off-the-shelf models could not get a generic bank at all."""
+    torch.manual_seed(0)
+    model = build().double().eval()
+    own = {n for n, m in model.named_modules() if type(m).__name__ in kinds}
+    assert {type(model.get_submodule(n)).__name__ for n in own} == kinds
+    with pytest.warns(UserWarning, match=rf"generic placement leaves {len(own)} module\(s\) without experts .*"
+                                         r"their own forward .* \["):
+        bank = randomise_bank(ExpertBank(model, "generic", n_experts=2, num_timesteps=10)).eval()
+    p = bank.placement
+    assert own.isdisjoint({*p.lora, *p.bias, *p.norm}) and p.lora and (p.norm or p.bias)
+    assert all(type(bank.model.get_submodule(n)).__name__ in kinds for n in own)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for n in range(2):
+            assert max_err(bank(x, expert_idx=n), expert_copy(model, bank, n).eval()(x)) < 1e-12
+            assert max_err(bank.merged(n)(x), bank(x, expert_idx=n)) < 1e-12

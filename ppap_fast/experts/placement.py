@@ -234,7 +234,8 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     :func:`output_linear`; none for a conv head) gets LoRA; every affine norm (weight+bias) and every
     Conv2d / Linear bias is per expert. nn.MultiheadAttention's out_proj is skipped (MHA reads its weight
     directly). A model torch.fx cannot trace takes its last Linear as the head (with a warning when it has
-    several: pass a Placement to choose)."""
+    several: pass a Placement to choose). Subclasses whose own forward the routed modules do not reproduce
+    (timm's Conv2dSame, StdConv2d, GroupNormAct) are left shared, with a warning naming them."""
     traced, head = head_linear(model)
     if not traced:
         if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
@@ -243,9 +244,21 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
             warnings.warn(f"generic placement: torch.fx cannot trace {type(model).__name__}, so the classifier head "
                           f"(no LoRA) is taken to be its last registered Linear {head!r}; if another Linear produces "
                           "the output, give a Placement", UserWarning, stacklevel=2)
-    skip = weight_read_directly(model) | {head}
+    from .bank import _other_forward
+
+    own = {n: type(m).__name__ for n, m in model.named_modules() if _other_forward(m)}
+    if own:
+        import warnings
+
+        named = [f"{n} ({c})" for n, c in own.items()]
+        warnings.warn(f"generic placement leaves {len(own)} module(s) without experts (shared, frozen): "
+                      "their own forward (timm Conv2dSame's dynamic padding, StdConv2d's weight standardisation, "
+                      f"GroupNormAct's activation) is not what a routed module computes: {named[:6]}"
+                      f"{' ...' if len(named) > 6 else ''}", UserWarning, stacklevel=2)
+    own = set(own)
+    skip = weight_read_directly(model) | {head} | own
     lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip]
-    norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m)]
+    norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m) and n not in own]
     bias = [n for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in skip - {head}]
     return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "generic")
