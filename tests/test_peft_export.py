@@ -165,9 +165,26 @@ def test_linear_deit_like_roundtrip(tmp_path):
 # ----------------------------------------------------------------------------- refusals
 def test_lora_bias_needs_base_model(tmp_path):
     bank = ExpertBank(TinyViT(), "deit", n_experts=2)
-    with pytest.raises(ValueError, match="pass base_model="):
+    with pytest.raises(ValueError, match=r"call export_peft\(bank, 0, out_dir, base_model=model\)"):
         export_peft(bank, 0, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_lora_bias_refusal_of_a_generic_bank_is_one_line_naming_the_call(tmp_path):
+    """The refusal listed every LoRA module with a per-expert bias (hundreds in a generic bank of a real model)
+    and did not say which call to make."""
+    plain = TinyViT(depth=4)
+    bank = ExpertBank(plain, "generic", n_experts=2)
+    biased = [k for k, m in bank.routed_modules() if getattr(m, "lora_A", None) is not None and m.expert_bias is not None]
+    assert len(biased) == 17
+    with pytest.raises(ValueError, match=r"^expert 1: 17 LoRA module\(s\) with a per-expert bias \(\['blocks\.0\.attn\.proj', "
+                                         r"'blocks\.0\.attn\.qkv', 'blocks\.0\.fc1'\] \.\.\.\).* call "
+                                         r"export_peft\(bank, 1, out_dir, base_model=model\) with the plain model "
+                                         r"the bank was built from.*$") as e:
+        export_peft(bank, 1, tmp_path / "a")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400 and not (tmp_path / "a").exists()
+    cfg = export_peft(bank, 1, tmp_path / "b", base_model=plain)
+    assert cfg["lora_bias"] is True and (tmp_path / "b" / "adapter_model.safetensors").is_file()
 
 
 def test_dilated_conv_refused(tmp_path):

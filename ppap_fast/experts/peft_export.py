@@ -27,6 +27,8 @@ How each per-expert piece maps (peft 0.21 semantics):
   Such modules are exported with scaling 1 (``alpha_pattern``: alpha = R,
   ``B' = B * alpha/r``) and ``lora_B.bias = expert bias - base bias``; the bank
   does not keep the base bias of those modules, so ``base_model=`` is required.
+  (peft's ``bias="lora_only"`` would need no base bias, but it overwrites the base layer's bias itself:
+  wrong under ``disable_adapter()``, and peft refuses a second adapter with it.)
   ``lora_bias`` is set only when some LoRA module needs it (it is global; other
   targets get a zero lora_B bias).
 * Per-expert BatchNorm (affine + running statistics), LayerNorm, GroupNorm and
@@ -223,10 +225,12 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
     r0, a0 = bank.placement.r, bank.placement.alpha
     need_lora_bias = any(m.expert_bias is not None for m in lora.values())
     if need_lora_bias and base_model is None:
+        biased = sorted(k for k, m in lora.items() if m.expert_bias is not None)
         raise ValueError(
-            "LoRA modules with a per-expert bias "
-            f"({sorted(k for k, m in lora.items() if m.expert_bias is not None)}) are exported as peft's lora_bias, "
-            "the change from the base bias, which the bank does not keep: pass base_model= (the plain model)")
+            f"expert {n}: {len(biased)} LoRA module(s) with a per-expert bias ({biased[:3]}"
+            f"{' ...' if len(biased) > 3 else ''}): peft holds it as lora_B.bias = expert bias - base bias, and "
+            f"the bank does not keep the base bias: call export_peft(bank, {n}, out_dir, base_model=model) with the "
+            "plain model the bank was built from (ppap-fast export-peft passes it itself)")
     mods_base = dict(base_model.named_modules()) if base_model is not None else {}
     with torch.no_grad():
         for name, m in lora.items():
