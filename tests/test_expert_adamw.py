@@ -140,6 +140,20 @@ def test_refuses_a_torch_adamw_state_and_bad_inputs():
             opt.step(bad)
 
 
+def test_a_refused_param_group_is_not_kept():
+    """add_param_group raised on a tensor of another N but kept its group: the next step failed in a broadcast."""
+    ps = _params()
+    opt = ExpertAdamW(ps, N, lr=1e-2)
+    other = torch.randn(N + 1, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"stacked per-expert tensors \[5, \.\.\.\]; got one of shape \(6, 4\)"):
+        opt.add_param_group({"params": [other]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == ps
+    other.grad = torch.ones_like(other)
+    before = [p.detach().clone() for p in ps]
+    _run(opt, ps, 1)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(ps, before))
+
+
 def test_refuses_the_state_of_another_bank():
     """A state of another N was blamed on torch.optim.AdamW; one of another rank (moments of other shapes)
     loaded and the next step failed in a broadcast ('size of tensor a (2) must match ... b (4)')."""

@@ -128,8 +128,12 @@ class ExpertAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._check_param(p)
+        try:
+            for p in self.param_groups[-1]["params"]:
+                self._check_param(p)
+        except ValueError:
+            self.param_groups.pop()  # refused: not stepped later
+            raise
 
     def _check_sampled(self, sampled):
         if not isinstance(sampled, torch.Tensor) or sampled.dtype != torch.bool or sampled.shape != (self.n_experts,):
