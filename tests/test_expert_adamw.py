@@ -154,6 +154,13 @@ def test_a_refused_param_group_is_not_kept():
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(ps, before))
 
 
+@pytest.mark.parametrize("lr", [-1.0, float("nan")])
+def test_refuses_a_negative_or_nan_tensor_lr(lr):
+    """A tensor lr skipped the range check of a float one (torch.optim.AdamW checks both)."""
+    with pytest.raises(ValueError, match=r"invalid learning rate: (-1\.0|nan)"):
+        ExpertAdamW(_params(), N, lr=torch.tensor(lr))
+
+
 def test_refuses_the_state_of_another_bank():
     """A state of another N was blamed on torch.optim.AdamW; one of another rank (moments of other shapes)
     loaded and the next step failed in a broadcast ('size of tensor a (2) must match ... b (4)')."""

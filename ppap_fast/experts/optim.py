@@ -102,6 +102,8 @@ class ExpertAdamW(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1 or not lr.is_floating_point():
                 raise ValueError(f"a tensor lr must be one floating element, got shape {tuple(lr.shape)} {lr.dtype}")
+            if not lr.item() >= 0.0:
+                raise ValueError(f"invalid learning rate: {lr.item()}")
         elif not lr >= 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
         if not eps >= 0.0:
