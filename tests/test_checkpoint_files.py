@@ -301,6 +301,25 @@ def test_config_with_a_bool_or_non_positive_count_is_refused_naming_the_file(tmp
             load()
 
 
+@pytest.mark.parametrize("entry, why", [({"lora": 5}, r"missing or malformed entries \['placement\.lora'\]"),
+                                         ({"r": "16"}, r"Placement\.r must be a positive int, got '16'"),
+                                         ({"layout": "x"}, "unknown LoRA layout 'x'"),
+                                         ({"extra": 1}, r"unknown Placement fields \['extra'\]")])
+def test_config_with_a_malformed_placement_is_refused_naming_the_file(tmp_path, entry, why):
+    """A damaged placement passed read_config: load_experts raised a TypeError or a ValueError that did not name
+    the file."""
+    torch.manual_seed(0)
+    bank = ExpertBank(_fresh(), "resnet", n_experts=1, r=2, alpha=1)
+    save_experts(bank, tmp_path / "ck")
+    f = tmp_path / "ck" / "config.json"
+    cfg = json.loads(f.read_text())
+    f.write_text(json.dumps({**cfg, "placement": {**cfg["placement"], **entry}}))
+    for load in (lambda: read_config(tmp_path / "ck"), lambda: load_experts(tmp_path / "ck", _fresh()),
+                 lambda: load_experts_into(bank, tmp_path / "ck")):
+        with pytest.raises(ValueError, match=rf"config.json is damaged: (its placement cannot be read \()?{why}"):
+            load()
+
+
 def test_a_save_without_base_removes_the_kept_base_of_a_killed_save(tmp_path, monkeypatch):
     """A save with include_base killed after moving the committed files aside, then a completed save
     without base: the kept base copy (.base.safetensors.prev, as large as the model) goes too."""

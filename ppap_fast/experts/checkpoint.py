@@ -353,8 +353,14 @@ def read_config(path, **where) -> dict:
            or (kind is int and cfg[k] <= 0)]  # 0 / -2: refused by ExpertBank, not naming this file
     bad += [k for k in ("files",) if k in cfg and not isinstance(cfg[k], dict)]
     bad += [k for k in ("input_transform",) if k in cfg and not _valid_transform_record(cfg[k])]
+    bad += [f"placement.{k}" for k in ("lora", "bias", "norm")
+            if isinstance(cfg.get("placement"), dict) and not isinstance(cfg["placement"].get(k, []), list)]
     if bad:
         raise ValueError(f"{f} is damaged: missing or malformed entries {bad}")
+    try:
+        Placement.from_dict(cfg["placement"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f} is damaged: its placement cannot be read ({e}); save the experts again") from None
     return cfg
 
 
