@@ -190,7 +190,21 @@ def test_bad_arguments():
         LoRALinear(nn.Linear(2, 2), r=0)
     with pytest.raises(ValueError, match="alpha"):
         LoRALinear(nn.Linear(2, 2), r=2, alpha=math.nan)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="LoRALinear wraps nn.Linear, got Conv2d"):
         LoRALinear(nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="padding_mode"):
         LoRAConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+def test_rank_and_alpha_are_checked_as_a_placement_checks_them():
+    """r=True was a rank-1 adapter, a NumPy int rank was refused, alpha=0 made an adapter that adds and learns
+    nothing (Placement refuses all three the other way round)."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="LoRA rank r must be a positive int, got True"):
+        LoRALinear(nn.Linear(2, 2), r=True)
+    with pytest.raises(ValueError, match=r"LoRA alpha must be a finite non-zero number \(the scale alpha / r\), got 0"):
+        LoRAConv2d(nn.Conv2d(2, 2, 1), r=2, alpha=0)
+    layer = LoRALinear(nn.Linear(3, 4), r=np.int64(2), alpha=np.float32(3))
+    assert type(layer.r) is int and type(layer.alpha) is float and layer.scale == 1.5
+    assert layer.lora_A.shape == (2, 3) and layer.lora_B.shape == (4, 2)
+

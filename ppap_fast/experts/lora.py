@@ -24,6 +24,7 @@ fresh adapter leaves the base model's output unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -38,11 +39,13 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def _check_rank(r, alpha):
-    if not isinstance(r, int) or r <= 0:
+def _check_rank(r, alpha) -> tuple[int, float]:
+    """(r, alpha) as int and float, checked as Placement checks them (NumPy numbers too)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
-        raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"LoRA alpha must be a finite non-zero number (the scale alpha / r), got {alpha!r}")
+    return int(r), float(alpha)
 
 
 # ----------------------------------------------------------------------------- shape helpers (shared with the bank)
@@ -155,11 +158,10 @@ class LoRALinear(_LoRABase):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
-        _check_rank(r, alpha)
-        check_layout(layout)
-        self.r, self.alpha, self.layout = r, float(alpha), layout
+        self.r, self.alpha = _check_rank(r, alpha)
+        self.layout = check_layout(layout)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self._init_params(base, *linear_lora_shapes(base, r))
+        self._init_params(base, *linear_lora_shapes(base, self.r))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -180,11 +182,11 @@ class LoRAConv2d(_LoRABase):
             raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base).__name__}")
         if base.padding_mode != "zeros":
             raise ValueError(f"LoRAConv2d supports padding_mode='zeros' only, got {base.padding_mode!r}")
-        _check_rank(r, alpha)
-        self.r, self.alpha, self.layout = r, float(alpha), check_layout(layout)
+        self.r, self.alpha = _check_rank(r, alpha)
+        self.layout = check_layout(layout)
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
         self.in_channels, self.out_channels, self.kernel_size = base.in_channels, base.out_channels, base.kernel_size
-        self._init_params(base, *conv_lora_shapes(base, r, layout))
+        self._init_params(base, *conv_lora_shapes(base, self.r, self.layout))
 
     def delta_weight(self) -> torch.Tensor:
         if self.layout == "factorised":
