@@ -208,3 +208,24 @@ def test_rank_and_alpha_are_checked_as_a_placement_checks_them():
     assert type(layer.r) is int and type(layer.alpha) is float and layer.scale == 1.5
     assert layer.lora_A.shape == (2, 3) and layer.lora_B.shape == (4, 2)
 
+
+def test_subclasses_with_their_own_forward_are_refused():
+    """LoRAConv2d around timm's Conv2dSame / StdConv2d ran a plain conv: the dynamic padding or the weight
+    standardisation was silently dropped (a fresh adapter differed from its base layer)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    for base in (timm_layers.Conv2dSame(3, 4, 3, stride=2), timm_layers.StdConv2d(3, 4, 3)):
+        x = torch.randn(2, 3, 9, 9)
+        with pytest.raises(ValueError, match=rf"LoRAConv2d wraps a plain nn.Conv2d: {type(base).__name__} has its own "
+                                             "forward, which the LoRA layer would not run"):
+            LoRAConv2d(base, r=2)
+        assert torch.isfinite(base(x)).all()
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ValueError, match="LoRALinear wraps a plain nn.Linear: Scaled has its own forward"):
+        LoRALinear(Scaled(2, 2))
+    named = LoRALinear(timm_layers.Linear(3, 2), r=2)  # timm's Linear computes nn.Linear's forward
+    x = torch.randn(4, 3)
+    assert torch.equal(named(x), F.linear(x, named.weight, named.bias))

@@ -48,6 +48,15 @@ def _check_rank(r, alpha) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
+def _check_plain(base: nn.Module, layer: str, torch_cls: type) -> None:
+    """Refuse a subclass whose own forward (timm's Conv2dSame, StdConv2d) the LoRA layer would not run."""
+    from .bank import _other_forward
+
+    if _other_forward(base):
+        raise ValueError(f"{layer} wraps a plain nn.{torch_cls.__name__}: {type(base).__name__} has its own forward, "
+                         "which the LoRA layer would not run (dynamic padding, weight standardisation, ...)")
+
+
 # ----------------------------------------------------------------------------- shape helpers (shared with the bank)
 def conv_lora_shapes(conv: nn.Conv2d, r: int, layout: str):
     """(A shape, B shape) of one expert's LoRA factors for ``conv`` in ``layout``."""
@@ -158,6 +167,7 @@ class LoRALinear(_LoRABase):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        _check_plain(base, "LoRALinear", nn.Linear)
         self.r, self.alpha = _check_rank(r, alpha)
         self.layout = check_layout(layout)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -182,6 +192,7 @@ class LoRAConv2d(_LoRABase):
             raise TypeError(f"LoRAConv2d wraps nn.Conv2d, got {type(base).__name__}")
         if base.padding_mode != "zeros":
             raise ValueError(f"LoRAConv2d supports padding_mode='zeros' only, got {base.padding_mode!r}")
+        _check_plain(base, "LoRAConv2d", nn.Conv2d)
         self.r, self.alpha = _check_rank(r, alpha)
         self.layout = check_layout(layout)
         self.stride, self.padding, self.dilation, self.groups = base.stride, base.padding, base.dilation, base.groups
