@@ -366,3 +366,18 @@ def test_cli_export_peft_segmentation_experts(tmp_path, capsys, experts, base):
         want = bank(x, expert_idx=2)
         got = _load(plain, out)(x)
     assert rel(got, want) < TOL
+
+
+def test_timm_conv2dsame_and_groupnormact_experts_roundtrip(tmp_path):
+    """Experts on timm's Conv2dSame (tf_efficientnet) and GroupNormAct (BiT): peft builds its conv lora_A of the
+    base layer's own class (Conv2dSame pads it alike) and saves GroupNormAct whole."""
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    plain = nn.Sequential(layers.Conv2dSame(3, 8, 3, stride=2), layers.GroupNormAct(8, num_groups=2),
+                          layers.Conv2dSame(8, 8, 4, groups=4), layers.GroupNormAct(8, num_groups=4, act_layer="silu"),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 3)).eval()
+    bank = randomise_bank(ExpertBank(plain, "generic", n_experts=2, num_timesteps=10))
+    assert bank.placement.lora == ("0", "2") and bank.placement.norm == ("1", "3")
+    for layout in ("factorised", "loralib"):
+        bank = randomise_bank(ExpertBank(plain, "generic", n_experts=2, num_timesteps=10, layout=layout))
+        _roundtrip(bank, plain, torch.randn(2, 3, 9, 9), tmp_path / layout, base_model=plain)

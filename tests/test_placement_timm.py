@@ -17,12 +17,22 @@ torchvision = pytest.importorskip("torchvision")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+def bit_resnetv2():
+    """A small BiT ResNetV2: StdConv2d convolutions, GroupNormAct norms."""
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[1, 1, 1, 1], channels=(128, 128, 256, 256), stem_chs=32, num_classes=10)
+
+
 MODELS = {
     "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", pretrained=False),
+    "timm_tf_efficientnet_b0": lambda: timm.create_model("tf_efficientnet_b0", pretrained=False),
+    "timm_bit_resnetv2": bit_resnetv2,
     "timm_convnext_atto": lambda: timm.create_model("convnext_atto", pretrained=False),
     "torchvision_convnext_tiny": lambda: torchvision.models.convnext_tiny(weights=None),
 }
-SPECIAL = {"timm_efficientnet_b0": "BatchNormAct2d", "timm_convnext_atto": "LayerNorm2d",
+SPECIAL = {"timm_efficientnet_b0": "BatchNormAct2d", "timm_tf_efficientnet_b0": "BatchNormAct2d",
+           "timm_bit_resnetv2": "GroupNormAct", "timm_convnext_atto": "LayerNorm2d",
            "torchvision_convnext_tiny": "LayerNorm2d"}
 
 
@@ -93,7 +103,7 @@ def test_efficientnet_batchnormact_in_train_mode_matches_and_updates_only_its_ex
         assert torch.equal(getattr(routed, k)[0], stats0[f"{bn}.{k}"])
 
 
-@pytest.mark.parametrize("name", ["timm_efficientnet_b0", "torchvision_convnext_tiny"])
+@pytest.mark.parametrize("name", ["timm_efficientnet_b0", "torchvision_convnext_tiny", "timm_bit_resnetv2"])
 def test_generic_bank_save_load_round_trip(name, tmp_path):
     model, bank = make(name)
     save_experts(bank, tmp_path / "experts")
@@ -125,32 +135,59 @@ def test_merged_efficientnet_folds_its_batchnormact_into_the_convs():
         assert max_err(merged(x), bank(x, expert_idx=1)) < 1e-12
 
 
-def bit_resnetv2():
-    """A small BiT ResNetV2: StdConv2d convolutions, GroupNormAct norms."""
-    from timm.models.resnetv2 import ResNetV2
 
-    return ResNetV2(layers=[1, 1, 1, 1], channels=(128, 128, 256, 256), stem_chs=32, num_classes=10)
-
-
-@pytest.mark.parametrize("build, kinds", [
-    (lambda: timm.create_model("tf_efficientnet_b0", pretrained=False), {"Conv2dSame"}),
-    (bit_resnetv2, {"StdConv2d", "GroupNormAct"}),
-])
-def test_generic_placement_leaves_out_timm_layers_with_their_own_forward_and_names_them(build, kinds):
-    """Conv2dSame / StdConv2d / GroupNormAct were placed by the generic rule, which the bank then refused:
-    these off-the-shelf models could not get a generic bank at all."""
-    torch.manual_seed(0)
-    model = build().double().eval()
-    own = {n for n, m in model.named_modules() if type(m).__name__ in kinds}
-    assert {type(model.get_submodule(n)).__name__ for n in own} == kinds
-    with pytest.warns(UserWarning, match=rf"generic placement leaves {len(own)} module\(s\) without experts .*"
-                                         r"their own forward .* \["):
-        bank = randomise_bank(ExpertBank(model, "generic", n_experts=2, num_timesteps=10)).eval()
-    p = bank.placement
-    assert own.isdisjoint({*p.lora, *p.bias, *p.norm}) and p.lora and (p.norm or p.bias)
-    assert all(type(bank.model.get_submodule(n)).__name__ in kinds for n in own)
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+@pytest.mark.parametrize("size", [32, 33])
+def test_tf_efficientnet_conv2dsame_layers_get_experts_with_their_dynamic_padding(size):
+    """The generic placement put LoRA on timm's Conv2dSame (TF 'same' padding computed per input size), which the
+    bank then refused: tf_efficientnet could not get a generic bank. Now routed, padded as Conv2dSame pads."""
+    model, bank = make("timm_tf_efficientnet_b0")
+    same = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Conv2dSame")
+    assert "conv_stem" in same and len(same) == 5 and set(same) <= set(bank.placement.lora)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         for n in range(2):
-            assert max_err(bank(x, expert_idx=n), expert_copy(model, bank, n).eval()(x)) < 1e-12
-            assert max_err(bank.merged(n)(x), bank(x, expert_idx=n)) < 1e-12
+            ref = expert_copy(model, bank, n).eval()
+            assert type(ref.conv_stem).__name__ == "Conv2dSame"
+            y = bank(x, expert_idx=n)
+            assert max_err(y, ref(x)) < 1e-12
+            merged = bank.merged(n)
+            kinds = Counter(type(m).__name__ for m in merged.modules())
+            assert type(merged.conv_stem).__name__ == "Conv2dSame" and kinds["Conv2dSame"] == 5
+            assert kinds["BatchNormAct2d"] == 0 and kinds["DropAct"] == 49  # folded into the convs, Conv2dSame's too
+            assert max_err(merged(x), y) < 1e-12
+
+
+def test_bit_resnetv2_groupnormact_gets_experts_and_stdconv2d_is_left_shared_with_a_warning():
+    """StdConv2d (weight standardisation of W + delta would need the dense delta per expert) was placed by the
+    generic rule, which the bank then refused: a BiT model could not get a generic bank at all."""
+    torch.manual_seed(0)
+    model = bit_resnetv2().double().eval()
+    std = {n for n, m in model.named_modules() if type(m).__name__ == "StdConv2d"}
+    gn_act = {n for n, m in model.named_modules() if type(m).__name__ == "GroupNormAct"}
+    with pytest.warns(UserWarning, match=rf"generic placement leaves {len(std)} module\(s\) without experts .*weight "
+                                         r"standardisation\) is not what a routed module computes: \['stem\.conv "
+                                         r"\(StdConv2d\)'"):
+        bank = randomise_bank(ExpertBank(model, "generic", n_experts=2, num_timesteps=10)).eval()
+    p = bank.placement
+    assert std.isdisjoint({*p.lora, *p.bias, *p.norm}) and gn_act == set(p.norm) and p.lora
+    assert all(type(bank.model.get_submodule(n)).__name__ == "StdConv2d" for n in std)
+    routed = bank.model.get_submodule("stages.0.blocks.0.norm1")
+    assert not isinstance(routed.act, torch.nn.Identity) and type(bank.merged(0).stages[0].blocks[0].norm1).__name__ \
+        == "GroupNormAct"
+
+
+def test_bit_resnetv2_groupnormact_expert_gradients_in_train_mode():
+    model, bank = make("timm_bit_resnetv2")
+    bank.train()
+    ref = expert_copy(model, bank, 1).train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    y, y_ref = bank(x, expert_idx=1), ref(x)
+    assert max_err(y, y_ref) < 1e-12
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    name = "stages.1.blocks.0.norm2"
+    routed, plain = bank.model.get_submodule(name), ref.get_submodule(name)
+    assert type(plain).__name__ == "GroupNormAct" and isinstance(plain.act, torch.nn.ReLU)
+    assert max_err(routed.expert_bias.grad[1], plain.bias.grad) < 1e-10
+    assert max_err(routed.expert_weight.grad[1], plain.weight.grad) < 1e-10
+    assert routed.expert_bias.grad[0].abs().max() == 0

@@ -216,6 +216,9 @@ def loralib_conv_route(device: torch.device | str | None = None) -> str:
 
 
 def _conv_like(c, weight, bias):
+    if c._plain is not None:  # timm's Conv2dSame: that class back, with its dynamic padding
+        return _fill_shell(c._plain, {"weight": weight.detach().clone(),
+                                      **({"bias": bias.detach().clone()} if bias is not None else {})}, {})
     conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                      bias=bias is not None, device="meta")
     conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
@@ -230,6 +233,18 @@ def _conv_geometry(self, base: nn.Conv2d):
     self.in_channels, self.out_channels = base.in_channels, base.out_channels
     self.kernel_size, self.stride, self.padding = base.kernel_size, base.stride, base.padding
     self.dilation, self.groups = base.dilation, base.groups
+    self.same_pad = _qualname(base) in SAME_PADDING_CONVS  # its padding is 0: the input is padded per call
+    object.__setattr__(self, "_plain", _plain_shell(base) if self.same_pad else None)
+
+
+def _pad_same(x, kernel_size, stride, dilation):
+    """TF 'SAME' padding of ``x`` for its own height and width (timm's Conv2dSame): output size ceil(in / stride),
+    the odd pixel on the bottom / right."""
+    pads = []
+    for size, k, st, d in zip(x.shape[-2:], kernel_size, stride, dilation):
+        total = max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
+        pads = [total // 2, total - total // 2] + pads
+    return F.pad(x, pads)
 
 
 class RoutedConv2d(_RoutedLoRA):
@@ -254,6 +269,8 @@ class RoutedConv2d(_RoutedLoRA):
 
     def forward(self, x):
         idx = self._idx(x)
+        if self.same_pad:
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
         ops = _ops()
         if self.layout == "factorised" or (self.groups == 1 and loralib_conv_route(x.device) == "factorised"):
             seg = self._router.segments(x, self.n_experts)
@@ -295,6 +312,7 @@ class RoutedBias(_Routed):
             _conv_geometry(self, base)
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
+            self._plain = None
         self.weight = _frozen(base.weight)
         self.expert_bias = _stack(base.bias, n_experts)
         self.per_expert = ("expert_bias",)
@@ -303,6 +321,8 @@ class RoutedBias(_Routed):
         idx = self._idx(x)
         b = self.expert_bias[idx]
         if self.is_conv:
+            if self.same_pad:
+                x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
             y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
             return y + b[:, :, None, None]
         y = F.linear(x, self.weight)
@@ -322,6 +342,9 @@ class RoutedBias(_Routed):
 # BatchNorm2d followed by its ``drop`` and ``act`` submodules
 CHANNELS_FIRST_LAYER_NORMS = frozenset({"timm.layers.norm.LayerNorm2d", "torchvision.models.convnext.LayerNorm2d"})
 BATCH_NORM_ACTS = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
+# timm's GroupNorm followed by its ``drop`` and ``act``; timm's Conv2dSame (padding 0, the input padded per call)
+GROUP_NORM_ACTS = frozenset({"timm.layers.norm_act.GroupNormAct", "timm.layers.norm_act.GroupNorm1Act"})
+SAME_PADDING_CONVS = frozenset({"timm.layers.conv2d_same.Conv2dSame"})
 
 
 def _qualname(m: nn.Module) -> str:
@@ -477,13 +500,18 @@ def _computes_in_fp32(norm: nn.Module) -> bool:
 
 class ExpertGroupNorm(_ExpertAffine):
     """GroupNorm with per-expert bias (and weight). Replacing a GroupNorm32 keeps its float32
-    computation for half inputs (and ``to_plain`` gives back that class)."""
+    computation for half inputs (and ``to_plain`` gives back that class); replacing timm's GroupNormAct it
+    then runs that module's ``drop`` and ``act`` (and ``to_plain`` gives back that class)."""
 
     def __init__(self, base: nn.GroupNorm, router, n_experts, per_expert_weight=True):
         super().__init__(router, n_experts)
         self.num_groups, self.num_channels, self.eps = base.num_groups, base.num_channels, base.eps
         self.fp32 = _computes_in_fp32(base)
         self.plain_cls = type(base)
+        self._plain = None
+        if _qualname(base) in GROUP_NORM_ACTS:
+            self.drop, self.act = base.drop, base.act
+            object.__setattr__(self, "_plain", _plain_shell(base))
         self._init_affine(base, n_experts, per_expert_weight)
 
     def forward(self, x):
@@ -494,9 +522,13 @@ class ExpertGroupNorm(_ExpertAffine):
             xin, w, b = x.to(dt), w.to(dt), b.to(dt)
         y = _norm_ops().expert_group_norm(xin, idx, self.num_groups, w, b, self.eps,
                                           segments=self._router.segments(x, self.n_experts))
-        return y.to(x.dtype) if self.fp32 else y
+        y = y.to(x.dtype) if self.fp32 else y
+        return self.act(self.drop(y)) if self._plain is not None else y
 
     def to_plain(self, n):
+        if self._plain is not None:
+            w, b = self._affine_n(n)
+            return _fill_shell(self._plain, {"weight": w, "bias": b}, {"drop": self.drop, "act": self.act})
         gn = None
         if self.fp32:  # other subclasses compute as nn.GroupNorm, and may order their arguments otherwise (timm's)
             try:
@@ -521,13 +553,14 @@ _SAME_FORWARD = frozenset({"timm.layers.linear.Linear", "timm.layers.norm.LayerN
 
 def _other_forward(m: nn.Module) -> str | None:
     """The torch class of ``m`` when ``m`` is a subclass whose own forward computes something else (timm's
-    StdConv2d, Conv2dSame, GroupNormAct): a routed replacement would silently drop it. The routed norms reproduce
-    LayerNorm2d and BatchNormAct2d (CHANNELS_FIRST_LAYER_NORMS, BATCH_NORM_ACTS)."""
+    StdConv2d): a routed replacement would silently drop it. The routed modules reproduce LayerNorm2d,
+    BatchNormAct2d, GroupNormAct and Conv2dSame (CHANNELS_FIRST_LAYER_NORMS, BATCH_NORM_ACTS, GROUP_NORM_ACTS,
+    SAME_PADDING_CONVS)."""
     for base in _REPLACED:
         if isinstance(m, base):
             name = _qualname(m)
             same = (type(m).forward is base.forward or name in _SAME_FORWARD or name in CHANNELS_FIRST_LAYER_NORMS
-                    or name in BATCH_NORM_ACTS)
+                    or name in BATCH_NORM_ACTS or name in GROUP_NORM_ACTS or name in SAME_PADDING_CONVS)
             return None if same or _computes_in_fp32(m) else base.__name__.lstrip("_")
     return None
 
@@ -570,7 +603,7 @@ def fold_batchnorm_(model: nn.Module) -> list:
 
     class BatchNormActLeaves(fx.Tracer):
         def is_leaf_module(self, m, qualname):
-            return _qualname(m) in BATCH_NORM_ACTS or super().is_leaf_module(m, qualname)
+            return _qualname(m) in BATCH_NORM_ACTS | SAME_PADDING_CONVS or super().is_leaf_module(m, qualname)
 
     try:
         graph = BatchNormActLeaves().trace(model)

@@ -50,9 +50,9 @@ def _check_rank(r, alpha) -> tuple[int, float]:
 
 def _check_plain(base: nn.Module, layer: str, torch_cls: type) -> None:
     """Refuse a subclass whose own forward (timm's Conv2dSame, StdConv2d) the LoRA layer would not run."""
-    from .bank import _other_forward
+    from .bank import SAME_PADDING_CONVS, _other_forward, _qualname
 
-    if _other_forward(base):
+    if _other_forward(base) or _qualname(base) in SAME_PADDING_CONVS:
         raise ValueError(f"{layer} wraps a plain nn.{torch_cls.__name__}: {type(base).__name__} has its own forward, "
                          "which the LoRA layer would not run (dynamic padding, weight standardisation, ...)")
 

@@ -5,8 +5,9 @@ A :class:`Placement` names, by module path in the wrapped model:
 * ``lora``: Linear / Conv2d modules that get a per-expert LoRA adapter;
 * ``bias``: modules whose ``bias`` becomes per-expert (Linear, Conv2d, or the
   bias of a BatchNorm / LayerNorm / GroupNorm whose weight stays shared);
+  timm's Conv2dSame (dynamic 'same' padding) too;
 * ``norm``: BatchNorm / LayerNorm / GroupNorm modules whose affine weight AND
-  bias become per-expert (timm's BatchNormAct2d and timm / torchvision LayerNorm2d too).
+  bias become per-expert (timm's BatchNormAct2d, GroupNormAct and timm / torchvision LayerNorm2d too).
 
 A BatchNorm named in ``bias`` or ``norm`` also gets per-expert running
 statistics (each expert sees its own noise level, so its statistics differ).
@@ -235,7 +236,7 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     Conv2d / Linear bias is per expert. nn.MultiheadAttention's out_proj is skipped (MHA reads its weight
     directly). A model torch.fx cannot trace takes its last Linear as the head (with a warning when it has
     several: pass a Placement to choose). Subclasses whose own forward the routed modules do not reproduce
-    (timm's Conv2dSame, StdConv2d, GroupNormAct) are left shared, with a warning naming them."""
+    (timm's StdConv2d) are left shared, with a warning naming them."""
     traced, head = head_linear(model)
     if not traced:
         if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
@@ -252,8 +253,8 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
 
         named = [f"{n} ({c})" for n, c in own.items()]
         warnings.warn(f"generic placement leaves {len(own)} module(s) without experts (shared, frozen): "
-                      "their own forward (timm Conv2dSame's dynamic padding, StdConv2d's weight standardisation, "
-                      f"GroupNormAct's activation) is not what a routed module computes: {named[:6]}"
+                      "their own forward (e.g. timm StdConv2d's weight standardisation) is not what a routed module "
+                      f"computes: {named[:6]}"
                       f"{' ...' if len(named) > 6 else ''}", UserWarning, stacklevel=2)
     own = set(own)
     skip = weight_read_directly(model) | {head} | own
