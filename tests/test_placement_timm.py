@@ -191,3 +191,18 @@ def test_bit_resnetv2_groupnormact_expert_gradients_in_train_mode():
     assert max_err(routed.expert_bias.grad[1], plain.bias.grad) < 1e-10
     assert max_err(routed.expert_weight.grad[1], plain.weight.grad) < 1e-10
     assert routed.expert_bias.grad[0].abs().max() == 0
+
+
+def test_per_expert_bias_on_a_conv2dsame_pads_as_it():
+    from ppap_fast.experts import Placement
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(timm.layers.Conv2dSame(3, 4, 4, stride=2)).double().eval()
+    bank = randomise_bank(ExpertBank(model, Placement(bias=("0",)), n_experts=2, num_timesteps=10)).eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[0].bias.copy_(bank.model[0].expert_bias[1])
+        y = bank(x, expert_idx=1)
+        assert y.shape == (2, 4, 5, 5) and max_err(y, ref(x)) < 1e-12
+        assert type(bank.merged(1)[0]).__name__ == "Conv2dSame" and max_err(bank.merged(1)(x), y) < 1e-12
