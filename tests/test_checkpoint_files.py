@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ppap_fast.experts import ExpertBank, load_experts, save_experts
+from ppap_fast.experts import ExpertBank, Placement, load_experts, save_experts
 from ppap_fast.experts.checkpoint import load_experts_into, read_config, resolve_checkpoint
 from ppap_fast.models.tiny import TinyResNet
 
@@ -543,3 +543,22 @@ def test_one_input_transform_check_serves_guides_guide_models_and_guided_sample(
         with pytest.raises(RuntimeError, match="^one check$"):
             call()
     assert seen == [(raw, norm), (raw, norm), (normed, None)]
+
+
+def test_a_bank_of_another_rank_or_placement_is_refused_naming_only_what_differs(tmp_path):
+    """The refusal printed both whole placements (every module name of a real model, twice) and the rank twice;
+    what differed (r 2 vs 3) was buried in them."""
+    save_experts(_bank(), tmp_path / "ck")
+    net = _fresh()
+    other_rank = ExpertBank(net, "resnet", n_experts=4, r=3, alpha=1)
+    with pytest.raises(ValueError, match=r"^checkpoint \S+ does not match the bank: placement\.r: checkpoint 2 vs bank 3$"):
+        load_experts_into(other_rank, tmp_path / "ck")
+    full = ExpertBank(net, "resnet", n_experts=2, r=2, alpha=1, layout="factorised")
+    with pytest.raises(ValueError) as e:
+        load_experts_into(full, tmp_path / "ck")
+    msg = str(e.value)
+    assert msg.endswith("placement.layout: checkpoint 'loralib' vs bank 'factorised'; n_experts: checkpoint 4 vs bank 2")
+    fewer = Placement.from_dict({**_bank().placement.to_dict(), "lora": list(_bank().placement.lora[1:])})
+    with pytest.raises(ValueError, match=r"does not match the bank: placement\.lora: 1 module\(s\) only in the "
+                                         r"checkpoint \['[\w.]+'\], 0 only in the bank \[\]$"):
+        load_experts_into(ExpertBank(net, fewer, n_experts=4), tmp_path / "ck")

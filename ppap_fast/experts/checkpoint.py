@@ -373,6 +373,24 @@ def _check_keys(dst: dict, src: dict, what: str) -> None:
         raise ValueError(f"{what}: missing keys {missing}; unexpected keys {unexpected}; shape mismatches {bad}")
 
 
+def _placement_diffs(saved: dict, mine: dict) -> list:
+    """What differs between two ``Placement.to_dict()``: changed fields, and the modules only one lists."""
+    diffs = []
+    for k in mine:  # read_config refused unknown fields
+        a, b = saved.get(k), mine.get(k)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            only_a, only_b = [x for x in a if x not in b], [x for x in b if x not in a]
+            diffs.append(f"placement.{k}: {len(only_a)} module(s) only in the checkpoint {only_a[:3]}"
+                         f"{' ...' if len(only_a) > 3 else ''}, {len(only_b)} only in the bank {only_b[:3]}"
+                         f"{' ...' if len(only_b) > 3 else ''}" if only_a or only_b else
+                         f"placement.{k}: the same modules in another order")
+        else:
+            diffs.append(f"placement.{k}: checkpoint {a!r} vs bank {b!r}")
+    return diffs
+
+
 def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **where) -> ExpertBank:
     """Strictly load the checkpoint ``path`` (a directory, or a HF repo id in the local cache: ``where`` =
     subfolder, revision, cache_dir) into an existing ``bank`` (config must match). Sets
@@ -383,8 +401,10 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
     path = resolve_checkpoint(path, **where)
     cfg = read_config(path)
     mine = _config(bank)
-    diffs = [f"{k}: checkpoint {cfg.get(k)!r} vs bank {mine[k]!r}"
-             for k in ("placement", "n_experts", "num_timesteps", "r", "alpha", "layout") if cfg.get(k) != mine[k]]
+    diffs = _placement_diffs(cfg["placement"], mine["placement"])
+    diffs += [f"{k}: checkpoint {cfg.get(k)!r} vs bank {mine[k]!r}"
+              for k in ("n_experts", "num_timesteps", "r", "alpha", "layout")
+              if cfg.get(k) != mine[k] and not any(d.startswith(f"placement.{k}:") for d in diffs)]
     if diffs:
         raise ValueError(f"checkpoint {path} does not match the bank: " + "; ".join(diffs))
     want_arch = cfg.get("base_arch")  # absent in checkpoints saved before it was recorded
