@@ -2,10 +2,9 @@
 
 A :class:`Placement` names, by module path in the wrapped model:
 
-* ``lora``: Linear / Conv2d modules that get a per-expert LoRA adapter;
+* ``lora``: Linear / Conv2d modules (timm's Conv2dSame too) that get a per-expert LoRA adapter;
 * ``bias``: modules whose ``bias`` becomes per-expert (Linear, Conv2d, or the
   bias of a BatchNorm / LayerNorm / GroupNorm whose weight stays shared);
-  timm's Conv2dSame (dynamic 'same' padding) too;
 * ``norm``: BatchNorm / LayerNorm / GroupNorm modules whose affine weight AND
   bias become per-expert (timm's BatchNormAct2d, GroupNormAct and timm / torchvision LayerNorm2d too).
 
@@ -261,7 +260,7 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     lora = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in skip]
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m) and n not in own]
     bias = [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in skip - {head}]
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in (skip - {head}) | own]
     return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "generic")
 
 
