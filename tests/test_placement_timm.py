@@ -206,3 +206,18 @@ def test_per_expert_bias_on_a_conv2dsame_pads_as_it():
         y = bank(x, expert_idx=1)
         assert y.shape == (2, 4, 5, 5) and max_err(y, ref(x)) < 1e-12
         assert type(bank.merged(1)[0]).__name__ == "Conv2dSame" and max_err(bank.merged(1)(x), y) < 1e-12
+
+
+def test_generic_placement_finds_a_timm_linear_head():
+    """torch.fx traced through timm's Linear (a subclass with its own forward): the head search walked past its
+    F.linear to the layer before it, so mobilenetv3's classifier got LoRA and the conv before it was taken for
+    the head (a plain Sequential: its first Linear)."""
+    from ppap_fast.experts.placement import generic_placement, output_linear
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), timm.layers.Linear(4, 2))
+    assert output_linear(model) == (True, "2") and generic_placement(model).lora == ("0",)
+    mnv3 = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    assert type(mnv3.classifier) is timm.layers.Linear
+    assert output_linear(mnv3) == (True, "classifier")
+    p = generic_placement(mnv3)
+    assert "classifier" not in p.lora and "conv_head" in p.lora and "classifier" in p.bias

@@ -201,10 +201,14 @@ def output_linear(model: nn.Module, keys=("out", "logits", "predicted_depth")) -
 
     import torch.fx
 
+    class LayerLeaves(torch.fx.Tracer):  # a Linear / Conv2d subclass (timm's Linear) is one module, not its F.linear
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (nn.Linear, nn.Conv2d)) or super().is_leaf_module(m, qualname)
+
     try:  # optional arguments as their defaults (``forward(x, return_features=False)``)
         defaults = {n: a.default for n, a in inspect.signature(model.forward).parameters.items()
                     if a.default is not inspect.Parameter.empty}
-        graph = torch.fx.Tracer().trace(model, concrete_args=defaults or None)
+        graph = LayerLeaves().trace(model, concrete_args=defaults or None)
     except Exception:  # noqa: BLE001 - data-dependent control flow and the like
         return False, None
     modules = dict(model.named_modules())
