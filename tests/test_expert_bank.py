@@ -1,4 +1,5 @@
 """ExpertBank: band routing, per-sample experts, merged(n) with BN folding, counts, checkpoints."""
+import copy
 import json
 
 import pytest
@@ -976,3 +977,23 @@ def test_hooks_on_replaced_modules_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ExpertBank(net, Placement(bias=("head",)), n_experts=2, num_timesteps=10)  # a is kept: its hook runs
+
+
+def test_generic_bank_leaves_a_head_with_its_own_forward_shared():
+    """The head left out of LoRA still got a per-expert bias when it was a subclass with its own forward, which
+    the bank then refused (the whole model could not get a generic bank)."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Scaled(4, 2)).double().eval()
+    with pytest.warns(UserWarning, match=r"generic placement leaves 1 module\(s\) without experts .*\['2 \(Scaled\)'\]"):
+        bank = randomise_bank(ExpertBank(m, "generic", n_experts=2, num_timesteps=10)).eval()
+    assert bank.placement.lora == ("0",) and bank.placement.bias == ("0",) and type(bank.model[2]) is Scaled
+    x = torch.randn(3, 3, dtype=torch.float64)
+    ref = copy.deepcopy(m)
+    ref[0].load_state_dict(bank.model[0].to_plain(1).state_dict())
+    y = bank(x, expert_idx=1)
+    assert torch.isfinite(y).all() and rel(y, ref(x)) < 1e-12
