@@ -161,6 +161,30 @@ def test_refuses_a_negative_or_nan_tensor_lr(lr):
         ExpertAdamW(_params(), N, lr=torch.tensor(lr))
 
 
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_step_takes_a_closure_as_torch_optimizers_do(as_keyword):
+    """step(closure) was refused ('sampled must be a bool tensor ..., got function'), step(closure=...) a
+    TypeError: training loops written for torch.optim (LBFGS-style closures, Lightning) could not use it."""
+    ref, mine = _params(), _params()
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
+    opt = ExpertAdamW(mine, N, lr=1e-2, weight_decay=0.05)
+
+    def closure_of(o, ps):
+        def closure():
+            o.zero_grad()
+            loss = sum((p * torch.arange(p.numel(), dtype=p.dtype).view(p.shape)).sin().sum() for p in ps)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(3):
+        want = torch_opt.step(closure_of(torch_opt, ref))
+        got = opt.step(closure=closure_of(opt, mine)) if as_keyword else opt.step(closure_of(opt, mine))
+        assert torch.isfinite(got) and torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(mine, ref))
+    assert opt.step() is None
+
+
 def test_refuses_the_state_of_another_bank():
     """A state of another N was blamed on torch.optim.AdamW; one of another rank (moments of other shapes)
     loaded and the next step failed in a broadcast ('size of tensor a (2) must match ... b (4)')."""

@@ -144,15 +144,22 @@ class ExpertAdamW(torch.optim.Optimizer):
             raise ValueError(f"sampled must be a bool tensor [{self.n_experts}] (which experts step), got {got}")
 
     @torch.no_grad()
-    def step(self, sampled: torch.Tensor | None = None):
+    def step(self, sampled: torch.Tensor | None = None, closure=None):
         """One AdamW step of the experts with ``sampled[n]`` (bool [N]; None: all). A parameter
-        without a gradient is skipped, as by torch.optim.AdamW.
+        without a gradient is skipped, as by torch.optim.AdamW. ``closure`` (also as the only positional
+        argument, as torch's ``step(closure)``) re-evaluates the loss first; its value is returned.
 
         The tensors of a group on one device with one dtype step together, in a number of ops that
         does not grow with the number of tensors on CUDA (:meth:`_step_concatenated`), in foreach ops
         on CPU (:meth:`_step_foreach`): the same elementwise ops either way, so the same results."""
+        if callable(sampled) and closure is None:
+            sampled, closure = None, sampled
         if sampled is not None:
             self._check_sampled(sampled)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             by_device_dtype: dict = {}
             for p in group["params"]:
@@ -176,6 +183,7 @@ class ExpertAdamW(torch.optim.Optimizer):
                     self._step_foreach(params, group, on)
                 else:
                     self._step_concatenated(params, group, on)
+        return loss
 
     @staticmethod
     def _capturing() -> bool:
