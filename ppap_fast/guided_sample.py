@@ -265,7 +265,10 @@ def _build_guide(cfg: GuidedSampleConfig, device):
     if bt.task in ("segmentation", "depth", "regression"):
         kw = {"ignore_index": cfg.ignore_index} if cfg.ignore_index is not None else {}
         cls = SegmentationGuide if bt.task == "segmentation" else DenseRegressionGuide
-        guide = cls(model, _target_map(cfg.target_map, bt.task).to(device), cfg.scale, input_transform=tf, **kw)
+        tmap = _target_map(cfg.target_map, bt.task).to(device)
+        if cls is DenseRegressionGuide:  # shared by all samples: [1, ...] (a [C, H, W] map at batch C is ambiguous)
+            tmap = tmap[None]
+        guide = cls(model, tmap, cfg.scale, input_transform=tf, **kw)
         return (lambda tgt: guide), info
     raise ValueError(f"the guide's task is unknown ({bt.task!r}): pass --guide-task classification|segmentation|"
                      "depth|regression")

@@ -385,3 +385,19 @@ def test_experts_refuse_a_guide_normalised_otherwise_than_their_distillation(tmp
                                           "antialias": "auto"}
     (experts / "config.json").write_text(json.dumps(cfg))
     assert main([*args, "--out", str(tmp_path / "old.npz"), "--guide-weights", str(bare / "model.safetensors")]) == 0
+
+
+def test_a_dense_target_map_is_shared_at_a_batch_equal_to_its_channel_count(tmp_path, monkeypatch):
+    # [C, H, W] at --num-samples C was refused as ambiguous by DenseRegressionGuide (a [B, H, W] reading)
+    (tmp_path / "rgb_dense_factory.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Conv2d(1, 3, 3, padding=1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.save(tmp_path / "map.npy", np.random.default_rng(0).uniform(-1, 1, (3, 16, 16)).astype(np.float32))
+    guide = ["--guide", "py:rgb_dense_factory:make", "--guide-task", "regression",
+             "--target-map", str(tmp_path / "map.npy")]
+    arrays, stats = _run(tmp_path, "dense", *guide, "--num-samples", "3", "--no-fast")
+    assert stats["num_samples"] == 3 and stats["task"] == "regression"
+    assert all(np.isfinite(a.astype(np.float64)).all() for a in arrays.values())
