@@ -334,17 +334,21 @@ ONE_DDIM_STEP = "DDIM needs --steps 2 or more (its stride over T = 1000 gives no
 ONE_DDPM_STEP = "DDPM needs --steps 2 or more (its one respaced step is t = 0: the samples would be the initial noise)"
 
 
+def check_step_count(sampler: str, steps: int) -> None:
+    """ValueError for a step count the CLI samplers cannot take: 1 (DDIM's schedule hint named respacing '1',
+    which no CLI option takes; DDPM sampled silently, returning the noise)."""
+    if steps == 1:
+        raise ValueError(ONE_DDIM_STEP if sampler == "ddim" else ONE_DDPM_STEP)
+
+
 def demo_schedule(sampler: str, steps: int | None) -> tuple[Schedule, int]:
     """(the respaced schedule, its step count) of ``sampler`` ("ddim": 25 steps by default, "ddpm": 250)."""
     if sampler not in ("ddim", "ddpm"):
         raise DemoError(f"unknown sampler {sampler!r}: expected ddim or ddpm")
     steps = steps or (25 if sampler == "ddim" else 250)
-    if sampler == "ddim" and steps == 1:  # the schedule's hint named respacing '1', which no CLI option takes
-        raise DemoError(f"bad step count 1 for ddim: {ONE_DDIM_STEP}")
-    if sampler == "ddpm" and steps == 1:  # it sampled silently, returning the noise
-        raise DemoError(f"bad step count 1 for ddpm: {ONE_DDPM_STEP}")
     respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
     try:
+        check_step_count(sampler, steps)
         return Schedule.create("linear", 1000, respacing=respacing), steps
     except ValueError as e:
         raise DemoError(f"bad step count {steps} for {sampler}: {e}") from None

@@ -306,7 +306,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     """Sample ``cfg.num_samples`` images; writes the .npz, the grid and the stats JSON; returns the stats."""
     from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
-    from .demo import PeakMemory
+    from .demo import PeakMemory, check_step_count
     from .distributed import _device_for, build_denoiser, clip_options, denoiser_clip, denoiser_var_type
     from .distill import declared_image_shape, warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
@@ -320,11 +320,8 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
-    if steps == 1:
-        from .demo import ONE_DDIM_STEP, ONE_DDPM_STEP
-        raise ValueError(f"--steps 1 with --sampler {cfg.sampler}: "
-                         f"{ONE_DDIM_STEP if cfg.sampler == 'ddim' else ONE_DDPM_STEP}")
     try:  # "cannot divide section of 1000 steps into 1500" named neither option
+        check_step_count(cfg.sampler, steps)
         sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
     except ValueError as e:
         raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None

@@ -401,3 +401,29 @@ def test_a_dense_target_map_is_shared_at_a_batch_equal_to_its_channel_count(tmp_
     arrays, stats = _run(tmp_path, "dense", *guide, "--num-samples", "3", "--no-fast")
     assert stats["num_samples"] == 3 and stats["task"] == "regression"
     assert all(np.isfinite(a.astype(np.float64)).all() for a in arrays.values())
+
+
+@pytest.mark.parametrize("cmd", [["guided-sample", *BASE],
+                                 ["sample", "--method", "none", "--num-samples", "1", "--weights-dir", str(WEIGHTS_DIR)]])
+def test_guided_sample_and_the_demos_share_one_step_count_check(tmp_path, capsys, monkeypatch, cmd):
+    """guided_sample repeated demo_schedule's --steps 1 check: a change to one left the other behind."""
+    from ppap_fast import demo
+
+    def refuse(sampler, steps):
+        raise ValueError(f"shared check refused {sampler} {steps}")
+
+    monkeypatch.setattr(demo, "check_step_count", refuse)
+    out = tmp_path / "o.npz"
+    assert main([*cmd, "--sampler", "ddpm", "--steps", "7", "--out", str(out), "--no-progress"]) == 2
+    assert "shared check refused ddpm 7" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_check_step_count_refuses_one_step_naming_the_sampler():
+    from ppap_fast.demo import check_step_count
+
+    with pytest.raises(ValueError, match=r"^DDPM needs --steps 2 or more"):
+        check_step_count("ddpm", 1)
+    with pytest.raises(ValueError, match=r"^DDIM needs --steps 2 or more"):
+        check_step_count("ddim", 1)
+    assert check_step_count("ddim", 2) is None and check_step_count("ddpm", 2) is None
