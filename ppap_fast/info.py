@@ -254,17 +254,30 @@ def training_state_summary(path, recent: int = 50) -> dict:
     from ppap_fast.distributed import EXPERT_LOSSES, read_train_state_meta
 
     path = Path(path)
-    meta = read_train_state_meta(path)
-    config = json.loads(meta.get("config", "{}"))
-    with safe_open(str(path), "pt") as f:
-        keys = set(f.keys())
-        losses = f.get_tensor("losses").tolist() if "losses" in keys else []
-        expert = f.get_tensor(EXPERT_LOSSES).tolist() if EXPERT_LOSSES in keys else None
-    step, steps = int(meta.get("step", 0)), config.get("steps")
+    try:  # SafetensorError (a truncated or foreign file) is no ValueError: it ended in a traceback
+        meta = read_train_state_meta(path)
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            losses = f.get_tensor("losses").tolist() if "losses" in keys else []
+            expert = f.get_tensor(EXPERT_LOSSES).tolist() if EXPERT_LOSSES in keys else None
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}): truncated, or no "
+                         "training state") from None
+    try:  # hand-edited metadata: a JSONDecodeError naming no file, an AttributeError traceback
+        config = json.loads(meta.get("config", "{}"))
+        if not isinstance(config, dict):
+            raise ValueError(f"its config is a JSON {type(config).__name__}, not an object")
+        step, steps = int(meta.get("step", 0)), config.get("steps")
+        world_size = int(meta.get("world_size", 1))
+        elapsed = round(float(meta["elapsed_s"]), 1) if "elapsed_s" in meta else None
+    except ValueError as e:
+        raise ValueError(f"{path} is a training state with damaged metadata ({e}); remove it to start the run "
+                         "over") from None
     out = {"path": str(path), "step": step, "steps": steps,
            "done": round(step / steps, 4) if isinstance(steps, int) and steps > 0 else None,
-           "world_size": int(meta.get("world_size", 1)),
-           "elapsed_s": round(float(meta["elapsed_s"]), 1) if "elapsed_s" in meta else None,
+           "world_size": world_size, "elapsed_s": elapsed,
            "loss_first": _mean(losses[:recent]), "loss_last": _mean(losses[-recent:]),
            "loss_over_steps": min(recent, len(losses)),  # 6 steps recorded: means over 6, not 50
            "config": config}

@@ -216,6 +216,41 @@ def test_training_state_loss_window_is_the_real_count(tmp_path, n, over):
     assert s["loss_over_steps"] == over and s["loss_last"] == sum(range(n - over + 1, n + 1)) / over
 
 
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01 not safetensors" * 8, "truncated"],
+                         ids=["empty", "garbage", "truncated"])
+def test_info_on_an_unreadable_training_state_is_one_line(capsys, tmp_path, content):
+    """A truncated or foreign *.safetensors (a run's state file cut by a full disk) ended in SafetensorError's
+    traceback: it is no ValueError."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "o.distill_state.safetensors"
+    if content == "truncated":
+        save_file({"losses": torch.ones(8)}, str(path), metadata={"format": "x"})
+        content = path.read_bytes()[:-5]
+    path.write_bytes(content)
+    rc, out, err = run(capsys, str(path))
+    assert rc == 2 and not out and len(err.splitlines()) == 1, err
+    assert f"{path} is not a readable safetensors file (SafetensorError: " in err and "truncated" in err, err
+
+
+@pytest.mark.parametrize("meta, why", [({"config": "{bad"}, "Expecting property name"),
+                                       ({"config": "[1]"}, "its config is a JSON list, not an object"),
+                                       ({"step": "abc"}, "invalid literal for int()"),
+                                       ({"elapsed_s": "x"}, "could not convert string to float")])
+def test_info_on_a_training_state_with_damaged_metadata_names_the_file(capsys, tmp_path, meta, why):
+    """A config that was no JSON object ended in AttributeError's traceback, a bad JSON / step in an error
+    naming no file."""
+    from safetensors.torch import save_file
+
+    from ppap_fast.distributed import TRAIN_STATE_FORMAT
+
+    path = tmp_path / "train_state.safetensors"
+    save_file({"losses": torch.ones(3)}, str(path), metadata={"format": TRAIN_STATE_FORMAT, **meta})
+    rc, out, err = run(capsys, str(tmp_path))
+    assert rc == 2 and not out and len(err.splitlines()) == 1, err
+    assert f"{path} is a training state with damaged metadata (" in err and why in err, err
+
 def test_info_reports_a_rerun_in_progress_over_a_previous_output(capsys, tmp_path, monkeypatch):
     """A finetune / distill rerun into an existing --out keeps its state beside that output: info on the --out
     reported only the old experts (distill) or failed with 'not a ppap_fast training state' (finetune's file)."""
