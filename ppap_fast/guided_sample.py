@@ -77,7 +77,23 @@ class GuidedSampleConfig:
     fuse_norm_act: bool | None = None   # ADM: GroupNorm (+ scale-shift) + SiLU as one op (fast path; None: on CUDA)
 
 
-def _check(cfg: GuidedSampleConfig) -> Path:
+def _schedule(cfg: GuidedSampleConfig):
+    """(the respaced Schedule, its step count) of --sampler / --steps / --schedule, on the CPU."""
+    from .demo import check_step_count
+    from .schedule import Schedule
+
+    steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
+    try:  # "cannot divide section of 1000 steps into 1500" named neither option
+        check_step_count(cfg.sampler, steps)
+        sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
+    except ValueError as e:
+        raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None
+    return sched, steps
+
+
+def _check(cfg: GuidedSampleConfig):
+    """(the output path, the Schedule, its step count): every check that needs no model, before --out's folder
+    is made."""
     from .sampling import check_sampler_options
 
     out = Path(cfg.out)
@@ -116,6 +132,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
     if not cfg.fast and (cfg.guide_dtype or cfg.cuda_graph is not None or cfg.compile or cfg.fuse_norm_act is not None):
         raise ValueError("--guide-dtype, --cuda-graph, --compile and --fuse-norm-act are options of the fast path "
                          "(drop --no-fast)")
+    sched, steps = _schedule(cfg)  # a step count it cannot take left --out's new folders behind, empty
     for p in (out, out.with_suffix(".png"), out.with_suffix(".json")):
         if p.is_dir():  # the atomic writes would fail after all the sampling, naming a temporary file
             raise ValueError(f"output {p} is a directory; --out names a new .npz (its .png and .json go beside it)")
@@ -124,7 +141,7 @@ def _check(cfg: GuidedSampleConfig) -> Path:
 
     for p in (out, out.with_suffix(".png"), out.with_suffix(".json")):
         remove_stale_tmp(p, p.suffix)  # a killed run's atomic-write temporaries
-    return out
+    return out, sched, steps
 
 
 def _declared_task(cfg: GuidedSampleConfig) -> str | None:
@@ -306,25 +323,18 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     """Sample ``cfg.num_samples`` images; writes the .npz, the grid and the stats JSON; returns the stats."""
     from .data import to_uint8
     from .data.shards import write_json_atomic, write_npz_atomic
-    from .demo import PeakMemory, check_step_count
+    from .demo import PeakMemory
     from .distributed import _device_for, build_denoiser, clip_options, denoiser_clip, denoiser_var_type
     from .distill import declared_image_shape, warn_if_not_declared
     from .fast_sampling import FastGuidedSampler, recommended_options
     from .sampling import sample_loop
-    from .schedule import Schedule
     from .seeding import PerSampleNoise
 
-    out = _check(cfg)
+    out, sched, steps = _check(cfg)
     try:
         device = _device_for(cfg.device, 0)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
-    steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
-    try:  # "cannot divide section of 1000 steps into 1500" named neither option
-        check_step_count(cfg.sampler, steps)
-        sched = Schedule.create(cfg.schedule, 1000, respacing=f"ddim{steps}" if cfg.sampler == "ddim" else str(steps))
-    except ValueError as e:
-        raise ValueError(f"--steps {steps} with --sampler {cfg.sampler} over 1000 diffusion steps: {e}") from None
     sched = sched.to(device)
     clip = denoiser_clip(cfg.denoiser, cfg.fast)  # a diffusers scheduler's clip_sample / clip_sample_range
     unet = build_denoiser(cfg.denoiser, cfg.checkpoint, cfg.channels, device.type, cfg.schedule,

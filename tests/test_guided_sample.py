@@ -207,6 +207,15 @@ def test_step_count_the_sampler_cannot_take_names_the_options(tmp_path, capsys, 
     assert f"--steps {steps} with --sampler {sampler} over 1000 diffusion steps: " in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", "600"), ("ddpm", "1500"), ("ddpm", "1")])
+def test_a_refused_step_count_leaves_no_new_output_folder(tmp_path, capsys, sampler, steps):
+    """The step count was checked after --out's folders were made: each refused run left them empty."""
+    out = tmp_path / "new" / "deeper" / "s.npz"
+    assert main(["guided-sample", "--out", str(out), *BASE, "--sampler", sampler, "--steps", steps]) == 2
+    assert f"--steps {steps} with --sampler {sampler} over 1000 diffusion steps: " in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
 def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     # an .npz given as --target-map came back from np.load as an open NpzFile: torch.from_numpy
     # raised TypeError (a traceback, not the CLI's one-line error) and the file stayed open
