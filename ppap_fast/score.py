@@ -244,6 +244,8 @@ def score(cfg: ScoreConfig) -> dict:
                    mean_target_probability=float(probs[rows, targets].mean()))
     if real is not None:
         rfeats, _ = outputs("real images", real)
+        if not np.isfinite(rfeats).all():  # was metrics' "features hold N non-finite values", naming no file
+            raise ScoreError(f"the classifier returned non-finite features on the real images {cfg.real}")
         prec, rec = precision_recall(rfeats, feats, cfg.k)
         res.update(real=str(cfg.real), num_real=int(real.shape[0]), fd=frechet_distance(feats, rfeats),
                    precision=prec, recall=rec)

@@ -128,6 +128,29 @@ def test_score_bad_input(tmp_path, capsys, brightness_classifier, case, match):
     assert match in capsys.readouterr().err
 
 
+
+SQRT_FACTORY = FACTORY.replace("return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), lin)",
+                               "return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), Sqrt(), lin)")
+SQRT_FACTORY += textwrap.dedent('''
+    class Sqrt(nn.Module):  # NaN features on dark images (a mean below 0 in [-1, 1])
+        def forward(self, x):
+            return x.sqrt()
+''')
+
+
+def test_score_names_the_real_images_a_classifier_gives_non_finite_features(tmp_path, capsys, monkeypatch):
+    """NaN features of the real images only were reported as metrics' 'features hold 3 non-finite values',
+    naming neither the real images nor the classifier."""
+    (tmp_path / "sqrt_cls.py").write_text(SQRT_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    samples, real = tmp_path / "s.npz", tmp_path / "r.npz"
+    np.savez(samples, images=_images([250, 240, 230, 200]), targets=np.array([1, 1, 1, 1]))
+    np.savez(real, images=_images([0, 5, 10, 15]))
+    assert main(["score", str(samples), "--classifier", "py:sqrt_cls:make", "--real", str(real), "--device", "cpu",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"ppap-fast: error: ScoreError: the classifier returned non-finite features on the real images {real}"
+
 def test_score_default_device_auto(tmp_path, capsys, brightness_classifier):
     """Without --device (its default "auto": CUDA when available, else the CPU) score runs."""
     np.savez(tmp_path / "s.npz", images=_images([250, 10]), targets=np.array([1, 0]))
