@@ -770,3 +770,69 @@ def test_a_guide_that_never_gives_a_gradient_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sample_loop(FakeModel(), x_T, s, guide=late)
+
+
+def _guided_diffusion_loop(x_T, noises, respacing, sampler, var_type, clip, eta, model, guide):
+    """guided-diffusion's sampling loop in numpy float64, its tables rebuilt here from np.linspace (linear
+    schedule over 1000 steps) and its respacing rules: independent of ppap_fast.schedule / sampling."""
+    acp_base = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    sizes, keep = [1000 // len(respacing) + (i < 1000 % len(respacing)) for i in range(len(respacing))], []
+    for size, count, start in zip(sizes, respacing, np.cumsum([0] + sizes[:-1])):
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        keep += [int(start) + round(j * stride) for j in range(count)]
+    keep = sorted(set(keep))
+    ac = acp_base[keep]
+    acp = np.append(1.0, ac[:-1])
+    b = 1 - ac / acp
+    pv = b * (1 - acp) / (1 - ac)
+    pvl = np.log(np.append(pv[1], pv[1:]))
+    x = x_T.numpy().copy()
+    for i in range(len(keep) - 1, -1, -1):
+        t = torch.full((x.shape[0],), keep[i])
+        out = model(torch.from_numpy(x), t).numpy()
+        c = x.shape[1]
+        eps, v = out[:, :c], (out[:, c:] if out.shape[1] == 2 * c else None)
+        x0 = np.sqrt(1 / ac[i]) * x - np.sqrt(1 / ac[i] - 1) * eps
+        x0 = np.clip(x0, -1, 1) if clip else x0
+        grad = None if guide is None else guide(torch.from_numpy(x), t).numpy()
+        if sampler == "ddpm":
+            log_var = {"learned_range": lambda: (v + 1) / 2 * np.log(b[i]) + (1 - v) / 2 * pvl[i],
+                       "fixed_small": lambda: np.full_like(x, pvl[i]),
+                       "fixed_large": lambda: np.full_like(x, np.log(np.append(pv[1], b[1:])[i]))}[var_type]()
+            var = np.full_like(x, pv[i]) if var_type == "fixed_small" else np.exp(log_var)
+            mean = b[i] * np.sqrt(acp[i]) / (1 - ac[i]) * x0 + (1 - acp[i]) * np.sqrt(1 - b[i]) / (1 - ac[i]) * x
+            mean = mean if grad is None else mean + var * grad
+            x = mean + (i != 0) * np.exp(0.5 * log_var) * noises[i]
+        else:
+            if grad is not None:
+                e = (np.sqrt(1 / ac[i]) * x - x0) / np.sqrt(1 / ac[i] - 1) - np.sqrt(1 - ac[i]) * grad
+                x0 = np.sqrt(1 / ac[i]) * x - np.sqrt(1 / ac[i] - 1) * e
+            e = (np.sqrt(1 / ac[i]) * x - x0) / np.sqrt(1 / ac[i] - 1)
+            sigma = eta * np.sqrt((1 - acp[i]) / (1 - ac[i])) * np.sqrt(1 - ac[i] / acp[i])
+            x = x0 * np.sqrt(acp[i]) + np.sqrt(1 - acp[i] - sigma ** 2) * e + (i != 0) * sigma * noises[i]
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("loop", [sample_loop, fast_sampling.fast_sample_loop])
+@pytest.mark.parametrize("sampler,var_type,clip,eta,learned", [
+    ("ddim", None, False, 0.0, True), ("ddim", None, True, 0.7, False), ("ddim", None, False, 1.0, True),
+    ("ddpm", "learned_range", False, 0.0, True), ("ddpm", "fixed_small", True, 0.0, True),
+    ("ddpm", "fixed_large", False, 0.0, False)])
+def test_whole_loops_off_the_golden_match_guided_diffusions_formulas(one_thread, loop, sampler, var_type, clip,
+                                                                      eta, learned):
+    """The goldens cover 'ddim25' / '50', learned_range, clip_denoised and eta 0 only: section respacing, the
+    fixed variances, clip_denoised=False, eta > 0 and C-channel models, guided, against a float64 re-derivation."""
+    respacing = [5, 3, 2]  # "5,3,2": sections of 334, 333, 333 steps; 83.25 and 166.5 rounded
+    s = Schedule.create("linear", 1000, ",".join(map(str, respacing)))
+    gen = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=gen) * 1.5
+    noises = {i: torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=gen) for i in range(s.num_timesteps)}
+    model = FakeModel(learned=learned, scale=3.0)
+    guide, _ = _lin_guide(scale=5.0)
+    want = _guided_diffusion_loop(x_T, {i: n.numpy() for i, n in noises.items()}, respacing, sampler,
+                                  var_type or ("learned_range" if learned else "fixed_large"), clip, eta, model, guide)
+    got = loop(model, x_T.clone(), s, sampler=sampler, guide=guide, var_type=var_type, clip_denoised=clip, eta=eta,
+               noise_fn=lambda i, x: noises[i])
+    assert s.timestep_map.tolist() == [0, 83, 166, 250, 333, 334, 500, 666, 667, 999]
+    assert torch.isfinite(want).all() and (want - x_T).abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
