@@ -136,6 +136,10 @@ def evaluator_outputs(evaluator, images: torch.Tensor, batch_size: int = 500) ->
                          f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.shape[0] == 0:
         raise ValueError("no images to score (an empty sample set)")
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:  # NaN skipped the range check below; an evaluator that maps it to a finite value scored it silently
+        raise ValueError(f"images hold {bad} non-finite values (NaN/Inf): a sampler that diverged? they cannot be "
+                         "scored")
     lo, hi = float(images.min()), float(images.max())
     if lo >= 0 and hi > 2:  # 0..255 pixels as floats were scored as [-1, 1] images, without an error
         raise ValueError(f"images must be in [-1, 1], got values in [{lo:g}, {hi:g}] (0..255 pixels? pass "

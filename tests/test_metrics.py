@@ -90,6 +90,18 @@ def test_evaluator_outputs_refuses_integer_images_and_bad_batch_size():
     assert evaluator_outputs(ev, torch.zeros(3, 1, 2, 2), batch_size=np.int64(2))[0].shape == (3, 4)
 
 
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_evaluator_outputs_refuses_non_finite_images(value):
+    """NaN skipped the [0, 255] range check (min / max are NaN) and went to the evaluator: one that maps NaN to a
+    finite value (a ReLU-like where) gave finite features and probabilities for it, scored silently."""
+    ev = _Evaluator()
+    ev.features = lambda x: torch.where(x > 0, x, torch.zeros_like(x)).flatten(1)
+    images = torch.zeros(3, 1, 2, 2)
+    images[1, 0, 1, 1] = value
+    with pytest.raises(ValueError, match=r"^images hold 1 non-finite values \(NaN/Inf\)"):
+        evaluator_outputs(ev, images)
+
 def test_evaluator_outputs_refuses_float_images_of_0_to_255_pixels():
     # float 0..255 pixels (a uint8 array cast with .float()) were scored as [-1, 1] images without an error
     ev = _Evaluator()
