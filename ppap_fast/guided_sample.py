@@ -80,8 +80,10 @@ class GuidedSampleConfig:
 def _schedule(cfg: GuidedSampleConfig):
     """(the respaced Schedule, its step count) of --sampler / --steps / --schedule, on the CPU."""
     from .demo import check_step_count
-    from .schedule import Schedule
+    from .schedule import SCHEDULE_NAMES, Schedule
 
+    if cfg.schedule not in SCHEDULE_NAMES:  # was reported as a bad --steps
+        raise ValueError(f"--schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {cfg.schedule!r}")
     steps = cfg.steps or (25 if cfg.sampler == "ddim" else 250)
     try:  # "cannot divide section of 1000 steps into 1500" named neither option
         check_step_count(cfg.sampler, steps)

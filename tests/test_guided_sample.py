@@ -216,6 +216,15 @@ def test_a_refused_step_count_leaves_no_new_output_folder(tmp_path, capsys, samp
     assert f"--steps {steps} with --sampler {sampler} over 1000 diffusion steps: " in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
+
+def test_an_unknown_schedule_is_named_as_such(tmp_path):
+    """GuidedSampleConfig(schedule='foo') was refused as '--steps 25 with --sampler ddim ...: unknown beta schedule'."""
+    from ppap_fast.guided_sample import GuidedSampleConfig, run_guided_sample
+
+    with pytest.raises(ValueError, match=r"^--schedule must be one of linear, cosine, got 'foo'$"):
+        run_guided_sample(GuidedSampleConfig(out=str(tmp_path / "new" / "s.npz"), schedule="foo"), progress=False)
+    assert not (tmp_path / "new").exists()
+
 def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     # an .npz given as --target-map came back from np.load as an open NpzFile: torch.from_numpy
     # raised TypeError (a traceback, not the CLI's one-line error) and the file stayed open
