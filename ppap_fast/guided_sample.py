@@ -204,7 +204,10 @@ def _class_targets(spec: str | None, n: int, first: int = 0) -> torch.Tensor:
 def _target_map(path: str | None, task: str) -> torch.Tensor:
     if not path:
         raise ValueError(f"a {task} guide needs --target-map (a .npy map shared by all samples)")
-    arr = np.load(path, allow_pickle=False)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:  # a junk file was "pickled (object) data", an object array named no file
+        raise ValueError(f"--target-map {path} is not a readable .npy array ({e})") from None
     if not isinstance(arr, np.ndarray):  # an .npz: an open NpzFile
         arr.close()
         raise ValueError(f"--target-map {path}: expected a single .npy array, got an .npz archive")

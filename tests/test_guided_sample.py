@@ -1,6 +1,7 @@
 """ppap-fast guided-sample: guided sampling from model specs, on the shipped digits weights
 (tiny UNet, TinyResNet classifier, PPAP-10 experts) at 16x16; nothing downloaded."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -234,6 +235,20 @@ def test_target_map_that_is_not_a_single_array_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="m.npz.*single .npy array"):
         _target_map(str(tmp_path / "m.npz"), "depth")
 
+
+
+@pytest.mark.parametrize("kind", ["junk", "object array"])
+def test_target_map_that_numpy_cannot_load_names_the_file(tmp_path, kind):
+    """numpy's ValueError named no file, and called a junk file 'pickled (object) data'."""
+    from ppap_fast.guided_sample import _target_map
+
+    path = tmp_path / "m.npy"
+    if kind == "junk":
+        path.write_bytes(b"not an npy file" * 4)
+    else:
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"^--target-map {re.escape(str(path))} is not a readable \.npy array \("):
+        _target_map(str(path), "depth")
 
 @pytest.mark.parametrize("path", [[], ["--no-fast"]])
 def test_non_finite_guidance_is_a_one_line_error(tmp_path, capsys, path):
