@@ -74,11 +74,38 @@ def test_reference_batch_norm_is_per_expert_nn_batchnorm(shape):
                 bn.weight.copy_(w[e]), bn.bias.copy_(b[e])
                 bn.running_mean.copy_(rm[e]), bn.running_var.copy_(rv[e])
             if training and x[sel].numel() // C == 1:
-                continue  # nn.BatchNorm refuses one value per channel; we normalise it to the bias
+                assert torch.equal(rm_[e], rm[e]) and torch.equal(rv_[e], rv[e])  # nn.BatchNorm raises: stats kept
+                continue
             want = bn(x[sel])
             assert torch.allclose(y[sel], want, atol=1e-12), (e, training)
             assert torch.allclose(rm_[e], bn.running_mean, atol=1e-12)
             assert torch.allclose(rv_[e], bn.running_var, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("spatial", [(), (1, 1), (1,)])
+def test_batch_norm_updates_running_stats_only_of_experts_with_more_than_one_value(backend, spatial):
+    """An expert with one value per channel has no variance to estimate (nn.BatchNorm raises): the op leaves its
+    running statistics exactly as they were (they were pulled towards a variance of 0); an expert with no samples
+    too; the others update as nn.BatchNorm's."""
+    N, C = 3, 5
+    x = torch.randn(4, C, *spatial) * 2 + 1
+    idx = torch.tensor([1, 0, 1, 1])  # expert 0: one value per channel, expert 2: none
+    w, b = torch.randn(N, C) * 0.5 + 1, torch.randn(N, C)
+    rm, rv = torch.randn(N, C), torch.rand(N, C) + 0.5
+    rm_, rv_ = rm.clone(), rv.clone()
+    y = NO.expert_batch_norm(x, idx, w, b, rm_, rv_, True, 0.1, 1e-5, backend=backend)
+    assert ops.last_backend("expert_batch_norm") == backend
+    assert torch.isfinite(y).all()
+    for e in (0, 2):
+        assert torch.equal(rm_[e], rm[e]) and torch.equal(rv_[e], rv[e]), e
+    bn = (nn.BatchNorm1d if len(spatial) < 2 else nn.BatchNorm2d)(C, momentum=0.1, eps=1e-5).train()
+    with torch.no_grad():
+        bn.weight.copy_(w[1]), bn.bias.copy_(b[1]), bn.running_mean.copy_(rm[1]), bn.running_var.copy_(rv[1])
+    want = bn(x[idx == 1])
+    _check("y", y[idx == 1], want, 1e-5)
+    _check("running_mean", rm_[1], bn.running_mean, 1e-6)
+    _check("running_var", rv_[1], bn.running_var, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

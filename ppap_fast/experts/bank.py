@@ -420,24 +420,16 @@ class ExpertBatchNorm(_ExpertAffine):
 
     def forward(self, x):
         idx = self._idx(x)
-        # one value per (sample, channel): an expert with one sample has no variance to estimate
-        one_value = self.training and math.prod(x.shape[2:]) == 1
         if self.training:
             with torch.no_grad():  # index_add, not bincount: no host sync (CUDA graphs)
-                seen = torch.zeros(self.n_experts, dtype=torch.int32, device=idx.device)
-                seen.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
-                updated = seen > 1 if one_value else seen > 0
+                seen = torch.zeros(self.n_experts, dtype=torch.int64, device=idx.device)
+                seen.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
+                # the op updates the stats of experts with more than one value per channel: count those
+                updated = seen * math.prod(x.shape[2:]) > 1
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
-                if one_value:  # the op would pull its running_var towards 0 (nn.BatchNorm raises)
-                    kept = (~updated)[:, None], self.running_mean.clone(), self.running_var.clone()
         y = _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
                                           self.running_var, self.training, self.momentum, self.eps,
                                           segments=self._router.segments(x, self.n_experts))
-        if one_value:
-            with torch.no_grad():
-                keep, rm, rv = kept
-                self.running_mean.copy_(torch.where(keep, rm, self.running_mean))
-                self.running_var.copy_(torch.where(keep, rv, self.running_var))
         if self._plain is not None:
             y = self.act(self.drop(y))
         return y

@@ -7,8 +7,9 @@
 
 BatchNorm: x [S, C] or [S, C, *spatial]; weight/bias/running stats [N, C]. In training
 each expert's samples are normalised with their own batch statistics and only the
-running statistics of experts that have samples are updated (unbiased variance,
-n/1 when an expert has one value per channel, where nn.BatchNorm would raise).
+running statistics of experts with more than one value per channel (n > 1) are updated
+(unbiased variance n/(n-1)); an expert with one value per channel (nn.BatchNorm raises)
+keeps them.
 LayerNorm: over the last dim of x [S, ..., D] with the affine [N, D] of each sample's expert.
 GroupNorm: x [S, C, *], statistics per (sample, group), channel affine [N, C] per expert.
 

@@ -7,7 +7,7 @@ BatchNorm, per expert e and channel c over the expert's n rows (samples x positi
     dx   = a * (dy - db / n - xhat * dw / n)     (train; eval: dx = a * dy)
 
 Running statistics are updated inside the forward on the device (torch.where on the
-per-expert counts, so experts without samples keep theirs).
+per-expert counts: experts with at most one value per channel keep theirs).
 
 LayerNorm (row-wise over D, affine of the row's expert):
 
@@ -45,7 +45,7 @@ class ExpertBatchNormFn(torch.autograd.Function):
         if training:
             mean, var = tk.bn_stats(x3, seg.sorted_idx, seg.offsets, n)
             with torch.no_grad():
-                has = (n > 0)[:, None]
+                has = (n > 1)[:, None]  # n == 1: no variance to estimate (nn.BatchNorm raises)
                 unb = var * (n / (n - 1).clamp(min=1))[:, None]
                 rm = running_mean * (1 - momentum) + momentum * mean.to(running_mean.dtype)
                 rv = running_var * (1 - momentum) + momentum * unb.to(running_var.dtype)

@@ -35,9 +35,10 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
 
     Training: each expert's samples (and spatial positions) are normalised with their own
     biased batch statistics (two-pass: mean, then mean squared deviation); the running
-    statistics of experts with samples are updated in place like nn.BatchNorm (unbiased
-    variance n/(n-1), n/1 when n == 1, where nn.BatchNorm raises); experts without samples
-    are untouched. Eval: each sample uses its expert's running statistics.
+    statistics of experts with more than one value per channel (n > 1) are updated in place
+    like nn.BatchNorm (unbiased variance n/(n-1)); experts with n <= 1 (nn.BatchNorm raises
+    at n == 1: no variance to estimate) are untouched. Eval: each sample uses its expert's
+    running statistics.
     Per-expert sums are index_add over samples: no loop, no host sync; fp16/bf16 statistics
     are computed in float32.
     """
@@ -63,7 +64,7 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
     var = total(xc * xc) / n.clamp(min=1)[:, None]
     y = (xc * torch.rsqrt(var[expert_idx].view(bshape) + eps) * pe(weight) + pe(bias)).to(x.dtype)
     with torch.no_grad():
-        has = (n > 0)[:, None]
+        has = (n > 1)[:, None]  # n == 1: no variance to estimate (nn.BatchNorm raises)
         unb = var * (n / (n - 1).clamp(min=1))[:, None]
         running_mean.copy_(torch.where(has, running_mean * (1 - momentum) + momentum * mean.to(running_mean.dtype),
                                        running_mean))
