@@ -1766,6 +1766,39 @@ def test_expert_idx_that_is_no_int_tensor_is_refused_by_name(idx):
             call()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_expert_idx_on_another_device_than_x_is_refused(backend):
+    """expert_idx on another device than x (here meta, as a CUDA index beside CPU x, or the reverse) skipped the
+    CPU range check and ran: every op returned a CPU result without complaint (the kernels read the index at a
+    pointer of the wrong device)."""
+    from ppap_fast.ops import norm as NM
+
+    if L.available_backends("lora_linear", "cpu")[backend] != "ok":
+        pytest.skip(f"backend {backend!r} cannot run here")
+    idx = torch.tensor([0, 1], device="meta")
+    N, K, O = 2, 4, 3
+    x, xc = torch.randn(2, K), torch.randn(2, K, 4, 4)
+    Wc = torch.randn(O, K, 3, 3)
+    norm_backend = "reference" if backend == "cpp" else backend
+    calls = {
+        "lora_linear": lambda: L.lora_linear(x, torch.randn(O, K), None, torch.randn(N, 2, K), torch.randn(N, O, 2),
+                                             idx, 1.0, backend=backend),
+        "lora_conv2d": lambda: L.lora_conv2d(xc, Wc, None, torch.randn(N, 2, K, 3, 3), torch.randn(N, O, 2), idx,
+                                             1.0, padding=1, backend=backend),
+        "lora_conv2d_delta": lambda: L.lora_conv2d_delta(xc, Wc, None, torch.randn(N, O, K, 3, 3), idx, padding=1),
+        "expert_layer_norm": lambda: NM.expert_layer_norm(x, idx, torch.ones(N, K), torch.zeros(N, K),
+                                                          backend=norm_backend),
+        "expert_group_norm": lambda: NM.expert_group_norm(xc, idx, 2, torch.ones(N, K), torch.zeros(N, K),
+                                                          backend=norm_backend),
+        "expert_batch_norm": lambda: NM.expert_batch_norm(xc, idx, torch.ones(N, K), torch.zeros(N, K),
+                                                          torch.zeros(N, K), torch.ones(N, K), True,
+                                                          backend=norm_backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"expert_idx is on meta, x on cpu: move it with expert_idx.to\('cpu'\)"):
+            call()
+
+
 @pytest.mark.skipif(not INTERP, reason="Triton on CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("kind", ["linear", "stacked", "fused", "implicit"])
 def test_triton_double_backward_is_refused(kind):

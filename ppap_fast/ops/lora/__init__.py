@@ -205,10 +205,13 @@ def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) ->
     raise BackendUnavailableError(f"no backend of {op!r} can run on {x.device}")  # pragma: no cover
 
 
-def _check_idx(expert_idx: torch.Tensor, S: int, N: int):
+def _check_idx(expert_idx: torch.Tensor, S: int, N: int, device: torch.device):
     if not isinstance(expert_idx, torch.Tensor):  # a list / array: a bare AttributeError on .dim()
         raise TypeError(f"expert_idx must be an int64 or int32 tensor [S], got {type(expert_idx).__name__} "
                         "(convert it with torch.as_tensor)")
+    if expert_idx.device != device:  # the kernels would read it at a pointer of the wrong device; no range check
+        raise ValueError(f"expert_idx is on {expert_idx.device}, x on {device}: move it with "
+                         f"expert_idx.to({str(device)!r})")
     if expert_idx.dim() != 1 or expert_idx.shape[0] != S:
         raise ValueError(f"expert_idx must be [S]={S}, got {tuple(expert_idx.shape)}")
     if expert_idx.dtype not in (torch.int64, torch.int32):
@@ -276,7 +279,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     _check_dtypes("lora_linear", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
-    _check_idx(expert_idx, x.shape[0], N)
+    _check_idx(expert_idx, x.shape[0], N, x.device)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -351,7 +354,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
         raise ValueError(f"a_blocks must be a positive int dividing the rank {r} and the flat A columns {flat_cols}, "
                          f"got {a_blocks!r}")
     _check_dtypes("lora_conv2d", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
-    _check_idx(expert_idx, x.shape[0], N)
+    _check_idx(expert_idx, x.shape[0], N, x.device)
     _check_conv_bias(bias, W.shape[0])
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
@@ -484,7 +487,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
-    _check_idx(expert_idx, x.shape[0], delta.shape[0])
+    _check_idx(expert_idx, x.shape[0], delta.shape[0], x.device)
     _check_conv_bias(bias, W.shape[0])  # (the stacked path broadcast a [1] bias where F.conv2d refuses it)
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)

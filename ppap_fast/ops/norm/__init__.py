@@ -57,7 +57,7 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
         raise ValueError("momentum=None (cumulative moving average) is not supported; pass a float")
     N = _check_params("expert_batch_norm", x, x.shape[1], weight=weight, bias=bias, running_mean=running_mean,
                       running_var=running_var)
-    _check_idx(expert_idx, x.shape[0], N)
+    _check_idx(expert_idx, x.shape[0], N, x.device)
     if segments is not None:
         check_segments(segments, expert_idx, N)
     fn = _select("expert_batch_norm", x, backend)
@@ -70,7 +70,7 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, se
     if x.dim() < 2:
         raise ValueError(f"expert_layer_norm: x must be [S, ..., D], got {tuple(x.shape)}")
     N = _check_params("expert_layer_norm", x, x.shape[-1], weight=weight, bias=bias)
-    _check_idx(expert_idx, x.shape[0], N)
+    _check_idx(expert_idx, x.shape[0], N, x.device)
     if segments is not None:
         check_segments(segments, expert_idx, N)
     fn = _select("expert_layer_norm", x, backend)
@@ -85,7 +85,7 @@ def expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5, *, back
         raise ValueError(f"expert_group_norm: num_groups={num_groups!r} must be a positive int dividing "
                          f"C={x.shape[1]}")
     N = _check_params("expert_group_norm", x, x.shape[1], weight=weight, bias=bias)
-    _check_idx(expert_idx, x.shape[0], N)
+    _check_idx(expert_idx, x.shape[0], N, x.device)
     if segments is not None:
         check_segments(segments, expert_idx, N)
     fn = _select("expert_group_norm", x, backend)
