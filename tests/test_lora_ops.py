@@ -2047,6 +2047,40 @@ def test_mixed_dtypes_are_refused_by_every_backend(backend, x_dtype, w_dtype):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("op,backend", [("lora_linear", "reference"), ("lora_linear", "cpp"), ("lora_linear", "triton"),
+                                        ("lora_conv2d", "reference"), ("lora_conv2d", "cpp"),
+                                        ("lora_conv2d", "triton"), ("lora_conv2d_delta", "reference"),
+                                        ("lora_conv2d_delta", "vectorized"), ("lora_conv2d_delta", "stacked")])
+def test_expert_bias_keeps_the_autocast_dtype_on_every_backend(op, backend):
+    """Under torch.autocast the fast paths return the autocast dtype; the reference (the automatic choice on
+    CPU) added the float32 expert_bias after autocast's ops and returned float32 instead."""
+    if backend == "cpp" and not _cpp_ready("cpu"):
+        pytest.skip("cpp backend unavailable")
+    if backend == "triton" and not INTERP:
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(7)
+    idx = torch.tensor([2, 0, 2])
+    eb = torch.randn(3, 4, generator=g)
+    if op == "lora_linear":
+        x, W, A, B = (torch.randn(*s, generator=g) for s in ((3, 2, 6), (4, 6), (3, 2, 6), (3, 4, 2)))
+        run = lambda t, be: L.lora_linear(*t, idx, 0.5, eb.to(t[0].dtype), backend=be)  # noqa: E731
+        args = (x, W, None, A, B)
+    else:
+        x, W, A, B, delta = (torch.randn(*s, generator=g) for s in ((3, 3, 5, 5), (4, 3, 3, 3), (3, 2, 3, 3, 3),
+                                                                    (3, 4, 2), (3, 4, 3, 3, 3)))
+        if op == "lora_conv2d":
+            run = lambda t, be: L.lora_conv2d(*t, idx, 0.5, 1, 1, 1, 1, eb.to(t[0].dtype), backend=be)  # noqa: E731
+            args = (x, W, None, A, B)
+        else:
+            run = lambda t, be: L.lora_conv2d_delta(*t, idx, 1, 1, 1, 1, eb.to(t[0].dtype), backend=be)  # noqa: E731
+            args = (x, W, None, delta)
+    want = run(tuple(None if t is None else t.double() for t in args), "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(args, backend)
+    assert y.dtype == torch.bfloat16
+    assert_close("autocast y", y, want, 3e-2)
+
+
 @pytest.mark.parametrize("op", ["lora_conv2d", "lora_conv2d_delta"])
 def test_padding_same_with_stride_is_refused(op):
     """padding='same' with stride 2 was accepted (F.conv2d refuses it); 'valid' works, unknown strings refused."""

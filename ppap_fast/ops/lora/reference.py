@@ -46,7 +46,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None):
     d = torch.bmm(h, B[expert_idx].transpose(1, 2))         # [S, M, out]
     y = y + scale * d.view(*x.shape[:-1], W.shape[0])
     if expert_bias is not None:
-        y = y + _expand_rows(expert_bias[expert_idx], y)
+        y = y + _expand_rows(expert_bias[expert_idx].to(y.dtype), y)  # autocast: y's dtype, as the fast paths
     return y
 
 
@@ -93,7 +93,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     y = y + scale * d[inv]
     if expert_bias is not None:
-        y = y + expert_bias[expert_idx][:, :, None, None]
+        y = y + expert_bias[expert_idx].to(y.dtype)[:, :, None, None]  # autocast: y's dtype, as the fast paths
     return y
 
 
@@ -136,7 +136,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
             for s in range(x.shape[0])]
     y = torch.cat(outs) if outs else F.conv2d(x, Wd + delta[:1].sum(0) * 0, b, stride, padding, dilation, groups)
     if expert_bias is not None:
-        y = y + expert_bias[expert_idx][:, :, None, None]
+        y = y + expert_bias[expert_idx].to(y.dtype)[:, :, None, None]  # autocast: y's dtype, as the fast paths
     return y
 
 
