@@ -2081,6 +2081,22 @@ def test_expert_bias_keeps_the_autocast_dtype_on_every_backend(op, backend):
     assert_close("autocast y", y, want, 3e-2)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_x_without_a_batch_dimension_is_refused(backend):
+    """lora_linear with x [in] said "expert_idx must be [S]=in"; the convs with x [C_in, H, W] ran F.conv2d's
+    unbatched form and failed in torch with a made-up input shape (or took C_in for the batch)."""
+    if L.available_backends("lora_linear", "cpu")[backend] != "ok":
+        pytest.skip(f"backend {backend!r} cannot run here")
+    W, A, B = torch.randn(4, 6), torch.randn(2, 2, 6), torch.randn(2, 4, 2)
+    with pytest.raises(ValueError, match=r"lora_linear: x must be \[S, \.\.\., in\] .*got \(6,\)"):
+        L.lora_linear(torch.randn(6), W, None, A, B, torch.tensor([0]), 0.5, backend=backend)
+    xc, Wc, Ac, Bc = torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2)
+    with pytest.raises(ValueError, match=r"lora_conv2d: x must be \[S, C_in, H, W\], got \(3, 5, 5\)"):
+        L.lora_conv2d(xc, Wc, None, Ac, Bc, torch.tensor([0, 1, 1]), 0.5, 1, 1, backend=backend)
+    with pytest.raises(ValueError, match=r"lora_conv2d_delta: x must be \[S, C_in, H, W\], got \(3, 5, 5\)"):
+        L.lora_conv2d_delta(xc, Wc, None, torch.randn(2, 4, 3, 3, 3), torch.tensor([0, 1, 1]), 1, 1)
+
+
 @pytest.mark.parametrize("op", ["lora_conv2d", "lora_conv2d_delta"])
 def test_padding_same_with_stride_is_refused(op):
     """padding='same' with stride 2 was accepted (F.conv2d refuses it); 'valid' works, unknown strings refused."""

@@ -224,6 +224,13 @@ def _check_idx(expert_idx: torch.Tensor, S: int, N: int, device: torch.device):
             raise ValueError(f"expert_idx values must lie in [0, {N}), got range [{lo}, {hi}]")
 
 
+def _check_conv_input(op: str, x):
+    """x [S, C_in, H, W]: an unbatched [C_in, H, W] ran as F.conv2d's unbatched input (its channels taken for the
+    batch by the expert index, torch's error naming a made-up shape)."""
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [S, C_in, H, W], got {tuple(x.shape)} (unsqueeze(0) a single sample)")
+
+
 def _check_conv_bias(bias, c_out: int):
     """F.conv2d's rule for every A stage (the in-base kernels read bias[o] of any shape: past its end)."""
     if bias is not None and tuple(bias.shape) != (c_out,):
@@ -275,6 +282,8 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     path on the first call with each key; "default" or any other conv A stage name: the default path.
     ``last_backend["lora_linear/a_stage"]`` says which ran ("default" or "in_base").
     """
+    if x.dim() < 2:  # [in]: its length was taken for the batch ("expert_idx must be [S]=in")
+        raise ValueError(f"lora_linear: x must be [S, ..., in] (a batch dimension first), got {tuple(x.shape)}")
     N, r, K = A.shape
     if W.shape[1] != K or x.shape[-1] != K or B.shape != (N, W.shape[0], r):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
@@ -344,6 +353,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     declares A block diagonal over its flat (C_in/g, kh, kw) columns (``a_blocks`` blocks of r/a_blocks
     rank rows; reference.loralib_conv_as_factorised builds one): the implicit A stage then skips the
     zero blocks and reports their entries' gradient as 0 (structural zeros); other paths use A as given."""
+    _check_conv_input("lora_conv2d", x)
     explicit_stage = a_stage is not None
     a_stage = _resolve_a_stage(a_stage)
     N, r = A.shape[:2]
@@ -484,6 +494,7 @@ def _auto_delta_backend(x):
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
                       *, backend=None):
     """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
+    _check_conv_input("lora_conv2d_delta", x)
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
