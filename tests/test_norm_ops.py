@@ -331,6 +331,42 @@ def test_global_backend_only_concerns_ops_that_have_it():
         ops.set_backend(None)
 
 
+def test_misspelt_ppap_fast_backend_is_refused_by_every_op():
+    """PPAP_FAST_BACKEND=<a name no op has> matched no backend and was ignored silently (every op chose
+    automatically); now each op raises, naming the variable. 'auto' still means the automatic choice."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from ppap_fast import ops
+from ppap_fast.ops import lora, norm
+from ppap_fast.schedule import Schedule
+x, idx = torch.randn(2, 3, 4), torch.tensor([0, 1])
+calls = {
+    "norm": lambda: norm.expert_layer_norm(x, idx, torch.ones(2, 4), torch.zeros(2, 4)),
+    "lora": lambda: lora.lora_linear(x, torch.randn(5, 4), None, torch.randn(2, 2, 4), torch.randn(2, 5, 2), idx, 1.0),
+    "update": lambda: ops.guided_update(x, x, idx, ops.build_table(Schedule.create("linear", 1000, "ddim5"), "ddim")),
+}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "ran")
+    except ValueError as exc:
+        print(name, "refused:", exc)
+"""
+    outs = {}
+    for value in ("trtion", "auto"):
+        env = dict(os.environ, PPAP_FAST_BACKEND=value)
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[value] = res.stdout.splitlines()
+    msg = "refused: PPAP_FAST_BACKEND='trtion' is no backend; expected one of ('cuda', 'cpp', 'triton', 'reference') or 'auto'"
+    assert outs["trtion"] == [f"{name} {msg}" for name in ("norm", "lora", "update")]
+    assert outs["auto"] == ["norm ran", "lora ran", "update ran"]
+
+
 def test_triton_layer_and_group_norm_run_in_fp32_under_autocast():
     """As torch.autocast does for layer_norm / group_norm on CUDA: float32 in, float32 out."""
     x, idx = torch.randn(4, 6, 5).bfloat16(), torch.tensor([0, 1, 1, 0])

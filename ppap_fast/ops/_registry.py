@@ -31,7 +31,17 @@ class _Op:
 
 
 _OPS: dict[str, _Op] = {}
-_forced: str | None = os.environ.get("PPAP_FAST_BACKEND") or None
+_forced: str | None = os.environ.get("PPAP_FAST_BACKEND") or None  # a bad name raises at the first op (forced())
+if _forced == "auto":
+    _forced = None
+
+
+def forced() -> str | None:
+    """The backend forced for every op that has it (set_backend / PPAP_FAST_BACKEND), or None. A misspelt
+    PPAP_FAST_BACKEND raises here: it matched no op's backend and was ignored, silently."""
+    if _forced is not None and _forced not in BACKENDS:
+        raise ValueError(f"PPAP_FAST_BACKEND={_forced!r} is no backend; expected one of {BACKENDS} or 'auto'")
+    return _forced
 
 
 @contextlib.contextmanager
@@ -72,7 +82,7 @@ def select(op: str, device: torch.device, backend: str | None = None) -> Callabl
     """The implementation to run for `op` on `device` (records the choice)."""
     device = torch.device(device)
     entry = _OPS[op]
-    if backend is None and _forced is not None and _forced in entry.impls:
+    if backend is None and forced() is not None and _forced in entry.impls:
         backend = _forced  # a global choice applies to the ops that have that backend; explicit ones are strict
     if backend is not None and backend != "auto":
         reason = why_unavailable(op, backend, device)
@@ -93,7 +103,7 @@ def select_gated(op: str, x: torch.Tensor, backend: str | None, fast_dtypes, ref
     falls back to the reference, and a fast backend asked for (explicitly, or by a global set_backend:
     it must run where asked) raises."""
     b = backend
-    if b is None and _forced in _OPS[op].impls:
+    if b is None and forced() in _OPS[op].impls:
         b = _forced
     why = reference_only or (None if x.dtype in fast_dtypes else f"takes fp32/fp16/bf16, got {x.dtype}")
     if why is not None:

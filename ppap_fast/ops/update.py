@@ -173,7 +173,7 @@ def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None
         # the kernels' outputs would keep no graph to the inputs (no gradient, silently)
         fn = _registry.select_gated(OP, x, backend, (x.dtype,), "is forward-only (an input requires grad)")
         return fn(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=clip_denoised)
-    if backend in (None, "auto") and x.is_cuda and _registry._forced is None:
+    if backend in (None, "auto") and x.is_cuda and _registry.forced() is None:
         pick = auto_cuda_backend(x.dtype, x.numel())
         if _registry.why_unavailable(OP, pick, x.device) is None:
             backend = pick

@@ -179,8 +179,8 @@ def _env_backend(op: str) -> Optional[str]:
 def _pick(op: str, x: torch.Tensor, backend: Optional[str], skip: tuple = ()) -> str:
     order = _ORDER[op]
     backend = backend or _env_backend(op)
-    if backend is None and _registry._forced in order:  # ops.set_backend(name): the ops that have it
-        backend = _registry._forced
+    if backend is None and _registry.forced() in order:  # ops.set_backend(name): the ops that have it
+        backend = _registry.forced()
     if backend not in (None, "auto"):
         if backend not in order:
             raise BackendUnavailableError(f"op {op!r} has no backend {backend!r}; it has {order}")
@@ -507,7 +507,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         return reference.lora_conv2d_delta(x, W, bias, delta, expert_idx, stride, padding, dilation, groups,
                                            expert_bias)
     if backend in (None, "auto") and _env_backend("lora_conv2d_delta") is None \
-            and _registry._forced not in _ORDER["lora_conv2d_delta"]:  # a global choice still wins
+            and _registry.forced() not in _ORDER["lora_conv2d_delta"]:  # a global choice still wins
         backend = _auto_delta_backend(x)
     b = _pick("lora_conv2d_delta", x, backend)
     from . import vectorized
