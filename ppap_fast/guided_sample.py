@@ -28,7 +28,8 @@ Writes OUT (.npz: ``images`` uint8 N x H x W x C, quantised as guided-diffusion'
 and OUT with .json: NFE, seconds, images/s, peak memory (``peak_memory_mb``: the CUDA allocator's
 peak on a GPU, the process's peak RSS on a CPU, named by ``peak_memory_kind``: "cuda_allocator" |
 "process_rss"; ``peak_rss_mb`` on both), DDPM's ``var_type`` (a diffusers scheduler's fixed_small /
-fixed_large, else the sampler's default), the configuration.
+fixed_large, else the sampler's default), ``clip_x0`` (the bound x0 was clipped to: a diffusers scheduler's
+clip_sample_range, null with clip_sample=False, else 1.0), the configuration.
 """
 from __future__ import annotations
 
@@ -440,7 +441,7 @@ def run_guided_sample(cfg: GuidedSampleConfig, progress: bool = True) -> dict:
     if cfg.sampler == "ddpm" and var_type is None:  # the sampler's default
         var_type = "learned_range" if out_channels == 2 * cfg.channels else "fixed_large"
     stats = {"out": str(out), "num_samples": cfg.num_samples, "sampler": cfg.sampler, "var_type": var_type,
-             "steps": steps, "path": "fast" if cfg.fast else "reference", "device": str(device),
+             "clip_x0": clip, "steps": steps, "path": "fast" if cfg.fast else "reference", "device": str(device),
              "fast_options": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in applied.items()},
              "nfe_per_sample": steps, "guide_evals_per_sample": steps if guided else 0,
              "seconds": round(seconds, 3), "images_per_s": round(cfg.num_samples / max(seconds, 1e-9), 3),

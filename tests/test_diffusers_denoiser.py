@@ -366,3 +366,21 @@ def test_the_schedulers_x0_clip_is_followed(saved, tmp_path):
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "clip_sample_range": bad}))
         with pytest.raises(ValueError, match=f"has clip_sample_range={bad!r}: give a finite bound > 0"):
             D.denoiser_clip(f"diffusers:{paths['range2']}", fast=True)
+
+
+def test_guided_sample_stats_record_the_x0_clip(saved, tmp_path):
+    """The stats JSON recorded var_type but not the x0 clip a diffusers scheduler config can turn off or widen."""
+    unet_dir, pipe_dir, unet = saved
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(clip_sample=False)).save_pretrained(tmp_path / "noclip")
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(clip_sample_range=2.0)).save_pretrained(tmp_path / "range2")
+
+    def clip_x0(path, *extra):
+        out = tmp_path / f"{path.name}.npz"
+        assert main(["guided-sample", "--out", str(out), "--denoiser", f"diffusers:{path}", "--channels", "1",
+                     "--image-size", "8", "--num-samples", "1", "--steps", "2", "--no-progress", "--device", "cpu",
+                     *extra]) == 0
+        return json.loads(out.with_suffix(".json").read_text())["clip_x0"]
+
+    assert clip_x0(pipe_dir) == 1.0 and clip_x0(unet_dir) == 1.0
+    assert clip_x0(tmp_path / "noclip") is None
+    assert clip_x0(tmp_path / "range2", "--no-fast") == 2.0
