@@ -1809,3 +1809,60 @@ def test_abar_tables_of_one_scheduler_are_kept_per_device():
     assert sum(k[0] == id(sched) for k in g._tables) == TABLES_PER_SCHEDULER
     assert g._abar(sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1)) is g._abar(
         sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1))
+
+
+def test_abar_tables_go_with_their_schedulers():
+    """Tables were cached by the scheduler's id until the id was reused or _forget ran: 100 short-lived schedulers
+    left 100 tables (and their alphas_cumprod). A collected scheduler's entries now leave the cache."""
+    import gc
+
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    scheds = [DDIMScheduler(beta_end=0.02 + i * 1e-5) for i in range(100)]
+    for s in scheds:
+        g._abar(s, "cpu")
+    assert len(g._tables) == 100
+    del scheds, s
+    gc.collect()
+    assert len(g._tables) == 0
+    for i in range(100):  # one at a time
+        g._abar(DDIMScheduler(beta_end=0.02 + i * 1e-5), "cpu")
+    gc.collect()
+    assert len(g._tables) == 0
+
+
+def test_a_new_scheduler_under_a_reused_id_gets_its_own_table(monkeypatch):
+    """Forced: every scheduler and table gets the same id, so a new scheduler's key is the collected one's."""
+    import builtins
+    import gc
+
+    from ppap_fast.integrations import diffusers as integ
+
+    monkeypatch.setattr(integ, "id", lambda o: 7 if isinstance(o, (DDIMScheduler, torch.Tensor)) else builtins.id(o),
+                        raising=False)
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    old = DDIMScheduler()
+    assert torch.equal(g._abar(old, "cpu"), old.alphas_cumprod.double())
+    del old
+    gc.collect()
+    assert not g._tables  # the collected scheduler's entry left with it
+    new = DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    assert torch.equal(g._abar(new, "cpu"), new.alphas_cumprod.double())
+
+
+class _NoWeakRefs:  # a scheduler that takes no weak reference: its tables hold it
+    __slots__ = ("alphas_cumprod", "timesteps", "config", "init_noise_sigma")
+
+    def __init__(self, acp):
+        self.alphas_cumprod, self.timesteps, self.config, self.init_noise_sigma = acp, torch.arange(3), {}, 1.0
+
+
+def test_schedulers_without_weak_references_are_held_at_most_held_schedulers():
+    from ppap_fast.integrations.diffusers import HELD_SCHEDULERS
+
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    acp = DDIMScheduler().alphas_cumprod
+    held = [_NoWeakRefs(acp * (1 - i * 1e-6)) for i in range(HELD_SCHEDULERS + 5)]
+    for s in held:
+        assert torch.equal(g._abar(s, "cpu"), s.alphas_cumprod.double())
+    assert len(g._tables) == HELD_SCHEDULERS
+    assert {k[0] for k in g._tables} == {id(s) for s in held[-HELD_SCHEDULERS:]}

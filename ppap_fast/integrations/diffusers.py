@@ -108,15 +108,24 @@ def _sigma_space(scheduler) -> bool:
     return abs(_init_noise_sigma(scheduler) - 1.0) > 1e-6
 
 
-def _ref(obj):
-    """A weak reference to obj where it takes one, else obj itself (held)."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return lambda: obj
-
-
 TABLES_PER_SCHEDULER = 4  # devices whose abar table of one scheduler PPAPGuidance keeps
+HELD_SCHEDULERS = 8  # schedulers without weak references whose tables PPAPGuidance keeps (holding them)
+
+
+def _entry_ref(scheduler, owner: "PPAPGuidance", key):
+    """A weak reference to ``scheduler`` whose collection drops its table entry ``key`` from ``owner``'s cache
+    (the key's ids can be reused by new objects); a scheduler that takes no weak reference is held."""
+    owner_ref = weakref.ref(owner)
+
+    def drop(ref):
+        g = owner_ref()
+        if g is not None and g._tables.get(key, (None,) * 3)[2] is ref:
+            g._tables.pop(key, None)
+
+    try:
+        return weakref.ref(scheduler, drop)
+    except TypeError:
+        return lambda: scheduler
 
 
 def _table_current(entry, scheduler, acp) -> bool:
@@ -215,7 +224,8 @@ class PPAPGuidance:
 
     def _forget(self, scheduler) -> None:
         """Drop the tables cached for ``scheduler`` (a temporary copy: its id may be reused)."""
-        self._tables = {k: v for k, v in self._tables.items() if k[0] != id(scheduler)}
+        for k in [k for k in self._tables.copy() if k[0] == id(scheduler)]:  # a copy: entries go as schedulers die
+            self._tables.pop(k, None)
 
     def _table(self, scheduler, device) -> tuple:
         """(abar table on device, whether the scheduler samples in sigma space), made once per scheduler."""
@@ -260,14 +270,23 @@ class PPAPGuidance:
                                   else torch.float64)
             # this scheduler's tables on other devices are kept while current (alternating devices rebuilt
             # each time), at most TABLES_PER_SCHEDULER, the oldest dropped first
-            mine = [k for k, v in self._tables.items()
+            # (iterating copies: a collected scheduler's entry leaves the cache from its weak reference's callback)
+            mine = [k for k, v in self._tables.copy().items()
                     if k[0] == id(scheduler) and (k == key or not _table_current(v, scheduler, acp))]
             for k in mine:
-                del self._tables[k]
-            mine = [k for k in self._tables if k[0] == id(scheduler)]
+                self._tables.pop(k, None)
+            mine = [k for k in self._tables.copy() if k[0] == id(scheduler)]
             for k in mine[:max(0, len(mine) - TABLES_PER_SCHEDULER + 1)]:
-                del self._tables[k]
-            entry = self._tables[key] = (tab, sigma_space, _ref(scheduler), acp, _version(acp))
+                self._tables.pop(k, None)
+            ref = _entry_ref(scheduler, self, key)
+            if not isinstance(ref, weakref.ref):  # held schedulers: the oldest others' tables dropped (and them)
+                tables = self._tables.copy()
+                held = list(dict.fromkeys(k[0] for k, v in tables.items()
+                                          if k[0] != id(scheduler) and not isinstance(v[2], weakref.ref)))
+                gone = set(held[:max(0, len(held) - HELD_SCHEDULERS + 1)])
+                for k in [k for k in tables if k[0] in gone]:
+                    self._tables.pop(k, None)
+            entry = self._tables[key] = (tab, sigma_space, ref, acp, _version(acp))
         return entry[:2]
 
     def _range_checked_table(self, scheduler, num_train_timesteps: int):
