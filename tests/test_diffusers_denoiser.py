@@ -384,3 +384,34 @@ def test_guided_sample_stats_record_the_x0_clip(saved, tmp_path):
     assert clip_x0(pipe_dir) == 1.0 and clip_x0(unet_dir) == 1.0
     assert clip_x0(tmp_path / "noclip") is None
     assert clip_x0(tmp_path / "range2", "--no-fast") == 2.0
+
+
+def test_the_cli_ddim_step_is_ddim_pipelines_with_the_clipped_models_output(saved):
+    """The CLI's DDIM re-derives eps from the clipped x0 (guided-diffusion): diffusers' DDIMScheduler.step with
+    use_clipped_model_output=True, not its default (the model's eps), as the README's diffusers:PATH note says."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from ppap_fast.sampling import sample_loop
+    from ppap_fast.schedule import Schedule
+
+    _, _, unet = saved
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def diffusers_ddim(**kw):
+        sched = DDIMScheduler(clip_sample=True)
+        sched.set_timesteps(4)
+        x = x_T.clone()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(unet(x, t).sample, t, x, eta=0.0, **kw).prev_sample
+        return x
+
+    with torch.no_grad():
+        ours = sample_loop(unet, x_T.clone(), Schedule.create("linear", 1000, respacing="ddim4"), sampler="ddim")
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, diffusers_ddim(use_clipped_model_output=True), rtol=0, atol=1e-5)
+    assert (ours - diffusers_ddim()).abs().max() > 1e-2  # the default keeps the model's eps: other images
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "use_clipped_model_output=True" in readme.split("--denoiser diffusers:PATH", 1)[1]
