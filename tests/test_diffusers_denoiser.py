@@ -415,3 +415,47 @@ def test_the_cli_ddim_step_is_ddim_pipelines_with_the_clipped_models_output(save
     assert (ours - diffusers_ddim()).abs().max() > 1e-2  # the default keeps the model's eps: other images
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "use_clipped_model_output=True" in readme.split("--denoiser diffusers:PATH", 1)[1]
+
+
+def test_generation_identity_covers_the_scheduler_keys_that_change_images(saved, tmp_path):
+    """The set's identity fingerprints the UNet's files, not the scheduler config: each key the CLI reads either
+    must match the run (check_schedule: beta schedule, T, prediction type, ...) or is in the identity when not the
+    default (var_type, clip_x0); the others (timestep spacing, offsets, the class under DDIM) change no image."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    _, _, unet = saved
+
+    def pipe(name, sched):
+        DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    def cfg(path, sampler="ddim"):
+        return D.GenerateConfig(out_dir=str(tmp_path / f"set_{path.name}"), num_images=2, shard_size=2, image_size=8,
+                                channels=1, denoiser=f"diffusers:{path}", respacing="ddim4" if sampler == "ddim" else "4",
+                                sampler=sampler, device="cpu", fast=False)
+
+    def ident(path, sampler="ddim"):
+        return {k: v for k, v in cfg(path, sampler).identity().items() if k != "denoiser"}  # its folder
+
+    def images(path):
+        D.generate(cfg(path), D.DistEnv())
+        x = np.load(tmp_path / f"set_{path.name}" / "shard_00000.npz")["images"]
+        assert x.shape == (2, 8, 8, 1)
+        return x
+
+    base = pipe("base", DDPMScheduler())
+    want = images(base)
+    for name, sched in (("spacing", DDPMScheduler(timestep_spacing="trailing", steps_offset=1)),
+                        ("ddim", DDIMScheduler(set_alpha_to_one=False, timestep_spacing="linspace"))):
+        path = pipe(name, sched)
+        assert ident(path) == ident(base) and np.array_equal(images(path), want), name
+    assert ident(pipe("ddim_for_ddpm", DDIMScheduler()), "ddpm") != ident(base, "ddpm")  # fixed_large, not small
+    for name, kw in (("noclip", dict(clip_sample=False)), ("range2", dict(clip_sample_range=2.0))):
+        path = pipe(name, DDPMScheduler(**kw))
+        assert ident(path) != ident(base) and not np.array_equal(images(path), want), name
+    for name, kw, msg in (("cos", dict(beta_schedule="squaredcos_cap_v2"), "pass --schedule cosine"),
+                          ("t500", dict(num_train_timesteps=500, beta_start=2e-4, beta_end=0.04), "--num-timesteps 500"),
+                          ("v", dict(prediction_type="v_prediction"), "predicts 'v_prediction'")):
+        with pytest.raises(ValueError, match=msg):
+            images(pipe(name, DDPMScheduler(**kw)))
