@@ -459,3 +459,17 @@ def test_generation_identity_covers_the_scheduler_keys_that_change_images(saved,
                           ("v", dict(prediction_type="v_prediction"), "predicts 'v_prediction'")):
         with pytest.raises(ValueError, match=msg):
             images(pipe(name, DDPMScheduler(**kw)))
+
+
+def test_a_unet_folders_sibling_scheduler_is_not_its_own(saved, tmp_path):
+    """A UNet saved alone took the scheduler config of a sibling scheduler/ folder (another model's) as its own; a
+    pipeline's unet/ folder still takes its pipeline's."""
+    _, _, unet = saved
+    unet.save_pretrained(tmp_path / "unet_only")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "scheduler")
+    den = D.build_denoiser(f"diffusers:{tmp_path / 'unet_only'}", None, 1, "cpu", "linear", 1000)
+    with torch.no_grad():
+        assert torch.isfinite(den(torch.zeros(1, 1, 8, 8), torch.tensor([5]))).all()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="pass --schedule cosine"):
+        D.build_denoiser(f"diffusers:{tmp_path / 'p' / 'unet'}", None, 1, "cpu", "linear", 1000)

@@ -63,11 +63,13 @@ def unet_dir(path) -> Path:
 
 def scheduler_config(path) -> dict | None:
     """The pipeline's scheduler config (``scheduler/scheduler_config.json``, or one beside the UNet's
-    config), None where the folder holds the UNet alone."""
+    config; for a pipeline's ``unet/`` folder, the pipeline's), None where the folder holds the UNet alone."""
     p = Path(path)
+    up = unet_dir(p).parent
+    in_pipeline = (up / "model_index.json").is_file()  # not a sibling folder's scheduler
     for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
-                 unet_dir(p).parent / "scheduler" / "scheduler_config.json"):
-        if cand.is_file():
+                 up / "scheduler" / "scheduler_config.json" if in_pipeline else None):
+        if cand is not None and cand.is_file():
             return json.loads(cand.read_text())
     return None
 
