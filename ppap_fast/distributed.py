@@ -652,7 +652,7 @@ class GenerateConfig:
         """What determines the images (hashed and compared across ranks and restarts). ``fast``
         is part of it (the two paths round differently); absent when False, so sets written
         before the field existed (reference path) keep their hash. The micro-batch size is not
-        (like the device: rounding only), except for "shard_stream" sets, whose one noise stream
+        (nor the device: rounding only; the manifest records it beside the identity), except for "shard_stream" sets, whose one noise stream
         per shard was consumed micro-batch after micro-batch; their identity is the one they were
         written with."""
         d = dataclasses.asdict(self)
@@ -702,11 +702,15 @@ def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.npz"
 
 
-def _manifest(cfg: GenerateConfig, ident: dict, h: str, world: int, complete: bool) -> dict:
+def _manifest(cfg: GenerateConfig, ident: dict, h: str, world: int, complete: bool,
+              device_type: str | None = None) -> dict:
+    """``device_type``: what the shards were sampled on, beside the identity (not in its hash); None: unknown
+    (a set begun before the record), left out."""
     n_shards = -(-cfg.num_images // cfg.shard_size)
     return {"kind": "datafree", "format": FORMAT, "num_images": cfg.num_images, "shard_size": cfg.shard_size,
             "num_shards": n_shards, "complete": complete, "shards": [_shard_name(k) for k in range(n_shards)],
             "config": ident, "config_hash": h, "world_size": world,
+            **({} if device_type is None else {"device_type": device_type}),
             "shard_rule": "shard k: x_T ~ torch.Generator().manual_seed(seed * 1000003 + k)" + (
                 ", sampler noise from the same generator, micro-batch after micro-batch"
                 if cfg.step_noise == "shard_stream" else
@@ -720,10 +724,14 @@ def _nothing_written(out: Path, manifest: dict) -> bool:
     return manifest.get("complete") is False and not any(out.glob("shard_*.npz"))
 
 
-def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of) -> tuple[list, list, bool]:
+def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of,
+                 device_type: str = "cpu") -> tuple[list, list, bool, str | None]:
     """Rank 0: check an existing manifest, remove stale temporary files, scan the shards, mark the set incomplete.
-    Returns (stale names removed, shards to write, whether a finished set's manifest was kept as it is)."""
+    Returns (stale names removed, shards to write, whether a finished set's manifest was kept as it is, the device
+    type to record). A set with shards missing resumes only on the device type it records (devices round
+    differently); a finished set is only read, and one from before the record resumes anywhere."""
     from .data.shards import write_json_atomic
+    from .distill import _recorded_device_type
 
     out = check_output_dir(cfg.out_dir, "--out")  # mkdir said only "[Errno 17] File exists"
     if out.is_dir():  # as the CLI's generate: shards and a manifest were written among other files
@@ -779,12 +787,18 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of)
         p.unlink(missing_ok=True)
     n_shards = -(-cfg.num_images // cfg.shard_size)
     todo = [k for k in range(n_shards) if not shard_is_complete(out / _shard_name(k), count_of(k))]
+    recorded = _recorded_device_type(out)
+    if recorded not in (None, device_type) and todo:
+        raise ValueError(f"{out} holds shards sampled on {recorded!r}, not {device_type!r}: a mix would match no "
+                         f"uninterrupted run; finish it with --device {recorded}, or use another directory")
+    unknown = recorded is None and old is not None and not _nothing_written(out, old)  # shards from before the record
+    to_record = None if unknown else recorded or device_type
     # a finished set with nothing to write keeps its manifest byte for byte: its hash is the set's identity
     # (distill's data_manifest), and a rerun with another world size changed it (a distill resume was refused)
     keep = old is not None and not todo and old.get("complete") is True and old.get("config_hash") == h
     if not keep:
-        write_json_atomic(m, _manifest(cfg, ident, h, world, complete=False))
-    return [p.name for p in stale], todo, keep
+        write_json_atomic(m, _manifest(cfg, ident, h, world, complete=False, device_type=to_record))
+    return [p.name for p in stale], todo, keep, to_record
 
 
 class SimulatedCrash(BaseException):
@@ -856,10 +870,15 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
     def count_of(k):
         return min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
 
-    err, stale, todo, keep = None, [], None, False
-    if env.rank == 0:
+    device_type = env.device.type
+    types = _gather(device_type, env)
+    err, stale, todo, keep, recorded_type = None, [], None, False, None
+    if env.rank == 0 and len(set(types)) > 1:  # one set, two roundings
+        err = (f"the ranks sample on different device types ({', '.join(f'rank {r}: {t}' for r, t in enumerate(types))})"
+               "; start every rank with the same --device")
+    elif env.rank == 0:
         try:
-            stale, todo, keep = _prepare_dir(cfg, ident, h, env.world_size, count_of)
+            stale, todo, keep, recorded_type = _prepare_dir(cfg, ident, h, env.world_size, count_of, device_type)
         except (ValueError, OSError) as e:
             err = str(e)
     raise_if_any(err, env, "output directory check")
@@ -948,7 +967,8 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         if missing:
             err = f"shards {missing[:10]} are still missing or damaged after generation"
         elif not keep:
-            write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True))
+            write_json_atomic(out / MANIFEST, _manifest(cfg, ident, h, env.world_size, complete=True,
+                                                        device_type=recorded_type))
     raise_if_any(err, env, "final shard check")
     res = {"rank": env.rank, "world_size": env.world_size, "written": written, "skipped": skipped,
            "removed_stale_tmp": stale, "num_shards": n_shards, "config_hash": h,

@@ -169,6 +169,8 @@ def data_set_summary(path, verify: bool = False, progress: bool = False) -> dict
         raise ValueError(f"{path / SET_MANIFEST} is not a ppap_fast data-free set manifest (no shards list / num_images)")
     config = man.get("config") if isinstance(man.get("config"), dict) else man  # distributed: nested
     settings = {k: config[k] for k in _SET_SETTINGS if k in config}
+    if "device_type" in man:  # distributed: beside its config (not part of the identity)
+        settings["device_type"] = man["device_type"]
     for k in ("unet_state", "teacher_state"):
         if isinstance(settings.get(k), str):
             settings[k] = settings[k][:16]

@@ -1845,3 +1845,47 @@ def test_computed_teacher_targets_survive_a_restart_with_another_batch_size_or_a
     assert {f.name: (f.stat().st_ino, f.read_bytes()) for f in files} == before
     man = json.loads((out / D.TARGETS_DIR / D.MANIFEST).read_text())
     assert "micro_batch" not in man and man["data_manifest"] == D.data_manifest_hash(moved)
+
+
+def test_generate_records_its_device_type_beside_the_identity_and_resumes_only_on_it(tmp_path, monkeypatch):
+    """The device was left out of the set's identity (rounding only), so a set begun on a GPU and finished on the CPU
+    mixed the two roundings silently. The manifest records it beside the identity (its hash unchanged); a resume on
+    another type is refused, a finished set is only read, and a set from before the record resumes anywhere."""
+    from ppap_fast.info import data_set_summary
+
+    cfg = D.GenerateConfig(str(tmp_path / "s"), **{**GEN, "num_images": 4})
+    out, manifest = tmp_path / "s", tmp_path / "s" / D.MANIFEST
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        mp.setenv("PPAP_FAST_TEST_KILL_AFTER_SHARDS", "1")
+        with pytest.raises(D.SimulatedCrash):
+            D.generate(cfg, D.DistEnv())
+    meta = json.loads(manifest.read_text())
+    assert meta["device_type"] == "cpu" and "device_type" not in meta["config"]
+    assert meta["config_hash"] == D.config_hash(cfg.identity())  # the identity of sets written before the record
+    assert data_set_summary(out)["settings"]["device_type"] == "cpu"
+    with pytest.raises(D.DistributedRunError, match=r"holds shards sampled on 'cpu', not 'cuda'.*--device cpu, or"):
+        D.generate(cfg, D.DistEnv(device=torch.device("cuda")))
+    manifest.write_text(json.dumps({**meta, "device_type": "cuda"}))  # as if begun on a GPU
+    with pytest.raises(D.DistributedRunError, match=r"holds shards sampled on 'cuda', not 'cpu'.*--device cuda"):
+        D.generate(cfg, D.DistEnv())
+    assert [p.name for p in out.glob("shard_*.npz")] == ["shard_00000.npz"]
+    del meta["device_type"]  # a set written before the record: its device is unknown, so it stays unrecorded
+    manifest.write_text(json.dumps(meta))
+    assert D.generate(cfg, D.DistEnv())["written"] == [1]
+    done = json.loads(manifest.read_text())
+    assert done["complete"] is True and "device_type" not in done
+
+    manifest.write_text(json.dumps({**done, "device_type": "cuda"}))  # a finished GPU set is only read
+    before = manifest.read_bytes()
+    assert D.generate(cfg, D.DistEnv())["written"] == [] and manifest.read_bytes() == before
+    (out / "shard_00001.npz").unlink()  # it would be resampled on the CPU
+    with pytest.raises(D.DistributedRunError, match=r"holds shards sampled on 'cuda', not 'cpu'"):
+        D.generate(cfg, D.DistEnv())
+
+    gather = D._gather  # ranks on two device types would write one set with two roundings
+    monkeypatch.setattr(D, "_gather", lambda obj, env: [obj, "cuda"] if obj == "cpu" else gather(obj, env))
+    with pytest.raises(D.DistributedRunError, match=r"different device types \(rank 0: cpu, rank 1: cuda\); start "
+                                                    "every rank with the same --device"):
+        D.generate(D.GenerateConfig(str(tmp_path / "mixed"), **GEN), D.DistEnv())
+    assert not (tmp_path / "mixed").exists()
