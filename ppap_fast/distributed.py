@@ -108,7 +108,7 @@ Distillation (:func:`distill`)
         statistics of that expert's samples on that rank (as DDP without SyncBatchNorm does).
         With N experts, per-rank batch b, each expert sees about b / N samples per rank: keep
         b / N large enough (>= 16 or so) for stable statistics;
-      * running statistics are NOT broadcast during training (``broadcast_buffers=False``:
+      * running statistics are NOT broadcast during training (``forward_sync_buffers=False``:
         DDP's default would overwrite every rank's statistics with rank 0's at every forward);
         each rank accumulates its own, and at checkpoint time :func:`sync_expert_batchnorm_stats`
         merges them with an all_reduce: ``mean = avg_r mean_r``,
@@ -1612,6 +1612,20 @@ def distill(cfg: DistillConfig, env: DistEnv | None = None, progress: bool = Fal
         return _distill(cfg, env, progress)
 
 
+def _ddp_with_local_buffers(bank: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over ``bank`` that never syncs its buffers at a forward: each rank keeps its own BatchNorm running
+    statistics, merged by :func:`sync_expert_batchnorm_stats`. ``forward_sync_buffers=False`` (torch 2.13+;
+    ``broadcast_buffers=False`` is deprecated, a FutureWarning every run) still broadcasts rank 0's buffers once
+    here, a no-op: every rank built the same bank, and a resume loads its own statistics after this."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    local = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+             else "broadcast_buffers")
+    return DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, **{local: False})
+
+
 def _check_loss_fits(loss: str, shape: tuple, teacher: str) -> None:
     """A ValueError when ``loss`` cannot train on the teacher's outputs of per-image ``shape``: kl takes K >= 2
     class logits, pixel_kl C >= 2 class logits per pixel (a softmax over one logit is 1: the loss was 0, nothing
@@ -1633,8 +1647,6 @@ _DISTILL_OUTPUTS = (TRAIN_STATE, "experts.safetensors", "config.json", "train_su
 
 
 def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from .data import ShardSet, from_uint8
     from .data.shards import write_json_atomic
     from .distill import (check_loss_reduction, distill_loss_per_sample, expert_counts, expert_mean_loss,
@@ -1747,7 +1759,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
                         .to(device).train(), env, "placing the bank")
     model = bank
     if env.distributed:
-        model = DDP(bank, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = _ddp_with_local_buffers(bank, device)
     graphed = False
     if cfg.cuda_graph is not False:  # None: captured where possible (H100: 3.6-4.4x the eager step)
         from .train_graph import why_no_graph

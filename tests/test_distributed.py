@@ -1889,3 +1889,21 @@ def test_generate_records_its_device_type_beside_the_identity_and_resumes_only_o
                                                     "every rank with the same --device"):
         D.generate(D.GenerateConfig(str(tmp_path / "mixed"), **GEN), D.DistEnv())
     assert not (tmp_path / "mixed").exists()
+
+
+def test_ddp_keeps_buffers_rank_local_without_a_deprecation_warning(tmp_path):
+    """DDP(..., broadcast_buffers=False) printed torch's FutureWarning on every distill run; the replacement keeps
+    each rank's BatchNorm statistics its own at every forward (merged by sync_expert_batchnorm_stats)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        bank = torch.nn.BatchNorm1d(3).train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = D._ddp_with_local_buffers(bank, torch.device("cpu"))
+            model(torch.arange(6.0).reshape(2, 3))
+        assert model.forward_sync_buffers is False and model.module is bank
+        torch.testing.assert_close(bank.running_mean, torch.tensor([0.15, 0.25, 0.35]), rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
