@@ -1075,9 +1075,41 @@ def generating_schedule(manifest: dict, num_timesteps: int, where="the manifest"
 
 
 def data_manifest_hash(data_dir) -> str | None:
-    """Identity of a data set: a hash of its manifest (None without one)."""
+    """Identity of a data set: a hash of its manifest (None without one). Its shards' contents are not in it: a
+    resume compares them by :func:`changed_data_shards`."""
     m = Path(data_dir) / MANIFEST
     return hashlib.sha256(m.read_bytes()).hexdigest()[:32] if m.is_file() else None
+
+
+DATA_SHARD_CRCS = "data_shard_crcs"  # training-state metadata: the zip CRC-32s of the set's shards it trained on
+
+
+def data_shard_crcs(data) -> dict[str, str]:
+    """{shard file name: its members' CRC-32s} of the ShardSet ``data``, from the zip directories only (cheap)."""
+    from .data.shards import zip_member_crcs
+
+    return {name: zip_member_crcs(data.dir / name) for name in data.manifest["shards"]}
+
+
+def changed_data_shards(state_path, crcs: dict, data_dir) -> str | None:
+    """Why the training state ``state_path`` may not resume on a set whose shards' CRC-32s are ``crcs``: the
+    manifest alone identifies the set, so shards replaced after it was finished went unnoticed. None where they
+    are the ones it recorded, or it recorded none (a state written before the record)."""
+    recorded = read_train_state_meta(state_path).get(DATA_SHARD_CRCS)
+    if recorded is None:
+        return None
+    try:
+        recorded = json.loads(recorded)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        return f"{state_path}: its {DATA_SHARD_CRCS} record is damaged; remove it to start over"
+    changed = sorted(n for n in set(recorded) | set(crcs) if recorded.get(n) != crcs.get(n))
+    if not changed:
+        return None
+    return (f"{data_dir}: shard(s) {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''} differ from those "
+            f"{state_path} was trained on (their CRC-32s changed; same manifest): restore them, or remove "
+            f"{state_path} to start over")
 
 
 def resolve_loss(cfg: DistillConfig, task: str | None) -> str:
@@ -1715,10 +1747,16 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     if loss_kind == "pixel_kl":  # how its targets are rounded (other runs: unchanged identity, old states resume)
         ck_ident["targets_encoding"] = (MAX_SUBTRACTED if key is None else _cached_targets_encoding(data))
     ck_hash = config_hash(ck_ident)
-    err, found = None, False
+    err, found, shard_crcs = None, False, None
     if env.rank == 0:
-        found, err = _check_distill_state(state_path, ck_ident, Path(cfg.out_dir) / TARGETS_DIR / MANIFEST,
-                                          computed=key is None)
+        try:
+            shard_crcs = data_shard_crcs(data)
+            found, err = _check_distill_state(state_path, ck_ident, Path(cfg.out_dir) / TARGETS_DIR / MANIFEST,
+                                              computed=key is None)
+            if found and err is None:
+                err = changed_data_shards(state_path, shard_crcs, cfg.data_dir)
+        except ValueError as e:
+            err = str(e)
         if err is None:  # a killed write's temporaries (a training state each): only _atomic's exact names
             from .data.shards import remove_stale_tmp
 
@@ -1885,7 +1923,7 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 # the data generator as it was before the next batch (prefetching has drawn it already)
                 save_train_state(state_path, bank, opt, batches.generator_before_next(), done, losses, ck_ident,
-                                 ck_hash, env)
+                                 ck_hash, env, extra_meta={DATA_SHARD_CRCS: json.dumps(shard_crcs)})
             _kill_hook(env.rank, done, "PPAP_FAST_TEST_KILL_AFTER_STEPS")
     finally:
         batches.close()

@@ -1907,3 +1907,40 @@ def test_ddp_keeps_buffers_rank_local_without_a_deprecation_warning(tmp_path):
         torch.testing.assert_close(bank.running_mean, torch.tensor([0.15, 0.25, 0.35]), rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_distill_resume_refuses_shards_replaced_after_the_set_was_finished(tmp_path, monkeypatch):
+    """A resume identified the set by its manifest alone: shards swapped (same row counts, valid CRCs) after a kill
+    trained the rest on other data silently. The state records each shard's zip CRC-32s (directory only) and a
+    resume compares them; a state written before the record resumes as before."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ppap_fast.data import ShardSet
+
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2, r=2,
+                          alpha=2.0, steps=2, batch_size=2, device="cpu", checkpoint_every=1)
+    _distill_killed_after_step_1(cfg, monkeypatch)
+    state = tmp_path / "out" / D.TRAIN_STATE
+    with safe_open(str(state), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    crcs = json.loads(meta[D.DATA_SHARD_CRCS])
+    assert sorted(crcs) == ["shard_00000.npz", "shard_00001.npz"] and crcs == D.data_shard_crcs(ShardSet(data))
+    assert all(re.fullmatch(r"(\w+\.npy:[0-9a-f]{8},?)+", v) for v in crcs.values())
+    a, b, tmp = data / "shard_00000.npz", data / "shard_00001.npz", data / "swap"
+
+    def swap():
+        a.rename(tmp), b.rename(a), tmp.rename(b)
+
+    swap()
+    with pytest.raises(D.DistributedRunError, match=r"shard\(s\) shard_00000.npz, shard_00001.npz differ from those "
+                                                    r".*train_state.safetensors was trained on .*restore them, or remove"):
+        D.distill(cfg, D.DistEnv())
+    assert state.exists() and not (tmp_path / "out" / "experts.safetensors").exists()
+    del meta[D.DATA_SHARD_CRCS]  # a state written before the record: not checked
+    save_file(tensors, str(state), metadata=meta)
+    D.distill(cfg, D.DistEnv())
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 1 and np.isfinite(summary["losses"]).all()

@@ -167,6 +167,16 @@ def npz_members(path) -> dict[str, NpzMember]:
     return out
 
 
+def zip_member_crcs(path) -> str:
+    """Every member's name and CRC-32 as the zip directory of ``path`` records them ("name:crc,..."), no data read:
+    a file replaced by another with the same arrays' shapes changes it. ValueError for no readable zip."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return ",".join(f"{i.filename}:{i.CRC:08x}" for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable npz shard ({type(e).__name__}: {e})") from None
+
+
 def crc_problem(path) -> str | None:
     """Read the zip file ``path`` whole and check every member's CRC-32: None if all pass, else what failed."""
     try:
