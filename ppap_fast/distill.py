@@ -295,7 +295,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
              "teacher_temperature": TEACHER_TEMPERATURE}
     if loss != "kl":  # absent for the classifier: states written before the option keep their identity
         ident["loss"] = loss
-    state = LocalTrainState(checkpoint_path, ident)
+    state = LocalTrainState(checkpoint_path, ident, data=data)
     if verify:  # after the resume check: a rerun with other settings is refused without reading the set
         check_shards_intact(data, progress)
     if after_state_check is not None:

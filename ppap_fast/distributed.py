@@ -1242,10 +1242,12 @@ class LocalTrainState:
     distributed path's state file at ``path`` (None: none written, losses still collected), checked
     against ``ident`` on opening (a ValueError names what differs), elapsed time kept for max_minutes,
     each step's loss kept on the device until a save (no host sync per step); with :meth:`record`, also each
-    expert's mean loss over its samples of the step (``expert_losses``, NaN where it had none)."""
+    expert's mean loss over its samples of the step (``expert_losses``, NaN where it had none). ``data``: the
+    ShardSet trained on, whose shards' CRC-32s the state records and a resume compares (:func:`changed_data_shards`)."""
 
-    def __init__(self, path, ident: dict):
+    def __init__(self, path, ident: dict, data=None):
         self.path, self.ident, self.found = (None if path is None else Path(path)), ident, False
+        self.data_crcs = None if data is None or self.path is None else data_shard_crcs(data)
         self.losses: list = []
         self.step_losses: list = []
         self.expert_losses: list = []  # [step][expert]; rows of steps before a resume from an older state: NaN
@@ -1256,6 +1258,8 @@ class LocalTrainState:
             remove_stale_tmp(self.path, ".safetensors")  # a state write that was killed: its exact names only
             self.found, err = check_train_state(self.path, ident, f"use the same settings or remove {self.path} "
                                                                   "to start over")
+            if err is None and self.found and self.data_crcs is not None:
+                err = changed_data_shards(self.path, self.data_crcs, data.dir)
             if err is not None:
                 raise ValueError(err)
 
@@ -1302,8 +1306,11 @@ class LocalTrainState:
             model, opt, gen = self._parts
             extra = ({EXPERT_LOSSES: torch.tensor(self.expert_losses, dtype=torch.float64)}
                      if self.expert_losses else None)
+            meta = {"elapsed_s": repr(self.elapsed_s())}
+            if self.data_crcs is not None:
+                meta[DATA_SHARD_CRCS] = json.dumps(self.data_crcs)
             save_train_state(self.path, model, opt, gen, done, self.losses, self.ident, config_hash(self.ident),
-                             self._env, extra_meta={"elapsed_s": repr(self.elapsed_s())}, extra_tensors=extra)
+                             self._env, extra_meta=meta, extra_tensors=extra)
 
 
 @torch.no_grad()

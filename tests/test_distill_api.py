@@ -395,3 +395,37 @@ def test_generate_datafree_records_its_device_type_and_resumes_only_on_it(tmp_pa
     failed.mkdir()
     (failed / "manifest.json").write_text(json.dumps({**finished, "device_type": "cuda", "complete": False}))
     assert generate(failed) == [0, 1] and json.loads((failed / "manifest.json").read_text())["device_type"] == "cpu"
+
+
+def test_distill_ppap_resume_refuses_shards_replaced_since_its_state(tmp_path, monkeypatch):
+    """The state identified the set by its manifest alone: shards swapped after a kill (valid CRCs, same row counts)
+    trained the rest on other data silently. A resume compares the shards' zip CRC-32s the state recorded; a state
+    from before the record resumes as before."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ppap_fast import distributed as D
+    from ppap_fast.distill import distill_ppap
+
+    teacher = TinyResNet(widths=(4, 8), layers=(1, 1), in_channels=1, num_classes=3)
+    data, state = tmp_path / "set", tmp_path / "state.safetensors"
+    generate_datafree(_unet(1, 8), teacher, data, 4, 2, respacing="ddim2", progress=False)
+    kw = dict(n_experts=2, r=2, alpha=2.0, steps=2, batch_size=2, progress=False, checkpoint_path=state,
+              checkpoint_every=1)
+    with monkeypatch.context() as m:
+        m.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "1")
+        m.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+        with pytest.raises(D.SimulatedCrash):
+            distill_ppap(teacher, data, **kw)
+    a, b, tmp = data / "shard_00000.npz", data / "shard_00001.npz", data / "swap"
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    with pytest.raises(ValueError, match=r"set: shard\(s\) shard_00000.npz, shard_00001.npz differ from those .*state"
+                                         r"\.safetensors was trained on .*restore them, or remove"):
+        distill_ppap(teacher, data, **kw)
+    with safe_open(str(state), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["step"] == "1"
+    del meta[D.DATA_SHARD_CRCS]  # a state written before the record: not checked
+    save_file(tensors, str(state), metadata=meta)
+    bank = distill_ppap(teacher, data, **kw)
+    assert (bank.resumed_from_step, bank.trained_steps) == (1, 2) and np.isfinite(bank.train_losses).all()
