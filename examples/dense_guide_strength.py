@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ppap_fast import Schedule, SegmentationGuide
-from ppap_fast.cli import output_dir  # the CLI's checks, while parsing
+from ppap_fast.cli import int_between, output_dir, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import (DigitsSplits, from_uint8, ink_mask, save_figure_atomic, semantic_mask, to_uint8,
                             write_json_atomic)
 from ppap_fast.demo import WEIGHTS_DIR
@@ -60,15 +60,13 @@ def main():
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", type=output_dir, default="examples_out", help="output directory (created if missing)")
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (tiny models: more threads only spin)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--task", default="semantic", choices=["semantic", "segmentation"],
                     help="semantic: 11 classes (background, ink of digit 0..9); segmentation: ink strokes")
-    ap.add_argument("--t-step", type=int, default=50, help="spacing of the curves' timesteps")
+    ap.add_argument("--t-step", type=int_between(1, 999), default=50, help="spacing of the curves' timesteps")
     args = ap.parse_args()
     if args.device != "cpu":
         ap.error("--device: only cpu (the digits networks are tiny)")
-    if not 1 <= args.t_step <= 999 or args.threads < 1:
-        ap.error("--t-step must be 1..999, --threads >= 1")
     torch.set_num_threads(args.threads)
     import matplotlib
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ppap_fast import Schedule
-from ppap_fast.cli import output_dir, positive_int  # the CLI's checks, while parsing
+from ppap_fast.cli import int_between, output_dir, positive_int  # the CLI's checks, while parsing
 from ppap_fast.data import DigitsSplits, from_uint8, save_figure_atomic, to_uint8, write_json_atomic
 from ppap_fast.demo import WEIGHTS_DIR, load_guide_model
 
@@ -58,14 +58,13 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu only: these are tiny networks")
     ap.add_argument("--threads", type=positive_int, default=1,
                     help="CPU threads (tiny models: more threads only spin)")
-    ap.add_argument("--digit", type=int, default=3, help="the held-out digit whose guidance direction is drawn")
-    ap.add_argument("--draws", type=int, default=256, help="noisings averaged per gradient map")
-    ap.add_argument("--t-step", type=int, default=50, help="spacing of the accuracy curve's timesteps")
+    ap.add_argument("--digit", type=int_between(0, 9), default=3,
+                    help="the held-out digit whose guidance direction is drawn")
+    ap.add_argument("--draws", type=positive_int, default=256, help="noisings averaged per gradient map")
+    ap.add_argument("--t-step", type=int_between(1, 999), default=50, help="spacing of the accuracy curve's timesteps")
     args = ap.parse_args()
     if args.device != "cpu":
         ap.error("--device: only cpu (the digits networks are tiny)")
-    if not 0 <= args.digit <= 9 or args.draws < 1 or not 1 <= args.t_step <= 999:
-        ap.error("--digit must be 0..9, --draws >= 1, --t-step 1..999")
     torch.set_num_threads(args.threads)
     import matplotlib
 

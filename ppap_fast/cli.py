@@ -78,6 +78,11 @@ SHARD_SEED_MAX = SEED_MAX // 1_000_003
 _shard_seed = _seed_type(SHARD_SEED_MAX)
 
 
+def int_between(lo: int, hi: int):
+    """An argparse type: an integer in ``lo`` .. ``hi``."""
+    return _checked(int, lambda x: lo <= x <= hi, f"an integer in {lo}..{hi}")
+
+
 def _int_at_least(lo: int, why: str):
     """An argparse type: an integer >= ``lo`` (``why`` says what needs it)."""
     return _checked(int, lambda x: x >= lo, f"an integer of at least {lo} ({why})")

@@ -56,7 +56,8 @@ def test_every_example_is_tested_and_documented():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["why_experts.py", "distill_your_own_experts.py", "diffusers_schedulers.py",
-                                  "guide_a_sampling_loop.py", "guided_diffusion_cond_fn.py"])
+                                  "guide_a_sampling_loop.py", "guided_diffusion_cond_fn.py",
+                                  "dense_guide_strength.py"])
 def test_non_positive_threads_is_a_usage_error(tmp_path, name):
     """--threads 0 ended in torch's RuntimeError traceback; the CLI's positive_int refuses it while parsing."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -72,13 +73,23 @@ def test_non_positive_threads_is_a_usage_error(tmp_path, name):
     ("guide_a_sampling_loop.py", "--steps", "0", "a positive integer"),
     ("diffusers_schedulers.py", "--num", "0", "a positive integer"),
     ("guided_diffusion_cond_fn.py", "--num", "0", "a positive integer"),
-    ("guided_diffusion_cond_fn.py", "--scale", "nan", "a finite number")])
+    ("guided_diffusion_cond_fn.py", "--scale", "nan", "a finite number"),
+    # these were one lumped line after parsing, not naming the option that was wrong
+    ("why_experts.py", "--draws", "0", "a positive integer"),
+    ("why_experts.py", "--draws", "-3", "a positive integer"),
+    ("why_experts.py", "--digit", "10", "an integer in 0..9"),
+    ("why_experts.py", "--digit", "-1", "an integer in 0..9"),
+    ("why_experts.py", "--t-step", "0", "an integer in 1..999"),
+    ("why_experts.py", "--t-step", "1000", "an integer in 1..999"),
+    ("dense_guide_strength.py", "--t-step", "0", "an integer in 1..999"),
+    ("dense_guide_strength.py", "--t-step", "-50", "an integer in 1..999")])
 def test_example_bad_counts_and_scales_are_usage_errors(tmp_path, name, flag, value, what):
     """Each ended in a traceback from deep inside sampling, after the weights were loaded."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--out", str(tmp_path), flag, value],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and f"argument {flag}: must be {what}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
