@@ -109,6 +109,18 @@ def test_every_public_name_imports_and_is_documented():
         assert getattr(ppap_fast, name).__doc__, f"ppap_fast.{name} has no module docstring"
 
 
+def test_readme_says_which_images_score_takes_by_default():
+    """A user scoring 1-channel samples met the registry's ImageNet channel count only as an error."""
+    from ppap_fast.models.registry import GUIDES
+
+    channels = {len(g.mean) for g in GUIDES.values() if g.task == "classification"}
+    assert channels == {3}, channels
+    readme = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    score_docs = readme[readme.index("Did it work? `ppap-fast score"):]
+    sentence = next((s for s in score_docs.split(". ") if "3-channel" in s), "")
+    assert "`--classifier tiny:" in sentence and "py:" in sentence, "README: score's 3-channel default is unstated"
+
+
 def _subparsers(parser):
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
