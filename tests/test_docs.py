@@ -67,17 +67,33 @@ def _resolve(dotted: str):
     raise ImportError(dotted)
 
 
+# modules whose __all__ is public API beside ppap_fast's own: the ops (README "Ops and backends")
+PUBLIC_MODULES = ["ops", "ops.lora", "ops.norm", "ops.channel_sums"]
+
+
+def _with_methods(name, obj):
+    yield name, obj
+    if inspect.isclass(obj):
+        for attr, raw in vars(obj).items():
+            fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+            if not attr.startswith("_") and inspect.isfunction(fn):
+                yield f"{name}.{attr}", getattr(obj, attr)
+
+
 def _public_callables():
     for dotted in README_API:
         yield dotted, _resolve(dotted)
     for name in ppap_fast.__all__:
-        obj = getattr(ppap_fast, name)
-        yield name, obj
-        if inspect.isclass(obj):
-            for attr, raw in vars(obj).items():
-                fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
-                if not attr.startswith("_") and inspect.isfunction(fn):
-                    yield f"{name}.{attr}", getattr(obj, attr)
+        yield from _with_methods(name, getattr(ppap_fast, name))
+    seen = set()
+    for module in PUBLIC_MODULES:
+        mod = _resolve(module)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            is_error = inspect.isclass(obj) and issubclass(obj, BaseException)  # takes a message
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not is_error and id(obj) not in seen:
+                seen.add(id(obj))
+                yield from _with_methods(f"{module}.{name}", obj)
 
 
 @pytest.mark.parametrize("name, obj", list(_public_callables()), ids=lambda v: v if isinstance(v, str) else "")

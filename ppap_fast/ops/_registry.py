@@ -115,6 +115,7 @@ def select_gated(op: str, x: torch.Tensor, backend: str | None, fast_dtypes, ref
 
 
 def last_backend(op: str) -> str | None:
+    """The backend that last ran the registry op named op ("guided_update", ...), None before its first call."""
     return _OPS[op].last
 
 

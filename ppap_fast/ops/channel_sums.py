@@ -33,6 +33,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def default_p_chunk(batch: int, channels: int, positions: int) -> int:
+    """Positions per chunk (a multiple of CHUNK_ALIGN) for a [batch, channels, positions] target: about
+    _TARGET_PROGRAMS producer programs at 256 channels each."""
     chunks = _cdiv(_TARGET_PROGRAMS, max(1, batch * _cdiv(channels, 256)))
     chunks = max(1, min(_cdiv(positions, CHUNK_ALIGN), chunks))
     return _cdiv(_cdiv(positions, chunks), CHUNK_ALIGN) * CHUNK_ALIGN
@@ -85,7 +87,8 @@ class ChannelSums:
             self._filled.zero_()
 
     def mark_written(self, c0: int, c1: int, t: torch.Tensor) -> None:
-        """Channels c0..c1 hold the sums of what was just written into t (the target or a view of it)."""
+        """Channels c0 up to c1 (exclusive) hold the sums of what was just written into t (the target or a
+        view of it)."""
         self._filled[c0:c1] = True
         self._version = None if t.is_inference() else t._version
 
@@ -135,7 +138,8 @@ def fill_reference(cs: ChannelSums, y: torch.Tensor, c_off: int) -> None:
 
 
 def group_stats_reference(cs: ChannelSums, num_groups: int, positions: int):
-    """(shift [B, G], mean of x - shift [B, G], biased variance [B, G]) of each group from cs's sums:
+    """(shift [B, G], mean of x - shift [B, G], biased variance [B, G]) of each of num_groups groups G
+    from cs's sums of x, its target, over positions (P = H * W) per channel:
     channel c's sums moved to the group's shift (its first channel's): with delta = shift_c - shift_g,
     sum(x - shift_g) = s1_c + P delta, sum((x - shift_g)^2) = s2_c + 2 delta s1_c + P delta^2."""
     B, C = cs.shift.shape

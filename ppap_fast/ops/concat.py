@@ -32,6 +32,7 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def cat_channels_reference(tensors):
+    """torch.cat of tensors along the channels (dim 1)."""
     return torch.cat(list(tensors), dim=1)
 
 
@@ -82,9 +83,10 @@ def _check_out(tensors, out, c_off):
 
 
 def cat_channels(tensors, *, out=None, c_off: int = 0, channel_sums=None, backend: str | None = None):
-    """[B, C_1, H, W], ..., [B, C_n, H, W] -> [B, C_1 + ... + C_n, H, W] (module docstring); with ``out``:
+    """tensors [B, C_1, H, W], ..., [B, C_n, H, W] -> [B, C_1 + ... + C_n, H, W] (module docstring); with ``out``:
     written into its channels c_off.. (the rest of out untouched) and out returned; ``channel_sums``: the
-    sums of the copied channels added there (needs ``out``)."""
+    sums of the copied channels added there (needs ``out``); backend: None / "auto" (automatic), "triton" or
+    "reference"."""
     tensors = _check(tensors)
     if out is not None:
         _check_out(tensors, out, c_off)

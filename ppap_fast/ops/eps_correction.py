@@ -53,7 +53,8 @@ def _check(model_output, grad, coef, channels) -> torch.Tensor:
 
 
 def guided_eps_reference(model_output, grad, coef, channels):
-    """Pure PyTorch: the eager formula (coef: one value per sample, as guided_eps takes it)."""
+    """Pure PyTorch: the eager formula [model_output[:, :channels] - coef * grad, the rest of model_output]
+    (coef: one value per sample, as guided_eps takes it)."""
     work = _math_dtype(model_output.dtype)
     coef = coef.to(work).reshape(-1).view(-1, *([1] * (model_output.ndim - 1)))
     new = (model_output[:, :channels].to(work) - coef * grad.to(work)).to(model_output.dtype)

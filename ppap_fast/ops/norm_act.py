@@ -37,6 +37,8 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None,
                              silu=True, in_bias=None, out_dtype=None, channel_sums=None):
+    """Pure-PyTorch group_norm_act, differentiable: x, num_groups, weight, bias, eps, scale, shift, silu,
+    in_bias, out_dtype and channel_sums as there."""
     dt = torch.promote_types(x.dtype, torch.float32)
     shp = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     xx = x.to(dt)
@@ -104,7 +106,13 @@ def _check(x, num_groups, weight, bias, scale, shift, in_bias=None):
 def group_norm_act(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, scale=None, shift=None,
                    silu: bool = True, in_bias=None, out_dtype: torch.dtype | None = None, channel_sums=None,
                    backend: str | None = None):
-    """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring)."""
+    """Fused GroupNorm + optional per-sample scale/shift + SiLU (module docstring):
+    act((gn(x + in_bias) * weight + bias) * (1 + scale) + shift).
+
+    x [B, C, *spatial] in num_groups groups; weight, bias: [C] or None; eps: the variance's epsilon;
+    scale, shift: [B, C] or None; silu: False for no activation; in_bias: [C] or [B, C] or None;
+    out_dtype: y's dtype (None: x's); channel_sums: a ChannelSums of x whose sums replace the
+    statistics pass (no in_bias with it); backend: None / "auto" (automatic), "triton" or "reference"."""
     scale, shift, in_bias = _check(x, num_groups, weight, bias, scale, shift, in_bias)
     if channel_sums is not None:
         from .channel_sums import ChannelSums

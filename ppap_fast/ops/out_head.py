@@ -30,6 +30,8 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 def group_norm_silu_conv3x3_reference(x, num_groups, norm_weight, norm_bias, eps, conv_weight, conv_bias=None,
                                       out_dtype=None):
+    """Pure-PyTorch group_norm_silu_conv3x3, differentiable (num_groups, norm_weight, norm_bias, eps,
+    conv_weight, conv_bias and out_dtype as there): the norm in x's dtype, then the conv in that dtype."""
     h = group_norm_act_reference(x, num_groups, norm_weight, norm_bias, eps)
     b = None if conv_bias is None else conv_bias.to(h.dtype)
     return F.conv2d(h, conv_weight.to(h.dtype), b, 1, 1).to(out_dtype or x.dtype)
@@ -57,7 +59,11 @@ def group_norm_silu_conv3x3(x, num_groups: int, norm_weight=None, norm_bias=None
                             conv_weight, conv_bias=None, out_dtype: torch.dtype | None = None,
                             backend: str | None = None):
     """GroupNorm + SiLU + 3x3 conv (padding 1) to at most MAX_OUT_CHANNELS channels on the fast path
-    (module docstring); y in x's memory format, ``out_dtype`` (default x's dtype)."""
+    (module docstring); y in x's memory format, ``out_dtype`` (default x's dtype).
+
+    x [B, C, H, W] in num_groups groups; norm_weight, norm_bias: the norm's [C] affine or None; eps: the
+    variance's epsilon; conv_weight [C_out, C, 3, 3], conv_bias [C_out] or None; backend: None / "auto"
+    (automatic), "triton" or "reference"."""
     _check(x, num_groups, norm_weight, norm_bias, conv_weight, conv_bias)
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"group_norm_silu_conv3x3: out_dtype must be a floating-point torch.dtype or None, "

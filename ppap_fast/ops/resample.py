@@ -29,10 +29,12 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def upsample_nearest2x_reference(x):
+    """PyTorch's nearest 2x upsampling of x [B, C, H, W]."""
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def avg_pool2x_reference(x):
+    """PyTorch's 2x2 average pooling, stride 2, of x [B, C, H, W]."""
     return F.avg_pool2d(x, 2, 2)
 
 
@@ -67,13 +69,15 @@ def _select(op, x, backend, pool):
 
 
 def upsample_nearest2x(x, *, backend: str | None = None):
-    """Nearest 2x upsampling of [B, C, H, W] -> [B, C, 2H, 2W] (module docstring)."""
+    """Nearest 2x upsampling of x [B, C, H, W] -> [B, C, 2H, 2W] (module docstring); backend: None / "auto"
+    (automatic), "triton" or "reference"."""
     _check("upsample_nearest2x", x)
     return _select(UPSAMPLE_OP, x, backend, pool=False)(x)
 
 
 def avg_pool2x(x, *, backend: str | None = None):
-    """2x2 average pooling, stride 2: [B, C, H, W] -> [B, C, H // 2, W // 2] (module docstring)."""
+    """2x2 average pooling, stride 2: x [B, C, H, W] -> [B, C, H // 2, W // 2] (module docstring);
+    backend: None / "auto" (automatic), "triton" or "reference"."""
     _check("avg_pool2x", x)
     return _select(POOL_OP, x, backend, pool=True)(x)
 

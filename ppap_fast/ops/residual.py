@@ -28,6 +28,7 @@ POISON = False  # tests: buffers the kernels fully overwrite start as NaN
 
 
 def bias_residual_add_reference(h, skip, bias=None):
+    """Pure-PyTorch h + skip + bias[c] (bias None: none), summed in float32, in h's dtype."""
     dt = torch.promote_types(h.dtype, torch.float32)
     y = skip.to(dt) + h.to(dt)
     if bias is not None:
@@ -62,7 +63,8 @@ def _check_out(out, h):
 
 def bias_residual_add(h, skip, bias=None, *, out=None, channel_sums=None, backend: str | None = None):
     """h + skip + bias[c] (module docstring); ``out``: written there (e.g. a channel slice of a concatenation
-    buffer) and returned; ``channel_sums``: the sums of what was written added there (needs ``out``)."""
+    buffer) and returned; ``channel_sums``: the sums of what was written added there (needs ``out``);
+    backend: None / "auto" (automatic), "triton" or "reference"."""
     _check(h, skip, bias)
     if out is not None:
         _check_out(out, h)

@@ -24,7 +24,10 @@ COLS = 8
 
 @dataclass(frozen=True)
 class UpdateTable:
-    """Per-step coefficients for one sampler on one schedule (float32, on a device)."""
+    """Per-step coefficients for one sampler on one schedule (made by build_table).
+
+    coefs: float64 [T, 8], what the reference reads; mode: the sampler (MODES); coefs_f32: the same in
+    float32, what the kernels read (None: made from coefs)."""
 
     coefs: torch.Tensor  # (T, 8) float64, what the reference uses
     mode: int
@@ -37,13 +40,14 @@ class UpdateTable:
             object.__setattr__(self, "coefs_f32", self.coefs.float().contiguous())
 
     def to(self, device) -> "UpdateTable":
+        """This table's coefficients on device."""
         return UpdateTable(self.coefs.to(device), self.mode, self.coefs_f32.to(device))
 
 
 def build_table(schedule: Schedule, sampler: str = "ddim", eta: float = 0.0,
                 var_type: str = "learned_range") -> UpdateTable:
-    """Coefficient table for `sampler` in {"ddim", "ddpm"}; var_type for DDPM:
-    "learned_range" (model gives v), "fixed_small" or "fixed_large"."""
+    """Coefficient table of schedule's steps for `sampler` in {"ddim", "ddpm"}; eta: DDIM's noise
+    (0: deterministic); var_type for DDPM: "learned_range" (model gives v), "fixed_small" or "fixed_large"."""
     s = schedule.to("cpu")
     n = s.num_timesteps
     c = torch.zeros(n, COLS, dtype=torch.float64)
@@ -112,7 +116,8 @@ def _check(x, eps, v, grad, noise, idx, table, check_range=True):
 
 
 def guided_update_reference(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=True):
-    """Pure-PyTorch update (math in x's dtype, float32 for half types)."""
+    """Pure-PyTorch guided_update (same x, eps, idx, table, v, grad, noise, clip_denoised); math in x's
+    dtype, float32 for half types."""
     out_dtype = x.dtype
     work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     shape = (-1,) + (1,) * (x.ndim - 1)
@@ -158,9 +163,11 @@ def _native(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=Tru
 
 def guided_update(x, eps, idx, table: UpdateTable, v=None, grad=None, noise=None,
                   clip_denoised: bool = True, backend: str | None = None, check_range: bool = True):
-    """One guided reverse step for each sample at its own step index idx[b].
+    """One guided reverse step of x [B, ...] for each sample at its own step index idx[b] of table.
 
-    eps and v may be channel slices of the model output (contiguous per sample).
+    eps: the predicted noise; v: the learned-variance output (DDPM "learned_range"); eps and v may be channel
+    slices of the model output (contiguous per sample). grad: the guidance gradient (None: unguided);
+    noise: the step's noise (None: none); clip_denoised clamps pred_xstart to [-1, 1].
     Returns (x_prev, pred_xstart). backend: None/"auto", "cuda", "cpp", "triton", "reference";
     the kernels are forward-only: with an input that requires grad under autograd the automatic
     choice is the reference (a kernel asked for then raises).

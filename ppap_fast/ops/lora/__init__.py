@@ -128,7 +128,8 @@ _ORDER = {
 
 
 def available_backends(op: str, device, dtype=torch.float32) -> Dict[str, str]:
-    """backend -> "ok" or the reason it cannot run for (device, dtype)."""
+    """backend -> "ok" or the reason it cannot run op ("lora_linear", "lora_conv2d", "lora_conv2d_delta") for
+    (device, dtype)."""
     device = torch.device(device)
     return {b: (_CHECKS[b](device, dtype) or "ok") for b in _ORDER[op]}
 
@@ -280,7 +281,8 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     (None: PPAP_FAST_LORA_A_STAGE): "in_base" runs the base GEMM and the LoRA in the same Triton kernels
     (r <= 64; the conv A stage's kernels, the rows as a 1 x M map), "auto" times that against the default
     path on the first call with each key; "default" or any other conv A stage name: the default path.
-    ``last_backend["lora_linear/a_stage"]`` says which ran ("default" or "in_base").
+    ``last_backend["lora_linear/a_stage"]`` says which ran ("default" or "in_base"). backend: None / "auto"
+    (automatic), "cpp", "cuda_full", "cuda", "triton" or "reference".
     """
     if x.dim() < 2:  # [in]: its length was taken for the batch ("expert_idx must be [S]=in")
         raise ValueError(f"lora_linear: x must be [S, ..., in] (a batch dimension first), got {tuple(x.shape)}")
@@ -341,8 +343,10 @@ def _auto_linear_stage(x, W, bias, A, B, expert_idx, scale, expert_bias, b, segm
 
 def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilation=1, groups=1,
                 expert_bias=None, *, backend=None, segments=None, a_stage=None, a_blocks=1):
-    """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)); A [N, r, C_in/g, kh, kw] (a conv with
-    the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the strategy.
+    """conv(x, W, bias) + expert_bias[e] + scale * B_e(A_e(x)), e = expert_idx[s] for sample s of x
+    [S, C_in, H, W]; the base conv's stride, padding, dilation and groups as F.conv2d's; A [N, r, C_in/g, kh, kw]
+    (a conv with the base geometry and groups), B [N, C_out, r/g] (grouped 1x1 conv). See fast.py for the
+    strategy. backend and segments as lora_linear's.
     ``a_stage``: "stacked" (default), "fused" (base + stacked A in one conv; groups == 1, else it runs
     "stacked"), "implicit" (cuDNN base conv + one Triton implicit-GEMM kernel for the whole LoRA share in
     each direction; groups == 1 and r <= 256, else "stacked"), "in_base" (the base conv and its LoRA in the
@@ -493,7 +497,9 @@ def _auto_delta_backend(x):
 
 def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilation=1, groups=1, expert_bias=None,
                       *, backend=None):
-    """conv(x, W + delta[e], bias) + expert_bias[e]; delta [N, *W.shape] (e.g. from loralib_conv_delta)."""
+    """conv(x, W + delta[e], bias) + expert_bias[e], e = expert_idx[s] for sample s of x; delta [N, *W.shape]
+    (e.g. from loralib_conv_delta); stride, padding, dilation and groups as F.conv2d's. backend: None / "auto"
+    (automatic), "vectorized", "stacked" or "reference"."""
     _check_conv_input("lora_conv2d_delta", x)
     if tuple(delta.shape[1:]) != tuple(W.shape):
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")

@@ -55,7 +55,7 @@ def lora_conv_delta(A, B, groups: int = 1):
     """Dense weight delta of the factorised conv LoRA (without ``scale``).
 
     A [..., r, C_in/g, kh, kw], B [..., C_out, r/g]  ->  delta [..., C_out, C_in/g, kh, kw]
-    where, per group g, delta[g's out channels] = B_g @ A_g (A_g flattened over C_in/g*kh*kw).
+    where, per group g of groups, delta[g's out channels] = B_g @ A_g (A_g flattened over C_in/g*kh*kw).
     """
     lead = A.shape[:-4]
     r, cin_g, kh, kw = A.shape[-4:]
@@ -101,8 +101,8 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
 def loralib_conv_delta(A_l, B_l, C_out, C_in_per_group, k, scale):
     """loralib LoRA conv layout -> dense weight delta.
 
-    A_l [..., r*k, C_in*k], B_l [..., C_out*k, r*k] (optional leading expert dim);
-    delta = (B_l @ A_l).view(..., C_out, C_in, k, k) * scale.
+    A_l [..., r*k, C_in_per_group*k], B_l [..., C_out*k, r*k] (optional leading expert dim);
+    delta = (B_l @ A_l).view(..., C_out, C_in_per_group, k, k) * scale.
     """
     lead = A_l.shape[:-2]
     return (B_l @ A_l).reshape(*lead, C_out, C_in_per_group, k, k) * scale

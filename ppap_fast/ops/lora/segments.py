@@ -89,7 +89,8 @@ def saved_for_backward(seg: Segments) -> tuple:
 
 
 def build_segments(expert_idx: torch.Tensor, num_experts: int, out: Optional[Segments] = None) -> Segments:
-    """Sort samples by expert on the device. ``out`` (a previous result of the same
+    """Sort samples by expert (expert_idx [S], values in [0, N), N = num_experts) on the device. ``out`` (a
+    previous result of the same
     S and N) is reused in place, e.g. as static buffers for a captured CUDA graph.
 
     Values outside [0, N) are not checked here (that would need a host sync); the

@@ -50,7 +50,10 @@ def _check_params(what, x, feat, **tensors):
 
 def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                       *, backend=None, segments=None):
-    """Per-expert BatchNorm; see the module doc."""
+    """Per-expert BatchNorm of x [S, C, *spatial], sample s by expert expert_idx[s] (module doc): weight, bias,
+    running_mean, running_var [N, C]; training: batch statistics, updating the running ones by momentum,
+    else the running ones; eps: the variance's epsilon. backend: None / "auto" (automatic), "triton" or
+    "reference"; segments: a build_segments(expert_idx, N) result to reuse."""
     if x.dim() < 2:
         raise ValueError(f"expert_batch_norm: x must be [S, C] or [S, C, *spatial], got {tuple(x.shape)}")
     if momentum is None:
@@ -66,7 +69,8 @@ def expert_batch_norm(x, expert_idx, weight, bias, running_mean, running_var, tr
 
 
 def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, segments=None):
-    """LayerNorm over the last dim with per-expert affine (weight/bias [N, D])."""
+    """LayerNorm over the last dim of x [S, ..., D] with per-expert affine (weight/bias [N, D]) of sample s's
+    expert expert_idx[s]; eps, backend and segments as expert_batch_norm's."""
     if x.dim() < 2:
         raise ValueError(f"expert_layer_norm: x must be [S, ..., D], got {tuple(x.shape)}")
     N = _check_params("expert_layer_norm", x, x.shape[-1], weight=weight, bias=bias)
@@ -78,7 +82,8 @@ def expert_layer_norm(x, expert_idx, weight, bias, eps=1e-5, *, backend=None, se
 
 
 def expert_group_norm(x, expert_idx, num_groups, weight, bias, eps=1e-5, *, backend=None, segments=None):
-    """GroupNorm with per-expert channel affine (weight/bias [N, C])."""
+    """GroupNorm of x [S, C, *spatial] in num_groups groups with per-expert channel affine (weight/bias [N, C])
+    of sample s's expert expert_idx[s]; eps, backend and segments as expert_batch_norm's."""
     if x.dim() < 2:
         raise ValueError(f"expert_group_norm: x must be [S, C, *spatial], got {tuple(x.shape)}")
     if not isinstance(num_groups, int) or num_groups <= 0 or x.shape[1] % num_groups:
