@@ -359,7 +359,10 @@ def _atomic_dir(out: Path, write, marker: str = "config.json"):
 @contextlib.contextmanager
 def _no_empty_dirs_left(d):
     """Removes the folders of ``d`` that did not exist before, if a failed run left them empty (missing weights
-    were reported after --out's folder was made)."""
+    were reported after --out's folder was made); d None: nothing to guard."""
+    if d is None:
+        yield
+        return
     new, p = [], Path(d).absolute()
     while not p.exists():
         new.append(p)
@@ -373,6 +376,19 @@ def _no_empty_dirs_left(d):
             except OSError:
                 break
         raise
+
+
+# the folder each command makes for --out before its work (sample, evaluate and demo guard their own)
+_OUT_FOLDER = {"train-diffusion": "parent", "train-classifier": "parent", "finetune": "parent", "distill": "parent",
+               "export-peft": "parent", "generate": "itself"}
+
+
+def _out_folder(args):
+    """The folder a failed or killed run of ``args`` must not leave behind empty (None: no such folder)."""
+    where = _OUT_FOLDER.get(args.cmd)
+    if where is None or not getattr(args, "out", None):
+        return None
+    return Path(args.out) if where == "itself" else Path(args.out).parent
 
 
 def _check_safetensors_out(out) -> None:
@@ -794,7 +810,8 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        with _no_empty_dirs_left(_out_folder(args)):  # folders made for --out, left empty by a failed run
+            return _run(args)
     except DemoError as e:
         msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:

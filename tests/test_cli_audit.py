@@ -195,3 +195,54 @@ def test_safetensors_writers_refuse_another_suffix(tmp_path, capsys, weights, cm
     assert _err(capsys).endswith(f"--out {tmp_path / 'm.npz'}: this command writes a safetensors file; "
                                  "name it *.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd, says", [
+    (["train-diffusion", "--out", "{new}/deeper/u.npz"], "name it *.safetensors"),
+    (["train-classifier", "--arch", "resnet", "--out", "{new}/deeper/c.npz"], "name it *.safetensors"),
+    (["finetune", "--weights-dir", "{w}", "--experts", "1", "--out", "{new}/deeper/m.npz"], "name it *.safetensors"),
+    (["distill", "--weights-dir", "{w}", "--data", "{new}/no_set", "--out", "{new}/deeper/e"], "no_set"),
+])
+def test_refused_training_leaves_no_new_empty_output_folder(tmp_path, capsys, weights, cmd, says):
+    """train-* / finetune / distill made --out's folders, then refused the run: the folders stayed, empty."""
+    argv = [a.format(new=tmp_path / "new", w=weights) for a in cmd]
+    assert main([*argv, "--steps", "1", "--no-progress"]) == 2
+    err = _err(capsys)
+    assert says in err, err
+    assert not (tmp_path / "new").exists()
+
+
+KILLED_RUNS = {  # the command, the function its work runs in
+    "train-diffusion": (["train-diffusion"], "ppap_fast.demo.train_diffusion"),
+    "train-classifier": (["train-classifier", "--arch", "resnet"], "ppap_fast.finetune.train_classifier"),
+    "finetune": (["finetune", "--weights-dir", "{w}", "--experts", "1"], "ppap_fast.finetune.finetune_noise_aware"),
+    "generate": (["generate", "--weights-dir", "{w}", "--num-images", "2"], "ppap_fast.distill.generate_datafree"),
+}
+
+
+@pytest.mark.parametrize("leaves_state", [False, True])
+@pytest.mark.parametrize("name", sorted(KILLED_RUNS))
+def test_killed_training_leaves_no_new_empty_output_folder(tmp_path, capsys, weights, monkeypatch, name,
+                                                           leaves_state):
+    """Killed during its work, a run left the folders it had made for --out, empty; a folder holding the
+    run's resumable state stays."""
+    cmd, work = KILLED_RUNS[name]
+    deeper = tmp_path / "new" / "deeper"
+    out = deeper / ("set" if name == "generate" else "o.safetensors")
+    state = (out if name == "generate" else deeper) / "state"
+
+    def killed(*args, **kwargs):
+        assert out.parent.is_dir()  # made before the work, as the run needs it
+        if leaves_state:
+            state.parent.mkdir(exist_ok=True)
+            state.write_text("resume from here")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(work, killed)
+    argv = [a.format(w=weights) for a in cmd]
+    assert main([*argv, "--steps", "2", "--out", str(out), "--no-progress"]) == 2
+    assert _err(capsys) == "ppap-fast: error: interrupted"
+    if leaves_state:
+        assert state.read_text() == "resume from here"
+    else:
+        assert not (tmp_path / "new").exists()
