@@ -748,7 +748,7 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of,
     if m.exists():
         try:
             old = json.loads(m.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
         if not isinstance(old, dict):  # old.get below was an AttributeError on rank 0 (the others waited)
             raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}); remove it or use "
@@ -1434,7 +1434,7 @@ def _check_distill_state(path: Path, ck_ident: dict, targets_manifest: Path, com
     else:
         try:
             was = json.loads(targets_manifest.read_text()).get("targets_encoding") or RAW_FLOAT16
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or binary bytes (UnicodeDecodeError)
             pass
     if was == ck_ident["targets_encoding"]:
         return found, None
@@ -1505,7 +1505,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
             m = tdir / MANIFEST
             try:  # the set is its manifest wherever it is mounted; the micro-batch changes rounding only
                 same = _targets_identity(json.loads(m.read_text())) == _targets_identity(tid)
-            except (OSError, json.JSONDecodeError, AttributeError):
+            except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or binary bytes
                 same = False
             for f in tdir.iterdir():  # temporaries of a killed run; every file when the inputs changed
                 if (f.name.startswith(".") and f.name.endswith(".tmp")) or (not same and f.name.startswith("targets_")):

@@ -329,20 +329,24 @@ def test_shard_set_with_a_scalar_member_is_a_clear_error(tmp_path):
         ShardSet(tmp_path)
 
 
-@pytest.mark.parametrize("text", ['{"shards": ', "[1, 2]", '{"complete": true}', '{"complete": true, "shards": 3}'])
+@pytest.mark.parametrize("text", ['{"shards": ', b"\xff\xfe\x00 binary", "[1, 2]", '{"complete": true}',
+                                  '{"complete": true, "shards": 3}'])
 def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, text):
-    """A manifest.json that is not JSON (json's message named no file), a list (AttributeError) or an object
-    without shards / num_images (KeyError): reading the set, or writing into it, raised a bare error."""
+    """A manifest.json that is not JSON (json's message named no file; binary bytes: a UnicodeDecodeError naming
+    none), a list (AttributeError) or an object without shards / num_images (KeyError): reading the set, or writing
+    into it, raised a bare error."""
     from ppap_fast.data import ShardSet, ShardWriter, load_shards
 
-    (tmp_path / "manifest.json").write_text(text)
+    m = tmp_path / "manifest.json"
+    m.write_bytes(text) if isinstance(text, bytes) else m.write_text(text)
     for read in (ShardSet, load_shards):
         with pytest.raises(ValueError, match="manifest.json"):
             read(tmp_path)
-    why = "manifest.json is not valid JSON" if text == '{"shards": ' else "manifest.json is not a shard set manifest"
+    why = "manifest.json is not valid JSON" if text in ('{"shards": ', b"\xff\xfe\x00 binary") \
+        else "manifest.json is not a shard set manifest"
     with pytest.raises(ValueError, match=why):  # not adopted; said to be damaged / foreign as the readers say
         ShardWriter(tmp_path, num_images=4, shard_size=2)
-    if text.startswith("{\"complete\""):  # a string count is no count either (was "num_images=4, not 4")
+    if str(text).startswith("{\"complete\""):  # a string count is no count either (was "num_images=4, not 4")
         (tmp_path / "manifest.json").write_text('{"complete": true, "num_images": "4", "shard_size": 2}')
         with pytest.raises(ValueError, match=why):
             ShardWriter(tmp_path, num_images=4, shard_size=2)

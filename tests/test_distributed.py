@@ -248,6 +248,16 @@ def test_generate_into_a_manifest_whose_config_is_no_object_says_so(tmp_path):
     assert (out / "manifest.json").read_text() == text and not list(out.glob("shard_*"))
 
 
+def test_generate_into_a_binary_manifest_names_it(tmp_path):
+    """Bytes that are no UTF-8 text: a UnicodeDecodeError naming no file."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b"\xff\xfe\x00 binary")
+    with pytest.raises(D.DistributedRunError, match=r"set/manifest.json is not valid JSON \('utf-8' codec"):
+        D.generate(D.GenerateConfig(str(out), **GEN), D.DistEnv())
+    assert (out / "manifest.json").read_bytes() == b"\xff\xfe\x00 binary" and not list(out.glob("shard_*"))
+
+
 def test_generate_at_a_size_the_denoiser_does_not_declare_warns(tmp_path):
     from ppap_fast.demo import WEIGHTS_DIR
 
@@ -780,6 +790,37 @@ def test_distill_rerun_recomputes_a_damaged_teacher_targets_file(tmp_path, monke
     assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in data.iterdir()} == before  # the set untouched
 
 
+def test_distill_rerun_over_a_binary_teacher_targets_manifest_recomputes_them(tmp_path, monkeypatch):
+    """A teacher_targets manifest of bytes that are no UTF-8 text (a damaged disk) ended the rerun in a
+    UnicodeDecodeError naming no file; like a bad JSON one, it now means: compute the targets again."""
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    torch.manual_seed(0)
+    teacher = save_model(TinyResNet(widths=(4,), layers=(1,), in_channels=1, num_classes=3).eval(),
+                         tmp_path / "t.safetensors")
+    cfg = D.DistillConfig(str(data), str(out), f"tiny:{teacher}", n_experts=2, r=2, alpha=2.0,
+                          steps=1, batch_size=2, device="cpu")
+    real = D.compute_targets
+
+    def killed_after(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "compute_targets", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        D.distill(cfg, D.DistEnv())
+    monkeypatch.setattr(D, "compute_targets", real)
+    manifest = out / D.TARGETS_DIR / D.MANIFEST
+    manifest.write_bytes(b"\xff\xfe\x00 binary")
+    calls = []
+    real_targets = D.teacher_targets
+    monkeypatch.setattr(D, "teacher_targets", lambda *a, **k: calls.append(1) or real_targets(*a, **k))
+    D.distill(cfg, D.DistEnv())
+    assert len(calls) == 2 and (out / "experts.safetensors").is_file()  # both shards' targets computed again
+
+
 def test_verify_data_reads_each_kept_teacher_targets_file_once(tmp_path, monkeypatch):
     """A rerun with --verify-data read the kept teacher_targets files whole twice: their CRC-32 in compute_targets
     (to recompute a damaged one), then again with the set's shards. Every file is now read once."""
@@ -1213,6 +1254,9 @@ def test_pixel_kl_training_state_records_targets_encoding(tmp_path, monkeypatch)
     with pytest.raises(D.DistributedRunError, match="targets_encoding") as e:
         D.distill(cfg, D.DistEnv())
     assert "raw_float16_logits" in str(e.value) and D.MAX_SUBTRACTED in str(e.value)
+    tmanifest.write_bytes(b"\xff\xfe\x00 binary")  # no UTF-8 text: was a UnicodeDecodeError naming no file
+    with pytest.raises(D.DistributedRunError, match=r"as unknown \(no readable .*teacher_targets/manifest.json\)"):
+        D.distill(cfg, D.DistEnv())
     # killed after max-subtraction (its targets manifest says so): consistent, resumes
     tmanifest.write_text(json.dumps(tid))
     D.distill(cfg, D.DistEnv())

@@ -68,6 +68,10 @@ def test_info_on_a_folder_that_is_no_checkpoint_is_one_error_line(capsys, tmp_pa
     (tmp_path / "config.json").write_text('{"format": "something else"}')
     rc, out, err = run(capsys, str(tmp_path))
     assert rc == 2 and "is not a ppap_fast.experts checkpoint" in err
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00 binary")  # was a UnicodeDecodeError naming no file
+    rc, out, err = run(capsys, str(tmp_path))
+    assert rc == 2 and not out and len(err.splitlines()) == 1, err
+    assert f"{tmp_path / 'config.json'} is not valid JSON ('utf-8' codec can't decode byte 0xff" in err, err
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -227,7 +227,7 @@ class ShardWriter:
         if m.exists():
             try:
                 old = json.loads(m.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
             if not isinstance(old, dict):  # old.get below was an AttributeError traceback
                 raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}, not an object); "
@@ -321,7 +321,7 @@ def _read_manifest(d: Path) -> dict:
         raise FileNotFoundError(f"no {MANIFEST} in {d}: not a shard set")
     try:
         man = json.loads(m.read_text())
-    except json.JSONDecodeError as e:  # json's message alone named no file
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages alone named no file
         raise ValueError(f"{m} is not valid JSON ({e}): not a readable shard set") from None
     # a list (AttributeError) or a manifest without these (KeyError) failed with a traceback
     if not isinstance(man, dict) or not isinstance(man.get("shards"), list) \

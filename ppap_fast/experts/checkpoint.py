@@ -341,7 +341,7 @@ def read_config(path, **where) -> dict:
         raise FileNotFoundError(f"no config.json in {path}")
     try:
         cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # binary bytes: a UnicodeDecodeError naming no file
         raise ValueError(f"{f} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         cfg = cfg if isinstance(cfg, dict) else {}
