@@ -473,3 +473,19 @@ def test_a_unet_folders_sibling_scheduler_is_not_its_own(saved, tmp_path):
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(tmp_path / "p")
     with pytest.raises(ValueError, match="pass --schedule cosine"):
         D.build_denoiser(f"diffusers:{tmp_path / 'p' / 'unet'}", None, 1, "cpu", "linear", 1000)
+
+@pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"])
+@pytest.mark.parametrize("content, why", [(b"\xff\xfe\x00 binary", r"is not valid JSON \('utf-8' codec"),
+                                          (b'{"_class_name": ', r"is not valid JSON \(Expecting value"),
+                                          (b"[1, 2]", "is a JSON list, not an object")], ids=["binary", "cut", "list"])
+def test_a_damaged_json_file_of_a_saved_pipeline_is_named(saved, tmp_path, name, content, why):
+    """A damaged model_index.json / scheduler config / UNet config gave json's or the codec's message naming no
+    file (a list: an AttributeError)."""
+    import re
+    import shutil
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(saved[1], pipe)
+    (pipe / name).write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(pipe / name)) + " " + why):
+        D.build_denoiser(f"diffusers:{pipe}", None, 1, "cpu", "linear", 1000)

@@ -61,6 +61,19 @@ def unet_dir(path) -> Path:
                      "UNet2DModel or a pipeline saved with save_pretrained)")
 
 
+def _json_object(f: Path, path) -> dict:
+    """The JSON object in ``f`` (a file of the saved folder ``path``); a ValueError naming it when it is none."""
+    try:
+        obj = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages named no file
+        raise ValueError(f"denoiser 'diffusers:{path}': {f} is not valid JSON ({e}); save the model again "
+                         "(save_pretrained)") from None
+    if not isinstance(obj, dict):  # a list: .get was an AttributeError
+        raise ValueError(f"denoiser 'diffusers:{path}': {f} is a JSON {type(obj).__name__}, not an object; save the "
+                         "model again (save_pretrained)")
+    return obj
+
+
 def scheduler_config(path) -> dict | None:
     """The pipeline's scheduler config (``scheduler/scheduler_config.json``, or one beside the UNet's
     config; for a pipeline's ``unet/`` folder, the pipeline's), None where the folder holds the UNet alone."""
@@ -70,7 +83,7 @@ def scheduler_config(path) -> dict | None:
     for cand in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json",
                  up / "scheduler" / "scheduler_config.json" if in_pipeline else None):
         if cand is not None and cand.is_file():
-            return json.loads(cand.read_text())
+            return _json_object(cand, path)
     return None
 
 
@@ -105,7 +118,7 @@ def _latent_component(path) -> str | None:
     d = unet_dir(path)
     for idx in (Path(path) / "model_index.json", d.parent / "model_index.json" if d.name == "unet" else None):
         if idx is not None and idx.is_file():
-            comps = json.loads(idx.read_text())
+            comps = _json_object(idx, path)
             for name in ("vae", "vqvae"):
                 if isinstance(comps.get(name), list) and any(comps[name]):  # [null, null]: an absent component
                     return f"{name} ({comps[name][-1]})"
@@ -120,7 +133,7 @@ def load_denoiser(path) -> DiffusersDenoiser:
     if latent:  # its UNet was sampled as a pixel model: latents written as images
         raise ValueError(f"denoiser 'diffusers:{path}' is a latent diffusion pipeline (its {latent} decodes the "
                          "UNet's latents): the CLI samples pixel-space UNet2DModel denoisers only")
-    cfg = json.loads((d / "config.json").read_text())
+    cfg = _json_object(d / "config.json", path)
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ValueError(f"denoiser 'diffusers:{path}' is a {cls}: the CLI samples unconditional UNet2DModel "
@@ -156,7 +169,7 @@ def scheduler_var_type(path, sampler: str | None) -> str | None:
         vt = "fixed_small"
     if vt not in ("fixed_small", "fixed_large"):
         return None
-    unet = json.loads((unet_dir(path) / "config.json").read_text())
+    unet = _json_object(unet_dir(path) / "config.json", path)
     return vt if unet.get("out_channels", 3) == unet.get("in_channels", 3) else None
 
 
@@ -187,14 +200,14 @@ def check_schedule(path, schedule: str, num_timesteps: int | None, sampler: str 
     if pred != "epsilon":
         raise ValueError(f"{where} predicts {pred!r}: the samplers take eps-prediction models")
     if cfg.get("variance_type") == "learned" and sampler != "ddim":
-        unet = json.loads((unet_dir(path) / "config.json").read_text())
+        unet = _json_object(unet_dir(path) / "config.json", path)
         if unet.get("out_channels", 3) == 2 * unet.get("in_channels", 3):
             raise ValueError(f"{where} has variance_type='learned' (the UNet's second half of channels is its "
                              "variance itself): the DDPM sampler would read it as learned_range (an interpolation "
                              "between log beta_t and the posterior log-variance); sample it with --sampler ddim")
     vt = cfg.get("variance_type")
     if isinstance(vt, str) and vt.startswith("fixed_") and sampler != "ddim":  # diffusers' own step fails on it
-        unet = json.loads((unet_dir(path) / "config.json").read_text())
+        unet = _json_object(unet_dir(path) / "config.json", path)
         if unet.get("out_channels", 3) == 2 * unet.get("in_channels", 3):
             raise ValueError(f"{where} has variance_type={vt!r} but the UNet outputs 2C channels (eps and a "
                              "variance): an inconsistent config, which the DDPM sampler would read as learned_range; "
