@@ -781,7 +781,7 @@ def _run(args) -> int:
         text, bad = info_json(args)
         print(text)
         if bad:
-            raise DemoError(f"damaged or missing checkpoint files or shards: {'; '.join(bad)}")
+            raise DemoError(f"damaged or missing checkpoint files, shards or training states: {'; '.join(bad)}")
         return 0
 
     if args.cmd == "export-peft":

@@ -288,6 +288,20 @@ def training_state_summary(path, recent: int = 50) -> dict:
     return out
 
 
+def _states_beside(path: Path, skip: Path | None = None) -> list[dict]:
+    """The training states of a rerun into the output ``path``: a damaged one as {"path", "problem"} (the
+    output beside it is still summarised; a ValueError here lost the whole report)."""
+    out = []
+    for state in _training_states(path):
+        if state == skip:
+            continue
+        try:
+            out.append(training_state_summary(state))
+        except ValueError as e:
+            out.append({"path": str(state), "problem": str(e)})
+    return out
+
+
 def model_file_summary(path) -> dict | None:
     """A model file this package saves (save_model / finetune's save_multi): its kind and recorded settings;
     None for a training state or a file without that metadata."""
@@ -316,7 +330,8 @@ def model_file_summary(path) -> dict | None:
 
 
 def main_json(args) -> tuple[str, list]:
-    """(the JSON text, the damaged or missing checkpoint files and shards: "DIR/NAME: state")."""
+    """(the JSON text, the damaged or missing checkpoint files and shards ("DIR/NAME: state") and training
+    states found beside an output (their error line))."""
     if getattr(args, "verify_data", False) and not any(_is_data_set(Path(p)) for p in args.experts):
         # it verified nothing without a word: the report read as if the data had been checked
         raise ValueError("--verify-data checks data-free sets (a generate --out: manifest.json and its shards); "
@@ -326,13 +341,13 @@ def main_json(args) -> tuple[str, list]:
     for p in map(Path, args.experts):
         if (p / "config.json").exists():
             experts.append(checkpoint_summary(p))
-            states += [training_state_summary(s) for s in _training_states(p)]  # a rerun into it, under way
+            states += _states_beside(p)  # a rerun into it, under way
         elif _is_data_set(p):
             sets.append(data_set_summary(p, verify=getattr(args, "verify_data", False),
                                          progress=not getattr(args, "no_progress", True)))
         elif p.is_file() and (m := model_file_summary(p)) is not None:  # a finished output, not a state
             models.append(m)
-            states += [training_state_summary(s) for s in _training_states(p) if s != p]
+            states += _states_beside(p, skip=p)
         elif _training_states(p):  # a run under way (or killed): its resumable state
             states += [training_state_summary(s) for s in _training_states(p)]
         elif p.is_dir() or not p.exists():
@@ -347,4 +362,5 @@ def main_json(args) -> tuple[str, list]:
     bad = [f"{c['path']}/{n}: {state}" for c in experts for n, state in c["files"].items()
            if state.startswith(("DAMAGED", "missing"))]
     bad += [f"{d['path']}/{line}" for d in sets for line in d["problems"]]
+    bad += [s["problem"] for s in states if "problem" in s]  # each names its file
     return json.dumps(out, indent=2), bad

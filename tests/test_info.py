@@ -364,3 +364,29 @@ def test_info_on_a_finished_finetune_output_file_summarises_it(capsys, tmp_path)
     m = s["models"]
     assert [(x["path"], x["kind"], x["n_experts"]) for x in m] == [(str(out), "multiexperts", 2)]
     assert "multi-experts" in m[0]["what"] and m[0]["base_kind"]
+
+
+@pytest.mark.parametrize("output", ["experts", "model_file"])
+def test_info_reports_an_output_beside_a_damaged_training_state_and_flags_the_state(capsys, tmp_path, output):
+    """A rerun's state file cut short next to a good checkpoint (or a finetune output file) made the whole report
+    fail: rc 2, no JSON. The output is summarised; the state is flagged (and exit 2, as for a damaged file)."""
+    from ppap_fast.models.tiny import TinyResNet, save_model
+
+    if output == "experts":
+        out = tmp_path / "ppap5"
+        shutil.copytree(WEIGHTS_DIR / "ppap5", out)
+        state = out / "train_state.safetensors"
+    else:
+        out = save_model(TinyResNet(widths=(4,), layers=(1,)), tmp_path / "model.safetensors")
+        state = tmp_path / "model.safetensors.finetune_state.safetensors"
+    state.write_bytes(b"\x00\x01 not safetensors" * 8)
+    rc, text, err = run(capsys, str(out))
+    res = json.loads(text)
+    if output == "experts":
+        assert res["experts"][0]["verified"] and res["experts"][0]["n_experts"] == 5
+    else:
+        assert [m["kind"] for m in res["models"]] == ["resnet"] and "problem" not in res["models"][0]
+    [s] = res["training_states"]
+    assert s["path"] == str(state) and s["problem"].startswith(f"{state} is not a readable safetensors file (")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"damaged or missing checkpoint files, shards or training states: {s['problem']}" in err, err
