@@ -330,8 +330,8 @@ def model_file_summary(path) -> dict | None:
 
 
 def main_json(args) -> tuple[str, list]:
-    """(the JSON text, the damaged or missing checkpoint files and shards ("DIR/NAME: state") and training
-    states found beside an output (their error line))."""
+    """(the JSON text, the damaged or missing checkpoint files and shards ("DIR/NAME: state"), training states
+    found beside an output (their error line) and model files with unreadable metadata)."""
     if getattr(args, "verify_data", False) and not any(_is_data_set(Path(p)) for p in args.experts):
         # it verified nothing without a word: the report read as if the data had been checked
         raise ValueError("--verify-data checks data-free sets (a generate --out: manifest.json and its shards); "
@@ -363,4 +363,5 @@ def main_json(args) -> tuple[str, list]:
            if state.startswith(("DAMAGED", "missing"))]
     bad += [f"{d['path']}/{line}" for d in sets for line in d["problems"]]
     bad += [s["problem"] for s in states if "problem" in s]  # each names its file
+    bad += [f"{m['path']}: {m['problem']}" for m in models if "problem" in m]  # it cannot be loaded either
     return json.dumps(out, indent=2), bad

@@ -390,3 +390,15 @@ def test_info_reports_an_output_beside_a_damaged_training_state_and_flags_the_st
     assert s["path"] == str(state) and s["problem"].startswith(f"{state} is not a readable safetensors file (")
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"damaged or missing checkpoint files, shards or training states: {s['problem']}" in err, err
+
+
+def test_info_on_a_model_file_with_unreadable_metadata_exits_2(capsys, tmp_path):
+    """Its JSON said "problem: unreadable metadata" but info exited 0 with nothing on stderr (load_model fails)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"kind": "resnet", "config": "{bad"})
+    rc, text, err = run(capsys, str(path))
+    [m] = json.loads(text)["models"]
+    assert m["problem"].startswith("unreadable metadata: JSONDecodeError: Expecting property name")
+    assert rc == 2 and len(err.splitlines()) == 1 and f"training states: {path}: {m['problem']}" in err, err
