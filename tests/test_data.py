@@ -204,6 +204,28 @@ def test_corrupt_shard_is_redone(tmp_path):
 
 
 # ----------------------------------------------------------------------------- lazy shard sets
+def test_an_unreadable_shard_says_what_rewrites_it_when_the_set_is_opened(tmp_path):
+    """A flipped byte in a shard under 4 KiB fails its CRC-32 in the headers' read, when the set is opened: the
+    message said 'not a readable npz shard' only, not (as the CRC-32 check does) how to get the shard back."""
+    from ppap_fast.data import ShardSet
+
+    w = ShardWriter(tmp_path, num_images=4, shard_size=2)
+    w.run(lambda k: _shard(k, 2))
+    shard = w.shard_path(1)
+    raw = bytearray(shard.read_bytes())
+    assert len(raw) < 4096
+    raw[100] ^= 0xFF  # in the images' bytes
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"shard_00001.npz is not a readable npz shard \(BadZipFile: Bad CRC-32 .*\); "
+                                         r"remove it and rerun generate with the set's arguments: it rewrites missing"):
+        ShardSet(tmp_path)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"shard_00001.npz is not a readable npz shard \(FileNotFoundError: .*\); "
+                                         r"rerun generate with the set's arguments: it rewrites missing shards"):
+        ShardSet(tmp_path)
+    assert w.run(lambda k: _shard(k, 2)) == [1] and len(ShardSet(tmp_path)) == 4  # what the message promises
+
+
 def _mixed_set(path, n=23, shard=5):
     rng = np.random.default_rng(0)
     w = ShardWriter(path, num_images=n, shard_size=shard)

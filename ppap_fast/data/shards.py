@@ -341,6 +341,16 @@ def _read_manifest(d: Path) -> dict:
     return man
 
 
+def _shard_members(path: Path) -> dict[str, NpzMember]:
+    """npz_members of a set's shard; unreadable (a flipped byte in a shard under 4 KiB fails its CRC-32 here): what
+    rewrites it, as the CRC-32 check says."""
+    try:
+        return npz_members(path)
+    except ValueError as e:
+        fix = "remove it and rerun" if path.exists() else "rerun"
+        raise ValueError(f"{e}; {fix} generate with the set's arguments: it rewrites missing shards") from None
+
+
 class ShardSet:
     """A complete shard set read lazily: ``len(s)`` images, ``s.gather(name, rows)`` reads just
     those rows of array ``name`` (``images``, ``logits``, ``targets``, ...) from the shards.
@@ -356,7 +366,7 @@ class ShardSet:
         man = _read_manifest(self.dir)
         self.manifest = man
         paths = [self.dir / name for name in man["shards"]]
-        shards = [npz_members(p) for p in paths]
+        shards = [_shard_members(p) for p in paths]
         counts = []
         for p, members in zip(paths, shards):
             im = members.get("images")
