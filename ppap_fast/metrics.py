@@ -111,6 +111,14 @@ def inception_score(probs, split_size: int = 5000) -> float:
     if isinstance(split_size, bool) or not isinstance(split_size, (int, np.integer)) or split_size < 1:
         raise ValueError(f"split_size must be a positive int, got {split_size!r}")
     p = p / p.sum(1, keepdims=True)  # fp16 softmax rows sum to 1 +- 1e-3: scaled the KL by that sum
+    n, short = p.shape[0], p.shape[0] % split_size
+    if n > split_size and 0 < short < split_size / 2:  # averaged in as a full split, as the evaluator does
+        import warnings
+
+        warnings.warn(f"inception_score: the last split holds {short} of {n} rows (splits of {split_size}); its "
+                      "score (1 for a single row) counts as much as a full split's, so the score is biased low: "
+                      f"score {n - short} or {n - short + split_size} samples (a multiple of {split_size}) for an "
+                      "exact one", UserWarning, stacklevel=2)
     scores = []
     for i in range(0, p.shape[0], split_size):
         part = p[i:i + split_size]

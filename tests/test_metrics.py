@@ -249,6 +249,28 @@ def test_inception_score_averages_splits_of_5000_as_guided_diffusion():
         inception_score(probs, split_size=0)
 
 
+def test_inception_score_warns_of_a_short_last_split_and_keeps_the_evaluators_value():
+    """N=5001: splits of 5000 and 1, the single row's score 1 averaged in as guided-diffusion's evaluator does
+    (kept, comparable), without a word that the result is biased."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(10, 0.1), size=5001)
+    with pytest.warns(UserWarning, match=r"the last split holds 1 of 5001 rows \(splits of 5000\).*biased low: "
+                                         r"score 5000 or 10000 samples \(a multiple of 5000\)"):
+        got = inception_score(probs)
+
+    def split_score(part):
+        py = part.mean(0)
+        return np.exp((part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean())
+
+    assert np.isfinite(got) and got == pytest.approx((split_score(probs[:5000]) + 1.0) / 2, rel=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a last split of half the others or more, one split, whole splits: silent
+        for n in (7500, 4999, 10000):
+            assert np.isfinite(inception_score(np.concatenate([probs, probs])[:n]))
+
+
 def _precision_recall_full(real, fake, k):
     """The former N x N computation (sorted full distance matrices), as the reference for the chunked one."""
     def pairwise(a, b):
