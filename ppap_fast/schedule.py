@@ -193,6 +193,8 @@ class Schedule:
         keep = sorted(set(int(t) for t in vals))
         if not keep or keep[0] < 0 or keep[-1] >= base.num_timesteps:
             raise ValueError("respaced timesteps must lie in [0, T)")
+        if len(keep) == base.num_timesteps:  # every step: the base (1 - abar_t / abar_t-1 differs in the last bit)
+            return base
         new_betas, last = [], 1.0
         for t in keep:
             acp = float(base.alphas_cumprod[t])

@@ -1,4 +1,5 @@
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -215,3 +216,19 @@ def test_schedule_names_come_from_one_list(monkeypatch):
     monkeypatch.setattr(schedule, "SCHEDULE_NAMES", ("linear", "cosine", "extra"))
     assert _parser().parse_args(["guided-sample", "--out", "o.npz", "--schedule", "extra"]).schedule == "extra"
     assert _flags_schedule({"noise_schedule": "extra", "diffusion_steps": "500"}) == ("extra", 500)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_a_respacing_that_keeps_every_step_is_the_base_schedule_bit_for_bit(name):
+    """respacing=[1000] (a list) recomputed the betas from alphas_cumprod (1 - abar_t / abar_t-1): they differed from
+    the base's in the last bit, while the string "1000" returned the base."""
+    base = Schedule.create(name, 1000)
+    for respacing in ("1000", 1000, [1000], (1000,), np.array([1000]), "ddim1000", "500,500", [500, 500]):
+        s = Schedule.create(name, 1000, respacing)
+        for f in fields(Schedule):
+            a, b = getattr(s, f.name), getattr(base, f.name)
+            assert (torch.equal(a, b) and a.dtype == b.dtype) if isinstance(a, torch.Tensor) else a == b, \
+                (respacing, f.name)
+    s = Schedule.respaced(get_named_beta_schedule(name, 1000), range(1000))
+    assert torch.equal(s.betas, base.betas) and torch.equal(s.posterior_log_variance_clipped,
+                                                            base.posterior_log_variance_clipped)
