@@ -176,6 +176,21 @@ def test_hf_cache_directory_layout(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_hf_cache_entry_with_a_binary_refs_main_uses_its_single_snapshot(tmp_path):
+    """refs/main of bytes that are no UTF-8 text: a UnicodeDecodeError naming no file; an empty one: no weights."""
+    entry = tmp_path / "models--timm--resnet18"
+    (entry / "snapshots" / "abc123").mkdir(parents=True)
+    (entry / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"")
+    (entry / "refs").mkdir()
+    for damaged in (b"\xff\xfe\x00", b"\n"):  # empty: snapshots/ itself was taken for the snapshot
+        (entry / "refs" / "main").write_bytes(damaged)
+        assert ots.resolve_weights_path(entry) == entry / "snapshots" / "abc123" / "model.safetensors"
+    (entry / "snapshots" / "def456").mkdir()
+    with pytest.raises(ots.CheckpointError, match=r"models--timm--resnet18 is a Hugging Face cache entry with 2 "
+                                                  r"snapshots and no usable refs/main"):
+        ots.resolve_weights_path(entry)
+
+
 # ----------------------------------------------------------------------------- real MobileNetV2 weights
 @pytest.fixture(scope="module")
 def mnv2():

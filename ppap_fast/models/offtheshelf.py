@@ -56,8 +56,11 @@ def _hf_snapshot(d: Path) -> Path:
     snaps = d / "snapshots"
     ref = d / "refs" / "main"
     if ref.is_file():
-        rev = ref.read_text().strip()
-        if (snaps / rev).is_dir():
+        try:
+            rev = ref.read_text().strip()
+        except UnicodeDecodeError:  # damaged: the single snapshot below, else the error naming refs/main
+            rev = ""
+        if rev and (snaps / rev).is_dir():
             return snaps / rev
     found = sorted(p for p in snaps.iterdir() if p.is_dir()) if snaps.is_dir() else []
     if len(found) != 1:
