@@ -299,20 +299,20 @@ class _GradRunner:
         xl = self._input(x).requires_grad_(True)
         with torch.enable_grad(), self._ctx(x.device):
             try:
-                obj = g_obj._scaled_sum(g_obj.objective(xl, t, **kw))
+                obj = g_obj._objective_sum(g_obj.objective(xl, t, **kw))
             except RuntimeError as e:
                 _gd._raise_explained(g_obj, x, e)
                 raise
-        return _gd.grad_wrt_input(obj, xl, g_obj.name)
+        return g_obj._apply_scale(_gd.grad_wrt_input(obj, xl, g_obj.name))
 
     def _functional(self, x, t, **kw):
         g_obj, ctx = self.guide, self._ctx
 
         def objective(xx, tt):
             with ctx(xx.device):
-                return g_obj._scaled_sum(g_obj.objective(xx, tt, **kw)).float()
+                return g_obj._objective_sum(g_obj.objective(xx, tt, **kw)).float()
 
-        return torch.func.grad(objective)(self._input(x), t)
+        return g_obj._apply_scale(torch.func.grad(objective)(self._input(x), t))
 
     def __call__(self, x, t, checked: bool = True, target=None):
         """``target``: overrides the class target of the (sub-)guides that have one (as ComposedGuide's)."""

@@ -252,14 +252,21 @@ class Guide:
     def objective(self, x, t) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _scaled_sum(self, per_sample):
+    def _objective_sum(self, per_sample):
+        """sum_b objective_b, unscaled: the scale multiplies its gradient (:meth:`_apply_scale`); applied before
+        the backward, a half network's backward overflowed at large scales (1e5) though the gradient was finite."""
         if per_sample.dim() != 1:
             raise RuntimeError(f"{self.name}: objective must be per-sample [B], got {tuple(per_sample.shape)}")
-        s = self.scale
-        check_per_sample(s, per_sample.shape[0], self.name)
+        check_per_sample(self.scale, per_sample.shape[0], self.name)
+        return per_sample.sum()
+
+    def _apply_scale(self, g):
+        """scale * g (d/dx of :meth:`_objective_sum`), in float32 at least, returned in g's dtype; a [B] scale
+        multiplies each sample's gradient (each sample's objective depends on its own x only)."""
+        s, dtype = self.scale, torch.promote_types(g.dtype, torch.float32)
         if isinstance(s, torch.Tensor):
-            s = s.to(per_sample.device, per_sample.dtype)
-        return (per_sample * s).sum()
+            s = s.to(g.device, dtype).view(-1, *([1] * (g.dim() - 1)))
+        return (g.to(dtype) * s).to(g.dtype)
 
     def _finite(self, g):
         return check_finite(g, self.nonfinite, self.name)
@@ -297,12 +304,12 @@ class Guide:
         x = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
             try:
-                obj = self._scaled_sum(self.objective(x, t, **kw))
+                obj = self._objective_sum(self.objective(x, t, **kw))
             except RuntimeError as e:
                 _raise_explained(self, x, e)
                 raise
             g = grad_wrt_input(obj, x, self.name)
-        return g.detach()
+        return self._apply_scale(g.detach())
 
 
 def grad_wrt_input(obj: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:

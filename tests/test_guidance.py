@@ -695,6 +695,37 @@ def test_half_dense_guides_at_256x256_keep_their_gradient():
         assert rel(got.double(), want) < 1e-2, guide_cls.__name__
 
 
+def test_the_scale_multiplies_the_gradient_after_the_backward():
+    """The scale multiplied the objective before the backward: a float16 network's backward at scale 1e5 overflowed
+    (NaN/Inf RuntimeError) though 1e5 * d/dx log p is finite in float32. It multiplies the unscaled sum's gradient
+    now, in float32; float64 gradients are unchanged (bit-equal where the scale is a power of two)."""
+    torch.manual_seed(0)
+    net16 = nn.Sequential(nn.Flatten(), nn.Linear(18, 5)).half().eval()
+    net32 = nn.Sequential(nn.Flatten(), nn.Linear(18, 5)).eval()
+    net32.load_state_dict({n: v.float() for n, v in net16.state_dict().items()})
+    x, target = torch.randn(3, 2, 3, 3), torch.tensor([0, 2, 4])
+    for scale in (1e5, torch.tensor([1e5, -3e5, 2e5])):
+        want = ClassGuide(net32, target, scale=scale)(x.half().float(), 3)  # what the half network sees
+        for guide in (ClassGuide(net16, target, scale=scale), fs.FastGuide(ClassGuide(net16, target, scale=scale),
+                                                                           None).runner(None)):
+            got = guide(x, 3)
+            assert got.dtype == x.dtype and torch.isfinite(got).all() and want.abs().max() > 2e4
+            assert rel(got, want) < 2e-3
+
+    model = SmallNet().to(D).eval()
+    xd, t = torch.randn(3, 2, 3, 3, dtype=D), torch.tensor([3, 500, 900])
+
+    def scaled_before(s):
+        z = xd.clone().requires_grad_(True)
+        logp = F.log_softmax(model(z), -1).gather(1, target.view(-1, 1)).squeeze(1)
+        return torch.autograd.grad((logp * s).sum(), z)[0]
+    for s, exact in ((1.0, True), (4.0, True), (torch.tensor([2.0, -0.5, 8.0], dtype=D), True), (3.7, False),
+                     (torch.tensor([0.3, 1.7, -2.2], dtype=D), False)):
+        got, want = ClassGuide(model, target, scale=s)(xd, t), scaled_before(s)
+        assert torch.isfinite(want).all() and want.abs().min() > 0
+        assert torch.equal(got, want) if exact else rel(got, want) < 1e-14, s
+
+
 def test_segmentation_void_label_hint():
     labels = torch.randint(0, 4, (2, 3, 3))
     labels[0, 0] = 255  # VOC / ADE20K / Cityscapes void label
