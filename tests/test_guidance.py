@@ -726,6 +726,23 @@ def test_the_scale_multiplies_the_gradient_after_the_backward():
         assert torch.equal(got, want) if exact else rel(got, want) < 1e-14, s
 
 
+def test_half_class_logits_take_their_log_softmax_in_float32():
+    """ClassGuide / X0HatGuide took log_softmax in the network's dtype: bfloat16 log-probabilities 0.4-2% off. They
+    are taken in float32 now (as the dense guides' losses); checked against float64 on the same logits."""
+    torch.manual_seed(0)
+    x, target = torch.randn(4, 2, 3, 3), torch.tensor([0, 3, 5, 7])
+    for dt in (torch.bfloat16, torch.float16):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(18, 8)).to(dt).eval()
+        with torch.no_grad():
+            net[1].weight.mul_(4)  # logits of a few units: log p far from 0
+        guide = ClassGuide(net, target)
+        logits = net(x.to(dt)).double()
+        want = F.log_softmax(logits, -1).gather(1, target.view(-1, 1)).squeeze(1)
+        got = guide.objective(x, torch.full((4,), 3))
+        assert want.abs().min() > 0.5 and rel(got.double(), want) < 1e-6, dt
+        assert got.dtype == torch.float32
+
+
 def test_segmentation_void_label_hint():
     labels = torch.randint(0, 4, (2, 3, 3))
     labels[0, 0] = 255  # VOC / ADE20K / Cityscapes void label
