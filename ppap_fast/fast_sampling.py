@@ -310,7 +310,10 @@ class _GradRunner:
 
         def objective(xx, tt):
             with ctx(xx.device):
-                return g_obj._objective_sum(g_obj.objective(xx, tt, **kw)).float()
+                obj = g_obj._objective_sum(g_obj.objective(xx, tt, **kw)).float()
+            if not obj.requires_grad:  # under torch.func.grad: obj does not depend on xx (its gradient was all zeros)
+                _gd.grad_wrt_input(obj, xx, g_obj.name)  # raises its ValueError
+            return obj
 
         return g_obj._apply_scale(torch.func.grad(objective)(self._input(x), t))
 

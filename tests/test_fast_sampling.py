@@ -1397,6 +1397,31 @@ def test_model_kwargs_of_another_batch_size_named(rows):
                                                                           "w": torch.tensor(1.0)})).all()
 
 
+def test_compiled_guide_refuses_a_network_that_detaches_its_input(setup):
+    """compile_guide's torch.func.grad path gave all-zero guidance for a guide network detaching its input (the eager
+    path raised ValueError); it raises the same one line now."""
+    model = setup[0]
+
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, z):
+            return self.fc(z.detach().flatten(1))
+
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(SHAPE)
+    torch._dynamo.reset()
+    for net in (Detaching().eval(), Detaching().eval().requires_grad_(False)):
+        fast = FastGuidedSampler(model, sched, guide=ClassGuide(net, 1, scale=3.0), compile_guide=True,
+                                 compile_kwargs={"backend": "eager"})
+        with pytest.raises(ValueError, match=r"^ClassGuide: the guidance objective does not depend on x_t through "
+                                             r"autograd .*keep the path from its input to its output differentiable$"):
+            fast.step(x, 3)
+    torch._dynamo.reset()
+
+
 def test_compiled_guide_takes_a_per_call_target_without_a_graph_break():
     """A per-call target (as_cond_fn's y, the pipeline's class_labels) under compile_guide had its range read inside
     the compiled guide (int(target.min())): a graph break, the guide's gradient run outside the graph while
