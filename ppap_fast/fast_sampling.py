@@ -1169,7 +1169,7 @@ class FastGuidedSampler:
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
         x = x.detach()  # an x_T requiring grad chained every step into one autograd graph (sample_loop: no_grad)
         if self.guide is not None:
-            _gd.check_guide_batch(self.guide, x.shape[0])
+            _gd.check_guide_batch(self.guide, x.shape[0], x_dim=x.dim())
         steps = range(self.schedule.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm

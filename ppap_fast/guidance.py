@@ -635,6 +635,10 @@ class _DenseGuide(Guide):
     def _aligned_target(self, out_shape):
         return self.target_map
 
+    def _per_sample_target_dim(self, out_dim: int) -> int:
+        """The rank of per-sample target maps [B, ...] for an output of rank ``out_dim``."""
+        return out_dim
+
     def _target_for(self, out_shape, per_pixel_dims: int, resize, device):
         """The target map as [B, *out_shape[1 + per_pixel_dims:]] (logits' K is a per-pixel dim), its [H, W]
         resized to the output's where they differ (maps of rank >= 2 for outputs [B, ..., H, W])."""
@@ -749,6 +753,9 @@ class SegmentationGuide(_DenseGuide):
             raise ValueError(f"{self.name}: label {self._hi} is out of range for a model with {k} classes{hint}")
         self._checked_k = k
 
+    def _per_sample_target_dim(self, out_dim: int) -> int:
+        return out_dim - 1  # logits [B, K, H, W], labels [B, H, W]
+
     def _shape_error(self, out_shape):
         return (f"{self.name}: logits shape {tuple(out_shape)} does not match the label map shape "
                 f"{tuple(self.target_map.shape)} (expected logits [B, K, ...] for labels [B, ...] or [...])")
@@ -841,23 +848,30 @@ def has_class_target(guide) -> bool:
     return isinstance(guide, FastGuide) and has_class_target(guide.source)
 
 
-def check_guide_batch(guide, batch: int, class_target_given: bool = False) -> None:
+def check_guide_batch(guide, batch: int, class_target_given: bool = False, x_dim: int = 4) -> None:
     """Raise ValueError, before any model runs, where a guide's own per-sample values cannot serve a batch of
     ``batch``: a class target [n] (unless ``class_target_given``: a target passed per call replaces it), a
-    per-sample scale or a composition's weight [n] with n != batch (before, the mismatch surfaced after the
+    per-sample scale or a composition's weight [n], a dense guide's per-sample target maps [n, ...] (read as
+    such for a dense output of x_t's rank ``x_dim``), with n != batch (before, the mismatch surfaced after the
     first denoiser forward)."""
     from .fast_sampling import FastGuide
 
     if isinstance(guide, FastGuide):
-        return check_guide_batch(guide.source, batch, class_target_given)
+        return check_guide_batch(guide.source, batch, class_target_given, x_dim)
     if isinstance(guide, ComposedGuide):
         for g, w in guide.guides:
             check_per_sample(w, batch, guide.name, "weight")
-            check_guide_batch(g, batch, class_target_given)
+            check_guide_batch(g, batch, class_target_given, x_dim)
         return
     if not isinstance(guide, Guide):
         return
     check_per_sample(guide.scale, batch, guide.name)
+    if isinstance(guide, _DenseGuide):
+        maps = guide.target_map
+        if maps.dim() == guide._per_sample_target_dim(x_dim) and maps.shape[0] not in (1, batch):
+            raise ValueError(f"{guide.name}: target {tuple(maps.shape)} holds {maps.shape[0]} per-sample maps for a "
+                             f"batch of {batch}: give one map per sample, or one shared by all (without the batch "
+                             "dim, or with a leading 1)")
     tgt = getattr(getattr(guide, "target", None), "target", None)
     if not class_target_given and isinstance(tgt, torch.Tensor) and tgt.dim() == 1 and tgt.shape[0] != batch:
         raise ValueError(f"{guide.name}: target has {tgt.shape[0]} class labels for a batch of {batch}: give one "

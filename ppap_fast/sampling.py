@@ -547,7 +547,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         from .guidance import check_guide_batch
 
         check_guide_timesteps(guide, schedule.original_num_timesteps, schedule)
-        check_guide_batch(guide, x.shape[0])
+        check_guide_batch(guide, x.shape[0], x_dim=x.dim())
     check_model_kwargs_batch(model_kwargs, x.shape[0])
     steps = range(schedule.num_timesteps - 1, -1, -1)
     if progress:

@@ -1,4 +1,5 @@
 """FastGuidedSampler vs the reference sample_loop / steps (tiny ADM UNet + tiny ResNet ExpertBank guide)."""
+import re
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 from ppap_fast import fast_sampling as fs
 from ppap_fast.experts import ExpertBank
 from ppap_fast.fast_sampling import FastGuidedSampler, FastSamplingWarning, fast_sample_loop
-from ppap_fast.guidance import ClassGuide, ComposedGuide, DenseRegressionGuide, X0HatGuide
+from ppap_fast.guidance import ClassGuide, ComposedGuide, DenseRegressionGuide, SegmentationGuide, X0HatGuide
 from ppap_fast.models import ADMUNet
 from ppap_fast.models.tiny import TinyResNet
 from ppap_fast.sampling import ddim_step, ddpm_step, sample_loop
@@ -761,6 +762,31 @@ def test_guide_batch_mismatch_is_refused_before_the_denoiser_runs(setup):
     assert counted.calls == 0
     FastGuidedSampler(counted, sched, guide=guide).sample(SHAPE)  # the right batch still samples
     assert counted.calls == 5
+
+
+def test_dense_guide_target_batch_mismatch_is_refused_before_the_denoiser_runs(setup):
+    """A dense guide's per-sample target maps [n, ...] for a batch of another size failed only after the first
+    denoiser forward (the target / logits shape error); refused before it now. Shared maps still sample."""
+    model = setup[0]
+    sched = Schedule.create("linear", 1000, "ddim5")
+    counted = _CountingDenoiser(model)
+    seg_net, depth_net = nn.Conv2d(3, 4, 1).eval(), nn.Conv2d(3, 1, 1).eval()
+    bad = ((SegmentationGuide(seg_net, torch.zeros(3, 8, 8, dtype=torch.long)), "SegmentationGuide: target (3, 8, 8)"),
+           (DenseRegressionGuide(depth_net, torch.zeros(3, 1, 8, 8)), "DenseRegressionGuide: target (3, 1, 8, 8)"))
+    for g, head in bad:
+        msg = rf"^{re.escape(head)} holds 3 per-sample maps for a batch of 2: give one map per sample, or one shared"
+        for guide in (g, ComposedGuide([g]), fs.FastGuide(g, "cpu")):
+            with pytest.raises(ValueError, match=msg):
+                sample_loop(counted, (2, 3, 8, 8), sched, guide=guide)
+            with pytest.raises(ValueError, match=msg):
+                FastGuidedSampler(counted, sched, guide=guide).sample((2, 3, 8, 8))
+    assert counted.calls == 0
+    good = [SegmentationGuide(seg_net, torch.zeros(*lead, 8, 8, dtype=torch.long)) for lead in ((2,), (1,), ())] + \
+        [DenseRegressionGuide(depth_net, torch.zeros(*lead, 8, 8)) for lead in ((2, 1), (1, 1), (2,), (1,), ())]
+    for g in good:
+        out = FastGuidedSampler(counted, sched, guide=g).sample((2, 3, 8, 8))
+        assert torch.isfinite(out).all()
+    assert counted.calls == 5 * len(good)
 
 
 def test_on_off_options_given_as_strings_are_refused(setup):

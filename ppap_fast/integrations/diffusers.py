@@ -1009,7 +1009,8 @@ class _GuidedPipelineBody:
         if self.guidance is not None:  # a guide target of another length failed only after the first UNet forward
             from ppap_fast.guidance import check_guide_batch
 
-            check_guide_batch(self.guidance.guide, batch_size, class_target_given=guide_labels is not None)
+            check_guide_batch(self.guidance.guide, batch_size, class_target_given=guide_labels is not None,
+                              x_dim=len(shape))
         if latents is None:
             x = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype)
         else:
