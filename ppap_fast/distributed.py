@@ -405,7 +405,8 @@ def module_fingerprint(module: nn.Module) -> str:
 def teacher_fingerprint(model: nn.Module, transform=None) -> str:
     """module_fingerprint of a teacher; with its input normalisation where that is not ImageNet's (a timm
     config.json's beside the weights), and with normalisation and input size where the size is not 224x224 or
-    the image's own (a registered spec's): the same weights normalised or resized otherwise give other outputs."""
+    the image's own (a registered spec's), or where a resize's antialias is not "auto": the same weights
+    normalised or resized otherwise give other outputs."""
     from .guidance import IMAGENET_MEAN, IMAGENET_STD
 
     fp = module_fingerprint(model)
@@ -413,6 +414,10 @@ def teacher_fingerprint(model: nn.Module, transform=None) -> str:
     if getattr(transform, "mean", None) is not None:
         mean, std = tuple(transform.mean.flatten().tolist()), tuple(transform.std.flatten().tolist())
     size = getattr(transform, "size", None)
+    antialias = getattr(transform, "antialias", "auto")
+    if size is not None and antialias != "auto":  # "auto" is left out: existing sets' fingerprints hold
+        return hashlib.sha256(f"{fp}|mean={mean}|std={std}|size={size[0]}x{size[1]}|antialias={antialias}"
+                              .encode()).hexdigest()
     if size is not None and tuple(size) != (224, 224):
         return hashlib.sha256(f"{fp}|mean={mean}|std={std}|size={size[0]}x{size[1]}".encode()).hexdigest()
     if mean is None or (mean, std) == (IMAGENET_MEAN, IMAGENET_STD):  # as before: existing sets' fingerprints hold

@@ -1380,6 +1380,35 @@ def test_teacher_fingerprint_names_a_non_default_input_size(tmp_path, monkeypatc
         D._cached_target_key(cfg, ShardSet(data), states["test/tiny24"])
 
 
+def test_teacher_fingerprint_names_a_non_default_antialias():
+    """teacher_fingerprint hashed the input size and normalisation but not the resize's antialias: a teacher resizing
+    without antialiasing got the fingerprint of one resizing with it (cached outputs reused across them). A resize's
+    antialias other than "auto" is named now; with "auto" (or no resize) the fingerprints are those before."""
+    import hashlib
+
+    from ppap_fast.guidance import IMAGENET_MEAN, IMAGENET_STD, input_transform
+    from ppap_fast.models.tiny import TinyResNet
+
+    def sha(text):
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    model = TinyResNet(widths=(4,), layers=(1,), in_channels=3, num_classes=3)
+    fp = D.module_fingerprint(model)
+    half = ((0.5,) * 3, (0.5,) * 3)
+    before = {  # the values of the code before antialias was named
+        (IMAGENET_MEAN, IMAGENET_STD, 224): fp, (IMAGENET_MEAN, IMAGENET_STD, None): fp, (None, None, 224): fp,
+        (*half, 224): sha(f"{fp}|mean={half[0]}|std={half[1]}"), (*half, None): sha(f"{fp}|mean={half[0]}|std={half[1]}"),
+        (IMAGENET_MEAN, IMAGENET_STD, 16): sha(f"{fp}|mean={IMAGENET_MEAN}|std={IMAGENET_STD}|size=16x16"),
+        (None, None, (16, 24)): sha(f"{fp}|mean=None|std=None|size=16x24")}
+    for (mean, std, size), want in before.items():
+        assert D.teacher_fingerprint(model, input_transform(mean, std, size)) == want, (mean, size)
+        assert D.teacher_fingerprint(model, input_transform(mean, std, size, antialias="auto")) == want
+        named = {D.teacher_fingerprint(model, input_transform(mean, std, size, antialias=aa)) for aa in (True, False)}
+        assert named == {want} if size is None else (len(named) == 2 and want not in named), (mean, size)
+    assert D.teacher_fingerprint(model, input_transform(size=224, antialias=False)) == sha(
+        f"{fp}|mean={IMAGENET_MEAN}|std={IMAGENET_STD}|size=224x224|antialias=False")
+
+
 def test_a_moved_set_still_resumes(tmp_path):
     """Where a set lives is not part of its identity: moved (or mounted elsewhere) after a kill, it
     finishes with the same images."""
