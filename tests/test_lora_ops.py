@@ -1415,11 +1415,11 @@ def _bias_backends():
     return out + ([("triton", st) for st in ("default", "stacked", "implicit", "in_base", "fused")] if INTERP else [])
 
 
-def test_strided_and_broadcast_bias_give_the_reference_on_every_path():
+def test_strided_bias_gives_the_reference_and_a_bias_not_c_out_is_refused_on_every_path():
     """The in-base kernels read bias[o] at its data pointer + o, without its stride: a [C_out] bias that is
     a strided view (a column of a table) gave other channels' values (off by 1.6 here, every other path
-    exact), and a scalar / [1] linear bias (F.linear broadcasts it) read past its end. A conv bias not
-    shaped [C_out] (F.conv2d refuses it) ran there too; now every conv path refuses it."""
+    exact), and a scalar / [1] linear bias read past its end. A bias not shaped [C_out] is refused by every
+    op and path (lora_linear broadcast [1] / [1, C_out] and gave torch's expand error for a [5] of 6)."""
     g = torch.Generator().manual_seed(0)
     N, idx = 2, torch.tensor([1, 0, 1])
     x, W, A = torch.randn(3, 20, 4, generator=g), torch.randn(6, 4, generator=g), torch.randn(N, 2, 4, generator=g)
@@ -1429,19 +1429,21 @@ def test_strided_and_broadcast_bias_give_the_reference_on_every_path():
     strided = torch.randn(6, 3, generator=g)[:, 1]
     tail = torch.full((16,), 1e3)  # what a kernel reading past a short bias's end finds
     for be, st in _bias_backends():
-        for bias in (strided, tail[:1], tail[0], strided[:6].view(1, 6)):
-            if st in (None, "default", "in_base"):
-                kw = {} if st is None else {"a_stage": st}
-                got = L.lora_linear(x, W, bias, A, B, idx, 0.5, backend=be, **kw)
-                want = R.lora_linear(x.double(), W.double(), bias.double(), A.double(), B.double(), idx, 0.5)
-                assert_close(f"linear {be} {st} bias {tuple(bias.shape)} {bias.stride()}", got, want, 2e-5)
+        if st in (None, "default", "in_base"):
+            kw = {} if st is None else {"a_stage": st}
+            got = L.lora_linear(x, W, strided, A, B, idx, 0.5, backend=be, **kw)
+            want = R.lora_linear(x.double(), W.double(), strided.double(), A.double(), B.double(), idx, 0.5)
+            assert_close(f"linear {be} {st} strided bias", got, want, 2e-5)
+            for bad in (tail[:5], tail[:1], tail[0], strided.view(1, 6)):
+                with pytest.raises(ValueError, match=r"^lora_linear: bias must be \[C_out\] = \[6\], got "):
+                    L.lora_linear(x, W, bad, A, B, idx, 0.5, backend=be, **kw)
         if st != "default":
             kw = {} if st is None else {"a_stage": st}
             got = L.lora_conv2d(xc, Wc, strided, Ac, B, idx, 0.5, 1, 1, backend=be, **kw)
             want = R.lora_conv2d(xc.double(), Wc.double(), strided.double(), Ac.double(), B.double(), idx, 0.5, 1, 1)
             assert_close(f"conv {be} {st} strided bias", got, want, 2e-5)
             for bad in (tail[:3], tail[:1], strided.view(1, 6)):
-                with pytest.raises(ValueError, match=r"bias must be \[C_out\] = \[6\]"):
+                with pytest.raises(ValueError, match=r"^lora_conv2d: bias must be \[C_out\] = \[6\]"):
                     L.lora_conv2d(xc, Wc, bad, Ac, B, idx, 0.5, 1, 1, backend=be, **kw)
     for be in ("reference", "vectorized", "stacked"):
         with pytest.raises(ValueError, match=r"bias must be \[C_out\] = \[6\]"):

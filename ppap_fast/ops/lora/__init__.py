@@ -232,10 +232,12 @@ def _check_conv_input(op: str, x):
         raise ValueError(f"{op}: x must be [S, C_in, H, W], got {tuple(x.shape)} (unsqueeze(0) a single sample)")
 
 
-def _check_conv_bias(bias, c_out: int):
-    """F.conv2d's rule for every A stage (the in-base kernels read bias[o] of any shape: past its end)."""
+def _check_bias(op: str, bias, c_out: int):
+    """bias exactly [C_out] (F.conv2d's rule) for every op and path: the in-base kernels read bias[o] of any shape,
+    past its end; F.linear broadcast a [1] / [1, C_out] bias and raised torch's expand error for a wrong length."""
     if bias is not None and tuple(bias.shape) != (c_out,):
-        raise ValueError(f"bias must be [C_out] = [{c_out}], got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias must be [C_out] = [{c_out}], got {tuple(bias.shape)}; pass a 1-D bias of "
+                         f"length {c_out} (or None)")
 
 
 def _check_expert_bias(expert_bias, N: int, c_out: int):
@@ -291,6 +293,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, W {tuple(W.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
     _check_dtypes("lora_linear", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N, x.device)
+    _check_bias("lora_linear", bias, W.shape[0])
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -369,7 +372,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
                          f"got {a_blocks!r}")
     _check_dtypes("lora_conv2d", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N, x.device)
-    _check_conv_bias(bias, W.shape[0])
+    _check_bias("lora_conv2d", bias, W.shape[0])
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -505,7 +508,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
         raise ValueError(f"delta must be [N, *W.shape], got {tuple(delta.shape)} for W {tuple(W.shape)}")
     _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], delta.shape[0], x.device)
-    _check_conv_bias(bias, W.shape[0])  # (the stacked path broadcast a [1] bias where F.conv2d refuses it)
+    _check_bias("lora_conv2d_delta", bias, W.shape[0])  # (the stacked path broadcast a [1] bias)
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups

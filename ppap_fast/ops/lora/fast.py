@@ -197,15 +197,12 @@ class LoraLinearFn(torch.autograd.Function):
 
 
 def _in_base_bias(bias, n: int):
-    """bias (detached) as the contiguous [n] vector the in-base kernels read at bias + o (they take no stride:
-    a strided bias, e.g. a column of a table, read other values; a [1] or scalar one, as F.linear broadcasts
-    it, read past its end)."""
+    """bias [n] (detached; the public ops refuse other shapes) as the contiguous vector the in-base kernels read
+    at bias + o: they take no stride (a strided bias, e.g. a column of a table, read other values)."""
     if bias is None:
         return None
-    bias = bias.detach()
-    if bias.dim() != 1 or bias.shape[0] != n or (n > 1 and bias.stride(0) != 1):
-        bias = bias.reshape(-1).expand(n).contiguous()  # a size that does not broadcast raises as F.linear's
-    return bias
+    assert tuple(bias.shape) == (n,), (tuple(bias.shape), n)
+    return bias.detach().contiguous()
 
 
 class LoraLinearInBaseFn(LoraLinearFn):
