@@ -2,6 +2,8 @@
 import itertools
 import zlib
 
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ CONFIGS = [
     ("ddpm", 0.0, "fixed_small", "250"),
     ("ddpm", 0.0, "fixed_large", None),
 ]
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -86,6 +89,31 @@ def test_backends_match_reference(cfg, dtype):
     assert checked > 0, "no fast backend ran: the extension should be built in this environment"
 
 
+@pytest.mark.parametrize("sampler,var_type", [("ddim", "learned_range"), ("ddpm", "learned_range")])
+def test_int32_step_index_gives_the_int64_result_on_every_backend(sampler, var_type):
+    """An int32 idx was refused ("idx must be a long tensor") while the LoRA and norm ops take an int32
+    expert_idx; every backend (the C++ op reads int64: the wrapper converts) now gives the int64 result."""
+    table = gu.build_table(Schedule.create("linear", 1000, "50"), sampler, eta=0.5, var_type=var_type)
+    g = torch.Generator().manual_seed(3)
+    x, eps, v, grad, noise = (torch.randn(4, 2, 3, 5, generator=g) for _ in range(5))
+    v = v.tanh() if var_type == "learned_range" and sampler == "ddpm" else None
+    idx = torch.tensor([0, 49, 7, 23])
+    backends = ["reference"] + _backends_for("cpu")
+    assert "cpp" in backends and ("triton" in backends or not INTERP), backends
+    for backend in backends:
+        want = ops.guided_update(x, eps, idx, table, v=v, grad=grad, noise=noise, backend=backend)
+        got = ops.guided_update(x, eps, idx.int(), table, v=v, grad=grad, noise=noise, backend=backend)
+        assert ops.last_backend("guided_update") == backend
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all() and torch.equal(a, b), backend
+    xg = x.clone().requires_grad_()  # autograd: the reference, differentiable
+    got = ops.guided_update(xg, eps, idx.int(), table, v=v, grad=grad, noise=noise)
+    got[0].sum().backward()
+    assert torch.equal(got[0].detach(), ops.guided_update(x, eps, idx, table, v=v, grad=grad, noise=noise,
+                                                          backend="reference")[0])
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
 def test_reference_matches_closed_form_ddim_step():
     # one DDIM step written out from the formulas, in float64
     sched = Schedule.create("linear", 1000, "ddim25")
@@ -125,10 +153,10 @@ def test_bad_inputs():
     idx = torch.tensor([1, 2])
     with pytest.raises(ValueError, match="eps shape"):
         ops.guided_update(x, torch.randn(2, 3, 4, 5), idx, table)
-    with pytest.raises(ValueError, match=r"idx must be a long tensor .*got torch.int32 \(2,\) on cpu"):
-        ops.guided_update(x, x, idx.int(), table)
+    with pytest.raises(ValueError, match=r"idx must be an int64 or int32 tensor .*got torch.int16 \(2,\) on cpu"):
+        ops.guided_update(x, x, idx.short(), table)
     for bad in ([1, 2], (1, 2), 3):  # a bare AttributeError ('list' object has no attribute 'ndim') before
-        with pytest.raises(ValueError, match=f"idx must be a long tensor .*got {type(bad).__name__}"):
+        with pytest.raises(ValueError, match=f"idx must be an int64 or int32 tensor .*got {type(bad).__name__}"):
             ops.guided_update(x, x, bad, table)
     with pytest.raises(ValueError, match="dtype"):
         ops.guided_update(x, x.double(), idx, table)

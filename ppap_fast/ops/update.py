@@ -100,11 +100,11 @@ def _check(x, eps, v, grad, noise, idx, table, check_range=True):
             raise ValueError(f"{name} must have x's dtype and device ({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
     if table.mode == MODES["ddpm_learned"] and v is None:
         raise ValueError("learned-range DDPM needs v (the model's variance channels)")
-    if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.shape[0] != x.shape[0] or idx.dtype != torch.long \
-            or idx.device != x.device:  # (a list: a bare AttributeError before)
+    if not isinstance(idx, torch.Tensor) or idx.ndim != 1 or idx.shape[0] != x.shape[0] \
+            or idx.dtype not in (torch.int64, torch.int32) or idx.device != x.device:  # a list: AttributeError
         got = (f"{idx.dtype} {tuple(idx.shape)} on {idx.device}" if isinstance(idx, torch.Tensor)
                else type(idx).__name__)
-        raise ValueError(f"idx must be a long tensor of shape ({x.shape[0]},) on {x.device}, got {got}")
+        raise ValueError(f"idx must be an int64 or int32 tensor of shape ({x.shape[0]},) on {x.device}, got {got}")
     if table.coefs.device != x.device:
         raise ValueError(f"table is on {table.coefs.device}, x on {x.device}: call table.to(device)")
     # step range: a host sync, so CPU only (the CUDA and Triton kernels clamp; the reference would wrap -1);
@@ -157,6 +157,7 @@ def _per_sample_contiguous(t):
 def _native(x, eps, idx, table, v=None, grad=None, noise=None, clip_denoised=True):
     x = x.contiguous()
     eps, v, grad, noise = (_per_sample_contiguous(t) for t in (eps, v, grad, noise))
+    idx = idx.long()  # the C++ / CUDA op reads int64 (the reference and Triton read int32 as it is)
     return torch.ops.ppap_fast.guided_update(x, eps, v, grad, noise, idx, table.coefs if x.dtype == torch.float64 else table.coefs_f32,
                                              table.mode, clip_denoised)
 
