@@ -89,6 +89,23 @@ def test_group_norm_from_sums_matches_float64(backend, dtype):
                 f"mean {mean} G {G}: {err:.2e} (own statistics {own:.2e})"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("hw", [(0, 19), (17, 0)])
+def test_an_empty_target_gets_zero_sums_from_every_producer(backend, hw):
+    """H * W = 0: the default p_chunk was 0 ("p_chunk must be a positive multiple of 16, got 0", none passed) and
+    the reference producers indexed position 0. The sums of no positions are 0 (one chunk), written by both
+    producers (the Triton concatenation left them poisoned, the residual add unmarked)."""
+    gen = torch.Generator().manual_seed(8)
+    buf, sums = _buffer_with_sums(gen, torch.float32, backend, H=hw[0], W=hw[1])
+    B, C = buf.shape[:2]
+    flat = buf.reshape(B, C, 0).double()  # plain torch: the sums over no positions
+    want = torch.stack((flat.sum(-1), flat.square().sum(-1)), 1)[:, None].float()  # [B, K=1, 2, C]
+    assert sums.chunks == 1 and sums.p_chunk > 0 and want.shape == (3, 1, 2, 64)
+    assert torch.equal(sums.part, want) and torch.equal(sums.shift, torch.zeros(B, C))
+    got = NA.group_norm_act(buf, 16, channel_sums=sums, backend=backend)
+    assert got.shape == buf.shape and ops.last_backend(NA.OP) == backend
+
+
 def test_group_stats_reference_is_the_group_moments():
     gen = torch.Generator().manual_seed(3)
     x = _cl(torch.randn(2, 12, 5, 7, generator=gen, dtype=torch.float64).float() * 2 + 7)

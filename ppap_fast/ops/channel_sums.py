@@ -35,6 +35,8 @@ def _cdiv(a: int, b: int) -> int:
 def default_p_chunk(batch: int, channels: int, positions: int) -> int:
     """Positions per chunk (a multiple of CHUNK_ALIGN) for a [batch, channels, positions] target: about
     _TARGET_PROGRAMS producer programs at 256 channels each."""
+    if positions == 0:  # an empty target: one chunk of zero sums
+        return CHUNK_ALIGN
     chunks = _cdiv(_TARGET_PROGRAMS, max(1, batch * _cdiv(channels, 256)))
     chunks = max(1, min(_cdiv(positions, CHUNK_ALIGN), chunks))
     return _cdiv(_cdiv(positions, chunks), CHUNK_ALIGN) * CHUNK_ALIGN
@@ -128,7 +130,7 @@ def fill_reference(cs: ChannelSums, y: torch.Tensor, c_off: int) -> None:
     B, C = y.shape[:2]
     P = y.shape[2] * y.shape[3]
     v = y.detach().reshape(B, C, P).float()
-    k = v[:, :, 0]
+    k = v[:, :, 0] if P else v.new_zeros(B, C)
     d = v - k[:, :, None]
     pad = cs.chunks * cs.p_chunk - P
     d = torch.nn.functional.pad(d, (0, pad)).reshape(B, C, cs.chunks, cs.p_chunk)

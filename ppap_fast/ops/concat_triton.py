@@ -82,6 +82,9 @@ def cat_channels(tensors, poison=False, out=None, c_off=0, channel_sums=None):
         if channel_sums is not None:
             if pixels and C:
                 _cat_with_sums(x, y, c_off, channel_sums, s_off)
+            else:  # no values: zero sums
+                channel_sums.part[..., s_off:s_off + C].zero_()
+                channel_sums.shift[:, s_off:s_off + C].zero_()
             s_off += C
         elif pixels and C:
             bp, bc = _blocks(C, C % 16 == 0 and c_out % 16 == 0 and c_off % 16 == 0)

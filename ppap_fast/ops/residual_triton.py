@@ -92,6 +92,11 @@ def bias_residual_add(h, skip, bias, poison=False, out=None, channel_sums=None):
         if poison:
             y.fill_(float("nan"))
     if h.numel() == 0:
+        if channel_sums is not None:  # no values: zero sums
+            c_off = channel_sums.offset_of(y)
+            channel_sums.part[..., c_off:c_off + C].zero_()
+            channel_sums.shift[:, c_off:c_off + C].zero_()
+            channel_sums.mark_written(c_off, c_off + C, y)
         return y
     bias = bias.contiguous() if bias is not None else None
     bc, bp = _elementwise_blocks(C, HW, sh[1] == 1 and C > 1)
