@@ -155,6 +155,19 @@ def test_train_mode_bn_keeps_stats_of_an_expert_with_one_value_per_channel(kind,
     assert int(m.num_batches_tracked[1]) == int(before["num_batches_tracked"][1]) + 1
 
 
+def test_a_batch_norm_call_the_op_refuses_counts_no_batch():
+    """num_batches_tracked was bumped before expert_batch_norm checked x: a refused call had counted."""
+    bank = ExpertBank(nn.Sequential(nn.BatchNorm2d(5)), Placement(norm=("0",)), n_experts=2).to(D).train()
+    m = bank.model[0]
+    before = {k: getattr(m, k).clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    with pytest.raises(ValueError, match=r"expert_batch_norm: weight must be \[N, 4\]"):
+        bank(torch.randn(4, 4, 3, 3, dtype=D), expert_idx=torch.tensor([0, 1, 1, 0]))
+    for k, v in before.items():
+        assert torch.equal(getattr(m, k), v), k
+    y = bank(torch.randn(4, 5, 3, 3, dtype=D), expert_idx=torch.tensor([0, 1, 1, 1]))
+    assert torch.isfinite(y).all() and m.num_batches_tracked.tolist() == [1, 1]
+
+
 def test_gradients_stay_in_the_routed_expert():
     bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=5).to(D)).eval()
     x = torch.randn(2, 3, 8, 8, dtype=D)

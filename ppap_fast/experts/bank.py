@@ -420,16 +420,16 @@ class ExpertBatchNorm(_ExpertAffine):
 
     def forward(self, x):
         idx = self._idx(x)
-        if self.training:
+        y = _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
+                                          self.running_var, self.training, self.momentum, self.eps,
+                                          segments=self._router.segments(x, self.n_experts))
+        if self.training:  # counted once the op ran (a call it refused counts nothing)
             with torch.no_grad():  # index_add, not bincount: no host sync (CUDA graphs)
                 seen = torch.zeros(self.n_experts, dtype=torch.int64, device=idx.device)
                 seen.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
                 # the op updates the stats of experts with more than one value per channel: count those
                 updated = seen * math.prod(x.shape[2:]) > 1
                 self.num_batches_tracked.add_(updated.to(self.num_batches_tracked.dtype))
-        y = _norm_ops().expert_batch_norm(x, idx, self._weights(), self.expert_bias, self.running_mean,
-                                          self.running_var, self.training, self.momentum, self.eps,
-                                          segments=self._router.segments(x, self.n_experts))
         if self._plain is not None:
             y = self.act(self.drop(y))
         return y
