@@ -1105,12 +1105,49 @@ def test_lora_conv2d_string_padding(device, backend):
         L.lora_conv2d(x, torch.randn(4, 3, 2, 2), None, torch.randn(2, 2, 3, 2, 2), B, idx, 0.5, padding="same")
 
 
-def test_frozen_weight_gets_no_grad():
-    x = torch.randn(3, 4, requires_grad=True)
-    W = torch.randn(5, 4, requires_grad=True)
-    A, B = torch.randn(2, 2, 4, requires_grad=True), torch.randn(2, 5, 2, requires_grad=True)
-    L.lora_linear(x, W, None, A, B, torch.tensor([0, 1, 1]), 1.0).sum().backward()
-    assert W.grad is None and A.grad is not None
+def _frozen_cases():
+    """(op, backend, call(W, bias), W's shape) for every backend path of the three public ops on this machine."""
+    g = torch.Generator().manual_seed(5)
+    idx = torch.tensor([0, 1, 1])
+    x, xc = torch.randn(3, 4, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    A, Ac = torch.randn(2, 2, 4, generator=g), torch.randn(2, 2, 4, 3, 3, generator=g)
+    B, delta = torch.randn(2, 5, 2, generator=g), torch.randn(2, 5, 4, 3, 3, generator=g)
+    for t in (A, Ac, B, delta):
+        t.requires_grad_()
+    fast_backends = (["cpp"] if _cpp_ready("cpu") else []) + (["triton"] if INTERP else [])
+    for be in ["reference"] + fast_backends:
+        yield "lora_linear", be, lambda W, b, be=be: L.lora_linear(x, W, b, A, B, idx, 0.5, backend=be), (5, 4)
+        yield ("lora_conv2d", be, lambda W, b, be=be: L.lora_conv2d(xc, W, b, Ac, B, idx, 0.5, 1, 1, backend=be),
+               (5, 4, 3, 3))
+    for be in ("reference", "vectorized", "stacked"):
+        yield ("lora_conv2d_delta", be, lambda W, b, be=be: L.lora_conv2d_delta(xc, W, b, delta, idx, 1, 1, backend=be),
+               (5, 4, 3, 3))
+
+
+def test_a_frozen_weight_or_bias_that_requires_grad_warns_once_on_every_backend(monkeypatch):
+    """W and the shared bias are detached on every backend: one that requires grad silently got no gradient. It warns
+    once per op and tensor (a model unfrozen with requires_grad_(True) still trains its LoRA), not under no_grad."""
+    g = torch.Generator().manual_seed(6)
+    cases = list(_frozen_cases())
+    assert len(cases) >= 5
+    for op, be, call, w_shape in cases:
+        W, b = torch.randn(w_shape, generator=g), torch.randn(5, generator=g)
+        want = call(W, b).detach()
+        for name in ("W", "bias"):
+            monkeypatch.setattr(L, "_FROZEN_WARNED", set())
+            Wg, bg = W.clone().requires_grad_(name == "W"), b.clone().requires_grad_(name == "bias")
+            hint = rf"^{op}: {name} requires grad, .* call {name}\.requires_grad_\(False\)"
+            with pytest.warns(UserWarning, match=hint):
+                y = call(Wg, bg)
+            assert L.last_backend[op] == be and torch.isfinite(y).all() and torch.equal(y.detach(), want), (op, be)
+            y.sum().backward()
+            assert Wg.grad is None and bg.grad is None, (op, be, name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                call(Wg, bg)  # warned once
+                monkeypatch.setattr(L, "_FROZEN_WARNED", set())
+                with torch.no_grad():
+                    call(Wg, bg)  # no gradient asked for
 
 
 # ============================================================================ CUDA graphs

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -240,6 +241,21 @@ def _check_bias(op: str, bias, c_out: int):
                          f"length {c_out} (or None)")
 
 
+_FROZEN_WARNED: set = set()  # (op, name) pairs already warned about
+
+
+def _warn_if_frozen_wants_grad(op: str, W, bias):
+    """W and the shared bias are frozen (every backend detaches them): one that requires grad silently got no gradient.
+    A warning, once per op and tensor: a model unfrozen with requires_grad_(True) still trains its LoRA."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("W", W), ("bias", bias)):
+        if t is not None and t.requires_grad and (op, name) not in _FROZEN_WARNED:
+            _FROZEN_WARNED.add((op, name))
+            warnings.warn(f"{op}: {name} requires grad, but the base weight and bias are frozen (detached: {name} gets "
+                          f"no gradient); call {name}.requires_grad_(False) (warned once)", UserWarning, stacklevel=3)
+
+
 def _check_expert_bias(expert_bias, N: int, c_out: int):
     if expert_bias is not None and tuple(expert_bias.shape) != (N, c_out):
         raise ValueError(f"expert_bias must be [N, C_out] = [{N}, {c_out}], got {tuple(expert_bias.shape)}")
@@ -277,7 +293,8 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
                 a_stage=None):
     """x [S, ..., in] -> x W^T + bias + expert_bias[e] + scale (x A_e^T) B_e^T, e = expert_idx[s].
 
-    W [out, in] and bias are frozen; A [N, r, in], B [N, out, r], expert_bias [N, out] | None.
+    W [out, in] and bias are frozen (no gradient on any backend; one that requires grad: a warning, once);
+    A [N, r, in], B [N, out, r], expert_bias [N, out] | None.
     ``segments``: a ``build_segments(expert_idx, N)`` result to reuse across layers (a stale one is refused:
     segments.check_segments). ``a_stage``
     (None: PPAP_FAST_LORA_A_STAGE): "in_base" runs the base GEMM and the LoRA in the same Triton kernels
@@ -294,6 +311,7 @@ def lora_linear(x, W, bias, A, B, expert_idx, scale, expert_bias=None, *, backen
     _check_dtypes("lora_linear", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N, x.device)
     _check_bias("lora_linear", bias, W.shape[0])
+    _warn_if_frozen_wants_grad("lora_linear", W, bias)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -373,6 +391,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     _check_dtypes("lora_conv2d", x=x, W=W, A=A, B=B, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], N, x.device)
     _check_bias("lora_conv2d", bias, W.shape[0])
+    _warn_if_frozen_wants_grad("lora_conv2d", W, bias)
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
@@ -509,6 +528,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     _check_dtypes("lora_conv2d_delta", x=x, W=W, delta=delta, bias=bias, expert_bias=expert_bias)
     _check_idx(expert_idx, x.shape[0], delta.shape[0], x.device)
     _check_bias("lora_conv2d_delta", bias, W.shape[0])  # (the stacked path broadcast a [1] bias)
+    _warn_if_frozen_wants_grad("lora_conv2d_delta", W, bias)
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
     padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups

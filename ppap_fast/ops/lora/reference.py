@@ -9,7 +9,8 @@ Conventions shared by all ops
   is a long tensor ``[S]`` with values in ``[0, N)``. Every other leading
   dimension (tokens, pixels) belongs to that sample's expert.
 * ``W`` (and the shared ``bias``) are frozen: they are detached, so no dense
-  weight gradient is ever computed. Everything else is differentiable.
+  weight gradient is ever computed (the public ops warn, once, where one
+  requires grad). Everything else is differentiable.
 * ``scale`` multiplies only the LoRA term (alpha / r).
 """
 from __future__ import annotations
