@@ -217,6 +217,35 @@ def test_routed_conv_matches_single_expert_layer():
         assert rel(bank(x, expert_idx=1), single(x)) < 1e-12
 
 
+@pytest.mark.parametrize("layout,route", [("factorised", None), ("loralib", "delta"), ("loralib", "factorised"),
+                                          ("loralib", "lowrank")])
+def test_same_padding_with_an_even_kernel_routes_as_the_model_copy(monkeypatch, layout, route):
+    """padding='same' with an even effective kernel (asymmetric) was accepted at construction, then the LoRA ops
+    refused it at the first forward, naming no module; the routed conv pads x as F.conv2d does (odd pixel
+    right / bottom): each expert equals its merged model copy (nn.Conv2d(padding='same')) in float64."""
+    from ppap_fast.ops.lora import vectorized as V
+
+    if route is not None:
+        monkeypatch.setenv("PPAP_FAST_LORALIB_CONV", route)
+    lowrank_calls = []
+    real_lowrank = V.loralib_conv2d_lowrank
+    monkeypatch.setattr(V, "loralib_conv2d_lowrank", lambda *a, **k: lowrank_calls.append(1) or real_lowrank(*a, **k))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 4, 7, 6, generator=g, dtype=D)
+    idx = torch.tensor([0, 1, 1, 0])
+    for kernel, dilation in ((4, 1), ((2, 3), 1), ((3, 2), (2, 3))):
+        base = nn.Conv2d(4, 32, kernel, padding="same", dilation=dilation).to(D)
+        bank = randomise_bank(ExpertBank(nn.Sequential(base), Placement(lora=("0",), r=1, alpha=3, layout=layout),
+                                         n_experts=2).to(D))
+        y = bank(x, expert_idx=idx)
+        assert y.shape == (4, 32, 7, 6) and torch.isfinite(y).all()
+        for n in (0, 1):
+            merged = bank.merged(n)
+            assert merged[0].padding == "same"
+            assert rel(y[idx == n], merged(x[idx == n])) < 1e-12, (kernel, dilation, n)
+    assert bool(lowrank_calls) == (route == "lowrank")
+
+
 # ----------------------------------------------------------------------------- merged(n)
 @pytest.mark.parametrize("builder,rule,layout", [
     (lambda: small_resnet(Bottleneck), "resnet", "loralib"),

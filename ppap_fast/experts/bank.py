@@ -235,6 +235,16 @@ def _conv_geometry(self, base: nn.Conv2d):
     self.dilation, self.groups = base.dilation, base.groups
     self.same_pad = _qualname(base) in SAME_PADDING_CONVS  # its padding is 0: the input is padded per call
     object.__setattr__(self, "_plain", _plain_shell(base) if self.same_pad else None)
+    self.uneven_same_pads = _uneven_same_pads(base)
+
+
+def _uneven_same_pads(base: nn.Conv2d):
+    """padding='same' with an even effective kernel (dilation * (k - 1) odd), which the LoRA ops refuse: F.pad's
+    (left, right, top, bottom), the odd pixel right / bottom as F.conv2d; None otherwise."""
+    if base.padding != "same":
+        return None
+    th, tw = (d * (k - 1) for k, d in zip(base.kernel_size, base.dilation))
+    return None if th % 2 == 0 and tw % 2 == 0 else (tw // 2, tw - tw // 2, th // 2, th - th // 2)
 
 
 def _pad_same(x, kernel_size, stride, dilation):
@@ -271,6 +281,9 @@ class RoutedConv2d(_RoutedLoRA):
         idx = self._idx(x)
         if self.same_pad:
             x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        padding = self.padding
+        if self.uneven_same_pads is not None:  # padded here, as F.conv2d does for these
+            x, padding = F.pad(x, self.uneven_same_pads), 0
         ops = _ops()
         if self.layout == "factorised" or (self.groups == 1 and loralib_conv_route(x.device) == "factorised"):
             seg = self._router.segments(x, self.n_experts)
@@ -283,17 +296,17 @@ class RoutedConv2d(_RoutedLoRA):
                 kw["a_stage"] = "implicit"  # its own expert only: the stacked A stage would be N*r*kh*kh wide
                 kw["a_blocks"] = self.kernel_size[0]  # A is kh blocks on a diagonal: skip the zeros
             return ops.lora_conv2d(x, self.weight, self.bias, A, B, idx, self.scale,
-                                   self.stride, self.padding, self.dilation, self.groups, self.expert_bias, **kw)
+                                   self.stride, padding, self.dilation, self.groups, self.expert_bias, **kw)
         if self.groups == 1 and x.shape[0] and loralib_conv_route(x.device) == "lowrank":
             from ppap_fast.ops.lora import vectorized as V
 
             if V.lowrank_is_cheaper(self.n_experts, self.out_channels, self.in_channels, *self.kernel_size,
                                     self.lora_A.shape[1]):
                 return V.loralib_conv2d_lowrank(x, self.weight, self.bias, self.lora_A, self.lora_B, idx,
-                                                self.scale, self.stride, self.padding, self.dilation,
+                                                self.scale, self.stride, padding, self.dilation,
                                                 self.expert_bias)
         return ops.lora_conv2d_delta(x, self.weight, self.bias, self.delta_weights(), idx, self.stride,
-                                     self.padding, self.dilation, self.groups, self.expert_bias)
+                                     padding, self.dilation, self.groups, self.expert_bias)
 
     def to_plain(self, n):
         b = self.expert_bias[n] if self.expert_bias is not None else self.bias
