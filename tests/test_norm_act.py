@@ -196,6 +196,20 @@ def test_empty_batch():
     assert GA.group_norm_act(x, 4, backend="triton").shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 0, 3), (2, 8, 0), (2, 0, 3, 3)])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_spatial_or_channels_give_an_empty_y_on_both_backends(shape, backend):
+    C = shape[1]
+    x = torch.randn(shape, dtype=torch.float16)
+    kw = dict(weight=torch.ones(C), bias=torch.zeros(C), scale=torch.ones(2, C), shift=torch.ones(2, C))
+    y = GA.group_norm_act(x, 4 if C else 1, **kw, out_dtype=torch.float32, backend=backend)
+    assert (y.shape, y.dtype) == (x.shape, torch.float32)
+    if backend == "reference":
+        xg = x.float().requires_grad_()
+        GA.group_norm_act(xg, 4 if C else 1, **kw).sum().backward()
+        assert xg.grad.shape == x.shape
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_parity_layouts_and_graph(dtype):

@@ -44,7 +44,9 @@ def group_norm_act_reference(x, num_groups, weight=None, bias=None, eps=1e-5, sc
     xx = x.to(dt)
     if in_bias is not None:
         xx = xx + in_bias.to(dt).reshape((-1, x.shape[1]) + (1,) * (x.dim() - 2))
-    if channel_sums is None:
+    if xx.numel() == 0:  # F.group_norm refuses H*W = 0 or C = 0; the Triton path returns an empty y
+        h = _affine(xx, weight, bias, dt)
+    elif channel_sums is None:
         h = F.group_norm(xx, num_groups, None if weight is None else weight.to(dt),
                          None if bias is None else bias.to(dt), eps)
     else:
@@ -70,7 +72,11 @@ def _normalize_from_sums(x, num_groups, weight, bias, eps, channel_sums, dt):
         return v.to(dt).repeat_interleave(C // num_groups, dim=1).reshape(per_channel)
 
     h = ((x - expand(kg)) - expand(m1)) * expand(torch.rsqrt(var + eps))
-    shp = (1, C) + (1,) * (x.dim() - 2)
+    return _affine(h, weight, bias, dt)
+
+
+def _affine(h, weight, bias, dt):
+    shp = (1, h.shape[1]) + (1,) * (h.dim() - 2)
     if weight is not None:
         h = h * weight.to(dt).reshape(shp)
     if bias is not None:
