@@ -2138,7 +2138,8 @@ def test_x_without_a_batch_dimension_is_refused(backend):
 
 @pytest.mark.parametrize("op", ["lora_conv2d", "lora_conv2d_delta"])
 def test_padding_same_with_stride_is_refused(op):
-    """padding='same' with stride 2 was accepted (F.conv2d refuses it); 'valid' works, unknown strings refused."""
+    """padding='same' with stride 2 was accepted (F.conv2d refuses it); 'valid' works, unknown strings refused;
+    the errors (an even kernel's too) name the op."""
     torch.manual_seed(5)
     x, W, idx = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.tensor([1, 0])
     A, B = torch.randn(2, 2, 3, 3, 3), torch.randn(2, 4, 2)
@@ -2150,13 +2151,17 @@ def test_padding_same_with_stride_is_refused(op):
         return L.lora_conv2d_delta(x, W, None, delta, idx, **kw)
 
     for stride in (2, (1, 2)):
-        with pytest.raises(ValueError, match=r"padding='same' needs stride 1.*stride=" + str(stride).replace("(", r"\(")
-                           .replace(")", r"\)")):
+        stride_text = str(stride).replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(ValueError, match=op + r": padding='same' needs stride 1.*stride=" + stride_text):
             call(stride=stride, padding="same")
     assert torch.equal(call(stride=2, padding="valid"), call(stride=2, padding=0))
     assert call(stride=1, padding="same").shape[-2:] == (6, 6)
-    with pytest.raises(ValueError, match="padding must be an int, a pair, 'same' or 'valid', got 'full'"):
+    with pytest.raises(ValueError, match=op + ": padding must be an int, a pair, 'same' or 'valid', got 'full'"):
         call(padding="full")
+    W, A, delta = torch.randn(4, 3, 2, 3), torch.randn(2, 2, 3, 2, 3), torch.randn(2, 4, 3, 2, 3)
+    with pytest.raises(ValueError, match=op + r": padding='same' with an even effective kernel .* F\.pad x yourself "
+                       r"\(the odd pixel right / bottom, as F\.conv2d\) and pass padding=0"):
+        call(padding="same")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if INTERP else []))

@@ -395,7 +395,7 @@ def lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride=1, padding=0, dilati
     _check_expert_bias(expert_bias, N, W.shape[0])
     if segments is not None:
         check_segments(segments, expert_idx, N)
-    padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
+    padding = _resolve_padding("lora_conv2d", padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the fast paths assume S > 0; the reference handles it
         last_backend["lora_conv2d"] = last_backend["lora_conv2d/a_stage"] = "reference"
         return reference.lora_conv2d(x, W, bias, A, B, expert_idx, scale, stride, padding, dilation, groups,
@@ -483,22 +483,25 @@ def _effective_a_stage(a_stage, backend, groups, r, a_blocks=1):
     return a_stage
 
 
-def _resolve_padding(padding, kernel_size, dilation, stride=1):
-    """'valid' -> 0, 'same' -> the symmetric padding that keeps the size (odd kernels, stride 1 as F.conv2d)."""
+def _resolve_padding(op, padding, kernel_size, dilation, stride=1):
+    """'valid' -> 0, 'same' -> the symmetric padding that keeps the size (odd kernels, stride 1 as F.conv2d);
+    op names the caller in the errors."""
     if not isinstance(padding, str):
         return padding
     if padding == "valid":
         return 0
     if padding != "same":
-        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     if any(st != 1 for st in ((stride, stride) if isinstance(stride, int) else tuple(stride))):
-        raise ValueError(f"padding='same' needs stride 1 (as F.conv2d), got stride={stride!r}: pad explicitly")
+        raise ValueError(f"{op}: padding='same' needs stride 1 (as F.conv2d), got stride={stride!r}: pad explicitly")
     dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     pads = []
     for k, d in zip(kernel_size, dil):
         total = d * (k - 1)
         if total % 2:
-            raise ValueError("padding='same' with an even effective kernel is asymmetric; pad explicitly")
+            raise ValueError(f"{op}: padding='same' with an even effective kernel (dilation * (kernel - 1) = {total}) "
+                             "is asymmetric: F.pad x yourself (the odd pixel right / bottom, as F.conv2d) and pass "
+                             "padding=0")
         pads.append(total // 2)
     return tuple(pads)
 
@@ -530,7 +533,7 @@ def lora_conv2d_delta(x, W, bias, delta, expert_idx, stride=1, padding=0, dilati
     _check_bias("lora_conv2d_delta", bias, W.shape[0])  # (the stacked path broadcast a [1] bias)
     _warn_if_frozen_wants_grad("lora_conv2d_delta", W, bias)
     _check_expert_bias(expert_bias, delta.shape[0], W.shape[0])
-    padding = _resolve_padding(padding, W.shape[-2:], dilation, stride)
+    padding = _resolve_padding("lora_conv2d_delta", padding, W.shape[-2:], dilation, stride)
     if x.shape[0] == 0:  # empty batch: the grouped conv would have S * groups = 0 groups
         last_backend["lora_conv2d_delta"] = "reference"
         return reference.lora_conv2d_delta(x, W, bias, delta, expert_idx, stride, padding, dilation, groups,
