@@ -590,3 +590,22 @@ def test_half_precision_experts_step_as_torch_adamw_bitwise(dtype, amsgrad, path
                 if k != "step":
                     assert torch.equal(opt.state[a][k][n], torch_opt.state[b][k]), k
         assert opt.state[mine[0]]["step"][n] == sum(m[n] for m in masks)
+
+
+def test_takes_torch_adamws_harmless_implementation_options_and_refuses_the_others():
+    """foreach= / fused= / capturable= / maximize= / differentiable= (as a training script passes them to
+    torch.optim.AdamW) were Python's bare 'unexpected keyword argument' TypeError."""
+    ref, mine = _params(), _params()
+    opt = ExpertAdamW(mine, N, lr=1e-2, foreach=False, fused=None, capturable=True, maximize=False,
+                      differentiable=False)
+    _run(torch.optim.AdamW(ref, lr=1e-2, foreach=False), ref, 3)
+    _run(opt, mine, 3)
+    assert all(torch.isfinite(p).all() and torch.equal(p, r) for p, r in zip(mine, ref))
+    for name, value, why in (("foreach", True, "foreach=False's results"), ("fused", True, "a few ops of its own"),
+                             ("maximize", True, "negate the loss instead"), ("differentiable", True, "under no_grad")):
+        msg = rf"ExpertAdamW does not support {name}={value} \(.*{why}\); leave {name} unset"
+        with pytest.raises(ValueError, match=msg):
+            ExpertAdamW(_params(), N, **{name: value})
+        with pytest.raises(ValueError, match=msg):
+            opt.add_param_group({"params": [torch.randn(N, 2, requires_grad=True)], name: value})
+        assert len(opt.param_groups) == 1

@@ -46,6 +46,23 @@ def _flat_copy(tensors) -> torch.Tensor:
 
 _shape = operator.attrgetter("shape")
 
+# torch.optim.AdamW's implementation options: the values ExpertAdamW takes (no-ops: it behaves so already) and
+# why it refuses the others
+_TORCH_OPTIONS = {
+    "foreach": ((None, False), "it picks its own multi-tensor step, with foreach=False's results"),
+    "fused": ((None, False), "it steps the tensors together in a few ops of its own"),
+    "capturable": ((None, False, True), "it is capturable after a first eager step"),
+    "maximize": ((False,), "it minimizes: negate the loss instead"),
+    "differentiable": ((False,), "its step runs under no_grad"),
+}
+
+
+def _check_torch_options(options) -> None:
+    for name, value in options.items():
+        taken, why = _TORCH_OPTIONS[name]
+        if not any(value is v for v in taken):
+            raise ValueError(f"ExpertAdamW does not support {name}={value!r} ({why}); leave {name} unset")
+
 
 class _FlatPlan:
     """What the concatenated step of one list of parameters reuses from step to step: the owner index,
@@ -93,10 +110,14 @@ class ExpertAdamW(torch.optim.Optimizer):
     ``group["lr"].fill_(lr)``; on the parameters' device to be captured). Sync-free: capturable in a CUDA
     graph after a first eager step (which allocates the state). On CUDA a step is a few dozen kernels
     however many tensors (stepping them one by one was ~20 each), issued by a few dozen Python calls (the
-    views that concatenate the tensors are kept from step to step)."""
+    views that concatenate the tensors are kept from step to step). Of torch.optim.AdamW's implementation
+    options it takes foreach / fused None or False, capturable either way, maximize / differentiable False."""
 
     def __init__(self, params, n_experts: int, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach=None,
+                 fused=None, capturable: bool = False, maximize: bool = False, differentiable: bool = False):
+        _check_torch_options(dict(foreach=foreach, fused=fused, capturable=capturable, maximize=maximize,
+                                  differentiable=differentiable))
         if not isinstance(n_experts, int) or isinstance(n_experts, bool) or n_experts < 1:
             raise ValueError(f"n_experts must be a positive int, got {n_experts!r}")
         if isinstance(lr, torch.Tensor):
@@ -129,6 +150,8 @@ class ExpertAdamW(torch.optim.Optimizer):
     _foreach_device_types = ("cpu",)
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict):  # (torch refuses the others)
+            _check_torch_options({k: v for k, v in param_group.items() if k in _TORCH_OPTIONS})
         super().add_param_group(param_group)
         try:
             for p in self.param_groups[-1]["params"]:
