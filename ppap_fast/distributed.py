@@ -233,6 +233,16 @@ def _gather(obj, env: DistEnv) -> list:
     return out
 
 
+def _device_types_differ(env: DistEnv, verb: str) -> str | None:
+    """Collective: on rank 0, the error message when the ranks run on different device types (``verb``: what
+    they do there), else None."""
+    types = _gather(env.device.type, env)
+    if env.rank == 0 and len(set(types)) > 1:
+        listed = ", ".join(f"rank {r}: {t}" for r, t in enumerate(types))
+        return f"the ranks {verb} on different device types ({listed}); start every rank with the same --device"
+    return None
+
+
 def raise_if_any(error: str | None, env: DistEnv, what: str = "check") -> None:
     """Collective: every rank raises DistributedRunError if ANY rank passes an error message
     (also a barrier). Use it where one rank checks something the others wait on."""
@@ -876,12 +886,9 @@ def generate(cfg: GenerateConfig, env: DistEnv | None = None, progress: bool = F
         return min(cfg.shard_size, cfg.num_images - k * cfg.shard_size)
 
     device_type = env.device.type
-    types = _gather(device_type, env)
-    err, stale, todo, keep, recorded_type = None, [], None, False, None
-    if env.rank == 0 and len(set(types)) > 1:  # one set, two roundings
-        err = (f"the ranks sample on different device types ({', '.join(f'rank {r}: {t}' for r, t in enumerate(types))})"
-               "; start every rank with the same --device")
-    elif env.rank == 0:
+    stale, todo, keep, recorded_type = [], None, False, None
+    err = _device_types_differ(env, "sample")  # one set, two roundings
+    if env.rank == 0 and err is None:
         try:
             stale, todo, keep, recorded_type = _prepare_dir(cfg, ident, h, env.world_size, count_of, device_type)
         except (ValueError, OSError) as e:
@@ -1700,6 +1707,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
 
     env = env or init_distributed(cfg.device)
     device = env.device
+    # DDP over two device types fails or hangs in its first collective; the teacher outputs would differ
+    raise_if_any(_device_types_differ(env, "train"), env, "device check")
     if cfg.checkpoint_every < 0 or cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.n_experts <= 0:
         raise ValueError("steps, batch_size and n_experts must be positive, checkpoint_every >= 0")
     out = check_experts_dir(cfg.out_dir, "--out")  # before training: these failed only at the save

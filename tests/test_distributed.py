@@ -1964,6 +1964,22 @@ def test_generate_records_its_device_type_beside_the_identity_and_resumes_only_o
     assert not (tmp_path / "mixed").exists()
 
 
+def test_distill_refuses_ranks_on_different_device_types_before_touching_out(tmp_path, monkeypatch):
+    """Only generate checked that every rank runs on one device type: distill went on to build the teacher and
+    write --out's teacher outputs, then DDP failed or hung across the two."""
+    data = tmp_path / "data"
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2}), D.DistEnv())
+    cfg = D.DistillConfig(str(data), str(tmp_path / "out"), f"tiny:{_tiny_teacher_file(tmp_path)}", n_experts=2,
+                          r=2, alpha=2.0, steps=1, batch_size=2, device="cpu")
+    gather = D._gather
+    monkeypatch.setattr(D, "_gather", lambda obj, env: [obj, "cuda"] if obj == "cpu" else gather(obj, env))
+    with pytest.raises(D.DistributedRunError, match=r"^device check failed on rank\(s\) \[0\]: rank 0: the ranks "
+                       r"train on different device types \(rank 0: cpu, rank 1: cuda\); start every rank with the "
+                       r"same --device$"):
+        D.distill(cfg, D.DistEnv())
+    assert not (tmp_path / "out").exists()
+
+
 def test_ddp_keeps_buffers_rank_local_without_a_deprecation_warning(tmp_path):
     """DDP(..., broadcast_buffers=False) printed torch's FutureWarning on every distill run; the replacement keeps
     each rank's BatchNorm statistics its own at every forward (merged by sync_expert_batchnorm_stats)."""
