@@ -22,6 +22,7 @@ ACCURACY_METHODS = ["naive", "ppap-5", "ppap-10", "noise-aware", "multi-experts-
 GRADIENT_METHODS = ["naive", "ppap-5", "ppap-10"]
 LABELS = {"naive": "naive (clean classifier)", "ppap-5": "PPAP-5 (data-free)", "ppap-10": "PPAP-10 (data-free)",
           "noise-aware": "noise-aware (500 labels)", "multi-experts-5": "multi-experts-5 (500 labels)"}
+MAX_DRAWS = 4096  # --draws is one autograd batch: far beyond this only runs out of memory
 
 
 def classify(model, pass_t: bool, x_t, t):
@@ -60,7 +61,8 @@ def main():
                     help="CPU threads (tiny models: more threads only spin)")
     ap.add_argument("--digit", type=int_between(0, 9), default=3,
                     help="the held-out digit whose guidance direction is drawn")
-    ap.add_argument("--draws", type=positive_int, default=256, help="noisings averaged per gradient map")
+    ap.add_argument("--draws", type=int_between(1, MAX_DRAWS), default=256,
+                    help="noisings averaged per gradient map (one autograd batch)")
     ap.add_argument("--t-step", type=int_between(1, 999), default=50, help="spacing of the accuracy curve's timesteps")
     args = ap.parse_args()
     if args.device != "cpu":

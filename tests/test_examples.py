@@ -75,8 +75,9 @@ def test_non_positive_threads_is_a_usage_error(tmp_path, name):
     ("guided_diffusion_cond_fn.py", "--num", "0", "a positive integer"),
     ("guided_diffusion_cond_fn.py", "--scale", "nan", "a finite number"),
     # these were one lumped line after parsing, not naming the option that was wrong
-    ("why_experts.py", "--draws", "0", "a positive integer"),
-    ("why_experts.py", "--draws", "-3", "a positive integer"),
+    ("why_experts.py", "--draws", "0", "an integer in 1..4096"),
+    ("why_experts.py", "--draws", "-3", "an integer in 1..4096"),
+    ("why_experts.py", "--draws", "4097", "an integer in 1..4096"),  # one autograd batch: ran out of memory
     ("why_experts.py", "--digit", "10", "an integer in 0..9"),
     ("why_experts.py", "--digit", "-1", "an integer in 0..9"),
     ("why_experts.py", "--t-step", "0", "an integer in 1..999"),
