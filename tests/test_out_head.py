@@ -166,6 +166,10 @@ def test_fallbacks_and_bad_input():
              ((x, G, gw, gb), dict(conv_weight=w, conv_bias=torch.randn(4)), r"conv_bias must be \[3\]"),
              ((x, G, gw, gb), dict(conv_weight=w, out_dtype=torch.int32), "out_dtype must be a floating"),
              ((x[:, :0], G, None, None), dict(conv_weight=w[:, :0], backend="triton"), "x has no channels")]
+    cases += [((x[..., :0, :], G, gw, gb), dict(conv_weight=w, backend=be), "x has no pixels")
+              for be in ("triton", "reference")]
+    cases += [((x[..., :0], G, gw, gb), dict(conv_weight=w, backend=be), "x has no pixels")
+              for be in ("triton", "reference")]
     for args, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             OH.group_norm_silu_conv3x3(*args, **kw)

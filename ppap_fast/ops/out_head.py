@@ -44,6 +44,8 @@ def _check(x, num_groups, norm_weight, norm_bias, conv_weight, conv_bias):
     C = x.shape[1]
     if C == 0:
         raise ValueError(f"{name}: x has no channels (shape {tuple(x.shape)})")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # the backends disagreed (the conv raised, Triton crashed at W = 0)
+        raise ValueError(f"{name}: x has no pixels (shape {tuple(x.shape)})")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
         raise ValueError(f"{name}: num_groups={num_groups!r} must be a positive divisor of C={C}")
     for label, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
