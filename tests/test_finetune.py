@@ -262,6 +262,33 @@ def test_load_multi_names_the_keys_that_do_not_fit(tmp_path):
         load_multi(path)
 
 
+def test_hand_edited_tiny_model_metadata_is_refused_in_one_line_naming_the_file(tmp_path):
+    """A config that was a JSON list / string gave a TypeError from MODEL_KINDS[k](**config); a bad 'extra'
+    a JSONDecodeError; neither named the file."""
+    import json
+
+    from ppap_fast.data.shards import save_safetensors_atomic
+    from ppap_fast.models.tiny import TinyResNet, load_model
+
+    base = TinyResNet(widths=(4,), num_classes=3)
+    good = {"kind": "resnet", "config": json.dumps(base.config), "extra": "{}"}
+    cases = {
+        "config list": ({"config": "[4]"}, r"metadata 'config' must be a JSON object, got a JSON list"),
+        "config string": ({"config": '"resnet"'}, r"metadata 'config' must be a JSON object, got a JSON str"),
+        "config not JSON": ({"config": "{widths"}, r"metadata 'config' is not valid JSON"),
+        "config bad key": ({"config": '{"width": 4}'}, r"its 'resnet' config \{'width': 4\} does not build the model"),
+        "extra list": ({"extra": "[1]"}, r"metadata 'extra' must be a JSON object, got a JSON list"),
+        "extra not JSON": ({"extra": "{"}, r"metadata 'extra' is not valid JSON"),
+    }
+    for i, (edit, msg) in enumerate(cases.values()):
+        path = save_safetensors_atomic(tmp_path / f"m{i}.safetensors", base.state_dict(), metadata={**good, **edit})
+        with pytest.raises(ValueError, match=rf"^weight file .*m{i}\.safetensors(:| ).*{msg}") as err:
+            load_model(path)
+        assert "\n" not in str(err.value)
+    path = save_safetensors_atomic(tmp_path / "ok.safetensors", base.state_dict(), metadata=good)
+    assert load_model(path).extra == {}
+
+
 def test_training_a_frozen_model_names_requires_grad():
     """build_guide_model / build_teacher freeze their models: training one failed in backward with
     "element 0 of tensors does not require grad"."""

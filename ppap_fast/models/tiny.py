@@ -228,14 +228,13 @@ def load_model(path, kind: str | None = None) -> nn.Module:
         what = " (finetune's noise-aware experts: ppap_fast.finetune.load_multi)" if k == "multiexperts" else ""
         raise ValueError(f"weight file {path} holds a {k!r} file{what}, not one of the tiny models "
                          f"{sorted(MODEL_KINDS)}")
-    try:
-        k = meta["kind"]
-        config = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"weight file {path} has no model metadata (kind/config)") from None
+    if "kind" not in meta or "config" not in meta:
+        raise ValueError(f"weight file {path} has no model metadata (kind/config)")
+    k = meta["kind"]
+    config = metadata_json(meta, "config", path)
     if kind is not None and k != kind:
         raise ValueError(f"weight file {path} holds a {k!r} model, expected {kind!r}")
-    model = MODEL_KINDS[k](**config)
+    model = build_from_metadata(k, config, path)
     ref = model.state_dict()
     missing, unexpected = [n for n in ref if n not in tensors], [n for n in tensors if n not in ref]
     bad = [f"{n}: model {tuple(ref[n].shape)} vs file {tuple(v.shape)}"
@@ -250,5 +249,38 @@ def load_model(path, kind: str | None = None) -> nn.Module:
     except RuntimeError as e:
         raise ValueError(f"weight file {path} does not match its model: {str(e).splitlines()[0]}") from None
     model.eval()
-    model.extra = json.loads(meta.get("extra", "{}"))
+    model.extra = metadata_json(meta, "extra", path, default={})
     return model
+
+
+def metadata_json(meta: dict, key: str, path, default: dict | None = None) -> dict:
+    """The JSON object stored under ``key`` in a weight file's metadata; one-line ValueError naming the file
+    when it is missing (and no default), not JSON, or not a JSON object."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise ValueError(f"weight file {path} has no {key!r} in its metadata: re-save it with the ppap_fast function "
+                         "that wrote it")
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"weight file {path}: metadata {key!r} is not valid JSON ({e}): re-save the file or fix "
+                         "that entry") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"weight file {path}: metadata {key!r} must be a JSON object, got a JSON "
+                         f"{type(value).__name__}: re-save the file or fix that entry")
+    return value
+
+
+def build_from_metadata(kind, config: dict, path) -> nn.Module:
+    """MODEL_KINDS[kind](**config) with a one-line ValueError naming the file for an unknown kind or a config
+    the constructor refuses."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"weight file {path} names model kind {kind!r}, not one of the tiny models "
+                         f"{sorted(MODEL_KINDS)}")
+    try:
+        return MODEL_KINDS[kind](**config)
+    except (TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"weight file {path}: its {kind!r} config {config} does not build the model ({msg}): "
+                         "re-save the file or fix the config") from None
