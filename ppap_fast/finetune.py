@@ -288,16 +288,30 @@ def save_multi(me: MultiExperts, path, extra: dict | None = None):
     return save_safetensors_atomic(path, me.state_dict(), metadata=meta)
 
 
-def load_multi(path) -> MultiExperts:
-    import json
+def _metadata_int(meta: dict, key: str, path) -> int:
+    if key not in meta:
+        raise ValueError(f"weight file {path} has no {key!r} in its metadata: re-save it with save_multi")
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise ValueError(f"weight file {path}: metadata {key!r} must be an integer, got {meta[key]!r}: re-save the "
+                         "file or fix that entry") from None
 
-    from .models.tiny import MODEL_KINDS, read_safetensors
+
+def load_multi(path) -> MultiExperts:
+    from .models.tiny import build_from_metadata, metadata_json, read_safetensors
 
     tensors, meta = read_safetensors(path)
     if meta.get("kind") != "multiexperts":
         raise ValueError(f"weight file {path} does not hold noise-aware experts (kind={meta.get('kind')!r})")
-    base = MODEL_KINDS[meta["base_kind"]](**json.loads(meta["base_config"]))
-    me = MultiExperts(base, int(meta["n_experts"]), int(meta["num_timesteps"]))
+    if "base_kind" not in meta:
+        raise ValueError(f"weight file {path} has no 'base_kind' in its metadata: re-save it with save_multi")
+    base = build_from_metadata(meta["base_kind"], metadata_json(meta, "base_config", path), path)
+    n_experts, num_timesteps = _metadata_int(meta, "n_experts", path), _metadata_int(meta, "num_timesteps", path)
+    try:
+        me = MultiExperts(base, n_experts, num_timesteps)
+    except ValueError as e:
+        raise ValueError(f"weight file {path}: its metadata does not build the experts: {e}") from None
     try:
         me.load_state_dict(tensors, strict=True)
     except RuntimeError as e:  # the first line is torch's header only ("Error(s) in loading state_dict ...")
@@ -305,7 +319,7 @@ def load_multi(path) -> MultiExperts:
                            for ln in str(e).splitlines()[1:] if ln.strip())
         raise ValueError(f"weight file {path} does not match its model ({me.n_experts} x {meta['base_kind']} "
                          f"{meta['base_config']}): {detail}") from None
-    me.extra = json.loads(meta.get("extra", "{}"))
+    me.extra = metadata_json(meta, "extra", path, default={})
     return me.eval()
 
 

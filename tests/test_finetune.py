@@ -289,6 +289,43 @@ def test_hand_edited_tiny_model_metadata_is_refused_in_one_line_naming_the_file(
     assert load_model(path).extra == {}
 
 
+def test_hand_edited_noise_aware_experts_metadata_is_refused_in_one_line_naming_the_file(tmp_path):
+    """load_multi read base_kind / base_config / n_experts / extra unguarded: KeyError / JSONDecodeError /
+    int() errors naming no file."""
+    import json
+
+    from ppap_fast.data.shards import save_safetensors_atomic
+    from ppap_fast.finetune import load_multi
+    from ppap_fast.models.tiny import TinyResNet
+
+    base = TinyResNet(widths=(4,), num_classes=3)
+    sd = MultiExperts(base, 2, 10).state_dict()
+    good = {"kind": "multiexperts", "n_experts": "2", "num_timesteps": "10", "base_kind": "resnet",
+            "base_config": json.dumps(base.config), "extra": "{}"}
+    cases = [
+        ({"base_kind": None}, r"has no 'base_kind' in its metadata"),
+        ({"base_kind": "vgg"}, r"names model kind 'vgg', not one of the tiny models"),
+        ({"base_config": None}, r"has no 'base_config' in its metadata"),
+        ({"base_config": "{"}, r"metadata 'base_config' is not valid JSON"),
+        ({"base_config": "[4]"}, r"metadata 'base_config' must be a JSON object, got a JSON list"),
+        ({"n_experts": None}, r"has no 'n_experts' in its metadata"),
+        ({"n_experts": "two"}, r"metadata 'n_experts' must be an integer, got 'two'"),
+        ({"num_timesteps": "1e3"}, r"metadata 'num_timesteps' must be an integer, got '1e3'"),
+        ({"n_experts": "3"}, r"its metadata does not build the experts: n_experts=3 must divide num_timesteps=10"),
+        ({"extra": "{"}, r"metadata 'extra' is not valid JSON"),
+        ({"extra": '"x"'}, r"metadata 'extra' must be a JSON object, got a JSON str"),
+    ]
+    for i, (edit, msg) in enumerate(cases):
+        meta = {k: v for k, v in {**good, **edit}.items() if v is not None}
+        path = save_safetensors_atomic(tmp_path / f"e{i}.safetensors", sd, metadata=meta)
+        with pytest.raises(ValueError, match=rf"^weight file .*e{i}\.safetensors(:| ).*{msg}") as err:
+            load_multi(path)
+        assert "\n" not in str(err.value)
+    path = save_safetensors_atomic(tmp_path / "ok.safetensors", sd, metadata=good)
+    me = load_multi(path)
+    assert (me.n_experts, me.num_timesteps, me.extra) == (2, 10, {})
+
+
 def test_training_a_frozen_model_names_requires_grad():
     """build_guide_model / build_teacher freeze their models: training one failed in backward with
     "element 0 of tensors does not require grad"."""
