@@ -6,7 +6,6 @@ decide the tolerance. Fixtures load with torch.load(weights_only=True).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -94,12 +93,19 @@ def check_adm_manifest(json_path) -> int:
     Raises ValueError listing every missing / unexpected key and shape mismatch
     (also a wrong key order or parameter count); returns the parameter count.
     """
-    manifest = json.loads(Path(json_path).read_text())
-    cfg = manifest["unet_kwargs"] if "unet_kwargs" in manifest else manifest["config"]
-    with torch.device("meta"):
-        model = ADMUNet.from_config(cfg)
+    from .data.shards import json_field, json_shape_map, read_json_object
+
+    what = "ADM manifest"
+    manifest = read_json_object(json_path, what)
+    cfg = json_field(manifest, "unet_kwargs" if "unet_kwargs" in manifest else "config", json_path, what, (dict, str))
+    theirs = json_shape_map(manifest, "params", json_path, what)
+    try:
+        with torch.device("meta"):
+            model = ADMUNet.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{what} {json_path}: its config does not build an ADMUNet ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v) for k, v in manifest["params"].items()}
     problems = [f"missing key {k} {theirs[k]}" for k in theirs if k not in ours]
     problems += [f"unexpected key {k} {ours[k]}" for k in ours if k not in theirs]
     problems += [f"shape mismatch {k}: ours {ours[k]} vs manifest {theirs[k]}"

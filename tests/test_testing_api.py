@@ -70,3 +70,44 @@ def test_readme_names_the_public_checks():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Fidelity to the official code", 1)[1].split("\n## ", 1)[0]
     assert set(re.findall(r"`(check_\w+)`", section)) == {n for n in testing.__all__ if n.startswith("check_")}
+
+
+def test_manifest_checks_refuse_malformed_manifests_in_one_line_naming_the_file(fixtures_dir, tmp_path):
+    """json.loads named no file for a damaged manifest; a missing or mistyped entry was a bare KeyError /
+    TypeError ('params', 'lora', ...)."""
+    adm = json.loads((fixtures_dir / "adm256_uncond_keys.json").read_text(encoding="utf-8"))
+    ppap = json.loads((fixtures_dir / "ppap_resnet50_lora_keys.json").read_text(encoding="utf-8"))
+    shape_key = next(iter(ppap["state_dict"]))
+    no_config = {k: v for k, v in adm.items() if k not in ("unet_kwargs", "config")}
+    cases = [
+        (testing.check_adm_manifest, "{", r"ADM manifest .*m0\.json is not valid UTF-8 JSON"),
+        (testing.check_adm_manifest, "[]", r"ADM manifest .*m1\.json must hold a JSON object, got a JSON list"),
+        (testing.check_adm_manifest, {k: v for k, v in adm.items() if k != "params"},
+         r"ADM manifest .*m2\.json has no 'params' entry"),
+        (testing.check_adm_manifest, {**adm, "params": {"out.2.bias": 3}},
+         r"ADM manifest .*m3\.json: entry 'params' must map names to shape lists of ints; 1 do not "
+         r"\(e\.g\. 'out\.2\.bias': 3\)"),
+        (testing.check_adm_manifest, no_config, r"ADM manifest .*m4\.json has no 'config' entry"),
+        (testing.check_adm_manifest, {**no_config, "config": "adm_huge"},
+         r"ADM manifest .*m5\.json: its config does not build an ADMUNet \(ValueError: unknown ADM preset"),
+        (testing.check_ppap_checkpoint_manifest, "\xff", r"PPAP manifest .*m6\.json is not valid UTF-8 JSON"),
+        (testing.check_ppap_checkpoint_manifest, {k: v for k, v in ppap.items() if k != "lora"},
+         r"PPAP manifest .*m7\.json has no 'lora\.r' entry"),
+        (testing.check_ppap_checkpoint_manifest, {**ppap, "lora": {**ppap["lora"], "r": "16"}},
+         r"PPAP manifest .*m8\.json: entry 'lora\.r' must be an integer, got '16'"),
+        (testing.check_ppap_checkpoint_manifest, {k: v for k, v in ppap.items() if k != "trainable"},
+         r"PPAP manifest .*m9\.json has no 'trainable' entry"),
+        (testing.check_ppap_checkpoint_manifest, {**ppap, "state_dict": {shape_key: "64"}},
+         r"PPAP manifest .*m10\.json: entry 'state_dict' must map names to shape lists of ints"),
+    ]
+    for i, (check, content, msg) in enumerate(cases):
+        path = tmp_path / f"m{i}.json"
+        if isinstance(content, str):
+            path.write_bytes(content.encode("latin-1"))
+        else:
+            path.write_text(json.dumps(content), encoding="utf-8")
+        with pytest.raises(ValueError, match=msg) as err:
+            check(path)
+        assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"ADM manifest not found: .*nowhere\.json"):
+        testing.check_adm_manifest(tmp_path / "nowhere.json")

@@ -104,6 +104,54 @@ def write_json_atomic(path, obj, sort_keys: bool = False) -> Path:
     return _atomic(path, w, ".json")
 
 
+_JSON_KIND_NAMES = {dict: "a JSON object", list: "a JSON list", int: "an integer", str: "a string",
+                    float: "a number"}
+
+
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in the UTF-8 file ``path``; a one-line error naming ``what`` and the file when it is
+    missing, not valid JSON, or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid UTF-8 JSON ({e}): regenerate or fix the file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {_json_kind_name(type(obj))}")
+    return obj
+
+
+def json_field(obj: dict, dotted: str, path, what: str, kind: type | tuple | None = None):
+    """``obj[a][b]...`` for ``dotted`` = "a.b..."; a one-line ValueError naming ``what``, the file and the
+    entry when it is missing or (with ``kind``) not of that type."""
+    value = obj
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"{what} {path} has no {dotted!r} entry: regenerate or fix the file")
+        value = value[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):  # JSON true is no int
+        want = " or ".join(_json_kind_name(k) for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{what} {path}: entry {dotted!r} must be {want}, got {value!r:.80}")
+    return value
+
+
+def json_shape_map(obj: dict, dotted: str, path, what: str) -> dict[str, tuple[int, ...]]:
+    """The {name: shape list} entry ``dotted`` as {name: tuple}, refusing any shape that is not a list of ints."""
+    shapes = json_field(obj, dotted, path, what, dict)
+    bad = [k for k, v in shapes.items()
+           if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in v)]
+    if bad:
+        raise ValueError(f"{what} {path}: entry {dotted!r} must map names to shape lists of ints; {len(bad)} do "
+                         f"not (e.g. {bad[0]!r}: {shapes[bad[0]]!r:.80})")
+    return {k: tuple(v) for k, v in shapes.items()}
+
+
+def _json_kind_name(t: type) -> str:
+    return _JSON_KIND_NAMES.get(t, f"a {t.__name__}")
+
+
 def save_figure_atomic(fig, path, **savefig_kwargs) -> Path:
     """``fig.savefig`` as a PNG written atomically (a killed run left a truncated PNG in place of the last one)."""
     return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs), ".png")

@@ -589,33 +589,40 @@ def check_ppap_checkpoint_manifest(json_path, n_experts: int = 5, expert: int = 
     """
     import torchvision
 
-    man = json.loads(Path(json_path).read_text())
-    r, alpha = int(man["lora"]["r"]), man["lora"]["lora_alpha"]
+    from ..data.shards import json_field, json_shape_map, read_json_object
+
+    what = "PPAP manifest"
+    man = read_json_object(json_path, what)
+    r, alpha = json_field(man, "lora.r", json_path, what, int), json_field(man, "lora.lora_alpha", json_path, what,
+                                                                           (int, float))
+    lora_man = sorted(json_field(man, "lora_layers", json_path, what, (dict, list)))
+    trainable_man = sorted(json_field(man, "trainable", json_path, what, list))
+    n_tr_man = json_field(man, "num_trainable_params", json_path, what, int)
+    man_shapes = json_shape_map(man, "state_dict", json_path, what)
     model = torchvision.models.resnet50(weights=None)
     bank = ExpertBank(model, resnet_placement(model, r=r, alpha=alpha, layout="loralib"), n_experts,
                       arch="torchvision.resnet50")
     prefix = "resnet."
     problems = []
     lora_bank = sorted(prefix + n for n in bank.placement.lora)
-    lora_man = sorted(man["lora_layers"])
     if lora_bank != lora_man:
         problems.append(f"LoRA layers differ: only in bank {sorted(set(lora_bank) - set(lora_man))}, "
                         f"only in manifest {sorted(set(lora_man) - set(lora_bank))}")
     keymap = ppap_key_map(bank, prefix)
     trainable_bank = sorted(k for k, (t, pe) in keymap.items() if pe and isinstance(t, nn.Parameter))
-    if trainable_bank != sorted(man["trainable"]):
+    if trainable_bank != trainable_man:
         problems.append(f"per-expert parameters differ from the official trainable set: only in bank "
-                        f"{sorted(set(trainable_bank) - set(man['trainable']))}, only in manifest "
-                        f"{sorted(set(man['trainable']) - set(trainable_bank))}")
+                        f"{sorted(set(trainable_bank) - set(trainable_man))}, only in manifest "
+                        f"{sorted(set(trainable_man) - set(trainable_bank))}")
     n_tr = bank.num_trainable_parameters(0)
-    if n_tr != man["num_trainable_params"]:
-        problems.append(f"trainable parameters per expert: bank {n_tr}, manifest {man['num_trainable_params']}")
+    if n_tr != n_tr_man:
+        problems.append(f"trainable parameters per expert: bank {n_tr}, manifest {n_tr_man}")
     if problems:
         raise ValueError("PPAP manifest check failed: " + "; ".join(problems))
 
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for k, shape in man["state_dict"].items():
+    for k, shape in man_shapes.items():
         if k.endswith("num_batches_tracked"):
             sd[k] = torch.randint(1, 10_000, tuple(shape), generator=g, dtype=torch.long)
         else:
