@@ -450,7 +450,7 @@ def _experts_base(weights_dir, src: Path):
     from .models.tiny import MODEL_KINDS
 
     try:
-        arch = json.loads((src / "config.json").read_text()).get("arch")
+        arch = json.loads((src / "config.json").read_text(encoding="utf-8")).get("arch")
     except (OSError, ValueError, AttributeError):  # a repo id, a damaged config: load_experts reports it
         arch = None
     tasks = [t for t, (f, kind) in TEACHERS.items() if MODEL_KINDS[kind].__name__ == arch
@@ -514,7 +514,7 @@ def _check_resume_task(out: Path, teacher, args) -> None:
     from .data.shards import MANIFEST, nothing_written_yet
 
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or damaged: ShardWriter reports that
         return
     if not isinstance(manifest, dict) or nothing_written_yet(out, manifest):  # stopped before its first shard

@@ -32,7 +32,7 @@ DEMO_UNET = dict(block_out_channels=[32, 48, 64],
 def _log(msg: str, log=None):
     print(msg, flush=True)
     if log is not None:
-        with open(log, "a") as f:
+        with open(log, "a", encoding="utf-8") as f:
             f.write(msg + "\n")
 
 
@@ -647,7 +647,7 @@ def _read_demo_record(out: Path) -> dict:
 
     path = out / DEMO_RECORD
     try:
-        rec = json.loads(path.read_text())
+        rec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):

@@ -136,7 +136,7 @@ def _recorded_device_type(out_dir):
     from .data.shards import MANIFEST, nothing_written_yet
 
     try:
-        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none, or damaged: ShardWriter reports that
         return None
     if not isinstance(manifest, dict) or nothing_written_yet(out_dir, manifest):

@@ -279,7 +279,7 @@ def check_shared_dir(path, env: DistEnv, flag: str) -> str | None:
         nonce = os.urandom(8).hex()
         token = path / f".ppap_shared_check.{nonce}.tmp"  # a stale-temporary name: a restart removes it
         try:
-            token.write_text(nonce)
+            token.write_text(nonce, encoding="utf-8")
             mine = (token.name, nonce, None)
         except OSError as e:
             mine = (None, None, f"{type(e).__name__}: {e}")
@@ -287,7 +287,7 @@ def check_shared_dir(path, env: DistEnv, flag: str) -> str | None:
         name, nonce, err = _gather(mine, env)[0]
         raise_if_any(err and f"rank 0 cannot write into {flag} {path}: {err}", env, f"shared {flag} check")
         try:
-            seen = (path / name).read_text()
+            seen = (path / name).read_text(encoding="utf-8")
         except OSError as e:
             seen = f"{type(e).__name__}: {e}"
         raise_if_any(None if seen == nonce else
@@ -316,7 +316,7 @@ class StopMarker:
     def set(self, err: str) -> None:
         if self.path is not None:
             with contextlib.suppress(OSError):
-                self.path.write_text(err)
+                self.path.write_text(err, encoding="utf-8")
 
     def report(self, err: str | None, what: str) -> None:
         """raise_if_any(err) on every rank; rank 0 removes the marker."""
@@ -702,7 +702,7 @@ def _set_step_noise(cfg: GenerateConfig) -> GenerateConfig:
     manifest's configuration holds the micro-batch size) is finished with the shard stream it
     was started with; a new or per-sample set keeps ``cfg``'s."""
     try:
-        old = json.loads((Path(cfg.out_dir) / MANIFEST).read_text())
+        old = json.loads((Path(cfg.out_dir) / MANIFEST).read_text(encoding="utf-8"))
         theirs = old.get("config", {})
     except (OSError, ValueError, AttributeError):
         return cfg  # none (or unreadable: _prepare_dir says so)
@@ -762,7 +762,7 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of,
     old = None
     if m.exists():
         try:
-            old = json.loads(m.read_text())
+            old = json.loads(m.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
         if not isinstance(old, dict):  # old.get below was an AttributeError on rank 0 (the others waited)
@@ -1445,7 +1445,7 @@ def _check_distill_state(path: Path, ck_ident: dict, targets_manifest: Path, com
         was = ck_ident["targets_encoding"]
     else:
         try:
-            was = json.loads(targets_manifest.read_text()).get("targets_encoding") or RAW_FLOAT16
+            was = json.loads(targets_manifest.read_text(encoding="utf-8")).get("targets_encoding") or RAW_FLOAT16
         except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or binary bytes (UnicodeDecodeError)
             pass
     if was == ck_ident["targets_encoding"]:
@@ -1516,7 +1516,7 @@ def compute_targets(cfg: DistillConfig, data, ident: dict, teacher, transform, e
             tdir.mkdir(parents=True, exist_ok=True)
             m = tdir / MANIFEST
             try:  # the set is its manifest wherever it is mounted; the micro-batch changes rounding only
-                same = _targets_identity(json.loads(m.read_text())) == _targets_identity(tid)
+                same = _targets_identity(json.loads(m.read_text(encoding="utf-8"))) == _targets_identity(tid)
             except (OSError, ValueError, AttributeError):  # ValueError: bad JSON, or binary bytes
                 same = False
             for f in tdir.iterdir():  # temporaries of a killed run; every file when the inputs changed
@@ -2049,7 +2049,7 @@ def _record_rank_error(error_dir: str, rank: int) -> None:
 
     try:
         tmp = Path(error_dir, f".rank{rank}.error.tmp")
-        tmp.write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
+        tmp.write_text(f"{time.time_ns()}\n{traceback.format_exc()}", encoding="utf-8")
         os.replace(tmp, Path(error_dir, f"rank{rank}.error"))
     except Exception:  # noqa: BLE001 - torch's own error file still reports it
         pass
@@ -2059,7 +2059,7 @@ def _rank_error(ctx, error_dir: str, rank: int, exited: bool) -> tuple[int, str]
     """(time_ns, traceback or exit line) of a failed rank: its recorded error, else (exited) torch's error file or
     its exit code / signal; None while it has recorded nothing."""
     try:
-        stamp, _, trace = Path(error_dir, f"rank{rank}.error").read_text().partition("\n")
+        stamp, _, trace = Path(error_dir, f"rank{rank}.error").read_text(encoding="utf-8").partition("\n")
         return int(stamp), trace
     except (OSError, ValueError):
         pass

@@ -160,7 +160,7 @@ def data_set_summary(path, verify: bool = False, progress: bool = False) -> dict
 
     path = Path(path)
     try:
-        man = json.loads((path / SET_MANIFEST).read_text())
+        man = json.loads((path / SET_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path / SET_MANIFEST} is not readable JSON ({e})") from None
     shards = man.get("shards") if isinstance(man, dict) else None

@@ -562,3 +562,35 @@ def test_a_bank_of_another_rank_or_placement_is_refused_naming_only_what_differs
     with pytest.raises(ValueError, match=r"does not match the bank: placement\.lora: 1 module\(s\) only in the "
                                          r"checkpoint \['[\w.]+'\], 0 only in the bank \[\]$"):
         load_experts_into(ExpertBank(net, fewer, n_experts=4), tmp_path / "ck")
+
+
+def test_text_files_are_utf8_under_a_non_utf8_locale(tmp_path):
+    """read_text() / write_text() used the locale's encoding: under LC_ALL=C a config.json holding a non-ASCII
+    value was 'not valid JSON', and a rank's non-ASCII traceback was never recorded."""
+    import os
+    import subprocess
+    import sys
+
+    save_experts(_bank(), tmp_path / "ck")
+    cfg_file = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    cfg_file.write_bytes(json.dumps({**cfg, "note": "caf\u00e9 \u2713"}, ensure_ascii=False).encode("utf-8"))
+    script = f"""
+import locale, sys
+from pathlib import Path
+assert locale.getpreferredencoding(False).lower() in ("ansi_x3.4-1968", "ascii"), locale.getpreferredencoding(False)
+from ppap_fast.distributed import _rank_error, _record_rank_error
+from ppap_fast.experts.checkpoint import read_config
+d = Path({str(tmp_path)!r})
+assert read_config(d / "ck")["note"] == "caf\\u00e9 \\u2713"
+try:
+    raise RuntimeError("r\\u00e9sum\\u00e9")
+except RuntimeError:
+    _record_rank_error(str(d), 0)
+assert "RuntimeError: r\\u00e9sum\\u00e9" in _rank_error(None, str(d), 0, exited=False)[1]
+print("ok")
+"""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         encoding="utf-8", timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

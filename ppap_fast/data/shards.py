@@ -98,7 +98,7 @@ def write_npz_atomic(path, **arrays) -> Path:
 
 def write_json_atomic(path, obj, sort_keys: bool = False) -> Path:
     def w(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
     return _atomic(path, w, ".json")
@@ -274,7 +274,7 @@ class ShardWriter:
         m = self.dir / MANIFEST
         if m.exists():
             try:
-                old = json.loads(m.read_text())
+                old = json.loads(m.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
             if not isinstance(old, dict):  # old.get below was an AttributeError traceback
@@ -368,7 +368,7 @@ def _read_manifest(d: Path) -> dict:
     if not m.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {d}: not a shard set")
     try:
-        man = json.loads(m.read_text())
+        man = json.loads(m.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages alone named no file
         raise ValueError(f"{m} is not valid JSON ({e}): not a readable shard set") from None
     # a list (AttributeError) or a manifest without these (KeyError) failed with a traceback

@@ -182,7 +182,7 @@ def _prev(f: Path) -> Path:
 
 def _committed_config(path: Path) -> dict | None:
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return cfg if isinstance(cfg, dict) and isinstance(cfg.get("files"), dict) else None
@@ -207,7 +207,7 @@ def check_experts_dir(path, what: str) -> Path:
     cfg_file = path / "config.json"
     if cfg_file.exists():
         try:
-            fmt = json.loads(cfg_file.read_text()).get("format")
+            fmt = json.loads(cfg_file.read_text(encoding="utf-8")).get("format")
         except (OSError, ValueError, AttributeError):
             fmt = None
         if fmt != FORMAT:
@@ -340,7 +340,7 @@ def read_config(path, **where) -> dict:
     if not f.exists():
         raise FileNotFoundError(f"no config.json in {path}")
     try:
-        cfg = json.loads(f.read_text())
+        cfg = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # binary bytes: a UnicodeDecodeError naming no file
         raise ValueError(f"{f} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:

@@ -64,7 +64,7 @@ def unet_dir(path) -> Path:
 def _json_object(f: Path, path) -> dict:
     """The JSON object in ``f`` (a file of the saved folder ``path``); a ValueError naming it when it is none."""
     try:
-        obj = json.loads(f.read_text())
+        obj = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages named no file
         raise ValueError(f"denoiser 'diffusers:{path}': {f} is not valid JSON ({e}); save the model again "
                          "(save_pretrained)") from None

@@ -57,7 +57,7 @@ def _hf_snapshot(d: Path) -> Path:
     ref = d / "refs" / "main"
     if ref.is_file():
         try:
-            rev = ref.read_text().strip()
+            rev = ref.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:  # damaged: the single snapshot below, else the error naming refs/main
             rev = ""
         if rev and (snaps / rev).is_dir():
@@ -182,7 +182,7 @@ def timm_normalisation(weight_file) -> tuple | None:
 
     cfg_file = Path(weight_file).parent / "config.json"
     try:
-        cfg = json.loads(cfg_file.read_text())
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(cfg, dict):
