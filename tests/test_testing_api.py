@@ -1,5 +1,6 @@
 """The public checks in ppap_fast.testing, as a user with the official goldens would call them."""
 import json
+import re
 
 import pytest
 
@@ -14,7 +15,8 @@ def test_ppap_checkpoint_manifest(fixtures_dir, tmp_path):
     manifest["state_dict"][key] = [1, 1]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"1 misshaped\).*shape mismatches \['{re.escape(key)}: "
+                                         r"expected \(112, 21\), got \(1, 1\)'\]"):
         testing.check_ppap_checkpoint_manifest(bad)
 
 
