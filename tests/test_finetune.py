@@ -277,6 +277,8 @@ def test_hand_edited_tiny_model_metadata_is_refused_in_one_line_naming_the_file(
         "config string": ({"config": '"resnet"'}, r"metadata 'config' must be a JSON object, got a JSON str"),
         "config not JSON": ({"config": "{widths"}, r"metadata 'config' is not valid JSON"),
         "config bad key": ({"config": '{"width": 4}'}, r"its 'resnet' config \{'width': 4\} does not build the model"),
+        "negative size": ({"config": '{"widths": [4], "num_classes": -1}'},
+                          r"does not build the model \(Trying to create tensor with negative dimension"),
         "extra list": ({"extra": "[1]"}, r"metadata 'extra' must be a JSON object, got a JSON list"),
         "extra not JSON": ({"extra": "{"}, r"metadata 'extra' is not valid JSON"),
     }

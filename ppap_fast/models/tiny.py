@@ -280,7 +280,7 @@ def build_from_metadata(kind, config: dict, path) -> nn.Module:
                          f"{sorted(MODEL_KINDS)}")
     try:
         return MODEL_KINDS[kind](**config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refusing a size
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"weight file {path}: its {kind!r} config {config} does not build the model ({msg}): "
                          "re-save the file or fix the config") from None
