@@ -761,13 +761,9 @@ def _prepare_dir(cfg: GenerateConfig, ident: dict, h: str, world: int, count_of,
     m = out / MANIFEST
     old = None
     if m.exists():
-        try:
-            old = json.loads(m.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
-        if not isinstance(old, dict):  # old.get below was an AttributeError on rank 0 (the others waited)
-            raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}); remove it or use "
-                             "another directory")
+        from .data.shards import read_existing_manifest
+
+        old = read_existing_manifest(m)  # on rank 0: a bad one is one line (the others wait for its error)
         if old.get("format") != FORMAT:
             raise ValueError(f"{out} holds a shard set not written by ppap_fast.distributed "
                              f"(format={old.get('format')!r}); use another directory")

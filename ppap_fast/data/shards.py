@@ -123,6 +123,19 @@ def read_json_object(path, what: str) -> dict:
     return obj
 
 
+def read_existing_manifest(m: Path) -> dict:
+    """The JSON object in the manifest ``m`` a writer is about to resume; a one-line ValueError (remove it or use
+    another directory) when it is not valid JSON or not an object (``.get`` on it was an AttributeError)."""
+    try:
+        old = json.loads(m.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}); remove it or use "
+                         "another directory")
+    return old
+
+
 def json_field(obj: dict, dotted: str, path, what: str, kind: type | tuple | None = None):
     """``obj[a][b]...`` for ``dotted`` = "a.b..."; a one-line ValueError naming ``what``, the file and the
     entry when it is missing or (with ``kind``) not of that type."""
@@ -273,13 +286,7 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         m = self.dir / MANIFEST
         if m.exists():
-            try:
-                old = json.loads(m.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{m} is not valid JSON ({e}); remove it or use another directory") from None
-            if not isinstance(old, dict):  # old.get below was an AttributeError traceback
-                raise ValueError(f"{m} is not a shard set manifest (a JSON {type(old).__name__}, not an object); "
-                                 "remove it or use another directory")
+            old = read_existing_manifest(m)
             if old.get("format") != self.meta.get("format"):  # another writer's set: never adopt it (and rewrite
                 # its manifest as ours, dropping its configuration)
                 raise ValueError(f"{self.dir} holds a shard set written by another tool (format="
