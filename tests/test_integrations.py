@@ -1792,8 +1792,8 @@ def test_output_type_pil_refuses_non_image_channel_counts():
 
 def test_abar_tables_of_one_scheduler_are_kept_per_device():
     """Building a scheduler's table on a new device dropped its tables on the others: alternating devices rebuilt
-    it every time. One table per device is kept (at most TABLES_PER_SCHEDULER, the oldest dropped first)."""
-    from ppap_fast.integrations.diffusers import TABLES_PER_SCHEDULER
+    it every time. One table per device is kept (at most ABAR_CACHE_SIZE in all, least recently used dropped)."""
+    from ppap_fast.integrations.diffusers import ABAR_CACHE_SIZE
 
     sched = DDIMScheduler()
     g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
@@ -1803,37 +1803,66 @@ def test_abar_tables_of_one_scheduler_are_kept_per_device():
     assert torch.equal(cpu, sched.alphas_cumprod.double())
     sched.alphas_cumprod.mul_(1.0)  # changed in place: every device's table is stale
     fresh = g._abar(sched, "cpu")
-    assert fresh is not cpu and sum(k[0] == id(sched) for k in g._tables) == 1
-    for i in range(TABLES_PER_SCHEDULER + 2):  # cpu, meta, then indexed cpu devices: only the newest kept
-        g._abar(sched, torch.device("cpu", i) if i else "meta")
-    assert sum(k[0] == id(sched) for k in g._tables) == TABLES_PER_SCHEDULER
-    assert g._abar(sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1)) is g._abar(
-        sched, torch.device("cpu", TABLES_PER_SCHEDULER + 1))
+    assert fresh is not cpu and g._abar(sched, "meta") is not meta and len(g._tables) == 2
+    devices = ["meta"] + [torch.device("cpu", i) for i in range(1, ABAR_CACHE_SIZE + 2)]
+    for d in devices:  # only the newest ABAR_CACHE_SIZE kept
+        g._abar(sched, d)
+    assert [k[2] for k in g._tables] == [torch.device(d) for d in devices[-ABAR_CACHE_SIZE:]]
+    assert g._abar(sched, devices[-1]) is g._abar(sched, devices[-1])
 
 
 def test_abar_tables_go_with_their_schedulers():
     """Tables were cached by the scheduler's id until the id was reused or _forget ran: 100 short-lived schedulers
-    left 100 tables (and their alphas_cumprod). A collected scheduler's entries now leave the cache."""
+    left 100 tables (and their alphas_cumprod). At most ABAR_CACHE_SIZE are kept, and they hold no scheduler."""
     import gc
+    import weakref
+
+    from ppap_fast.integrations.diffusers import ABAR_CACHE_SIZE
 
     g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
     scheds = [DDIMScheduler(beta_end=0.02 + i * 1e-5) for i in range(100)]
+    refs = [weakref.ref(s) for s in scheds]
     for s in scheds:
         g._abar(s, "cpu")
-    assert len(g._tables) == 100
+    assert len(g._tables) == ABAR_CACHE_SIZE
     del scheds, s
     gc.collect()
-    assert len(g._tables) == 0
+    assert all(r() is None for r in refs)
     for i in range(100):  # one at a time
-        g._abar(DDIMScheduler(beta_end=0.02 + i * 1e-5), "cpu")
+        s = DDIMScheduler(beta_end=0.02 + i * 1e-5)
+        refs[i] = weakref.ref(s)
+        g._abar(s, "cpu")
+        del s
     gc.collect()
-    assert len(g._tables) == 0
+    assert len(g._tables) == ABAR_CACHE_SIZE and all(r() is None for r in refs)
+
+
+def test_abar_cache_stays_bounded_over_schedulers_and_devices():
+    """100 schedulers alternating over two devices: never more than ABAR_CACHE_SIZE tables; a hit returns the very
+    tensor built, and an entry just used outlives older ones."""
+    from ppap_fast.integrations.diffusers import ABAR_CACHE_SIZE
+
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    first = DDIMScheduler()
+    kept = g._abar(first, "cpu")
+    scheds = [DDIMScheduler(beta_end=0.02 + i * 1e-5) for i in range(100)]
+    for i, s in enumerate(scheds):
+        device = "meta" if i % 2 else "cpu"
+        tab = g._abar(s, device)
+        assert g._abar(s, device) is tab and len(g._tables) <= ABAR_CACHE_SIZE
+        assert g._abar(first, "cpu") is kept  # used every step: never the oldest
+        if device == "cpu":
+            assert torch.equal(tab, s.alphas_cumprod.double())
+    assert len(g._tables) == ABAR_CACHE_SIZE
+    old = g._abar(scheds[0], "cpu")  # evicted long ago: rebuilt, equal
+    assert torch.equal(old, scheds[0].alphas_cumprod.double()) and g._abar(scheds[0], "cpu") is old
 
 
 def test_a_new_scheduler_under_a_reused_id_gets_its_own_table(monkeypatch):
     """Forced: every scheduler and table gets the same id, so a new scheduler's key is the collected one's."""
     import builtins
     import gc
+    import weakref
 
     from ppap_fast.integrations import diffusers as integ
 
@@ -1842,11 +1871,32 @@ def test_a_new_scheduler_under_a_reused_id_gets_its_own_table(monkeypatch):
     g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
     old = DDIMScheduler()
     assert torch.equal(g._abar(old, "cpu"), old.alphas_cumprod.double())
+    gone = weakref.ref(old)
     del old
     gc.collect()
-    assert not g._tables  # the collected scheduler's entry left with it
+    assert gone() is None and len(g._tables) == 1  # the cache did not keep it; its entry under key 7 remains
     new = DDIMScheduler(beta_schedule="squaredcos_cap_v2")
     assert torch.equal(g._abar(new, "cpu"), new.alphas_cumprod.double())
+
+
+def test_a_table_is_not_reused_by_another_scheduler_sharing_its_alphas_cumprod(monkeypatch):
+    """Forced: every scheduler and table gets the same id, and the schedulers share one alphas_cumprod: the key and
+    the table match, yet each scheduler is checked on its own (sigma space, inversion)."""
+    import builtins
+
+    from diffusers import DDIMInverseScheduler
+
+    from ppap_fast.integrations import diffusers as integ
+
+    monkeypatch.setattr(integ, "id", lambda o: 7 if isinstance(o, (DDIMScheduler, EulerDiscreteScheduler,
+                                                                   DDIMInverseScheduler, torch.Tensor))
+                        else builtins.id(o), raising=False)
+    g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
+    ddim, euler, inverse = DDIMScheduler(), EulerDiscreteScheduler(), DDIMInverseScheduler()
+    euler.alphas_cumprod = inverse.alphas_cumprod = ddim.alphas_cumprod
+    assert g._table(ddim, "cpu")[1] is False and g._table(euler, "cpu")[1] is True
+    with pytest.raises(ValueError, match="DDIMInverseScheduler steps from an image towards noise"):
+        g._table(inverse, "cpu")
 
 
 class _NoWeakRefs:  # a scheduler that takes no weak reference: its tables hold it
@@ -1856,13 +1906,20 @@ class _NoWeakRefs:  # a scheduler that takes no weak reference: its tables hold 
         self.alphas_cumprod, self.timesteps, self.config, self.init_noise_sigma = acp, torch.arange(3), {}, 1.0
 
 
-def test_schedulers_without_weak_references_are_held_at_most_held_schedulers():
-    from ppap_fast.integrations.diffusers import HELD_SCHEDULERS
+def test_schedulers_without_weak_references_are_held_at_most_abar_cache_size():
+    import gc
+    import weakref
+
+    from ppap_fast.integrations.diffusers import ABAR_CACHE_SIZE
 
     g = PPAPGuidance(lambda x, t: torch.zeros_like(x))
     acp = DDIMScheduler().alphas_cumprod
-    held = [_NoWeakRefs(acp * (1 - i * 1e-6)) for i in range(HELD_SCHEDULERS + 5)]
+    held = [_NoWeakRefs(acp * (1 - i * 1e-6)) for i in range(ABAR_CACHE_SIZE + 5)]
     for s in held:
         assert torch.equal(g._abar(s, "cpu"), s.alphas_cumprod.double())
-    assert len(g._tables) == HELD_SCHEDULERS
-    assert {k[0] for k in g._tables} == {id(s) for s in held[-HELD_SCHEDULERS:]}
+    assert len(g._tables) == ABAR_CACHE_SIZE
+    assert {k[0] for k in g._tables} == {id(s) for s in held[-ABAR_CACHE_SIZE:]}
+    acp_refs = [weakref.ref(s.alphas_cumprod) for s in held]
+    del held, s
+    gc.collect()  # the evicted schedulers (and their alphas_cumprod) are let go; the cached ones held
+    assert [r() is not None for r in acp_refs] == [False] * 5 + [True] * ABAR_CACHE_SIZE

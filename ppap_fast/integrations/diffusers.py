@@ -61,6 +61,7 @@ import math
 import numbers
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Callable, Optional, Union
 
 import torch
@@ -108,31 +109,15 @@ def _sigma_space(scheduler) -> bool:
     return abs(_init_noise_sigma(scheduler) - 1.0) > 1e-6
 
 
-TABLES_PER_SCHEDULER = 4  # devices whose abar table of one scheduler PPAPGuidance keeps
-HELD_SCHEDULERS = 8  # schedulers without weak references whose tables PPAPGuidance keeps (holding them)
+ABAR_CACHE_SIZE = 16  # abar tables a PPAPGuidance keeps, per (scheduler, alphas_cumprod, device); LRU
 
 
-def _entry_ref(scheduler, owner: "PPAPGuidance", key):
-    """A weak reference to ``scheduler`` whose collection drops its table entry ``key`` from ``owner``'s cache
-    (the key's ids can be reused by new objects); a scheduler that takes no weak reference is held."""
-    owner_ref = weakref.ref(owner)
-
-    def drop(ref):
-        g = owner_ref()
-        if g is not None and g._tables.get(key, (None,) * 3)[2] is ref:
-            g._tables.pop(key, None)
-
+def _scheduler_ref(scheduler):
+    """A weak reference to ``scheduler``; one that takes none is held (ABAR_CACHE_SIZE bounds how many)."""
     try:
-        return weakref.ref(scheduler, drop)
+        return weakref.ref(scheduler)
     except TypeError:
         return lambda: scheduler
-
-
-def _table_current(entry, scheduler, acp) -> bool:
-    """A cached (table, sigma_space, scheduler ref, alphas_cumprod, its version) entry still belongs to this
-    scheduler and its alphas_cumprod as they are now (the key's ids can be reused once an object is freed).
-    An inference tensor (a scheduler built under torch.inference_mode()) has no version: never reused."""
-    return entry[2]() is scheduler and entry[3] is acp and entry[4] is not None and entry[4] == _version(acp)
 
 
 class PPAPGuidance:
@@ -173,7 +158,7 @@ class PPAPGuidance:
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t) -> grad, got {type(guide).__name__}")
         self._guide = guide
-        self._tables: dict = {}
+        self._tables: OrderedDict = OrderedDict()
         self._fast_guides: dict = {}
 
     def _fast_guide(self, device):
@@ -223,71 +208,60 @@ class PPAPGuidance:
         return self._table(scheduler, device)[0]
 
     def _forget(self, scheduler) -> None:
-        """Drop the tables cached for ``scheduler`` (a temporary copy: its id may be reused)."""
-        for k in [k for k in self._tables.copy() if k[0] == id(scheduler)]:  # a copy: entries go as schedulers die
-            self._tables.pop(k, None)
+        """Drop the tables cached for ``scheduler`` (a temporary copy: they held its alphas_cumprod until evicted)."""
+        for k in [k for k in self._tables if k[0] == id(scheduler)]:
+            del self._tables[k]
 
     def _table(self, scheduler, device) -> tuple:
-        """(abar table on device, whether the scheduler samples in sigma space), made once per scheduler."""
+        """(abar table on device, whether the scheduler samples in sigma space), kept in an LRU of ABAR_CACHE_SIZE."""
         acp = getattr(scheduler, "alphas_cumprod", None)
         if not isinstance(acp, torch.Tensor) or acp.ndim != 1:
             raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod table: PPAPGuidance needs a "
                              "scheduler of the variance-preserving (DDPM-family) process")
         key = (id(scheduler), id(acp), torch.device(device))
         entry = self._tables.get(key)
-        if entry is not None and not _table_current(entry, scheduler, acp):
-            entry = None  # ids reused by a new scheduler / table, or the table changed in place
-        if entry is None:
-            if _inverts(scheduler):  # its step at t converts with alphas_cumprod[t - stride]: the correction used [t]
-                raise ValueError(f"{type(scheduler).__name__} steps from an image towards noise (inversion): "
-                                 "PPAPGuidance guides sampling only; correct the outputs of a sampling scheduler "
-                                 "(DDIMScheduler, DPMSolverMultistepScheduler), or run the inversion unguided")
-            if _own_config(scheduler, "timestep_type") == "continuous":
-                # its timesteps are 0.25 * log(sigma): rounded to 0 / 1 they routed the guide silently, then raised
-                raise ValueError(f"{type(scheduler).__name__} with timestep_type='continuous' passes 0.25 * log(sigma) "
-                                 "as its timesteps, not the training timesteps 0..T-1 the guide takes: use "
-                                 "timestep_type='discrete' (the default)")
-            sigma_space = _sigma_space(scheduler)
-            if sigma_space and not callable(getattr(scheduler, "scale_model_input", None)):
-                raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
-                                 f"{_init_noise_sigma(scheduler):.4g}) without scale_model_input: PPAPGuidance "
-                                 "cannot map its sample to x_t of the variance-preserving process")
-            from ppap_fast.fast_sampling import _x0hat_guides, guide_banks
+        version = _version(acp)  # None for an inference tensor: its in-place changes are not seen, never reused
+        # ids are reused once an object is freed; the table can change in place
+        if (entry is not None and entry[2]() is scheduler and entry[3] is acp and version is not None
+                and entry[4] == version):
+            self._tables.move_to_end(key)
+            return entry[:2]
+        if _inverts(scheduler):  # its step at t converts with alphas_cumprod[t - stride]: the correction used [t]
+            raise ValueError(f"{type(scheduler).__name__} steps from an image towards noise (inversion): "
+                             "PPAPGuidance guides sampling only; correct the outputs of a sampling scheduler "
+                             "(DDIMScheduler, DPMSolverMultistepScheduler), or run the inversion unguided")
+        if _own_config(scheduler, "timestep_type") == "continuous":
+            # its timesteps are 0.25 * log(sigma): rounded to 0 / 1 they routed the guide silently, then raised
+            raise ValueError(f"{type(scheduler).__name__} with timestep_type='continuous' passes 0.25 * log(sigma) "
+                             "as its timesteps, not the training timesteps 0..T-1 the guide takes: use "
+                             "timestep_type='discrete' (the default)")
+        sigma_space = _sigma_space(scheduler)
+        if sigma_space and not callable(getattr(scheduler, "scale_model_input", None)):
+            raise ValueError(f"{type(scheduler).__name__} samples in sigma space (init_noise_sigma="
+                             f"{_init_noise_sigma(scheduler):.4g}) without scale_model_input: PPAPGuidance "
+                             "cannot map its sample to x_t of the variance-preserving process")
+        from ppap_fast.fast_sampling import _x0hat_guides, guide_banks
 
-            for g in _x0hat_guides(self.guide):  # x0-hat from another schedule's abar than the denoiser's
-                if g.acp.shape != acp.shape or not torch.allclose(g.acp, acp.detach().cpu().double(), rtol=1e-4,
-                                                                  atol=1e-7):
-                    raise ValueError(f"the X0HatGuide's alphas_cumprod ({g.acp.numel()} steps) is not the "
-                                     f"{type(scheduler).__name__}'s ({acp.numel()} steps, its beta_schedule): give it "
-                                     "scheduler.alphas_cumprod")
-            for bank in guide_banks(self.guide, through_fast=True):  # a FastGuide's too
-                if bank.num_timesteps != acp.numel():
-                    raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
-                                     f"ExpertBank splits T={bank.num_timesteps} timesteps into its experts: the "
-                                     "scheduler's timesteps would be routed to the wrong experts")
-            # float64 (none on MPS): a float64 model's coefficient in float64; a float32 one's as before (exact cast)
-            tab = acp.detach().to(device=device, dtype=torch.float32 if torch.device(device).type == "mps"
-                                  else torch.float64)
-            # this scheduler's tables on other devices are kept while current (alternating devices rebuilt
-            # each time), at most TABLES_PER_SCHEDULER, the oldest dropped first
-            # (iterating copies: a collected scheduler's entry leaves the cache from its weak reference's callback)
-            mine = [k for k, v in self._tables.copy().items()
-                    if k[0] == id(scheduler) and (k == key or not _table_current(v, scheduler, acp))]
-            for k in mine:
-                self._tables.pop(k, None)
-            mine = [k for k in self._tables.copy() if k[0] == id(scheduler)]
-            for k in mine[:max(0, len(mine) - TABLES_PER_SCHEDULER + 1)]:
-                self._tables.pop(k, None)
-            ref = _entry_ref(scheduler, self, key)
-            if not isinstance(ref, weakref.ref):  # held schedulers: the oldest others' tables dropped (and them)
-                tables = self._tables.copy()
-                held = list(dict.fromkeys(k[0] for k, v in tables.items()
-                                          if k[0] != id(scheduler) and not isinstance(v[2], weakref.ref)))
-                gone = set(held[:max(0, len(held) - HELD_SCHEDULERS + 1)])
-                for k in [k for k in tables if k[0] in gone]:
-                    self._tables.pop(k, None)
-            entry = self._tables[key] = (tab, sigma_space, ref, acp, _version(acp))
-        return entry[:2]
+        for g in _x0hat_guides(self.guide):  # x0-hat from another schedule's abar than the denoiser's
+            if g.acp.shape != acp.shape or not torch.allclose(g.acp, acp.detach().cpu().double(), rtol=1e-4,
+                                                              atol=1e-7):
+                raise ValueError(f"the X0HatGuide's alphas_cumprod ({g.acp.numel()} steps) is not the "
+                                 f"{type(scheduler).__name__}'s ({acp.numel()} steps, its beta_schedule): give it "
+                                 "scheduler.alphas_cumprod")
+        for bank in guide_banks(self.guide, through_fast=True):  # a FastGuide's too
+            if bank.num_timesteps != acp.numel():
+                raise ValueError(f"{type(scheduler).__name__} has num_train_timesteps={acp.numel()} but the guide's "
+                                 f"ExpertBank splits T={bank.num_timesteps} timesteps into its experts: the "
+                                 "scheduler's timesteps would be routed to the wrong experts")
+        # float64 (none on MPS): a float64 model's coefficient in float64; a float32 one's as before (exact cast)
+        tab = acp.detach().to(device=device, dtype=torch.float32 if torch.device(device).type == "mps"
+                              else torch.float64)
+        if version is not None:
+            self._tables.pop(key, None)  # a stale entry under the same key
+            self._tables[key] = (tab, sigma_space, _scheduler_ref(scheduler), acp, version)
+            while len(self._tables) > ABAR_CACHE_SIZE:
+                self._tables.popitem(last=False)
+        return tab, sigma_space
 
     def _range_checked_table(self, scheduler, num_train_timesteps: int):
         """scheduler.timesteps when its values all lie in 0..T-1: read once per table (set_timesteps) and in-place
