@@ -361,11 +361,14 @@ def test_a_damaged_or_foreign_manifest_is_one_value_error_naming_it(tmp_path, te
 
     m = tmp_path / "manifest.json"
     m.write_bytes(text) if isinstance(text, bytes) else m.write_text(text)
+    not_json = text in ('{"shards": ', b"\xff\xfe\x00 binary")
+    reader_why = r"manifest.json is not valid JSON \(" if not_json else \
+        r"manifest.json must hold a JSON object, got a JSON list: not a readable shard set; write it again with " \
+        r"`generate`$" if text == "[1, 2]" else r"manifest.json is not a shard set manifest \(no shards list"
     for read in (ShardSet, load_shards):
-        with pytest.raises(ValueError, match="manifest.json"):
+        with pytest.raises(ValueError, match=reader_why):
             read(tmp_path)
-    why = "manifest.json is not valid JSON" if text in ('{"shards": ', b"\xff\xfe\x00 binary") \
-        else "manifest.json is not a shard set manifest"
+    why = "manifest.json is not valid JSON" if not_json else "manifest.json is not a shard set manifest"
     with pytest.raises(ValueError, match=why):  # not adopted; said to be damaged / foreign as the readers say
         ShardWriter(tmp_path, num_images=4, shard_size=2)
     if str(text).startswith("{\"complete\""):  # a string count is no count either (was "num_images=4, not 4")
@@ -578,3 +581,21 @@ def test_a_resumed_old_format_set_records_no_identity_its_shards_lack_and_a_fini
     (d / "shard_00001.npz").unlink()
     assert ShardWriter(d, num_images=4, shard_size=2, meta=new).run(shard) == [1]
     assert json.loads((d / "manifest.json").read_text())["complete"] is True
+
+
+def test_read_json_object_names_the_file_and_ends_in_the_advice(tmp_path):
+    from ppap_fast.data.shards import read_json_object
+
+    f = tmp_path / "c.json"
+    with pytest.raises(FileNotFoundError, match=r"^thing config not found: .*c\.json$"):
+        read_json_object(f, "thing config")
+    f.write_text('{"a": ')
+    with pytest.raises(ValueError, match=r"^thing config .*c\.json is not valid JSON \(Expecting value.*\): "
+                                         r"regenerate or fix the file$"):
+        read_json_object(f, "thing config")
+    f.write_text('"text"')
+    with pytest.raises(ValueError, match=r"^thing config .*c\.json must hold a JSON object, got a string: "
+                                         r"write it again$"):
+        read_json_object(f, "thing config", advice="write it again")
+    f.write_text('{"a": [1, 2.5]}')
+    assert read_json_object(f, "thing config", advice="write it again") == {"a": [1, 2.5]}

@@ -477,7 +477,8 @@ def test_a_unet_folders_sibling_scheduler_is_not_its_own(saved, tmp_path):
 @pytest.mark.parametrize("name", ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"])
 @pytest.mark.parametrize("content, why", [(b"\xff\xfe\x00 binary", r"is not valid JSON \('utf-8' codec"),
                                           (b'{"_class_name": ', r"is not valid JSON \(Expecting value"),
-                                          (b"[1, 2]", "is a JSON list, not an object")], ids=["binary", "cut", "list"])
+                                          (b"[1, 2]", r"must hold a JSON object, got a JSON list: save the model "
+                                                      r"again \(save_pretrained\)")], ids=["binary", "cut", "list"])
 def test_a_damaged_json_file_of_a_saved_pipeline_is_named(saved, tmp_path, name, content, why):
     """A damaged model_index.json / scheduler config / UNet config gave json's or the codec's message naming no
     file (a list: an AttributeError)."""

@@ -72,6 +72,11 @@ def test_info_on_a_folder_that_is_no_checkpoint_is_one_error_line(capsys, tmp_pa
     rc, out, err = run(capsys, str(tmp_path))
     assert rc == 2 and not out and len(err.splitlines()) == 1, err
     assert f"{tmp_path / 'config.json'} is not valid JSON ('utf-8' codec can't decode byte 0xff" in err, err
+    (tmp_path / "config.json").write_text("[1]")  # was "not a ppap_fast.experts checkpoint (format=None)"
+    rc, out, err = run(capsys, str(tmp_path))
+    assert rc == 2 and not out and len(err.splitlines()) == 1, err
+    assert (f"{tmp_path / 'config.json'} must hold a JSON object, got a JSON list: pass a folder written by "
+            "save_experts, or save the experts again") in err, err
 
 
 @pytest.mark.parametrize("edit, key", [

@@ -108,18 +108,18 @@ _JSON_KIND_NAMES = {dict: "a JSON object", list: "a JSON list", int: "an integer
                     float: "a number"}
 
 
-def read_json_object(path, what: str) -> dict:
+def read_json_object(path, what: str, advice: str = "regenerate or fix the file") -> dict:
     """The JSON object in the UTF-8 file ``path``; a one-line error naming ``what`` and the file when it is
-    missing, not valid JSON, or not a JSON object."""
+    missing, or not valid JSON or not a JSON object (those two end in ``advice``: what to do)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid UTF-8 JSON ({e}): regenerate or fix the file") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {_json_kind_name(type(obj))}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages named no file
+        raise ValueError(f"{what} {path} is not valid JSON ({e}): {advice}") from None
+    if not isinstance(obj, dict):  # a list: .get was an AttributeError
+        raise ValueError(f"{what} {path} must hold a JSON object, got {_json_kind_name(type(obj))}: {advice}")
     return obj
 
 
@@ -374,12 +374,9 @@ def _read_manifest(d: Path) -> dict:
     m = d / MANIFEST
     if not m.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {d}: not a shard set")
-    try:
-        man = json.loads(m.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages alone named no file
-        raise ValueError(f"{m} is not valid JSON ({e}): not a readable shard set") from None
-    # a list (AttributeError) or a manifest without these (KeyError) failed with a traceback
-    if not isinstance(man, dict) or not isinstance(man.get("shards"), list) \
+    man = read_json_object(m, "shard set manifest", advice="not a readable shard set; write it again with `generate`")
+    # a manifest without these (KeyError) failed with a traceback
+    if not isinstance(man.get("shards"), list) \
             or not all(isinstance(n, str) for n in man["shards"]) or not isinstance(man.get("num_images"), int) \
             or isinstance(man["num_images"], bool):  # true passed as 1 image
         raise ValueError(f"{m} is not a shard set manifest (no shards list / num_images)")

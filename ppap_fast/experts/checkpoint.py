@@ -336,15 +336,12 @@ def resolve_checkpoint(path_or_repo, subfolder: str | None = None, revision: str
 def read_config(path, **where) -> dict:
     """config.json of a checkpoint (``where``: subfolder, revision, cache_dir for a HF repo id)."""
     path = resolve_checkpoint(path, **where)
+    from ..data.shards import read_json_object
+
     f = path / "config.json"
-    if not f.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # binary bytes: a UnicodeDecodeError naming no file
-        raise ValueError(f"{f} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        cfg = cfg if isinstance(cfg, dict) else {}
+    cfg = read_json_object(f, "experts checkpoint config",
+                           advice="pass a folder written by save_experts, or save the experts again")
+    if cfg.get("format") != FORMAT:
         raise ValueError(f"{f} is not a {FORMAT} checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
         raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")

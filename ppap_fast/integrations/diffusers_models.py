@@ -14,7 +14,6 @@ clip of the predicted x0 (``scheduler_clip_range``); ``thresholding=True`` is re
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -63,15 +62,9 @@ def unet_dir(path) -> Path:
 
 def _json_object(f: Path, path) -> dict:
     """The JSON object in ``f`` (a file of the saved folder ``path``); a ValueError naming it when it is none."""
-    try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages named no file
-        raise ValueError(f"denoiser 'diffusers:{path}': {f} is not valid JSON ({e}); save the model again "
-                         "(save_pretrained)") from None
-    if not isinstance(obj, dict):  # a list: .get was an AttributeError
-        raise ValueError(f"denoiser 'diffusers:{path}': {f} is a JSON {type(obj).__name__}, not an object; save the "
-                         "model again (save_pretrained)")
-    return obj
+    from ..data.shards import read_json_object
+
+    return read_json_object(f, f"denoiser 'diffusers:{path}':", advice="save the model again (save_pretrained)")
 
 
 def scheduler_config(path) -> dict | None:
