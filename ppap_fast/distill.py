@@ -239,7 +239,7 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
                  steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                  seed: int = 0, device: str = "cpu", progress: bool = True, max_minutes: float | None = None,
                  loss_reduction: str = "expert_mean", checkpoint_path=None, checkpoint_every: int = 200,
-                 loss: str = "kl", after_state_check=None, verify: bool = True):
+                 loss: str = "kl", verify: bool = True):
     """Train PPAP-N experts data-free; returns the ExpertBank (eval mode). ``loss_reduction``: see
     :func:`expert_mean_loss` (the default trains each expert on the batch mean of its own samples).
     ``loss``: "kl" (a classifier's [B, K] logits), "pixel_kl" (a segmentation net's [B, K, H, W]: the
@@ -256,7 +256,6 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     loss over its samples, NaN where it had none; :func:`plot_train_losses` draws both), and
     ``input_transform_record`` raw (the experts take raw x_t: a normalising guide is refused, a save records it).
     ``data_dir``: the data-free set (``generate``'s output); ``progress``: a progress bar;
-    ``after_state_check()``: called once the resumable state was checked, before training;
     ``verify``: before training, read every shard whole once and check its CRC-32 (:func:`check_shards_intact`;
     batches read single rows, which skips it); False skips that read (a set checked already)."""
     if steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
@@ -298,8 +297,6 @@ def distill_ppap(teacher: nn.Module, data_dir, n_experts: int = 5, r: int = 4, a
     state = LocalTrainState(checkpoint_path, ident, data=data)
     if verify:  # after the resume check: a rerun with other settings is refused without reading the set
         check_shards_intact(data, progress)
-    if after_state_check is not None:
-        after_state_check()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)

@@ -429,3 +429,13 @@ def test_distill_ppap_resume_refuses_shards_replaced_since_its_state(tmp_path, m
     save_file(tensors, str(state), metadata=meta)
     bank = distill_ppap(teacher, data, **kw)
     assert (bank.resumed_from_step, bank.trained_steps) == (1, 2) and np.isfinite(bank.train_losses).all()
+
+
+def test_distill_ppap_takes_no_after_state_check_hook():
+    """after_state_check was passed by nothing (package, examples, benchmarks, tests): a dead parameter, removed."""
+    import inspect
+
+    from ppap_fast.distill import distill_ppap
+
+    params = inspect.signature(distill_ppap).parameters
+    assert "after_state_check" not in params and list(params)[-2:] == ["loss", "verify"]
