@@ -190,3 +190,16 @@ def tiny_adm(**kw):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # un-zero the output convs
     return m
+
+
+def assert_removes_only_its_own_temporaries(folder, name: str, suffix: str, other_suffix: str, run):
+    """Plants ``_atomic``-named temporaries of ``name`` (8 chars of [a-z0-9_], then ``suffix``) and a user's
+    look-alikes (another tag or ``other_suffix``) in ``folder``, calls ``run()`` and checks only the first are
+    gone; returns what ``run()`` returned."""
+    ours = [f".{name}.abcd1234{suffix}.tmp", f".{name}.k2j4x_9z{suffix}.tmp"]
+    theirs = [f".{name}.mine.tmp", f".{name}.abcd1234{other_suffix}.tmp", f".{name}.abcd12345{suffix}.tmp"]
+    for n in ours + theirs:
+        (folder / n).write_text("x")
+    result = run()
+    assert sorted(p.name for p in folder.glob("*.tmp")) == sorted(theirs)
+    return result

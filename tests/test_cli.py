@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _util import assert_removes_only_its_own_temporaries
 from ppap_fast.cli import main
 from ppap_fast.demo import make_tiny_weights
 
@@ -39,46 +40,51 @@ TINY_UNET = dict(block_out_channels=[8, 8], down_block_types=["DownBlock2D", "Do
                  up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4)
 
 
-def test_train_diffusion_killed_between_checkpoint_and_weights_resumes_to_the_final_weights(tmp_path, monkeypatch):
-    """A kill after the last checkpoint is written but before --out is: the restart (nothing left
-    to train) must write the checkpoint's EMA weights, not keep the previous checkpoint's --out."""
-    import torch
-
+def _killed_then_resumed(tmp_path, monkeypatch, kw, name, killer, after_kill=lambda: None):
+    """train_diffusion to ref.safetensors; to out.safetensors with ``demo.<name>`` replaced by ``killer`` (it
+    raises KeyboardInterrupt), ``after_kill()``, then again with it restored. Checks the resumed run's weights
+    are ref's bit for bit (both at ``kw["steps"]``, finite); one thread: tiny tensors."""
     from ppap_fast import demo
     from ppap_fast.models.tiny import read_safetensors
 
-    threads = torch.get_num_threads()
+    threads, real = torch.get_num_threads(), getattr(demo, name)
     torch.set_num_threads(1)
-    kw = dict(steps=2, batch_size=2, checkpoint_every=1, unet_config=TINY_UNET, progress=False)
     try:
         demo.train_diffusion(tmp_path / "ref.safetensors", **kw)
-        real = demo.save_model
-
-        def killed_at_the_last_step(model, path, extra=None):
-            if extra["steps"] == 2:
-                raise KeyboardInterrupt
-            return real(model, path, extra=extra)
-
-        monkeypatch.setattr(demo, "save_model", killed_at_the_last_step)
+        monkeypatch.setattr(demo, name, killer)
         with pytest.raises(KeyboardInterrupt):
             demo.train_diffusion(tmp_path / "out.safetensors", **kw)
-        monkeypatch.setattr(demo, "save_model", real)
+        after_kill()
+        monkeypatch.setattr(demo, name, real)
         demo.train_diffusion(tmp_path / "out.safetensors", **kw)
     finally:
         torch.set_num_threads(threads)
     (ref, ref_meta), (out, out_meta) = (read_safetensors(tmp_path / f) for f in ("ref.safetensors", "out.safetensors"))
-    assert json.loads(out_meta["extra"])["steps"] == json.loads(ref_meta["extra"])["steps"] == 2
-    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert json.loads(out_meta["extra"])["steps"] == json.loads(ref_meta["extra"])["steps"] == kw["steps"]
+    assert ref.keys() == out.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
+    assert all(bool(v.isfinite().all()) for v in out.values() if v.is_floating_point())
+
+
+def test_train_diffusion_killed_between_checkpoint_and_weights_resumes_to_the_final_weights(tmp_path, monkeypatch):
+    """A kill after the last checkpoint is written but before --out is: the restart (nothing left
+    to train) must write the checkpoint's EMA weights, not keep the previous checkpoint's --out."""
+    from ppap_fast import demo
+
+    real = demo.save_model
+
+    def killed_at_the_last_step(model, path, extra=None):
+        if extra["steps"] == 2:
+            raise KeyboardInterrupt
+        return real(model, path, extra=extra)
+
+    _killed_then_resumed(tmp_path, monkeypatch, dict(steps=2, batch_size=2, checkpoint_every=1, unet_config=TINY_UNET,
+                                                     progress=False), "save_model", killed_at_the_last_step)
 
 
 def test_train_diffusion_killed_mid_run_leaves_no_out_and_resumes_bitwise(tmp_path, monkeypatch):
     """--out was written at every checkpoint: a kill after one left a partly trained unet that looked finished."""
     from ppap_fast import demo
-    from ppap_fast.models.tiny import read_safetensors
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    kw = dict(steps=4, batch_size=2, checkpoint_every=2, unet_config=TINY_UNET, progress=False)
     real, writes = demo._atomic, []
 
     def killed_at_the_second_checkpoint(path, write_fn, suffix):
@@ -87,20 +93,12 @@ def test_train_diffusion_killed_mid_run_leaves_no_out_and_resumes_bitwise(tmp_pa
             raise KeyboardInterrupt
         return real(path, write_fn, suffix)
 
-    try:
-        demo.train_diffusion(tmp_path / "ref.safetensors", **kw)
-        monkeypatch.setattr(demo, "_atomic", killed_at_the_second_checkpoint)
-        with pytest.raises(KeyboardInterrupt):
-            demo.train_diffusion(tmp_path / "out.safetensors", **kw)
+    def only_checkpoints_were_written():
         assert writes == ["out.safetensors.ckpt.pt"] * 2 and not (tmp_path / "out.safetensors").exists()
-        monkeypatch.setattr(demo, "_atomic", real)
-        demo.train_diffusion(tmp_path / "out.safetensors", **kw)
-    finally:
-        torch.set_num_threads(threads)
-    (ref, ref_meta), (out, out_meta) = (read_safetensors(tmp_path / f) for f in ("ref.safetensors", "out.safetensors"))
-    assert json.loads(out_meta["extra"])["steps"] == json.loads(ref_meta["extra"])["steps"] == 4
-    assert ref.keys() == out.keys() and all(torch.equal(out[k], ref[k]) for k in ref)
-    assert all(bool(v.isfinite().all()) for v in out.values() if v.is_floating_point())
+
+    _killed_then_resumed(tmp_path, monkeypatch, dict(steps=4, batch_size=2, checkpoint_every=2, unet_config=TINY_UNET,
+                                                     progress=False), "_atomic", killed_at_the_second_checkpoint,
+                         only_checkpoints_were_written)
 
 
 def test_train_diffusion_refuses_a_checkpoint_past_its_steps(tmp_path):
@@ -120,13 +118,10 @@ def test_train_diffusion_removes_only_its_own_checkpoint_temporaries(tmp_path):
     """Every .<ckpt>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
     from ppap_fast import demo
 
-    ckpt = "u.safetensors.ckpt.pt"
-    ours = [f".{ckpt}.abcd1234.pt.tmp", f".{ckpt}.k2j4x_9z.pt.tmp"]
-    theirs = [f".{ckpt}.mine.tmp", f".{ckpt}.abcd1234.npz.tmp", f".{ckpt}.abcd12345.pt.tmp"]
-    for n in ours + theirs:
-        (tmp_path / n).write_text("x")
-    demo.train_diffusion(tmp_path / "u.safetensors", steps=0, batch_size=2, unet_config=TINY_UNET, progress=False)
-    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(theirs)
+    assert_removes_only_its_own_temporaries(
+        tmp_path, "u.safetensors.ckpt.pt", ".pt", ".npz",
+        lambda: demo.train_diffusion(tmp_path / "u.safetensors", steps=0, batch_size=2, unet_config=TINY_UNET,
+                                     progress=False))
 
 
 def test_generate_distill_finetune(weights, tmp_path):

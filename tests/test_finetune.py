@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _util import assert_removes_only_its_own_temporaries
 from ppap_fast.finetune import MultiExperts, _cosine_lr, accuracy, finetune_noise_aware, noisy_batch, train_classifier
 from ppap_fast.schedule import Schedule
 
@@ -176,15 +177,12 @@ def test_finetune_learning_rate_follows_the_step(monkeypatch):
 def test_a_resumable_state_removes_only_its_own_killed_writes(tmp_path):
     """Every .<state>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
     state = "m.finetune_state.safetensors"
-    ours = [f".{state}.abcd1234.safetensors.tmp", f".{state}.k2j4x_9z.safetensors.tmp"]
-    theirs = [f".{state}.mine.tmp", f".{state}.abcd1234.json.tmp", f".{state}.abcd12345.safetensors.tmp"]
-    for n in ours + theirs:
-        (tmp_path / n).write_text("x")
     base, (x, y) = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), _data(4)
-    me = finetune_noise_aware(base, x, y, n_experts=1, steps=1, batch_size=2, progress=False,
-                              checkpoint_path=tmp_path / state)
+    me = assert_removes_only_its_own_temporaries(
+        tmp_path, state, ".safetensors", ".json",
+        lambda: finetune_noise_aware(base, x, y, n_experts=1, steps=1, batch_size=2, progress=False,
+                                     checkpoint_path=tmp_path / state))
     assert me.trained_steps == 1 and (tmp_path / state).is_file()
-    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(theirs)
 
 
 def test_accuracy_and_router_refuse_misshaped_labels_and_timesteps():
