@@ -119,7 +119,7 @@ if has bench; then
   lim=$(budget "${BENCH_CAP:-300}" "$R_SCALE"); stamp "benchmarks (limit ${lim}s; bench.json after every suite)"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/bench.json" \
     --only $BENCH_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -25
-  rm -f "$OUT"/*.tmp  # a JSON write cut by the timeout (the device tool returns at most 8 files)
+  rm -f "$OUT"/.*.tmp "$OUT"/*.tmp  # a JSON write cut by the timeout (hidden name; the tool returns few files)
   gpu_state "after bench"
 fi
 
@@ -129,7 +129,7 @@ if has scale; then
   stamp "real scale (limit ${lim}s): ADM-256 + ResNet50 PPAP-10 DDIM-25 batch 32; generation of $PPAP_GEN_IMAGES images"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/scale.json" \
     --only $SCALE_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -12
-  rm -f "$OUT"/*.tmp
+  rm -f "$OUT"/.*.tmp "$OUT"/*.tmp
 fi
 
 stamp "summary"

@@ -1072,3 +1072,41 @@ def test_step_variants_old_paths_can_be_skipped(monkeypatch):
                                                                   "fast_nchw"]
     monkeypatch.setenv("PPAP_BENCH_STEP_OLD_PATHS", "0")
     assert list(bench_step._cuda_variants(None, None, None)) == ["fast_overlap", "fast_compiled_guide"]
+
+
+def _fake_gpu_tools(tmp_path, run_py: str) -> dict:
+    """A copy of benchmarks/ and a PATH whose nvidia-smi and python3 are stand-ins: python3 runs ``run_py``
+    (bash) for benchmarks/run.py, the real interpreter for summarize.py, and succeeds at anything else."""
+    import shutil
+
+    root, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    shutil.copytree(ROOT / "benchmarks", root / "benchmarks", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    (root / "ppap_fast").mkdir()
+    (root / "ppap_fast" / "_C.fake.so").touch()  # no build unless asked
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'Fake Card 80GB, 81559 MiB, 1, 1980 MHz'\n")
+    (bin_dir / "python3").write_text(
+        "#!/usr/bin/env bash\n"
+        f'case "$*" in\n  *benchmarks/run.py*) {run_py};;\n'
+        f'  *benchmarks/summarize.py*) exec {sys.executable} "$@";;\n  *) exit 0;;\nesac\n')
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    return {"root": root, "env": {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}}
+
+
+def test_gpu_check_removes_a_json_write_cut_by_the_bench_timeout(tmp_path):
+    """run.py killed by the bench stage's timeout mid-write leaves its atomic write's temporary file
+    (``.bench.json.<random>.json.tmp``, a hidden name); gpu_check.sh removes it, keeps bench.json and
+    still writes the summary (the device tool returns a few files only)."""
+    out = tmp_path / "out"
+    cut_run = ('printf \'{"device": "Fake Card", "torch": "x", "rows": [], "ratios": {"step_fast_vs_reference": 0.3}, '
+               '"errors": {}, "running": "bench_step"}\' > "$OUT/bench.json"; '
+               'echo half > "$OUT/.bench.json.k3x9.json.tmp"; exit 124')
+    fake = _fake_gpu_tools(tmp_path, cut_run)
+    res = subprocess.run(["bash", str(fake["root"] / "benchmarks/gpu_check.sh"), "bench"], capture_output=True,
+                         text=True, timeout=120, env={**fake["env"], "OUT": str(out), "GPU_CHECK_DEADLINE": "60"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["backends.json", "bench.json", "gpu.txt", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert "CUT: the run was killed inside bench_step" in summary
+    assert "goal #4 fast / reference <= 0.3333: 0.3 MET" in summary
