@@ -3,6 +3,7 @@ ratios, fastest rows."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -129,6 +130,8 @@ def decisions(ratios: dict) -> list:
         v = ratios.get(key)
         if v is None:
             lines.append(f"decision {key}: not measured")
+        elif not is_valid_figure(v):
+            lines.append(f"decision {key} = {v}: not a valid ratio (zero, negative, NaN or infinite): no decision")
         elif key in REVERT_ABOVE:
             meaning, action = REVERT_ABOVE[key]
             if v > 1.03:
@@ -140,6 +143,12 @@ def decisions(ratios: dict) -> list:
         else:
             lines.append(f"decision {key} = {v}: keep the current default (needs < 0.97 to switch)")
     return lines
+
+
+def is_valid_figure(v) -> bool:
+    """A time ratio, MFU or bandwidth fraction worth reading: a finite number above 0 (a zero or
+    non-finite time makes 0, NaN or inf, which would read as met or as a switch)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 # the issues' GPU goals: (label, ratio key or (row suite, row key[, variant]), "<=" / ">=", goal)
@@ -171,6 +180,9 @@ def goal_lines(data: dict) -> list:
                 v = v.get(k) if isinstance(v, dict) and not v.get("fallbacks") else None
         if not isinstance(v, (int, float)):
             lines.append(f"goal {label} {op} {goal:.4g}: not measured")
+        elif not is_valid_figure(v):
+            lines.append(f"goal {label} {op} {goal:.4g}: {v} not a valid figure (zero, negative, NaN or infinite): "
+                         "not measured")
         else:
             met = v <= goal if op == "<=" else v >= goal
             lines.append(f"goal {label} {op} {goal:.4g}: {v} {'MET' if met else 'not met'}")

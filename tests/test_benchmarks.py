@@ -1110,3 +1110,24 @@ def test_gpu_check_removes_a_json_write_cut_by_the_bench_timeout(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "CUT: the run was killed inside bench_step" in summary
     assert "goal #4 fast / reference <= 0.3333: 0.3 MET" in summary
+
+
+def test_summary_decides_nothing_on_a_zero_nan_or_infinite_ratio():
+    """A ratio from a zero or non-finite time (0.0, NaN, inf in the JSON) is no measurement: it neither
+    meets a goal nor switches or keeps a default (0.0 read 'MET' and 'switch', NaN 'keep the new default')."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    bad = {"step_fast_vs_reference": 0.0, "step_guided_vs_unguided": float("nan"), "update_hbm_fraction": float("inf"),
+           "eps_triton_vs_cuda": 0.0, "out_head_fused_vs_half": float("nan"), "step_overlap_vs_fast": float("inf"),
+           "lora_fwd_vs_peft": -0.5}
+    data = {"ratios": bad, "rows": [{"suite": "bench_step", "fast_mfu": float("nan"),
+                                     "fast_overlap": {"ms": 0.0, "mfu": float("inf")}}]}
+    goals = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    for label in ("goal #4 fast / reference <= 0.3333", "goal #4 guided / unguided <= 1.02",
+                  "goal #4 fused update / HBM >= 0.8", "goal #4 MFU >= 0.5", "goal #4 MFU, overlap_guide >= 0.5",
+                  "goal #3 LoRA fwd / peft mixed batch <= 0.3333"):
+        assert goals[label].endswith("not a valid figure (zero, negative, NaN or infinite): not measured"), label
+    decided = {ln.split()[1].rstrip(":"): ln for ln in summarize.decisions(bad)}
+    for key in ("eps_triton_vs_cuda", "out_head_fused_vs_half", "step_overlap_vs_fast"):
+        assert decided[key].endswith("not a valid ratio (zero, negative, NaN or infinite): no decision"), decided[key]
