@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 PANELS = ("bench_step", "bench_lora", "bench_update", "bench_distill")
@@ -33,6 +34,18 @@ def load(paths) -> tuple[str, dict]:
     return " + ".join(dict.fromkeys(devices)), by_suite
 
 
+def _figure(v):
+    """v as a float where it is a time, rate or fraction to draw (finite, above 0), else None: a zero or
+    NaN time in the JSON is no measurement."""
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else None
+
+
+def _bar(v) -> float:
+    """A bar's height: NaN (no bar) where v is missing or no valid figure, not 0 (reads as measured)."""
+    f = _figure(v)
+    return math.nan if f is None else f
+
+
 def _step(ax, rows):
     r = rows[0]
     names = ["reference\nguided", "reference\nunguided", "fast\nguided", "fast\nunguided"]
@@ -43,10 +56,10 @@ def _step(ax, rows):
         names.append(label)
         vals.append((r.get(key) or {}).get("ms"))
         colors.append("#2a5580")
-    keep = [(n, v, c) for n, v, c in zip(names, vals, colors) if v is not None]
+    keep = [(n, v, c) for n, v, c in zip(names, map(_figure, vals), colors) if v is not None]
     bars = ax.bar([n for n, _, _ in keep], [v for _, v, _ in keep], color=[c for _, _, c in keep])
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    if r.get("floor_ms"):
+    if _figure(r.get("floor_ms")):
         ax.axhline(r["floor_ms"], color="#c44e52", ls="--", lw=1)
         ax.text(len(keep) - 0.5, r["floor_ms"], f" FLOP floor {r['floor_ms']:.0f} ms", color="#c44e52", fontsize=7,
                 ha="right", va="bottom")
@@ -59,17 +72,17 @@ def _lora(ax, rows):
     wanted = [v for v in ("base", "ours[cuda_full]", "ours[cpp]", "ours[auto]", "loop", "base[cudagraph]",
                           "ours[auto,cudagraph]", "ours[cpp,cudagraph]", "ours[triton,cudagraph]",
                           "base[channels_last,cudagraph]", "ours[triton,a_stage=implicit,channels_last,cudagraph]")
-              if any(r["variant"] == v and r.get("fwdbwd_ms") for r in rows)]
+              if any(r["variant"] == v and _figure(r.get("fwdbwd_ms")) for r in rows)]
     width = 0.8 / max(len(wanted), 1)
     top = 0.0
     for j, v in enumerate(wanted):
         ys = []
         for k in keys:
             hit = [r for r in rows if (r["layer"], r["N"]) == k and r["variant"] == v]
-            ys.append(hit[0].get("fwdbwd_ms") or 0.0 if hit else 0.0)
+            ys.append(_bar(hit[0].get("fwdbwd_ms") if hit else None))
         ax.bar([i + (j - (len(wanted) - 1) / 2) * width for i in range(len(keys))], ys, width,
                label=v.replace("a_stage=implicit,", "implicit,").replace("channels_last", "NHWC"))
-        top = max([top, *ys])
+        top = max([top, *(y for y in ys if y == y)])
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([f"{layer.split(' ')[0].replace('resnet50.', '')}\n{layer.split(' ', 1)[-1]}\nN={n}"
                         for layer, n in keys], fontsize=6)
@@ -88,12 +101,13 @@ def _update(ax, rows):
         kind = r.get("sampler", "") + {"learned_range": " learned", "fixed_large": " fixed"}.get(r.get("var_type"), "")
         dt = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(r.get("dtype")), "?")
         labels.append(f"{kind} {dt} b{r.get('shape', ['?'])[0]}")
-        cuda.append(r.get("cuda_hbm_fraction") or 0.0)
-        triton.append(r.get("triton_hbm_fraction") or 0.0)
+        cuda.append(_bar(r.get("cuda_hbm_fraction")))
+        triton.append(_bar(r.get("triton_hbm_fraction")))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], cuda, 0.4, label="CUDA kernel")
     ax.bar([x + 0.2 for x in xs], triton, 0.4, label="Triton kernel")
     ax.axhline(0.8, color="#c44e52", ls="--", lw=1)
+    ax.set_ylim(0, max([1.0, *(f * 1.1 for f in cuda + triton if f == f)]))
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=6, rotation=35, ha="right")
     ax.set_ylabel("fraction of measured HBM bandwidth")
@@ -107,15 +121,16 @@ def _distill(ax, rows):
     series = [("sequential_img_per_s", "expert by expert", "#bbbbbb"),
               ("onepass_img_per_s", "all experts, one pass", "#3b75af"),
               ("onepass_graph_img_per_s", "one pass, CUDA graph", "#2a5580")]
-    series = [sr for sr in series if any(r.get(sr[0]) for r in rows)]  # a cut run lacks some: drawn as 0
+    series = [sr for sr in series if any(_figure(r.get(sr[0])) for r in rows)]  # a cut run lacks some: no bar
     if not series:
         ax.set_title("distillation step: no images/s measured", fontsize=9)
         return
     width = 0.8 / len(series)
     for j, (key, label, color) in enumerate(series):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(rows))]
-        bars = ax.bar(xs, [r.get(key) or 0.0 for r in rows], width, label=label, color=color)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ys = [_bar(r.get(key)) for r in rows]
+        bars = ax.bar(xs, ys, width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{y:.0f}" if y == y else "n/a" for y in ys], fontsize=7)
     ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels(labels)
     ax.set_ylabel("images / s")
@@ -123,7 +138,7 @@ def _distill(ax, rows):
     ax.set_title(f"distillation step, batch {r.get('batch')} at {'x'.join(map(str, r.get('shape', [])))}",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    ax.set_ylim(0, max(r.get(key) or 0.0 for r in rows for key, _, _ in series) * 1.2)
+    ax.set_ylim(0, max(_figure(r.get(key)) or 0.0 for r in rows for key, _, _ in series) * 1.2)
 
 
 DRAW = {"bench_step": _step, "bench_lora": _lora, "bench_update": _update, "bench_distill": _distill}

@@ -1131,3 +1131,44 @@ def test_summary_decides_nothing_on_a_zero_nan_or_infinite_ratio():
     decided = {ln.split()[1].rstrip(":"): ln for ln in summarize.decisions(bad)}
     for key in ("eps_triton_vs_cuda", "out_head_fused_vs_half", "step_overlap_vs_fast"):
         assert decided[key].endswith("not a valid ratio (zero, negative, NaN or infinite): no decision"), decided[key]
+
+
+def test_plot_draws_no_bar_for_a_zero_nan_or_missing_figure(tmp_path):
+    """A NaN or zero time / rate / fraction in the JSON, or one a cut run lacks, gets no bar (it was drawn
+    as a 0 bar, a measurement it is not), and a NaN first in the distill panel no longer stops the picture
+    (NaN axis limit)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plot
+
+    nan = float("nan")
+    rows = {
+        "bench_step": [{"suite": "bench_step", "shape": [4], "reference_ms": 9.0, "reference_unguided_ms": nan,
+                        "fast_ms": 0.0, "fast_unguided_ms": 3.0, "floor_ms": nan}],
+        "bench_update": [{"suite": "bench_update", "sampler": "ddim", "dtype": "torch.float32", "shape": [4],
+                          "cuda_hbm_fraction": 0.7}, {"suite": "bench_update", "sampler": "ddpm", "shape": [4],
+                                                      "dtype": "torch.float32", "cuda_hbm_fraction": nan,
+                                                      "triton_hbm_fraction": 0.9}],
+        "bench_distill": [{"suite": "bench_distill", "n_experts": 5, "batch": 8, "shape": [3, 8, 8],
+                           "sequential_img_per_s": nan, "onepass_img_per_s": 40.0},
+                          {"suite": "bench_distill", "n_experts": 10, "batch": 8, "shape": [3, 8, 8],
+                           "sequential_img_per_s": 10.0, "onepass_img_per_s": 0.0}],
+    }
+    heights = {}
+    for suite, suite_rows in rows.items():
+        fig, ax = plt.subplots()
+        plot.DRAW[suite](ax, suite_rows)
+        heights[suite] = [p.get_height() for p in ax.patches]
+        assert all(math.isfinite(v) for v in ax.get_ylim()), suite
+        plt.close(fig)
+    assert heights["bench_step"] == [9.0, 3.0]
+    drawn = {s: sorted(h for h in hs if not math.isnan(h)) for s, hs in heights.items()}
+    assert drawn["bench_update"] == [0.7, 0.9] and drawn["bench_distill"] == [10.0, 40.0]
+    src = tmp_path / "n.json"
+    src.write_text(json.dumps({"device": "Card X", "rows": [r for rs in rows.values() for r in rs]}))
+    assert plot.plot([src], tmp_path / "n.png") == ["bench_step", "bench_update", "bench_distill"]
