@@ -1172,3 +1172,37 @@ def test_plot_draws_no_bar_for_a_zero_nan_or_missing_figure(tmp_path):
     src = tmp_path / "n.json"
     src.write_text(json.dumps({"device": "Card X", "rows": [r for rs in rows.values() for r in rs]}))
     assert plot.plot([src], tmp_path / "n.png") == ["bench_step", "bench_update", "bench_distill"]
+
+
+def test_denoiser_cuda_op_row_that_raises_costs_only_its_own_ratios(monkeypatch):
+    """bench_denoiser's CUDA op rows (never run together on a GPU): one raising (a Triton kernel refused on the
+    device) records its error in the row; the rows after it, out_head_fused_vs_half among them, are kept (an
+    exception there cost the whole suite's figures)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_denoiser as BD
+
+    def fake(name, value):
+        def ratio(row, batch, reps):
+            row[f"{name}_ms"] = value
+            return value
+        return ratio
+
+    def refused(row, batch, reps):
+        raise RuntimeError("triton: out of resource: shared memory\nmore detail")
+
+    def head(row, batch, reps):
+        row.update(out_head_half_ms=2.0, out_head_fused_ms=1.5)
+        return 0.8
+
+    for fn, value in (("_residual_ratio", 0.9), ("_resample_ratio", 1.1), ("_gn_stats_ratio", 0.95),
+                      ("_cl_tile_ratio", 1.01), ("_channel_sums_ratio", 1.2), ("_adm_conv_ratio", 1.3)):
+        monkeypatch.setattr(BD, fn, fake(fn, value))
+    monkeypatch.setattr(BD, "_cat_ratio", refused)
+    monkeypatch.setattr(BD, "_vs_copy", lambda row, batch, reps: {"gn_vs_copy": 1.4})
+    monkeypatch.setattr(BD, "_out_head_ratio", head)
+    row = {}
+    ratios = BD._cuda_op_ratios(row, 4, 1)
+    assert ratios == {"residual_fused_vs_eager": 0.9, "resample_triton_vs_torch": 1.1, "gn_stats_split_vs_group": 0.95,
+                      "cl_tile_rows_vs_narrow": 1.01, "channel_sums_vs_separate": 1.2, "gn_vs_copy": 1.4,
+                      "out_head_half_vs_float": 0.8, "out_head_fused_vs_half": 0.75, "adm_conv_triton_vs_cudnn": 1.3}
+    assert row["cat_triton_vs_torch_error"] == "RuntimeError: triton: out of resource: shared memory"
