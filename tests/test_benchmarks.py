@@ -1206,3 +1206,27 @@ def test_denoiser_cuda_op_row_that_raises_costs_only_its_own_ratios(monkeypatch)
                       "cl_tile_rows_vs_narrow": 1.01, "channel_sums_vs_separate": 1.2, "gn_vs_copy": 1.4,
                       "out_head_half_vs_float": 0.8, "out_head_fused_vs_half": 0.75, "adm_conv_triton_vs_cudnn": 1.3}
     assert row["cat_triton_vs_torch_error"] == "RuntimeError: triton: out of resource: shared memory"
+
+
+def test_plot_step_panel_draws_the_guide_variants_the_gpu_call_times():
+    """The GPU call times overlap_guide / compile_guide only (old paths and compile skipped): the step panel draws
+    them, but not a variant whose options fell back (not the variant named); a CPU run's update rows (no HBM
+    fraction) say so instead of an empty panel."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plot
+
+    row = {"suite": "bench_step", "shape": [32], "reference_ms": 470.0, "reference_unguided_ms": 400.0,
+           "fast_ms": 157.0, "fast_unguided_ms": 150.0, "fast_overlap": {"ms": 152.0},
+           "fast_compiled_guide": {"ms": 140.0, "fallbacks": ["cuda_graph"]}}
+    fig, (ax, ax_update) = plt.subplots(1, 2)
+    plot._step(ax, [row])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["reference\nguided", "reference\nunguided", "fast\nguided",
+                                                            "fast\nunguided", "fast\noverlap\nguide"]
+    assert [p.get_height() for p in ax.patches] == [470.0, 400.0, 157.0, 150.0, 152.0]
+    plot._update(ax_update, [{"suite": "bench_update", "sampler": "ddim", "eager_ms": 1.0, "cpp_ms": 0.2}])
+    assert "no HBM fraction measured" in ax_update.get_title() and not ax_update.patches
+    plt.close(fig)
