@@ -1230,3 +1230,35 @@ def test_plot_step_panel_draws_the_guide_variants_the_gpu_call_times():
     plot._update(ax_update, [{"suite": "bench_update", "sampler": "ddim", "eager_ms": 1.0, "cpp_ms": 0.2}])
     assert "no HBM fraction measured" in ax_update.get_title() and not ax_update.patches
     plt.close(fig)
+
+
+def test_profile_top_drains_the_warm_call_before_profiling(monkeypatch):
+    """On CUDA the warm call's kernels must finish before the profiler starts, else the profiled window holds
+    the tail of the warm call too (its kernels counted in the top list and the shares)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    import torch.profiler
+
+    import timing
+
+    seen = []
+
+    class FakeProfile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            seen.append("profile on")
+            return self
+
+        def __exit__(self, *exc):
+            seen.append("profile off")
+            return False
+
+        def key_averages(self, group_by_input_shape=False):
+            return []
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: seen.append("sync"))
+    assert timing.profile_top(lambda: seen.append("call"), "cuda", k=3) == []
+    assert seen == ["call", "sync", "profile on", "call", "sync", "profile off"]
