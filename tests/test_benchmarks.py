@@ -1262,3 +1262,36 @@ def test_profile_top_drains_the_warm_call_before_profiling(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: seen.append("sync"))
     assert timing.profile_top(lambda: seen.append("call"), "cuda", k=3) == []
     assert seen == ["call", "sync", "profile on", "call", "sync", "profile off"]
+
+
+def test_update_bench_keeps_its_figures_when_a_guided_eps_kernel_fails(monkeypatch):
+    """bench_update's guided_eps rows have never run on a GPU: a backend that raises there costs only its own
+    figures (``<backend>_error``), and the guided_update figures (#4's update_hbm_fraction) are emitted before
+    the eps rows, so an eps failure that stops the suite keeps them (it lost the whole suite)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import bench_update
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # the CUDA timing path, on the CPU
+
+    def refused():
+        raise RuntimeError("CUDA error: misaligned address\nmore")
+
+    row = {}
+    best = bench_update._time_vs_eager(row, lambda: torch.ones(64).sum(), {"cuda": lambda: torch.ones(64),
+                                                                          "triton": refused}, "cuda", 2, 256, 1.0)
+    assert best == "cuda" and row["triton_error"] == "RuntimeError: CUDA error: misaligned address"
+    assert row["cuda_ms"] > 0 and row["cuda_vs_eager"] > 0 and "triton_ms" not in row
+    monkeypatch.undo()
+
+    def eps_fails(*args):
+        raise RuntimeError("illegal memory access")
+
+    monkeypatch.setattr(bench_update, "_eps_rows", eps_fails)
+    emitted = []
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_update.run("cpu", quick=True, emit=lambda rows, ratios: emitted.append((rows, ratios)))
+    (rows, ratios), = emitted
+    assert {r["op"] for r in rows} == {"guided_update"} and len(rows) == 3
+    assert 0 < ratios["update_fused_vs_eager"] < float("inf")
