@@ -309,6 +309,29 @@ def _cat_ratio(row, batch, reps, device="cuda", channels=256, size=256) -> float
                                   lambda: concat.cat_channels(xs, backend="triton"), device, reps), 4)
 
 
+def _fused_rows(model, x, t, device, reps, row, record, eager_best) -> dict:
+    """The model with fuse_norm_act(): its time over eager_best and, for an ADM, the channel sums on / off. An
+    error is recorded in row (``fused_norm_act_error``, ``channel_sums_off_error``: it cost the whole suite,
+    the eager figures and the op rows after it); the model is left unfused."""
+    ratios = {}
+    try:
+        model.fuse_norm_act()
+        record("fused_norm_act", _median_ms(lambda: model(x, t), device, reps))
+        ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
+        row["fused_norm_act_profile_top"] = profile_top(lambda: model(x, t), device, k=8)
+        if hasattr(model, "output_blocks"):  # ADM: the same without the producers' channel sums
+            try:
+                ratios["denoiser_channel_sums_vs_off"] = _channel_sums_off_ratio(model, x, t, device, reps, row,
+                                                                                record)
+            except Exception as exc:  # noqa: BLE001
+                row["channel_sums_off_error"] = _error_text(exc)
+    except Exception as exc:  # noqa: BLE001
+        row["fused_norm_act_error"] = _error_text(exc)
+    finally:
+        model.fuse_norm_act(False)
+    return ratios
+
+
 def _out_head_ratios(row, batch, reps) -> dict:
     ratios = {"out_head_half_vs_float": _out_head_ratio(row, batch, reps)}
     ratios["out_head_fused_vs_half"] = round(row["out_head_fused_ms"] / row["out_head_half_ms"], 4)
@@ -400,14 +423,9 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["denoiser_cudnn_benchmark_vs_default"] = round(row["cudnn_benchmark_ms"] / row["channels_last_ms"], 4)
             eager_best = min(eager_best, row["cudnn_benchmark_ms"])
             if hasattr(model, "fuse_norm_act"):  # ops.group_norm_act (Triton) in every ResBlock
-                model.fuse_norm_act()
-                record("fused_norm_act", _median_ms(lambda: model(x_cl, t), device, reps))
-                row["fused_norm_act_profile_top"] = profile_top(lambda: model(x_cl, t), device, k=8)
-                if hasattr(model, "output_blocks"):  # ADM: the same without the producers' channel sums
-                    ratios["denoiser_channel_sums_vs_off"] = _channel_sums_off_ratio(model, x_cl, t, device, reps,
-                                                                                    row, record)
-                model.fuse_norm_act(False)
-                ratios["denoiser_fused_norm_act_vs_eager"] = round(row["fused_norm_act_ms"] / eager_best, 4)
+                if emit is not None:  # the eager figures survive a fused path that fails or runs out of time
+                    emit(dict(row), dict(ratios))
+                ratios.update(_fused_rows(model, x_cl, t, device, reps, row, record, eager_best))
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
         if cuda:  # the fused path's residual, resampling and concatenation ops alone, at the top level's shapes
             if emit is not None:  # the denoiser's figures survive an op row that runs out of time

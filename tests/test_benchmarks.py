@@ -1295,3 +1295,41 @@ def test_update_bench_keeps_its_figures_when_a_guided_eps_kernel_fails(monkeypat
     (rows, ratios), = emitted
     assert {r["op"] for r in rows} == {"guided_update"} and len(rows) == 3
     assert 0 < ratios["update_fused_vs_eager"] < float("inf")
+
+
+def test_denoiser_fused_row_that_raises_keeps_the_eager_figures(monkeypatch):
+    """bench_denoiser's fused ADM (CUDA only; its fused output head and channel sums never ran on a GPU): a
+    failure records ``fused_norm_act_error`` / ``channel_sums_off_error`` in the row and leaves the model unfused,
+    instead of losing the suite (the eager figures and the op rows, out_head_fused_vs_half among them)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    import bench_denoiser as BD
+    from ppap_fast.ops import norm_act as NA
+
+    from _util import tiny_adm
+
+    model = tiny_adm().to(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([5, 700])
+    row = {}
+
+    def record(variant, ms):
+        row[f"{variant}_ms"] = ms
+
+    def sums_fail(*args):
+        raise RuntimeError("channel sums: triton compile failed\nmore")
+
+    monkeypatch.setattr(BD, "_channel_sums_off_ratio", sums_fail)
+    ratios = BD._fused_rows(model, x, t, "cpu", 1, row, record, 2.0)
+    assert list(ratios) == ["denoiser_fused_norm_act_vs_eager"] and ratios["denoiser_fused_norm_act_vs_eager"] > 0
+    assert row["channel_sums_off_error"] == "RuntimeError: channel sums: triton compile failed"
+    assert not model.fused_out_norm_act
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(NA, "group_norm_act", refused)
+    row.clear()
+    assert BD._fused_rows(model, x, t, "cpu", 1, row, record, 2.0) == {}
+    assert row == {"fused_norm_act_error": "RuntimeError: out of resource: shared memory"}
+    assert not model.fused_out_norm_act
