@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import warnings
@@ -938,3 +939,24 @@ def test_set_group_norm_stats_only_changes_compiled_cpu_traces(monkeypatch):
         model.set_group_norm_stats("per-channel")
     model.set_group_norm_stats("group")
     assert not any(getattr(m, "stats_by_channel", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_x_of_another_dtype_than_the_model_gives_the_output_in_x_dtype(fused):
+    """x of another dtype than the weights (float64 / half x into a float32 model, float32 x into model.half())
+    ran the whole torso (in the torso's dtype) and then failed at the output conv ('Input type (double) and
+    bias type (float) should be the same'). The head now runs in its weights' dtype, the output in x's."""
+    m = _randomised()
+    if fused:
+        m.fuse_norm_act()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    with torch.no_grad():
+        for dt in (torch.float64, torch.float16, torch.bfloat16):
+            xd = x.to(dt)
+            out = m(xd, t)
+            assert out.dtype == dt and torch.isfinite(out).all()
+            torch.testing.assert_close(out, m(xd.float(), t).to(dt), rtol=0, atol=0)
+        mh = copy.deepcopy(m).half()
+        out = mh(x, t)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out, mh(x.half(), t).float(), rtol=0, atol=0)

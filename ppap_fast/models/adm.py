@@ -821,8 +821,10 @@ class ADMUNet(nn.Module):
                                                 conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
                     return self._verified_fused_head(y, half_head)
                 return half_head()
-            return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=x.dtype))
-        return self.out(h.type(x.dtype))
+            head = self.out[2].weight.dtype
+            return self.out[2](_fused_norm_act(self.out[0], h, out_dtype=head)).type(x.dtype)
+        # the head in its weights' dtype, the result in x's (x of another dtype failed at the output conv)
+        return self.out(h.type(self.out[2].weight.dtype)).type(x.dtype)
 
     # -- construction from configs -----------------------------------------
     @classmethod
