@@ -477,3 +477,25 @@ def test_imported_official_experts_are_recorded_raw(tmp_path):
         import_ppap_checkpoint(normed, 1, sd)
     assert normed.input_transform_record["raw"] is False
     assert all(torch.equal(v, normed.state_dict()[k]) for k, v in before.items())  # nothing written
+
+
+def test_unknown_or_duplicate_guide_names_say_what_to_do():
+    """An unknown name listed every model without pointing at the near miss; a duplicate registration did
+    not say how to replace it."""
+    from ppap_fast.models import ADMUNet
+    from ppap_fast.models.registry import register_guide_model
+
+    for typo, want in (("resnet5", "resnet50"), ("ResNet18", "resnet18"), ("mobilenet-v2", "mobilenet_v2"),
+                       ("deit-s", "deit_s")):
+        with pytest.raises(ValueError, match=rf"unknown guide model '{typo}' \(did you mean '{want}'\?\); known: "):
+            build_guide_model(typo)
+    with pytest.raises(ValueError, match=r"unknown guide model 'vgg16'; known: \['deeplabv3_resnet50'"):
+        build_guide_model("vgg16")
+    with pytest.raises(ValueError, match=r"unknown ADM preset '256x256_diffusion_uncond\.pt' \(did you mean "
+                                         r"'256x256_diffusion_uncond'\?\)"):
+        ADMUNet.from_config("256x256_diffusion_uncond.pt")
+    spec = GUIDES["resnet18"]
+    with pytest.raises(ValueError, match=r"'resnet18' is already registered: pick another name, or pass "
+                                         r"overwrite=True to replace it"):
+        register_guide_model(spec)
+    assert register_guide_model(spec, overwrite=True) is spec and GUIDES["resnet18"] is spec

@@ -853,7 +853,10 @@ class ADMUNet(nn.Module):
         """Build from a config dict (see config_to_kwargs) or a preset name in ADM_PRESETS."""
         if isinstance(config, str):
             if config not in ADM_PRESETS:
-                raise ValueError(f"unknown ADM preset {config!r}; known: {sorted(ADM_PRESETS)}")
+                from .registry import did_you_mean
+
+                raise ValueError(f"unknown ADM preset {config!r}{did_you_mean(config, ADM_PRESETS)}; known: "
+                                 f"{sorted(ADM_PRESETS)}")
             config = ADM_PRESETS[config]
         kwargs = cls.config_to_kwargs(config)
         kwargs.update(overrides)

@@ -127,9 +127,25 @@ GUIDES: dict[str, GuideSpec] = {}
 
 def register_guide_model(spec: GuideSpec, overwrite: bool = False) -> GuideSpec:
     if spec.name in GUIDES and not overwrite:
-        raise ValueError(f"guide model {spec.name!r} is already registered")
+        raise ValueError(f"guide model {spec.name!r} is already registered: pick another name, or pass "
+                         "overwrite=True to replace it")
     GUIDES[spec.name] = spec
     return spec
+
+
+def did_you_mean(name, known) -> str:
+    """' (did you mean 'x'?)' for the closest of ``known`` to ``name`` (case and '-' / '_' ignored), else ''."""
+    import difflib
+
+    def key(n):
+        return str(n).lower().replace("-", "_")
+
+    by_key = {key(k): k for k in known}
+    hit = by_key.get(key(name))
+    if hit is None:
+        close = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
+        hit = by_key[close[0]] if close else None
+    return f" (did you mean {hit!r}?)" if hit else ""
 
 
 def list_guide_models() -> list:
@@ -184,7 +200,7 @@ def build_guide_model(name: str, weights=None, *, num_classes: int | None = None
     spec's count, or the checkpoint's where only its head's output size differs (a fine-tuned head).
     """
     if name not in GUIDES:
-        raise ValueError(f"unknown guide model {name!r}; known: {list_guide_models()}")
+        raise ValueError(f"unknown guide model {name!r}{did_you_mean(name, GUIDES)}; known: {list_guide_models()}")
     spec = GUIDES[name]
     k = spec.num_classes if num_classes is None else int(num_classes)
     model = spec.builder(num_classes=k)
