@@ -960,3 +960,37 @@ def test_x_of_another_dtype_than_the_model_gives_the_output_in_x_dtype(fused):
         out = mh(x, t)
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         torch.testing.assert_close(out, mh(x.half(), t).float(), rtol=0, atol=0)
+
+
+def test_from_checkpoint_non_strict_names_what_it_left_out(fixtures_dir, tmp_path):
+    """strict=False dropped missing / unexpected keys without a word (a partial model ran silently) and a
+    misshaped key was load_state_dict's multi-line RuntimeError: the dropped keys are now a warning naming
+    them, a misshaped key or a non-finite value a one-line CheckpointError."""
+    from ppap_fast.models.offtheshelf import CheckpointError
+
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    sd = dict(g["state_dict"])
+    sd.pop("out.2.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    f = tmp_path / "partial.pt"
+    torch.save(sd, f)
+    with pytest.warns(UserWarning, match=r"partial\.pt loaded partially .*strict=False\): 1 missing keys keep their "
+                                         r"initial values \['out\.2\.bias'\], 1 unexpected keys ignored "
+                                         r"\['extra\.weight'\]"):
+        m = ADMUNet.from_checkpoint(f, g["config"], strict=False)
+    assert torch.equal(m.out[2].weight, g["state_dict"]["out.2.weight"]) and not m.out[2].bias.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ADMUNet.from_checkpoint(_save(tmp_path / "full.pt", g["state_dict"]), g["config"], strict=False)
+    bad = dict(g["state_dict"], **{"out.2.weight": torch.zeros(3, 32, 3, 3)})
+    with pytest.raises(CheckpointError, match=r"bad\.pt does not fit .* even with strict=False: 1 shape mismatches "
+                                              r"\['out\.2\.weight: model \(6, 32, 3, 3\) vs checkpoint \(3, 32, 3, 3\)'\]"):
+        ADMUNet.from_checkpoint(_save(tmp_path / "bad.pt", bad), g["config"], strict=False)
+    nan = dict(g["state_dict"], **{"out.2.bias": torch.full((6,), float("nan"))})
+    with pytest.raises(CheckpointError, match=r"nan\.pt has non-finite values in \['out\.2\.bias'\]"):
+        ADMUNet.from_checkpoint(_save(tmp_path / "nan.pt", nan), g["config"], strict=False)
+
+
+def _save(path, sd):
+    torch.save(sd, path)
+    return path

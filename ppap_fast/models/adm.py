@@ -873,7 +873,8 @@ class ADMUNet(nn.Module):
         """Build from `config` and load the official guided-diffusion .pt state_dict at ``path`` (weights_only,
         ``map_location``).
         An unreadable file, or (strict) any missing / unexpected / misshaped key or non-finite value, is a
-        :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys."""
+        :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys; with
+        ``strict=False`` missing / unexpected keys are a warning naming them, the rest still an error."""
         from .offtheshelf import CheckpointError, load_state_dict_strict, read_state_dict
 
         model = cls.from_config(config, **overrides)
@@ -888,8 +889,31 @@ class ADMUNet(nn.Module):
                     raise
                 raise CheckpointError(f"checkpoint {path} does not fit {what}: {'; '.join(notes)} ({e})") from None
         else:
-            model.load_state_dict(state, strict=False)
+            _load_partial(model, state, what, path)
         return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
+
+
+def _load_partial(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, path) -> None:
+    """from_checkpoint(strict=False): the keys that fit are loaded; a misshaped key or non-finite value is still a
+    CheckpointError, and missing / unexpected keys are named in a warning (they were dropped without a word)."""
+    import warnings
+
+    from .offtheshelf import CheckpointError
+
+    own = model.state_dict()
+    bad = [f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(v.shape)}"
+           for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} does not fit {what} even with strict=False: {len(bad)} shape "
+                              f"mismatches {bad[:8]}: build the model from the checkpoint's config")
+    nonfinite = [k for k, v in state.items() if k in own and v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"checkpoint {path} has non-finite values in {nonfinite[:8]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        warnings.warn(f"checkpoint {path} loaded partially into {what} (strict=False): {len(missing)} missing keys "
+                      f"keep their initial values {missing[:8]}, {len(unexpected)} unexpected keys ignored "
+                      f"{unexpected[:8]}", UserWarning, stacklevel=3)
 
 
 def _check_flags_agree_with_kwargs(config: Mapping[str, Any]) -> None:
