@@ -994,3 +994,17 @@ def test_from_checkpoint_non_strict_names_what_it_left_out(fixtures_dir, tmp_pat
 def _save(path, sd):
     torch.save(sd, path)
     return path
+
+
+def test_num_heads_not_dividing_the_attention_channels_is_refused_at_construction():
+    """num_heads (or num_heads_upsample) not dividing an attention block's channels built the model, whose first
+    forward then failed in the attention ('qkv width 192 is not divisible by 3*num_heads=9')."""
+    kw = {**SMALL, "num_head_channels": -1}
+    with pytest.raises(ValueError, match=r"num_heads 3 does not divide the 64 channels of an attention block"):
+        ADMUNet(**kw, num_heads=3)
+    with pytest.raises(ValueError, match=r"num_heads 5 does not divide the 64 channels .*num_heads_upsample"):
+        ADMUNet(**kw, num_heads=2, num_heads_upsample=5)
+    m = ADMUNet(**kw, num_heads=4, num_heads_upsample=2).eval()
+    assert m.middle_block[1].num_heads == 4 and m.output_blocks[0][1].num_heads == 2
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.randn(1, 3, 16, 16), torch.tensor([1]))).all()

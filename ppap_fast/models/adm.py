@@ -442,6 +442,9 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
+            if num_heads <= 0 or channels % num_heads:  # was the first forward's qkv width error
+                raise ValueError(f"num_heads {num_heads} does not divide the {channels} channels of an attention "
+                                 "block (num_heads_upsample in the decoder): pick a divisor, or set num_head_channels")
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
