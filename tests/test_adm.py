@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -1008,3 +1009,19 @@ def test_num_heads_not_dividing_the_attention_channels_is_refused_at_constructio
     assert m.middle_block[1].num_heads == 4 and m.output_blocks[0][1].num_heads == 2
     with torch.no_grad():
         assert torch.isfinite(m(torch.randn(1, 3, 16, 16), torch.tensor([1]))).all()
+
+
+def test_timesteps_forms():
+    """An int, a float, a [1] tensor (guided-diffusion broadcasts it over the batch; here it was refused) and a
+    [B] tensor give the same output; other shapes are one-line errors saying what is accepted."""
+    m = _randomised()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = m(x, torch.tensor([7, 7]))
+        assert torch.isfinite(want).all()
+        for t in (7, 7.0, torch.tensor(7), torch.tensor([7]), torch.tensor([7.0]), [7, 7], torch.tensor([7, 7]).int()):
+            torch.testing.assert_close(m(x, t), want, rtol=0, atol=0)
+        for bad in (torch.tensor([[7], [7]]), torch.tensor([7, 7, 7])):
+            with pytest.raises(ValueError, match=r"timesteps must be one value or one per sample, shape \(2,\), got "
+                                                 rf"shape {re.escape(str(tuple(bad.shape)))}"):
+                m(x, bad)

@@ -761,10 +761,11 @@ class ADMUNet(nn.Module):
             raise ValueError(f"x's spatial size {tuple(resampled)} must be divisible by {2 ** halvings} (this UNet "
                              f"halves it {halvings} times): resize or pad x")
         timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        if timesteps.ndim == 0 or tuple(timesteps.shape) == (1,):  # one t for the batch (as guided-diffusion)
+            timesteps = timesteps.reshape(()).expand(x.shape[0])
         if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
+            raise ValueError(f"timesteps must be one value or one per sample, shape ({x.shape[0]},), got shape "
+                             f"{tuple(timesteps.shape)}")
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
         if self.timestep_scale is not None:  # rescale_timesteps=True: trained on t * 1000 / diffusion_steps
