@@ -1025,3 +1025,22 @@ def test_timesteps_forms():
             with pytest.raises(ValueError, match=r"timesteps must be one value or one per sample, shape \(2,\), got "
                                                  rf"shape {re.escape(str(tuple(bad.shape)))}"):
                 m(x, bad)
+
+
+def test_script_flag_overrides():
+    """from_config / from_checkpoint overrides that are script flags (class_cond=True, learn_sigma=False,
+    num_channels=...) were the constructor's TypeError ('unexpected keyword argument'); on flags and presets they
+    now change the flags, on UNetModel kwargs they are a one-line error naming the arguments to use."""
+    flags = dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16", learn_sigma=True,
+                 channel_mult="1,2", num_head_channels=8)
+    m = ADMUNet.from_config(flags, class_cond=True, learn_sigma=False, num_channels=64, num_res_blocks=2)
+    want = ADMUNet.from_config(dict(flags, class_cond=True, learn_sigma=False, num_channels=64, num_res_blocks=2))
+    assert (m.num_classes, m.out_channels, m.model_channels, m.num_res_blocks) == (1000, 3, 64, 2)
+    assert [(k, v.shape) for k, v in m.state_dict().items()] == [(k, v.shape) for k, v in want.state_dict().items()]
+    p = ADMUNet.from_config("256x256_diffusion_uncond", num_channels=32, num_head_channels=16, use_fp16=False)
+    assert p.model_channels == 32 and p.out_channels == 6 and p.trained_schedule == ("linear", 1000)
+    with pytest.raises(ValueError, match=r"unknown ADM flags: \['bogus'\]"):
+        ADMUNet.from_config(flags, bogus=1)
+    with pytest.raises(ValueError, match=r"overrides \['class_cond'\] are not ADMUNet arguments, and this config "
+                                         r"gives UNetModel arguments: override those \(image_size, "):
+        ADMUNet.from_config(SMALL, class_cond=True)

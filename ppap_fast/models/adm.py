@@ -854,7 +854,8 @@ class ADMUNet(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | str, **overrides) -> "ADMUNet":
-        """Build from a config dict (see config_to_kwargs) or a preset name in ADM_PRESETS."""
+        """Build from a config dict (see config_to_kwargs) or a preset name in ADM_PRESETS. ``overrides``:
+        UNetModel arguments, or (for script flags and presets) flags such as class_cond / learn_sigma."""
         if isinstance(config, str):
             if config not in ADM_PRESETS:
                 from .registry import did_you_mean
@@ -862,6 +863,12 @@ class ADMUNet(nn.Module):
                 raise ValueError(f"unknown ADM preset {config!r}{did_you_mean(config, ADM_PRESETS)}; known: "
                                  f"{sorted(ADM_PRESETS)}")
             config = ADM_PRESETS[config]
+        not_kwargs = sorted(k for k in overrides if k not in _INIT_ARGS)
+        if not_kwargs:  # script flags (class_cond=True, num_channels=...) were the constructor's TypeError
+            if "model_channels" in config or "unet_kwargs" in config:
+                raise ValueError(f"overrides {not_kwargs} are not ADMUNet arguments, and this config gives "
+                                 f"UNetModel arguments: override those ({', '.join(_INIT_ARGS)})")
+            config = {**config, **{k: overrides.pop(k) for k in not_kwargs}}  # flags: applied to the flags
         kwargs = cls.config_to_kwargs(config)
         kwargs.update(overrides)
         trained = _flags_schedule(config)
