@@ -1044,3 +1044,16 @@ def test_script_flag_overrides():
     with pytest.raises(ValueError, match=r"overrides \['class_cond'\] are not ADMUNet arguments, and this config "
                                          r"gives UNetModel arguments: override those \(image_size, "):
         ADMUNet.from_config(SMALL, class_cond=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_empty_batch(fused):
+    """A batch of 0 (an empty shard) failed in the attention blocks: reshape(b, c, -1) of 0 elements is ambiguous."""
+    m = _randomised(num_classes=10)
+    if fused:
+        m.fuse_norm_act()
+    none = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        for x in (torch.randn(0, 3, 16, 16), torch.randn(0, 3, 16, 16).to(memory_format=torch.channels_last)):
+            out = m(x, none, none)
+            assert out.shape == (0, 6, 16, 16) and out.dtype == torch.float32

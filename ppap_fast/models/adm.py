@@ -467,7 +467,7 @@ class AttentionBlock(nn.Module):
         if getattr(self, "fused_norm_act", False) and self.use_sdpa and x.dim() > 2 and x.stride(1) == 1 \
                 and type(self.qkv) is nn.Conv1d and type(self.proj_out) is nn.Conv1d:
             return self._forward_channels_last(x)
-        x = x.reshape(b, c, -1)
+        x = x.reshape(b, c, math.prod(spatial))  # not -1: ambiguous for an empty batch
         if getattr(self, "fused_norm_act", False):  # ADMUNet.fuse_norm_act: one norm op, one residual op
             h = qkv_attention(self.qkv(_fused_norm_act(self.norm, x, silu=False)), self.num_heads, self.legacy,
                               self.use_sdpa)
@@ -485,7 +485,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         heads, ch = self.num_heads, c // self.num_heads
         h = _fused_norm_act(self.norm, x, silu=False)
-        tokens = h.movedim(1, -1).reshape(b, -1, c)  # a view where h is channels-fastest too
+        tokens = h.movedim(1, -1).reshape(b, math.prod(spatial), c)  # a view where h is channels-fastest too
         qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # [B, T, 3C]
         T = qkv.shape[1]
         if self.legacy:  # per head [q | k | v]
