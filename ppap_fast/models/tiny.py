@@ -50,9 +50,20 @@ class EpsModel(nn.Module):
         self.unet = build_unet(**self.config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # checked here: diffusers failed deep inside (a decoder concatenation, a broadcast, a reshape)
+        c, halvings = self.config["in_channels"], len(self.config["block_out_channels"]) - 1
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"x must be [B, {c}, H, W], got shape {tuple(x.shape)}")
+        if any(s % 2 ** halvings for s in x.shape[2:]):
+            raise ValueError(f"x's spatial size {tuple(x.shape[2:])} must be divisible by {2 ** halvings} (this UNet "
+                             f"halves it {halvings} times): resize or pad x")
         t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        if t.ndim == 0 or tuple(t.shape) == (1,):
+            t = t.reshape(()).expand(x.shape[0])
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be one value or one per sample, shape ({x.shape[0]},), got shape {tuple(t.shape)}")
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.config["out_channels"], *x.shape[2:]))
         return self.unet(x, t).sample
 
 
