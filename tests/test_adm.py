@@ -1057,3 +1057,17 @@ def test_empty_batch(fused):
         for x in (torch.randn(0, 3, 16, 16), torch.randn(0, 3, 16, 16).to(memory_format=torch.channels_last)):
             out = m(x, none, none)
             assert out.shape == (0, 6, 16, 16) and out.dtype == torch.float32
+
+
+def test_attention_resolution_flags_the_unet_never_reaches_are_refused():
+    """A flag resolution that is no level of the UNet (image_size // r not a downsample rate it reaches) built a
+    model without that attention block, silently."""
+    from ppap_fast.models import adm_kwargs_from_flags
+
+    flags = dict(image_size=64, num_channels=32, use_fp16=False)  # channel_mult (1, 2, 3, 4): 64, 32, 16, 8
+    assert adm_kwargs_from_flags(dict(flags, attention_resolutions="32,16,8"))["attention_resolutions"] == (2, 4, 8)
+    for bad, missed in (("24", [24]), ("16,4", [4]), ("128", [128])):
+        with pytest.raises(ValueError, match=rf"attention_resolutions='{bad}': {re.escape(str(missed))} not among "
+                                             r"the resolutions this UNet runs at \(\[64, 32, 16, 8\]: image_size 64 "
+                                             r"halved 3 times\)"):
+            adm_kwargs_from_flags(dict(flags, attention_resolutions=bad))

@@ -1047,6 +1047,11 @@ def adm_kwargs_from_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     elif isinstance(cm, str):
         cm = tuple(int(c) for c in cm.split(","))
     ar = _attention_resolutions_flag(f["attention_resolutions"])
+    reached = [size // 2 ** k for k in range(len(cm))]
+    missed = [r for r in ar if r not in reached]
+    if missed:  # image_size // r matched no level: the model was built without that attention, silently
+        raise ValueError(f"attention_resolutions={f['attention_resolutions']!r}: {missed} not among the resolutions "
+                         f"this UNet runs at ({reached}: image_size {size} halved {len(cm) - 1} times)")
     return dict(
         image_size=size, in_channels=3, model_channels=int(f["num_channels"]),
         out_channels=6 if f["learn_sigma"] else 3, num_res_blocks=int(f["num_res_blocks"]),
