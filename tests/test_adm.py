@@ -1071,3 +1071,14 @@ def test_attention_resolution_flags_the_unet_never_reaches_are_refused():
                                              r"the resolutions this UNet runs at \(\[64, 32, 16, 8\]: image_size 64 "
                                              r"halved 3 times\)"):
             adm_kwargs_from_flags(dict(flags, attention_resolutions=bad))
+
+
+def test_attention_rates_the_unet_never_reaches_are_refused():
+    """UNetModel kwargs: a downsample rate no level reaches (3, or 4 with two levels) built no attention there."""
+    for bad, missed in (((2, 4), [4]), ((3,), [3])):
+        with pytest.raises(ValueError, match=rf"attention_resolutions {re.escape(str(bad))} are downsample rates; "
+                                             rf"{re.escape(str(missed))} is none this UNet reaches \(\[1, 2\], for 2 "
+                                             r"channel_mult levels\)"):
+            ADMUNet(**{**SMALL, "attention_resolutions": bad})
+    m = ADMUNet(**{**SMALL, "attention_resolutions": (1, 2)})
+    assert sum(type(b).__name__ == "AttentionBlock" for b in m.modules()) == 2 + 1 + 4  # encoder, middle, decoder

@@ -542,6 +542,11 @@ class ADMUNet(nn.Module):
                              f"({tuple(image_size // r for r in res)} here): pass those, or give the script flags "
                              "(num_channels=..., without model_channels)")
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        rates = [2 ** k for k in range(len(channel_mult))]
+        if any(r not in rates for r in attention_resolutions):  # no attention block was built there, silently
+            raise ValueError(f"attention_resolutions {attention_resolutions} are downsample rates; "
+                             f"{[r for r in attention_resolutions if r not in rates]} is none this UNet reaches "
+                             f"({rates}, for {len(channel_mult)} channel_mult levels)")
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels, self.out_channels = model_channels, out_channels
         self.num_res_blocks, self.attention_resolutions = num_res_blocks, attention_resolutions
