@@ -169,13 +169,13 @@ FINETUNE_STATE_FORMAT = "ppap_fast.finetune_noise_aware"
 
 
 def noisy_batch(x: torch.Tensor, y: torch.Tensor, batch_size: int, shift: int, gen: torch.Generator,
-                sched: Schedule, num_timesteps: int = 1000):
-    """One training batch of :func:`finetune_noise_aware`: (q_sample(x0, t) float32, labels, t), every
+                sched: Schedule, num_timesteps: int = 1000, dtype: torch.dtype = torch.float32):
+    """One training batch of :func:`finetune_noise_aware`: (q_sample(x0, t) in ``dtype``, labels, t), every
     draw from ``gen`` (rows, shift, t, noise, in that order)."""
     idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
     x0 = random_shift(x[idx], shift, generator=gen)
     t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
-    xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).float()
+    xt = sched.q_sample(x0, t, torch.randn(x0.shape, generator=gen)).to(dtype)
     return xt, y[idx], t
 
 
@@ -227,6 +227,8 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     gen = torch.Generator().manual_seed(seed)
     sched = Schedule.create("linear", 1000)
     me = MultiExperts(base, n_experts).to(device).train()
+    # the experts' dtype: a float64 model was fed float32 batches (a dtype error in its first layer)
+    dtype = next((p.dtype for p in me.parameters() if p.is_floating_point()), torch.float32)
     opt = torch.optim.AdamW(me.parameters(), lr=lr, weight_decay=weight_decay)
     start = state.resume(me, opt, gen, device)
 
@@ -237,7 +239,7 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     bar_loss = BarLoss(it)
     done = start
     for step in it:
-        xt, yb, t = noisy_batch(x, y, batch_size, shift, gen, sched)
+        xt, yb, t = noisy_batch(x, y, batch_size, shift, gen, sched, dtype=dtype)
         frac = step / steps if max_minutes is None else max(step / steps, state.elapsed_s() / (60 * max_minutes))
         if frac >= 1:
             break

@@ -339,3 +339,29 @@ def test_training_a_frozen_model_names_requires_grad():
         finetune_noise_aware(frozen, x, y, steps=1, batch_size=2, progress=False)
     frozen.fc.requires_grad_(True)  # a partly frozen model (linear probe) trains
     train_classifier(frozen, x, y, steps=1, batch_size=2, progress=False)
+
+
+def test_float64_finetune_trains_in_float64_and_resumes_bitwise(tmp_path, monkeypatch):
+    """A float64 model was fed float32 batches (a dtype error in its first conv). It trains in float64, and a
+    kill after step 3 (state at step 2) then a restart give bitwise the uninterrupted run (Dropout's draws too)."""
+    from ppap_fast import distributed as D
+
+    base = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Dropout(0.3),
+                         nn.AvgPool2d(4), nn.Flatten(), nn.Linear(32, 10)).double()
+    x, y = _data()
+    kw = dict(n_experts=2, steps=5, batch_size=BATCH, lr=LR, weight_decay=WD, progress=False)
+    ref = finetune_noise_aware(base, x.double(), y, **kw)
+    assert all(v.dtype == torch.float64 for v in ref.parameters()) and ref.trained_steps == 5
+    assert all(math.isfinite(v) for v in ref.train_losses)
+    assert not torch.equal(ref.experts[0][0].weight, ref.experts[1][0].weight)  # the experts trained apart
+    state = tmp_path / "m.finetune_state.safetensors"
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "3")
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_SCOPE", "raise")
+    with pytest.raises(D.SimulatedCrash):
+        finetune_noise_aware(base, x.double(), y, checkpoint_path=state, checkpoint_every=2, **kw)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    out = finetune_noise_aware(base, x.double(), y, checkpoint_path=state, checkpoint_every=2, **kw)
+    assert out.resumed_from_step == 2
+    a, b = ref.state_dict(), out.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert out.train_losses == ref.train_losses
