@@ -961,7 +961,8 @@ def test_generic_rule_leaves_a_bias_free_layernorm_shared():
     """The generic rule put a LayerNorm(bias=False) in ``norm``, so the bank could not be built ('without
     affine parameters'); it now stays shared, and naming it asks for a bias."""
     m = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8, bias=False), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
-    bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
+    with pytest.warns(UserWarning, match=r"leaves 1 layer\(s\) with weights shared .*\['1 \(LayerNorm without bias\)'\]"):
+        bank = ExpertBank(m, "generic", n_experts=2, num_timesteps=10).eval()
     assert bank.placement.norm == ("2",) and type(bank.model[1]) is nn.LayerNorm
     x = torch.randn(3, 4)
     assert rel(bank(x, expert_idx=1), m(x)) < 1e-6
@@ -1039,3 +1040,38 @@ def test_generic_bank_leaves_a_head_with_its_own_forward_shared():
     ref[0].load_state_dict(bank.model[0].to_plain(1).state_dict())
     y = bank(x, expert_idx=1)
     assert torch.isfinite(y).all() and rel(y, ref(x)) < 1e-12
+
+
+def test_generic_placement_warns_of_every_layer_with_weights_it_leaves_shared():
+    """ConvTranspose2d, Conv1d, InstanceNorm2d, Embedding and LayerNorm(bias=False) were left shared without a word
+    (a ConvTranspose2d decoder got no expert); they are named in one warning, the rest gets its experts."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.up = nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 3, padding=1)
+            self.bn, self.inorm = nn.BatchNorm2d(4), nn.InstanceNorm2d(4, affine=True)
+            self.c1d, self.emb = nn.Conv1d(4, 4, 1), nn.Embedding(3, 4)
+            self.ln_nobias, self.fc = nn.LayerNorm(4, bias=False), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.inorm(self.bn(self.up(self.conv(x))))
+            h = self.c1d(h.flatten(2)).mean(2) + self.emb.weight[0]
+            return self.fc(self.ln_nobias(h))
+
+    torch.manual_seed(0)
+    m = Net().double().eval()
+    with pytest.warns(UserWarning, match=r"^generic placement leaves 5 layer\(s\) with weights shared and frozen .*"
+                                         r"\['up \(ConvTranspose2d\)', 'inorm \(InstanceNorm2d\)', 'c1d \(Conv1d\)', "
+                                         r"'emb \(Embedding\)', 'ln_nobias \(LayerNorm without bias\)'\]; give a "
+                                         r"Placement to place experts yourself$") as w:
+        bank = randomise_bank(ExpertBank(m, "generic", n_experts=2, num_timesteps=10)).eval()
+    assert len(w) == 1
+    p = bank.placement
+    assert (p.lora, p.bias, p.norm) == (("conv",), ("conv", "fc"), ("bn",))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    ref = copy.deepcopy(m)
+    for name in ("conv", "bn", "fc"):
+        setattr(ref, name, bank.model.get_submodule(name).to_plain(1))
+    y = bank(x, expert_idx=1)
+    assert torch.isfinite(y).all() and rel(y, ref(x)) < 1e-12 and rel(y, m(x)) > 1e-2

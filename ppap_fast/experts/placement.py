@@ -239,7 +239,8 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     Conv2d / Linear bias is per expert. nn.MultiheadAttention's out_proj is skipped (MHA reads its weight
     directly). A model torch.fx cannot trace takes its last Linear as the head (with a warning when it has
     several: pass a Placement to choose). Subclasses whose own forward the routed modules do not reproduce
-    (timm's StdConv2d) are left shared, with a warning naming them."""
+    (timm's StdConv2d) are left shared, with a warning naming them; so are, in one more warning, other torch layers
+    with weights (ConvTranspose2d, Conv1d, Embedding, nn.MultiheadAttention's in_proj, LayerNorm(bias=False))."""
     traced, head = head_linear(model)
     if not traced:
         if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
@@ -265,6 +266,18 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m) and n not in own]
     bias = [n for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in (skip - {head}) | own]
+    placed = set(lora) | set(bias) | set(norm) | own | weight_read_directly(model) | {head}
+    # torch layers of other types with weights (ConvTranspose2d, Conv1d, ...), a LayerNorm without bias
+    named = [f"{n} ({type(m).__name__}{' without bias' if isinstance(m, NORM_TYPES) else ''})"
+             for n, m in model.named_modules() if n not in placed and type(m).__module__.startswith("torch.nn.")
+             and next(m.parameters(recurse=False), None) is not None]
+    if named:
+        import warnings
+
+        warnings.warn(f"generic placement leaves {len(named)} layer(s) with weights shared and frozen (no experts: "
+                      f"it routes only plain Conv2d / Linear / BatchNorm / LayerNorm / GroupNorm): {named[:6]}"
+                      f"{' ...' if len(named) > 6 else ''}; give a Placement to place experts yourself",
+                      UserWarning, stacklevel=2)
     return Placement(tuple(lora), tuple(bias), tuple(norm), r, alpha, layout, "generic")
 
 
