@@ -381,3 +381,19 @@ def test_timm_conv2dsame_and_groupnormact_experts_roundtrip(tmp_path):
     for layout in ("factorised", "loralib"):
         bank = randomise_bank(ExpertBank(plain, "generic", n_experts=2, num_timesteps=10, layout=layout))
         _roundtrip(bank, plain, torch.randn(2, 3, 9, 9), tmp_path / layout, base_model=plain)
+
+
+def test_base_model_without_a_shared_layer_refused(tmp_path):
+    """Only the routed modules were looked up in base_model: one lacking a shared (un-routed) layer with weights
+    passed the check, and peft then loaded the adapter on the wrong model."""
+    plain = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    bank = ExpertBank(plain, Placement(lora=("0", "3"), r=2, alpha=2), n_experts=2)
+    bank.model[1].register_buffer("cache", torch.ones(1), persistent=False)  # filled by a call: not the base's
+    other = nn.Sequential(copy.deepcopy(plain[0]), nn.Identity(), nn.Identity(), copy.deepcopy(plain[3]))
+    with pytest.raises(ValueError, match=r"^base_model is not the bank's frozen base model \(7 differences\): "
+                                         r"\['1.weight: missing in base_model', '1.bias: missing in base_model', "
+                                         r"'2.weight: missing in base_model', .*'2.num_batches_tracked: missing in "
+                                         r"base_model'\]; pass the plain model the bank was built from$"):
+        export_peft(bank, 0, tmp_path / "a", base_model=other)
+    assert not (tmp_path / "a").exists()
+    assert export_peft(bank, 0, tmp_path / "b", base_model=plain)["lora_bias"] is False

@@ -155,9 +155,16 @@ def _check_base_model(bank: ExpertBank, base_model: nn.Module) -> None:
                 continue
             if v.shape != w.shape or not torch.equal(v.detach().to(w.device, w.dtype), w.detach()):
                 problems.append(f"{name}.{k}: differs from the bank's frozen base")
+    for name, own in mine.items():  # shared weights that base_model lacks
+        if any(name == p or name.startswith(p + ".") for p in routed):
+            continue
+        for k, _ in (*own.named_parameters(recurse=False), *own.named_buffers(recurse=False)):
+            if k not in own._non_persistent_buffers_set and \
+                    not isinstance(getattr(theirs.get(name), k, None), torch.Tensor):  # (not a cache filled by a call)
+                problems.append(f"{name}.{k}: missing in base_model")
     if problems:
         raise ValueError(f"base_model is not the bank's frozen base model ({len(problems)} differences): "
-                         f"{problems[:10]}")
+                         f"{problems[:10]}; pass the plain model the bank was built from")
 
 
 def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module | None = None,
