@@ -205,8 +205,11 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
     batch-mean cross-entropy)."""
     from .distill import check_loss_reduction, expert_counts, expert_mean_loss
 
-    if n_experts <= 0 or steps <= 0 or batch_size <= 0 or (max_minutes is not None and not max_minutes > 0):
-        raise ValueError("n_experts, steps and batch_size must be positive, max_minutes positive or None")
+    counts = dict(n_experts=n_experts, steps=steps, batch_size=batch_size)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in counts.values()) or \
+            (max_minutes is not None and not max_minutes > 0):  # steps=2.5 was a TypeError deep in range()
+        raise ValueError(f"n_experts, steps and batch_size must be positive ints, max_minutes positive or None; got "
+                         f"{', '.join(f'{k}={v!r}' for k, v in counts.items())}, max_minutes={max_minutes!r}")
     if checkpoint_path is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                         or checkpoint_every <= 0):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")

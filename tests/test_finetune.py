@@ -365,3 +365,13 @@ def test_float64_finetune_trains_in_float64_and_resumes_bitwise(tmp_path, monkey
     a, b = ref.state_dict(), out.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert out.train_losses == ref.train_losses
+
+
+@pytest.mark.parametrize("bad", [dict(steps=2.5), dict(batch_size=True), dict(n_experts=0), dict(max_minutes=0.0)])
+def test_finetune_refuses_counts_that_are_not_positive_ints(bad):
+    """steps=2.5 was a TypeError from range() that named no argument; batch_size=True trained on batches of one."""
+    base, (x, y) = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)), _data(4)
+    kw = {"n_experts": 1, "steps": 2, "batch_size": 2, "progress": False, "max_minutes": None, **bad}
+    with pytest.raises(ValueError, match=r"^n_experts, steps and batch_size must be positive ints, max_minutes positive "
+                                         r"or None; got n_experts=\d+, steps=[\d.]+, batch_size=\w+, max_minutes=\S+$"):
+        finetune_noise_aware(base, x, y, **kw)
