@@ -1075,3 +1075,14 @@ def test_generic_placement_warns_of_every_layer_with_weights_it_leaves_shared():
         setattr(ref, name, bank.model.get_submodule(name).to_plain(1))
     y = bank(x, expert_idx=1)
     assert torch.isfinite(y).all() and rel(y, ref(x)) < 1e-12 and rel(y, m(x)) > 1e-2
+
+
+@pytest.mark.parametrize("field", ["lora", "bias", "norm"])
+def test_placement_refuses_a_single_name_given_as_a_string(field):
+    """Placement(lora="conv1") became ('c', 'o', 'n', 'v', '1'): the bank then named five modules not in the model."""
+    with pytest.raises(ValueError, match=rf"^Placement\.{field} must be a list of module names, got the string "
+                                         r"'conv1': write \('conv1',\)$"):
+        Placement(**{field: "conv1"})
+    with pytest.raises(ValueError, match=rf"^Placement\.{field} must be a list"):
+        Placement.from_dict({**Placement().to_dict(), field: "conv1"})
+    assert getattr(Placement(**{field: ["conv1"]}), field) == ("conv1",)

@@ -42,6 +42,10 @@ class Placement:
     rule: str = "custom"
 
     def __post_init__(self):
+        for name in ("lora", "bias", "norm"):  # tuple("conv1") is ('c', 'o', 'n', 'v', '1')
+            if isinstance(getattr(self, name), str):
+                raise ValueError(f"Placement.{name} must be a list of module names, got the string "
+                                 f"{getattr(self, name)!r}: write ({getattr(self, name)!r},)")
         object.__setattr__(self, "lora", tuple(self.lora))
         object.__setattr__(self, "bias", tuple(self.bias))
         object.__setattr__(self, "norm", tuple(self.norm))
