@@ -236,6 +236,18 @@ def _on_device(guide, device, seen: dict | None = None):
     return guide
 
 
+def _tensor_slots(module) -> list:
+    """(registry, name) of every parameter and buffer of ``module``: the tensor found there now (a replaced one too)."""
+    return [(d, k) for m in module.modules() for d in (m._parameters, m._buffers) for k in d]
+
+
+def _same_layout(a, b) -> bool:
+    """Whether two modules' state tensors have the same names, shapes, dtypes and devices."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        (v.shape, v.dtype, v.device) == (sb[k].shape, sb[k].dtype, sb[k].device) for k, v in sa.items())
+
+
 def _channels_last_model(model) -> bool:
     """Whether a module's 4-D weights are in channels_last (and some not also NCHW-contiguous)."""
     if not isinstance(model, torch.nn.Module):
@@ -604,7 +616,7 @@ class FastGuide:
         self._routed = _GradRunner(self.guide, self.opts, self.banks)
         self.swaps = 0
         # in-place changes of a bank's tensors (load_experts_into, training) bump their version counters
-        self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
+        self._bank_tensors = {id(b): _tensor_slots(b) for b in self.banks}
         self._versions = self._bank_versions()
         self._state = _guide_state(self.source, self.device)
         self._layout = _guide_state(self.source, self.device, versions=False)
@@ -698,7 +710,11 @@ class FastGuide:
         return tuple(m.training for b in self.banks for m in b.modules())
 
     def _bank_versions(self) -> dict:
-        return {k: tuple(_version(t) for t in ts) for k, ts in self._bank_tensors.items()}
+        """Per bank, each tensor's identity, storage, dtype and version: new tensors (load_state_dict(assign=True),
+        ``p.data = ...``, ``bank.double()``) change it as in-place writes do."""
+        return {k: tuple((id(t), t.data_ptr(), t.dtype, _version(t)) for d, name in slots
+                         if (t := d[name]) is not None)
+                for k, slots in self._bank_tensors.items()}
 
     def sync(self) -> None:
         """Follow changes of the user's guide since the last step: its scale, targets or ComposedGuide
@@ -753,7 +769,7 @@ class FastGuide:
         self._merge_requested = self._merge_wanted and bool(self.banks)
         self._merged_models, self._loaded, self._variants = {}, {}, {}
         self._routed = _GradRunner(self.guide, self.opts, self.banks)
-        self._bank_tensors = {id(b): [*b.parameters(), *b.buffers()] for b in self.banks}
+        self._bank_tensors = {id(b): _tensor_slots(b) for b in self.banks}
         self._versions, self._modes = self._bank_versions(), self._bank_modes()
         self._dependent = self._mode_dependent()
         self._train_mode_warned = False
@@ -763,15 +779,20 @@ class FastGuide:
         for bank in self.banks:
             if id(bank) not in changed:
                 continue
-            if self.merge_mode == "swap":
-                if id(bank) in self._merged_models:
+            copies = [(key, m) for key, m in self._merged_models.items()
+                      if key == id(bank) or (isinstance(key, tuple) and key[0] == id(bank))]
+            for key, m in copies:
+                n = key[1] if isinstance(key, tuple) else self._loaded.get(id(bank))
+                src = bank.merged(0 if n is None else n)
+                if not _same_layout(m, src):  # a dtype / device / shape change: copy_ would keep the old one
+                    self._reset_banks()
+                    return
+                if self.merge_mode == "swap":
                     self._loaded[id(bank)] = None  # the next _swap_to copies the new weights in
-                continue
-            for (bid, n), m in self._merged_models.items():
-                if bid == id(bank):
-                    src = bank.merged(n).state_dict()
-                    for name, t in m.state_dict().items():
-                        t.copy_(src[name])
+                    continue
+                src = src.state_dict()
+                for name, t in m.state_dict().items():
+                    t.copy_(src[name])
 
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""

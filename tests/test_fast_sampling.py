@@ -1599,3 +1599,37 @@ def test_the_first_step_after_a_bank_change_takes_the_new_banks_expert(setup, me
     fast_comp(x, 600)
     comp.guides.append((ClassGuide(tiny_bank(n_experts=10), 2, scale=2.0), 1.0))
     assert rel_err(fast_comp(x, 600), comp(x, 600)) < TOL and fast_comp.key(600) == (3, 6)
+
+
+def _replace_bank_tensors(bank, how):
+    """Change a bank's weights without writing into its tensors: new tensor objects or new storage."""
+    if how == "load_state_dict_assign":  # new Parameter objects, as load_state_dict(assign=True) makes
+        sd = {k: (v * 1.5 if "lora_" in k else v.clone()) for k, v in bank.state_dict().items()}
+        bank.load_state_dict(sd, assign=True)
+    elif how == "data_assign":  # the same Parameter with new storage, as Module.to / .half() / .double() do
+        for p in bank.parameters_to_train():
+            p.data = p.data * 1.5
+    else:  # a dtype change through Module.to: the merged copies must follow it
+        bank.double()
+
+
+@pytest.mark.parametrize("merge_mode", ["cache", "swap"])
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "data_assign", "dtype"])
+def test_merged_experts_follow_bank_weights_given_new_tensors(merge_mode, how):
+    """Only in-place writes (version counters) were seen: after load_state_dict(assign=True), p.data = ... or
+    bank.double(), the sampler kept running the old merged copies (cache mode: relative error ~0.2 in float64;
+    a float32 copy for a float64 bank)."""
+    torch.manual_seed(0)
+    model, bank = tiny_adm().double(), tiny_bank()
+    if how != "dtype":
+        bank.double()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(SHAPE, dtype=torch.float64)
+    fast = FastGuidedSampler(model, sched, guide=guide, merge_mode=merge_mode)
+    fast.sample(x_T)  # every band merged (a float32 bank: float32 copies, the guide casts x_t to them)
+    _replace_bank_tensors(bank, how)
+    out = fast.sample(x_T)
+    ref = sample_loop(model, x_T, sched, guide=guide)
+    assert torch.isfinite(out).all() and out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-12
