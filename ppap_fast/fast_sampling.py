@@ -989,6 +989,10 @@ class FastGuidedSampler:
             return None
         return self.fast_guide.key(self._tmap_host[index])
 
+    def _guide_off(self) -> bool:
+        """No guide, or one that adds nothing (scale 0): the step runs unguided, exactly as without a guide."""
+        return self.guide is None or _gd.guidance_is_off(self.fast_guide.source)
+
     def _variant(self, key):
         return self.fast_guide.runner(key)
 
@@ -1093,7 +1097,7 @@ class FastGuidedSampler:
         self._check_x(x)
         idx, key = self._index(index, x)
         noise = self._noise(x, noise, generator)
-        runner = None if self.guide is None else self._variant(key)
+        runner = None if self._guide_off() else self._variant(key)
         s, p = self._run(x, idx, key, runner, noise)
         return (s.clone(), p.clone()) if self._graph_ok(x) else (s, p)
 
@@ -1204,7 +1208,7 @@ class FastGuidedSampler:
                 noise = noise_fn(i, x) if noise_fn is not None else None
                 noise = self._noise(x, noise, generator)
             idx, key = self._index(i, x)
-            runner = None if self.guide is None else self._variant(key)
+            runner = None if self._guide_off() else self._variant(key)
             x, pred = self._run(x, idx, key, runner, noise)
             if callback is not None:  # a graph's outputs are overwritten by the next replay: copies, as step gives
                 callback(i, *((x.clone(), pred.clone()) if graphs else (x, pred)))

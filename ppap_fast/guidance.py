@@ -848,6 +848,19 @@ def has_class_target(guide) -> bool:
     return isinstance(guide, FastGuide) and has_class_target(guide.source)
 
 
+def guidance_is_off(guide) -> bool:
+    """Whether ``guide`` adds nothing at any x_t, known on the host: a Guide whose scale is the number 0, or a
+    ComposedGuide whose every part has weight 0 or is off (a FastGuide: its guide). Samplers then run the
+    unguided step: DDIM's condition_score with a zero gradient re-derives x0-hat, which differs in rounding."""
+    from .fast_sampling import FastGuide
+
+    if isinstance(guide, FastGuide):
+        return guidance_is_off(guide.source)
+    if isinstance(guide, ComposedGuide):
+        return all((not isinstance(w, torch.Tensor) and w == 0) or guidance_is_off(g) for g, w in guide.guides)
+    return isinstance(guide, Guide) and not isinstance(guide.scale, torch.Tensor) and guide.scale == 0
+
+
 def check_guide_batch(guide, batch: int, class_target_given: bool = False, x_dim: int = 4) -> None:
     """Raise ValueError, before any model runs, where a guide's own per-sample values cannot serve a batch of
     ``batch``: a class target [n] (unless ``class_target_given``: a target passed per call replaces it), a

@@ -341,6 +341,10 @@ def compute_guidance(x: torch.Tensor, idx: torch.Tensor, schedule: Schedule, gui
     if guide is not None:
         if not callable(guide):
             raise TypeError(f"guide must be callable guide(x_t, t), got {type(guide).__name__}")
+        from .guidance import guidance_is_off
+
+        if guidance_is_off(guide):  # exactly the unguided step
+            return None
         if torch.is_inference_mode_enabled():
             raise RuntimeError("guidance needs autograd (the gradient wrt x_t), which torch.inference_mode() "
                                "disables: sample under torch.no_grad() instead")
@@ -544,7 +548,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
         raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
     if guide is not None:
         from .fast_sampling import check_guide_timesteps
-        from .guidance import check_guide_batch
+        from .guidance import check_guide_batch, guidance_is_off
 
         check_guide_timesteps(guide, schedule.original_num_timesteps, schedule)
         check_guide_batch(guide, x.shape[0], x_dim=x.dim())
@@ -577,7 +581,7 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
                 callback(i, out)
             if return_trajectory:
                 traj.append(x)
-    if guide is not None and not guided_steps:  # None means "no gradient at this step": at every step, unguided
+    if guide is not None and not guided_steps and not guidance_is_off(guide):  # None means "no gradient at this step": at every step, unguided
         warnings.warn(f"sample_loop: the guide returned no gradient (None) at all {schedule.num_timesteps} steps: "
                       "the samples are unguided", RuntimeWarning, stacklevel=2)
     bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step

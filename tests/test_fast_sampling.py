@@ -1633,3 +1633,31 @@ def test_merged_experts_follow_bank_weights_given_new_tensors(merge_mode, how):
     ref = sample_loop(model, x_T, sched, guide=guide)
     assert torch.isfinite(out).all() and out.dtype == torch.float64
     assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("sampler,respacing,kw", CASES)
+def test_guide_of_scale_zero_samples_exactly_unguided(setup, sampler, respacing, kw):
+    """DDIM's condition_score with a zero gradient re-derives x0-hat from eps: scale 0 differed from the unguided
+    sample by ~1e-14 (float64) / ~8e-6 (float32), in sample_loop and on the fast path, and still ran the guide."""
+    model, bank, _ = setup
+    sched = Schedule.create("linear", 1000, respacing)
+    x_T = torch.randn(SHAPE)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    off = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=0.0)
+    weighted_off = ComposedGuide([(ClassGuide(bank, 1, scale=3.0), 0.0), (off, 2.0)])
+    plain_ref = sample_loop(model, x_T, sched, sampler=sampler, generator=gen(), **kw)
+    plain_fast = FastGuidedSampler(model, sched, sampler=sampler, **kw).sample(x_T, generator=gen())
+    assert torch.isfinite(plain_ref).all() and torch.isfinite(plain_fast).all()
+    calls = []
+    hook = bank.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for guide in (off, weighted_off):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # not "the guide returned no gradient": scale 0 asked for none
+                ref = sample_loop(model, x_T, sched, sampler=sampler, guide=guide, generator=gen(), **kw)
+            assert torch.equal(ref, plain_ref)
+            fast = FastGuidedSampler(model, sched, sampler=sampler, guide=guide, merge_experts=False, **kw)
+            assert torch.equal(fast.sample(x_T, generator=gen()), plain_fast)
+    finally:
+        hook.remove()
+    assert not calls  # the guide's network did not run
