@@ -19,6 +19,7 @@ A capture that fails warns once and runs that step and every later one eagerly (
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from typing import Callable
 
@@ -63,8 +64,9 @@ class GraphedTrainStep:
     once and replayed (module docstring)."""
 
     def __init__(self, step_fn: Callable[..., torch.Tensor], warmup: int = 3, lora_backend: str | None = "triton"):
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (the optimizer state must exist before capture), got {warmup}")
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 1:  # 2.5 ran as 2
+            raise ValueError(f"warmup must be an int >= 1 (the optimizer state must exist before capture), got "
+                             f"{warmup!r}")
         if lora_backend is not None:
             from .ops import lora
 
@@ -93,14 +95,19 @@ class GraphedTrainStep:
 
     def _load(self, inputs):
         if self.static is None:
-            for x in inputs:
+            for i, x in enumerate(inputs):
                 if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
-                    raise ValueError("GraphedTrainStep takes CUDA tensors")
+                    got = f"a tensor on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+                    raise ValueError(f"GraphedTrainStep takes CUDA tensors, got {got} as input {i}: move the inputs "
+                                     "to the GPU, or call the step function itself (why_no_graph(device) says when)")
             self.static = [x.detach().clone() for x in inputs]
             return
         if len(inputs) != len(self.static):
             raise ValueError(f"{len(inputs)} inputs, the captured step takes {len(self.static)}")
         for i, (s, x) in enumerate(zip(self.static, inputs)):
+            if not isinstance(x, torch.Tensor):  # x.shape raised AttributeError
+                raise ValueError(f"input {i} is a {type(x).__name__}; the captured step takes a tensor "
+                                 f"{tuple(s.shape)} {s.dtype} on {s.device} (static shapes)")
             if x.shape != s.shape or x.dtype != s.dtype or x.device != s.device:
                 raise ValueError(f"input {i} is {tuple(x.shape)} {x.dtype} on {x.device}; the captured step "
                                  f"takes {tuple(s.shape)} {s.dtype} on {s.device} (static shapes)")

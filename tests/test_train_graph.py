@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -185,6 +186,23 @@ def test_failed_capture_warns_once_and_trains_eagerly(monkeypatch):
                     "error: operation not permitted when stream is capturing); training eagerly from now on"], msgs
     assert not run.captured and run.eager_steps == 2 and run.capture_error.startswith("RuntimeError")
     assert l_g == l_e and all(torch.equal(a, b) for a, b in zip(p_g, p_e))
+
+
+def test_bad_inputs_and_warmup_are_named_in_one_line():
+    """A non-tensor input after the first step raised AttributeError ('NoneType' object has no attribute 'shape'),
+    warmup=2.5 ran as 2 and warmup='3' raised a TypeError; the CPU-tensor refusal named neither input nor fix."""
+    for warmup in (2.5, "3", True):
+        with pytest.raises(ValueError, match=r"^warmup must be an int >= 1 .*got " + re.escape(repr(warmup)) + "$"):
+            GraphedTrainStep(lambda x: x, warmup=warmup)
+    with pytest.raises(ValueError, match=r"^GraphedTrainStep takes CUDA tensors, got a tensor on cpu as input 0: .*"
+                                         r"call the step function itself"):
+        GraphedTrainStep(lambda x: x)(torch.zeros(2))
+    step = GraphedTrainStep(lambda x: x.sum(), lora_backend=None)
+    step.static = [torch.zeros(2)]  # as after a first step
+    for bad in (None, 1.0):
+        with pytest.raises(ValueError, match=rf"^input 0 is a {type(bad).__name__}; the captured step takes a tensor "
+                                             r"\(2,\) torch.float32 on cpu \(static shapes\)$"):
+            step._load([bad])
 
 
 def _tiny_set(tmp_path, image_size=8):
