@@ -414,6 +414,9 @@ def _denoiser_compile_kwargs(model, opts: "_Opts") -> dict:
 
 class _ModelRunner:
     def __init__(self, model, opts: "_Opts", model_kwargs):
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):  # dict() failed unreadably
+            raise TypeError(f"model_kwargs must be a dict of the denoiser's keyword arguments (e.g. {{'y': labels}}), "
+                            f"got {type(model_kwargs).__name__}")
         self.model, self.opts, self.kwargs = model, opts, dict(model_kwargs or {})
         self._compiled = None
         self._compile_ok = opts.compile_model
@@ -816,6 +819,12 @@ class FastGuide:
         """``target``: overrides the class target of a ClassGuide / X0HatGuide (and of a ComposedGuide's ones).
         ``t_host`` must be every sample's t: checked when t is an int or on the CPU (a GPU t would cost a sync)."""
         t, t_host = _gd.as_int_or_tensor(t), _gd.as_int_or_tensor(t_host)
+        if isinstance(t, torch.Tensor):  # the merged path reads t unchecked (an X0HatGuide indexes its table by it)
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"FastGuide: t must hold integer original timesteps, got dtype {t.dtype}")
+            if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
+                raise ValueError(f"FastGuide: t must be an int or a tensor [{x.shape[0]}] (one timestep per sample), "
+                                 f"got shape {tuple(t.shape)}")
         if isinstance(t, int) and not isinstance(t, bool):  # the guides' objectives index by a tensor t
             if t_host is None:  # an int t is known on the host: the merged expert (it routed per sample)
                 t_host = t
@@ -1008,8 +1017,8 @@ class FastGuidedSampler:
 
     def _check_x(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
-            raise ValueError(f"x must be a floating tensor [B, C, ...] with B > 0, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating tensor [B, C, ...] with B > 0, got {got}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the sampler runs on {self.device}")
 

@@ -516,6 +516,8 @@ def initial_noise(shape_or_x, generator, device, dtype: torch.dtype | None) -> t
             raise ValueError(f"dtype={dtype} is for a drawn x_T, but x_T was given in {shape_or_x.dtype}: "
                              f"pass x_T.to({dtype}) or leave dtype out")
         return shape_or_x
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # randn's error
+        raise ValueError(f"dtype must be a floating torch.dtype for x_T (e.g. torch.float32), got {dtype!r}")
     return torch.randn(sample_shape(shape_or_x), generator=generator, device=device, dtype=dtype or torch.float32)
 
 

@@ -1661,3 +1661,32 @@ def test_guide_of_scale_zero_samples_exactly_unguided(setup, sampler, respacing,
     finally:
         hook.remove()
     assert not calls  # the guide's network did not run
+
+
+def test_bad_inputs_name_what_is_wrong_in_one_line(setup):
+    """An integer x was reported by its shape, model_kwargs=[...] raised 'cannot convert dictionary update sequence
+    element', sample(dtype=torch.long) raised randn's NotImplementedError, and FastGuide took a t of another batch
+    size (or float) with t_host silently (an X0HatGuide indexes its table by it)."""
+    model, bank, guide = setup
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=r"^x must be a floating tensor \[B, C, \.\.\.\] with B > 0, got torch\.int64 "
+                                         r"\(4, 3, 8, 8\)$"):
+        fast.step(x.long(), 2)
+    with pytest.raises(TypeError, match=r"^model_kwargs must be a dict of the denoiser's keyword arguments .*got list$"):
+        FastGuidedSampler(model, sched, model_kwargs=[1])
+    with pytest.raises(ValueError, match=r"^dtype must be a floating torch\.dtype for x_T .*got torch\.int64$"):
+        fast.sample(SHAPE, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^dtype must be a floating torch\.dtype"):
+        sample_loop(model, SHAPE, sched, dtype=torch.long)
+    alone = fs.FastGuide(guide)
+    for t in (torch.tensor([600, 600]), torch.full((4, 1), 600)):
+        with pytest.raises(ValueError, match=r"^FastGuide: t must be an int or a tensor \[4\] \(one timestep per "
+                                             r"sample\), got shape \(" + ", ?".join(map(str, t.shape)) + r",?\)$"):
+            alone(x, t, t_host=600)
+    with pytest.raises(ValueError, match=r"^FastGuide: t must hold integer original timesteps, got dtype "
+                                         r"torch\.float32$"):
+        alone(x, torch.full((4,), 600.0), t_host=600)
+    good = alone(x, torch.full((4,), 600), t_host=600)
+    assert torch.isfinite(good).all() and rel_err(good, guide(x, 600)) < TOL
