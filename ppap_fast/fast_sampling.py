@@ -34,7 +34,10 @@ through the bank by index instead. ``merge_experts=False`` always routes. A bank
 a BatchNorm / Dropout in it: ``bank.model.train()``) is never merged (merging equals the bank in
 eval mode only): the mode is read at every step, so a bank
 switched to train mode after the sampler was built is routed per sample (as the plain guide would
-run it, with a FastSamplingWarning) until ``bank.eval()``, which merges again.
+run it, with a FastSamplingWarning) until ``bank.eval()``, which merges again. A bank's weights
+changed after merging are re-merged at the next step when the change bumped a tensor's version
+counter or replaced a tensor (in-place writes, loads, ``.to``); torch.optim's ``fused=True``
+optimizers write without either: call ``refresh_experts()`` after stepping one.
 
 Options (all off by default; each falls back to the eager path with a warning when it cannot run)
 --------------------------------------------------------------------------------------------------
@@ -751,6 +754,12 @@ class FastGuide:
         if not (targets_only and not fresh):  # off-device targets copied in place only: the graphs stay valid
             self.generation += 1
 
+    def refresh_experts(self) -> None:
+        """Merge every expert again from the banks as they are now (for writes that leave the tensors' version
+        counters as they were: torch.optim's fused=True optimizers); captured CUDA graphs are dropped."""
+        self._reset_banks()
+        self.generation += 1
+
     def _parts_changed(self) -> None:
         """A ComposedGuide part added, removed or replaced: the runners (and merged views) are built anew from the
         guide as it is (they ran the old parts: a merged view took the new part's attributes onto the old one),
@@ -991,6 +1000,11 @@ class FastGuidedSampler:
     @property
     def _merged_models(self) -> dict:
         return {} if self.fast_guide is None else self.fast_guide._merged_models
+
+    def refresh_experts(self) -> None:
+        """Merge the guide's experts again from its banks as they are now: see :meth:`FastGuide.refresh_experts`."""
+        if self.fast_guide is not None:
+            self.fast_guide.refresh_experts()
 
     def expert_key(self, index: int) -> tuple | None:
         """Host-side key of the merged guide for step index `index` (expert id per bank)."""

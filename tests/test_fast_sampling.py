@@ -1690,3 +1690,30 @@ def test_bad_inputs_name_what_is_wrong_in_one_line(setup):
         alone(x, torch.full((4,), 600.0), t_host=600)
     good = alone(x, torch.full((4,), 600), t_host=600)
     assert torch.isfinite(good).all() and rel_err(good, guide(x, 600)) < TOL
+
+
+@pytest.mark.parametrize("merge_mode", ["cache", "swap"])
+def test_refresh_experts_after_a_fused_optimizer_step(merge_mode):
+    """torch.optim's fused=True optimizers write the parameters without bumping their version counters, so the
+    merged experts could not see the step: refresh_experts() merges them again."""
+    torch.manual_seed(0)
+    model, bank = tiny_adm().double(), tiny_bank().double()
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(SHAPE, dtype=torch.float64)
+    fast = FastGuidedSampler(model, sched, guide=guide, merge_mode=merge_mode)
+    fast.sample(x_T)
+    opt = torch.optim.SGD(bank.parameters_to_train(), lr=1.0, fused=True)
+    bank(torch.randn(SHAPE, dtype=torch.float64), torch.tensor([100, 300, 500, 900])).square().sum().backward()
+    opt.step()
+    fast.refresh_experts()
+    out, ref = fast.sample(x_T), sample_loop(model, x_T, sched, guide=guide)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-12
+    alone = fs.FastGuide(guide, merge_mode=merge_mode)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    alone(x, 600)
+    bank(x, torch.tensor([600] * 4)).square().sum().backward()
+    opt.step()
+    alone.refresh_experts()
+    got = alone(x, 600)
+    assert torch.isfinite(got).all() and rel_err(got, guide(x, 600)) < 1e-12
