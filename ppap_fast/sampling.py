@@ -583,7 +583,8 @@ def sample_loop(model: Callable, shape_or_x: Sequence[int] | torch.Tensor, sched
                 callback(i, out)
             if return_trajectory:
                 traj.append(x)
-    if guide is not None and not guided_steps and not guidance_is_off(guide):  # None means "no gradient at this step": at every step, unguided
+    # None means "no gradient at this step": at every step, unguided (asked for, with a guide of scale 0)
+    if guide is not None and not guided_steps and not guidance_is_off(guide):
         warnings.warn(f"sample_loop: the guide returned no gradient (None) at all {schedule.num_timesteps} steps: "
                       "the samples are unguided", RuntimeWarning, stacklevel=2)
     bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())  # one host read, after the last step
