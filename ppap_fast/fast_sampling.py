@@ -964,6 +964,7 @@ class FastGuidedSampler:
         self._graph_generation = 0
         self._graph_pool = None  # one memory pool for every graph of this sampler
         self._graph_warned = False
+        self._autocast_warned = False
 
     @property
     def applied_options(self) -> dict:
@@ -1035,6 +1036,18 @@ class FastGuidedSampler:
             raise ValueError(f"x must be a floating tensor [B, C, ...] with B > 0, got {got}")
         if x.device != self.device:
             raise ValueError(f"x is on {x.device} but the sampler runs on {self.device}")
+
+    def _warn_autocast_unused(self, x):
+        """Autocast lowers float32 ops only: with float64 x it changed nothing, without a word."""
+        if x.dtype != torch.float64 or self._autocast_warned:
+            return
+        guide_dtype = self.opts.guide_autocast if self.guide is not None else None
+        unused = [f"{k}={d}" for k, d in (("guide_autocast", guide_dtype), ("model_autocast", self.opts.model_autocast))
+                  if d is not None]
+        if unused:
+            self._autocast_warned = True
+            warnings.warn(f"{', '.join(unused)}: autocast lowers float32 ops only, so with float64 x it does nothing "
+                          "(the step runs in float64); sample in float32 to use it", FastSamplingWarning, stacklevel=3)
 
     def _check_noise(self, noise, x):
         if noise is None:
@@ -1118,6 +1131,7 @@ class FastGuidedSampler:
         for DDPM / DDIM with eta > 0 (default randn(generator)); ignored for DDIM with eta = 0.
         """
         self._check_x(x)
+        self._warn_autocast_unused(x)
         idx, key = self._index(index, x)
         noise = self._noise(x, noise, generator)
         runner = None if self._guide_off() else self._variant(key)
@@ -1213,6 +1227,7 @@ class FastGuidedSampler:
         """
         x = initial_noise(shape_or_x, generator, self.device, dtype)
         self._check_x(x)
+        self._warn_autocast_unused(x)
         if isinstance(shape_or_x, torch.Tensor) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"x_T has {int((~torch.isfinite(x)).sum())} non-finite values")
         x = x.detach()  # an x_T requiring grad chained every step into one autograd graph (sample_loop: no_grad)

@@ -1674,7 +1674,7 @@ def test_bad_inputs_name_what_is_wrong_in_one_line(setup):
     with pytest.raises(ValueError, match=r"^x must be a floating tensor \[B, C, \.\.\.\] with B > 0, got torch\.int64 "
                                          r"\(4, 3, 8, 8\)$"):
         fast.step(x.long(), 2)
-    with pytest.raises(TypeError, match=r"^model_kwargs must be a dict of the denoiser's keyword arguments .*got list$"):
+    with pytest.raises(TypeError, match=r"^model_kwargs must be a dict of the denoiser's keyword arguments .*list$"):
         FastGuidedSampler(model, sched, model_kwargs=[1])
     with pytest.raises(ValueError, match=r"^dtype must be a floating torch\.dtype for x_T .*got torch\.int64$"):
         fast.sample(SHAPE, dtype=torch.long)
@@ -1717,3 +1717,25 @@ def test_refresh_experts_after_a_fused_optimizer_step(merge_mode):
     alone.refresh_experts()
     got = alone(x, 600)
     assert torch.isfinite(got).all() and rel_err(got, guide(x, 600)) < 1e-12
+
+
+def test_autocast_with_float64_x_warns_that_it_does_nothing(setup):
+    """guide_autocast / model_autocast with a float64 x_t changed nothing (autocast lowers float32 ops), silently."""
+    model, bank, _ = setup
+    model64, bank64 = tiny_adm().double(), tiny_bank().double()
+    model64.load_state_dict(model.state_dict())
+    bank64.load_state_dict(bank.state_dict())
+    guide = ClassGuide(bank64, torch.tensor([0, 1, 2, 3]), scale=3.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    x_T = torch.randn(SHAPE, dtype=torch.float64)
+    plain = FastGuidedSampler(model64, sched, guide=guide).sample(x_T)
+    fast = FastGuidedSampler(model64, sched, guide=guide, guide_autocast=torch.bfloat16, model_autocast=torch.float16)
+    with pytest.warns(FastSamplingWarning, match=r"^guide_autocast=torch\.bfloat16, model_autocast=torch\.float16: "
+                                                 r"autocast lowers float32 ops only, so with float64 x it does "):
+        out = fast.sample(x_T)
+    assert torch.isfinite(out).all() and torch.equal(out, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per sampler
+        fast.step(x_T, 2)
+        FastGuidedSampler(model, sched, guide=ClassGuide(bank, 1), guide_autocast=torch.bfloat16).step(
+            x_T.float(), 2)  # float32: autocast applies, no warning
