@@ -1112,14 +1112,15 @@ class FastGuidedSampler:
         return guided_update(x, eps, idx, table, v=v, grad=grad, noise=noise, clip_denoised=self.clip_denoised,
                              backend=self.backend, check_range=False)  # idx range-checked by _index
 
-    def _index(self, index, x) -> tuple[torch.Tensor, object]:
-        """(idx [B] long on the device, variant key); key None = route per sample."""
+    def _index(self, index, x, guided: bool = True) -> tuple[torch.Tensor, object]:
+        """(idx [B] long on the device, variant key); key None = route per sample (or ``guided`` False: no guide
+        runs, and the guide is not synced, which the runner() that follows key() would skip)."""
         index = _gd.as_int_or_tensor(index)
         if isinstance(index, int) and not isinstance(index, bool):
             n = self.schedule.num_timesteps
             if not 0 <= index < n:
                 raise ValueError(f"index {index} out of range [0, {n})")
-            return self._step_indices(x.shape[0])[index], self.expert_key(index)
+            return self._step_indices(x.shape[0])[index], self.expert_key(index) if guided else None
         return _index_tensor(index, x, self.schedule).contiguous(), None
 
     def step(self, x: torch.Tensor, index, noise: torch.Tensor | None = None,
@@ -1132,9 +1133,10 @@ class FastGuidedSampler:
         """
         self._check_x(x)
         self._warn_autocast_unused(x)
-        idx, key = self._index(index, x)
+        guided = not self._guide_off()
+        idx, key = self._index(index, x, guided)
         noise = self._noise(x, noise, generator)
-        runner = None if self._guide_off() else self._variant(key)
+        runner = self._variant(key) if guided else None
         s, p = self._run(x, idx, key, runner, noise)
         return (s.clone(), p.clone()) if self._graph_ok(x) else (s, p)
 
@@ -1245,8 +1247,9 @@ class FastGuidedSampler:
             if self.needs_noise:
                 noise = noise_fn(i, x) if noise_fn is not None else None
                 noise = self._noise(x, noise, generator)
-            idx, key = self._index(i, x)
-            runner = None if self._guide_off() else self._variant(key)
+            guided = not self._guide_off()
+            idx, key = self._index(i, x, guided)
+            runner = self._variant(key) if guided else None
             x, pred = self._run(x, idx, key, runner, noise)
             if callback is not None:  # a graph's outputs are overwritten by the next replay: copies, as step gives
                 callback(i, *((x.clone(), pred.clone()) if graphs else (x, pred)))

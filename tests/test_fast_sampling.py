@@ -1097,7 +1097,8 @@ def test_fast_path_follows_changes_of_the_guide(setup):
     reloaded = run()
     assert (reloaded - changed).abs().max() > 1e-4
     torch.testing.assert_close(reloaded, ref(), rtol=1e-4, atol=1e-5)
-    assert fast.fast_guide.generation == gen + 3
+    # the scale, then the weights: the weight-0 run ran no guide (nothing synced), and its weight was back at 1.0
+    assert fast.fast_guide.generation == gen + 2
 
 
 def test_an_on_device_target_changed_in_place_keeps_the_captured_steps(setup):
@@ -1739,3 +1740,19 @@ def test_autocast_with_float64_x_warns_that_it_does_nothing(setup):
         fast.step(x_T, 2)
         FastGuidedSampler(model, sched, guide=ClassGuide(bank, 1), guide_autocast=torch.bfloat16).step(
             x_T.float(), 2)  # float32: autocast applies, no warning
+
+
+def test_a_step_without_guidance_leaves_the_next_routed_step_its_sync(setup):
+    """A scale-0 step took the merged key (which syncs the guide and lets the runner() that follows skip its sync)
+    but ran no runner: the next routed step then skipped the sync of a guide changed in between."""
+    model, bank, _ = setup
+    guide = ClassGuide(bank, torch.tensor([0, 1, 2, 3]), scale=0.0)
+    sched = Schedule.create("linear", 1000, "ddim5")
+    fast = FastGuidedSampler(model, sched, guide=guide)
+    x = torch.randn(SHAPE)
+    fast.step(x, 3)
+    assert not fast.fast_guide._synced_for_runner
+    guide.scale = 3.0
+    idx = torch.tensor([4, 3, 1, 0])
+    out, _ = fast.step(x, idx)
+    assert torch.isfinite(out).all() and rel_err(out, ddim_step(model, x, idx, sched, guide=guide).sample) < TOL
