@@ -30,8 +30,10 @@ __all__ = ["GraphedTrainStep", "why_no_graph", "capture_after_warmup"]
 
 def why_no_graph(device: torch.device, distributed: bool = False) -> str | None:
     """Why a training step on ``device`` cannot be captured here (None: it can)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return f"CUDA-graph capture needs a CUDA device (training runs on {device})"
+    if not torch.cuda.is_available():  # it said "needs a CUDA device (training runs on cuda)"
+        return f"CUDA-graph capture needs a CUDA device, and torch sees none here (training asked for {device})"
     if distributed:
         return "not with several processes (DDP's gradient all-reduce is not captured here)"
     return None

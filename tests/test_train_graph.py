@@ -205,6 +205,14 @@ def test_bad_inputs_and_warmup_are_named_in_one_line():
             step._load([bad])
 
 
+def test_why_no_graph_says_when_no_cuda_device_is_visible(monkeypatch):
+    """With device cuda and no GPU visible it said 'needs a CUDA device (training runs on cuda)'."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert why_no_graph(torch.device("cuda")) == ("CUDA-graph capture needs a CUDA device, and torch sees none here "
+                                                  "(training asked for cuda)")
+    assert why_no_graph(torch.device("cpu")) == "CUDA-graph capture needs a CUDA device (training runs on cpu)"
+
+
 def _tiny_set(tmp_path, image_size=8):
     from ppap_fast.models.tiny import save_model
 
