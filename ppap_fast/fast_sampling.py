@@ -650,10 +650,11 @@ class FastGuide:
         of the CPU benchmark's TinyResNet took 0.80 of the NCHW time (benchmarks/NOTES.md)."""
         return self.opts.compile_guide and all(p.device.type == "cpu" for p in model.parameters())
 
-    def key(self, t_host: int | None) -> tuple | None:
-        """Merged-variant key (expert id per bank) for original timestep t_host; None = routed."""
+    def key(self, t_host: int | None, runner_follows: bool = False) -> tuple | None:
+        """Merged-variant key (expert id per bank) for original timestep t_host; None = routed.
+        ``runner_follows``: the caller calls runner() next, in the same step (which then skips its sync)."""
         self.sync()  # the bands of the banks the guide holds now (a bank replaced since: its old bands chose)
-        self._synced_for_runner = True  # the runner() that follows (same step) need not check again
+        self._synced_for_runner = runner_follows  # a key() alone left the next step's runner() unsynced
         if self._merge_requested and self._bank_training():
             if not self._train_mode_warned:
                 warnings.warn("an ExpertBank was switched to train mode after this sampler was built: its merged "
@@ -842,7 +843,7 @@ class FastGuide:
             t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         if t_host is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool((t != t_host).any()):
             _t_host_mismatch(t_host, t.unique().tolist()[:5])
-        return self.runner(self.key(t_host))(x, t, target=target)
+        return self.runner(self.key(t_host, runner_follows=True))(x, t, target=target)
 
 
 def _t_host_mismatch(t_host, held: list):
@@ -1113,14 +1114,15 @@ class FastGuidedSampler:
                              backend=self.backend, check_range=False)  # idx range-checked by _index
 
     def _index(self, index, x, guided: bool = True) -> tuple[torch.Tensor, object]:
-        """(idx [B] long on the device, variant key); key None = route per sample (or ``guided`` False: no guide
-        runs, and the guide is not synced, which the runner() that follows key() would skip)."""
+        """(idx [B] long on the device, variant key); key None = route per sample, or no guide runs (``guided``
+        False: no key taken, so no runner() is told to skip its sync)."""
         index = _gd.as_int_or_tensor(index)
         if isinstance(index, int) and not isinstance(index, bool):
             n = self.schedule.num_timesteps
             if not 0 <= index < n:
                 raise ValueError(f"index {index} out of range [0, {n})")
-            return self._step_indices(x.shape[0])[index], self.expert_key(index) if guided else None
+            key = self.fast_guide.key(self._tmap_host[index], runner_follows=True) if guided else None
+            return self._step_indices(x.shape[0])[index], key
         return _index_tensor(index, x, self.schedule).contiguous(), None
 
     def step(self, x: torch.Tensor, index, noise: torch.Tensor | None = None,

@@ -1756,3 +1756,13 @@ def test_a_step_without_guidance_leaves_the_next_routed_step_its_sync(setup):
     idx = torch.tensor([4, 3, 1, 0])
     out, _ = fast.step(x, idx)
     assert torch.isfinite(out).all() and rel_err(out, ddim_step(model, x, idx, sched, guide=guide).sample) < TOL
+
+
+def test_expert_key_alone_leaves_the_next_runner_its_sync(setup):
+    """expert_key(i) (public) told the next runner() to skip its sync, as if it were the key() of that step."""
+    model, bank, guide = setup
+    fast = FastGuidedSampler(model, Schedule.create("linear", 1000, "ddim5"), guide=guide)
+    assert fast.expert_key(3) == (3,) and not fast.fast_guide._synced_for_runner
+    assert fast.fast_guide.key(600) == (3,) and not fast.fast_guide._synced_for_runner
+    out, _ = fast.step(torch.randn(SHAPE), 3)
+    assert torch.isfinite(out).all() and not fast.fast_guide._synced_for_runner  # the step's runner() took it
