@@ -714,7 +714,8 @@ class FastGuide:
         return new
 
     def _bank_modes(self) -> tuple:
-        return tuple(m.training for b in self.banks for m in b.modules())
+        """(module identity, train mode) of every module of the banks: a module replaced is seen too."""
+        return tuple((id(m), m.training) for b in self.banks for m in b.modules())
 
     def _bank_versions(self) -> dict:
         """Per bank, each tensor's identity, storage, dtype and version: new tensors (load_state_dict(assign=True),
@@ -738,12 +739,16 @@ class FastGuide:
             check_guide_timesteps(self.source, self.num_timesteps)
         layout = _guide_state(self.source, self.device, versions=False)
         targets_only = layout == self._layout and versions == self._versions and modes == self._modes
-        self._modes = modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
+        old_modes, self._modes = self._modes, modes  # a graph captured in the other mode (BatchNorm, Dropout) is stale
         self._state, self._layout = state, layout
         fresh: list = []
         _sync_view(self.guide, self.source, self.device, self._moved, follow_model=True, fresh=fresh)
         if [id(b) for b in guide_banks(self.guide)] != [id(b) for b in self.banks]:
             self._reset_banks()  # guide.model = another bank: the merged experts were the old bank's, silently
+            self.generation += 1
+            return
+        if [i for i, _ in modes] != [i for i, _ in old_modes]:  # bank.model.fc = ...: its tensors were not followed
+            self._reset_banks()
             self.generation += 1
             return
         for v in self._variants.values():

@@ -1610,16 +1610,19 @@ def _replace_bank_tensors(bank, how):
     elif how == "data_assign":  # the same Parameter with new storage, as Module.to / .half() / .double() do
         for p in bank.parameters_to_train():
             p.data = p.data * 1.5
+    elif how == "module_replaced":  # a frozen base module of the bank replaced by another
+        old = bank.model.fc
+        bank.model.fc = nn.Linear(old.in_features, old.out_features).to(old.weight.dtype)
     else:  # a dtype change through Module.to: the merged copies must follow it
         bank.double()
 
 
 @pytest.mark.parametrize("merge_mode", ["cache", "swap"])
-@pytest.mark.parametrize("how", ["load_state_dict_assign", "data_assign", "dtype"])
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "data_assign", "dtype", "module_replaced"])
 def test_merged_experts_follow_bank_weights_given_new_tensors(merge_mode, how):
-    """Only in-place writes (version counters) were seen: after load_state_dict(assign=True), p.data = ... or
-    bank.double(), the sampler kept running the old merged copies (cache mode: relative error ~0.2 in float64;
-    a float32 copy for a float64 bank)."""
+    """Only in-place writes (version counters) were seen: after load_state_dict(assign=True), p.data = ...,
+    bank.double() or a module of the bank replaced, the sampler kept running the old merged copies (cache mode:
+    relative error ~0.2 in float64; a float32 copy for a float64 bank)."""
     torch.manual_seed(0)
     model, bank = tiny_adm().double(), tiny_bank()
     if how != "dtype":
