@@ -207,13 +207,47 @@ def _device_for(kind: str, local_rank: int) -> torch.device:
     return torch.device(kind)
 
 
+def launch_env_vars() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from the environment, checked: a bad value is one ValueError line (a rank
+    outside the world waited for peers until --timeout, RANK without WORLD_SIZE ran one rank alone and crashed)."""
+    def read(name: str, default: int | None) -> int | None:
+        text = os.environ.get(name, "").strip()
+        if not text:
+            return default
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={text!r} is not an integer; set it to one (torchrun does) "
+                             "or unset it to run one process") from None
+
+    world, rank = read("WORLD_SIZE", None), read("RANK", None)
+    if world is None and rank not in (None, 0):
+        raise ValueError(f"RANK={rank} but WORLD_SIZE is not set: set both (torchrun does) or unset RANK to run one process")
+    world = 1 if world is None else world
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
+    if rank is None:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE={world} but RANK is not set: set both (torchrun does) or unset WORLD_SIZE")
+        rank = 0
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world} (ranks are 0 to {world - 1}): fix RANK or WORLD_SIZE")
+    local = read("LOCAL_RANK", rank)
+    if local < 0:
+        raise ValueError(f"LOCAL_RANK={local} must be >= 0")
+    return rank, world, local
+
+
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun (or :func:`launch`) describes in the environment
     (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT); a single process without
     those variables runs alone (no process group). Backend: NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank, world, local = launch_env_vars()
+    if world > 1 and not dist.is_initialized():
+        unset = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if unset:
+            raise ValueError(f"WORLD_SIZE={world} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not "
+                             "set: start the ranks with torchrun (or --nproc), or set MASTER_ADDR and MASTER_PORT")
     dev = _device_for(device, local)
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
@@ -2268,7 +2302,11 @@ _BAD_INPUT_ERRORS = {c.__name__ for c in (*_BAD_INPUT, FileNotFoundError, FileEx
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     cfg = config_from_args(a)
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        under_torchrun = launch_env_vars()[1] > 1
+    except ValueError as e:
+        print(f"python -m ppap_fast.distributed: error: {e}", file=sys.stderr)
+        return 2
     if a.nproc < 1:  # it ran one process without a word
         print(f"python -m ppap_fast.distributed: error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
         return 2

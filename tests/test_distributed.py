@@ -300,6 +300,31 @@ def test_bad_input_under_torchrun_is_one_line(tmp_path):
     assert "ppap_fast/distributed.py" not in r.stderr and "exitcode  : 2" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("env,msg", [
+    ({"RANK": "1"}, "RANK=1 but WORLD_SIZE is not set: set both"),
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     r"RANK=2 is outside WORLD_SIZE=2 \(ranks are 0 to 1\)"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ({"LOCAL_RANK": "x"}, "environment variable LOCAL_RANK='x' is not an integer"),
+])
+def test_bad_launch_environment_is_one_line_before_any_work(env, msg, tmp_path, monkeypatch, capsys):
+    """RANK without WORLD_SIZE crashed one lone rank in a TypeError, a rank outside the world waited for peers until
+    --timeout, a non-integer WORLD_SIZE was a traceback: each is now one line, status 2, nothing written."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=msg):
+        D.init_distributed("cpu", timeout_s=5)
+    assert D.main(_gen_args(tmp_path / "x", num_images=4) + ["--no-progress", "--timeout", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(msg, err[0]) and err[0].startswith("python -m ppap_fast.distributed: error: ")
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--num-images", "0"), ("--shard-size", "-1"),
                                         ("--timeout", "inf")])
 def test_bad_numbers_are_usage_errors_before_any_rank_starts(flag, value, tmp_path, capsys):
