@@ -2303,12 +2303,17 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     cfg = config_from_args(a)
     try:
-        under_torchrun = launch_env_vars()[1] > 1
+        world = launch_env_vars()[1]
     except ValueError as e:
         print(f"python -m ppap_fast.distributed: error: {e}", file=sys.stderr)
         return 2
+    under_torchrun = world > 1
     if a.nproc < 1:  # it ran one process without a word
         print(f"python -m ppap_fast.distributed: error: --nproc must be >= 1, got {a.nproc}", file=sys.stderr)
+        return 2
+    if under_torchrun and a.nproc not in (1, world):  # it ran WORLD_SIZE ranks without a word
+        print(f"python -m ppap_fast.distributed: error: --nproc {a.nproc} under torchrun (WORLD_SIZE={world}): "
+              "torchrun starts the ranks; leave --nproc out", file=sys.stderr)
         return 2
     if a.nproc > 1 and not under_torchrun:
         try:

@@ -325,6 +325,18 @@ def test_bad_launch_environment_is_one_line_before_any_work(env, msg, tmp_path, 
     assert not (tmp_path / "x").exists()
 
 
+def test_nproc_that_disagrees_with_torchruns_world_size_is_refused(tmp_path, monkeypatch, capsys):
+    """--nproc 4 under a 2-rank torchrun ran 2 ranks without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert D.main(_gen_args(tmp_path / "x", num_images=4) + ["--nproc", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m ppap_fast.distributed: error: --nproc 4 under torchrun (WORLD_SIZE=2): torchrun starts "
+                   "the ranks; leave --nproc out"]
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("flag,value", [("--eta", "nan"), ("--num-images", "0"), ("--shard-size", "-1"),
                                         ("--timeout", "inf")])
 def test_bad_numbers_are_usage_errors_before_any_rank_starts(flag, value, tmp_path, capsys):
