@@ -2321,6 +2321,13 @@ def main(argv=None) -> int:
         except Exception as e:  # a rank's exception, re-raised with its traceback in the message
             last = ([ln for ln in str(e).splitlines() if ln.strip()] or [""])[-1].strip()
             name, _, msg = last.partition(": ")
+            if _is_peer_error(last):  # no rank raised: one hung (or was slow) and its peers timed out waiting
+                also = next((ln[len("-- also failed: "):] for ln in str(e).splitlines()
+                             if ln.startswith("-- also failed: ")), "")
+                print(f"python -m ppap_fast.distributed: error: a rank stopped answering within --timeout {a.timeout:g} s "
+                      f"({' '.join(last.split())}{'; ' + also if also else ''}); raise --timeout if it was only slow",
+                      file=sys.stderr)
+                return 2
             if name.rsplit(".", 1)[-1] not in _BAD_INPUT_ERRORS:
                 raise  # a bug: keep the traceback
             print(f"python -m ppap_fast.distributed: error: {' '.join(msg.split())}", file=sys.stderr)

@@ -396,6 +396,49 @@ def test_distill_ranks_that_do_not_share_out_fail_before_computing_teacher_outpu
     assert not (tmp_path / "b").exists()
 
 
+RANK1_HANGS = """
+import os, time
+import torch.nn as nn
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x):
+        if os.environ.get("RANK") == "1" and x.shape[0] > 1:
+            time.sleep(600)
+        return self.fc(x.mean((1, 2, 3))[:, None])
+
+
+def make():
+    return Teacher()
+
+
+make.task = "classification"
+"""
+
+
+def test_a_hung_rank_fails_its_peers_within_the_timeout_in_one_line(tmp_path, monkeypatch, capsys):
+    """Rank 1 never finishes its shard: rank 0 times out in the barrier, the launcher stops rank 1 and says so in one
+    line (it raised gloo's timeout with a traceback, as for a bug)."""
+    import time
+
+    teacher = _py_teacher(tmp_path, monkeypatch, "hangs_on_rank1", RANK1_HANGS)
+    monkeypatch.setattr(D, "PEER_ERROR_GRACE_S", 1.0)
+    began = time.monotonic()
+    rc = D.main(_gen_args(tmp_path / "x", num_images=4, shard_size=2) + ["--teacher", teacher, "--nproc", "2",
+                                                                        "--threads", "1", "--timeout", "3",
+                                                                        "--no-progress"])
+    assert rc == 2 and time.monotonic() - began < 60
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "python -m ppap_fast.distributed: error: a rank stopped answering within --timeout 3 s ("), err
+    assert "process 1: terminated" in err[0] and err[0].endswith("raise --timeout if it was only slow")
+    assert D.shard_is_complete(tmp_path / "x" / "shard_00000.npz", 2)  # rank 0's shard is kept for a resume
+
+
 RANK1_BREAKS = """
 import os, time
 import torch.nn as nn
