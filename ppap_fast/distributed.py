@@ -2353,6 +2353,14 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
         sys.stderr.flush()
         os._exit(2)  # as on success: no interpreter teardown (gloo's threads)
+    except RuntimeError as e:
+        if not env.distributed or not _is_peer_error(str(e)):
+            raise
+        print(f"python -m ppap_fast.distributed: error (rank {env.rank}): lost the other ranks: one hung past --timeout "
+              f"{a.timeout:g} s or died (see its own error) ({_last_line(str(e))}); raise --timeout if it was only slow",
+              file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)  # no destroy_process_group: its peers are gone
     else:
         if a.task == "generate":
             print(json.dumps(res))

@@ -439,6 +439,24 @@ def test_a_hung_rank_fails_its_peers_within_the_timeout_in_one_line(tmp_path, mo
     assert D.shard_is_complete(tmp_path / "x" / "shard_00000.npz", 2)  # rank 0's shard is kept for a resume
 
 
+def test_a_hung_rank_under_torchrun_fails_its_peer_in_one_line(tmp_path):
+    """Under torchrun, rank 0's gloo timeout was a traceback (as for a bug); now one line, status 2."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "hangs_on_rank1_tr.py").write_text(RANK1_HANGS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(mods), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "ppap_fast.distributed", *_gen_args(tmp_path / "x", num_images=4, shard_size=2), "--teacher",
+           "py:hangs_on_rank1_tr:make", "--threads", "1", "--timeout", "3", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    lines = [ln for ln in r.stderr.splitlines() if "python -m ppap_fast.distributed: error" in ln]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("python -m ppap_fast.distributed: error (rank 0): lost the other ranks: one hung past "
+                               "--timeout 3 s or died") and lines[0].endswith("raise --timeout if it was only slow")
+    assert "ppap_fast/distributed.py" not in r.stderr, r.stderr
+
+
 RANK1_BREAKS = """
 import os, time
 import torch.nn as nn
