@@ -1873,6 +1873,8 @@ def _distill(cfg: DistillConfig, env: DistEnv | None, progress: bool):
     # resume: every rank restores its part of the state (checked above) in place
     start, losses = 0, []
     if _gather(found, env)[0]:
+        # every rank reads its part of rank 0's file: one with a node-local --out read none, or a stale one
+        check_shared_dir(out, env, "--out")
         err = None
         try:
             start, losses = load_train_state(state_path, bank, opt, gen, env)

@@ -396,6 +396,26 @@ def test_distill_ranks_that_do_not_share_out_fail_before_computing_teacher_outpu
     assert not (tmp_path / "b").exists()
 
 
+def test_distill_resume_refuses_ranks_that_do_not_share_out(tmp_path, monkeypatch):
+    """Each rank reads its part of the training state rank 0 wrote in --out: with cached targets nothing checked that
+    the ranks share it, so a rank with a node-local --out loaded no state (or a stale one of its own)."""
+    data = tmp_path / "data"
+    tfile = _tiny_teacher_file(tmp_path)
+    D.generate(D.GenerateConfig(str(data), **{**GEN, "num_images": 4, "shard_size": 2, "teacher": f"tiny:{tfile}"}),
+               D.DistEnv())
+    cfg0 = D.DistillConfig(str(data), str(tmp_path / "a"), f"tiny:{tfile}", n_experts=2, r=2, alpha=2.0, steps=3,
+                           batch_size=2, warmup=1, device="cpu", checkpoint_every=1)
+    cfgs = [cfg0, dataclasses.replace(cfg0, out_dir=str(tmp_path / "b"))]
+    monkeypatch.setenv("PPAP_FAST_TEST_KILL_AFTER_STEPS", "1")
+    with pytest.raises(Exception, match="terminated with signal SIGKILL"):
+        D.launch("distill", cfgs, 2, threads=1, timeout_s=60)
+    monkeypatch.delenv("PPAP_FAST_TEST_KILL_AFTER_STEPS")
+    assert (tmp_path / "a" / D.TRAIN_STATE).exists() and not (tmp_path / "b" / D.TRAIN_STATE).exists()
+    with pytest.raises(Exception, match=r"(?s)shared --out check failed on rank\(s\) \[1\].*every rank must see"):
+        D.launch("distill", cfgs, 2, threads=1, timeout_s=60)
+    assert (tmp_path / "a" / D.TRAIN_STATE).exists() and not (tmp_path / "a" / "experts.safetensors").exists()
+
+
 RANK1_HANGS = """
 import os, time
 import torch.nn as nn
