@@ -731,14 +731,11 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     # only files an earlier demo run recorded and that are unchanged since are removed: a file the user made or put
     # in place of one is kept (this run overwrites it only if it writes that name)
     ours = {n for n, e in recorded.items() if _unchanged(out / n, e)}
-    # an earlier demo run's summary must not sit beside this run's samples if it stops early (a user's file of that
-    # name is kept: the demo overwrites it only at the end)
-    for stale in ours & set(summary_files + seg_files[-1:]):
-        (out / stale).unlink(missing_ok=True)
-    # an earlier demo run's outputs this run does not rewrite (other methods, skipped segmentation)
-    for name in ours - this_run:
+    # all of an earlier demo run's outputs go, not only its summary: a run stopped early (or with other settings)
+    # left the earlier run's samples and grids of the methods it had not reached beside its own
+    for name in ours:
         (out / name).unlink(missing_ok=True)
-    written = {n: recorded[n] for n in ours if (out / n).exists()}
+    written = {}
 
     def record(*names):
         written.update({n: _file_entry(out / n) for n in names})

@@ -294,3 +294,29 @@ def test_a_run_killed_in_the_segmentation_step_records_what_it_wrote(tmp_path, m
     monkeypatch.setattr(seg_demo, "sample_seg_method", real)
     demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=0)
     assert not first.exists()
+
+
+def test_a_rerun_stopped_early_leaves_none_of_the_earlier_runs_samples(tmp_path, monkeypatch):
+    """A rerun with another --seed stopped at its second method left the earlier run's samples_naive.npz and
+    grid_naive.png beside its own samples_none.npz: two runs' samples mixed in one --out, nothing saying so."""
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10", "--steps",
+            "2", "--methods", "none,naive", "--seg-per-target", "0", "--no-progress"]
+    assert main(args) == 0
+    seed0 = (out / "samples_none.npz").read_bytes()
+    real, calls = demo.sample_method, []
+
+    def killed_at_the_second_method(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(demo, "sample_method", killed_at_the_second_method)
+    assert main(args + ["--seed", "1"]) == 2
+    assert (out / "samples_none.npz").read_bytes() != seed0  # this run's
+    assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_RECORD, "grid_none.png", "samples_none.npz"]
+    assert sorted(json.loads((out / demo.DEMO_RECORD).read_text())["files"]) == ["grid_none.png", "samples_none.npz"]
