@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import json
 import math
@@ -807,6 +808,12 @@ def _run(args) -> int:
     raise DemoError(f"unknown command {args.cmd!r}")  # pragma: no cover
 
 
+def _disk_full_message(args, e: Exception) -> str:
+    where = getattr(e, "filename", None) or getattr(args, "out", None) or getattr(args, "json", None)
+    return (f"no space left on the disk{f' writing {where}' if where else ''}: free some space (or name an output on "
+            "another disk) and rerun")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -816,7 +823,16 @@ def main(argv=None) -> int:
         msg = str(e)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         msg = f"{e.strerror or type(e).__name__}: {e.filename or e}"
-    except (ValueError, OSError) as e:
+    except OSError as e:
+        msg = _disk_full_message(args, e) if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(e).__name__}: {e}"
+    except RuntimeError as e:
+        from .distributed import DistributedRunError
+
+        if not isinstance(e, DistributedRunError):  # a bug: its traceback
+            raise
+        # distill / finetune write their training state through it: a full disk was a traceback
+        msg = _disk_full_message(args, e) if "No space left on device" in str(e) else str(e)
+    except ValueError as e:
         msg = f"{type(e).__name__}: {e}"
     except KeyboardInterrupt:
         msg = "interrupted"

@@ -246,3 +246,74 @@ def test_killed_training_leaves_no_new_empty_output_folder(tmp_path, capsys, wei
         assert state.read_text() == "resume from here"
     else:
         assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_the_way_out(tmp_path, capsys, weights, monkeypatch):
+    """A full --out disk printed `OSError: [Errno 28] No space left on device`: no file, nothing to do."""
+    import errno
+
+    from ppap_fast.data import shards
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_json_atomic", full)
+    out = tmp_path / "out"
+    assert main(["--threads", "1", "demo", "--weights-dir", str(weights), "--out", str(out), "--num-samples", "10",
+                 "--steps", "2", "--methods", "none", "--seg-per-target", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ppap-fast: error: no space left on the disk writing {out}: free some space (or name an output "
+                   "on another disk) and rerun\n")
+
+
+def _disk_full_line(out) -> str:
+    return f"ppap-fast: error: no space left on the disk writing {out}: free some space (or name an output on another disk) and rerun"
+
+
+@pytest.mark.parametrize("cmd, out_name, written", [
+    (["train-classifier", "--steps", "1", "--batch-size", "2"], "c.safetensors", "c.safetensors"),
+    (["finetune", "--steps", "1", "--batch-size", "2", "--checkpoint-every", "1"], "f.safetensors", "f.safetensors"),
+])
+def test_a_full_disk_under_safetensors_is_one_line(tmp_path, capsys, weights, monkeypatch, cmd, out_name, written):
+    """safetensors reports a full disk as SafetensorError: a traceback (train-classifier), or a DistributedRunError
+    traceback from the training state (finetune, distill)."""
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / out_name
+    assert main(["--threads", "1", *cmd, "--weights-dir", str(weights), "--out", str(out), "--no-progress"]
+                if cmd[0] == "finetune" else ["--threads", "1", *cmd, "--out", str(out), "--no-progress"]) == 2
+    assert _err(capsys) == _disk_full_line(tmp_path / written)
+    assert not list(tmp_path.iterdir())  # no temporaries left
+
+
+@pytest.mark.parametrize("free", [0, 10 << 30])
+def test_a_full_disk_under_torch_save_is_one_line(tmp_path, capsys, monkeypatch, free):
+    """torch.save on a full disk says only `unexpected pos 128 vs 0`: train-diffusion's checkpoint was a traceback.
+    With space left the same error is no full disk (its traceback stays)."""
+    import os
+    import torch
+
+    def cryptic(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    real_statvfs = os.statvfs
+
+    def statvfs(p):
+        st = real_statvfs(p)
+        return type("St", (), {"f_bavail": free // st.f_frsize, "f_frsize": st.f_frsize})()
+
+    monkeypatch.setattr(torch, "save", cryptic)
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    out = tmp_path / "u.safetensors"
+    args = ["--threads", "1", "train-diffusion", "--steps", "1", "--batch-size", "2", "--out", str(out), "--no-progress"]
+    if free:
+        with pytest.raises(RuntimeError, match="unexpected pos 128 vs 0"):
+            main(args)
+    else:
+        assert main(args) == 2
+        assert _err(capsys) == _disk_full_line(f"{out}.ckpt.pt")
+    assert not list(tmp_path.iterdir())

@@ -18,6 +18,7 @@ concatenates everything in memory (small sets and tests only).
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import numbers
@@ -70,13 +71,32 @@ def _atomic(path, write_fn, suffix: str):
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(path.parent, e)  # before the temporary frees its space
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if full:  # torch.save / safetensors say "unexpected pos" / SafetensorError, np.savez names no file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     return path
+
+
+DISK_FULL_BYTES = 1 << 20  # a failed write that left less free space than this ran out of it
+
+
+def _disk_full(folder: Path, error: Exception) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, came from a full disk."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "No space left on device" in str(error) or "os error 28" in str(error):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
 
 
 def remove_stale_tmp(path, suffix: str) -> None:
