@@ -74,9 +74,21 @@ def matmul_tflops(device: str, n: int = 8192, reps: int = 10, dtype: torch.dtype
 
 
 def geomean(values) -> float:
-    """Geometric mean of positive ratios, rounded to 4 digits (how every suite aggregates its rows)."""
+    """Geometric mean of positive ratios, rounded to 4 digits (how every suite aggregates its rows).
+    NaN when a value is zero, negative, non-finite or no number, or there is none: a figure over
+    fewer rows would read as the whole one; summarize.py reports NaN as 'not a valid figure'."""
     values = list(values)
+    if not values or not all(_is_positive_finite(v) for v in values):
+        return math.nan
     return round(math.exp(sum(map(math.log, values)) / len(values)), 4)
+
+
+def _is_positive_finite(v) -> bool:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and v > 0
 
 
 def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False, by_shape: bool = False) -> list[dict]:

@@ -1333,3 +1333,22 @@ def test_denoiser_fused_row_that_raises_keeps_the_eager_figures(monkeypatch):
     assert BD._fused_rows(model, x, t, "cpu", 1, row, record, 2.0) == {}
     assert row == {"fused_norm_act_error": "RuntimeError: out of resource: shared memory"}
     assert not model.fused_out_norm_act
+
+
+def test_geomean_of_a_zero_negative_or_nan_ratio_is_nan_and_summary_calls_it_invalid():
+    """A row ratio that rounded to 0.0 (or came out negative, NaN, inf) made math.log raise and killed the
+    suite; the aggregate is NaN instead, which summarize reports as no valid figure."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import math
+
+    import summarize
+    import timing
+
+    assert timing.geomean([0.5, 2.0, 4.0]) == 1.5874
+    for bad in (0.0, -0.5, float("nan"), float("inf"), None):
+        assert math.isnan(timing.geomean([0.5, bad, 2.0])), bad
+    assert math.isnan(timing.geomean([]))
+    data = {"ratios": {"lora_fwd_vs_peft": timing.geomean([0.2, 0.0])}, "rows": []}
+    goals = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    assert goals["goal #3 LoRA fwd / peft mixed batch <= 0.3333"] == (
+        "nan not a valid figure (zero, negative, NaN or infinite): not measured")
