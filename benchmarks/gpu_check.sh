@@ -40,16 +40,24 @@ SCALE_SUITES="${SCALE_SUITES:-bench_scale bench_generate}"
 LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
 # budget CAP RESERVE: seconds this stage may take (at most CAP, leaving RESERVE for later stages; >= 10)
 budget() { local b=$(( DEADLINE - $(elapsed) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
+SUMMARY_S=8  # kept for the summary by the GPU state reads and the scale stage
+# seconds to the deadline less SUMMARY_S, at most CAP (may be 0 or negative)
+before_summary() { local b=$(( DEADLINE - $(elapsed) - SUMMARY_S )); (( b > $1 )) && b=$1; echo $b; }
 HAVE_XDIST=0; python3 -c "import xdist" 2>/dev/null && HAVE_XDIST=1
 SMI_STATE=clocks.sm,clocks.mem,clocks.max.sm,power.draw,power.limit,temperature.gpu
 gpu_state() {  # clocks, power, temperature, active throttle reasons into gpu.txt; never fails the script
-  local why="nvidia-smi not found"
+  local why="nvidia-smi not found" lim rc
   if command -v nvidia-smi >/dev/null 2>&1; then
+    why=""
     for reasons in clocks_throttle_reasons.active clocks_event_reasons.active; do  # renamed in newer drivers
-      if timeout 20 nvidia-smi --query-gpu="$SMI_STATE,$reasons" --format=csv > "$OUT/.smi" 2>&1; then
+      lim=$(before_summary 20)  # a hanging nvidia-smi must not cost summary.txt
+      if (( lim < 3 )); then why="${why:+$why; }skipped: ${lim}s left before the deadline less ${SUMMARY_S}s"; break; fi
+      timeout "$lim" nvidia-smi --query-gpu="$SMI_STATE,$reasons" --format=csv > "$OUT/.smi" 2>&1; rc=$?
+      if (( rc == 0 )); then
         stamp "gpu state $1:"; tee -a "$OUT/gpu.txt" < "$OUT/.smi"; rm -f "$OUT/.smi"; return 0
       fi
-      why="nvidia-smi failed: $(head -c 200 "$OUT/.smi")"
+      why="nvidia-smi failed (exit $rc$( (( rc == 124 )) && echo ": hung ${lim}s"))"
+      [[ -s $OUT/.smi ]] && why="$why: $(head -c 200 "$OUT/.smi")"
     done
     rm -f "$OUT/.smi"
   fi
@@ -66,7 +74,8 @@ run_tests() {  # name, seconds, workers, pytest args
 }
 
 if [[ $DEV == cuda ]]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/gpu.txt"
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader \
+    > "$OUT/gpu.txt" || echo "nvidia-smi failed or hung (exit $?)" >> "$OUT/gpu.txt"
 else
   echo "no GPU: dry run on $DEV" > "$OUT/gpu.txt"
 fi
@@ -125,7 +134,7 @@ fi
 
 if has scale; then
   export PPAP_GEN_IMAGES="${PPAP_GEN_IMAGES:-256}"
-  lim=$(budget 200 8)
+  lim=$(budget 200 "$SUMMARY_S")
   stamp "real scale (limit ${lim}s): ADM-256 + ResNet50 PPAP-10 DDIM-25 batch 32; generation of $PPAP_GEN_IMAGES images"
   timeout "$lim" python3 benchmarks/run.py --device "$DEV" --quick --json "$OUT/scale.json" \
     --only $SCALE_SUITES 2>&1 | tee -a "$OUT/gpu.txt" | grep -v "^  " | tail -12
@@ -133,4 +142,5 @@ if has scale; then
 fi
 
 stamp "summary"
-timeout 25 python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.txt"
+lim=$(( DEADLINE - $(elapsed) )); (( lim > 25 )) && lim=25; (( lim < 5 )) && lim=5
+timeout "$lim" python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.txt"

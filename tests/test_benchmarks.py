@@ -1112,6 +1112,30 @@ def test_gpu_check_removes_a_json_write_cut_by_the_bench_timeout(tmp_path):
     assert "goal #4 fast / reference <= 0.3333: 0.3 MET" in summary
 
 
+def test_gpu_check_keeps_its_deadline_and_summary_when_nvidia_smi_hangs_after_the_bench(tmp_path):
+    """The GPU state read after the bench (2 x 20 s of nvidia-smi) and the summary ran outside
+    GPU_CHECK_DEADLINE: a hanging nvidia-smi passed the device call's limit and summary.txt was lost."""
+    import time
+
+    out, hang_mark = tmp_path / "out", tmp_path / "bench_ran"
+    bench = (f'touch {hang_mark}; printf \'{{"device": "Fake Card", "torch": "x", "rows": [], '
+             '"ratios": {"step_fast_vs_reference": 0.3}, "errors": {}}\' > "$OUT/bench.json"')
+    fake = _fake_gpu_tools(tmp_path, bench)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text(f"#!/usr/bin/env bash\n[[ -e {hang_mark} ]] && exec sleep 300\necho 'Fake Card 80GB, 1'\n")
+    deadline = 20
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(fake["root"] / "benchmarks/gpu_check.sh"), "bench"], capture_output=True,
+                         text=True, timeout=180, env={**fake["env"], "OUT": str(out), "GPU_CHECK_DEADLINE": str(deadline)})
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert took < deadline + 6, f"{took:.1f}s for a {deadline}s deadline\n{res.stdout}"
+    assert "goal #4 fast / reference <= 0.3333: 0.3 MET" in (out / "summary.txt").read_text()
+    gpu = (out / "gpu.txt").read_text()
+    assert "gpu state after bench: nvidia-smi failed (exit 124: hung " in gpu, gpu
+    assert "skipped: " in gpu.split("gpu state after bench:")[1], gpu
+
+
 def test_summary_decides_nothing_on_a_zero_nan_or_infinite_ratio():
     """A ratio from a zero or non-finite time (0.0, NaN, inf in the JSON) is no measurement: it neither
     meets a goal nor switches or keeps a default (0.0 read 'MET' and 'switch', NaN 'keep the new default')."""
