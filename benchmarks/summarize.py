@@ -178,15 +178,33 @@ def goal_lines(data: dict) -> list:
             v = rows[0][key[1]] if rows else None
             for k in key[2:]:  # a variant that fell back from an option asked is not the variant named
                 v = v.get(k) if isinstance(v, dict) and not v.get("fallbacks") else None
+        fell_back = _fast_step_fallbacks(data, key)
         if not isinstance(v, (int, float)):
             lines.append(f"goal {label} {op} {goal:.4g}: not measured")
         elif not is_valid_figure(v):
             lines.append(f"goal {label} {op} {goal:.4g}: {v} not a valid figure (zero, negative, NaN or infinite): "
                          "not measured")
+        elif fell_back:
+            lines.append(f"goal {label} {op} {goal:.4g}: {v} (fast path fell back: {', '.join(fell_back)}): "
+                         "no verdict")
         else:
             met = v <= goal if op == "<=" else v >= goal
             lines.append(f"goal {label} {op} {goal:.4g}: {v} {'MET' if met else 'not met'}")
     return lines
+
+
+# goals read from bench_step's main fast steps: key -> whether the unguided step's fallbacks count too
+_FAST_STEP_GOALS = {"step_fast_vs_reference": False, "step_guided_vs_unguided": True,
+                    ("bench_step", "fast_mfu"): False}
+
+
+def _fast_step_fallbacks(data: dict, key) -> list:
+    """The bench_step row's ``fast_fallbacks`` (options asked that did not run) behind a goal's figure."""
+    if key not in _FAST_STEP_GOALS:
+        return []
+    rows = [r for r in data.get("rows") or [] if isinstance(r, dict) and r.get("suite") == "bench_step"]
+    fallbacks = [str(f) for r in rows for f in r.get("fast_fallbacks") or []]
+    return [f for f in fallbacks if _FAST_STEP_GOALS[key] or not f.startswith("unguided:")]
 
 
 def _test_groups(path: Path):

@@ -1061,6 +1061,26 @@ def test_goal_lines_read_ratios_rows_and_variants():
     assert lines["goal #4 MFU, overlap_guide >= 0.5"] == "not measured"
 
 
+def test_goal_lines_give_no_verdict_on_a_fast_step_that_fell_back():
+    """fast_mfu (and the main fast step's ratios) of a bench_step row whose fast path fell back (fast_fallbacks,
+    e.g. a failed capture) are not the fast path's figures: the goal line says so and is neither MET nor not met."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    data = {"ratios": {"step_fast_vs_reference": 0.3, "step_guided_vs_unguided": 1.01},
+            "rows": [{"suite": "bench_step", "fast_mfu": 0.6, "fast_fallbacks": ["cuda_graph"]}]}
+    lines = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    assert lines["goal #4 MFU >= 0.5"] == "0.6 (fast path fell back: cuda_graph): no verdict"
+    assert lines["goal #4 fast / reference <= 0.3333"] == "0.3 (fast path fell back: cuda_graph): no verdict"
+    assert lines["goal #4 guided / unguided <= 1.02"] == "1.01 (fast path fell back: cuda_graph): no verdict"
+    # the unguided step's fallback touches guided / unguided only
+    data["rows"][0]["fast_fallbacks"] = ["unguided:cuda_graph"]
+    lines = {line.split(":")[0]: line.split(": ", 1)[1] for line in summarize.goal_lines(data)}
+    assert lines["goal #4 MFU >= 0.5"] == "0.6 MET"
+    assert lines["goal #4 fast / reference <= 0.3333"] == "0.3 MET"
+    assert lines["goal #4 guided / unguided <= 1.02"] == "1.01 (fast path fell back: unguided:cuda_graph): no verdict"
+
+
 def test_step_variants_old_paths_can_be_skipped(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_step
