@@ -15,7 +15,7 @@ def main(folder: str) -> None:
     print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
     for fname in ("bench.json", "scale.json"):  # the card's speed and state, beside its name
         if (out / fname).exists():
-            print(f"{Path(fname).stem} {probe_line(json.loads((out / fname).read_text()).get('device_probe') or {})}")
+            print(f"{Path(fname).stem} {probe_line(_load(out / fname).get('device_probe') or {})}")
     for f in sorted(out.glob("tests*.txt")):
         for name, text in _test_groups(f):
             tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected|errors?).*?)\s*=*$", text, flags=re.M)
@@ -23,8 +23,8 @@ def main(folder: str) -> None:
     for fname in ("bench.json", "scale.json"):
         _table(out / fname)
     if (out / "bench.json").exists():
-        data = json.loads((out / "bench.json").read_text())
-        for line in decisions(data["ratios"]) + goal_lines(data):
+        data = _load(out / "bench.json")
+        for line in decisions(data.get("ratios") or {}) + goal_lines(data):
             print(line)
 
 
@@ -223,9 +223,15 @@ def _table(path: Path) -> None:
     if not path.exists():
         print(f"{path.stem}: no {path.name}")
         return
-    data = json.loads(path.read_text())
-    print(f"{path.stem} device: {data['device']} (torch {data['torch']})")
-    for k, v in data["ratios"].items():
+    data = _load(path)
+    if "_unreadable" in data:
+        print(f"{path.stem}: {path.name} unreadable: {data['_unreadable']}")
+        return
+    print(f"{path.stem} device: {data.get('device', '? (no device key)')} (torch {data.get('torch', '?')})")
+    for key in ("ratios", "rows"):
+        if key not in data:
+            print(f"  {path.name} has no {key}")
+    for k, v in (data.get("ratios") or {}).items():
         print(f"  {k:30s} {v}")
     for k, v in data.get("errors", {}).items():
         print(f"  ERROR {k}: {v}")
@@ -238,7 +244,7 @@ def _table(path: Path) -> None:
     if data.get("memory_gib"):
         print("  GPU memory GiB per suite (peak, left after): " + ", ".join(
             f"{k} {v['peak']}/{v['left']}" for k, v in data["memory_gib"].items()))
-    for row in data["rows"]:
+    for row in data.get("rows") or []:
         keys = [k for k in row if k.endswith(FIGURE_SUFFIXES)]
         label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",
                                                     "variant", "sampler", "var_type", "shape", "dtype") if k in row)
@@ -257,6 +263,15 @@ def _table(path: Path) -> None:
                     _print_profile(f"{k}.{key}", v[key])
         for key in (k for k in row if k.endswith("profile_top")):
             _print_profile(key, row[key])
+
+
+def _load(path: Path) -> dict:
+    """A suite JSON as a dict; one whose text is no JSON object gives {"_unreadable": why} (a cut write)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"_unreadable": f"{type(err).__name__}: {err}"}
+    return data if isinstance(data, dict) else {"_unreadable": f"a JSON {type(data).__name__}, not an object"}
 
 
 def _print_profile(key: str, ops: list) -> None:

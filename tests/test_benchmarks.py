@@ -1081,6 +1081,26 @@ def test_goal_lines_give_no_verdict_on_a_fast_step_that_fell_back():
     assert lines["goal #4 guided / unguided <= 1.02"] == "1.01 (fast path fell back: unguided:cuda_graph): no verdict"
 
 
+def test_summary_prints_what_a_json_without_device_torch_ratios_or_rows_has(tmp_path, capsys):
+    """A suite JSON missing device, torch, ratios or rows (or cut mid-write) made _table raise KeyError and
+    the summary lost every line after it; it prints what is there and says what is missing."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    (tmp_path / "bench.json").write_text(json.dumps({"errors": {"bench_step": "RuntimeError: boom"},
+                                                     "running": "bench_step"}))
+    (tmp_path / "scale.json").write_text('{"device": "cuda", "rows": [{"suite": "bench_sc')
+    summarize.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "bench device: ? (no device key) (torch ?)" in out
+    assert "  bench.json has no ratios\n  bench.json has no rows\n" in out
+    assert "  ERROR bench_step: RuntimeError: boom" in out
+    assert "CUT: the run was killed inside bench_step" in out
+    assert "scale: scale.json unreadable: JSONDecodeError: " in out
+    assert "goal #4 MFU >= 0.5: not measured" in out
+    assert "decision eps_triton_vs_cuda: not measured" in out
+
+
 def test_step_variants_old_paths_can_be_skipped(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_step
