@@ -863,6 +863,40 @@ def test_fused_out_head_is_checked_once_per_device_against_the_half_head(fault, 
     assert not m16._fused_out_head_verified  # a new fuse_norm_act checks again
 
 
+def test_fused_out_head_that_raises_falls_back_to_the_half_head_once(monkeypatch):
+    """A fused output head that raises (e.g. a Triton compile failure on a new GPU) failed every forward:
+    the model warns once naming the error, returns the unfused half head and never calls the fused op again."""
+    from ppap_fast.ops import out_head
+
+    m16 = ADMUNet(**SMALL, use_fp16=True).eval()
+    m16.load_state_dict(_randomised().state_dict(), strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 800])
+    calls = []
+
+    def broken_op(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("triton compile failed: out of resources\n(long compiler log)")
+
+    with torch.no_grad():
+        unfused = m16.fuse_norm_act(fused_out_head=False)(x, t)
+        m16.fuse_norm_act()
+        monkeypatch.setattr(out_head, "group_norm_silu_conv3x3", broken_op)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = m16(x, t), m16(x, t)
+    warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert warned == ["ADMUNet: the fused output head (ops.group_norm_silu_conv3x3) raised RuntimeError: triton "
+                      "compile failed: out of resources; using the unfused half head from now on "
+                      "(fuse_norm_act(fused_out_head=False)); please report this with your GPU and versions"], warned
+    assert len(calls) == 1 and not m16.fused_out_head
+    assert torch.isfinite(unfused).all() and torch.equal(first, unfused) and torch.equal(second, unfused)
+    monkeypatch.setattr(out_head, "group_norm_silu_conv3x3", lambda *a, **kw: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        m16.fuse_norm_act()(x, t)  # no kernel fault: raised, the fused head kept
+    assert m16.fused_out_head
+
+
 def test_fused_out_head_check_is_off_on_cpu_and_while_capturing():
     m16 = ADMUNet(**SMALL, use_fp16=True).eval().fuse_norm_act()
     assert not m16._should_verify_fused_head(torch.zeros(1))

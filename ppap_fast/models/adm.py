@@ -658,7 +658,8 @@ class ADMUNet(nn.Module):
         Triton passes that never write the normalised activation; the reference, the unfused half head,
         elsewhere), for plain 3x3 output convs of at most ``ops.out_head.MAX_OUT_CHANNELS`` channels and when no
         channel sums ride on the torso's output. A CUDA device's first eager forward also runs the unfused head
-        and compares: beyond rounding (relative error 1e-2) it warns and keeps the unfused head."""
+        and compares: beyond rounding (relative error 1e-2) it warns and keeps the unfused head. An eager
+        fused head that raises (e.g. a Triton compile failure) warns once and keeps the unfused head too."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 plain = all(type(n) in (GroupNorm32, nn.GroupNorm) for n in (m.in_layers[0], m.out_layers[0]))
@@ -711,6 +712,16 @@ class ADMUNet(nn.Module):
                       RuntimeWarning, stacklevel=3)
         self.fused_out_head = False
         return want
+
+    def _drop_fused_head(self, err: Exception) -> None:
+        """The fused output head raised: warn once, naming the error, and use the unfused half head from now on."""
+        import warnings
+
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        warnings.warn(f"ADMUNet: the fused output head (ops.group_norm_silu_conv3x3) raised {type(err).__name__}: "
+                      f"{first_line}; using the unfused half head from now on (fuse_norm_act(fused_out_head=False)); "
+                      f"please report this with your GPU and versions", RuntimeWarning, stacklevel=4)
+        self.fused_out_head = False
 
     def _into_next_cat(self, block: nn.Module, h, emb, next_skip):
         """(block(h, emb), None), or, where the block's last layer is a fused ResBlock / channels_last
@@ -826,8 +837,18 @@ class ADMUNet(nn.Module):
                     from ..ops.out_head import group_norm_silu_conv3x3
 
                     norm = self.out[0]
-                    y = group_norm_silu_conv3x3(h, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                                conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
+                    fused_head = lambda: group_norm_silu_conv3x3(  # noqa: E731
+                        h, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                        conv_weight=conv.weight, conv_bias=conv.bias, out_dtype=x.dtype)
+                    if torch.compiler.is_compiling():  # no exception handling in the trace
+                        return fused_head()
+                    try:
+                        y = fused_head()
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as err:  # e.g. a Triton compile failure on a new GPU
+                        self._drop_fused_head(err)
+                        return half_head()
                     return self._verified_fused_head(y, half_head)
                 return half_head()
             head = self.out[2].weight.dtype
