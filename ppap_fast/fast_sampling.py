@@ -96,8 +96,8 @@ from . import guidance as _gd
 from .ops import build_table, guided_update
 from .ops.lora.segments import _version
 from .ops.update import MODES as _MODES
-from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_model_kwargs_batch, check_sampler_options,
-                       denoiser_output, eta_value, initial_noise)
+from .sampling import (NONFINITE_MODES, _index_tensor, call_denoiser, check_model_kwargs_batch,
+                       check_model_kwargs_mapping, check_sampler_options, denoiser_output, eta_value, initial_noise)
 from .schedule import Schedule, check_trained_schedule
 
 MERGE_MODES = ("cache", "swap")
@@ -417,9 +417,7 @@ def _denoiser_compile_kwargs(model, opts: "_Opts") -> dict:
 
 class _ModelRunner:
     def __init__(self, model, opts: "_Opts", model_kwargs):
-        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):  # dict() failed unreadably
-            raise TypeError(f"model_kwargs must be a dict of the denoiser's keyword arguments (e.g. {{'y': labels}}), "
-                            f"got {type(model_kwargs).__name__}")
+        check_model_kwargs_mapping(model_kwargs)  # dict() failed unreadably
         self.model, self.opts, self.kwargs = model, opts, dict(model_kwargs or {})
         self._compiled = None
         self._compile_ok = opts.compile_model

@@ -382,9 +382,17 @@ def _weight_dtypes(model) -> set:
     return {p.dtype for p in params if p.is_floating_point()}
 
 
+def check_model_kwargs_mapping(model_kwargs) -> None:
+    """model_kwargs=[...] failed as Python's 'argument after ** must be a mapping'."""
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict of the denoiser's keyword arguments (e.g. {{'y': labels}}), "
+                        f"got {type(model_kwargs).__name__}")
+
+
 def check_model_kwargs_batch(model_kwargs: Mapping[str, Any] | None, batch: int) -> None:
     """A model_kwargs tensor of another batch size failed deep inside the model, or broadcast silently
     (y of batch 1: every sample got y[0]). Shapes only."""
+    check_model_kwargs_mapping(model_kwargs)
     for k, v in (model_kwargs or {}).items():
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] != batch:
             raise ValueError(f"model_kwargs[{k!r}] has batch size {v.shape[0]} (shape {tuple(v.shape)}), but x "
@@ -394,6 +402,7 @@ def check_model_kwargs_batch(model_kwargs: Mapping[str, Any] | None, batch: int)
 def call_denoiser(model, x: torch.Tensor, t: torch.Tensor, model_kwargs: Mapping[str, Any] | None = None):
     """``model(x, t, **model_kwargs)``; a RuntimeError of a model whose weights are all of another dtype than x
     (float64 x_T into a float32 UNet) is raised again naming both dtypes and the fix."""
+    check_model_kwargs_mapping(model_kwargs)
     try:
         return model(x, t, **(model_kwargs or {}))
     except RuntimeError as e:

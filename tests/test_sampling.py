@@ -836,3 +836,16 @@ def test_whole_loops_off_the_golden_match_guided_diffusions_formulas(one_thread,
     assert s.timestep_map.tolist() == [0, 83, 166, 250, 333, 334, 500, 666, 667, 999]
     assert torch.isfinite(want).all() and (want - x_T).abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_model_kwargs_not_a_mapping_is_named_in_one_line():
+    """model_kwargs=[...] raised 'list' object has no attribute 'items' (sample_loop) or Python's 'argument after **
+    must be a mapping' (the steps); the message is the one FastGuidedSampler gives."""
+    s = Schedule.create("linear", 1000, "ddim5")
+    x = torch.randn(2, 3, 4, 4)
+    msg = r"^model_kwargs must be a dict of the denoiser's keyword arguments \(e\.g\. \{'y': labels\}\), got list$"
+    with pytest.raises(TypeError, match=msg):
+        sample_loop(FakeModel(), x, s, model_kwargs=[("y", 1)])
+    for step in (ddim_step, ddpm_step):
+        with pytest.raises(TypeError, match=msg):
+            step(FakeModel(), x, 3, s, model_kwargs=[1])
