@@ -468,6 +468,18 @@ def _autocast_dtype(dtype, name):
     return dtype
 
 
+def _check_cuda_visible(device: torch.device) -> None:
+    """device='cuda' without a GPU raised torch's 'Found no NVIDIA driver' from deep inside."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RuntimeError(f"device={str(device)!r}: torch sees no CUDA device (no GPU or driver visible); "
+                           f"use device='cpu'")
+    if device.index is not None and device.index >= count:
+        raise RuntimeError(f"device={str(device)!r}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+
+
 def _autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
@@ -905,6 +917,8 @@ class FastGuidedSampler:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         check_trained_schedule(model, schedule)
+        if device is not None:
+            _check_cuda_visible(torch.device(device))
         self._fused_norm_act = False
         self.schedule = schedule.to(torch.device(device) if device is not None else schedule.device)
         self.device = self.schedule.device  # indexed ("cuda:0"), so that it compares equal to x.device
@@ -963,11 +977,15 @@ class FastGuidedSampler:
         if self.device.type != "cuda" and self.cudnn_benchmark:
             warnings.warn(f"cudnn_benchmark=True needs a CUDA device (cuDNN's algorithm timing), but the sampler runs "
                           f"on {self.device.type}: ignored", FastSamplingWarning, stacklevel=2)
+        self._graph_warned = False
+        if self.device.type != "cuda" and self.cuda_graph:  # warned at the first step only
+            warnings.warn(f"cuda_graph=True: CUDA-graph capture needs a CUDA device, but the sampler runs on "
+                          f"{self.device.type}: the guided step runs eagerly", FastSamplingWarning, stacklevel=2)
+            self._graph_warned = True
         self._side_stream = None
         self._graphs: dict = {}
         self._graph_generation = 0
         self._graph_pool = None  # one memory pool for every graph of this sampler
-        self._graph_warned = False
         self._autocast_warned = False
 
     @property

@@ -466,15 +466,29 @@ def test_cuda_graph_and_overlap_on_cpu_run_eagerly(setup):
     model, _, guide = setup
     sched = Schedule.create("linear", 1000, "6")
     ref = sample_loop(model, SHAPE, sched, sampler="ddpm", guide=guide, generator=torch.Generator().manual_seed(4))
-    with pytest.warns(FastSamplingWarning, match="overlap_guide=True needs a CUDA device .* runs on cpu") as rec:
+    with warnings.catch_warnings(record=True) as rec:  # both at construction (cuda_graph warned at the first step)
+        warnings.simplefilter("always")
         fast = FastGuidedSampler(model, sched, sampler="ddpm", guide=guide, cuda_graph=True, overlap_guide=True)
-    assert len(rec) == 1 and rec[0].filename == __file__  # overlap_guide was ignored without a word
-    with pytest.warns(FastSamplingWarning, match="CUDA-graph capture needs a CUDA device.*cpu"):
-        out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(4))
-    assert rel_err(out, ref) < TOL and not fast._graphs
+    said = [str(w.message) for w in rec if issubclass(w.category, FastSamplingWarning)]
+    assert len(said) == 2 and all(w.filename == __file__ for w in rec), said
+    assert re.match(r"overlap_guide=True needs a CUDA device .* runs on cpu", said[0]), said
+    assert said[1] == ("cuda_graph=True: CUDA-graph capture needs a CUDA device, but the sampler runs on cpu: the "
+                       "guided step runs eagerly"), said
     with warnings.catch_warnings():  # warned once only
         warnings.simplefilter("error", FastSamplingWarning)
+        out = fast.sample(SHAPE, generator=torch.Generator().manual_seed(4))
         fast.step(out, 3)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL and not fast._graphs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a visible GPU")
+def test_cuda_device_without_gpu_says_so_in_one_line():
+    """device='cuda' with no GPU raised torch's 'Found no NVIDIA driver on your system' from deep inside."""
+    sched = Schedule.create("linear", 1000, "ddim5")
+    for device in ("cuda", torch.device("cuda", 1)):
+        with pytest.raises(RuntimeError, match=r"^device='cuda(:1)?': torch sees no CUDA device \(no GPU or driver "
+                                               r"visible\); use device='cpu'$"):
+            FastGuidedSampler(lambda x, t: torch.zeros_like(x), sched, device=device)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
