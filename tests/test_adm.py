@@ -274,6 +274,18 @@ def test_from_checkpoint(fixtures_dir, tmp_path):
         ADMUNet.from_checkpoint(tmp_path / "bad.pt", g["config"])
 
 
+def test_from_checkpoint_honours_map_location(fixtures_dir, tmp_path):
+    """map_location was documented but ignored: the model stayed on the CPU."""
+    g = torch.load(fixtures_dir / "adm_small_golden_1.pt", weights_only=True)
+    torch.save(g["state_dict"], tmp_path / "ckpt.pt")
+    m = ADMUNet.from_checkpoint(tmp_path / "ckpt.pt", g["config"], map_location="meta")
+    tensors = list(m.parameters()) + list(m.buffers())
+    assert tensors and all(p.device.type == "meta" for p in tensors) and not m.training
+    with pytest.raises(TypeError, match=r"^map_location must be a device \(a str such as 'cuda' or a torch\.device\), "
+                                        r"got dict$"):
+        ADMUNet.from_checkpoint(tmp_path / "ckpt.pt", g["config"], map_location={"cuda:0": "cpu"})
+
+
 def _legacy_ref(qkv, heads):
     # guided-diffusion QKVAttentionLegacy, written out with einsum
     bs, width, length = qkv.shape

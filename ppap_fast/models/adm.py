@@ -908,12 +908,16 @@ class ADMUNet(nn.Module):
     def from_checkpoint(cls, path, config: Mapping[str, Any] | str, map_location="cpu", strict: bool = True,
                         **overrides) -> "ADMUNet":
         """Build from `config` and load the official guided-diffusion .pt state_dict at ``path`` (weights_only,
-        ``map_location``).
+        ``map_location``: the device the returned model is on, a str or torch.device, default the CPU).
         An unreadable file, or (strict) any missing / unexpected / misshaped key or non-finite value, is a
         :class:`ppap_fast.models.offtheshelf.CheckpointError` naming the file and the differing keys; with
         ``strict=False`` missing / unexpected keys are a warning naming them, the rest still an error."""
         from .offtheshelf import CheckpointError, load_state_dict_strict, read_state_dict
 
+        if not isinstance(map_location, (str, torch.device)):
+            raise TypeError(f"map_location must be a device (a str such as 'cuda' or a torch.device), got "
+                            f"{type(map_location).__name__}")
+        device = torch.device(map_location)
         model = cls.from_config(config, **overrides)
         state = read_state_dict(path)
         what = f"ADM UNet {config!r}" if isinstance(config, str) else "the ADM UNet config given"
@@ -927,7 +931,7 @@ class ADMUNet(nn.Module):
                 raise CheckpointError(f"checkpoint {path} does not fit {what}: {'; '.join(notes)} ({e})") from None
         else:
             _load_partial(model, state, what, path)
-        return model.eval()  # built on the CPU, as before (map_location is kept for compatibility)
+        return model.to(device).eval()  # was left on the CPU whatever map_location said
 
 
 def _load_partial(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, path) -> None:
