@@ -1,6 +1,7 @@
 """ExpertBank: band routing, per-sample experts, merged(n) with BN folding, counts, checkpoints."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -702,6 +703,30 @@ def test_zero_lora_alpha_is_refused():
     with pytest.raises(ValueError, match="Placement.alpha must not be 0"):
         Placement(lora=("0",), r=2, alpha=0)
     assert Placement(lora=("0",), r=2, alpha=-1).scale == -0.5
+
+
+@pytest.mark.parametrize("alpha", ["8", True, None])
+def test_non_numeric_lora_alpha_is_refused(alpha):
+    """alpha="8" was taken as 8.0 and alpha=True as 1.0, silently."""
+    with pytest.raises(ValueError, match=rf"^Placement\.alpha must be a number \(the LoRA scale is alpha / r\), got "
+                                         rf"{re.escape(repr(alpha))}$"):
+        Placement(lora=("0",), r=2, alpha=alpha)
+    assert Placement(lora=("0",), r=2, alpha=3).alpha == 3.0
+
+
+def test_sync_batch_norm_left_shared_with_a_reason_that_fits():
+    """The warning gave SyncBatchNorm the reason "own forward (e.g. timm StdConv2d's weight standardisation)"."""
+    from ppap_fast.experts.placement import generic_placement
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"^generic placement leaves 1 module\(s\) without experts \(shared, "
+                                         r"frozen\): their class overrides the forward of the torch layer it "
+                                         r"extends, .*"
+                                         r"SyncBatchNorm syncs its training batch statistics across processes\): "
+                                         r"\['1 \(SyncBatchNorm\)'\]$"):
+        p = generic_placement(m)
+    assert p.norm == () and p.lora == ("0",)
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf")])

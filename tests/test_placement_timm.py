@@ -164,8 +164,8 @@ def test_bit_resnetv2_groupnormact_gets_experts_and_stdconv2d_is_left_shared_wit
     model = bit_resnetv2().double().eval()
     std = {n for n, m in model.named_modules() if type(m).__name__ == "StdConv2d"}
     gn_act = {n for n, m in model.named_modules() if type(m).__name__ == "GroupNormAct"}
-    with pytest.warns(UserWarning, match=rf"generic placement leaves {len(std)} module\(s\) without experts .*weight "
-                                         r"standardisation\) is not what a routed module computes: \['stem\.conv "
+    with pytest.warns(UserWarning, match=rf"generic placement leaves {len(std)} module\(s\) without experts .*StdConv2d "
+                                         r"standardises its weight, .*across processes\): \['stem\.conv "
                                          r"\(StdConv2d\)'"):
         bank = randomise_bank(ExpertBank(model, "generic", n_experts=2, num_timesteps=10)).eval()
     p = bank.placement

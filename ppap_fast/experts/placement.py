@@ -49,6 +49,8 @@ class Placement:
         object.__setattr__(self, "lora", tuple(self.lora))
         object.__setattr__(self, "bias", tuple(self.bias))
         object.__setattr__(self, "norm", tuple(self.norm))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):  # "8" was taken as 8.0
+            raise ValueError(f"Placement.alpha must be a number (the LoRA scale is alpha / r), got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         check_layout(self.layout)
         if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:  # True was rank 1
@@ -261,8 +263,9 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
 
         named = [f"{n} ({c})" for n, c in own.items()]
         warnings.warn(f"generic placement leaves {len(own)} module(s) without experts (shared, frozen): "
-                      "their own forward (e.g. timm StdConv2d's weight standardisation) is not what a routed module "
-                      f"computes: {named[:6]}"
+                      "their class overrides the forward of the torch layer it extends, which a routed module does "
+                      "not reproduce (e.g. timm StdConv2d standardises its weight, SyncBatchNorm syncs its "
+                      f"training batch statistics across processes): {named[:6]}"
                       f"{' ...' if len(named) > 6 else ''}", UserWarning, stacklevel=2)
     own = set(own)
     skip = weight_read_directly(model) | {head} | own
