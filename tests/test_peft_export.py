@@ -194,6 +194,25 @@ def test_dilated_conv_refused(tmp_path):
         export_peft(bank, 1, tmp_path / "a")
 
 
+@pytest.mark.parametrize("layout", ["factorised", "loralib"])
+def test_dilated_1x1_conv_exported_exactly(tmp_path, layout):
+    """A 1x1 conv with dilation > 1 was refused, though dilation has no effect on a 1x1 kernel."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2, padding=1, dilation=2), nn.Flatten(), nn.Linear(4 * 5 * 5, 2))
+    m = m.double().eval()
+    bank = randomise_bank(ExpertBank(m, Placement(lora=("0", "2"), bias=("0",), r=2, alpha=2, layout=layout),
+                                     n_experts=2)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for n in range(2):
+        export_peft(bank, n, tmp_path / f"e{n}", base_model=m)
+        with torch.no_grad():
+            want = bank(x, expert_idx=n)
+            got = _load(m, tmp_path / f"e{n}")(x)
+            base = m(x)
+        assert got.dtype == torch.float64 and torch.isfinite(got).all()
+        assert rel(got, want) < 1e-12 and rel(want, base) > 1e-2, (rel(got, want), rel(want, base))
+
+
 def test_suffix_conflict_refused(tmp_path):
     class M(nn.Module):
         def __init__(self):

@@ -13,7 +13,7 @@ How each per-expert piece maps (peft 0.21 semantics):
   1x1 conv with the base groups. Our grouped A is written block-diagonally
   (zeros outside its group's input channels), R = r * groups, alpha * groups:
   the same product. Dilated convs cannot be expressed (peft's A has no
-  dilation) and raise.
+  dilation) and raise, except 1x1 ones (dilation does nothing there).
 * LoRA on Conv2d, loralib layout (A [r*kh, C_in*kw], B [C_out/g*kh, r*kh],
   delta = (B @ A).view(W.shape)): this is not a product of a C_in-conv and a
   1x1 conv of rank r, but it is one of rank r*kh*kh, by rearranging entries
@@ -196,7 +196,7 @@ def export_peft(bank: ExpertBank, expert: int, out_dir, *, base_model: nn.Module
         if isinstance(m, RoutedLinear):
             lora[name] = m
         elif isinstance(m, RoutedConv2d):
-            if tuple(m.dilation) != (1, 1):
+            if tuple(m.dilation) != (1, 1) and tuple(m.kernel_size) != (1, 1):  # no effect on a 1x1 kernel
                 bad.append(f"{name} (Conv2d with dilation {tuple(m.dilation)}: peft's conv lora_A has no dilation)")
             lora[name] = m
         elif isinstance(m, (RoutedBias, ExpertBatchNorm, ExpertLayerNorm, ExpertGroupNorm)):
