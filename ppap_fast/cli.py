@@ -160,7 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output *.safetensors")
     s.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
-    s.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate")
+    s.add_argument("--lr", type=_positive_float, default=2e-3,
+                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
+                        "under 50 it is never reached), then a cosine decay to 0")
     s.add_argument("--widths", type=_widths, default=None,
                    help="resnet stage widths (positive integers; default: 16,32,64); --arch resnet only")
     common(s, weights=False)
@@ -186,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=_positive_float, default=2.0, help="LoRA alpha (scale alpha / rank)")
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
-    s.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
+    s.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
+                        "under 50 it is never reached), then a cosine decay to 0")
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
@@ -208,7 +212,9 @@ def _parser() -> argparse.ArgumentParser:
                         "trained before")
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
-    s.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate")
+    s.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
+                        "under 50 it is never reached), then a cosine decay to 0")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "

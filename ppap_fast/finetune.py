@@ -23,7 +23,10 @@ from .progress import BarLoss
 from .schedule import Schedule
 
 
-def _cosine_lr(opt, base_lr, step, total, warmup=50):
+LR_WARMUP_STEPS = 50  # fixed (the docstrings and the CLI's --lr help say so): shorter runs never reach the base LR
+
+
+def _cosine_lr(opt, base_lr, step, total, warmup=LR_WARMUP_STEPS):
     lr = base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     for g in opt.param_groups:
         g["lr"] = lr
@@ -34,6 +37,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, 
                      progress: bool = True, desc: str = "train-classifier", device: str = "cpu",
                      labels_fn=None) -> nn.Module:
     """Plain supervised training on clean images (with +-shift pixel augmentation).
+
+    The learning rate: ``lr`` times a linear warmup over the first 50 steps (fixed, so a run of fewer steps never
+    reaches ``lr``) times a cosine decay to 0 at ``steps``.
 
     ``labels_fn(images) -> labels``: labels computed from each shifted clean batch instead of ``y`` (the
     stroke segmentation net: :func:`ppap_fast.data.ink_mask`, per-pixel labels [B, H, W]); given with ``y``,
@@ -185,6 +191,9 @@ def finetune_noise_aware(base: nn.Module, x: torch.Tensor, y: torch.Tensor, n_ex
                          max_minutes: float | None = None, loss_reduction: str = "expert_mean",
                          checkpoint_path=None, checkpoint_every: int = 200) -> MultiExperts:
     """Full supervised fine-tuning of N copies of ``base`` on noisy labelled images.
+
+    The learning rate: ``lr`` times a linear warmup over the first 50 steps (fixed, so a run of fewer steps never
+    reaches ``lr``) times a cosine decay to 0 at ``steps`` (or at ``max_minutes``).
 
     ``loss_reduction`` (distill.LOSS_REDUCTIONS): "expert_mean" trains each expert on the mean
     cross-entropy over its own samples; "batch_mean" (the mean over the mixed batch, which scales

@@ -375,3 +375,25 @@ def test_finetune_refuses_counts_that_are_not_positive_ints(bad):
     with pytest.raises(ValueError, match=r"^n_experts, steps and batch_size must be positive ints, max_minutes positive "
                                          r"or None; got n_experts=\d+, steps=[\d.]+, batch_size=\w+, max_minutes=\S+$"):
         finetune_noise_aware(base, x, y, **kw)
+
+
+def test_fixed_lr_warmup_is_documented_where_lr_is_given():
+    """The warmup is a fixed 50 steps, so a run of fewer steps never reaches its LR; nothing said so."""
+    import argparse
+
+    from ppap_fast import cli, finetune
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs = []
+    for step in range(finetune.LR_WARMUP_STEPS):
+        _cosine_lr(opt, 1.0, step, 40)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(math.isfinite(v) for v in lrs) and max(lrs) < 0.5  # a 40-step run peaks far below its LR
+    said = "linear warmup over the first 50 steps (fixed"
+    assert finetune.LR_WARMUP_STEPS == 50
+    for fn in (train_classifier, finetune_noise_aware):
+        assert said in " ".join(fn.__doc__.split()), fn.__name__
+    subs = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for cmd in ("train-classifier", "finetune"):
+        lr = next(a for a in subs[cmd]._actions if "--lr" in a.option_strings)
+        assert "linear warmup over the first 50 steps (fixed: with --steps under 50 it is never reached)" in lr.help
