@@ -594,3 +594,31 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          encoding="utf-8", timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_an_interrupted_overwrite_of_a_checkpoint_without_digests_leaves_it(tmp_path, monkeypatch):
+    """A checkpoint whose config.json predates the recorded digests: a save over it killed before its new
+    config.json loaded the new experts (and, killed between files, new experts with the old base) silently."""
+    import ppap_fast.data.shards as shards
+
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
+    cfg = json.loads((ck / "config.json").read_text())
+    del cfg["files"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    real_write = shards.write_json_atomic
+
+    def killed_before_the_new_config(path, obj, **k):  # the new bank's config (its other base weights)
+        if obj["base_state"] != cfg["base_state"]:
+            raise KeyboardInterrupt
+        return real_write(path, obj, **k)
+
+    monkeypatch.setattr(shards, "write_json_atomic", killed_before_the_new_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_experts(_bank(1), ck, include_base=True)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted before its config.json"):
+        loaded = load_experts(ck, _fresh())
+    assert _same(loaded, _bank(0))
+    save_experts(_bank(1), ck, include_base=True)
+    assert _same(load_experts(ck, _fresh()), _bank(1))
