@@ -622,3 +622,16 @@ def test_an_interrupted_overwrite_of_a_checkpoint_without_digests_leaves_it(tmp_
     assert _same(loaded, _bank(0))
     save_experts(_bank(1), ck, include_base=True)
     assert _same(load_experts(ck, _fresh()), _bank(1))
+
+
+@pytest.mark.parametrize("version, fix", [(2, "upgrade ppap_fast to load it"), (0, "save the experts again"),
+                                          (None, "save the experts again"), (True, "save the experts again")])
+def test_a_checkpoint_of_another_version_says_what_to_do(tmp_path, version, fix):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["version"] = version
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"unsupported checkpoint version {version!r} \(this ppap_fast reads "
+                                         rf"version 1\): .*{fix}"):
+        load_experts(ck, _fresh())

@@ -360,8 +360,12 @@ def read_config(path, **where) -> dict:
                            advice="pass a folder written by save_experts, or save the experts again")
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{f} is not a {FORMAT} checkpoint (format={cfg.get('format')!r})")
-    if cfg.get("version") != VERSION:
-        raise ValueError(f"{f}: unsupported version {cfg.get('version')!r} (this code reads {VERSION})")
+    if type(cfg.get("version")) is not int or cfg["version"] != VERSION:  # true == 1
+        v = cfg.get("version")
+        newer = isinstance(v, int) and not isinstance(v, bool) and v > VERSION
+        raise ValueError(f"{f}: unsupported checkpoint version {v!r} (this ppap_fast reads version {VERSION}): "
+                         + ("written by a newer ppap_fast; upgrade ppap_fast to load it" if newer else
+                            "save the experts again with this ppap_fast"))
     bad = [k for k, kind in (("placement", dict), ("n_experts", int), ("num_timesteps", int))
            if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool)  # true is an int
            or (kind is int and cfg[k] <= 0)]  # 0 / -2: refused by ExpertBank, not naming this file
