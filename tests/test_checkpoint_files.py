@@ -635,3 +635,22 @@ def test_a_checkpoint_of_another_version_says_what_to_do(tmp_path, version, fix)
     with pytest.raises(ValueError, match=rf"unsupported checkpoint version {version!r} \(this ppap_fast reads "
                                          rf"version 1\): .*{fix}"):
         load_experts(ck, _fresh())
+
+
+def test_a_checkpoint_missing_a_file_is_refused_saying_what_to_do(tmp_path):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck, include_base=True)
+    (ck / "base.safetensors").unlink()
+    bank = _bank(1)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*ck has no base.safetensors \(cut mid-copy or "
+                                                r"mid-save\?\): copy it whole again, or save the experts again"):
+        load_experts_into(bank, ck)
+    assert _same(bank, _bank(1))
+
+
+def test_base_asked_of_a_checkpoint_saved_without_it(tmp_path):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    with pytest.raises(FileNotFoundError, match=r"base.safetensors not found: the experts were saved without "
+                                                r"include_base; pass load_base=False, or save them again"):
+        load_experts_into(_bank(1), ck, load_base=True)

@@ -307,12 +307,14 @@ def _read_committed(f: Path, cfg: dict) -> bytes:
     matching config.json while ``f`` does not: the previous checkpoint, loaded with a warning)."""
     want = (cfg.get("files") or {}).get(f.name)
     data = f.read_bytes() if f.exists() else None
-    if want is None or (data is not None and _digest(data) == want):
-        return data if data is not None else f.read_bytes()  # (missing: FileNotFoundError names it)
     prev = _prev(f)
-    kept = prev.read_bytes() if prev.exists() else None
+    kept = prev.read_bytes() if want is not None and (data is None or _digest(data) != want) and prev.exists() \
+        else None
     if kept is None or _digest(kept) != want:
-        return data if data is not None else f.read_bytes()  # damaged: refused by _check_file
+        if data is None:
+            raise FileNotFoundError(f"checkpoint {f.parent} has no {f.name} (cut mid-copy or mid-save?): copy it "
+                                    "whole again, or save the experts again")
+        return data  # damaged: refused by _check_file
     warnings.warn(f"{f} is from a save into {f.parent} interrupted before its config.json: loaded the previous "
                   f"checkpoint's copy {prev.name} (save again to replace it)", stacklevel=3)
     return kept
@@ -437,8 +439,9 @@ def load_experts_into(bank: ExpertBank, path, load_base: bool | None = None, **w
     parts = [(own, path / "experts.safetensors", f"experts in {path}")]
     if load_base:
         f = path / "base.safetensors"
-        if not f.exists() and not _prev(f).exists():
-            raise FileNotFoundError(f"{f} not found (saved without include_base)")
+        if not cfg.get("include_base") and not f.exists() and not _prev(f).exists():
+            raise FileNotFoundError(f"{f} not found: the experts were saved without include_base; pass "
+                                    "load_base=False, or save them again with include_base=True")
         parts.append(({k: v for k, v in bank.model.state_dict().items() if k not in own}, f, f"base weights in {path}"))
     # every file is read once and verified (keys, shapes, then digest) before anything is copied:
     # never half-loaded
