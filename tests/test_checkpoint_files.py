@@ -654,3 +654,15 @@ def test_base_asked_of_a_checkpoint_saved_without_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"base.safetensors not found: the experts were saved without "
                                                 r"include_base; pass load_base=False, or save them again"):
         load_experts_into(_bank(1), ck, load_base=True)
+
+
+@pytest.mark.parametrize("record", ["abc", {"bytes": 1}, None, 5, {"bytes": "1", "sha256": "00"}])
+def test_a_malformed_file_record_is_refused_naming_it(tmp_path, record):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["files"]["experts.safetensors"] = record
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json is damaged: missing or malformed entries "
+                                         r"\['files.experts.safetensors'\]"):
+        load_experts(ck, _fresh())

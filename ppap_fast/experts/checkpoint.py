@@ -372,6 +372,8 @@ def read_config(path, **where) -> dict:
            if not isinstance(cfg.get(k), kind) or isinstance(cfg.get(k), bool)  # true is an int
            or (kind is int and cfg[k] <= 0)]  # 0 / -2: refused by ExpertBank, not naming this file
     bad += [k for k in ("files",) if k in cfg and not isinstance(cfg[k], dict)]
+    bad += [f"files.{name}" for name, rec in (cfg["files"].items() if isinstance(cfg.get("files"), dict) else ())
+            if not (isinstance(rec, dict) and type(rec.get("bytes")) is int and isinstance(rec.get("sha256"), str))]
     bad += [k for k in ("input_transform",) if k in cfg and not _valid_transform_record(cfg[k])]
     bad += [f"placement.{k}" for k in ("lora", "bias", "norm")
             if isinstance(cfg.get("placement"), dict) and not isinstance(cfg["placement"].get(k, []), list)]
