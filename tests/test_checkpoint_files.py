@@ -666,3 +666,13 @@ def test_a_malformed_file_record_is_refused_naming_it(tmp_path, record):
     with pytest.raises(ValueError, match=r"config.json is damaged: missing or malformed entries "
                                          r"\['files.experts.safetensors'\]"):
         load_experts(ck, _fresh())
+
+
+def test_a_checkpoint_file_given_for_its_folder_says_what_to_pass(tmp_path):
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    with pytest.raises(NotADirectoryError, match=r"experts.safetensors is a file, not a checkpoint directory: pass "
+                                                 r"the folder save_experts wrote \(the one holding config.json\)"):
+        load_experts(ck / "experts.safetensors", _fresh())
+    with pytest.raises(NotADirectoryError, match=r"ck.nope is missing, not a checkpoint directory"):
+        load_experts(ck, _fresh(), subfolder="nope")

@@ -328,7 +328,8 @@ def resolve_checkpoint(path_or_repo, subfolder: str | None = None, revision: str
     if p.exists():
         p = p / subfolder if subfolder else p
         if not p.is_dir():
-            raise NotADirectoryError(f"{p} is not a checkpoint directory")
+            raise NotADirectoryError(f"{p} is {'a file' if p.exists() else 'missing'}, not a checkpoint directory: "
+                                     "pass the folder save_experts wrote (the one holding config.json)")
         return p
     name = str(path_or_repo)
     if name.count("/") != 1 or name.startswith((".", "/")) or name.endswith("/"):
