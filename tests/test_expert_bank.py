@@ -347,6 +347,20 @@ def test_expert_state_dict_roundtrip_and_strict():
         bank.expert_state_dict(4)
 
 
+
+@pytest.mark.parametrize("count", [2.5, float("nan")])
+def test_a_non_integer_step_count_is_refused_not_truncated(count):
+    """A float num_batches_tracked (a state_dict cast with .float()) was copied into the long buffer: 2.5 -> 2."""
+    bank = randomise_bank(ExpertBank(Tiny(), "generic", n_experts=4))
+    sd = bank.expert_state_dict(2)
+    before = bank.expert_state_dict(1)
+    with pytest.raises(ValueError, match=r"expert 1 state_dict cannot be loaded into this bank: "
+                                         r"\['bn1.num_batches_tracked \(non-integer values for torch.int64\)'\]"):
+        bank.load_expert_state_dict(1, {**sd, "bn1.num_batches_tracked": torch.tensor(count)})
+    assert all(torch.equal(bank.expert_state_dict(1)[k], v) for k, v in before.items())
+    bank.load_expert_state_dict(1, {**sd, "bn1.num_batches_tracked": torch.tensor(7.0)})  # integral: loads
+    assert int(bank.expert_state_dict(1)["bn1.num_batches_tracked"]) == 7
+
 def test_checkpoint_roundtrip_and_strict(tmp_path):
     base = Tiny()
     bank = randomise_bank(ExpertBank(base, "generic", n_experts=5, arch="tiny")).eval()

@@ -80,11 +80,16 @@ def _frozen(t):
 
 def nonfinite_after_cast(dst: dict, src: dict) -> list:
     """Names of floating ``src`` tensors that hold NaN / Inf, or whose values overflow to Inf when cast to the
-    dtype of ``dst[name]`` (an fp32 running_var of 1e5 in an fp16 bank): loading them would run wrong numbers."""
+    dtype of ``dst[name]`` (an fp32 running_var of 1e5 in an fp16 bank), or that hold non-integers for an integer
+    ``dst[name]``: loading them would run wrong numbers."""
     bad = []
     for k, v in src.items():
         d = dst.get(k)
-        if d is None or not (v.is_floating_point() and d.is_floating_point()):
+        if d is None or not v.is_floating_point():
+            continue
+        if not d.is_floating_point():  # e.g. num_batches_tracked: copy_ truncates 2.5 to 2, NaN to garbage
+            if not torch.isfinite(v).all() or not torch.equal(v, v.trunc()):
+                bad.append(f"{k} (non-integer values for {d.dtype})")
             continue
         if not torch.isfinite(v).all():
             bad.append(f"{k} (non-finite values)")
