@@ -81,6 +81,12 @@ def _image_shape(unet, image_shape) -> tuple:
     return shape
 
 
+def _respacing_as_steps_option(respacing):
+    """'ddim25' -> '--steps 25' (what `generate` makes of --steps); None for any other respacing."""
+    n = str(respacing)[4:] if str(respacing).startswith("ddim") else ""
+    return f"--steps {n}" if n.isdigit() else None
+
+
 def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: int = 6000, shard_size: int = 500,
                       seed: int = 0, respacing: str = "ddim25", device: str = "cpu", progress: bool = True,
                       image_shape: tuple | None = None, schedule: str = "linear") -> list[int]:
@@ -110,7 +116,8 @@ def generate_datafree(unet: nn.Module, teacher: nn.Module, out_dir, num_images: 
                                "unet_state": module_fingerprint(unet),
                                "teacher_state": module_fingerprint(teacher),
                                # devices round differently (CUDA convs in TF32): checked below, not by the writer
-                               "device_type": recorded_type or device_type})
+                               "device_type": recorded_type or device_type},
+                         user_terms={"respacing": _respacing_as_steps_option})
     if "schedule" not in writer.meta and schedule != "linear":  # its shards predate the record: linear ones
         raise ValueError(f"{out_dir} holds a shard set made with the linear schedule (before the schedule was "
                          f"recorded), not {schedule!r}; use schedule='linear' or another directory")

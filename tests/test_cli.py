@@ -490,6 +490,16 @@ def test_out_dir_that_is_not_a_previous_output_is_never_replaced(weights, tmp_pa
     assert main(args + ["--out", str(tmp_path / "d")] + common) == 0  # a previous output is replaced
 
 
+def test_generate_rerun_with_other_steps_names_the_option(weights, tmp_path, capsys):
+    """The refusal named only "respacing: 'ddim2' there vs 'ddim3' now", an internal name for --steps."""
+    gen = ["generate", "--out", str(tmp_path / "d"), "--num-images", "2", "--shard-size", "2", "--weights-dir",
+           str(weights), "--no-progress"]
+    assert main(gen + ["--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(gen + ["--steps", "3"]) == 2
+    assert "respacing: 'ddim2' there vs 'ddim3' now (--steps 2 there vs --steps 3 now)" in _err(capsys)
+
+
 def test_resume_with_other_settings_or_teacher_is_refused(weights, tmp_path, capsys):
     data = tmp_path / "data"
     common = ["--weights-dir", str(weights), "--no-progress"]

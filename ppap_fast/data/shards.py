@@ -289,10 +289,18 @@ def nothing_written_yet(directory, manifest: dict) -> bool:
 _LAYOUT_KEYS = ("num_images", "shard_size", "num_shards", "complete", "shards")  # what write_manifest sets
 
 
+def _in_user_terms(fn, there, now) -> str:
+    said = (fn(there), fn(now)) if fn is not None else (None, None)
+    return f" ({said[0]} there vs {said[1]} now)" if None not in said else ""
+
+
 class ShardWriter:
     """Resumable writer: ``run(make_shard)`` calls ``make_shard(k)`` only for missing shards."""
 
-    def __init__(self, directory, num_images: int, shard_size: int, meta: dict | None = None):
+    def __init__(self, directory, num_images: int, shard_size: int, meta: dict | None = None,
+                 user_terms: dict | None = None):
+        """``user_terms``: {meta key: fn(value) -> how the caller's user sets it (e.g. ``--steps 25``) or None},
+        named beside the key when a rerun's settings differ."""
         if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in (num_images, shard_size)):
             # 3.5 images became 3 silently
             raise ValueError(f"num_images and shard_size must be positive ints, got {num_images!r}, {shard_size!r}")
@@ -324,8 +332,8 @@ class ShardWriter:
                                      f"not {getattr(self, key)}; use another directory")
             # everything else that determines the shards (seed, sampler, model fingerprints): keys an
             # older manifest lacks are not compared, so sets written before they were recorded still finish
-            diff = [f"{k}: {old[k]!r} there vs {v!r} now" for k, v in self.meta.items()
-                    if k in old and old[k] != v and not nothing_written]
+            diff = [f"{k}: {old[k]!r} there vs {v!r} now{_in_user_terms((user_terms or {}).get(k), old[k], v)}"
+                    for k, v in self.meta.items() if k in old and old[k] != v and not nothing_written]
             if diff:
                 raise ValueError(f"{self.dir} holds a shard set made with other settings ({'; '.join(diff)}); "
                                  "use the same arguments or another directory")
