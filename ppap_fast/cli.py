@@ -820,7 +820,54 @@ def _disk_full_message(args, e: Exception) -> str:
             "another disk) and rerun")
 
 
+class _StdoutOutlivingItsReader:
+    """sys.stdout while a command runs: once its reader is gone (``| head``), the rest goes to os.devnull and the
+    command finishes its work (train-diffusion died at its next print, before writing --out)."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def write(self, text):
+        if self._gone:
+            return len(text)
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._to_devnull()
+
+    def _to_devnull(self):  # as Python's docs advise (signal.SIGPIPE notes): the exit-time flush then succeeds too
+        self._gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    stdout = sys.stdout
+    sys.stdout = _StdoutOutlivingItsReader(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         with _no_empty_dirs_left(_out_folder(args)):  # folders made for --out, left empty by a failed run
