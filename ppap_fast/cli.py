@@ -138,7 +138,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=seed, default=0, help="random seed")
             s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet")
+    s = sub.add_parser("train-diffusion", help="train the unconditional eps-prediction UNet",
+                       description="Train the unconditional eps-prediction UNet. OUT.ckpt.pt (model, EMA and "
+                                   "optimizer) stays after training ends: a rerun with more --steps continues from "
+                                   "it, as one run of that many steps would; delete it once you want no more steps.")
     s.add_argument("--out", required=True, help="output *.safetensors (the EMA weights)")
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")

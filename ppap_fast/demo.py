@@ -44,7 +44,8 @@ def train_diffusion(out, steps: int = 2000, batch_size: int = 64, lr: float = 2e
 
     Saves the EMA weights to ``out`` (safetensors) when training ends (``steps`` or ``max_minutes``), never
     before: a killed run leaves no ``out``. A checkpoint ``out + '.ckpt.pt'`` is written every
-    ``checkpoint_every`` steps and resumed from if present.
+    ``checkpoint_every`` steps and resumed from if present; it is kept after training ends, so a rerun with
+    more ``steps`` continues training (bitwise as one run of that many steps).
     """
     if not 0 <= ema_decay <= 1:  # nan: every EMA weight NaN, saved without a word
         raise ValueError(f"ema_decay must lie in [0, 1], got {ema_decay}")

@@ -114,6 +114,25 @@ def test_train_diffusion_refuses_a_checkpoint_past_its_steps(tmp_path):
     assert (tmp_path / "u.safetensors").read_bytes() == before
 
 
+def test_train_diffusion_keeps_its_checkpoint_to_extend_training_and_says_so(tmp_path, capsys):
+    """OUT.ckpt.pt stays after training ends (distill / finetune remove their states): a rerun with more --steps
+    continues from it, bitwise as one longer run. The help did not say it stays, nor why."""
+    from ppap_fast import demo
+
+    with pytest.raises(SystemExit, match="0"):
+        main(["train-diffusion", "--help"])
+    assert "OUT.ckpt.pt (model, EMA and optimizer) stays after training ends: a rerun with more --steps continues" \
+        in " ".join(capsys.readouterr().out.split())
+    kw = dict(batch_size=2, checkpoint_every=100, unet_config=TINY_UNET, progress=False)
+    demo.train_diffusion(tmp_path / "once.safetensors", steps=3, **kw)
+    demo.train_diffusion(tmp_path / "extended.safetensors", steps=1, **kw)
+    assert (tmp_path / "extended.safetensors.ckpt.pt").is_file()
+    demo.train_diffusion(tmp_path / "extended.safetensors", steps=3, **kw)
+    once, extended = (load_file(tmp_path / f) for f in ("once.safetensors", "extended.safetensors"))
+    assert once.keys() == extended.keys() and all(torch.equal(once[k], extended[k]) for k in once)
+    assert all(bool(v.isfinite().all()) for v in once.values() if v.is_floating_point())
+
+
 def test_train_diffusion_removes_only_its_own_checkpoint_temporaries(tmp_path):
     """Every .<ckpt>.*.tmp was removed, a user's file of that shape too: only _atomic's exact names go."""
     from ppap_fast import demo
