@@ -739,8 +739,14 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     written = {}
 
     def record(*names):
-        written.update({n: _file_entry(out / n) for n in names})
-        _write_demo_record(out, written)
+        try:
+            entries = {n: _file_entry(out / n) for n in names}
+            _write_demo_record(out, {**written, **entries})
+        except BaseException:  # unrecorded (a full disk), a later run would keep them as the user's: they go
+            for n in names:
+                (out / n).unlink(missing_ok=True)
+            raise
+        written.update(entries)
 
     record()
     targets = cyclic_targets(num_samples)
@@ -773,10 +779,12 @@ def run_demo(out, weights_dir=WEIGHTS_DIR, methods=None, num_samples: int = 200,
     if seg is not None:
         summary["segmentation"] = seg
     write_json_atomic(out / "results.json", summary)
+    record("results.json")  # each as it is written: a failure at the next leaves none unrecorded
     save_bar_chart(out / "results.png", results)
+    record("results.png")
     save_comparison(out / "comparison.png", pictured, targets.numpy(),
                     {m: f"acc {r['target_accuracy']:.2f}, FD {r['fd']:.0f}" for m, r in results.items()})
-    record(*summary_files)
+    record("comparison.png")
     print(format_table(results))
     if seg is not None:
         from .seg_demo import format_seg_table

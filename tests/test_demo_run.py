@@ -320,3 +320,36 @@ def test_a_rerun_stopped_early_leaves_none_of_the_earlier_runs_samples(tmp_path,
     assert (out / "samples_none.npz").read_bytes() != seed0  # this run's
     assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_RECORD, "grid_none.png", "samples_none.npz"]
     assert sorted(json.loads((out / demo.DEMO_RECORD).read_text())["files"]) == ["grid_none.png", "samples_none.npz"]
+
+
+@pytest.mark.parametrize("fails_at", ["record", "results.png"])
+def test_a_full_disk_leaves_no_output_unrecorded(tmp_path, monkeypatch, fails_at):
+    """demo_outputs.json failing to update after samples_none.npz was written (or results.png failing after
+    results.json) left that file unrecorded: a later run kept it as the user's."""
+    import errno
+
+    from ppap_fast import demo
+
+    w = make_tiny_weights(tmp_path / "w")
+    out = tmp_path / "out"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    real_record = demo._write_demo_record
+
+    def record_fails_once_samples_exist(path, files):
+        if "samples_none.npz" in files:
+            raise full
+        return real_record(path, files)
+
+    def chart_fails(*a, **k):
+        raise full
+
+    if fails_at == "record":
+        monkeypatch.setattr(demo, "_write_demo_record", record_fails_once_samples_exist)
+    else:
+        monkeypatch.setattr(demo, "save_bar_chart", chart_fails)
+    with pytest.raises(OSError, match="No space left on device"):
+        demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=0)
+    recorded = json.loads((out / demo.DEMO_RECORD).read_text())["files"]
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != demo.DEMO_RECORD)
+    assert on_disk == sorted(recorded) and all(recorded[n] == demo._file_entry(out / n) for n in on_disk)
+    assert ("results.json" in on_disk) == (fails_at == "results.png")
