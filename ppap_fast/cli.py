@@ -823,9 +823,9 @@ def _disk_full_message(args, e: Exception) -> str:
             "another disk) and rerun")
 
 
-class _StdoutOutlivingItsReader:
-    """sys.stdout while a command runs: once its reader is gone (``| head``), the rest goes to os.devnull and the
-    command finishes its work (train-diffusion died at its next print, before writing --out)."""
+class _StreamOutlivingItsReader:
+    """sys.stdout / sys.stderr while a command runs: once its reader is gone (``| head``), the rest goes to os.devnull
+    and the command finishes its work (train-diffusion died at its next print or progress bar, before writing --out)."""
 
     def __init__(self, stream):
         self._stream, self._gone = stream, False
@@ -861,13 +861,14 @@ class _StdoutOutlivingItsReader:
 
 
 def main(argv=None) -> int:
-    stdout = sys.stdout
-    sys.stdout = _StdoutOutlivingItsReader(stdout)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _StreamOutlivingItsReader(stdout), _StreamOutlivingItsReader(stderr)
     try:
         return _main(argv)
     finally:
         sys.stdout.flush()
-        sys.stdout = stdout
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _main(argv) -> int:

@@ -319,8 +319,10 @@ def test_a_full_disk_under_torch_save_is_one_line(tmp_path, capsys, monkeypatch,
     assert not list(tmp_path.iterdir())
 
 
-def test_a_closed_stdout_lets_train_diffusion_finish_and_write_its_weights(tmp_path):
-    """`ppap-fast train-diffusion ... | head` died of BrokenPipeError at its next print, before --out was written."""
+@pytest.mark.parametrize("both", [False, True])
+def test_a_closed_stdout_lets_train_diffusion_finish_and_write_its_weights(tmp_path, both):
+    """`ppap-fast train-diffusion ... | head` died of BrokenPipeError at its next print, before --out was written
+    (with `2>&1 | head`: at its progress bar's next update)."""
     import os
     import subprocess
     import sys
@@ -330,10 +332,11 @@ def test_a_closed_stdout_lets_train_diffusion_finish_and_write_its_weights(tmp_p
     out = tmp_path / "u.safetensors"
     code = "import sys; from ppap_fast.cli import main; sys.exit(main())"  # as the ppap-fast console script
     proc = subprocess.Popen([sys.executable, "-c", code, "--threads", "1", "train-diffusion", "--steps", "1",
-                             "--batch-size", "2", "--out", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                             "--batch-size", "2", "--out", str(out)] + ([] if both else ["--no-progress"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
     proc.stdout.close()  # the reader is gone before the first line
-    err = proc.stderr.read().decode()
+    err = "" if both else proc.stderr.read().decode()
     assert proc.wait(timeout=600) == 0 and err == "", err
     weights = load_file(out)
     assert weights and all(bool(v.isfinite().all()) for v in weights.values() if v.is_floating_point())
