@@ -185,7 +185,7 @@ def _probe(what: str, cfg: GuidedSampleConfig, fn):
     try:
         with torch.no_grad():
             return fn()
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: a model checking its own input shape
         raise ValueError(f"{what} does not take [1, {cfg.channels}, {cfg.image_size}, {cfg.image_size}] images "
                          f"(check --channels / --image-size): {str(e).splitlines()[0]}") from None
 
