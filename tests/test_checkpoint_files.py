@@ -66,13 +66,7 @@ def test_an_interrupted_overwrite_leaves_the_previous_checkpoint(tmp_path, monke
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shards, killed_in, boom)
-    with pytest.raises(KeyboardInterrupt):
-        save_experts(_bank(1), ck, include_base=True)
-    monkeypatch.undo()
-    with pytest.warns(UserWarning, match="interrupted before its config.json"):
-        loaded = load_experts(ck, _fresh())
-    assert _same(loaded, _bank(0))
+    _killed_save_leaves_bank0(monkeypatch, ck, killed_in, boom)
     with pytest.raises(KeyboardInterrupt):  # killed again: the kept copy stays the committed one
         monkeypatch.setattr(shards, killed_in, boom)
         save_experts(_bank(2), ck, include_base=True)
@@ -613,25 +607,39 @@ def test_an_interrupted_overwrite_of_a_checkpoint_without_digests_leaves_it(tmp_
             raise KeyboardInterrupt
         return real_write(path, obj, **k)
 
-    monkeypatch.setattr(shards, "write_json_atomic", killed_before_the_new_config)
+    _killed_save_leaves_bank0(monkeypatch, ck, "write_json_atomic", killed_before_the_new_config)
+    save_experts(_bank(1), ck, include_base=True)
+    assert _same(load_experts(ck, _fresh()), _bank(1))
+
+
+def _killed_save_leaves_bank0(monkeypatch, ck, killed_in: str, kill) -> None:
+    """save_experts(_bank(1)) over ck (holding _bank(0)) with shards.<killed_in> replaced by kill (raising
+    KeyboardInterrupt): ck still loads _bank(0), with the interrupted-save warning."""
+    from ppap_fast.data import shards
+
+    monkeypatch.setattr(shards, killed_in, kill)
     with pytest.raises(KeyboardInterrupt):
         save_experts(_bank(1), ck, include_base=True)
     monkeypatch.undo()
     with pytest.warns(UserWarning, match="interrupted before its config.json"):
         loaded = load_experts(ck, _fresh())
     assert _same(loaded, _bank(0))
-    save_experts(_bank(1), ck, include_base=True)
-    assert _same(load_experts(ck, _fresh()), _bank(1))
+
+
+def _saved_with_config_edit(tmp_path, edit):
+    """A checkpoint of _bank(0) in tmp_path / 'ck' whose config.json went through edit(cfg)."""
+    ck = tmp_path / "ck"
+    save_experts(_bank(0), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    edit(cfg)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    return ck
 
 
 @pytest.mark.parametrize("version, fix", [(2, "upgrade ppap_fast to load it"), (0, "save the experts again"),
                                           (None, "save the experts again"), (True, "save the experts again")])
 def test_a_checkpoint_of_another_version_says_what_to_do(tmp_path, version, fix):
-    ck = tmp_path / "ck"
-    save_experts(_bank(0), ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["version"] = version
-    (ck / "config.json").write_text(json.dumps(cfg))
+    ck = _saved_with_config_edit(tmp_path, lambda cfg: cfg.update(version=version))
     with pytest.raises(ValueError, match=rf"unsupported checkpoint version {version!r} \(this ppap_fast reads "
                                          rf"version 1\): .*{fix}"):
         load_experts(ck, _fresh())
@@ -658,11 +666,7 @@ def test_base_asked_of_a_checkpoint_saved_without_it(tmp_path):
 
 @pytest.mark.parametrize("record", ["abc", {"bytes": 1}, None, 5, {"bytes": "1", "sha256": "00"}])
 def test_a_malformed_file_record_is_refused_naming_it(tmp_path, record):
-    ck = tmp_path / "ck"
-    save_experts(_bank(0), ck)
-    cfg = json.loads((ck / "config.json").read_text())
-    cfg["files"]["experts.safetensors"] = record
-    (ck / "config.json").write_text(json.dumps(cfg))
+    ck = _saved_with_config_edit(tmp_path, lambda cfg: cfg["files"].update({"experts.safetensors": record}))
     with pytest.raises(ValueError, match=r"config.json is damaged: missing or malformed entries "
                                          r"\['files.experts.safetensors'\]"):
         load_experts(ck, _fresh())

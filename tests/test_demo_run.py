@@ -8,6 +8,21 @@ from ppap_fast.cli import main
 from ppap_fast.demo import DEMO_METHODS, make_tiny_weights
 
 
+def _kill_at_the_second_call(monkeypatch, module, name: str = "sample_method"):
+    """module.<name> (a sampling step of the demo) raises KeyboardInterrupt at its second call; returns the list
+    of methods it was called with and the real function."""
+    real, calls = getattr(module, name), []
+
+    def killed_at_the_second_call(*a, **k):
+        calls.append(a[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, killed_at_the_second_call)
+    return calls, real
+
+
 @pytest.mark.slow
 def test_demo_writes_every_artefact(tmp_path, capsys):
     w = make_tiny_weights(tmp_path / "w")
@@ -106,15 +121,7 @@ def test_an_interrupted_rerun_leaves_no_older_summary(tmp_path, monkeypatch):
         (out / name).write_text("an older run's")
     names = ("results.json", "results.png", "comparison.png", "segmentation.png")
     demo._write_demo_record(out, {n: demo._file_entry(out / n) for n in names})  # as the older run recorded them
-    real, calls = demo.sample_method, []
-
-    def killed_at_the_second_method(*a, **k):
-        calls.append(a[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(demo, "sample_method", killed_at_the_second_method)
+    calls, _ = _kill_at_the_second_call(monkeypatch, demo)
     args = ["--threads", "1", "demo", "--weights-dir", str(w), "--out", str(out), "--num-samples", "10", "--steps",
             "2", "--methods", "none,naive", "--seg-per-target", "0", "--no-progress"]
     assert main(args) == 2
@@ -277,15 +284,7 @@ def test_a_run_killed_in_the_segmentation_step_records_what_it_wrote(tmp_path, m
 
     w = make_tiny_weights(tmp_path / "w")
     out = tmp_path / "out"
-    real, calls = seg_demo.sample_seg_method, []
-
-    def killed_at_the_second_method(*a, **k):
-        calls.append(a[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(seg_demo, "sample_seg_method", killed_at_the_second_method)
+    calls, real = _kill_at_the_second_call(monkeypatch, seg_demo, "sample_seg_method")
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(out, w, methods=["none"], num_samples=10, steps=2, progress=False, seg_per_target=1)
     first = out / f"seg_samples_{calls[0]}.npz"
@@ -307,15 +306,7 @@ def test_a_rerun_stopped_early_leaves_none_of_the_earlier_runs_samples(tmp_path,
             "2", "--methods", "none,naive", "--seg-per-target", "0", "--no-progress"]
     assert main(args) == 0
     seed0 = (out / "samples_none.npz").read_bytes()
-    real, calls = demo.sample_method, []
-
-    def killed_at_the_second_method(*a, **k):
-        calls.append(a[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(demo, "sample_method", killed_at_the_second_method)
+    calls, _ = _kill_at_the_second_call(monkeypatch, demo)
     assert main(args + ["--seed", "1"]) == 2
     assert (out / "samples_none.npz").read_bytes() != seed0  # this run's
     assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_RECORD, "grid_none.png", "samples_none.npz"]
