@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ._inputs import check_halvable, per_sample_timesteps
+
 __all__ = [
     "ADMUNet",
     "AttentionBlock",
@@ -773,15 +775,8 @@ class ADMUNet(nn.Module):
             raise ValueError(f"x must be floating point, got {x.dtype}")
         halvings = len(self.channel_mult) - 1
         resampled = x.shape[3:] if getattr(self, "dims", 2) == 3 else x.shape[2:]  # 3-D: inner two dims only
-        if any(s % 2 ** halvings for s in resampled):  # else a decoder concatenation fails, deep inside
-            raise ValueError(f"x's spatial size {tuple(resampled)} must be divisible by {2 ** halvings} (this UNet "
-                             f"halves it {halvings} times): resize or pad x")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0 or tuple(timesteps.shape) == (1,):  # one t for the batch (as guided-diffusion)
-            timesteps = timesteps.reshape(()).expand(x.shape[0])
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must be one value or one per sample, shape ({x.shape[0]},), got shape "
-                             f"{tuple(timesteps.shape)}")
+        check_halvable(resampled, halvings)
+        timesteps = per_sample_timesteps(timesteps, x, "timesteps")
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
         if self.timestep_scale is not None:  # rescale_timesteps=True: trained on t * 1000 / diffusion_steps

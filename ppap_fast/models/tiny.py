@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._inputs import check_halvable, per_sample_timesteps
+
 # ----------------------------------------------------------------------------- diffusion model
 
 UNET_DEFAULT = dict(
@@ -54,14 +56,8 @@ class EpsModel(nn.Module):
         c, halvings = self.config["in_channels"], len(self.config["block_out_channels"]) - 1
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"x must be [B, {c}, H, W], got shape {tuple(x.shape)}")
-        if any(s % 2 ** halvings for s in x.shape[2:]):
-            raise ValueError(f"x's spatial size {tuple(x.shape[2:])} must be divisible by {2 ** halvings} (this UNet "
-                             f"halves it {halvings} times): resize or pad x")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0 or tuple(t.shape) == (1,):
-            t = t.reshape(()).expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be one value or one per sample, shape ({x.shape[0]},), got shape {tuple(t.shape)}")
+        check_halvable(x.shape[2:], halvings)
+        t = per_sample_timesteps(t, x, "t")
         if x.shape[0] == 0:
             return x.new_zeros((0, self.config["out_channels"], *x.shape[2:]))
         return self.unet(x, t).sample
