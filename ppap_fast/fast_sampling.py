@@ -251,6 +251,13 @@ def _same_layout(a, b) -> bool:
         (v.shape, v.dtype, v.device) == (sb[k].shape, sb[k].dtype, sb[k].device) for k, v in sa.items())
 
 
+def _copy_state(dst, src) -> None:
+    """Copy ``src``'s state tensors into ``dst``'s in place (same layout: captured graphs keep reading them)."""
+    state = src.state_dict()
+    for name, t in dst.state_dict().items():
+        t.copy_(state[name])
+
+
 def _channels_last_model(model) -> bool:
     """Whether a module's 4-D weights are in channels_last (and some not also NCHW-contiguous)."""
     if not isinstance(model, torch.nn.Module):
@@ -700,9 +707,7 @@ class FastGuide:
             m = self._merged_models.get(id(bank))
             if m is None or self._loaded[id(bank)] == n:
                 continue
-            src = bank.merged(n).state_dict()
-            for name, t in m.state_dict().items():
-                t.copy_(src[name])
+            _copy_state(m, bank.merged(n))
             self._loaded[id(bank)] = n
             self.swaps += 1
 
@@ -818,9 +823,7 @@ class FastGuide:
                 if self.merge_mode == "swap":
                     self._loaded[id(bank)] = None  # the next _swap_to copies the new weights in
                     continue
-                src = src.state_dict()
-                for name, t in m.state_dict().items():
-                    t.copy_(src[name])
+                _copy_state(m, src)
 
     def runner(self, key):
         """The grad runner for a merged key, or the routed runner for key None."""
