@@ -180,28 +180,24 @@ def _prev(f: Path) -> Path:
     return f.with_name(f".{f.name}.prev")
 
 
-def _committed_config(path: Path) -> dict | None:
+def _committed_files(path: Path) -> dict:
+    """The file digests the config.json in ``path`` records ({} for none). A checkpoint's config.json that predates
+    them gets them first (atomically), so that a save over it keeps its files until the new config.json is in place
+    (killed midway, it still loads)."""
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return cfg if isinstance(cfg, dict) and isinstance(cfg.get("files"), dict) else None
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    if cfg.get("format") == FORMAT and "files" not in cfg:
+        found = [name for name in CHECKPOINT_FILES if (path / name).is_file()]
+        if "experts.safetensors" in found:
+            from ..data.shards import write_json_atomic
 
-
-def _record_digests_of_older_checkpoint(path: Path) -> None:
-    """A checkpoint in ``path`` whose config.json predates the files' digests gets them (atomically), so that a
-    save over it keeps its files until the new config.json is in place (killed midway, it still loads)."""
-    from ..data.shards import write_json_atomic
-
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or "files" in cfg:
-        return
-    found = [name for name in CHECKPOINT_FILES if (path / name).is_file()]
-    if "experts.safetensors" in found:
-        write_json_atomic(path / "config.json", {**cfg, "files": {n: _digest((path / n).read_bytes()) for n in found}})
+            cfg = {**cfg, "files": {n: _digest((path / n).read_bytes()) for n in found}}
+            write_json_atomic(path / "config.json", cfg)
+    return cfg["files"] if isinstance(cfg.get("files"), dict) else {}
 
 
 def check_output_dir(path, what: str) -> Path:
@@ -270,8 +266,7 @@ def save_experts(bank: ExpertBank, path, include_base: bool = False, allow_nonfi
     if rec is not None:
         cfg["input_transform"] = rec
     cfg["files"] = {}
-    _record_digests_of_older_checkpoint(path)
-    committed = (_committed_config(path) or {}).get("files", {})
+    committed = _committed_files(path)
     for name in files:  # keep the committed copy (the file, or its .prev from a save killed before)
         f = path / name
         if name in committed and f.exists() and _digest(f.read_bytes()) == committed[name]:
