@@ -21,6 +21,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -250,8 +251,6 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     traced, head = head_linear(model)
     if not traced:
         if sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
-            import warnings
-
             warnings.warn(f"generic placement: torch.fx cannot trace {type(model).__name__}, so the classifier head "
                           f"(no LoRA) is taken to be its last registered Linear {head!r}; if another Linear produces "
                           "the output, give a Placement", UserWarning, stacklevel=2)
@@ -259,8 +258,6 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
 
     own = {n: type(m).__name__ for n, m in model.named_modules() if _other_forward(m)}
     if own:
-        import warnings
-
         named = [f"{n} ({c})" for n, c in own.items()]
         warnings.warn(f"generic placement leaves {len(own)} module(s) without experts (shared, frozen): "
                       "their class overrides the forward of the torch layer it extends, which a routed module does "
@@ -273,14 +270,12 @@ def generic_placement(model: nn.Module, r: int = 8, alpha: float = 8, layout: st
     norm = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and _affine_norm(m) and n not in own]
     bias = [n for n, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and _has_bias(m) and n not in (skip - {head}) | own]
-    placed = set(lora) | set(bias) | set(norm) | own | weight_read_directly(model) | {head}
+    placed = set(lora) | set(bias) | set(norm) | skip
     # torch layers of other types with weights (ConvTranspose2d, Conv1d, ...), a LayerNorm without bias
     named = [f"{n} ({type(m).__name__}{' without bias' if isinstance(m, NORM_TYPES) else ''})"
              for n, m in model.named_modules() if n not in placed and type(m).__module__.startswith("torch.nn.")
              and next(m.parameters(recurse=False), None) is not None]
     if named:
-        import warnings
-
         warnings.warn(f"generic placement leaves {len(named)} layer(s) with weights shared and frozen (no experts: "
                       f"it routes only plain Conv2d / Linear / BatchNorm / LayerNorm / GroupNorm): {named[:6]}"
                       f"{' ...' if len(named) > 6 else ''}; give a Placement to place experts yourself",
