@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_step import _denoiser_flops, _peak, _setup  # noqa: E402
-from timing import median_ms, profile_top  # noqa: E402
+from timing import error_text, median_ms, profile_top  # noqa: E402
 
 
 def _median_ms(fn, device, reps, warmup=2):
@@ -324,9 +324,9 @@ def _fused_rows(model, x, t, device, reps, row, record, eager_best) -> dict:
                 ratios["denoiser_channel_sums_vs_off"] = _channel_sums_off_ratio(model, x, t, device, reps, row,
                                                                                 record)
             except Exception as exc:  # noqa: BLE001
-                row["channel_sums_off_error"] = _error_text(exc)
+                row["channel_sums_off_error"] = error_text(exc)
     except Exception as exc:  # noqa: BLE001
-        row["fused_norm_act_error"] = _error_text(exc)
+        row["fused_norm_act_error"] = error_text(exc)
     finally:
         model.fuse_norm_act(False)
     return ratios
@@ -355,7 +355,7 @@ def _cuda_op_ratios(row, batch, reps) -> dict:
         try:
             ratios.update(measure())
         except Exception as exc:  # noqa: BLE001
-            row[f"{name}_error"] = _error_text(exc)
+            row[f"{name}_error"] = error_text(exc)
     return ratios
 
 
@@ -370,10 +370,6 @@ def _compile_timed(model, x, t, device):
     return compiled, round(time.perf_counter() - t0, 1)
 
 
-def _error_text(exc) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-
-
 def _compiled_chstats(model, x, t, device, reps, row, ratios, record) -> None:
     """The compiled variant again with the GroupNorm statistics per channel (its own copy)."""
     import copy
@@ -384,7 +380,7 @@ def _compiled_chstats(model, x, t, device, reps, row, ratios, record) -> None:
         record("compiled_chstats", _median_ms(lambda: compiled(x, t), device, reps))
         ratios["denoiser_compiled_chstats_vs_compiled"] = round(row["compiled_chstats_ms"] / row["compiled_ms"], 4)
     except Exception as exc:  # noqa: BLE001
-        row["compiled_chstats_error"] = _error_text(exc)
+        row["compiled_chstats_error"] = error_text(exc)
 
 
 def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
@@ -446,7 +442,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                         emit(dict(row), dict(ratios))
                     _compiled_chstats(model, x_cl, t, device, reps, row, ratios, record)
             except Exception as exc:  # noqa: BLE001 - the eager figures stand; say why compile did not
-                row["compile_error"] = _error_text(exc)
+                row["compile_error"] = error_text(exc)
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     return {"rows": [row], "ratios": ratios}

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from timing import back_to_back_ms, copy_bandwidth_gbps, geomean, round_robin_ms  # noqa: E402
+from timing import back_to_back_ms, copy_bandwidth_gbps, error_text, geomean, round_robin_ms  # noqa: E402
 
 from ppap_fast import ops  # noqa: E402
 from ppap_fast.ops import update as gu  # noqa: E402
@@ -110,7 +110,7 @@ def _time_vs_eager(row, eager_fn, fns: dict, device, reps, nbytes, hbm):
             try:
                 ms = back_to_back_ms(fn, device, reps)
             except Exception as exc:  # noqa: BLE001 - a kernel this GPU refuses costs only its own figures
-                row[f"{b}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                row[f"{b}_error"] = error_text(exc)
                 continue
             row[f"{b}_ms"], row[f"{b}_vs_eager"] = round(ms, 4), round(ms / eager, 4)
             row[f"{b}_GBps"] = round(nbytes / ms / 1e6, 1)

@@ -91,6 +91,11 @@ def _is_positive_finite(v) -> bool:
     return math.isfinite(v) and v > 0
 
 
+def error_text(exc) -> str:
+    """An exception as one short line for a row's ``*_error`` key: its type and first message line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
 def profile_top(fn: Callable, device: str, k: int = 12, grad: bool = False, by_shape: bool = False) -> list[dict]:
     """Top k ops and kernels of one call of fn (after one warm call) by self device time (self CPU time
     on CPU): name, ms, share, calls. ``grad``: run with autograd recording (fwd + bwd profiles).
