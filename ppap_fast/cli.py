@@ -120,6 +120,10 @@ output_dir, device, digit_list = _output_dir, _device, _digits
 
 def _parser() -> argparse.ArgumentParser:
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
+    from .finetune import LR_WARMUP_STEPS
+
+    lr_help = (f"peak learning rate, after a linear warmup over the first {LR_WARMUP_STEPS} steps (fixed: with --steps "
+               f"under {LR_WARMUP_STEPS} it is never reached), then a cosine decay to 0")
 
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP guidance: the demo pipeline on scikit-learn digits (16x16), "
                                                            "and sampling and scoring with real models.")
@@ -164,8 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=2e-3,
-                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
-                        "under 50 it is never reached), then a cosine decay to 0")
+                   help=lr_help)
     s.add_argument("--widths", type=_widths, default=None,
                    help="resnet stage widths (positive integers; default: 16,32,64); --arch resnet only")
     common(s, weights=False)
@@ -192,8 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
-                        "under 50 it is never reached), then a cosine decay to 0")
+                   help=lr_help)
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
@@ -216,8 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="peak learning rate, after a linear warmup over the first 50 steps (fixed: with --steps "
-                        "under 50 it is never reached), then a cosine decay to 0")
+                   help=lr_help)
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "
