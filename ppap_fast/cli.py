@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     from .distill import LOSS_REDUCTION_HELP, LOSS_REDUCTIONS
     from .finetune import LR_WARMUP_STEPS
 
-    lr_help = (f"peak learning rate, after a linear warmup over the first {LR_WARMUP_STEPS} steps (fixed: with --steps "
-               f"under {LR_WARMUP_STEPS} it is never reached), then a cosine decay to 0")
+    def lr_help(decay: str) -> str:
+        return (f"peak learning rate, after a linear warmup over the first {LR_WARMUP_STEPS} steps (fixed: with --steps "
+                f"under {LR_WARMUP_STEPS} it is never reached), then a {decay} decay to 0")
 
     p = argparse.ArgumentParser(prog="ppap-fast", description="PPAP guidance: the demo pipeline on scikit-learn digits (16x16), "
                                                            "and sampling and scoring with real models.")
@@ -168,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=2e-3,
-                   help=lr_help)
+                   help=lr_help("cosine"))
     s.add_argument("--widths", type=_widths, default=None,
                    help="resnet stage widths (positive integers; default: 16,32,64); --arch resnet only")
     common(s, weights=False)
@@ -195,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help=lr_help)
+                   help=lr_help("linear"))
     s.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="stop (LR annealed by elapsed time) after this; a resumed run counts the time trained before")
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
@@ -218,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive_int, default=2000, help="training steps")
     s.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
     s.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help=lr_help)
+                   help=lr_help("cosine"))
     s.add_argument("--loss-reduction", choices=LOSS_REDUCTIONS, default="expert_mean", help=LOSS_REDUCTION_HELP)
     s.add_argument("--checkpoint-every", type=_positive_int, default=200,
                    help="steps between resumable training states, kept in OUT.finetune_state.safetensors beside "

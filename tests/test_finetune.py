@@ -397,3 +397,14 @@ def test_fixed_lr_warmup_is_documented_where_lr_is_given():
     for cmd in ("train-classifier", "finetune"):
         lr = next(a for a in subs[cmd]._actions if "--lr" in a.option_strings)
         assert "linear warmup over the first 50 steps (fixed: with --steps under 50 it is never reached)" in lr.help
+
+
+def test_distill_lr_help_names_the_linear_decay_distill_ppap_applies():
+    """distill_ppap anneals its LR linearly (1 - frac); the distill --lr help said "cosine" (finetune's shape)."""
+    import argparse
+
+    from ppap_fast import cli
+
+    subs = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    lr = next(a for a in subs["distill"]._actions if "--lr" in a.option_strings)
+    assert "then a linear decay to 0" in lr.help and "cosine" not in lr.help, lr.help
