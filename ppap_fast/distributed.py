@@ -2111,6 +2111,9 @@ def _rank_error(ctx, error_dir: str, rank: int, exited: bool) -> tuple[int, str]
         return time.time_ns(), f"process {rank} terminated with {how}"
 
 
+_ALSO_FAILED = "-- also failed: "  # the line of _join_ranks' error naming the other failed ranks
+
+
 def _last_line(text: str) -> str:
     return ([ln.strip() for ln in text.splitlines() if ln.strip()] or [""])[-1]
 
@@ -2160,7 +2163,7 @@ def _join_ranks(ctx, error_dir: str, grace_s: float | None = None) -> None:
     cause = min(errors, key=lambda r: (_is_peer_error(errors[r][1]), errors[r][0]))
     others = [f"process {r}: " + (_last_line(errors[r][1])[:160] if r in errors else "terminated")
               for r in sorted(set(failed) | set(still) | set(errors)) if r != cause]
-    note = f"-- also failed: {'; '.join(others)}\n" if others else ""
+    note = f"{_ALSO_FAILED}{'; '.join(others)}\n" if others else ""
     trace = errors[cause][1]
     if trace.startswith(f"process {cause} terminated with "):
         code = procs[cause].exitcode
@@ -2321,11 +2324,10 @@ def main(argv=None) -> int:
         try:
             launch(a.task, cfg, a.nproc, threads=a.threads, timeout_s=a.timeout, progress=a.progress)
         except Exception as e:  # a rank's exception, re-raised with its traceback in the message
-            last = ([ln for ln in str(e).splitlines() if ln.strip()] or [""])[-1].strip()
+            last = _last_line(str(e))
             name, _, msg = last.partition(": ")
             if _is_peer_error(last):  # no rank raised: one hung (or was slow) and its peers timed out waiting
-                also = next((ln[len("-- also failed: "):] for ln in str(e).splitlines()
-                             if ln.startswith("-- also failed: ")), "")
+                also = next((ln[len(_ALSO_FAILED):] for ln in str(e).splitlines() if ln.startswith(_ALSO_FAILED)), "")
                 print(f"python -m ppap_fast.distributed: error: a rank stopped answering within --timeout {a.timeout:g} s "
                       f"({' '.join(last.split())}{'; ' + also if also else ''}); raise --timeout if it was only slow",
                       file=sys.stderr)
