@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+from summarize import is_valid_figure
+
 PANELS = ("bench_step", "bench_lora", "bench_update", "bench_distill")
 
 
@@ -37,7 +39,7 @@ def load(paths) -> tuple[str, dict]:
 def _figure(v):
     """v as a float where it is a time, rate or fraction to draw (finite, above 0), else None: a zero or
     NaN time in the JSON is no measurement."""
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else None
+    return float(v) if is_valid_figure(v) else None
 
 
 def _bar(v) -> float:
