@@ -38,11 +38,11 @@ R_UPDATE=$(r_if tests 40) R_LORA=$(r_if tests 60) R_BENCH=$(r_if bench "${BENCH_
 BENCH_SUITES="${BENCH_SUITES:-bench_update bench_lora bench_distill bench_denoiser bench_step}"
 SCALE_SUITES="${SCALE_SUITES:-bench_scale bench_generate}"
 LORA_TEST_ARGS="${LORA_TEST_ARGS:--m cuda}"
+# left CAP RESERVE: seconds to the deadline less RESERVE, at most CAP (may be 0 or negative)
+left() { local b=$(( DEADLINE - $(elapsed) - $2 )); (( b > $1 )) && b=$1; echo $b; }
 # budget CAP RESERVE: seconds this stage may take (at most CAP, leaving RESERVE for later stages; >= 10)
-budget() { local b=$(( DEADLINE - $(elapsed) - $2 )); (( b > $1 )) && b=$1; (( b < 10 )) && b=10; echo $b; }
+budget() { local b; b=$(left "$1" "$2"); (( b < 10 )) && b=10; echo $b; }
 SUMMARY_S=8  # kept for the summary by the GPU state reads and the scale stage
-# seconds to the deadline less SUMMARY_S, at most CAP (may be 0 or negative)
-before_summary() { local b=$(( DEADLINE - $(elapsed) - SUMMARY_S )); (( b > $1 )) && b=$1; echo $b; }
 HAVE_XDIST=0; python3 -c "import xdist" 2>/dev/null && HAVE_XDIST=1
 SMI_STATE=clocks.sm,clocks.mem,clocks.max.sm,power.draw,power.limit,temperature.gpu
 gpu_state() {  # clocks, power, temperature, active throttle reasons into gpu.txt; never fails the script
@@ -50,7 +50,7 @@ gpu_state() {  # clocks, power, temperature, active throttle reasons into gpu.tx
   if command -v nvidia-smi >/dev/null 2>&1; then
     why=""
     for reasons in clocks_throttle_reasons.active clocks_event_reasons.active; do  # renamed in newer drivers
-      lim=$(before_summary 20)  # a hanging nvidia-smi must not cost summary.txt
+      lim=$(left 20 "$SUMMARY_S")  # a hanging nvidia-smi must not cost summary.txt
       if (( lim < 3 )); then why="${why:+$why; }skipped: ${lim}s left before the deadline less ${SUMMARY_S}s"; break; fi
       timeout "$lim" nvidia-smi --query-gpu="$SMI_STATE,$reasons" --format=csv > "$OUT/.smi" 2>&1; rc=$?
       if (( rc == 0 )); then
@@ -142,5 +142,5 @@ if has scale; then
 fi
 
 stamp "summary"
-lim=$(( DEADLINE - $(elapsed) )); (( lim > 25 )) && lim=25; (( lim < 5 )) && lim=5
+lim=$(left 25 0); (( lim < 5 )) && lim=5
 timeout "$lim" python3 benchmarks/summarize.py "$OUT" | tee "$OUT/summary.txt"
