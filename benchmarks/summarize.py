@@ -13,17 +13,17 @@ def main(folder: str) -> None:
     out = Path(folder)
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown card"
     print(f"card: {gpu.splitlines()[0] if gpu else '?'}")
-    for fname in ("bench.json", "scale.json"):  # the card's speed and state, beside its name
-        if (out / fname).exists():
-            print(f"{Path(fname).stem} {probe_line(_load(out / fname).get('device_probe') or {})}")
+    suites = {f: _load(out / f) for f in ("bench.json", "scale.json") if (out / f).exists()}  # each read once
+    for fname, data in suites.items():  # the card's speed and state, beside its name
+        print(f"{Path(fname).stem} {probe_line(data.get('device_probe') or {})}")
     for f in sorted(out.glob("tests*.txt")):
         for name, text in _test_groups(f):
             tally = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected|errors?).*?)\s*=*$", text, flags=re.M)
             print(f"tests {name}: {tally[-1] if tally else 'no pytest summary line (timed out?)'}")
     for fname in ("bench.json", "scale.json"):
-        _table(out / fname)
-    if (out / "bench.json").exists():
-        data = _load(out / "bench.json")
+        _table(out / fname, suites.get(fname))
+    if "bench.json" in suites:
+        data = suites["bench.json"]
         for line in decisions(data.get("ratios") or {}) + goal_lines(data):
             print(line)
 
@@ -219,11 +219,11 @@ _NOTE_SUFFIXES = ("error", "skipped", "warnings", "fallbacks")
 FIGURE_SUFFIXES = ("_ms", "GBps", "_fraction", "_s", "_per_s", "_gib", "tflops", "mfu_vs_dense_bf16_peak", "images")
 
 
-def _table(path: Path) -> None:
-    if not path.exists():
+def _table(path: Path, data: dict | None) -> None:
+    """The suite JSON at ``path`` as ``_load`` read it (None: no such file)."""
+    if data is None:
         print(f"{path.stem}: no {path.name}")
         return
-    data = _load(path)
     if "_unreadable" in data:
         print(f"{path.stem}: {path.name} unreadable: {data['_unreadable']}")
         return
