@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import glob
 import json
 import math
@@ -38,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .data.shards import fsync_dir
+from .data.shards import fsync_dir, says_disk_full
 from .demo import DEFAULT_SCALE, DEMO_METHODS, DEMO_MIN_SAMPLES, SEG_PER_TARGET, TEACHERS, WEIGHTS_DIR, DemoError
 
 
@@ -883,14 +882,14 @@ def _main(argv) -> int:
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         msg = f"{e.strerror or type(e).__name__}: {e.filename or e}"
     except OSError as e:
-        msg = _disk_full_message(args, e) if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(e).__name__}: {e}"
+        msg = _disk_full_message(args, e) if says_disk_full(e) else f"{type(e).__name__}: {e}"
     except RuntimeError as e:
         from .distributed import DistributedRunError
 
         if not isinstance(e, DistributedRunError):  # a bug: its traceback
             raise
         # distill / finetune write their training state through it: a full disk was a traceback
-        msg = _disk_full_message(args, e) if "No space left on device" in str(e) else str(e)
+        msg = _disk_full_message(args, e) if says_disk_full(e) else str(e)
     except ValueError as e:
         msg = f"{type(e).__name__}: {e}"
     except KeyboardInterrupt:

@@ -86,12 +86,20 @@ def _atomic(path, write_fn, suffix: str):
 DISK_FULL_BYTES = 1 << 20  # a failed write that left less free space than this ran out of it
 
 
-def _disk_full(folder: Path, error: Exception) -> bool:
-    """Whether ``error``, raised while writing into ``folder``, came from a full disk."""
+def says_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or quota) is full: an OSError by its errno, else by the text torch /
+    safetensors (or a wrapping error) carry."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if "No space left on device" in str(error) or "os error 28" in str(error):
+    return "No space left on device" in str(error) or "os error 28" in str(error)
+
+
+def _disk_full(folder: Path, error: Exception) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, came from a full disk."""
+    if says_disk_full(error):
         return True
+    if isinstance(error, OSError):
+        return False
     try:
         st = os.statvfs(folder)
     except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
