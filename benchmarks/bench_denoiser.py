@@ -405,6 +405,10 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             if peak:
                 row[f"{variant}_mfu"] = round(flops / (ms * 1e-3) / peak, 4)
 
+    def emit_so_far():  # the figures so far survive a later variant that fails or runs out of time
+        if emit is not None:
+            emit(dict(row), dict(ratios))
+
     cudnn_before = torch.backends.cudnn.benchmark
     try:
         record("nchw", _median_ms(lambda: model(x, t), device, reps))
@@ -419,16 +423,13 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
             ratios["denoiser_cudnn_benchmark_vs_default"] = round(row["cudnn_benchmark_ms"] / row["channels_last_ms"], 4)
             eager_best = min(eager_best, row["cudnn_benchmark_ms"])
             if hasattr(model, "fuse_norm_act"):  # ops.group_norm_act (Triton) in every ResBlock
-                if emit is not None:  # the eager figures survive a fused path that fails or runs out of time
-                    emit(dict(row), dict(ratios))
+                emit_so_far()  # the eager figures, before the fused path
                 ratios.update(_fused_rows(model, x_cl, t, device, reps, row, record, eager_best))
         row["profile_top"] = profile_top(lambda: model(x_cl, t), device)
         if cuda:  # the fused path's residual, resampling and concatenation ops alone, at the top level's shapes
-            if emit is not None:  # the denoiser's figures survive an op row that runs out of time
-                emit(dict(row), dict(ratios))
+            emit_so_far()  # the denoiser's figures, before the op rows
             ratios.update(_cuda_op_ratios(row, shape[0], reps))
-        if emit is not None:  # the eager figures survive a compile that runs out of time
-            emit(dict(row), dict(ratios))
+        emit_so_far()  # the eager figures, before the compile
         if os.environ.get("PPAP_SKIP_COMPILE") != "1" and (cuda or not quick):
             try:
                 compiled, row["compile_s"] = _compile_timed(model, x_cl, t, device)
@@ -438,8 +439,7 @@ def run(device: str = "cpu", quick: bool = False, emit=None) -> dict:
                     row["compiled_profile_top"] = profile_top(lambda: compiled(x_cl, t), device, k=10)
                 compiled = None
                 if hasattr(model, "set_group_norm_stats"):
-                    if emit is not None:
-                        emit(dict(row), dict(ratios))
+                    emit_so_far()
                     _compiled_chstats(model, x_cl, t, device, reps, row, ratios, record)
             except Exception as exc:  # noqa: BLE001 - the eager figures stand; say why compile did not
                 row["compile_error"] = error_text(exc)
