@@ -172,9 +172,10 @@ def goal_lines(data: dict) -> list:
     lines = []
     for label, key, op, goal in GOALS:
         if isinstance(key, str):
-            v = data.get("ratios", {}).get(key)
+            v = (data.get("ratios") or {}).get(key)
         else:
-            rows = [r for r in data.get("rows", []) if r.get("suite") == key[0] and key[1] in r]
+            rows = [r for r in data.get("rows") or []
+                    if isinstance(r, dict) and r.get("suite") == key[0] and key[1] in r]
             v = rows[0][key[1]] if rows else None
             for k in key[2:]:  # a variant that fell back from an option asked is not the variant named
                 v = v.get(k) if isinstance(v, dict) and not v.get("fallbacks") else None
@@ -239,11 +240,12 @@ def _table(path: Path, data: dict | None) -> None:
         print(f"  CUT: the run was killed inside {data['running']} (its rows so far are marked partial)")
     if data.get("seconds"):
         print("  seconds per suite: " + ", ".join(f"{k} {v}" for k, v in data["seconds"].items()))
-    for suite, used in data.get("backends_used", {}).items():  # a fallback shows up here
+    for suite, used in (data.get("backends_used") or {}).items():  # a fallback shows up here
         print(f"  backends {suite}: " + ", ".join(f"{op}={'/'.join(b)}" for op, b in sorted(used.items())))
     if data.get("memory_gib"):
         print("  GPU memory GiB per suite (peak, left after): " + ", ".join(
-            f"{k} {v['peak']}/{v['left']}" for k, v in data["memory_gib"].items()))
+            f"{k} {v.get('peak', '?')}/{v.get('left', '?')}" if isinstance(v, dict) else f"{k} {v}"
+            for k, v in data["memory_gib"].items()))
     for row in data.get("rows") or []:
         keys = [k for k in row if k.endswith(FIGURE_SUFFIXES)]
         label = " ".join(str(row.get(k)) for k in ("suite", "bench", "op", "name", "config", "layer", "N",

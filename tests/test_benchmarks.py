@@ -1101,6 +1101,23 @@ def test_summary_prints_what_a_json_without_device_torch_ratios_or_rows_has(tmp_
     assert "decision eps_triton_vs_cuda: not measured" in out
 
 
+def test_summary_reads_null_sections_and_a_memory_entry_without_peak(tmp_path, capsys):
+    """"ratios": null / "rows": null / "backends_used": null raised AttributeError in the goal lines, a
+    memory_gib entry without peak a KeyError: the summary lost every line after them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import summarize
+
+    (tmp_path / "bench.json").write_text(json.dumps({"device": "cuda", "torch": "2.11", "ratios": None, "rows": None,
+                                                     "backends_used": None,
+                                                     "memory_gib": {"bench_step": {"left": 3.5}, "bench_lora": 2}}))
+    summarize.main(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "GPU memory GiB per suite (peak, left after): bench_step ?/3.5, bench_lora 2" in out
+    assert "goal #4 MFU >= 0.5: not measured" in out
+    assert "goal #4 fast / reference <= 0.3333: not measured" in out
+    assert "decision eps_triton_vs_cuda: not measured" in out
+
+
 def test_step_variants_old_paths_can_be_skipped(monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_step
